@@ -1,0 +1,272 @@
+"""Safetensors I/O in the official Hugging Face layout of LongCat-Flash (architecture.md §3).
+
+Our module names already are the official ones, with two exceptions, both declared in the tables below:
+  * FFN experts are stacked for grouped compute: native `mlp.experts.gate_up_proj` (E, 2F, D) and
+    `mlp.experts.down_proj` (E, D, F) <-> official `mlp.experts.{e}.{gate,up,down}_proj.weight`;
+  * the MTP head is flattened: official `model.mtp.layers.0.enorm.m.weight` <-> native `model.mtp.enorm.weight`,
+    `...transformer_layer.mlp.*` <-> `model.mtp.mlp.*`, and so on.
+Loading streams one tensor at a time into preallocated storage, checks every shape and names the key on any
+mismatch. Only safetensors are read: nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ..config import ModelConfig
+from ..model import Transformer
+from ..model.layers import RotaryEmbedding
+
+log = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+FP32_KEYS = re.compile(r"\.mlp\.router\.")  # router weight and correction bias stay fp32 (architecture.md §5.1)
+
+# official prefix <-> native prefix, for the MTP head (architecture.md §3.3)
+MTP_PREFIXES = [
+    ("model.mtp.layers.0.enorm.m.", "model.mtp.enorm."),
+    ("model.mtp.layers.0.hnorm.m.", "model.mtp.hnorm."),
+    ("model.mtp.layers.0.transformer_layer.mlp.", "model.mtp.mlp."),
+    ("model.mtp.layers.0.", "model.mtp."),  # eh_proj, input_layernorm, self_attn, post_attention_layernorm
+]
+EXPERT_KEY = re.compile(r"^(model\.layers\.\d+\.mlp\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+def official_to_native(key: str) -> tuple[str, int | None, str | None]:
+    """Official key -> (native key, expert index or None, expert projection or None)."""
+    match = EXPERT_KEY.match(key)
+    if match:
+        prefix, expert, proj = match.groups()
+        return f"{prefix}.{'down_proj' if proj == 'down_proj' else 'gate_up_proj'}", int(expert), proj
+    for official, native in MTP_PREFIXES:
+        if key.startswith(official):
+            return native + key[len(official):], None, None
+    return key, None, None
+
+
+def native_to_official(key: str) -> str:
+    for official, native in MTP_PREFIXES[:-1]:
+        if key.startswith(native):
+            return official + key[len(native):]
+    if key.startswith("model.mtp.") and not key.startswith(("model.mtp.embed_tokens.", "model.mtp.norm.")):
+        return "model.mtp.layers.0." + key[len("model.mtp."):]
+    return key
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def checkpoint_files(path: Path) -> dict[str, Path]:
+    """Official key -> the safetensors file holding it (single file or sharded with an index)."""
+    if (path / INDEX_FILE).is_file():
+        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
+        return {key: path / name for key, name in weight_map.items()}
+    if (path / SINGLE_FILE).is_file():
+        with safe_open(path / SINGLE_FILE, "pt") as f:
+            return {key: path / SINGLE_FILE for key in f.keys()}
+    pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+    hint = f" (found {pickled}: pickle files are never loaded, convert them to safetensors)" if pickled else ""
+    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (official key, tensor) one at a time, file by file."""
+    by_file: dict[Path, list[str]] = {}
+    for key, file in checkpoint_files(path).items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in sorted(by_file.items()):
+        if not file.is_file():
+            raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
+        with safe_open(file, "pt") as f:
+            for key in keys:
+                yield key, f.get_tensor(key)
+
+
+def _target_dtype(native: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
+    if FP32_KEYS.search(native):
+        return torch.float32
+    return dtype or tensor.dtype
+
+
+def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size],
+                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Read an official checkpoint into native tensors, checking keys and shapes against `expected`."""
+    out: dict[str, torch.Tensor] = {}
+    experts_seen: dict[str, set[tuple[int, str]]] = {}
+    ignored = []
+    for key, tensor in read_tensors(path):
+        native, expert, proj = official_to_native(key)
+        if expert is not None and expert >= cfg.n_routed_experts:
+            ignored.append(key)  # transformers 5.x writes gate/up rows for zero-expert ids; they are never used
+            continue
+        if native not in expected:
+            raise KeyError(f"checkpoint key {key!r} has no place in this model (config: {cfg.num_layers} layers, "
+                           f"{cfg.n_routed_experts} experts, MTP={cfg.num_nextn_predict_layers})")
+        if native not in out:
+            out[native] = torch.empty(expected[native], dtype=_target_dtype(native, tensor, dtype))
+        target = out[native] if expert is None else _expert_slice(out[native], expert, proj, cfg)
+        if target.shape != tensor.shape:
+            raise ValueError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, "
+                             f"the model expects {tuple(target.shape)}")
+        target.copy_(tensor)
+        if expert is not None:
+            experts_seen.setdefault(native, set()).add((expert, proj))
+    if ignored:
+        log.info("ignored %d tensors for zero-expert ids (written by transformers 5.x, never used)", len(ignored))
+    _check_complete(out, experts_seen, expected, cfg)
+    return out
+
+
+def _expert_slice(stacked: torch.Tensor, expert: int, proj: str, cfg: ModelConfig) -> torch.Tensor:
+    F = cfg.expert_ffn_hidden_size
+    if proj == "down_proj":
+        return stacked[expert]  # (D, F)
+    return stacked[expert, :F] if proj == "gate_proj" else stacked[expert, F:]  # (F, D)
+
+
+def _check_complete(out: dict[str, torch.Tensor], experts_seen: dict[str, set[tuple[int, str]]],
+                    expected: dict[str, torch.Size], cfg: ModelConfig) -> None:
+    missing = [native_to_official(k) for k in expected if k not in out]
+    for native, seen in experts_seen.items():
+        projs = ("down_proj",) if native.endswith("down_proj") else ("gate_proj", "up_proj")
+        prefix = native.rsplit(".", 1)[0]
+        missing += [f"{prefix}.{e}.{p}.weight" for e in range(cfg.n_routed_experts) for p in projs
+                    if (e, p) not in seen]
+    if missing:
+        shown = ", ".join(repr(k) for k in missing[:5])
+        raise KeyError(f"checkpoint is missing {len(missing)} tensor(s): {shown}"
+                       f"{' ...' if len(missing) > 5 else ''}")
+
+
+def _expected_shapes(model: Transformer) -> dict[str, torch.Size]:
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    cls: type[Transformer] = Transformer) -> Transformer:
+    """Build the model from `config.json` and load the official-layout safetensors in `path`.
+
+    dtype None keeps the checkpoint's dtype; the router is always fp32.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = ModelConfig.from_json(path)
+    with torch.device("meta"):
+        model = cls(cfg)
+    state = load_state_dict(path, cfg, _expected_shapes(model), dtype)
+    model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    model.model.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)  # non-persistent: rebuild
+    return model.to(device).eval()
+
+
+# ----------------------------------------------------------------------------------------------- saving
+
+def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's weights under official keys, experts unstacked, produced lazily (one at a time).
+
+    zero_expert_stubs: also write zero gate/up tensors for the zero-expert ids, as transformers 5.x does; its
+    loader sizes `gate_up_proj` for E+Z experts and refuses a checkpoint without them. The official layout (and
+    SGLang/vLLM) has exactly E experts, so this is off by default.
+    """
+    cfg = model.config
+    for native, tensor in model.state_dict().items():
+        if native == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        prefix, _, leaf = native.rpartition(".")
+        if prefix.endswith(".mlp.experts"):
+            for e in range(tensor.shape[0]):
+                if leaf == "down_proj":
+                    yield f"{prefix}.{e}.down_proj.weight", tensor[e]
+                else:
+                    yield f"{prefix}.{e}.gate_proj.weight", tensor[e, : cfg.expert_ffn_hidden_size]
+                    yield f"{prefix}.{e}.up_proj.weight", tensor[e, cfg.expert_ffn_hidden_size:]
+            if leaf == "gate_up_proj" and zero_expert_stubs:
+                shape = (cfg.expert_ffn_hidden_size, cfg.hidden_size)
+                for e in range(cfg.n_routed_experts, cfg.n_experts_total):
+                    yield f"{prefix}.{e}.gate_proj.weight", tensor.new_zeros(shape)
+                    yield f"{prefix}.{e}.up_proj.weight", tensor.new_zeros(shape)
+        else:
+            yield native_to_official(native), tensor
+
+
+def _shards(model: Transformer, max_shard_bytes: int, stubs: bool) -> list[list[str]]:
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in official_tensors(model, stubs):
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    return shards
+
+
+def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
+                    zero_expert_stubs: bool = False) -> None:
+    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`).
+
+    Each file is written under a temporary name and renamed, so a crash never leaves a truncated shard.
+    zero_expert_stubs: see `official_tensors` (needed only for transformers' own loader).
+    """
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    shards = _shards(model, max_shard_bytes, zero_expert_stubs)
+    names = [SINGLE_FILE] if len(shards) == 1 else [
+        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    tensors = official_tensors(model, zero_expert_stubs)
+    weight_map, total = {}, 0
+    for name, keys in zip(names, shards):
+        chunk = {key: next(tensors)[1].detach().to("cpu").contiguous() for key in keys}
+        total += sum(t.numel() * t.element_size() for t in chunk.values())
+        _atomic_save(chunk, path / name)
+        weight_map.update({key: name for key in keys})
+    for stale in set(path.glob("model*.safetensors")) - {path / n for n in names}:
+        stale.unlink()
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        _atomic_write(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
+    elif (path / INDEX_FILE).exists():
+        (path / INDEX_FILE).unlink()
+    config = model.config.to_dict()
+    config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    _atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, file)
+
+
+def _atomic_write(file: Path, text: str) -> None:
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, file)
+
+
+class LongcatFlash(Transformer):
+    """The model with official-layout checkpoint I/O: `LongcatFlash.from_pretrained(dir)`, `.save_pretrained`."""
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+                        device: str | torch.device = "cpu") -> LongcatFlash:
+        return from_pretrained(path, dtype=dtype, device=device, cls=cls)  # type: ignore[return-value]
+
+    def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
+                        zero_expert_stubs: bool = False) -> None:
+        save_pretrained(self, path, max_shard_bytes, zero_expert_stubs)

@@ -1,0 +1,52 @@
+"""The shortcut-connected MoE (ScMoE) layer: two attention blocks, two dense FFNs and one MoE on a shortcut.
+
+        x ──► norm_a0 ──► MLA_0 ──(+)──► x1
+                                          │
+                                  norm_f0 ├──► s ─────────────► MoE(s) ───────────────┐  (dispatch/combine
+                                          │                                            │   can hide behind
+        x1 ──────────────────── FFN_0(s) (+)──► x2                                     │   everything on the
+        x2 ──► norm_a1 ──► MLA_1 ──────(+)──► x3                                       │   left: report §3)
+        x3 ──► norm_f1 ──► FFN_1 ──────(+)──────────────────────────────────────────(+)──► out
+
+    out = x3 + FFN_1(norm_f1(x3)) + MoE(s),  s = norm_f0(x1)   (architecture.md §4)
+
+Shapes: B batch, S sequence, D model dim.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import MLA, LatentCache
+from .layers import MLP, RMSNorm
+from .moe import MoE, RoutingInfo
+
+
+class ScMoELayer(nn.Module):
+    """One LongCat-Flash layer. Attention blocks 2*i and 2*i+1 of the model live here."""
+
+    def __init__(self, cfg: ModelConfig, index: int) -> None:
+        super().__init__()
+        self.index = index
+        self.input_layernorm = nn.ModuleList([RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) for _ in range(2)])
+        self.self_attn = nn.ModuleList([MLA(cfg) for _ in range(2)])
+        self.post_attention_layernorm = nn.ModuleList([RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+                                                       for _ in range(2)])
+        self.mlps = nn.ModuleList([MLP(cfg.hidden_size, cfg.ffn_hidden_size) for _ in range(2)])
+        self.mlp = MoE(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: LatentCache | None = None) -> tuple[torch.Tensor, RoutingInfo]:
+        """x: (B, S, D) -> (B, S, D) and this layer's routing."""
+        x1 = x + self.attend(0, x, rope, cache)
+        s = self.post_attention_layernorm[0](x1)  # the shortcut: MoE and FFN_0 share it
+        moe_out, routing = self.mlp(s)
+        x2 = x1 + self.mlps[0](s)
+        x3 = x2 + self.attend(1, x2, rope, cache)
+        out = x3 + self.mlps[1](self.post_attention_layernorm[1](x3)) + moe_out
+        return out, routing
+
+    def attend(self, j: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+               cache: LatentCache | None) -> torch.Tensor:
+        return self.self_attn[j](self.input_layernorm[j](x), rope, cache, block=2 * self.index + j)

@@ -1,0 +1,188 @@
+"""The MoE with zero-computation experts (report §2.1, architecture.md §5).
+
+Router: fp32 softmax over E FFN experts + Z zero experts; `e_score_correction_bias` is used for selection only,
+gate weights are the unbiased probabilities times `routed_scaling_factor` (for zero experts too, as transformers).
+Experts: stacked weights, tokens sorted by expert and one grouped GEMM; zero-expert slots never reach a GEMM,
+they contribute `weight * x` ("identity") or nothing ("drop"). Combine is a sum over the fixed K slots, so it is
+deterministic. The TokenDispatcher seam lets expert parallelism replace the local sort/unsort.
+
+Shapes: T tokens, D model dim, F expert hidden, E FFN experts, e local FFN experts, Z zero experts, K top-k,
+R routed rows (token-slot pairs handed to the experts).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+
+
+@dataclass
+class RoutingInfo:
+    """What one MoE layer decided for a batch; read by losses, the budget controller and analysis."""
+
+    probs: torch.Tensor  # (T, E+Z) fp32 softmax, differentiable (balance loss)
+    ids: torch.Tensor  # (T, K) selected experts; ids >= E are zero experts
+    tokens_per_expert: torch.Tensor  # (E+Z,) int64 selection counts (budget controller)
+    ffn_experts_per_token: torch.Tensor  # (T,) int64 FFN experts each token used
+
+
+class Router(nn.Module):
+    """Softmax router in fp32. The classifier weight and the correction bias stay fp32 whatever the model dtype:
+    probabilities are ~1/(E+Z), the same order as the bias, so bf16 would flip top-k choices."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.top_k, self.scale, self.renormalize = cfg.moe_topk, cfg.routed_scaling_factor, cfg.norm_topk_prob
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.n_experts_total, bias=cfg.router_bias)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts_total))
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Router:
+        super()._apply(fn, recurse)
+        for t in [*self.parameters(recurse=False), *self.classifier.parameters(), self.e_score_correction_bias]:
+            if t.is_floating_point() and t.dtype != torch.float32:
+                t.data = t.data.float()
+        return self
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x: (T, D) -> probs (T, E+Z) fp32, ids (T, K), weights (T, K) fp32."""
+        logits = F.linear(x.float(), self.classifier.weight.float(),
+                          None if self.classifier.bias is None else self.classifier.bias.float())
+        probs = logits.softmax(dim=-1)  # (T, E+Z)
+        with torch.no_grad():  # the bias only picks experts; it never shapes a gate value or a gradient
+            ids = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
+        weights = probs.gather(1, ids)  # (T, K)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        return probs, ids, weights * self.scale
+
+
+class Experts(nn.Module):
+    """`n` SwiGLU experts with stacked weights; gate and up fused row-wise as [gate | up] (transformers' layout)."""
+
+    def __init__(self, n: int, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(n, 2 * hidden, dim))  # (e, 2F, D)
+        self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))  # (e, D, F)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x: (R, D) rows grouped by expert, counts: (e,) rows per expert; rows past sum(counts) give 0.
+
+        One grouped GEMM per projection with group ends on the device: no host sync.
+        """
+        ends = counts.cumsum(0).to(torch.int32)  # (e,)
+        gate_up = _grouped_mm(x, self.gate_up_proj.transpose(1, 2), ends)  # (R, 2F)
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)  # (R, D)
+        valid = torch.arange(x.shape[0], device=x.device) < ends[-1:]  # rows past the groups are garbage
+        return torch.where(valid[:, None], y, 0.0)
+
+    def forward_reference(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Plain loop over experts (host-synced), the twin `forward` is tested against."""
+        out, start = torch.zeros_like(x), 0
+        for e, n in enumerate(counts.tolist()):
+            out[start:start + n] = self.apply_one(e, x[start:start + n])
+            start += n
+        return out
+
+    def apply_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `e` on rows x (..., D)."""
+        gate, up = (x @ self.gate_up_proj[e].T).chunk(2, dim=-1)
+        return (F.silu(gate) * up) @ self.down_proj[e].T
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous (grouped_mm rejects expanded grads)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """x: (R, I), w: (e, I, O), ends: (e,) int32 cumulative group ends -> (R, O)."""
+    return _ContiguousGrad.apply(F.grouped_mm(x, w.to(x.dtype), offs=ends))
+
+
+class TokenDispatcher(Protocol):
+    """Moves FFN-expert rows to the experts and back. Zero-expert slots are never dispatched."""
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """x: (T, D), ids: (T, K) -> rows (R, D) grouped by local expert, counts (e,), and a combine handle."""
+        ...
+
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        """Expert outputs (R, D) -> per-slot outputs (T, K, D), 0 in zero-expert slots."""
+        ...
+
+
+class LocalDispatcher:
+    """Single-process dispatch: a stable sort of the T*K slots by expert id, zero-expert slots sorted last."""
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        T, K = ids.shape
+        key = ids.reshape(-1).clamp(max=n_ffn)  # (T*K,) every zero expert shares key E
+        order = torch.argsort(key, stable=True)  # (T*K,)
+        counts = torch.bincount(key, minlength=n_ffn + 1)[:n_ffn]  # (E,)
+        return x[order // K], counts, (order, T, K)
+
+    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
+        order, T, K = handle
+        slots = torch.empty_like(y).index_copy(0, order, y)  # undo the sort; a permutation, no accumulation
+        return slots.view(T, K, -1)  # (T, K, D)
+
+
+class MoE(nn.Module):
+    """Router + experts + zero experts. Named as the checkpoint: `mlp.router.classifier`, `mlp.experts`."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.n_ffn, self.zero_type = cfg.n_routed_experts, cfg.zero_expert_type
+        self.router = Router(cfg)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.expert_ffn_hidden_size)
+        self.dispatcher: TokenDispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+        """x: (B, S, D) -> (B, S, D) and the routing decisions."""
+        x_TD = x.reshape(-1, x.shape[-1])  # (T, D)
+        probs, ids, weights = self.router(x_TD)
+        rows, counts, handle = self.dispatcher.dispatch(x_TD, ids, self.n_ffn)
+        y_TKD = self.dispatcher.combine(self.experts(rows, counts), handle)
+        return self.combine_slots(x_TD, y_TKD, ids, weights).view_as(x), self.routing_info(probs, ids)
+
+    def combine_slots(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
+                      ) -> torch.Tensor:
+        """Weighted sum over the K slots in fp32: FFN slots from y (T, K, D), zero slots as weight * x (T, D)."""
+        is_zero = ids >= self.n_ffn  # (T, K)
+        out = torch.einsum("tk,tkd->td", weights.masked_fill(is_zero, 0.0), y.float())
+        if self.zero_type == "identity":
+            out = out + (weights * is_zero).sum(-1, keepdim=True) * x.float()
+        return out.to(x.dtype)
+
+    def routing_info(self, probs: torch.Tensor, ids: torch.Tensor) -> RoutingInfo:
+        return RoutingInfo(probs=probs, ids=ids,
+                           tokens_per_expert=torch.bincount(ids.reshape(-1), minlength=probs.shape[-1]),
+                           ffn_experts_per_token=(ids < self.n_ffn).sum(-1))
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """Token-by-slot loop (host-synced), the twin of `forward` for tests."""
+        x_TD = x.reshape(-1, x.shape[-1])
+        _, ids, weights = self.router(x_TD)
+        out = torch.zeros_like(x_TD, dtype=torch.float32)
+        for t in range(ids.shape[0]):
+            for k in range(ids.shape[1]):
+                e = int(ids[t, k])
+                if e < self.n_ffn:
+                    y = self.experts.apply_one(e, x_TD[t])
+                else:
+                    y = x_TD[t] if self.zero_type == "identity" else torch.zeros_like(x_TD[t])
+                out[t] += weights[t, k] * y.float()
+        return out.to(x.dtype).view_as(x)

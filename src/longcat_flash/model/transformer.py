@@ -1,0 +1,114 @@
+"""The whole model: embed -> ScMoE layers -> norm -> lm_head, plus the optional MTP head.
+
+Module names mirror the official checkpoint (`model.embed_tokens`, `model.layers.{i}...`, `model.norm`,
+`lm_head`, `model.mtp...`), so loading is a near-direct copy (checkpoint/hf.py). The forward returns tensors
+in a ModelOutput, never a loss: losses live in train/losses.py.
+
+Shapes: B batch, S sequence, D model dim, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from ..config import ModelConfig
+from .attention import LatentCache
+from .block import ScMoELayer
+from .layers import RMSNorm, RotaryEmbedding
+from .moe import Experts, Router, RoutingInfo
+from .mtp import MTPHead
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor | None  # (B, S, V); None when compute_logits=False
+    hidden: torch.Tensor  # (B, S, D) last layer output before the final norm (hidden z-loss)
+    final_hidden: torch.Tensor  # (B, S, D) after the final norm: what lm_head and the MTP head read
+    routing: list[RoutingInfo] = field(default_factory=list)  # one per layer
+    mtp_logits: torch.Tensor | None = None  # (B, S-1, V): position t predicts token t+2
+
+
+class Backbone(nn.Module):
+    """Everything under the checkpoint's `model.` prefix."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([ScMoELayer(cfg, i) for i in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)
+        self.mtp = MTPHead(cfg) if cfg.num_nextn_predict_layers else None
+
+
+class Transformer(nn.Module):
+    """LongCat-Flash for causal LM. Single device; caches and expert dispatch plug in through seams."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.model = Backbone(cfg)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
+                cache: LatentCache | None = None, *, compute_logits: bool = True,
+                with_mtp: bool = False) -> ModelOutput:
+        """input_ids: (B, S). positions default to 0..S-1; pass them (and a cache) for incremental decoding.
+
+        with_mtp: also run the MTP head over the sequence (training): position t reads token t+1 and h_t.
+        """
+        B, S = input_ids.shape
+        if positions is None:
+            positions = torch.arange(S, device=input_ids.device).expand(B, S)
+        x = self.model.embed_tokens(input_ids)  # (B, S, D)
+        rope = self.model.rotary(positions, x.dtype)
+        routing = []
+        for layer in self.model.layers:
+            x, info = layer(x, rope, cache)
+            routing.append(info)
+        final = self.model.norm(x)
+        out = ModelOutput(logits=self.lm_head(final) if compute_logits else None, hidden=x,
+                          final_hidden=final, routing=routing)
+        if with_mtp:
+            if self.model.mtp is None:
+                raise ValueError("with_mtp=True needs a config with num_nextn_predict_layers=1")
+            mtp_rope = tuple(t[:, :-1] for t in rope)
+            out.mtp_logits = self.lm_head(self.model.mtp(input_ids[:, 1:], final[:, :-1], mtp_rope))
+        return out
+
+    def mtp_draft(self, next_tokens: torch.Tensor, final_hidden: torch.Tensor, positions: torch.Tensor,
+                  cache: LatentCache | None = None) -> torch.Tensor:
+        """Speculative draft: logits (B, S, V) for the token after `next_tokens`, from the trunk's h_t."""
+        if self.model.mtp is None:
+            raise ValueError("this model has no MTP head (num_nextn_predict_layers=0)")
+        rope = self.model.rotary(positions, final_hidden.dtype)
+        return self.lm_head(self.model.mtp(next_tokens, final_hidden, rope, cache))
+
+    @torch.no_grad()
+    def init_weights(self, std: float | None = None) -> None:
+        """normal(0, std) for matrices and embeddings, ones for norms, zeros for biases and the router bias."""
+        std = self.config.initializer_range if std is None else std
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, 0.0, std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, Experts):
+                nn.init.normal_(module.gate_up_proj, 0.0, std)
+                nn.init.normal_(module.down_proj, 0.0, std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+            if isinstance(module, Router):
+                module.e_score_correction_bias.zero_()
+
+    def routers(self) -> list[Router]:
+        """The trunk's routers in layer order (the budget controller writes their biases)."""
+        return [layer.mlp.router for layer in self.model.layers]
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())

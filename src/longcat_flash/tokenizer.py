@@ -1,0 +1,245 @@
+"""Byte-level BPE tokenizer on HF `tokenizers`: train, encode/decode, save/load as an HF checkpoint, chat template.
+
+Why byte-level: every UTF-8 string maps to tokens and back exactly (`decode(encode(s)) == s`), so no text is ever
+lost or replaced by `<unk>`, whatever the corpus. Our model configs fix pad=0, bos=1, eos=2; `train_tokenizer`
+puts the special tokens first so those ids hold.
+
+Special tokens inside *text* are not special: `encode("a</s>b")` encodes the five characters `</s>` as ordinary
+bytes, so a corpus that happens to contain `</s>` (HTML does) cannot inject an end-of-document. Pass
+`allow_special=True` to parse them, as a rendered chat prompt needs.
+
+The directory written by `save` is a normal HF tokenizer checkpoint (`tokenizer.json` + `tokenizer_config.json`)
+that `transformers.AutoTokenizer` reads with the same ids and the same chat template.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import tokenizers
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
+CHAT_ROLES = ("system", "user", "assistant")
+DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
+TOKENIZER_FILE = "tokenizer.json"
+CONFIG_FILE = "tokenizer_config.json"
+
+# LongCat style: "SYSTEM:{s} [Round 0] USER:{u} ASSISTANT:{a}</s>[Round 1] USER:{u} ASSISTANT:".
+# `_render_default_chat` is its pure-Python twin (used without jinja2); a test keeps the two identical.
+DEFAULT_CHAT_TEMPLATE = (
+    "{%- set ns = namespace(round=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}"
+    "{{- 'SYSTEM:' + message['content'] + ' ' -}}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '[Round ' + ns.round|string + '] USER:' + message['content'] -}}"
+    "{%- else -%}"
+    "{{- ' ASSISTANT:' + message['content'] + eos_token -}}"
+    "{%- set ns.round = ns.round + 1 -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
+)
+
+# Fallback names, tried in order, when a tokenizer.json comes without a tokenizer_config.json.
+_FALLBACK_NAMES = {
+    "bos_token": ("<s>", "<|begin_of_text|>", "<bos>", "<|endoftext|>"),
+    "eos_token": ("</s>", "<|end_of_text|>", "<eos>", "<|endoftext|>"),
+    "pad_token": ("<pad>", "<|pad|>", "[PAD]"),
+}
+
+
+class Tokenizer:
+    """A `tokenizers.Tokenizer` plus the ids and chat template our training and serving code needs."""
+
+    def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = SPECIAL_TOKENS[1],
+                 eos_token: str | None = SPECIAL_TOKENS[2], pad_token: str | None = SPECIAL_TOKENS[0],
+                 chat_template: str = DEFAULT_CHAT_TEMPLATE,
+                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
+        self._backend = backend
+        # A twin that treats special-token text as plain text; two objects instead of toggling a flag per call
+        # keeps encode thread-safe (the server may encode from several threads).
+        self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
+        self._plain.encode_special_tokens = True
+        self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
+        self.bos_id = self._token_id("bos_token", bos_token)
+        self.eos_id = self._token_id("eos_token", eos_token)
+        self.pad_id = self._token_id("pad_token", pad_token)
+        self.chat_template = chat_template
+        self.model_max_length = model_max_length
+
+    def _token_id(self, field: str, token: str | None) -> int | None:
+        if token is None:
+            return None
+        token_id = self._backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"Tokenizer.{field}={token!r} is not in the vocabulary")
+        return token_id
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids, added tokens included: the smallest `ModelConfig.vocab_size` that fits."""
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 of the serialized tokenizer: token shards built with another tokenizer are never reused."""
+        return hashlib.sha256(self._backend.to_str().encode("utf-8")).hexdigest()
+
+    def _encoder(self, allow_special: bool) -> tokenizers.Tokenizer:
+        return self._backend if allow_special else self._plain
+
+    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
+        """Text to ids; nothing is added (no bos/eos), special-token text stays text unless `allow_special`."""
+        return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]:
+        """`encode` over many texts at once, in parallel on the Rust side (the fast path for corpora)."""
+        encoder = self._encoder(allow_special)
+        # encode_batch_fast (tokenizers >= 0.21) skips offset tracking, about 2x faster than encode_batch.
+        batch_fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
+        return [enc.ids for enc in batch_fn(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
+        """Ids to text; `skip_special_tokens` drops pad/bos/eos so a generated sequence reads as plain text."""
+        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
+        """Render a conversation to the prompt string the model was trained on (encode it with allow_special)."""
+        _validate_messages(messages)
+        if self.eos_token is None:
+            raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
+        if self.chat_template == DEFAULT_CHAT_TEMPLATE:
+            return _render_default_chat(messages, self.eos_token, add_generation_prompt)
+        template = _compile_template(self.chat_template)
+        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                               bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write `tokenizer.json` + `tokenizer_config.json` (HF layout) into `directory`; returns it."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self._backend.save(str(directory / TOKENIZER_FILE))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
+            "model_max_length": self.model_max_length,
+            "clean_up_tokenization_spaces": False,  # keeps transformers' decode byte-exact, like ours
+            "chat_template": self.chat_template,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+                                             encoding="utf-8")
+        return directory
+
+    @classmethod
+    def load(cls, path: str | Path) -> Tokenizer:
+        """Load a `tokenizer.json` (or a directory holding one) and, if beside it, its `tokenizer_config.json`.
+
+        Without a config, special tokens are guessed from common names and the default chat template is used.
+        """
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"tokenizer file not found: {file}")
+        backend = tokenizers.Tokenizer.from_file(str(file))
+        config_file = file.parent / CONFIG_FILE
+        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
+        return cls(backend, **names, chat_template=config.get("chat_template") or DEFAULT_CHAT_TEMPLATE,
+                   model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)))
+
+
+def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], field: str) -> str | None:
+    """The config's token (a string or an HF AddedToken dict), else the first common name in the vocabulary."""
+    if field in config:
+        value = config[field]
+        return value["content"] if isinstance(value, dict) else value
+    return next((name for name in _FALLBACK_NAMES[field] if backend.token_to_id(name) is not None), None)
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS, *,
+                    min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
+    """Train a byte-level BPE; `special_tokens[:3]` become pad, bos, eos with ids 0, 1, 2.
+
+    The vocabulary can come out smaller than `vocab_size` when the texts run out of pairs to merge.
+    """
+    special_tokens = _validate_special_tokens(special_tokens)
+    minimum = 256 + len(special_tokens)  # every byte must be a token, or round-tripping breaks
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < minimum:
+        raise ValueError(f"vocab_size must be an integer >= {minimum} (256 bytes + {len(special_tokens)} "
+                         f"special tokens), got {vocab_size!r}")
+    backend = tokenizers.Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                  special_tokens=list(special_tokens), show_progress=show_progress,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    pad, bos, eos = special_tokens[:3]
+    return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad)
+
+
+def _validate_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
+    tokens = tuple(special_tokens)
+    if len(tokens) < 3 or not all(isinstance(t, str) and t for t in tokens):
+        raise ValueError(f"special_tokens must hold at least 3 non-empty strings (pad, bos, eos first), "
+                         f"got {special_tokens!r}")
+    if len(set(tokens)) != len(tokens):
+        raise ValueError(f"special_tokens must be unique, got {special_tokens!r}")
+    return tokens
+
+
+def _validate_messages(messages: Sequence[dict[str, Any]]) -> None:
+    """Fail early on malformed chat input, naming the message, instead of rendering a broken prompt."""
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {message!r}")
+        role = message.get("role")
+        if role not in CHAT_ROLES:
+            raise ValueError(f"messages[{i}]['role'] must be one of {CHAT_ROLES}, got {role!r}")
+        if not isinstance(message.get("content"), str):
+            raise ValueError(f"messages[{i}]['content'] must be a str, got {message.get('content')!r}")
+        if role == "system" and i != 0:
+            raise ValueError(f"messages[{i}] is a system message; only messages[0] may be one")
+
+
+def _render_default_chat(messages: Sequence[dict[str, Any]], eos_token: str, add_generation_prompt: bool) -> str:
+    """Pure-Python twin of DEFAULT_CHAT_TEMPLATE, so the default format needs no jinja2."""
+    parts, round_index = [], 0
+    for message in messages:
+        role, content = message["role"], message["content"]
+        if role == "system":
+            parts.append(f"SYSTEM:{content} ")
+        elif role == "user":
+            parts.append(f"[Round {round_index}] USER:{content}")
+        else:
+            parts.append(f" ASSISTANT:{content}{eos_token}")
+            round_index += 1
+    if add_generation_prompt:
+        parts.append(" ASSISTANT:")
+    return "".join(parts)
+
+
+@functools.lru_cache(maxsize=8)
+def _compile_template(source: str) -> Any:
+    """Compile a custom chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
+    try:
+        from jinja2.exceptions import TemplateError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+    except ImportError as err:
+        raise ImportError("this tokenizer has a custom chat_template, which needs jinja2: pip install jinja2 "
+                          "(it ships with transformers)") from err
+
+    def raise_exception(message: str) -> None:
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    return env.from_string(source)
