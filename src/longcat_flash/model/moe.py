@@ -75,11 +75,12 @@ class Experts(nn.Module):
         One grouped GEMM per projection with group ends on the device: no host sync.
         """
         ends = counts.cumsum(0).to(torch.int32)  # (e,)
-        gate_up = _grouped_mm(x, self.gate_up_proj.transpose(1, 2), ends)  # (R, 2F)
+        # grouped_mm leaves rows past the last group uninitialised, forward and backward: mask both ways
+        valid = (torch.arange(x.shape[0], device=x.device) < ends[-1:])[:, None]  # (R, 1)
+        gate_up = _grouped_mm(torch.where(valid, x, 0.0), self.gate_up_proj.transpose(1, 2), ends)  # (R, 2F)
         gate, up = gate_up.chunk(2, dim=-1)
         y = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)  # (R, D)
-        valid = torch.arange(x.shape[0], device=x.device) < ends[-1:]  # rows past the groups are garbage
-        return torch.where(valid[:, None], y, 0.0)
+        return torch.where(valid, y, 0.0)
 
     def forward_reference(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Plain loop over experts (host-synced), the twin `forward` is tested against."""

@@ -1,0 +1,108 @@
+"""Official-layout safetensors I/O: round trips, sharding, MTP quirks and clear errors."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.presets import tiny
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = LongcatFlash(tiny())
+    model.init_weights(0.1)
+    model.routers()[0].e_score_correction_bias.normal_()
+    model.save_pretrained(tmp_path)
+    return model, tmp_path
+
+
+def test_round_trip_is_exact_and_keeps_mtp(saved):
+    model, path = saved
+    loaded = LongcatFlash.from_pretrained(path)
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.equal(loaded(ids, with_mtp=True).mtp_logits, model.eval()(ids, with_mtp=True).mtp_logits)
+
+
+def test_official_key_names(saved):
+    _, path = saved
+    with safe_open(path / "model.safetensors", "pt") as f:
+        keys = set(f.keys())
+    for key in ["model.mtp.layers.0.enorm.m.weight", "model.mtp.layers.0.hnorm.m.weight",
+                "model.mtp.layers.0.transformer_layer.mlp.down_proj.weight", "model.mtp.layers.0.eh_proj.weight",
+                "model.mtp.layers.0.self_attn.kv_b_proj.weight", "model.mtp.embed_tokens.weight",
+                "model.mtp.norm.weight", "model.layers.1.mlp.experts.7.gate_proj.weight",
+                "model.layers.0.mlp.router.e_score_correction_bias", "model.layers.0.mlps.1.up_proj.weight"]:
+        assert key in keys, key
+    assert not any(".experts.8." in k for k in keys)  # exactly n_routed_experts, none for zero experts
+    assert json.loads((path / "config.json").read_text())["num_nextn_predict_layers"] == 1
+
+
+def test_sharded_save_with_index(tmp_path):
+    model = LongcatFlash(tiny())
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1 and not (tmp_path / "model.safetensors").exists()
+    loaded = LongcatFlash.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    assert loaded.lm_head.weight.dtype == torch.bfloat16
+    assert loaded.routers()[0].classifier.weight.dtype == torch.float32
+    torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+
+
+def rewrite(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors")
+
+
+def test_missing_tensor_names_the_key(saved):
+    _, path = saved
+    rewrite(path, lambda t: t.pop("model.layers.1.mlp.experts.3.up_proj.weight"))
+    with pytest.raises(KeyError, match=r"model\.layers\.1\.mlp\.experts\.3\.up_proj\.weight"):
+        LongcatFlash.from_pretrained(path)
+
+
+def test_misshaped_tensor_names_key_and_shapes(saved):
+    _, path = saved
+    rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(65)}))
+    with pytest.raises(ValueError, match=r"model\.norm\.weight.*\(65,\).*\(64,\)"):
+        LongcatFlash.from_pretrained(path)
+
+
+def test_unknown_tensor_is_an_error(saved):
+    _, path = saved
+    rewrite(path, lambda t: t.update({"model.layers.5.mlps.0.up_proj.weight": torch.ones(1)}))
+    with pytest.raises(KeyError, match=r"model\.layers\.5"):
+        LongcatFlash.from_pretrained(path)
+
+
+def test_zero_expert_stubs_are_ignored_on_load(tmp_path, caplog):
+    model = LongcatFlash(tiny())
+    model.save_pretrained(tmp_path, zero_expert_stubs=True)
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:
+        assert "model.layers.0.mlp.experts.11.gate_proj.weight" in f.keys()
+    with caplog.at_level("INFO"):
+        loaded = LongcatFlash.from_pretrained(tmp_path)
+    assert sum("zero-expert" in r.message for r in caplog.records) == 1
+    assert torch.equal(loaded.model.layers[0].mlp.experts.gate_up_proj, model.model.layers[0].mlp.experts.gate_up_proj)
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    tiny().save_json(tmp_path)
+    torch.save({"x": torch.ones(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(FileNotFoundError, match="pickle files are never loaded"):
+        LongcatFlash.from_pretrained(tmp_path)
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    model = LongcatFlash(tiny().replace(tie_word_embeddings=True))
+    model.save_pretrained(tmp_path)
+    loaded = LongcatFlash.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)

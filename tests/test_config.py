@@ -1,0 +1,73 @@
+"""ModelConfig validation and config.json round trips."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from longcat_flash.config import ModelConfig
+from longcat_flash.presets import PRESETS, get_preset, tiny
+
+
+@pytest.mark.parametrize("field, value", [
+    ("moe_topk", 13),  # 8 FFN + 4 zero experts < 13
+    ("hidden_size", -64),
+    ("num_layers", 0),
+    ("zero_expert_num", -1),
+    ("zero_expert_type", "mirror"),
+    ("qk_rope_head_dim", 7),
+    ("kv_lora_rank", 128),  # larger than hidden_size 64
+    ("rms_norm_eps", 0.0),
+    ("num_nextn_predict_layers", 2),
+    ("eos_token_id", 999),
+])
+def test_bad_values_name_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny().replace(**{field: value})
+
+
+def test_json_round_trip(tmp_path):
+    cfg = tiny().replace(zero_expert_type="drop", rope_theta=5e5)
+    cfg.save_json(tmp_path)
+    assert ModelConfig.from_json(tmp_path) == cfg
+
+
+def test_reads_hf_aliases_and_rope_parameters():
+    cfg = ModelConfig.from_dict({"hidden_size": 64, "num_layers": 1, "num_attention_heads": 2, "q_lora_rank": 32,
+                                 "kv_lora_rank": 16, "num_local_experts": 4, "num_experts_per_tok": 2,
+                                 "intermediate_size": 96, "rope_parameters": {"rope_type": "default",
+                                                                               "rope_theta": 1234.0}})
+    assert (cfg.n_routed_experts, cfg.moe_topk, cfg.ffn_hidden_size, cfg.rope_theta) == (4, 2, 96, 1234.0)
+
+
+def test_unknown_field_and_unsupported_rope_are_errors():
+    with pytest.raises(ValueError, match="unknown field 'hiden_size'"):
+        ModelConfig.from_dict({"hiden_size": 64})
+    with pytest.raises(ValueError, match="rope_type='yarn'"):
+        ModelConfig.from_dict({"rope_scaling": {"type": "yarn", "factor": 4}})
+
+
+def test_bad_json_file(tmp_path):
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        ModelConfig.from_json(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        ModelConfig.from_json(tmp_path / "nowhere")
+
+
+@pytest.mark.hf
+def test_transformers_accepts_our_config_json(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = tiny()
+    cfg.save_json(tmp_path)
+    hf = transformers.AutoConfig.from_pretrained(tmp_path)
+    assert hf.model_type == "longcat_flash"
+    assert (hf.num_layers, hf.n_routed_experts, hf.zero_expert_num, hf.head_dim) == (2, 8, 4, cfg.qk_rope_head_dim)
+    assert ModelConfig.from_dict(json.loads(hf.to_json_string())) == cfg
+
+
+def test_presets_are_valid_and_unknown_names_fail():
+    for name in PRESETS:
+        assert get_preset(name).num_layers > 0
+    with pytest.raises(ValueError, match="unknown preset"):
+        get_preset("huge")

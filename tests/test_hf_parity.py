@@ -1,0 +1,68 @@
+"""Parity with transformers' LongcatFlashForCausalLM, our numerical oracle, in both directions."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.config import ModelConfig
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.hf
+
+CONFIGS = {
+    "zero-experts": dict(hidden_size=64, num_layers=2, num_attention_heads=4, q_lora_rank=32, kv_lora_rank=16,
+                         qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8, n_routed_experts=8,
+                         zero_expert_num=4, moe_topk=3),
+    "no-zero-experts": dict(hidden_size=64, num_layers=2, num_attention_heads=2, q_lora_rank=48, kv_lora_rank=32,
+                            qk_nope_head_dim=16, qk_rope_head_dim=4, v_head_dim=16, n_routed_experts=6,
+                            zero_expert_num=0, moe_topk=2),
+    "other-ranks": dict(hidden_size=96, num_layers=1, num_attention_heads=3, q_lora_rank=24, kv_lora_rank=40,
+                        qk_nope_head_dim=12, qk_rope_head_dim=16, v_head_dim=20, n_routed_experts=5,
+                        zero_expert_num=7, moe_topk=6, routed_scaling_factor=6.0, rope_theta=1.0e4),
+    "wide-topk": dict(hidden_size=64, num_layers=3, num_attention_heads=4, q_lora_rank=16, kv_lora_rank=8,
+                      qk_nope_head_dim=8, qk_rope_head_dim=2, v_head_dim=4, n_routed_experts=16,
+                      zero_expert_num=8, moe_topk=12, routed_scaling_factor=0.5),
+}
+COMMON = dict(vocab_size=160, ffn_hidden_size=80, expert_ffn_hidden_size=24, max_position_embeddings=256)
+
+
+def hf_model(cfg: dict) -> torch.nn.Module:
+    """A transformers model with random weights that make routing and norms non-trivial."""
+    rope = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta", 1.0e7)}
+    config = transformers.LongcatFlashConfig(**COMMON, **cfg, head_dim=cfg["qk_rope_head_dim"],
+                                             rope_parameters=rope)
+    model = transformers.LongcatFlashForCausalLM(config).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "norm" in name else 0.0, 0.1 if "norm" in name else 0.15)
+        for layer in model.model.layers:
+            layer.mlp.router.e_score_correction_bias.normal_(0.0, 0.02)
+    return model
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_transformers_checkpoint_loads_with_same_logits(name, tmp_path):
+    reference = hf_model(dict(CONFIGS[name]))
+    reference.save_pretrained(tmp_path)
+    ours = LongcatFlash.from_pretrained(tmp_path)
+    ids = torch.randint(0, 160, (2, 17))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert (ours(ids).logits - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_our_checkpoint_loads_in_transformers_with_same_logits(name, tmp_path):
+    cfg = dict(CONFIGS[name])
+    ours = LongcatFlash(ModelConfig(**COMMON, **cfg)).eval()
+    ours.init_weights(0.15)
+    with torch.no_grad():
+        for router in ours.routers():
+            router.e_score_correction_bias.normal_(0.0, 0.02)
+    ours.save_pretrained(tmp_path, zero_expert_stubs=True)
+    reference = transformers.LongcatFlashForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 160, (3, 11))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    assert (ours(ids).logits - expected).abs().max() <= 1e-4

@@ -1,0 +1,132 @@
+"""Whole-model invariants: ScMoE dataflow, MTP wiring, cached/absorbed attention == full forward."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat_flash.model import Transformer
+from longcat_flash.presets import longcat_flash, tiny
+
+
+class ContiguousCache:
+    """Minimal LatentCache for one batch of equal-length sequences (the paged one lives in infer/)."""
+
+    def __init__(self) -> None:
+        self.latent: dict[int, torch.Tensor] = {}
+        self.k_rope: dict[int, torch.Tensor] = {}
+
+    def update(self, block, latent, k_rope):
+        S = latent.shape[1]
+        if block in self.latent:
+            latent = torch.cat([self.latent[block], latent], dim=1)
+            k_rope = torch.cat([self.k_rope[block], k_rope], dim=1)
+        self.latent[block], self.k_rope[block] = latent, k_rope
+        L = latent.shape[1]
+        mask = torch.arange(L)[None, :] <= torch.arange(L - S, L)[:, None]  # (S, L) causal
+        return latent, k_rope, mask.expand(latent.shape[0], S, L)
+
+
+def randomized(cfg=None) -> Transformer:
+    model = Transformer(cfg or tiny()).eval()
+    model.init_weights(0.1)
+    with torch.no_grad():
+        for router in model.routers():
+            router.e_score_correction_bias.normal_(0.0, 0.05)
+    return model
+
+
+def test_output_fields():
+    model = randomized()
+    ids = torch.randint(0, 256, (2, 9))
+    out = model(ids, with_mtp=True)
+    assert out.logits.shape == (2, 9, 256) and out.mtp_logits.shape == (2, 8, 256)
+    torch.testing.assert_close(model.model.norm(out.hidden), out.final_hidden)
+    assert len(out.routing) == 2
+    info = out.routing[0]
+    assert info.probs.shape == (18, 12) and info.ids.shape == (18, 3)
+    assert info.tokens_per_expert.shape == (12,) and info.ffn_experts_per_token.shape == (18,)
+    torch.testing.assert_close(info.probs.sum(-1), torch.ones(18))
+
+
+def test_scmoe_layer_matches_hand_written_dataflow():
+    model = randomized()
+    layer = model.model.layers[0]
+    x = torch.randn(2, 6, 64)
+    rope = model.model.rotary(torch.arange(6).expand(2, 6), x.dtype)
+    out, _ = layer(x, rope)
+    x1 = x + layer.self_attn[0](layer.input_layernorm[0](x), rope)
+    s = layer.post_attention_layernorm[0](x1)
+    m = layer.mlp.forward_reference(s)
+    x2 = x1 + layer.mlps[0](s)
+    x3 = x2 + layer.self_attn[1](layer.input_layernorm[1](x2), rope)
+    torch.testing.assert_close(out, x3 + layer.mlps[1](layer.post_attention_layernorm[1](x3)) + m)
+
+
+def test_mtp_reads_next_token_and_normed_hidden():
+    model = randomized()
+    ids = torch.randint(0, 256, (1, 7))
+    out = model(ids, with_mtp=True)
+    mtp = model.model.mtp
+    rope = model.model.rotary(torch.arange(6)[None], torch.float32)
+    z = mtp.eh_proj(torch.cat([mtp.enorm(mtp.embed_tokens(ids[:, 1:])), mtp.hnorm(out.final_hidden[:, :-1])], -1))
+    z = z + mtp.self_attn(mtp.input_layernorm(z), rope)
+    z = z + mtp.mlp(mtp.post_attention_layernorm(z))
+    torch.testing.assert_close(out.mtp_logits, model.lm_head(mtp.norm(z)))
+    draft = model.mtp_draft(ids[:, 1:], out.final_hidden[:, :-1], torch.arange(6)[None])
+    torch.testing.assert_close(draft, out.mtp_logits)
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_incremental_decode_equals_full_forward(absorb):
+    model = randomized()
+    for module in model.modules():
+        if hasattr(module, "absorb"):
+            module.absorb = absorb
+    ids = torch.randint(0, 256, (2, 10))
+    full = model(ids).logits
+    cache = ContiguousCache()
+    prefill = model(ids[:, :4], cache=cache).logits
+    steps = [prefill]
+    for t in range(4, 10):
+        steps.append(model(ids[:, t:t + 1], positions=torch.full((2, 1), t), cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=1e-4)
+
+
+def test_absorbed_equals_naive_attention():
+    model = randomized()
+    attn = model.model.layers[1].self_attn[0]
+    x = torch.randn(2, 5, 64)
+    rope = model.model.rotary(torch.arange(5).expand(2, 5), x.dtype)
+    q_nope, q_rope = attn.queries(x, rope)
+    latent, k_rope = attn.latents(x, rope)
+    mask = torch.ones(5, 5, dtype=torch.bool).tril().expand(2, 5, 5)
+    naive = attn.attend_naive(q_nope, q_rope, latent, k_rope, mask)
+    torch.testing.assert_close(attn.attend_absorbed(q_nope, q_rope, latent, k_rope, mask), naive,
+                               atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(attn(x, rope), naive, atol=1e-5, rtol=1e-4)
+
+
+def test_variance_alignment_scales():
+    cfg = tiny()
+    model = Transformer(cfg)
+    attn = model.model.layers[0].self_attn[0]
+    assert attn.q_scale == pytest.approx((64 / 32) ** 0.5) and attn.kv_scale == pytest.approx((64 / 16) ** 0.5)
+    off = Transformer(cfg.replace(mla_scale_q_lora=False, mla_scale_kv_lora=False)).model.layers[0].self_attn[0]
+    assert (off.q_scale, off.kv_scale) == (1.0, 1.0)
+
+
+def test_full_shape_builds_on_meta_device():
+    with torch.device("meta"):
+        model = Transformer(longcat_flash())
+    assert 560e9 < model.num_parameters() < 563e9  # 560.7B trunk + 1.2B MTP head
+
+
+def test_tied_embeddings_share_storage():
+    model = Transformer(tiny().replace(tie_word_embeddings=True))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_with_mtp_needs_a_head():
+    model = Transformer(tiny().replace(num_nextn_predict_layers=0))
+    with pytest.raises(ValueError, match="num_nextn_predict_layers"):
+        model(torch.zeros(1, 3, dtype=torch.long), with_mtp=True)

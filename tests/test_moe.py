@@ -1,0 +1,100 @@
+"""The zero-expert MoE: grouped == reference, identity zero experts, selection-only bias."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from longcat_flash.model.moe import MoE
+from longcat_flash.presets import tiny
+
+
+def make_moe(**changes) -> MoE:
+    cfg = tiny().replace(routed_scaling_factor=2.5, **changes)
+    moe = MoE(cfg)
+    torch.nn.init.normal_(moe.router.classifier.weight, 0.0, 0.3)  # peaked enough for varied routing
+    for p in moe.experts.parameters():
+        torch.nn.init.normal_(p, 0.0, 0.1)
+    moe.router.e_score_correction_bias.normal_(0.0, 0.05)
+    return moe
+
+
+@pytest.mark.parametrize("changes", [{}, {"zero_expert_num": 0}, {"zero_expert_type": "drop"},
+                                     {"norm_topk_prob": True}, {"moe_topk": 8, "zero_expert_num": 8}])
+def test_grouped_equals_reference(changes):
+    moe = make_moe(**changes)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    out, info = moe(x)
+    ref = moe.forward_reference(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    grads = torch.autograd.grad(out.square().sum(), [x, *moe.parameters()])
+    ref_grads = torch.autograd.grad(ref.square().sum(), [x, *moe.parameters()])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, atol=1e-5 * float(r.abs().max()), rtol=1e-4)
+    assert info.ids.shape == (21, moe.router.top_k)
+    assert int(info.tokens_per_expert.sum()) == 21 * moe.router.top_k
+
+
+def test_experts_grouped_equals_loop():
+    moe = make_moe()
+    counts = torch.tensor([3, 0, 5, 1, 0, 2, 4, 1])
+    rows = torch.randn(int(counts.sum()) + 6, 64)  # 6 trailing rows (zero-expert slots) must come back as 0
+    out = moe.experts(rows, counts)
+    torch.testing.assert_close(out[:16], moe.experts.forward_reference(rows[:16], counts))
+    assert torch.equal(out[16:], torch.zeros(6, 64))
+
+
+def force_zero_experts(moe: MoE) -> None:
+    moe.router.e_score_correction_bias[: moe.n_ffn] = -10.0  # FFN experts can never win the selection
+
+
+def test_zero_experts_are_weight_times_identity():
+    moe = make_moe()
+    force_zero_experts(moe)
+    x = torch.randn(2, 5, 64)
+    probs, ids, weights = moe.router(x.view(-1, 64))
+    assert bool((ids >= moe.n_ffn).all())
+    out, info = moe(x)
+    torch.testing.assert_close(out, (weights.sum(-1, keepdim=True) * x.view(-1, 64)).view_as(x))
+    assert int(info.ffn_experts_per_token.sum()) == 0
+
+
+def test_all_tokens_to_zero_experts_never_reach_a_gemm(monkeypatch):
+    moe = make_moe()
+    force_zero_experts(moe)
+    seen = []
+    real = moe.experts.forward
+    monkeypatch.setattr(moe.experts, "forward", lambda rows, counts: seen.append(int(counts.sum())) or real(rows, counts))
+    x = torch.randn(4, 64, requires_grad=True)
+    out, _ = moe(x[None])
+    out.sum().backward()
+    assert seen == [0]
+    assert moe.experts.gate_up_proj.grad is None or not moe.experts.gate_up_proj.grad.any()
+    assert torch.isfinite(x.grad).all()
+
+
+def test_drop_zero_experts_contribute_nothing():
+    moe = make_moe(zero_expert_type="drop")
+    force_zero_experts(moe)
+    out, _ = moe(torch.randn(1, 6, 64))
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_bias_changes_selection_but_not_gate_values():
+    moe = make_moe()
+    moe.router.e_score_correction_bias.zero_()
+    x = torch.randn(10, 64)
+    probs, ids, weights = moe.router(x)
+    moe.router.e_score_correction_bias[5] = 1.0  # expert 5 now always wins a slot
+    probs_b, ids_b, weights_b = moe.router(x)
+    torch.testing.assert_close(probs_b, probs)
+    assert bool((ids_b == 5).any(-1).all()) and not torch.equal(ids_b.sort(-1).values, ids.sort(-1).values)
+    torch.testing.assert_close(weights_b, probs.gather(1, ids_b) * moe.router.scale)
+
+
+def test_router_stays_fp32_in_bf16_model():
+    moe = make_moe().to(torch.bfloat16)
+    assert moe.router.classifier.weight.dtype == torch.float32
+    assert moe.router.e_score_correction_bias.dtype == torch.float32
+    assert moe.experts.gate_up_proj.dtype == torch.bfloat16
+    out, info = moe(torch.randn(1, 4, 64, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and info.probs.dtype == torch.float32
