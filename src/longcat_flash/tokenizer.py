@@ -28,6 +28,7 @@ CHAT_ROLES = ("system", "user", "assistant")
 DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves the template; it wins over the config key
 
 # LongCat style: "SYSTEM:{s} [Round 0] USER:{u} ASSISTANT:{a}</s>[Round 1] USER:{u} ASSISTANT:".
 # `_render_default_chat` is its pure-Python twin (used without jinja2); a test keeps the two identical.
@@ -138,9 +139,10 @@ class Tokenizer:
 
     @classmethod
     def load(cls, path: str | Path) -> Tokenizer:
-        """Load a `tokenizer.json` (or a directory holding one) and, if beside it, its `tokenizer_config.json`.
+        """Load a `tokenizer.json` (or a directory holding one) and, if beside it, its `tokenizer_config.json`
+        and `chat_template.jinja`.
 
-        Without a config, special tokens are guessed from common names and the default chat template is used.
+        Without a config, special tokens are guessed from common names; without a template, the default is used.
         """
         path = Path(path)
         file = path / TOKENIZER_FILE if path.is_dir() else path
@@ -150,8 +152,18 @@ class Tokenizer:
         config_file = file.parent / CONFIG_FILE
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
-        return cls(backend, **names, chat_template=config.get("chat_template") or DEFAULT_CHAT_TEMPLATE,
+        return cls(backend, **names, chat_template=_chat_template(file.parent, config),
                    model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)))
+
+
+def _chat_template(directory: Path, config: dict[str, Any]) -> str:
+    """`chat_template.jinja`, else the config's template (a string, or HF's list of named ones), else ours."""
+    if (directory / TEMPLATE_FILE).is_file():
+        return (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+    template = config.get("chat_template")
+    if isinstance(template, list):
+        template = {entry["name"]: entry["template"] for entry in template}.get("default")
+    return template or DEFAULT_CHAT_TEMPLATE
 
 
 def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], field: str) -> str | None:

@@ -70,17 +70,13 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))  # (e, D, F)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (R, D) rows grouped by expert, counts: (e,) rows per expert; rows past sum(counts) give 0.
+        """x: (R, D) rows grouped by expert, counts: (e,) rows per expert, sum(counts) == R.
 
-        One grouped GEMM per projection with group ends on the device: no host sync.
+        One grouped GEMM per projection over all experts, with the group ends on the device.
         """
         ends = counts.cumsum(0).to(torch.int32)  # (e,)
-        # grouped_mm leaves rows past the last group uninitialised, forward and backward: mask both ways
-        valid = (torch.arange(x.shape[0], device=x.device) < ends[-1:])[:, None]  # (R, 1)
-        gate_up = _grouped_mm(torch.where(valid, x, 0.0), self.gate_up_proj.transpose(1, 2), ends)  # (R, 2F)
-        gate, up = gate_up.chunk(2, dim=-1)
-        y = _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)  # (R, D)
-        return torch.where(valid, y, 0.0)
+        gate, up = _grouped_mm(x, self.gate_up_proj.transpose(1, 2), ends).chunk(2, dim=-1)  # (R, F) each
+        return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)  # (R, D)
 
     def forward_reference(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Plain loop over experts (host-synced), the twin `forward` is tested against."""
@@ -126,19 +122,21 @@ class TokenDispatcher(Protocol):
 
 
 class LocalDispatcher:
-    """Single-process dispatch: a stable sort of the T*K slots by expert id, zero-expert slots sorted last."""
+    """Single-process dispatch: a stable sort of the T*K slots by expert id; zero-expert slots sort last and
+    are cut off, so only FFN rows are gathered. The cut needs the FFN row count on the host: one sync per
+    layer (free on CPU), the same one expert parallelism needs for its split sizes."""
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
         T, K = ids.shape
         key = ids.reshape(-1).clamp(max=n_ffn)  # (T*K,) every zero expert shares key E
-        order = torch.argsort(key, stable=True)  # (T*K,)
-        counts = torch.bincount(key, minlength=n_ffn + 1)[:n_ffn]  # (E,)
-        return x[order // K], counts, (order, T, K)
+        counts = torch.bincount(key, minlength=n_ffn + 1)  # (E+1,)
+        order = torch.argsort(key, stable=True)[: T * K - int(counts[n_ffn])]  # (R,) FFN slots only
+        return x[order // K], counts[:n_ffn], (order, T, K)
 
     def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
         order, T, K = handle
-        slots = torch.empty_like(y).index_copy(0, order, y)  # undo the sort; a permutation, no accumulation
-        return slots.view(T, K, -1)  # (T, K, D)
+        slots = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order, y)  # undo the sort: a permutation
+        return slots.view(T, K, -1)  # (T, K, D), zero rows in zero-expert slots
 
 
 class MoE(nn.Module):
@@ -161,12 +159,16 @@ class MoE(nn.Module):
 
     def combine_slots(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                       ) -> torch.Tensor:
-        """Weighted sum over the K slots in fp32: FFN slots from y (T, K, D), zero slots as weight * x (T, D)."""
+        """Weighted sum over the K slots: FFN slots from y (T, K, D), zero slots as weight * x (T, D).
+
+        One batched GEMV per token (fp32 accumulation inside the matmul), in a fixed slot order.
+        """
         is_zero = ids >= self.n_ffn  # (T, K)
-        out = torch.einsum("tk,tkd->td", weights.masked_fill(is_zero, 0.0), y.float())
+        ffn_weights = weights.masked_fill(is_zero, 0.0).to(y.dtype).unsqueeze(1)  # (T, 1, K)
+        out = torch.bmm(ffn_weights, y).squeeze(1)  # (T, D)
         if self.zero_type == "identity":
-            out = out + (weights * is_zero).sum(-1, keepdim=True) * x.float()
-        return out.to(x.dtype)
+            out = out + (weights * is_zero).sum(-1, keepdim=True).to(x.dtype) * x
+        return out
 
     def routing_info(self, probs: torch.Tensor, ids: torch.Tensor) -> RoutingInfo:
         return RoutingInfo(probs=probs, ids=ids,

@@ -1,0 +1,322 @@
+"""Data: corpus sources, cached token shards, packing, train/val split, resumable and DP-sliced sampling."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from longcat_flash.data import (Corpus, ResumableSampler, ShardMeta, TokenDataset, build_token_shard,
+                                iter_documents, sample_texts, validation_batches)
+from longcat_flash.tokenizer import Tokenizer, train_tokenizer
+
+DOCS = {
+    "a.txt": "first text file\nwith two lines\n",
+    "b.md": "# Title\n\nSome *markdown* — ünïcödé 🙂\n",
+    "sub/c.py": "def f(x):\n    return x * 2\n",
+}
+JSONL = [{"text": "json doc one", "id": 1}, {"text": "json doc two </s> stays text", "id": 2}]
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    root = tmp_path / "corpus"
+    for name, text in DOCS.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text, encoding="utf-8")
+    (root / "d.jsonl").write_text("\n".join(json.dumps(r) for r in JSONL) + "\n\n", encoding="utf-8")
+    (root / "ignored.bin").write_bytes(b"\x00\x01")
+    return root
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(list(DOCS.values()) * 10 + [r["text"] for r in JSONL], vocab_size=300)
+
+
+def _write_parquet(path: Path, rows: dict[str, list]) -> Path:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.table(rows), path)
+    return path
+
+
+# ---- corpus sources ----
+
+def test_directory_source_is_recursive_sorted_and_filtered(corpus_dir: Path) -> None:
+    docs = list(iter_documents(corpus_dir))
+    assert docs == [DOCS["a.txt"], DOCS["b.md"], JSONL[0]["text"], JSONL[1]["text"], DOCS["sub/c.py"]]
+
+
+def test_single_text_file_is_one_document(corpus_dir: Path) -> None:
+    assert list(iter_documents(corpus_dir / "b.md")) == [DOCS["b.md"]]
+
+
+def test_jsonl_with_custom_field(tmp_path: Path) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"body": "one"}\n{"body": "two"}\n', encoding="utf-8")
+    assert list(iter_documents(path, text_field="body")) == ["one", "two"]
+
+
+@pytest.mark.parametrize("line, match", [
+    ('{"other": "x"}', r"x\.jsonl:2: no text_field 'text'"),
+    ('{"text": 5}', r"x\.jsonl:2: field 'text' must be a string"),
+    ('{"text": ', r"x\.jsonl:2: invalid JSON"),
+    ('["text"]', r"x\.jsonl:2: no text_field 'text'"),
+])
+def test_bad_jsonl_names_file_line_and_field(tmp_path: Path, line: str, match: str) -> None:
+    path = tmp_path / "x.jsonl"
+    path.write_text('{"text": "ok"}\n' + line + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=match):
+        list(iter_documents(path))
+
+
+def test_parquet_source(tmp_path: Path) -> None:
+    path = _write_parquet(tmp_path / "p.parquet", {"content": ["row one", None, "row two"], "n": [1, 2, 3]})
+    assert list(iter_documents(path, text_field="content")) == ["row one", "row two"]
+    with pytest.raises(ValueError, match="no text_field column 'text'"):
+        list(iter_documents(path))
+
+
+def test_parquet_in_directory(corpus_dir: Path) -> None:
+    _write_parquet(corpus_dir / "e.parquet", {"text": ["from parquet"]})
+    assert "from parquet" in list(iter_documents(corpus_dir))
+
+
+def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    path = _write_parquet(tmp_path / "p.parquet", {"text": ["x"]})
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes the import fail
+    with pytest.raises(ImportError, match="pip install pyarrow"):
+        list(iter_documents(path))
+
+
+def test_missing_path_and_empty_directory_are_clear(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
+        list(iter_documents(tmp_path / "does-not-exist"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        list(iter_documents(tmp_path / "empty"))
+
+
+def test_caps_on_documents_and_bytes(corpus_dir: Path) -> None:
+    assert len(list(iter_documents(corpus_dir, max_docs=2))) == 2
+    first = len(DOCS["a.txt"].encode())
+    assert list(iter_documents(corpus_dir, max_bytes=first)) == [DOCS["a.txt"]]
+    assert len(list(iter_documents(corpus_dir, max_bytes=first + 1))) == 2
+    with pytest.raises(ValueError, match="max_docs"):
+        Corpus(corpus_dir, max_docs=0)
+
+
+def test_stdlib_is_the_default_source() -> None:
+    corpus = Corpus()
+    files = corpus.files()
+    assert corpus.is_stdlib and Corpus("stdlib").is_stdlib and not Corpus(Path("stdlib")).is_stdlib
+    assert len(files) > 500 and files == sorted(files)
+    assert all(p.suffix == ".py" and "site-packages" not in p.parts for p in files)
+    first_text = next(p.read_text(encoding="utf-8") for p in files if p.stat().st_size)
+    assert list(iter_documents(max_docs=3))[0] == first_text
+
+
+def test_sample_texts_spreads_over_files(tmp_path: Path) -> None:
+    for i in range(20):
+        (tmp_path / f"f{i:02d}.txt").write_text(f"doc {i:02d} " * 10, encoding="utf-8")
+    sample = sample_texts(tmp_path, max_bytes=500)
+    indices = [int(doc.split()[1]) for doc in sample]
+    assert len(sample) == 7 and sum(map(len, sample)) <= 500  # 7 of 20 files of 70 bytes...
+    assert indices[0] <= 3 and indices[-1] >= 17  # ...spread to the end of the corpus, not just its start
+
+
+# ---- token shards ----
+
+def test_shard_holds_documents_joined_by_eos(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
+    path = build_token_shard(corpus_dir, tok, tmp_path / "cache", progress=False)
+    meta = ShardMeta.read(path)
+    tokens = np.fromfile(path, dtype=meta.dtype)
+    assert meta.dtype == "uint16" and meta.n_tokens == len(tokens) and meta.n_docs == 5
+    assert meta.tokenizer_fingerprint == tok.fingerprint
+    docs = list(iter_documents(corpus_dir))
+    expected = [t for doc in docs for t in [*tok.encode(doc), tok.eos_id]]
+    assert tokens.tolist() == expected
+    assert tok.decode(tokens.tolist(), skip_special_tokens=False) == "</s>".join(docs) + "</s>"
+
+
+def test_shard_cache_is_reused(corpus_dir: Path, tok: Tokenizer, tmp_path: Path, monkeypatch) -> None:
+    first = build_token_shard(corpus_dir, tok, tmp_path, progress=False)
+    monkeypatch.setattr(Tokenizer, "encode_batch", lambda *a, **k: pytest.fail("cache not reused"))
+    assert build_token_shard(corpus_dir, tok, tmp_path, progress=False) == first
+
+
+def test_shard_cache_is_invalidated(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
+    first = build_token_shard(corpus_dir, tok, tmp_path, progress=False)
+    other_tok = build_token_shard(corpus_dir, train_tokenizer(DOCS.values(), 280), tmp_path, progress=False)
+    capped = build_token_shard(corpus_dir, tok, tmp_path, max_docs=2, progress=False)
+    assert len({first, other_tok, capped}) == 3 and ShardMeta.read(capped).n_docs == 2
+    changed = corpus_dir / "a.txt"
+    changed.write_text("edited", encoding="utf-8")
+    os.utime(changed, ns=(1, 1))
+    edited = build_token_shard(corpus_dir, tok, tmp_path, progress=False)
+    assert edited != first and ShardMeta.read(edited).n_tokens < ShardMeta.read(first).n_tokens
+
+
+def test_truncated_shard_is_rebuilt(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
+    path = build_token_shard(corpus_dir, tok, tmp_path, progress=False)
+    n_bytes = path.stat().st_size
+    path.write_bytes(path.read_bytes()[:10])
+    assert build_token_shard(corpus_dir, tok, tmp_path, progress=False) == path
+    assert path.stat().st_size == n_bytes
+
+
+def test_shard_errors(tmp_path: Path, tok: Tokenizer) -> None:
+    (tmp_path / "blank.txt").write_text("", encoding="utf-8")
+    with pytest.raises(ValueError, match="produced no text"):
+        build_token_shard(tmp_path / "blank.txt", tok, tmp_path / "cache", progress=False)
+    (tmp_path / "bad.jsonl").write_text('{"text": "ok"}\n{"body": "x"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        build_token_shard(tmp_path / "bad.jsonl", tok, tmp_path / "cache", progress=False)
+    assert list((tmp_path / "cache").iterdir()) == []  # no half-written shard or temp file is left behind
+    with pytest.raises(FileNotFoundError, match="missing.bin"):
+        TokenDataset.from_shard(tmp_path / "missing.bin", seq_len=4)
+
+
+def test_capped_stdlib_shard(tok: Tokenizer, tmp_path: Path) -> None:
+    path = build_token_shard(None, tok, tmp_path, max_bytes=200_000, progress=False)
+    assert path.name.startswith("stdlib-")
+    dataset = TokenDataset.from_shard(path, seq_len=64, split="val", val_fraction=0.1)
+    assert dataset.batch([0, 1]).shape == (2, 65)
+
+
+# ---- packing and the train/val split ----
+
+def test_windows_overlap_by_one_token() -> None:
+    dataset = TokenDataset(np.arange(100, dtype=np.uint16), seq_len=8, val_fraction=0.0)
+    batch = dataset.batch([0, 1, 11])
+    assert len(dataset) == 12 and batch.shape == (3, 9) and batch.dtype == torch.int64
+    assert batch[0].tolist() == list(range(9)) and batch[1].tolist() == list(range(8, 17))
+    assert batch[2].tolist() == list(range(88, 97))
+
+
+def test_train_and_val_are_disjoint_and_cover_the_tokens() -> None:
+    tokens = np.arange(1000, dtype=np.uint16)
+    train = TokenDataset(tokens, seq_len=16, split="train", val_fraction=0.1)
+    val = TokenDataset(tokens, seq_len=16, split="val", val_fraction=0.1)
+    seen_train = set(train.batch(range(len(train))).flatten().tolist())
+    seen_val = set(val.batch(range(len(val))).flatten().tolist())
+    assert seen_train.isdisjoint(seen_val)
+    assert max(seen_train) < 900 <= min(seen_val)
+    assert len(seen_train) > 880 and len(seen_val) > 90
+
+
+def test_memmap_shard_loads(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
+    path = build_token_shard(corpus_dir, tok, tmp_path, progress=False)
+    dataset = TokenDataset.from_shard(path, seq_len=4, val_fraction=0.2)
+    assert isinstance(dataset.tokens, np.memmap) and dataset.batch([0]).shape == (1, 5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"seq_len": 0}, "seq_len"), ({"split": "test"}, "split"), ({"val_fraction": 1.0}, "val_fraction"),
+    ({"seq_len": 50, "split": "val", "val_fraction": 0.1}, "fewer than one window"),
+])
+def test_dataset_rejects_bad_arguments(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        TokenDataset(np.arange(100), **{"seq_len": 4, **kwargs})
+
+
+# ---- sampling ----
+
+@pytest.fixture
+def dataset() -> TokenDataset:
+    return TokenDataset(np.arange(10 * 4 + 1, dtype=np.uint16), seq_len=4, val_fraction=0.0)  # 10 windows
+
+
+def _draw(sampler: ResumableSampler, steps: int, batch: int = 4) -> list[torch.Tensor]:
+    return [sampler.next_batch(batch) for _ in range(steps)]
+
+
+def test_sampler_is_deterministic_and_seed_dependent(dataset: TokenDataset) -> None:
+    a, b = _draw(ResumableSampler(dataset, seed=7), 5), _draw(ResumableSampler(dataset, seed=7), 5)
+    c = _draw(ResumableSampler(dataset, seed=8), 5)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert not all(torch.equal(x, y) for x, y in zip(a, c))
+
+
+def test_each_epoch_visits_every_window_once(dataset: TokenDataset) -> None:
+    sampler = ResumableSampler(dataset, seed=0)
+    first, second = sampler.next_indices(10), sampler.next_indices(10)
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(10))
+    assert first.tolist() != second.tolist() and sampler.state_dict()["epoch"] == 2
+
+
+def test_batch_crossing_epoch_boundary_continues_next_order(dataset: TokenDataset) -> None:
+    sampler = ResumableSampler(dataset, seed=3)
+    draws = np.concatenate([sampler.next_indices(4) for _ in range(5)])  # 20 = exactly two epochs
+    assert sorted(draws[:10].tolist()) == sorted(draws[10:].tolist()) == list(range(10))
+
+
+@pytest.mark.parametrize("resume_after", [1, 2, 3])  # mid-epoch, across the first boundary (8 -> 12), later
+def test_resume_from_state_dict_is_bitwise_identical(dataset: TokenDataset, resume_after: int) -> None:
+    reference = _draw(ResumableSampler(dataset, seed=11), 8)
+    interrupted = ResumableSampler(dataset, seed=11)
+    _draw(interrupted, resume_after)
+    state = json.loads(json.dumps(interrupted.state_dict()))  # survives a JSON checkpoint
+    resumed = ResumableSampler(dataset, seed=11)
+    resumed.load_state_dict(state)
+    assert all(torch.equal(x, y) for x, y in zip(_draw(resumed, 8 - resume_after), reference[resume_after:]))
+
+
+def test_load_state_dict_rejects_other_data_or_seed(dataset: TokenDataset) -> None:
+    state = ResumableSampler(dataset, seed=1).state_dict()
+    with pytest.raises(ValueError, match="seed"):
+        ResumableSampler(dataset, seed=2).load_state_dict(state)
+    smaller = TokenDataset(np.arange(21), seq_len=4, val_fraction=0.0)
+    with pytest.raises(ValueError, match="num_sequences"):
+        ResumableSampler(smaller, seed=1).load_state_dict(state)
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_rank_slices_reassemble_the_global_batch(dataset: TokenDataset, world_size: int) -> None:
+    reference = _draw(ResumableSampler(dataset, seed=5), 6, batch=8)
+    ranks = [ResumableSampler(dataset, seed=5, rank=r, world_size=world_size) for r in range(world_size)]
+    for step in range(6):
+        parts = [sampler.next_batch(8) for sampler in ranks]
+        assert all(p.shape == (8 // world_size, 5) for p in parts)
+        assert torch.equal(torch.cat(parts), reference[step])
+
+
+def test_resume_at_another_world_size(dataset: TokenDataset) -> None:
+    reference = _draw(ResumableSampler(dataset, seed=9), 4, batch=4)
+    single = ResumableSampler(dataset, seed=9)
+    _draw(single, 2, batch=4)
+    ranks = [ResumableSampler(dataset, seed=9, rank=r, world_size=2) for r in range(2)]
+    for sampler in ranks:
+        sampler.load_state_dict(single.state_dict())
+    for step in (2, 3):
+        assert torch.equal(torch.cat([s.next_batch(4) for s in ranks]), reference[step])
+
+
+def test_bad_rank_or_batch_size(dataset: TokenDataset) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        ResumableSampler(dataset, seed=0, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ResumableSampler(dataset, seed=0, rank=0, world_size=3).next_batch(4)
+
+
+# ---- validation ----
+
+def test_validation_batches_are_fixed_and_rank_sliced() -> None:
+    val = TokenDataset(np.arange(1000, dtype=np.uint16), seq_len=8, split="val", val_fraction=0.2)
+    first = list(validation_batches(val, 4))
+    assert len(first) == len(val) // 4 and all(b.shape == (4, 9) for b in first)
+    assert all(torch.equal(x, y) for x, y in zip(first, validation_batches(val, 4)))
+    assert len(list(validation_batches(val, 4, max_batches=2))) == 2
+    for step, rank_parts in enumerate(zip(*(validation_batches(val, 4, rank=r, world_size=2) for r in (0, 1)))):
+        assert torch.equal(torch.cat(rank_parts), first[step])
+
+
+def test_validation_needs_one_full_batch() -> None:
+    val = TokenDataset(np.arange(100), seq_len=8, split="val", val_fraction=0.2)
+    with pytest.raises(ValueError, match="global_batch_size=8"):
+        validation_batches(val, 8)

@@ -1,0 +1,222 @@
+"""Tokenizer: exact round-trips, fixed special ids, HF checkpoint compatibility, chat template, clear errors."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from longcat_flash.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, _compile_template, train_tokenizer
+
+CORPUS = [
+    "def add(a, b):\n    return a + b\n",
+    "class Point:\n    x: int = 0\n    y: int = 0\n",
+    "Héllo wörld, ça va? Привет мир. 你好，世界。 🙂🚀",
+    "import os\nprint(os.path.join('a', 'b'))\n",
+] * 20
+
+ROUND_TRIP = [
+    "",
+    "plain ascii text",
+    "  leading and trailing spaces \t\n\n",
+    "naïve café — “quotes” ½ ∑ 你好 🙂 🏳️‍🌈 e\u0301",
+    "\x00\x01 control \x7f and \uffff \U0010ffff",
+    "html </s> and <s> and <pad> stay text",
+    "def f():\n\treturn {'k': [1, 2, 3]}\n",
+]
+
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": "2+2?"},
+]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(CORPUS, vocab_size=400)
+
+
+def test_special_ids_are_pad_bos_eos(tok: Tokenizer) -> None:
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert 256 + 3 <= tok.vocab_size <= 400
+
+
+@pytest.mark.parametrize("text", ROUND_TRIP)
+def test_round_trip_is_exact(tok: Tokenizer, text: str) -> None:
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_special_token_text_is_plain_unless_allowed(tok: Tokenizer) -> None:
+    assert tok.eos_id not in tok.encode("a</s>b")
+    assert tok.encode("</s>", allow_special=True) == [tok.eos_id]
+    assert tok.decode([tok.bos_id, *tok.encode("x"), tok.eos_id]) == "x"
+    assert tok.decode([tok.bos_id, *tok.encode("x")], skip_special_tokens=False) == "<s>x"
+
+
+def test_encode_batch_matches_encode(tok: Tokenizer) -> None:
+    assert tok.encode_batch(ROUND_TRIP) == [tok.encode(t) for t in ROUND_TRIP]
+
+
+def test_training_merges_frequent_text(tok: Tokenizer) -> None:
+    text = "def add(a, b):\n    return a + b\n"
+    assert len(tok.encode(text)) < len(text.encode("utf-8")) / 2
+
+
+@pytest.mark.parametrize("vocab_size", [100, 258, 0, True, 300.0])
+def test_bad_vocab_size_names_the_field(vocab_size: object) -> None:
+    with pytest.raises(ValueError, match="vocab_size"):
+        train_tokenizer(CORPUS, vocab_size=vocab_size)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("specials", [("<pad>", "<s>"), ("<pad>", "<s>", "<s>"), ("<pad>", "", "</s>")])
+def test_bad_special_tokens(specials: tuple[str, ...]) -> None:
+    with pytest.raises(ValueError, match="special_tokens"):
+        train_tokenizer(CORPUS, vocab_size=400, special_tokens=specials)
+
+
+def test_extra_special_tokens_follow_the_first_three() -> None:
+    tok = train_tokenizer(CORPUS, vocab_size=400, special_tokens=("<pad>", "<s>", "</s>", "<tool>"))
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    assert tok.encode("<tool>", allow_special=True) == [3]
+
+
+def test_save_load_round_trip(tmp_path) -> None:
+    tok = train_tokenizer(CORPUS, vocab_size=400)
+    tok.model_max_length = 2048
+    out = tok.save(tmp_path / "ckpt")
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["bos_token"] == "<s>" and config["eos_token"] == "</s>" and config["pad_token"] == "<pad>"
+    assert config["model_max_length"] == 2048 and config["chat_template"] == DEFAULT_CHAT_TEMPLATE
+    for path in (out, out / "tokenizer.json"):
+        loaded = Tokenizer.load(path)
+        assert loaded.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP)
+        assert (loaded.pad_id, loaded.bos_id, loaded.eos_id, loaded.vocab_size) == (0, 1, 2, tok.vocab_size)
+        assert loaded.model_max_length == 2048 and loaded.fingerprint == tok.fingerprint
+
+
+def test_load_missing_file_names_the_path(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope"):
+        Tokenizer.load(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        Tokenizer.load(tmp_path)
+
+
+def test_load_without_config_guesses_special_tokens(tmp_path) -> None:
+    tok = train_tokenizer(CORPUS, vocab_size=300, special_tokens=("[PAD]", "<bos>", "<eos>"))
+    tok.save(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    loaded = Tokenizer.load(tmp_path / "tokenizer.json")
+    assert (loaded.pad_token, loaded.bos_token, loaded.eos_token) == ("[PAD]", "<bos>", "<eos>")
+    assert loaded.chat_template == DEFAULT_CHAT_TEMPLATE
+
+
+def test_load_without_known_special_tokens_gives_none(tmp_path) -> None:
+    train_tokenizer(CORPUS, vocab_size=300, special_tokens=("[A]", "[B]", "[C]")).save(tmp_path)
+    (tmp_path / "tokenizer_config.json").unlink()
+    loaded = Tokenizer.load(tmp_path)
+    assert (loaded.pad_id, loaded.bos_id, loaded.eos_id) == (None, None, None)
+    with pytest.raises(ValueError, match="eos_token"):
+        loaded.apply_chat_template(CHAT)
+
+
+def test_config_token_missing_from_vocab_is_an_error(tok: Tokenizer, tmp_path) -> None:
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["eos_token"] = {"content": "<|im_end|>", "special": True}  # HF AddedToken form
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape("eos_token='<|im_end|>'")):
+        Tokenizer.load(tmp_path)
+
+
+def test_fingerprint_tells_tokenizers_apart(tok: Tokenizer) -> None:
+    other = train_tokenizer(CORPUS, vocab_size=300)
+    assert len(tok.fingerprint) == 64 and other.fingerprint != tok.fingerprint
+
+
+# ---- chat template ----
+
+def test_default_chat_format(tok: Tokenizer) -> None:
+    assert tok.apply_chat_template(CHAT) == (
+        "SYSTEM:You are terse. [Round 0] USER:Hi ASSISTANT:Hello.</s>[Round 1] USER:2+2? ASSISTANT:")
+    assert tok.apply_chat_template(CHAT[1:3], add_generation_prompt=False) == "[Round 0] USER:Hi ASSISTANT:Hello.</s>"
+
+
+def test_chat_prompt_encodes_eos_as_special(tok: Tokenizer) -> None:
+    ids = tok.encode(tok.apply_chat_template(CHAT), allow_special=True)
+    assert ids.count(tok.eos_id) == 1
+
+
+@pytest.mark.parametrize("messages", [CHAT, CHAT[1:], CHAT[:3], CHAT[1:2]])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_default_template_jinja_matches_python_twin(tok: Tokenizer, messages, add_generation_prompt) -> None:
+    pytest.importorskip("jinja2")
+    rendered = _compile_template(DEFAULT_CHAT_TEMPLATE).render(
+        messages=messages, add_generation_prompt=add_generation_prompt, eos_token="</s>")
+    assert rendered == tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+
+def test_custom_template_from_config_is_used(tok: Tokenizer, tmp_path) -> None:
+    pytest.importorskip("jinja2")
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{{ eos_token }}{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.apply_chat_template(CHAT[1:2]) == "<user>Hi</s><assistant>"
+
+
+def test_template_file_and_named_templates(tok: Tokenizer, tmp_path) -> None:
+    pytest.importorskip("jinja2")
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert Tokenizer.load(tmp_path).apply_chat_template(CHAT) == "D"
+    (tmp_path / "chat_template.jinja").write_text("{{ messages[0]['content'] }}")  # transformers >= 4.50 layout
+    assert Tokenizer.load(tmp_path).apply_chat_template(CHAT) == "You are terse."
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty"),
+    ("hello", "non-empty"),
+    (["hi"], r"messages\[0\] must be a dict"),
+    ([{"role": "tool", "content": "x"}], r"messages\[0\]\['role'\]"),
+    ([{"role": "user", "content": 3}], r"messages\[0\]\['content'\]"),
+    ([{"role": "user"}], r"messages\[0\]\['content'\]"),
+    ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"messages\[1\] is a system"),
+])
+def test_bad_messages_are_rejected(tok: Tokenizer, messages, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tok.apply_chat_template(messages)
+
+
+# ---- transformers can read what we save ----
+
+@pytest.mark.hf
+def test_transformers_reads_tokenizer_file_with_same_ids(tok: Tokenizer, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"))
+    for text in ROUND_TRIP:
+        if "<" in text:  # transformers parses special-token text; ours does only with allow_special
+            assert hf.encode(text, add_special_tokens=False) == tok.encode(text, allow_special=True)
+        else:
+            assert hf.encode(text) == tok.encode(text)
+            assert hf.decode(tok.encode(text)) == text
+
+
+@pytest.mark.hf
+def test_auto_tokenizer_reads_checkpoint_dir(tok: Tokenizer, tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path))
+    assert (hf.pad_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2)
+    assert hf.apply_chat_template(CHAT, tokenize=False, add_generation_prompt=True) == tok.apply_chat_template(CHAT)
+    hf.save_pretrained(str(tmp_path / "resaved"))  # transformers' own layout loads back into ours
+    resaved = Tokenizer.load(tmp_path / "resaved")
+    assert resaved.apply_chat_template(CHAT) == tok.apply_chat_template(CHAT)
+    assert resaved.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP) and resaved.eos_id == 2
