@@ -39,7 +39,30 @@ def _run_info(args: argparse.Namespace) -> None:
     print(json.dumps(report.to_dict()) if args.json else format_report(report))
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info]
+# ---- cost -----------------------------------------------------------------------------------------------
+
+def _add_cost(sub: argparse._SubParsersAction) -> None:
+    from .analysis.cost_model import MODELS
+
+    p = sub.add_parser("cost", help="the report's theoretical decode cost model (Table 7): TPOT and $/M tokens")
+    p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    p.add_argument("--ep", type=int, default=128, help="expert-parallel degree")
+    p.add_argument("--batch", type=int, default=96, help="sequences per device")
+    p.add_argument("--acceptance", type=float, default=0.8, help="MTP draft acceptance rate")
+    p.add_argument("--bandwidth", type=float, default=40.0, help="all-to-all bandwidth, GB/s")
+    p.add_argument("--context", type=int, default=5000, help="average context length")
+    p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
+    p.set_defaults(run=_run_cost)
+
+
+def _run_cost(args: argparse.Namespace) -> None:
+    from .analysis.cost_model import cost_command
+
+    print(cost_command(args.models, ep=args.ep, batch_per_device=args.batch, mtp_acceptance=args.acceptance,
+                       a2a_bandwidth_gbps=args.bandwidth, context=args.context, as_json=args.json))
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_cost]
 
 
 def build_parser() -> argparse.ArgumentParser:
