@@ -1,0 +1,205 @@
+"""Training checkpoints: any objects with state_dict()/load_state_dict(), written atomically and verified.
+
+Layout (docs/checkpoint.md):
+
+    ROOT/step_00000100/manifest.json        step, meta, and sha256 + size of every file
+    ROOT/step_00000100/<name>.pt            one torch.save'd state dict per object (model, optimizer, ...)
+
+A checkpoint is written into ROOT/.tmp-step_XXXXXXXX-<pid>/, every file fsynced, the manifest last, and the
+directory renamed into place (then the parent fsynced): a kill at any moment leaves the earlier checkpoints
+intact and never a partial directory under a step name. Only after that are checkpoints beyond `keep` removed.
+Files are loaded with `torch.load(weights_only=True)`: tensors and plain containers, never arbitrary pickles.
+This module knows nothing about training; the trainer hands it the objects.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+MANIFEST = "manifest.json"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is missing, incomplete, corrupt or does not fit the objects it is loaded into."""
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
+
+
+def step_dir(root: Path, step: int) -> Path:
+    return Path(root) / f"{STEP_PREFIX}{step:08d}"
+
+
+def list_checkpoints(root: str | Path) -> list[Path]:
+    """Complete checkpoints under `root` (those with a manifest), oldest first."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.name.startswith(STEP_PREFIX) and (p / MANIFEST).is_file()]
+    return sorted(found, key=lambda p: p.name)
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+# ---- writing ----
+
+def save(root: str | Path, step: int, objects: Mapping[str, Stateful], meta: dict[str, Any] | None = None,
+         keep: int | None = None) -> Path:
+    """Write every object's state_dict() as checkpoint `step` under `root`; keep the newest `keep`."""
+    return save_states(root, step, {name: obj.state_dict() for name, obj in objects.items()}, meta, keep)
+
+
+def save_states(root: str | Path, step: int, states: Mapping[str, Any], meta: dict[str, Any] | None = None,
+                keep: int | None = None) -> Path:
+    """`save` for states already in hand (e.g. edited by model growth)."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    final = step_dir(root, step)
+    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    files = {name: _write_file(tmp / f"{name}.pt", state) for name, state in states.items()}
+    manifest = {"format": FORMAT_VERSION, "step": step, "files": files, "meta": meta or {}}
+    _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    _swap_into_place(tmp, final)
+    if keep is not None:
+        prune(root, keep)
+    return final
+
+
+def _write_file(path: Path, payload: Any) -> dict[str, Any]:
+    """Write bytes or a torch-saveable object, fsync it, return its manifest entry."""
+    with path.open("wb") as f:
+        if isinstance(payload, bytes):
+            f.write(payload)
+        else:
+            torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+def _swap_into_place(tmp: Path, final: Path) -> None:
+    """Rename tmp to final; an existing final (the same step saved again) is moved aside first, then removed."""
+    old = final.with_name(f"{TMP_PREFIX}old-{final.name}-{os.getpid()}")
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def prune(root: str | Path, keep: int) -> None:
+    """Remove all but the newest `keep` checkpoints, and temporaries left by killed writers."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    for path in list_checkpoints(root)[:-keep]:
+        shutil.rmtree(path)
+    clean_temporaries(root)
+
+
+def clean_temporaries(root: str | Path) -> None:
+    """Delete half-written checkpoint directories (a writer was killed before its rename)."""
+    root = Path(root)
+    if root.is_dir():
+        for path in root.iterdir():
+            if path.name.startswith(TMP_PREFIX) and path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+
+
+# ---- reading ----
+
+def resolve(path: str | Path) -> Path:
+    """A checkpoint directory, or the newest checkpoint in a checkpoints root or in a run directory's
+    `checkpoints/`; a clear CheckpointError when there is none."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        found = latest_checkpoint(root)
+        if found is not None:
+            return found
+    if path.name.startswith(STEP_PREFIX) and path.is_dir():
+        raise CheckpointError(f"{path} is incomplete: it has no {MANIFEST} (the write was interrupted)")
+    raise CheckpointError(f"no checkpoint found at {path} (expected {path}/checkpoints/{STEP_PREFIX}*/{MANIFEST})")
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    """The manifest of checkpoint `path`, after checking every file's size and sha256."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} is missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / MANIFEST} is corrupt ({err})") from None
+    for name, entry in files.items():
+        file = path / entry["file"]
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) is missing")
+        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+            raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) does not match its "
+                                  f"sha256 in {MANIFEST}; resume from an earlier checkpoint in {path.parent}")
+    return manifest
+
+
+def load_states(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(states by object name, meta) of a verified checkpoint."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    states = {}
+    for name, entry in manifest["files"].items():
+        try:
+            states[name] = torch.load(path / entry["file"], map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
+            raise CheckpointError(f"checkpoint {path}: cannot read {entry['file']} ({err})") from None
+    return states, manifest["meta"]
+
+
+def load(path: str | Path, objects: Mapping[str, Stateful]) -> dict[str, Any]:
+    """Load checkpoint `path` into `objects` (every one must be in it); returns the checkpoint's meta."""
+    states, meta = load_states(path)
+    missing = sorted(set(objects) - set(states))
+    if missing:
+        raise CheckpointError(f"checkpoint {path} has no state for {missing} (it holds {sorted(states)})")
+    for name, obj in objects.items():
+        try:
+            obj.load_state_dict(states[name])
+        except (RuntimeError, ValueError, KeyError) as err:
+            raise CheckpointError(f"checkpoint {path}: the {name!r} state does not fit: {err}") from None
+    return meta
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,386 @@
+"""TrainConfig: every knob of a training run as nested frozen dataclasses, recipes as functions, and the typed
+`--set section.field=value` overrides (nanoGPT's configurator, typed: values are parsed with ast.literal_eval
+and checked against the field's annotation; an unknown key is an error that lists the valid ones).
+
+The model shape is a section too (`model`, a ModelConfig), so `--set model.num_layers=2` works like any other
+field. Every invalid value fails here, naming the field, before any data is read.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import math
+import types
+import typing
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from ..config import ModelConfig
+from ..presets import get_preset
+
+# The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
+CONFIG_FILE = "train_config.json"
+CHECKPOINTS = "checkpoints"
+
+
+def _check(ok: bool, section: str, name: str, value: Any, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{section}.{name} must be {allowed}, got {value!r}")
+
+
+def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
+    for name in names:
+        value = getattr(obj, name)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ok = ok and (value >= 0 if allow_zero else value > 0)
+        _check(ok, obj.section, name, value, ">= 0" if allow_zero else "> 0")
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """AdamW. eps defaults to the report's 1e-16: far below any gradient RMS, so it never damps the update."""
+
+    section: ClassVar[str] = "optim"
+    lr: float = 2e-3  # peak LR of the hidden matrices at the proxy width (see scaling)
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-16
+    weight_decay: float = 0.1  # matrices only; embeddings, norms and biases are never decayed
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
+
+    def __post_init__(self) -> None:
+        _positive(self, "lr", "eps")
+        _positive(self, "weight_decay", "grad_clip", allow_zero=True)
+        _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), self.section, "betas", self.betas,
+               "two numbers in [0, 1)")
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    """LR multiplier over steps: linear warmup, then cosine to min_lr_ratio, or WSD (warmup-stable-decay)."""
+
+    section: ClassVar[str] = "schedule"
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    warmup_steps: int = 30
+    min_lr_ratio: float = 0.1  # final LR as a fraction of the peak
+    decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to min_lr_ratio
+
+    def __post_init__(self) -> None:
+        _positive(self, "warmup_steps", allow_zero=True)
+        _check(0 <= self.min_lr_ratio <= 1, self.section, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
+        _check(0 < self.decay_fraction <= 1, self.section, "decay_fraction", self.decay_fraction, "in (0, 1]")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The expert-bias controller (report §2.2, docs/budget_pid.md). Per layer, per FFN expert i, each step:
+    e_i = K_e/(K*N) - T_i/(K*T_all);  Δb_i = μ_t (kp e_i + ki Σe_i + kd (e_i - e_i,prev));  zero experts fixed."""
+
+    section: ClassVar[str] = "budget"
+    enabled: bool = True
+    target: float | None = None  # K_e, FFN experts per token; None = 2/3 of moe_topk (the report's 8 of 12)
+    rate: float = 1.0  # μ at step 0
+    kp: float = 1.0  # the report's rule is kp=1, ki=kd=0
+    ki: float = 0.0
+    kd: float = 0.0
+    integral_limit: float = 0.5  # anti-windup: |Σe_i| is clamped here
+    decay_every: int = 100  # μ is multiplied by decay_factor every decay_every steps ...
+    decay_factor: float = 0.5
+    min_rate_ratio: float = 0.1  # ... but never below min_rate_ratio * rate
+
+    def __post_init__(self) -> None:
+        _positive(self, "rate", "decay_every", "decay_factor", "integral_limit")
+        _positive(self, "kp", "ki", "kd", allow_zero=True)
+        _check(self.decay_factor <= 1, self.section, "decay_factor", self.decay_factor, "in (0, 1]")
+        _check(0 <= self.min_rate_ratio <= 1, self.section, "min_rate_ratio", self.min_rate_ratio, "in [0, 1]")
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """loss = lm + mtp_weight*mtp + z_weight*z + balance_alpha*balance (report §2.3, §7.2, docs/budget_pid.md)."""
+
+    section: ClassVar[str] = "loss"
+    balance_alpha: float = 5e-4  # α of the device-level balance loss (mean over layers); keeps R_g < ~0.1
+    balance_groups: int = 4  # D: FFN experts form D groups; the zero experts are group D+1
+    z_weight: float = 1e-6  # λ of the hidden z-loss on the last hidden state before the final norm
+    mtp_weight: float = 0.3
+    mtp_start_step: int = 0  # the MTP head trains from this step on (the report adds it mid-training)
+    monitor_every: int = 25  # router-gradient ratio R_g and router cosine similarity every N steps; 0 = never
+
+    def __post_init__(self) -> None:
+        _positive(self, "balance_alpha", "z_weight", "mtp_weight", "mtp_start_step", "monitor_every",
+                  allow_zero=True)
+        _positive(self, "balance_groups")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Corpus, tokenizer and batching. batch_size sequences of seq_len tokens make one optimizer step."""
+
+    section: ClassVar[str] = "data"
+    source: str = "stdlib"  # "stdlib", a directory, a text file, a .jsonl or a .parquet
+    text_field: str = "text"  # the field read from .jsonl / .parquet
+    max_bytes: int | None = None  # cap on corpus bytes tokenized
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1  # micro-batches per step; batch_size must be a multiple of it
+    val_fraction: float = 0.01  # the last fraction of the token stream is held out
+    val_batches: int = 4
+    tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None trains a byte-level BPE
+    tokenizer_sample_bytes: int = 8_000_000  # corpus bytes the BPE is trained on
+    cache_dir: str | None = None  # token shards; None = $XDG_CACHE_HOME/longcat-flash (~/.cache/longcat-flash)
+
+    def __post_init__(self) -> None:
+        _positive(self, "seq_len", "batch_size", "grad_accum", "val_batches", "tokenizer_sample_bytes")
+        if self.max_bytes is not None:
+            _positive(self, "max_bytes")
+        _check(0 < self.val_fraction < 1, self.section, "val_fraction", self.val_fraction, "in (0, 1)")
+        _check(self.batch_size % self.grad_accum == 0, self.section, "batch_size", self.batch_size,
+               f"a multiple of data.grad_accum={self.grad_accum}")
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    """Initialisation and width transfer (report §4, §5; train/optim.py).
+
+    proxy_width: the hidden size the LRs and init_std were tuned at. With s = hidden_size / proxy_width,
+    hidden and unembedding matrices get LR / s and init variance / s; embeddings and norms keep theirs.
+    variance_alignment: "preset" keeps the model config; "on" sets the MLA scales and γ = routed_scaling_factor
+    = ffn_hidden_size / expert_ffn_hidden_size (the granularity m); "off" removes both (an ablation).
+    """
+
+    section: ClassVar[str] = "scaling"
+    proxy_width: int | None = None  # None: no transfer (s = 1)
+    init_std: float | None = None  # None: model.initializer_range
+    variance_alignment: Literal["preset", "on", "off"] = "preset"
+
+    def __post_init__(self) -> None:
+        if self.proxy_width is not None:
+            _positive(self, "proxy_width")
+        if self.init_std is not None:
+            _positive(self, "init_std")
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    section: ClassVar[str] = "checkpoint"
+    save_every: int = 100  # steps between training checkpoints (the last step is always saved)
+    keep: int = 2  # newest checkpoints kept in OUT/checkpoints
+
+    def __post_init__(self) -> None:
+        _positive(self, "save_every", "keep")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A whole run. Build one with `recipe(preset)`, then `apply_overrides(cfg, ["a.b=value", ...])`."""
+
+    section: ClassVar[str] = "train"
+    preset: str = "small"  # where `model` came from (informational)
+    model: ModelConfig = field(default_factory=lambda: get_preset("small"))
+    seed: int = 0
+    max_steps: int = 300
+    eval_every: int = 50  # validation loss every N steps (and at the end); 0 = only at the end
+    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # autocast compute dtype; weights and Adam stay fp32
+    deterministic: bool = True  # torch.use_deterministic_algorithms: same seed -> bitwise identical losses
+    max_consecutive_skips: int = 5  # steps with a non-finite loss or gradient in a row before the run stops
+    tensorboard: bool = False  # also write OUT/tensorboard (needs the tensorboard package)
+    sample_prompt: str = "def "
+    sample_tokens: int = 96
+    sample_temperature: float = 0.8  # 0 = greedy
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        _positive(self, "max_steps", "max_consecutive_skips")
+        _positive(self, "seed", "eval_every", "sample_tokens", "sample_temperature", allow_zero=True)
+        m = self.model
+        _check(self.data.seq_len + 1 <= m.max_position_embeddings, "data", "seq_len", self.data.seq_len,
+               f"< model.max_position_embeddings={m.max_position_embeddings}")
+        _check(m.n_routed_experts % self.loss.balance_groups == 0, "loss", "balance_groups",
+               self.loss.balance_groups, f"a divisor of model.n_routed_experts={m.n_routed_experts}")
+        if self.budget.target is not None:
+            ok = 0 < self.budget.target < m.moe_topk if m.zero_expert_num else self.budget.target == m.moe_topk
+            _check(ok, "budget", "target", self.budget.target,
+                   f"in (0, model.moe_topk={m.moe_topk}) with zero experts, == moe_topk without")
+        _check(self.loss.mtp_weight == 0 or m.num_nextn_predict_layers == 1, "loss", "mtp_weight",
+               self.loss.mtp_weight, "0 for a model without an MTP head (model.num_nextn_predict_layers=0)")
+
+    @property
+    def ffn_expert_target(self) -> float:
+        """K_e: the budget controller's and the balance loss's expected FFN experts per token."""
+        return self.model.default_ffn_expert_target if self.budget.target is None else float(self.budget.target)
+
+    # ---- serialisation (OUT/train_config.json, checkpoints) ----
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TrainConfig:
+        return _build(cls, raw, "")
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> TrainConfig:
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Rebuild a (nested) config dataclass from a plain dict; unknown keys are an error."""
+    hints, names = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(prefix + k for k in unknown)}; "
+                         f"valid: {sorted(prefix + n for n in names)}")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = _build(hint, value, f"{prefix}{key}.")
+        else:
+            values[key] = _coerce(value, hint, prefix + key)
+    return cls(**values)
+
+
+# ---- --set overrides ----
+
+def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig:
+    """Apply `section.field=value` strings in order, e.g. ["budget.rate=0.01", "model.num_layers=2"]."""
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. budget.rate=0.01")
+        cfg = _set(cfg, key.strip().split("."), raw.strip())
+    return cfg
+
+
+def _set(obj: Any, path: list[str], raw: str, prefix: str = "") -> Any:
+    """Replace the field at `path` (relative to `obj`, which sits at `prefix`) with `raw` parsed for its type."""
+    names, name = [f.name for f in dataclasses.fields(obj)], path[0]
+    key = prefix + ".".join(path)
+    if name not in names:
+        raise ValueError(f"unknown config field {key!r}; valid fields here: {', '.join(prefix + n for n in names)}")
+    current = getattr(obj, name)
+    if dataclasses.is_dataclass(current):
+        if len(path) == 1:
+            sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
+            raise ValueError(f"{key!r} is a section; set one of its fields: {sub}")
+        value = _set(current, path[1:], raw, f"{prefix}{name}.")
+    elif len(path) > 1:
+        raise ValueError(f"{prefix + name!r} is a field, not a section (in {key!r})")
+    else:
+        value = _coerce(_literal(raw), typing.get_type_hints(type(obj))[name], key)
+    return dataclasses.replace(obj, **{name: value})
+
+
+def _literal(raw: str) -> Any:
+    """A Python literal if `raw` is one, else the raw string (so paths need no quotes); true/false work too."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as type `hint`, or a ValueError naming `key` and the allowed type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ValueError:
+                continue
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        return value if isinstance(value, str) else str(value)
+    allowed = " or ".join(repr(a) for a in args) if origin is Literal else _type_name(hint)
+    raise ValueError(f"{key} must be {allowed}, got {value!r}")
+
+
+def _type_name(hint: Any) -> str:
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
+
+
+def describe(cfg: TrainConfig) -> str:
+    """Every settable key with its current value, one per line (`longcat train --print-config`)."""
+    lines: list[str] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if dataclasses.is_dataclass(value):
+                walk(value, f"{prefix}{f.name}.")
+            else:
+                lines.append(f"{prefix}{f.name}={value!r}")
+
+    walk(cfg, "")
+    return "\n".join(lines)
+
+
+# ---- recipes: one function per preset ----
+
+def small() -> TrainConfig:
+    """The default run: `longcat train --preset small`, ~8 minutes on 2 CPU cores."""
+    return TrainConfig(preset="small", model=get_preset("small"))
+
+
+def tiny() -> TrainConfig:
+    """Seconds per run, for tests: a 512-token vocabulary (byte-level BPE needs > 259), 64-token windows."""
+    base = TrainConfig(preset="tiny", model=get_preset("tiny").replace(vocab_size=512), max_steps=40,
+                       eval_every=10, sample_tokens=16)
+    return dataclasses.replace(
+        base, schedule=ScheduleConfig(warmup_steps=5), checkpoint=CheckpointConfig(save_every=10),
+        data=DataConfig(seq_len=64, batch_size=4, val_fraction=0.05, val_batches=2,
+                        tokenizer_sample_bytes=1_000_000),
+        budget=BudgetConfig(decay_every=20))
+
+
+def bench() -> TrainConfig:
+    """The ~1B `bench` shape; far too slow for 2 CPU cores, meant for a GPU."""
+    return TrainConfig(preset="bench", model=get_preset("bench"), data=DataConfig(batch_size=16))
+
+
+RECIPES: dict[str, Callable[[], TrainConfig]] = {"tiny": tiny, "small": small, "bench": bench}
+
+
+def recipe(preset: str) -> TrainConfig:
+    if preset not in RECIPES:
+        raise ValueError(f"no training recipe for preset {preset!r}; choose one of {sorted(RECIPES)}")
+    return RECIPES[preset]()
+
+
+def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None = None) -> TrainConfig:
+    """The run's config: a preset's recipe (default small) or, when resuming, the saved config; then overrides."""
+    if saved is not None and preset is not None and preset != saved.preset:
+        raise ValueError(f"--preset {preset} differs from the resumed run's preset {saved.preset!r}; "
+                         f"a resumed run keeps its model (use `longcat grow` to change its depth)")
+    return apply_overrides(saved if saved is not None else recipe(preset or "small"), overrides)

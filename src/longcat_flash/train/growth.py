@@ -1,0 +1,109 @@
+"""Model growth by layer stacking (report §6): an L-layer model from a trained L/r-layer one, r = 2 in the report.
+
+The whole small stack is repeated, not each layer: layers [0..n-1] become [0..n-1, 0..n-1, ...] (block
+repeat). Everything else (embeddings, final norm, lm_head, MTP head) is copied once. The training state is
+kept: Adam moments are stacked exactly like the weights, the budget controller's per-layer state and the
+router biases too, and the step, sampler position and RNG are untouched, so the LR schedule and the data
+stream continue where the small model stopped. Pure functions over state dicts, and `grow_run`, which applies
+them to a run directory for `longcat grow SRC --out DST`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import hf, native
+from ..config import ModelConfig
+from ..model import Transformer
+from .config import CHECKPOINTS, CONFIG_FILE, TrainConfig
+from .metrics import METRICS_FILE, read_metrics
+
+LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def grown_names(name: str, n_layers: int, r: int) -> list[str]:
+    """The names `name` is copied to: r names for a trunk layer's tensor, itself otherwise."""
+    match = LAYER_KEY.match(name)
+    if not match:
+        return [name]
+    layer, rest = int(match.group(1)), match.group(2)
+    if layer >= n_layers:
+        raise ValueError(f"{name!r} has layer {layer}, but the source model has {n_layers} layers")
+    return [f"model.layers.{layer + k * n_layers}.{rest}" for k in range(r)]
+
+
+def grow_model_config(cfg: ModelConfig, r: int = 2) -> ModelConfig:
+    if not isinstance(r, int) or r < 1:
+        raise ValueError(f"growth factor r must be an integer >= 1, got {r!r}")
+    return cfg.replace(num_layers=cfg.num_layers * r)
+
+
+def grow_state_dict(state: dict[str, torch.Tensor], n_layers: int, r: int = 2) -> dict[str, torch.Tensor]:
+    """Model weights and buffers of an n_layers model -> those of an n_layers * r model (copies, not views)."""
+    return {new: tensor.clone() for name, tensor in state.items() for new in grown_names(name, n_layers, r)}
+
+
+def grow_optimizer_state(state: dict[str, Any], n_layers: int, r: int = 2) -> dict[str, Any]:
+    """A NamedOptimizer state (per-name moments, groups with names) for the grown model."""
+    groups = [{**g, "names": [new for name in g["names"] for new in grown_names(name, n_layers, r)]}
+              for g in state["groups"]]
+    moments = {new: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+               for name, entry in state["state"].items() for new in grown_names(name, n_layers, r)}
+    return {"groups": groups, "state": moments}
+
+
+def grow_controller_state(state: dict[str, Any], r: int = 2) -> dict[str, Any]:
+    """Budget controller state: per-layer rows (L, E) repeated as whole stacks, like the layers."""
+    return {k: v.repeat(r, 1) if torch.is_tensor(v) else v for k, v in state.items()}
+
+
+# ---- on disk: a run directory (or an HF model directory) in, a grown one out ----
+
+def grow_run(src: str | Path, dst: str | Path, r: int = 2) -> Path:
+    """Grow `src` (a run directory or checkpoint, or an HF model directory) into `dst`; returns the new
+    checkpoint (or model) directory. A grown run continues with `longcat train --resume DST`."""
+    src, dst = Path(src), Path(dst)
+    if native.list_checkpoints(dst / CHECKPOINTS) or (dst / "config.json").exists():
+        raise ValueError(f"--out {dst} already holds a model or checkpoints; choose an empty directory")
+    if (src / "config.json").is_file() and not (src / CHECKPOINTS).is_dir():
+        return _grow_hf_model(src, dst, r)
+    checkpoint = native.resolve(src)
+    states, meta = native.load_states(checkpoint)
+    cfg = TrainConfig.from_dict(meta["train_config"])
+    n = cfg.model.num_layers
+    cfg = dataclasses.replace(cfg, model=grow_model_config(cfg.model, r))
+    states = {**states, "model": grow_state_dict(states["model"], n, r),
+              "optimizer": grow_optimizer_state(states["optimizer"], n, r)}
+    if "controller" in states:
+        states["controller"] = grow_controller_state(states["controller"], r)
+    meta = {**meta, "train_config": cfg.to_dict(), "grown_from": str(checkpoint)}
+    out = native.save_states(dst / CHECKPOINTS, meta["step"], states, meta)
+    (dst / CONFIG_FILE).write_text(cfg.to_json())
+    _copy_run_files(checkpoint.parent.parent, dst, meta["step"])
+    return out
+
+
+def _grow_hf_model(src: Path, dst: Path, r: int) -> Path:
+    small = hf.from_pretrained(src)
+    grown = Transformer(grow_model_config(small.config, r))
+    grown.load_state_dict(grow_state_dict(small.state_dict(), small.config.num_layers, r))
+    hf.save_pretrained(grown, dst)
+    _copy_run_files(src, dst, None)
+    return dst
+
+
+def _copy_run_files(src: Path, dst: Path, step: int | None) -> None:
+    """The tokenizer, and the metrics up to the growth step, so the grown run's history continues."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+    if step is not None and (src / METRICS_FILE).is_file():
+        kept = [r for r in read_metrics(src) if r["step"] <= step]
+        (dst / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))

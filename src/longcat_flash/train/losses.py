@@ -1,0 +1,106 @@
+"""Training losses, pure functions of the model's outputs (report §2.3, §7.2; the MTP head §9.2).
+
+    loss = lm + mtp_weight * mtp + z_weight * z + balance_alpha * balance
+
+Each term is returned unweighted (so metrics stay comparable when a weight changes); `training_losses` applies
+the weights. Shapes: B batch, S sequence, V vocabulary, D model dim, T tokens, E FFN experts, Z zero experts,
+K top-k, G number of FFN expert groups.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from ..model import ModelOutput
+from .config import LossConfig
+
+
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy in fp32: logits (B, S, V), targets (B, S) -> scalar."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def mtp_loss(mtp_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Next-next-token cross-entropy: mtp_logits (B, S-1, V) at position t predict token t+2, which is
+    targets[:, t+1] (targets (B, S) are the inputs shifted by one)."""
+    return lm_loss(mtp_logits, targets[:, 1:])
+
+
+def hidden_z_loss(hidden: torch.Tensor) -> torch.Tensor:
+    """Report eq. 10 without λ: mean over tokens of (log Σ_i exp|z_t,i|)², z = last hidden before the final norm.
+
+    It penalises massive activations; a tiny λ keeps the hidden norm stable without hurting the LM loss.
+    """
+    lse = torch.logsumexp(hidden.float().abs(), dim=-1)  # (B, S)
+    return lse.pow(2).mean()
+
+
+def expert_groups(ids: torch.Tensor, n_ffn: int, groups: int) -> torch.Tensor:
+    """Group of each selected expert: FFN expert i -> i // (E / G); every zero expert -> group G."""
+    return torch.where(ids < n_ffn, ids // (n_ffn // groups), groups)
+
+
+def balance_loss(probs: torch.Tensor, ids: torch.Tensor, n_ffn: int, groups: int, target: float,
+                 selections: torch.Tensor | None = None) -> torch.Tensor:
+    """Device-level load balance with the zero experts as group D+1 (report §2.3), without α, for one layer.
+
+        L = Σ_j f_j P_j,  P_j = (1/T) Σ_t Σ_{i in group j} p_t,i
+        f_j = D / (K_e T) · #selections in group j   (FFN groups j <= D)
+        f_{D+1} = 1 / ((K - K_e) T) · #selections of zero experts
+
+    probs (T, E+Z) fp32 router softmax, ids (T, K). Selections are counted per slot, so every f_j is 1 when
+    the FFN groups share K_e slots per token evenly and the zero experts take the other K - K_e; the
+    minimum of L then sits at that split (f carries no gradient: it comes from the top-k choice).
+
+    selections: (E+Z,) selections per expert over the whole batch when it is split over data-parallel ranks;
+    f then counts the global batch and P this rank's tokens, so the mean over ranks of L, and of its
+    gradient, is the one-process value (docs/expert_parallel.md). None: count `ids`.
+    """
+    T, K = ids.shape
+    n_zero = probs.shape[-1] - n_ffn
+    n_groups = groups + (1 if n_zero else 0)
+    if selections is None:
+        counts = torch.bincount(expert_groups(ids, n_ffn, groups).flatten(), minlength=groups + 1)[:n_groups]
+    else:
+        counts = torch.cat([selections[:n_ffn].view(groups, -1).sum(-1), selections[n_ffn:].sum().view(1)])
+        counts, T = counts[:n_groups], selections.sum() / K  # T: tokens of the global batch
+    scale = torch.full((n_groups,), groups / target, dtype=probs.dtype, device=probs.device)
+    if n_zero:
+        scale[groups] = 1.0 / (K - target)
+    f = counts.to(probs.dtype) * scale / T  # (G+1,)
+    p_expert = probs.mean(0)  # (E+Z,)
+    p = p_expert[:n_ffn].view(groups, -1).sum(-1)  # (G,)
+    if n_zero:
+        p = torch.cat([p, p_expert[n_ffn:].sum().view(1)])
+    return (f * p).sum()
+
+
+@dataclass
+class LossTerms:
+    """Scalars for one micro-batch; `total` is what is differentiated, the rest are unweighted terms."""
+
+    total: torch.Tensor
+    lm: torch.Tensor
+    z: torch.Tensor
+    balance: torch.Tensor  # mean over layers
+    mtp: torch.Tensor | None  # None while the MTP head is not trained
+
+
+def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_ffn: int, target: float,
+                    selections: torch.Tensor | None = None) -> LossTerms:
+    """All terms for one forward pass; MTP only when the model was run with `with_mtp=True`.
+
+    selections: (L, E+Z) router counts of the global batch under data parallelism (see `balance_loss`)."""
+    lm = lm_loss(out.logits, targets)
+    z = hidden_z_loss(out.hidden)
+    balance = torch.stack([balance_loss(r.probs, r.ids, n_ffn, cfg.balance_groups, target,
+                                        None if selections is None else selections[i])
+                           for i, r in enumerate(out.routing)]).mean()
+    total = lm + cfg.z_weight * z + cfg.balance_alpha * balance
+    mtp = None
+    if out.mtp_logits is not None:
+        mtp = mtp_loss(out.mtp_logits, targets)
+        total = total + cfg.mtp_weight * mtp
+    return LossTerms(total=total, lm=lm, z=z, balance=balance, mtp=mtp)

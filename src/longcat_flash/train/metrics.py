@@ -1,0 +1,74 @@
+"""Metrics sinks: OUT/metrics.jsonl (one JSON object per step), the console progress bar, and TensorBoard.
+
+On resume the JSONL file is cut back to the checkpoint's step, so a resumed run's file reads exactly like an
+uninterrupted one (timings aside).
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+# What the progress bar shows, in order, with its short label.
+CONSOLE = (("loss", "loss"), ("val_loss", "val"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
+           ("ffn_experts_per_token", "ffn/tok"), ("ffn_experts_std", "std"))
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    file = path / METRICS_FILE if path.is_dir() else path
+    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+
+
+class MetricsLog:
+    def __init__(self, out: Path, start_step: int, total_steps: int, *, tensorboard: bool = False,
+                 progress: bool = True) -> None:
+        """start_step: optimizer steps already done (lines for later steps, from a killed run, are dropped)."""
+        self.path = out / METRICS_FILE
+        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if self.path.exists() else []
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        self.file = self.path.open("a")
+        self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress,
+                        dynamic_ncols=True)
+        self.writer = _tensorboard(out) if tensorboard else None
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        self.bar.update(1)
+        self.bar.set_postfix_str(_short(record), refresh=False)
+        if self.writer is not None:
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
+                    self.writer.add_scalar(key, value, record["step"])
+
+    def note(self, text: str) -> None:
+        """A line above the progress bar (validation results, checkpoints)."""
+        self.bar.write(text)
+
+    def close(self) -> None:
+        self.file.close()
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def _short(record: dict[str, Any]) -> str:
+    parts = []
+    for key, label in CONSOLE:
+        value = record.get(key)
+        if isinstance(value, float) and math.isfinite(value):
+            parts.append(f"{label}={value:.3g}" if key != "tokens_per_s" else f"{label}={value:.0f}")
+    return " ".join(parts) + (" SKIPPED" if record.get("skipped") else "")
+
+
+def _tensorboard(out: Path) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as err:
+        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from err
+    return SummaryWriter(str(out / "tensorboard"))

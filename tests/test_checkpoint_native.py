@@ -1,0 +1,96 @@
+"""Training checkpoints: round trip, keep-last-k, atomic replacement, and clear errors for damaged ones."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from longcat_flash.checkpoint import native
+from longcat_flash.checkpoint.native import CheckpointError
+
+
+class Box:
+    """The smallest stateful object."""
+
+    def __init__(self, value: float) -> None:
+        self.value = torch.tensor([value])
+
+    def state_dict(self) -> dict:
+        return {"value": self.value.clone(), "note": ("a", 1)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"].clone()
+
+
+def test_round_trip_and_meta(tmp_path: Path):
+    path = native.save(tmp_path, 7, {"a": Box(1.0), "b": Box(2.0)}, meta={"step": 7})
+    assert path.name == "step_00000007"
+    a, b = Box(0.0), Box(0.0)
+    assert native.load(path, {"a": a, "b": b}) == {"step": 7}
+    assert a.value.item() == 1.0 and b.value.item() == 2.0
+
+
+def test_keeps_the_newest_k_and_resolves_run_directories(tmp_path: Path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (10, 20, 30):
+        native.save(root, step, {"a": Box(step)}, keep=2)
+    assert [p.name for p in native.list_checkpoints(root)] == ["step_00000020", "step_00000030"]
+    assert native.resolve(tmp_path / "run") == root / "step_00000030"
+    assert native.resolve(root) == root / "step_00000030"
+    assert native.resolve(root / "step_00000020") == root / "step_00000020"
+
+
+def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch):
+    native.save(tmp_path, 1, {"a": Box(1.0)})
+
+    def dies(*args, **kwargs):
+        raise KeyboardInterrupt  # stands in for SIGKILL between two files
+
+    monkeypatch.setattr(native.torch, "save", dies)
+    with pytest.raises(KeyboardInterrupt):
+        native.save(tmp_path, 2, {"a": Box(2.0)})
+    monkeypatch.undo()
+    assert native.latest_checkpoint(tmp_path).name == "step_00000001"  # the half-written one is invisible
+    box = Box(0.0)
+    native.load(native.resolve(tmp_path), {"a": box})
+    assert box.value.item() == 1.0
+    native.prune(tmp_path, keep=5)  # removes the temporary
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+
+
+def test_saving_the_same_step_again_swaps_it(tmp_path: Path):
+    native.save(tmp_path, 3, {"a": Box(1.0)})
+    native.save(tmp_path, 3, {"a": Box(5.0)})
+    box = Box(0.0)
+    native.load(tmp_path / "step_00000003", {"a": box})
+    assert box.value.item() == 5.0 and len(list(tmp_path.iterdir())) == 1
+
+
+def test_corrupt_file_is_a_clear_error(tmp_path: Path):
+    path = native.save(tmp_path, 1, {"model": Box(1.0)})
+    data = bytearray((path / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (path / "model.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"corrupt: model.pt \(model\) does not match its sha256"):
+        native.load(path, {"model": Box(0.0)})
+
+
+def test_missing_pieces_are_clear_errors(tmp_path: Path):
+    path = native.save(tmp_path, 1, {"model": Box(1.0)})
+    with pytest.raises(CheckpointError, match=r"has no state for \['optimizer'\]"):
+        native.load(path, {"model": Box(0.0), "optimizer": Box(0.0)})
+    (path / "model.pt").unlink()
+    with pytest.raises(CheckpointError, match="model.pt .model. is missing"):
+        native.load(path, {"model": Box(0.0)})
+    (path / native.MANIFEST).unlink()
+    with pytest.raises(CheckpointError, match="incomplete"):
+        native.resolve(path)
+    with pytest.raises(CheckpointError, match="no checkpoint found"):
+        native.resolve(tmp_path / "elsewhere")
+
+
+def test_state_that_does_not_fit_names_the_object(tmp_path: Path):
+    path = native.save(tmp_path, 1, {"model": torch.nn.Linear(2, 2)})
+    with pytest.raises(CheckpointError, match="'model' state does not fit"):
+        native.load(path, {"model": torch.nn.Linear(3, 2)})

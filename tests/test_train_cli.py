@@ -1,0 +1,91 @@
+"""`longcat train` / `longcat grow` on the command line: clear errors, and a real SIGKILL + --resume that
+reproduces the uninterrupted run's losses bit for bit."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from train_support import make_corpus, tiny_overrides
+
+from longcat_flash.checkpoint import native
+from longcat_flash.cli import main
+from longcat_flash.train.metrics import read_metrics
+
+
+def run_cli(*args: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return str(exc.value.code)
+
+
+def test_unknown_flag_lists_the_valid_flags(capsys):
+    run_cli("train", "--max-step", "3")
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --max-step" in err and "--max-steps" in err and "--set KEY=VALUE" in err
+
+
+def test_unknown_field_lists_the_valid_fields():
+    message = run_cli("train", "--set", "budget.rat=0.1")
+    assert "unknown config field 'budget.rat'" in message and "budget.rate" in message
+    assert "must be float" in run_cli("train", "--set", "optim.lr=fast")
+    assert "is a section" in run_cli("train", "--set", "optim=1")
+
+
+def test_print_config_shows_overrides(capsys):
+    main(["train", "--preset", "tiny", "--max-steps", "7", "--set", "budget.rate=0.01", "--print-config"])
+    out = capsys.readouterr().out
+    assert "max_steps=7" in out and "budget.rate=0.01" in out and "model.num_layers=2" in out
+
+
+def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path):
+    assert "no checkpoint found" in run_cli("train", "--resume", str(tmp_path))
+    root = tmp_path / "run" / "checkpoints"
+    path = native.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
+    (path / "model.pt").write_bytes(b"garbage")
+    assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
+
+
+def native_box():
+    import torch
+    return torch.nn.Linear(1, 1)
+
+
+def _train_cmd(out: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:
+    sets = [a for o in tiny_overrides(corpus, cache, "loss.monitor_every=7") for a in ("--set", o)]
+    return [sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--out", str(out),
+            "--max-steps", "30", "--save-every", "10", "--no-progress", *sets, *extra]
+
+
+@pytest.mark.slow
+def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path: Path):
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    subprocess.run(_train_cmd(tmp_path / "full", corpus, cache), check=True, env=env, capture_output=True)
+
+    victim = subprocess.Popen(_train_cmd(tmp_path / "killed", corpus, cache), env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    first = tmp_path / "killed" / "checkpoints" / "step_00000010" / native.MANIFEST
+    deadline = time.monotonic() + 120
+    while not first.exists() and victim.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    os.kill(victim.pid, signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    killed_at = native.latest_checkpoint(tmp_path / "killed" / "checkpoints").name
+    assert not (tmp_path / "killed" / "model.safetensors").exists()
+
+    done = subprocess.run([sys.executable, "-m", "longcat_flash.cli", "train", "--resume",
+                           str(tmp_path / "killed"), "--no-progress"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    def losses(run: str) -> list[tuple]:
+        return [(r["step"], r["loss"], r["lm_loss"], r["grad_norm"], r.get("val_loss"), r.get("router_grad_ratio"))
+                for r in read_metrics(tmp_path / run)]
+
+    assert losses("killed") == losses("full"), f"diverged after resuming from {killed_at}"
+    assert len(losses("full")) == 30

@@ -1,0 +1,84 @@
+"""Model growth (report §6): stacked layers equal the source, the grown state loads and training resumes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from train_support import make_corpus, tiny_config
+
+from longcat_flash.checkpoint import native
+from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.model import Transformer
+from longcat_flash.train.config import apply_overrides
+from longcat_flash.train.growth import (grow_controller_state, grow_model_config, grow_optimizer_state,
+                                        grow_run, grow_state_dict, grown_names)
+from longcat_flash.train.metrics import read_metrics
+from longcat_flash.train.trainer import resume_config, train
+
+
+def test_names_repeat_the_whole_stack():
+    assert grown_names("model.layers.1.mlp.router.classifier.weight", 2, 2) == [
+        "model.layers.1.mlp.router.classifier.weight", "model.layers.3.mlp.router.classifier.weight"]
+    assert grown_names("lm_head.weight", 2, 2) == ["lm_head.weight"]
+    with pytest.raises(ValueError, match="source model has 2 layers"):
+        grown_names("model.layers.2.mlps.0.up_proj.weight", 2, 2)
+
+
+def test_grown_state_loads_and_copied_layers_equal_the_source(tiny_config):
+    small = Transformer(tiny_config)
+    for router in small.routers():
+        router.e_score_correction_bias.normal_()
+    grown = Transformer(grow_model_config(tiny_config, 2))
+    grown.load_state_dict(grow_state_dict(small.state_dict(), tiny_config.num_layers, 2))  # strict
+    src, dst = small.state_dict(), grown.state_dict()
+    for name, tensor in src.items():
+        for new in grown_names(name, tiny_config.num_layers, 2):
+            assert torch.equal(dst[new], tensor), new
+    assert dst["model.layers.2.mlp.router.e_score_correction_bias"].data_ptr() != \
+        dst["model.layers.0.mlp.router.e_score_correction_bias"].data_ptr()  # copies, not shared storage
+
+
+def test_optimizer_and_controller_state_are_stacked_like_the_layers():
+    moments = {"exp_avg": torch.ones(2), "step": torch.tensor(5.0)}
+    state = {"groups": [{"kind": "hidden", "names": ["model.layers.0.w", "lm_head.weight"]}],
+             "state": {"model.layers.0.w": moments, "lm_head.weight": moments}}
+    grown = grow_optimizer_state(state, n_layers=1, r=2)
+    assert grown["groups"][0]["names"] == ["model.layers.0.w", "model.layers.1.w", "lm_head.weight"]
+    assert torch.equal(grown["state"]["model.layers.1.w"]["exp_avg"], torch.ones(2))
+    ctrl = grow_controller_state({"integral": torch.tensor([[1.0], [2.0]]), "steps": 9}, 2)
+    assert ctrl["integral"].flatten().tolist() == [1.0, 2.0, 1.0, 2.0] and ctrl["steps"] == 9
+
+
+@pytest.mark.slow
+def test_grow_a_run_then_resume_it(tmp_path: Path):
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    cfg = tiny_config(corpus, cache, "model.num_layers=1", "max_steps=6", "checkpoint.save_every=3")
+    train(cfg, tmp_path / "small", progress=False)
+    ckpt = grow_run(tmp_path / "small", tmp_path / "grown")
+    states, meta = native.load_states(ckpt)
+    src_states, _ = native.load_states(native.resolve(tmp_path / "small"))
+    assert meta["step"] == 6 and meta["train_config"]["model"]["num_layers"] == 2
+    for name, tensor in src_states["model"].items():
+        for new in grown_names(name, 1, 2):
+            assert torch.equal(states["model"][new], tensor)
+    assert states["sampler"] == src_states["sampler"] and states["trainer"] == src_states["trainer"]
+    train(apply_overrides(resume_config(tmp_path / "grown"), ["max_steps=8"]), tmp_path / "grown", resume=True,
+          progress=False)
+    steps = [r["step"] for r in read_metrics(tmp_path / "grown")]
+    assert steps == list(range(1, 9))  # the small run's history, then the grown model's steps 7, 8
+    model = LongcatFlash.from_pretrained(tmp_path / "grown")
+    assert model.config.num_layers == 2
+    assert json.loads((tmp_path / "grown" / "config.json").read_text())["num_layers"] == 2
+
+
+def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
+    small = LongcatFlash(tiny_config)
+    small.save_pretrained(tmp_path / "src")
+    grow_run(tmp_path / "src", tmp_path / "dst")
+    grown = LongcatFlash.from_pretrained(tmp_path / "dst")
+    assert grown.config.num_layers == 4
+    assert torch.equal(grown.model.layers[3].mlps[1].up_proj.weight, small.model.layers[1].mlps[1].up_proj.weight)
+    with pytest.raises(ValueError, match="already holds"):
+        grow_run(tmp_path / "src", tmp_path / "dst")

@@ -1,0 +1,93 @@
+"""The training loop: determinism, resume, skipped steps, the metrics line and the final HF directory."""
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from train_support import make_corpus, tiny_config
+
+from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.tokenizer import Tokenizer
+from longcat_flash.train import trainer
+from longcat_flash.train.metrics import read_metrics
+from longcat_flash.train.trainer import TrainingStopped, resume_config, setup, train, train_step
+
+REQUIRED = {"step", "loss", "lm_loss", "lr", "tokens_per_s", "ffn_experts_per_token", "ffn_experts_target",
+            "ffn_experts_std", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "skipped"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("data")
+    return make_corpus(root / "corpus"), root / "cache"
+
+
+def losses(run: Path) -> list[tuple]:
+    return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(run)]
+
+
+def test_same_seed_is_bitwise_identical_and_resume_continues_exactly(corpus, tmp_path):
+    cfg = tiny_config(*corpus, "max_steps=12", "checkpoint.save_every=4", "eval_every=4", "loss.monitor_every=5")
+    summary = train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    # lose the last checkpoint (as if killed just before it), resume from step 8: same losses again
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000012")
+    train(resume_config(tmp_path / "b"), tmp_path / "b", resume=True, progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    records = read_metrics(tmp_path / "a")
+    assert REQUIRED <= set(records[0]) and "val_loss" in records[3] and "router_grad_ratio" in records[5]
+    assert summary["steps"] == 12 and summary["sample"].startswith("def ")
+    other = train(tiny_config(*corpus, "max_steps=2", "seed=1"), tmp_path / "c", progress=False)
+    assert other["steps"] == 2 and losses(tmp_path / "c")[0] != losses(tmp_path / "a")[0]
+
+
+def test_the_run_directory_is_an_hf_checkpoint(corpus, tmp_path):
+    train(tiny_config(*corpus, "max_steps=2"), tmp_path, progress=False)
+    model = LongcatFlash.from_pretrained(tmp_path)
+    tok = Tokenizer.load(tmp_path)
+    assert model.config.vocab_size >= tok.vocab_size and model.config.eos_token_id == tok.eos_id
+    ids = torch.tensor([tok.encode("def f(x):")])
+    assert torch.isfinite(model(ids).logits).all()
+    assert (tmp_path / "sample.txt").read_text().startswith("def ")
+    with pytest.raises(ValueError, match="already holds checkpoints"):
+        train(tiny_config(*corpus, "max_steps=2"), tmp_path, progress=False)
+
+
+def test_non_finite_step_is_skipped_and_nothing_changes(corpus, tmp_path):
+    run = setup(tiny_config(*corpus), tmp_path, progress=False)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    with torch.no_grad():
+        run.model.lm_head.weight[0, 0] = math.nan
+    metrics = train_step(run.model, run.optimizer, run.controller, run.sampler.next_batch(4), run.cfg, 0)
+    assert metrics["skipped"] and not math.isfinite(metrics["loss"])
+    assert not run.optimizer.state and run.controller.steps == 0  # no update, no controller step
+    for name, tensor in run.model.state_dict().items():
+        if name != "lm_head.weight":
+            assert torch.equal(tensor, before[name]), name
+    with torch.no_grad():
+        run.model.lm_head.weight[0, 0] = 0.0
+    metrics = train_step(run.model, run.optimizer, run.controller, run.sampler.next_batch(4), run.cfg, 1)
+    assert not metrics["skipped"] and run.controller.steps == 1
+
+
+def test_repeated_failures_stop_with_a_clear_message(corpus, tmp_path, monkeypatch):
+    real = trainer.training_losses
+
+    def poisoned(*args, **kwargs):  # steps 3 and 6.. produce NaN
+        terms = real(*args, **kwargs)
+        poisoned.calls += 1
+        if poisoned.calls == 3 or poisoned.calls >= 6:
+            terms.total = terms.total * math.nan
+        return terms
+
+    poisoned.calls = 0
+    monkeypatch.setattr(trainer, "training_losses", poisoned)
+    cfg = tiny_config(*corpus, "max_steps=20", "max_consecutive_skips=3", "eval_every=0")
+    with pytest.raises(TrainingStopped, match="3 consecutive steps had a non-finite loss"):
+        train(cfg, tmp_path, progress=False)
+    skipped = [r["skipped"] for r in read_metrics(tmp_path)]
+    assert skipped == [False, False, True, False, False, True, True, True]

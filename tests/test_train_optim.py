@@ -1,0 +1,95 @@
+"""Parameter groups, width transfer (identity at equal width), variance alignment, schedules, optimizer state."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from longcat_flash.model import Transformer
+from longcat_flash.train.config import OptimConfig, ScalingConfig, ScheduleConfig
+from longcat_flash.train.optim import (NamedOptimizer, aligned_model_config, build_optimizer, init_parameters,
+                                       lr_factor, param_groups, param_kind, width_scale)
+
+
+def _model(cfg, scaling: ScalingConfig) -> tuple[Transformer, object]:
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    return model, init_parameters(model, scaling)
+
+
+def test_width_transfer_is_identity_at_equal_width(tiny_config):
+    plain, _ = _model(tiny_config, ScalingConfig())
+    same, scale = _model(tiny_config, ScalingConfig(proxy_width=tiny_config.hidden_size))
+    assert scale.s == 1.0
+    assert all(scale.lr_mult(k) == scale.var_mult(k) == 1.0 for k in ("embedding", "hidden", "unembedding", "vector"))
+    for (name, a), b in zip(plain.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), name
+    groups = param_groups(same, OptimConfig(), scale)
+    assert all(g["lr_mult"] == 1.0 for g in groups)
+
+
+def test_width_transfer_divides_hidden_lr_and_variance_by_s(tiny_config):
+    base, _ = _model(tiny_config, ScalingConfig(init_std=0.02))
+    wide, scale = _model(tiny_config, ScalingConfig(init_std=0.02, proxy_width=tiny_config.hidden_size // 4))
+    assert scale.s == 4.0
+    for (name, a), b in zip(base.named_parameters(), wide.parameters()):
+        kind = param_kind(name, a)
+        ratio = 0.5 if kind in ("hidden", "unembedding") else 1.0  # std / sqrt(4); same draws, scaled
+        assert torch.allclose(b, a * ratio), name
+    lr = {g["kind"]: g["lr_mult"] for g in param_groups(wide, OptimConfig(), scale)}
+    assert lr == {"embedding": 1.0, "hidden": 0.25, "unembedding": 0.25, "vector": 1.0}
+
+
+def test_every_parameter_in_exactly_one_group_and_decay_only_on_matrices(tiny_config):
+    model = Transformer(tiny_config)
+    groups = param_groups(model, OptimConfig(weight_decay=0.1), width_scale(None, 64))
+    names = [n for g in groups for n in g["names"]]
+    assert sorted(names) == sorted(n for n, _ in model.named_parameters())
+    decay = {g["kind"]: g["weight_decay"] for g in groups}
+    assert decay == {"embedding": 0.0, "hidden": 0.1, "unembedding": 0.1, "vector": 0.0}
+    kinds = {n: g["kind"] for g in groups for n in g["names"]}
+    assert kinds["lm_head.weight"] == "unembedding" and kinds["model.embed_tokens.weight"] == "embedding"
+    assert kinds["model.mtp.embed_tokens.weight"] == "embedding" and kinds["model.norm.weight"] == "vector"
+    assert kinds["model.layers.0.mlp.experts.gate_up_proj"] == "hidden"
+
+
+def test_variance_alignment_modes(tiny_config):
+    assert aligned_model_config(tiny_config, "preset") == tiny_config
+    on = aligned_model_config(tiny_config, "on")
+    assert on.mla_scale_q_lora and on.mla_scale_kv_lora
+    assert on.routed_scaling_factor == tiny_config.ffn_hidden_size / tiny_config.expert_ffn_hidden_size  # γ = m
+    off = aligned_model_config(tiny_config, "off")
+    assert not off.mla_scale_q_lora and off.routed_scaling_factor == 1.0 and off.q_lora_scale == 1.0
+
+
+def test_schedules():
+    cos = ScheduleConfig(kind="cosine", warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_factor(cos, 0, 100) == pytest.approx(0.1) and lr_factor(cos, 9, 100) == 1.0
+    assert lr_factor(cos, 10, 100) == 1.0 and lr_factor(cos, 55, 100) == pytest.approx(0.55)
+    assert lr_factor(cos, 100, 100) == pytest.approx(0.1)
+    wsd = ScheduleConfig(kind="wsd", warmup_steps=10, min_lr_ratio=0.0, decay_fraction=0.2)
+    assert lr_factor(wsd, 50, 100) == 1.0 and lr_factor(wsd, 79, 100) == 1.0
+    assert lr_factor(wsd, 90, 100) == pytest.approx(0.5) and lr_factor(wsd, 100, 100) == 0.0
+    assert lr_factor(ScheduleConfig(kind="constant", warmup_steps=0), 7, 10) == 1.0
+
+
+def test_named_optimizer_state_maps_by_name_and_reports_mismatch(tiny_config):
+    model = Transformer(tiny_config)
+    optimizer = build_optimizer(model, OptimConfig(), width_scale(None, 64))
+    model(torch.randint(0, 256, (1, 8)), with_mtp=True).logits.sum().backward()
+    optimizer.step()
+    state = NamedOptimizer(optimizer).state_dict()
+    assert "lm_head.weight" in state["state"] and "exp_avg" in state["state"]["lm_head.weight"]
+    state["groups"][1]["names"] = list(reversed(state["groups"][1]["names"]))  # order does not matter
+    fresh = build_optimizer(model, OptimConfig(), width_scale(None, 64))
+    NamedOptimizer(fresh).load_state_dict(state)
+    p = model.lm_head.weight
+    assert torch.equal(fresh.state[p]["exp_avg"], optimizer.state[p]["exp_avg"])
+    smaller = Transformer(tiny_config.replace(num_layers=1))
+    with pytest.raises(ValueError, match="model.layers.1"):
+        NamedOptimizer(build_optimizer(smaller, OptimConfig(), width_scale(None, 64))).load_state_dict(state)
+
+
+def test_adam_epsilon_default_is_the_reports():
+    assert OptimConfig().eps == 1e-16 and math.isclose(OptimConfig().betas[1], 0.95)
