@@ -21,6 +21,8 @@ from .layers import RMSNorm, apply_rope
 # transformers builds q_a_layernorm / kv_a_layernorm without passing rms_norm_eps, so they use 1e-6.
 LATENT_NORM_EPS = 1e-6
 
+Projected = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # q_nope, q_rope, latent, k_rope
+
 
 class LatentCache(Protocol):
     """What the attention needs from a KV cache; implemented outside the model (infer/cache.py)."""
@@ -57,8 +59,16 @@ class MLA(nn.Module):
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: LatentCache | None = None, block: int = 0) -> torch.Tensor:
         """x: (B, S, D) -> (B, S, D). Without a cache: causal self-attention over x itself."""
-        q_nope, q_rope = self.queries(x, rope)
-        latent, k_rope = self.latents(x, rope)
+        return self.attend(self.project(x, rope), cache, block)
+
+    # Two halves, so the ScMoE layer can place them on either side of the MoE GEMMs (report §9.1, block.py).
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Projected:
+        """The QKV projections: q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, S, C), k_rope (B, S, R)."""
+        return (*self.queries(x, rope), *self.latents(x, rope))
+
+    def attend(self, projected: Projected, cache: LatentCache | None = None, block: int = 0) -> torch.Tensor:
+        """Core attention and output projection over `project`'s tensors -> (B, S, D)."""
+        q_nope, q_rope, latent, k_rope = projected
         if cache is None:
             return self.attend_naive(q_nope, q_rope, latent, k_rope, mask=None)
         latent, k_rope, mask = cache.update(block, latent, k_rope)
@@ -89,8 +99,13 @@ class MLA(nn.Module):
         q = torch.cat([q_nope, q_rope], dim=-1).transpose(1, 2)  # (B, H, S, N+R)
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, L, H, self.rope_dim)], dim=-1).transpose(1, 2)
         attn_mask = None if mask is None else mask[:, None]  # (B, 1, S, L)
+        # V zero-padded to the QK head dim: CPU SDPA's flash kernel needs equal dims (else the ~3x slower math
+        # path); the padded output columns are zeros and sliced off (architecture.md §6.2 notes HF does the same).
+        pad = self.nope_dim + self.rope_dim - self.v_dim
+        v = F.pad(v, (0, pad)) if pad > 0 else v  # (B, L, H, max(N+R, V))
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask,
                                              is_causal=mask is None and S > 1, scale=self.softmax_scale)
+        out = out[..., : self.v_dim]  # (B, H, S, V)
         return self.o_proj(out.transpose(1, 2).reshape(B, S, H * self.v_dim))  # (B, S, H*V) -> (B, S, D)
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,

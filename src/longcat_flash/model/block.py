@@ -10,6 +10,14 @@
 
     out = x3 + FFN_1(norm_f1(x3)) + MoE(s),  s = norm_f0(x1)   (architecture.md §4)
 
+The forward runs in the order of the report's single-batch overlap (§9.1), so an asynchronous dispatcher
+(distributed/expert_parallel.py) hides its all-to-alls behind the dense path; with the local dispatcher the
+order changes nothing, since the pieces are independent until the final sum:
+    stage 1  MLA_0                                   alone: everything else reads its output
+    stage 2  route, start dispatch  ||  FFN_0, MLA_1's QKV projections
+    stage 3  expert GEMMs, start combine
+    stage 4  combine in flight      ||  MLA_1's core attention and output projection, FFN_1
+
 Shapes: B batch, S sequence, D model dim.
 """
 from __future__ import annotations
@@ -38,15 +46,15 @@ class ScMoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: LatentCache | None = None) -> tuple[torch.Tensor, RoutingInfo]:
-        """x: (B, S, D) -> (B, S, D) and this layer's routing."""
-        x1 = x + self.attend(0, x, rope, cache)
+        """x: (B, S, D) -> (B, S, D) and this layer's routing. Stages as in the module docstring."""
+        attn0, attn1 = self.self_attn
+        x1 = x + attn0(self.input_layernorm[0](x), rope, cache, block=2 * self.index)
         s = self.post_attention_layernorm[0](x1)  # the shortcut: MoE and FFN_0 share it
-        moe_out, routing = self.mlp(s)
+        moe = self.mlp.begin(s)
         x2 = x1 + self.mlps[0](s)
-        x3 = x2 + self.attend(1, x2, rope, cache)
-        out = x3 + self.mlps[1](self.post_attention_layernorm[1](x3)) + moe_out
-        return out, routing
-
-    def attend(self, j: int, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-               cache: LatentCache | None) -> torch.Tensor:
-        return self.self_attn[j](self.input_layernorm[j](x), rope, cache, block=2 * self.index + j)
+        projected = attn1.project(self.input_layernorm[1](x2), rope)
+        moe = self.mlp.compute(moe)
+        x3 = x2 + attn1.attend(projected, cache, block=2 * self.index + 1)
+        out = x3 + self.mlps[1](self.post_attention_layernorm[1](x3))
+        moe_out, routing = self.mlp.finish(moe)
+        return out + moe_out, routing

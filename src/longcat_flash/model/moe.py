@@ -4,7 +4,8 @@ Router: fp32 softmax over E FFN experts + Z zero experts; `e_score_correction_bi
 gate weights are the unbiased probabilities times `routed_scaling_factor` (for zero experts too, as transformers).
 Experts: stacked weights, tokens sorted by expert and one grouped GEMM; zero-expert slots never reach a GEMM,
 they contribute `weight * x` ("identity") or nothing ("drop"). Combine is a sum over the fixed K slots, so it is
-deterministic. The TokenDispatcher seam lets expert parallelism replace the local sort/unsort.
+deterministic. The TokenDispatcher seam lets expert parallelism replace the local sort/unsort; the MoE runs in
+three phases (begin / compute / finish) so that the ScMoE layer can compute while the dispatcher communicates.
 
 Shapes: T tokens, D model dim, F expert hidden, E FFN experts, e local FFN experts, Z zero experts, K top-k,
 R routed rows (token-slot pairs handed to the experts).
@@ -110,33 +111,74 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.T
 
 
 class TokenDispatcher(Protocol):
-    """Moves FFN-expert rows to the experts and back. Zero-expert slots are never dispatched."""
+    """Moves FFN-expert rows to the experts and back. Zero-expert slots are never dispatched.
 
-    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """x: (T, D), ids: (T, K) -> rows (R, D) grouped by local expert, counts (e,), and a combine handle."""
+    Each direction is a start and a wait, so that an expert-parallel dispatcher can keep its all-to-all in flight
+    while the layer computes its dense path (block.py, report §9.1); a synchronous dispatcher does all the work
+    in the start and its waits only hand the result over. Handles are opaque to the caller.
+    """
+
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> Any:
+        """Start sending the FFN slots of x (T, D) with ids (T, K) to their experts; returns a handle."""
         ...
 
-    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        """Expert outputs (R, D) -> per-slot outputs (T, K, D), 0 in zero-expert slots."""
+    def wait_dispatch(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The arrived rows (R, D) grouped by local expert, and counts (e,) per local expert."""
         ...
+
+    def combine(self, y: torch.Tensor, handle: Any) -> Any:
+        """Start sending expert outputs (R, D) back to their slots; returns a handle."""
+        ...
+
+    def wait_combine(self, handle: Any) -> torch.Tensor:
+        """Per-slot outputs (T, K, D), 0 in zero-expert slots."""
+        ...
+
+
+def group_by_expert(ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """ids (T, K) -> slot order (T*K,) and counts (E,): a stable sort of the flat slots by expert id, FFN slots
+    first, grouped by expert; every zero expert shares key E, so zero slots sort last and a cut drops them."""
+    key = ids.reshape(-1).clamp(max=n_ffn)  # (T*K,)
+    return torch.argsort(key, stable=True), torch.bincount(key, minlength=n_ffn + 1)[:n_ffn]
+
+
+def to_slots(y: torch.Tensor, order: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    """Rows y (R, D) in `order` (the first R sorted slots) -> (T, K, D), zero rows in zero-expert slots."""
+    slots = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order, y)  # undo the sort: a permutation
+    return slots.view(T, K, -1)
 
 
 class LocalDispatcher:
-    """Single-process dispatch: a stable sort of the T*K slots by expert id; zero-expert slots sort last and
-    are cut off, so only FFN rows are gathered. The cut needs the FFN row count on the host: one sync per
-    layer (free on CPU), the same one expert parallelism needs for its split sizes."""
+    """Single-process dispatch: sort the slots by expert and cut off the zero slots, so only FFN rows are
+    gathered. The cut needs the FFN row count on the host: one sync per layer (free on CPU), the same one
+    expert parallelism needs for its split sizes. Everything happens in the starts."""
 
-    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
+    def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> Any:
         T, K = ids.shape
-        key = ids.reshape(-1).clamp(max=n_ffn)  # (T*K,) every zero expert shares key E
-        counts = torch.bincount(key, minlength=n_ffn + 1)  # (E+1,)
-        order = torch.argsort(key, stable=True)[: T * K - int(counts[n_ffn])]  # (R,) FFN slots only
-        return x[order // K], counts[:n_ffn], (order, T, K)
+        order, counts = group_by_expert(ids, n_ffn)
+        order = order[: int(counts.sum())]  # (R,) FFN slots only
+        return x[order // K], counts, (order, T, K)
 
-    def combine(self, y: torch.Tensor, handle: Any) -> torch.Tensor:
-        order, T, K = handle
-        slots = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order, y)  # undo the sort: a permutation
-        return slots.view(T, K, -1)  # (T, K, D), zero rows in zero-expert slots
+    def wait_dispatch(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        rows, counts, _ = handle
+        return rows, counts
+
+    def combine(self, y: torch.Tensor, handle: Any) -> Any:
+        return to_slots(y, *handle[2])
+
+    def wait_combine(self, handle: Any) -> torch.Tensor:
+        return handle
+
+
+@dataclass
+class InFlight:
+    """An MoE call between its phases (see MoE.begin): what the router decided and the dispatcher's handle."""
+
+    x: torch.Tensor  # (B, S, D) the input, for the output shape and the zero experts' weight * x
+    probs: torch.Tensor  # (T, E+Z)
+    ids: torch.Tensor  # (T, K)
+    weights: torch.Tensor  # (T, K)
+    handle: Any
 
 
 class MoE(nn.Module):
@@ -151,11 +193,26 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
         """x: (B, S, D) -> (B, S, D) and the routing decisions."""
+        return self.finish(self.compute(self.begin(x)))
+
+    # Three phases, so the ScMoE layer can run its dense path while the dispatcher communicates (block.py).
+    def begin(self, x: torch.Tensor) -> InFlight:
+        """Route x (B, S, D) and start the dispatch."""
         x_TD = x.reshape(-1, x.shape[-1])  # (T, D)
         probs, ids, weights = self.router(x_TD)
-        rows, counts, handle = self.dispatcher.dispatch(x_TD, ids, self.n_ffn)
-        y_TKD = self.dispatcher.combine(self.experts(rows, counts), handle)
-        return self.combine_slots(x_TD, y_TKD, ids, weights).view_as(x), self.routing_info(probs, ids)
+        return InFlight(x, probs, ids, weights, self.dispatcher.dispatch(x_TD, ids, self.n_ffn))
+
+    def compute(self, f: InFlight) -> InFlight:
+        """Wait for the rows, run the experts, start the combine."""
+        rows, counts = self.dispatcher.wait_dispatch(f.handle)
+        f.handle = self.dispatcher.combine(self.experts(rows, counts), f.handle)
+        return f
+
+    def finish(self, f: InFlight) -> tuple[torch.Tensor, RoutingInfo]:
+        """Wait for the expert outputs and sum the K slots: (B, S, D) and the routing decisions."""
+        y_TKD = self.dispatcher.wait_combine(f.handle)
+        x_TD = f.x.reshape(-1, f.x.shape[-1])
+        return self.combine_slots(x_TD, y_TKD, f.ids, f.weights).view_as(f.x), self.routing_info(f.probs, f.ids)
 
     def combine_slots(self, x: torch.Tensor, y: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
                       ) -> torch.Tensor:

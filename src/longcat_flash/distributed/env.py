@@ -1,0 +1,94 @@
+"""Process-group setup from torchrun's environment, the (dp, ep) device mesh, and rank helpers.
+
+torchrun (or any launcher that sets RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) starts one process
+per device; `init()` joins them with NCCL on GPUs and gloo on CPU. Without those variables everything here
+describes a world of one, so the same code runs in a single process.
+
+The mesh is (dp, ep) with ep innermost, as in torchtitan: the ep ranks of one row hold different experts
+(an all-to-all group), the dp ranks of one column hold the same experts (their expert gradients are summed).
+Every rank of the world reads different data, so the dense parameters are data-parallel over the whole world.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun) set up the environment for more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init(timeout_s: float = 600.0) -> torch.device:
+    """Join the process group when launched by torchrun; return this process's device.
+
+    NCCL with one GPU per local rank when CUDA is available, gloo on CPU otherwise.
+    """
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+    if launched() and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+    return device
+
+
+def teardown() -> None:
+    """Leave the process group (waits for every rank, so no rank exits while another still sends to it)."""
+    if dist.is_initialized():
+        _barrier()
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def print0(*args: object, **kwargs: object) -> None:
+    """print() on rank 0 only."""
+    if is_main():
+        print(*args, **kwargs)  # type: ignore[call-overload]
+
+
+@contextmanager
+def main_first() -> Iterator[None]:
+    """Run the block on rank 0 before the other ranks: rank 0 writes shared files (tokenizer, token shard) that
+    the others then find and reuse. Every rank passes exactly one barrier."""
+    if not is_main():
+        _barrier()
+    yield
+    if is_main():
+        _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def build_mesh(dp: int, ep: int, device: torch.device | str = "cpu") -> DeviceMesh | None:
+    """The (dp, ep) mesh over the whole world, or None for a single process.
+
+    Every rank must call this (creating process groups is a collective).
+    """
+    if dp < 1 or ep < 1 or dp * ep != world_size():
+        raise ValueError(f"--dp {dp} --ep {ep}: dp * ep must equal the world size {world_size()} "
+                         "(processes started by torchrun: --nproc-per-node x --nnodes)")
+    if world_size() == 1:
+        return None
+    return init_device_mesh(torch.device(device).type, (dp, ep), mesh_dim_names=("dp", "ep"))
