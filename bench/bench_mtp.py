@@ -1,0 +1,81 @@
+"""MTP speculative decoding on a trained checkpoint: acceptance rate, mean accepted length, speed-up (issue 4, item 4).
+
+Prompts are lines of held-out text (this repository's sources, not in the stdlib training corpus). For each draft
+length k, greedy and sampled: the acceptance rate (accepted / proposed drafts), the mean accepted length (tokens per
+verification forward) and decode tok/s against k = 0 at batch 1; greedy outputs are checked token for token against
+plain greedy. Prints a table and one JSON line.
+
+    python bench/bench_mtp.py --model RUN_DIR [--drafts 1 2 3] [--prompts 8] [--new-tokens 48] [--quantize int8]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from infer_common import table
+
+from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.loader import load_for_inference
+from longcat_flash.infer.sampling import SamplingParams
+from longcat_flash.tokenizer import Tokenizer
+
+SOURCES = Path(__file__).resolve().parents[1] / "src" / "longcat_flash"
+
+
+def prompts(tokenizer: Tokenizer, n: int) -> list[list[int]]:
+    """n code lines of 20+ characters from this package's sources, evenly spread."""
+    lines = [line for p in sorted(SOURCES.rglob("*.py")) for line in p.read_text().splitlines()
+             if len(line.strip()) > 20]
+    return [tokenizer.encode(lines[i * len(lines) // n]) for i in range(n)]
+
+
+def run(model: torch.nn.Module, k: int, ps: list[list[int]], params: SamplingParams) -> tuple[list, dict]:
+    """One request at a time (batch 1); returns outputs and the figures."""
+    engine = Engine(model, EngineConfig(speculative=k, max_running=1))
+    outputs, generated, start = [], 0, time.perf_counter()
+    for p in ps:
+        out = engine.generate([p], params)[0]
+        outputs.append(out)
+        generated += len(out)
+    seconds = time.perf_counter() - start
+    d = engine.stats.drafts
+    return outputs, {"tok_s": generated / seconds, "acceptance_rate": d.acceptance_rate,
+                     "mean_accepted_length": d.mean_accepted_length}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--new-tokens", type=int, default=48)
+    parser.add_argument("--quantize", default=None, choices=[None, "int8", "fp8"])
+    args = parser.parse_args()
+    tokenizer = Tokenizer.load(args.model)
+    model, _ = load_for_inference(args.model, quantize=args.quantize)
+    ps = prompts(tokenizer, args.prompts)
+    modes = {"greedy": SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True),
+             "T=0.8 top-p 0.95": SamplingParams(max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95,
+                                               seed=0, ignore_eos=True)}
+    rows, result = [], {"prompts": len(ps), "new_tokens": args.new_tokens, "quantize": args.quantize}
+    for mode, params in modes.items():
+        plain, base = run(model, 0, ps, params)
+        for k in args.drafts:
+            outputs, figures = run(model, k, ps, params)
+            same = outputs == plain if params.greedy else None
+            rows.append((mode, str(k), f"{figures['acceptance_rate']:.3f}", f"{figures['mean_accepted_length']:.2f}",
+                         f"{figures['tok_s']:.1f} / {base['tok_s']:.1f}", f"{figures['tok_s'] / base['tok_s']:.2f}x",
+                         "-" if same is None else str(same)))
+            result[f"{mode} k={k}"] = {**{n: round(v, 3) for n, v in figures.items()},
+                                       "speedup": round(figures["tok_s"] / base["tok_s"], 3),
+                                       "greedy_identical": same}
+    print(table(rows, ("sampling", "k", "acceptance", "mean accepted len", "tok/s (spec / plain)", "speed-up",
+                       "== plain greedy")))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,79 @@
+"""Block-wise weight quantization: perplexity change on held-out text and memory saved (issue 4, item 5).
+
+Configurations, all from one checkpoint: the checkpoint dtype (reference), int8 and fp8 128x128 blocks everywhere
+(router and kv_b_proj excepted), and each with layer-wise mixed precision (report §9.4: the --keep-top units with
+the largest input amplitude and the --keep-top with the largest block error stay unquantized, chosen on a separate
+calibration text). Held-out text: this repository's own Python sources, which are not in the stdlib training
+corpus. Prints a table and one JSON line.
+
+    python bench/bench_quant.py --model RUN_DIR [--tokens 8192] [--window 512] [--keep-top 2]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from infer_common import table
+
+from longcat_flash.infer.loader import load_for_inference
+from longcat_flash.infer.quant import weight_bytes
+from longcat_flash.tokenizer import Tokenizer
+
+SOURCES = Path(__file__).resolve().parents[1] / "src" / "longcat_flash"
+
+
+def held_out(tokenizer: Tokenizer, n_tokens: int, skip: int = 0) -> torch.Tensor:
+    """The first n_tokens (after `skip`) of this package's sources, files in sorted order."""
+    text = "\n".join(p.read_text() for p in sorted(SOURCES.rglob("*.py")))
+    ids = tokenizer.encode(text)[skip: skip + n_tokens]
+    if len(ids) < n_tokens:
+        raise ValueError(f"only {len(ids)} held-out tokens available")
+    return torch.tensor(ids)
+
+
+@torch.inference_mode()
+def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int) -> float:
+    """Mean next-token NLL over non-overlapping windows, exponentiated."""
+    windows = ids[: len(ids) // window * window].view(-1, window)
+    nll, count = 0.0, 0
+    for w in windows.split(4):
+        logits = model(w).logits[:, :-1].float()
+        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
+        count += w[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", required=True, help="a trained checkpoint directory (weights + tokenizer)")
+    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--keep-top", type=int, default=2, help="units kept per criterion in the mixed runs")
+    args = parser.parse_args()
+    tokenizer = Tokenizer.load(args.model)
+    calibration = held_out(tokenizer, 2048, skip=args.tokens)[None]  # disjoint from the scored tokens
+    ids = held_out(tokenizer, args.tokens)
+    configs = {"checkpoint dtype": (None, 0), "int8": ("int8", 0), f"int8 mixed (top {args.keep_top})": ("int8",
+               args.keep_top), "fp8": ("fp8", 0), f"fp8 mixed (top {args.keep_top})": ("fp8", args.keep_top)}
+    rows, result = [], {"tokens": len(ids), "window": args.window}
+    base_ppl = base_bytes = None
+    for name, (fmt, top) in configs.items():
+        model, report = load_for_inference(args.model, quantize=fmt, calibration=calibration, keep_top=top)
+        ppl, nbytes = perplexity(model, ids, args.window), weight_bytes(model)
+        base_ppl, base_bytes = base_ppl or ppl, base_bytes or nbytes
+        kept = report.kept if report else []
+        rows.append((name, f"{ppl:.3f}", f"{(ppl / base_ppl - 1) * 100:+.2f}%", f"{nbytes / 1e6:.1f}",
+                     f"{(1 - nbytes / base_bytes) * 100:.1f}%", str(len(kept))))
+        result[name] = {"ppl": round(ppl, 4), "ppl_change_pct": round((ppl / base_ppl - 1) * 100, 3),
+                        "weight_mb": round(nbytes / 1e6, 1), "saved_pct": round((1 - nbytes / base_bytes) * 100, 1),
+                        "kept": kept}
+    print(table(rows, ("weights", "perplexity", "change", "MB", "saved", "kept units")))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

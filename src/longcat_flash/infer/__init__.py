@@ -1,0 +1,1 @@
+"""Inference: paged latent cache, sampling, continuous-batching engine, MTP speculation, quantization."""

@@ -1,0 +1,149 @@
+"""Paged latent KV cache: a preallocated pool of fixed-size pages, per-sequence page tables, rollback.
+
+What is stored (architecture.md §6.2, docs/latent_cache.md): per attention block and token, only the normalised,
+scaled latent `c` (C values) and the rotated rope key (R values), side by side in one row of C+R values, the
+MQA-style layout SGLang/vLLM use. The expanded per-head K/V are never cached; the absorbed decode path attends
+over these rows directly.
+
+Slots are indexed by position: the entry for position p of a sequence lives in slot p of its page table, so the
+trunk and the MTP head (its own block index, `num_attention_blocks`) share one table, rollback after speculative
+verification is a truncation, and a query at position p may attend to exactly the slots 0..p.
+
+Page 0 is a scratch page that is never handed out: padded query rows write there and padded read slots point there
+(always masked out), so a padded batch needs no branches.
+
+Shapes: A attention blocks (+1 with MTP), P pages, G page size, B batch, S new tokens, L attended length,
+C kv_lora_rank, R qk_rope_head_dim.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ModelConfig
+
+SCRATCH_PAGE = 0
+
+
+class CacheFull(RuntimeError):
+    """The pool has no free page left for a sequence; the scheduler avoids this by planning page use."""
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    num_blocks: int  # attention blocks that own a slice of the pool (trunk + MTP)
+    width: int  # C + R values per token and block
+    kv_lora_rank: int  # C: where a row splits into latent | k_rope
+    page_size: int = 16  # G tokens per page
+    num_pages: int = 4096  # P, including the scratch page
+    dtype: torch.dtype = torch.bfloat16
+
+    def __post_init__(self) -> None:
+        if self.page_size < 1 or self.num_pages < 2:
+            raise ValueError(f"CacheConfig needs page_size >= 1 and num_pages >= 2 (page 0 is scratch), "
+                             f"got page_size={self.page_size}, num_pages={self.num_pages}")
+
+    @classmethod
+    def for_model(cls, cfg: ModelConfig, *, max_tokens: int, page_size: int = 16, with_mtp: bool = True,
+                  dtype: torch.dtype = torch.bfloat16) -> CacheConfig:
+        """A pool holding `max_tokens` tokens in total (over all sequences) for every block of `cfg`."""
+        blocks = cfg.num_attention_blocks + (1 if with_mtp and cfg.num_nextn_predict_layers else 0)
+        pages = -(-max_tokens // page_size) + 1
+        return cls(num_blocks=blocks, width=cfg.kv_lora_rank + cfg.qk_rope_head_dim, kv_lora_rank=cfg.kv_lora_rank,
+                   page_size=page_size, num_pages=pages, dtype=dtype)
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_blocks * self.width * torch.empty((), dtype=self.dtype).element_size()
+
+
+class PagedLatentCache:
+    """The pool, a free list of pages and one page table per sequence. Not thread-safe: one engine owns it."""
+
+    def __init__(self, config: CacheConfig, device: str | torch.device = "cpu") -> None:
+        self.config = config
+        G, P = config.page_size, config.num_pages
+        self.pool = torch.zeros(config.num_blocks, P * G, config.width, dtype=config.dtype, device=device)  # (A, P*G, C+R)
+        self._free = list(range(P - 1, SCRATCH_PAGE, -1))  # pop() hands out low page ids first
+        self.tables: dict[int, list[int]] = {}
+
+    # ---- allocation ----
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_pages(self) -> int:
+        return self.config.num_pages - 1 - len(self._free)
+
+    def pages_for(self, n_positions: int) -> int:
+        return -(-n_positions // self.config.page_size)
+
+    def capacity(self, seq: int) -> int:
+        """Positions the sequence's pages cover."""
+        return len(self.tables.get(seq, ())) * self.config.page_size
+
+    def ensure(self, seq: int, n_positions: int) -> None:
+        """Grow the sequence's table to cover positions [0, n_positions)."""
+        missing = self.pages_for(n_positions) - len(self.tables.get(seq, ()))
+        if missing > len(self._free):
+            raise CacheFull(f"sequence {seq} needs {missing} more pages, {len(self._free)} free")
+        self.tables.setdefault(seq, []).extend(self._free.pop() for _ in range(max(missing, 0)))
+
+    def truncate(self, seq: int, n_positions: int) -> None:
+        """Keep positions [0, n_positions) (speculative rollback); whole pages past the end go back to the pool.
+
+        Stale slots inside the last kept page need no clearing: a query at position p only reads slots <= p, and
+        every position is rewritten before any query at or after it runs again.
+        """
+        table = self.tables.get(seq, [])
+        keep = self.pages_for(n_positions)
+        self._free.extend(reversed(table[keep:]))
+        del table[keep:]
+
+    def free(self, seq: int) -> None:
+        """Return all pages of a finished, cancelled or preempted sequence."""
+        self.truncate(seq, 0)
+        self.tables.pop(seq, None)
+
+    # ---- one forward ----
+    def view(self, seqs: list[int], positions: torch.Tensor) -> BatchView:
+        """The LatentCache one forward uses: row b of the batch is sequence seqs[b]; positions (B, S), -1 = padding.
+
+        Every non-padding position must be covered by `ensure` beforehand.
+        """
+        G = self.config.page_size
+        B, S = positions.shape
+        L = int(positions.max()) + 1
+        n_pages = max(1, -(-L // G))
+        tables = torch.full((B, n_pages), SCRATCH_PAGE, dtype=torch.long)
+        for b, seq in enumerate(seqs):
+            table = self.tables[seq][:n_pages]
+            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
+        slot = torch.arange(n_pages * G)
+        read = (tables[:, slot // G] * G + slot % G)[:, :L]  # (B, L) pool rows, scratch where the table is short
+        pad = positions < 0
+        write = read.gather(1, positions.clamp(min=0)).masked_fill(pad, SCRATCH_PAGE * G)  # (B, S)
+        mask = torch.arange(L)[None, None, :] <= positions[:, :, None]  # (B, S, L) causal by position
+        mask[:, :, 0] |= pad  # padded queries see one (scratch-safe) slot, so no softmax row is empty
+        device = self.pool.device
+        return BatchView(self, write.reshape(-1).to(device), read.reshape(-1).to(device), mask.to(device), (B, S, L))
+
+
+class BatchView:
+    """Implements model.attention.LatentCache for one forward over a fixed set of rows and positions."""
+
+    def __init__(self, cache: PagedLatentCache, write: torch.Tensor, read: torch.Tensor, mask: torch.Tensor,
+                 shape: tuple[int, int, int]) -> None:
+        self.cache, self.write, self.read, self.mask, self.shape = cache, write, read, mask, shape
+
+    def update(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, S, L = self.shape
+        pool = self.cache.pool[block]  # (P*G, C+R)
+        rows = torch.cat([latent, k_rope], dim=-1).reshape(B * S, -1).to(pool.dtype)  # (B*S, C+R)
+        pool.index_copy_(0, self.write, rows)
+        gathered = pool.index_select(0, self.read).view(B, L, -1).to(latent.dtype)  # (B, L, C+R)
+        C = self.cache.config.kv_lora_rank
+        return gathered[..., :C], gathered[..., C:], self.mask

@@ -1,0 +1,277 @@
+"""The inference engine: token ids in, token ids out. `Engine.step()`: schedule -> forward -> sample -> update.
+
+One step runs at most two forwards over the paged latent cache: the decoding rows (1 token each, or 1 + k with
+MTP speculation) attending absorbed over the latent, and the prefill chunks (padded into one batch) on the naive
+path, which is cheaper for long chunks (architecture.md §6.3). Logits are computed only where a token is sampled.
+Text, chat templates and stop strings live in the server and CLI; they reach the engine as a `stop` callback.
+
+Shapes: B rows, S tokens per row, D model dim, V vocabulary.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import torch
+
+from ..model import MLA
+from .cache import CacheConfig, PagedLatentCache
+from .sampling import SamplingParams, sample
+from .scheduler import Scheduler, SchedulerConfig, Sequence
+from .speculative import Draft, DraftStats, MTPDrafter, verify
+
+StopHook = Callable[[list[int]], bool]  # generated ids so far -> stop now (text stop strings, from the server)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_running: int = 32
+    token_budget: int = 1024  # tokens per step (prefill rows counted padded)
+    prefill_chunk: int = 512
+    page_size: int = 16
+    cache_tokens: int = 65536  # pool size in tokens, over all sequences
+    max_waiting: int = 256
+    speculative: int = 0  # MTP drafts per step; 0 = off
+    absorb_max_tokens: int = 16  # rows of at most this many tokens attend absorbed; longer ones naive
+
+    def scheduler_config(self) -> SchedulerConfig:
+        # A decoding row writes its k drafts' trunk slots and then chains k more MTP slots: 2k positions ahead.
+        return SchedulerConfig(max_running=self.max_running, token_budget=self.token_budget,
+                               prefill_chunk=self.prefill_chunk, page_size=self.page_size,
+                               max_waiting=self.max_waiting, decode_tokens=1 + self.speculative,
+                               lookahead=2 * self.speculative)
+
+
+@dataclass
+class StepOutput:
+    request_id: int
+    new_tokens: list[int]
+    finished: bool = False
+    finish_reason: str | None = None  # "stop" (EOS, stop token, stop hook) or "length"
+
+
+@dataclass(eq=False)
+class Request:
+    seq: Sequence
+    params: SamplingParams
+    generator: torch.Generator
+    max_len: int  # prompt + max_new_tokens, capped by the context
+    stop: StopHook | None = None
+    draft: Draft | None = None
+
+    @property
+    def generated(self) -> list[int]:
+        return self.seq.tokens[self.seq.prompt_len:]
+
+
+@dataclass
+class EngineStats:
+    steps: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    preempted: int = 0
+    drafts: DraftStats = field(default_factory=DraftStats)
+
+
+class Engine:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None) -> None:
+        self.model, self.config = model.eval(), config or EngineConfig()
+        cfg = model.config
+        dtype, self.device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
+        k = self.config.speculative
+        cache_cfg = CacheConfig.for_model(cfg, max_tokens=self.config.cache_tokens, page_size=self.config.page_size,
+                                          with_mtp=k > 0, dtype=dtype)
+        self.cache = PagedLatentCache(cache_cfg, device=self.device)
+        self.scheduler = Scheduler(self.config.scheduler_config())
+        self.drafter = MTPDrafter(model, self.cache, k) if k else None
+        self.requests: dict[int, Request] = {}
+        self.stats = EngineStats()
+        self.max_context = cfg.max_position_embeddings
+        self.vocab_size, self.eos_id = cfg.vocab_size, cfg.eos_token_id
+        self._ids = itertools.count()
+        self._attention = [m for m in model.modules() if isinstance(m, MLA)]
+
+    # ---- requests ----
+    def add_request(self, prompt: list[int], params: SamplingParams | None = None,
+                    stop: StopHook | None = None) -> int:
+        """Queue a prompt (token ids); returns its request id. Raises ValueError or QueueFull."""
+        params = params or SamplingParams()
+        self._validate(prompt)
+        rid = next(self._ids)
+        seq = Sequence(rid, list(prompt), prompt_len=len(prompt))
+        self.scheduler.add(seq)
+        max_len = min(len(prompt) + params.max_new_tokens, self.max_context)
+        self.requests[rid] = Request(seq, params, params.generator(), max_len, stop)
+        self.stats.prompt_tokens += len(prompt)
+        return rid
+
+    def _validate(self, prompt: list[int]) -> None:
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        if len(prompt) >= self.max_context:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_context}, which leaves "
+                             "no room to generate")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
+        lookahead = self.scheduler.config.lookahead
+        if self.cache.pages_for(len(prompt) + 1 + lookahead) > self.cache.config.num_pages - 1:
+            raise ValueError(f"prompt has {len(prompt)} tokens; the KV cache holds {self.config.cache_tokens}")
+
+    def cancel(self, request_id: int) -> bool:
+        """Stop a request now and free its cache pages; False if it is unknown or already finished."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return False
+        self.scheduler.finish(req.seq)
+        self.cache.free(request_id)
+        self.stats.cancelled += 1
+        return True
+
+    def has_work(self) -> bool:
+        return self.scheduler.has_work()
+
+    # ---- one step ----
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        held = {rid: len(table) for rid, table in self.cache.tables.items()}
+        plan = self.scheduler.schedule(self.cache.free_pages, held)
+        for seq in plan.preempted:
+            self.cache.free(seq.id)
+            self.requests[seq.id].draft = None
+            self.stats.preempted += 1
+        for rid, n_positions in plan.capacity.items():
+            self.cache.ensure(rid, n_positions)
+        outputs: list[StepOutput] = []
+        if plan.decode:
+            outputs += self._speculative(plan.decode) if self.drafter else self._decode(plan.decode)
+        if plan.prefill:
+            outputs += self._prefill(plan.prefill)
+        self.stats.steps += bool(plan)
+        return outputs
+
+    def _forward(self, seqs: list[Sequence], chunks: list[list[int]]) -> torch.Tensor:
+        """Trunk forward over each seq's chunk at positions computed.., padded -> final hidden (B, S, D)."""
+        B, S = len(chunks), max(map(len, chunks))
+        ids = torch.zeros(B, S, dtype=torch.long)
+        positions = torch.full((B, S), -1, dtype=torch.long)
+        for b, (seq, chunk) in enumerate(zip(seqs, chunks)):
+            ids[b, : len(chunk)] = torch.tensor(chunk)
+            positions[b, : len(chunk)] = torch.arange(seq.computed, seq.computed + len(chunk))
+        view = self.cache.view([s.id for s in seqs], positions)
+        for attn in self._attention:
+            attn.absorb = S <= self.config.absorb_max_tokens
+        out = self.model(ids.to(self.device), positions.clamp(min=0).to(self.device), view, compute_logits=False)
+        return out.final_hidden
+
+    def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
+        hidden = self._forward(seqs, [[s.tokens[-1]] for s in seqs])  # (B, 1, D)
+        for seq in seqs:
+            seq.computed += 1
+        return self._sample_and_append(seqs, self.model.lm_head(hidden[:, 0]))
+
+    def _prefill(self, rows: list[tuple[Sequence, int]]) -> list[StepOutput]:
+        seqs = [s for s, _ in rows]
+        starts = [s.computed for s in seqs]
+        hidden = self._forward(seqs, [s.tokens[s.computed:s.computed + n] for s, n in rows])  # (B, S, D)
+        for seq, n in rows:
+            seq.computed += n
+        done = [b for b, s in enumerate(seqs) if s.remaining == 0]
+        outputs = []
+        if done:
+            last = torch.tensor([rows[b][1] - 1 for b in done])
+            logits = self.model.lm_head(hidden[done, last])  # (len(done), V)
+            outputs = self._sample_and_append([seqs[b] for b in done], logits)
+        if self.drafter:
+            finished = {o.request_id for o in outputs if o.finished}
+            self._draft([s for s in seqs if s.id not in finished and s.id in self.requests],
+                        {s.id: (start, hidden[b]) for b, (s, start) in enumerate(zip(seqs, starts))})
+        return outputs
+
+    def _speculative(self, seqs: list[Sequence]) -> list[StepOutput]:
+        """Verify each row's k drafts in one trunk forward, keep the accepted prefix, roll back, draft again."""
+        reqs = [self.requests[s.id] for s in seqs]
+        starts = [s.computed for s in seqs]
+        hidden = self._forward(seqs, [[s.tokens[-1], *r.draft.tokens] for s, r in zip(seqs, reqs)])  # (B, k+1, D)
+        logits = self.model.lm_head(hidden)  # (B, k+1, V)
+        outputs, alive = [], {}
+        for b, (seq, req) in enumerate(zip(seqs, reqs)):
+            emitted = verify(logits[b], req.draft, req.params, req.generator)
+            self._count_draft(len(req.draft.tokens), len(emitted) - 1)
+            seq.computed += len(emitted)  # x_T and the accepted drafts are now valid cache entries
+            self.cache.truncate(seq.id, seq.computed)
+            out = self._append(req, emitted)
+            outputs.append(out)
+            if not out.finished:
+                self.cache.ensure(seq.id, seq.computed + self.drafter.k)  # room for the next chain
+                alive[seq.id] = (starts[b], hidden[b])
+        self._draft([s for s in seqs if s.id in alive], alive)
+        return outputs
+
+    def _draft(self, seqs: list[Sequence], rows: dict[int, tuple[int, torch.Tensor]]) -> None:
+        """MTP extend + chain for sequences whose trunk just covered positions start..computed-1.
+
+        rows: sequence id -> (start, that forward's final hidden row (S, D)).
+        """
+        if not seqs:
+            return
+        reqs = [self.requests[s.id] for s in seqs]
+        starts = [rows[s.id][0] for s in seqs]
+        next_ids = [s.tokens[start + 1:s.computed + 1] for s, start in zip(seqs, starts)]
+        hidden = torch.stack([rows[s.id][1] for s in seqs])  # (B, S, D): all rows come from one forward
+        drafts = self.drafter.draft([s.id for s in seqs], next_ids, hidden, starts,
+                                    [r.params for r in reqs], [r.generator for r in reqs])
+        for req, draft in zip(reqs, drafts):
+            req.draft = draft
+
+    def _count_draft(self, drafted: int, accepted: int) -> None:
+        d = self.stats.drafts
+        d.rounds, d.drafted, d.accepted = d.rounds + 1, d.drafted + drafted, d.accepted + accepted
+
+    # ---- outputs ----
+    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+        reqs = [self.requests[s.id] for s in seqs]
+        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        return [self._append(req, [t]) for req, t in zip(reqs, tokens)]
+
+    def _append(self, req: Request, tokens: Iterable[int]) -> StepOutput:
+        """Append sampled tokens one by one until a stop condition; finish the request if one holds."""
+        out = StepOutput(req.seq.id, [])
+        for token in tokens:
+            req.seq.tokens.append(token)
+            out.new_tokens.append(token)
+            out.finish_reason = self._finish_reason(req, token)
+            if out.finish_reason:
+                break
+        self.stats.generated_tokens += len(out.new_tokens)
+        if out.finish_reason:
+            out.finished = True
+            self.requests.pop(req.seq.id)
+            self.scheduler.finish(req.seq)
+            self.cache.free(req.seq.id)
+            self.stats.finished += 1
+        return out
+
+    def _finish_reason(self, req: Request, token: int) -> str | None:
+        p = req.params
+        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+            return "stop"
+        if req.stop is not None and req.stop(req.generated):
+            return "stop"
+        if len(req.seq.tokens) >= req.max_len:
+            return "length"
+        return None
+
+    # ---- convenience ----
+    def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
+                 ) -> list[list[int]]:
+        """Run prompts to completion (all admitted together, continuously batched); generated ids per prompt."""
+        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
+        out: dict[int, list[int]] = {rid: [] for rid in ids}
+        while self.has_work():
+            for o in self.step():
+                out[o.request_id] += o.new_tokens
+        return [out[rid] for rid in ids]

@@ -1,0 +1,213 @@
+"""Inference twins of the model's modules: the same math in fewer, larger ops (decode is op-overhead-bound).
+
+At batch 1 a decode step is ~130 GEMVs and, in the model's training-friendly form, ~2,000 small ops of a few
+microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down without touching model/:
+  MLA    q_a_proj and kv_a_proj_with_mqa in one GEMV (SGLang's fused_qkv_a_proj_with_mqa, concatenated q first);
+         the mla scales folded into q_b_proj and kv_a_layernorm once (architecture.md §6.1);
+         W_UK and W_UV^T precomputed contiguous per head; absorbed attention as bmm with heads folded into rows,
+         so no weight is copied per step (architecture.md §6.3).
+  MLP    gate_proj and up_proj in one GEMV.
+  MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
+         index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
+         weights are scalars. The sum runs in expert order instead of slot order: equal up to rounding.
+Each twin is tested against its model module (tests/test_infer_fused.py).
+
+Shapes: B batch, S new tokens, L attended, D model, H heads, N/R/V head dims, C kv_lora_rank, Q q_lora_rank,
+T tokens, K top-k, E FFN experts.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..model.attention import LATENT_NORM_EPS, MLA
+from ..model.layers import MLP, RMSNorm, apply_rope
+from ..model.moe import MoE, RoutingInfo
+from .experts import use_loop_experts
+
+SMALL_BATCH_TOKENS = 16  # up to this many tokens the MoE routes on the host
+
+
+def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as the model computes it (fp32 statistics, cast back, then the weight)."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+@functools.lru_cache(maxsize=8)
+def _causal(n: int, device: torch.device) -> torch.Tensor:
+    return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device="meta")
+    lin.weight = nn.Parameter(weight, requires_grad=False)
+    lin.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    return lin
+
+
+class FusedMLA(MLA):
+    """MLA with fused projections, folded scales and copy-free absorbed attention; naive path unchanged."""
+
+    def __init__(self, mla: MLA) -> None:
+        nn.Module.__init__(self)
+        for name in ("n_heads", "kv_lora_rank", "nope_dim", "rope_dim", "v_dim", "softmax_scale", "absorb"):
+            setattr(self, name, getattr(mla, name))
+        self.q_scale = self.kv_scale = 1.0  # folded below
+        H, N, V, C = self.n_heads, self.nope_dim, self.v_dim, self.kv_lora_rank
+        with torch.no_grad():
+            a, kv = mla.q_a_proj, mla.kv_a_proj_with_mqa
+            bias = None if a.bias is None else torch.cat([a.bias, kv.bias])
+            self.qkv_a_proj = _linear(torch.cat([a.weight, kv.weight]), bias)  # (Q + C + R, D)
+            self.q_lora_rank = a.out_features
+            self.q_a_layernorm = mla.q_a_layernorm
+            self.q_b_proj = _linear(mla.q_b_proj.weight * mla.q_scale)
+            self.kv_a_layernorm = RMSNorm(C, LATENT_NORM_EPS).to(mla.kv_a_layernorm.weight)
+            self.kv_a_layernorm.weight.copy_(mla.kv_a_layernorm.weight * mla.kv_scale)
+            self.kv_b_proj, self.o_proj = mla.kv_b_proj, mla.o_proj
+            w = mla.kv_b_proj.weight.view(H, N + V, C)
+            # fp32: the small per-head bmms are several times faster in fp32 than in bf16 on CPU
+            self.register_buffer("w_uk", w[:, :N].float().contiguous(), persistent=False)  # (H, N, C)
+            self.register_buffer("w_uv_t", w[:, N:].transpose(1, 2).float().contiguous(), persistent=False)  # (H, C, V)
+
+    def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        B, S, _ = x.shape
+        q_a, kv = self.qkv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
+        q = self.q_b_proj(_rms(q_a, self.q_a_layernorm.weight, LATENT_NORM_EPS)).view(B, S, self.n_heads, -1)
+        q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, S, H, N), (B, S, H, R)
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent = _rms(latent, self.kv_a_layernorm.weight, LATENT_NORM_EPS)  # (B, S, C), scale folded in
+        return q_nope, apply_rope(q_rope, *rope), latent, apply_rope(k_rope, *rope)
+
+    def attend_naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
+                     k_rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """A first prefill chunk attends causally over itself: say so, and SDPA skips the mask (~1.5x faster)."""
+        S, L = q_nope.shape[1], latent.shape[1]
+        if mask is not None and S == L and torch.equal(mask, _causal(S, mask.device).expand_as(mask)):
+            mask = None
+        return super().attend_naive(q_nope, q_rope, latent, k_rope, mask)
+
+    def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
+                        k_rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """In fp32 throughout (the model's path runs the einsums in the activation dtype, softmax in fp32)."""
+        B, S, H, N = q_nope.shape
+        L, C, dtype = latent.shape[1], self.kv_lora_rank, q_nope.dtype
+        latent, k_rope = latent.float(), k_rope.float()
+        q_nope = q_nope.float().permute(2, 0, 1, 3).reshape(H, B * S, N)  # heads as the batch of the bmm
+        q_latent = torch.bmm(q_nope, self.w_uk)  # (H, B*S, C)
+        q_latent = q_latent.view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)  # rows (h, s) per sequence
+        q_rope = q_rope.float().transpose(1, 2).reshape(B, H * S, self.rope_dim)
+        scores = torch.baddbmm(torch.bmm(q_rope, k_rope.transpose(1, 2)), q_latent, latent.transpose(1, 2))
+        scores = (scores * self.softmax_scale).view(B, H, S, L).masked_fill(~mask[:, None], float("-inf"))
+        probs = scores.softmax(dim=-1).view(B, H * S, L)
+        out_latent = torch.bmm(probs, latent).view(B, H, S, C).transpose(0, 1).reshape(H, B * S, C)
+        out = torch.bmm(out_latent, self.w_uv_t)  # (H, B*S, V)
+        out = out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)
+        return self.o_proj(out.to(dtype))
+
+
+class FusedMLP(nn.Module):
+    """SwiGLU with gate and up in one GEMV: rows [gate | up]."""
+
+    def __init__(self, mlp: MLP) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.gate_up_proj = _linear(torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]))
+        self.down_proj = mlp.down_proj
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class FusedMoE(nn.Module):
+    """The model's router and experts (kept as `moe`), run expert by expert with index_add combines.
+
+    Few tokens: routing decisions go to the host once and each hit expert's output is added with its gate weight
+    as a scalar. Many tokens: a stable sort of the slots by expert, then one gather, GEMV/GEMM pair and index_add
+    per hit expert; no (T*K, D) slot tensor is built. Zero experts: one scaled copy of x.
+    """
+
+    def __init__(self, moe: MoE) -> None:
+        super().__init__()
+        self.moe = moe
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, RoutingInfo]:
+        return self.finish(self.compute(self.begin(x)))
+
+    # The ScMoE layer's three phases; all the work happens in compute (nothing to overlap on one device).
+    def begin(self, x: torch.Tensor) -> Any:
+        return x, *self.moe.router(x.reshape(-1, x.shape[-1]))
+
+    def compute(self, f: Any) -> Any:
+        x, probs, ids, weights = f
+        x_TD = x.reshape(-1, x.shape[-1])
+        small = x_TD.shape[0] <= SMALL_BATCH_TOKENS
+        return x, probs, ids, (self._few if small else self._many)(x_TD, ids, weights)
+
+    def finish(self, f: Any) -> tuple[torch.Tensor, RoutingInfo]:
+        x, probs, ids, out = f
+        return out.view_as(x), self.moe.routing_info(probs, ids)
+
+    def _zero_part(self, x: torch.Tensor, zero_weight: torch.Tensor) -> torch.Tensor:
+        """What the zero experts contribute: weight * x ("identity") or nothing ("drop"); (T, D)."""
+        return x * zero_weight.to(x.dtype)[:, None] if self.moe.zero_type == "identity" else torch.zeros_like(x)
+
+    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        gate, up = self.moe.experts.project(x, e, "gate_up_proj").chunk(2, dim=-1)
+        return self.moe.experts.project(F.silu(gate) * up, e, "down_proj")
+
+    def _few(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (T, D), T small: group the slots on the host."""
+        E = self.moe.n_ffn
+        groups: dict[int, list[tuple[int, float]]] = {}
+        zero = [0.0] * x.shape[0]
+        for t, (row_ids, row_w) in enumerate(zip(ids.tolist(), weights.tolist())):
+            for e, w in zip(row_ids, row_w):
+                if e < E:
+                    groups.setdefault(e, []).append((t, w))
+                else:
+                    zero[t] += w
+        out = self._zero_part(x, torch.tensor(zero))
+        for e in sorted(groups):
+            rows, gate_w = zip(*groups[e])
+            if len(rows) == 1:
+                out[rows[0]].add_(self._expert(x[rows[0]][None], e)[0], alpha=gate_w[0])
+            else:
+                y = self._expert(x[list(rows)], e) * torch.tensor(gate_w, dtype=x.dtype)[:, None]
+                out.index_add_(0, torch.tensor(rows), y)
+        return out
+
+    def _many(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x (T, D): sort the T*K slots by expert (zero experts last), loop over the hit experts."""
+        E, K = self.moe.n_ffn, ids.shape[1]
+        is_zero = ids >= E  # (T, K)
+        out = self._zero_part(x, (weights * is_zero).sum(-1))
+        key = ids.reshape(-1).clamp(max=E)  # (T*K,)
+        order = torch.argsort(key, stable=True)
+        counts = torch.bincount(key, minlength=E + 1)[:E].tolist()
+        tokens, gate_w = order // K, weights.reshape(-1)[order].to(x.dtype)  # (T*K,) in expert order
+        start = 0
+        for e, n in enumerate(counts):
+            if n:
+                rows = tokens[start:start + n]
+                out.index_add_(0, rows, self._expert(x[rows], e) * gate_w[start:start + n, None])
+                start += n
+        return out
+
+
+def fuse_for_inference(model: nn.Module) -> int:
+    """Swap MLA, MLP and MoE modules for their twins, in place; returns how many. Call before quantizing."""
+    twins = {MLA: FusedMLA, MLP: FusedMLP, MoE: FusedMoE}
+    swapped = use_loop_experts(model)  # the host-routed path needs `experts.project`
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            twin = twins.get(type(child))
+            if twin is not None:
+                setattr(module, name, twin(child))
+                swapped += 1
+    return swapped

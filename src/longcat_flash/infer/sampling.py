@@ -1,0 +1,78 @@
+"""Token sampling: greedy, temperature, top-k, top-p, each request with its own explicit torch.Generator.
+
+A per-request generator makes a seeded request reproducible whatever else shares its batch. `probabilities`
+returns the distribution a token is actually drawn from (after temperature, top-k, top-p), because speculative
+rejection sampling must compare exactly those distributions (speculative.py).
+
+Shapes: B rows, V vocabulary.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+MAX_STOP_TOKENS = 64
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings. temperature 0 means greedy (top_k / top_p are then irrelevant)."""
+
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # besides EOS
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if len(self.stop_token_ids) > MAX_STOP_TOKENS:
+            raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids, got {len(self.stop_token_ids)}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generator(self) -> torch.Generator:
+        """The request's own random stream: seeded if asked, else from the global generator's next value."""
+        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        return torch.Generator().manual_seed(seed)
+
+
+def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """logits (..., V) -> the sampling distribution (..., V) in fp32; one-hot on the argmax when greedy."""
+    logits = logits.float()
+    if params.greedy:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    logits = logits / params.temperature
+    if 0 < params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        sorted_probs = sorted_logits.softmax(-1)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # mass before this token already > p
+        logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
+    return logits.softmax(-1)
+
+
+def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
+    """One token from a distribution (V,)."""
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
+    """One token per row of logits (B, V): argmax for greedy rows, else a draw from `probabilities`."""
+    argmax = logits.argmax(-1).tolist()
+    return [best if p.greedy else draw(probabilities(row, p), g)
+            for row, best, p, g in zip(logits, argmax, params, generators)]

@@ -1,0 +1,174 @@
+"""Continuous batching without torch: which sequences run in the next step, and how many tokens each.
+
+Every step, in this order (report §9.3 describes the production version):
+  1. decode: every running sequence whose prompt is done gets its pending token (plus `lookahead` positions for
+     speculative drafts); if the page pool cannot cover them, the youngest running sequence is preempted (its
+     pages freed, recomputed later from its tokens: nothing generated is lost);
+  2. prefill: running sequences still in their prompt get the next chunk (chunked prefill, so one long prompt
+     never stalls the decoders);
+  3. admission: waiting sequences join, oldest first, while the token budget, the running limit and the page
+     pool allow.
+The budget counts prefill rows at their padded length, since the engine runs them as one padded forward.
+
+A sequence's `tokens` are its prompt followed by what it generated; `computed` of them are in the cache. A
+scheduled sequence processes tokens[computed : computed + n]; when that reaches the end, the engine samples.
+"""
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+
+class QueueFull(RuntimeError):
+    """More waiting requests than `max_waiting`: the caller should retry later (HTTP 429)."""
+
+
+class Status(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclass(eq=False)
+class Sequence:
+    id: int
+    tokens: list[int]
+    prompt_len: int
+    computed: int = 0
+    status: Status = Status.WAITING
+    arrival: int = 0
+
+    @property
+    def remaining(self) -> int:
+        """Tokens not yet in the cache; 1 means decoding (the last sampled token is pending)."""
+        return len(self.tokens) - self.computed
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_running: int = 32
+    token_budget: int = 1024  # tokens per step, prefill rows counted padded
+    prefill_chunk: int = 512
+    page_size: int = 16
+    max_waiting: int = 256
+    decode_tokens: int = 1  # tokens a decoding sequence runs per step (1 + speculative drafts)
+    lookahead: int = 0  # cache positions past its tokens a sequence needs (speculative drafts)
+
+    def __post_init__(self) -> None:
+        for name in ("max_running", "token_budget", "prefill_chunk", "page_size", "max_waiting"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
+        if self.token_budget < self.max_running * self.decode_tokens:
+            raise ValueError(f"SchedulerConfig.token_budget={self.token_budget} cannot fit max_running="
+                             f"{self.max_running} decoders of {self.decode_tokens} tokens")
+
+
+@dataclass
+class Plan:
+    decode: list[Sequence] = field(default_factory=list)
+    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    preempted: list[Sequence] = field(default_factory=list)
+    capacity: dict[int, int] = field(default_factory=dict)  # sequence id -> positions its pages must cover
+
+    def __bool__(self) -> bool:
+        return bool(self.decode or self.prefill)
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig) -> None:
+        self.config = config
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self._pages: dict[int, int] = {}  # pages each sequence holds, as of the current schedule() call
+        self._arrivals = itertools.count()
+
+    def pages_for(self, n_positions: int) -> int:
+        return -(-n_positions // self.config.page_size)
+
+    def add(self, seq: Sequence) -> None:
+        if len(self.waiting) >= self.config.max_waiting:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
+        seq.status, seq.arrival = Status.WAITING, next(self._arrivals)
+        self.waiting.append(seq)
+
+    def finish(self, seq: Sequence) -> None:
+        """Drop a finished or cancelled sequence (its pages are freed by the caller)."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._pages.pop(seq.id, None)
+        seq.status = Status.FINISHED
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self, free_pages: int, held_pages: dict[int, int]) -> Plan:
+        """Plan one step given the pool's free pages and the pages each sequence holds now."""
+        self._pages = dict(held_pages)
+        plan = Plan()
+        free_pages = self._schedule_decode(plan, free_pages)
+        budget = self.config.token_budget - len(plan.decode) * self.config.decode_tokens
+        for seq in [s for s in self.running if s.remaining > 1 or s.computed == 0]:
+            if (left := self._try_prefill(plan, seq, budget, free_pages)) is None:
+                break
+            free_pages = left
+        while self.waiting and len(self.running) < self.config.max_running:
+            if (left := self._try_prefill(plan, self.waiting[0], budget, free_pages)) is None:
+                break
+            free_pages = left
+            seq = self.waiting.popleft()
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+        return plan
+
+    def _reserve(self, plan: Plan, seq: Sequence, n_tokens: int, free_pages: int) -> int | None:
+        """Plan pages for n_tokens more of seq; the new free-page count, or None if they do not fit."""
+        target = seq.computed + n_tokens + self.config.lookahead
+        held = self._pages.get(seq.id, 0)
+        need = max(self.pages_for(target) - held, 0)
+        if need > free_pages:
+            return None
+        self._pages[seq.id] = held + need
+        plan.capacity[seq.id] = target
+        return free_pages - need
+
+    def _schedule_decode(self, plan: Plan, free_pages: int) -> int:
+        decoding = [s for s in self.running if s.remaining == 1 and s.computed > 0]
+        for seq in sorted(decoding, key=lambda s: s.arrival):  # oldest first: they keep their pages
+            if seq.status is not Status.RUNNING:
+                continue  # preempted a moment ago to make room for an older one
+            while (left := self._reserve(plan, seq, 1, free_pages)) is None:
+                younger = [s for s in self.running if s.arrival > seq.arrival and s not in plan.decode]
+                victim = max(younger, key=lambda s: s.arrival) if younger else seq
+                free_pages += self._preempt(plan, victim)
+                if victim is seq:
+                    break
+            else:
+                free_pages = left
+                plan.decode.append(seq)
+        return free_pages
+
+    def _preempt(self, plan: Plan, victim: Sequence) -> int:
+        """Send a running sequence back to the front of the queue; returns the pages it frees."""
+        self.running.remove(victim)
+        victim.computed, victim.status = 0, Status.WAITING
+        self.waiting.appendleft(victim)
+        plan.preempted.append(victim)
+        plan.capacity.pop(victim.id, None)
+        return self._pages.pop(victim.id, 0)
+
+    def _try_prefill(self, plan: Plan, seq: Sequence, budget: int, free_pages: int) -> int | None:
+        """Add the next prompt chunk of seq if the padded budget and the pool allow; the new free-page count."""
+        n = min(seq.remaining, self.config.prefill_chunk)
+        if not plan.prefill:
+            n = min(n, budget)  # a lone chunk shrinks to the budget, so prefill always progresses
+        longest = max([n, *(m for _, m in plan.prefill)])
+        if n < 1 or (len(plan.prefill) + 1) * longest > budget:
+            return None
+        left = self._reserve(plan, seq, n, free_pages)
+        if left is not None:
+            plan.prefill.append((seq, n))
+        return left

@@ -1,0 +1,1 @@
+"""OpenAI-compatible serving over the engine (token ids in, token ids out; text lives here)."""

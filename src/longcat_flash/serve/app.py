@@ -1,0 +1,264 @@
+"""OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming), /health,
+/metrics (Prometheus text). Conventions follow peers.md §4.
+
+Every failure a client can cause is an OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`:
+400 for bad input (malformed JSON, out-of-range fields, unknown model, prompt or max_tokens beyond the context),
+401 for a wrong API key, 429 when the wait queue is full, 503 when the engine thread is down. A client that
+disconnects, streaming or not, has its request cancelled and its cache pages freed.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from ..infer.engine import Engine, EngineConfig, StepOutput
+from ..infer.loader import load_for_inference
+from ..infer.sampling import SamplingParams
+from ..infer.scheduler import QueueFull
+from ..tokenizer import Tokenizer
+from . import protocol as p
+from .bridge import AsyncEngine, EngineFailed
+from .metrics import render_metrics
+from .text import TextState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model_name: str
+    context: int  # the model's max_position_embeddings
+    api_key: str | None = None
+    disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None) -> None:
+        super().__init__(message)
+        self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(p.ErrorResponse(error=self.body).model_dump(), status_code=self.status)
+
+
+def _validation_error(err: RequestValidationError) -> APIError:
+    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    if first.get("type") == "json_invalid":
+        return APIError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
+    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    return APIError(400, f"{param or 'body'}: {first.get('msg')}", param=param, code="invalid_value")
+
+
+class Generation:
+    """One request's path through the bridge: submit, then stream or collect, cancelling if the client leaves."""
+
+    def __init__(self, bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> None:
+        self.bridge, self.tokenizer, self.config = bridge, tokenizer, config
+
+    def check(self, body: p._Sampling, prompt: list[int], limit: int | None, param: str) -> SamplingParams:
+        context = self.config.context
+        if body.model != self.config.model_name:
+            raise APIError(400, f"model {body.model!r} is not served here; use {self.config.model_name!r}",
+                           param="model", code="model_not_found")
+        if len(prompt) >= context:
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens",
+                           param=param, code="context_length_exceeded")
+        limit = context - len(prompt) if limit is None else limit
+        if len(prompt) + limit > context:
+            raise APIError(400, f"max_tokens={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
+                                f"{context} tokens", param="max_tokens", code="context_length_exceeded")
+        return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_k=body.top_k,
+                              top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos)
+
+    async def submit(self, prompt: list[int], params: SamplingParams, text: TextState
+                     ) -> tuple[int, asyncio.Queue]:
+        try:
+            return await self.bridge.submit(prompt, params, text.stop_hit if text.stop else None)
+        except QueueFull as err:
+            raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full") from None
+        except ValueError as err:
+            raise APIError(400, str(err), param="prompt") from None
+        except RuntimeError as err:
+            raise APIError(503, str(err), "server_error", code="engine_down") from None
+
+    async def pieces(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request | None
+                     ) -> AsyncIterator[tuple[str, str | None, int]]:
+        """(new text, finish reason or None, tokens so far) per engine output, until the request finishes.
+
+        With `request`, polls for a vanished client (non-streaming); a streaming response instead gets cancelled
+        by Starlette when its client leaves, which lands in the `finally` just the same.
+        """
+        ids: list[int] = []
+        finished = False
+        try:
+            while not finished:
+                try:
+                    timeout = None if request is None else self.config.disconnect_poll_s
+                    item = await asyncio.wait_for(outputs.get(), timeout=timeout)
+                except asyncio.TimeoutError:
+                    if await request.is_disconnected():
+                        return
+                    continue
+                if isinstance(item, EngineFailed):
+                    raise APIError(500, item.message, "server_error")
+                ids += item.new_tokens
+                finished = item.finished
+                yield text.delta(ids, final=finished), _reason(item) if finished else None, len(ids)
+        finally:
+            if not finished:
+                self.bridge.cancel(rid)
+
+    async def collect(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request
+                      ) -> tuple[str, str, int]:
+        reason, n = "length", 0
+        async for _, reason, n in self.pieces(rid, outputs, text, request):
+            pass
+        return text.text, reason or "length", n
+
+
+def _reason(out: StepOutput) -> str:
+    return out.finish_reason or "length"
+
+
+def _sse(chunk: p.BaseModel | str) -> str:
+    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk.model_dump())}\n\n"
+
+
+def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
+    app = FastAPI(title="longcat-flash", docs_url=None, redoc_url=None, openapi_url=None)
+    gen = Generation(bridge, tokenizer, config)
+    responses: Counter = Counter()
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        responses[(request.url.path, response.status_code)] += 1
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(err).__name__}", "server_error").response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        return _validation_error(err).response()
+
+    def authorized(request: Request) -> None:
+        if config.api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
+            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = bridge.alive
+        return JSONResponse({"status": "ok" if ok else "engine down"}, status_code=200 if ok else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> PlainTextResponse:
+        return PlainTextResponse(render_metrics(bridge.engine, responses))
+
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    async def models() -> dict:
+        card = p.ModelCard(id=config.model_name, created=p.now(), max_model_len=config.context)
+        return p.ModelList(data=[card]).model_dump()
+
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: p.CompletionRequest, request: Request):
+        prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
+        params = gen.check(body, prompt, body.max_tokens, "prompt")
+        text = TextState(tokenizer, body.stop)
+        rid, outputs = await gen.submit(prompt, params, text)
+        rid_str, created = p.new_id("cmpl"), p.now()
+
+        def chunk(delta: str, reason: str | None) -> p.CompletionResponse:
+            return p.CompletionResponse(id=rid_str, created=created, model=config.model_name,
+                                        choices=[p.CompletionChoice(text=delta, finish_reason=reason)])
+        if not body.stream:
+            out, reason, n = await gen.collect(rid, outputs, text, request)
+            response = chunk(out, reason)
+            response.usage = p.Usage.of(len(prompt), n)
+            return response.model_dump()
+
+        async def events() -> AsyncIterator[str]:
+            n = 0
+            async for delta, reason, n in gen.pieces(rid, outputs, text, None):
+                if delta or reason:
+                    yield _sse(chunk(delta, reason))
+            if body.include_usage:
+                yield _sse(p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[],
+                                                usage=p.Usage.of(len(prompt), n)))
+            yield _sse("[DONE]")
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat(body: p.ChatCompletionRequest, request: Request):
+        try:
+            rendered = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
+        except ValueError as err:
+            raise APIError(400, str(err), param="messages") from None
+        prompt = tokenizer.encode(rendered, allow_special=True)
+        params = gen.check(body, prompt, body.limit, "messages")
+        text = TextState(tokenizer, body.stop)
+        rid, outputs = await gen.submit(prompt, params, text)
+        rid_str, created = p.new_id("chatcmpl"), p.now()
+        if not body.stream:
+            out, reason, n = await gen.collect(rid, outputs, text, request)
+            return p.ChatCompletionResponse(
+                id=rid_str, created=created, model=config.model_name, usage=p.Usage.of(len(prompt), n),
+                choices=[p.ChatChoice(message=p.AssistantMessage(content=out), finish_reason=reason)]).model_dump()
+
+        def chunk(delta: p.Delta, reason: str | None = None) -> p.ChatCompletionChunk:
+            return p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
+                                         choices=[p.ChatChunkChoice(delta=delta, finish_reason=reason)])
+
+        async def events() -> AsyncIterator[str]:
+            yield _sse(chunk(p.Delta(role="assistant", content="")))
+            n = 0
+            async for delta, reason, n in gen.pieces(rid, outputs, text, None):
+                if delta:
+                    yield _sse(chunk(p.Delta(content=delta)))
+                if reason:
+                    yield _sse(chunk(p.Delta(), reason))
+            if body.include_usage:
+                yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name, choices=[],
+                                                 usage=p.Usage.of(len(prompt), n)))
+            yield _sse("[DONE]")
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    return app
+
+
+def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
+          dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
+          model_name: str | None = None) -> None:
+    """Load a checkpoint directory (weights + tokenizer) and serve it until interrupted."""
+    import uvicorn
+
+    tokenizer = Tokenizer.load(model_dir)
+    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize)
+    bridge = AsyncEngine(Engine(model, engine_config)).start()
+    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name,
+                          context=model.config.max_position_embeddings, api_key=api_key)
+    try:
+        uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning")
+    finally:
+        bridge.stop()

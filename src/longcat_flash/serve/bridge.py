@@ -1,0 +1,119 @@
+"""The asyncio <-> engine bridge: one background thread owns the Engine and steps it; requests talk to it by queue.
+
+The engine is not thread-safe, so every call into it (add, cancel, step) happens on the step thread. Handlers
+`submit` a prompt and await the engine's verdict (a request id, or the ValueError / QueueFull it raised), then
+read StepOutputs from their own asyncio.Queue, filled via `call_soon_threadsafe`. `cancel` (client gone) is a
+message too; the thread frees the request's cache pages before its next step. Backpressure comes from the
+scheduler's `max_waiting` (QueueFull -> HTTP 429).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+from ..infer.engine import Engine, StepOutput, StopHook
+from ..infer.sampling import SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineFailed:
+    """Delivered to every open stream when a step raised: the request cannot continue."""
+
+    message: str
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+        self.engine, self.idle_wait_s = engine, idle_wait_s
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
+        self.alive = True
+
+    def start(self) -> AsyncEngine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    async def submit(self, prompt: list[int], params: SamplingParams, stop: StopHook | None = None
+                     ) -> tuple[int, asyncio.Queue]:
+        """Queue a request on the engine thread; returns its id and the queue its StepOutputs arrive on."""
+        if not self.alive:
+            raise RuntimeError("the engine thread is not running")
+        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+        done: Future = Future()
+        self._inbox.put(("add", (prompt, params, stop, loop, outputs), done))
+        self._wake.set()
+        return await asyncio.wrap_future(done), outputs
+
+    def cancel(self, request_id: int) -> None:
+        self._inbox.put(("cancel", request_id, None))
+        self._wake.set()
+
+    # ---- the engine thread ----
+    def _run(self) -> None:
+        try:
+            while not self._stopped.is_set():
+                self._drain_inbox()
+                if self.engine.has_work():
+                    self._step()
+                else:
+                    self._wake.wait(self.idle_wait_s)
+                    self._wake.clear()
+        finally:
+            self.alive = False
+
+    def _drain_inbox(self) -> None:
+        while True:
+            try:
+                kind, payload, done = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "cancel":
+                self.engine.cancel(payload)
+                self._streams.pop(payload, None)
+                continue
+            prompt, params, stop, loop, outputs = payload
+            try:
+                rid = self.engine.add_request(prompt, params, stop)
+            except Exception as err:  # ValueError, QueueFull: the handler maps it to an HTTP status
+                done.set_exception(err)
+                continue
+            self._streams[rid] = (loop, outputs)
+            done.set_result(rid)
+
+    def _step(self) -> None:
+        try:
+            outputs = self.engine.step()
+        except Exception as err:  # a bug must not kill the server: fail the open requests, keep serving
+            log.exception("engine step failed")
+            for rid in list(self._streams):
+                self.engine.cancel(rid)
+                self._deliver(rid, EngineFailed(f"engine error: {err}"))
+            self._streams.clear()
+            return
+        for out in outputs:
+            self._deliver(out.request_id, out)
+            if out.finished:
+                self._streams.pop(out.request_id, None)
+
+    def _deliver(self, rid: int, item: StepOutput | EngineFailed) -> None:
+        stream = self._streams.get(rid)
+        if stream is not None:
+            loop, outputs = stream
+            try:
+                loop.call_soon_threadsafe(outputs.put_nowait, item)
+            except RuntimeError:  # the handler's loop is closed: nobody is listening any more
+                self.cancel(rid)

@@ -1,0 +1,95 @@
+"""In-process text generation for `longcat generate` and `longcat chat`: the server's text handling, no HTTP."""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from ..infer.engine import Engine, EngineConfig
+from ..infer.loader import load_for_inference
+from ..infer.sampling import SamplingParams
+from ..tokenizer import Tokenizer
+from .text import TextState
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str
+    time_to_first_token_s: float
+    total_s: float
+    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    acceptance_rate: float | None = None  # MTP drafts accepted / proposed (speculative runs)
+    mean_accepted_length: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def load_session(model_dir: str | Path, *, dtype: str | None = None, quantize: str | None = None,
+                 speculative: int = 0) -> tuple[Engine, Tokenizer]:
+    tokenizer = Tokenizer.load(model_dir)
+    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize)
+    return Engine(model, EngineConfig(max_running=1, speculative=speculative)), tokenizer
+
+
+def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
+                  stop: list[str] | None = None, on_text: Callable[[str], None] | None = None) -> Result:
+    """Run one prompt (token ids) to completion; `on_text` receives each new piece of text as it is safe to show."""
+    text = TextState(tokenizer, stop or [])
+    drafts_before = (engine.stats.drafts.drafted, engine.stats.drafts.accepted, engine.stats.drafts.rounds)
+    start = time.perf_counter()
+    rid = engine.add_request(prompt, params, text.stop_hit if text.stop else None)
+    ids: list[int] = []
+    first = reason = None
+    while reason is None:
+        for out in engine.step():
+            if out.request_id != rid:
+                continue
+            ids += out.new_tokens
+            first = first or time.perf_counter()
+            piece = text.delta(ids, final=out.finished)
+            if piece and on_text:
+                on_text(piece)
+            reason = out.finish_reason if out.finished else None
+    end = time.perf_counter()
+    result = Result(text.text, len(prompt), len(ids), reason, first - start, end - start,
+                    (len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0.0)
+    if engine.drafter:
+        d = engine.stats.drafts
+        drafted, accepted, rounds = (d.drafted - drafts_before[0], d.accepted - drafts_before[1],
+                                     d.rounds - drafts_before[2])
+        result.acceptance_rate = accepted / drafted if drafted else 0.0
+        result.mean_accepted_length = (accepted + rounds) / rounds if rounds else 0.0
+    return result
+
+
+def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read: Callable[[str], str],
+              write: Callable[[str], None], system: str | None = None) -> None:
+    """Interactive chat: the conversation so far goes through the chat template every turn. EOF or /exit ends."""
+    messages = [{"role": "system", "content": system}] if system else []
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            return
+        if line.strip() in ("/exit", "/quit"):
+            return
+        if line.strip() == "/reset":
+            messages = messages[:1] if system else []
+            continue
+        messages.append({"role": "user", "content": line})
+        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), allow_special=True)
+        if len(prompt) >= engine.max_context:
+            write("[the conversation no longer fits the context; /reset to start over]\n")
+            messages.pop()
+            continue
+        room = engine.max_context - len(prompt)
+        turn = replace(params, max_new_tokens=min(params.max_new_tokens, room))
+        write("assistant> ")
+        reply = generate_text(engine, tokenizer, prompt, turn, on_text=write)
+        write("\n")
+        messages.append({"role": "assistant", "content": reply.text})

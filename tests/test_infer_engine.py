@@ -1,0 +1,169 @@
+"""The engine: continuous batching == one-at-a-time full forwards, speculation == plain greedy, seeds, cleanup."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
+
+from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.sampling import SamplingParams, probabilities
+from longcat_flash.infer.speculative import Draft, MTPDrafter, verify
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+SMALL = dict(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=512, max_running=4)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return randomized()
+
+
+@pytest.fixture(scope="module")
+def reference(model):
+    ps = prompts((5, 19, 3, 11, 26))
+    return ps, [greedy_reference(model, p, GREEDY.max_new_tokens) for p in ps]
+
+
+def run_joining(engine: Engine, ps: list[list[int]], params: SamplingParams) -> list[list[int]]:
+    """Requests join one per step while others decode (continuous batching); returns each one's tokens."""
+    out: dict[int, list[int]] = {}
+    pending = list(ps)
+    order = []
+    while pending or engine.has_work():
+        if pending:
+            rid = engine.add_request(pending.pop(0), params)
+            order.append(rid)
+            out[rid] = []
+        for o in engine.step():
+            out[o.request_id] += o.new_tokens
+    return [out[rid] for rid in order]
+
+
+def test_continuous_batching_with_chunked_prefill_equals_full_forward(model, reference):
+    ps, expected = reference
+    engine = Engine(model, EngineConfig(**SMALL))
+    assert run_joining(engine, ps, GREEDY) == expected
+    assert engine.cache.used_pages == 0 and not engine.requests
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_speculative_greedy_equals_plain_greedy(model, reference, k):
+    ps, expected = reference
+    engine = Engine(model, EngineConfig(speculative=k, **SMALL))
+    assert engine.generate(ps, GREEDY) == expected
+    assert engine.stats.drafts.drafted > 0 and engine.cache.used_pages == 0
+
+
+class OracleDrafter(MTPDrafter):
+    """Runs the real MTP head (so its cache is exercised) but proposes the known greedy continuation, with a
+    wrong token every third round, so acceptance, rejection and rollback all happen."""
+
+    def __init__(self, engine: Engine, continuation: dict[tuple[int, ...], list[int]]) -> None:
+        super().__init__(engine.model, engine.cache, engine.drafter.k)
+        self.engine, self.continuation, self.rounds = engine, continuation, itertools.count()
+
+    def draft(self, seqs, next_ids, hidden, starts, params, generators):
+        real = super().draft(seqs, next_ids, hidden, starts, params, generators)
+        out = []
+        for rid, d in zip(seqs, real):
+            seq = self.engine.requests[rid].seq
+            full = self.continuation[tuple(seq.tokens[: seq.prompt_len])] + [0] * self.k
+            done = len(seq.tokens) - seq.prompt_len
+            tokens = full[done:done + self.k]
+            if next(self.rounds) % 3 == 2:
+                tokens[-1] = (tokens[-1] + 1) % 256
+            out.append(Draft(tokens, torch.zeros_like(d.probs).scatter_(1, torch.tensor(tokens)[:, None], 1.0)))
+        return out
+
+
+def test_speculative_with_accepted_drafts_equals_plain_greedy(model, reference):
+    ps, expected = reference
+    engine = Engine(model, EngineConfig(speculative=3, **SMALL))
+    engine.drafter = OracleDrafter(engine, {tuple(p): e for p, e in zip(ps, expected)})
+    assert run_joining(engine, ps, GREEDY) == expected
+    d = engine.stats.drafts
+    assert 0.5 < d.acceptance_rate < 1.0 and d.mean_accepted_length > 2.0
+    assert engine.cache.used_pages == 0
+
+
+def test_rejection_sampling_keeps_the_target_distribution():
+    """Whatever the draft distribution q, the first emitted token follows the target p (Leviathan et al.)."""
+    g = torch.Generator().manual_seed(0)
+    target_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0], [0.0, 0.0, 0.0, 0.0]])
+    q = torch.tensor([0.1, 0.2, 0.3, 0.4])
+    params = SamplingParams(temperature=1.0)
+    counts = torch.zeros(4)
+    n = 20000
+    for _ in range(n):
+        d = int(torch.multinomial(q, 1, generator=g))
+        counts[verify(target_logits, Draft([d], q[None]), params, g)[0]] += 1
+    p = probabilities(target_logits[0], params)
+    assert (counts / n - p).abs().max() < 0.015
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(model):
+    ps = prompts((7, 12, 4), seed=5)
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=50, top_p=0.9, seed=1234, ignore_eos=True)
+    alone = Engine(model, EngineConfig(**SMALL)).generate([ps[0]], params)[0]
+    together = Engine(model, EngineConfig(**SMALL)).generate(ps, params)[0]
+    speculative = Engine(model, EngineConfig(speculative=2, **SMALL))
+    assert alone == together
+    assert speculative.generate([ps[0]], params) == speculative.generate([ps[0]], params)
+    other_seed = SamplingParams(**{**params.__dict__, "seed": 99})
+    assert Engine(model, EngineConfig(**SMALL)).generate([ps[0]], other_seed)[0] != alone
+
+
+def test_pages_all_return_after_finished_cancelled_and_preempted_requests(model):
+    # 12 pages of 4 tokens cannot hold 4 sequences of ~24 tokens: preemption must happen.
+    engine = Engine(model, EngineConfig(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=48,
+                                        max_running=4, speculative=1))
+    ps = prompts((9, 14, 5, 20, 3, 8), seed=6)
+    params = SamplingParams(max_new_tokens=14, temperature=0.0, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in ps]
+    for step in range(200):
+        if not engine.has_work():
+            break
+        engine.step()
+        if step == 3:
+            assert engine.cancel(ids[1]) and engine.cache.capacity(ids[1]) == 0
+        if step == 6:
+            engine.cancel(ids[4])  # may still be waiting: cancelling a queued request works too
+    assert not engine.has_work()
+    assert engine.stats.preempted > 0 and engine.stats.cancelled == 2 and engine.stats.finished == 4
+    assert engine.cache.used_pages == 0 and engine.cache.free_pages == engine.cache.config.num_pages - 1
+    assert not engine.cache.tables and not engine.requests
+
+
+def test_preempted_requests_still_match_the_reference(model):
+    ps = prompts((9, 14, 5, 20), seed=7)
+    expected = [greedy_reference(model, p, 14) for p in ps]
+    engine = Engine(model, EngineConfig(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=40,
+                                        max_running=4))
+    assert engine.generate(ps, SamplingParams(max_new_tokens=14, temperature=0.0, ignore_eos=True)) == expected
+    assert engine.stats.preempted > 0
+
+
+def test_stop_conditions(model, reference):
+    ps, expected = reference
+    engine = Engine(model, EngineConfig(**SMALL))
+    first = expected[0]
+    stop_at = first[4]
+    out = engine.generate([ps[0]], SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=(stop_at,)))
+    assert out[0] == first[: first.index(stop_at) + 1]
+    rid = engine.add_request(ps[0], GREEDY, stop=lambda ids: len(ids) == 3)
+    outs = []
+    while engine.has_work():
+        outs += [o for o in engine.step() if o.request_id == rid]
+    assert sum(len(o.new_tokens) for o in outs) == 3 and outs[-1].finish_reason == "stop"
+    engine.eos_id = first[1]
+    eos = engine.generate([ps[0]], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
+    assert eos == first[: first.index(first[1]) + 1]
+
+
+def test_bad_prompts_are_rejected(model):
+    engine = Engine(model, EngineConfig(**SMALL))
+    for bad, match in (([], "at least one"), ([5] * 512, "context"), ([300], "token ids"), ([5] * 600, "context")):
+        with pytest.raises(ValueError, match=match):
+            engine.add_request(bad)

@@ -1,0 +1,53 @@
+"""Each inference twin (infer/fused.py) computes what its model module computes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
+
+from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, fuse_for_inference
+from longcat_flash.infer.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def pair():
+    model = randomized()
+    fused = copy.deepcopy(model)
+    assert fuse_for_inference(fused) > 0
+    return model, fused
+
+
+def test_every_module_has_its_twin(pair):
+    _, fused = pair
+    layer = fused.model.layers[0]
+    assert all(isinstance(a, FusedMLA) for a in layer.self_attn) and isinstance(fused.model.mtp.self_attn, FusedMLA)
+    assert isinstance(layer.mlps[0], FusedMLP) and isinstance(layer.mlp, FusedMoE)
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 40])  # host-routed MoE for few tokens, sorted dispatch for many
+def test_fused_modules_match(pair, tokens):
+    model, fused = pair
+    x = torch.randn(1, tokens, 64)
+    rope = model.model.rotary(torch.arange(tokens)[None], x.dtype)
+    a, b = model.model.layers[1], fused.model.layers[1]
+    with torch.no_grad():
+        for ref, twin in ((a.self_attn[0], b.self_attn[0]), (a.mlps[1], b.mlps[1])):
+            args = (x, rope) if isinstance(ref, type(a.self_attn[0])) else (x,)
+            torch.testing.assert_close(twin(*args), ref(*args), atol=1e-5, rtol=1e-4)
+        (out_a, info_a), (out_b, info_b) = a.mlp(x), b.mlp(x)
+        torch.testing.assert_close(out_b, out_a, atol=1e-5, rtol=1e-4)
+        assert torch.equal(info_a.ids, info_b.ids)
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_fused_engine_matches_the_reference_model(pair, k):
+    model, fused = pair
+    ps = prompts((6, 13, 2), seed=11)
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True)
+    expected = [greedy_reference(model, p, 8) for p in ps]
+    engine = Engine(fused, EngineConfig(speculative=k, prefill_chunk=8, token_budget=64, page_size=4,
+                                        cache_tokens=256, max_running=4))
+    assert engine.generate(ps, params) == expected

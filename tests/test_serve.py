@@ -1,0 +1,180 @@
+"""`longcat serve` as a real subprocess on a free loopback port, driven by the official openai client."""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from longcat_flash.checkpoint.fresh import init_checkpoint
+from longcat_flash.presets import tiny
+from longcat_flash.tokenizer import Tokenizer
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytestmark = pytest.mark.slow
+
+KEY = "sk-test-123"
+PROMPT = "def fibonacci(n):"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    model_dir = init_checkpoint(tiny(), tmp_path_factory.mktemp("ckpt") / "tiny", dtype=torch.float32)
+    port = free_port()
+    exe = [shutil.which("longcat")] if shutil.which("longcat") else [sys.executable, "-m", "longcat_flash.cli"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([*exe, "serve", "--model", str(model_dir), "--port", str(port), "--api-key", KEY,
+                             "--max-waiting", "64"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            assert proc.poll() is None, proc.stdout.read().decode()
+            try:
+                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        else:
+            pytest.fail("server did not come up in 90 s")
+        yield base, Tokenizer.load(model_dir)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{server[0]}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def metric(base: str, name: str) -> float:
+    text = httpx.get(f"{base}/metrics", timeout=5).text
+    return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
+
+
+def test_models_and_health(server, client):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
+    unauthorized = httpx.get(f"{server[0]}/v1/models")
+    assert unauthorized.status_code == 401 and unauthorized.json()["error"]["message"]
+
+
+def test_completion_usage_and_streaming_agree(server, client):
+    _, tokenizer = server
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=12, temperature=0, extra_body={"ignore_eos": True})
+    full = client.completions.create(**kwargs)
+    assert full.choices[0].finish_reason == "length"
+    assert full.usage.prompt_tokens == len(tokenizer.encode(PROMPT)) and full.usage.completion_tokens == 12
+    chunks = list(client.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full.choices[0].text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == full.usage.total_tokens
+
+
+def test_chat_and_chat_streaming(client):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}]
+    kwargs = dict(model="tiny", messages=messages, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    reply = client.chat.completions.create(**kwargs)
+    assert reply.choices[0].message.role == "assistant" and reply.usage.completion_tokens == 8
+    chunks = list(client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == reply.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == 8
+
+
+def test_stream_ends_with_done(server):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "stream": True}
+    with httpx.stream("POST", f"{server[0]}/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = [line for line in r.iter_lines() if line]
+    assert r.headers["content-type"].startswith("text/event-stream") and lines[-1] == "data: [DONE]"
+
+
+def test_stop_sequences(client):
+    kwargs = dict(model="tiny", prompt=PROMPT, max_tokens=40, temperature=0, extra_body={"ignore_eos": True})
+    text = client.completions.create(**kwargs).choices[0].text
+    start = next(i for i in range(4, len(text) - 2) if "\ufffd" not in text[i:i + 2])
+    stop = text[start:start + 2]
+    for stream in (False, True):
+        if stream:
+            got = "".join(c.choices[0].text for c in client.completions.create(**kwargs, stop=[stop], stream=True))
+        else:
+            choice = client.completions.create(**kwargs, stop=[stop]).choices[0]
+            assert choice.finish_reason == "stop"
+            got = choice.text
+        assert got == text[: text.find(stop)]
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"max_tokens": -1}, "max_tokens"), ({"max_tokens": 10**9}, "max_tokens"), ({"model": "gpt-4"}, "model"),
+    ({"temperature": 7}, "temperature"), ({"top_p": 0}, "top_p"), ({"n": 3}, "n"),
+    ({"prompt": "x " * 2000}, "prompt"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+])
+def test_bad_requests_get_openai_shaped_4xx(server, change, param):
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 4, **change}
+    r = httpx.post(f"{server[0]}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["message"] and error["type"] == "invalid_request_error"
+    assert error["param"] == param
+
+
+def test_malformed_json_and_bad_messages(server):
+    headers = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+    r = httpx.post(f"{server[0]}/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers=headers)
+    assert r.status_code == 400 and "JSON" in r.json()["error"]["message"]
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}]}
+    r = httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers=headers)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+
+
+def test_burst_of_concurrent_clients_never_gets_5xx(server):
+    def one(i: int) -> int:
+        body = {"model": "tiny", "prompt": f"{PROMPT} # {i}", "max_tokens": 16, "temperature": 0.8, "seed": i,
+                "stream": i % 2 == 0}
+        r = httpx.post(f"{server[0]}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                       timeout=120)
+        return r.status_code
+
+    with concurrent.futures.ThreadPoolExecutor(24) as pool:
+        statuses = list(pool.map(one, range(48)))
+    assert all(s < 500 for s in statuses) and statuses.count(200) >= 24, statuses
+    assert set(statuses) <= {200, 429}
+
+
+def test_disconnected_client_is_cancelled_and_frees_its_pages(server):
+    base = server[0]
+    cancelled = metric(base, "longcat_requests_cancelled_total")
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 480, "stream": True, "ignore_eos": True}
+    with httpx.stream("POST", f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}) as r:
+        for i, _ in enumerate(r.iter_lines()):
+            if i == 3:
+                break
+    deadline = time.time() + 20
+    while time.time() < deadline:
+        if metric(base, "longcat_requests_cancelled_total") > cancelled and \
+                metric(base, "longcat_cache_pages_used") == 0:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the abandoned request was not cancelled, or its pages were not freed")
+    assert metric(base, "longcat_running_requests") == 0
