@@ -62,7 +62,210 @@ def _run_cost(args: argparse.Namespace) -> None:
                        a2a_bandwidth_gbps=args.bandwidth, context=args.context, as_json=args.json))
 
 
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_cost]
+# ---- explain --------------------------------------------------------------------------------------------
+
+def _add_explain(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("explain", help="per-token view of the FFN experts each token used, per layer "
+                                       "(HTML, PNG, JSON; report App. A.1)")
+    p.add_argument("--model", required=True, help="checkpoint directory with config.json, safetensors and "
+                                                  "tokenizer.json")
+    p.add_argument("--text", required=True, help="the text to run through the model (one forward)")
+    p.add_argument("--out", default="explain", help="directory for explain.html, explain.png, explain.json")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary table")
+    p.set_defaults(run=_run_explain)
+
+
+def _run_explain(args: argparse.Namespace) -> None:
+    from .analysis.explain import explain_command
+
+    print(explain_command(args.model, args.text, args.out, as_json=args.json))
+
+
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_cost, _add_explain]
+
+
+# ---- train / grow ---------------------------------------------------------------------------------------
+
+# CLI flag -> TrainConfig field; every other field is set with --set section.field=value.
+_TRAIN_FLAGS = {"data": "data.source", "max_steps": "max_steps", "seed": "seed", "save_every": "checkpoint.save_every"}
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", allow_abbrev=False,
+                       help="train a LongCat-Flash model (default: the small preset on the Python stdlib)",
+                       description="Train a tokenizer, tokenize the corpus and train; OUT ends as an HF checkpoint "
+                                   "with metrics.jsonl, training checkpoints and sample.txt. Any config field: "
+                                   "--set section.field=value (list them with --print-config).")
+    p.add_argument("--preset", default=None, help="model + recipe: tiny, small (default), bench")
+    p.add_argument("--data", default=None, help="corpus: 'stdlib' (default), a directory, text file, .jsonl, .parquet")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset>; with --resume DIR, DIR)")
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--save-every", type=int, default=None, help="steps between training checkpoints")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+                   help="continue the newest checkpoint of RUN_DIR (default: --out), bit-for-bit")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a config field, e.g. --set budget.rate=0.01 (repeatable)")
+    p.add_argument("--print-config", action="store_true", help="print every config field and value, then exit")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics.jsonl is still written)")
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (under torchrun; divides the experts)")
+    p.add_argument("--dp", type=int, default=None, help="data-parallel groups of --ep ranks (default: world / ep)")
+    p.add_argument("--no-overlap", action="store_true", help="block on each all-to-all instead of hiding it "
+                                                             "behind the dense path (for measurements)")
+    p.set_defaults(run=_run_train)
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from . import distributed
+    from .train.config import build_config, describe
+    from .train.trainer import TrainingStopped, resume_config, train
+
+    out = args.resume if isinstance(args.resume, str) else args.out
+    if isinstance(args.resume, str) and args.out not in (None, args.resume):
+        raise ValueError(f"--resume {args.resume} continues in its own directory; drop --out {args.out}")
+    if args.resume is not None and out is None:
+        raise ValueError("--resume needs a run directory: --resume RUN_DIR or --out RUN_DIR")
+    flags = [f"{key}={getattr(args, name)}" for name, key in _TRAIN_FLAGS.items() if getattr(args, name) is not None]
+    cfg = build_config(args.preset, flags + args.overrides, resume_config(out) if args.resume else None)
+    if args.print_config:
+        print(describe(cfg))
+        return
+    distributed.init()  # a process group only when launched by torchrun
+    mesh = distributed.build_mesh(args.dp or distributed.world_size() // args.ep, args.ep)
+    try:
+        summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
+                        progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap)
+    except TrainingStopped as err:
+        sys.exit(f"longcat train: {err}")
+    distributed.print0(f"done: {summary['steps']} steps, {summary['tokens']} tokens -> {summary['out']}\n"
+                       f"--- sample ---\n{summary['sample']}")
+    distributed.teardown()
+
+
+def _add_grow(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("grow", allow_abbrev=False,
+                       help="model growth: stack a trained model r times in depth (report §6)",
+                       description="SRC: a run directory (keeps optimizer, schedule, counters; continue with "
+                                   "`longcat train --resume DST`) or an HF model directory (weights only).")
+    p.add_argument("src", help="run directory, checkpoint directory, or HF model directory")
+    p.add_argument("--out", required=True, help="new directory for the grown run or model")
+    p.add_argument("--factor", type=int, default=2, help="r: how many times the layer stack is repeated")
+    p.set_defaults(run=_run_grow)
+
+
+def _run_grow(args: argparse.Namespace) -> None:
+    from .train.growth import grow_run
+
+    print(f"grown x{args.factor}: {grow_run(args.src, args.out, args.factor)}")
+
+
+COMMANDS += [_add_train, _add_grow]
+
+
+# ---- init / generate / chat / serve ----------------------------------------------------------------------
+
+def _add_init(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("init", help="a checkpoint with random weights and a fresh tokenizer, for tests and benchmarks")
+    p.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    p.add_argument("--out", required=True, help="directory to write (config.json, safetensors, tokenizer)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_init)
+
+
+def _run_init(args: argparse.Namespace) -> None:
+    import torch
+
+    from .checkpoint.fresh import init_checkpoint
+
+    print(init_checkpoint(get_preset(args.preset), args.out, dtype=getattr(torch, args.dtype), seed=args.seed))
+
+
+def _add_model_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="weights and activations (auto: the checkpoint's)")
+    p.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="block-wise weight quantization")
+    p.add_argument("--speculative", type=int, default=0, metavar="N", help="MTP draft tokens per step (0: off)")
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
+
+
+def _sampling(args: argparse.Namespace):
+    from .infer.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="complete one prompt; prints the generated text alone (or --json)")
+    _add_model_flags(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    _add_sampling_flags(p, max_new_tokens=64)
+    p.add_argument("--json", action="store_true", help="one JSON object: text, token counts, timings")
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> None:
+    from .serve.local import generate_text, load_session
+
+    engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
+                                     speculative=args.speculative)
+    stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
+    result = generate_text(engine, tokenizer, tokenizer.encode(args.prompt), _sampling(args), args.stop, stream)
+    print(json.dumps({"prompt": args.prompt, **result.to_dict()}) if args.json else "")
+
+
+def _add_chat(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="interactive chat through the tokenizer's chat template (/reset, /exit)")
+    _add_model_flags(p)
+    p.add_argument("--system", default=None, help="system message")
+    _add_sampling_flags(p, max_new_tokens=256)
+    p.set_defaults(run=_run_chat)
+
+
+def _run_chat(args: argparse.Namespace) -> None:
+    from .serve.local import chat_loop, load_session
+
+    engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
+                                     speculative=args.speculative)
+    chat_loop(engine, tokenizer, _sampling(args), input, lambda s: print(s, end="", flush=True), args.system)
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
+    _add_model_flags(p)
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
+    p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: directory name)")
+    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
+    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
+    p.add_argument("--cache-tokens", type=int, default=65536, help="KV cache pool size in tokens")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args: argparse.Namespace) -> None:
+    from .infer.engine import EngineConfig
+    from .serve.app import serve
+
+    engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
+                          cache_tokens=args.cache_tokens, speculative=args.speculative,
+                          token_budget=max(1024, args.max_running * (1 + args.speculative)))
+    serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
+          quantize=args.quantize, engine_config=engine, model_name=args.model_name)
+
+
+COMMANDS += [_add_init, _add_generate, _add_chat, _add_serve]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -70,11 +273,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in COMMANDS:
         add(sub)
+    parser.set_defaults(subcommands=sub.choices)  # so an unknown flag is reported with its command's usage
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, KeyError) as err:
