@@ -23,6 +23,7 @@ from infer_common import (active_bytes_per_token, bench_checkpoint, gemv_bandwid
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
+from longcat_flash.runtime import tune_cpu_allocator
 
 
 def engine_runner(engine: Engine, prompts: list[list[int]], n: int):
@@ -47,6 +48,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--speculative", type=int, default=0, help="also time MTP speculation with K drafts")
     args = parser.parse_args()
+    tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     path = bench_checkpoint(args.model)

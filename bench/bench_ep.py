@@ -28,6 +28,7 @@ from longcat_flash import distributed as lcd
 from longcat_flash.model import Transformer
 from longcat_flash.model.layers import RotaryEmbedding
 from longcat_flash.presets import bench, small
+from longcat_flash.runtime import tune_cpu_allocator
 
 
 def timed_ms(*fns, repeats: int) -> list[float]:
@@ -148,6 +149,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     if not lcd.launched():  # relaunch under torchrun: one process per ep rank
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc-per-node={args.ep}", __file__, *sys.argv[1:]]))

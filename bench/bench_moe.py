@@ -19,6 +19,7 @@ import torch
 
 from longcat_flash.model.moe import MoE
 from longcat_flash.presets import bench
+from longcat_flash.runtime import tune_cpu_allocator
 
 
 def median_ms(*fns, repeats: int) -> list[float]:
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--decode", type=int, default=1, help="tokens in the decode-sized batch")
     parser.add_argument("--repeats", type=int, default=10)
     args = parser.parse_args()
+    tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
     cfg = bench()

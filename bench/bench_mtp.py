@@ -20,6 +20,7 @@ from infer_common import table
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
+from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import Tokenizer
 
 SOURCES = Path(__file__).resolve().parents[1] / "src" / "longcat_flash"
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--quantize", default=None, choices=[None, "int8", "fp8"])
     args = parser.parse_args()
+    tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     model, _ = load_for_inference(args.model, quantize=args.quantize)
     ps = prompts(tokenizer, args.prompts)

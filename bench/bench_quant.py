@@ -21,6 +21,7 @@ from infer_common import table
 
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.quant import weight_bytes
+from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import Tokenizer
 
 SOURCES = Path(__file__).resolve().parents[1] / "src" / "longcat_flash"
@@ -54,6 +55,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--keep-top", type=int, default=2, help="units kept per criterion in the mixed runs")
     args = parser.parse_args()
+    tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     calibration = held_out(tokenizer, 2048, skip=args.tokens)[None]  # disjoint from the scored tokens
     ids = held_out(tokenizer, args.tokens)

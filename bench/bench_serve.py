@@ -25,6 +25,7 @@ import httpx
 import torch
 from infer_common import bench_checkpoint, interleaved, table, transformers_model
 
+from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import Tokenizer
 
 
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
+    tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     torch.set_num_threads(args.threads)
     path = bench_checkpoint(args.model)
     tokenizer = Tokenizer.load(path)

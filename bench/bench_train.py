@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.train.config import recipe
 from longcat_flash.train.determinism import set_deterministic
 from longcat_flash.train.optim import build_optimizer, width_scale
@@ -119,6 +120,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side (after 2 warm-up steps)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of one step per side")
     args = parser.parse_args()
+    tune_cpu_allocator()  # process-wide: both sides of the comparison get it
 
     set_deterministic(True)  # as in training
     cfg, ours, theirs = build(args.config, args.dtype, args.batch, args.seq)

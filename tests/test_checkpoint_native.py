@@ -31,6 +31,26 @@ def test_round_trip_and_meta(tmp_path: Path):
     assert a.value.item() == 1.0 and b.value.item() == 2.0
 
 
+def test_states_keep_their_structure_and_nothing_is_pickled(tmp_path: Path):
+    weight = torch.randn(3, 4)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.randn(2))])
+    opt.param_groups[0]["params"][0].grad = torch.ones(2)
+    opt.step()
+    state = {"tied": {"embed": weight, "head": weight}, "optimizer": opt.state_dict(),
+             "rng": torch.get_rng_state(), "misc": [("x", 1, 2.5, None, True), float("inf")], "bf16": weight.bfloat16()}
+    path = native.save_states(tmp_path, 1, {"s": state})
+    got = native.load_states(path)[0]["s"]
+    torch.testing.assert_close(got["tied"]["head"], weight, rtol=0, atol=0)
+    assert list(got["optimizer"]["state"]) == [0]  # int keys stay ints
+    torch.testing.assert_close(got["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    assert got["optimizer"]["param_groups"] == opt.state_dict()["param_groups"]
+    assert torch.equal(got["rng"], state["rng"]) and got["bf16"].dtype == torch.bfloat16
+    assert got["misc"] == [("x", 1, 2.5, None, True), float("inf")]
+    from safetensors import safe_open  # a plain safetensors file: tensors plus a JSON skeleton
+    with safe_open(path / "s.safetensors", "pt") as f:
+        assert native.SKELETON in f.metadata()
+
+
 def test_keeps_the_newest_k_and_resolves_run_directories(tmp_path: Path):
     root = tmp_path / "run" / "checkpoints"
     for step in (10, 20, 30):
@@ -47,7 +67,7 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path,
     def dies(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for SIGKILL between two files
 
-    monkeypatch.setattr(native.torch, "save", dies)
+    monkeypatch.setattr(native, "save_file", dies)
     with pytest.raises(KeyboardInterrupt):
         native.save(tmp_path, 2, {"a": Box(2.0)})
     monkeypatch.undo()
@@ -69,10 +89,10 @@ def test_saving_the_same_step_again_swaps_it(tmp_path: Path):
 
 def test_corrupt_file_is_a_clear_error(tmp_path: Path):
     path = native.save(tmp_path, 1, {"model": Box(1.0)})
-    data = bytearray((path / "model.pt").read_bytes())
+    data = bytearray((path / "model.safetensors").read_bytes())
     data[len(data) // 2] ^= 0xFF
-    (path / "model.pt").write_bytes(bytes(data))
-    with pytest.raises(CheckpointError, match=r"corrupt: model.pt \(model\) does not match its sha256"):
+    (path / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"corrupt: model.safetensors \(model\) does not match its sha256"):
         native.load(path, {"model": Box(0.0)})
 
 
@@ -80,8 +100,8 @@ def test_missing_pieces_are_clear_errors(tmp_path: Path):
     path = native.save(tmp_path, 1, {"model": Box(1.0)})
     with pytest.raises(CheckpointError, match=r"has no state for \['optimizer'\]"):
         native.load(path, {"model": Box(0.0), "optimizer": Box(0.0)})
-    (path / "model.pt").unlink()
-    with pytest.raises(CheckpointError, match="model.pt .model. is missing"):
+    (path / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="model.safetensors .model. is missing"):
         native.load(path, {"model": Box(0.0)})
     (path / native.MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):

@@ -46,7 +46,7 @@ def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path
     assert "no checkpoint found" in run_cli("train", "--resume", str(tmp_path))
     root = tmp_path / "run" / "checkpoints"
     path = native.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
-    (path / "model.pt").write_bytes(b"garbage")
+    (path / "model.safetensors").write_bytes(b"garbage")
     assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .presets import PRESETS, get_preset
+from .runtime import tune_cpu_allocator
 
 
 def _config_from(target: str) -> ModelConfig:
@@ -281,6 +282,7 @@ def main(argv: list[str] | None = None) -> None:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    tune_cpu_allocator()
     try:
         args.run(args)
     except (ValueError, FileNotFoundError, KeyError) as err:

@@ -3,12 +3,14 @@
 Layout (docs/checkpoint.md):
 
     ROOT/step_00000100/manifest.json        step, meta, and sha256 + size of every file
-    ROOT/step_00000100/<name>.pt            one torch.save'd state dict per object (model, optimizer, ...)
+    ROOT/step_00000100/<name>.safetensors   one state dict per object (model, optimizer, ...): its tensors, and
+                                            the rest of its structure as JSON in the file's metadata
 
 A checkpoint is written into ROOT/.tmp-step_XXXXXXXX-<pid>/, every file fsynced, the manifest last, and the
 directory renamed into place (then the parent fsynced): a kill at any moment leaves the earlier checkpoints
 intact and never a partial directory under a step name. Only after that are checkpoints beyond `keep` removed.
-Files are loaded with `torch.load(weights_only=True)`: tensors and plain containers, never arbitrary pickles.
+Nothing is pickled: a state dict is split into its tensors (safetensors) and a JSON skeleton of the containers
+and scalars around them (`encode_state` / `decode_state`), so loading a checkpoint never runs code.
 This module knows nothing about training; the trainer hands it the objects.
 """
 from __future__ import annotations
@@ -22,11 +24,14 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+SKELETON = "skeleton"  # the safetensors metadata key holding the JSON structure
 
 
 class CheckpointError(ValueError):
@@ -75,25 +80,80 @@ def save_states(root: str | Path, step: int, states: Mapping[str, Any], meta: di
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {name: _write_file(tmp / f"{name}.pt", state) for name, state in states.items()}
+    files = {name: _write_state(tmp / f"{name}.safetensors", state) for name, state in states.items()}
     manifest = {"format": FORMAT_VERSION, "step": step, "files": files, "meta": meta or {}}
-    _write_file(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
     _swap_into_place(tmp, final)
     if keep is not None:
         prune(root, keep)
     return final
 
 
-def _write_file(path: Path, payload: Any) -> dict[str, Any]:
-    """Write bytes or a torch-saveable object, fsync it, return its manifest entry."""
-    with path.open("wb") as f:
-        if isinstance(payload, bytes):
-            f.write(payload)
-        else:
-            torch.save(payload, f)
-        f.flush()
+def _write_state(path: Path, state: Any) -> dict[str, Any]:
+    tensors, skeleton = encode_state(state)
+    save_file(tensors, path, metadata={SKELETON: json.dumps(skeleton)})
+    return _synced_entry(path)
+
+
+def _write_bytes(path: Path, payload: bytes) -> dict[str, Any]:
+    path.write_bytes(payload)
+    return _synced_entry(path)
+
+
+def _synced_entry(path: Path) -> dict[str, Any]:
+    """fsync a written file; its manifest entry."""
+    with path.open("rb+") as f:
         os.fsync(f.fileno())
     return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+
+
+# ---- state dicts <-> (tensors, JSON skeleton) ----
+
+def encode_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a state dict into named tensors and a JSON-able skeleton that `decode_state` rebuilds it from.
+
+    Dicts with str keys stay JSON objects; other dicts (an optimizer's int-keyed state) and tuples are tagged.
+    Tensors sharing storage (tied weights) are cloned apart: safetensors stores each once, and loading
+    copies values into the live parameters anyway."""
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+
+    def walk(obj: Any) -> Any:
+        if isinstance(obj, torch.Tensor):
+            key = str(len(tensors))
+            t = obj.detach().cpu().contiguous()
+            ptr = t.untyped_storage().data_ptr()
+            tensors[key] = t.clone() if ptr in seen and t.numel() else t
+            seen.add(ptr)
+            return {"__tensor__": key}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+                return {k: walk(v) for k, v in obj.items()}
+            return {"__items__": [[walk(k), walk(v)] for k, v in obj.items()]}
+        if isinstance(obj, tuple):
+            return {"__tuple__": [walk(v) for v in obj]}
+        if isinstance(obj, list):
+            return [walk(v) for v in obj]
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"cannot checkpoint a {type(obj).__name__} (state dicts hold tensors, containers, scalars)")
+
+    return tensors, walk(state)
+
+
+def decode_state(tensors: Mapping[str, torch.Tensor], skeleton: Any) -> Any:
+    """The inverse of `encode_state`."""
+    if isinstance(skeleton, list):
+        return [decode_state(tensors, v) for v in skeleton]
+    if not isinstance(skeleton, dict):
+        return skeleton
+    if "__tensor__" in skeleton:
+        return tensors[skeleton["__tensor__"]]
+    if "__tuple__" in skeleton:
+        return tuple(decode_state(tensors, v) for v in skeleton["__tuple__"])
+    if "__items__" in skeleton:
+        return {decode_state(tensors, k): decode_state(tensors, v) for k, v in skeleton["__items__"]}
+    return {k: decode_state(tensors, v) for k, v in skeleton.items()}
 
 
 def _swap_into_place(tmp: Path, final: Path) -> None:
@@ -174,11 +234,17 @@ def load_states(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(states by object name, meta) of a verified checkpoint."""
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("format") != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}; this version reads format "
+                              f"{FORMAT_VERSION} (safetensors states)")
     states = {}
     for name, entry in manifest["files"].items():
+        file = path / entry["file"]
         try:
-            states[name] = torch.load(path / entry["file"], map_location="cpu", weights_only=True)
-        except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing here
+            with safe_open(file, "pt") as f:
+                skeleton = json.loads((f.metadata() or {})[SKELETON])
+            states[name] = decode_state(load_file(file), skeleton)
+        except (SafetensorError, OSError, KeyError, ValueError) as err:
             raise CheckpointError(f"checkpoint {path}: cannot read {entry['file']} ({err})") from None
     return states, manifest["meta"]
 
