@@ -89,6 +89,14 @@ def test_drives_imbalanced_counts_to_the_target():
     assert torch.allclose(share, torch.full_like(share, K_E / (K * E)), rtol=0.15)
 
 
+def test_sign_mode_takes_fixed_steps():
+    controller, routers = make(BudgetConfig(mode="sign", rate=0.01))
+    counts = torch.tensor([[10, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]] * L)  # expert 0 over its share, 1..7 under
+    delta = controller.update(routers, counts)
+    assert torch.equal(delta[0], torch.tensor([-0.01] + [0.01] * (E - 1)))
+    assert torch.equal(routers[0].e_score_correction_bias[E:], torch.zeros(Z))
+
+
 def test_state_dict_round_trip_continues_identically():
     a, routers_a = make(BudgetConfig(ki=0.3, kd=0.2))
     gen = torch.Generator().manual_seed(1)

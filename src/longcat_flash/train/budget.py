@@ -20,7 +20,8 @@ from .config import BudgetConfig
 
 
 class BudgetController:
-    """Δb_i = μ_t (kp e_i + ki Σ e_i + kd (e_i - e_i,prev)),  e_i = K_e/(K N) - T_i/(K T_all),  for i < N."""
+    """Δb_i = μ_t (kp e_i + ki Σ e_i + kd (e_i - e_i,prev)),  e_i = K_e/(K N) - T_i/(K T_all),  for i < N
+    (mode "pid"; mode "sign": Δb_i = μ_t sign(e_i), the fixed step the report compares against)."""
 
     def __init__(self, cfg: BudgetConfig, n_layers: int, n_ffn: int, top_k: int, target: float) -> None:
         self.cfg, self.n_ffn = cfg, n_ffn
@@ -49,7 +50,10 @@ class BudgetController:
         limit = cfg.integral_limit
         self.integral = (self.integral + e).clamp(-limit, limit)
         derivative = e - self.prev_error if self.steps else torch.zeros_like(e)
-        delta = self.rate() * (cfg.kp * e + cfg.ki * self.integral + cfg.kd * derivative)
+        if cfg.mode == "sign":
+            delta = self.rate() * torch.sign(e)
+        else:
+            delta = self.rate() * (cfg.kp * e + cfg.ki * self.integral + cfg.kd * derivative)
         self.prev_error, self.steps = e, self.steps + 1
         return delta
 

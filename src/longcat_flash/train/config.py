@@ -76,10 +76,12 @@ class ScheduleConfig:
 @dataclass(frozen=True)
 class BudgetConfig:
     """The expert-bias controller (report §2.2, docs/budget_pid.md). Per layer, per FFN expert i, each step:
-    e_i = K_e/(K*N) - T_i/(K*T_all);  Δb_i = μ_t (kp e_i + ki Σe_i + kd (e_i - e_i,prev));  zero experts fixed."""
+    e_i = K_e/(K*N) - T_i/(K*T_all);  Δb_i = μ_t (kp e_i + ki Σe_i + kd (e_i - e_i,prev));  zero experts fixed.
+    mode "sign" is the fixed-step rule of DeepSeek's aux-loss-free balancing, Δb_i = μ_t sign(e_i), for comparison."""
 
     section: ClassVar[str] = "budget"
     enabled: bool = True
+    mode: Literal["pid", "sign"] = "pid"
     target: float | None = None  # K_e, FFN experts per token; None = 2/3 of moe_topk (the report's 8 of 12)
     rate: float = 1.0  # μ at step 0
     kp: float = 1.0  # the report's rule is kp=1, ki=kd=0

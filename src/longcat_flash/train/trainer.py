@@ -146,12 +146,14 @@ class _Accumulator:
         self.terms: list[LossTerms] = []
         self.counts: torch.Tensor | None = None  # (L, E+Z) slots per expert
         self.ffn: list[torch.Tensor] = []  # (L, T) FFN experts per token, per micro-batch
+        self.hidden_norm: list[torch.Tensor] = []  # () mean L2 norm of the last hidden state, per micro-batch
 
     def add(self, terms: LossTerms, out: ModelOutput) -> None:
         self.terms.append(terms)
         counts = torch.stack([r.tokens_per_expert for r in out.routing])
         self.counts = counts if self.counts is None else self.counts + counts
         self.ffn.append(torch.stack([r.ffn_experts_per_token for r in out.routing]))
+        self.hidden_norm.append(out.hidden.detach().float().norm(dim=-1).mean())
 
     def metrics(self) -> dict[str, Any]:
         def mean(name: str) -> float | None:
@@ -160,7 +162,8 @@ class _Accumulator:
 
         ffn = torch.cat(self.ffn, dim=1).float()  # (L, T)
         return {"loss": mean("total"), "lm_loss": mean("lm"), "mtp_loss": mean("mtp"), "z_loss": mean("z"),
-                "balance_loss": mean("balance"), "ffn_experts_per_token": ffn.mean().item(),
+                "balance_loss": mean("balance"), "hidden_norm": torch.stack(self.hidden_norm).mean().item(),
+                "ffn_experts_per_token": ffn.mean().item(),
                 "ffn_experts_std": ffn.std(dim=1).mean().item(),
                 "ffn_experts_per_layer": [round(v, 4) for v in ffn.mean(dim=1).tolist()]}
 
