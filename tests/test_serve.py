@@ -102,6 +102,20 @@ def test_chat_and_chat_streaming(client):
     assert chunks[-1].usage.completion_tokens == 8
 
 
+def test_content_parts_and_developer_role_read_as_plain_messages(client, server):
+    kwargs = dict(model="tiny", max_tokens=6, temperature=0, extra_body={"ignore_eos": True})
+    plain = client.chat.completions.create(
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello!"}], **kwargs)
+    parts = client.chat.completions.create(messages=[
+        {"role": "developer", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+        {"role": "user", "content": [{"type": "text", "text": "Hello!"}]}], **kwargs)
+    assert parts.choices[0].message.content == plain.choices[0].message.content
+    assert parts.usage.prompt_tokens == plain.usage.prompt_tokens
+    body = {"model": "tiny", "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}
+    r = httpx.post(f"{server[0]}/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 400 and r.json()["error"]["param"].startswith("messages.0.content")
+
+
 def test_stream_ends_with_done(server):
     body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 3, "stream": True}
     with httpx.stream("POST", f"{server[0]}/v1/completions", json=body,

@@ -77,10 +77,34 @@ class CompletionRequest(_Sampling):
         return value
 
 
-class ChatMessage(BaseModel):
+class TextPart(BaseModel):
+    """A content part; only text parts exist for a text-only model."""
+
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAX_PROMPT_CHARS)
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """`content` as a string or as a list of text parts (what current clients send), joined into one string;
+    the "developer" role (the newer name of "system") is read as "system"."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+
+    @field_validator("role")
+    @classmethod
+    def _role(cls, value: str) -> str:
+        return "system" if value == "developer" else value
+
+    @field_validator("content")
+    @classmethod
+    def _content(cls, value: str | list[TextPart]) -> str:
+        text = value if isinstance(value, str) else "".join(part.text for part in value)
+        if len(text) > MAX_PROMPT_CHARS:
+            raise ValueError(f"content is longer than {MAX_PROMPT_CHARS} characters")
+        return text
 
 
 class ChatCompletionRequest(_Sampling):
