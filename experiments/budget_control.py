@@ -4,10 +4,11 @@ update (report §2.2, §2.4, Fig. 3b/3c).
     python experiments/budget_control.py [--quick] [--steps 500] [--seeds 2]
 
 The same micro model with zero experts (top-K over N FFN + Z zero experts, budget K_e FFN experts per token) is
-trained with three rules for the router's selection biases, everything else equal (same seed, data, μ schedule):
+trained with four rules for the router's selection biases, everything else equal (same seed, data, μ schedule):
   proportional  Δb_i = μ_t e_i                        (the report's rule: budget.mode=pid, kp=1, ki=kd=0)
   PID           Δb_i = μ_t (e_i + KI Σe_i + KD Δe_i)   KI = KD = 0.1, |Σe_i| clamped (anti-windup), see below
   sign          Δb_i = μ'_t sign(e_i)                 (DeepSeek's fixed step: budget.mode=sign)
+  gentle        the proportional rule at a tenth of the rate (μ = 0.1 μ_0): the report gives no μ
 with e_i = K_e/(K N) - T_i/(K T_all). The sign rule's μ' is the mean |Δb| the proportional rule takes on the very
 first step of the same seed (same init, same batch), so both start with steps of the same size and decay alike.
 
@@ -24,7 +25,9 @@ after convergence (std over steps / K_e, of the per-step value and of the 10-ste
 20k tokens); the per-token std (tokens keep different compute); the per-expert error |e| / target share.
 The report's claim counts as reproduced when, for every seed, every layer converges under the proportional rule
 (with at least a quarter of the run left to measure), its rolling fluctuation is < 1% in the worst layer, and its
-per-token std over the last 50 steps is at least half that of uniformly random routing (hypergeometric).
+per-token std over the last 50 steps is at least half that of uniformly random routing (hypergeometric); the
+report states no μ, so the rule is checked at the recipe's μ and at the gentle one, and the verdict names which
+passes.
 """
 from __future__ import annotations
 
@@ -44,7 +47,10 @@ KI, KD = 0.1, 0.1
 WINDOW, TOLERANCE = 10, 0.03  # convergence: rolling mean over WINDOW steps within ±TOLERANCE of K_e
 FLUCTUATION_LIMIT = 0.01  # the report's "< 1% fluctuation"
 STD_FRACTION = 0.5  # "well above zero": at least half the per-token std of uniformly random routing
+GENTLE_RATE = 0.1  # the gentle variant's μ, as a fraction of the recipe's
 PROPORTIONAL, PID, SIGN = "proportional (report)", f"PID (ki={KI}, kd={KD})", "sign (fixed step)"
+GENTLE = f"proportional, μ x {GENTLE_RATE:g}"
+RULES = (PROPORTIONAL, PID, SIGN, GENTLE)
 
 
 def arguments(parser) -> None:
@@ -70,13 +76,15 @@ def controller_log() -> Iterator[list[dict[str, float]]]:
         BudgetController.step = original
 
 
-def rules(target_share: float, sign_step: float) -> dict[str, list[str]]:
-    """The three bias-update rules as overrides; the PID's integral clamp is KI·limit = target_share / 4."""
+def rules(target_share: float, sign_step: float, rate: float) -> dict[str, list[str]]:
+    """The bias-update rules as overrides; the PID's integral clamp is KI·limit = target_share / 4."""
     return {
         PROPORTIONAL: ["budget.mode=pid", "budget.kp=1.0", "budget.ki=0.0", "budget.kd=0.0"],
         PID: ["budget.mode=pid", "budget.kp=1.0", f"budget.ki={KI}", f"budget.kd={KD}",
               f"budget.integral_limit={target_share / 4 / KI:.6g}"],
         SIGN: ["budget.mode=sign", f"budget.rate={sign_step:.6g}"],
+        GENTLE: ["budget.mode=pid", "budget.kp=1.0", "budget.ki=0.0", "budget.kd=0.0",
+                 f"budget.rate={rate * GENTLE_RATE:.6g}"],
     }
 
 
@@ -147,21 +155,22 @@ def train_rule(setup, index: int, seed: int, overrides: list[str], steps: int):
 
 
 def train_rules(setup, seeds, steps: int, share: float, extra: list[str]):
-    """Per seed: the proportional rule first (its first mean |Δb| sizes the sign rule's step), then PID and sign."""
+    """Per seed: the proportional rule first (its first mean |Δb| sizes the sign rule's step), then the others."""
     runs, logs, sign_steps = {}, {}, {}
+    rate = setup.base.budget.rate
     for seed in seeds:
         runs[PROPORTIONAL, seed], logs[PROPORTIONAL, seed] = train_rule(
-            setup, 0, seed, [*rules(share, 1.0)[PROPORTIONAL], *extra], steps)
+            setup, 0, seed, [*rules(share, 1.0, rate)[PROPORTIONAL], *extra], steps)
         sign_steps[seed] = max(logs[PROPORTIONAL, seed][0]["abs_delta"], 1e-6)  # budget.rate must be > 0
-        for index, label in ((1, PID), (2, SIGN)):
+        for index, label in enumerate(RULES[1:], start=1):
             runs[label, seed], logs[label, seed] = train_rule(
-                setup, index, seed, [*rules(share, sign_steps[seed])[label], *extra], steps)
+                setup, index, seed, [*rules(share, sign_steps[seed], rate)[label], *extra], steps)
     return runs, logs, sign_steps
 
 
 def plot(runs, logs, k_e: float, share: float, seed: int):
     fig, (a, b, c, d) = figure(4, width=4.4)
-    for color, label in zip(("C0", "C1", "C2"), (PROPORTIONAL, PID, SIGN)):
+    for color, label in zip(("C0", "C1", "C2", "C3"), RULES):
         records = runs[label, seed]
         steps = [r["step"] for r in records]
         for layer, ls in zip(range(len(records[0]["ffn_experts_per_layer"])), ("-", "--", ":", "-.")):
@@ -198,15 +207,21 @@ def claim_checks(per_seed: list[dict[str, Any]], steps: int, reference_std: floa
             "per_token_std_high": all(r["per_token_std_last50"] >= STD_FRACTION * reference_std for r in per_seed)}
 
 
+def describe(label: str, r: dict[str, Any], k_e: float) -> str:
+    return (f"{label}: every layer in the ±3% band from step {r['settled_step_per_seed']} (per seed), rolling "
+            f"fluctuation {100 * r['fluctuation_rolling']:.2f}% (per step {100 * r['fluctuation_per_step']:.2f}%) "
+            f"of K_e={k_e:g}, per-token std {r['per_token_std_last50']:.2f}, per-expert error "
+            f"{r['expert_error_last50']:.2f} of the target share")
+
+
 def verdict(results: dict[str, Any]) -> str:
-    p, k_e = results[PROPORTIONAL], results["k_e"]
-    settled = ", ".join(f"{label.split(' ')[0]} {results[label]['settled_step']}"
-                        for label in (PROPORTIONAL, PID, SIGN))
-    return (f"proportional rule: every layer converged at step {p['settled_step_per_seed']} (per seed), rolling "
-            f"fluctuation {100 * p['fluctuation_rolling']:.2f}% (per step {100 * p['fluctuation_per_step']:.2f}%) "
-            f"of K_e={k_e:g}, per-token std {p['per_token_std_last50']:.2f} (random routing "
-            f"{results['random_routing_std']:.2f}); mean convergence step: {settled}; fastest: "
-            f"{results['fastest_rule']}, least fluctuation: {results['least_fluctuation_rule']}")
+    k_e = results["k_e"]
+    settled = ", ".join(f"{label} {results[label]['settled_step']}" for label in RULES)
+    passed = [label for label in (PROPORTIONAL, GENTLE) if all(results["checks"][label].values())]
+    return (f"{describe(PROPORTIONAL, results[PROPORTIONAL], k_e)}; {describe(GENTLE, results[GENTLE], k_e)}; "
+            f"random routing std {results['random_routing_std']:.2f}; mean convergence step: {settled}; fastest: "
+            f"{results['fastest_rule']}, least fluctuation: {results['least_fluctuation_rule']}; the claim holds "
+            f"for: {', '.join(passed) or 'neither proportional rate'}")
 
 
 def main() -> None:
@@ -216,17 +231,17 @@ def main() -> None:
     share = k_e / (m.moe_topk * m.n_routed_experts)
     runs, logs, sign_steps = train_rules(setup, seeds, steps, share, [] if setup.quick else ["eval_every=100"])
     results: dict[str, Any] = {label: aggregate([analyse(runs[label, s], logs[label, s], k_e, share) for s in seeds],
-                                                steps) for label in (PROPORTIONAL, PID, SIGN)}
+                                                steps) for label in RULES}
     reference = random_routing_std(m.n_routed_experts, m.zero_expert_num, m.moe_topk)
-    checks = claim_checks(results[PROPORTIONAL]["per_seed"], steps, reference)
+    checks = {label: claim_checks(results[label]["per_seed"], steps, reference) for label in (PROPORTIONAL, GENTLE)}
     results.update(k_e=k_e, target_share=share, random_routing_std=reference, sign_step_per_seed=sign_steps,
-                   checks_proportional=checks, fastest_rule=best(results, "settled_step"),
+                   checks=checks, fastest_rule=best(results, "settled_step"),
                    least_fluctuation_rule=best(results, "fluctuation_rolling"))
     save(setup, CLAIM, f"micro model ({m.hidden_size}d, {m.num_layers} layers, top-{m.moe_topk} of "
          f"{m.n_routed_experts} FFN + {m.zero_expert_num} zero experts, K_e={k_e:g}), {steps} steps of "
          f"{setup.base.data.batch_size}x{setup.base.data.seq_len} tokens, μ={setup.base.budget.rate:g} halved every "
          f"{setup.base.budget.decay_every} steps, seeds {list(seeds)}", results, verdict(results),
-         all(checks.values()), plot(runs, logs, k_e, share, args.seed))
+         any(all(c.values()) for c in checks.values()), plot(runs, logs, k_e, share, args.seed))
 
 
 if __name__ == "__main__":
