@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from infer_support import randomized
 
 from longcat_flash.model import Transformer
 from longcat_flash.presets import longcat_flash, tiny
@@ -25,14 +26,6 @@ class ContiguousCache:
         mask = torch.arange(L)[None, :] <= torch.arange(L - S, L)[:, None]  # (S, L) causal
         return latent, k_rope, mask.expand(latent.shape[0], S, L)
 
-
-def randomized(cfg=None) -> Transformer:
-    model = Transformer(cfg or tiny()).eval()
-    model.init_weights(0.1)
-    with torch.no_grad():
-        for router in model.routers():
-            router.e_score_correction_bias.normal_(0.0, 0.05)
-    return model
 
 
 def test_output_fields():

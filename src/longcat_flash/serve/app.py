@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -137,28 +138,10 @@ def _sse(chunk: p.BaseModel | str) -> str:
 
 
 def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
+    """The FastAPI app: error handlers, /health and /metrics, and the OpenAI routes behind the API key."""
     app = FastAPI(title="longcat-flash", docs_url=None, redoc_url=None, openapi_url=None)
-    gen = Generation(bridge, tokenizer, config)
-    responses: Counter = Counter()
-
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        responses[(request.url.path, response.status_code)] += 1
-        return response
-
-    @app.exception_handler(APIError)
-    async def api_error(_request: Request, err: APIError) -> JSONResponse:
-        return err.response()
-
-    @app.exception_handler(Exception)
-    async def bug(_request: Request, err: Exception) -> JSONResponse:
-        log.exception("unhandled error")
-        return APIError(500, f"internal error: {type(err).__name__}", "server_error").response()
-
-    @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        return _validation_error(err).response()
+    responses: Counter = Counter()  # (path, status) -> count, for /metrics
+    _add_error_handlers(app, responses)
 
     def authorized(request: Request) -> None:
         if config.api_key is None:
@@ -181,7 +164,38 @@ def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) 
         card = p.ModelCard(id=config.model_name, created=p.now(), max_model_len=config.context)
         return p.ModelList(data=[card]).model_dump()
 
-    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config, Depends(authorized))
+    return app
+
+
+def _add_error_handlers(app: FastAPI, responses: Counter) -> None:
+    """Every error leaves as an OpenAI-shaped JSON body; every response is counted."""
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        response = await call_next(request)
+        responses[(request.url.path, response.status_code)] += 1
+        return response
+
+    @app.exception_handler(APIError)
+    async def api_error(_request: Request, err: APIError) -> JSONResponse:
+        return err.response()
+
+    @app.exception_handler(Exception)
+    async def bug(_request: Request, err: Exception) -> JSONResponse:
+        log.exception("unhandled error")
+        return APIError(500, f"internal error: {type(err).__name__}", "server_error").response()
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
+        return _validation_error(err).response()
+
+
+def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, config: ServerConfig,
+                           auth: Any) -> None:
+    """/v1/completions and /v1/chat/completions, plain and streamed (SSE ending with [DONE])."""
+
+    @app.post("/v1/completions", dependencies=[auth])
     async def completions(body: p.CompletionRequest, request: Request):
         prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
         params = gen.check(body, prompt, body.max_tokens, "prompt")
@@ -209,7 +223,7 @@ def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) 
             yield _sse("[DONE]")
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(body: p.ChatCompletionRequest, request: Request):
         try:
             rendered = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
@@ -243,8 +257,6 @@ def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) 
                                                  usage=p.Usage.of(len(prompt), n)))
             yield _sse("[DONE]")
         return StreamingResponse(events(), media_type="text/event-stream")
-
-    return app
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
