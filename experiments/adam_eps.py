@@ -25,8 +25,9 @@ import torch
 
 from common import figure, final_val, parse, run, save
 
-from longcat_flash.checkpoint import native
 from longcat_flash.model import Transformer
+from longcat_flash.train.optim import param_kind
+from longcat_flash.train.trainer import read_checkpoint
 
 CLAIM = ("The loss does not depend on Adam's ε while ε is far below the gradient RMS, and degrades once ε "
          "approaches it (§7.3, Fig. 7).")
@@ -62,16 +63,12 @@ def quantiles(values: torch.Tensor) -> dict[str, float]:
 def adam_denominators(run_dir, beta2: float) -> tuple[torch.Tensor, dict[str, float], int]:
     """sqrt(v̂) of every parameter element in the run's final optimizer state, the median of its non-zero values
     per parameter kind, and how many elements have optimizer state (a check on the parameter count)."""
-    states, _ = native.load_states(native.resolve(run_dir))
-    optimizer = states["optimizer"]
+    states, _ = read_checkpoint(run_dir)
     per_kind: dict[str, list[torch.Tensor]] = {}
-    for group in optimizer["groups"]:
-        for name in group["names"]:
-            state = optimizer["state"].get(name)
-            if state is None:  # never had a gradient
-                continue
-            bias = 1 - beta2 ** float(state["step"])
-            per_kind.setdefault(group["kind"], []).append((state["exp_avg_sq"].float() / bias).sqrt().flatten())
+    for name, state in states["optimizer"].items():  # parameters that never had a gradient have no state
+        bias = 1 - beta2 ** float(state["step"])
+        kind = param_kind(name, states["model"][name])
+        per_kind.setdefault(kind, []).append((state["exp_avg_sq"].float() / bias).sqrt().flatten())
     kinds = {kind: torch.cat(parts) for kind, parts in per_kind.items()}
     values = torch.cat(list(kinds.values()))
     return values, {kind: float(v[v > 0].median()) for kind, v in kinds.items() if (v > 0).any()}, values.numel()

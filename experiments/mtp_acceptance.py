@@ -34,6 +34,7 @@ from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.model import Transformer
 from longcat_flash.tokenizer import Tokenizer
 from longcat_flash.train.config import TrainConfig
+from longcat_flash.train.trainer import read_checkpoint
 
 CLAIM = ("A single MTP head drafts tokens that greedy verification accepts at a high rate (~90% at scale, Table 5); "
          "tested here: the acceptance on held-out text rises as training proceeds.")
@@ -71,7 +72,7 @@ def spread(ids: list[int], n: int, length: int, phase: float) -> list[list[int]]
 
 def load_model(checkpoint: Path) -> Transformer:
     """The checkpoint's model weights in a fresh Transformer built from the config saved with them."""
-    states, meta = native.load_states(checkpoint)
+    states, meta = read_checkpoint(checkpoint)
     model = Transformer(TrainConfig.from_dict(meta["train_config"]).model)
     model.load_state_dict(states["model"])
     return model.eval()

@@ -8,14 +8,13 @@ import pytest
 import torch
 from train_support import make_corpus, tiny_config
 
-from longcat_flash.checkpoint import native
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.model import Transformer
 from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.growth import (grow_controller_state, grow_model_config, grow_optimizer_state,
                                         grow_run, grow_state_dict, grown_names)
 from longcat_flash.train.metrics import read_metrics
-from longcat_flash.train.trainer import resume_config, train
+from longcat_flash.train.trainer import read_checkpoint, resume_config, train
 
 
 def test_names_repeat_the_whole_stack():
@@ -42,11 +41,9 @@ def test_grown_state_loads_and_copied_layers_equal_the_source(tiny_config):
 
 def test_optimizer_and_controller_state_are_stacked_like_the_layers():
     moments = {"exp_avg": torch.ones(2), "step": torch.tensor(5.0)}
-    state = {"groups": [{"kind": "hidden", "names": ["model.layers.0.w", "lm_head.weight"]}],
-             "state": {"model.layers.0.w": moments, "lm_head.weight": moments}}
-    grown = grow_optimizer_state(state, n_layers=1, r=2)
-    assert grown["groups"][0]["names"] == ["model.layers.0.w", "model.layers.1.w", "lm_head.weight"]
-    assert torch.equal(grown["state"]["model.layers.1.w"]["exp_avg"], torch.ones(2))
+    grown = grow_optimizer_state({"model.layers.0.w": moments, "lm_head.weight": moments}, n_layers=1, r=2)
+    assert list(grown) == ["model.layers.0.w", "model.layers.1.w", "lm_head.weight"]
+    assert torch.equal(grown["model.layers.1.w"]["exp_avg"], torch.ones(2))
     ctrl = grow_controller_state({"integral": torch.tensor([[1.0], [2.0]]), "steps": 9}, 2)
     assert ctrl["integral"].flatten().tolist() == [1.0, 2.0, 1.0, 2.0] and ctrl["steps"] == 9
 
@@ -57,12 +54,15 @@ def test_grow_a_run_then_resume_it(tmp_path: Path):
     cfg = tiny_config(corpus, cache, "model.num_layers=1", "max_steps=6", "checkpoint.save_every=3")
     train(cfg, tmp_path / "small", progress=False)
     ckpt = grow_run(tmp_path / "small", tmp_path / "grown")
-    states, meta = native.load_states(ckpt)
-    src_states, _ = native.load_states(native.resolve(tmp_path / "small"))
+    states, meta = read_checkpoint(ckpt)
+    src_states, _ = read_checkpoint(tmp_path / "small")
     assert meta["step"] == 6 and meta["train_config"]["model"]["num_layers"] == 2
     for name, tensor in src_states["model"].items():
         for new in grown_names(name, 1, 2):
             assert torch.equal(states["model"][new], tensor)
+            if name in src_states["optimizer"]:  # parameters (buffers have no Adam state)
+                assert torch.equal(states["optimizer"][new]["exp_avg_sq"],
+                                   src_states["optimizer"][name]["exp_avg_sq"])
     assert states["sampler"] == src_states["sampler"] and states["trainer"] == src_states["trainer"]
     train(apply_overrides(resume_config(tmp_path / "grown"), ["max_steps=8"]), tmp_path / "grown", resume=True,
           progress=False)

@@ -8,6 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import ModelConfig
+from .device import DEVICE_CHOICES, DeviceError
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
@@ -20,6 +21,11 @@ def _config_from(target: str) -> ModelConfig:
         return ModelConfig.from_json(target)
     raise SystemExit(f"longcat: {target!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                      "nor a directory with config.json")
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA when available, the local "
+                                                     "rank's GPU under torchrun; else the CPU)")
 
 
 # ---- info -----------------------------------------------------------------------------------------------
@@ -73,13 +79,14 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text", required=True, help="the text to run through the model (one forward)")
     p.add_argument("--out", default="explain", help="directory for explain.html, explain.png, explain.json")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary table")
+    _add_device(p)
     p.set_defaults(run=_run_explain)
 
 
 def _run_explain(args: argparse.Namespace) -> None:
     from .analysis.explain import explain_command
 
-    print(explain_command(args.model, args.text, args.out, as_json=args.json))
+    print(explain_command(args.model, args.text, args.out, as_json=args.json, device=args.device))
 
 
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_cost, _add_explain]
@@ -113,6 +120,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dp", type=int, default=None, help="data-parallel groups of --ep ranks (default: world / ep)")
     p.add_argument("--no-overlap", action="store_true", help="block on each all-to-all instead of hiding it "
                                                              "behind the dense path (for measurements)")
+    _add_device(p)
     p.set_defaults(run=_run_train)
 
 
@@ -131,11 +139,11 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(describe(cfg))
         return
-    distributed.init()  # a process group only when launched by torchrun
-    mesh = distributed.build_mesh(args.dp or distributed.world_size() // args.ep, args.ep)
+    device = distributed.init(args.device)  # a process group only when launched by torchrun
+    mesh = distributed.build_mesh(args.dp or distributed.world_size() // args.ep, args.ep, device)
     try:
         summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
-                        progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap)
+                        progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device)
     except TrainingStopped as err:
         sys.exit(f"longcat train: {err}")
     distributed.print0(f"done: {summary['steps']} steps, {summary['tokens']} tokens -> {summary['out']}\n"
@@ -151,13 +159,16 @@ def _add_grow(sub: argparse._SubParsersAction) -> None:
     p.add_argument("src", help="run directory, checkpoint directory, or HF model directory")
     p.add_argument("--out", required=True, help="new directory for the grown run or model")
     p.add_argument("--factor", type=int, default=2, help="r: how many times the layer stack is repeated")
+    _add_device(p)
     p.set_defaults(run=_run_grow)
 
 
 def _run_grow(args: argparse.Namespace) -> None:
     from .train.growth import grow_run
 
-    print(f"grown x{args.factor}: {grow_run(args.src, args.out, args.factor)}")
+    from .device import resolve_device
+
+    print(f"grown x{args.factor}: {grow_run(args.src, args.out, args.factor, device=resolve_device(args.device))}")
 
 
 COMMANDS += [_add_train, _add_grow]
@@ -171,6 +182,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="directory to write (config.json, safetensors, tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=int, default=0)
+    _add_device(p)
     p.set_defaults(run=_run_init)
 
 
@@ -179,7 +191,10 @@ def _run_init(args: argparse.Namespace) -> None:
 
     from .checkpoint.fresh import init_checkpoint
 
-    print(init_checkpoint(get_preset(args.preset), args.out, dtype=getattr(torch, args.dtype), seed=args.seed))
+    from .device import resolve_device
+
+    print(init_checkpoint(get_preset(args.preset), args.out, dtype=getattr(torch, args.dtype), seed=args.seed,
+                          device=resolve_device(args.device)))
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
@@ -188,6 +203,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                    help="weights and activations (auto: the checkpoint's)")
     p.add_argument("--quantize", default=None, choices=["int8", "fp8"], help="block-wise weight quantization")
     p.add_argument("--speculative", type=int, default=0, metavar="N", help="MTP draft tokens per step (0: off)")
+    _add_device(p)
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
@@ -220,7 +236,7 @@ def _run_generate(args: argparse.Namespace) -> None:
     from .serve.local import generate_text, load_session
 
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
-                                     speculative=args.speculative)
+                                     speculative=args.speculative, device=args.device)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     result = generate_text(engine, tokenizer, tokenizer.encode(args.prompt), _sampling(args), args.stop, stream)
     print(json.dumps({"prompt": args.prompt, **result.to_dict()}) if args.json else "")
@@ -238,7 +254,7 @@ def _run_chat(args: argparse.Namespace) -> None:
     from .serve.local import chat_loop, load_session
 
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
-                                     speculative=args.speculative)
+                                     speculative=args.speculative, device=args.device)
     chat_loop(engine, tokenizer, _sampling(args), input, lambda s: print(s, end="", flush=True), args.system)
 
 
@@ -263,7 +279,7 @@ def _run_serve(args: argparse.Namespace) -> None:
                           cache_tokens=args.cache_tokens, speculative=args.speculative,
                           token_budget=max(1024, args.max_running * (1 + args.speculative)))
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
-          quantize=args.quantize, engine_config=engine, model_name=args.model_name)
+          quantize=args.quantize, engine_config=engine, model_name=args.model_name, device=args.device)
 
 
 COMMANDS += [_add_init, _add_generate, _add_chat, _add_serve]
@@ -285,6 +301,9 @@ def main(argv: list[str] | None = None) -> None:
     tune_cpu_allocator()
     try:
         args.run(args)
+    except DeviceError as err:  # a usage error, like a bad flag: status 2
+        print(f"longcat {args.command}: {err}", file=sys.stderr)
+        sys.exit(2)
     except (ValueError, FileNotFoundError, KeyError) as err:
         sys.exit(f"longcat {args.command}: {err}")
 

@@ -97,8 +97,10 @@ def _target_dtype(native: str, tensor: torch.Tensor, dtype: torch.dtype | None) 
 
 
 def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size],
-                    dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """Read an official checkpoint into native tensors, checking keys and shapes against `expected`."""
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read an official checkpoint into native tensors on `device`, checking keys and shapes against `expected`.
+
+    Each tensor is allocated on `device` and filled from the file one key at a time: no full CPU copy."""
     out: dict[str, torch.Tensor] = {}
     experts_seen: dict[str, set[tuple[int, str]]] = {}
     ignored = []
@@ -111,7 +113,7 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
             raise KeyError(f"checkpoint key {key!r} has no place in this model (config: {cfg.num_layers} layers, "
                            f"{cfg.n_routed_experts} experts, MTP={cfg.num_nextn_predict_layers})")
         if native not in out:
-            out[native] = torch.empty(expected[native], dtype=_target_dtype(native, tensor, dtype))
+            out[native] = torch.empty(expected[native], dtype=_target_dtype(native, tensor, dtype), device=device)
         target = out[native] if expert is None else _expert_slice(out[native], expert, proj, cfg)
         if target.shape != tensor.shape:
             raise ValueError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, "
@@ -155,7 +157,8 @@ def _expected_shapes(model: Transformer) -> dict[str, torch.Size]:
 
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     cls: type[Transformer] = Transformer) -> Transformer:
-    """Build the model from `config.json` and load the official-layout safetensors in `path`.
+    """Build the model from `config.json` on the meta device and load the official-layout safetensors in `path`
+    straight onto `device` (no full copy on the CPU first).
 
     dtype None keeps the checkpoint's dtype; the router is always fp32.
     """
@@ -165,12 +168,13 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     cfg = ModelConfig.from_json(path)
     with torch.device("meta"):
         model = cls(cfg)
-    state = load_state_dict(path, cfg, _expected_shapes(model), dtype)
+    device = torch.device(device)
+    state = load_state_dict(path, cfg, _expected_shapes(model), dtype, device)
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)  # non-persistent: rebuild
-    return model.to(device).eval()
+    model.model.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta).to(device)  # non-persistent
+    return model.eval()
 
 
 # ----------------------------------------------------------------------------------------------- saving
@@ -178,6 +182,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
 def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's weights under official keys, experts unstacked, produced lazily (one at a time).
 
+    A sharded weight (FSDP, expert parallelism: a DTensor) is gathered whole when its turn comes; that is a
+    collective, so under a process group every rank iterates this in step.
     zero_expert_stubs: also write zero gate/up tensors for the zero-expert ids, as transformers 5.x does; its
     loader sizes `gate_up_proj` for E+Z experts and refuses a checkpoint without them. The official layout (and
     SGLang/vLLM) has exactly E experts, so this is off by default.
@@ -186,6 +192,8 @@ def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Ite
     for native, tensor in model.state_dict().items():
         if native == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
+        full_tensor = getattr(tensor, "full_tensor", None)
+        tensor = tensor if full_tensor is None else full_tensor()
         prefix, _, leaf = native.rpartition(".")
         if prefix.endswith(".mlp.experts"):
             for e in range(tensor.shape[0]):
@@ -203,54 +211,59 @@ def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Ite
             yield native_to_official(native), tensor
 
 
-def _shards(model: Transformer, max_shard_bytes: int, stubs: bool) -> list[list[str]]:
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in official_tensors(model, stubs):
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
-    return shards
-
-
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
-                    zero_expert_stubs: bool = False) -> None:
-    """Write config.json and safetensors (sharded with an index above `max_shard_bytes`).
+                    zero_expert_stubs: bool = False, writer: bool = True) -> None:
+    """Write config.json and safetensors, streamed: tensors are gathered (when sharded) and written out one file
+    of at most `max_shard_bytes` at a time, so no process ever holds the whole model. Above one file the shards
+    are named model-XXXXX-of-YYYYY.safetensors with an index.
 
-    Each file is written under a temporary name and renamed, so a crash never leaves a truncated shard.
+    Each file is written under a temporary name and renamed at the end, so a crash never leaves a truncated or
+    mixed set. writer=False: take part in the gathers of a sharded model but write nothing (every rank but one).
     zero_expert_stubs: see `official_tensors` (needed only for transformers' own loader).
     """
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    shards = _shards(model, max_shard_bytes, zero_expert_stubs)
-    names = [SINGLE_FILE] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    tensors = official_tensors(model, zero_expert_stubs)
-    weight_map, total = {}, 0
-    for name, keys in zip(names, shards):
-        chunk = {key: next(tensors)[1].detach().to("cpu").contiguous() for key in keys}
-        total += sum(t.numel() * t.element_size() for t in chunk.values())
-        _atomic_save(chunk, path / name)
-        weight_map.update({key: name for key in keys})
+    if writer:
+        path.mkdir(parents=True, exist_ok=True)
+    parts: list[tuple[Path, list[str], int]] = []  # (temporary file, keys, bytes)
+    chunk: dict[str, torch.Tensor] = {}
+
+    def flush() -> None:
+        tmp = path / f".model-part-{len(parts) + 1:05d}.safetensors.tmp"
+        if writer:
+            save_file(chunk, str(tmp), metadata={"format": "pt"})
+        parts.append((tmp, list(chunk), sum(t.numel() * t.element_size() for t in chunk.values())))
+        chunk.clear()
+
+    size = 0
+    for key, tensor in official_tensors(model, zero_expert_stubs):
+        nbytes = tensor.numel() * tensor.element_size()
+        if chunk and size + nbytes > max_shard_bytes:
+            flush()
+            size = 0
+        chunk[key] = tensor.detach().to("cpu").contiguous() if writer else tensor
+        size += nbytes
+    flush()
+    if writer:
+        _commit_parts(model, path, parts)
+
+
+def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path, list[str], int]]) -> None:
+    """Rename the written parts to their final names, write the index (when sharded) and config.json."""
+    names = [SINGLE_FILE] if len(parts) == 1 else [
+        f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
+    weight_map = {key: name for name, (_, keys, _) in zip(names, parts) for key in keys}
+    for name, (tmp, _, _) in zip(names, parts):
+        os.replace(tmp, path / name)
     for stale in set(path.glob("model*.safetensors")) - {path / n for n in names}:
         stale.unlink()
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    if len(parts) > 1:
+        index = {"metadata": {"total_size": sum(p[2] for p in parts)}, "weight_map": weight_map}
         _atomic_write(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
     elif (path / INDEX_FILE).exists():
         (path / INDEX_FILE).unlink()
     config = model.config.to_dict()
     config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
     _atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _atomic_save(tensors: dict[str, torch.Tensor], file: Path) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, file)
 
 
 def _atomic_write(file: Path, text: str) -> None:

@@ -30,7 +30,7 @@ from safetensors.torch import load_file, save_file
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 SKELETON = "skeleton"  # the safetensors metadata key holding the JSON structure
 
 
@@ -73,38 +73,57 @@ def save(root: str | Path, step: int, objects: Mapping[str, Stateful], meta: dic
 def save_states(root: str | Path, step: int, states: Mapping[str, Any], meta: dict[str, Any] | None = None,
                 keep: int | None = None) -> Path:
     """`save` for states already in hand (e.g. edited by model growth)."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = step_dir(root, step)
-    tmp = root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    return commit(temporary_dir(root, step), step, states, meta, keep)
+
+
+def temporary_dir(root: str | Path, step: int) -> Path:
+    """A fresh, empty ROOT/.tmp-step_XXXXXXXX/ to write checkpoint `step` into. Its name is the same in every
+    process, so the ranks of a sharded save (checkpoint/sharded.py) write their files side by side; under a
+    process group only one rank calls this, before the others write."""
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = temporary_path(root, step)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    files = {name: _write_state(tmp / f"{name}.safetensors", state) for name, state in states.items()}
+    return tmp
+
+
+def temporary_path(root: str | Path, step: int) -> Path:
+    return Path(root) / f"{TMP_PREFIX}{step_dir(root, step).name}"
+
+
+def commit(tmp: Path, step: int, states: Mapping[str, Any], meta: dict[str, Any] | None = None,
+           keep: int | None = None) -> Path:
+    """Write `states` into `tmp`, then a manifest covering every file in it (files other processes wrote there
+    too, in subdirectories), and rename it into place as checkpoint `step`; keep the newest `keep`."""
+    for name, state in states.items():
+        _write_state(tmp / f"{name}.safetensors", state)
+    written = sorted(p for p in tmp.rglob("*") if p.is_file())
+    files = {str(p.relative_to(tmp)).removesuffix(".safetensors"): _synced_entry(p, tmp) for p in written}
     manifest = {"format": FORMAT_VERSION, "step": step, "files": files, "meta": meta or {}}
     _write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    final = step_dir(tmp.parent, step)
     _swap_into_place(tmp, final)
     if keep is not None:
-        prune(root, keep)
+        prune(tmp.parent, keep)
     return final
 
 
-def _write_state(path: Path, state: Any) -> dict[str, Any]:
+def _write_state(path: Path, state: Any) -> None:
     tensors, skeleton = encode_state(state)
     save_file(tensors, path, metadata={SKELETON: json.dumps(skeleton)})
-    return _synced_entry(path)
 
 
-def _write_bytes(path: Path, payload: bytes) -> dict[str, Any]:
+def _write_bytes(path: Path, payload: bytes) -> None:
     path.write_bytes(payload)
-    return _synced_entry(path)
+    _synced_entry(path, path.parent)
 
 
-def _synced_entry(path: Path) -> dict[str, Any]:
-    """fsync a written file; its manifest entry."""
+def _synced_entry(path: Path, root: Path) -> dict[str, Any]:
+    """fsync a written file; its manifest entry (path relative to the checkpoint directory)."""
     with path.open("rb+") as f:
         os.fsync(f.fileno())
-    return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return {"file": str(path.relative_to(root)), "bytes": path.stat().st_size, "sha256": _sha256(path)}
 
 
 # ---- state dicts <-> (tensors, JSON skeleton) ----
@@ -210,8 +229,10 @@ def resolve(path: str | Path) -> Path:
     raise CheckpointError(f"no checkpoint found at {path} (expected {path}/checkpoints/{STEP_PREFIX}*/{MANIFEST})")
 
 
-def read_manifest(path: str | Path) -> dict[str, Any]:
-    """The manifest of checkpoint `path`, after checking every file's size and sha256."""
+def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
+    """The manifest of checkpoint `path`, after checking every file's size, and the sha256 of the files in this
+    process's `share` = (index, count): file i is hashed where i % count == index, so the ranks of a job split
+    the reading instead of each reading everything."""
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
@@ -220,25 +241,29 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} is missing") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path / MANIFEST} is corrupt ({err})") from None
-    for name, entry in files.items():
+    index, count = share
+    for i, (name, entry) in enumerate(sorted(files.items())):
         file = path / entry["file"]
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) is missing")
-        if file.stat().st_size != entry["bytes"] or _sha256(file) != entry["sha256"]:
+        if file.stat().st_size != entry["bytes"] or (i % count == index and _sha256(file) != entry["sha256"]):
             raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) does not match its "
                                   f"sha256 in {MANIFEST}; resume from an earlier checkpoint in {path.parent}")
     return manifest
 
 
-def load_states(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(states by object name, meta) of a verified checkpoint."""
+def load_states(path: str | Path, share: tuple[int, int] = (0, 1)) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(states by object name, meta) of a verified checkpoint (`read_manifest` for `share`). Files in
+    subdirectories (sharded tensors, checkpoint/sharded.py) are verified here but read by their own reader."""
     path = Path(path)
-    manifest = read_manifest(path)
+    manifest = read_manifest(path, share)
     if manifest.get("format") != FORMAT_VERSION:
         raise CheckpointError(f"checkpoint {path} has format {manifest.get('format')!r}; this version reads format "
-                              f"{FORMAT_VERSION} (safetensors states)")
+                              f"{FORMAT_VERSION} (safetensors states, sharded model and optimizer)")
     states = {}
     for name, entry in manifest["files"].items():
+        if "/" in entry["file"]:
+            continue
         file = path / entry["file"]
         try:
             with safe_open(file, "pt") as f:

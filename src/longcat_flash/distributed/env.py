@@ -5,8 +5,8 @@ per device; `init()` joins them with NCCL on GPUs and gloo on CPU. Without those
 describes a world of one, so the same code runs in a single process.
 
 The mesh is (dp, ep) with ep innermost, as in torchtitan: the ep ranks of one row hold different experts
-(an all-to-all group), the dp ranks of one column hold the same experts (their expert gradients are summed).
-Every rank of the world reads different data, so the dense parameters are data-parallel over the whole world.
+(an all-to-all group), the dp ranks of one column hold the same experts (FSDP shards them further over dp).
+Every rank of the world reads different data; dense parameters are FSDP-sharded over the whole world.
 """
 from __future__ import annotations
 
@@ -14,10 +14,13 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from ..device import resolve_device, use_device
 
 
 def launched() -> bool:
@@ -25,25 +28,21 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(timeout_s: float = 600.0) -> torch.device:
-    """Join the process group when launched by torchrun; return this process's device.
-
-    NCCL with one GPU per local rank when CUDA is available, gloo on CPU otherwise.
-    """
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+def init(device: str | torch.device = "auto", timeout_s: float = 600.0) -> torch.device:
+    """This process's device (`--device`: auto is the local rank's GPU when CUDA is available, else the CPU), made
+    current; joined to the process group when launched by torchrun (NCCL on GPUs, gloo on the CPU)."""
+    device = resolve_device(device)
+    use_device(device)
     if launched() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=device if device.type == "cuda" else None)
     return device
 
 
 def teardown() -> None:
     """Leave the process group (waits for every rank, so no rank exits while another still sends to it)."""
     if dist.is_initialized():
-        _barrier()
+        barrier()
         dist.destroy_process_group()
 
 
@@ -70,15 +69,47 @@ def main_first() -> Iterator[None]:
     """Run the block on rank 0 before the other ranks: rank 0 writes shared files (tokenizer, token shard) that
     the others then find and reuse. Every rank passes exactly one barrier."""
     if not is_main():
-        _barrier()
+        barrier()
     yield
     if is_main():
-        _barrier()
+        barrier()
 
 
-def _barrier() -> None:
+def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+
+# ---- reductions the training step needs besides FSDP's ----
+
+def global_counts(counts: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """Router selection counts (L, E+Z) summed over every rank, so the budget controller sees the global batch
+    and every rank writes the same bias. One all-reduce for all layers."""
+    if mesh is not None:
+        counts = counts.clone()
+        dist.all_reduce(counts)
+    return counts
+
+
+def average(values: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
+    """The mean over all ranks of a tensor of metrics (one all-reduce, on the tensor's own device)."""
+    if mesh is None:
+        return values
+    values = values.clone()
+    dist.all_reduce(values)
+    return values / mesh.size()
+
+
+def raise_if_any(message: str, error: type[Exception]) -> None:
+    """Raise `error` on every rank when any rank has a non-empty `message` (so no rank is left waiting in a
+    collective the failed one will never join); in one process, raise when `message` is non-empty."""
+    if dist.is_initialized():
+        messages: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(messages, message)
+        message = next((m for m in messages if m), "")
+    if message:
+        raise error(message)
 
 
 def build_mesh(dp: int, ep: int, device: torch.device | str = "cpu") -> DeviceMesh | None:

@@ -21,16 +21,14 @@ Shapes: T tokens, K top-k, D model dim, E FFN experts, e local experts, P ep ran
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
-from torch.distributed.device_mesh import DeviceMesh
 
 from ..model.moe import LocalDispatcher, MoE, group_by_expert, to_slots
 
@@ -145,14 +143,6 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup, overlap: bool = Tr
     return model
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, overlap: bool = True) -> nn.Module:
-    """Apply a (dp, ep) mesh to a full model built identically on every rank: experts sharded over ep. Data
-    parallelism needs no wrapping (data_parallel.reduce_gradients after backward). One process: unchanged."""
-    if mesh is not None and mesh.get_group("ep").size() > 1:
-        shard_experts(model, mesh.get_group("ep"), overlap)
-    return model
-
-
 def _dispatchers(model: nn.Module) -> list[AllToAllDispatcher]:
     return [m.dispatcher for m in _moes(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
 
@@ -187,7 +177,7 @@ def experts_gathered(model: nn.Module) -> Iterator[nn.Module]:
         saved.append((moe, moe.dispatcher, params))
         for name, shard in params.items():
             full = shard.new_empty((shard.shape[0] * group.size(), *shard.shape[1:]))
-            dist.all_gather_single(full, shard.detach().contiguous(), group=group)
+            dist.all_gather_into_tensor(full, shard.detach().contiguous(), group=group)
             setattr(moe.experts, name, nn.Parameter(full, requires_grad=False))
         moe.dispatcher = LocalDispatcher()
     try:
@@ -197,51 +187,3 @@ def experts_gathered(model: nn.Module) -> Iterator[nn.Module]:
             for name, shard in params.items():
                 setattr(moe.experts, name, shard)
             moe.dispatcher = dispatcher
-
-
-class Stateful(Protocol):
-    def state_dict(self) -> dict[str, Any]: ...
-
-    def load_state_dict(self, state: dict[str, Any]) -> Any: ...
-
-
-class FullExperts:
-    """Checkpoint adapter: `inner`'s state (the model, or an optimizer whose state is keyed by parameter name)
-    with every expert shard, and every tensor stored under a shard's name with its shape (Adam moments), replaced
-    by the full (E, ...) tensor; sliced back on load. A training checkpoint is then the same at any ep size and
-    loads in a single process. state_dict() all-gathers: every rank calls it, in the same order.
-    """
-
-    def __init__(self, inner: Stateful, model: nn.Module) -> None:
-        self.inner = inner
-        self.shards: dict[str, tuple[nn.Parameter, dist.ProcessGroup]] = {
-            f"{prefix}.experts.{name}": (param, moe.dispatcher.group)
-            for prefix, moe in model.named_modules() if isinstance(moe, MoE)
-            and isinstance(moe.dispatcher, AllToAllDispatcher) for name, param in moe.experts.named_parameters()}
-
-    def state_dict(self) -> dict[str, Any]:
-        return self._map(self.inner.state_dict(), None, self._gather)
-
-    def load_state_dict(self, state: dict[str, Any]) -> Any:
-        return self.inner.load_state_dict(self._map(state, None, self._slice))
-
-    def _map(self, value: Any, shard: str | None, fn: Callable[[torch.Tensor, str], torch.Tensor]) -> Any:
-        """Rebuild nested dicts, applying fn to the tensors found under a shard's name (depth-first, in order)."""
-        if isinstance(value, dict):
-            return {k: self._map(v, k if k in self.shards else shard, fn) for k, v in value.items()}
-        return fn(value, shard) if shard is not None and isinstance(value, torch.Tensor) else value
-
-    def _gather(self, t: torch.Tensor, shard: str) -> torch.Tensor:
-        param, group = self.shards[shard]
-        if t.shape != param.shape:
-            return t  # e.g. Adam's step counter
-        full = t.new_empty((t.shape[0] * group.size(), *t.shape[1:]))
-        dist.all_gather_single(full, t.contiguous(), group=group)
-        return full
-
-    def _slice(self, t: torch.Tensor, shard: str) -> torch.Tensor:
-        param, group = self.shards[shard]
-        e = param.shape[0]
-        if t.shape != (e * group.size(), *param.shape[1:]):
-            return t
-        return t[group.rank() * e:(group.rank() + 1) * e].clone()

@@ -71,13 +71,11 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n, dim, hidden))  # (e, D, F)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (R, D) rows grouped by expert, counts: (e,) rows per expert, sum(counts) == R.
+        """x: (R, D) rows grouped by expert, counts: (e,) rows per expert, sum(counts) <= R (see `expert_ffn`).
 
-        One grouped GEMM per projection over all experts, with the group ends on the device.
-        """
-        ends = counts.cumsum(0).to(torch.int32)  # (e,)
-        gate, up = _grouped_mm(x, self.gate_up_proj.transpose(1, 2), ends).chunk(2, dim=-1)  # (R, F) each
-        return _grouped_mm(F.silu(gate) * up, self.down_proj.transpose(1, 2), ends)  # (R, D)
+        Under expert parallelism the weights are shards of the full (E, ...) tensors (DTensors): their local
+        rows are this rank's experts."""
+        return expert_ffn(x, counts, _local(self.gate_up_proj), _local(self.down_proj))
 
     def forward_reference(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Plain loop over experts (host-synced), the twin `forward` is tested against."""
@@ -105,9 +103,35 @@ class _ContiguousGrad(torch.autograd.Function):
         return grad.contiguous()
 
 
+def _local(weight: torch.Tensor) -> torch.Tensor:
+    """The rows this process holds: a sharded tensor's local part, any other tensor itself."""
+    to_local = getattr(weight, "to_local", None)
+    return weight if to_local is None else to_local()
+
+
+def expert_ffn(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """SwiGLU experts over rows grouped by expert: x (R, D), counts (e,), gate_up (e, 2F, D), down (e, D, F).
+
+    One grouped GEMM per projection over all experts, with the group ends on the device (no host sync). Rows
+    past the last group end (sum(counts) <= R: the zero-expert slots sorted last) are not computed by the GEMMs
+    and come out as exact zeros. Under autocast both GEMMs take the autocast dtype (bf16), weights and rows.
+    """
+    ends = counts.cumsum(0).to(torch.int32)  # (e,)
+    if x.shape[0] == 0 or counts.numel() == 0:
+        return x.new_zeros(x.shape[0], down.shape[1])
+    # Rows past the last end are left unwritten by the GEMMs (forward and backward): masking them on both sides
+    # keeps whatever memory they hold out of the outputs and out of the input gradient.
+    computed = (torch.arange(x.shape[0], device=x.device) < ends[-1])[:, None]  # (R, 1)
+    x = torch.where(computed, x, 0.0)
+    gate, up = _grouped_mm(x, gate_up.transpose(1, 2), ends).chunk(2, dim=-1)  # (R, F) each
+    y = _grouped_mm(F.silu(gate) * up, down.transpose(1, 2), ends)  # (R, D)
+    return torch.where(computed, y, 0.0)
+
+
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
-    """x: (R, I), w: (e, I, O), ends: (e,) int32 cumulative group ends -> (R, O)."""
-    return _ContiguousGrad.apply(F.grouped_mm(x, w.to(x.dtype), offs=ends))
+    """x: (R, I), w: (e, I, O), ends: (e,) int32 cumulative group ends -> (R, O), in the autocast dtype if on."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    return _ContiguousGrad.apply(F.grouped_mm(x.to(dtype), w.to(dtype), offs=ends))
 
 
 class TokenDispatcher(Protocol):
@@ -143,20 +167,20 @@ def group_by_expert(ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.
 
 
 def to_slots(y: torch.Tensor, order: torch.Tensor, T: int, K: int) -> torch.Tensor:
-    """Rows y (R, D) in `order` (the first R sorted slots) -> (T, K, D), zero rows in zero-expert slots."""
-    slots = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order, y)  # undo the sort: a permutation
+    """Rows y (R, D) in `order` (the first R sorted slots, R <= T*K) -> (T, K, D), zero rows in the slots
+    y does not cover (zero-expert slots)."""
+    slots = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order[: y.shape[0]], y)  # undo the sort
     return slots.view(T, K, -1)
 
 
 class LocalDispatcher:
-    """Single-process dispatch: sort the slots by expert and cut off the zero slots, so only FFN rows are
-    gathered. The cut needs the FFN row count on the host: one sync per layer (free on CPU), the same one
-    expert parallelism needs for its split sizes. Everything happens in the starts."""
+    """Single-process dispatch: sort the slots by expert, FFN slots first and zero slots last, and hand all T*K
+    rows to the experts, whose grouped GEMMs stop at the last FFN group end: zero slots are never computed, and
+    no row count has to reach the host (no sync on a GPU). Everything happens in the starts."""
 
     def dispatch(self, x: torch.Tensor, ids: torch.Tensor, n_ffn: int) -> Any:
         T, K = ids.shape
-        order, counts = group_by_expert(ids, n_ffn)
-        order = order[: int(counts.sum())]  # (R,) FFN slots only
+        order, counts = group_by_expert(ids, n_ffn)  # (T*K,) FFN slots grouped by expert, then zero slots
         return x[order // K], counts, (order, T, K)
 
     def wait_dispatch(self, handle: Any) -> tuple[torch.Tensor, torch.Tensor]:

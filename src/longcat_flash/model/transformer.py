@@ -106,6 +106,15 @@ class Transformer(nn.Module):
             if isinstance(module, Router):
                 module.e_score_correction_bias.zero_()
 
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Zero router biases and a fresh rotary table on the model's device: what a model materialised from the
+        meta device (`to_empty`) needs besides its parameters."""
+        device = self.lm_head.weight.device
+        for router in self.routers():
+            router.e_score_correction_bias.zero_()
+        self.model.rotary = RotaryEmbedding(self.config.qk_rope_head_dim, self.config.rope_theta).to(device)
+
     def routers(self) -> list[Router]:
         """The trunk's routers in layer order (the budget controller writes their biases)."""
         return [layer.mlp.router for layer in self.model.layers]

@@ -23,11 +23,12 @@ class BudgetController:
     """Δb_i = μ_t (kp e_i + ki Σ e_i + kd (e_i - e_i,prev)),  e_i = K_e/(K N) - T_i/(K T_all),  for i < N
     (mode "pid"; mode "sign": Δb_i = μ_t sign(e_i), the fixed step the report compares against)."""
 
-    def __init__(self, cfg: BudgetConfig, n_layers: int, n_ffn: int, top_k: int, target: float) -> None:
+    def __init__(self, cfg: BudgetConfig, n_layers: int, n_ffn: int, top_k: int, target: float,
+                 device: torch.device | str = "cpu") -> None:
         self.cfg, self.n_ffn = cfg, n_ffn
         self.target_share = target / (top_k * n_ffn)  # K_e / (K N): each FFN expert's share of all slots
-        self.integral = torch.zeros(n_layers, n_ffn)  # (L, E) clamped running sum of errors (anti-windup)
-        self.prev_error = torch.zeros(n_layers, n_ffn)  # (L, E)
+        self.integral = torch.zeros(n_layers, n_ffn, device=device)  # (L, E) clamped running sum of errors
+        self.prev_error = torch.zeros(n_layers, n_ffn, device=device)  # (L, E)
         self.steps = 0
 
     def rate(self) -> float:
@@ -74,5 +75,6 @@ class BudgetController:
         if state["integral"].shape != self.integral.shape:
             raise ValueError(f"budget controller state is for shape {tuple(state['integral'].shape)} "
                              f"(layers, FFN experts), this model needs {tuple(self.integral.shape)}")
-        self.integral, self.prev_error = state["integral"].clone(), state["prev_error"].clone()
+        device = self.integral.device
+        self.integral, self.prev_error = state["integral"].to(device), state["prev_error"].to(device)
         self.steps = int(state["steps"])

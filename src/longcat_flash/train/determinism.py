@@ -30,14 +30,15 @@ def set_deterministic(enabled: bool) -> None:
 
 
 class RNGState:
-    """Checkpoint adapter for the global Python, NumPy and torch generators (CUDA too when present)."""
+    """Checkpoint adapter for the global Python, NumPy and torch generators, and the generator of this process's
+    own GPU when it runs on one (never the other GPUs': that would create a CUDA context on each of them)."""
 
     def state_dict(self) -> dict[str, Any]:
         _, keys, pos, has_gauss, gauss = np.random.get_state()
         state = {"python": random.getstate(), "numpy": (keys.tolist(), pos, has_gauss, gauss),
                  "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            state["cuda"] = torch.cuda.get_rng_state_all()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            state["cuda"] = torch.cuda.get_rng_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -47,4 +48,4 @@ class RNGState:
         np.random.set_state(("MT19937", np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
         torch.set_rng_state(state["torch"])
         if "cuda" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda"])
+            torch.cuda.set_rng_state(state["cuda"])

@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from .config import CHECKPOINTS, CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, read_metrics
+from .trainer import read_checkpoint, write_checkpoint
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -49,13 +50,10 @@ def grow_state_dict(state: dict[str, torch.Tensor], n_layers: int, r: int = 2) -
     return {new: tensor.clone() for name, tensor in state.items() for new in grown_names(name, n_layers, r)}
 
 
-def grow_optimizer_state(state: dict[str, Any], n_layers: int, r: int = 2) -> dict[str, Any]:
-    """A NamedOptimizer state (per-name moments, groups with names) for the grown model."""
-    groups = [{**g, "names": [new for name in g["names"] for new in grown_names(name, n_layers, r)]}
-              for g in state["groups"]]
-    moments = {new: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
-               for name, entry in state["state"].items() for new in grown_names(name, n_layers, r)}
-    return {"groups": groups, "state": moments}
+def grow_optimizer_state(state: dict[str, dict[str, Any]], n_layers: int, r: int = 2) -> dict[str, Any]:
+    """Adam state by parameter name ({name: {"exp_avg", "exp_avg_sq", "step"}}) for the grown model."""
+    return {new: {k: v.clone() if torch.is_tensor(v) else v for k, v in entry.items()}
+            for name, entry in state.items() for new in grown_names(name, n_layers, r)}
 
 
 def grow_controller_state(state: dict[str, Any], r: int = 2) -> dict[str, Any]:
@@ -65,16 +63,17 @@ def grow_controller_state(state: dict[str, Any], r: int = 2) -> dict[str, Any]:
 
 # ---- on disk: a run directory (or an HF model directory) in, a grown one out ----
 
-def grow_run(src: str | Path, dst: str | Path, r: int = 2) -> Path:
+def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device | str = "cpu") -> Path:
     """Grow `src` (a run directory or checkpoint, or an HF model directory) into `dst`; returns the new
-    checkpoint (or model) directory. A grown run continues with `longcat train --resume DST`."""
+    checkpoint (or model) directory. A grown run continues with `longcat train --resume DST`. An HF model is
+    grown on `device`; a training checkpoint's state is rewritten on the CPU, one tensor at a time."""
     src, dst = Path(src), Path(dst)
     if native.list_checkpoints(dst / CHECKPOINTS) or (dst / "config.json").exists():
         raise ValueError(f"--out {dst} already holds a model or checkpoints; choose an empty directory")
     if (src / "config.json").is_file() and not (src / CHECKPOINTS).is_dir():
-        return _grow_hf_model(src, dst, r)
+        return _grow_hf_model(src, dst, r, torch.device(device))
     checkpoint = native.resolve(src)
-    states, meta = native.load_states(checkpoint)
+    states, meta = read_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(meta["train_config"])
     n = cfg.model.num_layers
     cfg = dataclasses.replace(cfg, model=grow_model_config(cfg.model, r))
@@ -83,15 +82,16 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2) -> Path:
     if "controller" in states:
         states["controller"] = grow_controller_state(states["controller"], r)
     meta = {**meta, "train_config": cfg.to_dict(), "grown_from": str(checkpoint)}
-    out = native.save_states(dst / CHECKPOINTS, meta["step"], states, meta)
+    out = write_checkpoint(dst / CHECKPOINTS, meta["step"], states, meta)
     (dst / CONFIG_FILE).write_text(cfg.to_json())
     _copy_run_files(checkpoint.parent.parent, dst, meta["step"])
     return out
 
 
-def _grow_hf_model(src: Path, dst: Path, r: int) -> Path:
-    small = hf.from_pretrained(src)
-    grown = Transformer(grow_model_config(small.config, r))
+def _grow_hf_model(src: Path, dst: Path, r: int, device: torch.device) -> Path:
+    small = hf.from_pretrained(src, device=device)
+    with device:
+        grown = Transformer(grow_model_config(small.config, r))
     grown.load_state_dict(grow_state_dict(small.state_dict(), small.config.num_layers, r))
     hf.save_pretrained(grown, dst)
     _copy_run_files(src, dst, None)

@@ -34,7 +34,9 @@ def router_cosine(routers: list[Router]) -> float:
     """Mean pairwise cosine similarity of the router vectors (rows of each classifier), averaged over layers."""
     values = []
     for router in routers:
-        w = F.normalize(router.classifier.weight.float(), dim=-1)  # (E+Z, D)
+        weight = router.classifier.weight
+        full = getattr(weight, "full_tensor", None)  # FSDP: gather the sharded rows (every rank calls this)
+        w = F.normalize((weight if full is None else full()).float(), dim=-1)  # (E+Z, D)
         n = w.shape[0]
         sim = w @ w.T  # (E+Z, E+Z)
         values.append((sim.sum() - sim.diagonal().sum()) / (n * (n - 1)))

@@ -11,14 +11,18 @@ so at s = 1 every multiplier is exactly 1. Weight decay applies to matrices (hid
 """
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from ..config import ModelConfig
+from ..model.layers import RMSNorm
 from .config import OptimConfig, ScalingConfig, ScheduleConfig
 
 KINDS = ("embedding", "hidden", "unembedding", "vector")
@@ -71,75 +75,85 @@ def aligned_model_config(cfg: ModelConfig, mode: str) -> ModelConfig:
 
 
 @torch.no_grad()
-def init_parameters(model: nn.Module, scaling: ScalingConfig) -> WidthScale:
-    """normal(0, init_std) everywhere (norms 1, biases 0), then hidden/unembedding std scaled by sqrt(1/s).
+def init_parameters(model: nn.Module, scaling: ScalingConfig, seed: int = 0) -> WidthScale:
+    """normal(0, init_std) for matrices and embeddings (hidden/unembedding std scaled by sqrt(1/s)), ones for
+    norm gains, zeros for biases and router biases; buffers rebuilt on the model's device.
 
-    Scaling the drawn samples instead of drawing again keeps the RNG stream identical for every s.
+    Row i (dim 0) of parameter `name` is drawn from its own generator seeded by (seed, name, i), so the values do
+    not depend on how a parameter is sharded: each rank fills only the rows it holds (FSDP and expert shards of a
+    model built on the meta device) and gets what one process would. Scaling a drawn row, rather than drawing
+    with another std, keeps the values' pattern identical for every width multiplier s.
     """
     cfg = model.config
     scale = width_scale(scaling.proxy_width, cfg.hidden_size)
-    model.init_weights(cfg.initializer_range if scaling.init_std is None else scaling.init_std)
-    for name, param in model.named_parameters():
-        kind = param_kind(name, param)
-        if kind != "vector" and scale.var_mult(kind) != 1.0:
-            param.mul_(math.sqrt(scale.var_mult(kind)))
+    std = cfg.initializer_range if scaling.init_std is None else scaling.init_std
+    for module_name, module in model.named_modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            name = param_name(f"{module_name}.{leaf}")
+            local, first_row = local_rows(param)
+            if isinstance(module, RMSNorm):
+                local.fill_(1.0)
+            elif leaf == "bias":
+                local.zero_()
+            else:
+                _seeded_rows(local, first_row, std * math.sqrt(scale.var_mult(param_kind(name, param))), seed, name)
+    model.init_buffers()
     return scale
+
+
+def _seeded_rows(rows: torch.Tensor, first: int, std: float, seed: int, name: str) -> None:
+    """rows (n, ...) are rows first..first+n-1 of parameter `name`: each drawn from its own seeded generator."""
+    if first + len(rows) > 1 << 22:
+        raise ValueError(f"{name}: row-seeded initialisation supports up to 4M rows, got {first + len(rows)}")
+    base = int.from_bytes(hashlib.blake2b(f"{seed}/{name}".encode(), digest_size=5).digest(), "little")
+    generator = torch.Generator(device=rows.device)
+    for i, row in enumerate(rows):
+        generator.manual_seed((base << 22) + first + i)  # < 2**62: rows < 4M per parameter
+        row.normal_(0.0, std, generator=generator)
+
+
+def local_rows(param: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The rows of `param` this process holds and the global index of the first one. Sharded parameters
+    (DTensors: FSDP and expert parallelism) hold a contiguous block of rows; anything else is whole."""
+    if not isinstance(param, DTensor):
+        return param, 0
+    local = param.to_local()
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    if any(offset[1:]) or tuple(shape[1:]) != tuple(param.shape[1:]):
+        raise ValueError(f"parameter of shape {tuple(param.shape)} is sharded along a dimension other than 0 "
+                         f"({param.placements}); initialisation by rows needs whole rows")
+    return local, offset[0]
+
+
+def param_name(name: str) -> str:
+    """A parameter's name as checkpoints and the optimizer know it (activation-checkpoint wrappers removed)."""
+    return name.replace("_checkpoint_wrapped_module.", "")
 
 
 # ---- optimizer ----
 
 def param_groups(model: nn.Module, optim: OptimConfig, scale: WidthScale) -> list[dict[str, Any]]:
-    """One AdamW group per parameter kind, each carrying its names (checkpoints map state by name)."""
+    """One AdamW group per parameter kind."""
     groups: dict[str, dict[str, Any]] = {}
     for name, param in model.named_parameters():
-        kind = param_kind(name, param)
+        kind = param_kind(param_name(name), param)
         group = groups.setdefault(kind, {
-            "kind": kind, "params": [], "names": [], "lr_mult": scale.lr_mult(kind),
+            "kind": kind, "params": [], "lr_mult": scale.lr_mult(kind),
             "weight_decay": optim.weight_decay if kind in ("hidden", "unembedding") else 0.0})
         group["params"].append(param)
-        group["names"].append(name)
     return [groups[k] for k in KINDS if k in groups]
 
 
 def build_optimizer(model: nn.Module, optim: OptimConfig, scale: WidthScale) -> torch.optim.AdamW:
-    return torch.optim.AdamW(param_groups(model, optim, scale), lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    """AdamW over the parameter groups; the fused kernel on CUDA (one launch for all parameters)."""
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(param_groups(model, optim, scale), lr=optim.lr, betas=optim.betas, eps=optim.eps,
+                             fused=fused or None)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_mult"]
-
-
-class NamedOptimizer:
-    """The optimizer's checkpoint state keyed by parameter name instead of position, so that a state can be
-    edited by name (model growth) and a mismatch is reported by name."""
-
-    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
-        self.optimizer = optimizer
-
-    def state_dict(self) -> dict[str, Any]:
-        raw = self.optimizer.state_dict()
-        state, groups = {}, []
-        for group in raw["param_groups"]:
-            groups.append({k: v for k, v in group.items() if k != "params"})
-            state.update({name: raw["state"][i] for name, i in zip(group["names"], group["params"])
-                          if i in raw["state"]})
-        return {"groups": groups, "state": state}
-
-    def load_state_dict(self, saved: dict[str, Any]) -> None:
-        """Map the saved per-name state onto this optimizer's parameters; groups must hold the same names."""
-        current = [g["names"] for g in self.optimizer.param_groups]
-        if [sorted(names) for names in current] != [sorted(g["names"]) for g in saved["groups"]]:
-            differing = {n for g in current for n in g} ^ {n for g in saved["groups"] for n in g["names"]}
-            raise ValueError(f"optimizer state does not match the model's parameters; differing names: "
-                             f"{sorted(differing)[:5] or 'none (same names, other grouping)'}")
-        index, groups, state = 0, [], {}
-        for names, group in zip(current, saved["groups"]):
-            ids = list(range(index, index + len(names)))
-            groups.append({**group, "names": names, "params": ids})
-            state.update({i: saved["state"][n] for i, n in zip(ids, names) if n in saved["state"]})
-            index += len(ids)
-        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
 # ---- LR schedule: a pure function of the step (its state is the step, checkpointed with the trainer) ----

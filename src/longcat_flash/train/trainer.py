@@ -3,14 +3,16 @@
 A run directory OUT holds:
     train_config.json             the resolved TrainConfig
     tokenizer.json, tokenizer_config.json
-    metrics.jsonl                 one JSON object per step (see STEP_METRICS in docs/budget_pid.md)
-    checkpoints/step_XXXXXXXX/    training state: model, optimizer, controller, sampler, trainer, RNG
-    config.json, model.safetensors   at the end: the model in the official HF layout (LongcatFlash.from_pretrained)
+    metrics.jsonl                 one JSON object per step (keys: README, "Training")
+    checkpoints/step_XXXXXXXX/    training state: sharded model and Adam moments, controller, sampler, trainer, RNG
+    config.json, model*.safetensors   at the end: the model in the official HF layout (LongcatFlash.from_pretrained)
     sample.txt                    a generated sample
 
 Order inside a step: forward/backward over the micro-batches (the budget controller reads their routing
 counts), clip, skip the update if the loss or gradient is not finite, optimizer step, then the explicit
-controller update of the router biases for the next step.
+controller update of the router biases for the next step. Everything runs on the run's device; under torchrun
+the model is sharded with FSDP2 (and experts over ep: distributed/fsdp.py) and every rank takes its slice of
+the global batch.
 """
 from __future__ import annotations
 
@@ -18,29 +20,31 @@ import dataclasses
 import math
 import os
 import time
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
 
 from .. import distributed as parallel
-from ..checkpoint import hf, native
+from ..checkpoint import hf, native, sharded
 from ..data import ResumableSampler, TokenDataset, build_token_shard, sample_texts, validation_batches
+from ..device import autocast as device_autocast
 from ..model import ModelOutput, Transformer
 from ..tokenizer import Tokenizer, train_tokenizer
 from .budget import BudgetController
-from .config import CHECKPOINTS, CONFIG_FILE, TrainConfig
+from .config import CHECKPOINTS, CONFIG_FILE, SHARDED, TrainConfig
 from .determinism import RNGState, seed_everything, set_deterministic
 from .losses import LossTerms, lm_loss, training_losses
 from .metrics import MetricsLog
 from .monitors import router_cosine, router_grad_ratio
-from .optim import NamedOptimizer, aligned_model_config, build_optimizer, init_parameters, lr_factor, set_lr
+from .optim import aligned_model_config, build_optimizer, init_parameters, lr_factor, param_name, set_lr
 from .sample import generate
-
 
 class TrainingStopped(RuntimeError):
     """The run cannot continue (repeated non-finite steps)."""
@@ -65,7 +69,7 @@ class TrainState:
 
 @dataclass
 class Run:
-    """Everything a run holds; `stateful()` is exactly what a checkpoint saves."""
+    """Everything a run holds; `stateful()` and `sharded_state()` are exactly what a checkpoint saves."""
 
     cfg: TrainConfig
     out: Path
@@ -77,37 +81,46 @@ class Run:
     val: TokenDataset
     state: TrainState
     mesh: DeviceMesh | None = None  # the (dp, ep) mesh of a torchrun launch; None in one process
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def stateful(self) -> dict[str, Any]:
-        """Expert shards are saved whole and sliced on load (FullExperts): checkpoints fit any world size."""
-        objects = {"model": parallel.FullExperts(self.model, self.model),
-                   "optimizer": parallel.FullExperts(NamedOptimizer(self.optimizer), self.model),
-                   "sampler": self.sampler, "trainer": self.state, "rng": RNGState()}
+        """The small, replicated objects: rank 0 writes them (checkpoint/native.py)."""
+        objects = {"sampler": self.sampler, "trainer": self.state, "rng": RNGState()}
         if self.controller is not None:
             objects["controller"] = self.controller
         return objects
 
+    def sharded_state(self) -> dict[str, Any]:
+        """Model weights and Adam moments by parameter name, as each rank holds them (DTensor shards under FSDP):
+        every rank writes its own pieces, and any layout reads back the pieces it needs (checkpoint/sharded.py)."""
+        return {"model": get_model_state_dict(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
+
 
 # ---- one step ----
 
-def autocast(cfg: TrainConfig) -> AbstractContextManager:
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+def autocast(cfg: TrainConfig, device: torch.device, mesh: DeviceMesh | None) -> AbstractContextManager:
+    """bf16 autocast on the device in one process; under FSDP its mixed-precision policy casts instead."""
+    return device_autocast(device, cfg.dtype) if mesh is None else nullcontext()
 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller: BudgetController | None,
                batch: torch.Tensor, cfg: TrainConfig, step: int, mesh: DeviceMesh | None = None) -> dict[str, Any]:
-    """One optimizer step on `batch` (B, S+1) token windows, split into `data.grad_accum` micro-batches.
+    """One optimizer step on `batch` (B, S+1) token windows on the model's device, split into `data.grad_accum`
+    micro-batches.
 
-    Returns the step's metrics. A non-finite loss or gradient norm skips the update (and the controller).
-    Under torchrun `batch` is this rank's slice of the global batch: gradients, metrics and the router counts
-    are reduced over `mesh`, so every rank takes the same step (docs/expert_parallel.md).
+    Returns the step's metrics, read from the device once. A non-finite loss or gradient norm skips the update
+    (and the controller). Under torchrun `batch` is this rank's slice of the global batch: FSDP reduces the
+    gradients, and the metrics and router counts are reduced over the world, so every rank takes the same step
+    (docs/expert_parallel.md).
     """
+    device = batch.device
     with_mtp = cfg.loss.mtp_weight > 0 and step >= cfg.loss.mtp_start_step
     monitor = cfg.loss.monitor_every > 0 and step % cfg.loss.monitor_every == 0
     acc, extra = _Accumulator(), {}
     micro_batches = batch.chunk(cfg.data.grad_accum)
     for i, micro in enumerate(micro_batches):
-        with autocast(cfg):
+        with autocast(cfg, device, mesh):
             out = model(micro[:, :-1], with_mtp=with_mtp)
         selections = None if mesh is None else parallel.global_counts(  # the balance loss's f: global batch
             torch.stack([r.tokens_per_expert for r in out.routing]), mesh)
@@ -117,10 +130,10 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
             extra = _monitors(model, out, terms, cfg)
         (terms.total / len(micro_batches)).backward()
         acc.add(terms, out)
-    parallel.reduce_gradients(model, mesh)
-    grad_norm = float(parallel.clip_grad_norm_(model, cfg.optim.grad_clip or math.inf, mesh))
-    metrics = parallel.average_metrics(acc.metrics(), mesh)
-    skipped = not (math.isfinite(metrics["loss"]) and math.isfinite(grad_norm))
+    parallel.average_expert_gradients(model, mesh)
+    grad_norm = parallel.clip_grad_norm_(model, cfg.optim.grad_clip or math.inf, sharded=mesh is not None)
+    metrics = {**acc.metrics(mesh), "grad_norm": float(grad_norm)}  # the step's one device-to-host read
+    skipped = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
     lr = cfg.optim.lr * lr_factor(cfg.schedule, step, cfg.max_steps)
     budget = {"budget_rate": controller.rate()} if controller is not None else {}
     if not skipped:
@@ -128,9 +141,10 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
         optimizer.step()
         if controller is not None:
             controller.update(model.routers(), parallel.global_counts(acc.counts, mesh))
+    held = parallel.state_bytes(model, optimizer)  # parameters, gradients and Adam moments on this rank
     optimizer.zero_grad(set_to_none=True)
-    return {**metrics, "ffn_experts_target": cfg.ffn_expert_target, "lr": lr, "grad_norm": grad_norm,
-            "skipped": skipped, **budget, **extra}
+    return {**metrics, "ffn_experts_target": cfg.ffn_expert_target, "lr": lr, "skipped": skipped,
+            "state_bytes": held, **budget, **extra}
 
 
 def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: TrainConfig) -> dict[str, Any]:
@@ -140,7 +154,7 @@ def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: Train
 
 
 class _Accumulator:
-    """Sums loss terms and routing statistics over the micro-batches of one step."""
+    """Sums loss terms and routing statistics over the micro-batches of one step, on the device."""
 
     def __init__(self) -> None:
         self.terms: list[LossTerms] = []
@@ -155,43 +169,57 @@ class _Accumulator:
         self.ffn.append(torch.stack([r.ffn_experts_per_token for r in out.routing]))
         self.hidden_norm.append(out.hidden.detach().float().norm(dim=-1).mean())
 
-    def metrics(self) -> dict[str, Any]:
-        def mean(name: str) -> float | None:
-            values = [getattr(t, name) for t in self.terms]
-            return None if values[0] is None else torch.stack(values).detach().float().mean().item()
-
+    def metrics(self, mesh: DeviceMesh | None) -> dict[str, Any]:
+        """Every value averaged over the ranks (equal slices of the global batch: the mean of per-rank means is
+        the global mean) in one all-reduce, then read to the host in one copy."""
+        named = {"loss": "total", "lm_loss": "lm", "mtp_loss": "mtp", "z_loss": "z", "balance_loss": "balance"}
+        present = {key: term for key, term in named.items() if getattr(self.terms[0], term) is not None}
         ffn = torch.cat(self.ffn, dim=1).float()  # (L, T)
-        return {"loss": mean("total"), "lm_loss": mean("lm"), "mtp_loss": mean("mtp"), "z_loss": mean("z"),
-                "balance_loss": mean("balance"), "hidden_norm": torch.stack(self.hidden_norm).mean().item(),
-                "ffn_experts_per_token": ffn.mean().item(),
-                "ffn_experts_std": ffn.std(dim=1).mean().item(),
-                "ffn_experts_per_layer": [round(v, 4) for v in ffn.mean(dim=1).tolist()]}
+        values = [torch.stack([getattr(t, term) for t in self.terms]).detach().float().mean()
+                  for term in present.values()]
+        values += [torch.stack(self.hidden_norm).mean(), ffn.mean(), ffn.std(dim=1).mean()]
+        host = parallel.average(torch.cat([torch.stack(values), ffn.mean(dim=1)]), mesh).tolist()
+        keys = [*present, "hidden_norm", "ffn_experts_per_token", "ffn_experts_std"]
+        return {**dict.fromkeys(named), **dict(zip(keys, host)),
+                "ffn_experts_per_layer": [round(v, 4) for v in host[len(keys):]]}
 
 
 @torch.no_grad()
 def evaluate(model: Transformer, val: TokenDataset, cfg: TrainConfig, mesh: DeviceMesh | None = None) -> float:
     """Mean LM loss over the fixed validation batches (the same windows every time; each rank its slice)."""
+    device = model.lm_head.weight.device
     micro = cfg.data.batch_size // cfg.data.grad_accum
     losses = []
     for batch in validation_batches(val, micro, max_batches=cfg.data.val_batches, rank=parallel.rank(),
                                     world_size=parallel.world_size()):
-        with autocast(cfg):
+        batch = _to_device(batch, device)
+        with autocast(cfg, device, mesh):
             logits = model(batch[:, :-1]).logits
         losses.append(lm_loss(logits, batch[:, 1:]))
-    return parallel.average_metrics({"val": torch.stack(losses).mean().item()}, mesh)["val"]
+    return float(parallel.average(torch.stack(losses).mean().view(1), mesh))
+
+
+def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host batch onto the device: pinned and copied asynchronously when that device is a GPU."""
+    if device.type == "cuda":
+        return batch.pin_memory().to(device, non_blocking=True)
+    return batch.to(device)
 
 
 # ---- a whole run ----
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-          mesh: DeviceMesh | None = None, overlap: bool = True) -> dict[str, Any]:
-    """Train in run directory `out` (fresh, or continued from its newest checkpoint); returns a summary.
+          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | str = "cpu"
+          ) -> dict[str, Any]:
+    """Train on `device` in run directory `out` (fresh, or continued from its newest checkpoint); returns a summary.
 
-    Under torchrun, `mesh` is the (dp, ep) layout (distributed.build_mesh): experts are sharded over ep, every
-    rank takes its slice of the global batch, and only rank 0 writes; `overlap` is the ScMoE overlap switch.
+    Under torchrun, `mesh` is the (dp, ep) layout (distributed.build_mesh): FSDP2 shards the model over the world
+    and the experts over ep, every rank takes its slice of the global batch, and only rank 0 writes the small
+    files; `overlap` is the ScMoE overlap switch.
     """
     main = parallel.is_main()
-    run = setup(cfg, Path(out), resume=resume, progress=progress and main, mesh=mesh, overlap=overlap)
+    run = setup(cfg, Path(out), resume=resume, progress=progress and main, mesh=mesh, overlap=overlap,
+                device=torch.device(device))
     cfg, state = run.cfg, run.state
     log = MetricsLog(run.out, state.step, cfg.max_steps, tensorboard=cfg.tensorboard, progress=progress) if main \
         else _Silent()
@@ -218,12 +246,13 @@ def _header(run: Run) -> str:
     return (f"{start}: {run.model.num_parameters() / 1e6:.1f}M parameters ({m.num_layers} layers, "
             f"{m.n_routed_experts} FFN + {m.zero_expert_num} zero experts, top-{m.moe_topk}, K_e "
             f"{cfg.ffn_expert_target:g}); {tokens} tokens/step, {cfg.max_steps} steps, "
-            f"{len(run.sampler.dataset) * cfg.data.seq_len / 1e6:.1f}M training tokens; {cfg.dtype} autocast")
+            f"{len(run.sampler.dataset) * cfg.data.seq_len / 1e6:.1f}M training tokens; {cfg.dtype} compute on "
+            f"{run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else ""))
 
 
 def _timed_step(run: Run) -> dict[str, Any]:
     start = time.perf_counter()
-    batch = run.sampler.next_batch(run.cfg.data.batch_size)  # (B, S+1)
+    batch = _to_device(run.sampler.next_batch(run.cfg.data.batch_size), run.device)  # (B, S+1)
     metrics = train_step(run.model, run.optimizer, run.controller, batch, run.cfg, run.state.step, run.mesh)
     seconds = time.perf_counter() - start
     tokens = batch.shape[0] * (batch.shape[1] - 1) * parallel.world_size()  # the global batch
@@ -256,23 +285,65 @@ class _Silent:
 
 
 def save_checkpoint(run: Run) -> Path:
-    meta = {"step": run.state.step, "train_config": run.cfg.to_dict()}
-    states = {name: obj.state_dict() for name, obj in run.stateful().items()}  # every rank: gathers the experts
-    if not parallel.is_main():
-        return native.step_dir(run.out / CHECKPOINTS, run.state.step)
-    return native.save_states(run.out / CHECKPOINTS, run.state.step, states, meta, keep=run.cfg.checkpoint.keep)
+    """Every rank writes its shards of the model and optimizer into one temporary directory in parallel; rank 0
+    adds the small states and the manifest and renames it into place (checkpoint/native.py)."""
+    root, step = run.out / CHECKPOINTS, run.state.step
+    if parallel.is_main():
+        native.temporary_dir(root, step)
+    parallel.barrier()  # the directory exists, empty, before anyone writes into it
+    tmp = native.temporary_path(root, step)
+    sharded.save(tmp / SHARDED, run.sharded_state())
+    parallel.barrier()
+    if parallel.is_main():
+        meta = {"step": step, "train_config": run.cfg.to_dict()}
+        states = {name: obj.state_dict() for name, obj in run.stateful().items()}
+        native.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
+    parallel.barrier()
+    return native.step_dir(root, step)
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restore `run` from checkpoint `path`, whatever world size and layout wrote it. Each rank verifies a share
+    of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces."""
+    try:
+        states, _ = native.load_states(path, share=(parallel.rank(), parallel.world_size()))
+        failed = ""
+    except native.CheckpointError as err:
+        states, failed = {}, str(err)
+    parallel.raise_if_any(failed, native.CheckpointError)
+    for name, obj in run.stateful().items():
+        if name not in states:
+            raise native.CheckpointError(f"checkpoint {path} has no state for {name!r}")
+        obj.load_state_dict(states[name])
+    tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
+    saved = sharded.keys(path / SHARDED)
+    missing = [k for k in tensors["model"] if f"model.{k}" not in saved]
+    if missing:
+        raise native.CheckpointError(f"checkpoint {path} does not fit this model: no weights for {missing[:5]}")
+    # A parameter that had no gradient before the checkpoint (the MTP head before loss.mtp_start_step) has no
+    # Adam state in it, and gets none now either.
+    fresh = [name for name in tensors["optimizer"] if f"optimizer.{name}.exp_avg" not in saved]
+    for name in fresh:
+        del tensors["optimizer"][name]
+    sharded.load(path / SHARDED, tensors)
+    set_model_state_dict(run.model, tensors["model"])
+    groups = get_optimizer_state_dict(run.model, run.optimizer)["param_groups"]
+    set_optimizer_state_dict(run.model, run.optimizer, {"state": tensors["optimizer"], "param_groups": groups},
+                             options=StateDictOptions(strict=False))
+    by_name = {param_name(n): p for n, p in run.model.named_parameters()}
+    for name in fresh:
+        run.optimizer.state.pop(by_name[name], None)
 
 
 def finish(run: Run) -> dict[str, Any]:
-    """Write the model in the HF layout beside the tokenizer, and a generated sample (rank 0 writes)."""
+    """Write the model in the HF layout beside the tokenizer (streamed one tensor at a time: sharded weights are
+    gathered one by one and rank 0 writes them), and a generated sample."""
     cfg, tok = run.cfg, run.tokenizer
-    with parallel.experts_gathered(run.model):  # every rank holds all experts: official layout, local dispatch
-        if parallel.is_main():
-            hf.save_pretrained(run.model, run.out)
-        prompt = tok.encode(cfg.sample_prompt) or [tok.bos_id]
-        ids = generate(run.model, prompt, cfg.sample_tokens, temperature=cfg.sample_temperature,
-                       generator=torch.Generator().manual_seed(cfg.seed), eos_id=tok.eos_id,
-                       max_context=cfg.data.seq_len)
+    hf.save_pretrained(run.model, run.out, writer=parallel.is_main())
+    prompt = tok.encode(cfg.sample_prompt) or [tok.bos_id]
+    ids = generate(run.model, prompt, cfg.sample_tokens, temperature=cfg.sample_temperature,
+                   generator=torch.Generator(run.device).manual_seed(cfg.seed), eos_id=tok.eos_id,
+                   max_context=cfg.data.seq_len)
     sample = cfg.sample_prompt + tok.decode(ids)
     if parallel.is_main():
         (run.out / "sample.txt").write_text(sample + "\n")
@@ -283,8 +354,12 @@ def finish(run: Run) -> dict[str, Any]:
 # ---- setup ----
 
 def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
-          mesh: DeviceMesh | None = None, overlap: bool = True) -> Run:
-    """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh and overlap)."""
+          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | None = None) -> Run:
+    """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh and overlap).
+
+    The model is built on the meta device, sharded (under torchrun), then materialised on `device` rank by rank:
+    no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
+    device = torch.device("cpu") if device is None else device
     set_deterministic(cfg.deterministic)
     seed_everything(cfg.seed)
     checkpoint = native.resolve(out) if resume else None
@@ -296,20 +371,48 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         cfg = dataclasses.replace(cfg, model=aligned_model_config(cfg.model, cfg.scaling.variance_alignment).replace(
             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id))
         train_set, val_set = build_datasets(cfg, tokenizer, progress)
-    model = Transformer(cfg.model)
-    scale = init_parameters(model, cfg.scaling)
-    parallel.parallelize(model, mesh, overlap)  # same seed on every rank: each keeps its slice of the experts
+    with torch.device("meta"):
+        model = Transformer(cfg.model)
+    parallel.parallelize(model, mesh, bf16=cfg.dtype == "bfloat16", overlap=overlap,
+                         activation_checkpointing=cfg.activation_checkpointing)
+    model.to_empty(device=device)
+    scale = init_parameters(model, cfg.scaling, cfg.seed)
     m = cfg.model
-    controller = BudgetController(cfg.budget, m.num_layers, m.n_routed_experts, m.moe_topk,
-                                  cfg.ffn_expert_target) if cfg.budget.enabled and m.zero_expert_num else None
+    controller = BudgetController(cfg.budget, m.num_layers, m.n_routed_experts, m.moe_topk, cfg.ffn_expert_target,
+                                  device) if cfg.budget.enabled and m.zero_expert_num else None
     run = Run(cfg, out, tokenizer, model, build_optimizer(model, cfg.optim, scale), controller,
               ResumableSampler(train_set, cfg.seed, rank=parallel.rank(), world_size=parallel.world_size()), val_set,
-              TrainState(), mesh)
+              TrainState(), mesh, device)
     if parallel.is_main():
         (out / CONFIG_FILE).write_text(cfg.to_json())
     if checkpoint is not None:
-        native.load(checkpoint, run.stateful())
+        load_checkpoint(run, checkpoint)
     return run
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(states, meta) of a training checkpoint, every state whole, in one process (model growth, analysis):
+    the small objects' states, "model" {name: tensor} and "optimizer" {name: {"exp_avg", "exp_avg_sq", "step"}}."""
+    path = native.resolve(path)
+    states, meta = native.load_states(path)
+    model: dict[str, torch.Tensor] = {}
+    optimizer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sharded.read_full(path / SHARDED).items():
+        part, _, rest = key.partition(".")
+        if part == "model":
+            model[rest] = tensor
+        else:
+            name, _, field_name = rest.rpartition(".")
+            optimizer.setdefault(name, {})[field_name] = tensor
+    return {**states, "model": model, "optimizer": optimizer}, meta
+
+
+def write_checkpoint(root: Path, step: int, states: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """The inverse of `read_checkpoint`, in one process: a checkpoint any world size can resume from."""
+    tmp = native.temporary_dir(root, step)
+    sharded.save(tmp / SHARDED, {"model": states["model"], "optimizer": states["optimizer"]})
+    small = {k: v for k, v in states.items() if k not in ("model", "optimizer")}
+    return native.commit(tmp, step, small, meta)
 
 
 def resume_config(out: str | Path) -> TrainConfig:

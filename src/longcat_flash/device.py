@@ -1,0 +1,57 @@
+"""Where a command runs: `--device auto|cpu|cuda|cuda:N` resolved to a torch.device, and the per-device settings.
+
+`auto` is CUDA when it is available (under torchrun, the local rank's GPU), else the CPU. Asking for CUDA on a
+machine without it is a DeviceError with one line naming the problem; the CLI turns it into exit status 2.
+"""
+from __future__ import annotations
+
+import os
+import re
+from contextlib import AbstractContextManager
+
+import torch
+
+DEVICE_CHOICES = "auto, cpu, cuda or cuda:N"
+_CUDA = re.compile(r"^cuda(:(\d+))?$")
+
+
+class DeviceError(ValueError):
+    """A --device value that names no usable device on this machine."""
+
+
+def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
+    """The torch.device for `spec`; `cuda` alone means this process's GPU (LOCAL_RANK under torchrun)."""
+    spec = "auto" if spec is None else str(spec).strip().lower()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "auto":
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    match = _CUDA.match(spec)
+    if match is None:
+        raise DeviceError(f"--device {spec!r} is not a device; use {DEVICE_CHOICES}")
+    if not torch.cuda.is_available():
+        raise DeviceError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}, "
+                          f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu")
+    index = int(match.group(2)) if match.group(2) is not None else local
+    if index >= torch.cuda.device_count():
+        raise DeviceError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def use_device(device: torch.device) -> None:
+    """Make `device` this process's current device and switch on its fast defaults (TF32 for fp32 matmuls)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
+    """bf16 autocast on `device`'s type when dtype is "bfloat16"; a no-op context for "float32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def model_device(module: torch.nn.Module) -> torch.device:
+    """The device of a module's first parameter (every parameter of a model lives on one device)."""
+    return next(module.parameters()).device
