@@ -1,7 +1,8 @@
 """Run under torchrun by tests/test_distributed.py: expert/data-parallel runs against the one-process model.
 
 Every rank builds the same full tiny model and the same global batch, computes the one-process reference
-itself, then for each (dp, ep) layout shards the experts, runs its slice of the batch and compares. Each rank
+itself, then for each (dp, ep) layout shards the model for training (FSDP2, experts over ep), runs its slice of
+the batch and compares; inference shards only the experts. Each rank
 writes what it measured to OUT/rank{r}.json; the pytest side asserts on it.
 
     torchrun --standalone --nproc-per-node 2 tests/dist_checks.py OUT
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from longcat_flash import distributed as lcd
 from longcat_flash.checkpoint.hf import LongcatFlash
@@ -48,33 +50,32 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max())
 
 
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def run_layout(reference: LongcatFlash, ref: dict, ids: torch.Tensor, dp: int, ep: int, overlap: bool
                ) -> tuple[dict, list[torch.Tensor]]:
-    """Shard a copy of the reference over a (dp, ep) mesh, run this rank's batch slice, compare with `ref`.
-    Returns the record and the raw outputs (logits, reduced gradients)."""
+    """Shard a copy of the reference over a (dp, ep) mesh for training (FSDP2, experts over ep), run this rank's
+    batch slice, compare with `ref`. Returns the record and the raw outputs (logits, whole gradients)."""
     mesh = lcd.build_mesh(dp, ep)
-    ep_group = mesh.get_group("ep")
-    model = copy.deepcopy(reference)
-    if ep > 1:
-        lcd.shard_experts(model, ep_group, overlap=overlap)
+    model = lcd.parallelize(copy.deepcopy(reference), mesh, overlap=overlap)
     rank, b = dist.get_rank(), ids.shape[0] // dist.get_world_size()
     loss, logits, counts = loss_fn(model, ids[rank * b:(rank + 1) * b])
     loss.backward()
-    lcd.reduce_gradients(model, mesh)
-    E = tiny().n_routed_experts
-    lo, hi = ep_group.rank() * E // ep, (ep_group.rank() + 1) * E // ep
-    grad_diff = max(max_diff(p.grad, ref["grads"][name][lo:hi] if ".experts." in name else ref["grads"][name])
-                    for name, p in model.named_parameters())
-    raw = [logits] + [p.grad.clone() for p in model.parameters()]
-    norm = lcd.clip_grad_norm_(model, ref["norm"] / 2, mesh)  # the sharded norm, then the clip it applies
-    clipped = lcd.clip_grad_norm_(model, float("inf"), mesh)
+    lcd.average_expert_gradients(model, mesh)
+    grads = {name: full(p.grad) for name, p in model.named_parameters()}
+    grad_diff = max(max_diff(g, ref["grads"][name]) for name, g in grads.items())
+    raw = [logits] + list(grads.values())
+    norm = lcd.clip_grad_norm_(model, ref["norm"] / 2, sharded=True)  # the sharded norm, then the clip it applies
+    clipped = lcd.clip_grad_norm_(model, float("inf"), sharded=True)
     global_counts = lcd.global_counts(torch.stack(counts), mesh)
     return {"dp": dp, "ep": ep, "overlap": overlap,
             "logits_diff": max_diff(logits, ref["logits"][rank * b:(rank + 1) * b]),
             "grad_diff": grad_diff, "grad_scale": max(float(g.abs().max()) for g in ref["grads"].values()),
             "norm_rel_diff": abs(float(norm) / ref["norm"] - 1), "clipped_rel": float(clipped) / ref["norm"],
             "counts_equal": torch.equal(global_counts, torch.stack(ref["counts"])),
-            "expert_rows": model.model.layers[0].mlp.experts.gate_up_proj.shape[0]}, raw
+            "expert_rows": model.model.layers[0].mlp.experts.gate_up_proj.to_local().shape[0]}, raw
 
 
 def layout_records(model: LongcatFlash, ref: dict, ids: torch.Tensor, dp: int, ep: int) -> list[dict]:
@@ -143,7 +144,7 @@ def engine_generation(model: LongcatFlash, ep: int) -> dict:
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14]]
     params = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
     mesh = lcd.build_mesh(dist.get_world_size() // ep, ep)
-    sharded = lcd.parallelize(copy.deepcopy(model), mesh)
+    sharded = lcd.shard_experts(copy.deepcopy(model), mesh.get_group("ep"))
     result = {}
     for k in (0, 1):  # plain decoding, and MTP speculation (draft + one-pass verification)
         want = Engine(copy.deepcopy(model), EngineConfig(speculative=k)).generate(prompts, params)

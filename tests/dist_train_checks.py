@@ -1,13 +1,14 @@
-"""Run under torchrun (2 ranks) by tests/test_distributed_train.py: the trainer with experts sharded.
+"""Run under torchrun by tests/test_distributed_train.py: the trainer with FSDP2 and experts sharded over ep.
 
-    torchrun --standalone --nproc-per-node 2 tests/dist_train_checks.py REF_RUN OUT_ROOT CORPUS CACHE
+    torchrun --standalone --nproc-per-node N tests/dist_train_checks.py REF_RUN OUT_ROOT CORPUS CACHE [RESUME_FROM]
 
-REF_RUN is a finished single-process tiny run (20 steps, checkpoints at 10 and 20). Three runs, all on 2 ranks:
-  OUT_ROOT/ep_resumed   EP=2 continues a copy of REF_RUN's step-10 checkpoint (single process -> EP)
-  OUT_ROOT/dp           --dp 2 from scratch, 20 steps
-  OUT_ROOT/ep           `longcat train --ep 2 ...` through the CLI, 20 steps (the command line users type)
-Each rank writes OUT_ROOT/<run>/rank{r}.json with its routers' final biases (for the cross-rank
-check) and how many experts it held.
+REF_RUN is a finished single-process tiny run (20 steps, float32, checkpoints at 10 and 20). On N ranks, for
+every (dp, ep) layout of the world (ep = N, N/2, 1), train the same 20 steps from scratch into
+OUT_ROOT/w{N}_ep{ep}; the ep = N/2 run goes through the CLI (`longcat train --ep ...`), the command users type,
+last (the CLI leaves the process group when it is done).
+With RESUME_FROM (a run directory whose newest checkpoint is step 10, written at another world size), also
+resume a copy of it at every layout into OUT_ROOT/w{N}_ep{ep}_resumed. Each rank writes
+OUT_ROOT/<run>/rank{r}.json with its routers' final biases and the expert rows it held.
 """
 from __future__ import annotations
 
@@ -30,30 +31,36 @@ def record_biases() -> None:
 
     def finish_and_record(run: trainer.Run):
         biases = [r.e_score_correction_bias.tolist() for r in run.model.routers()]
-        experts = run.model.model.layers[0].mlp.experts.gate_up_proj.shape[0]
+        experts = run.model.model.layers[0].mlp.experts.gate_up_proj.to_local().shape[0]
         Path(run.out, f"rank{lcd.rank()}.json").write_text(json.dumps({"biases": biases, "experts": experts}))
         return finish(run)
 
     trainer.finish = finish_and_record
 
 
-def main(ref: Path, out_root: Path, corpus: str, cache: str) -> None:
-    lcd.init()
+def main(ref: Path, out_root: Path, corpus: str, cache: str, resume_from: Path | None) -> None:
+    lcd.init("cpu")
     record_biases()
+    world = lcd.world_size()
     overrides = [f"data.source={corpus}", f"data.cache_dir={cache}", f"data.tokenizer={ref / 'tokenizer.json'}",
                  "max_steps=20", "dtype=float32", "checkpoint.save_every=10"]
-    resumed = out_root / "ep_resumed"
-    if lcd.is_main():
-        shutil.copytree(ref, resumed)
-        shutil.rmtree(resumed / "checkpoints" / "step_00000020")
-    dist.barrier()
-    dp_and_ep = [(resumed, True, lcd.build_mesh(1, 2)), (out_root / "dp", False, lcd.build_mesh(2, 1))]
-    for out, resume, mesh in dp_and_ep:  # every rank walks the same list: the meshes are collectives
-        cfg = trainer.resume_config(out) if resume else apply_overrides(recipe("tiny"), overrides)
-        trainer.train(cfg, out, resume=resume, progress=False, mesh=mesh)
-    flags = [item for o in overrides for item in ("--set", o)]
-    cli.main(["train", "--preset", "tiny", "--ep", "2", "--out", str(out_root / "ep"), "--no-progress", *flags])
+    layouts = list(dict.fromkeys((world, world // 2, 1)))
+    for ep in layouts:  # every rank walks the same list: meshes are collectives
+        if resume_from is not None:
+            resumed = out_root / f"w{world}_ep{ep}_resumed"
+            if lcd.is_main():
+                shutil.copytree(resume_from, resumed)
+            dist.barrier()
+            trainer.train(trainer.resume_config(resumed), resumed, resume=True, progress=False,
+                          mesh=lcd.build_mesh(world // ep, ep))
+        if ep != world // 2:
+            trainer.train(apply_overrides(recipe("tiny"), overrides), out_root / f"w{world}_ep{ep}", progress=False,
+                          mesh=lcd.build_mesh(world // ep, ep))
+    flags = [item for o in overrides for item in ("--set", o)]  # last: the CLI leaves the process group
+    cli.main(["train", "--preset", "tiny", "--device", "cpu", "--ep", str(world // 2), "--out",
+              str(out_root / f"w{world}_ep{world // 2}"), "--no-progress", *flags])
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4])
+    main(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4],
+         Path(sys.argv[5]) if len(sys.argv) > 5 else None)

@@ -42,7 +42,7 @@ def test_every_layout_runs_with_sharded_experts(ranks):
     world = ranks[0]["world"]
     seen = {(l["dp"], l["ep"]) for l in layouts(ranks)}
     assert seen == {(world // ep, ep) for ep in (world, world // 2, 1)}
-    assert all(l["expert_rows"] == 8 // l["ep"] for l in layouts(ranks))  # tiny: 8 FFN experts
+    assert all(l["expert_rows"] == 8 // world for l in layouts(ranks))  # tiny: 8 FFN experts, E / W per rank
 
 
 def test_forward_equals_one_process(ranks):

@@ -1,8 +1,9 @@
-"""Training under torchrun (gloo, 2 ranks) follows the single-process run of the same command line.
+"""Training under torchrun (gloo) with FSDP2 and experts sharded over ep follows the single-process run.
 
-One single-process tiny run (20 steps, float32) is the reference; tests/dist_train_checks.py then trains on two
-ranks three ways (EP=2 through the CLI, --dp 2, and EP=2 resuming the reference's step-10 checkpoint), and
-this file resumes the EP run's step-10 checkpoint in one process. Every loss curve must match the reference.
+One single-process tiny run (20 steps, float32) is the reference. tests/dist_train_checks.py trains the same
+20 steps at world 4 and at world 2 in every (dp, ep) layout; the world-2 launch also resumes the world-4
+(dp 2, ep 2) run's step-10 checkpoint in each of its layouts, and this file resumes it in one process. Every
+loss curve must match the reference, and the state each rank holds must fall with the world size.
 """
 from __future__ import annotations
 
@@ -15,67 +16,91 @@ import torch
 from test_distributed import torchrun
 from train_support import make_corpus, tiny_config
 
+from longcat_flash.checkpoint import native
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.train.metrics import read_metrics
 from longcat_flash.train.trainer import resume_config, train
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("dist_train_checks.py")
+FFN_EXPERTS = 8  # the tiny preset's
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, Path]:
+def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist_train")
     corpus, cache = make_corpus(root / "corpus"), root / "cache"
     ref = root / "ref"
     train(tiny_config(corpus, cache, "max_steps=20", "dtype=float32", "checkpoint.save_every=10"), ref,
           progress=False)
-    torchrun(2, WORKER, str(ref), str(root), str(corpus), str(cache))
-    return {"ref": ref, "ep": root / "ep", "dp": root / "dp", "ep_resumed": root / "ep_resumed", "root": root}
+    torchrun(4, WORKER, str(ref), str(root), str(corpus), str(cache))
+    at_step_10 = root / "w4_ep2_at10"
+    shutil.copytree(root / "w4_ep2", at_step_10)
+    shutil.rmtree(at_step_10 / "checkpoints" / "step_00000020")
+    torchrun(2, WORKER, str(ref), str(root), str(corpus), str(cache), str(at_step_10))
+    return root
 
 
-def losses(run: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in read_metrics(run)}
+def layouts(world: int) -> list[int]:
+    return list(dict.fromkeys((world, world // 2, 1)))
 
 
-def assert_same_curve(run: Path, ref: Path, steps: range) -> None:
-    got, want = losses(run), losses(ref)
-    assert sorted(got) == list(steps)
-    assert max(abs(got[s] - want[s]) for s in steps) <= 1e-4, [(s, got[s], want[s]) for s in steps]
+def records(run: Path) -> dict[int, dict]:
+    return {r["step"]: r for r in read_metrics(run)}
 
 
-def test_ep2_through_the_cli_matches_one_process(runs):
-    assert_same_curve(runs["ep"], runs["ref"], range(1, 21))
+def assert_same_curve(run: Path, ref: Path) -> None:
+    got, want = records(run), records(ref)
+    assert sorted(got) == list(range(1, 21))
+    assert max(abs(got[s]["loss"] - want[s]["loss"]) for s in want) <= 1e-4, \
+        [(s, got[s]["loss"], want[s]["loss"]) for s in want]
 
 
-def test_dp2_matches_one_process(runs):
-    assert_same_curve(runs["dp"], runs["ref"], range(1, 21))
+@pytest.mark.parametrize("world", [2, 4])
+def test_every_layout_matches_one_process(runs, world):
+    for ep in layouts(world):
+        assert_same_curve(runs / f"w{world}_ep{ep}", runs / "ref")
 
 
-def test_biases_identical_on_every_rank_and_equal_to_one_process(runs):
-    ref = [r.e_score_correction_bias for r in LongcatFlash.from_pretrained(runs["ref"]).routers()]
-    for run, experts in (("ep", 4), ("dp", 8), ("ep_resumed", 4)):  # tiny: 8 FFN experts
-        ranks = [json.loads((runs[run] / f"rank{r}.json").read_text()) for r in range(2)]
-        assert ranks[0]["biases"] == ranks[1]["biases"], run
-        assert [r["experts"] for r in ranks] == [experts, experts], run
-        for got, want in zip(ranks[0]["biases"], ref):
-            torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=0)
+def test_state_per_rank_falls_with_the_world(runs):
+    one = records(runs / "ref")[20]["state_bytes"]
+    for world in (2, 4):
+        for ep in layouts(world):
+            held = records(runs / f"w{world}_ep{ep}")[20]["state_bytes"]
+            assert held <= (0.35 if world == 4 else 0.6) * one, (world, ep, held / one)
 
 
-def test_single_process_checkpoint_resumes_under_ep(runs):
-    assert_same_curve(runs["ep_resumed"], runs["ref"], range(1, 21))  # steps 1-10 copied, 11-20 trained at EP=2
+def test_each_rank_holds_its_share_of_the_experts_and_the_same_biases(runs):
+    ref = [r.e_score_correction_bias for r in LongcatFlash.from_pretrained(runs / "ref").routers()]
+    for world in (2, 4):
+        for ep in layouts(world):
+            ranks = [json.loads((runs / f"w{world}_ep{ep}" / f"rank{r}.json").read_text()) for r in range(world)]
+            assert all(r["biases"] == ranks[0]["biases"] for r in ranks)
+            assert [r["experts"] for r in ranks] == [FFN_EXPERTS // world] * world
+            for got, want in zip(ranks[0]["biases"], ref):
+                torch.testing.assert_close(torch.tensor(got), want, atol=1e-5, rtol=0)
 
 
-def test_ep_checkpoint_resumes_in_one_process(runs):
-    run = runs["root"] / "sp_resumed"
-    shutil.copytree(runs["ep"], run)
-    shutil.rmtree(run / "checkpoints" / "step_00000020")
+def test_world4_checkpoint_resumes_at_world2_in_every_layout(runs):
+    for ep in layouts(2):
+        assert_same_curve(runs / f"w2_ep{ep}_resumed", runs / "ref")  # steps 1-10 at world 4, 11-20 at world 2
+
+
+def test_world4_checkpoint_resumes_in_one_process(runs):
+    run = runs / "w1_resumed"
+    shutil.copytree(runs / "w4_ep2_at10", run)
     train(resume_config(run), run, resume=True, progress=False)
-    assert_same_curve(run, runs["ref"], range(1, 21))
+    assert_same_curve(run, runs / "ref")
 
 
-def test_ep_run_writes_the_official_layout(runs):
-    ep, ref = LongcatFlash.from_pretrained(runs["ep"]), LongcatFlash.from_pretrained(runs["ref"])
-    assert ep.model.layers[0].mlp.experts.gate_up_proj.shape[0] == ep.config.n_routed_experts
-    for (name, a), b in zip(ep.state_dict().items(), ref.state_dict().values()):
+def test_checkpoints_are_sharded_per_rank(runs):
+    files = native.read_manifest(runs / "w4_ep2" / "checkpoints" / "step_00000020")["files"]
+    shards = [entry["file"] for entry in files.values() if entry["file"].startswith("sharded/")]
+    assert len(shards) == 4  # one file per rank, written in parallel
+
+
+def test_distributed_run_writes_the_official_layout(runs):
+    got, ref = LongcatFlash.from_pretrained(runs / "w4_ep2"), LongcatFlash.from_pretrained(runs / "ref")
+    assert got.model.layers[0].mlp.experts.gate_up_proj.shape[0] == got.config.n_routed_experts
+    for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)

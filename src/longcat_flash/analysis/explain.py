@@ -40,6 +40,8 @@ import torch
 
 from ..checkpoint.hf import LongcatFlash
 from ..config import ModelConfig
+from ..device import model_device
+from ..infer.loader import inference_device
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
 
 CLASSES = ("punctuation", "digits", "identifiers", "whitespace", "other")
@@ -147,17 +149,18 @@ def token_spans(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 @torch.inference_mode()
 def ffn_experts_per_layer(model: LongcatFlash, ids: Sequence[int]) -> list[list[int]]:
     """(L, T) FFN experts each token used in each ScMoE layer, from one forward without logits."""
-    out = model(torch.tensor([list(ids)]), compute_logits=False)
+    out = model(torch.tensor([list(ids)], device=model_device(model)), compute_logits=False)  # ids (1, T)
     return [info.ffn_experts_per_token.tolist() for info in out.routing]
 
 
-def explain(model_dir: str | Path, text: str) -> Explanation:
-    """Tokenize `text`, check it fits the model, run it and collect the counts.
+def explain(model_dir: str | Path, text: str, device: str | torch.device = "auto") -> Explanation:
+    """Tokenize `text`, check it fits the model, run it on `device` and collect the counts.
 
     Everything cheap is checked before the weights are read, so a bad input fails in milliseconds.
     """
     if not text:
         raise ValueError("the text to explain is empty; pass --text with at least one character")
+    device = inference_device(device)
     path = Path(model_dir)
     if not path.is_dir():
         raise FileNotFoundError(f"model directory {path} does not exist")
@@ -167,7 +170,7 @@ def explain(model_dir: str | Path, text: str) -> Explanation:
     tokenizer, cfg = Tokenizer.load(path), ModelConfig.from_json(path)
     ids = tokenizer.encode(text)
     _check_fits(ids, cfg)
-    counts = ffn_experts_per_layer(LongcatFlash.from_pretrained(path), ids)
+    counts = ffn_experts_per_layer(LongcatFlash.from_pretrained(path, device=device), ids)
     spans = token_spans(tokenizer, ids)
     return Explanation(ids=ids, spans=spans, classes=[classify(s) for s in spans], counts=counts,
                        moe_topk=cfg.moe_topk, n_routed_experts=cfg.n_routed_experts,
@@ -380,9 +383,10 @@ def write_views(expl: Explanation, out: str | Path) -> tuple[list[Path], str | N
     return [json_path, html_path, png_path], None
 
 
-def explain_command(model_dir: str | Path, text: str, out: str | Path, as_json: bool = False) -> str:
+def explain_command(model_dir: str | Path, text: str, out: str | Path, as_json: bool = False,
+                    device: str = "auto") -> str:
     """What `longcat explain` prints: the summary table and paths, or one JSON object with `as_json`."""
-    expl = explain(model_dir, text)
+    expl = explain(model_dir, text, device)
     written, skipped = write_views(expl, out)
     if as_json:
         return json.dumps({**expl.to_dict(), "files": [str(p) for p in written], "skipped": skipped},

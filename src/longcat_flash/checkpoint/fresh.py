@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
+from ..model.layers import RotaryEmbedding
 from ..tokenizer import Tokenizer, train_tokenizer
 from .hf import LongcatFlash
 
@@ -20,6 +21,7 @@ from .hf import LongcatFlash
 TOKENIZER_SOURCES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py", "dataclasses.py", "functools.py",
                      "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
 MIN_VOCAB = 512
+DIRECT_MAX_PARAMS = 2 * 10**9  # above this, build on meta and initialise once on the device (random_model)
 
 
 def stdlib_sample() -> list[str]:
@@ -36,17 +38,36 @@ def fresh_tokenizer(cfg: ModelConfig) -> Tokenizer:
     return tokenizer
 
 
+def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
+                 device: torch.device = torch.device("cpu")) -> LongcatFlash:
+    """Random weights, normal(0, std or initializer_range), created on `device` (never a CPU copy first).
+
+    Up to DIRECT_MAX_PARAMS the model is constructed on the device, exactly as on the CPU before, so a seed gives
+    the weights it always gave there. Above, constructing would initialise every weight twice (the modules'
+    defaults, then init_weights): the model is laid out on meta, allocated on the device and initialised once.
+    """
+    with torch.device("meta"):
+        model = LongcatFlash(cfg)
+    torch.manual_seed(seed)  # after the meta build, which draws nothing, so it cannot shift the stream
+    if model.num_parameters() > DIRECT_MAX_PARAMS:
+        model.to_empty(device=device)
+        model.model.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta).to(device)  # computed buffer
+        model.init_weights(std)
+        return model
+    with torch.device(device):
+        model = LongcatFlash(cfg)
+    if std is not None:
+        model.init_weights(std)
+    return model
+
+
 def init_checkpoint(cfg: ModelConfig, out: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                    std: float | None = None) -> Path:
-    """Write random weights (normal(0, std or initializer_range)) and a fresh tokenizer to `out`."""
+                    std: float | None = None, device: torch.device = torch.device("cpu")) -> Path:
+    """Write random weights (see `random_model`, built on `device`) and a fresh tokenizer to `out`."""
     out = Path(out)
     tokenizer = fresh_tokenizer(cfg)
     if tokenizer.vocab_size > cfg.vocab_size:
         cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
-    torch.manual_seed(seed)
-    model = LongcatFlash(cfg)
-    if std is not None:
-        model.init_weights(std)
-    model.to(dtype).save_pretrained(out)
+    random_model(cfg, seed=seed, std=std, device=device).to(dtype).save_pretrained(out)  # copied out per tensor
     tokenizer.save(out)
     return out

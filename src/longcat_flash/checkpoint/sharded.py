@@ -11,6 +11,9 @@ Under a process group every rank calls `save` and `load` (collectives); in one p
 """
 from __future__ import annotations
 
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +25,15 @@ from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceSt
 def save(directory: Path, state: dict[str, Any]) -> None:
     """Write `state` (nested dicts of tensors and DTensors) into `directory`, every rank its own file."""
     _check_tensors_only(state, "")
-    dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
-             no_dist=not dist.is_initialized())
+    with _alone_is_fine():
+        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+                 no_dist=not dist.is_initialized())
 
 
 def load(directory: Path, state: dict[str, Any]) -> None:
     """Fill `state` (the same structure, already allocated and sharded as this process wants it) in place."""
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_initialized())
+    with _alone_is_fine():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_initialized())
 
 
 def keys(directory: Path) -> set[str]:
@@ -40,8 +45,17 @@ def read_full(directory: Path) -> dict[str, torch.Tensor]:
     """Every tensor whole, by flat key ("model.model.layers.0...."), in one process (model growth, tests)."""
     metadata = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
     state = {key: torch.empty(meta.size, dtype=meta.properties.dtype) for key, meta in metadata.items()}
-    dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=True)
+    with _alone_is_fine():
+        dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=True)
     return state
+
+
+@contextmanager
+def _alone_is_fine() -> Iterator[None]:
+    """DCP warns on every call made without a process group; in one process that is the intent."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def _check_tensors_only(state: Any, where: str) -> None:

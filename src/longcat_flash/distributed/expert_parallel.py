@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
+import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import LocalDispatcher, MoE, group_by_expert, to_slots
@@ -91,10 +92,14 @@ class AllToAllDispatcher:
         return _Route(order, T, K, send, recv, perm, recv_counts.view(P, e).sum(0), rows)
 
     def wait_dispatch(self, route: _Route) -> tuple[torch.Tensor, torch.Tensor]:
+        """(R_recv + 1, D) rows expert-major, then one zero row past the last group end that the experts never
+        compute: a rank that received no rows runs the same ops as the others (grouped_mm's backward rejects an
+        empty input), so every rank's backward issues its collectives in the same order. (e,) counts."""
         self._wait(route.data)
-        return route.data[route.perm], route.counts  # (R_recv, D) expert-major, (e,)
+        return F.pad(route.data[route.perm], (0, 0, 0, 1)), route.counts
 
     def combine(self, y: torch.Tensor, route: _Route) -> _Route:
+        y = y[:-1]  # drop the padding row
         y_src = y.new_empty(y.shape).index_copy(0, route.perm, y)  # (R_recv, D) back to source-major
         route.data = self._launch(y_src, route.send, route.recv)  # (R_send, D) in send order, in flight
         self._count(0, sum(route.recv) - route.recv[self.rank], y)
@@ -105,7 +110,8 @@ class AllToAllDispatcher:
         return to_slots(route.data, route.order, route.T, route.K)  # (T, K, D)
 
     def _launch(self, x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
-        out = funcol.all_to_all_single(x.contiguous(), out_splits, in_splits, self.group)
+        # the autograd variant: on torch 2.11 the plain one has no backward (from 2.12 on they are the same op)
+        out = funcol.all_to_all_single_autograd(x.contiguous(), out_splits, in_splits, self.group)
         if not self.overlap:
             self._wait(out)  # block here: no compute hides this all-to-all
         return out

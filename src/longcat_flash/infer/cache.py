@@ -26,6 +26,16 @@ from ..config import ModelConfig
 SCRATCH_PAGE = 0
 
 
+def padded_batch(rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of token ids of different lengths, row b at positions starts[b].. -> host tensors ids (B, S), padded
+    with 0, and positions (B, S), padded with -1 (the convention `view` reads). On the host because `view` reads
+    the positions there; the model gets copies on its device."""
+    S = max(map(len, rows))
+    ids = [row + [0] * (S - len(row)) for row in rows]
+    positions = [[*range(start, start + len(row)), *[-1] * (S - len(row))] for row, start in zip(rows, starts)]
+    return torch.tensor(ids, dtype=torch.long), torch.tensor(positions, dtype=torch.long)
+
+
 class CacheFull(RuntimeError):
     """The pool has no free page left for a sequence; the scheduler avoids this by planning page use."""
 
@@ -111,8 +121,12 @@ class PagedLatentCache:
     def view(self, seqs: list[int], positions: torch.Tensor) -> BatchView:
         """The LatentCache one forward uses: row b of the batch is sequence seqs[b]; positions (B, S), -1 = padding.
 
+        `positions` is a host tensor: the page tables are host data, so the slot arithmetic runs on the host and
+        only its results (write/read rows, mask) go to the pool's device, with no device-to-host sync.
         Every non-padding position must be covered by `ensure` beforehand.
         """
+        if positions.device.type != "cpu":
+            raise ValueError(f"PagedLatentCache.view takes host positions, got a tensor on {positions.device}")
         G = self.config.page_size
         B, S = positions.shape
         L = int(positions.max()) + 1
@@ -127,8 +141,9 @@ class PagedLatentCache:
         write = read.gather(1, positions.clamp(min=0)).masked_fill(pad, SCRATCH_PAGE * G)  # (B, S)
         mask = torch.arange(L)[None, None, :] <= positions[:, :, None]  # (B, S, L) causal by position
         mask[:, :, 0] |= pad  # padded queries see one (scratch-safe) slot, so no softmax row is empty
-        device = self.pool.device
-        return BatchView(self, write.reshape(-1).to(device), read.reshape(-1).to(device), mask.to(device), (B, S, L))
+        write, read, mask = (t.to(self.pool.device, non_blocking=True)
+                             for t in (write.reshape(-1), read.reshape(-1), mask))  # (B*S,), (B*L,), (B, S, L)
+        return BatchView(self, write, read, mask, (B, S, L))
 
 
 class BatchView:

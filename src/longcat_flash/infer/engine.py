@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..model import MLA
-from .cache import CacheConfig, PagedLatentCache
+from .cache import CacheConfig, PagedLatentCache, padded_batch
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, SchedulerConfig, Sequence
 from .speculative import Draft, DraftStats, MTPDrafter, verify
@@ -104,7 +104,7 @@ class Engine:
         seq = Sequence(rid, list(prompt), prompt_len=len(prompt))
         self.scheduler.add(seq)
         max_len = min(len(prompt) + params.max_new_tokens, self.max_context)
-        self.requests[rid] = Request(seq, params, params.generator(), max_len, stop)
+        self.requests[rid] = Request(seq, params, params.generator(self.device), max_len, stop)
         self.stats.prompt_tokens += len(prompt)
         return rid
 
@@ -154,17 +154,12 @@ class Engine:
 
     def _forward(self, seqs: list[Sequence], chunks: list[list[int]]) -> torch.Tensor:
         """Trunk forward over each seq's chunk at positions computed.., padded -> final hidden (B, S, D)."""
-        B, S = len(chunks), max(map(len, chunks))
-        ids = torch.zeros(B, S, dtype=torch.long)
-        positions = torch.full((B, S), -1, dtype=torch.long)
-        for b, (seq, chunk) in enumerate(zip(seqs, chunks)):
-            ids[b, : len(chunk)] = torch.tensor(chunk)
-            positions[b, : len(chunk)] = torch.arange(seq.computed, seq.computed + len(chunk))
+        ids, positions = padded_batch(chunks, [s.computed for s in seqs])  # (B, S) each, on the host
         view = self.cache.view([s.id for s in seqs], positions)
         for attn in self._attention:
-            attn.absorb = S <= self.config.absorb_max_tokens
-        out = self.model(ids.to(self.device), positions.clamp(min=0).to(self.device), view, compute_logits=False)
-        return out.final_hidden
+            attn.absorb = ids.shape[1] <= self.config.absorb_max_tokens
+        ids, positions = (t.to(self.device, non_blocking=True) for t in (ids, positions.clamp(min=0)))
+        return self.model(ids, positions, view, compute_logits=False).final_hidden
 
     def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
         hidden = self._forward(seqs, [[s.tokens[-1]] for s in seqs])  # (B, 1, D)
@@ -181,8 +176,8 @@ class Engine:
         done = [b for b, s in enumerate(seqs) if s.remaining == 0]
         outputs = []
         if done:
-            last = torch.tensor([rows[b][1] - 1 for b in done])
-            logits = self.model.lm_head(hidden[done, last])  # (len(done), V)
+            last = [rows[b][1] - 1 for b in done]
+            logits = self.model.lm_head(hidden[done, last])  # (len(done), V); list indices land on hidden's device
             outputs = self._sample_and_append([seqs[b] for b in done], logits)
         if self.drafter:
             finished = {o.request_id for o in outputs if o.finished}

@@ -21,7 +21,8 @@ class ExpertLoop(nn.Module):
     """The loop; subclasses say how to apply one expert's projection (plain or quantized weights)."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x: (R, D) rows grouped by expert, counts: (e,) -> (R, D)."""
+        """x: (R, D) rows grouped by expert, counts: (e,) -> (R, D); rows past sum(counts) (zero-expert slots
+        sorted last) come out as zeros, as from `Experts`."""
         out = torch.empty_like(x)
         start = 0
         for e, n in enumerate(counts.tolist()):
@@ -30,6 +31,7 @@ class ExpertLoop(nn.Module):
                 gate, up = self.project(rows, e, "gate_up_proj").chunk(2, dim=-1)  # (n, F) each
                 out[start:start + n] = self.project(F.silu(gate) * up, e, "down_proj")
                 start += n
+        out[start:].zero_()
         return out
 
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:

@@ -162,7 +162,7 @@ class FusedMoE(nn.Module):
         return self.moe.experts.project(F.silu(gate) * up, e, "down_proj")
 
     def _few(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (T, D), T small: group the slots on the host."""
+        """x (T, D), T small: group the slots on the host; the groups go back to x's device as index tensors."""
         E = self.moe.n_ffn
         groups: dict[int, list[tuple[int, float]]] = {}
         zero = [0.0] * x.shape[0]
@@ -172,14 +172,15 @@ class FusedMoE(nn.Module):
                     groups.setdefault(e, []).append((t, w))
                 else:
                     zero[t] += w
-        out = self._zero_part(x, torch.tensor(zero))
+        out = self._zero_part(x, torch.tensor(zero, device=x.device))
         for e in sorted(groups):
             rows, gate_w = zip(*groups[e])
             if len(rows) == 1:
                 out[rows[0]].add_(self._expert(x[rows[0]][None], e)[0], alpha=gate_w[0])
             else:
-                y = self._expert(x[list(rows)], e) * torch.tensor(gate_w, dtype=x.dtype)[:, None]
-                out.index_add_(0, torch.tensor(rows), y)
+                index = torch.tensor(rows, device=x.device)
+                y = self._expert(x[index], e) * torch.tensor(gate_w, dtype=x.dtype, device=x.device)[:, None]
+                out.index_add_(0, index, y)
         return out
 
     def _many(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

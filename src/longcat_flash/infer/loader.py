@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.hf import LongcatFlash
+from ..device import resolve_device, use_device
 from ..model import Transformer
 from .fused import fuse_for_inference
 from .quant import QuantReport, choose_kept, quantize_model
@@ -21,17 +22,29 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
-def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: str | None = None,
-                       calibration: torch.Tensor | None = None, keep_top: int = 0
-                       ) -> tuple[Transformer, QuantReport | None]:
-    """The model from `path` ready for the engine; with `quantize`, block-quantized weights.
+def inference_device(spec: str | torch.device) -> torch.device:
+    """A `--device` value ("auto", "cpu", "cuda", "cuda:N") resolved, or a torch.device a caller already
+    resolved, taken as is; made this process's current device (DeviceError for one this machine lacks)."""
+    device = spec if isinstance(spec, torch.device) else resolve_device(spec)
+    use_device(device)
+    return device
 
+
+def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: str | None = None,
+                       calibration: torch.Tensor | None = None, keep_top: int = 0,
+                       device: str | torch.device = "cpu") -> tuple[Transformer, QuantReport | None]:
+    """The model from `path` on `device`, ready for the engine; with `quantize`, block-quantized weights.
+
+    The weights are read straight onto the device, then fused and quantized there (no CPU copy of the model).
     keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype (quant.py).
     """
-    model = LongcatFlash.from_pretrained(path, dtype=parse_dtype(dtype))
+    device = inference_device(device)
+    model = LongcatFlash.from_pretrained(path, dtype=parse_dtype(dtype), device=device)
     fuse_for_inference(model)
     report = None
     if quantize:
-        keep = choose_kept(model, calibration, quantize, keep_top).kept if keep_top and calibration is not None else []
+        keep = []
+        if keep_top and calibration is not None:
+            keep = choose_kept(model, calibration.to(device), quantize, keep_top).kept
         report = quantize_model(model, quantize, keep)
     return model.eval(), report

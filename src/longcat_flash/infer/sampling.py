@@ -1,5 +1,6 @@
 """Token sampling: greedy, temperature, top-k, top-p, each request with its own explicit torch.Generator.
 
+Everything runs on the logits' device; a generator must live there too (`SamplingParams.generator(device)`).
 A per-request generator makes a seeded request reproducible whatever else shares its batch. `probabilities`
 returns the distribution a token is actually drawn from (after temperature, top-k, top-p), because speculative
 rejection sampling must compare exactly those distributions (speculative.py).
@@ -43,10 +44,12 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
-    def generator(self) -> torch.Generator:
-        """The request's own random stream: seeded if asked, else from the global generator's next value."""
+    def generator(self, device: str | torch.device = "cpu") -> torch.Generator:
+        """The request's own random stream, on the device its logits live on (an op refuses a generator of
+        another device): seeded if asked, else from the global CPU generator's next value, so that
+        `torch.manual_seed` makes unseeded requests reproducible on any device."""
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
-        return torch.Generator().manual_seed(seed)
+        return torch.Generator(device=device).manual_seed(seed)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

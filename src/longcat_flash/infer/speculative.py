@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .cache import PagedLatentCache
+from .cache import PagedLatentCache, padded_batch
 from .sampling import SamplingParams, draw, probabilities
 
 
@@ -61,7 +61,8 @@ def verify(target_logits: torch.Tensor, draft: Draft, params: SamplingParams,
     out = []
     for i, d in enumerate(draft.tokens):
         q_d = float(draft.probs[i, d])
-        if float(torch.rand((), generator=generator)) * q_d < float(p[i, d]):  # u < p/q, without dividing by 0
+        u = float(torch.rand((), generator=generator, device=p.device))
+        if u * q_d < float(p[i, d]):  # u < p/q, without dividing by 0
             out.append(d)
             continue
         residual = (p[i] - draft.probs[i]).clamp(min=0.0)
@@ -81,9 +82,11 @@ class MTPDrafter:
 
     def _mtp(self, seqs: list[int], ids: torch.Tensor, hidden: torch.Tensor, positions: torch.Tensor
              ) -> torch.Tensor:
-        """One MTP forward: ids (B, S) of x_{t+1}, hidden (B, S, D) h_t, positions (B, S) t (-1 = padding)."""
+        """One MTP forward: host ids (B, S) of x_{t+1} and positions (B, S) t (-1 = padding), hidden (B, S, D) h_t
+        on the model's device."""
         view = self.cache.view(seqs, positions)
-        rope = self.model.model.rotary(positions.clamp(min=0), hidden.dtype)
+        ids, positions = (t.to(hidden.device, non_blocking=True) for t in (ids, positions.clamp(min=0)))
+        rope = self.model.model.rotary(positions, hidden.dtype)
         return self.model.model.mtp(ids, hidden, rope, view)  # (B, S, D) normed, what lm_head reads
 
     def draft(self, seqs: list[int], next_ids: list[list[int]], hidden: torch.Tensor, starts: list[int],
@@ -93,15 +96,11 @@ class MTPDrafter:
         Row b covers positions starts[b] .. starts[b]+n_b-1 with tokens next_ids[b] (x_{t+1}, length n_b) and the
         trunk's final hiddens hidden[b, :n_b]; its last position predicts the first draft.
         """
-        B, S = len(seqs), max(map(len, next_ids))
-        ids = torch.zeros(B, S, dtype=torch.long)
-        positions = torch.full((B, S), -1, dtype=torch.long)
-        for b, (row, start) in enumerate(zip(next_ids, starts)):
-            ids[b, : len(row)] = torch.tensor(row)
-            positions[b, : len(row)] = torch.arange(start, start + len(row))
-        last = torch.tensor([len(row) - 1 for row in next_ids])
-        z = self._mtp(seqs, ids, hidden[:, :S], positions)[torch.arange(B), last]  # (B, D)
-        pos = positions[torch.arange(B), last]  # (B,)
+        B = len(seqs)
+        ids, positions = padded_batch(next_ids, starts)  # (B, S) each, on the host
+        last = [len(row) - 1 for row in next_ids]
+        z = self._mtp(seqs, ids, hidden[:, :ids.shape[1]], positions)[list(range(B)), last]  # (B, D)
+        pos = [start + n for start, n in zip(starts, last)]  # each row's last position, on the host
         tokens: list[list[int]] = [[] for _ in range(B)]
         probs: list[list[torch.Tensor]] = [[] for _ in range(B)]
         for step in range(self.k):
@@ -111,7 +110,7 @@ class MTPDrafter:
                 tokens[b].append(int(q.argmax()) if params[b].greedy else draw(q, generators[b]))
                 probs[b].append(q)
             if step + 1 < self.k:
-                pos = pos + 1
-                step_ids = torch.tensor([[row[-1]] for row in tokens])
-                z = self._mtp(seqs, step_ids, z[:, None], pos[:, None])[:, 0]
+                pos = [p + 1 for p in pos]
+                step_ids, step_pos = padded_batch([[row[-1]] for row in tokens], pos)  # (B, 1) each
+                z = self._mtp(seqs, step_ids, z[:, None], step_pos)[:, 0]
         return [Draft(t, torch.stack(p)) for t, p in zip(tokens, probs)]

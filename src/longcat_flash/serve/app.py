@@ -261,12 +261,12 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
-          model_name: str | None = None) -> None:
-    """Load a checkpoint directory (weights + tokenizer) and serve it until interrupted."""
+          model_name: str | None = None, device: str = "auto") -> None:
+    """Load a checkpoint directory (weights + tokenizer) onto `device` and serve it until interrupted."""
     import uvicorn
 
     tokenizer = Tokenizer.load(model_dir)
-    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize)
+    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)
     bridge = AsyncEngine(Engine(model, engine_config)).start()
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name,
                           context=model.config.max_position_embeddings, api_key=api_key)

@@ -6,6 +6,8 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from ..infer.engine import Engine, EngineConfig
 from ..infer.loader import load_for_inference
 from ..infer.sampling import SamplingParams
@@ -30,9 +32,10 @@ class Result:
 
 
 def load_session(model_dir: str | Path, *, dtype: str | None = None, quantize: str | None = None,
-                 speculative: int = 0) -> tuple[Engine, Tokenizer]:
+                 speculative: int = 0, device: str | torch.device = "auto") -> tuple[Engine, Tokenizer]:
+    """A one-request engine on `device` (auto: CUDA when available) and the checkpoint's tokenizer."""
     tokenizer = Tokenizer.load(model_dir)
-    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize)
+    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)
     return Engine(model, EngineConfig(max_running=1, speculative=speculative)), tokenizer
 
 
