@@ -1,18 +1,21 @@
-"""Inference on an accelerator, checked on the CPU: under tests/fake_accelerator.py the model lives on a stand-in
-device and any CPU tensor or CPU generator that meets its tensors fails the test, as it would fail on a GPU.
+"""Training and inference on an accelerator, checked on the CPU: under tests/fake_accelerator.py the model lives on
+a stand-in device and any CPU tensor or CPU generator that meets its tensors fails the test, as it would fail on
+a GPU.
 
-Each inference test runs the same thing on plain CPU and on the stand-in and wants the same tokens: the stand-in
+Each test runs the same thing on plain CPU and on the stand-in and wants the same tokens: the stand-in
 computes on CPU shadows with CPU random streams, so only misplaced tensors can make the runs differ (or fail).
 """
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 
 import pytest
 import torch
 from fake_accelerator import fake_accelerator, to_accelerator
 from infer_support import one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
+from train_support import make_corpus, tiny_config
 from safetensors.torch import load_file
 
 from longcat_flash.analysis.explain import explain
@@ -25,6 +28,8 @@ from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.presets import tiny
 from longcat_flash.serve.local import generate_text, load_session
+from longcat_flash.train.metrics import read_metrics
+from longcat_flash.train.trainer import train
 
 SMALL = dict(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=256, max_running=4)
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
@@ -150,3 +155,27 @@ def test_generate_text_and_explain_on_the_device(checkpoint):
         return text, explain(checkpoint, "for i in range(3): print(i)", device=device).counts
 
     on_both(run)
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+def test_training_runs_on_the_device(tmp_path):
+    """A whole run on the stand-in: build on meta and materialise, train steps (losses, budget controller, metric
+    reductions, monitors), validation, checkpoints, the HF export and the sample, all on the model's device; the
+    losses and the sample equal the CPU run's, and the device's step-2 checkpoint resumes on the CPU to the same
+    curve. (Resuming on the stand-in itself is not possible: DCP treats meta tensors as "allocate for me".)"""
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    cfg = tiny_config(corpus, cache, "max_steps=4", "dtype=float32", "checkpoint.save_every=2", "eval_every=2",
+                      "sample_tokens=4", "loss.monitor_every=3", "checkpoint.keep=2")
+
+    def run(device: torch.device) -> tuple[list[float], str]:
+        out = tmp_path / device.type
+        summary = train(cfg, out, progress=False, device=device)
+        return [r["loss"] for r in read_metrics(out)], summary["sample"]
+
+    on_both(run)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "meta", resumed)
+    shutil.rmtree(resumed / "checkpoints" / "step_00000004")
+    train(cfg, resumed, resume=True, progress=False)
+    assert [r["loss"] for r in read_metrics(resumed)] == [r["loss"] for r in read_metrics(tmp_path / "cpu")]

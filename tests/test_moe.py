@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_flash.model.moe import MoE
 from longcat_flash.presets import tiny
@@ -96,3 +97,35 @@ def test_router_stays_fp32_in_bf16_model():
     assert moe.experts.gate_up_proj.dtype == torch.bfloat16
     out, info = moe(torch.randn(1, 4, 64, dtype=torch.bfloat16))
     assert out.dtype == torch.bfloat16 and info.probs.dtype == torch.float32
+
+
+class HostReads(TorchDispatchMode):
+    """Records the ops that make a GPU wait for the host to read a value: `.item()`/`.tolist()`, and the ops
+    whose output size depends on the data (nonzero, masked_select, bincount, unique, repeat_interleave
+    without output_size)."""
+
+    SYNCING = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "_unique2", "unique_dim",
+               "repeat_interleave"}
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.SYNCING and not (name == "repeat_interleave" and (kwargs or {}).get("output_size")):
+            self.seen.append(name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("changes", [{}, {"zero_expert_num": 0}])
+def test_one_process_moe_forward_and_backward_never_read_the_device(changes):
+    """No host sync in the one-process MoE, forward or backward: the zero slots are not cut off by a row count
+    read back from the device; the grouped GEMMs stop at the last group end instead."""
+    moe = make_moe(**changes)
+    x = torch.randn(3, 7, 64, requires_grad=True)
+    with HostReads() as reads:
+        out, info = moe(x)
+        (out.square().sum() + info.probs.sum()).backward()
+    assert reads.seen == []
+    assert info.tokens_per_expert.sum() == 3 * 7 * moe.router.top_k

@@ -5,11 +5,12 @@ import math
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_flash.model import ModelOutput, RoutingInfo
 from longcat_flash.train.config import LossConfig
-from longcat_flash.train.losses import (balance_loss, expert_groups, hidden_z_loss, lm_loss, mtp_loss,
-                                        training_losses)
+from longcat_flash.train.losses import (balance_loss, chunked_lm_loss, expert_groups, hidden_z_loss, lm_loss,
+                                        mtp_loss, training_losses)
 
 # Two tokens, 4 FFN experts (D=2 groups of 2) + 2 zero experts, top-2, K_e = 1.
 PROBS = torch.tensor([[0.4, 0.1, 0.1, 0.1, 0.2, 0.1],
@@ -82,3 +83,35 @@ def test_training_losses_weights_each_term():
     assert terms.total.item() == pytest.approx(lm + 0.5 * lm + 0.01 * z + 0.1 * lb)
     out.mtp_logits = None
     assert training_losses(out, torch.tensor([[0, 1]]), cfg, 4, 1.0).mtp is None
+
+
+class LargestOutput(TorchDispatchMode):
+    """The largest tensor any op produced (elements), forward and backward."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else [out]):
+            if isinstance(t, torch.Tensor):
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def test_chunked_cross_entropy_equals_the_whole_and_never_holds_all_logits():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(2, 9, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 9))
+    whole = lm_loss(head(hidden), targets)
+    grads = torch.autograd.grad(whole, [hidden, head.weight])
+    with LargestOutput() as watch:
+        chunked = chunked_lm_loss(hidden, head, targets, chunk=4)
+        chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight])
+    torch.testing.assert_close(chunked, whole)
+    for a, b in zip(chunked_grads, grads):
+        torch.testing.assert_close(a, b)
+    assert watch.largest < 18 * 50  # no op ever made the (tokens, V) logits
+    assert watch.largest >= 4 * 50  # but (chunk, V) ones, yes

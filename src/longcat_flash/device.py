@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 import re
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
@@ -48,8 +48,8 @@ def use_device(device: torch.device) -> None:
 
 
 def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
-    """bf16 autocast on `device`'s type when dtype is "bfloat16"; a no-op context for "float32"."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    """bf16 autocast on `device`'s type when dtype is "bfloat16"; no context at all for "float32"."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
 
 
 def model_device(module: torch.nn.Module) -> torch.device:

@@ -100,7 +100,7 @@ class AllToAllDispatcher:
 
     def combine(self, y: torch.Tensor, route: _Route) -> _Route:
         y = y[:-1]  # drop the padding row
-        y_src = y.new_empty(y.shape).index_copy(0, route.perm, y)  # (R_recv, D) back to source-major
+        y_src = y.new_empty(y.shape).index_put((route.perm,), y)  # (R_recv, D) back to source-major
         route.data = self._launch(y_src, route.send, route.recv)  # (R_send, D) in send order, in flight
         self._count(0, sum(route.recv) - route.recv[self.rank], y)
         return route

@@ -17,6 +17,9 @@ weights and Adam moments stay fp32; the routers are their own FSDP unit kept in 
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -55,7 +58,9 @@ def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = Fal
         fully_shard(layer, mesh=world["world"], mp_policy=compute)
     if model.model.mtp is not None:
         fully_shard(model.model.mtp, mesh=world["world"], mp_policy=compute)
-    fully_shard(model, mesh=world["world"], mp_policy=compute)
+    # The root unit (embeddings, final norm, lm_head) stays gathered from forward to backward: the loss applies
+    # the lm_head itself, chunk by chunk, after the forward (train/losses.py chunked_lm_loss).
+    fully_shard(model, mesh=world["world"], mp_policy=compute, reshard_after_forward=False)
     return model
 
 
@@ -82,6 +87,23 @@ def average_expert_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
     grads = [p.grad for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()
              if p.grad is not None]
     torch._foreach_div_([_local(g) for g in grads], mesh["ep"].size())
+
+
+@contextmanager
+def side_backward(model: nn.Module) -> Iterator[None]:
+    """For a backward pass that is not the step's (the monitors' `autograd.grad` on the router probabilities):
+    FSDP modules keep their gathered weights afterwards and reduce no gradients, so the step's own backward
+    finds everything as the forward left it. No-op without FSDP."""
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    for m in modules:
+        m.set_requires_gradient_sync(False, recurse=False)
+        m.set_reshard_after_backward(False, recurse=False)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.set_requires_gradient_sync(True, recurse=False)
+            m.set_reshard_after_backward(True, recurse=False)
 
 
 # ---- what FSDP leaves to us: the global gradient norm, per-rank state size ----

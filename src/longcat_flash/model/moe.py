@@ -157,17 +157,29 @@ class TokenDispatcher(Protocol):
         ...
 
 
+def histogram(values: torch.Tensor, n: int, sorted_values: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) int64 occurrences of 0..n-1 in `values` (any shape; `sorted_values`: the same, already sorted).
+
+    By sort and binary search rather than bincount: deterministic, and no host sync on a GPU (bincount reads
+    the maximum back to size its output)."""
+    if sorted_values is None:
+        sorted_values = values.reshape(-1).sort().values
+    edges = torch.searchsorted(sorted_values, torch.arange(n + 1, device=values.device, dtype=sorted_values.dtype))
+    return edges.diff()
+
+
 def group_by_expert(ids: torch.Tensor, n_ffn: int) -> tuple[torch.Tensor, torch.Tensor]:
     """ids (T, K) -> slot order (T*K,) and counts (E,): a stable sort of the flat slots by expert id, FFN slots
     first, grouped by expert; every zero expert shares key E, so zero slots sort last and a cut drops them."""
     key = ids.reshape(-1).clamp(max=n_ffn)  # (T*K,)
-    return torch.argsort(key, stable=True), torch.bincount(key, minlength=n_ffn + 1)[:n_ffn]
+    order = torch.argsort(key, stable=True)
+    return order, histogram(key, n_ffn, key[order])
 
 
 def to_slots(y: torch.Tensor, order: torch.Tensor, T: int, K: int) -> torch.Tensor:
     """Rows y (R, D) in `order` (the first R sorted slots, R <= T*K) -> (T, K, D), zero rows in the slots
     y does not cover (zero-expert slots)."""
-    slots = y.new_zeros(T * K, y.shape[-1]).index_copy(0, order[: y.shape[0]], y)  # undo the sort
+    slots = y.new_zeros(T * K, y.shape[-1]).index_put((order[: y.shape[0]],), y)  # undo the sort
     return slots.view(T, K, -1)
 
 
@@ -251,7 +263,7 @@ class MoE(nn.Module):
 
     def routing_info(self, probs: torch.Tensor, ids: torch.Tensor) -> RoutingInfo:
         return RoutingInfo(probs=probs, ids=ids,
-                           tokens_per_expert=torch.bincount(ids.reshape(-1), minlength=probs.shape[-1]),
+                           tokens_per_expert=histogram(ids, probs.shape[-1]),
                            ffn_experts_per_token=(ids < self.n_ffn).sum(-1))
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:

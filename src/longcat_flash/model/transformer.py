@@ -28,6 +28,7 @@ class ModelOutput:
     final_hidden: torch.Tensor  # (B, S, D) after the final norm: what lm_head and the MTP head read
     routing: list[RoutingInfo] = field(default_factory=list)  # one per layer
     mtp_logits: torch.Tensor | None = None  # (B, S-1, V): position t predicts token t+2
+    mtp_hidden: torch.Tensor | None = None  # (B, S-1, D) what the lm_head reads for mtp_logits
 
 
 class Backbone(nn.Module):
@@ -61,6 +62,8 @@ class Transformer(nn.Module):
         """input_ids: (B, S). positions default to 0..S-1; pass them (and a cache) for incremental decoding.
 
         with_mtp: also run the MTP head over the sequence (training): position t reads token t+1 and h_t.
+        compute_logits=False skips the lm_head (for the trunk and the MTP head): the caller applies it itself,
+        e.g. chunk by chunk (train/losses.py).
         """
         B, S = input_ids.shape
         if positions is None:
@@ -78,7 +81,8 @@ class Transformer(nn.Module):
             if self.model.mtp is None:
                 raise ValueError("with_mtp=True needs a config with num_nextn_predict_layers=1")
             mtp_rope = tuple(t[:, :-1] for t in rope)
-            out.mtp_logits = self.lm_head(self.model.mtp(input_ids[:, 1:], final[:, :-1], mtp_rope))
+            out.mtp_hidden = self.model.mtp(input_ids[:, 1:], final[:, :-1], mtp_rope)
+            out.mtp_logits = self.lm_head(out.mtp_hidden) if compute_logits else None
         return out
 
     def mtp_draft(self, next_tokens: torch.Tensor, final_hidden: torch.Tensor, positions: torch.Tensor,

@@ -111,10 +111,12 @@ class LossConfig:
     mtp_weight: float = 0.3
     mtp_start_step: int = 0  # the MTP head trains from this step on (the report adds it mid-training)
     monitor_every: int = 25  # router-gradient ratio R_g and router cosine similarity every N steps; 0 = never
+    logits_chunk: int = 8192  # tokens per chunk of the LM / MTP cross-entropy: the most (tokens, V) logits held
+    # at once (recomputed in backward); 0 = the whole micro-batch in one piece
 
     def __post_init__(self) -> None:
         _positive(self, "balance_alpha", "z_weight", "mtp_weight", "mtp_start_step", "monitor_every",
-                  allow_zero=True)
+                  "logits_chunk", allow_zero=True)
         _positive(self, "balance_groups")
 
 

@@ -12,14 +12,34 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from ..model import ModelOutput
+from ..model.moe import histogram
 from .config import LossConfig
 
 
 def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy in fp32: logits (B, S, V), targets (B, S) -> scalar."""
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+
+def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+    """`lm_loss(head(hidden), targets)` without the whole (tokens, V) logits at once: hidden (B, S, D), targets
+    (B, S). Each chunk of `chunk` tokens computes its logits, its cross-entropy sum, and frees them; backward
+    recomputes them chunk by chunk (activation checkpointing), so at most (chunk, V) logits live at a time.
+    Equal to the unchunked loss up to the summation order."""
+    h, t = hidden.flatten(0, 1), targets.flatten()  # (N, D), (N,)
+    if chunk <= 0 or h.shape[0] <= chunk:
+        return lm_loss(head(h)[None], t[None])
+    total = sum(checkpoint(_cross_entropy_sum, h[i:i + chunk], t[i:i + chunk], head, use_reentrant=False)
+                for i in range(0, h.shape[0], chunk))
+    return total / h.shape[0]
+
+
+def _cross_entropy_sum(h: torch.Tensor, t: torch.Tensor, head: nn.Module) -> torch.Tensor:
+    return F.cross_entropy(head(h).float(), t, reduction="sum")
 
 
 def mtp_loss(mtp_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -62,7 +82,7 @@ def balance_loss(probs: torch.Tensor, ids: torch.Tensor, n_ffn: int, groups: int
     n_zero = probs.shape[-1] - n_ffn
     n_groups = groups + (1 if n_zero else 0)
     if selections is None:
-        counts = torch.bincount(expert_groups(ids, n_ffn, groups).flatten(), minlength=groups + 1)[:n_groups]
+        counts = histogram(expert_groups(ids, n_ffn, groups), groups + 1)[:n_groups]
     else:
         counts = torch.cat([selections[:n_ffn].view(groups, -1).sum(-1), selections[n_ffn:].sum().view(1)])
         counts, T = counts[:n_groups], selections.sum() / K  # T: tokens of the global batch
@@ -89,11 +109,16 @@ class LossTerms:
 
 
 def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_ffn: int, target: float,
-                    selections: torch.Tensor | None = None) -> LossTerms:
+                    selections: torch.Tensor | None = None, head: nn.Module | None = None) -> LossTerms:
     """All terms for one forward pass; MTP only when the model was run with `with_mtp=True`.
 
-    selections: (L, E+Z) router counts of the global batch under data parallelism (see `balance_loss`)."""
-    lm = lm_loss(out.logits, targets)
+    selections: (L, E+Z) router counts of the global batch under data parallelism (see `balance_loss`).
+    head: the lm_head, for a forward run with compute_logits=False: the LM and MTP cross-entropies then apply it
+    in chunks of `cfg.logits_chunk` tokens (`chunked_lm_loss`)."""
+    if out.logits is None:
+        lm = chunked_lm_loss(out.final_hidden, head, targets, cfg.logits_chunk)
+    else:
+        lm = lm_loss(out.logits, targets)
     z = hidden_z_loss(out.hidden)
     balance = torch.stack([balance_loss(r.probs, r.ids, n_ffn, cfg.balance_groups, target,
                                         None if selections is None else selections[i])
@@ -102,5 +127,8 @@ def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_
     mtp = None
     if out.mtp_logits is not None:
         mtp = mtp_loss(out.mtp_logits, targets)
+    elif out.mtp_hidden is not None:
+        mtp = chunked_lm_loss(out.mtp_hidden, head, targets[:, 1:], cfg.logits_chunk)
+    if mtp is not None:
         total = total + cfg.mtp_weight * mtp
     return LossTerms(total=total, lm=lm, z=z, balance=balance, mtp=mtp)

@@ -121,11 +121,11 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
     micro_batches = batch.chunk(cfg.data.grad_accum)
     for i, micro in enumerate(micro_batches):
         with autocast(cfg, device, mesh):
-            out = model(micro[:, :-1], with_mtp=with_mtp)
-        selections = None if mesh is None else parallel.global_counts(  # the balance loss's f: global batch
-            torch.stack([r.tokens_per_expert for r in out.routing]), mesh)
-        terms = training_losses(out, micro[:, 1:], cfg.loss, cfg.model.n_routed_experts, cfg.ffn_expert_target,
-                                selections)
+            out = model(micro[:, :-1], with_mtp=with_mtp, compute_logits=False)
+            selections = None if mesh is None else parallel.global_counts(  # the balance loss's f: global batch
+                torch.stack([r.tokens_per_expert for r in out.routing]), mesh)
+            terms = training_losses(out, micro[:, 1:], cfg.loss, cfg.model.n_routed_experts,
+                                    cfg.ffn_expert_target, selections, head=model.lm_head)
         if monitor and i == 0:
             extra = _monitors(model, out, terms, cfg)
         (terms.total / len(micro_batches)).backward()
@@ -148,7 +148,8 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
 
 
 def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: TrainConfig) -> dict[str, Any]:
-    ratios = router_grad_ratio(out, terms.lm, cfg.loss, cfg.model.n_routed_experts, cfg.ffn_expert_target)
+    with parallel.side_backward(model):
+        ratios = router_grad_ratio(out, terms.lm, cfg.loss, cfg.model.n_routed_experts, cfg.ffn_expert_target)
     return {"router_grad_ratio": max(ratios), "router_grad_ratio_per_layer": ratios,
             "router_cosine": router_cosine(model.routers())}
 
@@ -360,7 +361,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     The model is built on the meta device, sharded (under torchrun), then materialised on `device` rank by rank:
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
     device = torch.device("cpu") if device is None else device
-    set_deterministic(cfg.deterministic)
+    set_deterministic(cfg.deterministic, device)
     seed_everything(cfg.seed)
     checkpoint = native.resolve(out) if resume else None
     if not resume and native.list_checkpoints(out / CHECKPOINTS):
