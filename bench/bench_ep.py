@@ -121,9 +121,10 @@ def traffic_bench(args, layer, x: torch.Tensor, group) -> dict:
 
 
 def train_step_bench(args, mesh, dtype) -> tuple[dict, list]:
-    """Full training steps of the small preset at (dp=1, ep): overlap on vs off."""
+    """Full training steps of the small preset at (dp=1, ep), sharded as for training (FSDP2, experts over ep):
+    overlap on vs off."""
     torch.manual_seed(0)
-    model = lcd.shard_experts(Transformer(small()), mesh.get_group("ep")).to(dtype)
+    model = lcd.parallelize(Transformer(small()).to(dtype), mesh)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     ids = torch.randint(3, small().vocab_size, (args.tokens // 256 or 1, min(args.tokens, 256)),
                         generator=torch.Generator().manual_seed(lcd.rank()))
@@ -132,7 +133,7 @@ def train_step_bench(args, mesh, dtype) -> tuple[dict, list]:
         opt.zero_grad(set_to_none=True)
         out = model(ids, with_mtp=True)
         F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
-        lcd.reduce_gradients(model, mesh)
+        lcd.average_expert_gradients(model, mesh)
         opt.step()
 
     exposed_on, exposed_off = [], []

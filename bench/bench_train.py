@@ -26,6 +26,7 @@ from collections.abc import Callable
 import torch
 
 from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.device import autocast as device_autocast
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.train.config import recipe
 from longcat_flash.train.determinism import set_deterministic
@@ -56,28 +57,32 @@ def build(config: str, dtype: str, batch: int, seq: int):
     return cfg, ours, theirs
 
 
-def our_step(cfg, model) -> Callable[[torch.Tensor], float]:
+def our_step(cfg, model, full: bool = False) -> Callable[[torch.Tensor], float]:
+    """One `train_step` per call on the model's device; returns the LM loss (full: the step's metrics dict)."""
     from longcat_flash.train.budget import BudgetController
 
     m = cfg.model
     optimizer = build_optimizer(model, cfg.optim, width_scale(None, m.hidden_size))
-    controller = BudgetController(cfg.budget, m.num_layers, m.n_routed_experts, m.moe_topk, cfg.ffn_expert_target)
+    controller = BudgetController(cfg.budget, m.num_layers, m.n_routed_experts, m.moe_topk, cfg.ffn_expert_target,
+                                  next(model.parameters()).device)
     step = [0]
 
     def run(batch: torch.Tensor) -> float:
         metrics = train_step(model, optimizer, controller, batch, cfg, step[0])
         step[0] += 1
-        return metrics["lm_loss"]
+        return metrics if full else metrics["lm_loss"]
 
     return run
 
 
 def their_step(cfg, model) -> Callable[[torch.Tensor], float]:
+    """One transformers step per call on the model's device (AdamW fused on CUDA, as ours); returns the loss."""
+    device = next(model.parameters()).device
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps,
-                                  weight_decay=cfg.optim.weight_decay)
+                                  weight_decay=cfg.optim.weight_decay, fused=device.type == "cuda" or None)
 
     def run(batch: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16"):
+        with device_autocast(device, cfg.dtype):
             logits = model(input_ids=batch[:, :-1]).logits
         loss = lm_loss(logits, batch[:, 1:])  # the same fp32 cross-entropy as ours (and as transformers' own)
         loss.backward()

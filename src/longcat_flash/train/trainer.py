@@ -132,7 +132,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
         acc.add(terms, out)
     parallel.average_expert_gradients(model, mesh)
     grad_norm = parallel.clip_grad_norm_(model, cfg.optim.grad_clip or math.inf, sharded=mesh is not None)
-    metrics = {**acc.metrics(mesh), "grad_norm": float(grad_norm)}  # the step's one device-to-host read
+    metrics = acc.metrics(mesh, grad_norm)  # the step's one device-to-host read
     skipped = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
     lr = cfg.optim.lr * lr_factor(cfg.schedule, step, cfg.max_steps)
     budget = {"budget_rate": controller.rate()} if controller is not None else {}
@@ -170,17 +170,19 @@ class _Accumulator:
         self.ffn.append(torch.stack([r.ffn_experts_per_token for r in out.routing]))
         self.hidden_norm.append(out.hidden.detach().float().norm(dim=-1).mean())
 
-    def metrics(self, mesh: DeviceMesh | None) -> dict[str, Any]:
+    def metrics(self, mesh: DeviceMesh | None, grad_norm: torch.Tensor) -> dict[str, Any]:
         """Every value averaged over the ranks (equal slices of the global batch: the mean of per-rank means is
-        the global mean) in one all-reduce, then read to the host in one copy."""
+        the global mean; the global gradient norm is the same on every rank) in one all-reduce, then read to the
+        host, with the gradient norm, in one copy."""
         named = {"loss": "total", "lm_loss": "lm", "mtp_loss": "mtp", "z_loss": "z", "balance_loss": "balance"}
         present = {key: term for key, term in named.items() if getattr(self.terms[0], term) is not None}
         ffn = torch.cat(self.ffn, dim=1).float()  # (L, T)
         values = [torch.stack([getattr(t, term) for t in self.terms]).detach().float().mean()
                   for term in present.values()]
-        values += [torch.stack(self.hidden_norm).mean(), ffn.mean(), ffn.std(dim=1).mean()]
+        values += [torch.stack(self.hidden_norm).mean(), ffn.mean(), ffn.std(dim=1).mean(),
+                   grad_norm.detach().float().to(ffn.device)]
         host = parallel.average(torch.cat([torch.stack(values), ffn.mean(dim=1)]), mesh).tolist()
-        keys = [*present, "hidden_norm", "ffn_experts_per_token", "ffn_experts_std"]
+        keys = [*present, "hidden_norm", "ffn_experts_per_token", "ffn_experts_std", "grad_norm"]
         return {**dict.fromkeys(named), **dict(zip(keys, host)),
                 "ffn_experts_per_layer": [round(v, 4) for v in host[len(keys):]]}
 
