@@ -1,8 +1,11 @@
 """The zero-expert MoE: grouped == reference, identity zero experts, selection-only bias."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from fake_accelerator import fake_accelerator, to_accelerator
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_flash.model.moe import MoE
@@ -119,13 +122,21 @@ class HostReads(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("changes", [{}, {"zero_expert_num": 0}])
-def test_one_process_moe_forward_and_backward_never_read_the_device(changes):
-    """No host sync in the one-process MoE, forward or backward: the zero slots are not cut off by a row count
-    read back from the device; the grouped GEMMs stop at the last group end instead."""
+def test_one_process_moe_never_reads_the_device_off_the_cpu(changes):
+    """On an accelerator (tests/fake_accelerator.py's stand-in) the one-process MoE never waits for the host,
+    forward or backward: the zero slots are not cut off by a row count read back from the device; the grouped
+    GEMMs stop at the last group end instead, and the result equals the CPU's (which does cut, for free)."""
     moe = make_moe(**changes)
-    x = torch.randn(3, 7, 64, requires_grad=True)
-    with HostReads() as reads:
-        out, info = moe(x)
-        (out.square().sum() + info.probs.sum()).backward()
-    assert reads.seen == []
-    assert info.tokens_per_expert.sum() == 3 * 7 * moe.router.top_k
+    x = torch.randn(3, 7, 64)
+    want, want_info = moe(x.requires_grad_())
+    want_grad = torch.autograd.grad(want.square().sum(), x)[0]
+    with fake_accelerator() as device:
+        placed = to_accelerator(copy.deepcopy(moe))
+        xd = x.detach().to(device).requires_grad_()
+        with HostReads() as reads:
+            out, info = placed(xd)
+            grad = torch.autograd.grad(out.square().sum() + info.probs.sum() * 0, xd)[0]
+        assert reads.seen == []
+        torch.testing.assert_close(out.cpu(), want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(grad.cpu(), want_grad, atol=1e-6, rtol=1e-5)
+        assert torch.equal(info.tokens_per_expert.cpu(), want_info.tokens_per_expert)
