@@ -29,7 +29,7 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     match = _CUDA.match(spec)
     if match is None:
-        raise DeviceError(f"--device {spec!r} is not a device; use {DEVICE_CHOICES}")
+        raise DeviceError(f"--device {spec}: not a device; use {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
         raise DeviceError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}, "
                           f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu")

@@ -1,0 +1,52 @@
+"""`--device` on every command that runs a model: a device this machine lacks is one line and exit status 2,
+before any work; `--device cpu` runs. Real subprocesses, as a user types them."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from longcat_flash.cli import main
+
+COMMANDS = {
+    "train": ["train", "--preset", "tiny", "--max-steps", "1", "--out", "{tmp}/run"],
+    "grow": ["grow", "{model}", "--out", "{tmp}/grown"],
+    "init": ["init", "--preset", "tiny", "--out", "{tmp}/fresh"],
+    "generate": ["generate", "--model", "{model}", "--prompt", "x"],
+    "chat": ["chat", "--model", "{model}"],
+    "serve": ["serve", "--model", "{model}", "--port", "0"],
+    "explain": ["explain", "--model", "{model}", "--text", "x", "--out", "{tmp}/explain"],
+}
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    out = tmp_path_factory.mktemp("device") / "tiny"
+    main(["init", "--preset", "tiny", "--out", str(out), "--dtype", "float32", "--device", "cpu"])
+    return out
+
+
+def longcat(args: list[str], tmp_path, model) -> subprocess.CompletedProcess:
+    args = [a.format(tmp=tmp_path, model=model) for a in args]
+    return subprocess.run([sys.executable, "-m", "longcat_flash.cli", *args], capture_output=True, text=True,
+                          timeout=120, stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "tpu"])
+def test_an_unusable_device_is_one_line_and_status_2(command, device, tmp_path, model):
+    proc = longcat(COMMANDS[command] + ["--device", device], tmp_path, model)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"longcat {command}: --device {device}")
+    assert ("CUDA is not available" in lines[0]) if device.startswith("cuda") else ("not a device" in lines[0])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "fresh").exists()  # failed before any work
+
+
+def test_cpu_device_runs(tmp_path, model):
+    proc = longcat(["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "2", "--device", "cpu"],
+                   tmp_path, model)
+    assert proc.returncode == 0, proc.stderr
