@@ -225,22 +225,26 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     if writer:
         path.mkdir(parents=True, exist_ok=True)
     parts: list[tuple[Path, list[str], int]] = []  # (temporary file, keys, bytes)
-    chunk: dict[str, torch.Tensor] = {}
+    chunk: dict[str, torch.Tensor] = {}  # the writer's next file (other ranks keep only its keys)
+    keys: list[str] = []
+    size = 0
 
     def flush() -> None:
         tmp = path / f".model-part-{len(parts) + 1:05d}.safetensors.tmp"
         if writer:
             save_file(chunk, str(tmp), metadata={"format": "pt"})
-        parts.append((tmp, list(chunk), sum(t.numel() * t.element_size() for t in chunk.values())))
+        parts.append((tmp, list(keys), size))
         chunk.clear()
+        keys.clear()
 
-    size = 0
     for key, tensor in official_tensors(model, zero_expert_stubs):
         nbytes = tensor.numel() * tensor.element_size()
-        if chunk and size + nbytes > max_shard_bytes:
+        if keys and size + nbytes > max_shard_bytes:
             flush()
             size = 0
-        chunk[key] = tensor.detach().to("cpu").contiguous() if writer else tensor
+        if writer:
+            chunk[key] = tensor.detach().to("cpu").contiguous()
+        keys.append(key)
         size += nbytes
     flush()
     if writer:
