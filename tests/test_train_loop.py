@@ -16,7 +16,7 @@ from longcat_flash.train.metrics import read_metrics
 from longcat_flash.train.trainer import TrainingStopped, resume_config, setup, train, train_step
 
 REQUIRED = {"step", "loss", "lm_loss", "lr", "tokens_per_s", "ffn_experts_per_token", "ffn_experts_target",
-            "ffn_experts_std", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "skipped"}
+            "ffn_experts_std", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "skipped", "state_bytes"}
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,15 @@ def test_repeated_failures_stop_with_a_clear_message(corpus, tmp_path, monkeypat
         train(cfg, tmp_path, progress=False)
     skipped = [r["skipped"] for r in read_metrics(tmp_path)]
     assert skipped == [False, False, True, False, False, True, True, True]
+
+
+def test_memory_savers_leave_the_losses_unchanged(corpus, tmp_path):
+    """Per-layer activation checkpointing and a chunked cross-entropy (LM and MTP) only trade compute for memory."""
+    base = tiny_config(*corpus, "max_steps=3", "dtype=float32", "eval_every=0")
+    saver = tiny_config(*corpus, "max_steps=3", "dtype=float32", "eval_every=0", "activation_checkpointing=true",
+                        "loss.logits_chunk=40")
+    train(base, tmp_path / "base", progress=False)
+    train(saver, tmp_path / "saver", progress=False)
+    for a, b in zip(read_metrics(tmp_path / "base"), read_metrics(tmp_path / "saver")):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["mtp_loss"] == pytest.approx(b["mtp_loss"], abs=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -363,6 +363,10 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     The model is built on the meta device, sharded (under torchrun), then materialised on `device` rank by rank:
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
     device = torch.device("cpu") if device is None else device
+    world = parallel.world_size()
+    if cfg.data.batch_size % (world * cfg.data.grad_accum):
+        raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
+                         f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
     set_deterministic(cfg.deterministic, device)
     seed_everything(cfg.seed)
     checkpoint = native.resolve(out) if resume else None
