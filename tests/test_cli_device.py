@@ -1,9 +1,6 @@
 """`--device` on every command that runs a model: a device this machine lacks is one line and exit status 2,
-before any work; `--device cpu` runs. Real subprocesses, as a user types them."""
+before any work; `--device cpu` runs. In-process, through the CLI's own entry point."""
 from __future__ import annotations
-
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -28,25 +25,24 @@ def model(tmp_path_factory):
     return out
 
 
-def longcat(args: list[str], tmp_path, model) -> subprocess.CompletedProcess:
-    args = [a.format(tmp=tmp_path, model=model) for a in args]
-    return subprocess.run([sys.executable, "-m", "longcat_flash.cli", *args], capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)
+def longcat(args: list[str], tmp_path, model) -> None:
+    main([a.format(tmp=tmp_path, model=model) for a in args])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("device", ["cuda", "cuda:1", "tpu"])
-def test_an_unusable_device_is_one_line_and_status_2(command, device, tmp_path, model):
-    proc = longcat(COMMANDS[command] + ["--device", device], tmp_path, model)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
+def test_an_unusable_device_is_one_line_and_status_2(command, device, tmp_path, model, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        longcat(COMMANDS[command] + ["--device", device], tmp_path, model)
+    assert exit_.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"longcat {command}: --device {device}")
     assert ("CUDA is not available" in lines[0]) if device.startswith("cuda") else ("not a device" in lines[0])
     assert not (tmp_path / "run").exists() and not (tmp_path / "fresh").exists()  # failed before any work
 
 
-def test_cpu_device_runs(tmp_path, model):
-    proc = longcat(["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "2", "--device", "cpu"],
-                   tmp_path, model)
-    assert proc.returncode == 0, proc.stderr
+def test_cpu_device_runs(tmp_path, model, capsys):
+    longcat(["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "2", "--device", "cpu"],
+            tmp_path, model)
+    assert capsys.readouterr().err == ""

@@ -40,7 +40,10 @@ def test_same_seed_is_bitwise_identical_and_resume_continues_exactly(corpus, tmp
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
     records = read_metrics(tmp_path / "a")
     assert REQUIRED <= set(records[0]) and "val_loss" in records[3] and "router_grad_ratio" in records[5]
-    assert summary["steps"] == 12 and summary["sample"].startswith("def ")
+    assert summary["steps"] == 12
+    sample = summary["sample"]  # the prompt and its continuation, in the run directory too
+    assert (tmp_path / "a" / "sample.txt").read_text() == sample + "\n"
+    assert len(sample) > len(cfg.sample_prompt) and sample.startswith(cfg.sample_prompt)
     other = train(tiny_config(*corpus, "max_steps=2", "seed=1"), tmp_path / "c", progress=False)
     assert other["steps"] == 2 and losses(tmp_path / "c")[0] != losses(tmp_path / "a")[0]
 

@@ -298,7 +298,8 @@ def main(argv: list[str] | None = None) -> None:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    tune_cpu_allocator()
+    if args.command != "serve":  # a one-shot command reuses its large blocks; a long-lived server would keep its peak
+        tune_cpu_allocator()
     try:
         args.run(args)
     except DeviceError as err:  # a usage error, like a bad flag: status 2

@@ -3,7 +3,7 @@
 Scenario (the report's, all overridable): EP=128 over H800s, 96 sequences per device, MTP with one draft token
 accepted 80% of the time (1.8 tokens per step; Qwen3 is given an equivalent speculative scheme), DeepEP
 all-to-all at 40 GB/s (1 GB = 1e9 B) with FP8 dispatch and BF16 combine, FlashMLA at 660 TFLOPS, $2 per
-GPU-hour; MLA runs data-parallel, Qwen3's GQA runs TP4 (it has 4 KV heads).
+GPU-hour; MLAShape runs data-parallel, Qwen3's GQA runs TP4 (it has 4 KV heads).
 
 How each row is computed (per device, per layer; `tokens` = sequences x (1 + draft tokens) = 96 x 2 = 192,
 because the verification forward carries the last accepted token plus the draft):
@@ -21,20 +21,20 @@ because the verification forward carries the last accepted token plus the draft)
       which GEMM rate it used; 1979 TFLOPS, the H800's dense FP8 peak, gives 76.9 / 29.3 / 58.6 µs
       (report: 77 / 29 / 60). At EP=128 every model is compute-bound, so a smaller EP only adds time.
   attention = max(core FLOPs / 660 TFLOPS, KV-cache bytes / HBM) + projection FLOPs / 660 TFLOPS, for ONE
-      attention block (LongCat's row is its first MLA, the one SBO cannot hide). Core FLOPs follow FlashMLA's
-      convention, 2·heads·S·(2·d_kv + d_rope) per query token for absorbed MLA and 2·heads·S·2·d_head for GQA;
+      attention block (LongCat's row is its first MLAShape, the one SBO cannot hide). Core FLOPs follow FlashMLA's
+      convention, 2·heads·S·(2·d_kv + d_rope) per query token for absorbed MLAShape and 2·heads·S·2·d_head for GQA;
       projections are 2 FLOPs per weight per token (q_a, q_b, kv_a, the absorbed kv_b, o). Under TP the group
       serves TP x 96 sequences and each device holds ceil(kv_heads / TP) cache heads.
 
 What cannot be reconstructed exactly: the attention row. The report states neither the context length nor
-its FLOP convention, and its LongCat block (264 µs) is 0.56x DeepSeek-V3's layer (471 µs). A LongCat MLA block
+its FLOP convention, and its LongCat block (264 µs) is 0.56x DeepSeek-V3's layer (471 µs). A LongCat MLAShape block
 has exactly half the heads, about half the projection weights and the same 576-value latent, so at one shared
 context the FLOP conventions (core only, or with projections at 660 TFLOPS or at the GEMM rate) give a ratio of
 0.49-0.50 and adding the KV-cache read time gives about 0.64; none gives 0.56, and the best shared context still
 misses one of the two by at least 5.7%. We use context 5000 (the average context of the report's measured
 LongCat rows, Table 6) and the convention above: 514 µs (+9%), 335 µs (+7%, Qwen3, KV-read-bound at 3.35 TB/s,
 an H800 figure the report does not state) and 255 µs (-3%). The error reaches LongCat's TPOT only through its
-exposed first MLA (-0.14 ms) and DeepSeek-V3's TPOT only through its three dense layers; TBO hides attention
+exposed first MLAShape (-0.14 ms) and DeepSeek-V3's TPOT only through its three dense layers; TBO hides attention
 everywhere else.
 
 Overlap:
@@ -65,7 +65,7 @@ OVERLAPS = ("SBO", "TBO")
 
 # ---- attention shapes ----
 @dataclass(frozen=True)
-class MLA:
+class MLAShape:
     """Multi-head latent attention in its absorbed decode form: one cache head of kv_lora_rank + rope values."""
 
     heads: int
@@ -135,7 +135,7 @@ class DecodeShape:
     num_layers: int
     dense_layers: int  # leading layers with a dense FFN and no all-to-all (DeepSeek-V3: first_k_dense_replace)
     hidden_size: int
-    attention: MLA | GQA
+    attention: MLAShape | GQA
     attention_tp: int  # 1 = data-parallel attention
     attention_blocks_per_layer: int  # 2 for an ScMoE layer
     dense_ffn_hidden_size: int  # ScMoE's mlps (two per layer) or the dense layers' FFN; 0 = none
@@ -162,7 +162,7 @@ def longcat_decode_shape(cfg: ModelConfig, name: str = "LongCat-Flash",
     k_e = cfg.default_ffn_expert_target if ffn_experts_per_token is None else ffn_experts_per_token
     return DecodeShape(
         name=name, num_layers=cfg.num_layers, dense_layers=0, hidden_size=cfg.hidden_size,
-        attention=MLA(cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
+        attention=MLAShape(cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,
                       cfg.qk_rope_head_dim, cfg.v_head_dim),
         attention_tp=1, attention_blocks_per_layer=2, dense_ffn_hidden_size=cfg.ffn_hidden_size,
         dense_ffn_tp=2,  # report §6.1.1: "TP2 or TP4 instead of TP8"
@@ -175,7 +175,7 @@ def longcat_decode_shape(cfg: ModelConfig, name: str = "LongCat-Flash",
 # Public config.json shapes: deepseek-ai/DeepSeek-V3 and Qwen/Qwen3-235B-A22B.
 DEEPSEEK_V3 = DecodeShape(
     name="DeepSeek-V3", num_layers=61, dense_layers=3, hidden_size=7168,
-    attention=MLA(heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+    attention=MLAShape(heads=128, q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
                   v_head_dim=128),
     attention_tp=1, attention_blocks_per_layer=1, dense_ffn_hidden_size=18432, dense_ffn_tp=1,
     n_routed_experts=256, ffn_experts_per_token=8, shared_experts=1, expert_ffn_hidden_size=2048,

@@ -76,9 +76,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """The expert-bias controller (report §2.2, docs/budget_pid.md). Per layer, per FFN expert i, each step:
-    e_i = K_e/(K*N) - T_i/(K*T_all);  Δb_i = μ_t (kp e_i + ki Σe_i + kd (e_i - e_i,prev));  zero experts fixed.
-    mode "sign" is the fixed-step rule of DeepSeek's aux-loss-free balancing, Δb_i = μ_t sign(e_i), for comparison."""
+    """The expert-bias controller's settings (report §2.2; the update rule: train/budget.py BudgetController)."""
 
     section: ClassVar[str] = "budget"
     enabled: bool = True

@@ -31,7 +31,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
 
-from .. import distributed as parallel
+from .. import distributed
 from ..checkpoint import hf, native, sharded
 from ..data import ResumableSampler, TokenDataset, build_token_shard, sample_texts, validation_batches
 from ..device import autocast as device_autocast
@@ -122,7 +122,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
     for i, micro in enumerate(micro_batches):
         with autocast(cfg, device, mesh):
             out = model(micro[:, :-1], with_mtp=with_mtp, compute_logits=False)
-            selections = None if mesh is None else parallel.global_counts(  # the balance loss's f: global batch
+            selections = None if mesh is None else distributed.global_counts(  # the balance loss's f: global batch
                 torch.stack([r.tokens_per_expert for r in out.routing]), mesh)
             terms = training_losses(out, micro[:, 1:], cfg.loss, cfg.model.n_routed_experts,
                                     cfg.ffn_expert_target, selections, head=model.lm_head)
@@ -130,8 +130,8 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
             extra = _monitors(model, out, terms, cfg)
         (terms.total / len(micro_batches)).backward()
         acc.add(terms, out)
-    parallel.average_expert_gradients(model, mesh)
-    grad_norm = parallel.clip_grad_norm_(model, cfg.optim.grad_clip or math.inf, sharded=mesh is not None)
+    distributed.average_expert_gradients(model, mesh)
+    grad_norm = distributed.clip_grad_norm_(model, cfg.optim.grad_clip or math.inf, sharded=mesh is not None)
     metrics = acc.metrics(mesh, grad_norm)  # the step's one device-to-host read
     skipped = not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]))
     lr = cfg.optim.lr * lr_factor(cfg.schedule, step, cfg.max_steps)
@@ -140,15 +140,15 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
         set_lr(optimizer, lr)
         optimizer.step()
         if controller is not None:
-            controller.update(model.routers(), parallel.global_counts(acc.counts, mesh))
-    held = parallel.state_bytes(model, optimizer)  # parameters, gradients and Adam moments on this rank
+            controller.update(model.routers(), distributed.global_counts(acc.counts, mesh))
+    held = distributed.state_bytes(model, optimizer)  # parameters, gradients and Adam moments on this rank
     optimizer.zero_grad(set_to_none=True)
     return {**metrics, "ffn_experts_target": cfg.ffn_expert_target, "lr": lr, "skipped": skipped,
             "state_bytes": held, **budget, **extra}
 
 
 def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: TrainConfig) -> dict[str, Any]:
-    with parallel.side_backward(model):
+    with distributed.side_backward(model):
         ratios = router_grad_ratio(out, terms.lm, cfg.loss, cfg.model.n_routed_experts, cfg.ffn_expert_target)
     return {"router_grad_ratio": max(ratios), "router_grad_ratio_per_layer": ratios,
             "router_cosine": router_cosine(model.routers())}
@@ -181,7 +181,7 @@ class _Accumulator:
                   for term in present.values()]
         values += [torch.stack(self.hidden_norm).mean(), ffn.mean(), ffn.std(dim=1).mean(),
                    grad_norm.detach().float().to(ffn.device)]
-        host = parallel.average(torch.cat([torch.stack(values), ffn.mean(dim=1)]), mesh).tolist()
+        host = distributed.average(torch.cat([torch.stack(values), ffn.mean(dim=1)]), mesh).tolist()
         keys = [*present, "hidden_norm", "ffn_experts_per_token", "ffn_experts_std", "grad_norm"]
         return {**dict.fromkeys(named), **dict(zip(keys, host)),
                 "ffn_experts_per_layer": [round(v, 4) for v in host[len(keys):]]}
@@ -193,13 +193,13 @@ def evaluate(model: Transformer, val: TokenDataset, cfg: TrainConfig, mesh: Devi
     device = model.lm_head.weight.device
     micro = cfg.data.batch_size // cfg.data.grad_accum
     losses = []
-    for batch in validation_batches(val, micro, max_batches=cfg.data.val_batches, rank=parallel.rank(),
-                                    world_size=parallel.world_size()):
+    for batch in validation_batches(val, micro, max_batches=cfg.data.val_batches, rank=distributed.rank(),
+                                    world_size=distributed.world_size()):
         batch = _to_device(batch, device)
         with autocast(cfg, device, mesh):
             logits = model(batch[:, :-1]).logits
         losses.append(lm_loss(logits, batch[:, 1:]))
-    return float(parallel.average(torch.stack(losses).mean().view(1), mesh))
+    return float(distributed.average(torch.stack(losses).mean().view(1), mesh))
 
 
 def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -220,7 +220,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     and the experts over ep, every rank takes its slice of the global batch, and only rank 0 writes the small
     files; `overlap` is the ScMoE overlap switch.
     """
-    main = parallel.is_main()
+    main = distributed.is_main()
     run = setup(cfg, Path(out), resume=resume, progress=progress and main, mesh=mesh, overlap=overlap,
                 device=torch.device(device))
     cfg, state = run.cfg, run.state
@@ -258,7 +258,7 @@ def _timed_step(run: Run) -> dict[str, Any]:
     batch = _to_device(run.sampler.next_batch(run.cfg.data.batch_size), run.device)  # (B, S+1)
     metrics = train_step(run.model, run.optimizer, run.controller, batch, run.cfg, run.state.step, run.mesh)
     seconds = time.perf_counter() - start
-    tokens = batch.shape[0] * (batch.shape[1] - 1) * parallel.world_size()  # the global batch
+    tokens = batch.shape[0] * (batch.shape[1] - 1) * distributed.world_size()  # the global batch
     run.state.step += 1
     run.state.tokens += tokens
     return {"step": run.state.step, **metrics, "tokens": run.state.tokens, "tokens_per_s": tokens / seconds,
@@ -291,17 +291,17 @@ def save_checkpoint(run: Run) -> Path:
     """Every rank writes its shards of the model and optimizer into one temporary directory in parallel; rank 0
     adds the small states and the manifest and renames it into place (checkpoint/native.py)."""
     root, step = run.out / CHECKPOINTS, run.state.step
-    if parallel.is_main():
+    if distributed.is_main():
         native.temporary_dir(root, step)
-    parallel.barrier()  # the directory exists, empty, before anyone writes into it
+    distributed.barrier()  # the directory exists, empty, before anyone writes into it
     tmp = native.temporary_path(root, step)
     sharded.save(tmp / SHARDED, run.sharded_state())
-    parallel.barrier()
-    if parallel.is_main():
+    distributed.barrier()
+    if distributed.is_main():
         meta = {"step": step, "train_config": run.cfg.to_dict()}
         states = {name: obj.state_dict() for name, obj in run.stateful().items()}
         native.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
-    parallel.barrier()
+    distributed.barrier()
     return native.step_dir(root, step)
 
 
@@ -309,11 +309,11 @@ def load_checkpoint(run: Run, path: Path) -> None:
     """Restore `run` from checkpoint `path`, whatever world size and layout wrote it. Each rank verifies a share
     of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces."""
     try:
-        states, _ = native.load_states(path, share=(parallel.rank(), parallel.world_size()))
+        states, _ = native.load_states(path, share=(distributed.rank(), distributed.world_size()))
         failed = ""
     except native.CheckpointError as err:
         states, failed = {}, str(err)
-    parallel.raise_if_any(failed, native.CheckpointError)
+    distributed.raise_if_any(failed, native.CheckpointError)
     for name, obj in run.stateful().items():
         if name not in states:
             raise native.CheckpointError(f"checkpoint {path} has no state for {name!r}")
@@ -342,13 +342,13 @@ def finish(run: Run) -> dict[str, Any]:
     """Write the model in the HF layout beside the tokenizer (streamed one tensor at a time: sharded weights are
     gathered one by one and rank 0 writes them), and a generated sample."""
     cfg, tok = run.cfg, run.tokenizer
-    hf.save_pretrained(run.model, run.out, writer=parallel.is_main())
+    hf.save_pretrained(run.model, run.out, writer=distributed.is_main())
     prompt = tok.encode(cfg.sample_prompt) or [tok.bos_id]
     ids = generate(run.model, prompt, cfg.sample_tokens, temperature=cfg.sample_temperature,
                    generator=torch.Generator(run.device).manual_seed(cfg.seed), eos_id=tok.eos_id,
                    max_context=cfg.data.seq_len)
     sample = cfg.sample_prompt + tok.decode(ids)
-    if parallel.is_main():
+    if distributed.is_main():
         (run.out / "sample.txt").write_text(sample + "\n")
     return {"out": str(run.out), "steps": run.state.step, "tokens": run.state.tokens,
             "skipped": run.state.skipped, "sample": sample}
@@ -363,7 +363,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     The model is built on the meta device, sharded (under torchrun), then materialised on `device` rank by rank:
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
     device = torch.device("cpu") if device is None else device
-    world = parallel.world_size()
+    world = distributed.world_size()
     if cfg.data.batch_size % (world * cfg.data.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
                          f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
@@ -373,14 +373,14 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if not resume and native.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
-    with parallel.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
-        tokenizer = build_tokenizer(cfg, out, reuse=resume or not parallel.is_main(), progress=progress)
+    with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
+        tokenizer = build_tokenizer(cfg, out, reuse=resume or not distributed.is_main(), progress=progress)
         cfg = dataclasses.replace(cfg, model=aligned_model_config(cfg.model, cfg.scaling.variance_alignment).replace(
             bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id))
         train_set, val_set = build_datasets(cfg, tokenizer, progress)
     with torch.device("meta"):
         model = Transformer(cfg.model)
-    parallel.parallelize(model, mesh, bf16=cfg.dtype == "bfloat16", overlap=overlap,
+    distributed.parallelize(model, mesh, bf16=cfg.dtype == "bfloat16", overlap=overlap,
                          activation_checkpointing=cfg.activation_checkpointing)
     model.to_empty(device=device)
     scale = init_parameters(model, cfg.scaling, cfg.seed)
@@ -388,9 +388,9 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     controller = BudgetController(cfg.budget, m.num_layers, m.n_routed_experts, m.moe_topk, cfg.ffn_expert_target,
                                   device) if cfg.budget.enabled and m.zero_expert_num else None
     run = Run(cfg, out, tokenizer, model, build_optimizer(model, cfg.optim, scale), controller,
-              ResumableSampler(train_set, cfg.seed, rank=parallel.rank(), world_size=parallel.world_size()), val_set,
+              ResumableSampler(train_set, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size()), val_set,
               TrainState(), mesh, device)
-    if parallel.is_main():
+    if distributed.is_main():
         (out / CONFIG_FILE).write_text(cfg.to_json())
     if checkpoint is not None:
         load_checkpoint(run, checkpoint)
