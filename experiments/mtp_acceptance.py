@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from common import REPO, figure, parse, run, save, series, smooth
-from longcat_flash.checkpoint import native
+from longcat_flash.checkpoint import training
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.fused import fuse_for_inference
 from longcat_flash.infer.sampling import SamplingParams
@@ -102,9 +102,9 @@ def engine_acceptance(model: Transformer, prompts: list[list[int]], new_tokens: 
 def measure(run_dir: Path, prompts: list[list[int]], windows: torch.Tensor, new_tokens: int) -> list[dict]:
     """Both figures for every checkpoint of a run, oldest first."""
     rows = []
-    for checkpoint in native.list_checkpoints(run_dir / "checkpoints"):
+    for checkpoint in training.list_checkpoints(run_dir / "checkpoints"):
         model = load_model(checkpoint)
-        step = native.read_manifest(checkpoint)["step"]
+        step = training.read_manifest(checkpoint)["step"]
         rows.append({"step": step, **teacher_forced(model, windows), **engine_acceptance(model, prompts, new_tokens)})
         print(f"[mtp_acceptance] {run_dir.name} step {step}: engine acceptance {rows[-1]['acceptance']:.3f}, "
               f"teacher-forced agreement {rows[-1]['agreement']:.3f}", flush=True)

@@ -9,6 +9,7 @@ from infer_support import one_thread  # noqa: F401  (autouse fixture)
 
 from longcat_flash.cli import main
 from longcat_flash.config import ModelConfig
+from longcat_flash.infer.engine import Engine
 from longcat_flash.tokenizer import Tokenizer
 
 
@@ -43,11 +44,18 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
 
 
 def test_chat_keeps_the_conversation(checkpoint, capsys, monkeypatch):
-    lines = iter(["hello", "/reset", "again", "/exit"])
+    """Each turn's prompt holds the turns before it; /reset drops them."""
+    lines = iter(["hello", "what next", "/reset", "again", "/exit"])
     monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    prompts = []
+    add_request = Engine.add_request
+    monkeypatch.setattr(Engine, "add_request", lambda self, prompt, *args: prompts.append(prompt) or
+                        add_request(self, prompt, *args))
     main(["chat", "--model", str(checkpoint), "--max-new-tokens", "5", "--ignore-eos"])
-    out = capsys.readouterr().out
-    assert out.count("assistant> ") == 2
+    assert capsys.readouterr().out.count("assistant> ") == 3
+    first, second, after_reset = (Tokenizer.load(checkpoint).decode(p) for p in prompts)
+    assert "hello" in first and "hello" in second and "what next" in second
+    assert "again" in after_reset and "hello" not in after_reset and "what next" not in after_reset
 
 
 def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):

@@ -1,4 +1,4 @@
-"""The theoretical decode model against report Table 7 (report.md §9.6), and its response to the knobs."""
+"""The theoretical decode model against report Table 7 (report §6.3.2), and its response to the knobs."""
 from __future__ import annotations
 
 import json

@@ -320,3 +320,34 @@ def test_validation_needs_one_full_batch() -> None:
     val = TokenDataset(np.arange(100), seq_len=8, split="val", val_fraction=0.2)
     with pytest.raises(ValueError, match="global_batch_size=8"):
         validation_batches(val, 8)
+
+
+# ---- files that are not text ----
+
+@pytest.mark.parametrize("head", [np.arange(600, dtype=np.uint16).tobytes(),  # pre-tokenized ids: NUL bytes
+                                  "caf\xe9 latin-1".encode("latin-1")])          # invalid UTF-8
+def test_a_file_that_is_not_text_is_refused_naming_it(tmp_path: Path, head: bytes) -> None:
+    path = tmp_path / "train.bin"
+    path.write_bytes(head)
+    with pytest.raises(ValueError, match=r"train\.bin is not UTF-8 text.*directory of .*\.jsonl with a 'text'"):
+        list(iter_documents(path))
+    (tmp_path / "dir").mkdir()
+    path.rename(tmp_path / "dir" / "notes.txt")
+    with pytest.raises(ValueError, match=r"notes\.txt is not UTF-8 text"):
+        list(iter_documents(tmp_path / "dir"))
+
+
+def test_text_cut_mid_character_at_the_checked_head_is_text(tmp_path: Path) -> None:
+    text = "a" * 1023 + "é and more"  # 'é' straddles the first 1024 bytes
+    (tmp_path / "a.txt").write_text(text, encoding="utf-8")
+    assert list(iter_documents(tmp_path / "a.txt")) == [text]
+
+
+def test_cli_train_refuses_a_binary_corpus(tmp_path: Path) -> None:
+    from longcat_flash.cli import main
+
+    (tmp_path / "random.bin").write_bytes(np.random.default_rng(0).bytes(4096))
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--preset", "tiny", "--data", str(tmp_path / "random.bin"), "--out", str(tmp_path / "run"),
+              "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert "longcat train:" in str(exc.value.code) and "random.bin is not UTF-8 text" in str(exc.value.code)

@@ -16,7 +16,7 @@ import torch
 from test_distributed import torchrun
 from train_support import make_corpus, tiny_config
 
-from longcat_flash.checkpoint import native
+from longcat_flash.checkpoint import training
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.train.metrics import read_metrics
 from longcat_flash.train.trainer import resume_config, train
@@ -94,7 +94,7 @@ def test_world4_checkpoint_resumes_in_one_process(runs):
 
 
 def test_checkpoints_are_sharded_per_rank(runs):
-    files = native.read_manifest(runs / "w4_ep2" / "checkpoints" / "step_00000020")["files"]
+    files = training.read_manifest(runs / "w4_ep2" / "checkpoints" / "step_00000020")["files"]
     shards = [entry["file"] for entry in files.values() if entry["file"].startswith("sharded/")]
     assert len(shards) == 4  # one file per rank, written in parallel
 

@@ -9,9 +9,15 @@ from longcat_flash.infer.cache import CacheConfig, CacheFull, PagedLatentCache
 from longcat_flash.presets import tiny
 
 
-def small_cache(pages: int = 9, page_size: int = 4, dtype=torch.float32) -> PagedLatentCache:
+def small_cache(pages: int = 9, page_size: int = 4, dtype=torch.float32, absorb_max_tokens: int = 16
+                ) -> PagedLatentCache:
     return PagedLatentCache(CacheConfig.for_model(tiny(), max_tokens=(pages - 1) * page_size, page_size=page_size,
-                                                  dtype=dtype))
+                                                  dtype=dtype), absorb_max_tokens=absorb_max_tokens)
+
+
+def always(absorb: bool) -> int:
+    """The `absorb_max_tokens` that sends every batch down one attention path."""
+    return 10**9 if absorb else 0
 
 
 def test_pages_are_allocated_truncated_and_freed():
@@ -49,9 +55,17 @@ def test_view_writes_by_position_and_masks_causally():
     assert mask[1, 1].tolist() == [True] + [False] * 5  # padding sees one slot, never an empty row
 
 
-def run_paged(model, seqs: list[list[int]], split: int) -> list[torch.Tensor]:
-    """Prefill each sequence up to `split` in one padded batch, then decode the rest one token per step."""
-    cache = small_cache(pages=33)
+def test_each_view_carries_its_batchs_attention_path():
+    cache = small_cache(absorb_max_tokens=2)
+    cache.ensure(0, 8)
+    assert cache.view([0], torch.arange(2)[None]).absorb  # 2 new tokens per row: absorbed
+    assert not cache.view([0], torch.arange(3)[None]).absorb  # 3: naive, and the earlier view is unchanged
+
+
+def run_paged(model, seqs: list[list[int]], split: int, absorb: bool) -> list[torch.Tensor]:
+    """Prefill each sequence up to `split` in one padded batch, then decode the rest one token per step, every
+    forward on the absorbed (or the naive) attention path."""
+    cache = small_cache(pages=33, absorb_max_tokens=always(absorb))
     ids = list(range(len(seqs)))
     for i, s in enumerate(seqs):
         cache.ensure(i, len(s))
@@ -75,13 +89,10 @@ def run_paged(model, seqs: list[list[int]], split: int) -> list[torch.Tensor]:
 @pytest.mark.parametrize("absorb", [True, False])
 def test_incremental_paged_decode_equals_full_forward(absorb):
     model = randomized()
-    for module in model.modules():
-        if hasattr(module, "absorb"):
-            module.absorb = absorb
     g = torch.Generator().manual_seed(3)
     seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (11, 6, 14)]
     with torch.no_grad():
-        paged = run_paged(model, seqs, split=5)
+        paged = run_paged(model, seqs, split=5, absorb=absorb)
         for seq, got in zip(seqs, paged):
             torch.testing.assert_close(got, model(torch.tensor([seq])).logits[0], atol=2e-5, rtol=1e-4)
 
@@ -90,12 +101,7 @@ def test_absorbed_equals_naive_over_a_padded_paged_batch():
     model = randomized()
     g = torch.Generator().manual_seed(4)
     seqs = [torch.randint(0, 256, (n,), generator=g).tolist() for n in (9, 4)]
-    results = []
     with torch.no_grad():
-        for absorb in (True, False):
-            for module in model.modules():
-                if hasattr(module, "absorb"):
-                    module.absorb = absorb
-            results.append(run_paged(model, seqs, split=3))
+        results = [run_paged(model, seqs, split=3, absorb=absorb) for absorb in (True, False)]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)

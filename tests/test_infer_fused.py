@@ -27,6 +27,19 @@ def test_every_module_has_its_twin(pair):
     assert isinstance(layer.mlps[0], FusedMLP) and isinstance(layer.mlp, FusedMoE)
 
 
+def test_a_fused_attention_has_every_attribute_of_its_mla(pair):
+    """FusedMLA is built as an MLA of the same config, so a field added to MLA reaches it too."""
+    model, fused = pair
+    mla, twin = model.model.layers[0].self_attn[0], fused.model.layers[0].self_attn[0]
+    fields = {name: value for name, value in vars(mla).items() if not name.startswith("_") and name != "training"}
+    folded = {"q_scale", "kv_scale"}  # 1.0 in the twin: folded into its weights
+    assert {name: getattr(twin, name, "missing") for name in fields.keys() - folded} == {
+        name: value for name, value in fields.items() if name not in folded}
+    assert (twin.q_scale, twin.kv_scale) == (1.0, 1.0) and mla.q_scale != 1.0
+    fused_away = {"q_a_proj", "kv_a_proj_with_mqa"}  # one qkv_a_proj in the twin
+    assert {name for name, _ in mla.named_children()} - fused_away <= {name for name, _ in twin.named_children()}
+
+
 @pytest.mark.parametrize("tokens", [1, 3, 40])  # host-routed MoE for few tokens, sorted dispatch for many
 def test_fused_modules_match(pair, tokens):
     model, fused = pair

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import copy
+import os
+import shutil
 
 import pytest
 import torch
 from infer_support import one_thread, randomized  # noqa: F401  (autouse fixture)
 
 from longcat_flash.infer import kernels, quant
-from longcat_flash.infer.experts import LoopExperts, use_loop_experts
+from longcat_flash.infer.experts import PlainHitExperts, use_hit_experts
 from longcat_flash.model.moe import Experts
 
 FORMATS = ["int8"] + (["fp8"] if hasattr(torch, "float8_e4m3fn") else [])
@@ -45,11 +47,11 @@ def test_quant_linear_matches_the_dequantized_reference():
     torch.testing.assert_close(q(x), lin(x), atol=0.05, rtol=0.05)
 
 
-def test_loop_experts_equal_grouped_experts():
+def test_hit_experts_equal_grouped_experts():
     experts = Experts(6, 64, 32)
     torch.nn.init.normal_(experts.gate_up_proj, 0, 0.1)
     torch.nn.init.normal_(experts.down_proj, 0, 0.1)
-    loop = LoopExperts(experts.gate_up_proj.data, experts.down_proj.data)
+    loop = PlainHitExperts(experts.gate_up_proj.data, experts.down_proj.data)
     counts = torch.tensor([3, 0, 0, 5, 1, 0])
     x = torch.randn(9, 64)
     torch.testing.assert_close(loop(x, counts), experts(x, counts), atol=1e-6, rtol=1e-5)
@@ -58,7 +60,7 @@ def test_loop_experts_equal_grouped_experts():
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_quantized_model_stays_close_and_saves_memory(fmt):
     model = randomized()
-    use_loop_experts(model)
+    use_hit_experts(model)
     ids = torch.randint(0, 256, (2, 12))
     with torch.no_grad():
         reference = model(ids).logits
@@ -87,11 +89,35 @@ def test_mixed_precision_keeps_the_extreme_units():
     assert type(kept) is type(before.get_submodule(choice.kept[0]))
 
 
+@pytest.fixture
+def kernel_rows(monkeypatch) -> list[int]:
+    """Row counts of the calls that reached the compiled kernel. Skips where this machine cannot build it (no
+    AVX-512, no C++ compiler); LONGCAT_KERNELS=0 is no reason to skip, so the tests using this fail with it."""
+    if "avx512" not in torch.backends.cpu.get_cpu_capability().lower():
+        pytest.skip("the block-quantized kernel needs a CPU with AVX-512")
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("the block-quantized kernel needs a C++ compiler to build")
+    build, rows = kernels._extension, []
+
+    class Counted:
+        def __init__(self, ext) -> None:
+            self.ext = ext
+
+        def block_linear(self, x, values, scales):
+            rows.append(x.shape[0])
+            return self.ext.block_linear(x, values, scales)
+
+    monkeypatch.setattr(kernels, "_extension", lambda: None if build() is None else Counted(build()))
+    return rows
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_kernel_paths_agree(fmt):
-    """The fused kernel (if it builds here) == dequantize + F.linear, for every row count and an odd shape."""
+def test_kernel_equals_the_reference(fmt, kernel_rows):
+    """The compiled kernel == dequantize + F.linear, in fp32 and bf16, for row counts up to its limit (every
+    8-row chunk size and a remainder) and an odd shape (partial blocks both ways)."""
     values, scales = quant.quantize_blockwise(torch.randn(300, 520), fmt)
-    for rows in (1, 3, 8, 13, 32, 40):
+    row_counts = (1, 3, 8, 13, kernels.MAX_KERNEL_ROWS)
+    for rows in row_counts:
         x = torch.randn(rows, 520)
         expected = kernels.block_linear_reference(x, values, scales)
         torch.testing.assert_close(kernels.block_linear(x, values, scales), expected, atol=1e-3, rtol=1e-4)
@@ -99,3 +125,12 @@ def test_kernel_paths_agree(fmt):
         assert half.dtype == torch.bfloat16
         torch.testing.assert_close(half.float(), kernels.block_linear_reference(x.bfloat16().float(), values, scales),
                                    atol=0.2, rtol=1e-2)  # bf16 output rounding at magnitudes ~20
+    assert kernel_rows == [rows for rows in row_counts for _ in ("fp32", "bf16")]  # all through the kernel
+
+
+def test_more_rows_than_the_kernel_takes_go_to_the_reference(kernel_rows):
+    values, scales = quant.quantize_blockwise(torch.randn(300, 520), "int8")
+    x = torch.randn(kernels.MAX_KERNEL_ROWS + 1, 520)
+    torch.testing.assert_close(kernels.block_linear(x, values, scales),
+                               kernels.block_linear_reference(x, values, scales))
+    assert kernel_rows == []

@@ -12,7 +12,8 @@ from longcat_flash.presets import longcat_flash, tiny
 class ContiguousCache:
     """Minimal LatentCache for one batch of equal-length sequences (the paged one lives in infer/)."""
 
-    def __init__(self) -> None:
+    def __init__(self, absorb: bool = True) -> None:
+        self.absorb = absorb
         self.latent: dict[int, torch.Tensor] = {}
         self.k_rope: dict[int, torch.Tensor] = {}
 
@@ -72,12 +73,9 @@ def test_mtp_reads_next_token_and_normed_hidden():
 @pytest.mark.parametrize("absorb", [True, False])
 def test_incremental_decode_equals_full_forward(absorb):
     model = randomized()
-    for module in model.modules():
-        if hasattr(module, "absorb"):
-            module.absorb = absorb
     ids = torch.randint(0, 256, (2, 10))
     full = model(ids).logits
-    cache = ContiguousCache()
+    cache = ContiguousCache(absorb)
     prefill = model(ids[:, :4], cache=cache).logits
     steps = [prefill]
     for t in range(4, 10):
@@ -99,13 +97,20 @@ def test_absorbed_equals_naive_attention():
     torch.testing.assert_close(attn(x, rope), naive, atol=1e-5, rtol=1e-4)
 
 
-def test_variance_alignment_scales():
+def test_variance_alignment_scales_the_queries_and_the_latent():
+    """Report §4.1: with the same weights, the queries come out sqrt(D/Q) larger and the cached latent
+    sqrt(D/C) larger than without the scales (tiny: D 64, Q 32, C 16)."""
     cfg = tiny()
-    model = Transformer(cfg)
-    attn = model.model.layers[0].self_attn[0]
-    assert attn.q_scale == pytest.approx((64 / 32) ** 0.5) and attn.kv_scale == pytest.approx((64 / 16) ** 0.5)
-    off = Transformer(cfg.replace(mla_scale_q_lora=False, mla_scale_kv_lora=False)).model.layers[0].self_attn[0]
-    assert (off.q_scale, off.kv_scale) == (1.0, 1.0)
+    on = randomized(cfg)
+    off = Transformer(cfg.replace(mla_scale_q_lora=False, mla_scale_kv_lora=False))
+    off.load_state_dict(on.state_dict())
+    x = torch.randn(2, 5, 64)
+    rope = on.model.rotary(torch.arange(5).expand(2, 5), x.dtype)
+    attn_on, attn_off = on.model.layers[0].self_attn[0], off.model.layers[0].self_attn[0]
+    for scaled, plain in zip(attn_on.queries(x, rope), attn_off.queries(x, rope)):
+        torch.testing.assert_close(scaled, plain * 2 ** 0.5)
+    torch.testing.assert_close(attn_on.latents(x, rope)[0], attn_off.latents(x, rope)[0] * 2.0)
+    torch.testing.assert_close(attn_on.latents(x, rope)[1], attn_off.latents(x, rope)[1])  # k_rope unscaled
 
 
 def test_full_shape_builds_on_meta_device():
@@ -114,9 +119,15 @@ def test_full_shape_builds_on_meta_device():
     assert 560e9 < model.num_parameters() < 563e9  # 560.7B trunk + 1.2B MTP head
 
 
-def test_tied_embeddings_share_storage():
-    model = Transformer(tiny().replace(tie_word_embeddings=True))
-    assert model.lm_head.weight is model.model.embed_tokens.weight
+def test_tied_embeddings_are_one_matrix():
+    """The head reads the embedding matrix, also after it changes, and it is counted once."""
+    cfg = tiny()
+    model = Transformer(cfg.replace(tie_word_embeddings=True))
+    assert Transformer(cfg).num_parameters() - model.num_parameters() == cfg.vocab_size * cfg.hidden_size
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7].mul_(3.0)  # what a training step on the embedding does to a row
+        out = model(torch.randint(0, 256, (1, 4)))
+    torch.testing.assert_close(out.logits, out.final_hidden @ model.model.embed_tokens.weight.T)
 
 
 def test_with_mtp_needs_a_head():

@@ -1,4 +1,5 @@
-"""Parameter bookkeeping vs an independent enumeration of the official checkpoint's tensors (architecture.md §3)."""
+"""Parameter bookkeeping vs an independent enumeration of the official checkpoint's tensors
+(docs/architecture.md §3)."""
 from __future__ import annotations
 
 import json
@@ -133,7 +134,7 @@ def test_tied_embedding_stays_active_as_the_head() -> None:
 
 def test_kv_cache_bytes_per_token() -> None:
     r = param_report(longcat_flash())
-    assert r.kv_cache_latent_bytes_per_token == 56 * 576 * 2 == 64_512  # architecture.md §6.2
+    assert r.kv_cache_latent_bytes_per_token == 56 * 576 * 2 == 64_512  # docs/architecture.md §6.2
     assert r.kv_cache_expanded_bytes_per_token == 56 * 64 * (192 + 128) * 2
     assert param_report(longcat_flash(), bytes_per_value=1).kv_cache_latent_bytes_per_token == 32_256
 

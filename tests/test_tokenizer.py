@@ -6,7 +6,8 @@ import re
 
 import pytest
 
-from longcat_flash.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, _compile_template, train_tokenizer
+from longcat_flash.tokenizer import (DEFAULT_CHAT_TEMPLATE, STDLIB_MIN_VOCAB, Tokenizer, _compile_template,
+                                     stdlib_tokenizer, train_tokenizer)
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -220,3 +221,11 @@ def test_auto_tokenizer_reads_checkpoint_dir(tok: Tokenizer, tmp_path) -> None:
     resaved = Tokenizer.load(tmp_path / "resaved")
     assert resaved.apply_chat_template(CHAT) == tok.apply_chat_template(CHAT)
     assert resaved.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP) and resaved.eos_id == 2
+
+
+def test_stdlib_tokenizer_needs_no_corpus_and_fits_a_tiny_vocabulary() -> None:
+    tok = stdlib_tokenizer(256, model_max_length=128)  # the tiny preset asks for fewer ids than bytes + specials
+    assert tok.vocab_size == STDLIB_MIN_VOCAB and tok.model_max_length == 128
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
+    text = "def main(argv):\n    return parse(argv)  # ünï 🙂"
+    assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text.encode())

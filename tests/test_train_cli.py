@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from train_support import make_corpus, tiny_overrides
 
-from longcat_flash.checkpoint import native
+from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
 from longcat_flash.train.metrics import read_metrics
 
@@ -45,7 +45,7 @@ def test_print_config_shows_overrides(capsys):
 def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path):
     assert "no checkpoint found" in run_cli("train", "--resume", str(tmp_path))
     root = tmp_path / "run" / "checkpoints"
-    path = native.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
+    path = training.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
     (path / "model.safetensors").write_bytes(b"garbage")
     assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
 
@@ -69,14 +69,14 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path: P
 
     victim = subprocess.Popen(_train_cmd(tmp_path / "killed", corpus, cache), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "killed" / "checkpoints" / "step_00000010" / native.MANIFEST
+    first = tmp_path / "killed" / "checkpoints" / "step_00000010" / training.MANIFEST
     deadline = time.monotonic() + 120
     while not first.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
     os.kill(victim.pid, signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    killed_at = native.latest_checkpoint(tmp_path / "killed" / "checkpoints").name
+    killed_at = training.latest_checkpoint(tmp_path / "killed" / "checkpoints").name
     assert not (tmp_path / "killed" / "model.safetensors").exists()
 
     done = subprocess.run([sys.executable, "-m", "longcat_flash.cli", "train", "--resume",

@@ -33,7 +33,7 @@ _ALIASES = {
 
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """LongCat-Flash shape. Field names are the official `config.json` names (see architecture.md §2)."""
+    """LongCat-Flash shape. Field names are the official `config.json` names (see docs/architecture.md §2)."""
 
     vocab_size: int = 131072
     hidden_size: int = 6144

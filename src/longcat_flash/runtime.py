@@ -1,4 +1,6 @@
-"""Process-wide settings that make PyTorch fast on a CPU; the CLI and the benchmarks call them once at start.
+"""Process-wide settings that make PyTorch fast on a CPU; one-shot commands and the benchmarks call them at start.
+
+`longcat serve` does not: a long-lived server would hold the peak memory of its largest request for its life.
 
 PyTorch's CPU allocator caches nothing: every tensor is a malloc. glibc serves large mallocs (above a threshold
 that grows only up to 32 MB) with fresh mmap pages and gives freed heap memory back to the OS, so the same

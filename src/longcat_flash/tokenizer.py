@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import sysconfig
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,10 @@ DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_lengt
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves the template; it wins over the config key
+# A handful of large, plain-text-heavy stdlib modules: enough merges for a useful tokenizer in ~1 s.
+STDLIB_SAMPLE_FILES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py", "dataclasses.py", "functools.py",
+                       "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
+STDLIB_MIN_VOCAB = 512  # 256 bytes + 3 special tokens leave no merges below this; tiny presets ask for 256
 
 # LongCat style: "SYSTEM:{s} [Round 0] USER:{u} ASSISTANT:{a}</s>[Round 1] USER:{u} ASSISTANT:".
 # `_render_default_chat` is its pure-Python twin (used without jinja2); a test keeps the two identical.
@@ -194,6 +199,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Seque
     backend.train_from_iterator(texts, trainer=trainer)
     pad, bos, eos = special_tokens[:3]
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad)
+
+
+def stdlib_tokenizer(vocab_size: int, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Tokenizer:
+    """A byte-level BPE of at least STDLIB_MIN_VOCAB ids trained in ~1 s on a few stdlib modules: a tokenizer
+    for checkpoints that need one now and no corpus (`longcat init`, tests, benchmarks)."""
+    tokenizer = train_tokenizer(_stdlib_sample(), max(vocab_size, STDLIB_MIN_VOCAB))
+    tokenizer.model_max_length = model_max_length
+    return tokenizer
+
+
+def _stdlib_sample() -> list[str]:
+    root = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(root / name).read_text(encoding="utf-8") for name in STDLIB_SAMPLE_FILES if (root / name).is_file()]
+    if not texts:
+        raise FileNotFoundError(f"none of {STDLIB_SAMPLE_FILES} found under {root}")
+    return texts
 
 
 def _validate_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:

@@ -1,10 +1,10 @@
 """Analytic parameter, KV-cache and FLOP bookkeeping for a ModelConfig, in the official checkpoint's layout.
 
-Every count here follows the tensor list of the released checkpoint (architecture.md §3), so `total` equals the
+Every count here follows the tensor list of the released checkpoint (docs/architecture.md §3), so `total` equals the
 number of elements in `model.*` + `lm_head.weight` (the `e_score_correction_bias` buffers excluded) and `mtp` the
 number in `model.mtp.*`.
 
-Conventions (they are what reproduce the report's 560B / 18.6B / 27B / 31.3B, report.md §1):
+Conventions (they are what reproduce the report's 560B / 18.6B / 27B / 31.3B, report §1):
   * active parameters per token = everything a token's forward pass multiplies or reads, except the input
     embedding row lookup and the FFN experts it did not select. The lm_head IS counted, the router and all
     norms are counted, zero experts have no parameters. With `tie_word_embeddings` the one shared [V, H] matrix
@@ -99,7 +99,7 @@ def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, cont
     )
 
 
-# ---- components, each the sum of its checkpoint tensors (architecture.md §3.2 / §3.3) ----
+# ---- components, each the sum of its checkpoint tensors (docs/architecture.md §3.2 / §3.3) ----
 def _mla_weights(cfg: ModelConfig) -> int:
     """The five projection matrices of one MLA block: q_a, q_b, kv_a_with_mqa, kv_b, o."""
     h, d = cfg.num_attention_heads, cfg.hidden_size

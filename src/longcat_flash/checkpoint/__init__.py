@@ -1,1 +1,1 @@
-"""Checkpoint formats: the official HF layout (hf.py) and training state (native.py)."""
+"""Checkpoint formats: the official HF layout (hf.py) and training state (training.py)."""

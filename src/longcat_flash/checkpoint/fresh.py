@@ -1,4 +1,5 @@
-"""A fresh checkpoint in seconds: random weights for a preset plus a byte-level BPE trained on a few stdlib files.
+"""A fresh checkpoint in seconds: random weights for a preset plus a byte-level BPE trained on a few stdlib files
+(`tokenizer.stdlib_tokenizer`).
 
 `longcat init` writes one, so tests, benchmarks and the server run with no download and no training. The directory
 is a normal checkpoint (config.json, safetensors in the official layout, tokenizer.json, tokenizer_config.json).
@@ -7,35 +8,16 @@ bytes + 3 special tokens); unused ids are harmless, as in released models that p
 """
 from __future__ import annotations
 
-import sysconfig
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
 from ..model.layers import RotaryEmbedding
-from ..tokenizer import Tokenizer, train_tokenizer
+from ..tokenizer import stdlib_tokenizer
 from .hf import LongcatFlash
 
-# A handful of large, plain-text-heavy stdlib modules: enough merges for a useful tokenizer in ~1 s.
-TOKENIZER_SOURCES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py", "dataclasses.py", "functools.py",
-                     "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
-MIN_VOCAB = 512
 DIRECT_MAX_PARAMS = 2 * 10**9  # above this, build on meta and initialise once on the device (random_model)
-
-
-def stdlib_sample() -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(root / name).read_text(encoding="utf-8") for name in TOKENIZER_SOURCES if (root / name).is_file()]
-    if not texts:
-        raise FileNotFoundError(f"none of {TOKENIZER_SOURCES} found under {root}")
-    return texts
-
-
-def fresh_tokenizer(cfg: ModelConfig) -> Tokenizer:
-    tokenizer = train_tokenizer(stdlib_sample(), max(cfg.vocab_size, MIN_VOCAB))
-    tokenizer.model_max_length = cfg.max_position_embeddings
-    return tokenizer
 
 
 def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
@@ -65,7 +47,7 @@ def init_checkpoint(cfg: ModelConfig, out: str | Path, *, dtype: torch.dtype = t
                     std: float | None = None, device: torch.device = torch.device("cpu")) -> Path:
     """Write random weights (see `random_model`, built on `device`) and a fresh tokenizer to `out`."""
     out = Path(out)
-    tokenizer = fresh_tokenizer(cfg)
+    tokenizer = stdlib_tokenizer(cfg.vocab_size, cfg.max_position_embeddings)
     if tokenizer.vocab_size > cfg.vocab_size:
         cfg = cfg.replace(vocab_size=tokenizer.vocab_size)
     random_model(cfg, seed=seed, std=std, device=device).to(dtype).save_pretrained(out)  # copied out per tensor

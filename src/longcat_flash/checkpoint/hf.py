@@ -1,4 +1,4 @@
-"""Safetensors I/O in the official Hugging Face layout of LongCat-Flash (architecture.md §3).
+"""Safetensors I/O in the official Hugging Face layout of LongCat-Flash (docs/architecture.md §3).
 
 Our module names already are the official ones, with two exceptions, both declared in the tables below:
   * FFN experts are stacked for grouped compute: native `mlp.experts.gate_up_proj` (E, 2F, D) and
@@ -22,6 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
 from ..model.layers import RotaryEmbedding
 
@@ -29,9 +30,9 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-FP32_KEYS = re.compile(r"\.mlp\.router\.")  # router weight and correction bias stay fp32 (architecture.md §5.1)
+FP32_KEYS = re.compile(r"\.mlp\.router\.")  # router weight and correction bias stay fp32 (docs/architecture.md §5.1)
 
-# official prefix <-> native prefix, for the MTP head (architecture.md §3.3)
+# official prefix <-> native prefix, for the MTP head (docs/architecture.md §3.3)
 MTP_PREFIXES = [
     ("model.mtp.layers.0.enorm.m.", "model.mtp.enorm."),
     ("model.mtp.layers.0.hnorm.m.", "model.mtp.hnorm."),
@@ -224,16 +225,13 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     path = Path(path)
     if writer:
         path.mkdir(parents=True, exist_ok=True)
-    parts: list[tuple[Path, list[str], int]] = []  # (temporary file, keys, bytes)
+    parts: list[tuple[Path | None, list[str], int]] = []  # (temp file or None off the writer, keys, bytes)
     chunk: dict[str, torch.Tensor] = {}  # the writer's next file (other ranks keep only its keys)
     keys: list[str] = []
     size = 0
 
     def flush() -> None:
-        tmp = path / f".model-part-{len(parts) + 1:05d}.safetensors.tmp"
-        if writer:
-            save_file(chunk, str(tmp), metadata={"format": "pt"})
-        parts.append((tmp, list(keys), size))
+        parts.append((_write_part(path, len(parts) + 1, chunk) if writer else None, list(keys), size))
         chunk.clear()
         keys.clear()
 
@@ -251,7 +249,14 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
         _commit_parts(model, path, parts)
 
 
-def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path, list[str], int]]) -> None:
+def _write_part(path: Path, number: int, tensors: dict[str, torch.Tensor]) -> Path:
+    """Write one file of the export under a temporary name (renamed with the others once all are written)."""
+    with temporary_file(path / f"model-part-{number:05d}.safetensors") as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
+    return tmp
+
+
+def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None, list[str], int]]) -> None:
     """Rename the written parts to their final names, write the index (when sharded) and config.json."""
     names = [SINGLE_FILE] if len(parts) == 1 else [
         f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
@@ -262,18 +267,12 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path, list[s
         stale.unlink()
     if len(parts) > 1:
         index = {"metadata": {"total_size": sum(p[2] for p in parts)}, "weight_map": weight_map}
-        _atomic_write(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
+        atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
     elif (path / INDEX_FILE).exists():
         (path / INDEX_FILE).unlink()
     config = model.config.to_dict()
     config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
-    _atomic_write(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-
-
-def _atomic_write(file: Path, text: str) -> None:
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, file)
+    atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 class LongcatFlash(Transformer):

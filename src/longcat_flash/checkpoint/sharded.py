@@ -5,7 +5,7 @@ each piece's offset in the full tensor is in that file's safetensors metadata (D
 docs/checkpoint.md). Reading rebuilds the global layout from those headers alone, and each rank reads exactly
 the slices its own shards need: another world size or (dp, ep) layout reshards on load, and no rank ever holds
 a full expert stack or the full optimizer state. Nothing is pickled in either direction: a state handed to
-`save` must hold tensors only (the JSON-able rest goes to checkpoint/native.py's files).
+`save` must hold tensors only (the JSON-able rest goes to checkpoint/training.py's files).
 
 Under a process group every rank calls `save` and `load` (collectives); in one process they work alone.
 """

@@ -1,6 +1,6 @@
 """Paged latent KV cache: a preallocated pool of fixed-size pages, per-sequence page tables, rollback.
 
-What is stored (architecture.md §6.2, docs/latent_cache.md): per attention block and token, only the normalised,
+What is stored (docs/architecture.md §6.2, docs/latent_cache.md): per attention block and token, only the normalised,
 scaled latent `c` (C values) and the rotated rope key (R values), side by side in one row of C+R values, the
 MQA-style layout SGLang/vLLM use. The expanded per-head K/V are never cached; the absorbed decode path attends
 over these rows directly.
@@ -24,6 +24,7 @@ import torch
 from ..config import ModelConfig
 
 SCRATCH_PAGE = 0
+ABSORB_MAX_TOKENS = 16  # rows of at most this many new tokens attend absorbed; longer ones naive
 
 
 def padded_batch(rows: list[list[int]], starts: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +70,18 @@ class CacheConfig:
 
 
 class PagedLatentCache:
-    """The pool, a free list of pages and one page table per sequence. Not thread-safe: one engine owns it."""
+    """The pool, a free list of pages and one page table per sequence. Not thread-safe: one engine owns it.
 
-    def __init__(self, config: CacheConfig, device: str | torch.device = "cpu") -> None:
-        self.config = config
+    Each view also carries its batch's attention path (LatentCache.absorb): absorbed for rows of at most
+    `absorb_max_tokens` new tokens, where it is cheaper (decode, drafts), naive for longer prefill chunks
+    (docs/architecture.md §6.3). The rule lives here so the trunk's and the MTP head's forwards follow it alike."""
+
+    def __init__(self, config: CacheConfig, device: str | torch.device = "cpu",
+                 absorb_max_tokens: int = ABSORB_MAX_TOKENS) -> None:
+        self.config, self.absorb_max_tokens = config, absorb_max_tokens
         G, P = config.page_size, config.num_pages
-        self.pool = torch.zeros(config.num_blocks, P * G, config.width, dtype=config.dtype, device=device)  # (A, P*G, C+R)
+        self.pool = torch.zeros(config.num_blocks, P * G, config.width, dtype=config.dtype,
+                                device=device)  # (A, P*G, C+R)
         self._free = list(range(P - 1, SCRATCH_PAGE, -1))  # pop() hands out low page ids first
         self.tables: dict[int, list[int]] = {}
 
@@ -143,15 +150,16 @@ class PagedLatentCache:
         mask[:, :, 0] |= pad  # padded queries see one (scratch-safe) slot, so no softmax row is empty
         write, read, mask = (t.to(self.pool.device, non_blocking=True)
                              for t in (write.reshape(-1), read.reshape(-1), mask))  # (B*S,), (B*L,), (B, S, L)
-        return BatchView(self, write, read, mask, (B, S, L))
+        return BatchView(self, write, read, mask, (B, S, L), absorb=S <= self.absorb_max_tokens)
 
 
 class BatchView:
     """Implements model.attention.LatentCache for one forward over a fixed set of rows and positions."""
 
     def __init__(self, cache: PagedLatentCache, write: torch.Tensor, read: torch.Tensor, mask: torch.Tensor,
-                 shape: tuple[int, int, int]) -> None:
+                 shape: tuple[int, int, int], absorb: bool) -> None:
         self.cache, self.write, self.read, self.mask, self.shape = cache, write, read, mask, shape
+        self.absorb = absorb  # this forward's attention path (LatentCache.absorb)
 
     def update(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -2,7 +2,7 @@
 
 One step runs at most two forwards over the paged latent cache: the decoding rows (1 token each, or 1 + k with
 MTP speculation) attending absorbed over the latent, and the prefill chunks (padded into one batch) on the naive
-path, which is cheaper for long chunks (architecture.md §6.3). Logits are computed only where a token is sampled.
+path, which is cheaper for long chunks (docs/architecture.md §6.3). Logits are computed only where a token is sampled.
 Text, chat templates and stop strings live in the server and CLI; they reach the engine as a `stop` callback.
 
 Shapes: B rows, S tokens per row, D model dim, V vocabulary.
@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..model import MLA
-from .cache import CacheConfig, PagedLatentCache, padded_batch
+from .cache import ABSORB_MAX_TOKENS, CacheConfig, PagedLatentCache, padded_batch
 from .sampling import SamplingParams, sample
 from .scheduler import Scheduler, SchedulerConfig, Sequence
 from .speculative import Draft, DraftStats, MTPDrafter, verify
@@ -33,7 +32,7 @@ class EngineConfig:
     cache_tokens: int = 65536  # pool size in tokens, over all sequences
     max_waiting: int = 256
     speculative: int = 0  # MTP drafts per step; 0 = off
-    absorb_max_tokens: int = 16  # rows of at most this many tokens attend absorbed; longer ones naive
+    absorb_max_tokens: int = ABSORB_MAX_TOKENS  # rows of at most this many tokens attend absorbed; longer naive
 
     def scheduler_config(self) -> SchedulerConfig:
         # A decoding row writes its k drafts' trunk slots and then chains k more MTP slots: 2k positions ahead.
@@ -84,7 +83,7 @@ class Engine:
         k = self.config.speculative
         cache_cfg = CacheConfig.for_model(cfg, max_tokens=self.config.cache_tokens, page_size=self.config.page_size,
                                           with_mtp=k > 0, dtype=dtype)
-        self.cache = PagedLatentCache(cache_cfg, device=self.device)
+        self.cache = PagedLatentCache(cache_cfg, device=self.device, absorb_max_tokens=self.config.absorb_max_tokens)
         self.scheduler = Scheduler(self.config.scheduler_config())
         self.drafter = MTPDrafter(model, self.cache, k) if k else None
         self.requests: dict[int, Request] = {}
@@ -92,7 +91,6 @@ class Engine:
         self.max_context = cfg.max_position_embeddings
         self.vocab_size, self.eos_id = cfg.vocab_size, cfg.eos_token_id
         self._ids = itertools.count()
-        self._attention = [m for m in model.modules() if isinstance(m, MLA)]
 
     # ---- requests ----
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
@@ -155,9 +153,7 @@ class Engine:
     def _forward(self, seqs: list[Sequence], chunks: list[list[int]]) -> torch.Tensor:
         """Trunk forward over each seq's chunk at positions computed.., padded -> final hidden (B, S, D)."""
         ids, positions = padded_batch(chunks, [s.computed for s in seqs])  # (B, S) each, on the host
-        view = self.cache.view([s.id for s in seqs], positions)
-        for attn in self._attention:
-            attn.absorb = ids.shape[1] <= self.config.absorb_max_tokens
+        view = self.cache.view([s.id for s in seqs], positions)  # also picks the attention path for this S
         ids, positions = (t.to(self.device, non_blocking=True) for t in (ids, positions.clamp(min=0)))
         return self.model(ids, positions, view, compute_logits=False).final_hidden
 

@@ -2,9 +2,9 @@
 
 The model's `Experts` runs `F.grouped_mm`, whose CPU fallback loops over every expert, hit or not: at decode
 (a handful of rows) that is 4 calls per expert for 5 useful ones. Here the loop visits only the experts with
-rows, reading each hit expert's weights in place (no gather copy, so decode reads exactly the active bytes,
-peers.md §3.4). The counts come to the host once per layer, which is free on CPU.
-Swapped in by module replacement (`use_loop_experts`); quant.py's QuantExperts reuses the loop.
+rows, reading each hit expert's weights in place (no gather copy, so decode reads exactly the active bytes).
+The counts come to the host once per layer, which is free on CPU.
+Swapped in by module replacement (`use_hit_experts`); quant.py's QuantExperts reuses the loop.
 
 Shapes: R routed rows, D model dim, F expert hidden, e experts.
 """
@@ -15,10 +15,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts
+from .swap import swap_modules
 
 
-class ExpertLoop(nn.Module):
-    """The loop; subclasses say how to apply one expert's projection (plain or quantized weights)."""
+class HitExperts(nn.Module):
+    """The loop over the hit experts; subclasses say how to apply one expert's projection (plain weights:
+    PlainHitExperts, block-quantized: quant.QuantExperts)."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (R, D) rows grouped by expert, counts: (e,) -> (R, D); rows past sum(counts) (zero-expert slots
@@ -27,19 +29,22 @@ class ExpertLoop(nn.Module):
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                rows = x[start:start + n]
-                gate, up = self.project(rows, e, "gate_up_proj").chunk(2, dim=-1)  # (n, F) each
-                out[start:start + n] = self.project(F.silu(gate) * up, e, "down_proj")
+                out[start:start + n] = self.apply_one(e, x[start:start + n])
                 start += n
         out[start:].zero_()
         return out
+
+    def apply_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Expert `e` (SwiGLU) on rows x (n, D) -> (n, D); FusedMoE calls it per hit expert too."""
+        gate, up = self.project(x, e, "gate_up_proj").chunk(2, dim=-1)  # (n, F) each
+        return self.project(F.silu(gate) * up, e, "down_proj")
 
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         """x @ W_e^T for expert e's `gate_up_proj` (2F, D) or `down_proj` (D, F)."""
         raise NotImplementedError
 
 
-class LoopExperts(ExpertLoop):
+class PlainHitExperts(HitExperts):
     """Same parameters and results as `Experts`, computed expert by expert over the hit ones only."""
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
@@ -51,12 +56,7 @@ class LoopExperts(ExpertLoop):
         return F.linear(x, getattr(self, name)[e])
 
 
-def use_loop_experts(model: nn.Module) -> int:
-    """Replace every `Experts` module in place by a LoopExperts sharing its weights; returns how many."""
-    swapped = 0
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            if type(child) is Experts:
-                setattr(module, name, LoopExperts(child.gate_up_proj.data, child.down_proj.data))
-                swapped += 1
-    return swapped
+def use_hit_experts(model: nn.Module) -> list[str]:
+    """Replace every `Experts` module in place by a PlainHitExperts sharing its weights; returns their names."""
+    return swap_modules(model, lambda _, m: PlainHitExperts(m.gate_up_proj.data, m.down_proj.data)
+                        if type(m) is Experts else None)

@@ -3,9 +3,9 @@
 At batch 1 a decode step is ~130 GEMVs and, in the model's training-friendly form, ~2,000 small ops of a few
 microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down without touching model/:
   MLA    q_a_proj and kv_a_proj_with_mqa in one GEMV (SGLang's fused_qkv_a_proj_with_mqa, concatenated q first);
-         the mla scales folded into q_b_proj and kv_a_layernorm once (architecture.md §6.1);
+         the mla scales folded into q_b_proj and kv_a_layernorm once (docs/architecture.md §6.1);
          W_UK and W_UV^T precomputed contiguous per head; absorbed attention as bmm with heads folded into rows,
-         so no weight is copied per step (architecture.md §6.3).
+         so no weight is copied per step (docs/architecture.md §6.3).
   MLP    gate_proj and up_proj in one GEMV.
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
@@ -24,18 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import ModelConfig
 from ..model.attention import LATENT_NORM_EPS, MLA
 from ..model.layers import MLP, RMSNorm, apply_rope
-from ..model.moe import MoE, RoutingInfo
-from .experts import use_loop_experts
+from ..model.moe import MoE, RoutingInfo, group_by_expert
+from .experts import use_hit_experts
+from .swap import swap_modules
 
 SMALL_BATCH_TOKENS = 16  # up to this many tokens the MoE routes on the host
-
-
-def _rms(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as the model computes it (fp32 statistics, cast back, then the weight)."""
-    x32 = x.float()
-    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
 
 
 @functools.lru_cache(maxsize=8)
@@ -51,19 +47,21 @@ def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear
 
 
 class FusedMLA(MLA):
-    """MLA with fused projections, folded scales and copy-free absorbed attention; naive path unchanged."""
+    """MLA with fused projections, folded scales and copy-free absorbed attention; naive path unchanged.
 
-    def __init__(self, mla: MLA) -> None:
-        nn.Module.__init__(self)
-        for name in ("n_heads", "kv_lora_rank", "nope_dim", "rope_dim", "v_dim", "softmax_scale", "absorb"):
-            setattr(self, name, getattr(mla, name))
-        self.q_scale = self.kv_scale = 1.0  # folded below
+    Built as an MLA of the same config (on the meta device, so nothing is allocated), so it has every attribute
+    an MLA has; then `mla`'s weights replace the meta ones, q_a_proj and kv_a_proj_with_mqa fused into one."""
+
+    def __init__(self, mla: MLA, cfg: ModelConfig) -> None:
+        with torch.device("meta"):
+            super().__init__(cfg)
+        del self.q_a_proj, self.kv_a_proj_with_mqa  # fused into qkv_a_proj below
+        self.q_lora_rank = cfg.q_lora_rank
         H, N, V, C = self.n_heads, self.nope_dim, self.v_dim, self.kv_lora_rank
         with torch.no_grad():
             a, kv = mla.q_a_proj, mla.kv_a_proj_with_mqa
             bias = None if a.bias is None else torch.cat([a.bias, kv.bias])
             self.qkv_a_proj = _linear(torch.cat([a.weight, kv.weight]), bias)  # (Q + C + R, D)
-            self.q_lora_rank = a.out_features
             self.q_a_layernorm = mla.q_a_layernorm
             self.q_b_proj = _linear(mla.q_b_proj.weight * mla.q_scale)
             self.kv_a_layernorm = RMSNorm(C, LATENT_NORM_EPS).to(mla.kv_a_layernorm.weight)
@@ -73,14 +71,15 @@ class FusedMLA(MLA):
             # fp32: the small per-head bmms are several times faster in fp32 than in bf16 on CPU
             self.register_buffer("w_uk", w[:, :N].float().contiguous(), persistent=False)  # (H, N, C)
             self.register_buffer("w_uv_t", w[:, N:].transpose(1, 2).float().contiguous(), persistent=False)  # (H, C, V)
+        self.q_scale = self.kv_scale = 1.0  # folded into q_b_proj and kv_a_layernorm above
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Any:
         B, S, _ = x.shape
         q_a, kv = self.qkv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
-        q = self.q_b_proj(_rms(q_a, self.q_a_layernorm.weight, LATENT_NORM_EPS)).view(B, S, self.n_heads, -1)
+        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(B, S, self.n_heads, -1)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, S, H, N), (B, S, H, R)
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        latent = _rms(latent, self.kv_a_layernorm.weight, LATENT_NORM_EPS)  # (B, S, C), scale folded in
+        latent = self.kv_a_layernorm(latent)  # (B, S, C), scale folded in
         return q_nope, apply_rope(q_rope, *rope), latent, apply_rope(k_rope, *rope)
 
     def attend_naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
@@ -157,10 +156,6 @@ class FusedMoE(nn.Module):
         """What the zero experts contribute: weight * x ("identity") or nothing ("drop"); (T, D)."""
         return x * zero_weight.to(x.dtype)[:, None] if self.moe.zero_type == "identity" else torch.zeros_like(x)
 
-    def _expert(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        gate, up = self.moe.experts.project(x, e, "gate_up_proj").chunk(2, dim=-1)
-        return self.moe.experts.project(F.silu(gate) * up, e, "down_proj")
-
     def _few(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x (T, D), T small: group the slots on the host; the groups go back to x's device as index tensors."""
         E = self.moe.n_ffn
@@ -176,10 +171,11 @@ class FusedMoE(nn.Module):
         for e in sorted(groups):
             rows, gate_w = zip(*groups[e])
             if len(rows) == 1:
-                out[rows[0]].add_(self._expert(x[rows[0]][None], e)[0], alpha=gate_w[0])
+                out[rows[0]].add_(self.moe.experts.apply_one(e, x[rows[0]][None])[0], alpha=gate_w[0])
             else:
                 index = torch.tensor(rows, device=x.device)
-                y = self._expert(x[index], e) * torch.tensor(gate_w, dtype=x.dtype, device=x.device)[:, None]
+                y = self.moe.experts.apply_one(e, x[index]) * torch.tensor(gate_w, dtype=x.dtype,
+                                                                            device=x.device)[:, None]
                 out.index_add_(0, index, y)
         return out
 
@@ -188,27 +184,20 @@ class FusedMoE(nn.Module):
         E, K = self.moe.n_ffn, ids.shape[1]
         is_zero = ids >= E  # (T, K)
         out = self._zero_part(x, (weights * is_zero).sum(-1))
-        key = ids.reshape(-1).clamp(max=E)  # (T*K,)
-        order = torch.argsort(key, stable=True)
-        counts = torch.bincount(key, minlength=E + 1)[:E].tolist()
+        order, counts = group_by_expert(ids, E)  # (T*K,) slots by expert, zero slots last; (E,)
         tokens, gate_w = order // K, weights.reshape(-1)[order].to(x.dtype)  # (T*K,) in expert order
         start = 0
-        for e, n in enumerate(counts):
+        for e, n in enumerate(counts.tolist()):
             if n:
                 rows = tokens[start:start + n]
-                out.index_add_(0, rows, self._expert(x[rows], e) * gate_w[start:start + n, None])
+                out.index_add_(0, rows, self.moe.experts.apply_one(e, x[rows]) * gate_w[start:start + n, None])
                 start += n
         return out
 
 
 def fuse_for_inference(model: nn.Module) -> int:
     """Swap MLA, MLP and MoE modules for their twins, in place; returns how many. Call before quantizing."""
-    twins = {MLA: FusedMLA, MLP: FusedMLP, MoE: FusedMoE}
-    swapped = use_loop_experts(model)  # the host-routed path needs `experts.project`
-    for module in list(model.modules()):
-        for name, child in list(module.named_children()):
-            twin = twins.get(type(child))
-            if twin is not None:
-                setattr(module, name, twin(child))
-                swapped += 1
-    return swapped
+    twins = {MLA: functools.partial(FusedMLA, cfg=model.config), MLP: FusedMLP, MoE: FusedMoE}
+    hit = use_hit_experts(model)  # first, inside the MoEs: FusedMoE runs `experts.apply_one` per hit expert
+    fused = swap_modules(model, lambda _, m: twins[type(m)](m) if type(m) in twins else None)
+    return len(hit) + len(fused)

@@ -22,7 +22,8 @@ from torch import nn
 
 from ..model.moe import Experts
 from . import kernels
-from .experts import ExpertLoop, LoopExperts
+from .experts import HitExperts, PlainHitExperts
+from .swap import swap_modules
 
 BLOCK = kernels.BLOCK
 FORMATS = {"int8": (torch.int8, 127.0), "fp8": (getattr(torch, "float8_e4m3fn", None), 448.0)}
@@ -86,7 +87,7 @@ class QuantLinear(nn.Module):
         return kernels.block_linear(x, self.values, self.scales, self.bias)
 
 
-class QuantExperts(ExpertLoop):
+class QuantExperts(HitExperts):
     """Stacked experts with block-quantized storage, run by the hit-experts loop."""
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, fmt: str) -> None:
@@ -110,7 +111,7 @@ def candidates(model: nn.Module) -> dict[str, nn.Module]:
     for name, module in model.named_modules():
         if any(fragment in name for fragment in NEVER) or (tied and name == "lm_head"):
             continue
-        if isinstance(module, (nn.Linear, Experts, LoopExperts)):
+        if isinstance(module, (nn.Linear, Experts, PlainHitExperts)):
             out[name] = module
     return out
 
@@ -179,15 +180,13 @@ def quantize_model(model: nn.Module, fmt: str = "int8", keep: Iterable[str] = ()
     check_format(fmt)
     keep = set(keep)
     before = weight_bytes(model)
-    done = []
-    for name, module in candidates(model).items():
-        if name in keep:
-            continue
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        if isinstance(module, nn.Linear):
-            setattr(parent, child, QuantLinear(module, fmt))
-        else:
-            setattr(parent, child, QuantExperts(module.gate_up_proj.data, module.down_proj.data, fmt))
-        done.append(name)
+    chosen = set(candidates(model)) - keep
+    done = swap_modules(model, lambda name, module: quantized(module, fmt) if name in chosen else None)
     return QuantReport(fmt, done, sorted(keep), before, weight_bytes(model))
+
+
+def quantized(unit: nn.Module, fmt: str) -> nn.Module:
+    """The block-quantized twin of a candidate unit: a Linear or a stack of experts."""
+    if isinstance(unit, nn.Linear):
+        return QuantLinear(unit, fmt)
+    return QuantExperts(unit.gate_up_proj.data, unit.down_proj.data, fmt)

@@ -1,6 +1,6 @@
 """Multi-head Latent Attention (MLA) with LongCat-Flash's variance-alignment scales.
 
-Two ways to attend, same math (architecture.md §6):
+Two ways to attend, same math (docs/architecture.md §6):
   naive     expand the latent with kv_b_proj into per-head K and V, then ordinary attention (training, prefill)
   absorbed  fold kv_b_proj into the query and output sides and attend over the latent directly (decode)
 
@@ -25,7 +25,13 @@ Projected = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]  # q_n
 
 
 class LatentCache(Protocol):
-    """What the attention needs from a KV cache; implemented outside the model (infer/cache.py)."""
+    """What the attention needs from a KV cache; implemented outside the model (infer/cache.py).
+
+    `absorb` is the batch's choice of attention path: True attends over the latent (absorbed), False expands it
+    (naive). It travels with the cache view of one forward because the caller picks it per batch (the absorbed
+    path is cheaper for a few new tokens per row, the naive one for long prefill chunks)."""
+
+    absorb: bool
 
     def update(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,7 +60,6 @@ class MLA(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_scale, self.kv_scale = cfg.q_lora_scale, cfg.kv_lora_scale
         self.softmax_scale = cfg.qk_head_dim ** -0.5  # unchanged by absorption
-        self.absorb = True  # with a cache: attend over the latent (absorbed) or expand it (naive)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
                 cache: LatentCache | None = None, block: int = 0) -> torch.Tensor:
@@ -72,7 +77,7 @@ class MLA(nn.Module):
         if cache is None:
             return self.attend_naive(q_nope, q_rope, latent, k_rope, mask=None)
         latent, k_rope, mask = cache.update(block, latent, k_rope)
-        attend = self.attend_absorbed if self.absorb else self.attend_naive
+        attend = self.attend_absorbed if cache.absorb else self.attend_naive
         return attend(q_nope, q_rope, latent, k_rope, mask)
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
@@ -100,7 +105,7 @@ class MLA(nn.Module):
         k = torch.cat([k_nope, k_rope[:, :, None].expand(B, L, H, self.rope_dim)], dim=-1).transpose(1, 2)
         attn_mask = None if mask is None else mask[:, None]  # (B, 1, S, L)
         # V zero-padded to the QK head dim: CPU SDPA's flash kernel needs equal dims (else the ~3x slower math
-        # path); the padded output columns are zeros and sliced off (architecture.md §6.2 notes HF does the same).
+        # path); the padded output columns are zeros and sliced off (docs/architecture.md §6.2: HF pads the same way).
         pad = self.nope_dim + self.rope_dim - self.v_dim
         v = F.pad(v, (0, pad)) if pad > 0 else v  # (B, L, H, max(N+R, V))
         out = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=attn_mask,
@@ -110,7 +115,7 @@ class MLA(nn.Module):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                         k_rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Attend over the latent: W_UK folded into the query, W_UV applied after (architecture.md §6.3)."""
+        """Attend over the latent: W_UK folded into the query, W_UV applied after (docs/architecture.md §6.3)."""
         B, S, H, _ = q_nope.shape
         w = self.kv_b_proj.weight.view(H, self.nope_dim + self.v_dim, self.kv_lora_rank)  # (H, N+V, C)
         w_uk, w_uv = w[:, : self.nope_dim], w[:, self.nope_dim:]  # (H, N, C), (H, V, C)

@@ -1,4 +1,4 @@
-"""The MoE with zero-computation experts (report §2.1, architecture.md §5).
+"""The MoE with zero-computation experts (report §2.1, docs/architecture.md §5).
 
 Router: fp32 softmax over E FFN experts + Z zero experts; `e_score_correction_bias` is used for selection only,
 gate weights are the unbiased probabilities times `routed_scaling_factor` (for zero experts too, as transformers).

@@ -1,5 +1,5 @@
 """OpenAI-compatible HTTP server: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming), /health,
-/metrics (Prometheus text). Conventions follow peers.md §4.
+/metrics (Prometheus text). Conventions: docs/serving.md.
 
 Every failure a client can cause is an OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`:
 400 for bad input (malformed JSON, out-of-range fields, unknown model, prompt or max_tokens beyond the context),

@@ -1,4 +1,4 @@
-"""Pydantic models of the OpenAI API subset we serve (peers.md §4), with the field limits enforced at parse time.
+"""Pydantic models of the OpenAI API subset we serve (docs/serving.md), with the field limits enforced at parse time.
 
 Requests reject what we do not implement (n > 1, logprobs, echo, penalties) instead of silently ignoring it, and
 bound every field, so a request either runs as asked or fails with a 400 naming the field. Limits that depend on

@@ -22,7 +22,7 @@ from ..config import ModelConfig
 from ..presets import get_preset
 
 # The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
-CONFIG_FILE = "train_config.json"
+TRAIN_CONFIG_FILE = "train_config.json"
 CHECKPOINTS = "checkpoints"
 SHARDED = "sharded"  # a checkpoint's subdirectory of sharded model weights and Adam moments
 

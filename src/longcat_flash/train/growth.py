@@ -18,10 +18,10 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import hf, native
+from ..checkpoint import hf, training
 from ..config import ModelConfig
 from ..model import Transformer
-from .config import CHECKPOINTS, CONFIG_FILE, TrainConfig
+from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, read_metrics
 from .trainer import read_checkpoint, write_checkpoint
 
@@ -68,11 +68,11 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     checkpoint (or model) directory. A grown run continues with `longcat train --resume DST`. An HF model is
     grown on `device`; a training checkpoint's state is rewritten on the CPU, one tensor at a time."""
     src, dst = Path(src), Path(dst)
-    if native.list_checkpoints(dst / CHECKPOINTS) or (dst / "config.json").exists():
+    if training.list_checkpoints(dst / CHECKPOINTS) or (dst / "config.json").exists():
         raise ValueError(f"--out {dst} already holds a model or checkpoints; choose an empty directory")
     if (src / "config.json").is_file() and not (src / CHECKPOINTS).is_dir():
         return _grow_hf_model(src, dst, r, torch.device(device))
-    checkpoint = native.resolve(src)
+    checkpoint = training.resolve(src)
     states, meta = read_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(meta["train_config"])
     n = cfg.model.num_layers
@@ -83,7 +83,7 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
         states["controller"] = grow_controller_state(states["controller"], r)
     meta = {**meta, "train_config": cfg.to_dict(), "grown_from": str(checkpoint)}
     out = write_checkpoint(dst / CHECKPOINTS, meta["step"], states, meta)
-    (dst / CONFIG_FILE).write_text(cfg.to_json())
+    (dst / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
     _copy_run_files(checkpoint.parent.parent, dst, meta["step"])
     return out
 

@@ -32,13 +32,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from torch.distributed.device_mesh import DeviceMesh
 
 from .. import distributed
-from ..checkpoint import hf, native, sharded
+from ..checkpoint import hf, sharded, training
 from ..data import ResumableSampler, TokenDataset, build_token_shard, sample_texts, validation_batches
 from ..device import autocast as device_autocast
 from ..model import ModelOutput, Transformer
 from ..tokenizer import Tokenizer, train_tokenizer
 from .budget import BudgetController
-from .config import CHECKPOINTS, CONFIG_FILE, SHARDED, TrainConfig
+from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, TrainConfig
 from .determinism import RNGState, seed_everything, set_deterministic
 from .losses import LossTerms, lm_loss, training_losses
 from .metrics import MetricsLog
@@ -84,7 +84,7 @@ class Run:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     def stateful(self) -> dict[str, Any]:
-        """The small, replicated objects: rank 0 writes them (checkpoint/native.py)."""
+        """The small, replicated objects: rank 0 writes them (checkpoint/training.py)."""
         objects = {"sampler": self.sampler, "trainer": self.state, "rng": RNGState()}
         if self.controller is not None:
             objects["controller"] = self.controller
@@ -270,7 +270,7 @@ def _check_skips(run: Run, record: dict[str, Any]) -> None:
     state.skipped += record["skipped"]
     state.consecutive_skips = state.consecutive_skips + 1 if record["skipped"] else 0
     if state.consecutive_skips >= run.cfg.max_consecutive_skips:
-        latest = native.latest_checkpoint(run.out / CHECKPOINTS)
+        latest = training.latest_checkpoint(run.out / CHECKPOINTS)
         raise TrainingStopped(
             f"stopping at step {state.step}: {state.consecutive_skips} consecutive steps had a non-finite loss "
             f"or gradient (last loss={record['loss']}, grad_norm={record['grad_norm']}). Lower optim.lr or "
@@ -289,40 +289,40 @@ class _Silent:
 
 def save_checkpoint(run: Run) -> Path:
     """Every rank writes its shards of the model and optimizer into one temporary directory in parallel; rank 0
-    adds the small states and the manifest and renames it into place (checkpoint/native.py)."""
+    adds the small states and the manifest and renames it into place (checkpoint/training.py)."""
     root, step = run.out / CHECKPOINTS, run.state.step
     if distributed.is_main():
-        native.temporary_dir(root, step)
+        training.temporary_dir(root, step)
     distributed.barrier()  # the directory exists, empty, before anyone writes into it
-    tmp = native.temporary_path(root, step)
+    tmp = training.temporary_path(root, step)
     sharded.save(tmp / SHARDED, run.sharded_state())
     distributed.barrier()
     if distributed.is_main():
         meta = {"step": step, "train_config": run.cfg.to_dict()}
         states = {name: obj.state_dict() for name, obj in run.stateful().items()}
-        native.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
+        training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
     distributed.barrier()
-    return native.step_dir(root, step)
+    return training.step_dir(root, step)
 
 
 def load_checkpoint(run: Run, path: Path) -> None:
     """Restore `run` from checkpoint `path`, whatever world size and layout wrote it. Each rank verifies a share
     of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces."""
     try:
-        states, _ = native.load_states(path, share=(distributed.rank(), distributed.world_size()))
+        states, _ = training.load_states(path, share=(distributed.rank(), distributed.world_size()))
         failed = ""
-    except native.CheckpointError as err:
+    except training.CheckpointError as err:
         states, failed = {}, str(err)
-    distributed.raise_if_any(failed, native.CheckpointError)
+    distributed.raise_if_any(failed, training.CheckpointError)
     for name, obj in run.stateful().items():
         if name not in states:
-            raise native.CheckpointError(f"checkpoint {path} has no state for {name!r}")
+            raise training.CheckpointError(f"checkpoint {path} has no state for {name!r}")
         obj.load_state_dict(states[name])
     tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
     saved = sharded.keys(path / SHARDED)
     missing = [k for k in tensors["model"] if f"model.{k}" not in saved]
     if missing:
-        raise native.CheckpointError(f"checkpoint {path} does not fit this model: no weights for {missing[:5]}")
+        raise training.CheckpointError(f"checkpoint {path} does not fit this model: no weights for {missing[:5]}")
     # A parameter that had no gradient before the checkpoint (the MTP head before loss.mtp_start_step) has no
     # Adam state in it, and gets none now either.
     fresh = [name for name in tensors["optimizer"] if f"optimizer.{name}.exp_avg" not in saved]
@@ -369,8 +369,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                          f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
     set_deterministic(cfg.deterministic, device)
     seed_everything(cfg.seed)
-    checkpoint = native.resolve(out) if resume else None
-    if not resume and native.list_checkpoints(out / CHECKPOINTS):
+    checkpoint = training.resolve(out) if resume else None
+    if not resume and training.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
@@ -391,7 +391,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
               ResumableSampler(train_set, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size()), val_set,
               TrainState(), mesh, device)
     if distributed.is_main():
-        (out / CONFIG_FILE).write_text(cfg.to_json())
+        (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
     if checkpoint is not None:
         load_checkpoint(run, checkpoint)
     return run
@@ -400,8 +400,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """(states, meta) of a training checkpoint, every state whole, in one process (model growth, analysis):
     the small objects' states, "model" {name: tensor} and "optimizer" {name: {"exp_avg", "exp_avg_sq", "step"}}."""
-    path = native.resolve(path)
-    states, meta = native.load_states(path)
+    path = training.resolve(path)
+    states, meta = training.load_states(path)
     model: dict[str, torch.Tensor] = {}
     optimizer: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in sharded.read_full(path / SHARDED).items():
@@ -416,15 +416,15 @@ def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def write_checkpoint(root: Path, step: int, states: dict[str, Any], meta: dict[str, Any]) -> Path:
     """The inverse of `read_checkpoint`, in one process: a checkpoint any world size can resume from."""
-    tmp = native.temporary_dir(root, step)
+    tmp = training.temporary_dir(root, step)
     sharded.save(tmp / SHARDED, {"model": states["model"], "optimizer": states["optimizer"]})
     small = {k: v for k, v in states.items() if k not in ("model", "optimizer")}
-    return native.commit(tmp, step, small, meta)
+    return training.commit(tmp, step, small, meta)
 
 
 def resume_config(out: str | Path) -> TrainConfig:
     """The TrainConfig saved with the newest checkpoint of run directory `out`."""
-    meta = native.read_manifest(native.resolve(out))["meta"]
+    meta = training.read_manifest(training.resolve(out))["meta"]
     return TrainConfig.from_dict(meta["train_config"])
 
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from longcat_flash.checkpoint import native
-from longcat_flash.checkpoint.native import CheckpointError
+from longcat_flash.checkpoint import training
+from longcat_flash.checkpoint.training import CheckpointError
 
 
 class Box:
@@ -24,10 +24,10 @@ class Box:
 
 
 def test_round_trip_and_meta(tmp_path: Path):
-    path = native.save(tmp_path, 7, {"a": Box(1.0), "b": Box(2.0)}, meta={"step": 7})
+    path = training.save(tmp_path, 7, {"a": Box(1.0), "b": Box(2.0)}, meta={"step": 7})
     assert path.name == "step_00000007"
     a, b = Box(0.0), Box(0.0)
-    assert native.load(path, {"a": a, "b": b}) == {"step": 7}
+    assert training.load(path, {"a": a, "b": b}) == {"step": 7}
     assert a.value.item() == 1.0 and b.value.item() == 2.0
 
 
@@ -38,8 +38,8 @@ def test_states_keep_their_structure_and_nothing_is_pickled(tmp_path: Path):
     opt.step()
     state = {"tied": {"embed": weight, "head": weight}, "optimizer": opt.state_dict(),
              "rng": torch.get_rng_state(), "misc": [("x", 1, 2.5, None, True), float("inf")], "bf16": weight.bfloat16()}
-    path = native.save_states(tmp_path, 1, {"s": state})
-    got = native.load_states(path)[0]["s"]
+    path = training.save_states(tmp_path, 1, {"s": state})
+    got = training.load_states(path)[0]["s"]
     torch.testing.assert_close(got["tied"]["head"], weight, rtol=0, atol=0)
     assert list(got["optimizer"]["state"]) == [0]  # int keys stay ints
     torch.testing.assert_close(got["optimizer"]["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
@@ -48,69 +48,69 @@ def test_states_keep_their_structure_and_nothing_is_pickled(tmp_path: Path):
     assert got["misc"] == [("x", 1, 2.5, None, True), float("inf")]
     from safetensors import safe_open  # a plain safetensors file: tensors plus a JSON skeleton
     with safe_open(path / "s.safetensors", "pt") as f:
-        assert native.SKELETON in f.metadata()
+        assert training.SKELETON in f.metadata()
 
 
 def test_keeps_the_newest_k_and_resolves_run_directories(tmp_path: Path):
     root = tmp_path / "run" / "checkpoints"
     for step in (10, 20, 30):
-        native.save(root, step, {"a": Box(step)}, keep=2)
-    assert [p.name for p in native.list_checkpoints(root)] == ["step_00000020", "step_00000030"]
-    assert native.resolve(tmp_path / "run") == root / "step_00000030"
-    assert native.resolve(root) == root / "step_00000030"
-    assert native.resolve(root / "step_00000020") == root / "step_00000020"
+        training.save(root, step, {"a": Box(step)}, keep=2)
+    assert [p.name for p in training.list_checkpoints(root)] == ["step_00000020", "step_00000030"]
+    assert training.resolve(tmp_path / "run") == root / "step_00000030"
+    assert training.resolve(root) == root / "step_00000030"
+    assert training.resolve(root / "step_00000020") == root / "step_00000020"
 
 
 def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch):
-    native.save(tmp_path, 1, {"a": Box(1.0)})
+    training.save(tmp_path, 1, {"a": Box(1.0)})
 
     def dies(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for SIGKILL between two files
 
-    monkeypatch.setattr(native, "save_file", dies)
+    monkeypatch.setattr(training, "save_file", dies)
     with pytest.raises(KeyboardInterrupt):
-        native.save(tmp_path, 2, {"a": Box(2.0)})
+        training.save(tmp_path, 2, {"a": Box(2.0)})
     monkeypatch.undo()
-    assert native.latest_checkpoint(tmp_path).name == "step_00000001"  # the half-written one is invisible
+    assert training.latest_checkpoint(tmp_path).name == "step_00000001"  # the half-written one is invisible
     box = Box(0.0)
-    native.load(native.resolve(tmp_path), {"a": box})
+    training.load(training.resolve(tmp_path), {"a": box})
     assert box.value.item() == 1.0
-    native.prune(tmp_path, keep=5)  # removes the temporary
+    training.prune(tmp_path, keep=5)  # removes the temporary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
 
 
 def test_saving_the_same_step_again_swaps_it(tmp_path: Path):
-    native.save(tmp_path, 3, {"a": Box(1.0)})
-    native.save(tmp_path, 3, {"a": Box(5.0)})
+    training.save(tmp_path, 3, {"a": Box(1.0)})
+    training.save(tmp_path, 3, {"a": Box(5.0)})
     box = Box(0.0)
-    native.load(tmp_path / "step_00000003", {"a": box})
+    training.load(tmp_path / "step_00000003", {"a": box})
     assert box.value.item() == 5.0 and len(list(tmp_path.iterdir())) == 1
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path: Path):
-    path = native.save(tmp_path, 1, {"model": Box(1.0)})
+    path = training.save(tmp_path, 1, {"model": Box(1.0)})
     data = bytearray((path / "model.safetensors").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (path / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"corrupt: model.safetensors \(model\) does not match its sha256"):
-        native.load(path, {"model": Box(0.0)})
+        training.load(path, {"model": Box(0.0)})
 
 
 def test_missing_pieces_are_clear_errors(tmp_path: Path):
-    path = native.save(tmp_path, 1, {"model": Box(1.0)})
+    path = training.save(tmp_path, 1, {"model": Box(1.0)})
     with pytest.raises(CheckpointError, match=r"has no state for \['optimizer'\]"):
-        native.load(path, {"model": Box(0.0), "optimizer": Box(0.0)})
+        training.load(path, {"model": Box(0.0), "optimizer": Box(0.0)})
     (path / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="model.safetensors .model. is missing"):
-        native.load(path, {"model": Box(0.0)})
-    (path / native.MANIFEST).unlink()
+        training.load(path, {"model": Box(0.0)})
+    (path / training.MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
-        native.resolve(path)
+        training.resolve(path)
     with pytest.raises(CheckpointError, match="no checkpoint found"):
-        native.resolve(tmp_path / "elsewhere")
+        training.resolve(tmp_path / "elsewhere")
 
 
 def test_state_that_does_not_fit_names_the_object(tmp_path: Path):
-    path = native.save(tmp_path, 1, {"model": torch.nn.Linear(2, 2)})
+    path = training.save(tmp_path, 1, {"model": torch.nn.Linear(2, 2)})
     with pytest.raises(CheckpointError, match="'model' state does not fit"):
-        native.load(path, {"model": torch.nn.Linear(3, 2)})
+        training.load(path, {"model": torch.nn.Linear(3, 2)})

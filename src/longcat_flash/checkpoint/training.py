@@ -27,6 +27,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
+from ..files import chmod_per_umask
+
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
@@ -110,8 +112,10 @@ def commit(tmp: Path, step: int, states: Mapping[str, Any], meta: dict[str, Any]
 
 
 def _write_state(path: Path, state: Any) -> None:
+    """One object's state as safetensors; made readable per the umask (safetensors creates files 0600)."""
     tensors, skeleton = encode_state(state)
     save_file(tensors, path, metadata={SKELETON: json.dumps(skeleton)})
+    chmod_per_umask(path)
 
 
 def _write_bytes(path: Path, payload: bytes) -> None:

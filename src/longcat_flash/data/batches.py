@@ -1,0 +1,140 @@
+"""Batches: fixed-length windows over a token shard, and a resumable, data-parallel sampler over them.
+
+Determinism is stateless: the order of epoch e is a permutation drawn from a numpy Generator seeded with
+(seed, e), so a sampler's whole state is (epoch, position). Resuming from that state replays exactly the batches an
+uninterrupted run would have drawn, at any data-parallel world size.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from .shards import ShardMeta
+
+
+class TokenDataset:
+    """Windows of `seq_len + 1` tokens over one split of a flat token array (inputs = w[:-1], targets = w[1:]).
+
+    Window i starts at token i * seq_len, so consecutive windows share one token and every token is a target
+    exactly once. The validation split is the last `val_fraction` of the tokens; no window crosses the boundary.
+    """
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, split: Literal["train", "val"] = "train",
+                 val_fraction: float = 0.01) -> None:
+        if not isinstance(seq_len, int) or seq_len <= 0:
+            raise ValueError(f"seq_len must be a positive integer, got {seq_len!r}")
+        if split not in ("train", "val"):
+            raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+        if not 0.0 <= val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction!r}")
+        boundary = len(tokens) - int(round(len(tokens) * val_fraction))
+        self.tokens = tokens[:boundary] if split == "train" else tokens[boundary:]
+        self.seq_len, self.split = seq_len, split
+        if len(self) == 0:
+            raise ValueError(f"the {split} split has {len(self.tokens)} tokens, fewer than one window of "
+                             f"seq_len + 1 = {seq_len + 1}; lower seq_len or change val_fraction={val_fraction}")
+
+    @classmethod
+    def from_shard(cls, bin_path: str | Path, seq_len: int, split: Literal["train", "val"] = "train",
+                   val_fraction: float = 0.01) -> TokenDataset:
+        """Memory-map a shard written by `build_token_shard` (nothing is read until a batch needs it)."""
+        bin_path = Path(bin_path)
+        if not bin_path.is_file():
+            raise FileNotFoundError(f"token shard not found: {bin_path}")
+        tokens = np.memmap(bin_path, dtype=ShardMeta.read(bin_path).dtype, mode="r")
+        return cls(tokens, seq_len, split, val_fraction)
+
+    def __len__(self) -> int:
+        return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
+        """Windows `indices` as a (B, seq_len + 1) int64 tensor."""
+        windows = [self.tokens[i * self.seq_len: i * self.seq_len + self.seq_len + 1] for i in indices]
+        return torch.from_numpy(np.stack(windows).astype(np.int64))  # (B, seq_len + 1)
+
+
+def _local_slice(global_batch_size: int, rank: int, world_size: int) -> slice:
+    """This rank's rows of a global batch: contiguous blocks, so concatenating ranks restores the batch."""
+    if global_batch_size <= 0 or global_batch_size % world_size:
+        raise ValueError(f"global_batch_size={global_batch_size} must be a positive multiple of "
+                         f"world_size={world_size}")
+    local = global_batch_size // world_size
+    return slice(rank * local, (rank + 1) * local)
+
+
+def _check_rank(rank: int, world_size: int) -> None:
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+
+
+class ResumableSampler:
+    """Shuffled training batches from an explicit seed, resumable bit-for-bit from `state_dict()`.
+
+    Every rank draws the same global batch and keeps its slice, so the data seen per step does not depend on the
+    world size, and a checkpoint taken at one world size resumes at another. A batch that runs past the end of an
+    epoch continues into the next epoch's order; no window is dropped.
+    """
+
+    def __init__(self, dataset: TokenDataset, seed: int, *, rank: int = 0, world_size: int = 1) -> None:
+        _check_rank(rank, world_size)
+        self.dataset, self.seed, self.rank, self.world_size = dataset, seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._order: tuple[int, np.ndarray] | None = None  # (epoch, permutation) cache
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
+        if self._order is None or self._order[0] != epoch:
+            rng = np.random.default_rng([self.seed, epoch])  # fresh per epoch: no RNG state to save
+            self._order = (epoch, rng.permutation(len(self.dataset)))
+        return self._order[1]
+
+    def next_indices(self, global_batch_size: int) -> np.ndarray:
+        """The next global batch's window indices, advancing the state (every rank calls this identically)."""
+        rows = _local_slice(global_batch_size, self.rank, self.world_size)
+        picked, need = [], global_batch_size
+        while need:
+            order = self._epoch_order(self.epoch)
+            take = min(need, len(order) - self.position)
+            picked.append(order[self.position: self.position + take])
+            self.position, need = self.position + take, need - take
+            if self.position == len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+        return np.concatenate(picked)[rows]
+
+    def next_batch(self, global_batch_size: int) -> torch.Tensor:
+        """This rank's (global_batch_size // world_size, seq_len + 1) slice of the next global batch."""
+        return self.dataset.batch(self.next_indices(global_batch_size))
+
+    def state_dict(self) -> dict[str, int]:
+        """Position in the global order; independent of rank and world size."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "num_sequences": len(self.dataset)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        for key in ("seed", "num_sequences"):
+            current = self.seed if key == "seed" else len(self.dataset)
+            if state.get(key) != current:
+                raise ValueError(f"sampler state has {key}={state.get(key)!r} but this sampler has {current}; "
+                                 f"it was saved for different data or a different seed")
+        if not 0 <= state["position"] < len(self.dataset):
+            raise ValueError(f"sampler state position={state['position']} is outside [0, {len(self.dataset)})")
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+
+def validation_batches(dataset: TokenDataset, global_batch_size: int, *, max_batches: int | None = None,
+                       rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
+    """The fixed validation set: windows in order, whole global batches only, each rank its slice.
+
+    The same call always yields the same batches, so validation losses are comparable across steps and runs.
+    """
+    _check_rank(rank, world_size)
+    rows = _local_slice(global_batch_size, rank, world_size)
+    n_batches = len(dataset) // global_batch_size
+    if n_batches == 0:
+        raise ValueError(f"the {dataset.split} split has {len(dataset)} windows, fewer than "
+                         f"global_batch_size={global_batch_size}; raise val_fraction or lower the batch size")
+    n_batches = n_batches if max_batches is None else min(n_batches, max_batches)
+    starts = range(0, n_batches * global_batch_size, global_batch_size)
+    return (dataset.batch(np.arange(start, start + global_batch_size)[rows]) for start in starts)

@@ -1,0 +1,187 @@
+"""Corpora: where training documents come from, read one document at a time.
+
+A source is the running Python's standard library (the default: ~30 MB of .py files, so training works offline
+with no download), a directory, a text file, a .jsonl (one document per line, in a text field) or a .parquet (one
+per row, in a text column). Files that are not text (a pre-tokenized .bin, say) are refused, naming the file.
+"""
+from __future__ import annotations
+
+import codecs
+import hashlib
+import json
+import os
+import sysconfig
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
+DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")  # what a directory source reads
+TEXT_SNIFF_BYTES = 1024  # how much of a text file is checked for being text before it is read
+_STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Where documents come from: `source` is None/"stdlib", a directory, a text file, a .jsonl or a .parquet.
+
+    `max_bytes` / `max_docs` cap the documents read (UTF-8 bytes of text), for quick runs and tokenizer samples.
+    """
+
+    source: str | Path | None = None
+    text_field: str = "text"
+    max_bytes: int | None = None
+    max_docs: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("max_bytes", "max_docs"):
+            if (value := getattr(self, name)) is not None and (not isinstance(value, int) or value <= 0):
+                raise ValueError(f"Corpus.{name} must be a positive integer or None, got {value!r}")
+
+    @property
+    def is_stdlib(self) -> bool:
+        return self.source is None or (isinstance(self.source, str) and self.source == STDLIB)
+
+    @property
+    def root(self) -> Path:
+        return Path(sysconfig.get_paths()["stdlib"]) if self.is_stdlib else Path(self.source).expanduser()
+
+    @property
+    def name(self) -> str:
+        return STDLIB if self.is_stdlib else self.root.stem or "corpus"
+
+    def files(self) -> list[Path]:
+        """The corpus files in a deterministic (sorted) order; a missing path fails here, naming it."""
+        root = self.root
+        if self.is_stdlib:
+            return _stdlib_files(root)
+        if root.is_file():
+            return [root]
+        if not root.is_dir():
+            raise FileNotFoundError(f"corpus source not found: {root}")
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES)
+        if not files:
+            raise ValueError(f"corpus directory {root} holds no {'/'.join(DOC_SUFFIXES)} files")
+        return files
+
+    def documents(self, files: Sequence[Path] | None = None) -> Iterator[str]:
+        """Non-empty documents of `files` (default: all), in order, stopping at max_bytes / max_docs.
+
+        The stdlib's files are not checked for being UTF-8: a few of its test fixtures are deliberately latin-1
+        or KOI8-R, and are read with replacement characters as always."""
+        check_text = not self.is_stdlib
+        docs = (doc for path in (self.files() if files is None else files)
+                for doc in _read_documents(path, self.text_field, check_text) if doc)
+        n_bytes = 0
+        for index, doc in enumerate(docs):
+            if (self.max_docs is not None and index >= self.max_docs) or \
+                    (self.max_bytes is not None and n_bytes >= self.max_bytes):
+                return
+            n_bytes += len(doc.encode("utf-8"))
+            yield doc
+
+    def fingerprint(self) -> str:
+        """Hash of what the documents depend on: paths, sizes, mtimes, field and caps (not the file contents)."""
+        h = hashlib.sha256(repr((str(self.root.resolve()), self.text_field, self.max_bytes,
+                                 self.max_docs)).encode())
+        for path in self.files():
+            stat = path.stat()
+            h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def _stdlib_files(root: Path) -> list[Path]:
+    """The stdlib's .py files; site-packages is pruned from the walk, not filtered after it (it can be GBs)."""
+    files = []
+    for directory, subdirs, names in os.walk(root):
+        subdirs[:] = [d for d in subdirs if d not in _STDLIB_SKIP_DIRS]
+        files.extend(Path(directory, name) for name in names if name.endswith(".py"))
+    return sorted(files)
+
+
+def iter_documents(source: str | Path | None = None, *, text_field: str = "text", max_bytes: int | None = None,
+                   max_docs: int | None = None) -> Iterator[str]:
+    """Documents of `source` (see Corpus), e.g. to train a tokenizer or inspect a corpus."""
+    return Corpus(source, text_field, max_bytes, max_docs).documents()
+
+
+def sample_texts(source: str | Path | None = None, max_bytes: int = 16_000_000, *,
+                 text_field: str = "text") -> list[str]:
+    """About `max_bytes` of documents from evenly spread files of the corpus, for tokenizer training.
+
+    Spreading matters for a directory: the first N MB of a sorted stdlib is mostly packages starting with a-c.
+    A single-file source gives its first `max_bytes`.
+    """
+    corpus = Corpus(source, text_field, max_bytes=max_bytes)
+    files = corpus.files()
+    keep = min(1.0, max_bytes / max(1, sum(p.stat().st_size for p in files)))
+    spread = [path for i, path in enumerate(files) if int((i + 1) * keep) > int(i * keep)]  # a `keep` fraction
+    return list(corpus.documents(spread))
+
+
+# ---- readers: one document per text file, per .jsonl line, per .parquet row ----
+
+def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[str]:
+    if path.suffix == ".parquet":
+        yield from _read_parquet(path, text_field)
+        return
+    if check_text:
+        _require_text(path, text_field)
+    if path.suffix == ".jsonl":
+        yield from _read_jsonl(path, text_field)
+    else:
+        # errors="replace": a stray non-UTF-8 byte past the checked head should not stop a run.
+        yield path.read_text(encoding="utf-8", errors="replace")
+
+
+def _require_text(path: Path, text_field: str) -> None:
+    """Refuse a file that does not start as text: read as text it would be garbage (a nanoGPT-style
+    pre-tokenized .bin decodes without an error), so say what a corpus may be instead."""
+    with path.open("rb") as f:
+        head = f.read(TEXT_SNIFF_BYTES)
+    if not _looks_like_text(head):
+        raise ValueError(f"corpus file {path} is not UTF-8 text (NUL bytes or invalid UTF-8 in its first "
+                         f"{TEXT_SNIFF_BYTES} bytes; pre-tokenized token files are not read). A corpus is a text "
+                         f"file, a directory of {'/'.join(DOC_SUFFIXES)} files, a .jsonl with a {text_field!r} "
+                         f"field per line, or a .parquet with a {text_field!r} column")
+
+
+def _looks_like_text(head: bytes) -> bool:
+    """No NUL byte (text never has one) and valid UTF-8, except for a character cut at the end of `head`."""
+    if b"\0" in head:
+        return False
+    try:
+        codecs.getincrementaldecoder("utf-8")().decode(head, final=False)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    with path.open(encoding="utf-8") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
+            if not isinstance(record, dict) or text_field not in record:
+                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}:{line_no}: no text_field {text_field!r} (has {keys})")
+            if not isinstance(record[text_field], str):
+                raise ValueError(f"{path}:{line_no}: field {text_field!r} must be a string, "
+                                 f"got {type(record[text_field]).__name__}")
+            yield record[text_field]
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or longcat-flash[dev])") from err
+    parquet = pq.ParquetFile(path)
+    if text_field not in parquet.schema_arrow.names:
+        raise ValueError(f"{path}: no text_field column {text_field!r} (has {parquet.schema_arrow.names})")
+    for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
+        yield from (text for text in batch.column(0).to_pylist() if text is not None)

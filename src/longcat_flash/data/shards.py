@@ -1,0 +1,122 @@
+"""Token shards: a corpus tokenized once into one flat token array on disk (documents joined by eos), cached.
+
+`cache_dir/<name>-<fingerprint>.bin` holds the tokens (uint16, or uint32 above 65536 ids) and the `.json` beside
+it their `ShardMeta`; the JSON is written last, so it marks the shard complete. A shard is reused while its
+fingerprint (corpus files, sizes, mtimes, caps, tokenizer) matches.
+
+This package must not import longcat_flash.tokenizer (siblings never import each other); it needs only what
+`TokenizerLike` describes.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from tqdm import tqdm
+
+from ..files import atomic_write, atomic_write_text
+from .corpus import Corpus
+
+SHARD_FORMAT_VERSION = 1  # bump when the shard layout changes, so old caches are rebuilt
+
+
+class TokenizerLike(Protocol):
+    """What the data pipeline needs from a tokenizer (longcat_flash.tokenizer.Tokenizer satisfies it)."""
+
+    eos_id: int | None
+    vocab_size: int
+    fingerprint: str
+
+    def encode_batch(self, texts: Sequence[str]) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class ShardMeta:
+    """The JSON beside a `.bin` shard: enough to read it and to know whether it is still current."""
+
+    fingerprint: str
+    tokenizer_fingerprint: str
+    source: str
+    n_tokens: int
+    n_docs: int
+    dtype: str
+
+    @classmethod
+    def read(cls, bin_path: Path) -> ShardMeta:
+        meta_path = bin_path.with_suffix(".json")
+        if not meta_path.is_file():
+            raise FileNotFoundError(f"token shard metadata not found: {meta_path}")
+        return cls(**json.loads(meta_path.read_text(encoding="utf-8")))
+
+
+def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache_dir: str | Path, *,
+                      text_field: str = "text", max_bytes: int | None = None, max_docs: int | None = None,
+                      chunk_bytes: int = 1 << 20, progress: bool = True) -> Path:
+    """Tokenize `source` once into `cache_dir/<name>-<fingerprint>.bin` (docs joined by eos); returns its path.
+
+    A shard whose fingerprint (corpus files + sizes + mtimes + caps + tokenizer) matches is reused as is.
+    """
+    if tokenizer.eos_id is None:
+        raise ValueError("the tokenizer has no eos token; documents are separated by eos")
+    corpus = Corpus(source, text_field, max_bytes, max_docs)
+    fingerprint = hashlib.sha256(
+        f"{SHARD_FORMAT_VERSION}\0{corpus.fingerprint()}\0{tokenizer.fingerprint}".encode()).hexdigest()
+    bin_path = Path(cache_dir) / f"{corpus.name}-{fingerprint[:16]}.bin"
+    if _shard_is_current(bin_path, fingerprint):
+        return bin_path
+    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    with atomic_write(bin_path) as tmp, tmp.open("wb") as f:
+        n_tokens, n_docs = _write_tokens(corpus, tokenizer, f, dtype, chunk_bytes, progress)
+        if n_tokens == 0:
+            raise ValueError(f"corpus {corpus.root} produced no text (text_field={text_field!r})")
+    meta = ShardMeta(fingerprint, tokenizer.fingerprint, str(corpus.root), n_tokens, n_docs, np.dtype(dtype).name)
+    atomic_write_text(bin_path.with_suffix(".json"), json.dumps(asdict(meta), indent=2) + "\n")  # commit marker
+    return bin_path
+
+
+def _shard_is_current(bin_path: Path, fingerprint: str) -> bool:
+    try:
+        meta = ShardMeta.read(bin_path)
+    except (FileNotFoundError, TypeError, ValueError):
+        return False
+    expected_size = meta.n_tokens * np.dtype(meta.dtype).itemsize
+    return meta.fingerprint == fingerprint and bin_path.is_file() and bin_path.stat().st_size == expected_size
+
+
+def _write_tokens(corpus: Corpus, tokenizer: TokenizerLike, f: Any, dtype: type[np.integer], chunk_bytes: int,
+                  progress: bool) -> tuple[int, int]:
+    """Encode documents in ~chunk_bytes batches (parallel in the Rust tokenizer) and append them to `f`."""
+    n_tokens, n_docs, eos, files = 0, 0, [tokenizer.eos_id], corpus.files()
+    total = min(sum(p.stat().st_size for p in files), corpus.max_bytes or sys.maxsize)  # an upper bound
+    with tqdm(desc=f"tokenizing {corpus.name}", total=total, unit="B", unit_scale=True,
+              disable=not progress) as bar:
+        for chunk in _chunks(corpus.documents(files), chunk_bytes):
+            encoded = tokenizer.encode_batch(chunk)
+            count = sum(len(ids) for ids in encoded) + len(encoded)
+            flat = itertools.chain.from_iterable(itertools.chain(ids, eos) for ids in encoded)
+            np.fromiter(flat, dtype=dtype, count=count).tofile(f)
+            n_tokens, n_docs = n_tokens + count, n_docs + len(chunk)
+            bar.update(sum(len(doc.encode("utf-8")) for doc in chunk))
+            bar.set_postfix(tokens=n_tokens, refresh=False)
+        bar.total = bar.n  # file sizes overestimate .jsonl/.parquet text; end the bar at 100%
+    return n_tokens, n_docs
+
+
+def _chunks(docs: Iterator[str], chunk_bytes: int) -> Iterator[list[str]]:
+    """Group documents into lists of about `chunk_bytes` characters (bounds memory, keeps batches big)."""
+    chunk, size = [], 0
+    for doc in docs:
+        chunk.append(doc)
+        if (size := size + len(doc)) >= chunk_bytes:
+            yield chunk
+            chunk, size = [], 0
+    if chunk:
+        yield chunk

@@ -1,0 +1,58 @@
+"""Writing files that readers never see half-written, with the permissions the user's umask asks for.
+
+One way for the whole package: write under a temporary name beside the target (same directory, so the rename is
+atomic on one filesystem), then rename it into place. Writers that create their file privately (safetensors
+writes mode 0600 whatever the umask) are widened to 0o666 & ~umask, the mode `open()` would have given, so
+colleagues on a shared filesystem can read a model, a checkpoint or a token shard whenever the umask allows it.
+
+This module imports nothing from the package: every layer may use it.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+
+def current_umask() -> int:
+    """The process umask. POSIX can only read it by setting it, so it is set and restored at once."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
+def chmod_per_umask(path: str | Path) -> None:
+    """Give `path` the mode a plain `open(path, "w")` would have: 0o666 less the umask."""
+    os.chmod(path, 0o666 & ~current_umask())
+
+
+@contextmanager
+def temporary_file(path: str | Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write into (per process: data-parallel ranks may write at once).
+
+    When the block ends the file has the umask's mode; the caller renames it (several files can then be renamed
+    together, as a sharded export does). When the block fails the temporary file is removed.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        yield tmp
+        chmod_per_umask(tmp)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
+def atomic_write(path: str | Path) -> Iterator[Path]:
+    """A temporary path to write into; when the block succeeds it replaces `path` in one rename."""
+    with temporary_file(path) as tmp:
+        yield tmp
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically (see `atomic_write`)."""
+    with atomic_write(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
