@@ -3,11 +3,11 @@ from __future__ import annotations
 
 import pytest
 
-from longcat_flash.infer.scheduler import QueueFull, Scheduler, SchedulerConfig, Sequence, Status
+from longcat_flash.infer.scheduler import QueueFull, Scheduler, SchedulerConfig, SequenceState, Status
 
 
-def seq(i: int, n: int) -> Sequence:
-    return Sequence(i, list(range(n)), prompt_len=n)
+def seq(i: int, n: int) -> SequenceState:
+    return SequenceState(i, list(range(n)), prompt_len=n)
 
 
 def held(s: Scheduler, plan) -> dict[int, int]:

@@ -17,7 +17,7 @@ import torch
 
 from .cache import ABSORB_MAX_TOKENS, CacheConfig, PagedLatentCache, padded_batch
 from .sampling import SamplingParams, sample
-from .scheduler import Scheduler, SchedulerConfig, Sequence
+from .scheduler import Scheduler, SchedulerConfig, SequenceState
 from .speculative import Draft, DraftStats, MTPDrafter, verify
 
 StopHook = Callable[[list[int]], bool]  # generated ids so far -> stop now (text stop strings, from the server)
@@ -52,7 +52,7 @@ class StepOutput:
 
 @dataclass(eq=False)
 class Request:
-    seq: Sequence
+    seq: SequenceState
     params: SamplingParams
     generator: torch.Generator
     max_len: int  # prompt + max_new_tokens, capped by the context
@@ -99,7 +99,7 @@ class Engine:
         params = params or SamplingParams()
         self._validate(prompt)
         rid = next(self._ids)
-        seq = Sequence(rid, list(prompt), prompt_len=len(prompt))
+        seq = SequenceState(rid, list(prompt), prompt_len=len(prompt))
         self.scheduler.add(seq)
         max_len = min(len(prompt) + params.max_new_tokens, self.max_context)
         self.requests[rid] = Request(seq, params, params.generator(self.device), max_len, stop)
@@ -150,20 +150,20 @@ class Engine:
         self.stats.steps += bool(plan)
         return outputs
 
-    def _forward(self, seqs: list[Sequence], chunks: list[list[int]]) -> torch.Tensor:
+    def _forward(self, seqs: list[SequenceState], chunks: list[list[int]]) -> torch.Tensor:
         """Trunk forward over each seq's chunk at positions computed.., padded -> final hidden (B, S, D)."""
         ids, positions = padded_batch(chunks, [s.computed for s in seqs])  # (B, S) each, on the host
         view = self.cache.view([s.id for s in seqs], positions)  # also picks the attention path for this S
         ids, positions = (t.to(self.device, non_blocking=True) for t in (ids, positions.clamp(min=0)))
         return self.model(ids, positions, view, compute_logits=False).final_hidden
 
-    def _decode(self, seqs: list[Sequence]) -> list[StepOutput]:
+    def _decode(self, seqs: list[SequenceState]) -> list[StepOutput]:
         hidden = self._forward(seqs, [[s.tokens[-1]] for s in seqs])  # (B, 1, D)
         for seq in seqs:
             seq.computed += 1
         return self._sample_and_append(seqs, self.model.lm_head(hidden[:, 0]))
 
-    def _prefill(self, rows: list[tuple[Sequence, int]]) -> list[StepOutput]:
+    def _prefill(self, rows: list[tuple[SequenceState, int]]) -> list[StepOutput]:
         seqs = [s for s, _ in rows]
         starts = [s.computed for s in seqs]
         hidden = self._forward(seqs, [s.tokens[s.computed:s.computed + n] for s, n in rows])  # (B, S, D)
@@ -181,7 +181,7 @@ class Engine:
                         {s.id: (start, hidden[b]) for b, (s, start) in enumerate(zip(seqs, starts))})
         return outputs
 
-    def _speculative(self, seqs: list[Sequence]) -> list[StepOutput]:
+    def _speculative(self, seqs: list[SequenceState]) -> list[StepOutput]:
         """Verify each row's k drafts in one trunk forward, keep the accepted prefix, roll back, draft again."""
         reqs = [self.requests[s.id] for s in seqs]
         starts = [s.computed for s in seqs]
@@ -201,7 +201,7 @@ class Engine:
         self._draft([s for s in seqs if s.id in alive], alive)
         return outputs
 
-    def _draft(self, seqs: list[Sequence], rows: dict[int, tuple[int, torch.Tensor]]) -> None:
+    def _draft(self, seqs: list[SequenceState], rows: dict[int, tuple[int, torch.Tensor]]) -> None:
         """MTP extend + chain for sequences whose trunk just covered positions start..computed-1.
 
         rows: sequence id -> (start, that forward's final hidden row (S, D)).
@@ -222,7 +222,7 @@ class Engine:
         d.rounds, d.drafted, d.accepted = d.rounds + 1, d.drafted + drafted, d.accepted + accepted
 
     # ---- outputs ----
-    def _sample_and_append(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepOutput]:
+    def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
         reqs = [self.requests[s.id] for s in seqs]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
         return [self._append(req, [t]) for req, t in zip(reqs, tokens)]

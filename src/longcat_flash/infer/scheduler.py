@@ -32,7 +32,7 @@ class Status(Enum):
 
 
 @dataclass(eq=False)
-class Sequence:
+class SequenceState:
     id: int
     tokens: list[int]
     prompt_len: int
@@ -67,9 +67,9 @@ class SchedulerConfig:
 
 @dataclass
 class Plan:
-    decode: list[Sequence] = field(default_factory=list)
-    prefill: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens this step)
-    preempted: list[Sequence] = field(default_factory=list)
+    decode: list[SequenceState] = field(default_factory=list)
+    prefill: list[tuple[SequenceState, int]] = field(default_factory=list)  # (sequence, tokens this step)
+    preempted: list[SequenceState] = field(default_factory=list)
     capacity: dict[int, int] = field(default_factory=dict)  # sequence id -> positions its pages must cover
 
     def __bool__(self) -> bool:
@@ -79,21 +79,21 @@ class Plan:
 class Scheduler:
     def __init__(self, config: SchedulerConfig) -> None:
         self.config = config
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[SequenceState] = deque()
+        self.running: list[SequenceState] = []
         self._pages: dict[int, int] = {}  # pages each sequence holds, as of the current schedule() call
         self._arrivals = itertools.count()
 
     def pages_for(self, n_positions: int) -> int:
         return -(-n_positions // self.config.page_size)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: SequenceState) -> None:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
         seq.status, seq.arrival = Status.WAITING, next(self._arrivals)
         self.waiting.append(seq)
 
-    def finish(self, seq: Sequence) -> None:
+    def finish(self, seq: SequenceState) -> None:
         """Drop a finished or cancelled sequence (its pages are freed by the caller)."""
         if seq in self.running:
             self.running.remove(seq)
@@ -124,7 +124,7 @@ class Scheduler:
             self.running.append(seq)
         return plan
 
-    def _reserve(self, plan: Plan, seq: Sequence, n_tokens: int, free_pages: int) -> int | None:
+    def _reserve(self, plan: Plan, seq: SequenceState, n_tokens: int, free_pages: int) -> int | None:
         """Plan pages for n_tokens more of seq; the new free-page count, or None if they do not fit."""
         target = seq.computed + n_tokens + self.config.lookahead
         held = self._pages.get(seq.id, 0)
@@ -151,7 +151,7 @@ class Scheduler:
                 plan.decode.append(seq)
         return free_pages
 
-    def _preempt(self, plan: Plan, victim: Sequence) -> int:
+    def _preempt(self, plan: Plan, victim: SequenceState) -> int:
         """Send a running sequence back to the front of the queue; returns the pages it frees."""
         self.running.remove(victim)
         victim.computed, victim.status = 0, Status.WAITING
@@ -160,7 +160,7 @@ class Scheduler:
         plan.capacity.pop(victim.id, None)
         return self._pages.pop(victim.id, 0)
 
-    def _try_prefill(self, plan: Plan, seq: Sequence, budget: int, free_pages: int) -> int | None:
+    def _try_prefill(self, plan: Plan, seq: SequenceState, budget: int, free_pages: int) -> int | None:
         """Add the next prompt chunk of seq if the padded budget and the pool allow; the new free-page count."""
         n = min(seq.remaining, self.config.prefill_chunk)
         if not plan.prefill:
