@@ -1,24 +1,33 @@
 """The text side: incremental detokenization with stop strings (no server needed)."""
 from __future__ import annotations
 
+import time
+
 import pytest
 
-from longcat_flash.serve.text import TextState
+from longcat_flash.serve.text import MAX_PENDING_IDS, TextState
 from longcat_flash.tokenizer import train_tokenizer
+
+SAMPLE = "hello world, hello there. héllo wörld ✓ "
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return train_tokenizer(["hello world, hello there. héllo wörld ✓ " * 50], 300)
+    return train_tokenizer([SAMPLE * 50], 300)
 
 
-def stream(state: TextState, ids: list[int]) -> list[str]:
-    return [state.delta(ids[: i + 1], final=i == len(ids) - 1) for i in range(len(ids))]
+def stream(state: TextState, ids: list[int], step: int = 1) -> list[str]:
+    """Feed `ids` `step` at a time (MTP speculation delivers several per engine step), the last batch final."""
+    chunks = [ids[i: i + step] for i in range(0, len(ids), step)]
+    return [state.feed(chunk, final=i == len(chunks) - 1) for i, chunk in enumerate(chunks)]
 
 
-def test_pieces_concatenate_to_the_decoded_text(tokenizer):
+@pytest.mark.parametrize("step", [1, 3])
+def test_pieces_concatenate_to_the_decoded_text(tokenizer, step):
     ids = tokenizer.encode("héllo wörld ✓ done")
-    assert "".join(stream(TextState(tokenizer), ids)) == tokenizer.decode(ids)
+    state = TextState(tokenizer)
+    assert "".join(stream(state, ids, step)) == tokenizer.decode(ids) == state.text
+    assert state.tokens == len(ids) and not state.stopped
 
 
 def test_no_piece_ends_inside_a_character(tokenizer):
@@ -27,14 +36,50 @@ def test_no_piece_ends_inside_a_character(tokenizer):
     assert all("\ufffd" not in p for p in pieces) and "".join(pieces) == "✓✓✓"
 
 
-def test_stop_string_is_cut_and_never_leaks(tokenizer):
+def test_special_tokens_are_skipped(tokenizer):
+    ids = tokenizer.encode("hello") + [tokenizer.eos_id] + tokenizer.encode(" there")
+    assert "".join(stream(TextState(tokenizer), ids)) == "hello there"
+
+
+def test_invalid_bytes_come_out_as_replacement_characters_and_stay_bounded(tokenizer):
+    lead = tokenizer.encode("✓")[0]  # a lone UTF-8 lead byte never completes when repeated
+    ids = [lead] * (3 * MAX_PENDING_IDS) + tokenizer.encode(" ok")
+    state = TextState(tokenizer)
+    pieces = stream(state, ids)
+    assert "".join(pieces).endswith(" ok") and "\ufffd" in "".join(pieces)
+    assert len(state._pending) == 0 and max(map(len, pieces)) <= MAX_PENDING_IDS + 3
+
+
+@pytest.mark.parametrize("step", [1, 4])
+def test_stop_string_is_cut_and_never_leaks(tokenizer, step):
     ids = tokenizer.encode("hello world, hello there.")
-    state = TextState(tokenizer, stop=["o th"])
+    state = TextState(tokenizer, stop=["o th", "zzz"])
     pieces = []
-    for i in range(len(ids)):
-        pieces.append(state.delta(ids[: i + 1], final=False))
-        if state.stop_hit(ids[: i + 1]):
-            pieces.append(state.delta(ids[: i + 1], final=True))
+    for i in range(0, len(ids), step):
+        pieces.append(state.feed(ids[i: i + step]))
+        if state.stopped:
             break
     assert "".join(pieces) == "hello world, hell" == state.text
-    assert not any("o th" in p for p in pieces)
+    completing = next(k for k in range(len(ids)) if "o th" in tokenizer.decode(ids[:k]))
+    assert state.tokens == completing  # usage counts the ids up to the stop, not what the engine made after it
+    assert state.feed(ids[-1:], final=True) == ""  # nothing after a stop, even from a late engine output
+
+
+def test_tail_that_might_start_a_stop_string_waits_for_the_end(tokenizer):
+    ids = tokenizer.encode("hello wor")
+    state = TextState(tokenizer, stop=["world!"])
+    assert "".join(state.feed([i]) for i in ids) == "hell"  # "o wor" could still become "world!"
+    assert state.feed([], final=True) == "o wor" and not state.stopped
+
+
+def test_cost_per_token_does_not_grow_with_the_text(tokenizer):
+    """O(1) per id: 10x the tokens costs about 10x the time (the old full re-decode was quadratic)."""
+    ids = tokenizer.encode(SAMPLE * 400)
+
+    def seconds(n: int) -> float:
+        state, start = TextState(tokenizer, stop=["never there"]), time.perf_counter()
+        for token in ids[:n]:
+            state.feed([token])
+        return time.perf_counter() - start
+    seconds(200)
+    assert seconds(len(ids)) / seconds(len(ids) // 10) < 25

@@ -6,8 +6,8 @@ import re
 
 import pytest
 
-from longcat_flash.tokenizer import (DEFAULT_CHAT_TEMPLATE, STDLIB_MIN_VOCAB, Tokenizer, _compile_template,
-                                     stdlib_tokenizer, train_tokenizer)
+from longcat_flash.tokenizer import (DEFAULT_CHAT_TEMPLATE, STDLIB_MIN_VOCAB, TOOL_CALL_CLOSE, TOOL_CALL_OPEN,
+                                     Tokenizer, stdlib_tokenizer, train_tokenizer)
 
 CORPUS = [
     "def add(a, b):\n    return a + b\n",
@@ -33,6 +33,25 @@ CHAT = [
     {"role": "user", "content": "2+2?"},
 ]
 
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Current weather in a city (°C).",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}},
+]
+CALLS = [{"id": "call_1", "type": "function",
+          "function": {"name": "get_weather", "arguments": '{"city": "Zürich <b>"}'}},
+         {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": {}}}]  # the HF dict form
+TOOL_CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Weather in Zürich, and the time?"},
+    {"role": "assistant", "content": None, "tool_calls": CALLS},
+    {"role": "tool", "tool_call_id": "call_1", "content": "12 °C"},
+    {"role": "tool", "tool_call_id": "call_2", "content": "09:00"},
+    {"role": "assistant", "content": "12 °C at 09:00."},
+    {"role": "user", "content": "Thanks"},
+]
+
 
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
@@ -41,7 +60,14 @@ def tok() -> Tokenizer:
 
 def test_special_ids_are_pad_bos_eos(tok: Tokenizer) -> None:
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    assert 256 + 3 <= tok.vocab_size <= 400
+    assert 256 + 5 <= tok.vocab_size <= 400
+
+
+def test_tool_call_tags_are_single_tokens_that_decoding_keeps(tok: Tokenizer) -> None:
+    call = f'{TOOL_CALL_OPEN}{{"name": "f", "arguments": {{}}}}{TOOL_CALL_CLOSE}'
+    ids = tok.encode(f"{call}</s>", allow_special=True)
+    assert ids[0] == 3 and ids[-2:] == [4, tok.eos_id]
+    assert tok.decode(ids) == call  # eos is dropped, the tags are not: the server parses them
 
 
 @pytest.mark.parametrize("text", ROUND_TRIP)
@@ -80,7 +106,7 @@ def test_bad_special_tokens(specials: tuple[str, ...]) -> None:
 def test_extra_special_tokens_follow_the_first_three() -> None:
     tok = train_tokenizer(CORPUS, vocab_size=400, special_tokens=("<pad>", "<s>", "</s>", "<tool>"))
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
-    assert tok.encode("<tool>", allow_special=True) == [3]
+    assert tok.encode(f"<tool>{TOOL_CALL_OPEN}{TOOL_CALL_CLOSE}", allow_special=True) == [3, 4, 5]
 
 
 def test_save_load_round_trip(tmp_path) -> None:
@@ -149,17 +175,23 @@ def test_chat_prompt_encodes_eos_as_special(tok: Tokenizer) -> None:
     assert ids.count(tok.eos_id) == 1
 
 
-@pytest.mark.parametrize("messages", [CHAT, CHAT[1:], CHAT[:3], CHAT[1:2]])
-@pytest.mark.parametrize("add_generation_prompt", [True, False])
-def test_default_template_jinja_matches_python_twin(tok: Tokenizer, messages, add_generation_prompt) -> None:
-    pytest.importorskip("jinja2")
-    rendered = _compile_template(DEFAULT_CHAT_TEMPLATE).render(
-        messages=messages, add_generation_prompt=add_generation_prompt, eos_token="</s>")
-    assert rendered == tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+def test_tools_calls_and_results_render_in_the_round_format(tok: Tokenizer) -> None:
+    prompt = tok.apply_chat_template(TOOL_CHAT, tools=TOOLS)
+    system, rounds = prompt.split(" [Round 0] ")
+    assert system.startswith("SYSTEM:You are terse.\n\n# Tools\n") and "<longcat_tools>" in system
+    assert '{"name": "get_weather", "description": "Current weather in a city (°C).", "parameters": ' in system
+    assert rounds == (
+        'USER:Weather in Zürich, and the time? ASSISTANT:'
+        '<longcat_tool_call>{"name": "get_weather", "arguments": {"city": "Zürich <b>"}}</longcat_tool_call>'
+        '<longcat_tool_call>{"name": "now", "arguments": {}}</longcat_tool_call></s>'
+        '[Round 1] USER:<longcat_tool_response>12 °C</longcat_tool_response>'
+        '<longcat_tool_response>09:00</longcat_tool_response> ASSISTANT:12 °C at 09:00.</s>'
+        '[Round 2] USER:Thanks ASSISTANT:')
+    assert tok.apply_chat_template(TOOL_CHAT[1:2], tools=TOOLS).startswith("SYSTEM:# Tools\n")
+    assert tok.apply_chat_template(TOOL_CHAT[:2], tools=[]) == tok.apply_chat_template(TOOL_CHAT[:2])
 
 
 def test_custom_template_from_config_is_used(tok: Tokenizer, tmp_path) -> None:
-    pytest.importorskip("jinja2")
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["chat_template"] = (
@@ -171,7 +203,6 @@ def test_custom_template_from_config_is_used(tok: Tokenizer, tmp_path) -> None:
 
 
 def test_template_file_and_named_templates(tok: Tokenizer, tmp_path) -> None:
-    pytest.importorskip("jinja2")
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
@@ -185,7 +216,8 @@ def test_template_file_and_named_templates(tok: Tokenizer, tmp_path) -> None:
     ([], "non-empty"),
     ("hello", "non-empty"),
     (["hi"], r"messages\[0\] must be a dict"),
-    ([{"role": "tool", "content": "x"}], r"messages\[0\]\['role'\]"),
+    ([{"role": "robot", "content": "x"}], r"messages\[0\]\['role'\]"),
+    ([{"role": "user", "content": None}], r"messages\[0\]\['content'\]"),
     ([{"role": "user", "content": 3}], r"messages\[0\]\['content'\]"),
     ([{"role": "user"}], r"messages\[0\]\['content'\]"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"messages\[1\] is a system"),
@@ -220,7 +252,23 @@ def test_auto_tokenizer_reads_checkpoint_dir(tok: Tokenizer, tmp_path) -> None:
     hf.save_pretrained(str(tmp_path / "resaved"))  # transformers' own layout loads back into ours
     resaved = Tokenizer.load(tmp_path / "resaved")
     assert resaved.apply_chat_template(CHAT) == tok.apply_chat_template(CHAT)
+    assert resaved.apply_chat_template(TOOL_CHAT, tools=TOOLS) == tok.apply_chat_template(TOOL_CHAT, tools=TOOLS)
     assert resaved.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP) and resaved.eos_id == 2
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("messages", [TOOL_CHAT, TOOL_CHAT[:3], TOOL_CHAT[1:5], CHAT, CHAT[1:2]])
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+@pytest.mark.parametrize("tools", [TOOLS, None])
+def test_transformers_renders_our_template_identically(tok: Tokenizer, tmp_path, messages, add_generation_prompt,
+                                                       tools) -> None:
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    theirs = hf.apply_chat_template(messages, tools=tools, tokenize=False,
+                                    add_generation_prompt=add_generation_prompt)
+    assert theirs == tok.apply_chat_template(messages, add_generation_prompt=add_generation_prompt, tools=tools)
+    assert hf.encode(theirs, add_special_tokens=False) == tok.encode(theirs, allow_special=True)
 
 
 def test_stdlib_tokenizer_needs_no_corpus_and_fits_a_tiny_vocabulary() -> None:

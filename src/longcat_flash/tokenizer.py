@@ -9,7 +9,8 @@ bytes, so a corpus that happens to contain `</s>` (HTML does) cannot inject an e
 `allow_special=True` to parse them, as a rendered chat prompt needs.
 
 The directory written by `save` is a normal HF tokenizer checkpoint (`tokenizer.json` + `tokenizer_config.json`)
-that `transformers.AutoTokenizer` reads with the same ids and the same chat template.
+that `transformers.AutoTokenizer` reads with the same ids and the same chat template. The chat template (LongCat's
+round format with tool calls, docs/chat_format.md) is jinja2, rendered exactly as transformers renders it.
 """
 from __future__ import annotations
 
@@ -22,10 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from jinja2.exceptions import TemplateError
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
-CHAT_ROLES = ("system", "user", "assistant")
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
+# Trained tokenizers hold the tool-call tags as single tokens, right after the special tokens. They are added
+# tokens but not *special* ones, so `decode(skip_special_tokens=True)` keeps them and the server can parse calls.
+TOOL_CALL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
@@ -35,22 +43,48 @@ STDLIB_SAMPLE_FILES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py"
                        "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
 STDLIB_MIN_VOCAB = 512  # 256 bytes + 3 special tokens leave no merges below this; tiny presets ask for 256
 
-# LongCat style: "SYSTEM:{s} [Round 0] USER:{u} ASSISTANT:{a}</s>[Round 1] USER:{u} ASSISTANT:".
-# `_render_default_chat` is its pure-Python twin (used without jinja2); a test keeps the two identical.
-DEFAULT_CHAT_TEMPLATE = (
-    "{%- set ns = namespace(round=0) -%}"
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}"
-    "{{- 'SYSTEM:' + message['content'] + ' ' -}}"
-    "{%- elif message['role'] == 'user' -%}"
-    "{{- '[Round ' + ns.round|string + '] USER:' + message['content'] -}}"
-    "{%- else -%}"
-    "{{- ' ASSISTANT:' + message['content'] + eos_token -}}"
-    "{%- set ns.round = ns.round + 1 -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
-)
+# LongCat-Flash-Chat's round format with tools (docs/chat_format.md):
+#   SYSTEM:{s}\n\n{tools} [Round 0] USER:{u} ASSISTANT:{a}<longcat_tool_call>{...}</longcat_tool_call></s>
+#   [Round 1] USER:<longcat_tool_response>{result}</longcat_tool_response> ASSISTANT:
+# Tool-call arguments are written verbatim when a string (the OpenAI wire form), as JSON when a dict (the HF form).
+DEFAULT_CHAT_TEMPLATE = """\
+{%- set ns = namespace(round=0) -%}
+{%- set has_system = messages[0]['role'] == 'system' -%}
+{%- if has_system or tools -%}
+{{- 'SYSTEM:' + (messages[0]['content'] if has_system else '') -}}
+{%- if tools -%}
+{%- if has_system -%}{{- '\n\n' -}}{%- endif -%}
+{{- '# Tools\nYou can call these functions, each given as a JSON object with its name, description and \
+the JSON Schema of its arguments:\n<longcat_tools>\n' -}}
+{%- for tool in tools -%}{{- (tool['function'] if tool['function'] is defined else tool) | tojson + '\n' -}}\
+{%- endfor -%}
+{{- '</longcat_tools>\nTo call a function, write its name and arguments as a JSON object inside \
+<longcat_tool_call></longcat_tool_call> tags, one block per call:\n<longcat_tool_call>{"name": <function-name>, \
+"arguments": <arguments-object>}</longcat_tool_call>' -}}
+{%- endif -%}
+{{- ' ' -}}
+{%- endif -%}
+{%- for message in messages -%}
+{%- if message['role'] == 'user' -%}
+{{- '[Round ' + ns.round|string + '] USER:' + message['content'] -}}
+{%- elif message['role'] == 'tool' -%}
+{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}
+{{- '[Round ' + ns.round|string + '] USER:' -}}
+{%- endif -%}
+{{- '<longcat_tool_response>' + message['content'] + '</longcat_tool_response>' -}}
+{%- elif message['role'] == 'assistant' -%}
+{{- ' ASSISTANT:' + (message['content'] or '') -}}
+{%- for call in message['tool_calls'] or [] -%}
+{%- set fn = call['function'] if call['function'] is defined else call -%}
+{%- set args = fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson -%}
+{{- '<longcat_tool_call>{"name": ' + fn['name'] | tojson + ', "arguments": ' + args + '}</longcat_tool_call>' -}}
+{%- endfor -%}
+{{- eos_token -}}
+{%- set ns.round = ns.round + 1 -%}
+{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}
+"""
 
 # Fallback names, tried in order, when a tokenizer.json comes without a tokenizer_config.json.
 _FALLBACK_NAMES = {
@@ -92,6 +126,11 @@ class Tokenizer:
         """Number of ids, added tokens included: the smallest `ModelConfig.vocab_size` that fits."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    @property
+    def backend(self) -> tokenizers.Tokenizer:
+        """The `tokenizers.Tokenizer` underneath, for what needs it whole (incremental decoding: serve/text.py)."""
+        return self._backend
+
     @functools.cached_property
     def fingerprint(self) -> str:
         """sha256 of the serialized tokenizer: token shards built with another tokenizer are never reused."""
@@ -115,16 +154,18 @@ class Tokenizer:
         """Ids to text; `skip_special_tokens` drops pad/bos/eos so a generated sequence reads as plain text."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True) -> str:
-        """Render a conversation to the prompt string the model was trained on (encode it with allow_special)."""
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str:
+        """Render a conversation (and the OpenAI function schemas in `tools`) to the prompt string the model was
+        trained on, as transformers' `apply_chat_template(..., tokenize=False)` would; encode it with
+        allow_special."""
         _validate_messages(messages)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
-        if self.chat_template == DEFAULT_CHAT_TEMPLATE:
-            return _render_default_chat(messages, self.eos_token, add_generation_prompt)
         template = _compile_template(self.chat_template)
-        return template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                               bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token)
+        return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
+                               add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                               eos_token=self.eos_token, pad_token=self.pad_token)
 
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` + `tokenizer_config.json` (HF layout) into `directory`; returns it."""
@@ -181,24 +222,37 @@ def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], f
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS, *,
                     min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
-    """Train a byte-level BPE; `special_tokens[:3]` become pad, bos, eos with ids 0, 1, 2.
+    """Train a byte-level BPE; `special_tokens[:3]` become pad, bos, eos with ids 0, 1, 2, the rest follow, then
+    the TOOL_CALL_TOKENS (unless listed already).
 
     The vocabulary can come out smaller than `vocab_size` when the texts run out of pairs to merge.
     """
     special_tokens = _validate_special_tokens(special_tokens)
-    minimum = 256 + len(special_tokens)  # every byte must be a token, or round-tripping breaks
+    tool_tokens = [t for t in TOOL_CALL_TOKENS if t not in special_tokens]
+    minimum = 256 + len(special_tokens) + len(tool_tokens)  # every byte must be a token, or round-tripping breaks
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < minimum:
         raise ValueError(f"vocab_size must be an integer >= {minimum} (256 bytes + {len(special_tokens)} "
-                         f"special tokens), got {vocab_size!r}")
+                         f"special tokens + {len(tool_tokens)} tool-call tags), got {vocab_size!r}")
     backend = tokenizers.Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=list(special_tokens), show_progress=show_progress,
+                                  special_tokens=[*special_tokens, *tool_tokens], show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer=trainer)
+    backend = _unmark_special(backend, tool_tokens)
     pad, bos, eos = special_tokens[:3]
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad)
+
+
+def _unmark_special(backend: tokenizers.Tokenizer, tokens: Sequence[str]) -> tokenizers.Tokenizer:
+    """The same tokenizer with `tokens` as plain added tokens: the trainer can only add special ones, which
+    `decode(skip_special_tokens=True)` would drop from generated text."""
+    state = json.loads(backend.to_str())
+    for added in state["added_tokens"]:
+        if added["content"] in tokens:
+            added["special"] = False
+    return tokenizers.Tokenizer.from_str(json.dumps(state))
 
 
 def stdlib_tokenizer(vocab_size: int, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Tokenizer:
@@ -237,42 +291,28 @@ def _validate_messages(messages: Sequence[dict[str, Any]]) -> None:
         role = message.get("role")
         if role not in CHAT_ROLES:
             raise ValueError(f"messages[{i}]['role'] must be one of {CHAT_ROLES}, got {role!r}")
-        if not isinstance(message.get("content"), str):
-            raise ValueError(f"messages[{i}]['content'] must be a str, got {message.get('content')!r}")
+        content = message.get("content")
+        if not (isinstance(content, str) or (content is None and role == "assistant" and message.get("tool_calls"))):
+            raise ValueError(f"messages[{i}]['content'] must be a str (or None in an assistant message with "
+                             f"tool_calls), got {content!r}")
         if role == "system" and i != 0:
             raise ValueError(f"messages[{i}] is a system message; only messages[0] may be one")
 
 
-def _render_default_chat(messages: Sequence[dict[str, Any]], eos_token: str, add_generation_prompt: bool) -> str:
-    """Pure-Python twin of DEFAULT_CHAT_TEMPLATE, so the default format needs no jinja2."""
-    parts, round_index = [], 0
-    for message in messages:
-        role, content = message["role"], message["content"]
-        if role == "system":
-            parts.append(f"SYSTEM:{content} ")
-        elif role == "user":
-            parts.append(f"[Round {round_index}] USER:{content}")
-        else:
-            parts.append(f" ASSISTANT:{content}{eos_token}")
-            round_index += 1
-    if add_generation_prompt:
-        parts.append(" ASSISTANT:")
-    return "".join(parts)
-
-
 @functools.lru_cache(maxsize=8)
 def _compile_template(source: str) -> Any:
-    """Compile a custom chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
-    try:
-        from jinja2.exceptions import TemplateError
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError as err:
-        raise ImportError("this tokenizer has a custom chat_template, which needs jinja2: pip install jinja2 "
-                          "(it ships with transformers)") from err
+    """Compile a chat template the way transformers does (sandboxed, trim/lstrip blocks, loop controls, its
+    `tojson` that keeps non-ASCII and does not HTML-escape), so both render the same prompt."""
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.globals["raise_exception"] = raise_exception
+    env.filters["tojson"] = tojson
     return env.from_string(source)

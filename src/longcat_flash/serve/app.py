@@ -12,7 +12,6 @@ import asyncio
 import hmac
 import json
 import logging
-from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,8 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
 
 from ..infer.engine import Engine, EngineConfig, StepOutput
 from ..infer.loader import load_for_inference
@@ -29,8 +29,10 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import AsyncEngine, EngineFailed
-from .metrics import render_metrics
+from .metrics import CONTENT_TYPE, Metrics
+from .openapi import install_openapi
 from .text import TextState
+from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class Generation:
     async def submit(self, prompt: list[int], params: SamplingParams, text: TextState
                      ) -> tuple[int, asyncio.Queue]:
         try:
-            return await self.bridge.submit(prompt, params, text.stop_hit if text.stop else None)
+            return await self.bridge.submit(prompt, params)
         except QueueFull as err:
             raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full") from None
         except ValueError as err:
@@ -99,12 +101,12 @@ class Generation:
         """(new text, finish reason or None, tokens so far) per engine output, until the request finishes.
 
         With `request`, polls for a vanished client (non-streaming); a streaming response instead gets cancelled
-        by Starlette when its client leaves, which lands in the `finally` just the same.
+        by Starlette when its client leaves, which lands in the `finally` just the same. A stop string in the text
+        ends the request here, off the engine's thread, which then drops it before its next step.
         """
-        ids: list[int] = []
         finished = False
         try:
-            while not finished:
+            while not (finished or text.stopped):
                 try:
                     timeout = None if request is None else self.config.disconnect_poll_s
                     item = await asyncio.wait_for(outputs.get(), timeout=timeout)
@@ -114,12 +116,13 @@ class Generation:
                     continue
                 if isinstance(item, EngineFailed):
                     raise APIError(500, item.message, "server_error")
-                ids += item.new_tokens
                 finished = item.finished
-                yield text.delta(ids, final=finished), _reason(item) if finished else None, len(ids)
+                delta = text.feed(item.new_tokens, final=finished)
+                reason = "stop" if text.stopped else _reason(item) if finished else None
+                yield delta, reason, text.tokens
         finally:
             if not finished:
-                self.bridge.cancel(rid)
+                self.bridge.cancel(rid, stopped=text.stopped)
 
     async def collect(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request
                       ) -> tuple[str, str, int]:
@@ -139,9 +142,9 @@ def _sse(chunk: p.BaseModel | str) -> str:
 
 def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     """The FastAPI app: error handlers, /health and /metrics, and the OpenAI routes behind the API key."""
-    app = FastAPI(title="longcat-flash", docs_url=None, redoc_url=None, openapi_url=None)
-    responses: Counter = Counter()  # (path, status) -> count, for /metrics
-    _add_error_handlers(app, responses)
+    app = FastAPI(title="longcat-flash", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    metrics = Metrics(bridge)
+    _add_error_handlers(app, metrics)
 
     def authorized(request: Request) -> None:
         if config.api_key is None:
@@ -156,8 +159,8 @@ def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) 
         return JSONResponse({"status": "ok" if ok else "engine down"}, status_code=200 if ok else 503)
 
     @app.get("/metrics")
-    async def metrics() -> PlainTextResponse:
-        return PlainTextResponse(render_metrics(bridge.engine, responses))
+    async def scrape() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
 
     @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models() -> dict:
@@ -165,16 +168,25 @@ def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) 
         return p.ModelList(data=[card]).model_dump()
 
     _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config, Depends(authorized))
+    install_openapi(app)
     return app
 
 
-def _add_error_handlers(app: FastAPI, responses: Counter) -> None:
-    """Every error leaves as an OpenAI-shaped JSON body; every response is counted."""
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    """Every error leaves as an OpenAI-shaped JSON body; every response is counted under its route template."""
 
     @app.middleware("http")
     async def count(request: Request, call_next):
         response = await call_next(request)
-        responses[(request.url.path, response.status_code)] += 1
+        metrics.observe(app.router.routes, request.scope, response.status_code)
+        return response
+
+    @app.exception_handler(HTTPException)
+    async def routing_error(_request: Request, err: HTTPException) -> JSONResponse:
+        """Starlette's own 404 (unknown path) and 405 (wrong method), in the OpenAI shape like every error."""
+        response = APIError(err.status_code, f"{err.detail}", code="not_found" if err.status_code == 404 else None
+                            ).response()
+        response.headers.update(err.headers or {})  # 405 carries Allow
         return response
 
     @app.exception_handler(APIError)
@@ -225,20 +237,18 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
 
     @app.post("/v1/chat/completions", dependencies=[auth])
     async def chat(body: p.ChatCompletionRequest, request: Request):
-        try:
-            rendered = tokenizer.apply_chat_template([m.model_dump() for m in body.messages])
-        except ValueError as err:
-            raise APIError(400, str(err), param="messages") from None
-        prompt = tokenizer.encode(rendered, allow_special=True)
+        plan = _tool_plan(body)
+        prompt = _chat_prompt(tokenizer, body, plan)
         params = gen.check(body, prompt, body.limit, "messages")
         text = TextState(tokenizer, body.stop)
         rid, outputs = await gen.submit(prompt, params, text)
         rid_str, created = p.new_id("chatcmpl"), p.now()
+        turns = _parsed(gen.pieces(rid, outputs, text, None if body.stream else request), plan.parser())
         if not body.stream:
-            out, reason, n = await gen.collect(rid, outputs, text, request)
+            message, reason, n = await _answer(turns)
             return p.ChatCompletionResponse(
                 id=rid_str, created=created, model=config.model_name, usage=p.Usage.of(len(prompt), n),
-                choices=[p.ChatChoice(message=p.AssistantMessage(content=out), finish_reason=reason)]).model_dump()
+                choices=[p.ChatChoice(message=message, finish_reason=reason)]).model_dump()
 
         def chunk(delta: p.Delta, reason: str | None = None) -> p.ChatCompletionChunk:
             return p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
@@ -247,9 +257,9 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         async def events() -> AsyncIterator[str]:
             yield _sse(chunk(p.Delta(role="assistant", content="")))
             n = 0
-            async for delta, reason, n in gen.pieces(rid, outputs, text, None):
-                if delta:
-                    yield _sse(chunk(p.Delta(content=delta)))
+            async for items, reason, n in turns:
+                for delta in _deltas(items):
+                    yield _sse(chunk(delta))
                 if reason:
                     yield _sse(chunk(p.Delta(), reason))
             if body.include_usage:
@@ -257,6 +267,62 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
                                                  usage=p.Usage.of(len(prompt), n)))
             yield _sse("[DONE]")
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
+    try:
+        return plan_tools(body)
+    except ToolRequestError as err:
+        raise APIError(400, str(err), param=err.param) from None
+
+
+def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolPlan) -> list[int]:
+    """The rendered conversation, tools included, then the plan's prefill (the model continues from it)."""
+    try:
+        rendered = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tools=plan.tools)
+    except ValueError as err:
+        raise APIError(400, str(err), param="messages") from None
+    return tokenizer.encode(rendered + plan.prefill, allow_special=True)
+
+
+async def _parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText
+                  ) -> AsyncIterator[tuple[list[Event], str | None, int]]:
+    """`Generation.pieces` read through the tool-call parser: (events, finish reason or None, tokens so far).
+
+    The reason is `tool_calls` once a call was made. With parallel calls off, the first complete call ends the
+    request: closing `pieces` cancels it on the engine, so the tokens after the closing tag are never generated.
+    """
+    try:
+        async for delta, reason, n in pieces:
+            events = parser.feed(delta)
+            if parser.done or reason:
+                yield events + parser.finish(), "tool_calls" if parser.calls else reason, n
+                return
+            yield events, None, n
+    finally:
+        await pieces.aclose()
+
+
+async def _answer(turns: AsyncIterator[tuple[list[Event], str | None, int]]
+                  ) -> tuple[p.AssistantMessage, str, int]:
+    """A non-streamed reply: the same events joined (content is null when the reply is only tool calls)."""
+    content, calls, reason, n = "", [], "length", 0
+    async for events, done, n in turns:
+        content += "".join(event for event in events if isinstance(event, str))
+        calls += [event.message() for event in events if isinstance(event, ToolCall)]
+        reason = done or reason
+    return p.AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None), reason, n
+
+
+def _deltas(events: list[Event]) -> list[p.Delta]:
+    """Stream deltas for parser events: content pieces, and per call its header delta then its arguments."""
+    deltas = []
+    for event in events:
+        if isinstance(event, str):
+            deltas.append(p.Delta(content=event))
+        else:
+            deltas += [p.Delta(tool_calls=[call_delta]) for call_delta in event.deltas()]
+    return deltas
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

@@ -3,7 +3,8 @@
 The engine is not thread-safe, so every call into it (add, cancel, step) happens on the step thread. Handlers
 `submit` a prompt and await the engine's verdict (a request id, or the ValueError / QueueFull it raised), then
 read StepOutputs from their own asyncio.Queue, filled via `call_soon_threadsafe`. `cancel` (client gone) is a
-message too; the thread frees the request's cache pages before its next step. Backpressure comes from the
+message too; the thread frees the request's cache pages before its next step. A handler that saw a stop string
+in the text cancels the same way, with `stopped=True`, so that /metrics counts it as finished, not abandoned. Backpressure comes from the
 scheduler's `max_waiting` (QueueFull -> HTTP 429).
 """
 from __future__ import annotations
@@ -15,7 +16,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from ..infer.engine import Engine, StepOutput, StopHook
+from ..infer.engine import Engine, StepOutput
 from ..infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class AsyncEngine:
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
         self.alive = True
+        self.text_stops = 0  # requests ended by a stop string (the engine counts them among its cancellations)
 
     def start(self) -> AsyncEngine:
         self._thread.start()
@@ -47,19 +49,19 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    async def submit(self, prompt: list[int], params: SamplingParams, stop: StopHook | None = None
-                     ) -> tuple[int, asyncio.Queue]:
+    async def submit(self, prompt: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
         """Queue a request on the engine thread; returns its id and the queue its StepOutputs arrive on."""
         if not self.alive:
             raise RuntimeError("the engine thread is not running")
         loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
         done: Future = Future()
-        self._inbox.put(("add", (prompt, params, stop, loop, outputs), done))
+        self._inbox.put(("add", (prompt, params, loop, outputs), done))
         self._wake.set()
         return await asyncio.wrap_future(done), outputs
 
-    def cancel(self, request_id: int) -> None:
-        self._inbox.put(("cancel", request_id, None))
+    def cancel(self, request_id: int, stopped: bool = False) -> None:
+        """End a request early: its client left, or (`stopped`) its text reached a stop string."""
+        self._inbox.put(("cancel", request_id, stopped))
         self._wake.set()
 
     # ---- the engine thread ----
@@ -82,17 +84,21 @@ class AsyncEngine:
             except queue.Empty:
                 return
             if kind == "cancel":
-                self.engine.cancel(payload)
-                self._streams.pop(payload, None)
+                self._cancel(payload, stopped=done)
                 continue
-            prompt, params, stop, loop, outputs = payload
+            prompt, params, loop, outputs = payload
             try:
-                rid = self.engine.add_request(prompt, params, stop)
+                rid = self.engine.add_request(prompt, params)
             except Exception as err:  # ValueError, QueueFull: the handler maps it to an HTTP status
                 done.set_exception(err)
                 continue
             self._streams[rid] = (loop, outputs)
             done.set_result(rid)
+
+    def _cancel(self, rid: int, stopped: bool) -> None:
+        if self.engine.cancel(rid) and stopped:
+            self.text_stops += 1
+        self._streams.pop(rid, None)
 
     def _step(self) -> None:
         try:

@@ -45,22 +45,23 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
     text = TextState(tokenizer, stop or [])
     drafts_before = (engine.stats.drafts.drafted, engine.stats.drafts.accepted, engine.stats.drafts.rounds)
     start = time.perf_counter()
-    rid = engine.add_request(prompt, params, text.stop_hit if text.stop else None)
-    ids: list[int] = []
+    rid = engine.add_request(prompt, params)
     first = reason = None
     while reason is None:
         for out in engine.step():
             if out.request_id != rid:
                 continue
-            ids += out.new_tokens
             first = first or time.perf_counter()
-            piece = text.delta(ids, final=out.finished)
+            piece = text.feed(out.new_tokens, final=out.finished)
             if piece and on_text:
                 on_text(piece)
-            reason = out.finish_reason if out.finished else None
+            reason = "stop" if text.stopped else out.finish_reason if out.finished else None
+    if text.stopped:
+        engine.cancel(rid)  # a stop string in the text: the engine may not know it is done
     end = time.perf_counter()
-    result = Result(text.text, len(prompt), len(ids), reason, first - start, end - start,
-                    (len(ids) - 1) / (end - first) if len(ids) > 1 and end > first else 0.0)
+    n = text.tokens
+    result = Result(text.text, len(prompt), n, reason, first - start, end - start,
+                    (n - 1) / (end - first) if n > 1 and end > first else 0.0)
     if engine.drafter:
         d = engine.stats.drafts
         drafted, accepted, rounds = (d.drafted - drafts_before[0], d.accepted - drafts_before[1],

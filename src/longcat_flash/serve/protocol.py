@@ -6,17 +6,20 @@ the model (prompt length, max_tokens against the context) are checked in app.py 
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
 MAX_PROMPT_CHARS = 1_000_000  # before tokenization; the token limit is the context
 MAX_SEED = 2**63 - 1
+MAX_TOOLS = 128
+TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 
 
 class StreamOptions(BaseModel):
@@ -85,13 +88,41 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
-    """`content` as a string or as a list of text parts (what current clients send), joined into one string;
-    the "developer" role (the newer name of "system") is read as "system"."""
+class FunctionCall(BaseModel):
+    name: str = Field(pattern=TOOL_NAME)
+    arguments: str  # a JSON object, as a string
+
+    @field_validator("arguments")
+    @classmethod
+    def _object(cls, value: str) -> str:
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"arguments must be a JSON object in a string: {err}") from None
+        if not isinstance(parsed, dict):
+            raise ValueError("arguments must be a JSON object in a string")
+        return value
+
+
+class ToolCall(BaseModel):
+    """A call in an assistant message: sent back by clients in the history, returned in responses."""
 
     model_config = ConfigDict(extra="ignore")
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    id: str = Field(min_length=1, max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """`content` as a string or as a list of text parts (what current clients send), joined into one string;
+    the "developer" role (the newer name of "system") is read as "system". An assistant message may carry
+    `tool_calls` (then `content` may be null); a `tool` message answers one call by its `tool_call_id`."""
+
+    model_config = ConfigDict(extra="ignore")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+    tool_calls: list[ToolCall] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_call_id: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("role")
     @classmethod
@@ -100,11 +131,58 @@ class ChatMessage(BaseModel):
 
     @field_validator("content")
     @classmethod
-    def _content(cls, value: str | list[TextPart]) -> str:
-        text = value if isinstance(value, str) else "".join(part.text for part in value)
-        if len(text) > MAX_PROMPT_CHARS:
+    def _content(cls, value: str | list[TextPart] | None) -> str | None:
+        text = value if isinstance(value, str) or value is None else "".join(part.text for part in value)
+        if text is not None and len(text) > MAX_PROMPT_CHARS:
             raise ValueError(f"content is longer than {MAX_PROMPT_CHARS} characters")
         return text
+
+    @model_validator(mode="after")
+    def _fields_fit_the_role(self) -> ChatMessage:
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError(f"tool_calls: only assistant messages carry tool calls, not {self.role!r} ones")
+        if (self.role == "tool") != (self.tool_call_id is not None):
+            raise ValueError("tool_call_id: a tool message needs one, and only tool messages may have one")
+        if self.content is None and not self.tool_calls:
+            raise ValueError("content: must be a string, except in an assistant message with tool_calls")
+        return self
+
+
+class FunctionDef(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    name: str = Field(pattern=TOOL_NAME)
+    description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    parameters: dict[str, Any]  # the JSON Schema of the arguments
+    strict: bool | None = None
+
+    @field_validator("strict")
+    @classmethod
+    def _not_strict(cls, value: bool | None) -> bool | None:
+        if value:
+            raise ValueError("strict tools need schema-constrained decoding, which this server does not do yet")
+        return value
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if value.get("type") != "object":
+            raise ValueError('must be a JSON Schema with "type": "object" (arguments are a JSON object)')
+        return value
+
+
+class Tool(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class ToolName(BaseModel):
+    name: str = Field(pattern=TOOL_NAME)
+
+
+class NamedToolChoice(BaseModel):
+    type: Literal["function"]
+    function: ToolName
 
 
 class ChatCompletionRequest(_Sampling):
@@ -112,6 +190,17 @@ class ChatCompletionRequest(_Sampling):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: Literal[False] | None = None
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
+    parallel_tool_calls: bool = True
+
+    @field_validator("tool_choice", mode="before")
+    @classmethod
+    def _choice(cls, value: Any) -> Any:
+        """An error that names the field and its choices, instead of one error per member of the union."""
+        if not (value is None or value in ("none", "auto", "required") or isinstance(value, dict)):
+            raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
+        return value
 
     @property
     def limit(self) -> int | None:
@@ -156,13 +245,14 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: None = None
 
 
@@ -175,15 +265,37 @@ class ChatCompletionResponse(BaseModel):
     usage: Usage
 
 
+class _Sparse(BaseModel):
+    """Serialized without its unset (None) fields: a streamed tool-call delta carries only what it adds, as in
+    the OpenAI API."""
+
+    @model_serializer(mode="wrap")
+    def _drop_none(self, handler: Any) -> dict[str, Any]:
+        return {key: value for key, value in handler(self).items() if value is not None}
+
+
+class FunctionDelta(_Sparse):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(_Sparse):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionDelta
+
+
 class Delta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
-    finish_reason: Literal["stop", "length"] | None = None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None = None
     logprobs: None = None
 
 

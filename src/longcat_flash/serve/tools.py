@@ -1,0 +1,200 @@
+"""Tool calls in the LongCat format: what a request's `tools` / `tool_choice` mean for the prompt, and the parser
+that turns `<longcat_tool_call>{"name": ..., "arguments": {...}}</longcat_tool_call>` blocks in generated text into
+OpenAI `tool_calls` (docs/chat_format.md).
+
+One parser serves both response shapes: a non-streamed answer is the streamed events joined, so the two always
+agree. A call is emitted once its closing tag has arrived and its JSON parsed; a block whose JSON is not a
+`{"name": str, "arguments": object}` stays in the content as the text it was, so nothing generated is lost.
+"""
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass, field
+
+from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from . import protocol as p
+
+
+class ToolRequestError(ValueError):
+    """A request whose tool fields disagree with each other or with its messages; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass(frozen=True)
+class ToolCall:
+    index: int
+    id: str
+    name: str
+    arguments: str  # a JSON object, as a string (the OpenAI wire form)
+
+    def message(self) -> p.ToolCall:
+        return p.ToolCall(id=self.id, function=p.FunctionCall(name=self.name, arguments=self.arguments))
+
+    def deltas(self) -> list[p.ToolCallDelta]:
+        """The OpenAI streaming shape: the id, type and name first, then the arguments."""
+        return [p.ToolCallDelta(index=self.index, id=self.id, type="function",
+                                function=p.FunctionDelta(name=self.name, arguments="")),
+                p.ToolCallDelta(index=self.index, function=p.FunctionDelta(arguments=self.arguments))]
+
+
+Event = str | ToolCall  # a piece of content, or a complete call
+
+
+def parse_call(body: str, index: int) -> ToolCall | None:
+    """The call in one block's text, or None when it is not `{"name": str, "arguments": object}` JSON."""
+    try:
+        value = json.loads(body)
+    except json.JSONDecodeError:
+        return None
+    if not (isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]
+            and isinstance(value.get("arguments", {}), dict)):
+        return None
+    arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False)
+    return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", value["name"], arguments)
+
+
+def _partial_tag(text: str, tag: str) -> int:
+    """Length of the longest tail of `text` that could still grow into `tag` (held back while streaming)."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
+
+
+@dataclass
+class ToolCallParser:
+    """Incremental: `feed` generated text, `finish` at the end; each returns events in order. Markup never
+    reaches a content event unless its block is invalid. `prefill` is text the prompt already ends with (a forced
+    call's opening); the parser reads it as generated."""
+
+    prefill: str = ""
+    parallel: bool = True  # False: `done` turns true after the first call, and the caller stops generation
+    calls: list[ToolCall] = field(default_factory=list)
+    _buffer: str = ""
+    _in_call: bool = False
+    _blank: str = ""  # trailing whitespace held back: dropped when only calls follow it
+
+    def __post_init__(self) -> None:
+        self.feed(self.prefill)
+
+    @property
+    def done(self) -> bool:
+        return not self.parallel and bool(self.calls)
+
+    def feed(self, text: str) -> list[Event]:
+        self._buffer += text
+        events: list[Event] = []
+        while not self.done and self._step(events):
+            pass
+        return events
+
+    def _step(self, events: list[Event]) -> bool:
+        """Consume one tag's worth of the buffer; False when the buffer needs more text."""
+        if not self._in_call:
+            at = self._buffer.find(TOOL_CALL_OPEN)
+            cut = len(self._buffer) - _partial_tag(self._buffer, TOOL_CALL_OPEN) if at < 0 else at
+            self._content(self._buffer[:cut], events)
+            self._buffer = self._buffer[cut + len(TOOL_CALL_OPEN):] if at >= 0 else self._buffer[cut:]
+            self._in_call = at >= 0
+            return at >= 0
+        end = self._buffer.find(TOOL_CALL_CLOSE)
+        if end < 0:
+            return False
+        body, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(TOOL_CALL_CLOSE):], False
+        call = parse_call(body, len(self.calls))
+        if call is None:
+            self._content(TOOL_CALL_OPEN + body + TOOL_CALL_CLOSE, events)
+        else:
+            self.calls.append(call)
+            events.append(call)
+        return True
+
+    def finish(self) -> list[Event]:
+        """Flush at the end of generation: an unterminated block is content, as generated."""
+        events: list[Event] = []
+        if not self.done:
+            self._content((TOOL_CALL_OPEN if self._in_call else "") + self._buffer, events)
+        if self._blank and not self.calls:
+            events.append(self._blank)
+        self._buffer, self._blank, self._in_call = "", "", False
+        return events
+
+    def _content(self, text: str, events: list[Event]) -> None:
+        """Trailing whitespace waits for what follows, so the content does not depend on how text was split."""
+        text = self._blank + text
+        kept = text.rstrip()
+        if kept:
+            events.append(kept)
+        self._blank = text[len(kept):]
+
+
+@dataclass
+class PlainText:
+    """The parser's interface without parsing, for requests whose tools are off: every piece is content."""
+
+    calls: tuple = ()
+    done: bool = False
+
+    def feed(self, text: str) -> list[Event]:
+        return [text] if text else []
+
+    def finish(self) -> list[Event]:
+        return []
+
+
+@dataclass(frozen=True)
+class ToolPlan:
+    """What one request's tool fields mean for its generation."""
+
+    tools: list[dict] | None  # the function schemas rendered into the prompt; None renders none
+    prefill: str  # appended after the prompt's ` ASSISTANT:` so the model must continue a call
+    parallel: bool
+
+    def parser(self) -> ToolCallParser | PlainText:
+        return ToolCallParser(self.prefill, self.parallel) if self.tools else PlainText()
+
+
+def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
+    """Check the tool fields against each other and the messages, then decide the prompt.
+
+    `none` renders no tools and parses nothing; `required` prefills the opening tag, a named function also its
+    name, so even a model that would rather answer in prose continues a call (the arguments are not constrained).
+    """
+    _check_history(body.messages)
+    names = [tool.function.name for tool in body.tools or []]
+    if len(set(names)) != len(names):
+        raise ToolRequestError("tools", f"tool names must be unique, got {names}")
+    choice = body.tool_choice or ("auto" if names else "none")
+    if choice != "none" and not names:
+        raise ToolRequestError("tool_choice", f"tool_choice {_choice_text(choice)} needs a non-empty `tools` list")
+    if isinstance(choice, p.NamedToolChoice) and choice.function.name not in names:
+        raise ToolRequestError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not among "
+                                              f"the tools {names}")
+    if choice == "none":
+        return ToolPlan(None, "", body.parallel_tool_calls)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls)
+
+
+def _prefill(choice: str | p.NamedToolChoice) -> str:
+    if isinstance(choice, p.NamedToolChoice):
+        return f'{TOOL_CALL_OPEN}{{"name": {json.dumps(choice.function.name, ensure_ascii=False)}, "arguments": '
+    return TOOL_CALL_OPEN if choice == "required" else ""
+
+
+def _choice_text(choice: str | p.NamedToolChoice) -> str:
+    return repr(choice) if isinstance(choice, str) else f"naming {choice.function.name!r}"
+
+
+def _check_history(messages: list[p.ChatMessage]) -> None:
+    """Each `tool` message answers a call of the assistant message right before its run of tool messages."""
+    open_ids: set[str] = set()
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            if message.tool_call_id not in open_ids:
+                raise ToolRequestError(f"messages.{i}.tool_call_id",
+                                       f"messages[{i}] answers tool call {message.tool_call_id!r}, which the "
+                                       f"assistant message before it did not make (its calls: {sorted(open_ids)})")
+        else:
+            open_ids = {call.id for call in message.tool_calls or []}

@@ -1,0 +1,118 @@
+"""The app in-process (FastAPI TestClient, a tiny random model): bounded /metrics, an honest /openapi.json, and
+a bounded fuzz of every route that must never get a 5xx."""
+from __future__ import annotations
+
+import uuid
+
+import pytest
+
+pytest.importorskip("fastapi")
+prometheus_client = pytest.importorskip("prometheus_client")
+hypothesis = pytest.importorskip("hypothesis")
+hypothesis_jsonschema = pytest.importorskip("hypothesis_jsonschema")
+
+from fastapi.testclient import TestClient  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from longcat_flash.infer.engine import Engine, EngineConfig  # noqa: E402
+from longcat_flash.presets import tiny  # noqa: E402
+from longcat_flash.serve import protocol as p  # noqa: E402
+from longcat_flash.serve.app import ServerConfig, create_app  # noqa: E402
+from longcat_flash.serve.bridge import AsyncEngine  # noqa: E402
+from longcat_flash.serve.openapi import ROUTE_ERRORS  # noqa: E402
+from longcat_flash.tokenizer import stdlib_tokenizer  # noqa: E402
+
+from infer_support import one_thread, randomized  # noqa: E402,F401
+
+KEY = "sk-fuzz"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+CONTEXT = 48  # small, so that no fuzzed request can generate for long
+
+
+@pytest.fixture(scope="module")
+def client():
+    tokenizer = stdlib_tokenizer(256)
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size))
+    bridge = AsyncEngine(Engine(model, EngineConfig(max_running=8, cache_tokens=2048, max_waiting=16))).start()
+    app = create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=CONTEXT, api_key=KEY))
+    with TestClient(app, raise_server_exceptions=False) as test_client:
+        yield test_client
+    bridge.stop()
+
+
+def series(client: TestClient) -> int:
+    return sum(1 for line in client.get("/metrics").text.splitlines() if line and not line.startswith("#"))
+
+
+def test_unknown_paths_add_no_series(client):
+    client.get(f"/{uuid.uuid4().hex}")  # the first creates the one "unknown" series
+    series(client)  # and the first scrape the /metrics one
+    before = series(client)
+    statuses = {client.get(f"/{uuid.uuid4().hex}/{i}").status_code for i in range(300)}
+    assert statuses == {404} and series(client) == before
+    assert 'longcat_http_requests_total{path="unknown",status="404"}' in client.get("/metrics").text
+
+
+def test_metrics_label_the_route_template_and_count_text_stops_as_finished(client):
+    body = {"model": "tiny", "prompt": "def f(x):", "max_tokens": 20, "temperature": 0, "ignore_eos": True}
+    text = client.post("/v1/completions", json=body, headers=AUTH).json()["choices"][0]["text"]
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 1) if "\ufffd" not in text[i:i + 2])
+    stopped = client.post("/v1/completions", json={**body, "stop": [stop]}, headers=AUTH).json()
+    assert stopped["choices"][0] == {**stopped["choices"][0], "text": text[: text.find(stop)], "finish_reason": "stop"}
+    scrape = client.get("/metrics").text
+    assert 'longcat_http_requests_total{path="/v1/completions",status="200"}' in scrape
+    assert "longcat_requests_cancelled_total 0.0" in scrape
+
+
+def test_openapi_declares_the_error_statuses(client):
+    schema = client.get("/openapi.json").json()
+    for path, statuses in ROUTE_ERRORS.items():
+        for operation in schema["paths"].get(path, {}).values():
+            assert set(operation["responses"]) == {"200", *map(str, statuses)}
+    assert "422" not in str(schema["paths"])
+
+
+def _json_bodies(model: type[p.BaseModel]) -> st.SearchStrategy:
+    """Mostly bodies valid by the model's JSON schema (they reach the engine), some arbitrary JSON."""
+    junk = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+                        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                   max_size=3), max_leaves=8)
+    valid = hypothesis_jsonschema.from_schema(model.model_json_schema()).map(_bounded)
+    return st.one_of(valid, valid, junk)
+
+
+def _bounded(body: dict) -> dict:
+    """Keep the served model name most of the time so that requests get past the model check and generate."""
+    if isinstance(body, dict) and "model" in body and len(str(body["model"])) % 4:
+        body["model"] = "tiny"
+    return body
+
+
+ROUTES = [("POST", "/v1/completions", p.CompletionRequest), ("POST", "/v1/chat/completions", p.ChatCompletionRequest)]
+
+
+@pytest.mark.parametrize("method, path, model", ROUTES)
+def test_fuzz_generation_routes_never_5xx(client, method, path, model):
+    @settings(max_examples=60, deadline=None, derandomize=True,
+              suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+    @given(body=_json_bodies(model), authorized=st.booleans() | st.just(True))
+    def check(body, authorized):
+        r = client.request(method, path, json=body, headers=AUTH if authorized else {})
+        assert r.status_code < 500 and r.status_code in {200, *ROUTE_ERRORS[path]}, (body, r.text)
+    check()
+
+
+@pytest.mark.parametrize("path", sorted(set(ROUTE_ERRORS) - {"/v1/completions", "/v1/chat/completions"}))
+def test_get_routes_answer_as_declared(client, path):
+    for headers in ({}, AUTH):
+        r = client.get(path, headers=headers)
+        assert r.status_code in {200, *ROUTE_ERRORS[path]}
+
+
+def test_every_route_is_declared_and_fuzzed(client):
+    from fastapi.routing import APIRoute
+
+    served = {(sorted(r.methods)[0], r.path) for r in client.app.routes if isinstance(r, APIRoute)}
+    fuzzed = {(m, path) for m, path, _ in ROUTES} | {("GET", path) for path in ROUTE_ERRORS}
+    assert {path for _, path in served} <= set(ROUTE_ERRORS) and served <= fuzzed

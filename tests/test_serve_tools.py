@@ -1,0 +1,153 @@
+"""Tool calls through the server, in-process (FastAPI's TestClient over a real engine) on a scripted checkpoint
+that writes a weather call when prefilled with the call's opening and a final answer after ` ASSISTANT:`; and the
+parser on its own, fed in every split."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from chat_support import scripted_checkpoint
+from longcat_flash.serve.tools import ToolCallParser
+
+pytest.importorskip("fastapi")
+openai = pytest.importorskip("openai")
+
+OPEN, CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
+NAMED_PREFILL = OPEN + '{"name": "get_weather", "arguments": '
+SCRIPTS = {NAMED_PREFILL: '{"city": "Paris"}}' + CLOSE, " ASSISTANT:": "Sunny, 21 C."}
+WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city.",
+                                            "parameters": {"type": "object",
+                                                           "properties": {"city": {"type": "string"}}}}}
+NAMED = {"type": "function", "function": {"name": "get_weather"}}
+ASK = [{"role": "user", "content": "Weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    from fastapi.testclient import TestClient
+
+    from longcat_flash.infer.engine import Engine
+    from longcat_flash.infer.loader import load_for_inference
+    from longcat_flash.serve.app import ServerConfig, create_app
+    from longcat_flash.serve.bridge import AsyncEngine
+    from longcat_flash.tokenizer import Tokenizer
+
+    model_dir = scripted_checkpoint(tmp_path_factory.mktemp("scripted"), SCRIPTS)
+    model, _ = load_for_inference(model_dir, device="cpu")
+    bridge = AsyncEngine(Engine(model)).start()
+    app = create_app(bridge, Tokenizer.load(model_dir), ServerConfig("scripted", model.config.max_position_embeddings))
+    try:
+        with TestClient(app) as test_client:
+            yield test_client
+    finally:
+        bridge.stop()
+
+
+def chat(client, **body):
+    return client.post("/v1/chat/completions", json={"model": "scripted", "max_tokens": 32, **body})
+
+
+def test_named_tool_choice_returns_a_tool_call_without_markup(client):
+    r = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED)
+    choice = r.json()["choices"][0]
+    assert r.status_code == 200 and choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    [call] = choice["message"]["tool_calls"]
+    assert call["id"].startswith("call_") and call["type"] == "function"
+    assert call["function"] == {"name": "get_weather", "arguments": '{"city": "Paris"}'}
+
+
+def test_streamed_tool_call_reassembles_to_the_same_call(client):
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "scripted", "max_tokens": 32, "messages": ASK, "tools": [WEATHER], "tool_choice": NAMED,
+            "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")]
+    deltas = [c["choices"][0]["delta"] for c in chunks]
+    assert all(not d.get("content") for d in deltas)  # no markup, no text
+    calls = [tc for d in deltas for tc in d.get("tool_calls") or []]
+    assert calls[0].keys() == {"index", "id", "type", "function"} and calls[0]["function"]["name"] == "get_weather"
+    assert all(tc.keys() == {"index", "function"} for tc in calls[1:])
+    assert "".join(tc["function"]["arguments"] for tc in calls) == '{"city": "Paris"}'
+    assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
+
+
+def test_round_trip_with_the_tool_result_in_history(client):
+    call = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED).json()["choices"][0]["message"]
+    history = [*ASK, call, {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "21 C, sun"}]
+    answer = chat(client, messages=history, tools=[WEATHER]).json()
+    assert answer["choices"][0]["message"] == {"role": "assistant", "content": "Sunny, 21 C.", "tool_calls": None}
+    assert answer["choices"][0]["finish_reason"] == "stop"
+
+
+def test_parallel_tool_calls_off_stops_after_the_first_call(client):
+    r = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED, parallel_tool_calls=False).json()
+    assert r["choices"][0]["finish_reason"] == "tool_calls" and len(r["choices"][0]["message"]["tool_calls"]) == 1
+
+
+def test_tool_choice_none_renders_no_tools_and_parses_nothing(client):
+    plain = chat(client, messages=ASK).json()
+    none = chat(client, messages=ASK, tools=[WEATHER], tool_choice="none").json()
+    assert none["usage"]["prompt_tokens"] == plain["usage"]["prompt_tokens"]
+    assert none["choices"][0]["message"]["content"] == "Sunny, 21 C."
+
+
+CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+    ({"tool_choice": "required", "tools": []}, "tool_choice"),
+    ({"tool_choice": "sometimes"}, "tool_choice"),
+    ({"tools": [{"type": "function", "function": {"parameters": {"type": "object"}}}]}, "tools.0.function.name"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools.0.function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools.0.function.parameters"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name", "parameters": {"type": "object"}}}]},
+     "tools.0.function.name"),
+    ({"tools": [WEATHER, WEATHER]}, "tools"),
+    ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "strict": True}}]}, "tools.0.function.strict"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
+                   {"role": "tool", "tool_call_id": "call_9", "content": "x"}]}, "messages.2.tool_call_id"),
+    ({"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages.1"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None}]}, "messages.1"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
+        {**CALL, "function": {"name": "get_weather", "arguments": "{oops"}}]}]},
+     "messages.1.tool_calls.0.function.arguments"),
+])
+def test_bad_tool_fields_are_400s_naming_the_field(client, change, param):
+    r = chat(client, **{"messages": ASK, "tools": [WEATHER], **change})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
+
+
+# ---- the parser alone ----
+
+TEXT = f'Let me look.\n{OPEN}{{"name": "a", "arguments": {{"x": [1, "{CLOSE[:5]}"]}}}}{CLOSE}\n' \
+       f'{OPEN}{{"name": "b"}}{CLOSE}\n'
+
+
+def run(parser: ToolCallParser, pieces: list[str]) -> tuple[str, list]:
+    events = [e for piece in pieces for e in parser.feed(piece)] + parser.finish()
+    return "".join(e for e in events if isinstance(e, str)), [e for e in events if not isinstance(e, str)]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7, len(TEXT)])
+def test_parser_in_any_split_gives_the_calls_and_only_the_text(size):
+    content, calls = run(ToolCallParser(), [TEXT[i:i + size] for i in range(0, len(TEXT), size)])
+    assert content == "Let me look."
+    assert [(c.index, c.name, json.loads(c.arguments)) for c in calls] == [(0, "a", {"x": [1, "</lon"]}),
+                                                                          (1, "b", {})]
+
+
+def test_parser_leaves_invalid_and_unterminated_blocks_as_text():
+    bad = f"{OPEN}{{not json}}{CLOSE}"
+    assert run(ToolCallParser(), [bad]) == (bad, [])
+    assert run(ToolCallParser(), [f"x {OPEN}{{\"name\""]) == (f"x {OPEN}{{\"name\"", [])
+    assert run(ToolCallParser(), ["a <longcat_t", "ool but not"]) == ("a <longcat_tool but not", [])
+
+
+def test_parser_with_prefill_and_no_parallel_calls():
+    parser = ToolCallParser(prefill=NAMED_PREFILL, parallel=False)
+    content, calls = run(parser, ['{"city": "Paris"}}', CLOSE, f'{OPEN}{{"name": "b"}}{CLOSE}'])
+    assert parser.done and content == "" and [c.name for c in calls] == ["get_weather"]
