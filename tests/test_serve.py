@@ -2,12 +2,7 @@
 from __future__ import annotations
 
 import concurrent.futures
-import os
 import re
-import shutil
-import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,6 +11,8 @@ import torch
 from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.presets import tiny
 from longcat_flash.tokenizer import Tokenizer
+
+from serve_support import running_server
 
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
@@ -26,39 +23,11 @@ KEY = "sk-test-123"
 PROMPT = "def fibonacci(n):"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     model_dir = init_checkpoint(tiny(), tmp_path_factory.mktemp("ckpt") / "tiny", dtype=torch.float32)
-    port = free_port()
-    exe = [shutil.which("longcat")] if shutil.which("longcat") else [sys.executable, "-m", "longcat_flash.cli"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([*exe, "serve", "--model", str(model_dir), "--port", str(port), "--api-key", KEY,
-                             "--max-waiting", "64"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 90
-        while time.time() < deadline:
-            assert proc.poll() is None, proc.stdout.read().decode()
-            try:
-                if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.3)
-        else:
-            pytest.fail("server did not come up in 90 s")
+    with running_server(model_dir, "--api-key", KEY, "--max-waiting", "64") as base:
         yield base, Tokenizer.load(model_dir)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
 
 
 @pytest.fixture(scope="module")

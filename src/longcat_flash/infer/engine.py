@@ -2,7 +2,9 @@
 
 One step runs at most two forwards over the paged latent cache: the decoding rows (1 token each, or 1 + k with
 MTP speculation) attending absorbed over the latent, and the prefill chunks (padded into one batch) on the naive
-path, which is cheaper for long chunks (docs/architecture.md §6.3). Logits are computed only where a token is sampled.
+path, which is cheaper for long chunks (docs/architecture.md §6.3). Logits are computed only where a token is sampled,
+and at every prompt position only for requests that asked for prompt logprobs (`SamplingParams.prompt_logprobs`,
+what evaluators score prompts with); a request with `max_new_tokens=0` finishes after its prefill.
 Text, chat templates and stop strings live in the server and CLI; they reach the engine as a `stop` callback.
 
 Shapes: B rows, S tokens per row, D model dim, V vocabulary.
@@ -16,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import ABSORB_MAX_TOKENS, CacheConfig, PagedLatentCache, padded_batch
-from .sampling import SamplingParams, sample
+from .sampling import SamplingParams, TokenLogprob, sample, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig, SequenceState
 from .speculative import Draft, DraftStats, MTPDrafter, verify
 
@@ -48,6 +50,8 @@ class StepOutput:
     new_tokens: list[int]
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS, stop token, stop hook) or "length"
+    logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (params.logprobs)
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # the whole prompt's, the first None (no context)
 
 
 @dataclass(eq=False)
@@ -58,6 +62,11 @@ class Request:
     max_len: int  # prompt + max_new_tokens, capped by the context
     stop: StopHook | None = None
     draft: Draft | None = None
+    prompt_scores: list[TokenLogprob | None] = field(default_factory=list)  # prompt tokens scored so far
+
+    @property
+    def scores_prompt(self) -> bool:
+        return self.params.prompt_logprobs is not None
 
     @property
     def generated(self) -> list[int]:
@@ -167,19 +176,43 @@ class Engine:
         seqs = [s for s, _ in rows]
         starts = [s.computed for s in seqs]
         hidden = self._forward(seqs, [s.tokens[s.computed:s.computed + n] for s, n in rows])  # (B, S, D)
-        for seq, n in rows:
+        for b, (seq, n) in enumerate(rows):
+            if (req := self.requests[seq.id]).scores_prompt:
+                self._score_prompt(req, starts[b], hidden[b, :n])
             seq.computed += n
         done = [b for b, s in enumerate(seqs) if s.remaining == 0]
-        outputs = []
+        scored_only = {b for b in done if self._prompt_only(seqs[b])}
+        outputs = [self._finish_prompt_only(self.requests[seqs[b].id]) for b in sorted(scored_only)]
+        done = [b for b in done if b not in scored_only]
         if done:
             last = [rows[b][1] - 1 for b in done]
             logits = self.model.lm_head(hidden[done, last])  # (len(done), V); list indices land on hidden's device
-            outputs = self._sample_and_append([seqs[b] for b in done], logits)
+            outputs += self._sample_and_append([seqs[b] for b in done], logits)
         if self.drafter:
             finished = {o.request_id for o in outputs if o.finished}
             self._draft([s for s in seqs if s.id not in finished and s.id in self.requests],
                         {s.id: (start, hidden[b]) for b, (s, start) in enumerate(zip(seqs, starts))})
         return outputs
+
+    def _score_prompt(self, req: Request, start: int, hidden: torch.Tensor) -> None:
+        """Logprobs of the prompt tokens this chunk predicts: hidden (n, D) at positions start..start+n-1 predicts
+        tokens start+1..start+n. A chunk recomputed after a preemption scores nothing twice."""
+        if not req.prompt_scores:
+            req.prompt_scores.append(None)  # the first token has no context to be predicted from
+        first, end = len(req.prompt_scores), min(start + hidden.shape[0] + 1, req.seq.prompt_len)
+        if first >= end:
+            return
+        logits = self.model.lm_head(hidden[first - 1 - start:end - 1 - start])  # (end - first, V)
+        req.prompt_scores += token_logprobs(logits, req.seq.tokens[first:end], req.params.prompt_logprobs)
+
+    def _prompt_only(self, seq: SequenceState) -> bool:
+        """A request that asked for no new tokens (max_new_tokens=0: scoring the prompt) is done after prefill."""
+        return len(seq.tokens) >= self.requests[seq.id].max_len
+
+    def _finish_prompt_only(self, req: Request) -> StepOutput:
+        out = StepOutput(req.seq.id, [], finish_reason="length")
+        self._attach_logprobs(req, out, None)
+        return self._finish(req, out)
 
     def _speculative(self, seqs: list[SequenceState]) -> list[StepOutput]:
         """Verify each row's k drafts in one trunk forward, keep the accepted prefix, roll back, draft again."""
@@ -193,7 +226,7 @@ class Engine:
             self._count_draft(len(req.draft.tokens), len(emitted) - 1)
             seq.computed += len(emitted)  # x_T and the accepted drafts are now valid cache entries
             self.cache.truncate(seq.id, seq.computed)
-            out = self._append(req, emitted)
+            out = self._append(req, emitted, logits[b])
             outputs.append(out)
             if not out.finished:
                 self.cache.ensure(seq.id, seq.computed + self.drafter.k)  # room for the next chain
@@ -225,10 +258,13 @@ class Engine:
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
         reqs = [self.requests[s.id] for s in seqs]
         tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
-        return [self._append(req, [t]) for req, t in zip(reqs, tokens)]
+        return [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
 
-    def _append(self, req: Request, tokens: Iterable[int]) -> StepOutput:
-        """Append sampled tokens one by one until a stop condition; finish the request if one holds."""
+    def _append(self, req: Request, tokens: Iterable[int], logits: torch.Tensor) -> StepOutput:
+        """Append sampled tokens one by one until a stop condition; finish the request if one holds.
+
+        logits (len(tokens), V): the positions the tokens were sampled at, for the request's logprobs.
+        """
         out = StepOutput(req.seq.id, [])
         for token in tokens:
             req.seq.tokens.append(token)
@@ -237,12 +273,24 @@ class Engine:
             if out.finish_reason:
                 break
         self.stats.generated_tokens += len(out.new_tokens)
-        if out.finish_reason:
-            out.finished = True
-            self.requests.pop(req.seq.id)
-            self.scheduler.finish(req.seq)
-            self.cache.free(req.seq.id)
-            self.stats.finished += 1
+        self._attach_logprobs(req, out, logits)
+        return self._finish(req, out) if out.finish_reason else out
+
+    def _attach_logprobs(self, req: Request, out: StepOutput, logits: torch.Tensor | None) -> None:
+        """What the request asked to see: its new tokens' logprobs (logits (>= len(new_tokens), V)), and with its
+        first output the prompt's, which are then complete."""
+        if req.params.logprobs is not None and out.new_tokens:
+            out.logprobs = token_logprobs(logits[:len(out.new_tokens)], out.new_tokens, req.params.logprobs)
+        if req.scores_prompt and len(req.seq.tokens) == req.seq.prompt_len + len(out.new_tokens):
+            out.prompt_logprobs = req.prompt_scores
+
+    def _finish(self, req: Request, out: StepOutput) -> StepOutput:
+        """Retire a request whose output carries its finish reason: free its pages, count it."""
+        out.finished = True
+        self.requests.pop(req.seq.id)
+        self.scheduler.finish(req.seq)
+        self.cache.free(req.seq.id)
+        self.stats.finished += 1
         return out
 
     def _finish_reason(self, req: Request, token: int) -> str | None:

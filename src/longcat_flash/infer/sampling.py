@@ -3,7 +3,8 @@
 Everything runs on the logits' device; a generator must live there too (`SamplingParams.generator(device)`).
 A per-request generator makes a seeded request reproducible whatever else shares its batch. `probabilities`
 returns the distribution a token is actually drawn from (after temperature, top-k, top-p), because speculative
-rejection sampling must compare exactly those distributions (speculative.py).
+rejection sampling must compare exactly those distributions (speculative.py). `token_logprobs` reports the
+model's raw distribution instead (log-softmax of the logits, temperature 1), whatever the request samples with.
 
 Shapes: B rows, V vocabulary.
 """
@@ -14,6 +15,16 @@ from dataclasses import dataclass, field
 import torch
 
 MAX_STOP_TOKENS = 64
+MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's legacy limit is 5; vLLM's 20)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's log-probability and the `k` most likely tokens at its position, (id, logprob) best first."""
+
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -27,10 +38,16 @@ class SamplingParams:
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = field(default_factory=tuple)  # besides EOS
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each generated token's logprob and this many alternatives; None = off
+    prompt_logprobs: int | None = None  # the same for the prompt tokens (the engine then keeps prefill logits)
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be a positive integer, got {self.max_new_tokens!r}")
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -79,3 +96,16 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     argmax = logits.argmax(-1).tolist()
     return [best if p.greedy else draw(probabilities(row, p), g)
             for row, best, p, g in zip(logits, argmax, params, generators)]
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], k: int) -> list[TokenLogprob]:
+    """logits (N, V) at the positions that predicted `tokens` (N) -> their logprobs and top-k alternatives.
+
+    Log-softmax in fp32 of the raw logits (temperature 1, no top-k / top-p): what an evaluator scores with, and
+    independent of how the request samples. One host transfer per call, not per token.
+    """
+    logprobs = logits.float().log_softmax(-1)  # (N, V)
+    chosen = logprobs.gather(-1, torch.tensor(tokens, device=logprobs.device)[:, None])[:, 0].tolist()
+    top_values, top_ids = (t.tolist() for t in logprobs.topk(k, dim=-1))  # (N, k) each
+    return [TokenLogprob(token, value, tuple(zip(ids, values)))
+            for token, value, ids, values in zip(tokens, chosen, top_ids, top_values)]

@@ -12,8 +12,8 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import AsyncEngine, EngineFailed
+from .logprobs import Scores
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import install_openapi
 from .text import TextState
@@ -96,9 +97,11 @@ class Generation:
         except RuntimeError as err:
             raise APIError(503, str(err), "server_error", code="engine_down") from None
 
-    async def pieces(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request | None
+    async def pieces(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request | None,
+                     on_output: Callable[[StepOutput], None] | None = None
                      ) -> AsyncIterator[tuple[str, str | None, int]]:
-        """(new text, finish reason or None, tokens so far) per engine output, until the request finishes.
+        """(new text, finish reason or None, tokens so far) per engine output, until the request finishes;
+        `on_output` sees each engine output too (its logprobs).
 
         With `request`, polls for a vanished client (non-streaming); a streaming response instead gets cancelled
         by Starlette when its client leaves, which lands in the `finally` just the same. A stop string in the text
@@ -117,6 +120,8 @@ class Generation:
                 if isinstance(item, EngineFailed):
                     raise APIError(500, item.message, "server_error")
                 finished = item.finished
+                if on_output is not None:
+                    on_output(item)
                 delta = text.feed(item.new_tokens, final=finished)
                 reason = "stop" if text.stopped else _reason(item) if finished else None
                 yield delta, reason, text.tokens
@@ -124,12 +129,39 @@ class Generation:
             if not finished:
                 self.bridge.cancel(rid, stopped=text.stopped)
 
-    async def collect(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request
-                      ) -> tuple[str, str, int]:
+    async def collect(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request,
+                      on_output: Callable[[StepOutput], None] | None = None) -> tuple[str, str, int]:
         reason, n = "length", 0
-        async for _, reason, n in self.pieces(rid, outputs, text, request):
+        async for _, reason, n in self.pieces(rid, outputs, text, request, on_output):
             pass
         return text.text, reason or "length", n
+
+    async def choice(self, body: p.CompletionRequest, index: int, prompt: str | list[int], ids: list[int],
+                     params: SamplingParams, request: Request) -> tuple[p.CompletionChoice, int]:
+        """One prompt of a non-streamed completion: its choice (the prompt in front with echo, logprobs as
+        asked) and its completion-token count."""
+        text, scores = TextState(self.tokenizer, body.stop), Scores()
+        rid, outputs = await self.submit(ids, params, text)
+        out, reason, n = await self.collect(rid, outputs, text, request, scores.record)
+        echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
+        logprobs = None if body.logprobs is None else scores.render(self.tokenizer, ids if body.echo else None, n)
+        return p.CompletionChoice(index=index, text=echoed + out, finish_reason=reason, logprobs=logprobs), n
+
+
+async def _all_or_none(calls: list[Awaitable]) -> list:
+    """Run the calls concurrently (the engine batches them); if one fails, cancel the rest (freeing their engine
+    requests) and raise its error."""
+    tasks = [asyncio.ensure_future(call) for call in calls]
+    try:
+        return await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _completion_params(params: SamplingParams, body: p.CompletionRequest) -> SamplingParams:
+    """The engine reports logprobs for generated tokens with `logprobs`, for the prompt's too with `echo`."""
+    return replace(params, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None)
 
 
 def _reason(out: StepOutput) -> str:
@@ -209,20 +241,21 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
 
     @app.post("/v1/completions", dependencies=[auth])
     async def completions(body: p.CompletionRequest, request: Request):
-        prompt = body.prompt if isinstance(body.prompt, list) else tokenizer.encode(body.prompt)
-        params = gen.check(body, prompt, body.max_tokens, "prompt")
-        text = TextState(tokenizer, body.stop)
-        rid, outputs = await gen.submit(prompt, params, text)
+        prompts = [ids if isinstance(ids, list) else tokenizer.encode(ids) for ids in body.prompt]
+        params = [_completion_params(gen.check(body, ids, body.max_tokens, "prompt"), body) for ids in prompts]
         rid_str, created = p.new_id("cmpl"), p.now()
+        if not body.stream:
+            answers = await _all_or_none([gen.choice(body, i, prompt, ids, sp, request) for i, (prompt, ids, sp)
+                                          in enumerate(zip(body.prompt, prompts, params))])
+            usage = p.Usage.of(sum(map(len, prompts)), sum(n for _, n in answers))
+            return p.CompletionResponse(id=rid_str, created=created, model=config.model_name, usage=usage,
+                                        choices=[choice for choice, _ in answers]).model_dump()
+        prompt, text = prompts[0], TextState(tokenizer, body.stop)  # a stream has one prompt (protocol.py)
+        rid, outputs = await gen.submit(prompt, params[0], text)
 
         def chunk(delta: str, reason: str | None) -> p.CompletionResponse:
             return p.CompletionResponse(id=rid_str, created=created, model=config.model_name,
                                         choices=[p.CompletionChoice(text=delta, finish_reason=reason)])
-        if not body.stream:
-            out, reason, n = await gen.collect(rid, outputs, text, request)
-            response = chunk(out, reason)
-            response.usage = p.Usage.of(len(prompt), n)
-            return response.model_dump()
 
         async def events() -> AsyncIterator[str]:
             n = 0

@@ -1,6 +1,6 @@
 """Pydantic models of the OpenAI API subset we serve (docs/serving.md), with the field limits enforced at parse time.
 
-Requests reject what we do not implement (n > 1, logprobs, echo, penalties) instead of silently ignoring it, and
+Requests reject what we do not implement (n > 1, chat logprobs, penalties) instead of silently ignoring it, and
 bound every field, so a request either runs as asked or fails with a 400 naming the field. Limits that depend on
 the model (prompt length, max_tokens against the context) are checked in app.py after tokenization.
 """
@@ -19,6 +19,8 @@ MAX_MESSAGES = 512
 MAX_PROMPT_CHARS = 1_000_000  # before tokenization; the token limit is the context
 MAX_SEED = 2**63 - 1
 MAX_TOOLS = 128
+MAX_PROMPTS = 128  # prompts in one completions request (each is one engine request; max_waiting still applies)
+MAX_LOGPROBS = 20  # infer/sampling.py's limit
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 
 
@@ -61,23 +63,38 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
+    """`prompt` is one prompt (a string or token ids) or a list of them: one choice per prompt, in order.
+    `logprobs: k` reports each token's logprob and its k likeliest alternatives; `echo` returns the prompt in the
+    text (and, with `logprobs`, scores its tokens); `max_tokens: 0` with `echo` scores a prompt without generating.
+    Streaming takes one prompt and neither `logprobs` nor `echo`."""
+
     prompt: str | list[int] | list[str] | list[list[int]]
-    max_tokens: int | None = Field(16, ge=1)
-    logprobs: None = None
-    echo: Literal[False] = False
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
 
     @field_validator("prompt")
     @classmethod
-    def _one_prompt(cls, value: Any) -> str | list[int]:
-        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
-            if len(value) != 1:
-                raise ValueError("exactly one prompt per request (batch prompts are not supported)")
-            value = value[0]
-        if not value:
-            raise ValueError("prompt must not be empty")
-        if isinstance(value, str) and len(value) > MAX_PROMPT_CHARS:
-            raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-        return value
+    def _prompts(cls, value: Any) -> list[str | list[int]]:
+        """Normalised to a list of prompts, each a string or a list of token ids."""
+        many = isinstance(value, list) and bool(value) and isinstance(value[0], (str, list))
+        prompts = value if many else [value]
+        if len(prompts) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
+        for prompt in prompts:
+            if not prompt:
+                raise ValueError("prompt must not be empty")
+            if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
+                raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+        return prompts
+
+    @model_validator(mode="after")
+    def _supported_combination(self) -> CompletionRequest:
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is allowed only with echo (scoring the prompt)")
+        if self.stream and (len(self.prompt) > 1 or self.echo or self.logprobs is not None):
+            raise ValueError("stream: streaming takes one prompt, without logprobs or echo")
+        return self
 
 
 class TextPart(BaseModel):
@@ -227,11 +244,22 @@ class Usage(BaseModel):
         return cls(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions shape, one entry per token of `text`: the token's text, its logprob (null for
+    an echoed prompt's first token), the likeliest tokens and the chosen one with their logprobs (null likewise),
+    and where the token starts in `text`."""
+
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):

@@ -1,0 +1,48 @@
+"""Logprobs in OpenAI's legacy completions shape (`choices[i].logprobs`), from what the engine reports.
+
+The engine scores tokens as token ids (infer/sampling.py `token_logprobs`: the model's raw distribution); this
+module gathers one request's scores from its StepOutputs and renders them as text: each token's own decoded text,
+its logprob, a dict of the likeliest tokens' texts (the chosen token always among them, so up to k + 1 entries,
+as OpenAI does), and its character offset in the choice's `text` (the running sum of the token texts' lengths).
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+from ..infer.engine import StepOutput
+from ..infer.sampling import TokenLogprob
+from ..tokenizer import Tokenizer
+from . import protocol as p
+
+
+@dataclass
+class Scores:
+    """One request's logprobs as its StepOutputs bring them (`Generation.pieces` calls `record` on each)."""
+
+    prompt: list[TokenLogprob | None] = field(default_factory=list)  # the first is None: nothing predicts it
+    generated: list[TokenLogprob] = field(default_factory=list)
+
+    def record(self, out: StepOutput) -> None:
+        self.prompt += out.prompt_logprobs or []
+        self.generated += out.logprobs or []
+
+    def render(self, tokenizer: Tokenizer, echoed: list[int] | None, n_generated: int) -> p.CompletionLogprobs:
+        """The choice's logprobs: the echoed prompt's ids (None without echo), then the first `n_generated`
+        generated tokens (those the text consumed, up to the one that completed a stop string)."""
+        generated = self.generated[:n_generated]
+        tokens = [*(echoed or []), *(s.token for s in generated)]
+        scores = [*(self.prompt if echoed else []), *generated]
+        texts = [tokenizer.decode([token]) for token in tokens]
+        return p.CompletionLogprobs(
+            tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
+            top_logprobs=[None if s is None else _top(tokenizer, s) for s in scores],
+            text_offset=list(itertools.accumulate(map(len, texts), initial=0))[:-1])
+
+
+def _top(tokenizer: Tokenizer, score: TokenLogprob) -> dict[str, float]:
+    """The likeliest tokens' texts, then the chosen token's; a text two tokens share keeps the higher logprob."""
+    top: dict[str, float] = {}
+    for token, logprob in (*score.top, (score.token, score.logprob)):
+        top.setdefault(tokenizer.decode([token]), logprob)
+    return top

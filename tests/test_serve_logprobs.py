@@ -1,0 +1,88 @@
+"""/v1/completions for evaluators, in-process (TestClient, a tiny random model in fp32): prompt and generated
+logprobs equal the model's own forward, echo, max_tokens 0, a list of prompts; what we do not serve gets a 400."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+
+from fastapi.testclient import TestClient  # noqa: E402
+
+from longcat_flash.infer.engine import Engine, EngineConfig  # noqa: E402
+from longcat_flash.presets import tiny  # noqa: E402
+from longcat_flash.serve.app import ServerConfig, create_app  # noqa: E402
+from longcat_flash.serve.bridge import AsyncEngine  # noqa: E402
+from longcat_flash.tokenizer import stdlib_tokenizer  # noqa: E402
+
+from infer_support import greedy_reference, one_thread, randomized  # noqa: E402,F401
+
+CHUNK = 16  # prefill chunk: the long prompt below spans several
+TEXTS = ["def f(x):", "import os\nfor name in os.listdir('.'):\n    print(name.upper(), len(name))\n", "x"]
+
+
+@pytest.fixture(scope="module")
+def served():
+    tokenizer = stdlib_tokenizer(256)
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size))
+    engine = Engine(model, EngineConfig(max_running=8, prefill_chunk=CHUNK, token_budget=64, cache_tokens=4096))
+    bridge = AsyncEngine(engine).start()
+    app = create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=model.config.max_position_embeddings))
+    with TestClient(app) as client:
+        yield client, model, tokenizer
+    bridge.stop()
+
+
+@torch.no_grad()
+def forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    """The model's own forward, no cache: log p(ids[t] | ids[:t]) for t = 1..len(ids)-1, shape (len(ids)-1,)."""
+    logprobs = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)  # (S, V)
+    return logprobs[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
+
+
+def test_prompt_logprobs_equal_the_models_forward(served):
+    client, model, tokenizer = served
+    prompts = [tokenizer.encode(text) for text in TEXTS]
+    assert max(map(len, prompts)) > 2 * CHUNK and min(map(len, prompts)) == 1
+    body = {"model": "tiny", "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 3}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    assert [c["index"] for c in answer["choices"]] == [0, 1, 2]
+    assert answer["usage"] == {"prompt_tokens": sum(map(len, prompts)), "completion_tokens": 0,
+                               "total_tokens": sum(map(len, prompts))}
+    for ids, text, choice in zip(prompts, TEXTS, answer["choices"]):
+        logprobs = choice["logprobs"]
+        assert choice["text"] == text and choice["finish_reason"] == "length"
+        assert "".join(logprobs["tokens"]) == text and len(logprobs["text_offset"]) == len(ids)
+        assert logprobs["token_logprobs"][0] is None and logprobs["top_logprobs"][0] is None
+        ours = torch.tensor(logprobs["token_logprobs"][1:], dtype=torch.float32)
+        torch.testing.assert_close(ours, forward_logprobs(model, ids), atol=1e-3, rtol=0)
+        assert all(1 <= len(top) <= 4 for top in logprobs["top_logprobs"][1:])
+
+
+def test_generated_logprobs_and_greedy_text_unchanged(served):
+    client, model, tokenizer = served
+    body = {"model": "tiny", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
+    plain = client.post("/v1/completions", json=body).json()["choices"][0]
+    scored = client.post("/v1/completions", json={**body, "logprobs": 2}).json()["choices"][0]
+    echoed = client.post("/v1/completions", json={**body, "logprobs": 2, "echo": True}).json()["choices"][0]
+    assert plain["logprobs"] is None and scored["text"] == plain["text"] and echoed["text"] == TEXTS[0] + plain["text"]
+    assert echoed["logprobs"]["token_logprobs"][-6:] == scored["logprobs"]["token_logprobs"]
+    prompt = tokenizer.encode(TEXTS[0])
+    ids = prompt + greedy_reference(model, prompt, 6)
+    reference = forward_logprobs(model, ids)[len(prompt) - 1:]
+    torch.testing.assert_close(torch.tensor(scored["logprobs"]["token_logprobs"]), reference, atol=1e-3, rtol=0)
+    for chosen, top in zip(scored["logprobs"]["token_logprobs"], scored["logprobs"]["top_logprobs"]):
+        assert chosen == max(top.values())  # greedy: the chosen token is the likeliest (lm-eval's is_greedy)
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"max_tokens": 0}, "only with echo"), ({"stream": True, "echo": True}, "stream"),
+    ({"stream": True, "logprobs": 1}, "stream"), ({"stream": True, "prompt": ["a", "b"]}, "stream"),
+    ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
+    ({"prompt": ["a", ""]}, "empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
+])
+def test_what_we_do_not_serve_is_refused(served, change, words):
+    r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
