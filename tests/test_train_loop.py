@@ -10,8 +10,10 @@ import torch
 from train_support import make_corpus, tiny_config
 
 from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.checkpoint.training import CheckpointError
 from longcat_flash.tokenizer import Tokenizer
 from longcat_flash.train import trainer
+from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.metrics import read_metrics
 from longcat_flash.train.trainer import TrainingStopped, resume_config, setup, train, train_step
 
@@ -106,3 +108,10 @@ def test_memory_savers_leave_the_losses_unchanged(corpus, tmp_path):
     for a, b in zip(read_metrics(tmp_path / "base"), read_metrics(tmp_path / "saver")):
         assert a["loss"] == pytest.approx(b["loss"], abs=1e-5) and a["mtp_loss"] == pytest.approx(b["mtp_loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+
+
+def test_resuming_into_another_shape_names_the_tensor(corpus, tmp_path):
+    train(tiny_config(*corpus, "max_steps=2", "eval_every=0"), tmp_path / "run", progress=False)
+    wider = apply_overrides(resume_config(tmp_path / "run"), ["max_steps=3", "model.expert_ffn_hidden_size=48"])
+    with pytest.raises(CheckpointError, match=r"does not fit this model: model\.layers\.0\.mlp\.experts\.\w+ is"):
+        train(wider, tmp_path / "run", resume=True, progress=False)

@@ -36,9 +36,11 @@ def load(directory: Path, state: dict[str, Any]) -> None:
         dcp.load(state, storage_reader=HuggingFaceStorageReader(str(directory)), no_dist=not dist.is_initialized())
 
 
-def keys(directory: Path) -> set[str]:
-    """The flat keys stored ("model.<name>", "optimizer.<name>.exp_avg", ...), from the files' headers alone."""
-    return set(HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata)
+def shapes(directory: Path) -> dict[str, torch.Size]:
+    """The full shape of every stored tensor by flat key ("model.<name>", "optimizer.<name>.exp_avg", ...),
+    from the files' headers alone."""
+    metadata = HuggingFaceStorageReader(str(directory)).read_metadata().state_dict_metadata
+    return {key: meta.size for key, meta in metadata.items()}
 
 
 def read_full(directory: Path) -> dict[str, torch.Tensor]:

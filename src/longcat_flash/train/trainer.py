@@ -319,10 +319,14 @@ def load_checkpoint(run: Run, path: Path) -> None:
             raise training.CheckpointError(f"checkpoint {path} has no state for {name!r}")
         obj.load_state_dict(states[name])
     tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
-    saved = sharded.keys(path / SHARDED)
+    saved = sharded.shapes(path / SHARDED)
     missing = [k for k in tensors["model"] if f"model.{k}" not in saved]
     if missing:
         raise training.CheckpointError(f"checkpoint {path} does not fit this model: no weights for {missing[:5]}")
+    for name, tensor in tensors["model"].items():  # DTensors report their full shape
+        if saved[f"model.{name}"] != tensor.shape:
+            raise training.CheckpointError(f"checkpoint {path} does not fit this model: {name} is "
+                                           f"{tuple(saved[f'model.{name}'])} there, {tuple(tensor.shape)} here")
     # A parameter that had no gradient before the checkpoint (the MTP head before loss.mtp_start_step) has no
     # Adam state in it, and gets none now either.
     fresh = [name for name in tensors["optimizer"] if f"optimizer.{name}.exp_avg" not in saved]
