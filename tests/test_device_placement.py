@@ -34,6 +34,8 @@ from longcat_flash.train.trainer import train
 SMALL = dict(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=256, max_running=4)
 GREEDY = SamplingParams(max_new_tokens=6, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingParams(max_new_tokens=6, temperature=0.9, top_k=50, top_p=0.9, seed=7, ignore_eos=True)
+CONTROLLED = SamplingParams(max_new_tokens=6, temperature=0.9, seed=5, ignore_eos=True, presence_penalty=0.5,
+                            frequency_penalty=1.0, repetition_penalty=1.3, min_p=0.05, logit_bias=((7, 3.0),))
 
 
 # ---------------------------------------------------------------------------------------------- the harness
@@ -100,13 +102,15 @@ def on_both(run: Callable[[torch.device], object]) -> None:
 
 
 @pytest.mark.parametrize("k", [0, 2])  # plain decode; MTP drafts with rejection sampling
-def test_engine_on_the_device(model, k):
+@pytest.mark.parametrize("params", [[GREEDY, SEEDED, GREEDY], [GREEDY, CONTROLLED, SEEDED]],
+                         ids=["plain", "logit-controls"])
+def test_engine_on_the_device(model, k, params):
     ps = prompts((5, 11, 3), seed=3)
 
     def run(device: torch.device) -> list[list[int]]:
         placed = model if device.type == "cpu" else to_accelerator(copy.deepcopy(model))
         engine = Engine(placed, EngineConfig(speculative=k, **SMALL))
-        return engine.generate(ps, [GREEDY, SEEDED, GREEDY])
+        return engine.generate(ps, params)
 
     on_both(run)
 

@@ -2,6 +2,8 @@
 logprobs equal the model's own forward, echo, max_tokens 0, a list of prompts; what we do not serve gets a 400."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -86,3 +88,51 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
 def test_what_we_do_not_serve_is_refused(served, change, words):
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+# ---- chat logprobs and sampling controls over HTTP
+
+MESSAGES = [{"role": "user", "content": "def f(x):"}]
+
+
+def chat(client, **fields):
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 5, "temperature": 0, "ignore_eos": True, **fields}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
+    return r
+
+
+def test_chat_logprobs_equal_the_models_forward_streamed_or_not(served):
+    client, model, tokenizer = served
+    choice = chat(client, logprobs=True, top_logprobs=2).json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    prompt = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES), allow_special=True)
+    generated = greedy_reference(model, prompt, 5)
+    reference = forward_logprobs(model, prompt + generated)[len(prompt) - 1:]
+    torch.testing.assert_close(torch.tensor([c["logprob"] for c in content]), reference, atol=1e-3, rtol=0)
+    assert [c["token"] for c in content] == [tokenizer.decode([t]) for t in generated]
+    for entry in content:
+        assert entry["bytes"] == list(entry["token"].encode()) and len(entry["top_logprobs"]) == 2
+        assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]  # greedy: the chosen is the likeliest
+    streamed = []
+    with client.stream("POST", "/v1/chat/completions", json={
+            "model": "tiny", "messages": MESSAGES, "max_tokens": 5, "temperature": 0, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 2, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                streamed += (json.loads(line[6:])["choices"][0]["logprobs"] or {}).get("content") or []
+    assert streamed == content
+    assert chat(client).json()["choices"][0]["logprobs"] is None
+
+
+def test_chat_logit_bias_forces_a_token_and_controls_are_validated(served):
+    client, _, tokenizer = served
+    token = tokenizer.encode("Z")[0]
+    choice = chat(client, logit_bias={str(token): 100}, logprobs=True).json()["choices"][0]
+    assert [c["token"] for c in choice["logprobs"]["content"]] == ["Z"] * 5  # logprobs stay the raw ones
+    for bad, param in [({"logit_bias": {str(10**6): 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+                       ({"presence_penalty": 2.5}, "presence_penalty"), ({"min_p": -0.1}, "min_p"),
+                       ({"repetition_penalty": 0}, "repetition_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
+                       ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"n": 2}, "n")]:
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **bad})
+        assert r.status_code == 400 and param in r.json()["error"]["message"], (bad, r.text)

@@ -6,6 +6,9 @@ path, which is cheaper for long chunks (docs/architecture.md §6.3). Logits are 
 and at every prompt position only for requests that asked for prompt logprobs (`SamplingParams.prompt_logprobs`,
 what evaluators score prompts with); a request with `max_new_tokens=0` finishes after its prefill.
 Text, chat templates and stop strings live in the server and CLI; they reach the engine as a `stop` callback.
+A request's logit controls (penalties, logit_bias: sampling.adjust) apply to its row only, inside the batch; with
+MTP speculation, requests with any control (min_p included) decode one token per step without drafts, because the
+drafts' and the verifier's distributions would both need them (docs/serving.md §3.2).
 
 Shapes: B rows, S tokens per row, D model dim, V vocabulary.
 """
@@ -18,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import ABSORB_MAX_TOKENS, CacheConfig, PagedLatentCache, padded_batch
-from .sampling import SamplingParams, TokenLogprob, sample, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, adjust_rows, sample, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig, SequenceState
 from .speculative import Draft, DraftStats, MTPDrafter, verify
 
@@ -107,6 +110,8 @@ class Engine:
         """Queue a prompt (token ids); returns its request id. Raises ValueError or QueueFull."""
         params = params or SamplingParams()
         self._validate(prompt)
+        if any(token >= self.vocab_size for token, _ in params.logit_bias):
+            raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         rid = next(self._ids)
         seq = SequenceState(rid, list(prompt), prompt_len=len(prompt))
         self.scheduler.add(seq)
@@ -153,7 +158,7 @@ class Engine:
             self.cache.ensure(rid, n_positions)
         outputs: list[StepOutput] = []
         if plan.decode:
-            outputs += self._speculative(plan.decode) if self.drafter else self._decode(plan.decode)
+            outputs += self._decode_rows(plan.decode)
         if plan.prefill:
             outputs += self._prefill(plan.prefill)
         self.stats.steps += bool(plan)
@@ -165,6 +170,15 @@ class Engine:
         view = self.cache.view([s.id for s in seqs], positions)  # also picks the attention path for this S
         ids, positions = (t.to(self.device, non_blocking=True) for t in (ids, positions.clamp(min=0)))
         return self.model(ids, positions, view, compute_logits=False).final_hidden
+
+    def _decode_rows(self, seqs: list[SequenceState]) -> list[StepOutput]:
+        """Speculate for the rows that have drafts; requests with logit controls never get drafts (`_draft`), so
+        they decode one token per step, in their own forward."""
+        if not self.drafter:
+            return self._decode(seqs)
+        drafted = [s for s in seqs if self.requests[s.id].draft is not None]
+        plain = [s for s in seqs if self.requests[s.id].draft is None]
+        return (self._speculative(drafted) if drafted else []) + (self._decode(plain) if plain else [])
 
     def _decode(self, seqs: list[SequenceState]) -> list[StepOutput]:
         hidden = self._forward(seqs, [[s.tokens[-1]] for s in seqs])  # (B, 1, D)
@@ -235,10 +249,12 @@ class Engine:
         return outputs
 
     def _draft(self, seqs: list[SequenceState], rows: dict[int, tuple[int, torch.Tensor]]) -> None:
-        """MTP extend + chain for sequences whose trunk just covered positions start..computed-1.
+        """MTP extend + chain for sequences whose trunk just covered positions start..computed-1; requests with
+        logit controls get no drafts (the MTP head's distributions do not model them).
 
         rows: sequence id -> (start, that forward's final hidden row (S, D)).
         """
+        seqs = [s for s in seqs if not self.requests[s.id].params.controlled]
         if not seqs:
             return
         reqs = [self.requests[s.id] for s in seqs]
@@ -257,7 +273,9 @@ class Engine:
     # ---- outputs ----
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
         reqs = [self.requests[s.id] for s in seqs]
-        tokens = sample(logits, [r.params for r in reqs], [r.generator for r in reqs])
+        params = [r.params for r in reqs]
+        adjusted = adjust_rows(logits, params, [(s.tokens, s.prompt_len) for s in seqs])  # (B, V)
+        tokens = sample(adjusted, params, [r.generator for r in reqs])
         return [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
 
     def _append(self, req: Request, tokens: Iterable[int], logits: torch.Tensor) -> StepOutput:

@@ -1,10 +1,16 @@
-"""Token sampling: greedy, temperature, top-k, top-p, each request with its own explicit torch.Generator.
+"""Token sampling: greedy, temperature, top-k, top-p, min-p, each request with its own explicit torch.Generator.
 
 Everything runs on the logits' device; a generator must live there too (`SamplingParams.generator(device)`).
 A per-request generator makes a seeded request reproducible whatever else shares its batch. `probabilities`
 returns the distribution a token is actually drawn from (after temperature, top-k, top-p), because speculative
 rejection sampling must compare exactly those distributions (speculative.py). `token_logprobs` reports the
 model's raw distribution instead (log-softmax of the logits, temperature 1), whatever the request samples with.
+
+`adjust` applies a request's logit controls before any of that (greedy takes the argmax of the adjusted logits):
+repetition_penalty (HF / vLLM: over prompt + generated tokens, a positive logit divided by it, a negative one
+multiplied), then presence_penalty and frequency_penalty (OpenAI: over the generated tokens, minus presence once
+per token seen, minus frequency per occurrence), then logit_bias (added). min_p filters after temperature, as
+vLLM does: tokens whose probability is below min_p times the likeliest token's are dropped.
 
 Shapes: B rows, V vocabulary.
 """
@@ -16,6 +22,7 @@ import torch
 
 MAX_STOP_TOKENS = 64
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's legacy limit is 5; vLLM's 20)
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
 
 
 @dataclass(frozen=True)
@@ -40,6 +47,11 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # report each generated token's logprob and this many alternatives; None = off
     prompt_logprobs: int | None = None  # the same for the prompt tokens (the engine then keeps prefill logits)
+    presence_penalty: float = 0.0  # [-2, 2], over generated tokens
+    frequency_penalty: float = 0.0  # [-2, 2], over generated tokens
+    repetition_penalty: float = 1.0  # > 0, over prompt + generated tokens; 1 = off
+    min_p: float = 0.0  # [0, 1]; 0 = off
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); ids checked by the engine
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -56,6 +68,31 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if len(self.stop_token_ids) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids, got {len(self.stop_token_ids)}")
+        self._check_controls()
+
+    def _check_controls(self) -> None:
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not self.repetition_penalty > 0.0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(self.logit_bias)}")
+        if any(token < 0 or not -100.0 <= bias <= 100.0 for token, bias in self.logit_bias):
+            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
+
+    @property
+    def adjusts(self) -> bool:
+        """Whether the logits need `adjust` (the fast path skips it; speculation is off for such requests)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
+
+    @property
+    def controlled(self) -> bool:
+        """Whether any control beyond temperature / top-k / top-p is on: MTP drafts do not model them."""
+        return self.adjusts or self.min_p > 0.0
 
     @property
     def greedy(self) -> bool:
@@ -83,7 +120,40 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         sorted_probs = sorted_logits.softmax(-1)
         outside = sorted_probs.cumsum(-1) - sorted_probs > params.top_p  # mass before this token already > p
         logits = logits.masked_fill(outside.scatter(-1, order, outside), float("-inf"))
-    return logits.softmax(-1)
+    probs = logits.softmax(-1)
+    if params.min_p > 0.0:
+        probs = probs.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), 0.0)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def adjust(logits: torch.Tensor, params: SamplingParams, tokens: list[int], prompt_len: int) -> torch.Tensor:
+    """logits (V,) -> fp32 logits (V,) after the request's penalties and bias, given its sequence so far
+    (`tokens`, the first `prompt_len` of them the prompt). Every tensor is made on the logits' device."""
+    logits, device = logits.float(), logits.device
+    if params.repetition_penalty != 1.0:
+        seen = torch.tensor(tokens, device=device).unique()  # (U,)
+        picked = logits[seen]
+        logits = logits.index_copy(0, seen, torch.where(picked > 0, picked / params.repetition_penalty,
+                                                        picked * params.repetition_penalty))
+    if (params.presence_penalty or params.frequency_penalty) and len(tokens) > prompt_len:
+        counts = torch.bincount(torch.tensor(tokens[prompt_len:], device=device), minlength=logits.shape[-1])
+        logits = logits - params.frequency_penalty * counts - params.presence_penalty * (counts > 0)
+    if params.logit_bias:
+        ids, biases = zip(*params.logit_bias)
+        logits = logits.index_add(0, torch.tensor(ids, device=device),
+                                  torch.tensor(biases, device=device, dtype=logits.dtype))
+    return logits
+
+
+def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], int]]
+                ) -> torch.Tensor:
+    """logits (B, V) -> the same with each adjusting row's `adjust` applied; untouched (same tensor) when no row
+    adjusts, so that requests without controls keep the exact fast path. histories: (tokens, prompt_len) per row."""
+    if not any(p.adjusts for p in params):
+        return logits
+    return torch.stack([adjust(row, p, *history) if p.adjusts else row.float()
+                        for row, p, history in zip(logits, params, histories)])
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:

@@ -29,7 +29,7 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import AsyncEngine, EngineFailed
-from .logprobs import Scores
+from .logprobs import ChatScores, Scores
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import install_openapi
 from .text import TextState
@@ -84,7 +84,20 @@ class Generation:
             raise APIError(400, f"max_tokens={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
                                 f"{context} tokens", param="max_tokens", code="context_length_exceeded")
         return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_k=body.top_k,
-                              top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos)
+                              top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
+                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
+                              repetition_penalty=body.repetition_penalty, min_p=body.min_p,
+                              logit_bias=self._logit_bias(body))
+
+    def _logit_bias(self, body: p._Sampling) -> tuple[tuple[int, float], ...]:
+        """The request's logit_bias as (id, bias) pairs, its ids checked against the model's vocabulary here so
+        that the 400 names the field (the engine would refuse them too)."""
+        pairs = tuple((int(key), bias) for key, bias in (body.logit_bias or {}).items())
+        vocab = self.bridge.engine.vocab_size
+        if any(token >= vocab for token, _ in pairs):
+            raise APIError(400, f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias",
+                           code="invalid_value")
+        return pairs
 
     async def submit(self, prompt: list[int], params: SamplingParams, text: TextState
                      ) -> tuple[int, asyncio.Queue]:
@@ -162,6 +175,11 @@ async def _all_or_none(calls: list[Awaitable]) -> list:
 def _completion_params(params: SamplingParams, body: p.CompletionRequest) -> SamplingParams:
     """The engine reports logprobs for generated tokens with `logprobs`, for the prompt's too with `echo`."""
     return replace(params, logprobs=body.logprobs, prompt_logprobs=body.logprobs if body.echo else None)
+
+
+def _chat_params(params: SamplingParams, body: p.ChatCompletionRequest) -> SamplingParams:
+    """With `logprobs`, the engine reports each generated token's logprob and `top_logprobs` alternatives."""
+    return replace(params, logprobs=(body.top_logprobs or 0) if body.logprobs else None)
 
 
 def _reason(out: StepOutput) -> str:
@@ -272,29 +290,32 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     async def chat(body: p.ChatCompletionRequest, request: Request):
         plan = _tool_plan(body)
         prompt = _chat_prompt(tokenizer, body, plan)
-        params = gen.check(body, prompt, body.limit, "messages")
-        text = TextState(tokenizer, body.stop)
+        params = _chat_params(gen.check(body, prompt, body.limit, "messages"), body)
+        text, scores = TextState(tokenizer, body.stop), ChatScores()
         rid, outputs = await gen.submit(prompt, params, text)
         rid_str, created = p.new_id("chatcmpl"), p.now()
-        turns = _parsed(gen.pieces(rid, outputs, text, None if body.stream else request), plan.parser())
+        turns = _parsed(gen.pieces(rid, outputs, text, None if body.stream else request, scores.record),
+                        plan.parser())
         if not body.stream:
             message, reason, n = await _answer(turns)
+            logprobs = scores.take(tokenizer, n) or p.ChatLogprobs(content=[]) if body.logprobs else None
             return p.ChatCompletionResponse(
                 id=rid_str, created=created, model=config.model_name, usage=p.Usage.of(len(prompt), n),
-                choices=[p.ChatChoice(message=message, finish_reason=reason)]).model_dump()
+                choices=[p.ChatChoice(message=message, finish_reason=reason, logprobs=logprobs)]).model_dump()
 
-        def chunk(delta: p.Delta, reason: str | None = None) -> p.ChatCompletionChunk:
-            return p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
-                                         choices=[p.ChatChunkChoice(delta=delta, finish_reason=reason)])
+        def chunk(delta: p.Delta, reason: str | None = None, logprobs: p.ChatLogprobs | None = None
+                  ) -> p.ChatCompletionChunk:
+            return p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name, choices=[
+                p.ChatChunkChoice(delta=delta, finish_reason=reason, logprobs=logprobs)])
 
         async def events() -> AsyncIterator[str]:
             yield _sse(chunk(p.Delta(role="assistant", content="")))
             n = 0
             async for items, reason, n in turns:
-                for delta in _deltas(items):
-                    yield _sse(chunk(delta))
+                for delta in _deltas(items):  # a step's logprobs ride on its first chunk
+                    yield _sse(chunk(delta, logprobs=scores.take(tokenizer, n)))
                 if reason:
-                    yield _sse(chunk(p.Delta(), reason))
+                    yield _sse(chunk(p.Delta(), reason, scores.take(tokenizer, n)))
             if body.include_usage:
                 yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name, choices=[],
                                                  usage=p.Usage.of(len(prompt), n)))

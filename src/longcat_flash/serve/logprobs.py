@@ -1,9 +1,11 @@
-"""Logprobs in OpenAI's legacy completions shape (`choices[i].logprobs`), from what the engine reports.
+"""Logprobs in OpenAI's legacy completions shape and in its chat shape (`choices[i].logprobs`), from what the
+engine reports.
 
 The engine scores tokens as token ids (infer/sampling.py `token_logprobs`: the model's raw distribution); this
 module gathers one request's scores from its StepOutputs and renders them as text: each token's own decoded text,
 its logprob, a dict of the likeliest tokens' texts (the chosen token always among them, so up to k + 1 entries,
 as OpenAI does), and its character offset in the choice's `text` (the running sum of the token texts' lengths).
+In the chat shape each token carries its text, logprob, the UTF-8 bytes of that text, and its k alternatives.
 """
 from __future__ import annotations
 
@@ -46,3 +48,27 @@ def _top(tokenizer: Tokenizer, score: TokenLogprob) -> dict[str, float]:
     for token, logprob in (*score.top, (score.token, score.logprob)):
         top.setdefault(tokenizer.decode([token]), logprob)
     return top
+
+
+@dataclass
+class ChatScores(Scores):
+    """A chat request's scores; a stream hands each token's logprob out once, with the chunk that shows it."""
+
+    sent: int = 0  # generated tokens whose logprobs went out already
+
+    def take(self, tokenizer: Tokenizer, n: int) -> p.ChatLogprobs | None:
+        """The logprobs of generated tokens sent..n-1 (None when there are none), and mark them sent."""
+        content, self.sent = self.generated[self.sent:n], max(self.sent, n)
+        return chat_logprobs(tokenizer, content) if content else None
+
+
+def chat_logprobs(tokenizer: Tokenizer, scores: list[TokenLogprob]) -> p.ChatLogprobs:
+    """OpenAI's chat shape: `content` = one entry per token, its alternatives best first."""
+    return p.ChatLogprobs(content=[p.TokenLogprob(**_chat_token(tokenizer, s.token, s.logprob).model_dump(),
+                                                  top_logprobs=[_chat_token(tokenizer, t, v) for t, v in s.top])
+                                   for s in scores])
+
+
+def _chat_token(tokenizer: Tokenizer, token: int, logprob: float) -> p.TopLogprob:
+    text = tokenizer.decode([token])
+    return p.TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))

@@ -1,6 +1,6 @@
 """Pydantic models of the OpenAI API subset we serve (docs/serving.md), with the field limits enforced at parse time.
 
-Requests reject what we do not implement (n > 1, chat logprobs, penalties) instead of silently ignoring it, and
+Requests reject what we do not implement instead of silently ignoring it, and
 bound every field, so a request either runs as asked or fails with a 400 naming the field. Limits that depend on
 the model (prompt length, max_tokens against the context) are checked in app.py after tokenization.
 """
@@ -21,6 +21,7 @@ MAX_SEED = 2**63 - 1
 MAX_TOOLS = 128
 MAX_PROMPTS = 128  # prompts in one completions request (each is one engine request; max_waiting still applies)
 MAX_LOGPROBS = 20  # infer/sampling.py's limit
+MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 
 
@@ -43,9 +44,25 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)  # normalised to a list
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
-    presence_penalty: Literal[0, 0.0] = 0.0
-    frequency_penalty: Literal[0, 0.0] = 0.0
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # extension (vLLM, SGLang); 1 = off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM, SGLang); 0 = off
+    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; ids checked against the model
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > MAX_LOGIT_BIAS:
+            raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
+        if not all(key.isdigit() for key in value):
+            raise ValueError("keys must be token ids (non-negative integers, as strings)")
+        if not all(-100.0 <= bias <= 100.0 for bias in value.values()):
+            raise ValueError("biases must be in [-100, 100]")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -206,7 +223,8 @@ class ChatCompletionRequest(_Sampling):
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool = False  # each generated token's logprob in choices[i].logprobs.content
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # alternatives per token; needs logprobs
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: bool = True
@@ -218,6 +236,12 @@ class ChatCompletionRequest(_Sampling):
         if not (value is None or value in ("none", "auto", "required") or isinstance(value, dict)):
             raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
         return value
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        return self
 
     @property
     def limit(self) -> int | None:
@@ -271,6 +295,22 @@ class CompletionResponse(BaseModel):
     usage: Usage | None = None
 
 
+class TopLogprob(BaseModel):
+    """A token in OpenAI's chat logprobs shape: its text, logprob and UTF-8 bytes (of its decoded text)."""
+
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None
@@ -281,7 +321,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):
@@ -324,7 +364,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: Literal["stop", "length", "tool_calls"] | None = None
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
