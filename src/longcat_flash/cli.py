@@ -285,6 +285,32 @@ def _run_serve(args: argparse.Namespace) -> None:
 COMMANDS += [_add_init, _add_generate, _add_chat, _add_serve]
 
 
+# ---- data -----------------------------------------------------------------------------------------------
+
+def _add_data(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("data", help="make data sets locally (tools: synthetic tool-use conversations)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    t = data_sub.add_parser("tools", help="synthetic tool-use conversations as OpenAI messages + tools JSONL "
+                                          "(docs/tool_data.md)")
+    t.add_argument("--out", required=True, help="JSONL file to write (its directory must exist)")
+    t.add_argument("--n", type=int, required=True, help="number of conversations")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--tools-per-conversation", type=int, default=3, help="tools offered per conversation")
+    t.add_argument("--split", default="train", choices=["train", "heldout"],
+                   help="pool of tool names, parameter names and phrasings (disjoint between the two)")
+    t.set_defaults(run=_run_data_tools)
+
+
+def _run_data_tools(args: argparse.Namespace) -> None:
+    from .data.tool_dialogues import write_conversations
+
+    out = write_conversations(args.out, args.n, args.seed, args.split, args.tools_per_conversation)
+    print(f"wrote {args.n} {args.split} conversations -> {out}")
+
+
+COMMANDS += [_add_data]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="longcat", description="LongCat-Flash: train, run and serve")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

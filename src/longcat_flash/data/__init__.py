@@ -3,6 +3,7 @@
     corpus.py   corpus files -> documents (str): stdlib (default, no download), directories, text, .jsonl, .parquet
     shards.py   documents -> one flat token array on disk (docs joined by eos), cached by fingerprint
     batches.py  token array -> windows of seq_len + 1 tokens -> shuffled, resumable, data-parallel batches
+    tool_dialogues.py  synthetic tool-use conversations in the OpenAI format (`longcat data tools`, docs/tool_data.md)
 
 Everything callers need is importable from `longcat_flash.data` directly.
 """

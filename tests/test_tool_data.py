@@ -1,0 +1,108 @@
+"""The synthetic tool-use data set (`longcat data tools`, docs/tool_data.md)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from longcat_flash.cli import main
+from longcat_flash.data.tool_dialogues import (CASES, INTENTS, PARAM_NAMES, SPLITS, VERBS, case_of,
+                                               check_conversation, iter_conversations, validate_arguments)
+from longcat_flash.tokenizer import Tokenizer, train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def rows() -> dict[str, list[dict]]:
+    return {split: list(iter_conversations(300, seed=7, split=split)) for split in SPLITS}
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return train_tokenizer(["the weather in Paris", "call a tool"] * 10, vocab_size=300)
+
+
+def test_same_seed_same_rows_other_seed_other_rows():
+    first = list(iter_conversations(20, seed=3))
+    assert first == list(iter_conversations(20, seed=3))
+    assert first != list(iter_conversations(20, seed=4))
+    assert first != list(iter_conversations(20, seed=3, split="heldout"))
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_every_case_is_present(rows, split):
+    counts = Counter(map(case_of, rows[split]))
+    assert set(counts) == set(CASES)
+    assert min(counts.values()) >= 30, counts
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_every_row_renders_and_every_call_validates(rows, tok, split):
+    for row in rows[split]:
+        assert check_conversation(row) == []
+        prompt = tok.apply_chat_template(row["messages"], add_generation_prompt=False, tools=row["tools"])
+        calls = [c for m in row["messages"] for c in m.get("tool_calls") or []]
+        assert prompt.count('<longcat_tool_call>{"name": "') == len(calls)  # the preamble's example has no quote
+        assert prompt.count("<longcat_tool_response>") == sum(m["role"] == "tool" for m in row["messages"])
+
+
+def test_rows_are_openai_shaped(rows):
+    for row in rows["train"]:
+        assert set(row) == {"messages", "tools"} and all(t["type"] == "function" for t in row["tools"])
+        for message in row["messages"]:
+            for call in message.get("tool_calls") or []:
+                assert call["type"] == "function" and isinstance(call["function"]["arguments"], str)
+                assert isinstance(json.loads(call["function"]["arguments"]), dict)
+
+
+def test_check_conversation_catches_bad_calls(rows):
+    row = json.loads(json.dumps(next(r for r in rows["train"] if case_of(r) == "single")))
+    call = next(m for m in row["messages"] if m.get("tool_calls"))["tool_calls"][0]
+    call["function"]["arguments"] = json.dumps({"nonsense": True})
+    assert any("unexpected argument" in e for e in check_conversation(row))
+    call["function"]["name"] = "no_such_tool"
+    assert any("not offered" in e for e in check_conversation(row))
+
+
+def test_validator_subset():
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}, "x": {"type": "number"},
+                                               "u": {"type": "string", "enum": ["a", "b"]}, "f": {"type": "boolean"}},
+              "required": ["n"], "additionalProperties": False}
+    assert validate_arguments({"n": 1, "x": 2, "u": "a", "f": False}, schema) == []
+    assert validate_arguments({"n": True}, schema) == ["'n' must be integer, got True"]
+    assert validate_arguments({"n": 1, "u": "c"}, schema) == ["'u' must be one of ['a', 'b'], got 'c'"]
+    assert validate_arguments({"x": 1.5}, schema) == ["missing required 'n'"]
+    assert validate_arguments([], schema) == ["arguments must be an object, got []"]
+
+
+def test_train_and_heldout_pools_are_disjoint(rows):
+    pools = [VERBS, *PARAM_NAMES.values(), *(i.nouns for i in INTENTS.values()), *(i.templates for i in INTENTS.values())]
+    for train, heldout in pools:
+        assert not set(train) & set(heldout)
+    names = {s: {t["function"]["name"] for r in rows[s] for t in r["tools"]} for s in SPLITS}
+    params = {s: {p for r in rows[s] for t in r["tools"] for p in t["function"]["parameters"]["properties"]}
+              for s in SPLITS}
+    assert not names["train"] & names["heldout"] and not params["train"] & params["heldout"]
+
+
+def test_cli_writes_the_file(tmp_path, capsys):
+    out = tmp_path / "tools.jsonl"
+    main(["data", "tools", "--out", str(out), "--n", "25", "--seed", "1", "--tools-per-conversation", "2"])
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 25 and all(len(json.loads(line)["tools"]) == 2 for line in lines)
+    assert lines == [json.dumps(r, ensure_ascii=False) for r in iter_conversations(25, 1, tools_per_conversation=2)]
+    assert "wrote 25" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--n", "0"], "--n must be at least 1"),
+    (["--n", "5", "--tools-per-conversation", "9"], "--tools-per-conversation must be in 1..5"),
+    (["--n", "5", "--missing-dir"], "does not exist"),
+])
+def test_cli_refuses_bad_arguments_in_one_line(tmp_path, argv, message):
+    out = tmp_path / ("nowhere/x.jsonl" if "--missing-dir" in argv else "x.jsonl")
+    argv = [a for a in argv if a != "--missing-dir"]
+    with pytest.raises(SystemExit) as err:
+        main(["data", "tools", "--out", str(out), *argv])
+    assert message in str(err.value) and "\n" not in str(err.value)
+    assert not out.exists()
