@@ -167,3 +167,59 @@ def test_bad_prompts_are_rejected(model):
     for bad, match in (([], "at least one"), ([5] * 512, "context"), ([300], "token ids"), ([5] * 600, "context")):
         with pytest.raises(ValueError, match=match):
             engine.add_request(bad)
+
+
+def _run(engine: Engine, ids: list[int], steps: int = 10**6) -> dict[int, list[int]]:
+    """Step until done (or `steps` steps); each request id's generated tokens."""
+    out: dict[int, list[int]] = {rid: [] for rid in ids}
+    for _ in range(steps):
+        if not engine.has_work():
+            break
+        for o in engine.step():
+            out[o.request_id] += o.new_tokens
+    return out
+
+
+def test_forked_copies_equal_independent_seeded_requests_and_share_the_prompt_pages(model):
+    # 18 prompt tokens on pages of 4: 4 full pages shared by the copies, the partial fifth copied per copy.
+    engine = Engine(model, EngineConfig(**SMALL))
+    prompt = prompts((18,), seed=3)[0]
+    seeded = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=5 + j, ignore_eos=True)
+              for j in range(4)]
+    ids = engine.add_copies(prompt, seeded)
+    first = _run(engine, ids, steps=3)  # prefill chunks of 8: the prompt is done, and forked, at step 3
+    tables = [engine.cache.tables[rid] for rid in ids]
+    assert all(t[:4] == tables[0][:4] for t in tables) and len({t[4] for t in tables}) == 4
+    rest = _run(engine, ids)
+    forked = {rid: first[rid] + rest[rid] for rid in ids}
+    assert engine.cache.used_pages == 0 and engine.stats.prompt_tokens == len(prompt)
+    independent = Engine(model, EngineConfig(**SMALL)).generate([prompt] * 4, seeded)
+    assert [forked[rid] for rid in ids] == independent
+    assert len({tuple(t) for t in independent}) > 1  # the seeds really differ
+
+
+def test_pages_all_return_after_forked_copies_finish_are_cancelled_and_preempted(model):
+    # 14 pages of 4 tokens cannot hold 3 groups of copies growing to ~24 tokens each: preemption must happen.
+    engine = Engine(model, EngineConfig(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=56,
+                                        max_running=4))
+    ps = prompts((9, 14, 6), seed=8)
+    params = [SamplingParams(max_new_tokens=12 + j, temperature=0.8, seed=j, ignore_eos=True) for j in range(3)]
+    groups = [engine.add_copies(p, params) for p in ps]
+    for step in range(300):
+        if not engine.has_work():
+            break
+        engine.step()
+        if step == 4:
+            assert engine.cancel(groups[0][1]) == [groups[0][1]]  # a forked copy alone
+        if step == 5:
+            assert engine.cancel(groups[1][0])  # the first copy: shared pages stay with the others
+    assert not engine.has_work()
+    assert engine.stats.preempted > 0 and engine.stats.cancelled >= 2
+    assert engine.cache.used_pages == 0 and engine.cache.free_pages == engine.cache.config.num_pages - 1
+    assert not engine.cache.tables and not engine.requests
+
+
+def test_cancelling_a_first_copy_before_its_prefill_cancels_the_waiting_copies(model):
+    engine = Engine(model, EngineConfig(**SMALL))
+    ids = engine.add_copies(prompts((5,))[0], [GREEDY] * 3)
+    assert engine.cancel(ids[0]) == ids and not engine.requests and not engine.has_work()

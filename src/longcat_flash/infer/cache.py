@@ -9,6 +9,9 @@ Slots are indexed by position: the entry for position p of a sequence lives in s
 trunk and the MTP head (its own block index, `num_attention_blocks`) share one table, rollback after speculative
 verification is a truncation, and a query at position p may attend to exactly the slots 0..p.
 
+Forked sequences (`n` copies of one prompt) share the prompt's full pages read-only, counted by `_users`; a page
+goes back to the pool when its last user truncates past it or is freed (docs/latent_cache.md, "Forks").
+
 Page 0 is a scratch page that is never handed out: padded query rows write there and padded read slots point there
 (always masked out), so a padded batch needs no branches.
 
@@ -83,6 +86,7 @@ class PagedLatentCache:
         self.pool = torch.zeros(config.num_blocks, P * G, config.width, dtype=config.dtype,
                                 device=device)  # (A, P*G, C+R)
         self._free = list(range(P - 1, SCRATCH_PAGE, -1))  # pop() hands out low page ids first
+        self._users = [0] * P  # sequences whose table holds each page (> 1 only for pages shared by forks)
         self.tables: dict[int, list[int]] = {}
 
     # ---- allocation ----
@@ -97,6 +101,10 @@ class PagedLatentCache:
     def pages_for(self, n_positions: int) -> int:
         return -(-n_positions // self.config.page_size)
 
+    def shared_pages(self, seq: int) -> int:
+        """Pages of the sequence that other sequences use too: freeing it would not return them to the pool."""
+        return sum(self._users[page] > 1 for page in self.tables.get(seq, ()))
+
     def capacity(self, seq: int) -> int:
         """Positions the sequence's pages cover."""
         return len(self.tables.get(seq, ())) * self.config.page_size
@@ -106,7 +114,40 @@ class PagedLatentCache:
         missing = self.pages_for(n_positions) - len(self.tables.get(seq, ()))
         if missing > len(self._free):
             raise CacheFull(f"sequence {seq} needs {missing} more pages, {len(self._free)} free")
-        self.tables.setdefault(seq, []).extend(self._free.pop() for _ in range(max(missing, 0)))
+        self.tables.setdefault(seq, []).extend(self._take() for _ in range(max(missing, 0)))
+
+    def _take(self) -> int:
+        page = self._free.pop()
+        self._users[page] = 1
+        return page
+
+    def _release(self, pages: list[int]) -> None:
+        """Drop one user of each page; a page nobody uses any more goes back to the pool."""
+        for page in reversed(pages):
+            self._users[page] -= 1
+            if not self._users[page]:
+                self._free.append(page)
+
+    def fork(self, src: int, dst: int, n_positions: int) -> None:
+        """Give `dst` the cache of positions [0, n_positions) of `src` without recomputing it.
+
+        Full pages are shared read-only: neither sequence writes below n_positions again (speculative rollback
+        never truncates under the prompt; a preempted copy frees its table and recomputes into fresh pages). The
+        last, partial page is copied (copy-on-write done eagerly), since both sequences write their next
+        positions into it. Needs one free page when n_positions is not a multiple of the page size.
+        """
+        G, table = self.config.page_size, self.tables[src]
+        full, partial = divmod(n_positions, G)
+        if partial and not self._free:
+            raise CacheFull(f"forking sequence {src} needs a free page, none left")
+        shared = table[:full]
+        for page in shared:
+            self._users[page] += 1
+        self.tables[dst] = shared
+        if partial:
+            page = self._take()
+            self.pool[:, page * G:(page + 1) * G] = self.pool[:, table[full] * G:(table[full] + 1) * G]  # (A, G, C+R)
+            shared.append(page)
 
     def truncate(self, seq: int, n_positions: int) -> None:
         """Keep positions [0, n_positions) (speculative rollback); whole pages past the end go back to the pool.
@@ -116,7 +157,7 @@ class PagedLatentCache:
         """
         table = self.tables.get(seq, [])
         keep = self.pages_for(n_positions)
-        self._free.extend(reversed(table[keep:]))
+        self._release(table[keep:])
         del table[keep:]
 
     def free(self, seq: int) -> None:

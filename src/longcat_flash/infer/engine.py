@@ -5,6 +5,8 @@ MTP speculation) attending absorbed over the latent, and the prefill chunks (pad
 path, which is cheaper for long chunks (docs/architecture.md §6.3). Logits are computed only where a token is sampled,
 and at every prompt position only for requests that asked for prompt logprobs (`SamplingParams.prompt_logprobs`,
 what evaluators score prompts with); a request with `max_new_tokens=0` finishes after its prefill.
+`add_copies` runs n copies of one prompt (OpenAI's `n`): the first prefills it, the others fork its cache pages
+(`PagedLatentCache.fork`) and sample from its last row, each with its own params and generator.
 Text, chat templates and stop strings live in the server and CLI; they reach the engine as a `stop` callback.
 A request's logit controls (penalties, logit_bias: sampling.adjust) apply to its row only, inside the batch; with
 MTP speculation, requests with any control (min_p included) decode one token per step without drafts, because the
@@ -66,6 +68,7 @@ class Request:
     stop: StopHook | None = None
     draft: Draft | None = None
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)  # prompt tokens scored so far
+    forks: list[Request] = field(default_factory=list)  # copies waiting for this prompt's cache (add_copies)
 
     @property
     def scores_prompt(self) -> bool:
@@ -108,17 +111,30 @@ class Engine:
     def add_request(self, prompt: list[int], params: SamplingParams | None = None,
                     stop: StopHook | None = None) -> int:
         """Queue a prompt (token ids); returns its request id. Raises ValueError or QueueFull."""
-        params = params or SamplingParams()
+        return self.add_copies(prompt, [params or SamplingParams()], [stop])[0]
+
+    def add_copies(self, prompt: list[int], params: list[SamplingParams],
+                   stops: list[StopHook | None] | None = None) -> list[int]:
+        """Queue len(params) copies of one prompt, copy j with params[j] and stops[j]; their request ids in order.
+
+        Only the first copy enters the queue: the prompt is prefilled once, then the others fork its pages, so n
+        samples cost one prefill and one prompt's worth of cache. Raises ValueError or QueueFull for all of them.
+        """
         self._validate(prompt)
-        if any(token >= self.vocab_size for token, _ in params.logit_bias):
+        if any(token >= self.vocab_size for sp in params for token, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
-        rid = next(self._ids)
-        seq = SequenceState(rid, list(prompt), prompt_len=len(prompt))
-        self.scheduler.add(seq)
-        max_len = min(len(prompt) + params.max_new_tokens, self.max_context)
-        self.requests[rid] = Request(seq, params, params.generator(self.device), max_len, stop)
+        reqs = [self._request(prompt, sp, stop) for sp, stop in zip(params, stops or [None] * len(params))]
+        first = reqs[0]
+        first.forks, first.seq.forks = reqs[1:], len(reqs) - 1
+        self.scheduler.add(first.seq)
+        self.requests.update((r.seq.id, r) for r in reqs)
         self.stats.prompt_tokens += len(prompt)
-        return rid
+        return [r.seq.id for r in reqs]
+
+    def _request(self, prompt: list[int], params: SamplingParams, stop: StopHook | None) -> Request:
+        seq = SequenceState(next(self._ids), list(prompt), prompt_len=len(prompt))
+        max_len = min(len(prompt) + params.max_new_tokens, self.max_context)
+        return Request(seq, params, params.generator(self.device), max_len, stop)
 
     def _validate(self, prompt: list[int]) -> None:
         if not prompt:
@@ -132,15 +148,16 @@ class Engine:
         if self.cache.pages_for(len(prompt) + 1 + lookahead) > self.cache.config.num_pages - 1:
             raise ValueError(f"prompt has {len(prompt)} tokens; the KV cache holds {self.config.cache_tokens}")
 
-    def cancel(self, request_id: int) -> bool:
-        """Stop a request now and free its cache pages; False if it is unknown or already finished."""
+    def cancel(self, request_id: int) -> list[int]:
+        """Stop a request now and free its cache pages; the ids stopped, [] if it is unknown or already finished.
+        Copies still waiting to fork off it (add_copies) stop with it: there is no prompt cache left to fork."""
         req = self.requests.pop(request_id, None)
         if req is None:
-            return False
+            return []
         self.scheduler.finish(req.seq)
         self.cache.free(request_id)
         self.stats.cancelled += 1
-        return True
+        return [request_id, *(rid for copy in req.forks for rid in self.cancel(copy.seq.id))]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -149,7 +166,8 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> list[StepOutput]:
         held = {rid: len(table) for rid, table in self.cache.tables.items()}
-        plan = self.scheduler.schedule(self.cache.free_pages, held)
+        shared = {rid: self.cache.shared_pages(rid) for rid in held}
+        plan = self.scheduler.schedule(self.cache.free_pages, held, shared)
         for seq in plan.preempted:
             self.cache.free(seq.id)
             self.requests[seq.id].draft = None
@@ -194,19 +212,34 @@ class Engine:
             if (req := self.requests[seq.id]).scores_prompt:
                 self._score_prompt(req, starts[b], hidden[b, :n])
             seq.computed += n
-        done = [b for b, s in enumerate(seqs) if s.remaining == 0]
-        scored_only = {b for b in done if self._prompt_only(seqs[b])}
-        outputs = [self._finish_prompt_only(self.requests[seqs[b].id]) for b in sorted(scored_only)]
-        done = [b for b in done if b not in scored_only]
+        done = self._fork_copies([(s, b) for b, s in enumerate(seqs) if s.remaining == 0])  # (seq, hidden row)
+        scored_only = [seq for seq, _ in done if self._prompt_only(seq)]
+        done = [(seq, b) for seq, b in done if seq not in scored_only]
+        outputs = [self._finish_prompt_only(self.requests[seq.id]) for seq in scored_only]
         if done:
-            last = [rows[b][1] - 1 for b in done]
-            logits = self.model.lm_head(hidden[done, last])  # (len(done), V); list indices land on hidden's device
-            outputs += self._sample_and_append([seqs[b] for b in done], logits)
+            rows_b, last = [b for _, b in done], [rows[b][1] - 1 for _, b in done]
+            logits = self.model.lm_head(hidden[rows_b, last])  # (len(done), V); list indices land on hidden's device
+            outputs += self._sample_and_append([seq for seq, _ in done], logits)
         if self.drafter:
             finished = {o.request_id for o in outputs if o.finished}
             self._draft([s for s in seqs if s.id not in finished and s.id in self.requests],
                         {s.id: (start, hidden[b]) for b, (s, start) in enumerate(zip(seqs, starts))})
         return outputs
+
+    def _fork_copies(self, done: list[tuple[SequenceState, int]]) -> list[tuple[SequenceState, int]]:
+        """The sequences whose prompt is now in the cache, each followed by the copies waiting on it (add_copies),
+        forked now: they share its pages and sample their first token from its hidden row b, as it does."""
+        out = []
+        for seq, b in done:
+            req = self.requests[seq.id]
+            out.append((seq, b))
+            for copy in (c for c in req.forks if c.seq.id in self.requests):  # cancelled copies are gone
+                self.cache.fork(seq.id, copy.seq.id, seq.computed)
+                copy.seq.computed, copy.prompt_scores = seq.computed, list(req.prompt_scores)
+                self.scheduler.adopt(copy.seq)
+                out.append((copy.seq, b))
+            req.forks, seq.forks = [], 0
+        return out
 
     def _score_prompt(self, req: Request, start: int, hidden: torch.Tensor) -> None:
         """Logprobs of the prompt tokens this chunk predicts: hidden (n, D) at positions start..start+n-1 predicts

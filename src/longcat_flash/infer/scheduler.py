@@ -39,11 +39,18 @@ class SequenceState:
     computed: int = 0
     status: Status = Status.WAITING
     arrival: int = 0
+    forks: int = 0  # copies to fork off once the prompt is in the cache (n > 1); each may need one page
 
     @property
     def remaining(self) -> int:
         """Tokens not yet in the cache; 1 means decoding (the last sampled token is pending)."""
         return len(self.tokens) - self.computed
+
+    @property
+    def decoding(self) -> bool:
+        """Past its prompt, one pending token. A prompt whose copies wait to fork off it (`forks`) ends in a
+        prefill chunk even when one token is left, so the engine forks them where prompts end: in `_prefill`."""
+        return self.remaining == 1 and self.computed > 0 and not self.forks
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ class Scheduler:
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
         self._pages: dict[int, int] = {}  # pages each sequence holds, as of the current schedule() call
+        self._shared: dict[int, int] = {}  # of those, pages other sequences hold too (forks): not freed by preempting
         self._arrivals = itertools.count()
 
     def pages_for(self, n_positions: int) -> int:
@@ -92,6 +100,12 @@ class Scheduler:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
         seq.status, seq.arrival = Status.WAITING, next(self._arrivals)
         self.waiting.append(seq)
+
+    def adopt(self, seq: SequenceState) -> None:
+        """Run a copy forked off a running sequence: its prompt is already in the cache, so it skips the queue.
+        A group may briefly run past `max_running` by its copies; admission waits until it is back under."""
+        seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
+        self.running.append(seq)
 
     def finish(self, seq: SequenceState) -> None:
         """Drop a finished or cancelled sequence (its pages are freed by the caller)."""
@@ -105,13 +119,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, free_pages: int, held_pages: dict[int, int]) -> Plan:
-        """Plan one step given the pool's free pages and the pages each sequence holds now."""
-        self._pages = dict(held_pages)
+    def schedule(self, free_pages: int, held_pages: dict[int, int], shared_pages: dict[int, int] | None = None
+                 ) -> Plan:
+        """Plan one step given the pool's free pages, the pages each sequence holds now and how many of those it
+        shares with forked copies."""
+        self._pages, self._shared = dict(held_pages), dict(shared_pages or {})
         plan = Plan()
         free_pages = self._schedule_decode(plan, free_pages)
-        budget = self.config.token_budget - len(plan.decode) * self.config.decode_tokens
-        for seq in [s for s in self.running if s.remaining > 1 or s.computed == 0]:
+        budget = max(self.config.token_budget - len(plan.decode) * self.config.decode_tokens, 0)
+        for seq in [s for s in self.running if not s.decoding]:
             if (left := self._try_prefill(plan, seq, budget, free_pages)) is None:
                 break
             free_pages = left
@@ -129,14 +145,15 @@ class Scheduler:
         target = seq.computed + n_tokens + self.config.lookahead
         held = self._pages.get(seq.id, 0)
         need = max(self.pages_for(target) - held, 0)
-        if need > free_pages:
+        forks = seq.forks if seq.computed + n_tokens >= len(seq.tokens) else 0  # copies' partial pages
+        if need + forks > free_pages:
             return None
         self._pages[seq.id] = held + need
         plan.capacity[seq.id] = target
-        return free_pages - need
+        return free_pages - need - forks
 
     def _schedule_decode(self, plan: Plan, free_pages: int) -> int:
-        decoding = [s for s in self.running if s.remaining == 1 and s.computed > 0]
+        decoding = [s for s in self.running if s.decoding]
         for seq in sorted(decoding, key=lambda s: s.arrival):  # oldest first: they keep their pages
             if seq.status is not Status.RUNNING:
                 continue  # preempted a moment ago to make room for an older one
@@ -158,7 +175,7 @@ class Scheduler:
         self.waiting.appendleft(victim)
         plan.preempted.append(victim)
         plan.capacity.pop(victim.id, None)
-        return self._pages.pop(victim.id, 0)
+        return self._pages.pop(victim.id, 0) - self._shared.get(victim.id, 0)
 
     def _try_prefill(self, plan: Plan, seq: SequenceState, budget: int, free_pages: int) -> int | None:
         """Add the next prompt chunk of seq if the padded budget and the pool allow; the new free-page count."""
