@@ -84,6 +84,8 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
     ({"stream": True, "logprobs": 1}, "stream"), ({"stream": True, "prompt": ["a", "b"]}, "stream"),
     ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
     ({"prompt": ["a", ""]}, "empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
+    ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 3}, "best_of"),
+    ({"suffix": "end"}, "suffix"),
 ])
 def test_what_we_do_not_serve_is_refused(served, change, words):
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
@@ -133,6 +135,8 @@ def test_chat_logit_bias_forces_a_token_and_controls_are_validated(served):
     for bad, param in [({"logit_bias": {str(10**6): 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
                        ({"presence_penalty": 2.5}, "presence_penalty"), ({"min_p": -0.1}, "min_p"),
                        ({"repetition_penalty": 0}, "repetition_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
-                       ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"n": 2}, "n")]:
+                       ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"n": 2}, "n"),
+                       ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+                       ({"functions": [{"name": "f"}]}, "functions"), ({"function_call": "auto"}, "function_call")]:
         r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **bad})
         assert r.status_code == 400 and param in r.json()["error"]["message"], (bad, r.text)

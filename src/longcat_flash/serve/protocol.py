@@ -50,6 +50,24 @@ class _Sampling(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM, SGLang); 0 = off
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; ids checked against the model
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
+    # Declared only to be refused: accepted and dropped, they would change nothing a client asked for.
+    response_format: dict[str, Any] | None = None  # json_object / json_schema need constrained decoding
+    best_of: int | None = None
+
+    @field_validator("response_format")
+    @classmethod
+    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None and value != {"type": "text"}:
+            raise ValueError('only {"type": "text"}: structured output (json_object, json_schema) needs '
+                             "schema-constrained decoding, which this server does not do yet")
+        return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_candidate(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("only 1: this server does not rank several candidates")
+        return value
 
     @field_validator("logit_bias")
     @classmethod
@@ -89,6 +107,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    suffix: None = None  # insertion (text after the completion) is not served: refused, not dropped
 
     @field_validator("prompt")
     @classmethod
@@ -228,6 +247,8 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: bool = True
+    functions: None = None  # the legacy form of tools: refused (use `tools`), not dropped
+    function_call: None = None  # the legacy form of tool_choice: refused (use `tool_choice`)
 
     @field_validator("tool_choice", mode="before")
     @classmethod
