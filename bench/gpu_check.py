@@ -307,7 +307,6 @@ def section_environment(ctx: Context, rec: dict[str, Any]) -> None:
 
 
 def section_train(ctx: Context, rec: dict[str, Any]) -> None:
-    a = ctx.args
     try:
         _train_ours(ctx, rec, deterministic=ctx.cfg.deterministic)
     except RuntimeError as err:  # a CUDA op without a deterministic kernel: record, measure without

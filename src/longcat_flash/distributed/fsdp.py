@@ -29,7 +29,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from ..model import Transformer
-from ..model.moe import MoE
+from ..model.moe import MoE, local_part
 from .expert_parallel import AllToAllDispatcher
 
 
@@ -86,7 +86,7 @@ def average_expert_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
         return
     grads = [p.grad for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()
              if p.grad is not None]
-    torch._foreach_div_([_local(g) for g in grads], mesh["ep"].size())
+    torch._foreach_div_([local_part(g) for g in grads], mesh["ep"].size())
 
 
 @contextmanager
@@ -108,17 +108,13 @@ def side_backward(model: nn.Module) -> Iterator[None]:
 
 # ---- what FSDP leaves to us: the global gradient norm, per-rank state size ----
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def clip_grad_norm_(model: nn.Module, max_norm: float, sharded: bool) -> torch.Tensor:
     """Clip to the global gradient norm (as torch.nn.utils.clip_grad_norm_ on one process) and return it.
 
     Sharded (FSDP): every gradient element lives on exactly one rank, dense and expert alike, so the squared
     norm is one all-reduce of the local sums, whatever mesh each parameter is on.
     """
-    grads = [_local(p.grad) for p in model.parameters() if p.grad is not None]
+    grads = [local_part(p.grad) for p in model.parameters() if p.grad is not None]
     if not sharded:
         return torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
     device = grads[0].device
@@ -143,5 +139,5 @@ def state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
 
 
 def _nbytes(t: torch.Tensor) -> int:
-    local = _local(t)
+    local = local_part(t)
     return local.numel() * local.element_size()

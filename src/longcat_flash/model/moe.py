@@ -75,7 +75,7 @@ class Experts(nn.Module):
 
         Under expert parallelism the weights are shards of the full (E, ...) tensors (DTensors): their local
         rows are this rank's experts."""
-        return expert_ffn(x, counts, _local(self.gate_up_proj), _local(self.down_proj))
+        return expert_ffn(x, counts, local_part(self.gate_up_proj), local_part(self.down_proj))
 
     def forward_reference(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """Plain loop over experts (host-synced), the twin `forward` is tested against."""
@@ -91,10 +91,11 @@ class Experts(nn.Module):
         return (F.silu(gate) * up) @ self.down_proj[e].T
 
 
-def _local(weight: torch.Tensor) -> torch.Tensor:
-    """The rows this process holds: a sharded tensor's local part, any other tensor itself."""
-    to_local = getattr(weight, "to_local", None)
-    return weight if to_local is None else to_local()
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """What this process holds of `tensor`: a sharded tensor's (DTensor's) local part, any other tensor itself.
+    Duck-typed, so that the model needs no torch.distributed import."""
+    to_local = getattr(tensor, "to_local", None)
+    return tensor if to_local is None else to_local()
 
 
 def expert_ffn(x: torch.Tensor, counts: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
