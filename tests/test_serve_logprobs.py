@@ -1,5 +1,6 @@
 """/v1/completions for evaluators, in-process (TestClient, a tiny random model in fp32): prompt and generated
-logprobs equal the model's own forward, echo, max_tokens 0, a list of prompts; what we do not serve gets a 400."""
+logprobs equal the model's own forward, echo, max_tokens 0, a list of prompts, n copies, all of it streamed too;
+what we do not serve gets a 400."""
 from __future__ import annotations
 
 import json
@@ -31,7 +32,7 @@ def served():
     bridge = AsyncEngine(engine).start()
     app = create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=model.config.max_position_embeddings))
     with TestClient(app) as client:
-        yield client, model, tokenizer
+        yield client, model, tokenizer, engine
     bridge.stop()
 
 
@@ -43,7 +44,7 @@ def forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 
 def test_prompt_logprobs_equal_the_models_forward(served):
-    client, model, tokenizer = served
+    client, model, tokenizer, _ = served
     prompts = [tokenizer.encode(text) for text in TEXTS]
     assert max(map(len, prompts)) > 2 * CHUNK and min(map(len, prompts)) == 1
     body = {"model": "tiny", "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 3}
@@ -64,7 +65,7 @@ def test_prompt_logprobs_equal_the_models_forward(served):
 
 
 def test_generated_logprobs_and_greedy_text_unchanged(served):
-    client, model, tokenizer = served
+    client, model, tokenizer, _ = served
     body = {"model": "tiny", "prompt": TEXTS[0], "max_tokens": 6, "temperature": 0, "ignore_eos": True}
     plain = client.post("/v1/completions", json=body).json()["choices"][0]
     scored = client.post("/v1/completions", json={**body, "logprobs": 2}).json()["choices"][0]
@@ -80,9 +81,8 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
 
 
 @pytest.mark.parametrize("change, words", [
-    ({"max_tokens": 0}, "only with echo"), ({"stream": True, "echo": True}, "stream"),
-    ({"stream": True, "logprobs": 1}, "stream"), ({"stream": True, "prompt": ["a", "b"]}, "stream"),
-    ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
+    ({"max_tokens": 0}, "only with echo"), ({"n": 33}, "n"), ({"n": 0}, "n"),
+    ({"prompt": ["a"] * 5, "n": 26}, "at most 128 choices"), ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
     ({"prompt": ["a", ""]}, "empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
     ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"),
@@ -90,6 +90,82 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
 def test_what_we_do_not_serve_is_refused(served, change, words):
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def streamed(client, path: str, body: dict) -> tuple[list[dict], dict | None]:
+    """The choice chunks of a streamed response, in arrival order, and its usage (the last chunk's)."""
+    chunks, usage = [], None
+    with client.stream("POST", path, json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        assert r.status_code == 200, r.read()
+        lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    for line in lines[:-1]:
+        event = json.loads(line)
+        chunks += event["choices"]
+        usage = event.get("usage") or usage
+    return chunks, usage
+
+
+def reassembled(chunks: list[dict]) -> dict[int, dict]:
+    """Completion chunks joined per choice index: text, logprobs lists, the finish reason."""
+    out: dict[int, dict] = {}
+    for c in chunks:
+        choice = out.setdefault(c["index"], {"text": "", "finish_reason": None, "logprobs": None})
+        choice["text"] += c["text"]
+        choice["finish_reason"] = c["finish_reason"] or choice["finish_reason"]
+        if c["logprobs"] is not None:
+            joined = choice["logprobs"] or {key: [] for key in c["logprobs"]}
+            choice["logprobs"] = {key: joined[key] + c["logprobs"][key] for key in joined}
+    return out
+
+
+def test_n_copies_share_the_prompt_sample_apart_and_repeat_with_a_seed(served):
+    client, _, tokenizer, engine = served
+    body = {"model": "tiny", "prompt": TEXTS[:2], "max_tokens": 6, "n": 3, "seed": 11, "ignore_eos": True}
+    before = engine.stats.prompt_tokens
+    answer = client.post("/v1/completions", json=body).json()
+    prompts = [tokenizer.encode(text) for text in TEXTS[:2]]
+    assert engine.stats.prompt_tokens - before == sum(map(len, prompts))  # each prompt prefilled once, not n times
+    assert [c["index"] for c in answer["choices"]] == list(range(6))
+    assert answer["usage"]["prompt_tokens"] == sum(map(len, prompts)) and answer["usage"]["completion_tokens"] == 36
+    texts = [c["text"] for c in answer["choices"]]
+    assert len(set(texts[:3])) > 1 and len(set(texts[3:])) > 1  # copies sample apart
+    assert [c["text"] for c in client.post("/v1/completions", json=body).json()["choices"]] == texts  # seeded
+    for j in range(3):  # copy j is the request with seed + j
+        alone = client.post("/v1/completions", json={**body, "n": 1, "seed": 11 + j}).json()["choices"]
+        assert [alone[0]["text"], alone[1]["text"]] == [texts[j], texts[3 + j]]
+
+
+def test_streamed_completions_equal_the_whole_answer_with_echo_logprobs_and_n(served):
+    client = served[0]
+    body = {"model": "tiny", "prompt": [TEXTS[0], TEXTS[2]], "max_tokens": 5, "n": 2,
+            "seed": 3, "ignore_eos": True, "echo": True, "logprobs": 2, "stop": ["\n"]}
+    whole = client.post("/v1/completions", json=body).json()
+    chunks, usage = streamed(client, "/v1/completions", body)
+    assert reassembled(chunks) == {c["index"]: {key: c[key] for key in ("text", "finish_reason", "logprobs")}
+                                   for c in whole["choices"]}
+    assert usage == whole["usage"]
+    for choice in whole["choices"]:  # the token texts spell the text (a stop string's token may run past its
+        tokens = choice["logprobs"]["tokens"]  # end, as in vLLM), each offset where its token starts
+        assert "".join(tokens).startswith(choice["text"]) and len(tokens) == len(choice["logprobs"]["token_logprobs"])
+        assert choice["logprobs"]["text_offset"] == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    first = next(c for c in chunks if c["index"] == 0)
+    assert first["text"].startswith(TEXTS[0]) and first["logprobs"]["token_logprobs"][0] is None  # echo leads
+
+
+def test_chat_n_streamed_or_not(served):
+    client = served[0]
+    body = {"model": "tiny", "messages": MESSAGES, "max_tokens": 5, "n": 2, "seed": 5, "ignore_eos": True,
+            "logprobs": True}
+    whole = client.post("/v1/chat/completions", json=body).json()
+    assert [c["index"] for c in whole["choices"]] == [0, 1] and whole["usage"]["completion_tokens"] == 10
+    chunks, usage = streamed(client, "/v1/chat/completions", body)
+    assert usage == whole["usage"]
+    for choice in whole["choices"]:
+        mine = [c for c in chunks if c["index"] == choice["index"]]
+        assert mine[0]["delta"]["role"] == "assistant" and mine[-1]["finish_reason"] == choice["finish_reason"]
+        assert "".join(c["delta"].get("content") or "" for c in mine) == choice["message"]["content"]
+        assert [t for c in mine for t in (c["logprobs"] or {}).get("content") or []] == choice["logprobs"]["content"]
 
 
 # ---- chat logprobs and sampling controls over HTTP
@@ -105,7 +181,7 @@ def chat(client, **fields):
 
 
 def test_chat_logprobs_equal_the_models_forward_streamed_or_not(served):
-    client, model, tokenizer = served
+    client, model, tokenizer, _ = served
     choice = chat(client, logprobs=True, top_logprobs=2).json()["choices"][0]
     content = choice["logprobs"]["content"]
     prompt = tokenizer.encode(tokenizer.apply_chat_template(MESSAGES), allow_special=True)
@@ -128,14 +204,14 @@ def test_chat_logprobs_equal_the_models_forward_streamed_or_not(served):
 
 
 def test_chat_logit_bias_forces_a_token_and_controls_are_validated(served):
-    client, _, tokenizer = served
+    client, _, tokenizer, _ = served
     token = tokenizer.encode("Z")[0]
     choice = chat(client, logit_bias={str(token): 100}, logprobs=True).json()["choices"][0]
     assert [c["token"] for c in choice["logprobs"]["content"]] == ["Z"] * 5  # logprobs stay the raw ones
     for bad, param in [({"logit_bias": {str(10**6): 1}}, "logit_bias"), ({"logit_bias": {"x": 1}}, "logit_bias"),
                        ({"presence_penalty": 2.5}, "presence_penalty"), ({"min_p": -0.1}, "min_p"),
                        ({"repetition_penalty": 0}, "repetition_penalty"), ({"top_logprobs": 2}, "top_logprobs"),
-                       ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"n": 2}, "n"),
+                       ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"n": 33}, "n"),
                        ({"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
                        ({"functions": [{"name": "f"}]}, "functions"), ({"function_call": "auto"}, "function_call")]:
         r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **bad})

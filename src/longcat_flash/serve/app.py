@@ -12,7 +12,7 @@ import asyncio
 import hmac
 import json
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import AsyncEngine, EngineFailed
-from .logprobs import ChatScores, Scores
+from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import install_openapi
 from .text import TextState
@@ -99,18 +99,34 @@ class Generation:
                            code="invalid_value")
         return pairs
 
-    async def submit(self, prompt: list[int], params: SamplingParams, text: TextState
-                     ) -> tuple[int, asyncio.Queue]:
-        try:
-            return await self.bridge.submit(prompt, params)
-        except QueueFull as err:
+    async def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[list[Copy]]:
+        """Queue every (prompt, copies' params) job at once, so the engine takes them in one step; all or none:
+        if one is refused, the others are cancelled and the refusal becomes the HTTP error."""
+        results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
+                                       return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        for copies in results if errors else []:
+            for rid, _ in [] if isinstance(copies, BaseException) else copies:
+                self.bridge.cancel(rid)
+        if not errors:
+            return [[Copy(rid, outputs) for rid, outputs in copies] for copies in results]
+        err = errors[0]
+        if isinstance(err, QueueFull):
             raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full") from None
-        except ValueError as err:
+        if isinstance(err, ValueError):
             raise APIError(400, str(err), param="prompt") from None
-        except RuntimeError as err:
+        if isinstance(err, RuntimeError):
             raise APIError(503, str(err), "server_error", code="engine_down") from None
+        raise err
 
-    async def pieces(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request | None,
+    def close(self, copies: Iterable[Copy]) -> None:
+        """Cancel the copies still running (the response ended early: an error, a dropped client)."""
+        for copy in copies:
+            if copy.open:
+                copy.open = False
+                self.bridge.cancel(copy.rid)
+
+    async def pieces(self, copy: Copy, text: TextState, request: Request | None,
                      on_output: Callable[[StepOutput], None] | None = None
                      ) -> AsyncIterator[tuple[str, str | None, int]]:
         """(new text, finish reason or None, tokens so far) per engine output, until the request finishes;
@@ -120,45 +136,113 @@ class Generation:
         by Starlette when its client leaves, which lands in the `finally` just the same. A stop string in the text
         ends the request here, off the engine's thread, which then drops it before its next step.
         """
-        finished = False
         try:
-            while not (finished or text.stopped):
+            while copy.open and not text.stopped:
                 try:
                     timeout = None if request is None else self.config.disconnect_poll_s
-                    item = await asyncio.wait_for(outputs.get(), timeout=timeout)
+                    item = await asyncio.wait_for(copy.outputs.get(), timeout=timeout)
                 except asyncio.TimeoutError:
                     if await request.is_disconnected():
                         return
                     continue
                 if isinstance(item, EngineFailed):
+                    copy.open = False
                     raise APIError(500, item.message, "server_error")
-                finished = item.finished
+                copy.open = not item.finished
                 if on_output is not None:
                     on_output(item)
-                delta = text.feed(item.new_tokens, final=finished)
-                reason = "stop" if text.stopped else _reason(item) if finished else None
+                delta = text.feed(item.new_tokens, final=item.finished)
+                reason = "stop" if text.stopped else _reason(item) if item.finished else None
                 yield delta, reason, text.tokens
         finally:
-            if not finished:
-                self.bridge.cancel(rid, stopped=text.stopped)
+            if copy.open:
+                copy.open = False
+                self.bridge.cancel(copy.rid, stopped=text.stopped)
 
-    async def collect(self, rid: int, outputs: asyncio.Queue, text: TextState, request: Request,
-                      on_output: Callable[[StepOutput], None] | None = None) -> tuple[str, str, int]:
-        reason, n = "length", 0
-        async for _, reason, n in self.pieces(rid, outputs, text, request, on_output):
-            pass
-        return text.text, reason or "length", n
-
-    async def choice(self, body: p.CompletionRequest, index: int, prompt: str | list[int], ids: list[int],
-                     params: SamplingParams, request: Request) -> tuple[p.CompletionChoice, int]:
-        """One prompt of a non-streamed completion: its choice (the prompt in front with echo, logprobs as
-        asked) and its completion-token count."""
-        text, scores = TextState(self.tokenizer, body.stop), Scores()
-        rid, outputs = await self.submit(ids, params, text)
-        out, reason, n = await self.collect(rid, outputs, text, request, scores.record)
+    async def completion(self, body: p.CompletionRequest, index: int, prompt: str | list[int], ids: list[int],
+                         copy: Copy, request: Request | None) -> AsyncIterator[tuple[p.CompletionChoice, int]]:
+        """One choice of a completion as chunks (a text delta, its tokens' logprobs, the finish reason) with the
+        completion tokens so far; with `echo` the first chunk starts with the prompt."""
+        text, scores = TextState(self.tokenizer, body.stop), CompletionScores(echo=ids if body.echo else None)
         echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
-        logprobs = None if body.logprobs is None else scores.render(self.tokenizer, ids if body.echo else None, n)
-        return p.CompletionChoice(index=index, text=echoed + out, finish_reason=reason, logprobs=logprobs), n
+        async for delta, reason, n in self.pieces(copy, text, request, scores.record):
+            logprobs = None if body.logprobs is None else scores.take(self.tokenizer, n)
+            yield p.CompletionChoice(index=index, text=echoed + delta, finish_reason=reason, logprobs=logprobs), n
+            echoed = ""
+
+    def turns(self, body: p.ChatCompletionRequest, plan: ToolPlan, copy: Copy, request: Request | None
+              ) -> tuple[AsyncIterator[tuple[list[Event], str | None, int]], Callable[[int], p.ChatLogprobs | None]]:
+        """One chat choice read through its tool-call parser, and the function that hands out its logprobs up to
+        a token count (always None without `logprobs`)."""
+        text, scores = TextState(self.tokenizer, body.stop), ChatScores()
+        logprobs = (lambda n: scores.take(self.tokenizer, n)) if body.logprobs else (lambda n: None)
+        return _parsed(self.pieces(copy, text, request, scores.record), plan.parser()), logprobs
+
+    async def chat_chunks(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy
+                          ) -> AsyncIterator[tuple[p.ChatChunkChoice, int]]:
+        """One streamed chat choice: the role, then content and tool-call deltas (a step's logprobs ride on its
+        first chunk), then the finish reason; each with the completion tokens so far."""
+        turns, logprobs = self.turns(body, plan, copy, None)
+        yield p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content="")), 0
+        async for events, reason, n in turns:
+            for delta in _deltas(events):
+                yield p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs(n)), n
+            if reason:
+                yield p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason, logprobs=logprobs(n)), n
+
+    async def chat_choice(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy,
+                          request: Request) -> tuple[p.ChatChoice, int]:
+        """One non-streamed chat choice and its completion-token count."""
+        turns, logprobs = self.turns(body, plan, copy, request)
+        message, reason, n = await _answer(turns)
+        scores = (logprobs(n) or p.ChatLogprobs(content=[])) if body.logprobs else None
+        return p.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=scores), n
+
+
+@dataclass(eq=False)
+class Copy:
+    """One engine request behind an HTTP request (a prompt, or one of its n copies) and whether it still runs."""
+
+    rid: int
+    outputs: asyncio.Queue
+    open: bool = True
+
+
+def _copies(params: SamplingParams, n: int) -> list[SamplingParams]:
+    """n copies of a request's params; with a seed, copy j samples with seed + j: the copies differ and the
+    request as a whole repeats."""
+    return [params if params.seed is None else replace(params, seed=(params.seed + j) % (p.MAX_SEED + 1))
+            for j in range(n)]
+
+
+async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:
+    """The items of several streams as they come (one stream passes through untouched). Leaving early, or one
+    stream failing, closes them all, which cancels their engine requests."""
+    if len(streams) == 1:
+        async for item in streams[0]:
+            yield item
+        return
+    items: asyncio.Queue = asyncio.Queue()
+    done = object()
+
+    async def pump(stream: AsyncIterator) -> None:
+        try:
+            async for item in stream:
+                items.put_nowait(item)
+            items.put_nowait(done)
+        except Exception as err:  # re-raised by the reader below
+            items.put_nowait(err)
+
+    tasks = [asyncio.ensure_future(pump(stream)) for stream in streams]
+    try:
+        for _ in tasks:
+            while (item := await items.get()) is not done:
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
 async def _all_or_none(calls: list[Awaitable]) -> list:
@@ -261,29 +345,39 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     async def completions(body: p.CompletionRequest, request: Request):
         prompts = [ids if isinstance(ids, list) else tokenizer.encode(ids) for ids in body.prompt]
         params = [_completion_params(gen.check(body, ids, body.max_tokens, "prompt"), body) for ids in prompts]
+        groups = await gen.submit([(ids, _copies(sp, body.n)) for ids, sp in zip(prompts, params)])
+        copies = [copy for group in groups for copy in group]
+        watch = None if body.stream else request
+        choices = [gen.completion(body, i * body.n + j, prompt, ids, copy, watch)
+                   for i, (prompt, ids, group) in enumerate(zip(body.prompt, prompts, groups))
+                   for j, copy in enumerate(group)]
         rid_str, created = p.new_id("cmpl"), p.now()
+        n_prompt = sum(map(len, prompts))  # each prompt counts once, however many copies it has
         if not body.stream:
-            answers = await _all_or_none([gen.choice(body, i, prompt, ids, sp, request) for i, (prompt, ids, sp)
-                                          in enumerate(zip(body.prompt, prompts, params))])
-            usage = p.Usage.of(sum(map(len, prompts)), sum(n for _, n in answers))
-            return p.CompletionResponse(id=rid_str, created=created, model=config.model_name, usage=usage,
-                                        choices=[choice for choice, _ in answers]).model_dump()
-        prompt, text = prompts[0], TextState(tokenizer, body.stop)  # a stream has one prompt (protocol.py)
-        rid, outputs = await gen.submit(prompt, params[0], text)
-
-        def chunk(delta: str, reason: str | None) -> p.CompletionResponse:
+            try:
+                answers = await _all_or_none([_joined_completion(i, chunks) for i, chunks in enumerate(choices)])
+            finally:
+                gen.close(copies)
             return p.CompletionResponse(id=rid_str, created=created, model=config.model_name,
-                                        choices=[p.CompletionChoice(text=delta, finish_reason=reason)])
+                                        usage=p.Usage.of(n_prompt, sum(n for _, n in answers)),
+                                        choices=[choice for choice, _ in answers]).model_dump()
+
+        def chunk(choice: p.CompletionChoice) -> p.CompletionResponse:
+            return p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[choice])
 
         async def events() -> AsyncIterator[str]:
-            n = 0
-            async for delta, reason, n in gen.pieces(rid, outputs, text, None):
-                if delta or reason:
-                    yield _sse(chunk(delta, reason))
-            if body.include_usage:
-                yield _sse(p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[],
-                                                usage=p.Usage.of(len(prompt), n)))
-            yield _sse("[DONE]")
+            counts = [0] * len(choices)
+            try:
+                async for choice, n in _merged(choices):
+                    counts[choice.index] = n
+                    if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
+                        yield _sse(chunk(choice))
+                if body.include_usage:
+                    yield _sse(p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[],
+                                                    usage=p.Usage.of(n_prompt, sum(counts))))
+                yield _sse("[DONE]")
+            finally:
+                gen.close(copies)
         return StreamingResponse(events(), media_type="text/event-stream")
 
     @app.post("/v1/chat/completions", dependencies=[auth])
@@ -291,36 +385,48 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         plan = _tool_plan(body)
         prompt = _chat_prompt(tokenizer, body, plan)
         params = _chat_params(gen.check(body, prompt, body.limit, "messages"), body)
-        text, scores = TextState(tokenizer, body.stop), ChatScores()
-        rid, outputs = await gen.submit(prompt, params, text)
+        copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
         rid_str, created = p.new_id("chatcmpl"), p.now()
-        turns = _parsed(gen.pieces(rid, outputs, text, None if body.stream else request, scores.record),
-                        plan.parser())
         if not body.stream:
-            message, reason, n = await _answer(turns)
-            logprobs = scores.take(tokenizer, n) or p.ChatLogprobs(content=[]) if body.logprobs else None
+            try:
+                answers = await _all_or_none([gen.chat_choice(body, plan, j, copy, request)
+                                              for j, copy in enumerate(copies)])
+            finally:
+                gen.close(copies)
             return p.ChatCompletionResponse(
-                id=rid_str, created=created, model=config.model_name, usage=p.Usage.of(len(prompt), n),
-                choices=[p.ChatChoice(message=message, finish_reason=reason, logprobs=logprobs)]).model_dump()
+                id=rid_str, created=created, model=config.model_name,
+                usage=p.Usage.of(len(prompt), sum(n for _, n in answers)),
+                choices=[choice for choice, _ in answers]).model_dump()
 
-        def chunk(delta: p.Delta, reason: str | None = None, logprobs: p.ChatLogprobs | None = None
-                  ) -> p.ChatCompletionChunk:
-            return p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name, choices=[
-                p.ChatChunkChoice(delta=delta, finish_reason=reason, logprobs=logprobs)])
+        def chunk(choice: p.ChatChunkChoice) -> p.ChatCompletionChunk:
+            return p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name, choices=[choice])
 
         async def events() -> AsyncIterator[str]:
-            yield _sse(chunk(p.Delta(role="assistant", content="")))
-            n = 0
-            async for items, reason, n in turns:
-                for delta in _deltas(items):  # a step's logprobs ride on its first chunk
-                    yield _sse(chunk(delta, logprobs=scores.take(tokenizer, n)))
-                if reason:
-                    yield _sse(chunk(p.Delta(), reason, scores.take(tokenizer, n)))
-            if body.include_usage:
-                yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name, choices=[],
-                                                 usage=p.Usage.of(len(prompt), n)))
-            yield _sse("[DONE]")
+            counts = [0] * len(copies)
+            try:
+                async for choice, n in _merged([gen.chat_chunks(body, plan, j, copy)
+                                                for j, copy in enumerate(copies)]):
+                    counts[choice.index] = n
+                    yield _sse(chunk(choice))
+                if body.include_usage:
+                    yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
+                                                     choices=[], usage=p.Usage.of(len(prompt), sum(counts))))
+                yield _sse("[DONE]")
+            finally:
+                gen.close(copies)
         return StreamingResponse(events(), media_type="text/event-stream")
+
+
+async def _joined_completion(index: int, chunks: AsyncIterator[tuple[p.CompletionChoice, int]]
+                             ) -> tuple[p.CompletionChoice, int]:
+    """A non-streamed completion choice: its chunks joined, and its completion-token count."""
+    parts, n = [], 0
+    async for part, n in chunks:
+        parts.append(part)
+    scored = [part.logprobs for part in parts if part.logprobs is not None]
+    return p.CompletionChoice(index=index, text="".join(part.text for part in parts),
+                              finish_reason=parts[-1].finish_reason if parts else "length",
+                              logprobs=joined(scored) if scored else None), n
 
 
 def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:

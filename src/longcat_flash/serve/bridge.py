@@ -49,15 +49,16 @@ class AsyncEngine:
         self._wake.set()
         self._thread.join(timeout=10)
 
-    async def submit(self, prompt: list[int], params: SamplingParams) -> tuple[int, asyncio.Queue]:
-        """Queue a request on the engine thread; returns its id and the queue its StepOutputs arrive on."""
+    async def submit(self, prompt: list[int], params: list[SamplingParams]) -> list[tuple[int, asyncio.Queue]]:
+        """Queue len(params) copies of a prompt on the engine thread (one prefill, shared cache pages: OpenAI's
+        `n`); returns each copy's request id and the queue its StepOutputs arrive on."""
         if not self.alive:
             raise RuntimeError("the engine thread is not running")
-        loop, outputs = asyncio.get_running_loop(), asyncio.Queue()
+        loop, queues = asyncio.get_running_loop(), [asyncio.Queue() for _ in params]
         done: Future = Future()
-        self._inbox.put(("add", (prompt, params, loop, outputs), done))
+        self._inbox.put(("add", (prompt, params, loop, queues), done))
         self._wake.set()
-        return await asyncio.wrap_future(done), outputs
+        return list(zip(await asyncio.wrap_future(done), queues))
 
     def cancel(self, request_id: int, stopped: bool = False) -> None:
         """End a request early: its client left, or (`stopped`) its text reached a stop string."""
@@ -86,14 +87,14 @@ class AsyncEngine:
             if kind == "cancel":
                 self._cancel(payload, stopped=done)
                 continue
-            prompt, params, loop, outputs = payload
+            prompt, params, loop, queues = payload
             try:
-                rid = self.engine.add_request(prompt, params)
+                rids = self.engine.add_copies(prompt, params)
             except Exception as err:  # ValueError, QueueFull: the handler maps it to an HTTP status
                 done.set_exception(err)
                 continue
-            self._streams[rid] = (loop, outputs)
-            done.set_result(rid)
+            self._streams.update((rid, (loop, outputs)) for rid, outputs in zip(rids, queues))
+            done.set_result(rids)
 
     def _cancel(self, rid: int, stopped: bool) -> None:
         if self.engine.cancel(rid) and stopped:

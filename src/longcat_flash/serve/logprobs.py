@@ -20,26 +20,47 @@ from . import protocol as p
 
 @dataclass
 class Scores:
-    """One request's logprobs as its StepOutputs bring them (`Generation.pieces` calls `record` on each)."""
+    """One request's logprobs as its StepOutputs bring them (`Generation.pieces` calls `record` on each); `take`
+    hands each token's logprob out once, with the chunk (or the whole answer) that shows its text."""
 
     prompt: list[TokenLogprob | None] = field(default_factory=list)  # the first is None: nothing predicts it
     generated: list[TokenLogprob] = field(default_factory=list)
+    sent: int = 0  # generated tokens whose logprobs went out already
 
     def record(self, out: StepOutput) -> None:
         self.prompt += out.prompt_logprobs or []
         self.generated += out.logprobs or []
 
-    def render(self, tokenizer: Tokenizer, echoed: list[int] | None, n_generated: int) -> p.CompletionLogprobs:
-        """The choice's logprobs: the echoed prompt's ids (None without echo), then the first `n_generated`
-        generated tokens (those the text consumed, up to the one that completed a stop string)."""
-        generated = self.generated[:n_generated]
-        tokens = [*(echoed or []), *(s.token for s in generated)]
-        scores = [*(self.prompt if echoed else []), *generated]
+    def _unsent(self, n: int) -> list[TokenLogprob]:
+        """Generated tokens sent..n-1 (those the text consumed, up to the one that completed a stop string)."""
+        scores, self.sent = self.generated[self.sent:n], max(self.sent, n)
+        return scores
+
+
+@dataclass
+class CompletionScores(Scores):
+    """A completion choice's scores; with `echo` (the prompt's ids) the first take starts with the prompt's."""
+
+    echo: list[int] | None = None
+    offset: int = 0  # characters of the choice's text covered by the tokens already handed out
+
+    def take(self, tokenizer: Tokenizer, n: int) -> p.CompletionLogprobs:
+        generated = self._unsent(n)
+        tokens = [*(self.echo or []), *(s.token for s in generated)]
+        scores = [*(self.prompt if self.echo else []), *generated]
+        self.echo = None
         texts = [tokenizer.decode([token]) for token in tokens]
+        offsets = list(itertools.accumulate(map(len, texts), initial=self.offset))
+        self.offset = offsets[-1]
         return p.CompletionLogprobs(
             tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
-            top_logprobs=[None if s is None else _top(tokenizer, s) for s in scores],
-            text_offset=list(itertools.accumulate(map(len, texts), initial=0))[:-1])
+            top_logprobs=[None if s is None else _top(tokenizer, s) for s in scores], text_offset=offsets[:-1])
+
+
+def joined(parts: list[p.CompletionLogprobs]) -> p.CompletionLogprobs:
+    """Consecutive takes of one choice as one object (a non-streamed answer)."""
+    return p.CompletionLogprobs(**{key: [x for part in parts for x in getattr(part, key)]
+                                   for key in p.CompletionLogprobs.model_fields})
 
 
 def _top(tokenizer: Tokenizer, score: TokenLogprob) -> dict[str, float]:
@@ -52,13 +73,9 @@ def _top(tokenizer: Tokenizer, score: TokenLogprob) -> dict[str, float]:
 
 @dataclass
 class ChatScores(Scores):
-    """A chat request's scores; a stream hands each token's logprob out once, with the chunk that shows it."""
-
-    sent: int = 0  # generated tokens whose logprobs went out already
-
     def take(self, tokenizer: Tokenizer, n: int) -> p.ChatLogprobs | None:
-        """The logprobs of generated tokens sent..n-1 (None when there are none), and mark them sent."""
-        content, self.sent = self.generated[self.sent:n], max(self.sent, n)
+        """The logprobs of the generated tokens not yet handed out, up to n (None when there are none)."""
+        content = self._unsent(n)
         return chat_logprobs(tokenizer, content) if content else None
 
 

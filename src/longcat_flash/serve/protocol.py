@@ -20,6 +20,7 @@ MAX_PROMPT_CHARS = 1_000_000  # before tokenization; the token limit is the cont
 MAX_SEED = 2**63 - 1
 MAX_TOOLS = 128
 MAX_PROMPTS = 128  # prompts in one completions request (each is one engine request; max_waiting still applies)
+MAX_N = 32  # copies of a prompt (they share its cache pages); prompts x n is capped at MAX_PROMPTS too
 MAX_LOGPROBS = 20  # infer/sampling.py's limit
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
@@ -39,7 +40,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, le=1_000_000)  # extension (vLLM, SGLang); 0 = off
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_N)  # samples per prompt: copies that share the prompt's cache pages
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)  # normalised to a list
@@ -101,7 +102,7 @@ class CompletionRequest(_Sampling):
     """`prompt` is one prompt (a string or token ids) or a list of them: one choice per prompt, in order.
     `logprobs: k` reports each token's logprob and its k likeliest alternatives; `echo` returns the prompt in the
     text (and, with `logprobs`, scores its tokens); `max_tokens: 0` with `echo` scores a prompt without generating.
-    Streaming takes one prompt and neither `logprobs` nor `echo`."""
+    With `n`, prompt i's copy j is choice i * n + j, in a stream as in a whole answer."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(16, ge=0)
@@ -128,8 +129,8 @@ class CompletionRequest(_Sampling):
     def _supported_combination(self) -> CompletionRequest:
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 is allowed only with echo (scoring the prompt)")
-        if self.stream and (len(self.prompt) > 1 or self.echo or self.logprobs is not None):
-            raise ValueError("stream: streaming takes one prompt, without logprobs or echo")
+        if len(self.prompt) * self.n > MAX_PROMPTS:
+            raise ValueError(f"n: prompts x n is {len(self.prompt) * self.n}; at most {MAX_PROMPTS} choices per request")
         return self
 
 
