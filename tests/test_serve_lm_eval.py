@@ -1,6 +1,8 @@
-"""The real lm-evaluation-harness CLI (`local-completions`, lm_eval 0.4.13) against a real `longcat serve`, offline,
-on a multiple-choice log-likelihood task the test writes itself: it completes with an accuracy, and every
-log-likelihood it computed through our logprobs equals the model's own forward."""
+"""The real lm-evaluation-harness CLI (lm_eval 0.4.13) against a real `longcat serve`, offline, on tasks the test
+writes itself: a multiple-choice log-likelihood task through `local-completions` (every log-likelihood equals the
+model's own forward), and a generate-until task through `local-completions` and `local-chat-completions` (every
+answer equals the model's own greedy continuation of the prompt, or of the chat-rendered prompt, cut at the task's
+stop strings)."""
 from __future__ import annotations
 
 import json
@@ -17,6 +19,7 @@ from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.presets import tiny
 from longcat_flash.tokenizer import Tokenizer
 
+from infer_support import greedy_reference
 from serve_support import running_server
 
 pytest.importorskip("lm_eval")
@@ -44,24 +47,56 @@ metric_list:
 """
 
 
-def write_task(root: Path) -> Path:
+GEN_TASK = "longcat_gen"
+GEN_DOCS = [{"question": "def add(a, b):", "answer": " return a + b"}, {"question": "Question: 2 + 2 =", "answer": "4"},
+            {"question": "import os\nimport", "answer": " sys"}]
+GEN_TOKENS = 6
+GEN_YAML = f"""task: {GEN_TASK}
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {{data}}
+test_split: test
+output_type: generate_until
+doc_to_text: question
+doc_to_target: answer
+generation_kwargs:
+  until: ["\\n\\n", "Question:"]
+  max_gen_toks: {GEN_TOKENS}
+  do_sample: false
+  temperature: 0
+metric_list:
+  - metric: exact_match
+"""
+
+
+def write_task(root: Path, name: str = TASK, docs: list[dict] = DOCS, yaml: str = YAML) -> Path:
     """A local JSONL dataset and the task YAML over it; returns the folder for --include_path."""
-    data, tasks = root / "mc.jsonl", root / "tasks"
-    data.write_text("".join(json.dumps(doc) + "\n" for doc in DOCS))
-    tasks.mkdir()
-    (tasks / f"{TASK}.yaml").write_text(YAML.format(task=TASK, data=data))
+    data, tasks = root / f"{name}.jsonl", root / "tasks"
+    data.write_text("".join(json.dumps(doc) + "\n" for doc in docs))
+    tasks.mkdir(exist_ok=True)
+    (tasks / f"{name}.yaml").write_text(yaml.format(task=name, data=data))
     return tasks
 
 
-def run_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path) -> None:
-    args = f"model=tiny,base_url={base}/v1/completions,tokenizer_backend=huggingface,tokenizer={model_dir}," \
-           "num_concurrent=1"
+def run_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str = TASK, chat: bool = False) -> None:
+    if chat:
+        model, args, extra = "local-chat-completions", f"model=tiny,base_url={base}/v1/chat/completions", \
+            ["--apply_chat_template"]
+    else:
+        model, extra = "local-completions", []
+        args = f"model=tiny,base_url={base}/v1/completions,tokenizer_backend=huggingface,tokenizer={model_dir}," \
+               "num_concurrent=1"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"),
            "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "local-completions", "--model_args", args,
-                          "--tasks", TASK, "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
+    run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, *extra,
+                          "--tasks", task, "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
                          env=env, capture_output=True, text=True, timeout=180)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+
+def read_samples(out: Path, task: str) -> list[dict]:
+    return [json.loads(line) for path in out.rglob(f"samples_{task}_*.jsonl") for line in path.read_text().splitlines()]
 
 
 @torch.no_grad()
@@ -80,8 +115,7 @@ def test_lm_eval_multiple_choice_matches_the_models_forward(tmp_path):
         run_lm_eval(base, model_dir, tasks, out)
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert 0.0 <= results["results"][TASK]["acc,none"] <= 1.0
-    samples = [json.loads(line) for path in out.rglob(f"samples_{TASK}_*.jsonl")
-               for line in path.read_text().splitlines()]
+    samples = read_samples(out, TASK)
     assert len(samples) == len(DOCS)
     model, _ = load_for_inference(model_dir, dtype="float32", device="cpu")
     tokenizer = Tokenizer.load(model_dir)
@@ -90,3 +124,35 @@ def test_lm_eval_multiple_choice_matches_the_models_forward(tmp_path):
     assert len(scored) == sum(len(doc["choices"]) for doc in DOCS)
     for context, continuation, loglikelihood in scored:
         assert abs(loglikelihood - reference_loglikelihood(model, tokenizer, context, continuation)) < 1e-3
+
+
+def greedy_answer(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[int], until: list[str]) -> str:
+    """The model's own greedy continuation (no cache), ended by EOS, cut at the first stop string."""
+    generated = greedy_reference(model, prompt, GEN_TOKENS)
+    if model.config.eos_token_id in generated:
+        generated = generated[:generated.index(model.config.eos_token_id)]
+    text = tokenizer.decode(generated)
+    return text[:min([i for i in (text.find(stop) for stop in until) if i >= 0], default=len(text))]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["local-completions", "local-chat-completions"])
+def test_lm_eval_generate_until_answers_are_the_models_greedy_continuations(tmp_path, chat):
+    model_dir = init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32)
+    tasks, out = write_task(tmp_path, GEN_TASK, GEN_DOCS, GEN_YAML), tmp_path / "out"
+    with running_server(model_dir) as base:
+        run_lm_eval(base, model_dir, tasks, out, GEN_TASK, chat=chat)
+    results = json.loads(next(out.rglob("results_*.json")).read_text())
+    assert 0.0 <= results["results"][GEN_TASK]["exact_match,none"] <= 1.0
+    samples = read_samples(out, GEN_TASK)
+    assert sorted(sample["doc"]["question"] for sample in samples) == sorted(doc["question"] for doc in GEN_DOCS)
+    model, _ = load_for_inference(model_dir, dtype="float32", device="cpu")
+    tokenizer = Tokenizer.load(model_dir)
+    until = ["\n\n", "Question:"]
+    for sample in samples:
+        question = sample["doc"]["question"]
+        if chat:
+            messages = [{"role": "user", "content": question}]
+            prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), allow_special=True)
+        else:
+            prompt = tokenizer.encode(question)
+        assert sample["resps"][0][0] == greedy_answer(model, tokenizer, prompt, until), question
