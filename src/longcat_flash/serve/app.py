@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
@@ -271,7 +270,7 @@ def _reason(out: StepOutput) -> str:
 
 
 def _sse(chunk: p.BaseModel | str) -> str:
-    return f"data: {chunk if isinstance(chunk, str) else json.dumps(chunk.model_dump())}\n\n"
+    return f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
 
 
 def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:

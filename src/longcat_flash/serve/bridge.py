@@ -106,21 +106,31 @@ class AsyncEngine:
             outputs = self.engine.step()
         except Exception as err:  # a bug must not kill the server: fail the open requests, keep serving
             log.exception("engine step failed")
-            for rid in list(self._streams):
+            for rid in self._streams:
                 self.engine.cancel(rid)
-                self._deliver(rid, EngineFailed(f"engine error: {err}"))
+            self._deliver([(rid, EngineFailed(f"engine error: {err}")) for rid in self._streams])
             self._streams.clear()
             return
+        self._deliver([(out.request_id, out) for out in outputs])
         for out in outputs:
-            self._deliver(out.request_id, out)
             if out.finished:
                 self._streams.pop(out.request_id, None)
 
-    def _deliver(self, rid: int, item: StepOutput | EngineFailed) -> None:
-        stream = self._streams.get(rid)
-        if stream is not None:
-            loop, outputs = stream
+    def _deliver(self, items: list[tuple[int, StepOutput | EngineFailed]]) -> None:
+        """Hand a step's outputs to their handlers: one wake-up per event loop per step, not one per request."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Queue, StepOutput | EngineFailed]]] = {}
+        for rid, item in items:
+            stream = self._streams.get(rid)
+            if stream is not None:
+                by_loop.setdefault(stream[0], []).append((rid, stream[1], item))
+        for loop, batch in by_loop.items():
             try:
-                loop.call_soon_threadsafe(outputs.put_nowait, item)
-            except RuntimeError:  # the handler's loop is closed: nobody is listening any more
-                self.cancel(rid)
+                loop.call_soon_threadsafe(_put_all, batch)
+            except RuntimeError:  # the handlers' loop is closed: nobody is listening any more
+                for rid, _, _ in batch:
+                    self.cancel(rid)
+
+
+def _put_all(batch: list[tuple[int, asyncio.Queue, StepOutput | EngineFailed]]) -> None:
+    for _, outputs, item in batch:
+        outputs.put_nowait(item)
