@@ -15,12 +15,7 @@ import argparse
 import asyncio
 import gc
 import json
-import os
-import shutil
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
@@ -30,6 +25,7 @@ from infer_common import bench_checkpoint, table
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.runtime import tune_cpu_allocator
+from longcat_flash.serve.launch import running_server
 from longcat_flash.serve.local import generate_text, load_session
 from longcat_flash.tokenizer import Tokenizer
 
@@ -51,23 +47,6 @@ def engine_rates(path, prompts: list[list[int]], n: int, repeats: int) -> tuple[
     while many.has_work():
         many.step()
     return single, len(prompts) * n / (time.perf_counter() - start)
-
-
-def start_server(path, port: int, args) -> subprocess.Popen:
-    exe = [shutil.which("longcat")] if shutil.which("longcat") else [sys.executable, "-m", "longcat_flash.cli"]
-    cmd = [*exe, "serve", "--model", str(path), "--port", str(port), "--max-running", str(args.streams),
-           "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(1)
-    proc.kill()
-    raise RuntimeError("server did not start")
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: list[int], n: int) -> dict:
@@ -99,19 +78,13 @@ async def load(base: str, model: str, prompts: list[list[int]], n: int) -> tuple
 
 def http_rates(path, prompts: list[list[int]], args) -> tuple[float, float, list[dict]]:
     """(batch-1 decode tok/s, aggregate tok/s, per-stream results) through a real `longcat serve`."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = start_server(path, port, args)
-    base, name = f"http://127.0.0.1:{port}", path.resolve().name
-    try:
+    flags = ["--max-running", str(args.streams), "--device", "cpu"]
+    with running_server(path, *flags, threads=args.threads, startup_s=300) as base:
+        name = path.resolve().name
         asyncio.run(load(base, name, prompts[:1], 4))  # warm-up
         single = statistics.median(asyncio.run(load(base, name, prompts[:1], args.new_tokens))[0][0]["decode_tok_s"]
                                    for _ in range(args.repeats))
         many, wall = asyncio.run(load(base, name, prompts, args.new_tokens))
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
     ok = [r for r in many if r["status"] == 200]
     return single, sum(r["tokens"] for r in ok) / wall, many
 

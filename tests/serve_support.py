@@ -1,53 +1,6 @@
-"""A real `longcat serve` subprocess on a free loopback port, for the end-to-end serving tests."""
+"""A real `longcat serve` subprocess for the end-to-end serving tests (serve/launch.py, one OpenMP thread)."""
 from __future__ import annotations
 
-import contextlib
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import time
-from collections.abc import Iterator
-from pathlib import Path
+from longcat_flash.serve.launch import free_port, running_server
 
-import httpx
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running_server(model_dir: str | Path, *args: str, startup_s: float = 90) -> Iterator[str]:
-    """Serve `model_dir` (one OpenMP thread, extra CLI `args`) until the block ends; yields the base URL once
-    /health answers. A server that dies or does not come up fails with its own output."""
-    port = free_port()
-    exe = [shutil.which("longcat")] if shutil.which("longcat") else [sys.executable, "-m", "longcat_flash.cli"]
-    proc = subprocess.Popen([*exe, "serve", "--model", str(model_dir), "--port", str(port), *args],
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + startup_s
-        while not _healthy(base):
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise AssertionError(f"server did not come up in {startup_s} s:\n{proc.stdout.read().decode()}")
-            time.sleep(0.2)
-        yield base
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def _healthy(base: str) -> bool:
-    try:
-        return httpx.get(f"{base}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
-        return False
+__all__ = ["free_port", "running_server"]

@@ -1,0 +1,58 @@
+"""A real `longcat serve` subprocess on a free loopback port: what the end-to-end tests, `bench/bench_serve.py` and
+`experiments/tool_use.py` talk to over HTTP, started one way everywhere."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def running_server(model_dir: str | Path, *args: str, threads: int = 1, startup_s: float = 90) -> Iterator[str]:
+    """Serve `model_dir` (`threads` OpenMP threads, extra CLI `args`) until the block ends; yields the base URL
+    once /health answers. A server that dies or does not come up raises with its own output."""
+    port = free_port()
+    exe = [shutil.which("longcat")] if shutil.which("longcat") else [sys.executable, "-m", "longcat_flash.cli"]
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a long run's output can never block the server
+        proc = subprocess.Popen([*exe, "serve", "--model", str(model_dir), "--port", str(port), *args],
+                                env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=log,
+                                stderr=subprocess.STDOUT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.time() + startup_s
+            while not _healthy(base):
+                if proc.poll() is not None or time.time() > deadline:
+                    proc.kill()
+                    proc.wait()
+                    log.seek(0)
+                    raise RuntimeError(f"server did not come up in {startup_s} s:\n{log.read().decode()}")
+                time.sleep(0.2)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _healthy(base: str) -> bool:
+    try:
+        return httpx.get(f"{base}/health", timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
