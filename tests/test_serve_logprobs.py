@@ -84,7 +84,7 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
     ({"max_tokens": 0}, "only with echo"), ({"n": 33}, "n"), ({"n": 0}, "n"),
     ({"prompt": ["a"] * 5, "n": 26}, "at most 128 choices"), ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
     ({"prompt": ["a", ""]}, "empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
-    ({"response_format": {"type": "json_object"}}, "response_format"), ({"best_of": 3}, "best_of"),
+    ({"response_format": {"type": "xml"}}, "response_format"), ({"best_of": 3}, "best_of"),
     ({"suffix": "end"}, "suffix"),
 ])
 def test_what_we_do_not_serve_is_refused(served, change, words):

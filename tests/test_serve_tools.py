@@ -106,7 +106,8 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
     ({"tools": [{"type": "function", "function": {"name": "bad name", "parameters": {"type": "object"}}}]},
      "tools.0.function.name"),
     ({"tools": [WEATHER, WEATHER]}, "tools"),
-    ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "strict": True}}]}, "tools.0.function.strict"),
+    ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "strict": True, "parameters": {
+        "type": "object", "properties": {"city": {"$ref": "#/$defs/nowhere"}}}}}]}, "tools"),  # cannot compile
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                    {"role": "tool", "tool_call_id": "call_9", "content": "x"}]}, "messages.2.tool_call_id"),
     ({"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages.1"),

@@ -11,6 +11,10 @@ Text, chat templates and stop strings live in the server and CLI; they reach the
 A request's logit controls (penalties, logit_bias: sampling.adjust) apply to its row only, inside the batch; with
 MTP speculation, requests with any control (min_p included) decode one token per step without drafts, because the
 drafts' and the verifier's distributions would both need them (docs/serving.md §3.2).
+A request with a grammar (`SamplingParams.grammar`: structured output, constrained tool calls) owns a matcher,
+copies each their own: its row is masked to the tokens the grammar allows (after the logit controls), the matcher
+advances with each token, and the request ends with "stop" once the grammar is complete; with MTP it gets no
+drafts either (docs/serving.md §3.3).
 
 Shapes: B rows, S tokens per row, D model dim, V vocabulary.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .cache import ABSORB_MAX_TOKENS, CacheConfig, PagedLatentCache, padded_batch
-from .sampling import SamplingParams, TokenLogprob, adjust_rows, sample, token_logprobs
+from .sampling import SamplingParams, TokenLogprob, TokenMask, adjust_rows, mask_rows, sample, token_logprobs
 from .scheduler import Scheduler, SchedulerConfig, SequenceState
 from .speculative import Draft, DraftStats, MTPDrafter, verify
 
@@ -69,6 +73,7 @@ class Request:
     draft: Draft | None = None
     prompt_scores: list[TokenLogprob | None] = field(default_factory=list)  # prompt tokens scored so far
     forks: list[Request] = field(default_factory=list)  # copies waiting for this prompt's cache (add_copies)
+    matcher: TokenMask | None = None  # this sequence's grammar state, when params.grammar constrains it
 
     @property
     def scores_prompt(self) -> bool:
@@ -134,7 +139,8 @@ class Engine:
     def _request(self, prompt: list[int], params: SamplingParams, stop: StopHook | None) -> Request:
         seq = SequenceState(next(self._ids), list(prompt), prompt_len=len(prompt))
         max_len = min(len(prompt) + params.max_new_tokens, self.max_context)
-        return Request(seq, params, params.generator(self.device), max_len, stop)
+        matcher = params.grammar.matcher() if params.grammar is not None else None
+        return Request(seq, params, params.generator(self.device), max_len, stop, matcher=matcher)
 
     def _validate(self, prompt: list[int]) -> None:
         if not prompt:
@@ -308,6 +314,8 @@ class Engine:
         reqs = [self.requests[s.id] for s in seqs]
         params = [r.params for r in reqs]
         adjusted = adjust_rows(logits, params, [(s.tokens, s.prompt_len) for s in seqs])  # (B, V)
+        if any(r.matcher is not None for r in reqs):
+            adjusted = mask_rows(adjusted, [r.matcher for r in reqs])
         tokens = sample(adjusted, params, [r.generator for r in reqs])
         return [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
 
@@ -346,6 +354,12 @@ class Engine:
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
         p = req.params
+        if req.matcher is not None:  # the mask admits EOS only where the grammar accepts; it then ends the request
+            if token == self.eos_id:
+                return "stop"
+            req.matcher.advance(token)
+            if req.matcher.done:
+                return "stop"
         if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
         if req.stop is not None and req.stop(req.generated):

@@ -11,14 +11,20 @@ repetition_penalty (HF / vLLM: over prompt + generated tokens, a positive logit 
 multiplied), then presence_penalty and frequency_penalty (OpenAI: over the generated tokens, minus presence once
 per token seen, minus frequency per occurrence), then logit_bias (added). min_p filters after temperature, as
 vLLM does: tokens whose probability is below min_p times the likeliest token's are dropped.
+`mask_rows` then applies grammar constraints (`SamplingParams.grammar`, infer/grammar.py): a constrained row's
+disallowed tokens get -inf, so greedy and every filter above see only what the grammar admits.
 
 Shapes: B rows, V vocabulary.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
 
 import torch
+
+if TYPE_CHECKING:
+    from .grammar import Grammar
 
 MAX_STOP_TOKENS = 64
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's legacy limit is 5; vLLM's 20)
@@ -52,6 +58,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # > 0, over prompt + generated tokens; 1 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); ids checked by the engine
+    grammar: Grammar | None = None  # constrained decoding (infer/grammar.py); each request gets its own matcher
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
@@ -91,8 +98,9 @@ class SamplingParams:
 
     @property
     def controlled(self) -> bool:
-        """Whether any control beyond temperature / top-k / top-p is on: MTP drafts do not model them."""
-        return self.adjusts or self.min_p > 0.0
+        """Whether any control beyond temperature / top-k / top-p is on, a grammar included: MTP drafts do not
+        model them, so such requests decode without drafts."""
+        return self.adjusts or self.min_p > 0.0 or self.grammar is not None
 
     @property
     def greedy(self) -> bool:
@@ -154,6 +162,35 @@ def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], histories: l
         return logits
     return torch.stack([adjust(row, p, *history) if p.adjusts else row.float()
                         for row, p, history in zip(logits, params, histories)])
+
+
+class TokenMask(Protocol):
+    """A sequence's grammar state (grammar.Matcher): the tokens it allows next, advanced by each sampled one."""
+
+    def fill(self, bitmask: torch.Tensor) -> None: ...  # allowed tokens into a (W,) int32 bitmask on the host
+
+    def advance(self, token: int) -> None: ...
+
+    @property
+    def done(self) -> bool: ...  # complete: nothing more may follow
+
+
+def mask_rows(logits: torch.Tensor, masks: list[TokenMask | None]) -> torch.Tensor:
+    """logits (B, V) -> a copy in which each constrained row (masks[b] not None) keeps only the tokens its grammar
+    allows, the others -inf. The caller skips it when no row is constrained; `logits` itself is never changed,
+    so logprobs still report the model's raw distribution."""
+    rows = [b for b, mask in enumerate(masks) if mask is not None]
+    vocab = logits.shape[-1]
+    bitmask = torch.empty(len(rows), -(-vocab // 32), dtype=torch.int32)  # (R, W) on the host, where masks live
+    for i, b in enumerate(rows):
+        masks[b].fill(bitmask[i])
+    bitmask = bitmask.to(logits.device, non_blocking=True)
+    bits = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((bitmask[:, :, None] >> bits) & 1).flatten(1)[:, :vocab].bool()  # (R, V)
+    out = logits.to(torch.float32, copy=True)
+    index = torch.tensor(rows, device=logits.device)
+    out[index] = out[index].masked_fill(~allowed, float("-inf"))
+    return out
 
 
 def draw(probs: torch.Tensor, generator: torch.Generator) -> int:

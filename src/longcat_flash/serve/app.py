@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..infer.engine import Engine, EngineConfig, StepOutput
+from ..infer.grammar import GrammarCompiler
 from ..infer.loader import load_for_inference
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
@@ -32,6 +33,7 @@ from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, Metrics
 from .openapi import install_openapi
 from .text import TextState
+from .structured import ConstraintError, request_grammar
 from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class Generation:
 
     def __init__(self, bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> None:
         self.bridge, self.tokenizer, self.config = bridge, tokenizer, config
+        self.grammars = GrammarCompiler(tokenizer, bridge.engine.vocab_size)
 
     def check(self, body: p._Sampling, prompt: list[int], limit: int | None, param: str) -> SamplingParams:
         context = self.config.context
@@ -87,6 +90,15 @@ class Generation:
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               repetition_penalty=body.repetition_penalty, min_p=body.min_p,
                               logit_bias=self._logit_bias(body))
+
+    async def constrain(self, params: list[SamplingParams], body: p._Sampling, plan: ToolPlan | None = None
+                        ) -> list[SamplingParams]:
+        """The params with the grammar that response_format and the tool fields ask for (serve/structured.py)."""
+        try:
+            grammar = await request_grammar(self.grammars, body, plan)
+        except ConstraintError as err:
+            raise APIError(400, str(err), param=err.param, code="invalid_value") from None
+        return params if grammar is None else [replace(sp, grammar=grammar) for sp in params]
 
     def _logit_bias(self, body: p._Sampling) -> tuple[tuple[int, float], ...]:
         """The request's logit_bias as (id, bias) pairs, its ids checked against the model's vocabulary here so
@@ -279,7 +291,7 @@ def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) 
     metrics = Metrics(bridge)
     _add_error_handlers(app, metrics)
 
-    def authorized(request: Request) -> None:
+    async def authorized(request: Request) -> None:  # async: no thread-pool hop per request
         if config.api_key is None:
             return
         given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
@@ -344,6 +356,7 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     async def completions(body: p.CompletionRequest, request: Request):
         prompts = [ids if isinstance(ids, list) else tokenizer.encode(ids) for ids in body.prompt]
         params = [_completion_params(gen.check(body, ids, body.max_tokens, "prompt"), body) for ids in prompts]
+        params = await gen.constrain(params, body)
         groups = await gen.submit([(ids, _copies(sp, body.n)) for ids, sp in zip(prompts, params)])
         copies = [copy for group in groups for copy in group]
         watch = None if body.stream else request
@@ -383,7 +396,8 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     async def chat(body: p.ChatCompletionRequest, request: Request):
         plan = _tool_plan(body)
         prompt = _chat_prompt(tokenizer, body, plan)
-        params = _chat_params(gen.check(body, prompt, body.limit, "messages"), body)
+        [params] = await gen.constrain([_chat_params(gen.check(body, prompt, body.limit, "messages"), body)],
+                                       body, plan)
         copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
         rid_str, created = p.new_id("chatcmpl"), p.now()
         if not body.stream:

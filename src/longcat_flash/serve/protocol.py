@@ -7,6 +7,7 @@ the model (prompt length, max_tokens against the context) are checked in app.py 
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from typing import Any, Literal
@@ -24,6 +25,8 @@ MAX_N = 32  # copies of a prompt (they share its cache pages); prompts x n is ca
 MAX_LOGPROBS = 20  # infer/sampling.py's limit
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
+FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
+MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
 
 
 class StreamOptions(BaseModel):
@@ -51,16 +54,35 @@ class _Sampling(BaseModel):
     min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM, SGLang); 0 = off
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; ids checked against the model
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
-    # Declared only to be refused: accepted and dropped, they would change nothing a client asked for.
-    response_format: dict[str, Any] | None = None  # json_object / json_schema need constrained decoding
-    best_of: int | None = None
+    # text, json_object or json_schema (constrained decoding: serve/structured.py)
+    response_format: dict[str, Any] | None = None
+    best_of: int | None = None  # declared only to be refused: accepted and dropped, it would change nothing
 
     @field_validator("response_format")
     @classmethod
-    def _plain_text_only(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
-        if value is not None and value != {"type": "text"}:
-            raise ValueError('only {"type": "text"}: structured output (json_object, json_schema) needs '
-                             "schema-constrained decoding, which this server does not do yet")
+    def _response_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """OpenAI's shapes: {"type": "text" | "json_object"} or {"type": "json_schema", "json_schema": {"name",
+        "schema", "strict", "description"}}; anything else is refused rather than read loosely."""
+        if value is None:
+            return None
+        kind, fields = value.get("type"), set(value) - {"type"}
+        if kind in ("text", "json_object") and not fields:
+            return value
+        if kind != "json_schema" or fields != {"json_schema"}:
+            raise ValueError('must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
+                             '"json_schema": {"name": ..., "schema": {...}}}')
+        spec = value["json_schema"]
+        if not isinstance(spec, dict) or set(spec) - {"name", "schema", "strict", "description"}:
+            raise ValueError('json_schema: must be an object with "name", "schema" and optionally "strict" and '
+                             '"description"')
+        if not isinstance(spec.get("name"), str) or not FORMAT_NAME.match(spec["name"]):
+            raise ValueError("json_schema.name: must be 1 to 64 letters, digits, underscores or dashes")
+        if not isinstance(spec.get("schema"), dict):
+            raise ValueError("json_schema.schema: must be a JSON Schema object")
+        if spec.get("strict") not in (None, True, False):
+            raise ValueError("json_schema.strict: must be a boolean")
+        if len(json.dumps(spec["schema"])) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"json_schema.schema: longer than {MAX_SCHEMA_CHARS} characters as JSON")
         return value
 
     @field_validator("best_of")
@@ -207,14 +229,7 @@ class FunctionDef(BaseModel):
     name: str = Field(pattern=TOOL_NAME)
     description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     parameters: dict[str, Any]  # the JSON Schema of the arguments
-    strict: bool | None = None
-
-    @field_validator("strict")
-    @classmethod
-    def _not_strict(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("strict tools need schema-constrained decoding, which this server does not do yet")
-        return value
+    strict: bool | None = None  # arguments constrained to `parameters` even under tool_choice auto
 
     @field_validator("parameters")
     @classmethod

@@ -150,6 +150,7 @@ class ToolPlan:
     tools: list[dict] | None  # the function schemas rendered into the prompt; None renders none
     prefill: str  # appended after the prompt's ` ASSISTANT:` so the model must continue a call
     parallel: bool
+    choice: str | p.NamedToolChoice = "none"  # the effective tool_choice (serve/structured.py constrains by it)
 
     def parser(self) -> ToolCallParser | PlainText:
         return ToolCallParser(self.prefill, self.parallel) if self.tools else PlainText()
@@ -159,7 +160,8 @@ def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
     """Check the tool fields against each other and the messages, then decide the prompt.
 
     `none` renders no tools and parses nothing; `required` prefills the opening tag, a named function also its
-    name, so even a model that would rather answer in prose continues a call (the arguments are not constrained).
+    name, so even a model that would rather answer in prose continues a call (whose arguments the grammar of
+    serve/structured.py then constrains to the tool's schema).
     """
     _check_history(body.messages)
     names = [tool.function.name for tool in body.tools or []]
@@ -174,7 +176,7 @@ def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
     if choice == "none":
         return ToolPlan(None, "", body.parallel_tool_calls)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls)
+    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls, choice)
 
 
 def _prefill(choice: str | p.NamedToolChoice) -> str:

@@ -1,0 +1,136 @@
+"""Structured generation: grammars compiled with llguidance, and the per-sequence matchers that mask the sampler.
+
+`GrammarCompiler` turns a Lark grammar (with `%json {schema}` for JSON parts, `<[id]>` for single special tokens,
+docs/serving.md §3.3) into a `Grammar`: immutable, hashable by its text, so it can ride on the frozen
+`SamplingParams`. Compiling builds llguidance's lexer once; each request then gets its own `Matcher`, a cheap deep
+copy (`Grammar.matcher`), because a matcher's state is one sequence's position in the grammar: n copies of a
+prompt each need their own. The engine asks a matcher for the allowed tokens before sampling
+(`sampling.mask_rows`) and advances it after.
+
+Resource bounds, because the grammars come from requests: the grammar text is capped at `MAX_GRAMMAR_CHARS`,
+llguidance's parser limits bound compile work and each mask step, compiled grammars are kept in an LRU of
+`cache_size` entries, and a compile that runs past `compile_timeout_s` is refused (`GrammarError`).
+
+JSON is compact (", " and ": " separators, no whitespace elsewhere): outputs read as `json.dumps` writes them,
+and a grammar that allowed free whitespace would let a weak model pad forever instead of finishing.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import Any
+
+import llguidance
+import torch
+
+from ..tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+MAX_GRAMMAR_CHARS = 256 * 1024
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# llguidance's own defaults, tightened where a request could make one mask step or one compile expensive.
+LIMITS = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
+          "step_max_items": 50_000, "max_lexer_states": 50_000, "verbose_errors": False}
+
+
+class GrammarError(ValueError):
+    """A grammar or schema that cannot be compiled (invalid, unsupported, too large, too slow)."""
+
+
+def json_part(schema: dict[str, Any]) -> str:
+    """A JSON value matching `schema`, as a Lark fragment, compact (JSON_OPTIONS override any x-guidance)."""
+    return f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS}, ensure_ascii=False)}"
+
+
+@dataclass(frozen=True)
+class Grammar:
+    """A compiled grammar; equal and hashable by its Lark text, so SamplingParams stay frozen values."""
+
+    lark: str
+    _template: Any = field(compare=False, repr=False)  # llguidance.LLMatcher at the start state, never advanced
+
+    def matcher(self) -> Matcher:
+        return Matcher(self._template.deep_copy())
+
+
+class Matcher:
+    """One sequence's position in a grammar: the tokens it allows next, advanced by each sampled token."""
+
+    def __init__(self, matcher: Any) -> None:
+        self._m = matcher
+
+    def fill(self, bitmask: torch.Tensor) -> None:
+        """Write the allowed next tokens into bitmask (W,) int32 on the CPU, bit i of word w = token 32 w + i."""
+        self._m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
+
+    def advance(self, token: int) -> None:
+        """Consume a sampled token. A refusal (the mask allowed it, so only a limit llguidance hit can cause one)
+        puts the matcher in its error state, which is `done`: that request ends, the batch goes on."""
+        if not self._m.consume_token(token):
+            log.warning("grammar matcher refused token %d, ending the request: %s", token, self._m.get_error())
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and admits nothing more, or the matcher failed: the request ends ("stop")."""
+        return self._m.is_stopped()
+
+
+class GrammarCompiler:
+    """Compiles grammars against one tokenizer and vocabulary (the model's: ids the tokenizer lacks are never
+    allowed). Thread-safe: the server compiles off its event loop."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, cache_size: int = 64,
+                 compile_timeout_s: float = 10.0) -> None:
+        self.vocab_size, self.eos_id = vocab_size, tokenizer.eos_id
+        self._tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
+                                                 eos_token=tokenizer.eos_id)
+        self._backend = tokenizer.backend
+        self._cache: OrderedDict[str, Grammar] = OrderedDict()
+        self._lock = threading.Lock()
+        self.cache_size, self.compile_timeout_s = cache_size, compile_timeout_s
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="longcat-grammar")
+
+    def token(self, text: str) -> str:
+        """A Lark fragment for `text`: the single special token it is in this vocabulary (`<[id]>`; trained
+        tokenizers hold the tool-call tags so), else the string, spelled by ordinary tokens."""
+        token_id = self._backend.token_to_id(text)
+        if token_id is not None and self._tokenizer.is_special_token(token_id):
+            return f"<[{token_id}]>"
+        return json.dumps(text)
+
+    def compile(self, lark: str) -> Grammar:
+        """A Lark grammar -> a Grammar (cached); GrammarError when it cannot be compiled within the limits."""
+        if len(lark) > MAX_GRAMMAR_CHARS:
+            raise GrammarError(f"the grammar has {len(lark)} characters (schemas included); the limit is "
+                               f"{MAX_GRAMMAR_CHARS}")
+        with self._lock:
+            if (hit := self._cache.get(lark)) is not None:
+                self._cache.move_to_end(lark)
+                return hit
+        try:
+            template = self._pool.submit(self._build, lark).result(timeout=self.compile_timeout_s)
+        except FutureTimeout:
+            raise GrammarError(f"compiling the grammar took longer than {self.compile_timeout_s} s") from None
+        grammar = Grammar(lark, template)
+        with self._lock:
+            self._cache[lark] = grammar
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+        return grammar
+
+    def json_schema(self, schema: dict[str, Any]) -> Grammar:
+        return self.compile(f"start: {json_part(schema)}\n")
+
+    def _build(self, lark: str) -> Any:
+        matcher = llguidance.LLMatcher(self._tokenizer, llguidance.LLMatcher.grammar_from_lark(lark),
+                                       log_level=0, limits=llguidance.LLParserLimits(**LIMITS))
+        matcher.compute_bitmask()  # the first mask builds the lexer: here, not on the engine's step thread
+        if matcher.is_error():
+            raise GrammarError(matcher.get_error())
+        return matcher

@@ -1,0 +1,103 @@
+"""What a request's `response_format` and tool fields constrain its output to: one Lark grammar (infer/grammar.py)
+per request, or none when the output is free text (docs/serving.md §3.3).
+
+- `response_format` json_object / json_schema: the output is one compact JSON value of that schema.
+- `tool_choice` "required": the prompt ends with the opening tag (serve/tools.py prefills it), so the grammar
+  starts inside a call: `{"name": <one of the tools>, "arguments": <that tool's schema>}`, the closing tag, then,
+  with parallel_tool_calls, more such blocks or the end. A named function: its prefill already holds the name,
+  so the grammar starts at the arguments.
+- `tool_choice` "auto" with a `strict` tool (or with a JSON response_format): the answer is text (or the JSON) or
+  tool calls; a call's arguments follow its tool's schema when the tool is strict, and are any JSON object when
+  not. The text may not spell the opening tag out of ordinary tokens, since the parser would read a call there
+  that the grammar never checked.
+Each call schema sits at the root of its own `%json`, so a tool's `$ref`s into its own `$defs` resolve.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+from ..infer.grammar import Grammar, GrammarCompiler, GrammarError, json_part
+from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from . import protocol as p
+from .tools import ToolPlan
+
+# Free text that never spells the opening tag (the tag itself is a token of its own in trained vocabularies).
+TEXT = f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{TOOL_CALL_OPEN}(.|\\n)*/"
+ANY_OBJECT = {"type": "object"}
+
+
+class ConstraintError(ValueError):
+    """A response_format or tool schema that cannot be honoured; `param` names the field."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The JSON Schema the answer must follow, or None for free text (protocol.py checked the shape)."""
+    kind = (response_format or {}).get("type", "text")
+    if kind == "json_object":
+        return ANY_OBJECT
+    return response_format["json_schema"]["schema"] if kind == "json_schema" else None
+
+
+def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) -> str | None:
+    """The request's grammar, or None when nothing constrains it."""
+    schema = response_schema(body.response_format)
+    if plan is None or plan.tools is None:
+        return None if schema is None else f"start: {json_part(schema)}\n"
+    choice, tools = plan.choice, {tool["function"]["name"]: tool["function"] for tool in plan.tools}
+    forced = choice == "required" or isinstance(choice, p.NamedToolChoice)
+    if forced and schema is not None:
+        raise ConstraintError("response_format", "response_format: a JSON format cannot apply when tool_choice "
+                                                 "forces a tool call (the output is then the call)")
+    if not forced and schema is None and not any(fn.get("strict") for fn in tools.values()):
+        return None  # auto, no strict tool: free text and unconstrained calls, as the parser reads them
+    open_, close = compiler.token(TOOL_CALL_OPEN), compiler.token(TOOL_CALL_CLOSE)
+    if isinstance(choice, p.NamedToolChoice):
+        tools = {choice.function.name: tools[choice.function.name]}
+    bodies = " | ".join(_call_body(name, fn, forced) for name, fn in tools.items())
+    rules = f"call: {open_} call_body {close}\ncall_body: {bodies}\n"
+    more = "call*" if plan.parallel else ""
+    if isinstance(choice, p.NamedToolChoice):  # the prefill ends right before the arguments
+        return f'start: {json_part(next(iter(tools.values()))["parameters"])} "}}" {close} {more}\n{rules}'
+    if choice == "required":  # the prefill is the opening tag
+        return f"start: call_body {close} {more}\n{rules}"
+    if schema is not None:
+        return f"start: {json_part(schema)} | {'call+' if plan.parallel else 'call'}\n{rules}"
+    return f"start: TEXT {'call*' if plan.parallel else 'call?'}\n{TEXT}\n{rules}"
+
+
+def _call_body(name: str, fn: dict[str, Any], forced: bool) -> str:
+    """`{"name": <name>, "arguments": <arguments>}`: the schema's when forced or strict, else any object."""
+    arguments = fn["parameters"] if forced or fn.get("strict") else ANY_OBJECT
+    head = json.dumps(f'{{"name": {json.dumps(name)}, "arguments": ')
+    return f'{head} {json_part(arguments)} "}}"'
+
+
+async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None = None
+                          ) -> Grammar | None:
+    """The request's compiled grammar (off the event loop), or None; ConstraintError naming the field."""
+    text = lark(compiler, body, plan)
+    if text is None:
+        return None
+    try:
+        return await asyncio.to_thread(compiler.compile, text)
+    except GrammarError as err:
+        param = await asyncio.to_thread(_culprit, compiler, body)
+        raise ConstraintError(param, f"{param}: the schema cannot be used to constrain the output: {err}") from None
+
+
+def _culprit(compiler: GrammarCompiler, body: p._Sampling) -> str:
+    """Which field made the grammar fail: response_format if its schema fails alone, else the tools."""
+    schema = response_schema(body.response_format)
+    if schema is None:
+        return "tools"
+    try:
+        compiler.json_schema(schema)
+    except GrammarError:
+        return "response_format"
+    return "tools"

@@ -1,0 +1,150 @@
+"""Constrained decoding in the engine, from random weights at temperature 1: every output parses and validates
+whatever else shares the batch (unconstrained rows, n copies, MTP speculation), and without the mask it would not."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+from infer_support import one_thread, randomized  # noqa: F401  (autouse fixture)
+
+from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.grammar import GrammarCompiler, GrammarError
+from longcat_flash.infer.sampling import SamplingParams
+from longcat_flash.presets import tiny
+from longcat_flash.tokenizer import stdlib_tokenizer
+
+# Bounded strings, arrays and numbers, so that a random model finishes well within the token limit.
+NAME = {"type": "string", "maxLength": 12}
+SCHEMAS = [
+    {"type": "object", "properties": {"name": NAME, "age": {"type": "integer", "minimum": 0, "maximum": 150}},
+     "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "unit": {"enum": ["celsius", "fahrenheit", "kelvin"]},
+        "readings": {"type": "array", "items": {"type": "number", "minimum": -50, "maximum": 50},
+                     "minItems": 1, "maxItems": 4},
+        "ok": {"type": "boolean"}},
+     "required": ["unit", "readings", "ok"], "additionalProperties": False},
+    {"type": "object", "properties": {
+        "owner": {"type": "object", "properties": {"name": NAME, "tags": {"type": "array", "items": NAME,
+                                                                          "maxItems": 3}},
+                  "required": ["name"], "additionalProperties": False},
+        "kind": {"enum": ["a", "b"]}, "note": {"anyOf": [NAME, {"type": "null"}]}},
+     "required": ["owner", "kind"], "additionalProperties": False},
+]
+MAX_TOKENS = 160
+
+
+@pytest.fixture(scope="module")
+def setup():
+    tokenizer = stdlib_tokenizer(256)
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size + 7))  # ids the tokenizer lacks: never allowed
+    return tokenizer, model, GrammarCompiler(tokenizer, model.config.vocab_size)
+
+
+def constrained(compiler: GrammarCompiler, schema: dict, seed: int) -> SamplingParams:
+    return SamplingParams(max_new_tokens=MAX_TOKENS, temperature=1.0, seed=seed,
+                          grammar=compiler.json_schema(schema))
+
+
+def run(engine: Engine, jobs: list[tuple[list[int], list[SamplingParams]]]) -> dict[int, tuple[list[int], str]]:
+    """Submit every job (a prompt and the params of its copies) at once; ids -> (tokens, finish reason)."""
+    out: dict[int, tuple[list[int], str]] = {}
+    for rid in [rid for prompt, params in jobs for rid in engine.add_copies(prompt, params)]:
+        out[rid] = ([], None)
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] = (out[o.request_id][0] + o.new_tokens, o.finish_reason)
+    return out
+
+
+def valid(tokenizer, tokens: list[int], schema: dict) -> None:
+    value = json.loads(tokenizer.decode(tokens))
+    jsonschema.validate(value, schema)
+
+
+def test_json_schema_outputs_validate_in_a_mixed_batch(setup):
+    tokenizer, model, compiler = setup
+    engine = Engine(model, EngineConfig(max_running=16, cache_tokens=8192))
+    prompt = tokenizer.encode("Reply in JSON: ")
+    cases = [(schema, seed) for seed in range(3) for schema in SCHEMAS]
+    jobs = [(prompt, [constrained(compiler, schema, seed)]) for schema, seed in cases]
+    free = SamplingParams(max_new_tokens=24, temperature=1.0, seed=99)
+    results = list(run(engine, [*jobs[:2], (prompt, [free]), *jobs[2:]]).values())
+    free_tokens, free_reason = results.pop(2)
+    assert len(free_tokens) == 24 or free_reason == "stop"
+    for (tokens, reason), (schema, _) in zip(results, cases, strict=True):
+        assert reason == "stop", tokenizer.decode(tokens)
+        valid(tokenizer, tokens, schema)
+
+
+def test_each_copy_has_its_own_matcher(setup):
+    tokenizer, model, compiler = setup
+    engine = Engine(model, EngineConfig(max_running=8, cache_tokens=4096))
+    params = [constrained(compiler, SCHEMAS[1], seed) for seed in range(4)]
+    results = run(engine, [(tokenizer.encode("{"), params)])
+    texts = [tokenizer.decode(tokens) for tokens, _ in results.values()]
+    for (tokens, reason) in results.values():
+        assert reason == "stop"
+        valid(tokenizer, tokens, SCHEMAS[1])
+    assert len(set(texts)) > 1  # different seeds, independent matchers
+
+
+def test_constrained_requests_decode_without_drafts_under_speculation(setup):
+    tokenizer, model, compiler = setup
+    engine = Engine(model, EngineConfig(max_running=8, cache_tokens=4096, speculative=2))
+    free = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    results = run(engine, [(tokenizer.encode("x = "), [constrained(compiler, SCHEMAS[0], 5)]),
+                           (tokenizer.encode("y = "), [free])])
+    [(tokens, reason), (free_tokens, _)] = results.values()
+    assert reason == "stop"
+    valid(tokenizer, tokens, SCHEMAS[0])
+    assert len(free_tokens) == 12 and engine.stats.drafts.rounds > 0  # the free row still speculated
+
+
+def test_without_the_mask_outputs_do_not_parse(setup, monkeypatch):
+    """The same requests with mask_rows switched off: a random model does not write valid JSON (its matcher
+    fails on the first token the grammar refuses, and the request ends there)."""
+    import longcat_flash.infer.engine as engine_module
+
+    tokenizer, model, compiler = setup
+    monkeypatch.setattr(engine_module, "mask_rows", lambda logits, masks: logits)
+    engine = Engine(model, EngineConfig(max_running=8, cache_tokens=4096))
+    results = run(engine, [(tokenizer.encode("{"), [constrained(compiler, SCHEMAS[0], seed)]) for seed in range(3)])
+    for tokens, _ in results.values():
+        with pytest.raises((ValueError, jsonschema.ValidationError)):
+            valid(tokenizer, tokens, SCHEMAS[0])
+
+
+def test_logprobs_report_the_raw_distribution(setup):
+    """The mask shapes what is sampled, not what is reported: logprobs are the model's own."""
+    tokenizer, model, compiler = setup
+    engine = Engine(model, EngineConfig(max_running=2, cache_tokens=2048))
+    params = SamplingParams(max_new_tokens=MAX_TOKENS, temperature=0.0, logprobs=3,
+                            grammar=compiler.json_schema(SCHEMAS[0]))
+    rid = engine.add_request(tokenizer.encode("Hi"), params)
+    scores = []
+    while engine.has_work():
+        scores += [lp for o in engine.step() if o.request_id == rid for lp in o.logprobs or []]
+    assert any(score.top[0][0] != score.token for score in scores)  # the raw argmax was masked away somewhere
+
+
+def test_a_schema_the_library_cannot_compile_is_a_grammar_error(setup):
+    _, _, compiler = setup
+    with pytest.raises(GrammarError, match="nope"):
+        compiler.json_schema({"type": "object", "properties": {"a": {"$ref": "#/nope"}}})
+    with pytest.raises(GrammarError, match="characters"):
+        compiler.json_schema({"enum": ["x" * 300_000]})
+
+
+def test_compiled_grammars_are_cached_and_bounded(setup):
+    tokenizer, model, _ = setup
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size, cache_size=2)
+    first = compiler.json_schema(SCHEMAS[0])
+    assert compiler.json_schema(SCHEMAS[0]) is first
+    compiler.json_schema(SCHEMAS[1]), compiler.json_schema(SCHEMAS[2])
+    assert compiler.json_schema(SCHEMAS[0]) is not first and first == compiler.json_schema(SCHEMAS[0])
+    assert hash(SamplingParams(grammar=first)) == hash(SamplingParams(grammar=compiler.json_schema(SCHEMAS[0])))

@@ -1,0 +1,185 @@
+"""Structured output through the server, in-process (FastAPI's TestClient over a real engine) from random weights
+at temperature 1: json_schema answers always parse and validate, forced tool calls always name an offered tool
+with arguments its schema accepts, a strict tool under "auto" too; bad formats and schemas are 400s naming the
+field."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("llguidance")
+jsonschema = pytest.importorskip("jsonschema")
+
+import torch
+from fastapi.testclient import TestClient
+from infer_support import one_thread, randomized  # noqa: F401  (autouse fixture)
+from test_infer_grammar import SCHEMAS
+
+from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.grammar import GrammarCompiler
+from longcat_flash.presets import tiny
+from longcat_flash.serve import protocol as p
+from longcat_flash.serve.app import ServerConfig, create_app
+from longcat_flash.serve.bridge import AsyncEngine
+from longcat_flash.serve.structured import lark
+from longcat_flash.serve.tools import plan_tools
+from longcat_flash.tokenizer import TOOL_CALL_OPEN, stdlib_tokenizer
+
+SHORT = {"type": "string", "maxLength": 10}
+TOOLS = [
+    {"name": "get_weather", "parameters": {"type": "object", "properties": {
+        "city": SHORT, "unit": {"enum": ["celsius", "fahrenheit"]}}, "required": ["city"],
+        "additionalProperties": False}},
+    {"name": "search", "parameters": {"type": "object", "properties": {
+        "query": SHORT, "limit": {"type": "integer", "minimum": 1, "maximum": 20},
+        "filters": {"type": "array", "items": {"enum": ["news", "images", "video"]}, "maxItems": 3}},
+        "required": ["query", "limit"], "additionalProperties": False}},
+    {"name": "book", "parameters": {"type": "object", "$defs": {"day": {"type": "integer", "minimum": 1,
+                                                                       "maximum": 31}},
+                                    "properties": {"guest": {"type": "object", "properties": {"name": SHORT},
+                                                             "required": ["name"], "additionalProperties": False},
+                                                   "day": {"$ref": "#/$defs/day"}},
+                                    "required": ["guest", "day"], "additionalProperties": False}},
+]
+ASK = [{"role": "user", "content": "Help me."}]
+
+
+@pytest.fixture(scope="module")
+def served():
+    tokenizer = stdlib_tokenizer(256)
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size, max_position_embeddings=4096))
+    bridge = AsyncEngine(Engine(model, EngineConfig(max_running=16, cache_tokens=32768))).start()
+    app = create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=4096))
+    with TestClient(app) as client:
+        yield client, tokenizer
+    bridge.stop()
+
+
+def tools(*names: str, strict: bool | None = None) -> list[dict]:
+    return [{"type": "function", "function": {**tool, **({} if strict is None else {"strict": strict})}}
+            for tool in TOOLS if tool["name"] in names]
+
+
+def chat(client, **body):
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 200,
+                                                  "temperature": 1.0, **body})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]
+
+
+def valid_calls(choice: dict, offered: list[dict]) -> list[dict]:
+    """The choice's tool calls, each checked: an offered name, arguments that validate against its schema."""
+    schemas = {tool["function"]["name"]: tool["function"]["parameters"] for tool in offered}
+    assert choice["finish_reason"] == "tool_calls", choice
+    calls = choice["message"]["tool_calls"]
+    for call in calls:
+        jsonschema.validate(json.loads(call["function"]["arguments"]), schemas[call["function"]["name"]])
+    return calls
+
+
+@pytest.mark.parametrize("schema", SCHEMAS)
+def test_json_schema_answers_validate(served, schema):
+    client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema, "strict": True}}
+    for seed in range(3):
+        choice = chat(client, response_format=fmt, seed=seed)
+        assert choice["finish_reason"] == "stop", choice
+        jsonschema.validate(json.loads(choice["message"]["content"]), schema)
+
+
+def test_completions_with_several_prompts_and_copies_batch_constrained_rows(served):
+    """One request, three prompts with n=2 copies each: six constrained rows decoded in the same engine steps,
+    each copy with its own matcher."""
+    client, _ = served
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": SCHEMAS[1]}}
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ["a", "b", "c"], "n": 2, "max_tokens": 200,
+                                             "seed": 7, "response_format": fmt})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["choices"]) == 6
+    for choice in r.json()["choices"]:
+        assert choice["finish_reason"] == "stop"
+        jsonschema.validate(json.loads(choice["text"]), SCHEMAS[1])
+
+
+def test_json_object_answers_are_objects_when_complete(served):
+    client, _ = served
+    for seed in range(3):
+        choice = chat(client, response_format={"type": "json_object"}, seed=seed, max_tokens=400)
+        if choice["finish_reason"] == "stop":  # any object: a random model may nest past the limit
+            assert isinstance(json.loads(choice["message"]["content"]), dict)
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_required_tool_calls_validate(served, parallel):
+    client, _ = served
+    offered = tools("get_weather", "search", "book")
+    for seed in range(4):
+        choice = chat(client, tools=offered, tool_choice="required", parallel_tool_calls=parallel, seed=seed)
+        calls = valid_calls(choice, offered)
+        assert calls and (parallel or len(calls) == 1)
+
+
+@pytest.mark.parametrize("name", [tool["name"] for tool in TOOLS])
+def test_named_tool_calls_validate(served, name):
+    client, _ = served
+    offered = tools("get_weather", "search", "book")
+    for seed in range(2):
+        choice = chat(client, tools=offered, tool_choice={"type": "function", "function": {"name": name}},
+                      seed=seed)
+        assert {call["function"]["name"] for call in valid_calls(choice, offered)} == {name}
+
+
+def test_strict_tool_under_auto_constrains_the_call(served):
+    """The bias makes the random model open a call at once; the grammar then holds its arguments to the schema.
+    A non-strict tool's call under the same grammar need only be a JSON object."""
+    client, tokenizer = served
+    [open_id] = tokenizer.encode(TOOL_CALL_OPEN, allow_special=True)
+    offered = tools("search", strict=True) + tools("get_weather")
+    for seed in range(3):
+        choice = chat(client, tools=offered, tool_choice="auto", parallel_tool_calls=False, seed=seed,
+                      logit_bias={str(open_id): 100})
+        [call] = choice["message"]["tool_calls"]
+        arguments = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "search":
+            jsonschema.validate(arguments, TOOLS[1]["parameters"])
+        assert isinstance(arguments, dict)
+
+
+def test_auto_text_never_spells_the_tag(served):
+    """Under a strict tool, free text cannot write the opening tag out of ordinary tokens (the parser would read
+    an unchecked call there): after `<longcat_tool_call` spelled byte by byte, `>` is not allowed."""
+    _, tokenizer = served
+    body = p.ChatCompletionRequest(model="tiny", messages=ASK, tools=tools("search", strict=True))
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size)
+    matcher = compiler.compile(lark(compiler, body, plan_tools(body))).matcher()
+    spelled = [tokenizer.encode(char)[0] for char in "Hi " + TOOL_CALL_OPEN]
+    for token in spelled[:-1]:
+        matcher.advance(token)
+    bitmask = torch.zeros(-(-tokenizer.vocab_size // 32), dtype=torch.int32)
+    matcher.fill(bitmask)
+    allowed = {i for i in range(tokenizer.vocab_size) if bitmask[i // 32] >> (i % 32) & 1}
+    assert spelled[-1] not in allowed and tokenizer.encode("x")[0] in allowed
+
+
+@pytest.mark.parametrize("change, param", [
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_object", "schema": {}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a"}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "type": "object", "properties": {"x": {"$ref": "#/nowhere"}}}}}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {
+        "enum": ["x" * 70_000]}}}}, "response_format"),  # too large
+    ({"response_format": {"type": "json_object"}, "tools": tools("search"), "tool_choice": "required"},
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
+        "type": "object", "properties": {"x": {"type": "string", "pattern": "(("}}}}}]}, "tools"),
+])
+def test_bad_formats_and_schemas_are_400s_naming_the_field(served, change, param):
+    client, _ = served
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 4, **change})
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"].startswith(param) and error["message"], error
