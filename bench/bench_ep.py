@@ -69,7 +69,7 @@ def layer_bench(args, group, dtype) -> tuple[dict, list]:
     torch.manual_seed(0)
     layer = lcd.shard_experts(Transformer(cfg).model.layers[0], group).to(dtype)
     x = torch.randn(1, args.tokens, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(lcd.rank()))
-    rope = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)(torch.arange(args.tokens)[None], dtype)
+    rope = RotaryEmbedding.from_config(cfg)(torch.arange(args.tokens)[None], dtype)
     x_grad = x.clone().requires_grad_()
 
     def forward():

@@ -42,12 +42,13 @@ def arguments(parser) -> None:
 
 # ---- the baseline layer ----
 
-def plain_forward(self: ScMoELayer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None):
+def plain_forward(self: ScMoELayer, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache=None,
+                  mask: torch.Tensor | None = None):
     """x: (B, S, D) -> (B, S, D) and the routing; the MoE reads norm_f1(x3), beside FFN_1 (no shortcut)."""
     attn0, attn1 = self.self_attn
-    x1 = x + attn0(self.input_layernorm[0](x), rope, cache, block=2 * self.index)
+    x1 = x + attn0(self.input_layernorm[0](x), rope, cache, block=2 * self.index, mask=mask)
     x2 = x1 + self.mlps[0](self.post_attention_layernorm[0](x1))
-    x3 = x2 + attn1(self.input_layernorm[1](x2), rope, cache, block=2 * self.index + 1)
+    x3 = x2 + attn1(self.input_layernorm[1](x2), rope, cache, block=2 * self.index + 1, mask=mask)
     h = self.post_attention_layernorm[1](x3)
     moe_out, routing = self.mlp(h)
     return x3 + self.mlps[1](h) + moe_out, routing

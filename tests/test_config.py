@@ -43,8 +43,8 @@ def test_reads_hf_aliases_and_rope_parameters():
 def test_unknown_field_and_unsupported_rope_are_errors():
     with pytest.raises(ValueError, match="unknown field 'hiden_size'"):
         ModelConfig.from_dict({"hiden_size": 64})
-    with pytest.raises(ValueError, match="rope_type='yarn'"):
-        ModelConfig.from_dict({"rope_scaling": {"type": "yarn", "factor": 4}})
+    with pytest.raises(ValueError, match="rope_type='dynamic' is not supported"):
+        ModelConfig.from_dict({"rope_scaling": {"type": "dynamic", "factor": 4}})
 
 
 def test_bad_json_file(tmp_path):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from longcat_flash.checkpoint.hf import LongcatFlash
-from longcat_flash.config import ModelConfig
+from longcat_flash.config import ModelConfig, RopeScaling
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.hf
@@ -29,7 +29,7 @@ COMMON = dict(vocab_size=160, ffn_hidden_size=80, expert_ffn_hidden_size=24, max
 
 def hf_model(cfg: dict) -> torch.nn.Module:
     """A transformers model with random weights that make routing and norms non-trivial."""
-    rope = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta", 1.0e7)}
+    rope = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta", 1.0e7), **cfg.pop("rope_scaling", {})}
     config = transformers.LongcatFlashConfig(**COMMON, **cfg, head_dim=cfg["qk_rope_head_dim"],
                                              rope_parameters=rope)
     model = transformers.LongcatFlashForCausalLM(config).eval()
@@ -66,3 +66,36 @@ def test_our_checkpoint_loads_in_transformers_with_same_logits(name, tmp_path):
     with torch.no_grad():
         expected = reference(ids).logits
     assert (ours(ids).logits - expected).abs().max() <= 1e-4
+
+
+# Context extension: a model trained at 16 positions, read at up to 60 (docs/context_extension.md).
+EXTENDED = {
+    "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+    "yarn-mscale": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "mscale": 1.0,
+                    "mscale_all_dim": 0.707, "beta_fast": 16.0, "beta_slow": 2.0},
+    "yarn-no-truncate": {"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+                         "truncate": False, "attention_factor": 1.3},
+    "raised-theta": {},
+}
+EXTENDED_THETA = {"raised-theta": 5.0e5}
+
+
+@pytest.mark.parametrize("name", EXTENDED)
+def test_context_extension_matches_transformers_past_the_original_length(name, tmp_path):
+    """Both directions, over 60 positions, with the yarn ramp, attention factor and softmax mscale in play."""
+    scaling, theta = EXTENDED[name], EXTENDED_THETA.get(name, 1.0e4)
+    cfg = dict(CONFIGS["other-ranks"], rope_theta=theta, rope_scaling=scaling)
+    reference = hf_model(dict(cfg))
+    reference.save_pretrained(tmp_path / "hf")
+    ours = LongcatFlash.from_pretrained(tmp_path / "hf")
+    assert ours.config.rope_scaling == RopeScaling(**scaling) and ours.config.rope_theta == theta
+    ids = torch.randint(0, 160, (2, 60))
+    with torch.no_grad():
+        expected = reference(ids).logits
+        assert (ours(ids).logits - expected).abs().max() <= 1e-4
+        ours.save_pretrained(tmp_path / "ours", zero_expert_stubs=True)
+        back = transformers.LongcatFlashForCausalLM.from_pretrained(tmp_path / "ours").eval()
+        assert (back(ids).logits - expected).abs().max() <= 1e-4
+        if scaling:  # the tolerance tells scalings apart: plain RoPE on the same weights is far off
+            ours.model.rotary = type(ours.model.rotary)(cfg["qk_rope_head_dim"], theta, RopeScaling())
+            assert (ours(ids).logits - expected).abs().max() > 1e-2

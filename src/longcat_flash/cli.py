@@ -96,16 +96,12 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [_add_info, _add_
 
 # CLI flag -> TrainConfig field; every other field is set with --set section.field=value.
 _TRAIN_FLAGS = {"data": "data.source", "max_steps": "max_steps", "seed": "seed", "save_every": "checkpoint.save_every"}
+_SFT_FLAGS = {"model": "init_from", "data": "sft.data", "val_data": "sft.val_data", "max_steps": "max_steps",
+              "seed": "seed", "save_every": "checkpoint.save_every"}
 
 
-def _add_train(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", allow_abbrev=False,
-                       help="train a LongCat-Flash model (default: the small preset on the Python stdlib)",
-                       description="Train a tokenizer, tokenize the corpus and train; OUT ends as an HF checkpoint "
-                                   "with metrics.jsonl, training checkpoints and sample.txt. Any config field: "
-                                   "--set section.field=value (list them with --print-config).")
-    p.add_argument("--preset", default=None, help="model + recipe: tiny, small (default), bench")
-    p.add_argument("--data", default=None, help="corpus: 'stdlib' (default), a directory, text file, .jsonl, .parquet")
+def _add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags `train` and `sft` share: one training loop, one set of controls."""
     p.add_argument("--out", default=None, help="run directory (default runs/<preset>; with --resume DIR, DIR)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -121,7 +117,33 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-overlap", action="store_true", help="block on each all-to-all instead of hiding it "
                                                              "behind the dense path (for measurements)")
     _add_device(p)
-    p.set_defaults(run=_run_train)
+
+
+def _add_train(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", allow_abbrev=False,
+                       help="train a LongCat-Flash model (default: the small preset on the Python stdlib)",
+                       description="Train a tokenizer, tokenize the corpus and train; OUT ends as an HF checkpoint "
+                                   "with metrics.jsonl, training checkpoints and sample.txt. Any config field: "
+                                   "--set section.field=value (list them with --print-config).")
+    p.add_argument("--preset", default=None, help="model + recipe: tiny, small (default), bench")
+    p.add_argument("--data", default=None, help="corpus: 'stdlib' (default), a directory, text file, .jsonl, .parquet")
+    _add_run_flags(p)
+    p.set_defaults(run=_run_train, preset_name=None, flag_fields=_TRAIN_FLAGS)
+
+
+def _add_sft(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sft", allow_abbrev=False,
+                       help="supervised fine-tuning on chat / tool-use conversations (docs/sft.md)",
+                       description="Fine-tune the HF model in --model on OpenAI-format conversations (loss on the "
+                                   "assistant tokens, conversations packed with document masking); OUT ends as an "
+                                   "HF checkpoint with its tokenizer, metrics.jsonl, training checkpoints and "
+                                   "sample.txt. Any config field: --set section.field=value (--print-config).")
+    p.add_argument("--model", default=None, help="HF model directory to start from (config.json, safetensors, "
+                                                 "tokenizer.json)")
+    p.add_argument("--data", default=None, help="conversations: .jsonl or .parquet, one {messages, tools} per row")
+    p.add_argument("--val-data", default=None, help="held-out conversations (default: data.val_fraction of --data)")
+    _add_run_flags(p)
+    p.set_defaults(run=_run_train, preset_name="sft", flag_fields=_SFT_FLAGS)
 
 
 def _run_train(args: argparse.Namespace) -> None:
@@ -134,8 +156,12 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume {args.resume} continues in its own directory; drop --out {args.out}")
     if args.resume is not None and out is None:
         raise ValueError("--resume needs a run directory: --resume RUN_DIR or --out RUN_DIR")
-    flags = [f"{key}={getattr(args, name)}" for name, key in _TRAIN_FLAGS.items() if getattr(args, name) is not None]
-    cfg = build_config(args.preset, flags + args.overrides, resume_config(out) if args.resume else None)
+    if args.command == "sft" and args.resume is None and (args.model is None or args.data is None):
+        raise ValueError("longcat sft needs --model DIR and --data FILE (or --resume RUN_DIR)")
+    flags = [f"{key}={getattr(args, name)}" for name, key in args.flag_fields.items()
+             if getattr(args, name) is not None]
+    preset = args.preset if args.command == "train" else None if args.resume else args.preset_name
+    cfg = build_config(preset, flags + args.overrides, resume_config(out) if args.resume else None)
     if args.print_config:
         print(describe(cfg))
         return
@@ -145,7 +171,7 @@ def _run_train(args: argparse.Namespace) -> None:
         summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
                         progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device)
     except TrainingStopped as err:
-        sys.exit(f"longcat train: {err}")
+        sys.exit(f"longcat {args.command}: {err}")
     distributed.print0(f"done: {summary['steps']} steps, {summary['tokens']} tokens -> {summary['out']}\n"
                        f"--- sample ---\n{summary['sample']}")
     distributed.teardown()
@@ -171,7 +197,7 @@ def _run_grow(args: argparse.Namespace) -> None:
     print(f"grown x{args.factor}: {grow_run(args.src, args.out, args.factor, device=resolve_device(args.device))}")
 
 
-COMMANDS += [_add_train, _add_grow]
+COMMANDS += [_add_train, _add_sft, _add_grow]
 
 
 # ---- init / generate / chat / serve ----------------------------------------------------------------------

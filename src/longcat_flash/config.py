@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 ZERO_EXPERT_TYPES = ("identity", "drop")
+ROPE_TYPES = ("default", "yarn")
 
 # Keys transformers writes into config.json that we either derive or do not need.
 _DERIVED_OR_IGNORED = {
@@ -29,6 +30,83 @@ _ALIASES = {
     "intermediate_size": "ffn_hidden_size",
     "moe_intermediate_size": "expert_ffn_hidden_size",
 }
+
+
+@dataclass(frozen=True, kw_only=True)
+class RopeScaling:
+    """Context extension of the rotary embedding: the non-theta keys of transformers' `rope_parameters`.
+
+    "default" is plain RoPE (all other fields unset). "yarn" (arXiv 2309.00071) divides the frequencies that turn
+    fewer than `beta_slow` times over the original length by `factor`, keeps those that turn more than `beta_fast`
+    times, ramps linearly in between, and multiplies cos/sin by `attention_scaling`; with `mscale_all_dim` set the
+    softmax scale also gets `softmax_mscale` (DeepSeek's rule, which transformers' LongcatFlash follows).
+    """
+
+    rope_type: str = "default"
+    factor: float = 1.0  # new context / original context
+    original_max_position_embeddings: int | None = None  # the length the model was trained at before extension
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None  # cos/sin multiplier; None = derived from factor and the mscales
+    truncate: bool = True  # round the ramp's ends out to whole dimensions
+
+    def __post_init__(self) -> None:
+        where = "ModelConfig.rope_scaling"
+        if self.rope_type not in ROPE_TYPES:
+            raise ValueError(f"{where}.rope_type={self.rope_type!r} is not supported; choose one of {ROPE_TYPES}")
+        if self.rope_type == "default":
+            changed = [f.name for f in dataclasses.fields(self)
+                       if f.name != "rope_type" and getattr(self, f.name) != f.default]
+            if changed:
+                raise ValueError(f"{where}.{changed[0]}={getattr(self, changed[0])!r} only applies with "
+                                 "rope_type='yarn' (set the fields together, e.g. rope_scaling={'rope_type': "
+                                 "'yarn', 'factor': 4, 'original_max_position_embeddings': 4096})")
+            return
+        for name in ("factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                      or not math.isfinite(value) or value <= 0):
+                raise ValueError(f"{where}.{name} must be a positive finite number, got {value!r}")
+        if self.factor < 1:
+            raise ValueError(f"{where}.factor must be >= 1 (it extends the context), got {self.factor!r}")
+        if self.beta_fast <= self.beta_slow:
+            raise ValueError(f"{where}.beta_fast={self.beta_fast} must exceed beta_slow={self.beta_slow}")
+        original = self.original_max_position_embeddings
+        if not isinstance(original, int) or isinstance(original, bool) or original <= 0:
+            raise ValueError(f"{where}.original_max_position_embeddings must be a positive integer for "
+                             f"rope_type='yarn' (the pre-extension context length), got {original!r}")
+        if self.truncate not in (True, False):
+            raise ValueError(f"{where}.truncate must be true or false, got {self.truncate!r}")
+
+    @property
+    def attention_scaling(self) -> float:
+        """The factor on cos and sin (so on every q.k rope term), as transformers' `_compute_yarn_parameters`."""
+        if self.rope_type == "default":
+            return 1.0
+        if self.attention_factor is not None:
+            return float(self.attention_factor)
+        if self.mscale and self.mscale_all_dim:
+            return _yarn_mscale(self.factor, self.mscale) / _yarn_mscale(self.factor, self.mscale_all_dim)
+        return _yarn_mscale(self.factor, 1.0)
+
+    @property
+    def softmax_mscale(self) -> float:
+        """The factor on the softmax scale: mscale(factor, mscale_all_dim)^2 with yarn (transformers' LongcatFlash)."""
+        if self.rope_type == "default" or not self.mscale_all_dim:
+            return 1.0
+        return _yarn_mscale(self.factor, self.mscale_all_dim) ** 2
+
+    def to_dict(self) -> dict[str, Any]:
+        """The keys this adds to `rope_parameters` (none for the default RoPE)."""
+        if self.rope_type == "default":
+            return {}
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+def _yarn_mscale(scale: float, mscale: float) -> float:
+    return 1.0 if scale <= 1 else 0.1 * mscale * math.log(scale) + 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +136,7 @@ class ModelConfig:
     attention_bias: bool = False
     rms_norm_eps: float = 1e-5
     rope_theta: float = 1.0e7
+    rope_scaling: RopeScaling = RopeScaling()  # config.json: the other keys of `rope_parameters`
     max_position_embeddings: int = 131072
     tie_word_embeddings: bool = False
     hidden_act: str = "silu"
@@ -93,6 +172,10 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        original = self.rope_scaling.original_max_position_embeddings
+        if original is not None and original > self.max_position_embeddings:
+            raise ValueError(f"ModelConfig.rope_scaling.original_max_position_embeddings={original} exceeds "
+                             f"max_position_embeddings={self.max_position_embeddings}")
         if self.hidden_act != "silu":
             raise ValueError(f"ModelConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
         if self.num_nextn_predict_layers not in (0, 1):
@@ -129,6 +212,11 @@ class ModelConfig:
         return math.sqrt(self.hidden_size / self.kv_lora_rank) if self.mla_scale_kv_lora else 1.0
 
     @property
+    def softmax_scale(self) -> float:
+        """Attention logit scale: 1/sqrt(qk_head_dim), times YaRN's mscale^2 when configured."""
+        return self.qk_head_dim ** -0.5 * self.rope_scaling.softmax_mscale
+
+    @property
     def default_ffn_expert_target(self) -> float:
         """K_e: expected FFN experts per token. The report's 8 of 12, i.e. 2/3 of top-k when zero experts exist."""
         return self.moe_topk * 2 / 3 if self.zero_expert_num else float(self.moe_topk)
@@ -138,11 +226,12 @@ class ModelConfig:
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
         """Build from a `config.json` dict (official or transformers-written); unknown keys are an error."""
         values: dict[str, Any] = {}
-        known = {f.name for f in dataclasses.fields(cls)}
+        rope: dict[str, Any] = {}
+        known = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling"}
         for key, value in raw.items():
             key = _ALIASES.get(key, key)
             if key in ("rope_parameters", "rope_scaling"):
-                values.update(_rope_fields(key, value))
+                rope[key] = value
             elif key == "eos_token_id" and isinstance(value, list):
                 values[key] = value[0] if value else None
             elif key in known:
@@ -152,13 +241,17 @@ class ModelConfig:
         if raw.get("head_dim") not in (None, values.get("qk_rope_head_dim", cls.qk_rope_head_dim)):
             raise ValueError(f"config.json: head_dim={raw['head_dim']} must equal qk_rope_head_dim "
                              "(transformers uses head_dim as the rotary dimension)")
+        key = "rope_scaling" if rope.get("rope_scaling") else "rope_parameters"  # transformers' precedence
+        if key in rope:
+            values.update(_rope_fields(key, rope[key], values.get("max_position_embeddings",
+                                                                  cls.max_position_embeddings)))
         return cls(**values)
 
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` dict, with the derived keys transformers expects."""
         out = dataclasses.asdict(self)
-        theta = out.pop("rope_theta")
-        out["rope_parameters"] = {"rope_type": "default", "rope_theta": theta}
+        theta, _ = out.pop("rope_theta"), out.pop("rope_scaling")
+        out["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, **self.rope_scaling.to_dict()}
         out.update(architectures=["LongcatFlashForCausalLM"], model_type="longcat_flash",
                    head_dim=self.qk_rope_head_dim, qk_head_dim=self.qk_head_dim,
                    num_key_value_heads=self.num_attention_heads)
@@ -187,13 +280,29 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-def _rope_fields(key: str, value: Any) -> dict[str, Any]:
-    """Map `rope_parameters` / legacy `rope_scaling` to our fields; only the default RoPE is supported."""
+def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str, Any]:
+    """Map `rope_parameters` / legacy `rope_scaling` to `rope_theta` and `rope_scaling`, as transformers reads them."""
     if value is None:
         return {}
-    if not isinstance(value, dict):
+    is_object = isinstance(value, dict)
+    if not is_object:
         raise ValueError(f"config.json: {key} must be an object, got {value!r}")
-    rope_type = value.get("rope_type", value.get("type", "default"))
-    if rope_type != "default":
-        raise ValueError(f"config.json: {key}.rope_type={rope_type!r} is not supported (only 'default')")
-    return {"rope_theta": value["rope_theta"]} if "rope_theta" in value else {}
+    value = dict(value)
+    if "type" in value:  # the legacy spelling of rope_type
+        value.setdefault("rope_type", value.pop("type"))
+    out = {"rope_theta": value.pop("rope_theta")} if "rope_theta" in value else {}
+    known = {f.name for f in dataclasses.fields(RopeScaling)}
+    unknown = sorted(set(value) - known)
+    if unknown:
+        raise ValueError(f"config.json: {key}.{unknown[0]} is not supported; known keys: {sorted(known)}")
+    rope_type = value.setdefault("rope_type", "default")
+    if rope_type == "yarn":
+        if value.get("factor") is None:
+            raise ValueError(f"config.json: {key}.factor is required for rope_type='yarn'")
+        # transformers: the ramp is measured against max_position_embeddings when no original length is given
+        value.setdefault("original_max_position_embeddings", max_position_embeddings)
+    try:
+        out["rope_scaling"] = RopeScaling(**value)
+    except ValueError as err:
+        raise ValueError(f"config.json: {key}: {err}") from None
+    return out

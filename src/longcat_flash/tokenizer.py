@@ -33,6 +33,9 @@ TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
 # Trained tokenizers hold the tool-call tags as single tokens, right after the special tokens. They are added
 # tokens but not *special* ones, so `decode(skip_special_tokens=True)` keeps them and the server can parse calls.
 TOOL_CALL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+# What the model writes besides text must be one token each: the tool-call tags here, and the end of turn, which
+# is eos (a special token of every tokenizer we load). `longcat sft` adds the ones a tokenizer lacks (with_tokens).
+CHAT_MARKERS = TOOL_CALL_TOKENS
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
 TOKENIZER_FILE = "tokenizer.json"
@@ -166,6 +169,17 @@ class Tokenizer:
         return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
                                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                                eos_token=self.eos_token, pad_token=self.pad_token)
+
+    def with_tokens(self, tokens: Sequence[str]) -> Tokenizer:
+        """This tokenizer, plus each of `tokens` that does not already encode as one token, as an added (not
+        special) token at the end of the vocabulary; itself when none is missing. Existing ids never change."""
+        missing = [t for t in tokens if len(self.encode(t, allow_special=True)) != 1]
+        if not missing:
+            return self
+        backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
+        backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in missing])
+        return Tokenizer(backend, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
+                         chat_template=self.chat_template, model_max_length=self.model_max_length)
 
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` + `tokenizer_config.json` (HF layout) into `directory`; returns it."""

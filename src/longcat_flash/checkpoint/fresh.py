@@ -33,7 +33,7 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
     torch.manual_seed(seed)  # after the meta build, which draws nothing, so it cannot shift the stream
     if model.num_parameters() > DIRECT_MAX_PARAMS:
         model.to_empty(device=device)
-        model.model.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta).to(device)  # computed buffer
+        model.model.rotary = RotaryEmbedding.from_config(cfg).to(device)  # computed buffer
         model.init_weights(std)
         return model
     with torch.device(device):

@@ -115,7 +115,7 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
                            f"{cfg.n_routed_experts} experts, MTP={cfg.num_nextn_predict_layers})")
         if native not in out:
             out[native] = torch.empty(expected[native], dtype=_target_dtype(native, tensor, dtype), device=device)
-        target = out[native] if expert is None else _expert_slice(out[native], expert, proj, cfg)
+        target = out[native] if expert is None else expert_slice(out[native], expert, proj, cfg)
         if target.shape != tensor.shape:
             raise ValueError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(target.shape)}")
@@ -128,7 +128,7 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
     return out
 
 
-def _expert_slice(stacked: torch.Tensor, expert: int, proj: str, cfg: ModelConfig) -> torch.Tensor:
+def expert_slice(stacked: torch.Tensor, expert: int, proj: str, cfg: ModelConfig) -> torch.Tensor:
     F = cfg.expert_ffn_hidden_size
     if proj == "down_proj":
         return stacked[expert]  # (D, F)
@@ -174,7 +174,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta).to(device)  # non-persistent
+    model.model.rotary = RotaryEmbedding.from_config(cfg).to(device)  # non-persistent
     return model.eval()
 
 

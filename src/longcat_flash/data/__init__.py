@@ -3,14 +3,15 @@
     corpus.py   corpus files -> documents (str): stdlib (default, no download), directories, text, .jsonl, .parquet
     shards.py   documents -> one flat token array on disk (docs joined by eos), cached by fingerprint
     batches.py  token array -> windows of seq_len + 1 tokens -> shuffled, resumable, data-parallel batches
+    conversations.py   OpenAI-format conversations -> checked, rendered, assistant tokens marked, packed (SFT)
     tool_dialogues.py  synthetic tool-use conversations in the OpenAI format (`longcat data tools`, docs/tool_data.md)
 
 Everything callers need is importable from `longcat_flash.data` directly.
 """
-from .batches import ResumableSampler, TokenDataset, validation_batches
+from .batches import IGNORE, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
 from .corpus import DOC_SUFFIXES, STDLIB, Corpus, iter_documents, sample_texts
 from .shards import SHARD_FORMAT_VERSION, ShardMeta, TokenizerLike, build_token_shard
 
-__all__ = ["DOC_SUFFIXES", "SHARD_FORMAT_VERSION", "STDLIB", "Corpus", "ResumableSampler", "ShardMeta",
-           "TokenDataset", "TokenizerLike", "build_token_shard", "iter_documents", "sample_texts",
-           "validation_batches"]
+__all__ = ["DOC_SUFFIXES", "IGNORE", "SHARD_FORMAT_VERSION", "STDLIB", "Corpus", "PackedBatch", "ResumableSampler",
+           "ShardMeta", "TokenDataset", "TokenizerLike", "build_token_shard", "iter_documents", "sample_texts",
+           "split_windows", "validation_batches"]

@@ -7,6 +7,7 @@ uninterrupted run would have drawn, at any data-parallel world size.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -14,6 +15,50 @@ import numpy as np
 import torch
 
 from .shards import ShardMeta
+
+IGNORE = -100  # a target that is not trained on (F.cross_entropy's default ignore_index)
+
+
+@dataclass
+class PackedBatch:
+    """Windows holding several documents each (SFT packing, data/conversations.py): tokens, the target-or-IGNORE
+    labels and the document id of every position, all (B, S+1) int64."""
+
+    tokens: torch.Tensor
+    labels: torch.Tensor
+    documents: torch.Tensor
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.tokens.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.tokens.device
+
+    def chunk(self, n: int) -> list[PackedBatch]:
+        return [PackedBatch(*parts) for parts in zip(*(t.chunk(n) for t in self._tensors()))]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> PackedBatch:
+        return PackedBatch(*(t.to(device, non_blocking=non_blocking) for t in self._tensors()))
+
+    def pin_memory(self) -> PackedBatch:
+        return PackedBatch(*(t.pin_memory() for t in self._tensors()))
+
+    def _tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.tokens, self.labels, self.documents
+
+
+def split_windows(batch: torch.Tensor | PackedBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(inputs (B, S), targets (B, S), documents (B, S) or None) of (B, S+1) windows.
+
+    Plain token windows train on every next token. Packed windows train on their labels, never across a
+    document boundary, and give the forward the inputs' document ids (the attention mask, the positions)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:, :-1], batch[:, 1:], None
+    docs = batch.documents
+    targets = batch.labels[:, 1:].masked_fill(docs[:, 1:] != docs[:, :-1], IGNORE)
+    return batch.tokens[:, :-1], targets, docs[:, :-1]
 
 
 class TokenDataset:

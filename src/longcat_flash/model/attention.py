@@ -59,23 +59,27 @@ class MLA(nn.Module):
         self.kv_b_proj = nn.Linear(cfg.kv_lora_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.hidden_size, bias=cfg.attention_bias)
         self.q_scale, self.kv_scale = cfg.q_lora_scale, cfg.kv_lora_scale
-        self.softmax_scale = cfg.qk_head_dim ** -0.5  # unchanged by absorption
+        self.softmax_scale = cfg.softmax_scale  # 1/sqrt(qk_head_dim) (x YaRN mscale^2); unchanged by absorption
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None = None, block: int = 0) -> torch.Tensor:
-        """x: (B, S, D) -> (B, S, D). Without a cache: causal self-attention over x itself."""
-        return self.attend(self.project(x, rope), cache, block)
+                cache: LatentCache | None = None, block: int = 0, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, S, D) -> (B, S, D). Without a cache: causal self-attention over x itself, or, with `mask`
+        (B, S, S) True where query s may attend to key l, attention under that mask (packed documents)."""
+        return self.attend(self.project(x, rope), cache, block, mask)
 
     # Two halves, so the ScMoE layer can place them on either side of the MoE GEMMs (report §9.1, block.py).
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Projected:
         """The QKV projections: q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, S, C), k_rope (B, S, R)."""
         return (*self.queries(x, rope), *self.latents(x, rope))
 
-    def attend(self, projected: Projected, cache: LatentCache | None = None, block: int = 0) -> torch.Tensor:
-        """Core attention and output projection over `project`'s tensors -> (B, S, D)."""
+    def attend(self, projected: Projected, cache: LatentCache | None = None, block: int = 0,
+               mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Core attention and output projection over `project`'s tensors -> (B, S, D); `mask` as in forward."""
         q_nope, q_rope, latent, k_rope = projected
         if cache is None:
-            return self.attend_naive(q_nope, q_rope, latent, k_rope, mask=None)
+            return self.attend_naive(q_nope, q_rope, latent, k_rope, mask)
+        if mask is not None:
+            raise ValueError("a document mask is for uncached forwards (training); a cache brings its own mask")
         latent, k_rope, mask = cache.update(block, latent, k_rope)
         attend = self.attend_absorbed if cache.absorb else self.attend_naive
         return attend(q_nope, q_rope, latent, k_rope, mask)

@@ -45,16 +45,18 @@ class ScMoELayer(nn.Module):
         self.mlp = MoE(cfg)
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None = None) -> tuple[torch.Tensor, RoutingInfo]:
-        """x: (B, S, D) -> (B, S, D) and this layer's routing. Stages as in the module docstring."""
+                cache: LatentCache | None = None, mask: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, RoutingInfo]:
+        """x: (B, S, D) -> (B, S, D) and this layer's routing. Stages as in the module docstring; `mask`
+        (B, S, S): the attention mask of packed documents (None: causal)."""
         attn0, attn1 = self.self_attn
-        x1 = x + attn0(self.input_layernorm[0](x), rope, cache, block=2 * self.index)
+        x1 = x + attn0(self.input_layernorm[0](x), rope, cache, block=2 * self.index, mask=mask)
         s = self.post_attention_layernorm[0](x1)  # the shortcut: MoE and FFN_0 share it
         moe = self.mlp.begin(s)
         x2 = x1 + self.mlps[0](s)
         projected = attn1.project(self.input_layernorm[1](x2), rope)
         moe = self.mlp.compute(moe)
-        x3 = x2 + attn1.attend(projected, cache, block=2 * self.index + 1)
+        x3 = x2 + attn1.attend(projected, cache, block=2 * self.index + 1, mask=mask)
         out = x3 + self.mlps[1](self.post_attention_layernorm[1](x3))
         moe_out, routing = self.mlp.finish(moe)
         return out + moe_out, routing

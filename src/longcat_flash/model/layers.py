@@ -4,9 +4,13 @@ Shapes: B batch, S sequence, D model dim, R rotary dim.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..config import ModelConfig, RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -37,16 +41,48 @@ class MLP(nn.Module):
 
 
 class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE over the `qk_rope_head_dim` slice, computed in fp32 from explicit positions."""
+    """cos/sin tables for RoPE over the `qk_rope_head_dim` slice, computed in fp32 from explicit positions.
 
-    def __init__(self, dim: int, theta: float) -> None:
+    With YaRN (`scaling.rope_type == "yarn"`) the frequencies are interpolated per dimension and cos/sin carry the
+    attention factor, exactly as transformers' `_compute_yarn_parameters` (see docs/context_extension.md).
+    """
+
+    def __init__(self, dim: int, theta: float, scaling: RopeScaling) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (R/2,)
+        if scaling.rope_type == "yarn":
+            inv_freq = _yarn_inv_freq(inv_freq, dim, theta, scaling)
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # (R/2,)
+        self.attention_scaling = scaling.attention_scaling
+
+    @classmethod
+    def from_config(cls, cfg: ModelConfig) -> RotaryEmbedding:
+        return cls(cfg.qk_rope_head_dim, cfg.rope_theta, cfg.rope_scaling)
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         angles = positions[..., None].float() * self.inv_freq  # (B, S, R/2)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+        cos, sin = angles.cos(), angles.sin()
+        if self.attention_scaling != 1.0:
+            cos, sin = cos * self.attention_scaling, sin * self.attention_scaling
+        return cos.to(dtype), sin.to(dtype)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+    """Blend extrapolated (unchanged) and interpolated (/ factor) frequencies along a linear ramp over the pair
+    index: pairs that turn more than beta_fast times within the original length keep their frequency, pairs
+    that turn fewer than beta_slow times are divided by factor."""
+    def pair_index(rotations: float) -> float:  # the (fractional) pair completing `rotations` turns
+        original = scaling.original_max_position_embeddings
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = pair_index(scaling.beta_fast), pair_index(scaling.beta_slow)
+    if scaling.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # (R/2,) 0 = keep
+    return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -34,9 +34,10 @@ class MTPHead(nn.Module):
         self.norm = RMSNorm(d, eps)
 
     def forward(self, next_tokens: torch.Tensor, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                cache: LatentCache | None = None) -> torch.Tensor:
-        """next_tokens: (B, S) ids of x_{t+1}; hidden: (B, S, D) normed h_t -> (B, S, D) for the lm_head."""
+                cache: LatentCache | None = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """next_tokens: (B, S) ids of x_{t+1}; hidden: (B, S, D) normed h_t -> (B, S, D) for the lm_head.
+        mask: (B, S, S) attention mask of packed documents (None: causal)."""
         z = self.eh_proj(torch.cat([self.enorm(self.embed_tokens(next_tokens)), self.hnorm(hidden)], dim=-1))
-        z = z + self.self_attn(self.input_layernorm(z), rope, cache, block=self.block)
+        z = z + self.self_attn(self.input_layernorm(z), rope, cache, block=self.block, mask=mask)
         z = z + self.mlp(self.post_attention_layernorm(z))
         return self.norm(z)

@@ -31,6 +31,22 @@ class ModelOutput:
     mtp_hidden: torch.Tensor | None = None  # (B, S-1, D) what the lm_head reads for mtp_logits
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids, equal ids contiguous -> (B, S) each token's position inside its document."""
+    B, S = documents.shape
+    index = torch.arange(S, device=documents.device).expand(B, S)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def document_mask(documents: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> (B, S, S) True where query s may attend to key l: causal, same document."""
+    S = documents.shape[1]
+    causal = torch.ones(S, S, dtype=torch.bool, device=documents.device).tril()
+    return (documents[:, :, None] == documents[:, None, :]) & causal
+
+
 class Backbone(nn.Module):
     """Everything under the checkpoint's `model.` prefix."""
 
@@ -39,7 +55,7 @@ class Backbone(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList([ScMoELayer(cfg, i) for i in range(cfg.num_layers)])
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.rotary = RotaryEmbedding(cfg.qk_rope_head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding.from_config(cfg)
         self.mtp = MTPHead(cfg) if cfg.num_nextn_predict_layers else None
 
 
@@ -58,21 +74,30 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, *, compute_logits: bool = True,
-                with_mtp: bool = False) -> ModelOutput:
+                with_mtp: bool = False, documents: torch.Tensor | None = None) -> ModelOutput:
         """input_ids: (B, S). positions default to 0..S-1; pass them (and a cache) for incremental decoding.
 
         with_mtp: also run the MTP head over the sequence (training): position t reads token t+1 and h_t.
         compute_logits=False skips the lm_head (for the trunk and the MTP head): the caller applies it itself,
         e.g. chunk by chunk (train/losses.py).
+        documents: (B, S) ids of the packed documents each token belongs to (equal ids contiguous): attention
+        stays inside a document (trunk and MTP head) and positions restart at 0 in each, so every document is
+        computed as if alone (SFT packing). None: one causal sequence per row, the plain path.
         """
         B, S = input_ids.shape
+        mask = None
+        if documents is not None:
+            if positions is not None or cache is not None:
+                raise ValueError("documents set the positions and the mask themselves; pass neither positions "
+                                 "nor a cache with them")
+            positions, mask = document_positions(documents), document_mask(documents)
         if positions is None:
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
         x = self.model.embed_tokens(input_ids)  # (B, S, D)
         rope = self.model.rotary(positions, x.dtype)
         routing = []
         for layer in self.model.layers:
-            x, info = layer(x, rope, cache)
+            x, info = layer(x, rope, cache, mask)
             routing.append(info)
         final = self.model.norm(x)
         out = ModelOutput(logits=self.lm_head(final) if compute_logits else None, hidden=x,
@@ -81,7 +106,8 @@ class Transformer(nn.Module):
             if self.model.mtp is None:
                 raise ValueError("with_mtp=True needs a config with num_nextn_predict_layers=1")
             mtp_rope = tuple(t[:, :-1] for t in rope)
-            out.mtp_hidden = self.model.mtp(input_ids[:, 1:], final[:, :-1], mtp_rope)
+            mtp_mask = None if mask is None else mask[:, :-1, :-1]  # (B, S-1, S-1)
+            out.mtp_hidden = self.model.mtp(input_ids[:, 1:], final[:, :-1], mtp_rope, mask=mtp_mask)
             out.mtp_logits = self.lm_head(out.mtp_hidden) if compute_logits else None
         return out
 
@@ -117,7 +143,7 @@ class Transformer(nn.Module):
         device = self.lm_head.weight.device
         for router in self.routers():
             router.e_score_correction_bias.zero_()
-        self.model.rotary = RotaryEmbedding(self.config.qk_rope_head_dim, self.config.rope_theta).to(device)
+        self.model.rotary = RotaryEmbedding.from_config(self.config).to(device)
 
     def routers(self) -> list[Router]:
         """The trunk's routers in layer order (the budget controller writes their biases)."""

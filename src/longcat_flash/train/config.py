@@ -177,12 +177,30 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class SFTConfig:
+    """Supervised fine-tuning on conversations (`longcat sft`, docs/sft.md). `data` set makes the run an SFT run:
+    rows of OpenAI `messages` (+ `tools`) rendered with the tokenizer's chat template, loss on assistant tokens
+    only, conversations packed into data.seq_len + 1 token windows with no attention across them."""
+
+    section: ClassVar[str] = "sft"
+    data: str | None = None  # a .jsonl or .parquet of conversations; None = a pre-training run
+    val_data: str | None = None  # held-out conversations; None = a data.val_fraction share of `data`
+    overlong: Literal["truncate", "skip"] = "truncate"  # conversations longer than data.seq_len + 1 tokens
+
+    def __post_init__(self) -> None:
+        _check(self.val_data is None or self.data is not None, self.section, "val_data", self.val_data,
+               "unset unless sft.data is set")
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """A whole run. Build one with `recipe(preset)`, then `apply_overrides(cfg, ["a.b=value", ...])`."""
 
     section: ClassVar[str] = "train"
     preset: str = "small"  # where `model` came from (informational)
     model: ModelConfig = field(default_factory=lambda: get_preset("small"))
+    init_from: str | None = None  # an HF model directory whose weights and tokenizer start the run (its config.json
+    # is the model; model.* overrides may change anything but a weight shape)
     seed: int = 0
     max_steps: int = 300
     eval_every: int = 50  # validation loss every N steps (and at the end); 0 = only at the end
@@ -201,13 +219,14 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     scaling: ScalingConfig = field(default_factory=ScalingConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
         _positive(self, "max_steps", "max_consecutive_skips")
         _positive(self, "seed", "eval_every", "sample_tokens", "sample_temperature", allow_zero=True)
         m = self.model
-        _check(self.data.seq_len + 1 <= m.max_position_embeddings, "data", "seq_len", self.data.seq_len,
-               f"< model.max_position_embeddings={m.max_position_embeddings}")
+        _check(self.data.seq_len <= m.max_position_embeddings, "data", "seq_len", self.data.seq_len,
+               f"<= model.max_position_embeddings={m.max_position_embeddings} (inputs sit at positions 0..seq_len-1)")
         _check(m.n_routed_experts % self.loss.balance_groups == 0, "loss", "balance_groups",
                self.loss.balance_groups, f"a divisor of model.n_routed_experts={m.n_routed_experts}")
         if self.budget.target is not None:
@@ -275,10 +294,14 @@ def _set(obj: Any, path: list[str], raw: str, prefix: str = "") -> Any:
         raise ValueError(f"unknown config field {key!r}; valid fields here: {', '.join(prefix + n for n in names)}")
     current = getattr(obj, name)
     if dataclasses.is_dataclass(current):
-        if len(path) == 1:
+        whole = _literal(raw) if len(path) == 1 else None  # a dict sets a whole section at once, e.g.
+        if isinstance(whole, dict):  # model.rope_scaling={'rope_type': 'yarn', ...}, whose fields depend on each other
+            value = _build(type(current), whole, f"{key}.")
+        elif len(path) == 1:
             sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
-            raise ValueError(f"{key!r} is a section; set one of its fields: {sub}")
-        value = _set(current, path[1:], raw, f"{prefix}{name}.")
+            raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or all of them as a dict")
+        else:
+            value = _set(current, path[1:], raw, f"{prefix}{name}.")
     elif len(path) > 1:
         raise ValueError(f"{prefix + name!r} is a field, not a section (in {key!r})")
     else:
@@ -369,12 +392,22 @@ def tiny() -> TrainConfig:
         budget=BudgetConfig(decay_every=20))
 
 
+def sft() -> TrainConfig:
+    """`longcat sft`: the model comes from init_from (its config.json); conversations packed into 2048-token
+    windows (one with a few tool schemas is ~650 tokens: three fit), a lower peak LR than pre-training, a short
+    warmup (docs/sft.md)."""
+    base = TrainConfig(preset="sft", max_steps=300, eval_every=50, sample_prompt="Hi! What is 12 times 3?",
+                       sample_tokens=48, sample_temperature=0.0)
+    return dataclasses.replace(base, optim=OptimConfig(lr=1e-3), schedule=ScheduleConfig(warmup_steps=10),
+                               data=DataConfig(seq_len=2048, batch_size=2, val_fraction=0.05, val_batches=8))
+
+
 def bench() -> TrainConfig:
     """The ~1B `bench` shape; far too slow for 2 CPU cores, meant for a GPU."""
     return TrainConfig(preset="bench", model=get_preset("bench"), data=DataConfig(batch_size=16))
 
 
-RECIPES: dict[str, Callable[[], TrainConfig]] = {"tiny": tiny, "small": small, "bench": bench}
+RECIPES: dict[str, Callable[[], TrainConfig]] = {"tiny": tiny, "small": small, "bench": bench, "sft": sft}
 
 
 def recipe(preset: str) -> TrainConfig:
@@ -388,4 +421,25 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
     if saved is not None and preset is not None and preset != saved.preset:
         raise ValueError(f"--preset {preset} differs from the resumed run's preset {saved.preset!r}; "
                          f"a resumed run keeps its model (use `longcat grow` to change its depth)")
-    return apply_overrides(saved if saved is not None else recipe(preset or "small"), overrides)
+    if saved is not None:
+        return apply_overrides(saved, overrides)
+    base = recipe(preset or "small")
+    init_from = _last_value(overrides, "init_from")
+    if init_from not in (None, "None", "none", "null"):  # the model is the checkpoint's, then the overrides
+        model = pretrained_model_config(init_from)  # the recipe's windows, at most the model's context
+        data = dataclasses.replace(base.data, seq_len=min(base.data.seq_len, model.max_position_embeddings))
+        base = dataclasses.replace(base, model=model, data=data)
+    return apply_overrides(base, overrides)
+
+
+def _last_value(assignments: Sequence[str], key: str) -> str | None:
+    values = [raw.strip() for k, sep, raw in (a.partition("=") for a in assignments) if sep and k.strip() == key]
+    return values[-1] if values else None
+
+
+def pretrained_model_config(directory: str | Path) -> ModelConfig:
+    """The ModelConfig of an HF model directory (`init_from`), with a clear error when it is not one."""
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"init_from={directory}: no config.json there (expected an HF model directory: "
+                                f"config.json, model*.safetensors, tokenizer.json)")
+    return ModelConfig.from_json(directory)

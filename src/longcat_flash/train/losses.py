@@ -15,37 +15,58 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..data import IGNORE
 from ..model import ModelOutput
 from ..model.moe import histogram
 from .config import LossConfig
 
 
-def lm_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy in fp32: logits (B, S, V), targets (B, S) -> scalar."""
-    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+def lm_loss(logits: torch.Tensor, targets: torch.Tensor, tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-token cross-entropy in fp32: logits (B, S, V), targets (B, S) -> scalar, the mean over the targets
+    that are not IGNORE (SFT trains on assistant tokens only), or their sum divided by `tokens` (see
+    `training_losses`)."""
+    if tokens is None:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE,
+                           reduction="sum") / tokens
 
 
-def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int) -> torch.Tensor:
+def chunked_lm_loss(hidden: torch.Tensor, head: nn.Module, targets: torch.Tensor, chunk: int,
+                    tokens: torch.Tensor | None = None) -> torch.Tensor:
     """`lm_loss(head(hidden), targets)` without the whole (tokens, V) logits at once: hidden (B, S, D), targets
     (B, S). Each chunk of `chunk` tokens computes its logits, its cross-entropy sum, and frees them; backward
     recomputes them chunk by chunk (activation checkpointing), so at most (chunk, V) logits live at a time.
     Equal to the unchunked loss up to the summation order."""
     h, t = hidden.flatten(0, 1), targets.flatten()  # (N, D), (N,)
     if chunk <= 0 or h.shape[0] <= chunk:
-        return lm_loss(head(h)[None], t[None])
+        return lm_loss(head(h)[None], t[None], tokens)
     total = sum(checkpoint(_cross_entropy_sum, h[i:i + chunk], t[i:i + chunk], head, use_reentrant=False)
                 for i in range(0, h.shape[0], chunk))
-    return total / h.shape[0]
+    return total / ((t != IGNORE).sum() if tokens is None else tokens)
 
 
 def _cross_entropy_sum(h: torch.Tensor, t: torch.Tensor, head: nn.Module) -> torch.Tensor:
-    return F.cross_entropy(head(h).float(), t, reduction="sum")
+    return F.cross_entropy(head(h).float(), t, reduction="sum", ignore_index=IGNORE)
 
 
-def mtp_loss(mtp_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Next-next-token cross-entropy: mtp_logits (B, S-1, V) at position t predict token t+2, which is
-    targets[:, t+1] (targets (B, S) are the inputs shifted by one)."""
-    return lm_loss(mtp_logits, targets[:, 1:])
+def mtp_targets(targets: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """(B, S-1) targets of the MTP head: position t predicts token t+2, which is targets[:, t+1] (targets (B, S)
+    are the inputs shifted by one). With packed documents (B, S) the prediction counts only when t and t+1 are in
+    the same document (targets[:, t+1] already never crosses one)."""
+    if documents is None:
+        return targets[:, 1:]
+    return targets[:, 1:].masked_fill(documents[:, 1:] != documents[:, :-1], IGNORE)
+
+
+def mtp_loss(mtp_logits: torch.Tensor, targets: torch.Tensor, documents: torch.Tensor | None = None,
+             tokens: torch.Tensor | None = None) -> torch.Tensor:
+    """Next-next-token cross-entropy of mtp_logits (B, S-1, V) against `mtp_targets(targets, documents)`."""
+    return lm_loss(mtp_logits, mtp_targets(targets, documents), tokens)
+
+
+def target_counts(targets: torch.Tensor, documents: torch.Tensor | None = None) -> torch.Tensor:
+    """(2,) how many LM and MTP targets count (are not IGNORE) in targets (B, S) of packed `documents`."""
+    return torch.stack([(targets != IGNORE).sum(), (mtp_targets(targets, documents) != IGNORE).sum()])
 
 
 def hidden_z_loss(hidden: torch.Tensor) -> torch.Tensor:
@@ -109,16 +130,23 @@ class LossTerms:
 
 
 def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_ffn: int, target: float,
-                    selections: torch.Tensor | None = None, head: nn.Module | None = None) -> LossTerms:
+                    selections: torch.Tensor | None = None, head: nn.Module | None = None,
+                    documents: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> LossTerms:
     """All terms for one forward pass; MTP only when the model was run with `with_mtp=True`.
 
     selections: (L, E+Z) router counts of the global batch under data parallelism (see `balance_loss`).
     head: the lm_head, for a forward run with compute_logits=False: the LM and MTP cross-entropies then apply it
-    in chunks of `cfg.logits_chunk` tokens (`chunked_lm_loss`)."""
+    in chunks of `cfg.logits_chunk` tokens (`chunked_lm_loss`).
+    documents: (B, S) document ids of packed inputs (the forward's); the MTP prediction at t (from token t+1)
+    then counts only when t and t+1 are in the same document. IGNORE targets count in neither loss.
+    tokens: (2,) the LM and MTP divisors instead of this micro-batch's own target counts: with targets that vary
+    in number between micro-batches and ranks (SFT), the mean number per micro-batch over the whole step, so
+    that the terms averaged over micro-batches and ranks are the means over every target of the step."""
+    lm_tokens, mtp_tokens = (None, None) if tokens is None else tokens
     if out.logits is None:
-        lm = chunked_lm_loss(out.final_hidden, head, targets, cfg.logits_chunk)
+        lm = chunked_lm_loss(out.final_hidden, head, targets, cfg.logits_chunk, lm_tokens)
     else:
-        lm = lm_loss(out.logits, targets)
+        lm = lm_loss(out.logits, targets, lm_tokens)
     z = hidden_z_loss(out.hidden)
     balance = torch.stack([balance_loss(r.probs, r.ids, n_ffn, cfg.balance_groups, target,
                                         None if selections is None else selections[i])
@@ -126,9 +154,9 @@ def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_
     total = lm + cfg.z_weight * z + cfg.balance_alpha * balance
     mtp = None
     if out.mtp_logits is not None:
-        mtp = mtp_loss(out.mtp_logits, targets)
+        mtp = mtp_loss(out.mtp_logits, targets, documents, mtp_tokens)
     elif out.mtp_hidden is not None:
-        mtp = chunked_lm_loss(out.mtp_hidden, head, targets[:, 1:], cfg.logits_chunk)
+        mtp = chunked_lm_loss(out.mtp_hidden, head, mtp_targets(targets, documents), cfg.logits_chunk, mtp_tokens)
     if mtp is not None:
         total = total + cfg.mtp_weight * mtp
     return LossTerms(total=total, lm=lm, z=z, balance=balance, mtp=mtp)

@@ -33,17 +33,20 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .. import distributed
 from ..checkpoint import hf, sharded, training
-from ..data import ResumableSampler, TokenDataset, build_token_shard, sample_texts, validation_batches
+from ..data import (IGNORE, PackedBatch, ResumableSampler, TokenDataset, build_token_shard, sample_texts, split_windows,
+                    validation_batches)
+from ..data.conversations import ConversationDataset, conversation_datasets
 from ..device import autocast as device_autocast
 from ..model import ModelOutput, Transformer
-from ..tokenizer import Tokenizer, train_tokenizer
+from ..tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
 from .budget import BudgetController
 from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, TrainConfig
 from .determinism import RNGState, seed_everything, set_deterministic
-from .losses import LossTerms, lm_loss, training_losses
+from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import MetricsLog
 from .monitors import router_cosine, router_grad_ratio
 from .optim import aligned_model_config, build_optimizer, init_parameters, lr_factor, param_name, set_lr
+from .pretrained import check_same_shapes, load_pretrained
 from .sample import generate
 
 class TrainingStopped(RuntimeError):
@@ -105,9 +108,10 @@ def autocast(cfg: TrainConfig, device: torch.device, mesh: DeviceMesh | None) ->
 
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller: BudgetController | None,
-               batch: torch.Tensor, cfg: TrainConfig, step: int, mesh: DeviceMesh | None = None) -> dict[str, Any]:
-    """One optimizer step on `batch` (B, S+1) token windows on the model's device, split into `data.grad_accum`
-    micro-batches.
+               batch: torch.Tensor | PackedBatch, cfg: TrainConfig, step: int, mesh: DeviceMesh | None = None
+               ) -> dict[str, Any]:
+    """One optimizer step on `batch` (B, S+1) token windows on the model's device (or packed conversations:
+    data/batches.py split_windows), split into `data.grad_accum` micro-batches.
 
     Returns the step's metrics, read from the device once. A non-finite loss or gradient norm skips the update
     (and the controller). Under torchrun `batch` is this rank's slice of the global batch: FSDP reduces the
@@ -119,13 +123,18 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
     monitor = cfg.loss.monitor_every > 0 and step % cfg.loss.monitor_every == 0
     acc, extra = _Accumulator(), {}
     micro_batches = batch.chunk(cfg.data.grad_accum)
+    tokens = None
+    if isinstance(batch, PackedBatch):  # SFT: every trained token of the step weighs the same, on every rank
+        tokens = distributed.average(target_counts(*split_windows(batch)[1:]).float(), mesh) / len(micro_batches)
     for i, micro in enumerate(micro_batches):
+        inputs, targets, documents = split_windows(micro)
         with autocast(cfg, device, mesh):
-            out = model(micro[:, :-1], with_mtp=with_mtp, compute_logits=False)
+            out = model(inputs, with_mtp=with_mtp, compute_logits=False, documents=documents)
             selections = None if mesh is None else distributed.global_counts(  # the balance loss's f: global batch
                 torch.stack([r.tokens_per_expert for r in out.routing]), mesh)
-            terms = training_losses(out, micro[:, 1:], cfg.loss, cfg.model.n_routed_experts,
-                                    cfg.ffn_expert_target, selections, head=model.lm_head)
+            terms = training_losses(out, targets, cfg.loss, cfg.model.n_routed_experts,
+                                    cfg.ffn_expert_target, selections, head=model.lm_head, documents=documents,
+                                    tokens=tokens)
         if monitor and i == 0:
             extra = _monitors(model, out, terms, cfg)
         (terms.total / len(micro_batches)).backward()
@@ -188,21 +197,25 @@ class _Accumulator:
 
 
 @torch.no_grad()
-def evaluate(model: Transformer, val: TokenDataset, cfg: TrainConfig, mesh: DeviceMesh | None = None) -> float:
-    """Mean LM loss over the fixed validation batches (the same windows every time; each rank its slice)."""
+def evaluate(model: Transformer, val: TokenDataset | ConversationDataset, cfg: TrainConfig,
+             mesh: DeviceMesh | None = None) -> float:
+    """Mean LM loss over every target of the fixed validation batches (the same windows every time; each rank
+    its slice); for SFT, over the assistant tokens."""
     device = model.lm_head.weight.device
     micro = cfg.data.batch_size // cfg.data.grad_accum
-    losses = []
+    total = torch.zeros(2, device=device)  # (loss sum, targets)
     for batch in validation_batches(val, micro, max_batches=cfg.data.val_batches, rank=distributed.rank(),
                                     world_size=distributed.world_size()):
-        batch = _to_device(batch, device)
+        inputs, targets, documents = split_windows(_to_device(batch, device))
         with autocast(cfg, device, mesh):
-            logits = model(batch[:, :-1]).logits
-        losses.append(lm_loss(logits, batch[:, 1:]))
-    return float(distributed.average(torch.stack(losses).mean().view(1), mesh))
+            logits = model(inputs, documents=documents).logits
+        count = (targets != IGNORE).sum()
+        total += torch.stack([lm_loss(logits, targets) * count, count.float()])
+    total = distributed.average(total, mesh)
+    return float(total[0] / total[1])
 
 
-def _to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+def _to_device(batch: torch.Tensor | PackedBatch, device: torch.device) -> torch.Tensor | PackedBatch:
     """A host batch onto the device: pinned and copied asynchronously when that device is a GPU."""
     if device.type == "cuda":
         return batch.pin_memory().to(device, non_blocking=True)
@@ -250,7 +263,10 @@ def _header(run: Run) -> str:
             f"{m.n_routed_experts} FFN + {m.zero_expert_num} zero experts, top-{m.moe_topk}, K_e "
             f"{cfg.ffn_expert_target:g}); {tokens} tokens/step, {cfg.max_steps} steps, "
             f"{len(run.sampler.dataset) * cfg.data.seq_len / 1e6:.1f}M training tokens; {cfg.dtype} compute on "
-            f"{run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else ""))
+            f"{run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
+            + (f"; from {cfg.init_from}" if cfg.init_from else "")
+            + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
+                      if isinstance(data, ConversationDataset)))
 
 
 def _timed_step(run: Run) -> dict[str, Any]:
@@ -347,11 +363,14 @@ def finish(run: Run) -> dict[str, Any]:
     gathered one by one and rank 0 writes them), and a generated sample."""
     cfg, tok = run.cfg, run.tokenizer
     hf.save_pretrained(run.model, run.out, writer=distributed.is_main())
-    prompt = tok.encode(cfg.sample_prompt) or [tok.bos_id]
+    text = cfg.sample_prompt
+    if cfg.sft.data is not None:  # the sample prompt is a user message
+        text = tok.apply_chat_template([{"role": "user", "content": text}])
+    prompt = tok.encode(text, allow_special=cfg.sft.data is not None) or [tok.bos_id]
     ids = generate(run.model, prompt, cfg.sample_tokens, temperature=cfg.sample_temperature,
                    generator=torch.Generator(run.device).manual_seed(cfg.seed), eos_id=tok.eos_id,
                    max_context=cfg.data.seq_len)
-    sample = cfg.sample_prompt + tok.decode(ids)
+    sample = text + tok.decode(ids)
     if distributed.is_main():
         (run.out / "sample.txt").write_text(sample + "\n")
     return {"out": str(run.out), "steps": run.state.step, "tokens": run.state.tokens,
@@ -376,11 +395,15 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     checkpoint = training.resolve(out) if resume else None
     if not resume and training.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
+    pretrained = cfg.init_from if checkpoint is None else None  # a resumed run continues its own checkpoint
+    if pretrained is not None:
+        check_same_shapes(pretrained, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
     with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
         tokenizer = build_tokenizer(cfg, out, reuse=resume or not distributed.is_main(), progress=progress)
         cfg = dataclasses.replace(cfg, model=aligned_model_config(cfg.model, cfg.scaling.variance_alignment).replace(
-            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id))
+            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+            vocab_size=max(cfg.model.vocab_size, tokenizer.vocab_size)))  # SFT may add the chat markers
         train_set, val_set = build_datasets(cfg, tokenizer, progress)
     with torch.device("meta"):
         model = Transformer(cfg.model)
@@ -388,6 +411,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                          activation_checkpointing=cfg.activation_checkpointing)
     model.to_empty(device=device)
     scale = init_parameters(model, cfg.scaling, cfg.seed)
+    if pretrained is not None:
+        load_pretrained(model, pretrained)  # each rank its own rows; new vocabulary rows: the mean row
     m = cfg.model
     controller = BudgetController(cfg.budget, m.num_layers, m.n_routed_experts, m.moe_topk, cfg.ffn_expert_target,
                                   device) if cfg.budget.enabled and m.zero_expert_num else None
@@ -433,18 +458,21 @@ def resume_config(out: str | Path) -> TrainConfig:
 
 
 def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool) -> Tokenizer:
-    """The run's tokenizer: OUT's own when resuming, else `data.tokenizer`, else a BPE trained on the corpus."""
+    """The run's tokenizer: OUT's own when resuming, else `data.tokenizer`, else init_from's, else a BPE trained
+    on the corpus. For SFT, the chat markers the model writes become single tokens (added when missing)."""
     if reuse and (out / "tokenizer.json").is_file():
         return Tokenizer.load(out)
-    if cfg.data.tokenizer is not None:
-        tokenizer = Tokenizer.load(cfg.data.tokenizer)
+    if cfg.data.tokenizer is not None or cfg.init_from is not None:
+        tokenizer = Tokenizer.load(cfg.data.tokenizer or cfg.init_from)
+        if cfg.sft.data is not None:
+            tokenizer = tokenizer.with_tokens(CHAT_MARKERS)
     else:
         if progress:
             print(f"training a byte-level BPE (vocab {cfg.model.vocab_size}) on "
                   f"{cfg.data.tokenizer_sample_bytes / 1e6:.0f} MB of {cfg.data.source}", flush=True)
         texts = sample_texts(cfg.data.source, cfg.data.tokenizer_sample_bytes, text_field=cfg.data.text_field)
         tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
-    if tokenizer.vocab_size > cfg.model.vocab_size:
+    if tokenizer.vocab_size > cfg.model.vocab_size and cfg.sft.data is None:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
     tokenizer.model_max_length = cfg.model.max_position_embeddings
@@ -452,9 +480,16 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool)
     return tokenizer
 
 
-def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool) -> tuple[TokenDataset, TokenDataset]:
-    """Tokenize the corpus once into a cached shard; windows of seq_len + 1; the tail is the validation split."""
+def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
+                   ) -> tuple[TokenDataset, TokenDataset] | tuple[ConversationDataset, ConversationDataset]:
+    """Tokenize the corpus once into a cached shard; windows of seq_len + 1; the tail is the validation split.
+    SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversations.py)."""
     data = cfg.data
+    if cfg.sft.data is not None:
+        train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
+                                                   data.seq_len, cfg.seed, cfg.sft.overlong)
+        validation_batches(val_set, data.batch_size // data.grad_accum)  # fails now if the split is too small
+        return train_set, val_set
     cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
                               progress=progress)

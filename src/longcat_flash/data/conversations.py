@@ -1,0 +1,390 @@
+"""Conversations for supervised fine-tuning: read and check OpenAI-format rows, render them with the model's chat
+template, mark the assistant tokens, and pack them into fixed-length windows (docs/sft.md).
+
+    rows (.jsonl / .parquet)  ->  Conversation (checked, content parts joined)
+                              ->  tokens + trained mask (assistant turns, end-of-turn token included)
+                              ->  windows of seq_len + 1 tokens, several conversations each, with document ids
+
+A bad row is an error naming the file, the line (the row of a .parquet, from 1) and the field. Every field we
+read is honoured: one we would have to drop (an image part, a message `name`, a reasoning field) is an error.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+
+from .batches import IGNORE, PackedBatch
+
+ROLES = ("system", "user", "assistant", "tool")
+ROW_FIELDS = ("messages", "tools")
+MESSAGE_FIELDS = {"system": ("role", "content"), "user": ("role", "content"),
+                  "assistant": ("role", "content", "tool_calls"), "tool": ("role", "content", "tool_call_id", "name")}
+TOOL_CALL_FIELDS = ("id", "type", "function")
+FUNCTION_CALL_FIELDS = ("name", "arguments")
+TOOL_FIELDS = ("type", "function")
+FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
+PACK_LOOKBACK = 64  # open windows a conversation may go into (first fit among the newest ones)
+
+
+class ConversationError(ValueError):
+    """A row that is not a conversation we can train on; the message starts with `file:line: field:`."""
+
+
+class ChatTokenizer(Protocol):
+    eos_id: int | None
+    pad_id: int | None
+
+    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                            tools: Sequence[dict[str, Any]] | None = None) -> str: ...
+
+    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]: ...
+
+
+@dataclass(frozen=True)
+class Conversation:
+    messages: list[dict[str, Any]]  # checked, content parts joined into strings, null fields removed
+    tools: list[dict[str, Any]] | None
+    where: str  # "file:line", for later errors
+
+
+# ---- reading and checking ----
+
+def read_conversations(path: str | Path) -> list[Conversation]:
+    """Every row of a .jsonl or .parquet file as a checked Conversation (the first bad row is an error)."""
+    return [parse_row(row, where) for where, row in _rows(Path(path))]
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if not path.is_file():
+        raise FileNotFoundError(f"conversation file not found: {path}")
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as err:
+            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
+        number = 0
+        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+            for row in batch.to_pylist():
+                number += 1
+                yield f"{path}:{number}", row
+        return
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line) or .parquet")
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ConversationError(f"{path}:{number}: not valid JSON ({err})") from None
+            yield f"{path}:{number}", row
+
+
+def parse_row(row: Any, where: str) -> Conversation:
+    """Check one row ({"messages": [...], "tools": [...]}) and normalise it; ConversationError names the field.
+
+    Null fields count as absent (a .parquet fills every column of a struct); content parts of type text are
+    joined into one string."""
+    row = _object(row, where, "row")
+    _known(row, ROW_FIELDS, where, "", "a row has 'messages' and optionally 'tools'")
+    if "messages" not in row:
+        raise ConversationError(f"{where}: messages: missing (a row is {{\"messages\": [...], \"tools\": [...]}})")
+    tools = None if row.get("tools") is None else [_tool(t, where, f"tools[{i}]")
+                                                   for i, t in enumerate(_list(row["tools"], where, "tools"))]
+    raw = _list(row["messages"], where, "messages")
+    if not raw:
+        raise ConversationError(f"{where}: messages: empty")
+    messages: list[dict[str, Any]] = []
+    for i, message in enumerate(raw):
+        messages.append(_message(message, where, f"messages[{i}]", i, messages))
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ConversationError(f"{where}: messages: no assistant message (nothing to train on)")
+    return Conversation(messages, tools, where)
+
+
+def _fail(where: str, name: str, problem: str) -> ConversationError:
+    return ConversationError(f"{where}: {name}: {problem}")
+
+
+def _object(value: Any, where: str, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _fail(where, name, f"expected an object, got {type(value).__name__} {value!r:.60}")
+    return {k: v for k, v in value.items() if v is not None}
+
+
+def _list(value: Any, where: str, name: str) -> list[Any]:
+    if not isinstance(value, (list, tuple)):
+        raise _fail(where, name, f"expected a list, got {type(value).__name__} {value!r:.60}")
+    return list(value)
+
+
+def _string(value: Any, where: str, name: str) -> str:
+    if not isinstance(value, str):
+        raise _fail(where, name, f"expected a string, got {type(value).__name__} {value!r:.60}")
+    return value
+
+
+def _known(obj: dict[str, Any], allowed: Sequence[str], where: str, prefix: str, what: str) -> None:
+    for key in obj:
+        if key not in allowed:
+            raise _fail(where, f"{prefix}{key}", f"unsupported field ({what}: {', '.join(allowed)})")
+
+
+def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str, Any]]) -> dict[str, Any]:
+    message = _object(raw, where, name)
+    role = message.get("role")
+    if role not in ROLES:
+        raise _fail(where, f"{name}.role", f"{role!r} is not one of {'/'.join(ROLES)}")
+    _known(message, MESSAGE_FIELDS[role], where, f"{name}.", f"a {role} message has")
+    if role == "system" and index != 0:
+        raise _fail(where, f"{name}.role", "a system message must come first")
+    if role == "assistant" and index == 0:
+        raise _fail(where, f"{name}.role", "a conversation starts with a system or user message")
+    out: dict[str, Any] = {"role": role}
+    if role == "assistant" and "tool_calls" in message:
+        calls = _list(message["tool_calls"], where, f"{name}.tool_calls")
+        if calls:
+            out["tool_calls"] = [_tool_call(c, where, f"{name}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    if "content" in message:
+        out["content"] = _content(message["content"], where, f"{name}.content")
+    elif role != "assistant" or "tool_calls" not in out:
+        raise _fail(where, f"{name}.content", "missing" + (" (an assistant message needs content or tool_calls)"
+                                                            if role == "assistant" else ""))
+    else:
+        out["content"] = None
+    if role == "tool":
+        _check_tool_result(message, where, name, before)
+        out.update({k: message[k] for k in ("tool_call_id", "name") if k in message})
+    return out
+
+
+def _content(value: Any, where: str, name: str) -> str:
+    """A string, or a list of {"type": "text", "text": ...} parts joined into one."""
+    if isinstance(value, str):
+        return value
+    parts = []
+    for i, part in enumerate(_list(value, where, name)):
+        part = _object(part, where, f"{name}[{i}]")
+        if part.get("type") != "text":
+            raise _fail(where, f"{name}[{i}].type", f"{part.get('type')!r} is not supported (only text parts)")
+        _known(part, ("type", "text"), where, f"{name}[{i}].", "a text part has")
+        parts.append(_string(part.get("text"), where, f"{name}[{i}].text"))
+    return "".join(parts)
+
+
+def _tool_call(raw: Any, where: str, name: str) -> dict[str, Any]:
+    call = _object(raw, where, name)
+    _known(call, TOOL_CALL_FIELDS, where, f"{name}.", "a tool call has")
+    if call.get("type", "function") != "function":
+        raise _fail(where, f"{name}.type", f"{call['type']!r} is not supported (only 'function')")
+    if "id" in call:
+        _string(call["id"], where, f"{name}.id")
+    fn = _object(call.get("function"), where, f"{name}.function")
+    _known(fn, FUNCTION_CALL_FIELDS, where, f"{name}.function.", "a function call has")
+    if not _string(fn.get("name"), where, f"{name}.function.name"):
+        raise _fail(where, f"{name}.function.name", "empty")
+    arguments = fn.get("arguments", {})
+    parsed = arguments
+    if isinstance(arguments, str):
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError as err:
+            raise _fail(where, f"{name}.function.arguments", f"not valid JSON ({err})") from None
+    if not isinstance(parsed, dict):
+        raise _fail(where, f"{name}.function.arguments", f"must be a JSON object, got {arguments!r:.60}")
+    return {**call, "function": {"name": fn["name"], "arguments": arguments}}
+
+
+def _check_tool_result(message: dict[str, Any], where: str, name: str, before: list[dict[str, Any]]) -> None:
+    """A tool message answers a call of the assistant turn just before the run of tool messages it is in."""
+    at = next((i for i in range(len(before) - 1, -1, -1) if before[i]["role"] != "tool"), None)
+    calls = [] if at is None or before[at]["role"] != "assistant" else before[at].get("tool_calls", [])
+    if not calls:
+        raise _fail(where, f"{name}.role", "a tool message must follow an assistant message with tool_calls")
+    results = len(before) - at - 1  # tool messages already answering this turn
+    if results >= len(calls):
+        raise _fail(where, f"{name}.role", f"more tool results than the {len(calls)} call(s) before them")
+    if "tool_call_id" in message:
+        ids = [c.get("id") for c in calls]
+        if _string(message["tool_call_id"], where, f"{name}.tool_call_id") not in ids:
+            raise _fail(where, f"{name}.tool_call_id", f"{message['tool_call_id']!r} answers none of the calls "
+                                                        f"before it ({', '.join(map(str, ids))})")
+    if "name" in message:
+        names = [c["function"]["name"] for c in calls]
+        if _string(message["name"], where, f"{name}.name") not in names:
+            raise _fail(where, f"{name}.name", f"{message['name']!r} is none of the called functions "
+                                                f"({', '.join(names)})")
+
+
+def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
+    tool = _object(raw, where, name)
+    _known(tool, TOOL_FIELDS, where, f"{name}.", "a tool has")
+    if tool.get("type") != "function":
+        raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
+    fn = _object(tool.get("function"), where, f"{name}.function")
+    _known(fn, FUNCTION_FIELDS, where, f"{name}.function.", "a function has")
+    _string(fn.get("name"), where, f"{name}.function.name")
+    if "description" in fn:
+        _string(fn["description"], where, f"{name}.function.description")
+    if "parameters" in fn:
+        _object(fn["parameters"], where, f"{name}.function.parameters")
+    return {"type": "function", "function": fn}
+
+
+# ---- rendering and tokenizing ----
+
+def render_pieces(tokenizer: ChatTokenizer, conversation: Conversation) -> list[tuple[str, bool]]:
+    """The conversation rendered with the chat template as (text, trained) pieces, joining to the full render.
+
+    An assistant turn is what the template adds after the generation prompt of the messages before it, up to
+    and including its end-of-turn token: exactly what the model writes when served. Found by rendering the
+    prefixes, so any template that renders a conversation as an extension of its prefixes works."""
+    messages, tools = conversation.messages, conversation.tools
+    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=tools)
+    pieces, done = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+        turn = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tools=tools)
+        if not (len(prompt) >= done and turn.startswith(prompt) and full.startswith(turn)):
+            raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
+                                    f"the conversation as an extension of its prefixes; cannot find the "
+                                    f"assistant turn")
+        pieces += [(full[done:len(prompt)], False), (full[len(prompt):len(turn)], True)]
+        done = len(turn)
+    pieces.append((full[done:], False))
+    return [(text, trained) for text, trained in pieces if text]
+
+
+def tokenize(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (N,), trained (N,) bool): the pieces encoded one by one (special tokens parsed, as the server
+    encodes a prompt), so no token straddles the start or end of an assistant turn."""
+    pieces = render_pieces(tokenizer, conversation)
+    encoded = tokenizer.encode_batch([text for text, _ in pieces], allow_special=True)
+    ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
+    trained = np.fromiter((t for piece, (_, t) in zip(encoded, pieces) for _ in piece), dtype=bool, count=len(ids))
+    return ids, trained
+
+
+# ---- packing ----
+
+@dataclass
+class PackStats:
+    conversations: int = 0
+    truncated: int = 0
+    skipped: int = 0  # over-long, with overlong=skip
+    untrained: int = 0  # nothing left to train on after truncation
+    tokens: int = 0  # conversation tokens packed
+    trained_tokens: int = 0
+
+    def describe(self, split: str, windows: int, window: int) -> str:
+        fill = self.tokens / max(1, windows * window)
+        text = (f"sft {split}: {self.conversations} conversations -> {windows} windows of {window} tokens "
+                f"({fill:.0%} filled, {self.trained_tokens} trained tokens)")
+        if self.truncated or self.skipped or self.untrained:
+            text += (f"; over-long (> {window} tokens): {self.truncated} truncated, {self.skipped} skipped"
+                     f"{f', {self.untrained} dropped with no assistant token left' if self.untrained else ''}")
+        return text
+
+
+class ConversationDataset:
+    """Packed windows of seq_len + 1 tokens: whole conversations, each a document of its own, then padding.
+
+    `batch(indices)` gives a PackedBatch; with ResumableSampler and validation_batches it behaves like a
+    TokenDataset (same interface), so the training loop, its resume and its data parallelism are unchanged."""
+
+    def __init__(self, tokens: np.ndarray, trained: np.ndarray, documents: np.ndarray, split: str,
+                 report: str) -> None:
+        self.tokens, self.trained, self.documents = tokens, trained, documents  # (N, S+1) each
+        self.split, self.report = split, report
+        self.seq_len = tokens.shape[1] - 1
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batch(self, indices: Sequence[int] | np.ndarray) -> PackedBatch:
+        idx = np.asarray(indices, dtype=np.int64)
+        tokens = self.tokens[idx].astype(np.int64)
+        return PackedBatch(torch.from_numpy(tokens),
+                           torch.from_numpy(np.where(self.trained[idx], tokens, IGNORE)),
+                           torch.from_numpy(self.documents[idx].astype(np.int64)))
+
+
+def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, split: str,
+         overlong: Literal["truncate", "skip"] = "truncate") -> ConversationDataset:
+    """First-fit packing (in the given order, among the newest PACK_LOOKBACK windows) of tokenized
+    conversations into windows of seq_len + 1 tokens; over-long ones truncated or skipped, and counted."""
+    window = seq_len + 1
+    stats = PackStats()
+    bins: list[list[int]] = []  # conversation indices per window
+    room: list[int] = []
+    kept: list[tuple[np.ndarray, np.ndarray]] = []
+    for ids, trained in encoded:
+        stats.conversations += 1
+        if len(ids) > window:
+            if overlong == "skip":
+                stats.skipped += 1
+                continue
+            stats.truncated += 1
+            ids, trained = ids[:window], trained[:window]
+        if not trained[1:].any():  # the first token is never a target
+            stats.untrained += 1
+            continue
+        kept.append((ids, trained))
+        first = len(bins) - PACK_LOOKBACK
+        target = next((b for b in range(max(0, first), len(bins)) if room[b] >= len(ids)), None)
+        if target is None:
+            bins.append([])
+            room.append(window)
+            target = len(bins) - 1
+        bins[target].append(len(kept) - 1)
+        room[target] -= len(ids)
+    if not bins:
+        raise ValueError(f"sft {split}: no conversation to train on ({stats.conversations} read, {stats.skipped} "
+                         f"skipped as longer than {window} tokens, {stats.untrained} without an assistant token "
+                         f"within them); raise data.seq_len or use sft.overlong=truncate")
+    tokens = np.full((len(bins), window), pad_id, dtype=np.int32)
+    trained_out = np.zeros((len(bins), window), dtype=bool)
+    documents = np.zeros((len(bins), window), dtype=np.int32)
+    for row, members in enumerate(bins):
+        at = 0
+        for doc, k in enumerate(members):
+            ids, trained = kept[k]
+            tokens[row, at:at + len(ids)], trained_out[row, at:at + len(ids)] = ids, trained
+            documents[row, at:at + len(ids)] = doc
+            at += len(ids)
+        documents[row, at:] = len(members)  # the padding is a document of its own, never trained
+    stats.tokens = int(sum(len(ids) for ids, _ in kept))
+    stats.trained_tokens = int(trained_out[:, 1:].sum())
+    return ConversationDataset(tokens, trained_out, documents, split, stats.describe(split, len(bins), window))
+
+
+def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,
+                          val_fraction: float, seq_len: int, seed: int,
+                          overlong: Literal["truncate", "skip"] = "truncate") -> tuple[ConversationDataset,
+                                                                                       ConversationDataset]:
+    """The train and validation windows: conversations in a seeded order (the validation share taken from the
+    front when there is no separate val_data), each split packed on its own."""
+    conversations = read_conversations(data)
+    order = np.random.default_rng([seed, 1]).permutation(len(conversations))
+    conversations = [conversations[i] for i in order]
+    if val_data is not None:
+        held_out = read_conversations(val_data)
+    else:
+        n_val = max(1, round(len(conversations) * val_fraction))
+        if n_val >= len(conversations):
+            raise ValueError(f"{data}: {len(conversations)} conversation(s) leave none for training after holding "
+                             f"out data.val_fraction={val_fraction}; add conversations or pass sft.val_data")
+        held_out, conversations = conversations[:n_val], conversations[n_val:]
+    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
+    train = pack([tokenize(tokenizer, c) for c in conversations], seq_len, pad, "train", overlong)
+    val = pack([tokenize(tokenizer, c) for c in held_out], seq_len, pad, "val", overlong)
+    return train, val

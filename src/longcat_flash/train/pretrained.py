@@ -1,0 +1,87 @@
+"""Starting a run from an HF model directory (`init_from`): check that the run's model has the checkpoint's weight
+shapes, then fill each rank's rows of every weight from the official-layout safetensors.
+
+The model is built on the meta device, sharded and materialised first (trainer.setup), exactly as for a fresh
+run; loading then reads one checkpoint tensor at a time and copies only the rows this process holds (FSDP and
+expert shards), so no rank ever holds the whole model. The vocabulary may grow (`longcat sft` adding the chat
+markers to a tokenizer that lacks them): the new rows of the embeddings and the LM head start as the mean of the
+checkpoint's rows, so a new token starts as an average token rather than a random one.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import hf
+from ..config import ModelConfig
+from ..model import Transformer
+from .optim import local_rows, param_name
+
+VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight", "model.mtp.embed_tokens.weight")
+
+
+def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape for a model config (built on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_same_shapes(directory: str | Path, cfg: ModelConfig) -> None:
+    """`cfg` (the checkpoint's config.json with the run's model.* overrides) must keep every weight shape: an
+    override may change rope_theta or max_position_embeddings, not a layer count or a width."""
+    saved = ModelConfig.from_json(directory)
+    changed = [f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+               for f in dataclasses.fields(saved) if getattr(cfg, f.name) != getattr(saved, f.name)]
+    theirs, ours = weight_shapes(saved), weight_shapes(cfg)
+    if theirs != ours:
+        differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))
+        raise ValueError(f"init_from={directory}: the run's model does not have the checkpoint's weight shapes "
+                         f"({differ[0]}: {theirs.get(differ[0])} there, {ours.get(differ[0])} here); only "
+                         f"overrides that keep every shape apply on top of init_from. Changed: "
+                         f"{', '.join(changed) or 'none'}")
+
+
+@torch.no_grad()
+def load_pretrained(model: Transformer, directory: str | Path) -> None:
+    """Copy the checkpoint in `directory` into this process's part of `model` (materialised, possibly sharded).
+
+    Every weight and persistent buffer (router biases) must be in the checkpoint with the model's shape, except
+    the vocabulary rows, which may be more in the model (see the module docstring)."""
+    cfg = model.config
+    targets = {param_name(k): t for k, t in model.state_dict(keep_vars=True).items()}
+    if cfg.tie_word_embeddings:
+        targets.pop("lm_head.weight", None)
+    filled: set[str] = set()
+    for key, tensor in hf.read_tensors(Path(directory)):
+        native, expert, proj = hf.official_to_native(key)
+        if expert is not None and expert >= cfg.n_routed_experts:
+            continue  # zero-expert stubs written for transformers 5.x (checkpoint/hf.py)
+        if native not in targets:
+            raise KeyError(f"init_from={directory}: checkpoint key {key!r} has no place in this model")
+        target = targets[native]
+        local, first = local_rows(target)
+        if expert is None:
+            _copy_rows(local, first, tensor, key, tuple(target.shape), grow=native in VOCAB_ROWS)
+        elif first <= expert < first + len(local):  # this rank holds the expert
+            part = hf.expert_slice(local, expert - first, proj, cfg)
+            _copy_rows(part, 0, tensor, key, tuple(part.shape), grow=False)
+        filled.add(native)
+    missing = sorted(set(targets) - filled)
+    if missing:
+        raise KeyError(f"init_from={directory}: the checkpoint has no weights for {missing[:5]}")
+
+
+def _copy_rows(local: torch.Tensor, first: int, tensor: torch.Tensor, key: str, shape: tuple[int, ...],
+               grow: bool) -> None:
+    """local: rows first.. of a weight of full `shape`; tensor: the checkpoint's whole weight."""
+    fits = tuple(tensor.shape) == shape or (grow and tensor.shape[0] < shape[0]
+                                           and tuple(tensor.shape[1:]) == shape[1:])
+    if not fits:
+        raise ValueError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, the model expects {shape}")
+    have = max(0, min(len(local), tensor.shape[0] - first))  # rows of `local` the checkpoint holds
+    local[:have].copy_(tensor[first:first + have])
+    if have < len(local):
+        local[have:].copy_(tensor.float().mean(0).to(local.dtype))

@@ -1,0 +1,76 @@
+"""The context-extension stage on the command line: `longcat train --set init_from=DIR` with a longer context and
+a RoPE change writes the new rope fields into the output config.json (docs/context_extension.md)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from train_support import make_corpus, tiny_overrides
+
+from longcat_flash.cli import main
+from longcat_flash.config import ModelConfig, RopeScaling
+from longcat_flash.train.config import TrainConfig
+
+S, LONG = 64, 256  # the tiny recipe's seq_len, and 4x it
+
+
+def sets(*overrides: str) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_cli(*args: str) -> str:
+    with pytest.raises(SystemExit) as exc:
+        main(list(args))
+    return str(exc.value.code)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> tuple[Path, list[str]]:
+    """A tiny model pre-trained for 2 steps at S positions, and the data overrides every run here uses."""
+    root = tmp_path_factory.mktemp("context")
+    data = tiny_overrides(make_corpus(root / "corpus"), root / "cache", "data.val_batches=1")
+    main(["train", "--preset", "tiny", "--out", str(root / "base"), "--max-steps", "2", "--no-progress",
+          *sets(*data, f"model.max_position_embeddings={S}", "model.rope_theta=10000")])
+    return root / "base", data
+
+
+@pytest.mark.parametrize("rope", [
+    [f"model.rope_scaling={{'rope_type': 'yarn', 'factor': 4, 'original_max_position_embeddings': {S}}}"],
+    ["model.rope_theta=500000"],
+], ids=["yarn", "rope-theta"])
+def test_extension_run_writes_the_rope_fields_into_config_json(base, rope, tmp_path):
+    directory, data = base
+    out = tmp_path / "extended"
+    main(["train", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--no-progress",
+          *sets(*data, f"init_from={directory}", f"model.max_position_embeddings={LONG}", *rope,
+                f"data.seq_len={LONG}", "data.batch_size=2")])
+    cfg, before = ModelConfig.from_json(out), ModelConfig.from_json(directory)
+    written = json.loads((out / "config.json").read_text())
+    assert written["max_position_embeddings"] == cfg.max_position_embeddings == LONG
+    saved = TrainConfig.from_json(out / "train_config.json")  # what --resume rebuilds
+    assert saved.model == cfg and saved.data.seq_len == LONG and saved.init_from == str(directory)
+    if "yarn" in rope[0]:
+        assert cfg.rope_scaling == RopeScaling(rope_type="yarn", factor=4, original_max_position_embeddings=S)
+        assert written["rope_parameters"]["rope_type"] == "yarn" and written["rope_parameters"]["factor"] == 4
+        assert cfg.rope_theta == before.rope_theta
+    else:
+        assert written["rope_parameters"] == {"rope_type": "default", "rope_theta": 500000.0}
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoConfig.from_pretrained(out)
+    assert ModelConfig.from_dict(json.loads(hf.to_json_string())) == cfg
+
+
+def test_bad_extension_overrides_are_clear_errors(base):
+    directory, data = base
+    start = ["train", "--preset", "tiny", "--print-config", *sets(*data, f"init_from={directory}")]
+    message = run_cli(*start, *sets(f"data.seq_len={LONG}"))
+    assert f"data.seq_len must be <= model.max_position_embeddings={S}" in message
+    message = run_cli(*start, *sets("model.rope_scaling.factor=4"))
+    assert "rope_scaling.factor=4.0 only applies with rope_type='yarn'" in message
+    message = run_cli(*start, *sets("model.rope_scaling={'rope_type': 'yarn', 'factor': 4, "
+                                    "'original_max_position_embeddings': 128}"))
+    assert f"original_max_position_embeddings=128 exceeds max_position_embeddings={S}" in message
+    assert "model.num_layers" in run_cli("train", "--preset", "tiny", "--max-steps", "1", "--out",
+                                         str(directory.parent / "wider"),
+                                         *sets(*data, f"init_from={directory}", "model.num_layers=3"))

@@ -1,0 +1,207 @@
+"""SFT data: rows are checked with errors naming file, line and field; the loss mask covers exactly the assistant
+turns (found here from the rendered text, independently of the code under test); packing and over-long rows."""
+from __future__ import annotations
+
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+from sft_support import conversation, write_conversations
+
+from longcat_flash.data.conversations import (
+    ConversationError,
+    conversation_datasets,
+    pack,
+    parse_row,
+    read_conversations,
+    render_pieces,
+    tokenize,
+)
+from longcat_flash.data.tool_dialogues import iter_conversations
+from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+          "{% for c in m['tool_calls'] or [] %}<tool>{{ c['function']['name'] }}</tool>{% endfor %}"
+          "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> Tokenizer:
+    return stdlib_tokenizer(512)
+
+
+def assistant_spans(text: str, template: str) -> list[tuple[int, int]]:
+    """Where the assistant writes, read off the rendered text: from after its turn marker through eos."""
+    start = " ASSISTANT:" if template == "longcat" else "<|im_start|>assistant\n"
+    return [(m.end(), text.index("</s>", m.end()) + len("</s>")) for m in re.finditer(re.escape(start), text)]
+
+
+def rows(n: int) -> list[dict]:
+    rng = random.Random(1)
+    return [conversation(rng) for _ in range(n)] + list(iter_conversations(12, seed=3))
+
+
+@pytest.mark.parametrize("template", ["longcat", "chatml"])
+def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer, template):
+    if template == "chatml":
+        tokenizer = Tokenizer(tokenizer.backend, chat_template=CHATML)
+    for i, row in enumerate(rows(12)):
+        conv = parse_row(row, f"row{i}")
+        ids, trained = tokenize(tokenizer, conv)
+        text = tokenizer.apply_chat_template(conv.messages, add_generation_prompt=False, tools=conv.tools)
+        # each token's characters in the rendered text (the synthetic data is ASCII: one byte, one character)
+        ends = [len(tokenizer.decode(ids[:k + 1], skip_special_tokens=False)) for k in range(len(ids))]
+        assert tokenizer.decode(ids, skip_special_tokens=False) == text
+        spans = assistant_spans(text, template)
+        assert len(spans) == sum(m["role"] == "assistant" for m in conv.messages)
+        expected = [any(a <= start and end <= b for a, b in spans) for start, end in zip([0, *ends[:-1]], ends)]
+        assert trained.tolist() == expected, row
+        assert trained.any() and not trained.all()
+        assert ids[trained][-1] == tokenizer.eos_id  # the end-of-turn token is trained
+
+
+def test_tool_call_tags_are_single_trained_tokens(tokenizer):
+    row = next(r for r in rows(30) if "tools" in r)
+    ids, trained = tokenize(tokenizer, parse_row(row, "x"))
+    open_id = tokenizer.encode("<longcat_tool_call>", allow_special=True)
+    assert len(open_id) == 1
+    tag_positions = np.flatnonzero(ids == open_id[0])
+    # the tools block in the system prompt mentions the tag too (untrained); the call itself is trained
+    assert trained[tag_positions].any() and not trained[tag_positions].all()
+
+
+BAD_ROWS = [
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]},
+     "messages[1].role: 'robot' is not one of system/user/assistant/tool"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]},
+                   {"role": "assistant", "content": "a"}]},
+     "messages[0].content[0].type: 'image_url' is not supported (only text parts)"),
+    ({"messages": [{"role": "user", "content": "hi", "name": "bob"}, {"role": "assistant", "content": "a"}]},
+     "messages[0].name: unsupported field"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a",
+                                                       "reasoning_content": "..."}]},
+     "messages[1].reasoning_content: unsupported field"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "messages: no assistant message"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
+     "messages[1].tool_calls[0].function.arguments: not valid JSON"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "tool", "content": "3"}]},
+     "messages[1].role: a tool message must follow an assistant message with tool_calls"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "3"}]},
+     "messages[2].tool_call_id: 'c2' answers none of the calls before it"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}, {"role": "tool", "content": "4"}]},
+     "messages[3].role: more tool results than the 1 call(s) before them"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "name": "g", "content": "3"}]},
+     "messages[2].name: 'g' is none of the called functions (f)"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}], "id": 7},
+     "id: unsupported field"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "retrieval"}]}, "tools[0].type: 'retrieval' is not supported"),
+    ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
+     "messages[0].content: expected a list, got int"),
+    ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0].content: missing"),
+]
+
+
+@pytest.mark.parametrize("row,message", BAD_ROWS, ids=[m.split(":")[0] for _, m in BAD_ROWS])
+def test_bad_row_names_file_line_and_field(tmp_path, row, message):
+    path = write_conversations(tmp_path / "data.jsonl", 3)
+    with path.open("a") as f:
+        f.write("\n" + json.dumps(row) + "\n")  # a blank line still counts: the bad row is line 5
+    with pytest.raises(ConversationError) as err:
+        read_conversations(path)
+    assert str(err.value).startswith(f"{path}:5: {message}"), str(err.value)
+
+
+def test_invalid_json_names_the_line(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(conversation(random.Random(0))) + "\n{not json\n")
+    with pytest.raises(ConversationError, match=r"data.jsonl:2: not valid JSON"):
+        read_conversations(path)
+
+
+def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    data = [conversation(random.Random(i)) for i in range(12)]
+    for row in data:  # parquet needs one type per column: arguments as strings, content of user turns as text
+        row.setdefault("tools", None)  # and every column in the first row (the schema comes from it)
+        for m in row["messages"]:
+            if isinstance(m.get("content"), list):
+                m["content"] = "".join(p["text"] for p in m["content"])
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    pq.write_table(pa.Table.from_pylist(data), tmp_path / "a.parquet")  # structs: absent keys come back null
+    from_jsonl, from_parquet = read_conversations(tmp_path / "a.jsonl"), read_conversations(tmp_path / "a.parquet")
+    for a, b in zip(from_jsonl, from_parquet, strict=True):
+        assert all(np.array_equal(x, y) for x, y in zip(tokenize(tokenizer, a), tokenize(tokenizer, b)))
+    bad = [*data[:2], {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}]
+    pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
+    with pytest.raises(ConversationError, match=r"bad.parquet:3: messages\[1\].role: 'bot'"):
+        read_conversations(tmp_path / "bad.parquet")
+
+
+def encoded(tokenizer, n=40):
+    rng = random.Random(5)
+    return [tokenize(tokenizer, parse_row(conversation(rng), "x")) for _ in range(n)]
+
+
+def test_packing_keeps_whole_conversations_as_documents(tokenizer):
+    convs = encoded(tokenizer)
+    data = pack(convs, seq_len=500, pad_id=tokenizer.pad_id, split="train")
+    assert data.tokens.shape[1] == 501
+    assert len(data) < len(convs)  # several conversations share a window
+    found = []
+    for tokens, trained, docs in zip(data.tokens, data.trained, data.documents):
+        assert (np.diff(docs) >= 0).all() and docs[0] == 0  # documents are contiguous, numbered from 0
+        for d in np.unique(docs):
+            if trained[docs == d].any():
+                found.append(tuple(tokens[docs == d]))
+            else:  # the padding after the last conversation
+                assert d == docs[-1] and (tokens[docs == d] == tokenizer.pad_id).all()
+    assert sorted(found) == sorted(tuple(ids) for ids, _ in convs)
+
+
+def test_overlong_conversations_are_truncated_or_skipped_and_counted(tokenizer):
+    convs = encoded(tokenizer)
+    lengths = np.array([len(ids) for ids, _ in convs])
+    seq_len = 60  # plain answers fit, two-round chats lose their second round, tool calls lose every turn
+    over = int((lengths > seq_len + 1).sum())
+    assert 0 < over < len(convs)
+    skipped = pack(convs, seq_len, tokenizer.pad_id, "train", overlong="skip")
+    assert f"{over} skipped" in skipped.report and "0 truncated" in skipped.report
+    assert skipped.documents.max(axis=1).sum() == len(convs) - over  # one padding document per window
+    truncated = pack(convs, seq_len, tokenizer.pad_id, "train", overlong="truncate")
+    assert f"{over} truncated" in truncated.report
+    # a truncated one fills its window to the last token, unless no assistant token was left in it (dropped)
+    dropped = re.search(r"(\d+) dropped with no assistant token left", truncated.report)
+    full = sum(int((d == d[-1]).all()) for d in truncated.documents)
+    assert dropped and full > 0 and full + int(dropped.group(1)) == over
+
+
+def test_render_pieces_join_to_the_full_render(tokenizer):
+    for row in rows(6):
+        conv = parse_row(row, "x")
+        pieces = render_pieces(tokenizer, conv)
+        full = tokenizer.apply_chat_template(conv.messages, add_generation_prompt=False, tools=conv.tools)
+        assert "".join(text for text, _ in pieces) == full
+
+
+def test_held_out_conversations_come_from_the_file_or_a_separate_one(tmp_path, tokenizer):
+    data = write_conversations(tmp_path / "train.jsonl", 40, seed=0)
+    held = write_conversations(tmp_path / "val.jsonl", 10, seed=1)
+    train, val = conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0)
+    assert train.report.startswith("sft train: 30 conversations") and val.report.startswith("sft val: 10 conv")
+    train, val = conversation_datasets(tokenizer, data, held, 0.25, 500, seed=0)
+    assert train.report.startswith("sft train: 40 conversations") and val.report.startswith("sft val: 10 conv")
+    assert val.tokens.tobytes() == pack([tokenize(tokenizer, c) for c in read_conversations(held)], 500,
+                                        tokenizer.pad_id, "val").tokens.tobytes()

@@ -1,0 +1,150 @@
+"""SFT training: document masking makes a packed forward equal separate forwards (trunk and MTP head); init_from
+loads a checkpoint under non-shape overrides; a tokenizer without the chat markers grows the model, which still
+loads in transformers; a short run learns and resumes bit for bit."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from sft_support import tagless_checkpoint, tiny_checkpoint, write_conversations
+
+from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.data import IGNORE
+from longcat_flash.model import Transformer
+from longcat_flash.presets import tiny
+from longcat_flash.tokenizer import TOOL_CALL_TOKENS, Tokenizer
+from longcat_flash.train.config import build_config
+from longcat_flash.train.losses import mtp_targets
+from longcat_flash.train.metrics import read_metrics
+from longcat_flash.train.trainer import resume_config, setup, train
+
+
+def packed_and_separate(model: Transformer, lengths: list[int], documents: bool):
+    torch.manual_seed(1)
+    parts = [torch.randint(0, 256, (1, n)) for n in lengths]
+    ids = torch.cat(parts, dim=1)
+    docs = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    with torch.no_grad():
+        packed = model(ids, with_mtp=True, documents=docs if documents else None)
+        alone = [model(p, with_mtp=True) for p in parts]
+    return packed, alone
+
+
+@pytest.mark.parametrize("documents", [True, False], ids=["masked", "mask-off"])
+def test_packed_forward_equals_separate_forwards(documents):
+    model = Transformer(tiny()).eval()
+    lengths = [9, 5, 12]
+    packed, alone = packed_and_separate(model, lengths, documents)
+    start, worst_logits, worst_mtp = 0, 0.0, 0.0
+    for n, out in zip(lengths, alone):
+        worst_logits = max(worst_logits, (packed.logits[:, start:start + n] - out.logits).abs().max().item())
+        # the MTP head at t reads token t+1: within a document up to its second-last token
+        worst_mtp = max(worst_mtp, (packed.mtp_logits[:, start:start + n - 1] - out.mtp_logits).abs().max().item())
+        start += n
+    if documents:
+        assert worst_logits < 1e-5 and worst_mtp < 1e-5
+    else:  # without the mask the later conversations see the earlier ones: the check above has teeth
+        assert worst_logits > 1e-2 and worst_mtp > 1e-2
+
+
+def test_mtp_targets_never_cross_a_document():
+    targets = torch.arange(1, 9).view(1, 8)  # (B, S): token t+1 for input t
+    docs = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 2]])
+    # MTP at t predicts targets[t+1] from token t+1: valid only when t and t+1 share a document
+    assert mtp_targets(targets, docs).tolist() == [[2, 3, IGNORE, 5, 6, 7, IGNORE]]
+    assert mtp_targets(targets).tolist() == [[2, 3, 4, 5, 6, 7, 8]]
+
+
+def sft_config(model: Path, data: Path, *extra: str):
+    return build_config("sft", [f"init_from={model}", f"sft.data={data}", "data.seq_len=256", "data.batch_size=4",
+                                "data.val_fraction=0.2", "data.val_batches=2", "dtype=float32", "max_steps=2",
+                                "eval_every=0", "sample_tokens=4", "loss.monitor_every=0", *extra])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    return tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "model")
+
+
+@pytest.fixture(scope="module")
+def conversations(tmp_path_factory) -> Path:
+    return write_conversations(tmp_path_factory.mktemp("data") / "chat.jsonl", 150)
+
+
+def test_init_from_loads_the_checkpoint_and_keeps_non_shape_overrides(tmp_path, checkpoint, conversations):
+    cfg = sft_config(checkpoint, conversations, "model.rope_theta=5e5", "model.max_position_embeddings=1024")
+    run = setup(cfg, tmp_path / "run", progress=False)
+    assert run.cfg.model.rope_theta == 5e5 and run.cfg.model.max_position_embeddings == 1024
+    saved = LongcatFlash.from_pretrained(checkpoint).state_dict()
+    ours = run.model.state_dict()
+    assert saved.keys() == ours.keys()
+    assert all(torch.equal(saved[k], ours[k]) for k in saved)  # router biases included
+    assert Tokenizer.load(tmp_path / "run").fingerprint == Tokenizer.load(checkpoint).fingerprint  # has the tags
+
+
+def test_init_from_refuses_a_shape_changing_override(tmp_path, checkpoint, conversations):
+    cfg = sft_config(checkpoint, conversations, "model.expert_ffn_hidden_size=16")
+    with pytest.raises(ValueError, match=r"does not have the checkpoint's weight shapes.*expert_ffn_hidden_size=16"):
+        setup(cfg, tmp_path / "run", progress=False)
+
+
+def test_missing_chat_markers_grow_the_vocabulary_and_load_in_transformers(tmp_path, conversations):
+    transformers = pytest.importorskip("transformers")
+    old = tagless_checkpoint(tmp_path / "old")
+    old_vocab = Tokenizer.load(old).vocab_size
+    cfg = sft_config(old, conversations)
+    run = setup(cfg, tmp_path / "setup", progress=False)
+    tags = [run.tokenizer.encode(t, allow_special=True) for t in TOOL_CALL_TOKENS]
+    assert tags == [[old_vocab], [old_vocab + 1]] and run.cfg.model.vocab_size == old_vocab + 2
+    before = LongcatFlash.from_pretrained(old).state_dict()
+    for name in ("model.embed_tokens.weight", "lm_head.weight", "model.mtp.embed_tokens.weight"):
+        grown = run.model.state_dict()[name]
+        assert torch.equal(grown[:old_vocab], before[name])
+        assert torch.allclose(grown[old_vocab:], before[name].mean(0).expand(2, -1))  # new rows: the mean row
+
+    train(cfg, tmp_path / "out", progress=False)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == old_vocab + 2
+    ours = LongcatFlash.from_pretrained(tmp_path / "out").eval()
+    ours.save_pretrained(tmp_path / "stubs", zero_expert_stubs=True)  # what transformers' loader needs
+    reference = transformers.LongcatFlashForCausalLM.from_pretrained(tmp_path / "stubs").eval()
+    ids = torch.tensor([[5, old_vocab, 17, 40, old_vocab + 1, 2]])
+    with torch.no_grad():
+        assert (ours(ids).logits - reference(ids).logits).abs().max() <= 1e-4
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert hf_tokenizer.encode("<longcat_tool_call>", add_special_tokens=False) == [old_vocab]
+
+
+def test_sft_run_learns_and_resumes_bit_for_bit(tmp_path, checkpoint, conversations):
+    cfg = sft_config(checkpoint, conversations, "max_steps=8", "eval_every=4", "checkpoint.save_every=4",
+                     "optim.lr=3e-3")
+    out = tmp_path / "run"
+    train(cfg, out, progress=False)
+    full = read_metrics(out)
+    assert len(full) == 8 and full[-1]["val_loss"] < full[3]["val_loss"] < full[0]["lm_loss"]
+    assert full[-1]["lm_loss"] < full[0]["lm_loss"] and full[-1]["mtp_loss"] < full[0]["mtp_loss"]
+    assert all(r["budget_rate"] > 0 for r in full)  # the budget controller stays on
+    shutil.rmtree(out / "checkpoints" / "step_00000008")  # as if killed after the step-4 checkpoint
+    train(resume_config(out), out, resume=True, progress=False)
+    resumed = read_metrics(out)
+
+    def losses(records):
+        return [(r["step"], r["loss"], r["lm_loss"], r["mtp_loss"], r["grad_norm"], r.get("val_loss"))
+                for r in records]
+
+    assert losses(resumed) == losses(full)
+
+
+def test_every_trained_token_weighs_the_same_whatever_the_micro_batches(tmp_path, checkpoint, conversations):
+    """Windows hold different numbers of assistant tokens: the loss is their mean over the whole step, so
+    splitting the step into micro-batches changes nothing (and no more does splitting it over ranks:
+    tests/test_sft_cli.py runs world 2)."""
+    def run(name: str, accum: int) -> list[tuple]:
+        train(sft_config(checkpoint, conversations, "max_steps=3", f"data.grad_accum={accum}"), tmp_path / name,
+              progress=False)
+        return [v for r in read_metrics(tmp_path / name) for v in (r["lm_loss"], r["mtp_loss"])]
+
+    whole, split = run("whole", 1), run("split", 4)
+    assert whole == pytest.approx(split, rel=1e-5)
