@@ -5,7 +5,7 @@ length k, greedy and sampled: the acceptance rate (accepted / proposed drafts), 
 verification forward) and decode tok/s against k = 0 at batch 1; greedy outputs are checked token for token against
 plain greedy. Prints a table and one JSON line.
 
-    python bench/bench_mtp.py --model RUN_DIR [--drafts 1 2 3] [--prompts 8] [--new-tokens 48] [--quantize int8]
+    python bench/bench_mtp.py --model RUN_DIR [--drafts 1 2 3] [--prompts 8] [--new-tokens 48] [--quantize int4]
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def main() -> None:
     parser.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--quantize", default=None, choices=[None, "int8", "fp8"])
+    parser.add_argument("--quantize", default=None, choices=[None, "int8", "fp8", "int4", "int4-mixed"])
     args = parser.parse_args()
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)

@@ -1,12 +1,13 @@
-"""Block-wise weight quantization: perplexity change on held-out text and memory saved (issue 4, item 5).
+"""Weight quantization: perplexity change on held-out text and memory saved (issues 4 and 14).
 
-Configurations, all from one checkpoint: the checkpoint dtype (reference), int8 and fp8 128x128 blocks everywhere
-(router and kv_b_proj excepted), and each with layer-wise mixed precision (report §9.4: the --keep-top units with
-the largest input amplitude and the --keep-top with the largest block error stay unquantized, chosen on a separate
-calibration text). Held-out text: this repository's own Python sources, which are not in the stdlib training
-corpus. Prints a table and one JSON line.
+Configurations, all from one checkpoint: the checkpoint dtype (reference); int8 and fp8 128x128 blocks everywhere
+(router and kv_b_proj excepted), each also with layer-wise mixed precision (report §9.4: the --keep-top units with
+the largest input amplitude and the --keep-top with the largest block error stay unquantized); int4 groups of 64,
+and int4-mixed (the --keep-fraction of units with the largest measured int4 output error at int8). Mixed choices
+use a separate calibration text. Held-out text: this repository's own Python sources, which are not in the stdlib
+training corpus. Prints a table and one JSON line.
 
-    python bench/bench_quant.py --model RUN_DIR [--tokens 8192] [--window 512] [--keep-top 2]
+    python bench/bench_quant.py --model RUN_DIR [--tokens 8192] [--window 512] [--keep-top 2] [--keep-fraction 0.1]
 """
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from infer_common import table
 
 from longcat_flash.infer.loader import load_for_inference
-from longcat_flash.infer.quant import weight_bytes
+from longcat_flash.infer.quant import KEEP_SENSITIVE, weight_bytes
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import Tokenizer
 
@@ -53,18 +54,22 @@ def main() -> None:
     parser.add_argument("--model", required=True, help="a trained checkpoint directory (weights + tokenizer)")
     parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
     parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--keep-top", type=int, default=2, help="units kept per criterion in the mixed runs")
+    parser.add_argument("--keep-top", type=int, default=2, help="units kept per criterion in the int8/fp8 mixed runs")
+    parser.add_argument("--keep-fraction", type=float, default=KEEP_SENSITIVE,
+                        help="fraction of units kept at int8 in the int4-mixed run")
     args = parser.parse_args()
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     calibration = held_out(tokenizer, 2048, skip=args.tokens)[None]  # disjoint from the scored tokens
     ids = held_out(tokenizer, args.tokens)
     configs = {"checkpoint dtype": (None, 0), "int8": ("int8", 0), f"int8 mixed (top {args.keep_top})": ("int8",
-               args.keep_top), "fp8": ("fp8", 0), f"fp8 mixed (top {args.keep_top})": ("fp8", args.keep_top)}
+               args.keep_top), "fp8": ("fp8", 0), f"fp8 mixed (top {args.keep_top})": ("fp8", args.keep_top),
+               "int4": ("int4", 0), f"int4-mixed ({args.keep_fraction:.0%} at int8)": ("int4-mixed", 0)}
     rows, result = [], {"tokens": len(ids), "window": args.window}
     base_ppl = base_bytes = None
     for name, (fmt, top) in configs.items():
-        model, report = load_for_inference(args.model, quantize=fmt, calibration=calibration, keep_top=top)
+        model, report = load_for_inference(args.model, quantize=fmt, calibration=calibration, keep_top=top,
+                                           keep_fraction=args.keep_fraction)
         ppl, nbytes = perplexity(model, ids, args.window), weight_bytes(model)
         base_ppl, base_bytes = base_ppl or ppl, base_bytes or nbytes
         kept = report.kept if report else []

@@ -1,6 +1,7 @@
 """Shared pieces of the inference benchmarks: the bench checkpoint, its transformers twin, timing, rooflines."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from collections.abc import Callable
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 
 from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.checkpoint.hf import LongcatFlash
-from longcat_flash.infer import kernels, quant
+from longcat_flash.infer import quant
 from longcat_flash.infer.fused import FusedMLA, FusedMoE
 from longcat_flash.presets import get_preset
 
@@ -56,23 +57,42 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def gemv_bandwidth(fmt: str | None, total_bytes: float = 512e6, shape: tuple[int, int] = (4096, 1024),
-                   passes: int = 5) -> float:
-    """GB/s of x @ W^T at batch 1 over a working set far larger than the caches (bf16, or int8/fp8 blocks)."""
+def kernel_bandwidth(kind: str, rows: int = 1, total_bytes: float = 256e6, shape: tuple[int, int] = (4096, 1024),
+                     passes: int = 5) -> float:
+    """Weight GB/s of x (rows, I) @ W^T over a working set far larger than the caches, for one weight kernel:
+    "bf16" (F.linear), our "int8" blocks / "int4" groups, or "int4 torch" (aten's packed-int4 CPU kernel,
+    _weight_int4pack_mm_for_cpu, groups of 64 with bf16 scales and zero points)."""
     O, I = shape
-    x = torch.randn(1, I, dtype=torch.bfloat16)
-    if fmt is None:
-        count = int(total_bytes // (O * I * 2))
+    x = torch.randn(rows, I, dtype=torch.bfloat16)
+    per = O * I * {"bf16": 2, "int8": 1}.get(kind, 0.5)
+    count = max(1, int(total_bytes // per))
+    if kind == "bf16":
         weights = [torch.randn(O, I, dtype=torch.bfloat16) for _ in range(count)]
-        run = lambda: [F.linear(x, w) for w in weights]  # noqa: E731
-        nbytes = count * O * I * 2
+        run = lambda: [F.linear(x, w) for w in weights]
+    elif kind == "int4 torch":
+        codes = torch.randint(0, 16, (O, I), dtype=torch.int32)
+        packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) for _ in range(count)]
+        zeros = torch.randn(I // quant.GROUP, O, 2, dtype=torch.bfloat16)
+        run = lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, quant.GROUP, zeros) for p in packs]
     else:
-        count = int(total_bytes // (O * I))
-        blocks = [quant.quantize_blockwise(torch.randn(O, I), fmt) for _ in range(count)]
-        run = lambda: [kernels.block_linear(x, v, s) for v, s in blocks]  # noqa: E731
-        nbytes = count * O * I
+        one = quant.quantize_weight(torch.randn(O, I), kind)  # quantized once, copied: only the bytes matter
+        parts = [{k: t.clone() for k, t in one.items()} for _ in range(count)]
+        run = lambda: [quant.quant_linear(x, p, kind) for p in parts]
     run()
-    return nbytes / statistics.median(timed(run) for _ in range(passes)) / 1e9
+    return count * per / min(timed(run) for _ in range(passes)) / 1e9
+
+
+def stream_bandwidth(nbytes: float, min_buffer: float = 2**30, passes: int = 5) -> float:
+    """GB/s of a plain streaming read (a sum) of `nbytes` at a time: the machine's bandwidth for what a decode
+    step reads. Slices of `nbytes` are taken in turn from a buffer of at least `min_buffer` bytes, larger than the
+    caches, so every slice comes from memory as a decode step's expert weights do; best of `passes` passes."""
+    chunk = max(1, int(nbytes) // 4)  # fp32 elements per slice (fp32 sums stream fastest on CPU)
+    slices = max(1, math.ceil(min_buffer / (4 * chunk)))
+    buffer = torch.ones(slices * chunk)
+    parts = buffer.split(chunk)
+    run = lambda: [p.sum() for p in parts]
+    run()
+    return buffer.numel() * 4 / min(timed(run) for _ in range(passes)) / 1e9
 
 
 def tensor_bytes(*tensors: torch.Tensor) -> int:
@@ -85,7 +105,7 @@ def module_bytes(module: torch.nn.Module) -> int:
 
 def expert_bytes(experts: torch.nn.Module) -> float:
     """Bytes one expert's weights occupy (plain or quantized stacks)."""
-    n = (experts.gate_up_proj_values if isinstance(experts, quant.QuantExperts) else experts.gate_up_proj).shape[0]
+    n = next(iter([*experts.parameters(), *experts.buffers()])).shape[0]  # every stacked tensor is (E, ...)
     return module_bytes(experts) / n
 
 
@@ -111,6 +131,6 @@ def mean_ffn_experts(model: torch.nn.Module, ids: torch.Tensor) -> float:
 
 def table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)  # noqa: E731
+    line = lambda r: "  ".join(str(c).rjust(w) if i else str(c).ljust(w)
                                for i, (c, w) in enumerate(zip(r, widths)))
     return "\n".join([line(header), *(line(r) for r in rows)])

@@ -7,6 +7,7 @@ import pytest
 import torch
 from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
 
+from longcat_flash.infer import kernels, quant
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, fuse_for_inference
 from longcat_flash.infer.sampling import SamplingParams
@@ -64,3 +65,24 @@ def test_fused_engine_matches_the_reference_model(pair, k):
     engine = Engine(fused, EngineConfig(speculative=k, prefill_chunk=8, token_budget=64, page_size=4,
                                         cache_tokens=256, max_running=4))
     assert engine.generate(ps, params) == expected
+
+
+@pytest.mark.parametrize("tokens", [1, 3, 12, 40])
+def test_quantized_experts_take_the_whole_batch_in_one_call(pair, tokens, monkeypatch):
+    """With int4 experts, FusedMoE hands every routed row to the experts module at once, which runs two kernel
+    calls (gate_up and down) over all hit experts, or for prefill-sized batches (40 tokens: ~15 rows per expert)
+    dequantizes the hit experts once; either way it gets what the per-expert loop through the same weights gives."""
+    _, fused = pair
+    moe = copy.deepcopy(fused.model.layers[1].mlp)
+    quant.quantize_model(moe, "int4")
+    calls = []
+    group_experts = kernels.group_experts
+    monkeypatch.setattr(kernels, "group_experts", lambda x, *a: calls.append(x.shape[0]) or group_experts(x, *a))
+    x = torch.randn(1, tokens, 64)
+    with torch.no_grad():
+        _, _, ids, weights = moe.begin(x)
+        out, _ = moe(x)
+        ffn_rows = int((ids < moe.moe.n_ffn).sum())  # zero-expert slots never reach the experts
+        assert calls == ([ffn_rows] * 2 if kernels.kernel_available() and tokens < 40 else [])
+        expected = moe._few(x.reshape(-1, 64), ids, weights).view_as(x)  # apply_one per hit expert
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

@@ -4,7 +4,8 @@ The model's `Experts` runs `F.grouped_mm`, whose CPU fallback loops over every e
 (a handful of rows) that is 4 calls per expert for 5 useful ones. Here the loop visits only the experts with
 rows, reading each hit expert's weights in place (no gather copy, so decode reads exactly the active bytes).
 The counts come to the host once per layer, which is free on CPU.
-Swapped in by module replacement (`use_hit_experts`); quant.py's QuantExperts reuses the loop.
+Swapped in by module replacement (`use_hit_experts`); quant.py's QuantExperts reuses the loop for prefill-sized
+batches and runs smaller ones in one kernel call over all hit experts.
 
 Shapes: R routed rows, D model dim, F expert hidden, e experts.
 """
@@ -20,7 +21,9 @@ from .swap import swap_modules
 
 class HitExperts(nn.Module):
     """The loop over the hit experts; subclasses say how to apply one expert's projection (plain weights:
-    PlainHitExperts, block-quantized: quant.QuantExperts)."""
+    PlainHitExperts, quantized: quant.QuantExperts)."""
+
+    batched = False  # whether forward runs a grouped batch faster than apply_one per expert (FusedMoE asks)
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (R, D) rows grouped by expert, counts: (e,) -> (R, D); rows past sum(counts) (zero-expert slots

@@ -9,7 +9,8 @@ microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down 
   MLP    gate_proj and up_proj in one GEMV.
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
-         weights are scalars. The sum runs in expert order instead of slot order: equal up to rounding.
+         weights are scalars. Quantized experts take the whole grouped batch in one kernel call per projection
+         instead. The sum runs in expert order instead of slot order: equal up to rounding.
 Each twin is tested against its model module (tests/test_infer_fused.py).
 
 Shapes: B batch, S new tokens, L attended, D model, H heads, N/R/V head dims, C kv_lora_rank, Q q_lora_rank,
@@ -126,9 +127,10 @@ class FusedMLP(nn.Module):
 class FusedMoE(nn.Module):
     """The model's router and experts (kept as `moe`), run expert by expert with index_add combines.
 
-    Few tokens: routing decisions go to the host once and each hit expert's output is added with its gate weight
-    as a scalar. Many tokens: a stable sort of the slots by expert, then one gather, GEMV/GEMM pair and index_add
-    per hit expert; no (T*K, D) slot tensor is built. Zero experts: one scaled copy of x.
+    Few tokens (plain experts): routing decisions go to the host once and each hit expert's output is added with
+    its gate weight as a scalar. Otherwise: a stable sort of the slots by expert, one gather of the FFN slots' rows,
+    the experts module on them (grouped), one index_add; no (T*K, D) slot tensor is built. Zero experts: one
+    scaled copy of x.
     """
 
     def __init__(self, moe: MoE) -> None:
@@ -145,8 +147,8 @@ class FusedMoE(nn.Module):
     def compute(self, f: Any) -> Any:
         x, probs, ids, weights = f
         x_TD = x.reshape(-1, x.shape[-1])
-        small = x_TD.shape[0] <= SMALL_BATCH_TOKENS
-        return x, probs, ids, (self._few if small else self._many)(x_TD, ids, weights)
+        few = x_TD.shape[0] <= SMALL_BATCH_TOKENS and not getattr(self.moe.experts, "batched", False)
+        return x, probs, ids, (self._few if few else self._many)(x_TD, ids, weights)
 
     def finish(self, f: Any) -> tuple[torch.Tensor, RoutingInfo]:
         x, probs, ids, out = f
@@ -180,19 +182,15 @@ class FusedMoE(nn.Module):
         return out
 
     def _many(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """x (T, D): sort the T*K slots by expert (zero experts last), loop over the hit experts."""
+        """x (T, D): sort the T*K slots by expert (zero experts last); the experts module runs the grouped rows
+        (the plain one expert by expert, a quantized one in one kernel call per projection)."""
         E, K = self.moe.n_ffn, ids.shape[1]
         is_zero = ids >= E  # (T, K)
         out = self._zero_part(x, (weights * is_zero).sum(-1))
         order, counts = group_by_expert(ids, E)  # (T*K,) slots by expert, zero slots last; (E,)
-        tokens, gate_w = order // K, weights.reshape(-1)[order].to(x.dtype)  # (T*K,) in expert order
-        start = 0
-        for e, n in enumerate(counts.tolist()):
-            if n:
-                rows = tokens[start:start + n]
-                out.index_add_(0, rows, self.moe.experts.apply_one(e, x[rows]) * gate_w[start:start + n, None])
-                start += n
-        return out
+        slots = order[: int(counts.sum())]  # the FFN slots, in expert order
+        tokens, gate_w = slots // K, weights.reshape(-1)[slots].to(x.dtype)
+        return out.index_add_(0, tokens, self.moe.experts(x[tokens], counts) * gate_w[:, None])
 
 
 def fuse_for_inference(model: nn.Module) -> int:

@@ -9,7 +9,14 @@ from ..checkpoint.hf import LongcatFlash
 from ..device import resolve_device, use_device
 from ..model import Transformer
 from .fused import fuse_for_inference
-from .quant import QuantReport, choose_kept, quantize_model
+from .quant import (
+    KEEP_SENSITIVE,
+    QuantReport,
+    choose_kept,
+    choose_sensitive,
+    parse_quantize,
+    quantize_model,
+)
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
 
@@ -32,19 +39,25 @@ def inference_device(spec: str | torch.device) -> torch.device:
 
 def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: str | None = None,
                        calibration: torch.Tensor | None = None, keep_top: int = 0,
+                       keep_fraction: float = KEEP_SENSITIVE,
                        device: str | torch.device = "cpu") -> tuple[Transformer, QuantReport | None]:
-    """The model from `path` on `device`, ready for the engine; with `quantize`, block-quantized weights.
+    """The model from `path` on `device`, ready for the engine; with `quantize` (quant.CHOICES), quantized weights.
 
     The weights are read straight onto the device, then fused and quantized there (no CPU copy of the model).
-    keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype (quant.py).
+    int8/fp8: keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype.
+    int4-mixed: the keep_fraction most sensitive units (measured on calibration ids if given) stay at int8.
     """
+    fmt, keep_fmt = parse_quantize(quantize) if quantize else (None, None)
     device = inference_device(device)
     model = LongcatFlash.from_pretrained(path, dtype=parse_dtype(dtype), device=device)
     fuse_for_inference(model)
     report = None
-    if quantize:
+    if fmt:
+        calibration = None if calibration is None else calibration.to(device)
         keep = []
-        if keep_top and calibration is not None:
-            keep = choose_kept(model, calibration.to(device), quantize, keep_top).kept
-        report = quantize_model(model, quantize, keep)
+        if keep_fmt:
+            keep = choose_sensitive(model, calibration, fmt, keep_fraction).kept
+        elif keep_top and calibration is not None:
+            keep = choose_kept(model, calibration, fmt, keep_top).kept
+        report = quantize_model(model, fmt, keep, keep_fmt)
     return model.eval(), report

@@ -1,15 +1,24 @@
-"""Block-wise weight quantization by module swap, with layer-wise mixed precision (report §9.4).
+"""Weight quantization by module swap, with layer-wise mixed precision (report §9.4).
 
-Format (DeepSeek-V3 / LongCat FP8 style): a weight (O, I) is cut into 128x128 blocks; each block stores its values
-as int8 (scale = amax / 127) or float8_e4m3fn (scale = amax / 448) and one fp32 scale, so an outlier spoils only
-its own block. Stacked expert weights (E, O, I) get per-expert blocks. Activations stay in the model dtype.
+Formats:
+  int8, fp8  (DeepSeek-V3 / LongCat FP8 style) a weight (O, I) is cut into 128x128 blocks; each block stores its
+             values as int8 (scale = amax / 127) or float8_e4m3fn (scale = amax / 448) and one fp32 scale, so an
+             outlier spoils only its own block.
+  int4       (llama.cpp Q4_1 style) each row is cut into groups of GROUP input values (32 where I is not a
+             multiple of GROUP); a group stores 4-bit codes q in 0..15, two per byte, and a bf16 scale and minimum,
+             w = scale * q + min. The range is chosen per group by a small search (shrinking [min, max], a least-
+             squares refit of scale and min each time) for the least squared error. 0.5625 bytes per weight.
+  int4-mixed int4, with the units whose int4 outputs are furthest from the exact ones kept at int8.
+Stacked expert weights (E, O, I) are quantized per expert. Activations stay in the model dtype.
 
 Which modules: every nn.Linear and every expert stack, except the router (fp32 by design, tiny) and `kv_b_proj`
-(the absorbed attention reads its weight directly; it is small). Mixed precision (`choose_kept`): calibration
-text runs through the model once; the units with the largest input activation amplitude and the units with the
-largest block-quantization error are kept in the model dtype, the report's two criteria.
+(the absorbed attention reads its weight directly; it is small). Mixed precision: for int8/fp8 (`choose_kept`),
+calibration text runs through the model once; the units with the largest input activation amplitude and the
+units with the largest block-quantization error are kept in the model dtype, the report's two criteria. For int4
+(`choose_sensitive`), each unit's relative output error under int4 is measured on its calibration inputs (without
+calibration text: its relative weight error), and the most sensitive units are kept at int8.
 
-Shapes: O out features, I in features, E experts, nO = ceil(O/128), nI = ceil(I/128).
+Shapes: O out features, I in features, E experts, nO = ceil(O/128), nI = ceil(I/128), nG = I / group.
 """
 from __future__ import annotations
 
@@ -26,17 +35,31 @@ from .experts import HitExperts, PlainHitExperts
 from .swap import swap_modules
 
 BLOCK = kernels.BLOCK
-FORMATS = {"int8": (torch.int8, 127.0), "fp8": (getattr(torch, "float8_e4m3fn", None), 448.0)}
+GROUP = 64  # int4 values per (scale, min) pair
+BLOCK_FORMATS = {"int8": (torch.int8, 127.0), "fp8": (getattr(torch, "float8_e4m3fn", None), 448.0)}
+FORMATS = (*BLOCK_FORMATS, "int4")
+MIXED = {"int4-mixed": ("int4", "int8")}  # name -> (format, format of the most sensitive units)
+CHOICES = (*FORMATS, *MIXED)  # what --quantize accepts
+KEEP_SENSITIVE = 0.1  # int4-mixed: the fraction of units (most sensitive first) kept at int8
+CLIP_SEARCH = (1.0, 0.95, 0.9, 0.85)  # int4: [min, max] shrink factors tried per group (docs/quantization.md)
 NEVER = ("router.", "kv_b_proj")  # name fragments of modules that are never quantized
 
 
-def check_format(fmt: str) -> tuple[torch.dtype, float]:
+def check_format(fmt: str) -> str:
     if fmt not in FORMATS:
         raise ValueError(f"quantization format must be one of {sorted(FORMATS)}, got {fmt!r}")
-    dtype, qmax = FORMATS[fmt]
-    if dtype is None:
+    if fmt in BLOCK_FORMATS and BLOCK_FORMATS[fmt][0] is None:
         raise ValueError(f"this torch ({torch.__version__}) has no float8_e4m3fn")
-    return dtype, qmax
+    return fmt
+
+
+def parse_quantize(name: str) -> tuple[str, str | None]:
+    """A --quantize value -> (format, format of the units kept by sensitivity, or None)."""
+    if name in MIXED:
+        return MIXED[name]
+    if name not in FORMATS:
+        raise ValueError(f"--quantize must be one of {', '.join(CHOICES)}, got {name!r}")
+    return check_format(name), None
 
 
 def _blocks(w: torch.Tensor) -> torch.Tensor:
@@ -48,7 +71,8 @@ def _blocks(w: torch.Tensor) -> torch.Tensor:
 
 def quantize_blockwise(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor]:
     """w (..., O, I) -> values (..., O, I) in the format's dtype, scales (..., nO, nI) fp32."""
-    dtype, qmax = check_format(fmt)
+    check_format(fmt)
+    dtype, qmax = BLOCK_FORMATS[fmt]
     blocks = _blocks(w)  # (..., nO, 128, nI, 128)
     scales = blocks.abs().amax(dim=(-3, -1)).clamp(min=1e-12) / qmax  # (..., nO, nI)
     scaled = blocks / scales[..., :, None, :, None]
@@ -61,45 +85,141 @@ def quantize_blockwise(w: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.T
 dequantize_blockwise = kernels.dequantize  # the inverse of quantize_blockwise, up to rounding
 
 
+def group_size(in_features: int) -> int | None:
+    """The int4 group for rows of this length: GROUP, or 32, whichever divides it; None if neither does."""
+    return next((g for g in (GROUP, 32) if in_features % g == 0), None)
+
+
+def _codes(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Groups w (N, G) rounded to 16 levels on the range [lo, hi] (N,) -> codes (N, G) fp32 in 0..15."""
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    return (w - lo[:, None]).div_(scale[:, None]).round_().clamp_(0, 15)
+
+
+def _refit(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Least-squares scale and min for codes q of groups w (N, G) -> scale, min (N,) fp32 and the squared error
+    (N,) of that fit, in closed form from the sums."""
+    n = w.shape[-1]
+    qs, ws = q.sum(-1), w.sum(-1)
+    var = (q * q).sum(-1) - qs * qs / n
+    cov = (q * w).sum(-1) - qs * ws / n
+    spread = (w * w).sum(-1) - ws * ws / n
+    scale = torch.where(var > 0, cov / var.clamp(min=1e-12), torch.zeros_like(var))
+    return scale, (ws - scale * qs) / n, spread - scale * cov
+
+
+def quantize_groupwise(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """w (..., O, I) -> packed (..., O, I/2) uint8, scales and mins (..., O, nG) bf16, with w ~ scale * q + min.
+
+    Per group, each range [f * min, f * max] of CLIP_SEARCH is rounded to codes and refit by least squares; the
+    factor with the least squared error wins; its codes are refit once more with the bf16-rounded scale and min."""
+    *lead, O, I = w.shape
+    group = group or group_size(I)
+    if group is None or I % group or group % 32:
+        raise ValueError(f"int4 needs in_features a multiple of 32 and of the group; got {I} (group {group})")
+    rows = w.detach().reshape(-1, I)
+    packed, scales, mins = [], [], []
+    for part in rows.split(max(1, 2**22 // I)):  # ~16 MB of fp32 at a time
+        g = part.float().reshape(-1, group)  # (N, G)
+        lo, hi = g.amin(-1), g.amax(-1)
+        errors = torch.stack([_refit(g, _codes(g, lo * f, hi * f))[2] for f in CLIP_SEARCH])  # (F, N)
+        f = torch.tensor(CLIP_SEARCH)[errors.argmin(0)]  # (N,) the best factor per group
+        q = _codes(g, lo * f, hi * f)
+        scale = _refit(g, q)[0].bfloat16()
+        low = ((g.sum(-1) - scale.float() * q.sum(-1)) / group).bfloat16()  # the best min for the rounded scale
+        packed.append(kernels.pack_int4(q.view(-1, I)))
+        scales.append(scale.view(-1, I // group))
+        mins.append(low.view(-1, I // group))
+    return (torch.cat(packed).view(*lead, O, I // 2), torch.cat(scales).view(*lead, O, I // group),
+            torch.cat(mins).view(*lead, O, I // group))
+
+
+dequantize_groupwise = kernels.group_dequantize  # the inverse of quantize_groupwise, up to rounding
+
+KEYS = {"int8": ("values", "scales"), "fp8": ("values", "scales"), "int4": ("packed", "scales", "mins")}
+
+
+def quantize_weight(w: torch.Tensor, fmt: str) -> dict[str, torch.Tensor]:
+    """w (..., O, I) -> the format's tensors by name (KEYS[fmt])."""
+    parts = quantize_groupwise(w) if fmt == "int4" else quantize_blockwise(w, fmt)
+    return dict(zip(KEYS[fmt], parts))
+
+
+def dequantize_weight(parts: dict[str, torch.Tensor], fmt: str, dtype: torch.dtype) -> torch.Tensor:
+    args = [parts[k] for k in KEYS[fmt]]
+    return dequantize_groupwise(*args, dtype) if fmt == "int4" else dequantize_blockwise(*args, dtype)
+
+
+def quant_linear(x: torch.Tensor, parts: dict[str, torch.Tensor], fmt: str,
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x (..., I) -> (..., O) through a quantized weight."""
+    args = [parts[k] for k in KEYS[fmt]]
+    return kernels.group_linear(x, *args, bias) if fmt == "int4" else kernels.block_linear(x, *args, bias)
+
+
 def relative_error(w: torch.Tensor, fmt: str) -> float:
-    """||W - deq(q(W))|| / ||W||: the measured block-quantization error of one weight."""
-    restored = dequantize_blockwise(*quantize_blockwise(w, fmt), torch.float32)
+    """||W - deq(q(W))|| / ||W||: the measured quantization error of one weight."""
+    restored = dequantize_weight(quantize_weight(w, fmt), fmt, torch.float32)
     return float((w.float() - restored).norm() / w.float().norm().clamp(min=1e-12))
 
 
+def int4_ready(unit: nn.Module) -> bool:
+    """Whether every weight of a unit has rows int4 can group (in_features a multiple of 32)."""
+    return all(group_size(w.shape[-1]) for w in unit_weights(unit))
+
+
 class QuantLinear(nn.Module):
-    """nn.Linear with block-quantized weight storage; `.weight` gives the dequantized matrix for readers."""
+    """nn.Linear with quantized weight storage; `.weight` gives the dequantized matrix for readers."""
 
     def __init__(self, linear: nn.Linear, fmt: str) -> None:
         super().__init__()
-        values, scales = quantize_blockwise(linear.weight.data, fmt)
-        self.register_buffer("values", values)  # (O, I)
-        self.register_buffer("scales", scales)  # (nO, nI)
+        for key, t in quantize_weight(linear.weight.data, fmt).items():
+            self.register_buffer(key, t)  # values (O, I), scales (nO, nI) | packed (O, I/2), scales, mins (O, nG)
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
         self.out_dtype, self.fmt = linear.weight.dtype, fmt
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def parts(self) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k) for k in KEYS[self.fmt]}
+
     @property
     def weight(self) -> torch.Tensor:
-        return dequantize_blockwise(self.values, self.scales, self.out_dtype)
+        return dequantize_weight(self.parts(), self.fmt, self.out_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.block_linear(x, self.values, self.scales, self.bias)
+        return quant_linear(x, self.parts(), self.fmt, self.bias)
 
 
 class QuantExperts(HitExperts):
-    """Stacked experts with block-quantized storage, run by the hit-experts loop."""
+    """Stacked experts with quantized storage. A batch of up to kernels.MAX_KERNEL_ROWS rows per hit expert runs
+    every hit expert in one kernel call per projection (decode, concurrent streams); more (prefill) dequantize the
+    hit experts' weights once per call, in one compiled pass per projection, and run the plain GEMM loop."""
+
+    batched = True
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, fmt: str) -> None:
         super().__init__()
         for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
-            values, scales = quantize_blockwise(w, fmt)
-            self.register_buffer(f"{name}_values", values)  # (E, O, I)
-            self.register_buffer(f"{name}_scales", scales)  # (E, nO, nI)
+            for key, t in quantize_weight(w, fmt).items():
+                self.register_buffer(f"{name}_{key}", t)  # (E, ...) the format's tensors, per expert
         self.fmt = fmt
 
+    def parts(self, name: str, e: int | None = None) -> dict[str, torch.Tensor]:
+        stacked = {k: getattr(self, f"{name}_{k}") for k in KEYS[self.fmt]}
+        return stacked if e is None else {k: t[e] for k, t in stacked.items()}
+
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
-        return kernels.block_linear(x, getattr(self, f"{name}_values")[e], getattr(self, f"{name}_scales")[e])
+        return quant_linear(x, self.parts(name, e), self.fmt)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if not kernels.experts_kernel(x, counts):  # prefill: the hit experts dequantized once, then the plain GEMM loop
+            hit = counts.nonzero().flatten()
+            dense = [dequantize_weight({k: t[hit] for k, t in self.parts(name).items()}, self.fmt, x.dtype)
+                     for name in ("gate_up_proj", "down_proj")]  # (h, 2F, D), (h, D, F)
+            return PlainHitExperts(*dense)(x, counts[hit])
+        fused = kernels.group_experts if self.fmt == "int4" else kernels.block_experts
+        gate, up = fused(x, counts, *self.parts("gate_up_proj").values()).chunk(2, dim=-1)  # (R, F) each
+        return fused(F.silu(gate) * up, counts, *self.parts("down_proj").values())  # rows past sum(counts): 0
 
 
 # ---- choosing and swapping ----
@@ -151,6 +271,40 @@ def choose_kept(model: nn.Module, calibration: torch.Tensor, fmt: str = "int8", 
     return MixedPrecision(amax, error, sorted(set(ranked[0]) | set(ranked[1])))
 
 
+@torch.inference_mode()
+def choose_sensitive(model: nn.Module, calibration: torch.Tensor | None, fmt: str = "int4",
+                     fraction: float = KEEP_SENSITIVE) -> MixedPrecision:
+    """The `fraction` of units (at least one) whose outputs `fmt` changes most, measured on calibration ids
+    (B, S) as ||x W_q^T - x W^T|| / ||x W^T|| over each unit's own inputs (an expert stack: over its experts'
+    routed rows); without calibration, by relative weight error. Returned in `quant_error`, largest first. Units
+    `fmt` cannot store, and units no calibration row reached (experts, with 16 tokens or fewer), are not ranked."""
+    units = {n: m for n, m in candidates(model).items() if fmt != "int4" or int4_ready(m)}
+    if calibration is None:
+        error = {n: max(relative_error(w, fmt) for w in unit_weights(m)) for n, m in units.items()}
+        amax: dict[str, float] = {}
+    else:
+        inputs: dict[str, tuple] = {}
+        handles = [m.register_forward_pre_hook(lambda _m, args, n=n: inputs.setdefault(n, args))
+                   for n, m in units.items()]
+        try:
+            model(calibration, compute_logits=True, with_mtp=model.config.num_nextn_predict_layers > 0)
+        finally:
+            for h in handles:
+                h.remove()
+        error = {n: output_error(m, inputs[n], fmt) for n, m in units.items() if n in inputs}
+        amax = {n: float(inputs[n][0].abs().max()) for n in error}
+    ranked = sorted(error, key=error.get, reverse=True)
+    return MixedPrecision(amax, dict(sorted(error.items(), key=lambda kv: -kv[1])),
+                          sorted(ranked[:max(1, round(fraction * len(ranked)))]))
+
+
+def output_error(unit: nn.Module, args: tuple, fmt: str) -> float:
+    """Relative output error of a unit (Linear or expert stack) under `fmt`, on its recorded inputs."""
+    twin = quantized(unit, fmt)
+    exact, approx = unit(*args), twin(*args)
+    return float((approx.float() - exact.float()).norm() / exact.float().norm().clamp(min=1e-12))
+
+
 @dataclass
 class QuantReport:
     fmt: str
@@ -175,18 +329,26 @@ def weight_bytes(model: nn.Module) -> int:
 
 
 @torch.no_grad()
-def quantize_model(model: nn.Module, fmt: str = "int8", keep: Iterable[str] = ()) -> QuantReport:
-    """Swap every candidate unit not in `keep` for its quantized twin, in place."""
+def quantize_model(model: nn.Module, fmt: str = "int8", keep: Iterable[str] = (),
+                   keep_fmt: str | None = None) -> QuantReport:
+    """Swap every candidate unit for its quantized twin, in place: units in `keep` in `keep_fmt` (None: left in
+    the model dtype), the others in `fmt` (int4 units whose rows cannot be grouped: int8)."""
     check_format(fmt)
     keep = set(keep)
-    before = weight_bytes(model)
-    chosen = set(candidates(model)) - keep
-    done = swap_modules(model, lambda name, module: quantized(module, fmt) if name in chosen else None)
-    return QuantReport(fmt, done, sorted(keep), before, weight_bytes(model))
+
+    def twin(name: str, module: nn.Module) -> nn.Module | None:
+        unit_fmt = (keep_fmt if name in keep else fmt) if name in units else None
+        if unit_fmt == "int4" and not int4_ready(module):
+            unit_fmt = "int8"
+        return quantized(module, unit_fmt) if unit_fmt else None
+
+    before, units = weight_bytes(model), candidates(model)
+    done = swap_modules(model, twin)
+    return QuantReport(fmt, [n for n in done if n not in keep], sorted(keep), before, weight_bytes(model))
 
 
 def quantized(unit: nn.Module, fmt: str) -> nn.Module:
-    """The block-quantized twin of a candidate unit: a Linear or a stack of experts."""
+    """The quantized twin of a candidate unit: a Linear or a stack of experts."""
     if isinstance(unit, nn.Linear):
         return QuantLinear(unit, fmt)
     return QuantExperts(unit.gate_up_proj.data, unit.down_proj.data, fmt)
