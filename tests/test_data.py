@@ -65,7 +65,7 @@ def test_jsonl_with_custom_field(tmp_path: Path) -> None:
 @pytest.mark.parametrize("line, match", [
     ('{"other": "x"}', r"x\.jsonl:2: no text_field 'text'"),
     ('{"text": 5}', r"x\.jsonl:2: field 'text' must be a string"),
-    ('{"text": ', r"x\.jsonl:2: invalid JSON"),
+    ('{"text": ', r"x\.jsonl:2: not valid JSON"),
     ('["text"]', r"x\.jsonl:2: no text_field 'text'"),
 ])
 def test_bad_jsonl_names_file_line_and_field(tmp_path: Path, line: str, match: str) -> None:

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .batches import IGNORE, PackedBatch
+from .corpus import jsonl_records
 
 ROLES = ("system", "user", "assistant", "tool")
 ROW_FIELDS = ("messages", "tools")
@@ -76,15 +77,11 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
         return
     if path.suffix != ".jsonl":
         raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line) or .parquet")
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ConversationError(f"{path}:{number}: not valid JSON ({err})") from None
+    try:
+        for number, row in jsonl_records(path):
             yield f"{path}:{number}", row
+    except ValueError as err:  # a line that is not JSON
+        raise ConversationError(str(err)) from None
 
 
 def parse_row(row: Any, where: str) -> Conversation:

@@ -14,6 +14,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")  # what a directory source reads
@@ -157,7 +158,8 @@ def _looks_like_text(head: bytes) -> bool:
     return True
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
+    """(line number, parsed JSON) for each non-blank line; a line that does not parse is an error naming it."""
     with path.open(encoding="utf-8") as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -165,14 +167,19 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: invalid JSON ({err.msg})") from err
-            if not isinstance(record, dict) or text_field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}:{line_no}: no text_field {text_field!r} (has {keys})")
-            if not isinstance(record[text_field], str):
-                raise ValueError(f"{path}:{line_no}: field {text_field!r} must be a string, "
-                                 f"got {type(record[text_field]).__name__}")
-            yield record[text_field]
+                raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            yield line_no, record
+
+
+def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
+    for line_no, record in jsonl_records(path):
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{line_no}: no text_field {text_field!r} (has {keys})")
+        if not isinstance(record[text_field], str):
+            raise ValueError(f"{path}:{line_no}: field {text_field!r} must be a string, "
+                             f"got {type(record[text_field]).__name__}")
+        yield record[text_field]
 
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
