@@ -115,12 +115,11 @@ class Generation:
         if one is refused, the others are cancelled and the refusal becomes the HTTP error."""
         results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
                                        return_exceptions=True)
+        groups = [[Copy(rid, outputs) for rid, outputs in r] for r in results if not isinstance(r, BaseException)]
         errors = [r for r in results if isinstance(r, BaseException)]
-        for copies in results if errors else []:
-            for rid, _ in [] if isinstance(copies, BaseException) else copies:
-                self.bridge.cancel(rid)
         if not errors:
-            return [[Copy(rid, outputs) for rid, outputs in copies] for copies in results]
+            return groups
+        self.close(copy for group in groups for copy in group)
         err = errors[0]
         if isinstance(err, QueueFull):
             raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full") from None
