@@ -21,19 +21,19 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..infer.engine import Engine, EngineConfig, StepOutput
+from ..infer.engine import EngineConfig, StepOutput
 from ..infer.grammar import GrammarCompiler
-from ..infer.loader import load_for_inference
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
-from .bridge import AsyncEngine, EngineFailed
+from .bridge import Bridge, EngineFailed
+from .engine_process import EngineProcess
 from .logprobs import ChatScores, CompletionScores, joined
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
-from .text import TextState
 from .structured import ConstraintError, request_grammar
+from .text import TextState
 from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools
 
 log = logging.getLogger(__name__)
@@ -69,9 +69,9 @@ def _validation_error(err: RequestValidationError) -> APIError:
 class Generation:
     """One request's path through the bridge: submit, then stream or collect, cancelling if the client leaves."""
 
-    def __init__(self, bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> None:
+    def __init__(self, bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> None:
         self.bridge, self.tokenizer, self.config = bridge, tokenizer, config
-        self.grammars = GrammarCompiler(tokenizer, bridge.engine.vocab_size)
+        self.grammars = GrammarCompiler(tokenizer, bridge.vocab_size)
 
     def check(self, body: p._Sampling, prompt: list[int], limit: int | None, param: str) -> SamplingParams:
         context = self.config.context
@@ -104,7 +104,7 @@ class Generation:
         """The request's logit_bias as (id, bias) pairs, its ids checked against the model's vocabulary here so
         that the 400 names the field (the engine would refuse them too)."""
         pairs = tuple((int(key), bias) for key, bias in (body.logit_bias or {}).items())
-        vocab = self.bridge.engine.vocab_size
+        vocab = self.bridge.vocab_size
         if any(token >= vocab for token, _ in pairs):
             raise APIError(400, f"logit_bias: token ids must be in [0, {vocab})", param="logit_bias",
                            code="invalid_value")
@@ -284,7 +284,7 @@ def _sse(chunk: p.BaseModel | str) -> str:
     return f"data: {chunk if isinstance(chunk, str) else chunk.model_dump_json()}\n\n"
 
 
-def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
+def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     """The FastAPI app: error handlers, /health and /metrics, and the OpenAI routes behind the API key."""
     app = FastAPI(title="longcat-flash", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     metrics = Metrics(bridge)
@@ -319,11 +319,7 @@ def create_app(bridge: AsyncEngine, tokenizer: Tokenizer, config: ServerConfig) 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     """Every error leaves as an OpenAI-shaped JSON body; every response is counted under its route template."""
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        response = await call_next(request)
-        metrics.observe(app.router.routes, request.scope, response.status_code)
-        return response
+    app.add_middleware(CountResponses, metrics=metrics, routes=app.router.routes)
 
     @app.exception_handler(HTTPException)
     async def routing_error(_request: Request, err: HTTPException) -> JSONResponse:
@@ -500,14 +496,14 @@ def _deltas(events: list[Event]) -> list[p.Delta]:
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
           model_name: str | None = None, device: str = "auto") -> None:
-    """Load a checkpoint directory (weights + tokenizer) onto `device` and serve it until interrupted."""
+    """Load a checkpoint directory (weights + tokenizer) onto `device` in an engine process and serve it until
+    interrupted."""
     import uvicorn
 
     tokenizer = Tokenizer.load(model_dir)
-    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)
-    bridge = AsyncEngine(Engine(model, engine_config)).start()
-    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name,
-                          context=model.config.max_position_embeddings, api_key=api_key)
+    bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
+    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
+                          api_key=api_key)
     try:
         uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning")
     finally:

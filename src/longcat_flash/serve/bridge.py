@@ -1,22 +1,28 @@
-"""The asyncio <-> engine bridge: one background thread owns the Engine and steps it; requests talk to it by queue.
+"""The asyncio <-> engine bridge: the engine steps on its own thread; request handlers talk to it by message.
 
-The engine is not thread-safe, so every call into it (add, cancel, step) happens on the step thread. Handlers
-`submit` a prompt and await the engine's verdict (a request id, or the ValueError / QueueFull it raised), then
-read StepOutputs from their own asyncio.Queue, filled via `call_soon_threadsafe`. `cancel` (client gone) is a
-message too; the thread frees the request's cache pages before its next step. A handler that saw a stop string
-in the text cancels the same way, with `stopped=True`, so that /metrics counts it as finished, not abandoned. Backpressure comes from the
-scheduler's `max_waiting` (QueueFull -> HTTP 429).
+Two halves. `EngineLoop` is the engine's side: one thread owns the Engine (it is not thread-safe), applies "add"
+and "cancel" messages from its inbox, steps, and hands every step's results to a sink as one `Batch`. `Bridge`
+is the handlers' side: `submit` a prompt and await the engine's verdict (request ids, or the ValueError /
+QueueFull it raised), then read StepOutputs from an asyncio.Queue per request; `cancel` (client gone, or a stop
+string in the text, `stopped=True`, so /metrics counts it as finished) is a message too, and the loop frees the
+request's cache pages before its next step. Backpressure comes from the scheduler's `max_waiting` (QueueFull ->
+HTTP 429).
+
+`AsyncEngine` runs the loop on a thread of this process (tests, embedding); `serve/engine_process.py` runs it in
+a child process, so that the engine's Python never waits for the event loop's GIL.
 """
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import queue
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
-from ..infer.engine import Engine, StepOutput
+from ..infer.engine import Engine, EngineStats, StepOutput
 from ..infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
@@ -29,108 +35,201 @@ class EngineFailed:
     message: str
 
 
-class AsyncEngine:
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
-        self.engine, self.idle_wait_s = engine, idle_wait_s
+@dataclass(frozen=True)
+class EngineSnapshot:
+    """The engine's figures after a batch, for /metrics: read on the engine's side, so never torn."""
+
+    stats: EngineStats = field(default_factory=EngineStats)
+    text_stops: int = 0  # requests ended by a stop string (the engine counts them among its cancellations)
+    waiting: int = 0
+    running: int = 0
+    pages_used: int = 0
+    pages_total: int = 1
+
+
+@dataclass
+class Batch:
+    """What one turn of the engine loop produced: verdicts on submissions (token -> request ids or the error),
+    the step's outputs, and the figures after it."""
+
+    replies: list[tuple[int, list[int] | Exception]]
+    outputs: list[tuple[int, StepOutput | EngineFailed]]
+    snapshot: EngineSnapshot
+
+
+class EngineLoop:
+    """The engine's thread: messages in (`post`), a Batch out to `sink` after every turn that did something."""
+
+    def __init__(self, engine: Engine, sink: Callable[[Batch], None], idle_wait_s: float = 0.05) -> None:
+        self.engine, self.sink, self.idle_wait_s = engine, sink, idle_wait_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
-        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
+        self._text_stops = 0
+
+    def post(self, message: tuple) -> None:
+        """("add", token, prompt, params), ("refuse", token, error) or ("cancel", request id, stopped); any
+        thread."""
+        self._inbox.put(message)
+        self._wake.set()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._wake.set()
+
+    def run(self) -> None:
+        while not self._stopped.is_set():
+            replies, handled = self._drain_inbox()
+            outputs = self._step() if self.engine.has_work() else None
+            if handled or outputs is not None:
+                self.sink(Batch(replies, outputs or [], self.snapshot()))
+            else:
+                self._wake.wait(self.idle_wait_s)
+                self._wake.clear()
+
+    def snapshot(self) -> EngineSnapshot:
+        engine = self.engine
+        return EngineSnapshot(replace(engine.stats, drafts=replace(engine.stats.drafts)), self._text_stops,
+                              len(engine.scheduler.waiting), len(engine.scheduler.running), engine.cache.used_pages,
+                              engine.cache.config.num_pages - 1)
+
+    def _drain_inbox(self) -> tuple[list[tuple[int, list[int] | Exception]], int]:
+        """Apply every waiting message: (the verdicts on submissions, how many messages there were)."""
+        replies, handled = [], 0
+        while True:
+            try:
+                kind, *payload = self._inbox.get_nowait()
+            except queue.Empty:
+                return replies, handled
+            handled += 1
+            if kind == "cancel":
+                rid, stopped = payload
+                if self.engine.cancel(rid) and stopped:
+                    self._text_stops += 1
+                continue
+            if kind == "refuse":  # a submission refused before it reached the engine
+                replies.append(tuple(payload))
+                continue
+            token, prompt, params = payload
+            try:
+                replies.append((token, self.engine.add_copies(prompt, params)))
+            except Exception as err:  # ValueError, QueueFull: the handler maps it to an HTTP status
+                replies.append((token, err))
+
+    def _step(self) -> list[tuple[int, StepOutput | EngineFailed]]:
+        try:
+            return [(out.request_id, out) for out in self.engine.step()]
+        except Exception as err:  # a bug must not kill the server: fail the open requests, keep serving
+            log.exception("engine step failed")
+            failed = list(self.engine.requests)
+            for rid in failed:
+                self.engine.cancel(rid)
+            return [(rid, EngineFailed(f"engine error: {err}")) for rid in failed]
+
+
+class Bridge:
+    """The handlers' side of an EngineLoop, wherever it runs: `_post` carries a message to it, `receive` takes
+    each Batch back (on a thread that is not the event loop's) and routes it to the waiting handlers."""
+
+    vocab_size: int
+    context: int  # the model's max_position_embeddings
+
+    def __init__(self) -> None:
+        self._tokens = itertools.count()
+        self._pending: dict[int, tuple[Future, list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]]]] = {}
+        self._streams: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._lock = threading.Lock()  # _pending and _streams: handlers add, the receiving thread takes
+        self.latest = EngineSnapshot()
         self.alive = True
-        self.text_stops = 0  # requests ended by a stop string (the engine counts them among its cancellations)
+
+    def _post(self, message: tuple) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    async def submit(self, prompt: list[int], params: list[SamplingParams]) -> list[tuple[int, asyncio.Queue]]:
+        """Queue len(params) copies of a prompt (one prefill, shared cache pages: OpenAI's `n`); returns each
+        copy's request id and the queue its StepOutputs arrive on."""
+        if not self.alive:
+            raise RuntimeError("the engine is not running")
+        loop, token, done = asyncio.get_running_loop(), next(self._tokens), Future()
+        queues = [asyncio.Queue() for _ in params]
+        with self._lock:
+            self._pending[token] = (done, [(loop, q) for q in queues])
+        self._post(("add", token, prompt, params))
+        return list(zip(await asyncio.wrap_future(done), queues))
+
+    def cancel(self, request_id: int, stopped: bool = False) -> None:
+        """End a request early: its client left, or (`stopped`) its text reached a stop string."""
+        with self._lock:
+            self._streams.pop(request_id, None)
+        if self.alive:
+            self._post(("cancel", request_id, stopped))
+
+    def receive(self, batch: Batch) -> None:
+        """Route a Batch: settle submissions (registering their streams first, so no output can come before
+        its queue), then hand the outputs over, one wake-up per event loop, not one per request."""
+        with self._lock:
+            settled = [(self._pending.pop(token), verdict) for token, verdict in batch.replies]
+            for (_, targets), verdict in settled:
+                if not isinstance(verdict, Exception):
+                    self._streams.update(zip(verdict, targets))
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput | EngineFailed]]] = {}
+            for rid, item in batch.outputs:
+                stream = self._streams.get(rid)
+                if stream is not None:
+                    by_loop.setdefault(stream[0], []).append((stream[1], item))
+                if isinstance(item, EngineFailed) or item.finished:
+                    self._streams.pop(rid, None)
+        self.latest = batch.snapshot
+        for (done, _), verdict in settled:
+            done.set_exception(verdict) if isinstance(verdict, Exception) else done.set_result(verdict)
+        for loop, items in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # the handlers' loop is closed: nobody is listening any more
+                pass
+
+    def fail_all(self, message: str) -> None:
+        """The engine is gone: every waiting submission fails (HTTP 503), every open stream gets EngineFailed."""
+        self.alive = False
+        with self._lock:
+            pending, self._pending = list(self._pending.values()), {}
+            rids = list(self._streams)
+        for done, _ in pending:
+            done.set_exception(RuntimeError(message))
+        self.receive(Batch([], [(rid, EngineFailed(message)) for rid in rids], self.latest))
+
+
+class AsyncEngine(Bridge):
+    """The EngineLoop on a thread of this process."""
+
+    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+        super().__init__()
+        self.engine, self.vocab_size = engine, engine.vocab_size
+        self.context = engine.model.config.max_position_embeddings
+        self._loop = EngineLoop(engine, self.receive, idle_wait_s)
+        self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
 
     def start(self) -> AsyncEngine:
         self._thread.start()
         return self
 
     def stop(self) -> None:
-        self._stopped.set()
-        self._wake.set()
+        self._loop.stop()
         self._thread.join(timeout=10)
 
-    async def submit(self, prompt: list[int], params: list[SamplingParams]) -> list[tuple[int, asyncio.Queue]]:
-        """Queue len(params) copies of a prompt on the engine thread (one prefill, shared cache pages: OpenAI's
-        `n`); returns each copy's request id and the queue its StepOutputs arrive on."""
-        if not self.alive:
-            raise RuntimeError("the engine thread is not running")
-        loop, queues = asyncio.get_running_loop(), [asyncio.Queue() for _ in params]
-        done: Future = Future()
-        self._inbox.put(("add", (prompt, params, loop, queues), done))
-        self._wake.set()
-        return list(zip(await asyncio.wrap_future(done), queues))
+    def _post(self, message: tuple) -> None:
+        self._loop.post(message)
 
-    def cancel(self, request_id: int, stopped: bool = False) -> None:
-        """End a request early: its client left, or (`stopped`) its text reached a stop string."""
-        self._inbox.put(("cancel", request_id, stopped))
-        self._wake.set()
-
-    # ---- the engine thread ----
     def _run(self) -> None:
         try:
-            while not self._stopped.is_set():
-                self._drain_inbox()
-                if self.engine.has_work():
-                    self._step()
-                else:
-                    self._wake.wait(self.idle_wait_s)
-                    self._wake.clear()
+            self._loop.run()
         finally:
-            self.alive = False
-
-    def _drain_inbox(self) -> None:
-        while True:
-            try:
-                kind, payload, done = self._inbox.get_nowait()
-            except queue.Empty:
-                return
-            if kind == "cancel":
-                self._cancel(payload, stopped=done)
-                continue
-            prompt, params, loop, queues = payload
-            try:
-                rids = self.engine.add_copies(prompt, params)
-            except Exception as err:  # ValueError, QueueFull: the handler maps it to an HTTP status
-                done.set_exception(err)
-                continue
-            self._streams.update((rid, (loop, outputs)) for rid, outputs in zip(rids, queues))
-            done.set_result(rids)
-
-    def _cancel(self, rid: int, stopped: bool) -> None:
-        if self.engine.cancel(rid) and stopped:
-            self.text_stops += 1
-        self._streams.pop(rid, None)
-
-    def _step(self) -> None:
-        try:
-            outputs = self.engine.step()
-        except Exception as err:  # a bug must not kill the server: fail the open requests, keep serving
-            log.exception("engine step failed")
-            for rid in self._streams:
-                self.engine.cancel(rid)
-            self._deliver([(rid, EngineFailed(f"engine error: {err}")) for rid in self._streams])
-            self._streams.clear()
-            return
-        self._deliver([(out.request_id, out) for out in outputs])
-        for out in outputs:
-            if out.finished:
-                self._streams.pop(out.request_id, None)
-
-    def _deliver(self, items: list[tuple[int, StepOutput | EngineFailed]]) -> None:
-        """Hand a step's outputs to their handlers: one wake-up per event loop per step, not one per request."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[int, asyncio.Queue, StepOutput | EngineFailed]]] = {}
-        for rid, item in items:
-            stream = self._streams.get(rid)
-            if stream is not None:
-                by_loop.setdefault(stream[0], []).append((rid, stream[1], item))
-        for loop, batch in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, batch)
-            except RuntimeError:  # the handlers' loop is closed: nobody is listening any more
-                for rid, _, _ in batch:
-                    self.cancel(rid)
+            self.fail_all("the engine thread stopped")
 
 
-def _put_all(batch: list[tuple[int, asyncio.Queue, StepOutput | EngineFailed]]) -> None:
-    for _, outputs, item in batch:
+def _put_all(items: list[tuple[asyncio.Queue, StepOutput | EngineFailed]]) -> None:
+    for outputs, item in items:
         outputs.put_nowait(item)

@@ -12,9 +12,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, g
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.routing import BaseRoute, Match
-from starlette.types import Scope
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from .bridge import AsyncEngine
+from .bridge import Bridge
 
 UNKNOWN_PATH = "unknown"
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -30,16 +30,15 @@ def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
 
 
 class EngineCollector(Collector):
-    """Engine figures read at scrape time, without locks from the step thread's objects: each is one atomic read,
-    good enough to scrape. Requests ended by a stop string are cancelled in the engine but finished to a client."""
+    """Engine figures as of the engine's latest batch (the bridge's snapshot: taken on the engine's side, so never
+    torn). Requests ended by a stop string are cancelled in the engine but finished to a client."""
 
-    def __init__(self, bridge: AsyncEngine) -> None:
+    def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
 
     def collect(self) -> Iterator[Metric]:
-        engine, stops = self.bridge.engine, self.bridge.text_stops
-        stats, cache, drafts = engine.stats, engine.cache, engine.stats.drafts
-        total_pages = cache.config.num_pages - 1
+        now = self.bridge.latest
+        stats, stops, drafts = now.stats, now.text_stops, now.stats.drafts
         counters = [
             ("longcat_requests_finished", "generations finished (stop or length)", stats.finished + stops),
             ("longcat_requests_cancelled", "generations cancelled (client gone)", stats.cancelled - stops),
@@ -50,11 +49,11 @@ class EngineCollector(Collector):
             ("longcat_spec_accepted_tokens", "MTP draft tokens accepted", drafts.accepted),
         ]
         gauges = [
-            ("longcat_queue_depth", "requests waiting for admission", len(engine.scheduler.waiting)),
-            ("longcat_running_requests", "requests in the running batch", len(engine.scheduler.running)),
-            ("longcat_cache_pages_used", "KV cache pages in use", cache.used_pages),
-            ("longcat_cache_pages_total", "KV cache pages in the pool", total_pages),
-            ("longcat_cache_usage_ratio", "fraction of KV cache pages in use", cache.used_pages / total_pages),
+            ("longcat_queue_depth", "requests waiting for admission", now.waiting),
+            ("longcat_running_requests", "requests in the running batch", now.running),
+            ("longcat_cache_pages_used", "KV cache pages in use", now.pages_used),
+            ("longcat_cache_pages_total", "KV cache pages in the pool", now.pages_total),
+            ("longcat_cache_usage_ratio", "fraction of KV cache pages in use", now.pages_used / now.pages_total),
             ("longcat_spec_acceptance_rate", "accepted / proposed drafts", drafts.acceptance_rate),
             ("longcat_spec_mean_accepted_length", "tokens emitted per verification forward",
              drafts.mean_accepted_length),
@@ -66,7 +65,7 @@ class EngineCollector(Collector):
 class Metrics:
     """One app's registry: the HTTP response counter plus the engine's figures."""
 
-    def __init__(self, bridge: AsyncEngine) -> None:
+    def __init__(self, bridge: Bridge) -> None:
         self.registry = CollectorRegistry()
         self.responses = Counter("longcat_http_requests", "HTTP responses by route template and status",
                                  ("path", "status"), registry=self.registry)
@@ -77,3 +76,26 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class CountResponses:
+    """ASGI middleware: counts each HTTP response under its route template and status as its headers leave.
+
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which passes every body chunk of a stream through an
+    extra task and memory channel: on an SSE stream that was a cost per token, paid on the event loop.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute]) -> None:
+        self.app, self.metrics, self.routes = app, metrics, routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def counted(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                self.metrics.observe(self.routes, scope, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counted)

@@ -1,0 +1,114 @@
+"""The engine in a child process (serve/engine_process.py), as `longcat serve` runs it: the same tokens as the engine
+in this process, grammars that cross the pipe, the child's own load errors, and a child that dies mid-request."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+from longcat_flash.checkpoint.fresh import init_checkpoint
+from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.loader import load_for_inference
+from longcat_flash.infer.sampling import SamplingParams
+from longcat_flash.presets import tiny
+from longcat_flash.serve.bridge import EngineFailed
+from longcat_flash.serve.engine_process import EngineProcess
+from longcat_flash.tokenizer import Tokenizer
+
+pytest.importorskip("llguidance")
+from longcat_flash.infer.grammar import GrammarCompiler  # noqa: E402
+
+pytestmark = pytest.mark.slow
+CONFIG = EngineConfig(max_running=8, cache_tokens=4096)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return init_checkpoint(tiny(), tmp_path_factory.mktemp("ckpt") / "tiny", dtype=torch.float32)
+
+
+@pytest.fixture(scope="module")
+def bridge(model_dir):
+    bridge = EngineProcess(model_dir, device="cpu", config=CONFIG)
+    yield bridge
+    bridge.stop()
+
+
+async def collect(bridge, prompt: list[int], params: list[SamplingParams]) -> list[list[int]]:
+    """Every copy's generated ids, read from the bridge's queues until each finishes."""
+    copies = await bridge.submit(prompt, params)
+    out = []
+    for _, outputs in copies:
+        ids = []
+        while True:
+            item = await outputs.get()
+            assert not isinstance(item, EngineFailed), item.message
+            ids += item.new_tokens
+            if item.finished:
+                break
+        out.append(ids)
+    return out
+
+
+def test_same_tokens_as_the_engine_in_this_process(model_dir, bridge):
+    tokenizer = Tokenizer.load(model_dir)
+    model, _ = load_for_inference(model_dir, device="cpu")
+    prompts = [tokenizer.encode(text) for text in ("def fibonacci(n):", "The capital of France is", "1, 2, 3,")]
+    greedy = SamplingParams(max_new_tokens=10, temperature=0.0, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=10, temperature=1.0, seed=7, ignore_eos=True)
+    expected = Engine(model, CONFIG).generate(prompts, [greedy, greedy, sampled])
+
+    async def all_at_once():
+        return await asyncio.gather(collect(bridge, prompts[0], [greedy]), collect(bridge, prompts[1], [greedy]),
+                                    collect(bridge, prompts[2], [sampled]))
+
+    got = [copies[0] for copies in asyncio.run(all_at_once())]
+    assert got == expected
+    assert bridge.vocab_size == model.config.vocab_size
+    assert bridge.context == model.config.max_position_embeddings
+    assert bridge.latest.stats.generated_tokens >= 30 and bridge.latest.running == 0
+
+
+def test_a_grammar_crosses_the_pipe(model_dir, bridge):
+    """The child compiles the grammar again from its text: random weights still write JSON the schema admits."""
+    tokenizer = Tokenizer.load(model_dir)
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}
+    grammar = GrammarCompiler(tokenizer, bridge.vocab_size).json_schema(schema)
+    params = SamplingParams(max_new_tokens=40, temperature=1.0, seed=3, grammar=grammar)
+    (ids,) = asyncio.run(collect(bridge, tokenizer.encode("answer:"), [params]))
+    assert set(json.loads(tokenizer.decode(ids))) == {"ok"}
+
+
+def test_a_refused_submission_raises_the_engines_error(model_dir, bridge):
+    too_long = list(range(5)) * 10_000
+    with pytest.raises(ValueError, match="context|tokens"):
+        asyncio.run(collect(bridge, too_long, [SamplingParams(max_new_tokens=1)]))
+
+
+def test_a_bad_checkpoint_raises_the_childs_error(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises((FileNotFoundError, ValueError, KeyError)):
+        EngineProcess(tmp_path, device="cpu")
+
+
+def test_a_dead_engine_fails_open_and_new_requests(model_dir):
+    bridge = EngineProcess(model_dir, device="cpu", config=CONFIG)
+    long = SamplingParams(max_new_tokens=100_000 // 100, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        (_, outputs), = await bridge.submit([1, 2, 3], [long])
+        await outputs.get()  # it runs
+        os.kill(bridge.process.pid, signal.SIGKILL)
+        while not isinstance(item := await outputs.get(), EngineFailed):
+            assert not item.finished
+        with pytest.raises(RuntimeError, match="not running"):
+            await bridge.submit([1, 2, 3], [long])
+
+    asyncio.run(scenario())
+    assert not bridge.alive
+    bridge.stop()
