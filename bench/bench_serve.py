@@ -4,7 +4,9 @@
       (`serve.local.generate_text`, the same engine and text handling, no HTTP);
   (b) `--streams` concurrent streaming HTTP clients: aggregate generated tok/s vs the engine's own rate with the
       same number of requests stepped in this process.
-The in-process side runs first and is freed before `longcat serve` starts, so the two never share CPUs. Prints a
+The two sides take turns, run by run, so that a drift in the machine's speed lands on both; the idle side uses no
+CPU (the server's engine process waits on its pipe). Each figure is the median of `--repeats` runs after a warm-up
+round (the first batch of 32 pays one-off allocations on both sides, a large share of a two-second run). Prints a
 table, both ratios (goal: >= 0.9) and one JSON line.
 
     python bench/bench_serve.py [--model DIR | --preset small] [--streams 32] [--new-tokens 64] [--threads N]
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import statistics
 import time
@@ -34,19 +35,24 @@ def greedy(n: int) -> SamplingParams:
     return SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True)
 
 
-def engine_rates(path, prompts: list[list[int]], n: int, repeats: int) -> tuple[float, float]:
-    """(batch-1 decode tok/s as `longcat generate` measures it, aggregate tok/s of all prompts at once)."""
-    engine, tokenizer = load_session(path, device="cpu")
-    generate_text(engine, tokenizer, prompts[0], greedy(4))  # warm-up
-    single = statistics.median(generate_text(engine, tokenizer, prompts[0], greedy(n)).decode_tokens_per_s
-                               for _ in range(repeats))
-    many = Engine(engine.model, EngineConfig(max_running=len(prompts)))
-    start = time.perf_counter()
-    for prompt in prompts:
-        many.add_request(prompt, greedy(n))
-    while many.has_work():
-        many.step()
-    return single, len(prompts) * n / (time.perf_counter() - start)
+class InProcess:
+    """The engine `longcat generate` runs, in this process: its batch-1 decode rate and its rate with all
+    prompts at once."""
+
+    def __init__(self, path, n_streams: int) -> None:
+        self.engine, self.tokenizer = load_session(path, device="cpu")
+        self.many = Engine(self.engine.model, EngineConfig(max_running=n_streams))
+
+    def single(self, prompt: list[int], n: int) -> float:
+        return generate_text(self.engine, self.tokenizer, prompt, greedy(n)).decode_tokens_per_s
+
+    def all_at_once(self, prompts: list[list[int]], n: int) -> float:
+        start = time.perf_counter()
+        for prompt in prompts:
+            self.many.add_request(prompt, greedy(n))
+        while self.many.has_work():
+            self.many.step()
+        return len(prompts) * n / (time.perf_counter() - start)
 
 
 async def one_stream(client: httpx.AsyncClient, model: str, prompt: list[int], n: int) -> dict:
@@ -57,13 +63,11 @@ async def one_stream(client: httpx.AsyncClient, model: str, prompt: list[int], n
     async with client.stream("POST", "/v1/completions", json=body) as r:
         status = r.status_code
         async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"] and first is None:
-                first = time.perf_counter()
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
+            # Parse only the chunks the figures need: this client shares the CPUs with the server it measures
+            if first is None and line.startswith("data: {"):
+                first = time.perf_counter() if json.loads(line[6:])["choices"] else None
+            elif line.startswith("data: {") and '"usage":{' in line:
+                tokens = json.loads(line[6:])["usage"]["completion_tokens"]
     end = time.perf_counter()
     return {"status": status, "tokens": tokens, "ttft": (first or end) - start,
             "decode_tok_s": (tokens - 1) / (end - first) if first and tokens > 1 else 0.0}
@@ -76,17 +80,33 @@ async def load(base: str, model: str, prompts: list[list[int]], n: int) -> tuple
         return results, time.perf_counter() - start
 
 
-def http_rates(path, prompts: list[list[int]], args) -> tuple[float, float, list[dict]]:
-    """(batch-1 decode tok/s, aggregate tok/s, per-stream results) through a real `longcat serve`."""
+def http_single(base: str, name: str, prompt: list[int], n: int) -> float:
+    return asyncio.run(load(base, name, [prompt], n))[0][0]["decode_tok_s"]
+
+
+def http_many(base: str, name: str, prompts: list[list[int]], n: int) -> tuple[float, list[dict]]:
+    results, wall = asyncio.run(load(base, name, prompts, n))
+    return sum(r["tokens"] for r in results if r["status"] == 200) / wall, results
+
+
+def measure(path, prompts: list[list[int]], args) -> tuple[dict[str, float], list[dict]]:
+    """Both sides, alternating run by run (engine, HTTP, engine, HTTP, ...) so that a drift in the machine's speed
+    lands on both; each figure is the median of `--repeats` runs after one warm-up run of the same shape."""
     flags = ["--max-running", str(args.streams), "--device", "cpu"]
     with running_server(path, *flags, threads=args.threads, startup_s=300) as base:
-        name = path.resolve().name
-        asyncio.run(load(base, name, prompts[:1], 4))  # warm-up
-        single = statistics.median(asyncio.run(load(base, name, prompts[:1], args.new_tokens))[0][0]["decode_tok_s"]
-                                   for _ in range(args.repeats))
-        many, wall = asyncio.run(load(base, name, prompts, args.new_tokens))
-    ok = [r for r in many if r["status"] == 200]
-    return single, sum(r["tokens"] for r in ok) / wall, many
+        name, local, n = path.resolve().name, InProcess(path, len(prompts)), args.new_tokens
+        cases = {"engine_single": lambda: local.single(prompts[0], n),
+                 "http_single": lambda: http_single(base, name, prompts[0], n),
+                 "engine_many": lambda: local.all_at_once(prompts, n),
+                 "http_many": lambda: http_many(base, name, prompts, n)}
+        runs: dict[str, list] = {case: [] for case in cases}
+        for _ in range(1 + args.repeats):  # the first round warms both up and is dropped
+            for case, run in cases.items():
+                runs[case].append(run())
+    streams = [r for _, results in runs["http_many"][1:] for r in results]
+    rates = {case: statistics.median(r if isinstance(r, float) else r[0] for r in values[1:])
+             for case, values in runs.items()}
+    return rates, streams
 
 
 def main() -> None:
@@ -104,11 +124,12 @@ def main() -> None:
     tokenizer = Tokenizer.load(path)
     corpus = (path / "tokenizer.json").read_text()[:200_000]  # any text: the tokenizer's own vocabulary dump
     prompts = [tokenizer.encode(corpus[i * 997: i * 997 + 120]) for i in range(args.streams)]
-    engine_single, engine_many = engine_rates(path, prompts, args.new_tokens, args.repeats)
-    gc.collect()
-    http_single, http_many, streams = http_rates(path, prompts, args)
+    rates, streams = measure(path, prompts, args)
+    engine_single, http_single, engine_many, http_many = (
+        rates[case] for case in ("engine_single", "http_single", "engine_many", "http_many"))
     errors = sum(r["status"] != 200 for r in streams)
-    rows = [("decode tok/s, batch 1", f"{engine_single:.1f}", f"{http_single:.1f}", f"{http_single / engine_single:.2f}x"),
+    rows = [("decode tok/s, batch 1", f"{engine_single:.1f}", f"{http_single:.1f}",
+             f"{http_single / engine_single:.2f}x"),
             (f"aggregate tok/s, {args.streams} streams", f"{engine_many:.1f}", f"{http_many:.1f}",
              f"{http_many / engine_many:.2f}x")]
     print(table(rows, ("case", "engine in-process", "HTTP", "ratio")))

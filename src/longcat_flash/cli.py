@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> None:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command != "serve":  # a one-shot command reuses its large blocks; a long-lived server would keep its peak
+    if args.command != "serve":  # one-shot commands reuse their large blocks; serve tunes its engine process only
         tune_cpu_allocator()
     try:
         args.run(args)

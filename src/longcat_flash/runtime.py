@@ -1,6 +1,7 @@
 """Process-wide settings that make PyTorch fast on a CPU; one-shot commands and the benchmarks call them at start.
 
-`longcat serve` does not: a long-lived server would hold the peak memory of its largest request for its life.
+`longcat serve` tunes its engine process only: there a step's memory is bounded by the engine's token budget, so
+what the heap keeps is small and reused every step, while the HTTP process's peaks depend on what clients send.
 
 PyTorch's CPU allocator caches nothing: every tensor is a malloc. glibc serves large mallocs (above a threshold
 that grows only up to 32 MB) with fresh mmap pages and gives freed heap memory back to the OS, so the same

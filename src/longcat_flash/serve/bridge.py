@@ -18,6 +18,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -60,8 +61,10 @@ class Batch:
 class EngineLoop:
     """The engine's thread: messages in (`post`), a Batch out to `sink` after every turn that did something."""
 
-    def __init__(self, engine: Engine, sink: Callable[[Batch], None], idle_wait_s: float = 0.05) -> None:
+    def __init__(self, engine: Engine, sink: Callable[[Batch], None], idle_wait_s: float = 0.05,
+                 gather_s: tuple[float, float] = (0.002, 0.01)) -> None:
         self.engine, self.sink, self.idle_wait_s = engine, sink, idle_wait_s
+        self.gather_quiet_s, self.gather_max_s = gather_s
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -84,8 +87,17 @@ class EngineLoop:
             if handled or outputs is not None:
                 self.sink(Batch(replies, outputs or [], self.snapshot()))
             else:
-                self._wake.wait(self.idle_wait_s)
+                if self._wake.wait(self.idle_wait_s):
+                    self._gather()
                 self._wake.clear()
+
+    def _gather(self) -> None:
+        """Woken from idle: let the rest of a burst of submissions land (until the inbox has been quiet for
+        gather_quiet_s, at most gather_max_s), so that they prefill together instead of one first alone."""
+        deadline, size = time.monotonic() + self.gather_max_s, -1
+        while self._inbox.qsize() != size and time.monotonic() < deadline:
+            size = self._inbox.qsize()
+            time.sleep(self.gather_quiet_s)
 
     def snapshot(self) -> EngineSnapshot:
         engine = self.engine

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..infer.engine import Engine, EngineConfig
 from ..infer.grammar import GrammarCompiler, GrammarError
 from ..infer.loader import load_for_inference
+from ..runtime import tune_cpu_allocator
 from ..tokenizer import Tokenizer
 from .bridge import Bridge, EngineLoop
 
@@ -82,6 +83,7 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
     """The child: load, report ("ready", vocab, context) or ("failed", error), then run the loop until told to
     stop or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    tune_cpu_allocator()  # a step's activations are bounded by the token budget: keeping them is cheap
     try:
         tokenizer = Tokenizer.load(model_dir)
         model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)

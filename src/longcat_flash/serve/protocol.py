@@ -152,7 +152,8 @@ class CompletionRequest(_Sampling):
         if self.max_tokens == 0 and not self.echo:
             raise ValueError("max_tokens: 0 is allowed only with echo (scoring the prompt)")
         if len(self.prompt) * self.n > MAX_PROMPTS:
-            raise ValueError(f"n: prompts x n is {len(self.prompt) * self.n}; at most {MAX_PROMPTS} choices per request")
+            raise ValueError(f"n: prompts x n is {len(self.prompt) * self.n}; at most {MAX_PROMPTS} choices per "
+                             "request")
         return self
 
 
