@@ -112,3 +112,23 @@ def test_a_dead_engine_fails_open_and_new_requests(model_dir):
     asyncio.run(scenario())
     assert not bridge.alive
     bridge.stop()
+
+
+def test_a_handler_that_leaves_before_its_ids_arrive_leaves_nothing_running(bridge):
+    """A client gone while its submission is on the way: the engine's reply finds no reader, so the bridge cancels
+    those requests itself, and keeps serving."""
+    params = SamplingParams(max_new_tokens=500, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        before = bridge.latest.stats.cancelled
+        task = asyncio.create_task(bridge.submit([5, 6, 7], [params, params]))
+        await asyncio.sleep(0)  # the "add" is posted; the engine's answer is milliseconds away
+        task.cancel()
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0:
+                break
+        assert bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0
+        return await collect(bridge, [5, 6, 7], [SamplingParams(max_new_tokens=3, ignore_eos=True)])
+
+    assert len(asyncio.run(scenario())[0]) == 3

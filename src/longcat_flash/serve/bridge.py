@@ -182,11 +182,16 @@ class Bridge:
     def receive(self, batch: Batch) -> None:
         """Route a Batch: settle submissions (registering their streams first, so no output can come before
         its queue), then hand the outputs over, one wake-up per event loop, not one per request."""
+        settled, orphans = [], []
         with self._lock:
-            settled = [(self._pending.pop(token), verdict) for token, verdict in batch.replies]
-            for (_, targets), verdict in settled:
+            for token, verdict in batch.replies:
+                done, targets = self._pending.pop(token)
+                if not done.set_running_or_notify_cancel():  # its handler left while waiting: nobody will read
+                    orphans += [] if isinstance(verdict, Exception) else verdict
+                    continue
                 if not isinstance(verdict, Exception):
                     self._streams.update(zip(verdict, targets))
+                settled.append((done, verdict))
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput | EngineFailed]]] = {}
             for rid, item in batch.outputs:
                 stream = self._streams.get(rid)
@@ -195,8 +200,10 @@ class Bridge:
                 if isinstance(item, EngineFailed) or item.finished:
                     self._streams.pop(rid, None)
         self.latest = batch.snapshot
-        for (done, _), verdict in settled:
+        for done, verdict in settled:
             done.set_exception(verdict) if isinstance(verdict, Exception) else done.set_result(verdict)
+        for rid in orphans:
+            self.cancel(rid)
         for loop, items in by_loop.items():
             try:
                 loop.call_soon_threadsafe(_put_all, items)
@@ -210,7 +217,8 @@ class Bridge:
             pending, self._pending = list(self._pending.values()), {}
             rids = list(self._streams)
         for done, _ in pending:
-            done.set_exception(RuntimeError(message))
+            if done.set_running_or_notify_cancel():
+                done.set_exception(RuntimeError(message))
         self.receive(Batch([], [(rid, EngineFailed(message)) for rid in rids], self.latest))
 
 
