@@ -100,6 +100,13 @@ def test_pickle_checkpoints_are_refused(tmp_path):
         LongcatFlash.from_pretrained(tmp_path)
 
 
+def test_a_corrupt_weights_file_is_named(tmp_path):
+    tiny().save_json(tmp_path)
+    (tmp_path / "model.safetensors").write_text('{"not": "safetensors"}')
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        LongcatFlash.from_pretrained(tmp_path)
+
+
 def test_tied_embeddings_round_trip(tmp_path):
     model = LongcatFlash(tiny().replace(tie_word_embeddings=True))
     model.save_pretrained(tmp_path)

@@ -10,15 +10,17 @@ mismatch. Only safetensors are read: nothing is ever unpickled.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
@@ -65,13 +67,24 @@ def native_to_official(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- loading
 
+@contextlib.contextmanager
+def _opened(file: Path) -> Iterator[Any]:
+    """safe_open, with a file that is not valid safetensors reported by name, as bad input (ValueError)."""
+    try:
+        handle = safe_open(file, "pt")
+    except SafetensorError as err:
+        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
+    with handle as f:
+        yield f
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """Official key -> the safetensors file holding it (single file or sharded with an index)."""
     if (path / INDEX_FILE).is_file():
         weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
         return {key: path / name for key, name in weight_map.items()}
     if (path / SINGLE_FILE).is_file():
-        with safe_open(path / SINGLE_FILE, "pt") as f:
+        with _opened(path / SINGLE_FILE) as f:
             return {key: path / SINGLE_FILE for key in f.keys()}
     pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     hint = f" (found {pickled}: pickle files are never loaded, convert them to safetensors)" if pickled else ""
@@ -86,7 +99,7 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file, keys in sorted(by_file.items()):
         if not file.is_file():
             raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
-        with safe_open(file, "pt") as f:
+        with _opened(file) as f:
             for key in keys:
                 yield key, f.get_tensor(key)
 
