@@ -3,7 +3,7 @@
 
 Every failure a client can cause is an OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`:
 400 for bad input (malformed JSON, out-of-range fields, unknown model, prompt or max_tokens beyond the context),
-401 for a wrong API key, 429 when the wait queue is full, 503 when the engine thread is down. A client that
+401 for a wrong API key, 429 when the wait queue is full, 503 when the engine is down. A client that
 disconnects, streaming or not, has its request cancelled and its cache pages freed.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ ERRORS = {
     401: "wrong or missing API key (only when the server has one)",
     429: "the wait queue is full; retry later",
     500: "the engine failed while generating this request",
-    503: "the engine thread is down",
+    503: "the engine is down",
 }
 _GENERATION = (400, 401, 429, 500, 503)
 ROUTE_ERRORS: dict[str, tuple[int, ...]] = {  # path -> statuses besides 200
