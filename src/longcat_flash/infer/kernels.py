@@ -12,8 +12,8 @@ Both take two weight rows per pass (sharing every load of x), 8 rows of x at a t
 L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a batch of
 rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`). Linear layers take
 the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for up to that many rows per hit expert;
-more rows (prefill, many streams) are compute-bound: each weight is dequantized once , in one compiled pass straight to bf16
-(`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
+more rows (prefill, many streams) are compute-bound: each weight is dequantized once, in one compiled pass
+straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
 
 The kernels are C++ compiled on first use with torch.utils.cpp_extension (a minute or more, then cached). Without
 a compiler, without AVX-512, or with LONGCAT_KERNELS=0, everything runs on the reference path.
@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -401,6 +402,14 @@ def _cpu_ext(x: torch.Tensor, rows: int):
     return None
 
 
+def _one_expert(x: torch.Tensor, experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], out_features: int,
+                bias: torch.Tensor | None) -> torch.Tensor:
+    """x (..., I) -> (..., O) through an experts kernel as its one-expert case: a plain weight."""
+    rows = x.numel() // x.shape[-1]
+    y = experts(x.reshape(rows, x.shape[-1]), torch.tensor([rows])).view(*x.shape[:-1], out_features)
+    return y if bias is None else y + bias
+
+
 def _deq_ext(t: torch.Tensor, dtype: torch.dtype):
     return _extension() if t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
 
@@ -431,14 +440,10 @@ def block_linear_reference(x: torch.Tensor, values: torch.Tensor, scales: torch.
 def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., I) -> (..., O): the kernel for up to MAX_KERNEL_ROWS rows on CPU, else dequantize + GEMM."""
-    rows = x.numel() // x.shape[-1]
-    ext = _cpu_ext(x, rows)
-    if ext is None:
+    if _cpu_ext(x, x.numel() // x.shape[-1]) is None:
         return F.linear(x, dequantize(values, scales, x.dtype), bias)
-    y = ext.block_experts(x.reshape(rows, x.shape[-1]).contiguous(), torch.tensor([rows]), values[None],
-                          scales[None])
-    y = y.view(*x.shape[:-1], values.shape[0])
-    return y if bias is None else y + bias
+    return _one_expert(x, lambda rows, counts: block_experts(rows, counts, values[None], scales[None]),
+                       values.shape[0], bias)
 
 
 def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -491,13 +496,10 @@ def group_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mi
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., I) -> (..., O) for an int4 weight: the kernel for up to MAX_KERNEL_ROWS rows on CPU, else
     dequantize + GEMM."""
-    rows = x.numel() // x.shape[-1]
-    ext = _cpu_ext(x, rows)
-    if ext is None:
+    if _cpu_ext(x, x.numel() // x.shape[-1]) is None:
         return F.linear(x, group_dequantize(packed, scales, mins, x.dtype), bias)
-    y = group_experts(x.reshape(rows, x.shape[-1]), torch.tensor([rows]), packed[None], scales[None], mins[None])
-    y = y.view(*x.shape[:-1], packed.shape[0])
-    return y if bias is None else y + bias
+    return _one_expert(x, lambda rows, counts: group_experts(rows, counts, packed[None], scales[None], mins[None]),
+                       packed.shape[0], bias)
 
 
 def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,

@@ -1,11 +1,12 @@
 """The engine in a child process, as `longcat serve` runs it: the HTTP side and the engine never share a GIL.
 
 With the engine on a thread of the server's process, every token's HTTP work (detokenizing, JSON, socket writes)
-took the GIL from the engine between its tensor ops: measured on 32 streams, the engine's steps ran 10-15%
-slower than the same engine alone. vLLM (EngineCore) and SGLang (the scheduler process) split their servers the
-same way. The child loads the checkpoint, builds the Engine and runs the bridge's EngineLoop; one pipe carries
-"add" / "cancel" messages in and a Batch per step out. Grammars cross as their Lark text and are compiled again
-(and cached) on the engine's side. If the child dies, every open request fails and /health turns 503.
+took the GIL from the engine between its tensor ops: measured on 32 streams, the engine's steps ran about 20%
+slower than the same engine alone (30 vs 25 ms; docs/serving.md §5). vLLM (EngineCore) and SGLang (the scheduler
+process) split their servers the same way. The child loads the checkpoint, builds the Engine and runs the
+bridge's EngineLoop; one pipe carries "add" / "cancel" messages in and a Batch per step out. Grammars cross as
+their Lark text and are compiled again (and cached) on the engine's side. If the child dies, every open request
+fails and /health turns 503.
 """
 from __future__ import annotations
 
