@@ -300,7 +300,11 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 def _run_serve(args: argparse.Namespace) -> None:
     from .infer.engine import EngineConfig
-    from .serve.app import serve
+    try:
+        from .serve.app import serve
+    except ModuleNotFoundError as err:  # the server's packages are an extra, not in a plain install
+        sys.exit(f"longcat serve: {err.name} is not installed; install the server's packages with "
+                 "pip install -e \".[serve]\" (or pip install \"longcat-flash[serve]\")")
 
     engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
                           cache_tokens=args.cache_tokens, speculative=args.speculative,
