@@ -4,8 +4,11 @@ Configurations, all from one checkpoint: the checkpoint dtype (reference); int8 
 (router and kv_b_proj excepted), each also with layer-wise mixed precision (report §9.4: the --keep-top units with
 the largest input amplitude and the --keep-top with the largest block error stay unquantized); int4 groups of 64,
 and int4-mixed (the --keep-fraction of units with the largest measured int4 output error at int8). Mixed choices
-use a separate calibration text. Held-out text: this repository's own Python sources, which are not in the stdlib
-training corpus. Prints a table and one JSON line.
+use a separate calibration text. Full forwards over each window take the dequantized weights (as prefill does);
+the "decode path" rows score the same windows through the engine 8 tokens at a time, so every product runs the
+decode kernels (int4's with int8 activations), against the checkpoint dtype through the same path. Held-out
+text: this repository's own Python sources, which are not in the stdlib training corpus. Prints a table and one
+JSON line.
 
     python bench/bench_quant.py --model RUN_DIR [--tokens 8192] [--window 512] [--keep-top 2] [--keep-fraction 0.1]
 """
@@ -20,8 +23,11 @@ import torch
 import torch.nn.functional as F
 from infer_common import table
 
+from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.kernels import MAX_KERNEL_ROWS
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.quant import KEEP_SENSITIVE, weight_bytes
+from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import Tokenizer
 
@@ -46,6 +52,22 @@ def perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int) -> float:
         logits = model(w).logits[:, :-1].float()
         nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), w[:, 1:].reshape(-1), reduction="sum"))
         count += w[:, 1:].numel()
+    return math.exp(nll / count)
+
+
+@torch.inference_mode()
+def decode_path_perplexity(model: torch.nn.Module, ids: torch.Tensor, window: int) -> float:
+    """The same windows through the engine in chunks of MAX_KERNEL_ROWS tokens (prompt logprobs): every weight
+    product takes the decode kernels, as generated tokens do."""
+    engine = Engine(model, EngineConfig(prefill_chunk=MAX_KERNEL_ROWS, token_budget=MAX_KERNEL_ROWS, max_running=1))
+    nll, count = 0.0, 0
+    for w in ids[: len(ids) // window * window].view(-1, window):
+        engine.add_request(w.tolist(), SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+        while engine.has_work():
+            for out in engine.step():
+                scores = out.prompt_logprobs or []
+                nll -= sum(s.logprob for s in scores[1:])  # the first token has no context
+                count += max(0, len(scores) - 1)
     return math.exp(nll / count)
 
 
@@ -78,6 +100,13 @@ def main() -> None:
         result[name] = {"ppl": round(ppl, 4), "ppl_change_pct": round((ppl / base_ppl - 1) * 100, 3),
                         "weight_mb": round(nbytes / 1e6, 1), "saved_pct": round((1 - nbytes / base_bytes) * 100, 1),
                         "kept": kept}
+    decode_base = None
+    for fmt in (None, "int8", "int4"):
+        name = f"{fmt or 'checkpoint dtype'}, decode path"
+        ppl = decode_path_perplexity(load_for_inference(args.model, quantize=fmt)[0], ids, args.window)
+        decode_base = decode_base or ppl
+        rows.append((name, f"{ppl:.3f}", f"{(ppl / decode_base - 1) * 100:+.2f}%", "", "", ""))
+        result[name] = {"ppl": round(ppl, 4), "ppl_change_pct": round((ppl / decode_base - 1) * 100, 3)}
     print(table(rows, ("weights", "perplexity", "change", "MB", "saved", "kept units")))
     print(json.dumps(result))
 

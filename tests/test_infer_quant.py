@@ -209,31 +209,49 @@ def test_int4_needs_rows_of_a_multiple_of_32():
     assert report.quantized == ["0"] and model[0].fmt == "int8"  # cannot be grouped: int8 instead
 
 
-def test_int4_kernel_equals_the_reference(kernel_rows):
-    """The compiled int4 kernel == the hand-dequantized weight + F.linear, fp32 and bf16, every 8-row chunk size;
-    a wrong nibble order or group index would fail this."""
-    packed, scales, mins = quant.quantize_groupwise(torch.randn(300, 192))  # partial 128-row block, 3 groups
+@pytest.mark.parametrize("in_features", [192, 160])  # groups of 64; of 32 with a last 32-value chunk
+def test_int4_kernel_equals_the_reference(kernel_rows, in_features):
+    """The compiled int4 kernel == x rounded to int8 steps per group (W4A8) times the hand-dequantized weight, fp32
+    and bf16, every 8-row chunk size; a wrong nibble order, group index or activation order would fail this. And
+    against the exact product, the int8 activations cost under 1.5% relative error."""
+    packed, scales, mins = quant.quantize_groupwise(torch.randn(300, in_features))  # partial 128-row block
+    group = quant.group_size(in_features)
     weight = dequantize_by_hand(packed, scales, mins)
     row_counts = (1, 2, 7, kernels.MAX_KERNEL_ROWS)  # 8-row chunks: every size below, and a full one
     for rows in row_counts:
-        x = torch.randn(rows, 192)
-        torch.testing.assert_close(kernels.group_linear(x, packed, scales, mins), x @ weight.T, atol=1e-4, rtol=1e-4)
+        x = torch.randn(rows, in_features)
+        x[0, 7] = 0.0
+        x[-1, :group] = 0.0  # a group of zeros: no step to divide by
+        y = kernels.group_linear(x, packed, scales, mins)
+        torch.testing.assert_close(y, kernels.int8_activations_reference(x, group) @ weight.T, atol=1e-4, rtol=1e-4)
+        exact = x @ weight.T
+        assert float((y - exact).norm() / exact.norm()) < 0.015
         half = kernels.group_linear(x.bfloat16(), packed, scales, mins)
         assert half.dtype == torch.bfloat16
-        torch.testing.assert_close(half.float(), x.bfloat16().float() @ weight.T, atol=0.1, rtol=1e-2)
+        torch.testing.assert_close(half.float(), kernels.group_linear_reference(x.bfloat16(), packed, scales, mins)
+                                   .float(), atol=0.05, rtol=1e-2)
     assert kernel_rows == [rows for rows in row_counts for _ in ("fp32", "bf16")]
 
 
+def test_int8_activations_reference_rounds_each_group_to_its_own_step():
+    x = torch.tensor([[0.5, -1.0, 0.25, 0.004, 100.0, 1.0, -3.0, 2.0]])
+    xq = kernels.int8_activations_reference(x, 4)
+    torch.testing.assert_close(xq[0, :4], torch.tensor([64, -127, 32, 1]) / 127)  # step 1/127: 0.004 -> 1 step
+    torch.testing.assert_close(xq[0, 4:], torch.tensor([127, 1, -4, 3]) * (100 / 127))  # the outlier's own group
+
+
 @pytest.mark.parametrize("fmt", ALL)
-def test_fused_experts_kernel_equals_the_expert_loop(fmt, kernel_rows):
-    """One kernel call per projection over every hit expert == the per-expert loop through dequantized weights;
-    rows past sum(counts) (zero-expert slots) are zero."""
+def test_fused_experts_kernel_equals_the_expert_loop(fmt, kernel_rows, monkeypatch):
+    """One kernel call per projection over every hit expert == the per-expert loop through the same kernel (its
+    arithmetic is tested above); rows past sum(counts) (zero-expert slots) are zero."""
     torch.manual_seed(3)
     gate_up, down = torch.randn(6, 64, 96) * 0.1, torch.randn(6, 96, 32) * 0.1
     experts = quant.QuantExperts(gate_up, down, fmt)
     counts = torch.tensor([3, 0, 9, 1, 0, 2])
     x = torch.randn(17, 96)
-    loop = HitExperts.forward(experts, x, counts)  # the loop, each projection dequantized
+    with monkeypatch.context() as patch:
+        patch.setattr(kernels, "MAX_KERNEL_ROWS", 16)  # expert 2's 9 rows through the kernel too
+        loop = HitExperts.forward(experts, x, counts)  # the loop, one expert at a time
     kernel_rows.clear()
     torch.testing.assert_close(experts(x, counts), loop, atol=1e-4, rtol=1e-4)
     assert kernel_rows == [17, 17]  # gate_up and down, one call each
@@ -271,7 +289,10 @@ def test_sensitive_units_stay_at_int8():
 
 
 @pytest.mark.parametrize("k", [0, 2])
-def test_int4_engine_equals_greedy_of_the_same_quantized_model(k):
+def test_int4_engine_equals_greedy_of_the_same_quantized_model(k, monkeypatch):
+    """With every row through the kernel (int8 activations), as decode rows are: the reference's full forwards
+    would otherwise take the dequantized weights with exact activations."""
+    monkeypatch.setattr(kernels, "MAX_KERNEL_ROWS", 10**6)
     model = randomized()
     fuse_for_inference(model)
     quant.quantize_model(model, "int4")
