@@ -3,21 +3,24 @@
 Decode multiplies a few rows by each weight once, so its speed is the speed of reading the weight. The reference
 (dequantize all of W, then F.linear) reads the quantized weight, writes a bf16 copy and reads that again: slower
 than plain bf16. The kernels read the quantized weight once:
-  int8/fp8 blocks  for each 128-row block of W, x is scaled by that block row's 128-column scales (a tiny (M, I)
-                   product), then the weight rows stream by, 16 values at a time converted to fp32 and accumulated
-                   with AVX-512 FMAs;
-  int4 groups      W4A8, as llama.cpp's Q4 x Q8: x is rounded to int8 once per call, per weight group (step
-                   amax / 127), and each 64 codes (32 bytes, unpacked by AND / shift) meet 64 x bytes in one
-                   integer dot-product instruction (AVX512-VNNI, else two AVX512-BW ones), scaled by the group's
-                   scale times x's step; the mins add min . sum(x group) per row. The int8 activations cost
-                   +0.17% held-out perplexity against +0.18% for int4 with exact ones (bench_quant.py); the
-                   fp32 FMA version before it ran at 4.7 GB/s, this one at 6.3 (one thread, batch 1).
-Both take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block stays in
-L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a batch of
-rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`). Linear layers take
-the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for up to that many rows per hit expert;
-more rows (prefill, many streams) are compute-bound: each weight is dequantized once, in one compiled pass
-straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
+  int8 blocks      W8A8: x is rounded to int8 once per call, per 128 columns (step amax / 127, llama.cpp's Q8
+                   activations); per 64 columns |w| meets x with w's sign in one integer dot-product instruction
+                   (AVX512-VNNI, else two AVX512-BW ones), summed in int32 over the block, then scaled by the
+                   block's scale times x's step;
+  fp8 blocks       x is scaled by each block row's 128-column scales (a tiny (M, I) product), then the weight rows
+                   stream by, 16 values at a time converted to fp32 and accumulated with AVX-512 FMAs;
+  int4 groups      W4A8: x rounded to int8 per weight group as above, and each 64 codes (32 bytes, unpacked by
+                   AND / shift) meet 64 x bytes in one integer dot product, scaled by the group's scale times x's
+                   step; the mins add min . sum(x group) per row.
+The int8 activations cost nothing measurable: held-out perplexity through the decode path, int8 -0.09% and int4
++0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py). One thread, batch 1, the weight read
+at 8.9 GB/s (int8) and 6.3 (int4) against 6.7 and 4.7 for the fp32-FMA kernels they replace.
+All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block
+stays in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a
+batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`). Linear
+layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for up to that many rows per
+hit expert; more rows (prefill, many streams) are compute-bound: each weight is dequantized once, in one compiled
+pass straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
 
 The kernels are C++ compiled on first use with torch.utils.cpp_extension (a minute or more, then cached). Without
 a compiler, without AVX-512, or with LONGCAT_KERNELS=0, everything runs on the reference path.
@@ -38,10 +41,10 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 BLOCK = 128
-# Rows (per weight; per hit expert on average) up to which the kernels run. Their fp32 FMAs fall behind
-# dequantize + oneDNN's bf16 GEMM beyond ~8 rows (one core: int8 4.7 GB/s of weights at 4 rows, 0.9 at 32,
-# against 8.4 for the bf16 GEMM; bench_decode.py section (e)).
-MAX_KERNEL_ROWS = 8
+# Rows (per weight; per hit expert on average) up to which the kernels run; beyond, dequantize + oneDNN's bf16
+# GEMM is faster. One core, GB/s of quantized weights, kernel vs dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows,
+# 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
+MAX_KERNEL_ROWS = 16
 
 _SOURCE = r"""
 #include <torch/extension.h>
@@ -179,26 +182,10 @@ static void run(const Hits& hits, const X* x, const W* w, const float* s, int64_
 }
 
 template <typename X>
-static void typed(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales, torch::Tensor y) {
+static void fp8_typed(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales, torch::Tensor y) {
   const int64_t I = x.size(1), O = values.size(-2);
-  const float* s = scales.data_ptr<float>();
-  if (values.scalar_type() == torch::kChar)
-    run(hits, x.data_ptr<X>(), values.data_ptr<int8_t>(), s, I, O, y.data_ptr<X>());
-  else  // float8_e4m3fn, read as bytes
-    run(hits, x.data_ptr<X>(), reinterpret_cast<const uint8_t*>(values.data_ptr()), s, I, O, y.data_ptr<X>());
-}
-
-// x (R, I) rows grouped by expert (counts (E,)), values (E, O, I), scales (E, nO, nI) -> (R, O); rows past
-// sum(counts) are zero. A plain weight is the E = 1 case.
-torch::Tensor block_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor values, torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.dim() == 3 && values.is_contiguous() &&
-              scales.is_contiguous() && scales.scalar_type() == torch::kFloat && values.size(2) == x.size(1));
-  auto y = torch::zeros({x.size(0), values.size(1)}, x.options());
-  const Hits hits(counts);
-  if (x.scalar_type() == torch::kBFloat16) typed<at::BFloat16>(hits, x, values, scales, y);
-  else if (x.scalar_type() == torch::kFloat) typed<float>(hits, x, values, scales, y);
-  else TORCH_CHECK(false, "block_experts: x must be float32 or bfloat16");
-  return y;
+  run(hits, x.data_ptr<X>(), reinterpret_cast<const uint8_t*>(values.data_ptr()), scales.data_ptr<float>(), I, O,
+      y.data_ptr<X>());
 }
 
 // ---- int4 groups (quant.py): packed (O, I/2) bytes; in each 32-value chunk byte j holds value j in its low
@@ -209,11 +196,14 @@ static inline void load32(const uint8_t* p, __m512& lo, __m512& hi) {
   hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
 
-// x rows quantized to int8 per weight group (W4A8, as llama.cpp's Q4 x Q8 dot products): xq = round(x / d),
-// d = amax / 127, and the group's sum d * sum(xq) for the min term (the quantized x's sum, not the exact one:
-// then the result is exactly w . x_quantized, whose error scales with w, not with w - min). Each 64 values are
-// stored in the order 32 packed bytes unpack to ([low nibbles | high nibbles] of two 32-value chunks: values
-// 0-15, 32-47, 16-31, 48-63), zero past I; a row is padded to a multiple of 64.
+// x rows quantized to int8 per group of G columns (the last may be shorter), as llama.cpp's Q8 activations:
+// xq = round(x / d), d = amax / 127, and the group's sum d * sum(xq) (int4's min term uses the quantized x's sum,
+// not the exact one: then its result is exactly w . x_quantized, whose error scales with w, not with w - min).
+// Rows are zero-padded to a multiple of 64 columns. In `int4_order`, each 64 values are stored in the order 32
+// packed int4 bytes unpack to ([low nibbles | high nibbles] of two 32-value chunks: values 0-15, 32-47, 16-31,
+// 48-63).
+static inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xFFFF : (1u << n) - 1; }  // the first n of 16
+
 struct Int8Rows {
   std::vector<int8_t> q;     // (M, I64)
   std::vector<float> d, sum;  // (M, nG)
@@ -230,21 +220,23 @@ struct Int8View {
   Int8View from(int64_t r) const { Int8View v = *this; v.q += r * I64, v.d += r * nG, v.sum += r * nG; return v; }
 };
 
-static void quantize_rows(const float* x, int64_t M, int64_t I, int64_t G, Int8Rows& r) {
-  r.I64 = (I + 63) / 64 * 64, r.nG = I / G;
+static void quantize_rows(const float* x, int64_t M, int64_t I, int64_t G, bool int4_order, Int8Rows& r) {
+  r.I64 = (I + 63) / 64 * 64, r.nG = (I + G - 1) / G;
   r.q.assign(M * r.I64, 0), r.d.resize(M * r.nG), r.sum.resize(M * r.nG);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < r.nG; ++g) {
+      const int64_t n = std::min(G, I - g * G);
       const float* xg = x + m * I + g * G;
       __m512 amax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < G; k += 16) amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_loadu_ps(xg + k)));
+      for (int64_t k = 0; k < n; k += 16)
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail16(n - k), xg + k)));
       const float a = _mm512_reduce_max_ps(amax);
       const __m512 inv = _mm512_set1_ps(a > 0 ? 127.0f / a : 0.0f);
       __m512i sum = _mm512_setzero_si512();
-      for (int64_t k = 0; k < G; k += 16) {
-        static constexpr int64_t order[4] = {0, 32, 16, 48};  // where each 16 values of 64 go
-        const int64_t n = g * G + k, slot = n / 64 * 64 + order[n % 64 / 16];
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(xg + k), inv));  // nearest even
+      for (int64_t k = 0; k < n; k += 16) {
+        static constexpr int64_t order[4] = {0, 32, 16, 48};  // int4 order: where each 16 values of 64 go
+        const int64_t at = g * G + k, slot = int4_order ? at / 64 * 64 + order[at % 64 / 16] : at;
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail16(n - k), xg + k), inv));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + m * r.I64 + slot), _mm512_cvtepi32_epi8(q));
         sum = _mm512_add_epi32(sum, q);
       }
@@ -266,12 +258,12 @@ static inline __m512 bf16x16(const at::BFloat16* p, __mmask16 n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, p)), 16));
 }
 
-// Sum of 4 adjacent code * x byte products into each int32 lane.
-static inline __m512i dot4(__m512i codes, __m512i xq) {
+// acc + the sums of 4 adjacent u8 * s8 byte products, per int32 lane.
+static inline __m512i dot4(__m512i acc, __m512i u, __m512i s) {
 #ifdef __AVX512VNNI__
-  return _mm512_dpbusd_epi32(_mm512_setzero_si512(), codes, xq);
-#else  // u8 x s8 pairs to int16 (at most 2 * 15 * 127: no saturation), then pairs of those to int32
-  return _mm512_madd_epi16(_mm512_maddubs_epi16(codes, xq), _mm512_set1_epi16(1));
+  return _mm512_dpbusd_epi32(acc, u, s);
+#else  // u8 x s8 pairs to int16 (int4 codes, or |int8| <= 127, times |x| <= 127: no saturation), then to int32
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
 #endif
 }
 
@@ -302,12 +294,12 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
           f0 = _mm512_mask_mov_ps(f0, 0xF0F0, _mm512_set1_ps(static_cast<float>(s0[g2]) * d[g2]));
           f1 = _mm512_mask_mov_ps(f1, 0xF0F0, _mm512_set1_ps(static_cast<float>(s1[g2]) * d[g2]));
         }
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(c0, xv)), f0, a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(c1, xv)), f1, a1[m]);
+        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c0, xv)), f0, a0[m]);
+        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c1, xv)), f1, a1[m]);
       }
     }
     for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time
-      const __mmask16 n = nG - g >= 16 ? 0xFFFF : (1u << (nG - g)) - 1;
+      const __mmask16 n = tail16(nG - g);
       const __m512 mn0 = bf16x16(mn + o * nG + g, n), mn1 = bf16x16(mn + p * nG + g, n);
       for (int m = 0; m < M; ++m) {
         const __m512 sum = _mm512_maskz_loadu_ps(n, x.sum + m * nG + g);
@@ -357,7 +349,7 @@ torch::Tensor group_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor
   const Hits hits(counts);
   const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
   Int8Rows xq;
-  quantize_rows(xf.data_ptr<float>(), R, I, G, xq);
+  quantize_rows(xf.data_ptr<float>(), R, I, G, true, xq);
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
   float* yp = y.data_ptr<float>();
@@ -371,6 +363,102 @@ torch::Tensor group_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor
     }
   });
   return y.to(x.scalar_type());
+}
+
+// ---- int8 blocks x int8 activations (W8A8): x rounded to int8 per 128 columns (the weight blocks' width);
+// per 64 columns, |w| (u8) meets x with w's sign (s8) in one integer dot-product instruction, summed in int32
+// over a 128-column block, then scaled by the block's scale times x's step.
+
+// Rows o0..o1 of one 128-row block of W (O, I) against M <= 8 rows of x; f (M, nI): block scale x x's step.
+template <int M>
+static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, int64_t o1, int64_t I, float* y,
+                      int64_t ystride) {
+  const int64_t nI = x.nG;
+  for (int64_t o = o0; o < o1; o += 2) {
+    const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
+    const int8_t *r0 = w + o * I, *r1 = w + p * I;
+    __m512 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t kb = 0; kb < nI; ++kb) {
+      __m512i i0[M], i1[M];
+      for (int m = 0; m < M; ++m) i0[m] = i1[m] = _mm512_setzero_si512();
+      for (int64_t k = kb * 128; k < std::min(I, kb * 128 + 128); k += 64) {
+        const __mmask64 n = I - k >= 64 ? ~0ULL : (1ULL << (I - k)) - 1;
+        const __m512i w0 = _mm512_maskz_loadu_epi8(n, r0 + k), w1 = _mm512_maskz_loadu_epi8(n, r1 + k);
+        const __m512i u0 = _mm512_abs_epi8(w0), u1 = _mm512_abs_epi8(w1);
+        const __mmask64 neg0 = _mm512_movepi8_mask(w0), neg1 = _mm512_movepi8_mask(w1);
+        for (int m = 0; m < M; ++m) {
+          const __m512i xv = _mm512_loadu_si512(x.q + m * x.I64 + k);
+          i0[m] = dot4(i0[m], u0, _mm512_mask_sub_epi8(xv, neg0, _mm512_setzero_si512(), xv));
+          i1[m] = dot4(i1[m], u1, _mm512_mask_sub_epi8(xv, neg1, _mm512_setzero_si512(), xv));
+        }
+      }
+      for (int m = 0; m < M; ++m) {
+        const __m512 fm = _mm512_set1_ps(f[m * nI + kb]);
+        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[m]), fm, a0[m]);
+        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[m]), fm, a1[m]);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      y[m * ystride + o] = _mm512_reduce_add_ps(a0[m]);
+      if (p != o) y[m * ystride + p] = _mm512_reduce_add_ps(a1[m]);
+    }
+  }
+}
+
+static torch::Tensor int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales) {
+  const int64_t I = x.size(1), O = values.size(1), nO = (O + 127) / 128, nI = (I + 127) / 128;
+  auto xf = x.to(torch::kFloat).contiguous();
+  auto y = torch::zeros({x.size(0), O}, xf.options());
+  const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
+  Int8Rows xq;
+  quantize_rows(xf.data_ptr<float>(), R, I, 128, false, xq);
+  const int8_t* w = values.data_ptr<int8_t>();
+  const float* s = scales.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> f;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h], M = hits.n[h];
+      const Int8View xr(xq, r);
+      f.resize(M * nI);
+      for (int64_t m = 0; m < M; ++m)
+        for (int64_t kb = 0; kb < nI; ++kb) f[m * nI + kb] = s[(e * nO + b) * nI + kb] * xr.d[m * nI + kb];
+      const int8_t* wb = w + (e * O + b * 128) * I;
+      const int64_t rows = std::min<int64_t>(128, O - b * 128);
+      for (int64_t c = 0; c < M; c += 8) {
+        const Int8View xc = xr.from(c);
+        const float* fc = f.data() + c * nI;
+        float* yc = yp + (r + c) * O + b * 128;
+        switch (std::min<int64_t>(8, M - c)) {
+          case 1: int8_rows<1>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 2: int8_rows<2>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 3: int8_rows<3>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 4: int8_rows<4>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 5: int8_rows<5>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 6: int8_rows<6>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 7: int8_rows<7>(xc, wb, fc, 0, rows, I, yc, O); break;
+          default: int8_rows<8>(xc, wb, fc, 0, rows, I, yc, O); break;
+        }
+      }
+    }
+  });
+  return y.to(x.scalar_type());
+}
+
+// x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
+// rows past sum(counts) are zero. A plain weight is the E = 1 case.
+torch::Tensor block_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor values, torch::Tensor scales) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.dim() == 3 && values.is_contiguous() &&
+              scales.is_contiguous() && scales.scalar_type() == torch::kFloat && values.size(2) == x.size(1));
+  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
+              "block_experts: x must be float32 or bfloat16");
+  const Hits hits(counts);
+  if (values.scalar_type() == torch::kChar) return int8_experts(hits, x, values, scales);
+  auto y = torch::zeros({x.size(0), values.size(1)}, x.options());  // fp8: x pre-scaled, fp32 FMAs
+  if (x.scalar_type() == torch::kBFloat16) fp8_typed<at::BFloat16>(hits, x, values, scales, y);
+  else fp8_typed<float>(hits, x, values, scales, y);
+  return y;
 }
 
 // ---- dequantization into a full matrix, for GEMMs with many rows (prefill): one pass, 16 values at a time.
@@ -496,6 +584,17 @@ def _deq_ext(t: torch.Tensor, dtype: torch.dtype):
 
 # ---- int8 / fp8 128x128 blocks ----
 
+def int8_activations_reference(x: torch.Tensor, group: int) -> torch.Tensor:
+    """x (..., I) as the int8 and int4 kernels read it, in fp32: each group of `group` values (the last may be
+    shorter) rounded to steps of amax / 127 (int8 codes times the step)."""
+    I = x.shape[-1]
+    xg = F.pad(x.float(), (0, -I % group)).unflatten(-1, (-1, group))  # (..., nG, G)
+    amax = xg.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), 0)  # a true division, as the kernel's
+    codes = torch.round(xg * inverse)  # half to even, as the kernel's
+    return (codes * (amax / 127)).flatten(-2)[..., :I]
+
+
 def dequantize_reference(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """values (..., O, I) int8/fp8, scales (..., nO, nI) fp32 -> (..., O, I) in dtype."""
     O, I = values.shape[-2:]
@@ -513,8 +612,11 @@ def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
 
 def block_linear_reference(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                            bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., I) -> (..., O) through the dequantized weight."""
-    return F.linear(x, dequantize_reference(values, scales, x.dtype), bias)
+    """What the block kernels compute, in fp32: the dequantized weight times x rounded to int8 steps per 128
+    columns (int8 weights) or x itself (fp8)."""
+    x_read = int8_activations_reference(x, BLOCK) if values.dtype == torch.int8 else x.float()
+    y = F.linear(x_read, dequantize_reference(values, scales, torch.float32))
+    return (y if bias is None else y + bias).to(x.dtype)
 
 
 def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
@@ -565,16 +667,6 @@ def group_dequantize(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Ten
     group = packed.shape[-1] * 2 // scales.shape[-1]
     return ext.group_dequantize(packed.contiguous(), scales.contiguous(), mins.contiguous(), group,
                                 dtype == torch.bfloat16)
-
-
-def int8_activations_reference(x: torch.Tensor, group: int) -> torch.Tensor:
-    """x (..., I) as the int4 kernel reads it, in fp32: each group of `group` values rounded to steps of
-    amax / 127 (int8 codes times the step)."""
-    xg = x.float().unflatten(-1, (-1, group))  # (..., nG, G)
-    amax = xg.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax > 0, torch.full_like(amax, 127).div(amax), 0)  # a true division, as the kernel's
-    codes = torch.round(xg * inverse)  # half to even, as the kernel's
-    return (codes * (amax / 127)).flatten(-2)
 
 
 def group_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,

@@ -10,7 +10,7 @@ Formats:
              squares refit of scale and min each time) for the least squared error. 0.5625 bytes per weight.
   int4-mixed int4, with the units whose int4 outputs are furthest from the exact ones kept at int8.
 Stacked expert weights (E, O, I) are quantized per expert. Activations stay in the model dtype, except in the
-int4 decode kernel, which rounds them to int8 per group (kernels.py).
+int8 and int4 decode kernels, which round them to int8 per block / group (kernels.py).
 
 Which modules: every nn.Linear and every expert stack, except the router (fp32 by design, tiny) and `kv_b_proj`
 (the absorbed attention reads its weight directly; it is small). Mixed precision: for int8/fp8 (`choose_kept`),
