@@ -220,23 +220,30 @@ struct Int8View {
   Int8View from(int64_t r) const { Int8View v = *this; v.q += r * I64, v.d += r * nG, v.sum += r * nG; return v; }
 };
 
-static void quantize_rows(const float* x, int64_t M, int64_t I, int64_t G, bool int4_order, Int8Rows& r) {
+// Up to 16 values (mask n) of a row of x as fp32.
+static inline __m512 x16(const float* p, __mmask16 n) { return _mm512_maskz_loadu_ps(n, p); }
+static inline __m512 x16(const at::BFloat16* p, __mmask16 n) {
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, p)), 16));
+}
+
+template <typename X>
+static void quantize_rows(const X* x, int64_t M, int64_t I, int64_t G, bool int4_order, Int8Rows& r) {
   r.I64 = (I + 63) / 64 * 64, r.nG = (I + G - 1) / G;
   r.q.assign(M * r.I64, 0), r.d.resize(M * r.nG), r.sum.resize(M * r.nG);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < r.nG; ++g) {
       const int64_t n = std::min(G, I - g * G);
-      const float* xg = x + m * I + g * G;
+      const X* xg = x + m * I + g * G;
       __m512 amax = _mm512_setzero_ps();
       for (int64_t k = 0; k < n; k += 16)
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(_mm512_maskz_loadu_ps(tail16(n - k), xg + k)));
+        amax = _mm512_max_ps(amax, _mm512_abs_ps(x16(xg + k, tail16(n - k))));
       const float a = _mm512_reduce_max_ps(amax);
       const __m512 inv = _mm512_set1_ps(a > 0 ? 127.0f / a : 0.0f);
       __m512i sum = _mm512_setzero_si512();
       for (int64_t k = 0; k < n; k += 16) {
         static constexpr int64_t order[4] = {0, 32, 16, 48};  // int4 order: where each 16 values of 64 go
         const int64_t at = g * G + k, slot = int4_order ? at / 64 * 64 + order[at % 64 / 16] : at;
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_maskz_loadu_ps(tail16(n - k), xg + k), inv));
+        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x16(xg + k, tail16(n - k)), inv));
         _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + m * r.I64 + slot), _mm512_cvtepi32_epi8(q));
         sum = _mm512_add_epi32(sum, q);
       }
@@ -253,11 +260,6 @@ static inline __m512i codes64(const uint8_t* p, bool half) {
                             _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
 }
 
-// Up to 16 bf16 values (mask n) as fp32.
-static inline __m512 bf16x16(const at::BFloat16* p, __mmask16 n) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, p)), 16));
-}
-
 // acc + the sums of 4 adjacent u8 * s8 byte products, per int32 lane.
 static inline __m512i dot4(__m512i acc, __m512i u, __m512i s) {
 #ifdef __AVX512VNNI__
@@ -271,9 +273,9 @@ static inline __m512i dot4(__m512i acc, __m512i u, __m512i s) {
 // Per 64 values and row of x: one integer dot product, scaled by the group's weight scale times x's step;
 // the mins add sum_g min[o, g] * sum(x group g) at the end. With groups of 32, lanes 0-3 and 8-11 of a 64-value
 // chunk hold its first group, lanes 4-7 and 12-15 its second.
-template <int M, bool G32>
+template <int M, bool G32, typename Y>
 static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, float* y, int64_t ystride) {
+                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t ystride) {
   const int64_t nG = x.nG, half = I / 2;
   for (int64_t o = o0; o < o1; o += 2) {
     const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
@@ -300,7 +302,7 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
     }
     for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time
       const __mmask16 n = tail16(nG - g);
-      const __m512 mn0 = bf16x16(mn + o * nG + g, n), mn1 = bf16x16(mn + p * nG + g, n);
+      const __m512 mn0 = x16(mn + o * nG + g, n), mn1 = x16(mn + p * nG + g, n);
       for (int m = 0; m < M; ++m) {
         const __m512 sum = _mm512_maskz_loadu_ps(n, x.sum + m * nG + g);
         a0[m] = _mm512_fmadd_ps(mn0, sum, a0[m]);
@@ -308,30 +310,50 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
       }
     }
     for (int m = 0; m < M; ++m) {
-      y[m * ystride + o] = _mm512_reduce_add_ps(a0[m]);
-      if (p != o) y[m * ystride + p] = _mm512_reduce_add_ps(a1[m]);
+      y[m * ystride + o] = static_cast<Y>(_mm512_reduce_add_ps(a0[m]));
+      if (p != o) y[m * ystride + p] = static_cast<Y>(_mm512_reduce_add_ps(a1[m]));
     }
   }
 }
 
 // Weight rows o0..o1 against M rows of x, 8 at a time while those weight rows sit in L2.
-template <bool G32>
+template <bool G32, typename Y>
 static void int4_task(Int8View x, int64_t M, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, float* y, int64_t O) {
+                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t O) {
   for (int64_t c = 0; c < M; c += 8) {
     const Int8View xc = x.from(c);
-    float* yc = y + c * O;
+    Y* yc = y + c * O;
     switch (std::min<int64_t>(8, M - c)) {
-      case 1: int4_rows<1, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 2: int4_rows<2, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 3: int4_rows<3, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 4: int4_rows<4, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 5: int4_rows<5, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 6: int4_rows<6, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 7: int4_rows<7, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      default: int4_rows<8, G32>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      case 1: int4_rows<1, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      case 2: int4_rows<2, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      case 3: int4_rows<3, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      case 4: int4_rows<4, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      case 5: int4_rows<5, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      case 6: int4_rows<6, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      case 7: int4_rows<7, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
+      default: int4_rows<8, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
     }
   }
+}
+
+template <typename X>
+static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                       torch::Tensor mins, int64_t G, torch::Tensor y) {
+  const int64_t I = x.size(1), O = packed.size(1), nO = (O + 127) / 128, nG = I / G;
+  const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
+  Int8Rows xq;
+  quantize_rows(x.data_ptr<X>(), R, I, G, true, xq);
+  const uint8_t* w = packed.data_ptr<uint8_t>();
+  const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
+  X* yp = y.data_ptr<X>();
+  at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
+      const auto task = G == 32 ? int4_task<true, X> : int4_task<false, X>;
+      task(Int8View(xq, r), hits.n[h], w + e * O * (I / 2), s + e * O * nG, mn + e * O * nG, b * 128,
+           std::min(O, b * 128 + 128), I, G, yp + r * O, O);
+    }
+  });
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16
@@ -339,30 +361,18 @@ static void int4_task(Int8View x, int64_t M, const uint8_t* w, const at::BFloat1
 // weight rows).
 torch::Tensor group_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor packed, torch::Tensor scales,
                             torch::Tensor mins, int64_t G) {
-  const int64_t I = x.size(1), O = packed.size(1), nO = (O + 127) / 128;
+  const int64_t I = x.size(1), O = packed.size(1);
   TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.is_contiguous() && packed.size(2) * 2 == I &&
               packed.scalar_type() == torch::kByte && (G == 32 || G % 64 == 0) && I % G == 0 &&
               scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == torch::kBFloat16 &&
               mins.scalar_type() == torch::kBFloat16 && scales.size(2) == I / G);
-  auto xf = x.to(torch::kFloat).contiguous();
-  auto y = torch::zeros({x.size(0), O}, xf.options());
+  auto xc = x.contiguous();
+  auto y = torch::zeros({x.size(0), O}, x.options());
   const Hits hits(counts);
-  const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
-  Int8Rows xq;
-  quantize_rows(xf.data_ptr<float>(), R, I, G, true, xq);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
-  float* yp = y.data_ptr<float>();
-  const int64_t nG = I / G;
-  at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
-      const auto task = G == 32 ? int4_task<true> : int4_task<false>;
-      task(Int8View(xq, r), hits.n[h], w + e * O * (I / 2), s + e * O * nG, mn + e * O * nG, b * 128,
-           std::min(O, b * 128 + 128), I, G, yp + r * O, O);
-    }
-  });
-  return y.to(x.scalar_type());
+  if (x.scalar_type() == torch::kBFloat16) int4_typed<at::BFloat16>(hits, xc, packed, scales, mins, G, y);
+  else if (x.scalar_type() == torch::kFloat) int4_typed<float>(hits, xc, packed, scales, mins, G, y);
+  else TORCH_CHECK(false, "group_experts: x must be float32 or bfloat16");
+  return y;
 }
 
 // ---- int8 blocks x int8 activations (W8A8): x rounded to int8 per 128 columns (the weight blocks' width);
@@ -370,8 +380,8 @@ torch::Tensor group_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor
 // over a 128-column block, then scaled by the block's scale times x's step.
 
 // Rows o0..o1 of one 128-row block of W (O, I) against M <= 8 rows of x; f (M, nI): block scale x x's step.
-template <int M>
-static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, int64_t o1, int64_t I, float* y,
+template <int M, typename Y>
+static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, int64_t o1, int64_t I, Y* y,
                       int64_t ystride) {
   const int64_t nI = x.nG;
   for (int64_t o = o0; o < o1; o += 2) {
@@ -400,22 +410,22 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
       }
     }
     for (int m = 0; m < M; ++m) {
-      y[m * ystride + o] = _mm512_reduce_add_ps(a0[m]);
-      if (p != o) y[m * ystride + p] = _mm512_reduce_add_ps(a1[m]);
+      y[m * ystride + o] = static_cast<Y>(_mm512_reduce_add_ps(a0[m]));
+      if (p != o) y[m * ystride + p] = static_cast<Y>(_mm512_reduce_add_ps(a1[m]));
     }
   }
 }
 
-static torch::Tensor int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales) {
+template <typename X>
+static void int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales,
+                         torch::Tensor y) {
   const int64_t I = x.size(1), O = values.size(1), nO = (O + 127) / 128, nI = (I + 127) / 128;
-  auto xf = x.to(torch::kFloat).contiguous();
-  auto y = torch::zeros({x.size(0), O}, xf.options());
   const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
   Int8Rows xq;
-  quantize_rows(xf.data_ptr<float>(), R, I, 128, false, xq);
+  quantize_rows(x.data_ptr<X>(), R, I, 128, false, xq);
   const int8_t* w = values.data_ptr<int8_t>();
   const float* s = scales.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+  X* yp = y.data_ptr<X>();
   at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> f;
     for (int64_t t = t0; t < t1; ++t) {
@@ -429,21 +439,20 @@ static torch::Tensor int8_experts(const Hits& hits, torch::Tensor x, torch::Tens
       for (int64_t c = 0; c < M; c += 8) {
         const Int8View xc = xr.from(c);
         const float* fc = f.data() + c * nI;
-        float* yc = yp + (r + c) * O + b * 128;
+        X* yc = yp + (r + c) * O + b * 128;
         switch (std::min<int64_t>(8, M - c)) {
-          case 1: int8_rows<1>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 2: int8_rows<2>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 3: int8_rows<3>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 4: int8_rows<4>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 5: int8_rows<5>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 6: int8_rows<6>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 7: int8_rows<7>(xc, wb, fc, 0, rows, I, yc, O); break;
-          default: int8_rows<8>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 1: int8_rows<1, X>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 2: int8_rows<2, X>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 3: int8_rows<3, X>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 4: int8_rows<4, X>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 5: int8_rows<5, X>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 6: int8_rows<6, X>(xc, wb, fc, 0, rows, I, yc, O); break;
+          case 7: int8_rows<7, X>(xc, wb, fc, 0, rows, I, yc, O); break;
+          default: int8_rows<8, X>(xc, wb, fc, 0, rows, I, yc, O); break;
         }
       }
     }
   });
-  return y.to(x.scalar_type());
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
@@ -454,9 +463,11 @@ torch::Tensor block_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
               "block_experts: x must be float32 or bfloat16");
   const Hits hits(counts);
-  if (values.scalar_type() == torch::kChar) return int8_experts(hits, x, values, scales);
-  auto y = torch::zeros({x.size(0), values.size(1)}, x.options());  // fp8: x pre-scaled, fp32 FMAs
-  if (x.scalar_type() == torch::kBFloat16) fp8_typed<at::BFloat16>(hits, x, values, scales, y);
+  auto y = torch::zeros({x.size(0), values.size(1)}, x.options());
+  const bool bf16 = x.scalar_type() == torch::kBFloat16, int8 = values.scalar_type() == torch::kChar;
+  if (int8 && bf16) int8_experts<at::BFloat16>(hits, x, values, scales, y);
+  else if (int8) int8_experts<float>(hits, x, values, scales, y);
+  else if (bf16) fp8_typed<at::BFloat16>(hits, x, values, scales, y);  // fp8: x pre-scaled, fp32 FMAs
   else fp8_typed<float>(hits, x, values, scales, y);
   return y;
 }
