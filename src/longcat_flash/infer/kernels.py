@@ -13,8 +13,8 @@ than plain bf16. The kernels read the quantized weight once:
                    AND / shift) meet 64 x bytes in one integer dot product, scaled by the group's scale times x's
                    step; the mins add min . sum(x group) per row.
 The int8 activations cost nothing measurable: held-out perplexity through the decode path, int8 -0.09% and int4
-+0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py). One thread, batch 1, the weight read
-at 8.9 GB/s (int8) and 6.3 (int4) against 6.7 and 4.7 for the fp32-FMA kernels they replace.
++0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py); against the fp32-FMA kernels they
+replace, 1.5x (int8) and 1.2x (int4) the weight GB/s at batch 1, one thread (docs/quantization.md).
 All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block
 stays in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a
 batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`). Linear
