@@ -196,14 +196,10 @@ static inline void load32(const uint8_t* p, __m512& lo, __m512& hi) {
   hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
 
-// x rows quantized to int8 per group of G columns (the last may be shorter), as llama.cpp's Q8 activations:
-// xq = round(x / d), d = amax / 127, and the group's sum d * sum(xq) (int4's min term uses the quantized x's sum,
-// not the exact one: then its result is exactly w . x_quantized, whose error scales with w, not with w - min).
-// Rows are zero-padded to a multiple of 64 columns. In `int4_order`, each 64 values are stored in the order 32
-// packed int4 bytes unpack to ([low nibbles | high nibbles] of two 32-value chunks: values 0-15, 32-47, 16-31,
-// 48-63).
+// ---- int8 activations, for the int4 and int8 kernels.
 static inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xFFFF : (1u << n) - 1; }  // the first n of 16
 
+// x rows rounded to int8 (quantize_rows).
 struct Int8Rows {
   std::vector<int8_t> q;     // (M, I64)
   std::vector<float> d, sum;  // (M, nG)
@@ -226,6 +222,12 @@ static inline __m512 x16(const at::BFloat16* p, __mmask16 n) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, p)), 16));
 }
 
+// x rows quantized to int8 per group of G columns (the last may be shorter), as llama.cpp's Q8 activations:
+// xq = round(x / d), d = amax / 127, and the group's sum d * sum(xq) (int4's min term uses the quantized x's sum,
+// not the exact one: then its result is exactly w . x_quantized, whose error scales with w, not with w - min).
+// Rows are zero-padded to a multiple of 64 columns. In `int4_order`, each 64 values are stored in the order 32
+// packed int4 bytes unpack to ([low nibbles | high nibbles] of two 32-value chunks: values 0-15, 32-47, 16-31,
+// 48-63).
 template <typename X>
 static void quantize_rows(const X* x, int64_t M, int64_t I, int64_t G, bool int4_order, Int8Rows& r) {
   r.I64 = (I + 63) / 64 * 64, r.nG = (I + G - 1) / G;
