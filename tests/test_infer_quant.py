@@ -133,7 +133,7 @@ def test_kernel_equals_the_reference(fmt, kernel_rows):
     for rows in row_counts:
         x = torch.randn(rows, 520)
         x[0, 130] = 0.0
-        x[-1, 384:] = 0.0  # the last, partial block all zeros: no step to divide by
+        x[-1, 384:] = 0.0  # the last two blocks (one partial) all zeros: no step to divide by
         expected = kernels.block_linear_reference(x, values, scales)
         y = kernels.block_linear(x, values, scales)
         torch.testing.assert_close(y, expected, atol=1e-3, rtol=1e-4)
