@@ -51,6 +51,14 @@ _SOURCE = r"""
 #include <ATen/Parallel.h>
 #include <immintrin.h>
 
+// Ask for the weight bytes PREFETCH ahead of what a row reads now: the hardware prefetcher alone left the int4
+// kernel at 6.1 GB/s on one core, software prefetch of both rows of a pair 4 KB ahead at 8.9 (1 KB: 6.6,
+// 8 KB: 8.8; one row only: 8.6).
+constexpr int64_t PREFETCH = 4096;
+static inline void prefetch(const void* p) {
+  _mm_prefetch(static_cast<const char*>(p) + PREFETCH, _MM_HINT_T0);
+}
+
 // 16 weights -> fp32. int8: sign-extend and convert. e4m3fn: rebuild the fp32 bit pattern (normal: exponent
 // +120, mantissa << 20; subnormal: m * 2^-9), sign on top.
 static inline __m512 load16(const int8_t* p) {
@@ -84,6 +92,7 @@ static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int6
     for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= I; k += 16) {
+      prefetch(r0 + k), prefetch(r1 + k);
       __m512 w0 = load16(r0 + k), w1 = load16(r1 + k);
       for (int m = 0; m < M; ++m) {
         __m512 xv = _mm512_loadu_ps(xs + m * I + k);
@@ -287,6 +296,7 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
     for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
     for (int64_t k = 0; k < I; k += 64) {
       const bool last32 = I - k == 32;
+      prefetch(r0 + k / 2), prefetch(r1 + k / 2);
       const __m512i c0 = codes64(r0 + k / 2, last32), c1 = codes64(r1 + k / 2, last32);
       const int64_t g = k / G, g2 = G32 && !last32 ? g + 1 : g;  // the chunk's groups
       for (int m = 0; m < M; ++m) {
@@ -396,6 +406,7 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
       for (int m = 0; m < M; ++m) i0[m] = i1[m] = _mm512_setzero_si512();
       for (int64_t k = kb * 128; k < std::min(I, kb * 128 + 128); k += 64) {
         const __mmask64 n = I - k >= 64 ? ~0ULL : (1ULL << (I - k)) - 1;
+        prefetch(r0 + k), prefetch(r1 + k);
         const __m512i w0 = _mm512_maskz_loadu_epi8(n, r0 + k), w1 = _mm512_maskz_loadu_epi8(n, r1 + k);
         const __m512i u0 = _mm512_abs_epi8(w0), u1 = _mm512_abs_epi8(w1);
         const __mmask64 neg0 = _mm512_movepi8_mask(w0), neg1 = _mm512_movepi8_mask(w1);
