@@ -9,8 +9,9 @@ from infer_support import greedy_reference, one_thread, prompts, randomized  # n
 
 from longcat_flash.infer import kernels, quant
 from longcat_flash.infer.engine import Engine, EngineConfig
-from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, fuse_for_inference
+from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, FusedRMSNorm, fuse_for_inference
 from longcat_flash.infer.sampling import SamplingParams
+from longcat_flash.model.layers import RMSNorm
 
 
 @pytest.fixture(scope="module")
@@ -26,6 +27,28 @@ def test_every_module_has_its_twin(pair):
     layer = fused.model.layers[0]
     assert all(isinstance(a, FusedMLA) for a in layer.self_attn) and isinstance(fused.model.mtp.self_attn, FusedMLA)
     assert isinstance(layer.mlps[0], FusedMLP) and isinstance(layer.mlp, FusedMoE)
+    norms = [m for m in fused.modules() if isinstance(m, RMSNorm)]
+    assert norms and all(type(m) is FusedRMSNorm for m in norms)  # the attention twins' latent norms too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_norm_computes_the_model_norm(dtype):
+    """One compiled op, the model's arithmetic (fp32 math, rounded to x's dtype before the weight), up to the last
+    bit (the sum of squares runs in another order); rows of any length, one row (decode) or many."""
+    for shape in [(1, 1, 1024), (3, 7, 520), (2, 300, 64)]:
+        norm = RMSNorm(shape[-1], 1e-6).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(shape[-1]))
+        twin = FusedRMSNorm(norm)
+        x = (torch.randn(shape) * 3).to(dtype)
+        with torch.no_grad():
+            expected, got = norm(x), twin(x)
+        assert got.dtype == dtype
+        ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -22  # relative, with one rounding more or less
+        torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=ulp * 2)
+        assert (got == expected).float().mean() > 0.99
+        if kernels.kernel_available():
+            assert kernels.rms_norm(x, norm.weight, norm.eps) is not None  # the kernel took it
 
 
 def test_a_fused_attention_has_every_attribute_of_its_mla(pair):
