@@ -46,7 +46,8 @@ def test_fused_norm_computes_the_model_norm(dtype):
         assert got.dtype == dtype
         ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -22  # relative, with one rounding more or less
         torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=ulp * 2)
-        assert (got == expected).float().mean() > 0.99
+        if dtype == torch.bfloat16:  # one fp32 ulp rarely moves a bf16 rounding
+            assert (got == expected).float().mean() > 0.99
         if kernels.kernel_available():
             assert kernels.rms_norm(x, norm.weight, norm.eps) is not None  # the kernel took it
 
