@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .cache import PagedLatentCache, padded_batch
-from .sampling import SamplingParams, draw, probabilities
+from .sampling import SamplingParams, argmax, draw, probabilities
 
 
 @dataclass
@@ -50,7 +50,7 @@ def verify(target_logits: torch.Tensor, draft: Draft, params: SamplingParams,
            generator: torch.Generator) -> list[int]:
     """target_logits (k+1, V) at positions T..T+k -> the emitted tokens: accepted drafts + one more token."""
     if params.greedy:
-        target = target_logits.argmax(-1).tolist()
+        target = argmax(target_logits).tolist()
         out = []
         for d, t in zip(draft.tokens, target):
             if d != t:
@@ -107,7 +107,7 @@ class MTPDrafter:
             logits = self.model.lm_head(z)  # (B, V)
             for b in range(B):
                 q = probabilities(logits[b], params[b])
-                tokens[b].append(int(q.argmax()) if params[b].greedy else draw(q, generators[b]))
+                tokens[b].append(int(argmax(q)) if params[b].greedy else draw(q, generators[b]))
                 probs[b].append(q)
             if step + 1 < self.k:
                 pos = [p + 1 for p in pos]
