@@ -9,9 +9,9 @@ from infer_support import greedy_reference, one_thread, prompts, randomized  # n
 
 from longcat_flash.infer import kernels, quant
 from longcat_flash.infer.engine import Engine, EngineConfig
-from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, FusedRMSNorm, fuse_for_inference
+from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, FusedRMSNorm, fuse_for_inference, rotate
 from longcat_flash.infer.sampling import SamplingParams
-from longcat_flash.model.layers import RMSNorm
+from longcat_flash.model.layers import RMSNorm, apply_rope
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +29,22 @@ def test_every_module_has_its_twin(pair):
     assert isinstance(layer.mlps[0], FusedMLP) and isinstance(layer.mlp, FusedMoE)
     norms = [m for m in fused.modules() if isinstance(m, RMSNorm)]
     assert norms and all(type(m) is FusedRMSNorm for m in norms)  # the attention twins' latent norms too
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_rope_is_bitwise_the_model_rope(dtype):
+    """The compiled RoPE rounds each product and sum as torch's separate ops do: the same bits, for a split's
+    strided view with heads (q), without heads (k), and a non-uniform view it copies first."""
+    B, S, H, N, R = 2, 5, 4, 16, 32
+    angles = torch.rand(B, S, R // 2) * 50
+    rope = (angles.cos().to(dtype), angles.sin().to(dtype))
+    q = (torch.randn(B, S, H, N + R) * 2).to(dtype)
+    kv = (torch.randn(B, S, 24 + R) * 2).to(dtype)
+    for x, r in ((q[..., N:], rope), (kv[..., 24:], rope), (q[:, :3, :, N:], tuple(t[:, :3] for t in rope))):
+        expected = apply_rope(x, *r)  # the last: 3 of 5 positions, rows not evenly apart in memory
+        assert torch.equal(rotate(x, r), expected)
+        if kernels.kernel_available():
+            assert kernels.rope(x, *r) is not None  # the kernel took it
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

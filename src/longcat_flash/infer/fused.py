@@ -3,6 +3,7 @@
 At batch 1 a decode step is ~130 GEMVs and, in the model's training-friendly form, ~2,000 small ops of a few
 microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down without touching model/:
   MLA    q_a_proj and kv_a_proj_with_mqa in one GEMV (SGLang's fused_qkv_a_proj_with_mqa, concatenated q first);
+         RoPE on q and k in one compiled op each (kernels.rope) instead of ~12 small ones;
          the mla scales folded into q_b_proj and kv_a_layernorm once (docs/architecture.md §6.1);
          W_UK and W_UV^T precomputed contiguous per head; absorbed attention as bmm with heads folded into rows,
          so no weight is copied per step (docs/architecture.md §6.3).
@@ -41,6 +42,12 @@ SMALL_BATCH_TOKENS = 16  # up to this many tokens the MoE routes on the host
 @functools.lru_cache(maxsize=8)
 def _causal(n: int, device: torch.device) -> torch.Tensor:
     return torch.ones(n, n, dtype=torch.bool, device=device).tril()
+
+
+def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """apply_rope in one compiled op where the kernel takes the call (bitwise the same: tests/test_infer_fused.py)."""
+    y = kernels.rope(x, *rope)
+    return apply_rope(x, *rope) if y is None else y
 
 
 def _linear(weight: torch.Tensor, bias: torch.Tensor | None = None) -> nn.Linear:
@@ -84,7 +91,7 @@ class FusedMLA(MLA):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, S, H, N), (B, S, H, R)
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, S, C), scale folded in
-        return q_nope, apply_rope(q_rope, *rope), latent, apply_rope(k_rope, *rope)
+        return q_nope, rotate(q_rope, rope), latent, rotate(k_rope, rope)
 
     def attend_naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                      k_rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,5 +1,5 @@
 """x @ W^T for quantized W (quant.py's formats): references, and fused CPU kernels for decode and prefill; and
-RMSNorm in one op (`rms_norm`), since a decode step is as much small ops as weight reads.
+RMSNorm and RoPE in one op each (`rms_norm`, `rope`), since a decode step is as much small ops as weight reads.
 
 Decode multiplies a few rows by each weight once, so its speed is the speed of reading the weight. The reference
 (dequantize all of W, then F.linear) reads the quantized weight, writes a bf16 copy and reads that again: slower
@@ -535,6 +535,41 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
   return y;
 }
 
+// ---- rotary embedding, as model/layers.py's apply_rope: rows of interleaved pairs (x0, x1), (x2, x3), ... ->
+// [evens * cos - odds * sin | odds * cos + evens * sin], each product and sum rounded to x's dtype as torch's
+// separate ops round them (built with -ffp-contract=off, so no FMA merges two of them). x: `rows` rows of R values,
+// `stride` apart; cos/sin (N, R/2) for N positions, rows / N heads per position; y (rows, R) contiguous.
+template <typename X>
+static void rope_rows(const X* x, int64_t stride, const X* c, const X* sn, X* y, int64_t rows, int64_t N,
+                      int64_t R) {
+  const int64_t half = R / 2, heads = rows / N;
+  for (int64_t i = 0; i < rows; ++i) {
+    const X *xr = x + i * stride, *cr = c + i / heads * half, *sr = sn + i / heads * half;
+    X* yr = y + i * R;
+    for (int64_t j = 0; j < half; ++j) {
+      const float e = xr[2 * j], o = xr[2 * j + 1], cj = cr[j], sj = sr[j];
+      yr[j] = static_cast<X>(static_cast<float>(static_cast<X>(e * cj)) - static_cast<float>(static_cast<X>(o * sj)));
+      yr[half + j] = static_cast<X>(static_cast<float>(static_cast<X>(o * cj)) +
+                                    static_cast<float>(static_cast<X>(e * sj)));
+    }
+  }
+}
+
+torch::Tensor rope(torch::Tensor x, int64_t rows, int64_t stride, torch::Tensor cos, torch::Tensor sin) {
+  const int64_t R = x.size(-1), N = cos.numel() / (R / 2);
+  TORCH_CHECK(x.stride(-1) == 1 && R % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && N > 0 &&
+              rows % N == 0 && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type());
+  auto y = torch::empty(x.sizes(), x.options());
+  if (x.scalar_type() == torch::kBFloat16)
+    rope_rows(x.data_ptr<at::BFloat16>(), stride, cos.data_ptr<at::BFloat16>(), sin.data_ptr<at::BFloat16>(),
+              y.data_ptr<at::BFloat16>(), rows, N, R);
+  else if (x.scalar_type() == torch::kFloat)
+    rope_rows(x.data_ptr<float>(), stride, cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), rows,
+              N, R);
+  else TORCH_CHECK(false, "rope: x must be float32 or bfloat16");
+  return y;
+}
+
 // ---- dequantization into a full matrix, for GEMMs with many rows (prefill): one pass, 16 values at a time.
 static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 static inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even, as torch does
@@ -625,9 +660,9 @@ def _extension():
         vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
         return load_inline("longcat_quant_kernels", cpp_sources=_SOURCE,
                            functions=["block_experts", "group_experts", "block_dequantize", "group_dequantize",
-                                      "rms_norm"],
+                                      "rms_norm", "rope"],
                            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *vnni, "-mfma",
-                                         "-fopenmp"],
+                                         "-ffp-contract=off", "-fopenmp"],
                            extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
         log.warning("block-quantized kernel unavailable (%s); using the dequantize reference", err)
@@ -660,6 +695,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     ext = _extension()
     return None if ext is None else ext.rms_norm(x.contiguous(), weight.contiguous(), eps)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """model/layers.py's apply_rope in one compiled op: x (B, S, ..., R) (a strided view such as a split's is
+    read in place), cos/sin (B, S, R/2) of x's dtype; None where the kernel does not take it."""
+    R = x.shape[-1]
+    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or cos.dtype != x.dtype
+            or sin.dtype != x.dtype or x.dim() < 2 or x.stride(-1) != 1 or cos.shape[-1] * 2 != R):
+        return None
+    ext = _extension()
+    if ext is None:
+        return None
+    rows = x.numel() // R
+    uniform = all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))  # rows evenly apart
+    if not uniform:
+        x = x.contiguous()
+    return ext.rope(x, rows, x.stride(-2), cos.contiguous(), sin.contiguous())
 
 
 def _deq_ext(t: torch.Tensor, dtype: torch.dtype):
