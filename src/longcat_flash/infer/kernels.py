@@ -14,8 +14,9 @@ than plain bf16. The kernels read the quantized weight once:
                    AND / shift) meet 64 x bytes in one integer dot product, scaled by the group's scale times x's
                    step; the mins add min . sum(x group) per row.
 The int8 activations cost nothing measurable: held-out perplexity through the decode path, int8 -0.09% and int4
-+0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py); against the fp32-FMA kernels they
-replace, 1.5x (int8) and 1.2x (int4) the weight GB/s at batch 1, one thread (docs/quantization.md).
++0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py). With software prefetch (PREFETCH),
+1.7x (int8) and 1.9x (int4) the weight GB/s of the fp32-FMA kernels they replace at batch 1, one thread
+(docs/quantization.md).
 All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block
 stays in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a
 batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`). Linear
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 
 BLOCK = 128
 # Rows (per weight; per hit expert on average) up to which the kernels run; beyond, dequantize + oneDNN's bf16
-# GEMM is faster. One core, GB/s of quantized weights, kernel vs dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows,
-# 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
+# GEMM is faster. One core, GB/s of quantized weights, kernel (before PREFETCH) vs dequantize + GEMM: int8 3.9 vs
+# 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3,
+# 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
 
 _SOURCE = r"""
