@@ -15,14 +15,14 @@ import pytest
 import torch
 from fake_accelerator import fake_accelerator, to_accelerator
 from infer_support import one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
-from train_support import make_corpus, tiny_config
 from safetensors.torch import load_file
+from train_support import make_corpus, tiny_config
 
 from longcat_flash.analysis.explain import explain
 from longcat_flash.checkpoint import fresh
 from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.checkpoint.hf import save_pretrained
-from longcat_flash.infer import kernels
+from longcat_flash.infer import extension
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
@@ -119,7 +119,7 @@ def test_quantized_fused_model_loads_and_runs_on_the_device(model, tmp_path, mon
     """load_for_inference builds, fuses and int8-quantizes on the device, calibrating with host ids. The CPU run
     takes the dequantize reference too (the AVX-512 kernel is CPU-only and rounds differently), so tokens compare
     exactly."""
-    monkeypatch.setattr(kernels, "_extension", lambda: None)
+    monkeypatch.setattr(extension, "compiled", lambda: None)
     save_pretrained(model, tmp_path)
     ps, calibration = prompts((4, 9), seed=4), torch.tensor(prompts((12,), seed=5))  # (1, 12) on the host
 

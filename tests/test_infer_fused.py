@@ -7,7 +7,7 @@ import pytest
 import torch
 from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
 
-from longcat_flash.infer import kernels, quant
+from longcat_flash.infer import decode_ops, kernels, quant
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, FusedRMSNorm, fuse_for_inference, rotate
 from longcat_flash.infer.sampling import SamplingParams
@@ -44,7 +44,7 @@ def test_fused_rope_is_bitwise_the_model_rope(dtype):
         expected = apply_rope(x, *r)  # the last: 3 of 5 positions, rows not evenly apart in memory
         assert torch.equal(rotate(x, r), expected)
         if kernels.kernel_available():
-            assert kernels.rope(x, *r) is not None  # the kernel took it
+            assert decode_ops.rope(x, *r) is not None  # the kernel took it
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -65,7 +65,7 @@ def test_fused_norm_computes_the_model_norm(dtype):
         if dtype == torch.bfloat16:  # one fp32 ulp rarely moves a bf16 rounding
             assert (got == expected).float().mean() > 0.99
         if kernels.kernel_available():
-            assert kernels.rms_norm(x, norm.weight, norm.eps) is not None  # the kernel took it
+            assert decode_ops.rms_norm(x, norm.weight, norm.eps) is not None  # the kernel took it
 
 
 def test_a_fused_attention_has_every_attribute_of_its_mla(pair):

@@ -12,7 +12,7 @@ import torch
 from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
 
 from longcat_flash.cli import main
-from longcat_flash.infer import kernels, quant
+from longcat_flash.infer import extension, kernels, quant
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.experts import HitExperts, PlainHitExperts, use_hit_experts
 from longcat_flash.infer.fused import fuse_for_inference
@@ -106,7 +106,7 @@ def kernel_rows(monkeypatch) -> list[int]:
         pytest.skip("the block-quantized kernel needs a CPU with AVX-512")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("the block-quantized kernel needs a C++ compiler to build")
-    build, rows = kernels._extension, []
+    build, rows = extension.compiled, []
 
     class Counted:
         def __init__(self, ext) -> None:
@@ -118,7 +118,7 @@ def kernel_rows(monkeypatch) -> list[int]:
                 return fn
             return lambda x, *args: rows.append(x.shape[0]) or fn(x, *args)
 
-    monkeypatch.setattr(kernels, "_extension", lambda: None if build() is None else Counted(build()))
+    monkeypatch.setattr(extension, "compiled", lambda: None if build() is None else Counted(build()))
     return rows
 
 

@@ -3,12 +3,12 @@
 At batch 1 a decode step is ~130 GEMVs and, in the model's training-friendly form, ~2,000 small ops of a few
 microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down without touching model/:
   MLA    q_a_proj and kv_a_proj_with_mqa in one GEMV (SGLang's fused_qkv_a_proj_with_mqa, concatenated q first);
-         RoPE on q and k in one compiled op each (kernels.rope) instead of ~12 small ones;
+         RoPE on q and k in one compiled op each (decode_ops.rope) instead of ~12 small ones;
          the mla scales folded into q_b_proj and kv_a_layernorm once (docs/architecture.md §6.1);
          W_UK and W_UV^T precomputed contiguous per head; absorbed attention as bmm with heads folded into rows,
          so no weight is copied per step (docs/architecture.md §6.3).
   MLP    gate_proj and up_proj in one GEMV.
-  norms  RMSNorm in one compiled op (kernels.rms_norm; ~8 small ops otherwise, 49 norms per token on the bench
+  norms  RMSNorm in one compiled op (decode_ops.rms_norm; ~8 small ops otherwise, 49 norms per token on the bench
          preset), the same result up to the last bit (its sum of squares runs in another order).
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
@@ -32,7 +32,7 @@ from ..config import ModelConfig
 from ..model.attention import LATENT_NORM_EPS, MLA
 from ..model.layers import MLP, RMSNorm, apply_rope
 from ..model.moe import MoE, RoutingInfo, group_by_expert
-from . import kernels
+from . import decode_ops
 from .experts import use_hit_experts
 from .swap import swap_modules
 
@@ -46,7 +46,7 @@ def _causal(n: int, device: torch.device) -> torch.Tensor:
 
 def rotate(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """apply_rope in one compiled op where the kernel takes the call (bitwise the same: tests/test_infer_fused.py)."""
-    y = kernels.rope(x, *rope)
+    y = decode_ops.rope(x, *rope)
     return apply_rope(x, *rope) if y is None else y
 
 
@@ -142,7 +142,7 @@ class FusedRMSNorm(RMSNorm):
         self.weight = norm.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = kernels.rms_norm(x, self.weight, self.eps)
+        y = decode_ops.rms_norm(x, self.weight, self.eps)
         return super().forward(x) if y is None else y
 
 

@@ -1,5 +1,5 @@
-"""x @ W^T for quantized W (quant.py's formats): references, and fused CPU kernels for decode and prefill; and
-RMSNorm and RoPE in one op each (`rms_norm`, `rope`), since a decode step is as much small ops as weight reads.
+"""x @ W^T for quantized W (quant.py's formats): references, and fused CPU kernels (csrc/quant_kernels.cpp) for
+decode and prefill.
 
 Decode multiplies a few rows by each weight once, so its speed is the speed of reading the weight. The reference
 (dequantize all of W, then F.linear) reads the quantized weight, writes a bf16 copy and reads that again: slower
@@ -14,7 +14,7 @@ than plain bf16. The kernels read the quantized weight once:
                    AND / shift) meet 64 x bytes in one integer dot product, scaled by the group's scale times x's
                    step; the mins add min . sum(x group) per row.
 The int8 activations cost nothing measurable: held-out perplexity through the decode path, int8 -0.09% and int4
-+0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py). With software prefetch (PREFETCH),
++0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py). With software prefetch (csrc/simd.h),
 1.7x (int8) and 1.9x (int4) the weight GB/s of the fp32-FMA kernels they replace at batch 1, one thread
 (docs/quantization.md).
 All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block
@@ -24,661 +24,35 @@ layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert s
 hit expert; more rows (prefill, many streams) are compute-bound: each weight is dequantized once, in one compiled
 pass straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
 
-The kernels are C++ compiled on first use with torch.utils.cpp_extension (a minute or more, then cached). Without
-a compiler, without AVX-512, or with LONGCAT_KERNELS=0, everything runs on the reference path.
+The kernels are compiled on first use (extension.py). Without a compiler, without AVX-512, or with
+LONGCAT_KERNELS=0, everything runs on the reference path.
 
 Shapes: M rows, I in features, O out features, E experts, nO/nI the 128-block counts, G the int4 group.
 """
 from __future__ import annotations
 
-import functools
-import logging
-import os
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-log = logging.getLogger(__name__)
+from . import extension
 
 BLOCK = 128
 # Rows (per weight; per hit expert on average) up to which the kernels run; beyond, dequantize + oneDNN's bf16
-# GEMM is faster. One core, GB/s of quantized weights, kernel (before PREFETCH) vs dequantize + GEMM: int8 3.9 vs
+# GEMM is faster. One core, GB/s of quantized weights, kernel (before prefetch) vs dequantize + GEMM: int8 3.9 vs
 # 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3,
 # 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
 
-_SOURCE = r"""
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
-
-// Ask for the weight bytes PREFETCH ahead of what a row reads now: the hardware prefetcher alone left the int4
-// kernel at 6.1 GB/s on one core, software prefetch of both rows of a pair 4 KB ahead at 8.9 (1 KB: 6.6,
-// 8 KB: 8.8; one row only: 8.6).
-constexpr int64_t PREFETCH = 4096;
-static inline void prefetch(const void* p) {
-  _mm_prefetch(static_cast<const char*>(p) + PREFETCH, _MM_HINT_T0);
-}
-
-// 16 weights -> fp32. int8: sign-extend and convert. e4m3fn: rebuild the fp32 bit pattern (normal: exponent
-// +120, mantissa << 20; subnormal: m * 2^-9), sign on top.
-static inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-static inline __m512 load16(const uint8_t* p) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
-  __m512i em = _mm512_and_si512(v, _mm512_set1_epi32(0x7F));
-  __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
-  __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(1.0f / 512.0f));
-  __m512 mag = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), normal, sub);
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign));
-}
-static inline float scalar(int8_t v) { return static_cast<float>(v); }
-static inline float scalar(uint8_t v) {
-  int em = v & 0x7F;
-  float mag = (em >> 3) ? std::ldexp(1.0f + (em & 7) / 8.0f, (em >> 3) - 7) : (em & 7) * (1.0f / 512.0f);
-  return (v & 0x80) ? -mag : mag;
-}
-
-// y[m, o] = sum_k xs[m, k] * w[o, k] for rows o0..o1 of one 128-row block; xs already holds the block's scales.
-// Two weight rows per pass share every load of xs (the loads, not the FMAs, bound this loop for M > 1).
-template <typename W, int M>
-static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int64_t I, int64_t O, float* y) {
-  int64_t o = o0;
-  for (; o + 2 <= o1; o += 2) {
-    const W* r0 = w + o * I;
-    const W* r1 = r0 + I;
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= I; k += 16) {
-      prefetch(r0 + k), prefetch(r1 + k);
-      __m512 w0 = load16(r0 + k), w1 = load16(r1 + k);
-      for (int m = 0; m < M; ++m) {
-        __m512 xv = _mm512_loadu_ps(xs + m * I + k);
-        a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
-        a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      float t0 = 0.f, t1 = 0.f;
-      for (int64_t t = k; t < I; ++t) {
-        t0 += xs[m * I + t] * scalar(r0[t]);
-        t1 += xs[m * I + t] * scalar(r1[t]);
-      }
-      y[m * O + o] = _mm512_reduce_add_ps(a0[m]) + t0;
-      y[m * O + o + 1] = _mm512_reduce_add_ps(a1[m]) + t1;
-    }
-  }
-  for (; o < o1; ++o) {
-    const W* row = w + o * I;
-    __m512 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= I; k += 16) {
-      __m512 wv = load16(row + k);
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + m * I + k), acc[m]);
-    }
-    for (int m = 0; m < M; ++m) {
-      float tail = 0.f;
-      for (int64_t t = k; t < I; ++t) tail += xs[m * I + t] * scalar(row[t]);
-      y[m * O + o] = _mm512_reduce_add_ps(acc[m]) + tail;
-    }
-  }
-}
-
-// x rows as fp32, from fp32 or bf16 (bf16 is the top half of an fp32).
-static inline float as_float(float v) { return v; }
-static inline float as_float(at::BFloat16 v) { return static_cast<float>(v); }
-
-// One 128-row block of W against M rows of x, 8 rows at a time while the block sits in L2: W is read from memory
-// once whatever M is.
-template <typename W, int CH>
-static void chunk(const float* xs, const W* w, int64_t rows, int64_t I, float* out) {
-  block_rows<W, CH>(xs, w, 0, rows, I, 128, out);
-}
-
-// Block b (rows b*128..) of W (O, I) against M rows of x (M, I) into y (M, O); xs and out are the caller's scratch.
-template <typename W, typename X>
-static void block_task(int64_t M, const X* x, const W* w, const float* s, int64_t I, int64_t O, int64_t b, X* y,
-                       std::vector<float>& xs, std::vector<float>& out) {
-  const int64_t nI = (I + 127) / 128, o0 = b * 128, rows = std::min(O, o0 + 128) - o0;
-  xs.resize(M * I);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < I; ++k) xs[m * I + k] = as_float(x[m * I + k]) * s[b * nI + k / 128];
-  for (int64_t c = 0; c < M; c += 8) {
-    const float* xc = xs.data() + c * I;
-    const W* wb = w + o0 * I;
-    switch (std::min<int64_t>(8, M - c)) {
-      case 1: chunk<W, 1>(xc, wb, rows, I, out.data()); break;
-      case 2: chunk<W, 2>(xc, wb, rows, I, out.data()); break;
-      case 3: chunk<W, 3>(xc, wb, rows, I, out.data()); break;
-      case 4: chunk<W, 4>(xc, wb, rows, I, out.data()); break;
-      case 5: chunk<W, 5>(xc, wb, rows, I, out.data()); break;
-      case 6: chunk<W, 6>(xc, wb, rows, I, out.data()); break;
-      case 7: chunk<W, 7>(xc, wb, rows, I, out.data()); break;
-      default: chunk<W, 8>(xc, wb, rows, I, out.data()); break;
-    }
-    for (int64_t m = c; m < std::min<int64_t>(M, c + 8); ++m)
-      for (int64_t o = 0; o < rows; ++o) y[m * O + o0 + o] = static_cast<X>(out[(m - c) * 128 + o]);
-  }
-}
-
-// The hit experts of a grouped batch: rows start[h]..start[h]+n[h] of x belong to expert id[h].
-struct Hits {
-  std::vector<int64_t> start, n, id;
-  explicit Hits(torch::Tensor counts) {
-    auto c = counts.to(torch::kLong).contiguous();
-    const int64_t* p = c.data_ptr<int64_t>();
-    for (int64_t e = 0, row = 0; e < c.numel(); row += p[e], ++e)
-      if (p[e]) { start.push_back(row); n.push_back(p[e]); id.push_back(e); }
-  }
-  int64_t size() const { return static_cast<int64_t>(id.size()); }
-};
-
-// One task per (hit expert, 128-row block): every hit expert's weights are read once, in one parallel region.
-// x (R, I) rows grouped by expert, w (E, O, I), s (E, nO, nI), y (R, O).
-template <typename W, typename X>
-static void run(const Hits& hits, const X* x, const W* w, const float* s, int64_t I, int64_t O, X* y) {
-  const int64_t nO = (O + 127) / 128, nI = (I + 127) / 128;
-  at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xs, out(8 * 128);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
-      block_task(hits.n[h], x + r * I, w + e * O * I, s + e * nO * nI, I, O, b, y + r * O, xs, out);
-    }
-  });
-}
-
-template <typename X>
-static void fp8_typed(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales, torch::Tensor y) {
-  const int64_t I = x.size(1), O = values.size(-2);
-  run(hits, x.data_ptr<X>(), reinterpret_cast<const uint8_t*>(values.data_ptr()), scales.data_ptr<float>(), I, O,
-      y.data_ptr<X>());
-}
-
-// ---- int4 groups (quant.py): packed (O, I/2) bytes; in each 32-value chunk byte j holds value j in its low
-// nibble and value j + 16 in its high nibble; w = scale[o, g] * q + min[o, g] for group g = k / G, q in 0..15.
-static inline void load32(const uint8_t* p, __m512& lo, __m512& hi) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-
-// ---- int8 activations, for the int4 and int8 kernels.
-static inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xFFFF : (1u << n) - 1; }  // the first n of 16
-
-// x rows rounded to int8 (quantize_rows).
-struct Int8Rows {
-  std::vector<int8_t> q;     // (M, I64)
-  std::vector<float> d, sum;  // (M, nG)
-  int64_t I64 = 0, nG = 0;
-};
-
-// Rows r.. of an Int8Rows.
-struct Int8View {
-  const int8_t* q;
-  const float *d, *sum;
-  int64_t I64, nG;
-  Int8View(const Int8Rows& x, int64_t r)
-      : q(x.q.data() + r * x.I64), d(x.d.data() + r * x.nG), sum(x.sum.data() + r * x.nG), I64(x.I64), nG(x.nG) {}
-  Int8View from(int64_t r) const { Int8View v = *this; v.q += r * I64, v.d += r * nG, v.sum += r * nG; return v; }
-};
-
-// Up to 16 values (mask n) of a row of x as fp32.
-static inline __m512 x16(const float* p, __mmask16 n) { return _mm512_maskz_loadu_ps(n, p); }
-static inline __m512 x16(const at::BFloat16* p, __mmask16 n) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(n, p)), 16));
-}
-
-// x rows quantized to int8 per group of G columns (the last may be shorter), as llama.cpp's Q8 activations:
-// xq = round(x / d), d = amax / 127, and the group's sum d * sum(xq) (int4's min term uses the quantized x's sum,
-// not the exact one: then its result is exactly w . x_quantized, whose error scales with w, not with w - min).
-// Rows are zero-padded to a multiple of 64 columns. In `int4_order`, each 64 values are stored in the order 32
-// packed int4 bytes unpack to ([low nibbles | high nibbles] of two 32-value chunks: values 0-15, 32-47, 16-31,
-// 48-63).
-template <typename X>
-static void quantize_rows(const X* x, int64_t M, int64_t I, int64_t G, bool int4_order, Int8Rows& r) {
-  r.I64 = (I + 63) / 64 * 64, r.nG = (I + G - 1) / G;
-  r.q.assign(M * r.I64, 0), r.d.resize(M * r.nG), r.sum.resize(M * r.nG);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < r.nG; ++g) {
-      const int64_t n = std::min(G, I - g * G);
-      const X* xg = x + m * I + g * G;
-      __m512 amax = _mm512_setzero_ps();
-      for (int64_t k = 0; k < n; k += 16)
-        amax = _mm512_max_ps(amax, _mm512_abs_ps(x16(xg + k, tail16(n - k))));
-      const float a = _mm512_reduce_max_ps(amax);
-      const __m512 inv = _mm512_set1_ps(a > 0 ? 127.0f / a : 0.0f);
-      __m512i sum = _mm512_setzero_si512();
-      for (int64_t k = 0; k < n; k += 16) {
-        static constexpr int64_t order[4] = {0, 32, 16, 48};  // int4 order: where each 16 values of 64 go
-        const int64_t at = g * G + k, slot = int4_order ? at / 64 * 64 + order[at % 64 / 16] : at;
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x16(xg + k, tail16(n - k)), inv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + m * r.I64 + slot), _mm512_cvtepi32_epi8(q));
-        sum = _mm512_add_epi32(sum, q);
-      }
-      r.d[m * r.nG + g] = a / 127.0f;
-      r.sum[m * r.nG + g] = a / 127.0f * static_cast<float>(_mm512_reduce_add_epi32(sum));
-    }
-}
-
-// 64 codes from 32 packed bytes (16 for a last chunk of 32), as bytes in Int8Rows' order.
-static inline __m512i codes64(const uint8_t* p, bool half) {
-  const __m256i v = half ? _mm256_maskz_loadu_epi8(0xFFFF, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i low = _mm256_set1_epi8(15);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
-}
-
-// acc + the sums of 4 adjacent u8 * s8 byte products, per int32 lane.
-static inline __m512i dot4(__m512i acc, __m512i u, __m512i s) {
-#ifdef __AVX512VNNI__
-  return _mm512_dpbusd_epi32(acc, u, s);
-#else  // u8 x s8 pairs to int16 (int4 codes, or |int8| <= 127, times |x| <= 127: no saturation), then to int32
-  return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
-#endif
-}
-
-// y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1, two per pass sharing every load of x; M <= 8 rows.
-// Per 64 values and row of x: one integer dot product, scaled by the group's weight scale times x's step;
-// the mins add sum_g min[o, g] * sum(x group g) at the end. With groups of 32, lanes 0-3 and 8-11 of a 64-value
-// chunk hold its first group, lanes 4-7 and 12-15 its second.
-template <int M, bool G32, typename Y>
-static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t ystride) {
-  const int64_t nG = x.nG, half = I / 2;
-  for (int64_t o = o0; o < o1; o += 2) {
-    const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
-    const uint8_t *r0 = w + o * half, *r1 = w + p * half;
-    const at::BFloat16 *s0 = s + o * nG, *s1 = s + p * nG;
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < I; k += 64) {
-      const bool last32 = I - k == 32;
-      prefetch(r0 + k / 2), prefetch(r1 + k / 2);
-      const __m512i c0 = codes64(r0 + k / 2, last32), c1 = codes64(r1 + k / 2, last32);
-      const int64_t g = k / G, g2 = G32 && !last32 ? g + 1 : g;  // the chunk's groups
-      for (int m = 0; m < M; ++m) {
-        const __m512i xv = _mm512_loadu_si512(x.q + m * x.I64 + k);
-        const float* d = x.d + m * nG;
-        __m512 f0 = _mm512_set1_ps(static_cast<float>(s0[g]) * d[g]);
-        __m512 f1 = _mm512_set1_ps(static_cast<float>(s1[g]) * d[g]);
-        if (G32) {
-          f0 = _mm512_mask_mov_ps(f0, 0xF0F0, _mm512_set1_ps(static_cast<float>(s0[g2]) * d[g2]));
-          f1 = _mm512_mask_mov_ps(f1, 0xF0F0, _mm512_set1_ps(static_cast<float>(s1[g2]) * d[g2]));
-        }
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c0, xv)), f0, a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c1, xv)), f1, a1[m]);
-      }
-    }
-    for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time
-      const __mmask16 n = tail16(nG - g);
-      const __m512 mn0 = x16(mn + o * nG + g, n), mn1 = x16(mn + p * nG + g, n);
-      for (int m = 0; m < M; ++m) {
-        const __m512 sum = _mm512_maskz_loadu_ps(n, x.sum + m * nG + g);
-        a0[m] = _mm512_fmadd_ps(mn0, sum, a0[m]);
-        a1[m] = _mm512_fmadd_ps(mn1, sum, a1[m]);
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      y[m * ystride + o] = static_cast<Y>(_mm512_reduce_add_ps(a0[m]));
-      if (p != o) y[m * ystride + p] = static_cast<Y>(_mm512_reduce_add_ps(a1[m]));
-    }
-  }
-}
-
-// Weight rows o0..o1 against M rows of x, 8 at a time while those weight rows sit in L2.
-template <bool G32, typename Y>
-static void int4_task(Int8View x, int64_t M, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t O) {
-  for (int64_t c = 0; c < M; c += 8) {
-    const Int8View xc = x.from(c);
-    Y* yc = y + c * O;
-    switch (std::min<int64_t>(8, M - c)) {
-      case 1: int4_rows<1, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 2: int4_rows<2, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 3: int4_rows<3, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 4: int4_rows<4, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 5: int4_rows<5, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 6: int4_rows<6, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      case 7: int4_rows<7, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-      default: int4_rows<8, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); break;
-    }
-  }
-}
-
-template <typename X>
-static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
-                       torch::Tensor mins, int64_t G, torch::Tensor y) {
-  const int64_t I = x.size(1), O = packed.size(1), nO = (O + 127) / 128, nG = I / G;
-  const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
-  Int8Rows xq;
-  quantize_rows(x.data_ptr<X>(), R, I, G, true, xq);
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
-  X* yp = y.data_ptr<X>();
-  at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
-      const auto task = G == 32 ? int4_task<true, X> : int4_task<false, X>;
-      task(Int8View(xq, r), hits.n[h], w + e * O * (I / 2), s + e * O * nG, mn + e * O * nG, b * 128,
-           std::min(O, b * 128 + 128), I, G, yp + r * O, O);
-    }
-  });
-}
-
-// x (R, I) rows grouped by expert (counts (E,)), packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16
-// -> (R, O) in x's dtype; rows past sum(counts) are zero. x is quantized once; one task per (hit expert, 128
-// weight rows).
-torch::Tensor group_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor packed, torch::Tensor scales,
-                            torch::Tensor mins, int64_t G) {
-  const int64_t I = x.size(1), O = packed.size(1);
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.is_contiguous() && packed.size(2) * 2 == I &&
-              packed.scalar_type() == torch::kByte && (G == 32 || G % 64 == 0) && I % G == 0 &&
-              scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == torch::kBFloat16 &&
-              mins.scalar_type() == torch::kBFloat16 && scales.size(2) == I / G);
-  auto xc = x.contiguous();
-  auto y = torch::zeros({x.size(0), O}, x.options());
-  const Hits hits(counts);
-  if (x.scalar_type() == torch::kBFloat16) int4_typed<at::BFloat16>(hits, xc, packed, scales, mins, G, y);
-  else if (x.scalar_type() == torch::kFloat) int4_typed<float>(hits, xc, packed, scales, mins, G, y);
-  else TORCH_CHECK(false, "group_experts: x must be float32 or bfloat16");
-  return y;
-}
-
-// ---- int8 blocks x int8 activations (W8A8): x rounded to int8 per 128 columns (the weight blocks' width);
-// per 64 columns, |w| (u8) meets x with w's sign (s8) in one integer dot-product instruction, summed in int32
-// over a 128-column block, then scaled by the block's scale times x's step.
-
-// Rows o0..o1 of one 128-row block of W (O, I) against M <= 8 rows of x; f (M, nI): block scale x x's step.
-template <int M, typename Y>
-static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, int64_t o1, int64_t I, Y* y,
-                      int64_t ystride) {
-  const int64_t nI = x.nG;
-  for (int64_t o = o0; o < o1; o += 2) {
-    const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
-    const int8_t *r0 = w + o * I, *r1 = w + p * I;
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    for (int64_t kb = 0; kb < nI; ++kb) {
-      __m512i i0[M], i1[M];
-      for (int m = 0; m < M; ++m) i0[m] = i1[m] = _mm512_setzero_si512();
-      for (int64_t k = kb * 128; k < std::min(I, kb * 128 + 128); k += 64) {
-        const __mmask64 n = I - k >= 64 ? ~0ULL : (1ULL << (I - k)) - 1;
-        prefetch(r0 + k), prefetch(r1 + k);
-        const __m512i w0 = _mm512_maskz_loadu_epi8(n, r0 + k), w1 = _mm512_maskz_loadu_epi8(n, r1 + k);
-        const __m512i u0 = _mm512_abs_epi8(w0), u1 = _mm512_abs_epi8(w1);
-        const __mmask64 neg0 = _mm512_movepi8_mask(w0), neg1 = _mm512_movepi8_mask(w1);
-        for (int m = 0; m < M; ++m) {
-          const __m512i xv = _mm512_loadu_si512(x.q + m * x.I64 + k);
-          i0[m] = dot4(i0[m], u0, _mm512_mask_sub_epi8(xv, neg0, _mm512_setzero_si512(), xv));
-          i1[m] = dot4(i1[m], u1, _mm512_mask_sub_epi8(xv, neg1, _mm512_setzero_si512(), xv));
-        }
-      }
-      for (int m = 0; m < M; ++m) {
-        const __m512 fm = _mm512_set1_ps(f[m * nI + kb]);
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[m]), fm, a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[m]), fm, a1[m]);
-      }
-    }
-    for (int m = 0; m < M; ++m) {
-      y[m * ystride + o] = static_cast<Y>(_mm512_reduce_add_ps(a0[m]));
-      if (p != o) y[m * ystride + p] = static_cast<Y>(_mm512_reduce_add_ps(a1[m]));
-    }
-  }
-}
-
-template <typename X>
-static void int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales,
-                         torch::Tensor y) {
-  const int64_t I = x.size(1), O = values.size(1), nO = (O + 127) / 128, nI = (I + 127) / 128;
-  const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
-  Int8Rows xq;
-  quantize_rows(x.data_ptr<X>(), R, I, 128, false, xq);
-  const int8_t* w = values.data_ptr<int8_t>();
-  const float* s = scales.data_ptr<float>();
-  X* yp = y.data_ptr<X>();
-  at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> f;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h], M = hits.n[h];
-      const Int8View xr(xq, r);
-      f.resize(M * nI);
-      for (int64_t m = 0; m < M; ++m)
-        for (int64_t kb = 0; kb < nI; ++kb) f[m * nI + kb] = s[(e * nO + b) * nI + kb] * xr.d[m * nI + kb];
-      const int8_t* wb = w + (e * O + b * 128) * I;
-      const int64_t rows = std::min<int64_t>(128, O - b * 128);
-      for (int64_t c = 0; c < M; c += 8) {
-        const Int8View xc = xr.from(c);
-        const float* fc = f.data() + c * nI;
-        X* yc = yp + (r + c) * O + b * 128;
-        switch (std::min<int64_t>(8, M - c)) {
-          case 1: int8_rows<1, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 2: int8_rows<2, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 3: int8_rows<3, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 4: int8_rows<4, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 5: int8_rows<5, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 6: int8_rows<6, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-          case 7: int8_rows<7, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-          default: int8_rows<8, X>(xc, wb, fc, 0, rows, I, yc, O); break;
-        }
-      }
-    }
-  });
-}
-
-// x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
-// rows past sum(counts) are zero. A plain weight is the E = 1 case.
-torch::Tensor block_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor values, torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.dim() == 3 && values.is_contiguous() &&
-              scales.is_contiguous() && scales.scalar_type() == torch::kFloat && values.size(2) == x.size(1));
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
-              "block_experts: x must be float32 or bfloat16");
-  const Hits hits(counts);
-  auto y = torch::zeros({x.size(0), values.size(1)}, x.options());
-  const bool bf16 = x.scalar_type() == torch::kBFloat16, int8 = values.scalar_type() == torch::kChar;
-  if (int8 && bf16) int8_experts<at::BFloat16>(hits, x, values, scales, y);
-  else if (int8) int8_experts<float>(hits, x, values, scales, y);
-  else if (bf16) fp8_typed<at::BFloat16>(hits, x, values, scales, y);  // fp8: x pre-scaled, fp32 FMAs
-  else fp8_typed<float>(hits, x, values, scales, y);
-  return y;
-}
-
-// ---- RMSNorm, as model/layers.py computes it (fp32, rounded to x's dtype before the weight): one op instead of
-// eight small ones (~50 us at decode with two threads), 49 times per token on the bench preset.
-static inline __m512 round_bf16(__m512 v) {  // to the nearest bf16, ties to even, kept in fp32
-  __m512i b = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
-  return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
-}
-static inline void store_row(float* p, __m512 v, __mmask16 n) { _mm512_mask_storeu_ps(p, n, v); }
-static inline void store_row(at::BFloat16* p, __m512 v, __mmask16 n) {  // v already holds a bf16 value
-  _mm256_mask_storeu_epi16(p, n, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
-}
-
-template <typename X>
-static void rms_rows(const X* x, const X* w, X* y, int64_t rows, int64_t D, float eps) {
-  constexpr bool bf16 = std::is_same<X, at::BFloat16>::value;
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const X* xr = x + r * D;
-      __m512 ss = _mm512_setzero_ps();
-      for (int64_t k = 0; k < D; k += 16) {
-        const __m512 v = x16(xr + k, tail16(D - k));
-        ss = _mm512_fmadd_ps(v, v, ss);
-      }
-      const __m512 inv = _mm512_set1_ps(1.0f / std::sqrt(_mm512_reduce_add_ps(ss) / D + eps));
-      for (int64_t k = 0; k < D; k += 16) {
-        const __mmask16 n = tail16(D - k);
-        __m512 v = _mm512_mul_ps(x16(xr + k, n), inv);
-        v = _mm512_mul_ps(x16(w + k, n), bf16 ? round_bf16(v) : v);
-        store_row(y + r * D + k, bf16 ? round_bf16(v) : v, n);
-      }
-    }
-  });
-}
-
-// x (..., D) and weight (D,) of one dtype, fp32 or bf16 -> (..., D).
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 && x.size(-1) == weight.size(0) &&
-              x.scalar_type() == weight.scalar_type());
-  auto y = torch::empty_like(x);
-  const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
-  if (x.scalar_type() == torch::kBFloat16)
-    rms_rows(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), rows, D, eps);
-  else if (x.scalar_type() == torch::kFloat)
-    rms_rows(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, D, eps);
-  else TORCH_CHECK(false, "rms_norm: x must be float32 or bfloat16");
-  return y;
-}
-
-// ---- rotary embedding, as model/layers.py's apply_rope: rows of interleaved pairs (x0, x1), (x2, x3), ... ->
-// [evens * cos - odds * sin | odds * cos + evens * sin], each product and sum rounded to x's dtype as torch's
-// separate ops round them (built with -ffp-contract=off, so no FMA merges two of them). x: `rows` rows of R values,
-// `stride` apart; cos/sin (N, R/2) for N positions, rows / N heads per position; y (rows, R) contiguous.
-template <typename X>
-static void rope_rows(const X* x, int64_t stride, const X* c, const X* sn, X* y, int64_t rows, int64_t N,
-                      int64_t R) {
-  const int64_t half = R / 2, heads = rows / N;
-  for (int64_t i = 0; i < rows; ++i) {
-    const X *xr = x + i * stride, *cr = c + i / heads * half, *sr = sn + i / heads * half;
-    X* yr = y + i * R;
-    for (int64_t j = 0; j < half; ++j) {
-      const float e = xr[2 * j], o = xr[2 * j + 1], cj = cr[j], sj = sr[j];
-      yr[j] = static_cast<X>(static_cast<float>(static_cast<X>(e * cj)) - static_cast<float>(static_cast<X>(o * sj)));
-      yr[half + j] = static_cast<X>(static_cast<float>(static_cast<X>(o * cj)) +
-                                    static_cast<float>(static_cast<X>(e * sj)));
-    }
-  }
-}
-
-torch::Tensor rope(torch::Tensor x, int64_t rows, int64_t stride, torch::Tensor cos, torch::Tensor sin) {
-  const int64_t R = x.size(-1), N = cos.numel() / (R / 2);
-  TORCH_CHECK(x.stride(-1) == 1 && R % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && N > 0 &&
-              rows % N == 0 && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type());
-  auto y = torch::empty(x.sizes(), x.options());
-  if (x.scalar_type() == torch::kBFloat16)
-    rope_rows(x.data_ptr<at::BFloat16>(), stride, cos.data_ptr<at::BFloat16>(), sin.data_ptr<at::BFloat16>(),
-              y.data_ptr<at::BFloat16>(), rows, N, R);
-  else if (x.scalar_type() == torch::kFloat)
-    rope_rows(x.data_ptr<float>(), stride, cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), rows,
-              N, R);
-  else TORCH_CHECK(false, "rope: x must be float32 or bfloat16");
-  return y;
-}
-
-// ---- dequantization into a full matrix, for GEMMs with many rows (prefill): one pass, 16 values at a time.
-static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-static inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even, as torch does
-  __m512i b = _mm512_castps_si512(v);
-  __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
-  b = _mm512_srli_epi32(_mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(b));
-}
-
-// values (..., O, I) int8/fp8, scales (..., nO, nI) -> out (..., O, I).
-template <typename W, typename X>
-static void block_deq(const W* v, const float* s, int64_t rows, int64_t O, int64_t I, X* out) {
-  const int64_t nO = (O + 127) / 128, nI = (I + 127) / 128;
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* sr = s + ((r / O) * nO + (r % O) / 128) * nI;
-      const W* vr = v + r * I;
-      X* orow = out + r * I;
-      int64_t k = 0;
-      for (; k + 16 <= I; k += 16) store16(orow + k, _mm512_mul_ps(load16(vr + k), _mm512_set1_ps(sr[k / 128])));
-      for (; k < I; ++k) orow[k] = static_cast<X>(scalar(vr[k]) * sr[k / 128]);
-    }
-  });
-}
-
-template <typename X>
-static void block_deq_typed(torch::Tensor values, torch::Tensor scales, torch::Tensor out) {
-  const int64_t O = values.size(-2), I = values.size(-1), rows = values.numel() / I;
-  if (values.scalar_type() == torch::kChar)
-    block_deq(values.data_ptr<int8_t>(), scales.data_ptr<float>(), rows, O, I, out.data_ptr<X>());
-  else
-    block_deq(reinterpret_cast<const uint8_t*>(values.data_ptr()), scales.data_ptr<float>(), rows, O, I,
-              out.data_ptr<X>());
-}
-
-torch::Tensor block_dequantize(torch::Tensor values, torch::Tensor scales, bool bf16) {
-  TORCH_CHECK(values.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == torch::kFloat);
-  auto out = torch::empty(values.sizes(), values.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
-  if (bf16) block_deq_typed<at::BFloat16>(values, scales, out);
-  else block_deq_typed<float>(values, scales, out);
-  return out;
-}
-
-// packed (..., O, I/2), scales and mins (..., O, I/G) -> out (..., O, I).
-template <typename X>
-static void group_deq(const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn, int64_t rows, int64_t I,
-                      int64_t G, X* out) {
-  const int64_t nG = I / G;
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < I; c += 32) {
-        const __m512 d = _mm512_set1_ps(static_cast<float>(s[r * nG + c / G]));
-        const __m512 m = _mm512_set1_ps(static_cast<float>(mn[r * nG + c / G]));
-        __m512 lo, hi;
-        load32(w + r * (I / 2) + c / 2, lo, hi);
-        store16(out + r * I + c, _mm512_fmadd_ps(lo, d, m));
-        store16(out + r * I + c + 16, _mm512_fmadd_ps(hi, d, m));
-      }
-  });
-}
-
-torch::Tensor group_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor mins, int64_t G, bool bf16) {
-  const int64_t I = packed.size(-1) * 2, rows = packed.numel() / packed.size(-1);
-  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && mins.is_contiguous() && G % 32 == 0 &&
-              I % G == 0 && scales.scalar_type() == torch::kBFloat16 && mins.scalar_type() == torch::kBFloat16);
-  auto sizes = packed.sizes().vec();
-  sizes.back() = I;
-  auto out = torch::empty(sizes, packed.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
-  if (bf16) group_deq(w, s, mn, rows, I, G, out.data_ptr<at::BFloat16>());
-  else group_deq(w, s, mn, rows, I, G, out.data_ptr<float>());
-  return out;
-}
-"""
-
-
-@functools.lru_cache(maxsize=1)
-def _extension():
-    """The compiled kernel module, or None (no compiler, no AVX-512, disabled, or the build failed)."""
-    if os.environ.get("LONGCAT_KERNELS", "1") == "0" or "avx512" not in torch.backends.cpu.get_cpu_capability().lower():
-        return None
-    try:
-        from torch.utils.cpp_extension import load_inline
-
-        build = Path(os.environ.get("LONGCAT_KERNEL_CACHE", Path.home() / ".cache" / "longcat_flash" / "kernels"))
-        build.mkdir(parents=True, exist_ok=True)
-        vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
-        return load_inline("longcat_quant_kernels", cpp_sources=_SOURCE,
-                           functions=["block_experts", "group_experts", "block_dequantize", "group_dequantize",
-                                      "rms_norm", "rope"],
-                           extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *vnni, "-mfma",
-                                         "-ffp-contract=off", "-fopenmp"],
-                           extra_ldflags=["-fopenmp"], build_directory=str(build), verbose=False)
-    except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
-        log.warning("block-quantized kernel unavailable (%s); using the dequantize reference", err)
-        return None
-
-
 def kernel_available() -> bool:
-    return _extension() is not None
+    return extension.compiled() is not None
 
 
 def _cpu_ext(x: torch.Tensor, rows: int):
     """The extension, if it takes this call: CPU, fp32/bf16, 1..MAX_KERNEL_ROWS rows (else None)."""
     if 0 < rows <= MAX_KERNEL_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
-        return _extension()
+        return extension.compiled()
     return None
 
 
@@ -690,34 +64,8 @@ def _one_expert(x: torch.Tensor, experts: Callable[[torch.Tensor, torch.Tensor],
     return y if bias is None else y + bias
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """model/layers.py's RMSNorm in one compiled op (CPU, x and weight both fp32 or both bf16); None where the
-    kernel does not take it, for the caller's own path."""
-    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    ext = _extension()
-    return None if ext is None else ext.rms_norm(x.contiguous(), weight.contiguous(), eps)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
-    """model/layers.py's apply_rope in one compiled op: x (B, S, ..., R) (a strided view such as a split's is
-    read in place), cos/sin (B, S, R/2) of x's dtype; None where the kernel does not take it."""
-    R = x.shape[-1]
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or cos.dtype != x.dtype
-            or sin.dtype != x.dtype or x.dim() < 2 or x.stride(-1) != 1 or cos.shape[-1] * 2 != R):
-        return None
-    ext = _extension()
-    if ext is None:
-        return None
-    rows = x.numel() // R
-    uniform = all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))  # rows evenly apart
-    if not uniform:
-        x = x.contiguous()
-    return ext.rope(x, rows, x.stride(-2), cos.contiguous(), sin.contiguous())
-
-
 def _deq_ext(t: torch.Tensor, dtype: torch.dtype):
-    return _extension() if t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+    return extension.compiled() if t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
 
 
 # ---- int8 / fp8 128x128 blocks ----
@@ -769,7 +117,7 @@ def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
 def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (R, I) rows grouped by expert, counts (E,), values (E, O, I), scales (E, nO, nI) -> (R, O), every hit
     expert in one kernel call (rows past sum(counts) are zero). Needs the kernel (see `experts_kernel`)."""
-    return _extension().block_experts(x.contiguous(), counts, values, scales)
+    return extension.compiled().block_experts(x.contiguous(), counts, values, scales)
 
 
 # ---- int4 groups ----
@@ -830,7 +178,7 @@ def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, s
     """x (R, I) rows grouped by expert, counts (E,), packed (E, O, I/2), scales and mins (E, O, I/G) -> (R, O),
     every hit expert in one kernel call. Needs the kernel (see `experts_kernel`)."""
     group = packed.shape[-1] * 2 // scales.shape[-1]
-    return _extension().group_experts(x.contiguous(), counts, packed, scales, mins, group)
+    return extension.compiled().group_experts(x.contiguous(), counts, packed, scales, mins, group)
 
 
 def experts_kernel(x: torch.Tensor, counts: torch.Tensor) -> bool:

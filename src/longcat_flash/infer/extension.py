@@ -1,0 +1,42 @@
+"""The compiled CPU kernels of csrc/ (quantized GEMV and dequantization: kernels.py; RMSNorm and RoPE:
+decode_ops.py), built with torch.utils.cpp_extension on first use (a minute or more, then cached in
+LONGCAT_KERNEL_CACHE, default ~/.cache/longcat_flash/kernels). Without a compiler, without AVX-512, or with
+LONGCAT_KERNELS=0 there is no module and every caller takes its plain PyTorch path.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CSRC = Path(__file__).with_name("csrc")
+SOURCES = ("simd.h", "quant_kernels.cpp", "decode_ops.cpp")  # the header first: the sources include it
+FUNCTIONS = ["block_experts", "group_experts", "block_dequantize", "group_dequantize", "rms_norm", "rope"]
+
+
+@functools.lru_cache(maxsize=1)
+def compiled():
+    """The compiled module, or None (no compiler, no AVX-512, disabled, or the build failed)."""
+    if os.environ.get("LONGCAT_KERNELS", "1") == "0" or "avx512" not in torch.backends.cpu.get_cpu_capability().lower():
+        return None
+    try:
+        from torch.utils.cpp_extension import load_inline
+
+        build = Path(os.environ.get("LONGCAT_KERNEL_CACHE", Path.home() / ".cache" / "longcat_flash" / "kernels"))
+        build.mkdir(parents=True, exist_ok=True)
+        vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
+        # The header's text goes in too, so that a change to it changes the build's hash and rebuilds.
+        sources = [(CSRC / name).read_text() for name in SOURCES]
+        return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
+                           extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *vnni, "-mfma",
+                                         "-ffp-contract=off", "-fopenmp"],
+                           extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], build_directory=str(build),
+                           verbose=False)
+    except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
+        log.warning("compiled CPU kernels unavailable (%s); using the PyTorch paths", err)
+        return None
