@@ -68,6 +68,40 @@ def test_fused_norm_computes_the_model_norm(dtype):
             assert decode_ops.rms_norm(x, norm.weight, norm.eps) is not None  # the kernel took it
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_absorbed_attention_computes_the_python_path(pair, dtype, monkeypatch):
+    """The compiled absorbed attention gives what FusedMLA's fp32 bmm path gives (up to the order of fp32 sums) and
+    what the model's own absorbed path gives: several sequences and query positions, a causal mask with a ragged
+    end, a row with no slot (zeros, as the model's nan_to_num gives), and the cache's strided views read in place."""
+    model, fused = pair
+    mla, twin = model.model.layers[0].self_attn[1], fused.model.layers[0].self_attn[1]
+    mla, twin = copy.deepcopy(mla).to(dtype), copy.deepcopy(twin).to(dtype)
+    twin.w_uk, twin.w_uv_t = twin.w_uk.float(), twin.w_uv_t.float()  # fp32 buffers, as fusing leaves them
+    B, S, L, H = 3, 4, 11, twin.n_heads
+    N, R, C = twin.nope_dim, twin.rope_dim, twin.kv_lora_rank
+    q = torch.randn(B, S, H, N + R).to(dtype)
+    cached = torch.randn(B, L, C + R).to(dtype)  # as the cache's gather returns it: latent | k_rope per slot
+    q_nope, q_rope, latent, k_rope = q[..., :N], q[..., N:], cached[..., :C], cached[..., C:]
+    mask = torch.arange(L)[None, None, :] <= torch.tensor([[7, 8, 9, 10], [0, 1, 2, 3], [4, 5, 6, 7]])[:, :, None]
+    mask[2, 1] = False  # a row with no slot
+    with torch.no_grad():
+        got = twin.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+        if kernels.kernel_available():
+            assert decode_ops.absorbed_attention(q_nope, q_rope, latent, k_rope, mask, twin.w_uk, twin.w_uv_t,
+                                                 twin.softmax_scale) is not None  # the kernel took it
+        with monkeypatch.context() as patch:
+            patch.setattr(decode_ops, "absorbed_attention", lambda *args: None)
+            python_path = twin.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+        # the model's: q's scale folded into the twin's q_b_proj, so its query here is the same q
+        model_path = mla.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
+    ok = mask.any(-1)  # the Python path leaves NaN where a row has no slot (the cache never asks for one)
+    rounding = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=0.01, rtol=0.02)
+    torch.testing.assert_close(got[ok], python_path[ok], **rounding)
+    rows = slice(None) if kernels.kernel_available() else ok
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.02, rtol=0.05)
+    torch.testing.assert_close(got[rows], model_path[rows], **tol)
+
+
 def test_a_fused_attention_has_every_attribute_of_its_mla(pair):
     """FusedMLA is built as an MLA of the same config, so a field added to MLA reaches it too."""
     model, fused = pair

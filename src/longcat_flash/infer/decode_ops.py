@@ -1,6 +1,7 @@
-"""RMSNorm and RoPE as the model computes them, each in one compiled op (csrc/decode_ops.cpp), for the inference
-twins (fused.py): at decode they are ~8 and ~12 small ops of a few microseconds each otherwise, 49 and 24 calls per
-token on the bench preset. Each returns None where the kernel does not take the call, for the caller's own path.
+"""RMSNorm, RoPE and the absorbed MLA attention as the model computes them, each in one compiled op
+(csrc/decode_ops.cpp), for the inference twins (fused.py): at decode they are ~8, ~12 and ~30 small ops of a few
+microseconds each otherwise, 49, 24 and 12 calls per token on the bench preset. Each returns None where the kernel
+does not take the call, for the caller's own path.
 """
 from __future__ import annotations
 
@@ -28,7 +29,31 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     ext = extension.compiled()
     if ext is None:
         return None
-    uniform = all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))  # rows evenly apart
-    if not uniform:
-        x = x.contiguous()
+    x = _evenly_spaced_rows(x)
     return ext.rope(x, x.numel() // R, x.stride(-2), cos.contiguous(), sin.contiguous())
+
+
+def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
+                       mask: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float
+                       ) -> torch.Tensor | None:
+    """FusedMLA.attend_absorbed before o_proj, in fp32 (the same up to the order of fp32 sums): q_nope (B, S, H, N),
+    q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R) of one dtype, fp32 or bf16 (views such as a split's
+    are read in place), mask (B, S, L), w_uk (H, N, C) and w_uv_t (H, C, V) fp32 -> (B, S, H*V) of q's dtype."""
+    tensors = (q_nope, q_rope, latent, k_rope)
+    if (any(t.device.type != "cpu" or t.dtype != q_nope.dtype for t in tensors)
+            or q_nope.dtype not in (torch.float32, torch.bfloat16) or w_uk.dtype != torch.float32
+            or w_uv_t.dtype != torch.float32 or mask.dtype != torch.bool):
+        return None
+    ext = extension.compiled()
+    if ext is None:
+        return None
+    rows = [_evenly_spaced_rows(t) for t in tensors]
+    strided = [arg for t in rows for arg in (t, t.stride(-2))]
+    return ext.absorbed_attention(*strided, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(), scale)
+
+
+def _evenly_spaced_rows(x: torch.Tensor) -> torch.Tensor:
+    """x itself if its rows (last dim contiguous) lie evenly apart in memory, as a kernel reading row i at
+    i * stride(-2) needs (a split's view does); else a contiguous copy."""
+    uniform = x.stride(-1) == 1 and all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))
+    return x if uniform else x.contiguous()

@@ -4,6 +4,7 @@ At batch 1 a decode step is ~130 GEMVs and, in the model's training-friendly for
 microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down without touching model/:
   MLA    q_a_proj and kv_a_proj_with_mqa in one GEMV (SGLang's fused_qkv_a_proj_with_mqa, concatenated q first);
          RoPE on q and k in one compiled op each (decode_ops.rope) instead of ~12 small ones;
+         the absorbed attention in one compiled op (decode_ops.absorbed_attention) instead of ~30;
          the mla scales folded into q_b_proj and kv_a_layernorm once (docs/architecture.md §6.1);
          W_UK and W_UV^T precomputed contiguous per head; absorbed attention as bmm with heads folded into rows,
          so no weight is copied per step (docs/architecture.md §6.3).
@@ -103,7 +104,12 @@ class FusedMLA(MLA):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                         k_rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """In fp32 throughout (the model's path runs the einsums in the activation dtype, softmax in fp32)."""
+        """In fp32 throughout (the model's path runs the einsums in the activation dtype, softmax in fp32); in one
+        compiled op where the kernel takes the call."""
+        out = decode_ops.absorbed_attention(q_nope, q_rope, latent, k_rope, mask, self.w_uk, self.w_uv_t,
+                                            self.softmax_scale)
+        if out is not None:
+            return self.o_proj(out)
         B, S, H, N = q_nope.shape
         L, C, dtype = latent.shape[1], self.kv_lora_rank, q_nope.dtype
         latent, k_rope = latent.float(), k_rope.float()
