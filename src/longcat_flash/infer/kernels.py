@@ -31,8 +31,6 @@ Shapes: M rows, I in features, O out features, E experts, nO/nI the 128-block co
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 
@@ -56,11 +54,14 @@ def _cpu_ext(x: torch.Tensor, rows: int):
     return None
 
 
-def _one_expert(x: torch.Tensor, experts: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], out_features: int,
-                bias: torch.Tensor | None) -> torch.Tensor:
-    """x (..., I) -> (..., O) through an experts kernel as its one-expert case: a plain weight."""
-    rows = x.numel() // x.shape[-1]
-    y = experts(x.reshape(rows, x.shape[-1]), torch.tensor([rows])).view(*x.shape[:-1], out_features)
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """x (..., I) -> (rows, I) contiguous, as the kernels read it."""
+    return x.reshape(-1, x.shape[-1]).contiguous()
+
+
+def _unflatten(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A kernel's (rows, O) output for x (..., I) -> (..., O), plus the bias."""
+    y = y.view(*x.shape[:-1], y.shape[-1])
     return y if bias is None else y + bias
 
 
@@ -108,10 +109,10 @@ def block_linear_reference(x: torch.Tensor, values: torch.Tensor, scales: torch.
 def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., I) -> (..., O): the kernel for up to MAX_KERNEL_ROWS rows on CPU, else dequantize + GEMM."""
-    if _cpu_ext(x, x.numel() // x.shape[-1]) is None:
+    ext = _cpu_ext(x, x.numel() // x.shape[-1])
+    if ext is None:
         return F.linear(x, dequantize(values, scales, x.dtype), bias)
-    return _one_expert(x, lambda rows, counts: block_experts(rows, counts, values[None], scales[None]),
-                       values.shape[0], bias)
+    return _unflatten(ext.block_experts(_rows(x), None, values, scales), x, bias)  # no counts: one plain weight
 
 
 def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -167,10 +168,11 @@ def group_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mi
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., I) -> (..., O) for an int4 weight: the kernel for up to MAX_KERNEL_ROWS rows on CPU, else
     dequantize + GEMM."""
-    if _cpu_ext(x, x.numel() // x.shape[-1]) is None:
+    ext = _cpu_ext(x, x.numel() // x.shape[-1])
+    if ext is None:
         return F.linear(x, group_dequantize(packed, scales, mins, x.dtype), bias)
-    return _one_expert(x, lambda rows, counts: group_experts(rows, counts, packed[None], scales[None], mins[None]),
-                       packed.shape[0], bias)
+    group = packed.shape[-1] * 2 // scales.shape[-1]
+    return _unflatten(ext.group_experts(_rows(x), None, packed, scales, mins, group), x, bias)  # one plain weight
 
 
 def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,

@@ -92,11 +92,16 @@ static void block_task(int64_t M, const X* x, const W* w, const float* s, int64_
   }
 }
 
-// The hit experts of a grouped batch: rows start[h]..start[h]+n[h] of x belong to expert id[h].
+// The hit experts of a grouped batch: rows start[h]..start[h]+n[h] of x belong to expert id[h]. Without counts,
+// the weight is one plain matrix (O, I) and all `rows` rows of x go through it (a linear layer).
 struct Hits {
   std::vector<int64_t> start, n, id;
-  explicit Hits(torch::Tensor counts) {
-    auto c = counts.to(torch::kLong).contiguous();
+  Hits(const c10::optional<torch::Tensor>& counts, int64_t rows) {
+    if (!counts) {
+      if (rows) { start.push_back(0); n.push_back(rows); id.push_back(0); }
+      return;
+    }
+    auto c = counts->to(torch::kLong).contiguous();
     const int64_t* p = c.data_ptr<int64_t>();
     for (int64_t e = 0, row = 0; e < c.numel(); row += p[e], ++e)
       if (p[e]) { start.push_back(row); n.push_back(p[e]); id.push_back(e); }
@@ -256,7 +261,7 @@ static void int4_task(Int8View x, int64_t M, const uint8_t* w, const at::BFloat1
 template <typename X>
 static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                        torch::Tensor mins, int64_t G, torch::Tensor y) {
-  const int64_t I = x.size(1), O = packed.size(1), nO = (O + 127) / 128, nG = I / G;
+  const int64_t I = x.size(1), O = packed.size(-2), nO = (O + 127) / 128, nG = I / G;
   const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
   Int8Rows xq;
   quantize_rows(x.data_ptr<X>(), R, I, G, true, xq);
@@ -274,18 +279,19 @@ static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, 
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16
-// -> (R, O) in x's dtype; rows past sum(counts) are zero. x is quantized once; one task per (hit expert, 128
-// weight rows).
-torch::Tensor group_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor packed, torch::Tensor scales,
-                            torch::Tensor mins, int64_t G) {
-  const int64_t I = x.size(1), O = packed.size(1);
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == 3 && packed.is_contiguous() && packed.size(2) * 2 == I &&
-              packed.scalar_type() == torch::kByte && (G == 32 || G % 64 == 0) && I % G == 0 &&
-              scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == torch::kBFloat16 &&
-              mins.scalar_type() == torch::kBFloat16 && scales.size(2) == I / G);
+// -> (R, O) in x's dtype; rows past sum(counts) are zero. Without counts, one plain weight (O, I/2) for all rows
+// (a linear layer). x is quantized once; one task per (hit expert, 128 weight rows).
+torch::Tensor group_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor packed,
+                            torch::Tensor scales, torch::Tensor mins, int64_t G) {
+  const int64_t I = x.size(1), O = packed.size(-2);
+  TORCH_CHECK(x.dim() == 2 && packed.dim() == (counts ? 3 : 2) && packed.is_contiguous() &&
+              packed.size(-1) * 2 == I && packed.scalar_type() == torch::kByte && (G == 32 || G % 64 == 0) &&
+              I % G == 0 && scales.is_contiguous() && mins.is_contiguous() &&
+              scales.scalar_type() == torch::kBFloat16 && mins.scalar_type() == torch::kBFloat16 &&
+              scales.size(-1) == I / G);
   auto xc = x.contiguous();
   auto y = torch::zeros({x.size(0), O}, x.options());
-  const Hits hits(counts);
+  const Hits hits(counts, x.size(0));
   if (x.scalar_type() == torch::kBFloat16) int4_typed<at::BFloat16>(hits, xc, packed, scales, mins, G, y);
   else if (x.scalar_type() == torch::kFloat) int4_typed<float>(hits, xc, packed, scales, mins, G, y);
   else TORCH_CHECK(false, "group_experts: x must be float32 or bfloat16");
@@ -337,7 +343,7 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
 template <typename X>
 static void int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales,
                          torch::Tensor y) {
-  const int64_t I = x.size(1), O = values.size(1), nO = (O + 127) / 128, nI = (I + 127) / 128;
+  const int64_t I = x.size(1), O = values.size(-2), nO = (O + 127) / 128, nI = (I + 127) / 128;
   const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
   Int8Rows xq;
   quantize_rows(x.data_ptr<X>(), R, I, 128, false, xq);
@@ -366,14 +372,15 @@ static void int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
-// rows past sum(counts) are zero. A plain weight is the E = 1 case.
-torch::Tensor block_experts(torch::Tensor x, torch::Tensor counts, torch::Tensor values, torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.dim() == 3 && values.is_contiguous() &&
-              scales.is_contiguous() && scales.scalar_type() == torch::kFloat && values.size(2) == x.size(1));
+// rows past sum(counts) are zero. Without counts, one plain weight (O, I) for all rows (a linear layer).
+torch::Tensor block_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor values,
+                            torch::Tensor scales) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.dim() == (counts ? 3 : 2) && values.is_contiguous() &&
+              scales.is_contiguous() && scales.scalar_type() == torch::kFloat && values.size(-1) == x.size(1));
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
               "block_experts: x must be float32 or bfloat16");
-  const Hits hits(counts);
-  auto y = torch::zeros({x.size(0), values.size(1)}, x.options());
+  const Hits hits(counts, x.size(0));
+  auto y = torch::zeros({x.size(0), values.size(-2)}, x.options());
   const bool bf16 = x.scalar_type() == torch::kBFloat16, int8 = values.scalar_type() == torch::kChar;
   if (int8 && bf16) int8_experts<at::BFloat16>(hits, x, values, scales, y);
   else if (int8) int8_experts<float>(hits, x, values, scales, y);
