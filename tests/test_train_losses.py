@@ -73,8 +73,7 @@ def test_training_losses_weights_each_term():
     logits = torch.zeros(1, 2, 4)  # uniform: lm = log 4
     mtp_logits = torch.zeros(1, 1, 4)  # mtp = log 4
     hidden = torch.zeros(1, 2, 3)  # z = (log 3)^2
-    routing = [RoutingInfo(probs=PROBS, ids=IDS, tokens_per_expert=torch.bincount(IDS.flatten(), minlength=6),
-                           ffn_experts_per_token=(IDS < 4).sum(-1))]
+    routing = [RoutingInfo(probs=PROBS, ids=IDS, n_ffn=4)]
     out = ModelOutput(logits=logits, hidden=hidden, final_hidden=hidden, routing=routing, mtp_logits=mtp_logits)
     terms = training_losses(out, torch.tensor([[0, 1]]), cfg, n_ffn=4, target=1.0)
     lm, z, lb = math.log(4), math.log(3) ** 2, 1.125

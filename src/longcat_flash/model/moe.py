@@ -12,6 +12,7 @@ R routed rows (token-slot pairs handed to the experts).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -24,12 +25,22 @@ from ..config import ModelConfig
 
 @dataclass
 class RoutingInfo:
-    """What one MoE layer decided for a batch; read by losses, the budget controller and analysis."""
+    """What one MoE layer decided for a batch; read by losses, the budget controller and analysis. The counts
+    are computed when first read: inference never reads them, and at decode they cost ~10 small ops a layer."""
 
     probs: torch.Tensor  # (T, E+Z) fp32 softmax, differentiable (balance loss)
     ids: torch.Tensor  # (T, K) selected experts; ids >= E are zero experts
-    tokens_per_expert: torch.Tensor  # (E+Z,) int64 selection counts (budget controller)
-    ffn_experts_per_token: torch.Tensor  # (T,) int64 FFN experts each token used
+    n_ffn: int  # E: the FFN experts; ids from E on are zero experts
+
+    @functools.cached_property
+    def tokens_per_expert(self) -> torch.Tensor:
+        """(E+Z,) int64 selection counts (budget controller)."""
+        return histogram(self.ids, self.probs.shape[-1])
+
+    @functools.cached_property
+    def ffn_experts_per_token(self) -> torch.Tensor:
+        """(T,) int64 FFN experts each token used."""
+        return (self.ids < self.n_ffn).sum(-1)
 
 
 class Router(nn.Module):
@@ -265,9 +276,7 @@ class MoE(nn.Module):
         return out
 
     def routing_info(self, probs: torch.Tensor, ids: torch.Tensor) -> RoutingInfo:
-        return RoutingInfo(probs=probs, ids=ids,
-                           tokens_per_expert=histogram(ids, probs.shape[-1]),
-                           ffn_experts_per_token=(ids < self.n_ffn).sum(-1))
+        return RoutingInfo(probs=probs, ids=ids, n_ffn=self.n_ffn)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """Token-by-slot loop (host-synced), the twin of `forward` for tests."""
