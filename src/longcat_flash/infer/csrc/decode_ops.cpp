@@ -81,67 +81,119 @@ torch::Tensor rope(torch::Tensor x, int64_t rows, int64_t stride, torch::Tensor 
 
 // ---- MLA attention over the latent cache with W_UK and W_UV absorbed (docs/architecture.md §6.3), as
 // FusedMLA.attend_absorbed computes it (fp32 throughout): one op per attention block instead of ~30 small ones.
-// One task per query row (b, s, h):
+// Per query row (b, s) and head h:
 //   q_latent = q_nope[h] @ W_UK[h]                        (C)
 //   score[l] = (q_latent . latent[l] + q_rope[h] . k_rope[l]) * scale, -inf where mask[b, s, l] is false
 //   out[h]   = (softmax(score) @ latent) @ W_UV^T[h]       (V), zeros for a row with no slot
-// Inputs of x's dtype are read in place through their row strides: rows (b, s, h) of q_nope / q_rope and rows
-// (b, l) of latent / k_rope must each lie evenly apart (decode_ops.py checks).
-template <typename X>
-static inline float dot(const float* a, const X* b, int64_t n) {
-  __m512 acc = _mm512_setzero_ps();
-  for (int64_t k = 0; k < n; k += 16) acc = _mm512_fmadd_ps(x16(a + k, tail16(n - k)), x16(b + k, tail16(n - k)), acc);
-  return _mm512_reduce_add_ps(acc);
-}
-template <typename X>
-static inline void axpy(float a, const X* x, float* y, int64_t n) {  // y += a * x
-  const __m512 va = _mm512_set1_ps(a);
-  for (int64_t k = 0; k < n; k += 16) {
-    const __mmask16 m = tail16(n - k);
-    _mm512_mask_storeu_ps(y + k, m, _mm512_fmadd_ps(va, x16(x + k, m), _mm512_maskz_loadu_ps(m, y + k)));
+// One task per query row and group of up to HEADS heads, so that each latent row read (and converted to fp32)
+// once serves every head of the group. Inputs of x's dtype are read in place through their row strides: rows
+// (b, s, h) of q_nope / q_rope and rows (b, l) of latent / k_rope must each lie evenly apart (decode_ops.py checks).
+constexpr int64_t HEADS = 4;
+
+// s[j * n + l] (+)= q[j * C + 0:C] . rows[l * stride + 0:C] for J heads j and l < n: each row's values loaded once.
+template <int J, typename X>
+static void head_dots(const float* q, int64_t C, const X* rows, int64_t stride, int64_t n, bool add, float* s) {
+  for (int64_t l = 0; l < n; ++l) {
+    __m512 acc[J];
+    for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < C; k += 16) {
+      const __mmask16 m = tail16(C - k);
+      const __m512 r = x16(rows + l * stride + k, m);
+      for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + j * C + k), r, acc[j]);
+    }
+    for (int j = 0; j < J; ++j) s[j * n + l] = (add ? s[j * n + l] : 0.0f) + _mm512_reduce_add_ps(acc[j]);
   }
 }
+
+// y[j * C + 0:C] = sum_i a[j * n + i] * rows[i * stride + 0:C] for J heads j: each row's values loaded once, 16 * W
+// columns at a time in registers. Rows whose weights are all 0 are skipped (masked cache slots may hold anything).
+template <int J, typename X>
+static void head_weighted_rows(const float* a, int64_t n, const X* rows, int64_t stride, int64_t C, float* y) {
+  constexpr int W = J == 1 ? 4 : 2;  // one head: four accumulators to hide the FMA latency
+  for (int64_t c = 0; c < C; c += 16 * W) {
+    __mmask16 m[W];
+    __m512 acc[J][W];
+    for (int w = 0; w < W; ++w) m[w] = C - c > 16 * w ? tail16(C - c - 16 * w) : 0;
+    for (int j = 0; j < J; ++j)
+      for (int w = 0; w < W; ++w) acc[j][w] = _mm512_setzero_ps();
+    for (int64_t i = 0; i < n; ++i) {
+      bool any = false;
+      for (int j = 0; j < J; ++j) any |= a[j * n + i] != 0.0f;
+      if (!any) continue;
+      __m512 r[W];
+      for (int w = 0; w < W; ++w) r[w] = x16(rows + i * stride + c + 16 * w, m[w]);
+      for (int j = 0; j < J; ++j) {
+        const __m512 aj = _mm512_set1_ps(a[j * n + i]);
+        for (int w = 0; w < W; ++w) acc[j][w] = _mm512_fmadd_ps(aj, r[w], acc[j][w]);
+      }
+    }
+    for (int j = 0; j < J; ++j)
+      for (int w = 0; w < W; ++w) _mm512_mask_storeu_ps(y + j * C + c + 16 * w, m[w], acc[j][w]);
+  }
+}
+
 template <typename X>
 static inline void load_row(const X* x, float* y, int64_t n) {  // to fp32
   for (int64_t k = 0; k < n; k += 16) _mm512_mask_storeu_ps(y + k, tail16(n - k), x16(x + k, tail16(n - k)));
 }
 
-template <typename X>
-static void absorbed_rows(const X* qn, int64_t qn_stride, const X* qr, int64_t qr_stride, const X* lat,
-                          int64_t lat_stride, const X* kr, int64_t kr_stride, const bool* mask, const float* w_uk,
-                          const float* w_uv_t, float scale, X* y, int64_t B, int64_t S, int64_t H, int64_t N,
-                          int64_t R, int64_t L, int64_t C, int64_t V) {
-  at::parallel_for(0, B * S * H, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> buf(N + R + 2 * C + L + V);
-    float *q = buf.data(), *rope = q + N, *q_lat = rope + R, *o_lat = q_lat + C, *p = o_lat + C, *out = p + L;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t % H, bs = t / H, b = bs / S;  // row t = (b, s, h)
-      load_row(qn + t * qn_stride, q, N);
-      load_row(qr + t * qr_stride, rope, R);
-      std::fill(q_lat, q_lat + C, 0.0f);
-      for (int64_t n = 0; n < N; ++n) axpy(q[n], w_uk + (h * N + n) * C, q_lat, C);
-      const bool* m = mask + bs * L;
-      float top = -INFINITY;
-      for (int64_t l = 0; l < L; ++l) {
-        const int64_t row = b * L + l;
-        p[l] = m[l] ? (dot(q_lat, lat + row * lat_stride, C) + dot(rope, kr + row * kr_stride, R)) * scale
-                    : -INFINITY;
-        top = std::max(top, p[l]);
-      }
-      std::fill(o_lat, o_lat + C, 0.0f);
-      std::fill(out, out + V, 0.0f);
-      if (top != -INFINITY) {
-        float sum = 0.0f;
-        for (int64_t l = 0; l < L; ++l) sum += (p[l] = std::exp(p[l] - top));
-        for (int64_t l = 0; l < L; ++l)
-          if (p[l] != 0.0f) axpy(p[l] / sum, lat + (b * L + l) * lat_stride, o_lat, C);
-        for (int64_t c = 0; c < C; ++c) axpy(o_lat[c], w_uv_t + (h * C + c) * V, out, V);
-      }
-      X* yr = y + t * V;  // y (B, S, H*V): row t holds head h of position (b, s)
-      for (int64_t v = 0; v < V; ++v) yr[v] = static_cast<X>(out[v]);
-    }
-  });
+// Softmax of scale * p[0:L] where mask, in place; all zeros for a row with no slot.
+static void masked_softmax(float* p, const bool* mask, int64_t L, float scale) {
+  float top = -INFINITY, sum = 0.0f;
+  for (int64_t l = 0; l < L; ++l) top = std::max(top, p[l] = mask[l] ? p[l] * scale : -INFINITY);
+  if (top == -INFINITY) {
+    std::fill(p, p + L, 0.0f);
+    return;
+  }
+  for (int64_t l = 0; l < L; ++l) sum += (p[l] = std::exp(p[l] - top));
+  for (int64_t l = 0; l < L; ++l) p[l] /= sum;
 }
+
+template <typename X>
+struct Absorbed {
+  const X *qn, *qr, *lat, *kr;
+  int64_t qn_stride, qr_stride, lat_stride, kr_stride;
+  const bool* mask;
+  const float *w_uk, *w_uv_t;
+  float scale;
+  X* y;
+  int64_t B, S, H, N, R, L, C, V;
+
+  // Heads h0..h0+J of query row bs = (b, s); buf holds J * (2C + R + L) + max(N, V) floats.
+  template <int J>
+  void heads(int64_t bs, int64_t h0, float* buf) const {
+    float *q_lat = buf, *rope = q_lat + J * C, *p = rope + J * R, *o_lat = p + J * L, *tmp = o_lat + J * C;
+    const int64_t b = bs / S;
+    for (int j = 0; j < J; ++j) {
+      const int64_t row = bs * H + h0 + j;
+      load_row(qn + row * qn_stride, tmp, N);
+      head_weighted_rows<1>(tmp, N, w_uk + (h0 + j) * N * C, C, C, q_lat + j * C);
+      load_row(qr + row * qr_stride, rope + j * R, R);
+    }
+    const X *lat_b = lat + b * L * lat_stride, *kr_b = kr + b * L * kr_stride;
+    head_dots<J>(q_lat, C, lat_b, lat_stride, L, false, p);
+    head_dots<J>(rope, R, kr_b, kr_stride, L, true, p);
+    for (int j = 0; j < J; ++j) masked_softmax(p + j * L, mask + bs * L, L, scale);
+    head_weighted_rows<J>(p, L, lat_b, lat_stride, C, o_lat);
+    for (int j = 0; j < J; ++j) {
+      head_weighted_rows<1>(o_lat + j * C, C, w_uv_t + (h0 + j) * C * V, V, V, tmp);
+      X* yr = y + (bs * H + h0 + j) * V;  // y (B, S, H*V)
+      for (int64_t v = 0; v < V; ++v) yr[v] = static_cast<X>(tmp[v]);
+    }
+  }
+
+  void run() const {
+    const int64_t groups = (H + HEADS - 1) / HEADS;
+    // Tasks run group by group (t = g * B*S + bs), so that a thread keeps its heads' W_UK and W_UV^T in cache.
+    at::parallel_for(0, B * S * groups, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> buf(HEADS * (2 * C + R + L) + std::max(N, V));
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t h0 = t / (B * S) * HEADS, bs = t % (B * S);
+        with_rows(std::min(HEADS, H - h0), [&](auto J) { heads<decltype(J)::value>(bs, h0, buf.data()); });
+      }
+    });
+  }
+};
 
 // q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R): one dtype, fp32 or bf16, read
 // through the given row strides; mask (B, S, L) bool; w_uk (H, N, C), w_uv_t (H, C, V) fp32 -> (B, S, H*V).
@@ -158,15 +210,14 @@ torch::Tensor absorbed_attention(torch::Tensor q_nope, int64_t qn_stride, torch:
               k_rope.size(2) == R && q_nope.stride(3) == 1 && q_rope.stride(3) == 1 && latent.stride(2) == 1 &&
               k_rope.stride(2) == 1, "absorbed_attention: shapes, dtypes or strides do not fit");
   auto y = torch::empty({B, S, H * V}, q_nope.options());
-  if (dtype == torch::kBFloat16)
-    absorbed_rows(q_nope.data_ptr<at::BFloat16>(), qn_stride, q_rope.data_ptr<at::BFloat16>(), qr_stride,
-                  latent.data_ptr<at::BFloat16>(), lat_stride, k_rope.data_ptr<at::BFloat16>(), kr_stride,
-                  mask.data_ptr<bool>(), w_uk.data_ptr<float>(), w_uv_t.data_ptr<float>(), scale,
-                  y.data_ptr<at::BFloat16>(), B, S, H, N, R, L, C, V);
-  else if (dtype == torch::kFloat)
-    absorbed_rows(q_nope.data_ptr<float>(), qn_stride, q_rope.data_ptr<float>(), qr_stride, latent.data_ptr<float>(),
-                  lat_stride, k_rope.data_ptr<float>(), kr_stride, mask.data_ptr<bool>(), w_uk.data_ptr<float>(),
-                  w_uv_t.data_ptr<float>(), scale, y.data_ptr<float>(), B, S, H, N, R, L, C, V);
+  auto run = [&](auto x) {
+    using X = decltype(x);
+    Absorbed<X>{q_nope.data_ptr<X>(), q_rope.data_ptr<X>(), latent.data_ptr<X>(), k_rope.data_ptr<X>(), qn_stride,
+                qr_stride, lat_stride, kr_stride, mask.data_ptr<bool>(), w_uk.data_ptr<float>(),
+                w_uv_t.data_ptr<float>(), static_cast<float>(scale), y.data_ptr<X>(), B, S, H, N, R, L, C, V}.run();
+  };
+  if (dtype == torch::kBFloat16) run(at::BFloat16());
+  else if (dtype == torch::kFloat) run(0.0f);
   else TORCH_CHECK(false, "absorbed_attention: inputs must be float32 or bfloat16");
   return y;
 }
