@@ -141,24 +141,29 @@ def test_fused_engine_matches_the_reference_model(pair, k):
     assert engine.generate(ps, params) == expected
 
 
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 12, 96])
-def test_quantized_experts_take_the_whole_batch_in_one_call(pair, tokens, monkeypatch):
-    """With int4 experts, FusedMoE hands every routed row to the experts module at once, which runs two kernel
-    calls (gate_up and down) over all hit experts, or for prefill-sized batches (96 tokens: ~36 rows per expert)
-    dequantizes the hit experts once; either way it gets what the per-expert loop through the same weights gives."""
+def test_quantized_moe_runs_its_routed_part_in_one_kernel_call(pair, fmt, tokens, monkeypatch):
+    """With quantized experts, FusedMoE hands a few tokens' whole routed part to one kernel call (grouping by
+    expert, gate_up, SwiGLU, down, the weighted sum with the zero experts' share); for prefill-sized batches
+    (96 tokens: ~36 rows per expert) the kernel declines and the hit experts are dequantized once. Either way the
+    result is what the per-expert loop through the same weights gives, for both kinds of zero expert."""
     _, fused = pair
     moe = copy.deepcopy(fused.model.layers[1].mlp)
-    quant.quantize_model(moe, "int4")
-    calls = []
-    group_experts = kernels.group_experts
-    monkeypatch.setattr(kernels, "group_experts", lambda x, *a: calls.append(x.shape[0]) or group_experts(x, *a))
+    quant.quantize_model(moe, fmt)
     x = torch.randn(1, tokens, 64)
-    with torch.no_grad():
-        _, _, ids, weights = moe.begin(x)
-        out, _ = moe(x)
-        ffn_rows = int((ids < moe.moe.n_ffn).sum())  # zero-expert slots never reach the experts
-        assert calls == ([ffn_rows] * 2 if kernels.kernel_available() and tokens < 96 else [])
-        with monkeypatch.context() as patch:  # apply_one per hit expert, in the same arithmetic: the kernel
-            patch.setattr(kernels, "MAX_KERNEL_ROWS", 10**6 if calls else 0)  # (int8 activations) or dequantized
-            expected = moe._few(x.reshape(-1, 64), ids, weights).view_as(x)
-    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+    calls = []
+    moe_experts = kernels.moe_experts
+    monkeypatch.setattr(kernels, "moe_experts", lambda *a: calls.append(r := moe_experts(*a)) or r)
+    for zero_type in ("identity", "drop"):
+        moe.moe.zero_type = zero_type
+        calls.clear()
+        with torch.no_grad():
+            _, _, ids, weights = moe.begin(x)
+            out, _ = moe(x)
+            took = kernels.kernel_available() and tokens < 96
+            assert len(calls) == 1 and (calls[0] is not None) == took
+            with monkeypatch.context() as patch:  # apply_one per hit expert, in the same arithmetic: the kernel
+                patch.setattr(kernels, "MAX_KERNEL_ROWS", 10**6 if took else 0)  # (int8 activations) or dequantized
+                expected = moe._few(x.reshape(-1, 64), ids, weights).view_as(x)
+        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

@@ -23,7 +23,8 @@ class HitExperts(nn.Module):
     """The loop over the hit experts; subclasses say how to apply one expert's projection (plain weights:
     PlainHitExperts, quantized: quant.QuantExperts)."""
 
-    batched = False  # whether forward runs a grouped batch faster than apply_one per expert (FusedMoE asks)
+    # Whether `routed` and forward run a MoE's tokens faster than apply_one per hit expert (FusedMoE asks).
+    batched = False
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (R, D) rows grouped by expert, counts: (e,) -> (R, D); rows past sum(counts) (zero-expert slots

@@ -13,8 +13,10 @@ microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down 
          preset), the same result up to the last bit (its sum of squares runs in another order).
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
-         weights are scalars. Quantized experts take the whole grouped batch in one kernel call per projection
-         instead. The sum runs in expert order instead of slot order: equal up to rounding.
+         weights are scalars. Quantized experts take the whole routed part for a few tokens in one kernel call
+         (grouping, both projections, SwiGLU, the weighted sum in fp32: kernels.moe_experts), and larger grouped
+         batches in one call per projection. The sum runs in expert order instead of slot order: equal up to
+         rounding.
 Each twin is tested against its model module (tests/test_infer_fused.py).
 
 Shapes: B batch, S new tokens, L attended, D model, H heads, N/R/V head dims, C kv_lora_rank, Q q_lora_rank,
@@ -158,7 +160,7 @@ class FusedMoE(nn.Module):
     Few tokens (plain experts): routing decisions go to the host once and each hit expert's output is added with
     its gate weight as a scalar. Otherwise: a stable sort of the slots by expert, one gather of the FFN slots' rows,
     the experts module on them (grouped), one index_add; no (T*K, D) slot tensor is built. Zero experts: one
-    scaled copy of x.
+    scaled copy of x. Quantized experts (`batched`) first try the whole routed part in one kernel call.
     """
 
     def __init__(self, moe: MoE) -> None:
@@ -175,7 +177,11 @@ class FusedMoE(nn.Module):
     def compute(self, f: Any) -> Any:
         x, probs, ids, weights = f
         x_TD = x.reshape(-1, x.shape[-1])
-        few = x_TD.shape[0] <= SMALL_BATCH_TOKENS and not getattr(self.moe.experts, "batched", False)
+        experts = self.moe.experts
+        if getattr(experts, "batched", False):  # quantized: the whole routed part in one kernel call if it takes it
+            out = experts.routed(x_TD, ids, weights, self.moe.n_ffn, self.moe.zero_type == "identity")
+            return x, probs, ids, self._many(x_TD, ids, weights) if out is None else out
+        few = x_TD.shape[0] <= SMALL_BATCH_TOKENS
         return x, probs, ids, (self._few if few else self._many)(x_TD, ids, weights)
 
     def finish(self, f: Any) -> tuple[torch.Tensor, RoutingInfo]:

@@ -1,5 +1,5 @@
-"""x @ W^T for quantized W (quant.py's formats): references, and fused CPU kernels (csrc/quant_kernels.cpp) for
-decode and prefill.
+"""x @ W^T for quantized W (quant.py's formats): references, and fused CPU kernels (csrc/quant_kernels.cpp,
+csrc/dequantize.cpp) for decode and prefill.
 
 Decode multiplies a few rows by each weight once, so its speed is the speed of reading the weight. The reference
 (dequantize all of W, then F.linear) reads the quantized weight, writes a bf16 copy and reads that again: slower
@@ -19,7 +19,9 @@ The int8 activations cost nothing measurable: held-out perplexity through the de
 (docs/quantization.md).
 All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block
 stays in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a
-batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`). Linear
+batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`); for a few
+tokens a MoE layer's whole routed part (grouping, both projections, SwiGLU, the weighted sum) is one call
+(`moe_experts`). Linear
 layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for up to that many rows per
 hit expert; more rows (prefill, many streams) are compute-bound: each weight is dequantized once, in one compiled
 pass straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
@@ -181,6 +183,19 @@ def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, s
     every hit expert in one kernel call. Needs the kernel (see `experts_kernel`)."""
     group = packed.shape[-1] * 2 // scales.shape[-1]
     return extension.compiled().group_experts(x.contiguous(), counts, packed, scales, mins, group)
+
+
+def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn: int, identity: bool,
+                gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor | None:
+    """A MoE layer's routed experts in one kernel call: x (T, D), ids (T, K) (ids >= n_ffn are zero experts, which
+    add weight * x if `identity`, else nothing), weights (T, K) fp32, each projection's stacked tensors in the
+    format's order (int4: packed, scales, mins; int8/fp8: values, scales) -> (T, D), the sum over each token's
+    slots computed in fp32. None where the kernel does not take the call: no kernel, or more than
+    MAX_KERNEL_ROWS rows per hit expert on average (prefill, where dequantize + GEMM is faster)."""
+    ext = _cpu_ext(x, 1)
+    if ext is None or ids.dtype != torch.long or weights.dtype != torch.float32:
+        return None
+    return ext.moe_experts(x, ids, weights, n_ffn, identity, gate_up, down, MAX_KERNEL_ROWS)
 
 
 def experts_kernel(x: torch.Tensor, counts: torch.Tensor) -> bool:

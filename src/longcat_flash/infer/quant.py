@@ -212,6 +212,13 @@ class QuantExperts(HitExperts):
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         return quant_linear(x, self.parts(name, e), self.fmt)
 
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn: int,
+               identity: bool) -> torch.Tensor | None:
+        """The MoE's whole routed part for tokens x (T, D) in one kernel call (kernels.moe_experts), or None where
+        the kernel does not take it."""
+        return kernels.moe_experts(x, ids, weights, n_ffn, identity, list(self.parts("gate_up_proj").values()),
+                                   list(self.parts("down_proj").values()))
+
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if not kernels.experts_kernel(x, counts):  # prefill: the hit experts dequantized once, then the plain GEMM loop
             hit = counts.nonzero().flatten()

@@ -1,26 +1,7 @@
-// x @ W^T for quantized W (quant.py's formats) at decode, and dequantization for prefill; Python side: kernels.py.
+// x @ W^T for quantized W (quant.py's formats) at decode, and a MoE layer's routed experts in one call; Python
+// side: kernels.py.
 #include "simd.h"
-
-// 16 weights -> fp32. int8: sign-extend and convert. e4m3fn: rebuild the fp32 bit pattern (normal: exponent
-// +120, mantissa << 20; subnormal: m * 2^-9), sign on top.
-static inline __m512 load16(const int8_t* p) {
-  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
-}
-static inline __m512 load16(const uint8_t* p) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  __m512i sign = _mm512_slli_epi32(_mm512_and_si512(v, _mm512_set1_epi32(0x80)), 24);
-  __m512i em = _mm512_and_si512(v, _mm512_set1_epi32(0x7F));
-  __m512 normal = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_slli_epi32(em, 20), _mm512_set1_epi32(120 << 23)));
-  __m512 sub = _mm512_mul_ps(_mm512_cvtepi32_ps(em), _mm512_set1_ps(1.0f / 512.0f));
-  __m512 mag = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), normal, sub);
-  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign));
-}
-static inline float scalar(int8_t v) { return static_cast<float>(v); }
-static inline float scalar(uint8_t v) {
-  int em = v & 0x7F;
-  float mag = (em >> 3) ? std::ldexp(1.0f + (em & 7) / 8.0f, (em >> 3) - 7) : (em & 7) * (1.0f / 512.0f);
-  return (v & 0x80) ? -mag : mag;
-}
+#include "weights.h"
 
 // y[m, o] = sum_k xs[m, k] * w[o, k] for rows o0..o1 of one 128-row block; xs already holds the block's scales.
 // Two weight rows per pass share every load of xs (the loads, not the FMAs, bound this loop for M > 1).
@@ -92,21 +73,26 @@ static void block_task(int64_t M, const X* x, const W* w, const float* s, int64_
   }
 }
 
-// The hit experts of a grouped batch: rows start[h]..start[h]+n[h] of x belong to expert id[h]. Without counts,
-// the weight is one plain matrix (O, I) and all `rows` rows of x go through it (a linear layer).
+// The hit experts of a grouped batch: rows start[h]..start[h]+n[h] of x belong to expert id[h].
 struct Hits {
   std::vector<int64_t> start, n, id;
-  Hits(const c10::optional<torch::Tensor>& counts, int64_t rows) {
+  void add(int64_t e, int64_t rows) {  // the next `rows` rows go to expert e
+    if (rows) start.push_back(rows_total()), n.push_back(rows), id.push_back(e);
+  }
+  int64_t rows_total() const { return start.empty() ? 0 : start.back() + n.back(); }
+  int64_t size() const { return static_cast<int64_t>(id.size()); }
+  // From counts (E,) rows per expert; without counts, the weight is one plain matrix and all `rows` rows of x go
+  // through it (a linear layer).
+  static Hits of(const c10::optional<torch::Tensor>& counts, int64_t rows) {
+    Hits hits;
     if (!counts) {
-      if (rows) { start.push_back(0); n.push_back(rows); id.push_back(0); }
-      return;
+      hits.add(0, rows);
+      return hits;
     }
     auto c = counts->to(torch::kLong).contiguous();
-    const int64_t* p = c.data_ptr<int64_t>();
-    for (int64_t e = 0, row = 0; e < c.numel(); row += p[e], ++e)
-      if (p[e]) { start.push_back(row); n.push_back(p[e]); id.push_back(e); }
+    for (int64_t e = 0; e < c.numel(); ++e) hits.add(e, c.data_ptr<int64_t>()[e]);
+    return hits;
   }
-  int64_t size() const { return static_cast<int64_t>(id.size()); }
 };
 
 // One task per (hit expert, 128-row block): every hit expert's weights are read once, in one parallel region.
@@ -131,15 +117,7 @@ static void fp8_typed(const Hits& hits, torch::Tensor x, torch::Tensor values, t
 }
 
 
-// ---- int4 groups (quant.py): packed (O, I/2) bytes; in each 32-value chunk byte j holds value j in its low
-// nibble and value j + 16 in its high nibble; w = scale[o, g] * q + min[o, g] for group g = k / G, q in 0..15.
-static inline void load32(const uint8_t* p, __m512& lo, __m512& hi) {
-  __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
-  hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
-}
-
-
+// ---- int4 groups (quant.py; layout in weights.h)
 // ---- int8 activations, for the int4 and int8 kernels.
 // x rows rounded to int8 (quantize_rows).
 struct Int8Rows {
@@ -262,7 +240,7 @@ template <typename X>
 static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                        torch::Tensor mins, int64_t G, torch::Tensor y) {
   const int64_t I = x.size(1), O = packed.size(-2), nO = (O + 127) / 128, nG = I / G;
-  const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
+  const int64_t R = hits.rows_total();
   Int8Rows xq;
   quantize_rows(x.data_ptr<X>(), R, I, G, true, xq);
   const uint8_t* w = packed.data_ptr<uint8_t>();
@@ -278,23 +256,29 @@ static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, 
   });
 }
 
+// Rows of y (R, O) for rows of x (R, I) grouped by `hits`, through the int4 experts: packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16.
+// x is quantized once; one task per (hit expert, 128 weight rows).
+static void int4_into(const Hits& hits, torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
+                      torch::Tensor mins, int64_t G, torch::Tensor y) {
+  const int64_t I = x.size(1);
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && packed.is_contiguous() && packed.size(-1) * 2 == I &&
+              packed.scalar_type() == torch::kByte && (G == 32 || G % 64 == 0) && I % G == 0 &&
+              scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == torch::kBFloat16 &&
+              mins.scalar_type() == torch::kBFloat16 && scales.size(-1) == I / G,
+              "int4 experts: shapes, dtypes or layout do not fit");
+  if (x.scalar_type() == torch::kBFloat16) int4_typed<at::BFloat16>(hits, x, packed, scales, mins, G, y);
+  else if (x.scalar_type() == torch::kFloat) int4_typed<float>(hits, x, packed, scales, mins, G, y);
+  else TORCH_CHECK(false, "int4 experts: x must be float32 or bfloat16");
+}
+
 // x (R, I) rows grouped by expert (counts (E,)), packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16
 // -> (R, O) in x's dtype; rows past sum(counts) are zero. Without counts, one plain weight (O, I/2) for all rows
-// (a linear layer). x is quantized once; one task per (hit expert, 128 weight rows).
+// (a linear layer).
 torch::Tensor group_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor packed,
                             torch::Tensor scales, torch::Tensor mins, int64_t G) {
-  const int64_t I = x.size(1), O = packed.size(-2);
-  TORCH_CHECK(x.dim() == 2 && packed.dim() == (counts ? 3 : 2) && packed.is_contiguous() &&
-              packed.size(-1) * 2 == I && packed.scalar_type() == torch::kByte && (G == 32 || G % 64 == 0) &&
-              I % G == 0 && scales.is_contiguous() && mins.is_contiguous() &&
-              scales.scalar_type() == torch::kBFloat16 && mins.scalar_type() == torch::kBFloat16 &&
-              scales.size(-1) == I / G);
-  auto xc = x.contiguous();
-  auto y = torch::zeros({x.size(0), O}, x.options());
-  const Hits hits(counts, x.size(0));
-  if (x.scalar_type() == torch::kBFloat16) int4_typed<at::BFloat16>(hits, xc, packed, scales, mins, G, y);
-  else if (x.scalar_type() == torch::kFloat) int4_typed<float>(hits, xc, packed, scales, mins, G, y);
-  else TORCH_CHECK(false, "group_experts: x must be float32 or bfloat16");
+  TORCH_CHECK(packed.dim() == (counts ? 3 : 2), "group_experts: packed must be (E, O, I/2) with counts, else (O, I/2)");
+  auto y = torch::zeros({x.size(0), packed.size(-2)}, x.options());
+  int4_into(Hits::of(counts, x.size(0)), x.contiguous(), packed, scales, mins, G, y);
   return y;
 }
 
@@ -344,7 +328,7 @@ template <typename X>
 static void int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales,
                          torch::Tensor y) {
   const int64_t I = x.size(1), O = values.size(-2), nO = (O + 127) / 128, nI = (I + 127) / 128;
-  const int64_t R = hits.size() ? hits.start.back() + hits.n.back() : 0;
+  const int64_t R = hits.rows_total();
   Int8Rows xq;
   quantize_rows(x.data_ptr<X>(), R, I, 128, false, xq);
   const int8_t* w = values.data_ptr<int8_t>();
@@ -371,94 +355,120 @@ static void int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values
   });
 }
 
-// x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
-// rows past sum(counts) are zero. Without counts, one plain weight (O, I) for all rows (a linear layer).
-torch::Tensor block_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor values,
-                            torch::Tensor scales) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.dim() == (counts ? 3 : 2) && values.is_contiguous() &&
-              scales.is_contiguous() && scales.scalar_type() == torch::kFloat && values.size(-1) == x.size(1));
+// Rows of y (R, O) for rows of x (R, I) grouped by `hits`, through int8 or fp8 block experts: values (E, O, I), scales (E, nO, nI) fp32.
+static void block_into(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales, torch::Tensor y) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.is_contiguous() && scales.is_contiguous() &&
+              scales.scalar_type() == torch::kFloat && values.size(-1) == x.size(1),
+              "block experts: shapes, dtypes or layout do not fit");
   TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
-              "block_experts: x must be float32 or bfloat16");
-  const Hits hits(counts, x.size(0));
-  auto y = torch::zeros({x.size(0), values.size(-2)}, x.options());
+              "block experts: x must be float32 or bfloat16");
   const bool bf16 = x.scalar_type() == torch::kBFloat16, int8 = values.scalar_type() == torch::kChar;
   if (int8 && bf16) int8_experts<at::BFloat16>(hits, x, values, scales, y);
   else if (int8) int8_experts<float>(hits, x, values, scales, y);
   else if (bf16) fp8_typed<at::BFloat16>(hits, x, values, scales, y);  // fp8: x pre-scaled, fp32 FMAs
   else fp8_typed<float>(hits, x, values, scales, y);
+}
+
+// x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
+// rows past sum(counts) are zero. Without counts, one plain weight (O, I) for all rows (a linear layer).
+torch::Tensor block_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor values,
+                            torch::Tensor scales) {
+  TORCH_CHECK(values.dim() == (counts ? 3 : 2), "block_experts: values must be (E, O, I) with counts, else (O, I)");
+  auto y = torch::zeros({x.size(0), values.size(-2)}, x.options());
+  block_into(Hits::of(counts, x.size(0)), x.contiguous(), values, scales, y);
   return y;
 }
 
+// ---- a MoE layer's routed experts for a few tokens (decode, concurrent streams), in one call instead of ~25
+// small ops: the slots grouped by expert on the host, the hit rows gathered, gate_up through the experts kernel,
+// SwiGLU, down, and the sum over each token's slots with its gate weights, plus the zero experts' share.
 
-// ---- dequantization into a full matrix, for GEMMs with many rows (prefill): one pass, 16 values at a time.
-static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-static inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even, as torch does
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
+// Either weight format's tensors: int4 (packed, scales, mins) or int8/fp8 blocks (values, scales).
+static void experts_into(const Hits& hits, torch::Tensor x, const std::vector<torch::Tensor>& w, torch::Tensor y) {
+  if (w.size() == 3) int4_into(hits, x, w[0], w[1], w[2], w[0].size(-1) * 2 / w[1].size(-1), y);
+  else block_into(hits, x, w.at(0), w.at(1), y);
 }
 
-// values (..., O, I) int8/fp8, scales (..., nO, nI) -> out (..., O, I).
-template <typename W, typename X>
-static void block_deq(const W* v, const float* s, int64_t rows, int64_t O, int64_t I, X* out) {
-  const int64_t nO = (O + 127) / 128, nI = (I + 127) / 128;
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* sr = s + ((r / O) * nO + (r % O) / 128) * nI;
-      const W* vr = v + r * I;
-      X* orow = out + r * I;
-      int64_t k = 0;
-      for (; k + 16 <= I; k += 16) store16(orow + k, _mm512_mul_ps(load16(vr + k), _mm512_set1_ps(sr[k / 128])));
-      for (; k < I; ++k) orow[k] = static_cast<X>(scalar(vr[k]) * sr[k / 128]);
+// h (R, 2F) rows [gate | up] -> (R, F): silu(gate) * up, each op rounded to X as torch's two ops round them.
+template <typename X>
+static torch::Tensor swiglu(torch::Tensor h) {
+  const int64_t R = h.size(0), F = h.size(1) / 2;
+  auto a = torch::empty({R, F}, h.options());
+  const X* hp = h.data_ptr<X>();
+  X* ap = a.data_ptr<X>();
+  at::parallel_for(0, R * F, 2048, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t r = i / F, f = i % F;
+      const float g = static_cast<float>(hp[r * 2 * F + f]);
+      ap[i] = static_cast<X>(static_cast<float>(static_cast<X>(g / (1.0f + std::exp(-g)))) *
+                             static_cast<float>(hp[r * 2 * F + F + f]));
+    }
+  });
+  return a;
+}
+
+// out (T, D) = sum over token t's slots of weight * y[row] (FFN slots) + (zero slots' weights) * x[t] if
+// `identity`; in fp32, rounded once.
+template <typename X>
+static void combine(const X* x, const X* y, const std::vector<std::vector<std::pair<int64_t, float>>>& slots,
+                    const std::vector<float>& zero, bool identity, int64_t D, X* out) {
+  at::parallel_for(0, static_cast<int64_t>(slots.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(D);
+    for (int64_t t = t0; t < t1; ++t) {
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      if (identity) for (int64_t d = 0; d < D; ++d) acc[d] = zero[t] * static_cast<float>(x[t * D + d]);
+      for (const auto& [row, w] : slots[t])
+        for (int64_t d = 0; d < D; ++d) acc[d] += w * static_cast<float>(y[row * D + d]);
+      for (int64_t d = 0; d < D; ++d) out[t * D + d] = static_cast<X>(acc[d]);
     }
   });
 }
 
-template <typename X>
-static void block_deq_typed(torch::Tensor values, torch::Tensor scales, torch::Tensor out) {
-  const int64_t O = values.size(-2), I = values.size(-1), rows = values.numel() / I;
-  if (values.scalar_type() == torch::kChar)
-    block_deq(values.data_ptr<int8_t>(), scales.data_ptr<float>(), rows, O, I, out.data_ptr<X>());
+// x (T, D), ids (T, K) int64 (ids >= n_ffn are zero experts), weights (T, K) fp32, each projection's tensors as
+// experts_into takes them -> (T, D) in x's dtype; or an undefined tensor (None) when the hit experts average
+// more than max_rows rows each, where dequantize + GEMM is faster (the caller's other path).
+torch::Tensor moe_experts(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, int64_t n_ffn, bool identity,
+                          std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down, int64_t max_rows) {
+  const int64_t T = x.size(0), D = x.size(1), K = ids.size(1);
+  TORCH_CHECK(x.dim() == 2 && ids.dim() == 2 && ids.size(0) == T && ids.scalar_type() == torch::kLong &&
+              weights.sizes() == ids.sizes() && weights.scalar_type() == torch::kFloat,
+              "moe_experts: x (T, D), ids (T, K) int64 and weights (T, K) float32 expected");
+  auto ids_c = ids.contiguous();
+  auto w_c = weights.contiguous();
+  const int64_t* id = ids_c.data_ptr<int64_t>();
+  const float* wt = w_c.data_ptr<float>();
+  std::vector<std::vector<int64_t>> by_expert(n_ffn);  // slots (t * K + k) per FFN expert, in slot order
+  std::vector<float> zero(T, 0.0f);
+  for (int64_t i = 0; i < T * K; ++i) {
+    TORCH_CHECK(id[i] >= 0, "moe_experts: negative expert id");
+    if (id[i] < n_ffn) by_expert[id[i]].push_back(i);
+    else zero[i / K] += wt[i];
+  }
+  Hits hits;
+  std::vector<int64_t> token;  // the token of each grouped row
+  std::vector<std::vector<std::pair<int64_t, float>>> slots(T);  // per token: (grouped row, gate weight)
+  for (int64_t e = 0; e < n_ffn; ++e) {
+    for (const int64_t i : by_expert[e]) {
+      slots[i / K].emplace_back(static_cast<int64_t>(token.size()), wt[i]);
+      token.push_back(i / K);
+    }
+    hits.add(e, static_cast<int64_t>(by_expert[e].size()));
+  }
+  const int64_t R = hits.rows_total();
+  if (R > max_rows * std::max<int64_t>(1, hits.size())) return torch::Tensor();
+  auto xc = x.contiguous();
+  auto rows = xc.index_select(0, torch::tensor(token, torch::kLong));  // (R, D) grouped by expert
+  auto h = torch::empty({R, gate_up[0].size(-2)}, x.options());
+  experts_into(hits, rows, gate_up, h);
+  const bool bf16 = x.scalar_type() == torch::kBFloat16;
+  auto a = bf16 ? swiglu<at::BFloat16>(h) : swiglu<float>(h);
+  auto y = torch::empty({R, D}, x.options());
+  experts_into(hits, a, down, y);
+  auto out = torch::empty_like(xc);
+  if (bf16)
+    combine(xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), slots, zero, identity, D,
+            out.data_ptr<at::BFloat16>());
   else
-    block_deq(reinterpret_cast<const uint8_t*>(values.data_ptr()), scales.data_ptr<float>(), rows, O, I,
-              out.data_ptr<X>());
-}
-
-torch::Tensor block_dequantize(torch::Tensor values, torch::Tensor scales, bool bf16) {
-  TORCH_CHECK(values.is_contiguous() && scales.is_contiguous() && scales.scalar_type() == torch::kFloat);
-  auto out = torch::empty(values.sizes(), values.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
-  if (bf16) block_deq_typed<at::BFloat16>(values, scales, out);
-  else block_deq_typed<float>(values, scales, out);
-  return out;
-}
-
-// packed (..., O, I/2), scales and mins (..., O, I/G) -> out (..., O, I).
-template <typename X>
-static void group_deq(const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn, int64_t rows, int64_t I,
-                      int64_t G, X* out) {
-  const int64_t nG = I / G;
-  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r)
-      for (int64_t c = 0; c < I; c += 32) {
-        const __m512 d = _mm512_set1_ps(static_cast<float>(s[r * nG + c / G]));
-        const __m512 m = _mm512_set1_ps(static_cast<float>(mn[r * nG + c / G]));
-        __m512 lo, hi;
-        load32(w + r * (I / 2) + c / 2, lo, hi);
-        store16(out + r * I + c, _mm512_fmadd_ps(lo, d, m));
-        store16(out + r * I + c + 16, _mm512_fmadd_ps(hi, d, m));
-      }
-  });
-}
-
-torch::Tensor group_dequantize(torch::Tensor packed, torch::Tensor scales, torch::Tensor mins, int64_t G, bool bf16) {
-  const int64_t I = packed.size(-1) * 2, rows = packed.numel() / packed.size(-1);
-  TORCH_CHECK(packed.is_contiguous() && scales.is_contiguous() && mins.is_contiguous() && G % 32 == 0 &&
-              I % G == 0 && scales.scalar_type() == torch::kBFloat16 && mins.scalar_type() == torch::kBFloat16);
-  auto sizes = packed.sizes().vec();
-  sizes.back() = I;
-  auto out = torch::empty(sizes, packed.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat));
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
-  if (bf16) group_deq(w, s, mn, rows, I, G, out.data_ptr<at::BFloat16>());
-  else group_deq(w, s, mn, rows, I, G, out.data_ptr<float>());
+    combine(xc.data_ptr<float>(), y.data_ptr<float>(), slots, zero, identity, D, out.data_ptr<float>());
   return out;
 }
