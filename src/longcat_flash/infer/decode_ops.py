@@ -24,13 +24,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     place), cos/sin (B, S, R/2) of x's dtype."""
     R = x.shape[-1]
     if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or cos.dtype != x.dtype
-            or sin.dtype != x.dtype or x.dim() < 2 or x.stride(-1) != 1 or cos.shape[-1] * 2 != R):
+            or sin.dtype != x.dtype or x.dim() < 2 or cos.shape[-1] * 2 != R):
         return None
     ext = extension.compiled()
-    if ext is None:
-        return None
-    x = _evenly_spaced_rows(x)
-    return ext.rope(x, x.numel() // R, x.stride(-2), cos.contiguous(), sin.contiguous())
+    return None if ext is None else ext.rope(x, cos.contiguous(), sin.contiguous())
 
 
 def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -47,13 +44,4 @@ def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch
     ext = extension.compiled()
     if ext is None:
         return None
-    rows = [_evenly_spaced_rows(t) for t in tensors]
-    strided = [arg for t in rows for arg in (t, t.stride(-2))]
-    return ext.absorbed_attention(*strided, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(), scale)
-
-
-def _evenly_spaced_rows(x: torch.Tensor) -> torch.Tensor:
-    """x itself if its rows (last dim contiguous) lie evenly apart in memory, as a kernel reading row i at
-    i * stride(-2) needs (a split's view does); else a contiguous copy."""
-    uniform = x.stride(-1) == 1 and all(x.stride(i) == x.stride(i + 1) * x.shape[i + 1] for i in range(x.dim() - 2))
-    return x if uniform else x.contiguous()
+    return ext.absorbed_attention(*tensors, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(), scale)

@@ -181,7 +181,7 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def parts(self) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k) for k in KEYS[self.fmt]}
+        return {k: self._buffers[k] for k in KEYS[self.fmt]}  # not getattr: nn.Module's is slow, on every call
 
     @property
     def weight(self) -> torch.Tensor:

@@ -64,8 +64,18 @@ static void rope_rows(const X* x, int64_t stride, const X* c, const X* sn, X* y,
   }
 }
 
-torch::Tensor rope(torch::Tensor x, int64_t rows, int64_t stride, torch::Tensor cos, torch::Tensor sin) {
-  const int64_t R = x.size(-1), N = cos.numel() / (R / 2);
+// x itself if its rows (over the last dim, contiguous) lie evenly apart in memory, so that row i starts at
+// i * stride(-2), as in a split's view; else a contiguous copy.
+static torch::Tensor evenly_spaced_rows(const torch::Tensor& x) {
+  bool uniform = x.dim() >= 2 && x.stride(-1) == 1;
+  for (int64_t i = 0; uniform && i + 2 < x.dim(); ++i) uniform = x.stride(i) == x.stride(i + 1) * x.size(i + 1);
+  return uniform ? x : x.contiguous();
+}
+
+// x (..., R) read in place where its rows lie evenly apart, cos/sin (N, R/2) -> (..., R) contiguous.
+torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin) {
+  const auto x = evenly_spaced_rows(x_in);
+  const int64_t R = x.size(-1), N = cos.numel() / (R / 2), rows = x.numel() / R, stride = x.stride(-2);
   TORCH_CHECK(x.stride(-1) == 1 && R % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && N > 0 &&
               rows % N == 0 && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type());
   auto y = torch::empty(x.sizes(), x.options());
@@ -86,8 +96,8 @@ torch::Tensor rope(torch::Tensor x, int64_t rows, int64_t stride, torch::Tensor 
 //   score[l] = (q_latent . latent[l] + q_rope[h] . k_rope[l]) * scale, -inf where mask[b, s, l] is false
 //   out[h]   = (softmax(score) @ latent) @ W_UV^T[h]       (V), zeros for a row with no slot
 // One task per query row and group of up to HEADS heads, so that each latent row read (and converted to fp32)
-// once serves every head of the group. Inputs of x's dtype are read in place through their row strides: rows
-// (b, s, h) of q_nope / q_rope and rows (b, l) of latent / k_rope must each lie evenly apart (decode_ops.py checks).
+// once serves every head of the group. Inputs of x's dtype are read through their row strides: rows (b, s, h) of
+// q_nope / q_rope and rows (b, l) of latent / k_rope each lie evenly apart (evenly_spaced_rows).
 constexpr int64_t HEADS = 4;
 
 // s[j * n + l] (+)= q[j * C + 0:C] . rows[l * stride + 0:C] for J heads j and l < n: each row's values loaded once.
@@ -195,11 +205,15 @@ struct Absorbed {
   }
 };
 
-// q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R): one dtype, fp32 or bf16, read
-// through the given row strides; mask (B, S, L) bool; w_uk (H, N, C), w_uv_t (H, C, V) fp32 -> (B, S, H*V).
-torch::Tensor absorbed_attention(torch::Tensor q_nope, int64_t qn_stride, torch::Tensor q_rope, int64_t qr_stride,
-                                 torch::Tensor latent, int64_t lat_stride, torch::Tensor k_rope, int64_t kr_stride,
-                                 torch::Tensor mask, torch::Tensor w_uk, torch::Tensor w_uv_t, double scale) {
+// q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R): one dtype, fp32 or bf16, read in
+// place where their rows lie evenly apart; mask (B, S, L) bool; w_uk (H, N, C), w_uv_t (H, C, V) fp32 -> (B, S, H*V).
+torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_in, torch::Tensor latent_in,
+                                 torch::Tensor k_rope_in, torch::Tensor mask, torch::Tensor w_uk, torch::Tensor w_uv_t,
+                                 double scale) {
+  const auto q_nope = evenly_spaced_rows(q_nope_in), q_rope = evenly_spaced_rows(q_rope_in);
+  const auto latent = evenly_spaced_rows(latent_in), k_rope = evenly_spaced_rows(k_rope_in);
+  const int64_t qn_stride = q_nope.stride(-2), qr_stride = q_rope.stride(-2);
+  const int64_t lat_stride = latent.stride(-2), kr_stride = k_rope.stride(-2);
   const int64_t B = q_nope.size(0), S = q_nope.size(1), H = q_nope.size(2), N = q_nope.size(3);
   const int64_t R = q_rope.size(3), L = latent.size(1), C = latent.size(2), V = w_uv_t.size(2);
   const auto dtype = q_nope.scalar_type();
