@@ -5,9 +5,10 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
 
-from longcat_flash.infer import decode_ops, kernels, quant
+from longcat_flash.infer import decode_ops, extension, kernels, quant
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, FusedRMSNorm, fuse_for_inference, rotate
 from longcat_flash.infer.sampling import SamplingParams
@@ -66,6 +67,27 @@ def test_fused_norm_computes_the_model_norm(dtype):
             assert (got == expected).float().mean() > 0.99
         if kernels.kernel_available():
             assert decode_ops.rms_norm(x, norm.weight, norm.eps) is not None  # the kernel took it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_swiglu_computes_the_model_swiglu(dtype):
+    """silu(gate) * up in one compiled op, each op rounded as torch's: its exp is within a few fp32 ulp of torch's,
+    so fp32 agrees to ~1e-6 and bf16 to the last bit nearly everywhere; gates far out on both sides, odd widths."""
+    for shape in [(1, 1, 2 * 4096), (7, 3, 2 * 40), (2, 2 * 16)]:
+        h = (torch.randn(shape) * 4).to(dtype)
+        h[..., 0] = 100.0  # exp(-g) underflows
+        h[..., 1] = -100.0  # exp(-g) overflows: silu -> -0
+        gate, up = h.chunk(2, dim=-1)
+        expected = F.silu(gate) * up
+        got = decode_ops.swiglu(h)
+        assert got.dtype == dtype and got.shape == expected.shape
+        if dtype == torch.float32:
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=1e-5)
+        else:
+            torch.testing.assert_close(got.float(), expected.float(), atol=1e-6, rtol=2.0 ** -7)
+            assert (got == expected).float().mean() > 0.99
+        if kernels.kernel_available():
+            torch.testing.assert_close(extension.compiled().swiglu(h), got, atol=0, rtol=0)  # the kernel's result
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -1,11 +1,12 @@
-"""RMSNorm, RoPE and the absorbed MLA attention as the model computes them, each in one compiled op
-(csrc/decode_ops.cpp), for the inference twins (fused.py): at decode they are ~8, ~12 and ~30 small ops of a few
-microseconds each otherwise, 49, 24 and 12 calls per token on the bench preset. Each returns None where the kernel
-does not take the call, for the caller's own path.
+"""RMSNorm, SwiGLU, RoPE and the absorbed MLA attention as the model computes them, each in one compiled op
+(csrc/decode_ops.cpp), for the inference twins (fused.py, experts.py): at decode they are ~8, 3, ~12 and ~30 small
+ops of a few microseconds each otherwise, 49, 12, 24 and 12 calls per token on the bench preset. Each returns None
+where the kernel does not take the call, for the caller's own path; `swiglu` falls back by itself.
 """
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from . import extension
 
@@ -17,6 +18,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
         return None
     ext = extension.compiled()
     return None if ext is None else ext.rms_norm(x.contiguous(), weight.contiguous(), eps)
+
+
+def swiglu(h: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for h (..., 2F) = [gate | up] -> (..., F), as the model's MLPs compute it: one compiled op
+    on CPU (its exp within ~2 fp32 ulp of torch's), else torch's three."""
+    ext = extension.compiled() if h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16) else None
+    if ext is not None:
+        return ext.swiglu(h)
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts
+from . import decode_ops
 from .swap import swap_modules
 
 
@@ -40,8 +41,7 @@ class HitExperts(nn.Module):
 
     def apply_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e` (SwiGLU) on rows x (n, D) -> (n, D); FusedMoE calls it per hit expert too."""
-        gate, up = self.project(x, e, "gate_up_proj").chunk(2, dim=-1)  # (n, F) each
-        return self.project(F.silu(gate) * up, e, "down_proj")
+        return self.project(decode_ops.swiglu(self.project(x, e, "gate_up_proj")), e, "down_proj")  # via (n, F)
 
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         """x @ W_e^T for expert e's `gate_up_proj` (2F, D) or `down_proj` (D, F)."""

@@ -1,8 +1,8 @@
 """The compiled CPU kernels of csrc/ (quantized GEMV, a MoE layer's routed experts and dequantization:
-kernels.py; RMSNorm, RoPE and the absorbed attention: decode_ops.py), built with torch.utils.cpp_extension on first
-use (a minute or more, then cached in LONGCAT_KERNEL_CACHE, default ~/.cache/longcat_flash/kernels). Without a
-compiler, without AVX-512, or with LONGCAT_KERNELS=0 there is no module and every caller takes its plain PyTorch
-path.
+kernels.py; RMSNorm, SwiGLU, RoPE and the absorbed attention: decode_ops.py), built with
+torch.utils.cpp_extension on first use (a minute or more, then cached in LONGCAT_KERNEL_CACHE, default
+~/.cache/longcat_flash/kernels). Without a compiler, without AVX-512, or with LONGCAT_KERNELS=0 there is no module
+and every caller takes its plain PyTorch path.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("simd.h", "weights.h", "quant_kernels.cpp", "dequantize.cpp", "decode_ops.cpp")  # headers first
 FUNCTIONS = ["block_experts", "group_experts", "moe_experts", "block_dequantize", "group_dequantize", "rms_norm",
-             "rope", "absorbed_attention"]
+             "swiglu", "rope", "absorbed_attention"]
 
 
 @functools.lru_cache(maxsize=1)

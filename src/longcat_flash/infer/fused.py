@@ -8,7 +8,7 @@ microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down 
          the mla scales folded into q_b_proj and kv_a_layernorm once (docs/architecture.md §6.1);
          W_UK and W_UV^T precomputed contiguous per head; absorbed attention as bmm with heads folded into rows,
          so no weight is copied per step (docs/architecture.md §6.3).
-  MLP    gate_proj and up_proj in one GEMV.
+  MLP    gate_proj and up_proj in one GEMV, SwiGLU in one compiled op (decode_ops.swiglu).
   norms  RMSNorm in one compiled op (decode_ops.rms_norm; ~8 small ops otherwise, 49 norms per token on the bench
          preset), the same result up to the last bit (its sum of squares runs in another order).
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
@@ -28,7 +28,6 @@ import functools
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
@@ -138,8 +137,7 @@ class FusedMLP(nn.Module):
         self.down_proj = mlp.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(decode_ops.swiglu(self.gate_up_proj(x)))
 
 
 class FusedRMSNorm(RMSNorm):

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts
-from . import kernels
+from . import decode_ops, kernels
 from .experts import HitExperts, PlainHitExperts
 from .swap import swap_modules
 
@@ -226,8 +226,8 @@ class QuantExperts(HitExperts):
                      for name in ("gate_up_proj", "down_proj")]  # (h, 2F, D), (h, D, F)
             return PlainHitExperts(*dense)(x, counts[hit])
         fused = kernels.group_experts if self.fmt == "int4" else kernels.block_experts
-        gate, up = fused(x, counts, *self.parts("gate_up_proj").values()).chunk(2, dim=-1)  # (R, F) each
-        return fused(F.silu(gate) * up, counts, *self.parts("down_proj").values())  # rows past sum(counts): 0
+        hidden = decode_ops.swiglu(fused(x, counts, *self.parts("gate_up_proj").values()))  # (R, F)
+        return fused(hidden, counts, *self.parts("down_proj").values())  # rows past sum(counts): 0
 
 
 # ---- choosing and swapping ----

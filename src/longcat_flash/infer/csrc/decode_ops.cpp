@@ -1,12 +1,9 @@
-// RMSNorm, RoPE and absorbed MLA attention as the model computes them, one op each; Python side: decode_ops.py.
+// RMSNorm, SwiGLU, RoPE and absorbed MLA attention as the model computes them, one op each; Python side:
+// decode_ops.py.
 #include "simd.h"
 
 // ---- RMSNorm, as model/layers.py computes it (fp32, rounded to x's dtype before the weight): one op instead of
 // eight small ones (~50 us at decode with two threads), 49 times per token on the bench preset.
-static inline void store_row(float* p, __m512 v, __mmask16 n) { _mm512_mask_storeu_ps(p, n, v); }
-static inline void store_row(at::BFloat16* p, __m512 v, __mmask16 n) {  // v already holds a bf16 value
-  _mm256_mask_storeu_epi16(p, n, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
-}
 
 template <typename X>
 static void rms_rows(const X* x, const X* w, X* y, int64_t rows, int64_t D, float eps) {
@@ -42,6 +39,20 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
     rms_rows(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, D, eps);
   else TORCH_CHECK(false, "rms_norm: x must be float32 or bfloat16");
   return y;
+}
+
+// ---- SwiGLU of the MLPs: h (..., 2F) = [gate | up] of x's dtype, fp32 or bf16 -> (..., F), one op instead of
+// chunk, silu and mul.
+torch::Tensor swiglu(torch::Tensor h_in) {
+  const auto h = h_in.contiguous();
+  const int64_t F = h.size(-1) / 2, R = F ? h.numel() / (2 * F) : 0;
+  auto sizes = h.sizes().vec();
+  sizes.back() = F;
+  auto a = torch::empty(sizes, h.options());
+  if (h.scalar_type() == torch::kBFloat16) swiglu_rows(h.data_ptr<at::BFloat16>(), R, F, a.data_ptr<at::BFloat16>());
+  else if (h.scalar_type() == torch::kFloat) swiglu_rows(h.data_ptr<float>(), R, F, a.data_ptr<float>());
+  else TORCH_CHECK(false, "swiglu: h must be float32 or bfloat16");
+  return a;
 }
 
 // ---- rotary embedding, as model/layers.py's apply_rope: rows of interleaved pairs (x0, x1), (x2, x3), ... ->

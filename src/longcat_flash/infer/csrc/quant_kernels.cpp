@@ -389,24 +389,6 @@ static void experts_into(const Hits& hits, torch::Tensor x, const std::vector<to
   else block_into(hits, x, w.at(0), w.at(1), y);
 }
 
-// h (R, 2F) rows [gate | up] -> (R, F): silu(gate) * up, each op rounded to X as torch's two ops round them.
-template <typename X>
-static torch::Tensor swiglu(torch::Tensor h) {
-  const int64_t R = h.size(0), F = h.size(1) / 2;
-  auto a = torch::empty({R, F}, h.options());
-  const X* hp = h.data_ptr<X>();
-  X* ap = a.data_ptr<X>();
-  at::parallel_for(0, R * F, 2048, [&](int64_t i0, int64_t i1) {
-    for (int64_t i = i0; i < i1; ++i) {
-      const int64_t r = i / F, f = i % F;
-      const float g = static_cast<float>(hp[r * 2 * F + f]);
-      ap[i] = static_cast<X>(static_cast<float>(static_cast<X>(g / (1.0f + std::exp(-g)))) *
-                             static_cast<float>(hp[r * 2 * F + F + f]));
-    }
-  });
-  return a;
-}
-
 // out (T, D) = sum over token t's slots of weight * y[row] (FFN slots) + (zero slots' weights) * x[t] if
 // `identity`; in fp32, rounded once.
 template <typename X>
@@ -461,7 +443,9 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor ids, torch::Tensor weig
   auto h = torch::empty({R, gate_up[0].size(-2)}, x.options());
   experts_into(hits, rows, gate_up, h);
   const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  auto a = bf16 ? swiglu<at::BFloat16>(h) : swiglu<float>(h);
+  auto a = torch::empty({R, h.size(1) / 2}, x.options());  // SwiGLU
+  if (bf16) swiglu_rows(h.data_ptr<at::BFloat16>(), R, a.size(1), a.data_ptr<at::BFloat16>());
+  else swiglu_rows(h.data_ptr<float>(), R, a.size(1), a.data_ptr<float>());
   auto y = torch::empty({R, D}, x.options());
   experts_into(hits, a, down, y);
   auto out = torch::empty_like(xc);

@@ -1,5 +1,5 @@
-// What every kernel here shares: headers, loads of 16 values with a tail mask, the integer dot product, software
-// prefetch and the row-count dispatch. Passed to the compiler ahead of the .cpp files (extension.py), which also
+// What the kernels here share: headers, loads and stores of 16 values with a tail mask, exp and SwiGLU (the MoE op
+// and the MLPs'), the integer dot product, software prefetch and the row-count dispatch. Passed to the compiler ahead of the .cpp files (extension.py), which also
 // include it, so that each file reads on its own.
 #ifndef LONGCAT_SIMD_H
 #define LONGCAT_SIMD_H
@@ -30,6 +30,43 @@ static inline __m512 round_bf16(__m512 v) {  // to the nearest bf16, ties to eve
   __m512i odd = _mm512_and_si512(_mm512_srli_epi32(b, 16), _mm512_set1_epi32(1));
   b = _mm512_add_epi32(b, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF)));
   return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
+}
+
+// Up to 16 values (mask n) of v to a row; for bf16, v already holds a bf16 value (round_bf16).
+static inline void store_row(float* p, __m512 v, __mmask16 n) { _mm512_mask_storeu_ps(p, n, v); }
+static inline void store_row(at::BFloat16* p, __m512 v, __mmask16 n) {
+  _mm256_mask_storeu_epi16(p, n, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
+}
+
+// e^x on 16 lanes within ~2 fp32 ulp (Cephes' expf): x = n ln2 + r, e^r by a degree-6 polynomial, times 2^n.
+// x is clamped to [-104, 100], past which e^x is 0 or inf in fp32 anyway (and r stays small).
+static inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(100.0f)), _mm512_set1_ps(-104.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  for (const float c : {1.3981999507e-3f, 8.3334519073e-3f, 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f})
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(c));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Rows h (R, 2F) = [gate | up] -> a (R, F): silu(gate) * up, each op rounded to X as torch's two ops round them.
+template <typename X>
+static void swiglu_rows(const X* h, int64_t R, int64_t F, X* a) {
+  constexpr bool bf16 = std::is_same<X, at::BFloat16>::value;
+  at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t f = 0; f < F; f += 16) {
+        const __mmask16 n = tail16(F - f);
+        const __m512 g = x16(h + r * 2 * F + f, n);
+        __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        s = _mm512_mul_ps(bf16 ? round_bf16(s) : s, x16(h + r * 2 * F + F + f, n));
+        store_row(a + r * F + f, bf16 ? round_bf16(s) : s, n);
+      }
+  });
 }
 
 // acc + the sums of 4 adjacent u8 * s8 byte products, per int32 lane.
