@@ -6,17 +6,17 @@ microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down 
          RoPE on q and k in one compiled op each (decode_ops.rope) instead of ~12 small ones;
          the absorbed attention in one compiled op (decode_ops.absorbed_attention) instead of ~30;
          the mla scales folded into q_b_proj and kv_a_layernorm once (docs/architecture.md §6.1);
-         W_UK and W_UV^T precomputed contiguous per head; absorbed attention as bmm with heads folded into rows,
-         so no weight is copied per step (docs/architecture.md §6.3).
+         W_UK and W_UV^T precomputed contiguous per head; without the kernel, absorbed attention as bmm with
+         heads folded into rows, so no weight is copied per step (docs/architecture.md §6.3).
   MLP    gate_proj and up_proj in one GEMV, SwiGLU in one compiled op (decode_ops.swiglu).
   norms  RMSNorm in one compiled op (decode_ops.rms_norm; ~8 small ops otherwise, 49 norms per token on the bench
          preset), the same result up to the last bit (its sum of squares runs in another order).
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
          weights are scalars. Quantized experts take the whole routed part for a few tokens in one kernel call
-         (grouping, both projections, SwiGLU, the weighted sum in fp32: kernels.moe_experts), and larger grouped
-         batches in one call per projection. The sum runs in expert order instead of slot order: equal up to
-         rounding.
+         (grouping, both projections, SwiGLU, the weighted sum in fp32: kernels.moe_experts); prefill-sized
+         batches dequantize the hit experts once instead. The sum runs in expert order instead of slot order:
+         equal up to rounding.
 Each twin is tested against its model module (tests/test_infer_fused.py).
 
 Shapes: B batch, S new tokens, L attended, D model, H heads, N/R/V head dims, C kv_lora_rank, Q q_lora_rank,

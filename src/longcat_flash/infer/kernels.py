@@ -21,10 +21,9 @@ All three take two weight rows per pass (sharing every load of x), 8 rows of x a
 stays in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a
 batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`); for a few
 tokens a MoE layer's whole routed part (grouping, both projections, SwiGLU, the weighted sum) is one call
-(`moe_experts`). Linear
-layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for up to that many rows per
-hit expert; more rows (prefill, many streams) are compute-bound: each weight is dequantized once, in one compiled
-pass straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
+(`moe_experts`). Linear layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for
+up to that many rows per hit expert; more rows (prefill, many streams) are compute-bound: each weight is
+dequantized once, in one compiled pass straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
 
 The kernels are compiled on first use (extension.py). Without a compiler, without AVX-512, or with
 LONGCAT_KERNELS=0, everything runs on the reference path.
