@@ -222,8 +222,9 @@ class QuantExperts(HitExperts):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if not kernels.experts_kernel(x, counts):  # prefill: the hit experts dequantized once, then the plain GEMM loop
             hit = counts.nonzero().flatten()
-            dense = [dequantize_weight({k: t[hit] for k, t in self.parts(name).items()}, self.fmt, x.dtype)
-                     for name in ("gate_up_proj", "down_proj")]  # (h, 2F, D), (h, D, F)
+            every = len(hit) == len(counts)  # (a long prefill chunk hits them all: no gathered copy then)
+            dense = [dequantize_weight({k: t if every else t[hit] for k, t in self.parts(name).items()}, self.fmt,
+                                       x.dtype) for name in ("gate_up_proj", "down_proj")]  # (h, 2F, D), (h, D, F)
             return PlainHitExperts(*dense)(x, counts[hit])
         fused = kernels.group_experts if self.fmt == "int4" else kernels.block_experts
         hidden = decode_ops.swiglu(fused(x, counts, *self.parts("gate_up_proj").values()))  # (R, F)
