@@ -7,7 +7,6 @@
 
 template <typename X>
 static void rms_rows(const X* x, const X* w, X* y, int64_t rows, int64_t D, float eps) {
-  constexpr bool bf16 = std::is_same<X, at::BFloat16>::value;
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const X* xr = x + r * D;
@@ -20,8 +19,8 @@ static void rms_rows(const X* x, const X* w, X* y, int64_t rows, int64_t D, floa
       for (int64_t k = 0; k < D; k += 16) {
         const __mmask16 n = tail16(D - k);
         __m512 v = _mm512_mul_ps(x16(xr + k, n), inv);
-        v = _mm512_mul_ps(x16(w + k, n), bf16 ? round_bf16(v) : v);
-        store_row(y + r * D + k, bf16 ? round_bf16(v) : v, n);
+        v = _mm512_mul_ps(x16(w + k, n), round_to<X>(v));
+        store_row(y + r * D + k, round_to<X>(v), n);
       }
     }
   });
@@ -33,11 +32,10 @@ torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
               x.scalar_type() == weight.scalar_type());
   auto y = torch::empty_like(x);
   const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
-  if (x.scalar_type() == torch::kBFloat16)
-    rms_rows(x.data_ptr<at::BFloat16>(), weight.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), rows, D, eps);
-  else if (x.scalar_type() == torch::kFloat)
-    rms_rows(x.data_ptr<float>(), weight.data_ptr<float>(), y.data_ptr<float>(), rows, D, eps);
-  else TORCH_CHECK(false, "rms_norm: x must be float32 or bfloat16");
+  with_dtype(x, "rms_norm", [&](auto t) {
+    using X = decltype(t);
+    rms_rows(x.data_ptr<X>(), weight.data_ptr<X>(), y.data_ptr<X>(), rows, D, eps);
+  });
   return y;
 }
 
@@ -49,9 +47,7 @@ torch::Tensor swiglu(torch::Tensor h_in) {
   auto sizes = h.sizes().vec();
   sizes.back() = F;
   auto a = torch::empty(sizes, h.options());
-  if (h.scalar_type() == torch::kBFloat16) swiglu_rows(h.data_ptr<at::BFloat16>(), R, F, a.data_ptr<at::BFloat16>());
-  else if (h.scalar_type() == torch::kFloat) swiglu_rows(h.data_ptr<float>(), R, F, a.data_ptr<float>());
-  else TORCH_CHECK(false, "swiglu: h must be float32 or bfloat16");
+  with_dtype(h, "swiglu", [&](auto t) { swiglu_rows(h.data_ptr<decltype(t)>(), R, F, a.data_ptr<decltype(t)>()); });
   return a;
 }
 
@@ -90,13 +86,10 @@ torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin) {
   TORCH_CHECK(x.stride(-1) == 1 && R % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && N > 0 &&
               rows % N == 0 && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type());
   auto y = torch::empty(x.sizes(), x.options());
-  if (x.scalar_type() == torch::kBFloat16)
-    rope_rows(x.data_ptr<at::BFloat16>(), stride, cos.data_ptr<at::BFloat16>(), sin.data_ptr<at::BFloat16>(),
-              y.data_ptr<at::BFloat16>(), rows, N, R);
-  else if (x.scalar_type() == torch::kFloat)
-    rope_rows(x.data_ptr<float>(), stride, cos.data_ptr<float>(), sin.data_ptr<float>(), y.data_ptr<float>(), rows,
-              N, R);
-  else TORCH_CHECK(false, "rope: x must be float32 or bfloat16");
+  with_dtype(x, "rope", [&](auto t) {
+    using X = decltype(t);
+    rope_rows(x.data_ptr<X>(), stride, cos.data_ptr<X>(), sin.data_ptr<X>(), y.data_ptr<X>(), rows, N, R);
+  });
   return y;
 }
 
@@ -235,14 +228,11 @@ torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_i
               k_rope.size(2) == R && q_nope.stride(3) == 1 && q_rope.stride(3) == 1 && latent.stride(2) == 1 &&
               k_rope.stride(2) == 1, "absorbed_attention: shapes, dtypes or strides do not fit");
   auto y = torch::empty({B, S, H * V}, q_nope.options());
-  auto run = [&](auto x) {
-    using X = decltype(x);
+  with_dtype(q_nope, "absorbed_attention", [&](auto t) {
+    using X = decltype(t);
     Absorbed<X>{q_nope.data_ptr<X>(), q_rope.data_ptr<X>(), latent.data_ptr<X>(), k_rope.data_ptr<X>(), qn_stride,
                 qr_stride, lat_stride, kr_stride, mask.data_ptr<bool>(), w_uk.data_ptr<float>(),
                 w_uv_t.data_ptr<float>(), static_cast<float>(scale), y.data_ptr<X>(), B, S, H, N, R, L, C, V}.run();
-  };
-  if (dtype == torch::kBFloat16) run(at::BFloat16());
-  else if (dtype == torch::kFloat) run(0.0f);
-  else TORCH_CHECK(false, "absorbed_attention: inputs must be float32 or bfloat16");
+  });
   return y;
 }

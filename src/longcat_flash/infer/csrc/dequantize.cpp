@@ -2,12 +2,9 @@
 #include "simd.h"
 #include "weights.h"
 
-// One pass, 16 values at a time.
-static inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-static inline void store16(at::BFloat16* p, __m512 v) {  // round to nearest even, as torch does
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
-}
+// One pass, 16 values at a time, rounded to the output dtype as torch rounds.
+template <typename X>
+static inline void store16(X* p, __m512 v) { store_row(p, round_to<X>(v), 0xFFFF); }
 
 // values (..., O, I) int8/fp8, scales (..., nO, nI) -> out (..., O, I).
 template <typename W, typename X>

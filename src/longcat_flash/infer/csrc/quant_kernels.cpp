@@ -256,8 +256,8 @@ static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, 
   });
 }
 
-// Rows of y (R, O) for rows of x (R, I) grouped by `hits`, through the int4 experts: packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16.
-// x is quantized once; one task per (hit expert, 128 weight rows).
+// Rows of y (R, O) for rows of x (R, I) grouped by `hits`, through the int4 experts: packed (E, O, I/2) uint8,
+// scales and mins (E, O, I/G) bf16. x is quantized once; one task per (hit expert, 128 weight rows).
 static void int4_into(const Hits& hits, torch::Tensor x, torch::Tensor packed, torch::Tensor scales,
                       torch::Tensor mins, int64_t G, torch::Tensor y) {
   const int64_t I = x.size(1);
@@ -266,9 +266,7 @@ static void int4_into(const Hits& hits, torch::Tensor x, torch::Tensor packed, t
               scales.is_contiguous() && mins.is_contiguous() && scales.scalar_type() == torch::kBFloat16 &&
               mins.scalar_type() == torch::kBFloat16 && scales.size(-1) == I / G,
               "int4 experts: shapes, dtypes or layout do not fit");
-  if (x.scalar_type() == torch::kBFloat16) int4_typed<at::BFloat16>(hits, x, packed, scales, mins, G, y);
-  else if (x.scalar_type() == torch::kFloat) int4_typed<float>(hits, x, packed, scales, mins, G, y);
-  else TORCH_CHECK(false, "int4 experts: x must be float32 or bfloat16");
+  with_dtype(x, "int4 experts", [&](auto t) { int4_typed<decltype(t)>(hits, x, packed, scales, mins, G, y); });
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16
@@ -355,18 +353,17 @@ static void int8_experts(const Hits& hits, torch::Tensor x, torch::Tensor values
   });
 }
 
-// Rows of y (R, O) for rows of x (R, I) grouped by `hits`, through int8 or fp8 block experts: values (E, O, I), scales (E, nO, nI) fp32.
+// Rows of y (R, O) for rows of x (R, I) grouped by `hits`, through int8 or fp8 block experts: values (E, O, I),
+// scales (E, nO, nI) fp32.
 static void block_into(const Hits& hits, torch::Tensor x, torch::Tensor values, torch::Tensor scales, torch::Tensor y) {
   TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && values.is_contiguous() && scales.is_contiguous() &&
               scales.scalar_type() == torch::kFloat && values.size(-1) == x.size(1),
               "block experts: shapes, dtypes or layout do not fit");
-  TORCH_CHECK(x.scalar_type() == torch::kBFloat16 || x.scalar_type() == torch::kFloat,
-              "block experts: x must be float32 or bfloat16");
-  const bool bf16 = x.scalar_type() == torch::kBFloat16, int8 = values.scalar_type() == torch::kChar;
-  if (int8 && bf16) int8_experts<at::BFloat16>(hits, x, values, scales, y);
-  else if (int8) int8_experts<float>(hits, x, values, scales, y);
-  else if (bf16) fp8_typed<at::BFloat16>(hits, x, values, scales, y);  // fp8: x pre-scaled, fp32 FMAs
-  else fp8_typed<float>(hits, x, values, scales, y);
+  with_dtype(x, "block experts", [&](auto t) {
+    using X = decltype(t);
+    if (values.scalar_type() == torch::kChar) int8_experts<X>(hits, x, values, scales, y);
+    else fp8_typed<X>(hits, x, values, scales, y);  // fp8: x pre-scaled, fp32 FMAs
+  });
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
@@ -442,17 +439,14 @@ torch::Tensor moe_experts(torch::Tensor x, torch::Tensor ids, torch::Tensor weig
   auto rows = xc.index_select(0, torch::tensor(token, torch::kLong));  // (R, D) grouped by expert
   auto h = torch::empty({R, gate_up[0].size(-2)}, x.options());
   experts_into(hits, rows, gate_up, h);
-  const bool bf16 = x.scalar_type() == torch::kBFloat16;
-  auto a = torch::empty({R, h.size(1) / 2}, x.options());  // SwiGLU
-  if (bf16) swiglu_rows(h.data_ptr<at::BFloat16>(), R, a.size(1), a.data_ptr<at::BFloat16>());
-  else swiglu_rows(h.data_ptr<float>(), R, a.size(1), a.data_ptr<float>());
+  auto a = torch::empty({R, h.size(1) / 2}, x.options());
   auto y = torch::empty({R, D}, x.options());
-  experts_into(hits, a, down, y);
   auto out = torch::empty_like(xc);
-  if (bf16)
-    combine(xc.data_ptr<at::BFloat16>(), y.data_ptr<at::BFloat16>(), slots, zero, identity, D,
-            out.data_ptr<at::BFloat16>());
-  else
-    combine(xc.data_ptr<float>(), y.data_ptr<float>(), slots, zero, identity, D, out.data_ptr<float>());
+  with_dtype(x, "moe_experts", [&](auto t) {
+    using X = decltype(t);
+    swiglu_rows(h.data_ptr<X>(), R, a.size(1), a.data_ptr<X>());
+    experts_into(hits, a, down, y);
+    combine(xc.data_ptr<X>(), y.data_ptr<X>(), slots, zero, identity, D, out.data_ptr<X>());
+  });
   return out;
 }

@@ -32,7 +32,22 @@ static inline __m512 round_bf16(__m512 v) {  // to the nearest bf16, ties to eve
   return _mm512_castsi512_ps(_mm512_and_si512(b, _mm512_set1_epi32(static_cast<int>(0xFFFF0000u))));
 }
 
-// Up to 16 values (mask n) of v to a row; for bf16, v already holds a bf16 value (round_bf16).
+// v rounded to X's precision (bf16: to the nearest, ties to even; fp32: v itself), kept in fp32.
+template <typename X>
+static inline __m512 round_to(__m512 v) {
+  if constexpr (std::is_same<X, at::BFloat16>::value) return round_bf16(v);
+  else return v;
+}
+
+// f(X()) with X the C++ type of t's dtype: float or at::BFloat16, the two every kernel here takes.
+template <typename F>
+static inline void with_dtype(const torch::Tensor& t, const char* op, F&& f) {
+  if (t.scalar_type() == torch::kBFloat16) f(at::BFloat16());
+  else if (t.scalar_type() == torch::kFloat) f(0.0f);
+  else TORCH_CHECK(false, op, ": inputs must be float32 or bfloat16");
+}
+
+// Up to 16 values (mask n) of v to a row; for bf16, v already holds a bf16 value (round_to).
 static inline void store_row(float* p, __m512 v, __mmask16 n) { _mm512_mask_storeu_ps(p, n, v); }
 static inline void store_row(at::BFloat16* p, __m512 v, __mmask16 n) {
   _mm256_mask_storeu_epi16(p, n, _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v), 16)));
@@ -56,15 +71,14 @@ static inline __m512 exp16(__m512 x) {
 // Rows h (R, 2F) = [gate | up] -> a (R, F): silu(gate) * up, each op rounded to X as torch's two ops round them.
 template <typename X>
 static void swiglu_rows(const X* h, int64_t R, int64_t F, X* a) {
-  constexpr bool bf16 = std::is_same<X, at::BFloat16>::value;
   at::parallel_for(0, R, std::max<int64_t>(1, 16384 / std::max<int64_t>(F, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t f = 0; f < F; f += 16) {
         const __mmask16 n = tail16(F - f);
         const __m512 g = x16(h + r * 2 * F + f, n);
         __m512 s = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        s = _mm512_mul_ps(bf16 ? round_bf16(s) : s, x16(h + r * 2 * F + F + f, n));
-        store_row(a + r * F + f, bf16 ? round_bf16(s) : s, n);
+        s = _mm512_mul_ps(round_to<X>(s), x16(h + r * 2 * F + F + f, n));
+        store_row(a + r * F + f, round_to<X>(s), n);
       }
   });
 }
