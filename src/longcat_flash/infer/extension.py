@@ -16,9 +16,10 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("simd.h", "weights.h", "quant_kernels.cpp", "dequantize.cpp", "decode_ops.cpp")  # headers first
-FUNCTIONS = ["block_experts", "group_experts", "moe_experts", "block_dequantize", "group_dequantize", "rms_norm",
-             "swiglu", "rope", "absorbed_attention"]
+SOURCES = ("simd.h", "weights.h", "hits.h", "quant_kernels.cpp", "dequantize.cpp", "tile_gemm.cpp", "decode_ops.cpp")  # headers first
+FUNCTIONS = ["block_experts", "group_experts", "moe_experts", "block_dequantize", "group_dequantize",
+             "amx_available", "block_experts_tiles", "group_experts_tiles", "rms_norm", "swiglu", "rope",
+             "absorbed_attention"]
 
 
 @functools.lru_cache(maxsize=1)

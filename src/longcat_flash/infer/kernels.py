@@ -32,6 +32,8 @@ Shapes: M rows, I in features, O out features, E experts, nO/nI the 128-block co
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -46,6 +48,18 @@ MAX_KERNEL_ROWS = 16
 
 def kernel_available() -> bool:
     return extension.compiled() is not None
+
+
+@functools.lru_cache(maxsize=1)
+def tiles_available() -> bool:
+    """Whether the AMX tile GEMMs run here (compiled kernels, a CPU with AMX, the process allowed to use it)."""
+    ext = extension.compiled()
+    return ext is not None and ext.amx_available()
+
+
+def _tiles(x: torch.Tensor) -> bool:
+    """Whether the tile GEMMs take rows x (..., I): bf16 (the tiles' dtype), I a multiple of 32, on CPU."""
+    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] % 32 == 0 and tiles_available()
 
 
 def _cpu_ext(x: torch.Tensor, rows: int):
@@ -111,15 +125,21 @@ def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., I) -> (..., O): the kernel for up to MAX_KERNEL_ROWS rows on CPU, else dequantize + GEMM."""
     ext = _cpu_ext(x, x.numel() // x.shape[-1])
-    if ext is None:
-        return F.linear(x, dequantize(values, scales, x.dtype), bias)
-    return _unflatten(ext.block_experts(_rows(x), None, values, scales), x, bias)  # no counts: one plain weight
+    if ext is not None:
+        return _unflatten(ext.block_experts(_rows(x), None, values, scales), x, bias)  # no counts: one plain weight
+    if _tiles(x):
+        return _unflatten(extension.compiled().block_experts_tiles(_rows(x), None, values, scales), x, bias)
+    return F.linear(x, dequantize(values, scales, x.dtype), bias)
 
 
 def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (R, I) rows grouped by expert, counts (E,), values (E, O, I), scales (E, nO, nI) -> (R, O), every hit
-    expert in one kernel call (rows past sum(counts) are zero). Needs the kernel (see `experts_kernel`)."""
-    return extension.compiled().block_experts(x.contiguous(), counts, values, scales)
+    expert in one kernel call (rows past sum(counts) are zero): the GEMV kernel, or the tile GEMM for more rows.
+    Needs one of them (see `experts_kernel`)."""
+    ext = extension.compiled()
+    if _gemv_rows(x, counts):
+        return ext.block_experts(x.contiguous(), counts, values, scales)
+    return ext.block_experts_tiles(x.contiguous(), counts, values, scales)
 
 
 # ---- int4 groups ----
@@ -170,18 +190,25 @@ def group_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mi
     """x (..., I) -> (..., O) for an int4 weight: the kernel for up to MAX_KERNEL_ROWS rows on CPU, else
     dequantize + GEMM."""
     ext = _cpu_ext(x, x.numel() // x.shape[-1])
-    if ext is None:
-        return F.linear(x, group_dequantize(packed, scales, mins, x.dtype), bias)
     group = packed.shape[-1] * 2 // scales.shape[-1]
-    return _unflatten(ext.group_experts(_rows(x), None, packed, scales, mins, group), x, bias)  # one plain weight
+    if ext is not None:
+        return _unflatten(ext.group_experts(_rows(x), None, packed, scales, mins, group), x, bias)  # one plain weight
+    if _tiles(x):
+        return _unflatten(extension.compiled().group_experts_tiles(_rows(x), None, packed, scales, mins, group), x,
+                          bias)
+    return F.linear(x, group_dequantize(packed, scales, mins, x.dtype), bias)
 
 
 def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
                   mins: torch.Tensor) -> torch.Tensor:
     """x (R, I) rows grouped by expert, counts (E,), packed (E, O, I/2), scales and mins (E, O, I/G) -> (R, O),
-    every hit expert in one kernel call. Needs the kernel (see `experts_kernel`)."""
+    every hit expert in one kernel call: the GEMV kernel, or the tile GEMM for more rows. Needs one of them (see
+    `experts_kernel`)."""
     group = packed.shape[-1] * 2 // scales.shape[-1]
-    return extension.compiled().group_experts(x.contiguous(), counts, packed, scales, mins, group)
+    ext = extension.compiled()
+    if _gemv_rows(x, counts):
+        return ext.group_experts(x.contiguous(), counts, packed, scales, mins, group)
+    return ext.group_experts_tiles(x.contiguous(), counts, packed, scales, mins, group)
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn: int, identity: bool,
@@ -197,8 +224,13 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn
     return ext.moe_experts(x, ids, weights, n_ffn, identity, gate_up, down, MAX_KERNEL_ROWS)
 
 
+def _gemv_rows(x: torch.Tensor, counts: torch.Tensor) -> bool:
+    """Whether rows x (R, I) grouped by counts (E,) are at most MAX_KERNEL_ROWS per hit expert on average."""
+    return x.shape[0] <= MAX_KERNEL_ROWS * max(1, int(counts.count_nonzero()))
+
+
 def experts_kernel(x: torch.Tensor, counts: torch.Tensor) -> bool:
     """Whether the fused expert kernels take rows x (R, I) grouped by counts (E,): CPU, fp32/bf16, at most
-    MAX_KERNEL_ROWS rows per hit expert on average (decode, concurrent streams); more (prefill) go through
-    dequantize + GEMM per expert."""
-    return _cpu_ext(x, 1) is not None and x.shape[0] <= MAX_KERNEL_ROWS * max(1, int(counts.count_nonzero()))
+    MAX_KERNEL_ROWS rows per hit expert on average (decode, concurrent streams), or more in bf16 on a CPU with AMX
+    (the tile GEMM); else (fp32 prefill, no AMX) they go through dequantize + GEMM per expert."""
+    return _cpu_ext(x, 1) is not None and (_gemv_rows(x, counts) or _tiles(x))

@@ -2,6 +2,7 @@
 // side: kernels.py.
 #include "simd.h"
 #include "weights.h"
+#include "hits.h"
 
 // y[m, o] = sum_k xs[m, k] * w[o, k] for rows o0..o1 of one 128-row block; xs already holds the block's scales.
 // Two weight rows per pass share every load of xs (the loads, not the FMAs, bound this loop for M > 1).
@@ -72,28 +73,6 @@ static void block_task(int64_t M, const X* x, const W* w, const float* s, int64_
       for (int64_t o = 0; o < rows; ++o) y[m * O + o0 + o] = static_cast<X>(out[(m - c) * 128 + o]);
   }
 }
-
-// The hit experts of a grouped batch: rows start[h]..start[h]+n[h] of x belong to expert id[h].
-struct Hits {
-  std::vector<int64_t> start, n, id;
-  void add(int64_t e, int64_t rows) {  // the next `rows` rows go to expert e
-    if (rows) start.push_back(rows_total()), n.push_back(rows), id.push_back(e);
-  }
-  int64_t rows_total() const { return start.empty() ? 0 : start.back() + n.back(); }
-  int64_t size() const { return static_cast<int64_t>(id.size()); }
-  // From counts (E,) rows per expert; without counts, the weight is one plain matrix and all `rows` rows of x go
-  // through it (a linear layer).
-  static Hits of(const c10::optional<torch::Tensor>& counts, int64_t rows) {
-    Hits hits;
-    if (!counts) {
-      hits.add(0, rows);
-      return hits;
-    }
-    auto c = counts->to(torch::kLong).contiguous();
-    for (int64_t e = 0; e < c.numel(); ++e) hits.add(e, c.data_ptr<int64_t>()[e]);
-    return hits;
-  }
-};
 
 // One task per (hit expert, 128-row block): every hit expert's weights are read once, in one parallel region.
 // x (R, I) rows grouped by expert, w (E, O, I), s (E, nO, nI), y (R, O).

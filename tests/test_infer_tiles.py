@@ -1,0 +1,82 @@
+"""The AMX tile GEMMs (csrc/tile_gemm.cpp): quantized weights times more bf16 rows than the GEMV kernels take
+(concurrent streams, prefill), with no dequantized copy of the weight in memory."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from longcat_flash.infer import extension, kernels, quant
+
+pytestmark = pytest.mark.skipif(not kernels.tiles_available(),
+                                reason="the tile GEMMs need a CPU with AMX and the compiled kernels")
+
+
+@pytest.fixture
+def tile_calls(monkeypatch) -> list[str]:
+    """Names of the tile GEMM entry points called."""
+    build, calls = extension.compiled, []
+
+    class Counted:
+        def __getattr__(self, name):
+            fn = getattr(build(), name)
+            return (lambda *args: calls.append(name) or fn(*args)) if name.endswith("_tiles") else fn
+
+    monkeypatch.setattr(extension, "compiled", lambda: Counted())
+    return calls
+
+
+def assert_bf16_gemm(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
+    """y == x @ w^T summed in fp32 and rounded once to bf16, up to the order of the fp32 sums: every value within
+    one bf16 step of it, and all but a few exactly equal (a weight off by 0.1% moves a quarter of them)."""
+    expected = F.linear(x.float(), w.float()).bfloat16()
+    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
+    step = expected.float().abs().clamp(min=1e-3) * 2 ** -7
+    assert bool(((y.float() - expected.float()).abs() <= step).all())
+    assert float((y == expected).float().mean()) > 0.97
+
+
+@pytest.mark.parametrize("fmt,in_features", [("int4", 256), ("int4", 96), ("int8", 160), ("fp8", 96)])
+@pytest.mark.parametrize("rows", [kernels.MAX_KERNEL_ROWS + 1, 40, 100])
+def test_linear_beyond_the_gemv_rows_is_the_bf16_gemm_on_the_dequantized_weight(fmt, in_features, rows,
+                                                                                 tile_calls):
+    """Odd shapes: 200 output rows (partial 16-, 32- and 128-row blocks), int4 groups of 64 and of 32, row counts
+    that leave a partial 16-row block of x."""
+    torch.manual_seed(rows)
+    linear = torch.nn.Linear(in_features, 200, bias=False).bfloat16()
+    unit = quant.QuantLinear(linear, fmt)
+    x = torch.randn(2, rows, in_features, dtype=torch.bfloat16)
+    y = unit(x)
+    assert tile_calls == [("group" if fmt == "int4" else "block") + "_experts_tiles"]
+    assert_bf16_gemm(y.reshape(-1, 200), x.reshape(-1, in_features), unit.weight)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_every_hit_expert_in_one_call(fmt, tile_calls):
+    """Rows grouped by expert, some experts with no rows, a few with one; rows past sum(counts) (zero-expert
+    slots) come out zero; each expert's rows meet that expert's weight only."""
+    torch.manual_seed(1)
+    gate_up, down = torch.randn(6, 128, 64) * 0.1, torch.randn(6, 64, 64) * 0.1
+    experts = quant.QuantExperts(gate_up, down, fmt)
+    counts = torch.tensor([40, 0, 1, 70, 0, 3])
+    x = torch.randn(int(counts.sum()) + 5, 64, dtype=torch.bfloat16)
+    parts = experts.parts("gate_up_proj")
+    fused = kernels.group_experts if fmt == "int4" else kernels.block_experts
+    y = fused(x, counts, *parts.values())
+    assert tile_calls == [("group" if fmt == "int4" else "block") + "_experts_tiles"]
+    w = quant.dequantize_weight(parts, fmt, torch.bfloat16)  # (6, 128, 64)
+    start = 0
+    for e, n in enumerate(counts.tolist()):
+        assert_bf16_gemm(y[start:start + n], x[start:start + n], w[e]) if n else None
+        start += n
+    assert y[start:].abs().max() == 0
+    tile_calls.clear()
+    out = experts(x, counts)  # gate_up, SwiGLU, down: both projections through the tiles
+    assert tile_calls == [tile_calls[0]] * 2 and out[start:].abs().max() == 0
+
+
+def test_the_gemv_kernel_keeps_decode_rows_and_fp32_keeps_its_gemm(tile_calls):
+    unit = quant.QuantLinear(torch.nn.Linear(64, 48), "int4")
+    unit(torch.randn(kernels.MAX_KERNEL_ROWS, 64).bfloat16())
+    unit(torch.randn(kernels.MAX_KERNEL_ROWS + 1, 64))  # fp32: the tiles would round x to bf16
+    assert tile_calls == []
