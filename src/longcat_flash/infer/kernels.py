@@ -22,8 +22,11 @@ stays in L2, and run one parallel task per (expert, 128-row block): a single wei
 batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`); for a few
 tokens a MoE layer's whole routed part (grouping, both projections, SwiGLU, the weighted sum) is one call
 (`moe_experts`). Linear layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for
-up to that many rows per hit expert; more rows (prefill, many streams) are compute-bound: each weight is
-dequantized once, in one compiled pass straight to bf16 (`dequantize`, `group_dequantize`), for oneDNN's bf16 GEMM.
+up to that many rows per hit expert. More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with
+AMX, the tile GEMM (csrc/tile_gemm.cpp) dequantizes 128 weight rows at a time into L2 and multiplies them with
+TDPBF16PS: 1.4-2x dequantize + GEMM at 32 rows, and no slower at 1024, as it writes and re-reads no bf16 copy of
+the weight. Otherwise (fp32, no AMX) each weight is dequantized once, in one compiled pass (`dequantize`,
+`group_dequantize`), for oneDNN's GEMM.
 
 The kernels are compiled on first use (extension.py). Without a compiler, without AVX-512, or with
 LONGCAT_KERNELS=0, everything runs on the reference path.
@@ -40,8 +43,8 @@ import torch.nn.functional as F
 from . import extension
 
 BLOCK = 128
-# Rows (per weight; per hit expert on average) up to which the kernels run; beyond, dequantize + oneDNN's bf16
-# GEMM is faster. One core, GB/s of quantized weights, kernel (before prefetch) vs dequantize + GEMM: int8 3.9 vs
+# Rows (per weight; per hit expert on average) up to which the GEMV kernels run; beyond, the tile GEMM or
+# dequantize + oneDNN's GEMM is faster. One core, GB/s of quantized weights, kernel (before prefetch) vs dequantize + GEMM: int8 3.9 vs
 # 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3,
 # 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16

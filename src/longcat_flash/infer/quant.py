@@ -192,9 +192,10 @@ class QuantLinear(nn.Module):
 
 
 class QuantExperts(HitExperts):
-    """Stacked experts with quantized storage. A batch of up to kernels.MAX_KERNEL_ROWS rows per hit expert runs
-    every hit expert in one kernel call per projection (decode, concurrent streams); more (prefill) dequantize the
-    hit experts' weights once per call, in one compiled pass per projection, and run the plain GEMM loop."""
+    """Stacked experts with quantized storage. Every hit expert runs in one kernel call per projection: the GEMV
+    kernel for up to kernels.MAX_KERNEL_ROWS rows per hit expert (decode, concurrent streams), the AMX tile GEMM for
+    more in bf16; otherwise (fp32 prefill, no AMX) the hit experts' weights are dequantized once per call, in one
+    compiled pass per projection, for the plain GEMM loop."""
 
     batched = True
 
@@ -220,7 +221,7 @@ class QuantExperts(HitExperts):
                                    list(self.parts("down_proj").values()))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if not kernels.experts_kernel(x, counts):  # prefill: the hit experts dequantized once, then the plain GEMM loop
+        if not kernels.experts_kernel(x, counts):  # the hit experts dequantized once, then the plain GEMM loop
             hit = counts.nonzero().flatten()
             every = len(hit) == len(counts)  # (a long prefill chunk hits them all: no gathered copy then)
             dense = [dequantize_weight({k: t if every else t[hit] for k, t in self.parts(name).items()}, self.fmt,
