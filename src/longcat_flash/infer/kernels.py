@@ -24,9 +24,9 @@ tokens a MoE layer's whole routed part (grouping, both projections, SwiGLU, the 
 (`moe_experts`). Linear layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for
 up to that many rows per hit expert. More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with
 AMX, the tile GEMM (csrc/tile_gemm.cpp) dequantizes 128 weight rows at a time into L2 and multiplies them with
-TDPBF16PS: 1.4-2x dequantize + GEMM at 32 rows, and no slower at 1024, as it writes and re-reads no bf16 copy of
-the weight. Otherwise (fp32, no AMX) each weight is dequantized once, in one compiled pass (`dequantize`,
-`group_dequantize`), for oneDNN's GEMM.
+TDPBF16PS, writing and re-reading no bf16 copy of the weight: 1.1-6x dequantize + GEMM at 32 rows, 0.8-1x at
+1024 in isolation (bench/bench_tiles.py). Otherwise (fp32, no AMX) each weight is dequantized once, in one
+compiled pass (`dequantize`, `group_dequantize`), for oneDNN's GEMM.
 
 The kernels are compiled on first use (extension.py). Without a compiler, without AVX-512, or with
 LONGCAT_KERNELS=0, everything runs on the reference path.
@@ -44,9 +44,9 @@ from . import extension
 
 BLOCK = 128
 # Rows (per weight; per hit expert on average) up to which the GEMV kernels run; beyond, the tile GEMM or
-# dequantize + oneDNN's GEMM is faster. One core, GB/s of quantized weights, kernel (before prefetch) vs dequantize + GEMM: int8 3.9 vs
-# 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3,
-# 0.8 vs 1.1.
+# dequantize + oneDNN's GEMM is faster. One core, GB/s of quantized weights, kernel (before prefetch) vs
+# dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs
+# 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
 
 def kernel_available() -> bool:
