@@ -148,7 +148,10 @@ AMX_TARGET static void panel_task(const Deq& deq, int64_t row0, int64_t o0, int6
         _tile_dpbf16ps(2, 5, 6);
         _tile_dpbf16ps(3, 5, 7);
       }
-      _tile_stored(0, buf, 64); _tile_stored(1, buf + 256, 64); _tile_stored(2, buf + 512, 64); _tile_stored(3, buf + 768, 64);
+      _tile_stored(0, buf, 64);
+      _tile_stored(1, buf + 256, 64);
+      _tile_stored(2, buf + 512, 64);
+      _tile_stored(3, buf + 768, 64);
       store_tiles(buf, o0 + k * 32, O, M, t, y);
     }
   }
