@@ -36,6 +36,7 @@ Shapes: M rows, I in features, O out features, E experts, nO/nI the 128-block co
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,26 @@ def _cpu_ext(x: torch.Tensor, rows: int):
     if 0 < rows <= MAX_KERNEL_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
         return extension.compiled()
     return None
+
+
+def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tuple,
+            dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """x (..., I) -> (..., O) through one quantized weight (`weight`: the kernel's arguments after x and counts):
+    the GEMV kernel `kernel` for up to MAX_KERNEL_ROWS rows on CPU, its tile GEMM (`kernel`_tiles) for more bf16
+    rows, else dequantized() + GEMM."""
+    ext = _cpu_ext(x, x.numel() // x.shape[-1])
+    if ext is None and _tiles(x):
+        ext, kernel = extension.compiled(), kernel + "_tiles"
+    if ext is None:
+        return F.linear(x, dequantized(), bias)
+    return _unflatten(getattr(ext, kernel)(_rows(x), None, *weight), x, bias)  # no counts: one plain weight
+
+
+def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.Tensor | int) -> torch.Tensor:
+    """Rows x (R, I) grouped by counts (E,) through every hit expert in one call: the GEMV kernel `kernel` for up
+    to MAX_KERNEL_ROWS rows per hit expert on average, its tile GEMM beyond."""
+    name = kernel if _gemv_rows(x, counts) else kernel + "_tiles"
+    return getattr(extension.compiled(), name)(x.contiguous(), counts, *weight)
 
 
 def _rows(x: torch.Tensor) -> torch.Tensor:
@@ -126,23 +147,16 @@ def block_linear_reference(x: torch.Tensor, values: torch.Tensor, scales: torch.
 
 def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., I) -> (..., O): the kernel for up to MAX_KERNEL_ROWS rows on CPU, else dequantize + GEMM."""
-    ext = _cpu_ext(x, x.numel() // x.shape[-1])
-    if ext is not None:
-        return _unflatten(ext.block_experts(_rows(x), None, values, scales), x, bias)  # no counts: one plain weight
-    if _tiles(x):
-        return _unflatten(extension.compiled().block_experts_tiles(_rows(x), None, values, scales), x, bias)
-    return F.linear(x, dequantize(values, scales, x.dtype), bias)
+    """x (..., I) -> (..., O): the kernel for up to MAX_KERNEL_ROWS rows on CPU, the tile GEMM for more bf16 rows,
+    else dequantize + GEMM."""
+    return _linear(x, bias, "block_experts", (values, scales), lambda: dequantize(values, scales, x.dtype))
 
 
 def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     """x (R, I) rows grouped by expert, counts (E,), values (E, O, I), scales (E, nO, nI) -> (R, O), every hit
     expert in one kernel call (rows past sum(counts) are zero): the GEMV kernel, or the tile GEMM for more rows.
     Needs one of them (see `experts_kernel`)."""
-    ext = extension.compiled()
-    if _gemv_rows(x, counts):
-        return ext.block_experts(x.contiguous(), counts, values, scales)
-    return ext.block_experts_tiles(x.contiguous(), counts, values, scales)
+    return _experts("block_experts", x, counts, values, scales)
 
 
 # ---- int4 groups ----
@@ -190,16 +204,11 @@ def group_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.
 
 def group_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., I) -> (..., O) for an int4 weight: the kernel for up to MAX_KERNEL_ROWS rows on CPU, else
-    dequantize + GEMM."""
-    ext = _cpu_ext(x, x.numel() // x.shape[-1])
+    """x (..., I) -> (..., O) for an int4 weight: the kernel for up to MAX_KERNEL_ROWS rows on CPU, the tile GEMM
+    for more bf16 rows, else dequantize + GEMM."""
     group = packed.shape[-1] * 2 // scales.shape[-1]
-    if ext is not None:
-        return _unflatten(ext.group_experts(_rows(x), None, packed, scales, mins, group), x, bias)  # one plain weight
-    if _tiles(x):
-        return _unflatten(extension.compiled().group_experts_tiles(_rows(x), None, packed, scales, mins, group), x,
-                          bias)
-    return F.linear(x, group_dequantize(packed, scales, mins, x.dtype), bias)
+    return _linear(x, bias, "group_experts", (packed, scales, mins, group),
+                   lambda: group_dequantize(packed, scales, mins, x.dtype))
 
 
 def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
@@ -207,11 +216,7 @@ def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, s
     """x (R, I) rows grouped by expert, counts (E,), packed (E, O, I/2), scales and mins (E, O, I/G) -> (R, O),
     every hit expert in one kernel call: the GEMV kernel, or the tile GEMM for more rows. Needs one of them (see
     `experts_kernel`)."""
-    group = packed.shape[-1] * 2 // scales.shape[-1]
-    ext = extension.compiled()
-    if _gemv_rows(x, counts):
-        return ext.group_experts(x.contiguous(), counts, packed, scales, mins, group)
-    return ext.group_experts_tiles(x.contiguous(), counts, packed, scales, mins, group)
+    return _experts("group_experts", x, counts, packed, scales, mins, packed.shape[-1] * 2 // scales.shape[-1])
 
 
 def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn: int, identity: bool,

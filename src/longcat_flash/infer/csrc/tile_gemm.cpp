@@ -1,8 +1,9 @@
 // Quantized weights times more rows than the GEMV kernels take (concurrent streams, prefill), on AMX tiles; Python
 // side: kernels.py. Each task dequantizes 128 rows of a weight to bf16 into a panel that stays in L2, then
 // TDPBF16PS multiplies it by every row of x (packed once per call in the tiles' pair layout), accumulating in fp32.
-// The panel holds exactly the values `dequantize` writes, so the result is oneDNN's bf16 GEMM on the dequantized
-// weight up to the order of fp32 sums, without writing a dequantized copy to memory and reading it back.
+// The panel is filled by the same row dequantizers as `dequantize`'s bf16 output (weights.h), so the result is
+// oneDNN's bf16 GEMM on the dequantized weight up to the order of fp32 sums, without writing a dequantized copy to
+// memory and reading it back.
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -10,7 +11,7 @@
 #include "simd.h"
 #include "weights.h"
 
-#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16,avx512bf16")))
+#define AMX_TARGET __attribute__((target("amx-tile,amx-bf16")))
 
 constexpr int64_t PANEL_ROWS = 128;  // weight rows per task: 4 blocks of 32, each 2 A tiles
 
@@ -45,49 +46,6 @@ static inline void transpose16(__m512i r[16]) {
     r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xDD);
   }
 }
-
-AMX_TARGET static inline __m512i bf16x32(__m512 lo, __m512 hi) { return (__m512i)_mm512_cvtne2ps_pbh(hi, lo); }
-
-// The weight formats, one row at a time: row o's chunks of 32 values as bf16 to dst + c * stride, c < I / 32.
-struct Int4Rows {  // packed (E * O, I/2), scales and mins (E * O, I/G) bf16: w = scale * q + min
-  const uint8_t* w;
-  const at::BFloat16 *s, *mn;
-  int64_t I, G;
-  // Each group's 16 possible values, rounded to bf16 as `dequantize` rounds them, form a table the codes index.
-  AMX_TARGET void operator()(int64_t o, at::BFloat16* dst, int64_t stride) const {
-    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    const int64_t nG = I / G, per = G / 32;
-    const uint8_t* row = w + o * (I / 2);
-    __m512i table = _mm512_setzero_si512();
-    for (int64_t c = 0; c < I / 32; ++c) {
-      if (c % per == 0) {
-        const int64_t g = o * nG + c / per;
-        const __m512 v = _mm512_fmadd_ps(iota, _mm512_set1_ps(static_cast<float>(s[g])),
-                                         _mm512_set1_ps(static_cast<float>(mn[g])));
-        table = _mm512_castsi256_si512((__m256i)_mm512_cvtneps_pbh(v));
-      }
-      const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
-      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, _mm256_set1_epi16(15))),
-                                             _mm256_srli_epi16(q, 4), 1);  // values 0..15, then 16..31
-      _mm512_storeu_si512(dst + c * stride, _mm512_permutexvar_epi16(idx, table));
-    }
-  }
-};
-
-template <typename W>
-struct BlockRows {  // values (E, O, I) int8 or fp8, scales (E, nO, nI) fp32 per 128 x 128 block; row o of E * O
-  const W* v;
-  const float* s;
-  int64_t I, O;
-  AMX_TARGET void operator()(int64_t o, at::BFloat16* dst, int64_t stride) const {
-    const float* so = s + ((o / O) * ((O + 127) / 128) + (o % O) / 128) * ((I + 127) / 128);
-    for (int64_t c = 0; c < I / 32; ++c) {
-      const __m512 d = _mm512_set1_ps(so[c / 4]);
-      const W* p = v + o * I + c * 32;
-      _mm512_storeu_si512(dst + c * stride, bf16x32(_mm512_mul_ps(load16(p), d), _mm512_mul_ps(load16(p + 16), d)));
-    }
-  }
-};
 
 // Up to 16 rows of x -> one block of B tiles: per 32-column chunk c, 16 tile rows (column pairs) of 16 x rows x 2
 // values (rows past `rows` zero).

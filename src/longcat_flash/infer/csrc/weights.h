@@ -1,5 +1,5 @@
-// Reading quant.py's weight formats as fp32, shared by the GEMV kernels (quant_kernels.cpp) and the
-// dequantization (dequantize.cpp).
+// Reading quant.py's weight formats, shared by the GEMV kernels (quant_kernels.cpp), the dequantization
+// (dequantize.cpp) and the tile GEMMs (tile_gemm.cpp).
 #ifndef LONGCAT_WEIGHTS_H
 #define LONGCAT_WEIGHTS_H
 #include "simd.h"
@@ -32,4 +32,52 @@ static inline void load32(const uint8_t* p, __m512& lo, __m512& hi) {
   lo = _mm512_cvtepi32_ps(_mm512_and_si512(v, _mm512_set1_epi32(15)));
   hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(v, 4));
 }
+
+// Weight rows as bf16, for the bf16 dequantization (dequantize.cpp) and the tile GEMMs' panels (tile_gemm.cpp): row
+// o's chunks of 32 values to dst + c * stride, c < I / 32, each value rounded to bf16 from fp32 as torch rounds.
+static inline __m512i bf16_lanes(__m512 v) {  // 16 values -> the 16-bit lanes of the low half
+  return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(round_bf16(v)), 16)));
+}
+
+struct Int4Rows {  // packed (rows, I/2), scales and mins (rows, I/G) bf16 (experts stacked): w = scale * q + min
+  const uint8_t* w;
+  const at::BFloat16 *s, *mn;
+  int64_t I, G;
+  // Each group's 16 possible values (scale * q + min, one FMA each) form a table the codes index.
+  void operator()(int64_t o, at::BFloat16* dst, int64_t stride) const {
+    const __m512 iota = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const int64_t nG = I / G, per = G / 32;
+    const uint8_t* row = w + o * (I / 2);
+    __m512i table = _mm512_setzero_si512();
+    for (int64_t c = 0; c < I / 32; ++c) {
+      if (c % per == 0) {
+        const int64_t g = o * nG + c / per;
+        table = bf16_lanes(_mm512_fmadd_ps(iota, _mm512_set1_ps(static_cast<float>(s[g])),
+                                           _mm512_set1_ps(static_cast<float>(mn[g]))));
+      }
+      const __m256i q = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(row + c * 16)));
+      const __m512i idx = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(q, _mm256_set1_epi16(15))),
+                                             _mm256_srli_epi16(q, 4), 1);  // values 0..15, then 16..31
+      _mm512_storeu_si512(dst + c * stride, _mm512_permutexvar_epi16(idx, table));
+    }
+  }
+};
+
+template <typename W>
+struct BlockRows {  // values (E, O, I) int8 or fp8, scales (E, nO, nI) fp32 per 128 x 128 block; row o of E * O
+  const W* v;
+  const float* s;
+  int64_t I, O;
+  const float* row_scales(int64_t o) const {
+    return s + ((o / O) * ((O + 127) / 128) + (o % O) / 128) * ((I + 127) / 128);
+  }
+  void operator()(int64_t o, at::BFloat16* dst, int64_t stride) const {
+    const float* so = row_scales(o);
+    for (int64_t c = 0; c < I / 32; ++c) {
+      const __m512 d = _mm512_set1_ps(so[c / 4]);
+      for (int h = 0; h < 32; h += 16)
+        store_row(dst + c * stride + h, round_bf16(_mm512_mul_ps(load16(v + o * I + c * 32 + h), d)), 0xFFFF);
+    }
+  }
+};
 #endif  // LONGCAT_WEIGHTS_H
