@@ -25,7 +25,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--formats", nargs="+", default=["int4", "int8"])
+    parser.add_argument("--formats", nargs="+", default=["int4", "int8"], choices=["int4", "int8", "fp8"])
     args = parser.parse_args()
     if not kernels.tiles_available():
         raise SystemExit("the tile GEMM needs a CPU with AMX and the compiled kernels (infer/extension.py)")
