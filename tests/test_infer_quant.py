@@ -285,7 +285,7 @@ def test_sensitive_units_stay_at_int8():
     with torch.no_grad():
         layer.post_attention_layernorm[1].weight[5] *= 50  # channel 5 of mlps.1's input: extreme
         layer.mlps[1].gate_up_proj.weight[:, 5] *= 0.02
-    choice = quant.choose_sensitive(model, torch.randint(0, 256, (1, 24)), "int4", fraction=0.05)
+    choice = quant.choose_sensitive(model, torch.randint(0, 256, (2, 64)), "int4", fraction=0.05)
     assert choice.kept == ["model.layers.1.mlps.1.gate_up_proj"]
     assert next(iter(choice.quant_error)) == choice.kept[0] and len(choice.quant_error) == len(quant.candidates(model))
     report = quant.quantize_model(model, "int4", keep=choice.kept, keep_fmt="int8")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
+from infer_support import assert_bf16_gemm, record_kernel_calls
 
-from longcat_flash.infer import extension, kernels, quant
+from longcat_flash.infer import kernels, quant
 
 pytestmark = pytest.mark.skipif(not kernels.tiles_available(),
                                 reason="the tile GEMMs need a CPU with AMX and the compiled kernels")
@@ -15,25 +15,7 @@ pytestmark = pytest.mark.skipif(not kernels.tiles_available(),
 @pytest.fixture
 def tile_calls(monkeypatch) -> list[str]:
     """Names of the tile GEMM entry points called."""
-    build, calls = extension.compiled, []
-
-    class Counted:
-        def __getattr__(self, name):
-            fn = getattr(build(), name)
-            return (lambda *args: calls.append(name) or fn(*args)) if name.endswith("_tiles") else fn
-
-    monkeypatch.setattr(extension, "compiled", lambda: Counted())
-    return calls
-
-
-def assert_bf16_gemm(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
-    """y == x @ w^T summed in fp32 and rounded once to bf16, up to the order of the fp32 sums: every value within
-    one bf16 step of it, and all but a few exactly equal (a weight off by 0.1% moves a quarter of them)."""
-    expected = F.linear(x.float(), w.float()).bfloat16()
-    assert y.dtype == torch.bfloat16 and y.shape == expected.shape
-    step = expected.float().abs().clamp(min=1e-3) * 2 ** -7
-    assert bool(((y.float() - expected.float()).abs() <= step).all())
-    assert float((y == expected).float().mean()) > 0.97
+    return record_kernel_calls(monkeypatch, {"block_experts_tiles", "group_experts_tiles"})
 
 
 @pytest.mark.parametrize("fmt,in_features", [("int4", 256), ("int4", 96), ("int8", 160), ("fp8", 96)])

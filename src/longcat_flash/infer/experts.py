@@ -16,16 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.moe import Experts
-from . import decode_ops
+from . import decode_ops, kernels
 from .swap import swap_modules
 
 
 class HitExperts(nn.Module):
-    """The loop over the hit experts; subclasses say how to apply one expert's projection (plain weights:
-    PlainHitExperts, quantized: quant.QuantExperts)."""
-
-    # Whether `routed` and forward run a MoE's tokens faster than apply_one per hit expert (FusedMoE asks).
-    batched = False
+    """The loop over the hit experts; subclasses say how to apply one expert's projection and hand the kernels
+    their stacked tensors (plain weights: PlainHitExperts, quantized: quant.QuantExperts)."""
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (R, D) rows grouped by expert, counts: (e,) -> (R, D); rows past sum(counts) (zero-expert slots
@@ -39,6 +36,17 @@ class HitExperts(nn.Module):
         out[start:].zero_()
         return out
 
+    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn: int,
+               identity: bool) -> torch.Tensor | None:
+        """The MoE's whole routed part for tokens x (T, D) in one kernel call (kernels.moe_experts), or None where
+        the kernel does not take it."""
+        return kernels.moe_experts(x, ids, weights, n_ffn, identity, self.stacked("gate_up_proj"),
+                                   self.stacked("down_proj"))
+
+    def stacked(self, name: str) -> list[torch.Tensor]:
+        """All experts' tensors for `gate_up_proj` or `down_proj`, as the kernels take them."""
+        raise NotImplementedError
+
     def apply_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
         """Expert `e` (SwiGLU) on rows x (n, D) -> (n, D); FusedMoE calls it per hit expert too."""
         return self.project(decode_ops.swiglu(self.project(x, e, "gate_up_proj")), e, "down_proj")  # via (n, F)
@@ -49,12 +57,22 @@ class HitExperts(nn.Module):
 
 
 class PlainHitExperts(HitExperts):
-    """Same parameters and results as `Experts`, computed expert by expert over the hit ones only."""
+    """Same parameters and results as `Experts`, over the hit experts only: in one kernel call per projection for
+    up to kernels.MAX_KERNEL_ROWS rows per hit expert on CPU (kernels.dense_experts), else expert by expert."""
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(gate_up_proj, requires_grad=False)  # (e, 2F, D)
         self.down_proj = nn.Parameter(down_proj, requires_grad=False)  # (e, D, F)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        hidden = kernels.dense_experts(x, counts, self.gate_up_proj)  # (R, 2F), or None: not the kernel's call
+        if hidden is None:
+            return super().forward(x, counts)
+        return kernels.dense_experts(decode_ops.swiglu(hidden), counts, self.down_proj)
+
+    def stacked(self, name: str) -> list[torch.Tensor]:
+        return [getattr(self, name)]
 
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         return F.linear(x, getattr(self, name)[e])

@@ -18,8 +18,8 @@ log = logging.getLogger(__name__)
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("simd.h", "weights.h", "hits.h",  # headers first
            "quant_kernels.cpp", "dequantize.cpp", "tile_gemm.cpp", "decode_ops.cpp")
-FUNCTIONS = ["block_experts", "group_experts", "moe_experts", "block_dequantize", "group_dequantize",
-             "amx_available", "block_experts_tiles", "group_experts_tiles", "rms_norm", "swiglu", "rope",
+FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "block_dequantize",
+             "group_dequantize", "amx_available", "block_experts_tiles", "group_experts_tiles", "rms_norm", "swiglu", "rope",
              "absorbed_attention"]
 
 
@@ -34,11 +34,12 @@ def compiled():
         build = Path(os.environ.get("LONGCAT_KERNEL_CACHE", Path.home() / ".cache" / "longcat_flash" / "kernels"))
         build.mkdir(parents=True, exist_ok=True)
         vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
+        bf16 = ["-mavx512bf16"] if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else []
         # The header's text goes in too, so that a change to it changes the build's hash and rebuilds.
         sources = [(CSRC / name).read_text() for name in SOURCES]
         return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
-                           extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *vnni, "-mfma",
-                                         "-ffp-contract=off", "-fopenmp"],
+                           extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *vnni, *bf16,
+                                         "-mfma", "-ffp-contract=off", "-fopenmp"],
                            extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], build_directory=str(build),
                            verbose=False)
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)

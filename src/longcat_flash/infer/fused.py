@@ -11,11 +11,13 @@ microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down 
   MLP    gate_proj and up_proj in one GEMV, SwiGLU in one compiled op (decode_ops.swiglu).
   norms  RMSNorm in one compiled op (decode_ops.rms_norm; ~8 small ops otherwise, 49 norms per token on the bench
          preset), the same result up to the last bit (its sum of squares runs in another order).
+  Linear the decode rows (up to kernels.MAX_KERNEL_ROWS) through the GEMV kernel (kernels.dense_linear): oneDNN's
+         bf16 GEMV reads a weight at ~60% of the memory's pace at batch 1, the kernel at about its pace.
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
-         weights are scalars. Quantized experts take the whole routed part for a few tokens in one kernel call
-         (grouping, both projections, SwiGLU, the weighted sum in fp32: kernels.moe_experts); prefill-sized
-         batches dequantize the hit experts once instead. The sum runs in expert order instead of slot order:
+         weights are scalars. On CPU the whole routed part for a few tokens is one kernel call, plain or
+         quantized experts (grouping, both projections, SwiGLU, the weighted sum in fp32: kernels.moe_experts);
+         prefill-sized batches run GEMMs per hit expert (quantized: dequantized once, or the AMX tile GEMM). The sum runs in expert order instead of slot order:
          equal up to rounding.
 Each twin is tested against its model module (tests/test_infer_fused.py).
 
@@ -34,7 +36,7 @@ from ..config import ModelConfig
 from ..model.attention import LATENT_NORM_EPS, MLA
 from ..model.layers import MLP, RMSNorm, apply_rope
 from ..model.moe import MoE, RoutingInfo, group_by_expert
-from . import decode_ops
+from . import decode_ops, kernels
 from .experts import use_hit_experts
 from .swap import swap_modules
 
@@ -152,13 +154,25 @@ class FusedRMSNorm(RMSNorm):
         return super().forward(x) if y is None else y
 
 
+class FusedLinear(nn.Linear):
+    """nn.Linear (the same parameters) whose decode rows go through the GEMV kernel (kernels.dense_linear)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.dense_linear(x, self.weight, self.bias)
+
+
 class FusedMoE(nn.Module):
     """The model's router and experts (kept as `moe`), run expert by expert with index_add combines.
 
     Few tokens (plain experts): routing decisions go to the host once and each hit expert's output is added with
     its gate weight as a scalar. Otherwise: a stable sort of the slots by expert, one gather of the FFN slots' rows,
     the experts module on them (grouped), one index_add; no (T*K, D) slot tensor is built. Zero experts: one
-    scaled copy of x. Quantized experts (`batched`) first try the whole routed part in one kernel call.
+    scaled copy of x. Before either, the experts try the whole routed part in one kernel call (`routed`).
     """
 
     def __init__(self, moe: MoE) -> None:
@@ -175,12 +189,11 @@ class FusedMoE(nn.Module):
     def compute(self, f: Any) -> Any:
         x, probs, ids, weights = f
         x_TD = x.reshape(-1, x.shape[-1])
-        experts = self.moe.experts
-        if getattr(experts, "batched", False):  # quantized: the whole routed part in one kernel call if it takes it
-            out = experts.routed(x_TD, ids, weights, self.moe.n_ffn, self.moe.zero_type == "identity")
-            return x, probs, ids, self._many(x_TD, ids, weights) if out is None else out
-        few = x_TD.shape[0] <= SMALL_BATCH_TOKENS
-        return x, probs, ids, (self._few if few else self._many)(x_TD, ids, weights)
+        out = self.moe.experts.routed(x_TD, ids, weights, self.moe.n_ffn, self.moe.zero_type == "identity")
+        if out is None:  # not the kernel's call
+            few = x_TD.shape[0] <= SMALL_BATCH_TOKENS
+            out = (self._few if few else self._many)(x_TD, ids, weights)
+        return x, probs, ids, out
 
     def finish(self, f: Any) -> tuple[torch.Tensor, RoutingInfo]:
         x, probs, ids, out = f
@@ -226,9 +239,11 @@ class FusedMoE(nn.Module):
 
 
 def fuse_for_inference(model: nn.Module) -> int:
-    """Swap MLA, MLP, MoE and RMSNorm modules for their twins, in place; returns how many. Call before quantizing."""
+    """Swap MLA, MLP, MoE, RMSNorm and Linear modules for their twins, in place; returns how many. Call before
+    quantizing (which replaces the Linear twins it quantizes)."""
     twins = {MLA: functools.partial(FusedMLA, cfg=model.config), MLP: FusedMLP, MoE: FusedMoE}
     hit = use_hit_experts(model)  # first, inside the MoEs: FusedMoE runs `experts.apply_one` per hit expert
     fused = swap_modules(model, lambda _, m: twins[type(m)](m) if type(m) in twins else None)
-    norms = swap_modules(model, lambda _, m: FusedRMSNorm(m) if type(m) is RMSNorm else None)  # the twins' too
-    return len(hit) + len(fused) + len(norms)
+    leaves = {RMSNorm: FusedRMSNorm, nn.Linear: FusedLinear}  # the twins' own too
+    rest = swap_modules(model, lambda _, m: leaves[type(m)](m) if type(m) in leaves else None)
+    return len(hit) + len(fused) + len(rest)

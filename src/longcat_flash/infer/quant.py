@@ -197,8 +197,6 @@ class QuantExperts(HitExperts):
     more in bf16; otherwise (fp32 prefill, no AMX) the hit experts' weights are dequantized once per call, in one
     compiled pass per projection, for the plain GEMM loop."""
 
-    batched = True
-
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, fmt: str) -> None:
         super().__init__()
         for name, w in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
@@ -213,12 +211,8 @@ class QuantExperts(HitExperts):
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         return quant_linear(x, self.parts(name, e), self.fmt)
 
-    def routed(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn: int,
-               identity: bool) -> torch.Tensor | None:
-        """The MoE's whole routed part for tokens x (T, D) in one kernel call (kernels.moe_experts), or None where
-        the kernel does not take it."""
-        return kernels.moe_experts(x, ids, weights, n_ffn, identity, list(self.parts("gate_up_proj").values()),
-                                   list(self.parts("down_proj").values()))
+    def stacked(self, name: str) -> list[torch.Tensor]:
+        return list(self.parts(name).values())
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if not kernels.experts_kernel(x, counts):  # the hit experts dequantized once, then the plain GEMM loop
@@ -287,7 +281,9 @@ def choose_sensitive(model: nn.Module, calibration: torch.Tensor | None, fmt: st
     """The `fraction` of units (at least one) whose outputs `fmt` changes most, measured on calibration ids
     (B, S) as ||x W_q^T - x W^T|| / ||x W^T|| over each unit's own inputs (an expert stack: over its experts'
     routed rows); without calibration, by relative weight error. Returned in `quant_error`, largest first. Units
-    `fmt` cannot store, and units no calibration row reached (experts, with 16 tokens or fewer), are not ranked."""
+    `fmt` cannot store, and units whose inputs the calibration never shows (expert stacks, when the calibration is
+    so short that its rows average kernels.MAX_KERNEL_ROWS or fewer per hit expert: the MoE kernel takes them in
+    one call), are not ranked."""
     units = {n: m for n, m in candidates(model).items() if fmt != "int4" or int4_ready(m)}
     if calibration is None:
         error = {n: max(relative_error(w, fmt) for w in unit_weights(m)) for n, m in units.items()}

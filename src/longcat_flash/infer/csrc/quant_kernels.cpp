@@ -51,19 +51,16 @@ static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int6
   }
 }
 
-// x rows as fp32, from fp32 or bf16 (bf16 is the top half of an fp32).
-static inline float as_float(float v) { return v; }
-static inline float as_float(at::BFloat16 v) { return static_cast<float>(v); }
-
-// Block b (rows b*128..) of W (O, I) against M rows of x (M, I) into y (M, O), 8 rows of x at a time while the
-// block sits in L2 (W is read from memory once whatever M is); xs and out are the caller's scratch.
+// Rows o0..o1 of W (O, I), inside one 128-row block, against M rows of x (M, I) into y (M, O), 8 rows of x at a
+// time while those weight rows sit in L2 (W is read from memory once whatever M is); xs and out are the caller's
+// scratch. s: the block scales (nO, nI) of fp8 weights, or null for plain ones.
 template <typename W, typename X>
-static void block_task(int64_t M, const X* x, const W* w, const float* s, int64_t I, int64_t O, int64_t b, X* y,
-                       std::vector<float>& xs, std::vector<float>& out) {
-  const int64_t nI = (I + 127) / 128, o0 = b * 128, rows = std::min(O, o0 + 128) - o0;
+static void rows_task(int64_t M, const X* x, const W* w, const float* s, int64_t I, int64_t O, int64_t o0,
+                      int64_t o1, X* y, std::vector<float>& xs, std::vector<float>& out) {
+  const int64_t nI = (I + 127) / 128, b = o0 / 128, rows = o1 - o0;
   xs.resize(M * I);
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < I; ++k) xs[m * I + k] = as_float(x[m * I + k]) * s[b * nI + k / 128];
+    for (int64_t k = 0; k < I; ++k) xs[m * I + k] = scalar(x[m * I + k]) * (s ? s[b * nI + k / 128] : 1.0f);
   for (int64_t c = 0; c < M; c += 8) {
     const float* xc = xs.data() + c * I;
     const W* wb = w + o0 * I;
@@ -74,17 +71,25 @@ static void block_task(int64_t M, const X* x, const W* w, const float* s, int64_
   }
 }
 
-// One task per (hit expert, 128-row block): every hit expert's weights are read once, in one parallel region.
-// x (R, I) rows grouped by expert, w (E, O, I), s (E, nO, nI), y (R, O).
+// f(h, o0, o1, xs, out) for each task: one per (hit expert h, `step` weight rows o0..o1), all in one parallel
+// region, so that every hit expert's weights are read once; xs and out are each thread's scratch.
+template <typename F>
+static void for_tasks(const Hits& hits, int64_t O, int64_t step, F&& f) {
+  const int64_t nT = (O + step - 1) / step;
+  at::parallel_for(0, hits.size() * nT, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> xs, out(8 * 128);
+    for (int64_t t = t0; t < t1; ++t) f(t / nT, t % nT * step, std::min(O, t % nT * step + step), xs, out);
+  });
+}
+
+// x (R, I) rows grouped by expert, w (E, O, I), s (E, nO, nI) or null (plain weights), y (R, O). Tasks of 128
+// rows (a scale block), 32 for plain weights (so that a small weight such as the router's spreads over threads).
 template <typename W, typename X>
 static void run(const Hits& hits, const X* x, const W* w, const float* s, int64_t I, int64_t O, X* y) {
   const int64_t nO = (O + 127) / 128, nI = (I + 127) / 128;
-  at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xs, out(8 * 128);
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
-      block_task(hits.n[h], x + r * I, w + e * O * I, s + e * nO * nI, I, O, b, y + r * O, xs, out);
-    }
+  for_tasks(hits, O, s ? 128 : 32, [&](int64_t h, int64_t o0, int64_t o1, auto& xs, auto& out) {
+    const int64_t e = hits.id[h], r = hits.start[h];
+    rows_task(hits.n[h], x + r * I, w + e * O * I, s ? s + e * nO * nI : s, I, O, o0, o1, y + r * O, xs, out);
   });
 }
 
@@ -355,14 +360,85 @@ torch::Tensor block_experts(torch::Tensor x, c10::optional<torch::Tensor> counts
   return y;
 }
 
+// ---- plain weights (an unquantized model's linears and experts) in x's dtype, W read once at the memory's pace
+// (oneDNN's bf16 GEMV at batch 1 reads it at about two thirds of that): fp32 as above; bf16 with the CPU's bf16
+// pair dot product where it has one (no conversion: 32 weights per instruction), else as fp32.
+
+#ifdef __AVX512BF16__
+// y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1 (into y with row stride 128), M <= 8 rows of x, both
+// bf16: per 32 values, one VDPBF16PS per row pair (each product exact in fp32, summed in fp32).
+template <int M>
+static void bf16_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t o0, int64_t o1, int64_t I, float* y) {
+  for (int64_t o = o0; o < o1; o += 2) {
+    const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
+    const at::BFloat16 *r0 = w + o * I, *r1 = w + p * I;
+    __m512 a0[M], a1[M];
+    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < I; k += 32) {
+      const __mmask32 n = I - k >= 32 ? ~0u : (1u << (I - k)) - 1;
+      prefetch(r0 + k), prefetch(r1 + k);
+      const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(n, r0 + k);
+      const __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(n, r1 + k);
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
+        a0[m] = _mm512_dpbf16_ps(a0[m], w0, xv);
+        a1[m] = _mm512_dpbf16_ps(a1[m], w1, xv);
+      }
+    }
+    for (int m = 0; m < M; ++m) {
+      y[m * 128 + o - o0] = _mm512_reduce_add_ps(a0[m]);
+      y[m * 128 + p - o0] = _mm512_reduce_add_ps(a1[m]);
+    }
+  }
+}
+#endif
+
+// Rows of y (R, O) for rows of x (R, I) grouped by `hits`, through plain experts w (E, O, I) of x's dtype.
+static void dense_into(const Hits& hits, torch::Tensor x, torch::Tensor w, torch::Tensor y) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && w.scalar_type() == x.scalar_type() &&
+              w.size(-1) == x.size(1), "dense experts: shapes, dtypes or layout do not fit");
+  const int64_t I = x.size(1), O = w.size(-2);
+#ifdef __AVX512BF16__
+  if (x.scalar_type() == torch::kBFloat16) {
+    const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
+    at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+    for_tasks(hits, O, 32, [&](int64_t h, int64_t o0, int64_t o1, auto&, auto& out) {
+      const int64_t e = hits.id[h], r = hits.start[h], M = hits.n[h];
+      for (int64_t c = 0; c < M; c += 8) {
+        with_rows(std::min<int64_t>(8, M - c), [&](auto n) {
+          bf16_rows<decltype(n)::value>(xp + (r + c) * I, wp + e * O * I + o0 * I, 0, o1 - o0, I, out.data());
+        });
+        for (int64_t m = c; m < std::min<int64_t>(M, c + 8); ++m)
+          for (int64_t o = o0; o < o1; ++o) yp[(r + m) * O + o] = static_cast<at::BFloat16>(out[(m - c) * 128 + o - o0]);
+      }
+    });
+    return;
+  }
+#endif
+  with_dtype(x, "dense experts", [&](auto t) {
+    using X = decltype(t);
+    run<X, X>(hits, x.data_ptr<X>(), w.data_ptr<X>(), nullptr, I, O, y.data_ptr<X>());
+  });
+}
+
+// x (R, I) rows grouped by expert (counts (E,)), w (E, O, I) of x's dtype (fp32 or bf16) -> (R, O); rows past
+// sum(counts) are zero. Without counts, one plain weight (O, I) for all rows (a linear layer).
+torch::Tensor dense_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor w) {
+  TORCH_CHECK(w.dim() == (counts ? 3 : 2), "dense_experts: w must be (E, O, I) with counts, else (O, I)");
+  auto y = torch::zeros({x.size(0), w.size(-2)}, x.options());
+  dense_into(Hits::of(counts, x.size(0)), x.contiguous(), w, y);
+  return y;
+}
+
 // ---- a MoE layer's routed experts for a few tokens (decode, concurrent streams), in one call instead of ~25
 // small ops: the slots grouped by expert on the host, the hit rows gathered, gate_up through the experts kernel,
 // SwiGLU, down, and the sum over each token's slots with its gate weights, plus the zero experts' share.
 
-// Either weight format's tensors: int4 (packed, scales, mins) or int8/fp8 blocks (values, scales).
+// Any weight format's tensors: int4 (packed, scales, mins), int8/fp8 blocks (values, scales) or plain (w).
 static void experts_into(const Hits& hits, torch::Tensor x, const std::vector<torch::Tensor>& w, torch::Tensor y) {
   if (w.size() == 3) int4_into(hits, x, w[0], w[1], w[2], w[0].size(-1) * 2 / w[1].size(-1), y);
-  else block_into(hits, x, w.at(0), w.at(1), y);
+  else if (w.size() == 2) block_into(hits, x, w[0], w[1], y);
+  else dense_into(hits, x, w.at(0), y);
 }
 
 // out (T, D) = sum over token t's slots of weight * y[row] (FFN slots) + (zero slots' weights) * x[t] if

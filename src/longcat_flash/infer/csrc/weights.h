@@ -18,7 +18,12 @@ static inline __m512 load16(const uint8_t* p) {
   __m512 mag = _mm512_mask_blend_ps(_mm512_cmplt_epi32_mask(em, _mm512_set1_epi32(8)), normal, sub);
   return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag), sign));
 }
+// Plain weights (unquantized models' linears and experts): bf16 is the top half of an fp32.
+static inline __m512 load16(const at::BFloat16* p) { return x16(p, 0xFFFF); }
+static inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
 static inline float scalar(int8_t v) { return static_cast<float>(v); }
+static inline float scalar(at::BFloat16 v) { return static_cast<float>(v); }
+static inline float scalar(float v) { return v; }
 static inline float scalar(uint8_t v) {
   int em = v & 0x7F;
   float mag = (em >> 3) ? std::ldexp(1.0f + (em & 7) / 8.0f, (em >> 3) - 7) : (em & 7) * (1.0f / 512.0f);
