@@ -6,8 +6,8 @@
   (c) aggregate tok/s of 32 concurrent greedy streams through the engine vs transformers at batch 1;
   (d) the batch-1 roofline of each weight format, against the machine: active weight bytes per token x tokens/s,
       over the bandwidth of a plain streaming read (a sum) of the same number of bytes;
-  (e) the weight kernels alone at batch 1 (bf16 F.linear, our int8 and int4, aten's packed-int4 CPU kernel), as
-      a fraction of the same streaming read.
+  (e) the weight kernels alone at batch 1 (our bf16, int8 and int4; F.linear in bf16 and aten's packed-int4 CPU
+      kernel), as a fraction of the same streaming read.
 Decode times are (t(N tokens) - t(1 token)) / (N - 1), so prefill never leaks into them. Prints tables and one
 JSON line with every ratio.
 
@@ -105,7 +105,7 @@ def main() -> None:
         active = {name: active_bytes_per_token(models[name], experts) for name in plain}
         stream = {name: stream_bandwidth(active[name]) for name in plain}
         # (e) the kernels alone
-        kernels = {kind: kernel_bandwidth(kind) for kind in ("bf16", "int8", "int4", "int4 torch")}
+        kernels = {kind: kernel_bandwidth(kind) for kind in ("bf16", "bf16 torch", "int8", "int4", "int4 torch")}
         kernel_stream = stream_bandwidth(256e6)
     achieved = {name: active[name] * decode[name] / 1e9 for name in plain}
     best = max(engines, key=lambda n: decode[n])

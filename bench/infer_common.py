@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.checkpoint.hf import LongcatFlash
-from longcat_flash.infer import quant
+from longcat_flash.infer import kernels, quant
 from longcat_flash.infer.fused import FusedMLA, FusedMoE
 from longcat_flash.presets import get_preset
 
@@ -60,15 +60,17 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
 def kernel_bandwidth(kind: str, rows: int = 1, total_bytes: float = 256e6, shape: tuple[int, int] = (4096, 1024),
                      passes: int = 5) -> float:
     """Weight GB/s of x (rows, I) @ W^T over a working set far larger than the caches, for one weight kernel:
-    "bf16" (F.linear), our "int8" blocks / "int4" groups, or "int4 torch" (aten's packed-int4 CPU kernel,
-    _weight_int4pack_mm_for_cpu, groups of 64 with bf16 scales and zero points)."""
+    our "bf16" (plain weights, kernels.dense_linear) / "int8" blocks / "int4" groups, "bf16 torch" (F.linear), or
+    "int4 torch" (aten's packed-int4 CPU kernel, _weight_int4pack_mm_for_cpu, groups of 64 with bf16 scales and
+    zero points)."""
     O, I = shape
     x = torch.randn(rows, I, dtype=torch.bfloat16)
-    per = O * I * {"bf16": 2, "int8": 1}.get(kind, 0.5)
+    per = O * I * {"bf16": 2, "bf16 torch": 2, "int8": 1}.get(kind, 0.5)
     count = max(1, int(total_bytes // per))
-    if kind == "bf16":
+    if kind.startswith("bf16"):
         weights = [torch.randn(O, I, dtype=torch.bfloat16) for _ in range(count)]
-        run = lambda: [F.linear(x, w) for w in weights]
+        linear = F.linear if kind == "bf16 torch" else kernels.dense_linear
+        run = lambda: [linear(x, w) for w in weights]
     elif kind == "int4 torch":
         codes = torch.randint(0, 16, (O, I), dtype=torch.int32)
         packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) for _ in range(count)]

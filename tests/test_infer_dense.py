@@ -18,7 +18,7 @@ pytestmark = pytest.mark.skipif(not kernels.kernel_available(), reason="needs th
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(200, 96), (33, 1000), (1, 17)])  # partial 32-row tasks, 32-value tails
-@pytest.mark.parametrize("rows", [1, 3, 9, kernels.MAX_KERNEL_ROWS])
+@pytest.mark.parametrize("rows", [1, 3, kernels.MAX_DENSE_ROWS])
 def test_a_linear_runs_decode_rows_through_the_kernel(dtype, shape, rows, monkeypatch):
     calls = record_kernel_calls(monkeypatch, {"dense_experts"})
     torch.manual_seed(rows)
@@ -35,7 +35,7 @@ def test_a_linear_runs_decode_rows_through_the_kernel(dtype, shape, rows, monkey
 def test_more_rows_take_torchs_gemm(monkeypatch):
     calls = record_kernel_calls(monkeypatch, {"dense_experts"})
     linear = torch.nn.Linear(64, 48).bfloat16()
-    x = torch.randn(2, kernels.MAX_KERNEL_ROWS, 64).bfloat16()
+    x = torch.randn(2, kernels.MAX_DENSE_ROWS, 64).bfloat16()
     assert torch.equal(FusedLinear(linear)(x), F.linear(x, linear.weight, linear.bias))
     assert calls == []
 
@@ -47,11 +47,11 @@ def test_every_hit_expert_in_one_call(dtype, monkeypatch):
     calls = record_kernel_calls(monkeypatch, {"dense_experts"})
     torch.manual_seed(2)
     gate_up, down = (torch.randn(5, 96, 40) * 0.2).to(dtype), (torch.randn(5, 40, 48) * 0.2).to(dtype)
-    counts = torch.tensor([3, 0, 1, 16, 0])
-    x = torch.randn(24, 40).to(dtype)  # 20 routed rows, 4 zero-expert slots
+    counts = torch.tensor([3, 0, 1, 8, 0])
+    x = torch.randn(16, 40).to(dtype)  # 12 routed rows, 4 zero-expert slots
     y = kernels.dense_experts(x, counts, gate_up)
-    assert y.shape == (24, 96) and not y[20:].any()
-    for e, rows in ((0, slice(0, 3)), (2, slice(3, 4)), (3, slice(4, 20))):
+    assert y.shape == (16, 96) and not y[12:].any()
+    for e, rows in ((0, slice(0, 3)), (2, slice(3, 4)), (3, slice(4, 12))):
         if dtype == torch.bfloat16:
             assert_bf16_gemm(y[rows], x[rows], gate_up[e])
         else:
@@ -66,7 +66,7 @@ def test_every_hit_expert_in_one_call(dtype, monkeypatch):
 def test_beyond_the_gemv_rows_the_experts_loop():
     torch.manual_seed(3)
     experts = PlainHitExperts(torch.randn(2, 32, 16), torch.randn(2, 16, 16))
-    counts = torch.tensor([kernels.MAX_KERNEL_ROWS + 4, kernels.MAX_KERNEL_ROWS + 4])
+    counts = torch.tensor([kernels.MAX_DENSE_ROWS + 4, kernels.MAX_DENSE_ROWS + 4])
     assert kernels.dense_experts(torch.randn(int(counts.sum()), 16), counts, experts.gate_up_proj) is None
 
 

@@ -11,7 +11,7 @@ microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down 
   MLP    gate_proj and up_proj in one GEMV, SwiGLU in one compiled op (decode_ops.swiglu).
   norms  RMSNorm in one compiled op (decode_ops.rms_norm; ~8 small ops otherwise, 49 norms per token on the bench
          preset), the same result up to the last bit (its sum of squares runs in another order).
-  Linear the decode rows (up to kernels.MAX_KERNEL_ROWS) through the GEMV kernel (kernels.dense_linear): oneDNN's
+  Linear the decode rows (up to kernels.MAX_DENSE_ROWS) through the GEMV kernel (kernels.dense_linear): oneDNN's
          bf16 GEMV reads a weight at ~60% of the memory's pace at batch 1, the kernel at about its pace.
   MoE    one GEMV/GEMM pair per hit expert (the model's grouped_mm CPU fallback visits all experts), combined by
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate

@@ -49,6 +49,9 @@ BLOCK = 128
 # dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs
 # 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
+# The same for plain (unquantized) weights, against oneDNN's GEMM on them: bf16, 2 threads, the kernel reads
+# 1.1-1.8x as fast at 1 to 4 rows, about as fast at 8, 0.5-0.6x at 16 (its products, not the memory, bound it).
+MAX_DENSE_ROWS = 8
 
 def kernel_available() -> bool:
     return extension.compiled() is not None
@@ -66,9 +69,10 @@ def _tiles(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] % 32 == 0 and tiles_available()
 
 
-def _cpu_ext(x: torch.Tensor, rows: int):
-    """The extension, if it takes this call: CPU, fp32/bf16, 1..MAX_KERNEL_ROWS rows (else None)."""
-    if 0 < rows <= MAX_KERNEL_ROWS and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
+def _cpu_ext(x: torch.Tensor, rows: int, limit: int | None = None):
+    """The extension, if it takes this call: CPU, fp32/bf16, 1..limit (default MAX_KERNEL_ROWS) rows (else None)."""
+    limit = MAX_KERNEL_ROWS if limit is None else limit
+    if 0 < rows <= limit and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
         return extension.compiled()
     return None
 
@@ -111,9 +115,9 @@ def _deq_ext(t: torch.Tensor, dtype: torch.dtype):
 # ---- plain weights (an unquantized model's linears and experts) ----
 
 def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """F.linear(x, weight, bias), through the GEMV kernel for up to MAX_KERNEL_ROWS rows on CPU with the weight
+    """F.linear(x, weight, bias), through the GEMV kernel for up to MAX_DENSE_ROWS rows on CPU with the weight
     in x's dtype: it reads the weight at the memory's pace, oneDNN's bf16 GEMV at ~60% of that at batch 1."""
-    ext = _cpu_ext(x, x.numel() // x.shape[-1])
+    ext = _cpu_ext(x, x.numel() // x.shape[-1], MAX_DENSE_ROWS)
     if ext is None or weight.dtype != x.dtype or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     return _unflatten(ext.dense_experts(_rows(x), None, weight), x, bias)
@@ -122,8 +126,8 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def dense_experts(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (R, I) rows grouped by expert, counts (E,), weight (E, O, I) in x's dtype -> (R, O), every hit expert in
     one kernel call (rows past sum(counts) are zero); None where the kernel does not take the call (more than
-    MAX_KERNEL_ROWS rows per hit expert on average, where the GEMM per expert is faster)."""
-    if _cpu_ext(x, 1) is None or weight.dtype != x.dtype or not _gemv_rows(x, counts):
+    MAX_DENSE_ROWS rows per hit expert on average, where the GEMM per expert is faster)."""
+    if _cpu_ext(x, 1) is None or weight.dtype != x.dtype or not _gemv_rows(x, counts, MAX_DENSE_ROWS):
         return None
     return extension.compiled().dense_experts(x.contiguous(), counts, weight.contiguous())
 
@@ -245,18 +249,21 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn
     add weight * x if `identity`, else nothing), weights (T, K) fp32, each projection's stacked tensors in the
     format's order (int4: packed, scales, mins; int8/fp8: values, scales) -> (T, D), the sum over each token's
     slots computed in fp32; plain weights are one tensor each (in x's dtype). None where the kernel does not take
-    the call: no kernel, or more than MAX_KERNEL_ROWS rows per hit expert on average (prefill, where dequantize +
-    GEMM is faster)."""
+    the call: no kernel, or more than MAX_KERNEL_ROWS (plain: MAX_DENSE_ROWS) rows per hit expert on average
+    (prefill, where dequantize + GEMM or the GEMM is faster)."""
     ext = _cpu_ext(x, 1)
-    plain_other_dtype = len(gate_up) == 1 and not gate_up[0].dtype == down[0].dtype == x.dtype
-    if ext is None or ids.dtype != torch.long or weights.dtype != torch.float32 or plain_other_dtype:
+    plain = len(gate_up) == 1
+    if (ext is None or ids.dtype != torch.long or weights.dtype != torch.float32
+            or plain and not gate_up[0].dtype == down[0].dtype == x.dtype):
         return None
-    return ext.moe_experts(x, ids, weights, n_ffn, identity, gate_up, down, MAX_KERNEL_ROWS)
+    limit = MAX_DENSE_ROWS if plain else MAX_KERNEL_ROWS
+    return ext.moe_experts(x, ids, weights, n_ffn, identity, gate_up, down, limit)
 
 
-def _gemv_rows(x: torch.Tensor, counts: torch.Tensor) -> bool:
-    """Whether rows x (R, I) grouped by counts (E,) are at most MAX_KERNEL_ROWS per hit expert on average."""
-    return x.shape[0] <= MAX_KERNEL_ROWS * max(1, int(counts.count_nonzero()))
+def _gemv_rows(x: torch.Tensor, counts: torch.Tensor, limit: int | None = None) -> bool:
+    """Whether rows x (R, I) grouped by counts (E,) are at most `limit` (default MAX_KERNEL_ROWS) per hit expert
+    on average."""
+    return x.shape[0] <= (MAX_KERNEL_ROWS if limit is None else limit) * max(1, int(counts.count_nonzero()))
 
 
 def experts_kernel(x: torch.Tensor, counts: torch.Tensor) -> bool:
