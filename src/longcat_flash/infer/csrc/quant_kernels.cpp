@@ -166,27 +166,34 @@ static inline __m512i codes64(const uint8_t* p, bool half) {
 // chunk hold its first group, lanes 4-7 and 12-15 its second.
 template <int M, bool G32, typename Y>
 static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t ystride) {
+                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t ystride, float* f) {
   const int64_t nG = x.nG, half = I / 2;
   for (int64_t o = o0; o < o1; o += 2) {
     const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
     const uint8_t *r0 = w + o * half, *r1 = w + p * half;
-    const at::BFloat16 *s0 = s + o * nG, *s1 = s + p * nG;
+    float *f0s = f, *f1s = f + M * nG;  // (M, nG) each: the rows' group scales times x's steps, in fp32
+    for (int m = 0; m < M; ++m)
+      for (int64_t g = 0; g < nG; g += 16) {
+        const __mmask16 n = tail16(nG - g);
+        const __m512 d = _mm512_maskz_loadu_ps(n, x.d + m * nG + g);
+        _mm512_mask_storeu_ps(f0s + m * nG + g, n, _mm512_mul_ps(x16(s + o * nG + g, n), d));
+        _mm512_mask_storeu_ps(f1s + m * nG + g, n, _mm512_mul_ps(x16(s + p * nG + g, n), d));
+      }
     __m512 a0[M], a1[M];
     for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < I; k += 64) {
+    int64_t gk = 0, g_end = G;  // groups of 64 or more: the chunk's group, counted (a division here costs more
+    for (int64_t k = 0; k < I; k += 64) {  // than the rest of the chunk's work)
       const bool last32 = I - k == 32;
       prefetch(r0 + k / 2), prefetch(r1 + k / 2);
       const __m512i c0 = codes64(r0 + k / 2, last32), c1 = codes64(r1 + k / 2, last32);
-      const int64_t g = k / G, g2 = G32 && !last32 ? g + 1 : g;  // the chunk's groups
+      if (!G32 && k == g_end) ++gk, g_end += G;
+      const int64_t g = G32 ? k / 32 : gk, g2 = G32 && !last32 ? g + 1 : g;  // the chunk's groups
       for (int m = 0; m < M; ++m) {
         const __m512i xv = _mm512_loadu_si512(x.q + m * x.I64 + k);
-        const float* d = x.d + m * nG;
-        __m512 f0 = _mm512_set1_ps(static_cast<float>(s0[g]) * d[g]);
-        __m512 f1 = _mm512_set1_ps(static_cast<float>(s1[g]) * d[g]);
+        __m512 f0 = _mm512_set1_ps(f0s[m * nG + g]), f1 = _mm512_set1_ps(f1s[m * nG + g]);
         if (G32) {
-          f0 = _mm512_mask_mov_ps(f0, 0xF0F0, _mm512_set1_ps(static_cast<float>(s0[g2]) * d[g2]));
-          f1 = _mm512_mask_mov_ps(f1, 0xF0F0, _mm512_set1_ps(static_cast<float>(s1[g2]) * d[g2]));
+          f0 = _mm512_mask_mov_ps(f0, 0xF0F0, _mm512_set1_ps(f0s[m * nG + g2]));
+          f1 = _mm512_mask_mov_ps(f1, 0xF0F0, _mm512_set1_ps(f1s[m * nG + g2]));
         }
         a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c0, xv)), f0, a0[m]);
         a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c1, xv)), f1, a1[m]);
@@ -208,15 +215,15 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
   }
 }
 
-// Weight rows o0..o1 against M rows of x, 8 at a time while those weight rows sit in L2.
+// Weight rows o0..o1 against M rows of x, 8 at a time while those weight rows sit in L2; f: 16 x nG scratch.
 template <bool G32, typename Y>
 static void int4_task(Int8View x, int64_t M, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t O) {
+                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t O, float* f) {
   for (int64_t c = 0; c < M; c += 8) {
     const Int8View xc = x.from(c);
     Y* yc = y + c * O;
     with_rows(std::min<int64_t>(8, M - c),
-              [&](auto n) { int4_rows<decltype(n)::value, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O); });
+              [&](auto n) { int4_rows<decltype(n)::value, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O, f); });
   }
 }
 
@@ -231,11 +238,12 @@ static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, 
   const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
   X* yp = y.data_ptr<X>();
   at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> f(16 * xq.nG);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
       const auto task = G == 32 ? int4_task<true, X> : int4_task<false, X>;
       task(Int8View(xq, r), hits.n[h], w + e * O * (I / 2), s + e * O * nG, mn + e * O * nG, b * 128,
-           std::min(O, b * 128 + 128), I, G, yp + r * O, O);
+           std::min(O, b * 128 + 128), I, G, yp + r * O, O, f.data());
     }
   });
 }
