@@ -105,31 +105,33 @@ static void fp8_typed(const Hits& hits, torch::Tensor x, torch::Tensor values, t
 // ---- int8 activations, for the int4 and int8 kernels.
 // x rows rounded to int8 (quantize_rows).
 struct Int8Rows {
-  std::vector<int8_t> q;     // (M, I64)
+  std::vector<int8_t> q;     // (M, width)
   std::vector<float> d, sum;  // (M, nG)
-  int64_t I64 = 0, nG = 0;
+  int64_t width = 0, nG = 0;
 };
 
 // Rows r.. of an Int8Rows.
 struct Int8View {
   const int8_t* q;
   const float *d, *sum;
-  int64_t I64, nG;
+  int64_t width, nG;
   Int8View(const Int8Rows& x, int64_t r)
-      : q(x.q.data() + r * x.I64), d(x.d.data() + r * x.nG), sum(x.sum.data() + r * x.nG), I64(x.I64), nG(x.nG) {}
-  Int8View from(int64_t r) const { Int8View v = *this; v.q += r * I64, v.d += r * nG, v.sum += r * nG; return v; }
+      : q(x.q.data() + r * x.width), d(x.d.data() + r * x.nG), sum(x.sum.data() + r * x.nG), width(x.width),
+        nG(x.nG) {}
+  Int8View from(int64_t r) const { Int8View v = *this; v.q += r * width, v.d += r * nG, v.sum += r * nG; return v; }
 };
 
 // x rows quantized to int8 per group of G columns (the last may be shorter), as llama.cpp's Q8 activations:
 // xq = round(x / d), d = amax / 127, and the group's sum d * sum(xq) (int4's min term uses the quantized x's sum,
 // not the exact one: then its result is exactly w . x_quantized, whose error scales with w, not with w - min).
-// Rows are zero-padded to a multiple of 64 columns. In `int4_order`, each 64 values are stored in the order 32
-// packed int4 bytes unpack to ([low nibbles | high nibbles] of two 32-value chunks: values 0-15, 32-47, 16-31,
-// 48-63).
+// Rows are zero-padded to a multiple of 64 columns (int4: 128). In `int4_order`, each 128 values are stored in the
+// order 64 packed int4 bytes unpack to (codes128: the low nibbles, values 0-15, 32-47, 64-79, 96-111, then the
+// high ones, 16-31, 48-63, 80-95, 112-127).
 template <typename X>
 static void quantize_rows(const X* x, int64_t M, int64_t I, int64_t G, bool int4_order, Int8Rows& r) {
-  r.I64 = (I + 63) / 64 * 64, r.nG = (I + G - 1) / G;
-  r.q.assign(M * r.I64, 0), r.d.resize(M * r.nG), r.sum.resize(M * r.nG);
+  const int64_t pad = int4_order ? 128 : 64;
+  r.width = (I + pad - 1) / pad * pad, r.nG = (I + G - 1) / G;
+  r.q.assign(M * r.width, 0), r.d.resize(M * r.nG), r.sum.resize(M * r.nG);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < r.nG; ++g) {
       const int64_t n = std::min(G, I - g * G);
@@ -141,10 +143,10 @@ static void quantize_rows(const X* x, int64_t M, int64_t I, int64_t G, bool int4
       const __m512 inv = _mm512_set1_ps(a > 0 ? 127.0f / a : 0.0f);
       __m512i sum = _mm512_setzero_si512();
       for (int64_t k = 0; k < n; k += 16) {
-        static constexpr int64_t order[4] = {0, 32, 16, 48};  // int4 order: where each 16 values of 64 go
-        const int64_t at = g * G + k, slot = int4_order ? at / 64 * 64 + order[at % 64 / 16] : at;
+        static constexpr int64_t order[8] = {0, 64, 16, 80, 32, 96, 48, 112};  // int4: each 16 of 128 values
+        const int64_t at = g * G + k, slot = int4_order ? at / 128 * 128 + order[at % 128 / 16] : at;
         const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(x16(xg + k, tail16(n - k)), inv));
-        _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + m * r.I64 + slot), _mm512_cvtepi32_epi8(q));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(r.q.data() + m * r.width + slot), _mm512_cvtepi32_epi8(q));
         sum = _mm512_add_epi32(sum, q);
       }
       r.d[m * r.nG + g] = a / 127.0f;
@@ -152,18 +154,32 @@ static void quantize_rows(const X* x, int64_t M, int64_t I, int64_t G, bool int4
     }
 }
 
-// 64 codes from 32 packed bytes (16 for a last chunk of 32), as bytes in Int8Rows' order.
-static inline __m512i codes64(const uint8_t* p, bool half) {
-  const __m256i v = half ? _mm256_maskz_loadu_epi8(0xFFFF, p) : _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
-  const __m256i low = _mm256_set1_epi8(15);
-  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(v, low)),
-                            _mm256_and_si256(_mm256_srli_epi16(v, 4), low), 1);
+// 128 codes from 64 packed bytes (the last chunk of a row: its n < 64 bytes, the rest zero), as two vectors of
+// bytes: the low nibbles (values 0-15, 32-47, 64-79, 96-111 of the 128) and the high ones (16-31, 48-63, 80-95,
+// 112-127). One integer dot product of each with x in Int8Rows' int4 order leaves each 32-value chunk's sum in
+// 4 int32 lanes: lanes 4c..4c+3 hold chunk c.
+static inline void codes128(const uint8_t* p, int64_t n, __m512i& lo, __m512i& hi) {
+  const __m512i v = n >= 64 ? _mm512_loadu_si512(p) : _mm512_maskz_loadu_epi8((1ULL << n) - 1, p);
+  const __m512i low = _mm512_set1_epi8(15);
+  lo = _mm512_and_si512(v, low);
+  hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+}
+
+// The scales (f: a row's group scales times x's steps) of a 128-value chunk's 4 lane quads: G = 32, groups g..g+3
+// (fewer at a row's end); else the group of the first 64 values in lanes 0-7 and of the last 64 in lanes 8-15.
+template <bool G32>
+static inline __m512 chunk_scales(const float* f, int64_t g, int64_t g_hi, int64_t nG) {
+  if (G32) {
+    const __m128 four = _mm_maskz_loadu_ps(static_cast<__mmask8>(tail16(nG - g) & 15), f + g);
+    return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
+                                 _mm512_castps128_ps512(four));
+  }
+  return _mm512_mask_mov_ps(_mm512_set1_ps(f[g]), 0xFF00, _mm512_set1_ps(f[g_hi]));
 }
 
 // y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1, two per pass sharing every load of x; M <= 8 rows.
-// Per 64 values and row of x: one integer dot product, scaled by the group's weight scale times x's step;
-// the mins add sum_g min[o, g] * sum(x group g) at the end. With groups of 32, lanes 0-3 and 8-11 of a 64-value
-// chunk hold its first group, lanes 4-7 and 12-15 its second.
+// Per 128 values and row of x: two integer dot products (low and high nibbles), each chunk's sum scaled by its
+// group's weight scale times x's step; the mins add sum_g min[o, g] * sum(x group g) at the end. f: 16 x nG scratch.
 template <int M, bool G32, typename Y>
 static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
                       int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t ystride, float* f) {
@@ -181,22 +197,22 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
       }
     __m512 a0[M], a1[M];
     for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    int64_t gk = 0, g_end = G;  // groups of 64 or more: the chunk's group, counted (a division here costs more
-    for (int64_t k = 0; k < I; k += 64) {  // than the rest of the chunk's work)
-      const bool last32 = I - k == 32;
+    int64_t g = 0, g_end = G;  // groups of 64 or more: the chunk's first group, counted (a division per chunk
+    for (int64_t k = 0; k < I; k += 128) {  // costs more than the rest of its work)
       prefetch(r0 + k / 2), prefetch(r1 + k / 2);
-      const __m512i c0 = codes64(r0 + k / 2, last32), c1 = codes64(r1 + k / 2, last32);
-      if (!G32 && k == g_end) ++gk, g_end += G;
-      const int64_t g = G32 ? k / 32 : gk, g2 = G32 && !last32 ? g + 1 : g;  // the chunk's groups
+      __m512i lo0, hi0, lo1, hi1;
+      codes128(r0 + k / 2, std::min<int64_t>(64, (I - k) / 2), lo0, hi0);
+      codes128(r1 + k / 2, std::min<int64_t>(64, (I - k) / 2), lo1, hi1);
+      if (G32) g = k / 32;
+      else while (k >= g_end) ++g, g_end += G;
+      const int64_t g_hi = G32 ? g : std::min(k + 64 >= g_end ? g + 1 : g, nG - 1);  // the last 64 values' group
       for (int m = 0; m < M; ++m) {
-        const __m512i xv = _mm512_loadu_si512(x.q + m * x.I64 + k);
-        __m512 f0 = _mm512_set1_ps(f0s[m * nG + g]), f1 = _mm512_set1_ps(f1s[m * nG + g]);
-        if (G32) {
-          f0 = _mm512_mask_mov_ps(f0, 0xF0F0, _mm512_set1_ps(f0s[m * nG + g2]));
-          f1 = _mm512_mask_mov_ps(f1, 0xF0F0, _mm512_set1_ps(f1s[m * nG + g2]));
-        }
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c0, xv)), f0, a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot4(_mm512_setzero_si512(), c1, xv)), f1, a1[m]);
+        const int8_t* xm = x.q + m * x.width + k;
+        const __m512i xl = _mm512_loadu_si512(xm), xh = _mm512_loadu_si512(xm + 64);
+        const __m512i i0 = dot4(dot4(_mm512_setzero_si512(), lo0, xl), hi0, xh);
+        const __m512i i1 = dot4(dot4(_mm512_setzero_si512(), lo1, xl), hi1, xh);
+        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), chunk_scales<G32>(f0s + m * nG, g, g_hi, nG), a0[m]);
+        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), chunk_scales<G32>(f1s + m * nG, g, g_hi, nG), a1[m]);
       }
     }
     for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time
@@ -296,7 +312,7 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
         const __m512i u0 = _mm512_abs_epi8(w0), u1 = _mm512_abs_epi8(w1);
         const __mmask64 neg0 = _mm512_movepi8_mask(w0), neg1 = _mm512_movepi8_mask(w1);
         for (int m = 0; m < M; ++m) {
-          const __m512i xv = _mm512_loadu_si512(x.q + m * x.I64 + k);
+          const __m512i xv = _mm512_loadu_si512(x.q + m * x.width + k);
           i0[m] = dot4(i0[m], u0, _mm512_mask_sub_epi8(xv, neg0, _mm512_setzero_si512(), xv));
           i1[m] = dot4(i1[m], u1, _mm512_mask_sub_epi8(xv, neg1, _mm512_setzero_si512(), xv));
         }
