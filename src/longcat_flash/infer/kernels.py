@@ -70,13 +70,14 @@ def tiles_available() -> bool:
 
 def _tiles(x: torch.Tensor) -> bool:
     """Whether the tile GEMMs take rows x (..., I): bf16 (the tiles' dtype), I a multiple of 32, on CPU."""
-    return x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[-1] % 32 == 0 and tiles_available()
+    return x.dtype == torch.bfloat16 and x.is_cpu and x.shape[-1] % 32 == 0 and tiles_available()
 
 
 def _cpu_ext(x: torch.Tensor, rows: int, limit: int | None = None):
-    """The extension, if it takes this call: CPU, fp32/bf16, 1..limit (default MAX_KERNEL_ROWS) rows (else None)."""
+    """The extension, if it takes this call: CPU, fp32/bf16, 1..limit (default MAX_KERNEL_ROWS) rows (else None).
+    Decode calls this ~100 times a token: it reads only cheap tensor attributes."""
     limit = MAX_KERNEL_ROWS if limit is None else limit
-    if 0 < rows <= limit and x.dtype in (torch.float32, torch.bfloat16) and x.device.type == "cpu":
+    if 0 < rows <= limit and x.is_cpu and (x.dtype is torch.bfloat16 or x.dtype is torch.float32):
         return extension.compiled()
     return None
 
@@ -87,11 +88,12 @@ def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tup
     the GEMV kernel `kernel` for up to MAX_KERNEL_ROWS rows on CPU, its tile GEMM (`kernel`_tiles) for more bf16
     rows, else dequantized() + GEMM."""
     ext = _cpu_ext(x, x.numel() // x.shape[-1])
-    if ext is None and _tiles(x):
-        ext, kernel = extension.compiled(), kernel + "_tiles"
-    if ext is None:
-        return F.linear(x, dequantized(), bias)
-    return _unflatten(getattr(ext, kernel)(_rows(x), None, *weight), x, bias)  # no counts: one plain weight
+    if ext is not None:  # no counts: one plain weight, x (..., I) as it is
+        return _add(getattr(ext, kernel)(x, None, *weight), bias)
+    if _tiles(x):
+        y = getattr(extension.compiled(), kernel + "_tiles")(x.reshape(-1, x.shape[-1]).contiguous(), None, *weight)
+        return _add(y.view(*x.shape[:-1], y.shape[-1]), bias)
+    return F.linear(x, dequantized(), bias)
 
 
 def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.Tensor | int) -> torch.Tensor:
@@ -101,14 +103,7 @@ def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.
     return getattr(extension.compiled(), name)(x.contiguous(), counts, *weight)
 
 
-def _rows(x: torch.Tensor) -> torch.Tensor:
-    """x (..., I) -> (rows, I) contiguous, as the kernels read it."""
-    return x.reshape(-1, x.shape[-1]).contiguous()
-
-
-def _unflatten(y: torch.Tensor, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """A kernel's (rows, O) output for x (..., I) -> (..., O), plus the bias."""
-    y = y.view(*x.shape[:-1], y.shape[-1])
+def _add(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     return y if bias is None else y + bias
 
 
@@ -122,9 +117,9 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """F.linear(x, weight, bias), through the GEMV kernel for up to MAX_DENSE_ROWS rows on CPU with the weight
     in x's dtype: it reads the weight at the memory's pace, oneDNN's bf16 GEMV at ~60% of that at batch 1."""
     ext = _cpu_ext(x, x.numel() // x.shape[-1], MAX_DENSE_ROWS)
-    if ext is None or weight.dtype != x.dtype or not weight.is_contiguous():
+    if ext is None or weight.dtype is not x.dtype or not weight.is_contiguous():
         return F.linear(x, weight, bias)
-    return _unflatten(ext.dense_experts(_rows(x), None, weight), x, bias)
+    return _add(ext.dense_experts(x, None, weight), bias)
 
 
 def dense_experts(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

@@ -27,4 +27,19 @@ struct Hits {
     return hits;
   }
 };
+// An entry point's rows and output: x (R, I) rows grouped by counts, or without counts x (..., I) through one
+// plain weight; `rows` is x as (R, I) contiguous, `out` zeros (..., O) in x's dtype and `y` the same as (R, O).
+struct Batch {
+  torch::Tensor rows, out, y;
+  Hits hits;
+  Batch(const torch::Tensor& x, const c10::optional<torch::Tensor>& counts, int64_t O) {
+    TORCH_CHECK(!counts || x.dim() == 2, "rows grouped by counts must be (R, I)");
+    auto shape = x.sizes().vec();
+    shape.back() = O;
+    rows = x.reshape({-1, x.size(-1)}).contiguous();
+    out = torch::zeros(shape, x.options());
+    y = out.view({-1, O});
+    hits = Hits::of(counts, rows.size(0));
+  }
+};
 #endif  // LONGCAT_HITS_H

@@ -278,14 +278,14 @@ static void int4_into(const Hits& hits, torch::Tensor x, torch::Tensor packed, t
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), packed (E, O, I/2) uint8, scales and mins (E, O, I/G) bf16
-// -> (R, O) in x's dtype; rows past sum(counts) are zero. Without counts, one plain weight (O, I/2) for all rows
-// (a linear layer).
+// -> (R, O) in x's dtype; rows past sum(counts) are zero. Without counts, one plain weight (O, I/2) for x (..., I)
+// -> (..., O) (a linear layer).
 torch::Tensor group_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor packed,
                             torch::Tensor scales, torch::Tensor mins, int64_t G) {
   TORCH_CHECK(packed.dim() == (counts ? 3 : 2), "group_experts: packed must be (E, O, I/2) with counts, else (O, I/2)");
-  auto y = torch::zeros({x.size(0), packed.size(-2)}, x.options());
-  int4_into(Hits::of(counts, x.size(0)), x.contiguous(), packed, scales, mins, G, y);
-  return y;
+  Batch b(x, counts, packed.size(-2));
+  int4_into(b.hits, b.rows, packed, scales, mins, G, b.y);
+  return b.out;
 }
 
 // ---- int8 blocks x int8 activations (W8A8): x rounded to int8 per 128 columns (the weight blocks' width);
@@ -375,13 +375,14 @@ static void block_into(const Hits& hits, torch::Tensor x, torch::Tensor values, 
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), values (E, O, I) int8 or fp8, scales (E, nO, nI) -> (R, O);
-// rows past sum(counts) are zero. Without counts, one plain weight (O, I) for all rows (a linear layer).
+// rows past sum(counts) are zero. Without counts, one plain weight (O, I) for x (..., I) -> (..., O) (a linear
+// layer).
 torch::Tensor block_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor values,
                             torch::Tensor scales) {
   TORCH_CHECK(values.dim() == (counts ? 3 : 2), "block_experts: values must be (E, O, I) with counts, else (O, I)");
-  auto y = torch::zeros({x.size(0), values.size(-2)}, x.options());
-  block_into(Hits::of(counts, x.size(0)), x.contiguous(), values, scales, y);
-  return y;
+  Batch b(x, counts, values.size(-2));
+  block_into(b.hits, b.rows, values, scales, b.y);
+  return b.out;
 }
 
 // ---- plain weights (an unquantized model's linears and experts) in x's dtype, W read once at the memory's pace
@@ -433,7 +434,8 @@ static void dense_into(const Hits& hits, torch::Tensor x, torch::Tensor w, torch
           bf16_rows<decltype(n)::value>(xp + (r + c) * I, wp + e * O * I + o0 * I, 0, o1 - o0, I, out.data());
         });
         for (int64_t m = c; m < std::min<int64_t>(M, c + 8); ++m)
-          for (int64_t o = o0; o < o1; ++o) yp[(r + m) * O + o] = static_cast<at::BFloat16>(out[(m - c) * 128 + o - o0]);
+          for (int64_t o = o0; o < o1; ++o)
+            yp[(r + m) * O + o] = static_cast<at::BFloat16>(out[(m - c) * 128 + o - o0]);
       }
     });
     return;
@@ -446,12 +448,12 @@ static void dense_into(const Hits& hits, torch::Tensor x, torch::Tensor w, torch
 }
 
 // x (R, I) rows grouped by expert (counts (E,)), w (E, O, I) of x's dtype (fp32 or bf16) -> (R, O); rows past
-// sum(counts) are zero. Without counts, one plain weight (O, I) for all rows (a linear layer).
+// sum(counts) are zero. Without counts, one plain weight (O, I) for x (..., I) -> (..., O) (a linear layer).
 torch::Tensor dense_experts(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor w) {
   TORCH_CHECK(w.dim() == (counts ? 3 : 2), "dense_experts: w must be (E, O, I) with counts, else (O, I)");
-  auto y = torch::zeros({x.size(0), w.size(-2)}, x.options());
-  dense_into(Hits::of(counts, x.size(0)), x.contiguous(), w, y);
-  return y;
+  Batch b(x, counts, w.size(-2));
+  dense_into(b.hits, b.rows, w, b.y);
+  return b.out;
 }
 
 // ---- a MoE layer's routed experts for a few tokens (decode, concurrent streams), in one call instead of ~25
