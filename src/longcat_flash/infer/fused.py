@@ -17,8 +17,8 @@ microseconds each. The twins, swapped in by `fuse_for_inference`, cut that down 
          index_add without a (T*K, D) slot tensor; for a few tokens the routing goes to the host once and gate
          weights are scalars. On CPU the whole routed part for a few tokens is one kernel call, plain or
          quantized experts (grouping, both projections, SwiGLU, the weighted sum in fp32: kernels.moe_experts);
-         prefill-sized batches run GEMMs per hit expert (quantized: dequantized once, or the AMX tile GEMM). The sum runs in expert order instead of slot order:
-         equal up to rounding.
+         prefill-sized batches run GEMMs per hit expert (quantized: dequantized once, or the AMX tile GEMM).
+         The sum runs in expert order instead of slot order: equal up to rounding.
 Each twin is tested against its model module (tests/test_infer_fused.py).
 
 Shapes: B batch, S new tokens, L attended, D model, H heads, N/R/V head dims, C kv_lora_rank, Q q_lora_rank,
