@@ -163,6 +163,30 @@ def test_fused_engine_matches_the_reference_model(pair, k):
     assert engine.generate(ps, params) == expected
 
 
+@pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
+def test_absorbed_decode_reads_the_paged_cache_in_place(pair, monkeypatch):
+    """Sequences growing in turns over 2-token pages (each context scattered through the pool): the attention
+    kernel reads every context row where it lies, through a read index, and greedy decoding is the reference's."""
+    model, fused = pair
+    build, reads = extension.compiled, []
+
+    class Recorded:
+        def __getattr__(self, name):
+            fn = getattr(build(), name)
+            if name != "absorbed_attention":
+                return fn
+            return lambda *args: reads.append(args[-1]) or fn(*args)
+
+    monkeypatch.setattr(extension, "compiled", lambda: Recorded())
+    ps = prompts((5, 9, 3), seed=12)
+    params = SamplingParams(max_new_tokens=7, temperature=0.0, ignore_eos=True)
+    engine = Engine(fused, EngineConfig(prefill_chunk=4, token_budget=64, page_size=2, cache_tokens=128,
+                                        max_running=3))
+    assert engine.generate(ps, params) == [greedy_reference(model, p, 7) for p in ps]
+    assert reads and all(r is not None and r.dim() == 2 for r in reads)
+    assert any(bool((r[:, 1:] - r[:, :-1] != 1).any()) for r in reads)  # pages out of order: not one slice
+
+
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 12, 96])
 def test_quantized_moe_runs_its_routed_part_in_one_kernel_call(pair, fmt, tokens, monkeypatch):

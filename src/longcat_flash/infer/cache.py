@@ -204,10 +204,24 @@ class BatchView:
 
     def update(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B, S, L = self.shape
+        self.store(block, latent, k_rope)
+        return *self.gather(block, latent.dtype), self.mask
+
+    def store(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Write this forward's latent (B, S, C) and k_rope (B, S, R) into block `block`'s pool rows."""
+        B, S, _ = self.shape
         pool = self.cache.pool[block]  # (P*G, C+R)
-        rows = torch.cat([latent, k_rope], dim=-1).reshape(B * S, -1).to(pool.dtype)  # (B*S, C+R)
-        pool.index_copy_(0, self.write, rows)
-        gathered = pool.index_select(0, self.read).view(B, L, -1).to(latent.dtype)  # (B, L, C+R)
+        pool.index_copy_(0, self.write, torch.cat([latent, k_rope], dim=-1).reshape(B * S, -1).to(pool.dtype))
+
+    def gather(self, block: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `block`'s context as copies: latent (B, L, C) and k_rope (B, L, R) in `dtype`."""
+        B, _, L = self.shape
+        gathered = self.cache.pool[block].index_select(0, self.read).view(B, L, -1).to(dtype)  # (B, L, C+R)
         C = self.cache.config.kv_lora_rank
-        return gathered[..., :C], gathered[..., C:], self.mask
+        return gathered[..., :C], gathered[..., C:]
+
+    def pool_rows(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Block `block`'s pool as views, latent (P*G, C) and k_rope (P*G, R), and the read index (B, L) into them."""
+        pool, C = self.cache.pool[block], self.cache.config.kv_lora_rank
+        B, _, L = self.shape
+        return pool[:, :C], pool[:, C:], self.read.view(B, L)

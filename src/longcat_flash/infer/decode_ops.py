@@ -42,11 +42,13 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
 
 
 def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                       mask: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float
-                       ) -> torch.Tensor | None:
+                       mask: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float,
+                       read: torch.Tensor | None = None) -> torch.Tensor | None:
     """FusedMLA.attend_absorbed before o_proj, in fp32 (the same up to the order of fp32 sums): q_nope (B, S, H, N),
     q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R) of one dtype, fp32 or bf16 (views such as a split's
-    are read in place), mask (B, S, L), w_uk (H, N, C) and w_uv_t (H, C, V) fp32 -> (B, S, H*V) of q's dtype."""
+    are read in place), mask (B, S, L), w_uk (H, N, C) and w_uv_t (H, C, V) fp32 -> (B, S, H*V) of q's dtype.
+    With `read` (B, L) int64, latent (P, C) and k_rope (P, R) are the paged cache's pool rows and row (b, l) of the
+    context is pool row read[b, l], read in place."""
     tensors = (q_nope, q_rope, latent, k_rope)
     if (any(t.device.type != "cpu" or t.dtype != q_nope.dtype for t in tensors)
             or q_nope.dtype not in (torch.float32, torch.bfloat16) or w_uk.dtype != torch.float32
@@ -55,4 +57,4 @@ def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch
     ext = extension.compiled()
     if ext is None:
         return None
-    return ext.absorbed_attention(*tensors, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(), scale)
+    return ext.absorbed_attention(*tensors, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(), scale, read)

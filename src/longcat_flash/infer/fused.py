@@ -37,6 +37,7 @@ from ..model.attention import LATENT_NORM_EPS, MLA
 from ..model.layers import MLP, RMSNorm, apply_rope
 from ..model.moe import MoE, RoutingInfo, group_by_expert
 from . import decode_ops, kernels
+from .cache import BatchView
 from .experts import use_hit_experts
 from .swap import swap_modules
 
@@ -96,6 +97,21 @@ class FusedMLA(MLA):
         latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
         latent = self.kv_a_layernorm(latent)  # (B, S, C), scale folded in
         return q_nope, rotate(q_rope, rope), latent, rotate(k_rope, rope)
+
+    def attend(self, projected: Any, cache: Any = None, block: int = 0, mask: torch.Tensor | None = None
+               ) -> torch.Tensor:
+        """MLA.attend; absorbed over the paged cache, the context is read in place by the kernel instead of first
+        gathered into a copy (at 3000 tokens of context that copy was ~2 ms of a 26 ms int4 token)."""
+        if not isinstance(cache, BatchView) or not cache.absorb or mask is not None:
+            return super().attend(projected, cache, block, mask)
+        q_nope, q_rope, latent, k_rope = projected
+        cache.store(block, latent, k_rope)
+        latent_rows, k_rope_rows, read = cache.pool_rows(block)  # (P*G, C), (P*G, R), (B, L)
+        out = decode_ops.absorbed_attention(q_nope, q_rope, latent_rows, k_rope_rows, cache.mask, self.w_uk,
+                                            self.w_uv_t, self.softmax_scale, read)
+        if out is not None:
+            return self.o_proj(out)
+        return self.attend_absorbed(q_nope, q_rope, *cache.gather(block, q_nope.dtype), cache.mask)
 
     def attend_naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                      k_rope: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -101,28 +101,39 @@ torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin) {
 //   out[h]   = (softmax(score) @ latent) @ W_UV^T[h]       (V), zeros for a row with no slot
 // One task per query row and group of up to HEADS heads, so that each latent row read (and converted to fp32)
 // once serves every head of the group. Inputs of x's dtype are read through their row strides: rows (b, s, h) of
-// q_nope / q_rope and rows (b, l) of latent / k_rope each lie evenly apart (evenly_spaced_rows).
+// q_nope / q_rope and rows (b, l) of latent / k_rope each lie evenly apart (evenly_spaced_rows). With a read index
+// (B, L), latent and k_rope are the paged cache's pool (rows of every page) and row (b, l) is pool row read[b, l]:
+// the context is read where it lies, not gathered into a copy first.
 constexpr int64_t HEADS = 4;
 
-// s[j * n + l] (+)= q[j * C + 0:C] . rows[l * stride + 0:C] for J heads j and l < n: each row's values loaded once.
+// Row i of `rows` (row stride `stride`): rows[i], or rows[index[i]] through a read index.
+template <typename X>
+static inline const X* row_at(const X* rows, int64_t stride, const int64_t* index, int64_t i) {
+  return rows + (index ? index[i] : i) * stride;
+}
+
+// s[j * n + l] (+)= q[j * C + 0:C] . row l[0:C] for J heads j and l < n (row_at): each row's values loaded once.
 template <int J, typename X>
-static void head_dots(const float* q, int64_t C, const X* rows, int64_t stride, int64_t n, bool add, float* s) {
+static void head_dots(const float* q, int64_t C, const X* rows, int64_t stride, const int64_t* index, int64_t n,
+                      bool add, float* s) {
   for (int64_t l = 0; l < n; ++l) {
+    const X* row = row_at(rows, stride, index, l);
     __m512 acc[J];
     for (int j = 0; j < J; ++j) acc[j] = _mm512_setzero_ps();
     for (int64_t k = 0; k < C; k += 16) {
       const __mmask16 m = tail16(C - k);
-      const __m512 r = x16(rows + l * stride + k, m);
+      const __m512 r = x16(row + k, m);
       for (int j = 0; j < J; ++j) acc[j] = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, q + j * C + k), r, acc[j]);
     }
     for (int j = 0; j < J; ++j) s[j * n + l] = (add ? s[j * n + l] : 0.0f) + _mm512_reduce_add_ps(acc[j]);
   }
 }
 
-// y[j * C + 0:C] = sum_i a[j * n + i] * rows[i * stride + 0:C] for J heads j: each row's values loaded once, 16 * W
+// y[j * C + 0:C] = sum_i a[j * n + i] * row i[0:C] for J heads j (row_at): each row's values loaded once, 16 * W
 // columns at a time in registers. Rows whose weights are all 0 are skipped (masked cache slots may hold anything).
 template <int J, typename X>
-static void head_weighted_rows(const float* a, int64_t n, const X* rows, int64_t stride, int64_t C, float* y) {
+static void head_weighted_rows(const float* a, int64_t n, const X* rows, int64_t stride, const int64_t* index,
+                               int64_t C, float* y) {
   constexpr int W = J == 1 ? 4 : 2;  // one head: four accumulators to hide the FMA latency
   for (int64_t c = 0; c < C; c += 16 * W) {
     __mmask16 m[W];
@@ -135,7 +146,8 @@ static void head_weighted_rows(const float* a, int64_t n, const X* rows, int64_t
       for (int j = 0; j < J; ++j) any |= a[j * n + i] != 0.0f;
       if (!any) continue;
       __m512 r[W];
-      for (int w = 0; w < W; ++w) r[w] = x16(rows + i * stride + c + 16 * w, m[w]);
+      const X* row = row_at(rows, stride, index, i);
+      for (int w = 0; w < W; ++w) r[w] = x16(row + c + 16 * w, m[w]);
       for (int j = 0; j < J; ++j) {
         const __m512 aj = _mm512_set1_ps(a[j * n + i]);
         for (int w = 0; w < W; ++w) acc[j][w] = _mm512_fmadd_ps(aj, r[w], acc[j][w]);
@@ -168,6 +180,7 @@ struct Absorbed {
   const X *qn, *qr, *lat, *kr;
   int64_t qn_stride, qr_stride, lat_stride, kr_stride;
   const bool* mask;
+  const int64_t* read;  // (B, L) pool rows, or null: latent / k_rope are (B, L, .)
   const float *w_uk, *w_uv_t;
   float scale;
   X* y;
@@ -181,16 +194,17 @@ struct Absorbed {
     for (int j = 0; j < J; ++j) {
       const int64_t row = bs * H + h0 + j;
       load_row(qn + row * qn_stride, tmp, N);
-      head_weighted_rows<1>(tmp, N, w_uk + (h0 + j) * N * C, C, C, q_lat + j * C);
+      head_weighted_rows<1>(tmp, N, w_uk + (h0 + j) * N * C, C, nullptr, C, q_lat + j * C);
       load_row(qr + row * qr_stride, rope + j * R, R);
     }
-    const X *lat_b = lat + b * L * lat_stride, *kr_b = kr + b * L * kr_stride;
-    head_dots<J>(q_lat, C, lat_b, lat_stride, L, false, p);
-    head_dots<J>(rope, R, kr_b, kr_stride, L, true, p);
+    const X *lat_b = read ? lat : lat + b * L * lat_stride, *kr_b = read ? kr : kr + b * L * kr_stride;
+    const int64_t* index = read ? read + b * L : nullptr;
+    head_dots<J>(q_lat, C, lat_b, lat_stride, index, L, false, p);
+    head_dots<J>(rope, R, kr_b, kr_stride, index, L, true, p);
     for (int j = 0; j < J; ++j) masked_softmax(p + j * L, mask + bs * L, L, scale);
-    head_weighted_rows<J>(p, L, lat_b, lat_stride, C, o_lat);
+    head_weighted_rows<J>(p, L, lat_b, lat_stride, index, C, o_lat);
     for (int j = 0; j < J; ++j) {
-      head_weighted_rows<1>(o_lat + j * C, C, w_uv_t + (h0 + j) * C * V, V, V, tmp);
+      head_weighted_rows<1>(o_lat + j * C, C, w_uv_t + (h0 + j) * C * V, V, nullptr, V, tmp);
       X* yr = y + (bs * H + h0 + j) * V;  // y (B, S, H*V)
       for (int64_t v = 0; v < V; ++v) yr[v] = static_cast<X>(tmp[v]);
     }
@@ -211,28 +225,41 @@ struct Absorbed {
 
 // q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R): one dtype, fp32 or bf16, read in
 // place where their rows lie evenly apart; mask (B, S, L) bool; w_uk (H, N, C), w_uv_t (H, C, V) fp32 -> (B, S, H*V).
+// With `read` (B, L) int64: latent (P, C) and k_rope (P, R) are pool rows, row (b, l) being pool row read[b, l].
 torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_in, torch::Tensor latent_in,
                                  torch::Tensor k_rope_in, torch::Tensor mask, torch::Tensor w_uk, torch::Tensor w_uv_t,
-                                 double scale) {
+                                 double scale, c10::optional<torch::Tensor> read) {
   const auto q_nope = evenly_spaced_rows(q_nope_in), q_rope = evenly_spaced_rows(q_rope_in);
   const auto latent = evenly_spaced_rows(latent_in), k_rope = evenly_spaced_rows(k_rope_in);
   const int64_t qn_stride = q_nope.stride(-2), qr_stride = q_rope.stride(-2);
   const int64_t lat_stride = latent.stride(-2), kr_stride = k_rope.stride(-2);
   const int64_t B = q_nope.size(0), S = q_nope.size(1), H = q_nope.size(2), N = q_nope.size(3);
-  const int64_t R = q_rope.size(3), L = latent.size(1), C = latent.size(2), V = w_uv_t.size(2);
+  const int64_t R = q_rope.size(3), C = latent.size(-1), V = w_uv_t.size(2);
+  const int64_t L = read ? read->numel() / std::max<int64_t>(B, 1) : latent.size(1);
   const auto dtype = q_nope.scalar_type();
   TORCH_CHECK(q_rope.scalar_type() == dtype && latent.scalar_type() == dtype && k_rope.scalar_type() == dtype &&
               mask.scalar_type() == torch::kBool && mask.is_contiguous() && mask.numel() == B * S * L &&
               w_uk.scalar_type() == torch::kFloat && w_uv_t.scalar_type() == torch::kFloat && w_uk.is_contiguous() &&
               w_uv_t.is_contiguous() && w_uk.numel() == H * N * C && w_uv_t.numel() == H * C * V &&
-              k_rope.size(2) == R && q_nope.stride(3) == 1 && q_rope.stride(3) == 1 && latent.stride(2) == 1 &&
-              k_rope.stride(2) == 1, "absorbed_attention: shapes, dtypes or strides do not fit");
+              k_rope.size(-1) == R && q_nope.stride(3) == 1 && q_rope.stride(3) == 1 && latent.stride(-1) == 1 &&
+              k_rope.stride(-1) == 1, "absorbed_attention: shapes, dtypes or strides do not fit");
+  torch::Tensor index;
+  if (read) {
+    index = read->contiguous();
+    const int64_t rows = latent.size(0);
+    TORCH_CHECK(index.scalar_type() == torch::kLong && latent.dim() == 2 && k_rope.dim() == 2 &&
+                k_rope.size(0) == rows && index.numel() == B * L,
+                "absorbed_attention: read (B, L) int64 over pool rows latent (P, C) and k_rope (P, R)");
+    TORCH_CHECK(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < rows),
+                "absorbed_attention: a read index outside the pool");
+  }
   auto y = torch::empty({B, S, H * V}, q_nope.options());
   with_dtype(q_nope, "absorbed_attention", [&](auto t) {
     using X = decltype(t);
     Absorbed<X>{q_nope.data_ptr<X>(), q_rope.data_ptr<X>(), latent.data_ptr<X>(), k_rope.data_ptr<X>(), qn_stride,
-                qr_stride, lat_stride, kr_stride, mask.data_ptr<bool>(), w_uk.data_ptr<float>(),
-                w_uv_t.data_ptr<float>(), static_cast<float>(scale), y.data_ptr<X>(), B, S, H, N, R, L, C, V}.run();
+                qr_stride, lat_stride, kr_stride, mask.data_ptr<bool>(), read ? index.data_ptr<int64_t>() : nullptr,
+                w_uk.data_ptr<float>(), w_uv_t.data_ptr<float>(), static_cast<float>(scale), y.data_ptr<X>(), B, S,
+                H, N, R, L, C, V}.run();
   });
   return y;
 }
