@@ -63,7 +63,7 @@ def test_every_hit_expert_in_one_call(dtype, monkeypatch):
     assert calls == ["dense_experts", "dense_experts"]
 
 
-def test_beyond_the_gemv_rows_the_experts_loop():
+def test_fp32_beyond_the_gemv_rows_takes_the_experts_loop():
     torch.manual_seed(3)
     experts = PlainHitExperts(torch.randn(2, 32, 16), torch.randn(2, 16, 16))
     counts = torch.tensor([kernels.MAX_DENSE_ROWS + 4, kernels.MAX_DENSE_ROWS + 4])

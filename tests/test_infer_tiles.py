@@ -7,6 +7,7 @@ import torch
 from infer_support import assert_bf16_gemm, record_kernel_calls
 
 from longcat_flash.infer import kernels, quant
+from longcat_flash.infer.experts import PlainHitExperts
 
 pytestmark = pytest.mark.skipif(not kernels.tiles_available(),
                                 reason="the tile GEMMs need a CPU with AMX and the compiled kernels")
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.skipif(not kernels.tiles_available(),
 @pytest.fixture
 def tile_calls(monkeypatch) -> list[str]:
     """Names of the tile GEMM entry points called."""
-    return record_kernel_calls(monkeypatch, {"block_experts_tiles", "group_experts_tiles"})
+    return record_kernel_calls(monkeypatch, {"block_experts_tiles", "group_experts_tiles", "dense_experts_tiles"})
 
 
 @pytest.mark.parametrize("fmt,in_features", [("int4", 256), ("int4", 96), ("int8", 160), ("fp8", 96)])
@@ -33,20 +34,26 @@ def test_linear_beyond_the_gemv_rows_is_the_bf16_gemm_on_the_dequantized_weight(
     assert_bf16_gemm(y.reshape(-1, 200), x.reshape(-1, in_features), unit.weight)
 
 
-@pytest.mark.parametrize("fmt", ["int4", "int8"])
+@pytest.mark.parametrize("fmt", ["int4", "int8", "plain"])
 def test_every_hit_expert_in_one_call(fmt, tile_calls):
     """Rows grouped by expert, some experts with no rows, a few with one; rows past sum(counts) (zero-expert
-    slots) come out zero; each expert's rows meet that expert's weight only."""
+    slots) come out zero; each expert's rows meet that expert's weight only. "plain": unquantized bf16 experts
+    (bf16 prefill), the panel a copy of the weight's rows."""
     torch.manual_seed(1)
     gate_up, down = torch.randn(6, 128, 64) * 0.1, torch.randn(6, 64, 64) * 0.1
-    experts = quant.QuantExperts(gate_up, down, fmt)
     counts = torch.tensor([40, 0, 1, 70, 0, 3])
     x = torch.randn(int(counts.sum()) + 5, 64, dtype=torch.bfloat16)
-    parts = experts.parts("gate_up_proj")
-    fused = kernels.group_experts if fmt == "int4" else kernels.block_experts
-    y = fused(x, counts, *parts.values())
-    assert tile_calls == [("group" if fmt == "int4" else "block") + "_experts_tiles"]
-    w = quant.dequantize_weight(parts, fmt, torch.bfloat16)  # (6, 128, 64)
+    if fmt == "plain":
+        experts = PlainHitExperts(gate_up.bfloat16(), down.bfloat16())
+        w = experts.gate_up_proj
+        y, name = kernels.dense_experts(x, counts, w), "dense_experts_tiles"
+    else:
+        experts = quant.QuantExperts(gate_up, down, fmt)
+        parts = experts.parts("gate_up_proj")
+        fused = kernels.group_experts if fmt == "int4" else kernels.block_experts
+        y, name = fused(x, counts, *parts.values()), ("group" if fmt == "int4" else "block") + "_experts_tiles"
+        w = quant.dequantize_weight(parts, fmt, torch.bfloat16)  # (6, 128, 64)
+    assert tile_calls == [name]
     start = 0
     for e, n in enumerate(counts.tolist()):
         if n:
@@ -55,7 +62,7 @@ def test_every_hit_expert_in_one_call(fmt, tile_calls):
     assert y[start:].abs().max() == 0
     tile_calls.clear()
     out = experts(x, counts)  # gate_up, SwiGLU, down: both projections through the tiles
-    assert tile_calls == [tile_calls[0]] * 2 and out[start:].abs().max() == 0
+    assert tile_calls == [name] * 2 and out[start:].abs().max() == 0
 
 
 def test_the_gemv_kernel_keeps_decode_rows_and_fp32_keeps_its_gemm(tile_calls):

@@ -57,8 +57,8 @@ class HitExperts(nn.Module):
 
 
 class PlainHitExperts(HitExperts):
-    """Same parameters and results as `Experts`, over the hit experts only: in one kernel call per projection for
-    up to kernels.MAX_DENSE_ROWS rows per hit expert on CPU (kernels.dense_experts), else expert by expert."""
+    """Same parameters and results as `Experts`, over the hit experts only: in one kernel call per projection on
+    CPU where kernels.dense_experts takes it (decode rows; bf16 prefill on AMX), else expert by expert."""
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
         super().__init__()

@@ -19,8 +19,8 @@ CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("simd.h", "weights.h", "hits.h",  # headers first
            "quant_kernels.cpp", "dequantize.cpp", "tile_gemm.cpp", "decode_ops.cpp")
 FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "block_dequantize",
-             "group_dequantize", "amx_available", "block_experts_tiles", "group_experts_tiles", "rms_norm", "swiglu",
-             "rope", "absorbed_attention"]
+             "group_dequantize", "amx_available", "block_experts_tiles", "group_experts_tiles", "dense_experts_tiles",
+             "rms_norm", "swiglu", "rope", "absorbed_attention"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -29,7 +29,7 @@ TDPBF16PS, writing and re-reading no bf16 copy of the weight: 1.1-6x dequantize 
 1024 in isolation (bench/bench_tiles.py). Otherwise (fp32, no AMX) each weight is dequantized once, in one
 compiled pass (`dequantize`, `group_dequantize`), for oneDNN's GEMM.
 Plain (unquantized) weights take the same path for up to MAX_DENSE_ROWS rows (`dense_linear`, `dense_experts`,
-and `moe_experts` with one tensor per projection): bf16 rows meet bf16 weights 32 values per pair dot-product
+and `moe_experts` with one tensor per projection; bf16 experts beyond it the tile GEMM, the panel a copy): bf16 rows meet bf16 weights 32 values per pair dot-product
 instruction (AVX512-BF16; else converted and fp32 FMAs, as fp32 weights), summed in fp32; tasks of 32 weight rows.
 At batch 1 that reads a bf16 weight 1.3-1.8x as fast as oneDNN's GEMV (bench_decode.py's kernel table).
 
@@ -125,11 +125,16 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 
 def dense_experts(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:
     """x (R, I) rows grouped by expert, counts (E,), weight (E, O, I) in x's dtype -> (R, O), every hit expert in
-    one kernel call (rows past sum(counts) are zero); None where the kernel does not take the call (more than
-    MAX_DENSE_ROWS rows per hit expert on average, where the GEMM per expert is faster)."""
-    if _cpu_ext(x, 1) is None or weight.dtype != x.dtype or not _gemv_rows(x, counts, MAX_DENSE_ROWS):
+    one kernel call (rows past sum(counts) are zero): the GEMV kernel for up to MAX_DENSE_ROWS rows per hit expert
+    on average, the tile GEMM for more in bf16 on a CPU with AMX (one call instead of a GEMM per hit expert: bench
+    preset bf16 prefill of 1024 tokens ~1.3x faster); else None (fp32 prefill: the GEMM per expert)."""
+    if _cpu_ext(x, 1) is None or weight.dtype != x.dtype:
         return None
-    return extension.compiled().dense_experts(x.contiguous(), counts, weight.contiguous())
+    if _gemv_rows(x, counts, MAX_DENSE_ROWS):
+        return extension.compiled().dense_experts(x.contiguous(), counts, weight.contiguous())
+    if _tiles(x):
+        return extension.compiled().dense_experts_tiles(x.contiguous(), counts, weight.contiguous())
+    return None
 
 
 # ---- int8 / fp8 128x128 blocks ----

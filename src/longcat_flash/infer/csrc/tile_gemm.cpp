@@ -1,9 +1,9 @@
-// Quantized weights times more rows than the GEMV kernels take (concurrent streams, prefill), on AMX tiles; Python
-// side: kernels.py. Each task dequantizes 128 rows of a weight to bf16 into a panel that stays in L2, then
-// TDPBF16PS multiplies it by every row of x (packed once per call in the tiles' pair layout), accumulating in fp32.
-// The panel is filled by the same row dequantizers as `dequantize`'s bf16 output (weights.h), so the result is
-// oneDNN's bf16 GEMM on the dequantized weight up to the order of fp32 sums, without writing a dequantized copy to
-// memory and reading it back.
+// Quantized weights (and plain bf16 experts) times more rows than the GEMV kernels take (concurrent streams,
+// prefill), on AMX tiles; Python side: kernels.py. Each task dequantizes (plain: copies) 128 rows of a weight to
+// bf16 into a panel that stays in L2, then TDPBF16PS multiplies it by every row of x (packed once per call in the
+// tiles' pair layout), accumulating in fp32. The panel is filled by the same row dequantizers as `dequantize`'s
+// bf16 output (weights.h), so the result is oneDNN's bf16 GEMM on the dequantized weight up to the order of fp32
+// sums, without writing a dequantized copy to memory and reading it back.
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -199,5 +199,17 @@ torch::Tensor block_experts_tiles(torch::Tensor x, c10::optional<torch::Tensor> 
   else
     tile_gemm(hits, x, BlockRows<uint8_t>{reinterpret_cast<const uint8_t*>(values.data_ptr()),
                                           scales.data_ptr<float>(), I, O}, O, y);
+  return y;
+}
+
+// dense_experts (quant_kernels.cpp) for more rows: x (R, I) bf16 rows grouped by expert (counts (E,)), w (E, O, I)
+// bf16 -> (R, O) bf16. The panels are copies of the weight's rows.
+torch::Tensor dense_experts_tiles(torch::Tensor x, c10::optional<torch::Tensor> counts, torch::Tensor w) {
+  const Hits hits = Hits::of(counts, x.size(0));
+  const int64_t I = x.size(1), O = w.size(-2);
+  TORCH_CHECK(w.dim() == (counts ? 3 : 2) && w.is_contiguous() && w.size(-1) == I &&
+              w.scalar_type() == torch::kBFloat16, "dense_experts_tiles: shapes, dtypes or layout do not fit");
+  auto y = tile_output(hits, x, O);
+  tile_gemm(hits, x, PlainRows{w.data_ptr<at::BFloat16>(), I}, O, y);
   return y;
 }

@@ -85,4 +85,11 @@ struct BlockRows {  // values (E, O, I) int8 or fp8, scales (E, nO, nI) fp32 per
     }
   }
 };
+struct PlainRows {  // plain bf16 weights (E, O, I): row o of E * O, copied as it is
+  const at::BFloat16* w;
+  int64_t I;
+  void operator()(int64_t o, at::BFloat16* dst, int64_t stride) const {
+    for (int64_t c = 0; c < I / 32; ++c) _mm512_storeu_si512(dst + c * stride, _mm512_loadu_si512(w + o * I + c * 32));
+  }
+};
 #endif  // LONGCAT_WEIGHTS_H
