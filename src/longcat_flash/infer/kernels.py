@@ -29,9 +29,10 @@ TDPBF16PS, writing and re-reading no bf16 copy of the weight: 1.1-6x dequantize 
 1024 in isolation (bench/bench_tiles.py). Otherwise (fp32, no AMX) each weight is dequantized once, in one
 compiled pass (`dequantize`, `group_dequantize`), for oneDNN's GEMM.
 Plain (unquantized) weights take the same path for up to MAX_DENSE_ROWS rows (`dense_linear`, `dense_experts`,
-and `moe_experts` with one tensor per projection; bf16 experts beyond it the tile GEMM, the panel a copy): bf16 rows meet bf16 weights 32 values per pair dot-product
+and `moe_experts` with one tensor per projection): bf16 rows meet bf16 weights 32 values per pair dot-product
 instruction (AVX512-BF16; else converted and fp32 FMAs, as fp32 weights), summed in fp32; tasks of 32 weight rows.
-At batch 1 that reads a bf16 weight 1.3-1.8x as fast as oneDNN's GEMV (bench_decode.py's kernel table).
+At batch 1 that reads a bf16 weight 1.3-1.8x as fast as oneDNN's GEMV (bench_decode.py's kernel table). bf16
+experts beyond it take the tile GEMM, the panel a copy of the weight's rows.
 
 The kernels are compiled on first use (extension.py). Without a compiler, without AVX-512, or with
 LONGCAT_KERNELS=0, everything runs on the reference path.
