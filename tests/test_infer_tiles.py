@@ -65,8 +65,13 @@ def test_every_hit_expert_in_one_call(fmt, tile_calls):
     assert tile_calls == [name] * 2 and out[start:].abs().max() == 0
 
 
-def test_the_gemv_kernel_keeps_decode_rows_and_fp32_keeps_its_gemm(tile_calls):
+def test_decode_rows_fp32_and_long_prefill_stay_off_the_tiles(tile_calls):
+    """The GEMV kernel keeps decode rows; fp32 keeps its GEMM (the tiles would round x to bf16); a linear with more
+    than MAX_TILE_ROWS rows goes back to dequantize + GEMM, faster there."""
     unit = quant.QuantLinear(torch.nn.Linear(64, 48), "int4")
     unit(torch.randn(kernels.MAX_KERNEL_ROWS, 64).bfloat16())
-    unit(torch.randn(kernels.MAX_KERNEL_ROWS + 1, 64))  # fp32: the tiles would round x to bf16
+    unit(torch.randn(kernels.MAX_KERNEL_ROWS + 1, 64))
+    unit = quant.QuantLinear(torch.nn.Linear(64, 48).bfloat16(), "int4")
+    x = torch.randn(kernels.MAX_TILE_ROWS + 1, 64).bfloat16()
+    assert torch.equal(unit(x), torch.nn.functional.linear(x, unit.weight, unit.bias))
     assert tile_calls == []

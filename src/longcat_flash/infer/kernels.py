@@ -58,6 +58,9 @@ MAX_KERNEL_ROWS = 16
 # The same for plain (unquantized) weights, against oneDNN's GEMM on them: bf16, 2 threads, the kernel reads
 # 1.1-1.8x as fast at 1 to 4 rows, about as fast at 8, 0.5-0.6x at 16 (its products, not the memory, bound it).
 MAX_DENSE_ROWS = 8
+# Rows of one linear weight up to which the tile GEMM beats dequantize + oneDNN's GEMM (bf16, 2 threads, bench
+# preset shapes, int4 / int8): 1.1-1.5x at 128 rows, 0.97-1.07x at 256, 0.90-0.99x at 512, 0.79-0.88x at 1024.
+MAX_TILE_ROWS = 256
 
 def kernel_available() -> bool:
     return extension.compiled() is not None
@@ -87,12 +90,13 @@ def _cpu_ext(x: torch.Tensor, rows: int, limit: int | None = None):
 def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tuple,
             dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
     """x (..., I) -> (..., O) through one quantized weight (`weight`: the kernel's arguments after x and counts):
-    the GEMV kernel `kernel` for up to MAX_KERNEL_ROWS rows on CPU, its tile GEMM (`kernel`_tiles) for more bf16
-    rows, else dequantized() + GEMM."""
-    ext = _cpu_ext(x, x.numel() // x.shape[-1])
+    the GEMV kernel `kernel` for up to MAX_KERNEL_ROWS rows on CPU, its tile GEMM (`kernel`_tiles) for bf16 rows up
+    to MAX_TILE_ROWS, else dequantized() + GEMM."""
+    rows = x.numel() // x.shape[-1]
+    ext = _cpu_ext(x, rows)
     if ext is not None:  # no counts: one plain weight, x (..., I) as it is
         return _add(getattr(ext, kernel)(x, None, *weight), bias)
-    if _tiles(x):
+    if rows <= MAX_TILE_ROWS and _tiles(x):
         y = getattr(extension.compiled(), kernel + "_tiles")(x.reshape(-1, x.shape[-1]).contiguous(), None, *weight)
         return _add(y.view(*x.shape[:-1], y.shape[-1]), bias)
     return F.linear(x, dequantized(), bias)
