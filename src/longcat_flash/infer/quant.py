@@ -282,7 +282,7 @@ def choose_sensitive(model: nn.Module, calibration: torch.Tensor | None, fmt: st
     (B, S) as ||x W_q^T - x W^T|| / ||x W^T|| over each unit's own inputs (an expert stack: over its experts'
     routed rows); without calibration, by relative weight error. Returned in `quant_error`, largest first. Units
     `fmt` cannot store, and units whose inputs the calibration never shows (expert stacks, when the calibration is
-    so short that its rows average kernels.MAX_KERNEL_ROWS or fewer per hit expert: the MoE kernel takes them in
+    so short that its rows average kernels.MAX_DENSE_ROWS or fewer per hit expert: the MoE kernel takes them in
     one call), are not ranked."""
     units = {n: m for n, m in candidates(model).items() if fmt != "int4" or int4_ready(m)}
     if calibration is None:

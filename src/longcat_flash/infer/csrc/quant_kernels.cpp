@@ -51,24 +51,30 @@ static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int6
   }
 }
 
-// Rows o0..o1 of W (O, I), inside one 128-row block, against M rows of x (M, I) into y (M, O), 8 rows of x at a
-// time while those weight rows sit in L2 (W is read from memory once whatever M is); xs and out are the caller's
-// scratch. s: the block scales (nO, nI) of fp8 weights, or null for plain ones.
+// M rows of x against weight rows o0..o1, 8 rows of x at a time while those weight rows sit in L2 (W is read from
+// memory once whatever M is): rows(c, n) writes rows c..c+n of x into out (fp32, row stride 128), which goes to
+// columns o0..o1 of y (M, O) in X.
+template <typename X, typename F>
+static void by_eights(int64_t M, int64_t o0, int64_t o1, int64_t O, X* y, const std::vector<float>& out, F&& rows) {
+  for (int64_t c = 0; c < M; c += 8) {
+    with_rows(std::min<int64_t>(8, M - c), [&](auto n) { rows(c, n); });
+    for (int64_t m = c; m < std::min<int64_t>(M, c + 8); ++m)
+      for (int64_t o = o0; o < o1; ++o) y[m * O + o] = static_cast<X>(out[(m - c) * 128 + o - o0]);
+  }
+}
+
+// Rows o0..o1 of W (O, I), inside one 128-row block, against M rows of x (M, I) into y (M, O); xs and out are the
+// caller's scratch. s: the block scales (nO, nI) of fp8 weights, or null for plain ones.
 template <typename W, typename X>
 static void rows_task(int64_t M, const X* x, const W* w, const float* s, int64_t I, int64_t O, int64_t o0,
                       int64_t o1, X* y, std::vector<float>& xs, std::vector<float>& out) {
-  const int64_t nI = (I + 127) / 128, b = o0 / 128, rows = o1 - o0;
+  const int64_t nI = (I + 127) / 128, b = o0 / 128;
   xs.resize(M * I);
   for (int64_t m = 0; m < M; ++m)
     for (int64_t k = 0; k < I; ++k) xs[m * I + k] = scalar(x[m * I + k]) * (s ? s[b * nI + k / 128] : 1.0f);
-  for (int64_t c = 0; c < M; c += 8) {
-    const float* xc = xs.data() + c * I;
-    const W* wb = w + o0 * I;
-    with_rows(std::min<int64_t>(8, M - c),
-              [&](auto n) { block_rows<W, decltype(n)::value>(xc, wb, 0, rows, I, 128, out.data()); });
-    for (int64_t m = c; m < std::min<int64_t>(M, c + 8); ++m)
-      for (int64_t o = 0; o < rows; ++o) y[m * O + o0 + o] = static_cast<X>(out[(m - c) * 128 + o]);
-  }
+  by_eights(M, o0, o1, O, y, out, [&](int64_t c, auto n) {
+    block_rows<W, decltype(n)::value>(xs.data() + c * I, w + o0 * I, 0, o1 - o0, I, 128, out.data());
+  });
 }
 
 // f(h, o0, o1, xs, out) for each task: one per (hit expert h, `step` weight rows o0..o1), all in one parallel
@@ -428,15 +434,10 @@ static void dense_into(const Hits& hits, torch::Tensor x, torch::Tensor w, torch
     const at::BFloat16 *xp = x.data_ptr<at::BFloat16>(), *wp = w.data_ptr<at::BFloat16>();
     at::BFloat16* yp = y.data_ptr<at::BFloat16>();
     for_tasks(hits, O, 32, [&](int64_t h, int64_t o0, int64_t o1, auto&, auto& out) {
-      const int64_t e = hits.id[h], r = hits.start[h], M = hits.n[h];
-      for (int64_t c = 0; c < M; c += 8) {
-        with_rows(std::min<int64_t>(8, M - c), [&](auto n) {
-          bf16_rows<decltype(n)::value>(xp + (r + c) * I, wp + e * O * I + o0 * I, 0, o1 - o0, I, out.data());
-        });
-        for (int64_t m = c; m < std::min<int64_t>(M, c + 8); ++m)
-          for (int64_t o = o0; o < o1; ++o)
-            yp[(r + m) * O + o] = static_cast<at::BFloat16>(out[(m - c) * 128 + o - o0]);
-      }
+      const int64_t e = hits.id[h], r = hits.start[h];
+      by_eights(hits.n[h], o0, o1, O, yp + r * O, out, [&](int64_t c, auto n) {
+        bf16_rows<decltype(n)::value>(xp + (r + c) * I, wp + (e * O + o0) * I, 0, o1 - o0, I, out.data());
+      });
     });
     return;
   }
