@@ -122,6 +122,26 @@ def kernel_rows(monkeypatch) -> list[int]:
     return rows
 
 
+@pytest.mark.parametrize("fmt", [*FORMATS, "int4"])
+def test_compiled_dequantization_equals_the_reference_bit_for_bit(fmt, kernel_rows):
+    """The prefill's weights (dequantized once per long chunk; the tile GEMMs' panels fill through the same row
+    code) are the reference's values, rounded to bf16 exactly as torch rounds: stacked experts, partial blocks and
+    a tail past the last 32 columns. A conversion that rounded another way or swapped the halves of 32 values
+    fails this."""
+    assert extension.compiled() is not None
+    torch.manual_seed(3)
+    w = torch.randn(3, 300, 192 if fmt == "int4" else 520) * torch.logspace(-3, 1, 300)[:, None]
+    if fmt == "int4":
+        parts = quant.quantize_groupwise(w)
+        compiled, reference = kernels.group_dequantize, kernels.group_dequantize_reference
+    else:
+        parts = quant.quantize_blockwise(w, fmt)
+        compiled, reference = kernels.dequantize, kernels.dequantize_reference
+    for dtype in (torch.bfloat16, torch.float32):
+        got, want = compiled(*parts, dtype), reference(*parts, dtype)
+        assert got.dtype == want.dtype == dtype and torch.equal(got, want)
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_kernel_equals_the_reference(fmt, kernel_rows):
     """The compiled kernel == the dequantized weight times x (int8 weights: x rounded to int8 steps per 128
