@@ -6,9 +6,16 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
+from infer_support import (
+    greedy_reference,
+    one_thread,  # noqa: F401  (autouse fixture)
+    prompts,
+    randomized,
+    record_kernel_calls,
+)
 
 from longcat_flash.infer import decode_ops, extension, kernels, quant
+from longcat_flash.infer.cache import CacheConfig, PagedLatentCache
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, FusedRMSNorm, fuse_for_inference, rotate
 from longcat_flash.infer.sampling import SamplingParams
@@ -173,9 +180,9 @@ def test_absorbed_decode_reads_the_paged_cache_in_place(pair, monkeypatch):
     class Recorded:
         def __getattr__(self, name):
             fn = getattr(build(), name)
-            if name != "absorbed_attention":
+            if name != "mla_attend":  # (q_nope, q_rope, latent, k_rope, pool, write, read, ...)
                 return fn
-            return lambda *args: reads.append(args[-1]) or fn(*args)
+            return lambda *args: reads.append(args[6]) or fn(*args)
 
     monkeypatch.setattr(extension, "compiled", lambda: Recorded())
     ps = prompts((5, 9, 3), seed=12)
@@ -185,6 +192,41 @@ def test_absorbed_decode_reads_the_paged_cache_in_place(pair, monkeypatch):
     assert engine.generate(ps, params) == [greedy_reference(model, p, 7) for p in ps]
     assert reads and all(r is not None and r.dim() == 2 for r in reads)
     assert any(bool((r[:, 1:] - r[:, :-1] != 1).any()) for r in reads)  # pages out of order: not one slice
+
+
+@pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
+def test_compiled_decode_blocks_give_the_twins_bits(pair, fmt, monkeypatch):
+    """An attention block's two halves and an MLP in one compiled call each (decode_ops.mla_project, mla_attend,
+    mlp) give bit for bit what the twins give calling the kernels one by one: plain fp32 and bf16 weights, int8 and
+    int4; two sequences whose contexts lie scattered over 2-token pages; the new rows land in the same pool rows."""
+    model, _ = pair
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    twin = copy.deepcopy(model).to(dtype)
+    fuse_for_inference(twin)
+    if fmt in ("int8", "int4"):
+        quant.quantize_model(twin, fmt)
+    attn, mlp = twin.model.layers[1].self_attn[1], twin.model.layers[1].mlps[0]
+    cache = PagedLatentCache(CacheConfig.for_model(twin.config, max_tokens=32, page_size=2, dtype=dtype))
+    for seq, n in ((0, 2), (1, 2), (0, 4), (1, 4), (0, 6)):  # pages interleaved between the two
+        cache.ensure(seq, n)
+    cache.pool.normal_()  # earlier context
+    positions = torch.tensor([[5], [3]])
+    view = cache.view([0, 1], positions)
+    x = torch.randn(2, 1, twin.config.hidden_size).to(dtype)
+    rope = twin.model.rotary(positions, dtype)
+    before = cache.pool.clone()
+    calls = record_kernel_calls(monkeypatch, {"mla_project", "mla_attend", "mlp"})
+    with torch.no_grad():
+        got = attn.attend(attn.project(x, rope), view, block=3), mlp(x)
+        assert calls == ["mla_project", "mla_attend", "mlp"]
+        stored, _ = cache.pool.clone(), cache.pool.copy_(before)
+        monkeypatch.setattr(kernels, "linear_weights", lambda *args: None)
+        monkeypatch.setattr(decode_ops, "mla_attend", lambda *args: None)
+        want = attn.attend(attn.project(x, rope), view, block=3), mlp(x)
+    assert calls == ["mla_project", "mla_attend", "mlp"]  # none of them the second time
+    assert got[0].dtype == dtype and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(stored, cache.pool) and not torch.equal(stored, before)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])

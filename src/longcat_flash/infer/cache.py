@@ -221,7 +221,7 @@ class BatchView:
         return gathered[..., :C], gathered[..., C:]
 
     def pool_rows(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Block `block`'s pool as views, latent (P*G, C) and k_rope (P*G, R), and the read index (B, L) into them."""
-        pool, C = self.cache.pool[block], self.cache.config.kv_lora_rank
+        """Block `block`'s pool (P*G, C+R) itself, with this forward's write index (B*S,) and read index (B, L) into
+        its rows: for a kernel that stores and reads in place (decode_ops.mla_attend)."""
         B, _, L = self.shape
-        return pool[:, :C], pool[:, C:], self.read.view(B, L)
+        return self.cache.pool[block], self.write, self.read.view(B, L)

@@ -1,12 +1,15 @@
 """RMSNorm, SwiGLU, RoPE and the absorbed MLA attention as the model computes them, each in one compiled op
 (csrc/decode_ops.cpp), for the inference twins (fused.py, experts.py): at decode they are ~8, 3, ~12 and ~30 small
-ops of a few microseconds each otherwise, 49, 12, 24 and 12 calls per token on the bench preset. Each returns None
-where the kernel does not take the call, for the caller's own path; `swiglu` falls back by itself.
+ops of a few microseconds each otherwise, 49, 12, 24 and 12 calls per token on the bench preset. Then whole decode
+blocks (an attention block's two halves, an MLP) in one call each. Each returns None where the kernel does not take
+the call, for the caller's own path; `swiglu` falls back by itself; `mla_project` and `mlp` are called only once
+kernels.linear_weights has said the kernel takes their weights.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import extension
 
@@ -41,20 +44,57 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     return None if ext is None else ext.rope(x, cos.contiguous(), sin.contiguous())
 
 
+def _absorbed_inputs(tensors: tuple[torch.Tensor, ...], mask: torch.Tensor, w_uk: torch.Tensor,
+                     w_uv_t: torch.Tensor) -> bool:
+    """Whether the absorbed attention kernel takes these: q, context (and pool) tensors of one dtype, fp32 or bf16,
+    on CPU; the absorbed weights fp32; a bool mask."""
+    dtype = tensors[0].dtype
+    return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
+            and dtype in (torch.float32, torch.bfloat16) and w_uk.dtype == w_uv_t.dtype == torch.float32
+            and mask.dtype == torch.bool)
+
+
 def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
-                       mask: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float,
-                       read: torch.Tensor | None = None) -> torch.Tensor | None:
+                       mask: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor,
+                       scale: float) -> torch.Tensor | None:
     """FusedMLA.attend_absorbed before o_proj, in fp32 (the same up to the order of fp32 sums): q_nope (B, S, H, N),
     q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R) of one dtype, fp32 or bf16 (views such as a split's
-    are read in place), mask (B, S, L), w_uk (H, N, C) and w_uv_t (H, C, V) fp32 -> (B, S, H*V) of q's dtype.
-    With `read` (B, L) int64, latent (P, C) and k_rope (P, R) are the paged cache's pool rows and row (b, l) of the
-    context is pool row read[b, l], read in place."""
+    are read in place), mask (B, S, L), w_uk (H, N, C) and w_uv_t (H, C, V) fp32 -> (B, S, H*V) of q's dtype."""
     tensors = (q_nope, q_rope, latent, k_rope)
-    if (any(t.device.type != "cpu" or t.dtype != q_nope.dtype for t in tensors)
-            or q_nope.dtype not in (torch.float32, torch.bfloat16) or w_uk.dtype != torch.float32
-            or w_uv_t.dtype != torch.float32 or mask.dtype != torch.bool):
-        return None
-    ext = extension.compiled()
+    ext = extension.compiled() if _absorbed_inputs(tensors, mask, w_uk, w_uv_t) else None
     if ext is None:
         return None
-    return ext.absorbed_attention(*tensors, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(), scale, read)
+    return ext.absorbed_attention(*tensors, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(), scale, None)
+
+
+# ---- whole decode blocks (csrc/decode_blocks.cpp): the calls above and the GEMV kernel's, in the order the twins
+# make them, without the Python between them. Linear weights as kernels.linear_weights gives them.
+
+def mla_project(x: torch.Tensor, qkv_a: list[torch.Tensor], q_norm: nn.Module, q_b: list[torch.Tensor],
+                kv_norm: nn.Module, rope: tuple[torch.Tensor, torch.Tensor], heads: int) -> tuple | None:
+    """FusedMLA.project: x (B, S, D) -> q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, S, C), k_rope (B, S, R);
+    q_norm and kv_norm RMSNorms and rope (cos, sin) in x's dtype, else None."""
+    cos, sin = rope
+    if x.dim() != 3 or any(t.dtype != x.dtype for t in (q_norm.weight, kv_norm.weight, cos, sin)):
+        return None
+    return tuple(extension.compiled().mla_project(x, qkv_a, q_norm.weight.contiguous(), q_norm.eps, q_b,
+                                                  kv_norm.weight.contiguous(), kv_norm.eps, cos.contiguous(),
+                                                  sin.contiguous(), heads))
+
+
+def mla_attend(projected: tuple[torch.Tensor, ...], pool: torch.Tensor, write: torch.Tensor, read: torch.Tensor,
+               mask: torch.Tensor, w_uk: torch.Tensor, w_uv_t: torch.Tensor, scale: float,
+               o_proj: list[torch.Tensor]) -> torch.Tensor | None:
+    """FusedMLA.attend over the paged cache: `projected` (q_nope, q_rope, latent, k_rope) stored into the pool's
+    (P, C+R) rows `write` (B*S,), attention over rows `read` (B, L) where they lie, then o_proj (an empty list: the
+    caller applies it, and gets (B, S, H*V)) -> (B, S, D); None where the attention kernel does not take these."""
+    ext = extension.compiled() if _absorbed_inputs((*projected, pool), mask, w_uk, w_uv_t) else None
+    if ext is None:
+        return None
+    return ext.mla_attend(*projected, pool, write, read, mask.contiguous(), w_uk.contiguous(), w_uv_t.contiguous(),
+                          scale, o_proj)
+
+
+def mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
+    """FusedMLP: down(SwiGLU(gate_up(x))) for x (..., D)."""
+    return extension.compiled().mlp(x, gate_up, down)

@@ -1,6 +1,6 @@
 """The compiled CPU kernels of csrc/ (quantized GEMV, a MoE layer's routed experts, dequantization and the AMX
-tile GEMMs: kernels.py; RMSNorm, SwiGLU, RoPE and the absorbed attention: decode_ops.py), built with
-torch.utils.cpp_extension on first use (a minute or more, then cached in LONGCAT_KERNEL_CACHE, default
+tile GEMMs: kernels.py; RMSNorm, SwiGLU, RoPE, the absorbed attention and whole decode blocks: decode_ops.py),
+built with torch.utils.cpp_extension on first use (a minute or more, then cached in LONGCAT_KERNEL_CACHE, default
 ~/.cache/longcat_flash/kernels). Without a compiler, without AVX-512, or with LONGCAT_KERNELS=0 there is no module
 and every caller takes its plain PyTorch path.
 """
@@ -17,10 +17,11 @@ log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
 SOURCES = ("simd.h", "weights.h", "hits.h",  # headers first
-           "quant_kernels.cpp", "dequantize.cpp", "tile_gemm.cpp", "decode_ops.cpp")
+           "quant_kernels.cpp", "dequantize.cpp", "tile_gemm.cpp", "decode_ops.cpp",
+           "decode_blocks.cpp")
 FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "block_dequantize",
              "group_dequantize", "amx_available", "block_experts_tiles", "group_experts_tiles", "dense_experts_tiles",
-             "rms_norm", "swiglu", "rope", "absorbed_attention"]
+             "rms_norm", "swiglu", "rope", "absorbed_attention", "mla_project", "mla_attend", "mlp"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -90,6 +90,10 @@ class FusedMLA(MLA):
         self.q_scale = self.kv_scale = 1.0  # folded into q_b_proj and kv_a_layernorm above
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Any:
+        weights = kernels.linear_weights(x, self.qkv_a_proj, self.q_b_proj)
+        if weights is not None and (out := decode_ops.mla_project(x, weights[0], self.q_a_layernorm, weights[1],
+                                                                  self.kv_a_layernorm, rope, self.n_heads)):
+            return out
         B, S, _ = x.shape
         q_a, kv = self.qkv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
         q = self.q_b_proj(self.q_a_layernorm(q_a)).view(B, S, self.n_heads, -1)
@@ -105,12 +109,12 @@ class FusedMLA(MLA):
         if not isinstance(cache, BatchView) or not cache.absorb or mask is not None:
             return super().attend(projected, cache, block, mask)
         q_nope, q_rope, latent, k_rope = projected
-        cache.store(block, latent, k_rope)
-        latent_rows, k_rope_rows, read = cache.pool_rows(block)  # (P*G, C), (P*G, R), (B, L)
-        out = decode_ops.absorbed_attention(q_nope, q_rope, latent_rows, k_rope_rows, cache.mask, self.w_uk,
-                                            self.w_uv_t, self.softmax_scale, read)
+        o_proj = kernels.linear_weights(latent, self.o_proj)  # latent (B, S, C): o_proj's rows and dtype
+        out = decode_ops.mla_attend(projected, *cache.pool_rows(block), cache.mask, self.w_uk, self.w_uv_t,
+                                    self.softmax_scale, o_proj[0] if o_proj else [])
         if out is not None:
-            return self.o_proj(out)
+            return out if o_proj else self.o_proj(out)
+        cache.store(block, latent, k_rope)
         return self.attend_absorbed(q_nope, q_rope, *cache.gather(block, q_nope.dtype), cache.mask)
 
     def attend_naive(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
@@ -155,6 +159,9 @@ class FusedMLP(nn.Module):
         self.down_proj = mlp.down_proj
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = kernels.linear_weights(x, self.gate_up_proj, self.down_proj)
+        if weights is not None:
+            return decode_ops.mlp(x, *weights)
         return self.down_proj(decode_ops.swiglu(self.gate_up_proj(x)))
 
 
@@ -180,6 +187,12 @@ class FusedLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return kernels.dense_linear(x, self.weight, self.bias)
+
+    def kernel_weight(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """The weight as the kernels take it for x of `dtype` (kernels.linear_weights); None with a bias or a weight
+        of another dtype."""
+        w = self.weight
+        return [w] if self.bias is None and w.dtype is dtype and w.is_contiguous() else None
 
 
 class FusedMoE(nn.Module):

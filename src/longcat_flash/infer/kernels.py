@@ -102,6 +102,19 @@ def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tup
     return F.linear(x, dequantized(), bias)
 
 
+def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torch.Tensor]] | None:
+    """Each linear's weight as the GEMV kernel takes it (`kernel_weight`: QuantLinear, FusedLinear) for rows x
+    (..., I), or None where the kernel takes neither x nor every one of them: no kernel, too many rows, a bias, a
+    plain weight in another dtype or another module. The compiled decode blocks (decode_ops) run on these."""
+    rows = x.numel() // x.shape[-1]
+    if _cpu_ext(x, rows) is None:
+        return None
+    weights = [getattr(linear, "kernel_weight", lambda dtype: None)(x.dtype) for linear in linears]
+    if any(w is None or len(w) == 1 and rows > MAX_DENSE_ROWS for w in weights):
+        return None
+    return weights
+
+
 def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.Tensor | int) -> torch.Tensor:
     """Rows x (R, I) grouped by counts (E,) through every hit expert in one call: the GEMV kernel `kernel` for up
     to MAX_KERNEL_ROWS rows per hit expert on average, its tile GEMM beyond."""

@@ -190,6 +190,10 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return quant_linear(x, self.parts(), self.fmt, self.bias)
 
+    def kernel_weight(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
+        """The weight as the kernels take it (kernels.linear_weights); None with a bias, which they do not add."""
+        return None if self.bias is not None else list(self.parts().values())
+
 
 class QuantExperts(HitExperts):
     """Stacked experts with quantized storage. Every hit expert runs in one kernel call per projection: the GEMV

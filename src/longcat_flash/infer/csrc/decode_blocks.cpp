@@ -1,0 +1,59 @@
+// Whole decode blocks in one call each: FusedMLA's two halves and FusedMLP (fused.py), through the same kernels the
+// Python twins call one by one, without the Python between them. At batch 1 that Python was ~0.2 ms per attention
+// block, about a sixth of an int4 token on the bench preset. Python side: decode_ops.py.
+#include "hits.h"
+#include "simd.h"
+
+// From the other files of this module (one translation unit; extension.py).
+static void experts_into(const Hits& hits, torch::Tensor x, const std::vector<torch::Tensor>& w, torch::Tensor y);
+torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps);
+torch::Tensor swiglu(torch::Tensor h_in);
+torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin);
+torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_in, torch::Tensor latent_in,
+                                 torch::Tensor k_rope_in, torch::Tensor mask, torch::Tensor w_uk, torch::Tensor w_uv_t,
+                                 double scale, c10::optional<torch::Tensor> read);
+
+// x (..., I) -> (..., O) through one linear weight in any format experts_into takes: (w) plain in x's dtype,
+// (values, scales) int8/fp8 blocks, (packed, scales, mins) int4 groups.
+static torch::Tensor linear(const torch::Tensor& x, const std::vector<torch::Tensor>& w) {
+  TORCH_CHECK(!w.empty() && w.size() <= 3 && w[0].dim() == 2, "linear: a weight is 1 to 3 tensors, (O, ...) first");
+  Batch b(x, c10::nullopt, w[0].size(0));
+  experts_into(b.hits, b.rows, w, b.y);
+  return b.out;
+}
+
+// FusedMLA.project: x (B, S, D) -> q_nope (B, S, H, N), q_rope (B, S, H, R) rotated, latent (B, S, C) normed,
+// k_rope (B, S, R) rotated. qkv_a (Q + C + R rows: q first) and q_b (H * (N + R) rows) are linear weights; q_norm
+// (Q,) and kv_norm (C,) RMSNorm weights; cos/sin (B * S, R/2).
+std::vector<torch::Tensor> mla_project(torch::Tensor x, std::vector<torch::Tensor> qkv_a, torch::Tensor q_norm,
+                                       double q_eps, std::vector<torch::Tensor> q_b, torch::Tensor kv_norm,
+                                       double kv_eps, torch::Tensor cos, torch::Tensor sin, int64_t H) {
+  const int64_t Q = q_norm.size(0), C = kv_norm.size(0), R = cos.size(-1) * 2;
+  TORCH_CHECK(x.dim() == 3, "mla_project: x must be (B, S, D)");
+  const auto qkv = linear(x, qkv_a);  // (B, S, Q + C + R)
+  TORCH_CHECK(qkv.size(-1) == Q + C + R, "mla_project: qkv_a's rows are not q_lora_rank + kv_lora_rank + rope dim");
+  const auto q_a = rms_norm(qkv.narrow(-1, 0, Q).contiguous(), q_norm, q_eps);  // (B, S, Q)
+  const auto q = linear(q_a, q_b).view({x.size(0), x.size(1), H, -1});  // (B, S, H, N + R)
+  const int64_t N = q.size(-1) - R;
+  return {q.narrow(-1, 0, N), rope(q.narrow(-1, N, R), cos, sin),
+          rms_norm(qkv.narrow(-1, Q, C).contiguous(), kv_norm, kv_eps), rope(qkv.narrow(-1, Q + C, R), cos, sin)};
+}
+
+// FusedMLA.attend over the paged cache: this step's latent (B, S, C) and k_rope (B, S, R) into rows `write` (B*S,)
+// of `pool` (P, C + R), then the absorbed attention over pool rows `read` (B, L), then o_proj (an empty weight: the
+// caller's, -> (B, S, H*V)) -> (B, S, D).
+torch::Tensor mla_attend(torch::Tensor q_nope, torch::Tensor q_rope, torch::Tensor latent, torch::Tensor k_rope,
+                         torch::Tensor pool, torch::Tensor write, torch::Tensor read, torch::Tensor mask,
+                         torch::Tensor w_uk, torch::Tensor w_uv_t, double scale, std::vector<torch::Tensor> o_proj) {
+  const int64_t C = latent.size(-1);
+  TORCH_CHECK(pool.dim() == 2 && pool.size(1) == C + k_rope.size(-1), "mla_attend: pool rows must be C + R wide");
+  pool.index_copy_(0, write, torch::cat({latent, k_rope}, -1).reshape({-1, pool.size(1)}).to(pool.scalar_type()));
+  const auto out = absorbed_attention(q_nope, q_rope, pool.narrow(1, 0, C), pool.narrow(1, C, pool.size(1) - C),
+                                      mask, w_uk, w_uv_t, scale, read);  // (B, S, H*V)
+  return o_proj.empty() ? out : linear(out, o_proj);
+}
+
+// FusedMLP: x (..., D) -> down(SwiGLU(gate_up(x))), both weights as `linear` takes them.
+torch::Tensor mlp(torch::Tensor x, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down) {
+  return linear(swiglu(linear(x, gate_up)), down);
+}
