@@ -19,12 +19,12 @@ def tile_calls(monkeypatch) -> list[str]:
     return record_kernel_calls(monkeypatch, {"block_experts_tiles", "group_experts_tiles", "dense_experts_tiles"})
 
 
-@pytest.mark.parametrize("fmt,in_features", [("int4", 256), ("int4", 96), ("int8", 160), ("fp8", 96)])
-@pytest.mark.parametrize("rows", [kernels.MAX_KERNEL_ROWS + 1, 40, 100])
+@pytest.mark.parametrize("fmt,in_features", [("int4", 256), ("int4", 96), ("int8", 160), ("fp8", 96), ("int4", 320)])
+@pytest.mark.parametrize("rows", [5, 16, 40, 100])  # x (2, rows): up to 32 rows of x the small-batch path
 def test_linear_beyond_the_gemv_rows_is_the_bf16_gemm_on_the_dequantized_weight(fmt, in_features, rows,
                                                                                  tile_calls):
-    """Odd shapes: 200 output rows (partial 16-, 32- and 128-row blocks), int4 groups of 64 and of 32, row counts
-    that leave a partial 16-row block of x."""
+    """Odd shapes: 200 output rows (partial 16-, 32- and 128-row blocks), int4 groups of 64 and of 32, inputs of
+    less than one chunk and of one and a half (320), row counts that leave a partial 16-row block of x."""
     torch.manual_seed(rows)
     linear = torch.nn.Linear(in_features, 200, bias=False).bfloat16()
     unit = quant.QuantLinear(linear, fmt)
@@ -66,10 +66,12 @@ def test_every_hit_expert_in_one_call(fmt, tile_calls):
 
 
 def test_decode_rows_fp32_and_long_prefill_stay_off_the_tiles(tile_calls):
-    """The GEMV kernel keeps decode rows; fp32 keeps its GEMM (the tiles would round x to bf16); a linear with more
-    than MAX_TILE_ROWS rows goes back to dequantize + GEMM, faster there."""
+    """The GEMV kernel keeps decode rows (up to MAX_ROWS_BEFORE_TILES in bf16, MAX_KERNEL_ROWS in fp32); fp32 keeps
+    its GEMM (the tiles would round x to bf16); a linear with more than MAX_TILE_ROWS rows goes back to dequantize +
+    GEMM, faster there."""
     unit = quant.QuantLinear(torch.nn.Linear(64, 48), "int4")
-    unit(torch.randn(kernels.MAX_KERNEL_ROWS, 64).bfloat16())
+    unit(torch.randn(kernels.MAX_ROWS_BEFORE_TILES, 64).bfloat16())
+    unit(torch.randn(kernels.MAX_KERNEL_ROWS, 64))
     unit(torch.randn(kernels.MAX_KERNEL_ROWS + 1, 64))
     unit = quant.QuantLinear(torch.nn.Linear(64, 48).bfloat16(), "int4")
     x = torch.randn(kernels.MAX_TILE_ROWS + 1, 64).bfloat16()

@@ -55,6 +55,11 @@ BLOCK = 128
 # dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs
 # 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
+# Where the AMX tile GEMM takes x (bf16), its path for up to 32 rows (csrc/tile_gemm.cpp, pair_task) beats the GEMV
+# kernel above this many rows of quantized weights: 2 threads, ms, int4 / int8, GEMV vs tiles: (8192, 1024) 0.55 /
+# 0.58 vs 0.61 / 0.63 at 8 rows, 1.12 / 1.11 vs 0.61 / 0.62 at 16; (800, 1024) 0.075 / 0.083 vs 0.089 / 0.070 at 8,
+# 0.141 / 0.149 vs 0.085 / 0.074 at 16.
+MAX_ROWS_BEFORE_TILES = 8
 # The same for plain (unquantized) weights, against oneDNN's GEMM on them: bf16, 2 threads, the kernel reads
 # 1.1-1.8x as fast at 1 to 4 rows, about as fast at 8, 0.5-0.6x at 16 (its products, not the memory, bound it).
 MAX_DENSE_ROWS = 8
@@ -87,13 +92,18 @@ def _cpu_ext(x: torch.Tensor, rows: int, limit: int | None = None):
     return None
 
 
+def _quant_limit(x: torch.Tensor) -> int:
+    """The GEMV kernel's row limit for quantized weights and rows like x: lower where the tile GEMM takes x."""
+    return MAX_ROWS_BEFORE_TILES if _tiles(x) else MAX_KERNEL_ROWS
+
+
 def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tuple,
             dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
     """x (..., I) -> (..., O) through one quantized weight (`weight`: the kernel's arguments after x and counts):
-    the GEMV kernel `kernel` for up to MAX_KERNEL_ROWS rows on CPU, its tile GEMM (`kernel`_tiles) for bf16 rows up
+    the GEMV kernel `kernel` for up to `_quant_limit` rows on CPU, its tile GEMM (`kernel`_tiles) for bf16 rows up
     to MAX_TILE_ROWS, else dequantized() + GEMM."""
     rows = x.numel() // x.shape[-1]
-    ext = _cpu_ext(x, rows)
+    ext = _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x))
     if ext is not None:  # no counts: one plain weight, x (..., I) as it is
         return _add(getattr(ext, kernel)(x, None, *weight), bias)
     if rows <= MAX_TILE_ROWS and _tiles(x):
@@ -107,7 +117,7 @@ def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torc
     (..., I), or None where the kernel takes neither x nor every one of them: no kernel, too many rows, a bias, a
     plain weight in another dtype or another module. The compiled decode blocks (decode_ops) run on these."""
     rows = x.numel() // x.shape[-1]
-    if _cpu_ext(x, rows) is None:
+    if _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x)) is None:
         return None
     weights = [getattr(linear, "kernel_weight", lambda dtype: None)(x.dtype) for linear in linears]
     if any(w is None or len(w) == 1 and rows > MAX_DENSE_ROWS for w in weights):
@@ -117,8 +127,8 @@ def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torc
 
 def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.Tensor | int) -> torch.Tensor:
     """Rows x (R, I) grouped by counts (E,) through every hit expert in one call: the GEMV kernel `kernel` for up
-    to MAX_KERNEL_ROWS rows per hit expert on average, its tile GEMM beyond."""
-    name = kernel if _gemv_rows(x, counts) else kernel + "_tiles"
+    to `_quant_limit` rows per hit expert on average, its tile GEMM beyond."""
+    name = kernel if _gemv_rows(x, counts, _quant_limit(x)) else kernel + "_tiles"
     return getattr(extension.compiled(), name)(x.contiguous(), counts, *weight)
 
 
@@ -272,14 +282,14 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn
     add weight * x if `identity`, else nothing), weights (T, K) fp32, each projection's stacked tensors in the
     format's order (int4: packed, scales, mins; int8/fp8: values, scales) -> (T, D), the sum over each token's
     slots computed in fp32; plain weights are one tensor each (in x's dtype). None where the kernel does not take
-    the call: no kernel, or more than MAX_KERNEL_ROWS (plain: MAX_DENSE_ROWS) rows per hit expert on average
-    (prefill, where dequantize + GEMM or the GEMM is faster)."""
+    the call: no kernel, or more than `_quant_limit` (plain: MAX_DENSE_ROWS) rows per hit expert on average
+    (prefill, where the tile GEMM, dequantize + GEMM or the GEMM is faster)."""
     ext = _cpu_ext(x, 1)
     plain = len(gate_up) == 1
     if (ext is None or ids.dtype != torch.long or weights.dtype != torch.float32
             or plain and not gate_up[0].dtype == down[0].dtype == x.dtype):
         return None
-    limit = MAX_DENSE_ROWS if plain else MAX_KERNEL_ROWS
+    limit = MAX_DENSE_ROWS if plain else _quant_limit(x)
     return ext.moe_experts(x, ids, weights, n_ffn, identity, gate_up, down, limit)
 
 

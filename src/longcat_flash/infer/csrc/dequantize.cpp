@@ -9,7 +9,7 @@ template <typename Rows, typename Tail>
 static void bf16_rows(const Rows& rows, int64_t n, int64_t I, at::BFloat16* out, Tail&& tail) {
   at::parallel_for(0, n, 16, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      rows(r, out + r * I, 32);
+      rows(r, out + r * I, 32, 0, I / 32);
       for (int64_t k = I / 32 * 32; k < I; ++k) out[r * I + k] = static_cast<at::BFloat16>(tail(r, k));
     }
   });

@@ -78,6 +78,27 @@ struct alignas(64) TileConfig {
   uint8_t rows[16] = {};
 };
 
+// C tiles 0-3 += A (weight rows 0-15 at a, 16-31 at a + 16 * 32) times B (x's blocks at b0, b1): one 32-value chunk.
+AMX_TARGET static inline void dot_chunk(const at::BFloat16* a, const at::BFloat16* b0, const at::BFloat16* b1) {
+  _tile_loadd(4, a, 64);
+  _tile_loadd(5, a + 16 * 32, 64);
+  _tile_loadd(6, b0, 64);
+  _tile_loadd(7, b1, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
+// C tiles 0-3 (weight rows o0.., rows t * 16.. of x) through buf into y.
+AMX_TARGET static inline void flush_tiles(float* buf, int64_t o0, int64_t O, int64_t M, int64_t t, at::BFloat16* y) {
+  _tile_stored(0, buf, 64);  // (the tile number is an immediate: no loop)
+  _tile_stored(1, buf + 256, 64);
+  _tile_stored(2, buf + 512, 64);
+  _tile_stored(3, buf + 768, 64);
+  store_tiles(buf, o0, O, M, t, y);
+}
+
 // Weight rows o0..o0+PANEL_ROWS (of O; `deq`'s row row0 + o) into the panel ([block][c][32][32] bf16), then times
 // the M rows of x packed in xb (nT blocks of 16, an even count) -> y (M, O): tiles 0-3 accumulate C, 4-5 hold A
 // (weight rows), 6-7 B (rows of x).
@@ -88,7 +109,7 @@ AMX_TARGET static void panel_task(const Deq& deq, int64_t row0, int64_t o0, int6
   const int64_t nC = I / 32, blocks = (std::min(PANEL_ROWS, O - o0) + 31) / 32;
   for (int64_t r = 0; r < blocks * 32; ++r) {
     at::BFloat16* dst = panel + ((r / 32) * nC * 32 + r % 32) * 32;
-    if (o0 + r < O) deq(row0 + o0 + r, dst, 32 * 32);
+    if (o0 + r < O) deq(row0 + o0 + r, dst, 32 * 32, 0, nC);
     else for (int64_t c = 0; c < nC; ++c) _mm512_storeu_si512(dst + c * 32 * 32, _mm512_setzero_si512());
   }
   for (int64_t t = 0; t < nT; t += 2) {
@@ -96,22 +117,33 @@ AMX_TARGET static void panel_task(const Deq& deq, int64_t row0, int64_t o0, int6
     for (int64_t k = 0; k < blocks; ++k) {
       const at::BFloat16* a = panel + k * nC * 32 * 32;
       _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
-      for (int64_t c = 0; c < nC; ++c) {
-        _tile_loadd(4, a + c * 32 * 32, 64);
-        _tile_loadd(5, a + (c * 32 + 16) * 32, 64);
-        _tile_loadd(6, b0 + c * 16 * 32, 64);
-        _tile_loadd(7, b1 + c * 16 * 32, 64);
-        _tile_dpbf16ps(0, 4, 6);
-        _tile_dpbf16ps(1, 4, 7);
-        _tile_dpbf16ps(2, 5, 6);
-        _tile_dpbf16ps(3, 5, 7);
-      }
-      _tile_stored(0, buf, 64);
-      _tile_stored(1, buf + 256, 64);
-      _tile_stored(2, buf + 512, 64);
-      _tile_stored(3, buf + 768, 64);
-      store_tiles(buf, o0 + k * 32, O, M, t, y);
+      for (int64_t c = 0; c < nC; ++c) dot_chunk(a + c * 32 * 32, b0 + c * 16 * 32, b1 + c * 16 * 32);
+      flush_tiles(buf, o0 + k * 32, O, M, t, y);
     }
+  }
+}
+
+// panel_task for at most 32 rows of x (one pair of blocks), where the panel's trip through L2 cost more than the
+// products: each 32 weight rows are filled CHUNK values at a time into `chunk`, which stays in L1 while the tiles
+// read it, and C stays in the tiles across all of I.
+constexpr int64_t CHUNK = 8;  // 32-value chunks per fill: 32 rows x 256 values bf16 = 16 KB
+template <typename Deq>
+AMX_TARGET static void pair_task(const Deq& deq, int64_t row0, int64_t o0, int64_t O, int64_t I,
+                                 const at::BFloat16* xb, int64_t M, at::BFloat16* y, at::BFloat16* chunk, float* buf) {
+  const int64_t nC = I / 32, rows = std::min(PANEL_ROWS, O - o0);
+  const at::BFloat16 *b0 = xb, *b1 = xb + nC * 16 * 32;
+  const __m512i zero = _mm512_setzero_si512();
+  for (int64_t k = 0; k < rows; k += 32) {
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    for (int64_t c0 = 0; c0 < nC; c0 += CHUNK) {
+      const int64_t c1 = std::min(nC, c0 + CHUNK);
+      for (int64_t r = 0; r < 32; ++r) {
+        if (k + r < rows) deq(row0 + o0 + k + r, chunk + r * 32, 32 * 32, c0, c1);
+        else for (int64_t c = c0; c < c1; ++c) _mm512_storeu_si512(chunk + (c - c0) * 32 * 32 + r * 32, zero);
+      }
+      for (int64_t c = c0; c < c1; ++c) dot_chunk(chunk + (c - c0) * 32 * 32, b0 + c * 16 * 32, b1 + c * 16 * 32);
+    }
+    flush_tiles(buf, o0 + k, O, M, 0, y);
   }
 }
 
@@ -123,13 +155,20 @@ AMX_TARGET static void run_tasks(const Hits& hits, const std::vector<int64_t>& b
   TileConfig cfg;
   for (int i = 0; i < 8; ++i) cfg.rows[i] = 16, cfg.colsb[i] = 64;
   _tile_loadconfig(&cfg);
-  std::vector<at::BFloat16> panel(PANEL_ROWS * I);
+  std::vector<at::BFloat16> panel;
+  alignas(64) at::BFloat16 chunk[32 * CHUNK * 32];
   alignas(64) float buf[4 * 256];
   const int64_t nB = (O + PANEL_ROWS - 1) / PANEL_ROWS;
   for (int64_t t = t0; t < t1; ++t) {
-    const int64_t h = t / nB;
-    panel_task(deq, hits.id[h] * O, t % nB * PANEL_ROWS, O, I, xb + block0[h] * 16 * I, block0[h + 1] - block0[h],
-               hits.n[h], y + hits.start[h] * O, panel.data(), buf);
+    const int64_t h = t / nB, nT = block0[h + 1] - block0[h];
+    const at::BFloat16* xh = xb + block0[h] * 16 * I;
+    if (nT == 2) {
+      pair_task(deq, hits.id[h] * O, t % nB * PANEL_ROWS, O, I, xh, hits.n[h], y + hits.start[h] * O, chunk, buf);
+      continue;
+    }
+    panel.resize(PANEL_ROWS * I);
+    panel_task(deq, hits.id[h] * O, t % nB * PANEL_ROWS, O, I, xh, nT, hits.n[h], y + hits.start[h] * O,
+               panel.data(), buf);
   }
   _tile_release();
 }
