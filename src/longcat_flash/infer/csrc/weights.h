@@ -77,6 +77,7 @@ struct Int4Rows {  // packed (rows, I/2), scales and mins (rows, I/G) bf16 (expe
         m = _mm512_set1_ps(static_cast<float>(mn[g]));
       }
       __m512 lo, hi;
+      prefetch(row + c * 16);
       load32(row + c * 16, lo, hi);
       _mm512_storeu_si512(dst + (c - c0) * stride, bf16x32(_mm512_fmadd_ps(lo, d, m), _mm512_fmadd_ps(hi, d, m)));
     }
@@ -96,6 +97,7 @@ struct BlockRows {  // values (E, O, I) int8 or fp8, scales (E, nO, nI) fp32 per
     for (int64_t c = c0; c < c1; ++c) {
       const __m512 d = _mm512_set1_ps(so[c / 4]);
       const W* p = v + o * I + c * 32;
+      prefetch(p);
       _mm512_storeu_si512(dst + (c - c0) * stride,
                           bf16x32(_mm512_mul_ps(load16(p), d), _mm512_mul_ps(load16(p + 16), d)));
     }
@@ -105,8 +107,10 @@ struct PlainRows {  // plain bf16 weights (E, O, I): row o of E * O, copied as i
   const at::BFloat16* w;
   int64_t I;
   void operator()(int64_t o, at::BFloat16* dst, int64_t stride, int64_t c0, int64_t c1) const {
-    for (int64_t c = c0; c < c1; ++c)
+    for (int64_t c = c0; c < c1; ++c) {
+      prefetch(w + o * I + c * 32);
       _mm512_storeu_si512(dst + (c - c0) * stride, _mm512_loadu_si512(w + o * I + c * 32));
+    }
   }
 };
 #endif  // LONGCAT_WEIGHTS_H
