@@ -17,7 +17,15 @@ from infer_support import (
 from longcat_flash.infer import decode_ops, extension, kernels, quant
 from longcat_flash.infer.cache import CacheConfig, PagedLatentCache
 from longcat_flash.infer.engine import Engine, EngineConfig
-from longcat_flash.infer.fused import FusedMLA, FusedMLP, FusedMoE, FusedRMSNorm, fuse_for_inference, rotate
+from longcat_flash.infer.fused import (
+    FusedMLA,
+    FusedMLP,
+    FusedMoE,
+    FusedRMSNorm,
+    FusedScMoELayer,
+    fuse_for_inference,
+    rotate,
+)
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.model.layers import RMSNorm, apply_rope
 
@@ -35,6 +43,7 @@ def test_every_module_has_its_twin(pair):
     layer = fused.model.layers[0]
     assert all(isinstance(a, FusedMLA) for a in layer.self_attn) and isinstance(fused.model.mtp.self_attn, FusedMLA)
     assert isinstance(layer.mlps[0], FusedMLP) and isinstance(layer.mlp, FusedMoE)
+    assert all(type(layer) is FusedScMoELayer for layer in fused.model.layers)  # the whole layer at decode
     norms = [m for m in fused.modules() if isinstance(m, RMSNorm)]
     assert norms and all(type(m) is FusedRMSNorm for m in norms)  # the attention twins' latent norms too
 
@@ -180,9 +189,11 @@ def test_absorbed_decode_reads_the_paged_cache_in_place(pair, monkeypatch):
     class Recorded:
         def __getattr__(self, name):
             fn = getattr(build(), name)
-            if name != "mla_attend":  # (q_nope, q_rope, latent, k_rope, pool, write, read, ...)
-                return fn
-            return lambda *args: reads.append(args[6]) or fn(*args)
+            if name == "mla_attend":  # (q_nope, q_rope, latent, k_rope, pool, write, read, ...): the MTP head's
+                return lambda *args: reads.append(args[6]) or fn(*args)
+            if name == "decode_layer":  # (x, tensors, numbers): a trunk layer's
+                return lambda *args: reads.append(args[1]["read"][0]) or fn(*args)
+            return fn
 
     monkeypatch.setattr(extension, "compiled", lambda: Recorded())
     ps = prompts((5, 9, 3), seed=12)
@@ -197,9 +208,10 @@ def test_absorbed_decode_reads_the_paged_cache_in_place(pair, monkeypatch):
 @pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "int8", "int4"])
 def test_compiled_decode_blocks_give_the_twins_bits(pair, fmt, monkeypatch):
-    """An attention block's two halves and an MLP in one compiled call each (decode_ops.mla_project, mla_attend,
-    mlp) give bit for bit what the twins give calling the kernels one by one: plain fp32 and bf16 weights, int8 and
-    int4; two sequences whose contexts lie scattered over 2-token pages; the new rows land in the same pool rows."""
+    """An attention block's two halves, an MLP and a whole layer in one compiled call each (decode_ops.mla_project,
+    mla_attend, mlp, decode_layer) give bit for bit what the twins give calling the kernels one by one: plain fp32
+    and bf16 weights, int8 and int4; two sequences whose contexts lie scattered over 2-token pages; the new rows
+    land in the same pool rows."""
     model, _ = pair
     dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
     twin = copy.deepcopy(model).to(dtype)
@@ -227,6 +239,22 @@ def test_compiled_decode_blocks_give_the_twins_bits(pair, fmt, monkeypatch):
     assert calls == ["mla_project", "mla_attend", "mlp"]  # none of them the second time
     assert got[0].dtype == dtype and torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert torch.equal(stored, cache.pool) and not torch.equal(stored, before)
+
+    # the whole layer in one call (FusedScMoELayer, decode_ops.decode_layer): both blocks (pools 2 and 3), the MoE
+    # with its router, both MLPs, against the same layer call by call
+    layer = twin.model.layers[1]
+    monkeypatch.undo()
+    calls = record_kernel_calls(monkeypatch, {"decode_layer", "mla_attend"})
+    cache.pool.copy_(before)
+    with torch.no_grad():
+        (out, info), stored = layer(x, rope, view), cache.pool.clone()
+        assert calls == ["decode_layer"]
+        cache.pool.copy_(before)
+        monkeypatch.setattr(layer, "decode_inputs", lambda *args: None)
+        out_ref, info_ref = layer(x, rope, view)
+    assert calls == ["decode_layer", "mla_attend", "mla_attend"]  # the blocks one by one the second time
+    assert out.dtype == dtype and torch.equal(out, out_ref) and torch.equal(stored, cache.pool)
+    assert torch.equal(info.ids, info_ref.ids) and torch.equal(info.probs, info_ref.probs)
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])

@@ -1,9 +1,10 @@
 """RMSNorm, SwiGLU, RoPE and the absorbed MLA attention as the model computes them, each in one compiled op
 (csrc/decode_ops.cpp), for the inference twins (fused.py, experts.py): at decode they are ~8, 3, ~12 and ~30 small
 ops of a few microseconds each otherwise, 49, 12, 24 and 12 calls per token on the bench preset. Then whole decode
-blocks (an attention block's two halves, an MLP) in one call each. Each returns None where the kernel does not take
-the call, for the caller's own path; `swiglu` falls back by itself; `mla_project` and `mlp` are called only once
-kernels.linear_weights has said the kernel takes their weights.
+blocks (an attention block's two halves, an MLP, a whole layer) in one call each (csrc/decode_blocks.cpp). Each
+returns None where the kernel does not take the call, for the caller's own path; `swiglu` falls back by itself;
+`mla_project`, `mlp` and `decode_layer` are called only once kernels.linear_weights (and, for a layer,
+FusedScMoELayer.decode_inputs) has said the kernels take their weights.
 """
 from __future__ import annotations
 
@@ -98,3 +99,10 @@ def mla_attend(projected: tuple[torch.Tensor, ...], pool: torch.Tensor, write: t
 def mlp(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> torch.Tensor:
     """FusedMLP: down(SwiGLU(gate_up(x))) for x (..., D)."""
     return extension.compiled().mlp(x, gate_up, down)
+
+
+def decode_layer(x: torch.Tensor, tensors: dict[str, list[torch.Tensor]],
+                 numbers: dict[str, float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FusedScMoELayer at decode: x (B, S, D) -> out (B, S, D), the router's probs (T, E+Z) and ids (T, K), its
+    inputs by name as FusedScMoELayer.decode_inputs gives them (which also decides that the kernels take them)."""
+    return tuple(extension.compiled().decode_layer(x, tensors, numbers))

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..model.attention import LATENT_NORM_EPS, MLA
+from ..model.block import ScMoELayer
 from ..model.layers import MLP, RMSNorm, apply_rope
 from ..model.moe import MoE, RoutingInfo, group_by_expert
 from . import decode_ops, kernels
@@ -267,12 +268,79 @@ class FusedMoE(nn.Module):
         return out.index_add_(0, tokens, self.moe.experts(x[tokens], counts) * gate_w[:, None])
 
 
+class FusedScMoELayer(ScMoELayer):
+    """ScMoELayer (its children, already twins) whose decode runs as one compiled call (decode_ops.decode_layer):
+    the same kernels in the layer's order, without the ~25 Python-level calls between them (at batch 1 about a
+    fifth of an int4 token on the bench preset). Anything decode_inputs does not take runs the layer's forward."""
+
+    def __init__(self, layer: ScMoELayer) -> None:
+        nn.Module.__init__(self)
+        self.index = layer.index
+        for name, child in layer.named_children():
+            setattr(self, name, child)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
+        inputs = self.decode_inputs(x, rope, cache, mask)
+        if inputs is None:
+            return super().forward(x, rope, cache, mask)
+        out, probs, ids = decode_ops.decode_layer(x, *inputs)
+        return out, self.mlp.moe.routing_info(probs, ids)
+
+    def decode_inputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any,
+                      mask: torch.Tensor | None) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]] | None:
+        """The layer's tensors and numbers by name, as csrc/decode_blocks.cpp's decode_layer reads them; None where
+        it does not take the call: not an absorbed decode over the paged cache, a weight the GEMV kernels do not
+        take, a norm, RoPE table or cache pool of another dtype than x's."""
+        attn, mlps, moe = self.self_attn, self.mlps, self.mlp
+        if (mask is not None or not isinstance(cache, BatchView) or not cache.absorb or not x.is_contiguous()
+                or not isinstance(moe, FusedMoE) or not all(isinstance(m, FusedMLP) for m in mlps)
+                or not all(isinstance(a, FusedMLA) for a in attn)):
+            return None
+        linears = kernels.linear_weights(x, *(lin for a in attn for lin in (a.qkv_a_proj, a.q_b_proj, a.o_proj)),
+                                         *(lin for m in mlps for lin in (m.gate_up_proj, m.down_proj)))
+        experts, router = moe.moe.experts, moe.moe.router
+        if linears is None or not hasattr(experts, "stacked") or router.classifier.weight.dtype != torch.float32:
+            return None
+        gate_up, down = experts.stacked("gate_up_proj"), experts.stacked("down_proj")
+        expert_rows = kernels.moe_row_limit(x, gate_up, down)
+        norms = [*self.input_layernorm, *self.post_attention_layernorm]
+        t: dict[str, list[torch.Tensor]] = {
+            "cos": [rope[0].contiguous()], "sin": [rope[1].contiguous()], "mask": [cache.mask],
+            "input_norm0": [norms[0].weight], "input_norm1": [norms[1].weight],
+            "post_norm0": [norms[2].weight], "post_norm1": [norms[3].weight],
+            "router": [router.classifier.weight], "correction": [router.e_score_correction_bias],
+            "router_bias": [] if router.classifier.bias is None else [router.classifier.bias.float()],
+            "experts.gate_up": gate_up, "experts.down": down,
+            "mlp0.gate_up": linears[6], "mlp0.down": linears[7], "mlp1.gate_up": linears[8], "mlp1.down": linears[9]}
+        f: dict[str, float] = {
+            "input_eps0": norms[0].eps, "input_eps1": norms[1].eps, "post_eps0": norms[2].eps,
+            "post_eps1": norms[3].eps, "heads": attn[0].n_heads, "top_k": router.top_k, "router_scale": router.scale,
+            "renormalize": float(router.renormalize), "n_ffn": moe.moe.n_ffn, "expert_rows": expert_rows or 0,
+            "identity": float(moe.moe.zero_type == "identity")}
+        for i, a in enumerate(attn):
+            pool, write, read = cache.pool_rows(2 * self.index + i)  # the same write and read for both blocks
+            t.update({"write": [write], "read": [read], f"attn{i}.qkv_a": linears[3 * i], f"attn{i}.q_b": linears[3 * i + 1],
+                      f"attn{i}.o_proj": linears[3 * i + 2], f"attn{i}.q_norm": [a.q_a_layernorm.weight],
+                      f"attn{i}.kv_norm": [a.kv_a_layernorm.weight], f"attn{i}.w_uk": [a.w_uk],
+                      f"attn{i}.w_uv_t": [a.w_uv_t], f"attn{i}.pool": [pool]})
+            f.update({f"attn{i}.q_eps": a.q_a_layernorm.eps, f"attn{i}.kv_eps": a.kv_a_layernorm.eps,
+                      f"attn{i}.scale": a.softmax_scale})
+        same_dtype = (*norms, *(n for a in attn for n in (a.q_a_layernorm, a.kv_a_layernorm)))
+        if (expert_rows is None or any(m.weight.dtype != x.dtype for m in same_dtype)
+                or any(t[k][0].dtype != x.dtype for k in ("cos", "sin", "attn0.pool", "attn1.pool"))
+                or any(a.w_uk.dtype != torch.float32 or a.w_uv_t.dtype != torch.float32 for a in attn)):
+            return None
+        return t, f
+
+
 def fuse_for_inference(model: nn.Module) -> int:
-    """Swap MLA, MLP, MoE, RMSNorm and Linear modules for their twins, in place; returns how many. Call before
-    quantizing (which replaces the Linear twins it quantizes)."""
+    """Swap MLA, MLP, MoE, RMSNorm, Linear and ScMoE layer modules for their twins, in place; returns how many.
+    Call before quantizing (which replaces the Linear twins it quantizes)."""
     twins = {MLA: functools.partial(FusedMLA, cfg=model.config), MLP: FusedMLP, MoE: FusedMoE}
     hit = use_hit_experts(model)  # first, inside the MoEs: FusedMoE runs `experts.apply_one` per hit expert
     fused = swap_modules(model, lambda _, m: twins[type(m)](m) if type(m) in twins else None)
     leaves = {RMSNorm: FusedRMSNorm, nn.Linear: FusedLinear}  # the twins' own too
     rest = swap_modules(model, lambda _, m: leaves[type(m)](m) if type(m) in leaves else None)
-    return len(hit) + len(fused) + len(rest)
+    layers = swap_modules(model, lambda _, m: FusedScMoELayer(m) if type(m) is ScMoELayer else None)  # last: its
+    return len(hit) + len(fused) + len(rest) + len(layers)  # children are twins by now

@@ -285,12 +285,18 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn
     the call: no kernel, or more than `_quant_limit` (plain: MAX_DENSE_ROWS) rows per hit expert on average
     (prefill, where the tile GEMM, dequantize + GEMM or the GEMM is faster)."""
     ext = _cpu_ext(x, 1)
-    plain = len(gate_up) == 1
-    if (ext is None or ids.dtype != torch.long or weights.dtype != torch.float32
-            or plain and not gate_up[0].dtype == down[0].dtype == x.dtype):
+    limit = moe_row_limit(x, gate_up, down)
+    if ext is None or ids.dtype != torch.long or weights.dtype != torch.float32 or limit is None:
         return None
-    limit = MAX_DENSE_ROWS if plain else _quant_limit(x)
     return ext.moe_experts(x, ids, weights, n_ffn, identity, gate_up, down, limit)
+
+
+def moe_row_limit(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> int | None:
+    """The rows per hit expert on average up to which the experts kernel takes rows like x through these stacked
+    weights (plain: MAX_DENSE_ROWS; quantized: `_quant_limit`), or None: plain weights of another dtype than x's."""
+    if len(gate_up) == 1:
+        return MAX_DENSE_ROWS if gate_up[0].dtype == down[0].dtype == x.dtype else None
+    return _quant_limit(x)
 
 
 def _gemv_rows(x: torch.Tensor, counts: torch.Tensor, limit: int | None = None) -> bool:

@@ -1,6 +1,9 @@
 // Whole decode blocks in one call each: FusedMLA's two halves and FusedMLP (fused.py), through the same kernels the
 // Python twins call one by one, without the Python between them. At batch 1 that Python was ~0.2 ms per attention
 // block, about a sixth of an int4 token on the bench preset. Python side: decode_ops.py.
+#include <map>
+#include <string>
+
 #include "hits.h"
 #include "simd.h"
 
@@ -12,6 +15,8 @@ torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin);
 torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_in, torch::Tensor latent_in,
                                  torch::Tensor k_rope_in, torch::Tensor mask, torch::Tensor w_uk, torch::Tensor w_uv_t,
                                  double scale, c10::optional<torch::Tensor> read);
+torch::Tensor moe_experts(torch::Tensor x, torch::Tensor ids, torch::Tensor weights, int64_t n_ffn, bool identity,
+                          std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down, int64_t max_rows);
 
 // x (..., I) -> (..., O) through one linear weight in any format experts_into takes: (w) plain in x's dtype,
 // (values, scales) int8/fp8 blocks, (packed, scales, mins) int4 groups.
@@ -56,4 +61,56 @@ torch::Tensor mla_attend(torch::Tensor q_nope, torch::Tensor q_rope, torch::Tens
 // FusedMLP: x (..., D) -> down(SwiGLU(gate_up(x))), both weights as `linear` takes them.
 torch::Tensor mlp(torch::Tensor x, std::vector<torch::Tensor> gate_up, std::vector<torch::Tensor> down) {
   return linear(swiglu(linear(x, gate_up)), down);
+}
+
+// ---- a whole ScMoE layer at decode, one call instead of ~25 (FusedScMoELayer, fused.py). Inputs by name, as
+// FusedScMoELayer.decode_inputs names them: one map of tensors (a single tensor is a list of one; a linear weight
+// is its list as `linear` takes it), one of numbers.
+using Tensors = std::map<std::string, std::vector<torch::Tensor>>;
+using Numbers = std::map<std::string, double>;
+
+static const torch::Tensor& one(const Tensors& t, const std::string& name) {
+  const auto& v = t.at(name);
+  TORCH_CHECK(v.size() == 1, "decode_layer: ", name, " must be one tensor");
+  return v[0];
+}
+
+// The model's Router (model/moe.py) as the same ATen ops in the same order, so the same experts and gate weights:
+// x (T, D) -> probs (T, E+Z), ids (T, K), weights (T, K).
+static std::vector<torch::Tensor> route(const torch::Tensor& x, const Tensors& t, const Numbers& f) {
+  const auto& bias = t.at("router_bias");
+  const auto probs = at::linear(x.to(torch::kFloat), one(t, "router"), bias.empty() ? c10::nullopt
+                                : c10::optional<torch::Tensor>(bias[0])).softmax(-1);
+  const auto ids = std::get<1>(at::topk(probs + one(t, "correction"), static_cast<int64_t>(f.at("top_k")), -1,
+                                        true, false));
+  auto weights = probs.gather(1, ids);
+  if (f.at("renormalize") != 0.0) weights = weights / (weights.sum(-1, true) + 1e-20);
+  return {probs, ids, weights * f.at("router_scale")};
+}
+
+// Attention block i (0 or 1) of the layer: rms_norm'd x through mla_project and mla_attend -> (B, S, D).
+static torch::Tensor attention(const torch::Tensor& x, int i, const Tensors& t, const Numbers& f) {
+  const std::string a = "attn" + std::to_string(i) + ".";
+  const auto h = rms_norm(x, one(t, "input_norm" + std::to_string(i)), f.at("input_eps" + std::to_string(i)));
+  const auto p = mla_project(h, t.at(a + "qkv_a"), one(t, a + "q_norm"), f.at(a + "q_eps"), t.at(a + "q_b"),
+                             one(t, a + "kv_norm"), f.at(a + "kv_eps"), one(t, "cos"), one(t, "sin"),
+                             static_cast<int64_t>(f.at("heads")));
+  return mla_attend(p[0], p[1], p[2], p[3], one(t, a + "pool"), one(t, "write"), one(t, "read"), one(t, "mask"),
+                    one(t, a + "w_uk"), one(t, a + "w_uv_t"), f.at(a + "scale"), t.at(a + "o_proj"));
+}
+
+// ScMoELayer.forward (model/block.py): x (B, S, D) -> out (B, S, D), the router's probs (T, E+Z) and ids (T, K).
+std::vector<torch::Tensor> decode_layer(torch::Tensor x, Tensors t, Numbers f) {
+  const auto x1 = x + attention(x, 0, t, f);
+  const auto s = rms_norm(x1, one(t, "post_norm0"), f.at("post_eps0"));  // the shortcut: MoE and FFN_0 share it
+  const auto s_TD = s.view({-1, s.size(-1)});
+  const auto routed = route(s_TD, t, f);
+  const auto moe = moe_experts(s_TD, routed[1], routed[2], static_cast<int64_t>(f.at("n_ffn")),
+                               f.at("identity") != 0.0, t.at("experts.gate_up"), t.at("experts.down"),
+                               static_cast<int64_t>(f.at("expert_rows")));
+  TORCH_CHECK(moe.defined(), "decode_layer: more rows per hit expert than the experts kernel takes");
+  const auto x2 = x1 + mlp(s, t.at("mlp0.gate_up"), t.at("mlp0.down"));
+  const auto x3 = x2 + attention(x2, 1, t, f);
+  const auto h = rms_norm(x3, one(t, "post_norm1"), f.at("post_eps1"));
+  return {x3 + mlp(h, t.at("mlp1.gate_up"), t.at("mlp1.down")) + moe.view_as(x), routed[0], routed[1]};
 }
