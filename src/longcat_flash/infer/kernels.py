@@ -56,9 +56,9 @@ BLOCK = 128
 # 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
 # Where the AMX tile GEMM takes x (bf16), its path for up to 32 rows (csrc/tile_gemm.cpp, pair_task) beats the GEMV
-# kernel above this many rows of quantized weights: 2 threads, ms, int4 / int8, GEMV vs tiles: (8192, 1024) 0.55 /
-# 0.58 vs 0.61 / 0.63 at 8 rows, 1.12 / 1.11 vs 0.61 / 0.62 at 16; (800, 1024) 0.075 / 0.083 vs 0.089 / 0.070 at 8,
-# 0.141 / 0.149 vs 0.085 / 0.074 at 16.
+# kernel above this many rows of quantized weights: 2 threads, 12 different (8192, 1024) weights in turn, ms per
+# weight, GEMV vs tiles: int4 0.52 vs 0.52 at 8 rows, 0.69 vs 0.52 at 12, 1.00 vs 0.51 at 16; int8 0.54 vs 0.73,
+# 0.76 vs 0.75, 1.04 vs 0.73; at 1-4 rows the GEMV kernel is 2-5x as fast.
 MAX_ROWS_BEFORE_TILES = 8
 # The same for plain (unquantized) weights, against oneDNN's GEMM on them: bf16, 2 threads, the kernel reads
 # 1.1-1.8x as fast at 1 to 4 rows, about as fast at 8, 0.5-0.6x at 16 (its products, not the memory, bound it).
