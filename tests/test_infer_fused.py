@@ -257,6 +257,32 @@ def test_compiled_decode_blocks_give_the_twins_bits(pair, fmt, monkeypatch):
     assert torch.equal(info.ids, info_ref.ids) and torch.equal(info.probs, info_ref.probs)
 
 
+@pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
+def test_a_layer_call_never_gives_its_experts_more_rows_than_they_take(pair):
+    """12 fp32 rows: quantized linears take them (up to MAX_KERNEL_ROWS), plain experts only MAX_DENSE_ROWS per hit
+    expert; with every token routed to the same FFN experts, the layer runs call by call instead of failing."""
+    model, _ = pair
+    twin = copy.deepcopy(model)
+    fuse_for_inference(twin)
+    experts = [n for n, m in twin.named_modules() if n.endswith("mlp.moe.experts")]
+    quant.quantize_model(twin, "int8", keep=experts)
+    layer = twin.model.layers[1]
+    router = layer.mlp.moe.router
+    with torch.no_grad():  # uniform probabilities; the bias picks the first top_k experts, all FFN experts
+        router.classifier.weight.zero_()
+        router.e_score_correction_bias.copy_(-torch.arange(router.e_score_correction_bias.numel()).float())
+    cache = PagedLatentCache(CacheConfig.for_model(twin.config, max_tokens=64, page_size=4, dtype=torch.float32))
+    for seq in range(12):
+        cache.ensure(seq, 4)
+    positions = torch.full((12, 1), 3)
+    view, rope = cache.view(list(range(12)), positions), twin.model.rotary(positions, torch.float32)
+    x = torch.randn(12, 1, twin.config.hidden_size)
+    assert kernels.MAX_DENSE_ROWS < 12 <= kernels.MAX_KERNEL_ROWS
+    with torch.no_grad():
+        out, info = layer(x, rope, view)
+    assert out.shape == x.shape and (info.ids == info.ids[0]).all() and bool((info.ids < layer.mlp.moe.n_ffn).all())
+
+
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 12, 96])
 def test_quantized_moe_runs_its_routed_part_in_one_kernel_call(pair, fmt, tokens, monkeypatch):

@@ -304,7 +304,7 @@ class FusedScMoELayer(ScMoELayer):
             return None
         gate_up, down = experts.stacked("gate_up_proj"), experts.stacked("down_proj")
         expert_rows = kernels.moe_row_limit(x, gate_up, down)
-        if expert_rows is None:
+        if expert_rows is None or x.numel() // x.shape[-1] > expert_rows:  # then no hit expert can get more rows
             return None
         norms = [*self.input_layernorm, *self.post_attention_layernorm]
         t: dict[str, list[torch.Tensor]] = {
