@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from . import extension
 
 BLOCK = 128
-# Rows (per weight; per hit expert on average) up to which the GEMV kernels run; beyond, the tile GEMM or
-# dequantize + oneDNN's GEMM is faster. One core, GB/s of quantized weights, kernel (before prefetch) vs
-# dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32; int4 2.8 vs
-# 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
+# Rows (per weight; per hit expert on average) up to which the GEMV kernels run where the tile GEMM does not take x
+# (fp32, no AMX); beyond, dequantize + oneDNN's GEMM is faster. One core, GB/s of quantized weights, kernel (before
+# prefetch) vs dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32;
+# int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
 # Where the AMX tile GEMM takes x (bf16), its path for up to 32 rows (csrc/tile_gemm.cpp, pair_task) beats the GEMV
 # kernel above this many rows of quantized weights: 2 threads, 12 different (8192, 1024) weights in turn, ms per
@@ -97,13 +97,19 @@ def _quant_limit(x: torch.Tensor) -> int:
     return MAX_ROWS_BEFORE_TILES if _tiles(x) else MAX_KERNEL_ROWS
 
 
+def _quant_ext(x: torch.Tensor, rows: int):
+    """_cpu_ext for `rows` rows x through a quantized weight (`_quant_limit`, asked only above the lower limit: at
+    batch 1 this is on every linear's path)."""
+    return _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x))
+
+
 def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tuple,
             dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
     """x (..., I) -> (..., O) through one quantized weight (`weight`: the kernel's arguments after x and counts):
     the GEMV kernel `kernel` for up to `_quant_limit` rows on CPU, its tile GEMM (`kernel`_tiles) for bf16 rows up
     to MAX_TILE_ROWS, else dequantized() + GEMM."""
     rows = x.numel() // x.shape[-1]
-    ext = _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x))
+    ext = _quant_ext(x, rows)
     if ext is not None:  # no counts: one plain weight, x (..., I) as it is
         return _add(getattr(ext, kernel)(x, None, *weight), bias)
     if rows <= MAX_TILE_ROWS and _tiles(x):
@@ -117,7 +123,7 @@ def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torc
     (..., I), or None where the kernel takes neither x nor every one of them: no kernel, too many rows, a bias, a
     plain weight in another dtype or another module. The compiled decode blocks (decode_ops) run on these."""
     rows = x.numel() // x.shape[-1]
-    if _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x)) is None:
+    if _quant_ext(x, rows) is None:
         return None
     weights = [getattr(linear, "kernel_weight", lambda dtype: None)(x.dtype) for linear in linears]
     if any(w is None or len(w) == 1 and rows > MAX_DENSE_ROWS for w in weights):

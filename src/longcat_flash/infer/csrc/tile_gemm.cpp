@@ -3,7 +3,8 @@
 // bf16 into a panel that stays in L2, then TDPBF16PS multiplies it by every row of x (packed once per call in the
 // tiles' pair layout), accumulating in fp32. The panel is filled by the same row dequantizers as `dequantize`'s
 // bf16 output (weights.h), so the result is oneDNN's bf16 GEMM on the dequantized weight up to the order of fp32
-// sums, without writing a dequantized copy to memory and reading it back.
+// sums, without writing a dequantized copy to memory and reading it back. For at most 32 rows of x (concurrent
+// streams) a task fills 32 weight rows at a time in L1-sized chunks instead (pair_task).
 #include <sys/syscall.h>
 #include <unistd.h>
 
