@@ -12,6 +12,9 @@ and its tools, at temperature 0. Scored per request:
   valid JSON       of the calls made, the share whose arguments parse as a JSON object that fits the tool's schema
 Twice: free decoding (`tool_choice: auto`), and constrained (the same, with every tool `strict: true`, so a call's
 arguments are decoded under its schema's grammar; the choice to call stays the model's).
+Calling a tool it never saw means copying names and values from the prompt, so the base and the tuned model are
+also probed for in-context copying: the loss on a repeated run of random tokens, first copy against second. A
+model that copies predicts the second copy almost exactly; one that does not scores both alike.
 
     python experiments/tool_use.py [--base DIR] [--steps N] [--train-rows N] [--eval-rows N] [--quick]
 --base: a pre-trained checkpoint (e.g. the README quickstart's runs/small); without it the small preset is trained
@@ -27,8 +30,10 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import torch
 from common import Setup, figure, parse, save
 
+from longcat_flash.checkpoint.hf import from_pretrained
 from longcat_flash.data.tool_dialogues import case_of, validate_arguments
 from longcat_flash.serve.launch import running_server
 from longcat_flash.train.config import recipe
@@ -91,6 +96,19 @@ def score(client: Any, model: str, row: dict[str, Any], strict: bool) -> dict[st
             "valid_calls": sum(valid)}
 
 
+@torch.no_grad()
+def copy_probe(model_dir: Path, rows: int = 8, length: int = 60, seed: int = 0) -> dict[str, float]:
+    """Mean loss on `rows` runs of `length` random tokens, each given twice: on the first copy (unpredictable)
+    and on the second (predictable by copying from the first)."""
+    model = from_pretrained(model_dir).eval()
+    vocab = model.config.vocab_size
+    run = torch.randint(vocab // 8, vocab, (rows, length), generator=torch.Generator().manual_seed(seed))
+    tokens = torch.cat([run, run], 1)  # (rows, 2 * length)
+    logits = model(tokens[:, :-1]).logits.float()
+    loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tokens[:, 1:], reduction="none")
+    return {"first_copy": loss[:, : length - 1].mean().item(), "second_copy": loss[:, length - 1:].mean().item()}
+
+
 def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
     calls = sum(r["calls"] for r in results)
     by_case = Counter(r["case"] for r in results)
@@ -114,6 +132,9 @@ def main() -> None:
     longcat("sft", "--model", str(base), "--data", str(data), "--out", str(tuned), "--max-steps", str(steps),
             "--no-progress", "--seed", str(args.seed))
     sft_seconds = time.perf_counter() - start
+    copying = {"base": copy_probe(base), "tuned": copy_probe(tuned)}
+    print(f"[tool_use] in-context copying (loss on a random run's first / second copy): {json.dumps(copying)}",
+          flush=True)
     rows = [json.loads(line) for line in heldout.read_text().splitlines()]
 
     import openai
@@ -131,7 +152,9 @@ def main() -> None:
     verdict = (f"held-out tools: right tool {free['right_tool']:.0%}, right tool and arguments "
                f"{free['right_arguments']:.0%} free / {constrained['right_arguments']:.0%} constrained; valid JSON "
                f"{_pct(free['valid_json'])} free / {_pct(constrained['valid_json'])} constrained "
-               f"(goal: >= 90% right, 100% valid when constrained)")
+               f"(goal: >= 90% right, 100% valid when constrained); loss on a repeated random run, first / second "
+               f"copy: base {copying['base']['first_copy']:.2f} / {copying['base']['second_copy']:.2f}, tuned "
+               f"{copying['tuned']['first_copy']:.2f} / {copying['tuned']['second_copy']:.2f}")
     reproduced = None if setup.quick else (constrained["right_arguments"] >= 0.9 and constrained["valid_json"] == 1.0)
     fig, (bars, curve) = figure(2)
     metrics = ("right_tool", "right_arguments", "valid_json")
@@ -149,7 +172,8 @@ def main() -> None:
     save(setup, __doc__.split("Claim: ")[1].split("\n\n")[0].replace("\n", " "),
          f"base {base}, `longcat sft` {steps} steps on {train_rows} synthetic conversations ({sft_seconds:.0f} s), "
          f"scored on {len(rows)} held-out conversations through `longcat serve` and the openai client",
-         {"modes": results, "sft_seconds": round(sft_seconds, 1), "sft_steps": steps, "val_loss": val_losses},
+         {"modes": results, "copying": copying, "sft_seconds": round(sft_seconds, 1), "sft_steps": steps,
+          "val_loss": val_losses},
          verdict, reproduced, fig)
 
 
