@@ -62,24 +62,29 @@ def kernel_bandwidth(kind: str, rows: int = 1, total_bytes: float = 256e6, shape
     """Weight GB/s of x (rows, I) @ W^T over a working set far larger than the caches, for one weight kernel:
     our "bf16" (plain weights, kernels.dense_linear) / "int8" blocks / "int4" groups, "bf16 torch" (F.linear), or
     "int4 torch" (aten's packed-int4 CPU kernel, _weight_int4pack_mm_for_cpu, groups of 64 with bf16 scales and
-    zero points)."""
+    zero points). The bytes are all a product reads: the codes and their scales (and int4's mins)."""
     O, I = shape
     x = torch.randn(rows, I, dtype=torch.bfloat16)
-    per = O * I * {"bf16": 2, "bf16 torch": 2, "int8": 1}.get(kind, 0.5)
-    count = max(1, int(total_bytes // per))
     if kind.startswith("bf16"):
-        weights = [torch.randn(O, I, dtype=torch.bfloat16) for _ in range(count)]
-        linear = F.linear if kind == "bf16 torch" else kernels.dense_linear
-        run = lambda: [linear(x, w) for w in weights]
+        one = [torch.randn(O, I, dtype=torch.bfloat16)]
     elif kind == "int4 torch":
         codes = torch.randint(0, 16, (O, I), dtype=torch.int32)
-        packs = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1) for _ in range(count)]
-        zeros = torch.randn(I // quant.GROUP, O, 2, dtype=torch.bfloat16)
-        run = lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, quant.GROUP, zeros) for p in packs]
+        one = [torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1),
+               torch.randn(I // quant.GROUP, O, 2, dtype=torch.bfloat16)]  # packed codes, scales and zero points
     else:
-        one = quant.quantize_weight(torch.randn(O, I), kind)  # quantized once, copied: only the bytes matter
-        parts = [{k: t.clone() for k, t in one.items()} for _ in range(count)]
-        run = lambda: [quant.quant_linear(x, p, kind) for p in parts]
+        parts = quant.quantize_weight(torch.randn(O, I), kind)  # values or codes, and their scales (and mins)
+        one = list(parts.values())
+    per = tensor_bytes(*one)  # every byte a product reads: an int4 weight's scales and mins too
+    count = max(1, int(total_bytes // per))
+    copies = [[t.clone() for t in one] for _ in range(count)]  # of one weight: only the bytes matter
+    if kind.startswith("bf16"):
+        linear = F.linear if kind == "bf16 torch" else kernels.dense_linear
+        run = lambda: [linear(x, w) for (w,) in copies]
+    elif kind == "int4 torch":
+        run = lambda: [torch.ops.aten._weight_int4pack_mm_for_cpu(x, p, quant.GROUP, z) for p, z in copies]
+    else:
+        weights = [dict(zip(parts, c)) for c in copies]
+        run = lambda: [quant.quant_linear(x, w, kind) for w in weights]
     run()
     return count * per / min(timed(run) for _ in range(passes)) / 1e9
 
