@@ -1,6 +1,7 @@
 // Whole decode blocks in one call each: FusedMLA's two halves, FusedMLP and a whole layer (FusedScMoELayer; fused.py),
 // through the same kernels the Python twins call one by one, without the Python between them (~25 calls a layer at
 // a few microseconds each). Python side: decode_ops.py.
+#include <cstring>
 #include <map>
 #include <string>
 
@@ -44,6 +45,29 @@ std::vector<torch::Tensor> mla_project(torch::Tensor x, std::vector<torch::Tenso
           rms_norm(qkv.narrow(-1, Q, C).contiguous(), kv_norm, kv_eps), rope(qkv.narrow(-1, Q + C, R), cos, sin)};
 }
 
+// pool[write[r]] = [latent[r] | k_rope[r]] for the B*S new rows, as BatchView.store writes them (cat, then
+// index_copy_), with a plain row copy where the dtypes agree: three ATen calls cost ~10 µs for ~1 KB.
+static void store_rows(torch::Tensor pool, const torch::Tensor& write, const torch::Tensor& latent,
+                       const torch::Tensor& k_rope) {
+  const int64_t C = latent.size(-1), R = k_rope.size(-1), rows = write.numel(), P = pool.size(0);
+  if (latent.scalar_type() != pool.scalar_type() || k_rope.scalar_type() != pool.scalar_type() ||
+      write.scalar_type() != torch::kLong || !pool.is_contiguous() || latent.numel() != rows * C ||
+      k_rope.numel() != rows * R || pool.size(1) != C + R) {
+    pool.index_copy_(0, write, torch::cat({latent, k_rope}, -1).reshape({-1, pool.size(1)}).to(pool.scalar_type()));
+    return;
+  }
+  const auto w = write.contiguous(), lat = latent.contiguous(), kr = k_rope.contiguous();
+  const int64_t* at = w.data_ptr<int64_t>();
+  const int64_t es = pool.element_size(), width = pool.size(1) * es;
+  const auto *lat_p = static_cast<const char*>(lat.data_ptr()), *kr_p = static_cast<const char*>(kr.data_ptr());
+  auto* pool_p = static_cast<char*>(pool.data_ptr());
+  for (int64_t r = 0; r < rows; ++r) TORCH_CHECK(at[r] >= 0 && at[r] < P, "mla_attend: a write row outside the pool");
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(pool_p + at[r] * width, lat_p + r * C * es, C * es);
+    std::memcpy(pool_p + at[r] * width + C * es, kr_p + r * R * es, R * es);
+  }
+}
+
 // FusedMLA.attend over the paged cache: this step's latent (B, S, C) and k_rope (B, S, R) into rows `write` (B*S,)
 // of `pool` (P, C + R), then the absorbed attention over pool rows `read` (B, L), then o_proj (an empty weight: the
 // caller's, -> (B, S, H*V)) -> (B, S, D).
@@ -52,7 +76,7 @@ torch::Tensor mla_attend(torch::Tensor q_nope, torch::Tensor q_rope, torch::Tens
                          torch::Tensor w_uk, torch::Tensor w_uv_t, double scale, std::vector<torch::Tensor> o_proj) {
   const int64_t C = latent.size(-1);
   TORCH_CHECK(pool.dim() == 2 && pool.size(1) == C + k_rope.size(-1), "mla_attend: pool rows must be C + R wide");
-  pool.index_copy_(0, write, torch::cat({latent, k_rope}, -1).reshape({-1, pool.size(1)}).to(pool.scalar_type()));
+  store_rows(pool, write, latent, k_rope);
   const auto out = absorbed_attention(q_nope, q_rope, pool.narrow(1, 0, C), pool.narrow(1, C, pool.size(1) - C),
                                       mask, w_uk, w_uv_t, scale, read);  // (B, S, H*V)
   return o_proj.empty() ? out : linear(out, o_proj);

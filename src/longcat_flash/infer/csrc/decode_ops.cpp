@@ -1,5 +1,7 @@
 // RMSNorm, SwiGLU, RoPE and absorbed MLA attention as the model computes them, one op each; Python side:
 // decode_ops.py.
+#include <algorithm>
+
 #include "simd.h"
 
 // ---- RMSNorm, as model/layers.py computes it (fp32, rounded to x's dtype before the weight): one op instead of
@@ -250,7 +252,8 @@ torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_i
     TORCH_CHECK(index.scalar_type() == torch::kLong && latent.dim() == 2 && k_rope.dim() == 2 &&
                 k_rope.size(0) == rows && index.numel() == B * L,
                 "absorbed_attention: read (B, L) int64 over pool rows latent (P, C) and k_rope (P, R)");
-    TORCH_CHECK(index.numel() == 0 || (index.min().item<int64_t>() >= 0 && index.max().item<int64_t>() < rows),
+    const int64_t* at = index.data_ptr<int64_t>();  // a loop: two ATen reductions cost more than these few rows
+    TORCH_CHECK(std::all_of(at, at + index.numel(), [&](int64_t i) { return i >= 0 && i < rows; }),
                 "absorbed_attention: a read index outside the pool");
   }
   auto y = torch::empty({B, S, H * V}, q_nope.options());
