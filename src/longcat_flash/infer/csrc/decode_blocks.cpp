@@ -46,7 +46,7 @@ std::vector<torch::Tensor> mla_project(torch::Tensor x, std::vector<torch::Tenso
 }
 
 // pool[write[r]] = [latent[r] | k_rope[r]] for the B*S new rows, as BatchView.store writes them (cat, then
-// index_copy_), with a plain row copy where the dtypes agree: three ATen calls cost ~10 µs for ~1 KB.
+// index_copy_), with a plain row copy where the dtypes agree (a bf16 block at batch 1: 18.5 -> 14.9 µs a call).
 static void store_rows(torch::Tensor pool, const torch::Tensor& write, const torch::Tensor& latent,
                        const torch::Tensor& k_rope) {
   const int64_t C = latent.size(-1), R = k_rope.size(-1), rows = write.numel(), P = pool.size(0);
