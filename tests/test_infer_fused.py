@@ -64,6 +64,26 @@ def test_fused_rope_is_bitwise_the_model_rope(dtype):
             assert decode_ops.rope(x, *r) is not None  # the kernel took it
 
 
+@pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_norm_and_rope_read_rows_where_they_lie(dtype):
+    """RMSNorm and RoPE read a slice of wider rows in place (the projections' split, no copy first) and a contiguous
+    tensor whose size-1 dimension reports another stride (heads moved before a length-1 sequence) row by row: the
+    same bits as on a plain contiguous copy."""
+    B, H, R, wide = 3, 4, 32, 80
+    ext = extension.compiled()
+    weight = torch.randn(R).to(dtype)
+    angles = torch.rand(B, 1, R // 2) * 50
+    rope = (angles.cos().to(dtype), angles.sin().to(dtype))
+    rows = (torch.randn(B, 2, wide) * 2).to(dtype)[..., 16:16 + R]  # (B, 2, R): rows `wide` apart
+    heads = (torch.randn(B, 1, H, R) * 2).to(dtype)
+    moved = heads.transpose(1, 2)  # (B, H, 1, R), contiguous, its size-1 dimension's stride H * R
+    assert not rows.is_contiguous() and moved.is_contiguous() and moved.stride(-2) != R
+    assert torch.equal(ext.rms_norm(rows, weight, 1e-6), ext.rms_norm(rows.contiguous(), weight, 1e-6))
+    assert torch.equal(ext.rms_norm(moved, weight, 1e-6), ext.rms_norm(heads, weight, 1e-6).transpose(1, 2))
+    assert torch.equal(ext.rope(moved, *rope), ext.rope(heads, *rope).transpose(1, 2))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_norm_computes_the_model_norm(dtype):
     """One compiled op, the model's arithmetic (fp32 math, rounded to x's dtype before the weight), up to the last

@@ -38,11 +38,11 @@ std::vector<torch::Tensor> mla_project(torch::Tensor x, std::vector<torch::Tenso
   TORCH_CHECK(x.dim() == 3, "mla_project: x must be (B, S, D)");
   const auto qkv = linear(x, qkv_a);  // (B, S, Q + C + R)
   TORCH_CHECK(qkv.size(-1) == Q + C + R, "mla_project: qkv_a's rows are not q_lora_rank + kv_lora_rank + rope dim");
-  const auto q_a = rms_norm(qkv.narrow(-1, 0, Q).contiguous(), q_norm, q_eps);  // (B, S, Q)
+  const auto q_a = rms_norm(qkv.narrow(-1, 0, Q), q_norm, q_eps);  // (B, S, Q), read in place
   const auto q = linear(q_a, q_b).view({x.size(0), x.size(1), H, -1});  // (B, S, H, N + R)
   const int64_t N = q.size(-1) - R;
   return {q.narrow(-1, 0, N), rope(q.narrow(-1, N, R), cos, sin),
-          rms_norm(qkv.narrow(-1, Q, C).contiguous(), kv_norm, kv_eps), rope(qkv.narrow(-1, Q + C, R), cos, sin)};
+          rms_norm(qkv.narrow(-1, Q, C), kv_norm, kv_eps), rope(qkv.narrow(-1, Q + C, R), cos, sin)};
 }
 
 // pool[write[r]] = [latent[r] | k_rope[r]] for the B*S new rows, as BatchView.store writes them (cat, then

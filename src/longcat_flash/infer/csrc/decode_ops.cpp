@@ -8,10 +8,10 @@
 // eight small ones (~50 us at decode with two threads), 49 times per token on the bench preset.
 
 template <typename X>
-static void rms_rows(const X* x, const X* w, X* y, int64_t rows, int64_t D, float eps) {
+static void rms_rows(const X* x, int64_t stride, const X* w, X* y, int64_t rows, int64_t D, float eps) {
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      const X* xr = x + r * D;
+      const X* xr = x + r * stride;
       __m512 ss = _mm512_setzero_ps();
       for (int64_t k = 0; k < D; k += 16) {
         const __m512 v = x16(xr + k, tail16(D - k));
@@ -28,15 +28,31 @@ static void rms_rows(const X* x, const X* w, X* y, int64_t rows, int64_t D, floa
   });
 }
 
-// x (..., D) and weight (D,) of one dtype, fp32 or bf16 -> (..., D).
-torch::Tensor rms_norm(torch::Tensor x, torch::Tensor weight, double eps) {
-  TORCH_CHECK(x.is_contiguous() && weight.is_contiguous() && weight.dim() == 1 && x.size(-1) == weight.size(0) &&
+// x itself if its rows (over the last dim, contiguous) lie evenly apart in memory, so that row i starts at
+// i * stride(-2), as in a split's view; else a contiguous copy.
+static torch::Tensor evenly_spaced_rows(const torch::Tensor& x) {
+  bool uniform = x.dim() >= 2 && x.stride(-1) == 1;
+  for (int64_t i = 0; uniform && i + 2 < x.dim(); ++i) uniform = x.stride(i) == x.stride(i + 1) * x.size(i + 1);
+  return uniform ? x : x.contiguous();
+}
+
+// The distance between x's rows, which lie evenly apart (evenly_spaced_rows): D when x is contiguous, whatever
+// strides its size-1 dimensions report.
+static int64_t row_stride(const torch::Tensor& x) {
+  return x.is_contiguous() || x.dim() < 2 ? x.size(-1) : x.stride(-2);
+}
+
+// x (..., D), read in place where its rows lie evenly apart (a slice of a wider row: no copy first), and weight (D,)
+// of one dtype, fp32 or bf16 -> (..., D) contiguous.
+torch::Tensor rms_norm(torch::Tensor x_in, torch::Tensor weight, double eps) {
+  const auto x = evenly_spaced_rows(x_in);
+  TORCH_CHECK(x.stride(-1) == 1 && weight.is_contiguous() && weight.dim() == 1 && x.size(-1) == weight.size(0) &&
               x.scalar_type() == weight.scalar_type());
-  auto y = torch::empty_like(x);
+  auto y = torch::empty(x.sizes(), x.options());
   const int64_t D = x.size(-1), rows = x.numel() / std::max<int64_t>(D, 1);
   with_dtype(x, "rms_norm", [&](auto t) {
     using X = decltype(t);
-    rms_rows(x.data_ptr<X>(), weight.data_ptr<X>(), y.data_ptr<X>(), rows, D, eps);
+    rms_rows(x.data_ptr<X>(), row_stride(x), weight.data_ptr<X>(), y.data_ptr<X>(), rows, D, eps);
   });
   return y;
 }
@@ -73,18 +89,11 @@ static void rope_rows(const X* x, int64_t stride, const X* c, const X* sn, X* y,
   }
 }
 
-// x itself if its rows (over the last dim, contiguous) lie evenly apart in memory, so that row i starts at
-// i * stride(-2), as in a split's view; else a contiguous copy.
-static torch::Tensor evenly_spaced_rows(const torch::Tensor& x) {
-  bool uniform = x.dim() >= 2 && x.stride(-1) == 1;
-  for (int64_t i = 0; uniform && i + 2 < x.dim(); ++i) uniform = x.stride(i) == x.stride(i + 1) * x.size(i + 1);
-  return uniform ? x : x.contiguous();
-}
 
 // x (..., R) read in place where its rows lie evenly apart, cos/sin (N, R/2) -> (..., R) contiguous.
 torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin) {
   const auto x = evenly_spaced_rows(x_in);
-  const int64_t R = x.size(-1), N = cos.numel() / (R / 2), rows = x.numel() / R, stride = x.stride(-2);
+  const int64_t R = x.size(-1), N = cos.numel() / (R / 2), rows = x.numel() / R, stride = row_stride(x);
   TORCH_CHECK(x.stride(-1) == 1 && R % 2 == 0 && cos.is_contiguous() && sin.is_contiguous() && N > 0 &&
               rows % N == 0 && cos.scalar_type() == x.scalar_type() && sin.scalar_type() == x.scalar_type());
   auto y = torch::empty(x.sizes(), x.options());
