@@ -29,7 +29,7 @@ static void rms_rows(const X* x, int64_t stride, const X* w, X* y, int64_t rows,
 }
 
 // x itself if its rows (over the last dim, contiguous) lie evenly apart in memory, so that row i starts at
-// i * stride(-2), as in a split's view; else a contiguous copy.
+// i * row_stride(x), as in a split's view; else a contiguous copy.
 static torch::Tensor evenly_spaced_rows(const torch::Tensor& x) {
   bool uniform = x.dim() >= 2 && x.stride(-1) == 1;
   for (int64_t i = 0; uniform && i + 2 < x.dim(); ++i) uniform = x.stride(i) == x.stride(i + 1) * x.size(i + 1);
@@ -88,7 +88,6 @@ static void rope_rows(const X* x, int64_t stride, const X* c, const X* sn, X* y,
     }
   }
 }
-
 
 // x (..., R) read in place where its rows lie evenly apart, cos/sin (N, R/2) -> (..., R) contiguous.
 torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin) {
@@ -242,8 +241,8 @@ torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_i
                                  double scale, c10::optional<torch::Tensor> read) {
   const auto q_nope = evenly_spaced_rows(q_nope_in), q_rope = evenly_spaced_rows(q_rope_in);
   const auto latent = evenly_spaced_rows(latent_in), k_rope = evenly_spaced_rows(k_rope_in);
-  const int64_t qn_stride = q_nope.stride(-2), qr_stride = q_rope.stride(-2);
-  const int64_t lat_stride = latent.stride(-2), kr_stride = k_rope.stride(-2);
+  const int64_t qn_stride = row_stride(q_nope), qr_stride = row_stride(q_rope);
+  const int64_t lat_stride = row_stride(latent), kr_stride = row_stride(k_rope);
   const int64_t B = q_nope.size(0), S = q_nope.size(1), H = q_nope.size(2), N = q_nope.size(3);
   const int64_t R = q_rope.size(3), C = latent.size(-1), V = w_uv_t.size(2);
   const int64_t L = read ? read->numel() / std::max<int64_t>(B, 1) : latent.size(1);
