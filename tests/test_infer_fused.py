@@ -134,7 +134,7 @@ def test_fused_absorbed_attention_computes_the_python_path(pair, dtype, monkeypa
     model, fused = pair
     mla, twin = model.model.layers[0].self_attn[1], fused.model.layers[0].self_attn[1]
     mla, twin = copy.deepcopy(mla).to(dtype), copy.deepcopy(twin).to(dtype)
-    twin.w_uk, twin.w_uv_t = twin.w_uk.float(), twin.w_uv_t.float()  # fp32 buffers, as fusing leaves them
+    assert twin.w_uk.dtype == twin.w_uv_t.dtype == dtype  # kv_b_proj's, the bytes the kernel reads
     B, S, L, H = 3, 4, 11, twin.n_heads
     N, R, C = twin.nope_dim, twin.rope_dim, twin.kv_lora_rank
     q = torch.randn(B, S, H, N + R).to(dtype)
@@ -145,8 +145,12 @@ def test_fused_absorbed_attention_computes_the_python_path(pair, dtype, monkeypa
     with torch.no_grad():
         got = twin.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
         if kernels.kernel_available():
-            assert decode_ops.absorbed_attention(q_nope, q_rope, latent, k_rope, mask, twin.w_uk, twin.w_uv_t,
-                                                 twin.softmax_scale) is not None  # the kernel took it
+            kernel = decode_ops.absorbed_attention(q_nope, q_rope, latent, k_rope, mask, twin.w_uk, twin.w_uv_t,
+                                                   twin.softmax_scale)
+            fp32_weights = decode_ops.absorbed_attention(q_nope, q_rope, latent, k_rope, mask, twin.w_uk.float(),
+                                                         twin.w_uv_t.float(), twin.softmax_scale)
+            # the kernel took it, and reads bf16 weights as the fp32 values they are
+            torch.testing.assert_close(kernel, fp32_weights, atol=0, rtol=0)
         with monkeypatch.context() as patch:
             patch.setattr(decode_ops, "absorbed_attention", lambda *args: None)
             python_path = twin.attend_absorbed(q_nope, q_rope, latent, k_rope, mask)

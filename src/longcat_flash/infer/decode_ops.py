@@ -48,11 +48,10 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
 def _absorbed_inputs(tensors: tuple[torch.Tensor, ...], mask: torch.Tensor, w_uk: torch.Tensor,
                      w_uv_t: torch.Tensor) -> bool:
     """Whether the absorbed attention kernel takes these: q, context (and pool) tensors of one dtype, fp32 or bf16,
-    on CPU; the absorbed weights fp32; a bool mask."""
-    dtype = tensors[0].dtype
-    return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors)
-            and dtype in (torch.float32, torch.bfloat16) and w_uk.dtype == w_uv_t.dtype == torch.float32
-            and mask.dtype == torch.bool)
+    on CPU; the absorbed weights of one dtype, fp32 or bf16; a bool mask."""
+    dtype, kernel_dtypes = tensors[0].dtype, (torch.float32, torch.bfloat16)
+    return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in kernel_dtypes
+            and w_uk.dtype == w_uv_t.dtype and w_uk.dtype in kernel_dtypes and mask.dtype == torch.bool)
 
 
 def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,
@@ -60,7 +59,7 @@ def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch
                        scale: float) -> torch.Tensor | None:
     """FusedMLA.attend_absorbed before o_proj, in fp32 (the same up to the order of fp32 sums): q_nope (B, S, H, N),
     q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R) of one dtype, fp32 or bf16 (views such as a split's
-    are read in place), mask (B, S, L), w_uk (H, N, C) and w_uv_t (H, C, V) fp32 -> (B, S, H*V) of q's dtype."""
+    are read in place), mask (B, S, L), w_uk (H, N, C) and w_uv_t (H, C, V) fp32 or bf16 -> (B, S, H*V) of q's dtype."""
     tensors = (q_nope, q_rope, latent, k_rope)
     ext = extension.compiled() if _absorbed_inputs(tensors, mask, w_uk, w_uv_t) else None
     if ext is None:

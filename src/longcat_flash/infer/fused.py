@@ -84,10 +84,9 @@ class FusedMLA(MLA):
             self.kv_a_layernorm = RMSNorm(C, LATENT_NORM_EPS).to(mla.kv_a_layernorm.weight)
             self.kv_a_layernorm.weight.copy_(mla.kv_a_layernorm.weight * mla.kv_scale)
             self.kv_b_proj, self.o_proj = mla.kv_b_proj, mla.o_proj
-            w = mla.kv_b_proj.weight.view(H, N + V, C)
-            # fp32: the small per-head bmms are several times faster in fp32 than in bf16 on CPU
-            self.register_buffer("w_uk", w[:, :N].float().contiguous(), persistent=False)  # (H, N, C)
-            self.register_buffer("w_uv_t", w[:, N:].transpose(1, 2).float().contiguous(), persistent=False)  # (H, C, V)
+            w = mla.kv_b_proj.weight.view(H, N + V, C)  # kept in its dtype: the kernel reads bf16 as it is, in
+            self.register_buffer("w_uk", w[:, :N].contiguous(), persistent=False)  # (H, N, C); half an fp32 copy's
+            self.register_buffer("w_uv_t", w[:, N:].transpose(1, 2).contiguous(), persistent=False)  # (H, C, V) bytes
         self.q_scale = self.kv_scale = 1.0  # folded into q_b_proj and kv_a_layernorm above
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Any:
@@ -138,14 +137,14 @@ class FusedMLA(MLA):
         L, C, dtype = latent.shape[1], self.kv_lora_rank, q_nope.dtype
         latent, k_rope = latent.float(), k_rope.float()
         q_nope = q_nope.float().permute(2, 0, 1, 3).reshape(H, B * S, N)  # heads as the batch of the bmm
-        q_latent = torch.bmm(q_nope, self.w_uk)  # (H, B*S, C)
+        q_latent = torch.bmm(q_nope, self.w_uk.float())  # (H, B*S, C); fp32 bmms: several times faster on CPU
         q_latent = q_latent.view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)  # rows (h, s) per sequence
         q_rope = q_rope.float().transpose(1, 2).reshape(B, H * S, self.rope_dim)
         scores = torch.baddbmm(torch.bmm(q_rope, k_rope.transpose(1, 2)), q_latent, latent.transpose(1, 2))
         scores = (scores * self.softmax_scale).view(B, H, S, L).masked_fill(~mask[:, None], float("-inf"))
         probs = scores.softmax(dim=-1).view(B, H * S, L)
         out_latent = torch.bmm(probs, latent).view(B, H, S, C).transpose(0, 1).reshape(H, B * S, C)
-        out = torch.bmm(out_latent, self.w_uv_t)  # (H, B*S, V)
+        out = torch.bmm(out_latent, self.w_uv_t.float())  # (H, B*S, V)
         out = out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)
         return self.o_proj(out.to(dtype))
 
@@ -332,7 +331,8 @@ class FusedScMoELayer(ScMoELayer):
         same_dtype = (*norms, *(n for a in attn for n in (a.q_a_layernorm, a.kv_a_layernorm)))
         if (any(m.weight.dtype != x.dtype for m in same_dtype)
                 or any(t[k][0].dtype != x.dtype for k in ("cos", "sin", "attn0.pool", "attn1.pool"))
-                or any(a.w_uk.dtype != torch.float32 or a.w_uv_t.dtype != torch.float32 for a in attn)):
+                or any(a.w_uk.dtype not in (torch.float32, torch.bfloat16) or a.w_uv_t.dtype != a.w_uk.dtype
+                       for a in attn)):
             return None
         return t, f
 

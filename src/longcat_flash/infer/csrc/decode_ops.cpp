@@ -105,7 +105,8 @@ torch::Tensor rope(torch::Tensor x_in, torch::Tensor cos, torch::Tensor sin) {
 
 // ---- MLA attention over the latent cache with W_UK and W_UV absorbed (docs/architecture.md §6.3), as
 // FusedMLA.attend_absorbed computes it (fp32 throughout): one op per attention block instead of ~30 small ones.
-// Per query row (b, s) and head h:
+// W_UK and W_UV^T are read in their own dtype, fp32 or bf16 (kv_b_proj's: a bf16 model's are half the bytes of an
+// fp32 copy, ~1 MB a block; the values and the fp32 sums are the same). Per query row (b, s) and head h:
 //   q_latent = q_nope[h] @ W_UK[h]                        (C)
 //   score[l] = (q_latent . latent[l] + q_rope[h] . k_rope[l]) * scale, -inf where mask[b, s, l] is false
 //   out[h]   = (softmax(score) @ latent) @ W_UV^T[h]       (V), zeros for a row with no slot
@@ -185,13 +186,13 @@ static void masked_softmax(float* p, const bool* mask, int64_t L, float scale) {
   for (int64_t l = 0; l < L; ++l) p[l] /= sum;
 }
 
-template <typename X>
+template <typename X, typename W>
 struct Absorbed {
   const X *qn, *qr, *lat, *kr;
   int64_t qn_stride, qr_stride, lat_stride, kr_stride;
   const bool* mask;
   const int64_t* read;  // (B, L) pool rows, or null: latent / k_rope are (B, L, .)
-  const float *w_uk, *w_uv_t;
+  const W *w_uk, *w_uv_t;
   float scale;
   X* y;
   int64_t B, S, H, N, R, L, C, V;
@@ -234,7 +235,8 @@ struct Absorbed {
 };
 
 // q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, L, C), k_rope (B, L, R): one dtype, fp32 or bf16, read in
-// place where their rows lie evenly apart; mask (B, S, L) bool; w_uk (H, N, C), w_uv_t (H, C, V) fp32 -> (B, S, H*V).
+// place where their rows lie evenly apart; mask (B, S, L) bool; w_uk (H, N, C) and w_uv_t (H, C, V): one dtype, fp32
+// or bf16 -> (B, S, H*V).
 // With `read` (B, L) int64: latent (P, C) and k_rope (P, R) are pool rows, row (b, l) being pool row read[b, l].
 torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_in, torch::Tensor latent_in,
                                  torch::Tensor k_rope_in, torch::Tensor mask, torch::Tensor w_uk, torch::Tensor w_uv_t,
@@ -249,7 +251,7 @@ torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_i
   const auto dtype = q_nope.scalar_type();
   TORCH_CHECK(q_rope.scalar_type() == dtype && latent.scalar_type() == dtype && k_rope.scalar_type() == dtype &&
               mask.scalar_type() == torch::kBool && mask.is_contiguous() && mask.numel() == B * S * L &&
-              w_uk.scalar_type() == torch::kFloat && w_uv_t.scalar_type() == torch::kFloat && w_uk.is_contiguous() &&
+              w_uv_t.scalar_type() == w_uk.scalar_type() && w_uk.is_contiguous() &&
               w_uv_t.is_contiguous() && w_uk.numel() == H * N * C && w_uv_t.numel() == H * C * V &&
               k_rope.size(-1) == R && q_nope.stride(3) == 1 && q_rope.stride(3) == 1 && latent.stride(-1) == 1 &&
               k_rope.stride(-1) == 1, "absorbed_attention: shapes, dtypes or strides do not fit");
@@ -266,11 +268,14 @@ torch::Tensor absorbed_attention(torch::Tensor q_nope_in, torch::Tensor q_rope_i
   }
   auto y = torch::empty({B, S, H * V}, q_nope.options());
   with_dtype(q_nope, "absorbed_attention", [&](auto t) {
-    using X = decltype(t);
-    Absorbed<X>{q_nope.data_ptr<X>(), q_rope.data_ptr<X>(), latent.data_ptr<X>(), k_rope.data_ptr<X>(), qn_stride,
-                qr_stride, lat_stride, kr_stride, mask.data_ptr<bool>(), read ? index.data_ptr<int64_t>() : nullptr,
-                w_uk.data_ptr<float>(), w_uv_t.data_ptr<float>(), static_cast<float>(scale), y.data_ptr<X>(), B, S,
-                H, N, R, L, C, V}.run();
+    with_dtype(w_uk, "absorbed_attention", [&](auto w) {
+      using X = decltype(t);
+      using W = decltype(w);
+      Absorbed<X, W>{q_nope.data_ptr<X>(), q_rope.data_ptr<X>(), latent.data_ptr<X>(), k_rope.data_ptr<X>(),
+                     qn_stride, qr_stride, lat_stride, kr_stride, mask.data_ptr<bool>(),
+                     read ? index.data_ptr<int64_t>() : nullptr, w_uk.data_ptr<W>(), w_uv_t.data_ptr<W>(),
+                     static_cast<float>(scale), y.data_ptr<X>(), B, S, H, N, R, L, C, V}.run();
+    });
   });
   return y;
 }
