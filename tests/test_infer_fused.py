@@ -282,6 +282,50 @@ def test_compiled_decode_blocks_give_the_twins_bits(pair, fmt, monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
+def test_a_layer_keeps_its_decode_weights_only_while_they_are_its_weights(pair, monkeypatch):
+    """FusedScMoELayer keeps the weights' part of its decode inputs between calls; after a module swap (quantizing),
+    a cast and a state-dict load with assign=True, its one-call decode still gives what the layer gives block by
+    block with the weights it has now."""
+    model, _ = pair
+    twin = copy.deepcopy(model)
+    fuse_for_inference(twin)
+    layer = twin.model.layers[1]
+
+    def decode(dtype: torch.dtype) -> torch.Tensor:
+        cache = PagedLatentCache(CacheConfig.for_model(twin.config, max_tokens=16, page_size=4, dtype=dtype))
+        cache.ensure(0, 4)
+        cache.pool.copy_(torch.randn(cache.pool.shape, generator=torch.Generator().manual_seed(0)))
+        positions = torch.tensor([[3]])
+        view, rope = cache.view([0], positions), twin.model.rotary(positions, dtype)
+        x = torch.randn(1, 1, twin.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(dtype)
+        before = cache.pool.clone()
+        calls = record_kernel_calls(monkeypatch, {"decode_layer"})
+        with torch.no_grad():
+            kept = layer(x, rope, view)[0]
+            cache.pool.copy_(before)
+            with monkeypatch.context() as patch:
+                patch.setattr(layer, "decode_inputs", lambda *args: None)
+                block_by_block = layer(x, rope, view)[0]
+        monkeypatch.undo()
+        assert calls == ["decode_layer"] and kept.dtype == dtype and torch.equal(kept, block_by_block)
+        return kept
+
+    first = decode(torch.float32)
+    assert torch.equal(decode(torch.float32), first)  # kept, the same
+    twin.to(torch.bfloat16).to(torch.float32)  # new fp32 tensors, the weights rounded to bf16
+    assert not torch.equal(decode(torch.float32), first)
+    twin.to(torch.bfloat16)
+    cast = decode(torch.bfloat16)
+    quant.quantize_model(twin, "int8")
+    quantized = decode(torch.bfloat16)
+    assert not torch.equal(quantized, cast)
+    state = twin.state_dict()
+    state["model.layers.1.input_layernorm.0.weight"] = state["model.layers.1.input_layernorm.0.weight"] * 2
+    twin.load_state_dict(state, assign=True)
+    assert not torch.equal(decode(torch.bfloat16), quantized)
+
+
+@pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
 def test_a_layer_call_never_gives_its_experts_more_rows_than_they_take(pair):
     """12 fp32 rows: quantized linears take them (up to MAX_KERNEL_ROWS), plain experts only MAX_DENSE_ROWS per hit
     expert; with every token routed to the same FFN experts, the layer runs call by call instead of failing."""

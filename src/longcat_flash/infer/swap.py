@@ -7,6 +7,13 @@ from collections.abc import Callable
 from torch import nn
 
 TwinOf = Callable[[str, nn.Module], "nn.Module | None"]  # (qualified name, module) -> replacement, or None
+_generation = 0  # module replacements so far, in any model
+
+
+def swap_generation() -> int:
+    """Changes with every module swap_modules replaces: what a module keeps built from its children's tensors
+    (FusedScMoELayer's decode inputs) is stale once it has changed."""
+    return _generation
 
 
 def swap_modules(model: nn.Module, twin_of: TwinOf) -> list[str]:
@@ -15,6 +22,7 @@ def swap_modules(model: nn.Module, twin_of: TwinOf) -> list[str]:
     Parents are visited before their children, and a replaced module's insides are not visited: they belong to
     its twin now (which may keep them, as FusedMoE keeps its MoE), and their names no longer resolve.
     """
+    global _generation
     swapped: list[str] = []
     for name, module in list(model.named_modules()):
         if not name or any(name.startswith(done + ".") for done in swapped):
@@ -24,4 +32,5 @@ def swap_modules(model: nn.Module, twin_of: TwinOf) -> list[str]:
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, twin)
             swapped.append(name)
+            _generation += 1
     return swapped
