@@ -215,8 +215,8 @@ def test_absorbed_decode_reads_the_paged_cache_in_place(pair, monkeypatch):
             fn = getattr(build(), name)
             if name == "mla_attend":  # (q_nope, q_rope, latent, k_rope, pool, write, read, ...): the MTP head's
                 return lambda *args: reads.append(args[6]) or fn(*args)
-            if name == "decode_layer":  # (x, tensors, numbers): a trunk layer's
-                return lambda *args: reads.append(args[1]["read"][0]) or fn(*args)
+            if name == "decode_layer":  # (x, plan, cos, sin, mask, write, read, ...): a trunk layer's
+                return lambda *args: reads.append(args[6]) or fn(*args)
             return fn
 
     monkeypatch.setattr(extension, "compiled", lambda: Recorded())
@@ -283,9 +283,9 @@ def test_compiled_decode_blocks_give_the_twins_bits(pair, fmt, monkeypatch):
 
 @pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
 def test_a_layer_keeps_its_decode_weights_only_while_they_are_its_weights(pair, monkeypatch):
-    """FusedScMoELayer keeps the weights' part of its decode inputs between calls; after a module swap (quantizing),
-    a cast and a state-dict load with assign=True, its one-call decode still gives what the layer gives block by
-    block with the weights it has now."""
+    """FusedScMoELayer keeps its decode plan (the weights' part of the layer call) between calls; after a module
+    swap (quantizing), a cast and a state-dict load with assign=True, its one-call decode still gives what the
+    layer gives block by block with the weights it has now; a deep copy decodes as the original."""
     model, _ = pair
     twin = copy.deepcopy(model)
     fuse_for_inference(twin)
@@ -322,7 +322,11 @@ def test_a_layer_keeps_its_decode_weights_only_while_they_are_its_weights(pair, 
     state = twin.state_dict()
     state["model.layers.1.input_layernorm.0.weight"] = state["model.layers.1.input_layernorm.0.weight"] * 2
     twin.load_state_dict(state, assign=True)
-    assert not torch.equal(decode(torch.bfloat16), quantized)
+    loaded = decode(torch.bfloat16)
+    assert not torch.equal(loaded, quantized)
+    twin = copy.deepcopy(twin)  # after decoding (a kept plan cannot be copied): the copy makes its own
+    layer = twin.model.layers[1]
+    assert torch.equal(decode(torch.bfloat16), loaded)
 
 
 @pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")

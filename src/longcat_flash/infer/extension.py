@@ -22,7 +22,7 @@ SOURCES = ("simd.h", "weights.h", "hits.h",  # headers first
 FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "block_dequantize",
              "group_dequantize", "amx_available", "block_experts_tiles", "group_experts_tiles", "dense_experts_tiles",
              "rms_norm", "swiglu", "rope", "absorbed_attention", "mla_project", "mla_attend", "mlp",
-             "decode_layer"]
+             "layer_plan", "decode_layer"]
 
 
 @functools.lru_cache(maxsize=1)

@@ -277,7 +277,7 @@ class FusedScMoELayer(ScMoELayer):
         self.index = layer.index
         for name, child in layer.named_children():
             setattr(self, name, child)
-        self._weights: tuple[tuple, Any] | None = None  # (key, weight_inputs' result) of the last decode call
+        self._plan: tuple[tuple, Any] | None = None  # (key, decode_ops.layer_plan or None) of the last decode call
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
@@ -287,39 +287,41 @@ class FusedScMoELayer(ScMoELayer):
         out, probs, ids = decode_ops.decode_layer(x, *inputs)
         return out, self.mlp.moe.routing_info(probs, ids)
 
+    def __getstate__(self) -> dict[str, Any]:
+        return {**super().__getstate__(), "_plan": None}  # a copy (or a pickle) makes its own plan
+
     def _apply(self, fn: Any, recurse: bool = True) -> FusedScMoELayer:
-        self._weights = None  # .to(), .float() and the like replace the tensors the kept inputs hold
+        self._plan = None  # .to(), .float() and the like replace the tensors the kept plan holds
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._weights = None  # a load with assign=True replaces them too
+        self._plan = None  # a load with assign=True replaces them too
         super()._load_from_state_dict(*args, **kwargs)
 
     def decode_inputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any,
-                      mask: torch.Tensor | None) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]] | None:
-        """The layer's tensors and numbers by name, as csrc/decode_blocks.cpp's decode_layer reads them; None where
-        it does not take the call: not an absorbed decode over the paged cache, a weight the kernels do not take
-        (weight_inputs), a RoPE table or cache pool of another dtype than x's. The weights' part is kept between
-        calls for rows like x (building it took ~130 us a layer, 9% of a batch-1 int4 token) until a module is
-        swapped (swap.generation), the layer cast or loaded."""
+                      mask: torch.Tensor | None) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
+        """decode_ops.decode_layer's plan and step tensors; None where it does not take the call: not an absorbed
+        decode over the paged cache, a weight the kernels do not take (weight_inputs), a RoPE table or cache pool
+        of another dtype than x's. The plan is kept between calls for rows like x (building it took ~130 us a
+        layer, 9% of a batch-1 int4 token) until a module is swapped (swap_generation), the layer cast or loaded."""
         if mask is not None or not isinstance(cache, BatchView) or not cache.absorb or not x.is_contiguous():
             return None
         key = (x.dtype, x.device, x.numel() // x.shape[-1], swap_generation())
-        if self._weights is None or self._weights[0] != key:
-            self._weights = (key, self.weight_inputs(x))
-        if self._weights[1] is None:
+        if self._plan is None or self._plan[0] != key:
+            inputs = self.weight_inputs(x)
+            self._plan = (key, None if inputs is None else decode_ops.layer_plan(*inputs))
+        if self._plan[1] is None:
             return None
-        weights, numbers = self._weights[1]
         (pool0, write, read), (pool1, _, _) = (cache.pool_rows(2 * self.index + i) for i in range(2))  # the same
-        t = {**weights, "cos": [rope[0].contiguous()], "sin": [rope[1].contiguous()], "mask": [cache.mask],  # rows
-             "write": [write], "read": [read], "attn0.pool": [pool0], "attn1.pool": [pool1]}  # for both blocks
-        if any(t[k][0].dtype != x.dtype for k in ("cos", "sin", "attn0.pool", "attn1.pool")):
+        step = (rope[0].contiguous(), rope[1].contiguous(), cache.mask, write, read, pool0, pool1)  # rows for both
+        if any(t.dtype != x.dtype for t in (*step[:2], pool0, pool1)):
             return None
-        return t, numbers
+        return self._plan[1], step
 
     def weight_inputs(self, x: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]] | None:
-        """decode_inputs' weights and numbers for rows like x; None where the layer call does not take them: a
-        child that is not a twin, a weight the GEMV kernels do not take, a norm of another dtype than x's."""
+        """The layer's weights and numbers by name for rows like x, as csrc/decode_blocks.cpp's decode_layer reads
+        them; None where it does not take them: a child that is not a twin, a weight the GEMV kernels do not take,
+        a norm of another dtype than x's."""
         attn, mlps, moe = self.self_attn, self.mlps, self.mlp
         if (not isinstance(moe, FusedMoE) or not all(isinstance(m, FusedMLP) for m in mlps)
                 or not all(isinstance(a, FusedMLA) for a in attn)):

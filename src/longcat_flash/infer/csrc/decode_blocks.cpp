@@ -87,11 +87,29 @@ torch::Tensor mlp(torch::Tensor x, std::vector<torch::Tensor> gate_up, std::vect
   return linear(swiglu(linear(x, gate_up)), down);
 }
 
-// ---- a whole ScMoE layer at decode, one call instead of ~25 (FusedScMoELayer, fused.py). Inputs by name, as
-// FusedScMoELayer.decode_inputs names them: one map of tensors (a single tensor is a list of one; a linear weight
-// is its list as `linear` takes it), one of numbers.
+// ---- a whole ScMoE layer at decode, one call instead of ~25 (FusedScMoELayer, fused.py). The layer's weights and
+// numbers by name, as FusedScMoELayer.weight_inputs names them (a single tensor is a list of one; a linear weight
+// is its list as `linear` takes it), are made into a plan once (layer_plan) and kept by the layer; each call passes
+// only the plan and what changes with the step. (Converting the ~60 weight tensors from Python on every call cost
+// ~0.4 ms of a batch-1 int4 token.)
 using Tensors = std::map<std::string, std::vector<torch::Tensor>>;
 using Numbers = std::map<std::string, double>;
+struct LayerPlan {
+  Tensors t;
+  Numbers f;
+};
+
+// The step's tensors: RoPE cos/sin (B * S, R/2), the cache's mask (B, S, L), write (B*S,) and read (B, L) rows,
+// and the two blocks' pools (P, C + R).
+struct Step {
+  torch::Tensor cos, sin, mask, write, read, pool[2];
+};
+
+// A plan a Python object holds: freed with it.
+pybind11::capsule layer_plan(Tensors t, Numbers f) {
+  return pybind11::capsule(new LayerPlan{std::move(t), std::move(f)}, "longcat.LayerPlan",
+                           [](void* plan) { delete static_cast<LayerPlan*>(plan); });
+}
 
 static const torch::Tensor& one(const Tensors& t, const std::string& name) {
   const auto& v = t.at(name);
@@ -113,19 +131,26 @@ static std::vector<torch::Tensor> route(const torch::Tensor& x, const Tensors& t
 }
 
 // Attention block i (0 or 1) of the layer: rms_norm'd x through mla_project and mla_attend -> (B, S, D).
-static torch::Tensor attention(const torch::Tensor& x, int i, const Tensors& t, const Numbers& f) {
+static torch::Tensor attention(const torch::Tensor& x, int i, const Tensors& t, const Numbers& f, const Step& s) {
   const std::string a = "attn" + std::to_string(i) + ".";
   const auto h = rms_norm(x, one(t, "input_norm" + std::to_string(i)), f.at("input_eps" + std::to_string(i)));
   const auto p = mla_project(h, t.at(a + "qkv_a"), one(t, a + "q_norm"), f.at(a + "q_eps"), t.at(a + "q_b"),
-                             one(t, a + "kv_norm"), f.at(a + "kv_eps"), one(t, "cos"), one(t, "sin"),
+                             one(t, a + "kv_norm"), f.at(a + "kv_eps"), s.cos, s.sin,
                              static_cast<int64_t>(f.at("heads")));
-  return mla_attend(p[0], p[1], p[2], p[3], one(t, a + "pool"), one(t, "write"), one(t, "read"), one(t, "mask"),
-                    one(t, a + "w_uk"), one(t, a + "w_uv_t"), f.at(a + "scale"), t.at(a + "o_proj"));
+  return mla_attend(p[0], p[1], p[2], p[3], s.pool[i], s.write, s.read, s.mask, one(t, a + "w_uk"),
+                    one(t, a + "w_uv_t"), f.at(a + "scale"), t.at(a + "o_proj"));
 }
 
-// ScMoELayer.forward (model/block.py): x (B, S, D) -> out (B, S, D), the router's probs (T, E+Z) and ids (T, K).
-std::vector<torch::Tensor> decode_layer(torch::Tensor x, Tensors t, Numbers f) {
-  const auto x1 = x + attention(x, 0, t, f);
+// ScMoELayer.forward (model/block.py): x (B, S, D) -> out (B, S, D), the router's probs (T, E+Z) and ids (T, K);
+// the step's tensors as Step names them.
+std::vector<torch::Tensor> decode_layer(torch::Tensor x, pybind11::capsule plan, torch::Tensor cos, torch::Tensor sin,
+                                        torch::Tensor mask, torch::Tensor write, torch::Tensor read,
+                                        torch::Tensor pool0, torch::Tensor pool1) {
+  TORCH_CHECK(plan.name() != nullptr && std::strcmp(plan.name(), "longcat.LayerPlan") == 0,
+              "decode_layer: plan must come from layer_plan");
+  const auto& [t, f] = *plan.get_pointer<LayerPlan>();
+  const Step step{cos, sin, mask, write, read, {pool0, pool1}};
+  const auto x1 = x + attention(x, 0, t, f, step);
   const auto s = rms_norm(x1, one(t, "post_norm0"), f.at("post_eps0"));  // the shortcut: MoE and FFN_0 share it
   const auto s_TD = s.view({-1, s.size(-1)});
   const auto routed = route(s_TD, t, f);
@@ -134,7 +159,7 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor x, Tensors t, Numbers f) {
                                static_cast<int64_t>(f.at("expert_rows")));
   TORCH_CHECK(moe.defined(), "decode_layer: more rows per hit expert than the experts kernel takes");
   const auto x2 = x1 + mlp(s, t.at("mlp0.gate_up"), t.at("mlp0.down"));
-  const auto x3 = x2 + attention(x2, 1, t, f);
+  const auto x3 = x2 + attention(x2, 1, t, f, step);
   const auto h = rms_norm(x3, one(t, "post_norm1"), f.at("post_eps1"));
   return {x3 + mlp(h, t.at("mlp1.gate_up"), t.at("mlp1.down")) + moe.view_as(x), routed[0], routed[1]};
 }
