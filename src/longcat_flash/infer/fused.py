@@ -84,9 +84,9 @@ class FusedMLA(MLA):
             self.kv_a_layernorm = RMSNorm(C, LATENT_NORM_EPS).to(mla.kv_a_layernorm.weight)
             self.kv_a_layernorm.weight.copy_(mla.kv_a_layernorm.weight * mla.kv_scale)
             self.kv_b_proj, self.o_proj = mla.kv_b_proj, mla.o_proj
-            w = mla.kv_b_proj.weight.view(H, N + V, C)  # kept in its dtype: the kernel reads bf16 as it is, in
-            self.register_buffer("w_uk", w[:, :N].contiguous(), persistent=False)  # (H, N, C); half an fp32 copy's
-            self.register_buffer("w_uv_t", w[:, N:].transpose(1, 2).contiguous(), persistent=False)  # (H, C, V) bytes
+            w = mla.kv_b_proj.weight.view(H, N + V, C)  # in its own dtype: the kernel reads bf16 as it is
+            self.register_buffer("w_uk", w[:, :N].contiguous(), persistent=False)  # (H, N, C)
+            self.register_buffer("w_uv_t", w[:, N:].transpose(1, 2).contiguous(), persistent=False)  # (H, C, V)
         self.q_scale = self.kv_scale = 1.0  # folded into q_b_proj and kv_a_layernorm above
 
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Any:
@@ -312,8 +312,9 @@ class FusedScMoELayer(ScMoELayer):
             self._plan = (key, None if inputs is None else decode_ops.layer_plan(*inputs))
         if self._plan[1] is None:
             return None
-        (pool0, write, read), (pool1, _, _) = (cache.pool_rows(2 * self.index + i) for i in range(2))  # the same
-        step = (rope[0].contiguous(), rope[1].contiguous(), cache.mask, write, read, pool0, pool1)  # rows for both
+        # both blocks store and read the same rows, each in its own pool
+        (pool0, write, read), (pool1, _, _) = (cache.pool_rows(2 * self.index + i) for i in range(2))
+        step = (rope[0].contiguous(), rope[1].contiguous(), cache.mask, write, read, pool0, pool1)
         if any(t.dtype != x.dtype for t in (*step[:2], pool0, pool1)):
             return None
         return self._plan[1], step

@@ -12,7 +12,7 @@ _generation = 0  # module replacements so far, in any model
 
 def swap_generation() -> int:
     """Changes with every module swap_modules replaces: what a module keeps built from its children's tensors
-    (FusedScMoELayer's decode inputs) is stale once it has changed."""
+    (FusedScMoELayer's decode plan) is stale once it has changed."""
     return _generation
 
 
