@@ -179,15 +179,12 @@ class PagedLatentCache:
         B, S = positions.shape
         L = int(positions.max()) + 1
         n_pages = max(1, -(-L // G))
-        tables = torch.full((B, n_pages), SCRATCH_PAGE, dtype=torch.long)
-        for b, seq in enumerate(seqs):
-            table = self.tables[seq][:n_pages]
-            tables[b, : len(table)] = torch.tensor(table, dtype=torch.long)
-        slot = torch.arange(n_pages * G)
-        read = (tables[:, slot // G] * G + slot % G)[:, :L]  # (B, L) pool rows, scratch where the table is short
+        tables = torch.tensor([(self.tables[seq][:n_pages] + [SCRATCH_PAGE] * n_pages)[:n_pages] for seq in seqs],
+                              dtype=torch.long)  # (B, n_pages), scratch where a table is short
+        read = (tables[:, :, None] * G + torch.arange(G)).view(B, -1)[:, :L]  # (B, L) pool rows
         pad = positions < 0
-        write = read.gather(1, positions.clamp(min=0)).masked_fill(pad, SCRATCH_PAGE * G)  # (B, S)
-        mask = torch.arange(L)[None, None, :] <= positions[:, :, None]  # (B, S, L) causal by position
+        write = read.gather(1, positions.clamp(min=0)).masked_fill_(pad, SCRATCH_PAGE * G)  # (B, S)
+        mask = torch.arange(L) <= positions[:, :, None]  # (B, S, L) causal by position
         mask[:, :, 0] |= pad  # padded queries see one (scratch-safe) slot, so no softmax row is empty
         write, read, mask = (t.to(self.pool.device, non_blocking=True)
                              for t in (write.reshape(-1), read.reshape(-1), mask))  # (B*S,), (B*L,), (B, S, L)
