@@ -330,6 +330,25 @@ def test_a_layer_keeps_its_decode_weights_only_while_they_are_its_weights(pair, 
 
 
 @pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
+def test_a_layer_keeps_a_plan_per_batch_size(pair, monkeypatch):
+    """A server's batch grows and shrinks as requests come and go: the layer makes its decode plan once per row
+    count, not again each time a count comes back."""
+    _, fused = pair
+    twin = copy.deepcopy(fused)
+    layer = twin.model.layers[0]
+    cache = PagedLatentCache(CacheConfig.for_model(twin.config, max_tokens=32, page_size=4, dtype=torch.float32))
+    for seq in range(2):
+        cache.ensure(seq, 4)
+    calls = record_kernel_calls(monkeypatch, {"layer_plan", "decode_layer"})
+    with torch.no_grad():
+        for B in (1, 2, 1, 2, 1):
+            positions = torch.full((B, 1), 3)
+            layer(torch.randn(B, 1, twin.config.hidden_size), twin.model.rotary(positions, torch.float32),
+                  cache.view(list(range(B)), positions))
+    assert calls.count("decode_layer") == 5 and calls.count("layer_plan") == 2
+
+
+@pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
 def test_a_layer_call_never_gives_its_experts_more_rows_than_they_take(pair):
     """12 fp32 rows: quantized linears take them (up to MAX_KERNEL_ROWS), plain experts only MAX_DENSE_ROWS per hit
     expert; with every token routed to the same FFN experts, the layer runs call by call instead of failing."""

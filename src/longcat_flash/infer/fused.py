@@ -43,6 +43,7 @@ from .experts import use_hit_experts
 from .swap import swap_generation, swap_modules
 
 SMALL_BATCH_TOKENS = 16  # up to this many tokens the MoE routes on the host
+MAX_PLANS = 64  # row counts a decode layer keeps a plan for (each holds only references to its weights)
 
 
 @functools.lru_cache(maxsize=8)
@@ -277,7 +278,9 @@ class FusedScMoELayer(ScMoELayer):
         self.index = layer.index
         for name, child in layer.named_children():
             setattr(self, name, child)
-        self._plan: tuple[tuple, Any] | None = None  # (key, decode_ops.layer_plan or None) of the last decode call
+        # decode_ops.layer_plan (or None: not the kernel's call) by (dtype, device, rows), for one swap_generation
+        self._plans: dict[tuple, Any] = {}
+        self._plans_generation = swap_generation()
 
     def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any = None,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
@@ -288,36 +291,41 @@ class FusedScMoELayer(ScMoELayer):
         return out, self.mlp.moe.routing_info(probs, ids)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**super().__getstate__(), "_plan": None}  # a copy (or a pickle) makes its own plan
+        return {**super().__getstate__(), "_plans": {}}  # a copy (or a pickle) makes its own plans
 
     def _apply(self, fn: Any, recurse: bool = True) -> FusedScMoELayer:
-        self._plan = None  # .to(), .float() and the like replace the tensors the kept plan holds
+        self._plans = {}  # .to(), .float() and the like replace the tensors the kept plans hold
         return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        self._plan = None  # a load with assign=True replaces them too
+        self._plans = {}  # a load with assign=True replaces them too
         super()._load_from_state_dict(*args, **kwargs)
 
     def decode_inputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any,
                       mask: torch.Tensor | None) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
         """decode_ops.decode_layer's plan and step tensors; None where it does not take the call: not an absorbed
         decode over the paged cache, a weight the kernels do not take (weight_inputs), a RoPE table or cache pool
-        of another dtype than x's. The plan is kept between calls for rows like x (building it took ~130 us a
-        layer, 9% of a batch-1 int4 token) until a module is swapped (swap_generation), the layer cast or loaded."""
+        of another dtype than x's. A plan is kept for each row count seen (a server's batch changes as requests
+        come and go; building one took ~130 us a layer, 9% of a batch-1 int4 token) until a module is swapped
+        (swap_generation), the layer cast or loaded."""
         if mask is not None or not isinstance(cache, BatchView) or not cache.absorb or not x.is_contiguous():
             return None
-        key = (x.dtype, x.device, x.numel() // x.shape[-1], swap_generation())
-        if self._plan is None or self._plan[0] != key:
+        if self._plans_generation != swap_generation():
+            self._plans, self._plans_generation = {}, swap_generation()
+        key = (x.dtype, x.device, x.numel() // x.shape[-1])
+        if key not in self._plans:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
             inputs = self.weight_inputs(x)
-            self._plan = (key, None if inputs is None else decode_ops.layer_plan(*inputs))
-        if self._plan[1] is None:
+            self._plans[key] = None if inputs is None else decode_ops.layer_plan(*inputs)
+        if (plan := self._plans[key]) is None:
             return None
         # both blocks store and read the same rows, each in its own pool
         (pool0, write, read), (pool1, _, _) = (cache.pool_rows(2 * self.index + i) for i in range(2))
         step = (rope[0].contiguous(), rope[1].contiguous(), cache.mask, write, read, pool0, pool1)
         if any(t.dtype != x.dtype for t in (*step[:2], pool0, pool1)):
             return None
-        return self._plan[1], step
+        return plan, step
 
     def weight_inputs(self, x: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]] | None:
         """The layer's weights and numbers by name for rows like x, as csrc/decode_blocks.cpp's decode_layer reads
