@@ -355,3 +355,24 @@ def test_generate_with_int4_from_the_cli(checkpoint, capsys, quantize):
 def test_unknown_quantize_names_the_choices(checkpoint):
     with pytest.raises(ValueError, match="int4-mixed"):
         load_for_inference(checkpoint, quantize="int3")
+
+
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+def test_a_quantized_model_cast_keeps_its_weight_format(fmt):
+    """Casting a quantized model (`.to(torch.bfloat16)`) changes the dtype it computes in, not its weight format:
+    codes, scales and mins stay as quantization stored them, bit for bit, and the model still decodes."""
+    model = randomized()
+    fuse_for_inference(model)
+    quant.quantize_model(model, fmt)
+    stored = {(id(m), n): b.clone() for m in model.modules() if isinstance(m, quant.QuantizedStorage)
+              for n, b in m.named_buffers(recurse=False)}
+    model.to(torch.bfloat16)
+    after = {(id(m), n): b for m in model.modules() if isinstance(m, quant.QuantizedStorage)
+             for n, b in m.named_buffers(recurse=False)}
+    assert stored and after.keys() == stored.keys()
+    assert all(after[k].dtype == b.dtype and torch.equal(after[k], b) for k, b in stored.items())
+    head = model.lm_head
+    assert isinstance(head, quant.QuantLinear) and head.weight.dtype == torch.bfloat16
+    params = SamplingParams(max_new_tokens=4, temperature=0.0, ignore_eos=True)
+    engine = Engine(model, EngineConfig(page_size=2, cache_tokens=64))
+    assert len(engine.generate(prompts((5,), seed=1), params)[0]) == 4

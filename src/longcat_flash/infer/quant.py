@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -169,7 +170,22 @@ def int4_ready(unit: nn.Module) -> bool:
     return all(group_size(w.shape[-1]) for w in unit_weights(unit))
 
 
-class QuantLinear(nn.Module):
+class QuantizedStorage(nn.Module):
+    """A module whose buffers are a weight format's tensors (codes, scales, mins). A cast of the model (`.to(dtype)`,
+    `.half()`, ...) leaves them as the format has them and only a device move moves them: cast, fp8 codes and fp32
+    scales would become bf16 that the kernels refuse, and the scales would lose their precision."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantizedStorage:
+        before = dict(self._buffers)
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(new.device)
+        return self
+
+
+class QuantLinear(QuantizedStorage):
     """nn.Linear with quantized weight storage; `.weight` gives the dequantized matrix for readers."""
 
     def __init__(self, linear: nn.Linear, fmt: str) -> None:
@@ -179,6 +195,11 @@ class QuantLinear(nn.Module):
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.data, requires_grad=False)
         self.out_dtype, self.fmt = linear.weight.dtype, fmt
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def _apply(self, fn: Any, recurse: bool = True) -> QuantLinear:
+        super()._apply(fn, recurse)
+        self.out_dtype = fn(torch.empty(0, dtype=self.out_dtype)).dtype  # `.weight` in the model's dtype after a cast
+        return self
 
     def parts(self) -> dict[str, torch.Tensor]:
         return {k: self._buffers[k] for k in KEYS[self.fmt]}  # not getattr: nn.Module's is slow, on every call
@@ -195,7 +216,7 @@ class QuantLinear(nn.Module):
         return None if self.bias is not None else list(self.parts().values())
 
 
-class QuantExperts(HitExperts):
+class QuantExperts(QuantizedStorage, HitExperts):
     """Stacked experts with quantized storage. Every hit expert runs in one kernel call per projection: the GEMV
     kernel for up to kernels.MAX_KERNEL_ROWS rows per hit expert (decode, concurrent streams), the AMX tile GEMM for
     more in bf16; otherwise (fp32 prefill, no AMX) the hit experts' weights are dequantized once per call, in one
