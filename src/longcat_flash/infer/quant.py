@@ -172,8 +172,8 @@ def int4_ready(unit: nn.Module) -> bool:
 
 class QuantizedStorage(nn.Module):
     """A module whose buffers are a weight format's tensors (codes, scales, mins). A cast of the model (`.to(dtype)`,
-    `.half()`, ...) leaves them as the format has them and only a device move moves them: cast, fp8 codes and fp32
-    scales would become bf16 that the kernels refuse, and the scales would lose their precision."""
+    `.half()`, ...) leaves their dtypes as the format stores them and only moves them between devices: cast to bf16,
+    fp8 codes and fp32 scales would become tensors the kernels refuse, and the scales would lose precision."""
 
     def _apply(self, fn: Any, recurse: bool = True) -> QuantizedStorage:
         before = dict(self._buffers)
