@@ -74,7 +74,7 @@ class OracleDrafter(MTPDrafter):
             tokens = full[done:done + self.k]
             if next(self.rounds) % 3 == 2:
                 tokens[-1] = (tokens[-1] + 1) % 256
-            out.append(Draft(tokens, torch.zeros_like(d.probs).scatter_(1, torch.tensor(tokens)[:, None], 1.0)))
+            out.append(Draft(tokens, d.probs))  # greedy: verify reads no draft distribution
         return out
 
 

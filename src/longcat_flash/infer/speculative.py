@@ -26,7 +26,7 @@ from .sampling import SamplingParams, argmax, draw, probabilities
 @dataclass
 class Draft:
     tokens: list[int]  # d_1..d_k
-    probs: torch.Tensor  # (k, V) the distributions they were drawn from (one-hot when greedy)
+    probs: torch.Tensor  # (k, V) the distributions they were drawn from; (0,) when greedy: verify reads none then
 
 
 @dataclass
@@ -106,11 +106,14 @@ class MTPDrafter:
         for step in range(self.k):
             logits = self.model.lm_head(z)  # (B, V)
             for b in range(B):
+                if params[b].greedy:
+                    tokens[b].append(int(argmax(logits[b])))
+                    continue
                 q = probabilities(logits[b], params[b])
-                tokens[b].append(int(argmax(q)) if params[b].greedy else draw(q, generators[b]))
+                tokens[b].append(draw(q, generators[b]))
                 probs[b].append(q)
             if step + 1 < self.k:
                 pos = [p + 1 for p in pos]
                 step_ids, step_pos = padded_batch([[row[-1]] for row in tokens], pos)  # (B, 1) each
                 z = self._mtp(seqs, step_ids, z[:, None], step_pos)[:, 0]
-        return [Draft(t, torch.stack(p)) for t, p in zip(tokens, probs)]
+        return [Draft(t, torch.stack(p) if p else torch.empty(0)) for t, p in zip(tokens, probs)]
