@@ -47,13 +47,21 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     return None if ext is None else ext.rope(x, cos.contiguous(), sin.contiguous())
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def absorbed_weights(w_uk: torch.Tensor, w_uv_t: torch.Tensor) -> bool:
+    """Whether the absorbed attention kernel reads these W_UK and W_UV^T: one dtype, fp32 or bf16."""
+    return w_uk.dtype == w_uv_t.dtype and w_uk.dtype in KERNEL_DTYPES
+
+
 def _absorbed_inputs(tensors: tuple[torch.Tensor, ...], mask: torch.Tensor, w_uk: torch.Tensor,
                      w_uv_t: torch.Tensor) -> bool:
     """Whether the absorbed attention kernel takes these: q, context (and pool) tensors of one dtype, fp32 or bf16,
-    on CPU; the absorbed weights of one dtype, fp32 or bf16; a bool mask."""
-    dtype, kernel_dtypes = tensors[0].dtype, (torch.float32, torch.bfloat16)
-    return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in kernel_dtypes
-            and w_uk.dtype == w_uv_t.dtype and w_uk.dtype in kernel_dtypes and mask.dtype == torch.bool)
+    on CPU; absorbed weights it reads; a bool mask."""
+    dtype = tensors[0].dtype
+    return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in KERNEL_DTYPES
+            and absorbed_weights(w_uk, w_uv_t) and mask.dtype == torch.bool)
 
 
 def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,

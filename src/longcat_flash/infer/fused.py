@@ -366,8 +366,7 @@ class FusedScMoELayer(ScMoELayer):
                       f"attn{i}.scale": a.softmax_scale})
         same_dtype = (*norms, *(n for a in attn for n in (a.q_a_layernorm, a.kv_a_layernorm)))
         if (any(m.weight.dtype != x.dtype for m in same_dtype)
-                or any(a.w_uk.dtype not in (torch.float32, torch.bfloat16) or a.w_uv_t.dtype != a.w_uk.dtype
-                       for a in attn)):
+                or not all(decode_ops.absorbed_weights(a.w_uk, a.w_uv_t) for a in attn)):
             return None
         return t, f
 
