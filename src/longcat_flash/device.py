@@ -47,9 +47,33 @@ def use_device(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def fast_bf16(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 matrices at least about as fast as fp32 ones: a CUDA GPU with bf16, or a
+    CPU whose oneDNN has bf16 GEMMs (AVX-512 or AMX). On a CPU with AVX2 only, ATen's bf16 matmul is a plain loop:
+    on a 2-core AVX2 EPYC, (1024 x 256) @ (256 x 768) takes 334 ms in bf16 against 17 ms in fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if supported is not None:
+        return bool(supported())
+    return "avx512" in torch.backends.cpu.get_cpu_capability().lower()
+
+
+def compute_dtype(dtype: str, device: torch.device) -> str:
+    """"auto" -> "bfloat16" where `device` has fast bf16 matmuls, else "float32"; any other value as given."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if fast_bf16(device) else "float32"
+
+
 def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
-    """bf16 autocast on `device`'s type when dtype is "bfloat16"; no context at all for "float32"."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else nullcontext()
+    """bf16 autocast on `device`'s type when dtype is (or "auto" resolves to) "bfloat16"; no context at all for
+    "float32"."""
+    if compute_dtype(dtype, device) == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def model_device(module: torch.nn.Module) -> torch.device:

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.hf import LongcatFlash
-from ..device import resolve_device, use_device
+from ..device import fast_bf16, resolve_device, use_device
 from ..model import Transformer
 from .fused import fuse_for_inference
 from .quant import (
@@ -43,6 +43,8 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
                        device: str | torch.device = "cpu") -> tuple[Transformer, QuantReport | None]:
     """The model from `path` on `device`, ready for the engine; with `quantize` (quant.CHOICES), quantized weights.
 
+    dtype None or "auto": the checkpoint's, except that a bf16 checkpoint computes in fp32 on a device without fast
+    bf16 matmuls (a CPU with AVX2 only); "bfloat16" forces bf16 there too.
     The weights are read straight onto the device, then fused and quantized there (no CPU copy of the model).
     int8/fp8: keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype.
     int4-mixed: the keep_fraction most sensitive units (measured on calibration ids if given) stay at int8.
@@ -50,6 +52,8 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     fmt, keep_fmt = parse_quantize(quantize) if quantize else (None, None)
     device = inference_device(device)
     model = LongcatFlash.from_pretrained(path, dtype=parse_dtype(dtype), device=device)
+    if parse_dtype(dtype) is None and model.lm_head.weight.dtype == torch.bfloat16 and not fast_bf16(device):
+        model.float()  # auto: bf16 matmuls here would be 6-20x slower than fp32 ones (device.fast_bf16)
     fuse_for_inference(model)
     report = None
     if fmt:

@@ -204,7 +204,9 @@ class TrainConfig:
     seed: int = 0
     max_steps: int = 300
     eval_every: int = 50  # validation loss every N steps (and at the end); 0 = only at the end
-    dtype: Literal["float32", "bfloat16"] = "bfloat16"  # autocast compute dtype; weights and Adam stay fp32
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # autocast compute dtype; weights and Adam stay fp32.
+    # auto: bfloat16 where the device has fast bf16 matmuls (a GPU, an AVX-512 / AMX CPU), else float32; a run
+    # saves the dtype it resolved to, so that --resume computes as it started
     deterministic: bool = True  # torch.use_deterministic_algorithms: same seed -> bitwise identical losses
     max_consecutive_skips: int = 5  # steps with a non-finite loss or gradient in a row before the run stops
     tensorboard: bool = False  # also write OUT/tensorboard (needs the tensorboard package)

@@ -37,6 +37,7 @@ from ..data import (IGNORE, PackedBatch, ResumableSampler, TokenDataset, build_t
                     validation_batches)
 from ..data.conversations import ConversationDataset, conversation_datasets
 from ..device import autocast as device_autocast
+from ..device import compute_dtype
 from ..model import ModelOutput, Transformer
 from ..tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
 from .budget import BudgetController
@@ -386,6 +387,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     The model is built on the meta device, sharded (under torchrun), then materialised on `device` rank by rank:
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
     device = torch.device("cpu") if device is None else device
+    cfg = dataclasses.replace(cfg, dtype=compute_dtype(cfg.dtype, device))
     world = distributed.world_size()
     if cfg.data.batch_size % (world * cfg.data.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
