@@ -22,11 +22,12 @@ struct m512i {  // 512 bits of integers
   __m256i lo, hi;
 };
 
-// Masks: an 8-bit mask as 8 fp32/int32 lanes (all ones where the bit is set), a 32-bit one as 32 bytes; lanes
-// past the mask's tail are neither read nor written by the masked loads and stores below.
+// Masks: an 8-bit mask as the sign bits of 8 fp32/int32 lanes (bit i to lane i's top bit: all that maskload,
+// maskstore and blendv read), a 32-bit one as 32 bytes (all ones where the bit is set); lanes past the mask's tail
+// are neither read nor written by the masked loads and stores below.
 static inline __m256i lanes8(uint32_t bits) {
-  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
-  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+  const __m256i shift = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+  return _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(bits)), shift);
 }
 static inline __m256i bytes32(uint32_t bits) {
   const __m256i spread = _mm256_shuffle_epi8(  // byte j <- byte j / 8 of the mask (the same 4 in both halves)
