@@ -1,11 +1,12 @@
 // The AVX-512 intrinsics the kernels use, on CPUs with only AVX2 + FMA (most AMD Zen 2/3, many Intel client
-// parts): a 512-bit vector is a pair of 256-bit halves (lo: lanes 0-7 of fp32 / bytes 0-31), and each
+// parts): __m512 / __m512i are macros for a pair of 256-bit halves (lo: lanes 0-7 of fp32 / bytes 0-31), and each
 // _mm512_* name the kernels call (and the few AVX512-VL/BW ones on 128- and 256-bit vectors) is a macro for a
 // function here that gives the same lanes, bit for bit, as the instruction: FMAs stay fused, conversions round and
 // truncate as it does, masked loads and stores touch only the lanes in the mask, the reductions add in the order
-// GCC's avx512fintrin.h does. Only what the kernels use, in their forms; the AVX-512 build (__AVX512F__) does
-// not see any of it. Included by simd.h right after <immintrin.h>, whose own _mm512_* functions cannot be called
-// without -mavx512f.
+// GCC's avx512fintrin.h does. Only what the kernels use, in their forms (code under __AVX512BF16__ or
+// __AVX512VNNI__ has its own fallback and is not emulated); the AVX-512 build (__AVX512F__) does not see any of
+// it. Included by simd.h right after <immintrin.h>, whose own _mm512_* functions cannot be called without
+// -mavx512f.
 #ifndef LONGCAT_AVX512_ON_AVX2_H
 #define LONGCAT_AVX512_ON_AVX2_H
 #include <immintrin.h>
