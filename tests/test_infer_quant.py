@@ -104,9 +104,10 @@ def test_mixed_precision_keeps_the_extreme_units():
 @pytest.fixture
 def kernel_rows(monkeypatch) -> list[int]:
     """Row counts of the calls that reached the compiled kernel. Skips where this machine cannot build it (no
-    AVX-512, no C++ compiler); LONGCAT_KERNELS=0 is no reason to skip, so the tests using this fail with it."""
-    if "avx512" not in torch.backends.cpu.get_cpu_capability().lower():
-        pytest.skip("the block-quantized kernel needs a CPU with AVX-512")
+    AVX-512 or AVX2, no C++ compiler); LONGCAT_KERNELS=0 is no reason to skip, so the tests using this fail with it."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    if "avx512" not in capability and capability != "avx2":
+        pytest.skip("the block-quantized kernel needs a CPU with AVX-512 or AVX2")
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("the block-quantized kernel needs a C++ compiler to build")
     build, rows = extension.compiled, []

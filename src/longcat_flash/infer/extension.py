@@ -1,8 +1,10 @@
 """The compiled CPU kernels of csrc/ (quantized GEMV, a MoE layer's routed experts, dequantization and the AMX
 tile GEMMs: kernels.py; RMSNorm, SwiGLU, RoPE, the absorbed attention and whole decode blocks: decode_ops.py),
 built with torch.utils.cpp_extension on first use (a minute or more, then cached in LONGCAT_KERNEL_CACHE, default
-~/.cache/longcat_flash/kernels). Without a compiler, without AVX-512, or with LONGCAT_KERNELS=0 there is no module
-and every caller takes its plain PyTorch path.
+~/.cache/longcat_flash/kernels). They are written with AVX-512 intrinsics; on a CPU with AVX2 + FMA but no AVX-512
+(as torch.backends.cpu reports it) the same code builds on pairs of AVX2 vectors (csrc/avx512_on_avx2.h), with the
+same results, and the AMX tile GEMMs are off. Without a compiler, without AVX2, or with LONGCAT_KERNELS=0 there is no
+module and every caller takes its plain PyTorch path.
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import torch
 log = logging.getLogger(__name__)
 
 CSRC = Path(__file__).with_name("csrc")
-SOURCES = ("simd.h", "weights.h", "hits.h",  # headers first
+SOURCES = ("simd.h", "avx512_on_avx2.h", "weights.h", "hits.h",  # headers first
            "quant_kernels.cpp", "dequantize.cpp", "tile_gemm.cpp", "decode_ops.cpp",
            "decode_blocks.cpp")
 FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "block_dequantize",
@@ -27,21 +29,25 @@ FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "
 
 @functools.lru_cache(maxsize=1)
 def compiled():
-    """The compiled module, or None (no compiler, no AVX-512, disabled, or the build failed)."""
-    if os.environ.get("LONGCAT_KERNELS", "1") == "0" or "avx512" not in torch.backends.cpu.get_cpu_capability().lower():
+    """The compiled module, or None (no compiler, no AVX2, disabled, or the build failed)."""
+    capability = torch.backends.cpu.get_cpu_capability().lower()
+    if os.environ.get("LONGCAT_KERNELS", "1") == "0" or ("avx512" not in capability and capability != "avx2"):
         return None
     try:
         from torch.utils.cpp_extension import load_inline
 
         build = Path(os.environ.get("LONGCAT_KERNEL_CACHE", Path.home() / ".cache" / "longcat_flash" / "kernels"))
         build.mkdir(parents=True, exist_ok=True)
-        vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
-        bf16 = ["-mavx512bf16"] if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else []
-        # The header's text goes in too, so that a change to it changes the build's hash and rebuilds.
+        if "avx512" in capability:
+            vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
+            bf16 = ["-mavx512bf16"] if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else []
+            isa = ["-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *vnni, *bf16, "-mfma"]
+        else:  # AVX2: csrc/avx512_on_avx2.h stands in for the AVX-512 intrinsics
+            isa = ["-mavx2", "-mfma", "-mf16c"]
+        # The headers' text goes in too, so that a change to one changes the build's hash and rebuilds.
         sources = [(CSRC / name).read_text() for name in SOURCES]
         return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
-                           extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", *vnni, *bf16,
-                                         "-mfma", "-ffp-contract=off", "-fopenmp"],
+                           extra_cflags=["-O3", *isa, "-ffp-contract=off", "-fopenmp"],
                            extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], build_directory=str(build),
                            verbose=False)
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)

@@ -34,8 +34,9 @@ instruction (AVX512-BF16; else converted and fp32 FMAs, as fp32 weights), summed
 At batch 1 that reads a bf16 weight 1.3-1.8x as fast as oneDNN's GEMV (bench_decode.py's kernel table). bf16
 experts beyond it take the tile GEMM, the panel a copy of the weight's rows.
 
-The kernels are compiled on first use (extension.py). Without a compiler, without AVX-512, or with
-LONGCAT_KERNELS=0, everything runs on the reference path.
+The kernels are compiled on first use (extension.py): with AVX-512, or on a CPU with only AVX2 + FMA with the same
+code on pairs of AVX2 vectors (csrc/avx512_on_avx2.h: the same results, no AMX tiles). Without a compiler, without
+AVX2, or with LONGCAT_KERNELS=0, everything runs on the reference path.
 
 Shapes: M rows, I in features, O out features, E experts, nO/nI the 128-block counts, G the int4 group.
 """

@@ -6,6 +6,7 @@
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
+#include "avx512_on_avx2.h"  // AVX2 + FMA CPUs: the AVX-512 intrinsics below on pairs of AVX2 vectors
 
 #include <type_traits>
 

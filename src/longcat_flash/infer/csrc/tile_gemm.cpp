@@ -17,11 +17,15 @@
 constexpr int64_t PANEL_ROWS = 128;  // weight rows per task: 4 blocks of 32, each 2 A tiles
 
 // Whether this CPU has AMX tiles and the kernel lets the process use them (Linux asks each process to request
-// the tile state once).
+// the tile state once). Never in the AVX2 build (avx512_on_avx2.h): the tile code compiles there but does not run.
 bool amx_available() {
+#ifdef __AVX512F__
   static const bool ok = __builtin_cpu_supports("amx-tile") && __builtin_cpu_supports("amx-bf16") &&
                          syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
   return ok;
+#else
+  return false;
+#endif
 }
 
 // r[0..15], a 16 x 16 matrix of 32-bit values, transposed in place (a bf16 pair or an fp32 per value).
