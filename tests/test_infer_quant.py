@@ -53,7 +53,7 @@ def test_quant_linear_matches_the_dequantized_reference():
     x = torch.randn(5, 256)
     if kernels.kernel_available():  # the decode kernel's arithmetic: x rounded to int8 steps
         expected = kernels.block_linear_reference(x, q.values, q.scales, lin.bias)
-    else:  # the plain path: the dequantized weight times x itself
+    else:  # the plain path (no kernels built): the dequantized weight times x itself
         expected = torch.nn.functional.linear(x, kernels.dequantize_reference(q.values, q.scales, x.dtype), lin.bias)
     torch.testing.assert_close(q(x), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(q(x), lin(x), atol=0.05, rtol=0.05)
