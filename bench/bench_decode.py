@@ -1,7 +1,9 @@
 """Engine vs transformers on the bench preset, identical weights, side by side in one run (issues 4 and 14).
 
-  (a) batch-1 greedy decode tok/s: our engine (bf16, int8 blocks, int4 groups; fused modules, absorbed MLA over
-      the paged latent cache; optional MTP speculation) vs transformers `generate` on the same checkpoint in bf16;
+  (a) batch-1 greedy decode tok/s: our engine (unquantized, int8 blocks, int4 groups; fused modules, absorbed MLA
+      over the paged latent cache; optional MTP speculation) vs transformers `generate` on the same checkpoint, both
+      in --dtype (auto: bf16 where the CPU has bf16 GEMMs, else fp32, which is far faster there for both sides; the
+      unquantized format is named by the dtype it ran in);
   (b) prefill tok/s on a 1024-token prompt (time to first token; transformers keeps one logit row too);
   (c) aggregate tok/s of 32 concurrent greedy streams through the engine vs transformers at batch 1;
   (d) the batch-1 roofline of each weight format, against the machine: active weight bytes per token x tokens/s,
@@ -12,7 +14,7 @@ Decode times are (t(N tokens) - t(1 token)) / (N - 1), so prefill never leaks in
 JSON line with every ratio.
 
     python bench/bench_decode.py [--model DIR] [--new-tokens 32] [--repeats 3] [--threads N] [--speculative K]
-        [--formats bf16 int8 int4]
+        [--formats bf16 int8 int4] [--dtype auto|bfloat16|float32]
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ from infer_common import (
     transformers_model,
 )
 
+from longcat_flash.device import compute_dtype
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
@@ -61,23 +64,28 @@ def main() -> None:
                         help="also time MTP speculation with K drafts (on the last format)")
     parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"],
                         choices=["bf16", "int8", "fp8", "int4", "int4-mixed"])
+    parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                        help="both sides' weights and activations (auto: bf16 where the CPU has bf16 GEMMs, else fp32)")
     args = parser.parse_args()
+    dtype = compute_dtype(args.dtype, torch.device("cpu"))
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     path = bench_checkpoint(args.model)
-    hf = transformers_model(path, torch.bfloat16)
+    hf = transformers_model(path, getattr(torch, dtype))
     vocab = hf.config.vocab_size
     prompt = torch.randint(3, vocab, (args.prompt_len,)).tolist()
     long_prompt = torch.randint(3, vocab, (args.prefill,)).tolist()
     streams = [torch.randint(3, vocab, (args.prompt_len,)).tolist() for _ in range(args.streams)]
     N = args.new_tokens
-    configs = {f: {"quantize": None if f == "bf16" else f, "speculative": 0} for f in args.formats}
+    unquantized = {"bfloat16": "bf16", "float32": "fp32"}[dtype]
+    configs = {unquantized if f == "bf16" else f: {"quantize": None if f == "bf16" else f, "speculative": 0}
+               for f in args.formats}
     if args.speculative:
-        last = args.formats[-1]
+        last = list(configs)[-1]
         configs[f"{last}+mtp{args.speculative}"] = {"quantize": configs[last]["quantize"],
                                                        "speculative": args.speculative}
-    models = {name: load_for_inference(path, quantize=c["quantize"])[0] for name, c in configs.items()}
+    models = {name: load_for_inference(path, dtype=dtype, quantize=c["quantize"])[0] for name, c in configs.items()}
     engines = {name: Engine(models[name], EngineConfig(speculative=c["speculative"], prefill_chunk=args.prefill,
                                                        token_budget=max(args.prefill, args.streams * 4),
                                                        max_running=args.streams))
@@ -122,7 +130,8 @@ def main() -> None:
     print(f"\nweight kernels at batch 1, 256 MB of (4096, 1024) weights; stream {kernel_stream:.2f} GB/s:")
     print(table([(k, f"{v:.2f}", f"{v / kernel_stream:.0%}") for k, v in kernels.items()],
                 ("kernel", "GB/s", "of stream")))
-    result = {"model": str(path), "threads": args.threads, "new_tokens": N, "best_decode_config": best,
+    result = {"model": str(path), "dtype": dtype, "threads": args.threads, "new_tokens": N,
+              "best_decode_config": best,
               "decode_tok_s": {k: round(v, 2) for k, v in decode.items()},
               "decode_ratio": round(decode[best] / decode["hf"], 2),
               "decode_ratio_by_config": {n: round(decode[n] / decode["hf"], 2) for n in engines},
