@@ -51,8 +51,9 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     """
     fmt, keep_fmt = parse_quantize(quantize) if quantize else (None, None)
     device = inference_device(device)
-    model = LongcatFlash.from_pretrained(path, dtype=parse_dtype(dtype), device=device)
-    if parse_dtype(dtype) is None and model.lm_head.weight.dtype == torch.bfloat16 and not fast_bf16(device):
+    asked = parse_dtype(dtype)
+    model = LongcatFlash.from_pretrained(path, dtype=asked, device=device)
+    if asked is None and model.lm_head.weight.dtype == torch.bfloat16 and not fast_bf16(device):
         model.float()  # auto: bf16 matmuls here would be 6-20x slower than fp32 ones (device.fast_bf16)
     fuse_for_inference(model)
     report = None
