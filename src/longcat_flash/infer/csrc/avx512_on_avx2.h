@@ -24,18 +24,11 @@ struct m512i {  // 512 bits of integers
 };
 
 // Masks: an 8-bit mask as the sign bits of 8 fp32/int32 lanes (bit i to lane i's top bit: all that maskload,
-// maskstore and blendv read), a 32-bit one as 32 bytes (all ones where the bit is set); lanes past the mask's tail
-// are neither read nor written by the masked loads and stores below.
+// maskstore and blendv read); lanes past the mask's tail are neither read nor written by the masked loads and
+// stores below.
 static inline __m256i lanes8(uint32_t bits) {
   const __m256i shift = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
   return _mm256_sllv_epi32(_mm256_set1_epi32(static_cast<int>(bits)), shift);
-}
-static inline __m256i bytes32(uint32_t bits) {
-  const __m256i spread = _mm256_shuffle_epi8(  // byte j <- byte j / 8 of the mask (the same 4 in both halves)
-      _mm256_set1_epi32(static_cast<int>(bits)),
-      _mm256_setr_epi8(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3));
-  const __m256i bit = _mm256_set1_epi64x(static_cast<int64_t>(0x8040201008040201ULL));
-  return _mm256_cmpeq_epi8(_mm256_and_si256(spread, bit), bit);
 }
 // Byte and 16-bit masked loads and stores (no AVX2 instruction): whole vectors directly, else element by element.
 template <typename T, int N>
@@ -65,16 +58,27 @@ static inline void mm512_storeu_si512(void* p, m512i a) {
   __m256i* v = static_cast<__m256i*>(p);
   _mm256_storeu_si256(v, a.lo), _mm256_storeu_si256(v + 1, a.hi);
 }
+// 8 fp32 lanes under an 8-bit mask: a full or empty mask needs no masked instruction (AMD's VMASKMOVPS store is
+// microcoded, tens of cycles), so only a row's partial tail pays for one.
+static inline __m256 masked_load8(const float* f, uint32_t k) {
+  if (k == 0xFF) return _mm256_loadu_ps(f);
+  return k ? _mm256_maskload_ps(f, lanes8(k)) : _mm256_setzero_ps();
+}
+static inline void masked_store8(float* f, uint32_t k, __m256 a) {
+  if (k == 0xFF) _mm256_storeu_ps(f, a);
+  else if (k) _mm256_maskstore_ps(f, lanes8(k), a);
+}
 static inline m512 mm512_maskz_loadu_ps(__mmask16 k, const void* p) {
   const float* f = static_cast<const float*>(p);
-  return {_mm256_maskload_ps(f, lanes8(k & 0xFF)), _mm256_maskload_ps(f + 8, lanes8(k >> 8))};
+  return {masked_load8(f, k & 0xFF), masked_load8(f + 8, k >> 8)};
 }
 static inline __m128 mm_maskz_loadu_ps(__mmask8 k, const void* p) {
+  if ((k & 0xF) == 0xF) return _mm_loadu_ps(static_cast<const float*>(p));
   return _mm_maskload_ps(static_cast<const float*>(p), _mm256_castsi256_si128(lanes8(k & 0xF)));
 }
 static inline void mm512_mask_storeu_ps(void* p, __mmask16 k, m512 a) {
   float* f = static_cast<float*>(p);
-  _mm256_maskstore_ps(f, lanes8(k & 0xFF), a.lo), _mm256_maskstore_ps(f + 8, lanes8(k >> 8), a.hi);
+  masked_store8(f, k & 0xFF, a.lo), masked_store8(f + 8, k >> 8, a.hi);
 }
 static inline m512i mm512_maskz_loadu_epi8(__mmask64 k, const void* p) {
   if (k == ~0ULL) return mm512_loadu_si512(p);
@@ -122,6 +126,7 @@ ON_AVX2_LANEWISE(mm512_mul_ps, m512, _mm256_mul_ps)
 ON_AVX2_LANEWISE(mm512_div_ps, m512, _mm256_div_ps)
 ON_AVX2_LANEWISE(mm512_max_ps, m512, _mm256_max_ps)
 ON_AVX2_LANEWISE(mm512_min_ps, m512, _mm256_min_ps)
+ON_AVX2_LANEWISE(mm512_add_epi16, m512i, _mm256_add_epi16)
 ON_AVX2_LANEWISE(mm512_add_epi32, m512i, _mm256_add_epi32)
 ON_AVX2_LANEWISE(mm512_and_si512, m512i, _mm256_and_si256)
 ON_AVX2_LANEWISE(mm512_or_si512, m512i, _mm256_or_si256)
@@ -177,17 +182,9 @@ static inline m512 mm512_mask_blend_ps(__mmask16 k, m512 a, m512 b) {  // b wher
           _mm256_blendv_ps(a.hi, b.hi, _mm256_castsi256_ps(lanes8(k >> 8)))};
 }
 static inline m512 mm512_mask_mov_ps(m512 src, __mmask16 k, m512 a) { return mm512_mask_blend_ps(k, src, a); }
-static inline m512i mm512_mask_sub_epi8(m512i src, __mmask64 k, m512i a, m512i b) {  // a - b where k, else src
-  return {_mm256_blendv_epi8(src.lo, _mm256_sub_epi8(a.lo, b.lo), bytes32(static_cast<uint32_t>(k))),
-          _mm256_blendv_epi8(src.hi, _mm256_sub_epi8(a.hi, b.hi), bytes32(static_cast<uint32_t>(k >> 32)))};
-}
 static inline __mmask16 mm512_cmplt_epi32_mask(m512i a, m512i b) {
   return static_cast<__mmask16>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b.lo, a.lo))) |
                                 _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(b.hi, a.hi))) << 8);
-}
-static inline __mmask64 mm512_movepi8_mask(m512i a) {  // the bytes' sign bits
-  return static_cast<uint32_t>(_mm256_movemask_epi8(a.lo)) |
-         static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_epi8(a.hi))) << 32;
 }
 
 // Conversions. Widening: each half from its 8 source elements. Narrowing: truncation (VPMOVDW, VPMOVDB).
@@ -291,6 +288,7 @@ static inline int mm512_reduce_add_epi32(m512i a) {
 #define _mm512_and_si512 on_avx2::mm512_and_si512
 #define _mm512_or_si512 on_avx2::mm512_or_si512
 #define _mm512_madd_epi16 on_avx2::mm512_madd_epi16
+#define _mm512_add_epi16 on_avx2::mm512_add_epi16
 #define _mm512_maddubs_epi16 on_avx2::mm512_maddubs_epi16
 #define _mm512_unpacklo_epi32 on_avx2::mm512_unpacklo_epi32
 #define _mm512_unpackhi_epi32 on_avx2::mm512_unpackhi_epi32
@@ -307,9 +305,7 @@ static inline int mm512_reduce_add_epi32(m512i a) {
 #define _mm512_scalef_ps on_avx2::mm512_scalef_ps
 #define _mm512_mask_blend_ps on_avx2::mm512_mask_blend_ps
 #define _mm512_mask_mov_ps on_avx2::mm512_mask_mov_ps
-#define _mm512_mask_sub_epi8 on_avx2::mm512_mask_sub_epi8
 #define _mm512_cmplt_epi32_mask on_avx2::mm512_cmplt_epi32_mask
-#define _mm512_movepi8_mask on_avx2::mm512_movepi8_mask
 #define _mm512_cvtepi32_ps on_avx2::mm512_cvtepi32_ps
 #define _mm512_cvtps_epi32 on_avx2::mm512_cvtps_epi32
 #define _mm512_cvtepi8_epi32 on_avx2::mm512_cvtepi8_epi32

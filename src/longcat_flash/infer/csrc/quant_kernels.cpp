@@ -215,8 +215,8 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
       for (int m = 0; m < M; ++m) {
         const int8_t* xm = x.q + m * x.width + k;
         const __m512i xl = _mm512_loadu_si512(xm), xh = _mm512_loadu_si512(xm + 64);
-        const __m512i i0 = dot4(dot4(_mm512_setzero_si512(), lo0, xl), hi0, xh);
-        const __m512i i1 = dot4(dot4(_mm512_setzero_si512(), lo1, xl), hi1, xh);
+        const __m512i i0 = nibble_dot(lo0, xl, hi0, xh);
+        const __m512i i1 = nibble_dot(lo1, xl, hi1, xh);
         a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), chunk_scales<G32>(f0s + m * nG, g, g_hi, nG), a0[m]);
         a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), chunk_scales<G32>(f1s + m * nG, g, g_hi, nG), a1[m]);
       }
@@ -316,11 +316,10 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
         prefetch(r0 + k), prefetch(r1 + k);
         const __m512i w0 = _mm512_maskz_loadu_epi8(n, r0 + k), w1 = _mm512_maskz_loadu_epi8(n, r1 + k);
         const __m512i u0 = _mm512_abs_epi8(w0), u1 = _mm512_abs_epi8(w1);
-        const __mmask64 neg0 = _mm512_movepi8_mask(w0), neg1 = _mm512_movepi8_mask(w1);
         for (int m = 0; m < M; ++m) {
           const __m512i xv = _mm512_loadu_si512(x.q + m * x.width + k);
-          i0[m] = dot4(i0[m], u0, _mm512_mask_sub_epi8(xv, neg0, _mm512_setzero_si512(), xv));
-          i1[m] = dot4(i1[m], u1, _mm512_mask_sub_epi8(xv, neg1, _mm512_setzero_si512(), xv));
+          i0[m] = dot4(i0[m], u0, signed_by(xv, w0));
+          i1[m] = dot4(i1[m], u1, signed_by(xv, w1));
         }
       }
       for (int m = 0; m < M; ++m) {

@@ -84,12 +84,33 @@ static void swiglu_rows(const X* h, int64_t R, int64_t F, X* a) {
   });
 }
 
+// x (s8) with w's signs (-x where w < 0): with |w| (u8), the operands of dot4 for the product of two s8 vectors.
+static inline __m512i signed_by(__m512i x, __m512i w) {
+#ifdef __AVX512F__
+  return _mm512_mask_sub_epi8(x, _mm512_movepi8_mask(w), _mm512_setzero_si512(), x);
+#else  // VPSIGNB: also 0 where w is 0, whose product is 0 anyway
+  return {_mm256_sign_epi8(x.lo, w.lo), _mm256_sign_epi8(x.hi, w.hi)};
+#endif
+}
+
 // acc + the sums of 4 adjacent u8 * s8 byte products, per int32 lane.
 static inline __m512i dot4(__m512i acc, __m512i u, __m512i s) {
 #ifdef __AVX512VNNI__
   return _mm512_dpbusd_epi32(acc, u, s);
 #else  // u8 x s8 pairs to int16 (int4 codes, or |int8| <= 127, times |x| <= 127: no saturation), then to int32
   return _mm512_add_epi32(acc, _mm512_madd_epi16(_mm512_maddubs_epi16(u, s), _mm512_set1_epi16(1)));
+#endif
+}
+
+// One 128-value chunk of int4 codes (lo, hi: u8 <= 15) against int8 x (xl, xh): per int32 lane, the sums of 4
+// adjacent products of lo and xl plus 4 of hi and xh. Without VNNI the two int16 pair sums are added before the
+// widening (exact: 4 * 15 * 127 < 2^15), one widening instead of two.
+static inline __m512i nibble_dot(__m512i lo, __m512i xl, __m512i hi, __m512i xh) {
+#ifdef __AVX512VNNI__
+  return dot4(dot4(_mm512_setzero_si512(), lo, xl), hi, xh);
+#else
+  const __m512i pairs = _mm512_add_epi16(_mm512_maddubs_epi16(lo, xl), _mm512_maddubs_epi16(hi, xh));
+  return _mm512_madd_epi16(pairs, _mm512_set1_epi16(1));
 #endif
 }
 
