@@ -5,7 +5,9 @@
       in --dtype (auto: bf16 where the CPU has bf16 GEMMs, else fp32, which is far faster there for both sides; the
       unquantized format is named by the dtype it ran in);
   (b) prefill tok/s on a 1024-token prompt (time to first token; transformers keeps one logit row too);
-  (c) aggregate tok/s of 32 concurrent greedy streams through the engine vs transformers at batch 1;
+  (c) aggregate tok/s of 32 concurrent greedy streams through the engine vs transformers at batch 1: of whole
+      requests (their prompts' prefill too, which dominates where prefill is slow, as on an AVX2-only CPU), and of
+      their decode alone, (t(N) - t(1)) as in (a);
   (d) the batch-1 roofline of each weight format, against the machine: active weight bytes per token x tokens/s,
       over the bandwidth of a plain streaming read (a sum) of the same number of bytes;
   (e) the weight kernels alone at batch 1 (our bf16, int8 and int4; F.linear in bf16 and aten's packed-int4 CPU
@@ -103,9 +105,11 @@ def main() -> None:
         t = interleaved(fns, args.repeats)
         decode = {name: (N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ["hf", *engines]}
         prefill = {name: args.prefill / t[f"{name} prefill"] for name in ["hf", *plain]}
-        # (c) concurrent streams
-        aggregate = {name: args.streams * N / s for name, s in interleaved(
-            {name: engine_runner(engines[name], streams, N) for name in plain}, max(1, args.repeats - 1)).items()}
+        # (c) concurrent streams: whole requests (their prefill too), and their decode alone as in (a)
+        ts = interleaved({f"{name} {n}": engine_runner(engines[name], streams, n) for name in plain for n in (N, 1)},
+                         max(1, args.repeats - 1))
+        aggregate = {name: args.streams * N / ts[f"{name} {N}"] for name in plain}
+        aggregate_decode = {name: args.streams * (N - 1) / (ts[f"{name} {N}"] - ts[f"{name} 1"]) for name in plain}
         # (d) roofline of each format: the experts a token hits, measured once on the first format's model
         generated = engines[plain[0]].generate([prompt], SamplingParams(max_new_tokens=N, temperature=0.0,
                                                                         ignore_eos=True))[0]
@@ -123,6 +127,8 @@ def main() -> None:
               f"{prefill[n] / prefill['hf']:.2f}x") for n in plain]
     rows += [(f"aggregate tok/s, {args.streams} streams ({n})", f"{decode['hf']:.2f} (batch 1)",
               f"{aggregate[n]:.1f}", f"{aggregate[n] / decode['hf']:.2f}x") for n in aggregate]
+    rows += [(f"  the same, decode alone ({n})", f"{decode['hf']:.2f} (batch 1)", f"{aggregate_decode[n]:.1f}",
+              f"{aggregate_decode[n] / decode['hf']:.2f}x") for n in aggregate_decode]
     print(table(rows, ("case", "transformers", "ours", "ratio")))
     print(f"\nroofline against a streaming read of the same bytes ({experts:.2f} FFN experts/token/layer):")
     print(table([(n, f"{active[n] / 1e6:.1f}", f"{achieved[n]:.2f}", f"{stream[n]:.2f}", f"{achieved[n] / stream[n]:.0%}")
@@ -139,6 +145,8 @@ def main() -> None:
               "prefill_ratio_by_config": {n: round(prefill[n] / prefill["hf"], 2) for n in plain},
               "aggregate_tok_s": {k: round(v, 1) for k, v in aggregate.items()},
               "aggregate_ratio_by_config": {n: round(aggregate[n] / decode["hf"], 2) for n in aggregate},
+              "aggregate_decode_tok_s": {k: round(v, 1) for k, v in aggregate_decode.items()},
+              "aggregate_decode_ratio_by_config": {n: round(v / decode["hf"], 2) for n, v in aggregate_decode.items()},
               "active_mb_per_token": {n: round(active[n] / 1e6, 1) for n in plain},
               "stream_gb_s": {n: round(stream[n], 2) for n in plain},
               "roofline_fraction": {n: round(achieved[n] / stream[n], 3) for n in plain},
