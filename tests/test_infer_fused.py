@@ -379,8 +379,9 @@ def test_a_layer_call_never_gives_its_experts_more_rows_than_they_take(pair):
 def test_quantized_moe_runs_its_routed_part_in_one_kernel_call(pair, fmt, tokens, monkeypatch):
     """With quantized experts, FusedMoE hands a few tokens' whole routed part to one kernel call (grouping by
     expert, gate_up, SwiGLU, down, the weighted sum with the zero experts' share); for prefill-sized batches
-    (96 tokens: ~36 rows per expert) the kernel declines and the hit experts are dequantized once. Either way the
-    result is what the per-expert loop through the same weights gives, for both kinds of zero expert."""
+    (96 tokens: ~36 rows per expert) the kernel declines and each hit expert's weights are dequantized for its
+    GEMMs, whatever its row count. Either way the result is what the per-expert loop through the same weights
+    gives, for both kinds of zero expert."""
     _, fused = pair
     moe = copy.deepcopy(fused.model.layers[1].mlp)
     quant.quantize_model(moe, fmt)

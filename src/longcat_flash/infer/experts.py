@@ -5,11 +5,14 @@ The model's `Experts` runs `F.grouped_mm`, whose CPU fallback loops over every e
 rows, reading each hit expert's weights in place (no gather copy, so decode reads exactly the active bytes).
 The counts come to the host once per layer, which is free on CPU.
 Swapped in by module replacement (`use_hit_experts`); quant.py's QuantExperts reuses the loop for prefill-sized
-batches and runs smaller ones in one kernel call over all hit experts.
+batches (each weight dequantized just before its GEMM) and runs smaller ones in one kernel call over all hit
+experts.
 
 Shapes: R routed rows, D model dim, F expert hidden, e experts.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -27,11 +30,15 @@ class HitExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """x: (R, D) rows grouped by expert, counts: (e,) -> (R, D); rows past sum(counts) (zero-expert slots
         sorted last) come out as zeros, as from `Experts`."""
+        return self.each_hit(x, counts, self.project)
+
+    def each_hit(self, x: torch.Tensor, counts: torch.Tensor, project: Callable[..., torch.Tensor]) -> torch.Tensor:
+        """forward's loop, each hit expert's projections through `project` (as `project` is called)."""
         out = torch.empty_like(x)
         start = 0
         for e, n in enumerate(counts.tolist()):
             if n:
-                out[start:start + n] = self.apply_one(e, x[start:start + n])
+                out[start:start + n] = self.apply_one(e, x[start:start + n], project)
                 start += n
         out[start:].zero_()
         return out
@@ -47,9 +54,11 @@ class HitExperts(nn.Module):
         """All experts' tensors for `gate_up_proj` or `down_proj`, as the kernels take them."""
         raise NotImplementedError
 
-    def apply_one(self, e: int, x: torch.Tensor) -> torch.Tensor:
-        """Expert `e` (SwiGLU) on rows x (n, D) -> (n, D); FusedMoE calls it per hit expert too."""
-        return self.project(decode_ops.swiglu(self.project(x, e, "gate_up_proj")), e, "down_proj")  # via (n, F)
+    def apply_one(self, e: int, x: torch.Tensor, project: Callable[..., torch.Tensor] | None = None) -> torch.Tensor:
+        """Expert `e` (SwiGLU) on rows x (n, D) -> (n, D), through `project` (default: self.project); FusedMoE calls
+        it per hit expert too."""
+        project = project or self.project
+        return project(decode_ops.swiglu(project(x, e, "gate_up_proj")), e, "down_proj")  # via (n, F)
 
     def project(self, x: torch.Tensor, e: int, name: str) -> torch.Tensor:
         """x @ W_e^T for expert e's `gate_up_proj` (2F, D) or `down_proj` (D, F)."""
