@@ -33,7 +33,7 @@ class HitExperts(nn.Module):
         return self.each_hit(x, counts, self.project)
 
     def each_hit(self, x: torch.Tensor, counts: torch.Tensor, project: Callable[..., torch.Tensor]) -> torch.Tensor:
-        """forward's loop, each hit expert's projections through `project` (as `project` is called)."""
+        """forward's loop over the hit experts, each projection as `project(rows, e, name)` computes it."""
         out = torch.empty_like(x)
         start = 0
         for e, n in enumerate(counts.tolist()):
