@@ -134,3 +134,18 @@ def test_with_mtp_needs_a_head():
     model = Transformer(tiny().replace(num_nextn_predict_layers=0))
     with pytest.raises(ValueError, match="num_nextn_predict_layers"):
         model(torch.zeros(1, 3, dtype=torch.long), with_mtp=True)
+
+
+def test_a_tied_model_built_on_meta_trains_one_matrix():
+    """tie_word_embeddings: the lm_head and the embedding stay one parameter through meta -> to_empty (how the
+    trainer builds its model), so a training step moves both alike; a copy of the embedding as the head would
+    train as an untied model and be saved as if tied."""
+    with torch.device("meta"):
+        model = Transformer(tiny().replace(tie_word_embeddings=True))
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    tokens = torch.randint(3, model.config.vocab_size, (2, 16))
+    model(tokens).logits.float().logsumexp(-1).mean().backward()
+    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)

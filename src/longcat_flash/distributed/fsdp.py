@@ -46,6 +46,9 @@ def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = Fal
             layers[i] = checkpoint_wrapper(layer)
     if mesh is None:
         return model
+    if model.config.tie_word_embeddings:
+        raise ValueError("model.tie_word_embeddings is not supported with more than one process: FSDP would shard "
+                         "the embedding and the lm_head as two parameters; train it in one process, or untied")
     world = init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("world",))
     if mesh["ep"].size() > 1:
         distribute_experts(model, mesh["ep"], overlap)

@@ -72,6 +72,13 @@ class Transformer(nn.Module):
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Transformer:
+        """nn.Module.to_empty gives each parameter its own storage, which would untie a tied lm_head: re-tie it."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        return self
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, *, compute_logits: bool = True,
                 with_mtp: bool = False, documents: torch.Tensor | None = None) -> ModelOutput:
