@@ -144,8 +144,11 @@ def test_a_tied_model_built_on_meta_trains_one_matrix():
         model = Transformer(tiny().replace(tie_word_embeddings=True))
     model.to_empty(device="cpu")
     model.init_weights()
+    model.init_buffers()
     assert model.lm_head.weight is model.model.embed_tokens.weight
+    before = model.lm_head.weight.detach().clone()
     tokens = torch.randint(3, model.config.vocab_size, (2, 16))
     model(tokens).logits.float().logsumexp(-1).mean().backward()
-    torch.optim.SGD(model.parameters(), lr=1.0).step()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert torch.isfinite(model.lm_head.weight).all() and not torch.equal(model.lm_head.weight, before)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
