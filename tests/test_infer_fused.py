@@ -21,6 +21,7 @@ from longcat_flash.infer.fused import (
     FusedMLA,
     FusedMLP,
     FusedMoE,
+    FusedMTPHead,
     FusedRMSNorm,
     FusedScMoELayer,
     fuse_for_inference,
@@ -44,6 +45,7 @@ def test_every_module_has_its_twin(pair):
     assert all(isinstance(a, FusedMLA) for a in layer.self_attn) and isinstance(fused.model.mtp.self_attn, FusedMLA)
     assert isinstance(layer.mlps[0], FusedMLP) and isinstance(layer.mlp, FusedMoE)
     assert all(type(layer) is FusedScMoELayer for layer in fused.model.layers)  # the whole layer at decode
+    assert type(fused.model.mtp) is FusedMTPHead  # the whole head at decode
     norms = [m for m in fused.modules() if isinstance(m, RMSNorm)]
     assert norms and all(type(m) is FusedRMSNorm for m in norms)  # the attention twins' latent norms too
 
@@ -213,7 +215,7 @@ def test_absorbed_decode_reads_the_paged_cache_in_place(pair, monkeypatch):
     class Recorded:
         def __getattr__(self, name):
             fn = getattr(build(), name)
-            if name == "mla_attend":  # (q_nope, q_rope, latent, k_rope, pool, write, read, ...): the MTP head's
+            if name == "mla_attend":  # (q_nope, q_rope, latent, k_rope, pool, write, read, ...): a block by itself
                 return lambda *args: reads.append(args[6]) or fn(*args)
             if name == "decode_layer":  # (x, plan, cos, sin, mask, write, read, ...): a trunk layer's
                 return lambda *args: reads.append(args[6]) or fn(*args)
@@ -274,11 +276,45 @@ def test_compiled_decode_blocks_give_the_twins_bits(pair, fmt, monkeypatch):
         (out, info), stored = layer(x, rope, view), cache.pool.clone()
         assert calls == ["decode_layer"]
         cache.pool.copy_(before)
-        monkeypatch.setattr(layer, "decode_inputs", lambda *args: None)
+        monkeypatch.setattr(layer, "plan_for", lambda *args: None)
         out_ref, info_ref = layer(x, rope, view)
     assert calls == ["decode_layer", "mla_attend", "mla_attend"]  # the blocks one by one the second time
     assert out.dtype == dtype and torch.equal(out, out_ref) and torch.equal(stored, cache.pool)
     assert torch.equal(info.ids, info_ref.ids) and torch.equal(info.probs, info_ref.probs)
+
+
+@pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
+@pytest.mark.parametrize("fmt", ["fp32", "bf16", "int4"])
+def test_the_mtp_head_in_one_call_gives_its_twins_bits(pair, fmt, monkeypatch):
+    """The speculative draft's MTP head in one compiled call (FusedMTPHead, decode_ops.mtp_head) gives bit for bit
+    what its twins give one by one, for two rows of two positions each (the extend after an accepted draft) over
+    scattered pages; the new rows land in the same rows of the head's own pool."""
+    model, _ = pair
+    dtype = torch.float32 if fmt == "fp32" else torch.bfloat16
+    twin = copy.deepcopy(model).to(dtype)
+    fuse_for_inference(twin)
+    if fmt == "int4":
+        quant.quantize_model(twin, fmt)
+    head, cfg = twin.model.mtp, twin.config
+    cache = PagedLatentCache(CacheConfig.for_model(cfg, max_tokens=32, page_size=2, dtype=dtype))
+    for seq, n in ((0, 2), (1, 2), (0, 4), (1, 4), (0, 6)):  # pages interleaved between the two
+        cache.ensure(seq, n)
+    cache.pool.normal_()  # earlier context
+    positions = torch.tensor([[4, 5], [2, 3]])
+    view, rope = cache.view([0, 1], positions), twin.model.rotary(positions, dtype)
+    ids = torch.randint(0, cfg.vocab_size, (2, 2))
+    hidden = torch.randn(2, 2, cfg.hidden_size).to(dtype)
+    before = cache.pool.clone()
+    calls = record_kernel_calls(monkeypatch, {"mtp_head", "mla_attend"})
+    with torch.no_grad():
+        z, stored = head(ids, hidden, rope, view), cache.pool.clone()
+        assert calls == ["mtp_head"]
+        cache.pool.copy_(before)
+        monkeypatch.setattr(head, "plan_for", lambda *args: None)
+        want = head(ids, hidden, rope, view)
+    assert calls == ["mtp_head", "mla_attend"]  # its attention block by itself the second time
+    assert z.dtype == dtype and torch.equal(z, want)
+    assert torch.equal(stored, cache.pool) and not torch.equal(stored[head.block], before[head.block])
 
 
 @pytest.mark.skipif(not kernels.kernel_available(), reason="needs the compiled kernels")
@@ -304,7 +340,7 @@ def test_a_layer_keeps_its_decode_weights_only_while_they_are_its_weights(pair, 
             kept = layer(x, rope, view)[0]
             cache.pool.copy_(before)
             with monkeypatch.context() as patch:
-                patch.setattr(layer, "decode_inputs", lambda *args: None)
+                patch.setattr(layer, "plan_for", lambda *args: None)
                 block_by_block = layer(x, rope, view)[0]
         monkeypatch.undo()
         assert calls == ["decode_layer"] and kept.dtype == dtype and torch.equal(kept, block_by_block)

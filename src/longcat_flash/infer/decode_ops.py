@@ -4,7 +4,7 @@ ops of a few microseconds each otherwise, 49, 12, 24 and 12 calls per token on t
 blocks (an attention block's two halves, an MLP, a whole layer) in one call each (csrc/decode_blocks.cpp). Each
 returns None where the kernel does not take the call, for the caller's own path; `swiglu` falls back by itself;
 `mla_project`, `mlp` and `decode_layer` are called only once kernels.linear_weights (and, for a layer,
-FusedScMoELayer.decode_inputs) has said the kernels take their weights.
+FusedScMoELayer.plan_for) has said the kernels take their weights.
 """
 from __future__ import annotations
 
@@ -118,6 +118,13 @@ def layer_plan(tensors: dict[str, list[torch.Tensor]], numbers: dict[str, float]
 
 def decode_layer(x: torch.Tensor, plan: Any, step: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """FusedScMoELayer at decode: x (B, S, D) -> out (B, S, D), the router's probs (T, E+Z) and ids (T, K); `plan`
-    from layer_plan, `step` (cos, sin, mask, write, read, pool0, pool1) as FusedScMoELayer.decode_inputs gives them
+    from layer_plan, `step` (cos, sin, mask, write, read, pool0, pool1) as fused.decode_step gives them
     (which also decides that the kernels take them)."""
     return tuple(extension.compiled().decode_layer(x, plan, *step))
+
+
+def mtp_head(next_tokens: torch.Tensor, hidden: torch.Tensor, plan: Any, step: tuple[torch.Tensor, ...]
+             ) -> torch.Tensor:
+    """FusedMTPHead at decode: ids (B, S) of x_{t+1} and h_t (B, S, D) -> (B, S, D) for the lm_head; `plan` from
+    layer_plan, `step` (cos, sin, mask, write, read, pool) as fused.decode_step gives it."""
+    return extension.compiled().mtp_head(next_tokens, hidden, plan, *step)

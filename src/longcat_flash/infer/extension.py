@@ -24,7 +24,7 @@ SOURCES = ("simd.h", "avx512_on_avx2.h", "weights.h", "hits.h",  # headers first
 FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "block_dequantize",
              "group_dequantize", "amx_available", "block_experts_tiles", "group_experts_tiles", "dense_experts_tiles",
              "rms_norm", "swiglu", "rope", "absorbed_attention", "mla_project", "mla_attend", "mlp",
-             "layer_plan", "decode_layer"]
+             "layer_plan", "decode_layer", "mtp_head"]
 
 
 @functools.lru_cache(maxsize=1)

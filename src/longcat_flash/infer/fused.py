@@ -37,6 +37,7 @@ from ..model.attention import LATENT_NORM_EPS, MLA
 from ..model.block import ScMoELayer
 from ..model.layers import MLP, RMSNorm, apply_rope
 from ..model.moe import MoE, RoutingInfo, group_by_expert
+from ..model.mtp import MTPHead
 from . import decode_ops, kernels
 from .cache import BatchView
 from .experts import use_hit_experts
@@ -268,32 +269,42 @@ class FusedMoE(nn.Module):
         return out.index_add_(0, tokens, self.moe.experts(x[tokens], counts) * gate_w[:, None])
 
 
-class FusedScMoELayer(ScMoELayer):
-    """ScMoELayer (its children, already twins) whose decode runs as one compiled call (decode_ops.decode_layer):
-    the same kernels in the layer's order, without the ~25 Python-level calls between them (bench preset, batch 1,
-    int4: 10.5 against 11.4 ms a token). Anything decode_inputs does not take runs the layer's forward."""
+class DecodePlans:
+    """For a twin that runs its decode as one compiled call on a plan of its weights (decode_ops.layer_plan): a plan
+    kept for each (dtype, device, row count) seen (a server's batch changes as requests come and go; building one
+    took ~130 us a layer, 9% of a batch-1 int4 token) until a module is swapped (swap_generation), the twin cast
+    or loaded. The twin says which weights the plan holds (`weight_inputs`, None: the kernels do not take them)."""
 
-    def __init__(self, layer: ScMoELayer) -> None:
+    def adopt(self, module: nn.Module) -> None:
+        """Start as a twin of `module` holding its children (already twins) and no plan yet."""
         nn.Module.__init__(self)
-        self.index = layer.index
-        for name, child in layer.named_children():
+        for name, child in module.named_children():
             setattr(self, name, child)
-        # decode_ops.layer_plan (or None: not the kernel's call) by (dtype, device, rows), for one swap_generation
-        self._plans: dict[tuple, Any] = {}
+        self.reset_plans()
+
+    def reset_plans(self) -> None:
+        self._plans: dict[tuple, Any] = {}  # the plan, or None: not the kernel's call
         self._plans_generation = swap_generation()
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any = None,
-                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
-        inputs = self.decode_inputs(x, rope, cache, mask)
-        if inputs is None:
-            return super().forward(x, rope, cache, mask)
-        out, probs, ids = decode_ops.decode_layer(x, *inputs)
-        return out, self.mlp.moe.routing_info(probs, ids)
+    def plan_for(self, x: torch.Tensor) -> Any:
+        """The plan for rows like x (..., D), or None."""
+        if self._plans_generation != swap_generation():
+            self.reset_plans()
+        key = (x.dtype, x.device, x.numel() // x.shape[-1])
+        if key not in self._plans:
+            if len(self._plans) >= MAX_PLANS:
+                self._plans.clear()
+            inputs = self.weight_inputs(x)
+            self._plans[key] = None if inputs is None else decode_ops.layer_plan(*inputs)
+        return self._plans[key]
+
+    def weight_inputs(self, x: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]] | None:
+        raise NotImplementedError
 
     def __getstate__(self) -> dict[str, Any]:
         return {**super().__getstate__(), "_plans": {}}  # a copy (or a pickle) makes its own plans
 
-    def _apply(self, fn: Any, recurse: bool = True) -> FusedScMoELayer:
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._plans = {}  # .to(), .float() and the like replace the tensors the kept plans hold
         return super()._apply(fn, recurse)
 
@@ -301,31 +312,62 @@ class FusedScMoELayer(ScMoELayer):
         self._plans = {}  # a load with assign=True replaces them too
         super()._load_from_state_dict(*args, **kwargs)
 
-    def decode_inputs(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any,
-                      mask: torch.Tensor | None) -> tuple[Any, tuple[torch.Tensor, ...]] | None:
-        """decode_ops.decode_layer's plan and step tensors; None where it does not take the call: not an absorbed
-        decode over the paged cache, a weight the kernels do not take (weight_inputs), a RoPE table or cache pool
-        of another dtype than x's. A plan is kept for each row count seen (a server's batch changes as requests
-        come and go; building one took ~130 us a layer, 9% of a batch-1 int4 token) until a module is swapped
-        (swap_generation), the layer cast or loaded."""
-        if mask is not None or not isinstance(cache, BatchView) or not cache.absorb or not x.is_contiguous():
-            return None
-        if self._plans_generation != swap_generation():
-            self._plans, self._plans_generation = {}, swap_generation()
-        key = (x.dtype, x.device, x.numel() // x.shape[-1])
-        if key not in self._plans:
-            if len(self._plans) >= MAX_PLANS:
-                self._plans.clear()
-            inputs = self.weight_inputs(x)
-            self._plans[key] = None if inputs is None else decode_ops.layer_plan(*inputs)
-        if (plan := self._plans[key]) is None:
-            return None
-        # both blocks store and read the same rows, each in its own pool
-        (pool0, write, read), (pool1, _, _) = (cache.pool_rows(2 * self.index + i) for i in range(2))
-        step = (rope[0].contiguous(), rope[1].contiguous(), cache.mask, write, read, pool0, pool1)
-        if any(t.dtype != x.dtype for t in (*step[:2], pool0, pool1)):
-            return None
-        return plan, step
+
+def decode_step(x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any, mask: torch.Tensor | None,
+                blocks: list[int]) -> tuple[torch.Tensor, ...] | None:
+    """The step tensors of a compiled decode call over attention blocks `blocks`: (cos, sin, mask, write, read,
+    *pools), each pool the block's; None where it does not take the call: not an absorbed decode over the paged
+    cache, x not contiguous, a RoPE table or pool of another dtype than x's. The blocks store and read the same rows,
+    each in its own pool."""
+    if mask is not None or not isinstance(cache, BatchView) or not cache.absorb or not x.is_contiguous():
+        return None
+    _, write, read = cache.pool_rows(blocks[0])
+    pools = [cache.pool_rows(b)[0] for b in blocks]
+    cos, sin = rope[0].contiguous(), rope[1].contiguous()
+    if any(t.dtype != x.dtype for t in (cos, sin, *pools)):
+        return None
+    return cos, sin, cache.mask, write, read, *pools
+
+
+def attention_inputs(i: int, attn: FusedMLA, norm: nn.Module, linears: list[list[torch.Tensor]]
+                     ) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]]:
+    """Attention block i of a decode plan, as csrc/decode_blocks.cpp's `attention` reads it: its input norm, its
+    projections' kernel weights (qkv_a, q_b, o_proj), latent norms, absorbed weights and numbers."""
+    a = f"attn{i}."
+    t = {f"input_norm{i}": [norm.weight], a + "qkv_a": linears[0], a + "q_b": linears[1], a + "o_proj": linears[2],
+         a + "q_norm": [attn.q_a_layernorm.weight], a + "kv_norm": [attn.kv_a_layernorm.weight],
+         a + "w_uk": [attn.w_uk], a + "w_uv_t": [attn.w_uv_t]}
+    f = {f"input_eps{i}": norm.eps, a + "q_eps": attn.q_a_layernorm.eps, a + "kv_eps": attn.kv_a_layernorm.eps,
+         a + "scale": attn.softmax_scale, "heads": attn.n_heads}
+    return t, f
+
+
+def plan_dtypes_agree(x: torch.Tensor, attn: list[FusedMLA], norms: list[nn.Module]) -> bool:
+    """The decode blocks' norms (and the attention blocks' latent norms) in x's dtype, absorbed weights the
+    attention kernel reads."""
+    same_dtype = (*norms, *(n for a in attn for n in (a.q_a_layernorm, a.kv_a_layernorm)))
+    return (all(m.weight.dtype == x.dtype for m in same_dtype)
+            and all(decode_ops.absorbed_weights(a.w_uk, a.w_uv_t) for a in attn))
+
+
+class FusedScMoELayer(DecodePlans, ScMoELayer):
+    """ScMoELayer (its children, already twins) whose decode runs as one compiled call (decode_ops.decode_layer):
+    the same kernels in the layer's order, without the ~25 Python-level calls between them (bench preset, batch 1,
+    int4: 10.5 against 11.4 ms a token). Anything decode_step or weight_inputs does not take runs the layer's
+    forward."""
+
+    def __init__(self, layer: ScMoELayer) -> None:
+        self.adopt(layer)
+        self.index = layer.index
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor], cache: Any = None,
+                mask: torch.Tensor | None = None) -> tuple[torch.Tensor, RoutingInfo]:
+        step = decode_step(x, rope, cache, mask, [2 * self.index, 2 * self.index + 1])
+        plan = None if step is None else self.plan_for(x)
+        if plan is None:
+            return super().forward(x, rope, cache, mask)
+        out, probs, ids = decode_ops.decode_layer(x, plan, step)
+        return out, self.mlp.moe.routing_info(probs, ids)
 
     def weight_inputs(self, x: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]] | None:
         """The layer's weights and numbers by name for rows like x, as csrc/decode_blocks.cpp's decode_layer reads
@@ -345,29 +387,59 @@ class FusedScMoELayer(ScMoELayer):
         if expert_rows is None or x.numel() // x.shape[-1] > expert_rows:  # then no hit expert can get more rows
             return None
         norms = [*self.input_layernorm, *self.post_attention_layernorm]
+        if not plan_dtypes_agree(x, list(attn), norms):
+            return None
         t: dict[str, list[torch.Tensor]] = {
-            "input_norm0": [norms[0].weight], "input_norm1": [norms[1].weight],
             "post_norm0": [norms[2].weight], "post_norm1": [norms[3].weight],
             "router": [router.classifier.weight], "correction": [router.e_score_correction_bias],
             "router_bias": [] if router.classifier.bias is None else [router.classifier.bias.float()],
             "experts.gate_up": gate_up, "experts.down": down,
             "mlp0.gate_up": linears[6], "mlp0.down": linears[7], "mlp1.gate_up": linears[8], "mlp1.down": linears[9]}
         f: dict[str, float] = {
-            "input_eps0": norms[0].eps, "input_eps1": norms[1].eps, "post_eps0": norms[2].eps,
-            "post_eps1": norms[3].eps, "heads": attn[0].n_heads, "top_k": router.top_k, "router_scale": router.scale,
+            "post_eps0": norms[2].eps, "post_eps1": norms[3].eps, "top_k": router.top_k, "router_scale": router.scale,
             "renormalize": float(router.renormalize), "n_ffn": moe.moe.n_ffn, "expert_rows": expert_rows,
             "identity": float(moe.moe.zero_type == "identity")}
         for i, a in enumerate(attn):
-            t.update({f"attn{i}.qkv_a": linears[3 * i], f"attn{i}.q_b": linears[3 * i + 1],
-                      f"attn{i}.o_proj": linears[3 * i + 2], f"attn{i}.q_norm": [a.q_a_layernorm.weight],
-                      f"attn{i}.kv_norm": [a.kv_a_layernorm.weight], f"attn{i}.w_uk": [a.w_uk],
-                      f"attn{i}.w_uv_t": [a.w_uv_t]})
-            f.update({f"attn{i}.q_eps": a.q_a_layernorm.eps, f"attn{i}.kv_eps": a.kv_a_layernorm.eps,
-                      f"attn{i}.scale": a.softmax_scale})
-        same_dtype = (*norms, *(n for a in attn for n in (a.q_a_layernorm, a.kv_a_layernorm)))
-        if (any(m.weight.dtype != x.dtype for m in same_dtype)
-                or not all(decode_ops.absorbed_weights(a.w_uk, a.w_uv_t) for a in attn)):
+            block_t, block_f = attention_inputs(i, a, norms[i], linears[3 * i:3 * i + 3])
+            t.update(block_t)
+            f.update(block_f)
+        return t, f
+
+
+class FusedMTPHead(DecodePlans, MTPHead):
+    """MTPHead (its children, already twins) whose decode, the speculative draft, runs as one compiled call
+    (decode_ops.mtp_head) instead of ~12 Python-level ones. Anything decode_step or weight_inputs does not take
+    runs the head's forward."""
+
+    def __init__(self, head: MTPHead) -> None:
+        self.adopt(head)
+        self.block = head.block
+
+    def forward(self, next_tokens: torch.Tensor, hidden: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                cache: Any = None, mask: torch.Tensor | None = None) -> torch.Tensor:
+        step = decode_step(hidden, rope, cache, mask, [self.block])
+        plan = None if step is None else self.plan_for(hidden)
+        if plan is None:
+            return super().forward(next_tokens, hidden, rope, cache, mask)
+        return decode_ops.mtp_head(next_tokens, hidden, plan, step)
+
+    def weight_inputs(self, x: torch.Tensor) -> tuple[dict[str, list[torch.Tensor]], dict[str, float]] | None:
+        """The head's weights and numbers by name for rows like x, as csrc/decode_blocks.cpp's mtp_head reads
+        them; None where it does not take them (as FusedScMoELayer.weight_inputs)."""
+        attn, mlp = self.self_attn, self.mlp
+        if not isinstance(attn, FusedMLA) or not isinstance(mlp, FusedMLP):
             return None
+        linears = kernels.linear_weights(x, self.eh_proj, attn.qkv_a_proj, attn.q_b_proj, attn.o_proj,
+                                         mlp.gate_up_proj, mlp.down_proj)
+        norms = [self.enorm, self.hnorm, self.input_layernorm, self.post_attention_layernorm, self.norm]
+        if linears is None or self.embed_tokens.weight.dtype != x.dtype or not plan_dtypes_agree(x, [attn], norms):
+            return None
+        t, f = attention_inputs(0, attn, self.input_layernorm, linears[1:4])
+        t.update({"embed": [self.embed_tokens.weight], "enorm": [self.enorm.weight], "hnorm": [self.hnorm.weight],
+                  "eh_proj": linears[0], "post_norm0": [self.post_attention_layernorm.weight],
+                  "mlp0.gate_up": linears[4], "mlp0.down": linears[5], "norm": [self.norm.weight]})
+        f.update({"enorm_eps": self.enorm.eps, "hnorm_eps": self.hnorm.eps,
+                  "post_eps0": self.post_attention_layernorm.eps, "norm_eps": self.norm.eps})
         return t, f
 
 
@@ -379,5 +451,6 @@ def fuse_for_inference(model: nn.Module) -> int:
     fused = swap_modules(model, lambda _, m: twins[type(m)](m) if type(m) in twins else None)
     leaves = {RMSNorm: FusedRMSNorm, nn.Linear: FusedLinear}  # the twins' own too
     rest = swap_modules(model, lambda _, m: leaves[type(m)](m) if type(m) in leaves else None)
-    layers = swap_modules(model, lambda _, m: FusedScMoELayer(m) if type(m) is ScMoELayer else None)  # last: its
-    return len(hit) + len(fused) + len(rest) + len(layers)  # children are twins by now
+    blocks = {ScMoELayer: FusedScMoELayer, MTPHead: FusedMTPHead}  # last: their children are twins by now
+    whole = swap_modules(model, lambda _, m: blocks[type(m)](m) if type(m) in blocks else None)
+    return len(hit) + len(fused) + len(rest) + len(whole)

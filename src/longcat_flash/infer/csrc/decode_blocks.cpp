@@ -100,9 +100,10 @@ struct LayerPlan {
 };
 
 // The step's tensors: RoPE cos/sin (B * S, R/2), the cache's mask (B, S, L), write (B*S,) and read (B, L) rows,
-// and the two blocks' pools (P, C + R).
+// and the attention blocks' pools (P, C + R): a layer's two, the MTP head's one.
 struct Step {
-  torch::Tensor cos, sin, mask, write, read, pool[2];
+  torch::Tensor cos, sin, mask, write, read;
+  std::vector<torch::Tensor> pools;
 };
 
 // A plan a Python object holds: freed with it.
@@ -113,8 +114,14 @@ pybind11::capsule layer_plan(Tensors t, Numbers f) {
 
 static const torch::Tensor& one(const Tensors& t, const std::string& name) {
   const auto& v = t.at(name);
-  TORCH_CHECK(v.size() == 1, "decode_layer: ", name, " must be one tensor");
+  TORCH_CHECK(v.size() == 1, "decode plan: ", name, " must be one tensor");
   return v[0];
+}
+
+static const LayerPlan& plan_of(const pybind11::capsule& plan) {
+  TORCH_CHECK(plan.name() != nullptr && std::strcmp(plan.name(), "longcat.LayerPlan") == 0,
+              "a decode block's plan must come from layer_plan");
+  return *plan.get_pointer<LayerPlan>();
 }
 
 // The model's Router (model/moe.py) as the same ATen ops in the same order, so the same experts and gate weights:
@@ -137,7 +144,7 @@ static torch::Tensor attention(const torch::Tensor& x, int i, const Tensors& t, 
   const auto p = mla_project(h, t.at(a + "qkv_a"), one(t, a + "q_norm"), f.at(a + "q_eps"), t.at(a + "q_b"),
                              one(t, a + "kv_norm"), f.at(a + "kv_eps"), s.cos, s.sin,
                              static_cast<int64_t>(f.at("heads")));
-  return mla_attend(p[0], p[1], p[2], p[3], s.pool[i], s.write, s.read, s.mask, one(t, a + "w_uk"),
+  return mla_attend(p[0], p[1], p[2], p[3], s.pools.at(i), s.write, s.read, s.mask, one(t, a + "w_uk"),
                     one(t, a + "w_uv_t"), f.at(a + "scale"), t.at(a + "o_proj"));
 }
 
@@ -146,9 +153,7 @@ static torch::Tensor attention(const torch::Tensor& x, int i, const Tensors& t, 
 std::vector<torch::Tensor> decode_layer(torch::Tensor x, pybind11::capsule plan, torch::Tensor cos, torch::Tensor sin,
                                         torch::Tensor mask, torch::Tensor write, torch::Tensor read,
                                         torch::Tensor pool0, torch::Tensor pool1) {
-  TORCH_CHECK(plan.name() != nullptr && std::strcmp(plan.name(), "longcat.LayerPlan") == 0,
-              "decode_layer: plan must come from layer_plan");
-  const auto& [t, f] = *plan.get_pointer<LayerPlan>();
+  const auto& [t, f] = plan_of(plan);
   const Step step{cos, sin, mask, write, read, {pool0, pool1}};
   const auto x1 = x + attention(x, 0, t, f, step);
   const auto s = rms_norm(x1, one(t, "post_norm0"), f.at("post_eps0"));  // the shortcut: MoE and FFN_0 share it
@@ -162,4 +167,20 @@ std::vector<torch::Tensor> decode_layer(torch::Tensor x, pybind11::capsule plan,
   const auto x3 = x2 + attention(x2, 1, t, f, step);
   const auto h = rms_norm(x3, one(t, "post_norm1"), f.at("post_eps1"));
   return {x3 + mlp(h, t.at("mlp1.gate_up"), t.at("mlp1.down")) + moe.view_as(x), routed[0], routed[1]};
+}
+
+// MTPHead.forward (model/mtp.py) at decode: ids (B, S) of x_{t+1} and the trunk's normed h_t (B, S, D) -> (B, S, D)
+// normed, what the lm_head reads. Its plan names the embedding, "enorm", "hnorm", "eh_proj", "norm" and, as a
+// layer's first attention block and first MLP, "input_norm0", "attn0.*", "post_norm0", "mlp0.*"; `pool` is its
+// block's.
+torch::Tensor mtp_head(torch::Tensor ids, torch::Tensor hidden, pybind11::capsule plan, torch::Tensor cos,
+                       torch::Tensor sin, torch::Tensor mask, torch::Tensor write, torch::Tensor read,
+                       torch::Tensor pool) {
+  const auto& [t, f] = plan_of(plan);
+  const Step step{cos, sin, mask, write, read, {pool}};
+  const auto e = rms_norm(at::embedding(one(t, "embed"), ids), one(t, "enorm"), f.at("enorm_eps"));
+  const auto z = linear(at::cat({e, rms_norm(hidden, one(t, "hnorm"), f.at("hnorm_eps"))}, -1), t.at("eh_proj"));
+  const auto z1 = z + attention(z, 0, t, f, step);
+  const auto h = rms_norm(z1, one(t, "post_norm0"), f.at("post_eps0"));
+  return rms_norm(z1 + mlp(h, t.at("mlp0.gate_up"), t.at("mlp0.down")), one(t, "norm"), f.at("norm_eps"));
 }
