@@ -50,6 +50,19 @@ def test_same_seed_is_bitwise_identical_and_resume_continues_exactly(corpus, tmp
     assert other["steps"] == 2 and losses(tmp_path / "c")[0] != losses(tmp_path / "a")[0]
 
 
+def test_a_tied_run_checkpoints_resumes_exactly_and_stays_tied(corpus, tmp_path):
+    """tie_word_embeddings: the embedding and the lm_head are one parameter, stored once in a checkpoint (safetensors
+    refuses two names on one storage) and one again after a resume, which continues the run to the bit."""
+    cfg = tiny_config(*corpus, "max_steps=6", "checkpoint.save_every=3", "model.tie_word_embeddings=true")
+    train(cfg, tmp_path / "a", progress=False)
+    train(cfg, tmp_path / "b", progress=False)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
+    train(resume_config(tmp_path / "b"), tmp_path / "b", resume=True, progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b") and len(losses(tmp_path / "a")) == 6
+    model = LongcatFlash.from_pretrained(tmp_path / "b")
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_the_run_directory_is_an_hf_checkpoint(corpus, tmp_path):
     train(tiny_config(*corpus, "max_steps=2"), tmp_path, progress=False)
     model = LongcatFlash.from_pretrained(tmp_path)
