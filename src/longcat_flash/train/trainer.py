@@ -30,7 +30,6 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.tensor import DTensor
 
 from .. import distributed
 from ..checkpoint import hf, sharded, training
@@ -98,21 +97,16 @@ class Run:
     def sharded_state(self) -> dict[str, Any]:
         """Model weights and Adam moments by parameter name, as each rank holds them (DTensor shards under FSDP):
         every rank writes its own pieces, and any layout reads back the pieces it needs (checkpoint/sharded.py)."""
-        return {"model": stored_once(get_model_state_dict(self.model)),
+        return {"model": stored_once(self.model, get_model_state_dict(self.model)),
                 "optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
 
 
-def stored_once(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` without the later names of a tensor it holds twice (a tied lm_head is the embedding): safetensors
-    stores a storage under one name only, and loading the first name fills both."""
-    seen: set[tuple[int, torch.Size]] = set()
-    kept = {}
-    for name, tensor in state.items():
-        key = (tensor.data_ptr(), tensor.shape)
-        if isinstance(tensor, DTensor) or tensor.numel() == 0 or key not in seen:
-            kept[name] = tensor
-            seen.add(key)
-    return kept
+def stored_once(model: Transformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` without a tied lm_head, which is the embedding: safetensors stores a storage under one name only,
+    and loading the embedding fills both."""
+    if model.config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
 
 
 # ---- one step ----
