@@ -1,10 +1,10 @@
 """RMSNorm, SwiGLU, RoPE and the absorbed MLA attention as the model computes them, each in one compiled op
 (csrc/decode_ops.cpp), for the inference twins (fused.py, experts.py): at decode they are ~8, 3, ~12 and ~30 small
-ops of a few microseconds each otherwise, 49, 12, 24 and 12 calls per token on the bench preset. Then whole decode
-blocks (an attention block's two halves, an MLP, a whole layer) in one call each (csrc/decode_blocks.cpp). Each
-returns None where the kernel does not take the call, for the caller's own path; `swiglu` falls back by itself;
-`mla_project`, `mlp` and `decode_layer` are called only once kernels.linear_weights (and, for a layer,
-FusedScMoELayer.plan_for) has said the kernels take their weights.
+ops of a few microseconds each otherwise, 49, 12, 24 and 12 calls per token on the bench preset. Then whole
+decode blocks (an attention block's two halves, an MLP, a whole layer, the MTP draft head) in one call each
+(csrc/decode_blocks.cpp). Each returns None where the kernel does not take the call, for the caller's own path;
+`swiglu` falls back by itself; `mla_project`, `mlp`, `decode_layer` and `mtp_head` are called only once
+kernels.linear_weights (and, for a layer or the head, DecodePlans.plan_for) has said the kernels take their weights.
 """
 from __future__ import annotations
 
