@@ -63,6 +63,20 @@ def test_a_tied_run_checkpoints_resumes_exactly_and_stays_tied(corpus, tmp_path)
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_copy_windows_mix_into_a_run_that_resumes_exactly(corpus, tmp_path, capsys):
+    """data.copy_fraction: copy windows join the training batches (the losses change, the validation split does
+    not), the header says how many, and a resume replays the same mixed batches."""
+    cfg = tiny_config(*corpus, "max_steps=6", "checkpoint.save_every=3", "eval_every=3", "data.copy_fraction=0.5")
+    train(cfg, tmp_path / "a", progress=True)
+    assert "copy windows (50% of the train split" in capsys.readouterr().out
+    train(cfg, tmp_path / "b", progress=False)
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step_00000006")
+    train(resume_config(tmp_path / "b"), tmp_path / "b", resume=True, progress=False)
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    train(tiny_config(*corpus, "max_steps=1"), tmp_path / "plain", progress=False)
+    assert losses(tmp_path / "plain")[0][1] != losses(tmp_path / "a")[0][1]
+
+
 def test_the_run_directory_is_an_hf_checkpoint(corpus, tmp_path):
     train(tiny_config(*corpus, "max_steps=2"), tmp_path, progress=False)
     model = LongcatFlash.from_pretrained(tmp_path)

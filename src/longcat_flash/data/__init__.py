@@ -3,15 +3,17 @@
     corpus.py   corpus files -> documents (str): stdlib (default, no download), directories, text, .jsonl, .parquet
     shards.py   documents -> one flat token array on disk (docs joined by eos), cached by fingerprint
     batches.py  token array -> windows of seq_len + 1 tokens -> shuffled, resumable, data-parallel batches
+    copying.py  windows of random runs given twice, mixed in to teach copying from the context (data.copy_fraction)
     conversations.py   OpenAI-format conversations -> checked, rendered, assistant tokens marked, packed (SFT)
     tool_dialogues.py  synthetic tool-use conversations in the OpenAI format (`longcat data tools`, docs/tool_data.md)
 
 Everything callers need is importable from `longcat_flash.data` directly.
 """
 from .batches import IGNORE, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
+from .copying import CopyMix, ordinary_ids
 from .corpus import DOC_SUFFIXES, STDLIB, Corpus, iter_documents, sample_texts
 from .shards import SHARD_FORMAT_VERSION, ShardMeta, TokenizerLike, build_token_shard
 
-__all__ = ["DOC_SUFFIXES", "IGNORE", "SHARD_FORMAT_VERSION", "STDLIB", "Corpus", "PackedBatch", "ResumableSampler",
-           "ShardMeta", "TokenDataset", "TokenizerLike", "build_token_shard", "iter_documents", "sample_texts",
-           "split_windows", "validation_batches"]
+__all__ = ["DOC_SUFFIXES", "IGNORE", "SHARD_FORMAT_VERSION", "STDLIB", "CopyMix", "Corpus", "PackedBatch",
+           "ResumableSampler", "ShardMeta", "TokenDataset", "TokenizerLike", "build_token_shard", "iter_documents",
+           "ordinary_ids", "sample_texts", "split_windows", "validation_batches"]

@@ -131,6 +131,9 @@ class DataConfig:
     grad_accum: int = 1  # micro-batches per step; batch_size must be a multiple of it
     val_fraction: float = 0.01  # the last fraction of the token stream is held out
     val_batches: int = 4
+    # share of the training windows that are runs of random tokens given twice (data/copying.py): teaches a small
+    # model to copy from its context, which tool calls need; the validation split stays the corpus alone
+    copy_fraction: float = 0.0
     tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None trains a byte-level BPE
     tokenizer_sample_bytes: int = 8_000_000  # corpus bytes the BPE is trained on
     cache_dir: str | None = None  # token shards; None = $XDG_CACHE_HOME/longcat-flash (~/.cache/longcat-flash)
@@ -140,6 +143,7 @@ class DataConfig:
         if self.max_bytes is not None:
             _positive(self, "max_bytes")
         _check(0 < self.val_fraction < 1, self.section, "val_fraction", self.val_fraction, "in (0, 1)")
+        _check(0 <= self.copy_fraction < 1, self.section, "copy_fraction", self.copy_fraction, "in [0, 1)")
         _check(self.batch_size % self.grad_accum == 0, self.section, "batch_size", self.batch_size,
                f"a multiple of data.grad_accum={self.grad_accum}")
 

@@ -33,8 +33,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .. import distributed
 from ..checkpoint import hf, sharded, training
-from ..data import (IGNORE, PackedBatch, ResumableSampler, TokenDataset, build_token_shard, sample_texts, split_windows,
-                    validation_batches)
+from ..data import (IGNORE, CopyMix, PackedBatch, ResumableSampler, TokenDataset, build_token_shard, ordinary_ids,
+                    sample_texts, split_windows, validation_batches)
 from ..data.conversations import ConversationDataset, conversation_datasets
 from ..device import autocast as device_autocast
 from ..device import compute_dtype
@@ -275,7 +275,7 @@ def _header(run: Run) -> str:
             f"{run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
             + (f"; from {cfg.init_from}" if cfg.init_from else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
-                      if isinstance(data, ConversationDataset)))
+                      if isinstance(data, (ConversationDataset, CopyMix))))
 
 
 def _timed_step(run: Run) -> dict[str, Any]:
@@ -491,21 +491,24 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool)
 
 
 def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
-                   ) -> tuple[TokenDataset, TokenDataset] | tuple[ConversationDataset, ConversationDataset]:
+                   ) -> tuple[TokenDataset | ConversationDataset | CopyMix, TokenDataset | ConversationDataset]:
     """Tokenize the corpus once into a cached shard; windows of seq_len + 1; the tail is the validation split.
-    SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversations.py)."""
+    SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversations.py).
+    `data.copy_fraction` mixes copy windows into the training split (data/copying.py)."""
     data = cfg.data
     if cfg.sft.data is not None:
         train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
                                                    data.seq_len, cfg.seed, cfg.sft.overlong)
-        validation_batches(val_set, data.batch_size // data.grad_accum)  # fails now if the split is too small
-        return train_set, val_set
-    cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
-    shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
-                              progress=progress)
-    train_set = TokenDataset.from_shard(shard, data.seq_len, "train", data.val_fraction)
-    val_set = TokenDataset.from_shard(shard, data.seq_len, "val", data.val_fraction)
+    else:
+        cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+        shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
+                                  progress=progress)
+        train_set = TokenDataset.from_shard(shard, data.seq_len, "train", data.val_fraction)
+        val_set = TokenDataset.from_shard(shard, data.seq_len, "val", data.val_fraction)
     validation_batches(val_set, data.batch_size // data.grad_accum)  # fails now if the split is too small
+    if data.copy_fraction:
+        reserved = tokenizer.backend.get_added_tokens_decoder()  # special tokens and the chat markers
+        train_set = CopyMix(train_set, data.copy_fraction, ordinary_ids(tokenizer.vocab_size, reserved), cfg.seed)
     return train_set, val_set
 
 
