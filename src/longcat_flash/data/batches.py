@@ -53,12 +53,15 @@ def split_windows(batch: torch.Tensor | PackedBatch) -> tuple[torch.Tensor, torc
     """(inputs (B, S), targets (B, S), documents (B, S) or None) of (B, S+1) windows.
 
     Plain token windows train on every next token. Packed windows train on their labels, never across a
-    document boundary, and give the forward the inputs' document ids (the attention mask, the positions)."""
+    document boundary, and give the forward the inputs' document ids (the attention mask, the positions); when
+    every window is one document, None, so the forward takes its plain causal path (same result, faster)."""
     if isinstance(batch, torch.Tensor):
         return batch[:, :-1], batch[:, 1:], None
     docs = batch.documents
     targets = batch.labels[:, 1:].masked_fill(docs[:, 1:] != docs[:, :-1], IGNORE)
-    return batch.tokens[:, :-1], targets, docs[:, :-1]
+    inputs_docs = docs[:, :-1]  # (B, S)
+    one_each = bool((inputs_docs == inputs_docs[:, :1]).all())
+    return batch.tokens[:, :-1], targets, None if one_each else inputs_docs
 
 
 class TokenDataset:

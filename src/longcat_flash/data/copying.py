@@ -30,8 +30,9 @@ class CopyMix:
     all of them, behind the same interface (len, batch, seq_len, split), so ResumableSampler shuffles both together
     and each batch holds about that share.
 
-    A copy window is a sequence of documents, each a run of RUN_LENGTHS tokens drawn from `token_ids` followed by
-    the same run; only the second copy is trained on (its first token too is unpredictable, and is not)."""
+    A copy window is one document: runs of RUN_LENGTHS tokens drawn from `token_ids`, each followed by itself; only
+    the second copies are trained on (their first token is unpredictable too, and is not). One document per window
+    keeps the forward on its plain causal path."""
 
     def __init__(self, base: TokenDataset, fraction: float, token_ids: np.ndarray, seed: int) -> None:
         if not 0 < fraction < 1:
@@ -55,32 +56,32 @@ class CopyMix:
         idx = np.asarray(indices, dtype=np.int64)
         is_copy = idx >= len(self.base)
         shape = (len(idx), self.seq_len + 1)
-        tokens, labels, documents = (torch.empty(shape, dtype=torch.int64) for _ in range(3))
+        tokens, labels = torch.empty(shape, dtype=torch.int64), torch.empty(shape, dtype=torch.int64)
+        documents = torch.zeros(shape, dtype=torch.int64)  # a copy window is one document
         if not is_copy.all():
             base = as_packed(self.base.batch(idx[~is_copy]))
             rows = torch.from_numpy(~is_copy)
             tokens[rows], labels[rows], documents[rows] = base.tokens, base.labels, base.documents
         for row in np.flatnonzero(is_copy):
-            tokens[row], labels[row], documents[row] = self.copy_window(int(idx[row]) - len(self.base))
+            tokens[row], labels[row] = self.copy_window(int(idx[row]) - len(self.base))
         return PackedBatch(tokens, labels, documents)
 
-    def copy_window(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Copy window i: tokens, labels (IGNORE but on the second copies) and document ids, each (seq_len + 1,)."""
+    def copy_window(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Copy window i: tokens and labels (IGNORE but on the second copies), each (seq_len + 1,)."""
         rng = np.random.default_rng([self.seed, i])
         width = self.seq_len + 1
         tokens = np.empty(width, dtype=np.int64)
         labels = np.full(width, IGNORE, dtype=np.int64)
-        documents = np.empty(width, dtype=np.int64)
-        start, doc = 0, 0
+        start = 0
         while start < width:
             run = rng.choice(self.token_ids, int(rng.integers(RUN_LENGTHS[0], RUN_LENGTHS[1] + 1)))
             pair = np.concatenate([run, run])[: width - start]
             end = start + len(pair)
-            tokens[start:end], documents[start:end] = pair, doc
+            tokens[start:end] = pair
             second = start + len(run) + 1  # the second copy's first token cannot be predicted
             labels[second:end] = tokens[second:end]
-            start, doc = end, doc + 1
-        return torch.from_numpy(tokens), torch.from_numpy(labels), torch.from_numpy(documents)
+            start = end
+        return torch.from_numpy(tokens), torch.from_numpy(labels)
 
 
 def ordinary_ids(vocab_size: int, reserved: Sequence[int]) -> np.ndarray:
