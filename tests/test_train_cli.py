@@ -42,6 +42,19 @@ def test_print_config_shows_overrides(capsys):
     assert "max_steps=7" in out and "budget.rate=0.01" in out and "model.num_layers=2" in out
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_fields_checked_against_each_other_can_be_set_in_any_order(capsys, order):
+    """--set applies all assignments before the checks that relate two fields, so neither order is refused."""
+    sets = ["model.num_nextn_predict_layers=0", "loss.mtp_weight=0", "data.grad_accum=4", "data.batch_size=4",
+            "optim.lr=0.1", "optim.lr=0.02"][::order]
+    main(["train", "--preset", "tiny", "--print-config", *[a for s in sets for a in ("--set", s)]])
+    out = capsys.readouterr().out
+    assert all(f in out for f in ("model.num_nextn_predict_layers=0", "loss.mtp_weight=0.0", "data.grad_accum=4",
+                                  "data.batch_size=4"))
+    assert f"optim.lr={0.02 if order == 1 else 0.1}" in out  # the later assignment wins
+    assert "multiple of data.grad_accum=3" in run_cli("train", "--set", "data.grad_accum=3")  # still checked
+
+
 def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path):
     assert "no checkpoint found" in run_cli("train", "--resume", str(tmp_path))
     root = tmp_path / "run" / "checkpoints"

@@ -283,36 +283,49 @@ def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
 # ---- --set overrides ----
 
 def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig:
-    """Apply `section.field=value` strings in order, e.g. ["budget.rate=0.01", "model.num_layers=2"]."""
+    """Apply `section.field=value` strings, e.g. ["budget.rate=0.01", "model.num_layers=2"]; a later one wins.
+
+    Each config object is rebuilt once with all of its assignments, so fields that are checked against each
+    other (data.batch_size and data.grad_accum, model.num_nextn_predict_layers and loss.mtp_weight) can be set
+    in any order."""
+    items = []
     for item in assignments:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. budget.rate=0.01")
-        cfg = _set(cfg, key.strip().split("."), raw.strip())
-    return cfg
+        items.append((key.strip().split("."), raw.strip()))
+    return _assign(cfg, items)
 
 
-def _set(obj: Any, path: list[str], raw: str, prefix: str = "") -> Any:
-    """Replace the field at `path` (relative to `obj`, which sits at `prefix`) with `raw` parsed for its type."""
-    names, name = [f.name for f in dataclasses.fields(obj)], path[0]
-    key = prefix + ".".join(path)
-    if name not in names:
-        raise ValueError(f"unknown config field {key!r}; valid fields here: {', '.join(prefix + n for n in names)}")
-    current = getattr(obj, name)
-    if dataclasses.is_dataclass(current):
-        whole = _literal(raw) if len(path) == 1 else None  # a dict sets a whole section at once, e.g.
-        if isinstance(whole, dict):  # model.rope_scaling={'rope_type': 'yarn', ...}, whose fields depend on each other
-            value = _build(type(current), whole, f"{key}.")
-        elif len(path) == 1:
-            sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
-            raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or all of them as a dict")
-        else:
-            value = _set(current, path[1:], raw, f"{prefix}{name}.")
-    elif len(path) > 1:
-        raise ValueError(f"{prefix + name!r} is a field, not a section (in {key!r})")
-    else:
-        value = _coerce(_literal(raw), typing.get_type_hints(type(obj))[name], key)
-    return dataclasses.replace(obj, **{name: value})
+def _assign(obj: Any, items: list[tuple[list[str], str]], prefix: str = "") -> Any:
+    """`obj` with each (path, raw) item set, paths relative to `obj` (which sits at `prefix`), raw parsed for the
+    field's type; nested config objects are rebuilt once each, and `obj` too."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    by_field: dict[str, list[tuple[list[str], str]]] = {}
+    for path, raw in items:
+        if path[0] not in names:
+            raise ValueError(f"unknown config field {prefix + '.'.join(path)!r}; valid fields here: "
+                             f"{', '.join(prefix + n for n in names)}")
+        by_field.setdefault(path[0], []).append((path, raw))
+    values = {}
+    for name, entries in by_field.items():
+        current, inner = getattr(obj, name), []
+        for path, raw in entries:
+            key = prefix + ".".join(path)
+            if dataclasses.is_dataclass(current) and len(path) > 1:
+                inner.append((path[1:], raw))
+            elif dataclasses.is_dataclass(current):
+                whole = _literal(raw)  # a dict sets a whole section at once, e.g. model.rope_scaling={'rope_type':
+                if not isinstance(whole, dict):  # 'yarn', ...}, whose fields depend on each other
+                    sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
+                    raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or all of them as a dict")
+                current, inner = _build(type(current), whole, f"{key}."), []  # replaces the fields set before it
+            elif len(path) > 1:
+                raise ValueError(f"{prefix + name!r} is a field, not a section (in {key!r})")
+            else:
+                current = _coerce(_literal(raw), typing.get_type_hints(type(obj))[name], key)
+        values[name] = _assign(current, inner, f"{prefix}{name}.") if inner else current
+    return dataclasses.replace(obj, **values) if values else obj
 
 
 def _literal(raw: str) -> Any:
