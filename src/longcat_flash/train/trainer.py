@@ -96,17 +96,13 @@ class Run:
 
     def sharded_state(self) -> dict[str, Any]:
         """Model weights and Adam moments by parameter name, as each rank holds them (DTensor shards under FSDP):
-        every rank writes its own pieces, and any layout reads back the pieces it needs (checkpoint/sharded.py)."""
-        return {"model": stored_once(self.model, get_model_state_dict(self.model)),
-                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
-
-
-def stored_once(model: Transformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """`state` without a tied lm_head, which is the embedding: safetensors stores a storage under one name only,
-    and loading the embedding fills both."""
-    if model.config.tie_word_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+        every rank writes its own pieces, and any layout reads back the pieces it needs (checkpoint/sharded.py).
+        A tied lm_head is the embedding: safetensors stores a storage under one name only, and loading the
+        embedding fills both, so it is left out."""
+        model = get_model_state_dict(self.model)
+        if self.model.config.tie_word_embeddings:
+            model.pop("lm_head.weight", None)
+        return {"model": model, "optimizer": get_optimizer_state_dict(self.model, self.optimizer)["state"]}
 
 
 # ---- one step ----
@@ -507,7 +503,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
         val_set = TokenDataset.from_shard(shard, data.seq_len, "val", data.val_fraction)
     validation_batches(val_set, data.batch_size // data.grad_accum)  # fails now if the split is too small
     if data.copy_fraction:
-        reserved = tokenizer.backend.get_added_tokens_decoder()  # special tokens and the chat markers
+        reserved = list(tokenizer.backend.get_added_tokens_decoder())  # the ids of the special tokens and chat markers
         train_set = CopyMix(train_set, data.copy_fraction, ordinary_ids(tokenizer.vocab_size, reserved), cfg.seed)
     return train_set, val_set
 
