@@ -112,7 +112,7 @@ static void fp8_typed(const Hits& hits, torch::Tensor x, torch::Tensor values, t
 // x rows rounded to int8 (quantize_rows).
 struct Int8Rows {
   std::vector<int8_t> q;     // (M, width)
-  std::vector<float> d, sum;  // (M, nG)
+  std::vector<float> d, sum;  // (M, nG), then 16 zeros
   int64_t width = 0, nG = 0;
 };
 
@@ -137,7 +137,8 @@ template <typename X>
 static void quantize_rows(const X* x, int64_t M, int64_t I, int64_t G, bool int4_order, Int8Rows& r) {
   const int64_t pad = int4_order ? 128 : 64;
   r.width = (I + pad - 1) / pad * pad, r.nG = (I + G - 1) / G;
-  r.q.assign(M * r.width, 0), r.d.resize(M * r.nG), r.sum.resize(M * r.nG);
+  r.q.assign(M * r.width, 0), r.d.assign(M * r.nG + 16, 0.0f), r.sum.assign(M * r.nG + 16, 0.0f);  // 16 to spare:
+  // the kernels read 16 lanes of d and sum where fewer are left, without a masked load
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < r.nG; ++g) {
       const int64_t n = std::min(G, I - g * G);
@@ -171,36 +172,38 @@ static inline void codes128(const uint8_t* p, int64_t n, __m512i& lo, __m512i& h
   hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
 }
 
-// The scales (f: a row's group scales times x's steps) of a 128-value chunk's 4 lane quads: G = 32, groups g..g+3
-// (fewer at a row's end); else the group of the first 64 values in lanes 0-7 and of the last 64 in lanes 8-15.
+// The scales of a 128-value chunk's 4 lane quads, a row's group scales s times x's steps d: G = 32, groups g..g+3
+// (past a row's last group, spare entries that meet chunk sums of 0); else the group of the first 64 values in
+// lanes 0-7 and of the last 64 (g_hi) in lanes 8-15.
 template <bool G32>
-static inline __m512 chunk_scales(const float* f, int64_t g, int64_t g_hi, int64_t nG) {
-  if (G32) {
-    const __m128 four = _mm_maskz_loadu_ps(static_cast<__mmask8>(tail16(nG - g) & 15), f + g);
+static inline __m512 chunk_scales(const float* s, const float* d, int64_t g, int64_t g_hi) {
+  if (G32)
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                 _mm512_castps128_ps512(four));
-  }
-  return _mm512_mask_mov_ps(_mm512_set1_ps(f[g]), 0xFF00, _mm512_set1_ps(f[g_hi]));
+                                 _mm512_castps128_ps512(_mm_mul_ps(_mm_loadu_ps(s + g), _mm_loadu_ps(d + g))));
+  return _mm512_mask_mov_ps(_mm512_set1_ps(s[g] * d[g]), 0xFF00, _mm512_set1_ps(s[g_hi] * d[g_hi]));
+}
+
+// A task's group scales and mins (n values, bf16) as fp32 in dst, then 16 zeros: every later read of them is a
+// whole vector, never a masked load (emulated element by element on AVX2, and most of a small weight's time there).
+static void scales_fp32(const at::BFloat16* src, int64_t n, float* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) _mm512_storeu_ps(dst + i, x16(src + i, 0xFFFF));
+  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  std::fill(dst + n, dst + n + 16, 0.0f);
 }
 
 // y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1, two per pass sharing every load of x; M <= 8 rows.
 // Per 128 values and row of x: two integer dot products (low and high nibbles), each chunk's sum scaled by its
-// group's weight scale times x's step; the mins add sum_g min[o, g] * sum(x group g) at the end. f: 16 x nG scratch.
+// group's weight scale times x's step; the mins add sum_g min[o, g] * sum(x group g) at the end. s, mn: the rows'
+// scales and mins in fp32 from row o0 (scales_fp32).
 template <int M, bool G32, typename Y>
-static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t ystride, float* f) {
+static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float* mn, int64_t o0, int64_t o1,
+                      int64_t I, int64_t G, Y* y, int64_t ystride) {
   const int64_t nG = x.nG, half = I / 2;
   for (int64_t o = o0; o < o1; o += 2) {
     const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
     const uint8_t *r0 = w + o * half, *r1 = w + p * half;
-    float *f0s = f, *f1s = f + M * nG;  // (M, nG) each: the rows' group scales times x's steps, in fp32
-    for (int m = 0; m < M; ++m)
-      for (int64_t g = 0; g < nG; g += 16) {
-        const __mmask16 n = tail16(nG - g);
-        const __m512 d = _mm512_maskz_loadu_ps(n, x.d + m * nG + g);
-        _mm512_mask_storeu_ps(f0s + m * nG + g, n, _mm512_mul_ps(x16(s + o * nG + g, n), d));
-        _mm512_mask_storeu_ps(f1s + m * nG + g, n, _mm512_mul_ps(x16(s + p * nG + g, n), d));
-      }
+    const float *s0 = s + (o - o0) * nG, *s1 = s + (p - o0) * nG, *mn0 = mn + (o - o0) * nG, *mn1 = mn + (p - o0) * nG;
     __m512 a0[M], a1[M];
     for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
     int64_t g = 0, g_end = G;  // groups of 64 or more: the chunk's first group, counted (a division per chunk
@@ -217,17 +220,18 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
         const __m512i xl = _mm512_loadu_si512(xm), xh = _mm512_loadu_si512(xm + 64);
         const __m512i i0 = nibble_dot(lo0, xl, hi0, xh);
         const __m512i i1 = nibble_dot(lo1, xl, hi1, xh);
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), chunk_scales<G32>(f0s + m * nG, g, g_hi, nG), a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), chunk_scales<G32>(f1s + m * nG, g, g_hi, nG), a1[m]);
+        const float* d = x.d + m * nG;
+        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), chunk_scales<G32>(s0, d, g, g_hi), a0[m]);
+        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), chunk_scales<G32>(s1, d, g, g_hi), a1[m]);
       }
     }
-    for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time
+    for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time (past nG: x's sums masked to 0)
       const __mmask16 n = tail16(nG - g);
-      const __m512 mn0 = x16(mn + o * nG + g, n), mn1 = x16(mn + p * nG + g, n);
+      const __m512 m0 = _mm512_loadu_ps(mn0 + g), m1 = _mm512_loadu_ps(mn1 + g);
       for (int m = 0; m < M; ++m) {
-        const __m512 sum = _mm512_maskz_loadu_ps(n, x.sum + m * nG + g);
-        a0[m] = _mm512_fmadd_ps(mn0, sum, a0[m]);
-        a1[m] = _mm512_fmadd_ps(mn1, sum, a1[m]);
+        const __m512 sum = _mm512_mask_mov_ps(_mm512_setzero_ps(), n, _mm512_loadu_ps(x.sum + m * nG + g));
+        a0[m] = _mm512_fmadd_ps(m0, sum, a0[m]);
+        a1[m] = _mm512_fmadd_ps(m1, sum, a1[m]);
       }
     }
     for (int m = 0; m < M; ++m) {
@@ -237,15 +241,20 @@ static void int4_rows(Int8View x, const uint8_t* w, const at::BFloat16* s, const
   }
 }
 
-// Weight rows o0..o1 against M rows of x, 8 at a time while those weight rows sit in L2; f: 16 x nG scratch.
+// Weight rows o0..o1 against M rows of x, 8 at a time while those weight rows sit in L2; s and mn: the expert's
+// bf16 scales and mins; scratch: 2 x (128 nG + 16) floats.
 template <bool G32, typename Y>
 static void int4_task(Int8View x, int64_t M, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
-                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t O, float* f) {
+                      int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t O, float* scratch) {
+  const int64_t nG = x.nG, values = (o1 - o0) * nG;
+  float *sf = scratch, *mnf = sf + 128 * nG + 16;
+  scales_fp32(s + o0 * nG, values, sf);
+  scales_fp32(mn + o0 * nG, values, mnf);
   for (int64_t c = 0; c < M; c += 8) {
     const Int8View xc = x.from(c);
     Y* yc = y + c * O;
     with_rows(std::min<int64_t>(8, M - c),
-              [&](auto n) { int4_rows<decltype(n)::value, G32, Y>(xc, w, s, mn, o0, o1, I, G, yc, O, f); });
+              [&](auto n) { int4_rows<decltype(n)::value, G32, Y>(xc, w, sf, mnf, o0, o1, I, G, yc, O); });
   }
 }
 
@@ -260,12 +269,12 @@ static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, 
   const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
   X* yp = y.data_ptr<X>();
   at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> f(16 * xq.nG);
+    std::vector<float> scratch(2 * (128 * xq.nG + 16));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
       const auto task = G == 32 ? int4_task<true, X> : int4_task<false, X>;
       task(Int8View(xq, r), hits.n[h], w + e * O * (I / 2), s + e * O * nG, mn + e * O * nG, b * 128,
-           std::min(O, b * 128 + 128), I, G, yp + r * O, O, f.data());
+           std::min(O, b * 128 + 128), I, G, yp + r * O, O, scratch.data());
     }
   });
 }
