@@ -240,7 +240,8 @@ def test_int4_needs_rows_of_a_multiple_of_32():
     assert report.quantized == ["0"] and model[0].fmt == "int8"  # cannot be grouped: int8 instead
 
 
-@pytest.mark.parametrize("in_features", [192, 160])  # groups of 64; of 32 with a last 32-value chunk
+@pytest.mark.parametrize("in_features", [192, 160, 544])  # groups of 64; of 32 with a last 32-value chunk;
+# 17 groups of 32: a row's scales past one whole vector of 16
 def test_int4_kernel_equals_the_reference(kernel_rows, in_features):
     """The compiled int4 kernel == x rounded to int8 steps per group (W4A8) times the hand-dequantized weight, fp32
     and bf16, every 8-row chunk size; a wrong nibble order, group index or activation order would fail this. And
