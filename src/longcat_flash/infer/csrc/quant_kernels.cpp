@@ -172,15 +172,16 @@ static inline void codes128(const uint8_t* p, int64_t n, __m512i& lo, __m512i& h
   hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
 }
 
-// The scales of a 128-value chunk's 4 lane quads, a row's group scales s times x's steps d: G = 32, groups g..g+3
-// (past a row's last group, spare entries that meet chunk sums of 0); else the group of the first 64 values in
-// lanes 0-7 and of the last 64 (g_hi) in lanes 8-15.
-template <bool G32>
-static inline __m512 chunk_scales(const float* s, const float* d, int64_t g, int64_t g_hi) {
-  if (G32)
+// The scales of a 128-value chunk's 4 lane quads from f, a row's group scales times x's steps: GK = 32, groups
+// g..g+3 (past a row's last group, spare entries that meet chunk sums of 0); GK = 64, group g in lanes 0-7 and g + 1
+// in lanes 8-15 (a spare entry where a row ends after 64 values); else (groups of 128 or more, counted) the group
+// of the first 64 values in lanes 0-7 and of the last 64 (g_hi) in lanes 8-15.
+template <int GK>
+static inline __m512 chunk_scales(const float* f, int64_t g, int64_t g_hi) {
+  if (GK == 32)
     return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3),
-                                 _mm512_castps128_ps512(_mm_mul_ps(_mm_loadu_ps(s + g), _mm_loadu_ps(d + g))));
-  return _mm512_mask_mov_ps(_mm512_set1_ps(s[g] * d[g]), 0xFF00, _mm512_set1_ps(s[g_hi] * d[g_hi]));
+                                 _mm512_castps128_ps512(_mm_loadu_ps(f + g)));
+  return halves(f[g], f[GK == 64 ? g + 1 : g_hi]);
 }
 
 // A task's group scales and mins (n values, bf16) as fp32 in dst, then 16 zeros: every later read of them is a
@@ -195,34 +196,40 @@ static void scales_fp32(const at::BFloat16* src, int64_t n, float* dst) {
 // y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1, two per pass sharing every load of x; M <= 8 rows.
 // Per 128 values and row of x: two integer dot products (low and high nibbles), each chunk's sum scaled by its
 // group's weight scale times x's step; the mins add sum_g min[o, g] * sum(x group g) at the end. s, mn: the rows'
-// scales and mins in fp32 from row o0 (scales_fp32).
-template <int M, bool G32, typename Y>
+// scales and mins in fp32 from row o0 (scales_fp32); f: scratch of 2 (8 nG + 16).
+template <int M, int GK, typename Y>
 static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float* mn, int64_t o0, int64_t o1,
-                      int64_t I, int64_t G, Y* y, int64_t ystride) {
+                      int64_t I, int64_t G, Y* y, int64_t ystride, float* f) {
   const int64_t nG = x.nG, half = I / 2;
+  float *f0 = f, *f1 = f + 8 * nG + 16;  // (M, nG) each: the pair's group scales times x's steps
   for (int64_t o = o0; o < o1; o += 2) {
     const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
     const uint8_t *r0 = w + o * half, *r1 = w + p * half;
     const float *s0 = s + (o - o0) * nG, *s1 = s + (p - o0) * nG, *mn0 = mn + (o - o0) * nG, *mn1 = mn + (p - o0) * nG;
+    for (int m = 0; m < M; ++m)  // whole vectors: past nG they write what the next m (or the spare 16) overwrites
+      for (int64_t g = 0; g < nG; g += 16) {
+        const __m512 d = _mm512_loadu_ps(x.d + m * nG + g);
+        _mm512_storeu_ps(f0 + m * nG + g, _mm512_mul_ps(_mm512_loadu_ps(s0 + g), d));
+        _mm512_storeu_ps(f1 + m * nG + g, _mm512_mul_ps(_mm512_loadu_ps(s1 + g), d));
+      }
     __m512 a0[M], a1[M];
     for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    int64_t g = 0, g_end = G;  // groups of 64 or more: the chunk's first group, counted (a division per chunk
+    int64_t g = 0, g_end = G;  // groups of 128 or more: the chunk's first group, counted (a division per chunk
     for (int64_t k = 0; k < I; k += 128) {  // costs more than the rest of its work)
       prefetch(r0 + k / 2), prefetch(r1 + k / 2);
       __m512i lo0, hi0, lo1, hi1;
       codes128(r0 + k / 2, std::min<int64_t>(64, (I - k) / 2), lo0, hi0);
       codes128(r1 + k / 2, std::min<int64_t>(64, (I - k) / 2), lo1, hi1);
-      if (G32) g = k / 32;
+      if (GK) g = k / GK;
       else while (k >= g_end) ++g, g_end += G;
-      const int64_t g_hi = G32 ? g : std::min(k + 64 >= g_end ? g + 1 : g, nG - 1);  // the last 64 values' group
+      const int64_t g_hi = GK ? g : std::min(k + 64 >= g_end ? g + 1 : g, nG - 1);  // (counted groups only)
       for (int m = 0; m < M; ++m) {
         const int8_t* xm = x.q + m * x.width + k;
         const __m512i xl = _mm512_loadu_si512(xm), xh = _mm512_loadu_si512(xm + 64);
         const __m512i i0 = nibble_dot(lo0, xl, hi0, xh);
         const __m512i i1 = nibble_dot(lo1, xl, hi1, xh);
-        const float* d = x.d + m * nG;
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), chunk_scales<G32>(s0, d, g, g_hi), a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), chunk_scales<G32>(s1, d, g, g_hi), a1[m]);
+        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), chunk_scales<GK>(f0 + m * nG, g, g_hi), a0[m]);
+        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), chunk_scales<GK>(f1 + m * nG, g, g_hi), a1[m]);
       }
     }
     for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time (past nG: x's sums masked to 0)
@@ -242,19 +249,19 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
 }
 
 // Weight rows o0..o1 against M rows of x, 8 at a time while those weight rows sit in L2; s and mn: the expert's
-// bf16 scales and mins; scratch: 2 x (128 nG + 16) floats.
-template <bool G32, typename Y>
+// bf16 scales and mins; scratch: 2 (128 nG + 16) + 2 (8 nG + 16) floats.
+template <int GK, typename Y>
 static void int4_task(Int8View x, int64_t M, const uint8_t* w, const at::BFloat16* s, const at::BFloat16* mn,
                       int64_t o0, int64_t o1, int64_t I, int64_t G, Y* y, int64_t O, float* scratch) {
   const int64_t nG = x.nG, values = (o1 - o0) * nG;
-  float *sf = scratch, *mnf = sf + 128 * nG + 16;
+  float *sf = scratch, *mnf = sf + 128 * nG + 16, *f = mnf + 128 * nG + 16;
   scales_fp32(s + o0 * nG, values, sf);
   scales_fp32(mn + o0 * nG, values, mnf);
   for (int64_t c = 0; c < M; c += 8) {
     const Int8View xc = x.from(c);
     Y* yc = y + c * O;
     with_rows(std::min<int64_t>(8, M - c),
-              [&](auto n) { int4_rows<decltype(n)::value, G32, Y>(xc, w, sf, mnf, o0, o1, I, G, yc, O); });
+              [&](auto n) { int4_rows<decltype(n)::value, GK, Y>(xc, w, sf, mnf, o0, o1, I, G, yc, O, f); });
   }
 }
 
@@ -269,10 +276,10 @@ static void int4_typed(const Hits& hits, torch::Tensor x, torch::Tensor packed, 
   const at::BFloat16 *s = scales.data_ptr<at::BFloat16>(), *mn = mins.data_ptr<at::BFloat16>();
   X* yp = y.data_ptr<X>();
   at::parallel_for(0, hits.size() * nO, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> scratch(2 * (128 * xq.nG + 16));
+    std::vector<float> scratch(2 * (128 * xq.nG + 16) + 2 * (8 * xq.nG + 16));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t h = t / nO, b = t % nO, e = hits.id[h], r = hits.start[h];
-      const auto task = G == 32 ? int4_task<true, X> : int4_task<false, X>;
+      const auto task = G == 32 ? int4_task<32, X> : G == 64 ? int4_task<64, X> : int4_task<0, X>;
       task(Int8View(xq, r), hits.n[h], w + e * O * (I / 2), s + e * O * nG, mn + e * O * nG, b * 128,
            std::min(O, b * 128 + 128), I, G, yp + r * O, O, scratch.data());
     }

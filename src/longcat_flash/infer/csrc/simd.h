@@ -84,6 +84,15 @@ static void swiglu_rows(const X* h, int64_t R, int64_t F, X* a) {
   });
 }
 
+// a in lanes 0-7, b in lanes 8-15.
+static inline __m512 halves(float a, float b) {
+#ifdef __AVX512F__
+  return _mm512_mask_mov_ps(_mm512_set1_ps(a), 0xFF00, _mm512_set1_ps(b));
+#else  // the two AVX2 halves themselves, no blend
+  return {_mm256_set1_ps(a), _mm256_set1_ps(b)};
+#endif
+}
+
 // x (s8) with w's signs (-x where w < 0): with |w| (u8), the operands of dot4 for the product of two s8 vectors.
 static inline __m512i signed_by(__m512i x, __m512i w) {
 #ifdef __AVX512F__
