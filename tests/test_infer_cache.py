@@ -36,6 +36,28 @@ def test_pages_are_allocated_truncated_and_freed():
     assert cache.free_pages == 8 and cache.used_pages == 0 and not cache.tables
 
 
+def test_view_reads_the_pages_a_sequence_holds_now():
+    """A view's rows follow the page table after it changes (a page added, a rollback, its pages handed to
+    another sequence and new ones taken), never the rows an earlier view read."""
+    cache, G = small_cache(), 4
+
+    def rows(seq: int, n: int) -> list[int]:
+        return [cache.tables[seq][p // G] * G + p % G for p in range(n)]
+
+    cache.ensure(7, 9)
+    assert cache.view([7], torch.tensor([[8]])).read.tolist() == rows(7, 9)
+    cache.ensure(7, 13)  # a fourth page
+    assert cache.view([7], torch.tensor([[12]])).read.tolist() == rows(7, 13)
+    cache.truncate(7, 4)  # back to one page; another sequence takes the freed ones, then 7 grows again
+    cache.ensure(8, 12)
+    cache.ensure(7, 13)
+    assert cache.view([7], torch.tensor([[12]])).read.tolist() == rows(7, 13)
+    assert cache.view([7, 8], torch.tensor([[12], [11]])).read.tolist() == rows(7, 13) + rows(8, 12) + [0]
+    cache.free(7)
+    cache.ensure(7, 5)  # the same id, a new sequence
+    assert cache.view([7], torch.tensor([[4]])).read.tolist() == rows(7, 5)
+
+
 def test_view_writes_by_position_and_masks_causally():
     cache = small_cache()
     cache.ensure(0, 6)

@@ -88,6 +88,7 @@ class PagedLatentCache:
         self._free = list(range(P - 1, SCRATCH_PAGE, -1))  # pop() hands out low page ids first
         self._users = [0] * P  # sequences whose table holds each page (> 1 only for pages shared by forks)
         self.tables: dict[int, list[int]] = {}
+        self._rows: dict[int, tuple[list[int], torch.Tensor]] = {}  # per sequence: its table when read, its pool rows
 
     # ---- allocation ----
     @property
@@ -164,6 +165,7 @@ class PagedLatentCache:
         """Return all pages of a finished, cancelled or preempted sequence."""
         self.truncate(seq, 0)
         self.tables.pop(seq, None)
+        self._rows.pop(seq, None)
 
     # ---- one forward ----
     def view(self, seqs: list[int], positions: torch.Tensor) -> BatchView:
@@ -175,20 +177,30 @@ class PagedLatentCache:
         """
         if positions.device.type != "cpu":
             raise ValueError(f"PagedLatentCache.view takes host positions, got a tensor on {positions.device}")
-        G = self.config.page_size
         B, S = positions.shape
         L = int(positions.max()) + 1
-        n_pages = max(1, -(-L // G))
-        tables = torch.tensor([(self.tables[seq][:n_pages] + [SCRATCH_PAGE] * n_pages)[:n_pages] for seq in seqs],
-                              dtype=torch.long)  # (B, n_pages), scratch where a table is short
-        read = (tables[:, :, None] * G + torch.arange(G)).view(B, -1)[:, :L]  # (B, L) pool rows
+        read = torch.stack([self._pool_rows(seq, L) for seq in seqs])  # (B, L) pool rows
         pad = positions < 0
-        write = read.gather(1, positions.clamp(min=0)).masked_fill_(pad, SCRATCH_PAGE * G)  # (B, S)
+        write = read.gather(1, positions.clamp(min=0)).masked_fill_(pad, SCRATCH_PAGE * self.config.page_size)
         mask = torch.arange(L) <= positions[:, :, None]  # (B, S, L) causal by position
         mask[:, :, 0] |= pad  # padded queries see one (scratch-safe) slot, so no softmax row is empty
         write, read, mask = (t.to(self.pool.device, non_blocking=True)
                              for t in (write.reshape(-1), read.reshape(-1), mask))  # (B*S,), (B*L,), (B, S, L)
         return BatchView(self, write, read, mask, (B, S, L), absorb=S <= self.absorb_max_tokens)
+
+    def _pool_rows(self, seq: int, L: int) -> torch.Tensor:
+        """The pool rows (L,) of the sequence's positions 0..L-1, scratch rows past its table (they are masked). Kept
+        per sequence while its table is unchanged: decode asks every step, and the table changes once a page."""
+        table = self.tables[seq]
+        kept = self._rows.get(seq)
+        if kept is None or kept[0] != table:
+            G = self.config.page_size
+            rows = (torch.tensor(table, dtype=torch.long)[:, None] * G + torch.arange(G)).view(-1)  # (pages * G,)
+            kept = self._rows[seq] = list(table), rows
+        rows = kept[1]
+        if rows.numel() >= L:
+            return rows[:L]
+        return torch.cat([rows, torch.full((L - rows.numel(),), SCRATCH_PAGE * self.config.page_size)])
 
 
 class BatchView:
