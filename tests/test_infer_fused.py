@@ -411,11 +411,11 @@ def test_a_layer_call_never_gives_its_experts_more_rows_than_they_take(pair):
 
 
 @pytest.mark.parametrize("fmt", ["int4", "int8"])
-@pytest.mark.parametrize("tokens", [1, 3, 12, 96])
+@pytest.mark.parametrize("tokens", [1, 3, 12, 192])
 def test_quantized_moe_runs_its_routed_part_in_one_kernel_call(pair, fmt, tokens, monkeypatch):
     """With quantized experts, FusedMoE hands a few tokens' whole routed part to one kernel call (grouping by
     expert, gate_up, SwiGLU, down, the weighted sum with the zero experts' share); for prefill-sized batches
-    (96 tokens: ~36 rows per expert) the kernel declines and each hit expert's weights are dequantized for its
+    (192 tokens: ~70 rows per expert) the kernel declines and each hit expert's weights are dequantized for its
     GEMMs, whatever its row count. Either way the result is what the per-expert loop through the same weights
     gives, for both kinds of zero expert."""
     _, fused = pair
@@ -431,9 +431,10 @@ def test_quantized_moe_runs_its_routed_part_in_one_kernel_call(pair, fmt, tokens
         with torch.no_grad():
             _, _, ids, weights = moe.begin(x)
             out, _ = moe(x)
-            took = kernels.kernel_available() and tokens < 96
+            took = kernels.kernel_available() and tokens < 192
             assert len(calls) == 1 and (calls[0] is not None) == took
             with monkeypatch.context() as patch:  # apply_one per hit expert, in the same arithmetic: the kernel
-                patch.setattr(kernels, "MAX_KERNEL_ROWS", 10**6 if took else 0)  # (int8 activations) or dequantized
+                for limit in ("MAX_KERNEL_ROWS", "MAX_INT4_KERNEL_ROWS"):  # (int8 activations) or dequantized
+                    patch.setattr(kernels, limit, 10**6 if took else 0)
                 expected = moe._few(x.reshape(-1, 64), ids, weights).view_as(x)
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)

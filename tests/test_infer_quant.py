@@ -170,11 +170,19 @@ def test_kernel_equals_the_reference(fmt, kernel_rows):
     assert kernel_rows == [rows for rows in row_counts for _ in ("fp32", "bf16")]  # all through the kernel
 
 
-def test_more_rows_than_the_kernel_takes_go_to_the_reference(kernel_rows):
-    values, scales = quant.quantize_blockwise(torch.randn(300, 520), "int8")
-    x = torch.randn(kernels.MAX_KERNEL_ROWS + 1, 520)  # prefill-sized: the dequantized weight, x as it is
-    torch.testing.assert_close(kernels.block_linear(x, values, scales),
-                               x @ kernels.dequantize_reference(values, scales, torch.float32).T)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_more_rows_than_the_kernel_takes_go_to_the_reference(fmt, kernel_rows):
+    """Up to the format's row limit (int4's is higher: its kernel beats dequantize + GEMM at 32 fp32 rows, int8's
+    does not) x meets the weight in the kernel; one row more (prefill-sized) takes the dequantized weight with x as
+    it is."""
+    parts = quant.quantize_weight(torch.randn(300, 512), fmt)
+    limit = kernels.MAX_INT4_KERNEL_ROWS if fmt == "int4" else kernels.MAX_KERNEL_ROWS
+    quant_linear = lambda x: quant.quant_linear(x, parts, fmt)  # noqa: E731
+    quant_linear(torch.randn(limit, 512))
+    assert kernel_rows == [limit]
+    kernel_rows.clear()
+    x = torch.randn(limit + 1, 512)
+    torch.testing.assert_close(quant_linear(x), x @ quant.dequantize_weight(parts, fmt, torch.float32).T)
     assert kernel_rows == []
 
 
@@ -249,7 +257,7 @@ def test_int4_kernel_equals_the_reference(kernel_rows, in_features):
     packed, scales, mins = quant.quantize_groupwise(torch.randn(300, in_features))  # partial 128-row block
     group = quant.group_size(in_features)
     weight = dequantize_by_hand(packed, scales, mins)
-    row_counts = (1, 2, 7, kernels.MAX_KERNEL_ROWS)  # 8-row chunks: every size below, and a full one
+    row_counts = (1, 2, 7, kernels.MAX_INT4_KERNEL_ROWS)  # 8-row chunks: every size below, and full ones
     for rows in row_counts:
         x = torch.randn(rows, in_features)
         x[0, 7] = 0.0
@@ -325,7 +333,7 @@ def test_sensitive_units_stay_at_int8():
 def test_int4_engine_equals_greedy_of_the_same_quantized_model(k, monkeypatch):
     """With every row through the kernel (int8 activations), as decode rows are: the reference's full forwards
     would otherwise take the dequantized weights with exact activations."""
-    monkeypatch.setattr(kernels, "MAX_KERNEL_ROWS", 10**6)
+    monkeypatch.setattr(kernels, "MAX_INT4_KERNEL_ROWS", 10**6)
     model = randomized()
     fuse_for_inference(model)
     quant.quantize_model(model, "int4")

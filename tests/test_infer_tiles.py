@@ -66,7 +66,7 @@ def test_every_hit_expert_in_one_call(fmt, tile_calls):
 
 
 def test_decode_rows_fp32_and_long_prefill_stay_off_the_tiles(tile_calls):
-    """The GEMV kernel keeps decode rows (up to MAX_ROWS_BEFORE_TILES in bf16, MAX_KERNEL_ROWS in fp32); fp32 keeps
+    """The GEMV kernel keeps decode rows (up to MAX_ROWS_BEFORE_TILES in bf16, more in fp32); fp32 keeps
     its GEMM (the tiles would round x to bf16); a linear with more than MAX_TILE_ROWS rows goes back to dequantize +
     GEMM, faster there."""
     unit = quant.QuantLinear(torch.nn.Linear(64, 48), "int4")

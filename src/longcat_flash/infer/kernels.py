@@ -18,16 +18,16 @@ The int8 activations cost nothing measurable: held-out perplexity through the de
 +0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py). With software prefetch (csrc/simd.h),
 1.7x (int8) and 1.9x (int4) the weight GB/s of the fp32-FMA kernels they replace at batch 1, one thread
 (docs/quantization.md).
-All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block
-stays in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a
-batch of rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`); for a few
-tokens a MoE layer's whole routed part (grouping, both projections, SwiGLU, the weighted sum) is one call
-(`moe_experts`). Linear layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches), expert stacks for
-up to that many rows per hit expert. More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with
+All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block stays
+in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a batch of
+rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`); for a few tokens a MoE
+layer's whole routed part (grouping, both projections, SwiGLU, the weighted sum) is one call (`moe_experts`). Linear
+layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches; int4: MAX_INT4_KERNEL_ROWS), expert stacks
+for up to that many rows per hit expert. More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with
 AMX, the tile GEMM (csrc/tile_gemm.cpp) dequantizes 128 weight rows at a time into L2 and multiplies them with
-TDPBF16PS, writing and re-reading no bf16 copy of the weight: 1.1-6x dequantize + GEMM at 32 rows, 0.8-1x at
-1024 in isolation (bench/bench_tiles.py). Otherwise (fp32, no AMX) each weight is dequantized once, in one
-compiled pass (`dequantize`, `group_dequantize`), for oneDNN's GEMM.
+TDPBF16PS, writing and re-reading no bf16 copy of the weight: 1.1-6x dequantize + GEMM at 32 rows, 0.8-1x at 1024 in
+isolation (bench/bench_tiles.py). Otherwise (fp32, no AMX) each weight is dequantized once, in one compiled pass
+(`dequantize`, `group_dequantize`), for oneDNN's GEMM.
 Plain (unquantized) weights take the same path for up to MAX_DENSE_ROWS rows (`dense_linear`, `dense_experts`,
 and `moe_experts` with one tensor per projection): bf16 rows meet bf16 weights 32 values per pair dot-product
 instruction (AVX512-BF16; else converted and fp32 FMAs, as fp32 weights), summed in fp32; tasks of 32 weight rows.
@@ -56,6 +56,12 @@ BLOCK = 128
 # prefetch) vs dequantize + GEMM: int8 3.9 vs 3.7 at 8 rows, 2.8 vs 0.8 at 12, 2.5 vs 2.3 at 16, 1.5 vs 2.3 at 32;
 # int4 2.8 vs 2.7, 1.8 vs 1.1, 1.6 vs 1.3, 0.8 vs 1.1.
 MAX_KERNEL_ROWS = 16
+# The same for int4 groups, whose kernel multiplies int8 activations by int4 codes 32 pairs per instruction while
+# the fallback writes an fp32 copy of the weight before its GEMM: fp32 rows, one thread, 2-core AVX2 CPU, ms, kernel
+# vs group_dequantize + GEMM at 32 rows: (8192, 256) 6.0 vs 9.4, (256, 768) 0.41 vs 0.50, (1536, 256) 1.13 vs 1.11,
+# (512, 256) 0.38 vs 0.35, (8192, 1024) 15.9 vs 34.0; at 64 rows 0.81-1.7x. 32 streams of the quickstart model's int4
+# decode: 770 against 650 tok/s with the limit at 16 (int8 stays at 16: 0.75-1.7x at 32 rows, slower on most shapes).
+MAX_INT4_KERNEL_ROWS = 32
 # Where the AMX tile GEMM takes x (bf16), its path for up to 32 rows (csrc/tile_gemm.cpp, pair_task) beats the GEMV
 # kernel above this many rows of quantized weights: 2 threads, 12 different (8192, 1024) weights in turn, ms per
 # weight, GEMV vs tiles: int4 0.52 vs 0.52 at 8 rows, 0.69 vs 0.52 at 12, 1.00 vs 0.51 at 16; int8 0.54 vs 0.73,
@@ -93,15 +99,24 @@ def _cpu_ext(x: torch.Tensor, rows: int, limit: int | None = None):
     return None
 
 
-def _quant_limit(x: torch.Tensor) -> int:
-    """The GEMV kernel's row limit for quantized weights and rows like x: lower where the tile GEMM takes x."""
-    return MAX_ROWS_BEFORE_TILES if _tiles(x) else MAX_KERNEL_ROWS
+def _quant_limit(x: torch.Tensor, codes: torch.Tensor) -> int:
+    """The GEMV kernel's row limit for rows like x through a quantized weight whose codes are `codes` (int4: packed
+    uint8): lower where the tile GEMM takes x."""
+    if _tiles(x):
+        return MAX_ROWS_BEFORE_TILES
+    return MAX_INT4_KERNEL_ROWS if codes.dtype is torch.uint8 else MAX_KERNEL_ROWS
 
 
-def _quant_ext(x: torch.Tensor, rows: int):
+def _quant_ext(x: torch.Tensor, rows: int, codes: torch.Tensor):
     """_cpu_ext for `rows` rows x through a quantized weight (`_quant_limit`, asked only above the lower limit: at
     batch 1 this is on every linear's path)."""
-    return _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x))
+    return _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x, codes))
+
+
+def _weight_limit(x: torch.Tensor, weight: list[torch.Tensor]) -> int:
+    """The GEMV kernel's row limit for rows like x through a weight as the kernels take it: one tensor (plain,
+    MAX_DENSE_ROWS) or a quantized format's tensors, codes first (`_quant_limit`)."""
+    return MAX_DENSE_ROWS if len(weight) == 1 else _quant_limit(x, weight[0])
 
 
 def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tuple,
@@ -110,7 +125,7 @@ def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tup
     the GEMV kernel `kernel` for up to `_quant_limit` rows on CPU, its tile GEMM (`kernel`_tiles) for bf16 rows up
     to MAX_TILE_ROWS, else dequantized() + GEMM."""
     rows = x.numel() // x.shape[-1]
-    ext = _quant_ext(x, rows)
+    ext = _quant_ext(x, rows, weight[0])
     if ext is not None:  # no counts: one plain weight, x (..., I) as it is
         return _add(getattr(ext, kernel)(x, None, *weight), bias)
     if rows <= MAX_TILE_ROWS and _tiles(x):
@@ -124,10 +139,10 @@ def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torc
     (..., I), or None where the kernel takes neither x nor every one of them: no kernel, too many rows, a bias, a
     plain weight in another dtype or another module. The compiled decode blocks (decode_ops) run on these."""
     rows = x.numel() // x.shape[-1]
-    if _quant_ext(x, rows) is None:
+    if _cpu_ext(x, rows, max(MAX_KERNEL_ROWS, MAX_INT4_KERNEL_ROWS)) is None:
         return None
     weights = [getattr(linear, "kernel_weight", lambda dtype: None)(x.dtype) for linear in linears]
-    if any(w is None or len(w) == 1 and rows > MAX_DENSE_ROWS for w in weights):
+    if any(w is None or rows > MAX_DENSE_ROWS and rows > _weight_limit(x, w) for w in weights):
         return None
     return weights
 
@@ -135,7 +150,7 @@ def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torc
 def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.Tensor | int) -> torch.Tensor:
     """Rows x (R, I) grouped by counts (E,) through every hit expert in one call: the GEMV kernel `kernel` for up
     to `_quant_limit` rows per hit expert on average, its tile GEMM beyond."""
-    name = kernel if _gemv_rows(x, counts, _quant_limit(x)) else kernel + "_tiles"
+    name = kernel if _gemv_rows(x, counts, _quant_limit(x, weight[0])) else kernel + "_tiles"
     return getattr(extension.compiled(), name)(x.contiguous(), counts, *weight)
 
 
@@ -211,7 +226,7 @@ def block_linear_reference(x: torch.Tensor, values: torch.Tensor, scales: torch.
 
 def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., I) -> (..., O): the kernel for up to MAX_KERNEL_ROWS rows on CPU, the tile GEMM for more bf16 rows,
+    """x (..., I) -> (..., O): the kernel for up to `_quant_limit` rows on CPU, the tile GEMM for more bf16 rows,
     else dequantize + GEMM."""
     return _linear(x, bias, "block_experts", (values, scales), lambda: dequantize(values, scales, x.dtype))
 
@@ -268,7 +283,7 @@ def group_linear_reference(x: torch.Tensor, packed: torch.Tensor, scales: torch.
 
 def group_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., I) -> (..., O) for an int4 weight: the kernel for up to MAX_KERNEL_ROWS rows on CPU, the tile GEMM
+    """x (..., I) -> (..., O) for an int4 weight: the kernel for up to `_quant_limit` rows on CPU, the tile GEMM
     for more bf16 rows, else dequantize + GEMM."""
     group = packed.shape[-1] * 2 // scales.shape[-1]
     return _linear(x, bias, "group_experts", (packed, scales, mins, group),
@@ -301,19 +316,19 @@ def moe_experts(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, n_ffn
 def moe_row_limit(x: torch.Tensor, gate_up: list[torch.Tensor], down: list[torch.Tensor]) -> int | None:
     """The rows per hit expert on average up to which the experts kernel takes rows like x through these stacked
     weights (plain: MAX_DENSE_ROWS; quantized: `_quant_limit`), or None: plain weights of another dtype than x's."""
-    if len(gate_up) == 1:
-        return MAX_DENSE_ROWS if gate_up[0].dtype == down[0].dtype == x.dtype else None
-    return _quant_limit(x)
+    if len(gate_up) == 1 and not gate_up[0].dtype == down[0].dtype == x.dtype:
+        return None
+    return _weight_limit(x, gate_up)
 
 
-def _gemv_rows(x: torch.Tensor, counts: torch.Tensor, limit: int | None = None) -> bool:
-    """Whether rows x (R, I) grouped by counts (E,) are at most `limit` (default MAX_KERNEL_ROWS) per hit expert
-    on average."""
-    return x.shape[0] <= (MAX_KERNEL_ROWS if limit is None else limit) * max(1, int(counts.count_nonzero()))
+def _gemv_rows(x: torch.Tensor, counts: torch.Tensor, limit: int) -> bool:
+    """Whether rows x (R, I) grouped by counts (E,) are at most `limit` per hit expert on average."""
+    return x.shape[0] <= limit * max(1, int(counts.count_nonzero()))
 
 
-def experts_kernel(x: torch.Tensor, counts: torch.Tensor) -> bool:
-    """Whether the fused expert kernels take rows x (R, I) grouped by counts (E,): CPU, fp32/bf16, at most
-    MAX_KERNEL_ROWS rows per hit expert on average (decode, concurrent streams), or more in bf16 on a CPU with AMX
-    (the tile GEMM); else (fp32 prefill, no AMX) they go through dequantize + GEMM per expert."""
-    return _cpu_ext(x, 1) is not None and (_gemv_rows(x, counts) or _tiles(x))
+def experts_kernel(x: torch.Tensor, counts: torch.Tensor, codes: torch.Tensor) -> bool:
+    """Whether the fused expert kernels take rows x (R, I) grouped by counts (E,) through quantized experts whose
+    codes are `codes`: CPU, fp32/bf16, at most `_quant_limit` rows per hit expert on average (decode, concurrent
+    streams), or more in bf16 on a CPU with AMX (the tile GEMM); else (fp32 prefill, no AMX) they go through
+    dequantize + GEMM per expert."""
+    return _cpu_ext(x, 1) is not None and (_gemv_rows(x, counts, _quant_limit(x, codes)) or _tiles(x))

@@ -218,9 +218,9 @@ class QuantLinear(QuantizedStorage):
 
 class QuantExperts(QuantizedStorage, HitExperts):
     """Stacked experts with quantized storage. Every hit expert runs in one kernel call per projection: the GEMV
-    kernel for up to kernels.MAX_KERNEL_ROWS rows per hit expert (decode, concurrent streams), the AMX tile GEMM for
-    more in bf16; otherwise (fp32 prefill, no AMX) expert by expert, each weight dequantized in one compiled pass
-    just before its GEMM."""
+    kernel for up to kernels.MAX_KERNEL_ROWS (int4: MAX_INT4_KERNEL_ROWS) rows per hit expert (decode, concurrent
+    streams), the AMX tile GEMM for more in bf16; otherwise (fp32 prefill, no AMX) expert by expert, each weight
+    dequantized in one compiled pass just before its GEMM."""
 
     def __init__(self, gate_up_proj: torch.Tensor, down_proj: torch.Tensor, fmt: str) -> None:
         super().__init__()
@@ -247,7 +247,7 @@ class QuantExperts(QuantizedStorage, HitExperts):
         return F.linear(x, dequantize_weight(self.parts(name, e), self.fmt, x.dtype))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if not kernels.experts_kernel(x, counts):
+        if not kernels.experts_kernel(x, counts, self.stacked("gate_up_proj")[0]):
             return self.each_hit(x, counts, self.dequantized_project)
         fused = kernels.group_experts if self.fmt == "int4" else kernels.block_experts
         hidden = decode_ops.swiglu(fused(x, counts, *self.parts("gate_up_proj").values()))  # (R, F)
