@@ -60,7 +60,8 @@ MAX_KERNEL_ROWS = 16
 # the fallback writes an fp32 copy of the weight before its GEMM: fp32 rows, one thread, 2-core AVX2 CPU, ms, kernel
 # vs group_dequantize + GEMM at 32 rows: (8192, 256) 6.0 vs 9.4, (256, 768) 0.41 vs 0.50, (1536, 256) 1.13 vs 1.11,
 # (512, 256) 0.38 vs 0.35, (8192, 1024) 15.9 vs 34.0; at 64 rows 0.81-1.7x. 32 streams of the quickstart model's int4
-# decode: 770 against 650 tok/s with the limit at 16 (int8 stays at 16: 0.75-1.7x at 32 rows, slower on most shapes).
+# decode: 770 against 650 tok/s with the limit at 16. int8 stays at 16 (0.75-1.3x at 32 rows on the small shapes).
+# python bench/bench_kernel_rows.py measures both.
 MAX_INT4_KERNEL_ROWS = 32
 # Where the AMX tile GEMM takes x (bf16), its path for up to 32 rows (csrc/tile_gemm.cpp, pair_task) beats the GEMV
 # kernel above this many rows of quantized weights: 2 threads, 12 different (8192, 1024) weights in turn, ms per
