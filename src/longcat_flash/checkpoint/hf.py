@@ -198,11 +198,13 @@ def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Ite
 
     A sharded weight (FSDP, expert parallelism: a DTensor) is gathered whole when its turn comes; that is a
     collective, so under a process group every rank iterates this in step.
-    zero_expert_stubs: also write zero gate/up tensors for the zero-expert ids, as transformers 5.x does; its
-    loader sizes `gate_up_proj` for E+Z experts and refuses a checkpoint without them. The official layout (and
-    SGLang/vLLM) has exactly E experts, so this is off by default.
+    zero_expert_stubs: also write what the installed transformers' loader needs besides the official tensors:
+    transformers 5.0-5.24 sizes `gate_up_proj` for E+Z experts and refuses a checkpoint without zero gate/up tensors
+    for the zero-expert ids; 5.25 sizes it for E and refuses the stubs (`transformers_gate_up_experts`). The official
+    layout (and SGLang/vLLM) has exactly E experts, so this is off by default.
     """
     cfg = model.config
+    stubs = range(cfg.n_routed_experts, transformers_gate_up_experts(cfg) if zero_expert_stubs else 0)
     for native, tensor in model.state_dict().items():
         if native == "lm_head.weight" and cfg.tie_word_embeddings:
             continue
@@ -216,13 +218,27 @@ def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Ite
                 else:
                     yield f"{prefix}.{e}.gate_proj.weight", tensor[e, : cfg.expert_ffn_hidden_size]
                     yield f"{prefix}.{e}.up_proj.weight", tensor[e, cfg.expert_ffn_hidden_size:]
-            if leaf == "gate_up_proj" and zero_expert_stubs:
+            if leaf == "gate_up_proj":
                 shape = (cfg.expert_ffn_hidden_size, cfg.hidden_size)
-                for e in range(cfg.n_routed_experts, cfg.n_experts_total):
+                for e in stubs:
                     yield f"{prefix}.{e}.gate_proj.weight", tensor.new_zeros(shape)
                     yield f"{prefix}.{e}.up_proj.weight", tensor.new_zeros(shape)
         else:
             yield native_to_official(native), tensor
+
+
+def transformers_gate_up_experts(cfg: ModelConfig) -> int:
+    """How many gate/up experts per layer the installed transformers' LongcatFlash allocates for this config (read
+    off its experts module built on the meta device): E + Z up to 5.24, E from 5.25; E + Z without transformers."""
+    try:
+        from transformers import LongcatFlashConfig
+        from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashExperts
+    except ImportError:
+        return cfg.n_experts_total
+    theirs = LongcatFlashConfig(n_routed_experts=cfg.n_routed_experts, zero_expert_num=cfg.zero_expert_num,
+                                hidden_size=cfg.hidden_size, expert_ffn_hidden_size=cfg.expert_ffn_hidden_size)
+    with torch.device("meta"):
+        return LongcatFlashExperts(theirs).gate_up_proj.shape[0]
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
