@@ -31,10 +31,11 @@ def bench_checkpoint(model: str | None, preset: str = "bench") -> Path:
 
 
 def transformers_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' LongcatFlashForCausalLM with exactly our weights (its loader wants zero-expert stubs)."""
+    """transformers' LongcatFlashForCausalLM with exactly our weights, saved once per transformers version (up to
+    5.24 its loader wants zero-expert stubs, from 5.25 refuses them)."""
     import transformers
 
-    stub = path.parent / f"{path.name}-transformers"
+    stub = path.parent / f"{path.name}-transformers-{transformers.__version__}"
     if not (stub / "config.json").is_file():
         LongcatFlash.from_pretrained(path).save_pretrained(stub, zero_expert_stubs=True)
     return transformers.AutoModelForCausalLM.from_pretrained(stub, dtype=dtype).eval()
