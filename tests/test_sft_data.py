@@ -144,10 +144,30 @@ def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     from_jsonl, from_parquet = read_conversations(tmp_path / "a.jsonl"), read_conversations(tmp_path / "a.parquet")
     for a, b in zip(from_jsonl, from_parquet, strict=True):
         assert all(np.array_equal(x, y) for x, y in zip(tokenize(tokenizer, a), tokenize(tokenizer, b)))
+    # rows with different tools: Arrow stores all of them as one struct, each row's schemas and arguments holding
+    # every other row's keys as nulls; they read back as written (a struct fixes one key order for all rows)
+    varied = list(iter_conversations(30, seed=4))
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in varied))
+    pq.write_table(pa.Table.from_pylist(varied), tmp_path / "t.parquet")
+    canonical = lambda c: json.dumps([c.messages, c.tools], sort_keys=True)  # noqa: E731
+    assert [canonical(c) for c in read_conversations(tmp_path / "t.parquet")] == \
+        [canonical(c) for c in read_conversations(tmp_path / "t.jsonl")]
     bad = [*data[:2], {"messages": [{"role": "user", "content": "x"}, {"role": "bot", "content": "y"}]}]
     pq.write_table(pa.Table.from_pylist(bad), tmp_path / "bad.parquet")
     with pytest.raises(ConversationError, match=r"bad.parquet:3: messages\[1\].role: 'bot'"):
         read_conversations(tmp_path / "bad.parquet")
+
+
+def test_tools_and_schemas_stored_as_json_strings_read_as_objects(tmp_path):
+    row = next(r for r in iter_conversations(20, seed=5) if r.get("tools"))
+    as_strings = {**row, "tools": json.dumps([{**t, "function": {**t["function"], "parameters":
+                                                                json.dumps(t["function"]["parameters"])}}
+                                              for t in row["tools"]])}
+    assert parse_row(as_strings, "x").tools == parse_row(row, "x").tools
+    with pytest.raises(ConversationError, match=r"x: tools: a string here must hold JSON"):
+        parse_row({**row, "tools": "[{'type': 'function'}]"}, "x")
+    with pytest.raises(ConversationError, match=r"x: tools\[0\].function.parameters: expected an object"):
+        parse_row({**row, "tools": [{"type": "function", "function": {"name": "f", "parameters": "[1]"}}]}, "x")
 
 
 def encoded(tokenizer, n=40):

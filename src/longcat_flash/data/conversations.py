@@ -87,14 +87,14 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
 def parse_row(row: Any, where: str) -> Conversation:
     """Check one row ({"messages": [...], "tools": [...]}) and normalise it; ConversationError names the field.
 
-    Null fields count as absent (a .parquet fills every column of a struct); content parts of type text are
-    joined into one string."""
-    row = _object(row, where, "row")
+    A null field counts as absent at every depth (`without_nulls`); content parts of type text are joined into
+    one string; `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
+    row = _object(without_nulls(row), where, "row")
     _known(row, ROW_FIELDS, where, "", "a row has 'messages' and optionally 'tools'")
     if "messages" not in row:
         raise ConversationError(f"{where}: messages: missing (a row is {{\"messages\": [...], \"tools\": [...]}})")
-    tools = None if row.get("tools") is None else [_tool(t, where, f"tools[{i}]")
-                                                   for i, t in enumerate(_list(row["tools"], where, "tools"))]
+    tools = None if "tools" not in row else [_tool(t, where, f"tools[{i}]") for i, t in
+                                             enumerate(_list(_decoded(row["tools"], where, "tools"), where, "tools"))]
     raw = _list(row["messages"], where, "messages")
     if not raw:
         raise ConversationError(f"{where}: messages: empty")
@@ -106,6 +106,29 @@ def parse_row(row: Any, where: str) -> Conversation:
     return Conversation(messages, tools, where)
 
 
+def without_nulls(value: Any) -> Any:
+    """value with every null field of every object removed, at any depth. A .parquet (and a .jsonl written from
+    Arrow, as `datasets` writes one) stores a list of objects as one struct with every key any of them has, the
+    absent ones null: without this, one row's tool schemas and arguments would carry every other row's parameter
+    names as nulls into the rendered prompt. Nulls inside lists stay."""
+    if isinstance(value, dict):
+        return {k: without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, (list, tuple)):
+        return [without_nulls(v) for v in value]
+    return value
+
+
+def _decoded(value: Any, where: str, name: str) -> Any:
+    """A JSON string decoded (data sets often store tools and schemas so; its nulls are the writer's own and stay),
+    anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as err:
+        raise _fail(where, name, f"a string here must hold JSON ({err})") from None
+
+
 def _fail(where: str, name: str, problem: str) -> ConversationError:
     return ConversationError(f"{where}: {name}: {problem}")
 
@@ -113,7 +136,7 @@ def _fail(where: str, name: str, problem: str) -> ConversationError:
 def _object(value: Any, where: str, name: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _fail(where, name, f"expected an object, got {type(value).__name__} {value!r:.60}")
-    return {k: v for k, v in value.items() if v is not None}
+    return value
 
 
 def _list(value: Any, where: str, name: str) -> list[Any]:
@@ -231,7 +254,8 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
     if "description" in fn:
         _string(fn["description"], where, f"{name}.function.description")
     if "parameters" in fn:
-        _object(fn["parameters"], where, f"{name}.function.parameters")
+        fn = {**fn, "parameters": _object(_decoded(fn["parameters"], where, f"{name}.function.parameters"),
+                                          where, f"{name}.function.parameters")}
     return {"type": "function", "function": fn}
 
 
