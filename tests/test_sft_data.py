@@ -63,6 +63,22 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer, template):
         assert ids[trained][-1] == tokenizer.eos_id  # the end-of-turn token is trained
 
 
+def test_an_assistant_message_of_weight_0_is_rendered_but_not_trained(tokenizer):
+    """OpenAI's fine-tuning format: `weight: 0` on an assistant message leaves it in the context, out of the loss."""
+    messages = [{"role": "user", "content": "name a colour"}, {"role": "assistant", "content": "bleu"},
+                {"role": "user", "content": "in English?"}, {"role": "assistant", "content": "blue"}]
+    weighted = [*messages[:1], {**messages[1], "weight": 0}, *messages[2:3], {**messages[3], "weight": 1}]
+    ids, trained = tokenize(tokenizer, parse_row({"messages": messages}, "x"))
+    ids_w, trained_w = tokenize(tokenizer, parse_row({"messages": weighted}, "x"))
+    assert np.array_equal(ids, ids_w)  # the same text: the weight is not rendered
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    first, second = assistant_spans(text, "longcat")
+    ends = np.cumsum([len(tokenizer.decode([i], skip_special_tokens=False)) for i in ids])
+    in_first = (ends > first[0]) & (ends <= first[1])
+    assert trained[in_first].all() and not trained_w[in_first].any()
+    assert np.array_equal(trained_w, trained & ~in_first)
+
+
 def test_tool_call_tags_are_single_trained_tokens(tokenizer):
     row = next(r for r in rows(30) if "tools" in r)
     ids, trained = tokenize(tokenizer, parse_row(row, "x"))
@@ -109,6 +125,12 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": 5}, {"role": "assistant", "content": "a"}]},
      "messages[0].content: expected a list, got int"),
     ({"messages": [{"role": "user"}, {"role": "assistant", "content": "a"}]}, "messages[0].content: missing"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 0.5}]},
+     "messages[1].weight: must be 0 or 1, got 0.5"),
+    ({"messages": [{"role": "user", "content": "hi", "weight": 1}, {"role": "assistant", "content": "a"}]},
+     "messages[0].weight: unsupported field"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 0}]},
+     "messages: every assistant message has weight 0"),
 ]
 
 

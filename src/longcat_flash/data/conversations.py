@@ -25,7 +25,8 @@ from .corpus import jsonl_records
 ROLES = ("system", "user", "assistant", "tool")
 ROW_FIELDS = ("messages", "tools")
 MESSAGE_FIELDS = {"system": ("role", "content"), "user": ("role", "content"),
-                  "assistant": ("role", "content", "tool_calls"), "tool": ("role", "content", "tool_call_id", "name")}
+                  "assistant": ("role", "content", "tool_calls", "weight"),
+                  "tool": ("role", "content", "tool_call_id", "name")}
 TOOL_CALL_FIELDS = ("id", "type", "function")
 FUNCTION_CALL_FIELDS = ("name", "arguments")
 TOOL_FIELDS = ("type", "function")
@@ -52,6 +53,7 @@ class Conversation:
     messages: list[dict[str, Any]]  # checked, content parts joined into strings, null fields removed
     tools: list[dict[str, Any]] | None
     where: str  # "file:line", for later errors
+    untrained: frozenset[int] = frozenset()  # indices of assistant messages with weight 0 (rendered, not trained)
 
 
 # ---- reading and checking ----
@@ -99,11 +101,24 @@ def parse_row(row: Any, where: str) -> Conversation:
     if not raw:
         raise ConversationError(f"{where}: messages: empty")
     messages: list[dict[str, Any]] = []
+    untrained = set()
     for i, message in enumerate(raw):
         messages.append(_message(message, where, f"messages[{i}]", i, messages))
+        if _weight(message, where, f"messages[{i}].weight") == 0:
+            untrained.add(i)
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError(f"{where}: messages: no assistant message (nothing to train on)")
-    return Conversation(messages, tools, where)
+    if all(m["role"] != "assistant" or i in untrained for i, m in enumerate(messages)):
+        raise ConversationError(f"{where}: messages: every assistant message has weight 0 (nothing to train on)")
+    return Conversation(messages, tools, where, frozenset(untrained))
+
+
+def _weight(message: dict[str, Any], where: str, name: str) -> int:
+    """An assistant message's `weight` (OpenAI's fine-tuning format): 1 (the default) trains on it, 0 does not."""
+    weight = message.get("weight", 1)
+    if weight not in (0, 1) or isinstance(weight, float):
+        raise _fail(where, name, f"must be 0 or 1, got {weight!r:.60}")
+    return int(weight)
 
 
 def without_nulls(value: Any) -> Any:
@@ -279,7 +294,7 @@ def render_pieces(tokenizer: ChatTokenizer, conversation: Conversation) -> list[
             raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
-        pieces += [(full[done:len(prompt)], False), (full[len(prompt):len(turn)], True)]
+        pieces += [(full[done:len(prompt)], False), (full[len(prompt):len(turn)], i not in conversation.untrained)]
         done = len(turn)
     pieces.append((full[done:], False))
     return [(text, trained) for text, trained in pieces if text]
