@@ -8,9 +8,11 @@ module and every caller takes its plain PyTorch path.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -46,10 +48,31 @@ def compiled():
             isa = ["-mavx2", "-mfma", "-mf16c"]
         # The headers' text goes in too, so that a change to one changes the build's hash and rebuilds.
         sources = [(CSRC / name).read_text() for name in SOURCES]
-        return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
-                           extra_cflags=["-O3", *isa, "-ffp-contract=off", "-fopenmp"],
-                           extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"], build_directory=str(build),
-                           verbose=False)
+        with build_lock(build):
+            return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
+                               extra_cflags=["-O3", *isa, "-ffp-contract=off", "-fopenmp"],
+                               extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
+                               build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
         log.warning("compiled CPU kernels unavailable (%s); using the PyTorch paths", err)
         return None
+
+
+@contextlib.contextmanager
+def build_lock(build: Path) -> Iterator[None]:
+    """Held while the kernels are built or loaded from `build`. torch's own lock there (a file named `lock`) stays
+    behind when a build is killed (Ctrl-C during the first, minute-long build), and every later process then waits
+    for it forever. This lock is a flock, which dies with its process: whoever holds it knows that no build is
+    running, so a `lock` file left there is stale and goes."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: torch's lock alone
+        yield
+        return
+    with open(build / "longcat_build.flock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        stale = build / "lock"
+        if stale.exists():
+            log.warning("removing %s, left by a kernel build that was killed", stale)
+            stale.unlink(missing_ok=True)
+        yield

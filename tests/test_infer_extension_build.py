@@ -1,0 +1,42 @@
+"""The kernels' build directory after a killed build: torch's lock file left there must not hang the next use."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from longcat_flash.infer.extension import build_lock
+
+pytest.importorskip("fcntl")
+
+HOLDER = """
+import sys, time
+from pathlib import Path
+from longcat_flash.infer.extension import build_lock
+build = Path(sys.argv[1])
+with build_lock(build):
+    (build / "lock").touch()  # a build in progress holds torch's lock too
+    print("held", flush=True)
+    time.sleep(2)
+    if not (build / "lock").exists():
+        sys.exit(3)  # someone removed the lock of a live build
+    (build / "lock").unlink()
+"""
+
+
+def test_a_lock_left_by_a_killed_build_is_removed(tmp_path):
+    (tmp_path / "lock").touch()  # what a build killed with Ctrl-C leaves; torch would wait for it forever
+    with build_lock(tmp_path):
+        assert not (tmp_path / "lock").exists()
+
+
+def test_a_live_build_is_waited_for_and_its_lock_left_alone(tmp_path):
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    start = time.monotonic()
+    with build_lock(tmp_path):  # waits until the holder is done
+        waited = time.monotonic() - start
+    assert holder.wait(timeout=30) == 0
+    assert waited > 1.0
