@@ -1,4 +1,5 @@
-"""The kernels' build directory after a killed build: torch's lock file left there must not hang the next use."""
+"""The kernels' build: a lock file left by a killed build must not hang the next use, and a build (a minute or more)
+says what it is doing instead of sitting silent."""
 from __future__ import annotations
 
 import subprocess
@@ -7,7 +8,7 @@ import time
 
 import pytest
 
-from longcat_flash.infer.extension import build_lock
+from longcat_flash.infer.extension import announced_if_slow, build_lock
 
 pytest.importorskip("fcntl")
 
@@ -32,7 +33,7 @@ def test_a_lock_left_by_a_killed_build_is_removed(tmp_path):
         assert not (tmp_path / "lock").exists()
 
 
-def test_a_live_build_is_waited_for_and_its_lock_left_alone(tmp_path):
+def test_a_live_build_is_waited_for_and_its_lock_left_alone(tmp_path, caplog):
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"
     start = time.monotonic()
@@ -40,3 +41,24 @@ def test_a_live_build_is_waited_for_and_its_lock_left_alone(tmp_path):
         waited = time.monotonic() - start
     assert holder.wait(timeout=30) == 0
     assert waited > 1.0
+    assert "waiting for another process" in caplog.text
+
+
+def test_a_slow_build_is_announced_and_its_end_reported(caplog):
+    with announced_if_slow("building", done="built", after_s=0.1):
+        time.sleep(0.5)
+    assert [r.getMessage().split(" after ")[0] for r in caplog.records] == ["building", "built"]
+
+
+def test_a_fast_load_says_nothing(caplog):
+    with announced_if_slow("building", done="built", after_s=2.0):
+        pass
+    time.sleep(2.2)  # past the moment the message would have come
+    assert caplog.records == []
+
+
+def test_a_failed_build_is_not_reported_as_built(caplog):
+    with pytest.raises(RuntimeError), announced_if_slow("building", done="built", after_s=0.1):
+        time.sleep(0.3)
+        raise RuntimeError("compiler error")
+    assert [r.getMessage() for r in caplog.records] == ["building"]

@@ -12,6 +12,8 @@ import contextlib
 import functools
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -48,7 +50,9 @@ def compiled():
             isa = ["-mavx2", "-mfma", "-mf16c"]
         # The headers' text goes in too, so that a change to one changes the build's hash and rebuilds.
         sources = [(CSRC / name).read_text() for name in SOURCES]
-        with build_lock(build):
+        slow = (f"building the compiled CPU kernels in {build} (once after an install: a minute or more; "
+                "LONGCAT_KERNELS=0 skips them)")
+        with build_lock(build), announced_if_slow(slow, done="compiled CPU kernels built"):
             return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
                                extra_cflags=["-O3", *isa, "-ffp-contract=off", "-fopenmp"],
                                extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
@@ -70,9 +74,37 @@ def build_lock(build: Path) -> Iterator[None]:
         yield
         return
     with open(build / "longcat_build.flock", "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning("waiting for another process to finish building the kernels in %s", build)
+            fcntl.flock(handle, fcntl.LOCK_EX)
         stale = build / "lock"
         if stale.exists():
             log.warning("removing %s, left by a kernel build that was killed", stale)
             stale.unlink(missing_ok=True)
         yield
+
+
+@contextlib.contextmanager
+def announced_if_slow(message: str, done: str, after_s: float = 3.0) -> Iterator[None]:
+    """Says `message` if the body is still running after `after_s`, and then `done` with the time it took. Loading
+    cached kernels takes well under a second; a build takes a minute or more, and a command silent that long looks
+    hung."""
+    start = time.monotonic()
+    said = threading.Event()
+
+    def say() -> None:
+        log.warning(message)
+        said.set()
+
+    timer = threading.Timer(after_s, say)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
+        timer.join()
+    if said.is_set():  # not after a failure: the caller says what went wrong
+        log.warning("%s after %.0f s", done, time.monotonic() - start)
