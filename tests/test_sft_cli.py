@@ -2,6 +2,7 @@
 metrics.jsonl, a loadable checkpoint), `--resume` bit for bit, and the same run under torchrun at world 2."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -19,7 +20,7 @@ from longcat_flash.train.metrics import read_metrics
 FLAGS = ["--max-steps", "10", "--save-every", "5", "--no-progress", "--set", "data.seq_len=256",
          "--set", "data.batch_size=4", "--set", "data.val_fraction=0.2", "--set", "data.val_batches=2",
          "--set", "dtype=float32", "--set", "eval_every=5", "--set", "optim.lr=3e-3", "--set", "sample_tokens=4",
-         "--set", "loss.monitor_every=0"]
+         "--set", "loss.monitor_every=0", "--set", "sft.ignore_columns=id,source"]
 
 
 def run_cli(*args: str) -> str:
@@ -41,7 +42,7 @@ def test_bad_row_is_reported_with_file_line_and_field(tmp_path):
         f.write('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}\n')
     message = run_cli("sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"))
     assert message == (f"longcat sft: {data}:5: messages[1].role: 'robot' is not one of "
-                       "system/user/assistant/tool")
+                       "system/user/assistant/tool/developer")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -62,6 +63,8 @@ def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("sft")
     cli("init", "--preset", "tiny", "--out", str(root / "model"), "--dtype", "float32")
     data = write_conversations(root / "chat.jsonl", 150)
+    rows = [json.loads(line) for line in data.read_text().splitlines()]  # as data sets have them, with columns
+    data.write_text("".join(json.dumps({"id": i, "source": "test", **r}) + "\n" for i, r in enumerate(rows)))
     done = cli("sft", "--model", str(root / "model"), "--data", str(data), "--out", str(root / "run"), *FLAGS)
     assert "sft train: " in done.stdout and "sft val: " in done.stdout  # the packing report
     return root / "model", data, root / "run"

@@ -79,6 +79,53 @@ def test_an_assistant_message_of_weight_0_is_rendered_but_not_trained(tokenizer)
     assert np.array_equal(trained_w, trained & ~in_first)
 
 
+def test_a_developer_message_reads_as_a_system_message(tokenizer):
+    """OpenAI's newer name for the system role, read as the server reads it."""
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}]
+    as_developer = [{**messages[0], "role": "developer"}, *messages[1:]]
+    want, got = tokenize(tokenizer, parse_row({"messages": messages}, "x")), \
+        tokenize(tokenizer, parse_row({"messages": as_developer}, "x"))
+    assert all(np.array_equal(a, b) for a, b in zip(want, got))
+    assert "Be brief." in tokenizer.decode(got[0])
+
+
+def test_trl_prompt_completion_rows_train_only_the_completion(tokenizer):
+    """TRL's conversational prompt-completion rows: the conversation is prompt + completion, and the prompt's
+    assistant turns are context (as `weight: 0` makes them), whatever the completion holds (text, a call, a
+    result and an answer)."""
+    for row in (r for r in rows(40) if sum(m["role"] == "assistant" for m in r["messages"]) >= 2):
+        messages = row["messages"]
+        cut = max(k for k, m in enumerate(messages) if m["role"] == "assistant")  # the completion: the last turn
+        split = {"prompt": messages[:cut], "completion": messages[cut:], **({"tools": row["tools"]} if "tools" in row
+                                                                            else {})}
+        context = {**row, "messages": [{**m, "weight": 0} if m["role"] == "assistant" and k < cut else m
+                                       for k, m in enumerate(messages)]}
+        got, want = tokenize(tokenizer, parse_row(split, "x")), tokenize(tokenizer, parse_row(context, "x"))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), row
+        assert not np.array_equal(got[1], tokenize(tokenizer, parse_row(row, "x"))[1])  # the prompt's turns are out
+
+
+def test_columns_named_in_ignore_columns_are_skipped(tmp_path):
+    """Data sets carry columns that are not part of a conversation (an id, a source): named, they are skipped;
+    unnamed, the error says how to name them."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    plain = list(iter_conversations(10, seed=6))
+    tagged = [{"id": i, "source": "synthetic", **r} for i, r in enumerate(plain)]
+    for name, data in (("plain", plain), ("tagged", tagged)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+        pq.write_table(pa.Table.from_pylist(data), tmp_path / f"{name}.parquet")
+    canonical = lambda c: json.dumps([c.messages, c.tools], sort_keys=True)  # noqa: E731
+    for suffix in ("jsonl", "parquet"):
+        want = [canonical(c) for c in read_conversations(tmp_path / f"plain.{suffix}")]
+        assert [canonical(c) for c in read_conversations(tmp_path / f"tagged.{suffix}", ("id", "source"))] == want
+        with pytest.raises(ConversationError, match=r"tagged\.\w+:1: (id|source): unsupported field .*"
+                                                     r"--set sft.ignore_columns="):
+            read_conversations(tmp_path / f"tagged.{suffix}", ("id",) if suffix == "parquet" else ())
+
+
 def test_tool_call_tags_are_single_trained_tokens(tokenizer):
     row = next(r for r in rows(30) if "tools" in r)
     ids, trained = tokenize(tokenizer, parse_row(row, "x"))
@@ -131,6 +178,15 @@ BAD_ROWS = [
      "messages[0].weight: unsupported field"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a", "weight": 0}]},
      "messages: every assistant message has weight 0"),
+    ({"prompt": "hi", "completion": "a"}, "prompt: a string (TRL's standard format)"),
+    ({"prompt": [{"role": "user", "content": "hi"}]}, "completion: missing"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "user", "content": "a"}]},
+     "completion: no assistant message"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a",
+                                                                     "thinking": "..."}]},
+     "completion[0].thinking: unsupported field"),
+    ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"}],
+      "messages": []}, "prompt: unsupported field"),
 ]
 
 

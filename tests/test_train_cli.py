@@ -42,6 +42,13 @@ def test_print_config_shows_overrides(capsys):
     assert "max_steps=7" in out and "budget.rate=0.01" in out and "model.num_layers=2" in out
 
 
+def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):
+    for value in ("id,source", "['id', 'source']", " id , source "):
+        main(["train", "--preset", "tiny", "--print-config", "--set", f"sft.ignore_columns={value}"])
+        assert "sft.ignore_columns=('id', 'source')" in capsys.readouterr().out
+    assert "sft.ignore_columns must be tuple[str, ...], got 3" in run_cli("train", "--set", "sft.ignore_columns=3")
+
+
 @pytest.mark.parametrize("order", [1, -1])
 def test_fields_checked_against_each_other_can_be_set_in_any_order(capsys, order):
     """--set applies all assignments before the checks that relate two fields, so neither order is refused."""

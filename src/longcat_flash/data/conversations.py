@@ -23,7 +23,9 @@ from .batches import IGNORE, PackedBatch
 from .corpus import jsonl_records
 
 ROLES = ("system", "user", "assistant", "tool")
+ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role, read as the server reads it
 ROW_FIELDS = ("messages", "tools")
+PROMPT_COMPLETION_FIELDS = ("prompt", "completion", "tools")  # TRL's conversational prompt-completion rows
 MESSAGE_FIELDS = {"system": ("role", "content"), "user": ("role", "content"),
                   "assistant": ("role", "content", "tool_calls", "weight"),
                   "tool": ("role", "content", "tool_call_id", "name")}
@@ -58,12 +60,13 @@ class Conversation:
 
 # ---- reading and checking ----
 
-def read_conversations(path: str | Path) -> list[Conversation]:
-    """Every row of a .jsonl or .parquet file as a checked Conversation (the first bad row is an error)."""
-    return [parse_row(row, where) for where, row in _rows(Path(path))]
+def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Conversation]:
+    """Every row of a .jsonl or .parquet file as a checked Conversation (the first bad row is an error).
+    `ignore`: columns that are not part of the conversation (an `id`, a `source`), skipped by name."""
+    return [parse_row(row, where, ignore) for where, row in _rows(Path(path), ignore)]
 
 
-def _rows(path: Path) -> Iterator[tuple[str, Any]]:
+def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {path}")
     if path.suffix == ".parquet":
@@ -72,7 +75,9 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
         except ImportError as err:
             raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
         number = 0
-        for batch in pq.ParquetFile(path).iter_batches(batch_size=1024):
+        table = pq.ParquetFile(path)
+        columns = [name for name in table.schema_arrow.names if name not in ignore]  # an ignored one is not read
+        for batch in table.iter_batches(batch_size=1024, columns=columns):
             for row in batch.to_pylist():
                 number += 1
                 yield f"{path}:{number}", row
@@ -86,31 +91,56 @@ def _rows(path: Path) -> Iterator[tuple[str, Any]]:
         raise ConversationError(str(err)) from None
 
 
-def parse_row(row: Any, where: str) -> Conversation:
-    """Check one row ({"messages": [...], "tools": [...]}) and normalise it; ConversationError names the field.
+def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
+    """Check one row and normalise it; ConversationError names the field. A row is {"messages": [...], "tools":
+    [...]}, or TRL's conversational {"prompt": [...], "completion": [...], "tools": [...]} (only the completion's
+    assistant turns trained); `ignore` names row fields that are not part of the conversation.
 
     A null field counts as absent at every depth (`without_nulls`); content parts of type text are joined into
     one string; `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
-    row = _object(without_nulls(row), where, "row")
-    _known(row, ROW_FIELDS, where, "", "a row has 'messages' and optionally 'tools'")
-    if "messages" not in row:
-        raise ConversationError(f"{where}: messages: missing (a row is {{\"messages\": [...], \"tools\": [...]}})")
+    row = {k: v for k, v in _object(without_nulls(row), where, "row").items() if k not in ignore}
+    if "messages" not in row and ("prompt" in row or "completion" in row):
+        named, untrained = _prompt_completion(row, where)
+    else:
+        _known_columns(row, ROW_FIELDS, where)
+        if "messages" not in row:
+            raise ConversationError(f"{where}: messages: missing (a row is {{\"messages\": [...], \"tools\": [...]}})")
+        named = [(f"messages[{i}]", m) for i, m in enumerate(_list(row["messages"], where, "messages"))]
+        untrained = set()
     tools = None if "tools" not in row else [_tool(t, where, f"tools[{i}]") for i, t in
                                              enumerate(_list(_decoded(row["tools"], where, "tools"), where, "tools"))]
-    raw = _list(row["messages"], where, "messages")
-    if not raw:
+    if not named:
         raise ConversationError(f"{where}: messages: empty")
     messages: list[dict[str, Any]] = []
-    untrained = set()
-    for i, message in enumerate(raw):
-        messages.append(_message(message, where, f"messages[{i}]", i, messages))
-        if _weight(message, where, f"messages[{i}].weight") == 0:
+    for i, (name, message) in enumerate(named):
+        messages.append(_message(message, where, name, i, messages))
+        if _weight(message, where, f"{name}.weight") == 0:
             untrained.add(i)
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError(f"{where}: messages: no assistant message (nothing to train on)")
     if all(m["role"] != "assistant" or i in untrained for i, m in enumerate(messages)):
         raise ConversationError(f"{where}: messages: every assistant message has weight 0 (nothing to train on)")
     return Conversation(messages, tools, where, frozenset(untrained))
+
+
+def _prompt_completion(row: dict[str, Any], where: str) -> tuple[list[tuple[str, Any]], set[int]]:
+    """TRL's conversational prompt-completion row as one list of (name, message), and the indices of the prompt's
+    assistant turns: context, not trained (TRL trains on the completion only)."""
+    _known_columns(row, PROMPT_COMPLETION_FIELDS, where)
+    for name in ("prompt", "completion"):
+        if name not in row:
+            raise _fail(where, name, "missing (a prompt-completion row has both)")
+        if isinstance(row[name], str):
+            raise _fail(where, name, "a string (TRL's standard format); conversations need a list of messages")
+    prompt, completion = _list(row["prompt"], where, "prompt"), _list(row["completion"], where, "completion")
+    if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
+        raise _fail(where, "completion", "no assistant message (nothing to train on)")
+    context = {i for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "assistant"}
+    if any(prompt[i].get("weight") == 1 for i in context):
+        raise _fail(where, "prompt", "a weight of 1 on a prompt turn (the prompt is context, never trained)")
+    named = [(f"prompt[{i}]", m) for i, m in enumerate(prompt)] + [(f"completion[{i}]", m)
+                                                                  for i, m in enumerate(completion)]
+    return named, context
 
 
 def _weight(message: dict[str, Any], where: str, name: str) -> int:
@@ -172,11 +202,19 @@ def _known(obj: dict[str, Any], allowed: Sequence[str], where: str, prefix: str,
             raise _fail(where, f"{prefix}{key}", f"unsupported field ({what}: {', '.join(allowed)})")
 
 
+def _known_columns(row: dict[str, Any], allowed: Sequence[str], where: str) -> None:
+    for key in row:
+        if key not in allowed:
+            raise _fail(where, key, "unsupported field (a row has: messages, tools; TRL's prompt-completion rows: "
+                                    "prompt, completion, tools). Skip columns that are not part of the conversation "
+                                    "with --set sft.ignore_columns=NAME,NAME")
+
+
 def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str, Any]]) -> dict[str, Any]:
     message = _object(raw, where, name)
-    role = message.get("role")
+    role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
     if role not in ROLES:
-        raise _fail(where, f"{name}.role", f"{role!r} is not one of {'/'.join(ROLES)}")
+        raise _fail(where, f"{name}.role", f"{role!r} is not one of {'/'.join((*ROLES, *ROLE_ALIASES))}")
     _known(message, MESSAGE_FIELDS[role], where, f"{name}.", f"a {role} message has")
     if role == "system" and index != 0:
         raise _fail(where, f"{name}.role", "a system message must come first")
@@ -405,15 +443,15 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
 
 def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,
                           val_fraction: float, seq_len: int, seed: int,
-                          overlong: Literal["truncate", "skip"] = "truncate") -> tuple[ConversationDataset,
-                                                                                       ConversationDataset]:
+                          overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = ()
+                          ) -> tuple[ConversationDataset, ConversationDataset]:
     """The train and validation windows: conversations in a seeded order (the validation share taken from the
     front when there is no separate val_data), each split packed on its own."""
-    conversations = read_conversations(data)
+    conversations = read_conversations(data, ignore)
     order = np.random.default_rng([seed, 1]).permutation(len(conversations))
     conversations = [conversations[i] for i in order]
     if val_data is not None:
-        held_out = read_conversations(val_data)
+        held_out = read_conversations(val_data, ignore)
     else:
         n_val = max(1, round(len(conversations) * val_fraction))
         if n_val >= len(conversations):

@@ -190,6 +190,7 @@ class SFTConfig:
     data: str | None = None  # a .jsonl or .parquet of conversations; None = a pre-training run
     val_data: str | None = None  # held-out conversations; None = a data.val_fraction share of `data`
     overlong: Literal["truncate", "skip"] = "truncate"  # conversations longer than data.seq_len + 1 tokens
+    ignore_columns: tuple[str, ...] = ()  # row fields that are not part of a conversation (e.g. id,source): skipped
 
     def __post_init__(self) -> None:
         _check(self.val_data is None or self.data is not None, self.section, "val_data", self.val_data,
@@ -354,6 +355,10 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif origin is Literal:
         if value in args:
             return value
+    elif origin is tuple and args[-1:] == (Ellipsis,):  # any length; from the CLI also "a,b,c"
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return tuple(_coerce(v, args[0], key) for v in items)
     elif origin is tuple:
         if isinstance(value, (list, tuple)) and len(value) == len(args):
             return tuple(_coerce(v, a, key) for v, a in zip(value, args))
@@ -373,6 +378,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
 
 
 def _type_name(hint: Any) -> str:
+    if typing.get_args(hint):  # tuple[str, ...] rather than tuple
+        return str(hint).replace("typing.", "")
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 

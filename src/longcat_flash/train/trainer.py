@@ -494,7 +494,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
     data = cfg.data
     if cfg.sft.data is not None:
         train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
-                                                   data.seq_len, cfg.seed, cfg.sft.overlong)
+                                                   data.seq_len, cfg.seed, cfg.sft.overlong, cfg.sft.ignore_columns)
     else:
         cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
         shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
