@@ -207,6 +207,28 @@ def test_invalid_json_names_the_line(tmp_path):
         read_conversations(path)
 
 
+def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
+    """`.json`: one array of rows (LLaMA-Factory's data files) or JSON Lines (what `datasets`' to_json writes under
+    that name) read like the .jsonl; errors still name the row."""
+    data = list(iter_conversations(8, seed=7))
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (tmp_path / "array.json").write_text("\n  " + json.dumps(data, indent=1))
+    (tmp_path / "lines.json").write_text((tmp_path / "a.jsonl").read_text())
+    canonical = lambda c: json.dumps([c.messages, c.tools], sort_keys=True)  # noqa: E731
+    want = [canonical(c) for c in read_conversations(tmp_path / "a.jsonl")]
+    for name in ("array.json", "lines.json"):
+        assert [canonical(c) for c in read_conversations(tmp_path / name)] == want
+    (tmp_path / "bad.json").write_text(json.dumps([*data[:2], {"messages": [{"role": "bot"}]}]))
+    with pytest.raises(ConversationError, match=r"bad.json:3: messages\[0\].role: 'bot'"):
+        read_conversations(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("[\n" + json.dumps(data[0]) + ",\n{oops}]")
+    with pytest.raises(ConversationError, match=r"broken.json:3: not valid JSON"):
+        read_conversations(tmp_path / "broken.json")
+    (tmp_path / "a.csv").write_text("x")
+    with pytest.raises(ValueError, match=r"a.csv: conversations come as .jsonl"):
+        read_conversations(tmp_path / "a.csv")
+
+
 def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa

@@ -61,7 +61,7 @@ class Conversation:
 # ---- reading and checking ----
 
 def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Conversation]:
-    """Every row of a .jsonl or .parquet file as a checked Conversation (the first bad row is an error).
+    """Every row of a .jsonl, .json or .parquet file as a checked Conversation (the first bad row is an error).
     `ignore`: columns that are not part of the conversation (an `id`, a `source`), skipped by name."""
     return [parse_row(row, where, ignore) for where, row in _rows(Path(path), ignore)]
 
@@ -82,13 +82,29 @@ def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
                 number += 1
                 yield f"{path}:{number}", row
         return
-    if path.suffix != ".jsonl":
-        raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line) or .parquet")
-    try:
+    if path.suffix not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line), .json (that, or one "
+                         "array of objects) or .parquet")
+    if path.suffix == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
+        try:
+            rows = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ConversationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        yield from ((f"{path}:{number}", row) for number, row in enumerate(rows, 1))  # a list: it starts with [
+        return
+    try:  # JSON Lines, also under .json (as `datasets`' to_json writes them)
         for number, row in jsonl_records(path):
             yield f"{path}:{number}", row
     except ValueError as err:  # a line that is not JSON
         raise ConversationError(str(err)) from None
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with path.open(encoding="utf-8") as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped.startswith("[")
+    return False
 
 
 def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
