@@ -106,6 +106,43 @@ def test_trl_prompt_completion_rows_train_only_the_completion(tokenizer):
         assert not np.array_equal(got[1], tokenize(tokenizer, parse_row(row, "x"))[1])  # the prompt's turns are out
 
 
+SHAREGPT_FROM = {"user": "human", "assistant": "gpt", "tool": "observation"}
+
+
+def as_sharegpt(row: dict, calls_as_list: bool) -> dict:
+    """`row` as LLaMA-Factory writes ShareGPT: a `system` column, tools as a JSON string of function objects, an
+    assistant turn of calls as a `function_call` turn (one call, or a list of them)."""
+    messages = row["messages"]
+    turns = []
+    for m in messages[1:] if messages[0]["role"] == "system" else messages:
+        if m.get("tool_calls"):
+            calls = [c["function"] for c in m["tool_calls"]]
+            turns.append({"from": "function_call", "value": json.dumps(calls if calls_as_list else calls[0])})
+        else:
+            turns.append({"from": SHAREGPT_FROM[m["role"]], "value": m["content"]})
+    out = {"conversations": turns}
+    if messages[0]["role"] == "system":
+        out["system"] = messages[0]["content"]
+    if "tools" in row:
+        out["tools"] = json.dumps([t["function"] for t in row["tools"]])
+    return out
+
+
+def test_sharegpt_rows_read_as_the_openai_conversation(tokenizer):
+    """ShareGPT rows render and train exactly as the same OpenAI rows."""
+    compared = 0
+    for k, row in enumerate(rows(40)):
+        if any(m.get("content") and m.get("tool_calls") or len(m.get("tool_calls", [])) > 1 for m in row["messages"]):
+            continue  # a ShareGPT turn holds text or calls, not both
+        got = tokenize(tokenizer, parse_row(as_sharegpt(row, calls_as_list=k % 2 == 1), "x"))
+        want = tokenize(tokenizer, parse_row(row, "x"))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), row
+        compared += 1
+    assert compared >= 20
+    with pytest.raises(ConversationError, match=r"x: conversations\[1\].from: 'bot' is not one of"):
+        parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}, "x")
+
+
 def test_columns_named_in_ignore_columns_are_skipped(tmp_path):
     """Data sets carry columns that are not part of a conversation (an id, a source): named, they are skipped;
     unnamed, the error says how to name them."""
@@ -264,6 +301,8 @@ def test_tools_and_schemas_stored_as_json_strings_read_as_objects(tmp_path):
                                                                 json.dumps(t["function"]["parameters"])}}
                                               for t in row["tools"]])}
     assert parse_row(as_strings, "x").tools == parse_row(row, "x").tools
+    functions_alone = {**row, "tools": [t["function"] for t in row["tools"]]}  # no {"type", "function"} wrapper
+    assert parse_row(functions_alone, "x").tools == parse_row(row, "x").tools
     with pytest.raises(ConversationError, match=r"x: tools: a string here must hold JSON"):
         parse_row({**row, "tools": "[{'type': 'function'}]"}, "x")
     with pytest.raises(ConversationError, match=r"x: tools\[0\].function.parameters: expected an object"):

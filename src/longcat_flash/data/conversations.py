@@ -26,6 +26,9 @@ ROLES = ("system", "user", "assistant", "tool")
 ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role, read as the server reads it
 ROW_FIELDS = ("messages", "tools")
 PROMPT_COMPLETION_FIELDS = ("prompt", "completion", "tools")  # TRL's conversational prompt-completion rows
+SHAREGPT_FIELDS = ("conversations", "system", "tools")  # ShareGPT rows, as LLaMA-Factory and axolotl read them
+SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 MESSAGE_FIELDS = {"system": ("role", "content"), "user": ("role", "content"),
                   "assistant": ("role", "content", "tool_calls", "weight"),
                   "tool": ("role", "content", "tool_call_id", "name")}
@@ -109,14 +112,17 @@ def _starts_with_bracket(path: Path) -> bool:
 
 def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     """Check one row and normalise it; ConversationError names the field. A row is {"messages": [...], "tools":
-    [...]}, or TRL's conversational {"prompt": [...], "completion": [...], "tools": [...]} (only the completion's
-    assistant turns trained); `ignore` names row fields that are not part of the conversation.
+    [...]}, TRL's conversational {"prompt": [...], "completion": [...], "tools": [...]} (only the completion's
+    assistant turns trained) or ShareGPT's {"conversations": [...], "system": ..., "tools": ...}; `ignore` names
+    row fields that are not part of the conversation. A tool may be the function object alone.
 
     A null field counts as absent at every depth (`without_nulls`); content parts of type text are joined into
     one string; `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
     row = {k: v for k, v in _object(without_nulls(row), where, "row").items() if k not in ignore}
     if "messages" not in row and ("prompt" in row or "completion" in row):
         named, untrained = _prompt_completion(row, where)
+    elif "messages" not in row and "conversations" in row:
+        named, untrained = _sharegpt(row, where), set()
     else:
         _known_columns(row, ROW_FIELDS, where)
         if "messages" not in row:
@@ -157,6 +163,29 @@ def _prompt_completion(row: dict[str, Any], where: str) -> tuple[list[tuple[str,
     named = [(f"prompt[{i}]", m) for i, m in enumerate(prompt)] + [(f"completion[{i}]", m)
                                                                   for i, m in enumerate(completion)]
     return named, context
+
+
+def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """A ShareGPT row ({"conversations": [{"from", "value"}], "system", "tools"}) as OpenAI messages: `human` is
+    the user, `gpt` the assistant, a `function_call` (a JSON {"name", "arguments"}, or a list of them) an
+    assistant turn of tool calls and an `observation` a tool result, as LLaMA-Factory writes them."""
+    _known_columns(row, SHAREGPT_FIELDS, where)
+    named = [] if "system" not in row else [("system", {"role": "system", "content": row["system"]})]
+    for i, turn in enumerate(_list(row["conversations"], where, "conversations")):
+        name = f"conversations[{i}]"
+        turn = _object(turn, where, name)
+        _known(turn, ("from", "value"), where, f"{name}.", "a ShareGPT turn has")
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise _fail(where, f"{name}.from", f"{turn.get('from')!r} is not one of {'/'.join(SHAREGPT_ROLES)}")
+        if turn["from"] != "function_call":
+            named.append((name, {"role": role, **({"content": turn["value"]} if "value" in turn else {})}))
+            continue
+        calls = _decoded(_string(turn.get("value"), where, f"{name}.value"), where, f"{name}.value")
+        calls = [calls] if isinstance(calls, dict) else _list(calls, where, f"{name}.value")
+        named.append((name, {"role": "assistant", "tool_calls": [
+            {"type": "function", "function": _object(c, where, f"{name}.value")} for c in calls]}))
+    return named
 
 
 def _weight(message: dict[str, Any], where: str, name: str) -> int:
@@ -222,8 +251,9 @@ def _known_columns(row: dict[str, Any], allowed: Sequence[str], where: str) -> N
     for key in row:
         if key not in allowed:
             raise _fail(where, key, "unsupported field (a row has: messages, tools; TRL's prompt-completion rows: "
-                                    "prompt, completion, tools). Skip columns that are not part of the conversation "
-                                    "with --set sft.ignore_columns=NAME,NAME")
+                                    "prompt, completion, tools; ShareGPT rows: conversations, system, tools). Skip "
+                                    "columns that are not part of the conversation with --set "
+                                    "sft.ignore_columns=NAME,NAME")
 
 
 def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str, Any]]) -> dict[str, Any]:
@@ -314,6 +344,8 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
 
 def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
     tool = _object(raw, where, name)
+    if "function" not in tool and "name" in tool:  # the function alone, as LLaMA-Factory and others store tools
+        tool = {"type": "function", "function": tool}
     _known(tool, TOOL_FIELDS, where, f"{name}.", "a tool has")
     if tool.get("type") != "function":
         raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
