@@ -129,8 +129,7 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
             raise ConversationError(f"{where}: messages: missing (a row is {{\"messages\": [...], \"tools\": [...]}})")
         named = [(f"messages[{i}]", m) for i, m in enumerate(_list(row["messages"], where, "messages"))]
         untrained = set()
-    tools = None if "tools" not in row else [_tool(t, where, f"tools[{i}]") for i, t in
-                                             enumerate(_list(_decoded(row["tools"], where, "tools"), where, "tools"))]
+    tools = _tools(row["tools"], where) if "tools" in row else None
     if not named:
         raise ConversationError(f"{where}: messages: empty")
     messages: list[dict[str, Any]] = []
@@ -340,6 +339,11 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
         if _string(message["name"], where, f"{name}.name") not in names:
             raise _fail(where, f"{name}.name", f"{message['name']!r} is none of the called functions "
                                                 f"({', '.join(names)})")
+
+
+def _tools(raw: Any, where: str) -> list[dict[str, Any]]:
+    """A row's `tools`: a list, or a JSON string holding one, of tools."""
+    return [_tool(t, where, f"tools[{i}]") for i, t in enumerate(_list(_decoded(raw, where, "tools"), where, "tools"))]
 
 
 def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
