@@ -131,6 +131,24 @@ def test_named_tool_calls_validate(served, name):
         assert {call["function"]["name"] for call in valid_calls(choice, offered)} == {name}
 
 
+def test_a_function_without_parameters_is_called_with_none(served):
+    """OpenAI: omitting `parameters` defines a function with an empty parameter list; a schema without a type
+    ({} or only properties) is an object schema."""
+    client, _ = served
+    ping = {"type": "function", "function": {"name": "ping", "description": "Check the link."}}
+    untyped = {"type": "function", "function": {"name": "echo", "parameters": {
+        "properties": {"text": SHORT}, "required": ["text"], "additionalProperties": False}}}
+    for seed in range(2):
+        choice = chat(client, tools=[ping], tool_choice="required", seed=seed)
+        assert [call["function"]["arguments"] for call in choice["message"]["tool_calls"]] == ["{}"] * len(
+            choice["message"]["tool_calls"])
+        choice = chat(client, tools=[untyped], tool_choice="required", parallel_tool_calls=False, seed=seed)
+        [call] = choice["message"]["tool_calls"]
+        jsonschema.validate(json.loads(call["function"]["arguments"]), untyped["function"]["parameters"])
+    assert chat(client, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}],
+                tool_choice="required", seed=0)["finish_reason"] in ("tool_calls", "length")
+
+
 def test_strict_tool_under_auto_constrains_the_call(served):
     """The bias makes the random model open a call at once; the grammar then holds its arguments to the schema.
     A non-strict tool's call under the same grammar need only be a JSON object."""
@@ -176,6 +194,7 @@ def test_auto_text_never_spells_the_tag(served):
      "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "strict": True, "parameters": {
         "type": "object", "properties": {"x": {"type": "string", "pattern": "(("}}}}}]}, "tools"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]}, "tools"),
 ])
 def test_bad_formats_and_schemas_are_400s_naming_the_field(served, change, param):
     client, _ = served

@@ -229,13 +229,16 @@ class FunctionDef(BaseModel):
     model_config = ConfigDict(extra="ignore")
     name: str = Field(pattern=TOOL_NAME)
     description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    parameters: dict[str, Any]  # the JSON Schema of the arguments
+    parameters: dict[str, Any] | None = None  # the JSON Schema of the arguments; None: the function takes none
     strict: bool | None = None  # arguments constrained to `parameters` even under tool_choice auto
 
     @field_validator("parameters")
     @classmethod
-    def _object_schema(cls, value: dict[str, Any]) -> dict[str, Any]:
-        if value.get("type") != "object":
+    def _object_schema(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        """An object schema; one without a type ({} or only `properties`) is read as one, as OpenAI reads it."""
+        if value is None:
+            return None
+        if value.setdefault("type", "object") != "object":
             raise ValueError('must be a JSON Schema with "type": "object" (arguments are a JSON object)')
         return value
 

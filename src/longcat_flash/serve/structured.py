@@ -26,6 +26,7 @@ from .tools import ToolPlan
 # Free text that never spells the opening tag (the tag itself is a token of its own in trained vocabularies).
 TEXT = f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{TOOL_CALL_OPEN}(.|\\n)*/"
 ANY_OBJECT = {"type": "object"}
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
 
 class ConstraintError(ValueError):
@@ -63,7 +64,7 @@ def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) ->
     rules = f"call: {open_} call_body {close}\ncall_body: {bodies}\n"
     more = "call*" if plan.parallel else ""
     if isinstance(choice, p.NamedToolChoice):  # the prefill ends right before the arguments
-        return f'start: {json_part(next(iter(tools.values()))["parameters"])} "}}" {close} {more}\n{rules}'
+        return f'start: {json_part(arguments_schema(next(iter(tools.values()))))} "}}" {close} {more}\n{rules}'
     if choice == "required":  # the prefill is the opening tag
         return f"start: call_body {close} {more}\n{rules}"
     if schema is not None:
@@ -73,9 +74,14 @@ def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) ->
 
 def _call_body(name: str, fn: dict[str, Any], forced: bool) -> str:
     """`{"name": <name>, "arguments": <arguments>}`: the schema's when forced or strict, else any object."""
-    arguments = fn["parameters"] if forced or fn.get("strict") else ANY_OBJECT
+    arguments = arguments_schema(fn) if forced or fn.get("strict") else ANY_OBJECT
     head = json.dumps(f'{{"name": {json.dumps(name)}, "arguments": ')
     return f'{head} {json_part(arguments)} "}}"'
+
+
+def arguments_schema(fn: dict[str, Any]) -> dict[str, Any]:
+    """A function's `parameters`; without them (OpenAI: "an empty parameter list") the empty object."""
+    return fn.get("parameters", NO_ARGUMENTS)
 
 
 async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None = None
