@@ -224,6 +224,9 @@ BAD_ROWS = [
      "completion[0].thinking: unsupported field"),
     ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"}],
       "messages": []}, "prompt: unsupported field"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}, "conversations[1].value: missing"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[1]"}]},
+     "conversations[1].value: expected an object"),
 ]
 
 

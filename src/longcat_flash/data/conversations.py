@@ -1,12 +1,14 @@
-"""Conversations for supervised fine-tuning: read and check OpenAI-format rows, render them with the model's chat
-template, mark the assistant tokens, and pack them into fixed-length windows (docs/sft.md).
+"""Conversations for supervised fine-tuning: read and check rows (OpenAI `messages`, or TRL's prompt-completion and
+ShareGPT rows read as the same), render them with the model's chat template, mark the assistant tokens, and pack
+them into fixed-length windows (docs/sft.md).
 
-    rows (.jsonl / .parquet)  ->  Conversation (checked, content parts joined)
-                              ->  tokens + trained mask (assistant turns, end-of-turn token included)
-                              ->  windows of seq_len + 1 tokens, several conversations each, with document ids
+    rows (.jsonl / .json / .parquet)  ->  Conversation (checked, content parts joined)
+                                      ->  tokens + trained mask (assistant turns, end-of-turn token included)
+                                      ->  windows of seq_len + 1 tokens, several conversations each, document ids
 
-A bad row is an error naming the file, the line (the row of a .parquet, from 1) and the field. Every field we
-read is honoured: one we would have to drop (an image part, a message `name`, a reasoning field) is an error.
+A bad row is an error naming the file, the line (the row of a .parquet or a JSON array, from 1) and the field.
+Every field we read is honoured: one we would have to drop (an image part, a message `name`, a reasoning field, a
+column not named in `ignore`) is an error.
 """
 from __future__ import annotations
 
@@ -177,10 +179,12 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             raise _fail(where, f"{name}.from", f"{turn.get('from')!r} is not one of {'/'.join(SHAREGPT_ROLES)}")
+        if "value" not in turn:
+            raise _fail(where, f"{name}.value", "missing")
         if turn["from"] != "function_call":
-            named.append((name, {"role": role, **({"content": turn["value"]} if "value" in turn else {})}))
+            named.append((name, {"role": role, "content": turn["value"]}))
             continue
-        calls = _decoded(_string(turn.get("value"), where, f"{name}.value"), where, f"{name}.value")
+        calls = _decoded(_string(turn["value"], where, f"{name}.value"), where, f"{name}.value")
         calls = [calls] if isinstance(calls, dict) else _list(calls, where, f"{name}.value")
         named.append((name, {"role": "assistant", "tool_calls": [
             {"type": "function", "function": _object(c, where, f"{name}.value")} for c in calls]}))
