@@ -186,6 +186,27 @@ def test_more_rows_than_the_kernel_takes_go_to_the_reference(fmt, kernel_rows):
     assert kernel_rows == []
 
 
+def test_a_large_int4_weight_takes_the_kernel_for_any_number_of_fp32_rows(monkeypatch, kernel_rows):
+    """An int4 weight of LARGE_INT4_WEIGHT values or more meets prefill-sized fp32 rows in the kernel (int8
+    activations, as at decode), where its dequantized fp32 copy would leave the cache; bf16 rows, and an int8 weight
+    as large, keep the row limit."""
+    monkeypatch.setattr(kernels, "LARGE_INT4_WEIGHT", 512 * 512)  # the rule, on a weight small enough for a test
+    rows = kernels.MAX_INT4_KERNEL_ROWS + 40
+    x = torch.randn(rows, 512)
+    parts = quant.quantize_weight(torch.randn(512, 512) * 0.02, "int4")
+    y = quant.quant_linear(x, parts, "int4")
+    assert kernel_rows == [rows]
+    # the reference rounds x to int8 steps per group, as the kernel does
+    reference = kernels.group_linear_reference(x, *(parts[k] for k in quant.KEYS["int4"]))
+    assert float((y - reference).norm() / reference.norm()) < 1e-5
+    kernel_rows.clear()
+    small = quant.quantize_weight(torch.randn(511, 512) * 0.02, "int4")  # one row under the rule
+    quant.quant_linear(x, small, "int4")
+    quant.quant_linear(x.bfloat16(), parts, "int4")
+    quant.quant_linear(x, quant.quantize_weight(torch.randn(512, 512) * 0.02, "int8"), "int8")
+    assert kernel_rows == []
+
+
 # ---- int4 groups ----
 
 def unpack_by_hand(packed: torch.Tensor) -> torch.Tensor:

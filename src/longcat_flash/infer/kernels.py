@@ -22,8 +22,9 @@ All three take two weight rows per pass (sharing every load of x), 8 rows of x a
 in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a batch of
 rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`); for a few tokens a MoE
 layer's whole routed part (grouping, both projections, SwiGLU, the weighted sum) is one call (`moe_experts`). Linear
-layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches; int4: MAX_INT4_KERNEL_ROWS), expert stacks
-for up to that many rows per hit expert. More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with
+layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches; int4: MAX_INT4_KERNEL_ROWS; an int4 weight of
+LARGE_INT4_WEIGHT values or more, any number of fp32 rows), expert stacks for up to that many rows per hit expert.
+More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with
 AMX, the tile GEMM (csrc/tile_gemm.cpp) dequantizes 128 weight rows at a time into L2 and multiplies them with
 TDPBF16PS, writing and re-reading no bf16 copy of the weight: 1.1-6x dequantize + GEMM at 32 rows, 0.8-1x at 1024 in
 isolation (bench/bench_tiles.py). Otherwise (fp32, no AMX) each weight is dequantized once, in one compiled pass
@@ -63,6 +64,12 @@ MAX_KERNEL_ROWS = 16
 # decode: 770 against 650 tok/s with the limit at 16. int8 stays at 16 (0.75-1.3x at 32 rows on the small shapes).
 # python bench/bench_kernel_rows.py measures both.
 MAX_INT4_KERNEL_ROWS = 32
+# One int4 weight of at least this many values (its fp32 copy 16 MB, out of cache) takes the kernel for any number of
+# fp32 rows: dequantize + GEMM writes and re-reads that copy, while the kernel's int8 products (32 per instruction)
+# outrun fp32 FMAs. 2 threads, 2-core AVX2 CPU, kernel vs dequantize + GEMM, (8192, 1024) 1.64-1.73x at 256 rows,
+# 1.37-1.72x at 1024; (1024, 4096) and (4096, 1024) 1.12-1.23x at 1024; smaller weights 0.63-1.09x at 256-1024
+# rows, so they keep the row limit (bench_kernel_rows.py; the bench preset's dense MLPs are this large).
+LARGE_INT4_WEIGHT = 1 << 22
 # Where the AMX tile GEMM takes x (bf16), its path for up to 32 rows (csrc/tile_gemm.cpp, pair_task) beats the GEMV
 # kernel above this many rows of quantized weights: 2 threads, 12 different (8192, 1024) weights in turn, ms per
 # weight, GEMV vs tiles: int4 0.52 vs 0.52 at 8 rows, 0.69 vs 0.52 at 12, 1.00 vs 0.51 at 16; int8 0.54 vs 0.73,
@@ -114,6 +121,15 @@ def _quant_ext(x: torch.Tensor, rows: int, codes: torch.Tensor):
     return _cpu_ext(x, rows, None if rows <= MAX_ROWS_BEFORE_TILES else _quant_limit(x, codes))
 
 
+def _large_int4_ext(x: torch.Tensor, codes: torch.Tensor):
+    """The extension for any number of fp32 rows x through one int4 weight of LARGE_INT4_WEIGHT values or more
+    (codes: packed (O, I/2) uint8), else None."""
+    if codes.dtype is torch.uint8 and codes.dim() == 2 and codes.numel() * 2 >= LARGE_INT4_WEIGHT \
+            and x.dtype is torch.float32:
+        return _cpu_ext(x, 1)
+    return None
+
+
 def _weight_limit(x: torch.Tensor, weight: list[torch.Tensor]) -> int:
     """The GEMV kernel's row limit for rows like x through a weight as the kernels take it: one tensor (plain,
     MAX_DENSE_ROWS) or a quantized format's tensors, codes first (`_quant_limit`)."""
@@ -126,7 +142,7 @@ def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tup
     the GEMV kernel `kernel` for up to `_quant_limit` rows on CPU, its tile GEMM (`kernel`_tiles) for bf16 rows up
     to MAX_TILE_ROWS, else dequantized() + GEMM."""
     rows = x.numel() // x.shape[-1]
-    ext = _quant_ext(x, rows, weight[0])
+    ext = _quant_ext(x, rows, weight[0]) or _large_int4_ext(x, weight[0])
     if ext is not None:  # no counts: one plain weight, x (..., I) as it is
         return _add(getattr(ext, kernel)(x, None, *weight), bias)
     if rows <= MAX_TILE_ROWS and _tiles(x):
