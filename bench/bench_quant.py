@@ -4,8 +4,8 @@ Configurations, all from one checkpoint: the checkpoint dtype (reference); int8 
 (router and kv_b_proj excepted), each also with layer-wise mixed precision (report §9.4: the --keep-top units with
 the largest input amplitude and the --keep-top with the largest block error stay unquantized); int4 groups of 64,
 and int4-mixed (the --keep-fraction of units with the largest measured int4 output error at int8). Mixed choices
-use a separate calibration text. Full forwards over each window take the dequantized weights (as prefill does);
-the "decode path" rows score the same windows through the engine 8 tokens at a time, so every product runs the
+use a separate calibration text. Full forwards over each window take the prefill path (the dequantized weights; an
+int4 weight of 4M values or more, the kernel with int8 activations: infer/kernels.py); the "decode path" rows score the same windows through the engine 8 tokens at a time, so every product runs the
 decode kernels (int4's with int8 activations), against the checkpoint dtype through the same path. Held-out
 text: this repository's own Python sources, which are not in the stdlib training corpus. Prints a table and one
 JSON line.
