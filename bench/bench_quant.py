@@ -5,10 +5,10 @@ Configurations, all from one checkpoint: the checkpoint dtype (reference); int8 
 the largest input amplitude and the --keep-top with the largest block error stay unquantized); int4 groups of 64,
 and int4-mixed (the --keep-fraction of units with the largest measured int4 output error at int8). Mixed choices
 use a separate calibration text. Full forwards over each window take the prefill path (the dequantized weights; an
-int4 weight of 4M values or more, the kernel with int8 activations: infer/kernels.py); the "decode path" rows score the same windows through the engine 8 tokens at a time, so every product runs the
-decode kernels (int4's with int8 activations), against the checkpoint dtype through the same path. Held-out
-text: this repository's own Python sources, which are not in the stdlib training corpus. Prints a table and one
-JSON line.
+int4 weight of 4M values or more, the kernel with int8 activations: infer/kernels.py); the "decode path" rows
+score the same windows through the engine 8 tokens at a time, so every product runs the decode kernels (int4's
+with int8 activations), against the checkpoint dtype through the same path. Held-out text: this repository's own
+Python sources, which are not in the stdlib training corpus. Prints a table and one JSON line.
 
     python bench/bench_quant.py --model RUN_DIR [--tokens 8192] [--window 512] [--keep-top 2] [--keep-fraction 0.1]
 """
