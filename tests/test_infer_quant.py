@@ -186,6 +186,19 @@ def test_more_rows_than_the_kernel_takes_go_to_the_reference(fmt, kernel_rows):
     assert kernel_rows == []
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "int4"])
+def test_many_rows_meet_the_weight_dequantized_a_slice_at_a_time(fmt, monkeypatch):
+    """Prefill-sized x meets a quantized weight dequantized DEQUANT_SLICE values at a time, each slice's GEMM
+    writing its own columns: the same product as the whole weight dequantized at once, with a partial last slice
+    (300 rows: 128 + 128 + 44), the bias, and x of any leading shape."""
+    monkeypatch.setattr(kernels, "DEQUANT_SLICE", 128 * 512)  # slices of 128 rows
+    parts = quant.quantize_weight(torch.randn(300, 512), fmt)
+    bias = torch.randn(300)
+    x = torch.randn(3, kernels.MAX_INT4_KERNEL_ROWS, 512)
+    whole = x @ quant.dequantize_weight(parts, fmt, torch.float32).T + bias
+    torch.testing.assert_close(quant.quant_linear(x, parts, fmt, bias), whole, atol=1e-4, rtol=1e-4)
+
+
 def test_a_large_int4_weight_takes_the_kernel_for_any_number_of_fp32_rows(monkeypatch, kernel_rows):
     """An int4 weight of LARGE_INT4_WEIGHT values or more meets prefill-sized fp32 rows in the kernel (int8
     activations, as at decode), where its dequantized fp32 copy would leave the cache; bf16 rows, and an int8 weight

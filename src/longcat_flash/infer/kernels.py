@@ -70,6 +70,11 @@ MAX_INT4_KERNEL_ROWS = 32
 # 1.37-1.72x at 1024; (1024, 4096) and (4096, 1024) 1.12-1.23x at 1024; smaller weights 0.63-1.09x at 256-1024
 # rows, so they keep the row limit (bench_kernel_rows.py; the bench preset's dense MLPs are this large).
 LARGE_INT4_WEIGHT = 1 << 22
+# Values of a quantized weight dequantized at a time for the GEMM of more rows than the kernels take (4 MB in fp32):
+# a (8192, 1024) int8 weight and 512 fp32 rows, 2 threads, 109 ms dequantized whole, 77.5 ms a slice at a time,
+# 87.5 ms for the GEMM alone on a ready fp32 copy (which too is read from memory); (4096, 1024) 42.1 -> 36.3 ms,
+# (1024, 4096) 34.0 -> 33.2 ms; int4 (8192, 256) 22.5 -> 18.7 ms.
+DEQUANT_SLICE = 1 << 20
 # Where the AMX tile GEMM takes x (bf16), its path for up to 32 rows (csrc/tile_gemm.cpp, pair_task) beats the GEMV
 # kernel above this many rows of quantized weights: 2 threads, 12 different (8192, 1024) weights in turn, ms per
 # weight, GEMV vs tiles: int4 0.52 vs 0.52 at 8 rows, 0.69 vs 0.52 at 12, 1.00 vs 0.51 at 16; int8 0.54 vs 0.73,
@@ -137,10 +142,11 @@ def _weight_limit(x: torch.Tensor, weight: list[torch.Tensor]) -> int:
 
 
 def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tuple,
-            dequantized: Callable[[], torch.Tensor]) -> torch.Tensor:
+            dequantized: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """x (..., I) -> (..., O) through one quantized weight (`weight`: the kernel's arguments after x and counts):
     the GEMV kernel `kernel` for up to `_quant_limit` rows on CPU, its tile GEMM (`kernel`_tiles) for bf16 rows up
-    to MAX_TILE_ROWS, else dequantized() + GEMM."""
+    to MAX_TILE_ROWS, else GEMMs on the weight dequantized a slice of rows at a time (dequantized(a, b): rows
+    a..b, in x's dtype)."""
     rows = x.numel() // x.shape[-1]
     ext = _quant_ext(x, rows, weight[0]) or _large_int4_ext(x, weight[0])
     if ext is not None:  # no counts: one plain weight, x (..., I) as it is
@@ -148,7 +154,23 @@ def _linear(x: torch.Tensor, bias: torch.Tensor | None, kernel: str, weight: tup
     if rows <= MAX_TILE_ROWS and _tiles(x):
         y = getattr(extension.compiled(), kernel + "_tiles")(x.reshape(-1, x.shape[-1]).contiguous(), None, *weight)
         return _add(y.view(*x.shape[:-1], y.shape[-1]), bias)
-    return F.linear(x, dequantized(), bias)
+    return _dequantized_gemm(x, bias, weight[0].shape[0], dequantized)
+
+
+def _dequantized_gemm(x: torch.Tensor, bias: torch.Tensor | None, out_features: int,
+                      dequantized: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """x (..., I) @ W.T + bias, on CPU W dequantized DEQUANT_SLICE values (whole 128-row blocks) at a time, each
+    slice's GEMM writing its columns of the output: a slice stays in cache between its dequantization and its GEMM,
+    where a whole large weight's copy goes to memory and back."""
+    step = max(BLOCK, DEQUANT_SLICE // x.shape[-1] // BLOCK * BLOCK)
+    if out_features <= step or not x.is_cpu:  # a GPU's memory keeps up with a whole copy
+        return F.linear(x, dequantized(0, out_features), bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    y = x2.new_empty(x2.shape[0], out_features)  # (M, O)
+    for a in range(0, out_features, step):
+        b = min(a + step, out_features)
+        torch.mm(x2, dequantized(a, b).T, out=y[:, a:b])
+    return _add(y.view(*x.shape[:-1], out_features), bias)
 
 
 def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torch.Tensor]] | None:
@@ -245,7 +267,8 @@ def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """x (..., I) -> (..., O): the kernel for up to `_quant_limit` rows on CPU, the tile GEMM for more bf16 rows,
     else dequantize + GEMM."""
-    return _linear(x, bias, "block_experts", (values, scales), lambda: dequantize(values, scales, x.dtype))
+    return _linear(x, bias, "block_experts", (values, scales),
+                   lambda a, b: dequantize(values[a:b], scales[a // BLOCK:-(-b // BLOCK)], x.dtype))
 
 
 def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -304,7 +327,7 @@ def group_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mi
     for more bf16 rows, else dequantize + GEMM."""
     group = packed.shape[-1] * 2 // scales.shape[-1]
     return _linear(x, bias, "group_experts", (packed, scales, mins, group),
-                   lambda: group_dequantize(packed, scales, mins, x.dtype))
+                   lambda a, b: group_dequantize(packed[a:b], scales[a:b], mins[a:b], x.dtype))
 
 
 def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
