@@ -24,11 +24,11 @@ rows grouped by expert runs every hit expert in one call (`block_experts`, `grou
 layer's whole routed part (grouping, both projections, SwiGLU, the weighted sum) is one call (`moe_experts`). Linear
 layers take the kernel for up to MAX_KERNEL_ROWS rows (decode batches; int4: MAX_INT4_KERNEL_ROWS; an int4 weight of
 LARGE_INT4_WEIGHT values or more, any number of fp32 rows), expert stacks for up to that many rows per hit expert.
-More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with
-AMX, the tile GEMM (csrc/tile_gemm.cpp) dequantizes 128 weight rows at a time into L2 and multiplies them with
-TDPBF16PS, writing and re-reading no bf16 copy of the weight: 1.1-6x dequantize + GEMM at 32 rows, 0.8-1x at 1024 in
-isolation (bench/bench_tiles.py). Otherwise (fp32, no AMX) each weight is dequantized once, in one compiled pass
-(`dequantize`, `group_dequantize`), for oneDNN's GEMM.
+More rows (prefill, many streams) are compute-bound. In bf16 on a CPU with AMX, the tile GEMM (csrc/tile_gemm.cpp)
+dequantizes 128 weight rows at a time into L2 and multiplies them with TDPBF16PS, writing and re-reading no bf16
+copy of the weight: 1.1-6x dequantize + GEMM at 32 rows, 0.8-1x at 1024 in isolation (bench/bench_tiles.py).
+Otherwise (fp32, no AMX) each weight is dequantized DEQUANT_SLICE values at a time, each slice in one compiled pass
+(`dequantize`, `group_dequantize`) and then oneDNN's GEMM on it (`_dequantized_gemm`).
 Plain (unquantized) weights take the same path for up to MAX_DENSE_ROWS rows (`dense_linear`, `dense_experts`,
 and `moe_experts` with one tensor per projection): bf16 rows meet bf16 weights 32 values per pair dot-product
 instruction (AVX512-BF16; else converted and fp32 FMAs, as fp32 weights), summed in fp32; tasks of 32 weight rows.
@@ -131,7 +131,7 @@ def _large_int4_ext(x: torch.Tensor, codes: torch.Tensor):
     (codes: packed (O, I/2) uint8), else None."""
     if codes.dtype is torch.uint8 and codes.dim() == 2 and codes.numel() * 2 >= LARGE_INT4_WEIGHT \
             and x.dtype is torch.float32:
-        return _cpu_ext(x, 1)
+        return _cpu_ext(x, 1)  # no row limit: only the device and dtype are checked
     return None
 
 
@@ -247,7 +247,7 @@ def dequantize_reference(values: torch.Tensor, scales: torch.Tensor, dtype: torc
 
 
 def dequantize(values: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """dequantize_reference, in one compiled pass on CPU (the prefill path runs it once per weight per chunk)."""
+    """dequantize_reference, in one compiled pass on CPU (the prefill path runs it on each slice of a weight)."""
     ext = _deq_ext(values, dtype)
     if ext is None:
         return dequantize_reference(values, scales, dtype)
