@@ -68,6 +68,13 @@ def test_missing_tensor_names_the_key(saved):
         LongcatFlash.from_pretrained(path)
 
 
+def test_a_partial_mtp_head_is_an_error_not_a_model_without_one(saved):
+    _, path = saved  # only a checkpoint with no model.mtp.* weights at all reads as a model without the head
+    rewrite(path, lambda t: t.pop("model.mtp.layers.0.eh_proj.weight"))
+    with pytest.raises(KeyError, match=r"model\.mtp\.layers\.0\.eh_proj\.weight"):
+        LongcatFlash.from_pretrained(path)
+
+
 def test_misshaped_tensor_names_key_and_shapes(saved):
     _, path = saved
     rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(65)}))

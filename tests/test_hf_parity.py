@@ -1,6 +1,9 @@
 """Parity with transformers' LongcatFlashForCausalLM, our numerical oracle, in both directions."""
 from __future__ import annotations
 
+import json
+import logging
+
 import pytest
 import torch
 
@@ -66,6 +69,24 @@ def test_our_checkpoint_loads_in_transformers_with_same_logits(name, tmp_path):
     with torch.no_grad():
         expected = reference(ids).logits
     assert (ours(ids).logits - expected).abs().max() <= 1e-4
+
+
+def test_a_transformers_save_of_a_model_with_an_mtp_head_loads_without_the_head(tmp_path, caplog):
+    """An official checkpoint fine-tuned in transformers comes back with config.json still naming the MTP head and
+    no model.mtp.* weights (transformers has no MTP head): it is read as a model without one."""
+    ours = LongcatFlash(ModelConfig(**COMMON, **CONFIGS["zero-experts"], num_nextn_predict_layers=1)).eval()
+    ours.init_weights(0.15)
+    ours.save_pretrained(tmp_path / "ours", zero_expert_stubs=True)
+    reference = transformers.LongcatFlashForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    reference.save_pretrained(tmp_path / "hf")
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_nextn_predict_layers"] == 1
+    with caplog.at_level(logging.WARNING, logger="longcat_flash.checkpoint.hf"):
+        loaded = LongcatFlash.from_pretrained(tmp_path / "hf")
+    assert loaded.config.num_nextn_predict_layers == 0 and loaded.model.mtp is None
+    assert "no model.mtp.* weights" in caplog.text
+    ids = torch.randint(0, 160, (2, 13))
+    with torch.no_grad():
+        assert (loaded(ids).logits - reference(ids).logits).abs().max() <= 1e-4
 
 
 # Context extension: a model trained at 16 positions, read at up to 60 (docs/context_extension.md).

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from sft_support import tagless_checkpoint, tiny_checkpoint, write_conversations
 
 from longcat_flash.checkpoint.hf import LongcatFlash
@@ -89,6 +90,21 @@ def test_init_from_refuses_a_shape_changing_override(tmp_path, checkpoint, conve
     cfg = sft_config(checkpoint, conversations, "model.expert_ffn_hidden_size=16")
     with pytest.raises(ValueError, match=r"does not have the checkpoint's weight shapes.*expert_ffn_hidden_size=16"):
         setup(cfg, tmp_path / "run", progress=False)
+
+
+def test_a_checkpoint_without_mtp_weights_fine_tunes_without_the_head(tmp_path, checkpoint, conversations):
+    """config.json names the head, the files hold none (a transformers save): the run has no MTP head and no MTP
+    loss, rather than failing on the missing weights or on the recipe's mtp_weight."""
+    base = tmp_path / "base"
+    shutil.copytree(checkpoint, base)
+    weights = load_file(base / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("model.mtp.")}, base / "model.safetensors")
+    cfg = sft_config(base, conversations)
+    assert cfg.model.num_nextn_predict_layers == 0 and cfg.loss.mtp_weight == 0
+    train(cfg, tmp_path / "run", progress=False)
+    tuned = LongcatFlash.from_pretrained(tmp_path / "run")
+    assert tuned.model.mtp is None and not any(k.startswith("model.mtp.") for k in tuned.state_dict())
+    assert read_metrics(tmp_path / "run")[-1]["mtp_loss"] is None
 
 
 def test_missing_chat_markers_grow_the_vocabulary_and_load_in_transformers(tmp_path, conversations):

@@ -104,6 +104,18 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
+def checkpoint_config(path: Path) -> ModelConfig:
+    """config.json, read as the files hold it: a config naming an MTP head whose weights are not in the files
+    (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one."""
+    cfg = ModelConfig.from_json(path)
+    if cfg.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in checkpoint_files(path)):
+        log.warning("%s: config.json names an MTP head (num_nextn_predict_layers=%d) but the checkpoint holds no "
+                    "model.mtp.* weights (a transformers save_pretrained drops them): loaded without the MTP head, "
+                    "so no speculative decoding", path, cfg.num_nextn_predict_layers)
+        cfg = cfg.replace(num_nextn_predict_layers=0)
+    return cfg
+
+
 def _target_dtype(native: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
     if FP32_KEYS.search(native):
         return torch.float32
@@ -179,7 +191,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    cfg = ModelConfig.from_json(path)
+    cfg = checkpoint_config(path)
     with torch.device("meta"):
         model = cls(cfg)
     device = torch.device(device)

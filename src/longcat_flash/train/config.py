@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from ..checkpoint.hf import checkpoint_config
 from ..config import ModelConfig
 from ..presets import get_preset
 
@@ -454,7 +455,8 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
     if init_from not in (None, "None", "none", "null"):  # the model is the checkpoint's, then the overrides
         model = pretrained_model_config(init_from)  # the recipe's windows, at most the model's context
         data = dataclasses.replace(base.data, seq_len=min(base.data.seq_len, model.max_position_embeddings))
-        base = dataclasses.replace(base, model=model, data=data)
+        loss = base.loss if model.num_nextn_predict_layers else dataclasses.replace(base.loss, mtp_weight=0.0)
+        base = dataclasses.replace(base, model=model, data=data, loss=loss)
     return apply_overrides(base, overrides)
 
 
@@ -468,4 +470,4 @@ def pretrained_model_config(directory: str | Path) -> ModelConfig:
     if not (Path(directory) / "config.json").is_file():
         raise FileNotFoundError(f"init_from={directory}: no config.json there (expected an HF model directory: "
                                 f"config.json, model*.safetensors, tokenizer.json)")
-    return ModelConfig.from_json(directory)
+    return checkpoint_config(Path(directory))

@@ -32,7 +32,7 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 def check_same_shapes(directory: str | Path, cfg: ModelConfig) -> None:
     """`cfg` (the checkpoint's config.json with the run's model.* overrides) must keep every weight shape: an
     override may change rope_theta or max_position_embeddings, not a layer count or a width."""
-    saved = ModelConfig.from_json(directory)
+    saved = hf.checkpoint_config(Path(directory))
     changed = [f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
                for f in dataclasses.fields(saved) if getattr(cfg, f.name) != getattr(saved, f.name)]
     theirs, ours = weight_shapes(saved), weight_shapes(cfg)
