@@ -42,7 +42,7 @@ def test_bad_row_is_reported_with_file_line_and_field(tmp_path):
         f.write('{"messages": [{"role": "user", "content": "hi"}, {"role": "robot", "content": "x"}]}\n')
     message = run_cli("sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"))
     assert message == (f"longcat sft: {data}:5: messages[1].role: 'robot' is not one of "
-                       "system/user/assistant/tool/developer")
+                       "system/user/assistant/tool/developer/function")
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:

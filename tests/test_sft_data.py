@@ -143,6 +143,35 @@ def test_sharegpt_rows_read_as_the_openai_conversation(tokenizer):
         parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}, "x")
 
 
+def as_legacy_functions(row: dict) -> dict:
+    """`row` in OpenAI's legacy function-calling format: `functions` for `tools`, one `function_call` for an
+    assistant turn's one call, a `function` message named after the call (no id) for its result."""
+    messages, called = [], None
+    for m in row["messages"]:
+        legacy = {k: v for k, v in m.items() if k not in ("tool_calls", "tool_call_id")}
+        if m.get("tool_calls"):
+            (call,) = m["tool_calls"]
+            legacy["function_call"], called = call["function"], call["function"]["name"]
+        if m["role"] == "tool":
+            legacy.update(role="function", name=called)
+        messages.append(legacy)
+    return {"messages": messages, **({"functions": [t["function"] for t in row["tools"]]} if "tools" in row else {})}
+
+
+def test_openai_legacy_function_calling_rows_read_as_tool_calls(tokenizer):
+    """`functions`, `function_call` and `function` messages (OpenAI's fine-tuning format before tools) render and
+    train exactly as the same rows with tools, tool_calls and tool messages."""
+    compared = 0
+    for row in rows(40):
+        if any(len(m.get("tool_calls", [])) > 1 for m in row["messages"]):
+            continue  # a legacy assistant turn holds one call
+        got = tokenize(tokenizer, parse_row(as_legacy_functions(row), "x"))
+        want = tokenize(tokenizer, parse_row(row, "x"))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want)), row
+        compared += any(m.get("tool_calls") for m in row["messages"])
+    assert compared >= 10
+
+
 def test_columns_named_in_ignore_columns_are_skipped(tmp_path):
     """Data sets carry columns that are not part of a conversation (an id, a source): named, they are skipped;
     unnamed, the error says how to name them."""
@@ -225,6 +254,15 @@ BAD_ROWS = [
     ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"}],
       "messages": []}, "prompt: unsupported field"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}, "conversations[1].value: missing"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {
+        "name": "f", "arguments": "{oops"}}]}, "messages[1].function_call.arguments: not valid JSON"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {"name": "f"},
+                                                       "tool_calls": []}]},
+     "messages[1].function_call: give tool_calls or function_call"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}], "tools": [],
+      "functions": []}, "functions: give tools or functions"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+      "functions": [{"name": "f", "parameters": 3}]}, "functions[0].parameters: expected an object"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[1]"}]},
      "conversations[1].value: expected an object"),
 ]
@@ -306,6 +344,10 @@ def test_tools_and_schemas_stored_as_json_strings_read_as_objects(tmp_path):
     assert parse_row(as_strings, "x").tools == parse_row(row, "x").tools
     functions_alone = {**row, "tools": [t["function"] for t in row["tools"]]}  # no {"type", "function"} wrapper
     assert parse_row(functions_alone, "x").tools == parse_row(row, "x").tools
+    responses_api = {**row, "tools": [{"type": "function", **t["function"]} for t in row["tools"]]}  # flat, typed
+    assert parse_row(responses_api, "x").tools == parse_row(row, "x").tools
+    with pytest.raises(ConversationError, match=r"x: tools\[0\].type: 'web_search' is not supported"):
+        parse_row({**row, "tools": [{"type": "web_search", "name": "f"}]}, "x")
     with pytest.raises(ConversationError, match=r"x: tools: a string here must hold JSON"):
         parse_row({**row, "tools": "[{'type': 'function'}]"}, "x")
     with pytest.raises(ConversationError, match=r"x: tools\[0\].function.parameters: expected an object"):

@@ -25,14 +25,15 @@ from .batches import IGNORE, PackedBatch
 from .corpus import jsonl_records
 
 ROLES = ("system", "user", "assistant", "tool")
-ROLE_ALIASES = {"developer": "system"}  # OpenAI's newer name for the system role, read as the server reads it
-ROW_FIELDS = ("messages", "tools")
+# OpenAI's newer name for the system role (read as the server reads it) and its legacy role for a function's result
+ROLE_ALIASES = {"developer": "system", "function": "tool"}
+ROW_FIELDS = ("messages", "tools", "functions")  # functions: OpenAI's legacy function calling (a list of functions)
 PROMPT_COMPLETION_FIELDS = ("prompt", "completion", "tools")  # TRL's conversational prompt-completion rows
 SHAREGPT_FIELDS = ("conversations", "system", "tools")  # ShareGPT rows, as LLaMA-Factory and axolotl read them
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 MESSAGE_FIELDS = {"system": ("role", "content"), "user": ("role", "content"),
-                  "assistant": ("role", "content", "tool_calls", "weight"),
+                  "assistant": ("role", "content", "tool_calls", "function_call", "weight"),
                   "tool": ("role", "content", "tool_call_id", "name")}
 TOOL_CALL_FIELDS = ("id", "type", "function")
 FUNCTION_CALL_FIELDS = ("name", "arguments")
@@ -131,7 +132,10 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
             raise ConversationError(f"{where}: messages: missing (a row is {{\"messages\": [...], \"tools\": [...]}})")
         named = [(f"messages[{i}]", m) for i, m in enumerate(_list(row["messages"], where, "messages"))]
         untrained = set()
-    tools = _tools(row["tools"], where) if "tools" in row else None
+    if "tools" in row and "functions" in row:
+        raise ConversationError(f"{where}: functions: give tools or functions (OpenAI's legacy name), not both")
+    field = "functions" if "functions" in row else "tools"
+    tools = _tools(row[field], where, field) if field in row else None
     if not named:
         raise ConversationError(f"{where}: messages: empty")
     messages: list[dict[str, Any]] = []
@@ -271,9 +275,15 @@ def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str,
         raise _fail(where, f"{name}.role", "a conversation starts with a system or user message")
     out: dict[str, Any] = {"role": role}
     if role == "assistant" and "tool_calls" in message:
+        if "function_call" in message:
+            raise _fail(where, f"{name}.function_call", "give tool_calls or function_call (OpenAI's legacy one "
+                                                         "call), not both")
         calls = _list(message["tool_calls"], where, f"{name}.tool_calls")
         if calls:
             out["tool_calls"] = [_tool_call(c, where, f"{name}.tool_calls[{j}]") for j, c in enumerate(calls)]
+    elif role == "assistant" and "function_call" in message:
+        out["tool_calls"] = [{"type": "function",
+                              "function": _function_call(message["function_call"], where, f"{name}.function_call")}]
     if "content" in message:
         out["content"] = _content(message["content"], where, f"{name}.content")
     elif role != "assistant" or "tool_calls" not in out:
@@ -308,20 +318,25 @@ def _tool_call(raw: Any, where: str, name: str) -> dict[str, Any]:
         raise _fail(where, f"{name}.type", f"{call['type']!r} is not supported (only 'function')")
     if "id" in call:
         _string(call["id"], where, f"{name}.id")
-    fn = _object(call.get("function"), where, f"{name}.function")
-    _known(fn, FUNCTION_CALL_FIELDS, where, f"{name}.function.", "a function call has")
-    if not _string(fn.get("name"), where, f"{name}.function.name"):
-        raise _fail(where, f"{name}.function.name", "empty")
+    return {**call, "function": _function_call(call.get("function"), where, f"{name}.function")}
+
+
+def _function_call(raw: Any, where: str, name: str) -> dict[str, Any]:
+    """{"name", "arguments"}: a call's function, or a legacy assistant message's whole `function_call`."""
+    fn = _object(raw, where, name)
+    _known(fn, FUNCTION_CALL_FIELDS, where, f"{name}.", "a function call has")
+    if not _string(fn.get("name"), where, f"{name}.name"):
+        raise _fail(where, f"{name}.name", "empty")
     arguments = fn.get("arguments", {})
     parsed = arguments
     if isinstance(arguments, str):
         try:
             parsed = json.loads(arguments)
         except json.JSONDecodeError as err:
-            raise _fail(where, f"{name}.function.arguments", f"not valid JSON ({err})") from None
+            raise _fail(where, f"{name}.arguments", f"not valid JSON ({err})") from None
     if not isinstance(parsed, dict):
-        raise _fail(where, f"{name}.function.arguments", f"must be a JSON object, got {arguments!r:.60}")
-    return {**call, "function": {"name": fn["name"], "arguments": arguments}}
+        raise _fail(where, f"{name}.arguments", f"must be a JSON object, got {arguments!r:.60}")
+    return {"name": fn["name"], "arguments": arguments}
 
 
 def _check_tool_result(message: dict[str, Any], where: str, name: str, before: list[dict[str, Any]]) -> None:
@@ -345,26 +360,29 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
                                                 f"({', '.join(names)})")
 
 
-def _tools(raw: Any, where: str) -> list[dict[str, Any]]:
-    """A row's `tools`: a list, or a JSON string holding one, of tools."""
-    return [_tool(t, where, f"tools[{i}]") for i, t in enumerate(_list(_decoded(raw, where, "tools"), where, "tools"))]
+def _tools(raw: Any, where: str, field: str = "tools") -> list[dict[str, Any]]:
+    """A row's `tools` (or legacy `functions`): a list, or a JSON string holding one, of tools."""
+    return [_tool(t, where, f"{field}[{i}]") for i, t in enumerate(_list(_decoded(raw, where, field), where, field))]
 
 
 def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
     tool = _object(raw, where, name)
-    if "function" not in tool and "name" in tool:  # the function alone, as LLaMA-Factory and others store tools
-        tool = {"type": "function", "function": tool}
-    _known(tool, TOOL_FIELDS, where, f"{name}.", "a tool has")
-    if tool.get("type") != "function":
-        raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
-    fn = _object(tool.get("function"), where, f"{name}.function")
-    _known(fn, FUNCTION_FIELDS, where, f"{name}.function.", "a function has")
-    _string(fn.get("name"), where, f"{name}.function.name")
+    if "function" not in tool and "name" in tool:  # the function alone, as LLaMA-Factory and others store tools,
+        if tool.get("type", "function") != "function":  # or with its type, as OpenAI's Responses API does
+            raise _fail(where, f"{name}.type", f"{tool['type']!r} is not supported (only 'function')")
+        fn, at = {k: v for k, v in tool.items() if k != "type"}, name
+    else:
+        _known(tool, TOOL_FIELDS, where, f"{name}.", "a tool has")
+        if tool.get("type") != "function":
+            raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
+        fn, at = _object(tool.get("function"), where, f"{name}.function"), f"{name}.function"
+    _known(fn, FUNCTION_FIELDS, where, f"{at}.", "a function has")
+    _string(fn.get("name"), where, f"{at}.name")
     if "description" in fn:
-        _string(fn["description"], where, f"{name}.function.description")
+        _string(fn["description"], where, f"{at}.description")
     if "parameters" in fn:
-        fn = {**fn, "parameters": _object(_decoded(fn["parameters"], where, f"{name}.function.parameters"),
-                                          where, f"{name}.function.parameters")}
+        fn = {**fn, "parameters": _object(_decoded(fn["parameters"], where, f"{at}.parameters"), where,
+                                          f"{at}.parameters")}
     return {"type": "function", "function": fn}
 
 
