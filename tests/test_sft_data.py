@@ -143,6 +143,22 @@ def test_sharegpt_rows_read_as_the_openai_conversation(tokenizer):
         parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}, "x")
 
 
+def test_alpaca_rows_read_as_the_openai_conversation(tokenizer):
+    """Alpaca rows as LLaMA-Factory reads them: instruction and input on two lines as the user's turn, the output as
+    the assistant's, `history` pairs as earlier turns (trained too), `system` first."""
+    alpaca = {"instruction": "Translate to French.", "input": "good night", "output": "bonne nuit",
+              "system": "Be brief.", "history": [["hi", "hello"], ["how are you?", "well"]]}
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": "hello"}, {"role": "user", "content": "how are you?"},
+                {"role": "assistant", "content": "well"},
+                {"role": "user", "content": "Translate to French.\ngood night"},
+                {"role": "assistant", "content": "bonne nuit"}]
+    got, want = tokenize(tokenizer, parse_row(alpaca, "x")), tokenize(tokenizer, parse_row({"messages": messages}, "x"))
+    assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    bare = parse_row({"instruction": "Name a colour.", "input": "", "output": "Blue."}, "x")
+    assert bare.messages == [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+
+
 def as_legacy_functions(row: dict) -> dict:
     """`row` in OpenAI's legacy function-calling format: `functions` for `tools`, one `function_call` for an
     assistant turn's one call, a `function` message named after the call (no id) for its result."""
@@ -254,6 +270,10 @@ BAD_ROWS = [
     ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"}],
       "messages": []}, "prompt: unsupported field"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}, "conversations[1].value: missing"),
+    ({"instruction": "hi", "input": "x"}, "output: missing"),
+    ({"instruction": "hi", "output": ["a"]}, "output: expected a string"),
+    ({"instruction": "hi", "output": "a", "history": [["q", "a", "b"]]}, "history[0]: a [user, assistant] pair"),
+    ({"instruction": "hi", "output": "a", "response": "b"}, "response: unsupported field"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {
         "name": "f", "arguments": "{oops"}}]}, "messages[1].function_call.arguments: not valid JSON"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {"name": "f"},

@@ -30,6 +30,7 @@ ROLE_ALIASES = {"developer": "system", "function": "tool"}
 ROW_FIELDS = ("messages", "tools", "functions")  # functions: OpenAI's legacy function calling (a list of functions)
 PROMPT_COMPLETION_FIELDS = ("prompt", "completion", "tools")  # TRL's conversational prompt-completion rows
 SHAREGPT_FIELDS = ("conversations", "system", "tools")  # ShareGPT rows, as LLaMA-Factory and axolotl read them
+ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")  # Alpaca rows, as LLaMA-Factory reads them
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
 MESSAGE_FIELDS = {"system": ("role", "content"), "user": ("role", "content"),
@@ -116,7 +117,8 @@ def _starts_with_bracket(path: Path) -> bool:
 def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     """Check one row and normalise it; ConversationError names the field. A row is {"messages": [...], "tools":
     [...]}, TRL's conversational {"prompt": [...], "completion": [...], "tools": [...]} (only the completion's
-    assistant turns trained) or ShareGPT's {"conversations": [...], "system": ..., "tools": ...}; `ignore` names
+    assistant turns trained), ShareGPT's {"conversations": [...], "system": ..., "tools": ...} or Alpaca's
+    {"instruction", "input", "output", "system", "history"}; `ignore` names
     row fields that are not part of the conversation. A tool may be the function object alone.
 
     A null field counts as absent at every depth (`without_nulls`); content parts of type text are joined into
@@ -126,6 +128,8 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         named, untrained = _prompt_completion(row, where)
     elif "messages" not in row and "conversations" in row:
         named, untrained = _sharegpt(row, where), set()
+    elif "messages" not in row and "instruction" in row:
+        named, untrained = _alpaca(row, where), set()
     else:
         _known_columns(row, ROW_FIELDS, where)
         if "messages" not in row:
@@ -193,6 +197,25 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
         named.append((name, {"role": "assistant", "tool_calls": [
             {"type": "function", "function": _object(c, where, f"{name}.value")} for c in calls]}))
     return named
+
+
+def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """An Alpaca row ({"instruction", "input", "output", "system", "history"}) as OpenAI messages, as LLaMA-Factory
+    reads it: the user gives the instruction, then the input on a new line when there is one, and the assistant
+    answers the output; `history` holds the earlier turns as [user, assistant] pairs, trained like the last."""
+    _known_columns(row, ALPACA_FIELDS, where)
+    if "output" not in row:
+        raise _fail(where, "output", "missing (an Alpaca row has an instruction and an output)")
+    named = [] if "system" not in row else [("system", {"role": "system", "content": row["system"]})]
+    for i, pair in enumerate(_list(row.get("history", []), where, "history")):
+        pair = _list(pair, where, f"history[{i}]")
+        if len(pair) != 2:
+            raise _fail(where, f"history[{i}]", f"a [user, assistant] pair, got {len(pair)} items")
+        named += [(f"history[{i}][{j}]", {"role": role, "content": _string(text, where, f"history[{i}][{j}]")})
+                  for j, (role, text) in enumerate(zip(("user", "assistant"), pair))]
+    asked = "\n".join(_string(row[k], where, k) for k in ("instruction", "input") if row.get(k, "") != "")
+    return [*named, ("instruction", {"role": "user", "content": asked}),
+            ("output", {"role": "assistant", "content": _string(row["output"], where, "output")})]
 
 
 def _weight(message: dict[str, Any], where: str, name: str) -> int:
