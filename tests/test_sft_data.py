@@ -139,6 +139,9 @@ def test_sharegpt_rows_read_as_the_openai_conversation(tokenizer):
         assert all(np.array_equal(a, b) for a, b in zip(got, want)), row
         compared += 1
     assert compared >= 20
+    plain = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    blank = {**plain, "tools": "", "system": " "}  # how converted data sets mark "no tools", "no system prompt"
+    assert parse_row(blank, "x") == parse_row(plain, "x")
     with pytest.raises(ConversationError, match=r"x: conversations\[1\].from: 'bot' is not one of"):
         parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}, "x")
 

@@ -30,6 +30,7 @@ ROLE_ALIASES = {"developer": "system", "function": "tool"}
 ROW_FIELDS = ("messages", "tools", "functions")  # functions: OpenAI's legacy function calling (a list of functions)
 PROMPT_COMPLETION_FIELDS = ("prompt", "completion", "tools")  # TRL's conversational prompt-completion rows
 SHAREGPT_FIELDS = ("conversations", "system", "tools")  # ShareGPT rows, as LLaMA-Factory and axolotl read them
+BLANK_IS_ABSENT = ("tools", "functions", "system")  # row columns whose "" means none
 ALPACA_FIELDS = ("instruction", "input", "output", "system", "history")  # Alpaca rows, as LLaMA-Factory reads them
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "function_call": "assistant", "observation": "tool", "tool": "tool"}
@@ -118,12 +119,14 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     """Check one row and normalise it; ConversationError names the field. A row is {"messages": [...], "tools":
     [...]}, TRL's conversational {"prompt": [...], "completion": [...], "tools": [...]} (only the completion's
     assistant turns trained), ShareGPT's {"conversations": [...], "system": ..., "tools": ...} or Alpaca's
-    {"instruction", "input", "output", "system", "history"}; `ignore` names
-    row fields that are not part of the conversation. A tool may be the function object alone.
+    {"instruction", "input", "output", "system", "history"}; `ignore` names row fields that are not part of the
+    conversation. A tool may be the function object alone.
 
-    A null field counts as absent at every depth (`without_nulls`); content parts of type text are joined into
-    one string; `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
-    row = {k: v for k, v in _object(without_nulls(row), where, "row").items() if k not in ignore}
+    A null field counts as absent at every depth (`without_nulls`), and so does a blank `tools`, `functions` or
+    `system` column (how converted data sets mark "none"); content parts of type text are joined into one string;
+    `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
+    row = {k: v for k, v in _object(without_nulls(row), where, "row").items()
+           if k not in ignore and not (k in BLANK_IS_ABSENT and isinstance(v, str) and not v.strip())}
     if "messages" not in row and ("prompt" in row or "completion" in row):
         named, untrained = _prompt_completion(row, where)
     elif "messages" not in row and "conversations" in row:
@@ -179,7 +182,7 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     the user, `gpt` the assistant, a `function_call` (a JSON {"name", "arguments"}, or a list of them) an
     assistant turn of tool calls and an `observation` a tool result, as LLaMA-Factory writes them."""
     _known_columns(row, SHAREGPT_FIELDS, where)
-    named = [] if "system" not in row else [("system", {"role": "system", "content": row["system"]})]
+    named = _system_column(row)
     for i, turn in enumerate(_list(row["conversations"], where, "conversations")):
         name = f"conversations[{i}]"
         turn = _object(turn, where, name)
@@ -199,6 +202,11 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     return named
 
 
+def _system_column(row: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The system message of a ShareGPT or Alpaca row's `system` column, as (name, message) pairs (none or one)."""
+    return [("system", {"role": "system", "content": row["system"]})] if "system" in row else []
+
+
 def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     """An Alpaca row ({"instruction", "input", "output", "system", "history"}) as OpenAI messages, as LLaMA-Factory
     reads it: the user gives the instruction, then the input on a new line when there is one, and the assistant
@@ -206,7 +214,7 @@ def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     _known_columns(row, ALPACA_FIELDS, where)
     if "output" not in row:
         raise _fail(where, "output", "missing (an Alpaca row has an instruction and an output)")
-    named = [] if "system" not in row else [("system", {"role": "system", "content": row["system"]})]
+    named = _system_column(row)
     for i, pair in enumerate(_list(row.get("history", []), where, "history")):
         pair = _list(pair, where, f"history[{i}]")
         if len(pair) != 2:
