@@ -330,6 +330,31 @@ def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
         read_conversations(tmp_path / "a.csv")
 
 
+def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
+    """A data set as the hub lays it out: shards under data/, a README and a hidden cache beside them."""
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    data = list(iter_conversations(30, seed=6))
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    root = tmp_path / "dataset"
+    (root / "data").mkdir(parents=True)
+    for k, part in enumerate((data[:10], data[10:25], data[25:])):  # the name order, not the writing order
+        pq.write_table(pa.Table.from_pylist(part), root / "data" / f"train-{k:05d}-of-00003.parquet")
+    (root / "README.md").write_text("# a data set card")
+    (root / ".cache").mkdir()
+    (root / ".cache" / "lock.json").write_text("{not rows")
+    canonical = lambda c: json.dumps([c.messages, c.tools], sort_keys=True)  # noqa: E731
+    assert [canonical(c) for c in read_conversations(root)] == \
+        [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
+    (root / "data" / "train-00003-of-00003.jsonl").write_text(json.dumps({"messages": []}) + "\n")
+    with pytest.raises(ConversationError, match=r"train-00003-of-00003.jsonl:1: messages: empty"):
+        read_conversations(root)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match=r"no conversation files .* in the directory .*empty"):
+        read_conversations(tmp_path / "empty")
+
+
 def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa

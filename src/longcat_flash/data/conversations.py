@@ -68,10 +68,25 @@ class Conversation:
 
 # ---- reading and checking ----
 
+ROW_FILES = (".jsonl", ".json", ".parquet")
+
+
 def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Conversation]:
-    """Every row of a .jsonl, .json or .parquet file as a checked Conversation (the first bad row is an error).
+    """Every row of a .jsonl, .json or .parquet file, or of every such file in a directory (a data set's shards,
+    `data/train-00000-of-00004.parquet` ...), as a checked Conversation (the first bad row is an error).
     `ignore`: columns that are not part of the conversation (an `id`, a `source`), skipped by name."""
-    return [parse_row(row, where, ignore) for where, row in _rows(Path(path), ignore)]
+    return [parse_row(row, where, ignore) for file in _row_files(Path(path)) for where, row in _rows(file, ignore)]
+
+
+def _row_files(path: Path) -> list[Path]:
+    """The file itself, or a directory's row files at any depth in name order (hidden ones left out: caches)."""
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if p.suffix in ROW_FILES and p.is_file()
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
+    return files
 
 
 def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
@@ -90,9 +105,9 @@ def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
                 number += 1
                 yield f"{path}:{number}", row
         return
-    if path.suffix not in (".jsonl", ".json"):
+    if path.suffix not in ROW_FILES:
         raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line), .json (that, or one "
-                         "array of objects) or .parquet")
+                         "array of objects), .parquet, or a directory of such files")
     if path.suffix == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
