@@ -355,6 +355,30 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
         read_conversations(tmp_path / "empty")
 
 
+def test_files_written_by_datasets_read_as_their_rows(tmp_path):
+    """`datasets`' save_to_disk (Arrow stream shards beside its own metadata JSON) and to_parquet; `datasets` 5
+    stores messages of varying shape as JSON strings (its Json feature), read back as the objects they hold. A
+    DatasetDict names its splits."""
+    datasets = pytest.importorskip("datasets")
+    data = list(iter_conversations(24, seed=7))
+    (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    saved = datasets.Dataset.from_json(str(tmp_path / "all.jsonl"))
+    saved.save_to_disk(str(tmp_path / "one"), num_shards=3)
+    saved.to_parquet(str(tmp_path / "one.parquet"))
+    assert len(list((tmp_path / "one").glob("*.arrow"))) == 3 and (tmp_path / "one" / "state.json").is_file()
+    canonical = lambda c: json.dumps([c.messages, c.tools], sort_keys=True)  # noqa: E731
+    want = [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
+    assert [canonical(c) for c in read_conversations(tmp_path / "one")] == want
+    assert [canonical(c) for c in read_conversations(tmp_path / "one.parquet")] == want
+    datasets.DatasetDict({"train": saved, "test": saved}).save_to_disk(str(tmp_path / "both"))
+    with pytest.raises(ValueError, match=r"both holds a `datasets` DatasetDict \(splits: test, train\)"):
+        read_conversations(tmp_path / "both")
+    assert len(read_conversations(tmp_path / "both" / "train")) == len(data)
+    (tmp_path / "junk.arrow").write_bytes(b"not arrow")
+    with pytest.raises(ValueError, match=r"junk.arrow: not an Arrow stream"):
+        read_conversations(tmp_path / "junk.arrow")
+
+
 def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa

@@ -68,12 +68,14 @@ class Conversation:
 
 # ---- reading and checking ----
 
-ROW_FILES = (".jsonl", ".json", ".parquet")
+ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes
+DATASETS_METADATA = ("dataset_info.json", "state.json")  # beside a save_to_disk's .arrow files: not rows
 
 
 def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Conversation]:
-    """Every row of a .jsonl, .json or .parquet file, or of every such file in a directory (a data set's shards,
-    `data/train-00000-of-00004.parquet` ...), as a checked Conversation (the first bad row is an error).
+    """Every row of a .jsonl, .json, .parquet or .arrow file, or of every such file in a directory (a data set's
+    shards, `data/train-00000-of-00004.parquet` ..., or a `datasets` save_to_disk), as a checked Conversation (the
+    first bad row is an error).
     `ignore`: columns that are not part of the conversation (an `id`, a `source`), skipped by name."""
     return [parse_row(row, where, ignore) for file in _row_files(Path(path)) for where, row in _rows(file, ignore)]
 
@@ -82,7 +84,11 @@ def _row_files(path: Path) -> list[Path]:
     """The file itself, or a directory's row files at any depth in name order (hidden ones left out: caches)."""
     if not path.is_dir():
         return [path]
+    if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
+        splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
+        raise ValueError(f"{path} holds a `datasets` DatasetDict (splits: {splits}); give one split's folder")
     files = sorted(p for p in path.rglob("*") if p.suffix in ROW_FILES and p.is_file()
+                   and p.name not in DATASETS_METADATA
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
@@ -92,22 +98,12 @@ def _row_files(path: Path) -> list[Path]:
 def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {path}")
-    if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as err:
-            raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
-        number = 0
-        table = pq.ParquetFile(path)
-        columns = [name for name in table.schema_arrow.names if name not in ignore]  # an ignored one is not read
-        for batch in table.iter_batches(batch_size=1024, columns=columns):
-            for row in batch.to_pylist():
-                number += 1
-                yield f"{path}:{number}", row
+    if path.suffix in (".parquet", ".arrow"):
+        yield from _arrow_rows(path, ignore)
         return
     if path.suffix not in ROW_FILES:
         raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line), .json (that, or one "
-                         "array of objects), .parquet, or a directory of such files")
+                         "array of objects), .parquet, .arrow, or a directory of such files")
     if path.suffix == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
         try:
             rows = json.loads(path.read_text(encoding="utf-8"))
@@ -120,6 +116,47 @@ def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
             yield f"{path}:{number}", row
     except ValueError as err:  # a line that is not JSON
         raise ConversationError(str(err)) from None
+
+
+def _arrow_rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """The rows of a .parquet (ignored columns not even read) or of an Arrow stream (.arrow, as `datasets`'
+    save_to_disk writes them), with the values of `datasets`' Json features decoded: `datasets` 5 stores objects of
+    varying shape (messages with and without tool calls) as JSON strings and names them so in the schema."""
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:
+        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
+    if path.suffix == ".parquet":
+        file = pq.ParquetFile(path)
+        schema = file.schema_arrow
+        batches = file.iter_batches(batch_size=1024, columns=[c for c in schema.names if c not in ignore])
+    else:
+        try:
+            batches = pa.ipc.open_stream(pa.memory_map(str(path)))
+        except pa.ArrowInvalid as err:
+            raise ValueError(f"{path}: not an Arrow stream as `datasets` writes them ({err})") from None
+        schema = batches.schema
+    features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+    rows = (row for batch in batches for row in batch.to_pylist())
+    for number, row in enumerate(rows, 1):
+        where = f"{path}:{number}"
+        yield where, {k: _json_features(v, features.get(k), where, k) for k, v in row.items()}
+
+
+def _json_features(value: Any, feature: Any, where: str, name: str) -> Any:
+    """`value` with every part that `datasets` feature spec `feature` marks as Json decoded from its string."""
+    if value is None or not isinstance(feature, (dict, list)):
+        return value
+    if isinstance(feature, list) or feature.get("_type") in ("List", "LargeList", "Sequence"):
+        inner = feature[0] if isinstance(feature, list) else feature.get("feature")
+        return [_json_features(v, inner, where, f"{name}[{i}]") for i, v in enumerate(value)] \
+            if isinstance(value, list) else value
+    if feature.get("_type") == "Json":
+        return _decoded(value, where, name)
+    if "_type" not in feature and isinstance(value, dict):  # a struct: one feature per key
+        return {k: _json_features(v, feature.get(k), where, f"{name}.{k}") for k, v in value.items()}
+    return value
 
 
 def _starts_with_bracket(path: Path) -> bool:
