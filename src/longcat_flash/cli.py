@@ -18,7 +18,12 @@ def _config_from(target: str) -> ModelConfig:
     if target in PRESETS:
         return get_preset(target)
     if Path(target).is_dir():
-        return ModelConfig.from_json(target)
+        from .checkpoint.hf import checkpoint_config
+
+        try:
+            return checkpoint_config(Path(target))  # as its files hold it (no MTP head where none was saved)
+        except FileNotFoundError:  # a config.json without weights
+            return ModelConfig.from_json(target)
     raise SystemExit(f"longcat: {target!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                      "nor a directory with config.json")
 
