@@ -69,7 +69,7 @@ class Conversation:
 # ---- reading and checking ----
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes
-DATASETS_METADATA = ("dataset_info.json", "state.json")  # beside a save_to_disk's .arrow files: not rows
+DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
 
 
 def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Conversation]:
