@@ -11,6 +11,7 @@ mismatch. Only safetensors are read: nothing is ever unpickled.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -109,11 +110,16 @@ def checkpoint_config(path: Path) -> ModelConfig:
     (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one."""
     cfg = ModelConfig.from_json(path)
     if cfg.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in checkpoint_files(path)):
-        log.warning("%s: config.json names an MTP head (num_nextn_predict_layers=%d) but the checkpoint holds no "
-                    "model.mtp.* weights (a transformers save_pretrained drops them): loaded without the MTP head, "
-                    "so no speculative decoding", path, cfg.num_nextn_predict_layers)
+        _warn_no_mtp_weights(path.resolve())
         cfg = cfg.replace(num_nextn_predict_layers=0)
     return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_no_mtp_weights(path: Path) -> None:
+    """Once per checkpoint and process (a run reads its config more than once)."""
+    log.warning("%s: config.json names an MTP head but the checkpoint holds no model.mtp.* weights (a transformers "
+                "save_pretrained drops them): read as a model without the head, so no speculative decoding", path)
 
 
 def _target_dtype(native: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
