@@ -339,7 +339,7 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     (tmp_path / "all.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     root = tmp_path / "dataset"
     (root / "data").mkdir(parents=True)
-    for k, part in enumerate((data[:10], data[10:25], data[25:])):  # the name order, not the writing order
+    for k, part in reversed(list(enumerate((data[:10], data[10:25], data[25:])))):  # written last to first
         pq.write_table(pa.Table.from_pylist(part), root / "data" / f"train-{k:05d}-of-00003.parquet")
     (root / "README.md").write_text("# a data set card")
     (root / ".cache").mkdir()
