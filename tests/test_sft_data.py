@@ -2,6 +2,7 @@
 turns (found here from the rendered text, independently of the code under test); packing and over-long rows."""
 from __future__ import annotations
 
+import gzip
 import json
 import random
 import re
@@ -325,6 +326,15 @@ def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
     (tmp_path / "broken.json").write_text("[\n" + json.dumps(data[0]) + ",\n{oops}]")
     with pytest.raises(ConversationError, match=r"broken.json:3: not valid JSON"):
         read_conversations(tmp_path / "broken.json")
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt") as f:  # as some data sets ship them
+        f.write((tmp_path / "a.jsonl").read_text())
+    with gzip.open(tmp_path / "array.json.gz", "wt") as f:
+        f.write((tmp_path / "array.json").read_text())
+    for name in ("a.jsonl.gz", "array.json.gz"):
+        assert [canonical(c) for c in read_conversations(tmp_path / name)] == want
+    (tmp_path / "cut.jsonl.gz").write_bytes((tmp_path / "a.jsonl.gz").read_bytes()[:-20])
+    with pytest.raises(ValueError, match=r"cut.jsonl.gz: not a readable gzip file"):
+        read_conversations(tmp_path / "cut.jsonl.gz")
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(ValueError, match=r"a.csv: conversations come as .jsonl"):
         read_conversations(tmp_path / "a.csv")

@@ -12,7 +12,9 @@ column not named in `ignore`) is an error.
 """
 from __future__ import annotations
 
+import gzip
 import json
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 
 from .batches import IGNORE, PackedBatch
-from .corpus import jsonl_records
+from .corpus import jsonl_records, open_text
 
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system role (read as the server reads it) and its legacy role for a function's result
@@ -68,7 +70,7 @@ class Conversation:
 
 # ---- reading and checking ----
 
-ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes
+ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
 
 
@@ -87,7 +89,7 @@ def _row_files(path: Path) -> list[Path]:
     if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
         splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
         raise ValueError(f"{path} holds a `datasets` DatasetDict (splits: {splits}); give one split's folder")
-    files = sorted(p for p in path.rglob("*") if p.suffix in ROW_FILES and p.is_file()
+    files = sorted(p for p in path.rglob("*") if _row_format(p) in ROW_FILES and p.is_file()
                    and p.name not in DATASETS_METADATA
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
@@ -101,12 +103,21 @@ def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     if path.suffix in (".parquet", ".arrow"):
         yield from _arrow_rows(path, ignore)
         return
-    if path.suffix not in ROW_FILES:
+    if _row_format(path) not in (".jsonl", ".json"):
         raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line), .json (that, or one "
-                         "array of objects), .parquet, .arrow, or a directory of such files")
-    if path.suffix == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
+                         "array of objects), either gzip-compressed (.gz), .parquet, .arrow, or a directory of such "
+                         "files")
+    try:
+        yield from _json_rows(path)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a .gz that is not gzip, or is cut short
+        raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if _row_format(path) == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
         try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
+            with open_text(path) as f:
+                rows = json.load(f)
         except json.JSONDecodeError as err:
             raise ConversationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         yield from ((f"{path}:{number}", row) for number, row in enumerate(rows, 1))  # a list: it starts with [
@@ -159,8 +170,13 @@ def _json_features(value: Any, feature: Any, where: str, name: str) -> Any:
     return value
 
 
+def _row_format(path: Path) -> str:
+    """A row file's format by its name: the suffix, or the one before .gz (`rows.jsonl.gz` is JSON Lines)."""
+    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+
+
 def _starts_with_bracket(path: Path) -> bool:
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:
         while chunk := f.read(4096):
             if stripped := chunk.lstrip():
                 return stripped.startswith("[")

@@ -7,6 +7,7 @@ per row, in a text column). Files that are not text (a pre-tokenized .bin, say) 
 from __future__ import annotations
 
 import codecs
+import gzip
 import hashlib
 import json
 import os
@@ -14,7 +15,7 @@ import sysconfig
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")  # what a directory source reads
@@ -158,9 +159,14 @@ def _looks_like_text(head: bytes) -> bool:
     return True
 
 
+def open_text(path: Path) -> TextIO:
+    """A UTF-8 text file, gzip-compressed when its name ends in .gz (as some data sets ship JSON Lines)."""
+    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON) for each non-blank line; a line that does not parse is an error naming it."""
-    with path.open(encoding="utf-8") as f:
+    with open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
                 continue

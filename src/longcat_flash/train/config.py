@@ -188,7 +188,7 @@ class SFTConfig:
     only, conversations packed into data.seq_len + 1 token windows with no attention across them."""
 
     section: ClassVar[str] = "sft"
-    data: str | None = None  # conversations: .jsonl, .json, .parquet, .arrow, or a directory; None = pre-training
+    data: str | None = None  # .jsonl, .json (or .gz), .parquet, .arrow or a directory of them; None = pre-training
     val_data: str | None = None  # held-out conversations; None = a data.val_fraction share of `data`
     overlong: Literal["truncate", "skip"] = "truncate"  # conversations longer than data.seq_len + 1 tokens
     ignore_columns: tuple[str, ...] = ()  # row fields that are not part of a conversation (e.g. id,source): skipped
