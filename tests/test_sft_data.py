@@ -341,7 +341,8 @@ def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
 
 
 def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
-    """A data set as the hub lays it out: shards under data/, a README and a hidden cache beside them."""
+    """A data set as the hub lays it out: shards under data/, a README and a hidden cache beside them; with a second
+    split beside the first, a glob pattern picks one."""
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
 
@@ -357,6 +358,15 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     canonical = lambda c: json.dumps([c.messages, c.tools], sort_keys=True)  # noqa: E731
     assert [canonical(c) for c in read_conversations(root)] == \
         [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
+    (root / "data" / "test-00000-of-00001.jsonl").write_text(json.dumps(data[0]) + "\n")  # the held-out split
+    with pytest.raises(ValueError, match=r"dataset holds the files of several splits \(test, train\)"):
+        read_conversations(root)  # training on both would train on the held-out rows
+    assert [canonical(c) for c in read_conversations(root / "data" / "train-*.parquet")] == \
+        [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
+    assert len(read_conversations(f"{root}/**/test-*")) == 1
+    with pytest.raises(FileNotFoundError, match=r"no file matches .*validation-\*"):
+        read_conversations(root / "data" / "validation-*")
+    (root / "data" / "test-00000-of-00001.jsonl").unlink()
     (root / "data" / "train-00003-of-00003.jsonl").write_text(json.dumps({"messages": []}) + "\n")
     with pytest.raises(ConversationError, match=r"train-00003-of-00003.jsonl:1: messages: empty"):
         read_conversations(root)

@@ -12,8 +12,10 @@ column not named in `ignore`) is an error.
 """
 from __future__ import annotations
 
+import glob
 import gzip
 import json
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -71,6 +73,7 @@ class Conversation:
 # ---- reading and checking ----
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")  # as hub data sets name split files
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
 
 
@@ -79,11 +82,18 @@ def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Con
     shards, `data/train-00000-of-00004.parquet` ..., or a `datasets` save_to_disk), as a checked Conversation (the
     first bad row is an error).
     `ignore`: columns that are not part of the conversation (an `id`, a `source`), skipped by name."""
-    return [parse_row(row, where, ignore) for file in _row_files(Path(path)) for where, row in _rows(file, ignore)]
+    return [parse_row(row, where, ignore) for file in _row_files(path) for where, row in _rows(file, ignore)]
 
 
-def _row_files(path: Path) -> list[Path]:
-    """The file itself, or a directory's row files at any depth in name order (hidden ones left out: caches)."""
+def _row_files(pattern: str | Path) -> list[Path]:
+    """The file itself; the files a glob pattern names (`data/train-*.parquet`); or a directory's row files at any
+    depth in name order (hidden ones left out: caches), all of one split."""
+    path = Path(pattern)
+    if not path.exists() and any(c in str(pattern) for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"no file matches {pattern}")
+        return files
     if not path.is_dir():
         return [path]
     if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
@@ -94,7 +104,18 @@ def _row_files(path: Path) -> list[Path]:
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
+    splits = sorted({split for file in files if (split := _split_of(file.relative_to(path)))})
+    if len(splits) > 1:  # a hub data set's train and test shards side by side: held-out rows would be trained on
+        raise ValueError(f"{path} holds the files of several splits ({', '.join(splits)}); give one split's files: "
+                         f"a file, a folder or a glob pattern such as '{path}/**/{splits[-1]}*' (quoted)")
     return files
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a data set file belongs to by the hub's naming: `train-00000-of-00002.parquet`, `test.jsonl` or a
+    folder `validation/`; None for other names."""
+    words = (re.split(r"[-_.]", part, maxsplit=1)[0].lower() for part in relative.parts)
+    return next((word for word in words if word in SPLIT_NAMES), None)
 
 
 def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
