@@ -146,8 +146,8 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", default=None, help="HF model directory to start from (config.json, safetensors, "
                                                  "tokenizer.json)")
     p.add_argument("--data", default=None,
-                   help="conversations: .jsonl, .json, .parquet, .arrow (a directory or a quoted glob of them), one {messages, "
-                        "tools} per row (or TRL prompt-completion, ShareGPT, Alpaca rows: docs/sft.md)")
+                   help="conversations: .jsonl, .json, .parquet, .arrow (a directory or a quoted glob of them), "
+                        "one {messages, tools} per row (or TRL prompt-completion, ShareGPT, Alpaca rows: docs/sft.md)")
     p.add_argument("--val-data", default=None, help="held-out conversations (default: data.val_fraction of --data)")
     _add_run_flags(p)
     p.set_defaults(run=_run_train, preset_name="sft", flag_fields=_SFT_FLAGS)
