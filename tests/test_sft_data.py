@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 from sft_support import conversation, write_conversations
 
+from longcat_flash.data.conversation_packing import conversation_datasets, pack
 from longcat_flash.data.conversations import (
     ConversationError,
-    conversation_datasets,
-    pack,
     parse_row,
     read_conversations,
     render_pieces,

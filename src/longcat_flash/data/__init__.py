@@ -4,7 +4,8 @@
     shards.py   documents -> one flat token array on disk (docs joined by eos), cached by fingerprint
     batches.py  token array -> windows of seq_len + 1 tokens -> shuffled, resumable, data-parallel batches
     copying.py  windows of random runs given twice, mixed in to teach copying from the context (data.copy_fraction)
-    conversations.py   OpenAI-format conversations -> checked, rendered, assistant tokens marked, packed (SFT)
+    conversations.py   OpenAI-format conversations -> checked, rendered, assistant tokens marked (SFT)
+    conversation_packing.py   tokenized conversations -> windows with document ids, train / val splits
     tool_dialogues.py  synthetic tool-use conversations in the OpenAI format (`longcat data tools`, docs/tool_data.md)
 
 Everything callers need is importable from `longcat_flash.data` directly.

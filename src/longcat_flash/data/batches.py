@@ -21,7 +21,7 @@ IGNORE = -100  # a target that is not trained on (F.cross_entropy's default igno
 
 @dataclass
 class PackedBatch:
-    """Windows holding several documents each (SFT packing, data/conversations.py): tokens, the target-or-IGNORE
+    """Windows holding several documents each (SFT packing, data/conversation_packing.py): tokens, the target-or-IGNORE
     labels and the document id of every position, all (B, S+1) int64."""
 
     tokens: torch.Tensor

@@ -1,10 +1,10 @@
-"""Conversations for supervised fine-tuning: read and check rows (OpenAI `messages`, or TRL's prompt-completion and
-ShareGPT rows read as the same), render them with the model's chat template, mark the assistant tokens, and pack
-them into fixed-length windows (docs/sft.md).
+"""Conversations for supervised fine-tuning: read and check rows (OpenAI `messages`, or TRL's prompt-completion,
+ShareGPT and Alpaca rows read as the same), render them with the model's chat template and mark the assistant
+tokens; conversation_packing.py packs them into fixed-length windows (docs/sft.md).
 
-    rows (.jsonl / .json / .parquet)  ->  Conversation (checked, content parts joined)
-                                      ->  tokens + trained mask (assistant turns, end-of-turn token included)
-                                      ->  windows of seq_len + 1 tokens, several conversations each, document ids
+    rows (.jsonl / .json / .parquet / .arrow)  ->  Conversation (checked, content parts joined)
+                                               ->  tokens + trained mask (assistant turns, end-of-turn included)
+                                               ->  (conversation_packing.py) windows of seq_len + 1 tokens
 
 A bad row is an error naming the file, the line (the row of a .parquet or a JSON array, from 1) and the field.
 Every field we read is honoured: one we would have to drop (an image part, a message `name`, a reasoning field, a
@@ -20,12 +20,10 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
-import torch
 
-from .batches import IGNORE, PackedBatch
 from .corpus import jsonl_records, open_text
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -45,7 +43,6 @@ TOOL_CALL_FIELDS = ("id", "type", "function")
 FUNCTION_CALL_FIELDS = ("name", "arguments")
 TOOL_FIELDS = ("type", "function")
 FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
-PACK_LOOKBACK = 64  # open windows a conversation may go into (first fit among the newest ones)
 
 
 class ConversationError(ValueError):
@@ -540,119 +537,3 @@ def tokenize(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[np.n
     ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
     trained = np.fromiter((t for piece, (_, t) in zip(encoded, pieces) for _ in piece), dtype=bool, count=len(ids))
     return ids, trained
-
-
-# ---- packing ----
-
-@dataclass
-class PackStats:
-    conversations: int = 0
-    truncated: int = 0
-    skipped: int = 0  # over-long, with overlong=skip
-    untrained: int = 0  # nothing left to train on after truncation
-    tokens: int = 0  # conversation tokens packed
-    trained_tokens: int = 0
-
-    def describe(self, split: str, windows: int, window: int) -> str:
-        fill = self.tokens / max(1, windows * window)
-        text = (f"sft {split}: {self.conversations} conversations -> {windows} windows of {window} tokens "
-                f"({fill:.0%} filled, {self.trained_tokens} trained tokens)")
-        if self.truncated or self.skipped or self.untrained:
-            text += (f"; over-long (> {window} tokens): {self.truncated} truncated, {self.skipped} skipped"
-                     f"{f', {self.untrained} dropped with no assistant token left' if self.untrained else ''}")
-        return text
-
-
-class ConversationDataset:
-    """Packed windows of seq_len + 1 tokens: whole conversations, each a document of its own, then padding.
-
-    `batch(indices)` gives a PackedBatch; with ResumableSampler and validation_batches it behaves like a
-    TokenDataset (same interface), so the training loop, its resume and its data parallelism are unchanged."""
-
-    def __init__(self, tokens: np.ndarray, trained: np.ndarray, documents: np.ndarray, split: str,
-                 report: str) -> None:
-        self.tokens, self.trained, self.documents = tokens, trained, documents  # (N, S+1) each
-        self.split, self.report = split, report
-        self.seq_len = tokens.shape[1] - 1
-
-    def __len__(self) -> int:
-        return len(self.tokens)
-
-    def batch(self, indices: Sequence[int] | np.ndarray) -> PackedBatch:
-        idx = np.asarray(indices, dtype=np.int64)
-        tokens = self.tokens[idx].astype(np.int64)
-        return PackedBatch(torch.from_numpy(tokens),
-                           torch.from_numpy(np.where(self.trained[idx], tokens, IGNORE)),
-                           torch.from_numpy(self.documents[idx].astype(np.int64)))
-
-
-def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, split: str,
-         overlong: Literal["truncate", "skip"] = "truncate") -> ConversationDataset:
-    """First-fit packing (in the given order, among the newest PACK_LOOKBACK windows) of tokenized
-    conversations into windows of seq_len + 1 tokens; over-long ones truncated or skipped, and counted."""
-    window = seq_len + 1
-    stats = PackStats()
-    bins: list[list[int]] = []  # conversation indices per window
-    room: list[int] = []
-    kept: list[tuple[np.ndarray, np.ndarray]] = []
-    for ids, trained in encoded:
-        stats.conversations += 1
-        if len(ids) > window:
-            if overlong == "skip":
-                stats.skipped += 1
-                continue
-            stats.truncated += 1
-            ids, trained = ids[:window], trained[:window]
-        if not trained[1:].any():  # the first token is never a target
-            stats.untrained += 1
-            continue
-        kept.append((ids, trained))
-        first = len(bins) - PACK_LOOKBACK
-        target = next((b for b in range(max(0, first), len(bins)) if room[b] >= len(ids)), None)
-        if target is None:
-            bins.append([])
-            room.append(window)
-            target = len(bins) - 1
-        bins[target].append(len(kept) - 1)
-        room[target] -= len(ids)
-    if not bins:
-        raise ValueError(f"sft {split}: no conversation to train on ({stats.conversations} read, {stats.skipped} "
-                         f"skipped as longer than {window} tokens, {stats.untrained} without an assistant token "
-                         f"within them); raise data.seq_len or use sft.overlong=truncate")
-    tokens = np.full((len(bins), window), pad_id, dtype=np.int32)
-    trained_out = np.zeros((len(bins), window), dtype=bool)
-    documents = np.zeros((len(bins), window), dtype=np.int32)
-    for row, members in enumerate(bins):
-        at = 0
-        for doc, k in enumerate(members):
-            ids, trained = kept[k]
-            tokens[row, at:at + len(ids)], trained_out[row, at:at + len(ids)] = ids, trained
-            documents[row, at:at + len(ids)] = doc
-            at += len(ids)
-        documents[row, at:] = len(members)  # the padding is a document of its own, never trained
-    stats.tokens = int(sum(len(ids) for ids, _ in kept))
-    stats.trained_tokens = int(trained_out[:, 1:].sum())
-    return ConversationDataset(tokens, trained_out, documents, split, stats.describe(split, len(bins), window))
-
-
-def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,
-                          val_fraction: float, seq_len: int, seed: int,
-                          overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = ()
-                          ) -> tuple[ConversationDataset, ConversationDataset]:
-    """The train and validation windows: conversations in a seeded order (the validation share taken from the
-    front when there is no separate val_data), each split packed on its own."""
-    conversations = read_conversations(data, ignore)
-    order = np.random.default_rng([seed, 1]).permutation(len(conversations))
-    conversations = [conversations[i] for i in order]
-    if val_data is not None:
-        held_out = read_conversations(val_data, ignore)
-    else:
-        n_val = max(1, round(len(conversations) * val_fraction))
-        if n_val >= len(conversations):
-            raise ValueError(f"{data}: {len(conversations)} conversation(s) leave none for training after holding "
-                             f"out data.val_fraction={val_fraction}; add conversations or pass sft.val_data")
-        held_out, conversations = conversations[:n_val], conversations[n_val:]
-    pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    train = pack([tokenize(tokenizer, c) for c in conversations], seq_len, pad, "train", overlong)
-    val = pack([tokenize(tokenizer, c) for c in held_out], seq_len, pad, "val", overlong)
-    return train, val

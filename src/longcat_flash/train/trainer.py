@@ -35,7 +35,7 @@ from .. import distributed
 from ..checkpoint import hf, sharded, training
 from ..data import (IGNORE, CopyMix, PackedBatch, ResumableSampler, TokenDataset, build_token_shard, ordinary_ids,
                     sample_texts, split_windows, validation_batches)
-from ..data.conversations import ConversationDataset, conversation_datasets
+from ..data.conversation_packing import ConversationDataset, conversation_datasets
 from ..device import autocast as device_autocast
 from ..device import compute_dtype
 from ..model import ModelOutput, Transformer
@@ -489,7 +489,7 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool)
 def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
                    ) -> tuple[TokenDataset | ConversationDataset | CopyMix, TokenDataset | ConversationDataset]:
     """Tokenize the corpus once into a cached shard; windows of seq_len + 1; the tail is the validation split.
-    SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversations.py).
+    SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversation_packing.py).
     `data.copy_fraction` mixes copy windows into the training split (data/copying.py)."""
     data = cfg.data
     if cfg.sft.data is not None:
