@@ -2,6 +2,7 @@
 a bounded fuzz of every route that must never get a 5xx."""
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -116,3 +117,54 @@ def test_every_route_is_declared_and_fuzzed(client):
     served = {(sorted(r.methods)[0], r.path) for r in client.app.routes if isinstance(r, APIRoute)}
     fuzzed = {(m, path) for m, path, _ in ROUTES} | {("GET", path) for path in ROUTE_ERRORS}
     assert {path for _, path in served} <= set(ROUTE_ERRORS) and served <= fuzzed
+
+
+def _chat(client: TestClient, **fields) -> tuple[int, dict]:
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
+    headers = {**AUTH, "Content-Type": "application/json"}
+    r = client.post("/v1/chat/completions", content=json.dumps(body), headers=headers)  # ASCII: "\ud800" escaped
+    return r.status_code, r.json()
+
+
+def test_null_means_the_default_and_unknown_fields_are_refused(client):
+    status, body = _chat(client, temperature=None, top_p=None, n=None, stream=None, logprobs=None, seed=None,
+                         presence_penalty=None, parallel_tool_calls=None, user="u-1", metadata={"run": "7"})
+    assert status == 200 and len(body["choices"]) == 1, body
+    for field, value in [("min_tokens", 3), ("guided_json", {"type": "object"}), ("reasoning_effort", "low")]:
+        status, body = _chat(client, **{field: value})
+        assert status == 400 and body["error"]["param"] == field and "not supported" in body["error"]["message"]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"logit_bias": {"\u00b2": 1}}, "logit_bias"), ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
+    ({"messages": [{"role": "user", "content": "x\ud800"}]}, "messages.0.content"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+     "messages.0.content"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["\udc00"]}}}},
+     "response_format"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "\udc00"}}}]},
+     "tools.0.function.parameters"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+])
+def test_bad_fields_get_a_400_naming_them(client, fields, param):
+    status, body = _chat(client, **fields)
+    assert status == 400 and body["error"]["param"] == param, body
+
+
+def test_the_key_and_the_body_bound_are_checked_before_the_body_is_read(client):
+    r = client.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers={})
+    assert r.status_code == 401  # not the 400 that parsing the malformed body would give
+    limit = ServerConfig.max_body_bytes
+    big = b'{"model": "tiny", "messages": [{"role": "user", "content": "' + b"a" * limit + b'"}]}'
+    r = client.post("/v1/chat/completions", content=big, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+    chunked = (big[i:i + 2**20] for i in range(0, len(big), 2**20))  # no Content-Length: cut off while read
+    r = client.post("/v1/chat/completions", content=chunked, headers={**AUTH, "Content-Type": "application/json"})
+    assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+
+def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(client):
+    tokenizer = stdlib_tokenizer(256)
+    status, body = _chat(client, messages=[{"role": "user", "content": "a" * (CONTEXT * tokenizer.max_token_chars)}])
+    assert status == 400 and body["error"]["code"] == "context_length_exceeded"
+    assert "characters cannot fit" in body["error"]["message"]

@@ -6,7 +6,9 @@ puts the special tokens first so those ids hold.
 
 Special tokens inside *text* are not special: `encode("a</s>b")` encodes the five characters `</s>` as ordinary
 bytes, so a corpus that happens to contain `</s>` (HTML does) cannot inject an end-of-document. Pass
-`allow_special=True` to parse them, as a rendered chat prompt needs.
+`allow_special=True` to parse them. A conversation goes through `render_chat` and `encode_chat`, which parse only
+the special tokens the chat template writes: `<s>old</s>` inside a message stays text, in training and serving
+alike, so no message can end a turn or teach the model to stop mid-answer.
 
 The directory written by `save` is a normal HF tokenizer checkpoint (`tokenizer.json` + `tokenizer_config.json`)
 that `transformers.AutoTokenizer` reads with the same ids and the same chat template. The chat template (LongCat's
@@ -17,8 +19,10 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import re
 import sysconfig
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +101,14 @@ _FALLBACK_NAMES = {
 }
 
 
+@dataclass(frozen=True)
+class RenderedChat:
+    """A conversation rendered with the chat template, and the special tokens the template itself wrote in it."""
+
+    text: str
+    specials: tuple[tuple[int, int, int], ...]  # (start, end, id) of each, in order, as offsets into text
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and chat template our training and serving code needs."""
 
@@ -169,6 +181,61 @@ class Tokenizer:
         return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
                                add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                                eos_token=self.eos_token, pad_token=self.pad_token)
+
+    @functools.cached_property
+    def special_ids(self) -> dict[str, int]:
+        """Text -> id of every special token (bos, eos, pad and the rest the tokenizer marks special)."""
+        return {t.content: i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+
+    @functools.cached_property
+    def max_token_chars(self) -> int:
+        """The most characters one token stands for: a text longer than context x this cannot fit the context."""
+        return max(map(len, self._backend.get_vocab(with_added_tokens=True)))
+
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None, suffix: str = "") -> RenderedChat:
+        """`apply_chat_template(...) + suffix`, with the places where the template (not a message) wrote a special
+        token. Found by rendering again with every special-token text inside the messages and tools blanked out
+        (the same length in a character no special token has): what is left matching is the template's."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools) + suffix
+        pattern = _special_pattern(tuple(self.special_ids))
+        blank = next(c for c in "#~^`|@$%&*" if not any(c in t for t in self.special_ids))
+        masked = [_blanked(value, pattern, blank) for value in (list(messages), list(tools or []))]
+        template_text = text
+        if masked != [list(messages), list(tools or [])]:
+            template_text = self.apply_chat_template(masked[0], add_generation_prompt, masked[1] or None) + suffix
+            if len(template_text) != len(text):
+                raise ValueError("a message holds the text of a special token (one of "
+                                 f"{', '.join(self.special_ids)}), which this chat template does not render "
+                                 "verbatim; remove it from the message")
+        specials = tuple((m.start(), m.end(), self.special_ids[m.group()]) for m in pattern.finditer(template_text))
+        return RenderedChat(text, specials)
+
+    def encode_chat(self, chat: RenderedChat, cuts: Sequence[int] = ()) -> list[list[int]]:
+        """The ids of `chat.text` cut at the character offsets `cuts` (one list per piece; no token straddles a
+        cut): the template's special tokens as their ids, everything else as text."""
+        bounds = sorted({0, len(chat.text), *cuts})
+        if any(start < cut < end for start, end, _ in chat.specials for cut in bounds):
+            raise ValueError("a cut falls inside a special token of the rendered conversation")
+        texts, layout = [], []  # layout: per piece, a special token's id or ("text", index into texts)
+        specials = iter(chat.specials)
+        special = next(specials, None)
+        for start, end in zip(bounds, bounds[1:]):
+            piece, at = [], start
+            while special is not None and special[0] < end:
+                if special[0] > at:
+                    piece.append(("text", len(texts)))
+                    texts.append(chat.text[at:special[0]])
+                piece.append(special[2])
+                at = special[1]
+                special = next(specials, None)
+            if at < end:
+                piece.append(("text", len(texts)))
+                texts.append(chat.text[at:end])
+            layout.append(piece)
+        encoded = self.encode_batch(texts)
+        return [[i for part in piece for i in (encoded[part[1]] if isinstance(part, tuple) else [part])]
+                for piece in layout]
 
     def with_tokens(self, tokens: Sequence[str]) -> Tokenizer:
         """This tokenizer, plus each of `tokens` that does not already encode as one token, as an added (not
@@ -314,6 +381,23 @@ def _validate_messages(messages: Sequence[dict[str, Any]]) -> None:
 
 
 @functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=8)
+def _special_pattern(tokens: tuple[str, ...]) -> re.Pattern:
+    """Matches any of `tokens`, the longest first (as the tokenizer splits them)."""
+    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
+
+
+def _blanked(value: Any, pattern: re.Pattern, blank: str) -> Any:
+    """`value` (JSON-like) with every match of `pattern` in its strings replaced by as many `blank`s."""
+    if isinstance(value, str):
+        return pattern.sub(lambda m: blank * len(m.group()), value)
+    if isinstance(value, dict):
+        return {k: _blanked(v, pattern, blank) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_blanked(v, pattern, blank) for v in value]
+    return value
+
+
 def _compile_template(source: str) -> Any:
     """Compile a chat template the way transformers does (sandboxed, trim/lstrip blocks, loop controls, its
     `tojson` that keeps non-ASCII and does not HTML-escape), so both render the same prompt."""

@@ -9,14 +9,13 @@ disconnects, streaming or not, has its request cancelled and its cache pages fre
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
@@ -29,6 +28,7 @@ from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import Bridge, EngineFailed
 from .engine_process import EngineProcess
+from .guard import RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
@@ -44,6 +44,7 @@ class ServerConfig:
     model_name: str
     context: int  # the model's max_position_embeddings
     api_key: str | None = None
+    max_body_bytes: int = 32 * 2**20  # a request body's bound (serve/guard.py); prompts are bounded by the context
     disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
 
 
@@ -57,13 +58,24 @@ class APIError(Exception):
         return JSONResponse(p.ErrorResponse(error=self.body).model_dump(), status_code=self.status)
 
 
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-z]*)$")  # pydantic's tags, not fields
+_NAMED_IN_MESSAGE = re.compile(r"^Value error, ([a-z_][a-z_.]*): ")  # our model validators start with the field
+
+
 def _validation_error(err: RequestValidationError) -> APIError:
+    """The first error as a 400 naming its field: the path through the body, without pydantic's names for the
+    members of a union (`messages.0.content`, not `messages.0.content.str`)."""
     first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request", "type": ""}
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
-    loc = [str(x) for x in first.get("loc", ()) if x != "body"]
+    loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _UNION_MEMBER.match(str(x))]
+    message = str(first.get("msg"))
+    if first.get("type") == "extra_forbidden":
+        message = "not supported by this server (docs/serving.md §3); remove the field"
+    elif not loc and (named := _NAMED_IN_MESSAGE.match(message)):
+        loc, message = [named.group(1)], message[named.end():]
     param = ".".join(loc) or None
-    return APIError(400, f"{param or 'body'}: {first.get('msg')}", param=param, code="invalid_value")
+    return APIError(400, f"{param or 'body'}: {message}", param=param, code="invalid_value")
 
 
 class Generation:
@@ -76,7 +88,7 @@ class Generation:
     def check(self, body: p._Sampling, prompt: list[int], limit: int | None, param: str) -> SamplingParams:
         context = self.config.context
         if body.model != self.config.model_name:
-            raise APIError(400, f"model {body.model!r} is not served here; use {self.config.model_name!r}",
+            raise APIError(404, f"model {body.model!r} is not served here; use {self.config.model_name!r}",
                            param="model", code="model_not_found")
         if len(prompt) >= context:
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens",
@@ -288,14 +300,8 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
     """The FastAPI app: error handlers, /health and /metrics, and the OpenAI routes behind the API key."""
     app = FastAPI(title="longcat-flash", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
     metrics = Metrics(bridge)
+    app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)  # inside metrics
     _add_error_handlers(app, metrics)
-
-    async def authorized(request: Request) -> None:  # async: no thread-pool hop per request
-        if config.api_key is None:
-            return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), config.api_key.encode()):
-            raise APIError(401, "invalid or missing API key", "authentication_error", code="invalid_api_key")
 
     @app.get("/health")
     async def health() -> JSONResponse:
@@ -306,12 +312,12 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
     async def scrape() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    @app.get("/v1/models", dependencies=[Depends(authorized)])
+    @app.get("/v1/models")
     async def models() -> dict:
         card = p.ModelCard(id=config.model_name, created=p.now(), max_model_len=config.context)
         return p.ModelList(data=[card]).model_dump()
 
-    _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config, Depends(authorized))
+    _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config)
     install_openapi(app)
     return app
 
@@ -324,8 +330,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(HTTPException)
     async def routing_error(_request: Request, err: HTTPException) -> JSONResponse:
         """Starlette's own 404 (unknown path) and 405 (wrong method), in the OpenAI shape like every error."""
-        response = APIError(err.status_code, f"{err.detail}", code="not_found" if err.status_code == 404 else None
-                            ).response()
+        codes = {404: "not_found", 413: "request_too_large"}
+        response = APIError(err.status_code, f"{err.detail}", code=codes.get(err.status_code)).response()
         response.headers.update(err.headers or {})  # 405 carries Allow
         return response
 
@@ -343,13 +349,12 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return _validation_error(err).response()
 
 
-def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, config: ServerConfig,
-                           auth: Any) -> None:
+def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, config: ServerConfig) -> None:
     """/v1/completions and /v1/chat/completions, plain and streamed (SSE ending with [DONE])."""
 
-    @app.post("/v1/completions", dependencies=[auth])
+    @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
-        prompts = [ids if isinstance(ids, list) else tokenizer.encode(ids) for ids in body.prompt]
+        prompts = await asyncio.to_thread(_completion_prompts, tokenizer, body.prompt, config.context)
         params = [_completion_params(gen.check(body, ids, body.max_tokens, "prompt"), body) for ids in prompts]
         params = await gen.constrain(params, body)
         groups = await gen.submit([(ids, _copies(sp, body.n)) for ids, sp in zip(prompts, params)])
@@ -387,10 +392,10 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
                 gen.close(copies)
         return StreamingResponse(events(), media_type="text/event-stream")
 
-    @app.post("/v1/chat/completions", dependencies=[auth])
+    @app.post("/v1/chat/completions")
     async def chat(body: p.ChatCompletionRequest, request: Request):
         plan = _tool_plan(body)
-        prompt = _chat_prompt(tokenizer, body, plan)
+        prompt = await asyncio.to_thread(_chat_prompt, tokenizer, body, plan, config.context)
         [params] = await gen.constrain([_chat_params(gen.check(body, prompt, body.limit, "messages"), body)],
                                        body, plan)
         copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
@@ -444,13 +449,33 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
         raise APIError(400, str(err), param=err.param) from None
 
 
-def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolPlan) -> list[int]:
-    """The rendered conversation, tools included, then the plan's prefill (the model continues from it)."""
+def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str) -> None:
+    """Refuses text that cannot fit the context whatever its tokens, before spending time on tokenizing it."""
+    if chars > (context - 1) * tokenizer.max_token_chars:
+        raise APIError(400, f"{param}: {chars} characters cannot fit this model's context of {context} tokens (a "
+                            f"token holds at most {tokenizer.max_token_chars} characters)", param=param,
+                       code="context_length_exceeded")
+
+
+def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolPlan, context: int) -> list[int]:
+    """The rendered conversation, tools included, then the plan's prefill (the model continues from it). Only the
+    template's special tokens are parsed: `</s>` inside a message is text. Runs off the event loop."""
     try:
-        rendered = tokenizer.apply_chat_template([m.model_dump() for m in body.messages], tools=plan.tools)
+        chat = tokenizer.render_chat([m.model_dump() for m in body.messages], tools=plan.tools, suffix=plan.prefill)
     except ValueError as err:
         raise APIError(400, str(err), param="messages") from None
-    return tokenizer.encode(rendered + plan.prefill, allow_special=True)
+    _fits(tokenizer, len(chat.text), context, "messages")
+    return tokenizer.encode_chat(chat)[0]
+
+
+def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], context: int) -> list[list[int]]:
+    """Each prompt's ids (token-id prompts as they are, text as plain text). Runs off the event loop."""
+    for prompt in prompts:
+        if isinstance(prompt, str):
+            _fits(tokenizer, len(prompt), context, "prompt")
+    texts = [prompt for prompt in prompts if isinstance(prompt, str)]
+    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+    return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
 
 
 async def _parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText
@@ -495,7 +520,8 @@ def _deltas(events: list[Event]) -> list[p.Delta]:
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
-          model_name: str | None = None, device: str = "auto") -> None:
+          model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes
+          ) -> None:
     """Load a checkpoint directory (weights + tokenizer) onto `device` in an engine process and serve it until
     interrupted."""
     import uvicorn
@@ -503,7 +529,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     tokenizer = Tokenizer.load(model_dir)
     bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
-                          api_key=api_key)
+                          api_key=api_key, max_body_bytes=max_body_bytes)
     try:
         uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning")
     finally:

@@ -86,7 +86,7 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             messages = messages[:1] if system else []
             continue
         messages.append({"role": "user", "content": line})
-        prompt = tokenizer.encode(tokenizer.apply_chat_template(messages), allow_special=True)
+        prompt = tokenizer.encode_chat(tokenizer.render_chat(messages))[0]
         if len(prompt) >= engine.max_context:
             write("[the conversation no longer fits the context; /reset to start over]\n")
             messages.pop()

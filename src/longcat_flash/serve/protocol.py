@@ -10,7 +10,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -27,6 +27,26 @@ MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
+METADATA_FIELDS = ("user", "metadata")  # what clients send about themselves; dropped, as it changes no output
+
+
+def valid_unicode(value: Any, field: str) -> Any:
+    """`value` unchanged if every string in it is valid Unicode. JSON escapes can carry lone UTF-16 surrogates
+    ("\\ud800"), which no tokenizer or grammar compiler accepts: refused here, naming the field."""
+    if isinstance(value, str):
+        if not value.isascii():
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError(f"{field}: contains a lone UTF-16 surrogate, which is not valid Unicode") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            valid_unicode(key, field)
+            valid_unicode(item, field)
+    elif isinstance(value, list):
+        for item in value:
+            valid_unicode(item, field)
+    return value
 
 
 class StreamOptions(BaseModel):
@@ -35,9 +55,11 @@ class StreamOptions(BaseModel):
 
 
 class _Sampling(BaseModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. A field this server does not know is refused (a 400
+    naming it), except the client metadata in METADATA_FIELDS; `null` stands for a field's default, as in the
+    OpenAI API."""
 
-    model_config = ConfigDict(extra="ignore")  # clients send extras such as `user`; harmless to drop
+    model_config = ConfigDict(extra="forbid")
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -57,6 +79,16 @@ class _Sampling(BaseModel):
     # text, json_object or json_schema (constrained decoding: serve/structured.py)
     response_format: dict[str, Any] | None = None
     best_of: int | None = None  # declared only to be refused: accepted and dropped, it would change nothing
+
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_for_null(cls, data: Any) -> Any:
+        """Drops the metadata fields, and `null` where the field itself is not nullable: its default applies."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {key: value for key, value in data.items() if key not in METADATA_FIELDS and not (
+            value is None and key in fields and type(None) not in get_args(fields[key].annotation))}
 
     @field_validator("response_format")
     @classmethod
@@ -83,7 +115,7 @@ class _Sampling(BaseModel):
             raise ValueError("json_schema.strict: must be a boolean")
         if len(json.dumps(spec["schema"])) > MAX_SCHEMA_CHARS:
             raise ValueError(f"json_schema.schema: longer than {MAX_SCHEMA_CHARS} characters as JSON")
-        return value
+        return valid_unicode(value, "json_schema")
 
     @field_validator("best_of")
     @classmethod
@@ -99,8 +131,8 @@ class _Sampling(BaseModel):
             return None
         if len(value) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
-        if not all(key.isdigit() for key in value):
-            raise ValueError("keys must be token ids (non-negative integers, as strings)")
+        if not all(key.isascii() and key.isdigit() and len(key) <= 12 for key in value):
+            raise ValueError("keys must be token ids (non-negative integers, as strings of ASCII digits)")
         if not all(-100.0 <= bias <= 100.0 for bias in value.values()):
             raise ValueError("biases must be in [-100, 100]")
         return value
@@ -113,7 +145,7 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
-        return stops
+        return valid_unicode(stops, "stop")
 
     @property
     def include_usage(self) -> bool:
@@ -145,7 +177,7 @@ class CompletionRequest(_Sampling):
                 raise ValueError("prompt must not be empty")
             if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-        return prompts
+        return valid_unicode(prompts, "prompt")
 
     @model_validator(mode="after")
     def _supported_combination(self) -> CompletionRequest:
@@ -212,7 +244,7 @@ class ChatMessage(BaseModel):
         text = value if isinstance(value, str) or value is None else "".join(part.text for part in value)
         if text is not None and len(text) > MAX_PROMPT_CHARS:
             raise ValueError(f"content is longer than {MAX_PROMPT_CHARS} characters")
-        return text
+        return valid_unicode(text, "content")
 
     @model_validator(mode="after")
     def _fields_fit_the_role(self) -> ChatMessage:
@@ -240,7 +272,7 @@ class FunctionDef(BaseModel):
             return None
         if value.setdefault("type", "object") != "object":
             raise ValueError('must be a JSON Schema with "type": "object" (arguments are a JSON object)')
-        return value
+        return valid_unicode(value, "parameters")
 
 
 class Tool(BaseModel):
