@@ -274,6 +274,12 @@ def test_load_state_dict_rejects_other_data_or_seed(dataset: TokenDataset) -> No
     smaller = TokenDataset(np.arange(21), seq_len=4, val_fraction=0.0)
     with pytest.raises(ValueError, match="num_sequences"):
         ResumableSampler(smaller, seed=1).load_state_dict(state)
+    edited = TokenDataset(dataset.tokens.copy(), seq_len=dataset.seq_len, val_fraction=0.0)
+    edited.tokens[len(edited.tokens) // 2] += 1  # one token changed: as many windows, other data
+    with pytest.raises(ValueError, match="training data differs"):
+        ResumableSampler(edited, seed=1).load_state_dict(state)
+    ResumableSampler(TokenDataset(dataset.tokens.copy(), seq_len=dataset.seq_len, val_fraction=0.0),
+                     seed=1).load_state_dict(state)  # the same data, another array: resumes
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

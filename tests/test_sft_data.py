@@ -16,7 +16,6 @@ from longcat_flash.data.conversations import (
     ConversationError,
     parse_row,
     read_conversations,
-    render_pieces,
     tokenize,
 )
 from longcat_flash.data.tool_dialogues import iter_conversations
@@ -396,6 +395,32 @@ def test_files_written_by_datasets_read_as_their_rows(tmp_path):
     (tmp_path / "junk.arrow").write_bytes(b"not arrow")
     with pytest.raises(ValueError, match=r"junk.arrow: not an Arrow stream"):
         read_conversations(tmp_path / "junk.arrow")
+    # a saved folder later loaded and mapped holds cache-*.arrow files too: its rows are the ones state.json lists
+    datasets.load_from_disk(str(tmp_path / "one")).map(lambda r: r, load_from_cache_file=False)
+    assert len(list((tmp_path / "one").glob("cache-*.arrow"))) >= 1
+    assert [canonical(c) for c in read_conversations(tmp_path / "one")] == want
+
+
+def test_files_from_other_tools_read_or_fail_naming_the_file(tmp_path):
+    """A byte order mark (Windows tools), a pandas index column, and files that are not what their name says."""
+    pd = pytest.importorskip("pandas")
+    pytest.importorskip("pyarrow")
+    data = list(iter_conversations(6, seed=5))
+    text = "".join(json.dumps(r) + "\n" for r in data)
+    (tmp_path / "plain.jsonl").write_text(text)
+    want = [json.dumps([c.messages, c.tools]) for c in read_conversations(tmp_path / "plain.jsonl")]
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + text.encode())
+    (tmp_path / "bom.json").write_bytes(b"\xef\xbb\xbf" + json.dumps(data).encode())
+    frame = pd.DataFrame({"messages": [r["messages"] for r in data], "tools": [json.dumps(r.get("tools"))
+                                                                               for r in data]})
+    frame[frame.index % 2 == 0].to_parquet(tmp_path / "filtered.parquet")  # the index is no RangeIndex: a column
+    for name, rows in [("bom.jsonl", want), ("bom.json", want), ("filtered.parquet", want[::2])]:
+        assert [json.dumps([c.messages, c.tools]) for c in read_conversations(tmp_path / name)] == rows, name
+    (tmp_path / "latin1.jsonl").write_bytes('{"messages": "caf\u00e9"}\n'.encode("latin-1"))
+    (tmp_path / "cut.parquet").write_bytes((tmp_path / "filtered.parquet").read_bytes()[:-100])
+    for name, problem in [("latin1.jsonl", "not UTF-8 text"), ("cut.parquet", "not a readable Parquet file")]:
+        with pytest.raises(ValueError, match=rf"{name}: {problem}"):
+            read_conversations(tmp_path / name)
 
 
 def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
@@ -483,12 +508,22 @@ def test_overlong_conversations_are_truncated_or_skipped_and_counted(tokenizer):
     assert dropped and full > 0 and full + int(dropped.group(1)) == over
 
 
-def test_render_pieces_join_to_the_full_render(tokenizer):
-    for row in rows(6):
-        conv = parse_row(row, "x")
-        pieces = render_pieces(tokenizer, conv)
-        full = tokenizer.apply_chat_template(conv.messages, add_generation_prompt=False, tools=conv.tools)
-        assert "".join(text for text, _ in pieces) == full
+def test_special_token_text_inside_a_message_stays_text(tokenizer):
+    """HTML's <s>strike</s> in an answer must not become bos / eos: the model would learn to stop mid-answer."""
+    row = {"messages": [{"role": "user", "content": "What does <s>old</s> mean?"},
+                        {"role": "assistant", "content": "It strikes <s>old</s> through."},
+                        {"role": "user", "content": "And </s>?"}, {"role": "assistant", "content": "Ends it."}]}
+    ids, trained = tokenize(tokenizer, parse_row(row, "x:1"))
+    assert tokenizer.decode(ids, skip_special_tokens=False) == tokenizer.apply_chat_template(
+        row["messages"], add_generation_prompt=False)
+    specials = [int(i) for i in ids if i in (tokenizer.bos_id, tokenizer.eos_id)]
+    assert specials == [tokenizer.eos_id] * 2  # the template's two end-of-turn tokens, nothing from the text
+    assert ids[trained].tolist().count(tokenizer.eos_id) == 2 and ids[trained][-1] == tokenizer.eos_id
+    # a template that rewrites message text cannot tell its special tokens from the messages': an error, not a guess
+    rewriting = Tokenizer(tokenizer.backend, chat_template=CHATML.replace("m['content'] or ''",
+                                                                          "(m['content'] or '') | replace('s', 'ss')"))
+    with pytest.raises(ConversationError, match=r"x:1: .*special token"):
+        tokenize(rewriting, parse_row(row, "x:1"))
 
 
 def test_held_out_conversations_come_from_the_file_or_a_separate_one(tmp_path, tokenizer):

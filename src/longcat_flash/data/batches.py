@@ -6,6 +6,8 @@ uninterrupted run would have drawn, at any data-parallel world size.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -64,6 +66,17 @@ def split_windows(batch: torch.Tensor | PackedBatch) -> tuple[torch.Tensor, torc
     return batch.tokens[:, :-1], targets, None if one_each else inputs_docs
 
 
+def array_digest(*arrays: np.ndarray, most: int = 1 << 24) -> str:
+    """sha256 of the arrays' shapes and contents, a resumed run's check that it trains on the same data. Of an
+    array over `most` elements, `most` spread evenly are read: a corpus of billions of tokens is not read whole."""
+    h = hashlib.sha256()
+    for array in arrays:
+        flat = np.asarray(array).reshape(-1)
+        h.update(repr(array.shape).encode())
+        h.update(np.ascontiguousarray(flat[:: max(1, len(flat) // most)][:most]).tobytes())
+    return h.hexdigest()[:32]
+
+
 class TokenDataset:
     """Windows of `seq_len + 1` tokens over one split of a flat token array (inputs = w[:-1], targets = w[1:]).
 
@@ -98,6 +111,10 @@ class TokenDataset:
 
     def __len__(self) -> int:
         return max(0, (len(self.tokens) - 1) // self.seq_len)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return array_digest(self.tokens)
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> torch.Tensor:
         """Windows `indices` as a (B, seq_len + 1) int64 tensor."""
@@ -156,16 +173,20 @@ class ResumableSampler:
         """This rank's (global_batch_size // world_size, seq_len + 1) slice of the next global batch."""
         return self.dataset.batch(self.next_indices(global_batch_size))
 
-    def state_dict(self) -> dict[str, int]:
-        """Position in the global order; independent of rank and world size."""
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "num_sequences": len(self.dataset)}
+    def state_dict(self) -> dict[str, int | str]:
+        """Position in the global order, and what it is a position in; independent of rank and world size."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "num_sequences": len(self.dataset),
+                "data_digest": self.dataset.digest}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
+    def load_state_dict(self, state: dict[str, int | str]) -> None:
         for key in ("seed", "num_sequences"):
             current = self.seed if key == "seed" else len(self.dataset)
             if state.get(key) != current:
                 raise ValueError(f"sampler state has {key}={state.get(key)!r} but this sampler has {current}; "
                                  f"it was saved for different data or a different seed")
+        if state.get("data_digest", self.dataset.digest) != self.dataset.digest:  # checkpoints before it lack it
+            raise ValueError("the training data differs from the data this run was checkpointed on (its windows' "
+                             "tokens do not match): resume with the same data and settings, or start a new run")
         if not 0 <= state["position"] < len(self.dataset):
             raise ValueError(f"sampler state position={state['position']} is outside [0, {len(self.dataset)})")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

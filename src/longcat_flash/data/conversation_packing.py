@@ -4,6 +4,7 @@ conversations; over-long ones truncated or skipped and counted; the train and he
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .batches import IGNORE, PackedBatch
+from .batches import IGNORE, PackedBatch, array_digest
 from .conversations import ChatTokenizer, read_conversations, tokenize
 
 PACK_LOOKBACK = 64  # open windows a conversation may go into (first fit among the newest ones)
@@ -51,6 +52,10 @@ class ConversationDataset:
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @functools.cached_property
+    def digest(self) -> str:
+        return array_digest(self.tokens, self.trained, self.documents)
 
     def batch(self, indices: Sequence[int] | np.ndarray) -> PackedBatch:
         idx = np.asarray(indices, dtype=np.int64)

@@ -56,7 +56,10 @@ class ChatTokenizer(Protocol):
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[dict[str, Any]] | None = None) -> str: ...
 
-    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]: ...
+    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[dict[str, Any]] | None = None, suffix: str = "") -> Any: ...
+
+    def encode_chat(self, chat: Any, cuts: Sequence[int] = ()) -> list[list[int]]: ...  # chat: render_chat's
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class Conversation:
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")  # as hub data sets name split files
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
+PANDAS_INDEX = re.compile(r"^__index_level_\d+__$")  # a DataFrame's index, kept as a column by pandas and datasets
 
 
 def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Conversation]:
@@ -93,6 +97,8 @@ def _row_files(pattern: str | Path) -> list[Path]:
         return files
     if not path.is_dir():
         return [path]
+    if listed := _saved_dataset_files(path):
+        return listed
     if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
         splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
         raise ValueError(f"{path} holds a `datasets` DatasetDict (splits: {splits}); give one split's folder")
@@ -106,6 +112,17 @@ def _row_files(pattern: str | Path) -> list[Path]:
         raise ValueError(f"{path} holds the files of several splits ({', '.join(splits)}); give one split's files: "
                          f"a file, a folder or a glob pattern such as '{path}/**/{splits[-1]}*' (quoted)")
     return files
+
+
+def _saved_dataset_files(path: Path) -> list[Path]:
+    """The files of a `datasets` save_to_disk folder, as its state.json lists them (none if it is not one): the
+    folder may also hold `cache-*.arrow` files that later map / filter calls wrote, which are not its rows."""
+    try:
+        listed = json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]
+        files = [path / entry["filename"] for entry in listed]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return files if files and all(file.is_file() for file in files) else []
 
 
 def _split_of(relative: Path) -> str | None:
@@ -129,6 +146,8 @@ def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
         yield from _json_rows(path)
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a .gz that is not gzip, or is cut short
         raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+    except UnicodeDecodeError as err:  # latin-1, UTF-16, or compressed without the .gz name
+        raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8, or name a gzip file *.gz") from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
@@ -143,6 +162,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     try:  # JSON Lines, also under .json (as `datasets`' to_json writes them)
         for number, row in jsonl_records(path):
             yield f"{path}:{number}", row
+    except UnicodeDecodeError:  # named with its file by _rows
+        raise
     except ValueError as err:  # a line that is not JSON
         raise ConversationError(str(err)) from None
 
@@ -156,21 +177,24 @@ def _arrow_rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
-    if path.suffix == ".parquet":
-        file = pq.ParquetFile(path)
-        schema = file.schema_arrow
-        batches = file.iter_batches(batch_size=1024, columns=[c for c in schema.names if c not in ignore])
-    else:
-        try:
+    what = "a readable Parquet file" if path.suffix == ".parquet" else "an Arrow stream as `datasets` writes them"
+    try:
+        if path.suffix == ".parquet":
+            file = pq.ParquetFile(path)
+            schema = file.schema_arrow
+            index = [c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
+            batches = file.iter_batches(batch_size=1024, columns=[c for c in schema.names
+                                                                  if c not in ignore and c not in index])
+        else:
             batches = pa.ipc.open_stream(pa.memory_map(str(path)))
-        except pa.ArrowInvalid as err:
-            raise ValueError(f"{path}: not an Arrow stream as `datasets` writes them ({err})") from None
-        schema = batches.schema
-    features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
-    rows = (row for batch in batches for row in batch.to_pylist())
-    for number, row in enumerate(rows, 1):
-        where = f"{path}:{number}"
-        yield where, {k: _json_features(v, features.get(k), where, k) for k, v in row.items()}
+            schema = batches.schema
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+        rows = (row for batch in batches for row in batch.to_pylist())
+        for number, row in enumerate(rows, 1):
+            where = f"{path}:{number}"
+            yield where, {k: _json_features(v, features.get(k), where, k) for k, v in row.items()}
+    except (pa.ArrowException, OSError) as err:  # not that format, or cut short
+        raise ValueError(f"{path}: not {what} ({err})") from None
 
 
 def _json_features(value: Any, feature: Any, where: str, name: str) -> Any:
@@ -212,7 +236,8 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     `system` column (how converted data sets mark "none"); content parts of type text are joined into one string;
     `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
     row = {k: v for k, v in _object(without_nulls(row), where, "row").items()
-           if k not in ignore and not (k in BLANK_IS_ABSENT and isinstance(v, str) and not v.strip())}
+           if k not in ignore and not (k in BLANK_IS_ABSENT and isinstance(v, str) and not v.strip())
+           and not PANDAS_INDEX.match(k)}
     if "messages" not in row and ("prompt" in row or "completion" in row):
         named, untrained = _prompt_completion(row, where)
     elif "messages" not in row and "conversations" in row:
@@ -505,35 +530,40 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
 
 # ---- rendering and tokenizing ----
 
-def render_pieces(tokenizer: ChatTokenizer, conversation: Conversation) -> list[tuple[str, bool]]:
-    """The conversation rendered with the chat template as (text, trained) pieces, joining to the full render.
+def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[Any, list[int], list[bool]]:
+    """The rendered conversation (`render_chat`), the offsets cutting it into pieces, whether each is trained.
 
     An assistant turn is what the template adds after the generation prompt of the messages before it, up to
     and including its end-of-turn token: exactly what the model writes when served. Found by rendering the
     prefixes, so any template that renders a conversation as an extension of its prefixes works."""
     messages, tools = conversation.messages, conversation.tools
-    full = tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=tools)
-    pieces, done = [], 0
+    try:
+        full = tokenizer.render_chat(messages, add_generation_prompt=False, tools=tools)
+    except ValueError as err:
+        raise ConversationError(f"{conversation.where}: {err}") from None
+    cuts, trained, done = [], [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
         prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
         turn = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tools=tools)
-        if not (len(prompt) >= done and turn.startswith(prompt) and full.startswith(turn)):
+        if not (len(prompt) >= done and turn.startswith(prompt) and full.text.startswith(turn)):
             raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
-        pieces += [(full[done:len(prompt)], False), (full[len(prompt):len(turn)], i not in conversation.untrained)]
+        cuts += [len(prompt), len(turn)]
+        trained += [False, i not in conversation.untrained]
         done = len(turn)
-    pieces.append((full[done:], False))
-    return [(text, trained) for text, trained in pieces if text]
+    return full, cuts, trained + [False]
 
 
 def tokenize(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N,), trained (N,) bool): the pieces encoded one by one (special tokens parsed, as the server
-    encodes a prompt), so no token straddles the start or end of an assistant turn."""
-    pieces = render_pieces(tokenizer, conversation)
-    encoded = tokenizer.encode_batch([text for text, _ in pieces], allow_special=True)
+    """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
+    as the server encodes a prompt), so no token straddles the start or end of an assistant turn."""
+    full, cuts, trained = turn_bounds(tokenizer, conversation)
+    bounds = [0, *cuts, len(full.text)]
+    kept = [t for t, start, end in zip(trained, bounds, bounds[1:]) if end > start]  # encode_chat drops empty ones
+    encoded = tokenizer.encode_chat(full, cuts)
     ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
-    trained = np.fromiter((t for piece, (_, t) in zip(encoded, pieces) for _ in piece), dtype=bool, count=len(ids))
-    return ids, trained
+    mask = np.fromiter((t for piece, t in zip(encoded, kept) for _ in piece), dtype=bool, count=len(ids))
+    return ids, mask

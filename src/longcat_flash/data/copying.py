@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .batches import IGNORE, PackedBatch, TokenDataset
+from .batches import IGNORE, PackedBatch, TokenDataset, array_digest
 
 RUN_LENGTHS = (8, 64)  # the shortest and longest run, in tokens
 
@@ -45,6 +45,12 @@ class CopyMix:
 
     def __len__(self) -> int:
         return len(self.base) + self.num_copies
+
+    @property
+    def digest(self) -> str:
+        """The base's, and what the copy windows are drawn from (they follow from it and the seed)."""
+        return array_digest(np.frombuffer(self.base.digest.encode(), np.uint8), self.token_ids,
+                            np.array([self.seed, self.num_copies]))
 
     @property
     def report(self) -> str:

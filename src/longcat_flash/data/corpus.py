@@ -160,8 +160,9 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def open_text(path: Path) -> TextIO:
-    """A UTF-8 text file, gzip-compressed when its name ends in .gz (as some data sets ship JSON Lines)."""
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else path.open(encoding="utf-8")
+    """A UTF-8 text file, gzip-compressed when its name ends in .gz (as some data sets ship JSON Lines); a byte
+    order mark at its start (Windows tools write one) is not part of the text."""
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else path.open(encoding="utf-8-sig")
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
