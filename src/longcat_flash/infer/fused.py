@@ -215,7 +215,9 @@ class FusedMoE(nn.Module):
 
     # The ScMoE layer's three phases; all the work happens in compute (nothing to overlap on one device).
     def begin(self, x: torch.Tensor) -> Any:
-        return x, *self.moe.router(x.reshape(-1, x.shape[-1]))
+        router, x_TD = self.moe.router, x.reshape(-1, x.shape[-1])
+        return x, *router.route(kernels.row_exact_linear(x_TD.float(), router.classifier.weight,
+                                                         router.classifier.bias))  # logits (T, E+Z)
 
     def compute(self, f: Any) -> Any:
         x, probs, ids, weights = f

@@ -83,6 +83,7 @@ MAX_ROWS_BEFORE_TILES = 8
 # The same for plain (unquantized) weights, against oneDNN's GEMM on them: bf16, 2 threads, the kernel reads
 # 1.1-1.8x as fast at 1 to 4 rows, about as fast at 8, 0.5-0.6x at 16 (its products, not the memory, bound it).
 MAX_DENSE_ROWS = 8
+MAX_EXACT_ROWS = 256  # row_exact_linear: beyond a decode batch's and a speculative verify's rows (prefill: GEMM)
 # Rows of one linear weight up to which the tile GEMM beats dequantize + oneDNN's GEMM (bf16, 2 threads, bench
 # preset shapes, int4 / int8): 1.1-1.5x at 128 rows, 0.97-1.07x at 256, 0.90-0.99x at 512, 0.79-0.88x at 1024.
 MAX_TILE_ROWS = 256
@@ -210,6 +211,17 @@ def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     if ext is None or weight.dtype is not x.dtype or not weight.is_contiguous():
         return F.linear(x, weight, bias)
     return _add(ext.dense_experts(x, None, weight), bias)
+
+
+def row_exact_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear(x, weight, bias) whose result for a row does not depend on the other rows, up to MAX_EXACT_ROWS
+    rows on CPU (the GEMV kernel; a GEMM picks its kernel and its sums' order by shape). The router's logits: a
+    token must get the same experts in a decode step of one row and in a speculative verify of several, or with
+    int8 activations a last-bit difference grows into another token. Plain F.linear elsewhere."""
+    ext = _cpu_ext(x, x.numel() // x.shape[-1], MAX_EXACT_ROWS)
+    if ext is None or weight.dtype is not x.dtype:
+        return F.linear(x, weight, bias)
+    return _add(ext.dense_experts(x.contiguous(), None, weight.contiguous()), bias)
 
 
 def dense_experts(x: torch.Tensor, counts: torch.Tensor, weight: torch.Tensor) -> torch.Tensor | None:

@@ -62,8 +62,11 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, D) -> probs (T, E+Z) fp32, ids (T, K), weights (T, K) fp32."""
-        logits = F.linear(x.float(), self.classifier.weight.float(),
-                          None if self.classifier.bias is None else self.classifier.bias.float())
+        return self.route(F.linear(x.float(), self.classifier.weight.float(),
+                                   None if self.classifier.bias is None else self.classifier.bias.float()))
+
+    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The routing of `forward` from the classifier's logits (T, E+Z), however they were computed."""
         probs = logits.softmax(dim=-1)  # (T, E+Z)
         with torch.no_grad():  # the bias only picks experts; it never shapes a gate value or a gradient
             ids = torch.topk(probs + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices

@@ -125,11 +125,15 @@ static const LayerPlan& plan_of(const pybind11::capsule& plan) {
 }
 
 // The model's Router (model/moe.py) as the same ATen ops in the same order, so the same experts and gate weights:
-// x (T, D) -> probs (T, E+Z), ids (T, K), weights (T, K).
+// x (T, D) -> probs (T, E+Z), ids (T, K), weights (T, K). The logits through the GEMV kernel, whose sums for a row
+// do not depend on the other rows (a GEMM's do): a decode step and a speculative verify route a token alike, as
+// FusedMoE.begin does.
 static std::vector<torch::Tensor> route(const torch::Tensor& x, const Tensors& t, const Numbers& f) {
   const auto& bias = t.at("router_bias");
-  const auto probs = at::linear(x.to(torch::kFloat), one(t, "router"), bias.empty() ? c10::nullopt
-                                : c10::optional<torch::Tensor>(bias[0])).softmax(-1);
+  // (a named vector: with a braced {tensor}, argument-dependent lookup would pick at::linear, a GEMM)
+  auto logits = linear(x.to(torch::kFloat).contiguous(), std::vector<torch::Tensor>{one(t, "router")});
+  if (!bias.empty()) logits = logits + bias[0];
+  const auto probs = logits.softmax(-1);
   const auto ids = std::get<1>(at::topk(probs + one(t, "correction"), static_cast<int64_t>(f.at("top_k")), -1,
                                         true, false));
   auto weights = probs.gather(1, ids);
