@@ -125,3 +125,27 @@ def test_tied_embeddings_round_trip(tmp_path):
     loaded = LongcatFlash.from_pretrained(tmp_path)
     assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
+
+
+def test_a_checkpoint_of_mixed_dtypes_loads_in_its_main_one(saved):
+    """A file with the norms in fp32 and the rest in bf16 (as some exporters write): loaded without a dtype, the
+    model is bf16 throughout (the router fp32, as always), so no matmul meets two dtypes."""
+    _, path = saved
+    tensors = load_file(path / "model.safetensors")
+    save_file({k: v.float() if "norm" in k else v.bfloat16() for k, v in tensors.items()}, path / "model.safetensors")
+    loaded = LongcatFlash.from_pretrained(path)
+    dtypes = {k: v.dtype for k, v in loaded.state_dict().items() if v.is_floating_point()}
+    assert {d for k, d in dtypes.items() if ".router." not in k} == {torch.bfloat16}
+    assert loaded(torch.randint(0, 256, (1, 5))).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("config, message", [
+    ([1, 2], "must hold a JSON object"),
+    ({"quantization_config": {"quant_method": "fp8"}}, "pre-quantized checkpoints are not loaded"),
+])
+def test_a_config_we_cannot_honour_is_refused_by_name(saved, config, message):
+    _, path = saved
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config if isinstance(config, list) else {**raw, **config}))
+    with pytest.raises(ValueError, match=message):
+        LongcatFlash.from_pretrained(path)

@@ -228,6 +228,11 @@ class ModelConfig:
         values: dict[str, Any] = {}
         rope: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling"}
+        if raw.get("quantization_config"):  # pre-quantized weights (the official FP8 release): scales we do not read
+            method = raw["quantization_config"].get("quant_method") if isinstance(raw["quantization_config"], dict) \
+                else None
+            raise ValueError(f"config.json: quantization_config (quant_method={method!r}): pre-quantized checkpoints "
+                             "are not loaded; use the bf16 checkpoint, quantized at load time with --quantize")
         for key, value in raw.items():
             key = _ALIASES.get(key, key)
             if key in ("rope_parameters", "rope_scaling"):
@@ -268,6 +273,8 @@ class ModelConfig:
             raw = json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(raw, dict):
+            raise ValueError(f"{path}: must hold a JSON object of config fields, not {type(raw).__name__}")
         return cls.from_dict(raw)
 
     def save_json(self, path: str | Path) -> None:

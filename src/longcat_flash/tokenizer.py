@@ -272,6 +272,8 @@ class Tokenizer:
         Without a config, special tokens are guessed from common names; without a template, the default is used.
         """
         path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"{path} does not exist (a model directory or a tokenizer.json)")
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {file}")

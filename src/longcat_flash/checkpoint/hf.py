@@ -14,6 +14,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 import os
 import re
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 FP32_KEYS = re.compile(r"\.mlp\.router\.")  # router weight and correction bias stay fp32 (docs/architecture.md §5.1)
 
 # official prefix <-> native prefix, for the MTP head (docs/architecture.md §3.3)
@@ -128,6 +130,22 @@ def _target_dtype(native: str, tensor: torch.Tensor, dtype: torch.dtype | None) 
     return dtype or tensor.dtype
 
 
+def checkpoint_dtype(path: Path) -> torch.dtype:
+    """The floating dtype holding most of the checkpoint's weights (read from the safetensors headers): a model
+    loaded without a dtype is in this one throughout, even where a file keeps a few tensors (norms) in another."""
+    sizes: dict[str, int] = {}
+    by_file: dict[Path, list[str]] = {}
+    for key, file in checkpoint_files(path).items():
+        by_file.setdefault(file, []).append(key)
+    for file, keys in by_file.items():
+        with _opened(file) as f:
+            for key in keys:
+                part = f.get_slice(key)
+                sizes[part.get_dtype()] = sizes.get(part.get_dtype(), 0) + math.prod(part.get_shape())
+    floating = {name: n for name, n in sizes.items() if name in SAFETENSORS_FLOATS}
+    return SAFETENSORS_FLOATS[max(floating, key=floating.get)] if floating else torch.float32
+
+
 def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size],
                     dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """Read an official checkpoint into native tensors on `device`, checking keys and shapes against `expected`.
@@ -192,7 +210,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     """Build the model from `config.json` on the meta device and load the official-layout safetensors in `path`
     straight onto `device` (no full copy on the CPU first).
 
-    dtype None keeps the checkpoint's dtype; the router is always fp32.
+    dtype None: the checkpoint's (the one most of its weights are in: checkpoint_dtype); the router is always fp32.
     """
     path = Path(path)
     if not path.is_dir():
@@ -201,7 +219,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     with torch.device("meta"):
         model = cls(cfg)
     device = torch.device(device)
-    state = load_state_dict(path, cfg, _expected_shapes(model), dtype, device)
+    state = load_state_dict(path, cfg, _expected_shapes(model), dtype or checkpoint_dtype(path), device)
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight

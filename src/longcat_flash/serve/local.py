@@ -85,6 +85,8 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         if line.strip() == "/reset":
             messages = messages[:1] if system else []
             continue
+        if not line.strip():  # an empty line asks nothing
+            continue
         messages.append({"role": "user", "content": line})
         prompt = tokenizer.encode_chat(tokenizer.render_chat(messages))[0]
         if len(prompt) >= engine.max_context:
