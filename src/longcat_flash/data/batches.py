@@ -203,7 +203,8 @@ def validation_batches(dataset: TokenDataset, global_batch_size: int, *, max_bat
     n_batches = len(dataset) // global_batch_size
     if n_batches == 0:
         raise ValueError(f"the {dataset.split} split has {len(dataset)} windows, fewer than "
-                         f"global_batch_size={global_batch_size}; raise val_fraction or lower the batch size")
+                         f"global_batch_size={global_batch_size}; hold out more (data.val_fraction, or more "
+                         f"rows in sft.val_data) or lower data.batch_size")
     n_batches = n_batches if max_batches is None else min(n_batches, max_batches)
     starts = range(0, n_batches * global_batch_size, global_batch_size)
     return (dataset.batch(np.arange(start, start + global_batch_size)[rows]) for start in starts)

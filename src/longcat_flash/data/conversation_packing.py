@@ -121,10 +121,14 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
     """The train and validation windows: conversations in a seeded order (the validation share taken from the
     front when there is no separate val_data), each split packed on its own."""
     conversations = read_conversations(data, ignore)
+    if not conversations:
+        raise ValueError(f"{data}: no conversations in it")
     order = np.random.default_rng([seed, 1]).permutation(len(conversations))
     conversations = [conversations[i] for i in order]
     if val_data is not None:
         held_out = read_conversations(val_data, ignore)
+        if not held_out:
+            raise ValueError(f"{val_data}: no conversations in it")
     else:
         n_val = max(1, round(len(conversations) * val_fraction))
         if n_val >= len(conversations):

@@ -340,7 +340,7 @@ def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
 def _weight(message: dict[str, Any], where: str, name: str) -> int:
     """An assistant message's `weight` (OpenAI's fine-tuning format): 1 (the default) trains on it, 0 does not."""
     weight = message.get("weight", 1)
-    if weight not in (0, 1) or isinstance(weight, float):
+    if isinstance(weight, bool) or weight not in (0, 1):  # 1.0 too: a column pandas made float
         raise _fail(where, name, f"must be 0 or 1, got {weight!r:.60}")
     return int(weight)
 
@@ -443,8 +443,11 @@ def _content(value: Any, where: str, name: str) -> str:
     """A string, or a list of {"type": "text", "text": ...} parts joined into one."""
     if isinstance(value, str):
         return value
+    if not isinstance(value, (list, tuple)):
+        raise _fail(where, name, f"must be a string or a list of text parts, got {type(value).__name__} "
+                                 f"{value!r:.60}")
     parts = []
-    for i, part in enumerate(_list(value, where, name)):
+    for i, part in enumerate(value):
         part = _object(part, where, f"{name}[{i}]")
         if part.get("type") != "text":
             raise _fail(where, f"{name}[{i}].type", f"{part.get('type')!r} is not supported (only text parts)")
@@ -503,8 +506,13 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
 
 
 def _tools(raw: Any, where: str, field: str = "tools") -> list[dict[str, Any]]:
-    """A row's `tools` (or legacy `functions`): a list, or a JSON string holding one, of tools."""
-    return [_tool(t, where, f"{field}[{i}]") for i, t in enumerate(_list(_decoded(raw, where, field), where, field))]
+    """A row's `tools` (or legacy `functions`): a list, or a JSON string holding one, of tools with distinct names
+    (as the server requires: a call could not say which of two it means)."""
+    tools = [_tool(t, where, f"{field}[{i}]") for i, t in enumerate(_list(_decoded(raw, where, field), where, field))]
+    names = [tool["function"]["name"] for tool in tools]
+    if dup := next((n for i, n in enumerate(names) if n in names[:i]), None):
+        raise _fail(where, field, f"two tools are named {dup!r}")
+    return tools
 
 
 def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
