@@ -8,6 +8,7 @@ import torch
 from ..checkpoint.hf import LongcatFlash
 from ..device import fast_bf16, resolve_device, use_device
 from ..model import Transformer
+from . import kernels
 from .fused import fuse_for_inference
 from .quant import (
     KEEP_SENSITIVE,
@@ -56,6 +57,8 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     if asked is None and model.lm_head.weight.dtype == torch.bfloat16 and not fast_bf16(device):
         model.float()  # auto: bf16 matmuls here would be 6-20x slower than fp32 ones (device.fast_bf16)
     fuse_for_inference(model)
+    if device.type == "cpu":
+        kernels.kernel_available()  # a first build of the compiled kernels (a minute) happens here, not in a request
     report = None
     if fmt:
         calibration = None if calibration is None else calibration.to(device)
