@@ -144,6 +144,19 @@ def test_burst_of_concurrent_clients_never_gets_5xx(server):
     assert set(statuses) <= {200, 429}
 
 
+def test_a_non_streamed_request_whose_client_left_is_cancelled_while_it_generates(server):
+    """The engine sends output every step, so the disconnect must be checked on a clock, not in output gaps."""
+    base = server[0]
+    cancelled = metric(base, "longcat_requests_cancelled_total")
+    body = {"model": "tiny", "prompt": PROMPT, "max_tokens": 480, "ignore_eos": True, "n": 4}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.5)
+    deadline = time.time() + 20
+    while time.time() < deadline and metric(base, "longcat_requests_cancelled_total") < cancelled + 4:
+        time.sleep(0.1)
+    assert metric(base, "longcat_requests_cancelled_total") >= cancelled + 4
+
+
 @pytest.mark.parametrize("copies", [{}, {"prompt": [PROMPT, "x"], "n": 3}])
 def test_disconnected_client_is_cancelled_and_frees_its_pages(server, copies):
     base = server[0]

@@ -168,3 +168,11 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(client):
     status, body = _chat(client, messages=[{"role": "user", "content": "a" * (CONTEXT * tokenizer.max_token_chars)}])
     assert status == 400 and body["error"]["code"] == "context_length_exceeded"
     assert "characters cannot fit" in body["error"]["message"]
+
+
+def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(client):
+    """An idle server with max_waiting=16 could never admit 17 prompts at once: every retry of a 429 would fail."""
+    body = {"model": "tiny", "prompt": [f"x{i}" for i in range(17)], "max_tokens": 1}
+    r = client.post("/v1/completions", json=body, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prompts"
+    assert client.post("/v1/completions", json={**body, "prompt": body["prompt"][:16]}, headers=AUTH).status_code == 200

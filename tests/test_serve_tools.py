@@ -80,6 +80,16 @@ def test_round_trip_with_the_tool_result_in_history(client):
     assert answer["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_reply_cut_by_max_tokens_finishes_with_length_even_after_a_call(client):
+    """The call is whole at its 8th token, the turn's end (eos) would be the 9th: an agent must see the cut."""
+    whole = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED).json()
+    assert whole["choices"][0]["finish_reason"] == "tool_calls" and whole["usage"]["completion_tokens"] == 9
+    cut = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED, max_tokens=8).json()["choices"][0]
+    [call] = cut["message"]["tool_calls"]
+    assert cut["finish_reason"] == "length" and call["function"] == whole["choices"][0]["message"]["tool_calls"][0][
+        "function"]
+
+
 def test_parallel_tool_calls_off_stops_after_the_first_call(client):
     r = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED, parallel_tool_calls=False).json()
     assert r["choices"][0]["finish_reason"] == "tool_calls" and len(r["choices"][0]["message"]["tool_calls"]) == 1

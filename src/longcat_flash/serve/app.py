@@ -37,6 +37,7 @@ from .text import TextState
 from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools
 
 log = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 5  # seconds open responses get to finish once the server is told to stop
 
 
 @dataclass(frozen=True)
@@ -50,12 +51,14 @@ class ServerConfig:
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
+        self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(p.ErrorResponse(error=self.body).model_dump(), status_code=self.status)
+        return JSONResponse(p.ErrorResponse(error=self.body).model_dump(), status_code=self.status,
+                            headers=self.headers)
 
 
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-z]*)$")  # pydantic's tags, not fields
@@ -124,7 +127,12 @@ class Generation:
 
     async def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[list[Copy]]:
         """Queue every (prompt, copies' params) job at once, so the engine takes them in one step; all or none:
-        if one is refused, the others are cancelled and the refusal becomes the HTTP error."""
+        if one is refused, the others are cancelled and the refusal becomes the HTTP error. More prompts than the
+        engine's queue holds could never be admitted: a 400, not a 429 that every retry would get again."""
+        if len(jobs) > self.bridge.max_waiting:
+            raise APIError(400, f"prompt: {len(jobs)} prompts in one request; this server queues at most "
+                                f"{self.bridge.max_waiting} (--max-waiting): send fewer at a time", param="prompt",
+                           code="too_many_prompts")
         results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
                                        return_exceptions=True)
         groups = [[Copy(rid, outputs) for rid, outputs in r] for r in results if not isinstance(r, BaseException)]
@@ -134,7 +142,8 @@ class Generation:
         self.close(copy for group in groups for copy in group)
         err = errors[0]
         if isinstance(err, QueueFull):
-            raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full") from None
+            raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
         if isinstance(err, ValueError):
             raise APIError(400, str(err), param="prompt") from None
         if isinstance(err, RuntimeError):
@@ -158,14 +167,18 @@ class Generation:
         by Starlette when its client leaves, which lands in the `finally` just the same. A stop string in the text
         ends the request here, off the engine's thread, which then drops it before its next step.
         """
+        loop = asyncio.get_running_loop()
+        next_check = loop.time() + self.config.disconnect_poll_s
         try:
             while copy.open and not text.stopped:
-                try:
-                    timeout = None if request is None else self.config.disconnect_poll_s
-                    item = await asyncio.wait_for(copy.outputs.get(), timeout=timeout)
-                except asyncio.TimeoutError:
+                if request is not None and loop.time() >= next_check:  # on a clock: outputs may never pause
                     if await request.is_disconnected():
                         return
+                    next_check = loop.time() + self.config.disconnect_poll_s
+                try:
+                    timeout = None if request is None else max(0.0, next_check - loop.time())
+                    item = await asyncio.wait_for(copy.outputs.get(), timeout=timeout)
+                except asyncio.TimeoutError:
                     continue
                 if isinstance(item, EngineFailed):
                     copy.open = False
@@ -482,14 +495,15 @@ async def _parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: To
                   ) -> AsyncIterator[tuple[list[Event], str | None, int]]:
     """`Generation.pieces` read through the tool-call parser: (events, finish reason or None, tokens so far).
 
-    The reason is `tool_calls` once a call was made. With parallel calls off, the first complete call ends the
+    The reason is `tool_calls` once a call was made, unless `max_tokens` or the context cut the reply (`length`,
+    as OpenAI reports a cut, calls made or not). With parallel calls off, the first complete call ends the
     request: closing `pieces` cancels it on the engine, so the tokens after the closing tag are never generated.
     """
     try:
         async for delta, reason, n in pieces:
             events = parser.feed(delta)
             if parser.done or reason:
-                yield events + parser.finish(), "tool_calls" if parser.calls else reason, n
+                yield events + parser.finish(), "tool_calls" if parser.calls and reason != "length" else reason, n
                 return
             yield events, None, n
     finally:
@@ -531,6 +545,9 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
                           api_key=api_key, max_body_bytes=max_body_bytes)
     try:
-        uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning")
+        # open streams get SHUTDOWN_GRACE_S to finish, then are cut: a stream of thousands of tokens must not hold
+        # a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
+        uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning",
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
     finally:
         bridge.stop()

@@ -16,6 +16,7 @@ import threading
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
+from typing import Any
 
 from ..infer.engine import Engine, EngineConfig
 from ..infer.grammar import GrammarCompiler, GrammarError
@@ -47,7 +48,7 @@ class EngineProcess(Bridge):
         if kind == "failed":
             self.process.join()
             raise info[0]
-        self.vocab_size, self.context = info
+        self.vocab_size, self.context, self.max_waiting = info
         self._send_lock = threading.Lock()
         threading.Thread(target=self._read, name="longcat-engine-reader", daemon=True).start()
 
@@ -96,8 +97,15 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
         except Exception:  # an error that does not pickle
             conn.send(("failed", RuntimeError(f"{type(err).__name__}: {err}")))
         return
-    conn.send(("ready", engine.vocab_size, model.config.max_position_embeddings))
-    loop = EngineLoop(engine, conn.send)
+    conn.send(("ready", engine.vocab_size, model.config.max_position_embeddings, engine.config.max_waiting))
+
+    def send(batch: Any) -> None:
+        try:
+            conn.send(batch)
+        except (OSError, ValueError):  # the parent is gone (killed, or exited mid-stream): nothing left to serve
+            loop.stop()
+
+    loop = EngineLoop(engine, send)
 
     def receive() -> None:
         try:
@@ -110,7 +118,7 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
                     except GrammarError as err:  # compiled once already, by the parent: only a time-out lands here
                         message = ("refuse", token, err)
                 loop.post(message)
-        except EOFError:  # the parent is gone
+        except (EOFError, OSError):  # the parent is gone
             pass
         finally:
             loop.stop()
