@@ -54,6 +54,8 @@ def assert_same_curve(run: Path, ref: Path) -> None:
     assert sorted(got) == list(range(1, 13))
     assert max(abs(got[s]["loss"] - want[s]["loss"]) for s in want) <= 1e-4, \
         [(s, got[s]["loss"], want[s]["loss"]) for s in want]
+    for key in ("ffn_experts_per_token", "ffn_experts_std"):  # over all ranks' tokens, not a mean of ranks' own
+        assert max(abs(got[s][key] - want[s][key]) for s in want) <= 0.01, [(got[s][key], want[s][key]) for s in want]
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -70,6 +70,28 @@ def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path
     assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
 
 
+def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path):
+    (tmp_path / "file").write_text("x")
+    assert "--out" in run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "file")) and "is a file" in \
+        run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "file"))
+    assert "--ep and --dp must be at least 1" in run_cli("train", "--preset", "tiny", "--ep", "0")
+    assert "seq_len must be >= 2 while the MTP head trains" in run_cli("train", "--preset", "tiny", "--set",
+                                                                        "data.seq_len=1")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")  # a model or a run lives here: init must not overwrite it
+    assert "not an empty directory" in run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "run"))
+    assert (tmp_path / "run" / "config.json").read_text() == "{}"
+
+
+def test_a_metrics_file_cut_short_by_a_kill_reads_up_to_its_last_whole_line(tmp_path: Path):
+    lines = ['{"step": 1, "loss": 7.0}', '{"step": 2, "loss": 6.5}']
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "lo')
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2]
+    (tmp_path / "metrics.jsonl").write_text(lines[0] + "\n{oops\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match=r"metrics.jsonl:2: not a JSON record"):
+        read_metrics(tmp_path)
+
+
 def native_box():
     import torch
     return torch.nn.Linear(1, 1)
@@ -109,3 +131,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path: P
 
     assert losses("killed") == losses("full"), f"diverged after resuming from {killed_at}"
     assert len(losses("full")) == 30
+    behind = subprocess.run([sys.executable, "-m", "longcat_flash.cli", "train", "--resume", str(tmp_path / "killed"),
+                             "--max-steps", "20", "--no-progress"], env=env, capture_output=True, text=True)
+    assert behind.returncode == 1 and "checkpoint is at step 30, past max_steps=20" in behind.stderr
+    assert len(losses("killed")) == 30  # its metrics untouched

@@ -88,9 +88,16 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_explain)
 
 
+def _new_or_directory(out: str | Path | None) -> None:
+    """An --out that names a file would fail deep inside with an OS error; say so up front."""
+    if out is not None and Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"--out {out} is a file, not a directory")
+
+
 def _run_explain(args: argparse.Namespace) -> None:
     from .analysis.explain import explain_command
 
+    _new_or_directory(args.out)
     print(explain_command(args.model, args.text, args.out, as_json=args.json, device=args.device))
 
 
@@ -172,7 +179,13 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(describe(cfg))
         return
+    if args.ep < 1 or (args.dp is not None and args.dp < 1):
+        raise ValueError(f"--ep and --dp must be at least 1, got --ep {args.ep} --dp {args.dp}")
+    _new_or_directory(out)
     device = distributed.init(args.device)  # a process group only when launched by torchrun
+    if args.dp is None and distributed.world_size() % args.ep:
+        raise ValueError(f"--ep {args.ep} must divide the world size {distributed.world_size()} (processes started "
+                         "by torchrun)")
     mesh = distributed.build_mesh(args.dp or distributed.world_size() // args.ep, args.ep, device)
     try:
         summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
@@ -201,6 +214,7 @@ def _run_grow(args: argparse.Namespace) -> None:
 
     from .device import resolve_device
 
+    _new_or_directory(args.out)
     print(f"grown x{args.factor}: {grow_run(args.src, args.out, args.factor, device=resolve_device(args.device))}")
 
 
@@ -226,7 +240,10 @@ def _run_init(args: argparse.Namespace) -> None:
 
     from .device import resolve_device
 
-    print(init_checkpoint(get_preset(args.preset), args.out, dtype=getattr(torch, args.dtype), seed=args.seed,
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(f"--out {out} already exists and is not an empty directory; choose another --out")
+    print(init_checkpoint(get_preset(args.preset), out, dtype=getattr(torch, args.dtype), seed=args.seed,
                           device=resolve_device(args.device)))
 
 

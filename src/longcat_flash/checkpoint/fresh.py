@@ -8,6 +8,7 @@ bytes + 3 special tokens); unused ids are harmless, as in released models that p
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -30,6 +31,10 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
     """
     with torch.device("meta"):
         model = LongcatFlash(cfg)
+    need, have = model.num_parameters() * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if torch.device(device).type == "cpu" and need > have:  # fp32 first, cast when saved
+        raise ValueError(f"a model of {model.num_parameters() / 1e9:.1f}B parameters needs {need / 2**30:.0f} GiB "
+                         f"in fp32; this machine has {have / 2**30:.0f} GiB")
     torch.manual_seed(seed)  # after the meta build, which draws nothing, so it cannot shift the stream
     if model.num_parameters() > DIRECT_MAX_PARAMS:
         model.to_empty(device=device)

@@ -191,11 +191,18 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or longcat-flash[dev])") from err
-    parquet = pq.ParquetFile(path)
+    try:
+        parquet = pq.ParquetFile(path)
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
     if text_field not in parquet.schema_arrow.names:
         raise ValueError(f"{path}: no text_field column {text_field!r} (has {parquet.schema_arrow.names})")
+    kind = parquet.schema_arrow.field(text_field).type
+    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+        raise ValueError(f"{path}: column {text_field!r} must hold strings, not {kind}")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         yield from (text for text in batch.column(0).to_pylist() if text is not None)

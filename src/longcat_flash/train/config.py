@@ -243,6 +243,8 @@ class TrainConfig:
                    f"in (0, model.moe_topk={m.moe_topk}) with zero experts, == moe_topk without")
         _check(self.loss.mtp_weight == 0 or m.num_nextn_predict_layers == 1, "loss", "mtp_weight",
                self.loss.mtp_weight, "0 for a model without an MTP head (model.num_nextn_predict_layers=0)")
+        _check(self.loss.mtp_weight == 0 or self.data.seq_len >= 2, "data", "seq_len", self.data.seq_len,
+               ">= 2 while the MTP head trains (it predicts two tokens ahead; or set loss.mtp_weight=0)")
 
     @property
     def ffn_expert_target(self) -> float:

@@ -12,6 +12,8 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ..files import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 # What the progress bar shows, in order, with its short label.
 CONSOLE = (("loss", "loss"), ("val_loss", "val"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
@@ -19,9 +21,20 @@ CONSOLE = (("loss", "loss"), ("val_loss", "val"), ("lr", "lr"), ("tokens_per_s",
 
 
 def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl (or of the one in run directory `path`). A last line cut short (the run
+    was killed, or the disk filled, mid-write) is left out; a bad line before it is an error naming it."""
     path = Path(path)
     file = path / METRICS_FILE if path.is_dir() else path
-    return [json.loads(line) for line in file.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(file.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as err:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{file}:{number}: not a JSON record ({err.msg})") from None
+    return records
 
 
 class MetricsLog:
@@ -30,7 +43,7 @@ class MetricsLog:
         """start_step: optimizer steps already done (lines for later steps, from a killed run, are dropped)."""
         self.path = out / METRICS_FILE
         kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if self.path.exists() else []
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a kill now keeps the old file
         self.file = self.path.open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress,
                         dynamic_ncols=True)

@@ -187,18 +187,22 @@ class _Accumulator:
     def metrics(self, mesh: DeviceMesh | None, grad_norm: torch.Tensor) -> dict[str, Any]:
         """Every value averaged over the ranks (equal slices of the global batch: the mean of per-rank means is
         the global mean; the global gradient norm is the same on every rank) in one all-reduce, then read to the
-        host, with the gradient norm, in one copy."""
+        host, with the gradient norm, in one copy. The experts' spread over tokens comes from the global mean and
+        mean square of each layer's counts, so it is the same at any world size."""
         named = {"loss": "total", "lm_loss": "lm", "mtp_loss": "mtp", "z_loss": "z", "balance_loss": "balance"}
         present = {key: term for key, term in named.items() if getattr(self.terms[0], term) is not None}
-        ffn = torch.cat(self.ffn, dim=1).float()  # (L, T)
+        ffn = torch.cat(self.ffn, dim=1).float()  # (L, T) this rank's tokens
         values = [torch.stack([getattr(t, term) for t in self.terms]).detach().float().mean()
                   for term in present.values()]
-        values += [torch.stack(self.hidden_norm).mean(), ffn.mean(), ffn.std(dim=1).mean(),
-                   grad_norm.detach().float().to(ffn.device)]
-        host = distributed.average(torch.cat([torch.stack(values), ffn.mean(dim=1)]), mesh).tolist()
-        keys = [*present, "hidden_norm", "ffn_experts_per_token", "ffn_experts_std", "grad_norm"]
-        return {**dict.fromkeys(named), **dict(zip(keys, host)),
-                "ffn_experts_per_layer": [round(v, 4) for v in host[len(keys):]]}
+        values += [torch.stack(self.hidden_norm).mean(), ffn.mean(), grad_norm.detach().float().to(ffn.device)]
+        host = distributed.average(torch.cat([torch.stack(values), ffn.mean(dim=1), ffn.pow(2).mean(dim=1)]),
+                                   mesh).tolist()
+        keys = [*present, "hidden_norm", "ffn_experts_per_token", "grad_norm"]
+        L, n = ffn.shape[0], ffn.shape[1] * (1 if mesh is None else mesh.size())  # layers, tokens of all ranks
+        means, squares = host[len(keys):len(keys) + L], host[len(keys) + L:]
+        stds = [math.sqrt(max(0.0, sq - m * m) * n / max(1, n - 1)) for m, sq in zip(means, squares)]  # unbiased
+        return {**dict.fromkeys(named), **dict(zip(keys, host)), "ffn_experts_std": sum(stds) / L,
+                "ffn_experts_per_layer": [round(v, 4) for v in means]}
 
 
 @torch.no_grad()
@@ -242,6 +246,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     run = setup(cfg, Path(out), resume=resume, progress=progress and main, mesh=mesh, overlap=overlap,
                 device=torch.device(device))
     cfg, state = run.cfg, run.state
+    if state.step > cfg.max_steps:
+        raise ValueError(f"{out}'s checkpoint is at step {state.step}, past max_steps={cfg.max_steps}: resume with "
+                         f"--max-steps of at least {state.step}")
     log = MetricsLog(run.out, state.step, cfg.max_steps, tensorboard=cfg.tensorboard, progress=progress) if main \
         else _Silent()
     log.note(_header(run))
