@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import torch
-from infer_common import table
+from infer_common import bench_checkpoint, table
 
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
@@ -55,6 +55,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--quantize", default=None, choices=[None, "int8", "fp8", "int4", "int4-mixed"])
     args = parser.parse_args()
+    args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     model, _ = load_for_inference(args.model, quantize=args.quantize)

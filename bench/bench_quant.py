@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from infer_common import table
+from infer_common import bench_checkpoint, table
 
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.kernels import MAX_KERNEL_ROWS
@@ -80,6 +80,7 @@ def main() -> None:
     parser.add_argument("--keep-fraction", type=float, default=KEEP_SENSITIVE,
                         help="fraction of units kept at int8 in the int4-mixed run")
     args = parser.parse_args()
+    args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     calibration = held_out(tokenizer, 2048, skip=args.tokens)[None]  # disjoint from the scored tokens

@@ -575,6 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     cfg = train_config(args.preset, args.batch, args.seq, args.steps)
     deterministic_mode(cfg.deterministic, device)  # before any GPU work: cuBLAS reads its workspace setting once
+    if args.work_dir is not None:
+        args.work_dir.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gpu_check-", dir=args.work_dir))
     ctx = Context(args, device, cfg, work, markov_batches(cfg.model.vocab_size, args.steps, args.batch, args.seq))
     report: dict[str, Any] = {"config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},

@@ -22,6 +22,8 @@ DEFAULT_DIR = Path.home() / ".cache" / "longcat_flash" / "bench"
 def bench_checkpoint(model: str | None, preset: str = "bench") -> Path:
     """The checkpoint to benchmark: --model, or a cached `longcat init --preset bench` (random bf16 weights)."""
     if model:
+        if not (Path(model) / "config.json").is_file():
+            raise SystemExit(f"--model {model}: not a checkpoint directory (no config.json)")
         return Path(model)
     path = DEFAULT_DIR / preset
     if not (path / "config.json").is_file():

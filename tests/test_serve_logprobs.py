@@ -43,6 +43,20 @@ def forward_logprobs(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
     return logprobs[:-1].gather(-1, torch.tensor(ids[1:])[:, None])[:, 0]
 
 
+def test_a_prompt_filling_the_whole_context_can_be_scored_but_not_continued(served):
+    """lm_eval's loglikelihood sends windows of exactly the context with max_tokens 0: nothing to generate."""
+    client, model, _, _ = served
+    context = model.config.max_position_embeddings
+    ids = torch.randint(3, 256, (context,), generator=torch.Generator().manual_seed(0)).tolist()
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True,
+                                             "logprobs": 0})
+    assert r.status_code == 200, r.text
+    ours = torch.tensor(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:], dtype=torch.float32)
+    torch.testing.assert_close(ours, forward_logprobs(model, ids), atol=1e-3, rtol=0)
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_prompt_logprobs_equal_the_models_forward(served):
     client, model, tokenizer, _ = served
     prompts = [tokenizer.encode(text) for text in TEXTS]

@@ -70,11 +70,15 @@ def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path
     assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
 
 
-def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path):
+def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path, capsys):
     (tmp_path / "file").write_text("x")
     assert "--out" in run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "file")) and "is a file" in \
         run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "file"))
     assert "--ep and --dp must be at least 1" in run_cli("train", "--preset", "tiny", "--ep", "0")
+    assert "longcat sft --model DIR --data FILE" in run_cli("train", "--preset", "sft")  # not a pre-training recipe
+    assert "is a directory" in run_cli("data", "tools", "--out", str(tmp_path), "--n", "2")
+    assert run_cli("serve", "--model", str(tmp_path), "--port", "99999") == "2"  # a usage error, not another port
+    assert "a TCP port is 0..65535, got 99999" in capsys.readouterr().err
     assert "seq_len must be >= 2 while the MTP head trains" in run_cli("train", "--preset", "tiny", "--set",
                                                                         "data.seq_len=1")
     (tmp_path / "run").mkdir()

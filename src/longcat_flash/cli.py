@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -174,6 +175,8 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError("longcat sft needs --model DIR and --data FILE (or --resume RUN_DIR)")
     flags = [f"{key}={getattr(args, name)}" for name, key in args.flag_fields.items()
              if getattr(args, name) is not None]
+    if args.command == "train" and args.preset == "sft":
+        raise ValueError("the sft recipe fine-tunes a model on conversations: longcat sft --model DIR --data FILE")
     preset = args.preset if args.command == "train" else None if args.resume else args.preset_name
     cfg = build_config(preset, flags + args.overrides, resume_config(out) if args.resume else None)
     if args.print_config:
@@ -314,7 +317,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
     _add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: directory name)")
     p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
@@ -322,6 +325,13 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--cache-tokens", type=int, default=65536, help="KV cache pool size in tokens")
     p.add_argument("--max-request-mb", type=float, default=32, help="largest request body taken (413 above it)")
     p.set_defaults(run=_run_serve)
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {port}")
+    return port
 
 
 def _run_serve(args: argparse.Namespace) -> None:
@@ -391,7 +401,11 @@ def main(argv: list[str] | None = None) -> None:
     except DeviceError as err:  # a usage error, like a bad flag: status 2
         print(f"longcat {args.command}: {err}", file=sys.stderr)
         sys.exit(2)
-    except (ValueError, FileNotFoundError, KeyError) as err:
+    except BrokenPipeError:  # the reader left (`longcat ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+            KeyError) as err:
         sys.exit(f"longcat {args.command}: {err}")
 
 

@@ -97,7 +97,8 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
     if not bins:
         raise ValueError(f"sft {split}: no conversation to train on ({stats.conversations} read, {stats.skipped} "
                          f"skipped as longer than {window} tokens, {stats.untrained} without an assistant token "
-                         f"within them); raise data.seq_len or use sft.overlong=truncate")
+                         f"within them); raise data.seq_len"
+                         f"{' or use sft.overlong=truncate' if overlong == 'skip' else ''}")
     tokens = np.full((len(bins), window), pad_id, dtype=np.int32)
     trained_out = np.zeros((len(bins), window), dtype=bool)
     documents = np.zeros((len(bins), window), dtype=np.int32)

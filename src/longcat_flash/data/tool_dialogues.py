@@ -8,6 +8,7 @@ from word lists in this file with one `random.Random` per (split, seed): same se
 """
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import zlib
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from ..files import atomic_write
 
 SPLITS = ("train", "heldout")
 CASES = ("single", "no_tool", "multi_turn", "parallel")
@@ -351,9 +354,12 @@ def write_conversations(out: str | Path, n: int, seed: int, split: str = "train"
     out = Path(out)
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
-    rows = list(iter_conversations(n, seed, split, tools_per_conversation))  # arguments checked before writing
-    with out.open("w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a directory; name the JSONL file to write")
+    rows = iter_conversations(n, seed, split, tools_per_conversation)
+    first = next(rows)  # the arguments are checked here, before anything is written
+    with atomic_write(out) as tmp, tmp.open("w", encoding="utf-8") as f:  # streamed: any n fits in memory
+        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in itertools.chain([first], rows))
     return out
 
 

@@ -101,6 +101,8 @@ class Engine:
         cfg = model.config
         dtype, self.device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
         k = self.config.speculative
+        if k < 0:
+            raise ValueError(f"speculative: MTP draft tokens per step must be >= 0 (0: off), got {k}")
         cache_cfg = CacheConfig.for_model(cfg, max_tokens=self.config.cache_tokens, page_size=self.config.page_size,
                                           with_mtp=k > 0, dtype=dtype)
         self.cache = PagedLatentCache(cache_cfg, device=self.device, absorb_max_tokens=self.config.absorb_max_tokens)
@@ -125,7 +127,7 @@ class Engine:
         Only the first copy enters the queue: the prompt is prefilled once, then the others fork its pages, so n
         samples cost one prefill and one prompt's worth of cache. Raises ValueError or QueueFull for all of them.
         """
-        self._validate(prompt)
+        self._validate(prompt, scoring=all(sp.max_new_tokens == 0 for sp in params))
         if any(token >= self.vocab_size for sp in params for token, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         reqs = [self._request(prompt, sp, stop) for sp, stop in zip(params, stops or [None] * len(params))]
@@ -142,10 +144,12 @@ class Engine:
         matcher = params.grammar.matcher() if params.grammar is not None else None
         return Request(seq, params, params.generator(self.device), max_len, stop, matcher=matcher)
 
-    def _validate(self, prompt: list[int]) -> None:
+    def _validate(self, prompt: list[int], scoring: bool = False) -> None:
+        """`scoring`: nothing is generated (max_new_tokens 0, for the prompt's logprobs), so the prompt may fill
+        the whole context."""
         if not prompt:
             raise ValueError("prompt must hold at least one token")
-        if len(prompt) >= self.max_context:
+        if len(prompt) > self.max_context or (len(prompt) == self.max_context and not scoring):
             raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_context}, which leaves "
                              "no room to generate")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:

@@ -93,7 +93,7 @@ class Generation:
         if body.model != self.config.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; use {self.config.model_name!r}",
                            param="model", code="model_not_found")
-        if len(prompt) >= context:
+        if len(prompt) > context or (len(prompt) == context and limit != 0):  # max_tokens 0: scored, may fill it
             raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens",
                            param=param, code="context_length_exceeded")
         limit = context - len(prompt) if limit is None else limit
@@ -545,6 +545,8 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
                           api_key=api_key, max_body_bytes=max_body_bytes)
     try:
+        print(f"longcat serve: {config.model_name} on http://{host}:{port}/v1 (OpenAI API; /health, /metrics)",
+              flush=True)
         # open streams get SHUTDOWN_GRACE_S to finish, then are cut: a stream of thousands of tokens must not hold
         # a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
         uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning",
