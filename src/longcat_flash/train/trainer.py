@@ -274,8 +274,8 @@ def _header(run: Run) -> str:
     return (f"{start}: {run.model.num_parameters() / 1e6:.1f}M parameters ({m.num_layers} layers, "
             f"{m.n_routed_experts} FFN + {m.zero_expert_num} zero experts, top-{m.moe_topk}, K_e "
             f"{cfg.ffn_expert_target:g}); {tokens} tokens/step, {cfg.max_steps} steps, "
-            f"{len(run.sampler.dataset) * cfg.data.seq_len / 1e6:.1f}M training tokens; {cfg.dtype} compute on "
-            f"{run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
+            f"{len(run.sampler.dataset) * cfg.data.seq_len / 1e6:.1f}M tokens in the training split; "
+            f"{cfg.dtype} compute on {run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
             + (f"; from {cfg.init_from}" if cfg.init_from else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
                       if isinstance(data, (ConversationDataset, CopyMix))))
