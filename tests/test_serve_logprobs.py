@@ -57,6 +57,16 @@ def test_a_prompt_filling_the_whole_context_can_be_scored_but_not_continued(serv
     assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
 
 
+def test_special_token_text_in_a_raw_prompt_is_the_token(served):
+    """lm_eval's untokenized rolling windows start with the bos text: one token, as vLLM reads it, or its slice of
+    the logprobs would be shifted."""
+    client, _, tokenizer, _ = served
+    body = {"model": "tiny", "prompt": "<s>" + TEXTS[0], "max_tokens": 0, "echo": True, "logprobs": 0}
+    answer = client.post("/v1/completions", json=body).json()
+    assert answer["usage"]["prompt_tokens"] == 1 + len(tokenizer.encode(TEXTS[0]))
+    assert len(answer["choices"][0]["logprobs"]["token_logprobs"]) == answer["usage"]["prompt_tokens"]
+
+
 def test_prompt_logprobs_equal_the_models_forward(served):
     client, model, tokenizer, _ = served
     prompts = [tokenizer.encode(text) for text in TEXTS]

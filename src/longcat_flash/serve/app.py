@@ -482,12 +482,15 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
 
 
 def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], context: int) -> list[list[int]]:
-    """Each prompt's ids (token-id prompts as they are, text as plain text). Runs off the event loop."""
+    """Each prompt's ids: token-id prompts as they are; text with its special-token text parsed (`<s>` is bos), as
+    vLLM and HF tokenizers read a raw prompt: the client writes all of it (lm_eval's untokenized windows start with
+    the bos text). Chat messages differ: only the template's special tokens are special there. Runs off the event
+    loop."""
     for prompt in prompts:
         if isinstance(prompt, str):
             _fits(tokenizer, len(prompt), context, "prompt")
     texts = [prompt for prompt in prompts if isinstance(prompt, str)]
-    encoded = iter(tokenizer.encode_batch(texts) if texts else [])
+    encoded = iter(tokenizer.encode_batch(texts, allow_special=True) if texts else [])
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
 
 
