@@ -47,6 +47,22 @@ def test_unknown_field_and_unsupported_rope_are_errors():
         ModelConfig.from_dict({"rope_scaling": {"type": "dynamic", "factor": 4}})
 
 
+def test_configs_written_by_other_code_read_as_transformers_reads_them():
+    """transformers' layer count (two sublayers each) when `num_layers` is absent; a null YaRN ramp bound is its
+    default; the official remote-code config's deployment fields change nothing; a sliced pretraining_tp is refused."""
+    base = tiny().to_dict()
+    layers = base.pop("num_layers")
+    assert ModelConfig.from_dict({**base, "num_hidden_layers": 2 * layers}).num_layers == layers
+    yarn = {"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 128, "beta_fast": None,
+            "beta_slow": None}
+    rope = ModelConfig.from_dict({**tiny().to_dict(), "rope_parameters": yarn}).rope_scaling
+    assert (rope.beta_fast, rope.beta_slow) == (32.0, 1.0)
+    assert ModelConfig.from_dict({**tiny().to_dict(), "ep_size": 8, "params_dtype": "bfloat16",
+                                  "pretraining_tp": 1}) == tiny()
+    with pytest.raises(ValueError, match="pretraining_tp=2"):
+        ModelConfig.from_dict({**tiny().to_dict(), "pretraining_tp": 2})
+
+
 def test_bad_json_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):

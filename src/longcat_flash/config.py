@@ -22,6 +22,8 @@ _DERIVED_OR_IGNORED = {
     "output_router_logits", "attention_dropout", "num_key_value_heads", "head_dim", "qk_head_dim",
     "num_hidden_layers", "auto_map", "_name_or_path", "attention_method", "router_dtype",
     "rounter_params_dtype", "nextn_use_scmoe", "disable_quant_module", "quantization_config",
+    # the official remote-code config's deployment and training-layout fields: they change no computation here
+    "ep_size", "pretraining_tp", "params_dtype",
 }
 # HF attribute_map aliases accepted on input.
 _ALIASES = {
@@ -233,6 +235,11 @@ class ModelConfig:
                 else None
             raise ValueError(f"config.json: quantization_config (quant_method={method!r}): pre-quantized checkpoints "
                              "are not loaded; use the bf16 checkpoint, quantized at load time with --quantize")
+        if raw.get("pretraining_tp", 1) != 1:
+            raise ValueError(f"config.json: pretraining_tp={raw['pretraining_tp']!r}: only 1 (unsliced linears) is "
+                             "supported")
+        if "num_layers" not in raw and isinstance(raw.get("num_hidden_layers"), int):
+            values["num_layers"] = raw["num_hidden_layers"] // 2  # transformers': two sublayers per layer
         for key, value in raw.items():
             key = _ALIASES.get(key, key)
             if key in ("rope_parameters", "rope_scaling"):
@@ -302,6 +309,9 @@ def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(f"config.json: {key}.{unknown[0]} is not supported; known keys: {sorted(known)}")
+    for name in ("beta_fast", "beta_slow"):  # transformers reads a null ramp bound as its default
+        if name in value and value[name] is None:
+            del value[name]
     rope_type = value.setdefault("rope_type", "default")
     if rope_type == "yarn":
         if value.get("factor") is None:
