@@ -212,9 +212,12 @@ class Tokenizer:
         return RenderedChat(text, specials)
 
     def encode_chat(self, chat: RenderedChat, cuts: Sequence[int] = ()) -> list[list[int]]:
-        """The ids of `chat.text` cut at the character offsets `cuts` (one list per piece; no token straddles a
-        cut): the template's special tokens as their ids, everything else as text."""
-        bounds = sorted({0, len(chat.text), *cuts})
+        """The ids of `chat.text` cut at the non-decreasing character offsets `cuts`: one list per piece (len(cuts)
+        + 1 of them, an empty piece an empty list; no token straddles a cut), the template's special tokens as their
+        ids, everything else as text."""
+        bounds = [0, *cuts, len(chat.text)]
+        if any(a > b for a, b in zip(bounds, bounds[1:])):
+            raise ValueError(f"cuts must be non-decreasing offsets into the text, got {list(cuts)}")
         if any(start < cut < end for start, end, _ in chat.specials for cut in bounds):
             raise ValueError("a cut falls inside a special token of the rendered conversation")
         texts, layout = [], []  # layout: per piece, a special token's id or ("text", index into texts)

@@ -569,9 +569,7 @@ def tokenize(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[np.n
     """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
     as the server encodes a prompt), so no token straddles the start or end of an assistant turn."""
     full, cuts, trained = turn_bounds(tokenizer, conversation)
-    bounds = [0, *cuts, len(full.text)]
-    kept = [t for t, start, end in zip(trained, bounds, bounds[1:]) if end > start]  # encode_chat drops empty ones
-    encoded = tokenizer.encode_chat(full, cuts)
+    encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
     ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
-    mask = np.fromiter((t for piece, t in zip(encoded, kept) for _ in piece), dtype=bool, count=len(ids))
+    mask = np.fromiter((t for piece, t in zip(encoded, trained) for _ in piece), dtype=bool, count=len(ids))
     return ids, mask
