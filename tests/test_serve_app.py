@@ -135,6 +135,16 @@ def test_null_means_the_default_and_unknown_fields_are_refused(client):
         assert status == 400 and body["error"]["param"] == field and "not supported" in body["error"]["message"]
 
 
+def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carry_nothing(client):
+    echoed = {"role": "assistant", "content": "ok", "refusal": None, "audio": None, "function_call": None,
+              "annotations": [], "name": "bot"}  # an OpenAI reply object sent back, as agent loops do
+    status, body = _chat(client, messages=[{"role": "user", "content": "hi", "name": "ann"}, echoed],
+                         max_tokens=1)  # the context is 48
+    assert status == 200, body
+    status, body = _chat(client, messages=[{"role": "user", "content": "hi", "audio": {"id": "a1"}}])
+    assert status == 400 and body["error"]["param"] == "messages.0.audio"
+
+
 @pytest.mark.parametrize("fields, param", [
     ({"logit_bias": {"\u00b2": 1}}, "logit_bias"), ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "x\ud800"}]}, "messages.0.content"),

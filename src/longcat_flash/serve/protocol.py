@@ -28,6 +28,9 @@ TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
 METADATA_FIELDS = ("user", "metadata")  # what clients send about themselves; dropped, as it changes no output
+# On a message: a participant's name (agent frameworks send it), an assistant's refusal and citations (OpenAI's
+# replies carry them, and clients send replies back): the chat template has no place for them
+MESSAGE_METADATA = ("name", "refusal", "annotations")
 
 
 def valid_unicode(value: Any, field: str) -> Any:
@@ -225,13 +228,23 @@ class ToolCall(BaseModel):
 class ChatMessage(BaseModel):
     """`content` as a string or as a list of text parts (what current clients send), joined into one string;
     the "developer" role (the newer name of "system") is read as "system". An assistant message may carry
-    `tool_calls` (then `content` may be null); a `tool` message answers one call by its `tool_call_id`."""
+    `tool_calls` (then `content` may be null); a `tool` message answers one call by its `tool_call_id`.
+    Fields the chat template has no place for are dropped if they are MESSAGE_METADATA or null (clients echo SDK
+    objects with `audio: null`); any other is refused."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_metadata(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if key in cls.model_fields or (key not in MESSAGE_METADATA and value is not None)}
 
     @field_validator("role")
     @classmethod
