@@ -94,12 +94,17 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
 
 
-def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (official key, tensor) one at a time, file by file."""
+def _keys_by_file(path: Path) -> list[tuple[Path, list[str]]]:
+    """(safetensors file, its official keys), file by file in name order."""
     by_file: dict[Path, list[str]] = {}
     for key, file in checkpoint_files(path).items():
         by_file.setdefault(file, []).append(key)
-    for file, keys in sorted(by_file.items()):
+    return sorted(by_file.items())
+
+
+def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (official key, tensor) one at a time, file by file."""
+    for file, keys in _keys_by_file(path):
         if not file.is_file():
             raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
         with _opened(file) as f:
@@ -134,10 +139,7 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
     """The floating dtype holding most of the checkpoint's weights (read from the safetensors headers): a model
     loaded without a dtype is in this one throughout, even where a file keeps a few tensors (norms) in another."""
     sizes: dict[str, int] = {}
-    by_file: dict[Path, list[str]] = {}
-    for key, file in checkpoint_files(path).items():
-        by_file.setdefault(file, []).append(key)
-    for file, keys in by_file.items():
+    for file, keys in _keys_by_file(path):
         with _opened(file) as f:
             for key in keys:
                 part = f.get_slice(key)
