@@ -64,8 +64,8 @@ class OracleDrafter(MTPDrafter):
         super().__init__(engine.model, engine.cache, engine.drafter.k)
         self.engine, self.continuation, self.rounds = engine, continuation, itertools.count()
 
-    def draft(self, seqs, next_ids, hidden, starts, params, generators):
-        real = super().draft(seqs, next_ids, hidden, starts, params, generators)
+    def chain(self, seqs, z, positions, params, generators):
+        real = super().chain(seqs, z, positions, params, generators)
         out = []
         for rid, d in zip(seqs, real):
             seq = self.engine.requests[rid].seq
@@ -113,6 +113,15 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(model):
     assert speculative.generate([ps[0]], params) == speculative.generate([ps[0]], params)
     other_seed = SamplingParams(**{**params.__dict__, "seed": 99})
     assert Engine(model, EngineConfig(**SMALL)).generate([ps[0]], other_seed)[0] != alone
+
+
+def test_seeded_speculative_sampling_does_not_depend_on_prefill_chunking(model):
+    """The chunking depends on the load (the token budget is shared), so a seed must not see it."""
+    prompt = prompts((18,), seed=4)[0]
+    params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=7, ignore_eos=True)
+    outs = [Engine(model, EngineConfig(speculative=2, **{**SMALL, "prefill_chunk": chunk})).generate([prompt], params)
+            for chunk in (5, 8, 32)]
+    assert outs[0] == outs[1] == outs[2]
 
 
 def test_pages_all_return_after_finished_cancelled_and_preempted_requests(model):
@@ -196,6 +205,20 @@ def test_forked_copies_equal_independent_seeded_requests_and_share_the_prompt_pa
     independent = Engine(model, EngineConfig(**SMALL)).generate([prompt] * 4, seeded)
     assert [forked[rid] for rid in ids] == independent
     assert len({tuple(t) for t in independent}) > 1  # the seeds really differ
+
+
+@pytest.mark.parametrize("length", [18, 16])  # 16: the prompt ends on a page boundary (pages of 4)
+def test_forked_copies_speculate_as_independent_seeded_requests_do(model, length):
+    prompt = prompts((length,), seed=3)[0]
+    seeded = [SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=5 + j, ignore_eos=True)
+              for j in range(3)]
+    forked = Engine(model, EngineConfig(speculative=2, **SMALL))
+    ids = forked.add_copies(prompt, seeded)
+    out = _run(forked, ids)
+    independent = Engine(model, EngineConfig(speculative=2, **SMALL))
+    assert [out[rid] for rid in ids] == independent.generate([prompt] * 3, seeded)
+    assert forked.stats.drafts.rounds == independent.stats.drafts.rounds  # every copy drafted, every step
+    assert forked.cache.used_pages == 0
 
 
 def test_pages_all_return_after_forked_copies_finish_are_cancelled_and_preempted(model):

@@ -129,26 +129,29 @@ class PagedLatentCache:
             if not self._users[page]:
                 self._free.append(page)
 
+    def shared_positions(self, n_positions: int) -> int:
+        """Positions a fork at n_positions shares: the whole pages below the one holding position n_positions - 1."""
+        return (n_positions - 1) // self.config.page_size * self.config.page_size
+
     def fork(self, src: int, dst: int, n_positions: int) -> None:
         """Give `dst` the cache of positions [0, n_positions) of `src` without recomputing it.
 
-        Full pages are shared read-only: neither sequence writes below n_positions again (speculative rollback
-        never truncates under the prompt; a preempted copy frees its table and recomputes into fresh pages). The
-        last, partial page is copied (copy-on-write done eagerly), since both sequences write their next
-        positions into it. Needs one free page when n_positions is not a multiple of the page size.
+        Whole pages below the last position are shared read-only: no sequence writes there again (speculative
+        rollback never truncates under the prompt; a preempted copy frees its table and recomputes into fresh
+        pages). The page holding position n_positions - 1 is copied (copy-on-write done eagerly): each sequence
+        writes its next positions there, and the MTP head's entry at n_positions - 1 reads each one's own next
+        token. Needs one free page.
         """
         G, table = self.config.page_size, self.tables[src]
-        full, partial = divmod(n_positions, G)
-        if partial and not self._free:
+        full = self.shared_positions(n_positions) // G
+        if not self._free:
             raise CacheFull(f"forking sequence {src} needs a free page, none left")
         shared = table[:full]
         for page in shared:
             self._users[page] += 1
-        self.tables[dst] = shared
-        if partial:
-            page = self._take()
-            self.pool[:, page * G:(page + 1) * G] = self.pool[:, table[full] * G:(table[full] + 1) * G]  # (A, G, C+R)
-            shared.append(page)
+        page = self._take()
+        self.pool[:, page * G:(page + 1) * G] = self.pool[:, table[full] * G:(table[full] + 1) * G]  # (A, G, C+R)
+        self.tables[dst] = [*shared, page]
 
     def truncate(self, seq: int, n_positions: int) -> None:
         """Keep positions [0, n_positions) (speculative rollback); whole pages past the end go back to the pool.

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from .cache import ABSORB_MAX_TOKENS, CacheConfig, PagedLatentCache, padded_batch
 from .sampling import SamplingParams, TokenLogprob, TokenMask, adjust_rows, mask_rows, sample, token_logprobs
@@ -231,9 +232,7 @@ class Engine:
             logits = self.model.lm_head(hidden[rows_b, last])  # (len(done), V); list indices land on hidden's device
             outputs += self._sample_and_append([seq for seq, _ in done], logits)
         if self.drafter:
-            finished = {o.request_id for o in outputs if o.finished}
-            self._draft([s for s in seqs if s.id not in finished and s.id in self.requests],
-                        {s.id: (start, hidden[b]) for b, (s, start) in enumerate(zip(seqs, starts))})
+            self._draft_prefilled(seqs, starts, hidden, done)
         return outputs
 
     def _fork_copies(self, done: list[tuple[SequenceState, int]]) -> list[tuple[SequenceState, int]]:
@@ -245,11 +244,29 @@ class Engine:
             out.append((seq, b))
             for copy in (c for c in req.forks if c.seq.id in self.requests):  # cancelled copies are gone
                 self.cache.fork(seq.id, copy.seq.id, seq.computed)
+                self.cache.ensure(copy.seq.id, seq.computed + self.scheduler.config.lookahead)  # its drafts' room
                 copy.seq.computed, copy.prompt_scores = seq.computed, list(req.prompt_scores)
                 self.scheduler.adopt(copy.seq)
                 out.append((copy.seq, b))
             req.forks, seq.forks = [], 0
         return out
+
+    def _draft_prefilled(self, seqs: list[SequenceState], starts: list[int], hidden: torch.Tensor,
+                         forked: list[tuple[SequenceState, int]]) -> None:
+        """Draft for the rows just prefilled (hidden (B, S, D) from starts) and for the copies forked off them
+        (`forked`: (seq, hidden row)), which extend the MTP head from their prompt's row. The head's entries below
+        the page holding a prompt's last position lie in pages a group shares and are the same for all of its
+        members: one live member extends over the whole chunk, the others over their own pages only."""
+        members = {s.id: (s, b) for b, s in enumerate(seqs)} | {s.id: (s, b) for s, b in forked}
+        rows: dict[int, tuple[int, torch.Tensor]] = {}
+        covered: set[int] = set()  # hidden rows whose shared pages a member already extends over
+        for sid, (seq, b) in members.items():
+            if sid not in self.requests or self.requests[sid].params.controlled:
+                continue  # finished with its first token, or gets no drafts
+            begin = max(starts[b], self.cache.shared_positions(seq.computed)) if b in covered else starts[b]
+            covered.add(b)
+            rows[sid] = (begin, hidden[b, begin - starts[b]:])
+        self._draft([members[sid][0] for sid in rows], rows)
 
     def _score_prompt(self, req: Request, start: int, hidden: torch.Tensor) -> None:
         """Logprobs of the prompt tokens this chunk predicts: hidden (n, D) at positions start..start+n-1 predicts
@@ -292,19 +309,25 @@ class Engine:
         return outputs
 
     def _draft(self, seqs: list[SequenceState], rows: dict[int, tuple[int, torch.Tensor]]) -> None:
-        """MTP extend + chain for sequences whose trunk just covered positions start..computed-1; requests with
-        logit controls get no drafts (the MTP head's distributions do not model them).
+        """MTP extend for sequences whose trunk just covered positions start..computed-1, then a chain of drafts for
+        those with a pending token (a prompt still in prefill has none: it only writes the head's cache, and draws
+        no random numbers). Requests with logit controls get no drafts (the MTP head's distributions do not model
+        them).
 
-        rows: sequence id -> (start, that forward's final hidden row (S, D)).
+        rows: sequence id -> (start, that forward's final hidden row from start (S_b, D), S_b >= computed - start).
         """
         seqs = [s for s in seqs if not self.requests[s.id].params.controlled]
         if not seqs:
             return
-        reqs = [self.requests[s.id] for s in seqs]
         starts = [rows[s.id][0] for s in seqs]
         next_ids = [s.tokens[start + 1:s.computed + 1] for s, start in zip(seqs, starts)]
-        hidden = torch.stack([rows[s.id][1] for s in seqs])  # (B, S, D): all rows come from one forward
-        drafts = self.drafter.draft([s.id for s in seqs], next_ids, hidden, starts,
+        hidden = pad_sequence([rows[s.id][1] for s in seqs], batch_first=True)  # (B, S, D)
+        z = self.drafter.extend([s.id for s in seqs], next_ids, hidden, starts)  # (B, D)
+        ready = [b for b, s in enumerate(seqs) if s.remaining == 1]
+        if not ready:
+            return
+        reqs = [self.requests[seqs[b].id] for b in ready]
+        drafts = self.drafter.chain([r.seq.id for r in reqs], z[ready], [r.seq.computed - 1 for r in reqs],
                                     [r.params for r in reqs], [r.generator for r in reqs])
         for req, draft in zip(reqs, drafts):
             req.draft = draft

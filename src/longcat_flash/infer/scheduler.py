@@ -39,7 +39,7 @@ class SequenceState:
     computed: int = 0
     status: Status = Status.WAITING
     arrival: int = 0
-    forks: int = 0  # copies to fork off once the prompt is in the cache (n > 1); each may need one page
+    forks: int = 0  # copies to fork off once the prompt is in the cache (n > 1); each needs its own last pages
 
     @property
     def remaining(self) -> int:
@@ -145,7 +145,9 @@ class Scheduler:
         target = seq.computed + n_tokens + self.config.lookahead
         held = self._pages.get(seq.id, 0)
         need = max(self.pages_for(target) - held, 0)
-        forks = seq.forks if seq.computed + n_tokens >= len(seq.tokens) else 0  # copies' partial pages
+        forks = 0  # the pages each copy forked off at the prompt's end needs for itself (PagedLatentCache.fork)
+        if seq.forks and seq.computed + n_tokens >= len(seq.tokens):
+            forks = seq.forks * (self.pages_for(target) - (seq.computed + n_tokens - 1) // self.config.page_size)
         if need + forks > free_pages:
             return None
         self._pages[seq.id] = held + need

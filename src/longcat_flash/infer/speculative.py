@@ -89,18 +89,23 @@ class MTPDrafter:
         rope = self.model.model.rotary(positions, hidden.dtype)
         return self.model.model.mtp(ids, hidden, rope, view)  # (B, S, D) normed, what lm_head reads
 
-    def draft(self, seqs: list[int], next_ids: list[list[int]], hidden: torch.Tensor, starts: list[int],
-              params: list[SamplingParams], generators: list[torch.Generator]) -> list[Draft]:
-        """Extend over rows of varying length, then chain k-1 steps.
+    def extend(self, seqs: list[int], next_ids: list[list[int]], hidden: torch.Tensor, starts: list[int]
+               ) -> torch.Tensor:
+        """The MTP head over rows of varying length, (re)writing its cache entries there -> each row's last output
+        (B, D), which predicts the row's first draft.
 
         Row b covers positions starts[b] .. starts[b]+n_b-1 with tokens next_ids[b] (x_{t+1}, length n_b) and the
-        trunk's final hiddens hidden[b, :n_b]; its last position predicts the first draft.
+        trunk's final hiddens hidden[b, :n_b].
         """
-        B = len(seqs)
         ids, positions = padded_batch(next_ids, starts)  # (B, S) each, on the host
         last = [len(row) - 1 for row in next_ids]
-        z = self._mtp(seqs, ids, hidden[:, :ids.shape[1]], positions)[list(range(B)), last]  # (B, D)
-        pos = [start + n for start, n in zip(starts, last)]  # each row's last position, on the host
+        return self._mtp(seqs, ids, hidden[:, :ids.shape[1]], positions)[list(range(len(seqs))), last]  # (B, D)
+
+    def chain(self, seqs: list[int], z: torch.Tensor, positions: list[int], params: list[SamplingParams],
+              generators: list[torch.Generator]) -> list[Draft]:
+        """k drafts per row from `extend`'s output z (B, D) at each row's last position: d_1 from z, then each
+        next one from the head run on its own previous output."""
+        B, pos = len(seqs), list(positions)
         tokens: list[list[int]] = [[] for _ in range(B)]
         probs: list[list[torch.Tensor]] = [[] for _ in range(B)]
         for step in range(self.k):
