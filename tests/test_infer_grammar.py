@@ -148,3 +148,48 @@ def test_compiled_grammars_are_cached_and_bounded(setup):
     compiler.json_schema(SCHEMAS[1]), compiler.json_schema(SCHEMAS[2])
     assert compiler.json_schema(SCHEMAS[0]) is not first and first == compiler.json_schema(SCHEMAS[0])
     assert hash(SamplingParams(grammar=first)) == hash(SamplingParams(grammar=compiler.json_schema(SCHEMAS[0])))
+
+
+@pytest.mark.parametrize("schema, match", [
+    ({"type": "integer", "minimum": 10**19, "maximum": 10**19 + 5}, "2\\^53"),  # the library clamped it to 2^63 - 1
+    ({"type": "object", "properties": {"n": {"type": "integer", "maximum": -(2**60)}}}, "2\\^53"),
+    ({"type": "number", "exclusiveMinimum": 0, "maximum": 0.5}, "exclusiveMinimum=0"),  # it admitted 0
+    ({"items": {"type": "number", "minimum": -2.5, "exclusiveMaximum": -2}}, "exclusiveMaximum=-2"),  # and -2
+])
+def test_numeric_bounds_the_library_would_not_honour_are_refused(setup, schema, match):
+    _, _, compiler = setup
+    with pytest.raises(GrammarError, match=match):
+        compiler.json_schema(schema)
+
+
+def test_numeric_bounds_the_library_honours_compile(setup):
+    _, _, compiler = setup
+    for schema in ({"type": "integer", "minimum": -(2**53), "maximum": 2**53},
+                   {"type": "number", "exclusiveMinimum": 0, "exclusiveMaximum": 1},
+                   {"type": "number", "exclusiveMinimum": -1, "maximum": -0.5},
+                   {"type": "object", "properties": {"maximum": {"type": "string"}}}):
+        compiler.json_schema(schema)
+
+
+def test_a_grammar_error_names_the_problem_without_quoting_the_schema(setup):
+    _, _, compiler = setup
+    described = {f"p{i}": {"type": "string", "description": "x" * 200} for i in range(20)}
+    with pytest.raises(GrammarError) as err:
+        compiler.json_schema({"type": "object", "properties": {**described, "bad": {"not": {"type": "string"}}}})
+    assert "not" in str(err.value) and len(str(err.value)) < 200 and "x-guidance" not in str(err.value)
+
+
+def test_a_matcher_that_fails_mid_output_ends_its_request_as_an_error(setup):
+    """A schema whose value can never end runs into the parser's item limit at its first token: the request ends
+    with finish reason "error" and the library's reason; the batch goes on."""
+    tokenizer, model, compiler = setup
+    endless = compiler.json_schema({"type": "array", "items": {"$ref": "#"}, "minItems": 1})
+    engine = Engine(model, EngineConfig())
+    failing = engine.add_request(tokenizer.encode("hi"), SamplingParams(max_new_tokens=20, temperature=1.0, seed=0,
+                                                                        grammar=endless))
+    plain = engine.add_request(tokenizer.encode("hi"), SamplingParams(max_new_tokens=20, ignore_eos=True))
+    ends = {}
+    while engine.has_work():
+        ends.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert ends[failing].finish_reason == "error" and "limit" in ends[failing].error
+    assert ends[plain].finish_reason == "length" and ends[plain].error is None

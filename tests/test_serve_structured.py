@@ -202,3 +202,32 @@ def test_bad_formats_and_schemas_are_400s_naming_the_field(served, change, param
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["param"].startswith(param) and error["message"], error
+
+
+ENDLESS = {"response_format": {"type": "json_schema", "json_schema": {"name": "endless", "schema": {
+    "type": "array", "items": {"$ref": "#"}, "minItems": 1}}}}  # runs into the parser's item limit at once
+
+
+def test_a_grammar_that_fails_mid_output_is_an_error_not_a_finished_answer(served):
+    client, _ = served
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 20, **ENDLESS})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "grammar_failed", r.text
+    assert "limit" in r.json()["error"]["message"]
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 20, "stream": True,
+                                                  **ENDLESS})
+    events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
+    assert r.status_code == 200 and events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "grammar_failed"
+    assert not any(choice.get("finish_reason") for event in events[:-2] for choice in json.loads(event)["choices"])
+
+
+@pytest.mark.parametrize("schema", [
+    {"type": "integer", "minimum": 10**19, "maximum": 10**19 + 5},  # was 2^63 - 1; near -2^63 a segfault
+    {"type": "number", "exclusiveMinimum": 2, "maximum": 2.5},
+])
+def test_bounds_the_constraint_library_gets_wrong_are_400s(served, schema):
+    client, _ = served
+    response_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 4,
+                                                  "response_format": response_format})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text

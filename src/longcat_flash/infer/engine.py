@@ -59,7 +59,8 @@ class StepOutput:
     request_id: int
     new_tokens: list[int]
     finished: bool = False
-    finish_reason: str | None = None  # "stop" (EOS, stop token, stop hook) or "length"
+    finish_reason: str | None = None  # "stop" (EOS, stop token, stop hook), "length", or "error" (see `error`)
+    error: str | None = None  # why the request's grammar matcher failed mid-output (a parser limit): not complete
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (params.logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the whole prompt's, the first None (no context)
 
@@ -357,6 +358,7 @@ class Engine:
             out.new_tokens.append(token)
             out.finish_reason = self._finish_reason(req, token)
             if out.finish_reason:
+                out.error = req.matcher.error if out.finish_reason == "error" else None
                 break
         self.stats.generated_tokens += len(out.new_tokens)
         self._attach_logprobs(req, out, logits)
@@ -385,6 +387,8 @@ class Engine:
             if token == self.eos_id:
                 return "stop"
             req.matcher.advance(token)
+            if req.matcher.error is not None:
+                return "error"
             if req.matcher.done:
                 return "stop"
         if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:

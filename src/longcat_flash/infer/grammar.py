@@ -16,8 +16,11 @@ and a grammar that allowed free whitespace would let a weak model pad forever in
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import math
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -33,6 +36,7 @@ from ..tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 MAX_GRAMMAR_CHARS = 256 * 1024
+MAX_EXACT_INTEGER = 2**53
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # llguidance's own defaults, tightened where a request could make one mask step or one compile expensive.
 LIMITS = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
@@ -44,8 +48,38 @@ class GrammarError(ValueError):
 
 
 def json_part(schema: dict[str, Any]) -> str:
-    """A JSON value matching `schema`, as a Lark fragment, compact (JSON_OPTIONS override any x-guidance)."""
+    """A JSON value matching `schema`, as a Lark fragment, compact (JSON_OPTIONS override any x-guidance);
+    GrammarError for numeric bounds llguidance would not honour (`check_bounds`)."""
+    check_bounds(schema)
     return f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS}, ensure_ascii=False)}"
+
+
+def check_bounds(schema: Any) -> None:
+    """Refuse the numeric bounds llguidance 1.9 gets wrong, rather than constrain to something else: beyond
+    +-2^53 (JSON's exact integers) it clamps to 64 bits or crashes the process; an integral exclusiveMinimum
+    n >= 0 whose upper bound lies below n + 1 admits n itself (exclusiveMaximum n <= 0 above n - 1, likewise)."""
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        if not isinstance(node, dict):
+            continue
+        stack.extend(node.values())
+        bounds = {key: node[key] for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+                  if isinstance(node.get(key), (int, float)) and not isinstance(node.get(key), bool)}
+        for key, value in bounds.items():
+            if not abs(value) <= MAX_EXACT_INTEGER:
+                raise GrammarError(f"{key}={value} is outside +-2^53, the numbers JSON carries exactly")
+        low, high = bounds.get("exclusiveMinimum"), bounds.get("exclusiveMaximum")
+        upper = min(bounds.get("maximum", math.inf), bounds.get("exclusiveMaximum", math.inf))
+        lower = max(bounds.get("minimum", -math.inf), bounds.get("exclusiveMinimum", -math.inf))
+        if low is not None and low >= 0 and low == int(low) and upper < low + 1:
+            raise GrammarError(f"exclusiveMinimum={low} with an upper bound of {upper} is not supported (the "
+                               "constraint library would admit the bound itself); use minimum or a wider range")
+        if high is not None and high <= 0 and high == int(high) and lower > high - 1:
+            raise GrammarError(f"exclusiveMaximum={high} with a lower bound of {lower} is not supported (the "
+                               "constraint library would admit the bound itself); use maximum or a wider range")
 
 
 @dataclass(frozen=True)
@@ -70,14 +104,20 @@ class Matcher:
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
 
     def advance(self, token: int) -> None:
-        """Consume a sampled token. A refusal (the mask allowed it, so only a limit llguidance hit can cause one)
-        puts the matcher in its error state, which is `done`: that request ends, the batch goes on."""
+        """Consume a sampled token. A refusal (the mask allowed it, so only a limit llguidance hit can cause one,
+        such as a recursive schema that never lets its value end) puts the matcher in its error state (`error`):
+        that request ends with it, the batch goes on."""
         if not self._m.consume_token(token):
             log.warning("grammar matcher refused token %d, ending the request: %s", token, self._m.get_error())
 
     @property
+    def error(self) -> str | None:
+        """Why the matcher failed, or None."""
+        return _without_grammar_text(self._m.get_error()) if self._m.is_error() else None
+
+    @property
     def done(self) -> bool:
-        """The grammar is complete and admits nothing more, or the matcher failed: the request ends ("stop")."""
+        """The grammar is complete and admits nothing more, or the matcher failed: the request ends."""
         return self._m.is_stopped()
 
 
@@ -132,5 +172,13 @@ class GrammarCompiler:
                                        log_level=0, limits=llguidance.LLParserLimits(**LIMITS))
         matcher.compute_bitmask()  # the first mask builds the lexer: here, not on the engine's step thread
         if matcher.is_error():
-            raise GrammarError(matcher.get_error())
+            raise GrammarError(_without_grammar_text(matcher.get_error()))
         return matcher
+
+
+def _without_grammar_text(error: str) -> str:
+    """llguidance's message without its position prefix and the grammar lines it quotes, which hold the whole
+    schema (a client's 7 KB schema made an 11 KB error) and this module's options."""
+    kept = itertools.takewhile(lambda line: not re.match(r"\s*\d+ \| ", line), error.splitlines())
+    text = "\n".join(line for line in kept if line.strip() != "<non-verbose/>")
+    return re.sub(r"^at \d+\(\d+\): ", "", text).strip()[:1000]

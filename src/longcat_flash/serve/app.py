@@ -184,6 +184,10 @@ class Generation:
                     copy.open = False
                     raise APIError(500, item.message, "server_error")
                 copy.open = not item.finished
+                if item.error is not None:
+                    raise APIError(400, f"the output's grammar failed after {text.tokens + len(item.new_tokens)} "
+                                        f"tokens, so the answer is incomplete (simplify the schema): {item.error}",
+                                   code="grammar_failed")
                 if on_output is not None:
                     on_output(item)
                 delta = text.feed(item.new_tokens, final=item.finished)
@@ -401,6 +405,9 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
                     yield _sse(p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[],
                                                     usage=p.Usage.of(n_prompt, sum(counts))))
                 yield _sse("[DONE]")
+            except APIError as err:  # the status line went out with the first chunk: the error is an event
+                yield _sse(p.ErrorResponse(error=err.body))
+                yield _sse("[DONE]")
             finally:
                 gen.close(copies)
         return StreamingResponse(events(), media_type="text/event-stream")
@@ -437,6 +444,9 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
                 if body.include_usage:
                     yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
                                                      choices=[], usage=p.Usage.of(len(prompt), sum(counts))))
+                yield _sse("[DONE]")
+            except APIError as err:  # the status line went out with the first chunk: the error is an event
+                yield _sse(p.ErrorResponse(error=err.body))
                 yield _sse("[DONE]")
             finally:
                 gen.close(copies)

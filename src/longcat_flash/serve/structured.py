@@ -87,11 +87,9 @@ def arguments_schema(fn: dict[str, Any]) -> dict[str, Any]:
 async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None = None
                           ) -> Grammar | None:
     """The request's compiled grammar (off the event loop), or None; ConstraintError naming the field."""
-    text = lark(compiler, body, plan)
-    if text is None:
-        return None
     try:
-        return await asyncio.to_thread(compiler.compile, text)
+        text = lark(compiler, body, plan)
+        return None if text is None else await asyncio.to_thread(compiler.compile, text)
     except GrammarError as err:
         param = await asyncio.to_thread(_culprit, compiler, body)
         raise ConstraintError(param, f"{param}: the schema cannot be used to constrain the output: {err}") from None

@@ -9,6 +9,7 @@ agree. A call is emitted once its closing tag has arrived and its JSON parsed; a
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 
@@ -45,16 +46,49 @@ Event = str | ToolCall  # a piece of content, or a complete call
 
 
 def parse_call(body: str, index: int) -> ToolCall | None:
-    """The call in one block's text, or None when it is not `{"name": str, "arguments": object}` JSON."""
+    """The call in one block's text, or None when it is not `{"name": str, "arguments": object}` JSON. The
+    arguments are passed on as the model wrote them, as OpenAI does: re-encoded, a number too large for a double
+    became `-Infinity`, which is not JSON."""
+    members = _members(body)
+    if members is None or not isinstance(name := members.get("name", (None,))[0], str) or not name:
+        return None
+    arguments, text = members.get("arguments", ({}, "{}"))
+    return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", name, text) if isinstance(arguments, dict) else None
+
+
+def _members(text: str) -> dict[str, tuple[object, str]] | None:
+    """The members of the JSON object `text` as key -> (value, its text), or None when `text` is not one JSON
+    object (NaN and Infinity, which Python's json reads, are not JSON)."""
+    decoder, i = _STRICT_JSON, _WHITESPACE.match(text).end()
+    if text[i:i + 1] != "{":
+        return None
+    members, i = {}, _WHITESPACE.match(text, i + 1).end()
     try:
-        value = json.loads(body)
-    except json.JSONDecodeError:
+        while text[i:i + 1] != "}" or members:
+            key, i = decoder.raw_decode(text, i)
+            i = _WHITESPACE.match(text, i).end()
+            if not isinstance(key, str) or text[i:i + 1] != ":":
+                return None
+            start = _WHITESPACE.match(text, i + 1).end()
+            value, i = decoder.raw_decode(text, start)
+            members[key] = value, text[start:i]
+            i = _WHITESPACE.match(text, i).end()
+            if text[i:i + 1] == "}":
+                break
+            if text[i:i + 1] != ",":
+                return None
+            i = _WHITESPACE.match(text, i + 1).end()
+    except ValueError:  # json.JSONDecodeError, or a NaN / Infinity constant
         return None
-    if not (isinstance(value, dict) and isinstance(value.get("name"), str) and value["name"]
-            and isinstance(value.get("arguments", {}), dict)):
-        return None
-    arguments = json.dumps(value.get("arguments", {}), ensure_ascii=False)
-    return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", value["name"], arguments)
+    return members if _WHITESPACE.match(text, i + 1).end() == len(text) else None
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+_STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
+_WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
 def _partial_tag(text: str, tag: str) -> int:
