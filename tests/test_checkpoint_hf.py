@@ -105,6 +105,44 @@ def test_zero_expert_stubs_are_ignored_on_load(tmp_path, caplog):
     assert torch.equal(loaded.model.layers[0].mlp.experts.gate_up_proj, model.model.layers[0].mlp.experts.gate_up_proj)
 
 
+@pytest.mark.parametrize("key, shape", [
+    ("model.layers.0.mlp.experts.50.gate_proj.weight", (32, 64)),  # past every expert id (8 FFN + 4 zero)
+    ("model.layers.0.mlp.experts.9.down_proj.weight", (64, 32)),  # a zero expert has no down projection
+    ("model.layers.0.mlp.experts.9.up_proj.weight", (7, 7)),  # nor a gate/up matrix of another shape
+    ("model.layers.5.mlp.experts.9.up_proj.weight", (32, 64)),  # nor one in a layer the model lacks
+])
+def test_expert_tensors_past_the_ffn_experts_are_refused_unless_zero_expert_stubs(saved, key, shape):
+    """A checkpoint of 8 FFN + 4 zero experts read with a config of 4 + 8 loaded with experts 4-7 dropped."""
+    _, path = saved
+    rewrite(path, lambda t: t.update({key: torch.zeros(shape)}))
+    with pytest.raises(KeyError, match=key.replace(".", r"\.")):
+        LongcatFlash.from_pretrained(path)
+
+
+def test_an_index_is_checked_against_its_shards(tmp_path):
+    LongcatFlash(tiny()).save_pretrained(tmp_path, max_shard_bytes=200_000)
+    index_file = tmp_path / "model.safetensors.index.json"
+    index = json.loads(index_file.read_text())
+    other = next(name for name in index["weight_map"].values() if name != index["weight_map"]["model.norm.weight"])
+    for weight_map, error, message in [
+            ({**index["weight_map"], "model.norm.weight": other}, KeyError, "maps 'model.norm.weight' to"),
+            ({**index["weight_map"], "model.norm.weight": "../elsewhere.safetensors"}, ValueError, "outside"),
+            (None, ValueError, "no weight_map")]:
+        index_file.write_text(json.dumps({**index, "weight_map": weight_map}))
+        with pytest.raises(error, match=message):
+            LongcatFlash.from_pretrained(tmp_path)
+    index_file.write_text("{not json")
+    with pytest.raises(ValueError, match="index.json is not a JSON object"):
+        LongcatFlash.from_pretrained(tmp_path)
+
+
+def test_a_weight_that_is_not_floating_point_is_refused(saved):
+    _, path = saved
+    rewrite(path, lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)}))
+    with pytest.raises(ValueError, match="model.norm.weight.*int64"):
+        LongcatFlash.from_pretrained(path)
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     tiny().save_json(tmp_path)
     torch.save({"x": torch.ones(1)}, tmp_path / "pytorch_model.bin")
@@ -142,6 +180,9 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_main_one(saved):
 @pytest.mark.parametrize("config, message", [
     ([1, 2], "must hold a JSON object"),
     ({"quantization_config": {"quant_method": "fp8"}}, "pre-quantized checkpoints are not loaded"),
+    ({"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not a LongCat-Flash model"),
+    ({"num_hidden_layers": 10}, "num_hidden_layers=10 disagrees with num_layers=2"),  # 2 or 4 would be read
+    ({"qk_head_dim": 24}, "qk_head_dim=24 disagrees"),
 ])
 def test_a_config_we_cannot_honour_is_refused_by_name(saved, config, message):
     _, path = saved

@@ -274,14 +274,15 @@ def test_int4_round_trip_is_within_its_error_bound(in_features):
     assert rms[outlier] > 3 * torch.cat([rms[:outlier], rms[outlier + 1:]]).max()
 
 
-def test_int4_needs_rows_of_a_multiple_of_32():
+def test_int4_needs_rows_of_a_multiple_of_32(caplog):
     with pytest.raises(ValueError, match="multiple of 32"):
         quant.quantize_groupwise(torch.randn(8, 40))
-    lin = torch.nn.Linear(40, 16)
-    model = torch.nn.Sequential(lin)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 16), torch.nn.Linear(16, 64))
     model.config = None
-    report = quant.quantize_model(model, "int4")
-    assert report.quantized == ["0"] and model[0].fmt == "int8"  # cannot be grouped: int8 instead
+    with caplog.at_level("WARNING"):
+        report = quant.quantize_model(model, "int4")
+    assert report.quantized == ["0", "1"] and model[0].fmt == "int8" and model[1].fmt == "int8"
+    assert report.int8_fallback == ["0", "1"] and "2 of 2 units store int8" in caplog.text  # said, not silent
 
 
 @pytest.mark.parametrize("in_features", [192, 160, 544])  # groups of 64; of 32 with a last 32-value chunk;

@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(141)
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
             KeyError) as err:
-        sys.exit(f"longcat {args.command}: {err}")
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
+        sys.exit(f"longcat {args.command}: {message}")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,17 @@ _DERIVED_OR_IGNORED = {
     # the official remote-code config's deployment and training-layout fields: they change no computation here
     "ep_size", "pretraining_tp", "params_dtype",
 }
+def _check_derived(raw: dict[str, Any], num_layers: int, qk_head_dim: int) -> None:
+    """Derived keys are not read, but one that disagrees with its source describes another model (transformers
+    would size it from the derived key)."""
+    if "num_layers" in raw and raw.get("num_hidden_layers") not in (None, num_layers, 2 * num_layers):
+        raise ValueError(f"config.json: num_hidden_layers={raw['num_hidden_layers']!r} disagrees with num_layers="
+                         f"{num_layers} (it is num_layers, or 2 * num_layers as transformers counts sublayers)")
+    if raw.get("qk_head_dim") not in (None, qk_head_dim):
+        raise ValueError(f"config.json: qk_head_dim={raw['qk_head_dim']!r} disagrees with qk_nope_head_dim + "
+                         f"qk_rope_head_dim = {qk_head_dim}")
+
+
 # HF attribute_map aliases accepted on input.
 _ALIASES = {
     "num_local_experts": "n_routed_experts",
@@ -235,6 +246,9 @@ class ModelConfig:
                 else None
             raise ValueError(f"config.json: quantization_config (quant_method={method!r}): pre-quantized checkpoints "
                              "are not loaded; use the bf16 checkpoint, quantized at load time with --quantize")
+        if raw.get("model_type", "longcat_flash") != "longcat_flash":
+            raise ValueError(f"config.json: model_type={raw['model_type']!r} is not a LongCat-Flash model "
+                             "('longcat_flash')")
         if raw.get("pretraining_tp", 1) != 1:
             raise ValueError(f"config.json: pretraining_tp={raw['pretraining_tp']!r}: only 1 (unsliced linears) is "
                              "supported")
@@ -253,6 +267,9 @@ class ModelConfig:
         if raw.get("head_dim") not in (None, values.get("qk_rope_head_dim", cls.qk_rope_head_dim)):
             raise ValueError(f"config.json: head_dim={raw['head_dim']} must equal qk_rope_head_dim "
                              "(transformers uses head_dim as the rotary dimension)")
+        _check_derived(raw, values.get("num_layers", cls.num_layers),
+                       values.get("qk_nope_head_dim", cls.qk_nope_head_dim)
+                       + values.get("qk_rope_head_dim", cls.qk_rope_head_dim))
         key = "rope_scaling" if rope.get("rope_scaling") else "rope_parameters"  # transformers' precedence
         if key in rope:
             values.update(_rope_fields(key, rope[key], values.get("max_position_embeddings",

@@ -71,27 +71,44 @@ def native_to_official(key: str) -> str:
 # ---------------------------------------------------------------------------------------------- loading
 
 @contextlib.contextmanager
-def _opened(file: Path) -> Iterator[Any]:
-    """safe_open, with a file that is not valid safetensors reported by name, as bad input (ValueError)."""
+def _opened(file: Path, keys: list[str] = ()) -> Iterator[Any]:
+    """safe_open, with a file that is not valid safetensors reported by name, as bad input (ValueError), and the
+    keys the index maps to it checked to be there."""
     try:
         handle = safe_open(file, "pt")
     except SafetensorError as err:
         raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
     with handle as f:
+        if absent := set(keys) - set(f.keys()):
+            raise KeyError(f"{INDEX_FILE} maps {min(absent)!r} to {file.name}, which does not hold it")
         yield f
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """Official key -> the safetensors file holding it (single file or sharded with an index)."""
     if (path / INDEX_FILE).is_file():
-        weight_map = json.loads((path / INDEX_FILE).read_text())["weight_map"]
-        return {key: path / name for key, name in weight_map.items()}
+        return _indexed_files(path)
     if (path / SINGLE_FILE).is_file():
         with _opened(path / SINGLE_FILE) as f:
             return {key: path / SINGLE_FILE for key in f.keys()}
     pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     hint = f" (found {pickled}: pickle files are never loaded, convert them to safetensors)" if pickled else ""
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
+
+
+def _indexed_files(path: Path) -> dict[str, Path]:
+    """The index's weight_map, each shard a file name inside the checkpoint folder."""
+    index = path / INDEX_FILE
+    try:
+        weight_map = json.loads(index.read_text()).get("weight_map")
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
+        raise ValueError(f"{index} is not a JSON object: {err}") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
+        raise ValueError(f"{index} has no weight_map object of key -> shard file name")
+    for name in set(weight_map.values()):
+        if Path(name).name != name:
+            raise ValueError(f"{index} names shard {name!r}, outside the checkpoint folder (shards are file names)")
+    return {key: path / name for key, name in weight_map.items()}
 
 
 def _keys_by_file(path: Path) -> list[tuple[Path, list[str]]]:
@@ -107,9 +124,13 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     for file, keys in _keys_by_file(path):
         if not file.is_file():
             raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
-        with _opened(file) as f:
+        with _opened(file, keys) as f:
             for key in keys:
-                yield key, f.get_tensor(key)
+                tensor = f.get_tensor(key)
+                if not tensor.is_floating_point():
+                    raise ValueError(f"checkpoint key {key!r} in {file.name} is {tensor.dtype}, not a floating "
+                                     "point weight")
+                yield key, tensor
 
 
 def checkpoint_config(path: Path) -> ModelConfig:
@@ -140,7 +161,7 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
     loaded without a dtype is in this one throughout, even where a file keeps a few tensors (norms) in another."""
     sizes: dict[str, int] = {}
     for file, keys in _keys_by_file(path):
-        with _opened(file) as f:
+        with _opened(file, keys) as f:
             for key in keys:
                 part = f.get_slice(key)
                 sizes[part.get_dtype()] = sizes.get(part.get_dtype(), 0) + math.prod(part.get_shape())
@@ -159,7 +180,8 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
     for key, tensor in read_tensors(path):
         native, expert, proj = official_to_native(key)
         if expert is not None and expert >= cfg.n_routed_experts:
-            ignored.append(key)  # transformers 5.x writes gate/up rows for zero-expert ids; they are never used
+            _check_zero_expert_stub(key, native, expert, proj, tensor, expected, cfg)
+            ignored.append(key)  # transformers 5.0-5.24 write gate/up rows for zero-expert ids; they are never used
             continue
         if native not in expected:
             raise KeyError(f"checkpoint key {key!r} has no place in this model (config: {cfg.num_layers} layers, "
@@ -177,6 +199,16 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
         log.info("ignored %d tensors for zero-expert ids (written by transformers 5.x, never used)", len(ignored))
     _check_complete(out, experts_seen, expected, cfg)
     return out
+
+
+def _check_zero_expert_stub(key: str, native: str, expert: int, proj: str | None, tensor: torch.Tensor,
+                            expected: dict[str, torch.Size], cfg: ModelConfig) -> None:
+    """A routed-expert key past the FFN experts may only be the stub transformers writes for a zero expert: a gate
+    or up matrix of an expert's shape, for an id in [E, E + Z), in a layer this model has."""
+    if not (native in expected and proj in ("gate_proj", "up_proj") and expert < cfg.n_experts_total
+            and tuple(tensor.shape) == (cfg.expert_ffn_hidden_size, cfg.hidden_size)):
+        raise KeyError(f"checkpoint key {key!r} (shape {tuple(tensor.shape)}) has no place in this model (config: "
+                       f"{cfg.n_routed_experts} FFN experts, {cfg.zero_expert_num} zero experts)")
 
 
 def expert_slice(stacked: torch.Tensor, expert: int, proj: str, cfg: ModelConfig) -> torch.Tensor:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
 
+
 def save(directory: Path, state: dict[str, Any]) -> None:
     """Write `state` (nested dicts of tensors and DTensors) into `directory`, every rank its own file."""
     _check_tensors_only(state, "")

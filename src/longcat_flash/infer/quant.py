@@ -23,6 +23,7 @@ Shapes: O out features, I in features, E experts, nO = ceil(O/128), nI = ceil(I/
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,8 @@ from ..model.moe import Experts
 from . import decode_ops, kernels
 from .experts import HitExperts, PlainHitExperts
 from .swap import swap_modules
+
+log = logging.getLogger(__name__)
 
 BLOCK = kernels.BLOCK
 GROUP = 64  # int4 values per (scale, min) pair
@@ -346,6 +349,7 @@ class QuantReport:
     kept: list[str]
     bytes_before: int
     bytes_after: int
+    int8_fallback: list[str] = field(default_factory=list)  # int4 units stored at int8 (rows int4 cannot group)
 
     @property
     def saved_fraction(self) -> float:
@@ -368,17 +372,22 @@ def quantize_model(model: nn.Module, fmt: str = "int8", keep: Iterable[str] = ()
     """Swap every candidate unit for its quantized twin, in place: units in `keep` in `keep_fmt` (None: left in
     the model dtype), the others in `fmt` (int4 units whose rows cannot be grouped: int8)."""
     check_format(fmt)
-    keep = set(keep)
+    keep, fallback = set(keep), []
 
     def twin(name: str, module: nn.Module) -> nn.Module | None:
         unit_fmt = (keep_fmt if name in keep else fmt) if name in units else None
         if unit_fmt == "int4" and not int4_ready(module):
             unit_fmt = "int8"
+            fallback.append(name)
         return quantized(module, unit_fmt) if unit_fmt else None
 
     before, units = weight_bytes(model), candidates(model)
     done = swap_modules(model, twin)
-    return QuantReport(fmt, [n for n in done if n not in keep], sorted(keep), before, weight_bytes(model))
+    if fallback:
+        log.warning("int4: %d of %d units store int8 instead: their input width is not a multiple of 32, which int4 "
+                    "groups need (%s%s)", len(fallback), len(done), ", ".join(fallback[:3]),
+                    ", ..." if len(fallback) > 3 else "")
+    return QuantReport(fmt, [n for n in done if n not in keep], sorted(keep), before, weight_bytes(model), fallback)
 
 
 def quantized(unit: nn.Module, fmt: str) -> nn.Module:
