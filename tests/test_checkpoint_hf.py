@@ -143,6 +143,14 @@ def test_a_weight_that_is_not_floating_point_is_refused(saved):
         LongcatFlash.from_pretrained(path)
 
 
+def test_saving_a_config_transformers_ignores_says_so(tmp_path, caplog):
+    with caplog.at_level("WARNING"):
+        LongcatFlash(tiny()).save_pretrained(tmp_path / "release")
+        assert "ignores" not in caplog.text
+        LongcatFlash(tiny().replace(norm_topk_prob=True, router_bias=True)).save_pretrained(tmp_path / "other")
+    assert "ignores router_bias=True, norm_topk_prob=True" in caplog.text
+
+
 def test_pickle_checkpoints_are_refused(tmp_path):
     tiny().save_json(tmp_path)
     torch.save({"x": torch.ones(1)}, tmp_path / "pytorch_model.bin")

@@ -311,6 +311,15 @@ def transformers_gate_up_experts(cfg: ModelConfig) -> int:
         return LongcatFlashExperts(theirs).gate_up_proj.shape[0]
 
 
+def transformers_ignores(cfg: ModelConfig) -> list[str]:
+    """The config values transformers' LongcatFlash (5.25) computes as if they were the release's: its forward
+    always scales the MLA queries and latent, never adds the router bias, never renormalises the top-k gates, and
+    its zero experts always return their input."""
+    release = {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "router_bias": False, "norm_topk_prob": False,
+               "zero_expert_type": "identity"}
+    return [f"{name}={getattr(cfg, name)!r}" for name, value in release.items() if getattr(cfg, name) != value]
+
+
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
                     zero_expert_stubs: bool = False, writer: bool = True) -> None:
     """Write config.json and safetensors, streamed: tensors are gathered (when sharded) and written out one file
@@ -324,6 +333,9 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     path = Path(path)
     if writer:
         path.mkdir(parents=True, exist_ok=True)
+        if ignored := transformers_ignores(model.config):
+            log.warning("%s: transformers' LongcatFlash ignores %s: loaded there, this checkpoint computes another "
+                        "model", path, ", ".join(ignored))
     parts: list[tuple[Path | None, list[str], int]] = []  # (temp file or None off the writer, keys, bytes)
     chunk: dict[str, torch.Tensor] = {}  # the writer's next file (other ranks keep only its keys)
     keys: list[str] = []
