@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -150,8 +151,12 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args()
+    if args.ep < 2:
+        parser.error("--ep must be >= 2: an all-to-all needs two ranks")
+    if args.tokens < 1 or args.repeats < 1:
+        parser.error("--tokens and --repeats must be >= 1")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
-    if not lcd.launched():  # relaunch under torchrun: one process per ep rank
+    if "LOCAL_RANK" not in os.environ:  # not yet under torchrun (WORLD_SIZE alone is 1 there with one rank)
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",
                                   f"--nproc-per-node={args.ep}", __file__, *sys.argv[1:]]))
     lcd.init()

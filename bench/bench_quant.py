@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--keep-fraction", type=float, default=KEEP_SENSITIVE,
                         help="fraction of units kept at int8 in the int4-mixed run")
     args = parser.parse_args()
+    if args.tokens < 1 or args.window < 2 or args.keep_top < 0 or not 0 <= args.keep_fraction <= 1:
+        parser.error("needs --tokens >= 1, --window >= 2, --keep-top >= 0 and --keep-fraction in [0, 1]")
     args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)

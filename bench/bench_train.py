@@ -125,6 +125,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="timed steps per side (after 2 warm-up steps)")
     parser.add_argument("--profile", action="store_true", help="also print the top ops of one step per side")
     args = parser.parse_args()
+    for name in ("batch", "seq", "steps"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
 
     set_deterministic(True)  # as in training

@@ -62,6 +62,10 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=10)
     parser.add_argument("--tolerance", type=float, default=0.03)
     args = parser.parse_args()
+    if not (args.run / "metrics.jsonl").is_file():
+        parser.error(f"{args.run} holds no metrics.jsonl: give a `longcat train` run directory")
+    if args.window < 1:
+        parser.error("--window must be >= 1")
     records = [r for r in read_metrics(args.run) if not r["skipped"]]
     summary = summarize(records, args.window, args.tolerance)
     (args.run / "budget_convergence.json").write_text(json.dumps(summary, indent=2) + "\n")
