@@ -125,9 +125,9 @@ def main() -> None:
     base = base_model(setup, args.base)
     data, heldout, tuned = setup.work / "tools_train.jsonl", setup.work / "tools_heldout.jsonl", setup.work / "sft"
     setup.work.mkdir(parents=True, exist_ok=True)
-    longcat("data", "tools", "--out", str(data), "--n", str(train_rows), "--seed", str(args.seed))
+    longcat("data", "tools", "--out", str(data), "--n", str(train_rows), "--seed", str(args.seed), "--force")
     longcat("data", "tools", "--out", str(heldout), "--n", str(eval_rows), "--seed", str(args.seed), "--split",
-            "heldout")
+            "heldout", "--force")
     start = time.perf_counter()
     longcat("sft", "--model", str(base), "--data", str(data), "--out", str(tuned), "--max-steps", str(steps),
             "--no-progress", "--seed", str(args.seed))

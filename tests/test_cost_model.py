@@ -68,6 +68,12 @@ def test_smaller_ep_makes_moe_memory_bound_and_slower() -> None:
         assert narrow[model]["dispatch_us"] == base[model]["dispatch_us"]  # set by per-device batch and fan-out
 
 
+def test_on_one_device_nothing_travels() -> None:
+    one = _rows(ep=1)
+    assert all(row["dispatch_us"] == row["combine_us"] == 0 for row in one.values())
+    assert all(row["dispatch_us"] > 0 for row in _rows(ep=2).values())
+
+
 def test_more_bandwidth_shortens_communication_and_tpot() -> None:
     base, fast = _rows(), _rows(a2a_bandwidth_gbps=80)
     for model in (LONGCAT, DEEPSEEK, QWEN):

@@ -94,6 +94,16 @@ def test_cli_writes_the_file(tmp_path, capsys):
     assert "wrote 25" in capsys.readouterr().out
 
 
+def test_cli_never_overwrites_a_file_unless_forced(tmp_path):
+    out = tmp_path / "config.json"
+    out.write_text("{}")
+    with pytest.raises(SystemExit) as err:
+        main(["data", "tools", "--out", str(out), "--n", "2"])
+    assert "pass --force" in str(err.value) and out.read_text() == "{}"
+    main(["data", "tools", "--out", str(out), "--n", "2", "--force"])
+    assert len(out.read_text().splitlines()) == 2
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--n", "0"], "--n must be at least 1"),
     (["--n", "5", "--tools-per-conversation", "9"], "--tools-per-conversation must be in 1..5"),

@@ -97,6 +97,16 @@ def test_sign_mode_takes_fixed_steps():
     assert torch.equal(routers[0].e_score_correction_bias[E:], torch.zeros(Z))
 
 
+@pytest.mark.parametrize("fields, message", [
+    (dict(mode="sign", ki=0.5), "reads no gains"),  # the fixed step would ignore them
+    (dict(kp=0.0), "would never move the biases"),
+])
+def test_settings_the_controller_would_ignore_are_refused(fields, message):
+    with pytest.raises(ValueError, match=message):
+        BudgetConfig(**fields)
+    BudgetConfig(**{**fields, **({"mode": "pid"} if "mode" in fields else {"enabled": False})})  # meant: accepted
+
+
 def test_state_dict_round_trip_continues_identically():
     a, routers_a = make(BudgetConfig(ki=0.3, kd=0.2))
     gen = torch.Generator().manual_seed(1)

@@ -87,6 +87,26 @@ def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path, capsys):
     assert (tmp_path / "run" / "config.json").read_text() == "{}"
 
 
+def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):
+    model = tmp_path / "model"
+    main(["init", "--preset", "tiny", "--out", str(model)])
+    before = (model / "model.safetensors").read_bytes()
+    assert "is the model the run starts from" in run_cli("train", "--preset", "tiny", "--out", str(model), "--set",
+                                                        f"init_from={model}")
+    assert "already holds a model" in run_cli("train", "--preset", "tiny", "--out", str(model))
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: Path):
+    from longcat_flash.train.config import recipe
+    training.save(tmp_path / "run" / "checkpoints", 5, {"model": native_box()},
+                  meta={"train_config": recipe("tiny").to_dict()})
+    message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "model.num_layers=4")
+    assert "a resumed run keeps its model" in message and "model.num_layers" in message
+    assert "--set preset=... would only rename the run" in run_cli("train", "--preset", "tiny", "--set",
+                                                                   "preset=small")
+
+
 def test_a_metrics_file_cut_short_by_a_kill_reads_up_to_its_last_whole_line(tmp_path: Path):
     lines = ['{"step": 1, "loss": 7.0}', '{"step": 2, "loss": 6.5}']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "lo')

@@ -139,6 +139,8 @@ def test_memory_savers_leave_the_losses_unchanged(corpus, tmp_path):
 
 def test_resuming_into_another_shape_names_the_tensor(corpus, tmp_path):
     train(tiny_config(*corpus, "max_steps=2", "eval_every=0"), tmp_path / "run", progress=False)
+    saved = (tmp_path / "run" / "train_config.json").read_text()
     wider = apply_overrides(resume_config(tmp_path / "run"), ["max_steps=3", "model.expert_ffn_hidden_size=48"])
     with pytest.raises(CheckpointError, match=r"does not fit this model: model\.layers\.0\.mlp\.experts\.\w+ is"):
         train(wider, tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "train_config.json").read_text() == saved  # a refused resume changes nothing

@@ -368,12 +368,15 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--tools-per-conversation", type=int, default=3, help="tools offered per conversation")
     t.add_argument("--split", default="train", choices=["train", "heldout"],
                    help="pool of tool names, parameter names and phrasings (disjoint between the two)")
+    t.add_argument("--force", action="store_true", help="overwrite --out when it exists")
     t.set_defaults(run=_run_data_tools)
 
 
 def _run_data_tools(args: argparse.Namespace) -> None:
     from .data.tool_dialogues import write_conversations
 
+    if Path(args.out).is_file() and not args.force:
+        raise FileExistsError(f"--out {args.out} exists; pass --force to overwrite it")
     out = write_conversations(args.out, args.n, args.seed, args.split, args.tools_per_conversation)
     print(f"wrote {args.n} {args.split} conversations -> {out}")
 

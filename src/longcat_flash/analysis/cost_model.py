@@ -280,7 +280,10 @@ def _attention_us(shape: DecodeShape, sc: Scenario) -> tuple[float, float]:
 
 
 def _a2a_us(shape: DecodeShape, sc: Scenario, bytes_per_value: float) -> float:
-    """All-to-all volume: one hidden vector per (token, FFN expert) pair, at the DeepEP bandwidth."""
+    """All-to-all volume: one hidden vector per (token, FFN expert) pair, at the DeepEP bandwidth; none on one
+    device (ep=1), where every expert is local."""
+    if sc.ep == 1:
+        return 0.0
     volume = sc.tokens_per_device * shape.ffn_experts_per_token * shape.hidden_size * bytes_per_value
     return volume / (sc.a2a_bandwidth_gbps * 1e9) * 1e6
 

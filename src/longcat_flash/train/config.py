@@ -97,6 +97,12 @@ class BudgetConfig:
         _positive(self, "kp", "ki", "kd", allow_zero=True)
         _check(self.decay_factor <= 1, self.section, "decay_factor", self.decay_factor, "in (0, 1]")
         _check(0 <= self.min_rate_ratio <= 1, self.section, "min_rate_ratio", self.min_rate_ratio, "in [0, 1]")
+        gains = (self.kp, self.ki, self.kd)
+        if self.mode == "sign" and gains != (1.0, 0.0, 0.0):
+            raise ValueError(f"budget.mode=sign steps by rate * sign(error) and reads no gains, but kp, ki, kd = "
+                             f"{gains}; leave them at 1, 0, 0 or use mode=pid")
+        if self.enabled and self.mode == "pid" and gains == (0.0, 0.0, 0.0):
+            raise ValueError("budget: kp = ki = kd = 0 would never move the biases; set budget.enabled=false")
 
 
 @dataclass(frozen=True)
@@ -447,11 +453,20 @@ def recipe(preset: str) -> TrainConfig:
 
 def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None = None) -> TrainConfig:
     """The run's config: a preset's recipe (default small) or, when resuming, the saved config; then overrides."""
+    if _last_value(overrides, "preset") is not None:
+        raise ValueError("preset is chosen with --preset, which picks the whole recipe; --set preset=... would only "
+                         "rename the run")
     if saved is not None and preset is not None and preset != saved.preset:
         raise ValueError(f"--preset {preset} differs from the resumed run's preset {saved.preset!r}; "
                          f"a resumed run keeps its model (use `longcat grow` to change its depth)")
     if saved is not None:
-        return apply_overrides(saved, overrides)
+        cfg = apply_overrides(saved, overrides)
+        changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
+                   if getattr(cfg.model, f.name) != getattr(saved.model, f.name)]
+        if changed:
+            raise ValueError(f"a resumed run keeps its model, but the overrides change {', '.join(changed)} "
+                             "(use `longcat grow` to change its depth, or start a run with init_from)")
+        return cfg
     base = recipe(preset or "small")
     init_from = _last_value(overrides, "init_from")
     if init_from not in (None, "None", "none", "null"):  # the model is the checkpoint's, then the overrides

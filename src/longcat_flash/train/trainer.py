@@ -408,6 +408,11 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     checkpoint = training.resolve(out) if resume else None
     if not resume and training.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
+    if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
+        raise ValueError(f"--out {out} is the model the run starts from (init_from): its weights would be "
+                         "overwritten; choose another --out")
+    if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
+        raise ValueError(f"{out} already holds a model; a run writes its own there: choose another --out")
     pretrained = cfg.init_from if checkpoint is None else None  # a resumed run continues its own checkpoint
     if pretrained is not None:
         check_same_shapes(pretrained, cfg.model)
@@ -432,10 +437,10 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     run = Run(cfg, out, tokenizer, model, build_optimizer(model, cfg.optim, scale), controller,
               ResumableSampler(train_set, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size()), val_set,
               TrainState(), mesh, device)
+    if checkpoint is not None:
+        load_checkpoint(run, checkpoint)  # checks the data too: a refused resume leaves the run as it was
     if distributed.is_main():
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
-    if checkpoint is not None:
-        load_checkpoint(run, checkpoint)
     return run
 
 
