@@ -145,6 +145,32 @@ def test_pages_all_return_after_finished_cancelled_and_preempted_requests(model)
     assert not engine.cache.tables and not engine.requests
 
 
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_preempted_seeded_request_continues_exactly(model, k):
+    """Recomputed after a preemption, a sequence runs its pending token in a decode step as it would have, so it
+    draws the same random numbers and, speculating, verifies the drafts it had."""
+    ps = prompts((9, 14, 6, 11), seed=9)
+    params = [SamplingParams(max_new_tokens=16, temperature=0.9, top_k=40, seed=20 + j, ignore_eos=True)
+              for j in range(4)]
+    tight = Engine(model, EngineConfig(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=56, max_running=4,
+                                       speculative=k))
+    out = tight.generate(ps, params)
+    assert tight.stats.preempted > 0
+    assert out == [Engine(model, EngineConfig(speculative=k, **SMALL)).generate([p], [sp])[0]
+                   for p, sp in zip(ps, params)]
+
+
+def test_a_cache_smaller_than_the_context_caps_sequences_instead_of_hanging(model):
+    """A sequence that outgrew the pool was preempted and re-queued forever; the pool now bounds the context."""
+    engine = Engine(model, EngineConfig(cache_tokens=64, speculative=2))  # 4 pages of 16, 4 positions of drafts
+    assert engine.max_context == 4 * 16 - 4 < model.config.max_position_embeddings
+    rid = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=200, ignore_eos=True))
+    out = _run(engine, [rid], steps=500)[rid]  # bounded: it used to spin
+    assert len(out) == engine.max_context - 3 and not engine.has_work()
+    with pytest.raises(ValueError, match="the KV cache's limit"):
+        engine.add_request([5] * engine.max_context)
+
+
 def test_preempted_requests_still_match_the_reference(model):
     ps = prompts((9, 14, 5, 20), seed=7)
     expected = [greedy_reference(model, p, 14) for p in ps]

@@ -21,6 +21,7 @@ Shapes: B rows, S tokens per row, D model dim, V vocabulary.
 from __future__ import annotations
 
 import itertools
+import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -33,6 +34,7 @@ from .scheduler import Scheduler, SchedulerConfig, SequenceState
 from .speculative import Draft, DraftStats, MTPDrafter, verify
 
 StopHook = Callable[[list[int]], bool]  # generated ids so far -> stop now (text stop strings, from the server)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,14 @@ class Engine:
         self.drafter = MTPDrafter(model, self.cache, k) if k else None
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
-        self.max_context = cfg.max_position_embeddings
+        lookahead = self.scheduler.config.lookahead  # a sequence of L tokens decodes at L + lookahead positions
+        self.max_context = min(cfg.max_position_embeddings, (cache_cfg.num_pages - 1) * cache_cfg.page_size - lookahead)
+        if self.max_context < 2:
+            raise ValueError(f"cache_tokens={self.config.cache_tokens} cannot hold a sequence of 2 tokens"
+                             + (f" with {k} drafts" if k else ""))
+        if self.max_context < cfg.max_position_embeddings:  # else a sequence could outgrow the pool and never run
+            log.warning("the KV cache (%d tokens) holds less than the model's context (%d): sequences are limited to "
+                        "%d tokens", self.config.cache_tokens, cfg.max_position_embeddings, self.max_context)
         self.vocab_size, self.eos_id = cfg.vocab_size, cfg.eos_token_id
         self._ids = itertools.count()
 
@@ -152,13 +161,11 @@ class Engine:
         if not prompt:
             raise ValueError("prompt must hold at least one token")
         if len(prompt) > self.max_context or (len(prompt) == self.max_context and not scoring):
-            raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_context}, which leaves "
-                             "no room to generate")
+            capped = "" if self.max_context == self.model.config.max_position_embeddings else " (the KV cache's limit)"
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_context}{capped}, which "
+                             "leaves no room to generate")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
-        lookahead = self.scheduler.config.lookahead
-        if self.cache.pages_for(len(prompt) + 1 + lookahead) > self.cache.config.num_pages - 1:
-            raise ValueError(f"prompt has {len(prompt)} tokens; the KV cache holds {self.config.cache_tokens}")
 
     def cancel(self, request_id: int) -> list[int]:
         """Stop a request now and free its cache pages; the ids stopped, [] if it is unknown or already finished.
@@ -180,9 +187,8 @@ class Engine:
         held = {rid: len(table) for rid, table in self.cache.tables.items()}
         shared = {rid: self.cache.shared_pages(rid) for rid in held}
         plan = self.scheduler.schedule(self.cache.free_pages, held, shared)
-        for seq in plan.preempted:
+        for seq in plan.preempted:  # its draft stays: recomputed, it verifies it as it would have (to_prefill)
             self.cache.free(seq.id)
-            self.requests[seq.id].draft = None
             self.stats.preempted += 1
         for rid, n_positions in plan.capacity.items():
             self.cache.ensure(rid, n_positions)
@@ -299,6 +305,7 @@ class Engine:
         for b, (seq, req) in enumerate(zip(seqs, reqs)):
             emitted = verify(logits[b], req.draft, req.params, req.generator)
             self._count_draft(len(req.draft.tokens), len(emitted) - 1)
+            req.draft = None
             seq.computed += len(emitted)  # x_T and the accepted drafts are now valid cache entries
             self.cache.truncate(seq.id, seq.computed)
             out = self._append(req, emitted, logits[b])
@@ -311,9 +318,9 @@ class Engine:
 
     def _draft(self, seqs: list[SequenceState], rows: dict[int, tuple[int, torch.Tensor]]) -> None:
         """MTP extend for sequences whose trunk just covered positions start..computed-1, then a chain of drafts for
-        those with a pending token (a prompt still in prefill has none: it only writes the head's cache, and draws
-        no random numbers). Requests with logit controls get no drafts (the MTP head's distributions do not model
-        them).
+        those with a pending token and no draft (a prompt still in prefill has none, and a sequence recomputed after
+        a preemption still has its own: they only write the head's cache, and draw no random numbers). Requests
+        with logit controls get no drafts (the MTP head's distributions do not model them).
 
         rows: sequence id -> (start, that forward's final hidden row from start (S_b, D), S_b >= computed - start).
         """
@@ -324,7 +331,7 @@ class Engine:
         next_ids = [s.tokens[start + 1:s.computed + 1] for s, start in zip(seqs, starts)]
         hidden = pad_sequence([rows[s.id][1] for s in seqs], batch_first=True)  # (B, S, D)
         z = self.drafter.extend([s.id for s in seqs], next_ids, hidden, starts)  # (B, D)
-        ready = [b for b, s in enumerate(seqs) if s.remaining == 1]
+        ready = [b for b, s in enumerate(seqs) if s.remaining == 1 and self.requests[s.id].draft is None]
         if not ready:
             return
         reqs = [self.requests[seqs[b].id] for b in ready]

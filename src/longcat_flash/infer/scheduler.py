@@ -47,6 +47,13 @@ class SequenceState:
         return len(self.tokens) - self.computed
 
     @property
+    def to_prefill(self) -> int:
+        """Tokens prefill still has to run: the prompt's; for a sequence recomputing after a preemption, all but
+        its pending last token, which the next decode step runs as it would have without the preemption (so a
+        seeded sequence draws the same numbers, and a speculating one verifies the drafts it had)."""
+        return self.remaining - (len(self.tokens) > self.prompt_len)
+
+    @property
     def decoding(self) -> bool:
         """Past its prompt, one pending token. A prompt whose copies wait to fork off it (`forks`) ends in a
         prefill chunk even when one token is left, so the engine forks them where prompts end: in `_prefill`."""
@@ -132,6 +139,8 @@ class Scheduler:
                 break
             free_pages = left
         while self.waiting and len(self.running) < self.config.max_running:
+            if self.waiting[0] in plan.preempted:  # it gave its pages to an older sequence this very step
+                break
             if (left := self._try_prefill(plan, self.waiting[0], budget, free_pages)) is None:
                 break
             free_pages = left
@@ -181,7 +190,7 @@ class Scheduler:
 
     def _try_prefill(self, plan: Plan, seq: SequenceState, budget: int, free_pages: int) -> int | None:
         """Add the next prompt chunk of seq if the padded budget and the pool allow; the new free-page count."""
-        n = min(seq.remaining, self.config.prefill_chunk)
+        n = min(seq.to_prefill, self.config.prefill_chunk)
         if not plan.prefill:
             n = min(n, budget)  # a lone chunk shrinks to the budget, so prefill always progresses
         longest = max([n, *(m for _, m in plan.prefill)])

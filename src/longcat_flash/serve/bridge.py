@@ -229,7 +229,7 @@ class AsyncEngine(Bridge):
     def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
         super().__init__()
         self.engine, self.vocab_size = engine, engine.vocab_size
-        self.context, self.max_waiting = engine.model.config.max_position_embeddings, engine.config.max_waiting
+        self.context, self.max_waiting = engine.max_context, engine.config.max_waiting
         self._loop = EngineLoop(engine, self.receive, idle_wait_s)
         self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
 

@@ -97,7 +97,7 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
         except Exception:  # an error that does not pickle
             conn.send(("failed", RuntimeError(f"{type(err).__name__}: {err}")))
         return
-    conn.send(("ready", engine.vocab_size, model.config.max_position_embeddings, engine.config.max_waiting))
+    conn.send(("ready", engine.vocab_size, engine.max_context, engine.config.max_waiting))
 
     def send(batch: Any) -> None:
         try:
