@@ -58,6 +58,17 @@ def test_chat_keeps_the_conversation(checkpoint, capsys, monkeypatch):
     assert "again" in after_reset and "hello" not in after_reset and "what next" not in after_reset
 
 
+def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):
+    """Python hands an undecodable stdin byte over as a lone surrogate; the tokenizer raised a TypeError on it."""
+    lines = iter(["hello", "bad \udcff byte", "again", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    main(["chat", "--model", str(checkpoint), "--max-new-tokens", "3", "--ignore-eos"])
+    out = capsys.readouterr().out
+    assert "not valid UTF-8" in out and out.count("assistant> ") == 2
+    with pytest.raises(SystemExit, match="not valid UTF-8"):
+        main(["generate", "--model", str(checkpoint), "--prompt", "bad \udcff byte"])
+
+
 def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):
     with pytest.raises(SystemExit, match="context"):
         main(["generate", "--model", str(checkpoint), "--prompt", "x " * 2000])

@@ -20,6 +20,10 @@ from longcat_flash.presets import PRESETS, get_preset, tiny
     ("rms_norm_eps", 0.0),
     ("num_nextn_predict_layers", 2),
     ("eos_token_id", 999),
+    ("eos_token_id", 2.5),  # wrong types read as another choice, or failed deep in a forward
+    ("norm_topk_prob", "no"),
+    ("num_nextn_predict_layers", True),
+    ("zero_expert_num", True),
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

@@ -92,10 +92,40 @@ def test_seeded_sampling_without_controls_is_unchanged(model):
 
 @pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
                                  dict(repetition_penalty=0.0), dict(min_p=1.5), dict(logit_bias=((1, 101.0),)),
-                                 dict(logit_bias=tuple((i, 1.0) for i in range(301)))])
+                                 dict(logit_bias=tuple((i, 1.0) for i in range(301))),
+                                 # wrong types that used to pass and fail inside a step (logprobs=True reached topk)
+                                 dict(logprobs=True), dict(top_k=True), dict(max_new_tokens=True), dict(seed="3"),
+                                 dict(seed=2**70), dict(stop_token_ids="ab"), dict(stop_token_ids=(1.5,)),
+                                 dict(logit_bias=((1.5, 5.0),)), dict(repetition_penalty=float("inf")),
+                                 dict(ignore_eos="no")])
 def test_out_of_range_controls_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)
+
+
+def test_a_failed_request_leaves_the_engine_usable_and_prompts_are_checked(model):
+    engine = Engine(model, EngineConfig(**SMALL))
+    for prompt, error in (([1.5, 2.0], TypeError), ([True, False], TypeError), ("hello", TypeError),
+                          ([1, 2], ValueError)):  # the last: stop_token_ids past the vocabulary
+        with pytest.raises(error):
+            engine.generate([prompt], greedy(stop_token_ids=(10**6,)) if error is ValueError else greedy())
+    with pytest.raises(ValueError, match="2 prompts but 1 SamplingParams"):
+        engine.generate([[1, 2], [3, 4]], [greedy()])
+    assert not engine.has_work() and not engine.requests
+    assert engine.generate([[1, 2]], greedy()) == Engine(model, EngineConfig(**SMALL)).generate([[1, 2]], greedy())
+    with pytest.raises(ValueError, match="EngineConfig.page_size"):
+        EngineConfig(page_size=0)
+
+
+def test_a_step_that_fails_leaves_no_request_behind(model, monkeypatch):
+    """Engine.generate used to leave its requests queued, so every later call failed the same way."""
+    engine = Engine(model, EngineConfig(**SMALL))
+    with monkeypatch.context() as patch:
+        patch.setattr(engine, "_forward", lambda *args: (_ for _ in ()).throw(RuntimeError("boom")))
+        with pytest.raises(RuntimeError, match="boom"):
+            engine.generate([[1, 2], [3, 4]], greedy())
+    assert not engine.requests and not engine.has_work() and engine.cache.used_pages == 0
+    assert engine.generate([[1, 2]], greedy()) == Engine(model, EngineConfig(**SMALL)).generate([[1, 2]], greedy())
 
 
 def test_logit_bias_ids_are_checked_against_the_vocabulary(model):

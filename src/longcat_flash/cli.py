@@ -404,6 +404,9 @@ def main(argv: list[str] | None = None) -> None:
     except DeviceError as err:  # a usage error, like a bad flag: status 2
         print(f"longcat {args.command}: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: stop quietly with the shell's status for SIGINT
+        print(file=sys.stderr)
+        sys.exit(130)
     except BrokenPipeError:  # the reader left (`longcat ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)

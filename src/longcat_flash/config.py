@@ -167,7 +167,11 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.zero_expert_num, int) or self.zero_expert_num < 0:
+        for name in ("norm_topk_prob", "router_bias", "mla_scale_q_lora", "mla_scale_kv_lora", "attention_bias",
+                     "tie_word_embeddings"):
+            if not isinstance(getattr(self, name), bool):  # "no" or 0 would read as a choice it is not
+                raise ValueError(f"ModelConfig.{name} must be true or false, got {getattr(self, name)!r}")
+        if type(self.zero_expert_num) is not int or self.zero_expert_num < 0:
             raise ValueError(f"ModelConfig.zero_expert_num must be an integer >= 0, got {self.zero_expert_num!r}")
         if self.zero_expert_type not in ZERO_EXPERT_TYPES:
             raise ValueError(f"ModelConfig.zero_expert_type must be one of {ZERO_EXPERT_TYPES}, "
@@ -191,11 +195,13 @@ class ModelConfig:
                              f"max_position_embeddings={self.max_position_embeddings}")
         if self.hidden_act != "silu":
             raise ValueError(f"ModelConfig.hidden_act must be 'silu' (SwiGLU), got {self.hidden_act!r}")
-        if self.num_nextn_predict_layers not in (0, 1):
+        if self.num_nextn_predict_layers not in (0, 1) or isinstance(self.num_nextn_predict_layers, bool):
             raise ValueError(f"ModelConfig.num_nextn_predict_layers must be 0 or 1 (one dense MTP head), "
                              f"got {self.num_nextn_predict_layers!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
+                raise ValueError(f"ModelConfig.{name} must be a token id (an integer), got {value!r}")
             if value is not None and not 0 <= value < self.vocab_size:
                 raise ValueError(f"ModelConfig.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
 

@@ -101,6 +101,17 @@ _FALLBACK_NAMES = {
 }
 
 
+def utf8_text(text: str) -> str:
+    """`text`, refused by name when it holds a lone surrogate: an undecodable input byte, as Python carries one from
+    argv and stdin, which the tokenizer library would reject with a TypeError."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"the text is not valid UTF-8: {err.object[err.start:err.end]!r} at character {err.start} "
+                         "(an undecodable byte in the input)") from None
+    return text
+
+
 @dataclass(frozen=True)
 class RenderedChat:
     """A conversation rendered with the chat template, and the special tokens the template itself wrote in it."""
@@ -156,7 +167,7 @@ class Tokenizer:
 
     def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
         """Text to ids; nothing is added (no bos/eos), special-token text stays text unless `allow_special`."""
-        return self._encoder(allow_special).encode(text, add_special_tokens=False).ids
+        return self._encoder(allow_special).encode(utf8_text(text), add_special_tokens=False).ids
 
     def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]:
         """`encode` over many texts at once, in parallel on the Rust side (the fast path for corpora)."""
@@ -215,7 +226,7 @@ class Tokenizer:
         """The ids of `chat.text` cut at the non-decreasing character offsets `cuts`: one list per piece (len(cuts)
         + 1 of them, an empty piece an empty list; no token straddles a cut), the template's special tokens as their
         ids, everything else as text."""
-        bounds = [0, *cuts, len(chat.text)]
+        bounds = [0, *cuts, len(utf8_text(chat.text))]
         if any(a > b for a, b in zip(bounds, bounds[1:])):
             raise ValueError(f"cuts must be non-decreasing offsets into the text, got {list(cuts)}")
         if any(start < cut < end for start, end, _ in chat.specials for cut in bounds):

@@ -248,6 +248,8 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     """
     path = Path(path)
     if not path.is_dir():
+        if path.exists():
+            raise NotADirectoryError(f"{path} is a file; a checkpoint is a directory (config.json, safetensors)")
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = checkpoint_config(path)
     with torch.device("meta"):

@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 import torch
 from torch.nn.utils.rnn import pad_sequence
@@ -47,6 +47,12 @@ class EngineConfig:
     max_waiting: int = 256
     speculative: int = 0  # MTP drafts per step; 0 = off
     absorb_max_tokens: int = ABSORB_MAX_TOKENS  # rows of at most this many tokens attend absorbed; longer naive
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value, least = getattr(self, f.name), 0 if f.name in ("speculative", "absorb_max_tokens") else 1
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise ValueError(f"EngineConfig.{f.name} must be an integer >= {least}, got {value!r}")
 
     def scheduler_config(self) -> SchedulerConfig:
         # A decoding row writes its k drafts' trunk slots and then chains k more MTP slots: 2k positions ahead.
@@ -105,8 +111,6 @@ class Engine:
         cfg = model.config
         dtype, self.device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
         k = self.config.speculative
-        if k < 0:
-            raise ValueError(f"speculative: MTP draft tokens per step must be >= 0 (0: off), got {k}")
         cache_cfg = CacheConfig.for_model(cfg, max_tokens=self.config.cache_tokens, page_size=self.config.page_size,
                                           with_mtp=k > 0, dtype=dtype)
         self.cache = PagedLatentCache(cache_cfg, device=self.device, absorb_max_tokens=self.config.absorb_max_tokens)
@@ -138,9 +142,13 @@ class Engine:
         Only the first copy enters the queue: the prompt is prefilled once, then the others fork its pages, so n
         samples cost one prefill and one prompt's worth of cache. Raises ValueError or QueueFull for all of them.
         """
+        if not params or not all(isinstance(sp, SamplingParams) for sp in params):
+            raise ValueError("add_copies needs one SamplingParams per copy, at least one")
         self._validate(prompt, scoring=all(sp.max_new_tokens == 0 for sp in params))
         if any(token >= self.vocab_size for sp in params for token, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
+        if any(token >= self.vocab_size for sp in params for token in sp.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
         reqs = [self._request(prompt, sp, stop) for sp, stop in zip(params, stops or [None] * len(params))]
         first = reqs[0]
         first.forks, first.seq.forks = reqs[1:], len(reqs) - 1
@@ -158,6 +166,10 @@ class Engine:
     def _validate(self, prompt: list[int], scoring: bool = False) -> None:
         """`scoring`: nothing is generated (max_new_tokens 0, for the prompt's logprobs), so the prompt may fill
         the whole context."""
+        if not isinstance(prompt, (list, tuple)) or not all(type(t) is int for t in prompt):
+            raise TypeError(f"a prompt is a list of int token ids, got {type(prompt).__name__}"
+                            + (f" holding {type(prompt[0]).__name__}" if isinstance(prompt, (list, tuple)) and prompt
+                               else ""))
         if not prompt:
             raise ValueError("prompt must hold at least one token")
         if len(prompt) > self.max_context or (len(prompt) == self.max_context and not scoring):
@@ -411,9 +423,18 @@ class Engine:
                  ) -> list[list[int]]:
         """Run prompts to completion (all admitted together, continuously batched); generated ids per prompt."""
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
-        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params)]
-        out: dict[int, list[int]] = {rid: [] for rid in ids}
-        while self.has_work():
-            for o in self.step():
-                out[o.request_id] += o.new_tokens
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
+        ids: list[int] = []
+        try:
+            for prompt, sp in zip(prompts, params):
+                ids.append(self.add_request(prompt, sp))
+            out: dict[int, list[int]] = {rid: [] for rid in ids}
+            while self.has_work():
+                for o in self.step():
+                    out[o.request_id] += o.new_tokens
+        except BaseException:  # a refused prompt or a failed step: leave no request behind to fail the next call
+            for rid in ids:
+                self.cancel(rid)
+            raise
         return [out[rid] for rid in ids]

@@ -50,7 +50,11 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     int8/fp8: keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype.
     int4-mixed: the keep_fraction most sensitive units (measured on calibration ids if given) stay at int8.
     """
-    fmt, keep_fmt = parse_quantize(quantize) if quantize else (None, None)
+    fmt, keep_fmt = parse_quantize(quantize) if quantize is not None else (None, None)
+    if not 0.0 <= keep_fraction <= 1.0 or keep_top < 0:
+        raise ValueError(f"keep_fraction must be in [0, 1] and keep_top >= 0, got {keep_fraction!r}, {keep_top!r}")
+    if keep_top and calibration is None:
+        raise ValueError("keep_top picks units by their error on calibration ids: pass calibration too")
     device = inference_device(device)
     asked = parse_dtype(dtype)
     model = LongcatFlash.from_pretrained(path, dtype=asked, device=device)
@@ -61,6 +65,10 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
         kernels.kernel_available()  # a first build of the compiled kernels (a minute) happens here, not in a request
     report = None
     if fmt:
+        vocab = model.config.vocab_size
+        if calibration is not None and calibration.numel() and not 0 <= int(calibration.min()) <= int(
+                calibration.max()) < vocab:
+            raise ValueError(f"calibration token ids must be in [0, {vocab})")
         calibration = None if calibration is None else calibration.to(device)
         keep = []
         if keep_fmt:

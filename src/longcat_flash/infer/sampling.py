@@ -18,6 +18,7 @@ Shapes: B rows, V vocabulary.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol
 
@@ -61,18 +62,26 @@ class SamplingParams:
     grammar: Grammar | None = None  # constrained decoding (infer/grammar.py); each request gets its own matcher
 
     def __post_init__(self) -> None:
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 0:
+        if not _integer(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         for name in ("logprobs", "prompt_logprobs"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and 0 <= value <= MAX_LOGPROBS):
+            if value is not None and not (_integer(value) and 0 <= value <= MAX_LOGPROBS):
                 raise ValueError(f"{name} must be None or an integer in [0, {MAX_LOGPROBS}], got {value!r}")
         if not 0.0 <= self.temperature <= 100.0:
             raise ValueError(f"temperature must be in [0, 100], got {self.temperature!r}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
+        if not _integer(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if self.seed is not None and not (_integer(self.seed) and -(2**63) <= self.seed < 2**64):
+            raise ValueError(f"seed must be None or an integer in [-2^63, 2^64), got {self.seed!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        if not isinstance(self.stop_token_ids, (tuple, list)) or not all(
+                _integer(t) and t >= 0 for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be token ids (integers >= 0), got {self.stop_token_ids!r}")
+        object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # a list would make params unhashable
         if len(self.stop_token_ids) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids, got {len(self.stop_token_ids)}")
         self._check_controls()
@@ -81,14 +90,15 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
-        if not self.repetition_penalty > 0.0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty!r}")
+        if not 0.0 < self.repetition_penalty < math.inf:
+            raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(self.logit_bias)}")
-        if any(token < 0 or not -100.0 <= bias <= 100.0 for token, bias in self.logit_bias):
-            raise ValueError("logit_bias maps token ids >= 0 to biases in [-100, 100]")
+        if not all(isinstance(pair, tuple) and len(pair) == 2 and _integer(pair[0]) and pair[0] >= 0
+                   and isinstance(pair[1], (int, float)) and -100.0 <= pair[1] <= 100.0 for pair in self.logit_bias):
+            raise ValueError("logit_bias holds (token id >= 0, bias in [-100, 100]) pairs")
 
     @property
     def adjusts(self) -> bool:
@@ -112,6 +122,11 @@ class SamplingParams:
         `torch.manual_seed` makes unseeded requests reproducible on any device."""
         seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
         return torch.Generator(device=device).manual_seed(seed)
+
+
+def _integer(value: object) -> bool:
+    """An int, and not a bool (Python's bool is an int: `logprobs=True` reached torch.topk as k)."""
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 from ..infer.engine import Engine, EngineConfig
 from ..infer.loader import load_for_inference
 from ..infer.sampling import SamplingParams
-from ..tokenizer import Tokenizer
+from ..tokenizer import Tokenizer, utf8_text
 from .text import TextState
 
 
@@ -86,6 +86,11 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             messages = messages[:1] if system else []
             continue
         if not line.strip():  # an empty line asks nothing
+            continue
+        try:
+            utf8_text(line)
+        except ValueError as err:  # an undecodable byte in the line: say so, keep the conversation
+            write(f"[{err}; type it again]\n")
             continue
         messages.append({"role": "user", "content": line})
         prompt = tokenizer.encode_chat(tokenizer.render_chat(messages))[0]
