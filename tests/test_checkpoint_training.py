@@ -106,6 +106,8 @@ def test_missing_pieces_are_clear_errors(tmp_path: Path):
     (path / training.MANIFEST).unlink()
     with pytest.raises(CheckpointError, match="incomplete"):
         training.resolve(path)
+    with pytest.raises(CheckpointError, match=f"{path.name} has no manifest.json .an interrupted write"):
+        training.resolve(tmp_path)  # the root: only an interrupted write there, and the error says so
     with pytest.raises(CheckpointError, match="no checkpoint found"):
         training.resolve(tmp_path / "elsewhere")
 

@@ -230,7 +230,11 @@ def resolve(path: str | Path) -> Path:
             return found
     if path.name.startswith(STEP_PREFIX) and path.is_dir():
         raise CheckpointError(f"{path} is incomplete: it has no {MANIFEST} (the write was interrupted)")
-    raise CheckpointError(f"no checkpoint found at {path} (expected {path}/checkpoints/{STEP_PREFIX}*/{MANIFEST})")
+    incomplete = sorted(p.name for root in (path / "checkpoints", path) if root.is_dir()
+                        for p in root.glob(f"{STEP_PREFIX}*") if not (p / MANIFEST).is_file())
+    found = f"; {', '.join(incomplete)} has no {MANIFEST} (an interrupted write)" if incomplete else ""
+    raise CheckpointError(f"no checkpoint found at {path} (expected {path}/checkpoints/{STEP_PREFIX}*/{MANIFEST})"
+                          f"{found}")
 
 
 def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
