@@ -21,7 +21,7 @@ class Result:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str
-    time_to_first_token_s: float
+    time_to_first_token_s: float | None  # None when no token was generated (max_new_tokens 0)
     total_s: float
     decode_tokens_per_s: float  # tokens after the first, over the time after the first
     acceptance_rate: float | None = None  # MTP drafts accepted / proposed (speculative runs)
@@ -60,7 +60,7 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
         engine.cancel(rid)  # a stop string in the text: the engine may not know it is done
     end = time.perf_counter()
     n = text.tokens
-    result = Result(text.text, len(prompt), n, reason, first - start, end - start,
+    result = Result(text.text, len(prompt), n, reason, first - start if n else None, end - start,
                     (n - 1) / (end - first) if n > 1 and end > first else 0.0)
     if engine.drafter:
         d = engine.stats.drafts
