@@ -167,9 +167,7 @@ class Engine:
         """`scoring`: nothing is generated (max_new_tokens 0, for the prompt's logprobs), so the prompt may fill
         the whole context."""
         if not isinstance(prompt, (list, tuple)) or not all(type(t) is int for t in prompt):
-            raise TypeError(f"a prompt is a list of int token ids, got {type(prompt).__name__}"
-                            + (f" holding {type(prompt[0]).__name__}" if isinstance(prompt, (list, tuple)) and prompt
-                               else ""))
+            raise TypeError(f"a prompt is a list of int token ids, got {prompt!r:.80}")
         if not prompt:
             raise ValueError("prompt must hold at least one token")
         if len(prompt) > self.max_context or (len(prompt) == self.max_context and not scoring):
