@@ -116,3 +116,18 @@ def test_state_that_does_not_fit_names_the_object(tmp_path: Path):
     path = training.save(tmp_path, 1, {"model": torch.nn.Linear(2, 2)})
     with pytest.raises(CheckpointError, match="'model' state does not fit"):
         training.load(path, {"model": torch.nn.Linear(3, 2)})
+
+
+def test_a_shard_that_cannot_be_written_is_one_error_naming_the_rank(tmp_path: Path, monkeypatch):
+    """DCP reports a full disk as a CheckpointException (a BaseException, past every `except Exception`) holding
+    each failed rank's error and traceback; the sharded save raises one OSError that says what happened where."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from longcat_flash.checkpoint import sharded
+
+    def full_disk(*args, **kwargs):
+        raise CheckpointException("failed", {0: (OSError(28, "No space left on device"), None)})
+
+    monkeypatch.setattr(sharded.dcp, "save", full_disk)
+    with pytest.raises(OSError, match=r"rank 0 could not write its shard: \[Errno 28\] No space left on device"):
+        sharded.save(tmp_path / "shards", {"model": {"w": torch.ones(2)}})

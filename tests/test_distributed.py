@@ -86,3 +86,19 @@ def test_engine_generates_the_same_tokens_with_sharded_experts(ranks):
     for rank in ranks:
         for mode, result in rank["engine"].items():
             assert result == {"equal": True, "tokens": 12}, (mode, result)
+
+
+def test_an_error_is_reported_once_by_rank_0_and_no_rank_dies_in_a_collective(tmp_path):
+    """Every rank printed the same message (two could share a line), and a rank waiting for rank 0 in a barrier
+    died with a gloo traceback when rank 0 stopped on bad data."""
+    (tmp_path / "empty").mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m",
+           "longcat_flash.cli", "train", "--preset", "tiny", "--max-steps", "1", "--no-progress",
+           "--out", str(tmp_path / "run"), "--set", f"data.source={tmp_path / 'empty'}",
+           "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert [line for line in output.splitlines() if "longcat train:" in line] == [
+        f"longcat train: corpus directory {tmp_path / 'empty'} holds no .txt/.md/.py/.jsonl/.parquet files"]
+    assert "Connection closed" not in output and "RankZeroFailed" not in output

@@ -137,6 +137,16 @@ def test_memory_savers_leave_the_losses_unchanged(corpus, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_clear_error(corpus, tmp_path, monkeypatch):
+    def full_disk(directory, state):
+        raise OSError("rank 0 could not write its shard: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(trainer.sharded, "save", full_disk)
+    with pytest.raises(CheckpointError, match="cannot write checkpoint step 2 in .*: rank 0 could not write"):
+        train(tiny_config(*corpus, "max_steps=4", "checkpoint.save_every=2", "eval_every=0"), tmp_path / "run",
+              progress=False)
+
+
 def test_resuming_into_another_shape_names_the_tensor(corpus, tmp_path):
     train(tiny_config(*corpus, "max_steps=2", "eval_every=0"), tmp_path / "run", progress=False)
     saved = (tmp_path / "run" / "train_config.json").read_text()

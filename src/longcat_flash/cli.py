@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
+from .distributed.env import RankZeroFailed
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
@@ -410,10 +411,15 @@ def main(argv: list[str] | None = None) -> None:
     except BrokenPipeError:  # the reader left (`longcat ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
+    except RankZeroFailed:
+        sys.exit(1)  # rank 0 prints what failed
     except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
             KeyError) as err:
+        rank = int(os.environ.get("RANK", "0"))
+        if rank and isinstance(err, (ValueError, KeyError)):
+            sys.exit(1)  # settings and data are the same on every rank: rank 0 prints the one message
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
-        sys.exit(f"longcat {args.command}: {message}")
+        sys.exit(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {message}")
 
 
 if __name__ == "__main__":

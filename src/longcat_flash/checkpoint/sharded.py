@@ -21,14 +21,20 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import HuggingFaceStorageReader, HuggingFaceStorageWriter
+from torch.distributed.checkpoint.api import CheckpointException
 
 
 def save(directory: Path, state: dict[str, Any]) -> None:
-    """Write `state` (nested dicts of tensors and DTensors) into `directory`, every rank its own file."""
+    """Write `state` (nested dicts of tensors and DTensors) into `directory`, every rank its own file. A rank that
+    cannot write (a full disk) makes every rank raise one OSError naming it: DCP gathers the failures."""
     _check_tensors_only(state, "")
-    with _alone_is_fine():
-        dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
-                 no_dist=not dist.is_initialized())
+    try:
+        with _alone_is_fine():
+            dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
+                     no_dist=not dist.is_initialized())
+    except CheckpointException as err:  # a BaseException, holding (exception, traceback) per failed rank
+        rank, (failure, _) = min(err.failures.items())
+        raise OSError(f"rank {rank} could not write its shard: {failure}") from None
 
 
 def load(directory: Path, state: dict[str, Any]) -> None:

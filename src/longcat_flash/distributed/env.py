@@ -73,12 +73,33 @@ def print0(*args: object, **kwargs: object) -> None:
 @contextmanager
 def main_first() -> Iterator[None]:
     """Run the block on rank 0 before the other ranks: rank 0 writes shared files (tokenizer, token shard) that
-    the others then find and reuse. Every rank passes exactly one barrier."""
+    the others then find and reuse. Every rank waits once for rank 0's outcome: when rank 0's block fails (bad
+    data: rank 0 says why), the others raise RankZeroFailed instead of dying in a barrier rank 0 never joins."""
+    if not dist.is_initialized():
+        yield
+        return
     if not is_main():
-        barrier()
-    yield
-    if is_main():
-        barrier()
+        if not _rank_zero_succeeded(None):
+            raise RankZeroFailed("rank 0 failed first; its message says why")
+        yield
+        return
+    try:
+        yield
+    except BaseException:
+        _rank_zero_succeeded(False)
+        raise
+    _rank_zero_succeeded(True)
+
+
+class RankZeroFailed(RuntimeError):
+    """The other ranks' side of a failure rank 0 reports itself (`main_first`)."""
+
+
+def _rank_zero_succeeded(outcome: bool | None) -> bool:
+    """Rank 0 sends its outcome, the others receive it."""
+    box = [outcome]
+    dist.broadcast_object_list(box, src=0)
+    return bool(box[0])
 
 
 def barrier() -> None:

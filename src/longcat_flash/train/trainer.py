@@ -323,13 +323,20 @@ def save_checkpoint(run: Run) -> Path:
         training.temporary_dir(root, step)
     distributed.barrier()  # the directory exists, empty, before anyone writes into it
     tmp = training.temporary_path(root, step)
-    sharded.save(tmp / SHARDED, run.sharded_state())
-    distributed.barrier()
+    try:
+        sharded.save(tmp / SHARDED, run.sharded_state())  # raises on every rank alike
+    except OSError as err:
+        raise training.CheckpointError(f"cannot write checkpoint step {step} in {root}: {err}") from None
+    distributed.barrier()  # every shard is written before rank 0's manifest covers them
+    failed = ""
     if distributed.is_main():
         meta = {"step": step, "train_config": run.cfg.to_dict()}
         states = {name: obj.state_dict() for name, obj in run.stateful().items()}
-        training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
-    distributed.barrier()
+        try:
+            training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
+        except OSError as err:
+            failed = f"cannot write checkpoint step {step} in {root}: {err}"
+    distributed.raise_if_any(failed, training.CheckpointError)  # no rank left waiting for rank 0
     return training.step_dir(root, step)
 
 
