@@ -171,6 +171,15 @@ def test_a_cache_smaller_than_the_context_caps_sequences_instead_of_hanging(mode
         engine.add_request([5] * engine.max_context)
 
 
+def test_copies_that_could_never_fit_the_pool_are_refused(model):
+    """Their prompt's last chunk waited for pages no finished request could ever free."""
+    engine = Engine(model, EngineConfig(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=56, max_running=4))
+    prompt = prompts((30,), seed=2)[0]
+    with pytest.raises(ValueError, match="copies of a 30-token prompt need .* cache pages"):
+        engine.add_copies(prompt, [GREEDY] * 8)  # 8 pages for the prompt, 1 more per copy: 15 > 14
+    assert engine.generate([prompt] * 1, GREEDY)  # one copy fits
+
+
 def test_preempted_requests_still_match_the_reference(model):
     ps = prompts((9, 14, 5, 20), seed=7)
     expected = [greedy_reference(model, p, 14) for p in ps]

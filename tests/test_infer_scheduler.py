@@ -63,6 +63,21 @@ def test_youngest_is_preempted_when_pages_run_out():
     assert young.status is Status.WAITING and young.computed == 0 and s.waiting[0] is young
 
 
+def test_a_prefill_waiting_for_pages_is_not_overtaken_by_newcomers():
+    """Newcomers took every page that freed up, so a long prompt (or one with many copies) waited while the
+    server stayed busy: under load on a small pool requests stalled for minutes."""
+    s = Scheduler(SchedulerConfig(max_running=4, token_budget=64, prefill_chunk=8, page_size=4))
+    long, short = seq(0, 16), seq(1, 2)
+    s.add(long)
+    plan = s.schedule(free_pages=2, held_pages={})
+    advance(plan)  # its first chunk: 2 pages; the second needs 2 more
+    s.add(short)
+    plan = s.schedule(free_pages=1, held_pages=held(s, plan))
+    assert not plan.prefill and s.waiting[0] is short  # the free page waits for the long prompt
+    plan = s.schedule(free_pages=2, held_pages={0: 2})
+    assert [(q.id, n) for q, n in plan.prefill] == [(0, 8)]
+
+
 def test_queue_full_is_backpressure():
     s = Scheduler(SchedulerConfig(max_waiting=2))
     s.add(seq(0, 1))

@@ -134,11 +134,13 @@ class Scheduler:
         plan = Plan()
         free_pages = self._schedule_decode(plan, free_pages)
         budget = max(self.config.token_budget - len(plan.decode) * self.config.decode_tokens, 0)
+        blocked = False
         for seq in [s for s in self.running if not s.decoding]:
             if (left := self._try_prefill(plan, seq, budget, free_pages)) is None:
+                blocked = True  # it waits for pages: newcomers must not take the ones that free up first
                 break
             free_pages = left
-        while self.waiting and len(self.running) < self.config.max_running:
+        while not blocked and self.waiting and len(self.running) < self.config.max_running:
             if self.waiting[0] in plan.preempted:  # it gave its pages to an older sequence this very step
                 break
             if (left := self._try_prefill(plan, self.waiting[0], budget, free_pages)) is None:
@@ -150,8 +152,11 @@ class Scheduler:
         return plan
 
     def _reserve(self, plan: Plan, seq: SequenceState, n_tokens: int, free_pages: int) -> int | None:
-        """Plan pages for n_tokens more of seq; the new free-page count, or None if they do not fit."""
-        target = seq.computed + n_tokens + self.config.lookahead
+        """Plan pages for n_tokens more of seq; the new free-page count, or None if they do not fit. A chunk that
+        ends a recomputation also plans the pending token's position, so the decode step that follows needs no
+        new page (a sequence preempted again before it ran would never progress)."""
+        ends_recompute = len(seq.tokens) > seq.prompt_len and seq.computed + n_tokens == len(seq.tokens) - 1
+        target = seq.computed + n_tokens + self.config.lookahead + ends_recompute
         held = self._pages.get(seq.id, 0)
         need = max(self.pages_for(target) - held, 0)
         forks = 0  # the pages each copy forked off at the prompt's end needs for itself (PagedLatentCache.fork)
