@@ -78,6 +78,19 @@ def test_a_prefill_waiting_for_pages_is_not_overtaken_by_newcomers():
     assert [(q.id, n) for q, n in plan.prefill] == [(0, 8)]
 
 
+def test_prompts_holding_the_pages_each_other_needs_free_the_youngest():
+    s = Scheduler(SchedulerConfig(max_running=4, token_budget=64, prefill_chunk=8, page_size=4))
+    a, b = seq(0, 16), seq(1, 16)
+    s.add(a)
+    s.add(b)
+    plan = s.schedule(free_pages=4, held_pages={})
+    advance(plan)  # both hold their first chunk's 2 pages; each needs 2 more, none are free
+    plan = s.schedule(free_pages=0, held_pages=held(s, plan))
+    assert not plan.prefill and plan.preempted == [b] and b.computed == 0
+    plan = s.schedule(free_pages=2, held_pages={0: 2})
+    assert [(q.id, n) for q, n in plan.prefill] == [(0, 8)]
+
+
 def test_queue_full_is_backpressure():
     s = Scheduler(SchedulerConfig(max_waiting=2))
     s.add(seq(0, 1))

@@ -149,6 +149,8 @@ class Scheduler:
             seq = self.waiting.popleft()
             seq.status = Status.RUNNING
             self.running.append(seq)
+        if blocked and not plan and len(self.running) > 1:  # prompts in prefill hold the pages each other needs
+            self._preempt(plan, max(self.running, key=lambda s: s.arrival))
         return plan
 
     def _reserve(self, plan: Plan, seq: SequenceState, n_tokens: int, free_pages: int) -> int | None:
