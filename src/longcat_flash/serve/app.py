@@ -396,21 +396,14 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
 
         async def events() -> AsyncIterator[str]:
             counts = [0] * len(choices)
-            try:
-                async for choice, n in _merged(choices):
-                    counts[choice.index] = n
-                    if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
-                        yield _sse(chunk(choice))
-                if body.include_usage:
-                    yield _sse(p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[],
-                                                    usage=p.Usage.of(n_prompt, sum(counts))))
-                yield _sse("[DONE]")
-            except APIError as err:  # the status line went out with the first chunk: the error is an event
-                yield _sse(p.ErrorResponse(error=err.body))
-                yield _sse("[DONE]")
-            finally:
-                gen.close(copies)
-        return StreamingResponse(events(), media_type="text/event-stream")
+            async for choice, n in _merged(choices):
+                counts[choice.index] = n
+                if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
+                    yield _sse(chunk(choice))
+            if body.include_usage:
+                yield _sse(p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[],
+                                                usage=p.Usage.of(n_prompt, sum(counts))))
+        return _event_stream(events(), lambda: gen.close(copies))
 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatCompletionRequest, request: Request):
@@ -436,21 +429,28 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
 
         async def events() -> AsyncIterator[str]:
             counts = [0] * len(copies)
-            try:
-                async for choice, n in _merged([gen.chat_chunks(body, plan, j, copy)
-                                                for j, copy in enumerate(copies)]):
-                    counts[choice.index] = n
-                    yield _sse(chunk(choice))
-                if body.include_usage:
-                    yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
-                                                     choices=[], usage=p.Usage.of(len(prompt), sum(counts))))
-                yield _sse("[DONE]")
-            except APIError as err:  # the status line went out with the first chunk: the error is an event
-                yield _sse(p.ErrorResponse(error=err.body))
-                yield _sse("[DONE]")
-            finally:
-                gen.close(copies)
-        return StreamingResponse(events(), media_type="text/event-stream")
+            async for choice, n in _merged([gen.chat_chunks(body, plan, j, copy) for j, copy in enumerate(copies)]):
+                counts[choice.index] = n
+                yield _sse(chunk(choice))
+            if body.include_usage:
+                yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
+                                                 choices=[], usage=p.Usage.of(len(prompt), sum(counts))))
+        return _event_stream(events(), lambda: gen.close(copies))
+
+
+def _event_stream(events: AsyncIterator[str], close: Callable[[], None]) -> StreamingResponse:
+    """An SSE response of `events` ended by `[DONE]`; an error after the status line went out (with the first
+    chunk) becomes an error event before `[DONE]`, as vLLM sends it. `close` runs however the stream ends."""
+    async def body() -> AsyncIterator[str]:
+        try:
+            async for event in events:
+                yield event
+        except APIError as err:
+            yield _sse(p.ErrorResponse(error=err.body))
+        finally:
+            close()
+        yield _sse("[DONE]")
+    return StreamingResponse(body(), media_type="text/event-stream")
 
 
 async def _joined_completion(index: int, chunks: AsyncIterator[tuple[p.CompletionChoice, int]]
