@@ -149,7 +149,9 @@ class Engine:
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if any(token >= self.vocab_size for sp in params for token in sp.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
-        if (need := self._pages_to_fork(len(prompt), len(params))) > self.cache.config.num_pages - 1:
+        need = self.cache.pages_for(len(prompt) + self.scheduler.config.lookahead) \
+            + (len(params) - 1) * self.scheduler.copy_pages(len(prompt))  # what the prompt's last chunk reserves
+        if need > self.cache.config.num_pages - 1:
             raise ValueError(f"{len(params)} copies of a {len(prompt)}-token prompt need {need} cache pages at "
                              f"once; the KV cache holds {self.cache.config.num_pages - 1}: ask for fewer copies")
         reqs = [self._request(prompt, sp, stop) for sp, stop in zip(params, stops or [None] * len(params))]
@@ -159,12 +161,6 @@ class Engine:
         self.requests.update((r.seq.id, r) for r in reqs)
         self.stats.prompt_tokens += len(prompt)
         return [r.seq.id for r in reqs]
-
-    def _pages_to_fork(self, prompt_len: int, copies: int) -> int:
-        """Pages a prompt's last chunk reserves for it and the copies forked off it (Scheduler._reserve)."""
-        target = prompt_len + self.scheduler.config.lookahead
-        own = self.cache.pages_for(target) - (prompt_len - 1) // self.cache.config.page_size
-        return self.cache.pages_for(target) + (copies - 1) * own
 
     def _request(self, prompt: list[int], params: SamplingParams, stop: StopHook | None) -> Request:
         seq = SequenceState(next(self._ids), list(prompt), prompt_len=len(prompt))

@@ -102,6 +102,11 @@ class Scheduler:
     def pages_for(self, n_positions: int) -> int:
         return -(-n_positions // self.config.page_size)
 
+    def copy_pages(self, prompt_len: int) -> int:
+        """The pages a copy forked off at the end of a prompt needs for itself (PagedLatentCache.fork): from the
+        page holding the prompt's last position to the drafts' room past it."""
+        return self.pages_for(prompt_len + self.config.lookahead) - (prompt_len - 1) // self.config.page_size
+
     def add(self, seq: SequenceState) -> None:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
@@ -161,9 +166,9 @@ class Scheduler:
         target = seq.computed + n_tokens + self.config.lookahead + ends_recompute
         held = self._pages.get(seq.id, 0)
         need = max(self.pages_for(target) - held, 0)
-        forks = 0  # the pages each copy forked off at the prompt's end needs for itself (PagedLatentCache.fork)
+        forks = 0
         if seq.forks and seq.computed + n_tokens >= len(seq.tokens):
-            forks = seq.forks * (self.pages_for(target) - (seq.computed + n_tokens - 1) // self.config.page_size)
+            forks = seq.forks * self.copy_pages(seq.computed + n_tokens)
         if need + forks > free_pages:
             return None
         self._pages[seq.id] = held + need
