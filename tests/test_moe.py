@@ -102,6 +102,18 @@ def test_router_stays_fp32_in_bf16_model():
     assert out.dtype == torch.bfloat16 and info.probs.dtype == torch.float32
 
 
+
+def test_router_computes_in_fp32_under_bf16_autocast():
+    """Training runs the model under bf16 autocast (on a GPU, on AVX-512 CPUs): the router must still route on
+    fp32 logits, or near-tied experts flip with the precision."""
+    router = make_moe().router
+    x = torch.randn(64, 64)
+    probs, ids, weights = router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        probs_ac, ids_ac, weights_ac = router(x)
+    assert probs_ac.dtype == torch.float32
+    assert torch.equal(probs_ac, probs) and torch.equal(ids_ac, ids) and torch.equal(weights_ac, weights)
+
 class HostReads(TorchDispatchMode):
     """Records the ops that make a GPU wait for the host to read a value: `.item()`/`.tolist()`, and the ops
     whose output size depends on the data (nonzero, masked_select, bincount, unique, repeat_interleave

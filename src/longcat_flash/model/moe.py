@@ -61,9 +61,12 @@ class Router(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (T, D) -> probs (T, E+Z) fp32, ids (T, K), weights (T, K) fp32."""
-        return self.route(F.linear(x.float(), self.classifier.weight.float(),
-                                   None if self.classifier.bias is None else self.classifier.bias.float()))
+        """x: (T, D) -> probs (T, E+Z) fp32, ids (T, K), weights (T, K) fp32. Autocast is off here: it would run
+        the classifier in bf16 whatever its operands (linear is on autocast's bf16 list)."""
+        with torch.autocast(x.device.type, enabled=False):
+            logits = F.linear(x.float(), self.classifier.weight.float(),
+                              None if self.classifier.bias is None else self.classifier.bias.float())  # (T, E+Z)
+        return self.route(logits)
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The routing of `forward` from the classifier's logits (T, E+Z), however they were computed."""
