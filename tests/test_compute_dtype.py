@@ -56,3 +56,14 @@ def test_auto_loads_a_bf16_checkpoint_in_fp32_where_bf16_is_slow(fast, bf16_chec
     assert dtypes == {torch.bfloat16 if fast else torch.float32}
     model, _ = loader.load_for_inference(bf16_checkpoint, dtype="bfloat16")  # asked for: kept
     assert model.lm_head.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("capability, fast", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
+def test_gpus_that_only_emulate_bf16_compute_in_fp32(capability, fast, monkeypatch):
+    """V100 (sm70) and T4 (sm75) can hold bf16 tensors (torch.cuda.is_bf16_supported() says yes) but have no bf16
+    tensor cores: auto must not pick bf16 there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    gpu = torch.device("cuda", 0)
+    assert device_mod.fast_bf16(gpu) is fast
+    assert device_mod.compute_dtype("auto", gpu) == ("bfloat16" if fast else "float32")

@@ -51,8 +51,8 @@ def fast_bf16(device: torch.device) -> bool:
     """Whether `device` multiplies bf16 matrices at least about as fast as fp32 ones: a CUDA GPU with bf16, or a
     CPU whose oneDNN has bf16 GEMMs (AVX-512 or AMX). On a CPU with AVX2 only, ATen's bf16 matmul is a plain loop:
     on a 2-core AVX2 EPYC, (1024 x 256) @ (256 x 768) takes 334 ms in bf16 against 17 ms in fp32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device.type == "cuda":  # bf16 tensor cores from sm80 (Ampere); is_bf16_supported() is also True where
+        return torch.cuda.get_device_capability(device) >= (8, 0)  # bf16 is only emulated (V100, T4)
     if device.type != "cpu":
         return False
     supported = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
