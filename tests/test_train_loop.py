@@ -14,6 +14,7 @@ from longcat_flash.checkpoint.training import CheckpointError
 from longcat_flash.tokenizer import Tokenizer
 from longcat_flash.train import trainer
 from longcat_flash.train.config import apply_overrides
+from longcat_flash.train.determinism import NoDeterministicKernel, set_deterministic
 from longcat_flash.train.metrics import read_metrics
 from longcat_flash.train.trainer import TrainingStopped, resume_config, setup, train, train_step
 
@@ -146,6 +147,33 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_clear_error(
         train(tiny_config(*corpus, "max_steps=4", "checkpoint.save_every=2", "eval_every=0"), tmp_path / "run",
               progress=False)
 
+
+def test_an_op_without_a_deterministic_kernel_is_one_error_naming_it(corpus, tmp_path, monkeypatch):
+    """deterministic=true is strict on every device (on a GPU, torch's warn-only mode would leave attention's
+    backward non-deterministic); an op the device has no deterministic kernel for stops the run with one line
+    naming it and the way out. put_ stands in for such an op here: it has none on the CPU either."""
+    real = trainer.training_losses
+
+    def with_put(*args, **kwargs):
+        torch.zeros(4).put_(torch.tensor([1, 1]), torch.tensor([1.0, 2.0]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer, "training_losses", with_put)
+    with pytest.raises(NoDeterministicKernel, match=r"^put_ has no deterministic kernel .* --set deterministic=false"):
+        train(tiny_config(*corpus, "max_steps=2", "eval_every=0"), tmp_path / "strict", progress=False)
+    train(tiny_config(*corpus, "max_steps=2", "eval_every=0", "deterministic=false"), tmp_path / "free",
+          progress=False)
+    assert len(read_metrics(tmp_path / "free")) == 2
+
+
+def test_deterministic_mode_is_strict_on_a_gpu_too():
+    """torch's warn-only mode keeps SDPA's non-deterministic flash / memory-efficient backward on a GPU."""
+    try:
+        set_deterministic(True, torch.device("cuda", 0))
+        assert torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled()
+    finally:
+        set_deterministic(True, torch.device("cpu"))
 
 def test_resuming_into_another_shape_names_the_tensor(corpus, tmp_path):
     train(tiny_config(*corpus, "max_steps=2", "eval_every=0"), tmp_path / "run", progress=False)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,15 +22,33 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+class NoDeterministicKernel(ValueError):
+    """An op this run needs has no deterministic kernel on its device, and the run asked for deterministic ones."""
+
+
 def set_deterministic(enabled: bool, device: torch.device | None = None) -> None:
-    """Deterministic kernels everywhere. On the CPU an op without one is an error, not a silent fallback; on a
-    GPU it is a warning naming the op (a run there should not die for a kernel the CPU tests never meet)."""
-    on_gpu = device is not None and device.type == "cuda"
-    if enabled and on_gpu:
+    """Deterministic kernels everywhere, strictly: an op without one is an error (`no_deterministic_kernel_named`
+    words it), not a silent fallback. Not torch's warn-only mode on a GPU either: there, SDPA's flash and
+    memory-efficient backward keep their non-deterministic kernels and only warn."""
+    if enabled and device is not None and device.type == "cuda":
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-    torch.use_deterministic_algorithms(enabled, warn_only=on_gpu)
+    torch.use_deterministic_algorithms(enabled)
     torch.backends.cudnn.deterministic = enabled
     torch.backends.cudnn.benchmark = not enabled
+
+
+@contextmanager
+def no_deterministic_kernel_named() -> Iterator[None]:
+    """Turn torch's error for an op without a deterministic kernel into one line naming the op and the way out."""
+    try:
+        yield
+    except RuntimeError as err:
+        if "does not have a deterministic implementation" not in str(err):
+            raise
+        op = str(err).split(" does not have", 1)[0].strip()
+        raise NoDeterministicKernel(f"{op} has no deterministic kernel on this device, and the run asks for "
+                                    "deterministic ones: --set deterministic=false runs it (the run is then no "
+                                    "longer bitwise reproducible)") from None
 
 
 class RNGState:

@@ -42,7 +42,7 @@ from ..model import ModelOutput, Transformer
 from ..tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
 from .budget import BudgetController
 from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, TrainConfig
-from .determinism import RNGState, seed_everything, set_deterministic
+from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
 from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import MetricsLog
 from .monitors import router_cosine, router_grad_ratio
@@ -253,15 +253,16 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         else _Silent()
     log.note(_header(run))
     try:
-        while state.step < cfg.max_steps:
-            record = _timed_step(run)
-            if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.max_steps:
-                record["val_loss"] = evaluate(run.model, run.val, cfg, run.mesh)
-                log.note(f"step {state.step}: loss {record['loss']:.4f}  val_loss {record['val_loss']:.4f}")
-            log.write(record)
-            _check_skips(run, record)
-            if state.step % cfg.checkpoint.save_every == 0 or state.step == cfg.max_steps:
-                save_checkpoint(run)
+        with no_deterministic_kernel_named():
+            while state.step < cfg.max_steps:
+                record = _timed_step(run)
+                if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.max_steps:
+                    record["val_loss"] = evaluate(run.model, run.val, cfg, run.mesh)
+                    log.note(f"step {state.step}: loss {record['loss']:.4f}  val_loss {record['val_loss']:.4f}")
+                log.write(record)
+                _check_skips(run, record)
+                if state.step % cfg.checkpoint.save_every == 0 or state.step == cfg.max_steps:
+                    save_checkpoint(run)
     finally:
         log.close()
     return finish(run)
