@@ -232,7 +232,8 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--out", required=True, help="directory to write (config.json, safetensors, tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0,
+                   help="the weights a seed gives depend on the device type too (CPU and CUDA generators differ)")
     _add_device(p)
     p.set_defaults(run=_run_init)
 
