@@ -404,6 +404,16 @@ def _their_run(ctx: Context, path: Path, dtype: torch.dtype, batches: list[torch
         free_memory(ctx.device)
 
 
+def decode_rate(t_n: float, t_1: float, n: int) -> float | None:
+    """Tokens/s of the n - 1 decode steps: n tokens minus 1 (prefill and first token), timed apart. None when the
+    difference is lost in the noise (t_n <= t_1): no rate is better than an absurd one."""
+    return (n - 1) / (t_n - t_1) if t_n > t_1 else None
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
 def section_decode(ctx: Context, rec: dict[str, Any]) -> None:
     from longcat_flash.infer.engine import Engine, EngineConfig
     from longcat_flash.infer.loader import load_for_inference
@@ -427,7 +437,7 @@ def section_decode(ctx: Context, rec: dict[str, Any]) -> None:
                          "ours 1": synced(engine_runner(engine, [prompt], 1), device),
                          "hf N": synced(hf_generate(hf, [prompt], N, device), device),
                          "hf 1": synced(hf_generate(hf, [prompt], 1, device), device)}, a.repeats)
-        decode = {side: (N - 1) / max(t[f"{side} N"] - t[f"{side} 1"], 1e-9) for side in ("ours", "hf")}
+        decode = {side: decode_rate(t[f"{side} N"], t[f"{side} 1"], N) for side in ("ours", "hf")}
         batched = interleaved({"ours": synced(engine_runner(engine, streams, N), device),
                                "hf": synced(hf_generate(hf, streams, N, device), device)}, max(1, a.repeats - 1))
         ours_ids = engine.generate([prompt], SamplingParams(max_new_tokens=N, temperature=0.0, ignore_eos=True))[0]
@@ -435,11 +445,11 @@ def section_decode(ctx: Context, rec: dict[str, Any]) -> None:
     aggregate = {side: a.streams * N / s for side, s in batched.items()}
     agree = next((i for i, (x, y) in enumerate(zip(ours_ids, hf_ids)) if x != y), min(len(ours_ids), len(hf_ids)))
     rec.update(new_tokens=N, prompt_len=a.prompt_len, streams=a.streams, repeats=a.repeats,
-               decode_tok_s={k: round(v, 2) for k, v in decode.items()},
-               decode_ms_per_token={k: round(1e3 / v, 3) for k, v in decode.items()},
-               decode_ratio=round(decode["ours"] / decode["hf"], 3),
+               decode_tok_s={k: v and round(v, 2) for k, v in decode.items()},
+               decode_ms_per_token={k: v and round(1e3 / v, 3) for k, v in decode.items()},
+               decode_ratio=ratio(decode["ours"], decode["hf"]),
                aggregate_tok_s={k: round(v, 1) for k, v in aggregate.items()},
-               aggregate_ratio_vs_hf_batch1=round(aggregate["ours"] / decode["hf"], 3),
+               aggregate_ratio_vs_hf_batch1=ratio(aggregate["ours"], decode["hf"]),
                aggregate_ratio_vs_hf_same_batch=round(aggregate["ours"] / aggregate["hf"], 3),
                greedy_agreeing_prefix=f"{agree}/{N}", peak_memory_gb=peak_gb(device))
     del model, engine, hf

@@ -2,6 +2,7 @@
 (ours and transformers) here, so a GPU's few minutes are never spent on a broken script."""
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -20,3 +21,15 @@ def test_quick_mode_runs_every_section_and_writes_its_figures(tmp_path):
     assert (tmp_path / "gpu_check.txt").read_text().strip()
     assert report["passed"] is True
     assert set(report["sections"]) == {"environment", "train", "transformers_train", "decode"}
+
+
+def test_a_decode_too_fast_to_time_apart_from_its_prefill_has_no_rate(monkeypatch):
+    """Decode rate = (N - 1) tokens over t(N) - t(1); when noise makes t(N) <= t(1), no figure, not 3e9 tok/s."""
+    monkeypatch.syspath_prepend(str(REPO / "bench"))  # the script imports its sibling benchmarks
+    spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up there
+    spec.loader.exec_module(gpu_check)
+    assert gpu_check.decode_rate(2.0, 1.0, 65) == 64.0
+    assert gpu_check.decode_rate(1.0, 1.0, 65) is None and gpu_check.decode_rate(0.9, 1.0, 65) is None
+    assert gpu_check.ratio(None, 3.0) is None and gpu_check.ratio(6.0, 3.0) == 2.0
