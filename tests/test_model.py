@@ -152,3 +152,27 @@ def test_a_tied_model_built_on_meta_trains_one_matrix():
     torch.optim.SGD(model.parameters(), lr=0.1).step()
     assert torch.isfinite(model.lm_head.weight).all() and not torch.equal(model.lm_head.weight, before)
     assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_a_model_materialised_from_meta_has_its_rotary_table():
+    """to_empty leaves every tensor uninitialised; the rotary table is computed from the config, so to_empty
+    rebuilds it (a user's meta -> to_empty -> init_weights got a garbage table and wrong logits)."""
+    cfg = tiny()
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device="cpu")
+    model.init_weights()
+    torch.testing.assert_close(model.model.rotary.inv_freq, Transformer(cfg).model.rotary.inv_freq, rtol=0, atol=0)
+
+
+def test_the_rotary_table_stays_fp32_in_a_bf16_model():
+    model = Transformer(tiny()).to(torch.bfloat16)
+    assert model.model.rotary.inv_freq.dtype == torch.float32
+
+
+def test_the_forward_runs_on_the_meta_device():
+    """Shapes (and FLOP counts) of any preset without memory: the 560B model's forward on meta."""
+    with torch.device("meta"):
+        model = Transformer(tiny())
+        out = model(torch.zeros(2, 16, dtype=torch.long), with_mtp=True)
+    assert out.logits.shape == (2, 16, 256) and out.logits.is_meta and out.mtp_logits.shape == (2, 15, 256)

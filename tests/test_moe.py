@@ -45,6 +45,25 @@ def test_experts_grouped_equals_loop():
     torch.testing.assert_close(moe.experts(rows, counts), moe.experts.forward_reference(rows, counts))
 
 
+
+@pytest.mark.parametrize("dim, hidden, dtype", [(50, 6, torch.float32), (64, 12, torch.bfloat16),
+                                                (64, 32, torch.float64)])
+def test_experts_run_widths_and_dtypes_the_grouped_gemm_does_not_take(dim, hidden, dtype):
+    """F.grouped_mm needs rows of a multiple of 16 bytes and fp32/bf16/fp16: other hidden sizes (a transformers
+    config may have any) and fp64 (gradcheck) take one GEMM per expert instead of failing."""
+    experts = make_moe(hidden_size=dim, expert_ffn_hidden_size=hidden).experts.to(dtype)
+    counts = torch.tensor([3, 0, 5, 1, 0, 2, 4, 1])
+    rows = torch.randn(int(counts.sum()), dim, dtype=dtype)
+    torch.testing.assert_close(experts(rows, counts), experts.forward_reference(rows, counts))
+
+
+def test_moe_gradients_check_out_in_fp64():
+    """The router and the experts compute in fp64 in an fp64 model, so finite differences can check them."""
+    moe = make_moe(hidden_size=32, expert_ffn_hidden_size=8).double()
+    assert moe.router.classifier.weight.dtype == torch.float64
+    x = torch.randn(1, 5, 32, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x: moe(x)[0], (x,))
+
 def force_zero_experts(moe: MoE) -> None:
     moe.router.e_score_correction_bias[: moe.n_ffn] = -10.0  # FFN experts can never win the selection
 

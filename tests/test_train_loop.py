@@ -107,6 +107,16 @@ def test_non_finite_step_is_skipped_and_nothing_changes(corpus, tmp_path):
     assert not metrics["skipped"] and run.controller.steps == 1
 
 
+def test_train_step_drives_an_optimizer_of_the_users_own(corpus, tmp_path):
+    """train_step sets the learning rate of the config's schedule on any optimizer (param groups without the
+    trainer's per-group multipliers take the plain rate)."""
+    run = setup(tiny_config(*corpus, "max_steps=2", "eval_every=0"), tmp_path, progress=False)
+    optimizer = torch.optim.SGD(run.model.parameters(), lr=0.1)
+    before = run.model.lm_head.weight.detach().clone()
+    metrics = train_step(run.model, optimizer, run.controller, run.sampler.next_batch(4), run.cfg, 1)
+    assert not metrics["skipped"] and optimizer.param_groups[0]["lr"] == metrics["lr"] > 0
+    assert not torch.equal(run.model.lm_head.weight, before)
+
 def test_repeated_failures_stop_with_a_clear_message(corpus, tmp_path, monkeypatch):
     real = trainer.training_losses
 

@@ -14,7 +14,6 @@ from pathlib import Path
 import torch
 
 from ..config import ModelConfig
-from ..model.layers import RotaryEmbedding
 from ..tokenizer import stdlib_tokenizer
 from .hf import LongcatFlash
 
@@ -38,7 +37,6 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
     torch.manual_seed(seed)  # after the meta build, which draws nothing, so it cannot shift the stream
     if model.num_parameters() > DIRECT_MAX_PARAMS:
         model.to_empty(device=device)
-        model.model.rotary = RotaryEmbedding.from_config(cfg).to(device)  # computed buffer
         model.init_weights(std)
         return model
     with torch.device(device):

@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
-from ..model.layers import RotaryEmbedding
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +258,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
-    model.model.rotary = RotaryEmbedding.from_config(cfg).to(device)  # non-persistent
+    model.init_rotary()  # non-persistent: in no checkpoint
     return model.eval()
 
 

@@ -5,6 +5,8 @@ Shapes: B batch, S sequence, D model dim, R rotary dim.
 from __future__ import annotations
 
 import math
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -13,8 +15,32 @@ from torch import nn
 from ..config import ModelConfig, RopeScaling
 
 
+class KeepsFp32(nn.Module):
+    """A module whose floating-point parameters and buffers stay at least fp32 through `.to(torch.bfloat16)`,
+    `.half()` and the like (fp64 stays fp64): for the tensors that must not be rounded to the model's dtype."""
+
+    def _apply(self, fn: Any, recurse: bool = True) -> KeepsFp32:
+        super()._apply(fn, recurse)
+        for t in [*self.parameters(), *self.buffers()]:
+            if t.is_floating_point() and t.element_size() < 4:
+                t.data = t.data.float()
+        return self
+
+
+def at_least_fp32(dtype: torch.dtype) -> torch.dtype:
+    """fp32 for bf16 / fp16 / fp32, fp64 for fp64: the precision of the computations done "in fp32"."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def autocast_off(device_type: str) -> AbstractContextManager:
+    """Autocast switched off on `device_type`, where it has autocast at all (not on the meta device)."""
+    return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) \
+        else nullcontext()
+
+
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back before the weight, as the checkpoint was trained (HF/official)."""
+    """RMSNorm computed in fp32 (fp64 for fp64 inputs) and cast back before the weight, as the checkpoint was
+    trained (HF/official)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -22,7 +48,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
+        x32 = x.to(at_least_fp32(x.dtype))
         normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * normed.to(x.dtype)
 
@@ -40,8 +66,9 @@ class MLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-class RotaryEmbedding(nn.Module):
-    """cos/sin tables for RoPE over the `qk_rope_head_dim` slice, computed in fp32 from explicit positions.
+class RotaryEmbedding(KeepsFp32):
+    """cos/sin tables for RoPE over the `qk_rope_head_dim` slice, computed in fp32 from explicit positions (the
+    frequencies stay fp32 in a bf16 model: rounded, the angles at position 4000 are off by radians).
 
     With YaRN (`scaling.rope_type == "yarn"`) the frequencies are interpolated per dimension and cos/sin carry the
     attention factor, exactly as transformers' `_compute_yarn_parameters` (see docs/context_extension.md).

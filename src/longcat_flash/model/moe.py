@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
+from .layers import KeepsFp32, at_least_fp32, autocast_off
 
 
 @dataclass
@@ -43,7 +44,7 @@ class RoutingInfo:
         return (self.ids < self.n_ffn).sum(-1)
 
 
-class Router(nn.Module):
+class Router(KeepsFp32):
     """Softmax router in fp32. The classifier weight and the correction bias stay fp32 whatever the model dtype:
     probabilities are ~1/(E+Z), the same order as the bias, so bf16 would flip top-k choices."""
 
@@ -53,19 +54,13 @@ class Router(nn.Module):
         self.classifier = nn.Linear(cfg.hidden_size, cfg.n_experts_total, bias=cfg.router_bias)
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts_total))
 
-    def _apply(self, fn: Any, recurse: bool = True) -> Router:
-        super()._apply(fn, recurse)
-        for t in [*self.parameters(recurse=False), *self.classifier.parameters(), self.e_score_correction_bias]:
-            if t.is_floating_point() and t.dtype != torch.float32:
-                t.data = t.data.float()
-        return self
-
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x: (T, D) -> probs (T, E+Z) fp32, ids (T, K), weights (T, K) fp32. Autocast is off here: it would run
-        the classifier in bf16 whatever its operands (linear is on autocast's bf16 list)."""
-        with torch.autocast(x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.classifier.weight.float(),
-                              None if self.classifier.bias is None else self.classifier.bias.float())  # (T, E+Z)
+        """x: (T, D) -> probs (T, E+Z) fp32, ids (T, K), weights (T, K) fp32 (fp64 in an fp64 model). Autocast is
+        off here: it would run the classifier in bf16 whatever its operands (linear is on autocast's bf16 list)."""
+        w, b = self.classifier.weight, self.classifier.bias
+        dtype = at_least_fp32(torch.promote_types(x.dtype, w.dtype))
+        with autocast_off(x.device.type):
+            logits = F.linear(x.to(dtype), w.to(dtype), None if b is None else b.to(dtype))  # (T, E+Z)
         return self.route(logits)
 
     def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -136,11 +131,36 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.T
     a loop of per-expert GEMMs, and in bf16 each new row count builds a new oneDNN kernel; routing changes the row
     counts every step, which made the bf16 train step 2.3x slower than fp32 (measured, small preset)."""
     device = x.device.type
-    dtype = torch.get_autocast_dtype(device) if device != "cpu" and torch.is_autocast_enabled(device) else x.dtype
-    out = F.grouped_mm(x.to(dtype), w.to(dtype), offs=ends)
+    autocasting = device != "cpu" and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
+    dtype = torch.get_autocast_dtype(device) if autocasting else x.dtype
+    x, w = x.to(dtype), w.to(dtype)
+    if x.is_meta:  # shapes only (torch's meta kernel takes bf16 alone)
+        return x.new_empty(x.shape[0], w.shape[-1])
+    if not _grouped_mm_takes(x, w):
+        return _looped_mm(x, w, ends)
+    out = F.grouped_mm(x, w, offs=ends)
     if out.requires_grad:
         out.register_hook(torch.Tensor.contiguous)  # grouped_mm's backward rejects expanded gradients
     return out
+
+
+def _grouped_mm_takes(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether F.grouped_mm runs these operands: fp32 / bf16 / fp16 with rows of a multiple of 16 bytes (so
+    hidden sizes of a multiple of 4 in fp32, 8 in bf16), and only bf16 under torch.compile (its fake kernel takes
+    bf16 alone)."""
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if x.dtype != torch.bfloat16 and torch.compiler.is_compiling():
+        return False
+    return all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], w.shape[-1]))
+
+
+def _looped_mm(x: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """`_grouped_mm` as one GEMM per group (reads the group ends to the host), for what F.grouped_mm does not
+    take; rows past the last end come out zero."""
+    bounds = [0, *ends.tolist()]
+    pieces = [x[a:b] @ w[e] for e, (a, b) in enumerate(zip(bounds, bounds[1:]))]  # (rows of e, O) each
+    return torch.cat([*pieces, x.new_zeros(x.shape[0] - bounds[-1], w.shape[-1])])  # (R, O)
 
 
 class TokenDispatcher(Protocol):

@@ -73,10 +73,13 @@ class Transformer(nn.Module):
             self.init_weights()
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> Transformer:
-        """nn.Module.to_empty gives each parameter its own storage, which would untie a tied lm_head: re-tie it."""
+        """nn.Module.to_empty gives each parameter its own storage, which would untie a tied lm_head: re-tie it.
+        It leaves every tensor uninitialised: the rotary table, computed from the config, is rebuilt here; the
+        weights and the router biases are `init_weights`' (or a checkpoint's)."""
         super().to_empty(device=device, recurse=recurse)
         if self.config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self.init_rotary()
         return self
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
@@ -145,12 +148,14 @@ class Transformer(nn.Module):
 
     @torch.no_grad()
     def init_buffers(self) -> None:
-        """Zero router biases and a fresh rotary table on the model's device: what a model materialised from the
-        meta device (`to_empty`) needs besides its parameters."""
-        device = self.lm_head.weight.device
+        """Zero router biases and a fresh rotary table on the model's device."""
         for router in self.routers():
             router.e_score_correction_bias.zero_()
-        self.model.rotary = RotaryEmbedding.from_config(self.config).to(device)
+        self.init_rotary()
+
+    def init_rotary(self) -> None:
+        """The rotary table computed afresh on the model's device (a non-persistent buffer: in no checkpoint)."""
+        self.model.rotary = RotaryEmbedding.from_config(self.config).to(self.lm_head.weight.device)
 
     def routers(self) -> list[Router]:
         """The trunk's routers in layer order (the budget controller writes their biases)."""

@@ -153,7 +153,7 @@ def build_optimizer(model: nn.Module, optim: OptimConfig, scale: WidthScale) -> 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
-        group["lr"] = lr * group["lr_mult"]
+        group["lr"] = lr * group.get("lr_mult", 1.0)  # groups of an optimizer not built by build_optimizer: 1
 
 
 # ---- LR schedule: a pure function of the step (its state is the step, checkpointed with the trainer) ----
