@@ -18,6 +18,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from longcat_flash.infer.engine import Engine, EngineConfig  # noqa: E402
 from longcat_flash.presets import tiny  # noqa: E402
+from longcat_flash.serve import app as app_module  # noqa: E402
 from longcat_flash.serve import protocol as p  # noqa: E402
 from longcat_flash.serve.app import ServerConfig, create_app  # noqa: E402
 from longcat_flash.serve.bridge import AsyncEngine  # noqa: E402
@@ -65,6 +66,16 @@ def test_metrics_label_the_route_template_and_count_text_stops_as_finished(clien
     assert 'longcat_http_requests_total{path="/v1/completions",status="200"}' in scrape
     assert "longcat_requests_cancelled_total 0.0" in scrape
 
+
+def test_an_internal_error_is_a_json_500_and_is_counted(client, monkeypatch):
+    """Starlette sends the 500 of an unhandled error from its outermost middleware; it still counts."""
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(app_module, "_completion_prompts", broken)
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}, headers=AUTH)
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert 'longcat_http_requests_total{path="/v1/completions",status="500"} 1.0' in client.get("/metrics").text
 
 def test_openapi_declares_the_error_statuses(client):
     schema = client.get("/openapi.json").json()

@@ -27,8 +27,9 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import Bridge, EngineFailed
+from .connections import HEAD_TIMEOUT_S, uvicorn_options
 from .engine_process import EngineProcess
-from .guard import RequestGuard
+from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
@@ -45,7 +46,7 @@ class ServerConfig:
     model_name: str
     context: int  # the model's max_position_embeddings
     api_key: str | None = None
-    max_body_bytes: int = 32 * 2**20  # a request body's bound (serve/guard.py); prompts are bounded by the context
+    max_body_bytes: int = 8 * 2**20  # a request body's bound (serve/guard.py); prompts are bounded by the context
     disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
 
 
@@ -316,6 +317,7 @@ def _sse(chunk: p.BaseModel | str) -> str:
 def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> FastAPI:
     """The FastAPI app: error handlers, /health and /metrics, and the OpenAI routes behind the API key."""
     app = FastAPI(title="longcat-flash", docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    app.router.route_class = JSONOffLoopRoute
     metrics = Metrics(bridge)
     app.add_middleware(RequestGuard, api_key=config.api_key, max_body_bytes=config.max_body_bytes)  # inside metrics
     _add_error_handlers(app, metrics)
@@ -347,7 +349,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(HTTPException)
     async def routing_error(_request: Request, err: HTTPException) -> JSONResponse:
         """Starlette's own 404 (unknown path) and 405 (wrong method), in the OpenAI shape like every error."""
-        codes = {404: "not_found", 413: "request_too_large"}
+        codes = {404: "not_found", 408: "request_timeout", 413: "request_too_large", 503: "server_busy"}
         response = APIError(err.status_code, f"{err.detail}", code=codes.get(err.status_code)).response()
         response.headers.update(err.headers or {})  # 405 carries Allow
         return response
@@ -547,10 +549,10 @@ def _deltas(events: list[Event]) -> list[p.Delta]:
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
-          model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes
-          ) -> None:
+          model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes,
+          head_timeout_s: float = HEAD_TIMEOUT_S, max_connections: int | None = None) -> None:
     """Load a checkpoint directory (weights + tokenizer) onto `device` in an engine process and serve it until
-    interrupted."""
+    interrupted; connections bounded as serve/connections.py says."""
     import uvicorn
 
     tokenizer = Tokenizer.load(model_dir)
@@ -563,6 +565,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
         # open streams get SHUTDOWN_GRACE_S to finish, then are cut: a stream of thousands of tokens must not hold
         # a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
         uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning",
-                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                    **uvicorn_options(head_timeout_s=head_timeout_s, max_connections=max_connections))
     finally:
         bridge.stop()

@@ -1,16 +1,23 @@
-"""The checks a request passes before any of its body is read: the API key, and a bound on the body's size.
+"""The checks a request passes before any of its body is read: the API key, and bounds on its body.
 
 FastAPI reads and parses a body before its route's dependencies run, so an API key checked there would let an
 unauthenticated client make the server hold and parse any body it sends. This ASGI middleware answers 401 from the
 headers alone, 413 for a declared `Content-Length` over the bound, and stops reading a body (chunked, or longer than
-it said) as soon as it passes the bound.
+it said) as soon as it passes the bound, or 408 when it has not arrived whole within BODY_TIMEOUT_S. Parsing a JSON
+body costs ~25x its size in memory, so the bodies held by requests in flight, together, stay under
+`max_body_bytes * BODIES_IN_FLIGHT` (503 beyond); `JSONOffLoopRoute` parses them off the event loop.
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
+import json
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
@@ -21,6 +28,10 @@ Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 PROTECTED = "/v1/"  # the API; /health, /metrics and /openapi.json stay open to probes
+
+
+BODY_TIMEOUT_S = 60.0  # from the request head to the body's last byte
+BODIES_IN_FLIGHT = 4  # the bodies requests in flight hold, together, in units of max_body_bytes
 
 
 class BodyTooLarge(HTTPException):
@@ -39,8 +50,10 @@ def error(status: int, message: str, type_: str, code: str) -> JSONResponse:
 class RequestGuard:
     """Pure ASGI middleware: the API key (when the server has one) on every /v1/ path, and `max_body_bytes`."""
 
-    def __init__(self, app: Callable, *, api_key: str | None, max_body_bytes: int) -> None:
+    def __init__(self, app: Callable, *, api_key: str | None, max_body_bytes: int,
+                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
+        self.body_timeout_s, self.in_flight = body_timeout_s, 0  # bytes of the bodies requests in flight hold
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -48,8 +61,8 @@ class RequestGuard:
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
         if self.api_key is not None and scope["path"].startswith(PROTECTED):
-            given = headers.get("authorization", "").removeprefix("Bearer ").strip()
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
                 await error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")(
                     scope, receive, send)
                 return
@@ -58,17 +71,54 @@ class RequestGuard:
             await error(413, f"request body of {declared} bytes; this server takes at most {self.max_body_bytes}",
                         "invalid_request_error", "request_too_large")(scope, receive, send)
             return
-        await self.app(scope, self._bounded(receive), send)
+        held = [0]  # this request's body bytes, counted in self.in_flight until it ends
+        try:
+            await self.app(scope, self._bounded(receive, held), send)
+        finally:
+            self.in_flight -= held[0]
 
-    def _bounded(self, receive: Receive) -> Receive:
-        seen = 0
+    def _bounded(self, receive: Receive, held: list[int]) -> Receive:
+        deadline = time.monotonic() + self.body_timeout_s
+        whole = False
 
         async def bounded() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal whole
+            if whole:  # after the body: waiting for a disconnect, which takes as long as the response does
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                raise HTTPException(408, f"request body not received whole within {self.body_timeout_s:g} s") \
+                    from None
             if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_body_bytes:
+                size, whole = len(message.get("body", b"")), not message.get("more_body", False)
+                if held[0] + size > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
+                if self.in_flight + size > self.max_body_bytes * BODIES_IN_FLIGHT:
+                    raise HTTPException(503, "server busy: too many large request bodies in flight; retry")
+                held[0] += size
+                self.in_flight += size
             return message
         return bounded
+
+
+class JSONOffLoopRequest(Request):
+    """A request whose JSON body is parsed in a worker thread: json.loads of a body of megabytes takes seconds,
+    which on the event loop would stall /health and every stream."""
+
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            body = await self.body()
+            self._json = await asyncio.to_thread(json.loads, body)
+        return self._json
+
+
+class JSONOffLoopRoute(APIRoute):
+    """FastAPI's route, with its handler given a `JSONOffLoopRequest`."""
+
+    def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
+        handler = super().get_route_handler()
+
+        async def off_loop(request: Request) -> Response:
+            return await handler(JSONOffLoopRequest(request.scope, request.receive))
+        return off_loop

@@ -93,9 +93,18 @@ class CountResponses:
             await self.app(scope, receive, send)
             return
 
+        started = False
+
         async def counted(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 self.metrics.observe(self.routes, scope, message["status"])
             await send(message)
 
-        await self.app(scope, receive, counted)
+        try:
+            await self.app(scope, receive, counted)
+        except Exception:  # the 500 that Starlette's outermost error middleware sends for it, outside this one
+            if not started:
+                self.metrics.observe(self.routes, scope, 500)
+            raise

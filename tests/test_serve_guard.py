@@ -1,0 +1,110 @@
+"""serve/guard.py on a bare app, at the ASGI level: the API key's scheme, a body that never arrives whole, the bound
+on the bodies held by requests in flight, and JSON parsed off the event loop."""
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+
+import pytest
+
+pytest.importorskip("fastapi")
+httpx = pytest.importorskip("httpx")
+
+from fastapi import FastAPI, Request  # noqa: E402
+
+from longcat_flash.serve import guard  # noqa: E402
+from longcat_flash.serve.guard import BODIES_IN_FLIGHT, JSONOffLoopRoute, RequestGuard  # noqa: E402
+
+KEY = "sk-guard"
+LIMIT = 1000  # max_body_bytes
+
+
+def bare_app(release: asyncio.Event | None = None, **guard_options) -> RequestGuard:
+    """One JSON route behind the guard; with `release`, it holds each request (and its body) until it is set."""
+    app = FastAPI()
+    app.router.route_class = JSONOffLoopRoute
+
+    @app.post("/v1/echo")
+    async def echo(body: dict) -> dict:
+        if release is not None:
+            await release.wait()
+        return {"keys": sorted(body)}
+
+    return RequestGuard(app, api_key=KEY, max_body_bytes=LIMIT, **guard_options)
+
+
+def client(app: RequestGuard, key: str | None = f"Bearer {KEY}") -> httpx.AsyncClient:
+    headers = {"Content-Type": "application/json", **({} if key is None else {"Authorization": key})}
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://test", headers=headers)
+
+
+def body_of(size: int) -> bytes:
+    return json.dumps({"pad": "x" * (size - 11)}).encode()
+
+
+@pytest.mark.parametrize("header, status", [(f"Bearer {KEY}", 200), (f"bearer {KEY}", 200), (f"BEARER  {KEY} ", 200),
+                                            (KEY, 401), (f"Basic {KEY}", 401), ("Bearer sk-other", 401)])
+def test_the_api_key_is_a_bearer_token_with_a_case_insensitive_scheme(header, status):
+    async def go():
+        async with client(bare_app(), header) as c:
+            return (await c.post("/v1/echo", json={"a": 1})).status_code
+    assert asyncio.run(go()) == status
+
+
+def test_a_body_that_does_not_arrive_whole_in_time_is_a_408():
+    app = bare_app(body_timeout_s=0.3)
+    sent: list[dict] = []
+
+    async def receive():
+        if not sent:
+            sent.append({})
+            return {"type": "http.request", "body": b'{"a": ', "more_body": True}
+        await asyncio.sleep(3600)  # the rest never comes
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/echo", "raw_path": b"/v1/echo", "query_string": b"",
+             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
+             "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http", "root_path": "",
+             "server": ("test", 80), "client": ("test", 1)}
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    start = next(m for m in sent if m.get("type") == "http.response.start")
+    assert start["status"] == 408
+
+
+def test_the_bodies_held_in_flight_are_bounded_and_released():
+    async def go():
+        release = asyncio.Event()
+        app = bare_app(release)
+        async with client(app) as c:
+            held = [asyncio.create_task(c.post("/v1/echo", content=body_of(LIMIT - 10))) for _ in range(BODIES_IN_FLIGHT)]
+            await asyncio.sleep(0.2)  # they are parsed and waiting, holding their bodies
+            refused = await c.post("/v1/echo", content=body_of(LIMIT // 2))
+            release.set()
+            statuses = [r.status_code for r in await asyncio.gather(*held)]
+            after = await c.post("/v1/echo", content=body_of(LIMIT // 2))
+            return refused, statuses, after, app.in_flight
+    refused, statuses, after, in_flight = asyncio.run(go())
+    assert refused.status_code == 503 and "busy" in refused.text
+    assert statuses == [200] * BODIES_IN_FLIGHT and after.status_code == 200 and in_flight == 0
+
+
+def test_json_bodies_are_parsed_off_the_event_loop(monkeypatch):
+    threads: list[str] = []
+    loads = json.loads
+
+    def recording(text, *args, **kwargs):
+        threads.append(threading.current_thread().name)
+        return loads(text, *args, **kwargs)
+
+    monkeypatch.setattr(guard.json, "loads", recording)
+
+    async def go():
+        async with client(bare_app()) as c:
+            response = await c.post("/v1/echo", json={"b": 1, "a": 2})
+            return response, list(threads), threading.current_thread().name
+    response, parsed_in, loop_thread = asyncio.run(go())
+    assert response.status_code == 200 and loads(response.content) == {"keys": ["a", "b"]}
+    assert parsed_in and loop_thread not in parsed_in
