@@ -130,6 +130,11 @@ def test_every_route_is_declared_and_fuzzed(client):
     assert {path for _, path in served} <= set(ROUTE_ERRORS) and served <= fuzzed
 
 
+DEEP = {"type": "object", "properties": {"a": {}}}  # a schema nested 600 deep: the chat template overflowed on it
+for _ in range(300):
+    DEEP = {"type": "object", "properties": {"a": DEEP}}
+
+
 def _chat(client: TestClient, **fields) -> tuple[int, dict]:
     body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, **fields}
     headers = {**AUTH, "Content-Type": "application/json"}
@@ -154,18 +159,36 @@ def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carr
     assert status == 200, body
     status, body = _chat(client, messages=[{"role": "user", "content": "hi", "audio": {"id": "a1"}}])
     assert status == 400 and body["error"]["param"] == "messages.0.audio"
+    streamed_call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    status, body = _chat(client, messages=[  # tool calls accumulated from a stream keep their delta index
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [streamed_call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1"}], max_tokens=1)
+    assert status == 200 or body["error"]["code"] == "context_length_exceeded", body  # accepted; the context is 48
 
 
 @pytest.mark.parametrize("fields, param", [
     ({"logit_bias": {"\u00b2": 1}}, "logit_bias"), ({"logit_bias": {"\u0663": 1}}, "logit_bias"),
     ({"messages": [{"role": "user", "content": "x\ud800"}]}, "messages.0.content"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-     "messages.0.content"),
+     "messages.0.content.0.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["\udc00"]}}}},
      "response_format"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "\udc00"}}}]},
      "tools.0.function.parameters"),
     ({"top_logprobs": 2}, "top_logprobs"),
+    # unknown fields inside the request's objects, as at its top level
+    ({"tools": [{"type": "function", "cache_control": {}, "function": {"name": "f"}}]}, "tools.0.cache_control"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "bogus": 1}}]}, "tools.0.function.bogus"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]}]},
+     "messages.0.content.0.cache_control"),
+    ({"tool_choice": {"type": "function", "function": {"name": "f", "x": 1}}}, "tool_choice.function.x"),
+    # values of other JSON types than declared: refused, not coerced
+    ({"n": "2"}, "n"), ({"n": True}, "n"), ({"n": 2.0}, "n"), ({"max_tokens": True}, "max_tokens"),
+    ({"temperature": "0.5"}, "temperature"), ({"stream": "false"}, "stream"), ({"logit_bias": {"5": True}},
+                                                                                 "logit_bias.5"),
+    ({"logit_bias": {"5": 100, "05": -100}}, "logit_bias"),
+    ({"stream_options": {"include_usage": True}}, "stream_options"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": DEEP}}]}, "tools.0.function.parameters"),
 ])
 def test_bad_fields_get_a_400_naming_them(client, fields, param):
     status, body = _chat(client, **fields)

@@ -67,9 +67,11 @@ _NAMED_IN_MESSAGE = re.compile(r"^Value error, ([a-z_][a-z_.]*): ")  # our model
 
 
 def _validation_error(err: RequestValidationError) -> APIError:
-    """The first error as a 400 naming its field: the path through the body, without pydantic's names for the
-    members of a union (`messages.0.content`, not `messages.0.content.str`)."""
-    first = err.errors()[0] if err.errors() else {"loc": (), "msg": "invalid request", "type": ""}
+    """The deepest error (of a union's members, the one that got furthest into the value) as a 400 naming its
+    field: the path through the body, without pydantic's names for the members of a union
+    (`messages.0.content.0.cache_control`, not `messages.0.content.list[TextPart].0.cache_control`)."""
+    errors = err.errors() or [{"loc": (), "msg": "invalid request", "type": ""}]
+    first = max(errors, key=lambda e: len(e.get("loc", ())))  # the first of the deepest
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _UNION_MEMBER.match(str(x))]

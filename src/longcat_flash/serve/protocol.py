@@ -10,7 +10,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
 
@@ -26,6 +26,7 @@ MAX_LOGPROBS = 20  # infer/sampling.py's limit
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
+MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a response schema)
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
 METADATA_FIELDS = ("user", "metadata")  # what clients send about themselves; dropped, as it changes no output
 # On a message: a participant's name (agent frameworks send it), an assistant's refusal and citations (OpenAI's
@@ -33,36 +34,54 @@ METADATA_FIELDS = ("user", "metadata")  # what clients send about themselves; dr
 MESSAGE_METADATA = ("name", "refusal", "annotations")
 
 
-def valid_unicode(value: Any, field: str) -> Any:
-    """`value` unchanged if every string in it is valid Unicode. JSON escapes can carry lone UTF-16 surrogates
-    ("\\ud800"), which no tokenizer or grammar compiler accepts: refused here, naming the field."""
-    if isinstance(value, str):
-        if not value.isascii():
+def well_formed(value: Any, field: str) -> Any:
+    """`value` unchanged if every string in it is valid Unicode and it nests at most MAX_DEPTH deep. JSON escapes
+    can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or grammar compiler accepts; and a schema
+    nested hundreds deep overflows the recursion of whatever reads it next (the chat template's rendering, the
+    grammar compiler). Refused here, naming the field; walked without recursion."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ValueError(f"{field}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, str) and not item.isascii():
             try:
-                value.encode("utf-8")
+                item.encode("utf-8")
             except UnicodeEncodeError:
                 raise ValueError(f"{field}: contains a lone UTF-16 surrogate, which is not valid Unicode") from None
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            valid_unicode(key, field)
-            valid_unicode(item, field)
-    elif isinstance(value, list):
-        for item in value:
-            valid_unicode(item, field)
+        elif isinstance(item, dict):
+            stack += [(x, depth + 1) for pair in item.items() for x in pair]
+        elif isinstance(item, list):
+            stack += [(x, depth + 1) for x in item]
     return value
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _Part(BaseModel):
+    """A request or a part of one, read as OpenAI's API reads it: a field it does not know is refused (a 400
+    naming it), unless it is null (clients send SDK objects back with unset fields as null) or one of `dropped`;
+    values must have their declared JSON types ("2" is not a number, true is not 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    dropped: ClassVar[tuple[str, ...]] = ()  # fields clients send that change nothing here: dropped, not refused
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items()
+                if key in cls.model_fields or (key not in cls.dropped and value is not None)}
+
+
+class StreamOptions(_Part):
     include_usage: bool = False
 
 
-class _Sampling(BaseModel):
-    """Fields shared by completions and chat completions. A field this server does not know is refused (a 400
-    naming it), except the client metadata in METADATA_FIELDS; `null` stands for a field's default, as in the
-    OpenAI API."""
+class _Sampling(_Part):
+    """Fields shared by completions and chat completions. The client metadata in METADATA_FIELDS is dropped;
+    `null` stands for a field's default, as in the OpenAI API."""
 
-    model_config = ConfigDict(extra="forbid")
+    dropped = METADATA_FIELDS
 
     model: str = Field(min_length=1, max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
@@ -86,11 +105,11 @@ class _Sampling(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _defaults_for_null(cls, data: Any) -> Any:
-        """Drops the metadata fields, and `null` where the field itself is not nullable: its default applies."""
+        """`null` where the field itself is not nullable: its default applies."""
         if not isinstance(data, dict):
             return data
         fields = cls.model_fields
-        return {key: value for key, value in data.items() if key not in METADATA_FIELDS and not (
+        return {key: value for key, value in data.items() if not (
             value is None and key in fields and type(None) not in get_args(fields[key].annotation))}
 
     @field_validator("response_format")
@@ -116,9 +135,10 @@ class _Sampling(BaseModel):
             raise ValueError("json_schema.schema: must be a JSON Schema object")
         if spec.get("strict") not in (None, True, False):
             raise ValueError("json_schema.strict: must be a boolean")
+        well_formed(value, "json_schema")
         if len(json.dumps(spec["schema"])) > MAX_SCHEMA_CHARS:
             raise ValueError(f"json_schema.schema: longer than {MAX_SCHEMA_CHARS} characters as JSON")
-        return valid_unicode(value, "json_schema")
+        return value
 
     @field_validator("best_of")
     @classmethod
@@ -134,8 +154,9 @@ class _Sampling(BaseModel):
             return None
         if len(value) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} entries")
-        if not all(key.isascii() and key.isdigit() and len(key) <= 12 for key in value):
-            raise ValueError("keys must be token ids (non-negative integers, as strings of ASCII digits)")
+        if not all(key.isascii() and key.isdigit() and len(key) <= 12 and str(int(key)) == key for key in value):
+            raise ValueError("keys must be token ids (non-negative integers as strings of ASCII digits, without "
+                             "leading zeros: \"05\" and \"5\" would name one token twice)")
         if not all(-100.0 <= bias <= 100.0 for bias in value.values()):
             raise ValueError("biases must be in [-100, 100]")
         return value
@@ -148,7 +169,13 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP} stop sequences")
         if any(not s or len(s) > MAX_STOP_CHARS for s in stops):
             raise ValueError(f"each stop sequence must have 1 to {MAX_STOP_CHARS} characters")
-        return valid_unicode(stops, "stop")
+        return well_formed(stops, "stop")
+
+    @model_validator(mode="after")
+    def _stream_options_need_a_stream(self) -> _Sampling:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options: only allowed with stream: true")
+        return self
 
     @property
     def include_usage(self) -> bool:
@@ -180,7 +207,7 @@ class CompletionRequest(_Sampling):
                 raise ValueError("prompt must not be empty")
             if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
-        return valid_unicode(prompts, "prompt")
+        return well_formed(prompts, "prompt")
 
     @model_validator(mode="after")
     def _supported_combination(self) -> CompletionRequest:
@@ -192,15 +219,14 @@ class CompletionRequest(_Sampling):
         return self
 
 
-class TextPart(BaseModel):
+class TextPart(_Part):
     """A content part; only text parts exist for a text-only model."""
 
-    model_config = ConfigDict(extra="ignore")
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(BaseModel):
+class FunctionCall(_Part):
     name: str = Field(pattern=TOOL_NAME)
     arguments: str  # a JSON object, as a string
 
@@ -209,6 +235,8 @@ class FunctionCall(BaseModel):
     def _object(cls, value: str) -> str:
         try:
             parsed = json.loads(value)
+        except RecursionError:
+            raise ValueError("arguments: nested too deep to parse") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"arguments must be a JSON object in a string: {err}") from None
         if not isinstance(parsed, dict):
@@ -216,35 +244,28 @@ class FunctionCall(BaseModel):
         return value
 
 
-class ToolCall(BaseModel):
-    """A call in an assistant message: sent back by clients in the history, returned in responses."""
+class ToolCall(_Part):
+    """A call in an assistant message: sent back by clients in the history (with the `index` of the stream's
+    deltas when they were accumulated from one), returned in responses."""
 
-    model_config = ConfigDict(extra="ignore")
+    dropped = ("index",)
     id: str = Field(min_length=1, max_length=256)
     type: Literal["function"] = "function"
     function: FunctionCall
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Part):
     """`content` as a string or as a list of text parts (what current clients send), joined into one string;
     the "developer" role (the newer name of "system") is read as "system". An assistant message may carry
     `tool_calls` (then `content` may be null); a `tool` message answers one call by its `tool_call_id`.
     Fields the chat template has no place for are dropped if they are MESSAGE_METADATA or null (clients echo SDK
     objects with `audio: null`); any other is refused."""
 
-    model_config = ConfigDict(extra="forbid")
+    dropped = MESSAGE_METADATA
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _drop_metadata(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        return {key: value for key, value in data.items()
-                if key in cls.model_fields or (key not in MESSAGE_METADATA and value is not None)}
 
     @field_validator("role")
     @classmethod
@@ -257,7 +278,7 @@ class ChatMessage(BaseModel):
         text = value if isinstance(value, str) or value is None else "".join(part.text for part in value)
         if text is not None and len(text) > MAX_PROMPT_CHARS:
             raise ValueError(f"content is longer than {MAX_PROMPT_CHARS} characters")
-        return valid_unicode(text, "content")
+        return well_formed(text, "content")
 
     @model_validator(mode="after")
     def _fields_fit_the_role(self) -> ChatMessage:
@@ -270,8 +291,7 @@ class ChatMessage(BaseModel):
         return self
 
 
-class FunctionDef(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class FunctionDef(_Part):
     name: str = Field(pattern=TOOL_NAME)
     description: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
     parameters: dict[str, Any] | None = None  # the JSON Schema of the arguments; None: the function takes none
@@ -285,20 +305,19 @@ class FunctionDef(BaseModel):
             return None
         if value.setdefault("type", "object") != "object":
             raise ValueError('must be a JSON Schema with "type": "object" (arguments are a JSON object)')
-        return valid_unicode(value, "parameters")
+        return well_formed(value, "parameters")
 
 
-class Tool(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+class Tool(_Part):
     type: Literal["function"]
     function: FunctionDef
 
 
-class ToolName(BaseModel):
+class ToolName(_Part):
     name: str = Field(pattern=TOOL_NAME)
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(_Part):
     type: Literal["function"]
     function: ToolName
 
