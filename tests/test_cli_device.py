@@ -46,3 +46,14 @@ def test_cpu_device_runs(tmp_path, model, capsys):
     longcat(["generate", "--model", "{model}", "--prompt", "x", "--max-new-tokens", "2", "--device", "cpu"],
             tmp_path, model)
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("command", ["train", "grow", "init", "explain"])
+def test_an_empty_out_is_refused_rather_than_writing_into_the_working_directory(command, tmp_path, model,
+                                                                                 monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    args = [a.format(tmp=tmp_path, model=model) for a in COMMANDS[command]]
+    args[args.index("--out") + 1] = ""
+    with pytest.raises(SystemExit, match=f"^longcat {command}: --out is empty; name a directory$"):
+        main(args)
+    assert list(tmp_path.iterdir()) == []

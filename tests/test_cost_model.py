@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -107,6 +108,8 @@ def test_bad_inputs_fail_early() -> None:
         Scenario(mtp_acceptance=1.5)
     with pytest.raises(ValueError, match="ep"):
         cost_table(ep=0)
+    with pytest.raises(ValueError, match="a2a_bandwidth_gbps must be > 0 and finite"):
+        cost_table(a2a_bandwidth_gbps=math.inf)  # it gave 0 us of communication
 
 
 def test_table_and_json_output() -> None:
@@ -114,3 +117,5 @@ def test_table_and_json_output() -> None:
     assert "(236)" in text and "SBO" in text and "context 5000" in text
     rows = json.loads(cost_command(as_json=True))
     assert [r["model"] for r in rows] == [DEEPSEEK, QWEN, LONGCAT]
+    other = format_cost_table(cost_table(batch_per_device=1))  # not the report's setting: no figures of its beside
+    assert "(236)" not in other and "(" not in other.split("\n")[5]

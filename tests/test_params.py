@@ -204,3 +204,16 @@ def test_cli_info_json(capsys) -> None:
     for key, expected in [("total", 560e9), ("active_min", 18.6e9), ("active_target", 27e9),
                           ("active_max", 31.3e9)]:
         assert abs(figures[key] / expected - 1) < 0.01, key
+
+
+def test_cli_info_refuses_a_name_that_is_both_a_preset_and_a_checkpoint_here(tmp_path, monkeypatch, capsys) -> None:
+    """`longcat info small` beside a trained ./small would describe the preset while the user meant the model."""
+    from longcat_flash.cli import main
+
+    (tmp_path / "small").mkdir()
+    tiny().save_json(tmp_path / "small" / "config.json")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match=r"both a preset and a checkpoint directory here; write \./small"):
+        main(["info", "small"])
+    main(["info", "./small", "--json"])
+    assert json.loads(capsys.readouterr().out)["total"] == param_report(tiny()).total

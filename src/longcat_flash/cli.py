@@ -16,8 +16,11 @@ from .runtime import tune_cpu_allocator
 
 
 def _config_from(target: str) -> ModelConfig:
-    """A preset name or a checkpoint directory holding config.json."""
+    """A preset name or a checkpoint directory holding config.json (a name that is both is refused)."""
     if target in PRESETS:
+        if (Path(target) / "config.json").is_file():
+            raise SystemExit(f"longcat: {target!r} is both a preset and a checkpoint directory here; write "
+                             f"./{target} for the directory")
         return get_preset(target)
     if Path(target).is_dir():
         from .checkpoint.hf import checkpoint_config
@@ -91,7 +94,10 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
 
 
 def _new_or_directory(out: str | Path | None) -> None:
-    """An --out that names a file would fail deep inside with an OS error; say so up front."""
+    """An --out that names a file would fail deep inside with an OS error, and an empty one would write into the
+    working directory; say so up front."""
+    if out is not None and not str(out).strip():
+        raise ValueError("--out is empty; name a directory")
     if out is not None and Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"--out {out} is a file, not a directory")
 
@@ -245,6 +251,7 @@ def _run_init(args: argparse.Namespace) -> None:
 
     from .device import resolve_device
 
+    _new_or_directory(args.out)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} already exists and is not an empty directory; choose another --out")

@@ -191,7 +191,8 @@ QWEN3_235B_A22B = DecodeShape(
 LONGCAT_FLASH = longcat_decode_shape(longcat_flash())
 MODELS: dict[str, DecodeShape] = {m.name: m for m in (DEEPSEEK_V3, QWEN3_235B_A22B, LONGCAT_FLASH)}
 
-# Report Table 7 (µs per layer, ms, $ per million output tokens), printed beside our figures.
+# Report Table 7 (µs per layer, ms, $ per million output tokens), printed beside our figures at its setting:
+REPORT_SETTING = (128, 96, 0.8, 40.0)  # ep, sequences per device, MTP acceptance, all-to-all GB/s
 TABLE7: dict[str, dict[str, float]] = {
     "DeepSeek-V3": dict(attention_us=471, dispatch_us=275, moe_us=77, combine_us=551, tpot_ms=30,
                         usd_per_m_tokens=0.17),
@@ -226,12 +227,16 @@ class Scenario:
         for name in ("ep", "batch_per_device", "a2a_bandwidth_gbps", "dispatch_bytes", "combine_bytes",
                      "attention_tflops", "gemm_tflops", "hbm_tbps", "weight_bytes", "kv_bytes",
                      "usd_per_gpu_hour"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"Scenario.{name} must be > 0, got {getattr(self, name)!r}")
+            if not 0 < getattr(self, name) < math.inf:
+                raise ValueError(f"Scenario.{name} must be > 0 and finite, got {getattr(self, name)!r}")
         if not 0 <= self.mtp_acceptance <= 1:
             raise ValueError(f"Scenario.mtp_acceptance must be in [0, 1], got {self.mtp_acceptance!r}")
         if self.draft_tokens < 0 or self.context < 0:
             raise ValueError("Scenario.draft_tokens and Scenario.context must be >= 0")
+
+    def is_the_reports(self) -> bool:
+        """Whether this is Table 7's setting, the one its figures can be set beside."""
+        return (self.ep, self.batch_per_device, self.mtp_acceptance, self.a2a_bandwidth_gbps) == REPORT_SETTING
 
     @property
     def tokens_per_device(self) -> int:
@@ -334,7 +339,7 @@ def decode_row(shape: DecodeShape, sc: Scenario) -> dict[str, Any]:
         "attention_us": t.attention_us, "dispatch_us": t.dispatch_us, "moe_us": t.moe_us,
         "combine_us": t.combine_us, "layer_us": moe_layer_us(shape, t), "tpot_ms": tpot_s * 1e3,
         "usd_per_m_tokens": sc.usd_per_gpu_hour / 3600 * tpot_s / sc.batch_per_device * 1e6,
-        "report": TABLE7.get(shape.name),
+        "report": TABLE7.get(shape.name) if sc.is_the_reports() else None,
     }
 
 
@@ -366,7 +371,7 @@ _ROWS = (  # (label, key, format)
     ("TPOT", "tpot_ms", "{:.2f} ms"), ("$ / 1M output tokens", "usd_per_m_tokens", "{:.3f}"),
 )
 FOOTNOTE = (
-    "(...) = report Table 7 (EP128, 96 seq/device, 80% MTP acceptance, 40 GB/s). Dispatch, combine, MoE, TPOT and $\n"
+    "(...) = report Table 7, shown at its setting only (EP128, 96 seq/device, 80% MTP acceptance, 40 GB/s). Dispatch, combine, MoE, TPOT and $\n"
     "are reconstructed; the attention row is not: the report gives neither context length nor FLOP convention,\n"
     "and no shared context reproduces both DeepSeek-V3's 471 us and LongCat's 264 us (ratio 0.56; half the heads\n"
     "gives 0.50). Ours: context 5000, FlashMLA FLOPs + projections at 660 TFLOPS, KV reads at 3.35 TB/s, H800 FP8\n"
