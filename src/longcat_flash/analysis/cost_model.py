@@ -371,8 +371,9 @@ _ROWS = (  # (label, key, format)
     ("TPOT", "tpot_ms", "{:.2f} ms"), ("$ / 1M output tokens", "usd_per_m_tokens", "{:.3f}"),
 )
 FOOTNOTE = (
-    "(...) = report Table 7, shown at its setting only (EP128, 96 seq/device, 80% MTP acceptance, 40 GB/s). Dispatch, combine, MoE, TPOT and $\n"
-    "are reconstructed; the attention row is not: the report gives neither context length nor FLOP convention,\n"
+    "(...) = report Table 7, shown at its setting only (EP128, 96 seq/device, 80% MTP acceptance, 40 GB/s).\n"
+    "Dispatch, combine, MoE, TPOT and $ are reconstructed; the attention row is not: the report gives neither\n"
+    "context length nor FLOP convention,\n"
     "and no shared context reproduces both DeepSeek-V3's 471 us and LongCat's 264 us (ratio 0.56; half the heads\n"
     "gives 0.50). Ours: context 5000, FlashMLA FLOPs + projections at 660 TFLOPS, KV reads at 3.35 TB/s, H800 FP8\n"
     "GEMMs at 1979 TFLOPS; TBO = max(attention, dispatch + combine) + MoE. See analysis/cost_model.py."
