@@ -72,3 +72,23 @@ def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint,
 def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):
     with pytest.raises(SystemExit, match="context"):
         main(["generate", "--model", str(checkpoint), "--prompt", "x " * 2000])
+
+
+@pytest.mark.parametrize("flags, message", [(["--speculative", "1"], "needs a model with an MTP head"),
+                                            (["--speculative", "-1"], "speculative must be an integer >= 0")])
+def test_bad_engine_flags_are_refused_before_the_model_is_loaded(flags, message, tmp_path, monkeypatch):
+    """Loading (and quantizing) a large model takes minutes: a flag that cannot work is refused first."""
+    import torch
+
+    from longcat_flash.checkpoint.fresh import init_checkpoint
+    from longcat_flash.presets import tiny
+    from longcat_flash.serve import local
+
+    no_mtp = init_checkpoint(tiny().replace(num_nextn_predict_layers=0), tmp_path / "no_mtp", dtype=torch.float32)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(local, "load_for_inference", never)
+    with pytest.raises(SystemExit, match=message):
+        main(["generate", "--model", str(no_mtp), "--prompt", "x", "--quantize", "int4", *flags])

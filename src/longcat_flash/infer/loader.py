@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.hf import LongcatFlash
+from ..checkpoint.hf import LongcatFlash, checkpoint_config
 from ..device import fast_bf16, resolve_device, use_device
 from ..model import Transformer
 from . import kernels
@@ -36,6 +36,14 @@ def inference_device(spec: str | torch.device) -> torch.device:
     device = spec if isinstance(spec, torch.device) else resolve_device(spec)
     use_device(device)
     return device
+
+
+def check_speculative(path: str | Path, speculative: int) -> None:
+    """Refuse speculative decoding for a checkpoint without an MTP head from its files alone, before the minutes
+    that loading (and quantizing) a large model take."""
+    if speculative and not checkpoint_config(Path(path)).num_nextn_predict_layers:
+        raise ValueError(f"speculative decoding needs a model with an MTP head (num_nextn_predict_layers=1); "
+                         f"{path} has none")
 
 
 def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: str | None = None,

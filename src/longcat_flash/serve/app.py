@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 
 from ..infer.engine import EngineConfig, StepOutput
 from ..infer.grammar import GrammarCompiler
+from ..infer.loader import check_speculative
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
@@ -557,6 +558,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     interrupted; connections bounded as serve/connections.py says."""
     import uvicorn
 
+    check_speculative(model_dir, engine_config.speculative if engine_config else 0)
     tokenizer = Tokenizer.load(model_dir)
     bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..infer.engine import Engine, EngineConfig
-from ..infer.loader import load_for_inference
+from ..infer.loader import check_speculative, load_for_inference
 from ..infer.sampling import SamplingParams
 from ..tokenizer import Tokenizer, utf8_text
 from .text import TextState
@@ -34,9 +34,11 @@ class Result:
 def load_session(model_dir: str | Path, *, dtype: str | None = None, quantize: str | None = None,
                  speculative: int = 0, device: str | torch.device = "auto") -> tuple[Engine, Tokenizer]:
     """A one-request engine on `device` (auto: CUDA when available) and the checkpoint's tokenizer."""
+    config = EngineConfig(max_running=1, speculative=speculative)  # its checks, before the load
+    check_speculative(model_dir, speculative)
     tokenizer = Tokenizer.load(model_dir)
     model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)
-    return Engine(model, EngineConfig(max_running=1, speculative=speculative)), tokenizer
+    return Engine(model, config), tokenizer
 
 
 def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
