@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from infer_common import bench_checkpoint, table
 
+from longcat_flash.config import ModelConfig
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.kernels import MAX_KERNEL_ROWS
 from longcat_flash.infer.loader import load_for_inference
@@ -80,12 +81,15 @@ def main() -> None:
     parser.add_argument("--keep-fraction", type=float, default=KEEP_SENSITIVE,
                         help="fraction of units kept at int8 in the int4-mixed run")
     args = parser.parse_args()
-    if args.tokens < 1 or args.window < 2 or args.keep_top < 0 or not 0 <= args.keep_fraction <= 1:
-        parser.error("needs --tokens >= 1, --window >= 2, --keep-top >= 0 and --keep-fraction in [0, 1]")
+    if args.window < 2 or args.tokens < args.window or args.keep_top < 0 or not 0 < args.keep_fraction <= 1:
+        parser.error("needs --window >= 2, --tokens >= --window (whole windows are scored), --keep-top >= 0 and "
+                     "--keep-fraction in (0, 1]")
     args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
-    calibration = held_out(tokenizer, 2048, skip=args.tokens)[None]  # disjoint from the scored tokens
+    calibration = held_out(tokenizer, 2048, skip=args.tokens)  # disjoint from the scored tokens
+    width = min(ModelConfig.from_json(args.model).max_position_embeddings, len(calibration))  # rows in the context
+    calibration = calibration[: len(calibration) // width * width].view(-1, width)  # (B, width)
     ids = held_out(tokenizer, args.tokens)
     configs = {"checkpoint dtype": (None, 0), "int8": ("int8", 0), f"int8 mixed (top {args.keep_top})": ("int8",
                args.keep_top), "fp8": ("fp8", 0), f"fp8 mixed (top {args.keep_top})": ("fp8", args.keep_top),
@@ -93,8 +97,8 @@ def main() -> None:
     rows, result = [], {"tokens": len(ids), "window": args.window}
     base_ppl = base_bytes = None
     for name, (fmt, top) in configs.items():
-        model, report = load_for_inference(args.model, quantize=fmt, calibration=calibration, keep_top=top,
-                                           keep_fraction=args.keep_fraction)
+        mixed = {"keep_fraction": args.keep_fraction} if fmt == "int4-mixed" else {}
+        model, report = load_for_inference(args.model, quantize=fmt, calibration=calibration, keep_top=top, **mixed)
         ppl, nbytes = perplexity(model, ids, args.window), weight_bytes(model)
         base_ppl, base_bytes = base_ppl or ppl, base_bytes or nbytes
         kept = report.kept if report else []

@@ -448,3 +448,25 @@ def test_speculative_equals_plain_greedy_with_quantized_activations_in_fp32(tmp_
     sampling = SamplingParams(max_new_tokens=40, temperature=0.0, ignore_eos=True)
     plain = Engine(model, EngineConfig(max_running=1)).generate(ps, sampling)
     assert Engine(model, EngineConfig(max_running=1, speculative=2)).generate(ps, sampling) == plain
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    return init_checkpoint(get_preset("tiny"), tmp_path_factory.mktemp("quant_options") / "tiny", dtype=torch.float32)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"quantize": "int4-mixed", "keep_top": 2}, "keep_top applies to int8 / fp8 / int4, not to int4-mixed"),
+    ({"quantize": "int8", "keep_fraction": 0.3}, "keep_fraction applies to int4-mixed only"),
+    ({"quantize": "int4-mixed", "keep_fraction": 0.0}, r"keep_fraction must be in \(0, 1\]"),
+    ({"quantize": "int8", "keep_top": 1, "calibration": torch.arange(10)}, "integer token ids of shape"),
+    ({"quantize": "int8", "keep_top": 1, "calibration": torch.rand(1, 10)}, "integer token ids of shape"),
+    ({"quantize": "int8", "keep_top": 1, "calibration": torch.ones(1, 1, dtype=torch.long)}, "2 to 512 tokens"),
+    ({"quantize": "int8", "keep_top": 1, "calibration": torch.ones(1, 600, dtype=torch.long)}, "2 to 512 tokens"),
+])
+def test_quantization_options_a_format_would_ignore_or_cannot_use_are_refused_before_loading(
+        options, message, tiny_checkpoint, monkeypatch):
+    monkeypatch.setattr("longcat_flash.infer.loader.LongcatFlash.from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ValueError, match=message):
+        load_for_inference(tiny_checkpoint, **options)

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from ..checkpoint.hf import LongcatFlash, checkpoint_config
+from ..config import ModelConfig
 from ..device import fast_bf16, resolve_device, use_device
 from ..model import Transformer
 from . import kernels
@@ -46,6 +47,38 @@ def check_speculative(path: str | Path, speculative: int) -> None:
                          f"{path} has none")
 
 
+def _check_keep_options(quantize: str | None, keep_top: int, keep_fraction: float,
+                        calibration: torch.Tensor | None) -> None:
+    """Each option only with the format that reads it: one it would ignore is refused, not dropped."""
+    mixed = quantize is not None and quantize.endswith("-mixed")
+    if not isinstance(keep_top, int) or keep_top < 0:
+        raise ValueError(f"keep_top must be an integer >= 0, got {keep_top!r}")
+    if not 0.0 < keep_fraction <= 1.0:
+        raise ValueError(f"keep_fraction must be in (0, 1] (the share of units kept at int8; plain int4 keeps "
+                         f"none), got {keep_fraction!r}")
+    if keep_top and (quantize is None or mixed):
+        raise ValueError(f"keep_top applies to int8 / fp8 / int4, not to {quantize}: int4-mixed keeps units by "
+                         "keep_fraction")
+    if keep_fraction != KEEP_SENSITIVE and not mixed:
+        raise ValueError(f"keep_fraction applies to int4-mixed only, not to {quantize}")
+    if keep_top and calibration is None:
+        raise ValueError("keep_top picks units by their error on calibration ids: pass calibration too")
+
+
+def _check_calibration(ids: torch.Tensor, cfg: ModelConfig) -> None:
+    """Calibration ids (B, S): integers in the vocabulary, 2 <= S <= the context (the MTP head needs a next token)."""
+    if not isinstance(ids, torch.Tensor):
+        raise ValueError(f"calibration must be a tensor of token ids (batch, tokens), got {type(ids).__name__}")
+    if ids.dtype.is_floating_point or ids.is_complex() or ids.dtype == torch.bool or ids.dim() != 2:
+        raise ValueError(f"calibration must be integer token ids of shape (batch, tokens), got {ids.dtype} of "
+                         f"shape {tuple(ids.shape)}")
+    if not 2 <= ids.shape[1] <= cfg.max_position_embeddings or ids.shape[0] < 1:
+        raise ValueError(f"calibration: {tuple(ids.shape)} ids; each row needs 2 to {cfg.max_position_embeddings} "
+                         "tokens (the model's context), and there must be a row")
+    if not 0 <= int(ids.min()) <= int(ids.max()) < cfg.vocab_size:
+        raise ValueError(f"calibration token ids must be in [0, {cfg.vocab_size})")
+
+
 def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: str | None = None,
                        calibration: torch.Tensor | None = None, keep_top: int = 0,
                        keep_fraction: float = KEEP_SENSITIVE,
@@ -59,10 +92,9 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     int4-mixed: the keep_fraction most sensitive units (measured on calibration ids if given) stay at int8.
     """
     fmt, keep_fmt = parse_quantize(quantize) if quantize is not None else (None, None)
-    if not 0.0 <= keep_fraction <= 1.0 or keep_top < 0:
-        raise ValueError(f"keep_fraction must be in [0, 1] and keep_top >= 0, got {keep_fraction!r}, {keep_top!r}")
-    if keep_top and calibration is None:
-        raise ValueError("keep_top picks units by their error on calibration ids: pass calibration too")
+    _check_keep_options(quantize, keep_top, keep_fraction, calibration)
+    if calibration is not None:
+        _check_calibration(calibration, ModelConfig.from_json(path))
     device = inference_device(device)
     asked = parse_dtype(dtype)
     model = LongcatFlash.from_pretrained(path, dtype=asked, device=device)
@@ -73,10 +105,6 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
         kernels.kernel_available()  # a first build of the compiled kernels (a minute) happens here, not in a request
     report = None
     if fmt:
-        vocab = model.config.vocab_size
-        if calibration is not None and calibration.numel() and not 0 <= int(calibration.min()) <= int(
-                calibration.max()) < vocab:
-            raise ValueError(f"calibration token ids must be in [0, {vocab})")
         calibration = None if calibration is None else calibration.to(device)
         keep = []
         if keep_fmt:
