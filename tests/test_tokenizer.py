@@ -221,6 +221,10 @@ def test_template_file_and_named_templates(tok: Tokenizer, tmp_path) -> None:
     ([{"role": "user", "content": 3}], r"messages\[0\]\['content'\]"),
     ([{"role": "user"}], r"messages\[0\]\['content'\]"),
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "b"}], r"messages\[1\] is a system"),
+    ([{"role": "user", "content": "a"}, {"role": "developer", "content": "b"}], r"messages\[1\] is a developer"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "assistant", "content": "c"}],
+     r"messages\[2\] is an assistant message right after another"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}], r"messages\[0\]\['content'\]"),
 ])
 def test_bad_messages_are_rejected(tok: Tokenizer, messages, match: str) -> None:
     with pytest.raises(ValueError, match=match):
@@ -256,8 +260,26 @@ def test_auto_tokenizer_reads_checkpoint_dir(tok: Tokenizer, tmp_path) -> None:
     assert resaved.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP) and resaved.eos_id == 2
 
 
+# What clients send besides the plain alternation: the `developer` role, content as text parts, several user
+# messages in a row (joined), a user message after the tool results
+EDGE_CHATS = [
+    [{"role": "developer", "content": "Answer in French."}, {"role": "user", "content": "Hi"}],
+    [{"role": "user", "content": [{"type": "text", "text": "Hi "}, {"type": "text", "text": "there"}]}],
+    [{"role": "user", "content": "Here is a file: a.txt"}, {"role": "user", "content": "Summarise it"}],
+    [*TOOL_CHAT[:5], {"role": "user", "content": "and tomorrow?"}],
+]
+
+
+def test_edge_conversations_render_as_one_round_each(tok: Tokenizer) -> None:
+    assert tok.apply_chat_template(EDGE_CHATS[0]) == "SYSTEM:Answer in French. [Round 0] USER:Hi ASSISTANT:"
+    assert tok.apply_chat_template(EDGE_CHATS[1]) == "[Round 0] USER:Hi there ASSISTANT:"
+    assert tok.apply_chat_template(EDGE_CHATS[2]) == "[Round 0] USER:Here is a file: a.txt\nSummarise it ASSISTANT:"
+    assert tok.apply_chat_template(EDGE_CHATS[3], tools=TOOLS).endswith(
+        "<longcat_tool_response>09:00</longcat_tool_response>\nand tomorrow? ASSISTANT:")
+
+
 @pytest.mark.hf
-@pytest.mark.parametrize("messages", [TOOL_CHAT, TOOL_CHAT[:3], TOOL_CHAT[1:5], CHAT, CHAT[1:2]])
+@pytest.mark.parametrize("messages", [TOOL_CHAT, TOOL_CHAT[:3], TOOL_CHAT[1:5], CHAT, CHAT[1:2], *EDGE_CHATS])
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 @pytest.mark.parametrize("tools", [TOOLS, None])
 def test_transformers_renders_our_template_identically(tok: Tokenizer, tmp_path, messages, add_generation_prompt,
@@ -277,3 +299,33 @@ def test_stdlib_tokenizer_needs_no_corpus_and_fits_a_tiny_vocabulary() -> None:
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 1, 2)
     text = "def main(argv):\n    return parse(argv)  # ünï 🙂"
     assert tok.decode(tok.encode(text)) == text and len(tok.encode(text)) < len(text.encode())
+
+
+@pytest.mark.hf
+@pytest.mark.parametrize("messages", [[{"role": "robot", "content": "x"}],
+                                      [{"role": "user", "content": "a"}, {"role": "system", "content": "b"}],
+                                      [*CHAT[:3], {"role": "assistant", "content": "again"}]])
+def test_transformers_refuses_what_our_template_cannot_render(tok: Tokenizer, tmp_path, messages) -> None:
+    """The saved template raises where it once dropped a message silently (a late system prompt, a role it
+    does not know), as our own rendering refuses them."""
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    with pytest.raises(Exception, match="system message|unknown role|two assistant messages"):
+        hf.apply_chat_template(messages, tokenize=False)
+
+
+@pytest.mark.hf
+def test_transformers_assistant_mask_covers_the_assistant_turns(tok: Tokenizer, tmp_path) -> None:
+    """`{% generation %}` marks what the assistant wrote (text, tool calls, end of turn): transformers'
+    return_assistant_tokens_mask, and TRL's assistant-only loss, see what `longcat sft` trains on."""
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path)
+    hf = transformers.PreTrainedTokenizerFast.from_pretrained(str(tmp_path))
+    out = hf.apply_chat_template(TOOL_CHAT[:6], tools=TOOLS, tokenize=True, return_dict=True,
+                                 return_assistant_tokens_mask=True)
+    masked = [i for i, keep in zip(out["input_ids"], out["assistant_masks"]) if keep]
+    calls = "".join(f'{TOOL_CALL_OPEN}{{"name": "{c["function"]["name"]}", "arguments": '
+                    f'{c["function"]["arguments"] if isinstance(c["function"]["arguments"], str) else "{}"}}}'
+                    f'{TOOL_CALL_CLOSE}' for c in CALLS)
+    assert tok.decode(masked, skip_special_tokens=False) == f"{calls}</s>12 °C at 09:00.</s>"

@@ -27,8 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
+from jinja2 import nodes
 from jinja2.exceptions import TemplateError
-from jinja2.ext import loopcontrols
+from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
@@ -55,10 +56,14 @@ STDLIB_MIN_VOCAB = 512  # 256 bytes + 3 special tokens leave no merges below thi
 #   [Round 1] USER:<longcat_tool_response>{result}</longcat_tool_response> ASSISTANT:
 # Tool-call arguments are written verbatim when a string (the OpenAI wire form), as JSON when a dict (the HF form).
 DEFAULT_CHAT_TEMPLATE = """\
+{%- macro text(content) -%}
+{%- if content is string -%}{{- content -}}{%- else -%}{%- for part in content or [] -%}{{- part['text'] -}}\
+{%- endfor -%}{%- endif -%}
+{%- endmacro -%}
 {%- set ns = namespace(round=0) -%}
-{%- set has_system = messages[0]['role'] == 'system' -%}
+{%- set has_system = messages[0]['role'] in ['system', 'developer'] -%}
 {%- if has_system or tools -%}
-{{- 'SYSTEM:' + (messages[0]['content'] if has_system else '') -}}
+{{- 'SYSTEM:' + (text(messages[0]['content']) if has_system else '') -}}
 {%- if tools -%}
 {%- if has_system -%}{{- '\n\n' -}}{%- endif -%}
 {{- '# Tools\nYou can call these functions, each given as a JSON object with its name, description and \
@@ -72,22 +77,29 @@ the JSON Schema of its arguments:\n<longcat_tools>\n' -}}
 {{- ' ' -}}
 {%- endif -%}
 {%- for message in messages -%}
-{%- if message['role'] == 'user' -%}
-{{- '[Round ' + ns.round|string + '] USER:' + message['content'] -}}
-{%- elif message['role'] == 'tool' -%}
-{%- if loop.first or messages[loop.index0 - 1]['role'] != 'tool' -%}
-{{- '[Round ' + ns.round|string + '] USER:' -}}
-{%- endif -%}
-{{- '<longcat_tool_response>' + message['content'] + '</longcat_tool_response>' -}}
+{%- set previous = messages[loop.index0 - 1]['role'] if not loop.first else none -%}
+{%- if message['role'] in ['system', 'developer'] -%}
+{%- if not loop.first -%}{{- raise_exception('only the first message may be a system message') -}}{%- endif -%}
+{%- elif message['role'] in ['user', 'tool'] -%}
+{%- if previous in ['user', 'tool'] and (message['role'] == 'user' or previous == 'user') -%}{{- '\n' -}}
+{%- elif previous not in ['user', 'tool'] -%}{{- '[Round ' + ns.round|string + '] USER:' -}}{%- endif -%}
+{%- if message['role'] == 'user' -%}{{- text(message['content']) -}}
+{%- else -%}{{- '<longcat_tool_response>' + text(message['content']) + '</longcat_tool_response>' -}}{%- endif -%}
 {%- elif message['role'] == 'assistant' -%}
-{{- ' ASSISTANT:' + (message['content'] or '') -}}
+{%- if previous == 'assistant' -%}{{- raise_exception('two assistant messages in a row') -}}{%- endif -%}
+{{- ' ASSISTANT:' -}}
+{%- generation -%}
+{{- text(message['content']) -}}
 {%- for call in message['tool_calls'] or [] -%}
 {%- set fn = call['function'] if call['function'] is defined else call -%}
 {%- set args = fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson -%}
 {{- '<longcat_tool_call>{"name": ' + fn['name'] | tojson + ', "arguments": ' + args + '}</longcat_tool_call>' -}}
 {%- endfor -%}
 {{- eos_token -}}
+{%- endgeneration -%}
 {%- set ns.round = ns.round + 1 -%}
+{%- else -%}
+{{- raise_exception('unknown role ' + message['role']|string) -}}
 {%- endif -%}
 {%- endfor -%}
 {%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}
@@ -386,17 +398,24 @@ def _validate_messages(messages: Sequence[dict[str, Any]]) -> None:
         if not isinstance(message, dict):
             raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {message!r}")
         role = message.get("role")
-        if role not in CHAT_ROLES:
-            raise ValueError(f"messages[{i}]['role'] must be one of {CHAT_ROLES}, got {role!r}")
+        if role not in CHAT_ROLES and role != "developer":
+            raise ValueError(f"messages[{i}]['role'] must be one of {CHAT_ROLES} (or 'developer', read as "
+                             f"'system'), got {role!r}")
         content = message.get("content")
-        if not (isinstance(content, str) or (content is None and role == "assistant" and message.get("tool_calls"))):
-            raise ValueError(f"messages[{i}]['content'] must be a str (or None in an assistant message with "
-                             f"tool_calls), got {content!r}")
-        if role == "system" and i != 0:
-            raise ValueError(f"messages[{i}] is a system message; only messages[0] may be one")
+        text_parts = isinstance(content, list) and all(
+            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
+            for part in content)
+        if not (isinstance(content, str) or text_parts
+                or (content is None and role == "assistant" and message.get("tool_calls"))):
+            raise ValueError(f"messages[{i}]['content'] must be a str or a list of text parts (or None in an "
+                             f"assistant message with tool_calls), got {content!r}")
+        if role in ("system", "developer") and i != 0:
+            raise ValueError(f"messages[{i}] is a {role} message; only messages[0] may be one")
+        if role == "assistant" and i and messages[i - 1].get("role") == "assistant":
+            raise ValueError(f"messages[{i}] is an assistant message right after another; a conversation "
+                             "alternates (consecutive user messages are joined, assistant ones are not)")
 
 
-@functools.lru_cache(maxsize=8)
 @functools.lru_cache(maxsize=8)
 def _special_pattern(tokens: tuple[str, ...]) -> re.Pattern:
     """Matches any of `tokens`, the longest first (as the tokenizer splits them)."""
@@ -414,6 +433,17 @@ def _blanked(value: Any, pattern: re.Pattern, blank: str) -> Any:
     return value
 
 
+class _GenerationBlock(Extension):
+    """transformers' `{% generation %}...{% endgeneration %}` (what marks the assistant's tokens for
+    `return_assistant_tokens_mask` and TRL's assistant-only loss), rendered here as its body."""
+
+    tags = {"generation"}
+
+    def parse(self, parser: Any) -> list[nodes.Node]:
+        next(parser.stream)
+        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
+
+
 def _compile_template(source: str) -> Any:
     """Compile a chat template the way transformers does (sandboxed, trim/lstrip blocks, loop controls, its
     `tojson` that keeps non-ASCII and does not HTML-escape), so both render the same prompt."""
@@ -426,7 +456,8 @@ def _compile_template(source: str) -> Any:
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols, _GenerationBlock])
     env.globals["raise_exception"] = raise_exception
     env.filters["tojson"] = tojson
     return env.from_string(source)
