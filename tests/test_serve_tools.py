@@ -124,6 +124,11 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {**CALL, "function": {"name": "get_weather", "arguments": "{oops"}}]}]},
      "messages.1.tool_calls.0.function.arguments"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},  # answered twice
+                   {"role": "tool", "tool_call_id": "call_1", "content": "x"},
+                   {"role": "tool", "tool_call_id": "call_1", "content": "y"}]}, "messages.3.tool_call_id"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
+                   {"role": "tool", "tool_call_id": "call_2", "content": "x"}]}, "messages.2"),  # call_1 unanswered
 ])
 def test_bad_tool_fields_are_400s_naming_the_field(client, change, param):
     r = chat(client, **{"messages": ASK, "tools": [WEATHER], **change})
@@ -171,3 +176,26 @@ def test_parser_with_prefill_and_no_parallel_calls():
     parser = ToolCallParser(prefill=NAMED_PREFILL, parallel=False)
     content, calls = run(parser, ['{"city": "Paris"}}', CLOSE, f'{OPEN}{{"name": "b"}}{CLOSE}'])
     assert parser.done and content == "" and [c.name for c in calls] == ["get_weather"]
+
+
+
+def test_the_prompt_renders_the_tools_as_given_and_the_results_in_call_order():
+    """What the model was fine-tuned on (`longcat sft` and transformers render tools as the data has them, and the
+    results in the order of the calls, which the prompt pairs by position): a client's key order and schema stay,
+    and results sent in another order are put in the calls' order."""
+    from longcat_flash.serve import protocol as p
+    from longcat_flash.serve.app import _chat_prompt
+    from longcat_flash.serve.tools import plan_tools
+    from longcat_flash.tokenizer import stdlib_tokenizer
+
+    tokenizer = stdlib_tokenizer(600)
+    tool = {"type": "function", "function": {"description": "Weather.", "name": "wx", "strict": False,
+                                             "parameters": {"properties": {"c": {"type": "string"}}}}}
+    calls = [{"id": f"call_{c}", "type": "function", "function": {"name": "wx", "arguments": f'{{"c": "{c}"}}'}}
+             for c in ("Paris", "Oslo")]
+    results = [{"role": "tool", "tool_call_id": f"call_{c}", "content": f"{c}: sunny"} for c in ("Paris", "Oslo")]
+    history = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}]
+    body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [*history, *results[::-1]],
+                                                   "tools": [tool]})
+    prompt = tokenizer.decode(_chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
+    assert prompt == tokenizer.apply_chat_template([*history, *results], tools=[tool])

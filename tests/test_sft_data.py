@@ -246,6 +246,11 @@ BAD_ROWS = [
         {"role": "tool", "tool_call_id": "c1", "content": "3"}, {"role": "tool", "content": "4"}]},
      "messages[3].role: more tool results than the 1 call(s) before them"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}},
+        {"id": "c2", "type": "function", "function": {"name": "f", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "3"}, {"role": "tool", "tool_call_id": "c1", "content": "4"}]},
+     "messages[2].tool_call_id: 'c2' is result 1 but answers call 2: results follow the order of the calls"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": {}}}]},
         {"role": "tool", "name": "g", "content": "3"}]},
      "messages[2].name: 'g' is none of the called functions (f)"),

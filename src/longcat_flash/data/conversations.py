@@ -495,9 +495,14 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
         raise _fail(where, f"{name}.role", f"more tool results than the {len(calls)} call(s) before them")
     if "tool_call_id" in message:
         ids = [c.get("id") for c in calls]
-        if _string(message["tool_call_id"], where, f"{name}.tool_call_id") not in ids:
-            raise _fail(where, f"{name}.tool_call_id", f"{message['tool_call_id']!r} answers none of the calls "
-                                                        f"before it ({', '.join(map(str, ids))})")
+        given = _string(message["tool_call_id"], where, f"{name}.tool_call_id")
+        if given not in ids:
+            raise _fail(where, f"{name}.tool_call_id", f"{given!r} answers none of the calls before it "
+                                                        f"({', '.join(map(str, ids))})")
+        if ids[results] is not None and given != ids[results]:
+            raise _fail(where, f"{name}.tool_call_id", f"{given!r} is result {results + 1} but answers call "
+                                                        f"{ids.index(given) + 1}: results follow the order of the "
+                                                        "calls (the prompt pairs them by position)")
     if "name" in message:
         names = [c["function"]["name"] for c in calls]
         if _string(message["name"], where, f"{name}.name") not in names:

@@ -6,13 +6,14 @@ the model (prompt length, max_tokens against the context) are checked in app.py 
 """
 from __future__ import annotations
 
+import copy
 import json
 import re
 import time
 import uuid
 from typing import Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
 MAX_STOP = 4
 MAX_STOP_CHARS = 256
@@ -309,8 +310,30 @@ class FunctionDef(_Part):
 
 
 class Tool(_Part):
+    """A function the model may call. `given` is the tool as the client sent it, which the prompt renders: key
+    order and all, as `longcat sft` and transformers render a tool from data (the parsed fields are normalised)."""
+
     type: Literal["function"]
     function: FunctionDef
+    _given: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _keep_given(cls, data: Any, handler: Any) -> Tool:
+        """Its known, non-null fields in the client's order (what parsing drops, the prompt does not show)."""
+        given = {}
+        if isinstance(data, dict) and isinstance(data.get("function"), dict):
+            function = {k: copy.deepcopy(v) for k, v in data["function"].items()
+                        if k in FunctionDef.model_fields and v is not None}
+            given = {k: function if k == "function" else v for k, v in data.items()
+                     if k in cls.model_fields and v is not None}
+        tool = handler(data)
+        tool._given = given
+        return tool
+
+    @property
+    def given(self) -> dict[str, Any]:
+        return self._given
 
 
 class ToolName(_Part):

@@ -185,6 +185,7 @@ class ToolPlan:
     prefill: str  # appended after the prompt's ` ASSISTANT:` so the model must continue a call
     parallel: bool
     choice: str | p.NamedToolChoice = "none"  # the effective tool_choice (serve/structured.py constrains by it)
+    history: tuple[p.ChatMessage, ...] = ()  # the messages to render: tool results in the order of their calls
 
     def parser(self) -> ToolCallParser | PlainText:
         return ToolCallParser(self.prefill, self.parallel) if self.tools else PlainText()
@@ -197,7 +198,7 @@ def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
     name, so even a model that would rather answer in prose continues a call (whose arguments the grammar of
     serve/structured.py then constrains to the tool's schema).
     """
-    _check_history(body.messages)
+    history = tuple(in_call_order(body.messages))
     names = [tool.function.name for tool in body.tools or []]
     if len(set(names)) != len(names):
         raise ToolRequestError("tools", f"tool names must be unique, got {names}")
@@ -208,9 +209,9 @@ def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
         raise ToolRequestError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not among "
                                               f"the tools {names}")
     if choice == "none":
-        return ToolPlan(None, "", body.parallel_tool_calls)
-    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls, choice)
+        return ToolPlan(None, "", body.parallel_tool_calls, history=history)
+    tools = [tool.given for tool in body.tools]
+    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls, choice, history)
 
 
 def _prefill(choice: str | p.NamedToolChoice) -> str:
@@ -223,14 +224,28 @@ def _choice_text(choice: str | p.NamedToolChoice) -> str:
     return repr(choice) if isinstance(choice, str) else f"naming {choice.function.name!r}"
 
 
-def _check_history(messages: list[p.ChatMessage]) -> None:
-    """Each `tool` message answers a call of the assistant message right before its run of tool messages."""
-    open_ids: set[str] = set()
-    for i, message in enumerate(messages):
-        if message.role == "tool":
-            if message.tool_call_id not in open_ids:
+def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
+    """The history as the template renders it, checked: the run of `tool` messages after an assistant message with
+    calls answers each call exactly once, as OpenAI requires, and is put in the order of the calls (the prompt does
+    not carry the ids, so the model pairs results with calls by position); any order is accepted."""
+    ordered: list[p.ChatMessage] = []
+    calls: list[str] = []  # the ids of the latest assistant message's calls
+    run: dict[str, p.ChatMessage] = {}  # results seen since it, by id
+    for i, message in enumerate([*messages, None]):
+        if message is not None and message.role == "tool":
+            if message.tool_call_id not in calls or message.tool_call_id in run:
+                what = "answers it a second time" if message.tool_call_id in run else "did not make it"
                 raise ToolRequestError(f"messages.{i}.tool_call_id",
-                                       f"messages[{i}] answers tool call {message.tool_call_id!r}, which the "
-                                       f"assistant message before it did not make (its calls: {sorted(open_ids)})")
-        else:
-            open_ids = {call.id for call in message.tool_calls or []}
+                                       f"messages[{i}] answers tool call {message.tool_call_id!r}; the assistant "
+                                       f"message before it {what} (its calls: {calls})")
+            run[message.tool_call_id] = message
+            continue
+        if run and len(run) < len(calls):
+            missing = [c for c in calls if c not in run]
+            raise ToolRequestError(f"messages.{i - 1}", f"tool calls {missing} have no result: each call of an "
+                                                        "assistant message needs one tool message")
+        ordered += [run[c] for c in calls if c in run]
+        if message is not None:
+            ordered.append(message)
+            calls, run = [call.id for call in message.tool_calls or []], {}
+    return ordered
