@@ -248,7 +248,8 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}},
         {"id": "c2", "type": "function", "function": {"name": "f", "arguments": {}}}]},
-        {"role": "tool", "tool_call_id": "c2", "content": "3"}, {"role": "tool", "tool_call_id": "c1", "content": "4"}]},
+        {"role": "tool", "tool_call_id": "c2", "content": "3"},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"}]},
      "messages[2].tool_call_id: 'c2' is result 1 but answers call 2: results follow the order of the calls"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": {}}}]},
