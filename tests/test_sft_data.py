@@ -545,3 +545,13 @@ def test_held_out_conversations_come_from_the_file_or_a_separate_one(tmp_path, t
     assert train.report.startswith("sft train: 40 conversations") and val.report.startswith("sft val: 10 conv")
     assert val.tokens.tobytes() == pack([tokenize(tokenizer, c) for c in read_conversations(held)], 500,
                                         tokenizer.pad_id, "val").tokens.tobytes()
+
+
+def test_conversations_whose_replies_all_fall_past_the_window_name_the_cut():
+    """A long tool list can fill the whole window before the first reply: the error says they were cut, not only
+    that they had no assistant token."""
+    prompt_only = np.zeros(40, dtype=bool)
+    encoded = [(np.arange(50), np.concatenate([prompt_only, np.ones(10, dtype=bool)])) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"3 read, 3 cut to their first 17 tokens, 0 skipped as longer, 3 without an "
+                                         r"assistant token within their first 17\); raise data.seq_len \(up to"):
+        pack(encoded, seq_len=16, pad_id=0, split="train")

@@ -95,10 +95,11 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
         bins[target].append(len(kept) - 1)
         room[target] -= len(ids)
     if not bins:
-        raise ValueError(f"sft {split}: no conversation to train on ({stats.conversations} read, {stats.skipped} "
-                         f"skipped as longer than {window} tokens, {stats.untrained} without an assistant token "
-                         f"within them); raise data.seq_len"
-                         f"{' or use sft.overlong=truncate' if overlong == 'skip' else ''}")
+        raise ValueError(f"sft {split}: no conversation to train on ({stats.conversations} read, "
+                         f"{stats.truncated} cut to their first {window} tokens, {stats.skipped} skipped as longer, "
+                         f"{stats.untrained} without an assistant token within their first {window}); raise "
+                         f"data.seq_len (up to the model's context) or use shorter conversations (fewer tools)"
+                         f"{', or sft.overlong=truncate' if overlong == 'skip' else ''}")
     tokens = np.full((len(bins), window), pad_id, dtype=np.int32)
     trained_out = np.zeros((len(bins), window), dtype=bool)
     documents = np.zeros((len(bins), window), dtype=np.int32)
