@@ -22,8 +22,7 @@ import math
 import statistics
 
 import torch
-
-from common import figure, final_val, parse, run, save
+from common import QUICK_RUNS, figure, final_val, parse, positive_float, run, save, seed_list, steps_and_seeds
 
 from longcat_flash.model import Transformer
 from longcat_flash.train.optim import param_kind
@@ -32,14 +31,15 @@ from longcat_flash.train.trainer import read_checkpoint
 CLAIM = ("The loss does not depend on Adam's ε while ε is far below the gradient RMS, and degrades once ε "
          "approaches it (§7.3, Fig. 7).")
 EPS = [1e-16, 1e-12, 1e-8, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3]
+QUICK_EPS = [1e-16, 1e-3]
 MIN_TOL = 0.02  # nats: the smallest difference called a change, whatever the seed noise
 QUANTILES = (0.01, 0.1, 0.5, 0.9, 0.99)
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=200)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per ε (seed, seed+1, ...)")
-    parser.add_argument("--eps", type=float, nargs="+", default=None, help=f"ε grid (default {EPS})")
+    steps_and_seeds(parser, 200, per="ε")
+    parser.add_argument("--eps", type=positive_float, nargs="+", default=None,
+                        help=f"ε grid (default {EPS}; with --quick {QUICK_EPS})")
 
 
 def trained_parameters(cfg) -> int:
@@ -151,9 +151,9 @@ def verdict_text(eps: list[float], scales: dict, decision: dict) -> str:
 
 
 def main() -> None:
-    setup, args = parse("adam_eps", __doc__, arguments)
-    eps = sorted(args.eps or ([1e-16, 1e-3] if setup.quick else EPS))
-    steps, seeds = setup.steps(args.steps), list(range(args.seed, args.seed + (1 if setup.quick else args.seeds)))
+    setup, args = parse("adam_eps", __doc__, arguments, QUICK_RUNS)
+    eps = sorted(set(args.eps or (QUICK_EPS if setup.quick else EPS)))  # the smallest is the reference
+    steps, seeds = args.steps, seed_list(args)
     runs = {(e, s): run(setup, f"eps{e:g}-seed{s}", setup.config([f"optim.eps={e}", f"seed={s}", "eval_every=0"],
                                                                  steps)) for e in eps for s in seeds}
     losses = {e: [final_val(runs[e, s]) for s in seeds] for e in eps}

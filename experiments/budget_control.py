@@ -38,7 +38,8 @@ from collections.abc import Iterator
 from typing import Any
 
 from budget_convergence import summarize
-from common import figure, final_val, parse, run, save, series, smooth
+from common import QUICK_RUNS, figure, final_val, parse, run, save, seed_list, series, smooth, steps_and_seeds
+
 from longcat_flash.train.budget import BudgetController
 
 CLAIM = ("The bias controller brings every layer's average FFN experts per token to K_e with < 1% fluctuation, "
@@ -54,8 +55,7 @@ RULES = (PROPORTIONAL, PID, SIGN, GENTLE)
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per rule (seed, seed+1, ...)")
+    steps_and_seeds(parser, 500, per="rule")
 
 
 @contextlib.contextmanager
@@ -120,8 +120,8 @@ def analyse(records: list[dict[str, Any]], log: list[dict[str, float]], k_e: flo
         "settled_step_layer_mean": whole["settled_step"],
         "fluctuation_per_step": max(s["fluctuation_per_step"] for s in layers),  # worst layer
         "fluctuation_rolling": max(s["fluctuation_rolling"] for s in layers),
-        "last50_mean_rel_error": whole["last50_mean_rel_error"],
-        "per_token_std_last50": whole["last50_std_over_tokens"], "per_token_std_first": whole["first_step_std"],
+        "last50_mean_rel_error": whole["tail_mean_rel_error"],
+        "per_token_std_last50": whole["tail_std_over_tokens"], "per_token_std_first": whole["first_step_std"],
         "expert_error_last50": statistics.fmean(e["abs_error"] for e in tail) / share,  # mean |e_i| / target share
         "bias_step_first": log[0]["abs_delta"], "bias_step_mean": statistics.fmean(e["abs_delta"] for e in log),
         "final_val_loss": final_val(records),
@@ -225,9 +225,9 @@ def verdict(results: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    setup, args = parse("budget_control", __doc__, arguments)
+    setup, args = parse("budget_control", __doc__, arguments, QUICK_RUNS)
     m, k_e = setup.base.model, setup.base.ffn_expert_target
-    steps, seeds = setup.steps(args.steps), range(args.seed, args.seed + (1 if setup.quick else args.seeds))
+    steps, seeds = args.steps, seed_list(args)
     share = k_e / (m.moe_topk * m.n_routed_experts)
     runs, logs, sign_steps = train_rules(setup, seeds, steps, share, [] if setup.quick else ["eval_every=100"])
     results: dict[str, Any] = {label: aggregate([analyse(runs[label, s], logs[label, s], k_e, share) for s in seeds],

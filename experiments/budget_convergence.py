@@ -1,10 +1,11 @@
 """Budget-control convergence of a training run (report §2.1.1, Fig. 3b/3c), from its metrics.jsonl.
 
-    python experiments/budget_convergence.py RUN_DIR [--window 10] [--tolerance 0.03]
+    python experiments/budget_convergence.py RUN_DIR [--window 10] [--tolerance 0.03] [--out DIR]
 
 Reports when the rolling mean of FFN experts per token enters, and stays within, ±tolerance of K_e; the mean,
-worst single step and per-layer means over the last 50 steps; and the per-token std (tokens keep getting
-different compute). Writes RUN_DIR/budget_convergence.json and, with matplotlib, budget_convergence.png.
+worst single step and per-layer means over the tail (the last 50 steps, or every step of a shorter run:
+`tail_steps` says how many); and the per-token std (tokens keep getting different compute). Writes
+budget_convergence.json and, with matplotlib, budget_convergence.png into --out (default: RUN_DIR).
 """
 from __future__ import annotations
 
@@ -13,7 +14,11 @@ import json
 import statistics
 from pathlib import Path
 
+from common import directory_problem, positive_float, positive_int
+
 from longcat_flash.train.metrics import read_metrics
+
+TAIL = 50  # steps summarised at the end of the run
 
 
 def summarize(records: list[dict], window: int, tolerance: float) -> dict:
@@ -22,18 +27,18 @@ def summarize(records: list[dict], window: int, tolerance: float) -> dict:
     rolling = [statistics.fmean(ffn[max(0, i - window + 1): i + 1]) for i in range(len(ffn))]
     inside = [abs(v - target) / target <= tolerance for v in rolling]
     settled = next((i for i in range(len(inside)) if all(inside[i:])), None)
-    tail = records[-50:]
+    tail = records[-TAIL:]
     tail_ffn = [r["ffn_experts_per_token"] for r in tail]
     layers = list(zip(*(r["ffn_experts_per_layer"] for r in tail)))
     return {
         "target": target, "steps": len(records), "window": window, "tolerance": tolerance,
-        "settled_step": None if settled is None else records[settled]["step"],
-        "last50_mean": statistics.fmean(tail_ffn),
-        "last50_mean_rel_error": statistics.fmean(tail_ffn) / target - 1,
-        "last50_worst_step_rel_error": max(abs(v / target - 1) for v in tail_ffn),
-        "last50_worst_rolling_rel_error": max(abs(v / target - 1) for v in rolling[-50:]),
-        "last50_layer_means": [statistics.fmean(v) for v in layers],
-        "last50_std_over_tokens": statistics.fmean(r["ffn_experts_std"] for r in tail),
+        "settled_step": None if settled is None else records[settled]["step"], "tail_steps": len(tail),
+        "tail_mean": statistics.fmean(tail_ffn),
+        "tail_mean_rel_error": statistics.fmean(tail_ffn) / target - 1,
+        "tail_worst_step_rel_error": max(abs(v / target - 1) for v in tail_ffn),
+        "tail_worst_rolling_rel_error": max(abs(v / target - 1) for v in rolling[-TAIL:]),
+        "tail_layer_means": [statistics.fmean(v) for v in layers],
+        "tail_std_over_tokens": statistics.fmean(r["ffn_experts_std"] for r in tail),
         "first_step_ffn": ffn[0], "first_step_std": records[0]["ffn_experts_std"],
     }
 
@@ -59,18 +64,22 @@ def plot(records: list[dict], target: float, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", type=Path)
-    parser.add_argument("--window", type=int, default=10)
-    parser.add_argument("--tolerance", type=float, default=0.03)
+    parser.add_argument("--window", type=positive_int, default=10, help="steps in the rolling mean")
+    parser.add_argument("--tolerance", type=positive_float, default=0.03, help="relative band around K_e")
+    parser.add_argument("--out", type=Path, default=None, help="where the JSON and PNG go (default: RUN)")
     args = parser.parse_args()
     if not (args.run / "metrics.jsonl").is_file():
         parser.error(f"{args.run} holds no metrics.jsonl: give a `longcat train` run directory")
-    if args.window < 1:
-        parser.error("--window must be >= 1")
+    out = args.out or args.run
+    if (problem := directory_problem(out)) is not None:
+        parser.error(f"--out {out}: {problem}")
     records = [r for r in read_metrics(args.run) if not r["skipped"]]
+    if not records or "ffn_experts_target" not in records[0]:
+        parser.error(f"{args.run} logged no budget figures (no steps, or a model without zero experts)")
     summary = summarize(records, args.window, args.tolerance)
-    (args.run / "budget_convergence.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "budget_convergence.json").write_text(json.dumps(summary, indent=2) + "\n")
     try:
-        plot(records, summary["target"], args.run / "budget_convergence.png")
+        plot(records, summary["target"], out / "budget_convergence.png")
     except ImportError:
         pass
     print(json.dumps(summary))

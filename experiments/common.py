@@ -2,9 +2,13 @@
 recipe sized for 2 CPU cores, a run helper over the real trainer, and the JSON + PNG output.
 
 Each experiment is `python experiments/<name>.py [--quick] [--out DIR] [--work DIR] [--data SOURCE]`:
-  --quick  the CI mode (seconds): a tinier model, a capped corpus, a few steps; its numbers mean nothing
-  --out    where <name>.json and <name>.png go (default docs/experiments, or runs/experiments-quick with --quick)
-  --work   run directories, tokenizer and token cache (default runs/experiments/<name>; reused between runs)
+  --quick  the CI mode (seconds): a tinier model, a capped corpus, a few steps; its numbers mean nothing. It sets
+           the step and seed counts (and the like) itself: giving one of those flags with it is refused
+  --out    where <name>.json and <name>.png go (default docs/experiments, the committed reference results, which a
+           run with non-default flags may not overwrite: it needs --out; runs/experiments-quick with --quick)
+  --work   run directories, tokenizer and token cache (default runs/experiments/<name>; reused between runs: the
+           tokenizer is keyed by the corpus's fingerprint, so an edited or different corpus gets its own)
+Every argument is checked before any tokenizer or training work: a bad one stops the script with one line.
 Every variant is a list of `--set`-style overrides on one base recipe, so a reader sees exactly what differs.
 """
 from __future__ import annotations
@@ -13,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import math
+import os
 import shutil
 import statistics
 import sys
@@ -22,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from longcat_flash.data import sample_texts
+from longcat_flash.data.corpus import Corpus
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import train_tokenizer
 from longcat_flash.train.config import TrainConfig, apply_overrides, recipe
@@ -45,6 +51,10 @@ QUICK = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=
          "schedule.warmup_steps=2"]
 
 
+# --quick's own step and seed counts, for the experiments whose only such flags are --steps and --seeds
+QUICK_RUNS = {"steps": 8, "seeds": 1}
+
+
 @dataclasses.dataclass
 class Setup:
     """The parsed command line and the shared data of one experiment."""
@@ -61,42 +71,141 @@ class Setup:
         cfg = apply_overrides(self.base, list(overrides))
         return cfg if steps is None else dataclasses.replace(cfg, max_steps=steps)
 
-    def steps(self, full: int, quick: int = 8) -> int:
-        return quick if self.quick else full
+
+# ---- argument types: a bad value is an argparse usage error naming the flag ----
+
+def _number(kind: type, low: float, strict: bool) -> Any:
+    """An argparse type: a finite `kind` above `low` (strict) or at least `low`."""
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return convert
 
 
-def parse(name: str, doc: str, add_arguments: Any = None) -> tuple[Setup, argparse.Namespace]:
-    """Parse the common flags (plus the experiment's own, through `add_arguments(parser)`), prepare the data."""
+positive_int = _number(int, 0, strict=True)  # steps, seeds, counts
+non_negative_int = _number(int, 0, strict=False)  # a seed
+positive_float = _number(float, 0, strict=True)  # learning rates, ε, RoPE bases, tolerances
+non_negative_float = _number(float, 0, strict=False)  # loss weights
+
+
+def steps_and_seeds(parser: argparse.ArgumentParser, steps: int, per: str = "variant", seeds: int = 2) -> None:
+    """--steps and --seeds, as most experiments take them (--quick sets both: QUICK_RUNS)."""
+    parser.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps per run (default {steps})")
+    parser.add_argument("--seeds", type=positive_int, default=seeds, help=f"seeds per {per} (seed, seed+1, ...)")
+
+
+def seed_list(args: argparse.Namespace) -> list[int]:
+    """--seed, --seed + 1, ... (--seeds of them)."""
+    return list(range(args.seed, args.seed + args.seeds))
+
+
+def parse(name: str, doc: str, add_arguments: Any = None, quick: dict[str, Any] | None = None,
+          check: Any = None) -> tuple[Setup, argparse.Namespace]:
+    """Parse the common flags (plus the experiment's own, through `add_arguments(parser)`), check them all, prepare
+    the data. `quick`: the values --quick gives the experiment's flags (by dest); `check(args, setup)` raises
+    ValueError for a bad combination (setup.base is the recipe, before the data). Every check runs here, before any
+    tokenizer or training work, so a long run never fails at its end on a bad argument."""
     parser = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI mode: seconds, numbers meaningless")
     parser.add_argument("--out", type=Path, default=None, help="where the JSON and PNG go")
     parser.add_argument("--work", type=Path, default=None, help="run directories and data caches")
     parser.add_argument("--data", default="stdlib", help="corpus (default: the Python standard library)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
-    tune_cpu_allocator()
+    given = _given(parser, args)
+    if args.quick:
+        _apply_quick(parser, args, given, quick or {})
     out = args.out or (REPO / ("runs/experiments-quick" if args.quick else "docs/experiments"))
     work = args.work or (REPO / "runs" / ("experiments-quick" if args.quick else "experiments") / name)
-    base = apply_overrides(recipe("small"), MICRO + (QUICK if args.quick else []) +
-                           [f"data.source={args.data}", f"seed={args.seed}"])
-    setup = Setup(name, args.quick, out, work, base)
-    setup.base = prepare_data(setup)
+    if args.out is None and not args.quick:
+        _refuse_reference_overwrite(parser, args, given, out)
+    tune_cpu_allocator()
+    try:
+        base = apply_overrides(recipe("small"), MICRO + (QUICK if args.quick else []) +
+                               [f"data.source={args.data}", f"seed={args.seed}"])
+        setup = Setup(name, args.quick, out, work, base)
+        data = data_directory(setup)  # fingerprints the corpus: a missing or empty one stops here
+        if check is not None:
+            check(args, setup)
+        for flag, path in (("--out", out), ("--work", work)):  # last: this creates them
+            if (problem := directory_problem(path)) is not None:
+                raise ValueError(f"{flag} {path}: {problem}")
+        print(f"[{name}] results go to {out}", flush=True)
+        setup.base = prepare_data(setup, data)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
     return setup, args
 
 
-def prepare_data(setup: Setup) -> TrainConfig:
-    """Train the BPE once per work directory (shared by every run) and point the recipe at it and the cache."""
+def _given(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    """The dests the command line set (argparse leaves an attribute that is already on the namespace alone)."""
+    unset = object()
+    probe = parser.parse_args(namespace=argparse.Namespace(**{dest: unset for dest in vars(args)}))
+    return {dest for dest, value in vars(probe).items() if value is not unset}
+
+
+def _flags(dests: Sequence[str]) -> str:
+    return ", ".join("--" + dest.replace("_", "-") for dest in dests)
+
+
+def _apply_quick(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
+                 quick: dict[str, Any]) -> None:
+    """Set --quick's values; refuse a flag the user gave that --quick would silently replace."""
+    if clash := sorted(given & quick.keys()):
+        parser.error(f"--quick sets {_flags(clash)} itself; leave {_flags(clash)} out, or drop --quick")
+    vars(args).update(quick)
+
+
+def _refuse_reference_overwrite(parser: argparse.ArgumentParser, args: argparse.Namespace, given: set[str],
+                                out: Path) -> None:
+    """The default --out holds the committed reference results: only the reference settings may rewrite them."""
+    changed = sorted(d for d in given - {"out", "work", "quick"} if getattr(args, d) != parser.get_default(d))
+    if changed:
+        parser.error(f"{_flags(changed)} {'differs' if len(changed) == 1 else 'differ'} from the reference run "
+                     f"whose results {out} holds; give --out DIR to write this run's elsewhere")
+
+
+def directory_problem(path: Path) -> str | None:
+    """Why `path` cannot be (made) a writable directory, or None when it can: then it exists."""
+    if path.exists() and not path.is_dir():
+        return "exists and is not a directory"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        return f"cannot be created ({err.strerror or err})"
+    return None if os.access(path, os.W_OK | os.X_OK) else "is not writable"
+
+
+def data_directory(setup: Setup) -> Path:
+    """WORK/_data/<corpus>-<vocab>-<fingerprint>: the tokenizer and token cache of this corpus, as it is now (the
+    fingerprint covers the corpus's path, files, sizes and mtimes, and the tokenizer sample's cap)."""
     cfg = setup.base
-    shared = setup.work.parent / f"_data-{cfg.model.vocab_size}-{Path(cfg.data.source).name}"
+    corpus = Corpus(cfg.data.source, cfg.data.text_field, max_bytes=tokenizer_sample_bytes(setup))
+    return setup.work / "_data" / f"{corpus.name}-{cfg.model.vocab_size}-{corpus.fingerprint()[:16]}"
+
+
+def tokenizer_sample_bytes(setup: Setup) -> int:
+    return 1_000_000 if setup.quick else 8_000_000
+
+
+def prepare_data(setup: Setup, shared: Path) -> TrainConfig:
+    """Train the BPE once per corpus fingerprint (shared by every run) and point the recipe at it and the cache."""
+    cfg = setup.base
     tokenizer = shared / "tokenizer"
     if not (tokenizer / "tokenizer.json").is_file():
-        sample = 1_000_000 if setup.quick else 8_000_000
+        sample = tokenizer_sample_bytes(setup)
         print(f"[{setup.name}] training a {cfg.model.vocab_size}-token BPE on {sample / 1e6:.0f} MB of "
               f"{cfg.data.source}", flush=True)
-        train_tokenizer(sample_texts(cfg.data.source, sample), cfg.model.vocab_size).save(tokenizer)
+        texts = sample_texts(cfg.data.source, sample, text_field=cfg.data.text_field)
+        train_tokenizer(texts, cfg.model.vocab_size).save(tokenizer)
     return apply_overrides(cfg, [f"data.tokenizer={tokenizer}", f"data.cache_dir={shared / 'tokens'}"])
 
 

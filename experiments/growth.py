@@ -32,33 +32,38 @@ import shutil
 import statistics
 from typing import Any
 
-from common import Setup, figure, final_val, parse, run, save, series, smooth
+from common import Setup, figure, final_val, parse, positive_int, run, save, seed_list, series, smooth
 
 from longcat_flash.train import trainer
-from longcat_flash.train.config import TrainConfig, apply_overrides
+from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.growth import grow_run
 from longcat_flash.train.metrics import read_metrics
 
 CLAIM = ("A model grown by stacking a half-depth model shows a transient loss increase right after growth, then "
          "reaches a lower loss than the same model from random init at equal training tokens (Fig. 5b).")
 WSD = ["schedule.kind=wsd"]
+QUICK = {"steps": 8, "grow_at": 4, "depth": 2, "seeds": 1}  # --quick: 1 layer grown to 2
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=360, help="total optimizer steps of both models")
-    parser.add_argument("--grow-at", type=int, default=120, help="steps of the half-depth model before growth")
-    parser.add_argument("--depth", type=int, default=4, help="layers of the grown and baseline models (even)")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds (seed, seed+1, ...)")
+    parser.add_argument("--steps", type=positive_int, default=360, help="total optimizer steps of both models")
+    parser.add_argument("--grow-at", type=positive_int, default=120, help="steps of the half-depth model before growth")
+    parser.add_argument("--depth", type=positive_int, default=4, help="layers of the grown and baseline models (even)")
+    parser.add_argument("--seeds", type=positive_int, default=2, help="seeds (seed, seed+1, ...)")
 
 
 # ---- the runs ----
 
-def check_schedule(cfg: TrainConfig, grow_at: int) -> None:
-    """The WSD decay must start at or after the growth step, so the constant small phase matches it."""
+def check(args, setup: Setup) -> None:
+    """An even depth, and a WSD decay that starts at or after the growth step, so the constant small phase
+    matches it (ValueError otherwise)."""
+    if args.depth % 2:
+        raise ValueError(f"--depth must be even, got {args.depth}")
+    cfg = setup.config([f"model.num_layers={args.depth}", *WSD], args.steps)
     s = cfg.schedule
     decay_start = max(s.warmup_steps, round(cfg.max_steps * (1 - s.decay_fraction)))  # as optim.lr_factor
-    if not s.warmup_steps <= grow_at <= decay_start:
-        raise SystemExit(f"--grow-at {grow_at} must lie between the warmup ({s.warmup_steps}) and the start of "
+    if not s.warmup_steps <= args.grow_at <= decay_start:
+        raise ValueError(f"--grow-at {args.grow_at} must lie between the warmup ({s.warmup_steps}) and the start of "
                          f"the LR decay (step {decay_start} of {cfg.max_steps})")
 
 
@@ -106,13 +111,8 @@ def measure(grown: list[dict], base: list[dict], val_at_growth: float, grow_at: 
 # ---- the experiment ----
 
 def main() -> None:
-    setup, args = parse("growth", __doc__, arguments)
-    depth = 2 if setup.quick else args.depth  # --quick: 1 layer grown to 2
-    steps, grow_at = setup.steps(args.steps, 8), setup.steps(args.grow_at, 4)
-    if depth % 2:
-        raise SystemExit(f"--depth must be even, got {depth}")
-    seeds = list(range(args.seed, args.seed + (1 if setup.quick else args.seeds)))
-    check_schedule(setup.config(WSD, steps), grow_at)
+    setup, args = parse("growth", __doc__, arguments, QUICK, check)
+    depth, steps, grow_at, seeds = args.depth, args.steps, args.grow_at, seed_list(args)
     runs, per_seed = {}, {}
     for seed in seeds:
         runs["grown", seed], val_at_growth = grown_run(setup, seed, depth, grow_at, steps)

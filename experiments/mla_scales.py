@@ -17,8 +17,21 @@ from __future__ import annotations
 import statistics
 
 import torch
+from common import (
+    QUICK_RUNS,
+    figure,
+    final_val,
+    parse,
+    positive_int,
+    run,
+    save,
+    seed_list,
+    series,
+    smooth,
+    steps_and_seeds,
+    tail_mean,
+)
 
-from common import figure, final_val, parse, run, save, series, smooth, tail_mean
 from longcat_flash.model import Transformer
 from longcat_flash.train.optim import init_parameters
 
@@ -29,10 +42,24 @@ VARIANTS = {ON: ["model.mla_scale_q_lora=True", "model.mla_scale_kv_lora=True"],
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (seed, seed+1, ...)")
-    parser.add_argument("--q-ratio", type=int, default=4, help="d_model / q_lora_rank")
-    parser.add_argument("--kv-ratio", type=int, default=8, help="d_model / kv_lora_rank")
+    steps_and_seeds(parser, 700)
+    parser.add_argument("--q-ratio", type=positive_int, default=4, help="d_model / q_lora_rank (divides d_model)")
+    parser.add_argument("--kv-ratio", type=positive_int, default=8, help="d_model / kv_lora_rank (divides d_model)")
+
+
+def lora_ranks(args, setup) -> list[str]:
+    """The q/kv LoRA rank overrides from the d_model / rank ratios; a ratio must divide d_model (ValueError)."""
+    d = setup.base.model.hidden_size
+    for flag, ratio in (("--q-ratio", args.q_ratio), ("--kv-ratio", args.kv_ratio)):
+        if d % ratio:
+            raise ValueError(f"{flag} {ratio}: d_model {d} / {ratio} is not a whole rank")
+    return [f"model.q_lora_rank={d // args.q_ratio}", f"model.kv_lora_rank={d // args.kv_ratio}"]
+
+
+def check(args, setup) -> None:
+    """Both variants' configs build (ratios that divide d_model, ranks the model accepts)."""
+    for overrides in VARIANTS.values():
+        setup.config([*overrides, *lora_ranks(args, setup)])
 
 
 @torch.no_grad()
@@ -111,11 +138,10 @@ def plot(runs, seeds, first: int):
 
 
 def main() -> None:
-    setup, args = parse("mla_scales", __doc__, arguments)
+    setup, args = parse("mla_scales", __doc__, arguments, QUICK_RUNS, check)
     d = setup.base.model.hidden_size
-    shape = [f"model.q_lora_rank={d // args.q_ratio}", f"model.kv_lora_rank={d // args.kv_ratio}"]
-    extra = [*shape, *([] if setup.quick else ["eval_every=50"])]
-    steps, seeds = setup.steps(args.steps), range(args.seed, args.seed + (1 if setup.quick else args.seeds))
+    extra = [*lora_ranks(args, setup), *([] if setup.quick else ["eval_every=50"])]
+    steps, seeds = args.steps, seed_list(args)
     runs = {(label, seed): run(setup, f"{'on' if label == ON else 'off'}-seed{seed}",
                                setup.config([*overrides, *extra, f"seed={seed}"], steps))
             for label, overrides in VARIANTS.items() for seed in seeds}

@@ -25,8 +25,20 @@ import statistics
 from pathlib import Path
 
 import torch
+from common import (
+    REPO,
+    figure,
+    parse,
+    positive_float,
+    positive_int,
+    run,
+    save,
+    seed_list,
+    series,
+    smooth,
+    steps_and_seeds,
+)
 
-from common import REPO, figure, parse, run, save, series, smooth
 from longcat_flash.checkpoint import training
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.fused import fuse_for_inference
@@ -44,15 +56,27 @@ DEGENERATE = 0.25  # mean distinct-token fraction of the greedy outputs below wh
 MIN_JUDGED = 3  # non-degenerate checkpoints needed per seed to judge a trend
 
 
+QUICK = {"steps": 8, "seeds": 1, "checkpoints": 2, "prompts": 2, "prompt_tokens": 16, "new_tokens": 8, "windows": 2}
+
+
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--checkpoints", type=int, default=10, help="evenly spaced checkpoints to measure")
-    parser.add_argument("--mtp-weight", type=float, default=0.3)
-    parser.add_argument("--prompts", type=int, default=12)
-    parser.add_argument("--prompt-tokens", type=int, default=48)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--windows", type=int, default=16, help="held-out windows for the teacher-forced figures")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds (seed, seed+1, ...)")
+    steps_and_seeds(parser, 800, per="run")
+    parser.add_argument("--checkpoints", type=positive_int, default=10, help="evenly spaced checkpoints to measure")
+    parser.add_argument("--mtp-weight", type=positive_float, default=0.3)
+    parser.add_argument("--prompts", type=positive_int, default=12)
+    parser.add_argument("--prompt-tokens", type=positive_int, default=48)
+    parser.add_argument("--new-tokens", type=positive_int, default=32)
+    parser.add_argument("--windows", type=positive_int, default=16,
+                        help="held-out windows for the teacher-forced figures")
+
+
+def check(args, setup) -> None:
+    """A prompt and its greedy continuation fit the model's positions."""
+    most = setup.base.model.max_position_embeddings
+    if args.prompt_tokens + args.new_tokens > most:
+        raise ValueError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the model's "
+                         f"{most} positions")
+    setup.config([f"loss.mtp_weight={args.mtp_weight}"])
 
 
 # ---- held-out text ----
@@ -167,23 +191,30 @@ def plot(measured: dict[int, list[dict]], records: dict[int, list[dict]]):
     return fig
 
 
+def describe_seed(seed: int, t: dict, rows: list[dict]) -> str:
+    """One seed's measured acceptance, first to last checkpoint, and its judged trend or why it was not judged."""
+    measured = (f"seed {seed}: {rows[0]['acceptance']:.3f} at step {rows[0]['step']} -> {rows[-1]['acceptance']:.3f} "
+                f"at step {rows[-1]['step']} (Spearman {t['spearman_all']:.2f} over all {len(rows)} checkpoints; ")
+    judged = len(t["judged_steps"])
+    if judged < MIN_JUDGED:
+        return measured + f"not judged: {judged} non-degenerate, {MIN_JUDGED} needed)"
+    first = t["first_acceptance"]
+    return measured + (f"judged over the {judged} non-degenerate from step {t['judged_steps'][0]}: "
+                       f"{first:.3f} -> {first + t['rise']:.3f}, Spearman {t['spearman']:.2f})")
+
+
 def describe(trends: dict[int, dict], measured: dict[int, list[dict]]) -> str:
-    per_seed = "; ".join(
-        f"seed {s}: {t['first_acceptance']:.3f} at step {t['judged_steps'][0] if t['judged_steps'] else '-'} -> "
-        f"{t['last_acceptance']:.3f} at step {measured[s][-1]['step']} (Spearman {t['spearman']:.2f} over "
-        f"{len(t['judged_steps'])} non-degenerate checkpoints, {t['spearman_all']:.2f} over all)"
-        for s, t in trends.items())
+    per_seed = "; ".join(describe_seed(s, t, measured[s]) for s, t in trends.items())
     agreement = statistics.fmean(rows[-1]["agreement"] for rows in measured.values())
     return (f"engine acceptance (greedy, 1 MTP draft, held-out code): {per_seed}; final teacher-forced agreement "
             f"{agreement:.3f} (rises: Spearman >= {MIN_RHO} and +{MIN_RISE} in every seed)")
 
 
 def main() -> None:
-    setup, args = parse("mtp_acceptance", __doc__, arguments)
-    steps, seeds = setup.steps(args.steps), range(args.seed, args.seed + (1 if setup.quick else args.seeds))
-    n_prompts, prompt_len, new_tokens, n_windows = (2, 16, 8, 2) if setup.quick else \
-        (args.prompts, args.prompt_tokens, args.new_tokens, args.windows)
-    every = max(1, steps // (2 if setup.quick else args.checkpoints))
+    setup, args = parse("mtp_acceptance", __doc__, arguments, QUICK, check)
+    steps, seeds = args.steps, seed_list(args)
+    n_prompts, prompt_len, new_tokens, n_windows = args.prompts, args.prompt_tokens, args.new_tokens, args.windows
+    every = max(1, steps // args.checkpoints)
     overrides = [f"loss.mtp_weight={args.mtp_weight}", f"checkpoint.save_every={every}", f"eval_every={every}",
                  f"checkpoint.keep={steps // every + 1}"]
     ids = held_out_ids(Tokenizer.load(Path(setup.base.data.tokenizer)))

@@ -23,7 +23,7 @@ import statistics
 from collections.abc import Iterator
 
 import torch
-from common import figure, final_val, parse, run, save, series, smooth
+from common import QUICK_RUNS, figure, final_val, parse, run, save, seed_list, series, smooth, steps_and_seeds
 
 from longcat_flash.model import Transformer
 from longcat_flash.model.block import ScMoELayer
@@ -36,8 +36,7 @@ RELATIVE_TOLERANCE = 0.01
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=600)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (seed, seed+1, ...)")
+    steps_and_seeds(parser, 600)
 
 
 # ---- the baseline layer ----
@@ -85,9 +84,9 @@ def dataflow_difference(cfg: TrainConfig) -> float:
 # ---- the experiment ----
 
 def main() -> None:
-    setup, args = parse("scmoe", __doc__, arguments)
+    setup, args = parse("scmoe", __doc__, arguments, QUICK_RUNS)
     m = setup.base.model
-    steps, seeds = setup.steps(args.steps), list(range(args.seed, args.seed + (1 if setup.quick else args.seeds)))
+    steps, seeds = args.steps, seed_list(args)
     logit_diff = dataflow_difference(setup.base)
     ours, base = "ScMoE: MoE(norm_f0(x1)), the shortcut", "plain: MoE(norm_f1(x3)), beside FFN_1"
     runs = {}

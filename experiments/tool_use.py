@@ -22,7 +22,9 @@ first (~4 minutes on 2 cores). --quick (CI): a micro model, a few steps, a few r
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -31,38 +33,61 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Setup, figure, parse, save
+from common import Setup, figure, parse, positive_int, save
 
 from longcat_flash.checkpoint.hf import from_pretrained
 from longcat_flash.data.tool_dialogues import case_of, validate_arguments
 from longcat_flash.serve.launch import running_server
-from longcat_flash.train.config import recipe
+from longcat_flash.train.config import TRAIN_CONFIG_FILE, TrainConfig, recipe
 from longcat_flash.train.trainer import train
 
 MODES = {"free": False, "constrained": True}  # mode -> tools sent as strict
+QUICK = {"steps": 3, "train_rows": 64, "eval_rows": 8}
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--base", type=Path, default=None, help="pre-trained HF checkpoint directory")
-    parser.add_argument("--steps", type=int, default=200, help="SFT steps")
-    parser.add_argument("--train-rows", type=int, default=3000, help="synthetic training conversations")
-    parser.add_argument("--eval-rows", type=int, default=100, help="held-out conversations scored")
+    parser.add_argument("--steps", type=positive_int, default=200, help="SFT steps")
+    parser.add_argument("--train-rows", type=positive_int, default=3000, help="synthetic training conversations")
+    parser.add_argument("--eval-rows", type=positive_int, default=100, help="held-out conversations scored")
+
+
+def check(args, setup: Setup) -> None:
+    if args.base is not None and not (args.base / "config.json").is_file():
+        raise ValueError(f"--base {args.base} holds no config.json: give a pre-trained HF checkpoint directory")
 
 
 def longcat(*args: str) -> None:
-    """Run one `longcat` command as a user does; its own output is shown."""
-    subprocess.run([sys.executable, "-m", "longcat_flash.cli", *args], check=True)
+    """Run one `longcat` command as a user does; its own output is shown, and its failure stops the experiment
+    with one line (the command said why above it)."""
+    code = subprocess.run([sys.executable, "-m", "longcat_flash.cli", *args]).returncode
+    if code:
+        sys.exit(f"[tool_use] `longcat {args[0]} {args[1]}` failed (exit status {code}); its error is above")
+
+
+def fresh(path: Path) -> Path:
+    """`path` emptied: a rerun writes its own run there (the trainer and `longcat sft` refuse a used directory)."""
+    if path.exists():
+        shutil.rmtree(path)
+    return path
 
 
 def base_model(setup: Setup, given: Path | None) -> Path:
-    """The pre-trained starting point: --base, else a fresh run (the micro recipe with --quick, else `small`)."""
+    """The pre-trained starting point: --base, else a run in WORK/base (the micro recipe with --quick, else
+    `small`), reused while its saved config is the one asked for and it finished."""
     if given is not None:
         return given
     out = setup.work / "base"
-    if not (out / "config.json").is_file():
-        cfg = setup.config(steps=8) if setup.quick else recipe("small")
-        train(cfg, out, progress=False)
+    cfg = setup.config(steps=8) if setup.quick else recipe("small")
+    if not ((out / "config.json").is_file() and saved_config(out, cfg.dtype) == cfg):
+        train(cfg, fresh(out), progress=False)
     return out
+
+
+def saved_config(run: Path, dtype: str) -> TrainConfig | None:
+    """The config a finished run saved, with the dtype it was asked for (the trainer saves "auto" resolved)."""
+    path = run / TRAIN_CONFIG_FILE
+    return dataclasses.replace(TrainConfig.from_json(path), dtype=dtype) if path.is_file() else None
 
 
 def first_call_turn(row: dict[str, Any]) -> tuple[list[dict], list[tuple[str, Any]]]:
@@ -120,11 +145,11 @@ def summarise(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main() -> None:
-    setup, args = parse("tool_use", __doc__, add_arguments)
-    steps, train_rows, eval_rows = (3, 64, 8) if setup.quick else (args.steps, args.train_rows, args.eval_rows)
+    setup, args = parse("tool_use", __doc__, add_arguments, QUICK, check)
+    steps, train_rows, eval_rows = args.steps, args.train_rows, args.eval_rows
     base = base_model(setup, args.base)
-    data, heldout, tuned = setup.work / "tools_train.jsonl", setup.work / "tools_heldout.jsonl", setup.work / "sft"
-    setup.work.mkdir(parents=True, exist_ok=True)
+    data, heldout = setup.work / "tools_train.jsonl", setup.work / "tools_heldout.jsonl"
+    tuned = fresh(setup.work / "sft")
     longcat("data", "tools", "--out", str(data), "--n", str(train_rows), "--seed", str(args.seed), "--force")
     longcat("data", "tools", "--out", str(heldout), "--n", str(eval_rows), "--seed", str(args.seed), "--split",
             "heldout", "--force")
@@ -148,13 +173,8 @@ def main() -> None:
             print(f"[tool_use] {mode}: {json.dumps(results[mode])}", flush=True)
     val = [json.loads(line) for line in (tuned / "metrics.jsonl").read_text().splitlines()]
     val_losses = [(r["step"], r["val_loss"]) for r in val if "val_loss" in r]
-    free, constrained = results["free"], results["constrained"]
-    verdict = (f"held-out tools: right tool {free['right_tool']:.0%}, right tool and arguments "
-               f"{free['right_arguments']:.0%} free / {constrained['right_arguments']:.0%} constrained; valid JSON "
-               f"{_pct(free['valid_json'])} free / {_pct(constrained['valid_json'])} constrained "
-               f"(goal: >= 90% right, 100% valid when constrained); loss on a repeated random run, first / second "
-               f"copy: base {copying['base']['first_copy']:.2f} / {copying['base']['second_copy']:.2f}, tuned "
-               f"{copying['tuned']['first_copy']:.2f} / {copying['tuned']['second_copy']:.2f}")
+    verdict = verdict_text(results, copying)
+    constrained = results["constrained"]
     reproduced = None if setup.quick else (constrained["right_arguments"] >= 0.9 and constrained["valid_json"] == 1.0)
     fig, (bars, curve) = figure(2)
     metrics = ("right_tool", "right_arguments", "valid_json")
@@ -175,6 +195,18 @@ def main() -> None:
          {"modes": results, "copying": copying, "sft_seconds": round(sft_seconds, 1), "sft_steps": steps,
           "val_loss": val_losses},
          verdict, reproduced, fig)
+
+
+def verdict_text(results: dict[str, dict], copying: dict[str, dict]) -> str:
+    """Every scored figure in both modes (free / constrained), then the copying probe."""
+    def both(key: str) -> str:
+        return " / ".join(_pct(results[mode][key]) for mode in MODES)
+
+    return (f"held-out tools ({' / '.join(MODES)}): right tool {both('right_tool')}, right tool and arguments "
+            f"{both('right_arguments')}, valid JSON {both('valid_json')} (goal: >= 90% right, 100% valid when "
+            f"constrained); loss on a repeated random run, first / second copy: base "
+            f"{copying['base']['first_copy']:.2f} / {copying['base']['second_copy']:.2f}, tuned "
+            f"{copying['tuned']['first_copy']:.2f} / {copying['tuned']['second_copy']:.2f}")
 
 
 def _pct(value: float | None) -> str:

@@ -3,6 +3,8 @@
 
     python experiments/width_transfer.py [--quick] [--steps 110] [--proxy 64] [--mults 2 4] [--lrs 2.5e-3 5e-3 ...]
 
+--lrs: any two or more distinct LRs (sorted here); the default grid is a factor 2 apart.
+
 One LR sweep (optim.lr, the proxy's LR) per width and mode. Every width dimension scales with the hidden size
 (FFN and expert FFN widths, q/kv LoRA ranks, attention heads at fixed head dims); depth, experts, top-k, batch,
 data and steps stay fixed, as the report keeps depth, sparsity and batch size. At each wider model two modes:
@@ -10,7 +12,8 @@ data and steps stay fixed, as the report keeps depth, sparsity and batch size. A
          init variance σ²/s and Adam LR η/s, embeddings (and norms) keep σ² and η (train/optim.py)
   SP     plain standard parameterisation: the proxy's σ and η everywhere
 At the proxy width both modes are the same model, run once. The optimum per (width, mode) is the grid argmin of
-the final validation loss, refined by a parabola in log2(LR) through the argmin and its two neighbours; its shift
+the final validation loss, refined by a parabola in log2(LR) through the argmin and its two neighbours (any
+spacing); its shift
 from the proxy's optimum is measured in octaves (factors of 2). The claim counts as reproduced when the shifts
 summed over the wider widths are at least half an octave smaller with the rules than in SP. An optimum at the
 edge of the grid only bounds its shift: then the verdict is None (undecided) where the bound could flip it, and
@@ -20,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from common import figure, final_val, parse, run, save
+from common import figure, final_val, parse, positive_float, positive_int, run, save
 
 from longcat_flash.train.trainer import TrainingStopped
 
@@ -32,14 +35,34 @@ WIDTH_FIELDS = ("hidden_size", "ffn_hidden_size", "expert_ffn_hidden_size", "q_l
 MODES = ("rules", "SP")
 LRS = [2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2]  # a factor 2 apart; 1e-2 beat 4e-2 at the proxy width in a calibration
 MARGIN_OCTAVES = 0.5  # how much less (summed over the wider widths) the optimum must move with the rules
+QUICK = {"steps": 3}  # and, unless given, one wider width (2x) and two LRs
+QUICK_LRS = [4e-3, 1.6e-2]
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=110)
-    parser.add_argument("--proxy", type=int, default=None, help="proxy hidden size (default: half the micro model's)")
-    parser.add_argument("--mults", type=int, nargs="*", default=None,
-                        help="multipliers of the wider widths (default 2 4); the proxy is always run")
-    parser.add_argument("--lrs", type=float, nargs="+", default=None, help="LR grid, log-spaced by a constant factor")
+    parser.add_argument("--steps", type=positive_int, default=110)
+    parser.add_argument("--proxy", type=positive_int, default=None,
+                        help="proxy hidden size (default: half the micro model's)")
+    parser.add_argument("--mults", type=positive_int, nargs="+", default=None,
+                        help="multipliers > 1 of the wider widths (default 2 4; --quick 2); the proxy is always run")
+    parser.add_argument("--lrs", type=positive_float, nargs="+", default=None,
+                        help=f"LR grid, two or more distinct values (default {LRS}; --quick {QUICK_LRS})")
+
+
+def grid(args, setup) -> tuple[list[int], list[float]]:
+    """The widths (proxy first, then the wider ones ascending) and the sorted LR grid; ValueError for a grid that
+    cannot locate an optimum or a width the model does not scale to."""
+    proxy = args.proxy or setup.base.model.hidden_size // 2
+    mults = args.mults or ([2] if setup.quick else [2, 4])
+    if min(mults) < 2:
+        raise ValueError(f"--mults: each multiplier must be > 1 (the proxy is always run), got {min(mults)}")
+    lrs = sorted(set(args.lrs or (QUICK_LRS if setup.quick else LRS)))
+    if len(lrs) < 2:
+        raise ValueError(f"--lrs: an optimum needs at least two distinct LRs, got {lrs}")
+    widths = [proxy, *(proxy * k for k in sorted(set(mults)))]
+    for w in widths:
+        setup.config(width_overrides(setup.base.model, w))  # each width's config builds
+    return widths, lrs
 
 
 def width_overrides(model, width: int) -> list[str]:
@@ -49,7 +72,7 @@ def width_overrides(model, width: int) -> list[str]:
     for name in WIDTH_FIELDS if width >= model.hidden_size else WIDTH_FIELDS[::-1]:
         value = getattr(model, name) * width / model.hidden_size
         if value != int(value) or value < 1:
-            raise SystemExit(f"width {width}: model.{name}={getattr(model, name)} does not scale to an integer")
+            raise ValueError(f"width {width}: model.{name}={getattr(model, name)} does not scale to an integer")
         out.append(f"model.{name}={int(value)}")
     return out
 
@@ -64,16 +87,17 @@ def final_loss(setup, label: str, overrides: list[str], steps: int) -> float:
 
 
 def optimum(lrs: list[float], losses: list[float]) -> dict:
-    """Grid argmin of `losses`, and its parabola refinement in log2(LR) (None at the grid edge or next to NaN)."""
+    """Grid argmin of `losses` over the ascending `lrs`, and its parabola refinement in log2(LR) through the
+    argmin and its neighbours, for any spacing (None at the grid edge or next to NaN)."""
     finite = [v if math.isfinite(v) else math.inf for v in losses]
     i = min(range(len(lrs)), key=finite.__getitem__)
     fitted = None
     if 0 < i < len(lrs) - 1 and math.isfinite(finite[i - 1] + finite[i + 1]):
-        x = [math.log2(lrs[j]) for j in (i - 1, i, i + 1)]
-        y0, y1, y2 = finite[i - 1], finite[i], finite[i + 1]
-        h, curvature = x[1] - x[0], y0 - 2 * y1 + y2  # uniform grid in log2; curvature > 0 at a strict minimum
-        vertex = x[1] + (h * (y0 - y2) / (2 * curvature) if curvature > 0 else 0.0)
-        fitted = 2 ** min(max(vertex, x[0]), x[2])
+        (x0, x1, x2), (y0, y1, y2) = (math.log2(lrs[j]) for j in (i - 1, i, i + 1)), finite[i - 1: i + 2]
+        left, right = (y1 - y0) / (x1 - x0), (y2 - y1) / (x2 - x1)  # the slopes either side of the argmin
+        curvature = (right - left) / (x2 - x0)  # > 0 at a strict minimum
+        vertex = (x0 + x1) / 2 - left / (2 * curvature) if curvature > 0 else x1
+        fitted = 2 ** min(max(vertex, x0), x2)
     return {"argmin_lr": lrs[i], "argmin_index": i, "fitted_lr": fitted, "best_loss": finite[i],
             "at_edge": i in (0, len(lrs) - 1)}
 
@@ -157,13 +181,10 @@ def verdict_text(results: dict, opts: dict, widths: list[int]) -> str:
 
 
 def main() -> None:
-    setup, args = parse("width_transfer", __doc__, arguments)
+    setup, args = parse("width_transfer", __doc__, arguments, QUICK, grid)
     m = setup.base.model
-    proxy = args.proxy or m.hidden_size // 2
-    mults = ([2] if setup.quick else [2, 4]) if args.mults is None else args.mults
-    widths = [proxy, *(proxy * k for k in mults if k != 1)]
-    lrs = args.lrs or ([4e-3, 1.6e-2] if setup.quick else LRS)
-    steps = setup.steps(args.steps, 3)
+    widths, lrs = grid(args, setup)
+    proxy, steps = widths[0], args.steps
     losses = sweep(setup, widths, lrs, steps)
     results, opts, reproduced = summarize(losses, widths, lrs)
     save(setup, CLAIM, f"widths {widths} (proxy {proxy}; FFN, expert FFN, LoRA ranks and heads scale with it), "

@@ -17,20 +17,40 @@ from __future__ import annotations
 
 import statistics
 
-from common import figure, final_val, parse, run, save, series, smooth
+from common import (
+    QUICK_RUNS,
+    figure,
+    final_val,
+    non_negative_float,
+    parse,
+    positive_float,
+    run,
+    save,
+    seed_list,
+    series,
+    smooth,
+    steps_and_seeds,
+)
 
 CLAIM = ("A hidden z-loss with a negligible coefficient keeps the L2 norm of the last hidden state stable without "
          "degrading the training loss (Fig. 6).")
 BOUNDED = 0.5  # peak hidden norm with the z-loss / without it, at most (every seed)
 NOT_WORSE = 0.02  # final val loss with the z-loss - without it, at most (nats, every seed)
+WEIGHTS = [0.0, 1e-6, 1e-4]  # --quick: the first two
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=500)
-    parser.add_argument("--lr", type=float, default=2e-2, help="the deliberately high peak LR (recipe: 2e-3)")
-    parser.add_argument("--z-weights", type=float, nargs="+", default=[0.0, 1e-6, 1e-4],
-                        help="λ values; 0 is the baseline and must come first, the next one is judged")
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per setting (seed, seed+1, ...)")
+    steps_and_seeds(parser, 500, per="setting")
+    parser.add_argument("--lr", type=positive_float, default=2e-2, help="the deliberately high peak LR (recipe: 2e-3)")
+    parser.add_argument("--z-weights", type=non_negative_float, nargs="+", default=None,
+                        help=f"λ values (default {WEIGHTS}; --quick: the first two); 0 is the baseline and must come "
+                        "first, the next one is judged")
+
+
+def check(args, setup) -> None:
+    if args.z_weights is not None and (args.z_weights[0] != 0 or len(args.z_weights) < 2):
+        raise ValueError("--z-weights: start with 0 (the baseline), then at least one weight to judge")
+    setup.config([f"optim.lr={args.lr}"])
 
 
 def summarise(records_per_seed: list[list[dict]], weight: float) -> dict:
@@ -69,11 +89,9 @@ def plot(runs: dict, labels: list[str], first_seed: int):
 
 
 def main() -> None:
-    setup, args = parse("z_loss", __doc__, arguments)
-    if args.z_weights[0] != 0 or len(args.z_weights) < 2:
-        raise SystemExit("--z-weights: start with 0 (the baseline), then at least one weight to judge")
-    steps, seeds = setup.steps(args.steps), range(args.seed, args.seed + (1 if setup.quick else args.seeds))
-    weights = args.z_weights[:2] if setup.quick else args.z_weights
+    setup, args = parse("z_loss", __doc__, arguments, QUICK_RUNS, check)
+    steps, seeds = args.steps, seed_list(args)
+    weights = args.z_weights or (WEIGHTS[:2] if setup.quick else WEIGHTS)
     labels = [f"z_weight={w:g}" for w in weights]
     runs = {(label, seed): run(setup, f"z{w:g}-seed{seed}", setup.config(
                 [f"optim.lr={args.lr}", f"loss.z_weight={w}", "eval_every=50", f"seed={seed}"], steps))

@@ -12,20 +12,31 @@ from __future__ import annotations
 
 import statistics
 
-from common import figure, final_val, parse, run, save, series, smooth, tail_mean
+from common import (
+    QUICK_RUNS,
+    figure,
+    final_val,
+    parse,
+    run,
+    save,
+    seed_list,
+    series,
+    smooth,
+    steps_and_seeds,
+    tail_mean,
+)
 
 CLAIM = "With zero-computation experts the model reaches a lower loss at the same average compute (Fig. 3a)."
 
 
 def arguments(parser) -> None:
-    parser.add_argument("--steps", type=int, default=800)
-    parser.add_argument("--seeds", type=int, default=2, help="seeds per variant (seed, seed+1, ...)")
+    steps_and_seeds(parser, 800)
 
 
 def main() -> None:
-    setup, args = parse("zero_experts", __doc__, arguments)
+    setup, args = parse("zero_experts", __doc__, arguments, QUICK_RUNS)
     m, k_e = setup.base.model, setup.base.ffn_expert_target
-    steps, seeds = setup.steps(args.steps), range(args.seed, args.seed + (1 if setup.quick else args.seeds))
+    steps, seeds = args.steps, seed_list(args)
     variants = {
         f"zero experts (top-{m.moe_topk} of {m.n_routed_experts}+{m.zero_expert_num}, K_e={k_e:g})": [],
         f"baseline (top-{k_e:g} of {m.n_routed_experts}, no zero experts)":

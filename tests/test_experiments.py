@@ -35,3 +35,146 @@ def test_quick_mode_writes_json_and_png(name: str, work: Path):
     assert record["claim"] and record["setup"] and record["verdict"] and record["results"]
     assert record["reproduced"] in (True, False, None)
     assert (out / f"{name}.png").stat().st_size > 1000
+
+
+# ---- arguments: a bad one stops the script with one line, before any tokenizer or training work ----
+
+def _experiment(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("name, args, flag", [
+    ("zero_experts", ["--steps", "0"], "--steps"),
+    ("zero_experts", ["--seeds", "-1"], "--seeds"),
+    ("mtp_acceptance", ["--checkpoints", "0"], "--checkpoints"),
+    ("mla_scales", ["--q-ratio", "3"], "--q-ratio"),  # does not divide d_model
+    ("adam_eps", ["--eps", "-1"], "--eps"),
+    ("context_extension", ["--theta", "-5"], "--theta"),
+    ("width_transfer", ["--mults", "1"], "--mults"),
+    ("width_transfer", ["--lrs", "1e-2"], "--lrs"),
+    ("growth", ["--depth", "3"], "--depth"),
+    ("zero_experts", ["--data", "{tmp}/no-such-corpus"], "no-such-corpus"),
+    ("zero_experts", ["--out", "{tmp}/a-file"], "--out"),
+    ("zero_experts", ["--steps", "5"], "--steps"),  # --quick's own step count: refused, not silently replaced
+])
+def test_a_bad_argument_is_one_line_before_any_work(name: str, args: list[str], flag: str, tmp_path: Path):
+    (tmp_path / "a-file").write_text("")
+    work = tmp_path / "work"
+    proc = _experiment(str(EXPERIMENTS / f"{name}.py"), "--quick", "--out", str(tmp_path / "out"), "--work",
+                       str(work), *(a.format(tmp=tmp_path) for a in args))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and flag in proc.stderr.splitlines()[-1], proc.stderr
+    assert not (work / "_data").exists()  # stopped before the tokenizer
+
+
+def test_a_changed_setting_does_not_overwrite_the_committed_results(tmp_path: Path):
+    """Without --out (and without --quick) the results would go to docs/experiments: a run that is not the reference
+    run is refused there, before it trains."""
+    reference = EXPERIMENTS.parent / "docs" / "experiments" / "zero_experts.json"
+    before = reference.read_bytes()
+    proc = _experiment(str(EXPERIMENTS / "zero_experts.py"), "--steps", "5", "--work", str(tmp_path))
+    assert proc.returncode == 2 and "--out" in proc.stderr.splitlines()[-1], proc.stdout[-2000:] + proc.stderr
+    assert reference.read_bytes() == before and not (tmp_path / "_data").exists()
+
+
+def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_path: Path):
+    run, out, steps = tmp_path / "run", tmp_path / "out", 20
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps(
+        {"step": s, "skipped": False, "ffn_experts_target": 2.0, "ffn_experts_per_token": 2.0 + (-1) ** s / s,
+         "ffn_experts_per_layer": [2.0, 2.0 + (-1) ** s / s], "ffn_experts_std": 0.5}) + "\n"
+        for s in range(1, steps + 1)))
+    script = str(EXPERIMENTS / "budget_convergence.py")
+    bad = _experiment(script, str(run), "--tolerance", "-1")
+    assert bad.returncode == 2 and "--tolerance" in bad.stderr.splitlines()[-1], bad.stderr
+    proc = _experiment(script, str(run), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((out / "budget_convergence.json").read_text())
+    assert summary["tail_steps"] == steps and not any(key.startswith("last50") for key in summary)
+    assert not (run / "budget_convergence.json").exists()
+
+
+# ---- the experiments' own logic, on made-up measurements ----
+
+@pytest.fixture(scope="module")
+def experiments_path():
+    sys.path.insert(0, str(EXPERIMENTS))  # the scripts import their helpers as `common`
+    yield
+    sys.path.remove(str(EXPERIMENTS))
+
+
+def test_the_tokenizer_cache_is_per_corpus_and_inside_work(tmp_path: Path, experiments_path):
+    """Two corpora in folders of the same name, and a corpus edited in place, each get their own tokenizer."""
+    from common import MICRO, Setup, data_directory
+
+    from longcat_flash.train.config import apply_overrides, recipe
+
+    def cache(corpus: Path) -> Path:
+        base = apply_overrides(recipe("small"), [*MICRO, f"data.source={corpus}"])
+        return data_directory(Setup("x", True, tmp_path / "out", tmp_path / "work", base))
+
+    first, second = tmp_path / "a" / "corpus", tmp_path / "b" / "corpus"
+    for corpus, text in ((first, "one corpus\n"), (second, "another corpus\n")):
+        corpus.mkdir(parents=True)
+        (corpus / "doc.txt").write_text(text)
+    before = cache(first)
+    assert before != cache(second) and before.is_relative_to(tmp_path / "work")
+    (first / "doc.txt").write_text("one corpus, edited\n" * 3)
+    assert cache(first) != before
+
+
+def test_context_extension_is_judged_against_the_control(experiments_path):
+    """Continued training alone lowers the long-range loss; the RoPE change is credited only with what it adds."""
+    import context_extension as ce
+
+    S = 8
+
+    def results(control: float, extension: float) -> dict:
+        losses = {"base": 5.0, ce.CONTROL: control, **{label: extension for label in ce.EXTENSIONS}}
+        return {label: {"spans": {f"[0,{S})": 4.0, f"[{S},{ce.FACTOR * S})": loss}} for label, loss in losses.items()}
+
+    gains, reproduced, verdict = ce.judge(results(control=4.2, extension=4.2 - ce.MARGIN / 2), S)
+    assert not reproduced and "not reproduced" in verdict
+    assert all(g > ce.MARGIN for label, g in gains["past_S_gain_over_base"].items() if label != "base")
+    assert ce.judge(results(control=4.2, extension=4.2 - 2 * ce.MARGIN), S)[1]
+
+
+def test_committed_context_extension_verdict_follows_its_numbers(experiments_path):
+    import context_extension as ce
+
+    record = json.loads((EXPERIMENTS.parent / "docs" / "experiments" / "context_extension.json").read_text())
+    _, reproduced, verdict = ce.judge(record["results"], record["results"]["S"])
+    assert (record["reproduced"], record["verdict"]) == (reproduced, verdict)
+
+
+def test_mtp_acceptance_reports_the_measured_acceptance_when_not_judged(experiments_path):
+    import mtp_acceptance as mtp
+
+    rows = [{"step": 4 * (i + 1), "acceptance": 0.1 * (i + 1), "distinct_token_fraction": 1.0}
+            for i in range(mtp.MIN_JUDGED - 1)]
+    text = mtp.describe_seed(0, mtp.trend(rows), rows)
+    assert "nan" not in text and "not judged" in text
+    assert f"{rows[0]['acceptance']:.3f} at step {rows[0]['step']}" in text
+
+
+def test_width_transfer_optimum_on_an_uneven_grid(experiments_path):
+    import math
+
+    import width_transfer as wt
+
+    lrs, best = [1e-3, 3e-3, 4e-3, 2e-2, 5e-2], 5e-3  # no constant factor apart
+    losses = [(math.log2(lr) - math.log2(best)) ** 2 for lr in lrs]
+    assert wt.optimum(lrs, losses)["fitted_lr"] == pytest.approx(best)
+
+
+def test_tool_use_verdict_gives_every_figure_in_both_modes(experiments_path):
+    import tool_use
+
+    figures = ("right_tool", "right_arguments", "valid_json")
+    results = {mode: {key: (k + 1) / 10 + i / 100 for i, key in enumerate(figures)}
+               for k, mode in enumerate(tool_use.MODES)}
+    copying = {model: {"first_copy": 1.0, "second_copy": 1.0} for model in ("base", "tuned")}
+    text = tool_use.verdict_text(results, copying)
+    for key in figures:
+        assert " / ".join(f"{results[mode][key]:.0%}" for mode in tool_use.MODES) in text, (key, text)
+
