@@ -153,13 +153,14 @@ def test_null_means_the_default_and_unknown_fields_are_refused(client):
 
 def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carry_nothing(client):
     echoed = {"role": "assistant", "content": "ok", "refusal": None, "audio": None, "function_call": None,
-              "annotations": [], "name": "bot"}  # an OpenAI reply object sent back, as agent loops do
+              "annotations": [], "name": "bot", "tool_calls": [],  # an OpenAI (or vLLM) reply sent back, as agent
+              "reasoning_content": "hmm"}  # loops do: vLLM's carry tool_calls: [] and its reasoning parsers' text
     status, body = _chat(client, messages=[{"role": "user", "content": "hi", "name": "ann"}, echoed],
                          max_tokens=1)  # the context is 48
     assert status == 200, body
     status, body = _chat(client, messages=[{"role": "user", "content": "hi", "audio": {"id": "a1"}}])
     assert status == 400 and body["error"]["param"] == "messages.0.audio"
-    streamed_call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    streamed_call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}
     status, body = _chat(client, messages=[  # tool calls accumulated from a stream keep their delta index
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [streamed_call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "1"}], max_tokens=1)

@@ -1,6 +1,7 @@
 """The connection-layer bounds of `longcat serve` (serve/connections.py), against a real server over loopback:
-idle and slow request heads are closed, an oversized head is refused before it is held, and connections past the
-bound are closed at once, so /health answers again as soon as the idle ones time out."""
+idle and slow request heads are closed, a client that does not read its responses is cut, an oversized head is
+refused before it is held, and connections past the bound are closed at once, so /health answers again as soon as
+the idle ones time out."""
 from __future__ import annotations
 
 import socket
@@ -18,21 +19,26 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytestmark = pytest.mark.slow
 
-HEAD_TIMEOUT_S = 1.5
+CLIENT_TIMEOUT_S = 1.5
 MAX_CONNECTIONS = 12
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     model_dir = init_checkpoint(tiny(), tmp_path_factory.mktemp("ckpt") / "tiny", dtype=torch.float32)
-    with running_server(model_dir, "--head-timeout", str(HEAD_TIMEOUT_S),
+    with running_server(model_dir, "--client-timeout", str(CLIENT_TIMEOUT_S),
                         "--max-connections", str(MAX_CONNECTIONS)) as url:
         yield url
 
 
-def connect(base: str) -> socket.socket:
+def connect(base: str, receive_buffer: int | None = None) -> socket.socket:
     host, port = base.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=10)
+    sock = socket.socket()
+    if receive_buffer:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connecting, to take effect
+    sock.settimeout(10)
+    sock.connect((host, int(port)))
+    return sock
 
 
 def seconds_until_closed(sock: socket.socket) -> float:
@@ -45,7 +51,7 @@ def seconds_until_closed(sock: socket.socket) -> float:
 
 def test_a_connection_that_sends_no_request_is_closed(base):
     with connect(base) as sock:
-        assert seconds_until_closed(sock) < HEAD_TIMEOUT_S + 3
+        assert seconds_until_closed(sock) < CLIENT_TIMEOUT_S + 3
 
 
 def test_a_request_head_trickling_in_is_closed_at_the_deadline(base):
@@ -54,10 +60,27 @@ def test_a_request_head_trickling_in_is_closed_at_the_deadline(base):
         start = time.monotonic()
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
         with pytest.raises(OSError):
-            while time.monotonic() - start < HEAD_TIMEOUT_S + 5:
+            while time.monotonic() - start < CLIENT_TIMEOUT_S + 5:
                 sock.sendall(b"X-Slow: 1\r\n")
                 time.sleep(0.2)
-        assert time.monotonic() - start < HEAD_TIMEOUT_S + 3
+        assert time.monotonic() - start < CLIENT_TIMEOUT_S + 3
+
+
+def test_a_client_that_does_not_read_its_responses_is_cut(base):
+    """Pipelined requests whose answers are never read: once the server cannot write for the timeout, it aborts
+    the connection instead of holding it, and its buffers, for good."""
+    requests = 2000
+    with connect(base, receive_buffer=1024) as sock:
+        sock.sendall(b"GET /openapi.json HTTP/1.1\r\nHost: x\r\n\r\n" * requests)
+        time.sleep(CLIENT_TIMEOUT_S + 2)  # the server's writes block, then its deadline passes
+        received = b""
+        try:
+            while chunk := sock.recv(1 << 20):
+                received += chunk
+        except OSError:  # reset by the abort
+            pass
+    assert received.count(b"HTTP/1.1 200") < requests
+    assert httpx.get(f"{base}/health", timeout=5).status_code == 200
 
 
 def test_an_oversized_request_head_is_refused_before_it_is_read_whole(base):
@@ -76,7 +99,7 @@ def test_connections_past_the_bound_are_closed_and_service_returns(base):
     try:
         with pytest.raises(httpx.TransportError):
             httpx.get(f"{base}/health", timeout=5)
-        time.sleep(HEAD_TIMEOUT_S + 1)  # the idle ones reach their deadline
+        time.sleep(CLIENT_TIMEOUT_S + 1)  # the idle ones reach their deadline
         assert httpx.get(f"{base}/health", timeout=5).status_code == 200
     finally:
         for sock in idle:
@@ -86,7 +109,7 @@ def test_connections_past_the_bound_are_closed_and_service_returns(base):
 def test_keep_alive_requests_and_streams_still_work(base):
     with httpx.Client(base_url=base, timeout=60) as client:
         assert client.get("/health").status_code == 200
-        time.sleep(HEAD_TIMEOUT_S / 2)
+        time.sleep(CLIENT_TIMEOUT_S / 2)
         assert client.get("/health").status_code == 200
         body = {"model": "tiny", "prompt": "def f(", "max_tokens": 8, "stream": True, "temperature": 0}
         with client.stream("POST", "/v1/completions", json=body) as response:

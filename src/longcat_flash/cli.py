@@ -333,8 +333,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
     p.add_argument("--cache-tokens", type=int, default=65536, help="KV cache pool size in tokens")
     p.add_argument("--max-request-mb", type=float, default=8, help="largest request body taken (413 above it)")
-    p.add_argument("--head-timeout", type=float, default=15.0,
-                   help="seconds a connection has to send a whole request head before it is closed")
+    p.add_argument("--client-timeout", type=float, default=15.0,
+                   help="seconds a client has to send a whole request head, and to take in a response it is being "
+                        "sent, before its connection is closed")
     p.add_argument("--max-connections", type=int, default=None,
                    help="open connections at most (default: half the file-descriptor limit, at most 4096)")
     p.set_defaults(run=_run_serve)
@@ -358,13 +359,13 @@ def _run_serve(args: argparse.Namespace) -> None:
     engine = EngineConfig(max_running=args.max_running, max_waiting=args.max_waiting,
                           cache_tokens=args.cache_tokens, speculative=args.speculative,
                           token_budget=max(1024, args.max_running * (1 + args.speculative)))
-    for flag, value in (("--max-request-mb", args.max_request_mb), ("--head-timeout", args.head_timeout),
+    for flag, value in (("--max-request-mb", args.max_request_mb), ("--client-timeout", args.client_timeout),
                         ("--max-connections", args.max_connections)):
         if value is not None and not value > 0:
             sys.exit(f"longcat serve: {flag} must be positive, got {value}")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
           quantize=args.quantize, engine_config=engine, model_name=args.model_name, device=args.device,
-          max_body_bytes=int(args.max_request_mb * 2**20), head_timeout_s=args.head_timeout,
+          max_body_bytes=int(args.max_request_mb * 2**20), client_timeout_s=args.client_timeout,
           max_connections=args.max_connections)
 
 

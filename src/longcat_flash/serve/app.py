@@ -28,7 +28,7 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import Bridge, EngineFailed
-from .connections import HEAD_TIMEOUT_S, uvicorn_options
+from .connections import CLIENT_TIMEOUT_S, uvicorn_options
 from .engine_process import EngineProcess
 from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
@@ -353,7 +353,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def routing_error(_request: Request, err: HTTPException) -> JSONResponse:
         """Starlette's own 404 (unknown path) and 405 (wrong method), in the OpenAI shape like every error."""
         codes = {404: "not_found", 408: "request_timeout", 413: "request_too_large", 503: "server_busy"}
-        response = APIError(err.status_code, f"{err.detail}", code=codes.get(err.status_code)).response()
+        kind = "server_error" if err.status_code >= 500 else "invalid_request_error"
+        response = APIError(err.status_code, f"{err.detail}", kind, code=codes.get(err.status_code)).response()
         response.headers.update(err.headers or {})  # 405 carries Allow
         return response
 
@@ -553,7 +554,7 @@ def _deltas(events: list[Event]) -> list[p.Delta]:
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
           model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes,
-          head_timeout_s: float = HEAD_TIMEOUT_S, max_connections: int | None = None) -> None:
+          client_timeout_s: float = CLIENT_TIMEOUT_S, max_connections: int | None = None) -> None:
     """Load a checkpoint directory (weights + tokenizer) onto `device` in an engine process and serve it until
     interrupted; connections bounded as serve/connections.py says."""
     import uvicorn
@@ -570,6 +571,6 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
         # a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
         uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning",
                     timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                    **uvicorn_options(head_timeout_s=head_timeout_s, max_connections=max_connections))
+                    **uvicorn_options(client_timeout_s=client_timeout_s, max_connections=max_connections))
     finally:
         bridge.stop()

@@ -4,8 +4,9 @@ FastAPI reads and parses a body before its route's dependencies run, so an API k
 unauthenticated client make the server hold and parse any body it sends. This ASGI middleware answers 401 from the
 headers alone, 413 for a declared `Content-Length` over the bound, and stops reading a body (chunked, or longer than
 it said) as soon as it passes the bound, or 408 when it has not arrived whole within BODY_TIMEOUT_S. Parsing a JSON
-body costs ~25x its size in memory, so the bodies held by requests in flight, together, stay under
-`max_body_bytes * BODIES_IN_FLIGHT` (503 beyond); `JSONOffLoopRoute` parses them off the event loop.
+body costs ~25x its size in memory for a moment, so the bodies being read and parsed, together, stay under
+`max_body_bytes * BODIES_IN_FLIGHT` (503 beyond); `JSONOffLoopRoute` parses them off the event loop and hands a
+body's share back once it is parsed, so the bound never limits how many requests generate at once.
 """
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ Send = Callable[[Message], Awaitable[None]]
 PROTECTED = "/v1/"  # the API; /health, /metrics and /openapi.json stay open to probes
 
 
+RELEASE_BODY = "longcat.release_body"  # in scope["state"]: hands a parsed body's share of the bound back
 BODY_TIMEOUT_S = 60.0  # from the request head to the body's last byte
 BODIES_IN_FLIGHT = 4  # the bodies requests in flight hold, together, in units of max_body_bytes
 
@@ -71,11 +73,17 @@ class RequestGuard:
             await error(413, f"request body of {declared} bytes; this server takes at most {self.max_body_bytes}",
                         "invalid_request_error", "request_too_large")(scope, receive, send)
             return
-        held = [0]  # this request's body bytes, counted in self.in_flight until it ends
+        held = [0]  # this request's body bytes, counted in self.in_flight until it is parsed (or ends)
+
+        def release() -> None:
+            self.in_flight -= held[0]
+            held[0] = 0
+
+        scope.setdefault("state", {})[RELEASE_BODY] = release
         try:
             await self.app(scope, self._bounded(receive, held), send)
         finally:
-            self.in_flight -= held[0]
+            release()
 
     def _bounded(self, receive: Receive, held: list[int]) -> Receive:
         deadline = time.monotonic() + self.body_timeout_s
@@ -95,7 +103,8 @@ class RequestGuard:
                 if held[0] + size > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
                 if self.in_flight + size > self.max_body_bytes * BODIES_IN_FLIGHT:
-                    raise HTTPException(503, "server busy: too many large request bodies in flight; retry")
+                    raise HTTPException(503, "server busy: too many large request bodies being read; retry",
+                                        headers={"Retry-After": "1"})
                 held[0] += size
                 self.in_flight += size
             return message
@@ -110,6 +119,7 @@ class JSONOffLoopRequest(Request):
         if not hasattr(self, "_json"):
             body = await self.body()
             self._json = await asyncio.to_thread(json.loads, body)
+            self.scope.get("state", {}).get(RELEASE_BODY, lambda: None)()  # parsed: its share of the bound
         return self._json
 
 

@@ -31,8 +31,9 @@ MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a r
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
 METADATA_FIELDS = ("user", "metadata")  # what clients send about themselves; dropped, as it changes no output
 # On a message: a participant's name (agent frameworks send it), an assistant's refusal and citations (OpenAI's
-# replies carry them, and clients send replies back): the chat template has no place for them
-MESSAGE_METADATA = ("name", "refusal", "annotations")
+# replies carry them, and clients send replies back), the reasoning other backends' replies carry (vLLM's reasoning
+# parsers): the chat template has no place for them
+MESSAGE_METADATA = ("name", "refusal", "annotations", "reasoning_content", "reasoning")
 
 
 def well_formed(value: Any, field: str) -> Any:
@@ -234,6 +235,8 @@ class FunctionCall(_Part):
     @field_validator("arguments")
     @classmethod
     def _object(cls, value: str) -> str:
+        if not value.strip():  # a call without arguments, accumulated from a stream whose argument deltas were ""
+            return "{}"
         try:
             parsed = json.loads(value)
         except RecursionError:
@@ -265,7 +268,7 @@ class ChatMessage(_Part):
     dropped = MESSAGE_METADATA
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
-    tool_calls: list[ToolCall] | None = Field(None, min_length=1, max_length=MAX_TOOLS)
+    tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # [] (vLLM's replies carry it): none
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
 
     @field_validator("role")
