@@ -11,7 +11,7 @@ import pytest
 pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
-from fastapi import FastAPI, Request  # noqa: E402
+from fastapi import FastAPI  # noqa: E402
 
 from longcat_flash.serve import guard  # noqa: E402
 from longcat_flash.serve.guard import BODIES_IN_FLIGHT, JSONOffLoopRoute, RequestGuard  # noqa: E402

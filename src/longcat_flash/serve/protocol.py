@@ -6,7 +6,6 @@ the model (prompt length, max_tokens against the context) are checked in app.py 
 """
 from __future__ import annotations
 
-import copy
 import json
 import re
 import time
@@ -326,8 +325,8 @@ class Tool(_Part):
         """Its known, non-null fields in the client's order (what parsing drops, the prompt does not show)."""
         given = {}
         if isinstance(data, dict) and isinstance(data.get("function"), dict):
-            function = {k: copy.deepcopy(v) for k, v in data["function"].items()
-                        if k in FunctionDef.model_fields and v is not None}
+            function = {k: dict(v) if isinstance(v, dict) else v for k, v in data["function"].items()
+                        if k in FunctionDef.model_fields and v is not None}  # a copy of what parsing writes into
             given = {k: function if k == "function" else v for k, v in data.items()
                      if k in cls.model_fields and v is not None}
         tool = handler(data)
