@@ -33,7 +33,7 @@ PROTECTED = "/v1/"  # the API; /health, /metrics and /openapi.json stay open to 
 
 RELEASE_BODY = "longcat.release_body"  # in scope["state"]: hands a parsed body's share of the bound back
 BODY_TIMEOUT_S = 60.0  # from the request head to the body's last byte
-BODIES_IN_FLIGHT = 4  # the bodies requests in flight hold, together, in units of max_body_bytes
+BODIES_IN_FLIGHT = 4  # the bodies being read and parsed at once, together, in units of max_body_bytes
 
 
 class BodyTooLarge(HTTPException):
@@ -55,7 +55,7 @@ class RequestGuard:
     def __init__(self, app: Callable, *, api_key: str | None, max_body_bytes: int,
                  body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-        self.body_timeout_s, self.in_flight = body_timeout_s, 0  # bytes of the bodies requests in flight hold
+        self.body_timeout_s, self.in_flight = body_timeout_s, 0  # bytes of the bodies being read and parsed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -330,7 +330,7 @@ class Tool(_Part):
             given = {k: function if k == "function" else v for k, v in data.items()
                      if k in cls.model_fields and v is not None}
         tool = handler(data)
-        tool._given = given
+        tool._given = given or tool.model_dump(exclude_none=True)  # built from objects, not a client's JSON
         return tool
 
     @property
