@@ -490,7 +490,7 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
     """The rendered conversation, tools included, then the plan's prefill (the model continues from it). Only the
     template's special tokens are parsed: `</s>` inside a message is text. Runs off the event loop."""
     try:
-        chat = tokenizer.render_chat([m.model_dump() for m in plan.history], tools=plan.tools, suffix=plan.prefill)
+        chat = tokenizer.render_chat([m.model_dump() for m in plan.history], tools=plan.shown, suffix=plan.prefill)
     except ValueError as err:
         raise APIError(400, str(err), param="messages") from None
     _fits(tokenizer, len(chat.text), context, "messages")

@@ -181,11 +181,12 @@ class PlainText:
 class ToolPlan:
     """What one request's tool fields mean for its generation."""
 
-    tools: list[dict] | None  # the function schemas rendered into the prompt; None renders none
+    tools: list[dict] | None  # the tools, normalised (what the grammar reads: parameters typed as objects); None: off
     prefill: str  # appended after the prompt's ` ASSISTANT:` so the model must continue a call
     parallel: bool
     choice: str | p.NamedToolChoice = "none"  # the effective tool_choice (serve/structured.py constrains by it)
     history: tuple[p.ChatMessage, ...] = ()  # the messages to render: tool results in the order of their calls
+    shown: list[dict] | None = None  # the tools as the client sent them: what the prompt renders
 
     def parser(self) -> ToolCallParser | PlainText:
         return ToolCallParser(self.prefill, self.parallel) if self.tools else PlainText()
@@ -210,8 +211,8 @@ def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
                                               f"the tools {names}")
     if choice == "none":
         return ToolPlan(None, "", body.parallel_tool_calls, history=history)
-    tools = [tool.given for tool in body.tools]
-    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls, choice, history)
+    tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
+    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls, choice, history, [t.given for t in body.tools])
 
 
 def _prefill(choice: str | p.NamedToolChoice) -> str:
