@@ -40,6 +40,7 @@ from ..device import autocast as device_autocast
 from ..device import compute_dtype
 from ..model import ModelOutput, Transformer
 from ..tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
+from . import run_lock
 from .budget import BudgetController
 from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, TrainConfig
 from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
@@ -265,7 +266,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                     save_checkpoint(run)
     finally:
         log.close()
-    return finish(run)
+    summary = finish(run)
+    run_lock.release(run.out)
+    return summary
 
 
 def _header(run: Run) -> str:
@@ -425,6 +428,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if pretrained is not None:
         check_same_shapes(pretrained, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
+    if distributed.is_main():
+        run_lock.hold(out)  # before anything is written there
     with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
         tokenizer = build_tokenizer(cfg, out, reuse=resume or not distributed.is_main(), progress=progress)
         cfg = dataclasses.replace(cfg, model=aligned_model_config(cfg.model, cfg.scaling.variance_alignment).replace(
