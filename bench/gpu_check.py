@@ -450,7 +450,7 @@ def section_decode(ctx: Context, rec: dict[str, Any]) -> None:
                decode_ratio=ratio(decode["ours"], decode["hf"]),
                aggregate_tok_s={k: round(v, 1) for k, v in aggregate.items()},
                aggregate_ratio_vs_hf_batch1=ratio(aggregate["ours"], decode["hf"]),
-               aggregate_ratio_vs_hf_same_batch=round(aggregate["ours"] / aggregate["hf"], 3),
+               aggregate_ratio_vs_hf_same_batch=ratio(aggregate["ours"], aggregate["hf"]),
                greedy_agreeing_prefix=f"{agree}/{N}", peak_memory_gb=peak_gb(device))
     del model, engine, hf
     free_memory(device)

@@ -52,24 +52,6 @@ def test_the_api_key_is_a_bearer_token_with_a_case_insensitive_scheme(header, st
     assert asyncio.run(go()) == status
 
 
-def test_a_body_that_does_not_arrive_whole_in_time_is_a_408():
-    app = bare_app(body_timeout_s=0.3)
-    sent: list[dict] = []
-
-    async def receive():
-        if not sent:
-            sent.append({})
-            return {"type": "http.request", "body": b'{"a": ', "more_body": True}
-        await asyncio.sleep(3600)  # the rest never comes
-
-    async def send(message):
-        sent.append(message)
-
-    asyncio.run(asyncio.wait_for(app(scope_for(), receive, send), 10))
-    start = next(m for m in sent if m.get("type") == "http.response.start")
-    assert start["status"] == 408
-
-
 def scope_for(path: str = "/v1/echo") -> dict:
     return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
@@ -89,6 +71,20 @@ def stalled_body(release: asyncio.Event):
         await release.wait()
         return {"type": "http.request", "body": b"{}", "more_body": False}
     return receive
+
+
+def test_a_body_that_does_not_arrive_whole_in_time_is_a_408():
+    app = bare_app(body_timeout_s=0.3)
+    sent: list[dict] = []
+
+    async def send(message):
+        sent.append(message)
+
+    async def go():
+        await asyncio.wait_for(app(scope_for(), stalled_body(asyncio.Event()), send), 10)  # the rest never comes
+    asyncio.run(go())
+    start = next(m for m in sent if m.get("type") == "http.response.start")
+    assert start["status"] == 408
 
 
 def test_the_bodies_being_read_are_bounded_and_parsed_ones_no_longer_count():
