@@ -21,6 +21,8 @@ from longcat_flash.presets import PRESETS, get_preset, tiny
     ("num_nextn_predict_layers", 2),
     ("eos_token_id", 999),
     ("eos_token_id", 2.5),  # wrong types read as another choice, or failed deep in a forward
+    ("eos_token_id", (2, 999)),
+    ("eos_token_id", (2, "3")),
     ("norm_topk_prob", "no"),
     ("num_nextn_predict_layers", True),
     ("zero_expert_num", True),
@@ -34,6 +36,14 @@ def test_json_round_trip(tmp_path):
     cfg = tiny().replace(zero_expert_type="drop", rope_theta=5e5)
     cfg.save_json(tmp_path)
     assert ModelConfig.from_json(tmp_path) == cfg
+
+
+def test_several_eos_ids_survive_a_config_json_round_trip(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**tiny().to_dict(), "eos_token_id": [2, 7]}))
+    cfg = ModelConfig.from_json(tmp_path)
+    assert cfg.eos_token_ids == (2, 7)
+    cfg.save_json(tmp_path / "again.json")
+    assert json.loads((tmp_path / "again.json").read_text())["eos_token_id"] == [2, 7]
 
 
 def test_reads_hf_aliases_and_rope_parameters():

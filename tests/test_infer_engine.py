@@ -7,6 +7,7 @@ import pytest
 import torch
 from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
 
+from longcat_flash.config import ModelConfig
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.sampling import SamplingParams, probabilities
 from longcat_flash.infer.speculative import Draft, MTPDrafter, verify
@@ -201,9 +202,17 @@ def test_stop_conditions(model, reference):
     while engine.has_work():
         outs += [o for o in engine.step() if o.request_id == rid]
     assert sum(len(o.new_tokens) for o in outs) == 3 and outs[-1].finish_reason == "stop"
-    engine.eos_id = first[1]
-    eos = engine.generate([ps[0]], SamplingParams(max_new_tokens=12, temperature=0.0))[0]
-    assert eos == first[: first.index(first[1]) + 1]
+
+
+def test_generation_ends_at_any_of_several_eos_ids(model, reference, monkeypatch):
+    """config.json may list several eos ids (transformers reads a list); each one ends a sequence."""
+    ps, expected = reference
+    first = expected[0]
+    never = next(t for t in range(model.config.vocab_size) if t not in first)
+    cfg = ModelConfig.from_dict({**model.config.to_dict(), "eos_token_id": [never, first[3]]})
+    monkeypatch.setattr(model, "config", cfg)
+    out = Engine(model, EngineConfig(**SMALL)).generate([ps[0]], SamplingParams(max_new_tokens=12, temperature=0.0))
+    assert out[0] == first[: first.index(first[3]) + 1]
 
 
 def test_bad_prompts_are_rejected(model):

@@ -156,7 +156,7 @@ class ModelConfig:
     initializer_range: float = 0.02
     num_nextn_predict_layers: int = 0  # 1 = the dense MTP head (`model.mtp.*`); HF-written configs have none
     bos_token_id: int | None = 1
-    eos_token_id: int | None = 2
+    eos_token_id: int | tuple[int, ...] | None = 2  # config.json may list several; generation ends at any
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
@@ -200,16 +200,25 @@ class ModelConfig:
                              f"got {self.num_nextn_predict_layers!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and not isinstance(value, bool)):
-                raise ValueError(f"ModelConfig.{name} must be a token id (an integer), got {value!r}")
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"ModelConfig.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
+            several = name == "eos_token_id" and isinstance(value, tuple) and len(value) > 0
+            for token in value if several else [value]:
+                if token is not None and not (isinstance(token, int) and not isinstance(token, bool)):
+                    raise ValueError(f"ModelConfig.{name} must be a token id (an integer)"
+                                     f"{' or a list of them' if name == 'eos_token_id' else ''}, got {value!r}")
+                if token is not None and not 0 <= token < self.vocab_size:
+                    raise ValueError(f"ModelConfig.{name}={value} is outside the vocabulary [0, {self.vocab_size})")
 
     # ---- derived sizes (never stored twice) ----
     @property
     def n_experts_total(self) -> int:
         """Router width: FFN experts followed by zero-computation experts."""
         return self.n_routed_experts + self.zero_expert_num
+
+    @property
+    def eos_token_ids(self) -> tuple[int, ...]:
+        """Every id that ends a generated sequence."""
+        eos = self.eos_token_id
+        return eos if isinstance(eos, tuple) else () if eos is None else (eos,)
 
     @property
     def qk_head_dim(self) -> int:
@@ -264,8 +273,8 @@ class ModelConfig:
             key = _ALIASES.get(key, key)
             if key in ("rope_parameters", "rope_scaling"):
                 rope[key] = value
-            elif key == "eos_token_id" and isinstance(value, list):
-                values[key] = value[0] if value else None
+            elif key == "eos_token_id" and isinstance(value, list):  # transformers' spelling of several
+                values[key] = tuple(value) if len(value) > 1 else value[0] if value else None
             elif key in known:
                 values[key] = value
             elif key not in _DERIVED_OR_IGNORED:

@@ -126,7 +126,7 @@ class Engine:
         if self.max_context < cfg.max_position_embeddings:  # else a sequence could outgrow the pool and never run
             log.warning("the KV cache (%d tokens) holds less than the model's context (%d): sequences are limited to "
                         "%d tokens", self.config.cache_tokens, cfg.max_position_embeddings, self.max_context)
-        self.vocab_size, self.eos_id = cfg.vocab_size, cfg.eos_token_id
+        self.vocab_size, self.eos_ids = cfg.vocab_size, cfg.eos_token_ids
         self._ids = itertools.count()
 
     # ---- requests ----
@@ -406,14 +406,14 @@ class Engine:
     def _finish_reason(self, req: Request, token: int) -> str | None:
         p = req.params
         if req.matcher is not None:  # the mask admits EOS only where the grammar accepts; it then ends the request
-            if token == self.eos_id:
+            if token in self.eos_ids:
                 return "stop"
             req.matcher.advance(token)
             if req.matcher.error is not None:
                 return "error"
             if req.matcher.done:
                 return "stop"
-        if (token == self.eos_id and not p.ignore_eos) or token in p.stop_token_ids:
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
             return "stop"
         if req.stop is not None and req.stop(req.generated):
             return "stop"
