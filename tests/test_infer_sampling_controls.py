@@ -90,6 +90,18 @@ def test_seeded_sampling_without_controls_is_unchanged(model):
     assert mixed == alone
 
 
+def test_a_tiny_temperature_decodes_greedily_and_harms_no_other_request(model):
+    """logits / 1e-39 overflowed to inf, the draw raised, and every request in the step failed with it."""
+    ps = prompts((6, 9), seed=5)
+    seeded = SamplingParams(max_new_tokens=N, temperature=0.9, seed=11, ignore_eos=True)
+    tiny = SamplingParams(max_new_tokens=N, temperature=1e-39, ignore_eos=True)
+    alone = Engine(model, EngineConfig(**SMALL)).generate([ps[1]], seeded)[0]
+    assert Engine(model, EngineConfig(**SMALL)).generate(ps, [tiny, seeded]) == \
+        [greedy_reference(model, ps[0], N), alone]
+    huge = torch.tensor([[3e38, 1e38, 0.0]])  # past the greedy cut-off, the shift still keeps it finite
+    assert probabilities(huge, SamplingParams(temperature=2e-5)).tolist() == [[1.0, 0.0, 0.0]]
+
+
 @pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),
                                  dict(repetition_penalty=0.0), dict(min_p=1.5), dict(logit_bias=((1, 101.0),)),
                                  dict(logit_bias=tuple((i, 1.0) for i in range(301))),

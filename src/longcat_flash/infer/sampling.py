@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 MAX_STOP_TOKENS = 64
 MAX_LOGPROBS = 20  # alternatives per token a request may ask for (OpenAI's legacy limit is 5; vLLM's 20)
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit
+GREEDY_BELOW = 1e-5  # a temperature under this samples greedily, as vLLM does (logits / 1e-39 overflowed fp32)
 
 
 @dataclass(frozen=True)
@@ -43,7 +44,8 @@ class TokenLogprob:
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-request generation settings. temperature 0 means greedy (top_k / top_p are then irrelevant)."""
+    """Per-request generation settings. temperature 0 (or under GREEDY_BELOW) means greedy (top_k / top_p are
+    then irrelevant)."""
 
     max_new_tokens: int = 16
     temperature: float = 1.0
@@ -114,7 +116,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def generator(self, device: str | torch.device = "cpu") -> torch.Generator:
         """The request's own random stream, on the device its logits live on (an op refuses a generator of
@@ -134,7 +136,7 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     logits = logits.float()
     if params.greedy:
         return torch.zeros_like(logits).scatter_(-1, argmax(logits, keepdim=True), 1.0)
-    logits = logits / params.temperature
+    logits = (logits - logits.amax(-1, keepdim=True)) / params.temperature  # <= 0: no overflow to inf, no NaN
     if 0 < params.top_k < logits.shape[-1]:
         kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
