@@ -196,6 +196,16 @@ def test_bad_fields_get_a_400_naming_them(client, fields, param):
     assert status == 400 and body["error"]["param"] == param, body
 
 
+def test_stop_takes_the_stop_lists_evaluators_send(client):
+    """lm_eval's local-completions sends a task's whole `until` list plus EOS (HumanEval: 6); OpenAI's limit of 4
+    refused them."""
+    until = ["\nclass", "\ndef", "\n#", "\nif", "\nprint", "</s>"]
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 2, "stop": until}
+    assert client.post("/v1/completions", json=body, headers=AUTH).status_code == 200
+    r = client.post("/v1/completions", json={**body, "stop": [f"s{i}" for i in range(p.MAX_STOP + 1)]}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "stop"
+
+
 def test_the_key_and_the_body_bound_are_checked_before_the_body_is_read(client):
     r = client.post("/v1/chat/completions", content=b'{"model": "tiny", "messages": [', headers={})
     assert r.status_code == 401  # not the 400 that parsing the malformed body would give
