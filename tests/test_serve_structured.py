@@ -165,6 +165,22 @@ def test_strict_tool_under_auto_constrains_the_call(served):
         assert isinstance(arguments, dict)
 
 
+def test_stop_strings_never_cut_json_a_grammar_holds_or_a_call(served):
+    """Agent frameworks send `stop` with tools and formats; a stop string inside the JSON cut it into markup left
+    in the content, with finish_reason "stop"."""
+    client, tokenizer = served
+    offered = tools("get_weather", "search")
+    for seed in range(2):
+        valid_calls(chat(client, tools=offered, tool_choice="required", stop=['"arguments"'], seed=seed), offered)
+        choice = chat(client, response_format={"type": "json_object"}, stop=["{"], seed=seed, max_tokens=400)
+        assert choice["finish_reason"] == "length" or isinstance(json.loads(choice["message"]["content"]), dict)
+    [open_id] = tokenizer.encode(TOOL_CALL_OPEN, allow_special=True)
+    strict = tools("search", strict=True)  # under "auto": text, or a call the grammar holds
+    choice = chat(client, tools=strict, parallel_tool_calls=False, stop=['"name"', "{"], seed=0,
+                  logit_bias={str(open_id): 100})
+    assert len(valid_calls(choice, strict)) == 1
+
+
 def test_auto_text_never_spells_the_tag(served):
     """Under a strict tool, free text cannot write the opening tag out of ordinary tokens (the parser would read
     an unchecked call there): after `<longcat_tool_call` spelled byte by byte, `>` is not allowed."""

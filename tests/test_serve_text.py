@@ -83,3 +83,22 @@ def test_cost_per_token_does_not_grow_with_the_text(tokenizer):
         return time.perf_counter() - start
     seconds(200)
     assert seconds(len(ids)) / seconds(len(ids) // 10) < 25
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_stop_strings_are_not_looked_for_inside_blocks(tokenizer, step):
+    """A tool call's block passes whole, even a tag that arrives piece by piece; text around it is scanned."""
+    ids = tokenizer.encode("ab<T>no stop</T>c stop d")
+    state = TextState(tokenizer, stop=["stop"], blocks=("<T>", "</T>"))
+    assert "".join(stream(state, ids, step)) == "ab<T>no stop</T>c " and state.stopped
+    plain = TextState(tokenizer, stop=["stop"])
+    assert "".join(stream(plain, ids, step)) == "ab<T>no " and plain.stopped
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_stop_string_the_opening_tag_starts_with_still_stops_where_no_tag_follows(tokenizer, step):
+    ids = tokenizer.encode("ab<T>q</T>c<Tz")
+    state = TextState(tokenizer, stop=["<T"], blocks=("<T>", "</T>"))
+    assert "".join(stream(state, ids, step)) == "ab<T>q</T>c" and state.stopped
+    ends_like_a_tag = TextState(tokenizer, stop=["b<"], blocks=("<T>", "</T>"))
+    assert "".join(stream(ends_like_a_tag, tokenizer.encode("ab<"), step)) == "a" and ends_like_a_tag.stopped

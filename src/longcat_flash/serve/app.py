@@ -34,7 +34,7 @@ from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
-from .structured import ConstraintError, request_grammar
+from .structured import ConstraintError, request_grammar, stop_scope
 from .text import TextState
 from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools
 
@@ -206,7 +206,8 @@ class Generation:
                          copy: Copy, request: Request | None) -> AsyncIterator[tuple[p.CompletionChoice, int]]:
         """One choice of a completion as chunks (a text delta, its tokens' logprobs, the finish reason) with the
         completion tokens so far; with `echo` the first chunk starts with the prompt."""
-        text, scores = TextState(self.tokenizer, body.stop), CompletionScores(echo=ids if body.echo else None)
+        text = TextState(self.tokenizer, *stop_scope(body, None))
+        scores = CompletionScores(echo=ids if body.echo else None)
         echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
         async for delta, reason, n in self.pieces(copy, text, request, scores.record):
             logprobs = None if body.logprobs is None else scores.take(self.tokenizer, n)
@@ -217,7 +218,7 @@ class Generation:
               ) -> tuple[AsyncIterator[tuple[list[Event], str | None, int]], Callable[[int], p.ChatLogprobs | None]]:
         """One chat choice read through its tool-call parser, and the function that hands out its logprobs up to
         a token count (always None without `logprobs`)."""
-        text, scores = TextState(self.tokenizer, body.stop), ChatScores()
+        text, scores = TextState(self.tokenizer, *stop_scope(body, plan)), ChatScores()
         logprobs = (lambda n: scores.take(self.tokenizer, n)) if body.logprobs else (lambda n: None)
         return _parsed(self.pieces(copy, text, request, scores.record), plan.parser()), logprobs
 

@@ -11,6 +11,9 @@ per request, or none when the output is free text (docs/serving.md §3.3).
   not. The text may not spell the opening tag out of ordinary tokens, since the parser would read a call there
   that the grammar never checked.
 Each call schema sits at the root of its own `%json`, so a tool's `$ref`s into its own `$defs` resolve.
+
+Stop strings never cut what a grammar or the tool parser must read whole (`stop_scope`): an output that is all
+JSON (a JSON response_format, a forced call) is not scanned for them, and text is scanned only outside call blocks.
 """
 from __future__ import annotations
 
@@ -43,6 +46,15 @@ def response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | 
     if kind == "json_object":
         return ANY_OBJECT
     return response_format["json_schema"]["schema"] if kind == "json_schema" else None
+
+
+def stop_scope(body: p._Sampling, plan: ToolPlan | None) -> tuple[list[str], tuple[str, str] | None]:
+    """The stop strings the request's text is scanned for, and the (opening, closing) tags of blocks it is not
+    scanned in: none when the whole output is JSON, tool-call blocks when the reply may call tools."""
+    forced = plan is not None and (plan.choice == "required" or isinstance(plan.choice, p.NamedToolChoice))
+    if forced or response_schema(body.response_format) is not None:
+        return [], None
+    return body.stop, (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if plan is not None and plan.tools else None
 
 
 def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) -> str | None:

@@ -7,6 +7,9 @@ engine's step thread; the consumer cancels the request when `TextState.stopped` 
 Every id costs O(1): `tokenizers`' `DecodeStream` decodes only a small window of recent ids (it holds back bytes
 that do not yet form a whole UTF-8 character), and only the tail that could still grow into a stop string
 (`hold` = longest stop string - 1 characters) is kept back and re-scanned.
+
+Text between a pair of `blocks` tags (a tool call's `<longcat_tool_call>` ... `</longcat_tool_call>`) is never
+scanned: a stop string there would cut the call into markup that is neither a call nor content.
 """
 from __future__ import annotations
 
@@ -21,12 +24,20 @@ from ..tokenizer import Tokenizer
 MAX_PENDING_IDS = 8
 
 
+def partial_tag(text: str, tag: str) -> int:
+    """Length of the longest tail of `text` that could still grow into `tag` (held back while streaming)."""
+    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
+
+
 class TextState:
     """One request's text: feed it the generated ids as they arrive; it returns the text that is safe to show."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), blocks: tuple[str, str] | None = None
+                 ) -> None:
         self.stop = [s for s in stop if s]
         self.hold = max(map(len, self.stop), default=1) - 1
+        self.blocks = blocks if self.stop else None  # (opening tag, closing tag) of text never scanned
+        self._in_block = False
         self._backend = tokenizer.backend  # DecodeStream needs the tokenizers.Tokenizer itself
         self._stream = DecodeStream(skip_special_tokens=True)
         self._pending: list[int] = []  # ids the stream holds without a whole character yet
@@ -44,8 +55,7 @@ class TextState:
             self.tokens += 1
             pieces.append(self._release(self._decode(token)))
         if final and not self.stopped:
-            pieces.append(self._release(self._flush_pending()) + self._tail)
-            self._tail = ""
+            pieces.append(self._release(self._flush_pending(), final=True))
         piece = "".join(pieces)
         self._shown.append(piece)
         return piece
@@ -68,16 +78,45 @@ class TextState:
         self._stream = DecodeStream(skip_special_tokens=True)
         return text
 
-    def _release(self, new: str) -> str:
-        """Scan the held tail plus `new` for a stop string; return what is now safe, keep what could still match."""
-        text = self._tail + new
-        hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if hits:
-            self.stopped, self._tail = True, ""
-            return text[: min(hits)]
-        cut = len(text) - self.hold
-        self._tail = text[max(cut, 0):]
-        return text[:max(cut, 0)]
+    def _release(self, new: str, final: bool = False) -> str:
+        """Scan the held tail plus `new` for a stop string outside blocks; return what is now safe, keep what could
+        still match (or still turn into a tag); `final` keeps nothing back."""
+        text, start, shown = self._tail + new, 0, []
+        while self.blocks is not None:
+            opening, closing = self.blocks
+            if self._in_block:  # pass the block through up to its closing tag, which may still be arriving
+                end = text.find(closing, start)
+                if end < 0:
+                    safe = len(text) if final else len(text) - partial_tag(text[start:], closing)
+                    shown.append(text[start:safe])
+                    self._tail = text[safe:]
+                    return "".join(shown)
+                shown.append(text[start:end + len(closing)])
+                start, self._in_block = end + len(closing), False
+                continue
+            tag = text.find(opening, start)
+            if tag < 0:
+                break
+            hit = self._first_stop(text, start, tag)
+            if hit is not None:
+                return "".join(shown) + hit
+            shown.append(text[start:tag + len(opening)])
+            start, self._in_block = tag + len(opening), True
+        scanned = len(text) if final or self.blocks is None else len(text) - partial_tag(text[start:], self.blocks[0])
+        hit = self._first_stop(text, start, scanned)
+        if hit is not None:
+            return "".join(shown) + hit
+        cut = len(text) if final else max(start, scanned - self.hold)
+        self._tail = text[cut:]
+        return "".join(shown) + text[start:cut]
+
+    def _first_stop(self, text: str, start: int, end: int) -> str | None:
+        """The text from `start` up to the first stop string wholly inside text[start:end] (then stopped), or None."""
+        hits = [i for i in (text.find(s, start, end) for s in self.stop) if i >= 0]
+        if not hits:
+            return None
+        self.stopped, self._tail = True, ""
+        return text[start:min(hits)]
 
     @property
     def text(self) -> str:

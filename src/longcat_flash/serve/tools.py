@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import protocol as p
+from .text import partial_tag
 
 
 class ToolRequestError(ValueError):
@@ -91,11 +92,6 @@ _STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
-def _partial_tag(text: str, tag: str) -> int:
-    """Length of the longest tail of `text` that could still grow into `tag` (held back while streaming)."""
-    return next((k for k in range(min(len(tag) - 1, len(text)), 0, -1) if tag.startswith(text[-k:])), 0)
-
-
 @dataclass
 class ToolCallParser:
     """Incremental: `feed` generated text, `finish` at the end; each returns events in order. Markup never
@@ -127,7 +123,7 @@ class ToolCallParser:
         """Consume one tag's worth of the buffer; False when the buffer needs more text."""
         if not self._in_call:
             at = self._buffer.find(TOOL_CALL_OPEN)
-            cut = len(self._buffer) - _partial_tag(self._buffer, TOOL_CALL_OPEN) if at < 0 else at
+            cut = len(self._buffer) - partial_tag(self._buffer, TOOL_CALL_OPEN) if at < 0 else at
             self._content(self._buffer[:cut], events)
             self._buffer = self._buffer[cut + len(TOOL_CALL_OPEN):] if at >= 0 else self._buffer[cut:]
             self._in_call = at >= 0
