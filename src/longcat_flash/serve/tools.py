@@ -223,8 +223,9 @@ def _choice_text(choice: str | p.NamedToolChoice) -> str:
 
 def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
     """The history as the template renders it, checked: the run of `tool` messages after an assistant message with
-    calls answers each call exactly once, as OpenAI requires, and is put in the order of the calls (the prompt does
-    not carry the ids, so the model pairs results with calls by position); any order is accepted."""
+    calls answers each call exactly once (a call left unanswered is refused, at the end too), as OpenAI requires,
+    and is put in the order of the calls (the prompt does not carry the ids, so the model pairs results with calls
+    by position); any order is accepted."""
     ordered: list[p.ChatMessage] = []
     calls: list[str] = []  # the ids of the latest assistant message's calls
     run: dict[str, p.ChatMessage] = {}  # results seen since it, by id
@@ -237,10 +238,10 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
                                        f"message before it {what} (its calls: {calls})")
             run[message.tool_call_id] = message
             continue
-        if run and len(run) < len(calls):
+        if len(run) < len(calls):  # none answered too: the conversation went on (or ends) as if it never called
             missing = [c for c in calls if c not in run]
-            raise ToolRequestError(f"messages.{i - 1}", f"tool calls {missing} have no result: each call of an "
-                                                        "assistant message needs one tool message")
+            raise ToolRequestError(f"messages.{i - 1}", f"tool calls {missing} have no result: an assistant message "
+                                                        "with tool_calls must be followed by one tool message per call")
         ordered += [run[c] for c in calls if c in run]
         if message is not None:
             ordered.append(message)
