@@ -54,7 +54,9 @@ def test_a_prompt_filling_the_whole_context_can_be_scored_but_not_continued(serv
     ours = torch.tensor(r.json()["choices"][0]["logprobs"]["token_logprobs"][1:], dtype=torch.float32)
     torch.testing.assert_close(ours, forward_logprobs(model, ids), atol=1e-3, rtol=0)
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": ids, "max_tokens": 1})
-    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+    assert error["message"].startswith("max_tokens=1 plus the prompt's")  # it is max_tokens that does not fit
 
 
 def test_special_token_text_in_a_raw_prompt_is_the_token(served):

@@ -97,9 +97,11 @@ class Generation:
         if body.model != self.config.model_name:
             raise APIError(404, f"model {body.model!r} is not served here; use {self.config.model_name!r}",
                            param="model", code="model_not_found")
-        if len(prompt) > context or (len(prompt) == context and limit != 0):  # max_tokens 0: scored, may fill it
-            raise APIError(400, f"the prompt has {len(prompt)} tokens; this model's context is {context} tokens",
-                           param=param, code="context_length_exceeded")
+        if len(prompt) > context or (len(prompt) == context and limit is None):  # max_tokens 0: scored, may fill it
+            why = (f"this model's context is {context} tokens" if len(prompt) > context else
+                   "the whole of this model's context, so none is left to generate")
+            raise APIError(400, f"the prompt has {len(prompt)} tokens; {why}", param=param,
+                           code="context_length_exceeded")
         limit = context - len(prompt) if limit is None else limit
         if len(prompt) + limit > context:
             raise APIError(400, f"max_tokens={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
