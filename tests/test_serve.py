@@ -41,7 +41,7 @@ def metric(base: str, name: str) -> float:
 
 
 def test_models_and_health(server, client):
-    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert [m.id for m in client.models.list().data] == ["tiny"] == [client.models.retrieve("tiny").id]
     assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
     unauthorized = httpx.get(f"{server[0]}/v1/models")
     assert unauthorized.status_code == 401 and unauthorized.json()["error"]["message"]

@@ -125,7 +125,7 @@ def test_get_routes_answer_as_declared(client, path):
 def test_every_route_is_declared_and_fuzzed(client):
     from fastapi.routing import APIRoute
 
-    served = {(sorted(r.methods)[0], r.path) for r in client.app.routes if isinstance(r, APIRoute)}
+    served = {(sorted(r.methods)[0], r.path_format) for r in client.app.routes if isinstance(r, APIRoute)}
     fuzzed = {(m, path) for m, path, _ in ROUTES} | {("GET", path) for path in ROUTE_ERRORS}
     assert {path for _, path in served} <= set(ROUTE_ERRORS) and served <= fuzzed
 
@@ -194,6 +194,14 @@ def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carr
 def test_bad_fields_get_a_400_naming_them(client, fields, param):
     status, body = _chat(client, **fields)
     assert status == 400 and body["error"]["param"] == param, body
+
+
+def test_a_model_is_retrieved_by_its_id_as_the_openai_sdk_asks(client):
+    card = client.get("/v1/models/tiny", headers=AUTH).json()
+    assert (card["id"], card["object"], card["max_model_len"]) == ("tiny", "model", CONTEXT)
+    r = client.get("/v1/models/other", headers=AUTH)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    assert client.get("/v1/models/tiny").status_code == 401
 
 
 def test_stop_takes_the_stop_lists_evaluators_send(client):

@@ -337,10 +337,19 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
     async def scrape() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
+    def card() -> p.ModelCard:
+        return p.ModelCard(id=config.model_name, created=p.now(), max_model_len=config.context)
+
     @app.get("/v1/models")
     async def models() -> dict:
-        card = p.ModelCard(id=config.model_name, created=p.now(), max_model_len=config.context)
-        return p.ModelList(data=[card]).model_dump()
+        return p.ModelList(data=[card()]).model_dump()
+
+    @app.get("/v1/models/{model_id:path}")  # the openai SDK's models.retrieve; ids may hold "/" (org/name)
+    async def model(model_id: str) -> dict:
+        if model_id != config.model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; use {config.model_name!r}",
+                           param="model", code="model_not_found")
+        return card().model_dump()
 
     _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config)
     install_openapi(app)

@@ -25,7 +25,7 @@ def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
     for route in routes:
         match, _ = route.matches(scope)
         if match is not Match.NONE:
-            return getattr(route, "path", UNKNOWN_PATH)
+            return getattr(route, "path_format", UNKNOWN_PATH)  # as /openapi.json names it: no converters
     return UNKNOWN_PATH
 
 

@@ -29,6 +29,7 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {  # path -> statuses besides 200
     "/metrics": (),
     "/openapi.json": (),
     "/v1/models": (401,),
+    "/v1/models/{model_id}": (401, 404),
     "/v1/completions": _GENERATION,
     "/v1/chat/completions": _GENERATION,
 }
