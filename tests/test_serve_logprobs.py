@@ -69,6 +69,28 @@ def test_special_token_text_in_a_raw_prompt_is_the_token(served):
     assert len(answer["choices"][0]["logprobs"]["token_logprobs"]) == answer["usage"]["prompt_tokens"]
 
 
+def test_offsets_point_into_the_text_past_split_characters_and_special_tokens(served):
+    """A character of several byte-level tokens, and `<s>` written in the prompt, shifted every later offset (the
+    offsets summed the tokens' texts, U+FFFD for each part of a split character and "" for `<s>`)."""
+    client, _, tokenizer, _ = served
+    text = "<s>héllo wörld ✓ ok"
+    answer = client.post("/v1/completions", json={"model": "tiny", "prompt": text, "max_tokens": 0, "echo": True,
+                                                  "logprobs": 0}).json()["choices"][0]
+    tokens, offsets = answer["logprobs"]["tokens"], answer["logprobs"]["text_offset"]
+    assert answer["text"] == text and any("\ufffd" in t for t in tokens)  # the sample does split characters
+    whole = [(t, at) for t, at in zip(tokens, offsets) if "\ufffd" not in t]
+    assert all(text[at:at + len(t)] == t for t, at in whole) and whole[-1][1] == len(text) - len(whole[-1][0])
+
+
+def test_chat_bytes_are_the_tokens_own_so_split_characters_join(served):
+    """A token holding the first byte of "é" reads as U+FFFD; its `bytes` were those of U+FFFD (239, 191, 189)."""
+    client, _, tokenizer, _ = served
+    first, second = tokenizer.encode("é")  # two byte-level tokens in this vocabulary
+    choice = chat(client, logprobs=True, logit_bias={str(first): 100}, max_tokens=1).json()["choices"][0]
+    assert choice["logprobs"]["content"][0]["bytes"] == [0xC3]
+    assert (tokenizer.token_bytes(first) + tokenizer.token_bytes(second)).decode() == "é"
+
+
 def test_prompt_logprobs_equal_the_models_forward(served):
     client, model, tokenizer, _ = served
     prompts = [tokenizer.encode(text) for text in TEXTS]
@@ -172,9 +194,10 @@ def test_streamed_completions_equal_the_whole_answer_with_echo_logprobs_and_n(se
                                    for c in whole["choices"]}
     assert usage == whole["usage"]
     for choice in whole["choices"]:  # the token texts spell the text (a stop string's token may run past its
-        tokens = choice["logprobs"]["tokens"]  # end, as in vLLM), each offset where its token starts
-        assert "".join(tokens).startswith(choice["text"]) and len(tokens) == len(choice["logprobs"]["token_logprobs"])
-        assert choice["logprobs"]["text_offset"] == [len("".join(tokens[:i])) for i in range(len(tokens))]
+        tokens, text = choice["logprobs"]["tokens"], choice["text"]  # end, as in vLLM), each offset where it starts
+        assert "".join(tokens).startswith(text) and len(tokens) == len(choice["logprobs"]["token_logprobs"])
+        for token, at in zip(tokens, choice["logprobs"]["text_offset"]):
+            assert "\ufffd" in token or text[at:at + len(token)] == token[:len(text) - at]
     first = next(c for c in chunks if c["index"] == 0)
     assert first["text"].startswith(TEXTS[0]) and first["logprobs"]["token_logprobs"][0] is None  # echo leads
 
@@ -215,8 +238,8 @@ def test_chat_logprobs_equal_the_models_forward_streamed_or_not(served):
     reference = forward_logprobs(model, prompt + generated)[len(prompt) - 1:]
     torch.testing.assert_close(torch.tensor([c["logprob"] for c in content]), reference, atol=1e-3, rtol=0)
     assert [c["token"] for c in content] == [tokenizer.decode([t]) for t in generated]
-    for entry in content:
-        assert entry["bytes"] == list(entry["token"].encode()) and len(entry["top_logprobs"]) == 2
+    for entry, token in zip(content, generated):
+        assert entry["bytes"] == list(tokenizer.token_bytes(token)) and len(entry["top_logprobs"]) == 2
         assert entry["top_logprobs"][0]["logprob"] == entry["logprob"]  # greedy: the chosen is the likeliest
     streamed = []
     with client.stream("POST", "/v1/chat/completions", json={

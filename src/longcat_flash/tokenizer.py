@@ -132,6 +132,18 @@ class RenderedChat:
     specials: tuple[tuple[int, int, int], ...]  # (start, end, id) of each, in order, as offsets into text
 
 
+def _byte_level_alphabet() -> dict[str, int]:
+    """Character -> byte of the byte-level BPE alphabet (GPT-2's): printable bytes stand for themselves, the
+    others for the characters from U+0100 on, in byte order."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    others = [b for b in range(256) if b not in printable]
+    return {chr(b): b for b in printable} | {chr(0x100 + n): b for n, b in enumerate(others)}
+
+
+_BYTE_LEVEL = _byte_level_alphabet()
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 class Tokenizer:
     """A `tokenizers.Tokenizer` plus the ids and chat template our training and serving code needs."""
 
@@ -192,6 +204,19 @@ class Tokenizer:
         """Ids to text; `skip_special_tokens` drops pad/bos/eos so a generated sequence reads as plain text."""
         return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
 
+    def token_bytes(self, token: int) -> bytes:
+        """The bytes one token stands for, a part of a character included (its decoded text is then U+FFFD);
+        an added token's are its text's, an id past the tokenizer's vocabulary has none."""
+        added = self._added_tokens.get(token)
+        piece = added.content if added is not None else self._backend.id_to_token(token)
+        if piece is None or added is not None:
+            return (piece or "").encode()
+        if isinstance(self._backend.decoder, decoders.ByteLevel) and all(c in _BYTE_LEVEL for c in piece):
+            return bytes(_BYTE_LEVEL[c] for c in piece)
+        if (byte := _BYTE_FALLBACK.fullmatch(piece)) is not None:  # SentencePiece's <0xE9>
+            return bytes([int(byte.group(1), 16)])
+        return self.decode([token]).encode()
+
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[dict[str, Any]] | None = None) -> str:
         """Render a conversation (and the OpenAI function schemas in `tools`) to the prompt string the model was
@@ -206,9 +231,13 @@ class Tokenizer:
                                eos_token=self.eos_token, pad_token=self.pad_token)
 
     @functools.cached_property
+    def _added_tokens(self) -> dict[int, tokenizers.AddedToken]:
+        return self._backend.get_added_tokens_decoder()
+
+    @functools.cached_property
     def special_ids(self) -> dict[str, int]:
         """Text -> id of every special token (bos, eos, pad and the rest the tokenizer marks special)."""
-        return {t.content: i for i, t in self._backend.get_added_tokens_decoder().items() if t.special}
+        return {t.content: i for i, t in self._added_tokens.items() if t.special}
 
     @functools.cached_property
     def max_token_chars(self) -> int:

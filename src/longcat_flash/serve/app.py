@@ -209,7 +209,7 @@ class Generation:
         """One choice of a completion as chunks (a text delta, its tokens' logprobs, the finish reason) with the
         completion tokens so far; with `echo` the first chunk starts with the prompt."""
         text = TextState(self.tokenizer, *stop_scope(body, None))
-        scores = CompletionScores(echo=ids if body.echo else None)
+        scores = CompletionScores(echo=ids if body.echo else None, echo_text=isinstance(prompt, str))
         echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
         async for delta, reason, n in self.pieces(copy, text, request, scores.record):
             logprobs = None if body.logprobs is None else scores.take(self.tokenizer, n)

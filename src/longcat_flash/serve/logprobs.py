@@ -4,12 +4,12 @@ engine reports.
 The engine scores tokens as token ids (infer/sampling.py `token_logprobs`: the model's raw distribution); this
 module gathers one request's scores from its StepOutputs and renders them as text: each token's own decoded text,
 its logprob, a dict of the likeliest tokens' texts (the chosen token always among them, so up to k + 1 entries,
-as OpenAI does), and its character offset in the choice's `text` (the running sum of the token texts' lengths).
-In the chat shape each token carries its text, logprob, the UTF-8 bytes of that text, and its k alternatives.
+as OpenAI does), and its character offset in the choice's `text` (the whole characters of the tokens' bytes before
+it). In the chat shape each token carries its text, logprob, its own UTF-8 bytes, and its k alternatives.
 """
 from __future__ import annotations
 
-import itertools
+import codecs
 from dataclasses import dataclass, field
 
 from ..infer.engine import StepOutput
@@ -39,22 +39,38 @@ class Scores:
 
 @dataclass
 class CompletionScores(Scores):
-    """A completion choice's scores; with `echo` (the prompt's ids) the first take starts with the prompt's."""
+    """A completion choice's scores; with `echo` (the prompt's ids) the first take starts with the prompt's.
+    `echo_text`: the prompt came as text, so its special tokens are in the choice's text as written (generated
+    ones, and those of a prompt of ids, are not)."""
 
     echo: list[int] | None = None
-    offset: int = 0  # characters of the choice's text covered by the tokens already handed out
+    echo_text: bool = False
+    offset: int = 0  # whole characters of the choice's text before the tokens not yet handed out
+    _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
     def take(self, tokenizer: Tokenizer, n: int) -> p.CompletionLogprobs:
         generated = self._unsent(n)
+        echoed = len(self.echo or [])
         tokens = [*(self.echo or []), *(s.token for s in generated)]
         scores = [*(self.prompt if self.echo else []), *generated]
         self.echo = None
-        texts = [tokenizer.decode([token]) for token in tokens]
-        offsets = list(itertools.accumulate(map(len, texts), initial=self.offset))
-        self.offset = offsets[-1]
+        shown = [self.echo_text and i < echoed for i in range(len(tokens))]  # special tokens written in the text
+        texts = [tokenizer.decode([token], skip_special_tokens=not show) for token, show in zip(tokens, shown)]
         return p.CompletionLogprobs(
             tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
-            top_logprobs=[None if s is None else _top(tokenizer, s) for s in scores], text_offset=offsets[:-1])
+            top_logprobs=[None if s is None else _top(tokenizer, s) for s in scores],
+            text_offset=[self._offset(tokenizer, token, text) for token, text in zip(tokens, texts)])
+
+    def _offset(self, tokenizer: Tokenizer, token: int, text: str) -> int:
+        """Where the token starts in the choice's text: after the characters of the tokens before it (each token of
+        a character split over tokens points at it; bytes that never form one are U+FFFD, as in the text)."""
+        if not text:  # a special token the choice's text skips
+            return self.offset
+        held, _ = self._utf8.getstate()  # bytes of earlier tokens that are no whole character yet
+        decoded = self._utf8.decode(tokenizer.token_bytes(token))
+        at = self.offset + (len(held.decode("utf-8", "replace")) if held and decoded.startswith("\ufffd") else 0)
+        self.offset += len(decoded)  # held bytes this token shows invalid are U+FFFD before it, not part of it
+        return at
 
 
 def joined(parts: list[p.CompletionLogprobs]) -> p.CompletionLogprobs:
@@ -87,5 +103,7 @@ def chat_logprobs(tokenizer: Tokenizer, scores: list[TokenLogprob]) -> p.ChatLog
 
 
 def _chat_token(tokenizer: Tokenizer, token: int, logprob: float) -> p.TopLogprob:
+    """The token's text and its own UTF-8 bytes (a part of a character: the text is U+FFFD, the bytes that part,
+    so the bytes of consecutive tokens join into the characters, as OpenAI's field is for)."""
     text = tokenizer.decode([token])
-    return p.TopLogprob(token=text, logprob=logprob, bytes=list(text.encode()))
+    return p.TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token) if text else b""))
