@@ -21,7 +21,8 @@ from longcat_flash.data.conversations import (
 from longcat_flash.data.tool_dialogues import iter_conversations
 from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer
 
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
+CHATML = ("{% if tools %}<|im_start|>tools\n{{ tools | tojson }}\n{% endif %}"
+          "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
           "{% for c in m['tool_calls'] or [] %}<tool>{{ c['function']['name'] }}</tool>{% endfor %}"
           "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
@@ -60,6 +61,26 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer, template):
         assert trained.tolist() == expected, row
         assert trained.any() and not trained.all()
         assert ids[trained][-1] == tokenizer.eos_id  # the end-of-turn token is trained
+
+
+@pytest.mark.parametrize("drop, field", [
+    ("{% if tools %}<|im_start|>tools\n{{ tools | tojson }}\n{% endif %}", "tools[0]"),
+    ("{% for c in m['tool_calls'] or [] %}<tool>{{ c['function']['name'] }}</tool>{% endfor %}",
+     "messages[1].tool_calls[0]"),
+    ("{{ eos_token }}", "messages[1]"),
+])
+def test_a_template_that_drops_what_training_needs_is_refused_naming_the_field(tokenizer, drop, field):
+    """A model's own template without tools or calls (a plain ChatML one) trained every tool-call turn as an empty
+    answer, and one whose turns lack eos taught a model that never stops; both without a word."""
+    assert drop in CHATML
+    tokenizer = Tokenizer(tokenizer.backend, chat_template=CHATML.replace(drop, ""))
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    row = {"tools": [weather], "messages": [
+        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    with pytest.raises(ConversationError, match=re.escape(f"row: {field}")):
+        tokenize(tokenizer, parse_row(row, "row"))
 
 
 def test_an_assistant_message_of_weight_0_is_rendered_but_not_trained(tokenizer):

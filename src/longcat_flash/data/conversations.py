@@ -51,6 +51,7 @@ class ConversationError(ValueError):
 
 class ChatTokenizer(Protocol):
     eos_id: int | None
+    eos_token: str | None
     pad_id: int | None
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
@@ -564,10 +565,31 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[A
             raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
+        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):])
         cuts += [len(prompt), len(turn)]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
     return full, cuts, trained + [False]
+
+
+def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str) -> None:
+    """What training needs of assistant turn i as the template renders it: its prompt shows the tools (or the
+    model would learn calls to tools it never saw), the turn holds each of the message's calls (or it would learn
+    to answer without them) and the end-of-sequence token (generation stops there: or it would never stop)."""
+    where, message = f"{conversation.where}: messages[{i}]", conversation.messages[i]
+    for k, tool in enumerate(conversation.tools or []):
+        if tool["function"]["name"] not in prompt:
+            raise ConversationError(f"{conversation.where}: tools[{k}]: the chat template does not render the tools "
+                                    f"(no {tool['function']['name']!r} in the prompt of messages[{i}]), so the model "
+                                    "would learn calls to tools it was never shown")
+    for j, call in enumerate(message.get("tool_calls") or []):
+        if call["function"]["name"] not in turn:
+            raise ConversationError(f"{where}.tool_calls[{j}]: the chat template does not render this call to "
+                                    f"{call['function']['name']!r}, so the model would learn to answer without it")
+    if tokenizer.eos_token is not None and tokenizer.eos_token not in turn:
+        raise ConversationError(f"{where}: the chat template ends the assistant turn without the end-of-sequence "
+                                f"token {tokenizer.eos_token!r}, where generation stops: the model would never "
+                                "learn to stop (end the template's assistant turns with eos_token)")
 
 
 def tokenize(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
