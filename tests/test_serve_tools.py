@@ -201,3 +201,20 @@ def test_the_prompt_renders_the_tools_as_given_and_the_results_in_call_order():
                                                    "tools": [tool]})
     prompt = tokenizer.decode(_chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
     assert prompt == tokenizer.apply_chat_template([*history, *results], tools=[tool])
+
+def test_tools_a_models_own_template_cannot_show_are_refused():
+    """A served model whose template has no place for tools (plain ChatML) got them silently dropped."""
+    from longcat_flash.serve import protocol as p
+    from longcat_flash.serve.app import APIError, _chat_prompt
+    from longcat_flash.serve.tools import plan_tools
+    from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer
+
+    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tokenizer = Tokenizer(stdlib_tokenizer(600).backend, chat_template=chatml)
+    body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK, "tools": [WEATHER]})
+    with pytest.raises(APIError, match="does not render tools") as refused:
+        _chat_prompt(tokenizer, body, plan_tools(body), 4096)
+    assert refused.value.body.param == "tools.0"
+    plain = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK})
+    assert _chat_prompt(tokenizer, plain, plan_tools(plain), 4096)

@@ -505,6 +505,10 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
         chat = tokenizer.render_chat([m.model_dump() for m in plan.history], tools=plan.shown, suffix=plan.prefill)
     except ValueError as err:
         raise APIError(400, str(err), param="messages") from None
+    for k, tool in enumerate(plan.shown or []):  # a model's own template may have no place for them
+        if tool["function"]["name"] not in chat.text:
+            raise APIError(400, f"this model's chat template does not render tools (no {tool['function']['name']!r} "
+                                "in the prompt), so the model would never see them", param=f"tools.{k}")
     _fits(tokenizer, len(chat.text), context, "messages")
     return tokenizer.encode_chat(chat)[0]
 
