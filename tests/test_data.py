@@ -322,10 +322,12 @@ def test_validation_batches_are_fixed_and_rank_sliced() -> None:
         assert torch.equal(torch.cat(rank_parts), first[step])
 
 
-def test_validation_needs_one_full_batch() -> None:
+def test_a_validation_split_smaller_than_a_batch_is_repeated_to_fill_one() -> None:
+    """A 100-row smoke test's default split held fewer windows than one batch, and the run refused to start."""
     val = TokenDataset(np.arange(100), seq_len=8, split="val", val_fraction=0.2)
-    with pytest.raises(ValueError, match="global_batch_size=8"):
-        validation_batches(val, 8)
+    assert 0 < len(val) < 8
+    [batch] = validation_batches(val, 8)
+    assert torch.equal(batch, val.batch(np.arange(8) % len(val)))
 
 
 # ---- files that are not text ----

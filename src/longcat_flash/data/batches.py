@@ -194,17 +194,17 @@ class ResumableSampler:
 
 def validation_batches(dataset: TokenDataset, global_batch_size: int, *, max_batches: int | None = None,
                        rank: int = 0, world_size: int = 1) -> Iterator[torch.Tensor]:
-    """The fixed validation set: windows in order, whole global batches only, each rank its slice.
+    """The fixed validation set: windows in order, whole global batches only, each rank its slice; a set smaller
+    than one global batch is repeated to fill one (a small data set's default split still validates).
 
     The same call always yields the same batches, so validation losses are comparable across steps and runs.
     """
     _check_rank(rank, world_size)
+    if len(dataset) == 0:
+        raise ValueError(f"the {dataset.split} split has no windows; hold out more (data.val_fraction, or more rows "
+                         "in sft.val_data)")
     rows = _local_slice(global_batch_size, rank, world_size)
-    n_batches = len(dataset) // global_batch_size
-    if n_batches == 0:
-        raise ValueError(f"the {dataset.split} split has {len(dataset)} windows, fewer than "
-                         f"global_batch_size={global_batch_size}; hold out more (data.val_fraction, or more "
-                         f"rows in sft.val_data) or lower data.batch_size")
+    n_batches = max(1, len(dataset) // global_batch_size)
     n_batches = n_batches if max_batches is None else min(n_batches, max_batches)
     starts = range(0, n_batches * global_batch_size, global_batch_size)
-    return (dataset.batch(np.arange(start, start + global_batch_size)[rows]) for start in starts)
+    return (dataset.batch(np.arange(start, start + global_batch_size)[rows] % len(dataset)) for start in starts)
