@@ -339,8 +339,8 @@ def test_invalid_json_names_the_line(tmp_path):
 
 
 def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
-    """`.json`: one array of rows (LLaMA-Factory's data files) or JSON Lines (what `datasets`' to_json writes under
-    that name) read like the .jsonl; errors still name the row."""
+    """`.json`: one array of rows (LLaMA-Factory's data files), JSON Lines (what `datasets`' to_json writes under
+    that name) or one row read like the .jsonl; errors still name the row."""
     data = list(iter_conversations(8, seed=7))
     (tmp_path / "a.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
     (tmp_path / "array.json").write_text("\n  " + json.dumps(data, indent=1))
@@ -352,6 +352,11 @@ def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps([*data[:2], {"messages": [{"role": "bot"}]}]))
     with pytest.raises(ConversationError, match=r"bad.json:3: messages\[0\].role: 'bot'"):
         read_conversations(tmp_path / "bad.json")
+    (tmp_path / "one.json").write_text(json.dumps(data[0], indent=2))  # one row, pretty-printed
+    assert [canonical(c) for c in read_conversations(tmp_path / "one.json")] == want[:1]
+    (tmp_path / "one_broken.json").write_text(json.dumps(data[0], indent=2)[:-1])
+    with pytest.raises(ConversationError, match=r"one_broken.json:1: not valid JSON"):
+        read_conversations(tmp_path / "one_broken.json")
     (tmp_path / "broken.json").write_text("[\n" + json.dumps(data[0]) + ",\n{oops}]")
     with pytest.raises(ConversationError, match=r"broken.json:3: not valid JSON"):
         read_conversations(tmp_path / "broken.json")

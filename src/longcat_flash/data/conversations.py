@@ -160,13 +160,26 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
             raise ConversationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
         yield from ((f"{path}:{number}", row) for number, row in enumerate(rows, 1))  # a list: it starts with [
         return
+    rows = 0
     try:  # JSON Lines, also under .json (as `datasets`' to_json writes them)
-        for number, row in jsonl_records(path):
+        for rows, (number, row) in enumerate(jsonl_records(path), 1):
             yield f"{path}:{number}", row
     except UnicodeDecodeError:  # named with its file by _rows
         raise
     except ValueError as err:  # a line that is not JSON
+        if rows == 0 and _row_format(path) == ".json" and isinstance(whole := _whole_json(path), dict):
+            yield f"{path}:1", whole  # one row, pretty-printed over many lines
+            return
         raise ConversationError(str(err)) from None
+
+
+def _whole_json(path: Path) -> Any:
+    """The file as one JSON value, or None when it is not one."""
+    try:
+        with open_text(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError:
+        return None
 
 
 def _arrow_rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
