@@ -581,3 +581,25 @@ def test_conversations_whose_replies_all_fall_past_the_window_name_the_cut():
     with pytest.raises(ValueError, match=r"3 read, 3 cut to their first 17 tokens, 0 skipped as longer, 3 without an "
                                          r"assistant token within their first 17\); raise data.seq_len \(up to"):
         pack(encoded, seq_len=16, pad_id=0, split="train")
+
+
+def test_openai_fine_tuning_rows_may_say_parallel_tool_calls():
+    """A field of OpenAI's fine-tuning rows: false holds only where no turn makes two calls; it was refused."""
+    call = {"id": "c1", "type": "function", "function": {"name": "wx", "arguments": "{}"}}
+    tools = [{"type": "function", "function": {"name": "wx", "parameters": {"type": "object"}}}]
+    results = [{"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]
+    one = {"tools": tools, "messages": [{"role": "user", "content": "weather?"},
+                                        {"role": "assistant", "content": None, "tool_calls": [call]}, *results]}
+    for parallel in (True, False):
+        assert parse_row({**one, "parallel_tool_calls": parallel}, "x") == parse_row(one, "x")
+    two = {"tools": tools, "messages": [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": None, "tool_calls": [call, {**call, "id": "c2"}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+        {"role": "tool", "tool_call_id": "c2", "content": "windy"},
+        {"role": "assistant", "content": "Sunny."}]}
+    assert parse_row({**two, "parallel_tool_calls": True}, "x")
+    with pytest.raises(ConversationError, match=r"x: messages\[1\].tool_calls: 2 calls in one turn"):
+        parse_row({**two, "parallel_tool_calls": False}, "x")
+    with pytest.raises(ConversationError, match="parallel_tool_calls: must be true or false"):
+        parse_row({**one, "parallel_tool_calls": "no"}, "x")

@@ -29,7 +29,8 @@ from .corpus import jsonl_records, open_text
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system role (read as the server reads it) and its legacy role for a function's result
 ROLE_ALIASES = {"developer": "system", "function": "tool"}
-ROW_FIELDS = ("messages", "tools", "functions")  # functions: OpenAI's legacy function calling (a list of functions)
+# functions: OpenAI's legacy function calling (a list of functions); parallel_tool_calls: OpenAI's fine-tuning rows
+ROW_FIELDS = ("messages", "tools", "functions", "parallel_tool_calls")
 PROMPT_COMPLETION_FIELDS = ("prompt", "completion", "tools")  # TRL's conversational prompt-completion rows
 SHAREGPT_FIELDS = ("conversations", "system", "tools")  # ShareGPT rows, as LLaMA-Factory and axolotl read them
 BLANK_IS_ABSENT = ("tools", "functions", "system")  # row columns whose "" means none
@@ -275,11 +276,23 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         messages.append(_message(message, where, name, i, messages))
         if _weight(message, where, f"{name}.weight") == 0:
             untrained.add(i)
+    _check_parallel(row.get("parallel_tool_calls", True), messages, named, where)
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError(f"{where}: messages: no assistant message (nothing to train on)")
     if all(m["role"] != "assistant" or i in untrained for i, m in enumerate(messages)):
         raise ConversationError(f"{where}: messages: every assistant message has weight 0 (nothing to train on)")
     return Conversation(messages, tools, where, frozenset(untrained))
+
+
+def _check_parallel(parallel: Any, messages: list[dict[str, Any]], named: list[tuple[str, Any]], where: str) -> None:
+    """OpenAI's `parallel_tool_calls`: true changes nothing; false (the row was made with parallel calls off) holds
+    only if no assistant turn makes more than one call, which is all it means for training."""
+    if not isinstance(parallel, bool):
+        raise ConversationError(f"{where}: parallel_tool_calls: must be true or false, got {parallel!r}")
+    for (name, _), message in zip(named, messages):
+        if not parallel and len(message.get("tool_calls") or []) > 1:
+            raise ConversationError(f"{where}: {name}.tool_calls: {len(message['tool_calls'])} calls in one turn, "
+                                    "but the row sets parallel_tool_calls: false")
 
 
 def _prompt_completion(row: dict[str, Any], where: str) -> tuple[list[tuple[str, Any]], set[int]]:
