@@ -164,6 +164,18 @@ def test_sharegpt_rows_read_as_the_openai_conversation(tokenizer):
     assert parse_row(blank, "x") == parse_row(plain, "x")
     with pytest.raises(ConversationError, match=r"x: conversations\[1\].from: 'bot' is not one of"):
         parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}, "x")
+    # errors name the row's own fields (they named the OpenAI fields it is read as: .content, .role, .tool_calls)
+    call = json.dumps({"name": "f", "arguments": {}, "id": "c1"})
+    for turns, field in (([{"from": "human", "value": 5}, {"from": "gpt", "value": "a"}], r"conversations\[0\].value"),
+                         ([{"from": "human", "value": "q"}, {"from": "function_call", "value": call}],
+                          r"conversations\[1\].value.id"),
+                         ([{"from": "human", "value": "q"}, {"from": "function_call", "value": f"[{call}]"}],
+                          r"conversations\[1\].value\[0\].id"),
+                         ([{"from": "gpt", "value": "a"}], r"conversations\[0\].from"),
+                         ([{"from": "human", "value": "q"}, {"from": "system", "value": "s"}],
+                          r"conversations\[1\].from")):
+        with pytest.raises(ConversationError, match=rf"x: {field}: "):
+            parse_row({"conversations": turns}, "x")
 
 
 def test_alpaca_rows_read_as_the_openai_conversation(tokenizer):
@@ -317,7 +329,7 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
       "functions": [{"name": "f", "parameters": 3}]}, "functions[0].parameters: expected an object"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[1]"}]},
-     "conversations[1].value: expected an object"),
+     "conversations[1].value[0]: expected an object"),
 ]
 
 

@@ -330,13 +330,19 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
             raise _fail(where, f"{name}.from", f"{turn.get('from')!r} is not one of {'/'.join(SHAREGPT_ROLES)}")
         if "value" not in turn:
             raise _fail(where, f"{name}.value", "missing")
-        if turn["from"] != "function_call":
-            named.append((name, {"role": role, "content": turn["value"]}))
+        if role == "system" and named:
+            raise _fail(where, f"{name}.from", "a system turn must come first (and the row's system column is one)")
+        if role == "assistant" and not named:
+            raise _fail(where, f"{name}.from", "a conversation starts with a system or user turn")
+        if turn["from"] != "function_call":  # values checked here, so that errors name the row's own fields
+            named.append((name, {"role": role, "content": _content(turn["value"], where, f"{name}.value")}))
             continue
         calls = _decoded(_string(turn["value"], where, f"{name}.value"), where, f"{name}.value")
-        calls = [calls] if isinstance(calls, dict) else _list(calls, where, f"{name}.value")
+        many = not isinstance(calls, dict)
+        calls = _list(calls, where, f"{name}.value") if many else [calls]
         named.append((name, {"role": "assistant", "tool_calls": [
-            {"type": "function", "function": _object(c, where, f"{name}.value")} for c in calls]}))
+            {"type": "function", "function": _function_call(c, where, f"{name}.value" + (f"[{k}]" if many else ""))}
+            for k, c in enumerate(calls)]}))
     return named
 
 
@@ -426,8 +432,9 @@ def _known(obj: dict[str, Any], allowed: Sequence[str], where: str, prefix: str,
 def _known_columns(row: dict[str, Any], allowed: Sequence[str], where: str) -> None:
     for key in row:
         if key not in allowed:
-            raise _fail(where, key, "unsupported field (a row has: messages, tools; TRL's prompt-completion rows: "
-                                    "prompt, completion, tools; ShareGPT rows: conversations, system, tools). Skip "
+            raise _fail(where, key, f"unsupported field (a row has: {', '.join(ROW_FIELDS)}; TRL's prompt-completion "
+                                    f"rows: {', '.join(PROMPT_COMPLETION_FIELDS)}; ShareGPT rows: "
+                                    f"{', '.join(SHAREGPT_FIELDS)}; Alpaca rows: {', '.join(ALPACA_FIELDS)}). Skip "
                                     "columns that are not part of the conversation with --set "
                                     "sft.ignore_columns=NAME,NAME")
 
