@@ -328,6 +328,12 @@ BAD_ROWS = [
       "functions": []}, "functions: give tools or functions"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
       "functions": [{"name": "f", "parameters": 3}]}, "functions[0].parameters: expected an object"),
+    # tools the server would refuse: the tuned model could never be served them
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"name": "get weather!"}]}, "tools[0].name: 'get weather!' is not a function name"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}]},
+     "tools[0].function.parameters: must be a JSON Schema"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[1]"}]},
      "conversations[1].value[0]: expected an object"),
 ]

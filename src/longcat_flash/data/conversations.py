@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..tokenizer import TOOL_NAME
 from .corpus import jsonl_records, open_text
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -566,12 +567,17 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
             raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
         fn, at = _object(tool.get("function"), where, f"{name}.function"), f"{name}.function"
     _known(fn, FUNCTION_FIELDS, where, f"{at}.", "a function has")
-    _string(fn.get("name"), where, f"{at}.name")
+    if not re.match(TOOL_NAME, _string(fn.get("name"), where, f"{at}.name")):  # as the server checks a request's
+        raise _fail(where, f"{at}.name", f"{fn['name']!r} is not a function name the server accepts (1 to 64 "
+                                         "letters, digits, '_', '.', '-'), so the model could never be served it")
     if "description" in fn:
         _string(fn["description"], where, f"{at}.description")
     if "parameters" in fn:
-        fn = {**fn, "parameters": _object(_decoded(fn["parameters"], where, f"{at}.parameters"), where,
-                                          f"{at}.parameters")}
+        parameters = _object(_decoded(fn["parameters"], where, f"{at}.parameters"), where, f"{at}.parameters")
+        if parameters.get("type", "object") != "object":
+            raise _fail(where, f"{at}.parameters", 'must be a JSON Schema with "type": "object" (arguments are a '
+                                                   "JSON object, as the server requires)")
+        fn = {**fn, "parameters": parameters}
     return {"type": "function", "function": fn}
 
 

@@ -14,6 +14,8 @@ from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
+from ..tokenizer import TOOL_NAME
+
 MAX_STOP = 64  # vLLM sets none; evaluators send a task's whole list (OpenAI's 4 refused them)
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
@@ -24,7 +26,6 @@ MAX_PROMPTS = 128  # prompts in one completions request (each is one engine requ
 MAX_N = 32  # copies of a prompt (they share its cache pages); prompts x n is capped at MAX_PROMPTS too
 MAX_LOGPROBS = 20  # infer/sampling.py's limit
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
-TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # OpenAI's rule for function names
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
 MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a response schema)
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
