@@ -74,3 +74,16 @@ def test_bad_extension_overrides_are_clear_errors(base):
     assert "model.num_layers" in run_cli("train", "--preset", "tiny", "--max-steps", "1", "--out",
                                          str(directory.parent / "wider"),
                                          *sets(*data, f"init_from={directory}", "model.num_layers=3"))
+
+
+def test_the_default_windows_follow_the_context_the_run_sets(tmp_path):
+    """`longcat sft --set model.max_position_embeddings=...` on a short-context base kept the base's windows: the
+    recipe's 2048 tokens were cut to the base's context, not the one the run sets."""
+    from longcat_flash.train.config import build_config
+
+    main(["init", "--preset", "tiny", "--out", str(tmp_path / "m")])
+    init, context = f"init_from={tmp_path / 'm'}", ModelConfig.from_json(tmp_path / "m").max_position_embeddings
+    assert context < 2048 and build_config("sft", [init]).data.seq_len == context
+    longer = [init, "model.max_position_embeddings=4096"]
+    assert build_config("sft", longer).data.seq_len == 2048  # the recipe's windows, now that the context holds them
+    assert build_config("sft", [*longer, "data.seq_len=100"]).data.seq_len == 100

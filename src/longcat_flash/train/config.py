@@ -471,9 +471,14 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
     init_from = _last_value(overrides, "init_from")
     if init_from not in (None, "None", "none", "null"):  # the model is the checkpoint's, then the overrides
         model = pretrained_model_config(init_from)  # the recipe's windows, at most the model's context
-        data = dataclasses.replace(base.data, seq_len=min(base.data.seq_len, model.max_position_embeddings))
+        windows = base.data.seq_len
+        data = dataclasses.replace(base.data, seq_len=min(windows, model.max_position_embeddings))
         loss = base.loss if model.num_nextn_predict_layers else dataclasses.replace(base.loss, mtp_weight=0.0)
-        base = dataclasses.replace(base, model=model, data=data, loss=loss)
+        cfg = apply_overrides(dataclasses.replace(base, model=model, data=data, loss=loss), overrides)
+        if all(_last_value(overrides, k) is None for k in ("data.seq_len", "data")):  # the context as set may hold more
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+                cfg.data, seq_len=min(windows, cfg.model.max_position_embeddings)))
+        return cfg
     return apply_overrides(base, overrides)
 
 
