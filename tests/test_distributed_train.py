@@ -8,13 +8,17 @@ loss curve must match the reference, and the state each rank holds must fall wit
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 from test_distributed import torchrun
-from train_support import make_corpus, tiny_config
+from train_support import make_corpus, run_directory_held, tiny_config
 
 from longcat_flash.checkpoint import training
 from longcat_flash.checkpoint.hf import LongcatFlash
@@ -106,3 +110,48 @@ def test_distributed_run_writes_the_official_layout(runs):
     assert got.model.layers[0].mlp.experts.gate_up_proj.shape[0] == got.config.n_routed_experts
     for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=0, msg=name)
+
+
+def rank_tracebacks(stderr: str) -> list[str]:
+    """Tracebacks of the ranks themselves (torchrun prefixes their lines "[rankN]:"); the launcher's own
+    ChildFailedError summary is torchrun's, not ours."""
+    return [line for line in stderr.splitlines() if line.startswith("[rank") and "Traceback" in line]
+
+
+def launch(cmd: list[str], cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *cmd], cwd=cwd, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def train_args(corpus: Path, out: str) -> list[str]:
+    return ["-m", "longcat_flash.cli", "train", "--preset", "tiny", "--device", "cpu", "--out", out, "--max-steps",
+            "1", "--no-progress", "--set", f"data.source={corpus}", "--set", f"data.cache_dir={corpus.parent / 'c'}"]
+
+
+def test_nodes_that_do_not_share_the_run_directory_are_refused_before_any_work(tmp_path):
+    """Two nodes (one process each, c10d rendezvous) given a relative --out from different directories: each
+    wrote checkpoints into its own disk and the run ended "successfully" with no checkpoint holding every shard."""
+    corpus = make_corpus(tmp_path / "corpus")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    rdzv = ["--nnodes=2", "--nproc-per-node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{port}",
+            "--rdzv-id=shared-check"]
+    nodes = [launch([*rdzv, *train_args(corpus, "run")], cwd=(tmp_path / f"node{n}")) for n in range(2)
+             if (tmp_path / f"node{n}").mkdir() is None]
+    outputs = [node.communicate(timeout=300) for node in nodes]
+    assert all(node.returncode != 0 for node in nodes)
+    errors = "".join(err for _, err in outputs)
+    assert errors.count("does not see the files rank 0 writes") == 1 and not rank_tracebacks(errors), errors
+    assert not any((tmp_path / f"node{n}" / "run" / "checkpoints").exists() for n in range(2))
+
+
+def test_a_run_directory_in_use_is_one_line_under_torchrun(tmp_path):
+    """Rank 0's refusal left rank 1 in a broadcast rank 0 never joined: a gloo traceback on every other rank."""
+    corpus, out = make_corpus(tmp_path / "corpus"), tmp_path / "run"
+    out.mkdir()
+    with run_directory_held(out):
+        node = launch(["--standalone", "--nproc-per-node=2", *train_args(corpus, str(out))], cwd=tmp_path)
+        _, errors = node.communicate(timeout=300)
+    assert node.returncode != 0 and errors.count("in use by another training process") == 1, errors
+    assert not rank_tracebacks(errors) and "Connection closed" not in errors, errors

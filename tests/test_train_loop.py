@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import make_corpus, tiny_config
+from train_support import make_corpus, run_directory_held, tiny_config
 
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.checkpoint.training import CheckpointError
@@ -197,22 +197,11 @@ def test_resuming_into_another_shape_names_the_tensor(corpus, tmp_path):
 def test_a_run_directory_another_live_process_trains_in_is_refused(corpus, tmp_path):
     """A --resume while the orphaned workers of a killed launcher still write, or one --out in two terminals, would
     interleave checkpoints: refused while the other process lives, free as soon as it is gone (even by kill -9)."""
-    import subprocess
-    import sys
-
     out = tmp_path / "run"
     out.mkdir()
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from longcat_flash.train import run_lock; run_lock.hold(Path(sys.argv[1])); "
-                               "print('held', flush=True); time.sleep(600)", str(out)],
-                              stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with run_directory_held(out) as holder:
         with pytest.raises(ValueError, match=rf"in use by another training process \(pid {holder.pid}\)"):
             train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
     assert len(read_metrics(out)) == 1

@@ -12,9 +12,12 @@ from __future__ import annotations
 
 import gc
 import os
+import socket
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -126,6 +129,27 @@ def average(values: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values)
     return values / mesh.size()
+
+
+def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
+    """Every rank sees the directory rank 0 writes in (checkpoints take every rank's shard there): rank 0 writes a
+    fresh token into `path/flag` and each rank reads it back. Else a ValueError on every rank naming the first
+    rank that does not see it, before any work: a multi-node run with --out on a node-local disk trained to the
+    end and left checkpoints without the other nodes' shards."""
+    if not dist.is_initialized():
+        return
+    token = [uuid.uuid4().hex if is_main() else None]
+    if is_main():
+        (path / flag).write_text(token[0])
+    dist.broadcast_object_list(token, src=0)
+    try:
+        seen = (path / flag).read_text()
+    except OSError:
+        seen = None
+    problem = "" if seen == token[0] else (
+        f"rank {rank()} (host {socket.gethostname()}) does not see the files rank 0 writes in {path.resolve()}: "
+        "every rank writes its shards of each checkpoint there, so all nodes need it on one shared filesystem")
+    raise_if_any(problem, ValueError)
 
 
 def raise_if_any(message: str, error: type[Exception]) -> None:

@@ -428,8 +428,10 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if pretrained is not None:
         check_same_shapes(pretrained, cfg.model)
     out.mkdir(parents=True, exist_ok=True)
-    if distributed.is_main():
-        run_lock.hold(out)  # before anything is written there
+    with distributed.main_first():  # a refusal is one line from rank 0, the other ranks quiet
+        if distributed.is_main():
+            run_lock.hold(out)  # before anything is written there
+    distributed.check_shared_directory(out)
     with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
         tokenizer = build_tokenizer(cfg, out, reuse=resume or not distributed.is_main(), progress=progress)
         cfg = dataclasses.replace(cfg, model=aligned_model_config(cfg.model, cfg.scaling.variance_alignment).replace(
