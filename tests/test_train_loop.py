@@ -148,6 +148,15 @@ def test_memory_savers_leave_the_losses_unchanged(corpus, tmp_path):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
 
 
+def test_val_loss_scores_the_same_windows_whatever_the_gradient_accumulation(corpus, tmp_path):
+    """data.grad_accum is a memory knob; validation took batch_size / grad_accum windows per batch, so raising it
+    shrank the validation set and moved val_loss by ~0.1 nats."""
+    cfg = tiny_config(*corpus, "dtype=float32", "data.val_batches=2")
+    run = setup(cfg, tmp_path / "run", progress=False)
+    losses = [trainer.evaluate(run.model, run.val, apply_overrides(cfg, [f"data.grad_accum={k}"])) for k in (1, 2, 4)]
+    assert losses == pytest.approx([losses[0]] * 3, abs=1e-5)
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_clear_error(corpus, tmp_path, monkeypatch):
     def full_disk(directory, state):
         raise OSError("rank 0 could not write its shard: [Errno 28] No space left on device")

@@ -212,15 +212,15 @@ def evaluate(model: Transformer, val: TokenDataset | ConversationDataset, cfg: T
     """Mean LM loss over every target of the fixed validation batches (the same windows every time; each rank
     its slice); for SFT, over the assistant tokens."""
     device = model.lm_head.weight.device
-    micro = cfg.data.batch_size // cfg.data.grad_accum
     total = torch.zeros(2, device=device)  # (loss sum, targets)
-    for batch in validation_batches(val, micro, max_batches=cfg.data.val_batches, rank=distributed.rank(),
-                                    world_size=distributed.world_size()):
-        inputs, targets, documents = split_windows(_to_device(batch, device))
-        with autocast(cfg, device, mesh):
-            logits = model(inputs, documents=documents).logits
-        count = (targets != IGNORE).sum()
-        total += torch.stack([lm_loss(logits, targets) * count, count.float()])
+    for batch in validation_batches(val, cfg.data.batch_size, max_batches=cfg.data.val_batches,
+                                    rank=distributed.rank(), world_size=distributed.world_size()):
+        for micro in _to_device(batch, device).chunk(cfg.data.grad_accum):  # a training step's memory, same windows
+            inputs, targets, documents = split_windows(micro)
+            with autocast(cfg, device, mesh):
+                logits = model(inputs, documents=documents).logits
+            count = (targets != IGNORE).sum()
+            total += torch.stack([lm_loss(logits, targets) * count, count.float()])
     total = distributed.average(total, mesh)
     return float(total[0] / total[1])
 
@@ -528,7 +528,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
                                   progress=progress)
         train_set = TokenDataset.from_shard(shard, data.seq_len, "train", data.val_fraction)
         val_set = TokenDataset.from_shard(shard, data.seq_len, "val", data.val_fraction)
-    validation_batches(val_set, data.batch_size // data.grad_accum)  # fails now if the split is too small
+    validation_batches(val_set, data.batch_size)  # fails now if the split is empty
     if data.copy_fraction:
         reserved = list(tokenizer.backend.get_added_tokens_decoder())  # the ids of the special tokens and chat markers
         train_set = CopyMix(train_set, data.copy_fraction, ordinary_ids(tokenizer.vocab_size, reserved), cfg.seed)
