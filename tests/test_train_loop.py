@@ -157,6 +157,16 @@ def test_val_loss_scores_the_same_windows_whatever_the_gradient_accumulation(cor
     assert losses == pytest.approx([losses[0]] * 3, abs=1e-5)
 
 
+def test_tensorboard_without_its_package_is_refused_before_any_work(corpus, tmp_path, monkeypatch):
+    """It was an ImportError traceback at the first log line, after tokenizing (on every rank under torchrun)."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)  # not installed, whether or not it is here
+    with pytest.raises(ValueError, match="tensorboard=true needs the tensorboard package"):
+        train(tiny_config(*corpus, "max_steps=1", "tensorboard=true"), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_clear_error(corpus, tmp_path, monkeypatch):
     def full_disk(directory, state):
         raise OSError("rank 0 could not write its shard: [Errno 28] No space left on device")

@@ -5,6 +5,7 @@ uninterrupted one (timings aside).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -79,9 +80,13 @@ def _short(record: dict[str, Any]) -> str:
     return " ".join(parts) + (" SKIPPED" if record.get("skipped") else "")
 
 
+def require_tensorboard() -> None:
+    """A run asked for tensorboard: fail before any work (not at the first log line) when it is not installed."""
+    if importlib.util.find_spec("tensorboard") is None:
+        raise ValueError("tensorboard=true needs the tensorboard package: pip install tensorboard")
+
+
 def _tensorboard(out: Path) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError as err:
-        raise ImportError("tensorboard=True needs the tensorboard package: pip install tensorboard") from err
+    require_tensorboard()
+    from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(str(out / "tensorboard"))

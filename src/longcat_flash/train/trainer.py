@@ -45,7 +45,7 @@ from .budget import BudgetController
 from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, TrainConfig
 from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
 from .losses import LossTerms, lm_loss, target_counts, training_losses
-from .metrics import MetricsLog
+from .metrics import MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
 from .optim import aligned_model_config, build_optimizer, init_parameters, lr_factor, param_name, set_lr
 from .pretrained import check_same_shapes, load_pretrained
@@ -414,6 +414,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if cfg.data.batch_size % (world * cfg.data.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
                          f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
+    if cfg.tensorboard:
+        require_tensorboard()
     set_deterministic(cfg.deterministic, device)
     seed_everything(cfg.seed)
     checkpoint = training.resolve(out) if resume else None
