@@ -155,3 +155,14 @@ def test_a_run_directory_in_use_is_one_line_under_torchrun(tmp_path):
         _, errors = node.communicate(timeout=300)
     assert node.returncode != 0 and errors.count("in use by another training process") == 1, errors
     assert not rank_tracebacks(errors) and "Connection closed" not in errors, errors
+
+
+def test_a_run_that_cannot_continue_says_so_once(tmp_path):
+    """Every rank stops on the same averaged non-finite losses; each printed the same line (8 on 8 GPUs)."""
+    corpus = make_corpus(tmp_path / "corpus")
+    diverge = ["--set", "optim.lr=1e4", "--set", "optim.grad_clip=0", "--set", "schedule.warmup_steps=0", "--set",
+               "max_consecutive_skips=2", "--set", "max_steps=20"]
+    node = launch(["--standalone", "--nproc-per-node=2", *train_args(corpus, str(tmp_path / "run")), *diverge],
+                  cwd=tmp_path)
+    _, errors = node.communicate(timeout=300)
+    assert node.returncode != 0 and errors.count("consecutive steps had a non-finite loss") == 1, errors

@@ -200,8 +200,8 @@ def _run_train(args: argparse.Namespace) -> None:
     try:
         summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
                         progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device)
-    except TrainingStopped as err:
-        sys.exit(f"longcat {args.command}: {err}")
+    except TrainingStopped as err:  # every rank stops on the same averaged losses: rank 0 says why
+        sys.exit(f"longcat {args.command}: {err}" if distributed.is_main() else 1)
     distributed.print0(f"done: {summary['steps']} steps, {summary['tokens']} tokens -> {summary['out']}\n"
                        f"--- sample ---\n{summary['sample']}")
     distributed.teardown()
