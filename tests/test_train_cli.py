@@ -87,6 +87,17 @@ def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path, capsys):
     assert (tmp_path / "run" / "config.json").read_text() == "{}"
 
 
+def test_one_process_commands_refuse_torchrun(tmp_path: Path, monkeypatch):
+    """`torchrun ... longcat grow` had every rank grow into the same --out; one failed, the launcher exited 1."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert "longcat grow: runs in one process; start it without torchrun" in run_cli(
+        "grow", str(tmp_path), "--out", str(tmp_path / "grown"))
+    monkeypatch.setenv("RANK", "1")
+    assert run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "init")) == "1"  # rank 0 says why
+    assert not (tmp_path / "grown").exists() and not (tmp_path / "init").exists()
+
+
 def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):
     model = tmp_path / "model"
     main(["init", "--preset", "tiny", "--out", str(model)])

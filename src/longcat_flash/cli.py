@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
-from .distributed.env import RankZeroFailed
+from .distributed.env import RankZeroFailed, launched
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
@@ -229,6 +229,7 @@ def _run_grow(args: argparse.Namespace) -> None:
 
 
 COMMANDS += [_add_train, _add_sft, _add_grow]
+MULTI_PROCESS = ("train", "sft")  # the commands torchrun may launch
 
 
 # ---- init / generate / chat / serve ----------------------------------------------------------------------
@@ -417,6 +418,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.command != "serve":  # one-shot commands reuse their large blocks; serve tunes its engine process only
         tune_cpu_allocator()
     try:
+        if launched() and args.command not in MULTI_PROCESS:  # N copies would each write the same files
+            raise ValueError(f"runs in one process; start it without torchrun (only {' and '.join(MULTI_PROCESS)} "
+                             "run under torchrun)")
         args.run(args)
     except DeviceError as err:  # a usage error, like a bad flag: status 2
         print(f"longcat {args.command}: {err}", file=sys.stderr)
