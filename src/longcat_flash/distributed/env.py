@@ -138,17 +138,22 @@ def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
     end and left checkpoints without the other nodes' shards."""
     if not dist.is_initialized():
         return
-    token = [uuid.uuid4().hex if is_main() else None]
+    token, problem = [uuid.uuid4().hex if is_main() else None], ""
     if is_main():
-        (path / flag).write_text(token[0])
+        try:
+            (path / flag).write_text(token[0])
+        except OSError as err:  # said on every rank below, not left as a broadcast the others wait in
+            token, problem = [None], f"rank 0 cannot write in {path}: {err}"
     dist.broadcast_object_list(token, src=0)
-    try:
-        seen = (path / flag).read_text()
-    except OSError:
-        seen = None
-    problem = "" if seen == token[0] else (
-        f"rank {rank()} (host {socket.gethostname()}) does not see the files rank 0 writes in {path.resolve()}: "
-        "every rank writes its shards of each checkpoint there, so all nodes need it on one shared filesystem")
+    if token[0] is not None and not problem:
+        try:
+            seen = (path / flag).read_text()
+        except OSError:
+            seen = None
+        if seen != token[0]:
+            problem = (f"rank {rank()} (host {socket.gethostname()}) does not see the files rank 0 writes in "
+                       f"{path.resolve()}: every rank writes its shards of each checkpoint there, so all nodes need "
+                       "it on one shared filesystem")
     raise_if_any(problem, ValueError)
 
 
