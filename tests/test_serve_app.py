@@ -204,6 +204,14 @@ def test_a_model_is_retrieved_by_its_id_as_the_openai_sdk_asks(client):
     assert client.get("/v1/models/tiny").status_code == 401
 
 
+def test_an_overflowing_limit_is_named_as_sent_and_vllms_top_k_off_is_taken(client):
+    status, body = _chat(client, max_tokens=None, max_completion_tokens=CONTEXT)
+    assert status == 400 and body["error"]["param"] == "max_completion_tokens", body
+    assert body["error"]["message"].startswith(f"max_completion_tokens={CONTEXT} plus")
+    assert _chat(client, top_k=-1)[0] == 200  # vLLM's "off"
+    assert _chat(client, top_k=-2)[0] == 400
+
+
 def test_stop_takes_the_stop_lists_evaluators_send(client):
     """lm_eval's local-completions sends a task's whole `until` list plus EOS (HumanEval: 6); OpenAI's limit of 4
     refused them."""

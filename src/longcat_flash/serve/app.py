@@ -104,9 +104,10 @@ class Generation:
                            code="context_length_exceeded")
         limit = context - len(prompt) if limit is None else limit
         if len(prompt) + limit > context:
-            raise APIError(400, f"max_tokens={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
-                                f"{context} tokens", param="max_tokens", code="context_length_exceeded")
-        return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_k=body.top_k,
+            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"{field}={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
+                                f"{context} tokens", param=field, code="context_length_exceeded")
+        return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_k=max(body.top_k, 0),
                               top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
                               presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
                               repetition_penalty=body.repetition_penalty, min_p=body.min_p,

@@ -88,7 +88,7 @@ class _Sampling(_Part):
     model: str = Field(min_length=1, max_length=256)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, le=1_000_000)  # extension (vLLM, SGLang); 0 = off
+    top_k: int = Field(0, ge=-1, le=1_000_000)  # extension (vLLM, SGLang); 0 or vLLM's -1 = off
     n: int = Field(1, ge=1, le=MAX_N)  # samples per prompt: copies that share the prompt's cache pages
     stream: bool = False
     stream_options: StreamOptions | None = None
