@@ -90,8 +90,9 @@ def test_seeded_sampling_without_controls_is_unchanged(model):
     assert mixed == alone
 
 
-def test_a_tiny_temperature_decodes_greedily_and_harms_no_other_request(model):
-    """logits / 1e-39 overflowed to inf, the draw raised, and every request in the step failed with it."""
+def test_settings_that_overflow_the_logits_harm_no_other_request(model):
+    """logits / 1e-39 overflowed to inf, the draw raised, and every request in the step failed with it: a tiny
+    temperature decodes greedily, and no penalty leaves a logit at +inf."""
     ps = prompts((6, 9), seed=5)
     seeded = SamplingParams(max_new_tokens=N, temperature=0.9, seed=11, ignore_eos=True)
     tiny = SamplingParams(max_new_tokens=N, temperature=1e-39, ignore_eos=True)
@@ -100,6 +101,9 @@ def test_a_tiny_temperature_decodes_greedily_and_harms_no_other_request(model):
         [greedy_reference(model, ps[0], N), alone]
     huge = torch.tensor([[3e38, 1e38, 0.0]])  # past the greedy cut-off, the shift still keeps it finite
     assert probabilities(huge, SamplingParams(temperature=2e-5)).tolist() == [[1.0, 0.0, 0.0]]
+    # a tiny repetition penalty divided positive logits into +inf: the same NaN draw failed the whole step
+    overflowing = SamplingParams(max_new_tokens=N, temperature=1.0, seed=3, repetition_penalty=1e-40, ignore_eos=True)
+    assert Engine(model, EngineConfig(**SMALL)).generate(ps, [overflowing, seeded])[1] == alone
 
 
 @pytest.mark.parametrize("bad", [dict(presence_penalty=2.5), dict(frequency_penalty=-3.0),

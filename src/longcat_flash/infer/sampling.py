@@ -154,7 +154,8 @@ def probabilities(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 def adjust(logits: torch.Tensor, params: SamplingParams, tokens: list[int], prompt_len: int) -> torch.Tensor:
     """logits (V,) -> fp32 logits (V,) after the request's penalties and bias, given its sequence so far
-    (`tokens`, the first `prompt_len` of them the prompt). Every tensor is made on the logits' device."""
+    (`tokens`, the first `prompt_len` of them the prompt), none +inf (inf - inf is the NaN a draw refuses).
+    Every tensor is made on the logits' device."""
     logits, device = logits.float(), logits.device
     if params.repetition_penalty != 1.0:
         seen = torch.tensor(tokens, device=device).unique()  # (U,)
@@ -168,7 +169,7 @@ def adjust(logits: torch.Tensor, params: SamplingParams, tokens: list[int], prom
         ids, biases = zip(*params.logit_bias)
         logits = logits.index_add(0, torch.tensor(ids, device=device),
                                   torch.tensor(biases, device=device, dtype=logits.dtype))
-    return logits
+    return logits.clamp(max=torch.finfo(logits.dtype).max)  # a tiny repetition_penalty overflowed them to +inf
 
 
 def adjust_rows(logits: torch.Tensor, params: list[SamplingParams], histories: list[tuple[list[int], int]]
