@@ -212,9 +212,13 @@ def test_tools_a_models_own_template_cannot_show_are_refused():
     chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
               "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
     tokenizer = Tokenizer(stdlib_tokenizer(600).backend, chat_template=chatml)
-    body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK, "tools": [WEATHER]})
-    with pytest.raises(APIError, match="does not render tools") as refused:
-        _chat_prompt(tokenizer, body, plan_tools(body), 4096)
-    assert refused.value.body.param == "tools.0"
+    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for fields in ({"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": named},  # the prefill names it
+                   {"tools": [search], "messages": [{"role": "user", "content": "please search"}]}):  # so does a user
+        body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK, **fields})
+        with pytest.raises(APIError, match="does not render tools") as refused:
+            _chat_prompt(tokenizer, body, plan_tools(body), 4096)
+        assert refused.value.body.param == "tools"
     plain = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK})
     assert _chat_prompt(tokenizer, plain, plan_tools(plain), 4096)

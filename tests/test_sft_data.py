@@ -64,7 +64,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer, template):
 
 
 @pytest.mark.parametrize("drop, field", [
-    ("{% if tools %}<|im_start|>tools\n{{ tools | tojson }}\n{% endif %}", "tools[0]"),
+    ("{% if tools %}<|im_start|>tools\n{{ tools | tojson }}\n{% endif %}", "tools"),
     ("{% for c in m['tool_calls'] or [] %}<tool>{{ c['function']['name'] }}</tool>{% endfor %}",
      "messages[1].tool_calls[0]"),
     ("{{ eos_token }}", "messages[1]"),
@@ -77,7 +77,8 @@ def test_a_template_that_drops_what_training_needs_is_refused_naming_the_field(t
     weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
     call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
     row = {"tools": [weather], "messages": [
-        {"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "user", "content": "get_weather in Oslo?"},  # the name in the text: still refused
+        {"role": "assistant", "content": None, "tool_calls": [call]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
     with pytest.raises(ConversationError, match=re.escape(f"row: {field}")):
         tokenize(tokenizer, parse_row(row, "row"))

@@ -594,6 +594,10 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[A
         full = tokenizer.render_chat(messages, add_generation_prompt=False, tools=tools)
     except ValueError as err:
         raise ConversationError(f"{conversation.where}: {err}") from None
+    if tools and full.text == tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=None):
+        raise ConversationError(f"{conversation.where}: tools: the chat template does not render tools (the "
+                                "conversation reads the same without them), so the model would learn calls to tools "
+                                "it was never shown")
     cuts, trained, done = [], [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant":

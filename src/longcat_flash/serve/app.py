@@ -502,14 +502,14 @@ def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str) -> None:
 def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolPlan, context: int) -> list[int]:
     """The rendered conversation, tools included, then the plan's prefill (the model continues from it). Only the
     template's special tokens are parsed: `</s>` inside a message is text. Runs off the event loop."""
+    history = [m.model_dump() for m in plan.history]
     try:
-        chat = tokenizer.render_chat([m.model_dump() for m in plan.history], tools=plan.shown, suffix=plan.prefill)
+        chat = tokenizer.render_chat(history, tools=plan.shown, suffix=plan.prefill)
     except ValueError as err:
         raise APIError(400, str(err), param="messages") from None
-    for k, tool in enumerate(plan.shown or []):  # a model's own template may have no place for them
-        if tool["function"]["name"] not in chat.text:
-            raise APIError(400, f"this model's chat template does not render tools (no {tool['function']['name']!r} "
-                                "in the prompt), so the model would never see them", param=f"tools.{k}")
+    if plan.shown and chat.text == tokenizer.apply_chat_template(history, tools=None) + plan.prefill:
+        raise APIError(400, "this model's chat template does not render tools (the prompt is the same without "
+                            "them), so the model would never see them", param="tools")  # a plain ChatML one
     _fits(tokenizer, len(chat.text), context, "messages")
     return tokenizer.encode_chat(chat)[0]
 
