@@ -181,6 +181,33 @@ def test_parser_with_prefill_and_no_parallel_calls():
 
 
 
+@pytest.mark.parametrize("text, last, content, calls, reason", [
+    (f"ok {OPEN}no call ra( more{CLOSE} after", None, f"ok {OPEN}no call ", 0, "stop"),  # a block that is no call
+    (f'ok {OPEN}{{"name": "f", "arguments": {{"q": "ra("}}}}{CLOSE}', "stop", "ok", 1, "tool_calls"),  # a call
+    (f'ok {OPEN}{{"name": "f", ra( never closed', "length", f'ok {OPEN}{{"name": "f", ', 0, "stop"),  # unclosed
+])
+def test_stop_strings_cut_a_block_handed_back_as_content(text, last, content, calls, reason):
+    """Stop strings are not looked for inside call blocks (serve/text.py); a block the parser then handed back as
+    content carried them to the client, and the reply ran on to max_tokens."""
+    import asyncio
+
+    from longcat_flash.serve.app import _parsed
+
+    async def pieces():  # (text, finish reason, tokens so far), as Generation.pieces yields them
+        for i, char in enumerate(text):
+            yield char, last if i == len(text) - 1 else None, i + 1
+
+    async def read() -> tuple[list, str | None]:
+        events, finish = [], None
+        async for got, finish, _ in _parsed(pieces(), ToolCallParser(), stop=["ra("]):
+            events += got
+        return events, finish
+
+    events, finish = asyncio.run(read())
+    assert "".join(e for e in events if isinstance(e, str)) == content and finish == reason
+    assert len([e for e in events if not isinstance(e, str)]) == calls
+
+
 def test_the_prompt_renders_the_tools_as_given_and_the_results_in_call_order():
     """What the model was fine-tuned on (`longcat sft` and transformers render tools as the data has them, and the
     results in the order of the calls, which the prompt pairs by position): a client's key order and schema stay,

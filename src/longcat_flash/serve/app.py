@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -221,9 +221,10 @@ class Generation:
               ) -> tuple[AsyncIterator[tuple[list[Event], str | None, int]], Callable[[int], p.ChatLogprobs | None]]:
         """One chat choice read through its tool-call parser, and the function that hands out its logprobs up to
         a token count (always None without `logprobs`)."""
-        text, scores = TextState(self.tokenizer, *stop_scope(body, plan)), ChatScores()
+        (stop, blocks), scores = stop_scope(body, plan), ChatScores()
+        text = TextState(self.tokenizer, stop, blocks)
         logprobs = (lambda n: scores.take(self.tokenizer, n)) if body.logprobs else (lambda n: None)
-        return _parsed(self.pieces(copy, text, request, scores.record), plan.parser()), logprobs
+        return _parsed(self.pieces(copy, text, request, scores.record), plan.parser(), stop if blocks else ()), logprobs
 
     async def chat_chunks(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy
                           ) -> AsyncIterator[tuple[p.ChatChunkChoice, int]]:
@@ -527,23 +528,38 @@ def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], co
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
 
 
-async def _parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText
-                  ) -> AsyncIterator[tuple[list[Event], str | None, int]]:
+async def _parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText,
+                  stop: Sequence[str] = ()) -> AsyncIterator[tuple[list[Event], str | None, int]]:
     """`Generation.pieces` read through the tool-call parser: (events, finish reason or None, tokens so far).
 
     The reason is `tool_calls` once a call was made, unless `max_tokens` or the context cut the reply (`length`,
     as OpenAI reports a cut, calls made or not). With parallel calls off, the first complete call ends the
     request: closing `pieces` cancels it on the engine, so the tokens after the closing tag are never generated.
+    `stop`: the stop strings the text was not scanned for inside call blocks; a block the parser hands back as
+    content (its JSON no call, or never closed) is scanned for them here, and cut at the first.
     """
     try:
         async for delta, reason, n in pieces:
             events = parser.feed(delta)
             if parser.done or reason:
-                yield events + parser.finish(), "tool_calls" if parser.calls and reason != "length" else reason, n
+                events = events + parser.finish()
+            events, stopped = _cut_at_stop(events, stop)
+            reason = "stop" if stopped else reason
+            if parser.done or reason:
+                yield events, "tool_calls" if parser.calls and reason != "length" else reason, n
                 return
             yield events, None, n
     finally:
         await pieces.aclose()
+
+
+def _cut_at_stop(events: list[Event], stop: Sequence[str]) -> tuple[list[Event], bool]:
+    """The events up to the first stop string in their content, and whether there was one."""
+    for i, event in enumerate(events):
+        hits = [k for k in (event.find(s) for s in stop) if k >= 0] if isinstance(event, str) else []
+        if hits:
+            return [*events[:i], event[:min(hits)]], True
+    return events, False
 
 
 async def _answer(turns: AsyncIterator[tuple[list[Event], str | None, int]]
