@@ -198,3 +198,20 @@ def test_a_config_we_cannot_honour_is_refused_by_name(saved, config, message):
     (path / "config.json").write_text(json.dumps(config if isinstance(config, list) else {**raw, **config}))
     with pytest.raises(ValueError, match=message):
         LongcatFlash.from_pretrained(path)
+
+
+def test_generation_config_eos_ids_end_generation_too(saved):
+    """transformers' generate stops at generation_config.json's eos ids; a chat model's end of turn (`<|im_end|>`)
+    is often listed only there, and it was never read."""
+    from longcat_flash.checkpoint.hf import checkpoint_config
+
+    saved = saved[1]
+    (saved / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 7], "temperature": 0.7}))
+    assert checkpoint_config(saved).eos_token_ids == (2, 7)
+    assert LongcatFlash.from_pretrained(saved).config.eos_token_ids == (2, 7)
+    (saved / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 10**9]}))
+    with pytest.raises(ValueError, match=r"generation_config.json: ModelConfig.eos_token_id=.* outside the vocab"):
+        checkpoint_config(saved)
+    (saved / "generation_config.json").write_text("{oops")
+    with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
+        checkpoint_config(saved)

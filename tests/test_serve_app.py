@@ -247,3 +247,27 @@ def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(client):
     r = client.post("/v1/completions", json=body, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prompts"
     assert client.post("/v1/completions", json={**body, "prompt": body["prompt"][:16]}, headers=AUTH).status_code == 200
+
+
+def test_a_models_generation_config_sets_the_sampling_a_request_leaves_out(tmp_path):
+    """vLLM samples with generation_config.json's temperature, top_p, ... where a request gives none; it was
+    never read. Here the model's default is greedy: requests without a temperature all decode the same."""
+    tokenizer = stdlib_tokenizer(256)
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size))
+    bridge = AsyncEngine(Engine(model, EngineConfig(max_running=4, cache_tokens=512))).start()
+    config = ServerConfig(model_name="tiny", context=CONTEXT, sampling_defaults={"temperature": 0.0})
+    try:
+        with TestClient(create_app(bridge, tokenizer, config)) as client:
+            def text(**fields) -> str:
+                body = {"model": "tiny", "prompt": "ab", "max_tokens": 8, "ignore_eos": True, **fields}
+                return client.post("/v1/completions", json=body).json()["choices"][0]["text"]
+            greedy = text(temperature=0)
+            assert text() == text(temperature=None) == greedy  # left out, or null: the model's default
+            assert {text(temperature=1.0, seed=s) for s in range(4)} != {greedy}  # given: the request's
+    finally:
+        bridge.stop()
+    (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "max_length": 9}))
+    assert app_module.model_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
+    with pytest.raises(ValueError, match=r"generation_config.json: top_p must be in \(0, 1\]"):
+        app_module.model_defaults(tmp_path)

@@ -107,6 +107,24 @@ def test_a_checkpoint_without_mtp_weights_fine_tunes_without_the_head(tmp_path, 
     assert read_metrics(tmp_path / "run")[-1]["mtp_loss"] is None
 
 
+def test_a_model_that_ends_turns_at_another_stop_token_tunes_and_keeps_it(tmp_path, checkpoint, conversations):
+    """A ChatML-style model ends turns with a token only generation_config.json lists as eos (here `<s>`, id 1):
+    sft refused every turn as "never learns to stop", and the saved config kept the tokenizer's eos alone."""
+    base = tmp_path / "base"
+    shutil.copytree(checkpoint, base)
+    (base / "chat_template.jinja").write_text(
+        "{% if tools %}tools: {{ tools | tojson }}\n{% endif %}{% for m in messages %}{{ m['role'] }}: "
+        "{{ m['content'] or '' }}{% for c in m['tool_calls'] or [] %}<longcat_tool_call>{{ c['function'] | tojson }}"
+        "</longcat_tool_call>{% endfor %}{% if m['role'] == 'assistant' %}<s>{% endif %}\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant: {% endif %}")
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1]}))
+    train(sft_config(base, conversations), tmp_path / "run", progress=False)
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["eos_token_id"] == [2, 1]
+    (base / "generation_config.json").unlink()  # now nothing stops at <s>: refused, naming the turn
+    with pytest.raises(ValueError, match=r"messages\[\d\]: the chat template ends the assistant turn without a token"):
+        train(sft_config(base, conversations), tmp_path / "refused", progress=False)
+
+
 def test_missing_chat_markers_grow_the_vocabulary_and_load_in_transformers(tmp_path, conversations):
     transformers = pytest.importorskip("transformers")
     old = tagless_checkpoint(tmp_path / "old")

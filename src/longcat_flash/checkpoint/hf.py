@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"  # transformers' generation defaults, beside config.json
 SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 FP32_KEYS = re.compile(r"\.mlp\.router\.")  # router weight and correction bias stay fp32 (docs/architecture.md §5.1)
 
@@ -134,12 +135,43 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def checkpoint_config(path: Path) -> ModelConfig:
     """config.json, read as the files hold it: a config naming an MTP head whose weights are not in the files
-    (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one."""
+    (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one; the eos ids
+    of generation_config.json end generation too, as in transformers' `generate` (a chat model's end of turn,
+    `<|im_end|>`, is often only there)."""
     cfg = ModelConfig.from_json(path)
     if cfg.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in checkpoint_files(path)):
         _warn_no_mtp_weights(path.resolve())
         cfg = cfg.replace(num_nextn_predict_layers=0)
+    eos = tuple(dict.fromkeys((*cfg.eos_token_ids, *_token_ids(generation_config(path), "eos_token_id", path))))
+    if eos != cfg.eos_token_ids:
+        try:
+            cfg = cfg.replace(eos_token_id=eos if len(eos) > 1 else eos[0])
+        except ValueError as err:
+            raise ValueError(f"{path / GENERATION_CONFIG}: {err}") from None
     return cfg
+
+
+def generation_config(path: Path) -> dict[str, Any]:
+    """generation_config.json's fields (none without the file)."""
+    file = Path(path) / GENERATION_CONFIG
+    if not file.is_file():
+        return {}
+    try:
+        raw = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{file}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: must hold a JSON object, not {type(raw).__name__}")
+    return raw
+
+
+def _token_ids(fields: dict[str, Any], key: str, path: Path) -> tuple[int, ...]:
+    value = fields.get(key)
+    ids = value if isinstance(value, list) else [] if value is None else [value]
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        raise ValueError(f"{Path(path) / GENERATION_CONFIG}: {key} must be a token id or a list of them, "
+                         f"got {value!r}")
+    return tuple(ids)
 
 
 @functools.lru_cache(maxsize=None)

@@ -118,10 +118,10 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
 
 def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,
                           val_fraction: float, seq_len: int, seed: int,
-                          overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = ()
-                          ) -> tuple[ConversationDataset, ConversationDataset]:
+                          overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = (),
+                          ends: Sequence[str] = ()) -> tuple[ConversationDataset, ConversationDataset]:
     """The train and validation windows: conversations in a seeded order (the validation share taken from the
-    front when there is no separate val_data), each split packed on its own."""
+    front when there is no separate val_data), each split packed on its own; `ends` as in `tokenize`."""
     conversations = read_conversations(data, ignore)
     if not conversations:
         raise ValueError(f"{data}: no conversations in it")
@@ -138,6 +138,6 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
                              f"out data.val_fraction={val_fraction}; add conversations or pass sft.val_data")
         held_out, conversations = conversations[:n_val], conversations[n_val:]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    train = pack([tokenize(tokenizer, c) for c in conversations], seq_len, pad, "train", overlong)
-    val = pack([tokenize(tokenizer, c) for c in held_out], seq_len, pad, "val", overlong)
+    train = pack([tokenize(tokenizer, c, ends) for c in conversations], seq_len, pad, "train", overlong)
+    val = pack([tokenize(tokenizer, c, ends) for c in held_out], seq_len, pad, "val", overlong)
     return train, val

@@ -583,8 +583,10 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
 
 # ---- rendering and tokenizing ----
 
-def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[Any, list[int], list[bool]]:
-    """The rendered conversation (`render_chat`), the offsets cutting it into pieces, whether each is trained.
+def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = ()
+                ) -> tuple[Any, list[int], list[bool]]:
+    """The rendered conversation (`render_chat`), the offsets cutting it into pieces, whether each is trained;
+    `ends`: the texts of the tokens generation stops at (default: the tokenizer's eos), one of which ends a turn.
 
     An assistant turn is what the template adds after the generation prompt of the messages before it, up to
     and including its end-of-turn token: exactly what the model writes when served. Found by rendering the
@@ -608,17 +610,18 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[A
             raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
-        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):])
+        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], ends)
         cuts += [len(prompt), len(turn)]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
     return full, cuts, trained + [False]
 
 
-def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str) -> None:
+def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str,
+                ends: Sequence[str]) -> None:
     """What training needs of assistant turn i as the template renders it: its prompt shows the tools (or the
     model would learn calls to tools it never saw), the turn holds each of the message's calls (or it would learn
-    to answer without them) and the end-of-sequence token (generation stops there: or it would never stop)."""
+    to answer without them) and a token generation stops at (or it would never stop)."""
     where, message = f"{conversation.where}: messages[{i}]", conversation.messages[i]
     for k, tool in enumerate(conversation.tools or []):
         if tool["function"]["name"] not in prompt:
@@ -629,16 +632,19 @@ def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, pr
         if call["function"]["name"] not in turn:
             raise ConversationError(f"{where}.tool_calls[{j}]: the chat template does not render this call to "
                                     f"{call['function']['name']!r}, so the model would learn to answer without it")
-    if tokenizer.eos_token is not None and tokenizer.eos_token not in turn:
-        raise ConversationError(f"{where}: the chat template ends the assistant turn without the end-of-sequence "
-                                f"token {tokenizer.eos_token!r}, where generation stops: the model would never "
-                                "learn to stop (end the template's assistant turns with eos_token)")
+    ends = [e for e in ends or [tokenizer.eos_token] if e]
+    if ends and not any(end in turn for end in ends):
+        raise ConversationError(f"{where}: the chat template ends the assistant turn without a token generation "
+                                f"stops at ({', '.join(map(repr, ends))}): the model would never learn to stop (end "
+                                "the template's assistant turns with eos_token, or add the template's end of turn to "
+                                "the model's eos_token_id)")
 
 
-def tokenize(tokenizer: ChatTokenizer, conversation: Conversation) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = ()
+             ) -> tuple[np.ndarray, np.ndarray]:
     """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
     as the server encodes a prompt), so no token straddles the start or end of an assistant turn."""
-    full, cuts, trained = turn_bounds(tokenizer, conversation)
+    full, cuts, trained = turn_bounds(tokenizer, conversation, ends)
     encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
     ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
     mask = np.fromiter((t for piece, t in zip(encoded, trained) for _ in piece), dtype=bool, count=len(ids))

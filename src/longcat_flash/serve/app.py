@@ -12,7 +12,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from ..checkpoint.hf import GENERATION_CONFIG, generation_config
 from ..infer.engine import EngineConfig, StepOutput
 from ..infer.grammar import GrammarCompiler
 from ..infer.loader import check_speculative
@@ -39,6 +40,8 @@ from .text import TextState
 from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools
 
 log = logging.getLogger(__name__)
+# what a model's generation_config.json sets for the requests that leave it out (absent or null), as vLLM does
+MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 SHUTDOWN_GRACE_S = 5  # seconds open responses get to finish once the server is told to stop
 
 
@@ -47,6 +50,7 @@ class ServerConfig:
     model_name: str
     context: int  # the model's max_position_embeddings
     api_key: str | None = None
+    sampling_defaults: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
     max_body_bytes: int = 8 * 2**20  # a request body's bound (serve/guard.py); prompts are bounded by the context
     disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
 
@@ -104,14 +108,14 @@ class Generation:
                            code="context_length_exceeded")
         limit = context - len(prompt) if limit is None else limit
         if len(prompt) + limit > context:
-            field = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-            raise APIError(400, f"{field}={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
-                                f"{context} tokens", param=field, code="context_length_exceeded")
-        return SamplingParams(max_new_tokens=limit, temperature=body.temperature, top_k=max(body.top_k, 0),
-                              top_p=body.top_p, seed=body.seed, ignore_eos=body.ignore_eos,
-                              presence_penalty=body.presence_penalty, frequency_penalty=body.frequency_penalty,
-                              repetition_penalty=body.repetition_penalty, min_p=body.min_p,
-                              logit_bias=self._logit_bias(body))
+            sent = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
+            raise APIError(400, f"{sent}={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
+                                f"{context} tokens", param=sent, code="context_length_exceeded")
+        sampled = {name: getattr(body, name) if name in body.model_fields_set
+                   else self.config.sampling_defaults.get(name, getattr(body, name)) for name in MODEL_DEFAULTS}
+        return SamplingParams(max_new_tokens=limit, **{**sampled, "top_k": max(sampled["top_k"], 0)},
+                              seed=body.seed, ignore_eos=body.ignore_eos, presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, logit_bias=self._logit_bias(body))
 
     async def constrain(self, params: list[SamplingParams], body: p._Sampling, plan: ToolPlan | None = None
                         ) -> list[SamplingParams]:
@@ -358,6 +362,18 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
     return app
 
 
+def model_defaults(model_dir: Path) -> dict[str, float]:
+    """The MODEL_DEFAULTS fields a model's generation_config.json sets, checked as a request's would be."""
+    defaults = {k: v for k, v in generation_config(model_dir).items() if k in MODEL_DEFAULTS}
+    try:
+        if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in defaults.values()):
+            raise ValueError(f"{', '.join(MODEL_DEFAULTS)} must be numbers, got {defaults}")
+        SamplingParams(**defaults)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{model_dir / GENERATION_CONFIG}: {err}") from None
+    return defaults
+
+
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     """Every error leaves as an OpenAI-shaped JSON body; every response is counted under its route template."""
 
@@ -593,13 +609,17 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     import uvicorn
 
     check_speculative(model_dir, engine_config.speculative if engine_config else 0)
+    defaults = model_defaults(Path(model_dir))
     tokenizer = Tokenizer.load(model_dir)
     bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
-                          api_key=api_key, max_body_bytes=max_body_bytes)
+                          api_key=api_key, max_body_bytes=max_body_bytes, sampling_defaults=defaults)
     try:
         print(f"longcat serve: {config.model_name} on http://{host}:{port}/v1 (OpenAI API; /health, /metrics)",
               flush=True)
+        if defaults:
+            print("longcat serve: requests that leave them out sample with generation_config.json's "
+                  + ", ".join(f"{k}={v}" for k, v in defaults.items()), flush=True)
         # open streams get SHUTDOWN_GRACE_S to finish, then are cut: a stream of thousands of tokens must not hold
         # a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
         uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning",

@@ -437,7 +437,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
         tokenizer = build_tokenizer(cfg, out, reuse=resume or not distributed.is_main(), progress=progress)
         cfg = dataclasses.replace(cfg, model=aligned_model_config(cfg.model, cfg.scaling.variance_alignment).replace(
-            bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+            bos_token_id=tokenizer.bos_id, eos_token_id=_eos_ids(cfg, tokenizer), pad_token_id=tokenizer.pad_id,
             vocab_size=max(cfg.model.vocab_size, tokenizer.vocab_size)))  # SFT may add the chat markers
         train_set, val_set = build_datasets(cfg, tokenizer, progress)
     with torch.device("meta"):
@@ -459,6 +459,14 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if distributed.is_main():
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
     return run
+
+
+def _eos_ids(cfg: TrainConfig, tokenizer: Tokenizer) -> int | tuple[int, ...] | None:
+    """The tokenizer's eos; a model from init_from (or resumed) keeps the others it stops at too (a chat model's
+    `<|im_end|>` beside `<|endoftext|>`), which a single id would drop from the saved config."""
+    kept = cfg.model.eos_token_ids if cfg.init_from is not None else ()
+    eos = tuple(dict.fromkeys(i for i in (tokenizer.eos_id, *kept) if i is not None))
+    return eos if len(eos) > 1 else eos[0] if eos else None
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -522,8 +530,10 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
     `data.copy_fraction` mixes copy windows into the training split (data/copying.py)."""
     data = cfg.data
     if cfg.sft.data is not None:
+        ends = [tokenizer.decode([i], skip_special_tokens=False) for i in cfg.model.eos_token_ids]  # where it stops
         train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
-                                                   data.seq_len, cfg.seed, cfg.sft.overlong, cfg.sft.ignore_columns)
+                                                   data.seq_len, cfg.seed, cfg.sft.overlong, cfg.sft.ignore_columns,
+                                                   ends)
     else:
         cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
         shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
