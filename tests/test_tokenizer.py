@@ -123,6 +123,22 @@ def test_save_load_round_trip(tmp_path) -> None:
         assert loaded.model_max_length == 2048 and loaded.fingerprint == tok.fingerprint
 
 
+def test_a_saved_copy_keeps_the_config_keys_it_does_not_read(tmp_path) -> None:
+    """A tokenizer from another tool, saved again (by `longcat sft`): its unk token and other keys were dropped, so
+    transformers loaded it with unk_token None."""
+    from transformers import AutoTokenizer
+
+    train_tokenizer(CORPUS, vocab_size=400).save(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "tokenizer_config.json").read_text())
+    extra = {"unk_token": "<pad>", "padding_side": "left", "added_tokens_decoder": {"0": {"content": "stale"}}}
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps({**config, **extra}))
+    Tokenizer.load(tmp_path / "src").with_tokens(["<longcat_tool_call>"]).save(tmp_path / "copy")
+    saved = json.loads((tmp_path / "copy" / "tokenizer_config.json").read_text())
+    assert saved["unk_token"] == "<pad>" and saved["padding_side"] == "left" and "added_tokens_decoder" not in saved
+    hf = AutoTokenizer.from_pretrained(tmp_path / "copy")
+    assert hf.unk_token == "<pad>" and hf.padding_side == "left"
+
+
 def test_load_missing_file_names_the_path(tmp_path) -> None:
     with pytest.raises(FileNotFoundError, match="nope"):
         Tokenizer.load(tmp_path / "nope")

@@ -151,8 +151,9 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = SPECIAL_TOKENS[1],
                  eos_token: str | None = SPECIAL_TOKENS[2], pad_token: str | None = SPECIAL_TOKENS[0],
                  chat_template: str = DEFAULT_CHAT_TEMPLATE,
-                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> None:
+                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, other_config: dict[str, Any] | None = None) -> None:
         self._backend = backend
+        self.other_config = dict(other_config or {})  # tokenizer_config.json keys we do not read, written back as read
         # A twin that treats special-token text as plain text; two objects instead of toggling a flag per call
         # keeps encode thread-safe (the server may encode from several threads).
         self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
@@ -302,7 +303,8 @@ class Tokenizer:
         backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
         backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in missing])
         return Tokenizer(backend, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
-                         chat_template=self.chat_template, model_max_length=self.model_max_length)
+                         chat_template=self.chat_template, model_max_length=self.model_max_length,
+                         other_config=self.other_config)
 
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` + `tokenizer_config.json` (HF layout) into `directory`; returns it."""
@@ -310,6 +312,7 @@ class Tokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(directory / TOKENIZER_FILE))
         config = {
+            **self.other_config,  # unk_token, additional special tokens, ... as the source had them
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
             "model_max_length": self.model_max_length,
@@ -337,8 +340,15 @@ class Tokenizer:
         config_file = file.parent / CONFIG_FILE
         config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
+        other = {k: v for k, v in config.items() if k not in _CONFIG_WRITTEN}
         return cls(backend, **names, chat_template=_chat_template(file.parent, config),
-                   model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)))
+                   model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)), other_config=other)
+
+
+# tokenizer_config.json keys `save` writes itself, or that would be stale after `with_tokens` (the added tokens'
+# ids are tokenizer.json's) or name code we do not ship (auto_map)
+_CONFIG_WRITTEN = ("tokenizer_class", "bos_token", "eos_token", "pad_token", "model_max_length",
+                   "clean_up_tokenization_spaces", "chat_template", "added_tokens_decoder", "auto_map")
 
 
 def _chat_template(directory: Path, config: dict[str, Any]) -> str:
