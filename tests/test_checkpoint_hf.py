@@ -55,6 +55,18 @@ def test_sharded_save_with_index(tmp_path):
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
 
 
+def test_a_folder_with_a_single_file_and_an_index_loads_the_single_file_as_transformers_does(tmp_path):
+    import shutil
+
+    sharded, single = LongcatFlash(tiny()), LongcatFlash(tiny())
+    sharded.init_weights(0.1)
+    single.init_weights(0.2)
+    sharded.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    single.save_pretrained(tmp_path / "one")
+    shutil.copy(tmp_path / "one" / "model.safetensors", tmp_path / "model.safetensors")  # both now
+    assert torch.equal(LongcatFlash.from_pretrained(tmp_path).lm_head.weight, single.lm_head.weight)
+
+
 def rewrite(path, edit):
     tensors = load_file(path / "model.safetensors")
     edit(tensors)

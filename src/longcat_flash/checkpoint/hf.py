@@ -85,12 +85,13 @@ def _opened(file: Path, keys: list[str] = ()) -> Iterator[Any]:
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Official key -> the safetensors file holding it (single file or sharded with an index)."""
-    if (path / INDEX_FILE).is_file():
-        return _indexed_files(path)
+    """Official key -> the safetensors file holding it (single file or sharded with an index; with both, the single
+    file, as transformers reads such a folder)."""
     if (path / SINGLE_FILE).is_file():
         with _opened(path / SINGLE_FILE) as f:
             return {key: path / SINGLE_FILE for key in f.keys()}
+    if (path / INDEX_FILE).is_file():
+        return _indexed_files(path)
     pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
     hint = f" (found {pickled}: pickle files are never loaded, convert them to safetensors)" if pickled else ""
     raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
@@ -149,6 +150,19 @@ def checkpoint_config(path: Path) -> ModelConfig:
         except ValueError as err:
             raise ValueError(f"{path / GENERATION_CONFIG}: {err}") from None
     return cfg
+
+
+def stored_dtype(path: Path) -> torch.dtype:
+    """The dtype the checkpoint stores its weights in (its LM head's, or the embedding's when they are tied)."""
+    files = checkpoint_files(path)
+    key = next((k for k in ("lm_head.weight", "model.embed_tokens.weight") if k in files), None)
+    if key is None:
+        raise ValueError(f"{path}: neither lm_head.weight nor model.embed_tokens.weight in the checkpoint")
+    with _opened(files[key]) as f:
+        name = f.get_slice(key).get_dtype()
+    if name not in SAFETENSORS_FLOATS:
+        raise ValueError(f"{files[key]}: {key} is {name}, not one of {sorted(SAFETENSORS_FLOATS)}")
+    return SAFETENSORS_FLOATS[name]
 
 
 def generation_config(path: Path) -> dict[str, Any]:
@@ -354,7 +368,7 @@ def transformers_ignores(cfg: ModelConfig) -> list[str]:
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
-                    zero_expert_stubs: bool = False, writer: bool = True) -> None:
+                    zero_expert_stubs: bool = False, writer: bool = True, dtype: torch.dtype | None = None) -> None:
     """Write config.json and safetensors, streamed: tensors are gathered (when sharded) and written out one file
     of at most `max_shard_bytes` at a time, so no process ever holds the whole model. Above one file the shards
     are named model-XXXXX-of-YYYYY.safetensors with an index.
@@ -362,6 +376,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     Each file is written under a temporary name and renamed at the end, so a crash never leaves a truncated or
     mixed set. writer=False: take part in the gathers of a sharded model but write nothing (every rank but one).
     zero_expert_stubs: see `official_tensors` (needed only for transformers' own loader).
+    dtype: the weights' dtype in the files (default: the model's); the routers stay fp32 whatever it is.
     """
     path = Path(path)
     if writer:
@@ -380,6 +395,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
         keys.clear()
 
     for key, tensor in official_tensors(model, zero_expert_stubs):
+        if dtype is not None and tensor.is_floating_point() and not FP32_KEYS.search(key):
+            tensor = tensor.to(dtype)
         nbytes = tensor.numel() * tensor.element_size()
         if keys and size + nbytes > max_shard_bytes:
             flush()
@@ -390,7 +407,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
         size += nbytes
     flush()
     if writer:
-        _commit_parts(model, path, parts)
+        _commit_parts(model, path, parts, dtype or model.lm_head.weight.dtype)
 
 
 def _write_part(path: Path, number: int, tensors: dict[str, torch.Tensor]) -> Path:
@@ -400,7 +417,8 @@ def _write_part(path: Path, number: int, tensors: dict[str, torch.Tensor]) -> Pa
     return tmp
 
 
-def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None, list[str], int]]) -> None:
+def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None, list[str], int]],
+                  dtype: torch.dtype) -> None:
     """Rename the written parts to their final names, write the index (when sharded) and config.json."""
     names = [SINGLE_FILE] if len(parts) == 1 else [
         f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
@@ -415,7 +433,7 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None,
     elif (path / INDEX_FILE).exists():
         (path / INDEX_FILE).unlink()
     config = model.config.to_dict()
-    config["dtype"] = str(model.lm_head.weight.dtype).removeprefix("torch.")
+    config["dtype"] = str(dtype).removeprefix("torch.")
     atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from ..model import ModelOutput, Transformer
 from ..tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
 from . import run_lock
 from .budget import BudgetController
-from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, TrainConfig
+from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, CheckpointConfig, TrainConfig
 from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
 from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import MetricsLog, require_tensorboard
@@ -381,11 +382,15 @@ def load_checkpoint(run: Run, path: Path) -> None:
         run.optimizer.state.pop(by_name[name], None)
 
 
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
 def finish(run: Run) -> dict[str, Any]:
     """Write the model in the HF layout beside the tokenizer (streamed one tensor at a time: sharded weights are
     gathered one by one and rank 0 writes them), and a generated sample."""
     cfg, tok = run.cfg, run.tokenizer
-    hf.save_pretrained(run.model, run.out, writer=distributed.is_main())
+    hf.save_pretrained(run.model, run.out, writer=distributed.is_main(),
+                       dtype=EXPORT_DTYPES[cfg.checkpoint.export_dtype])
     text = cfg.sample_prompt
     if cfg.sft.data is not None:  # the sample prompt is a user message
         text = tok.apply_chat_template([{"role": "user", "content": text}])
@@ -409,7 +414,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     The model is built on the meta device, sharded (under torchrun), then materialised on `device` rank by rank:
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
     device = torch.device("cpu") if device is None else device
-    cfg = dataclasses.replace(cfg, dtype=compute_dtype(cfg.dtype, device))
+    cfg = dataclasses.replace(cfg, dtype=compute_dtype(cfg.dtype, device), checkpoint=_export_dtype(cfg))
     world = distributed.world_size()
     if cfg.data.batch_size % (world * cfg.data.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
@@ -458,7 +463,19 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         load_checkpoint(run, checkpoint)  # checks the data too: a refused resume leaves the run as it was
     if distributed.is_main():
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
+        if pretrained is not None and (Path(pretrained) / hf.GENERATION_CONFIG).is_file():  # its eos ids, defaults
+            shutil.copyfile(Path(pretrained) / hf.GENERATION_CONFIG, out / hf.GENERATION_CONFIG)
     return run
+
+
+def _export_dtype(cfg: TrainConfig) -> CheckpointConfig:
+    """checkpoint.export_dtype resolved (auto: the dtype init_from stores its weights in, else float32), and saved
+    so: a resumed run exports as it would have."""
+    if cfg.checkpoint.export_dtype != "auto":
+        return cfg.checkpoint
+    source = Path(cfg.init_from) if cfg.init_from is not None else None
+    stored = hf.stored_dtype(source) if source is not None and source.is_dir() else torch.float32  # resumed: gone
+    return dataclasses.replace(cfg.checkpoint, export_dtype="bfloat16" if stored == torch.bfloat16 else "float32")
 
 
 def _eos_ids(cfg: TrainConfig, tokenizer: Tokenizer) -> int | tuple[int, ...] | None:
