@@ -42,7 +42,6 @@ TOOL_CALL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 # is eos (a special token of every tokenizer we load). `longcat sft` adds the ones a tokenizer lacks (with_tokens).
 CHAT_MARKERS = TOOL_CALL_TOKENS
 CHAT_ROLES = ("system", "user", "assistant", "tool")
-TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # a function's name: OpenAI's rule, which the server and `longcat sft` apply
 DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"

@@ -24,7 +24,6 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from ..tokenizer import TOOL_NAME
 from .corpus import jsonl_records, open_text
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -45,6 +44,7 @@ TOOL_CALL_FIELDS = ("id", "type", "function")
 FUNCTION_CALL_FIELDS = ("name", "arguments")
 TOOL_FIELDS = ("type", "function")
 FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
+TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # a function's name: OpenAI's rule, which the server applies to requests too
 
 
 class ConversationError(ValueError):

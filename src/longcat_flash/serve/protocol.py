@@ -14,7 +14,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
-from ..tokenizer import TOOL_NAME
+from ..data.conversations import TOOL_NAME
 
 MAX_STOP = 64  # vLLM sets none; evaluators send a task's whole list (OpenAI's 4 refused them)
 MAX_STOP_CHARS = 256
