@@ -345,3 +345,17 @@ def test_transformers_assistant_mask_covers_the_assistant_turns(tok: Tokenizer, 
                     f'{c["function"]["arguments"] if isinstance(c["function"]["arguments"], str) else "{}"}}}'
                     f'{TOOL_CALL_CLOSE}' for c in CALLS)
     assert tok.decode(masked, skip_special_tokens=False) == f"{calls}</s>12 °C at 09:00.</s>"
+
+
+def test_a_template_that_fails_on_a_conversation_is_a_value_error_naming_it() -> None:
+    """A model's own template that concatenates a null content (a tool-call turn), or raises on what it cannot
+    render, was a TypeError / TemplateError traceback out of `longcat sft` and a 500 from the server."""
+    backend = train_tokenizer(CORPUS, vocab_size=400).backend
+    concat = Tokenizer(backend, chat_template="{% for m in messages %}{{ m['content'] + '\\n' }}{% endfor %}")
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
+    with pytest.raises(ValueError, match=r"the chat template fails on this conversation \(TypeError"):
+        concat.apply_chat_template(messages)
+    refusing = Tokenizer(backend, chat_template="{{ raise_exception('no tools here') }}")
+    with pytest.raises(ValueError, match="the chat template refuses this conversation: no tools here"):
+        refusing.apply_chat_template(messages[:1])

@@ -227,9 +227,15 @@ class Tokenizer:
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
         template = _compile_template(self.chat_template)
-        return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
-                               add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
-                               eos_token=self.eos_token, pad_token=self.pad_token)
+        try:
+            return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
+                                   add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
+                                   eos_token=self.eos_token, pad_token=self.pad_token)
+        except TemplateError as err:  # its raise_exception: what it cannot render
+            raise ValueError(f"the chat template refuses this conversation: {err}") from None
+        except (TypeError, AttributeError, KeyError, IndexError) as err:  # the template's own code on this input
+            raise ValueError(f"the chat template fails on this conversation ({type(err).__name__}: {err}); it "
+                             "cannot render it") from None
 
     @functools.cached_property
     def _added_tokens(self) -> dict[int, tokenizers.AddedToken]:
