@@ -229,23 +229,44 @@ def test_the_prompt_renders_the_tools_as_given_and_the_results_in_call_order():
     prompt = tokenizer.decode(_chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
     assert prompt == tokenizer.apply_chat_template([*history, *results], tools=[tool])
 
-def test_tools_a_models_own_template_cannot_show_are_refused():
-    """A served model whose template has no place for tools (plain ChatML) got them silently dropped."""
+def test_what_a_models_own_template_cannot_show_or_the_server_cannot_parse_is_refused():
+    """A served model with its own template (plain ChatML, Qwen's, Llama's): tools it does not render, calls it
+    writes in another format than the one the server parses, calls and results of the history it drops were all
+    accepted and silently lost. A template that tests `'tool_calls' in message` failed on every chat, since the
+    server rendered its messages with their null fields."""
     from longcat_flash.serve import protocol as p
     from longcat_flash.serve.app import APIError, _chat_prompt
     from longcat_flash.serve.tools import plan_tools
-    from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer
+    from longcat_flash.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, stdlib_tokenizer
 
-    chatml = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
-              "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    tokenizer = Tokenizer(stdlib_tokenizer(600).backend, chat_template=chatml)
-    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
-    named = {"type": "function", "function": {"name": "get_weather"}}
-    for fields in ({"tools": [WEATHER]}, {"tools": [WEATHER], "tool_choice": named},  # the prefill names it
-                   {"tools": [search], "messages": [{"role": "user", "content": "please search"}]}):  # so does a user
+    backend = stdlib_tokenizer(600).backend
+
+    def prompt(template: str, **fields) -> str:
+        tokenizer = Tokenizer(backend, chat_template=template)
         body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK, **fields})
-        with pytest.raises(APIError, match="does not render tools") as refused:
-            _chat_prompt(tokenizer, body, plan_tools(body), 4096)
-        assert refused.value.body.param == "tools"
-    plain = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK})
-    assert _chat_prompt(tokenizer, plain, plan_tools(plain), 4096)
+        return tokenizer.decode(_chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
+
+    def refused(template: str, **fields) -> str:
+        with pytest.raises(APIError, match="this model's chat template") as refusal:
+            prompt(template, **fields)
+        return refusal.value.body.param
+
+    turns = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}{{ CALLS }}"
+             "{{ eos_token }}\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    chatml = turns.replace("{{ CALLS }}", "")
+    qwen = "{% if tools %}{{ tools | tojson }}{% endif %}" + turns.replace("{{ CALLS }}", (
+        "{% for c in m['tool_calls'] or [] %}<tool_call>{{ c['function'] | tojson }}</tool_call>{% endfor %}")
+    ).replace("{% for m in messages %}", "{% for m in messages if m['role'] != 'tool' %}")  # and no results
+    llama = turns.replace("{{ CALLS }}", "{% if 'tool_calls' in m %}{{ m['tool_calls'] | length }} calls{% endif %}")
+    assert "Paris" in prompt(llama)  # no null fields: `'tool_calls' in m` holds only where there are calls
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    search = {"type": "function", "function": {"name": "search", "parameters": {"type": "object"}}}
+    assert refused(chatml, tools=[WEATHER]) == "tools"
+    assert refused(chatml, tools=[WEATHER], tool_choice=named) == "tools"  # the prefill names it
+    assert refused(chatml, tools=[search], messages=[{"role": "user", "content": "please search"}]) == "tools"
+    assert refused(qwen, tools=[WEATHER]) == "tools"  # shown, but its calls would never be parsed
+    history = [*ASK, {"role": "assistant", "content": "Let me look.", "tool_calls": [CALL]},
+               {"role": "tool", "tool_call_id": "call_1", "content": "21 C"}]
+    assert refused(chatml, messages=history) == "messages.1.tool_calls"
+    assert refused(qwen, messages=history) == "messages.2"  # the call is shown, its result is not
+    assert "21 C" in prompt(DEFAULT_CHAT_TEMPLATE, messages=history, tools=[WEATHER])  # ours shows them all

@@ -37,7 +37,7 @@ from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
 from .structured import ConstraintError, request_grammar, stop_scope
 from .text import TextState
-from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools
+from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools, template_drops
 
 log = logging.getLogger(__name__)
 # what a model's generation_config.json sets for the requests that leave it out (absent or null), as vLLM does
@@ -519,14 +519,14 @@ def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str) -> None:
 def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolPlan, context: int) -> list[int]:
     """The rendered conversation, tools included, then the plan's prefill (the model continues from it). Only the
     template's special tokens are parsed: `</s>` inside a message is text. Runs off the event loop."""
-    history = [m.model_dump() for m in plan.history]
+    # as sft renders them: no null fields (templates test `'tool_calls' in message`), content kept
+    history = [{k: v for k, v in m.model_dump().items() if v is not None or k == "content"} for m in plan.history]
     try:
         chat = tokenizer.render_chat(history, tools=plan.shown, suffix=plan.prefill)
+        if dropped := template_drops(tokenizer, history, plan.shown):
+            raise APIError(400, f"this model's chat template {dropped[1]}", param=dropped[0])
     except ValueError as err:
         raise APIError(400, str(err), param="messages") from None
-    if plan.shown and chat.text == tokenizer.apply_chat_template(history, tools=None) + plan.prefill:
-        raise APIError(400, "this model's chat template does not render tools (the prompt is the same without "
-                            "them), so the model would never see them", param="tools")  # a plain ChatML one
     _fits(tokenizer, len(chat.text), context, "messages")
     return tokenizer.encode_chat(chat)[0]
 

@@ -12,8 +12,9 @@ import json
 import re
 import uuid
 from dataclasses import dataclass, field
+from typing import Any
 
-from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
+from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 from . import protocol as p
 from .text import partial_tag
 
@@ -247,3 +248,48 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
             ordered.append(message)
             calls, run = [call.id for call in message.tool_calls or []], {}
     return ordered
+
+
+def template_drops(tokenizer: Tokenizer, history: list[dict[str, Any]], tools: list[dict] | None
+                   ) -> tuple[str, str] | None:
+    """(param, what) when the model's chat template cannot show the model what the request holds, found by
+    rendering without it (the prompt is then the same): the tools, the calls or the results in the history; or
+    when it writes calls in another format than the LongCat one, the only one the server parses. None when
+    nothing is lost. A model served with its own template (a plain ChatML one) would otherwise be prompted
+    without them, silently."""
+    def same_without(changed: list[dict[str, Any]], changed_tools: list[dict] | None) -> bool:
+        try:
+            return tokenizer.apply_chat_template(changed, tools=changed_tools) == full
+        except ValueError:  # the template refuses the reduced conversation: it did read what was removed
+            return False
+    full = tokenizer.apply_chat_template(history, tools=tools)
+    if tools and same_without(history, None):
+        return "tools", "does not render tools (the prompt is the same without them), so the model would never see them"
+    if tools and not _writes_longcat_calls(tokenizer):
+        return "tools", (f"writes tool calls in another format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only "
+                         "one this server parses into tool_calls")
+    calls = [i for i, m in enumerate(history) if m.get("tool_calls")]
+    if calls and same_without([{k: v for k, v in m.items() if k != "tool_calls"} | (
+            {"content": m.get("content") or ""} if m.get("tool_calls") else {}) for m in history], tools):
+        return f"messages.{calls[0]}.tool_calls", "does not render the tool calls in the history"
+    results = [i for i, m in enumerate(history) if m["role"] == "tool"]
+    if results and same_without([m for m in history if m["role"] != "tool"], tools):
+        return f"messages.{results[0]}", "does not render tool results"
+    return None
+
+
+def _writes_longcat_calls(tokenizer: Tokenizer) -> bool:
+    """Whether the template writes an assistant's tool call as a LongCat block (once per template)."""
+    template = tokenizer.chat_template
+    if template not in _CALL_FORMAT:
+        call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": "{}"}}
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {
+                "role": "assistant", "content": None, "tool_calls": [call]}], add_generation_prompt=False)
+        except ValueError:
+            text = ""
+        _CALL_FORMAT[template] = TOOL_CALL_OPEN in text
+    return _CALL_FORMAT[template]
+
+
+_CALL_FORMAT: dict[str, bool] = {}  # chat template source -> whether it writes LongCat call blocks
