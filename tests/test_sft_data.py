@@ -622,3 +622,27 @@ def test_openai_fine_tuning_rows_may_say_parallel_tool_calls():
         parse_row({**two, "parallel_tool_calls": False}, "x")
     with pytest.raises(ConversationError, match="parallel_tool_calls: must be true or false"):
         parse_row({**one, "parallel_tool_calls": "no"}, "x")
+
+
+def test_a_template_that_closes_every_render_with_eos_finds_its_turns(tokenizer):
+    """Phi-3's template writes eos after the last message of any render without a generation prompt, so a prefix
+    did not continue into the whole conversation: every multi-turn row was refused."""
+    phi = Tokenizer(tokenizer.backend, chat_template=(
+        "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<s>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|>{% else %}{{ eos_token }}{% endif %}"))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    ids, trained = tokenize(phi, parse_row({"messages": messages}, "x"), ends=["<s>", "</s>"])
+    spans = tokenizer.decode(ids[trained], skip_special_tokens=False)
+    assert spans == "hello<s>\nciao<s>\n</s>"  # each turn up to its end of turn; the last one's closing eos too
+
+
+def test_eos_written_inside_a_message_is_no_end_of_turn(tokenizer):
+    """The stop-token check looked for the eos text anywhere in the turn, so a reply quoting `</s>` passed for a
+    template whose turns never end with the token."""
+    chatml = Tokenizer(tokenizer.backend, chat_template=(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
+    row = {"messages": [{"role": "user", "content": "strike it"}, {"role": "assistant", "content": "<s>old</s> new"}]}
+    with pytest.raises(ConversationError, match=r"x: messages\[1\]: the chat template ends the assistant turn"):
+        tokenize(chatml, parse_row(row, "x"))

@@ -54,6 +54,7 @@ class ConversationError(ValueError):
 class ChatTokenizer(Protocol):
     eos_id: int | None
     eos_token: str | None
+    special_ids: dict[str, int]
     pad_id: int | None
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
@@ -600,17 +601,23 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
         raise ConversationError(f"{conversation.where}: tools: the chat template does not render tools (the "
                                 "conversation reads the same without them), so the model would learn calls to tools "
                                 "it was never shown")
-    cuts, trained, done = [], [], 0
+    cuts, trained, done, eos = [], [], 0, tokenizer.eos_token or ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
-        turn = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tools=tools)
+        try:
+            prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
+            turn = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tools=tools)
+        except ValueError as err:
+            raise ConversationError(f"{conversation.where}: messages[{i}]: {err}") from None
+        if eos and not full.text.startswith(turn) and turn.endswith(eos) and full.text.startswith(turn[:-len(eos)]):
+            turn = turn[:-len(eos)]  # a template that closes every render with eos (Phi-3's): the turn is before it
         if not (len(prompt) >= done and turn.startswith(prompt) and full.text.startswith(turn)):
             raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
-        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], ends)
+        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], ends,
+                    [full.text[a:b] for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)])
         cuts += [len(prompt), len(turn)]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
@@ -618,10 +625,11 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
 
 
 def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str,
-                ends: Sequence[str]) -> None:
+                ends: Sequence[str], written: list[str]) -> None:
     """What training needs of assistant turn i as the template renders it: its prompt shows the tools (or the
     model would learn calls to tools it never saw), the turn holds each of the message's calls (or it would learn
-    to answer without them) and a token generation stops at (or it would never stop)."""
+    to answer without them) and a token generation stops at (or it would never stop), written by the template
+    (`written`: its special tokens in the turn; a special token's text inside a message is text, not the token)."""
     where, message = f"{conversation.where}: messages[{i}]", conversation.messages[i]
     for k, tool in enumerate(conversation.tools or []):
         if tool["function"]["name"] not in prompt:
@@ -633,7 +641,7 @@ def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, pr
             raise ConversationError(f"{where}.tool_calls[{j}]: the chat template does not render this call to "
                                     f"{call['function']['name']!r}, so the model would learn to answer without it")
     ends = [e for e in ends or [tokenizer.eos_token] if e]
-    if ends and not any(end in turn for end in ends):
+    if ends and not any(end in written if end in tokenizer.special_ids else end in turn for end in ends):
         raise ConversationError(f"{where}: the chat template ends the assistant turn without a token generation "
                                 f"stops at ({', '.join(map(repr, ends))}): the model would never learn to stop (end "
                                 "the template's assistant turns with eos_token, or add the template's end of turn to "
