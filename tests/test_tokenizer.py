@@ -359,3 +359,25 @@ def test_a_template_that_fails_on_a_conversation_is_a_value_error_naming_it() ->
     refusing = Tokenizer(backend, chat_template="{{ raise_exception('no tools here') }}")
     with pytest.raises(ValueError, match="the chat template refuses this conversation: no tools here"):
         refusing.apply_chat_template(messages[:1])
+
+
+def test_named_templates_render_tool_use_when_tools_are_given_as_transformers_does(tmp_path) -> None:
+    """Hermes-style tokenizer_config.json holds [default, tool_use]; only `default` was read, so a conversation
+    with tools rendered without them (and sft and serve refused the model), and a saved copy lost `tool_use`."""
+    from transformers import AutoTokenizer
+
+    train_tokenizer(CORPUS, vocab_size=400).save(tmp_path / "src")
+    config = json.loads((tmp_path / "src" / "tokenizer_config.json").read_text())
+    default = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    tool_use = "<tools>{{ tools | tojson }}</tools>\n" + default
+    config["chat_template"] = [{"name": "default", "template": default}, {"name": "tool_use", "template": tool_use}]
+    (tmp_path / "src" / "tokenizer_config.json").write_text(json.dumps(config))
+    messages, tools = [{"role": "user", "content": "hi"}], [{"type": "function", "function": {"name": "wx"}}]
+    Tokenizer.load(tmp_path / "src").save(tmp_path / "copy")
+    for path in (tmp_path / "src", tmp_path / "copy"):
+        ours, hf = Tokenizer.load(path), AutoTokenizer.from_pretrained(path)
+        assert ours.apply_chat_template(messages, tools=tools).startswith("<tools>")
+        assert ours.apply_chat_template(messages) == "user: hi\n"
+        for given in (tools, None):
+            assert ours.apply_chat_template(messages, tools=given) == hf.apply_chat_template(
+                messages, tools=given, tokenize=False, add_generation_prompt=True)

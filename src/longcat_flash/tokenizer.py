@@ -149,7 +149,7 @@ class Tokenizer:
 
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = SPECIAL_TOKENS[1],
                  eos_token: str | None = SPECIAL_TOKENS[2], pad_token: str | None = SPECIAL_TOKENS[0],
-                 chat_template: str = DEFAULT_CHAT_TEMPLATE,
+                 chat_template: str = DEFAULT_CHAT_TEMPLATE, tool_chat_template: str | None = None,
                  model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, other_config: dict[str, Any] | None = None) -> None:
         self._backend = backend
         self.other_config = dict(other_config or {})  # tokenizer_config.json keys we do not read, written back as read
@@ -162,6 +162,7 @@ class Tokenizer:
         self.eos_id = self._token_id("eos_token", eos_token)
         self.pad_id = self._token_id("pad_token", pad_token)
         self.chat_template = chat_template
+        self.tool_chat_template = tool_chat_template  # HF's named "tool_use" template: rendered when tools are given
         self.model_max_length = model_max_length
 
     def _token_id(self, field: str, token: str | None) -> int | None:
@@ -226,7 +227,8 @@ class Tokenizer:
         _validate_messages(messages)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
-        template = _compile_template(self.chat_template)
+        template = _compile_template(self.tool_chat_template if tools and self.tool_chat_template else
+                                     self.chat_template)
         try:
             return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
                                    add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
@@ -308,7 +310,8 @@ class Tokenizer:
         backend = tokenizers.Tokenizer.from_str(self._backend.to_str())
         backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in missing])
         return Tokenizer(backend, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
-                         chat_template=self.chat_template, model_max_length=self.model_max_length,
+                         chat_template=self.chat_template, tool_chat_template=self.tool_chat_template,
+                         model_max_length=self.model_max_length,
                          other_config=self.other_config)
 
     def save(self, directory: str | Path) -> Path:
@@ -322,7 +325,9 @@ class Tokenizer:
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
             "model_max_length": self.model_max_length,
             "clean_up_tokenization_spaces": False,  # keeps transformers' decode byte-exact, like ours
-            "chat_template": self.chat_template,
+            "chat_template": self.chat_template if self.tool_chat_template is None else [  # HF's named templates
+                {"name": "default", "template": self.chat_template},
+                {"name": "tool_use", "template": self.tool_chat_template}],
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
@@ -347,6 +352,7 @@ class Tokenizer:
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
         other = {k: v for k, v in config.items() if k not in _CONFIG_WRITTEN}
         return cls(backend, **names, chat_template=_chat_template(file.parent, config),
+                   tool_chat_template=_named_templates(config).get("tool_use"),
                    model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)), other_config=other)
 
 
@@ -356,14 +362,19 @@ _CONFIG_WRITTEN = ("tokenizer_class", "bos_token", "eos_token", "pad_token", "mo
                    "clean_up_tokenization_spaces", "chat_template", "added_tokens_decoder", "auto_map")
 
 
+def _named_templates(config: dict[str, Any]) -> dict[str, str]:
+    """HF's list of named templates in tokenizer_config.json (`default`, `tool_use`, ...), as a dict."""
+    template = config.get("chat_template")
+    return {entry["name"]: entry["template"] for entry in template} if isinstance(template, list) else {}
+
+
 def _chat_template(directory: Path, config: dict[str, Any]) -> str:
     """`chat_template.jinja`, else the config's template (a string, or HF's list of named ones), else ours."""
     if (directory / TEMPLATE_FILE).is_file():
         return (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
     template = config.get("chat_template")
-    if isinstance(template, list):
-        template = {entry["name"]: entry["template"] for entry in template}.get("default")
-    return template or DEFAULT_CHAT_TEMPLATE
+    return (_named_templates(config).get("default") if isinstance(template, list) else template) or \
+        DEFAULT_CHAT_TEMPLATE
 
 
 def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], field: str) -> str | None:

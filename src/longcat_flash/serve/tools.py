@@ -280,16 +280,17 @@ def template_drops(tokenizer: Tokenizer, history: list[dict[str, Any]], tools: l
 
 def _writes_longcat_calls(tokenizer: Tokenizer) -> bool:
     """Whether the template writes an assistant's tool call as a LongCat block (once per template)."""
-    template = tokenizer.chat_template
-    if template not in _CALL_FORMAT:
+    templates = tokenizer.chat_template, tokenizer.tool_chat_template
+    if templates not in _CALL_FORMAT:
         call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": "{}"}}
         try:
             text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {
-                "role": "assistant", "content": None, "tool_calls": [call]}], add_generation_prompt=False)
+                "role": "assistant", "content": None, "tool_calls": [call]}], add_generation_prompt=False,
+                tools=[{"type": "function", "function": {"name": "probe"}}])
         except ValueError:
             text = ""
-        _CALL_FORMAT[template] = TOOL_CALL_OPEN in text
-    return _CALL_FORMAT[template]
+        _CALL_FORMAT[templates] = TOOL_CALL_OPEN in text
+    return _CALL_FORMAT[templates]
 
 
-_CALL_FORMAT: dict[str, bool] = {}  # chat template source -> whether it writes LongCat call blocks
+_CALL_FORMAT: dict[tuple[str, str | None], bool] = {}  # chat templates -> whether they write LongCat call blocks
