@@ -269,8 +269,9 @@ def template_drops(tokenizer: Tokenizer, history: list[dict[str, Any]], tools: l
         return "tools", (f"writes tool calls in another format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only "
                          "one this server parses into tool_calls")
     calls = [i for i, m in enumerate(history) if m.get("tool_calls")]
-    if calls and same_without([{k: v for k, v in m.items() if k != "tool_calls"} | (
-            {"content": m.get("content") or ""} if m.get("tool_calls") else {}) for m in history], tools):
+    without_calls = [{**{k: v for k, v in m.items() if k != "tool_calls"}, "content": m.get("content") or ""}
+                     if m.get("tool_calls") else m for m in history]
+    if calls and same_without(without_calls, tools):
         return f"messages.{calls[0]}.tool_calls", "does not render the tool calls in the history"
     results = [i for i, m in enumerate(history) if m["role"] == "tool"]
     if results and same_without([m for m in history if m["role"] != "tool"], tools):
