@@ -12,12 +12,8 @@ import pytest
 from sft_support import conversation, write_conversations
 
 from longcat_flash.data.conversation_packing import conversation_datasets, pack
-from longcat_flash.data.conversations import (
-    ConversationError,
-    parse_row,
-    read_conversations,
-    tokenize,
-)
+from longcat_flash.data.conversation_tokens import tokenize
+from longcat_flash.data.conversations import ConversationError, parse_row, read_conversations
 from longcat_flash.data.tool_dialogues import iter_conversations
 from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer
 

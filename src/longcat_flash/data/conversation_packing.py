@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from .batches import IGNORE, PackedBatch, array_digest
-from .conversations import ChatTokenizer, read_conversations, tokenize
+from .conversation_tokens import ChatTokenizer, tokenize
+from .conversations import read_conversations
 
 PACK_LOOKBACK = 64  # open windows a conversation may go into (first fit among the newest ones)
 

@@ -1,9 +1,9 @@
 """Conversations for supervised fine-tuning: read and check rows (OpenAI `messages`, or TRL's prompt-completion,
-ShareGPT and Alpaca rows read as the same), render them with the model's chat template and mark the assistant
-tokens; conversation_packing.py packs them into fixed-length windows (docs/sft.md).
+ShareGPT and Alpaca rows read as the same); conversation_tokens.py renders them with the model's chat template and
+marks the assistant tokens, conversation_packing.py packs them into fixed-length windows (docs/sft.md).
 
     rows (.jsonl / .json / .parquet / .arrow)  ->  Conversation (checked, content parts joined)
-                                               ->  tokens + trained mask (assistant turns, end-of-turn included)
+                                               ->  (conversation_tokens.py) tokens + trained mask
                                                ->  (conversation_packing.py) windows of seq_len + 1 tokens
 
 A bad row is an error naming the file, the line (the row of a .parquet or a JSON array, from 1) and the field.
@@ -20,9 +20,7 @@ import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import numpy as np
+from typing import Any
 
 from .corpus import jsonl_records, open_text
 
@@ -49,21 +47,6 @@ TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # a function's name: OpenAI's rule, which
 
 class ConversationError(ValueError):
     """A row that is not a conversation we can train on; the message starts with `file:line: field:`."""
-
-
-class ChatTokenizer(Protocol):
-    eos_id: int | None
-    eos_token: str | None
-    special_ids: dict[str, int]
-    pad_id: int | None
-
-    def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[dict[str, Any]] | None = None) -> str: ...
-
-    def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None, suffix: str = "") -> Any: ...
-
-    def encode_chat(self, chat: Any, cuts: Sequence[int] = ()) -> list[list[int]]: ...  # chat: render_chat's
 
 
 @dataclass(frozen=True)
@@ -580,80 +563,3 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
                                                    "JSON object, as the server requires)")
         fn = {**fn, "parameters": parameters}
     return {"type": "function", "function": fn}
-
-
-# ---- rendering and tokenizing ----
-
-def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = ()
-                ) -> tuple[Any, list[int], list[bool]]:
-    """The rendered conversation (`render_chat`), the offsets cutting it into pieces, whether each is trained;
-    `ends`: the texts of the tokens generation stops at (default: the tokenizer's eos), one of which ends a turn.
-
-    An assistant turn is what the template adds after the generation prompt of the messages before it, up to
-    and including its end-of-turn token: exactly what the model writes when served. Found by rendering the
-    prefixes, so any template that renders a conversation as an extension of its prefixes works."""
-    messages, tools = conversation.messages, conversation.tools
-    try:
-        full = tokenizer.render_chat(messages, add_generation_prompt=False, tools=tools)
-    except ValueError as err:
-        raise ConversationError(f"{conversation.where}: {err}") from None
-    if tools and full.text == tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=None):
-        raise ConversationError(f"{conversation.where}: tools: the chat template does not render tools (the "
-                                "conversation reads the same without them), so the model would learn calls to tools "
-                                "it was never shown")
-    cuts, trained, done, eos = [], [], 0, tokenizer.eos_token or ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        try:
-            prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
-            turn = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tools=tools)
-        except ValueError as err:
-            raise ConversationError(f"{conversation.where}: messages[{i}]: {err}") from None
-        if eos and not full.text.startswith(turn) and turn.endswith(eos) and full.text.startswith(turn[:-len(eos)]):
-            turn = turn[:-len(eos)]  # a template that closes every render with eos (Phi-3's): the turn is before it
-        if not (len(prompt) >= done and turn.startswith(prompt) and full.text.startswith(turn)):
-            raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
-                                    f"the conversation as an extension of its prefixes; cannot find the "
-                                    f"assistant turn")
-        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], ends,
-                    [full.text[a:b] for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)])
-        cuts += [len(prompt), len(turn)]
-        trained += [False, i not in conversation.untrained]
-        done = len(turn)
-    return full, cuts, trained + [False]
-
-
-def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str,
-                ends: Sequence[str], written: list[str]) -> None:
-    """What training needs of assistant turn i as the template renders it: its prompt shows the tools (or the
-    model would learn calls to tools it never saw), the turn holds each of the message's calls (or it would learn
-    to answer without them) and a token generation stops at (or it would never stop), written by the template
-    (`written`: its special tokens in the turn; a special token's text inside a message is text, not the token)."""
-    where, message = f"{conversation.where}: messages[{i}]", conversation.messages[i]
-    for k, tool in enumerate(conversation.tools or []):
-        if tool["function"]["name"] not in prompt:
-            raise ConversationError(f"{conversation.where}: tools[{k}]: the chat template does not render the tools "
-                                    f"(no {tool['function']['name']!r} in the prompt of messages[{i}]), so the model "
-                                    "would learn calls to tools it was never shown")
-    for j, call in enumerate(message.get("tool_calls") or []):
-        if call["function"]["name"] not in turn:
-            raise ConversationError(f"{where}.tool_calls[{j}]: the chat template does not render this call to "
-                                    f"{call['function']['name']!r}, so the model would learn to answer without it")
-    ends = [e for e in ends or [tokenizer.eos_token] if e]
-    if ends and not any(end in written if end in tokenizer.special_ids else end in turn for end in ends):
-        raise ConversationError(f"{where}: the chat template ends the assistant turn without a token generation "
-                                f"stops at ({', '.join(map(repr, ends))}): the model would never learn to stop (end "
-                                "the template's assistant turns with eos_token, or add the template's end of turn to "
-                                "the model's eos_token_id)")
-
-
-def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = ()
-             ) -> tuple[np.ndarray, np.ndarray]:
-    """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
-    as the server encodes a prompt), so no token straddles the start or end of an assistant turn."""
-    full, cuts, trained = turn_bounds(tokenizer, conversation, ends)
-    encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
-    ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
-    mask = np.fromiter((t for piece, t in zip(encoded, trained) for _ in piece), dtype=bool, count=len(ids))
-    return ids, mask
