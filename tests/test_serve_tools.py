@@ -191,7 +191,7 @@ def test_stop_strings_cut_a_block_handed_back_as_content(text, last, content, ca
     content carried them to the client, and the reply ran on to max_tokens."""
     import asyncio
 
-    from longcat_flash.serve.app import _parsed
+    from longcat_flash.serve.replies import parsed
 
     async def pieces():  # (text, finish reason, tokens so far), as Generation.pieces yields them
         for i, char in enumerate(text):
@@ -199,7 +199,7 @@ def test_stop_strings_cut_a_block_handed_back_as_content(text, last, content, ca
 
     async def read() -> tuple[list, str | None]:
         events, finish = [], None
-        async for got, finish, _ in _parsed(pieces(), ToolCallParser(), stop=["ra("]):
+        async for got, finish, _ in parsed(pieces(), ToolCallParser(), stop=["ra("]):
             events += got
         return events, finish
 

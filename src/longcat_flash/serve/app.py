@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,9 +35,10 @@ from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
+from .replies import answer, deltas, parsed
 from .structured import ConstraintError, request_grammar, stop_scope
 from .text import TextState
-from .tools import Event, PlainText, ToolCall, ToolCallParser, ToolPlan, ToolRequestError, plan_tools, template_drops
+from .tools import Event, ToolPlan, ToolRequestError, plan_tools, template_drops
 
 log = logging.getLogger(__name__)
 # what a model's generation_config.json sets for the requests that leave it out (absent or null), as vLLM does
@@ -228,7 +229,7 @@ class Generation:
         (stop, blocks), scores = stop_scope(body, plan), ChatScores()
         text = TextState(self.tokenizer, stop, blocks)
         logprobs = (lambda n: scores.take(self.tokenizer, n)) if body.logprobs else (lambda n: None)
-        return _parsed(self.pieces(copy, text, request, scores.record), plan.parser(), stop if blocks else ()), logprobs
+        return parsed(self.pieces(copy, text, request, scores.record), plan.parser(), stop if blocks else ()), logprobs
 
     async def chat_chunks(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy
                           ) -> AsyncIterator[tuple[p.ChatChunkChoice, int]]:
@@ -237,7 +238,7 @@ class Generation:
         turns, logprobs = self.turns(body, plan, copy, None)
         yield p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content="")), 0
         async for events, reason, n in turns:
-            for delta in _deltas(events):
+            for delta in deltas(events):
                 yield p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs(n)), n
             if reason:
                 yield p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason, logprobs=logprobs(n)), n
@@ -246,7 +247,7 @@ class Generation:
                           request: Request) -> tuple[p.ChatChoice, int]:
         """One non-streamed chat choice and its completion-token count."""
         turns, logprobs = self.turns(body, plan, copy, request)
-        message, reason, n = await _answer(turns)
+        message, reason, n = await answer(turns)
         scores = (logprobs(n) or p.ChatLogprobs(content=[])) if body.logprobs else None
         return p.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=scores), n
 
@@ -542,62 +543,6 @@ def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], co
     texts = [prompt for prompt in prompts if isinstance(prompt, str)]
     encoded = iter(tokenizer.encode_batch(texts, allow_special=True) if texts else [])
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
-
-
-async def _parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText,
-                  stop: Sequence[str] = ()) -> AsyncIterator[tuple[list[Event], str | None, int]]:
-    """`Generation.pieces` read through the tool-call parser: (events, finish reason or None, tokens so far).
-
-    The reason is `tool_calls` once a call was made, unless `max_tokens` or the context cut the reply (`length`,
-    as OpenAI reports a cut, calls made or not). With parallel calls off, the first complete call ends the
-    request: closing `pieces` cancels it on the engine, so the tokens after the closing tag are never generated.
-    `stop`: the stop strings the text was not scanned for inside call blocks; a block the parser hands back as
-    content (its JSON no call, or never closed) is scanned for them here, and cut at the first.
-    """
-    try:
-        async for delta, reason, n in pieces:
-            events = parser.feed(delta)
-            if parser.done or reason:
-                events = events + parser.finish()
-            events, stopped = _cut_at_stop(events, stop)
-            reason = "stop" if stopped else reason
-            if parser.done or reason:
-                yield events, "tool_calls" if parser.calls and reason != "length" else reason, n
-                return
-            yield events, None, n
-    finally:
-        await pieces.aclose()
-
-
-def _cut_at_stop(events: list[Event], stop: Sequence[str]) -> tuple[list[Event], bool]:
-    """The events up to the first stop string in their content, and whether there was one."""
-    for i, event in enumerate(events):
-        hits = [k for k in (event.find(s) for s in stop) if k >= 0] if isinstance(event, str) else []
-        if hits:
-            return [*events[:i], event[:min(hits)]], True
-    return events, False
-
-
-async def _answer(turns: AsyncIterator[tuple[list[Event], str | None, int]]
-                  ) -> tuple[p.AssistantMessage, str, int]:
-    """A non-streamed reply: the same events joined (content is null when the reply is only tool calls)."""
-    content, calls, reason, n = "", [], "length", 0
-    async for events, done, n in turns:
-        content += "".join(event for event in events if isinstance(event, str))
-        calls += [event.message() for event in events if isinstance(event, ToolCall)]
-        reason = done or reason
-    return p.AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None), reason, n
-
-
-def _deltas(events: list[Event]) -> list[p.Delta]:
-    """Stream deltas for parser events: content pieces, and per call its header delta then its arguments."""
-    deltas = []
-    for event in events:
-        if isinstance(event, str):
-            deltas.append(p.Delta(content=event))
-        else:
-            deltas += [p.Delta(tool_calls=[call_delta]) for call_delta in event.deltas()]
-    return deltas
 
 
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,

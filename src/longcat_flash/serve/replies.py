@@ -1,0 +1,67 @@
+"""A chat reply as the tool-call parser reads it: the generated text's pieces turned into content and tool-call
+events (cut at a stop string a call block handed back as content holds), then joined into one message or turned
+into stream deltas, so that both response shapes come from the same events.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+
+from . import protocol as p
+from .tools import Event, PlainText, ToolCall, ToolCallParser
+
+
+async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText,
+                 stop: Sequence[str] = ()) -> AsyncIterator[tuple[list[Event], str | None, int]]:
+    """`Generation.pieces` (serve/app.py) read through the tool-call parser: (events, finish reason or None, tokens
+    so far).
+
+    The reason is `tool_calls` once a call was made, unless `max_tokens` or the context cut the reply (`length`,
+    as OpenAI reports a cut, calls made or not). With parallel calls off, the first complete call ends the
+    request: closing `pieces` cancels it on the engine, so the tokens after the closing tag are never generated.
+    `stop`: the stop strings the text was not scanned for inside call blocks; a block the parser hands back as
+    content (its JSON no call, or never closed) is scanned for them here, and cut at the first.
+    """
+    try:
+        async for delta, reason, n in pieces:
+            events = parser.feed(delta)
+            if parser.done or reason:
+                events = events + parser.finish()
+            events, stopped = cut_at_stop(events, stop)
+            reason = "stop" if stopped else reason
+            if parser.done or reason:
+                yield events, "tool_calls" if parser.calls and reason != "length" else reason, n
+                return
+            yield events, None, n
+    finally:
+        await pieces.aclose()
+
+
+def cut_at_stop(events: list[Event], stop: Sequence[str]) -> tuple[list[Event], bool]:
+    """The events up to the first stop string in their content, and whether there was one."""
+    for i, event in enumerate(events):
+        hits = [k for k in (event.find(s) for s in stop) if k >= 0] if isinstance(event, str) else []
+        if hits:
+            return [*events[:i], event[:min(hits)]], True
+    return events, False
+
+
+async def answer(turns: AsyncIterator[tuple[list[Event], str | None, int]]
+                 ) -> tuple[p.AssistantMessage, str, int]:
+    """A non-streamed reply: the same events joined (content is null when the reply is only tool calls)."""
+    content, calls, reason, n = "", [], "length", 0
+    async for events, done, n in turns:
+        content += "".join(event for event in events if isinstance(event, str))
+        calls += [event.message() for event in events if isinstance(event, ToolCall)]
+        reason = done or reason
+    return p.AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None), reason, n
+
+
+def deltas(events: list[Event]) -> list[p.Delta]:
+    """Stream deltas for parser events: content pieces, and per call its header delta then its arguments."""
+    deltas = []
+    for event in events:
+        if isinstance(event, str):
+            deltas.append(p.Delta(content=event))
+        else:
+            deltas += [p.Delta(tool_calls=[call_delta]) for call_delta in event.deltas()]
+    return deltas
