@@ -268,6 +268,8 @@ def test_a_models_generation_config_sets_the_sampling_a_request_leaves_out(tmp_p
         bridge.stop()
     (tmp_path / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9, "max_length": 9}))
     assert app_module.model_defaults(tmp_path) == {"temperature": 0.6, "top_p": 0.9}
+    (tmp_path / "generation_config.json").write_text(json.dumps({"do_sample": False, "temperature": 0.6}))
+    assert app_module.model_defaults(tmp_path) == {"temperature": 0.0}  # greedy, as transformers reads it
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
     with pytest.raises(ValueError, match=r"generation_config.json: top_p must be in \(0, 1\]"):
         app_module.model_defaults(tmp_path)

@@ -364,8 +364,12 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
 
 
 def model_defaults(model_dir: Path) -> dict[str, float]:
-    """The MODEL_DEFAULTS fields a model's generation_config.json sets, checked as a request's would be."""
-    defaults = {k: v for k, v in generation_config(model_dir).items() if k in MODEL_DEFAULTS}
+    """The MODEL_DEFAULTS fields a model's generation_config.json sets, checked as a request's would be; with
+    `do_sample: false` the default is greedy, as transformers' generate reads it."""
+    fields = generation_config(model_dir)
+    defaults = {k: v for k, v in fields.items() if k in MODEL_DEFAULTS}
+    if fields.get("do_sample") is False:
+        defaults = {**defaults, "temperature": 0.0}
     try:
         if any(isinstance(v, bool) or not isinstance(v, (int, float)) for v in defaults.values()):
             raise ValueError(f"{', '.join(MODEL_DEFAULTS)} must be numbers, got {defaults}")
