@@ -14,6 +14,7 @@ Times are the slowest rank's, medians over the repeats. Prints a table and one J
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -48,12 +49,11 @@ def timed_ms(*fns, repeats: int) -> list[float]:
     return [statistics.median(bucket) for bucket in times]
 
 
-def with_overlap(model: torch.nn.Module, overlap: bool, fn, exposed: list[float]):
-    """fn with the overlap set; records the seconds this rank sat blocked on all-to-alls (not hidden)."""
+def blocked(model: torch.nn.Module, fn, exposed: list[float]):
+    """fn(model); records the seconds this rank sat blocked on all-to-alls (not hidden)."""
     def run():
-        lcd.set_overlap(model, overlap)
         lcd.comm_stats(model, reset=True)
-        fn()
+        fn(model)
         exposed.append(lcd.comm_stats(model).wait_s)
     return run
 
@@ -65,33 +65,35 @@ def rank_mean(value: float) -> float:
 
 
 def layer_bench(args, group, dtype) -> tuple[dict, list]:
-    """One sharded ScMoE layer of the bench preset: forward and forward+backward, overlap on vs off."""
+    """One sharded ScMoE layer of the bench preset: forward and forward+backward, overlap on vs off (two copies of
+    the same weights, one per dispatcher setting)."""
     cfg = bench().replace(num_layers=1, num_nextn_predict_layers=0)
     torch.manual_seed(0)
-    layer = lcd.shard_experts(Transformer(cfg).model.layers[0], group).to(dtype)
+    full = Transformer(cfg).model.layers[0].to(dtype)
+    on_layer, off_layer = (lcd.shard_experts(copy.deepcopy(full), group, overlap) for overlap in (True, False))
     x = torch.randn(1, args.tokens, cfg.hidden_size, dtype=dtype, generator=torch.Generator().manual_seed(lcd.rank()))
     rope = RotaryEmbedding.from_config(cfg)(torch.arange(args.tokens)[None], dtype)
     x_grad = x.clone().requires_grad_()
 
-    def forward():
+    def forward(layer):
         with torch.no_grad():
             layer(x, rope)
 
-    def train():
+    def train(layer):
         out, _ = layer(x_grad, rope)
         out.float().square().mean().backward()
 
     result, rows = {}, []
     for label, fn in (("layer forward", forward), ("layer fwd+bwd", train)):
         exposed_on, exposed_off = [], []
-        on, off = timed_ms(with_overlap(layer, True, fn, exposed_on), with_overlap(layer, False, fn, exposed_off),
+        on, off = timed_ms(blocked(on_layer, fn, exposed_on), blocked(off_layer, fn, exposed_off),
                            repeats=args.repeats)
         exposed = [rank_mean(statistics.median(e) * 1e3) for e in (exposed_off, exposed_on)]
         rows.append((label, off, on, *exposed))
         key = label.replace(" ", "_").replace("+", "_")
         result[f"{key}_ratio_on_off"] = round(on / off, 3)
         result[f"{key}_exposed_a2a_ms_off"], result[f"{key}_exposed_a2a_ms_on"] = (round(x, 2) for x in exposed)
-    result.update(traffic_bench(args, layer, x, group))
+    result.update(traffic_bench(args, on_layer, x, group))
     return result, rows
 
 
@@ -123,14 +125,16 @@ def traffic_bench(args, layer, x: torch.Tensor, group) -> dict:
 
 def train_step_bench(args, mesh, dtype) -> tuple[dict, list]:
     """Full training steps of the small preset at (dp=1, ep), sharded as for training (FSDP2, experts over ep):
-    overlap on vs off."""
+    overlap on vs off (two copies of the same weights, each with its own optimizer)."""
     torch.manual_seed(0)
-    model = lcd.parallelize(Transformer(small()).to(dtype), mesh)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    full = Transformer(small()).to(dtype)
+    models = [lcd.parallelize(copy.deepcopy(full), mesh, overlap=overlap) for overlap in (True, False)]
+    optimizers = {id(m): torch.optim.AdamW(m.parameters(), lr=1e-4) for m in models}
     ids = torch.randint(3, small().vocab_size, (args.tokens // 256 or 1, min(args.tokens, 256)),
                         generator=torch.Generator().manual_seed(lcd.rank()))
 
-    def step():
+    def step(model):
+        opt = optimizers[id(model)]
         opt.zero_grad(set_to_none=True)
         out = model(ids, with_mtp=True)
         F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
@@ -138,7 +142,7 @@ def train_step_bench(args, mesh, dtype) -> tuple[dict, list]:
         opt.step()
 
     exposed_on, exposed_off = [], []
-    on, off = timed_ms(with_overlap(model, True, step, exposed_on), with_overlap(model, False, step, exposed_off),
+    on, off = timed_ms(blocked(models[0], step, exposed_on), blocked(models[1], step, exposed_off),
                        repeats=args.repeats)
     exposed = [rank_mean(statistics.median(e) * 1e3) for e in (exposed_off, exposed_on)]
     return {"train_step_ratio_on_off": round(on / off, 3)}, [("train step (small)", off, on, *exposed)]

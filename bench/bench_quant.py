@@ -1,7 +1,7 @@
 """Weight quantization: perplexity change on held-out text and memory saved (issues 4 and 14).
 
 Configurations, all from one checkpoint: the checkpoint dtype (reference); int8 and fp8 128x128 blocks everywhere
-(router and kv_b_proj excepted), each also with layer-wise mixed precision (report §9.4: the --keep-top units with
+(router and kv_b_proj excepted), each also with layer-wise mixed precision (report §6.2.3: the --keep-top units with
 the largest input amplitude and the --keep-top with the largest block error stay unquantized); int4 groups of 64,
 and int4-mixed (the --keep-fraction of units with the largest measured int4 output error at int8). Mixed choices
 use a separate calibration text. Full forwards over each window take the prefill path (the dequantized weights; an

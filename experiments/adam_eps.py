@@ -1,4 +1,4 @@
-"""Adam epsilon vs gradient RMS (report §7.3, Fig. 7): the final loss over a log grid of optim.eps, next to the
+"""Adam epsilon vs gradient RMS (report §3.1.3, Fig. 7): the final loss over a log grid of optim.eps, next to the
 gradient RMS measured in training.
 
     python experiments/adam_eps.py [--quick] [--steps 200] [--seeds 2] [--eps 1e-16 1e-12 ...]
@@ -29,7 +29,7 @@ from longcat_flash.train.optim import param_kind
 from longcat_flash.train.trainer import read_checkpoint
 
 CLAIM = ("The loss does not depend on Adam's ε while ε is far below the gradient RMS, and degrades once ε "
-         "approaches it (§7.3, Fig. 7).")
+         "approaches it (§3.1.3, Fig. 7).")
 EPS = [1e-16, 1e-12, 1e-8, 1e-6, 1e-5, 1e-4, 3e-4, 1e-3, 3e-3]
 QUICK_EPS = [1e-16, 1e-3]
 MIN_TOL = 0.02  # nats: the smallest difference called a change, whatever the seed noise

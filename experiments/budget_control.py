@@ -1,5 +1,5 @@
 """Budget control of the FFN experts per token: the report's proportional bias update vs a PID vs a fixed-step sign
-update (report §2.2, §2.4, Fig. 3b/3c).
+update (report §2.1.1, Fig. 3b/3c).
 
     python experiments/budget_control.py [--quick] [--steps 500] [--seeds 2]
 

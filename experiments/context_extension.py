@@ -1,5 +1,5 @@
 """Context extension: held-out loss by position up to 4x the pre-training length, before and after extending the
-RoPE (report §8's mid-training stage; LongCat-Flash-Lite extends with YaRN).
+RoPE (report §3.4's mid-training stage; LongCat-Flash-Lite extends with YaRN).
 
     python experiments/context_extension.py [--quick] [--pretrain-steps 400] [--extend-steps 100] [--theta 1e4]
 
@@ -34,7 +34,7 @@ from longcat_flash.tokenizer import Tokenizer
 
 CLAIM = ("Raising the RoPE base or applying YaRN, then training briefly at the longer length, extends the context: "
          "positions past the pre-training length get a clearly lower held-out loss than after the same training "
-         "without the RoPE change (report §8; LongCat-Flash-Lite extends with YaRN).")
+         "without the RoPE change (report §3.4; LongCat-Flash-Lite extends with YaRN).")
 FACTOR = 4  # context multiplier
 MARGIN = 0.05  # the control's loss over [S, 4S) minus an extension's, at least (nats)
 EXTENSIONS, CONTROL = ("rope-theta", "yarn"), "no-rope-change"

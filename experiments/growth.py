@@ -1,4 +1,4 @@
-"""Model growth by layer stacking vs random init at equal training tokens (report §6, Fig. 5b).
+"""Model growth by layer stacking vs random init at equal training tokens (report §3.1.2, Fig. 5b).
 
     python experiments/growth.py [--quick] [--steps 360] [--grow-at 120] [--depth 4] [--seeds 2]
                                                                       (defaults: ~10 min on 2 idle cores)

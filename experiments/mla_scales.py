@@ -1,4 +1,4 @@
-"""MLA variance-alignment scales on vs off (report §4.1, Fig. 5a).
+"""MLA variance-alignment scales on vs off (report §2.3.1, Fig. 5a).
 
     python experiments/mla_scales.py [--quick] [--steps 700] [--seeds 2] [--q-ratio 4] [--kv-ratio 8]
 

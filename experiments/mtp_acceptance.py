@@ -1,4 +1,4 @@
-"""Acceptance rate of the MTP draft on held-out text as training proceeds (report §9.2, Table 5).
+"""Acceptance rate of the MTP draft on held-out text as training proceeds (report §6.1.2, Table 5).
 
     python experiments/mtp_acceptance.py [--quick] [--steps 800] [--checkpoints 10] [--seeds 2]
 

@@ -1,4 +1,4 @@
-"""ScMoE vs the same layer with the MoE after the second attention (report §3.1-3.2, Fig. 4).
+"""ScMoE vs the same layer with the MoE after the second attention (report §2.2, Fig. 4).
 
     python experiments/scmoe.py [--quick] [--steps 600] [--seeds 2]      (defaults: ~9 min on 2 idle cores)
 

@@ -1,4 +1,4 @@
-"""Width hyperparameter transfer (report §5, Table 1): does the best LR found at a proxy width stay the best LR at
+"""Width hyperparameter transfer (report §3.1.1, Table 1): does the best LR found at a proxy width stay the best LR at
 2x and 4x the width?
 
     python experiments/width_transfer.py [--quick] [--steps 110] [--proxy 64] [--mults 2 4] [--lrs 2.5e-3 5e-3 ...]
@@ -28,7 +28,7 @@ from common import figure, final_val, parse, positive_float, positive_int, run, 
 from longcat_flash.train.trainer import TrainingStopped
 
 CLAIM = ("With the width-transfer rules (hidden/unembedding init variance and Adam LR divided by s) the optimal LR "
-         "found at the proxy width stays optimal at wider widths; in plain SP it shifts (§5, Table 1).")
+         "found at the proxy width stays optimal at wider widths; in plain SP it shifts (§3.1.1, Table 1).")
 # the model fields that are widths; head dims stay fixed and the head count scales instead
 WIDTH_FIELDS = ("hidden_size", "ffn_hidden_size", "expert_ffn_hidden_size", "q_lora_rank", "kv_lora_rank",
                 "num_attention_heads")

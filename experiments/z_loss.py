@@ -1,4 +1,4 @@
-"""Hidden z-loss on vs off under a deliberately high learning rate (report §7.2, eq. 10, Fig. 6).
+"""Hidden z-loss on vs off under a deliberately high learning rate (report §3.1.3, eq. 10, Fig. 6).
 
     python experiments/z_loss.py [--quick] [--steps 500] [--lr 2e-2] [--z-weights 0 1e-6 1e-4] [--seeds 2]
 

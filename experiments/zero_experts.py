@@ -1,4 +1,4 @@
-"""Zero-computation experts vs a baseline with the same average compute (report §2.1, §2.4, Fig. 3a).
+"""Zero-computation experts vs a baseline with the same average compute (report §2.1, Fig. 3a).
 
     python experiments/zero_experts.py [--quick] [--steps 800] [--seeds 2]
 

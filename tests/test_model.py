@@ -66,8 +66,6 @@ def test_mtp_reads_next_token_and_normed_hidden():
     z = z + mtp.self_attn(mtp.input_layernorm(z), rope)
     z = z + mtp.mlp(mtp.post_attention_layernorm(z))
     torch.testing.assert_close(out.mtp_logits, model.lm_head(mtp.norm(z)))
-    draft = model.mtp_draft(ids[:, 1:], out.final_hidden[:, :-1], torch.arange(6)[None])
-    torch.testing.assert_close(draft, out.mtp_logits)
 
 
 @pytest.mark.parametrize("absorb", [True, False])
@@ -98,7 +96,7 @@ def test_absorbed_equals_naive_attention():
 
 
 def test_variance_alignment_scales_the_queries_and_the_latent():
-    """Report §4.1: with the same weights, the queries come out sqrt(D/Q) larger and the cached latent
+    """Report §2.3.1: with the same weights, the queries come out sqrt(D/Q) larger and the cached latent
     sqrt(D/C) larger than without the scales (tiny: D 64, Q 32, C 16)."""
     cfg = tiny()
     on = randomized(cfg)

@@ -1,4 +1,4 @@
-"""Model growth (report §6): stacked layers equal the source, the grown state loads and training resumes."""
+"""Model growth (report §3.1.2): stacked layers equal the source, the grown state loads and training resumes."""
 from __future__ import annotations
 
 import json

@@ -1,4 +1,4 @@
-"""Each training loss against a hand-computed example (report §2.3, §7.2, MTP)."""
+"""Each training loss against a hand-computed example (report §2.1.2, §3.1.3, MTP)."""
 from __future__ import annotations
 
 import math

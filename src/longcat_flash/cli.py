@@ -1,4 +1,5 @@
-"""`longcat` entry point: parse arguments, build objects, call one function. No logic lives here."""
+"""`longcat` entry point: parse the arguments, refuse combinations of flags that do not fit together, build objects
+and call one function per command; the work itself lives in the packages."""
 from __future__ import annotations
 
 import argparse
@@ -50,10 +51,10 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> None:
-    from .analysis.params import format_report, param_report
+    from .analysis.params import info_command
 
-    report = param_report(_config_from(args.target), ffn_experts_target=args.ffn_experts, context=args.context)
-    print(json.dumps(report.to_dict()) if args.json else format_report(report))
+    print(info_command(_config_from(args.target), ffn_experts_target=args.ffn_experts, context=args.context,
+                       as_json=args.json))
 
 
 # ---- cost -----------------------------------------------------------------------------------------------
@@ -209,7 +210,7 @@ def _run_train(args: argparse.Namespace) -> None:
 
 def _add_grow(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("grow", allow_abbrev=False,
-                       help="model growth: stack a trained model r times in depth (report §6)",
+                       help="model growth: stack a trained model r times in depth (report §3.1.2)",
                        description="SRC: a run directory (keeps optimizer, schedule, counters; continue with "
                                    "`longcat train --resume DST`) or an HF model directory (weights only).")
     p.add_argument("src", help="run directory, checkpoint directory, or HF model directory")

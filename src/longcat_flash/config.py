@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .files import atomic_write_text
+
 ZERO_EXPERT_TYPES = ("identity", "drop")
 ROPE_TYPES = ("default", "yarn")
 
@@ -231,12 +233,12 @@ class ModelConfig:
 
     @property
     def q_lora_scale(self) -> float:
-        """Variance alignment (report §4.1): sqrt(d_model / d_q) on both query parts, or 1."""
+        """Variance alignment (report §2.3.1): sqrt(d_model / d_q) on both query parts, or 1."""
         return math.sqrt(self.hidden_size / self.q_lora_rank) if self.mla_scale_q_lora else 1.0
 
     @property
     def kv_lora_scale(self) -> float:
-        """Variance alignment (report §4.1): sqrt(d_model / d_kv) on the normalised KV latent, or 1."""
+        """Variance alignment (report §2.3.1): sqrt(d_model / d_kv) on the normalised KV latent, or 1."""
         return math.sqrt(self.hidden_size / self.kv_lora_rank) if self.mla_scale_kv_lora else 1.0
 
     @property
@@ -316,11 +318,14 @@ class ModelConfig:
             raise ValueError(f"{path}: must hold a JSON object of config fields, not {type(raw).__name__}")
         return cls.from_dict(raw)
 
-    def save_json(self, path: str | Path) -> None:
+    def save_json(self, path: str | Path, dtype: str | None = None) -> None:
+        """Write config.json (into `path` when it is a directory) atomically; `dtype` is the stored weights' dtype
+        ("bfloat16"), the field transformers reads to choose a dtype."""
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        fields = self.to_dict() if dtype is None else {**self.to_dict(), "dtype": dtype}
+        atomic_write_text(path, json.dumps(fields, indent=2, sort_keys=True) + "\n")
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -1,1 +1,2 @@
-"""Analytic views of a model shape: parameter bookkeeping and the theoretical decode cost model (torch-free)."""
+"""Views of a model: parameter, KV-cache and FLOP bookkeeping (`longcat info`) and the theoretical decode cost model
+(`longcat cost`), both from the config alone; the per-token expert view (`longcat explain`) runs the model."""

@@ -1,7 +1,7 @@
 """Per-token compute view: how many FFN experts each token used, layer by layer (report App. A.1, Table 8).
 
 With zero-computation experts a token's compute depends on how many of its K routed slots landed on FFN experts
-(report §2). `longcat explain` runs one forward over a text, reads `RoutingInfo.ffn_experts_per_token` of every
+(report §2.1). `longcat explain` runs one forward over a text, reads `RoutingInfo.ffn_experts_per_token` of every
 ScMoE layer and writes three views into `--out`:
 
   explain.json   ids, text spans, classes, counts (L, T) in [0, K], per-token averages over layers, statistics

@@ -432,9 +432,7 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None,
         atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
     elif (path / INDEX_FILE).exists():
         (path / INDEX_FILE).unlink()
-    config = model.config.to_dict()
-    config["dtype"] = str(dtype).removeprefix("torch.")
-    atomic_write_text(path / "config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    model.config.save_json(path / "config.json", dtype=str(dtype).removeprefix("torch."))
 
 
 class LongcatFlash(Transformer):

@@ -9,7 +9,8 @@
     conversation_packing.py   tokenized conversations -> windows with document ids, train / val splits
     tool_dialogues.py  synthetic tool-use conversations in the OpenAI format (`longcat data tools`, docs/tool_data.md)
 
-Everything callers need is importable from `longcat_flash.data` directly.
+The token-stream modules' names are importable from `longcat_flash.data` directly; the conversation modules (SFT)
+are imported by their own paths.
 """
 from .batches import IGNORE, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
 from .copying import CopyMix, ordinary_ids

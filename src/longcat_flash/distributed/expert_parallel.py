@@ -1,4 +1,4 @@
-"""Expert parallelism: experts sharded over an ep process group, tokens moved by all-to-all (report §3, §9.1).
+"""Expert parallelism: experts sharded over an ep process group, tokens moved by all-to-all (report §2.2, §6.1.1).
 
 Rank r of an ep group of size P holds experts [r*e, (r+1)*e), e = E / P. One dispatch, per MoE layer:
 
@@ -21,7 +21,7 @@ Shapes: T tokens, K top-k, D model dim, E FFN experts, e local experts, P ep ran
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -127,36 +127,32 @@ class AllToAllDispatcher:
         self.stats.add(CommStats(tokens, rows_off_rank, rows_off_rank * x.shape[-1] * x.element_size()))
 
 
-def _moes(model: nn.Module) -> list[MoE]:
+def moe_layers(model: nn.Module) -> list[MoE]:
     return [m for m in model.modules() if isinstance(m, MoE)]
 
 
-def shard_experts(model: nn.Module, group: dist.ProcessGroup, overlap: bool = True) -> nn.Module:
-    """Keep only this rank's experts in every MoE layer and route tokens through an AllToAllDispatcher.
+def shard_experts(model: nn.Module, group: dist.ProcessGroup, overlap: bool = True,
+                  wrap: Callable[[torch.Tensor], torch.Tensor] = lambda local: local) -> nn.Module:
+    """Keep only this rank's E/size experts in every MoE layer and route tokens through an AllToAllDispatcher;
+    `wrap` turns a rank's slice (e, ...) into what its Parameter holds (FSDP training: a DTensor, fsdp.py).
 
     Call it on identical full models on every rank of `group` (same seed, or each rank loaded the same
     checkpoint), before building the optimizer: the expert Parameters are replaced by their slices.
     """
     size, rank = group.size(), group.rank()
-    for moe in _moes(model):
+    for moe in moe_layers(model):
         if moe.n_ffn % size:
             raise ValueError(f"n_routed_experts={moe.n_ffn} is not divisible by the expert-parallel size {size}")
         e = moe.n_ffn // size
         for name, param in list(moe.experts.named_parameters()):
-            setattr(moe.experts, name, nn.Parameter(param.detach()[rank * e:(rank + 1) * e].clone(),
-                                                    requires_grad=param.requires_grad))
+            local = param.detach()[rank * e:(rank + 1) * e].clone()  # (e, ...) of (E, ...)
+            setattr(moe.experts, name, nn.Parameter(wrap(local), requires_grad=param.requires_grad))
         moe.dispatcher = AllToAllDispatcher(group, overlap)
     return model
 
 
 def _dispatchers(model: nn.Module) -> list[AllToAllDispatcher]:
-    return [m.dispatcher for m in _moes(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
-
-
-def set_overlap(model: nn.Module, overlap: bool) -> None:
-    """Turn the ScMoE communication overlap on or off in every sharded MoE layer (for measurements)."""
-    for d in _dispatchers(model):
-        d.overlap = overlap
+    return [m.dispatcher for m in moe_layers(model) if isinstance(m.dispatcher, AllToAllDispatcher)]
 
 
 def comm_stats(model: nn.Module, reset: bool = False) -> CommStats:
@@ -175,7 +171,7 @@ def experts_gathered(model: nn.Module) -> Iterator[nn.Module]:
     layout, for `save_pretrained` (call it on every rank: the gather is a collective). Restored on exit.
     """
     saved = []
-    for moe in _moes(model):
+    for moe in moe_layers(model):
         if not isinstance(moe.dispatcher, AllToAllDispatcher):
             continue
         group = moe.dispatcher.group

@@ -29,8 +29,8 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
 from ..model import Transformer
-from ..model.moe import MoE, local_part
-from .expert_parallel import AllToAllDispatcher
+from ..model.moe import local_part
+from .expert_parallel import moe_layers, shard_experts
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = False, overlap: bool = True,
@@ -54,7 +54,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = Fal
         distribute_experts(model, mesh["ep"], overlap)
     compute = MixedPrecisionPolicy(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32)
     fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32)
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+    for moe in moe_layers(model):
         fully_shard(moe.experts, mesh=mesh["dp"], mp_policy=compute)
         fully_shard(moe.router, mesh=world["world"], mp_policy=fp32)
     for layer in model.model.layers:
@@ -70,15 +70,8 @@ def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = Fal
 def distribute_experts(model: nn.Module, ep_mesh: DeviceMesh, overlap: bool = True) -> None:
     """Make every MoE's expert weights DTensors sharded by expert over `ep_mesh` (each rank keeps its E/ep rows)
     and route tokens to them with an all-to-all dispatcher."""
-    size, rank = ep_mesh.size(), ep_mesh.get_local_rank()
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        if moe.n_ffn % size:
-            raise ValueError(f"n_routed_experts={moe.n_ffn} is not divisible by the expert-parallel size {size}")
-        e = moe.n_ffn // size
-        for name, param in list(moe.experts.named_parameters()):
-            local = param.detach()[rank * e:(rank + 1) * e].clone()
-            setattr(moe.experts, name, nn.Parameter(DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False)))
-        moe.dispatcher = AllToAllDispatcher(ep_mesh.get_group(), overlap)
+    shard_experts(model, ep_mesh.get_group(), overlap,
+                  wrap=lambda local: DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False))
 
 
 def average_expert_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
@@ -87,7 +80,7 @@ def average_expert_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
     reduce-scatter, but it needs PREMUL_SUM, which gloo lacks.)"""
     if mesh is None or mesh["ep"].size() == 1:
         return
-    grads = [p.grad for m in model.modules() if isinstance(m, MoE) for p in m.experts.parameters()
+    grads = [p.grad for m in moe_layers(model) for p in m.experts.parameters()
              if p.grad is not None]
     torch._foreach_div_([local_part(g) for g in grads], mesh["ep"].size())
 

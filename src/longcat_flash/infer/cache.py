@@ -67,10 +67,6 @@ class CacheConfig:
         return cls(num_blocks=blocks, width=cfg.kv_lora_rank + cfg.qk_rope_head_dim, kv_lora_rank=cfg.kv_lora_rank,
                    page_size=page_size, num_pages=pages, dtype=dtype)
 
-    @property
-    def bytes_per_token(self) -> int:
-        return self.num_blocks * self.width * torch.empty((), dtype=self.dtype).element_size()
-
 
 class PagedLatentCache:
     """The pool, a free list of pages and one page table per sequence. Not thread-safe: one engine owns it.

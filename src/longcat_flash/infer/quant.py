@@ -1,4 +1,4 @@
-"""Weight quantization by module swap, with layer-wise mixed precision (report §9.4).
+"""Weight quantization by module swap, with layer-wise mixed precision (report §6.2.3).
 
 Formats:
   int8, fp8  (DeepSeek-V3 / LongCat FP8 style) a weight (O, I) is cut into 128x128 blocks; each block stores its
@@ -288,20 +288,9 @@ class MixedPrecision:
 def choose_kept(model: nn.Module, calibration: torch.Tensor, fmt: str = "int8", top: int = 2) -> MixedPrecision:
     """Run calibration ids (B, S) once; keep the `top` units by input amplitude and the `top` by block error."""
     units = candidates(model)
-    amax: dict[str, float] = {}
-
-    def observe(name: str):
-        def hook(_module: nn.Module, args: tuple) -> None:
-            amax[name] = max(amax.get(name, 0.0), float(args[0].detach().abs().max()))
-        return hook
-
-    handles = [m.register_forward_pre_hook(observe(n)) for n, m in units.items()]
-    try:
-        model(calibration, compute_logits=True, with_mtp=model.config.num_nextn_predict_layers > 0)
-    finally:
-        for h in handles:
-            h.remove()
-    error = {n: max(relative_error(w, fmt) for w in unit_weights(m)) for n, m in units.items()}
+    amax = {n: max(float(args[0].abs().max()) for args in calls)
+            for n, calls in unit_inputs(model, units, calibration).items()}
+    error = weight_errors(units, fmt)
     ranked = [sorted(metric, key=metric.get, reverse=True)[:top] for metric in (amax, error)]
     return MixedPrecision(amax, error, sorted(set(ranked[0]) | set(ranked[1])))
 
@@ -317,22 +306,33 @@ def choose_sensitive(model: nn.Module, calibration: torch.Tensor | None, fmt: st
     one call), are not ranked."""
     units = {n: m for n, m in candidates(model).items() if fmt != "int4" or int4_ready(m)}
     if calibration is None:
-        error = {n: max(relative_error(w, fmt) for w in unit_weights(m)) for n, m in units.items()}
-        amax: dict[str, float] = {}
+        error, amax = weight_errors(units, fmt), {}
     else:
-        inputs: dict[str, tuple] = {}
-        handles = [m.register_forward_pre_hook(lambda _m, args, n=n: inputs.setdefault(n, args))
-                   for n, m in units.items()]
-        try:
-            model(calibration, compute_logits=True, with_mtp=model.config.num_nextn_predict_layers > 0)
-        finally:
-            for h in handles:
-                h.remove()
-        error = {n: output_error(m, inputs[n], fmt) for n, m in units.items() if n in inputs}
-        amax = {n: float(inputs[n][0].abs().max()) for n in error}
+        first = {n: calls[0] for n, calls in unit_inputs(model, units, calibration).items()}
+        error = {n: output_error(units[n], args, fmt) for n, args in first.items()}
+        amax = {n: float(first[n][0].abs().max()) for n in error}
     ranked = sorted(error, key=error.get, reverse=True)
     return MixedPrecision(amax, dict(sorted(error.items(), key=lambda kv: -kv[1])),
                           sorted(ranked[:max(1, round(fraction * len(ranked)))]))
+
+
+def unit_inputs(model: nn.Module, units: dict[str, nn.Module], calibration: torch.Tensor) -> dict[str, list[tuple]]:
+    """The positional inputs of every call of each unit in one forward over calibration ids (B, S), MTP head
+    included; a unit the forward never calls is absent."""
+    inputs: dict[str, list[tuple]] = {}
+    handles = [m.register_forward_pre_hook(lambda _m, args, n=n: inputs.setdefault(n, []).append(args))
+               for n, m in units.items()]
+    try:
+        model(calibration, compute_logits=True, with_mtp=model.config.num_nextn_predict_layers > 0)
+    finally:
+        for h in handles:
+            h.remove()
+    return inputs
+
+
+def weight_errors(units: dict[str, nn.Module], fmt: str) -> dict[str, float]:
+    """Per unit, the largest relative error `fmt` makes on its weights."""
+    return {n: max(relative_error(w, fmt) for w in unit_weights(m)) for n, m in units.items()}
 
 
 def output_error(unit: nn.Module, args: tuple, fmt: str) -> float:

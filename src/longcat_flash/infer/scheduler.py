@@ -1,6 +1,6 @@
 """Continuous batching without torch: which sequences run in the next step, and how many tokens each.
 
-Every step, in this order (report §9.3 describes the production version):
+Every step, in this order (report §6.2.1 describes the production version):
   1. decode: every running sequence whose prompt is done gets its pending token (plus `lookahead` positions for
      speculative drafts); if the page pool cannot cover them, the youngest running sequence is preempted (its
      pages freed, recomputed later from its tokens: nothing generated is lost);

@@ -1,4 +1,4 @@
-"""MTP speculative decoding: the MTP head drafts k tokens, one trunk forward verifies them (report §9.2, docs/mtp.md).
+"""MTP speculative decoding: the MTP head drafts k tokens, one trunk forward verifies them (report §6.1.2, docs/mtp.md).
 
 Round for one sequence whose last token x_T (position T) is pending and whose drafts d_1..d_k are ready:
   verify   the trunk runs [x_T, d_1..d_k] at positions T..T+k in one forward -> target distributions p_0..p_k

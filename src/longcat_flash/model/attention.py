@@ -67,7 +67,7 @@ class MLA(nn.Module):
         (B, S, S) True where query s may attend to key l, attention under that mask (packed documents)."""
         return self.attend(self.project(x, rope), cache, block, mask)
 
-    # Two halves, so the ScMoE layer can place them on either side of the MoE GEMMs (report §9.1, block.py).
+    # Two halves, so the ScMoE layer can place them on either side of the MoE GEMMs (report §6.1.1, block.py).
     def project(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> Projected:
         """The QKV projections: q_nope (B, S, H, N), q_rope (B, S, H, R), latent (B, S, C), k_rope (B, S, R)."""
         return (*self.queries(x, rope), *self.latents(x, rope))
@@ -86,7 +86,7 @@ class MLA(nn.Module):
 
     def queries(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Low-rank query, scaled by sqrt(D/Q) on both parts (report §4.1): (B, S, H, N), (B, S, H, R)."""
+        """Low-rank query, scaled by sqrt(D/Q) on both parts (report §2.3.1): (B, S, H, N), (B, S, H, R)."""
         B, S, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(B, S, self.n_heads, -1)  # (B, S, H, N+R)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)

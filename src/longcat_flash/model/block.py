@@ -5,12 +5,12 @@
                                   norm_f0 ├──► s ─────────────► MoE(s) ───────────────┐  (dispatch/combine
                                           │                                            │   can hide behind
         x1 ──────────────────── FFN_0(s) (+)──► x2                                     │   everything on the
-        x2 ──► norm_a1 ──► MLA_1 ──────(+)──► x3                                       │   left: report §3)
+        x2 ──► norm_a1 ──► MLA_1 ──────(+)──► x3                                       │   left: report §2.2)
         x3 ──► norm_f1 ──► FFN_1 ──────(+)──────────────────────────────────────────(+)──► out
 
     out = x3 + FFN_1(norm_f1(x3)) + MoE(s),  s = norm_f0(x1)   (docs/architecture.md §4)
 
-The forward runs in the order of the report's single-batch overlap (§9.1), so an asynchronous dispatcher
+The forward runs in the order of the report's single-batch overlap (§6.1.1), so an asynchronous dispatcher
 (distributed/expert_parallel.py) hides its all-to-alls behind the dense path; with the local dispatcher the
 order changes nothing, since the pieces are independent until the final sum:
     stage 1  MLA_0                                   alone: everything else reads its output

@@ -167,7 +167,7 @@ class TokenDispatcher(Protocol):
     """Moves FFN-expert rows to the experts and back. Zero-expert slots are never dispatched.
 
     Each direction is a start and a wait, so that an expert-parallel dispatcher can keep its all-to-all in flight
-    while the layer computes its dense path (block.py, report §9.1); a synchronous dispatcher does all the work
+    while the layer computes its dense path (block.py, report §6.1.1); a synchronous dispatcher does all the work
     in the start and its waits only hand the result over. Handles are opaque to the caller.
     """
 

@@ -1,4 +1,4 @@
-"""The single dense MTP head (report §9.2, docs/architecture.md §8): predicts token t+2 from token t+1 and h_t.
+"""The single dense MTP head (report §2.4, §6.1.2, docs/architecture.md §8): predicts token t+2 from token t+1 and h_t.
 
     z = eh_proj([enorm(embed(x_{t+1})) | hnorm(h_t)])       embedding first, hidden second
     z = z + MLA(input_layernorm(z));  z = z + MLP(post_attention_layernorm(z))

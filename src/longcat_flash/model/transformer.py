@@ -121,14 +121,6 @@ class Transformer(nn.Module):
             out.mtp_logits = self.lm_head(out.mtp_hidden) if compute_logits else None
         return out
 
-    def mtp_draft(self, next_tokens: torch.Tensor, final_hidden: torch.Tensor, positions: torch.Tensor,
-                  cache: LatentCache | None = None) -> torch.Tensor:
-        """Speculative draft: logits (B, S, V) for the token after `next_tokens`, from the trunk's h_t."""
-        if self.model.mtp is None:
-            raise ValueError("this model has no MTP head (num_nextn_predict_layers=0)")
-        rope = self.model.rotary(positions, final_hidden.dtype)
-        return self.lm_head(self.model.mtp(next_tokens, final_hidden, rope, cache))
-
     @torch.no_grad()
     def init_weights(self, std: float | None = None) -> None:
         """normal(0, std) for matrices and embeddings, ones for norms, zeros for biases and the router bias."""

@@ -11,6 +11,7 @@ import torch
 from ..infer.engine import Engine, EngineConfig
 from ..infer.loader import check_speculative, load_for_inference
 from ..infer.sampling import SamplingParams
+from ..infer.speculative import DraftStats
 from ..tokenizer import Tokenizer, utf8_text
 from .text import TextState
 
@@ -45,7 +46,7 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
                   stop: list[str] | None = None, on_text: Callable[[str], None] | None = None) -> Result:
     """Run one prompt (token ids) to completion; `on_text` receives each new piece of text as it is safe to show."""
     text = TextState(tokenizer, stop or [])
-    drafts_before = (engine.stats.drafts.drafted, engine.stats.drafts.accepted, engine.stats.drafts.rounds)
+    before = replace(engine.stats.drafts)  # the engine's running totals: this request's are the difference
     start = time.perf_counter()
     rid = engine.add_request(prompt, params)
     first = reason = None
@@ -66,10 +67,8 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
                     (n - 1) / (end - first) if n > 1 and end > first else 0.0)
     if engine.drafter:
         d = engine.stats.drafts
-        drafted, accepted, rounds = (d.drafted - drafts_before[0], d.accepted - drafts_before[1],
-                                     d.rounds - drafts_before[2])
-        result.acceptance_rate = accepted / drafted if drafted else 0.0
-        result.mean_accepted_length = (accepted + rounds) / rounds if rounds else 0.0
+        mine = DraftStats(d.rounds - before.rounds, d.drafted - before.drafted, d.accepted - before.accepted)
+        result.acceptance_rate, result.mean_accepted_length = mine.acceptance_rate, mine.mean_accepted_length
     return result
 
 

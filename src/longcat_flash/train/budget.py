@@ -1,4 +1,4 @@
-"""The compute-budget controller (report §2.2, docs/budget_pid.md): per layer, a PID on the selection biases of
+"""The compute-budget controller (report §2.1.1, docs/budget_pid.md): per layer, a PID on the selection biases of
 the FFN experts that drives each expert's share of routing slots to K_e / (K·N), so that tokens use K_e FFN
 experts on average. Zero-expert biases never move; they only have to absorb the slots the FFN experts give up.
 

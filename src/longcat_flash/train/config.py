@@ -77,7 +77,7 @@ class ScheduleConfig:
 
 @dataclass(frozen=True)
 class BudgetConfig:
-    """The expert-bias controller's settings (report §2.2; the update rule: train/budget.py BudgetController)."""
+    """The expert-bias controller's settings (report §2.1.1; the update rule: train/budget.py BudgetController)."""
 
     section: ClassVar[str] = "budget"
     enabled: bool = True
@@ -107,7 +107,7 @@ class BudgetConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """loss = lm + mtp_weight*mtp + z_weight*z + balance_alpha*balance (report §2.3, §7.2, docs/budget_pid.md)."""
+    """loss = lm + mtp_weight*mtp + z_weight*z + balance_alpha*balance (report §2.1.2, §3.1.3, docs/budget_pid.md)."""
 
     section: ClassVar[str] = "loss"
     balance_alpha: float = 5e-4  # α of the device-level balance loss (mean over layers); keeps R_g < ~0.1
@@ -157,7 +157,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    """Initialisation and width transfer (report §4, §5; train/optim.py).
+    """Initialisation and width transfer (report §2.3, §3.1.1; train/optim.py).
 
     proxy_width: the hidden size the LRs and init_std were tuned at. With s = hidden_size / proxy_width,
     hidden and unembedding matrices get LR / s and init variance / s; embeddings and norms keep theirs.
@@ -413,8 +413,7 @@ def describe(cfg: TrainConfig) -> str:
 # ---- recipes: one function per preset ----
 
 def small() -> TrainConfig:
-    """The default run: `longcat train --preset small`, ~3.5 minutes on 2 CPU cores (4.5 with the first
-    tokenization)."""
+    """The default run: `longcat train --preset small` (its time on 2 cores, with and without AMX: README)."""
     return TrainConfig(preset="small", model=get_preset("small"))
 
 

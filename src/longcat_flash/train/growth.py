@@ -1,4 +1,4 @@
-"""Model growth by layer stacking (report §6): an L-layer model from a trained L/r-layer one, r = 2 in the report.
+"""Model growth by layer stacking (report §3.1.2): an L-layer model from a trained L/r-layer one, r = 2 in the report.
 
 The whole small stack is repeated, not each layer: layers [0..n-1] become [0..n-1, 0..n-1, ...] (block
 repeat). Everything else (embeddings, final norm, lm_head, MTP head) is copied once. The training state is

@@ -1,4 +1,4 @@
-"""Training losses, pure functions of the model's outputs (report §2.3, §7.2; the MTP head §9.2).
+"""Training losses, pure functions of the model's outputs (report §2.1.2, §3.1.3; the MTP head §2.4, §6.1.2).
 
     loss = lm + mtp_weight * mtp + z_weight * z + balance_alpha * balance
 
@@ -85,7 +85,7 @@ def expert_groups(ids: torch.Tensor, n_ffn: int, groups: int) -> torch.Tensor:
 
 def balance_loss(probs: torch.Tensor, ids: torch.Tensor, n_ffn: int, groups: int, target: float,
                  selections: torch.Tensor | None = None) -> torch.Tensor:
-    """Device-level load balance with the zero experts as group D+1 (report §2.3), without α, for one layer.
+    """Device-level load balance with the zero experts as group D+1 (report §2.1.2), without α, for one layer.
 
         L = Σ_j f_j P_j,  P_j = (1/T) Σ_t Σ_{i in group j} p_t,i
         f_j = D / (K_e T) · #selections in group j   (FFN groups j <= D)

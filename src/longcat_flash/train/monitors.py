@@ -1,4 +1,4 @@
-"""Router-stability monitors (report §7.1), computed every `loss.monitor_every` steps.
+"""Router-stability monitors (report §3.1.3), computed every `loss.monitor_every` steps.
 
 R_g = ||∇_P (α-weighted balance term)|| / ||∇_P L_LM|| per layer, where P is the batch-averaged expert
 probability vector. Every token's probabilities p_t enter the losses; writing p_t = P + (p_t - P) gives

@@ -1,6 +1,6 @@
 """Parameter groups, width hyperparameter transfer, initialisation and LR schedules.
 
-Width transfer (report §5, Everett et al. "Adam LR full align" for standard parameterisation): tune on a proxy
+Width transfer (report §3.1.1, Everett et al. "Adam LR full align" for standard parameterisation): tune on a proxy
 of hidden size n_proxy, then with s = n_target / n_proxy
 
     parameter kind          init variance     Adam LR
@@ -58,14 +58,14 @@ def param_kind(name: str, param: torch.Tensor) -> str:
     return "unembedding" if name == "lm_head.weight" else "hidden"
 
 
-# ---- variance alignment and initialisation (report §4) ----
+# ---- variance alignment and initialisation (report §2.3) ----
 
 def aligned_model_config(cfg: ModelConfig, mode: str) -> ModelConfig:
     """`scaling.variance_alignment`: keep the preset, or switch the MLA scales and the expert γ on or off.
 
     "on" sets γ = routed_scaling_factor = m, the expert granularity ffn_hidden_size / expert_ffn_hidden_size:
     splitting an FFN into m experts shrinks the MoE output variance by m twice (gating dilution and width), and
-    γ = sqrt(m·m) = m restores it (report §4.2).
+    γ = sqrt(m·m) = m restores it (report §2.3.2).
     """
     if mode == "preset":
         return cfg
