@@ -165,6 +165,27 @@ def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carr
         {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [streamed_call]},
         {"role": "tool", "tool_call_id": "call_1", "content": "1"}], max_tokens=1)
     assert status == 200 or body["error"]["code"] == "context_length_exceeded", body  # accepted; the context is 48
+    parsed_call = {"id": "call_1", "type": "function",  # the openai SDK's parse() / stream() helpers' replies
+                   "function": {"name": "f", "arguments": '{"a": 1}', "parsed_arguments": {"a": 1}}}
+    status, body = _chat(client, messages=[
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [parsed_call],
+                                           "parsed": None},
+        {"role": "tool", "tool_call_id": "call_1", "content": "1"},
+        {"role": "assistant", "content": '{"b": 2}', "parsed": {"b": 2}}, {"role": "user", "content": "ok"}],
+        max_tokens=1)
+    assert status == 200 or body["error"]["code"] == "context_length_exceeded", body
+
+
+def test_any_int64_seed_is_taken(client):
+    def texts(**fields) -> list[str]:
+        status, body = _chat(client, temperature=1.0, max_tokens=6, **fields)
+        assert status == 200, body
+        return [c["message"]["content"] for c in body["choices"]]
+
+    assert texts(seed=-1) == texts(seed=-1)  # clients send -1; OpenAI and vLLM take any int64
+    assert len(texts(n=3, seed=p.MAX_SEED)) == 3  # the copies' seeds wrap around
+    status, body = _chat(client, seed=p.MIN_SEED - 1)
+    assert status == 400 and body["error"]["param"] == "seed"
 
 
 @pytest.mark.parametrize("fields, param", [
@@ -173,7 +194,10 @@ def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carr
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
      "messages.0.content.0.type"),
     ({"response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"enum": ["\udc00"]}}}},
-     "response_format"),
+     "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}}},
+     "response_format.json_schema.name"),
+    ({"messages": [{"role": "user", "content": []}]}, "messages.0.content"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"description": "\udc00"}}}]},
      "tools.0.function.parameters"),
     ({"top_logprobs": 2}, "top_logprobs"),

@@ -72,3 +72,23 @@ def test_streamed_tool_call_deltas_reassemble(client):
     for entry in calls.values():
         assert entry["id"].startswith("call_")
         jsonschema.validate(json.loads(entry["arguments"]), SCHEMA_OF[entry["name"]])
+
+
+def test_the_sdk_helpers_replies_go_back_into_the_history(client):
+    """Agents on the SDK's `parse()` / `stream()` helpers append the reply object as it came, with the client-side
+    `parsed_arguments` the helpers add; and a streamed forced call joins to the non-streamed message (no content:
+    null, not "")."""
+    strict = [{"type": "function", "function": {**tool["function"], "strict": True}} for tool in OFFERED]
+    kwargs = {"model": "tiny", "messages": ASK, "tools": strict, "tool_choice": "required",
+              "parallel_tool_calls": False, "temperature": 1.0, "max_tokens": 160, "seed": 3}
+    parsed = client.chat.completions.parse(**kwargs).choices[0].message
+    with client.chat.completions.stream(**kwargs) as stream:
+        streamed = stream.get_final_completion().choices[0].message
+    [call] = parsed.tool_calls
+    assert call.function.parsed_arguments == json.loads(call.function.arguments)
+    assert parsed.content is None and streamed.content is None
+    assert [c.function.arguments for c in streamed.tool_calls] == [call.function.arguments]
+    history = [*ASK, parsed, {"role": "tool", "tool_call_id": call.id, "content": "21 C, sun"}]
+    answer = client.chat.completions.create(model="tiny", messages=history, tools=strict, tool_choice="none",
+                                            max_tokens=8, seed=3)
+    assert answer.choices[0].message.content

@@ -80,14 +80,14 @@ def test_round_trip_with_the_tool_result_in_history(client):
     assert answer["choices"][0]["finish_reason"] == "stop"
 
 
-def test_a_reply_cut_by_max_tokens_finishes_with_length_even_after_a_call(client):
-    """The call is whole at its 8th token, the turn's end (eos) would be the 9th: an agent must see the cut."""
-    whole = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED).json()
-    assert whole["choices"][0]["finish_reason"] == "tool_calls" and whole["usage"]["completion_tokens"] == 9
-    cut = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED, max_tokens=8).json()["choices"][0]
-    [call] = cut["message"]["tool_calls"]
-    assert cut["finish_reason"] == "length" and call["function"] == whole["choices"][0]["message"]["tool_calls"][0][
-        "function"]
+def test_a_named_call_ends_the_reply_and_one_cut_by_max_tokens_finishes_with_length(client):
+    """A named function is called once (OpenAI, vLLM): the reply ends at the call's closing tag, its 8th token,
+    without waiting for the end of the turn (parallel_tool_calls or not). Cut before it, an agent sees the cut."""
+    for parallel in (True, False):
+        whole = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED, parallel_tool_calls=parallel).json()
+        assert whole["choices"][0]["finish_reason"] == "tool_calls" and whole["usage"]["completion_tokens"] == 8
+    cut = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED, max_tokens=7).json()["choices"][0]
+    assert cut["finish_reason"] == "length" and not cut["message"]["tool_calls"]
 
 
 def test_parallel_tool_calls_off_stops_after_the_first_call(client):
@@ -116,11 +116,12 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
      "tools.0.function.name"),
     ({"tools": [WEATHER, WEATHER]}, "tools"),
     ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "strict": True, "parameters": {
-        "type": "object", "properties": {"city": {"$ref": "#/$defs/nowhere"}}}}}]}, "tools"),  # cannot compile
+        "type": "object", "properties": {"city": {"$ref": "#/$defs/nowhere"}}}}}]},
+     "tools.0.function.parameters"),  # cannot compile
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                    {"role": "tool", "tool_call_id": "call_9", "content": "x"}]}, "messages.2.tool_call_id"),
-    ({"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages.1"),
-    ({"messages": [*ASK, {"role": "assistant", "content": None}]}, "messages.1"),
+    ({"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages.1.tool_call_id"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None}]}, "messages.1.content"),
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {**CALL, "function": {"name": "get_weather", "arguments": "{oops"}}]}]},
      "messages.1.tool_calls.0.function.arguments"),

@@ -69,7 +69,7 @@ class APIError(Exception):
 
 
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-z]*)$")  # pydantic's tags, not fields
-_NAMED_IN_MESSAGE = re.compile(r"^Value error, ([a-z_][a-z_.]*): ")  # our model validators start with the field
+_VALUE_ERROR = re.compile(r"^Value error, (?:([a-z_][a-z_.]*): )?")  # a validator's ValueError; ours name the field
 
 
 def _validation_error(err: RequestValidationError) -> APIError:
@@ -84,8 +84,9 @@ def _validation_error(err: RequestValidationError) -> APIError:
     message = str(first.get("msg"))
     if first.get("type") == "extra_forbidden":
         message = "not supported by this server (docs/serving.md §3); remove the field"
-    elif not loc and (named := _NAMED_IN_MESSAGE.match(message)):
-        loc, message = [named.group(1)], message[named.end():]
+    elif named := _VALUE_ERROR.match(message):  # pydantic's prefix dropped; a field it names below loc joins it
+        inner = named.group(1).split(".") if named.group(1) else []
+        loc, message = loc + inner if loc[-len(inner):] != inner else loc, message[named.end():]
     param = ".".join(loc) or None
     return APIError(400, f"{param or 'body'}: {message}", param=param, code="invalid_value")
 
@@ -235,8 +236,8 @@ class Generation:
                           ) -> AsyncIterator[tuple[p.ChatChunkChoice, int]]:
         """One streamed chat choice: the role, then content and tool-call deltas (a step's logprobs ride on its
         first chunk), then the finish reason; each with the completion tokens so far."""
-        turns, logprobs = self.turns(body, plan, copy, None)
-        yield p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content="")), 0
+        turns, logprobs = self.turns(body, plan, copy, None)  # a forced call has no content: null, as OpenAI sends
+        yield p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content=None if plan.forced else "")), 0
         async for events, reason, n in turns:
             for delta in deltas(events):
                 yield p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs(n)), n
@@ -262,10 +263,11 @@ class Copy:
 
 
 def _copies(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n copies of a request's params; with a seed, copy j samples with seed + j: the copies differ and the
-    request as a whole repeats."""
-    return [params if params.seed is None else replace(params, seed=(params.seed + j) % (p.MAX_SEED + 1))
-            for j in range(n)]
+    """n copies of a request's params; with a seed, copy j samples with seed + j (wrapping around int64): the
+    copies differ and the request as a whole repeats."""
+    if params.seed is None:
+        return [params] * n
+    return [replace(params, seed=(params.seed + j - p.MIN_SEED) % 2**64 + p.MIN_SEED) for j in range(n)]
 
 
 async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:

@@ -20,7 +20,7 @@ MAX_STOP = 64  # vLLM sets none; evaluators send a task's whole list (OpenAI's 4
 MAX_STOP_CHARS = 256
 MAX_MESSAGES = 512
 MAX_PROMPT_CHARS = 1_000_000  # before tokenization; the token limit is the context
-MAX_SEED = 2**63 - 1
+MIN_SEED, MAX_SEED = -(2**63), 2**63 - 1  # int64, as OpenAI and vLLM take it
 MAX_TOOLS = 128
 MAX_PROMPTS = 128  # prompts in one completions request (each is one engine request; max_waiting still applies)
 MAX_N = 32  # copies of a prompt (they share its cache pages); prompts x n is capped at MAX_PROMPTS too
@@ -32,8 +32,9 @@ MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the comp
 METADATA_FIELDS = ("user", "metadata")  # what clients send about themselves; dropped, as it changes no output
 # On a message: a participant's name (agent frameworks send it), an assistant's refusal and citations (OpenAI's
 # replies carry them, and clients send replies back), the reasoning other backends' replies carry (vLLM's reasoning
-# parsers): the chat template has no place for them
-MESSAGE_METADATA = ("name", "refusal", "annotations", "reasoning_content", "reasoning")
+# parsers), the openai SDK's client-side `parsed` value (its `parse()` and `stream()` helpers add it to a reply):
+# the chat template has no place for them
+MESSAGE_METADATA = ("name", "refusal", "annotations", "reasoning_content", "reasoning", "parsed")
 
 
 def well_formed(value: Any, field: str) -> Any:
@@ -93,7 +94,7 @@ class _Sampling(_Part):
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)  # normalised to a list
-    seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # extension (vLLM, SGLang); 1 = off
@@ -229,6 +230,7 @@ class TextPart(_Part):
 
 
 class FunctionCall(_Part):
+    dropped = ("parsed_arguments",)  # the openai SDK's parse() helpers add it to a strict tool's call
     name: str = Field(pattern=TOOL_NAME)
     arguments: str  # a JSON object, as a string
 
@@ -279,6 +281,8 @@ class ChatMessage(_Part):
     @field_validator("content")
     @classmethod
     def _content(cls, value: str | list[TextPart] | None) -> str | None:
+        if value == []:
+            raise ValueError("content: an empty list of parts; send at least one text part, or a string")
         text = value if isinstance(value, str) or value is None else "".join(part.text for part in value)
         if text is not None and len(text) > MAX_PROMPT_CHARS:
             raise ValueError(f"content is longer than {MAX_PROMPT_CHARS} characters")

@@ -51,8 +51,7 @@ def response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | 
 def stop_scope(body: p._Sampling, plan: ToolPlan | None) -> tuple[list[str], tuple[str, str] | None]:
     """The stop strings the request's text is scanned for, and the (opening, closing) tags of blocks it is not
     scanned in: none when the whole output is JSON, tool-call blocks when the reply may call tools."""
-    forced = plan is not None and (plan.choice == "required" or isinstance(plan.choice, p.NamedToolChoice))
-    if forced or response_schema(body.response_format) is not None:
+    if (plan is not None and plan.forced) or response_schema(body.response_format) is not None:
         return [], None
     return body.stop, (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if plan is not None and plan.tools else None
 
@@ -63,7 +62,7 @@ def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) ->
     if plan is None or plan.tools is None:
         return None if schema is None else f"start: {json_part(schema)}\n"
     choice, tools = plan.choice, {tool["function"]["name"]: tool["function"] for tool in plan.tools}
-    forced = choice == "required" or isinstance(choice, p.NamedToolChoice)
+    forced = plan.forced
     if forced and schema is not None:
         raise ConstraintError("response_format", "response_format: a JSON format cannot apply when tool_choice "
                                                  "forces a tool call (the output is then the call)")
@@ -74,11 +73,10 @@ def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) ->
         tools = {choice.function.name: tools[choice.function.name]}
     bodies = " | ".join(_call_body(name, fn, forced) for name, fn in tools.items())
     rules = f"call: {open_} call_body {close}\ncall_body: {bodies}\n"
-    more = "call*" if plan.parallel else ""
-    if isinstance(choice, p.NamedToolChoice):  # the prefill ends right before the arguments
-        return f'start: {json_part(arguments_schema(next(iter(tools.values()))))} "}}" {close} {more}\n{rules}'
+    if isinstance(choice, p.NamedToolChoice):  # the prefill ends right before the arguments; one call (OpenAI, vLLM)
+        return f'start: {json_part(arguments_schema(next(iter(tools.values()))))} "}}" {close}\n'
     if choice == "required":  # the prefill is the opening tag
-        return f"start: call_body {close} {more}\n{rules}"
+        return f"start: call_body {close} {'call*' if plan.parallel else ''}\n{rules}"
     if schema is not None:
         return f"start: {json_part(schema)} | {'call+' if plan.parallel else 'call'}\n{rules}"
     return f"start: TEXT {'call*' if plan.parallel else 'call?'}\n{TEXT}\n{rules}"
@@ -103,17 +101,23 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
         text = lark(compiler, body, plan)
         return None if text is None else await asyncio.to_thread(compiler.compile, text)
     except GrammarError as err:
-        param = await asyncio.to_thread(_culprit, compiler, body)
-        raise ConstraintError(param, f"{param}: the schema cannot be used to constrain the output: {err}") from None
+        param = await asyncio.to_thread(_culprit, compiler, body, plan)
+        # llguidance's hint names its own option, which a request cannot set
+        reason = str(err).replace("Enable 'coerce_one_of' option to approximate oneOf with anyOf", "Use anyOf instead")
+        raise ConstraintError(param, f"{param}: the schema cannot be used to constrain the output: {reason}") from None
 
 
-def _culprit(compiler: GrammarCompiler, body: p._Sampling) -> str:
-    """Which field made the grammar fail: response_format if its schema fails alone, else the tools."""
-    schema = response_schema(body.response_format)
-    if schema is None:
-        return "tools"
-    try:
-        compiler.json_schema(schema)
-    except GrammarError:
-        return "response_format"
+def _culprit(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) -> str:
+    """Which field made the grammar fail: response_format if its schema fails alone, else the first tool whose
+    parameters fail alone, else the tools together."""
+    named = [("response_format", response_schema(body.response_format))]
+    named += [(f"tools.{i}.function.parameters", arguments_schema(tool["function"]))
+              for i, tool in enumerate(plan.tools if plan is not None and plan.tools else [])]
+    for param, schema in named:
+        if schema is None:
+            continue
+        try:
+            compiler.json_schema(schema)
+        except GrammarError:
+            return param
     return "tools"

@@ -185,6 +185,11 @@ class ToolPlan:
     history: tuple[p.ChatMessage, ...] = ()  # the messages to render: tool results in the order of their calls
     shown: list[dict] | None = None  # the tools as the client sent them: what the prompt renders
 
+    @property
+    def forced(self) -> bool:
+        """The reply is a call (tool_choice `required` or a named function): it starts inside one."""
+        return self.choice == "required" or isinstance(self.choice, p.NamedToolChoice)
+
     def parser(self) -> ToolCallParser | PlainText:
         return ToolCallParser(self.prefill, self.parallel) if self.tools else PlainText()
 
@@ -232,11 +237,13 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
     run: dict[str, p.ChatMessage] = {}  # results seen since it, by id
     for i, message in enumerate([*messages, None]):
         if message is not None and message.role == "tool":
-            if message.tool_call_id not in calls or message.tool_call_id in run:
-                what = "answers it a second time" if message.tool_call_id in run else "did not make it"
-                raise ToolRequestError(f"messages.{i}.tool_call_id",
-                                       f"messages[{i}] answers tool call {message.tool_call_id!r}; the assistant "
-                                       f"message before it {what} (its calls: {calls})")
+            if message.tool_call_id in run:
+                raise ToolRequestError(f"messages.{i}.tool_call_id", f"messages[{i}] answers tool call "
+                                       f"{message.tool_call_id!r} a second time; one tool message answers each call")
+            if message.tool_call_id not in calls:
+                raise ToolRequestError(f"messages.{i}.tool_call_id", f"messages[{i}] answers tool call "
+                                       f"{message.tool_call_id!r}, which the assistant message before it did not "
+                                       f"make (its calls: {calls})")
             run[message.tool_call_id] = message
             continue
         if len(run) < len(calls):  # none answered too: the conversation went on (or ends) as if it never called
