@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .corpus import jsonl_records, open_text
+from .corpus import jsonl_records, open_text, pyarrow_modules
 
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system role (read as the server reads it) and its legacy role for a function's result
@@ -172,11 +172,7 @@ def _arrow_rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     """The rows of a .parquet (ignored columns not even read) or of an Arrow stream (.arrow, as `datasets`'
     save_to_disk writes them), with the values of `datasets`' Json features decoded: `datasets` 5 stores objects of
     varying shape (messages with and without tool calls) as JSON strings and names them so in the schema."""
-    try:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow") from err
+    pa, pq = pyarrow_modules(path)
     what = "a readable Parquet file" if path.suffix == ".parquet" else "an Arrow stream as `datasets` writes them"
     try:
         if path.suffix == ".parquet":

@@ -189,12 +189,18 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
         yield record[text_field]
 
 
-def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+def pyarrow_modules(path: Path) -> tuple[Any, Any]:
+    """`pyarrow` and `pyarrow.parquet`, imported when a file needs them (pyarrow is not a core dependency)."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError as err:
         raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or longcat-flash[dev])") from err
+    return pa, pq
+
+
+def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
+    pa, pq = pyarrow_modules(path)
     try:
         parquet = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:

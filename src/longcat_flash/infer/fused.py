@@ -97,10 +97,11 @@ class FusedMLA(MLA):
                                                                   self.kv_a_layernorm, rope, self.n_heads)):
             return out
         B, S, _ = x.shape
+        # (B, S, Q), (B, S, C+R)
         q_a, kv = self.qkv_a_proj(x).split([self.q_lora_rank, self.kv_lora_rank + self.rope_dim], dim=-1)
-        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(B, S, self.n_heads, -1)
+        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(B, S, self.n_heads, -1)  # (B, S, H, N+R)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)  # (B, S, H, N), (B, S, H, R)
-        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        latent, k_rope = kv.split([self.kv_lora_rank, self.rope_dim], dim=-1)  # (B, S, C), (B, S, R)
         latent = self.kv_a_layernorm(latent)  # (B, S, C), scale folded in
         return q_nope, rotate(q_rope, rope), latent, rotate(k_rope, rope)
 
@@ -141,13 +142,14 @@ class FusedMLA(MLA):
         q_nope = q_nope.float().permute(2, 0, 1, 3).reshape(H, B * S, N)  # heads as the batch of the bmm
         q_latent = torch.bmm(q_nope, self.w_uk.float())  # (H, B*S, C); fp32 bmms: several times faster on CPU
         q_latent = q_latent.view(H, B, S, C).transpose(0, 1).reshape(B, H * S, C)  # rows (h, s) per sequence
-        q_rope = q_rope.float().transpose(1, 2).reshape(B, H * S, self.rope_dim)
+        q_rope = q_rope.float().transpose(1, 2).reshape(B, H * S, self.rope_dim)  # (B, H*S, R)
+        # rope part + latent part of every (head, query) row's score against the L cached tokens: (B, H*S, L)
         scores = torch.baddbmm(torch.bmm(q_rope, k_rope.transpose(1, 2)), q_latent, latent.transpose(1, 2))
         scores = (scores * self.softmax_scale).view(B, H, S, L).masked_fill(~mask[:, None], float("-inf"))
         probs = scores.softmax(dim=-1).view(B, H * S, L)
-        out_latent = torch.bmm(probs, latent).view(B, H, S, C).transpose(0, 1).reshape(H, B * S, C)
+        out_latent = torch.bmm(probs, latent).view(B, H, S, C).transpose(0, 1).reshape(H, B * S, C)  # (H, B*S, C)
         out = torch.bmm(out_latent, self.w_uv_t.float())  # (H, B*S, V)
-        out = out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)
+        out = out.view(H, B, S, self.v_dim).permute(1, 2, 0, 3).reshape(B, S, H * self.v_dim)  # (B, S, H*V)
         return self.o_proj(out.to(dtype))
 
 
@@ -267,7 +269,7 @@ class FusedMoE(nn.Module):
         out = self._zero_part(x, (weights * is_zero).sum(-1))
         order, counts = group_by_expert(ids, E)  # (T*K,) slots by expert, zero slots last; (E,)
         slots = order[: int(counts.sum())]  # the FFN slots, in expert order
-        tokens, gate_w = slots // K, weights.reshape(-1)[slots].to(x.dtype)
+        tokens, gate_w = slots // K, weights.reshape(-1)[slots].to(x.dtype)  # (R,) each: the slot's token and gate
         return out.index_add_(0, tokens, self.moe.experts(x[tokens], counts) * gate_w[:, None])
 
 

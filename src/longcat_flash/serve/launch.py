@@ -10,10 +10,10 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-
-import httpx
 
 
 def free_port() -> int:
@@ -52,7 +52,9 @@ def running_server(model_dir: str | Path, *args: str, threads: int = 1, startup_
 
 
 def _healthy(base: str) -> bool:
+    """Whether /health answers 200 (the standard library's client: the `serve` extra installs no HTTP client)."""
     try:
-        return httpx.get(f"{base}/health", timeout=1).status_code == 200
-    except httpx.HTTPError:
+        with urllib.request.urlopen(f"{base}/health", timeout=1) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
         return False
