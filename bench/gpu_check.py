@@ -63,7 +63,7 @@ from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.train.config import TrainConfig, recipe
 from longcat_flash.train.determinism import seed_everything, set_deterministic
 from longcat_flash.train.optim import init_parameters
-from longcat_flash.train.trainer import _to_device
+from longcat_flash.train.trainer import to_device
 
 # Dense (no sparsity) bf16 tensor-core peak in TFLOP/s, by a substring of torch.cuda.get_device_name();
 # the longest matching key wins ("GH200" before "H200", "H100 PCIe" before "H100").
@@ -338,7 +338,7 @@ def _train_ours(ctx: Context, rec: dict[str, Any], deterministic: bool) -> None:
     ensure_checkpoint(ctx, model)  # before any update: transformers starts from these weights
     rec["save_checkpoint_s"] = round(time.perf_counter() - t0, 2)
     step = our_step(cfg, model, full=True)  # build_optimizer: fused AdamW on CUDA
-    batches = [_to_device(b, device) for b in ctx.batches]
+    batches = [to_device(b, device) for b in ctx.batches]
     metrics, seconds, caught = run_steps(step, batches, device, ctx.budget(a.section_budget_s))
     tokens = a.batch * a.seq
     rate = tokens_per_s(seconds, a.skip, tokens)
@@ -369,7 +369,7 @@ def section_transformers_train(ctx: Context, rec: dict[str, Any]) -> None:
     deterministic_mode(ctx.deterministic, device)
     rec["deterministic"] = ctx.deterministic
     path = ensure_checkpoint(ctx)
-    batches = [_to_device(b, device) for b in ctx.batches]
+    batches = [to_device(b, device) for b in ctx.batches]
     modes = {"float32": torch.float32, "bfloat16": torch.bfloat16}
     probes = {}
     for name in modes if a.hf_dtype == "auto" else []:

@@ -26,7 +26,7 @@ from common import QUICK_RUNS, figure, final_val, parse, positive_float, run, sa
 
 from longcat_flash.model import Transformer
 from longcat_flash.train.optim import param_kind
-from longcat_flash.train.trainer import read_checkpoint
+from longcat_flash.train.checkpoints import read_checkpoint
 
 CLAIM = ("The loss does not depend on Adam's ε while ε is far below the gradient RMS, and degrades once ε "
          "approaches it (§3.1.3, Fig. 7).")

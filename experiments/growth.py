@@ -34,7 +34,7 @@ from typing import Any
 
 from common import Setup, figure, final_val, parse, positive_int, run, save, seed_list, series, smooth
 
-from longcat_flash.train import trainer
+from longcat_flash.train import checkpoints, trainer
 from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.growth import grow_run
 from longcat_flash.train.metrics import read_metrics
@@ -76,7 +76,7 @@ def grown_run(setup: Setup, seed: int, depth: int, grow_at: int, steps: int) -> 
     if dst.exists():
         shutil.rmtree(dst)
     grow_run(setup.work / f"small-seed{seed}", dst, r=2)
-    cfg = dataclasses.replace(apply_overrides(trainer.resume_config(dst), WSD), max_steps=steps)
+    cfg = dataclasses.replace(apply_overrides(checkpoints.resume_config(dst), WSD), max_steps=steps)
     loaded = trainer.setup(cfg, dst, resume=True, progress=False)  # the grown model at step grow_at
     val_at_growth = trainer.evaluate(loaded.model, loaded.val, loaded.cfg)
     del loaded

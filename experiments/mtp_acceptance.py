@@ -46,7 +46,7 @@ from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.model import Transformer
 from longcat_flash.tokenizer import Tokenizer
 from longcat_flash.train.config import TrainConfig
-from longcat_flash.train.trainer import read_checkpoint
+from longcat_flash.train.checkpoints import read_checkpoint
 
 CLAIM = ("A single MTP head drafts tokens that greedy verification accepts at a high rate (~90% at scale, Table 5); "
          "tested here: the acceptance on held-out text rises as training proceeds.")

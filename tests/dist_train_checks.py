@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from longcat_flash import cli
 from longcat_flash import distributed as lcd
-from longcat_flash.train import trainer
+from longcat_flash.train import checkpoints, trainer
 from longcat_flash.train.config import apply_overrides, recipe
 
 
@@ -54,7 +54,7 @@ def main(ref: Path, out_root: Path, corpus: str, cache: str, resume_from: Path |
             if lcd.is_main():
                 shutil.copytree(resume_from, resumed)
             dist.barrier()
-            trainer.train(trainer.resume_config(resumed), resumed, resume=True, progress=False,
+            trainer.train(checkpoints.resume_config(resumed), resumed, resume=True, progress=False,
                           mesh=lcd.build_mesh(world // ep, ep))
         if ep != world // 2:
             trainer.train(apply_overrides(recipe("tiny"), overrides), out_root / f"w{world}_ep{ep}", progress=False,

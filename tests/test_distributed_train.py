@@ -23,7 +23,8 @@ from train_support import make_corpus, run_directory_held, tiny_config
 from longcat_flash.checkpoint import training
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.train.metrics import read_metrics
-from longcat_flash.train.trainer import resume_config, train
+from longcat_flash.train.checkpoints import resume_config
+from longcat_flash.train.trainer import train
 
 pytestmark = pytest.mark.dist
 WORKER = Path(__file__).with_name("dist_train_checks.py")

@@ -20,7 +20,8 @@ from longcat_flash.tokenizer import TOOL_CALL_TOKENS, Tokenizer
 from longcat_flash.train.config import build_config
 from longcat_flash.train.losses import mtp_targets
 from longcat_flash.train.metrics import read_metrics
-from longcat_flash.train.trainer import resume_config, setup, train
+from longcat_flash.train.checkpoints import resume_config
+from longcat_flash.train.trainer import setup, train
 
 
 def packed_and_separate(model: Transformer, lengths: list[int], documents: bool):

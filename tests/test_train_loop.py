@@ -9,14 +9,16 @@ import pytest
 import torch
 from train_support import make_corpus, run_directory_held, tiny_config
 
+from longcat_flash.checkpoint import sharded
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.checkpoint.training import CheckpointError
 from longcat_flash.tokenizer import Tokenizer
 from longcat_flash.train import trainer
+from longcat_flash.train.checkpoints import resume_config
 from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.determinism import NoDeterministicKernel, set_deterministic
 from longcat_flash.train.metrics import read_metrics
-from longcat_flash.train.trainer import TrainingStopped, resume_config, setup, train, train_step
+from longcat_flash.train.trainer import TrainingStopped, setup, train, train_step
 
 REQUIRED = {"step", "loss", "lm_loss", "lr", "tokens_per_s", "ffn_experts_per_token", "ffn_experts_target",
             "ffn_experts_std", "z_loss", "balance_loss", "mtp_loss", "grad_norm", "skipped", "state_bytes"}
@@ -171,7 +173,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_clear_error(
     def full_disk(directory, state):
         raise OSError("rank 0 could not write its shard: [Errno 28] No space left on device")
 
-    monkeypatch.setattr(trainer.sharded, "save", full_disk)
+    monkeypatch.setattr(sharded, "save", full_disk)
     with pytest.raises(CheckpointError, match="cannot write checkpoint step 2 in .*: rank 0 could not write"):
         train(tiny_config(*corpus, "max_steps=4", "checkpoint.save_every=2", "eval_every=0"), tmp_path / "run",
               progress=False)

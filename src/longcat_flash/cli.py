@@ -172,7 +172,8 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
     from .train.config import build_config, describe
-    from .train.trainer import TrainingStopped, resume_config, train
+    from .train.checkpoints import resume_config
+    from .train.trainer import TrainingStopped, train
 
     out = args.resume if isinstance(args.resume, str) else args.out
     if isinstance(args.resume, str) and args.out not in (None, args.resume):

@@ -23,7 +23,7 @@ from ..config import ModelConfig
 from ..model import Transformer
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, read_metrics
-from .trainer import read_checkpoint, write_checkpoint
+from .checkpoints import read_checkpoint, write_checkpoint
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 

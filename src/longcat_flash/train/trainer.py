@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import shutil
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -27,30 +26,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 from torch.distributed.device_mesh import DeviceMesh
 
 from .. import distributed
-from ..checkpoint import hf, sharded, training
-from ..data import (IGNORE, CopyMix, PackedBatch, ResumableSampler, TokenDataset, build_token_shard, ordinary_ids,
-                    sample_texts, split_windows, validation_batches)
-from ..data.conversation_packing import ConversationDataset, conversation_datasets
+from ..checkpoint import hf, training
+from ..data import IGNORE, CopyMix, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
+from ..data.conversation_packing import ConversationDataset
 from ..device import autocast as device_autocast
 from ..device import compute_dtype
 from ..model import ModelOutput, Transformer
-from ..tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
+from ..tokenizer import Tokenizer
 from . import run_lock
 from .budget import BudgetController
-from .config import CHECKPOINTS, SHARDED, TRAIN_CONFIG_FILE, CheckpointConfig, TrainConfig
+from .checkpoints import load_checkpoint, save_checkpoint
+from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, CheckpointConfig, TrainConfig
+from .datasets import build_datasets, build_tokenizer
 from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
 from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
-from .optim import aligned_model_config, build_optimizer, init_parameters, lr_factor, param_name, set_lr
+from .optim import aligned_model_config, build_optimizer, init_parameters, lr_factor, set_lr
 from .pretrained import check_same_shapes, load_pretrained
 from .sample import generate
+
 
 class TrainingStopped(RuntimeError):
     """The run cannot continue (repeated non-finite steps)."""
@@ -216,7 +215,7 @@ def evaluate(model: Transformer, val: TokenDataset | ConversationDataset, cfg: T
     total = torch.zeros(2, device=device)  # (loss sum, targets)
     for batch in validation_batches(val, cfg.data.batch_size, max_batches=cfg.data.val_batches,
                                     rank=distributed.rank(), world_size=distributed.world_size()):
-        for micro in _to_device(batch, device).chunk(cfg.data.grad_accum):  # a training step's memory, same windows
+        for micro in to_device(batch, device).chunk(cfg.data.grad_accum):  # a training step's memory, same windows
             inputs, targets, documents = split_windows(micro)
             with autocast(cfg, device, mesh):
                 logits = model(inputs, documents=documents).logits
@@ -226,7 +225,7 @@ def evaluate(model: Transformer, val: TokenDataset | ConversationDataset, cfg: T
     return float(total[0] / total[1])
 
 
-def _to_device(batch: torch.Tensor | PackedBatch, device: torch.device) -> torch.Tensor | PackedBatch:
+def to_device(batch: torch.Tensor | PackedBatch, device: torch.device) -> torch.Tensor | PackedBatch:
     """A host batch onto the device: pinned and copied asynchronously when that device is a GPU."""
     if device.type == "cuda":
         return batch.pin_memory().to(device, non_blocking=True)
@@ -288,7 +287,7 @@ def _header(run: Run) -> str:
 
 def _timed_step(run: Run) -> dict[str, Any]:
     start = time.perf_counter()
-    batch = _to_device(run.sampler.next_batch(run.cfg.data.batch_size), run.device)  # (B, S+1)
+    batch = to_device(run.sampler.next_batch(run.cfg.data.batch_size), run.device)  # (B, S+1)
     metrics = train_step(run.model, run.optimizer, run.controller, batch, run.cfg, run.state.step, run.mesh)
     seconds = time.perf_counter() - start
     tokens = batch.shape[0] * (batch.shape[1] - 1) * distributed.world_size()  # the global batch
@@ -318,68 +317,6 @@ class _Silent:
     def note(self, text: str) -> None: ...
 
     def close(self) -> None: ...
-
-
-def save_checkpoint(run: Run) -> Path:
-    """Every rank writes its shards of the model and optimizer into one temporary directory in parallel; rank 0
-    adds the small states and the manifest and renames it into place (checkpoint/training.py)."""
-    root, step = run.out / CHECKPOINTS, run.state.step
-    if distributed.is_main():
-        training.temporary_dir(root, step)
-    distributed.barrier()  # the directory exists, empty, before anyone writes into it
-    tmp = training.temporary_path(root, step)
-    try:
-        sharded.save(tmp / SHARDED, run.sharded_state())  # raises on every rank alike
-    except OSError as err:
-        raise training.CheckpointError(f"cannot write checkpoint step {step} in {root}: {err}") from None
-    distributed.barrier()  # every shard is written before rank 0's manifest covers them
-    failed = ""
-    if distributed.is_main():
-        meta = {"step": step, "train_config": run.cfg.to_dict()}
-        states = {name: obj.state_dict() for name, obj in run.stateful().items()}
-        try:
-            training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
-        except OSError as err:
-            failed = f"cannot write checkpoint step {step} in {root}: {err}"
-    distributed.raise_if_any(failed, training.CheckpointError)  # no rank left waiting for rank 0
-    return training.step_dir(root, step)
-
-
-def load_checkpoint(run: Run, path: Path) -> None:
-    """Restore `run` from checkpoint `path`, whatever world size and layout wrote it. Each rank verifies a share
-    of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces."""
-    try:
-        states, _ = training.load_states(path, share=(distributed.rank(), distributed.world_size()))
-        failed = ""
-    except training.CheckpointError as err:
-        states, failed = {}, str(err)
-    distributed.raise_if_any(failed, training.CheckpointError)
-    for name, obj in run.stateful().items():
-        if name not in states:
-            raise training.CheckpointError(f"checkpoint {path} has no state for {name!r}")
-        obj.load_state_dict(states[name])
-    tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
-    saved = sharded.shapes(path / SHARDED)
-    missing = [k for k in tensors["model"] if f"model.{k}" not in saved]
-    if missing:
-        raise training.CheckpointError(f"checkpoint {path} does not fit this model: no weights for {missing[:5]}")
-    for name, tensor in tensors["model"].items():  # DTensors report their full shape
-        if saved[f"model.{name}"] != tensor.shape:
-            raise training.CheckpointError(f"checkpoint {path} does not fit this model: {name} is "
-                                           f"{tuple(saved[f'model.{name}'])} there, {tuple(tensor.shape)} here")
-    # A parameter that had no gradient before the checkpoint (the MTP head before loss.mtp_start_step) has no
-    # Adam state in it, and gets none now either.
-    fresh = [name for name in tensors["optimizer"] if f"optimizer.{name}.exp_avg" not in saved]
-    for name in fresh:
-        del tensors["optimizer"][name]
-    sharded.load(path / SHARDED, tensors)
-    set_model_state_dict(run.model, tensors["model"], options=StateDictOptions(strict=False))  # a tied head
-    groups = get_optimizer_state_dict(run.model, run.optimizer)["param_groups"]
-    set_optimizer_state_dict(run.model, run.optimizer, {"state": tensors["optimizer"], "param_groups": groups},
-                             options=StateDictOptions(strict=False))
-    by_name = {param_name(n): p for n, p in run.model.named_parameters()}
-    for name in fresh:
-        run.optimizer.state.pop(by_name[name], None)
 
 
 EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -486,83 +423,3 @@ def _eos_ids(cfg: TrainConfig, tokenizer: Tokenizer) -> int | tuple[int, ...] | 
     return eos if len(eos) > 1 else eos[0] if eos else None
 
 
-def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(states, meta) of a training checkpoint, every state whole, in one process (model growth, analysis):
-    the small objects' states, "model" {name: tensor} and "optimizer" {name: {"exp_avg", "exp_avg_sq", "step"}}."""
-    path = training.resolve(path)
-    states, meta = training.load_states(path)
-    model: dict[str, torch.Tensor] = {}
-    optimizer: dict[str, dict[str, torch.Tensor]] = {}
-    for key, tensor in sharded.read_full(path / SHARDED).items():
-        part, _, rest = key.partition(".")
-        if part == "model":
-            model[rest] = tensor
-        else:
-            name, _, field_name = rest.rpartition(".")
-            optimizer.setdefault(name, {})[field_name] = tensor
-    return {**states, "model": model, "optimizer": optimizer}, meta
-
-
-def write_checkpoint(root: Path, step: int, states: dict[str, Any], meta: dict[str, Any]) -> Path:
-    """The inverse of `read_checkpoint`, in one process: a checkpoint any world size can resume from."""
-    tmp = training.temporary_dir(root, step)
-    sharded.save(tmp / SHARDED, {"model": states["model"], "optimizer": states["optimizer"]})
-    small = {k: v for k, v in states.items() if k not in ("model", "optimizer")}
-    return training.commit(tmp, step, small, meta)
-
-
-def resume_config(out: str | Path) -> TrainConfig:
-    """The TrainConfig saved with the newest checkpoint of run directory `out`."""
-    meta = training.read_manifest(training.resolve(out))["meta"]
-    return TrainConfig.from_dict(meta["train_config"])
-
-
-def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool) -> Tokenizer:
-    """The run's tokenizer: OUT's own when resuming, else `data.tokenizer`, else init_from's, else a BPE trained
-    on the corpus. For SFT, the chat markers the model writes become single tokens (added when missing)."""
-    if reuse and (out / "tokenizer.json").is_file():
-        return Tokenizer.load(out)
-    if cfg.data.tokenizer is not None or cfg.init_from is not None:
-        tokenizer = Tokenizer.load(cfg.data.tokenizer or cfg.init_from)
-        if cfg.sft.data is not None:
-            tokenizer = tokenizer.with_tokens(CHAT_MARKERS)
-    else:
-        if progress:
-            print(f"training a byte-level BPE (vocab {cfg.model.vocab_size}) on "
-                  f"{cfg.data.tokenizer_sample_bytes / 1e6:.0f} MB of {cfg.data.source}", flush=True)
-        texts = sample_texts(cfg.data.source, cfg.data.tokenizer_sample_bytes, text_field=cfg.data.text_field)
-        tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
-    if tokenizer.vocab_size > cfg.model.vocab_size and cfg.sft.data is None:
-        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
-                         f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
-    tokenizer.model_max_length = cfg.model.max_position_embeddings
-    tokenizer.save(out)
-    return tokenizer
-
-
-def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
-                   ) -> tuple[TokenDataset | ConversationDataset | CopyMix, TokenDataset | ConversationDataset]:
-    """Tokenize the corpus once into a cached shard; windows of seq_len + 1; the tail is the validation split.
-    SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversation_packing.py).
-    `data.copy_fraction` mixes copy windows into the training split (data/copying.py)."""
-    data = cfg.data
-    if cfg.sft.data is not None:
-        ends = [tokenizer.decode([i], skip_special_tokens=False) for i in cfg.model.eos_token_ids]  # where it stops
-        train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
-                                                   data.seq_len, cfg.seed, cfg.sft.overlong, cfg.sft.ignore_columns,
-                                                   ends)
-    else:
-        cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
-        shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
-                                  progress=progress)
-        train_set = TokenDataset.from_shard(shard, data.seq_len, "train", data.val_fraction)
-        val_set = TokenDataset.from_shard(shard, data.seq_len, "val", data.val_fraction)
-    validation_batches(val_set, data.batch_size)  # fails now if the split is empty
-    if data.copy_fraction:
-        reserved = list(tokenizer.backend.get_added_tokens_decoder())  # the ids of the special tokens and chat markers
-        train_set = CopyMix(train_set, data.copy_fraction, ordinary_ids(tokenizer.vocab_size, reserved), cfg.seed)
-    return train_set, val_set
-
-
-def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longcat-flash" / "tokens"

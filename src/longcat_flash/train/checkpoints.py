@@ -1,0 +1,114 @@
+"""Training checkpoints as the trainer lays them out: the small states (sampler, controller, RNG, counters) and the
+manifest through checkpoint/training.py (atomic, checksummed), the model's and Adam's tensors through
+torch.distributed.checkpoint in SHARDED. Every rank saves and restores its own pieces (`save_checkpoint`,
+`load_checkpoint`, any world size and layout on resume); `read_checkpoint` / `write_checkpoint` hold the whole state
+in one process (model growth, analysis)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optimizer_state_dict, set_model_state_dict,
+                                                     set_optimizer_state_dict)
+
+from .. import distributed
+from ..checkpoint import sharded, training
+from .config import CHECKPOINTS, SHARDED, TrainConfig
+from .optim import param_name
+
+if TYPE_CHECKING:
+    from .trainer import Run
+
+
+def save_checkpoint(run: Run) -> Path:
+    """Every rank writes its shards of the model and optimizer into one temporary directory in parallel; rank 0
+    adds the small states and the manifest and renames it into place (checkpoint/training.py)."""
+    root, step = run.out / CHECKPOINTS, run.state.step
+    if distributed.is_main():
+        training.temporary_dir(root, step)
+    distributed.barrier()  # the directory exists, empty, before anyone writes into it
+    tmp = training.temporary_path(root, step)
+    try:
+        sharded.save(tmp / SHARDED, run.sharded_state())  # raises on every rank alike
+    except OSError as err:
+        raise training.CheckpointError(f"cannot write checkpoint step {step} in {root}: {err}") from None
+    distributed.barrier()  # every shard is written before rank 0's manifest covers them
+    failed = ""
+    if distributed.is_main():
+        meta = {"step": step, "train_config": run.cfg.to_dict()}
+        states = {name: obj.state_dict() for name, obj in run.stateful().items()}
+        try:
+            training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
+        except OSError as err:
+            failed = f"cannot write checkpoint step {step} in {root}: {err}"
+    distributed.raise_if_any(failed, training.CheckpointError)  # no rank left waiting for rank 0
+    return training.step_dir(root, step)
+
+
+def load_checkpoint(run: Run, path: Path) -> None:
+    """Restore `run` from checkpoint `path`, whatever world size and layout wrote it. Each rank verifies a share
+    of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces."""
+    try:
+        states, _ = training.load_states(path, share=(distributed.rank(), distributed.world_size()))
+        failed = ""
+    except training.CheckpointError as err:
+        states, failed = {}, str(err)
+    distributed.raise_if_any(failed, training.CheckpointError)
+    for name, obj in run.stateful().items():
+        if name not in states:
+            raise training.CheckpointError(f"checkpoint {path} has no state for {name!r}")
+        obj.load_state_dict(states[name])
+    tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
+    saved = sharded.shapes(path / SHARDED)
+    missing = [k for k in tensors["model"] if f"model.{k}" not in saved]
+    if missing:
+        raise training.CheckpointError(f"checkpoint {path} does not fit this model: no weights for {missing[:5]}")
+    for name, tensor in tensors["model"].items():  # DTensors report their full shape
+        if saved[f"model.{name}"] != tensor.shape:
+            raise training.CheckpointError(f"checkpoint {path} does not fit this model: {name} is "
+                                           f"{tuple(saved[f'model.{name}'])} there, {tuple(tensor.shape)} here")
+    # A parameter that had no gradient before the checkpoint (the MTP head before loss.mtp_start_step) has no
+    # Adam state in it, and gets none now either.
+    fresh = [name for name in tensors["optimizer"] if f"optimizer.{name}.exp_avg" not in saved]
+    for name in fresh:
+        del tensors["optimizer"][name]
+    sharded.load(path / SHARDED, tensors)
+    set_model_state_dict(run.model, tensors["model"], options=StateDictOptions(strict=False))  # a tied head
+    groups = get_optimizer_state_dict(run.model, run.optimizer)["param_groups"]
+    set_optimizer_state_dict(run.model, run.optimizer, {"state": tensors["optimizer"], "param_groups": groups},
+                             options=StateDictOptions(strict=False))
+    by_name = {param_name(n): p for n, p in run.model.named_parameters()}
+    for name in fresh:
+        run.optimizer.state.pop(by_name[name], None)
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(states, meta) of a training checkpoint, every state whole, in one process (model growth, analysis):
+    the small objects' states, "model" {name: tensor} and "optimizer" {name: {"exp_avg", "exp_avg_sq", "step"}}."""
+    path = training.resolve(path)
+    states, meta = training.load_states(path)
+    model: dict[str, torch.Tensor] = {}
+    optimizer: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in sharded.read_full(path / SHARDED).items():
+        part, _, rest = key.partition(".")
+        if part == "model":
+            model[rest] = tensor
+        else:
+            name, _, field_name = rest.rpartition(".")
+            optimizer.setdefault(name, {})[field_name] = tensor
+    return {**states, "model": model, "optimizer": optimizer}, meta
+
+
+def write_checkpoint(root: Path, step: int, states: dict[str, Any], meta: dict[str, Any]) -> Path:
+    """The inverse of `read_checkpoint`, in one process: a checkpoint any world size can resume from."""
+    tmp = training.temporary_dir(root, step)
+    sharded.save(tmp / SHARDED, {"model": states["model"], "optimizer": states["optimizer"]})
+    small = {k: v for k, v in states.items() if k not in ("model", "optimizer")}
+    return training.commit(tmp, step, small, meta)
+
+
+def resume_config(out: str | Path) -> TrainConfig:
+    """The TrainConfig saved with the newest checkpoint of run directory `out`."""
+    meta = training.read_manifest(training.resolve(out))["meta"]
+    return TrainConfig.from_dict(meta["train_config"])

@@ -1,0 +1,62 @@
+"""A run's inputs: its tokenizer (reused, loaded or trained on the corpus) and its training and validation sets
+(token windows of a cached shard, or packed conversations for SFT, with copy windows mixed in on request)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..data import CopyMix, TokenDataset, build_token_shard, ordinary_ids, sample_texts, validation_batches
+from ..data.conversation_packing import ConversationDataset, conversation_datasets
+from ..tokenizer import CHAT_MARKERS, Tokenizer, train_tokenizer
+from .config import TrainConfig
+
+
+def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool) -> Tokenizer:
+    """The run's tokenizer: OUT's own when resuming, else `data.tokenizer`, else init_from's, else a BPE trained
+    on the corpus. For SFT, the chat markers the model writes become single tokens (added when missing)."""
+    if reuse and (out / "tokenizer.json").is_file():
+        return Tokenizer.load(out)
+    if cfg.data.tokenizer is not None or cfg.init_from is not None:
+        tokenizer = Tokenizer.load(cfg.data.tokenizer or cfg.init_from)
+        if cfg.sft.data is not None:
+            tokenizer = tokenizer.with_tokens(CHAT_MARKERS)
+    else:
+        if progress:
+            print(f"training a byte-level BPE (vocab {cfg.model.vocab_size}) on "
+                  f"{cfg.data.tokenizer_sample_bytes / 1e6:.0f} MB of {cfg.data.source}", flush=True)
+        texts = sample_texts(cfg.data.source, cfg.data.tokenizer_sample_bytes, text_field=cfg.data.text_field)
+        tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
+    if tokenizer.vocab_size > cfg.model.vocab_size and cfg.sft.data is None:
+        raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
+                         f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    tokenizer.model_max_length = cfg.model.max_position_embeddings
+    tokenizer.save(out)
+    return tokenizer
+
+
+def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
+                   ) -> tuple[TokenDataset | ConversationDataset | CopyMix, TokenDataset | ConversationDataset]:
+    """Tokenize the corpus once into a cached shard; windows of seq_len + 1; the tail is the validation split.
+    SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversation_packing.py).
+    `data.copy_fraction` mixes copy windows into the training split (data/copying.py)."""
+    data = cfg.data
+    if cfg.sft.data is not None:
+        ends = [tokenizer.decode([i], skip_special_tokens=False) for i in cfg.model.eos_token_ids]  # where it stops
+        train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
+                                                   data.seq_len, cfg.seed, cfg.sft.overlong, cfg.sft.ignore_columns,
+                                                   ends)
+    else:
+        cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
+        shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
+                                  progress=progress)
+        train_set = TokenDataset.from_shard(shard, data.seq_len, "train", data.val_fraction)
+        val_set = TokenDataset.from_shard(shard, data.seq_len, "val", data.val_fraction)
+    validation_batches(val_set, data.batch_size)  # fails now if the split is empty
+    if data.copy_fraction:
+        reserved = list(tokenizer.backend.get_added_tokens_decoder())  # the ids of the special tokens and chat markers
+        train_set = CopyMix(train_set, data.copy_fraction, ordinary_ids(tokenizer.vocab_size, reserved), cfg.seed)
+    return train_set, val_set
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longcat-flash" / "tokens"
