@@ -1,7 +1,7 @@
 """Copy windows: runs of random tokens given twice, mixed into the training windows (`data.copy_fraction`).
 
 A model that calls tools copies names and values from its prompt into its reply. The small presets, trained on a
-few million tokens of text, never learn to copy from their context (docs/sft.md); windows made only of copies
+few million tokens of text, never learn to copy from their context (docs/in_context_copying.md); windows made only of copies
 teach it, because the second copy of a random run can be predicted only by finding the first (the pattern that
 induction heads implement). Each copy window is derived from its index and the run's seed, so the mix is as
 resumable and as data-parallel as the windows it is mixed into.

@@ -17,7 +17,7 @@ than plain bf16. The kernels read the quantized weight once:
 The int8 activations cost nothing measurable: held-out perplexity through the decode path, int8 -0.09% and int4
 +0.17%, against -0.08% and +0.18% with exact activations (bench_quant.py). With software prefetch (csrc/simd.h),
 1.7x (int8) and 1.9x (int4) the weight GB/s of the fp32-FMA kernels they replace at batch 1, one thread
-(docs/quantization.md).
+(docs/quantization_log.md).
 All three take two weight rows per pass (sharing every load of x), 8 rows of x at a time while a 128-row block stays
 in L2, and run one parallel task per (expert, 128-row block): a single weight is the one-expert case, and a batch of
 rows grouped by expert runs every hit expert in one call (`block_experts`, `group_experts`); for a few tokens a MoE
