@@ -27,11 +27,9 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from jinja2 import nodes
-from jinja2.exceptions import TemplateError
-from jinja2.ext import Extension, loopcontrols
-from jinja2.sandbox import ImmutableSandboxedEnvironment
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from .chat_template import TemplateError, compile_template
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
@@ -227,7 +225,7 @@ class Tokenizer:
         _validate_messages(messages)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
-        template = _compile_template(self.tool_chat_template if tools and self.tool_chat_template else
+        template = compile_template(self.tool_chat_template if tools and self.tool_chat_template else
                                      self.chat_template)
         try:
             return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
@@ -487,34 +485,3 @@ def _blanked(value: Any, pattern: re.Pattern, blank: str) -> Any:
     if isinstance(value, (list, tuple)):
         return [_blanked(v, pattern, blank) for v in value]
     return value
-
-
-class _GenerationBlock(Extension):
-    """transformers' `{% generation %}...{% endgeneration %}` (what marks the assistant's tokens for
-    `return_assistant_tokens_mask` and TRL's assistant-only loss), rendered here as its body."""
-
-    tags = {"generation"}
-
-    def parse(self, parser: Any) -> list[nodes.Node]:
-        next(parser.stream)
-        return parser.parse_statements(("name:endgeneration",), drop_needle=True)
-
-
-@functools.lru_cache(maxsize=16)  # compiling takes ~10 ms, rendering ~0.05 ms; transformers caches it too
-def _compile_template(source: str) -> Any:
-    """Compile a chat template the way transformers does (sandboxed, trim/lstrip blocks, loop controls, its
-    `tojson` that keeps non-ASCII and does not HTML-escape), so both render the same prompt."""
-
-    def raise_exception(message: str) -> None:
-        raise TemplateError(message)
-
-    def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[loopcontrols, _GenerationBlock])
-    env.globals["raise_exception"] = raise_exception
-    env.filters["tojson"] = tojson
-    return env.from_string(source)
