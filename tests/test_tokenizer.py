@@ -381,3 +381,28 @@ def test_named_templates_render_tool_use_when_tools_are_given_as_transformers_do
         for given in (tools, None):
             assert ours.apply_chat_template(messages, tools=given) == hf.apply_chat_template(
                 messages, tools=given, tokenize=False, add_generation_prompt=True)
+
+
+QWEN_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+             '<tool_call>{"name": {{ c.function.name | tojson }}, "arguments": {{ c.function.arguments | tojson }}}'
+             "</tool_call>{% endfor %}\n{% endfor %}")
+DEEPSEEK_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
+                 "```json\n{{ c.function.name + '\n' + c.function.arguments }}\n```{% endfor %}\n{% endfor %}")
+
+
+def test_call_arguments_reach_each_template_in_the_form_it_writes(tok: Tokenizer) -> None:
+    """Clients send a call's arguments as a JSON string (OpenAI's wire form). A template that writes them with
+    `tojson` (Qwen, Llama 3.1, Hermes) wrote that string quoted and escaped, so sft taught a model to call with a
+    string; it gets the object, as vLLM passes it. Templates that write the string (ours, DeepSeek-V3's, which
+    concatenates it) get it verbatim: compact JSON stays compact."""
+    call = {"id": "c1", "type": "function", "function": {"name": "wx", "arguments": '{"city":"Paris","n":2}'}}
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": "c1", "content": "sun"}]
+    qwen = Tokenizer(tok.backend, chat_template=QWEN_LIKE).apply_chat_template(messages)
+    assert '"arguments": {"city": "Paris", "n": 2}}' in qwen and '\\"' not in qwen
+    deepseek = Tokenizer(tok.backend, chat_template=DEEPSEEK_LIKE).apply_chat_template(messages)
+    assert 'wx\n{"city":"Paris","n":2}\n```' in deepseek
+    assert '"arguments": {"city":"Paris","n":2}}' in tok.apply_chat_template(messages)
+    as_object = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {"name": "wx", "arguments": {
+        "city": "Paris", "n": 2}}}]}, messages[2]]  # the HF form, already an object: as it is
+    assert Tokenizer(tok.backend, chat_template=QWEN_LIKE).apply_chat_template(as_object) == qwen

@@ -29,7 +29,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat_template import TemplateError, compile_template
+from .chat_template import TemplateError, compile_template, with_argument_objects
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
@@ -221,14 +221,16 @@ class Tokenizer:
                             tools: Sequence[dict[str, Any]] | None = None) -> str:
         """Render a conversation (and the OpenAI function schemas in `tools`) to the prompt string the model was
         trained on, as transformers' `apply_chat_template(..., tokenize=False)` would; encode it with
-        allow_special."""
+        allow_special. One difference: a template that writes tool-call arguments with `tojson` gets arguments
+        sent as JSON strings as objects, as vLLM passes them (chat_template.py `with_argument_objects`)."""
         _validate_messages(messages)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
-        template = compile_template(self.tool_chat_template if tools and self.tool_chat_template else
-                                     self.chat_template)
+        source = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
+        template = compile_template(source)
         try:
-            return template.render(messages=list(messages), tools=list(tools) if tools else None, documents=None,
+            return template.render(messages=with_argument_objects(source, list(messages)),
+                                   tools=list(tools) if tools else None, documents=None,
                                    add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                                    eos_token=self.eos_token, pad_token=self.pad_token)
         except TemplateError as err:  # its raise_exception: what it cannot render
