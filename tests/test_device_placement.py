@@ -115,17 +115,18 @@ def test_engine_on_the_device(model, k, params):
     on_both(run)
 
 
-def test_quantized_fused_model_loads_and_runs_on_the_device(model, tmp_path, monkeypatch):
-    """load_for_inference builds, fuses and int8-quantizes on the device, calibrating with host ids. The CPU run
-    takes the dequantize reference too (the AVX-512 kernel is CPU-only and rounds differently), so tokens compare
-    exactly."""
+@pytest.mark.parametrize("quantize, keep", [("int8", {"keep_top": 1}), ("int4-mixed", {})])
+def test_quantized_fused_model_loads_and_runs_on_the_device(model, tmp_path, monkeypatch, quantize, keep):
+    """load_for_inference builds, fuses and quantizes on the device (int4's clip search too), calibrating with host
+    ids. The CPU run takes the dequantize reference too (the AVX-512 kernel is CPU-only and rounds differently), so
+    tokens compare exactly."""
     monkeypatch.setattr(extension, "compiled", lambda: None)
     save_pretrained(model, tmp_path)
     ps, calibration = prompts((4, 9), seed=4), torch.tensor(prompts((12,), seed=5))  # (1, 12) on the host
 
     def run(device: torch.device) -> tuple:
-        loaded, report = load_for_inference(tmp_path, quantize="int8", calibration=calibration, keep_top=1,
-                                            device=device)
+        loaded, report = load_for_inference(tmp_path, quantize=quantize, calibration=calibration, device=device,
+                                            **keep)
         return report.kept, Engine(loaded, EngineConfig(speculative=2, **SMALL)).generate(ps, [SEEDED, GREEDY])
 
     on_both(run)

@@ -128,7 +128,7 @@ def quantize_groupwise(w: torch.Tensor, group: int | None = None) -> tuple[torch
         g = part.float().reshape(-1, group)  # (N, G)
         lo, hi = g.amin(-1), g.amax(-1)
         errors = torch.stack([_refit(g, _codes(g, lo * f, hi * f))[2] for f in CLIP_SEARCH])  # (F, N)
-        f = torch.tensor(CLIP_SEARCH)[errors.argmin(0)]  # (N,) the best factor per group
+        f = torch.tensor(CLIP_SEARCH, device=g.device)[errors.argmin(0)]  # (N,) the best factor per group
         q = _codes(g, lo * f, hi * f)
         scale = _refit(g, q)[0].bfloat16()
         low = ((g.sum(-1) - scale.float() * q.sum(-1)) / group).bfloat16()  # the best min for the rounded scale
