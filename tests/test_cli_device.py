@@ -57,3 +57,20 @@ def test_an_empty_out_is_refused_rather_than_writing_into_the_working_directory(
     with pytest.raises(SystemExit, match=f"^longcat {command}: --out is empty; name a directory$"):
         main(args)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("spec", ["auto", "cuda"])
+def test_each_process_gets_its_own_gpu_or_a_clear_error(spec, monkeypatch):
+    """LOCAL_RANK picks the GPU; where a launcher shows each process only its own GPU, that is device 0 (it was
+    cuda:LOCAL_RANK, an invalid ordinal from torch.cuda.set_device); more processes than GPUs is a DeviceError."""
+    from longcat_flash.device import DeviceError, resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert resolve_device(spec) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device(spec) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(DeviceError, match="LOCAL_RANK is 3, but this process sees 2 CUDA devices"):
+        resolve_device(spec)

@@ -26,17 +26,30 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if spec == "cpu":
         return torch.device("cpu")
     if spec == "auto":
-        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+        return torch.device("cuda", _local_gpu(local, spec)) if torch.cuda.is_available() else torch.device("cpu")
     match = _CUDA.match(spec)
     if match is None:
         raise DeviceError(f"--device {spec}: not a device; use {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
         raise DeviceError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}, "
                           f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu")
-    index = int(match.group(2)) if match.group(2) is not None else local
-    if index >= torch.cuda.device_count():
-        raise DeviceError(f"--device {spec}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    return torch.device("cuda", index)
+    if match.group(2) is None:
+        return torch.device("cuda", _local_gpu(local, spec))
+    if int(match.group(2)) >= torch.cuda.device_count():
+        raise DeviceError(f"--device {spec}: this process sees {torch.cuda.device_count()} CUDA device(s)")
+    return torch.device("cuda", int(match.group(2)))
+
+
+def _local_gpu(local: int, spec: str) -> int:
+    """The GPU of the process with LOCAL_RANK `local`: that index, or 0 where the launcher shows each process
+    only its own GPU (CUDA_VISIBLE_DEVICES per task, as SLURM may set it)."""
+    count = torch.cuda.device_count()
+    if count == 1:
+        return 0
+    if local >= count:
+        raise DeviceError(f"--device {spec}: LOCAL_RANK is {local}, but this process sees {count} CUDA devices; "
+                          "start at most one process per GPU on a node")
+    return local
 
 
 def use_device(device: torch.device) -> None:
