@@ -77,6 +77,24 @@ def test_view_writes_by_position_and_masks_causally():
     assert mask[1, 1].tolist() == [True] + [False] * 5  # padding sees one slot, never an empty row
 
 
+def test_a_batch_of_first_chunks_attends_causally_without_a_mask():
+    """Rows that all start at position 0 with no padding need no mask: SDPA runs causal (faster), decided on the
+    host. Any other batch (a later chunk, a padded row, the absorbed path) gets its mask."""
+    cache = small_cache(absorb_max_tokens=2)
+    for seq in (0, 1):
+        cache.ensure(seq, 8)
+    latent, k_rope = torch.zeros(2, 3, 16), torch.zeros(2, 3, 8)
+
+    def mask(positions: list[list[int]], absorb_max_tokens: int = 2) -> torch.Tensor | None:
+        cache.absorb_max_tokens = absorb_max_tokens
+        return cache.view([0, 1], torch.tensor(positions)).update(0, latent, k_rope)[2]
+
+    assert mask([[0, 1, 2], [0, 1, 2]]) is None
+    assert mask([[3, 4, 5], [0, 1, 2]]) is not None  # row 0 continues its prompt
+    assert mask([[0, 1, 2], [0, 1, -1]]) is not None  # row 1 is padded
+    assert mask([[0, 1, 2], [0, 1, 2]], absorb_max_tokens=3) is not None  # the absorbed path reads the mask
+
+
 def test_each_view_carries_its_batchs_attention_path():
     cache = small_cache(absorb_max_tokens=2)
     cache.ensure(0, 8)

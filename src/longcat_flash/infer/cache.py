@@ -185,7 +185,9 @@ class PagedLatentCache:
         mask[:, :, 0] |= pad  # padded queries see one (scratch-safe) slot, so no softmax row is empty
         write, read, mask = (t.to(self.pool.device, non_blocking=True)
                              for t in (write.reshape(-1), read.reshape(-1), mask))  # (B*S,), (B*L,), (B, S, L)
-        return BatchView(self, write, read, mask, (B, S, L), absorb=S <= self.absorb_max_tokens)
+        absorb = S <= self.absorb_max_tokens
+        causal = not absorb and S == L and torch.equal(positions, torch.arange(S).expand(B, S))  # first chunks
+        return BatchView(self, write, read, mask, (B, S, L), absorb=absorb, causal=causal)
 
     def _pool_rows(self, seq: int, L: int) -> torch.Tensor:
         """The pool rows (L,) of the sequence's positions 0..L-1, scratch rows past its table (they are masked). Kept
@@ -206,14 +208,18 @@ class BatchView:
     """Implements model.attention.LatentCache for one forward over a fixed set of rows and positions."""
 
     def __init__(self, cache: PagedLatentCache, write: torch.Tensor, read: torch.Tensor, mask: torch.Tensor,
-                 shape: tuple[int, int, int], absorb: bool) -> None:
+                 shape: tuple[int, int, int], absorb: bool, causal: bool = False) -> None:
         self.cache, self.write, self.read, self.mask, self.shape = cache, write, read, mask, shape
         self.absorb = absorb  # this forward's attention path (LatentCache.absorb)
+        # Every row is a first prefill chunk (positions 0..S-1, no padding): the naive path gets mask None and
+        # SDPA runs causal without a mask (~1.5x faster on CPU; decided here on the host, not by comparing masks
+        # on the device, which synced every attention block on a GPU).
+        self.causal = causal
 
     def update(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         self.store(block, latent, k_rope)
-        return *self.gather(block, latent.dtype), self.mask
+        return *self.gather(block, latent.dtype), None if self.causal else self.mask
 
     def store(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Write this forward's latent (B, S, C) and k_rope (B, S, R) into block `block`'s pool rows."""

@@ -34,11 +34,12 @@ class LatentCache(Protocol):
     absorb: bool
 
     def update(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Store this step's latent (B, S, C) and rotated rope key (B, S, R) for attention block `block`.
 
         Returns everything each sequence may attend to: latent (B, L, C), k_rope (B, L, R) and a boolean
-        mask (B, S, L), True where query s may attend to cached slot l (causal and within the sequence).
+        mask (B, S, L), True where query s may attend to cached slot l (causal and within the sequence); or None
+        for plain causal attention over the same S tokens (every row a first chunk; naive path only).
         """
         ...
 
