@@ -153,9 +153,15 @@ def test_fresh_checkpoint_is_built_on_the_device(tmp_path, monkeypatch, direct_m
 
 
 def test_generate_text_and_explain_on_the_device(checkpoint):
+    """Off the CPU, unquantized, the MoE stays the model's (grouped GEMMs, no host reads of the routing); the text
+    is the CPU's, whose MoE twin loops over the hit experts."""
+    from longcat_flash.infer.fused import FusedMoE
+
     def run(device: torch.device) -> tuple:
         engine, tokenizer = load_session(checkpoint, speculative=1, device=device)
         assert engine.device == device
+        twins = [m for m in engine.model.modules() if isinstance(m, FusedMoE)]
+        assert bool(twins) == (device.type == "cpu")
         text = generate_text(engine, tokenizer, tokenizer.encode("def f(x):"), SEEDED).text
         return text, explain(checkpoint, "for i in range(3): print(i)", device=device).counts
 

@@ -117,12 +117,15 @@ class FusedMLA(MLA):
 
     def attend_absorbed(self, q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor,
                         k_rope: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """In fp32 throughout (the model's path runs the einsums in the activation dtype, softmax in fp32); in one
-        compiled op where the kernel takes the call."""
+        """On the CPU in fp32 throughout (fp32 bmms are several times faster there than bf16 ones), in one compiled
+        op where the kernel takes the call. Elsewhere the model's own path: einsums in the activation dtype, softmax
+        in fp32 (a GPU's bf16 tensor cores, and no fp32 copy of the weights and the context per call)."""
         out = decode_ops.absorbed_attention(q_nope, q_rope, latent, k_rope, mask, self.w_uk, self.w_uv_t,
                                             self.softmax_scale)
         if out is not None:
             return self.o_proj(out)
+        if not q_nope.is_cpu:
+            return super().attend_absorbed(q_nope, q_rope, latent, k_rope, mask)
         B, S, H, N = q_nope.shape
         L, C, dtype = latent.shape[1], self.kv_lora_rank, q_nope.dtype
         latent, k_rope = latent.float(), k_rope.float()
@@ -434,11 +437,14 @@ class FusedMTPHead(DecodePlans, MTPHead):
         return t, f
 
 
-def fuse_for_inference(model: nn.Module) -> int:
-    """Swap MLA, MLP, MoE, RMSNorm, Linear and ScMoE layer modules for their twins, in place; returns how many.
-    Call before quantizing (which replaces the Linear twins it quantizes)."""
-    twins = {MLA: functools.partial(FusedMLA, cfg=model.config), MLP: FusedMLP, MoE: FusedMoE}
-    hit = use_hit_experts(model)  # first, inside the MoEs: FusedMoE runs `experts.apply_one` per hit expert
+def fuse_for_inference(model: nn.Module, moe: bool = True) -> int:
+    """Swap MLA, MLP, MoE (unless `moe` is False), RMSNorm, Linear and ScMoE layer modules for their twins, in place;
+    returns how many. Call before quantizing (which replaces the Linear twins it quantizes; quantized experts need
+    the MoE twin). The MoE twin reads the routing to the host and loops over the hit experts: cheap on a CPU, while
+    on a GPU each read is a sync and each expert a few small kernels, where the model's MoE runs one grouped GEMM
+    per projection with no host round trip (infer/loader.py keeps it there for unquantized weights)."""
+    twins = {MLA: functools.partial(FusedMLA, cfg=model.config), MLP: FusedMLP, **({MoE: FusedMoE} if moe else {})}
+    hit = use_hit_experts(model) if moe else []  # first, inside the MoEs: FusedMoE runs `experts.apply_one`
     fused = swap_modules(model, lambda _, m: twins[type(m)](m) if type(m) in twins else None)
     leaves = {RMSNorm: FusedRMSNorm, nn.Linear: FusedLinear}  # the twins' own too
     rest = swap_modules(model, lambda _, m: leaves[type(m)](m) if type(m) in leaves else None)

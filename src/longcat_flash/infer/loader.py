@@ -100,7 +100,7 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     model = LongcatFlash.from_pretrained(path, dtype=asked, device=device)
     if asked is None and model.lm_head.weight.dtype == torch.bfloat16 and not fast_bf16(device):
         model.float()  # auto: bf16 matmuls here would be 6-20x slower than fp32 ones (device.fast_bf16)
-    fuse_for_inference(model)
+    fuse_for_inference(model, moe=device.type == "cpu" or fmt is not None)  # a GPU's grouped MoE: fused.py
     if device.type == "cpu":
         kernels.kernel_available()  # a first build of the compiled kernels (a minute) happens here, not in a request
     report = None
