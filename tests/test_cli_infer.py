@@ -92,3 +92,27 @@ def test_bad_engine_flags_are_refused_before_the_model_is_loaded(flags, message,
     monkeypatch.setattr(local, "load_for_inference", never)
     with pytest.raises(SystemExit, match=message):
         main(["generate", "--model", str(no_mtp), "--prompt", "x", "--quantize", "int4", *flags])
+
+
+@pytest.mark.parametrize("command", ["generate", "chat", "explain"])
+def test_a_model_path_that_is_not_a_model_directory_is_one_line(command, checkpoint, tmp_path, monkeypatch):
+    """A file given as --model, a broken tokenizer.json or tokenizer_config.json, a training step's directory and
+    an empty --model were tracebacks from the tokenizers library or misleading ("tokenizer file not found")."""
+    import shutil
+
+    monkeypatch.setattr(builtins, "input", lambda prompt="": (_ for _ in ()).throw(EOFError))
+    broken = {}
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        broken[name] = shutil.copytree(checkpoint, tmp_path / name.replace(".", "_"))
+        (broken[name] / name).write_text("{bad")
+    step = tmp_path / "run" / "checkpoints" / "step_00000010"
+    step.mkdir(parents=True)
+    (step / "manifest.json").write_text("{}")
+    extra = {"generate": ["--prompt", "x"], "chat": [], "explain": ["--text", "x", "--out", str(tmp_path / "o")]}
+    for model, message in [(checkpoint / "config.json", "is a file; a model is a directory"),
+                           (checkpoint / "model.safetensors", "is a file; a model is a directory"),
+                           (broken["tokenizer.json"], "tokenizer.json: not a tokenizer.json"),
+                           (broken["tokenizer_config.json"], "tokenizer_config.json: not valid JSON"),
+                           (step, "is a training checkpoint"), ("", "no model directory given")]:
+        with pytest.raises(SystemExit, match=message):
+            main([command, "--model", str(model), *extra[command]])

@@ -58,6 +58,16 @@ def test_auto_loads_a_bf16_checkpoint_in_fp32_where_bf16_is_slow(fast, bf16_chec
     assert model.lm_head.weight.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("fast", [True, False])
+def test_auto_loads_a_float16_checkpoint_in_fp32_on_a_cpu(fast, tmp_path, monkeypatch):
+    """A float16 checkpoint (transformers' `model.half().save_pretrained`) decoded in fp16 on the CPU, ~15x slower
+    than in fp32 (2-core EPYC), without a word."""
+    monkeypatch.setattr(loader, "fast_bf16", lambda device: fast)
+    fp16 = init_checkpoint(tiny(), tmp_path / "fp16", dtype=torch.float16)
+    model, _ = loader.load_for_inference(fp16)
+    assert {p.dtype for name, p in model.named_parameters() if "router" not in name} == {torch.float32}
+
+
 @pytest.mark.parametrize("capability, fast", [((7, 0), False), ((7, 5), False), ((8, 0), True), ((9, 0), True)])
 def test_gpus_that_only_emulate_bf16_compute_in_fp32(capability, fast, monkeypatch):
     """V100 (sm70) and T4 (sm75) can hold bf16 tensors (torch.cuda.is_bf16_supported() says yes) but have no bf16

@@ -297,3 +297,21 @@ def test_a_models_generation_config_sets_the_sampling_a_request_leaves_out(tmp_p
     (tmp_path / "generation_config.json").write_text(json.dumps({"top_p": 0}))
     with pytest.raises(ValueError, match=r"generation_config.json: top_p must be in \(0, 1\]"):
         app_module.model_defaults(tmp_path)
+
+
+def test_an_eos_that_is_an_ordinary_token_is_not_part_of_the_text():
+    """vLLM leaves the token that ended a request out of its text; an EOS id that is no special token (config.json
+    naming an ordinary one, as some ChatML tokenizers do) ended every reply with its own text."""
+    tokenizer = stdlib_tokenizer(256)
+    [eos] = tokenizer.encode("e")
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size, eos_token_id=(tokenizer.eos_id, eos)))
+    bridge = AsyncEngine(Engine(model, EngineConfig(max_running=2, cache_tokens=256))).start()
+    try:
+        with TestClient(create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=CONTEXT))) as client:
+            body = {"model": "tiny", "prompt": "ab", "max_tokens": 4, "logit_bias": {str(eos): 100}}
+            choice = client.post("/v1/completions", json=body).json()["choices"][0]
+            assert (choice["text"], choice["finish_reason"]) == ("", "stop")
+            ignored = client.post("/v1/completions", json={**body, "ignore_eos": True}).json()["choices"][0]
+            assert ignored["text"] == "e" * 4 and ignored["finish_reason"] == "length"
+    finally:
+        bridge.stop()

@@ -266,7 +266,7 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="weights and activations (auto: the checkpoint's, but fp32 for a bf16 checkpoint on a CPU "
-                        "without fast bf16 matmuls, e.g. AVX2 only)")
+                        "without fast bf16 matmuls, e.g. AVX2 only, and for a float16 one on any CPU)")
     p.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4", "int4-mixed"],
                    help="weight quantization (docs/quantization.md)")
     p.add_argument("--speculative", type=int, default=0, metavar="N", help="MTP draft tokens per step (0: off)")

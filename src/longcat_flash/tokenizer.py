@@ -346,9 +346,17 @@ class Tokenizer:
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"tokenizer file not found: {file}")
-        backend = tokenizers.Tokenizer.from_file(str(file))
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(file))
+        except Exception as err:  # the library raises a bare Exception for a file it cannot read
+            raise ValueError(f"{file}: not a tokenizer.json that the tokenizers library can read ({err})") from None
         config_file = file.parent / CONFIG_FILE
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        try:
+            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{config_file}: not valid JSON ({err})") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{config_file}: must hold a JSON object, not {type(config).__name__}")
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
         other = {k: v for k, v in config.items() if k not in _CONFIG_WRITTEN}
         return cls(backend, **names, chat_template=_chat_template(file.parent, config),

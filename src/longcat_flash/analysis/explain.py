@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint.hf import LongcatFlash
+from ..checkpoint.hf import LongcatFlash, model_directory
 from ..config import ModelConfig
 from ..device import model_device
 from ..infer.loader import inference_device
@@ -161,9 +161,7 @@ def explain(model_dir: str | Path, text: str, device: str | torch.device = "auto
     if not text:
         raise ValueError("the text to explain is empty; pass --text with at least one character")
     device = inference_device(device)
-    path = Path(model_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"model directory {path} does not exist")
+    path = model_directory(model_dir)
     if not (path / TOKENIZER_FILE).is_file():
         raise FileNotFoundError(f"no {TOKENIZER_FILE} in {path}: explain needs the tokenizer saved beside the "
                                 "checkpoint (Tokenizer.save(dir))")

@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 from ..config import ModelConfig
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
+from .training import MANIFEST
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,22 @@ def _expected_shapes(model: Transformer) -> dict[str, torch.Size]:
     return shapes
 
 
+def model_directory(path: str | Path) -> Path:
+    """`path` as a model directory in the official layout, or a one-line error saying what it is instead."""
+    if not str(path):
+        raise ValueError("no model directory given")
+    path = Path(path)
+    if not path.is_dir():
+        if path.exists():
+            raise NotADirectoryError(f"{path} is a file; a model is a directory (config.json, safetensors, "
+                                     "tokenizer.json)")
+        raise FileNotFoundError(f"model directory {path} does not exist")
+    if (path / MANIFEST).is_file() and not (path / "config.json").is_file():
+        raise ValueError(f"{path} is a training checkpoint (one step of a run), not a model: a run exports its model "
+                         "into the run directory when it ends; `--resume RUN_DIR` continues the run")
+    return path
+
+
 def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
                     cls: type[Transformer] = Transformer) -> Transformer:
     """Build the model from `config.json` on the meta device and load the official-layout safetensors in `path`
@@ -291,11 +308,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: 
 
     dtype None: the checkpoint's (the one most of its weights are in: checkpoint_dtype); the router is always fp32.
     """
-    path = Path(path)
-    if not path.is_dir():
-        if path.exists():
-            raise NotADirectoryError(f"{path} is a file; a checkpoint is a directory (config.json, safetensors)")
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    path = model_directory(path)
     cfg = checkpoint_config(path)
     with torch.device("meta"):
         model = cls(cfg)

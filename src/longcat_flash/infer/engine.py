@@ -68,6 +68,7 @@ class StepOutput:
     new_tokens: list[int]
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS, stop token, stop hook), "length", or "error" (see `error`)
+    stop_token: bool = False  # the last new token ended the request (an EOS or stop token): not part of the text
     error: str | None = None  # why the request's grammar matcher failed mid-output (a parser limit): not complete
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (params.logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the whole prompt's, the first None (no context)
@@ -381,6 +382,8 @@ class Engine:
             out.finish_reason = self._finish_reason(req, token)
             if out.finish_reason:
                 out.error = req.matcher.error if out.finish_reason == "error" else None
+                out.stop_token = out.finish_reason == "stop" and (
+                    (token in self.eos_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids)
                 break
         self.stats.generated_tokens += len(out.new_tokens)
         self._attach_logprobs(req, out, logits)

@@ -20,7 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..checkpoint.hf import GENERATION_CONFIG, generation_config
+from ..checkpoint.hf import GENERATION_CONFIG, generation_config, model_directory
 from ..infer.engine import EngineConfig, StepOutput
 from ..infer.grammar import GrammarCompiler
 from ..infer.loader import check_speculative
@@ -203,7 +203,7 @@ class Generation:
                                    code="grammar_failed")
                 if on_output is not None:
                     on_output(item)
-                delta = text.feed(item.new_tokens, final=item.finished)
+                delta = text.feed(item.new_tokens, final=item.finished, stop_token=item.stop_token)
                 reason = "stop" if text.stopped else _reason(item) if item.finished else None
                 yield delta, reason, text.tokens
         finally:
@@ -559,8 +559,9 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     interrupted; connections bounded as serve/connections.py says."""
     import uvicorn
 
+    model_dir = model_directory(model_dir)
     check_speculative(model_dir, engine_config.speculative if engine_config else 0)
-    defaults = model_defaults(Path(model_dir))
+    defaults = model_defaults(model_dir)
     tokenizer = Tokenizer.load(model_dir)
     bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
     config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..checkpoint.hf import model_directory
 from ..infer.engine import Engine, EngineConfig
 from ..infer.loader import check_speculative, load_for_inference
 from ..infer.sampling import SamplingParams
@@ -36,6 +37,7 @@ def load_session(model_dir: str | Path, *, dtype: str | None = None, quantize: s
                  speculative: int = 0, device: str | torch.device = "auto") -> tuple[Engine, Tokenizer]:
     """A one-request engine on `device` (auto: CUDA when available) and the checkpoint's tokenizer."""
     config = EngineConfig(max_running=1, speculative=speculative)  # its checks, before the load
+    model_dir = model_directory(model_dir)
     check_speculative(model_dir, speculative)
     tokenizer = Tokenizer.load(model_dir)
     model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)
@@ -55,7 +57,7 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
             if out.request_id != rid:
                 continue
             first = first or time.perf_counter()
-            piece = text.feed(out.new_tokens, final=out.finished)
+            piece = text.feed(out.new_tokens, final=out.finished, stop_token=out.stop_token)
             if piece and on_text:
                 on_text(piece)
             reason = "stop" if text.stopped else out.finish_reason if out.finished else None

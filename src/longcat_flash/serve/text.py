@@ -13,7 +13,7 @@ scanned: a stop string there would cut the call into markup that is neither a ca
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from tokenizers.decoders import DecodeStream
 
@@ -46,14 +46,18 @@ class TextState:
         self.stopped = False  # a stop string occurred; the text ends before it
         self.tokens = 0  # ids consumed, up to and including the one that completed a stop string
 
-    def feed(self, ids: Iterable[int], final: bool = False) -> str:
-        """New text after `ids`; `final` (the engine finished the request) flushes everything held back."""
+    def feed(self, ids: Sequence[int], final: bool = False, stop_token: bool = False) -> str:
+        """New text after `ids`; `final` (the engine finished the request) flushes everything held back;
+        `stop_token`: the last id ended the request (an EOS or stop token), counted but not shown, as vLLM leaves
+        it out of the text (an EOS that is no special token, e.g. ChatML's `<|im_end|>` in some tokenizers, would
+        otherwise end every reply with its text)."""
         pieces = []
-        for token in ids:
+        for i, token in enumerate(ids):
             if self.stopped:
                 break
             self.tokens += 1
-            pieces.append(self._release(self._decode(token)))
+            if not (stop_token and i == len(ids) - 1):
+                pieces.append(self._release(self._decode(token)))
         if final and not self.stopped:
             pieces.append(self._release(self._flush_pending(), final=True))
         piece = "".join(pieces)
