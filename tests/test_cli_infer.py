@@ -75,7 +75,9 @@ def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):
 
 
 @pytest.mark.parametrize("flags, message", [(["--speculative", "1"], "needs a model with an MTP head"),
-                                            (["--speculative", "-1"], "speculative must be an integer >= 0")])
+                                            (["--speculative", "-1"], "speculative must be an integer >= 0"),
+                                            (["--speculative", "100000"], "at most 16 MTP drafts per step"),
+                                            (["--stop", ""], "--stop: an empty string")])
 def test_bad_engine_flags_are_refused_before_the_model_is_loaded(flags, message, tmp_path, monkeypatch):
     """Loading (and quantizing) a large model takes minutes: a flag that cannot work is refused first."""
     import torch

@@ -158,9 +158,10 @@ def test_flops_per_token_is_two_per_active_weight_plus_attention(make) -> None:
     c = make()
     r0 = param_report(c)
     assert r0.flops_per_token == pytest.approx(2 * _matmul_weights(c, c.default_ffn_expert_target))
-    r1 = param_report(c, context=1000)
+    n = min(1000, c.max_position_embeddings)
+    r1 = param_report(c, context=n)
     per_key = 2 * (c.kv_lora_rank + c.qk_rope_head_dim) + 2 * c.kv_lora_rank
-    attention = 2 * c.num_layers * c.num_attention_heads * 1000 * per_key
+    attention = 2 * c.num_layers * c.num_attention_heads * n * per_key
     assert r1.attention_flops == attention
     assert r1.flops_per_token - r0.flops_per_token == pytest.approx(attention)
 
@@ -170,6 +171,8 @@ def test_bad_arguments_fail_early() -> None:
         param_report(longcat_flash(), ffn_experts_target=13)
     with pytest.raises(ValueError, match="context"):
         param_report(longcat_flash(), context=-1)
+    with pytest.raises(ValueError, match="context must be 0 to max_position_embeddings=512"):
+        param_report(tiny(), context=513)  # positions the model cannot reach
 
 
 def test_info_command_table_and_json() -> None:

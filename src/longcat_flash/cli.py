@@ -302,6 +302,8 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 def _run_generate(args: argparse.Namespace) -> None:
     from .serve.local import generate_text, load_session
 
+    if "" in args.stop:
+        raise ValueError("--stop: an empty string would match everywhere; give a non-empty stop string")
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))

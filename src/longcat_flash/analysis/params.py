@@ -73,8 +73,9 @@ def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, cont
     k_e = cfg.default_ffn_expert_target if ffn_experts_target is None else float(ffn_experts_target)
     if not 0 <= k_e <= cfg.moe_topk:
         raise ValueError(f"ffn_experts_target must be in [0, moe_topk={cfg.moe_topk}], got {k_e}")
-    if context < 0:
-        raise ValueError(f"context must be >= 0 cached positions, got {context}")
+    if not 0 <= context <= cfg.max_position_embeddings:
+        raise ValueError(f"context must be 0 to max_position_embeddings={cfg.max_position_embeddings} cached "
+                         f"positions, got {context}")
     if bytes_per_value <= 0:
         raise ValueError(f"bytes_per_value must be a positive number of bytes, got {bytes_per_value}")
     embedding = cfg.vocab_size * cfg.hidden_size

@@ -37,6 +37,9 @@ StopHook = Callable[[list[int]], bool]  # generated ids so far -> stop now (text
 log = logging.getLogger(__name__)
 
 
+MAX_SPECULATIVE = 16  # drafts per step: the chance that all k are accepted falls geometrically with k
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_running: int = 32
@@ -53,6 +56,9 @@ class EngineConfig:
             value, least = getattr(self, f.name), 0 if f.name in ("speculative", "absorb_max_tokens") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"EngineConfig.{f.name} must be an integer >= {least}, got {value!r}")
+        if self.speculative > MAX_SPECULATIVE:
+            raise ValueError(f"speculative must be at most {MAX_SPECULATIVE} MTP drafts per step, got "
+                             f"{self.speculative} (each further draft is accepted less often; 1 to 3 is usual)")
 
     def scheduler_config(self) -> SchedulerConfig:
         # A decoding row writes its k drafts' trunk slots and then chains k more MTP slots: 2k positions ahead.

@@ -98,7 +98,8 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         messages.append({"role": "user", "content": line})
         prompt = tokenizer.encode_chat(tokenizer.render_chat(messages))[0]
         if len(prompt) >= engine.max_context:
-            write("[the conversation no longer fits the context; /reset to start over]\n")
+            write("[that message does not fit the context with the conversation so far; send a shorter one, or "
+                  "/reset to start over]\n")
             messages.pop()
             continue
         room = engine.max_context - len(prompt)
