@@ -386,6 +386,9 @@ def test_named_templates_render_tool_use_when_tools_are_given_as_transformers_do
 QWEN_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
              '<tool_call>{"name": {{ c.function.name | tojson }}, "arguments": {{ c.function.arguments | tojson }}}'
              "</tool_call>{% endfor %}\n{% endfor %}")
+ITEMS_LIKE = ("{% for m in messages %}{{ m.content or '' }}{% for c in m.tool_calls or [] %}<call>"
+              "{% for k, v in c.function.arguments | items %}<{{ k }}>{{ v }}</{{ k }}>{% endfor %}</call>"
+              "{% endfor %}\n{% endfor %}")
 DEEPSEEK_LIKE = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content or '' }}{% for c in m.tool_calls or [] %}"
                  "```json\n{{ c.function.name + '\n' + c.function.arguments }}\n```{% endfor %}\n{% endfor %}")
 
@@ -406,3 +409,22 @@ def test_call_arguments_reach_each_template_in_the_form_it_writes(tok: Tokenizer
     as_object = [messages[0], {**messages[1], "tool_calls": [{**call, "function": {"name": "wx", "arguments": {
         "city": "Paris", "n": 2}}}]}, messages[2]]  # the HF form, already an object: as it is
     assert Tokenizer(tok.backend, chat_template=QWEN_LIKE).apply_chat_template(as_object) == qwen
+    user_last = "{% if messages[-1].role != 'user' %}{{ raise_exception('end with a user turn') }}{% endif %}"
+    later = [*messages, {"role": "user", "content": "and tomorrow?"}]
+    picky = Tokenizer(tok.backend, chat_template=user_last + QWEN_LIKE).apply_chat_template(later)
+    assert '"arguments": {"city": "Paris", "n": 2}}' in picky  # decided on the conversation itself
+    items = Tokenizer(tok.backend, chat_template=ITEMS_LIKE).apply_chat_template(messages)
+    assert "<city>Paris</city><n>2</n>" in items  # Qwen3-Coder / GLM-4.5 read them as a mapping
+
+
+@pytest.mark.parametrize("template, message", [
+    ("{% for m in messages %}{{ m.content }", r"chat_template is not a valid Jinja template \(line 1"),
+    (5, "chat_template must be a string"),
+    ([{"name": "default"}], 'chat_template must be a string or a list of {"name", "template"} strings')])
+def test_a_broken_chat_template_is_refused_when_the_tokenizer_loads(tok: Tokenizer, tmp_path, template, message):
+    """It loaded, and then every chat failed: a 500 from the server, a traceback from `longcat chat`."""
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
+    with pytest.raises(ValueError, match=message):
+        Tokenizer.load(tmp_path)

@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
 from typing import Any
 
 from jinja2 import nodes
-from jinja2.exceptions import TemplateError
+from jinja2.exceptions import TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["TemplateError", "compile_template", "with_argument_objects"]
+__all__ = ["TemplateError", "check_template", "compile_template", "render_with_arguments"]
 
 
 class _GenerationBlock(Extension):
@@ -46,34 +47,37 @@ def compile_template(source: str) -> Any:
     return env.from_string(source)
 
 
-_PROBE_ARGUMENTS = '{"probe": 1}'
-
-
-@functools.lru_cache(maxsize=16)
-def _writes_arguments_as_json(source: str) -> bool:
-    """Whether a template writes a call's arguments through `tojson` (Qwen 2.5's, Llama 3.1's, Mistral's do): given the
-    OpenAI wire form, a JSON string, it would write that string quoted and escaped. Found by rendering one call."""
-    call = {"id": "call00000", "type": "function",  # 9 characters: Mistral's template refuses other ids
-            "function": {"name": "probe", "arguments": _PROBE_ARGUMENTS}}
-    messages = [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": "call00000", "content": "y"}]
-    tools = [{"type": "function", "function": {"name": "probe", "parameters": {"type": "object"}}}]
+def check_template(source: Any, name: str) -> None:
+    """ValueError naming `name` unless `source` is a template jinja2 compiles (a syntax error would otherwise fail
+    every conversation later, as a 500 from the server)."""
+    if not isinstance(source, str):
+        raise ValueError(f"{name} must be a string (a Jinja template), got {type(source).__name__}")
     try:
-        text = compile_template(source).render(messages=messages, tools=tools, documents=None,
-                                               add_generation_prompt=False, bos_token="", eos_token="", pad_token="")
-    except (TemplateError, TypeError, AttributeError, KeyError, IndexError, ValueError):  # cannot render the probe:
-        return False  # it gets the messages as they are
-    return json.dumps(_PROBE_ARGUMENTS) in text
+        compile_template(source)
+    except TemplateSyntaxError as err:
+        raise ValueError(f"{name} is not a valid Jinja template (line {err.lineno}: {err.message})") from None
 
 
-def with_argument_objects(source: str, messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`messages` for template `source`: where the template writes a call's arguments with `tojson`, each call's
-    arguments given as a JSON string (the OpenAI wire form) are passed as the object it holds, as vLLM passes them
-    (the string would be written quoted, and a model fine-tuned on that would learn to call with a string). A
-    template that writes strings as they are (LongCat's, DeepSeek-V3's) gets them verbatim."""
-    if not any(isinstance(c.get("function", {}).get("arguments"), str) for m in messages
-               for c in m.get("tool_calls") or []) or not _writes_arguments_as_json(source):
-        return messages
+def render_with_arguments(render: Callable[[list[dict[str, Any]]], str], messages: list[dict[str, Any]]) -> str:
+    """render(messages), with the calls' arguments given as JSON strings (OpenAI's wire form) passed as the objects
+    they hold where the template needs objects, as vLLM passes them to every template: where it writes them with
+    `tojson` (Qwen 2.5, Llama 3.1, Mistral), the string would come out quoted, and a model fine-tuned on that would
+    learn to call with a string; where it reads them as a mapping (`arguments|items`: Qwen3-Coder, GLM-4.5), a
+    string fails. A template that writes the string as it is (LongCat's, DeepSeek-V3's, Hermes') gets it verbatim."""
+    strings = [c["function"]["arguments"] for m in messages for c in m.get("tool_calls") or []
+               if isinstance(c.get("function", {}).get("arguments"), str)]
+    if not strings:
+        return render(messages)
+    try:
+        text = render(messages)
+    except (TypeError, AttributeError, UndefinedError):  # the template's own code on a string: try the objects
+        return render(_with_objects(messages))
+    if any(json.dumps(s, ensure_ascii=False) in text for s in strings):  # written quoted: the template tojson'd it
+        return render(_with_objects(messages))
+    return text
+
+
+def _with_objects(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{**m, "tool_calls": [_as_object(c) for c in m["tool_calls"]]} if m.get("tool_calls") else m
             for m in messages]
 

@@ -29,7 +29,7 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat_template import TemplateError, compile_template, with_argument_objects
+from .chat_template import TemplateError, check_template, compile_template, render_with_arguments
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
@@ -159,6 +159,9 @@ class Tokenizer:
         self.bos_id = self._token_id("bos_token", bos_token)
         self.eos_id = self._token_id("eos_token", eos_token)
         self.pad_id = self._token_id("pad_token", pad_token)
+        for name, source in (("chat_template", chat_template), ("tool_chat_template", tool_chat_template)):
+            if source is not None:
+                check_template(source, name)  # here, not at the first chat request
         self.chat_template = chat_template
         self.tool_chat_template = tool_chat_template  # HF's named "tool_use" template: rendered when tools are given
         self.model_max_length = model_max_length
@@ -222,17 +225,20 @@ class Tokenizer:
         """Render a conversation (and the OpenAI function schemas in `tools`) to the prompt string the model was
         trained on, as transformers' `apply_chat_template(..., tokenize=False)` would; encode it with
         allow_special. One difference: a template that writes tool-call arguments with `tojson` gets arguments
-        sent as JSON strings as objects, as vLLM passes them (chat_template.py `with_argument_objects`)."""
+        sent as JSON strings as objects, as vLLM passes them (chat_template.py `render_with_arguments`)."""
         _validate_messages(messages)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
-        source = self.tool_chat_template if tools and self.tool_chat_template else self.chat_template
-        template = compile_template(source)
-        try:
-            return template.render(messages=with_argument_objects(source, list(messages)),
-                                   tools=list(tools) if tools else None, documents=None,
+        template = compile_template(self.tool_chat_template if tools and self.tool_chat_template else
+                                    self.chat_template)
+
+        def render(turns: list[dict[str, Any]]) -> str:
+            return template.render(messages=turns, tools=list(tools) if tools else None, documents=None,
                                    add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
                                    eos_token=self.eos_token, pad_token=self.pad_token)
+
+        try:
+            return render_with_arguments(render, list(messages))
         except TemplateError as err:  # its raise_exception: what it cannot render
             raise ValueError(f"the chat template refuses this conversation: {err}") from None
         except (TypeError, AttributeError, KeyError, IndexError) as err:  # the template's own code on this input
@@ -359,9 +365,13 @@ class Tokenizer:
             raise ValueError(f"{config_file}: must hold a JSON object, not {type(config).__name__}")
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
         other = {k: v for k, v in config.items() if k not in _CONFIG_WRITTEN}
-        return cls(backend, **names, chat_template=_chat_template(file.parent, config),
-                   tool_chat_template=_named_templates(config).get("tool_use"),
-                   model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)), other_config=other)
+        try:
+            return cls(backend, **names, chat_template=_chat_template(file.parent, config),
+                       tool_chat_template=_named_templates(config).get("tool_use"),
+                       model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)),
+                       other_config=other)
+        except ValueError as err:
+            raise ValueError(f"{file.parent}: {err}") from None
 
 
 # tokenizer_config.json keys `save` writes itself, or that would be stale after `with_tokens` (the added tokens'
@@ -373,7 +383,13 @@ _CONFIG_WRITTEN = ("tokenizer_class", "bos_token", "eos_token", "pad_token", "mo
 def _named_templates(config: dict[str, Any]) -> dict[str, str]:
     """HF's list of named templates in tokenizer_config.json (`default`, `tool_use`, ...), as a dict."""
     template = config.get("chat_template")
-    return {entry["name"]: entry["template"] for entry in template} if isinstance(template, list) else {}
+    if template is None or isinstance(template, str):
+        return {}
+    if not (isinstance(template, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                 and isinstance(e.get("template"), str) for e in template)):
+        raise ValueError(f"{CONFIG_FILE}: chat_template must be a string or a list of {{\"name\", \"template\"}} "
+                         f"strings, got {template!r:.80}")
+    return {entry["name"]: entry["template"] for entry in template}
 
 
 def _chat_template(directory: Path, config: dict[str, Any]) -> str:

@@ -241,9 +241,10 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
                 raise ToolRequestError(f"messages.{i}.tool_call_id", f"messages[{i}] answers tool call "
                                        f"{message.tool_call_id!r} a second time; one tool message answers each call")
             if message.tool_call_id not in calls:
+                before = (f"the assistant message before it did not make (its calls: {calls})" if calls else
+                          "no assistant message with tool calls made right before it")
                 raise ToolRequestError(f"messages.{i}.tool_call_id", f"messages[{i}] answers tool call "
-                                       f"{message.tool_call_id!r}, which the assistant message before it did not "
-                                       f"make (its calls: {calls})")
+                                       f"{message.tool_call_id!r}, which {before}")
             run[message.tool_call_id] = message
             continue
         if len(run) < len(calls):  # none answered too: the conversation went on (or ends) as if it never called
