@@ -52,6 +52,20 @@ def test_directory_source_is_recursive_sorted_and_filtered(corpus_dir: Path) -> 
     assert docs == [DOCS["a.txt"], DOCS["b.md"], JSONL[0]["text"], JSONL[1]["text"], DOCS["sub/c.py"]]
 
 
+def test_hidden_folders_and_run_directories_are_not_corpus(tmp_path: Path) -> None:
+    """`--data .` read `.ipynb_checkpoints` copies and the run's own metrics.jsonl (`--out` inside the corpus),
+    which then failed the next run: "metrics.jsonl:1: no text_field 'text'"."""
+    (tmp_path / "a.txt").write_text("kept", encoding="utf-8")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    (tmp_path / ".ipynb_checkpoints" / "a-checkpoint.txt").write_text("a copy", encoding="utf-8")
+    run = tmp_path / "runs" / "small"
+    run.mkdir(parents=True)
+    (run / "train_config.json").write_text("{}", encoding="utf-8")
+    (run / "metrics.jsonl").write_text('{"step": 1}\n', encoding="utf-8")
+    (run / "sample.txt").write_text("generated", encoding="utf-8")
+    assert list(iter_documents(tmp_path)) == ["kept"]
+
+
 def test_single_text_file_is_one_document(corpus_dir: Path) -> None:
     assert list(iter_documents(corpus_dir / "b.md")) == [DOCS["b.md"]]
 

@@ -124,9 +124,9 @@ def launch(cmd: list[str], cwd: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
 
 
-def train_args(corpus: Path, out: str) -> list[str]:
+def train_args(corpus: Path, out: str, steps: int = 1) -> list[str]:
     return ["-m", "longcat_flash.cli", "train", "--preset", "tiny", "--device", "cpu", "--out", out, "--max-steps",
-            "1", "--no-progress", "--set", f"data.source={corpus}", "--set", f"data.cache_dir={corpus.parent / 'c'}"]
+            str(steps), "--no-progress", "--set", f"data.source={corpus}", "--set", f"data.cache_dir={corpus.parent / 'c'}"]
 
 
 def test_nodes_that_do_not_share_the_run_directory_are_refused_before_any_work(tmp_path):
@@ -162,8 +162,8 @@ def test_a_run_that_cannot_continue_says_so_once(tmp_path):
     """Every rank stops on the same averaged non-finite losses; each printed the same line (8 on 8 GPUs)."""
     corpus = make_corpus(tmp_path / "corpus")
     diverge = ["--set", "optim.lr=1e4", "--set", "optim.grad_clip=0", "--set", "schedule.warmup_steps=0", "--set",
-               "max_consecutive_skips=2", "--set", "max_steps=20"]
-    node = launch(["--standalone", "--nproc-per-node=2", *train_args(corpus, str(tmp_path / "run")), *diverge],
+               "max_consecutive_skips=2"]
+    node = launch(["--standalone", "--nproc-per-node=2", *train_args(corpus, str(tmp_path / "run"), 20), *diverge],
                   cwd=tmp_path)
     _, errors = node.communicate(timeout=300)
     assert node.returncode != 0 and errors.count("consecutive steps had a non-finite loss") == 1, errors

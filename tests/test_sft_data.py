@@ -333,6 +333,11 @@ BAD_ROWS = [
      "tools[0].function.parameters: must be a JSON Schema"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[1]"}]},
      "conversations[1].value[0]: expected an object"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "nope", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c", "content": "1"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "get_weather"}}]},
+     "messages[1].tool_calls[0].function.name: 'nope' is not among the row's tools (get_weather)"),
 ]
 
 

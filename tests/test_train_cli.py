@@ -170,3 +170,31 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path: P
                              "--max-steps", "20", "--no-progress"], env=env, capture_output=True, text=True)
     assert behind.returncode == 1 and "checkpoint is at step 30, past max_steps=20" in behind.stderr
     assert len(losses("killed")) == 30  # its metrics untouched
+
+
+def test_a_flag_and_a_set_for_the_same_field_are_refused():
+    """`--max-steps 20 --set max_steps=10` ran 10 steps, `--data X --set data.source=Y` read Y: one was ignored."""
+    assert "--max-steps and --set max_steps=10 both set max_steps" in run_cli(
+        "train", "--preset", "tiny", "--max-steps", "20", "--set", "max_steps=10")
+    assert "--data and --set sft.data=y.jsonl both set sft.data" in run_cli(
+        "sft", "--model", "m", "--data", "x.jsonl", "--set", "sft.data=y.jsonl")
+
+
+def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(tmp_path, monkeypatch, capsys):
+    """train_config.json kept `--data corpus` as typed, so `--resume` from another directory could not find it;
+    `longcat sft --resume` of a pre-training run continued it as one; a longer --max-steps reshapes the LR schedule
+    without a word."""
+    make_corpus(tmp_path / "corpus")
+    monkeypatch.chdir(tmp_path)
+    main(["train", "--preset", "tiny", "--data", "corpus", "--out", "run", "--max-steps", "2", "--no-progress",
+          "--set", "data.cache_dir=cache"])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert "is a `longcat train` run: continue it with longcat train --resume" in run_cli(
+        "sft", "--resume", str(tmp_path / "run"))
+    capsys.readouterr()
+    main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3", "--no-progress"])
+    out = capsys.readouterr().out
+    assert "max_steps 2 -> 3 reshapes the cosine LR schedule" in out and "done: 3 steps" in out
+    assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3

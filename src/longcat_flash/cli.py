@@ -171,8 +171,8 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
+    from .train.checkpoints import resume_config, schedule_notice
     from .train.config import build_config, describe
-    from .train.checkpoints import resume_config
     from .train.trainer import TrainingStopped, train
 
     out = args.resume if isinstance(args.resume, str) else args.out
@@ -182,12 +182,20 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError("--resume needs a run directory: --resume RUN_DIR or --out RUN_DIR")
     if args.command == "sft" and args.resume is None and (args.model is None or args.data is None):
         raise ValueError("longcat sft needs --model DIR and --data FILE (or --resume RUN_DIR)")
-    flags = [f"{key}={getattr(args, name)}" for name, key in args.flag_fields.items()
-             if getattr(args, name) is not None]
+    flags = {key: f"{key}={getattr(args, name)}" for name, key in args.flag_fields.items()
+             if getattr(args, name) is not None}
+    flag_of = {key: name for name, key in args.flag_fields.items()}
+    if clash := next((o for o in args.overrides if o.partition("=")[0].strip() in flags), None):
+        key = clash.partition("=")[0].strip()
+        raise ValueError(f"--{flag_of[key].replace('_', '-')} and --set {clash} both set {key}; give one of them")
     if args.command == "train" and args.preset == "sft":
         raise ValueError("the sft recipe fine-tunes a model on conversations: longcat sft --model DIR --data FILE")
     preset = args.preset if args.command == "train" else None if args.resume else args.preset_name
-    cfg = build_config(preset, flags + args.overrides, resume_config(out) if args.resume else None)
+    saved = resume_config(out) if args.resume else None
+    if saved is not None and (saved.sft.data is not None) != (args.command == "sft"):
+        other = "sft" if saved.sft.data is not None else "train"
+        raise ValueError(f"{out} is a `longcat {other}` run: continue it with longcat {other} --resume {out}")
+    cfg = build_config(preset, [*flags.values(), *args.overrides], saved)
     if args.print_config:
         print(describe(cfg))
         return
@@ -199,6 +207,8 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--ep {args.ep} must divide the world size {distributed.world_size()} (processes started "
                          "by torchrun)")
     mesh = distributed.build_mesh(args.dp or distributed.world_size() // args.ep, args.ep, device)
+    if saved is not None and (notice := schedule_notice(out, cfg)):
+        distributed.print0(notice)
     try:
         summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
                         progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device)

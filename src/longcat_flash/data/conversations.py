@@ -258,11 +258,26 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         if _weight(message, where, f"{name}.weight") == 0:
             untrained.add(i)
     _check_parallel(row.get("parallel_tool_calls", True), messages, named, where)
+    _check_declared(tools, messages, named, where, field)
     if not any(m["role"] == "assistant" for m in messages):
         raise ConversationError(f"{where}: messages: no assistant message (nothing to train on)")
     if all(m["role"] != "assistant" or i in untrained for i, m in enumerate(messages)):
         raise ConversationError(f"{where}: messages: every assistant message has weight 0 (nothing to train on)")
     return Conversation(messages, tools, where, frozenset(untrained))
+
+
+def _check_declared(tools: list[dict[str, Any]] | None, messages: list[dict[str, Any]],
+                    named: list[tuple[str, Any]], where: str, field: str) -> None:
+    """With `tools` given, every call names one of them: a call to an undeclared tool would teach the model to
+    call tools its prompt does not offer."""
+    if tools is None:
+        return
+    offered = {tool["function"]["name"] for tool in tools}
+    for (name, _), message in zip(named, messages):
+        for j, call in enumerate(message.get("tool_calls") or []):
+            if call["function"]["name"] not in offered:
+                raise ConversationError(f"{where}: {name}.tool_calls[{j}].function.name: {call['function']['name']!r}"
+                                        f" is not among the row's {field} ({', '.join(sorted(offered)) or 'none'})")
 
 
 def _check_parallel(parallel: Any, messages: list[dict[str, Any]], named: list[tuple[str, Any]], where: str) -> None:

@@ -19,6 +19,7 @@ from typing import Any, TextIO
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")  # what a directory source reads
+RUN_CONFIG_FILE = "train_config.json"  # what marks a training run's directory (train/config.py writes it)
 TEXT_SNIFF_BYTES = 1024  # how much of a text file is checked for being text before it is read
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -53,7 +54,9 @@ class Corpus:
         return STDLIB if self.is_stdlib else self.root.stem or "corpus"
 
     def files(self) -> list[Path]:
-        """The corpus files in a deterministic (sorted) order; a missing path fails here, naming it."""
+        """The corpus files in a deterministic (sorted) order; a missing path fails here, naming it. A directory's
+        hidden files and folders (`.git`, `.ipynb_checkpoints`) and training runs' directories (their metrics,
+        samples and checkpoints) are not corpus."""
         root = self.root
         if self.is_stdlib:
             return _stdlib_files(root)
@@ -61,7 +64,10 @@ class Corpus:
             return [root]
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES)
+        runs = [p.parent for p in root.rglob(RUN_CONFIG_FILE)]  # `--data .` with runs/ inside it
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES
+                       and not any(part.startswith(".") for part in p.relative_to(root).parts)
+                       and not any(run in p.parents for run in runs))
         if not files:
             raise ValueError(f"corpus directory {root} holds no {'/'.join(DOC_SUFFIXES)} files")
         return files

@@ -5,6 +5,7 @@ torch.distributed.checkpoint in SHARDED. Every rank saves and restores its own p
 in one process (model growth, analysis)."""
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from .. import distributed
 from ..checkpoint import sharded, training
 from .config import CHECKPOINTS, SHARDED, TrainConfig
-from .optim import param_name
+from .optim import lr_factor, param_name
 
 if TYPE_CHECKING:
     from .trainer import Run
@@ -112,3 +113,19 @@ def resume_config(out: str | Path) -> TrainConfig:
     """The TrainConfig saved with the newest checkpoint of run directory `out`."""
     meta = training.read_manifest(training.resolve(out))["meta"]
     return TrainConfig.from_dict(meta["train_config"])
+
+
+def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
+    """What resuming run directory `out` with `cfg` does to the LR where the schedule's length changed: the
+    schedule is a function of (step, max_steps), so a longer run resumes on the longer schedule's curve (as
+    torchtitan does), which can jump. None when the LR continues as it was."""
+    meta = training.read_manifest(training.resolve(out))["meta"]
+    saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
+    if saved.max_steps == cfg.max_steps:
+        return None
+    before = lr_factor(saved.schedule, step - 1, saved.max_steps) * saved.optim.lr
+    after = lr_factor(cfg.schedule, step, cfg.max_steps) * cfg.optim.lr
+    if math.isclose(before, after, rel_tol=0.05):
+        return None
+    return (f"note: max_steps {saved.max_steps} -> {cfg.max_steps} reshapes the {cfg.schedule.kind} LR schedule: "
+            f"the LR goes from {before:.3g} (step {step}) to {after:.3g} (step {step + 1})")

@@ -20,10 +20,11 @@ from typing import Any, ClassVar, Literal
 
 from ..checkpoint.hf import checkpoint_config
 from ..config import ModelConfig
+from ..data.corpus import RUN_CONFIG_FILE, STDLIB
 from ..presets import get_preset
 
 # The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
-TRAIN_CONFIG_FILE = "train_config.json"
+TRAIN_CONFIG_FILE = RUN_CONFIG_FILE  # data/corpus.py skips the directories that hold one
 CHECKPOINTS = "checkpoints"
 SHARDED = "sharded"  # a checkpoint's subdirectory of sharded model weights and Adam moments
 
@@ -114,7 +115,7 @@ class LossConfig:
     balance_groups: int = 4  # D: FFN experts form D groups; the zero experts are group D+1
     z_weight: float = 1e-6  # λ of the hidden z-loss on the last hidden state before the final norm
     mtp_weight: float = 0.3
-    mtp_start_step: int = 0  # the MTP head trains from this step on (the report adds it mid-training)
+    mtp_start_step: int = 0  # steps done before the MTP head trains: with N, it first trains at logged step N + 1
     monitor_every: int = 25  # router-gradient ratio R_g and router cosine similarity every N steps; 0 = never
     logits_chunk: int = 8192  # tokens per chunk of the LM / MTP cross-entropy: the most (tokens, V) logits held
     # at once (recomputed in backward); 0 = the whole micro-batch in one piece
@@ -486,6 +487,19 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
 def _last_value(assignments: Sequence[str], key: str) -> str | None:
     values = [raw.strip() for k, sep, raw in (a.partition("=") for a in assignments) if sep and k.strip() == key]
     return values[-1] if values else None
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with its file and directory fields (corpus, tokenizer, token cache, conversations, init_from) made
+    absolute, as a run saves it: a relative path would resolve against whatever directory `--resume` runs in."""
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else str(Path(path).expanduser().resolve())
+
+    source = cfg.data.source if cfg.data.source == STDLIB else absolute(cfg.data.source)
+    data = dataclasses.replace(cfg.data, source=source, tokenizer=absolute(cfg.data.tokenizer),
+                               cache_dir=absolute(cfg.data.cache_dir))
+    sft = dataclasses.replace(cfg.sft, data=absolute(cfg.sft.data), val_data=absolute(cfg.sft.val_data))
+    return dataclasses.replace(cfg, data=data, sft=sft, init_from=absolute(cfg.init_from))
 
 
 def pretrained_model_config(directory: str | Path) -> ModelConfig:

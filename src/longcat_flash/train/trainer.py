@@ -40,7 +40,7 @@ from ..tokenizer import Tokenizer
 from . import run_lock
 from .budget import BudgetController
 from .checkpoints import load_checkpoint, save_checkpoint
-from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, CheckpointConfig, TrainConfig
+from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, CheckpointConfig, TrainConfig
 from .datasets import build_datasets, build_tokenizer
 from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
 from .losses import LossTerms, lm_loss, target_counts, training_losses
@@ -352,6 +352,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
     device = torch.device("cpu") if device is None else device
     cfg = dataclasses.replace(cfg, dtype=compute_dtype(cfg.dtype, device), checkpoint=_export_dtype(cfg))
+    if not resume:
+        cfg = absolute_paths(cfg)  # saved with the run: `--resume RUN_DIR` reads the same files from anywhere
     world = distributed.world_size()
     if cfg.data.batch_size % (world * cfg.data.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
