@@ -250,4 +250,4 @@ def test_bounds_the_constraint_library_gets_wrong_are_400s(served, schema):
     response_format = {"type": "json_schema", "json_schema": {"name": "n", "schema": schema}}
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 4,
                                                   "response_format": response_format})
-    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema", r.text

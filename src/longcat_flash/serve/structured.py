@@ -110,7 +110,7 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
 def _culprit(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) -> str:
     """Which field made the grammar fail: response_format if its schema fails alone, else the first tool whose
     parameters fail alone, else the tools together."""
-    named = [("response_format", response_schema(body.response_format))]
+    named = [("response_format.json_schema.schema", response_schema(body.response_format))]
     named += [(f"tools.{i}.function.parameters", arguments_schema(tool["function"]))
               for i, tool in enumerate(plan.tools if plan is not None and plan.tools else [])]
     for param, schema in named:

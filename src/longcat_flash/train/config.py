@@ -30,8 +30,10 @@ SHARDED = "sharded"  # a checkpoint's subdirectory of sharded model weights and 
 
 
 def _check(ok: bool, section: str, name: str, value: Any, allowed: str) -> None:
+    """A ValueError naming the field as --set spells it (TrainConfig's own fields have no section prefix)."""
     if not ok:
-        raise ValueError(f"{section}.{name} must be {allowed}, got {value!r}")
+        key = name if section == TrainConfig.section else f"{section}.{name}"
+        raise ValueError(f"{key} must be {allowed}, got {value!r}")
 
 
 def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
