@@ -33,6 +33,7 @@ def test_unknown_field_lists_the_valid_fields():
     message = run_cli("train", "--set", "budget.rat=0.1")
     assert "unknown config field 'budget.rat'" in message and "budget.rate" in message
     assert "must be float" in run_cli("train", "--set", "optim.lr=fast")
+    assert "loss.z_weight must be a finite number, got 'nan'" in run_cli("train", "--set", "loss.z_weight=nan")
     assert "is a section" in run_cli("train", "--set", "optim=1")
 
 
@@ -114,6 +115,8 @@ def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: P
                   meta={"train_config": recipe("tiny").to_dict()})
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "model.num_layers=4")
     assert "a resumed run keeps its model" in message and "model.num_layers" in message
+    message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "data.seq_len=32")
+    assert "data.seq_len=32 differs from the run's" in message  # was the sampler's "num_sequences=... but ..."
     assert "--set preset=... would only rename the run" in run_cli("train", "--preset", "tiny", "--set",
                                                                    "preset=small")
 

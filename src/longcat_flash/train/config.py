@@ -388,6 +388,8 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     elif hint is str:
         return value if isinstance(value, str) else str(value)
     allowed = " or ".join(repr(a) for a in args) if origin is Literal else _type_name(hint)
+    if hint is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        allowed = "a finite number"
     raise ValueError(f"{key} must be {allowed}, got {value!r}")
 
 
@@ -470,6 +472,9 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
         if changed:
             raise ValueError(f"a resumed run keeps its model, but the overrides change {', '.join(changed)} "
                              "(use `longcat grow` to change its depth, or start a run with init_from)")
+        if cfg.data.seq_len != saved.data.seq_len:  # the sampler's position counts windows of seq_len + 1 tokens
+            raise ValueError(f"a resumed run keeps its data windows: data.seq_len={cfg.data.seq_len} differs from the "
+                             f"run's {saved.data.seq_len} (start a run with init_from to train at another length)")
         return cfg
     base = recipe(preset or "small")
     init_from = _last_value(overrides, "init_from")
