@@ -274,11 +274,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 def _header(run: Run) -> str:
     cfg, m = run.cfg, run.cfg.model
     tokens = cfg.data.batch_size * cfg.data.seq_len
+    split = len(run.sampler.dataset) * cfg.data.seq_len  # small corpora and SFT sets are well under 0.1M tokens
+    split_text = f"{split / 1e6:.1f}M" if split >= 1e5 else f"{split:,}"
     start = f"resuming at step {run.state.step}" if run.state.step else "starting"
     return (f"{start}: {run.model.num_parameters() / 1e6:.1f}M parameters ({m.num_layers} layers, "
             f"{m.n_routed_experts} FFN + {m.zero_expert_num} zero experts, top-{m.moe_topk}, K_e "
             f"{cfg.ffn_expert_target:g}); {tokens} tokens/step, {cfg.max_steps} steps, "
-            f"{len(run.sampler.dataset) * cfg.data.seq_len / 1e6:.1f}M tokens in the training split; "
+            f"{split_text} tokens in the training split; "
             f"{cfg.dtype} compute on {run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
             + (f"; from {cfg.init_from}" if cfg.init_from else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
