@@ -224,8 +224,9 @@ class Tokenizer:
                             tools: Sequence[dict[str, Any]] | None = None) -> str:
         """Render a conversation (and the OpenAI function schemas in `tools`) to the prompt string the model was
         trained on, as transformers' `apply_chat_template(..., tokenize=False)` would; encode it with
-        allow_special. One difference: a template that writes tool-call arguments with `tojson` gets arguments
-        sent as JSON strings as objects, as vLLM passes them (chat_template.py `render_with_arguments`)."""
+        allow_special. One difference: a template that needs tool-call arguments as objects (writes them with
+        `tojson`, or reads them as a mapping) gets those sent as JSON strings as objects, as vLLM passes them
+        (chat_template.py `render_with_arguments`)."""
         _validate_messages(messages)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")

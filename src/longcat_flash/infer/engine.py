@@ -388,8 +388,7 @@ class Engine:
             out.finish_reason = self._finish_reason(req, token)
             if out.finish_reason:
                 out.error = req.matcher.error if out.finish_reason == "error" else None
-                out.stop_token = out.finish_reason == "stop" and (
-                    (token in self.eos_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids)
+                out.stop_token = out.finish_reason == "stop" and self._is_stop_token(req, token)
                 break
         self.stats.generated_tokens += len(out.new_tokens)
         self._attach_logprobs(req, out, logits)
@@ -412,8 +411,11 @@ class Engine:
         self.stats.finished += 1
         return out
 
+    def _is_stop_token(self, req: Request, token: int) -> bool:
+        """An id that ends the request by itself: an EOS (unless ignore_eos) or one of its stop_token_ids."""
+        return (token in self.eos_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids
+
     def _finish_reason(self, req: Request, token: int) -> str | None:
-        p = req.params
         if req.matcher is not None:  # the mask admits EOS only where the grammar accepts; it then ends the request
             if token in self.eos_ids:
                 return "stop"
@@ -422,7 +424,7 @@ class Engine:
                 return "error"
             if req.matcher.done:
                 return "stop"
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if self._is_stop_token(req, token):
             return "stop"
         if req.stop is not None and req.stop(req.generated):
             return "stop"
