@@ -185,6 +185,34 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert torch.equal(loaded.lm_head.weight, model.lm_head.weight)
 
 
+def test_a_tied_checkpoint_may_also_store_its_embedding_as_the_lm_head(tmp_path):
+    """Some writers keep lm_head.weight beside a tied embedding; transformers drops it, which is the same model only
+    when it is a copy."""
+    model = LongcatFlash(tiny().replace(tie_word_embeddings=True))
+    model.save_pretrained(tmp_path)
+    embedding = load_file(tmp_path / "model.safetensors")["model.embed_tokens.weight"]
+    rewrite(tmp_path, lambda t: t.update({"lm_head.weight": embedding.clone()}))
+    assert torch.equal(LongcatFlash.from_pretrained(tmp_path).lm_head.weight, model.lm_head.weight)
+    rewrite(tmp_path, lambda t: t.update({"lm_head.weight": embedding + 1}))
+    with pytest.raises(ValueError, match="lm_head.weight is not a copy of model.embed_tokens.weight: set "
+                                         "tie_word_embeddings to false"):
+        LongcatFlash.from_pretrained(tmp_path)
+
+
+def test_a_non_finite_weight_is_refused_by_name(saved):
+    """One NaN weight makes every logit NaN: greedy decoding printed nothing and sampling failed deep inside."""
+    _, path = saved
+    key = "model.layers.1.mlps.0.down_proj.weight"
+    weight = load_file(path / "model.safetensors")[key]
+    rewrite(path, lambda t: t[key].view(-1).__setitem__(3, float("nan")))
+    with pytest.raises(ValueError, match=f"{key}' holds NaN or Inf values"):
+        LongcatFlash.from_pretrained(path)
+    rewrite(path, lambda t: t.update({key: weight.index_fill(1, torch.tensor([2]), 1e6)}))  # past fp16's 65504
+    assert LongcatFlash.from_pretrained(path).state_dict()[key].abs().max() == 1e6
+    with pytest.raises(ValueError, match=f"{key}' overflows torch.float16"):
+        LongcatFlash.from_pretrained(path, dtype=torch.float16)
+
+
 def test_a_checkpoint_of_mixed_dtypes_loads_in_its_main_one(saved):
     """A file with the norms in fp32 and the rest in bf16 (as some exporters write): loaded without a dtype, the
     model is bf16 throughout (the router fp32, as always), so no matmul meets two dtypes."""
@@ -203,6 +231,7 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_main_one(saved):
     ({"model_type": "deepseek_v3"}, "model_type='deepseek_v3' is not a LongCat-Flash model"),
     ({"num_hidden_layers": 10}, "num_hidden_layers=10 disagrees with num_layers=2"),  # 2 or 4 would be read
     ({"qk_head_dim": 24}, "qk_head_dim=24 disagrees"),
+    ({"num_key_value_heads": 1}, "num_key_value_heads=1 disagrees with num_attention_heads=4"),
 ])
 def test_a_config_we_cannot_honour_is_refused_by_name(saved, config, message):
     _, path = saved

@@ -27,7 +27,7 @@ _DERIVED_OR_IGNORED = {
     # the official remote-code config's deployment and training-layout fields: they change no computation here
     "ep_size", "pretraining_tp", "params_dtype",
 }
-def _check_derived(raw: dict[str, Any], num_layers: int, qk_head_dim: int) -> None:
+def _check_derived(raw: dict[str, Any], num_layers: int, qk_head_dim: int, num_heads: int) -> None:
     """Derived keys are not read, but one that disagrees with its source describes another model (transformers
     would size it from the derived key)."""
     if "num_layers" in raw and raw.get("num_hidden_layers") not in (None, num_layers, 2 * num_layers):
@@ -36,6 +36,9 @@ def _check_derived(raw: dict[str, Any], num_layers: int, qk_head_dim: int) -> No
     if raw.get("qk_head_dim") not in (None, qk_head_dim):
         raise ValueError(f"config.json: qk_head_dim={raw['qk_head_dim']!r} disagrees with qk_nope_head_dim + "
                          f"qk_rope_head_dim = {qk_head_dim}")
+    if raw.get("num_key_value_heads") not in (None, num_heads):  # transformers would repeat each head's k and v
+        raise ValueError(f"config.json: num_key_value_heads={raw['num_key_value_heads']!r} disagrees with "
+                         f"num_attention_heads={num_heads} (MLA gives every head its own keys and values)")
 
 
 # HF attribute_map aliases accepted on input.
@@ -286,7 +289,8 @@ class ModelConfig:
                              "(transformers uses head_dim as the rotary dimension)")
         _check_derived(raw, values.get("num_layers", cls.num_layers),
                        values.get("qk_nope_head_dim", cls.qk_nope_head_dim)
-                       + values.get("qk_rope_head_dim", cls.qk_rope_head_dim))
+                       + values.get("qk_rope_head_dim", cls.qk_rope_head_dim),
+                       values.get("num_attention_heads", cls.num_attention_heads))
         key = "rope_scaling" if rope.get("rope_scaling") else "rope_parameters"  # transformers' precedence
         if key in rope:
             values.update(_rope_fields(key, rope[key], values.get("max_position_embeddings",
