@@ -83,15 +83,15 @@ def test_bad_engine_flags_are_refused_before_the_model_is_loaded(flags, message,
     import torch
 
     from longcat_flash.checkpoint.fresh import init_checkpoint
+    from longcat_flash.infer import loader
     from longcat_flash.presets import tiny
-    from longcat_flash.serve import local
 
     no_mtp = init_checkpoint(tiny().replace(num_nextn_predict_layers=0), tmp_path / "no_mtp", dtype=torch.float32)
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(local, "load_for_inference", never)
+    monkeypatch.setattr(loader, "load_for_inference", never)
     with pytest.raises(SystemExit, match=message):
         main(["generate", "--model", str(no_mtp), "--prompt", "x", "--quantize", "int4", *flags])
 
@@ -118,3 +118,41 @@ def test_a_model_path_that_is_not_a_model_directory_is_one_line(command, checkpo
                            (step, "is a training checkpoint"), ("", "no model directory given")]:
         with pytest.raises(SystemExit, match=message):
             main([command, "--model", str(model), *extra[command]])
+
+
+def test_a_tokenizer_with_ids_past_the_models_vocabulary_is_refused_at_load(checkpoint, tmp_path):
+    """generate ran while a prompt kept below the model's vocab_size and failed on the first that did not; serve
+    refused with llguidance's "vocab size too small; 300 vs 450"."""
+    import shutil
+
+    import tokenizers
+
+    model = shutil.copytree(checkpoint, tmp_path / "bigger")
+    extra = ModelConfig.from_json(model).vocab_size - Tokenizer.load(model).vocab_size + 3
+    backend = tokenizers.Tokenizer.from_file(str(model / "tokenizer.json"))
+    backend.add_tokens([f"<extra_{i}>" for i in range(extra)])
+    backend.save(str(model / "tokenizer.json"))
+    with pytest.raises(SystemExit, match=r"has \d+ ids \(added tokens included\), but the model's vocab_size is "
+                                         r"\d+: ids from \d+ \('<extra_\d+>', \.\.\.\) have no embedding"):
+        main(["generate", "--model", str(model), "--prompt", "x"])
+
+
+def test_the_tokenizers_eos_ends_generation_besides_config_json(checkpoint, tmp_path):
+    """A chat model's end of turn (`<|im_end|>`) is often only the tokenizer's eos_token; vLLM stops there, and
+    our chat template ends each assistant turn with it, but generation ran on to max_tokens."""
+    import shutil
+
+    from longcat_flash.infer.engine import EngineConfig
+    from longcat_flash.infer.loader import load_engine
+    from longcat_flash.infer.sampling import SamplingParams
+
+    model = shutil.copytree(checkpoint, tmp_path / "eos")
+    engine, tokenizer = load_engine(model, EngineConfig())
+    prompt = tokenizer.encode("import os")
+    free = engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0, ignore_eos=True))[0]
+    i = next(i for i, token in enumerate(free) if i and token not in free[:i] and token not in engine.eos_ids)
+    settings = json.loads((model / "tokenizer_config.json").read_text())
+    settings["eos_token"] = tokenizer.backend.id_to_token(free[i])
+    (model / "tokenizer_config.json").write_text(json.dumps(settings))
+    engine, _ = load_engine(model, EngineConfig())
+    assert engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0))[0] == free[:i + 1]

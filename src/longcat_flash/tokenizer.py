@@ -179,6 +179,14 @@ class Tokenizer:
         """Number of ids, added tokens included: the smallest `ModelConfig.vocab_size` that fits."""
         return self._backend.get_vocab_size(with_added_tokens=True)
 
+    def check_fits(self, vocab_size: int) -> None:
+        """Every id this tokenizer can produce must have an embedding among a model's `vocab_size`."""
+        if self.vocab_size > vocab_size:
+            raise ValueError(f"the tokenizer has {self.vocab_size} ids (added tokens included), but the model's "
+                             f"vocab_size is {vocab_size}: ids from {vocab_size} "
+                             f"({self._backend.id_to_token(vocab_size)!r}, ...) have no embedding (a tokenizer of "
+                             "another model, or tokens added without resizing the embeddings)")
+
     @property
     def backend(self) -> tokenizers.Tokenizer:
         """The `tokenizers.Tokenizer` underneath, for what needs it whole (incremental decoding: serve/text.py)."""

@@ -113,7 +113,9 @@ class EngineStats:
 
 
 class Engine:
-    def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None,
+                 eos_ids: Iterable[int] = ()) -> None:
+        """eos_ids: ids that end generation besides the model config's (loader.load_engine adds the tokenizer's)."""
         self.model, self.config = model.eval(), config or EngineConfig()
         cfg = model.config
         dtype, self.device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
@@ -133,7 +135,9 @@ class Engine:
         if self.max_context < cfg.max_position_embeddings:  # else a sequence could outgrow the pool and never run
             log.warning("the KV cache (%d tokens) holds less than the model's context (%d): sequences are limited to "
                         "%d tokens", self.config.cache_tokens, cfg.max_position_embeddings, self.max_context)
-        self.vocab_size, self.eos_ids = cfg.vocab_size, cfg.eos_token_ids
+        self.vocab_size, self.eos_ids = cfg.vocab_size, tuple(dict.fromkeys((*cfg.eos_token_ids, *eos_ids)))
+        if any(not 0 <= token < self.vocab_size for token in self.eos_ids):
+            raise ValueError(f"eos ids must be in [0, {self.vocab_size}), got {list(self.eos_ids)}")
         self._ids = itertools.count()
 
     # ---- requests ----

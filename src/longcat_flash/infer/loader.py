@@ -9,7 +9,9 @@ from ..checkpoint.hf import LongcatFlash, checkpoint_config
 from ..config import ModelConfig
 from ..device import fast_bf16, resolve_device, use_device
 from ..model import Transformer
+from ..tokenizer import Tokenizer
 from . import kernels
+from .engine import Engine, EngineConfig
 from .fused import fuse_for_inference
 from .quant import (
     KEEP_SENSITIVE,
@@ -45,6 +47,18 @@ def check_speculative(path: str | Path, speculative: int) -> None:
     if speculative and not checkpoint_config(Path(path)).num_nextn_predict_layers:
         raise ValueError(f"speculative decoding needs a model with an MTP head (num_nextn_predict_layers=1); "
                          f"{path} has none")
+
+
+def load_engine(path: str | Path, config: EngineConfig, *, dtype: str | None = None, quantize: str | None = None,
+                device: str | torch.device = "auto") -> tuple[Engine, Tokenizer]:
+    """The checkpoint's tokenizer and an engine over its model (`load_for_inference`), checked against each other
+    before the weights are read: every id the tokenizer makes has an embedding; and its EOS token ends generation
+    besides config.json's, as in vLLM (the end of turn a chat template writes is often only there)."""
+    check_speculative(path, config.speculative)
+    tokenizer = Tokenizer.load(path)
+    tokenizer.check_fits(checkpoint_config(Path(path)).vocab_size)
+    model, _ = load_for_inference(path, dtype=dtype, quantize=quantize, device=device)
+    return Engine(model, config, eos_ids=() if tokenizer.eos_id is None else (tokenizer.eos_id,)), tokenizer
 
 
 def _check_keep_options(quantize: str | None, keep_top: int, keep_fraction: float,

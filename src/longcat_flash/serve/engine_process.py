@@ -18,11 +18,10 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from ..infer.engine import Engine, EngineConfig
+from ..infer.engine import EngineConfig
 from ..infer.grammar import GrammarCompiler, GrammarError
-from ..infer.loader import load_for_inference
+from ..infer.loader import load_engine
 from ..runtime import tune_cpu_allocator
-from ..tokenizer import Tokenizer
 from .bridge import Bridge, EngineLoop
 
 
@@ -87,9 +86,8 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     tune_cpu_allocator()  # a step's activations are bounded by the token budget: keeping them is cheap
     try:
-        tokenizer = Tokenizer.load(model_dir)
-        model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)
-        engine = Engine(model, config)
+        engine, tokenizer = load_engine(model_dir, config or EngineConfig(), dtype=dtype, quantize=quantize,
+                                        device=device)
         grammars = GrammarCompiler(tokenizer, engine.vocab_size)
     except Exception as err:  # the parent raises it: a bad checkpoint is the user's error, not a traceback here
         try:

@@ -10,7 +10,7 @@ import torch
 
 from ..checkpoint.hf import model_directory
 from ..infer.engine import Engine, EngineConfig
-from ..infer.loader import check_speculative, load_for_inference
+from ..infer.loader import load_engine
 from ..infer.sampling import SamplingParams
 from ..infer.speculative import DraftStats
 from ..tokenizer import Tokenizer, utf8_text
@@ -37,11 +37,7 @@ def load_session(model_dir: str | Path, *, dtype: str | None = None, quantize: s
                  speculative: int = 0, device: str | torch.device = "auto") -> tuple[Engine, Tokenizer]:
     """A one-request engine on `device` (auto: CUDA when available) and the checkpoint's tokenizer."""
     config = EngineConfig(max_running=1, speculative=speculative)  # its checks, before the load
-    model_dir = model_directory(model_dir)
-    check_speculative(model_dir, speculative)
-    tokenizer = Tokenizer.load(model_dir)
-    model, _ = load_for_inference(model_dir, dtype=dtype, quantize=quantize, device=device)
-    return Engine(model, config), tokenizer
+    return load_engine(model_directory(model_dir), config, dtype=dtype, quantize=quantize, device=device)
 
 
 def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
