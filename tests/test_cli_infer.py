@@ -156,3 +156,25 @@ def test_the_tokenizers_eos_ends_generation_besides_config_json(checkpoint, tmp_
     (model / "tokenizer_config.json").write_text(json.dumps(settings))
     engine, _ = load_engine(model, EngineConfig())
     assert engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0))[0] == free[:i + 1]
+
+
+def test_serve_on_a_taken_port_is_one_line_before_the_model_loads(checkpoint, monkeypatch, capsys):
+    """serve loaded the model (minutes for a large one), printed that it was serving, and only then failed to
+    bind, with uvicorn's log line and exit status 3."""
+    import socket
+
+    pytest.importorskip("fastapi")
+    from longcat_flash.serve import app
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(app, "EngineProcess", never)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"longcat serve: cannot listen on 127.0.0.1:{port}: Address already "
+                                             "in use"):
+            main(["serve", "--model", str(checkpoint), "--port", str(port)])
+    assert "on http://" not in capsys.readouterr().out

@@ -67,6 +67,25 @@ def test_metrics_label_the_route_template_and_count_text_stops_as_finished(clien
     assert "longcat_requests_cancelled_total 0.0" in scrape
 
 
+def test_metrics_show_the_cache_pool_before_the_first_request():
+    """A scrape after start-up reported a pool of 1 page (a placeholder) until the first request reached the
+    engine, so dashboards computing capacity from it were wrong after every restart."""
+    import time
+
+    tokenizer = stdlib_tokenizer(256)
+    engine = Engine(randomized(tiny().replace(vocab_size=tokenizer.vocab_size)), EngineConfig(cache_tokens=2048))
+    bridge = AsyncEngine(engine).start()
+    try:
+        with TestClient(create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=CONTEXT))) as fresh:
+            expected = f"longcat_cache_pages_total {float(engine.cache.config.num_pages - 1)}"
+            deadline = time.monotonic() + 10
+            while expected not in (scrape := fresh.get("/metrics").text) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert expected in scrape and "longcat_cache_usage_ratio 0.0" in scrape
+    finally:
+        bridge.stop()
+
+
 def test_an_internal_error_is_a_json_500_and_is_counted(client, monkeypatch):
     """Starlette sends the 500 of an unhandled error from its outermost middleware; it still counts."""
     def broken(*args, **kwargs):

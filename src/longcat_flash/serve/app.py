@@ -29,7 +29,7 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
 from . import protocol as p
 from .bridge import Bridge, EngineFailed
-from .connections import CLIENT_TIMEOUT_S, uvicorn_options
+from .connections import CLIENT_TIMEOUT_S, listening_socket, uvicorn_options
 from .engine_process import EngineProcess
 from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
@@ -563,19 +563,21 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     check_speculative(model_dir, engine_config.speculative if engine_config else 0)
     defaults = model_defaults(model_dir)
     tokenizer = Tokenizer.load(model_dir)
-    bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
-    config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
-                          api_key=api_key, max_body_bytes=max_body_bytes, sampling_defaults=defaults)
-    try:
-        print(f"longcat serve: {config.model_name} on http://{host}:{port}/v1 (OpenAI API; /health, /metrics)",
-              flush=True)
-        if defaults:
-            print("longcat serve: requests that leave them out sample with generation_config.json's "
-                  + ", ".join(f"{k}={v}" for k, v in defaults.items()), flush=True)
-        # open streams get SHUTDOWN_GRACE_S to finish, then are cut: a stream of thousands of tokens must not hold
-        # a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
-        uvicorn.run(create_app(bridge, tokenizer, config), host=host, port=port, log_level="warning",
-                    timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
-                    **uvicorn_options(client_timeout_s=client_timeout_s, max_connections=max_connections))
-    finally:
-        bridge.stop()
+    with listening_socket(host, port) as sock:  # before the load (minutes for a large model): a taken port fails now
+        bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
+        config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
+                              api_key=api_key, max_body_bytes=max_body_bytes, sampling_defaults=defaults)
+        try:
+            url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}/v1"  # port 0: the OS's
+            print(f"longcat serve: {config.model_name} on {url} (OpenAI API; /health, /metrics)", flush=True)
+            if defaults:
+                print("longcat serve: requests that leave them out sample with generation_config.json's "
+                      + ", ".join(f"{k}={v}" for k, v in defaults.items()), flush=True)
+            # open streams get SHUTDOWN_GRACE_S to finish, then are cut: a stream of thousands of tokens must not
+            # hold a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
+            uvicorn.Server(uvicorn.Config(
+                create_app(bridge, tokenizer, config), log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+                **uvicorn_options(client_timeout_s=client_timeout_s, max_connections=max_connections),
+            )).run(sockets=[sock])
+        finally:
+            bridge.stop()

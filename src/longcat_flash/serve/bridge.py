@@ -81,6 +81,7 @@ class EngineLoop:
         self._wake.set()
 
     def run(self) -> None:
+        self.sink(Batch([], [], self.snapshot()))  # /metrics shows the real pool from the start, not a placeholder
         while not self._stopped.is_set():
             replies, handled = self._drain_inbox()
             outputs = self._step() if self.engine.has_work() else None

@@ -6,7 +6,8 @@ request head stays open for ever (idle or slowloris sockets used up the server's
 /health went unanswered); and so does one that never reads what it is sent (pipelined requests whose answers
 are never read held their connections, and 1.6 MB of kernel buffers each, for good). `bounded_protocol` is
 uvicorn's h11 protocol with four bounds:
-  * a request head of at most MAX_HEAD_BYTES (h11 answers 400 beyond it);
+  * a request head of at most MAX_HEAD_BYTES while it arrives (h11 answers 400 beyond it; a head that lands whole
+    in one socket read, at most 256 KiB, is parsed before h11 looks at its size);
   * a request head must arrive whole within `client_timeout_s` of the connection's start or of the previous
     response's end, however slowly its bytes trickle in; otherwise the connection is closed;
   * a response the client stops reading (the socket's send buffer full) for `client_timeout_s` is cut: the
@@ -16,7 +17,10 @@ uvicorn's h11 protocol with four bounds:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import resource
+import socket
+from collections.abc import Iterator
 from typing import Any
 
 from uvicorn.protocols.http.h11_impl import H11Protocol
@@ -84,6 +88,26 @@ def bounded_protocol(*, client_timeout_s: float = CLIENT_TIMEOUT_S, max_connecti
                 self.head_timer = None
 
     return BoundedH11Protocol
+
+
+@contextlib.contextmanager
+def listening_socket(host: str, port: int) -> Iterator[socket.socket]:
+    """A TCP socket bound to host:port (port 0: one the OS picks), for uvicorn's `Server.run(sockets=...)`: bound by
+    the caller before anything slow, so that a taken port is a one-line error at once and the start-up banner
+    names the port that is really listening."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses the port at once
+        try:
+            sock.bind((host, port))
+        except (OSError, OverflowError) as err:
+            raise ValueError(f"cannot listen on {host}:{port}: {getattr(err, 'strerror', None) or err}") from None
+        sock.listen(2048)  # uvicorn's default backlog
+        sock.set_inheritable(True)
+        yield sock
+    finally:
+        sock.close()
 
 
 def uvicorn_options(*, client_timeout_s: float = CLIENT_TIMEOUT_S, max_connections: int | None = None

@@ -44,7 +44,8 @@ class EngineCollector(Collector):
             ("longcat_requests_cancelled", "generations cancelled (client gone)", stats.cancelled - stops),
             ("longcat_requests_preempted", "preemptions for lack of cache pages", stats.preempted),
             ("longcat_prompt_tokens", "prompt tokens admitted", stats.prompt_tokens),
-            ("longcat_generation_tokens", "tokens generated", stats.generated_tokens),
+            ("longcat_generation_tokens", "tokens the engine generated (with the steps a stop string's cancel "
+             "took to arrive: usage bills fewer)", stats.generated_tokens),
             ("longcat_spec_draft_tokens", "MTP draft tokens proposed", drafts.drafted),
             ("longcat_spec_accepted_tokens", "MTP draft tokens accepted", drafts.accepted),
         ]
