@@ -86,6 +86,20 @@ def test_metrics_show_the_cache_pool_before_the_first_request():
         bridge.stop()
 
 
+def test_a_json_body_sent_as_a_form_is_told_its_content_type(client):
+    """`curl -d '{...}'` sends application/x-www-form-urlencoded; the 400 said "body: Input should be a valid
+    dictionary or object to extract fields from", which does not point at the header."""
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1})
+    for content_type in ("application/x-www-form-urlencoded", "text/plain", None):
+        headers = AUTH if content_type is None else {**AUTH, "Content-Type": content_type}
+        r = client.post("/v1/completions", content=body, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["message"] == (
+            "the body must be JSON sent with Content-Type: application/json "
+            f"({f'this one was {content_type}' if content_type else 'this one had none'})")
+    headers = {**AUTH, "Content-Type": "application/json; charset=utf-8"}
+    assert client.post("/v1/completions", content=body, headers=headers).status_code == 200
+
+
 def test_an_internal_error_is_a_json_500_and_is_counted(client, monkeypatch):
     """Starlette sends the 500 of an unhandled error from its outermost middleware; it still counts."""
     def broken(*args, **kwargs):

@@ -72,7 +72,7 @@ _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-
 _VALUE_ERROR = re.compile(r"^Value error, (?:([a-z_][a-z_.]*): )?")  # a validator's ValueError; ours name the field
 
 
-def _validation_error(err: RequestValidationError) -> APIError:
+def _validation_error(err: RequestValidationError, content_type: str | None) -> APIError:
     """The deepest error (of a union's members, the one that got furthest into the value) as a 400 naming its
     field: the path through the body, without pydantic's names for the members of a union
     (`messages.0.content.0.cache_control`, not `messages.0.content.list[TextPart].0.cache_control`)."""
@@ -80,6 +80,11 @@ def _validation_error(err: RequestValidationError) -> APIError:
     first = max(errors, key=lambda e: len(e.get("loc", ())))  # the first of the deepest
     if first.get("type") == "json_invalid":
         return APIError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
+    if tuple(first.get("loc", ())) == ("body",) and "json" not in (content_type or "").lower():
+        # FastAPI reads the body as JSON only under a JSON type (`curl -d` sends a form's)
+        sent = f"this one was {content_type}" if content_type else "this one had none"
+        return APIError(400, f"the body must be JSON sent with Content-Type: application/json ({sent})",
+                        code="invalid_json")
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _UNION_MEMBER.match(str(x))]
     message = str(first.get("msg"))
     if first.get("type") == "extra_forbidden":
@@ -405,8 +410,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         return APIError(500, f"internal error: {type(err).__name__}", "server_error").response()
 
     @app.exception_handler(RequestValidationError)
-    async def invalid(_request: Request, err: RequestValidationError) -> JSONResponse:
-        return _validation_error(err).response()
+    async def invalid(request: Request, err: RequestValidationError) -> JSONResponse:
+        return _validation_error(err, request.headers.get("content-type")).response()
 
 
 def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, config: ServerConfig) -> None:
