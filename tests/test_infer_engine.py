@@ -8,7 +8,7 @@ import torch
 from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
 
 from longcat_flash.config import ModelConfig
-from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.engine import NON_FINITE, Engine, EngineConfig
 from longcat_flash.infer.sampling import SamplingParams, probabilities
 from longcat_flash.infer.speculative import Draft, MTPDrafter, verify
 
@@ -290,3 +290,30 @@ def test_cancelling_a_first_copy_before_its_prefill_cancels_the_waiting_copies(m
     engine = Engine(model, EngineConfig(**SMALL))
     ids = engine.add_copies(prompts((5,))[0], [GREEDY] * 3)
     assert engine.cancel(ids[0]) == ids and not engine.requests and not engine.has_work()
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_request_whose_logits_are_not_finite_fails_alone(k):
+    """Activations that overflow (or a NaN weight) give NaN logits: greedy decoding emitted token 0 for ever and
+    sampling failed inside torch.multinomial, taking the whole batch with it. Such a request now ends with an
+    error naming the cause, and the others in its batch go on as if it had never been there."""
+    broken = randomized()
+    poison = 7
+    with torch.no_grad():
+        broken.model.embed_tokens.weight[poison] = float("inf")  # only sequences holding it see NaN
+    healthy, sick = prompts((9, 6))
+    sick = sick + [poison]
+    engine = Engine(broken, EngineConfig(speculative=k, **SMALL))
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    alone = engine.generate([healthy], sampled)[0]
+    rids = [engine.add_request(p, sampled) for p in (healthy, sick)]
+    outs = {rid: [] for rid in rids}
+    while engine.has_work():
+        for o in engine.step():
+            outs[o.request_id].append(o)
+    assert [t for o in outs[rids[0]] for t in o.new_tokens] == alone
+    (end,) = outs[rids[1]]
+    assert (end.finished, end.new_tokens, end.finish_reason, end.error_code) == (True, [], "error", NON_FINITE)
+    assert end.error.startswith("the model's logits are NaN or Inf after 0 generated tokens (its activations "
+                                "overflowed float32")
+    assert engine.cache.used_pages == 0 and not engine.requests

@@ -100,6 +100,28 @@ def test_a_json_body_sent_as_a_form_is_told_its_content_type(client):
     assert client.post("/v1/completions", content=body, headers=headers).status_code == 200
 
 
+def test_a_request_whose_logits_are_not_finite_is_a_500_naming_the_cause():
+    """NaN logits gave an empty 200 when greedy and a 500 "engine error: probability tensor contains..." for every
+    request in the batch when sampling."""
+    import torch
+
+    tokenizer = stdlib_tokenizer(256)
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size))
+    with torch.no_grad():
+        model.model.embed_tokens.weight[7] = float("inf")
+    bridge = AsyncEngine(Engine(model, EngineConfig(cache_tokens=2048))).start()
+    try:
+        with TestClient(create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=CONTEXT))) as fresh:
+            for temperature in (0.0, 1.0):
+                body = {"model": "tiny", "prompt": [5, 7], "max_tokens": 3, "temperature": temperature}
+                r = fresh.post("/v1/completions", json=body)
+                assert r.status_code == 500 and r.json()["error"]["code"] == "non_finite_logits"
+                assert r.json()["error"]["message"].startswith("the model's logits are NaN or Inf")
+                assert fresh.post("/v1/completions", json={**body, "prompt": [5, 8]}).status_code == 200
+    finally:
+        bridge.stop()
+
+
 def test_an_internal_error_is_a_json_500_and_is_counted(client, monkeypatch):
     """Starlette sends the 500 of an unhandled error from its outermost middleware; it still counts."""
     def broken(*args, **kwargs):

@@ -68,6 +68,9 @@ class EngineConfig:
                                lookahead=2 * self.speculative)
 
 
+NON_FINITE = "non_finite_logits"  # the model's logits for a request hold NaN or +Inf: nothing to sample from
+
+
 @dataclass
 class StepOutput:
     request_id: int
@@ -75,7 +78,8 @@ class StepOutput:
     finished: bool = False
     finish_reason: str | None = None  # "stop" (EOS, stop token, stop hook), "length", or "error" (see `error`)
     stop_token: bool = False  # the last new token ended the request (an EOS or stop token): not part of the text
-    error: str | None = None  # why the request's grammar matcher failed mid-output (a parser limit): not complete
+    error: str | None = None  # why the output stopped incomplete, and which kind (`error_code`):
+    error_code: str | None = None  # "grammar_failed" (a parser limit the request's schema hit) or NON_FINITE
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (params.logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the whole prompt's, the first None (no context)
 
@@ -118,10 +122,10 @@ class Engine:
         """eos_ids: ids that end generation besides the model config's (loader.load_engine adds the tokenizer's)."""
         self.model, self.config = model.eval(), config or EngineConfig()
         cfg = model.config
-        dtype, self.device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
+        self.dtype, self.device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device
         k = self.config.speculative
         cache_cfg = CacheConfig.for_model(cfg, max_tokens=self.config.cache_tokens, page_size=self.config.page_size,
-                                          with_mtp=k > 0, dtype=dtype)
+                                          with_mtp=k > 0, dtype=self.dtype)
         self.cache = PagedLatentCache(cache_cfg, device=self.device, absorb_max_tokens=self.config.absorb_max_tokens)
         self.scheduler = Scheduler(self.config.scheduler_config())
         self.drafter = MTPDrafter(model, self.cache, k) if k else None
@@ -328,7 +332,10 @@ class Engine:
         hidden = self._forward(seqs, [[s.tokens[-1], *r.draft.tokens] for s, r in zip(seqs, reqs)])  # (B, k+1, D)
         logits = self.model.lm_head(hidden)  # (B, k+1, V)
         outputs, alive = [], {}
-        for b, (seq, req) in enumerate(zip(seqs, reqs)):
+        for b, (seq, req, finite) in enumerate(zip(seqs, reqs, self._finite_rows(seqs, logits))):
+            if not finite:
+                outputs.append(self._fail_non_finite(seq))
+                continue
             emitted = verify(logits[b], req.draft, req.params, req.generator)
             self._count_draft(len(req.draft.tokens), len(emitted) - 1)
             req.draft = None
@@ -372,13 +379,34 @@ class Engine:
 
     # ---- outputs ----
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
+        finite = self._finite_rows(seqs, logits)
+        failed = [self._fail_non_finite(s) for s, ok in zip(seqs, finite) if not ok]
+        if failed:
+            kept = [b for b, ok in enumerate(finite) if ok]
+            seqs, logits = [seqs[b] for b in kept], logits[kept]
+            if not seqs:
+                return failed
         reqs = [self.requests[s.id] for s in seqs]
         params = [r.params for r in reqs]
         adjusted = adjust_rows(logits, params, [(s.tokens, s.prompt_len) for s in seqs])  # (B, V)
         if any(r.matcher is not None for r in reqs):
             adjusted = mask_rows(adjusted, [r.matcher for r in reqs])
         tokens = sample(adjusted, params, [r.generator for r in reqs])
-        return [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
+        return failed + [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
+
+    @staticmethod
+    def _finite_rows(seqs: list[SequenceState], logits: torch.Tensor) -> list[bool]:
+        """logits (B, ..., V) -> per row, whether all its logits are free of NaN and +Inf (what argmax and sampling
+        cannot use: a NaN row's argmax is token 0, and sampling fails). One reduction, one host transfer."""
+        return logits.amax(-1).isfinite().view(len(seqs), -1).all(-1).tolist()
+
+    def _fail_non_finite(self, seq: SequenceState) -> StepOutput:
+        """End a request whose logits are not finite: its activations overflowed the dtype, or a weight is NaN."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        out = StepOutput(seq.id, [], finish_reason="error", error_code=NON_FINITE,
+                         error=f"the model's logits are NaN or Inf after {len(seq.tokens) - seq.prompt_len} "
+                               f"generated tokens (its activations overflowed {dtype}, or a weight is not finite)")
+        return self._finish(self.requests[seq.id], out)
 
     def _append(self, req: Request, tokens: Iterable[int], logits: torch.Tensor) -> StepOutput:
         """Append sampled tokens one by one until a stop condition; finish the request if one holds.
@@ -391,7 +419,8 @@ class Engine:
             out.new_tokens.append(token)
             out.finish_reason = self._finish_reason(req, token)
             if out.finish_reason:
-                out.error = req.matcher.error if out.finish_reason == "error" else None
+                if out.finish_reason == "error":
+                    out.error, out.error_code = req.matcher.error, "grammar_failed"
                 out.stop_token = out.finish_reason == "stop" and self._is_stop_token(req, token)
                 break
         self.stats.generated_tokens += len(out.new_tokens)

@@ -202,10 +202,12 @@ class Generation:
                     copy.open = False
                     raise APIError(500, item.message, "server_error")
                 copy.open = not item.finished
-                if item.error is not None:
+                if item.error_code == "grammar_failed":
                     raise APIError(400, f"the output's grammar failed after {text.tokens + len(item.new_tokens)} "
                                         f"tokens, so the answer is incomplete (simplify the schema): {item.error}",
-                                   code="grammar_failed")
+                                   code=item.error_code)
+                if item.error is not None:  # the model's fault, not the request's
+                    raise APIError(500, item.error, "server_error", code=item.error_code)
                 if on_output is not None:
                     on_output(item)
                 delta = text.feed(item.new_tokens, final=item.finished, stop_token=item.stop_token)

@@ -52,6 +52,8 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
         for out in engine.step():
             if out.request_id != rid:
                 continue
+            if out.error is not None:
+                raise ValueError(out.error)
             first = first or time.perf_counter()
             piece = text.feed(out.new_tokens, final=out.finished, stop_token=out.stop_token)
             if piece and on_text:
