@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc-per-node N tests/dist_train_checks.py REF_RUN OUT_ROOT CORPUS CACHE [RESUME_FROM]
 
-REF_RUN is a finished single-process tiny run (12 steps, float32, checkpoints at 6 and 12). On N ranks, for
+REF_RUN is a finished single-process tiny run (12 steps, float32, checkpoints at 6 and 12, the MTP head idle until
+step 3, so that the router monitors' side backward at step 0 meets an FSDP unit that never ran). On N ranks, for
 every (dp, ep) layout of the world (ep = N, N/2, 1), train the same 12 steps from scratch into
 OUT_ROOT/w{N}_ep{ep}; the ep = N/2 run goes through the CLI (`longcat train --ep ...`), the command users type,
 last (the CLI leaves the process group when it is done). At world 2 every run also recomputes each layer in
@@ -44,7 +45,7 @@ def main(ref: Path, out_root: Path, corpus: str, cache: str, resume_from: Path |
     record_biases()
     world = lcd.world_size()
     overrides = [f"data.source={corpus}", f"data.cache_dir={cache}", f"data.tokenizer={ref / 'tokenizer.json'}",
-                 "max_steps=12", "dtype=float32", "checkpoint.save_every=6"]
+                 "max_steps=12", "dtype=float32", "checkpoint.save_every=6", "loss.mtp_start_step=3"]
     if world == 2:  # the memory savers too: per-layer recomputation, and the cross-entropy in 48-token chunks
         overrides += ["activation_checkpointing=true", "loss.logits_chunk=48"]
     layouts = list(dict.fromkeys((world, world // 2, 1)))

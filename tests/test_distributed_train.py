@@ -1,6 +1,6 @@
 """Training under torchrun (gloo) with FSDP2 and experts sharded over ep follows the single-process run.
 
-One single-process tiny run (12 steps, float32) is the reference. tests/dist_train_checks.py trains the same
+One single-process tiny run (12 steps, float32, the MTP head joining at step 3) is the reference. tests/dist_train_checks.py trains the same
 12 steps at world 4 and at world 2 in every (dp, ep) layout; the world-2 launch also resumes the world-4
 (dp 2, ep 2) run's step-6 checkpoint in each of its layouts, and this file resumes it in one process. Every
 loss curve must match the reference, and the state each rank holds must fall with the world size.
@@ -36,8 +36,8 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist_train")
     corpus, cache = make_corpus(root / "corpus"), root / "cache"
     ref = root / "ref"
-    train(tiny_config(corpus, cache, "max_steps=12", "dtype=float32", "checkpoint.save_every=6"), ref,
-          progress=False)
+    train(tiny_config(corpus, cache, "max_steps=12", "dtype=float32", "checkpoint.save_every=6",
+                      "loss.mtp_start_step=3"), ref, progress=False)
     torchrun(4, WORKER, str(ref), str(root), str(corpus), str(cache))
     at_step_6 = root / "w4_ep2_at6"
     shutil.copytree(root / "w4_ep2", at_step_6)

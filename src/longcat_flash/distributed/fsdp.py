@@ -17,7 +17,7 @@ weights and Adam moments stay fp32; the routers are their own FSDP unit kept in 
 """
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -86,11 +86,15 @@ def average_expert_gradients(model: nn.Module, mesh: DeviceMesh | None) -> None:
 
 
 @contextmanager
-def side_backward(model: nn.Module) -> Iterator[None]:
+def side_backward(model: nn.Module, idle: Sequence[nn.Module] = ()) -> Iterator[None]:
     """For a backward pass that is not the step's (the monitors' `autograd.grad` on the router probabilities):
     FSDP modules keep their gathered weights afterwards and reduce no gradients, so the step's own backward
-    finds everything as the forward left it. No-op without FSDP."""
-    modules = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    finds everything as the forward left it. No-op without FSDP.
+
+    idle: units the forward did not run (the MTP head before loss.mtp_start_step, or at weight 0), left as they
+    are: FSDP's post-backward of a unit never gathered, with gradient sync off, reads a parameter it never made
+    (torch 2.13, AttributeError '_unsharded_param'); with it on, it skips the unit as the step's backward does."""
+    modules = [m for m in model.modules() if isinstance(m, FSDPModule) and not any(m is u for u in idle)]
     for m in modules:
         m.set_requires_gradient_sync(False, recurse=False)
         m.set_reshard_after_backward(False, recurse=False)

@@ -142,7 +142,7 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
                                     cfg.ffn_expert_target, selections, head=model.lm_head, documents=documents,
                                     tokens=tokens)
         if monitor and i == 0:
-            extra = _monitors(model, out, terms, cfg)
+            extra = _monitors(model, out, terms, cfg, with_mtp)
         (terms.total / len(micro_batches)).backward()
         acc.add(terms, out)
     distributed.average_expert_gradients(model, mesh)
@@ -162,8 +162,10 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
             "state_bytes": held, **budget, **extra}
 
 
-def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: TrainConfig) -> dict[str, Any]:
-    with distributed.side_backward(model):
+def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: TrainConfig, with_mtp: bool
+              ) -> dict[str, Any]:
+    idle = [model.model.mtp] if model.model.mtp is not None and not with_mtp else []
+    with distributed.side_backward(model, idle):
         ratios = router_grad_ratio(out, terms.lm, cfg.loss, cfg.model.n_routed_experts, cfg.ffn_expert_target)
     return {"router_grad_ratio": max(ratios), "router_grad_ratio_per_layer": ratios,
             "router_cosine": router_cosine(model.routers())}
