@@ -69,6 +69,21 @@ def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path
     path = training.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
     (path / "model.safetensors").write_bytes(b"garbage")
     assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
+    assert f"move step_00000005 out of {root}" in run_cli("train", "--resume", str(tmp_path / "run"))
+
+
+def test_resume_refuses_a_checkpoint_or_the_checkpoints_folder_in_place_of_the_run(tmp_path: Path):
+    """Given a step directory (the natural try after a corrupt newest checkpoint), the run went on inside it: its
+    metrics, weights and a nested checkpoints/ written there, the run itself untouched."""
+    root = tmp_path / "run" / "checkpoints"
+    path = training.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for given, what in ((path, "a checkpoint"), (root, "the checkpoints folder")):
+        assert run_cli("train", "--resume", str(given)) == (
+            f"longcat train: {given} is {what} of the run in {tmp_path / 'run'}, not a run directory: resume "
+            f"{tmp_path / 'run'}, which continues from its newest checkpoint (to go back to an earlier one, first "
+            f"move the later ones out of {root})")
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
 
 
 def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path, capsys):

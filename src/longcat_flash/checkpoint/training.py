@@ -256,7 +256,8 @@ def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str
             raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) is missing")
         if file.stat().st_size != entry["bytes"] or (i % count == index and _sha256(file) != entry["sha256"]):
             raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) does not match its "
-                                  f"sha256 in {MANIFEST}; resume from an earlier checkpoint in {path.parent}")
+                                  f"sha256 in {MANIFEST}; to resume from the checkpoint before it, move {path.name} out "
+                                  f"of {path.parent}")
     return manifest
 
 

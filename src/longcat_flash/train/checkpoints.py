@@ -109,9 +109,23 @@ def write_checkpoint(root: Path, step: int, states: dict[str, Any], meta: dict[s
     return training.commit(tmp, step, small, meta)
 
 
+def newest_checkpoint(out: str | Path) -> Path:
+    """The checkpoint a resumed run in directory `out` continues from: its newest. A checkpoint, or a run's
+    checkpoints folder, given in its place is refused: the run would go on inside it (its metrics, weights and
+    later checkpoints written there, the run itself left as it was)."""
+    out = Path(out)
+    if (out / training.MANIFEST).is_file() or training.list_checkpoints(out):
+        inside = out.parent if (out / training.MANIFEST).is_file() else out
+        run = inside.parent if inside.name == CHECKPOINTS else inside
+        raise ValueError(f"{out} is {'a checkpoint' if inside is not out else 'the checkpoints folder'} of the run "
+                         f"in {run}, not a run directory: resume {run}, which continues from its newest checkpoint "
+                         f"(to go back to an earlier one, first move the later ones out of {inside})")
+    return training.resolve(out)
+
+
 def resume_config(out: str | Path) -> TrainConfig:
     """The TrainConfig saved with the newest checkpoint of run directory `out`."""
-    meta = training.read_manifest(training.resolve(out))["meta"]
+    meta = training.read_manifest(newest_checkpoint(out))["meta"]
     return TrainConfig.from_dict(meta["train_config"])
 
 
@@ -119,7 +133,7 @@ def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
     """What resuming run directory `out` with `cfg` does to the LR where the schedule's length changed: the
     schedule is a function of (step, max_steps), so a longer run resumes on the longer schedule's curve (as
     torchtitan does), which can jump. None when the LR continues as it was."""
-    meta = training.read_manifest(training.resolve(out))["meta"]
+    meta = training.read_manifest(newest_checkpoint(out))["meta"]
     saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
     if saved.max_steps == cfg.max_steps:
         return None

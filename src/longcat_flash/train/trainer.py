@@ -39,7 +39,7 @@ from ..model import ModelOutput, Transformer
 from ..tokenizer import Tokenizer
 from . import run_lock
 from .budget import BudgetController
-from .checkpoints import load_checkpoint, save_checkpoint
+from .checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, CheckpointConfig, TrainConfig
 from .datasets import build_datasets, build_tokenizer
 from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
@@ -366,7 +366,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         require_tensorboard()
     set_deterministic(cfg.deterministic, device)
     seed_everything(cfg.seed)
-    checkpoint = training.resolve(out) if resume else None
+    checkpoint = newest_checkpoint(out) if resume else None
     if not resume and training.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
     if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
