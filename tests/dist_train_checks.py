@@ -5,7 +5,8 @@
 REF_RUN is a finished single-process tiny run (12 steps, float32, checkpoints at 6 and 12, the MTP head idle until
 step 3, so that the router monitors' side backward at step 0 meets an FSDP unit that never ran). On N ranks, for
 every (dp, ep) layout of the world (ep = N, N/2, 1), train the same 12 steps from scratch into
-OUT_ROOT/w{N}_ep{ep}; the ep = N/2 run goes through the CLI (`longcat train --ep ...`), the command users type,
+OUT_ROOT/w{N}_ep{ep}; the ep = N/2 run goes through the CLI (`longcat train --ep ...`, at world 4 `--dp 2`, which
+leaves ep to be inferred), the command users type,
 last (the CLI leaves the process group when it is done). At world 2 every run also recomputes each layer in
 backward (activation checkpointing) and chunks the cross-entropy: the losses must not change.
 With RESUME_FROM (a run directory whose newest checkpoint is step 6, written at another world size), also
@@ -61,7 +62,8 @@ def main(ref: Path, out_root: Path, corpus: str, cache: str, resume_from: Path |
             trainer.train(apply_overrides(recipe("tiny"), overrides), out_root / f"w{world}_ep{ep}", progress=False,
                           mesh=lcd.build_mesh(world // ep, ep))
     flags = [item for o in overrides for item in ("--set", o)]  # last: the CLI leaves the process group
-    cli.main(["train", "--preset", "tiny", "--device", "cpu", "--ep", str(world // 2), "--out",
+    layout = ["--dp", "2"] if world == 4 else ["--ep", str(world // 2)]  # --dp alone: ep = world / dp
+    cli.main(["train", "--preset", "tiny", "--device", "cpu", *layout, "--out",
               str(out_root / f"w{world}_ep{world // 2}"), "--no-progress", *flags])
 
 

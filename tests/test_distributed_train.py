@@ -107,6 +107,7 @@ def test_checkpoints_are_sharded_per_rank(runs):
 
 
 def test_distributed_run_writes_the_official_layout(runs):
+    assert not list(runs.glob("w*/.shared-check"))  # the shared-directory check's token is not left behind
     got, ref = LongcatFlash.from_pretrained(runs / "w4_ep2"), LongcatFlash.from_pretrained(runs / "ref")
     assert got.model.layers[0].mlp.experts.gate_up_proj.shape[0] == got.config.n_routed_experts
     for (name, a), b in zip(got.state_dict().items(), ref.state_dict().values()):

@@ -91,6 +91,9 @@ def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path, capsys):
     assert "--out" in run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "file")) and "is a file" in \
         run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "file"))
     assert "--ep and --dp must be at least 1" in run_cli("train", "--preset", "tiny", "--ep", "0")
+    assert "--dp 2 must divide the world size 1" in run_cli("train", "--preset", "tiny", "--dp", "2")
+    assert "--dp 2 --ep 3: dp * ep must equal the world size 1" in run_cli("train", "--preset", "tiny", "--dp", "2",
+                                                                           "--ep", "3")
     assert "longcat sft --model DIR --data FILE" in run_cli("train", "--preset", "sft")  # not a pre-training recipe
     assert "is a directory" in run_cli("data", "tools", "--out", str(tmp_path), "--n", "2")
     assert run_cli("serve", "--model", str(tmp_path), "--port", "99999") == "2"  # a usage error, not another port
@@ -101,6 +104,27 @@ def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path, capsys):
     (tmp_path / "run" / "config.json").write_text("{}")  # a model or a run lives here: init must not overwrite it
     assert "not an empty directory" in run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "run"))
     assert (tmp_path / "run" / "config.json").read_text() == "{}"
+
+
+def test_a_run_directory_on_a_read_only_disk_is_one_line(tmp_path: Path, monkeypatch, capsys):
+    """EROFS is a plain OSError, none of the subclasses the CLI turned into one line: a traceback (root ignores
+    file modes, so the read-only mount is stood in for where the run takes its lock)."""
+    import errno
+    import os
+
+    from longcat_flash.train import run_lock
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).endswith(run_lock.LOCK_FILE):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(run_lock.os, "open", read_only)
+    message = run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "1")
+    assert message.startswith("longcat train: [Errno 30] Read-only file system:") and ".lock" in message
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_one_process_commands_refuse_torchrun(tmp_path: Path, monkeypatch):

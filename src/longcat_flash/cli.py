@@ -123,7 +123,8 @@ _SFT_FLAGS = {"model": "init_from", "data": "sft.data", "val_data": "sft.val_dat
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags `train` and `sft` share: one training loop, one set of controls."""
-    p.add_argument("--out", default=None, help="run directory (default runs/<preset>; with --resume DIR, DIR)")
+    p.add_argument("--out", default=None, help="run directory (default runs/<preset> for train, runs/sft for sft; "
+                                                   "with --resume DIR, DIR)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--save-every", type=int, default=None, help="steps between training checkpoints")
@@ -133,7 +134,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="override a config field, e.g. --set budget.rate=0.01 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print every config field and value, then exit")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics.jsonl is still written)")
-    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks (under torchrun; divides the experts)")
+    p.add_argument("--ep", type=int, default=None, help="expert-parallel ranks (under torchrun; divides the "
+                                                         "experts; default: world / dp, or 1)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel groups of --ep ranks (default: world / ep)")
     p.add_argument("--no-overlap", action="store_true", help="block on each all-to-all instead of hiding it "
                                                              "behind the dense path (for measurements)")
@@ -199,14 +201,11 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(describe(cfg))
         return
-    if args.ep < 1 or (args.dp is not None and args.dp < 1):
+    if any(degree is not None and degree < 1 for degree in (args.ep, args.dp)):
         raise ValueError(f"--ep and --dp must be at least 1, got --ep {args.ep} --dp {args.dp}")
     _new_or_directory(out)
     device = distributed.init(args.device)  # a process group only when launched by torchrun
-    if args.dp is None and distributed.world_size() % args.ep:
-        raise ValueError(f"--ep {args.ep} must divide the world size {distributed.world_size()} (processes started "
-                         "by torchrun)")
-    mesh = distributed.build_mesh(args.dp or distributed.world_size() // args.ep, args.ep, device)
+    mesh = distributed.build_mesh(*_parallel_degrees(args.dp, args.ep, distributed.world_size()), device)
     if saved is not None and (notice := schedule_notice(out, cfg)):
         distributed.print0(notice)
     try:
@@ -363,6 +362,17 @@ def _port(text: str) -> int:
     return port
 
 
+def _parallel_degrees(dp: int | None, ep: int | None, world: int) -> tuple[int, int]:
+    """(dp, ep) over `world` processes: the degree not given is world / the other (ep 1 when neither is), as
+    torchtitan infers its data-parallel degree; build_mesh checks that both given multiply to the world."""
+    if (dp is None) == (ep is None):
+        return (world, 1) if dp is None else (dp, ep)
+    flag, given = ("--ep", ep) if dp is None else ("--dp", dp)
+    if world % given:
+        raise ValueError(f"{flag} {given} must divide the world size {world} (processes started by torchrun)")
+    return (world // ep, ep) if dp is None else (dp, world // dp)
+
+
 def _run_serve(args: argparse.Namespace) -> None:
     from .infer.engine import EngineConfig
     try:
@@ -447,8 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(141)
     except RankZeroFailed:
         sys.exit(1)  # rank 0 prints what failed
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
-            KeyError) as err:
+    except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
         rank = int(os.environ.get("RANK", "0"))
         if rank and isinstance(err, (ValueError, KeyError)):
             sys.exit(1)  # settings and data are the same on every rank: rank 0 prints the one message

@@ -154,7 +154,9 @@ def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
             problem = (f"rank {rank()} (host {socket.gethostname()}) does not see the files rank 0 writes in "
                        f"{path.resolve()}: every rank writes its shards of each checkpoint there, so all nodes need "
                        "it on one shared filesystem")
-    raise_if_any(problem, ValueError)
+    raise_if_any(problem, ValueError)  # a collective: every rank has read the token by now
+    if is_main():
+        (path / flag).unlink(missing_ok=True)
 
 
 def raise_if_any(message: str, error: type[Exception]) -> None:
