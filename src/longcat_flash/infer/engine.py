@@ -332,7 +332,7 @@ class Engine:
         hidden = self._forward(seqs, [[s.tokens[-1], *r.draft.tokens] for s, r in zip(seqs, reqs)])  # (B, k+1, D)
         logits = self.model.lm_head(hidden)  # (B, k+1, V)
         outputs, alive = [], {}
-        for b, (seq, req, finite) in enumerate(zip(seqs, reqs, self._finite_rows(seqs, logits))):
+        for b, (seq, req, finite) in enumerate(zip(seqs, reqs, self._finite_rows(logits))):
             if not finite:
                 outputs.append(self._fail_non_finite(seq))
                 continue
@@ -379,7 +379,7 @@ class Engine:
 
     # ---- outputs ----
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
-        finite = self._finite_rows(seqs, logits)
+        finite = self._finite_rows(logits)
         failed = [self._fail_non_finite(s) for s, ok in zip(seqs, finite) if not ok]
         if failed:
             kept = [b for b, ok in enumerate(finite) if ok]
@@ -395,10 +395,10 @@ class Engine:
         return failed + [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
 
     @staticmethod
-    def _finite_rows(seqs: list[SequenceState], logits: torch.Tensor) -> list[bool]:
+    def _finite_rows(logits: torch.Tensor) -> list[bool]:
         """logits (B, ..., V) -> per row, whether all its logits are free of NaN and +Inf (what argmax and sampling
         cannot use: a NaN row's argmax is token 0, and sampling fails). One reduction, one host transfer."""
-        return logits.amax(-1).isfinite().view(len(seqs), -1).all(-1).tolist()
+        return logits.amax(-1).isfinite().view(logits.shape[0], -1).all(-1).tolist()
 
     def _fail_non_finite(self, seq: SequenceState) -> StepOutput:
         """End a request whose logits are not finite: its activations overflowed the dtype, or a weight is NaN."""
