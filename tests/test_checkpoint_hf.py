@@ -256,3 +256,19 @@ def test_generation_config_eos_ids_end_generation_too(saved):
     (saved / "generation_config.json").write_text("{oops")
     with pytest.raises(ValueError, match="generation_config.json: not valid JSON"):
         checkpoint_config(saved)
+
+
+def test_a_compiled_model_saves_as_the_model_it_wraps_and_dtypes_may_be_named(saved, tmp_path):
+    """save_pretrained(torch.compile(model)) wrote every key as `_orig_mod.…`, which nothing could load; and
+    from_pretrained(dtype="bfloat16") failed inside torch (transformers takes dtype names)."""
+    from longcat_flash.checkpoint import hf
+
+    model, _ = saved
+    hf.save_pretrained(torch.compile(model), tmp_path / "compiled")
+    loaded = LongcatFlash.from_pretrained(tmp_path / "compiled")
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    model.save_pretrained(tmp_path / "bf16", dtype="bfloat16")
+    assert LongcatFlash.from_pretrained(tmp_path / "bf16").lm_head.weight.dtype == torch.bfloat16
+    assert LongcatFlash.from_pretrained(tmp_path / "compiled", dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        LongcatFlash.from_pretrained(tmp_path / "compiled", dtype="bf16")

@@ -121,6 +121,17 @@ def test_router_stays_fp32_in_bf16_model():
     assert out.dtype == torch.bfloat16 and info.probs.dtype == torch.float32
 
 
+def test_router_is_fp32_in_a_model_built_under_a_bf16_default_dtype():
+    """The guard ran only on casts: a model built under torch.set_default_dtype(torch.bfloat16) routed in bf16."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        moe = make_moe()
+    finally:
+        torch.set_default_dtype(default)
+    assert moe.experts.gate_up_proj.dtype == torch.bfloat16
+    assert moe.router.classifier.weight.dtype == moe.router.e_score_correction_bias.dtype == torch.float32
+
 
 def test_router_computes_in_fp32_under_bf16_autocast():
     """Training runs the model under bf16 autocast (on a GPU, on AVX-512 CPUs): the router must still route on

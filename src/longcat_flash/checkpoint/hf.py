@@ -325,13 +325,27 @@ def model_directory(path: str | Path) -> Path:
     return path
 
 
-def from_pretrained(path: str | Path, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A dtype given as torch's or by name ("bfloat16", ...); None or "auto": the caller's default."""
+    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
+        return None if dtype == "auto" else dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
                     cls: type[Transformer] = Transformer) -> Transformer:
     """Build the model from `config.json` on the meta device and load the official-layout safetensors in `path`
     straight onto `device` (no full copy on the CPU first).
 
-    dtype None: the checkpoint's (the one most of its weights are in: checkpoint_dtype); the router is always fp32.
+    dtype None (or "auto"): the checkpoint's (the one most of its weights are in: checkpoint_dtype); a torch dtype
+    or its name otherwise. The router is always fp32.
     """
+    dtype = parse_dtype(dtype)
     path = model_directory(path)
     cfg = checkpoint_config(path)
     with torch.device("meta"):
@@ -405,7 +419,8 @@ def transformers_ignores(cfg: ModelConfig) -> list[str]:
 
 
 def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
-                    zero_expert_stubs: bool = False, writer: bool = True, dtype: torch.dtype | None = None) -> None:
+                    zero_expert_stubs: bool = False, writer: bool = True, dtype: str | torch.dtype | None = None
+                    ) -> None:
     """Write config.json and safetensors, streamed: tensors are gathered (when sharded) and written out one file
     of at most `max_shard_bytes` at a time, so no process ever holds the whole model. Above one file the shards
     are named model-XXXXX-of-YYYYY.safetensors with an index.
@@ -413,9 +428,10 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     Each file is written under a temporary name and renamed at the end, so a crash never leaves a truncated or
     mixed set. writer=False: take part in the gathers of a sharded model but write nothing (every rank but one).
     zero_expert_stubs: see `official_tensors` (needed only for transformers' own loader).
-    dtype: the weights' dtype in the files (default: the model's); the routers stay fp32 whatever it is.
+    dtype: the weights' dtype in the files, a torch dtype or its name (default: the model's); the routers stay
+    fp32 whatever it is. A torch.compile'd model is saved as the model it wraps (its keys carry no `_orig_mod.`).
     """
-    path = Path(path)
+    model, dtype, path = getattr(model, "_orig_mod", model), parse_dtype(dtype), Path(path)
     if writer:
         path.mkdir(parents=True, exist_ok=True)
         if ignored := transformers_ignores(model.config):
@@ -476,10 +492,10 @@ class LongcatFlash(Transformer):
     """The model with official-layout checkpoint I/O: `LongcatFlash.from_pretrained(dir)`, `.save_pretrained`."""
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype | None = None,
+    def from_pretrained(cls, path: str | Path, dtype: str | torch.dtype | None = None,
                         device: str | torch.device = "cpu") -> LongcatFlash:
         return from_pretrained(path, dtype=dtype, device=device, cls=cls)  # type: ignore[return-value]
 
     def save_pretrained(self, path: str | Path, max_shard_bytes: int = 2 * 1024**3,
-                        zero_expert_stubs: bool = False) -> None:
-        save_pretrained(self, path, max_shard_bytes, zero_expert_stubs)
+                        zero_expert_stubs: bool = False, dtype: str | torch.dtype | None = None) -> None:
+        save_pretrained(self, path, max_shard_bytes, zero_expert_stubs, dtype=dtype)

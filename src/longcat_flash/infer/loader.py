@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint.hf import LongcatFlash, checkpoint_config
+from ..checkpoint.hf import LongcatFlash, checkpoint_config, parse_dtype
 from ..config import ModelConfig
 from ..device import fast_bf16, resolve_device, use_device
 from ..model import Transformer
@@ -21,16 +21,6 @@ from .quant import (
     parse_quantize,
     quantize_model,
 )
-
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    if name is None or name == "auto":
-        return None
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {name!r}")
-    return DTYPES[name]
 
 
 def inference_device(spec: str | torch.device) -> torch.device:

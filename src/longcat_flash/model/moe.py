@@ -51,8 +51,9 @@ class Router(KeepsFp32):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.top_k, self.scale, self.renormalize = cfg.moe_topk, cfg.routed_scaling_factor, cfg.norm_topk_prob
-        self.classifier = nn.Linear(cfg.hidden_size, cfg.n_experts_total, bias=cfg.router_bias)
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts_total))
+        dtype = at_least_fp32(torch.get_default_dtype())  # also under set_default_dtype(torch.bfloat16)
+        self.classifier = nn.Linear(cfg.hidden_size, cfg.n_experts_total, bias=cfg.router_bias, dtype=dtype)
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_experts_total, dtype=dtype))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: (T, D) -> probs (T, E+Z) fp32, ids (T, K), weights (T, K) fp32 (fp64 in an fp64 model). Autocast is
