@@ -39,12 +39,17 @@ def base(tmp_path_factory) -> tuple[Path, list[str]]:
     [f"model.rope_scaling={{'rope_type': 'yarn', 'factor': 4, 'original_max_position_embeddings': {S}}}"],
     ["model.rope_theta=500000"],
 ], ids=["yarn", "rope-theta"])
-def test_extension_run_writes_the_rope_fields_into_config_json(base, rope, tmp_path):
+def test_extension_run_writes_the_rope_fields_into_config_json(base, rope, tmp_path, capsys):
     directory, data = base
     out = tmp_path / "extended"
     main(["train", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--no-progress",
           *sets(*data, f"init_from={directory}", f"model.max_position_embeddings={LONG}", *rope,
                 f"data.seq_len={LONG}", "data.batch_size=2")])
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("starting"))
+    assert f"; from {directory}, changing model." in header  # what the run changes from the checkpoint's model
+    assert f"model.max_position_embeddings={LONG} (checkpoint: {S})" in header
+    assert ("model.rope_scaling=RopeScaling(rope_type='yarn'" if "yarn" in rope[0] else
+            "model.rope_theta=500000.0 (checkpoint: 10000.0)") in header
     cfg, before = ModelConfig.from_json(out), ModelConfig.from_json(directory)
     written = json.loads((out / "config.json").read_text())
     assert written["max_position_embeddings"] == cfg.max_position_embeddings == LONG

@@ -2,7 +2,9 @@
 reproduces the uninterrupted run's losses bit for bit."""
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from train_support import make_corpus, tiny_overrides
 
 from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
+from longcat_flash.train.config import ScalingConfig, ScheduleConfig, recipe
 from longcat_flash.train.metrics import read_metrics
 
 
@@ -240,3 +243,17 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     out = capsys.readouterr().out
     assert "max_steps 2 -> 3 reshapes the cosine LR schedule" in out and "done: 3 steps" in out
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda cfg: dataclasses.replace(cfg, dtype="bf16"), "dtype must be 'auto' or 'float32' or 'bfloat16', got 'bf16'"),
+    (lambda cfg: dataclasses.replace(cfg, max_steps=10.5), "max_steps must be int, got 10.5"),
+    (lambda cfg: ScheduleConfig(kind="linear"), "schedule.kind must be 'cosine' or 'wsd' or 'constant'"),
+    (lambda cfg: ScalingConfig(variance_alignment="true"), "scaling.variance_alignment must be 'preset' or 'on'"),
+    (lambda cfg: dataclasses.replace(cfg, optim={"lr": 1e-3}), "optim must be OptimConfig"),
+])
+def test_a_config_built_in_python_is_checked_as_set_is(build, message):
+    """Built by hand or with dataclasses.replace, a config skipped the type checks of --set: dtype="bf16" trained
+    in fp32 under a header saying bf16, and saved a config that --resume then refused; kind="linear" ran cosine."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build(recipe("tiny"))

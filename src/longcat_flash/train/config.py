@@ -36,6 +36,23 @@ def _check(ok: bool, section: str, name: str, value: Any, allowed: str) -> None:
         raise ValueError(f"{key} must be {allowed}, got {value!r}")
 
 
+def _check_types(obj: Any) -> None:
+    """Every field of a config section holds its annotated type (a Literal field one of its values), however the
+    section was built: by --set or from_dict (which coerce first), by hand or with dataclasses.replace (which did
+    not, so `dtype="bf16"` trained in fp32 and saved a config no resume could read)."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        hint, value = hints[f.name], getattr(obj, f.name)
+        key = f.name if obj.section == TrainConfig.section else f"{obj.section}.{f.name}"
+        if dataclasses.is_dataclass(hint):
+            _check(isinstance(value, hint), obj.section, f.name, value, hint.__name__)
+            continue
+        coerced = _coerce(value, hint, key)
+        widened = type(coerced) is float and type(value) is int  # an int where a float goes is that float
+        if coerced != value or (type(coerced) is not type(value) and not widened):
+            raise ValueError(f"{key} must be {_type_name(hint)}, got {value!r}")
+
+
 def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
@@ -56,6 +73,7 @@ class OptimConfig:
     grad_clip: float = 1.0  # max global grad norm; 0 disables clipping (the norm is still logged)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "lr", "eps")
         _positive(self, "weight_decay", "grad_clip", allow_zero=True)
         _check(len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), self.section, "betas", self.betas,
@@ -73,6 +91,7 @@ class ScheduleConfig:
     decay_fraction: float = 0.2  # wsd: the last fraction of max_steps decays linearly to min_lr_ratio
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "warmup_steps", allow_zero=True)
         _check(0 <= self.min_lr_ratio <= 1, self.section, "min_lr_ratio", self.min_lr_ratio, "in [0, 1]")
         _check(0 < self.decay_fraction <= 1, self.section, "decay_fraction", self.decay_fraction, "in (0, 1]")
@@ -96,6 +115,7 @@ class BudgetConfig:
     min_rate_ratio: float = 0.1  # ... but never below min_rate_ratio * rate
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "rate", "decay_every", "decay_factor", "integral_limit")
         _positive(self, "kp", "ki", "kd", allow_zero=True)
         _check(self.decay_factor <= 1, self.section, "decay_factor", self.decay_factor, "in (0, 1]")
@@ -123,6 +143,7 @@ class LossConfig:
     # at once (recomputed in backward); 0 = the whole micro-batch in one piece
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "balance_alpha", "z_weight", "mtp_weight", "mtp_start_step", "monitor_every",
                   "logits_chunk", allow_zero=True)
         _positive(self, "balance_groups")
@@ -149,6 +170,7 @@ class DataConfig:
     cache_dir: str | None = None  # token shards; None = $XDG_CACHE_HOME/longcat-flash (~/.cache/longcat-flash)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "seq_len", "batch_size", "grad_accum", "val_batches", "tokenizer_sample_bytes")
         if self.max_bytes is not None:
             _positive(self, "max_bytes")
@@ -174,6 +196,7 @@ class ScalingConfig:
     variance_alignment: Literal["preset", "on", "off"] = "preset"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         if self.proxy_width is not None:
             _positive(self, "proxy_width")
         if self.init_std is not None:
@@ -189,6 +212,7 @@ class CheckpointConfig:
     export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "save_every", "keep")
 
 
@@ -205,13 +229,16 @@ class SFTConfig:
     ignore_columns: tuple[str, ...] = ()  # row fields that are not part of a conversation (e.g. id,source): skipped
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _check(self.val_data is None or self.data is not None, self.section, "val_data", self.val_data,
                "unset unless sft.data is set")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """A whole run. Build one with `recipe(preset)`, then `apply_overrides(cfg, ["a.b=value", ...])`."""
+    """A whole run. Build one with `recipe(preset)`, then `apply_overrides(cfg, ["a.b=value", ...])`; or, as the
+    CLI does, with `build_config(preset, overrides)`, which starts the model from init_from's config.json (a recipe's
+    model given init_from keeps the recipe's non-shape fields: the run's header names what differs)."""
 
     section: ClassVar[str] = "train"
     preset: str = "small"  # where `model` came from (informational)
@@ -241,6 +268,7 @@ class TrainConfig:
     sft: SFTConfig = field(default_factory=SFTConfig)
 
     def __post_init__(self) -> None:
+        _check_types(self)
         _positive(self, "max_steps", "max_consecutive_skips")
         _positive(self, "seed", "eval_every", "sample_tokens", "sample_temperature", allow_zero=True)
         m = self.model

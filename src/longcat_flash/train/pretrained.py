@@ -29,12 +29,22 @@ def weight_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+TOKENIZER_FIELDS = ("vocab_size", "bos_token_id", "eos_token_id", "pad_token_id")  # the run's tokenizer sets them
+
+
+def model_changes(directory: str | Path, cfg: ModelConfig, skip: tuple[str, ...] = ()) -> list[str]:
+    """The fields in which `cfg` differs from the config.json in `directory`, as `model.name=run's (checkpoint:
+    its)`: what a run from init_from changes, on purpose (context extension) or not (a config built from a recipe
+    rather than with train.config.build_config, which starts from the checkpoint's)."""
+    saved = hf.checkpoint_config(Path(directory))
+    return [f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
+            for f in dataclasses.fields(saved) if f.name not in skip and getattr(cfg, f.name) != getattr(saved, f.name)]
+
+
 def check_same_shapes(directory: str | Path, cfg: ModelConfig) -> None:
     """`cfg` (the checkpoint's config.json with the run's model.* overrides) must keep every weight shape: an
     override may change rope_theta or max_position_embeddings, not a layer count or a width."""
-    saved = hf.checkpoint_config(Path(directory))
-    changed = [f"model.{f.name}={getattr(cfg, f.name)!r} (checkpoint: {getattr(saved, f.name)!r})"
-               for f in dataclasses.fields(saved) if getattr(cfg, f.name) != getattr(saved, f.name)]
+    saved, changed = hf.checkpoint_config(Path(directory)), model_changes(directory, cfg)
     theirs, ours = weight_shapes(saved), weight_shapes(cfg)
     if theirs != ours:
         differ = sorted(k for k in theirs.keys() | ours.keys() if theirs.get(k) != ours.get(k))

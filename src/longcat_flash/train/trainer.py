@@ -47,7 +47,7 @@ from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
 from .optim import aligned_model_config, build_optimizer, init_parameters, lr_factor, set_lr
-from .pretrained import check_same_shapes, load_pretrained
+from .pretrained import TOKENIZER_FIELDS, check_same_shapes, load_pretrained, model_changes
 from .sample import generate
 
 
@@ -284,9 +284,15 @@ def _header(run: Run) -> str:
             f"{cfg.ffn_expert_target:g}); {tokens} tokens/step, {cfg.max_steps} steps, "
             f"{split_text} tokens in the training split; "
             f"{cfg.dtype} compute on {run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
-            + (f"; from {cfg.init_from}" if cfg.init_from else "")
+            + (f"; from {cfg.init_from}" + _init_changes(cfg) if cfg.init_from and not run.state.step else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
                       if isinstance(data, (ConversationDataset, CopyMix))))
+
+
+def _init_changes(cfg: TrainConfig) -> str:
+    """What the run's model changes from init_from's config.json (the tokenizer's ids and vocabulary aside)."""
+    changes = model_changes(cfg.init_from, cfg.model, skip=TOKENIZER_FIELDS)
+    return f", changing {', '.join(changes)}" if changes else ""
 
 
 def _timed_step(run: Run) -> dict[str, Any]:
