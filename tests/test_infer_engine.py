@@ -317,3 +317,18 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(k):
     assert end.error.startswith("the model's logits are NaN or Inf after 0 generated tokens (its activations "
                                 "overflowed float32")
     assert engine.cache.used_pages == 0 and not engine.requests
+    with pytest.raises(ValueError, match="prompt 1: the model's logits are NaN or Inf"):  # it returned [] for it
+        engine.generate([healthy, sick], sampled)
+    assert engine.cache.used_pages == 0 and not engine.requests
+
+
+def test_generate_takes_more_prompts_than_the_queue_and_runs_alone(model, reference):
+    """generate() raised QueueFull past max_waiting prompts (vLLM's takes any number), and a request queued
+    before it with add_request made it fail with a bare KeyError, that request's tokens lost."""
+    ps, expected = reference
+    engine = Engine(model, EngineConfig(**{**SMALL, "max_waiting": 2}))
+    assert engine.generate(ps, GREEDY) == expected
+    rid = engine.add_request(ps[0], GREEDY)
+    with pytest.raises(ValueError, match="engine holds 1 requests added with add_request"):
+        engine.generate(ps[:1], GREEDY)
+    assert list(engine.requests) == [rid]

@@ -468,17 +468,25 @@ class Engine:
     # ---- convenience ----
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[list[int]]:
-        """Run prompts to completion (all admitted together, continuously batched); generated ids per prompt."""
+        """Run prompts to completion, continuously batched; generated ids per prompt. Any number of prompts: they
+        join the queue as it has room (max_waiting). The engine must hold no other request (add_request's are
+        driven by step()). A request that fails (non-finite logits: StepOutput.error) raises ValueError."""
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
+        if self.requests:
+            raise ValueError(f"generate() runs its prompts alone, but the engine holds {len(self.requests)} requests "
+                             "added with add_request: drive them with step(), or cancel them first")
         ids: list[int] = []
+        out: dict[int, list[int]] = {}
         try:
-            for prompt, sp in zip(prompts, params):
-                ids.append(self.add_request(prompt, sp))
-            out: dict[int, list[int]] = {rid: [] for rid in ids}
-            while self.has_work():
+            while len(ids) < len(prompts) or self.has_work():
+                while len(ids) < len(prompts) and len(self.scheduler.waiting) < self.config.max_waiting:
+                    ids.append(self.add_request(prompts[len(ids)], params[len(ids)]))
+                    out[ids[-1]] = []
                 for o in self.step():
+                    if o.error is not None:
+                        raise ValueError(f"prompt {ids.index(o.request_id)}: {o.error}")
                     out[o.request_id] += o.new_tokens
         except BaseException:  # a refused prompt or a failed step: leave no request behind to fail the next call
             for rid in ids:
