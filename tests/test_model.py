@@ -174,3 +174,18 @@ def test_the_forward_runs_on_the_meta_device():
         model = Transformer(tiny())
         out = model(torch.zeros(2, 16, dtype=torch.long), with_mtp=True)
     assert out.logits.shape == (2, 16, 256) and out.logits.is_meta and out.mtp_logits.shape == (2, 15, 256)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda m, ids: m(ids, torch.arange(4)), r"positions must have input_ids' shape \(4, 4\)"),
+    (lambda m, ids: m(ids.float()), "input_ids must be integer token ids"),
+    (lambda m, ids: m(ids[0]), r"of shape \(batch, tokens\).*shape \(4,\)"),
+    (lambda m, ids: m(ids[:0]), "both at least 1"),
+    (lambda m, ids: m(ids[:, :1], with_mtp=True), "with_mtp needs at least 2 tokens"),
+])
+def test_inputs_of_the_wrong_shape_are_refused_by_name(call, message):
+    """positions=torch.arange(S) broadcast one position per row: silently wrong logits when B == S; float or 1-D
+    ids and an empty batch failed deep inside attention."""
+    model = randomized()
+    with pytest.raises(ValueError, match=message):
+        call(model, torch.randint(0, 200, (4, 4)))

@@ -85,7 +85,8 @@ class Transformer(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor | None = None,
                 cache: LatentCache | None = None, *, compute_logits: bool = True,
                 with_mtp: bool = False, documents: torch.Tensor | None = None) -> ModelOutput:
-        """input_ids: (B, S). positions default to 0..S-1; pass them (and a cache) for incremental decoding.
+        """input_ids: (B, S) integer ids. positions: (B, S), default 0..S-1 in every row; pass them (and a cache)
+        for incremental decoding.
 
         with_mtp: also run the MTP head over the sequence (training): position t reads token t+1 and h_t.
         compute_logits=False skips the lm_head (for the trunk and the MTP head): the caller applies it itself,
@@ -94,6 +95,7 @@ class Transformer(nn.Module):
         stays inside a document (trunk and MTP head) and positions restart at 0 in each, so every document is
         computed as if alone (SFT packing). None: one causal sequence per row, the plain path.
         """
+        _check_inputs(input_ids, positions, documents, with_mtp)
         B, S = input_ids.shape
         mask = None
         if documents is not None:
@@ -155,3 +157,18 @@ class Transformer(nn.Module):
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _check_inputs(input_ids: torch.Tensor, positions: torch.Tensor | None, documents: torch.Tensor | None,
+                  with_mtp: bool) -> None:
+    """Shapes only (no device sync): a 1-D `positions` broadcast one position per row, silently wrong when B == S,
+    and float ids or an empty batch failed deep inside attention."""
+    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.numel() == 0:
+        raise ValueError(f"input_ids must be integer token ids of shape (batch, tokens), both at least 1, got "
+                         f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
+    for name, t in (("positions", positions), ("documents", documents)):
+        if t is not None and t.shape != input_ids.shape:
+            raise ValueError(f"{name} must have input_ids' shape {tuple(input_ids.shape)} (one per token), got "
+                             f"{tuple(t.shape)}")
+    if with_mtp and input_ids.shape[1] < 2:
+        raise ValueError("with_mtp needs at least 2 tokens per row (the MTP head reads token t+1)")
