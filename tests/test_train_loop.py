@@ -226,3 +226,14 @@ def test_a_run_directory_another_live_process_trains_in_is_refused(corpus, tmp_p
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
     assert len(read_metrics(out)) == 1
+
+
+def test_train_leaves_the_callers_generators_and_deterministic_flags_as_it_found_them(corpus, tmp_path):
+    """train() from a user's script reseeded the global generator and left use_deterministic_algorithms on."""
+    torch.manual_seed(1234)
+    torch.use_deterministic_algorithms(False)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    train(tiny_config(*corpus, "max_steps=1", "deterministic=true"), tmp_path / "run", progress=False)
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert torch.equal(torch.rand(3), expected)

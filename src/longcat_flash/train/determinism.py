@@ -51,6 +51,22 @@ def no_deterministic_kernel_named() -> Iterator[None]:
                                     "longer bitwise reproducible)") from None
 
 
+@contextmanager
+def global_state_restored() -> Iterator[None]:
+    """Run a block that seeds the global generators and sets the deterministic flags (a training run), then put
+    both back as they were: `train()` called from a user's script leaves that script's generators and flags as it
+    found them (HF's Trainer too sets full determinism only when asked)."""
+    rng = RNGState().state_dict()
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    try:
+        yield
+    finally:
+        RNGState().load_state_dict(rng)
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2:]
+
+
 class RNGState:
     """Checkpoint adapter for the global Python, NumPy and torch generators, and the generator of this process's
     own GPU when it runs on one (never the other GPUs': that would create a CUDA context on each of them)."""

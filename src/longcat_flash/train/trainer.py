@@ -42,7 +42,8 @@ from .budget import BudgetController
 from .checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, CheckpointConfig, TrainConfig
 from .datasets import build_datasets, build_tokenizer
-from .determinism import RNGState, no_deterministic_kernel_named, seed_everything, set_deterministic
+from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
+                          set_deterministic)
 from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
@@ -243,11 +244,18 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 
     Under torchrun, `mesh` is the (dp, ep) layout (distributed.build_mesh): FSDP2 shards the model over the world
     and the experts over ep, every rank takes its slice of the global batch, and only rank 0 writes the small
-    files; `overlap` is the ScMoE overlap switch.
+    files; `overlap` is the ScMoE overlap switch. The global generators and deterministic flags the run sets are
+    put back as they were when it returns.
     """
+    with global_state_restored():
+        return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
+                      device=torch.device(device))
+
+
+def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: DeviceMesh | None, overlap: bool,
+           device: torch.device) -> dict[str, Any]:
     main = distributed.is_main()
-    run = setup(cfg, Path(out), resume=resume, progress=progress and main, mesh=mesh, overlap=overlap,
-                device=torch.device(device))
+    run = setup(cfg, out, resume=resume, progress=progress and main, mesh=mesh, overlap=overlap, device=device)
     cfg, state = run.cfg, run.state
     if state.step > cfg.max_steps:
         raise ValueError(f"{out}'s checkpoint is at step {state.step}, past max_steps={cfg.max_steps}: resume with "
