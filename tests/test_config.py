@@ -101,3 +101,15 @@ def test_presets_are_valid_and_unknown_names_fail():
         assert get_preset(name).num_layers > 0
     with pytest.raises(ValueError, match="unknown preset"):
         get_preset("huge")
+
+
+def test_a_config_built_in_python_takes_the_json_forms_of_eos_ids_and_rope_scaling():
+    """ModelConfig(eos_token_id=[2, 3]) was refused as not "a list of them", and rope_scaling given as a dict
+    (as config.json holds it) failed later with an AttributeError."""
+    from longcat_flash.config import RopeScaling
+
+    assert tiny().replace(eos_token_id=[2, 3]).eos_token_ids == (2, 3)
+    yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+    assert tiny().replace(rope_scaling=yarn).rope_scaling == RopeScaling(**yarn)
+    with pytest.raises(ValueError, match="ModelConfig.rope_scaling: .*'type'; its fields: \\['rope_type'"):
+        tiny().replace(rope_scaling={"type": "yarn"})

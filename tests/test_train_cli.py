@@ -16,7 +16,7 @@ from train_support import make_corpus, tiny_overrides
 
 from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
-from longcat_flash.train.config import ScalingConfig, ScheduleConfig, recipe
+from longcat_flash.train.config import ScalingConfig, ScheduleConfig, apply_overrides, recipe
 from longcat_flash.train.metrics import read_metrics
 
 
@@ -251,6 +251,7 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     (lambda cfg: ScheduleConfig(kind="linear"), "schedule.kind must be 'cosine' or 'wsd' or 'constant'"),
     (lambda cfg: ScalingConfig(variance_alignment="true"), "scaling.variance_alignment must be 'preset' or 'on'"),
     (lambda cfg: dataclasses.replace(cfg, optim={"lr": 1e-3}), "optim must be OptimConfig"),
+    (lambda cfg: apply_overrides(cfg, "optim.lr=1e-3"), "takes a list of 'key=value' strings, got the string"),
 ])
 def test_a_config_built_in_python_is_checked_as_set_is(build, message):
     """Built by hand or with dataclasses.replace, a config skipped the type checks of --set: dtype="bf16" trained

@@ -165,6 +165,14 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, list):  # transformers' spelling of several, as in config.json
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.rope_scaling, dict):  # RopeScaling's fields as a dict (`RopeScaling.to_dict`'s form)
+            try:
+                object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+            except TypeError as err:
+                raise ValueError(f"ModelConfig.rope_scaling: {err}; its fields: "
+                                 f"{[f.name for f in dataclasses.fields(RopeScaling)]}") from None
         positive = ("vocab_size", "hidden_size", "num_layers", "num_attention_heads", "q_lora_rank", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "ffn_hidden_size",
                     "expert_ffn_hidden_size", "n_routed_experts", "moe_topk", "max_position_embeddings")

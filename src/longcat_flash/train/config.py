@@ -331,6 +331,9 @@ def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig
     Each config object is rebuilt once with all of its assignments, so fields that are checked against each
     other (data.batch_size and data.grad_accum, model.num_nextn_predict_layers and loss.mtp_weight) can be set
     in any order."""
+    if isinstance(assignments, str):  # its characters would be read as assignments
+        raise ValueError(f"apply_overrides takes a list of 'key=value' strings, got the string {assignments!r}: pass "
+                         "[it]")
     items = []
     for item in assignments:
         key, sep, raw = item.partition("=")
