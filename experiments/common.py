@@ -7,7 +7,9 @@ Each experiment is `python experiments/<name>.py [--quick] [--out DIR] [--work D
   --out    where <name>.json and <name>.png go (default docs/experiments, the committed reference results, which a
            run with non-default flags may not overwrite: it needs --out; runs/experiments-quick with --quick)
   --work   run directories, tokenizer and token cache (default runs/experiments/<name>; reused between runs: the
-           tokenizer is keyed by the corpus's fingerprint, so an edited or different corpus gets its own)
+           tokenizer is keyed by the corpus's fingerprint, so an edited or different corpus gets its own). Each
+           variant's run directory WORK/<label> is replaced on every run, so a --work given must be new, empty, or
+           one the experiments used before
 Every argument is checked before any tokenizer or training work: a bad one stops the script with one line.
 Every variant is a list of `--set`-style overrides on one base recipe, so a reader sees exactly what differs.
 """
@@ -50,6 +52,8 @@ QUICK = ["model.vocab_size=512", "model.hidden_size=64", "model.ffn_hidden_size=
          "data.batch_size=4", "data.val_batches=2", "data.max_bytes=1500000", "eval_every=5",
          "schedule.warmup_steps=2"]
 
+
+WORK_MARKER = ".longcat-experiments"  # in a --work directory the experiments own (claim_work_directory)
 
 # --quick's own step and seed counts, for the experiments whose only such flags are --steps and --seeds
 QUICK_RUNS = {"steps": 8, "seeds": 1}
@@ -135,9 +139,12 @@ def parse(name: str, doc: str, add_arguments: Any = None, quick: dict[str, Any] 
         data = data_directory(setup)  # fingerprints the corpus: a missing or empty one stops here
         if check is not None:
             check(args, setup)
+        if args.work is not None:
+            claim_work_directory(work)
         for flag, path in (("--out", out), ("--work", work)):  # last: this creates them
             if (problem := directory_problem(path)) is not None:
                 raise ValueError(f"{flag} {path}: {problem}")
+        (work / WORK_MARKER).touch()
         print(f"[{name}] results go to {out}", flush=True)
         setup.base = prepare_data(setup, data)
     except (ValueError, FileNotFoundError) as err:
@@ -171,6 +178,15 @@ def _refuse_reference_overwrite(parser: argparse.ArgumentParser, args: argparse.
     if changed:
         parser.error(f"{_flags(changed)} {'differs' if len(changed) == 1 else 'differ'} from the reference run "
                      f"whose results {out} holds; give --out DIR to write this run's elsewhere")
+
+
+def claim_work_directory(work: Path) -> None:
+    """An experiment replaces its run directories in --work (WORK/base, WORK/yarn, ...): a directory given there
+    must be new, empty, or one the experiments have used before (it holds WORK_MARKER), so that no one's own
+    `runs/base` is deleted."""
+    if work.is_dir() and any(work.iterdir()) and not (work / WORK_MARKER).is_file():
+        raise ValueError(f"--work {work} already holds files no experiment wrote, and an experiment replaces its "
+                         f"run directories there ({work}/base, ...): give a new or empty directory")
 
 
 def directory_problem(path: Path) -> str | None:

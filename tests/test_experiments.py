@@ -67,6 +67,18 @@ def test_a_bad_argument_is_one_line_before_any_work(name: str, args: list[str], 
     assert not (work / "_data").exists()  # stopped before the tokenizer
 
 
+def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
+    """An experiment replaces WORK/<label> (base, yarn, ...): `--work runs` deleted a user's own runs/base."""
+    work = tmp_path / "runs"
+    (work / "base").mkdir(parents=True)
+    (work / "base" / "NOTES.txt").write_text("mine")
+    proc = _experiment(str(EXPERIMENTS / "zero_experts.py"), "--quick", "--out", str(tmp_path / "out"), "--work",
+                       str(work))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"--work {work} already holds files no experiment wrote" in proc.stderr.splitlines()[-1]
+    assert (work / "base" / "NOTES.txt").read_text() == "mine"
+
+
 def test_a_changed_setting_does_not_overwrite_the_committed_results(tmp_path: Path):
     """Without --out (and without --quick) the results would go to docs/experiments: a run that is not the reference
     run is refused there, before it trains."""
