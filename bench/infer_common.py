@@ -1,6 +1,7 @@
 """Shared pieces of the inference benchmarks: the bench checkpoint, its transformers twin, timing, rooflines."""
 from __future__ import annotations
 
+import hashlib
 import math
 import statistics
 import time
@@ -33,11 +34,14 @@ def bench_checkpoint(model: str | None, preset: str = "bench") -> Path:
 
 
 def transformers_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' LongcatFlashForCausalLM with exactly our weights, saved once per transformers version (up to
-    5.24 its loader wants zero-expert stubs, from 5.25 refuses them)."""
+    """transformers' LongcatFlashForCausalLM with exactly our weights: a copy saved for its loader (up to 5.24 it
+    wants zero-expert stubs, from 5.25 refuses them) in DEFAULT_DIR, once per transformers version and per state of
+    the checkpoint's files (a copy keyed by the path alone went stale when the checkpoint was rewritten)."""
     import transformers
 
-    stub = path.parent / f"{path.name}-transformers-{transformers.__version__}"
+    files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
+    state = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
+    stub = DEFAULT_DIR / "transformers" / f"{path.name}-{state.hexdigest()[:16]}-{transformers.__version__}"
     if not (stub / "config.json").is_file():
         LongcatFlash.from_pretrained(path).save_pretrained(stub, zero_expert_stubs=True)
     return transformers.AutoModelForCausalLM.from_pretrained(stub, dtype=dtype).eval()
