@@ -2,15 +2,18 @@
 
 Prompts are lines of held-out text (this repository's sources, not in the stdlib training corpus). For each draft
 length k, greedy and sampled: the acceptance rate (accepted / proposed drafts), the mean accepted length (tokens per
-verification forward) and decode tok/s against k = 0 at batch 1; greedy outputs are checked token for token against
-plain greedy. Prints a table and one JSON line.
+verification forward) and decode tok/s against k = 0 at batch 1, the median of --repeats rounds that each run every
+k in turn after a warm-up round (so machine noise hits both sides alike); greedy outputs are checked token for token
+against plain greedy. Prints a table and one JSON line.
 
-    python bench/bench_mtp.py --model RUN_DIR [--drafts 1 2 3] [--prompts 8] [--new-tokens 48] [--quantize int4]
+    python bench/bench_mtp.py --model RUN_DIR [--drafts 1 2 3] [--prompts 8] [--new-tokens 48] [--repeats 3]
+                              [--quantize int4]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -47,14 +50,32 @@ def run(model: torch.nn.Module, k: int, ps: list[list[int]], params: SamplingPar
                      "mean_accepted_length": d.mean_accepted_length}
 
 
+def measure(model: torch.nn.Module, ks: list[int], ps: list[list[int]], params: SamplingParams, repeats: int
+            ) -> dict[int, tuple[list, dict]]:
+    """Each k's outputs and figures, its tok/s the median of `repeats` interleaved rounds after a warm-up one."""
+    results = {k: run(model, k, ps, params) for k in ks}  # the warm-up round; outputs and draft figures repeat
+    speeds: dict[int, list[float]] = {k: [] for k in ks}
+    for _ in range(repeats):
+        for k in ks:
+            speeds[k].append(run(model, k, ps, params)[1]["tok_s"])
+    return {k: (out, {**figures, "tok_s": statistics.median(speeds[k])}) for k, (out, figures) in results.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
     parser.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--prompts", type=int, default=8)
     parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--quantize", default=None, choices=[None, "int8", "fp8", "int4", "int4-mixed"])
+    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per k (after one warm-up round)")
+    parser.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4", "int4-mixed"],
+                        help="weight format (default: the checkpoint's)")
     args = parser.parse_args()
+    for flag, value in (("--prompts", args.prompts), ("--new-tokens", args.new_tokens), ("--repeats", args.repeats)):
+        if value < 1:
+            parser.error(f"{flag} must be at least 1, got {value}")
+    if any(k < 1 for k in args.drafts):
+        parser.error(f"--drafts are draft lengths, each at least 1 (k = 0 is the baseline, always run): {args.drafts}")
     args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
@@ -63,11 +84,13 @@ def main() -> None:
     modes = {"greedy": SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True),
              "T=0.8 top-p 0.95": SamplingParams(max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95,
                                                seed=0, ignore_eos=True)}
-    rows, result = [], {"prompts": len(ps), "new_tokens": args.new_tokens, "quantize": args.quantize}
+    rows, result = [], {"prompts": len(ps), "new_tokens": args.new_tokens, "quantize": args.quantize,
+                        "repeats": args.repeats}
     for mode, params in modes.items():
-        plain, base = run(model, 0, ps, params)
+        measured = measure(model, [0, *args.drafts], ps, params, args.repeats)
+        plain, base = measured[0]
         for k in args.drafts:
-            outputs, figures = run(model, k, ps, params)
+            outputs, figures = measured[k]
             same = outputs == plain if params.greedy else None
             rows.append((mode, str(k), f"{figures['acceptance_rate']:.3f}", f"{figures['mean_accepted_length']:.2f}",
                          f"{figures['tok_s']:.1f} / {base['tok_s']:.1f}", f"{figures['tok_s'] / base['tok_s']:.2f}x",
