@@ -35,6 +35,17 @@ def base(tmp_path_factory) -> tuple[Path, list[str]]:
     return root / "base", data
 
 
+def test_a_yarn_factor_that_does_not_give_the_context_is_pointed_out(base, tmp_path, capsys):
+    """Raising max_position_embeddings on a YaRN run left factor 4 over 64 positions: it trained at 1024 while
+    interpolating for 256, silently (transformers warns of the mismatch when it loads such a config)."""
+    directory, data = base
+    yarn = f"model.rope_scaling={{'rope_type': 'yarn', 'factor': 4, 'original_max_position_embeddings': {S}}}"
+    main(["train", "--preset", "tiny", "--out", str(tmp_path / "stale"), "--max-steps", "1", "--no-progress",
+          *sets(*data, f"init_from={directory}", f"model.max_position_embeddings={2 * LONG}", yarn)])
+    assert (f"note: model.rope_scaling.factor=4 interpolates for 4 x {S} positions, but max_position_embeddings="
+            f"{2 * LONG} is {2 * LONG // S} x") in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("rope", [
     [f"model.rope_scaling={{'rope_type': 'yarn', 'factor': 4, 'original_max_position_embeddings': {S}}}"],
     ["model.rope_theta=500000"],
@@ -50,6 +61,7 @@ def test_extension_run_writes_the_rope_fields_into_config_json(base, rope, tmp_p
     assert f"model.max_position_embeddings={LONG} (checkpoint: {S})" in header
     assert ("model.rope_scaling=RopeScaling(rope_type='yarn'" if "yarn" in rope[0] else
             "model.rope_theta=500000.0 (checkpoint: 10000.0)") in header
+    assert "note: model.rope_scaling.factor" not in capsys.readouterr().out  # factor 4 x 64 is the 256 trained at
     cfg, before = ModelConfig.from_json(out), ModelConfig.from_json(directory)
     written = json.loads((out / "config.json").read_text())
     assert written["max_position_embeddings"] == cfg.max_position_embeddings == LONG

@@ -33,6 +33,7 @@ from .. import distributed
 from ..checkpoint import hf, training
 from ..data import IGNORE, CopyMix, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
 from ..data.conversation_packing import ConversationDataset
+from ..config import ModelConfig
 from ..device import autocast as device_autocast
 from ..device import compute_dtype
 from ..model import ModelOutput, Transformer
@@ -294,7 +295,22 @@ def _header(run: Run) -> str:
             f"{cfg.dtype} compute on {run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
             + (f"; from {cfg.init_from}" + _init_changes(cfg) if cfg.init_from and not run.state.step else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
-                      if isinstance(data, (ConversationDataset, CopyMix))))
+                      if isinstance(data, (ConversationDataset, CopyMix)))
+            + _yarn_note(m))
+
+
+def _yarn_note(m: ModelConfig) -> str:
+    """YaRN interpolates for factor x original positions: a factor that does not give max_position_embeddings is
+    most often a stale one (the context raised, the factor left), which transformers warns of on loading too."""
+    rope = m.rope_scaling
+    if rope.rope_type != "yarn" or rope.original_max_position_embeddings is None:
+        return ""
+    implied = m.max_position_embeddings / rope.original_max_position_embeddings
+    if math.isclose(rope.factor, implied):
+        return ""
+    return (f"\nnote: model.rope_scaling.factor={rope.factor:g} interpolates for {rope.factor:g} x "
+            f"{rope.original_max_position_embeddings} positions, but max_position_embeddings="
+            f"{m.max_position_embeddings} is {implied:g} x (a factor left from an earlier context?)")
 
 
 def _init_changes(cfg: TrainConfig) -> str:
