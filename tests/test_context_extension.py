@@ -56,12 +56,13 @@ def test_extension_run_writes_the_rope_fields_into_config_json(base, rope, tmp_p
     main(["train", "--preset", "tiny", "--out", str(out), "--max-steps", "2", "--no-progress",
           *sets(*data, f"init_from={directory}", f"model.max_position_embeddings={LONG}", *rope,
                 f"data.seq_len={LONG}", "data.batch_size=2")])
-    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("starting"))
+    printed = capsys.readouterr().out
+    header = next(line for line in printed.splitlines() if line.startswith("starting"))
     assert f"; from {directory}, changing model." in header  # what the run changes from the checkpoint's model
     assert f"model.max_position_embeddings={LONG} (checkpoint: {S})" in header
     assert ("model.rope_scaling=RopeScaling(rope_type='yarn'" if "yarn" in rope[0] else
             "model.rope_theta=500000.0 (checkpoint: 10000.0)") in header
-    assert "note: model.rope_scaling.factor" not in capsys.readouterr().out  # factor 4 x 64 is the 256 trained at
+    assert "note: model.rope_scaling.factor" not in printed  # factor 4 x 64 is the 256 it trains at
     cfg, before = ModelConfig.from_json(out), ModelConfig.from_json(directory)
     written = json.loads((out / "config.json").read_text())
     assert written["max_position_embeddings"] == cfg.max_position_embeddings == LONG
