@@ -159,6 +159,8 @@ def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: P
     assert "a resumed run keeps its model" in message and "model.num_layers" in message
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "data.seq_len=32")
     assert "data.seq_len=32 differs from the run's" in message  # was the sampler's "num_sequences=... but ..."
+    message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", f"init_from={tmp_path}")
+    assert "a resumed run continues from its own checkpoint: init_from=" in message  # was recorded, not read
     assert "--set preset=... would only rename the run" in run_cli("train", "--preset", "tiny", "--set",
                                                                    "preset=small")
 

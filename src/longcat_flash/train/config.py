@@ -503,6 +503,9 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
         if changed:
             raise ValueError(f"a resumed run keeps its model, but the overrides change {', '.join(changed)} "
                              "(use `longcat grow` to change its depth, or start a run with init_from)")
+        if _resolved(cfg.init_from) != _resolved(saved.init_from):  # the run goes on from its own checkpoint
+            raise ValueError(f"a resumed run continues from its own checkpoint: init_from={cfg.init_from!r} would "
+                             f"be recorded but not read (start a new run with init_from to begin from another model)")
         if cfg.data.seq_len != saved.data.seq_len:  # the sampler's position counts windows of seq_len + 1 tokens
             raise ValueError(f"a resumed run keeps its data windows: data.seq_len={cfg.data.seq_len} differs from the "
                              f"run's {saved.data.seq_len} (start a run with init_from to train at another length)")
@@ -520,6 +523,10 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
                 cfg.data, seq_len=min(windows, cfg.model.max_position_embeddings)))
         return cfg
     return apply_overrides(base, overrides)
+
+
+def _resolved(path: str | None) -> Path | None:
+    return None if path is None else Path(path).resolve()
 
 
 def _last_value(assignments: Sequence[str], key: str) -> str | None:
