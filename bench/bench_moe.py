@@ -36,11 +36,14 @@ def median_ms(*fns, repeats: int) -> list[float]:
 
 
 def transformers_moe(ours: MoE, cfg, dtype: torch.dtype) -> torch.nn.Module:
-    """transformers' LongcatFlashMoE holding exactly our weights."""
-    from transformers import LongcatFlashConfig
+    """transformers' LongcatFlashMoE holding exactly our weights, on the experts path a loaded model takes (a
+    standalone module's config names none, and it fell back to the per-expert Python loop)."""
+    from transformers import LongcatFlashConfig, LongcatFlashForCausalLM
     from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashMoE
 
     hf_cfg = LongcatFlashConfig(**{k: v for k, v in cfg.to_dict().items() if k in LongcatFlashConfig.__annotations__})
+    with torch.device("meta"):  # the model's __init__ picks the experts implementation, as from_pretrained does
+        hf_cfg = LongcatFlashForCausalLM(hf_cfg).config
     theirs = LongcatFlashMoE(hf_cfg)
     with torch.no_grad():
         theirs.router.classifier.weight.copy_(ours.router.classifier.weight)
