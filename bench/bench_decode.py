@@ -36,6 +36,7 @@ from infer_common import (
     transformers_model,
 )
 
+from longcat_flash.config import ModelConfig
 from longcat_flash.device import compute_dtype
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
@@ -72,11 +73,22 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="both sides' weights and activations (auto: bf16 where the CPU has bf16 GEMMs, else fp32)")
     args = parser.parse_args()
+    for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--new-tokens", args.new_tokens, 2),
+                               ("--prefill", args.prefill, 1), ("--streams", args.streams, 1),
+                               ("--repeats", args.repeats, 1), ("--threads", args.threads, 1),
+                               ("--speculative", args.speculative, 0)):
+        if value < least:  # decode rates are over the tokens after the first: at least 2 new tokens
+            parser.error(f"{flag} must be at least {least}, got {value}")
     dtype = compute_dtype(args.dtype, torch.device("cpu"))
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     path = bench_checkpoint(args.model)
+    context = ModelConfig.from_json(path).max_position_embeddings
+    for flag, tokens in (("--prefill", args.prefill),
+                         ("--prompt-len + --new-tokens", args.prompt_len + args.new_tokens)):
+        if tokens > context:
+            parser.error(f"{flag} = {tokens} tokens is past the model's context ({context})")
     hf = transformers_model(path, getattr(torch, dtype))
     vocab = hf.config.vocab_size
     prompt = torch.randint(3, vocab, (args.prompt_len,)).tolist()

@@ -85,6 +85,9 @@ def main() -> None:
         parser.error("needs --window >= 2, --tokens >= --window (whole windows are scored), --keep-top >= 0 and "
                      "--keep-fraction in (0, 1]")
     args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
+    context = ModelConfig.from_json(args.model).max_position_embeddings
+    if args.window > context:  # scored past the context, then a traceback in the decode-path section
+        parser.error(f"--window {args.window} is past the model's context ({context}): give --window {context}")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     calibration = held_out(tokenizer, 2048, skip=args.tokens)  # disjoint from the scored tokens
