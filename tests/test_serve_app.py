@@ -204,6 +204,9 @@ def test_null_means_the_default_and_unknown_fields_are_refused(client):
     for field, value in [("min_tokens", 3), ("guided_json", {"type": "object"}), ("reasoning_effort", "low")]:
         status, body = _chat(client, **{field: value})
         assert status == 400 and body["error"]["param"] == field and "not supported" in body["error"]["message"]
+    for field, value in [("user", 5), ("metadata", {"run": 7}), ("metadata", {f"k{i}": "v" for i in range(17)})]:
+        status, body = _chat(client, **{field: value})  # client metadata changes nothing, but was taken unchecked
+        assert status == 400 and body["error"]["param"].startswith(field), body
 
 
 def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carry_nothing(client):

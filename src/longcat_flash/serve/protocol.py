@@ -10,7 +10,7 @@ import json
 import re
 import time
 import uuid
-from typing import Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
 
@@ -29,7 +29,6 @@ MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
 MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a response schema)
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
-METADATA_FIELDS = ("user", "metadata")  # what clients send about themselves; dropped, as it changes no output
 # On a message: a participant's name (agent frameworks send it), an assistant's refusal and citations (OpenAI's
 # replies carry them, and clients send replies back), the reasoning other backends' replies carry (vLLM's reasoning
 # parsers), the openai SDK's client-side `parsed` value (its `parse()` and `stream()` helpers add it to a reply):
@@ -81,12 +80,14 @@ class StreamOptions(_Part):
 
 
 class _Sampling(_Part):
-    """Fields shared by completions and chat completions. The client metadata in METADATA_FIELDS is dropped;
-    `null` stands for a field's default, as in the OpenAI API."""
-
-    dropped = METADATA_FIELDS
+    """Fields shared by completions and chat completions; `null` stands for a field's default, as in the OpenAI
+    API. `user` and `metadata`, what clients say about themselves, change no output: checked as OpenAI's API
+    checks them (a string; at most 16 string pairs), then unused."""
 
     model: str = Field(min_length=1, max_length=256)
+    user: str | None = Field(None, max_length=256)
+    metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
+        None, max_length=16)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, le=1_000_000)  # extension (vLLM, SGLang); 0 or vLLM's -1 = off
