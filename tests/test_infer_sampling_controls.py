@@ -131,6 +131,9 @@ def test_a_failed_request_leaves_the_engine_usable_and_prompts_are_checked(model
     assert engine.generate([[1, 2]], greedy()) == Engine(model, EngineConfig(**SMALL)).generate([[1, 2]], greedy())
     with pytest.raises(ValueError, match="EngineConfig.page_size"):
         EngineConfig(page_size=0)
+    with pytest.raises(ValueError, match=r"token_budget=8 cannot fit max_running=4 decoding rows of 3 tokens each "
+                                         r"\(1 \+ speculative\): give at least 12"):
+        EngineConfig(max_running=4, token_budget=8, speculative=2)  # refused here, not when an Engine is built
 
 
 def test_a_step_that_fails_leaves_no_request_behind(model, monkeypatch):

@@ -59,6 +59,7 @@ class EngineConfig:
         if self.speculative > MAX_SPECULATIVE:
             raise ValueError(f"speculative must be at most {MAX_SPECULATIVE} MTP drafts per step, got "
                              f"{self.speculative} (each further draft is accepted less often; 1 to 3 is usual)")
+        self.scheduler_config()  # its checks too, here rather than when an Engine is built
 
     def scheduler_config(self) -> SchedulerConfig:
         # A decoding row writes its k drafts' trunk slots and then chains k more MTP slots: 2k positions ahead.
@@ -137,8 +138,9 @@ class Engine:
             raise ValueError(f"cache_tokens={self.config.cache_tokens} cannot hold a sequence of 2 tokens"
                              + (f" with {k} drafts" if k else ""))
         if self.max_context < cfg.max_position_embeddings:  # else a sequence could outgrow the pool and never run
-            log.warning("the KV cache (%d tokens) holds less than the model's context (%d): sequences are limited to "
-                        "%d tokens", self.config.cache_tokens, cfg.max_position_embeddings, self.max_context)
+            log.warning("the KV cache (%d tokens, in whole pages of %d) holds less than the model's context (%d): "
+                        "sequences are limited to %d tokens", self.config.cache_tokens, cache_cfg.page_size,
+                        cfg.max_position_embeddings, self.max_context)
         self.vocab_size, self.eos_ids = cfg.vocab_size, tuple(dict.fromkeys((*cfg.eos_token_ids, *eos_ids)))
         if any(not 0 <= token < self.vocab_size for token in self.eos_ids):
             raise ValueError(f"eos ids must be in [0, {self.vocab_size}), got {list(self.eos_ids)}")

@@ -75,8 +75,9 @@ class SchedulerConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"SchedulerConfig.{name} must be >= 1, got {getattr(self, name)}")
         if self.token_budget < self.max_running * self.decode_tokens:
-            raise ValueError(f"SchedulerConfig.token_budget={self.token_budget} cannot fit max_running="
-                             f"{self.max_running} decoders of {self.decode_tokens} tokens")
+            raise ValueError(f"token_budget={self.token_budget} cannot fit max_running={self.max_running} decoding "
+                             f"rows of {self.decode_tokens} tokens each (1 + speculative): give at least "
+                             f"{self.max_running * self.decode_tokens}")
 
 
 @dataclass
