@@ -132,10 +132,11 @@ def resume_config(out: str | Path) -> TrainConfig:
 def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
     """What resuming run directory `out` with `cfg` does to the LR where the schedule's length changed: the
     schedule is a function of (step, max_steps), so a longer run resumes on the longer schedule's curve (as
-    torchtitan does), which can jump. None when the LR continues as it was."""
+    torchtitan does), which can jump. None when the LR continues as it was, or when the run cannot continue
+    (its checkpoint past max_steps: the trainer refuses it)."""
     meta = training.read_manifest(newest_checkpoint(out))["meta"]
     saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
-    if saved.max_steps == cfg.max_steps:
+    if saved.max_steps == cfg.max_steps or step > cfg.max_steps:
         return None
     before = lr_factor(saved.schedule, step - 1, saved.max_steps) * saved.optim.lr
     after = lr_factor(cfg.schedule, step, cfg.max_steps) * cfg.optim.lr
