@@ -130,6 +130,13 @@ def test_a_run_directory_on_a_read_only_disk_is_one_line(tmp_path: Path, monkeyp
     assert "Traceback" not in capsys.readouterr().err
 
 
+def test_a_device_error_under_torchrun_names_its_rank(monkeypatch, capsys):
+    """Every rank prints a device error (devices are a node's own), and the lines said nothing of which rank."""
+    monkeypatch.setenv("RANK", "3")
+    assert run_cli("train", "--preset", "tiny", "--device", "meta") == "2"
+    assert capsys.readouterr().err.startswith("longcat train (rank 3): --device meta: not a device")
+
+
 def test_one_process_commands_refuse_torchrun(tmp_path: Path, monkeypatch):
     """`torchrun ... longcat grow` had every rank grow into the same --out; one failed, the launcher exited 1."""
     monkeypatch.setenv("WORLD_SIZE", "2")

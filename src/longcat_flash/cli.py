@@ -446,8 +446,9 @@ def main(argv: list[str] | None = None) -> None:
             raise ValueError(f"runs in one process; start it without torchrun (only {' and '.join(MULTI_PROCESS)} "
                              "run under torchrun)")
         args.run(args)
-    except DeviceError as err:  # a usage error, like a bad flag: status 2
-        print(f"longcat {args.command}: {err}", file=sys.stderr)
+    except DeviceError as err:  # a usage error, like a bad flag: status 2; each rank's own (its node's devices)
+        rank = int(os.environ.get("RANK", "0"))
+        print(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly with the shell's status for SIGINT
         print(file=sys.stderr)
