@@ -258,6 +258,7 @@ def test_generation_config_eos_ids_end_generation_too(saved):
         checkpoint_config(saved)
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")  # dynamo's import
 def test_a_compiled_model_saves_as_the_model_it_wraps_and_dtypes_may_be_named(saved, tmp_path):
     """save_pretrained(torch.compile(model)) wrote every key as `_orig_mod.…`, which nothing could load; and
     from_pretrained(dtype="bfloat16") failed inside torch (transformers takes dtype names)."""
