@@ -251,3 +251,26 @@ def test_bounds_the_constraint_library_gets_wrong_are_400s(served, schema):
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 4,
                                                   "response_format": response_format})
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format.json_schema.schema", r.text
+
+
+@pytest.mark.parametrize("choice, prefill", [
+    ("required", ""),
+    ({"type": "function", "function": {"name": "search"}}, None),
+    ("auto", TOOL_CALL_OPEN),
+])
+def test_a_call_may_be_padded_inside_its_tags_as_a_template_writes_it(served, choice, prefill):
+    """A template writing `<longcat_tool_call>\\n{...}\\n</longcat_tool_call>` trains that layout, but a forced or
+    strict call allowed only `<tag>{"name": ...}</tag>`: the model's likeliest token (the newline) was masked and the
+    call degenerated."""
+    from longcat_flash.tokenizer import TOOL_CALL_CLOSE
+
+    _, tokenizer = served
+    body = p.ChatCompletionRequest(model="tiny", messages=ASK, tools=tools("search", strict=True), tool_choice=choice)
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size)
+    matcher = compiler.compile(lark(compiler, body, plan_tools(body))).matcher()
+    arguments = '{"query": "x", "limit": 2}}\n'
+    text = arguments if prefill is None else prefill + '\n{"name": "search", "arguments": ' + arguments
+    for token in tokenizer.encode(text, allow_special=True) + tokenizer.encode(TOOL_CALL_CLOSE, allow_special=True):
+        matcher.advance(token)
+        assert matcher.error is None, text
+    assert matcher.done == (prefill is None)  # a named call is one call; else (parallel) more calls may follow

@@ -28,6 +28,7 @@ from .tools import ToolPlan
 
 # Free text that never spells the opening tag (the tag itself is a token of its own in trained vocabularies).
 TEXT = f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{TOOL_CALL_OPEN}(.|\\n)*/"
+WS = "WS: /[ \\t\\r\\n]{1,8}/"  # JSON's whitespace, bounded: an untrained model would write it for ever
 ANY_OBJECT = {"type": "object"}
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
 
@@ -72,11 +73,12 @@ def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) ->
     if isinstance(choice, p.NamedToolChoice):
         tools = {choice.function.name: tools[choice.function.name]}
     bodies = " | ".join(_call_body(name, fn, forced) for name, fn in tools.items())
-    rules = f"call: {open_} call_body {close}\ncall_body: {bodies}\n"
+    # JSON whitespace may pad a call inside its tags, as a template that writes `<tag>\n{...}\n</tag>` trained it
+    rules = f"call: {open_} WS? call_body WS? {close}\ncall_body: {bodies}\n{WS}\n"
     if isinstance(choice, p.NamedToolChoice):  # the prefill ends right before the arguments; one call (OpenAI, vLLM)
-        return f'start: {json_part(arguments_schema(next(iter(tools.values()))))} "}}" {close}\n'
+        return f'start: {json_part(arguments_schema(next(iter(tools.values()))))} "}}" WS? {close}\n{WS}\n'
     if choice == "required":  # the prefill is the opening tag
-        return f"start: call_body {close} {'call*' if plan.parallel else ''}\n{rules}"
+        return f"start: WS? call_body WS? {close} {'call*' if plan.parallel else ''}\n{rules}"
     if schema is not None:
         return f"start: {json_part(schema)} | {'call+' if plan.parallel else 'call'}\n{rules}"
     return f"start: TEXT {'call*' if plan.parallel else 'call?'}\n{TEXT}\n{rules}"
