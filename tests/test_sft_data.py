@@ -19,7 +19,7 @@ from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer
 
 CHATML = ("{% if tools %}<|im_start|>tools\n{{ tools | tojson }}\n{% endif %}"
           "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] or '' }}"
-          "{% for c in m['tool_calls'] or [] %}<tool>{{ c['function']['name'] }}</tool>{% endfor %}"
+          "{% for c in m['tool_calls'] or [] %}<longcat_tool_call>{{ c['function']['name'] }}</longcat_tool_call>{% endfor %}"
           "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}\n{% endfor %}"
           "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
 
@@ -61,7 +61,7 @@ def test_loss_mask_covers_exactly_the_assistant_tokens(tokenizer, template):
 
 @pytest.mark.parametrize("drop, field", [
     ("{% if tools %}<|im_start|>tools\n{{ tools | tojson }}\n{% endif %}", "tools"),
-    ("{% for c in m['tool_calls'] or [] %}<tool>{{ c['function']['name'] }}</tool>{% endfor %}",
+    ("{% for c in m['tool_calls'] or [] %}<longcat_tool_call>{{ c['function']['name'] }}</longcat_tool_call>{% endfor %}",
      "messages[1].tool_calls[0]"),
     ("{{ eos_token }}", "messages[1]"),
 ])
@@ -647,3 +647,23 @@ def test_eos_written_inside_a_message_is_no_end_of_turn(tokenizer):
     row = {"messages": [{"role": "user", "content": "strike it"}, {"role": "assistant", "content": "<s>old</s> new"}]}
     with pytest.raises(ConversationError, match=r"x: messages\[1\]: the chat template ends the assistant turn"):
         tokenize(chatml, parse_row(row, "x"))
+
+
+def test_named_templates_and_call_formats_are_held_to_what_the_server_parses(tokenizer):
+    """A `default` template beside a `tool_use` one (as Hermes models ship them) failed on a call when rendered
+    without tools, an error with no row; and a template writing `<tool_call>` blocks trained calls `longcat serve`
+    cannot parse, silently."""
+    plain = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\\n{% endif %}")  # no tools, no calls: fails on None
+    weather = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+    call = {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}
+    row = {"tools": [weather], "messages": [
+        {"role": "user", "content": "Oslo?"}, {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"}, {"role": "assistant", "content": "Sunny."}]}
+    named = Tokenizer(tokenizer.backend, chat_template=plain, tool_chat_template=CHATML)
+    ids, trained = tokenize(named, parse_row(row, "row"))
+    assert tokenizer.decode(ids[trained], skip_special_tokens=False).startswith("<longcat_tool_call>get_weather")
+    hermes = Tokenizer(tokenizer.backend, chat_template=CHATML.replace("longcat_tool_call", "tool_call"))
+    with pytest.raises(ConversationError, match=re.escape("row: tool_calls: the chat template writes tool calls in "
+                                                          "another format than <longcat_tool_call>")):
+        tokenize(hermes, parse_row(row, "row"))

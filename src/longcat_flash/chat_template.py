@@ -13,7 +13,10 @@ from jinja2.exceptions import TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["TemplateError", "check_template", "compile_template", "render_with_arguments"]
+__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "TemplateError", "check_template", "compile_template",
+           "render_with_arguments", "writes_tool_calls_with"]
+
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"  # LongCat's call block (chat_format.md)
 
 
 class _GenerationBlock(Extension):
@@ -91,3 +94,22 @@ def _as_object(call: dict[str, Any]) -> dict[str, Any]:
     except json.JSONDecodeError:
         return call  # not JSON: the template writes what it was given
     return {**call, "function": {**call["function"], "arguments": value}}
+
+
+def writes_tool_calls_with(tokenizer: Any, tag: str) -> bool:
+    """Whether the tokenizer's chat template writes an assistant's tool call inside `tag` (LongCat's opening tag:
+    the only format `longcat serve` parses), found by rendering one call; once per template."""
+    templates = tokenizer.chat_template, tokenizer.tool_chat_template, tag
+    if templates not in _CALL_FORMAT:
+        call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": "{}"}}
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {
+                "role": "assistant", "content": None, "tool_calls": [call]}], add_generation_prompt=False,
+                tools=[{"type": "function", "function": {"name": "probe"}}])
+        except ValueError:
+            text = ""
+        _CALL_FORMAT[templates] = tag in text
+    return _CALL_FORMAT[templates]
+
+
+_CALL_FORMAT: dict[tuple[str | None, str | None, str], bool] = {}  # (templates, tag) -> whether they write it

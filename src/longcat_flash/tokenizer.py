@@ -29,10 +29,10 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat_template import TemplateError, check_template, compile_template, render_with_arguments
+from .chat_template import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TemplateError, check_template, compile_template,
+                            render_with_arguments)
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
 # Trained tokenizers hold the tool-call tags as single tokens, right after the special tokens. They are added
 # tokens but not *special* ones, so `decode(skip_special_tokens=True)` keeps them and the server can parse calls.
 TOOL_CALL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)

@@ -9,6 +9,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from ..chat_template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, writes_tool_calls_with
 from .conversations import Conversation, ConversationError
 
 
@@ -40,7 +41,7 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
         full = tokenizer.render_chat(messages, add_generation_prompt=False, tools=tools)
     except ValueError as err:
         raise ConversationError(f"{conversation.where}: {err}") from None
-    if tools and full.text == tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=None):
+    if tools and full.text == _rendered_without_tools(tokenizer, messages):
         raise ConversationError(f"{conversation.where}: tools: the chat template does not render tools (the "
                                 "conversation reads the same without them), so the model would learn calls to tools "
                                 "it was never shown")
@@ -64,7 +65,20 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
         cuts += [len(prompt), len(turn)]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
+    if any(m.get("tool_calls") for m in messages) and not writes_tool_calls_with(tokenizer, TOOL_CALL_OPEN):
+        raise ConversationError(f"{conversation.where}: tool_calls: the chat template writes tool calls in another "
+                                f"format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only one `longcat serve` "
+                                "parses: the model would learn calls the server returns as text")
     return full, cuts, trained + [False]
+
+
+def _rendered_without_tools(tokenizer: ChatTokenizer, messages: Sequence[dict[str, Any]]) -> str | None:
+    """The conversation rendered with no tools, or None when the template cannot render it so (a named `default`
+    template beside a `tool_use` one, failing on a call: it reads the tools)."""
+    try:
+        return tokenizer.apply_chat_template(messages, add_generation_prompt=False, tools=None)
+    except ValueError:
+        return None
 
 
 def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str,

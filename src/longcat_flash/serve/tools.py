@@ -14,6 +14,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..chat_template import writes_tool_calls_with
 from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 from . import protocol as p
 from .text import partial_tag
@@ -273,7 +274,7 @@ def template_drops(tokenizer: Tokenizer, history: list[dict[str, Any]], tools: l
     full = tokenizer.apply_chat_template(history, tools=tools)
     if tools and same_without(history, None):
         return "tools", "does not render tools (the prompt is the same without them), so the model would never see them"
-    if tools and not _writes_longcat_calls(tokenizer):
+    if tools and not writes_tool_calls_with(tokenizer, TOOL_CALL_OPEN):
         return "tools", (f"writes tool calls in another format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only "
                          "one this server parses into tool_calls")
     calls = [i for i, m in enumerate(history) if m.get("tool_calls")]
@@ -287,19 +288,3 @@ def template_drops(tokenizer: Tokenizer, history: list[dict[str, Any]], tools: l
     return None
 
 
-def _writes_longcat_calls(tokenizer: Tokenizer) -> bool:
-    """Whether the template writes an assistant's tool call as a LongCat block (once per template)."""
-    templates = tokenizer.chat_template, tokenizer.tool_chat_template
-    if templates not in _CALL_FORMAT:
-        call = {"id": "call_0", "type": "function", "function": {"name": "probe", "arguments": "{}"}}
-        try:
-            text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}, {
-                "role": "assistant", "content": None, "tool_calls": [call]}], add_generation_prompt=False,
-                tools=[{"type": "function", "function": {"name": "probe"}}])
-        except ValueError:
-            text = ""
-        _CALL_FORMAT[templates] = TOOL_CALL_OPEN in text
-    return _CALL_FORMAT[templates]
-
-
-_CALL_FORMAT: dict[tuple[str, str | None], bool] = {}  # chat templates -> whether they write LongCat call blocks
