@@ -6,9 +6,9 @@ the largest input amplitude and the --keep-top with the largest block error stay
 and int4-mixed (the --keep-fraction of units with the largest measured int4 output error at int8). Mixed choices
 use a separate calibration text. Full forwards over each window take the prefill path (the dequantized weights; an
 int4 weight of 4M values or more, the kernel with int8 activations: infer/kernels.py); the "decode path" rows
-score the same windows through the engine 8 tokens at a time, so every product runs the decode kernels (int4's
-with int8 activations), against the checkpoint dtype through the same path. Held-out text: this repository's own
-Python sources, which are not in the stdlib training corpus. Prints a table and one JSON line.
+score the same windows through the engine 16 tokens at a time (MAX_KERNEL_ROWS), so every product runs the decode
+kernels (int4's with int8 activations), against the checkpoint dtype through the same path. Held-out text: this
+repository's own Python sources, which are not in the stdlib training corpus. Prints a table and one JSON line.
 
     python bench/bench_quant.py --model RUN_DIR [--tokens 8192] [--window 512] [--keep-top 2] [--keep-fraction 0.1]
 """
@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from infer_common import bench_checkpoint, table
 
+from longcat_flash.checkpoint.hf import stored_dtype
 from longcat_flash.config import ModelConfig
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.kernels import MAX_KERNEL_ROWS
@@ -118,6 +119,11 @@ def main() -> None:
         rows.append((name, f"{ppl:.3f}", f"{(ppl / decode_base - 1) * 100:+.2f}%", "", "", ""))
         result[name] = {"ppl": round(ppl, 4), "ppl_change_pct": round((ppl / decode_base - 1) * 100, 3)}
     print(table(rows, ("weights", "perplexity", "change", "MB", "saved", "kept units")))
+    stored, computed = stored_dtype(args.model), load_for_inference(args.model)[0].lm_head.weight.dtype
+    result["checkpoint dtype"]["dtype"] = str(computed).removeprefix("torch.")
+    if computed != stored:  # "saved" is against the weights as computed, which the auto dtype upcast
+        print(f"checkpoint dtype: its {str(stored).removeprefix('torch.')} weights, loaded (--dtype auto) and "
+              f"measured as {result['checkpoint dtype']['dtype']}")
     print(json.dumps(result))
 
 
