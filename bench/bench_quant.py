@@ -102,7 +102,9 @@ def main() -> None:
     base_ppl = base_bytes = None
     for name, (fmt, top) in configs.items():
         mixed = {"keep_fraction": args.keep_fraction} if fmt == "int4-mixed" else {}
-        model, report = load_for_inference(args.model, quantize=fmt, calibration=calibration, keep_top=top, **mixed)
+        reads = top or fmt == "int4-mixed"  # the formats that pick units by their error on calibration ids
+        model, report = load_for_inference(args.model, quantize=fmt, calibration=calibration if reads else None,
+                                           keep_top=top, **mixed)
         ppl, nbytes = perplexity(model, ids, args.window), weight_bytes(model)
         base_ppl, base_bytes = base_ppl or ppl, base_bytes or nbytes
         kept = report.kept if report else []

@@ -457,6 +457,9 @@ def tiny_checkpoint(tmp_path_factory):
 
 @pytest.mark.parametrize("options, message", [
     ({"quantize": "int4-mixed", "keep_top": 2}, "keep_top applies to int8 / fp8 / int4, not to int4-mixed"),
+    ({"keep_top": 2}, "keep_top keeps units of a quantized model in its dtype: give quantize"),
+    ({"quantize": "int8", "calibration": torch.ones(1, 8, dtype=torch.long)}, "calibration ids pick the units"),
+    ({"calibration": torch.ones(1, 8, dtype=torch.long)}, "calibration ids pick the units"),  # read by nothing
     ({"quantize": "int8", "keep_fraction": 0.3}, "keep_fraction applies to int4-mixed only"),
     ({"quantize": "int4-mixed", "keep_fraction": 0.0}, r"keep_fraction must be in \(0, 1\]"),
     ({"quantize": "int8", "keep_top": 1, "calibration": torch.arange(10)}, "integer token ids of shape"),

@@ -60,13 +60,17 @@ def _check_keep_options(quantize: str | None, keep_top: int, keep_fraction: floa
     if not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1] (the share of units kept at int8; plain int4 keeps "
                          f"none), got {keep_fraction!r}")
-    if keep_top and (quantize is None or mixed):
-        raise ValueError(f"keep_top applies to int8 / fp8 / int4, not to {quantize}: int4-mixed keeps units by "
-                         "keep_fraction")
+    if keep_top and quantize is None:
+        raise ValueError("keep_top keeps units of a quantized model in its dtype: give quantize (int8 / fp8 / int4)")
+    if keep_top and mixed:
+        raise ValueError(f"keep_top applies to int8 / fp8 / int4, not to {quantize}: it keeps units by keep_fraction")
     if keep_fraction != KEEP_SENSITIVE and not mixed:
         raise ValueError(f"keep_fraction applies to int4-mixed only, not to {quantize}")
     if keep_top and calibration is None:
         raise ValueError("keep_top picks units by their error on calibration ids: pass calibration too")
+    if calibration is not None and not (keep_top or mixed):  # else it would be read by nothing
+        raise ValueError("calibration ids pick the units kept at higher precision: they apply with keep_top > 0 "
+                         "(int8 / fp8 / int4) or with int4-mixed")
 
 
 def _check_calibration(ids: torch.Tensor, cfg: ModelConfig) -> None:
