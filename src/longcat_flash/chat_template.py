@@ -16,7 +16,8 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 __all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "TemplateError", "check_template", "compile_template",
            "render_with_arguments", "writes_tool_calls_with"]
 
-TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"  # LongCat's call block (chat_format.md)
+# LongCat's tool-call block (docs/chat_format.md), the only call format the server parses
+TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
 
 
 class _GenerationBlock(Extension):
