@@ -261,6 +261,9 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a",
                                                        "reasoning_content": "..."}]},
      "messages[1].reasoning_content: unsupported field"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a",
+                                                       "annotations": [{"type": "url_citation"}]}]},
+     "messages[1].annotations: unsupported field"),  # one that carries something is still refused
     ({"messages": [{"role": "user", "content": "hi"}]}, "messages: no assistant message"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]},
@@ -667,3 +670,12 @@ def test_named_templates_and_call_formats_are_held_to_what_the_server_parses(tok
     with pytest.raises(ConversationError, match=re.escape("row: tool_calls: the chat template writes tool calls in "
                                                           "another format than <longcat_tool_call>")):
         tokenize(hermes, parse_row(row, "row"))
+
+
+def test_an_sdk_reply_logged_with_its_empty_fields_reads_as_the_plain_message():
+    """The openai SDK's `model_dump()` of a reply carries `refusal: None`, `annotations: []`, `audio: None`: sft
+    refused such logged conversations, which the server takes (fields that carry nothing are not unknown)."""
+    plain = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}]}
+    dumped = {"messages": [plain["messages"][0], {**plain["messages"][1], "refusal": None, "annotations": [],
+                                                  "audio": None, "function_call": None}]}
+    assert parse_row(dumped, "x").messages == parse_row(plain, "x").messages

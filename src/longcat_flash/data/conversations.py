@@ -440,7 +440,10 @@ def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str,
     role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
     if role not in ROLES:
         raise _fail(where, f"{name}.role", f"{role!r} is not one of {'/'.join((*ROLES, *ROLE_ALIASES))}")
-    _known(message, MESSAGE_FIELDS[role], where, f"{name}.", f"a {role} message has")
+    # a field that carries nothing (an SDK reply's `model_dump()`: refusal None, annotations []) is not unknown
+    empty = [key for key, value in message.items() if key not in MESSAGE_FIELDS[role] and value in (None, [], {})]
+    _known({k: v for k, v in message.items() if k not in empty}, MESSAGE_FIELDS[role], where, f"{name}.",
+           f"a {role} message has")
     if role == "system" and index != 0:
         raise _fail(where, f"{name}.role", "a system message must come first")
     if role == "assistant" and index == 0:
