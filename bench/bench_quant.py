@@ -99,7 +99,7 @@ def main() -> None:
                args.keep_top), "fp8": ("fp8", 0), f"fp8 mixed (top {args.keep_top})": ("fp8", args.keep_top),
                "int4": ("int4", 0), f"int4-mixed ({args.keep_fraction:.0%} at int8)": ("int4-mixed", 0)}
     rows, result = [], {"tokens": len(ids), "window": args.window}
-    base_ppl = base_bytes = None
+    base_ppl = base_bytes = computed = None
     for name, (fmt, top) in configs.items():
         mixed = {"keep_fraction": args.keep_fraction} if fmt == "int4-mixed" else {}
         reads = top or fmt == "int4-mixed"  # the formats that pick units by their error on calibration ids
@@ -107,6 +107,7 @@ def main() -> None:
                                            keep_top=top, **mixed)
         ppl, nbytes = perplexity(model, ids, args.window), weight_bytes(model)
         base_ppl, base_bytes = base_ppl or ppl, base_bytes or nbytes
+        computed = computed or model.lm_head.weight.dtype  # the unquantized model's, loaded first
         kept = report.kept if report else []
         rows.append((name, f"{ppl:.3f}", f"{(ppl / base_ppl - 1) * 100:+.2f}%", f"{nbytes / 1e6:.1f}",
                      f"{(1 - nbytes / base_bytes) * 100:.1f}%", str(len(kept))))
@@ -121,7 +122,7 @@ def main() -> None:
         rows.append((name, f"{ppl:.3f}", f"{(ppl / decode_base - 1) * 100:+.2f}%", "", "", ""))
         result[name] = {"ppl": round(ppl, 4), "ppl_change_pct": round((ppl / decode_base - 1) * 100, 3)}
     print(table(rows, ("weights", "perplexity", "change", "MB", "saved", "kept units")))
-    stored, computed = stored_dtype(args.model), load_for_inference(args.model)[0].lm_head.weight.dtype
+    stored = stored_dtype(args.model)
     result["checkpoint dtype"]["dtype"] = str(computed).removeprefix("torch.")
     if computed != stored:  # "saved" is against the weights as computed, which the auto dtype upcast
         print(f"checkpoint dtype: its {str(stored).removeprefix('torch.')} weights, loaded (--dtype auto) and "
