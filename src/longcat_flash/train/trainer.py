@@ -293,7 +293,7 @@ def _header(run: Run) -> str:
             f"{cfg.ffn_expert_target:g}); {tokens} tokens/step, {cfg.max_steps} steps, "
             f"{split_text} tokens in the training split; "
             f"{cfg.dtype} compute on {run.device}" + (f", FSDP over {run.mesh.size()} ranks (ep {run.mesh['ep'].size()})" if run.mesh else "")
-            + (f"; from {cfg.init_from}" + _init_changes(cfg) if cfg.init_from and not run.state.step else "")
+            + (f"; from {cfg.init_from}" + ("" if run.state.step else _init_changes(cfg)) if cfg.init_from else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
                       if isinstance(data, (ConversationDataset, CopyMix)))
             + _yarn_note(m))
