@@ -638,7 +638,20 @@ def test_a_template_that_closes_every_render_with_eos_finds_its_turns(tokenizer)
                 {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
     ids, trained = tokenize(phi, parse_row({"messages": messages}, "x"), ends=["<s>", "</s>"])
     spans = tokenizer.decode(ids[trained], skip_special_tokens=False)
-    assert spans == "hello<s>\nciao<s>\n</s>"  # each turn up to its end of turn; the last one's closing eos too
+    assert spans == "hello<s>ciao<s>"  # each turn up to its end of turn, where generation stops
+
+
+def test_what_the_template_writes_after_the_end_of_turn_is_not_trained(tokenizer):
+    """ChatML's newline after `<|im_end|>` was trained as part of the turn, though generation stops at
+    `<|im_end|>` and never writes it: the model learnt a token it is never asked for (counted in val_loss)."""
+    chatml = Tokenizer(tokenizer.backend, chat_template=(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"))
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+                {"role": "user", "content": "bye"}, {"role": "assistant", "content": "ciao"}]
+    ids, trained = tokenize(chatml, parse_row({"messages": messages}, "x"), ends=["<|im_end|>"])
+    assert tokenizer.decode(ids[trained], skip_special_tokens=False) == "hello<|im_end|>ciao<|im_end|>"
+    assert tokenizer.decode(ids, skip_special_tokens=False).endswith("ciao<|im_end|>\n")  # rendered, not trained
 
 
 def test_eos_written_inside_a_message_is_no_end_of_turn(tokenizer):

@@ -60,9 +60,10 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
             raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
-        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], ends,
-                    [full.text[a:b] for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)])
-        cuts += [len(prompt), len(turn)]
+        written = [(a, b) for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)]
+        stops = _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], ends,
+                            [full.text[a:b] for a, b in written])
+        cuts += [len(prompt), _end_of_reply(tokenizer, full.text, written, stops, len(prompt), len(turn))]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
     if any(m.get("tool_calls") for m in messages) and not writes_tool_calls_with(tokenizer, TOOL_CALL_OPEN):
@@ -82,11 +83,12 @@ def _rendered_without_tools(tokenizer: ChatTokenizer, messages: Sequence[dict[st
 
 
 def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str,
-                ends: Sequence[str], written: list[str]) -> None:
+                ends: Sequence[str], written: list[str]) -> list[str]:
     """What training needs of assistant turn i as the template renders it: its prompt shows the tools (or the
     model would learn calls to tools it never saw), the turn holds each of the message's calls (or it would learn
     to answer without them) and a token generation stops at (or it would never stop), written by the template
-    (`written`: its special tokens in the turn; a special token's text inside a message is text, not the token)."""
+    (`written`: its special tokens in the turn; a special token's text inside a message is text, not the token).
+    Returns the texts of the tokens generation stops at."""
     where, message = f"{conversation.where}: messages[{i}]", conversation.messages[i]
     for k, tool in enumerate(conversation.tools or []):
         if tool["function"]["name"] not in prompt:
@@ -103,6 +105,18 @@ def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, pr
                                 f"stops at ({', '.join(map(repr, ends))}): the model would never learn to stop (end "
                                 "the template's assistant turns with eos_token, or add the template's end of turn to "
                                 "the model's eos_token_id)")
+    return ends
+
+
+def _end_of_reply(tokenizer: ChatTokenizer, text: str, written: list[tuple[int, int]], stops: list[str],
+                  start: int, end: int) -> int:
+    """The offset just past the first stop token in text[start:end] (`written`: the template's special tokens
+    there): what the model writes when served, since generation ends there. What the template puts after it
+    (ChatML's newline after `<|im_end|>`) is never generated, so it is not trained."""
+    found = [b for a, b in written if text[a:b] in stops]
+    found += [text.find(s, start, end) + len(s) for s in stops
+              if s not in tokenizer.special_ids and s in text[start:end]]
+    return min(found, default=end)
 
 
 def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = ()
