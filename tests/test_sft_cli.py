@@ -34,6 +34,23 @@ def test_sft_needs_a_model_and_data(tmp_path):
     assert "no config.json" in run_cli("sft", "--model", str(tmp_path), "--data", "x.jsonl", "--print-config")
 
 
+def test_print_config_needs_no_data(tmp_path, capsys):
+    """`longcat sft --print-config` refused to list the fields without --model and --data; without --model it
+    showed the model fields of a preset sft never reads."""
+    main(["sft", "--print-config", "--set", "optim.lr=1e-4"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("# model.*: from the config.json of --model") and "\nmodel." not in printed
+    assert "\noptim.lr=0.0001\n" in printed
+    model = tmp_path / "model"
+    main(["init", "--preset", "tiny", "--out", str(model), "--dtype", "float32"])
+    config = json.loads((model / "config.json").read_text())
+    config["hidden_size"] = 48  # no preset's
+    (model / "config.json").write_text(json.dumps(config))
+    capsys.readouterr()
+    main(["sft", "--model", str(model), "--print-config"])
+    assert "\nmodel.hidden_size=48\n" in capsys.readouterr().out
+
+
 def test_bad_row_is_reported_with_file_line_and_field(tmp_path):
     model = tmp_path / "model"
     main(["init", "--preset", "tiny", "--out", str(model), "--dtype", "float32"])

@@ -182,7 +182,7 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--resume {args.resume} continues in its own directory; drop --out {args.out}")
     if args.resume is not None and out is None:
         raise ValueError("--resume needs a run directory: --resume RUN_DIR or --out RUN_DIR")
-    if args.command == "sft" and args.resume is None and (args.model is None or args.data is None):
+    if args.command == "sft" and not (args.resume or args.print_config) and (args.model is None or args.data is None):
         raise ValueError("longcat sft needs --model DIR and --data FILE (or --resume RUN_DIR)")
     flags = {key: f"{key}={getattr(args, name)}" for name, key in args.flag_fields.items()
              if getattr(args, name) is not None}
@@ -198,8 +198,10 @@ def _run_train(args: argparse.Namespace) -> None:
         other = "sft" if saved.sft.data is not None else "train"
         raise ValueError(f"{out} is a `longcat {other}` run: continue it with longcat {other} --resume {out}")
     cfg = build_config(preset, [*flags.values(), *args.overrides], saved)
-    if args.print_config:
-        print(describe(cfg))
+    if args.print_config:  # sft without --model: the model section is whatever config.json --model will hold
+        unread = args.command == "sft" and cfg.init_from is None
+        print(f"# model.*: from the config.json of --model DIR\n{describe(cfg, omit=('model',))}" if unread
+              else describe(cfg))
         return
     if any(degree is not None and degree < 1 for degree in (args.ep, args.dp)):
         raise ValueError(f"--ep and --dp must be at least 1, got --ep {args.ep} --dp {args.dp}")

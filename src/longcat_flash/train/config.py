@@ -430,8 +430,9 @@ def _type_name(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
 
 
-def describe(cfg: TrainConfig) -> str:
-    """Every settable key with its current value, one per line (`longcat train --print-config`)."""
+def describe(cfg: TrainConfig, omit: tuple[str, ...] = ()) -> str:
+    """Every settable key with its current value, one per line (`longcat train --print-config`), but the sections
+    named in `omit`."""
     lines: list[str] = []
 
     def walk(obj: Any, prefix: str) -> None:
@@ -443,7 +444,7 @@ def describe(cfg: TrainConfig) -> str:
                 lines.append(f"{prefix}{f.name}={value!r}")
 
     walk(cfg, "")
-    return "\n".join(lines)
+    return "\n".join(line for line in lines if line.partition(".")[0] not in omit)
 
 
 # ---- recipes: one function per preset ----
