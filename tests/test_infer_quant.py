@@ -154,7 +154,7 @@ def test_kernel_equals_the_reference(fmt, kernel_rows):
     columns, W8A8), in fp32 and bf16, for row counts up to its limit and an odd shape (partial blocks both ways);
     more than 8 rows per call (chunks and a remainder): the experts test. Against the exact product, int8
     activations cost under 1.5% relative error."""
-    values, scales = quant.quantize_blockwise(torch.randn(300, 520), fmt)
+    values, scales = quant.quantize_blockwise(torch.randn(301, 520), fmt)  # 45 rows in the last block: a lone row
     row_counts = (1, 3, 5, kernels.MAX_KERNEL_ROWS)
     for rows in row_counts:
         x = torch.randn(rows, 520)
@@ -291,7 +291,7 @@ def test_int4_kernel_equals_the_reference(kernel_rows, in_features):
     """The compiled int4 kernel == x rounded to int8 steps per group (W4A8) times the hand-dequantized weight, fp32
     and bf16, every 8-row chunk size; a wrong nibble order, group index or activation order would fail this. And
     against the exact product, the int8 activations cost under 1.5% relative error."""
-    packed, scales, mins = quant.quantize_groupwise(torch.randn(300, in_features))  # partial 128-row block
+    packed, scales, mins = quant.quantize_groupwise(torch.randn(301, in_features))  # partial block, a lone row
     group = quant.group_size(in_features)
     weight = dequantize_by_hand(packed, scales, mins)
     row_counts = (1, 2, 7, kernels.MAX_INT4_KERNEL_ROWS)  # 8-row chunks: every size below, and full ones

@@ -5,49 +5,33 @@
 #include "hits.h"
 
 // y[m, o] = sum_k xs[m, k] * w[o, k] for rows o0..o1 of one 128-row block; xs already holds the block's scales.
-// Two weight rows per pass share every load of xs (the loads, not the FMAs, bound this loop for M > 1).
+// rows_per_pass(M) weight rows per pass (a pair shares every load of xs: the loads, not the FMAs, bound this loop
+// for M > 1).
 template <typename W, int M>
 static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int64_t I, int64_t O, float* y) {
-  int64_t o = o0;
-  for (; o + 2 <= o1; o += 2) {
-    const W* r0 = w + o * I;
-    const W* r1 = r0 + I;
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  constexpr int P = rows_per_pass(M);
+  for (int64_t o = o0; o < o1; o += P) {
+    const W* r[P];
+    int64_t at[P];
+    pass_rows<P>(w, o, o1, I, r, at);
+    __m512 a[P][M];
+    for (int j = 0; j < P; ++j)
+      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
     int64_t k = 0;
     for (; k + 16 <= I; k += 16) {
-      prefetch(r0 + k), prefetch(r1 + k);
-      __m512 w0 = load16(r0 + k), w1 = load16(r1 + k);
+      __m512 wv[P];
+      for (int j = 0; j < P; ++j) prefetch(r[j] + k), wv[j] = load16(r[j] + k);
       for (int m = 0; m < M; ++m) {
-        __m512 xv = _mm512_loadu_ps(xs + m * I + k);
-        a0[m] = _mm512_fmadd_ps(w0, xv, a0[m]);
-        a1[m] = _mm512_fmadd_ps(w1, xv, a1[m]);
+        const __m512 xv = _mm512_loadu_ps(xs + m * I + k);
+        for (int j = 0; j < P; ++j) a[j][m] = _mm512_fmadd_ps(wv[j], xv, a[j][m]);
       }
     }
-    for (int m = 0; m < M; ++m) {
-      float t0 = 0.f, t1 = 0.f;
-      for (int64_t t = k; t < I; ++t) {
-        t0 += xs[m * I + t] * scalar(r0[t]);
-        t1 += xs[m * I + t] * scalar(r1[t]);
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < P; ++j) {
+        float tail = 0.f;
+        for (int64_t t = k; t < I; ++t) tail += xs[m * I + t] * scalar(r[j][t]);
+        y[m * O + at[j]] = _mm512_reduce_add_ps(a[j][m]) + tail;
       }
-      y[m * O + o] = _mm512_reduce_add_ps(a0[m]) + t0;
-      y[m * O + o + 1] = _mm512_reduce_add_ps(a1[m]) + t1;
-    }
-  }
-  for (; o < o1; ++o) {
-    const W* row = w + o * I;
-    __m512 acc[M];
-    for (int m = 0; m < M; ++m) acc[m] = _mm512_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= I; k += 16) {
-      __m512 wv = load16(row + k);
-      for (int m = 0; m < M; ++m) acc[m] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(xs + m * I + k), acc[m]);
-    }
-    for (int m = 0; m < M; ++m) {
-      float tail = 0.f;
-      for (int64_t t = k; t < I; ++t) tail += xs[m * I + t] * scalar(row[t]);
-      y[m * O + o] = _mm512_reduce_add_ps(acc[m]) + tail;
-    }
   }
 }
 
@@ -193,58 +177,56 @@ static void scales_fp32(const at::BFloat16* src, int64_t n, float* dst) {
   std::fill(dst + n, dst + n + 16, 0.0f);
 }
 
-// y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1, two per pass sharing every load of x; M <= 8 rows.
+// y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1, rows_per_pass(M) at a time; M <= 8 rows.
 // Per 128 values and row of x: two integer dot products (low and high nibbles), each chunk's sum scaled by its
 // group's weight scale times x's step; the mins add sum_g min[o, g] * sum(x group g) at the end. s, mn: the rows'
 // scales and mins in fp32 from row o0 (scales_fp32); f: scratch of 2 (8 nG + 16).
 template <int M, int GK, typename Y>
 static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float* mn, int64_t o0, int64_t o1,
                       int64_t I, int64_t G, Y* y, int64_t ystride, float* f) {
+  constexpr int P = rows_per_pass(M);
   const int64_t nG = x.nG, half = I / 2;
-  float *f0 = f, *f1 = f + 8 * nG + 16;  // (M, nG) each: the pair's group scales times x's steps
-  for (int64_t o = o0; o < o1; o += 2) {
-    const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
-    const uint8_t *r0 = w + o * half, *r1 = w + p * half;
-    const float *s0 = s + (o - o0) * nG, *s1 = s + (p - o0) * nG, *mn0 = mn + (o - o0) * nG, *mn1 = mn + (p - o0) * nG;
-    for (int m = 0; m < M; ++m)  // whole vectors: past nG they write what the next m (or the spare 16) overwrites
-      for (int64_t g = 0; g < nG; g += 16) {
-        const __m512 d = _mm512_loadu_ps(x.d + m * nG + g);
-        _mm512_storeu_ps(f0 + m * nG + g, _mm512_mul_ps(_mm512_loadu_ps(s0 + g), d));
-        _mm512_storeu_ps(f1 + m * nG + g, _mm512_mul_ps(_mm512_loadu_ps(s1 + g), d));
-      }
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  for (int64_t o = o0; o < o1; o += P) {
+    const uint8_t* r[P];
+    int64_t at[P];
+    pass_rows<P>(w, o, o1, half, r, at);
+    float* fs[P];  // (M, nG) each: the pass's group scales times x's steps
+    for (int j = 0; j < P; ++j) {
+      fs[j] = f + j * (8 * nG + 16);
+      const float* sj = s + (at[j] - o0) * nG;
+      for (int m = 0; m < M; ++m)  // whole vectors: past nG they write what the next m (or the spare 16) overwrites
+        for (int64_t g = 0; g < nG; g += 16)
+          _mm512_storeu_ps(fs[j] + m * nG + g, _mm512_mul_ps(_mm512_loadu_ps(sj + g), _mm512_loadu_ps(x.d + m * nG + g)));
+    }
+    __m512 a[P][M];
+    for (int j = 0; j < P; ++j)
+      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
     int64_t g = 0, g_end = G;  // groups of 128 or more: the chunk's first group, counted (a division per chunk
     for (int64_t k = 0; k < I; k += 128) {  // costs more than the rest of its work)
-      prefetch(r0 + k / 2), prefetch(r1 + k / 2);
-      __m512i lo0, hi0, lo1, hi1;
-      codes128(r0 + k / 2, std::min<int64_t>(64, (I - k) / 2), lo0, hi0);
-      codes128(r1 + k / 2, std::min<int64_t>(64, (I - k) / 2), lo1, hi1);
+      __m512i lo[P], hi[P];
+      for (int j = 0; j < P; ++j)
+        prefetch(r[j] + k / 2), codes128(r[j] + k / 2, std::min<int64_t>(64, (I - k) / 2), lo[j], hi[j]);
       if (GK) g = k / GK;
       else while (k >= g_end) ++g, g_end += G;
       const int64_t g_hi = GK ? g : std::min(k + 64 >= g_end ? g + 1 : g, nG - 1);  // (counted groups only)
       for (int m = 0; m < M; ++m) {
         const int8_t* xm = x.q + m * x.width + k;
         const __m512i xl = _mm512_loadu_si512(xm), xh = _mm512_loadu_si512(xm + 64);
-        const __m512i i0 = nibble_dot(lo0, xl, hi0, xh);
-        const __m512i i1 = nibble_dot(lo1, xl, hi1, xh);
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0), chunk_scales<GK>(f0 + m * nG, g, g_hi), a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1), chunk_scales<GK>(f1 + m * nG, g, g_hi), a1[m]);
+        for (int j = 0; j < P; ++j)
+          a[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_dot(lo[j], xl, hi[j], xh)),
+                                    chunk_scales<GK>(fs[j] + m * nG, g, g_hi), a[j][m]);
       }
     }
     for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time (past nG: x's sums masked to 0)
       const __mmask16 n = tail16(nG - g);
-      const __m512 m0 = _mm512_loadu_ps(mn0 + g), m1 = _mm512_loadu_ps(mn1 + g);
       for (int m = 0; m < M; ++m) {
         const __m512 sum = _mm512_mask_mov_ps(_mm512_setzero_ps(), n, _mm512_loadu_ps(x.sum + m * nG + g));
-        a0[m] = _mm512_fmadd_ps(m0, sum, a0[m]);
-        a1[m] = _mm512_fmadd_ps(m1, sum, a1[m]);
+        for (int j = 0; j < P; ++j)
+          a[j][m] = _mm512_fmadd_ps(_mm512_loadu_ps(mn + (at[j] - o0) * nG + g), sum, a[j][m]);
       }
     }
-    for (int m = 0; m < M; ++m) {
-      y[m * ystride + o] = static_cast<Y>(_mm512_reduce_add_ps(a0[m]));
-      if (p != o) y[m * ystride + p] = static_cast<Y>(_mm512_reduce_add_ps(a1[m]));
-    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < P; ++j) y[m * ystride + at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
   }
 }
 
@@ -318,36 +300,36 @@ torch::Tensor group_experts(torch::Tensor x, c10::optional<torch::Tensor> counts
 template <int M, typename Y>
 static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, int64_t o1, int64_t I, Y* y,
                       int64_t ystride) {
+  constexpr int P = rows_per_pass(M);
   const int64_t nI = x.nG;
-  for (int64_t o = o0; o < o1; o += 2) {
-    const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
-    const int8_t *r0 = w + o * I, *r1 = w + p * I;
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
+  for (int64_t o = o0; o < o1; o += P) {
+    const int8_t* r[P];
+    int64_t at[P];
+    pass_rows<P>(w, o, o1, I, r, at);
+    __m512 a[P][M];
+    for (int j = 0; j < P; ++j)
+      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
     for (int64_t kb = 0; kb < nI; ++kb) {
-      __m512i i0[M], i1[M];
-      for (int m = 0; m < M; ++m) i0[m] = i1[m] = _mm512_setzero_si512();
+      __m512i acc[P][M];
+      for (int j = 0; j < P; ++j)
+        for (int m = 0; m < M; ++m) acc[j][m] = _mm512_setzero_si512();
       for (int64_t k = kb * 128; k < std::min(I, kb * 128 + 128); k += 64) {
         const __mmask64 n = I - k >= 64 ? ~0ULL : (1ULL << (I - k)) - 1;
-        prefetch(r0 + k), prefetch(r1 + k);
-        const __m512i w0 = _mm512_maskz_loadu_epi8(n, r0 + k), w1 = _mm512_maskz_loadu_epi8(n, r1 + k);
-        const __m512i u0 = _mm512_abs_epi8(w0), u1 = _mm512_abs_epi8(w1);
+        __m512i wv[P], u[P];
+        for (int j = 0; j < P; ++j)
+          prefetch(r[j] + k), wv[j] = _mm512_maskz_loadu_epi8(n, r[j] + k), u[j] = _mm512_abs_epi8(wv[j]);
         for (int m = 0; m < M; ++m) {
           const __m512i xv = _mm512_loadu_si512(x.q + m * x.width + k);
-          i0[m] = dot4(i0[m], u0, signed_by(xv, w0));
-          i1[m] = dot4(i1[m], u1, signed_by(xv, w1));
+          for (int j = 0; j < P; ++j) acc[j][m] = dot4(acc[j][m], u[j], signed_by(xv, wv[j]));
         }
       }
       for (int m = 0; m < M; ++m) {
         const __m512 fm = _mm512_set1_ps(f[m * nI + kb]);
-        a0[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i0[m]), fm, a0[m]);
-        a1[m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i1[m]), fm, a1[m]);
+        for (int j = 0; j < P; ++j) a[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j][m]), fm, a[j][m]);
       }
     }
-    for (int m = 0; m < M; ++m) {
-      y[m * ystride + o] = static_cast<Y>(_mm512_reduce_add_ps(a0[m]));
-      if (p != o) y[m * ystride + p] = static_cast<Y>(_mm512_reduce_add_ps(a1[m]));
-    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < P; ++j) y[m * ystride + at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
   }
 }
 
@@ -412,29 +394,37 @@ torch::Tensor block_experts(torch::Tensor x, c10::optional<torch::Tensor> counts
 
 #ifdef __AVX512BF16__
 // y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1 (into y with row stride 128), M <= 8 rows of x, both
-// bf16: per 32 values, one VDPBF16PS per row pair (each product exact in fp32, summed in fp32).
+// bf16: per 32 values, one VDPBF16PS per weight row (each product exact in fp32, summed in fp32). At batch 1, U = 2
+// chunks of 32 per step into two accumulators, as one chain of VDPBF16PS waits on its latency when the weight is
+// in cache (a standalone GEMV on two Zen 4 cores: 134 GB/s with one, 141 with two).
 template <int M>
 static void bf16_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t o0, int64_t o1, int64_t I, float* y) {
-  for (int64_t o = o0; o < o1; o += 2) {
-    const int64_t p = std::min(o + 1, o1 - 1);  // the pair's second row (a lone last row pairs with itself)
-    const at::BFloat16 *r0 = w + o * I, *r1 = w + p * I;
-    __m512 a0[M], a1[M];
-    for (int m = 0; m < M; ++m) a0[m] = a1[m] = _mm512_setzero_ps();
-    for (int64_t k = 0; k < I; k += 32) {
-      const __mmask32 n = I - k >= 32 ? ~0u : (1u << (I - k)) - 1;
-      prefetch(r0 + k), prefetch(r1 + k);
-      const __m512bh w0 = (__m512bh)_mm512_maskz_loadu_epi16(n, r0 + k);
-      const __m512bh w1 = (__m512bh)_mm512_maskz_loadu_epi16(n, r1 + k);
-      for (int m = 0; m < M; ++m) {
-        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
-        a0[m] = _mm512_dpbf16_ps(a0[m], w0, xv);
-        a1[m] = _mm512_dpbf16_ps(a1[m], w1, xv);
+  constexpr int P = rows_per_pass(M), U = M == 1 ? 2 : 1;
+  for (int64_t o = o0; o < o1; o += P) {
+    const at::BFloat16* r[P];
+    int64_t at[P];
+    pass_rows<P>(w, o, o1, I, r, at);
+    __m512 a[U][P][M];
+    for (int u = 0; u < U; ++u)
+      for (int j = 0; j < P; ++j)
+        for (int m = 0; m < M; ++m) a[u][j][m] = _mm512_setzero_ps();
+    for (int64_t k0 = 0; k0 < I; k0 += 32 * U)
+      for (int u = 0; u < U; ++u) {
+        const int64_t k = k0 + 32 * u, left = I - k;
+        const __mmask32 n = left >= 32 ? ~0u : left > 0 ? (1u << left) - 1 : 0u;
+        __m512bh wv[P];
+        for (int j = 0; j < P; ++j) prefetch(r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, r[j] + k);
+        for (int m = 0; m < M; ++m) {
+          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
+          for (int j = 0; j < P; ++j) a[u][j][m] = _mm512_dpbf16_ps(a[u][j][m], wv[j], xv);
+        }
       }
-    }
-    for (int m = 0; m < M; ++m) {
-      y[m * 128 + o - o0] = _mm512_reduce_add_ps(a0[m]);
-      y[m * 128 + p - o0] = _mm512_reduce_add_ps(a1[m]);
-    }
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < P; ++j) {
+        __m512 sum = a[0][j][m];
+        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[u][j][m]);
+        y[m * 128 + at[j] - o0] = _mm512_reduce_add_ps(sum);
+      }
   }
 }
 #endif
