@@ -196,7 +196,8 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
       const float* sj = s + (at[j] - o0) * nG;
       for (int m = 0; m < M; ++m)  // whole vectors: past nG they write what the next m (or the spare 16) overwrites
         for (int64_t g = 0; g < nG; g += 16)
-          _mm512_storeu_ps(fs[j] + m * nG + g, _mm512_mul_ps(_mm512_loadu_ps(sj + g), _mm512_loadu_ps(x.d + m * nG + g)));
+          _mm512_storeu_ps(fs[j] + m * nG + g,
+                           _mm512_mul_ps(_mm512_loadu_ps(sj + g), _mm512_loadu_ps(x.d + m * nG + g)));
     }
     __m512 a[P][M];
     for (int j = 0; j < P; ++j)
