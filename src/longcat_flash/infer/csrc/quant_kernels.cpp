@@ -395,37 +395,30 @@ torch::Tensor block_experts(torch::Tensor x, c10::optional<torch::Tensor> counts
 
 #ifdef __AVX512BF16__
 // y[m, o] = sum_k x[m, k] * w[o, k] for weight rows o0..o1 (into y with row stride 128), M <= 8 rows of x, both
-// bf16: per 32 values, one VDPBF16PS per weight row (each product exact in fp32, summed in fp32). At batch 1, U = 2
-// chunks of 32 per step into two accumulators, as one chain of VDPBF16PS waits on its latency when the weight is
-// in cache (a standalone GEMV on two Zen 4 cores: 134 GB/s with one, 141 with two).
+// bf16: per 32 values, one VDPBF16PS per weight row (each product exact in fp32, summed in fp32). One accumulator
+// per row whatever M is, so that a row's sums do not depend on the rows beside it (a decode step of one row and a
+// speculative verify of several give the same logits); two at batch 1 only were 5% faster on cached weights.
 template <int M>
 static void bf16_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t o0, int64_t o1, int64_t I, float* y) {
-  constexpr int P = rows_per_pass(M), U = M == 1 ? 2 : 1;
+  constexpr int P = rows_per_pass(M);
   for (int64_t o = o0; o < o1; o += P) {
     const at::BFloat16* r[P];
     int64_t at[P];
     pass_rows<P>(w, o, o1, I, r, at);
-    __m512 a[U][P][M];
-    for (int u = 0; u < U; ++u)
-      for (int j = 0; j < P; ++j)
-        for (int m = 0; m < M; ++m) a[u][j][m] = _mm512_setzero_ps();
-    for (int64_t k0 = 0; k0 < I; k0 += 32 * U)
-      for (int u = 0; u < U; ++u) {
-        const int64_t k = k0 + 32 * u, left = I - k;
-        const __mmask32 n = left >= 32 ? ~0u : left > 0 ? (1u << left) - 1 : 0u;
-        __m512bh wv[P];
-        for (int j = 0; j < P; ++j) prefetch(r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, r[j] + k);
-        for (int m = 0; m < M; ++m) {
-          const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
-          for (int j = 0; j < P; ++j) a[u][j][m] = _mm512_dpbf16_ps(a[u][j][m], wv[j], xv);
-        }
+    __m512 a[P][M];
+    for (int j = 0; j < P; ++j)
+      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < I; k += 32) {
+      const __mmask32 n = I - k >= 32 ? ~0u : (1u << (I - k)) - 1;
+      __m512bh wv[P];
+      for (int j = 0; j < P; ++j) prefetch(r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, r[j] + k);
+      for (int m = 0; m < M; ++m) {
+        const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
+        for (int j = 0; j < P; ++j) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
       }
+    }
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) {
-        __m512 sum = a[0][j][m];
-        for (int u = 1; u < U; ++u) sum = _mm512_add_ps(sum, a[u][j][m]);
-        y[m * 128 + at[j] - o0] = _mm512_reduce_add_ps(sum);
-      }
+      for (int j = 0; j < P; ++j) y[m * 128 + at[j] - o0] = _mm512_reduce_add_ps(a[j][m]);
   }
 }
 #endif
