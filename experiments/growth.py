@@ -55,10 +55,13 @@ def arguments(parser) -> None:
 # ---- the runs ----
 
 def check(args, setup: Setup) -> None:
-    """An even depth, and a WSD decay that starts at or after the growth step, so the constant small phase
-    matches it (ValueError otherwise)."""
+    """An even depth, steps after the growth step (measure() reads the grown run's loss there), and a WSD decay
+    that starts at or after the growth step, so the constant small phase matches it (ValueError otherwise)."""
     if args.depth % 2:
         raise ValueError(f"--depth must be even, got {args.depth}")
+    if args.grow_at >= args.steps:
+        raise ValueError(f"--grow-at {args.grow_at} must be below --steps {args.steps}: the grown model needs steps "
+                         "after growth to be measured")
     cfg = setup.config([f"model.num_layers={args.depth}", *WSD], args.steps)
     s = cfg.schedule
     decay_start = max(s.warmup_steps, round(cfg.max_steps * (1 - s.decay_fraction)))  # as optim.lr_factor

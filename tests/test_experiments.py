@@ -62,9 +62,23 @@ def test_a_bad_argument_is_one_line_before_any_work(name: str, args: list[str], 
     work = tmp_path / "work"
     proc = _experiment(str(EXPERIMENTS / f"{name}.py"), "--quick", "--out", str(tmp_path / "out"), "--work",
                        str(work), *(a.format(tmp=tmp_path) for a in args))
+    _assert_refused_before_any_work(proc, flag, work)
+
+
+def _assert_refused_before_any_work(proc: subprocess.CompletedProcess, flag: str, work: Path) -> None:
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and flag in proc.stderr.splitlines()[-1], proc.stderr
     assert not (work / "_data").exists()  # stopped before the tokenizer
+
+
+def test_growth_refuses_a_growth_step_with_no_steps_after_it(tmp_path: Path):
+    """--grow-at equal to --steps trained every run, then measure() found no step after growth and crashed."""
+    corpus, work = tmp_path / "corpus", tmp_path / "work"
+    corpus.mkdir()
+    (corpus / "doc.txt").write_text("a tiny corpus\n")
+    proc = _experiment(str(EXPERIMENTS / "growth.py"), "--out", str(tmp_path / "out"), "--work", str(work),
+                       "--data", str(corpus), "--steps", "20", "--grow-at", "20")
+    _assert_refused_before_any_work(proc, "--grow-at 20 must be below --steps 20", work)
 
 
 def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
