@@ -28,7 +28,6 @@ from common import QUICK_RUNS, figure, final_val, parse, run, save, seed_list, s
 from longcat_flash.model import Transformer
 from longcat_flash.model.block import ScMoELayer
 from longcat_flash.train.config import TrainConfig
-from longcat_flash.train.optim import aligned_model_config
 
 CLAIM = ("Feeding the MoE from the shortcut after the first attention (ScMoE) is quality-neutral: the loss curves "
          "with and without it nearly overlap (Fig. 4).")
@@ -69,7 +68,7 @@ def dataflow_difference(cfg: TrainConfig) -> float:
     """Max |logit difference| between the two layers on one random batch of one model (asserted > 0), and
     check that leaving `plain_moe` restores the ScMoE forward exactly."""
     torch.manual_seed(cfg.seed)
-    model = Transformer(aligned_model_config(cfg.model, cfg.scaling.variance_alignment)).eval()
+    model = Transformer(cfg.model).eval()  # the config holds the aligned model
     ids = torch.randint(0, cfg.model.vocab_size, (2, 16))  # (B, S)
     ours = model(ids).logits
     with plain_moe():

@@ -124,6 +124,18 @@ def test_active_is_total_minus_lookup_minus_unselected_experts(make) -> None:
     assert r.active_target == r.active_min + c.num_layers * 2 * expert
 
 
+def test_a_token_picks_at_least_topk_less_the_zero_experts() -> None:
+    """With fewer zero experts than top-k, `info` printed an active count for 0 FFN experts and took a K_e no
+    token can reach; a model without zero experts took any K_e, though every token uses all top-k."""
+    c = tiny().replace(moe_topk=4, zero_expert_num=1)
+    r = param_report(c, ffn_experts_target=3)
+    assert r.active_min == r.active_target and "active/token, 3 FFN experts" in info_command(c)
+    with pytest.raises(ValueError, match=r"ffn_experts_target must be in \[3, moe_topk=4\]"):
+        param_report(c, ffn_experts_target=2.5)
+    with pytest.raises(ValueError, match=r"must be in \[6, moe_topk=6\]"):
+        param_report(tiny().replace(zero_expert_num=0, moe_topk=6), ffn_experts_target=1)
+
+
 def test_tied_embedding_stays_active_as_the_head() -> None:
     c = tiny().replace(tie_word_embeddings=True)
     r = param_report(c)

@@ -164,12 +164,39 @@ def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: P
                   meta={"train_config": recipe("tiny").to_dict()})
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "model.num_layers=4")
     assert "a resumed run keeps its model" in message and "model.num_layers" in message
+    message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "scaling.variance_alignment=off")
+    assert "a resumed run keeps its model" in message and "model.mla_scale_q_lora" in message  # was accepted
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "data.seq_len=32")
     assert "data.seq_len=32 differs from the run's" in message  # was the sampler's "num_sequences=... but ..."
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", f"init_from={tmp_path}")
     assert "a resumed run continues from its own checkpoint: init_from=" in message  # was recorded, not read
     assert "--set preset=... would only rename the run" in run_cli("train", "--preset", "tiny", "--set",
                                                                    "preset=small")
+
+
+def test_variance_alignment_shows_in_the_config_and_refuses_a_contradicting_model_value(capsys):
+    """scaling.variance_alignment was applied at training time, after --set: --set model.routed_scaling_factor=3
+    beside variance_alignment=off printed 3.0 in --print-config and trained (and saved) 1.0."""
+    main(["train", "--preset", "tiny", "--print-config", "--set", "scaling.variance_alignment=off"])
+    printed = capsys.readouterr().out
+    assert "model.routed_scaling_factor=1.0\n" in printed and "model.mla_scale_q_lora=False\n" in printed
+    assert recipe("tiny").model.mla_scale_q_lora  # so "off" changed them
+    message = run_cli("train", "--preset", "tiny", "--print-config", "--set", "scaling.variance_alignment=off",
+                      "--set", "model.routed_scaling_factor=3.0")
+    assert "scaling.variance_alignment=off sets model.mla_scale_q_lora" in message
+    assert "--set model.routed_scaling_factor contradicts or repeats it" in message
+
+
+def test_a_budget_no_token_can_meet_is_refused(capsys):
+    """With fewer zero experts than top-k less K_e, every token picks more FFN experts than the budget: the
+    controller's biases fell without end and `info` printed an active count no token has."""
+    message = run_cli("train", "--preset", "tiny", "--print-config", "--set", "model.zero_expert_num=1",
+                      "--set", "model.moe_topk=4")
+    assert "K_e=2.66667 FFN experts per token (the default, 2/3 of moe_topk) cannot be reached" in message
+    assert "moe_topk - model.zero_expert_num = 3" in message
+    main(["train", "--preset", "tiny", "--print-config", "--set", "model.zero_expert_num=1", "--set",
+          "model.moe_topk=4", "--set", "budget.target=3.5"])
+    assert "budget.target=3.5" in capsys.readouterr().out
 
 
 def test_a_metrics_file_cut_short_by_a_kill_reads_up_to_its_last_whole_line(tmp_path: Path):

@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from longcat_flash.model import Transformer
-from longcat_flash.train.config import OptimConfig, ScalingConfig, ScheduleConfig
-from longcat_flash.train.optim import (aligned_model_config, init_parameters, lr_factor, param_groups,
-                                       param_kind, width_scale)
+from longcat_flash.train.config import OptimConfig, ScalingConfig, ScheduleConfig, aligned_model_config
+from longcat_flash.train.optim import init_parameters, lr_factor, param_groups, param_kind, width_scale
 
 
 def _model(cfg, scaling: ScalingConfig) -> tuple[Transformer, object]:

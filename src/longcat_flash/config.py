@@ -262,6 +262,11 @@ class ModelConfig:
         """K_e: expected FFN experts per token. The report's 8 of 12, i.e. 2/3 of top-k when zero experts exist."""
         return self.moe_topk * 2 / 3 if self.zero_expert_num else float(self.moe_topk)
 
+    @property
+    def fewest_ffn_experts(self) -> int:
+        """The fewest FFN experts a token can pick: top-k less the zero experts, each of which it picks once."""
+        return max(0, self.moe_topk - self.zero_expert_num)
+
     # ---- config.json I/O ----
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:

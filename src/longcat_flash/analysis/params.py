@@ -39,6 +39,7 @@ class ParamReport:
 
     num_layers: int
     moe_topk: int
+    fewest_ffn_experts: int  # the fewest a token can pick (moe_topk - zero experts), for `active_min`
     ffn_experts_target: float  # K_e used for `active_target` and `flops_per_token`
     context: int  # cached positions each new token attends to, for `attention_flops`
     bytes_per_value: int  # element size of the KV cache (2 = bf16)
@@ -53,7 +54,7 @@ class ParamReport:
     # totals (elements)
     total: int  # backbone, MTP excluded
     mtp: int  # model.mtp.*, including its own embedding copy
-    active_min: int  # per token, 0 FFN experts per layer
+    active_min: int  # per token, fewest_ffn_experts per layer
     active_target: float  # per token, K_e FFN experts per layer
     active_max: int  # per token, top-k FFN experts per layer
     # decode costs
@@ -69,10 +70,14 @@ class ParamReport:
 
 def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, context: int = 0,
                  bytes_per_value: int = 2) -> ParamReport:
-    """Count everything for `cfg`; K_e defaults to `cfg.default_ffn_expert_target` (8 of 12 for the 560B shape)."""
-    k_e = cfg.default_ffn_expert_target if ffn_experts_target is None else float(ffn_experts_target)
-    if not 0 <= k_e <= cfg.moe_topk:
-        raise ValueError(f"ffn_experts_target must be in [0, moe_topk={cfg.moe_topk}], got {k_e}")
+    """Count everything for `cfg`; K_e defaults to `cfg.default_ffn_expert_target` (8 of 12 for the 560B shape), or
+    the fewest FFN experts a token can pick where that is more."""
+    k_e = (max(cfg.default_ffn_expert_target, cfg.fewest_ffn_experts) if ffn_experts_target is None
+           else float(ffn_experts_target))
+    if not cfg.fewest_ffn_experts <= k_e <= cfg.moe_topk:  # without zero experts: moe_topk exactly
+        raise ValueError(f"ffn_experts_target must be in [{cfg.fewest_ffn_experts}, moe_topk={cfg.moe_topk}] (a "
+                         f"token picks moe_topk experts, at most zero_expert_num={cfg.zero_expert_num} of them zero "
+                         f"experts), got {k_e:g}")
     if not 0 <= context <= cfg.max_position_embeddings:
         raise ValueError(f"context must be 0 to max_position_embeddings={cfg.max_position_embeddings} cached "
                          f"positions, got {context}")
@@ -84,12 +89,14 @@ def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, cont
     total = cfg.num_layers * layer + embedding + cfg.hidden_size + lm_head
     attention_flops = _attention_flops(cfg, context)
     return ParamReport(
-        num_layers=cfg.num_layers, moe_topk=cfg.moe_topk, ffn_experts_target=k_e, context=context,
+        num_layers=cfg.num_layers, moe_topk=cfg.moe_topk, fewest_ffn_experts=cfg.fewest_ffn_experts,
+        ffn_experts_target=k_e, context=context,
         bytes_per_value=bytes_per_value,
         mla_block=_mla_params(cfg), dense_mlp=_dense_mlp_params(cfg), router=_router_params(cfg),
         expert=_expert_params(cfg), per_layer=layer, embedding=embedding, lm_head=lm_head,
         total=total, mtp=_mtp_params(cfg) if cfg.num_nextn_predict_layers else 0,
-        active_min=int(_active_params(cfg, total, 0)), active_target=_active_params(cfg, total, k_e),
+        active_min=int(_active_params(cfg, total, cfg.fewest_ffn_experts)),
+        active_target=_active_params(cfg, total, k_e),
         active_max=int(_active_params(cfg, total, cfg.moe_topk)),
         kv_cache_latent_bytes_per_token=cfg.num_attention_blocks * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         * bytes_per_value,
@@ -190,7 +197,7 @@ def format_report(report: ParamReport) -> str:
         ("lm_head [V, H]", _human(r.lm_head) if r.lm_head else "tied"),
         ("total (backbone, no MTP)", _human(r.total)),
         ("MTP head", _human(r.mtp) if r.mtp else "none"),
-        ("active/token, 0 FFN experts", _human(r.active_min)),
+        (f"active/token, {r.fewest_ffn_experts} FFN experts", _human(r.active_min)),
         (f"active/token, K_e={r.ffn_experts_target:g} of {k}", _human(r.active_target)),
         (f"active/token, {k} FFN experts", _human(r.active_max)),
         (f"KV cache/token, latent ({r.bytes_per_value} B/value)",

@@ -234,6 +234,20 @@ class SFTConfig:
                "unset unless sft.data is set")
 
 
+def aligned_model_config(cfg: ModelConfig, mode: str) -> ModelConfig:
+    """`scaling.variance_alignment`: keep the preset, or switch the MLA scales and the expert γ on or off.
+
+    "on" sets γ = routed_scaling_factor = m, the expert granularity ffn_hidden_size / expert_ffn_hidden_size:
+    splitting an FFN into m experts shrinks the MoE output variance by m twice (gating dilution and width), and
+    γ = sqrt(m·m) = m restores it (report §2.3.2).
+    """
+    if mode == "preset":
+        return cfg
+    on = mode == "on"
+    gamma = cfg.ffn_hidden_size / cfg.expert_ffn_hidden_size if on else 1.0
+    return cfg.replace(mla_scale_q_lora=on, mla_scale_kv_lora=on, routed_scaling_factor=gamma)
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A whole run. Build one with `recipe(preset)`, then `apply_overrides(cfg, ["a.b=value", ...])`; or, as the
@@ -269,6 +283,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        # the model a run builds, so that --print-config, the resume check and the saved config all show it
+        object.__setattr__(self, "model", aligned_model_config(self.model, self.scaling.variance_alignment))
         _positive(self, "max_steps", "max_consecutive_skips")
         _positive(self, "seed", "eval_every", "sample_tokens", "sample_temperature", allow_zero=True)
         m = self.model
@@ -280,6 +296,12 @@ class TrainConfig:
             ok = 0 < self.budget.target < m.moe_topk if m.zero_expert_num else self.budget.target == m.moe_topk
             _check(ok, "budget", "target", self.budget.target,
                    f"in (0, model.moe_topk={m.moe_topk}) with zero experts, == moe_topk without")
+        if self.ffn_expert_target < m.fewest_ffn_experts:
+            raise ValueError(f"budget.target: K_e={self.ffn_expert_target:g} FFN experts per token "
+                             f"{'(the default, 2/3 of moe_topk) ' if self.budget.target is None else ''}cannot be "
+                             f"reached: a token picks at least model.moe_topk - model.zero_expert_num = "
+                             f"{m.fewest_ffn_experts} (set budget.target >= {m.fewest_ffn_experts}, or more zero "
+                             "experts)")
         _check(self.loss.mtp_weight == 0 or m.num_nextn_predict_layers == 1, "loss", "mtp_weight",
                self.loss.mtp_weight, "0 for a model without an MTP head (model.num_nextn_predict_layers=0)")
         _check(self.loss.mtp_weight == 0 or self.data.seq_len >= 2, "data", "seq_len", self.data.seq_len,
@@ -489,8 +511,17 @@ def recipe(preset: str) -> TrainConfig:
     return RECIPES[preset]()
 
 
+ALIGNED_FIELDS = ("model.mla_scale_q_lora", "model.mla_scale_kv_lora", "model.routed_scaling_factor")
+
+
 def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None = None) -> TrainConfig:
     """The run's config: a preset's recipe (default small) or, when resuming, the saved config; then overrides."""
+    alignment = _last_value(overrides, "scaling.variance_alignment")
+    if alignment not in (None, "preset", "'preset'") and (both := [k for k in ALIGNED_FIELDS
+                                                                   if _last_value(overrides, k) is not None]):
+        raise ValueError(f"scaling.variance_alignment={alignment} sets {', '.join(ALIGNED_FIELDS)}; --set "
+                         f"{both[0]} contradicts or repeats it: give one of them (variance_alignment=preset keeps "
+                         "the model's own values)")
     if _last_value(overrides, "preset") is not None:
         raise ValueError("preset is chosen with --preset, which picks the whole recipe; --set preset=... would only "
                          "rename the run")

@@ -21,7 +21,6 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
-from ..config import ModelConfig
 from ..model.layers import RMSNorm
 from .config import OptimConfig, ScalingConfig, ScheduleConfig
 
@@ -58,21 +57,7 @@ def param_kind(name: str, param: torch.Tensor) -> str:
     return "unembedding" if name == "lm_head.weight" else "hidden"
 
 
-# ---- variance alignment and initialisation (report §2.3) ----
-
-def aligned_model_config(cfg: ModelConfig, mode: str) -> ModelConfig:
-    """`scaling.variance_alignment`: keep the preset, or switch the MLA scales and the expert γ on or off.
-
-    "on" sets γ = routed_scaling_factor = m, the expert granularity ffn_hidden_size / expert_ffn_hidden_size:
-    splitting an FFN into m experts shrinks the MoE output variance by m twice (gating dilution and width), and
-    γ = sqrt(m·m) = m restores it (report §2.3.2).
-    """
-    if mode == "preset":
-        return cfg
-    on = mode == "on"
-    gamma = cfg.ffn_hidden_size / cfg.expert_ffn_hidden_size if on else 1.0
-    return cfg.replace(mla_scale_q_lora=on, mla_scale_kv_lora=on, routed_scaling_factor=gamma)
-
+# ---- initialisation (report §2.3) ----
 
 @torch.no_grad()
 def init_parameters(model: nn.Module, scaling: ScalingConfig, seed: int = 0) -> WidthScale:

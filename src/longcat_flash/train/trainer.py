@@ -48,7 +48,7 @@ from .determinism import (RNGState, global_state_restored, no_deterministic_kern
 from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
-from .optim import aligned_model_config, build_optimizer, init_parameters, lr_factor, set_lr
+from .optim import build_optimizer, init_parameters, lr_factor, set_lr
 from .pretrained import TOKENIZER_FIELDS, check_same_shapes, load_pretrained, model_changes
 from .sample import generate
 
@@ -414,7 +414,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     distributed.check_shared_directory(out)
     with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
         tokenizer = build_tokenizer(cfg, out, reuse=resume or not distributed.is_main(), progress=progress)
-        cfg = dataclasses.replace(cfg, model=aligned_model_config(cfg.model, cfg.scaling.variance_alignment).replace(
+        cfg = dataclasses.replace(cfg, model=cfg.model.replace(
             bos_token_id=tokenizer.bos_id, eos_token_id=_eos_ids(cfg, tokenizer), pad_token_id=tokenizer.pad_id,
             vocab_size=max(cfg.model.vocab_size, tokenizer.vocab_size)))  # SFT may add the chat markers
         train_set, val_set = build_datasets(cfg, tokenizer, progress)
