@@ -83,3 +83,7 @@ def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
     assert torch.equal(grown.model.layers[3].mlps[1].up_proj.weight, small.model.layers[1].mlps[1].up_proj.weight)
     with pytest.raises(ValueError, match="already holds"):
         grow_run(tmp_path / "src", tmp_path / "dst")
+    small.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # was written in fp32: twice the bytes
+    grow_run(tmp_path / "bf16", tmp_path / "bf16-grown")
+    grown = LongcatFlash.from_pretrained(tmp_path / "bf16-grown")
+    assert grown.lm_head.weight.dtype == torch.bfloat16  # the dtype the files hold

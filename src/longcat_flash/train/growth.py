@@ -93,7 +93,7 @@ def _grow_hf_model(src: Path, dst: Path, r: int, device: torch.device) -> Path:
     with device:
         grown = Transformer(grow_model_config(small.config, r))
     grown.load_state_dict(grow_state_dict(small.state_dict(), small.config.num_layers, r))
-    hf.save_pretrained(grown, dst)
+    hf.save_pretrained(grown, dst, dtype=small.lm_head.weight.dtype)  # the source's (a bf16 model stays bf16)
     _copy_run_files(src, dst, None)
     return dst
 
