@@ -22,11 +22,11 @@ import math
 import statistics
 
 import torch
-from common import QUICK_RUNS, figure, final_val, parse, positive_float, run, save, seed_list, steps_and_seeds
+from common import QUICK_RUNS, distinct, figure, final_val, parse, positive_float, run, save, seed_list, steps_and_seeds
 
 from longcat_flash.model import Transformer
-from longcat_flash.train.optim import param_kind
 from longcat_flash.train.checkpoints import read_checkpoint
+from longcat_flash.train.optim import param_kind
 
 CLAIM = ("The loss does not depend on Adam's ε while ε is far below the gradient RMS, and degrades once ε "
          "approaches it (§3.1.3, Fig. 7).")
@@ -40,6 +40,11 @@ def arguments(parser) -> None:
     steps_and_seeds(parser, 200, per="ε")
     parser.add_argument("--eps", type=positive_float, nargs="+", default=None,
                         help=f"ε grid (default {EPS}; with --quick {QUICK_EPS})")
+
+
+def eps_grid(args, setup) -> list[float]:
+    """The ε grid, ascending (the smallest is the reference); ValueError for a repeated ε or a single one."""
+    return sorted(distinct("--eps", args.eps or (QUICK_EPS if setup.quick else EPS), 2, "a loss-vs-ε curve"))
 
 
 def trained_parameters(cfg) -> int:
@@ -151,8 +156,8 @@ def verdict_text(eps: list[float], scales: dict, decision: dict) -> str:
 
 
 def main() -> None:
-    setup, args = parse("adam_eps", __doc__, arguments, QUICK_RUNS)
-    eps = sorted(set(args.eps or (QUICK_EPS if setup.quick else EPS)))  # the smallest is the reference
+    setup, args = parse("adam_eps", __doc__, arguments, QUICK_RUNS, eps_grid)
+    eps = eps_grid(args, setup)
     steps, seeds = args.steps, seed_list(args)
     runs = {(e, s): run(setup, f"eps{e:g}-seed{s}", setup.config([f"optim.eps={e}", f"seed={s}", "eval_every=0"],
                                                                  steps)) for e in eps for s in seeds}

@@ -97,6 +97,16 @@ positive_float = _number(float, 0, strict=True)  # learning rates, ε, RoPE base
 non_negative_float = _number(float, 0, strict=False)  # loss weights
 
 
+def distinct(flag: str, values: Sequence[float], least: int = 1, need: str = "") -> list[float]:
+    """The values of a list flag, checked: a repeated one (which would rerun a variant, or shrink a grid below what
+    was asked) or fewer than `least` of them, which `need` requires, is a ValueError."""
+    if repeated := sorted({v for v in values if values.count(v) > 1}):
+        raise ValueError(f"{flag}: {', '.join(f'{v:g}' for v in repeated)} given more than once")
+    if len(values) < least:
+        raise ValueError(f"{flag}: {need} needs at least {least} distinct values, got {len(values)}")
+    return list(values)
+
+
 def steps_and_seeds(parser: argparse.ArgumentParser, steps: int, per: str = "variant", seeds: int = 2) -> None:
     """--steps and --seeds, as most experiments take them (--quick sets both: QUICK_RUNS)."""
     parser.add_argument("--steps", type=positive_int, default=steps, help=f"optimizer steps per run (default {steps})")

@@ -3,7 +3,7 @@
 
     python experiments/width_transfer.py [--quick] [--steps 110] [--proxy 64] [--mults 2 4] [--lrs 2.5e-3 5e-3 ...]
 
---lrs: any two or more distinct LRs (sorted here); the default grid is a factor 2 apart.
+--lrs: any two or more distinct LRs (sorted here; a repeated one is refused); the default grid is a factor 2 apart.
 
 One LR sweep (optim.lr, the proxy's LR) per width and mode. Every width dimension scales with the hidden size
 (FFN and expert FFN widths, q/kv LoRA ranks, attention heads at fixed head dims); depth, experts, top-k, batch,
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import math
 
-from common import figure, final_val, parse, positive_float, positive_int, run, save
+from common import distinct, figure, final_val, parse, positive_float, positive_int, run, save
 
 from longcat_flash.train.trainer import TrainingStopped
 
@@ -53,13 +53,11 @@ def grid(args, setup) -> tuple[list[int], list[float]]:
     """The widths (proxy first, then the wider ones ascending) and the sorted LR grid; ValueError for a grid that
     cannot locate an optimum or a width the model does not scale to."""
     proxy = args.proxy or setup.base.model.hidden_size // 2
-    mults = args.mults or ([2] if setup.quick else [2, 4])
+    mults = distinct("--mults", args.mults or ([2] if setup.quick else [2, 4]))
     if min(mults) < 2:
         raise ValueError(f"--mults: each multiplier must be > 1 (the proxy is always run), got {min(mults)}")
-    lrs = sorted(set(args.lrs or (QUICK_LRS if setup.quick else LRS)))
-    if len(lrs) < 2:
-        raise ValueError(f"--lrs: an optimum needs at least two distinct LRs, got {lrs}")
-    widths = [proxy, *(proxy * k for k in sorted(set(mults)))]
+    lrs = sorted(distinct("--lrs", args.lrs or (QUICK_LRS if setup.quick else LRS), 2, "an optimum"))
+    widths = [proxy, *(proxy * k for k in sorted(mults))]
     for w in widths:
         setup.config(width_overrides(setup.base.model, w))  # each width's config builds
     return widths, lrs

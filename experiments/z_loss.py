@@ -19,6 +19,7 @@ import statistics
 
 from common import (
     QUICK_RUNS,
+    distinct,
     figure,
     final_val,
     non_negative_float,
@@ -48,8 +49,10 @@ def arguments(parser) -> None:
 
 
 def check(args, setup) -> None:
-    if args.z_weights is not None and (args.z_weights[0] != 0 or len(args.z_weights) < 2):
-        raise ValueError("--z-weights: start with 0 (the baseline), then at least one weight to judge")
+    if args.z_weights is not None:
+        distinct("--z-weights", args.z_weights)
+        if args.z_weights[0] != 0 or len(args.z_weights) < 2:
+            raise ValueError("--z-weights: start with 0 (the baseline), then at least one weight to judge")
     setup.config([f"optim.lr={args.lr}"])
 
 

@@ -49,6 +49,10 @@ def _experiment(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("mtp_acceptance", ["--checkpoints", "0"], "--checkpoints"),
     ("mla_scales", ["--q-ratio", "3"], "--q-ratio"),  # does not divide d_model
     ("adam_eps", ["--eps", "-1"], "--eps"),
+    ("adam_eps", ["--eps", "1e-3", "1e-3"], "--eps: 0.001 given more than once"),  # a one-ε "grid"
+    ("adam_eps", ["--eps", "1e-3"], "--eps: a loss-vs-ε curve needs at least 2"),
+    ("width_transfer", ["--lrs", "1e-2", "2e-2", "1e-2"], "--lrs: 0.01 given more than once"),
+    ("z_loss", ["--z-weights", "0", "1e-6", "1e-6"], "--z-weights: 1e-06 given more than once"),
     ("context_extension", ["--theta", "-5"], "--theta"),
     ("width_transfer", ["--mults", "1"], "--mults"),
     ("width_transfer", ["--lrs", "1e-2"], "--lrs"),
