@@ -279,6 +279,8 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     out = capsys.readouterr().out
     assert "max_steps 2 -> 3 reshapes the cosine LR schedule" in out and "done: 3 steps" in out
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
+    last = read_metrics(tmp_path / "run")[-1]  # the line compares the LM loss with val_loss, not the total
+    assert f"step 3: lm_loss {last['lm_loss']:.4f}  val_loss {last['val_loss']:.4f}  (loss {last['loss']:.4f}" in out
     assert "past max_steps=2" in run_cli("train", "--resume", str(tmp_path / "run"), "--max-steps", "2")
     assert "reshapes" not in capsys.readouterr().out  # no note about a schedule the run never takes
 

@@ -270,7 +270,8 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: D
                 record = _timed_step(run)
                 if (cfg.eval_every and state.step % cfg.eval_every == 0) or state.step == cfg.max_steps:
                     record["val_loss"] = evaluate(run.model, run.val, cfg, run.mesh)
-                    log.note(f"step {state.step}: loss {record['loss']:.4f}  val_loss {record['val_loss']:.4f}")
+                    log.note(f"step {state.step}: lm_loss {record['lm_loss']:.4f}  val_loss {record['val_loss']:.4f}  "
+                             f"(loss {record['loss']:.4f}: lm + the MTP, z and balance terms)")  # like with like
                 log.write(record)
                 _check_skips(run, record)
                 if state.step % cfg.checkpoint.save_every == 0 or state.step == cfg.max_steps:
