@@ -18,7 +18,8 @@ model that copies predicts the second copy almost exactly; one that does not sco
 
     python experiments/tool_use.py [--base DIR] [--steps N] [--train-rows N] [--eval-rows N] [--quick]
 --base: a pre-trained checkpoint (e.g. the README quickstart's runs/small); without it the small preset is trained
-first (~4 minutes on 2 cores). --quick (CI): a micro model, a few steps, a few requests; numbers meaningless.
+first on --data with --seed (~4 minutes on 2 cores). --quick (CI): a micro model, a few steps, a few requests;
+numbers meaningless.
 """
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ from common import Setup, figure, parse, positive_int, save
 from longcat_flash.checkpoint.hf import from_pretrained
 from longcat_flash.data.tool_dialogues import case_of, validate_arguments
 from longcat_flash.serve.launch import running_server
-from longcat_flash.train.config import TRAIN_CONFIG_FILE, TrainConfig, recipe
+from longcat_flash.train.config import TRAIN_CONFIG_FILE, TrainConfig, apply_overrides, recipe
 from longcat_flash.train.trainer import train
 
 MODES = {"free": False, "constrained": True}  # mode -> tools sent as strict
@@ -74,11 +75,12 @@ def fresh(path: Path) -> Path:
 
 def base_model(setup: Setup, given: Path | None) -> Path:
     """The pre-trained starting point: --base, else a run in WORK/base (the micro recipe with --quick, else
-    `small`), reused while its saved config is the one asked for and it finished."""
+    `small`, both on --data with --seed), reused while its saved config is the one asked for and it finished."""
     if given is not None:
         return given
     out = setup.work / "base"
-    cfg = setup.config(steps=8) if setup.quick else recipe("small")
+    cfg = setup.config(steps=8) if setup.quick else apply_overrides(
+        recipe("small"), [f"data.source={setup.base.data.source}", f"seed={setup.base.seed}"])
     if not ((out / "config.json").is_file() and saved_config(out, cfg.dtype) == cfg):
         train(cfg, fresh(out), progress=False)
     return out

@@ -197,6 +197,22 @@ def test_width_transfer_optimum_on_an_uneven_grid(experiments_path):
     assert wt.optimum(lrs, losses)["fitted_lr"] == pytest.approx(best)
 
 
+def test_tool_use_pretrains_its_base_on_the_given_data_and_seed(tmp_path: Path, experiments_path, monkeypatch):
+    """Outside --quick the base is the small preset: it was trained on the stdlib with seed 0 whatever was asked."""
+    import tool_use
+    from common import MICRO, Setup
+
+    from longcat_flash.train.config import apply_overrides, recipe
+
+    trained = []
+    monkeypatch.setattr(tool_use, "train", lambda cfg, out, progress: trained.append(cfg))
+    corpus = str(tmp_path / "corpus")
+    base = apply_overrides(recipe("small"), [*MICRO, f"data.source={corpus}", "seed=5"])
+    tool_use.base_model(Setup("tool_use", False, tmp_path / "out", tmp_path / "work", base), None)
+    (cfg,) = trained
+    assert (cfg.data.source, cfg.seed, cfg.preset) == (corpus, 5, "small")
+
+
 def test_tool_use_verdict_gives_every_figure_in_both_modes(experiments_path):
     import tool_use
 
