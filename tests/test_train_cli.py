@@ -199,6 +199,16 @@ def test_a_budget_no_token_can_meet_is_refused(capsys):
     assert "budget.target=3.5" in capsys.readouterr().out
 
 
+def test_a_run_that_never_trains_the_mtp_head_says_so(tmp_path: Path, capsys):
+    """With loss.mtp_weight=0 the head kept its random weights, was saved with the model, and speculative decoding
+    drafted from it (acceptance 0) with no word anywhere."""
+    make_corpus(tmp_path / "corpus")
+    main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress",
+          "--set", "loss.mtp_weight=0", *[a for o in tiny_overrides(tmp_path / "corpus", tmp_path / "cache")
+                                          for a in ("--set", o)]])
+    assert "note: the MTP head does not train in this run (loss.mtp_weight=0)" in capsys.readouterr().out
+
+
 def test_a_metrics_file_cut_short_by_a_kill_reads_up_to_its_last_whole_line(tmp_path: Path):
     lines = ['{"step": 1, "loss": 7.0}', '{"step": 2, "loss": 6.5}']
     (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 3, "lo')
@@ -280,6 +290,7 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     assert "max_steps 2 -> 3 reshapes the cosine LR schedule" in out and "done: 3 steps" in out
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
     last = read_metrics(tmp_path / "run")[-1]  # the line compares the LM loss with val_loss, not the total
+    assert "the MTP head does not train" not in out
     assert f"step 3: lm_loss {last['lm_loss']:.4f}  val_loss {last['val_loss']:.4f}  (loss {last['loss']:.4f}" in out
     assert "past max_steps=2" in run_cli("train", "--resume", str(tmp_path / "run"), "--max-steps", "2")
     assert "reshapes" not in capsys.readouterr().out  # no note about a schedule the run never takes

@@ -297,7 +297,23 @@ def _header(run: Run) -> str:
             + (f"; from {cfg.init_from}" + ("" if run.state.step else _init_changes(cfg)) if cfg.init_from else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
                       if isinstance(data, (ConversationDataset, CopyMix)))
-            + _yarn_note(m))
+            + _yarn_note(m) + _idle_mtp_note(cfg))
+
+
+def _idle_mtp_note(cfg: TrainConfig) -> str:
+    """A head the run never trains is still written to OUT (its config says it has one): say so, since drafts from
+    random weights make `--speculative` slower, never wrong."""
+    if not cfg.model.num_nextn_predict_layers:
+        return ""
+    if cfg.loss.mtp_weight == 0:
+        why = "loss.mtp_weight=0"
+    elif cfg.loss.mtp_start_step >= cfg.max_steps:
+        why = f"loss.mtp_start_step={cfg.loss.mtp_start_step} >= max_steps={cfg.max_steps}"
+    else:
+        return ""
+    return (f"\nnote: the MTP head does not train in this run ({why}): it is saved as the run starts it (random, "
+            "unless init_from's was trained), and speculative decoding drafts from it poorly (or set "
+            "model.num_nextn_predict_layers=0)")
 
 
 def _yarn_note(m: ModelConfig) -> str:
