@@ -187,6 +187,41 @@ def test_mtp_acceptance_reports_the_measured_acceptance_when_not_judged(experime
     assert f"{rows[0]['acceptance']:.3f} at step {rows[0]['step']}" in text
 
 
+def test_mtp_acceptance_judges_the_agreement_by_the_acceptance_rule(experiments_path):
+    """The verdict said the teacher-forced agreement "rises" without computing its trend."""
+    import mtp_acceptance as mtp
+
+    rows = [{"step": 4 * (i + 1), "acceptance": 0.1 * (i + 1), "agreement": 0.6 - 0.1 * i,
+             "distinct_token_fraction": 1.0} for i in range(mtp.MIN_JUDGED + 1)]
+    measured = {0: rows}
+    text = mtp.describe(mtp.trends_of(measured), measured)
+    assert "engine acceptance (greedy, 1 MTP draft, held-out code) rises: seed 0" in text
+    assert "teacher-forced agreement does not rise: seed 0: 0.600 at step 4 -> 0.300 at step 16" in text
+
+
+def test_committed_mtp_acceptance_verdict_follows_its_numbers(experiments_path):
+    import mtp_acceptance as mtp
+
+    record = json.loads((EXPERIMENTS.parent / "docs" / "experiments" / "mtp_acceptance.json").read_text())
+    seeds = {int(key.removeprefix("seed")): value for key, value in record["results"].items() if key != "held_out"}
+    measured = {seed: value["per_checkpoint"] for seed, value in seeds.items()}
+    trends = mtp.trends_of(measured)
+    for seed, value in seeds.items():
+        assert trends["acceptance"][seed].items() <= value.items()
+    assert (record["reproduced"], record["verdict"]) == (mtp.decide(list(trends["acceptance"].values())),
+                                                         mtp.describe(trends, measured))
+
+
+def test_mtp_acceptance_plot_names_the_dotted_seed(experiments_path):
+    """The second seed is --seed + 1, not "seed 2"."""
+    import mtp_acceptance as mtp
+
+    rows = [{"step": 4, "acceptance": 0.5, "agreement": 0.5, "distinct_token_fraction": 1.0}]
+    records = [{"step": 4, "val_loss": 5.0, "mtp_loss": 5.0}]
+    fig = mtp.plot({5: rows, 6: rows}, {5: records, 6: records})
+    assert fig.axes[0].get_title() == "acceptance (hollow: degenerate output; dotted: seed 6)"
+
+
 def test_width_transfer_optimum_on_an_uneven_grid(experiments_path):
     import math
 
