@@ -107,21 +107,65 @@ def test_a_changed_setting_does_not_overwrite_the_committed_results(tmp_path: Pa
     assert reference.read_bytes() == before and not (tmp_path / "_data").exists()
 
 
-def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_path: Path):
-    run, out, steps = tmp_path / "run", tmp_path / "out", 20
+BUDGET_CONVERGENCE = str(EXPERIMENTS / "budget_convergence.py")
+
+
+def _budget_records(steps: int, grown_at: int | None = None) -> list[dict]:
+    """A `longcat train` run's metrics records: 2 layers, 4 from step `grown_at` on (`longcat grow`, resumed)."""
+    def layers(s: int) -> list[float]:
+        return [1.0, 2.0, 3.0, 4.0] if grown_at is not None and s >= grown_at else [2.0, 2.0 + (-1) ** s / s]
+
+    return [{"step": s, "skipped": False, "ffn_experts_target": 2.0, "ffn_experts_per_token": 2.0 + (-1) ** s / s,
+             "ffn_experts_per_layer": layers(s), "ffn_experts_std": 0.5} for s in range(1, steps + 1)]
+
+
+def _budget_run(run: Path, records: list[dict], zero_experts: int = 4) -> Path:
+    """A run directory as budget_convergence reads it: metrics.jsonl and train_config.json."""
+    from longcat_flash.train.config import apply_overrides, recipe
+
     run.mkdir()
-    (run / "metrics.jsonl").write_text("".join(json.dumps(
-        {"step": s, "skipped": False, "ffn_experts_target": 2.0, "ffn_experts_per_token": 2.0 + (-1) ** s / s,
-         "ffn_experts_per_layer": [2.0, 2.0 + (-1) ** s / s], "ffn_experts_std": 0.5}) + "\n"
-        for s in range(1, steps + 1)))
-    script = str(EXPERIMENTS / "budget_convergence.py")
-    bad = _experiment(script, str(run), "--tolerance", "-1")
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (run / "train_config.json").write_text(
+        apply_overrides(recipe("small"), [f"model.zero_expert_num={zero_experts}"]).to_json())
+    return run
+
+
+def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_path: Path):
+    run, out, steps = _budget_run(tmp_path / "run", _budget_records(20)), tmp_path / "out", 20
+    bad = _experiment(BUDGET_CONVERGENCE, str(run), "--tolerance", "-1")
     assert bad.returncode == 2 and "--tolerance" in bad.stderr.splitlines()[-1], bad.stderr
-    proc = _experiment(script, str(run), "--out", str(out))
+    proc = _experiment(BUDGET_CONVERGENCE, str(run / "metrics.jsonl"), "--out", str(out))  # the file itself
     assert proc.returncode == 0, proc.stderr
-    summary = json.loads((out / "budget_convergence.json").read_text())
+    written = [out / "budget_convergence.json", out / "budget_convergence.png"]
+    assert proc.stdout.splitlines()[-1] == f"[budget_convergence] wrote {written[0]} and {written[1]}"
+    summary = json.loads(written[0].read_text())
     assert summary["tail_steps"] == steps and not any(key.startswith("last50") for key in summary)
     assert not (run / "budget_convergence.json").exists()
+
+
+@pytest.mark.parametrize("records, zero_experts, message", [
+    ([{"step": 1}, {"step": 2}], 4, "metrics.jsonl: record 1 lacks skipped, ffn_experts_target, "
+                                    "ffn_experts_per_token, ffn_experts_per_layer, ffn_experts_std"),
+    (_budget_records(20), 0, "the run's model has no zero experts"),  # was reported as perfect control
+])
+def test_budget_convergence_refuses_what_is_not_a_budget_run(records: list, zero_experts: int, message: str,
+                                                             tmp_path: Path):
+    run = _budget_run(tmp_path / "run", records, zero_experts)
+    proc = _experiment(BUDGET_CONVERGENCE, str(run))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert message in proc.stderr.splitlines()[-1] and not (run / "budget_convergence.json").exists()
+
+
+def test_budget_convergence_keeps_the_layers_a_grown_run_added(tmp_path: Path, experiments_path):
+    """Grown from 2 to 4 layers at step 11: the tail means and the plot dropped layers 2 and 3."""
+    import budget_convergence
+
+    records = _budget_records(20, grown_at=11)
+    summary = budget_convergence.summarize(records, 10, 0.03)
+    assert summary["tail_layer_means"][2:] == [3.0, 4.0] and summary["tail_layer_steps"] == [20, 20, 10, 10]
+    fig = budget_convergence.plot(records, 2.0, tmp_path / "budget_convergence.png")
+    drawn = [list(line.get_xdata()) for line in fig.axes[0].lines[:4]]
+    assert drawn == [list(range(1, 21))] * 2 + [list(range(11, 21))] * 2
 
 
 # ---- the experiments' own logic, on made-up measurements ----
