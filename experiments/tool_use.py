@@ -23,7 +23,6 @@ numbers meaningless.
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 import subprocess
@@ -39,10 +38,11 @@ from common import Setup, figure, parse, positive_int, save
 from longcat_flash.checkpoint.hf import from_pretrained
 from longcat_flash.data.tool_dialogues import case_of, validate_arguments
 from longcat_flash.serve.launch import running_server
-from longcat_flash.train.config import TRAIN_CONFIG_FILE, TrainConfig, apply_overrides, recipe
+from longcat_flash.train.config import apply_overrides, recipe
 from longcat_flash.train.trainer import train
 
 MODES = {"free": False, "constrained": True}  # mode -> tools sent as strict
+ASKED_CONFIG = "asked_config.json"  # in WORK/base: the config the base was trained for, to reuse it
 QUICK = {"steps": 3, "train_rows": 64, "eval_rows": 8}
 
 
@@ -81,15 +81,11 @@ def base_model(setup: Setup, given: Path | None) -> Path:
     out = setup.work / "base"
     cfg = setup.config(steps=8) if setup.quick else apply_overrides(
         recipe("small"), [f"data.source={setup.base.data.source}", f"seed={setup.base.seed}"])
-    if not ((out / "config.json").is_file() and saved_config(out, cfg.dtype) == cfg):
+    asked = out / ASKED_CONFIG  # what the run was asked for: the trainer saves its config resolved (dtypes, paths)
+    if not ((out / "config.json").is_file() and asked.is_file() and asked.read_text() == cfg.to_json()):
         train(cfg, fresh(out), progress=False)
+        asked.write_text(cfg.to_json())  # after the run finished: a killed one is trained again
     return out
-
-
-def saved_config(run: Path, dtype: str) -> TrainConfig | None:
-    """The config a finished run saved, with the dtype it was asked for (the trainer saves "auto" resolved)."""
-    path = run / TRAIN_CONFIG_FILE
-    return dataclasses.replace(TrainConfig.from_json(path), dtype=dtype) if path.is_file() else None
 
 
 def first_call_turn(row: dict[str, Any]) -> tuple[list[dict], list[tuple[str, Any]]]:

@@ -287,9 +287,16 @@ def test_tool_use_pretrains_its_base_on_the_given_data_and_seed(tmp_path: Path, 
     monkeypatch.setattr(tool_use, "train", lambda cfg, out, progress: trained.append(cfg))
     corpus = str(tmp_path / "corpus")
     base = apply_overrides(recipe("small"), [*MICRO, f"data.source={corpus}", "seed=5"])
-    tool_use.base_model(Setup("tool_use", False, tmp_path / "out", tmp_path / "work", base), None)
+    setup = Setup("tool_use", False, tmp_path / "out", tmp_path / "work", base)
+    tool_use.base_model(setup, None)
     (cfg,) = trained
     assert (cfg.data.source, cfg.seed, cfg.preset) == (corpus, 5, "small")
+    (tmp_path / "work" / "base" / "config.json").write_text("{}")  # as the finished run leaves it
+    tool_use.base_model(setup, None)
+    assert len(trained) == 1  # reused: it was compared with the config as the trainer saves it, never equal
+    tool_use.base_model(Setup("tool_use", False, tmp_path / "out", tmp_path / "work",
+                              apply_overrides(base, ["seed=6"])), None)
+    assert [c.seed for c in trained] == [5, 6]
 
 
 def test_tool_use_verdict_gives_every_figure_in_both_modes(experiments_path):
