@@ -16,7 +16,7 @@ from train_support import make_corpus, tiny_overrides
 
 from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
-from longcat_flash.train.config import ScalingConfig, ScheduleConfig, apply_overrides, recipe
+from longcat_flash.train.config import ScalingConfig, ScheduleConfig, apply_overrides, build_config, recipe
 from longcat_flash.train.metrics import read_metrics
 
 
@@ -185,6 +185,9 @@ def test_variance_alignment_shows_in_the_config_and_refuses_a_contradicting_mode
                       "--set", "model.routed_scaling_factor=3.0")
     assert "scaling.variance_alignment=off sets model.mla_scale_q_lora" in message
     assert "--set model.routed_scaling_factor contradicts or repeats it" in message
+    aligned = dataclasses.replace(recipe("tiny"), scaling=ScalingConfig(variance_alignment="on"))
+    with pytest.raises(ValueError, match="scaling.variance_alignment=on sets"):  # a resumed run's, not --set
+        build_config(None, ["model.mla_scale_kv_lora=false"], aligned)
 
 
 def test_a_budget_no_token_can_meet_is_refused(capsys):

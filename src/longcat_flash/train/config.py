@@ -515,13 +515,18 @@ ALIGNED_FIELDS = ("model.mla_scale_q_lora", "model.mla_scale_kv_lora", "model.ro
 
 
 def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None = None) -> TrainConfig:
-    """The run's config: a preset's recipe (default small) or, when resuming, the saved config; then overrides."""
-    alignment = _last_value(overrides, "scaling.variance_alignment")
-    if alignment not in (None, "preset", "'preset'") and (both := [k for k in ALIGNED_FIELDS
-                                                                   if _last_value(overrides, k) is not None]):
+    """The run's config: a preset's recipe (default small) or, when resuming, the saved config; then overrides.
+    A model field that scaling.variance_alignment sets is refused beside it (the alignment would overwrite it)."""
+    cfg = _overridden(preset, overrides, saved)
+    alignment = cfg.scaling.variance_alignment
+    if alignment != "preset" and (set_too := [k for k in ALIGNED_FIELDS if _last_value(overrides, k) is not None]):
         raise ValueError(f"scaling.variance_alignment={alignment} sets {', '.join(ALIGNED_FIELDS)}; --set "
-                         f"{both[0]} contradicts or repeats it: give one of them (variance_alignment=preset keeps "
+                         f"{set_too[0]} contradicts or repeats it: give one of them (variance_alignment=preset keeps "
                          "the model's own values)")
+    return cfg
+
+
+def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None) -> TrainConfig:
     if _last_value(overrides, "preset") is not None:
         raise ValueError("preset is chosen with --preset, which picks the whole recipe; --set preset=... would only "
                          "rename the run")
