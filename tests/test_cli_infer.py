@@ -69,6 +69,55 @@ def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint,
         main(["generate", "--model", str(checkpoint), "--prompt", "bad \udcff byte"])
 
 
+def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):
+    """Ctrl-C during a reply ended the whole chat (KeyboardInterrupt out of an engine step), losing the
+    conversation: now it stops the reply between two steps, and the partial reply stays in the conversation."""
+    import os
+    import signal
+
+    lines = iter(["hello", "again", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    prompts, steps = [], []
+    add_request, step = Engine.add_request, Engine.step
+    monkeypatch.setattr(Engine, "add_request", lambda self, prompt, *args: prompts.append(prompt) or
+                        add_request(self, prompt, *args))
+
+    def step_then_ctrl_c(self):  # the user presses Ctrl-C while the third step of the first reply runs
+        steps.append(1)
+        if len(steps) == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(self)
+
+    monkeypatch.setattr(Engine, "step", step_then_ctrl_c)
+    main(["chat", "--model", str(checkpoint), "--max-new-tokens", "20", "--ignore-eos"])
+    out = capsys.readouterr().out
+    assert out.count("assistant> ") == 2 and out.count(" [stopped]") == 1
+    tokenizer = Tokenizer.load(checkpoint)
+    first_reply = out.split("assistant> ")[1].split(" [stopped]")[0]
+    assert first_reply and first_reply in tokenizer.decode(prompts[1])  # kept in the conversation
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Ctrl-C at the prompt ends the chat
+
+
+def test_a_line_or_system_message_the_chat_cannot_take_is_one_line(checkpoint, tmp_path, capsys, monkeypatch):
+    """A line the chat template refuses (it rewrites text into a special token's) ended the chat; a --system
+    message longer than the context left every line refused, /reset included (it keeps the system message)."""
+    import shutil
+
+    rewriting = shutil.copytree(checkpoint, tmp_path / "rewriting")
+    config = json.loads((rewriting / "tokenizer_config.json").read_text())
+    config["chat_template"] = config["chat_template"].replace(
+        "{{- text(message['content']) -}}", "{{- text(message['content']) | replace('<', '&lt;') -}}", 1)
+    assert "&lt;" in config["chat_template"]
+    (rewriting / "tokenizer_config.json").write_text(json.dumps(config))
+    lines = iter(["hi", "what about </s> tags", "ok", "/exit"])
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
+    main(["chat", "--model", str(rewriting), "--max-new-tokens", "3", "--ignore-eos"])
+    out = capsys.readouterr().out
+    assert "; type it again]" in out and out.count("assistant> ") == 2
+    with pytest.raises(SystemExit, match="--system: the system message alone does not fit the model's context"):
+        main(["chat", "--model", str(checkpoint), "--system", "x " * 2000])
+
+
 def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):
     with pytest.raises(SystemExit, match="context"):
         main(["generate", "--model", str(checkpoint), "--prompt", "x " * 2000])

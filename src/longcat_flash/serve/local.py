@@ -1,8 +1,11 @@
 """In-process text generation for `longcat generate` and `longcat chat`: the server's text handling, no HTTP."""
 from __future__ import annotations
 
+import contextlib
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -41,14 +44,20 @@ def load_session(model_dir: str | Path, *, dtype: str | None = None, quantize: s
 
 
 def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
-                  stop: list[str] | None = None, on_text: Callable[[str], None] | None = None) -> Result:
-    """Run one prompt (token ids) to completion; `on_text` receives each new piece of text as it is safe to show."""
+                  stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
+                  interrupt: threading.Event | None = None) -> Result:
+    """Run one prompt (token ids) to completion; `on_text` receives each new piece of text as it is safe to show.
+    `interrupt`, once set, ends the request between two engine steps (finish reason "interrupted")."""
     text = TextState(tokenizer, stop or [])
     before = replace(engine.stats.drafts)  # the engine's running totals: this request's are the difference
     start = time.perf_counter()
     rid = engine.add_request(prompt, params)
     first = reason = None
     while reason is None:
+        if interrupt is not None and interrupt.is_set():
+            engine.cancel(rid)
+            reason = "interrupted"
+            break
         for out in engine.step():
             if out.request_id != rid:
                 continue
@@ -74,8 +83,12 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
 
 def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read: Callable[[str], str],
               write: Callable[[str], None], system: str | None = None) -> None:
-    """Interactive chat: the conversation so far goes through the chat template every turn. EOF or /exit ends."""
+    """Interactive chat: the conversation so far goes through the chat template every turn. EOF or /exit ends;
+    Ctrl-C during a reply stops that reply and keeps the conversation (at the prompt it ends the chat)."""
     messages = [{"role": "system", "content": system}] if system else []
+    if system and len(_chat_prompt(tokenizer, messages)) >= engine.max_context:
+        raise ValueError(f"--system: the system message alone does not fit the model's context of "
+                         f"{engine.max_context} tokens")
     while True:
         try:
             line = read("you> ")
@@ -90,19 +103,38 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             continue
         try:
             utf8_text(line)
-        except ValueError as err:  # an undecodable byte in the line: say so, keep the conversation
+            prompt = _chat_prompt(tokenizer, [*messages, {"role": "user", "content": line}])
+        except ValueError as err:  # an undecodable byte, or text the template refuses: keep the conversation
             write(f"[{err}; type it again]\n")
             continue
-        messages.append({"role": "user", "content": line})
-        prompt = tokenizer.encode_chat(tokenizer.render_chat(messages))[0]
         if len(prompt) >= engine.max_context:
             write("[that message does not fit the context with the conversation so far; send a shorter one, or "
                   "/reset to start over]\n")
-            messages.pop()
             continue
+        messages.append({"role": "user", "content": line})
         room = engine.max_context - len(prompt)
         turn = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         write("assistant> ")
-        reply = generate_text(engine, tokenizer, prompt, turn, on_text=write)
-        write("\n")
+        with interrupt_on_sigint() as interrupt:
+            reply = generate_text(engine, tokenizer, prompt, turn, on_text=write, interrupt=interrupt)
+        write(" [stopped]\n" if reply.finish_reason == "interrupted" else "\n")
         messages.append({"role": "assistant", "content": reply.text})
+
+
+def _chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    return tokenizer.encode_chat(tokenizer.render_chat(messages))[0]
+
+
+@contextlib.contextmanager
+def interrupt_on_sigint() -> Iterator[threading.Event]:
+    """An event that Ctrl-C sets while the block runs (instead of raising KeyboardInterrupt in the middle of an
+    engine step, which would leave its cache and queues half updated); off the main thread, one never set."""
+    interrupt = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield interrupt
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupt.set())
+    try:
+        yield interrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
