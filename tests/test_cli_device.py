@@ -31,14 +31,16 @@ def longcat(args: list[str], tmp_path, model) -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-@pytest.mark.parametrize("device", ["cuda", "cuda:1", "tpu"])
+@pytest.mark.parametrize("device", ["cuda", "cuda:1", "tpu", "mps"])
 def test_an_unusable_device_is_one_line_and_status_2(command, device, tmp_path, model, capsys):
     with pytest.raises(SystemExit) as exit_:
         longcat(COMMANDS[command] + ["--device", device], tmp_path, model)
     assert exit_.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"longcat {command}: --device {device}")
-    assert ("CUDA is not available" in lines[0]) if device.startswith("cuda") else ("not a device" in lines[0])
+    expected = {"cuda": "CUDA is not available", "tpu": "not a device", "mps": "an accelerator this project does "
+                "not run on"}[device.partition(":")[0]]  # mps is one torch knows: "not a device" was wrong
+    assert expected in lines[0]
     assert not (tmp_path / "run").exists() and not (tmp_path / "fresh").exists()  # failed before any work
 
 
@@ -74,3 +76,9 @@ def test_each_process_gets_its_own_gpu_or_a_clear_error(spec, monkeypatch):
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
     with pytest.raises(DeviceError, match="LOCAL_RANK is 3, but this process sees 2 CUDA devices"):
         resolve_device(spec)
+
+
+def test_torchs_name_for_the_cpu_is_taken():
+    from longcat_flash.device import resolve_device
+
+    assert resolve_device("cpu:0") == resolve_device(" CPU") == torch.device("cpu")  # cpu:0 was "not a device"

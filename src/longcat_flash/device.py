@@ -23,13 +23,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     """The torch.device for `spec`; `cuda` alone means this process's GPU (LOCAL_RANK under torchrun)."""
     spec = "auto" if spec is None else str(spec).strip().lower()
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if spec == "cpu":
+    if spec in ("cpu", "cpu:0"):  # torch's name for the one CPU device too
         return torch.device("cpu")
     if spec == "auto":
         return torch.device("cuda", _local_gpu(local, spec)) if torch.cuda.is_available() else torch.device("cpu")
     match = _CUDA.match(spec)
     if match is None:
-        raise DeviceError(f"--device {spec}: not a device; use {DEVICE_CHOICES}")
+        other = spec.partition(":")[0] in ("mps", "xpu", "hpu", "npu", "mtia")  # accelerators torch knows
+        what = "an accelerator this project does not run on" if other else "not a device"
+        raise DeviceError(f"--device {spec}: {what}; use {DEVICE_CHOICES}")
     if not torch.cuda.is_available():
         raise DeviceError(f"--device {spec}: CUDA is not available on this machine (torch {torch.__version__}, "
                           f"built {'with' if torch.backends.cuda.is_built() else 'without'} CUDA); use --device cpu")
