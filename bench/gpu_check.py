@@ -576,6 +576,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.device.strip().lower() == "auto":  # would measure the CPU on a machine without a GPU, and pass
+            raise DeviceError("--device auto: name the device to measure (cuda, cuda:N or cpu)")
         device = resolve_device(args.device)
     except DeviceError as err:
         print(f"gpu_check: {err}", file=sys.stderr)

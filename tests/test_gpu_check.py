@@ -23,6 +23,15 @@ def test_quick_mode_runs_every_section_and_writes_its_figures(tmp_path):
     assert set(report["sections"]) == {"environment", "train", "transformers_train", "decode"}
 
 
+def test_the_device_to_measure_is_named(tmp_path):
+    """--device auto measured the CPU on a machine without a GPU and reported the check passed."""
+    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "auto", "--quick",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and "--device auto: name the device to measure" in proc.stderr
+    assert not (tmp_path / "gpu_check.json").exists()
+
+
 def test_a_decode_too_fast_to_time_apart_from_its_prefill_has_no_rate(monkeypatch):
     """Decode rate = (N - 1) tokens over t(N) - t(1); when noise makes t(N) <= t(1), no figure, not 3e9 tok/s."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))  # the script imports its sibling benchmarks
