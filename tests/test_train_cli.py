@@ -202,6 +202,12 @@ def test_a_budget_no_token_can_meet_is_refused(capsys):
     assert "budget.target=3.5" in capsys.readouterr().out
 
 
+def test_an_unknown_preset_lists_the_ones_train_takes():
+    """The list named `sft`, which `longcat train --preset sft` then refused."""
+    assert run_cli("train", "--preset", "nope") == ("longcat train: --preset nope: no such recipe; choose one of "
+                                                     "tiny, small, bench")
+
+
 def test_a_run_that_never_trains_the_mtp_head_says_so(tmp_path: Path, capsys):
     """With loss.mtp_weight=0 the head kept its random weights, was saved with the model, and speculative decoding
     drafted from it (acceptance 0) with no word anywhere."""

@@ -174,7 +174,7 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
     from .train.checkpoints import resume_config, schedule_notice
-    from .train.config import build_config, describe
+    from .train.config import RECIPES, build_config, describe
     from .train.trainer import TrainingStopped, train
 
     out = args.resume if isinstance(args.resume, str) else args.out
@@ -192,6 +192,9 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError(f"--{flag_of[key].replace('_', '-')} and --set {clash} both set {key}; give one of them")
     if args.command == "train" and args.preset == "sft":
         raise ValueError("the sft recipe fine-tunes a model on conversations: longcat sft --model DIR --data FILE")
+    if args.command == "train" and args.preset is not None and args.preset not in RECIPES:
+        raise ValueError(f"--preset {args.preset}: no such recipe; choose one of "
+                         f"{', '.join(p for p in RECIPES if p != 'sft')}")
     preset = args.preset if args.command == "train" else None if args.resume else args.preset_name
     saved = resume_config(out) if args.resume else None
     if saved is not None and (saved.sft.data is not None) != (args.command == "sft"):
