@@ -284,7 +284,7 @@ def test_tool_use_pretrains_its_base_on_the_given_data_and_seed(tmp_path: Path, 
     from longcat_flash.train.config import apply_overrides, recipe
 
     trained = []
-    monkeypatch.setattr(tool_use, "train", lambda cfg, out, progress: trained.append(cfg))
+    monkeypatch.setattr(tool_use, "train", lambda cfg, out, progress: trained.append(cfg) or out.mkdir(parents=True))
     corpus = str(tmp_path / "corpus")
     base = apply_overrides(recipe("small"), [*MICRO, f"data.source={corpus}", "seed=5"])
     setup = Setup("tool_use", False, tmp_path / "out", tmp_path / "work", base)
