@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
 import re
+import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -179,3 +184,27 @@ def test_disconnected_client_is_cancelled_and_frees_its_pages(server, copies):
     else:
         pytest.fail("the abandoned request was not cancelled, or its pages were not freed")
     assert metric(base, "longcat_running_requests") == 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_a_server_stops_when_its_parent_is_killed(tmp_path):
+    """An experiment killed by a time-out (SIGKILL: no `finally`) left its `longcat serve` running."""
+    model = init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32, seed=0)
+    parent = subprocess.Popen([sys.executable, "-c", f"""
+import os, signal, sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from serve_support import running_server
+with running_server({str(model)!r}):
+    children = open(f"/proc/{{os.getpid()}}/task/{{os.getpid()}}/children").read().split()
+    print(children[0], flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""], stdout=subprocess.PIPE, text=True)
+    server = int(parent.stdout.readline())
+    parent.wait(timeout=120)
+    deadline = time.time() + 30
+    while Path(f"/proc/{server}").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    alive = Path(f"/proc/{server}").exists()
+    if alive:
+        os.kill(server, signal.SIGKILL)
+    assert not alive, "the server outlived its parent"

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 
@@ -31,7 +33,7 @@ def running_server(model_dir: str | Path, *args: str, threads: int = 1, startup_
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a long run's output can never block the server
         proc = subprocess.Popen([*exe, "serve", "--model", str(model_dir), "--port", str(port), *args],
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=log,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT, preexec_fn=_stop_with_parent if _PRCTL else None)
         base = f"http://127.0.0.1:{port}"
         try:
             deadline = time.time() + startup_s
@@ -49,6 +51,26 @@ def running_server(model_dir: str | Path, *args: str, threads: int = 1, startup_
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _prctl() -> Callable[..., int] | None:
+    """Linux's prctl, or None: a server whose parent is killed (SIGKILL skips the `finally` above) stops with it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _prctl()
+PR_SET_PDEATHSIG = 1
+
+
+def _stop_with_parent() -> None:
+    """In the child before exec: SIGTERM when the parent dies (an experiment killed by a time-out left its server
+    running, holding a port and its model's memory)."""
+    _PRCTL(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def _healthy(base: str) -> bool:
