@@ -43,16 +43,23 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
     assert spec["completion_tokens"] == 7 and 0.0 <= spec["acceptance_rate"] <= 1.0
 
 
+def chat(model, lines: list[str], monkeypatch, capsys, *flags: str) -> str:
+    """`longcat chat` with `lines` typed in, one per prompt; what it printed."""
+    typed = iter(lines)
+    monkeypatch.setattr(builtins, "input", lambda prompt="": next(typed))
+    main(["chat", "--model", str(model), *flags])
+    return capsys.readouterr().out
+
+
 def test_chat_keeps_the_conversation(checkpoint, capsys, monkeypatch):
     """Each turn's prompt holds the turns before it; /reset drops them."""
-    lines = iter(["hello", "what next", "/reset", "again", "/exit"])
-    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
     prompts = []
     add_request = Engine.add_request
     monkeypatch.setattr(Engine, "add_request", lambda self, prompt, *args: prompts.append(prompt) or
                         add_request(self, prompt, *args))
-    main(["chat", "--model", str(checkpoint), "--max-new-tokens", "5", "--ignore-eos"])
-    assert capsys.readouterr().out.count("assistant> ") == 3
+    out = chat(checkpoint, ["hello", "what next", "/reset", "again", "/exit"], monkeypatch, capsys,
+               "--max-new-tokens", "5", "--ignore-eos")
+    assert out.count("assistant> ") == 3
     first, second, after_reset = (Tokenizer.load(checkpoint).decode(p) for p in prompts)
     assert "hello" in first and "hello" in second and "what next" in second
     assert "again" in after_reset and "hello" not in after_reset and "what next" not in after_reset
@@ -60,10 +67,8 @@ def test_chat_keeps_the_conversation(checkpoint, capsys, monkeypatch):
 
 def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):
     """Python hands an undecodable stdin byte over as a lone surrogate; the tokenizer raised a TypeError on it."""
-    lines = iter(["hello", "bad \udcff byte", "again", "/exit"])
-    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
-    main(["chat", "--model", str(checkpoint), "--max-new-tokens", "3", "--ignore-eos"])
-    out = capsys.readouterr().out
+    out = chat(checkpoint, ["hello", "bad \udcff byte", "again", "/exit"], monkeypatch, capsys,
+               "--max-new-tokens", "3", "--ignore-eos")
     assert "not valid UTF-8" in out and out.count("assistant> ") == 2
     with pytest.raises(SystemExit, match="not valid UTF-8"):
         main(["generate", "--model", str(checkpoint), "--prompt", "bad \udcff byte"])
@@ -75,8 +80,6 @@ def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(checkpoint, capsys, m
     import os
     import signal
 
-    lines = iter(["hello", "again", "/exit"])
-    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
     prompts, steps = [], []
     add_request, step = Engine.add_request, Engine.step
     monkeypatch.setattr(Engine, "add_request", lambda self, prompt, *args: prompts.append(prompt) or
@@ -89,8 +92,7 @@ def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(checkpoint, capsys, m
         return step(self)
 
     monkeypatch.setattr(Engine, "step", step_then_ctrl_c)
-    main(["chat", "--model", str(checkpoint), "--max-new-tokens", "20", "--ignore-eos"])
-    out = capsys.readouterr().out
+    out = chat(checkpoint, ["hello", "again", "/exit"], monkeypatch, capsys, "--max-new-tokens", "20", "--ignore-eos")
     assert out.count("assistant> ") == 2 and out.count(" [stopped]") == 1
     tokenizer = Tokenizer.load(checkpoint)
     first_reply = out.split("assistant> ")[1].split(" [stopped]")[0]
@@ -109,10 +111,8 @@ def test_a_line_or_system_message_the_chat_cannot_take_is_one_line(checkpoint, t
         "{{- text(message['content']) -}}", "{{- text(message['content']) | replace('<', '&lt;') -}}", 1)
     assert "&lt;" in config["chat_template"]
     (rewriting / "tokenizer_config.json").write_text(json.dumps(config))
-    lines = iter(["hi", "what about </s> tags", "ok", "/exit"])
-    monkeypatch.setattr(builtins, "input", lambda prompt="": next(lines))
-    main(["chat", "--model", str(rewriting), "--max-new-tokens", "3", "--ignore-eos"])
-    out = capsys.readouterr().out
+    out = chat(rewriting, ["hi", "what about </s> tags", "ok", "/exit"], monkeypatch, capsys, "--max-new-tokens", "3",
+               "--ignore-eos")
     assert "; type it again]" in out and out.count("assistant> ") == 2
     with pytest.raises(SystemExit, match="--system: the system message alone does not fit the model's context"):
         main(["chat", "--model", str(checkpoint), "--system", "x " * 2000])

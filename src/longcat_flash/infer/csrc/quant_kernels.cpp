@@ -15,8 +15,7 @@ static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int6
     int64_t at[P];
     pass_rows<P>(w, o, o1, I, r, at);
     __m512 a[P][M];
-    for (int j = 0; j < P; ++j)
-      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
+    zero(a);
     int64_t k = 0;
     for (; k + 16 <= I; k += 16) {
       __m512 wv[P];
@@ -200,8 +199,7 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
                            _mm512_mul_ps(_mm512_loadu_ps(sj + g), _mm512_loadu_ps(x.d + m * nG + g)));
     }
     __m512 a[P][M];
-    for (int j = 0; j < P; ++j)
-      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
+    zero(a);
     int64_t g = 0, g_end = G;  // groups of 128 or more: the chunk's first group, counted (a division per chunk
     for (int64_t k = 0; k < I; k += 128) {  // costs more than the rest of its work)
       __m512i lo[P], hi[P];
@@ -308,12 +306,10 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
     int64_t at[P];
     pass_rows<P>(w, o, o1, I, r, at);
     __m512 a[P][M];
-    for (int j = 0; j < P; ++j)
-      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
+    zero(a);
     for (int64_t kb = 0; kb < nI; ++kb) {
       __m512i acc[P][M];
-      for (int j = 0; j < P; ++j)
-        for (int m = 0; m < M; ++m) acc[j][m] = _mm512_setzero_si512();
+      zero(acc);
       for (int64_t k = kb * 128; k < std::min(I, kb * 128 + 128); k += 64) {
         const __mmask64 n = I - k >= 64 ? ~0ULL : (1ULL << (I - k)) - 1;
         __m512i wv[P], u[P];
@@ -406,8 +402,7 @@ static void bf16_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t o0, 
     int64_t at[P];
     pass_rows<P>(w, o, o1, I, r, at);
     __m512 a[P][M];
-    for (int j = 0; j < P; ++j)
-      for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
+    zero(a);
     for (int64_t k = 0; k < I; k += 32) {
       const __mmask32 n = I - k >= 32 ? ~0u : (1u << (I - k)) - 1;
       __m512bh wv[P];

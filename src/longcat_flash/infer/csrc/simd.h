@@ -31,6 +31,18 @@ static inline void pass_rows(const W* w, int64_t o, int64_t o1, int64_t I, const
   for (int j = 0; j < P; ++j) at[j] = std::min(o + j, o1 - 1), r[j] = w + at[j] * I;
 }
 
+// Every accumulator of a pass, a[j][m] for weight row j and row m of x, set to zero.
+template <int P, int M>
+static inline void zero(__m512 (&a)[P][M]) {
+  for (int j = 0; j < P; ++j)
+    for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_ps();
+}
+template <int P, int M>
+static inline void zero(__m512i (&a)[P][M]) {
+  for (int j = 0; j < P; ++j)
+    for (int m = 0; m < M; ++m) a[j][m] = _mm512_setzero_si512();
+}
+
 static inline __mmask16 tail16(int64_t n) { return n >= 16 ? 0xFFFF : (1u << n) - 1; }  // the first n of 16
 
 // Up to 16 values (mask n) of a row of x as fp32.
