@@ -11,15 +11,13 @@ template <typename W, int M>
 static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int64_t I, int64_t O, float* y) {
   constexpr int P = rows_per_pass(M);
   for (int64_t o = o0; o < o1; o += P) {
-    const W* r[P];
-    int64_t at[P];
-    pass_rows<P>(w, o, o1, I, r, at);
+    const Pass<P, W> pass(w, o, o1, I);
     __m512 a[P][M];
     zero(a);
     int64_t k = 0;
     for (; k + 16 <= I; k += 16) {
       __m512 wv[P];
-      for (int j = 0; j < P; ++j) prefetch(r[j] + k), wv[j] = load16(r[j] + k);
+      for (int j = 0; j < P; ++j) prefetch(pass.r[j] + k), wv[j] = load16(pass.r[j] + k);
       for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_loadu_ps(xs + m * I + k);
         for (int j = 0; j < P; ++j) a[j][m] = _mm512_fmadd_ps(wv[j], xv, a[j][m]);
@@ -28,8 +26,8 @@ static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int6
     for (int m = 0; m < M; ++m)
       for (int j = 0; j < P; ++j) {
         float tail = 0.f;
-        for (int64_t t = k; t < I; ++t) tail += xs[m * I + t] * scalar(r[j][t]);
-        y[m * O + at[j]] = _mm512_reduce_add_ps(a[j][m]) + tail;
+        for (int64_t t = k; t < I; ++t) tail += xs[m * I + t] * scalar(pass.r[j][t]);
+        y[m * O + pass.at[j]] = _mm512_reduce_add_ps(a[j][m]) + tail;
       }
   }
 }
@@ -186,13 +184,11 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
   constexpr int P = rows_per_pass(M);
   const int64_t nG = x.nG, half = I / 2;
   for (int64_t o = o0; o < o1; o += P) {
-    const uint8_t* r[P];
-    int64_t at[P];
-    pass_rows<P>(w, o, o1, half, r, at);
+    const Pass<P, uint8_t> pass(w, o, o1, half);
     float* fs[P];  // (M, nG) each: the pass's group scales times x's steps
     for (int j = 0; j < P; ++j) {
       fs[j] = f + j * (8 * nG + 16);
-      const float* sj = s + (at[j] - o0) * nG;
+      const float* sj = s + (pass.at[j] - o0) * nG;
       for (int m = 0; m < M; ++m)  // whole vectors: past nG they write what the next m (or the spare 16) overwrites
         for (int64_t g = 0; g < nG; g += 16)
           _mm512_storeu_ps(fs[j] + m * nG + g,
@@ -204,7 +200,7 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
     for (int64_t k = 0; k < I; k += 128) {  // costs more than the rest of its work)
       __m512i lo[P], hi[P];
       for (int j = 0; j < P; ++j)
-        prefetch(r[j] + k / 2), codes128(r[j] + k / 2, std::min<int64_t>(64, (I - k) / 2), lo[j], hi[j]);
+        prefetch(pass.r[j] + k / 2), codes128(pass.r[j] + k / 2, std::min<int64_t>(64, (I - k) / 2), lo[j], hi[j]);
       if (GK) g = k / GK;
       else while (k >= g_end) ++g, g_end += G;
       const int64_t g_hi = GK ? g : std::min(k + 64 >= g_end ? g + 1 : g, nG - 1);  // (counted groups only)
@@ -221,11 +217,11 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
       for (int m = 0; m < M; ++m) {
         const __m512 sum = _mm512_mask_mov_ps(_mm512_setzero_ps(), n, _mm512_loadu_ps(x.sum + m * nG + g));
         for (int j = 0; j < P; ++j)
-          a[j][m] = _mm512_fmadd_ps(_mm512_loadu_ps(mn + (at[j] - o0) * nG + g), sum, a[j][m]);
+          a[j][m] = _mm512_fmadd_ps(_mm512_loadu_ps(mn + (pass.at[j] - o0) * nG + g), sum, a[j][m]);
       }
     }
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) y[m * ystride + at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
+      for (int j = 0; j < P; ++j) y[m * ystride + pass.at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
   }
 }
 
@@ -302,9 +298,7 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
   constexpr int P = rows_per_pass(M);
   const int64_t nI = x.nG;
   for (int64_t o = o0; o < o1; o += P) {
-    const int8_t* r[P];
-    int64_t at[P];
-    pass_rows<P>(w, o, o1, I, r, at);
+    const Pass<P, int8_t> pass(w, o, o1, I);
     __m512 a[P][M];
     zero(a);
     for (int64_t kb = 0; kb < nI; ++kb) {
@@ -314,7 +308,7 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
         const __mmask64 n = I - k >= 64 ? ~0ULL : (1ULL << (I - k)) - 1;
         __m512i wv[P], u[P];
         for (int j = 0; j < P; ++j)
-          prefetch(r[j] + k), wv[j] = _mm512_maskz_loadu_epi8(n, r[j] + k), u[j] = _mm512_abs_epi8(wv[j]);
+          prefetch(pass.r[j] + k), wv[j] = _mm512_maskz_loadu_epi8(n, pass.r[j] + k), u[j] = _mm512_abs_epi8(wv[j]);
         for (int m = 0; m < M; ++m) {
           const __m512i xv = _mm512_loadu_si512(x.q + m * x.width + k);
           for (int j = 0; j < P; ++j) acc[j][m] = dot4(acc[j][m], u[j], signed_by(xv, wv[j]));
@@ -326,7 +320,7 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
       }
     }
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) y[m * ystride + at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
+      for (int j = 0; j < P; ++j) y[m * ystride + pass.at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
   }
 }
 
@@ -398,22 +392,20 @@ template <int M>
 static void bf16_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t o0, int64_t o1, int64_t I, float* y) {
   constexpr int P = rows_per_pass(M);
   for (int64_t o = o0; o < o1; o += P) {
-    const at::BFloat16* r[P];
-    int64_t at[P];
-    pass_rows<P>(w, o, o1, I, r, at);
+    const Pass<P, at::BFloat16> pass(w, o, o1, I);
     __m512 a[P][M];
     zero(a);
     for (int64_t k = 0; k < I; k += 32) {
       const __mmask32 n = I - k >= 32 ? ~0u : (1u << (I - k)) - 1;
       __m512bh wv[P];
-      for (int j = 0; j < P; ++j) prefetch(r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, r[j] + k);
+      for (int j = 0; j < P; ++j) prefetch(pass.r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, pass.r[j] + k);
       for (int m = 0; m < M; ++m) {
         const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
         for (int j = 0; j < P; ++j) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
       }
     }
     for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) y[m * 128 + at[j] - o0] = _mm512_reduce_add_ps(a[j][m]);
+      for (int j = 0; j < P; ++j) y[m * 128 + pass.at[j] - o0] = _mm512_reduce_add_ps(a[j][m]);
   }
 }
 #endif

@@ -24,12 +24,16 @@ static inline void prefetch(const void* p) {
 // format). From 8 rows of x on, a pair of weight rows sharing every load of x is as fast or faster (int8: 1.15x).
 constexpr int rows_per_pass(int M) { return M <= 4 ? 1 : 2; }
 
-// The first weight row of each of the P rows of a pass from row o (of w, rows of I values) and their indices `at`;
-// past o1 (a lone last row) the pass repeats row o1 - 1.
+// The P weight rows of a pass from row o (of w, rows of I values): their first values r and indices at; past o1
+// (a lone last row) the pass repeats row o1 - 1.
 template <int P, typename W>
-static inline void pass_rows(const W* w, int64_t o, int64_t o1, int64_t I, const W** r, int64_t* at) {
-  for (int j = 0; j < P; ++j) at[j] = std::min(o + j, o1 - 1), r[j] = w + at[j] * I;
-}
+struct Pass {
+  const W* r[P];
+  int64_t at[P];
+  Pass(const W* w, int64_t o, int64_t o1, int64_t I) {
+    for (int j = 0; j < P; ++j) at[j] = std::min(o + j, o1 - 1), r[j] = w + at[j] * I;
+  }
+};
 
 // Every accumulator of a pass, a[j][m] for weight row j and row m of x, set to zero.
 template <int P, int M>
