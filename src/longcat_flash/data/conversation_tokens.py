@@ -46,6 +46,7 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
                                 "conversation reads the same without them), so the model would learn calls to tools "
                                 "it was never shown")
     cuts, trained, done, eos = [], [], 0, tokenizer.eos_token or ""
+    stops = [e for e in ends or [eos] if e]  # the texts of the tokens generation stops at
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
@@ -61,8 +62,7 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
         written = [(a, b) for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)]
-        stops = _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], ends,
-                            [full.text[a:b] for a, b in written])
+        _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], stops, [full.text[a:b] for a, b in written])
         cuts += [len(prompt), _end_of_reply(tokenizer, full.text, written, stops, len(prompt), len(turn))]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
@@ -83,12 +83,11 @@ def _rendered_without_tools(tokenizer: ChatTokenizer, messages: Sequence[dict[st
 
 
 def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, prompt: str, turn: str,
-                ends: Sequence[str], written: list[str]) -> list[str]:
+                stops: list[str], written: list[str]) -> None:
     """What training needs of assistant turn i as the template renders it: its prompt shows the tools (or the
     model would learn calls to tools it never saw), the turn holds each of the message's calls (or it would learn
     to answer without them) and a token generation stops at (or it would never stop), written by the template
-    (`written`: its special tokens in the turn; a special token's text inside a message is text, not the token).
-    Returns the texts of the tokens generation stops at."""
+    (`written`: its special tokens in the turn; a special token's text inside a message is text, not the token)."""
     where, message = f"{conversation.where}: messages[{i}]", conversation.messages[i]
     for k, tool in enumerate(conversation.tools or []):
         if tool["function"]["name"] not in prompt:
@@ -99,13 +98,11 @@ def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, pr
         if call["function"]["name"] not in turn:
             raise ConversationError(f"{where}.tool_calls[{j}]: the chat template does not render this call to "
                                     f"{call['function']['name']!r}, so the model would learn to answer without it")
-    ends = [e for e in ends or [tokenizer.eos_token] if e]
-    if ends and not any(end in written if end in tokenizer.special_ids else end in turn for end in ends):
+    if stops and not any(end in written if end in tokenizer.special_ids else end in turn for end in stops):
         raise ConversationError(f"{where}: the chat template ends the assistant turn without a token generation "
-                                f"stops at ({', '.join(map(repr, ends))}): the model would never learn to stop (end "
+                                f"stops at ({', '.join(map(repr, stops))}): the model would never learn to stop (end "
                                 "the template's assistant turns with eos_token, or add the template's end of turn to "
                                 "the model's eos_token_id)")
-    return ends
 
 
 def _end_of_reply(tokenizer: ChatTokenizer, text: str, written: list[tuple[int, int]], stops: list[str],
