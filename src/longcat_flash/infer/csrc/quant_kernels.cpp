@@ -17,14 +17,14 @@ static void block_rows(const float* xs, const W* w, int64_t o0, int64_t o1, int6
     int64_t k = 0;
     for (; k + 16 <= I; k += 16) {
       __m512 wv[P];
-      for (int j = 0; j < P; ++j) prefetch(pass.r[j] + k), wv[j] = load16(pass.r[j] + k);
-      for (int m = 0; m < M; ++m) {
+      UNROLL for (int j = 0; j < P; ++j) prefetch(pass.r[j] + k), wv[j] = load16(pass.r[j] + k);
+      UNROLL for (int m = 0; m < M; ++m) {
         const __m512 xv = _mm512_loadu_ps(xs + m * I + k);
-        for (int j = 0; j < P; ++j) a[j][m] = _mm512_fmadd_ps(wv[j], xv, a[j][m]);
+        UNROLL for (int j = 0; j < P; ++j) a[j][m] = _mm512_fmadd_ps(wv[j], xv, a[j][m]);
       }
     }
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) {
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < P; ++j) {
         float tail = 0.f;
         for (int64_t t = k; t < I; ++t) tail += xs[m * I + t] * scalar(pass.r[j][t]);
         y[m * O + pass.at[j]] = _mm512_reduce_add_ps(a[j][m]) + tail;
@@ -186,10 +186,11 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
   for (int64_t o = o0; o < o1; o += P) {
     const Pass<P, uint8_t> pass(w, o, o1, half);
     float* fs[P];  // (M, nG) each: the pass's group scales times x's steps
-    for (int j = 0; j < P; ++j) {
+    UNROLL for (int j = 0; j < P; ++j) {
       fs[j] = f + j * (8 * nG + 16);
       const float* sj = s + (pass.at[j] - o0) * nG;
-      for (int m = 0; m < M; ++m)  // whole vectors: past nG they write what the next m (or the spare 16) overwrites
+      // whole vectors: past nG they write what the next m (or the spare 16) overwrites
+      UNROLL for (int m = 0; m < M; ++m)
         for (int64_t g = 0; g < nG; g += 16)
           _mm512_storeu_ps(fs[j] + m * nG + g,
                            _mm512_mul_ps(_mm512_loadu_ps(sj + g), _mm512_loadu_ps(x.d + m * nG + g)));
@@ -199,29 +200,29 @@ static void int4_rows(Int8View x, const uint8_t* w, const float* s, const float*
     int64_t g = 0, g_end = G;  // groups of 128 or more: the chunk's first group, counted (a division per chunk
     for (int64_t k = 0; k < I; k += 128) {  // costs more than the rest of its work)
       __m512i lo[P], hi[P];
-      for (int j = 0; j < P; ++j)
+      UNROLL for (int j = 0; j < P; ++j)
         prefetch(pass.r[j] + k / 2), codes128(pass.r[j] + k / 2, std::min<int64_t>(64, (I - k) / 2), lo[j], hi[j]);
       if (GK) g = k / GK;
       else while (k >= g_end) ++g, g_end += G;
       const int64_t g_hi = GK ? g : std::min(k + 64 >= g_end ? g + 1 : g, nG - 1);  // (counted groups only)
-      for (int m = 0; m < M; ++m) {
+      UNROLL for (int m = 0; m < M; ++m) {
         const int8_t* xm = x.q + m * x.width + k;
         const __m512i xl = _mm512_loadu_si512(xm), xh = _mm512_loadu_si512(xm + 64);
-        for (int j = 0; j < P; ++j)
+        UNROLL for (int j = 0; j < P; ++j)
           a[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(nibble_dot(lo[j], xl, hi[j], xh)),
                                     chunk_scales<GK>(fs[j] + m * nG, g, g_hi), a[j][m]);
       }
     }
     for (int64_t g = 0; g < nG; g += 16) {  // the mins' term, 16 groups at a time (past nG: x's sums masked to 0)
       const __mmask16 n = tail16(nG - g);
-      for (int m = 0; m < M; ++m) {
+      UNROLL for (int m = 0; m < M; ++m) {
         const __m512 sum = _mm512_mask_mov_ps(_mm512_setzero_ps(), n, _mm512_loadu_ps(x.sum + m * nG + g));
-        for (int j = 0; j < P; ++j)
+        UNROLL for (int j = 0; j < P; ++j)
           a[j][m] = _mm512_fmadd_ps(_mm512_loadu_ps(mn + (pass.at[j] - o0) * nG + g), sum, a[j][m]);
       }
     }
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) y[m * ystride + pass.at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < P; ++j) y[m * ystride + pass.at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
   }
 }
 
@@ -307,20 +308,20 @@ static void int8_rows(Int8View x, const int8_t* w, const float* f, int64_t o0, i
       for (int64_t k = kb * 128; k < std::min(I, kb * 128 + 128); k += 64) {
         const __mmask64 n = I - k >= 64 ? ~0ULL : (1ULL << (I - k)) - 1;
         __m512i wv[P], u[P];
-        for (int j = 0; j < P; ++j)
+        UNROLL for (int j = 0; j < P; ++j)
           prefetch(pass.r[j] + k), wv[j] = _mm512_maskz_loadu_epi8(n, pass.r[j] + k), u[j] = _mm512_abs_epi8(wv[j]);
-        for (int m = 0; m < M; ++m) {
+        UNROLL for (int m = 0; m < M; ++m) {
           const __m512i xv = _mm512_loadu_si512(x.q + m * x.width + k);
-          for (int j = 0; j < P; ++j) acc[j][m] = dot4(acc[j][m], u[j], signed_by(xv, wv[j]));
+          UNROLL for (int j = 0; j < P; ++j) acc[j][m] = dot4(acc[j][m], u[j], signed_by(xv, wv[j]));
         }
       }
-      for (int m = 0; m < M; ++m) {
+      UNROLL for (int m = 0; m < M; ++m) {
         const __m512 fm = _mm512_set1_ps(f[m * nI + kb]);
-        for (int j = 0; j < P; ++j) a[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j][m]), fm, a[j][m]);
+        UNROLL for (int j = 0; j < P; ++j) a[j][m] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[j][m]), fm, a[j][m]);
       }
     }
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) y[m * ystride + pass.at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < P; ++j) y[m * ystride + pass.at[j]] = static_cast<Y>(_mm512_reduce_add_ps(a[j][m]));
   }
 }
 
@@ -398,14 +399,15 @@ static void bf16_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t o0, 
     for (int64_t k = 0; k < I; k += 32) {
       const __mmask32 n = I - k >= 32 ? ~0u : (1u << (I - k)) - 1;
       __m512bh wv[P];
-      for (int j = 0; j < P; ++j) prefetch(pass.r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, pass.r[j] + k);
-      for (int m = 0; m < M; ++m) {
+      UNROLL for (int j = 0; j < P; ++j)
+        prefetch(pass.r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, pass.r[j] + k);
+      UNROLL for (int m = 0; m < M; ++m) {
         const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
-        for (int j = 0; j < P; ++j) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
+        UNROLL for (int j = 0; j < P; ++j) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
       }
     }
-    for (int m = 0; m < M; ++m)
-      for (int j = 0; j < P; ++j) y[m * 128 + pass.at[j] - o0] = _mm512_reduce_add_ps(a[j][m]);
+    UNROLL for (int m = 0; m < M; ++m)
+      UNROLL for (int j = 0; j < P; ++j) y[m * 128 + pass.at[j] - o0] = _mm512_reduce_add_ps(a[j][m]);
   }
 }
 #endif
