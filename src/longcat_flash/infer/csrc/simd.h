@@ -26,8 +26,8 @@ constexpr int rows_per_pass(int M) { return M <= 4 ? 1 : 2; }
 
 // Before a loop over a pass's rows or over the rows of x (compile-time counts): in the AVX2 build, unrolled in full
 // so that its accumulators stay in registers. GCC left these loops rolled there (each AVX-512 op is two or more AVX2
-// ones): on a 2-core AVX2 EPYC, fp32 weights over 2-4 rows of x read 1.2-1.8x faster unrolled, 8 rows 1.5x; int8
-// and int4 within the host's noise; one row unchanged. The AVX-512 build, measured without it, is left as is.
+// ones): on a 2-core AVX2 EPYC, fp32 weights over 2-4 rows of x read 1.4-1.5x faster unrolled, 8 rows 1.15x; int8
+// and int4 1.0-1.2x; one row unchanged. The AVX-512 build, measured without it, is left as is.
 #ifdef __AVX512F__
 #define UNROLL
 #else
