@@ -399,15 +399,14 @@ static void bf16_rows(const at::BFloat16* x, const at::BFloat16* w, int64_t o0, 
     for (int64_t k = 0; k < I; k += 32) {
       const __mmask32 n = I - k >= 32 ? ~0u : (1u << (I - k)) - 1;
       __m512bh wv[P];
-      UNROLL for (int j = 0; j < P; ++j)
-        prefetch(pass.r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, pass.r[j] + k);
-      UNROLL for (int m = 0; m < M; ++m) {
+      for (int j = 0; j < P; ++j) prefetch(pass.r[j] + k), wv[j] = (__m512bh)_mm512_maskz_loadu_epi16(n, pass.r[j] + k);
+      for (int m = 0; m < M; ++m) {
         const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(n, x + m * I + k);
-        UNROLL for (int j = 0; j < P; ++j) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
+        for (int j = 0; j < P; ++j) a[j][m] = _mm512_dpbf16_ps(a[j][m], wv[j], xv);
       }
     }
-    UNROLL for (int m = 0; m < M; ++m)
-      UNROLL for (int j = 0; j < P; ++j) y[m * 128 + pass.at[j] - o0] = _mm512_reduce_add_ps(a[j][m]);
+    for (int m = 0; m < M; ++m)
+      for (int j = 0; j < P; ++j) y[m * 128 + pass.at[j] - o0] = _mm512_reduce_add_ps(a[j][m]);
   }
 }
 #endif
