@@ -130,6 +130,8 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
                    {"role": "tool", "tool_call_id": "call_1", "content": "y"}]}, "messages.3.tool_call_id"),
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL, {**CALL, "id": "call_2"}]},
                    {"role": "tool", "tool_call_id": "call_2", "content": "x"}]}, "messages.2"),  # call_1 unanswered
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL, CALL]},  # one id twice
+                   {"role": "tool", "tool_call_id": "call_1", "content": "x"}]}, "messages.1.tool_calls.1.id"),
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]}, *ASK]}, "messages.1"),
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]}]}, "messages.1"),  # at the end
 ])

@@ -256,6 +256,11 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
         if message is not None:
             ordered.append(message)
             calls, run = [call.id for call in message.tool_calls or []], {}
+            for k, call_id in enumerate(calls):
+                if call_id in calls[:k]:  # its results could not be told apart
+                    raise ToolRequestError(f"messages.{i}.tool_calls.{k}.id", f"messages[{i}] makes two tool calls "
+                                           f"with the id {call_id!r}; each call needs its own id, which its tool "
+                                           "message names")
     return ordered
 
 
