@@ -373,3 +373,17 @@ def test_an_eos_that_is_an_ordinary_token_is_not_part_of_the_text():
             assert ignored["text"] == "e" * 4 and ignored["finish_reason"] == "length"
     finally:
         bridge.stop()
+
+
+@pytest.mark.parametrize("body, reason", [
+    (b'{"model": "tiny", "messages": [', "Expecting value"),
+    ('{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}'.encode("latin-1"), "not valid UTF-8"),
+    (b'{"model": "tiny", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+])
+def test_a_body_that_is_not_json_is_a_400_saying_why(client, body, reason):
+    """Not UTF-8 or nested past the parser's depth too: FastAPI answered those with its bare 'There was an error
+    parsing the body'."""
+    r = client.post("/v1/chat/completions", content=body, headers={**AUTH, "Content-Type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "invalid_json", r.text
+    assert error["message"].startswith(f"malformed JSON body: {reason}"), error["message"]

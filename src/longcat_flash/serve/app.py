@@ -79,7 +79,8 @@ def _validation_error(err: RequestValidationError, content_type: str | None) -> 
     errors = err.errors() or [{"loc": (), "msg": "invalid request", "type": ""}]
     first = max(errors, key=lambda e: len(e.get("loc", ())))  # the first of the deepest
     if first.get("type") == "json_invalid":
-        return APIError(400, f"malformed JSON body: {first.get('msg')}", code="invalid_json")
+        reason = first.get("ctx", {}).get("error") or first.get("msg")  # json's own reason, not "JSON decode error"
+        return APIError(400, f"malformed JSON body: {reason}", code="invalid_json")
     if tuple(first.get("loc", ())) == ("body",) and "json" not in (content_type or "").lower():
         # FastAPI reads the body as JSON only under a JSON type (`curl -d` sends a form's)
         sent = f"this one was {content_type}" if content_type else "this one had none"

@@ -118,9 +118,20 @@ class JSONOffLoopRequest(Request):
     async def json(self) -> Any:
         if not hasattr(self, "_json"):
             body = await self.body()
-            self._json = await asyncio.to_thread(json.loads, body)
+            self._json = await asyncio.to_thread(parse_json, body)
             self.scope.get("state", {}).get(RELEASE_BODY, lambda: None)()  # parsed: its share of the bound
         return self._json
+
+
+def parse_json(body: bytes) -> Any:
+    """json.loads, whose every refusal is a JSONDecodeError: FastAPI reports that one as malformed JSON (our 400
+    naming the reason) and any other exception as a bare "There was an error parsing the body"."""
+    try:
+        return json.loads(body)
+    except UnicodeDecodeError as err:
+        raise json.JSONDecodeError(f"not valid UTF-8 (byte {err.start})", "", 0) from None
+    except RecursionError:
+        raise json.JSONDecodeError("nested too deeply", "", 0) from None
 
 
 class JSONOffLoopRoute(APIRoute):
