@@ -209,6 +209,15 @@ def test_null_means_the_default_and_unknown_fields_are_refused(client):
         assert status == 400 and body["error"]["param"].startswith(field), body
 
 
+def test_openai_fields_the_server_honours_by_what_it_is_are_taken_other_values_refused(client):
+    status, body = _chat(client, store=False, modalities=["text"], service_tier="auto")
+    assert status == 200, body
+    assert _chat(client, service_tier="default")[0] == 200
+    for field, value in [("store", True), ("modalities", ["text", "audio"]), ("service_tier", "flex")]:
+        status, body = _chat(client, **{field: value})  # stored, spoken or tiered replies: nothing here does that
+        assert status == 400 and body["error"]["param"].startswith(field), body
+
+
 def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carry_nothing(client):
     echoed = {"role": "assistant", "content": "ok", "refusal": None, "audio": None, "function_call": None,
               "annotations": [], "name": "bot", "tool_calls": [],  # an OpenAI (or vLLM) reply sent back, as agent

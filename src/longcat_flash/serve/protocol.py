@@ -364,6 +364,10 @@ class ChatCompletionRequest(_Sampling):
     parallel_tool_calls: bool = True
     functions: None = None  # the legacy form of tools: refused (use `tools`), not dropped
     function_call: None = None  # the legacy form of tool_choice: refused (use `tool_choice`)
+    # what OpenAI's API takes and this server does anyway (nothing is stored; text out; one tier); other values refused
+    store: Literal[False] | None = None
+    modalities: list[Literal["text"]] | None = Field(None, max_length=1)
+    service_tier: Literal["auto", "default"] | None = None
 
     @field_validator("tool_choice", mode="before")
     @classmethod
