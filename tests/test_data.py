@@ -89,6 +89,14 @@ def test_bad_jsonl_names_file_line_and_field(tmp_path: Path, line: str, match: s
         list(iter_documents(path))
 
 
+def test_suffixes_are_read_in_any_case(tmp_path: Path) -> None:
+    """DOCS.JSONL was read as one plain-text document (its JSON lines and all), and skipped inside a directory."""
+    path = tmp_path / "DOCS.JSONL"
+    path.write_text('{"text": "one"}\n{"text": "two"}\n')
+    assert list(iter_documents(path)) == ["one", "two"]
+    assert list(iter_documents(tmp_path)) == ["one", "two"]
+
+
 def test_parquet_source(tmp_path: Path) -> None:
     path = _write_parquet(tmp_path / "p.parquet", {"content": ["row one", None, "row two"], "n": [1, 2, 3]})
     assert list(iter_documents(path, text_field="content")) == ["row one", "row two"]

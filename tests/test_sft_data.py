@@ -341,6 +341,18 @@ BAD_ROWS = [
         {"role": "tool", "tool_call_id": "c", "content": "1"}, {"role": "assistant", "content": "a"}],
       "tools": [{"type": "function", "function": {"name": "get_weather"}}]},
      "messages[1].tool_calls[0].function.name: 'nope' is not among the row's tools (get_weather)"),
+    # valid JSON that is not text: the "\ud83d" escape of half an emoji (the tokenizer refused it naming no row)
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "cut \ud83d"}]},
+     "messages[1].content: holds a lone surrogate '\\ud83d' at character 4"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"name": "f", "description": "\udc00"}]}, "tools[0].description: holds a lone surrogate"),
+    # arguments Python's json.dumps wrote from a float nan: trained, served calls would come back as text
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {
+        "name": "f", "arguments": '{"t": NaN}'}}]}, "messages[1].function_call.arguments: holds NaN or Infinity"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {
+        "name": "f", "arguments": {"t": float("inf")}}}]}, "messages[1].function_call.arguments: holds NaN"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"name": "f\n"}]}, "tools[0].name: 'f\\n' is not a function name"),  # re.match's $ took it
 ]
 
 
@@ -482,6 +494,26 @@ def test_files_from_other_tools_read_or_fail_naming_the_file(tmp_path):
             read_conversations(tmp_path / name)
 
 
+def test_text_the_tokenizer_cannot_take_names_the_row(tokenizer):
+    """A half emoji deep inside a tool's schema, where no field check looks: the tokenizer's error named no row."""
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+           "tools": [{"name": "f", "parameters": {"type": "object", "properties": {"x": {"description": "\ud83d"}}}}]}
+    with pytest.raises(ConversationError, match=r"^rows.jsonl:7: .*UTF-8"):
+        tokenize(tokenizer, parse_row(row, "rows.jsonl:7"))
+
+
+def test_file_suffixes_are_read_in_any_case(tmp_path):
+    """ROWS.JSONL (as Windows tools name files) was refused as not .jsonl."""
+    text = "".join(json.dumps(r) + "\n" for r in iter_conversations(4, seed=2))
+    (tmp_path / "rows.jsonl").write_text(text)
+    want = [json.dumps([c.messages, c.tools]) for c in read_conversations(tmp_path / "rows.jsonl")]
+    (tmp_path / "ROWS.JSONL").write_text(text)
+    with gzip.open(tmp_path / "ROWS.JSON.GZ", "wt") as f:
+        f.write(text)
+    for name in ("ROWS.JSONL", "ROWS.JSON.GZ"):
+        assert [json.dumps([c.messages, c.tools]) for c in read_conversations(tmp_path / name)] == want, name
+
+
 def test_parquet_rows_read_like_jsonl(tmp_path, tokenizer):
     pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow as pa
@@ -602,7 +634,9 @@ def test_conversations_whose_replies_all_fall_past_the_window_name_the_cut():
     prompt_only = np.zeros(40, dtype=bool)
     encoded = [(np.arange(50), np.concatenate([prompt_only, np.ones(10, dtype=bool)])) for _ in range(3)]
     with pytest.raises(ValueError, match=r"3 read, 3 cut to their first 17 tokens, 0 skipped as longer, 3 without an "
-                                         r"assistant token within their first 17\); raise data.seq_len \(up to"):
+                                         r"assistant token within their first 17\); raise data.seq_len \(up to "
+                                         r"the model's max_position_embeddings; past it, extend the model's context "
+                                         r"first: docs/context_extension.md\)"):
         pack(encoded, seq_len=16, pad_id=0, split="train")
 
 

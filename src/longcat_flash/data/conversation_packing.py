@@ -96,10 +96,11 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
         bins[target].append(len(kept) - 1)
         room[target] -= len(ids)
     if not bins:
-        raise ValueError(f"sft {split}: no conversation to train on ({stats.conversations} read, "
+        raise ValueError(f"sft {split}: no conversation fits ({stats.conversations} read, "
                          f"{stats.truncated} cut to their first {window} tokens, {stats.skipped} skipped as longer, "
                          f"{stats.untrained} without an assistant token within their first {window}); raise "
-                         f"data.seq_len (up to the model's context) or use shorter conversations (fewer tools)"
+                         f"data.seq_len (up to the model's max_position_embeddings; past it, extend the model's "
+                         f"context first: docs/context_extension.md) or use shorter conversations (fewer tools)"
                          f"{', or sft.overlong=truncate' if overlong == 'skip' else ''}")
     tokens = np.full((len(bins), window), pad_id, dtype=np.int32)
     trained_out = np.zeros((len(bins), window), dtype=bool)

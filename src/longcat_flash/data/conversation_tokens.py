@@ -121,7 +121,10 @@ def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequenc
     """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
     as the server encodes a prompt), so no token straddles the start or end of an assistant turn."""
     full, cuts, trained = turn_bounds(tokenizer, conversation, ends)
-    encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
+    try:
+        encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
+    except ValueError as err:  # text the tokenizer cannot take: the row is named, as for any bad row
+        raise ConversationError(f"{conversation.where}: {err}") from None
     ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
     mask = np.fromiter((t for piece, t in zip(encoded, trained) for _ in piece), dtype=bool, count=len(ids))
     return ids, mask

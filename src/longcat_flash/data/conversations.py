@@ -42,6 +42,7 @@ TOOL_CALL_FIELDS = ("id", "type", "function")
 FUNCTION_CALL_FIELDS = ("name", "arguments")
 TOOL_FIELDS = ("type", "function")
 FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
+LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a decoded str, only a half pair can be one
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # a function's name: OpenAI's rule, which the server applies to requests too
 
 
@@ -122,7 +123,7 @@ def _split_of(relative: Path) -> str | None:
 def _rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {path}")
-    if path.suffix in (".parquet", ".arrow"):
+    if _row_format(path) in (".parquet", ".arrow"):
         yield from _arrow_rows(path, ignore)
         return
     if _row_format(path) not in (".jsonl", ".json"):
@@ -173,9 +174,9 @@ def _arrow_rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     save_to_disk writes them), with the values of `datasets`' Json features decoded: `datasets` 5 stores objects of
     varying shape (messages with and without tool calls) as JSON strings and names them so in the schema."""
     pa, pq = pyarrow_modules(path)
-    what = "a readable Parquet file" if path.suffix == ".parquet" else "an Arrow stream as `datasets` writes them"
+    what = "a readable Parquet file" if _row_format(path) == ".parquet" else "an Arrow stream as `datasets` writes them"
     try:
-        if path.suffix == ".parquet":
+        if _row_format(path) == ".parquet":
             file = pq.ParquetFile(path)
             schema = file.schema_arrow
             index = [c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
@@ -209,8 +210,10 @@ def _json_features(value: Any, feature: Any, where: str, name: str) -> Any:
 
 
 def _row_format(path: Path) -> str:
-    """A row file's format by its name: the suffix, or the one before .gz (`rows.jsonl.gz` is JSON Lines)."""
-    return Path(path.stem).suffix if path.suffix == ".gz" else path.suffix
+    """A row file's format by its name, in lower case (Windows tools write ROWS.JSONL): the suffix, or the one
+    before .gz (`rows.jsonl.gz` is JSON Lines)."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
 
 
 def _starts_with_bracket(path: Path) -> bool:
@@ -416,6 +419,9 @@ def _list(value: Any, where: str, name: str) -> list[Any]:
 def _string(value: Any, where: str, name: str) -> str:
     if not isinstance(value, str):
         raise _fail(where, name, f"expected a string, got {type(value).__name__} {value!r:.60}")
+    if half := LONE_SURROGATE.search(value):  # JSON's "\ud83d" escape alone: valid JSON, not text
+        raise _fail(where, name, f"holds a lone surrogate {half.group()!r} at character {half.start()} (half of a "
+                                 "UTF-16 pair, as an emoji cut in two leaves), which is not text")
     return value
 
 
@@ -475,7 +481,7 @@ def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str,
 def _content(value: Any, where: str, name: str) -> str:
     """A string, or a list of {"type": "text", "text": ...} parts joined into one."""
     if isinstance(value, str):
-        return value
+        return _string(value, where, name)
     if not isinstance(value, (list, tuple)):
         raise _fail(where, name, f"must be a string or a list of text parts, got {type(value).__name__} "
                                  f"{value!r:.60}")
@@ -514,6 +520,11 @@ def _function_call(raw: Any, where: str, name: str) -> dict[str, Any]:
             raise _fail(where, f"{name}.arguments", f"not valid JSON ({err})") from None
     if not isinstance(parsed, dict):
         raise _fail(where, f"{name}.arguments", f"must be a JSON object, got {arguments!r:.60}")
+    try:  # Python's json writes float("nan") as NaN: not JSON, so served the call would come back as text
+        json.dumps(parsed, allow_nan=False)
+    except ValueError:
+        raise _fail(where, f"{name}.arguments", f"holds NaN or Infinity, which JSON has no place for (the server "
+                                                f"would return such a call as text): {arguments!r:.60}") from None
     return {"name": fn["name"], "arguments": arguments}
 
 
@@ -565,7 +576,7 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
             raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
         fn, at = _object(tool.get("function"), where, f"{name}.function"), f"{name}.function"
     _known(fn, FUNCTION_FIELDS, where, f"{at}.", "a function has")
-    if not re.match(TOOL_NAME, _string(fn.get("name"), where, f"{at}.name")):  # as the server checks a request's
+    if not re.fullmatch(TOOL_NAME, _string(fn.get("name"), where, f"{at}.name")):  # as the server checks a request's
         raise _fail(where, f"{at}.name", f"{fn['name']!r} is not a function name the server accepts (1 to 64 "
                                          "letters, digits, '_', '.', '-'), so the model could never be served it")
     if "description" in fn:

@@ -65,7 +65,7 @@ class Corpus:
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
         runs = [p.parent for p in root.rglob(RUN_CONFIG_FILE)]  # `--data .` with runs/ inside it
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in DOC_SUFFIXES
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
                        and not any(part.startswith(".") for part in p.relative_to(root).parts)
                        and not any(run in p.parents for run in runs))
         if not files:
@@ -130,12 +130,12 @@ def sample_texts(source: str | Path | None = None, max_bytes: int = 16_000_000, 
 # ---- readers: one document per text file, per .jsonl line, per .parquet row ----
 
 def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[str]:
-    if path.suffix == ".parquet":
+    if path.suffix.lower() == ".parquet":
         yield from _read_parquet(path, text_field)
         return
     if check_text:
         _require_text(path, text_field)
-    if path.suffix == ".jsonl":
+    if path.suffix.lower() == ".jsonl":
         yield from _read_jsonl(path, text_field)
     else:
         # errors="replace": a stray non-UTF-8 byte past the checked head should not stop a run.
@@ -166,9 +166,9 @@ def _looks_like_text(head: bytes) -> bool:
 
 
 def open_text(path: Path) -> TextIO:
-    """A UTF-8 text file, gzip-compressed when its name ends in .gz (as some data sets ship JSON Lines); a byte
+    """A UTF-8 text file, gzip-compressed when its name ends in .gz or .GZ (as some data sets ship JSON Lines); a byte
     order mark at its start (Windows tools write one) is not part of the text."""
-    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix == ".gz" else path.open(encoding="utf-8-sig")
+    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix.lower() == ".gz" else path.open(encoding="utf-8-sig")
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
