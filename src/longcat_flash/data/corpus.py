@@ -168,7 +168,9 @@ def _looks_like_text(head: bytes) -> bool:
 def open_text(path: Path) -> TextIO:
     """A UTF-8 text file, gzip-compressed when its name ends in .gz or .GZ (as some data sets ship JSON Lines); a byte
     order mark at its start (Windows tools write one) is not part of the text."""
-    return gzip.open(path, "rt", encoding="utf-8-sig") if path.suffix.lower() == ".gz" else path.open(encoding="utf-8-sig")
+    if path.suffix.lower() == ".gz":
+        return gzip.open(path, "rt", encoding="utf-8-sig")
+    return path.open(encoding="utf-8-sig")
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
