@@ -71,11 +71,21 @@ def test_yarn_frequencies_and_attention_factor_equal_transformers(scaling):
     hf = transformers.LongcatFlashConfig(**{k: v for k, v in cfg.to_dict().items() if k != "architectures"})
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](hf)
     rotary = RotaryEmbedding.from_config(cfg)
-    torch.testing.assert_close(rotary.inv_freq, inv_freq, rtol=1e-6, atol=0)
+    assert torch.equal(rotary.inv_freq, inv_freq)  # to the bit: an ulp moves a sharp model's logits by 1e-3
     assert rotary.attention_scaling == pytest.approx(attention_factor, rel=1e-12)
     assert not torch.allclose(rotary.inv_freq, RotaryEmbedding(32, 1.0e4, RopeScaling()).inv_freq)
     cos, _ = rotary(torch.zeros(1, 1), torch.float32)
     assert cos.flatten()[0].item() == pytest.approx(attention_factor)
+
+
+@pytest.mark.parametrize("dim, theta", [(32, 1.0e4), (64, 1.0e7), (16, 123456.7)])
+def test_plain_frequencies_equal_transformers_to_the_bit(dim, theta):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.longcat_flash.modeling_longcat_flash import LongcatFlashRotaryEmbedding
+
+    cfg = tiny().replace(qk_rope_head_dim=dim, rope_theta=theta)
+    hf = transformers.LongcatFlashConfig(**{k: v for k, v in cfg.to_dict().items() if k != "architectures"})
+    assert torch.equal(RotaryEmbedding.from_config(cfg).inv_freq, LongcatFlashRotaryEmbedding(hf).inv_freq)
 
 
 def test_softmax_scale_gets_the_yarn_mscale_only_with_mscale_all_dim():

@@ -76,10 +76,11 @@ class RotaryEmbedding(KeepsFp32):
 
     def __init__(self, dim: int, theta: float, scaling: RopeScaling) -> None:
         super().__init__()
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))  # (R/2,)
-        if scaling.rope_type == "yarn":
-            inv_freq = _yarn_inv_freq(inv_freq, dim, theta, scaling)
-        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # (R/2,)
+        # in fp32 and in transformers' order, so that the angles are our oracle's to the bit: computed in fp64 and
+        # rounded, some frequencies came out an ulp away, and a sharp YaRN model's logits 1e-3 apart
+        powers = theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (R/2,) theta^(2i/R)
+        inv_freq = _yarn_inv_freq(powers, dim, theta, scaling) if scaling.rope_type == "yarn" else 1.0 / powers
+        self.register_buffer("inv_freq", inv_freq, persistent=False)  # (R/2,)
         self.attention_scaling = scaling.attention_scaling
 
     @classmethod
@@ -94,7 +95,7 @@ class RotaryEmbedding(KeepsFp32):
         return cos.to(dtype), sin.to(dtype)
 
 
-def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
+def _yarn_inv_freq(powers: torch.Tensor, dim: int, theta: float, scaling: RopeScaling) -> torch.Tensor:
     """Blend extrapolated (unchanged) and interpolated (/ factor) frequencies along a linear ramp over the pair
     index: pairs that turn more than beta_fast times within the original length keep their frequency, pairs
     that turn fewer than beta_slow times are divided by factor."""
@@ -108,8 +109,8 @@ def _yarn_inv_freq(inv_freq: torch.Tensor, dim: int, theta: float, scaling: Rope
     low, high = max(low, 0), min(high, dim - 1)
     if low == high:
         high += 0.001  # avoid a zero-width ramp
-    ramp = ((torch.arange(dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)  # (R/2,) 0 = keep
-    return inv_freq / scaling.factor * ramp + inv_freq * (1 - ramp)
+    keep = 1 - ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)  # (R/2,) 1 = keep
+    return 1.0 / (scaling.factor * powers) * (1 - keep) + 1.0 / powers * keep
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
