@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -53,6 +56,19 @@ def test_sharded_save_with_index(tmp_path):
     assert loaded.lm_head.weight.dtype == torch.bfloat16
     assert loaded.routers()[0].classifier.weight.dtype == torch.float32
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
+
+
+def test_a_part_left_by_an_export_killed_mid_write_goes_with_the_next_export(saved):
+    """The killed writer cannot remove its hidden temporary (up to a shard's size); the next export does."""
+    model, path = saved
+    killed = ("import os, signal; from longcat_flash.checkpoint import hf; write = hf.save_file\n"
+              "def dying(*a, **k): write(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"hf.save_file = dying; hf.LongcatFlash.from_pretrained({str(path)!r}).save_pretrained({str(path)!r})")
+    assert subprocess.run([sys.executable, "-c", killed]).returncode == -signal.SIGKILL
+    assert len(list(path.glob(".model-part-*.tmp"))) == 1
+    model.save_pretrained(path)
+    assert not list(path.glob(".*.tmp"))
+    assert torch.equal(LongcatFlash.from_pretrained(path).lm_head.weight, model.lm_head.weight)
 
 
 def test_a_folder_with_a_single_file_and_an_index_loads_the_single_file_as_transformers_does(tmp_path):

@@ -480,6 +480,8 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None,
         os.replace(tmp, path / name)
     for stale in set(path.glob("model*.safetensors")) - {path / n for n in names}:
         stale.unlink()
+    for dead in path.glob(".model-part-*.safetensors.*.tmp"):  # a part of an export killed mid-write (ours are
+        dead.unlink()  # renamed by now): up to max_shard_bytes each, hidden
     if len(parts) > 1:
         index = {"metadata": {"total_size": sum(p[2] for p in parts)}, "weight_map": weight_map}
         atomic_write_text(path / INDEX_FILE, json.dumps(index, indent=2, sort_keys=True))
