@@ -3,6 +3,7 @@ reproduces the uninterrupted run's losses bit for bit."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 import signal
@@ -303,6 +304,11 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     assert f"step 3: lm_loss {last['lm_loss']:.4f}  val_loss {last['val_loss']:.4f}  (loss {last['loss']:.4f}" in out
     assert "past max_steps=2" in run_cli("train", "--resume", str(tmp_path / "run"), "--max-steps", "2")
     assert "reshapes" not in capsys.readouterr().out  # no note about a schedule the run never takes
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["max_steps"] == 3  # the refused value was written into the run's config
+    for flags, refusal in [(["--set", "data.val_fraction=0.2"], "keeps its train/val split: data.val_fraction=0.2"),
+                           (["--seed", "5"], "keeps its seed: seed=5 differs from the run's 0")]:
+        assert refusal in run_cli("train", "--resume", str(tmp_path / "run"), *flags)  # not the sampler's numbers
 
 
 @pytest.mark.parametrize("build, message", [

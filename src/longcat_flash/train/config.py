@@ -546,6 +546,12 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
         if cfg.data.seq_len != saved.data.seq_len:  # the sampler's position counts windows of seq_len + 1 tokens
             raise ValueError(f"a resumed run keeps its data windows: data.seq_len={cfg.data.seq_len} differs from the "
                              f"run's {saved.data.seq_len} (start a run with init_from to train at another length)")
+        if cfg.data.val_fraction != saved.data.val_fraction:  # which windows are held out, so which are trained
+            raise ValueError(f"a resumed run keeps its train/val split: data.val_fraction={cfg.data.val_fraction} "
+                             f"differs from the run's {saved.data.val_fraction}")
+        if cfg.seed != saved.seed:  # the order the windows are drawn in, which the checkpoint is part way through
+            raise ValueError(f"a resumed run keeps its seed: seed={cfg.seed} differs from the run's {saved.seed} (the "
+                             "data order follows it)")
         return cfg
     base = recipe(preset or "small")
     init_from = _last_value(overrides, "init_from")

@@ -258,9 +258,6 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: D
     main = distributed.is_main()
     run = setup(cfg, out, resume=resume, progress=progress and main, mesh=mesh, overlap=overlap, device=device)
     cfg, state = run.cfg, run.state
-    if state.step > cfg.max_steps:
-        raise ValueError(f"{out}'s checkpoint is at step {state.step}, past max_steps={cfg.max_steps}: resume with "
-                         f"--max-steps of at least {state.step}")
     log = MetricsLog(run.out, state.step, cfg.max_steps, tensorboard=cfg.tensorboard, progress=progress) if main \
         else _Silent()
     log.note(_header(run))
@@ -451,6 +448,9 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
               TrainState(), mesh, device)
     if checkpoint is not None:
         load_checkpoint(run, checkpoint)  # checks the data too: a refused resume leaves the run as it was
+        if run.state.step > cfg.max_steps:
+            raise ValueError(f"{out}'s checkpoint is at step {run.state.step}, past max_steps={cfg.max_steps}: resume "
+                             f"with --max-steps of at least {run.state.step}")
     if distributed.is_main():
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
         if pretrained is not None and (Path(pretrained) / hf.GENERATION_CONFIG).is_file():  # its eos ids, defaults
