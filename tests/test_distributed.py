@@ -18,13 +18,15 @@ pytestmark = pytest.mark.dist
 CHECKS = Path(__file__).with_name("dist_checks.py")
 
 
-def torchrun(nproc: int, script: Path, *args: str, timeout: float = 300) -> None:
-    """Launch `script` under torchrun on this machine; fail with the ranks' output if any rank fails."""
+def torchrun(nproc: int, script: Path, *args: str, timeout: float = 300) -> str:
+    """Launch `script` under torchrun on this machine; fail with the ranks' output if any rank fails, else return
+    it (stdout, then stderr)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            str(script), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"torchrun failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc.stdout + proc.stderr
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=["world2", "world4"])

@@ -376,8 +376,7 @@ def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Ite
     for native, tensor in model.state_dict().items():
         if native == LM_HEAD and cfg.tie_word_embeddings:
             continue
-        full_tensor = getattr(tensor, "full_tensor", None)
-        tensor = tensor if full_tensor is None else full_tensor()
+        tensor = _whole(tensor) if hasattr(tensor, "full_tensor") else tensor
         prefix, _, leaf = native.rpartition(".")
         if prefix.endswith(".mlp.experts"):
             for e in range(tensor.shape[0]):
@@ -488,6 +487,19 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None,
     elif (path / INDEX_FILE).exists():
         (path / INDEX_FILE).unlink()
     model.config.save_json(path / "config.json", dtype=str(dtype).removeprefix("torch."))
+
+
+def _whole(tensor: Any) -> torch.Tensor:
+    """A DTensor gathered whole on every rank. An expert stack sharded over dp and ep takes two all_gathers, which
+    DTensor warns about on every rank ("may give inconsistent results between ranks due to different reduction
+    orders"): a gather reduces nothing, so that cannot happen here, and the warning is held back."""
+    redistribute = logging.getLogger("torch.distributed.tensor._redistribute")
+    level = redistribute.level
+    redistribute.setLevel(logging.ERROR)
+    try:
+        return tensor.full_tensor()
+    finally:
+        redistribute.setLevel(level)
 
 
 class LongcatFlash(Transformer):
