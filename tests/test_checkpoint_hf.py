@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.checkpoint.hf import LongcatFlash, model_directory
 from longcat_flash.presets import tiny
 
 
@@ -101,6 +101,23 @@ def test_a_partial_mtp_head_is_an_error_not_a_model_without_one(saved):
     rewrite(path, lambda t: t.pop("model.mtp.layers.0.eh_proj.weight"))
     with pytest.raises(KeyError, match=r"model\.mtp\.layers\.0\.eh_proj\.weight"):
         LongcatFlash.from_pretrained(path)
+
+
+def test_a_config_without_the_mtp_head_loads_the_trunk_of_a_checkpoint_with_it(saved, caplog):
+    """num_nextn_predict_layers 0 is how one drops the head (transformers skips its weights); it was refused."""
+    model, path = saved
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_nextn_predict_layers": 0}))
+    loaded = LongcatFlash.from_pretrained(path)
+    assert loaded.model.mtp is None and "holds model.mtp.* weights but config.json names no MTP head" in caplog.text
+    ids = torch.randint(0, 256, (1, 8))
+    assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+
+
+def test_a_folder_that_is_no_model_says_so_before_looking_for_a_tokenizer(tmp_path):
+    (tmp_path / "readme.txt").write_text("notes")
+    with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is not a model directory: it has no config.json"):
+        model_directory(tmp_path)
 
 
 def test_misshaped_tensor_names_key_and_shapes(saved):

@@ -118,6 +118,12 @@ def test_a_line_or_system_message_the_chat_cannot_take_is_one_line(checkpoint, t
         main(["chat", "--model", str(checkpoint), "--system", "x " * 2000])
 
 
+def test_chat_refuses_replies_of_no_tokens(checkpoint):
+    """generate scores a prompt with --max-new-tokens 0; chat printed an empty reply to every line."""
+    with pytest.raises(SystemExit, match="--max-new-tokens must be at least 1 for chat, got 0"):
+        main(["chat", "--model", str(checkpoint), "--max-new-tokens", "0"])
+
+
 def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):
     with pytest.raises(SystemExit, match="context"):
         main(["generate", "--model", str(checkpoint), "--prompt", "x " * 2000])
@@ -126,7 +132,8 @@ def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):
 @pytest.mark.parametrize("flags, message", [(["--speculative", "1"], "needs a model with an MTP head"),
                                             (["--speculative", "-1"], "speculative must be an integer >= 0"),
                                             (["--speculative", "100000"], "at most 16 MTP drafts per step"),
-                                            (["--stop", ""], "--stop: an empty string")])
+                                            (["--stop", ""], "--stop: an empty string"),
+                                            (["--stop", "\udcff"], "--stop: the text is not valid UTF-8")])
 def test_bad_engine_flags_are_refused_before_the_model_is_loaded(flags, message, tmp_path, monkeypatch):
     """Loading (and quantizing) a large model takes minutes: a flag that cannot work is refused first."""
     import torch
@@ -164,7 +171,8 @@ def test_a_model_path_that_is_not_a_model_directory_is_one_line(command, checkpo
                            (checkpoint / "model.safetensors", "is a file; a model is a directory"),
                            (broken["tokenizer.json"], "tokenizer.json: not a tokenizer.json"),
                            (broken["tokenizer_config.json"], "tokenizer_config.json: not valid JSON"),
-                           (step, "is a training checkpoint"), ("", "no model directory given")]:
+                           (step, "is a training checkpoint"), ("", "no model directory given"),
+                           (step.parent, "is not a model directory: it has no config.json")]:
         with pytest.raises(SystemExit, match=message):
             main([command, "--model", str(model), *extra[command]])
 

@@ -315,9 +315,15 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> None:
     from .serve.local import generate_text, load_session
+    from .tokenizer import utf8_text
 
     if "" in args.stop:
         raise ValueError("--stop: an empty string would match everywhere; give a non-empty stop string")
+    for stop in args.stop:  # as the prompt is: an undecodable byte could never match the text
+        try:
+            utf8_text(stop)
+        except ValueError as err:
+            raise ValueError(f"--stop: {err}") from None
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
@@ -336,6 +342,8 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 def _run_chat(args: argparse.Namespace) -> None:
     from .serve.local import chat_loop, load_session
 
+    if args.max_new_tokens < 1:  # (generate takes 0: it scores the prompt) every reply would be empty
+        raise ValueError(f"--max-new-tokens must be at least 1 for chat, got {args.max_new_tokens}")
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     chat_loop(engine, tokenizer, _sampling(args), input, lambda s: print(s, end="", flush=True), args.system)

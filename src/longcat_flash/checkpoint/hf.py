@@ -223,7 +223,7 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
     Each tensor is allocated on `device` and filled from the file one key at a time: no full CPU copy."""
     out: dict[str, torch.Tensor] = {}
     experts_seen: dict[str, set[tuple[int, str]]] = {}
-    ignored, tied_copy = [], None
+    ignored, tied_copy, dropped_mtp = [], None, False
     for key, tensor in read_tensors(path):
         native, expert, proj = official_to_native(key)
         if native == LM_HEAD and cfg.tie_word_embeddings:
@@ -232,6 +232,9 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
         if expert is not None and expert >= cfg.n_routed_experts:
             _check_zero_expert_stub(key, native, expert, proj, tensor, expected, cfg)
             ignored.append(key)  # transformers 5.0-5.24 write gate/up rows for zero-expert ids; they are never used
+            continue
+        if native.startswith("model.mtp.") and not cfg.num_nextn_predict_layers:
+            dropped_mtp = True  # config.json drops the head: its weights are skipped, as transformers does
             continue
         if native not in expected:
             raise KeyError(f"checkpoint key {key!r} has no place in this model (config: {cfg.num_layers} layers, "
@@ -248,6 +251,9 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
             experts_seen.setdefault(native, set()).add((expert, proj))
     if ignored:
         log.info("ignored %d tensors for zero-expert ids (written by transformers 5.x, never used)", len(ignored))
+    if dropped_mtp:
+        log.warning("%s: the checkpoint holds model.mtp.* weights but config.json names no MTP head "
+                    "(num_nextn_predict_layers 0): read without them, so no speculative decoding", path)
     _check_complete(out, experts_seen, expected, cfg)
     if tied_copy is not None:
         _check_tied_copy(tied_copy, out[EMBEDDING])
@@ -322,6 +328,9 @@ def model_directory(path: str | Path) -> Path:
     if (path / MANIFEST).is_file() and not (path / "config.json").is_file():
         raise ValueError(f"{path} is a training checkpoint (one step of a run), not a model: a run exports its model "
                          "into the run directory when it ends; `--resume RUN_DIR` continues the run")
+    if not (path / "config.json").is_file():  # (before the tokenizer is looked for: the folder is the problem)
+        raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (a model is config.json, "
+                                "safetensors and tokenizer.json)")
     return path
 
 
