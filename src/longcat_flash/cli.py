@@ -342,7 +342,7 @@ def _add_chat(sub: argparse._SubParsersAction) -> None:
 def _run_chat(args: argparse.Namespace) -> None:
     from .serve.local import chat_loop, load_session
 
-    if args.max_new_tokens < 1:  # (generate takes 0: it scores the prompt) every reply would be empty
+    if args.max_new_tokens < 1:  # every reply would be empty (generate takes 0: it scores the prompt)
         raise ValueError(f"--max-new-tokens must be at least 1 for chat, got {args.max_new_tokens}")
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
