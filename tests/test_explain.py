@@ -129,7 +129,7 @@ def test_token_spans_keep_multibyte_characters_whole(tok):
 
 @pytest.mark.parametrize("make_args, message", [
     (lambda ck, tmp: ["--model", str(tmp / "missing"), "--text", "hi"], "does not exist"),
-    (lambda ck, tmp: ["--model", str(tmp), "--text", "hi"], "no tokenizer.json"),
+    (lambda ck, tmp: ["--model", str(tmp), "--text", "hi"], "is not a model directory: it has no config.json"),
     (lambda ck, tmp: ["--model", str(ck), "--text", ""], "empty"),
     (lambda ck, tmp: ["--model", str(ck), "--text", "word, " * CONTEXT], f"max_position_embeddings={CONTEXT}"),
 ])
