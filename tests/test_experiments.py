@@ -2,7 +2,9 @@
 and PNG. Their numbers mean nothing at this size; the full runs behind the README table are not tests."""
 from __future__ import annotations
 
+import importlib
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +18,7 @@ NAMES = sorted(p.stem for p in EXPERIMENTS.glob("*.py") if p.name not in LIBRARI
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("experiments")  # one work root: the tokenizer and token shard are shared
+    return tmp_path_factory.mktemp("experiments")  # one root; each experiment works in its own WORK/<name>
 
 
 def test_there_are_experiments():
@@ -25,11 +27,20 @@ def test_there_are_experiments():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_quick_mode_writes_json_and_png(name: str, work: Path):
+def test_quick_mode_writes_json_and_png(name: str, work: Path, monkeypatch):
+    """Run as `python experiments/NAME.py --quick ...` runs it, but in this process (runpy): a subprocess spent ~5 s
+    of each script's ~10 importing torch and the package again. A failure is the script's own exception."""
+    import matplotlib.pyplot as plt
+
     out = work / "out"
-    proc = subprocess.run([sys.executable, str(EXPERIMENTS / f"{name}.py"), "--quick", "--out", str(out),
-                           "--work", str(work / name)], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    monkeypatch.setenv("LONGCAT_TUNE_MALLOC", "0")  # the scripts tune malloc: leave this process's alone
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # the scripts import their helpers as `common`
+    monkeypatch.setattr(sys, "argv", [f"experiments/{name}.py", "--quick", "--out", str(out),
+                                      "--work", str(work / name)])
+    try:
+        runpy.run_path(str(EXPERIMENTS / f"{name}.py"), run_name="__main__")
+    finally:
+        plt.close("all")
     record = json.loads((out / f"{name}.json").read_text())
     assert record["experiment"] == name and record["quick"] is True
     assert record["claim"] and record["setup"] and record["verdict"] and record["results"]
@@ -38,9 +49,22 @@ def test_quick_mode_writes_json_and_png(name: str, work: Path):
 
 
 # ---- arguments: a bad one stops the script with one line, before any tokenizer or training work ----
+# Checked in this process (the script's main() under a patched argv): a subprocess per case spent ~4 s importing
+# torch for a check that takes milliseconds. One case runs as a real process (the work directory's).
 
 def _experiment(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout)
+
+
+def _main_refuses(name: str, args: list[str], monkeypatch, capsys) -> str:
+    """experiments/<name>.py's main() with `args`: it must exit with status 2 (argparse's); its last stderr line."""
+    monkeypatch.setenv("LONGCAT_TUNE_MALLOC", "0")  # main() tunes malloc: leave this process's alone
+    monkeypatch.setattr(sys, "argv", [f"experiments/{name}.py", *args])
+    with pytest.raises(SystemExit) as stopped:
+        importlib.import_module(name).main()
+    err = capsys.readouterr().err
+    assert stopped.value.code == 2, err
+    return err.splitlines()[-1]
 
 
 @pytest.mark.parametrize("name, args, flag", [
@@ -61,32 +85,29 @@ def _experiment(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
     ("zero_experts", ["--out", "{tmp}/a-file"], "--out"),
     ("zero_experts", ["--steps", "5"], "--steps"),  # --quick's own step count: refused, not silently replaced
 ])
-def test_a_bad_argument_is_one_line_before_any_work(name: str, args: list[str], flag: str, tmp_path: Path):
+def test_a_bad_argument_is_one_line_before_any_work(name: str, args: list[str], flag: str, tmp_path: Path,
+                                                     experiments_path, monkeypatch, capsys):
     (tmp_path / "a-file").write_text("")
     work = tmp_path / "work"
-    proc = _experiment(str(EXPERIMENTS / f"{name}.py"), "--quick", "--out", str(tmp_path / "out"), "--work",
-                       str(work), *(a.format(tmp=tmp_path) for a in args))
-    _assert_refused_before_any_work(proc, flag, work)
+    last = _main_refuses(name, ["--quick", "--out", str(tmp_path / "out"), "--work", str(work),
+                                *(a.format(tmp=tmp_path) for a in args)], monkeypatch, capsys)
+    assert flag in last and not (work / "_data").exists()  # stopped before the tokenizer
 
 
-def _assert_refused_before_any_work(proc: subprocess.CompletedProcess, flag: str, work: Path) -> None:
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr and flag in proc.stderr.splitlines()[-1], proc.stderr
-    assert not (work / "_data").exists()  # stopped before the tokenizer
-
-
-def test_growth_refuses_a_growth_step_with_no_steps_after_it(tmp_path: Path):
+def test_growth_refuses_a_growth_step_with_no_steps_after_it(tmp_path: Path, experiments_path, monkeypatch,
+                                                             capsys):
     """--grow-at equal to --steps trained every run, then measure() found no step after growth and crashed."""
     corpus, work = tmp_path / "corpus", tmp_path / "work"
     corpus.mkdir()
     (corpus / "doc.txt").write_text("a tiny corpus\n")
-    proc = _experiment(str(EXPERIMENTS / "growth.py"), "--out", str(tmp_path / "out"), "--work", str(work),
-                       "--data", str(corpus), "--steps", "20", "--grow-at", "20")
-    _assert_refused_before_any_work(proc, "--grow-at 20 must be below --steps 20", work)
+    last = _main_refuses("growth", ["--out", str(tmp_path / "out"), "--work", str(work), "--data", str(corpus),
+                                    "--steps", "20", "--grow-at", "20"], monkeypatch, capsys)
+    assert "--grow-at 20 must be below --steps 20" in last and not (work / "_data").exists()
 
 
 def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
-    """An experiment replaces WORK/<label> (base, yarn, ...): `--work runs` deleted a user's own runs/base."""
+    """An experiment replaces WORK/<label> (base, yarn, ...): `--work runs` deleted a user's own runs/base. As a
+    real process: one line on stderr, status 2, no traceback."""
     work = tmp_path / "runs"
     (work / "base").mkdir(parents=True)
     (work / "base" / "NOTES.txt").write_text("mine")
@@ -97,17 +118,15 @@ def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
     assert (work / "base" / "NOTES.txt").read_text() == "mine"
 
 
-def test_a_changed_setting_does_not_overwrite_the_committed_results(tmp_path: Path):
+def test_a_changed_setting_does_not_overwrite_the_committed_results(tmp_path: Path, experiments_path, monkeypatch,
+                                                                     capsys):
     """Without --out (and without --quick) the results would go to docs/experiments: a run that is not the reference
     run is refused there, before it trains."""
     reference = EXPERIMENTS.parent / "docs" / "experiments" / "zero_experts.json"
     before = reference.read_bytes()
-    proc = _experiment(str(EXPERIMENTS / "zero_experts.py"), "--steps", "5", "--work", str(tmp_path))
-    assert proc.returncode == 2 and "--out" in proc.stderr.splitlines()[-1], proc.stdout[-2000:] + proc.stderr
+    last = _main_refuses("zero_experts", ["--steps", "5", "--work", str(tmp_path)], monkeypatch, capsys)
+    assert "--out" in last
     assert reference.read_bytes() == before and not (tmp_path / "_data").exists()
-
-
-BUDGET_CONVERGENCE = str(EXPERIMENTS / "budget_convergence.py")
 
 
 def _budget_records(steps: int, grown_at: int | None = None) -> list[dict]:
@@ -130,14 +149,14 @@ def _budget_run(run: Path, records: list[dict], zero_experts: int = 4) -> Path:
     return run
 
 
-def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_path: Path):
+def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_path: Path, experiments_path,
+                                                                          monkeypatch, capsys):
     run, out, steps = _budget_run(tmp_path / "run", _budget_records(20)), tmp_path / "out", 20
-    bad = _experiment(BUDGET_CONVERGENCE, str(run), "--tolerance", "-1")
-    assert bad.returncode == 2 and "--tolerance" in bad.stderr.splitlines()[-1], bad.stderr
-    proc = _experiment(BUDGET_CONVERGENCE, str(run / "metrics.jsonl"), "--out", str(out))  # the file itself
-    assert proc.returncode == 0, proc.stderr
+    assert "--tolerance" in _main_refuses("budget_convergence", [str(run), "--tolerance", "-1"], monkeypatch, capsys)
+    monkeypatch.setattr(sys, "argv", ["budget_convergence.py", str(run / "metrics.jsonl"), "--out", str(out)])
+    importlib.import_module("budget_convergence").main()  # given the file itself
     written = [out / "budget_convergence.json", out / "budget_convergence.png"]
-    assert proc.stdout.splitlines()[-1] == f"[budget_convergence] wrote {written[0]} and {written[1]}"
+    assert capsys.readouterr().out.splitlines()[-1] == f"[budget_convergence] wrote {written[0]} and {written[1]}"
     summary = json.loads(written[0].read_text())
     assert summary["tail_steps"] == steps and not any(key.startswith("last50") for key in summary)
     assert not (run / "budget_convergence.json").exists()
@@ -149,11 +168,10 @@ def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_p
     (_budget_records(20), 0, "the run's model has no zero experts"),  # was reported as perfect control
 ])
 def test_budget_convergence_refuses_what_is_not_a_budget_run(records: list, zero_experts: int, message: str,
-                                                             tmp_path: Path):
+                                                             tmp_path: Path, experiments_path, monkeypatch, capsys):
     run = _budget_run(tmp_path / "run", records, zero_experts)
-    proc = _experiment(BUDGET_CONVERGENCE, str(run))
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
-    assert message in proc.stderr.splitlines()[-1] and not (run / "budget_convergence.json").exists()
+    assert message in _main_refuses("budget_convergence", [str(run)], monkeypatch, capsys)
+    assert not (run / "budget_convergence.json").exists()
 
 
 def test_budget_convergence_keeps_the_layers_a_grown_run_added(tmp_path: Path, experiments_path):
