@@ -43,7 +43,7 @@ from longcat_flash.train.trainer import train
 
 MODES = {"free": False, "constrained": True}  # mode -> tools sent as strict
 ASKED_CONFIG = "asked_config.json"  # in WORK/base: the config the base was trained for, to reuse it
-QUICK = {"steps": 3, "train_rows": 64, "eval_rows": 8}
+QUICK = {"steps": 1, "train_rows": 16, "eval_rows": 4}
 
 
 def add_arguments(parser) -> None:
