@@ -2,14 +2,14 @@
 
     torchrun --standalone --nproc-per-node N tests/dist_train_checks.py REF_RUN OUT_ROOT CORPUS CACHE [RESUME_FROM]
 
-REF_RUN is a finished single-process tiny run (12 steps, float32, checkpoints at 6 and 12, the MTP head idle until
-step 3, so that the router monitors' side backward at step 0 meets an FSDP unit that never ran). On N ranks, for
-every (dp, ep) layout of the world (ep = N, N/2, 1), train the same 12 steps from scratch into
+REF_RUN is a finished single-process tiny run (REFERENCE: STEPS steps, float32, checkpoints every SAVE_EVERY, the MTP
+head idle until step 3, so that the router monitors' side backward at step 0 meets an FSDP unit that never ran). On N
+ranks, for every (dp, ep) layout of the world (ep = N, N/2, 1), train the same STEPS steps from scratch into
 OUT_ROOT/w{N}_ep{ep}; the ep = N/2 run goes through the CLI (`longcat train --ep ...`, at world 4 `--dp 2`, which
 leaves ep to be inferred), the command users type,
 last (the CLI leaves the process group when it is done). At world 2 every run also recomputes each layer in
 backward (activation checkpointing) and chunks the cross-entropy: the losses must not change.
-With RESUME_FROM (a run directory whose newest checkpoint is step 6, written at another world size), also
+With RESUME_FROM (a run directory whose newest checkpoint is step SAVE_EVERY, written at another world size), also
 resume a copy of it at every layout into OUT_ROOT/w{N}_ep{ep}_resumed. Each rank writes
 OUT_ROOT/<run>/rank{r}.json with its routers' final biases and the expert rows it held.
 """
@@ -26,6 +26,10 @@ from longcat_flash import cli
 from longcat_flash import distributed as lcd
 from longcat_flash.train import checkpoints, trainer
 from longcat_flash.train.config import apply_overrides, recipe
+
+STEPS, SAVE_EVERY = 8, 4
+REFERENCE = [f"max_steps={STEPS}", "dtype=float32", f"checkpoint.save_every={SAVE_EVERY}", "loss.mtp_start_step=3",
+             "sample_tokens=4"]  # the closing sample is generated under FSDP too, but need not be long
 
 
 def record_biases() -> None:
@@ -46,7 +50,7 @@ def main(ref: Path, out_root: Path, corpus: str, cache: str, resume_from: Path |
     record_biases()
     world = lcd.world_size()
     overrides = [f"data.source={corpus}", f"data.cache_dir={cache}", f"data.tokenizer={ref / 'tokenizer.json'}",
-                 "max_steps=12", "dtype=float32", "checkpoint.save_every=6", "loss.mtp_start_step=3"]
+                 *REFERENCE]
     if world == 2:  # the memory savers too: per-layer recomputation, and the cross-entropy in 48-token chunks
         overrides += ["activation_checkpointing=true", "loss.logits_chunk=48"]
     layouts = list(dict.fromkeys((world, world // 2, 1)))

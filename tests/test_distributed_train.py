@@ -1,8 +1,9 @@
 """Training under torchrun (gloo) with FSDP2 and experts sharded over ep follows the single-process run.
 
-One single-process tiny run (12 steps, float32, the MTP head joining at step 3) is the reference. tests/dist_train_checks.py trains the same
-12 steps at world 4 and at world 2 in every (dp, ep) layout; the world-2 launch also resumes the world-4
-(dp 2, ep 2) run's step-6 checkpoint in each of its layouts, and this file resumes it in one process. Every
+One single-process tiny run (8 steps, float32, the MTP head joining at step 3) is the reference.
+tests/dist_train_checks.py trains the same 8 steps at world 4 and at world 2 in every (dp, ep) layout; the world-2
+launch also resumes the world-4 (dp 2, ep 2) run's step-4 checkpoint in each of its layouts, and this file resumes it
+in one process. Every
 loss curve must match the reference, and the state each rank holds must fall with the world size.
 """
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from dist_train_checks import REFERENCE, STEPS
 from test_distributed import torchrun
 from train_support import make_corpus, run_directory_held, tiny_config
 
@@ -36,13 +38,12 @@ def runs(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("dist_train")
     corpus, cache = make_corpus(root / "corpus"), root / "cache"
     ref = root / "ref"
-    train(tiny_config(corpus, cache, "max_steps=12", "dtype=float32", "checkpoint.save_every=6",
-                      "loss.mtp_start_step=3"), ref, progress=False)
+    train(tiny_config(corpus, cache, *REFERENCE), ref, progress=False)
     output = torchrun(4, WORKER, str(ref), str(root), str(corpus), str(cache))
-    at_step_6 = root / "w4_ep2_at6"
-    shutil.copytree(root / "w4_ep2", at_step_6)
-    shutil.rmtree(at_step_6 / "checkpoints" / "step_00000012")
-    output += torchrun(2, WORKER, str(ref), str(root), str(corpus), str(cache), str(at_step_6))
+    midway = root / "w4_ep2_midway"
+    shutil.copytree(root / "w4_ep2", midway)
+    shutil.rmtree(midway / "checkpoints" / f"step_{STEPS:08d}")  # its newest is now step SAVE_EVERY
+    output += torchrun(2, WORKER, str(ref), str(root), str(corpus), str(cache), str(midway))
     (root / "torchrun.log").write_text(output)
     return root
 
@@ -57,7 +58,7 @@ def records(run: Path) -> dict[int, dict]:
 
 def assert_same_curve(run: Path, ref: Path) -> None:
     got, want = records(run), records(ref)
-    assert sorted(got) == list(range(1, 13))
+    assert sorted(got) == list(range(1, STEPS + 1))
     assert max(abs(got[s]["loss"] - want[s]["loss"]) for s in want) <= 1e-4, \
         [(s, got[s]["loss"], want[s]["loss"]) for s in want]
     for key in ("ffn_experts_per_token", "ffn_experts_std"):  # over all ranks' tokens, not a mean of ranks' own
@@ -71,10 +72,10 @@ def test_every_layout_matches_one_process(runs, world):
 
 
 def test_state_per_rank_falls_with_the_world(runs):
-    one = records(runs / "ref")[12]["state_bytes"]
+    one = records(runs / "ref")[STEPS]["state_bytes"]
     for world in (2, 4):
         for ep in layouts(world):
-            held = records(runs / f"w{world}_ep{ep}")[12]["state_bytes"]
+            held = records(runs / f"w{world}_ep{ep}")[STEPS]["state_bytes"]
             assert held <= (0.35 if world == 4 else 0.6) * one, (world, ep, held / one)
 
 
@@ -91,18 +92,18 @@ def test_each_rank_holds_its_share_of_the_experts_and_the_same_biases(runs):
 
 def test_world4_checkpoint_resumes_at_world2_in_every_layout(runs):
     for ep in layouts(2):
-        assert_same_curve(runs / f"w2_ep{ep}_resumed", runs / "ref")  # steps 1-6 at world 4, 7-12 at world 2
+        assert_same_curve(runs / f"w2_ep{ep}_resumed", runs / "ref")  # the first half at world 4, the rest at world 2
 
 
 def test_world4_checkpoint_resumes_in_one_process(runs):
     run = runs / "w1_resumed"
-    shutil.copytree(runs / "w4_ep2_at6", run)
+    shutil.copytree(runs / "w4_ep2_midway", run)
     train(resume_config(run), run, resume=True, progress=False)
     assert_same_curve(run, runs / "ref")
 
 
 def test_checkpoints_are_sharded_per_rank(runs):
-    files = training.read_manifest(runs / "w4_ep2" / "checkpoints" / "step_00000012")["files"]
+    files = training.read_manifest(runs / "w4_ep2" / "checkpoints" / f"step_{STEPS:08d}")["files"]
     shards = [entry["file"] for entry in files.values() if entry["file"].startswith("sharded/")]
     assert len(shards) == 4  # one file per rank, written in parallel
 
