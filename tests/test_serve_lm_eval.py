@@ -108,17 +108,33 @@ def reference_loglikelihood(model: torch.nn.Module, tokenizer: Tokenizer, contex
     return sum(logprobs[t - 1, whole[t]].item() for t in range(n_context, len(whole)))
 
 
-def test_lm_eval_multiple_choice_matches_the_models_forward(tmp_path):
-    model_dir = init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32)
-    tasks, out = write_task(tmp_path), tmp_path / "out"
-    with running_server(model_dir) as base:
-        run_lm_eval(base, model_dir, tasks, out)
-    results = json.loads(next(out.rglob("results_*.json")).read_text())
-    assert 0.0 <= results["results"][TASK]["acc,none"] <= 1.0
-    samples = read_samples(out, TASK)
-    assert len(samples) == len(DOCS)
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """One tiny checkpoint behind one `longcat serve` for the module; its own model and tokenizer as the reference."""
+    root = tmp_path_factory.mktemp("lm_eval")
+    model_dir = init_checkpoint(tiny(), root / "tiny", dtype=torch.float32)
+    write_task(root)
+    tasks = write_task(root, GEN_TASK, GEN_DOCS, GEN_YAML)
     model, _ = load_for_inference(model_dir, dtype="float32", device="cpu")
-    tokenizer = Tokenizer.load(model_dir)
+    with running_server(model_dir) as base:
+        yield base, model_dir, tasks, model, Tokenizer.load(model_dir)
+
+
+@pytest.fixture(scope="module")
+def completions(served, tmp_path_factory) -> Path:
+    """Both tasks in one lm_eval run through `local-completions` (the harness starts in seconds: one run, not two)."""
+    base, model_dir, tasks, _, _ = served
+    out = tmp_path_factory.mktemp("completions")
+    run_lm_eval(base, model_dir, tasks, out, f"{TASK},{GEN_TASK}")
+    return out
+
+
+def test_lm_eval_multiple_choice_matches_the_models_forward(served, completions):
+    _, _, _, model, tokenizer = served
+    results = json.loads(next(completions.rglob("results_*.json")).read_text())
+    assert 0.0 <= results["results"][TASK]["acc,none"] <= 1.0
+    samples = read_samples(completions, TASK)
+    assert len(samples) == len(DOCS)
     scored = [(request["arg_0"], request["arg_1"], float(response[0][0])) for sample in samples
               for request, response in zip(sample["arguments"].values(), sample["resps"], strict=True)]
     assert len(scored) == sum(len(doc["choices"]) for doc in DOCS)
@@ -136,17 +152,16 @@ def greedy_answer(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[int
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["local-completions", "local-chat-completions"])
-def test_lm_eval_generate_until_answers_are_the_models_greedy_continuations(tmp_path, chat):
-    model_dir = init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32)
-    tasks, out = write_task(tmp_path, GEN_TASK, GEN_DOCS, GEN_YAML), tmp_path / "out"
-    with running_server(model_dir) as base:
-        run_lm_eval(base, model_dir, tasks, out, GEN_TASK, chat=chat)
+def test_lm_eval_generate_until_answers_are_the_models_greedy_continuations(served, completions, tmp_path, chat):
+    base, model_dir, tasks, model, tokenizer = served
+    out = completions
+    if chat:
+        out = tmp_path / "out"
+        run_lm_eval(base, model_dir, tasks, out, GEN_TASK, chat=True)
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert 0.0 <= results["results"][GEN_TASK]["exact_match,none"] <= 1.0
     samples = read_samples(out, GEN_TASK)
     assert sorted(sample["doc"]["question"] for sample in samples) == sorted(doc["question"] for doc in GEN_DOCS)
-    model, _ = load_for_inference(model_dir, dtype="float32", device="cpu")
-    tokenizer = Tokenizer.load(model_dir)
     until = ["\n\n", "Question:"]
     for sample in samples:
         question = sample["doc"]["question"]
