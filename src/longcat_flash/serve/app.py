@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..checkpoint.hf import GENERATION_CONFIG, generation_config, model_directory
+from ..device import resolve_device
 from ..infer.engine import EngineConfig, StepOutput
 from ..infer.grammar import GrammarCompiler
 from ..infer.loader import check_speculative
@@ -567,6 +568,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     interrupted; connections bounded as serve/connections.py says."""
     import uvicorn
 
+    resolve_device(device)  # a bad --device fails here, not seconds later in the engine process
     model_dir = model_directory(model_dir)
     check_speculative(model_dir, engine_config.speculative if engine_config else 0)
     defaults = model_defaults(model_dir)
