@@ -28,7 +28,7 @@ def test_there_are_experiments():
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_quick_mode_writes_json_and_png(name: str, work: Path, monkeypatch):
-    """Run as `python experiments/NAME.py --quick ...` runs it, but in this process (runpy): a subprocess spent ~5 s
+    """Run as the script's --quick command line runs it, but in this process (runpy): a subprocess spent ~5 s
     of each script's ~10 importing torch and the package again. A failure is the script's own exception."""
     import matplotlib.pyplot as plt
 
