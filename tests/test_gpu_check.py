@@ -23,22 +23,27 @@ def test_quick_mode_runs_every_section_and_writes_its_figures(tmp_path):
     assert set(report["sections"]) == {"environment", "train", "transformers_train", "decode"}
 
 
-def test_the_device_to_measure_is_named(tmp_path):
-    """--device auto measured the CPU on a machine without a GPU and reported the check passed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--device", "auto", "--quick",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 2 and "--device auto: name the device to measure" in proc.stderr
+def test_the_device_to_measure_is_named(tmp_path, monkeypatch, capsys):
+    """--device auto measured the CPU on a machine without a GPU and reported the check passed. (main() in this
+    process: it refuses before it changes any process-wide setting.)"""
+    assert gpu_check_module(monkeypatch).main(["--device", "auto", "--quick", "--out", str(tmp_path)]) == 2
+    assert "--device auto: name the device to measure" in capsys.readouterr().err
     assert not (tmp_path / "gpu_check.json").exists()
 
 
-def test_a_decode_too_fast_to_time_apart_from_its_prefill_has_no_rate(monkeypatch):
-    """Decode rate = (N - 1) tokens over t(N) - t(1); when noise makes t(N) <= t(1), no figure, not 3e9 tok/s."""
+def gpu_check_module(monkeypatch):
+    """bench/gpu_check.py imported as the module `gpu_check`, for this test only."""
     monkeypatch.syspath_prepend(str(REPO / "bench"))  # the script imports its sibling benchmarks
     spec = importlib.util.spec_from_file_location("gpu_check", REPO / "bench" / "gpu_check.py")
     gpu_check = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, "gpu_check", gpu_check)  # its dataclasses look their module up there
     spec.loader.exec_module(gpu_check)
+    return gpu_check
+
+
+def test_a_decode_too_fast_to_time_apart_from_its_prefill_has_no_rate(monkeypatch):
+    """Decode rate = (N - 1) tokens over t(N) - t(1); when noise makes t(N) <= t(1), no figure, not 3e9 tok/s."""
+    gpu_check = gpu_check_module(monkeypatch)
     assert gpu_check.decode_rate(2.0, 1.0, 65) == 64.0
     assert gpu_check.decode_rate(1.0, 1.0, 65) is None and gpu_check.decode_rate(0.9, 1.0, 65) is None
     assert gpu_check.ratio(None, 3.0) is None and gpu_check.ratio(6.0, 3.0) == 2.0
