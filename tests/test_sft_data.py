@@ -275,6 +275,12 @@ BAD_ROWS = [
         {"role": "tool", "tool_call_id": "c2", "content": "3"}]},
      "messages[2].tool_call_id: 'c2' answers none of the calls before it"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}},
+        {"id": "c1", "type": "function", "function": {"name": "g", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"},
+        {"role": "tool", "tool_call_id": "c1", "content": "4"}]},
+     "messages[1].tool_calls[1].id: 'c1' is also the id of call 1: each call needs its own"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "3"}, {"role": "tool", "content": "4"}]},
      "messages[3].role: more tool results than the 1 call(s) before them"),

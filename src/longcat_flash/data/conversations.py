@@ -462,6 +462,7 @@ def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str,
         calls = _list(message["tool_calls"], where, f"{name}.tool_calls")
         if calls:
             out["tool_calls"] = [_tool_call(c, where, f"{name}.tool_calls[{j}]") for j, c in enumerate(calls)]
+            _distinct_call_ids(out["tool_calls"], where, name)
     elif role == "assistant" and "function_call" in message:
         out["tool_calls"] = [{"type": "function",
                               "function": _function_call(message["function_call"], where, f"{name}.function_call")}]
@@ -503,6 +504,16 @@ def _tool_call(raw: Any, where: str, name: str) -> dict[str, Any]:
     if "id" in call:
         _string(call["id"], where, f"{name}.id")
     return {**call, "function": _function_call(call.get("function"), where, f"{name}.function")}
+
+
+def _distinct_call_ids(calls: list[dict[str, Any]], where: str, name: str) -> None:
+    """Two calls of one turn with the same id: their results could not be told apart (the server refuses such a
+    conversation too)."""
+    ids = [call.get("id") for call in calls]
+    for j, call_id in enumerate(ids):
+        if call_id is not None and call_id in ids[:j]:
+            raise _fail(where, f"{name}.tool_calls[{j}].id", f"{call_id!r} is also the id of call "
+                                                              f"{ids.index(call_id) + 1}: each call needs its own")
 
 
 def _function_call(raw: Any, where: str, name: str) -> dict[str, Any]:
