@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import builtins
+import io
 import json
+import sys
 
 import pytest
 from infer_support import one_thread  # noqa: F401  (autouse fixture)
@@ -41,6 +43,32 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
     main(args + ["--json", "--speculative", "2", "--quantize", "int8"])
     spec = json.loads(capsys.readouterr().out)
     assert spec["completion_tokens"] == 7 and 0.0 <= spec["acceptance_rate"] <= 1.0
+
+
+def test_generate_reads_the_prompt_from_a_file_or_stdin_as_it_is(checkpoint, capsys, monkeypatch, tmp_path):
+    """The final newline of code to complete is part of the prompt (`--prompt "$(cat FILE)"` drops it)."""
+    text = "def f(x):\n    return x\n\n"
+    (tmp_path / "prompt.py").write_bytes(text.encode())
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    args = ["generate", "--model", str(checkpoint), "--max-new-tokens", "3", "--ignore-eos", "--json"]
+
+    def generated(*flags: str) -> tuple:
+        main(args + list(flags))
+        record = json.loads(capsys.readouterr().out)
+        return record["prompt"], record["prompt_tokens"], record["text"]
+
+    given = generated("--prompt", text)
+    assert given[0] == text and given[1] == len(Tokenizer.load(checkpoint).encode(text))
+    assert generated("--prompt-file", str(tmp_path / "prompt.py")) == given
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+    assert generated("--prompt-file", "-") == given
+    for name, message in (("missing.txt", "No such file or directory"), ("latin1.txt", "not UTF-8 text (byte 3")):
+        with pytest.raises(SystemExit) as refused:
+            main(args + ["--prompt-file", str(tmp_path / name)])
+        assert str(refused.value.code).startswith(f"longcat generate: --prompt-file {tmp_path / name}: {message}")
+    with pytest.raises(SystemExit) as both:
+        main(args + ["--prompt", "x", "--prompt-file", str(tmp_path / "prompt.py")])
+    assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
 def chat(model, lines: list[str], monkeypatch, capsys, *flags: str) -> str:

@@ -306,7 +306,10 @@ def _sampling(args: argparse.Namespace):
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="complete one prompt; prints the generated text alone (or --json)")
     _add_model_flags(p)
-    p.add_argument("--prompt", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="the prompt text")
+    source.add_argument("--prompt-file", metavar="FILE", help="the prompt is FILE's text as it is, final newline "
+                                                              "included (-: standard input)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_sampling_flags(p, max_new_tokens=64)
     p.add_argument("--json", action="store_true", help="one JSON object: text, token counts, timings")
@@ -324,11 +327,24 @@ def _run_generate(args: argparse.Namespace) -> None:
             utf8_text(stop)
         except ValueError as err:
             raise ValueError(f"--stop: {err}") from None
+    prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    result = generate_text(engine, tokenizer, tokenizer.encode(args.prompt), _sampling(args), args.stop, stream)
-    print(json.dumps({"prompt": args.prompt, **result.to_dict()}) if args.json else "")
+    result = generate_text(engine, tokenizer, tokenizer.encode(prompt), _sampling(args), args.stop, stream)
+    print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
+
+
+def _read_prompt(path: str) -> str:
+    """--prompt-file's text, byte for byte: a shell's $(cat FILE) would drop its final newlines."""
+    try:
+        data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    except OSError as err:
+        raise ValueError(f"--prompt-file {path}: {err.strerror or err}") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ValueError(f"--prompt-file {path}: not UTF-8 text (byte {err.start} is {data[err.start]:#04x})") from None
 
 
 def _add_chat(sub: argparse._SubParsersAction) -> None:
