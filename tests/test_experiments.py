@@ -27,14 +27,13 @@ def test_there_are_experiments():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
-def test_quick_mode_writes_json_and_png(name: str, work: Path, monkeypatch):
+def test_quick_mode_writes_json_and_png(name: str, work: Path, experiments_path, monkeypatch):
     """Run as the script's --quick command line runs it, but in this process (runpy): a subprocess spent ~5 s
     of each script's ~10 importing torch and the package again. A failure is the script's own exception."""
     import matplotlib.pyplot as plt
 
     out = work / "out"
     monkeypatch.setenv("LONGCAT_TUNE_MALLOC", "0")  # the scripts tune malloc: leave this process's alone
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))  # the scripts import their helpers as `common`
     monkeypatch.setattr(sys, "argv", [f"experiments/{name}.py", "--quick", "--out", str(out),
                                       "--work", str(work / name)])
     try:
