@@ -122,7 +122,7 @@ def served(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def completions(served, tmp_path_factory) -> Path:
-    """Both tasks in one lm_eval run through `local-completions` (the harness starts in seconds: one run, not two)."""
+    """Both tasks in one lm_eval run through `local-completions` (a harness run spends ~20 s starting up)."""
     base, model_dir, tasks, _, _ = served
     out = tmp_path_factory.mktemp("completions")
     run_lm_eval(base, model_dir, tasks, out, f"{TASK},{GEN_TASK}")
