@@ -274,6 +274,18 @@ BAD_ROWS = [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}}]},
         {"role": "tool", "tool_call_id": "c2", "content": "3"}]},
      "messages[2].tool_call_id: 'c2' answers none of the calls before it"),
+    ({"messages": [{"role": ["user"], "content": "hi"}, {"role": "assistant", "content": "a"}]},
+     "messages[0].role: ['user'] is not one of"),  # was a TypeError traceback (unhashable)
+    ({"conversations": [{"from": {"h": 1}, "value": "hi"}, {"from": "gpt", "value": "a"}]},
+     "conversations[0].from: {'h': 1} is not one of"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "get weather", "arguments": {}}}]}]},
+     "messages[1].tool_calls[0].function.name: 'get weather' is not a function name the server accepts"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": {}}},
+        {"id": "b", "type": "function", "function": {"name": "g", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "b", "content": "3"}, {"role": "tool", "tool_call_id": "b", "content": "4"}]},
+     "messages[2].tool_call_id: 'b' is result 1 but answers call 2"),  # the first call has no id
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}},
         {"id": "c1", "type": "function", "function": {"name": "g", "arguments": {}}}]},
@@ -500,12 +512,36 @@ def test_files_from_other_tools_read_or_fail_naming_the_file(tmp_path):
             read_conversations(tmp_path / name)
 
 
-def test_text_the_tokenizer_cannot_take_names_the_row(tokenizer):
-    """A half emoji deep inside a tool's schema, where no field check looks: the tokenizer's error named no row."""
-    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
-           "tools": [{"name": "f", "parameters": {"type": "object", "properties": {"x": {"description": "\ud83d"}}}}]}
-    with pytest.raises(ConversationError, match=r"^rows.jsonl:7: .*UTF-8"):
-        tokenize(tokenizer, parse_row(row, "rows.jsonl:7"))
+@pytest.mark.parametrize("where, field", [
+    ("schema", "tools[0].parameters.properties.x.description"),
+    ("key", "messages[1].tool_calls[0].function.arguments.\ud83d (the key)"),
+    ("string", "messages[1].tool_calls[0].function.arguments.x"),  # arguments as JSON text: checked once decoded
+])
+def test_a_lone_surrogate_anywhere_names_its_field(where: str, field: str):
+    """A half emoji deep inside a tool's schema or a call's arguments, where no field check looked: the tokenizer's
+    error named a character offset in the rendered text, and in arguments given as a JSON string it was trained."""
+    arguments = {"schema": {"x": 1}, "key": {"\ud83d": 1}, "string": '{"x": "\\ud83d"}'}[where]
+    description = "\ud83d" if where == "schema" else "x"
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": arguments}}]}],
+           "tools": [{"name": "f",
+                      "parameters": {"type": "object", "properties": {"x": {"description": description}}}}]}
+    with pytest.raises(ConversationError, match=re.escape(f"rows.jsonl:7: {field}: holds a lone surrogate")):
+        parse_row(row, "rows.jsonl:7")
+
+
+def test_a_row_nested_too_deeply_is_an_error_naming_it(tmp_path):
+    """Arguments nested thousands deep: a RecursionError traceback while the line was decoded."""
+    deep = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"type": "function", "function": {"name": "f", "arguments": "@"}}]}]}
+    line = json.dumps(deep).replace('"@"', '{"a": ' * 5000 + "1" + "}" * 5000)
+    (tmp_path / "deep.jsonl").write_text(line + "\n")
+    with pytest.raises(ValueError, match=r"deep.jsonl:1: not valid JSON \(nested too deeply\)"):
+        list(read_conversations(tmp_path / "deep.jsonl"))
+    shallow = json.loads(json.dumps(deep).replace('"@"', '{"a": ' * 150 + "1" + "}" * 150))
+    with pytest.raises(ConversationError, match=r"rows.jsonl:2: messages\[1\]\.tool_calls\[0\]\.function\.arguments"
+                                                r"(\.a)+: nested more than 100 levels deep"):
+        parse_row(shallow, "rows.jsonl:2")
 
 
 def test_file_suffixes_are_read_in_any_case(tmp_path):

@@ -43,6 +43,7 @@ FUNCTION_CALL_FIELDS = ("name", "arguments")
 TOOL_FIELDS = ("type", "function")
 FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
 LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a decoded str, only a half pair can be one
+MAX_DEPTH = 100  # objects and lists in a row: a conversation nests ~6 deep, a tool schema a dozen more
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # a function's name: OpenAI's rule, which the server applies to requests too
 
 
@@ -145,6 +146,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
                 rows = json.load(f)
         except json.JSONDecodeError as err:
             raise ConversationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise ConversationError(f"{path}: not valid JSON (nested too deeply)") from None
         yield from ((f"{path}:{number}", row) for number, row in enumerate(rows, 1))  # a list: it starts with [
         return
     rows = 0
@@ -165,7 +168,7 @@ def _whole_json(path: Path) -> Any:
     try:
         with open_text(path) as f:
             return json.load(f)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):
         return None
 
 
@@ -234,6 +237,7 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     A null field counts as absent at every depth (`without_nulls`), and so does a blank `tools`, `functions` or
     `system` column (how converted data sets mark "none"); content parts of type text are joined into one string;
     `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
+    _check_structure(row, where, "row")  # before anything walks it recursively
     row = {k: v for k, v in _object(without_nulls(row), where, "row").items()
            if k not in ignore and not (k in BLANK_IS_ABSENT and isinstance(v, str) and not v.strip())
            and not PANDAS_INDEX.match(k)}
@@ -324,7 +328,7 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
         name = f"conversations[{i}]"
         turn = _object(turn, where, name)
         _known(turn, ("from", "value"), where, f"{name}.", "a ShareGPT turn has")
-        role = SHAREGPT_ROLES.get(turn.get("from"))
+        role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
         if role is None:
             raise _fail(where, f"{name}.from", f"{turn.get('from')!r} is not one of {'/'.join(SHAREGPT_ROLES)}")
         if "value" not in turn:
@@ -394,10 +398,40 @@ def _decoded(value: Any, where: str, name: str) -> Any:
     anything else as it is."""
     if not isinstance(value, str):
         return value
+    return _parsed(value, where, name, "a string here must hold JSON")
+
+
+def _parsed(text: str, where: str, name: str, what: str) -> Any:
+    """JSON text held in a string field, decoded and checked as a row is."""
     try:
-        return json.loads(value)
+        value = json.loads(text)
     except json.JSONDecodeError as err:
-        raise _fail(where, name, f"a string here must hold JSON ({err})") from None
+        raise _fail(where, name, f"{what} ({err})") from None
+    except RecursionError:
+        raise _fail(where, name, f"nested more than {MAX_DEPTH} levels deep") from None
+    _check_structure(value, where, name)
+    return value
+
+
+def _check_structure(value: Any, where: str, name: str) -> None:
+    """Every string in `value` (keys too) is text, and nothing nests deeper than MAX_DEPTH: checked without
+    recursion, so that a pathological row is an error naming its field rather than a RecursionError."""
+    stack = [(value, name, 0)]
+    while stack:
+        item, at, depth = stack.pop()
+        if isinstance(item, str):
+            _string(item, where, at)
+            continue
+        if isinstance(item, (dict, list, tuple)) and depth == MAX_DEPTH:
+            raise _fail(where, at, f"nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, dict):
+            for key, child in item.items():
+                path = key if at == "row" else f"{at}.{key}"
+                if isinstance(key, str):
+                    _string(key, where, f"{path} (the key)")
+                stack.append((child, path, depth + 1))
+        elif isinstance(item, (list, tuple)):
+            stack.extend((child, f"{at}[{i}]", depth + 1) for i, child in enumerate(item))
 
 
 def _fail(where: str, name: str, problem: str) -> ConversationError:
@@ -443,7 +477,8 @@ def _known_columns(row: dict[str, Any], allowed: Sequence[str], where: str) -> N
 
 def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str, Any]]) -> dict[str, Any]:
     message = _object(raw, where, name)
-    role = ROLE_ALIASES.get(message.get("role"), message.get("role"))
+    role = message.get("role")
+    role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in ROLES:
         raise _fail(where, f"{name}.role", f"{role!r} is not one of {'/'.join((*ROLES, *ROLE_ALIASES))}")
     # a field that carries nothing (an SDK reply's `model_dump()`: refusal None, annotations []) is not unknown
@@ -520,15 +555,10 @@ def _function_call(raw: Any, where: str, name: str) -> dict[str, Any]:
     """{"name", "arguments"}: a call's function, or a legacy assistant message's whole `function_call`."""
     fn = _object(raw, where, name)
     _known(fn, FUNCTION_CALL_FIELDS, where, f"{name}.", "a function call has")
-    if not _string(fn.get("name"), where, f"{name}.name"):
-        raise _fail(where, f"{name}.name", "empty")
+    _function_name(fn.get("name"), where, f"{name}.name")
     arguments = fn.get("arguments", {})
-    parsed = arguments
-    if isinstance(arguments, str):
-        try:
-            parsed = json.loads(arguments)
-        except json.JSONDecodeError as err:
-            raise _fail(where, f"{name}.arguments", f"not valid JSON ({err})") from None
+    parsed = _parsed(arguments, where, f"{name}.arguments", "not valid JSON") if isinstance(arguments, str) \
+        else arguments
     if not isinstance(parsed, dict):
         raise _fail(where, f"{name}.arguments", f"must be a JSON object, got {arguments!r:.60}")
     try:  # Python's json writes float("nan") as NaN: not JSON, so served the call would come back as text
@@ -554,7 +584,7 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
         if given not in ids:
             raise _fail(where, f"{name}.tool_call_id", f"{given!r} answers none of the calls before it "
                                                         f"({', '.join(map(str, ids))})")
-        if ids[results] is not None and given != ids[results]:
+        if given != ids[results]:  # also where this slot's call has no id: `given` is another call's
             raise _fail(where, f"{name}.tool_call_id", f"{given!r} is result {results + 1} but answers call "
                                                         f"{ids.index(given) + 1}: results follow the order of the "
                                                         "calls (the prompt pairs them by position)")
@@ -563,6 +593,14 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
         if _string(message["name"], where, f"{name}.name") not in names:
             raise _fail(where, f"{name}.name", f"{message['name']!r} is none of the called functions "
                                                 f"({', '.join(names)})")
+
+
+def _function_name(value: Any, where: str, name: str) -> str:
+    """A tool's or a call's function name, held to the rule the server applies to a request's tools."""
+    if not re.fullmatch(TOOL_NAME, _string(value, where, name)):
+        raise _fail(where, name, f"{value!r} is not a function name the server accepts (1 to 64 letters, digits, "
+                                 "'_', '.', '-'), so the model could never be served it")
+    return value
 
 
 def _tools(raw: Any, where: str, field: str = "tools") -> list[dict[str, Any]]:
@@ -587,9 +625,7 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
             raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
         fn, at = _object(tool.get("function"), where, f"{name}.function"), f"{name}.function"
     _known(fn, FUNCTION_FIELDS, where, f"{at}.", "a function has")
-    if not re.fullmatch(TOOL_NAME, _string(fn.get("name"), where, f"{at}.name")):  # as the server checks a request's
-        raise _fail(where, f"{at}.name", f"{fn['name']!r} is not a function name the server accepts (1 to 64 "
-                                         "letters, digits, '_', '.', '-'), so the model could never be served it")
+    _function_name(fn.get("name"), where, f"{at}.name")
     if "description" in fn:
         _string(fn["description"], where, f"{at}.description")
     if "parameters" in fn:

@@ -183,6 +183,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
+            except RecursionError:
+                raise ValueError(f"{path}:{line_no}: not valid JSON (nested too deeply)") from None
             yield line_no, record
 
 
