@@ -52,6 +52,32 @@ def test_the_api_key_is_a_bearer_token_with_a_case_insensitive_scheme(header, st
     assert asyncio.run(go()) == status
 
 
+@pytest.mark.parametrize("key, problem", [("", "empty"), ("ключ", "an API key is visible ASCII"),
+                                          ("sk-1 ", "an API key is visible ASCII")])
+def test_a_key_no_client_could_send_is_refused_at_start(key, problem):
+    """An empty key let in a client sending `Bearer ` and nothing more; a non-ASCII one (or one ending in a space)
+    could never be sent and matched. `longcat serve` refuses it before it loads anything, and keeps it unsaid."""
+    from longcat_flash.cli import main
+
+    with pytest.raises(ValueError, match=f"^--api-key: {problem}"):
+        bare_app().__init__(FastAPI(), api_key=key, max_body_bytes=LIMIT)
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--model", "no-such-model", "--api-key", key])
+    assert str(refused.value.code).startswith(f"longcat serve: --api-key: {problem}")
+    assert key.strip() == "" or key not in str(refused.value.code)
+
+
+@pytest.mark.parametrize("size, problem", [("inf", "must be a positive number, got inf"),
+                                           ("1e-9", "1e-09 is less than one byte")])
+def test_a_body_bound_that_is_no_number_of_bytes_is_refused(size, problem):
+    """inf was an OverflowError traceback; 1e-9 rounded to 0 bytes and every request was refused."""
+    from longcat_flash.cli import main
+
+    with pytest.raises(SystemExit) as refused:
+        main(["serve", "--model", "no-such-model", "--max-request-mb", size])
+    assert str(refused.value.code) == f"longcat serve: --max-request-mb {problem}"
+
+
 def scope_for(path: str = "/v1/echo") -> dict:
     return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],

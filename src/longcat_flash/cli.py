@@ -415,8 +415,10 @@ def _run_serve(args: argparse.Namespace) -> None:
                           token_budget=max(1024, args.max_running * (1 + args.speculative)))
     for flag, value in (("--max-request-mb", args.max_request_mb), ("--client-timeout", args.client_timeout),
                         ("--max-connections", args.max_connections)):
-        if value is not None and not value > 0:
-            sys.exit(f"longcat serve: {flag} must be positive, got {value}")
+        if value is not None and not 0 < value < float("inf"):
+            sys.exit(f"longcat serve: {flag} must be a positive number, got {value}")
+    if args.max_request_mb * 2**20 < 1:
+        sys.exit(f"longcat serve: --max-request-mb {args.max_request_mb} is less than one byte")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
           quantize=args.quantize, engine_config=engine, model_name=args.model_name, device=args.device,
           max_body_bytes=int(args.max_request_mb * 2**20), client_timeout_s=args.client_timeout,

@@ -32,7 +32,7 @@ from . import protocol as p
 from .bridge import Bridge, EngineFailed
 from .connections import CLIENT_TIMEOUT_S, listening_socket, uvicorn_options
 from .engine_process import EngineProcess
-from .guard import JSONOffLoopRoute, RequestGuard
+from .guard import JSONOffLoopRoute, RequestGuard, check_api_key
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
@@ -568,7 +568,8 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     interrupted; connections bounded as serve/connections.py says."""
     import uvicorn
 
-    resolve_device(device)  # a bad --device fails here, not seconds later in the engine process
+    resolve_device(device)  # a bad --device or --api-key fails here, not after the engine process has loaded
+    check_api_key(api_key)
     model_dir = model_directory(model_dir)
     check_speculative(model_dir, engine_config.speculative if engine_config else 0)
     defaults = model_defaults(model_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -34,6 +35,15 @@ PROTECTED = "/v1/"  # the API; /health, /metrics and /openapi.json stay open to 
 RELEASE_BODY = "longcat.release_body"  # in scope["state"]: hands a parsed body's share of the bound back
 BODY_TIMEOUT_S = 60.0  # from the request head to the body's last byte
 BODIES_IN_FLIGHT = 4  # the bodies being read and parsed at once, together, in units of max_body_bytes
+API_KEY = re.compile(r"[!-~]+")  # visible ASCII: what a client can send as a bearer token, and match
+
+
+def check_api_key(key: str | None) -> None:
+    """An empty key let in a client sending `Bearer ` and nothing more; a non-ASCII one (or one with spaces at its
+    ends) could never be sent and matched, so no client could get in."""
+    if key is not None and not API_KEY.fullmatch(key):
+        raise ValueError("--api-key: " + ("empty" if not key else "an API key is visible ASCII characters with no "
+                                          "spaces (what a client can send as a bearer token)"))  # not echoed: a secret
 
 
 class BodyTooLarge(HTTPException):
@@ -54,6 +64,7 @@ class RequestGuard:
 
     def __init__(self, app: Callable, *, api_key: str | None, max_body_bytes: int,
                  body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+        check_api_key(api_key)
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
         self.body_timeout_s, self.in_flight = body_timeout_s, 0  # bytes of the bodies being read and parsed
 
