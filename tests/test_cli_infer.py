@@ -22,6 +22,12 @@ def checkpoint(tmp_path_factory):
     return out
 
 
+def test_init_refuses_a_seed_torch_cannot_take(tmp_path):
+    refusal = rf"^longcat init: --seed must be an integer in \[-2\^63, 2\^64\), got {2**64}$"
+    with pytest.raises(SystemExit, match=refusal):
+        main(["init", "--preset", "tiny", "--out", str(tmp_path / "m"), "--seed", str(2**64)])  # was torch's Overflow
+
+
 def test_init_writes_a_loadable_checkpoint(checkpoint):
     cfg = ModelConfig.from_json(checkpoint)
     tokenizer = Tokenizer.load(checkpoint)
@@ -100,6 +106,9 @@ def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint,
     assert "not valid UTF-8" in out and out.count("assistant> ") == 2
     with pytest.raises(SystemExit, match="not valid UTF-8"):
         main(["generate", "--model", str(checkpoint), "--prompt", "bad \udcff byte"])
+    with pytest.raises(SystemExit, match=r"^longcat chat: --system: the text is not valid UTF-8: '\\udcff' at "
+                                         "character 0"):
+        main(["chat", "--model", str(checkpoint), "--system", "\udcff"])  # not its place in the rendered prompt
 
 
 def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):

@@ -318,21 +318,27 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 def _run_generate(args: argparse.Namespace) -> None:
     from .serve.local import generate_text, load_session
-    from .tokenizer import utf8_text
 
     if "" in args.stop:
         raise ValueError("--stop: an empty string would match everywhere; give a non-empty stop string")
     for stop in args.stop:  # as the prompt is: an undecodable byte could never match the text
-        try:
-            utf8_text(stop)
-        except ValueError as err:
-            raise ValueError(f"--stop: {err}") from None
+        _utf8_flag("--stop", stop)
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     result = generate_text(engine, tokenizer, tokenizer.encode(prompt), _sampling(args), args.stop, stream)
     print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
+
+
+def _utf8_flag(flag: str, text: str) -> str:
+    """A flag's text, refused by the flag's name when it holds an undecodable byte (Python passes one on)."""
+    from .tokenizer import utf8_text
+
+    try:
+        return utf8_text(text)
+    except ValueError as err:
+        raise ValueError(f"{flag}: {err}") from None
 
 
 def _read_prompt(path: str) -> str:
@@ -360,6 +366,8 @@ def _run_chat(args: argparse.Namespace) -> None:
 
     if args.max_new_tokens < 1:  # every reply would be empty (generate takes 0: it scores the prompt)
         raise ValueError(f"--max-new-tokens must be at least 1 for chat, got {args.max_new_tokens}")
+    if args.system is not None:
+        _utf8_flag("--system", args.system)
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     chat_loop(engine, tokenizer, _sampling(args), input, lambda s: print(s, end="", flush=True), args.system)

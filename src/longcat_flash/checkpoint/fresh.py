@@ -28,6 +28,8 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
     the weights it always gave there. Above, constructing would initialise every weight twice (the modules'
     defaults, then init_weights): the model is laid out on meta, allocated on the device and initialised once.
     """
+    if not -(2**63) <= seed < 2**64:  # torch.manual_seed's range: past it, "Overflow when unpacking long long"
+        raise ValueError(f"--seed must be an integer in [-2^63, 2^64), got {seed}")
     with torch.device("meta"):
         model = LongcatFlash(cfg)
     need, have = model.num_parameters() * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
