@@ -67,6 +67,10 @@ def test_special_token_text_in_a_raw_prompt_is_the_token(served):
     answer = client.post("/v1/completions", json=body).json()
     assert answer["usage"]["prompt_tokens"] == 1 + len(tokenizer.encode(TEXTS[0]))
     assert len(answer["choices"][0]["logprobs"]["token_logprobs"]) == answer["usage"]["prompt_tokens"]
+    body = {**body, "prompt": TEXTS[0] + "</s>" + TEXTS[0], "logprobs": 2}  # a special token with a score
+    logprobs = client.post("/v1/completions", json=body).json()["choices"][0]["logprobs"]
+    assert "</s>" in logprobs["tokens"]  # each token's text is a key of its top_logprobs, as it is in `tokens`
+    assert all(token in top for token, top in zip(logprobs["tokens"], logprobs["top_logprobs"]) if top is not None)
 
 
 def test_offsets_point_into_the_text_past_split_characters_and_special_tokens(served):

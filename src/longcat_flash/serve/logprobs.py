@@ -58,7 +58,7 @@ class CompletionScores(Scores):
         texts = [tokenizer.decode([token], skip_special_tokens=not show) for token, show in zip(tokens, shown)]
         return p.CompletionLogprobs(
             tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
-            top_logprobs=[None if s is None else _top(tokenizer, s) for s in scores],
+            top_logprobs=[None if s is None else _top(tokenizer, s, show) for s, show in zip(scores, shown)],
             text_offset=[self._offset(tokenizer, token, text) for token, text in zip(tokens, texts)])
 
     def _offset(self, tokenizer: Tokenizer, token: int, text: str) -> int:
@@ -79,11 +79,13 @@ def joined(parts: list[p.CompletionLogprobs]) -> p.CompletionLogprobs:
                                    for key in p.CompletionLogprobs.model_fields})
 
 
-def _top(tokenizer: Tokenizer, score: TokenLogprob) -> dict[str, float]:
-    """The likeliest tokens' texts, then the chosen token's; a text two tokens share keeps the higher logprob."""
+def _top(tokenizer: Tokenizer, score: TokenLogprob, show_special: bool = False) -> dict[str, float]:
+    """The likeliest tokens' texts, then the chosen token's; a text two tokens share keeps the higher logprob.
+    `show_special`: at a position of a prompt given as text, special tokens are keyed as written there (as in
+    `tokens`), so that a harness comparing the best key with the token finds the same text."""
     top: dict[str, float] = {}
     for token, logprob in (*score.top, (score.token, score.logprob)):
-        top.setdefault(tokenizer.decode([token]), logprob)
+        top.setdefault(tokenizer.decode([token], skip_special_tokens=not show_special), logprob)
     return top
 
 
