@@ -528,6 +528,8 @@ def test_a_lone_surrogate_anywhere_names_its_field(where: str, field: str):
                       "parameters": {"type": "object", "properties": {"x": {"description": description}}}}]}
     with pytest.raises(ConversationError, match=re.escape(f"rows.jsonl:7: {field}: holds a lone surrogate")):
         parse_row(row, "rows.jsonl:7")
+    parse_row({**row, "tools": [], "messages": [row["messages"][0], {"role": "assistant", "content": "a"}],
+               "source": {"\ud83d": "\ud83d"}}, "rows.jsonl:7", ignore=["source"])  # a column skipped is not read
 
 
 def test_a_row_nested_too_deeply_is_an_error_naming_it(tmp_path):

@@ -237,10 +237,10 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     A null field counts as absent at every depth (`without_nulls`), and so does a blank `tools`, `functions` or
     `system` column (how converted data sets mark "none"); content parts of type text are joined into one string;
     `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
+    row = {k: v for k, v in _object(row, where, "row").items() if k not in ignore and not PANDAS_INDEX.match(k)}
     _check_structure(row, where, "row")  # before anything walks it recursively
-    row = {k: v for k, v in _object(without_nulls(row), where, "row").items()
-           if k not in ignore and not (k in BLANK_IS_ABSENT and isinstance(v, str) and not v.strip())
-           and not PANDAS_INDEX.match(k)}
+    row = {k: v for k, v in without_nulls(row).items()
+           if not (k in BLANK_IS_ABSENT and isinstance(v, str) and not v.strip())}
     if "messages" not in row and ("prompt" in row or "completion" in row):
         named, untrained = _prompt_completion(row, where)
     elif "messages" not in row and "conversations" in row:
