@@ -67,15 +67,17 @@ def test_a_key_no_client_could_send_is_refused_at_start(key, problem):
     assert key.strip() == "" or key not in str(refused.value.code)
 
 
-@pytest.mark.parametrize("size, problem", [("inf", "must be a positive number, got inf"),
-                                           ("1e-9", "1e-09 is less than one byte")])
-def test_a_body_bound_that_is_no_number_of_bytes_is_refused(size, problem):
-    """inf was an OverflowError traceback; 1e-9 rounded to 0 bytes and every request was refused."""
+@pytest.mark.parametrize("flags, problem", [
+    (["--max-request-mb", "inf"], "--max-request-mb must be a positive number, got inf"),  # OverflowError traceback
+    (["--max-request-mb", "1e-9"], "--max-request-mb 1e-09 is less than one byte"),  # 0 bytes: every request 413
+    (["--model-name", " "], "--model-name is empty"),  # the directory's name was served instead, unsaid
+])
+def test_server_flags_that_cannot_mean_what_they_say_are_refused(flags, problem):
     from longcat_flash.cli import main
 
     with pytest.raises(SystemExit) as refused:
-        main(["serve", "--model", "no-such-model", "--max-request-mb", size])
-    assert str(refused.value.code) == f"longcat serve: --max-request-mb {problem}"
+        main(["serve", "--model", "no-such-model", *flags])
+    assert str(refused.value.code).startswith(f"longcat serve: {problem}")
 
 
 def scope_for(path: str = "/v1/echo") -> dict:

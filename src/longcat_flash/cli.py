@@ -427,6 +427,8 @@ def _run_serve(args: argparse.Namespace) -> None:
             sys.exit(f"longcat serve: {flag} must be a positive number, got {value}")
     if args.max_request_mb * 2**20 < 1:
         sys.exit(f"longcat serve: --max-request-mb {args.max_request_mb} is less than one byte")
+    if args.model_name is not None and not args.model_name.strip():  # was replaced by the directory's name unsaid
+        sys.exit("longcat serve: --model-name is empty; leave it out to serve the model as its directory's name")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
           quantize=args.quantize, engine_config=engine, model_name=args.model_name, device=args.device,
           max_body_bytes=int(args.max_request_mb * 2**20), client_timeout_s=args.client_timeout,
