@@ -396,3 +396,13 @@ def test_a_body_that_is_not_json_is_a_400_saying_why(client, body, reason):
     error = r.json()["error"]
     assert r.status_code == 400 and error["code"] == "invalid_json", r.text
     assert error["message"].startswith(f"malformed JSON body: {reason}"), error["message"]
+
+
+@pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty",
+                                   "repetition_penalty", "min_p"])
+def test_a_sampling_value_that_is_no_number_is_named_as_such(client, field):
+    """Python's json reads NaN; it was refused as "less than or equal to 2", which it is not either."""
+    for value in (float("nan"), float("inf")):
+        status, body = _chat(client, **{field: value})
+        assert status == 400 and body["error"]["param"] == field, body
+        assert "finite number" in body["error"]["message"], body

@@ -88,18 +88,18 @@ class _Sampling(_Part):
     user: str | None = Field(None, max_length=256)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     top_k: int = Field(0, ge=-1, le=1_000_000)  # extension (vLLM, SGLang); 0 or vLLM's -1 = off
     n: int = Field(1, ge=1, le=MAX_N)  # samples per prompt: copies that share the prompt's cache pages
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)  # normalised to a list
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # extension (vLLM, SGLang); 1 = off
-    min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM, SGLang); 0 = off
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)  # extension (vLLM, SGLang); 1 = off
+    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # extension (vLLM, SGLang); 0 = off
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; ids checked against the model
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
     # text, json_object or json_schema (constrained decoding: serve/structured.py)
