@@ -359,6 +359,9 @@ def test_a_template_that_fails_on_a_conversation_is_a_value_error_naming_it() ->
     refusing = Tokenizer(backend, chat_template="{{ raise_exception('no tools here') }}")
     with pytest.raises(ValueError, match="the chat template refuses this conversation: no tools here"):
         refusing.apply_chat_template(messages[:1])
+    undefined = Tokenizer(backend, chat_template="{{ messages[0]['content'] }}{{ not_a_variable.attr }}")
+    with pytest.raises(ValueError, match=r"fails on this conversation \(UndefinedError: 'not_a_variable' is undef"):
+        undefined.apply_chat_template(messages[:1])  # the template's own bug: no refusal of the conversation
 
 
 def test_named_templates_render_tool_use_when_tools_are_given_as_transformers_does(tmp_path) -> None:

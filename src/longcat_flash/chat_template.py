@@ -13,7 +13,7 @@ from jinja2.exceptions import TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "TemplateError", "check_template", "compile_template",
+__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "TemplateError", "UndefinedError", "check_template", "compile_template",
            "render_with_arguments", "writes_tool_calls_with"]
 
 # LongCat's tool-call block (docs/chat_format.md), the only call format the server parses

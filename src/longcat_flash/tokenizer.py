@@ -29,8 +29,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat_template import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TemplateError, check_template, compile_template,
-                            render_with_arguments)
+from .chat_template import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TemplateError, UndefinedError, check_template,
+                            compile_template, render_with_arguments)
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
 # Trained tokenizers hold the tool-call tags as single tokens, right after the special tokens. They are added
@@ -248,8 +248,11 @@ class Tokenizer:
 
         try:
             return render_with_arguments(render, list(messages))
-        except TemplateError as err:  # its raise_exception: what it cannot render
-            raise ValueError(f"the chat template refuses this conversation: {err}") from None
+        except TemplateError as err:  # its raise_exception (what it cannot render), or a name it does not define
+            if not isinstance(err, UndefinedError):
+                raise ValueError(f"the chat template refuses this conversation: {err}") from None
+            raise ValueError(f"the chat template fails on this conversation (UndefinedError: {err}); it cannot "
+                             "render it") from None
         except (TypeError, AttributeError, KeyError, IndexError) as err:  # the template's own code on this input
             raise ValueError(f"the chat template fails on this conversation ({type(err).__name__}: {err}); it "
                              "cannot render it") from None
