@@ -60,7 +60,7 @@ def test_a_key_no_client_could_send_is_refused_at_start(key, problem):
     from longcat_flash.cli import main
 
     with pytest.raises(ValueError, match=f"^--api-key: {problem}"):
-        bare_app().__init__(FastAPI(), api_key=key, max_body_bytes=LIMIT)
+        RequestGuard(FastAPI(), api_key=key, max_body_bytes=LIMIT)
     with pytest.raises(SystemExit) as refused:
         main(["serve", "--model", "no-such-model", "--api-key", key])
     assert str(refused.value.code).startswith(f"longcat serve: --api-key: {problem}")
