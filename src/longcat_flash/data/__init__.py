@@ -4,6 +4,7 @@
     shards.py   documents -> one flat token array on disk (docs joined by eos), cached by fingerprint
     batches.py  token array -> windows of seq_len + 1 tokens -> shuffled, resumable, data-parallel batches
     copying.py  windows of random runs given twice, mixed in to teach copying from the context (data.copy_fraction)
+    conversation_files.py   SFT data files (.jsonl, .json, .parquet, .arrow, folders, globs) -> rows
     conversations.py   OpenAI-format conversation rows (and TRL, ShareGPT, Alpaca ones) -> checked conversations (SFT)
     conversation_tokens.py   a conversation -> rendered with the chat template, tokens, assistant tokens marked
     conversation_packing.py   tokenized conversations -> windows with document ids, train / val splits

@@ -1,0 +1,187 @@
+"""Where SFT conversation rows come from: the files a path, a folder or a glob names (one split of a data set), and
+each file's rows as (file:line, row): JSON Lines, JSON (an array, or one pretty-printed row), either gzip-compressed,
+Parquet, or a `datasets` Arrow stream. conversations.py checks the rows.
+"""
+from __future__ import annotations
+
+import glob
+import gzip
+import json
+import re
+import zlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+from .corpus import jsonl_records, open_text, pyarrow_modules
+
+ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
+SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")  # as hub data sets name split files
+DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
+
+
+class ConversationError(ValueError):
+    """A row that is not a conversation we can train on; the message starts with `file:line: field:`."""
+
+
+def decoded_json(text: str, where: str, name: str, what: str) -> Any:
+    """JSON text held in a row's string field, decoded; `what` says what the field must hold."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConversationError(f"{where}: {name}: {what} ({err})") from None
+    except RecursionError:
+        raise ConversationError(f"{where}: {name}: nested too deeply") from None
+
+
+def row_files(pattern: str | Path) -> list[Path]:
+    """The file itself; the files a glob pattern names (`data/train-*.parquet`); or a directory's row files at any
+    depth in name order (hidden ones left out: caches), all of one split."""
+    path = Path(pattern)
+    if not path.exists() and any(c in str(pattern) for c in "*?["):
+        files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+        if not files:
+            raise FileNotFoundError(f"no file matches {pattern}")
+        return files
+    if not path.is_dir():
+        return [path]
+    if listed := _saved_dataset_files(path):
+        return listed
+    if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
+        splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
+        raise ValueError(f"{path} holds a `datasets` DatasetDict (splits: {splits}); give one split's folder")
+    files = sorted(p for p in path.rglob("*") if _row_format(p) in ROW_FILES and p.is_file()
+                   and p.name not in DATASETS_METADATA
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
+    splits = sorted({split for file in files if (split := _split_of(file.relative_to(path)))})
+    if len(splits) > 1:  # a hub data set's train and test shards side by side: held-out rows would be trained on
+        raise ValueError(f"{path} holds the files of several splits ({', '.join(splits)}); give one split's files: "
+                         f"a file, a folder or a glob pattern such as '{path}/**/{splits[-1]}*' (quoted)")
+    return files
+
+
+def _saved_dataset_files(path: Path) -> list[Path]:
+    """The files of a `datasets` save_to_disk folder, as its state.json lists them (none if it is not one): the
+    folder may also hold `cache-*.arrow` files that later map / filter calls wrote, which are not its rows."""
+    try:
+        listed = json.loads((path / "state.json").read_text(encoding="utf-8"))["_data_files"]
+        files = [path / entry["filename"] for entry in listed]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return files if files and all(file.is_file() for file in files) else []
+
+
+def _split_of(relative: Path) -> str | None:
+    """The split a data set file belongs to by the hub's naming: `train-00000-of-00002.parquet`, `test.jsonl` or a
+    folder `validation/`; None for other names."""
+    words = (re.split(r"[-_.]", part, maxsplit=1)[0].lower() for part in relative.parts)
+    return next((word for word in words if word in SPLIT_NAMES), None)
+
+
+def rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """(file:line, row) for each row of one file; a file that is not one of ROW_FILES' formats is an error."""
+    if not path.is_file():
+        raise FileNotFoundError(f"conversation file not found: {path}")
+    if _row_format(path) in (".parquet", ".arrow"):
+        yield from _arrow_rows(path, ignore)
+        return
+    if _row_format(path) not in (".jsonl", ".json"):
+        raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line), .json (that, or one "
+                         "array of objects), either gzip-compressed (.gz), .parquet, .arrow, or a directory of such "
+                         "files")
+    try:
+        yield from _json_rows(path)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a .gz that is not gzip, or is cut short
+        raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+    except UnicodeDecodeError as err:  # latin-1, UTF-16, or compressed without the .gz name
+        raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8, or name a gzip file *.gz") from None
+
+
+def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    if _row_format(path) == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
+        try:
+            with open_text(path) as f:
+                rows = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ConversationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        except RecursionError:
+            raise ConversationError(f"{path}: not valid JSON (nested too deeply)") from None
+        yield from ((f"{path}:{number}", row) for number, row in enumerate(rows, 1))  # a list: it starts with [
+        return
+    rows = 0
+    try:  # JSON Lines, also under .json (as `datasets`' to_json writes them)
+        for rows, (number, row) in enumerate(jsonl_records(path), 1):
+            yield f"{path}:{number}", row
+    except UnicodeDecodeError:  # named with its file by rows()
+        raise
+    except ValueError as err:  # a line that is not JSON
+        if rows == 0 and _row_format(path) == ".json" and isinstance(whole := _whole_json(path), dict):
+            yield f"{path}:1", whole  # one row, pretty-printed over many lines
+            return
+        raise ConversationError(str(err)) from None
+
+
+def _whole_json(path: Path) -> Any:
+    """The file as one JSON value, or None when it is not one."""
+    try:
+        with open_text(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _arrow_rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
+    """The rows of a .parquet (ignored columns not even read) or of an Arrow stream (.arrow, as `datasets`'
+    save_to_disk writes them), with the values of `datasets`' Json features decoded: `datasets` 5 stores objects of
+    varying shape (messages with and without tool calls) as JSON strings and names them so in the schema."""
+    pa, pq = pyarrow_modules(path)
+    what = "a readable Parquet file" if _row_format(path) == ".parquet" else "an Arrow stream as `datasets` writes them"
+    try:
+        if _row_format(path) == ".parquet":
+            file = pq.ParquetFile(path)
+            schema = file.schema_arrow
+            index = [c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
+            batches = file.iter_batches(batch_size=1024, columns=[c for c in schema.names
+                                                                  if c not in ignore and c not in index])
+        else:
+            batches = pa.ipc.open_stream(pa.memory_map(str(path)))
+            schema = batches.schema
+        features = json.loads((schema.metadata or {}).get(b"huggingface", b"{}")).get("info", {}).get("features", {})
+        rows = (row for batch in batches for row in batch.to_pylist())
+        for number, row in enumerate(rows, 1):
+            where = f"{path}:{number}"
+            yield where, {k: _json_features(v, features.get(k), where, k) for k, v in row.items()}
+    except (pa.ArrowException, OSError) as err:  # not that format, or cut short
+        raise ValueError(f"{path}: not {what} ({err})") from None
+
+
+def _json_features(value: Any, feature: Any, where: str, name: str) -> Any:
+    """`value` with every part that `datasets` feature spec `feature` marks as Json decoded from its string."""
+    if value is None or not isinstance(feature, (dict, list)):
+        return value
+    if isinstance(feature, list) or feature.get("_type") in ("List", "LargeList", "Sequence"):
+        inner = feature[0] if isinstance(feature, list) else feature.get("feature")
+        return [_json_features(v, inner, where, f"{name}[{i}]") for i, v in enumerate(value)] \
+            if isinstance(value, list) else value
+    if feature.get("_type") == "Json":
+        return decoded_json(value, where, name, "a string here must hold JSON") if isinstance(value, str) else value
+    if "_type" not in feature and isinstance(value, dict):  # a struct: one feature per key
+        return {k: _json_features(v, feature.get(k), where, f"{name}.{k}") for k, v in value.items()}
+    return value
+
+
+def _row_format(path: Path) -> str:
+    """A row file's format by its name, in lower case (Windows tools write ROWS.JSONL): the suffix, or the one
+    before .gz (`rows.jsonl.gz` is JSON Lines)."""
+    suffix = path.suffix.lower()
+    return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with open_text(path) as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped.startswith("[")
+    return False
