@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -308,6 +309,16 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     for flags, refusal in [(["--set", "data.val_fraction=0.2"], "keeps its train/val split: data.val_fraction=0.2"),
                            (["--seed", "5"], "keeps its seed: seed=5 differs from the run's 0")]:
         assert refusal in run_cli("train", "--resume", str(tmp_path / "run"), *flags)  # not the sampler's numbers
+    # The corpus moved: a relative --data on resume is saved absolute too. Other data is refused naming the change.
+    shutil.copytree(tmp_path / "corpus", elsewhere / "moved")
+    main(["train", "--resume", str(tmp_path / "run"), "--data", "moved", "--max-steps", "4", "--no-progress"])
+    saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
+    assert saved["data"]["source"] == str(elsewhere / "moved")
+    shutil.copytree(elsewhere / "moved", elsewhere / "other")
+    first = sorted((elsewhere / "other").iterdir())[0]
+    first.write_text(first.read_text() + "\nprint('one line more')\n")
+    assert f"changed since: data.source: {elsewhere / 'moved'} -> {elsewhere / 'other'}" in run_cli(
+        "train", "--resume", str(tmp_path / "run"), "--data", "other", "--max-steps", "5")
 
 
 @pytest.mark.parametrize("build, message", [

@@ -22,6 +22,17 @@ if TYPE_CHECKING:
     from .trainer import Run
 
 
+def _data_changes(path: Path, cfg: TrainConfig) -> str:
+    """The data settings `cfg` changes against those checkpoint `path` was trained with, as "key: old -> new"
+    (empty when none did: the files themselves changed)."""
+    saved = TrainConfig.from_dict(training.read_manifest(path)["meta"]["train_config"])
+    pairs = [(f"data.{key}", getattr(saved.data, key), getattr(cfg.data, key))
+             for key in ("source", "text_field", "max_bytes", "tokenizer", "seq_len", "copy_fraction", "val_fraction")]
+    pairs += [(f"sft.{key}", getattr(saved.sft, key), getattr(cfg.sft, key))
+              for key in ("data", "val_data", "ignore_columns", "overlong")]
+    return ", ".join(f"{key}: {old} -> {new}" for key, old, new in pairs if old != new)
+
+
 def save_checkpoint(run: Run) -> Path:
     """Every rank writes its shards of the model and optimizer into one temporary directory in parallel; rank 0
     adds the small states and the manifest and renames it into place (checkpoint/training.py)."""
@@ -59,7 +70,12 @@ def load_checkpoint(run: Run, path: Path) -> None:
     for name, obj in run.stateful().items():
         if name not in states:
             raise training.CheckpointError(f"checkpoint {path} has no state for {name!r}")
-        obj.load_state_dict(states[name])
+        try:
+            obj.load_state_dict(states[name])
+        except ValueError as err:
+            if name != "sampler" or not (changed := _data_changes(path, run.cfg)):
+                raise
+            raise ValueError(f"{err}; changed since: {changed}") from None
     tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
     saved = sharded.shapes(path / SHARDED)
     missing = [k for k in tensors["model"] if f"model.{k}" not in saved]

@@ -400,8 +400,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
     device = torch.device("cpu") if device is None else device
     cfg = dataclasses.replace(cfg, dtype=compute_dtype(cfg.dtype, device), checkpoint=_export_dtype(cfg))
-    if not resume:
-        cfg = absolute_paths(cfg)  # saved with the run: `--resume RUN_DIR` reads the same files from anywhere
+    cfg = absolute_paths(cfg)  # saved with the run: `--resume RUN_DIR` reads the same files from anywhere
     world = distributed.world_size()
     if cfg.data.batch_size % (world * cfg.data.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
