@@ -51,6 +51,21 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
     assert spec["completion_tokens"] == 7 and 0.0 <= spec["acceptance_rate"] <= 1.0
 
 
+def test_generate_says_when_the_context_cut_the_completion_short(checkpoint, capsys):
+    """--max-new-tokens past the context ended with finish_reason "length" and fewer tokens, without a word."""
+    tokenizer, context = Tokenizer.load(checkpoint), ModelConfig.from_json(checkpoint).max_position_embeddings
+    prompt = "x = 1\n" * next(n for n in range(1, context) if len(tokenizer.encode("x = 1\n" * n)) > context - 8)
+    room = context - len(tokenizer.encode(prompt))
+    main(["generate", "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", "20", "--ignore-eos",
+          "--json"])
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["completion_tokens"] == room
+    assert captured.err == (f"longcat generate: stopped after {room} of --max-new-tokens 20: the prompt's "
+                            f"{context - room} tokens and these fill the context of {context}\n")
+    main(["generate", "--model", str(checkpoint), "--prompt", prompt, "--max-new-tokens", str(room), "--ignore-eos"])
+    assert capsys.readouterr().err == ""  # asked for what fits: nothing to say
+
+
 def test_generate_reads_the_prompt_from_a_file_or_stdin_as_it_is(checkpoint, capsys, monkeypatch, tmp_path):
     """The final newline of code to complete is part of the prompt (`--prompt "$(cat FILE)"` drops it)."""
     text = "def f(x):\n    return x\n\n"

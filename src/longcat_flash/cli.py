@@ -329,6 +329,10 @@ def _run_generate(args: argparse.Namespace) -> None:
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     result = generate_text(engine, tokenizer, tokenizer.encode(prompt), _sampling(args), args.stop, stream)
     print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
+    if result.finish_reason == "length" and result.completion_tokens < args.max_new_tokens:
+        print(f"longcat generate: stopped after {result.completion_tokens} of --max-new-tokens {args.max_new_tokens}: "
+              f"the prompt's {result.prompt_tokens} tokens and these fill the context of {engine.max_context}",
+              file=sys.stderr)
 
 
 def _utf8_flag(flag: str, text: str) -> str:
