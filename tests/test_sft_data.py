@@ -337,6 +337,8 @@ BAD_ROWS = [
     ({"instruction": "hi", "output": ["a"]}, "output: expected a string"),
     ({"instruction": "hi", "output": "a", "history": [["q", "a", "b"]]}, "history[0]: a [user, assistant] pair"),
     ({"instruction": "hi", "output": "a", "response": "b"}, "response: unsupported field"),
+    ({"instruction": "hi", "output": "a", "system": 5}, "system: expected a string, got int 5"),  # the column's name
+    ({"conversations": [{"from": "human", "value": "hi"}], "system": ["a"]}, "system: expected a string, got list"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {
         "name": "f", "arguments": "{oops"}}]}, "messages[1].function_call.arguments: not valid JSON"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {"name": "f"},

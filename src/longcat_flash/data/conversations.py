@@ -162,7 +162,7 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     the user, `gpt` the assistant, a `function_call` (a JSON {"name", "arguments"}, or a list of them) an
     assistant turn of tool calls and an `observation` a tool result, as LLaMA-Factory writes them."""
     _known_columns(row, SHAREGPT_FIELDS, where)
-    named = _system_column(row)
+    named = _system_column(row, where)
     for i, turn in enumerate(_list(row["conversations"], where, "conversations")):
         name = f"conversations[{i}]"
         turn = _object(turn, where, name)
@@ -188,9 +188,12 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     return named
 
 
-def _system_column(row: dict[str, Any]) -> list[tuple[str, Any]]:
-    """The system message of a ShareGPT or Alpaca row's `system` column, as (name, message) pairs (none or one)."""
-    return [("system", {"role": "system", "content": row["system"]})] if "system" in row else []
+def _system_column(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
+    """The system message of a ShareGPT or Alpaca row's `system` column (a string), as (name, message) pairs (none
+    or one); an error names the column, not the message made of it."""
+    if "system" not in row:
+        return []
+    return [("system", {"role": "system", "content": _string(row["system"], where, "system")})]
 
 
 def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
@@ -200,7 +203,7 @@ def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     _known_columns(row, ALPACA_FIELDS, where)
     if "output" not in row:
         raise _fail(where, "output", "missing (an Alpaca row has an instruction and an output)")
-    named = _system_column(row)
+    named = _system_column(row, where)
     for i, pair in enumerate(_list(row.get("history", []), where, "history")):
         pair = _list(pair, where, f"history[{i}]")
         if len(pair) != 2:
