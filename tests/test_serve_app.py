@@ -406,3 +406,10 @@ def test_a_sampling_value_that_is_no_number_is_named_as_such(client, field):
         status, body = _chat(client, **{field: value})
         assert status == 400 and body["error"]["param"] == field, body
         assert "finite number" in body["error"]["message"], body
+
+
+def test_a_logit_bias_that_is_no_number_is_refused(client):
+    """Every number a request part holds is finite: a NaN bias was refused only by the range check's comparison."""
+    status, body = _chat(client, logit_bias={"5": float("nan")})
+    assert status == 400 and body["error"]["param"].startswith("logit_bias"), body
+    assert "finite number" in body["error"]["message"], body

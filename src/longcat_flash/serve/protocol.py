@@ -61,9 +61,10 @@ def well_formed(value: Any, field: str) -> Any:
 class _Part(BaseModel):
     """A request or a part of one, read as OpenAI's API reads it: a field it does not know is refused (a 400
     naming it), unless it is null (clients send SDK objects back with unset fields as null) or one of `dropped`;
-    values must have their declared JSON types ("2" is not a number, true is not 1)."""
+    values must have their declared JSON types ("2" is not a number, true is not 1) and numbers are finite (Python's
+    JSON reader takes NaN and Infinity)."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     dropped: ClassVar[tuple[str, ...]] = ()  # fields clients send that change nothing here: dropped, not refused
 
     @model_validator(mode="before")
@@ -88,18 +89,18 @@ class _Sampling(_Part):
     user: str | None = Field(None, max_length=256)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16)
-    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False)
-    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=-1, le=1_000_000)  # extension (vLLM, SGLang); 0 or vLLM's -1 = off
     n: int = Field(1, ge=1, le=MAX_N)  # samples per prompt: copies that share the prompt's cache pages
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: str | list[str] | None = Field(None, validate_default=True)  # normalised to a list
     seed: int | None = Field(None, ge=MIN_SEED, le=MAX_SEED)
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
-    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0, allow_inf_nan=False)  # extension (vLLM, SGLang); 1 = off
-    min_p: float = Field(0.0, ge=0.0, le=1.0, allow_inf_nan=False)  # extension (vLLM, SGLang); 0 = off
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    repetition_penalty: float = Field(1.0, gt=0.0, le=100.0)  # extension (vLLM, SGLang); 1 = off
+    min_p: float = Field(0.0, ge=0.0, le=1.0)  # extension (vLLM, SGLang); 0 = off
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias; ids checked against the model
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
     # text, json_object or json_schema (constrained decoding: serve/structured.py)
