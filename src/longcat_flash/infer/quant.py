@@ -357,7 +357,8 @@ class QuantReport:
 
 
 def weight_bytes(model: nn.Module) -> int:
-    """Bytes of all parameters and persistent buffers (shared tensors counted once)."""
+    """Bytes of all parameters and buffers (shared tensors counted once): the weights' memory footprint, with the
+    copies made for decode (the absorbed MLA's w_uk / w_uv_t) and the RoPE frequencies."""
     seen, total = set(), 0
     for t in [*model.parameters(), *model.buffers()]:
         if t.data_ptr() not in seen:
