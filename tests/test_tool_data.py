@@ -2,6 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
 from collections import Counter
 
 import pytest
@@ -102,6 +108,39 @@ def test_cli_never_overwrites_a_file_unless_forced(tmp_path):
     assert "pass --force" in str(err.value) and out.read_text() == "{}"
     main(["data", "tools", "--out", str(out), "--n", "2", "--force"])
     assert len(out.read_text().splitlines()) == 2
+
+
+def test_cli_writes_through_a_symlink_to_standard_output_and_never_over_a_fifo(tmp_path, capsys):
+    """The rename that makes a write atomic replaced whatever --out named: a FIFO or a device (/dev/null, as root)
+    became a plain file, and a symlink a file of its own beside its target."""
+    expected = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in iter_conversations(3, 0))
+    (tmp_path / "real.jsonl").write_text("{}")
+    (tmp_path / "link.jsonl").symlink_to("real.jsonl")
+    main(["data", "tools", "--out", str(tmp_path / "link.jsonl"), "--n", "3", "--force"])
+    assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "real.jsonl").read_text() == expected
+    capsys.readouterr()
+    main(["data", "tools", "--out", "-", "--n", "3"])
+    captured = capsys.readouterr()
+    assert captured.out == expected and captured.err == "wrote 3 train conversations -> standard output\n"
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(SystemExit, match="fifo is not a regular file"):
+        main(["data", "tools", "--out", str(tmp_path / "fifo"), "--n", "3", "--force"])
+    assert stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode)
+
+
+def test_cli_killed_by_sigterm_leaves_no_temporary_file(tmp_path):
+    """`timeout` or `kill` ended the command with a hidden .NAME.PID.tmp of everything written so far."""
+    command = [sys.executable, "-m", "longcat_flash.cli", "data", "tools", "--out", str(tmp_path / "big.jsonl"),
+               "--n", "100000000"]
+    with subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.iterdir()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # some rows written
+        assert any(tmp_path.iterdir()), "the command wrote nothing within a minute"
+        proc.terminate()
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM and proc.stderr.read() == b""
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 
@@ -449,7 +451,8 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     t = data_sub.add_parser("tools", help="synthetic tool-use conversations as OpenAI messages + tools JSONL "
                                           "(docs/tool_data.md)")
-    t.add_argument("--out", required=True, help="JSONL file to write (its directory must exist)")
+    t.add_argument("--out", required=True, help="JSONL file to write (its directory must exist); - for standard "
+                                                "output")
     t.add_argument("--n", type=int, required=True, help="number of conversations")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--tools-per-conversation", type=int, default=3, help="tools offered per conversation")
@@ -462,10 +465,14 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
 def _run_data_tools(args: argparse.Namespace) -> None:
     from .data.tool_dialogues import write_conversations
 
+    if not args.out:
+        raise ValueError("--out is empty; name the JSONL file to write, or - for standard output")
     if Path(args.out).is_file() and not args.force:
         raise FileExistsError(f"--out {args.out} exists; pass --force to overwrite it")
-    out = write_conversations(args.out, args.n, args.seed, args.split, args.tools_per_conversation)
-    print(f"wrote {args.n} {args.split} conversations -> {out}")
+    out = write_conversations(sys.stdout if args.out == "-" else args.out, args.n, args.seed, args.split,
+                              args.tools_per_conversation)
+    print(f"wrote {args.n} {args.split} conversations -> {out or 'standard output'}",
+          file=sys.stderr if out is None else sys.stdout)
 
 
 COMMANDS += [_add_data]
@@ -480,12 +487,28 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _terminated(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # the shell's status for the signal, after the cleanup a raise runs
+
+
 def main(argv: list[str] | None = None) -> None:
     args, unknown = build_parser().parse_known_args(argv)
     if unknown:
         args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command != "serve":  # one-shot commands reuse their large blocks; serve tunes its engine process only
         tune_cpu_allocator()
+    # SIGTERM (`timeout`, `kill`) ends a one-process command as Ctrl-C does, through its cleanup: a half-written
+    # file's temporary name is removed. serve has its own shutdown; torchrun stops its workers itself.
+    on_term = args.command != "serve" and not launched() and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if on_term else None
+    try:
+        _run(args)
+    finally:
+        if on_term:  # as it was (None: a handler not set from Python, taken as the default)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _run(args: argparse.Namespace) -> None:
     try:
         if launched() and args.command not in MULTI_PROCESS:  # N copies would each write the same files
             raise ValueError(f"runs in one process; start it without torchrun (only {' and '.join(MULTI_PROCESS)} "

@@ -15,7 +15,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ..files import atomic_write
 
@@ -348,18 +348,30 @@ def iter_conversations(n: int, seed: int, split: str = "train",
         yield make_conversation(rng, split, tools_per_conversation)
 
 
-def write_conversations(out: str | Path, n: int, seed: int, split: str = "train",
-                        tools_per_conversation: int = 3) -> Path:
-    """Write the rows as JSONL; a missing output directory is an error rather than a silent mkdir of a typo."""
-    out = Path(out)
+def write_conversations(out: str | Path | TextIO, n: int, seed: int, split: str = "train",
+                        tools_per_conversation: int = 3) -> Path | None:
+    """Write the rows as JSONL to a file (atomically, through a symlink to it) or to an open text stream (None
+    returned); a missing output directory is an error rather than a silent mkdir of a typo, and anything but a
+    regular file (a device, a FIFO) is refused: the rename would replace it."""
+    rows = iter_conversations(n, seed, split, tools_per_conversation)
+    first = next(rows)  # the arguments are checked here, before anything is written
+    lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in itertools.chain([first], rows))
+    if not isinstance(out, (str, Path)):
+        out.writelines(lines)
+        return None
+    out = Path(out).resolve()  # a symlink is written through, not replaced by a file
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; name the JSONL file to write")
-    rows = iter_conversations(n, seed, split, tools_per_conversation)
-    first = next(rows)  # the arguments are checked here, before anything is written
-    with atomic_write(out) as tmp, tmp.open("w", encoding="utf-8") as f:  # streamed: any n fits in memory
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in itertools.chain([first], rows))
+    if out.exists() and not out.is_file():
+        raise ValueError(f"--out {out} is not a regular file (a device, FIFO or socket); name a file to write, or - "
+                         "for standard output")
+    try:
+        with atomic_write(out) as tmp, tmp.open("w", encoding="utf-8") as f:  # streamed: any n fits in memory
+            f.writelines(lines)
+    except OSError as err:  # the temporary file's name would stand for --out's
+        raise OSError(f"cannot write {out}: {err.strerror or err}") from None
     return out
 
 
