@@ -38,7 +38,8 @@ from infer_common import (
 
 from longcat_flash.config import ModelConfig
 from longcat_flash.device import compute_dtype
-from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.flag_types import parse_distinct
+from longcat_flash.infer.engine import MAX_SPECULATIVE, Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.runtime import tune_cpu_allocator
@@ -72,7 +73,9 @@ def main() -> None:
                         choices=["bf16", "int8", "fp8", "int4", "int4-mixed"])
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="both sides' weights and activations (auto: bf16 where the CPU has bf16 GEMMs, else fp32)")
-    args = parser.parse_args()
+    args = parse_distinct(parser, "formats")
+    if args.speculative > MAX_SPECULATIVE:
+        parser.error(f"--speculative: at most {MAX_SPECULATIVE} drafts per step, got {args.speculative}")
     for flag, value, least in (("--prompt-len", args.prompt_len, 1), ("--new-tokens", args.new_tokens, 2),
                                ("--prefill", args.prefill, 1), ("--streams", args.streams, 1),
                                ("--repeats", args.repeats, 1), ("--threads", args.threads, 1),

@@ -17,6 +17,7 @@ import time
 
 import torch
 
+from longcat_flash.flag_types import positive_int
 from longcat_flash.model.moe import MoE
 from longcat_flash.presets import bench
 from longcat_flash.runtime import tune_cpu_allocator
@@ -66,9 +67,9 @@ def force_zero_share(moe: MoE, share: float) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    parser.add_argument("--prefill", type=int, default=1024, help="tokens in the prefill-sized batch")
-    parser.add_argument("--decode", type=int, default=1, help="tokens in the decode-sized batch")
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--prefill", type=positive_int, default=1024, help="tokens in the prefill-sized batch")
+    parser.add_argument("--decode", type=positive_int, default=1, help="tokens in the decode-sized batch")
+    parser.add_argument("--repeats", type=positive_int, default=10)
     args = parser.parse_args()
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     dtype = getattr(torch, args.dtype)

@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from infer_common import bench_checkpoint, table
 
-from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.flag_types import parse_distinct, positive_int
+from longcat_flash.infer.engine import MAX_SPECULATIVE, Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.runtime import tune_cpu_allocator
@@ -64,19 +65,17 @@ def measure(model: torch.nn.Module, ks: list[int], ps: list[list[int]], params: 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--drafts", type=int, nargs="+", default=[1, 2, 3])
-    parser.add_argument("--prompts", type=int, default=8)
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=3, help="timed rounds per k (after one warm-up round)")
+    parser.add_argument("--drafts", type=positive_int, nargs="+", default=[1, 2, 3],
+                        help=f"draft lengths k, 1 to {MAX_SPECULATIVE} (k = 0, the baseline, always runs)")
+    parser.add_argument("--prompts", type=positive_int, default=8)
+    parser.add_argument("--new-tokens", type=positive_int, default=48)
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds per k (after one warm-up round)")
     parser.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4", "int4-mixed"],
                         help="weight format (default: the checkpoint's)")
-    args = parser.parse_args()
-    for flag, value in (("--prompts", args.prompts), ("--new-tokens", args.new_tokens), ("--repeats", args.repeats)):
-        if value < 1:
-            parser.error(f"{flag} must be at least 1, got {value}")
-    if any(k < 1 for k in args.drafts):
-        parser.error(f"--drafts are draft lengths, each at least 1 (k = 0 is the baseline, always run): {args.drafts}")
-    args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
+    args = parse_distinct(parser, "drafts")
+    if max(args.drafts) > MAX_SPECULATIVE:
+        parser.error(f"--drafts: at most {MAX_SPECULATIVE} drafts per step, got {max(args.drafts)}")
+    args.model = bench_checkpoint(args.model, tokenizer=True)  # an error naming --model, not a traceback
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     model, _ = load_for_inference(args.model, quantize=args.quantize)

@@ -25,6 +25,7 @@ from infer_common import bench_checkpoint, table
 
 from longcat_flash.checkpoint.hf import stored_dtype
 from longcat_flash.config import ModelConfig
+from longcat_flash.flag_types import non_negative_int, positive_int
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.kernels import MAX_KERNEL_ROWS
 from longcat_flash.infer.loader import load_for_inference
@@ -36,13 +37,12 @@ from longcat_flash.tokenizer import Tokenizer
 SOURCES = Path(__file__).resolve().parents[1] / "src" / "longcat_flash"
 
 
-def held_out(tokenizer: Tokenizer, n_tokens: int, skip: int = 0) -> torch.Tensor:
-    """The first n_tokens (after `skip`) of this package's sources, files in sorted order."""
-    text = "\n".join(p.read_text() for p in sorted(SOURCES.rglob("*.py")))
-    ids = tokenizer.encode(text)[skip: skip + n_tokens]
-    if len(ids) < n_tokens:
-        raise ValueError(f"only {len(ids)} held-out tokens available")
-    return torch.tensor(ids)
+CALIBRATION_TOKENS = 2048  # after the scored tokens: what the mixed formats rank their units on
+
+
+def source_tokens(tokenizer: Tokenizer) -> torch.Tensor:
+    """This package's sources, files in sorted order, as token ids: text no checkpoint here was trained on."""
+    return torch.tensor(tokenizer.encode("\n".join(p.read_text() for p in sorted(SOURCES.rglob("*.py")))))
 
 
 @torch.inference_mode()
@@ -76,25 +76,30 @@ def decode_path_perplexity(model: torch.nn.Module, ids: torch.Tensor, window: in
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", required=True, help="a trained checkpoint directory (weights + tokenizer)")
-    parser.add_argument("--tokens", type=int, default=8192, help="held-out tokens to score")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--keep-top", type=int, default=2, help="units kept per criterion in the int8/fp8 mixed runs")
+    parser.add_argument("--tokens", type=positive_int, default=8192, help="held-out tokens to score")
+    parser.add_argument("--window", type=positive_int, default=512)
+    parser.add_argument("--keep-top", type=non_negative_int, default=2,
+                        help="units kept per criterion in the int8/fp8 mixed runs")
     parser.add_argument("--keep-fraction", type=float, default=KEEP_SENSITIVE,
                         help="fraction of units kept at int8 in the int4-mixed run")
     args = parser.parse_args()
-    if args.window < 2 or args.tokens < args.window or args.keep_top < 0 or not 0 < args.keep_fraction <= 1:
-        parser.error("needs --window >= 2, --tokens >= --window (whole windows are scored), --keep-top >= 0 and "
-                     "--keep-fraction in (0, 1]")
-    args.model = bench_checkpoint(args.model)  # an error naming --model, not a traceback, for a wrong path
+    if args.window < 2 or args.tokens < args.window or not 0 < args.keep_fraction <= 1:
+        parser.error("needs --window >= 2, --tokens >= --window (whole windows are scored) and --keep-fraction in "
+                     "(0, 1]")
+    args.model = bench_checkpoint(args.model, tokenizer=True)  # an error naming --model, not a traceback
     context = ModelConfig.from_json(args.model).max_position_embeddings
     if args.window > context:  # scored past the context, then a traceback in the decode-path section
         parser.error(f"--window {args.window} is past the model's context ({context}): give --window {context}")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
-    calibration = held_out(tokenizer, 2048, skip=args.tokens)  # disjoint from the scored tokens
-    width = min(ModelConfig.from_json(args.model).max_position_embeddings, len(calibration))  # rows in the context
+    sources = source_tokens(tokenizer)
+    if args.tokens + CALIBRATION_TOKENS > len(sources):
+        parser.error(f"--tokens {args.tokens}: the held-out text has {len(sources)} tokens with this tokenizer, "
+                     f"{CALIBRATION_TOKENS} of them for calibration: give --tokens {len(sources) - CALIBRATION_TOKENS} "
+                     "at most")
+    ids, calibration = sources[: args.tokens], sources[args.tokens: args.tokens + CALIBRATION_TOKENS]  # disjoint
+    width = min(context, len(calibration))  # rows in the context
     calibration = calibration[: len(calibration) // width * width].view(-1, width)  # (B, width)
-    ids = held_out(tokenizer, args.tokens)
     configs = {"checkpoint dtype": (None, 0), "int8": ("int8", 0), f"int8 mixed (top {args.keep_top})": ("int8",
                args.keep_top), "fp8": ("fp8", 0), f"fp8 mixed (top {args.keep_top})": ("fp8", args.keep_top),
                "int4": ("int4", 0), f"int4-mixed ({args.keep_fraction:.0%} at int8)": ("int4-mixed", 0)}

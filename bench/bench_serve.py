@@ -23,8 +23,10 @@ import httpx
 import torch
 from infer_common import bench_checkpoint, table
 
+from longcat_flash.flag_types import positive_int
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.sampling import SamplingParams
+from longcat_flash.presets import PRESETS
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.serve.launch import running_server
 from longcat_flash.serve.local import generate_text, load_session
@@ -112,11 +114,12 @@ def measure(path, prompts: list[list[int]], args) -> tuple[dict[str, float], lis
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None)
-    parser.add_argument("--preset", default="small", help="checkpoint to write when --model is not given")
-    parser.add_argument("--streams", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS),
+                        help="checkpoint to write when --model is not given")
+    parser.add_argument("--streams", type=positive_int, default=32)
+    parser.add_argument("--new-tokens", type=positive_int, default=64)
+    parser.add_argument("--threads", type=positive_int, default=torch.get_num_threads())
+    parser.add_argument("--repeats", type=positive_int, default=3)
     args = parser.parse_args()
     tune_cpu_allocator()  # as `longcat generate` does
     torch.set_num_threads(args.threads)

@@ -59,6 +59,7 @@ from infer_common import interleaved, table
 from longcat_flash.analysis.params import param_report
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.device import DeviceError, resolve_device, use_device
+from longcat_flash.flag_types import non_negative_int, positive_float, positive_int
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.train.config import TrainConfig, recipe
 from longcat_flash.train.determinism import seed_everything, set_deterministic
@@ -552,20 +553,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help=f"comma-separated sections to run besides environment ({', '.join(SECTIONS[1:])})")
     parser.add_argument("--preset", choices=["tiny", "small", "bench"])
     for name in ("batch", "seq", "steps", "skip", "probe_steps", "prompt_len", "new_tokens", "streams", "repeats"):
-        parser.add_argument(f"--{name.replace('_', '-')}", type=int, dest=name,
-                            help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
+        parser.add_argument(f"--{name.replace('_', '-')}", type=non_negative_int if name == "skip" else positive_int,
+                            dest=name, help=f"default {FULL[name]} ({QUICK[name]} with --quick)")
     parser.add_argument("--hf-dtype", choices=["auto", "float32", "bfloat16"], default="auto",
                         help="transformers' weights (always with bf16 autocast); auto: probe both, keep the faster")
-    parser.add_argument("--peak-tflops", type=float, help="dense bf16 peak for MFU (default: by GPU name)")
-    parser.add_argument("--section-budget-s", type=float, default=150.0,
+    parser.add_argument("--peak-tflops", type=positive_float, help="dense bf16 peak for MFU (default: by GPU name)")
+    parser.add_argument("--section-budget-s", type=positive_float, default=150.0,
                         help="a training loop stops early past this many seconds (recorded as fewer steps)")
-    parser.add_argument("--time-limit-s", type=float, default=420.0,
+    parser.add_argument("--time-limit-s", type=positive_float, default=420.0,
                         help="loops stop, and sections not yet started are skipped (failed), past this many seconds")
     parser.add_argument("--work-dir", type=Path, help="where the temporary checkpoint goes (default: a temp dir)")
     args = parser.parse_args(argv)
     for key, value in (QUICK if args.quick else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if args.skip >= args.steps:
+        parser.error(f"--skip {args.skip} leaves none of --steps {args.steps} timed: skip fewer warm-up steps")
+    for flag, path in (("--out", args.out), ("--work-dir", args.work_dir)):
+        if path is not None and path.exists() and not path.is_dir():
+            parser.error(f"{flag} {path} is a file; name a directory")
     args.only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(args.only) - set(SECTIONS)
     if unknown:

@@ -20,11 +20,13 @@ from longcat_flash.presets import get_preset
 DEFAULT_DIR = Path.home() / ".cache" / "longcat_flash" / "bench"
 
 
-def bench_checkpoint(model: str | None, preset: str = "bench") -> Path:
-    """The checkpoint to benchmark: --model, or a cached `longcat init --preset bench` (random bf16 weights)."""
+def bench_checkpoint(model: str | None, preset: str = "bench", tokenizer: bool = False) -> Path:
+    """The checkpoint to benchmark: --model (with its tokenizer.json where `tokenizer`: a bench that reads text), or
+    a cached `longcat init --preset bench` (random bf16 weights)."""
     if model:
-        if not (Path(model) / "config.json").is_file():
-            raise SystemExit(f"--model {model}: not a checkpoint directory (no config.json)")
+        for name in ("config.json", "tokenizer.json")[: 1 + tokenizer]:
+            if not (Path(model) / name).is_file():
+                raise SystemExit(f"--model {model}: not a checkpoint directory with a tokenizer (no {name})")
         return Path(model)
     path = DEFAULT_DIR / preset
     if not (path / "config.json").is_file():

@@ -30,6 +30,8 @@ from typing import Any
 
 from longcat_flash.data import sample_texts
 from longcat_flash.data.corpus import Corpus
+# the scripts' argument types, imported from here
+from longcat_flash.flag_types import distinct, non_negative_float, non_negative_int, positive_float, positive_int  # noqa: F401
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import train_tokenizer
 from longcat_flash.train.config import TrainConfig, apply_overrides, recipe
@@ -76,35 +78,6 @@ class Setup:
         return cfg if steps is None else dataclasses.replace(cfg, max_steps=steps)
 
 
-# ---- argument types: a bad value is an argparse usage error naming the flag ----
-
-def _number(kind: type, low: float, strict: bool) -> Any:
-    """An argparse type: a finite `kind` above `low` (strict) or at least `low`."""
-    def convert(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if not math.isfinite(value) or value < low or (strict and value == low):
-            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
-        return value
-    return convert
-
-
-positive_int = _number(int, 0, strict=True)  # steps, seeds, counts
-non_negative_int = _number(int, 0, strict=False)  # a seed
-positive_float = _number(float, 0, strict=True)  # learning rates, ε, RoPE bases, tolerances
-non_negative_float = _number(float, 0, strict=False)  # loss weights
-
-
-def distinct(flag: str, values: Sequence[float], least: int = 1, need: str = "") -> list[float]:
-    """The values of a list flag, checked: a repeated one (which would rerun a variant, or shrink a grid below what
-    was asked) or fewer than `least` of them, which `need` requires, is a ValueError."""
-    if repeated := sorted({v for v in values if values.count(v) > 1}):
-        raise ValueError(f"{flag}: {', '.join(f'{v:g}' for v in repeated)} given more than once")
-    if len(values) < least:
-        raise ValueError(f"{flag}: {need} needs at least {least} distinct values, got {len(values)}")
-    return list(values)
 
 
 def steps_and_seeds(parser: argparse.ArgumentParser, steps: int, per: str = "variant", seeds: int = 2) -> None:

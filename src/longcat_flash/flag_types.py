@@ -1,0 +1,51 @@
+"""argparse types and checks for the scripts' number flags (bench/, experiments/): a bad value is a usage error
+naming the flag (status 2), not a traceback from deep inside a run, nor a run that measures nothing.
+
+This module imports nothing from the package: every layer may use it."""
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from typing import Any
+
+
+def _number(kind: type, low: float, strict: bool) -> Any:
+    """An argparse type: a finite `kind` above `low` (strict) or at least `low`."""
+    def convert(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
+        if not math.isfinite(value) or value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")
+        return value
+    return convert
+
+
+positive_int = _number(int, 0, strict=True)  # steps, seeds, counts, threads, rows
+non_negative_int = _number(int, 0, strict=False)  # a seed
+positive_float = _number(float, 0, strict=True)  # learning rates, ε, RoPE bases, tolerances, time limits
+non_negative_float = _number(float, 0, strict=False)  # loss weights
+
+
+def distinct(flag: str, values: Sequence[Any], least: int = 1, need: str = "") -> list[Any]:
+    """The values of a list flag, checked: a repeated one (which would rerun a variant, or shrink a grid below what
+    was asked) or fewer than `least` of them, which `need` requires, is a ValueError."""
+    if repeated := sorted({v for v in values if list(values).count(v) > 1}):
+        shown = (f"{v:g}" if isinstance(v, (int, float)) else str(v) for v in repeated)
+        raise ValueError(f"{flag}: {', '.join(shown)} given more than once")
+    if len(values) < least:
+        raise ValueError(f"{flag}: {need} needs at least {least} distinct values, got {len(values)}")
+    return list(values)
+
+
+def parse_distinct(parser: argparse.ArgumentParser, *dests: str) -> argparse.Namespace:
+    """`parser.parse_args()`, with the list flags `dests` held to distinct values (a usage error otherwise)."""
+    args = parser.parse_args()
+    for dest in dests:
+        try:
+            distinct(f"--{dest.replace('_', '-')}", getattr(args, dest))
+        except ValueError as err:
+            parser.error(str(err))
+    return args
