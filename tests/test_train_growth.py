@@ -65,6 +65,9 @@ def test_grow_a_run_then_resume_it(tmp_path: Path):
                 assert torch.equal(states["optimizer"][new]["exp_avg_sq"],
                                    src_states["optimizer"][name]["exp_avg_sq"])
     assert states["sampler"] == src_states["sampler"] and states["trainer"] == src_states["trainer"]
+    with pytest.raises(ValueError, match=r"--factor 10000000000 grows a model of .* fp32 weights and Adam's two "
+                                         r"moments need \d+ GiB; this machine has"):
+        grow_run(tmp_path / "small", tmp_path / "huge", 10**10)  # built layer by layer until memory ran out
     train(apply_overrides(resume_config(tmp_path / "grown"), ["max_steps=8"]), tmp_path / "grown", resume=True,
           progress=False)
     steps = [r["step"] for r in read_metrics(tmp_path / "grown")]
@@ -83,6 +86,9 @@ def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
     assert torch.equal(grown.model.layers[3].mlps[1].up_proj.weight, small.model.layers[1].mlps[1].up_proj.weight)
     with pytest.raises(ValueError, match="already holds"):
         grow_run(tmp_path / "src", tmp_path / "dst")
+    with pytest.raises(ValueError, match=r"grows a model of .* fp32 weights need \d+ GiB; this machine has"):
+        grow_run(tmp_path / "src", tmp_path / "huge", 10**10)
+    assert not (tmp_path / "huge").exists()
     small.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")  # was written in fp32: twice the bytes
     grow_run(tmp_path / "bf16", tmp_path / "bf16-grown")
     grown = LongcatFlash.from_pretrained(tmp_path / "bf16-grown")

@@ -94,3 +94,8 @@ def autocast(device: torch.device, dtype: str) -> AbstractContextManager:
 def model_device(module: torch.nn.Module) -> torch.device:
     """The device of a module's first parameter (every parameter of a model lives on one device)."""
     return next(module.parameters()).device
+
+
+def host_memory_bytes() -> int:
+    """This machine's physical memory: what a model built in host memory must fit in."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -8,12 +8,12 @@ bytes + 3 special tokens); unused ids are harmless, as in released models that p
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from ..config import ModelConfig
+from ..device import host_memory_bytes
 from ..tokenizer import stdlib_tokenizer
 from .hf import LongcatFlash
 
@@ -32,7 +32,7 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
         raise ValueError(f"--seed must be an integer in [-2^63, 2^64), got {seed}")
     with torch.device("meta"):
         model = LongcatFlash(cfg)
-    need, have = model.num_parameters() * 4, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need, have = model.num_parameters() * 4, host_memory_bytes()
     if torch.device(device).type == "cpu" and need > have:  # fp32 first, cast when saved
         raise ValueError(f"a model of {model.num_parameters() / 1e9:.1f}B parameters needs {need / 2**30:.0f} GiB "
                          f"in fp32; this machine has {have / 2**30:.0f} GiB")

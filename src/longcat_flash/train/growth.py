@@ -20,6 +20,7 @@ import torch
 
 from ..checkpoint import hf, training
 from ..config import ModelConfig
+from ..device import host_memory_bytes
 from ..model import Transformer
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, read_metrics
@@ -71,8 +72,13 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     if training.list_checkpoints(dst / CHECKPOINTS) or (dst / "config.json").exists():
         raise ValueError(f"--out {dst} already holds a model or checkpoints; choose an empty directory")
     if (src / "config.json").is_file() and not (src / CHECKPOINTS).is_dir():
-        return _grow_hf_model(src, dst, r, torch.device(device))
+        device = torch.device(device)
+        if device.type == "cpu":
+            _check_fits(ModelConfig.from_json(src), r, bytes_per_parameter=4, holds="fp32 weights")
+        return _grow_hf_model(src, dst, r, device)
     checkpoint = training.resolve(src)
+    saved = TrainConfig.from_dict(training.read_manifest(checkpoint)["meta"]["train_config"]).model
+    _check_fits(saved, r, bytes_per_parameter=12, holds="fp32 weights and Adam's two moments")
     states, meta = read_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(meta["train_config"])
     n = cfg.model.num_layers
@@ -86,6 +92,19 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     (dst / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
     _copy_run_files(checkpoint.parent.parent, dst, meta["step"])
     return out
+
+
+def _check_fits(cfg: ModelConfig, r: int, bytes_per_parameter: int, holds: str) -> None:
+    """Refuse a grown model this machine's memory cannot hold, before building anything (a large --factor ran
+    until memory ran out). Counted on the meta device: the layers it adds are copies of the source's."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    per_layer = sum(p.numel() for p in model.model.layers[0].parameters())
+    grown = model.num_parameters() + (r - 1) * cfg.num_layers * per_layer
+    need, have = grown * bytes_per_parameter, host_memory_bytes()
+    if need > have:
+        raise ValueError(f"--factor {r} grows a model of {grown / 1e9:.1f}B parameters: {holds} need "
+                         f"{need / 2**30:.0f} GiB; this machine has {have / 2**30:.0f} GiB")
 
 
 def _grow_hf_model(src: Path, dst: Path, r: int, device: torch.device) -> Path:
