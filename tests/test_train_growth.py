@@ -10,11 +10,11 @@ from train_support import make_corpus, tiny_config
 
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.model import Transformer
+from longcat_flash.train.checkpoints import read_checkpoint, resume_config
 from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.growth import (grow_controller_state, grow_model_config, grow_optimizer_state,
                                         grow_run, grow_state_dict, grown_names)
 from longcat_flash.train.metrics import read_metrics
-from longcat_flash.train.checkpoints import read_checkpoint, resume_config
 from longcat_flash.train.trainer import train
 
 

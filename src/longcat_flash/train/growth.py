@@ -22,9 +22,9 @@ from ..checkpoint import hf, training
 from ..config import ModelConfig
 from ..device import host_memory_bytes
 from ..model import Transformer
+from .checkpoints import read_checkpoint, write_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, read_metrics
-from .checkpoints import read_checkpoint, write_checkpoint
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
