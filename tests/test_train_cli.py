@@ -34,6 +34,16 @@ def test_unknown_flag_lists_the_valid_flags(capsys):
     assert "unrecognized arguments: --max-step" in err and "--max-steps" in err and "--set KEY=VALUE" in err
 
 
+def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, monkeypatch):
+    """`--data ""` trained on the files of the directory the command ran in."""
+    monkeypatch.chdir(tmp_path)
+    assert "data.source must be a non-empty path or name, got ''" in run_cli(
+        "train", "--preset", "tiny", "--data", "", "--out", "run")
+    assert "sft.data must be a non-empty path or name, got ''" in run_cli("sft", "--data", " ", "--print-config")
+    assert "data.cache_dir must be a non-empty path" in run_cli("train", "--set", "data.cache_dir=")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_unknown_field_lists_the_valid_fields():
     message = run_cli("train", "--set", "budget.rat=0.1")
     assert "unknown config field 'budget.rat'" in message and "budget.rate" in message

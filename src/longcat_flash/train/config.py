@@ -61,6 +61,13 @@ def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
         _check(ok, obj.section, name, value, ">= 0" if allow_zero else "> 0")
 
 
+def _named(obj: Any, *names: str) -> None:
+    """Path and name fields hold something when set: an empty --data was the current directory's files."""
+    for name in names:
+        value = getattr(obj, name)
+        _check(value is None or value.strip() != "", obj.section, name, value, "a non-empty path or name")
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     """AdamW. eps defaults to the report's 1e-16: far below any gradient RMS, so it never damps the update."""
@@ -172,6 +179,7 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_types(self)
         _positive(self, "seq_len", "batch_size", "grad_accum", "val_batches", "tokenizer_sample_bytes")
+        _named(self, "source", "text_field", "tokenizer", "cache_dir")
         if self.max_bytes is not None:
             _positive(self, "max_bytes")
         _check(0 < self.val_fraction < 1, self.section, "val_fraction", self.val_fraction, "in (0, 1)")
@@ -230,6 +238,7 @@ class SFTConfig:
 
     def __post_init__(self) -> None:
         _check_types(self)
+        _named(self, "data", "val_data")
         _check(self.val_data is None or self.data is not None, self.section, "val_data", self.val_data,
                "unset unless sft.data is set")
 
@@ -286,6 +295,7 @@ class TrainConfig:
         # the model a run builds, so that --print-config, the resume check and the saved config all show it
         object.__setattr__(self, "model", aligned_model_config(self.model, self.scaling.variance_alignment))
         _positive(self, "max_steps", "max_consecutive_skips")
+        _named(self, "init_from")
         _positive(self, "seed", "eval_every", "sample_tokens", "sample_temperature", allow_zero=True)
         m = self.model
         _check(self.data.seq_len <= m.max_position_embeddings, "data", "seq_len", self.data.seq_len,
