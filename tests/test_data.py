@@ -128,7 +128,12 @@ def test_caps_on_documents_and_bytes(corpus_dir: Path) -> None:
     assert len(list(iter_documents(corpus_dir, max_docs=2))) == 2
     first = len(DOCS["a.txt"].encode())
     assert list(iter_documents(corpus_dir, max_bytes=first)) == [DOCS["a.txt"]]
-    assert len(list(iter_documents(corpus_dir, max_bytes=first + 1))) == 2
+    second = list(iter_documents(corpus_dir, max_docs=2))[1]
+    assert list(iter_documents(corpus_dir, max_bytes=first + 5)) == [DOCS["a.txt"], second.encode()[:5].decode()]
+    big = corpus_dir.parent / "one.txt"  # one file larger than the cap: it was read whole
+    big.write_text("é" + "x" * 10_000, encoding="utf-8")
+    assert list(iter_documents(big, max_bytes=1)) == [] and list(iter_documents(big, max_bytes=100)) == [
+        "é" + "x" * 98]  # cut at a character boundary: é is two bytes
     with pytest.raises(ValueError, match="max_docs"):
         Corpus(corpus_dir, max_docs=0)
 

@@ -10,6 +10,7 @@ import codecs
 import gzip
 import hashlib
 import json
+import math
 import os
 import sysconfig
 from collections.abc import Iterator, Sequence
@@ -73,19 +74,26 @@ class Corpus:
         return files
 
     def documents(self, files: Sequence[Path] | None = None) -> Iterator[str]:
-        """Non-empty documents of `files` (default: all), in order, stopping at max_bytes / max_docs.
+        """Non-empty documents of `files` (default: all), in order, stopping at max_docs documents or max_bytes
+        bytes: the document that reaches max_bytes is cut there (at a character boundary), so one large file or row
+        never goes past the cap.
 
         The stdlib's files are not checked for being UTF-8: a few of its test fixtures are deliberately latin-1
         or KOI8-R, and are read with replacement characters as always."""
         check_text = not self.is_stdlib
         docs = (doc for path in (self.files() if files is None else files)
                 for doc in _read_documents(path, self.text_field, check_text) if doc)
-        n_bytes = 0
+        room = self.max_bytes if self.max_bytes is not None else math.inf
         for index, doc in enumerate(docs):
-            if (self.max_docs is not None and index >= self.max_docs) or \
-                    (self.max_bytes is not None and n_bytes >= self.max_bytes):
+            if self.max_docs is not None and index >= self.max_docs:
                 return
-            n_bytes += len(doc.encode("utf-8"))
+            data = doc.encode("utf-8")
+            if len(data) > room:
+                doc = data[:room].decode("utf-8", errors="ignore")
+                if doc:
+                    yield doc
+                return
+            room -= len(data)
             yield doc
 
     def fingerprint(self) -> str:

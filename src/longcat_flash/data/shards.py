@@ -24,7 +24,8 @@ from tqdm import tqdm
 from ..files import atomic_write, atomic_write_text
 from .corpus import Corpus
 
-SHARD_FORMAT_VERSION = 1  # bump when the shard layout changes, so old caches are rebuilt
+SHARD_FORMAT_VERSION = 2  # bump when the shard layout or what it holds changes, so old caches are rebuilt (2: a
+# corpus cut at data.max_bytes exactly; 1 took the last document whole)
 
 
 class TokenizerLike(Protocol):
