@@ -44,6 +44,24 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_dict_sets_the_fields_it_names_and_clashes_with_their_flags():
+    """`--set data={'seq_len': 32}` reset the section's other fields to the class defaults (not the recipe's),
+    dropped earlier --set of the section, and escaped the flag-and---set clash check."""
+    base = recipe("tiny")
+    cfg = build_config("tiny", ["data={'seq_len': 32}", "optim.lr=0.2", "optim={'eps': 0.3}",
+                                "model={'num_layers': 3, 'rope_scaling': {'rope_type': 'yarn', 'factor': 2.0, "
+                                "'original_max_position_embeddings': 64}}", "data={'source': '123'}"])
+    assert cfg.data == dataclasses.replace(base.data, seq_len=32, source="123")  # a string stays a string
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.optim.betas) == (0.2, 0.3, base.optim.betas)
+    assert cfg.model.num_layers == 3 and cfg.model.hidden_size == base.model.hidden_size
+    assert cfg.model.rope_scaling.factor == 2.0
+    yarn = "model.rope_scaling={'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 64}"
+    plain = build_config("tiny", [yarn, "model.rope_scaling={'rope_type': 'default'}"])
+    assert plain.model.rope_scaling == base.model.rope_scaling  # rope_scaling is one value, replaced whole
+    assert "--save-every and --set checkpoint={'save_every': 5} both set checkpoint.save_every" in run_cli(
+        "train", "--preset", "tiny", "--save-every", "2", "--set", "checkpoint={'save_every': 5}")
+
+
 def test_unknown_field_lists_the_valid_fields():
     message = run_cli("train", "--set", "budget.rat=0.1")
     assert "unknown config field 'budget.rat'" in message and "budget.rate" in message

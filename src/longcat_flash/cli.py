@@ -176,7 +176,7 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
     from .train.checkpoints import resume_config, schedule_notice
-    from .train.config import RECIPES, build_config, describe
+    from .train.config import RECIPES, build_config, describe, override_keys
     from .train.trainer import TrainingStopped, train
 
     out = args.resume if isinstance(args.resume, str) else args.out
@@ -189,9 +189,10 @@ def _run_train(args: argparse.Namespace) -> None:
     flags = {key: f"{key}={getattr(args, name)}" for name, key in args.flag_fields.items()
              if getattr(args, name) is not None}
     flag_of = {key: name for name, key in args.flag_fields.items()}
-    if clash := next((o for o in args.overrides if o.partition("=")[0].strip() in flags), None):
-        key = clash.partition("=")[0].strip()
-        raise ValueError(f"--{flag_of[key].replace('_', '-')} and --set {clash} both set {key}; give one of them")
+    for override in args.overrides:
+        if clash := sorted(override_keys(override) & flags.keys()):
+            flag = f"--{flag_of[clash[0]].replace('_', '-')}"
+            raise ValueError(f"{flag} and --set {override} both set {clash[0]}; give one of them")
     if args.command == "train" and args.preset == "sft":
         raise ValueError("the sft recipe fine-tunes a model on conversations: longcat sft --model DIR --data FILE")
     if args.command == "train" and args.preset is not None and args.preset not in RECIPES:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from ..checkpoint.hf import checkpoint_config
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeScaling
 from ..data.corpus import RUN_CONFIG_FILE, STDLIB
 from ..presets import get_preset
 
@@ -375,7 +375,7 @@ def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig
     return _assign(cfg, items)
 
 
-def _assign(obj: Any, items: list[tuple[list[str], str]], prefix: str = "") -> Any:
+def _assign(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefix: str = "") -> Any:
     """`obj` with each (path, raw) item set, paths relative to `obj` (which sits at `prefix`), raw parsed for the
     field's type; nested config objects are rebuilt once each, and `obj` too."""
     names = [f.name for f in dataclasses.fields(obj)]
@@ -393,17 +393,44 @@ def _assign(obj: Any, items: list[tuple[list[str], str]], prefix: str = "") -> A
             if dataclasses.is_dataclass(current) and len(path) > 1:
                 inner.append((path[1:], raw))
             elif dataclasses.is_dataclass(current):
-                whole = _literal(raw)  # a dict sets a whole section at once, e.g. model.rope_scaling={'rope_type':
-                if not isinstance(whole, dict):  # 'yarn', ...}, whose fields depend on each other
+                whole = _parsed(raw)  # a dict sets several fields of a section at once, e.g. model.rope_scaling=
+                if not isinstance(whole, dict):  # {'rope_type': 'yarn', ...}, whose fields depend on each other
                     sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
-                    raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or all of them as a dict")
-                current, inner = _build(type(current), whole, f"{key}."), []  # replaces the fields set before it
+                    raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or several as a dict")
+                if isinstance(current, RopeScaling):  # one value, as config.json's rope_parameters: replaced whole
+                    current, inner = _build(RopeScaling, whole, f"{key}."), []
+                else:  # over the section's current values, as if set one by one: a field left out keeps its value
+                    inner += [([field], _Parsed(value)) for field, value in whole.items()]
             elif len(path) > 1:
                 raise ValueError(f"{prefix + name!r} is a field, not a section (in {key!r})")
             else:
-                current = _coerce(_literal(raw), typing.get_type_hints(type(obj))[name], key)
+                current = _coerce(_parsed(raw), typing.get_type_hints(type(obj))[name], key)
         values[name] = _assign(current, inner, f"{prefix}{name}.") if inner else current
     return dataclasses.replace(obj, **values) if values else obj
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """A value a --set dict held: already parsed, not --set text (a string in it stays a string)."""
+
+    value: Any
+
+
+def _parsed(raw: str | _Parsed) -> Any:
+    return raw.value if isinstance(raw, _Parsed) else _literal(raw)
+
+
+def override_keys(assignment: str) -> set[str]:
+    """The dotted fields a --set KEY=VALUE assignment sets: KEY, and KEY.FIELD for each field of a dict value
+    (at any depth); the CLI's check of a flag and a --set of the same field reads them."""
+    key, _, raw = assignment.partition("=")
+    keys, stack = {key.strip()}, [(key.strip(), _literal(raw.strip()))]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, dict):
+            keys |= {f"{prefix}.{field}" for field in value}
+            stack += [(f"{prefix}.{field}", inner) for field, inner in value.items()]
+    return keys
 
 
 def _literal(raw: str) -> Any:
