@@ -14,6 +14,7 @@ from longcat_flash.analysis.cost_model import (
     format_cost_table,
     longcat_decode_shape,
 )
+from longcat_flash.cli import main
 from longcat_flash.presets import longcat_flash, small
 
 LONGCAT, DEEPSEEK, QWEN = "LongCat-Flash", "DeepSeek-V3", "Qwen3-235B-A22B"
@@ -119,3 +120,17 @@ def test_table_and_json_output() -> None:
     assert [r["model"] for r in rows] == [DEEPSEEK, QWEN, LONGCAT]
     other = format_cost_table(cost_table(batch_per_device=1))  # not the report's setting: no figures of its beside
     assert "(236)" not in other and "(" not in other.split("\n")[5]
+    short = format_cost_table(cost_table(context=0))  # the footnote said "context 5000", the report's figures beside
+    assert "Ours: context 0," in short and "(236)" not in short and rows[0]["context"] == 5000
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--ep", "0"], "argument --ep: must be > 0, got 0"),  # was "Scenario.ep must be ..."
+    (["--context", "-1"], "argument --context: must be >= 0, got -1"),  # was "Scenario.draft_tokens and ..."
+    (["--acceptance", "1.5"], "argument --acceptance: must be in [0, 1], got 1.5"),
+    (["--bandwidth", "nan"], "argument --bandwidth: must be > 0, got nan"),
+])
+def test_a_bad_flag_is_named_as_typed(flags, message, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["cost", *flags])
+    assert stopped.value.code == 2 and message in capsys.readouterr().err

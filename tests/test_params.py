@@ -130,7 +130,7 @@ def test_a_token_picks_at_least_topk_less_the_zero_experts() -> None:
     c = tiny().replace(moe_topk=4, zero_expert_num=1)
     r = param_report(c, ffn_experts_target=3)
     assert r.active_min == r.active_target and "active/token, 3 FFN experts" in info_command(c)
-    with pytest.raises(ValueError, match=r"ffn_experts_target must be in \[3, moe_topk=4\]"):
+    with pytest.raises(ValueError, match=r"ffn_experts_target \(--ffn-experts\) must be in \[3, moe_topk=4\]"):
         param_report(c, ffn_experts_target=2.5)
     with pytest.raises(ValueError, match=r"must be in \[6, moe_topk=6\]"):
         param_report(tiny().replace(zero_expert_num=0, moe_topk=6), ffn_experts_target=1)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
+from .flag_types import fraction, non_negative_int, positive_float, positive_int
 from .distributed.env import RankZeroFailed, launched
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
@@ -47,7 +48,7 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, active parameters, KV-cache bytes and FLOPs per token")
     p.add_argument("target", help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint directory")
     p.add_argument("--ffn-experts", type=float, default=None, help="K_e for the average figure (default 2/3 K)")
-    p.add_argument("--context", type=int, default=0, help="context length for attention FLOPs")
+    p.add_argument("--context", type=non_negative_int, default=0, help="context length for attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_run_info)
 
@@ -66,11 +67,11 @@ def _add_cost(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("cost", help="the report's theoretical decode cost model (Table 7): TPOT and $/M tokens")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--ep", type=int, default=128, help="expert-parallel degree")
-    p.add_argument("--batch", type=int, default=96, help="sequences per device")
-    p.add_argument("--acceptance", type=float, default=0.8, help="MTP draft acceptance rate")
-    p.add_argument("--bandwidth", type=float, default=40.0, help="all-to-all bandwidth, GB/s")
-    p.add_argument("--context", type=int, default=5000, help="average context length")
+    p.add_argument("--ep", type=positive_int, default=128, help="expert-parallel degree")
+    p.add_argument("--batch", type=positive_int, default=96, help="sequences per device")
+    p.add_argument("--acceptance", type=fraction, default=0.8, help="MTP draft acceptance rate")
+    p.add_argument("--bandwidth", type=positive_float, default=40.0, help="all-to-all bandwidth, GB/s")
+    p.add_argument("--context", type=non_negative_int, default=5000, help="average context length")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     p.set_defaults(run=_run_cost)
 

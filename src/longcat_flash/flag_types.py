@@ -29,6 +29,14 @@ positive_float = _number(float, 0, strict=True)  # learning rates, ε, RoPE base
 non_negative_float = _number(float, 0, strict=False)  # loss weights
 
 
+def fraction(text: str) -> float:
+    """An argparse type: a number in [0, 1] (a rate, a share)."""
+    value = non_negative_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
+    return value
+
+
 def distinct(flag: str, values: Sequence[Any], least: int = 1, need: str = "") -> list[Any]:
     """The values of a list flag, checked: a repeated one (which would rerun a variant, or shrink a grid below what
     was asked) or fewer than `least` of them, which `need` requires, is a ValueError."""

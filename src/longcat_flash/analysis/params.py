@@ -75,9 +75,9 @@ def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, cont
     k_e = (max(cfg.default_ffn_expert_target, cfg.fewest_ffn_experts) if ffn_experts_target is None
            else float(ffn_experts_target))
     if not cfg.fewest_ffn_experts <= k_e <= cfg.moe_topk:  # without zero experts: moe_topk exactly
-        raise ValueError(f"ffn_experts_target must be in [{cfg.fewest_ffn_experts}, moe_topk={cfg.moe_topk}] (a "
-                         f"token picks moe_topk experts, at most zero_expert_num={cfg.zero_expert_num} of them zero "
-                         f"experts), got {k_e:g}")
+        raise ValueError(f"ffn_experts_target (--ffn-experts) must be in [{cfg.fewest_ffn_experts}, "
+                         f"moe_topk={cfg.moe_topk}] (a token picks moe_topk experts, at most "
+                         f"zero_expert_num={cfg.zero_expert_num} of them zero experts), got {k_e:g}")
     if not 0 <= context <= cfg.max_position_embeddings:
         raise ValueError(f"context must be 0 to max_position_embeddings={cfg.max_position_embeddings} cached "
                          f"positions, got {context}")
