@@ -186,6 +186,16 @@ def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):
                                                         f"init_from={model}")
     assert "already holds a model" in run_cli("train", "--preset", "tiny", "--out", str(model))
     assert (model / "model.safetensors").read_bytes() == before
+    (model / "model.safetensors").unlink()  # its config.json and tokenizer stay, and were overwritten
+    assert "holds config.json and tokenizer.json and tokenizer_config.json, which a run would overwrite" in run_cli(
+        "train", "--preset", "tiny", "--out", str(model))
+    failed = tmp_path / "failed"  # what a run that failed on its data leaves: it is started again in place
+    failed.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", ".lock"):
+        (failed / name).write_bytes((model / name).read_bytes() if name != ".lock" else b"")
+    main(["train", "--preset", "tiny", "--out", str(failed), "--max-steps", "1", "--no-progress",
+          "--set", f"data.source={make_corpus(tmp_path / 'corpus')}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert (failed / "config.json").is_file()
 
 
 def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: Path):

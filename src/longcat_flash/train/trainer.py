@@ -392,6 +392,16 @@ def finish(run: Run) -> dict[str, Any]:
 
 # ---- setup ----
 
+def _files_no_run_wrote(out: Path) -> list[str]:
+    """The files of `out` a new run writes and would replace, not left by an earlier run there: a config.json (a
+    run writes it last, with checkpoints already refused), or a tokenizer in a directory no run has locked (a run
+    that failed on its data leaves its tokenizer and lock, and is simply started again)."""
+    names = ["config.json"]
+    if not (out / run_lock.LOCK_FILE).exists():
+        names += ["tokenizer.json", "tokenizer_config.json"]
+    return [name for name in names if (out / name).exists()]
+
+
 def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
           mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | None = None) -> Run:
     """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh and overlap).
@@ -417,6 +427,9 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                          "overwritten; choose another --out")
     if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
         raise ValueError(f"{out} already holds a model; a run writes its own there: choose another --out")
+    if not resume and (foreign := _files_no_run_wrote(out)):
+        raise ValueError(f"{out} holds {' and '.join(foreign)}, which a run would overwrite with its own: choose "
+                         "another --out")
     pretrained = cfg.init_from if checkpoint is None else None  # a resumed run continues its own checkpoint
     if pretrained is not None:
         check_same_shapes(pretrained, cfg.model)
