@@ -91,7 +91,8 @@ def _add_explain(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--model", required=True, help="checkpoint directory with config.json, safetensors and "
                                                   "tokenizer.json")
     p.add_argument("--text", required=True, help="the text to run through the model (one forward)")
-    p.add_argument("--out", default="explain", help="directory for explain.html, explain.png, explain.json")
+    p.add_argument("--out", default="explain", help="directory for explain.html, explain.png, explain.json "
+                                                     "(default: explain; files of those names there are replaced)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary table")
     _add_device(p)
     p.set_defaults(run=_run_explain)
