@@ -31,6 +31,8 @@ def load(run: Path) -> list[dict]:
     """The budget records (skipped steps left out) of the `longcat train` run at `run`, a run directory or its
     metrics.jsonl; ValueError, naming the file, for anything else or a model without zero experts."""
     file = run / METRICS_FILE if run.is_dir() else run
+    if not run.exists():
+        raise ValueError(f"{run} does not exist: give a `longcat train` run directory or its {METRICS_FILE}")
     if not file.is_file():
         raise ValueError(f"{run} holds no {METRICS_FILE}: give a `longcat train` run directory or its {METRICS_FILE}")
     records = read_metrics(file)  # a malformed line: ValueError naming it

@@ -152,6 +152,8 @@ def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_p
                                                                           monkeypatch, capsys):
     run, out, steps = _budget_run(tmp_path / "run", _budget_records(20)), tmp_path / "out", 20
     assert "--tolerance" in _main_refuses("budget_convergence", [str(run), "--tolerance", "-1"], monkeypatch, capsys)
+    assert f"{tmp_path / 'nope'} does not exist" in _main_refuses("budget_convergence", [str(tmp_path / "nope")],
+                                                                   monkeypatch, capsys)  # not "holds no metrics"
     monkeypatch.setattr(sys, "argv", ["budget_convergence.py", str(run / "metrics.jsonl"), "--out", str(out)])
     importlib.import_module("budget_convergence").main()  # given the file itself
     written = [out / "budget_convergence.json", out / "budget_convergence.png"]
