@@ -226,6 +226,9 @@ def test_a_run_directory_another_live_process_trains_in_is_refused(corpus, tmp_p
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
     assert len(read_metrics(out)) == 1
+    with run_directory_held(out) as holder:  # the live run is named, not its checkpoints ("pass --resume")
+        with pytest.raises(ValueError, match=rf"in use by another training process \(pid {holder.pid}\)"):
+            train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
 
 
 def test_train_leaves_the_callers_generators_and_deterministic_flags_as_it_found_them(corpus, tmp_path):
