@@ -167,6 +167,20 @@ def test_a_device_error_under_torchrun_names_its_rank(monkeypatch, capsys):
     assert capsys.readouterr().err.startswith("longcat train (rank 3): --device meta: not a device")
 
 
+def test_under_torchrun_settings_are_printed_by_rank_zero_alone(tmp_path: Path, monkeypatch, capsys):
+    """Every rank printed --print-config's hundred lines, interleaved, and a missing --model (an OSError) once per
+    rank."""
+    monkeypatch.setenv("RANK", "1")
+    main(["train", "--preset", "tiny", "--print-config"])
+    assert capsys.readouterr().out == ""
+    assert run_cli("sft", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--out", str(tmp_path / "o")) == "1"
+    monkeypatch.setenv("RANK", "0")
+    assert "(sft's --model): no config.json there" in run_cli("sft", "--model", str(tmp_path / "nope"), "--data",
+                                                               "x.jsonl", "--print-config")
+    main(["train", "--preset", "tiny", "--print-config"])
+    assert "data.seq_len=" in capsys.readouterr().out
+
+
 def test_one_process_commands_refuse_torchrun(tmp_path: Path, monkeypatch):
     """`torchrun ... longcat grow` had every rank grow into the same --out; one failed, the launcher exited 1."""
     monkeypatch.setenv("WORLD_SIZE", "2")

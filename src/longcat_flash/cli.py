@@ -208,8 +208,9 @@ def _run_train(args: argparse.Namespace) -> None:
     cfg = build_config(preset, [*flags.values(), *args.overrides], saved)
     if args.print_config:  # sft without --model: the model section is whatever config.json --model will hold
         unread = args.command == "sft" and cfg.init_from is None
-        print(f"# model.*: from the config.json of --model DIR\n{describe(cfg, omit=('model',))}" if unread
-              else describe(cfg))
+        if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun (before any process group)
+            print(f"# model.*: from the config.json of --model DIR\n{describe(cfg, omit=('model',))}" if unread
+                  else describe(cfg))
         return
     if any(degree is not None and degree < 1 for degree in (args.ep, args.dp)):
         raise ValueError(f"--ep and --dp must be at least 1, got --ep {args.ep} --dp {args.dp}")

@@ -630,6 +630,6 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def pretrained_model_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of an HF model directory (`init_from`), with a clear error when it is not one."""
     if not (Path(directory) / "config.json").is_file():
-        raise FileNotFoundError(f"init_from={directory}: no config.json there (expected an HF model directory: "
-                                f"config.json, model*.safetensors, tokenizer.json)")
+        raise ValueError(f"init_from={directory} (sft's --model): no config.json there (expected an HF model "
+                         "directory: config.json, model*.safetensors, tokenizer.json)")  # a setting: rank 0 says it
     return checkpoint_config(Path(directory))
