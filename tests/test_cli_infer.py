@@ -66,6 +66,17 @@ def test_generate_says_when_the_context_cut_the_completion_short(checkpoint, cap
     assert capsys.readouterr().err == ""  # asked for what fits: nothing to say
 
 
+@pytest.mark.parametrize("command", ["generate", "chat"])
+def test_sampling_flags_without_a_temperature_are_refused(command, tmp_path):
+    """--top-k, --top-p and --seed changed nothing at the default temperature 0 (greedy), without a word. Refused
+    before any model is read (this one does not exist)."""
+    args = [command, "--model", str(tmp_path / "none"), *(["--prompt", "x"] if command == "generate" else [])]
+    with pytest.raises(SystemExit, match=r"--top-k and --seed only apply when sampling: give --temperature above 0"):
+        main(args + ["--top-k", "50", "--seed", "1"])
+    with pytest.raises(SystemExit, match=r"--top-p only applies when sampling"):
+        main(args + ["--top-p", "0.9", "--temperature", "0"])
+
+
 def test_generate_reads_the_prompt_from_a_file_or_stdin_as_it_is(checkpoint, capsys, monkeypatch, tmp_path):
     """The final newline of code to complete is part of the prompt (`--prompt "$(cat FILE)"` drops it)."""
     text = "def f(x):\n    return x\n\n"

@@ -295,18 +295,25 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above it, sampling (and the three "
+                                                                 "flags below)")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 1: off)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest (default 0: off)")
+    p.add_argument("--seed", type=int, default=None, help="a seed for sampling (reproducible output)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
 
 
 def _sampling(args: argparse.Namespace):
     from .infer.sampling import SamplingParams
 
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                          top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed))
+             if value is not None]
+    if args.temperature == 0 and given:  # greedy decoding reads none of them
+        raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} when sampling: give "
+                         "--temperature above 0 (0, the default, decodes greedily)")
+    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                          top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0, seed=args.seed,
+                          ignore_eos=args.ignore_eos)
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
@@ -330,10 +337,11 @@ def _run_generate(args: argparse.Namespace) -> None:
     for stop in args.stop:  # as the prompt is: an undecodable byte could never match the text
         _utf8_flag("--stop", stop)
     prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    params = _sampling(args)  # checked before the model loads
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    result = generate_text(engine, tokenizer, tokenizer.encode(prompt), _sampling(args), args.stop, stream)
+    result = generate_text(engine, tokenizer, tokenizer.encode(prompt), params, args.stop, stream)
     print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
     if result.finish_reason == "length" and result.completion_tokens < args.max_new_tokens:
         print(f"longcat generate: stopped after {result.completion_tokens} of --max-new-tokens {args.max_new_tokens}: "
@@ -378,9 +386,10 @@ def _run_chat(args: argparse.Namespace) -> None:
         raise ValueError(f"--max-new-tokens must be at least 1 for chat, got {args.max_new_tokens}")
     if args.system is not None:
         _utf8_flag("--system", args.system)
+    params = _sampling(args)  # checked before the model loads
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
-    chat_loop(engine, tokenizer, _sampling(args), input, lambda s: print(s, end="", flush=True), args.system)
+    chat_loop(engine, tokenizer, params, input, lambda s: print(s, end="", flush=True), args.system)
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
