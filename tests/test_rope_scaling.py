@@ -99,6 +99,8 @@ def test_softmax_scale_gets_the_yarn_mscale_only_with_mscale_all_dim():
 
 @pytest.mark.parametrize("rope, message", [
     ({"rope_type": "linear", "factor": 2.0}, r"rope_type='linear' is not supported; choose one of \('default', "),
+    ({"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0},  # not "unknown keys"
+     r"rope_parameters.rope_type='llama3' is not supported; choose one of \('default', "),
     ({"rope_type": "yarn"}, "rope_parameters.factor is required for rope_type='yarn'"),
     ({"rope_type": "yarn", "factor": 0.5}, "factor must be >= 1"),
     ({"rope_type": "yarn", "factor": "4"}, "factor must be a positive finite number"),

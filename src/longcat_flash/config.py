@@ -359,6 +359,9 @@ def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str
     if "type" in value:  # the legacy spelling of rope_type
         value.setdefault("rope_type", value.pop("type"))
     out = {"rope_theta": value.pop("rope_theta")} if "rope_theta" in value else {}
+    if value.get("rope_type", "default") not in ROPE_TYPES:  # named first: its own keys would read as unknown
+        raise ValueError(f"config.json: {key}.rope_type={value['rope_type']!r} is not supported; choose one of "
+                         f"{ROPE_TYPES}")
     known = {f.name for f in dataclasses.fields(RopeScaling)}
     unknown = sorted(set(value) - known)
     if unknown:
