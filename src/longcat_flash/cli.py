@@ -13,8 +13,8 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
-from .flag_types import fraction, non_negative_int, positive_float, positive_int
 from .distributed.env import RankZeroFailed, launched
+from .flag_types import fraction, non_negative_int, positive_float, positive_int
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
