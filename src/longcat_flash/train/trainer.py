@@ -419,8 +419,9 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         require_tensorboard()
     set_deterministic(cfg.deterministic, device)
     seed_everything(cfg.seed)
-    if distributed.is_main() and (out / run_lock.LOCK_FILE).exists():
-        run_lock.hold(out)  # a live run there is named before what its files say (a second run was told to --resume)
+    with distributed.main_first():  # a live run there is named before what its files say (a second run was told
+        if distributed.is_main() and (out / run_lock.LOCK_FILE).exists():  # to --resume); the other ranks quiet
+            run_lock.hold(out)
     checkpoint = newest_checkpoint(out) if resume else None
     if not resume and training.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
