@@ -94,6 +94,10 @@ def test_corrupt_file_is_a_clear_error(tmp_path: Path):
     (path / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"corrupt: model.safetensors \(model\) does not match its sha256"):
         training.load(path, {"model": Box(0.0)})
+    (path / "model.safetensors").write_bytes(bytes(data[:100]))  # truncated: said so, not as a checksum
+    with pytest.raises(CheckpointError, match=rf"model.safetensors \(model\) is 100 bytes where manifest.json says "
+                                              rf"{len(data)}; to resume from the checkpoint before it"):
+        training.load(path, {"model": Box(0.0)})
 
 
 def test_missing_pieces_are_clear_errors(tmp_path: Path):

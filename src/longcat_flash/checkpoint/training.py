@@ -254,10 +254,15 @@ def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str
         file = path / entry["file"]
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) is missing")
-        if file.stat().st_size != entry["bytes"] or (i % count == index and _sha256(file) != entry["sha256"]):
-            raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) does not match its "
-                                  f"sha256 in {MANIFEST}; to resume from the checkpoint before it, move {path.name} out "
-                                  f"of {path.parent}")
+        size = file.stat().st_size
+        if size != entry["bytes"]:  # a truncated copy, a disk that filled: said as such, without reading it
+            wrong = f"is {size} bytes where {MANIFEST} says {entry['bytes']}"
+        elif i % count == index and _sha256(file) != entry["sha256"]:
+            wrong = f"does not match its sha256 in {MANIFEST}"
+        else:
+            continue
+        raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) {wrong}; to resume from the "
+                              f"checkpoint before it, move {path.name} out of {path.parent}")
     return manifest
 
 
