@@ -178,7 +178,8 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
     from .train.checkpoints import resume_config, schedule_notice
-    from .train.config import RECIPES, build_config, describe, override_keys
+    from .train.config import RECIPES, build_config, describe
+    from .train.overrides import override_keys
     from .train.trainer import TrainingStopped, train
 
     out = args.resume if isinstance(args.resume, str) else args.out

@@ -1,0 +1,166 @@
+"""`--set section.field=value` on a TrainConfig (nanoGPT's configurator, typed): values are parsed with
+ast.literal_eval and checked against the field's annotation; an unknown key is an error that lists the valid ones.
+`coerce` and `build` also rebuild a saved train_config.json (train/config.py)."""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..config import RopeScaling
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+
+
+def build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    """Rebuild a (nested) config dataclass from a plain dict; unknown keys are an error."""
+    hints, names = typing.get_type_hints(cls), {f.name for f in dataclasses.fields(cls)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ValueError(f"unknown config field(s) {sorted(prefix + k for k in unknown)}; "
+                         f"valid: {sorted(prefix + n for n in names)}")
+    values = {}
+    for key, value in raw.items():
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            values[key] = build(hint, value, f"{prefix}{key}.")
+        else:
+            values[key] = coerce(value, hint, prefix + key)
+    return cls(**values)
+
+
+def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig:
+    """Apply `section.field=value` strings, e.g. ["budget.rate=0.01", "model.num_layers=2"]; a later one wins.
+
+    Each config object is rebuilt once with all of its assignments, so fields that are checked against each
+    other (data.batch_size and data.grad_accum, model.num_nextn_predict_layers and loss.mtp_weight) can be set
+    in any order."""
+    if isinstance(assignments, str):  # its characters would be read as assignments
+        raise ValueError(f"apply_overrides takes a list of 'key=value' strings, got the string {assignments!r}: pass "
+                         "[it]")
+    items = []
+    for item in assignments:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. budget.rate=0.01")
+        items.append((key.strip().split("."), raw.strip()))
+    return _assign(cfg, items)
+
+
+def _assign(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefix: str = "") -> Any:
+    """`obj` with each (path, raw) item set, paths relative to `obj` (which sits at `prefix`), raw parsed for the
+    field's type; nested config objects are rebuilt once each, and `obj` too."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    by_field: dict[str, list[tuple[list[str], str]]] = {}
+    for path, raw in items:
+        if path[0] not in names:
+            raise ValueError(f"unknown config field {prefix + '.'.join(path)!r}; valid fields here: "
+                             f"{', '.join(prefix + n for n in names)}")
+        by_field.setdefault(path[0], []).append((path, raw))
+    values = {}
+    for name, entries in by_field.items():
+        current, inner = getattr(obj, name), []
+        for path, raw in entries:
+            key = prefix + ".".join(path)
+            if dataclasses.is_dataclass(current) and len(path) > 1:
+                inner.append((path[1:], raw))
+            elif dataclasses.is_dataclass(current):
+                whole = _parsed(raw)  # a dict sets several fields of a section at once, e.g. model.rope_scaling=
+                if not isinstance(whole, dict):  # {'rope_type': 'yarn', ...}, whose fields depend on each other
+                    sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
+                    raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or several as a dict")
+                if isinstance(current, RopeScaling):  # one value, as config.json's rope_parameters: replaced whole
+                    current, inner = build(RopeScaling, whole, f"{key}."), []
+                else:  # over the section's current values, as if set one by one: a field left out keeps its value
+                    inner += [([field], _Parsed(value)) for field, value in whole.items()]
+            elif len(path) > 1:
+                raise ValueError(f"{prefix + name!r} is a field, not a section (in {key!r})")
+            else:
+                current = coerce(_parsed(raw), typing.get_type_hints(type(obj))[name], key)
+        values[name] = _assign(current, inner, f"{prefix}{name}.") if inner else current
+    return dataclasses.replace(obj, **values) if values else obj
+
+
+@dataclass(frozen=True)
+class _Parsed:
+    """A value a --set dict held: already parsed, not --set text (a string in it stays a string)."""
+
+    value: Any
+
+
+def _parsed(raw: str | _Parsed) -> Any:
+    return raw.value if isinstance(raw, _Parsed) else _literal(raw)
+
+
+def override_keys(assignment: str) -> set[str]:
+    """The dotted fields a --set KEY=VALUE assignment sets: KEY, and KEY.FIELD for each field of a dict value
+    (at any depth); the CLI's check of a flag and a --set of the same field reads them."""
+    key, _, raw = assignment.partition("=")
+    keys, stack = {key.strip()}, [(key.strip(), _literal(raw.strip()))]
+    while stack:
+        prefix, value = stack.pop()
+        if isinstance(value, dict):
+            keys |= {f"{prefix}.{field}" for field in value}
+            stack += [(f"{prefix}.{field}", inner) for field, inner in value.items()]
+    return keys
+
+
+def _literal(raw: str) -> Any:
+    """A Python literal if `raw` is one, else the raw string (so paths need no quotes); true/false work too."""
+    if raw.lower() in ("true", "false"):
+        return raw.lower() == "true"
+    if raw.lower() in ("none", "null"):
+        return None
+    try:
+        return ast.literal_eval(raw)
+    except (ValueError, SyntaxError):
+        return raw
+
+
+def coerce(value: Any, hint: Any, key: str) -> Any:
+    """`value` as type `hint`, or a ValueError naming `key` and the allowed type."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, arg, key)
+            except ValueError:
+                continue
+    elif origin is Literal:
+        if value in args:
+            return value
+    elif origin is tuple and args[-1:] == (Ellipsis,):  # any length; from the CLI also "a,b,c"
+        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, (list, tuple)):
+            return tuple(coerce(v, args[0], key) for v in items)
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)) and len(value) == len(args):
+            return tuple(coerce(v, a, key) for v, a in zip(value, args))
+    elif hint is bool:
+        if isinstance(value, bool):
+            return value
+    elif hint is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif hint is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif hint is str:
+        return value if isinstance(value, str) else str(value)
+    allowed = " or ".join(repr(a) for a in args) if origin is Literal else type_name(hint)
+    if hint is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
+        allowed = "a finite number"
+    raise ValueError(f"{key} must be {allowed}, got {value!r}")
+
+
+def type_name(hint: Any) -> str:
+    if typing.get_args(hint):  # tuple[str, ...] rather than tuple
+        return str(hint).replace("typing.", "")
+    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
