@@ -162,6 +162,37 @@ def test_numeric_bounds_the_library_would_not_honour_are_refused(setup, schema, 
         compiler.json_schema(schema)
 
 
+FREE_KEYS = {"type": "object", "additionalProperties": {"type": "integer"}}
+
+
+@pytest.mark.parametrize("schema, match", [
+    ({**FREE_KEYS, "minProperties": 2}, "minProperties=2"),  # the library met it with {"": 0, "": 3}: one key
+    ({"type": "object", "patternProperties": {"^a": {"type": "null"}}, "minProperties": 1}, "minProperties=1"),
+    ({"type": "object", "properties": {"a": {"type": "null"}}, "required": ["a"], "minProperties": 2},
+     "minProperties=2"),
+    ({"type": "integer", "minimun": 3, "maximum": 5}, "'minimun' \\(did you mean 'minimum'"),  # it wrote -14939962018
+    ({"type": "object", "properties": {"s": {"type": "string", "maxLenght": 4}}}, "did you mean 'maxLength'"),
+    ({"type": "array", "items": [{"enum": [1]}], "prefixItems": [{"requried": []}]}, "did you mean 'required'"),
+    ({"$defs": {"d": {"types": "string"}}, "$ref": "#/$defs/d"}, "did you mean 'type'"),
+])
+def test_what_the_library_would_silently_loosen_is_refused(setup, schema, match):
+    _, _, compiler = setup
+    with pytest.raises(GrammarError, match=match):
+        compiler.json_schema(schema)
+
+
+def test_named_keys_and_unknown_annotations_compile(setup):
+    """minProperties met by required, named keys; property names, data and annotations that are not keywords."""
+    _, _, compiler = setup
+    for schema in ({"type": "object", "properties": {"a": {"type": "null"}, "b": {"type": "null"}},
+                    "required": ["a", "b"], "minProperties": 2},
+                   {**FREE_KEYS, "additionalProperties": False, "minProperties": 0},
+                   {"type": "object", "properties": {"minimun": {"type": "string", "example": "x", "nullable": True},
+                                                     "types": {"enum": [{"maxLenght": 1}]}},
+                    "x-order": 1, "contentType": "text/plain"}):
+        compiler.json_schema(schema)
+
+
 def test_numeric_bounds_the_library_honours_compile(setup):
     _, _, compiler = setup
     for schema in ({"type": "integer", "minimum": -(2**53), "maximum": 2**53},

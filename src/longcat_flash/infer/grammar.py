@@ -16,6 +16,7 @@ and a grammar that allowed free whitespace would let a weak model pad forever in
 """
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 import logging
@@ -23,6 +24,7 @@ import math
 import re
 import threading
 from collections import OrderedDict
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -37,6 +39,19 @@ log = logging.getLogger(__name__)
 
 MAX_GRAMMAR_CHARS = 256 * 1024
 MAX_EXACT_INTEGER = 2**53
+# The keywords of JSON Schema (2020-12 and draft 7) and of OpenAPI's schemas: anything else close to one of them is
+# a misspelling, which llguidance, as the standard says, would ignore.
+SCHEMA_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+SCHEMA_LISTS = frozenset({"allOf", "anyOf", "oneOf", "prefixItems", "items"})
+SCHEMA_VALUES = frozenset({"additionalProperties", "items", "contains", "not", "if", "then", "else", "propertyNames",
+                           "additionalItems", "unevaluatedItems", "unevaluatedProperties"})
+KEYWORDS = SCHEMA_MAPS | SCHEMA_LISTS | SCHEMA_VALUES | frozenset({
+    "$schema", "$id", "$ref", "$anchor", "$dynamicRef", "$dynamicAnchor", "$vocabulary", "$comment", "dependencies",
+    "type", "enum", "const", "multipleOf", "maximum", "exclusiveMaximum", "minimum", "exclusiveMinimum", "maxLength",
+    "minLength", "pattern", "maxItems", "minItems", "uniqueItems", "maxContains", "minContains", "maxProperties",
+    "minProperties", "required", "dependentRequired", "format", "contentEncoding", "contentMediaType",
+    "contentSchema", "title", "description", "default", "deprecated", "readOnly", "writeOnly", "examples",
+    "example", "nullable", "discriminator", "xml", "externalDocs"})
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # llguidance's own defaults, tightened where a request could make one mask step or one compile expensive.
 LIMITS = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
@@ -49,37 +64,66 @@ class GrammarError(ValueError):
 
 def json_part(schema: dict[str, Any]) -> str:
     """A JSON value matching `schema`, as a Lark fragment, compact (JSON_OPTIONS override any x-guidance);
-    GrammarError for numeric bounds llguidance would not honour (`check_bounds`)."""
-    check_bounds(schema)
+    GrammarError for what llguidance would not honour (`check_schema`)."""
+    check_schema(schema)
     return f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS}, ensure_ascii=False)}"
 
 
-def check_bounds(schema: Any) -> None:
-    """Refuse the numeric bounds llguidance 1.9 gets wrong, rather than constrain to something else: beyond
-    +-2^53 (JSON's exact integers) it clamps to 64 bits or crashes the process; an integral exclusiveMinimum
-    n >= 0 whose upper bound lies below n + 1 admits n itself (exclusiveMaximum n <= 0 above n - 1, likewise)."""
+def check_schema(schema: dict[str, Any]) -> None:
+    """Refuse, in each (sub)schema, what llguidance would silently constrain to something else: numeric bounds it
+    gets wrong (`_check_bounds`), a minProperties that repeated keys could meet, and misspelt keywords."""
+    for node in _subschemas(schema):
+        _check_bounds(node)
+        named = set(node.get("required") or ()) & set(node.get("properties") or ())
+        open_keys = node.get("additionalProperties", True) is not False or "patternProperties" in node
+        least = node.get("minProperties")
+        if open_keys and isinstance(least, int) and least > len(named):
+            raise GrammarError(f"minProperties={least} on an object whose keys are not all named is not supported: "
+                               "the output cannot be kept from repeating a key, and repeated keys count once; name "
+                               "the properties and list them in required, or set additionalProperties to false")
+        for key in node:
+            if key not in KEYWORDS and not key.startswith("x-"):
+                if close := difflib.get_close_matches(key, KEYWORDS, n=1, cutoff=0.85):
+                    raise GrammarError(f"unknown keyword {key!r} (did you mean {close[0]!r}?): it would "
+                                       "constrain nothing")
+
+
+def _subschemas(schema: Any) -> Iterator[dict[str, Any]]:
+    """Every schema object in `schema`, itself included, by the keywords that hold schemas (not into enum, const,
+    default or examples values, nor property names)."""
     stack = [schema]
     while stack:
         node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
         if not isinstance(node, dict):
             continue
-        stack.extend(node.values())
-        bounds = {key: node[key] for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
-                  if isinstance(node.get(key), (int, float)) and not isinstance(node.get(key), bool)}
-        for key, value in bounds.items():
-            if not abs(value) <= MAX_EXACT_INTEGER:
-                raise GrammarError(f"{key}={value} is outside +-2^53, the numbers JSON carries exactly")
-        low, high = bounds.get("exclusiveMinimum"), bounds.get("exclusiveMaximum")
-        upper = min(bounds.get("maximum", math.inf), bounds.get("exclusiveMaximum", math.inf))
-        lower = max(bounds.get("minimum", -math.inf), bounds.get("exclusiveMinimum", -math.inf))
-        if low is not None and low >= 0 and low == int(low) and upper < low + 1:
-            raise GrammarError(f"exclusiveMinimum={low} with an upper bound of {upper} is not supported (the "
-                               "constraint library would admit the bound itself); use minimum or a wider range")
-        if high is not None and high <= 0 and high == int(high) and lower > high - 1:
-            raise GrammarError(f"exclusiveMaximum={high} with a lower bound of {lower} is not supported (the "
-                               "constraint library would admit the bound itself); use maximum or a wider range")
+        yield node
+        for key, value in node.items():
+            if key in SCHEMA_MAPS and isinstance(value, dict):
+                stack.extend(value.values())
+            elif key in SCHEMA_LISTS and isinstance(value, list):
+                stack.extend(value)
+            elif key in SCHEMA_VALUES:
+                stack.append(value)
+
+
+def _check_bounds(node: dict[str, Any]) -> None:
+    """Refuse the numeric bounds llguidance 1.9 gets wrong, rather than constrain to something else: beyond
+    +-2^53 (JSON's exact integers) it clamps to 64 bits or crashes the process; an integral exclusiveMinimum
+    n >= 0 whose upper bound lies below n + 1 admits n itself (exclusiveMaximum n <= 0 above n - 1, likewise)."""
+    bounds = {key: node[key] for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+              if isinstance(node.get(key), (int, float)) and not isinstance(node.get(key), bool)}
+    for key, value in bounds.items():
+        if not abs(value) <= MAX_EXACT_INTEGER:
+            raise GrammarError(f"{key}={value} is outside +-2^53, the numbers JSON carries exactly")
+    low, high = bounds.get("exclusiveMinimum"), bounds.get("exclusiveMaximum")
+    upper = min(bounds.get("maximum", math.inf), bounds.get("exclusiveMaximum", math.inf))
+    lower = max(bounds.get("minimum", -math.inf), bounds.get("exclusiveMinimum", -math.inf))
+    if low is not None and low >= 0 and low == int(low) and upper < low + 1:
+        raise GrammarError(f"exclusiveMinimum={low} with an upper bound of {upper} is not supported (the "
+                           "constraint library would admit the bound itself); use minimum or a wider range")
+    if high is not None and high <= 0 and high == int(high) and lower > high - 1:
+        raise GrammarError(f"exclusiveMaximum={high} with a lower bound of {lower} is not supported (the "
+                           "constraint library would admit the bound itself); use maximum or a wider range")
 
 
 @dataclass(frozen=True)
