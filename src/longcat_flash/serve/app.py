@@ -524,11 +524,12 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
         raise APIError(400, str(err), param=err.param) from None
 
 
-def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str) -> None:
-    """Refuses text that cannot fit the context whatever its tokens, before spending time on tokenizing it."""
+def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None) -> None:
+    """Refuses text that cannot fit the context whatever its tokens, before spending time on tokenizing it. `what`
+    names the text when it is more than `param` (a chat prompt is rendered from the messages and the tools)."""
     if chars > (context - 1) * tokenizer.max_token_chars:
-        raise APIError(400, f"{param}: {chars} characters cannot fit this model's context of {context} tokens (a "
-                            f"token holds at most {tokenizer.max_token_chars} characters)", param=param,
+        raise APIError(400, f"{what or param}: {chars} characters cannot fit this model's context of {context} "
+                            f"tokens (a token holds at most {tokenizer.max_token_chars} characters)", param=param,
                        code="context_length_exceeded")
 
 
@@ -537,13 +538,18 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
     template's special tokens are parsed: `</s>` inside a message is text. Runs off the event loop."""
     # as sft renders them: no null fields (templates test `'tool_calls' in message`), content kept
     history = [{k: v for k, v in m.model_dump().items() if v is not None or k == "content"} for m in plan.history]
+    if history[-1]["role"] == "assistant":  # the template would close it and open another assistant turn
+        raise APIError(400, f"messages[{len(history) - 1}] is an assistant message at the end, so the reply would be "
+                            "a second assistant turn in a row; end with a user or tool message (continuing an "
+                            "assistant message is not supported)", param="messages")
     try:
         chat = tokenizer.render_chat(history, tools=plan.shown, suffix=plan.prefill)
         if dropped := template_drops(tokenizer, history, plan.shown):
             raise APIError(400, f"this model's chat template {dropped[1]}", param=dropped[0])
     except ValueError as err:
         raise APIError(400, str(err), param="messages") from None
-    _fits(tokenizer, len(chat.text), context, "messages")
+    _fits(tokenizer, len(chat.text), context, "messages",
+          "the prompt rendered from messages and tools" if plan.shown else "the prompt rendered from messages")
     return tokenizer.encode_chat(chat)[0]
 
 

@@ -12,7 +12,16 @@ import time
 import uuid
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_serializer, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 from ..data.conversations import TOOL_NAME
 
@@ -140,6 +149,8 @@ class _Sampling(_Part):
             raise ValueError("json_schema.schema: must be a JSON Schema object")
         if spec.get("strict") not in (None, True, False):
             raise ValueError("json_schema.strict: must be a boolean")
+        if not isinstance(spec.get("description", ""), str) or len(spec.get("description", "")) > MAX_PROMPT_CHARS:
+            raise ValueError(f"json_schema.description: must be a string of at most {MAX_PROMPT_CHARS} characters")
         well_formed(value, "json_schema")
         if len(json.dumps(spec["schema"])) > MAX_SCHEMA_CHARS:
             raise ValueError(f"json_schema.schema: longer than {MAX_SCHEMA_CHARS} characters as JSON")
@@ -230,6 +241,15 @@ class TextPart(_Part):
     type: Literal["text"]
     text: str
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        """An image, audio or file part is named as such, not as a part whose type should have been 'text'."""
+        if isinstance(data, dict) and isinstance(data.get("type"), str) and data["type"] != "text":
+            raise ValueError(f"type: {data['type']!r} parts are not supported: this model reads text only (send a "
+                             "string or text parts)")
+        return data
+
 
 class FunctionCall(_Part):
     dropped = ("parsed_arguments",)  # the openai SDK's parse() helpers add it to a strict tool's call
@@ -297,7 +317,8 @@ class ChatMessage(_Part):
         if (self.role == "tool") != (self.tool_call_id is not None):
             raise ValueError("tool_call_id: a tool message needs one, and only tool messages may have one")
         if self.content is None and not self.tool_calls:
-            raise ValueError("content: must be a string, except in an assistant message with tool_calls")
+            raise ValueError("content: must be a string or a list of text parts (null only in an assistant message "
+                             "with tool_calls)")
         return self
 
 
@@ -378,10 +399,20 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError('must be "none", "auto", "required" or {"type": "function", "function": {"name": ...}}')
         return value
 
+    @field_validator("functions", "function_call", mode="before")
+    @classmethod
+    def _legacy(cls, value: Any, info: ValidationInfo) -> None:
+        if value is not None:
+            modern = "tools" if info.field_name == "functions" else "tool_choice"
+            raise ValueError(f"the legacy form of {modern} is not supported by this server; send {modern}")
+        return value
+
     @model_validator(mode="after")
-    def _top_needs_logprobs(self) -> ChatCompletionRequest:
+    def _fields_that_need_others(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
             raise ValueError("top_logprobs: needs logprobs: true")
+        if "parallel_tool_calls" in self.model_fields_set and not self.tools:
+            raise ValueError("parallel_tool_calls: only allowed when tools are given")
         return self
 
     @property
