@@ -87,6 +87,20 @@ def test_init_from_loads_the_checkpoint_and_keeps_non_shape_overrides(tmp_path, 
     assert Tokenizer.load(tmp_path / "run").fingerprint == Tokenizer.load(checkpoint).fingerprint  # has the tags
 
 
+def test_the_recipes_windows_follow_the_context_the_overrides_set(checkpoint, conversations):
+    """sft's windows are the recipe's 2048 tokens or the model's context if shorter, that context as --set leaves
+    it: lowered below the checkpoint's 512 it was an error about a data.seq_len the user never set."""
+    def windows(*overrides: str) -> int:
+        return build_config("sft", [f"init_from={checkpoint}", f"sft.data={conversations}", *overrides]).data.seq_len
+
+    assert windows() == 512
+    assert windows("model.max_position_embeddings=128") == 128
+    assert windows("model.max_position_embeddings=4096") == 2048
+    assert windows("model.max_position_embeddings=128", "data.seq_len=64") == 64
+    with pytest.raises(ValueError, match="data.seq_len must be <= model.max_position_embeddings=128"):
+        windows("model.max_position_embeddings=128", "data.seq_len=256")
+
+
 def test_init_from_refuses_a_shape_changing_override(tmp_path, checkpoint, conversations):
     cfg = sft_config(checkpoint, conversations, "model.expert_ffn_hidden_size=16")
     with pytest.raises(ValueError, match=r"does not have the checkpoint's weight shapes.*expert_ffn_hidden_size=16"):

@@ -440,14 +440,17 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
     base = recipe(preset or "small")
     init_from = _last_value(overrides, "init_from")
     if init_from not in (None, "None", "none", "null"):  # the model is the checkpoint's, then the overrides
-        model = pretrained_model_config(init_from)  # the recipe's windows, at most the model's context
-        windows = base.data.seq_len
-        data = dataclasses.replace(base.data, seq_len=min(windows, model.max_position_embeddings))
+        model = pretrained_model_config(init_from)
         loss = base.loss if model.num_nextn_predict_layers else dataclasses.replace(base.loss, mtp_weight=0.0)
-        cfg = apply_overrides(dataclasses.replace(base, model=model, data=data, loss=loss), overrides)
-        if all(_last_value(overrides, k) is None for k in ("data.seq_len", "data")):  # the context as set may hold more
-            cfg = dataclasses.replace(cfg, data=dataclasses.replace(
-                cfg.data, seq_len=min(windows, cfg.model.max_position_embeddings)))
+        start = dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, seq_len=2), loss=loss)
+        context = apply_overrides(start, overrides).model.max_position_embeddings  # as the overrides leave it
+        # the recipe's windows, at most the model's context before the overrides and after them
+        windows = min(base.data.seq_len, model.max_position_embeddings, context)
+        cfg = apply_overrides(dataclasses.replace(start, data=dataclasses.replace(base.data, seq_len=windows)),
+                              overrides)
+        if all(_last_value(overrides, k) is None for k in ("data.seq_len", "data")):  # a longer context holds more
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=min(base.data.seq_len,
+                                                                                         context)))
         return cfg
     return apply_overrides(base, overrides)
 
