@@ -333,6 +333,22 @@ BAD_ROWS = [
     ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a"}],
       "messages": []}, "prompt: unsupported field"),
     ({"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt"}]}, "conversations[1].value: missing"),
+    # a call left without its result, before the conversation goes on (the server refuses such a history)
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "f", "arguments": {}}},
+        {"id": "c2", "type": "function", "function": {"name": "g", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "3"}, {"role": "assistant", "content": "a"}]},
+     "messages[1]: call 2 of its 2 (g) has no tool result before messages[3]"),
+    ({"prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {"name": "f"}}],
+      "completion": [{"role": "assistant", "content": "a"}]},
+     "prompt[1]: call 1 of its 1 (f) has no tool result before completion[0]"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "observation", "value": "1"},
+                        {"from": "gpt", "value": "y"}]},
+     "conversations[1].from: 'observation' answers no call: it must follow a function_call turn"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": '[{"name": "f"}, '
+                                                                                            '{"name": "f"}]'},
+                        {"from": "observation", "value": "1"}, {"from": "gpt", "value": "y"}]},
+     "conversations[3].from: 1 call(s) of the function_call turn before have no observation"),
     ({"instruction": "hi", "input": "x"}, "output: missing"),
     ({"instruction": "hi", "output": ["a"]}, "output: expected a string"),
     ({"instruction": "hi", "output": "a", "history": [["q", "a", "b"]]}, "history[0]: a [user, assistant] pair"),
@@ -384,6 +400,16 @@ def test_bad_row_names_file_line_and_field(tmp_path, row, message):
     with pytest.raises(ConversationError) as err:
         read_conversations(path)
     assert str(err.value).startswith(f"{path}:5: {message}"), str(err.value)
+
+
+def test_a_last_turn_of_calls_may_stand_without_results():
+    """It trains the calls themselves; every call before the end has its result (the BAD_ROWS above)."""
+    calls = [{"id": f"c{k}", "type": "function", "function": {"name": "f", "arguments": {}}} for k in (1, 2)]
+    row = parse_row({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": calls}]}, "x")
+    assert [len(m.get("tool_calls") or []) for m in row.messages] == [0, 2]
+    gpt = parse_row({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": '{"name": '
+                                                                                                         '"f"}'}]}, "x")
+    assert gpt.messages[-1]["tool_calls"][0]["function"]["name"] == "f"
 
 
 def test_invalid_json_names_the_line(tmp_path):

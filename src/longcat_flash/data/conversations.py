@@ -103,6 +103,7 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         messages.append(_message(message, where, name, i, messages))
         if _weight(message, where, f"{name}.weight") == 0:
             untrained.add(i)
+    _check_answered(messages, named, where)
     _check_parallel(row.get("parallel_tool_calls", True), messages, named, where)
     _check_declared(tools, messages, named, where, field)
     if not any(m["role"] == "assistant" for m in messages):
@@ -124,6 +125,20 @@ def _check_declared(tools: list[dict[str, Any]] | None, messages: list[dict[str,
             if call["function"]["name"] not in offered:
                 raise ConversationError(f"{where}: {name}.tool_calls[{j}].function.name: {call['function']['name']!r}"
                                         f" is not among the row's {field} ({', '.join(sorted(offered)) or 'none'})")
+
+
+def _check_answered(messages: list[dict[str, Any]], named: list[tuple[str, Any]], where: str) -> None:
+    """Each call is answered by a tool message before the conversation goes on: a model trained on a turn that
+    follows an unanswered call learns to answer without the result (and the server refuses such a history). A last
+    turn of calls may stand alone: it trains the calls themselves."""
+    for i, message in enumerate(messages):
+        calls = message.get("tool_calls") or []
+        results = next((k for k, m in enumerate(messages[i + 1:]) if m["role"] != "tool"), len(messages) - i - 1)
+        if calls and results < len(calls) and i + 1 < len(messages):
+            until = f"before {named[i + 1 + results][0]}" if i + 1 + results < len(messages) else "at the end"
+            raise _fail(where, named[i][0], f"call {results + 1} of its {len(calls)} "
+                                            f"({calls[results]['function']['name']}) has no tool result {until} (one "
+                                            "tool message answers each call, in order)")
 
 
 def _check_parallel(parallel: Any, messages: list[dict[str, Any]], named: list[tuple[str, Any]], where: str) -> None:
@@ -163,6 +178,7 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     assistant turn of tool calls and an `observation` a tool result, as LLaMA-Factory writes them."""
     _known_columns(row, SHAREGPT_FIELDS, where)
     named = _system_column(row, where)
+    unanswered = 0  # calls of the latest function_call turn that no observation has answered yet
     for i, turn in enumerate(_list(row["conversations"], where, "conversations")):
         name = f"conversations[{i}]"
         turn = _object(turn, where, name)
@@ -172,6 +188,13 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
             raise _fail(where, f"{name}.from", f"{turn.get('from')!r} is not one of {'/'.join(SHAREGPT_ROLES)}")
         if "value" not in turn:
             raise _fail(where, f"{name}.value", "missing")
+        if role == "tool" and not unanswered:  # named here, in ShareGPT's words: the messages' checks say role
+            raise _fail(where, f"{name}.from", f"{turn['from']!r} answers no call: it must follow a function_call "
+                                               "turn, one per call")
+        if role != "tool" and unanswered:
+            raise _fail(where, f"{name}.from", f"{unanswered} call(s) of the function_call turn before have no "
+                                               "observation (one per call comes before the conversation goes on)")
+        unanswered -= role == "tool"
         if role == "system" and named:
             raise _fail(where, f"{name}.from", "a system turn must come first (and the row's system column is one)")
         if role == "assistant" and not named:
@@ -185,6 +208,7 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
         named.append((name, {"role": "assistant", "tool_calls": [
             {"type": "function", "function": _function_call(c, where, f"{name}.value" + (f"[{k}]" if many else ""))}
             for k, c in enumerate(calls)]}))
+        unanswered = len(calls)
     return named
 
 
