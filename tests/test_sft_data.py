@@ -387,6 +387,9 @@ BAD_ROWS = [
         "name": "f", "arguments": '{"t": NaN}'}}]}, "messages[1].function_call.arguments: holds NaN or Infinity"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {
         "name": "f", "arguments": {"t": float("inf")}}}]}, "messages[1].function_call.arguments: holds NaN"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}], "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": '{"properties": {"a": {"maximum": Infinity}}}'}}]},
+     "tools[0].function.parameters: holds NaN or Infinity, which JSON has no place for (the prompt would show"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
       "tools": [{"name": "f\n"}]}, "tools[0].name: 'f\\n' is not a function name"),  # re.match's $ took it
 ]

@@ -422,12 +422,18 @@ def _function_call(raw: Any, where: str, name: str) -> dict[str, Any]:
         else arguments
     if not isinstance(parsed, dict):
         raise _fail(where, f"{name}.arguments", f"must be a JSON object, got {arguments!r:.60}")
-    try:  # Python's json writes float("nan") as NaN: not JSON, so served the call would come back as text
-        json.dumps(parsed, allow_nan=False)
-    except ValueError:
-        raise _fail(where, f"{name}.arguments", f"holds NaN or Infinity, which JSON has no place for (the server "
-                                                f"would return such a call as text): {arguments!r:.60}") from None
+    _json_numbers(parsed, where, f"{name}.arguments", f"the server would return such a call as text): "
+                                                      f"{arguments!r:.60}")
     return {"name": fn["name"], "arguments": arguments}
+
+
+def _json_numbers(value: Any, where: str, name: str, why: str) -> None:
+    """No NaN or Infinity in `value`: Python's json reads and writes them, but they are not JSON (`why` says what
+    that breaks; it closes the parenthesis it opens)."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except ValueError:
+        raise _fail(where, name, f"holds NaN or Infinity, which JSON has no place for ({why}") from None
 
 
 def _check_tool_result(message: dict[str, Any], where: str, name: str, before: list[dict[str, Any]]) -> None:
@@ -494,5 +500,7 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
         if parameters.get("type", "object") != "object":
             raise _fail(where, f"{at}.parameters", 'must be a JSON Schema with "type": "object" (arguments are a '
                                                    "JSON object, as the server requires)")
+        _json_numbers(parameters, where, f"{at}.parameters", "the prompt would show the model a schema that is not "
+                                                             "JSON, and the server refuses it)")
         fn = {**fn, "parameters": parameters}
     return {"type": "function", "function": fn}
