@@ -13,6 +13,7 @@ from collections import Counter
 import pytest
 
 from longcat_flash.cli import main
+from longcat_flash.data.conversations import parse_row, read_conversations
 from longcat_flash.data.tool_dialogues import (CASES, INTENTS, PARAM_NAMES, SPLITS, VERBS, case_of,
                                                check_conversation, iter_conversations, validate_arguments)
 from longcat_flash.tokenizer import Tokenizer, train_tokenizer
@@ -100,6 +101,20 @@ def test_cli_writes_the_file(tmp_path, capsys):
     assert "wrote 25" in capsys.readouterr().out
 
 
+def test_cli_writes_what_its_name_says_sft_reads(tmp_path):
+    """A .parquet (or unsuffixed) --out got JSON Lines that sft then refused as no Parquet; .gz was not gzip."""
+    for name in ("rows.parquet", "rows", "rows.arrow.gz"):
+        with pytest.raises(SystemExit, match=f"--out {tmp_path / name}: the conversations are JSON Lines; name a "
+                                             ".jsonl file"):
+            main(["data", "tools", "--out", str(tmp_path / name), "--n", "2"])
+        assert not (tmp_path / name).exists()
+    for name in ("a.jsonl.gz", "b.JSONL.GZ"):
+        main(["data", "tools", "--out", str(tmp_path / name), "--n", "4", "--seed", "3"])
+    assert (tmp_path / "a.jsonl.gz").read_bytes() == (tmp_path / "b.JSONL.GZ").read_bytes()  # same seed, same bytes
+    got = [c.messages for c in read_conversations(tmp_path / "a.jsonl.gz")]
+    assert got == [parse_row(r, "x").messages for r in iter_conversations(4, 3)]
+
+
 def test_cli_never_overwrites_a_file_unless_forced(tmp_path):
     out = tmp_path / "config.json"
     out.write_text("{}")
@@ -122,10 +137,10 @@ def test_cli_writes_through_a_symlink_to_standard_output_and_never_over_a_fifo(t
     main(["data", "tools", "--out", "-", "--n", "3"])
     captured = capsys.readouterr()
     assert captured.out == expected and captured.err == "wrote 3 train conversations -> standard output\n"
-    os.mkfifo(tmp_path / "fifo")
-    with pytest.raises(SystemExit, match="fifo is not a regular file"):
-        main(["data", "tools", "--out", str(tmp_path / "fifo"), "--n", "3", "--force"])
-    assert stat.S_ISFIFO((tmp_path / "fifo").lstat().st_mode)
+    os.mkfifo(tmp_path / "fifo.jsonl")
+    with pytest.raises(SystemExit, match="fifo.jsonl is not a regular file"):
+        main(["data", "tools", "--out", str(tmp_path / "fifo.jsonl"), "--n", "3", "--force"])
+    assert stat.S_ISFIFO((tmp_path / "fifo.jsonl").lstat().st_mode)
 
 
 def test_cli_killed_by_sigterm_leaves_no_temporary_file(tmp_path):

@@ -50,7 +50,7 @@ def row_files(pattern: str | Path) -> list[Path]:
     if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
         splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
         raise ValueError(f"{path} holds a `datasets` DatasetDict (splits: {splits}); give one split's folder")
-    files = sorted(p for p in path.rglob("*") if _row_format(p) in ROW_FILES and p.is_file()
+    files = sorted(p for p in path.rglob("*") if row_format(p) in ROW_FILES and p.is_file()
                    and p.name not in DATASETS_METADATA
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
@@ -84,10 +84,10 @@ def rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     """(file:line, row) for each row of one file; a file that is not one of ROW_FILES' formats is an error."""
     if not path.is_file():
         raise FileNotFoundError(f"conversation file not found: {path}")
-    if _row_format(path) in (".parquet", ".arrow"):
+    if row_format(path) in (".parquet", ".arrow"):
         yield from _arrow_rows(path, ignore)
         return
-    if _row_format(path) not in (".jsonl", ".json"):
+    if row_format(path) not in (".jsonl", ".json"):
         raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line), .json (that, or one "
                          "array of objects), either gzip-compressed (.gz), .parquet, .arrow, or a directory of such "
                          "files")
@@ -100,7 +100,7 @@ def rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if _row_format(path) == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
+    if row_format(path) == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
         try:
             with open_text(path) as f:
                 rows = json.load(f)
@@ -117,7 +117,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     except UnicodeDecodeError:  # named with its file by rows()
         raise
     except ValueError as err:  # a line that is not JSON
-        if rows == 0 and _row_format(path) == ".json" and isinstance(whole := _whole_json(path), dict):
+        if rows == 0 and row_format(path) == ".json" and isinstance(whole := _whole_json(path), dict):
             yield f"{path}:1", whole  # one row, pretty-printed over many lines
             return
         raise ConversationError(str(err)) from None
@@ -137,9 +137,9 @@ def _arrow_rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
     save_to_disk writes them), with the values of `datasets`' Json features decoded: `datasets` 5 stores objects of
     varying shape (messages with and without tool calls) as JSON strings and names them so in the schema."""
     pa, pq = pyarrow_modules(path)
-    what = "a readable Parquet file" if _row_format(path) == ".parquet" else "an Arrow stream as `datasets` writes them"
+    what = "a readable Parquet file" if row_format(path) == ".parquet" else "an Arrow stream as `datasets` writes them"
     try:
-        if _row_format(path) == ".parquet":
+        if row_format(path) == ".parquet":
             file = pq.ParquetFile(path)
             schema = file.schema_arrow
             index = [c for c in (schema.pandas_metadata or {}).get("index_columns", []) if isinstance(c, str)]
@@ -172,7 +172,7 @@ def _json_features(value: Any, feature: Any, where: str, name: str) -> Any:
     return value
 
 
-def _row_format(path: Path) -> str:
+def row_format(path: Path) -> str:
     """A row file's format by its name, in lower case (Windows tools write ROWS.JSONL): the suffix, or the one
     before .gz (`rows.jsonl.gz` is JSON Lines)."""
     suffix = path.suffix.lower()

@@ -8,6 +8,9 @@ from word lists in this file with one `random.Random` per (split, seed): same se
 """
 from __future__ import annotations
 
+import contextlib
+import gzip
+import io
 import itertools
 import json
 import random
@@ -18,6 +21,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ..files import atomic_write
+from .conversation_files import row_format
 
 SPLITS = ("train", "heldout")
 CASES = ("single", "no_tool", "multi_turn", "parallel")
@@ -350,15 +354,19 @@ def iter_conversations(n: int, seed: int, split: str = "train",
 
 def write_conversations(out: str | Path | TextIO, n: int, seed: int, split: str = "train",
                         tools_per_conversation: int = 3) -> Path | None:
-    """Write the rows as JSONL to a file (atomically, through a symlink to it) or to an open text stream (None
-    returned); a missing output directory is an error rather than a silent mkdir of a typo, and anything but a
-    regular file (a device, a FIFO) is refused: the rename would replace it."""
+    """Write the rows as JSONL to a file (atomically, through a symlink to it; gzip-compressed when its name ends
+    in .gz) or to an open text stream (None returned). The name must be one `longcat sft` reads as JSON Lines
+    (.jsonl or .json, then perhaps .gz); a missing output directory is an error rather than a silent mkdir of a
+    typo, and anything but a regular file (a device, a FIFO) is refused: the rename would replace it."""
     rows = iter_conversations(n, seed, split, tools_per_conversation)
     first = next(rows)  # the arguments are checked here, before anything is written
     lines = (json.dumps(row, ensure_ascii=False) + "\n" for row in itertools.chain([first], rows))
     if not isinstance(out, (str, Path)):
         out.writelines(lines)
         return None
+    if row_format(Path(out)) not in (".jsonl", ".json"):
+        raise ValueError(f"--out {out}: the conversations are JSON Lines; name a .jsonl file (.jsonl.gz for gzip), "
+                         "as `longcat sft` reads them")
     out = Path(out).resolve()  # a symlink is written through, not replaced by a file
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
@@ -368,11 +376,25 @@ def write_conversations(out: str | Path | TextIO, n: int, seed: int, split: str 
         raise ValueError(f"--out {out} is not a regular file (a device, FIFO or socket); name a file to write, or - "
                          "for standard output")
     try:
-        with atomic_write(out) as tmp, tmp.open("w", encoding="utf-8") as f:  # streamed: any n fits in memory
-            f.writelines(lines)
+        with atomic_write(out) as tmp, _text_file(tmp, gzipped=out.suffix.lower() == ".gz") as f:
+            f.writelines(lines)  # streamed: any n fits in memory
     except OSError as err:  # the temporary file's name would stand for --out's
         raise OSError(f"cannot write {out}: {err.strerror or err}") from None
     return out
+
+
+@contextlib.contextmanager
+def _text_file(path: Path, gzipped: bool) -> Iterator[TextIO]:
+    """A UTF-8 text file to write; gzipped with no name or time in its header, so that a seed gives the same
+    bytes."""
+    with path.open("wb") as raw:
+        if not gzipped:
+            with io.TextIOWrapper(raw, encoding="utf-8") as text:
+                yield text
+            return
+        with gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as packed, \
+                io.TextIOWrapper(packed, encoding="utf-8") as text:
+            yield text
 
 
 # ---- checks: used by the tests, and by whoever scores a model's calls against the schemas ----------------
