@@ -364,14 +364,14 @@ def write_conversations(out: str | Path | TextIO, n: int, seed: int, split: str 
     if not isinstance(out, (str, Path)):
         out.writelines(lines)
         return None
-    if row_format(Path(out)) not in (".jsonl", ".json"):
-        raise ValueError(f"--out {out}: the conversations are JSON Lines; name a .jsonl file (.jsonl.gz for gzip), "
-                         "as `longcat sft` reads them")
-    out = Path(out).resolve()  # a symlink is written through, not replaced by a file
+    named, out = out, Path(out).resolve()  # a symlink is written through, not replaced by a file
     if not out.parent.is_dir():
         raise FileNotFoundError(f"output directory {out.parent} does not exist")
     if out.is_dir():
         raise ValueError(f"--out {out} is a directory; name the JSONL file to write")
+    if row_format(Path(named)) not in (".jsonl", ".json"):
+        raise ValueError(f"--out {named}: the conversations are JSON Lines; name a .jsonl file (.jsonl.gz for gzip), "
+                         "as `longcat sft` reads them")
     if out.exists() and not out.is_file():
         raise ValueError(f"--out {out} is not a regular file (a device, FIFO or socket); name a file to write, or - "
                          "for standard output")
