@@ -62,6 +62,29 @@ def test_bad_row_is_reported_with_file_line_and_field(tmp_path):
                        "system/user/assistant/tool/developer/function")
 
 
+def test_a_resume_keeps_its_held_out_conversations(tmp_path, capsys):
+    """--resume with another --val-data went on, its val_loss curve now measured on other conversations (the
+    training file itself, even); the same file moved elsewhere is the same held-out set."""
+    model = tmp_path / "model"
+    main(["init", "--preset", "tiny", "--out", str(model), "--dtype", "float32"])
+    data = write_conversations(tmp_path / "chat.jsonl", 24)
+    held, other = write_conversations(tmp_path / "val.jsonl", 6), write_conversations(tmp_path / "other.jsonl", 8)
+    flags = ["--no-progress", "--save-every", "1", "--set", "data.seq_len=256", "--set", "data.batch_size=2",
+             "--set", "data.val_batches=1", "--set", "dtype=float32", "--set", "sample_tokens=0"]
+    assert "sft.val_data must be other conversations than sft.data" in run_cli(
+        "sft", "--model", str(model), "--data", str(data), "--val-data", str(data), "--out", str(tmp_path / "x"),
+        "--max-steps", "1", *flags)
+    run = tmp_path / "run"
+    main(["sft", "--model", str(model), "--data", str(data), "--val-data", str(held), "--out", str(run),
+          "--max-steps", "1", *flags])
+    refusal = run_cli("sft", "--resume", str(run), "--val-data", str(other), "--max-steps", "2")
+    assert "a resumed run keeps its held-out data" in refusal and f"sft.val_data: {held} -> {other}" in refusal
+    moved = shutil.move(held, tmp_path / "moved.jsonl")
+    capsys.readouterr()
+    main(["sft", "--resume", str(run), "--val-data", str(moved), "--max-steps", "2", "--no-progress"])
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+
+
 def cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     done = subprocess.run([sys.executable, "-m", "longcat_flash.cli", *args], env=env, capture_output=True,

@@ -48,7 +48,7 @@ def save_checkpoint(run: Run) -> Path:
     distributed.barrier()  # every shard is written before rank 0's manifest covers them
     failed = ""
     if distributed.is_main():
-        meta = {"step": step, "train_config": run.cfg.to_dict()}
+        meta = {"step": step, "train_config": run.cfg.to_dict(), "val_digest": run.val.digest}
         states = {name: obj.state_dict() for name, obj in run.stateful().items()}
         try:
             training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
@@ -62,10 +62,10 @@ def load_checkpoint(run: Run, path: Path) -> None:
     """Restore `run` from checkpoint `path`, whatever world size and layout wrote it. Each rank verifies a share
     of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces."""
     try:
-        states, _ = training.load_states(path, share=(distributed.rank(), distributed.world_size()))
+        states, meta = training.load_states(path, share=(distributed.rank(), distributed.world_size()))
         failed = ""
     except training.CheckpointError as err:
-        states, failed = {}, str(err)
+        states, meta, failed = {}, {}, str(err)
     distributed.raise_if_any(failed, training.CheckpointError)
     for name, obj in run.stateful().items():
         if name not in states:
@@ -76,6 +76,11 @@ def load_checkpoint(run: Run, path: Path) -> None:
             if name != "sampler" or not (changed := _data_changes(path, run.cfg)):
                 raise
             raise ValueError(f"{err}; changed since: {changed}") from None
+    if meta.get("val_digest", run.val.digest) != run.val.digest:  # checkpoints before it lack it
+        changed = _data_changes(path, run.cfg)
+        raise ValueError(f"a resumed run keeps its held-out data, but the validation conversations (or windows) "
+                         f"differ from those checkpoint {path} was evaluated on, so val_loss would change meaning "
+                         f"midway{f'; changed since: {changed}' if changed else ''}")
     tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
     saved = sharded.shapes(path / SHARDED)
     missing = [k for k in tensors["model"] if f"model.{k}" not in saved]

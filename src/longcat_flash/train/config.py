@@ -239,6 +239,8 @@ class SFTConfig:
         _named(self, "data", "val_data")
         _check(self.val_data is None or self.data is not None, self.section, "val_data", self.val_data,
                "unset unless sft.data is set")
+        _check(self.val_data is None or _resolved(self.val_data) != _resolved(self.data), self.section, "val_data",
+               self.val_data, "other conversations than sft.data (held out, not trained on)")
 
 
 def aligned_model_config(cfg: ModelConfig, mode: str) -> ModelConfig:
