@@ -285,6 +285,16 @@ def test_int4_needs_rows_of_a_multiple_of_32(caplog):
     assert report.int8_fallback == ["0", "1"] and "2 of 2 units store int8" in caplog.text  # said, not silent
 
 
+def test_int4_keeps_its_top_units_among_those_it_can_store(tmp_path):
+    """keep_top with int4 ranked every unit by its int4 error, and a unit int4 cannot store (experts 48 wide) raised
+    from deep inside instead of falling back to int8 as plain int4 does."""
+    path = init_checkpoint(get_preset("tiny").replace(expert_ffn_hidden_size=48), tmp_path / "odd", dtype=torch.float32)
+    calibration = torch.randint(0, 256, (1, 32))
+    model, report = load_for_inference(path, quantize="int4", keep_top=1, calibration=calibration)
+    assert report.int8_fallback and set(report.kept).isdisjoint(report.int8_fallback)
+    assert report.kept and set(report.kept) <= set(quant.storable(model, "int4"))
+
+
 @pytest.mark.parametrize("in_features", [192, 160, 544])  # groups of 64; of 32 with a last 32-value chunk;
 # 17 groups of 32: a row's scales past one whole vector of 16
 def test_int4_kernel_equals_the_reference(kernel_rows, in_features):

@@ -96,7 +96,7 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     dtype None or "auto": the checkpoint's, except that a bf16 checkpoint computes in fp32 on a device without fast
     bf16 matmuls (a CPU with AVX2 only), and a float16 one in fp32 on any CPU; "bfloat16" forces bf16.
     The weights are read straight onto the device, then fused and quantized there (no CPU copy of the model).
-    int8/fp8: keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype.
+    int8/fp8/int4: keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype.
     int4-mixed: the keep_fraction most sensitive units (measured on calibration ids if given) stay at int8.
     """
     fmt, keep_fmt = parse_quantize(quantize) if quantize is not None else (None, None)
@@ -120,7 +120,7 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
         keep = []
         if keep_fmt:
             keep = choose_sensitive(model, calibration, fmt, keep_fraction).kept
-        elif keep_top and calibration is not None:
+        elif keep_top:  # _check_keep_options: with calibration
             keep = choose_kept(model, calibration, fmt, keep_top).kept
         report = quantize_model(model, fmt, keep, keep_fmt)
     return model.eval(), report

@@ -13,9 +13,9 @@ Stacked expert weights (E, O, I) are quantized per expert. Activations stay in t
 int8 and int4 decode kernels, which round them to int8 per block / group (kernels.py).
 
 Which modules: every nn.Linear and every expert stack, except the router (fp32 by design, tiny) and `kv_b_proj`
-(the absorbed attention reads its weight directly; it is small). Mixed precision: for int8/fp8 (`choose_kept`),
+(the absorbed attention reads its weight directly; it is small). Mixed precision: for int8/fp8/int4 (`choose_kept`),
 calibration text runs through the model once; the units with the largest input activation amplitude and the
-units with the largest block-quantization error are kept in the model dtype, the report's two criteria. For int4
+units with the largest block-quantization error are kept in the model dtype, the report's two criteria. For int4-mixed
 (`choose_sensitive`), each unit's relative output error under int4 is measured on its calibration inputs (without
 calibration text: its relative weight error), and the most sensitive units are kept at int8.
 
@@ -168,6 +168,11 @@ def relative_error(w: torch.Tensor, fmt: str) -> float:
     return float((w.float() - restored).norm() / w.float().norm().clamp(min=1e-12))
 
 
+def storable(model: nn.Module, fmt: str) -> dict[str, nn.Module]:
+    """The `candidates` that `fmt` can store: for int4, those whose rows it can group (`int4_ready`)."""
+    return {n: m for n, m in candidates(model).items() if fmt != "int4" or int4_ready(m)}
+
+
 def int4_ready(unit: nn.Module) -> bool:
     """Whether every weight of a unit has rows int4 can group (in_features a multiple of 32)."""
     return all(group_size(w.shape[-1]) for w in unit_weights(unit))
@@ -286,8 +291,9 @@ class MixedPrecision:
 
 @torch.inference_mode()
 def choose_kept(model: nn.Module, calibration: torch.Tensor, fmt: str = "int8", top: int = 2) -> MixedPrecision:
-    """Run calibration ids (B, S) once; keep the `top` units by input amplitude and the `top` by block error."""
-    units = candidates(model)
+    """Run calibration ids (B, S) once; keep the `top` units by input amplitude and the `top` by block error, among
+    the units `fmt` can store (the others stay in the model dtype or fall back to int8 anyway)."""
+    units = storable(model, fmt)
     amax = {n: max(float(args[0].abs().max()) for args in calls)
             for n, calls in unit_inputs(model, units, calibration).items()}
     error = weight_errors(units, fmt)
@@ -304,7 +310,7 @@ def choose_sensitive(model: nn.Module, calibration: torch.Tensor | None, fmt: st
     `fmt` cannot store, and units whose inputs the calibration never shows (expert stacks, when the calibration is
     so short that its rows average kernels.MAX_DENSE_ROWS or fewer per hit expert: the MoE kernel takes them in
     one call), are not ranked."""
-    units = {n: m for n, m in candidates(model).items() if fmt != "int4" or int4_ready(m)}
+    units = storable(model, fmt)
     if calibration is None:
         error, amax = weight_errors(units, fmt), {}
     else:
