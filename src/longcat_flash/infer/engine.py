@@ -1,8 +1,10 @@
 """The inference engine: token ids in, token ids out. `Engine.step()`: schedule -> forward -> sample -> update.
 
-One step runs at most two forwards over the paged latent cache: the decoding rows (1 token each, or 1 + k with
-MTP speculation) attending absorbed over the latent, and the prefill chunks (padded into one batch) on the naive
-path, which is cheaper for long chunks (docs/architecture.md §6.3). Logits are computed only where a token is sampled,
+One step runs up to three trunk forwards over the paged latent cache (plus the MTP head's for drafts): the rows
+verifying MTP drafts (1 + k tokens each), the other decoding rows (1 token each; requests with logit controls or a
+grammar never get drafts), and the prefill chunks (padded into one batch). Each forward attends absorbed over the
+latent when its rows are short and on the naive path, cheaper for long rows, otherwise (`PagedLatentCache.view`;
+docs/architecture.md §6.3). Logits are computed only where a token is sampled,
 and at every prompt position only for requests that asked for prompt logprobs (`SamplingParams.prompt_logprobs`,
 what evaluators score prompts with); a request with `max_new_tokens=0` finishes after its prefill.
 `add_copies` runs n copies of one prompt (OpenAI's `n`): the first prefills it, the others fork its cache pages
@@ -355,11 +357,11 @@ class Engine:
         """MTP extend for sequences whose trunk just covered positions start..computed-1, then a chain of drafts for
         those with a pending token and no draft (a prompt still in prefill has none, and a sequence recomputed after
         a preemption still has its own: they only write the head's cache, and draw no random numbers). Requests
-        with logit controls get no drafts (the MTP head's distributions do not model them).
+        with logit controls never come here (the MTP head's distributions do not model them): `_draft_prefilled`
+        leaves them out, and `_speculative` has only rows that were drafted.
 
         rows: sequence id -> (start, that forward's final hidden row from start (S_b, D), S_b >= computed - start).
         """
-        seqs = [s for s in seqs if not self.requests[s.id].params.controlled]
         if not seqs:
             return
         starts = [rows[s.id][0] for s in seqs]

@@ -2,9 +2,9 @@
 /metrics (Prometheus text). Conventions: docs/serving.md.
 
 Every failure a client can cause is an OpenAI-shaped error `{"error": {"message", "type", "param", "code"}}`:
-400 for bad input (malformed JSON, out-of-range fields, unknown model, prompt or max_tokens beyond the context),
-401 for a wrong API key, 429 when the wait queue is full, 503 when the engine is down. A client that
-disconnects, streaming or not, has its request cancelled and its cache pages freed.
+400 for bad input (malformed JSON, out-of-range fields, prompt or max_tokens beyond the context), 404 for a
+model not served, 401 for a wrong API key, 429 when the wait queue is full, 503 when the engine is down. A
+client that disconnects, streaming or not, has its request cancelled and its cache pages freed.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ SHUTDOWN_GRACE_S = 5  # seconds open responses get to finish once the server is 
 @dataclass(frozen=True)
 class ServerConfig:
     model_name: str
-    context: int  # the model's max_position_embeddings
+    context: int  # the longest sequence served: max_position_embeddings, or less where the KV cache holds less
     api_key: str | None = None
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
     max_body_bytes: int = 8 * 2**20  # a request body's bound (serve/guard.py); prompts are bounded by the context
@@ -107,9 +107,7 @@ class Generation:
 
     def check(self, body: p._Sampling, prompt: list[int], limit: int | None, param: str) -> SamplingParams:
         context = self.config.context
-        if body.model != self.config.model_name:
-            raise APIError(404, f"model {body.model!r} is not served here; use {self.config.model_name!r}",
-                           param="model", code="model_not_found")
+        _check_model(body.model, self.config)
         if len(prompt) > context or (len(prompt) == context and limit is None):  # max_tokens 0: scored, may fill it
             why = (f"this model's context is {context} tokens" if len(prompt) > context else
                    "the whole of this model's context, so none is left to generate")
@@ -364,9 +362,7 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
 
     @app.get("/v1/models/{model_id:path}")  # the openai SDK's models.retrieve; ids may hold "/" (org/name)
     async def model(model_id: str) -> dict:
-        if model_id != config.model_name:
-            raise APIError(404, f"model {model_id!r} is not served here; use {config.model_name!r}",
-                           param="model", code="model_not_found")
+        _check_model(model_id, config)
         return card().model_dump()
 
     _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config)
@@ -522,6 +518,12 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
         return plan_tools(body)
     except ToolRequestError as err:
         raise APIError(400, str(err), param=err.param) from None
+
+
+def _check_model(asked: str, config: ServerConfig) -> None:
+    if asked != config.model_name:
+        raise APIError(404, f"model {asked!r} is not served here; use {config.model_name!r}", param="model",
+                       code="model_not_found")
 
 
 def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None) -> None:

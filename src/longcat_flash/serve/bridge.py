@@ -28,6 +28,9 @@ from ..infer.sampling import SamplingParams
 
 log = logging.getLogger(__name__)
 
+IDLE_WAIT_S = 0.05  # an idle engine thread looks at its inbox this often (a submission wakes it at once)
+GATHER_QUIET_S, GATHER_MAX_S = 0.002, 0.01  # a burst of submissions is gathered until this quiet, at most this long
+
 
 @dataclass
 class EngineFailed:
@@ -61,10 +64,8 @@ class Batch:
 class EngineLoop:
     """The engine's thread: messages in (`post`), a Batch out to `sink` after every turn that did something."""
 
-    def __init__(self, engine: Engine, sink: Callable[[Batch], None], idle_wait_s: float = 0.05,
-                 gather_s: tuple[float, float] = (0.002, 0.01)) -> None:
-        self.engine, self.sink, self.idle_wait_s = engine, sink, idle_wait_s
-        self.gather_quiet_s, self.gather_max_s = gather_s
+    def __init__(self, engine: Engine, sink: Callable[[Batch], None]) -> None:
+        self.engine, self.sink = engine, sink
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = threading.Event()
@@ -88,17 +89,17 @@ class EngineLoop:
             if handled or outputs is not None:
                 self.sink(Batch(replies, outputs or [], self.snapshot()))
             else:
-                if self._wake.wait(self.idle_wait_s):
+                if self._wake.wait(IDLE_WAIT_S):
                     self._gather()
                 self._wake.clear()
 
     def _gather(self) -> None:
         """Woken from idle: let the rest of a burst of submissions land (until the inbox has been quiet for
-        gather_quiet_s, at most gather_max_s), so that they prefill together instead of one first alone."""
-        deadline, size = time.monotonic() + self.gather_max_s, -1
+        GATHER_QUIET_S, at most GATHER_MAX_S), so that they prefill together instead of one first alone."""
+        deadline, size = time.monotonic() + GATHER_MAX_S, -1
         while self._inbox.qsize() != size and time.monotonic() < deadline:
             size = self._inbox.qsize()
-            time.sleep(self.gather_quiet_s)
+            time.sleep(GATHER_QUIET_S)
 
     def snapshot(self) -> EngineSnapshot:
         engine = self.engine
@@ -145,7 +146,7 @@ class Bridge:
     each Batch back (on a thread that is not the event loop's) and routes it to the waiting handlers."""
 
     vocab_size: int
-    context: int  # the model's max_position_embeddings
+    context: int  # Engine.max_context: max_position_embeddings, or less where the KV cache holds less
     max_waiting: int  # the engine's queue: one submission (a prompt and its copies) is one entry
 
     def __init__(self) -> None:
@@ -227,11 +228,11 @@ class Bridge:
 class AsyncEngine(Bridge):
     """The EngineLoop on a thread of this process."""
 
-    def __init__(self, engine: Engine, idle_wait_s: float = 0.05) -> None:
+    def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine, self.vocab_size = engine, engine.vocab_size
         self.context, self.max_waiting = engine.max_context, engine.config.max_waiting
-        self._loop = EngineLoop(engine, self.receive, idle_wait_s)
+        self._loop = EngineLoop(engine, self.receive)
         self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
 
     def start(self) -> AsyncEngine:

@@ -81,8 +81,8 @@ class EngineProcess(Bridge):
 
 def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device: str,
                  config: EngineConfig | None, conn: Connection) -> None:
-    """The child: load, report ("ready", vocab, context) or ("failed", error), then run the loop until told to
-    stop or the parent is gone."""
+    """The child: load, report ("ready", vocab, context, max_waiting) or ("failed", error), then run the loop
+    until told to stop or the parent is gone."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
     tune_cpu_allocator()  # a step's activations are bounded by the token budget: keeping them is cheap
     try:

@@ -15,7 +15,7 @@ from fastapi.openapi.utils import get_openapi
 from .protocol import ErrorResponse
 
 ERRORS = {
-    400: "bad input: malformed JSON, a field out of range, unknown model, prompt or max_tokens beyond the context",
+    400: "bad input: malformed JSON, a field out of range, prompt or max_tokens beyond the context",
     401: "wrong or missing API key (only when the server has one)",
     404: "the model asked for is not the one served",
     413: "the request body is larger than the server takes (--max-request-mb)",
