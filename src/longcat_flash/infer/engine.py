@@ -71,6 +71,7 @@ class EngineConfig:
                                lookahead=2 * self.speculative)
 
 
+GRAMMAR_FAILED = "grammar_failed"  # the request's grammar hit a parser limit mid-output (a schema that never ends)
 NON_FINITE = "non_finite_logits"  # the model's logits for a request hold NaN or +Inf: nothing to sample from
 
 
@@ -82,7 +83,7 @@ class StepOutput:
     finish_reason: str | None = None  # "stop" (EOS, stop token, stop hook), "length", or "error" (see `error`)
     stop_token: bool = False  # the last new token ended the request (an EOS or stop token): not part of the text
     error: str | None = None  # why the output stopped incomplete, and which kind (`error_code`):
-    error_code: str | None = None  # "grammar_failed" (a parser limit the request's schema hit) or NON_FINITE
+    error_code: str | None = None  # GRAMMAR_FAILED or NON_FINITE
     logprobs: list[TokenLogprob] | None = None  # one per new token, when the request asked (params.logprobs)
     prompt_logprobs: list[TokenLogprob | None] | None = None  # the whole prompt's, the first None (no context)
 
@@ -424,7 +425,7 @@ class Engine:
             out.finish_reason = self._finish_reason(req, token)
             if out.finish_reason:
                 if out.finish_reason == "error":
-                    out.error, out.error_code = req.matcher.error, "grammar_failed"
+                    out.error, out.error_code = req.matcher.error, GRAMMAR_FAILED
                 out.stop_token = out.finish_reason == "stop" and self._is_stop_token(req, token)
                 break
         self.stats.generated_tokens += len(out.new_tokens)

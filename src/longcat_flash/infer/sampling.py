@@ -190,7 +190,10 @@ class TokenMask(Protocol):
     def advance(self, token: int) -> None: ...
 
     @property
-    def done(self) -> bool: ...  # complete: nothing more may follow
+    def done(self) -> bool: ...  # complete (nothing more may follow), or failed
+
+    @property
+    def error(self) -> str | None: ...  # why it failed (a parser limit hit mid-output), or None
 
 
 def mask_rows(logits: torch.Tensor, masks: list[TokenMask | None]) -> torch.Tensor:

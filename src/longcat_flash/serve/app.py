@@ -22,7 +22,7 @@ from starlette.exceptions import HTTPException
 
 from ..checkpoint.hf import GENERATION_CONFIG, generation_config, model_directory
 from ..device import resolve_device
-from ..infer.engine import EngineConfig, StepOutput
+from ..infer.engine import GRAMMAR_FAILED, EngineConfig, StepOutput
 from ..infer.grammar import GrammarCompiler
 from ..infer.loader import check_speculative
 from ..infer.sampling import SamplingParams
@@ -202,7 +202,7 @@ class Generation:
                     copy.open = False
                     raise APIError(500, item.message, "server_error")
                 copy.open = not item.finished
-                if item.error_code == "grammar_failed":
+                if item.error_code == GRAMMAR_FAILED:
                     raise APIError(400, f"the output's grammar failed after {text.tokens + len(item.new_tokens)} "
                                         f"tokens, so the answer is incomplete (simplify the schema): {item.error}",
                                    code=item.error_code)
