@@ -15,6 +15,8 @@ import torch
 
 from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.presets import tiny
+from longcat_flash.serve import app
+from longcat_flash.serve.launch import free_port
 from longcat_flash.tokenizer import Tokenizer
 
 from serve_support import running_server
@@ -208,3 +210,47 @@ with running_server({str(model)!r}):
     if alive:
         os.kill(server, signal.SIGKILL)
     assert not alive, "the server outlived its parent"
+
+
+def test_a_stop_ends_what_is_still_open_as_openai_errors_and_exits(tmp_path):
+    """A SIGTERM to the process group (as systemd sends it; Ctrl-C takes the same path) with requests running past
+    the grace: uvicorn cancelled them, a client got a plain-text 500 or a stream cut short, the log a traceback per
+    request; and the engine process died at once, so nothing got its grace."""
+    model = init_checkpoint(tiny().replace(max_position_embeddings=32768), tmp_path / "tiny", dtype=torch.float32)
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "longcat_flash.cli", "serve", "--model", str(model), "--port",
+                               str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    deadline = time.time() + 90
+    while server.poll() is None and time.time() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                break
+        except httpx.TransportError:
+            time.sleep(0.2)
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000,
+            "ignore_eos": True}  # a minute or more: far past the grace
+
+    def stream() -> list[str]:
+        with httpx.stream("POST", f"{base}/chat/completions", json={**chat, "stream": True}, timeout=60) as r:
+            return [line for line in r.iter_lines() if line]
+
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        answered = pool.submit(httpx.post, f"{base}/chat/completions", json=chat, timeout=60)
+        streamed = pool.submit(stream)
+        time.sleep(1.5)
+        engine = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        stopped = time.time()
+        os.killpg(server.pid, signal.SIGTERM)
+        output, _ = server.communicate(timeout=60)
+        took = time.time() - stopped
+        answered, events = answered.result(), streamed.result()
+    assert took < app.SHUTDOWN_GRACE_S + app.SHUTDOWN_CUT_S + 5, took
+    assert answered.status_code == 503 and answered.json()["error"]["code"] == "engine_down", answered.text[:300]
+    assert events[-1] == "data: [DONE]" and '"code":"engine_down"' in events[-2], events[-3:]
+    assert "Traceback" not in output and "ERROR" not in output, output[-3000:]
+    gone = time.time() + 10  # the engine process and multiprocessing's resource tracker, reaped once orphaned
+    while any(Path(f"/proc/{pid}").exists() for pid in engine) and time.time() < gone:
+        time.sleep(0.1)
+    assert engine and not any(Path(f"/proc/{pid}").exists() for pid in engine)

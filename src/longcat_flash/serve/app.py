@@ -9,11 +9,13 @@ client that disconnects, streaming or not, has its request cancelled and its cac
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -45,6 +47,7 @@ log = logging.getLogger(__name__)
 # what a model's generation_config.json sets for the requests that leave it out (absent or null), as vLLM does
 MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
 SHUTDOWN_GRACE_S = 5  # seconds open responses get to finish once the server is told to stop
+SHUTDOWN_CUT_S = 2  # then they end as 503s; uvicorn cancels what is still open this much later
 
 
 @dataclass(frozen=True)
@@ -200,7 +203,8 @@ class Generation:
                     continue
                 if isinstance(item, EngineFailed):
                     copy.open = False
-                    raise APIError(500, item.message, "server_error")
+                    raise APIError(item.status, item.message, "server_error",
+                                   code="engine_down" if item.status == 503 else None)
                 copy.open = not item.finished
                 if item.error_code == GRAMMAR_FAILED:
                     raise APIError(400, f"the output's grammar failed after {text.tokens + len(item.new_tokens)} "
@@ -568,6 +572,25 @@ def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], co
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
 
 
+def _server(config: Any, bridge: Bridge) -> Any:
+    """uvicorn's Server, except that on SIGTERM or Ctrl-C the responses still open after SHUTDOWN_GRACE_S end as
+    503s in the OpenAI shape (a stream's as its last event): a stream of thousands of tokens must not hold the
+    stop (an orchestrator's SIGKILL follows in ~30 s), and uvicorn alone cancels them, which a client got as a
+    plain-text 500 or a cut connection and the log as a traceback per request."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if not self.should_exit:  # the first signal; a signal handler runs on the main thread, the loop's
+                with contextlib.suppress(RuntimeError):  # no loop yet: nothing is open
+                    loop = asyncio.get_running_loop()
+                    loop.call_soon_threadsafe(loop.call_later, SHUTDOWN_GRACE_S, bridge.fail_all,
+                                              "the server is shutting down")
+            super().handle_exit(sig, frame)
+
+    return Server(config)
+
+
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
           model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes,
@@ -592,11 +615,10 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
             if defaults:
                 print("longcat serve: requests that leave them out sample with generation_config.json's "
                       + ", ".join(f"{k}={v}" for k, v in defaults.items()), flush=True)
-            # open streams get SHUTDOWN_GRACE_S to finish, then are cut: a stream of thousands of tokens must not
-            # hold a SIGTERM (an orchestrator's SIGKILL follows in ~30 s) or a Ctrl-C
-            uvicorn.Server(uvicorn.Config(
-                create_app(bridge, tokenizer, config), log_level="warning", timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+            _server(uvicorn.Config(
+                create_app(bridge, tokenizer, config), log_level="warning",
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_CUT_S,
                 **uvicorn_options(client_timeout_s=client_timeout_s, max_connections=max_connections),
-            )).run(sockets=[sock])
+            ), bridge).run(sockets=[sock])
         finally:
             bridge.stop()

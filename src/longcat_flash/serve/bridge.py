@@ -34,9 +34,11 @@ GATHER_QUIET_S, GATHER_MAX_S = 0.002, 0.01  # a burst of submissions is gathered
 
 @dataclass
 class EngineFailed:
-    """Delivered to every open stream when a step raised: the request cannot continue."""
+    """Delivered to every open stream when a step raised, the engine died or the server stops: the request cannot
+    continue. `status`: the HTTP status its response gets (500 for a failed step, 503 when the engine is gone)."""
 
     message: str
+    status: int = 500
 
 
 @dataclass(frozen=True)
@@ -214,7 +216,7 @@ class Bridge:
                 pass
 
     def fail_all(self, message: str) -> None:
-        """The engine is gone: every waiting submission fails (HTTP 503), every open stream gets EngineFailed."""
+        """The engine is gone, or the server stops: every waiting submission and open stream fails (HTTP 503)."""
         self.alive = False
         with self._lock:
             pending, self._pending = list(self._pending.values()), {}
@@ -222,7 +224,7 @@ class Bridge:
         for done, _ in pending:
             if done.set_running_or_notify_cancel():
                 done.set_exception(RuntimeError(message))
-        self.receive(Batch([], [(rid, EngineFailed(message)) for rid in rids], self.latest))
+        self.receive(Batch([], [(rid, EngineFailed(message, 503)) for rid in rids], self.latest))
 
 
 class AsyncEngine(Bridge):

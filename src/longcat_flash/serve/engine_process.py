@@ -74,8 +74,8 @@ class EngineProcess(Bridge):
     def stop(self) -> None:
         self._post(("stop",))
         self.process.join(timeout=10)
-        if self.process.is_alive():
-            self.process.terminate()
+        if self.process.is_alive():  # a step that takes longer: it ignores SIGTERM
+            self.process.kill()
             self.process.join()
 
 
@@ -83,7 +83,8 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
                  config: EngineConfig | None, conn: Connection) -> None:
     """The child: load, report ("ready", vocab, context, max_waiting) or ("failed", error), then run the loop
     until told to stop or the parent is gone."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the parent decides
+    for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a SIGTERM to the group (systemd, `kill -- -PID`),
+        signal.signal(stop, signal.SIG_IGN)  # reaches this process too: the parent decides, after its grace
     tune_cpu_allocator()  # a step's activations are bounded by the token budget: keeping them is cheap
     try:
         engine, tokenizer = load_engine(model_dir, config or EngineConfig(), dtype=dtype, quantize=quantize,
