@@ -193,7 +193,6 @@ def test_generate_rejects_a_prompt_beyond_the_context(checkpoint):
 
 
 @pytest.mark.parametrize("flags, message", [(["--speculative", "1"], "needs a model with an MTP head"),
-                                            (["--speculative", "-1"], "speculative must be an integer >= 0"),
                                             (["--speculative", "100000"], "at most 16 MTP drafts per step"),
                                             (["--stop", ""], "--stop: an empty string"),
                                             (["--stop", "\udcff"], "--stop: the text is not valid UTF-8")])

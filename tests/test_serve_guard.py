@@ -80,6 +80,17 @@ def test_server_flags_that_cannot_mean_what_they_say_are_refused(flags, problem)
     assert str(refused.value.code).startswith(f"longcat serve: {problem}")
 
 
+@pytest.mark.parametrize("flag, value", [("--max-running", "0"), ("--max-waiting", "-1"), ("--cache-tokens", "0"),
+                                         ("--speculative", "-1")])
+def test_engine_sizes_are_checked_as_the_flags_they_are(flag, value, capsys):
+    """They were named as the engine's fields (`EngineConfig.max_running must be an integer >= 1`)."""
+    from longcat_flash.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--model", "no-such-model", flag, value])
+    assert f"argument {flag}: " in capsys.readouterr().err
+
+
 def scope_for(path: str = "/v1/echo") -> dict:
     return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
             "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],

@@ -135,13 +135,14 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
 @pytest.mark.parametrize("change, words", [
     ({"max_tokens": 0}, "only with echo"), ({"n": 33}, "n"), ({"n": 0}, "n"),
     ({"prompt": ["a"] * 5, "n": 26}, "at most 128 choices"), ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
-    ({"prompt": ["a", ""]}, "empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
+    ({"prompt": ["a", ""]}, "prompt.1: must not be empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
     ({"response_format": {"type": "xml"}}, "response_format"), ({"best_of": 3}, "best_of"),
-    ({"suffix": "end"}, "suffix"),
+    ({"suffix": ""}, "suffix: insertion (text the completion must lead up to) is not supported by this server"),
 ])
 def test_what_we_do_not_serve_is_refused(served, change, words):
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+    assert r.json()["error"]["code"] == "invalid_value"  # as every other refused value
 
 
 def streamed(client, path: str, body: dict) -> tuple[list[dict], dict | None]:

@@ -290,7 +290,8 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
                         "without fast bf16 matmuls, e.g. AVX2 only, and for a float16 one on any CPU)")
     p.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4", "int4-mixed"],
                    help="weight quantization (docs/quantization.md)")
-    p.add_argument("--speculative", type=int, default=0, metavar="N", help="MTP draft tokens per step (0: off)")
+    p.add_argument("--speculative", type=non_negative_int, default=0, metavar="N",
+                   help="MTP draft tokens per step (0: off)")
     _add_device(p)
 
 
@@ -400,9 +401,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: directory name)")
-    p.add_argument("--max-running", type=int, default=32, help="sequences decoded together")
-    p.add_argument("--max-waiting", type=int, default=256, help="queued requests before 429")
-    p.add_argument("--cache-tokens", type=int, default=65536, help="KV cache pool size in tokens")
+    p.add_argument("--max-running", type=positive_int, default=32, help="sequences decoded together (default 32)")
+    p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before 429 (default 256)")
+    p.add_argument("--cache-tokens", type=positive_int, default=65536,
+                   help="KV cache pool size in tokens (default 65536)")
     p.add_argument("--max-request-mb", type=float, default=8, help="largest request body taken (413 above it)")
     p.add_argument("--client-timeout", type=float, default=15.0,
                    help="seconds a client has to send a whole request head, and to take in a response it is being "

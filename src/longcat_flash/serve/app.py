@@ -73,7 +73,7 @@ class APIError(Exception):
 
 
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-z]*)$")  # pydantic's tags, not fields
-_VALUE_ERROR = re.compile(r"^Value error, (?:([a-z_][a-z_.]*): )?")  # a validator's ValueError; ours name the field
+_VALUE_ERROR = re.compile(r"^Value error, (?:([a-z_][a-z0-9_.]*): )?")  # a validator's ValueError; ours name the field
 
 
 def _validation_error(err: RequestValidationError, content_type: str | None) -> APIError:
@@ -166,7 +166,7 @@ class Generation:
             raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         if isinstance(err, ValueError):
-            raise APIError(400, str(err), param="prompt") from None
+            raise APIError(400, str(err), param="prompt", code="invalid_value") from None
         if isinstance(err, RuntimeError):
             raise APIError(503, str(err), "server_error", code="engine_down") from None
         raise err

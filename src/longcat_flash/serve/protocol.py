@@ -210,6 +210,13 @@ class CompletionRequest(_Sampling):
     echo: bool = False
     suffix: None = None  # insertion (text after the completion) is not served: refused, not dropped
 
+    @field_validator("suffix", mode="before")
+    @classmethod
+    def _no_insertion(cls, value: Any) -> None:
+        if value is not None:
+            raise ValueError("insertion (text the completion must lead up to) is not supported by this server")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, value: Any) -> list[str | list[int]]:
@@ -218,9 +225,9 @@ class CompletionRequest(_Sampling):
         prompts = value if many else [value]
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
             if not prompt:
-                raise ValueError("prompt must not be empty")
+                raise ValueError(f"prompt.{i}: must not be empty" if many else "must not be empty")
             if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
                 raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
         return well_formed(prompts, "prompt")
