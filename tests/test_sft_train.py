@@ -101,6 +101,23 @@ def test_the_recipes_windows_follow_the_context_the_overrides_set(checkpoint, co
         windows("model.max_position_embeddings=128", "data.seq_len=256")
 
 
+@pytest.mark.parametrize("override", ["data.source=/elsewhere", "data.max_bytes=5", "data.text_field=body",
+                                      "data.cache_dir=/tmp/x", "data.tokenizer_sample_bytes=7", "data={'max_bytes': 5}"])
+def test_what_sft_never_reads_is_refused(checkpoint, conversations, override):
+    """They were recorded in train_config.json and did nothing: the corpus is not read when the tokenizer comes
+    from init_from, and no token shards are cached."""
+    key = override.split("=")[0] if "{" not in override else "data.max_bytes"
+    with pytest.raises(ValueError, match=f"{key} is not read by an SFT run"):
+        build_config("sft", [f"init_from={checkpoint}", f"sft.data={conversations}", override])
+
+
+def test_what_pre_training_never_reads_is_refused(tmp_path):
+    for override in ("sft.overlong=skip", "sft.ignore_columns=id"):
+        with pytest.raises(ValueError, match=f"{override.split('=')[0]} is not read by pre-training"):
+            build_config("tiny", [override])
+    assert build_config("tiny", ["data.max_bytes=5", "data.text_field=body"]).data.max_bytes == 5
+
+
 def test_init_from_refuses_a_shape_changing_override(tmp_path, checkpoint, conversations):
     cfg = sft_config(checkpoint, conversations, "model.expert_ffn_hidden_size=16")
     with pytest.raises(ValueError, match=r"does not have the checkpoint's weight shapes.*expert_ffn_hidden_size=16"):

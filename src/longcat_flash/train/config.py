@@ -19,7 +19,7 @@ from ..checkpoint.hf import checkpoint_config
 from ..config import ModelConfig
 from ..data.corpus import RUN_CONFIG_FILE, STDLIB
 from ..presets import get_preset
-from .overrides import apply_overrides, build, coerce, type_name
+from .overrides import apply_overrides, build, coerce, override_keys, type_name
 
 # The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
 TRAIN_CONFIG_FILE = RUN_CONFIG_FILE  # data/corpus.py skips the directories that hold one
@@ -404,12 +404,25 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
     """The run's config: a preset's recipe (default small) or, when resuming, the saved config; then overrides.
     A model field that scaling.variance_alignment sets is refused beside it (the alignment would overwrite it)."""
     cfg = _overridden(preset, overrides, saved)
+    if unread := sorted(set().union(*map(override_keys, overrides)) & _unread_fields(cfg)):
+        mode = "an SFT run (sft.data is set)" if cfg.sft.data is not None else "pre-training (sft.data is unset)"
+        raise ValueError(f"{unread[0]} is not read by {mode}; drop it (it would be recorded, and do nothing)")
     alignment = cfg.scaling.variance_alignment
     if alignment != "preset" and (set_too := [k for k in ALIGNED_FIELDS if _last_value(overrides, k) is not None]):
         raise ValueError(f"scaling.variance_alignment={alignment} sets {', '.join(ALIGNED_FIELDS)}; --set "
                          f"{set_too[0]} contradicts or repeats it: give one of them (variance_alignment=preset keeps "
                          "the model's own values)")
     return cfg
+
+
+def _unread_fields(cfg: TrainConfig) -> set[str]:
+    """The data fields the run's mode never reads: the corpus's and its token cache's under SFT (the corpus too when
+    the tokenizer comes from a file or init_from, not trained on it), the conversations' handling in pre-training."""
+    if cfg.sft.data is None:
+        return {"sft.overlong", "sft.ignore_columns"}
+    corpus = {"data.source", "data.text_field", "data.tokenizer_sample_bytes"}
+    trains_tokenizer = cfg.data.tokenizer is None and cfg.init_from is None
+    return {"data.max_bytes", "data.cache_dir"} | (set() if trains_tokenizer else corpus)
 
 
 def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None) -> TrainConfig:
