@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from dataclasses import replace
 
 import pytest
 import torch
@@ -87,6 +88,22 @@ def test_speculative_with_accepted_drafts_equals_plain_greedy(model, reference):
     d = engine.stats.drafts
     assert 0.5 < d.acceptance_rate < 1.0 and d.mean_accepted_length > 2.0
     assert engine.cache.used_pages == 0
+
+
+def test_draft_figures_count_only_what_reached_the_output(model, reference):
+    """A round cut short by max_new_tokens counted every draft it accepted: `generate --max-new-tokens 2
+    --speculative 16 --json` reported 9 tokens per verification forward."""
+    ps, expected = reference
+    engine = Engine(model, EngineConfig(speculative=8, **SMALL))
+    engine.drafter = OracleDrafter(engine, {tuple(p): e for p, e in zip(ps, expected)})
+    outs = engine.generate(ps, replace(GREEDY, max_new_tokens=3))
+    assert outs == [e[:3] for e in expected]
+    d = engine.stats.drafts
+    assert d.emitted == sum(map(len, outs)) - len(ps)  # each request's first token comes from its prefill
+    assert d.rounds == len(ps) and d.mean_accepted_length == 2 and d.acceptance_rate == 1.0  # 8 drafts, 2 used
+    alone = Engine(model, EngineConfig(speculative=8, **SMALL))
+    alone.generate(ps, replace(GREEDY, max_new_tokens=1))  # no round at all: no figures, not "every draft rejected"
+    assert alone.stats.drafts.acceptance_rate is None and alone.stats.drafts.mean_accepted_length is None
 
 
 def test_rejection_sampling_keeps_the_target_distribution():

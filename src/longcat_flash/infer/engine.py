@@ -342,11 +342,12 @@ class Engine:
                 outputs.append(self._fail_non_finite(seq))
                 continue
             emitted = verify(logits[b], req.draft, req.params, req.generator)
-            self._count_draft(len(req.draft.tokens), len(emitted) - 1)
+            drafted = len(req.draft.tokens)
             req.draft = None
             seq.computed += len(emitted)  # x_T and the accepted drafts are now valid cache entries
             self.cache.truncate(seq.id, seq.computed)
             out = self._append(req, emitted, logits[b])
+            self._count_draft(drafted, len(emitted) - 1, len(out.new_tokens))
             outputs.append(out)
             if not out.finished:
                 self.cache.ensure(seq.id, seq.computed + self.drafter.k)  # room for the next chain
@@ -378,9 +379,14 @@ class Engine:
         for req, draft in zip(reqs, drafts):
             req.draft = draft
 
-    def _count_draft(self, drafted: int, accepted: int) -> None:
+    def _count_draft(self, drafted: int, accepted: int, used: int) -> None:
+        """One round: `drafted` drafts verified, `accepted` of them kept, `used` tokens of those it emitted reaching
+        the output. Cut short by the request's end (used <= accepted), only the drafts before the end count."""
+        if used <= accepted:
+            drafted = accepted = used
         d = self.stats.drafts
-        d.rounds, d.drafted, d.accepted = d.rounds + 1, d.drafted + drafted, d.accepted + accepted
+        d.rounds, d.drafted, d.accepted, d.emitted = (d.rounds + 1, d.drafted + drafted, d.accepted + accepted,
+                                                       d.emitted + used)
 
     # ---- outputs ----
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:

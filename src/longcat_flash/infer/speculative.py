@@ -31,19 +31,27 @@ class Draft:
 
 @dataclass
 class DraftStats:
+    """Running totals over verification rounds. A round that ends its request (max_new_tokens, EOS, a stop token)
+    counts only the drafts and tokens up to that end: the rest were verified but never used."""
+
     rounds: int = 0  # verification forwards (per sequence)
     drafted: int = 0
     accepted: int = 0
+    emitted: int = 0  # tokens the rounds added to outputs: accepted drafts + the corrected or bonus token
+
+    def __sub__(self, before: DraftStats) -> DraftStats:
+        return DraftStats(self.rounds - before.rounds, self.drafted - before.drafted,
+                          self.accepted - before.accepted, self.emitted - before.emitted)
 
     @property
-    def acceptance_rate(self) -> float:
-        """Accepted drafts / proposed drafts."""
-        return self.accepted / self.drafted if self.drafted else 0.0
+    def acceptance_rate(self) -> float | None:
+        """Accepted drafts / proposed drafts; None before any draft."""
+        return self.accepted / self.drafted if self.drafted else None
 
     @property
-    def mean_accepted_length(self) -> float:
-        """Tokens emitted per verification forward: accepted drafts + the corrected or bonus token."""
-        return (self.accepted + self.rounds) / self.rounds if self.rounds else 0.0
+    def mean_accepted_length(self) -> float | None:
+        """Tokens emitted per verification forward; None before any round."""
+        return self.emitted / self.rounds if self.rounds else None
 
 
 def verify(target_logits: torch.Tensor, draft: Draft, params: SamplingParams,

@@ -15,7 +15,6 @@ from ..checkpoint.hf import model_directory
 from ..infer.engine import Engine, EngineConfig
 from ..infer.loader import load_engine
 from ..infer.sampling import SamplingParams
-from ..infer.speculative import DraftStats
 from ..tokenizer import Tokenizer, utf8_text
 from .text import TextState
 
@@ -75,8 +74,7 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
     result = Result(text.text, len(prompt), n, reason, first - start if n else None, end - start,
                     (n - 1) / (end - first) if n > 1 and end > first else 0.0)
     if engine.drafter:
-        d = engine.stats.drafts
-        mine = DraftStats(d.rounds - before.rounds, d.drafted - before.drafted, d.accepted - before.accepted)
+        mine = engine.stats.drafts - before
         result.acceptance_rate, result.mean_accepted_length = mine.acceptance_rate, mine.mean_accepted_length
     return result
 

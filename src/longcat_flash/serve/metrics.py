@@ -55,9 +55,10 @@ class EngineCollector(Collector):
             ("longcat_cache_pages_used", "KV cache pages in use", now.pages_used),
             ("longcat_cache_pages_total", "KV cache pages in the pool", now.pages_total),
             ("longcat_cache_usage_ratio", "fraction of KV cache pages in use", now.pages_used / now.pages_total),
-            ("longcat_spec_acceptance_rate", "accepted / proposed drafts", drafts.acceptance_rate),
-            ("longcat_spec_mean_accepted_length", "tokens emitted per verification forward",
-             drafts.mean_accepted_length),
+            ("longcat_spec_acceptance_rate", "accepted / proposed drafts (NaN before any)",
+             _or_nan(drafts.acceptance_rate)),
+            ("longcat_spec_mean_accepted_length", "tokens emitted per verification forward (NaN before any)",
+             _or_nan(drafts.mean_accepted_length)),
         ]
         yield from (CounterMetricFamily(name, help_, value=value) for name, help_, value in counters)
         yield from (GaugeMetricFamily(name, help_, value=value) for name, help_, value in gauges)
@@ -109,3 +110,8 @@ class CountResponses:
             if not started:
                 self.metrics.observe(self.routes, scope, 500)
             raise
+
+
+def _or_nan(value: float | None) -> float:
+    """A figure that has no value yet, as Prometheus writes one (a 0 would read as "every draft rejected")."""
+    return float("nan") if value is None else value
