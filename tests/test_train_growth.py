@@ -80,9 +80,12 @@ def test_grow_a_run_then_resume_it(tmp_path: Path):
 def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
     small = LongcatFlash(tiny_config)
     small.save_pretrained(tmp_path / "src")
+    defaults = '{"eos_token_id": [2, 7], "temperature": 0.7, "do_sample": true}'  # serve starts requests from them
+    (tmp_path / "src" / "generation_config.json").write_text(defaults)
     grow_run(tmp_path / "src", tmp_path / "dst")
     grown = LongcatFlash.from_pretrained(tmp_path / "dst")
     assert grown.config.num_layers == 4
+    assert (tmp_path / "dst" / "generation_config.json").read_text() == defaults
     assert torch.equal(grown.model.layers[3].mlps[1].up_proj.weight, small.model.layers[1].mlps[1].up_proj.weight)
     with pytest.raises(ValueError, match="already holds"):
         grow_run(tmp_path / "src", tmp_path / "dst")

@@ -118,9 +118,10 @@ def _grow_hf_model(src: Path, dst: Path, r: int, device: torch.device) -> Path:
 
 
 def _copy_run_files(src: Path, dst: Path, step: int | None) -> None:
-    """The tokenizer, and the metrics up to the growth step, so the grown run's history continues."""
+    """The tokenizer, the generation defaults (eos ids, sampling: what `serve` starts requests from), and the
+    metrics up to the growth step, so the grown run's history continues."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", hf.GENERATION_CONFIG):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     if step is not None and (src / METRICS_FILE).is_file():
