@@ -130,7 +130,7 @@ def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint,
     out = chat(checkpoint, ["hello", "bad \udcff byte", "again", "/exit"], monkeypatch, capsys,
                "--max-new-tokens", "3", "--ignore-eos")
     assert "not valid UTF-8" in out and out.count("assistant> ") == 2
-    with pytest.raises(SystemExit, match="not valid UTF-8"):
+    with pytest.raises(SystemExit, match=r"^longcat generate: --prompt: the text is not valid UTF-8"):
         main(["generate", "--model", str(checkpoint), "--prompt", "bad \udcff byte"])
     with pytest.raises(SystemExit, match=r"^longcat chat: --system: the text is not valid UTF-8: '\\udcff' at "
                                          "character 0"):

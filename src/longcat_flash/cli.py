@@ -338,7 +338,7 @@ def _run_generate(args: argparse.Namespace) -> None:
         raise ValueError("--stop: an empty string would match everywhere; give a non-empty stop string")
     for stop in args.stop:  # as the prompt is: an undecodable byte could never match the text
         _utf8_flag("--stop", stop)
-    prompt = args.prompt if args.prompt is not None else _read_prompt(args.prompt_file)
+    prompt = _utf8_flag("--prompt", args.prompt) if args.prompt is not None else _read_prompt(args.prompt_file)
     params = _sampling(args)  # checked before the model loads
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
