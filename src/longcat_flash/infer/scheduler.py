@@ -86,6 +86,10 @@ class Plan:
     prefill: list[tuple[SequenceState, int]] = field(default_factory=list)  # (sequence, tokens this step)
     preempted: list[SequenceState] = field(default_factory=list)
     capacity: dict[int, int] = field(default_factory=dict)  # sequence id -> positions its pages must cover
+    # the step's page ledger, from the pool's counts: pages each sequence holds (with this step's reservations),
+    # and of those the pages forked copies hold too (preempting the sequence does not free them)
+    held: dict[int, int] = field(default_factory=dict)
+    shared: dict[int, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.decode or self.prefill)
@@ -96,8 +100,6 @@ class Scheduler:
         self.config = config
         self.waiting: deque[SequenceState] = deque()
         self.running: list[SequenceState] = []
-        self._pages: dict[int, int] = {}  # pages each sequence holds, as of the current schedule() call
-        self._shared: dict[int, int] = {}  # of those, pages other sequences hold too (forks): not freed by preempting
         self._arrivals = itertools.count()
 
     def pages_for(self, n_positions: int) -> int:
@@ -126,7 +128,6 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-        self._pages.pop(seq.id, None)
         seq.status = Status.FINISHED
 
     def has_work(self) -> bool:
@@ -136,8 +137,7 @@ class Scheduler:
                  ) -> Plan:
         """Plan one step given the pool's free pages, the pages each sequence holds now and how many of those it
         shares with forked copies."""
-        self._pages, self._shared = dict(held_pages), dict(shared_pages or {})
-        plan = Plan()
+        plan = Plan(held=dict(held_pages), shared=dict(shared_pages or {}))
         free_pages = self._schedule_decode(plan, free_pages)
         budget = max(self.config.token_budget - len(plan.decode) * self.config.decode_tokens, 0)
         blocked = False
@@ -165,14 +165,14 @@ class Scheduler:
         new page (a sequence preempted again before it ran would never progress)."""
         ends_recompute = len(seq.tokens) > seq.prompt_len and seq.computed + n_tokens == len(seq.tokens) - 1
         target = seq.computed + n_tokens + self.config.lookahead + ends_recompute
-        held = self._pages.get(seq.id, 0)
+        held = plan.held.get(seq.id, 0)
         need = max(self.pages_for(target) - held, 0)
         forks = 0
         if seq.forks and seq.computed + n_tokens >= len(seq.tokens):
             forks = seq.forks * self.copy_pages(seq.computed + n_tokens)
         if need + forks > free_pages:
             return None
-        self._pages[seq.id] = held + need
+        plan.held[seq.id] = held + need
         plan.capacity[seq.id] = target
         return free_pages - need - forks
 
@@ -199,7 +199,7 @@ class Scheduler:
         self.waiting.appendleft(victim)
         plan.preempted.append(victim)
         plan.capacity.pop(victim.id, None)
-        return self._pages.pop(victim.id, 0) - self._shared.get(victim.id, 0)
+        return plan.held.pop(victim.id, 0) - plan.shared.get(victim.id, 0)
 
     def _try_prefill(self, plan: Plan, seq: SequenceState, budget: int, free_pages: int) -> int | None:
         """Add the next prompt chunk of seq if the padded budget and the pool allow; the new free-page count."""
