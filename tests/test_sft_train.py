@@ -116,6 +116,7 @@ def test_what_pre_training_never_reads_is_refused(tmp_path):
         with pytest.raises(ValueError, match=f"{override.split('=')[0]} is not read by pre-training"):
             build_config("tiny", [override])
     assert build_config("tiny", ["data.max_bytes=5", "data.text_field=body"]).data.max_bytes == 5
+    assert build_config("sft", ["sft.overlong=skip"]).sft.overlong == "skip"  # sft --print-config, before any data
 
 
 def test_init_from_refuses_a_shape_changing_override(tmp_path, checkpoint, conversations):

@@ -78,9 +78,10 @@ def test_print_config_shows_overrides(capsys):
 
 def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):
     for value in ("id,source", "['id', 'source']", " id , source "):
-        main(["train", "--preset", "tiny", "--print-config", "--set", f"sft.ignore_columns={value}"])
+        main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])
         assert "sft.ignore_columns=('id', 'source')" in capsys.readouterr().out
-    assert "sft.ignore_columns must be tuple[str, ...], got 3" in run_cli("train", "--set", "sft.ignore_columns=3")
+    refusal = run_cli("sft", "--print-config", "--set", "sft.ignore_columns=3")
+    assert "sft.ignore_columns must be tuple[str, ...], got 3" in refusal
 
 
 @pytest.mark.parametrize("order", [1, -1])

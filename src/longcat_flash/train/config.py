@@ -405,7 +405,7 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
     A model field that scaling.variance_alignment sets is refused beside it (the alignment would overwrite it)."""
     cfg = _overridden(preset, overrides, saved)
     if unread := sorted(set().union(*map(override_keys, overrides)) & _unread_fields(cfg)):
-        mode = "an SFT run (sft.data is set)" if cfg.sft.data is not None else "pre-training (sft.data is unset)"
+        mode = "an SFT run" if _is_sft(cfg) else "pre-training (sft.data is unset)"
         raise ValueError(f"{unread[0]} is not read by {mode}; drop it (it would be recorded, and do nothing)")
     alignment = cfg.scaling.variance_alignment
     if alignment != "preset" and (set_too := [k for k in ALIGNED_FIELDS if _last_value(overrides, k) is not None]):
@@ -415,10 +415,15 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
     return cfg
 
 
+def _is_sft(cfg: TrainConfig) -> bool:
+    """An SFT run: conversations given, or the sft recipe (`longcat sft --print-config` before any data)."""
+    return cfg.sft.data is not None or cfg.preset == "sft"
+
+
 def _unread_fields(cfg: TrainConfig) -> set[str]:
     """The data fields the run's mode never reads: the corpus's and its token cache's under SFT (the corpus too when
     the tokenizer comes from a file or init_from, not trained on it), the conversations' handling in pre-training."""
-    if cfg.sft.data is None:
+    if not _is_sft(cfg):
         return {"sft.overlong", "sft.ignore_columns"}
     corpus = {"data.source", "data.text_field", "data.tokenizer_sample_bytes"}
     trains_tokenizer = cfg.data.tokenizer is None and cfg.init_from is None
