@@ -20,7 +20,7 @@ from . import extension
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
     """model/layers.py's RMSNorm (CPU, x and weight both fp32 or both bf16), up to the last bit: its sum of
     squares runs in another order."""
-    if x.device.type != "cpu" or x.dtype != weight.dtype or x.dtype not in (torch.float32, torch.bfloat16):
+    if not extension.takes(x) or x.dtype != weight.dtype:
         return None
     ext = extension.compiled()
     return None if ext is None else ext.rms_norm(x.contiguous(), weight.contiguous(), eps)
@@ -29,7 +29,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up for h (..., 2F) = [gate | up] -> (..., F), as the model's MLPs compute it: one compiled op
     on CPU (its exp within ~2 fp32 ulp of torch's), else torch's three."""
-    ext = extension.compiled() if h.device.type == "cpu" and h.dtype in (torch.float32, torch.bfloat16) else None
+    ext = extension.compiled() if extension.takes(h) else None
     if ext is not None:
         return ext.swiglu(h)
     gate, up = h.chunk(2, dim=-1)
@@ -40,19 +40,16 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor 
     """model/layers.py's apply_rope, bitwise: x (B, S, ..., R) (a strided view such as a split's is read in
     place), cos/sin (B, S, R/2) of x's dtype."""
     R = x.shape[-1]
-    if (x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or cos.dtype != x.dtype
-            or sin.dtype != x.dtype or x.dim() < 2 or cos.shape[-1] * 2 != R):
+    if (not extension.takes(x) or cos.dtype != x.dtype or sin.dtype != x.dtype or x.dim() < 2
+            or cos.shape[-1] * 2 != R):
         return None
     ext = extension.compiled()
     return None if ext is None else ext.rope(x, cos.contiguous(), sin.contiguous())
 
 
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)
-
-
 def absorbed_weights(w_uk: torch.Tensor, w_uv_t: torch.Tensor) -> bool:
     """Whether the absorbed attention kernel reads these W_UK and W_UV^T: one dtype, fp32 or bf16."""
-    return w_uk.dtype == w_uv_t.dtype and w_uk.dtype in KERNEL_DTYPES
+    return w_uk.dtype == w_uv_t.dtype and w_uk.dtype in extension.KERNEL_DTYPES
 
 
 def _absorbed_inputs(tensors: tuple[torch.Tensor, ...], mask: torch.Tensor, w_uk: torch.Tensor,
@@ -60,8 +57,8 @@ def _absorbed_inputs(tensors: tuple[torch.Tensor, ...], mask: torch.Tensor, w_uk
     """Whether the absorbed attention kernel takes these: q, context (and pool) tensors of one dtype, fp32 or bf16,
     on CPU; absorbed weights it reads; a bool mask."""
     dtype = tensors[0].dtype
-    return (all(t.device.type == "cpu" and t.dtype == dtype for t in tensors) and dtype in KERNEL_DTYPES
-            and absorbed_weights(w_uk, w_uv_t) and mask.dtype == torch.bool)
+    return (all(extension.takes(t) and t.dtype == dtype for t in tensors) and absorbed_weights(w_uk, w_uv_t)
+            and mask.dtype == torch.bool)
 
 
 def absorbed_attention(q_nope: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor,

@@ -31,6 +31,15 @@ FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "
              "layer_plan", "decode_layer", "mtp_head"]
 
 
+KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
+
+
+def takes(t: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+    """Whether the kernels can read `t`: on the CPU, in one of KERNEL_DTYPES (`dtype`: the one the call computes
+    in, where that is not t's own). Cheap attributes only: decode asks ~100 times a token."""
+    return t.is_cpu and (t.dtype if dtype is None else dtype) in KERNEL_DTYPES
+
+
 @functools.lru_cache(maxsize=1)
 def compiled():
     """The compiled module, or None (no compiler, no AVX2, disabled, or the build failed)."""

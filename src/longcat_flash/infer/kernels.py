@@ -108,7 +108,7 @@ def _cpu_ext(x: torch.Tensor, rows: int, limit: int | None = None):
     """The extension, if it takes this call: CPU, fp32/bf16, 1..limit (default MAX_KERNEL_ROWS) rows (else None).
     Decode calls this ~100 times a token: it reads only cheap tensor attributes."""
     limit = MAX_KERNEL_ROWS if limit is None else limit
-    if 0 < rows <= limit and x.is_cpu and (x.dtype is torch.bfloat16 or x.dtype is torch.float32):
+    if 0 < rows <= limit and extension.takes(x):
         return extension.compiled()
     return None
 
@@ -199,7 +199,7 @@ def _add(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
 
 
 def _deq_ext(t: torch.Tensor, dtype: torch.dtype):
-    return extension.compiled() if t.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) else None
+    return extension.compiled() if extension.takes(t, dtype) else None
 
 
 # ---- plain weights (an unquantized model's linears and experts) ----
