@@ -408,6 +408,7 @@ def test_an_eos_that_is_an_ordinary_token_is_not_part_of_the_text():
     (b'{"model": "tiny", "messages": [', "Expecting value"),
     ('{"model": "tiny", "messages": [{"role": "user", "content": "\xff"}]}'.encode("latin-1"), "not valid UTF-8"),
     (b'{"model": "tiny", "metadata": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (b'{"model": "tiny", "max_tokens": 1' + b"0" * 5000 + b"}", "a number too long to read"),  # Python's int limit
 ])
 def test_a_body_that_is_not_json_is_a_400_saying_why(client, body, reason):
     """Not UTF-8 or nested past the parser's depth too: FastAPI answered those with its bare 'There was an error

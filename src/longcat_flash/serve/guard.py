@@ -143,6 +143,10 @@ def parse_json(body: bytes) -> Any:
         raise json.JSONDecodeError(f"not valid UTF-8 (byte {err.start})", "", 0) from None
     except RecursionError:
         raise json.JSONDecodeError("nested too deeply", "", 0) from None
+    except json.JSONDecodeError:
+        raise
+    except ValueError as err:  # an integer of more than 4300 digits: Python's limit on converting one
+        raise json.JSONDecodeError(f"a number too long to read ({err})", "", 0) from None
 
 
 class JSONOffLoopRoute(APIRoute):
