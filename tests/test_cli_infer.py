@@ -51,6 +51,14 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
     assert spec["completion_tokens"] == 7 and 0.0 <= spec["acceptance_rate"] <= 1.0
 
 
+def test_generate_reads_special_token_text_as_the_server_does(checkpoint, capsys):
+    """`<s>` in a raw prompt is bos, as /v1/completions, vLLM and transformers read it; generate took it for 3 tokens
+    of text, so the same prompt gave other ids in the two places."""
+    main(["generate", "--model", str(checkpoint), "--prompt", "<s>import os", "--max-new-tokens", "1", "--json"])
+    tokenizer = Tokenizer.load(checkpoint)
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 1 + len(tokenizer.encode("import os"))
+
+
 def test_generate_says_when_the_context_cut_the_completion_short(checkpoint, capsys):
     """--max-new-tokens past the context ended with finish_reason "length" and fewer tokens, without a word."""
     tokenizer, context = Tokenizer.load(checkpoint), ModelConfig.from_json(checkpoint).max_position_embeddings

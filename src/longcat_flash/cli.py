@@ -343,7 +343,9 @@ def _run_generate(args: argparse.Namespace) -> None:
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    result = generate_text(engine, tokenizer, tokenizer.encode(prompt), params, args.stop, stream)
+    # a raw prompt: the text of a special token is that token (`<s>` is bos), as /v1/completions, vLLM and
+    # transformers read one
+    result = generate_text(engine, tokenizer, tokenizer.encode(prompt, allow_special=True), params, args.stop, stream)
     print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
     if result.finish_reason == "length" and result.completion_tokens < args.max_new_tokens:
         print(f"longcat generate: stopped after {result.completion_tokens} of --max-new-tokens {args.max_new_tokens}: "
