@@ -169,8 +169,7 @@ class Engine:
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
         if any(token >= self.vocab_size for sp in params for token in sp.stop_token_ids):
             raise ValueError(f"stop_token_ids must be in [0, {self.vocab_size})")
-        need = self.cache.pages_for(len(prompt) + self.scheduler.config.lookahead) \
-            + (len(params) - 1) * self.scheduler.copy_pages(len(prompt))  # what the prompt's last chunk reserves
+        need = self.scheduler.prompt_pages(len(prompt), forks=len(params) - 1)
         if need > self.cache.config.num_pages - 1:
             raise ValueError(f"{len(params)} copies of a {len(prompt)}-token prompt need {need} cache pages at "
                              f"once; the KV cache holds {self.cache.config.num_pages - 1}: ask for fewer copies")

@@ -110,6 +110,11 @@ class Scheduler:
         page holding the prompt's last position to the drafts' room past it."""
         return self.pages_for(prompt_len + self.config.lookahead) - (prompt_len - 1) // self.config.page_size
 
+    def prompt_pages(self, prompt_len: int, forks: int) -> int:
+        """The pages a prompt's last prefill chunk reserves at once (`_reserve`): its own, with the drafts' room,
+        and each of its `forks` copies' own."""
+        return self.pages_for(prompt_len + self.config.lookahead) + forks * self.copy_pages(prompt_len)
+
     def add(self, seq: SequenceState) -> None:
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
