@@ -58,6 +58,11 @@ def test_a_dict_sets_the_fields_it_names_and_clashes_with_their_flags():
     yarn = "model.rope_scaling={'rope_type': 'yarn', 'factor': 2.0, 'original_max_position_embeddings': 64}"
     plain = build_config("tiny", [yarn, "model.rope_scaling={'rope_type': 'default'}"])
     assert plain.model.rope_scaling == base.model.rope_scaling  # rope_scaling is one value, replaced whole
+    for unnamed in (["model.rope_scaling={'rope_type': 'yarn', 'original_max_position_embeddings': 64}"],
+                    ["model.rope_scaling.rope_type=yarn", "model.rope_scaling.original_max_position_embeddings=64"]):
+        with pytest.raises(ValueError, match=r"model.rope_scaling.factor is required for rope_type='yarn'"):
+            build_config("tiny", unnamed)  # it was 1: an extension that extends nothing
+    assert build_config("tiny", [yarn, "model.rope_scaling.beta_fast=16"]).model.rope_scaling.factor == 2.0
     assert "--save-every and --set checkpoint={'save_every': 5} both set checkpoint.save_every" in run_cli(
         "train", "--preset", "tiny", "--save-every", "2", "--set", "checkpoint={'save_every': 5}")
 

@@ -83,7 +83,22 @@ def _assign(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefix: str 
             else:
                 current = coerce(_parsed(raw), typing.get_type_hints(type(obj))[name], key)
         values[name] = _assign(current, inner, f"{prefix}{name}.") if inner else current
+        if isinstance(values[name], RopeScaling):
+            _check_yarn_factor(getattr(obj, name), values[name], entries, prefix + name)
     return dataclasses.replace(obj, **values) if values else obj
+
+
+def _check_yarn_factor(before: RopeScaling, after: RopeScaling, entries: list[tuple[list[str], Any]],
+                       key: str) -> None:
+    """A switch to YaRN names its factor, as config.json must (transformers requires it): left out, it was the
+    field's default 1, an extension that extends nothing."""
+    named = {path[1] for path, _ in entries if len(path) > 1}
+    named |= {field for path, raw in entries if len(path) == 1 and isinstance(whole := _parsed(raw), dict)
+              for field in whole}
+    if after.rope_type == "yarn" and "factor" not in named and (before.rope_type != "yarn" or
+                                                                 any(len(path) == 1 for path, _ in entries)):
+        raise ValueError(f"{key}.factor is required for rope_type='yarn' (new context / original context), as in "
+                         "config.json")
 
 
 @dataclass(frozen=True)
