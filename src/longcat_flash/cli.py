@@ -400,17 +400,18 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/completions, /v1/chat/completions, ...)")
     _add_model_flags(p)
     p.add_argument("--host", default="127.0.0.1", help="bind address (default loopback only)")
-    p.add_argument("--port", type=_port, default=8000)
+    p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: directory name)")
     p.add_argument("--max-running", type=positive_int, default=32, help="sequences decoded together (default 32)")
     p.add_argument("--max-waiting", type=positive_int, default=256, help="queued requests before 429 (default 256)")
     p.add_argument("--cache-tokens", type=positive_int, default=65536,
                    help="KV cache pool size in tokens (default 65536)")
-    p.add_argument("--max-request-mb", type=float, default=8, help="largest request body taken (413 above it)")
+    p.add_argument("--max-request-mb", type=float, default=8,
+                   help="largest request body taken, in MiB (413 above it; default 8)")
     p.add_argument("--client-timeout", type=float, default=15.0,
                    help="seconds a client has to send a whole request head, and to take in a response it is being "
-                        "sent, before its connection is closed")
+                        "sent, before its connection is closed (default 15)")
     p.add_argument("--max-connections", type=int, default=None,
                    help="open connections at most (default: half the file-descriptor limit, at most 4096)")
     p.set_defaults(run=_run_serve)
