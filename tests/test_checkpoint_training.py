@@ -88,12 +88,17 @@ def test_saving_the_same_step_again_swaps_it(tmp_path: Path):
 
 
 def test_corrupt_file_is_a_clear_error(tmp_path: Path):
-    path = training.save(tmp_path, 1, {"model": Box(1.0)})
+    training.save(tmp_path, 1, {"model": Box(1.0)})
+    path = training.save(tmp_path, 2, {"model": Box(1.0)})
     data = bytearray((path / "model.safetensors").read_bytes())
     data[len(data) // 2] ^= 0xFF
     (path / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match=r"corrupt: model.safetensors \(model\) does not match its sha256"):
         training.load(path, {"model": Box(0.0)})
+    only = training.save(tmp_path / "alone", 1, {"model": Box(1.0)})
+    (only / "model.safetensors").write_bytes(bytes(data))  # the advice to go back one pointed nowhere
+    with pytest.raises(CheckpointError, match="there is no earlier checkpoint: move step_00000001 out of"):
+        training.load(only, {"model": Box(0.0)})
     (path / "model.safetensors").write_bytes(bytes(data[:100]))  # truncated: said so, not as a checksum
     with pytest.raises(CheckpointError, match=rf"model.safetensors \(model\) is 100 bytes where manifest.json says "
                                               rf"{len(data)}; to resume from the checkpoint before it"):

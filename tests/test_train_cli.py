@@ -108,7 +108,8 @@ def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path
     path = training.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
     (path / "model.safetensors").write_bytes(b"garbage")
     assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
-    assert f"move step_00000005 out of {root}" in run_cli("train", "--resume", str(tmp_path / "run"))
+    assert f"no earlier checkpoint: move step_00000005 out of {root} and start the run again" in run_cli(
+        "train", "--resume", str(tmp_path / "run"))
 
 
 def test_resume_refuses_a_checkpoint_or_the_checkpoints_folder_in_place_of_the_run(tmp_path: Path):

@@ -261,8 +261,11 @@ def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str
             wrong = f"does not match its sha256 in {MANIFEST}"
         else:
             continue
-        raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) {wrong}; to resume from the "
-                              f"checkpoint before it, move {path.name} out of {path.parent}")
+        earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
+        remedy = (f"to resume from the checkpoint before it, move {path.name} out of {path.parent}" if earlier else
+                  f"there is no earlier checkpoint: move {path.name} out of {path.parent} and start the run again "
+                  "(without --resume)")
+        raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) {wrong}; {remedy}")
     return manifest
 
 
