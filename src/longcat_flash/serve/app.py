@@ -544,11 +544,6 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
     template's special tokens are parsed: `</s>` inside a message is text. Runs off the event loop."""
     # as sft renders them: no null fields (templates test `'tool_calls' in message`), content kept
     history = [{k: v for k, v in m.model_dump().items() if v is not None or k == "content"} for m in plan.history]
-    if history[-1]["role"] == "assistant":  # the template would close it and open another assistant turn
-        last = len(body.messages) - 1
-        raise APIError(400, f"messages.{last}: an assistant message at the end, so the reply would be a second "
-                            "assistant turn in a row; end with a user or tool message (continuing an assistant "
-                            "message is not supported)", param=f"messages.{last}", code="invalid_value")
     try:
         chat = tokenizer.render_chat(history, tools=plan.shown, suffix=plan.prefill)
         if dropped := template_drops(tokenizer, history, plan.shown):
