@@ -287,14 +287,25 @@ def test_bad_fields_get_a_400_naming_them(client, fields, param):
     assert status == 400 and body["error"]["param"] == param, body
 
 
-def test_a_trailing_assistant_message_is_history_as_in_openai_and_vllm(client):
-    """lm_eval sends one (a task's gen_prefix); vLLM renders it as a turn and opens the next, and so does this
-    server. Continuing it (vLLM's continue_final_message) is not implemented: that field is refused."""
+def test_a_trailing_assistant_message_is_history_or_continued(client):
+    """lm_eval sends one (a task's gen_prefix): as in vLLM it is a turn of its own, and the reply the next; with
+    vLLM's continue_final_message the reply continues it instead (an assistant prefill)."""
+    tokenizer = stdlib_tokenizer(256)
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure, "}]
-    status, body = _chat(client, messages=messages, max_tokens=1)
+
+    def prompt(**fields) -> str:
+        body = p.ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages, **fields})
+        ids = app_module._chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096)
+        return tokenizer.decode(ids, skip_special_tokens=False)
+
+    history = tokenizer.apply_chat_template(messages)
+    assert prompt() == history  # the turn closed, the next one opened
+    assert prompt(continue_final_message=True) == history[:history.rindex("Sure, ") + len("Sure, ")]
+    status, body = _chat(client, messages=messages, max_tokens=1, continue_final_message=True)
     assert status == 200 or body["error"]["code"] == "context_length_exceeded", body
-    status, body = _chat(client, messages=messages, continue_final_message=True)
-    assert status == 400 and body["error"]["param"] == "continue_final_message", body
+    for fields in ({"messages": messages[:1]}, {"response_format": {"type": "json_object"}}):
+        status, body = _chat(client, continue_final_message=True, **fields)
+        assert status == 400 and body["error"]["param"] == "continue_final_message", body
 
 
 @pytest.mark.parametrize("fields, param, says", [

@@ -29,7 +29,7 @@ from ..infer.grammar import GrammarCompiler
 from ..infer.loader import check_speculative
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
-from ..tokenizer import Tokenizer
+from ..tokenizer import RenderedChat, Tokenizer
 from . import protocol as p
 from .bridge import Bridge, EngineFailed
 from .connections import CLIENT_TIMEOUT_S, listening_socket, uvicorn_options
@@ -545,7 +545,9 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
     # as sft renders them: no null fields (templates test `'tool_calls' in message`), content kept
     history = [{k: v for k, v in m.model_dump().items() if v is not None or k == "content"} for m in plan.history]
     try:
-        chat = tokenizer.render_chat(history, tools=plan.shown, suffix=plan.prefill)
+        chat = tokenizer.render_chat(history, not body.continue_final_message, tools=plan.shown, suffix=plan.prefill)
+        if body.continue_final_message:
+            chat = _left_open(chat, history[-1]["content"])
         if dropped := template_drops(tokenizer, history, plan.shown):
             raise APIError(400, f"this model's chat template {dropped[1]}", param=dropped[0])
     except ValueError as err:
@@ -553,6 +555,17 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
     _fits(tokenizer, len(chat.text), context, "messages",
           "the prompt rendered from messages and tools" if plan.shown else "the prompt rendered from messages")
     return tokenizer.encode_chat(chat)[0]
+
+
+def _left_open(chat: RenderedChat, final: str) -> RenderedChat:
+    """The rendered conversation cut right after its final message's text (what the template wrote after it, the
+    end of the turn, goes), so that the reply continues that message: transformers' `continue_final_message`."""
+    end = chat.text.rfind(final)
+    if end < 0:
+        raise APIError(400, "continue_final_message: this model's chat template does not write the final message's "
+                            "text as it is, so it cannot be continued", param="continue_final_message")
+    end += len(final)
+    return RenderedChat(chat.text[:end], tuple(s for s in chat.specials if s[1] <= end))
 
 
 def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], context: int) -> list[list[int]]:

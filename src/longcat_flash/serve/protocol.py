@@ -391,6 +391,7 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: bool = True
+    continue_final_message: bool = False  # vLLM's: the reply continues the last (assistant) message, left open
     functions: None = None  # the legacy form of tools: refused (use `tools`), not dropped
     function_call: None = None  # the legacy form of tool_choice: refused (use `tool_choice`)
     # what OpenAI's API takes and this server does anyway (nothing is stored; text out; one tier); other values refused
@@ -420,6 +421,16 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError("top_logprobs: needs logprobs: true")
         if "parallel_tool_calls" in self.model_fields_set and not self.tools:
             raise ValueError("parallel_tool_calls: only allowed when tools are given")
+        if self.continue_final_message:
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls or not last.content:
+                raise ValueError("continue_final_message: the last message must be an assistant message with text "
+                                 "(the reply continues it)")
+            if self.response_format is not None and self.response_format.get("type") != "text":
+                raise ValueError("continue_final_message: cannot apply with a JSON response_format (the grammar "
+                                 "starts at the reply, inside the continued text)")
+            if self.tool_choice not in (None, "auto", "none"):
+                raise ValueError("continue_final_message: cannot apply when tool_choice forces a call")
         return self
 
     @property
