@@ -244,7 +244,7 @@ def test_a_stop_ends_what_is_still_open_as_openai_errors_and_exits(tmp_path):
         output, _ = server.communicate(timeout=60)
         took = time.time() - stopped
         answered, events = answered.result(), streamed.result()
-    from longcat_flash.serve.app import SHUTDOWN_CUT_S, SHUTDOWN_GRACE_S  # after the importorskips above
+    from longcat_flash.serve.server import SHUTDOWN_CUT_S, SHUTDOWN_GRACE_S  # after the importorskips above
 
     assert took < SHUTDOWN_GRACE_S + SHUTDOWN_CUT_S + 5, took
     assert answered.status_code == 503 and answered.json()["error"]["code"] == "engine_down", answered.text[:300]

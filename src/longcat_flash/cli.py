@@ -438,7 +438,7 @@ def _parallel_degrees(dp: int | None, ep: int | None, world: int) -> tuple[int, 
 def _run_serve(args: argparse.Namespace) -> None:
     from .infer.engine import EngineConfig
     try:
-        from .serve.app import serve
+        from .serve.server import serve
     except ModuleNotFoundError as err:  # the server's packages are an extra, not in a plain install
         sys.exit(f"longcat serve: {err.name} is not installed; install the server's packages with "
                  "pip install -e \".[serve]\" (or pip install \"longcat-flash[serve]\")")

@@ -9,32 +9,26 @@ client that disconnects, streaming or not, has its request cancelled and its cac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..checkpoint.hf import GENERATION_CONFIG, generation_config, model_directory
-from ..device import resolve_device
-from ..infer.engine import GRAMMAR_FAILED, EngineConfig, StepOutput
+from ..checkpoint.hf import GENERATION_CONFIG, generation_config
+from ..infer.engine import GRAMMAR_FAILED, StepOutput
 from ..infer.grammar import GrammarCompiler
-from ..infer.loader import check_speculative
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
 from ..tokenizer import RenderedChat, Tokenizer
 from . import protocol as p
 from .bridge import Bridge, EngineFailed
-from .connections import CLIENT_TIMEOUT_S, listening_socket, uvicorn_options
-from .engine_process import EngineProcess
-from .guard import JSONOffLoopRoute, RequestGuard, check_api_key
+from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
@@ -46,8 +40,6 @@ from .tools import Event, ToolPlan, ToolRequestError, plan_tools, template_drops
 log = logging.getLogger(__name__)
 # what a model's generation_config.json sets for the requests that leave it out (absent or null), as vLLM does
 MODEL_DEFAULTS = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty")
-SHUTDOWN_GRACE_S = 5  # seconds open responses get to finish once the server is told to stop
-SHUTDOWN_CUT_S = 2  # then they end as 503s; uvicorn cancels what is still open this much later
 
 
 @dataclass(frozen=True)
@@ -579,55 +571,3 @@ def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], co
     texts = [prompt for prompt in prompts if isinstance(prompt, str)]
     encoded = iter(tokenizer.encode_batch(texts, allow_special=True) if texts else [])
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
-
-
-def _server(config: Any, bridge: Bridge) -> Any:
-    """uvicorn's Server, except that on SIGTERM or Ctrl-C the responses still open after SHUTDOWN_GRACE_S end as
-    503s in the OpenAI shape (a stream's as its last event): a stream of thousands of tokens must not hold the
-    stop (an orchestrator's SIGKILL follows in ~30 s), and uvicorn alone cancels them, which a client got as a
-    plain-text 500 or a cut connection and the log as a traceback per request."""
-    import uvicorn
-
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:  # the first signal; a signal handler runs on the main thread, the loop's
-                with contextlib.suppress(RuntimeError):  # no loop yet: nothing is open
-                    loop = asyncio.get_running_loop()
-                    loop.call_soon_threadsafe(loop.call_later, SHUTDOWN_GRACE_S, bridge.fail_all,
-                                              "the server is shutting down")
-            super().handle_exit(sig, frame)
-
-    return Server(config)
-
-
-def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
-          model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes,
-          client_timeout_s: float = CLIENT_TIMEOUT_S, max_connections: int | None = None) -> None:
-    """Load a checkpoint directory (weights + tokenizer) onto `device` in an engine process and serve it until
-    interrupted; connections bounded as serve/connections.py says."""
-    import uvicorn
-
-    resolve_device(device)  # a bad --device or --api-key fails here, not after the engine process has loaded
-    check_api_key(api_key)
-    model_dir = model_directory(model_dir)
-    check_speculative(model_dir, engine_config.speculative if engine_config else 0)
-    defaults = model_defaults(model_dir)
-    tokenizer = Tokenizer.load(model_dir)
-    with listening_socket(host, port) as sock:  # before the load (minutes for a large model): a taken port fails now
-        bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
-        config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
-                              api_key=api_key, max_body_bytes=max_body_bytes, sampling_defaults=defaults)
-        try:
-            url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}/v1"  # port 0: the OS's
-            print(f"longcat serve: {config.model_name} on {url} (OpenAI API; /health, /metrics)", flush=True)
-            if defaults:
-                print("longcat serve: requests that leave them out sample with generation_config.json's "
-                      + ", ".join(f"{k}={v}" for k, v in defaults.items()), flush=True)
-            _server(uvicorn.Config(
-                create_app(bridge, tokenizer, config), log_level="warning",
-                timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_CUT_S,
-                **uvicorn_options(client_timeout_s=client_timeout_s, max_connections=max_connections),
-            ), bridge).run(sockets=[sock])
-        finally:
-            bridge.stop()
