@@ -291,12 +291,12 @@ def test_serve_on_a_taken_port_is_one_line_before_the_model_loads(checkpoint, mo
     import socket
 
     pytest.importorskip("fastapi")
-    from longcat_flash.serve import app
+    from longcat_flash.serve import server
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(app, "EngineProcess", never)
+    monkeypatch.setattr(server, "EngineProcess", never)
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
