@@ -231,6 +231,21 @@ def test_a_run_directory_another_live_process_trains_in_is_refused(corpus, tmp_p
             train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
 
 
+def test_a_run_that_fails_frees_its_directory_for_another_process(corpus, tmp_path, monkeypatch):
+    """A script whose train() raised (a stopped run, a data error) goes on living: its lock must not keep every
+    other process, a `--resume` in a terminal included, out of the directory until the script ends."""
+    out = tmp_path / "run"
+
+    def failing_step(run):
+        raise TrainingStopped("a failure after the run took its directory")
+
+    monkeypatch.setattr(trainer, "_timed_step", failing_step)
+    with pytest.raises(TrainingStopped):
+        train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
+    with run_directory_held(out):  # another process can take the lock (it fails "in use" while one holds it)
+        pass
+
+
 def test_train_leaves_the_callers_generators_and_deterministic_flags_as_it_found_them(corpus, tmp_path):
     """train() from a user's script reseeded the global generator and left use_deterministic_algorithms on."""
     torch.manual_seed(1234)

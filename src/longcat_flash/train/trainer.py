@@ -246,11 +246,14 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
     Under torchrun, `mesh` is the (dp, ep) layout (distributed.build_mesh): FSDP2 shards the model over the world
     and the experts over ep, every rank takes its slice of the global batch, and only rank 0 writes the small
     files; `overlap` is the ScMoE overlap switch. The global generators and deterministic flags the run sets are
-    put back as they were when it returns.
+    put back as they were when it returns, and the run directory's lock is released however it ends.
     """
     with global_state_restored():
-        return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
-                      device=torch.device(device))
+        try:
+            return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
+                          device=torch.device(device))
+        finally:  # a failed run frees its directory too: another process may resume it while this one goes on
+            run_lock.release(Path(out))
 
 
 def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: DeviceMesh | None, overlap: bool,
@@ -275,9 +278,7 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: D
                     save_checkpoint(run)
     finally:
         log.close()
-    summary = finish(run)
-    run_lock.release(run.out)
-    return summary
+    return finish(run)
 
 
 def _header(run: Run) -> str:
