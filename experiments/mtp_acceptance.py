@@ -132,7 +132,7 @@ def measure(run_dir: Path, prompts: list[list[int]], windows: torch.Tensor, new_
     rows = []
     for checkpoint in training.list_checkpoints(run_dir / "checkpoints"):
         model = load_model(checkpoint)
-        step = training.read_manifest(checkpoint)["step"]
+        step = training.read_meta(checkpoint)["step"]
         rows.append({"step": step, **teacher_forced(model, windows), **engine_acceptance(model, prompts, new_tokens)})
         print(f"[mtp_acceptance] {run_dir.name} step {step}: engine acceptance {rows[-1]['acceptance']:.3f}, "
               f"teacher-forced agreement {rows[-1]['agreement']:.3f}", flush=True)

@@ -343,7 +343,8 @@ def test_a_flag_and_a_set_for_the_same_field_are_refused():
 def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(tmp_path, monkeypatch, capsys):
     """train_config.json kept `--data corpus` as typed, so `--resume` from another directory could not find it;
     `longcat sft --resume` of a pre-training run continued it as one; a longer --max-steps reshapes the LR schedule
-    without a word."""
+    without a word. A resume reads each checkpoint file through once (reading its settings hashed the whole
+    checkpoint twice more before the load verified it)."""
     make_corpus(tmp_path / "corpus")
     monkeypatch.chdir(tmp_path)
     main(["train", "--preset", "tiny", "--data", "corpus", "--out", "run", "--max-steps", "2", "--no-progress",
@@ -354,8 +355,13 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     assert "is a `longcat train` run: continue it with longcat train --resume" in run_cli(
         "sft", "--resume", str(tmp_path / "run"))
     capsys.readouterr()
+    hashed = []
+    monkeypatch.setattr(training, "_sha256", lambda path, sha256=training._sha256: hashed.append(path) or sha256(path))
     main(["train", "--resume", str(tmp_path / "run"), "--max-steps", "3", "--no-progress"])
     out = capsys.readouterr().out
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
+    read = sorted(path for path in hashed if checkpoint in path.parents)  # the others: the step-3 checkpoint's write
+    assert read == sorted(checkpoint / e["file"] for e in training.read_manifest(checkpoint)["files"].values())
     assert "max_steps 2 -> 3 reshapes the cosine LR schedule" in out and "done: 3 steps" in out
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
     last = read_metrics(tmp_path / "run")[-1]  # the line compares the LM loss with val_loss, not the total

@@ -237,20 +237,31 @@ def resolve(path: str | Path) -> Path:
                           f"{found}")
 
 
+def _parse_manifest(path: Path) -> dict[str, Any]:
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        manifest["files"], manifest["meta"]
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} is missing") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path / MANIFEST} is corrupt ({err})") from None
+    return manifest
+
+
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The meta (step, settings) checkpoint `path` was saved with, from its manifest alone: what a command reads
+    before it loads the checkpoint, which `load_states` then verifies file by file."""
+    return _parse_manifest(Path(path))["meta"]
+
+
 def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
     """The manifest of checkpoint `path`, after checking every file's size, and the sha256 of the files in this
     process's `share` = (index, count): file i is hashed where i % count == index, so the ranks of a job split
     the reading instead of each reading everything."""
     path = Path(path)
-    try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} is missing") from None
-    except (json.JSONDecodeError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{path / MANIFEST} is corrupt ({err})") from None
+    manifest = _parse_manifest(path)
     index, count = share
-    for i, (name, entry) in enumerate(sorted(files.items())):
+    for i, (name, entry) in enumerate(sorted(manifest["files"].items())):
         file = path / entry["file"]
         if not file.is_file():
             raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) is missing")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 def _data_changes(path: Path, cfg: TrainConfig) -> str:
     """The data settings `cfg` changes against those checkpoint `path` was trained with, as "key: old -> new"
     (empty when none did: the files themselves changed)."""
-    saved = TrainConfig.from_dict(training.read_manifest(path)["meta"]["train_config"])
+    saved = saved_train_config(path)
     pairs = [(f"data.{key}", getattr(saved.data, key), getattr(cfg.data, key))
              for key in ("source", "text_field", "max_bytes", "tokenizer", "seq_len", "copy_fraction", "val_fraction")]
     pairs += [(f"sft.{key}", getattr(saved.sft, key), getattr(cfg.sft, key))
@@ -144,10 +144,14 @@ def newest_checkpoint(out: str | Path) -> Path:
     return training.resolve(out)
 
 
+def saved_train_config(checkpoint: str | Path) -> TrainConfig:
+    """The TrainConfig `checkpoint` was saved with (read from its manifest: the files are verified on loading)."""
+    return TrainConfig.from_dict(training.read_meta(checkpoint)["train_config"])
+
+
 def resume_config(out: str | Path) -> TrainConfig:
     """The TrainConfig saved with the newest checkpoint of run directory `out`."""
-    meta = training.read_manifest(newest_checkpoint(out))["meta"]
-    return TrainConfig.from_dict(meta["train_config"])
+    return saved_train_config(newest_checkpoint(out))
 
 
 def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
@@ -155,7 +159,7 @@ def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
     schedule is a function of (step, max_steps), so a longer run resumes on the longer schedule's curve (as
     torchtitan does), which can jump. None when the LR continues as it was, or when the run cannot continue
     (its checkpoint past max_steps: the trainer refuses it)."""
-    meta = training.read_manifest(newest_checkpoint(out))["meta"]
+    meta = training.read_meta(newest_checkpoint(out))
     saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
     if saved.max_steps == cfg.max_steps or step > cfg.max_steps:
         return None

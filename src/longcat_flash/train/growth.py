@@ -22,7 +22,7 @@ from ..checkpoint import hf, training
 from ..config import ModelConfig
 from ..device import host_memory_bytes
 from ..model import Transformer
-from .checkpoints import read_checkpoint, write_checkpoint
+from .checkpoints import read_checkpoint, saved_train_config, write_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, read_metrics
 
@@ -77,7 +77,7 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
             _check_fits(ModelConfig.from_json(src), r, bytes_per_parameter=4, holds="fp32 weights")
         return _grow_hf_model(src, dst, r, device)
     checkpoint = training.resolve(src)
-    saved = TrainConfig.from_dict(training.read_manifest(checkpoint)["meta"]["train_config"]).model
+    saved = saved_train_config(checkpoint).model
     _check_fits(saved, r, bytes_per_parameter=12, holds="fp32 weights and Adam's two moments")
     states, meta = read_checkpoint(checkpoint)
     cfg = TrainConfig.from_dict(meta["train_config"])
