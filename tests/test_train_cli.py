@@ -81,6 +81,22 @@ def test_print_config_shows_overrides(capsys):
     assert "max_steps=7" in out and "budget.rate=0.01" in out and "model.num_layers=2" in out
 
 
+def test_init_from_is_read_as_every_other_set_value(tmp_path: Path, capsys):
+    """The model of an init_from run was looked up from the raw text: `init_from=NULL` (None to --set) was read as
+    a directory, and a quoted path as one with quotes in its name."""
+    import torch
+
+    from longcat_flash.checkpoint.fresh import init_checkpoint
+    from longcat_flash.presets import tiny
+
+    main(["train", "--preset", "tiny", "--set", "init_from=NULL", "--print-config"])
+    assert "init_from=None" in capsys.readouterr().out
+    model = init_checkpoint(tiny().replace(num_layers=3), tmp_path / "model", dtype=torch.float32)
+    main(["train", "--preset", "tiny", "--set", f"init_from='{model}'", "--print-config"])
+    out = capsys.readouterr().out
+    assert f"init_from='{model}'" in out and "model.num_layers=3" in out  # the checkpoint's model, not the recipe's
+
+
 def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):
     for value in ("id,source", "['id', 'source']", " id , source "):
         main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])

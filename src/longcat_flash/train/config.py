@@ -19,7 +19,7 @@ from ..checkpoint.hf import checkpoint_config
 from ..config import ModelConfig
 from ..data.corpus import RUN_CONFIG_FILE, STDLIB
 from ..presets import get_preset
-from .overrides import apply_overrides, build, coerce, override_keys, type_name
+from .overrides import apply_overrides, build, coerce, override_keys, parse_value, type_name
 
 # The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
 TRAIN_CONFIG_FILE = RUN_CONFIG_FILE  # data/corpus.py skips the directories that hold one
@@ -458,9 +458,10 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
                              "data order follows it)")
         return cfg
     base = recipe(preset or "small")
-    init_from = _last_value(overrides, "init_from")
-    if init_from not in (None, "None", "none", "null"):  # the model is the checkpoint's, then the overrides
-        model = pretrained_model_config(init_from)
+    raw = _last_value(overrides, "init_from")
+    init_from = None if raw is None else parse_value(raw)  # as apply_overrides reads it (null in any case: None)
+    if init_from is not None:  # the model is the checkpoint's, then the overrides
+        model = pretrained_model_config(str(init_from))
         loss = base.loss if model.num_nextn_predict_layers else dataclasses.replace(base.loss, mtp_weight=0.0)
         start = dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, seq_len=2), loss=loss)
         context = apply_overrides(start, overrides).model.max_position_embeddings  # as the overrides leave it

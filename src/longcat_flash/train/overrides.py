@@ -109,14 +109,14 @@ class _Parsed:
 
 
 def _parsed(raw: str | _Parsed) -> Any:
-    return raw.value if isinstance(raw, _Parsed) else _literal(raw)
+    return raw.value if isinstance(raw, _Parsed) else parse_value(raw)
 
 
 def override_keys(assignment: str) -> set[str]:
     """The dotted fields a --set KEY=VALUE assignment sets: KEY, and KEY.FIELD for each field of a dict value
     (at any depth); the CLI's check of a flag and a --set of the same field reads them."""
     key, _, raw = assignment.partition("=")
-    keys, stack = {key.strip()}, [(key.strip(), _literal(raw.strip()))]
+    keys, stack = {key.strip()}, [(key.strip(), parse_value(raw.strip()))]
     while stack:
         prefix, value = stack.pop()
         if isinstance(value, dict):
@@ -125,7 +125,7 @@ def override_keys(assignment: str) -> set[str]:
     return keys
 
 
-def _literal(raw: str) -> Any:
+def parse_value(raw: str) -> Any:
     """A Python literal if `raw` is one, else the raw string (so paths need no quotes); true/false work too."""
     if raw.lower() in ("true", "false"):
         return raw.lower() == "true"
