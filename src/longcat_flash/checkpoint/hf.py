@@ -388,12 +388,10 @@ def official_tensors(model: Transformer, zero_expert_stubs: bool = False) -> Ite
         tensor = _whole(tensor) if hasattr(tensor, "full_tensor") else tensor
         prefix, _, leaf = native.rpartition(".")
         if prefix.endswith(".mlp.experts"):
+            projections = ("down_proj",) if leaf == "down_proj" else ("gate_proj", "up_proj")
             for e in range(tensor.shape[0]):
-                if leaf == "down_proj":
-                    yield f"{prefix}.{e}.down_proj.weight", tensor[e]
-                else:
-                    yield f"{prefix}.{e}.gate_proj.weight", tensor[e, : cfg.expert_ffn_hidden_size]
-                    yield f"{prefix}.{e}.up_proj.weight", tensor[e, cfg.expert_ffn_hidden_size:]
+                for proj in projections:
+                    yield f"{prefix}.{e}.{proj}.weight", expert_slice(tensor, e, proj, cfg)
             if leaf == "gate_up_proj":
                 shape = (cfg.expert_ffn_hidden_size, cfg.hidden_size)
                 for e in stubs:

@@ -8,7 +8,7 @@ from pathlib import Path
 from ..chat_template import writes_tool_calls_with
 from ..data import CopyMix, TokenDataset, build_token_shard, ordinary_ids, sample_texts, validation_batches
 from ..data.conversation_packing import ConversationDataset, conversation_datasets
-from ..tokenizer import CHAT_MARKERS, TOOL_CALL_OPEN, Tokenizer, train_tokenizer
+from ..tokenizer import CHAT_MARKERS, TOKENIZER_FILE, TOOL_CALL_OPEN, Tokenizer, train_tokenizer
 from .config import TrainConfig
 
 
@@ -16,7 +16,7 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool)
     """The run's tokenizer: OUT's own when resuming, else `data.tokenizer`, else init_from's, else a BPE trained
     on the corpus. For SFT, the chat markers the model writes become single tokens (added when missing), where
     its chat template writes them (one that writes calls in another format would never use them)."""
-    if reuse and (out / "tokenizer.json").is_file():
+    if reuse and (out / TOKENIZER_FILE).is_file():
         return Tokenizer.load(out)
     if cfg.data.tokenizer is not None or cfg.init_from is not None:
         tokenizer = Tokenizer.load(cfg.data.tokenizer or cfg.init_from)

@@ -10,7 +10,6 @@ them to a run directory for `longcat grow SRC --out DST`.
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import shutil
 from pathlib import Path
@@ -22,9 +21,10 @@ from ..checkpoint import hf, training
 from ..config import ModelConfig
 from ..device import host_memory_bytes
 from ..model import Transformer
+from ..tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE
 from .checkpoints import read_checkpoint, saved_train_config, write_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
-from .metrics import METRICS_FILE, read_metrics
+from .metrics import METRICS_FILE, keep_metrics_until
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -121,9 +121,8 @@ def _copy_run_files(src: Path, dst: Path, step: int | None) -> None:
     """The tokenizer, the generation defaults (eos ids, sampling: what `serve` starts requests from), and the
     metrics up to the growth step, so the grown run's history continues."""
     dst.mkdir(parents=True, exist_ok=True)
-    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", hf.GENERATION_CONFIG):
+    for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE, hf.GENERATION_CONFIG):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
     if step is not None and (src / METRICS_FILE).is_file():
-        kept = [r for r in read_metrics(src) if r["step"] <= step]
-        (dst / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in kept))
+        keep_metrics_until(src / METRICS_FILE, dst / METRICS_FILE, step)

@@ -38,13 +38,19 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
+def keep_metrics_until(src: Path, dst: Path, step: int) -> None:
+    """Write the records of metrics file `src` up to `step` to `dst` (which may be `src`), atomically: a kill
+    keeps the old file."""
+    kept = [r for r in read_metrics(src) if r["step"] <= step] if src.exists() else []
+    atomic_write_text(dst, "".join(json.dumps(r) + "\n" for r in kept))
+
+
 class MetricsLog:
     def __init__(self, out: Path, start_step: int, total_steps: int, *, tensorboard: bool = False,
                  progress: bool = True) -> None:
         """start_step: optimizer steps already done (lines for later steps, from a killed run, are dropped)."""
         self.path = out / METRICS_FILE
-        kept = [r for r in read_metrics(self.path) if r["step"] <= start_step] if self.path.exists() else []
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a kill now keeps the old file
+        keep_metrics_until(self.path, self.path, start_step)
         self.file = self.path.open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress,
                         dynamic_ncols=True)

@@ -37,7 +37,7 @@ from ..config import ModelConfig
 from ..device import autocast as device_autocast
 from ..device import compute_dtype
 from ..model import ModelOutput, Transformer
-from ..tokenizer import Tokenizer
+from ..tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
 from . import run_lock
 from .budget import BudgetController
 from .checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint
@@ -368,15 +368,11 @@ class _Silent:
     def close(self) -> None: ...
 
 
-EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
-
 def finish(run: Run) -> dict[str, Any]:
     """Write the model in the HF layout beside the tokenizer (streamed one tensor at a time: sharded weights are
     gathered one by one and rank 0 writes them), and a generated sample."""
     cfg, tok = run.cfg, run.tokenizer
-    hf.save_pretrained(run.model, run.out, writer=distributed.is_main(),
-                       dtype=EXPORT_DTYPES[cfg.checkpoint.export_dtype])
+    hf.save_pretrained(run.model, run.out, writer=distributed.is_main(), dtype=cfg.checkpoint.export_dtype)
     text = cfg.sample_prompt
     if cfg.sft.data is not None:  # the sample prompt is a user message
         text = tok.apply_chat_template([{"role": "user", "content": text}])
@@ -399,7 +395,7 @@ def _files_no_run_wrote(out: Path) -> list[str]:
     that failed on its data leaves its tokenizer and lock, and is simply started again)."""
     names = ["config.json"]
     if not (out / run_lock.LOCK_FILE).exists():
-        names += ["tokenizer.json", "tokenizer_config.json"]
+        names += [TOKENIZER_FILE, CONFIG_FILE]
     return [name for name in names if (out / name).exists()]
 
 
