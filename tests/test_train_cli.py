@@ -233,6 +233,12 @@ def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):
     main(["train", "--preset", "tiny", "--out", str(failed), "--max-steps", "1", "--no-progress",
           "--set", f"data.source={make_corpus(tmp_path / 'corpus')}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
     assert (failed / "config.json").is_file()
+    for name in ("metrics.jsonl", "sample.txt", "train_config.json"):  # a user's own files, in no run's directory
+        mine = tmp_path / f"mine_{name}"
+        mine.mkdir()
+        (mine / name).write_text("mine")
+        assert f"holds {name}, which a run would overwrite" in run_cli("train", "--preset", "tiny", "--out", str(mine))
+        assert (mine / name).read_text() == "mine"
 
 
 def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: Path):

@@ -68,6 +68,11 @@ def test_grow_a_run_then_resume_it(tmp_path: Path):
     with pytest.raises(ValueError, match=r"--factor 10000000000 grows a model of .* fp32 weights and Adam's two "
                                          r"moments need \d+ GiB; this machine has"):
         grow_run(tmp_path / "small", tmp_path / "huge", 10**10)  # built layer by layer until memory ran out
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "metrics.jsonl").write_text("mine")
+    with pytest.raises(ValueError, match="holds metrics.jsonl, which the grown run would overwrite"):
+        grow_run(tmp_path / "small", tmp_path / "mine")  # it replaced a user's files without a word
+    assert (tmp_path / "mine" / "metrics.jsonl").read_text() == "mine"
     train(apply_overrides(resume_config(tmp_path / "grown"), ["max_steps=8"]), tmp_path / "grown", resume=True,
           progress=False)
     steps = [r["step"] for r in read_metrics(tmp_path / "grown")]

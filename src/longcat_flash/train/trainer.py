@@ -37,7 +37,7 @@ from ..config import ModelConfig
 from ..device import autocast as device_autocast
 from ..device import compute_dtype
 from ..model import ModelOutput, Transformer
-from ..tokenizer import CONFIG_FILE, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE, Tokenizer
 from . import run_lock
 from .budget import BudgetController
 from .checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint
@@ -46,11 +46,16 @@ from .datasets import build_datasets, build_tokenizer
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
 from .losses import LossTerms, lm_loss, target_counts, training_losses
-from .metrics import MetricsLog, require_tensorboard
+from .metrics import METRICS_FILE, MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
 from .optim import build_optimizer, init_parameters, lr_factor, set_lr
 from .pretrained import TOKENIZER_FIELDS, check_same_shapes, load_pretrained, model_changes
 from .sample import generate
+
+SAMPLE_FILE = "sample.txt"
+# What a run (or `longcat grow`) writes into its directory beside the model and the checkpoints.
+RUN_FILES = ("config.json", TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE, hf.GENERATION_CONFIG, TRAIN_CONFIG_FILE,
+             METRICS_FILE, SAMPLE_FILE)
 
 
 class TrainingStopped(RuntimeError):
@@ -382,7 +387,7 @@ def finish(run: Run) -> dict[str, Any]:
                    max_context=cfg.data.seq_len)
     sample = text + tok.decode(ids)
     if distributed.is_main():
-        (run.out / "sample.txt").write_text(sample + "\n")
+        (run.out / SAMPLE_FILE).write_text(sample + "\n")
     return {"out": str(run.out), "steps": run.state.step, "tokens": run.state.tokens,
             "skipped": run.state.skipped, "sample": sample}
 
@@ -391,11 +396,10 @@ def finish(run: Run) -> dict[str, Any]:
 
 def _files_no_run_wrote(out: Path) -> list[str]:
     """The files of `out` a new run writes and would replace, not left by an earlier run there: a config.json (a
-    run writes it last, with checkpoints already refused), or a tokenizer in a directory no run has locked (a run
-    that failed on its data leaves its tokenizer and lock, and is simply started again)."""
-    names = ["config.json"]
-    if not (out / run_lock.LOCK_FILE).exists():
-        names += [TOKENIZER_FILE, CONFIG_FILE]
+    run writes it last, with checkpoints already refused), or any of RUN_FILES in a directory no run has locked (a
+    run that failed before its first checkpoint leaves its tokenizer, settings, metrics and lock, and is simply
+    started again)."""
+    names = RUN_FILES if not (out / run_lock.LOCK_FILE).exists() else ("config.json",)
     return [name for name in names if (out / name).exists()]
 
 
