@@ -71,6 +71,27 @@ def test_a_part_left_by_an_export_killed_mid_write_goes_with_the_next_export(sav
     assert torch.equal(LongcatFlash.from_pretrained(path).lm_head.weight, model.lm_head.weight)
 
 
+def test_an_export_that_cannot_replace_the_model_says_so_and_leaves_no_part_behind(saved, monkeypatch):
+    """A model file the user cannot replace (read-only, immutable): the error named the hidden temporary and left
+    it there, a shard's size each time."""
+    import os
+
+    model, path = saved
+    before = (path / "model.safetensors").read_bytes()
+    replace = os.replace
+
+    def refused(src, dst):
+        if str(dst).endswith("model.safetensors"):
+            raise PermissionError(1, "Operation not permitted", str(src), None, str(dst))
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", refused)
+    with pytest.raises(OSError, match=rf"cannot write the model into {path}: Operation not permitted: .*"
+                                      r"model\.safetensors'$"):
+        model.save_pretrained(path)
+    assert not list(path.glob(".*.tmp")) and (path / "model.safetensors").read_bytes() == before
+
+
 def test_a_folder_with_a_single_file_and_an_index_loads_the_single_file_as_transformers_does(tmp_path):
     import shutil
 

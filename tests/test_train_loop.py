@@ -9,7 +9,7 @@ import pytest
 import torch
 from train_support import make_corpus, run_directory_held, tiny_config
 
-from longcat_flash.checkpoint import sharded
+from longcat_flash.checkpoint import sharded, training
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.checkpoint.training import CheckpointError
 from longcat_flash.tokenizer import Tokenizer
@@ -176,6 +176,14 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_clear_error(
     monkeypatch.setattr(sharded, "save", full_disk)
     with pytest.raises(CheckpointError, match="cannot write checkpoint step 2 in .*: rank 0 could not write"):
         train(tiny_config(*corpus, "max_steps=4", "checkpoint.save_every=2", "eval_every=0"), tmp_path / "run",
+              progress=False)
+
+    def immutable(root, step):  # rank 0 alone makes the directory: its error was a bare errno (under torchrun
+        raise PermissionError(1, "Operation not permitted", f"{root}/.tmp-step_{step:08d}")  # a hang of the rest)
+
+    monkeypatch.setattr(training, "temporary_dir", immutable)
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint step 2 in .* \(rank 0\): \[Errno 1\]"):
+        train(tiny_config(*corpus, "max_steps=4", "checkpoint.save_every=2", "eval_every=0"), tmp_path / "run2",
               progress=False)
 
 

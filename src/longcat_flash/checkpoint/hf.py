@@ -483,7 +483,13 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None,
         f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors" for i in range(len(parts))]
     weight_map = {key: name for name, (_, keys, _) in zip(names, parts) for key in keys}
     for name, (tmp, _, _) in zip(names, parts):
-        os.replace(tmp, path / name)
+        try:
+            os.replace(tmp, path / name)
+        except OSError as err:  # our parts go with the error (each up to max_shard_bytes), not the temp file's name
+            for left, _, _ in parts:
+                left.unlink(missing_ok=True)
+            raise OSError(err.errno, f"cannot write the model into {path}: {err.strerror}", str(path / name)) \
+                from None
     for stale in set(path.glob("model*.safetensors")) - {path / n for n in names}:
         stale.unlink()
     for dead in path.glob(".model-part-*.safetensors.*.tmp"):  # a part of an export killed mid-write (ours are

@@ -37,23 +37,30 @@ def save_checkpoint(run: Run) -> Path:
     """Every rank writes its shards of the model and optimizer into one temporary directory in parallel; rank 0
     adds the small states and the manifest and renames it into place (checkpoint/training.py)."""
     root, step = run.out / CHECKPOINTS, run.state.step
+
+    def failure(err: OSError, by: str = " (rank 0)") -> str:  # DCP's errors name their ranks themselves
+        return f"cannot write checkpoint step {step} in {root}{by}: {err}"
+
+    failed = ""
     if distributed.is_main():
-        training.temporary_dir(root, step)
-    distributed.barrier()  # the directory exists, empty, before anyone writes into it
+        try:
+            training.temporary_dir(root, step)
+        except OSError as err:
+            failed = failure(err)
+    distributed.raise_if_any(failed, training.CheckpointError)  # the directory exists, empty, before any write
     tmp = training.temporary_path(root, step)
     try:
         sharded.save(tmp / SHARDED, run.sharded_state())  # raises on every rank alike
     except OSError as err:
-        raise training.CheckpointError(f"cannot write checkpoint step {step} in {root}: {err}") from None
+        raise training.CheckpointError(failure(err, by="")) from None
     distributed.barrier()  # every shard is written before rank 0's manifest covers them
-    failed = ""
     if distributed.is_main():
         meta = {"step": step, "train_config": run.cfg.to_dict(), "val_digest": run.val.digest}
         states = {name: obj.state_dict() for name, obj in run.stateful().items()}
         try:
             training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
         except OSError as err:
-            failed = f"cannot write checkpoint step {step} in {root}: {err}"
+            failed = failure(err)
     distributed.raise_if_any(failed, training.CheckpointError)  # no rank left waiting for rank 0
     return training.step_dir(root, step)
 
