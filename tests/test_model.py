@@ -31,9 +31,10 @@ class ContiguousCache:
 
 def test_output_fields():
     model = randomized()
-    ids = torch.randint(0, 256, (2, 9))
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (2, 9))
     out = model(ids, with_mtp=True)
-    assert out.logits.shape == (2, 9, 256) and out.mtp_logits.shape == (2, 8, 256)
+    assert out.logits.shape == (2, 9, V) and out.mtp_logits.shape == (2, 8, V)
     torch.testing.assert_close(model.model.norm(out.hidden), out.final_hidden)
     assert len(out.routing) == 2
     info = out.routing[0]
@@ -173,7 +174,8 @@ def test_the_forward_runs_on_the_meta_device():
     with torch.device("meta"):
         model = Transformer(tiny())
         out = model(torch.zeros(2, 16, dtype=torch.long), with_mtp=True)
-    assert out.logits.shape == (2, 16, 256) and out.logits.is_meta and out.mtp_logits.shape == (2, 15, 256)
+    V = tiny().vocab_size
+    assert out.logits.shape == (2, 16, V) and out.logits.is_meta and out.mtp_logits.shape == (2, 15, V)
 
 
 @pytest.mark.parametrize("call, message", [

@@ -9,7 +9,7 @@ from .config import ModelConfig
 def tiny() -> ModelConfig:
     """For tests: every feature on (zero experts, MTP), runs in milliseconds."""
     return ModelConfig(
-        vocab_size=256, hidden_size=64, num_layers=2, num_attention_heads=4,
+        vocab_size=512, hidden_size=64, num_layers=2, num_attention_heads=4,
         q_lora_rank=32, kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=8, v_head_dim=8,
         ffn_hidden_size=128, expert_ffn_hidden_size=32, n_routed_experts=8, zero_expert_num=4, moe_topk=3,
         routed_scaling_factor=1.0, max_position_embeddings=512, num_nextn_predict_layers=1,

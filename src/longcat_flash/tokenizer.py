@@ -47,7 +47,7 @@ TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves the te
 # A handful of large, plain-text-heavy stdlib modules: enough merges for a useful tokenizer in ~1 s.
 STDLIB_SAMPLE_FILES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py", "dataclasses.py", "functools.py",
                        "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
-STDLIB_MIN_VOCAB = 512  # 256 bytes + 3 special tokens leave no merges below this; tiny presets ask for 256
+STDLIB_MIN_VOCAB = 512  # 256 bytes + 3 special tokens leave few merges below this
 
 # LongCat-Flash-Chat's round format with tools (docs/chat_format.md):
 #   SYSTEM:{s}\n\n{tools} [Round 0] USER:{u} ASSISTANT:{a}<longcat_tool_call>{...}</longcat_tool_call></s>

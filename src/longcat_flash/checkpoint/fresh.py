@@ -3,8 +3,9 @@
 
 `longcat init` writes one, so tests, benchmarks and the server run with no download and no training. The directory
 is a normal checkpoint (config.json, safetensors in the official layout, tokenizer.json, tokenizer_config.json).
-The model keeps the preset's vocabulary unless the tokenizer needs more ids (the tiny preset's 256 cannot hold 256
-bytes + 3 special tokens); unused ids are harmless, as in released models that pad their vocabularies.
+The model keeps the preset's vocabulary unless the tokenizer needs more ids (a vocabulary under 512 cannot hold 256
+bytes, 3 special tokens and useful merges); unused ids are harmless, as in released models that pad their
+vocabularies.
 """
 from __future__ import annotations
 
