@@ -5,6 +5,7 @@ torch.distributed.checkpoint in SHARDED. Every rank saves and restores its own p
 in one process (model growth, analysis)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -162,17 +163,21 @@ def resume_config(out: str | Path) -> TrainConfig:
 
 
 def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
-    """What resuming run directory `out` with `cfg` does to the LR where the schedule's length changed: the
-    schedule is a function of (step, max_steps), so a longer run resumes on the longer schedule's curve (as
-    torchtitan does), which can jump. None when the LR continues as it was, or when the run cannot continue
-    (its checkpoint past max_steps: the trainer refuses it)."""
+    """What resuming run directory `out` with `cfg` does to the LR where the schedule changed (its length, peak
+    or shape), naming the changes: the schedule is a function of (step, max_steps), so a longer run resumes on
+    the longer schedule's curve (as torchtitan does), which can jump. None when the LR continues as it was, or
+    when the run cannot continue (its checkpoint past max_steps: the trainer refuses it)."""
     meta = training.read_meta(newest_checkpoint(out))
     saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
-    if saved.max_steps == cfg.max_steps or step > cfg.max_steps:
+    fields = [("max_steps", saved.max_steps, cfg.max_steps), ("optim.lr", saved.optim.lr, cfg.optim.lr)]
+    fields += [(f"schedule.{f.name}", getattr(saved.schedule, f.name), getattr(cfg.schedule, f.name))
+               for f in dataclasses.fields(cfg.schedule)]
+    changes = [f"{key} {old} -> {new}" for key, old, new in fields if old != new]
+    if not changes or step > cfg.max_steps:
         return None
     before = lr_factor(saved.schedule, step - 1, saved.max_steps) * saved.optim.lr
     after = lr_factor(cfg.schedule, step, cfg.max_steps) * cfg.optim.lr
     if math.isclose(before, after, rel_tol=0.05):
         return None
-    return (f"note: max_steps {saved.max_steps} -> {cfg.max_steps} reshapes the {cfg.schedule.kind} LR schedule: "
-            f"the LR goes from {before:.3g} (step {step}) to {after:.3g} (step {step + 1})")
+    return (f"note: {' and '.join(changes)} reshape{'s' if len(changes) == 1 else ''} the {cfg.schedule.kind} LR "
+            f"schedule: the LR goes from {before:.3g} (step {step}) to {after:.3g} (step {step + 1})")
