@@ -89,6 +89,20 @@ def test_a_transformers_save_of_a_model_with_an_mtp_head_loads_without_the_head(
         assert (loaded(ids).logits - reference(ids).logits).abs().max() <= 1e-4
 
 
+def test_a_transformers_checkpoint_whose_config_transformers_ignores_is_pointed_out(tmp_path, caplog):
+    """transformers' LongcatFlash never renormalises the top-k gates: a checkpoint it wrote with norm_topk_prob
+    true computes one model there and another here, which loading said nothing about."""
+    cfg = dict(CONFIGS["zero-experts"])
+    hf_model(dict(cfg)).save_pretrained(tmp_path / "release")
+    with caplog.at_level(logging.WARNING, logger="longcat_flash.checkpoint.hf"):
+        LongcatFlash.from_pretrained(tmp_path / "release")
+    assert "ignores" not in caplog.text
+    hf_model({**cfg, "norm_topk_prob": True}).save_pretrained(tmp_path / "renormalised")
+    with caplog.at_level(logging.WARNING, logger="longcat_flash.checkpoint.hf"):
+        LongcatFlash.from_pretrained(tmp_path / "renormalised")
+    assert "written by transformers" in caplog.text and "ignores norm_topk_prob=True" in caplog.text
+
+
 # Context extension: a model trained at 16 positions, read at up to 60 (docs/context_extension.md).
 EXTENDED = {
     "yarn": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},

@@ -142,6 +142,9 @@ def checkpoint_config(path: Path) -> ModelConfig:
     of generation_config.json end generation too, as in transformers' `generate` (a chat model's end of turn,
     `<|im_end|>`, is often only there)."""
     cfg = ModelConfig.from_json(path)
+    written_by = json.loads((path / "config.json").read_text()).get("transformers_version")
+    if written_by and (ignored := transformers_ignores(cfg)):
+        _warn_transformers_computes_another_model(path.resolve(), str(written_by), ", ".join(ignored))
     if cfg.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in checkpoint_files(path)):
         _warn_no_mtp_weights(path.resolve())
         cfg = cfg.replace(num_nextn_predict_layers=0)
@@ -195,6 +198,12 @@ def _warn_no_mtp_weights(path: Path) -> None:
     """Once per checkpoint and process (a run reads its config more than once)."""
     log.warning("%s: config.json names an MTP head but the checkpoint holds no model.mtp.* weights (a transformers "
                 "save_pretrained drops them): read as a model without the head, so no speculative decoding", path)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_transformers_computes_another_model(path: Path, version: str, ignored: str) -> None:
+    log.warning("%s: config.json was written by transformers %s, whose LongcatFlash ignores %s: its outputs differ "
+                "from this model's, which honours them", path, version, ignored)
 
 
 def _target_dtype(native: str, tensor: torch.Tensor, dtype: torch.dtype | None) -> torch.dtype:
