@@ -56,7 +56,9 @@ def test_generate_reads_special_token_text_as_the_server_does(checkpoint, capsys
     of text, so the same prompt gave other ids in the two places."""
     main(["generate", "--model", str(checkpoint), "--prompt", "<s>import os", "--max-new-tokens", "1", "--json"])
     tokenizer = Tokenizer.load(checkpoint)
-    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 1 + len(tokenizer.encode("import os"))
+    record = json.loads(capsys.readouterr().out)
+    assert record["prompt_tokens"] == 1 + len(tokenizer.encode("import os"))
+    assert record["decode_tokens_per_s"] is None  # one token has no decode rate (it read 0.0 tok/s)
 
 
 def test_generate_says_when_the_context_cut_the_completion_short(checkpoint, capsys):
@@ -120,14 +122,15 @@ def chat(model, lines: list[str], monkeypatch, capsys, *flags: str) -> str:
 
 
 def test_chat_keeps_the_conversation(checkpoint, capsys, monkeypatch):
-    """Each turn's prompt holds the turns before it; /reset drops them."""
+    """Each turn's prompt holds the turns before it; /reset drops them (and says so)."""
     prompts = []
     add_request = Engine.add_request
     monkeypatch.setattr(Engine, "add_request", lambda self, prompt, *args: prompts.append(prompt) or
                         add_request(self, prompt, *args))
-    out = chat(checkpoint, ["hello", "what next", "/reset", "again", "/exit"], monkeypatch, capsys,
+    out = chat(checkpoint, ["hello", "what next", "/reset", "/rest", "again", "/exit"], monkeypatch, capsys,
                "--max-new-tokens", "5", "--ignore-eos")
-    assert out.count("assistant> ") == 3
+    assert out.count("assistant> ") == 3 and "[conversation reset]" in out
+    assert "[unknown command /rest: /reset starts over, /exit (or /quit) ends]" in out  # a typo went to the model
     first, second, after_reset = (Tokenizer.load(checkpoint).decode(p) for p in prompts)
     assert "hello" in first and "hello" in second and "what next" in second
     assert "again" in after_reset and "hello" not in after_reset and "what next" not in after_reset

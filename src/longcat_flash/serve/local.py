@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import signal
 import threading
 import time
@@ -27,7 +28,7 @@ class Result:
     finish_reason: str
     time_to_first_token_s: float | None  # None when no token was generated (max_new_tokens 0)
     total_s: float
-    decode_tokens_per_s: float  # tokens after the first, over the time after the first
+    decode_tokens_per_s: float | None  # tokens after the first over the time after it (None: fewer than two)
     acceptance_rate: float | None = None  # MTP drafts accepted / proposed (speculative runs)
     mean_accepted_length: float | None = None
 
@@ -72,7 +73,7 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
     end = time.perf_counter()
     n = text.tokens
     result = Result(text.text, len(prompt), n, reason, first - start if n else None, end - start,
-                    (n - 1) / (end - first) if n > 1 and end > first else 0.0)
+                    (n - 1) / (end - first) if n > 1 and end > first else None)
     if engine.drafter:
         mine = engine.stats.drafts - before
         result.acceptance_rate, result.mean_accepted_length = mine.acceptance_rate, mine.mean_accepted_length
@@ -92,10 +93,16 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             line = read("you> ")
         except EOFError:
             return
-        if line.strip() in ("/exit", "/quit"):
+        command = line.strip()
+        if command in ("/exit", "/quit"):
             return
-        if line.strip() == "/reset":
+        if command == "/reset":
             messages = messages[:1] if system else []
+            write("[conversation reset]\n")
+            continue
+        if re.fullmatch(r"/[A-Za-z]+", command):  # a mistyped command (or /help) is no message to the model
+            write(f"[{'' if command == '/help' else f'unknown command {command}: '}/reset starts over, /exit (or "
+                  "/quit) ends]\n")
             continue
         if not line.strip():  # an empty line asks nothing
             continue
