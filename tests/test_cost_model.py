@@ -111,6 +111,8 @@ def test_bad_inputs_fail_early() -> None:
         cost_table(ep=0)
     with pytest.raises(ValueError, match="a2a_bandwidth_gbps must be > 0 and finite"):
         cost_table(a2a_bandwidth_gbps=math.inf)  # it gave 0 us of communication
+    with pytest.raises(ValueError, match=f"models: {LONGCAT} given more than once"):
+        cost_table([LONGCAT, QWEN, LONGCAT])
 
 
 def test_table_and_json_output() -> None:

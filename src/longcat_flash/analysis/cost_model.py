@@ -353,7 +353,10 @@ def cost_table(models: Sequence[str | DecodeShape] = tuple(MODELS), ep: int = 12
     sc = Scenario(ep=ep, batch_per_device=batch_per_device, mtp_acceptance=mtp_acceptance,
                   a2a_bandwidth_gbps=a2a_bandwidth_gbps, context=context, draft_tokens=draft_tokens,
                   usd_per_gpu_hour=usd_per_gpu_hour, **hardware)
-    return [decode_row(_resolve(m), sc) for m in models]
+    shapes = [_resolve(m) for m in models]
+    if repeated := sorted({s.name for s in shapes if [t.name for t in shapes].count(s.name) > 1}):
+        raise ValueError(f"models: {', '.join(repeated)} given more than once")
+    return [decode_row(shape, sc) for shape in shapes]
 
 
 def _resolve(model: str | DecodeShape) -> DecodeShape:
