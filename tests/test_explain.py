@@ -19,9 +19,10 @@ TEXT = 'def f(x_1):\n\treturn x_1 + 42  # <script>alert("hi")</script> 你好 �
 CONTEXT = 64
 
 
-def _save_checkpoint(path, tok, ffn_bias: float | None = None) -> None:
-    """A tiny model beside its tokenizer; `ffn_bias` pushes every router's FFN-expert bias to force zero experts."""
-    model = LongcatFlash(tiny().replace(vocab_size=320, max_position_embeddings=CONTEXT))
+def _save_checkpoint(path, tok, ffn_bias: float | None = None, **changes) -> None:
+    """A tiny model (with `changes` to its config) beside its tokenizer; `ffn_bias` pushes every router's
+    FFN-expert bias to force zero experts."""
+    model = LongcatFlash(tiny().replace(vocab_size=320, max_position_embeddings=CONTEXT, **changes))
     model.init_weights(0.5)  # a wide router init, so counts vary across tokens and layers
     if ffn_bias is not None:
         for router in model.routers():
@@ -108,6 +109,13 @@ def test_forced_zero_experts_give_zero_counts(tok, tmp_path, capsys):
     assert all(a == 0 for a in data["average"])
     assert all(s["mean"] == 0 for s in data["classes"].values() if s["count"])
     assert json.loads((tmp_path / "out" / "explain.json").read_text(encoding="utf-8"))["counts"] == data["counts"]
+
+
+def test_the_summary_states_the_range_the_model_allows(tok, tmp_path, capsys):
+    """With fewer zero experts than top-k a token uses at least K - Z FFN experts: the line said [0, K]."""
+    _save_checkpoint(tmp_path / "ckpt", tok, zero_expert_num=1, num_layers=1)
+    main(["explain", "--model", str(tmp_path / "ckpt"), "--text", TEXT, "--out", str(tmp_path / "out")])
+    assert "1 layer, FFN experts per token per layer in [2, 3] (mean" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("span, expected", [

@@ -4,7 +4,7 @@ With zero-computation experts a token's compute depends on how many of its K rou
 (report §2.1). `longcat explain` runs one forward over a text, reads `RoutingInfo.ffn_experts_per_token` of every
 ScMoE layer and writes three views into `--out`:
 
-  explain.json   ids, text spans, classes, counts (L, T) in [0, K], per-token averages over layers, statistics
+  explain.json   ids, text spans, classes, counts (L, T) in [max(K - Z, 0), K], per-token averages over layers, statistics
   explain.html   self-contained: one coloured row of tokens per layer plus an average row, a legend, tooltips
   explain.png    heatmap layers x tokens above a one-row heatmap of the averages, wrapped into panels of up to
                  64 tokens like a paragraph (needs matplotlib, the [plot] extra; skipped with a note without it)
@@ -353,8 +353,10 @@ def _annotate(ax: Any, rows: list[list[Any]], vmax: int, fmt: str) -> None:
 
 def format_summary(expl: Explanation, written: list[Path], skipped: str | None) -> str:
     """The table `longcat explain` prints: tokens, mean and std of FFN experts per class, then the files."""
-    lines = [f"{len(expl.ids)} tokens, {len(expl.counts)} layers, FFN experts per token per layer in "
-             f"[0, {expl.moe_topk}] (mean over layers, then over the class's tokens)",
+    fewest = max(expl.moe_topk - expl.zero_expert_num, 0)  # the top-k holds at most Z zero experts
+    tokens, layers = len(expl.ids), len(expl.counts)
+    lines = [f"{tokens} token{'s' * (tokens != 1)}, {layers} layer{'s' * (layers != 1)}, FFN experts per token per "
+             f"layer in [{fewest}, {expl.moe_topk}] (mean over layers, then over the class's tokens)",
              f"{'class':<12} {'tokens':>6} {'mean':>6} {'std':>6}"]
     everything = _summary(expl.average)
     for name, s in [*expl.class_stats().items(), ("all", everything)]:
