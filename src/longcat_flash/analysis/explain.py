@@ -4,7 +4,7 @@ With zero-computation experts a token's compute depends on how many of its K rou
 (report §2.1). `longcat explain` runs one forward over a text, reads `RoutingInfo.ffn_experts_per_token` of every
 ScMoE layer and writes three views into `--out`:
 
-  explain.json   ids, text spans, classes, counts (L, T) in [max(K - Z, 0), K], per-token averages over layers, statistics
+  explain.json   ids, text spans, classes, counts (L, T) in [max(K - Z, 0), K], per-token layer averages, statistics
   explain.html   self-contained: one coloured row of tokens per layer plus an average row, a legend, tooltips
   explain.png    heatmap layers x tokens above a one-row heatmap of the averages, wrapped into panels of up to
                  64 tokens like a paragraph (needs matplotlib, the [plot] extra; skipped with a note without it)
@@ -20,7 +20,7 @@ Token classes, decided on the span with surrounding whitespace removed, checked 
   other        anything else: mixed spans ("):", "'s"), emoji, the leading bytes of a multi-byte character
 Class statistics are over tokens, of each token's average over layers; std is the population std (ddof=0).
 
-Shapes: L ScMoE layers, T tokens, K top-k (moe_topk).
+Shapes: L ScMoE layers, T tokens, K top-k (moe_topk), Z zero experts.
 """
 from __future__ import annotations
 
