@@ -234,7 +234,8 @@ def test_generation_ends_at_any_of_several_eos_ids(model, reference, monkeypatch
 
 def test_bad_prompts_are_rejected(model):
     engine = Engine(model, EngineConfig(**SMALL))
-    for bad, match in (([], "at least one"), ([5] * 512, "context"), ([300], "token ids"), ([5] * 600, "context")):
+    V = model.config.vocab_size
+    for bad, match in (([], "at least one"), ([5] * 512, "context"), ([V], "token ids"), ([5] * 600, "context")):
         with pytest.raises(ValueError, match=match):
             engine.add_request(bad)
 

@@ -82,7 +82,8 @@ def test_quantized_model_stays_close_and_saves_memory(fmt):
         logits = model(ids).logits
     assert any(n.endswith("mlp.experts") for n in report.quantized) and "lm_head" in report.quantized
     assert not any("router" in n or "kv_b_proj" in n for n in report.quantized)
-    assert report.saved_fraction > (0.7 if fmt == "int4" else 0.6)  # fp32 -> 1 byte per weight (int4: 0.5625)
+    # fp32 -> 1 byte per weight (int4: 0.5625), the embedding kept: int4 saves the most
+    assert report.saved_fraction > (0.65 if fmt == "int4" else 0.6)
     error = float((logits - reference).norm() / reference.norm())  # measured: 0.035, 0.094, 0.35
     assert error < {"int8": 0.08, "fp8": 0.2, "int4": 0.45}[fmt]  # e4m3 keeps 3 mantissa bits, int4 16 levels
     assert isinstance(model.model.layers[0].mlp.experts, quant.QuantExperts)

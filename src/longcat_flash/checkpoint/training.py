@@ -237,7 +237,17 @@ def resolve(path: str | Path) -> Path:
                           f"{found}")
 
 
-def _parse_manifest(path: Path) -> dict[str, Any]:
+def read_meta(path: str | Path) -> dict[str, Any]:
+    """The meta (step, settings) checkpoint `path` was saved with, after checking its files' sizes (cheap: no
+    file is read): what a command reads before it loads the checkpoint, which verifies the checksums."""
+    return read_manifest(path, share=None)["meta"]
+
+
+def read_manifest(path: str | Path, share: tuple[int, int] | None = (0, 1)) -> dict[str, Any]:
+    """The manifest of checkpoint `path`, after checking every file's size, and the sha256 of the files in this
+    process's `share` = (index, count): file i is hashed where i % count == index, so the ranks of a job split
+    the reading instead of each reading everything (None: no file is hashed)."""
+    path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
         manifest["files"], manifest["meta"]
@@ -245,22 +255,7 @@ def _parse_manifest(path: Path) -> dict[str, Any]:
         raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} is missing") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path / MANIFEST} is corrupt ({err})") from None
-    return manifest
-
-
-def read_meta(path: str | Path) -> dict[str, Any]:
-    """The meta (step, settings) checkpoint `path` was saved with, from its manifest alone: what a command reads
-    before it loads the checkpoint, which `load_states` then verifies file by file."""
-    return _parse_manifest(Path(path))["meta"]
-
-
-def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str, Any]:
-    """The manifest of checkpoint `path`, after checking every file's size, and the sha256 of the files in this
-    process's `share` = (index, count): file i is hashed where i % count == index, so the ranks of a job split
-    the reading instead of each reading everything."""
-    path = Path(path)
-    manifest = _parse_manifest(path)
-    index, count = share
+    index, count = share or (0, 0)
     for i, (name, entry) in enumerate(sorted(manifest["files"].items())):
         file = path / entry["file"]
         if not file.is_file():
@@ -268,7 +263,7 @@ def read_manifest(path: str | Path, share: tuple[int, int] = (0, 1)) -> dict[str
         size = file.stat().st_size
         if size != entry["bytes"]:  # a truncated copy, a disk that filled: said as such, without reading it
             wrong = f"is {size} bytes where {MANIFEST} says {entry['bytes']}"
-        elif i % count == index and _sha256(file) != entry["sha256"]:
+        elif count and i % count == index and _sha256(file) != entry["sha256"]:
             wrong = f"does not match its sha256 in {MANIFEST}"
         else:
             continue
