@@ -62,3 +62,17 @@ def test_a_failed_build_is_not_reported_as_built(caplog):
         time.sleep(0.3)
         raise RuntimeError("compiler error")
     assert [r.getMessage() for r in caplog.records] == ["building"]
+
+
+def test_each_install_keeps_its_own_build(tmp_path, monkeypatch):
+    """Two installs sharing the cache (a checkout and a wheel, two environments) built into one directory, so each
+    rebuilt the kernels, a minute or more, whenever the other had built last."""
+    from longcat_flash.infer import extension
+
+    sources, flags = ["int f();"], ["-O3"]
+    here = extension.build_directory(tmp_path, sources, flags)
+    assert here.parent == tmp_path and extension.build_directory(tmp_path, sources, flags) == here  # reused
+    assert extension.build_directory(tmp_path, ["int g();"], flags) != here  # a source change rebuilds
+    assert extension.build_directory(tmp_path, sources, ["-O2"]) != here
+    monkeypatch.setattr(extension, "CSRC", tmp_path / "another" / "csrc")
+    assert extension.build_directory(tmp_path, sources, flags) != here

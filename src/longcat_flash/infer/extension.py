@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import os
 import threading
@@ -49,8 +50,7 @@ def compiled():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        build = Path(os.environ.get("LONGCAT_KERNEL_CACHE", Path.home() / ".cache" / "longcat_flash" / "kernels"))
-        build.mkdir(parents=True, exist_ok=True)
+        cache = Path(os.environ.get("LONGCAT_KERNEL_CACHE", Path.home() / ".cache" / "longcat_flash" / "kernels"))
         if "avx512" in capability:
             vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
             bf16 = ["-mavx512bf16"] if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else []
@@ -59,16 +59,26 @@ def compiled():
             isa = ["-mavx2", "-mfma", "-mf16c"]
         # The headers' text goes in too, so that a change to one changes the build's hash and rebuilds.
         sources = [(CSRC / name).read_text() for name in SOURCES]
+        flags = ["-O3", *isa, "-ffp-contract=off", "-fopenmp"]
+        build = build_directory(cache, sources, flags)
+        build.mkdir(parents=True, exist_ok=True)
         slow = (f"building the compiled CPU kernels in {build} (once after an install: a minute or more; "
                 "LONGCAT_KERNELS=0 skips them)")
         with build_lock(build), announced_if_slow(slow, done="compiled CPU kernels built"):
             return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
-                               extra_cflags=["-O3", *isa, "-ffp-contract=off", "-fopenmp"],
-                               extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
+                               extra_cflags=flags, extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
                                build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
         log.warning("compiled CPU kernels unavailable (%s); using the PyTorch paths", err)
         return None
+
+
+def build_directory(cache: Path, sources: list[str], flags: list[str]) -> Path:
+    """One directory of `cache` per build: the sources, the flags, the csrc/ path the includes come from and the
+    torch it links against. Two installs (a checkout and a wheel, two virtual environments) sharing the cache
+    each rebuilt the kernels, a minute or more, every time the other had built them last."""
+    key = hashlib.sha256("\0".join([*sources, *flags, str(CSRC), torch.__version__]).encode()).hexdigest()
+    return cache / key[:16]
 
 
 @contextlib.contextmanager
