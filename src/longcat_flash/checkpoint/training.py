@@ -250,7 +250,8 @@ def read_manifest(path: str | Path, share: tuple[int, int] | None = (0, 1)) -> d
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        manifest["files"], manifest["meta"]
+        if missing := {"files", "meta"} - manifest.keys():
+            raise KeyError(", ".join(sorted(missing)))
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} is missing") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:

@@ -101,8 +101,8 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             write("[conversation reset]\n")
             continue
         if re.fullmatch(r"/[A-Za-z]+", command):  # a mistyped command (or /help) is no message to the model
-            write(f"[{'' if command == '/help' else f'unknown command {command}: '}/reset starts over, /exit (or "
-                  "/quit) ends]\n")
+            unknown = "" if command == "/help" else f"unknown command {command}: "
+            write(f"[{unknown}/reset starts over, /exit (or /quit) ends]\n")
             continue
         if not line.strip():  # an empty line asks nothing
             continue

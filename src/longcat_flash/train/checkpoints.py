@@ -153,7 +153,8 @@ def newest_checkpoint(out: str | Path) -> Path:
 
 
 def saved_train_config(checkpoint: str | Path) -> TrainConfig:
-    """The TrainConfig `checkpoint` was saved with (read from its manifest: the files are verified on loading)."""
+    """The TrainConfig `checkpoint` was saved with (from its manifest, the files' sizes checked: their checksums are
+    verified when it is loaded)."""
     return TrainConfig.from_dict(training.read_meta(checkpoint)["train_config"])
 
 
