@@ -47,6 +47,28 @@ def series(client: TestClient) -> int:
     return sum(1 for line in client.get("/metrics").text.splitlines() if line and not line.startswith("#"))
 
 
+def test_a_stream_whose_client_left_before_its_first_chunk_is_closed():
+    """uvicorn's h11 server speaks ASGI 2.3, where Starlette cancels a streaming response when its client leaves;
+    gone before the body's first chunk, the body generator never started, its `finally` never ran, and the
+    request's copies generated on to max_tokens with nobody reading."""
+    import asyncio
+
+    closed = []
+
+    async def events():
+        yield "never sent"
+
+    async def gone():
+        return {"type": "http.disconnect"}
+
+    async def slow_send(message):  # the status line still on its way when the client leaves
+        await asyncio.sleep(1)
+
+    response = app_module._event_stream(events(), lambda: closed.append(True))
+    asyncio.run(response({"type": "http", "asgi": {"spec_version": "2.3"}}, gone, slow_send))
+    assert closed
+
+
 def test_unknown_paths_add_no_series(client):
     client.get(f"/{uuid.uuid4().hex}")  # the first creates the one "unknown" series
     series(client)  # and the first scrape the /metrics one

@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
+from starlette.types import Receive, Scope, Send
 
 from ..checkpoint.hf import GENERATION_CONFIG, generation_config
 from ..infer.engine import GRAMMAR_FAILED, StepOutput
@@ -482,9 +483,25 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         return _event_stream(events(), lambda: gen.close(copies))
 
 
+class _ClosingStream(StreamingResponse):
+    """A StreamingResponse that runs `close` however the response ends: a client gone before the body's first
+    chunk cancels the response before the body generator starts, so the generator's own `finally` never runs."""
+
+    def __init__(self, body: AsyncIterator[str], close: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream")
+        self.close = close
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.close()
+
+
 def _event_stream(events: AsyncIterator[str], close: Callable[[], None]) -> StreamingResponse:
     """An SSE response of `events` ended by `[DONE]`; an error after the status line went out (with the first
-    chunk) becomes an error event before `[DONE]`, as vLLM sends it. `close` runs however the stream ends."""
+    chunk) becomes an error event before `[DONE]`, as vLLM sends it. `close` (idempotent) runs however the stream
+    ends, before `[DONE]` when it ends by itself."""
     async def body() -> AsyncIterator[str]:
         try:
             async for event in events:
@@ -494,7 +511,7 @@ def _event_stream(events: AsyncIterator[str], close: Callable[[], None]) -> Stre
         finally:
             close()
         yield _sse("[DONE]")
-    return StreamingResponse(body(), media_type="text/event-stream")
+    return _ClosingStream(body(), close)
 
 
 async def _joined_completion(index: int, chunks: AsyncIterator[tuple[p.CompletionChoice, int]]
