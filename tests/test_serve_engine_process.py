@@ -132,3 +132,32 @@ def test_a_handler_that_leaves_before_its_ids_arrive_leaves_nothing_running(brid
         return await collect(bridge, [5, 6, 7], [SamplingParams(max_new_tokens=3, ignore_eos=True)])
 
     assert len(asyncio.run(scenario())[0]) == 3
+
+
+def test_an_engine_reply_after_the_server_failed_everything_is_dropped():
+    """On shutdown the server fails every open request (fail_all) while the engine process still runs: a reply to
+    a submission it had failed raised KeyError on the reader thread, which died, leaving the child blocked on a
+    full pipe until it was killed."""
+    from longcat_flash.serve.bridge import Batch, Bridge
+
+    class Recorded(Bridge):
+        def __init__(self) -> None:
+            super().__init__()
+            self.posted = []
+
+        def _post(self, message: tuple) -> None:
+            self.posted.append(message)
+
+    async def main() -> None:
+        bridge = Recorded()
+        submission = asyncio.create_task(bridge.submit([1, 2], [SamplingParams()]))
+        await asyncio.sleep(0)  # posted, its reply not yet come
+        [(kind, token, *_)] = bridge.posted
+        bridge.fail_all("the server stops")
+        with pytest.raises(RuntimeError, match="the server stops"):
+            await submission
+        bridge.receive(Batch([(token, [7])], [], bridge.latest))  # the engine's late reply
+        with pytest.raises(RuntimeError, match="not running"):
+            await bridge.submit([1], [SamplingParams()])
+
+    asyncio.run(main())

@@ -168,11 +168,11 @@ class Bridge:
     async def submit(self, prompt: list[int], params: list[SamplingParams]) -> list[tuple[int, asyncio.Queue]]:
         """Queue len(params) copies of a prompt (one prefill, shared cache pages: OpenAI's `n`); returns each
         copy's request id and the queue its StepOutputs arrive on."""
-        if not self.alive:
-            raise RuntimeError("the engine is not running")
         loop, token, done = asyncio.get_running_loop(), next(self._tokens), Future()
         queues = [asyncio.Queue() for _ in params]
-        with self._lock:
+        with self._lock:  # with fail_all's: a submission either fails here or is in _pending when it runs
+            if not self.alive:
+                raise RuntimeError("the engine is not running")
             self._pending[token] = (done, [(loop, q) for q in queues])
         self._post(("add", token, prompt, params))
         return list(zip(await asyncio.wrap_future(done), queues))
@@ -190,8 +190,8 @@ class Bridge:
         settled, orphans = [], []
         with self._lock:
             for token, verdict in batch.replies:
-                done, targets = self._pending.pop(token)
-                if not done.set_running_or_notify_cancel():  # its handler left while waiting: nobody will read
+                done, targets = self._pending.pop(token, (None, None))  # None: fail_all failed it meanwhile
+                if done is None or not done.set_running_or_notify_cancel():  # or its handler left: nobody reads
                     orphans += [] if isinstance(verdict, Exception) else verdict
                     continue
                 if not isinstance(verdict, Exception):
@@ -217,8 +217,8 @@ class Bridge:
 
     def fail_all(self, message: str) -> None:
         """The engine is gone, or the server stops: every waiting submission and open stream fails (HTTP 503)."""
-        self.alive = False
         with self._lock:
+            self.alive = False
             pending, self._pending = list(self._pending.values()), {}
             rids = list(self._streams)
         for done, _ in pending:
