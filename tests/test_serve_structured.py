@@ -79,6 +79,27 @@ def valid_calls(choice: dict, offered: list[dict]) -> list[dict]:
     return calls
 
 
+def test_a_schema_is_checked_off_the_event_loop(served, monkeypatch):
+    """The schema walk (every subschema, each key against the JSON Schema keywords) ran on the event loop: a large
+    schema stalled /health and every stream while it ran."""
+    import asyncio
+
+    from longcat_flash.serve import structured
+
+    def on_a_loop() -> bool:
+        try:
+            return asyncio.get_running_loop() is not None
+        except RuntimeError:
+            return False
+
+    calls = []
+    monkeypatch.setattr(structured, "lark", lambda *args: calls.append(on_a_loop()) or lark(*args))
+    client, _ = served
+    chat(client, max_tokens=4, response_format={"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "object", "properties": {"a": SHORT}}}})
+    assert calls == [False]
+
+
 @pytest.mark.parametrize("schema", SCHEMAS)
 def test_json_schema_answers_validate(served, schema):
     client, _ = served

@@ -69,14 +69,12 @@ def lark(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) ->
                                                  "forces a tool call (the output is then the call)")
     if not forced and schema is None and not any(fn.get("strict") for fn in tools.values()):
         return None  # auto, no strict tool: free text and unconstrained calls, as the parser reads them
-    open_, close = compiler.token(TOOL_CALL_OPEN), compiler.token(TOOL_CALL_CLOSE)
-    if isinstance(choice, p.NamedToolChoice):
-        tools = {choice.function.name: tools[choice.function.name]}
+    close = compiler.token(TOOL_CALL_CLOSE)
+    if isinstance(choice, p.NamedToolChoice):  # the prefill ends right before the arguments; one call (OpenAI, vLLM)
+        return f'start: {json_part(arguments_schema(tools[choice.function.name]))} "}}" WS? {close}\n{WS}\n'
     bodies = " | ".join(_call_body(name, fn, forced) for name, fn in tools.items())
     # JSON whitespace may pad a call inside its tags, as a template that writes `<tag>\n{...}\n</tag>` trained it
-    rules = f"call: {open_} WS? call_body WS? {close}\ncall_body: {bodies}\n{WS}\n"
-    if isinstance(choice, p.NamedToolChoice):  # the prefill ends right before the arguments; one call (OpenAI, vLLM)
-        return f'start: {json_part(arguments_schema(next(iter(tools.values()))))} "}}" WS? {close}\n{WS}\n'
+    rules = f"call: {compiler.token(TOOL_CALL_OPEN)} WS? call_body WS? {close}\ncall_body: {bodies}\n{WS}\n"
     if choice == "required":  # the prefill is the opening tag
         return f"start: WS? call_body WS? {close} {'call*' if plan.parallel else ''}\n{rules}"
     if schema is not None:
@@ -98,10 +96,14 @@ def arguments_schema(fn: dict[str, Any]) -> dict[str, Any]:
 
 async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None = None
                           ) -> Grammar | None:
-    """The request's compiled grammar (off the event loop), or None; ConstraintError naming the field."""
-    try:
+    """The request's compiled grammar, or None; ConstraintError naming the field. Built off the event loop: the
+    schemas' check walks every subschema of a body of up to --max-request-mb."""
+    def build() -> Grammar | None:
         text = lark(compiler, body, plan)
-        return None if text is None else await asyncio.to_thread(compiler.compile, text)
+        return None if text is None else compiler.compile(text)
+
+    try:
+        return await asyncio.to_thread(build)
     except GrammarError as err:
         param = await asyncio.to_thread(_culprit, compiler, body, plan)
         # llguidance's hint names its own option, which a request cannot set
