@@ -150,6 +150,35 @@ def test_compiled_grammars_are_cached_and_bounded(setup):
     assert hash(SamplingParams(grammar=first)) == hash(SamplingParams(grammar=compiler.json_schema(SCHEMAS[0])))
 
 
+def test_a_compile_that_timed_out_while_queued_never_runs(setup, monkeypatch):
+    """Two slow grammars hold both compile workers: a third, timed out while it waited, still ran when a worker
+    came free, so a burst of slow schemas kept every later request waiting behind compiles nobody wanted."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from longcat_flash.infer.grammar import GrammarError
+
+    tokenizer, model, _ = setup
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size, compile_timeout_s=0.2)
+    ran = []
+    monkeypatch.setattr(compiler, "_build", lambda lark: ran.append(lark) or time.sleep(0.6))
+    grammars = [f'start: "{word}"\n' for word in ("a", "b", "c")]
+
+    def compile_one(lark: str) -> None:
+        with pytest.raises(GrammarError, match="took longer than 0.2 s"):
+            compiler.compile(lark)
+
+    with ThreadPoolExecutor(3) as clients:
+        requests = []
+        for lark in grammars:  # the first two take the workers, the third queues
+            requests.append(clients.submit(compile_one, lark))
+            time.sleep(0.05)
+        for request in requests:
+            request.result()
+    time.sleep(1.0)  # both workers free again
+    assert ran == grammars[:2]
+
+
 @pytest.mark.parametrize("schema, match", [
     ({"type": "integer", "minimum": 10**19, "maximum": 10**19 + 5}, "2\\^53"),  # the library clamped it to 2^63 - 1
     ({"type": "object", "properties": {"n": {"type": "integer", "maximum": -(2**60)}}}, "2\\^53"),

@@ -171,7 +171,6 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, cache_size: int = 64,
                  compile_timeout_s: float = 10.0) -> None:
-        self.vocab_size, self.eos_id = vocab_size, tokenizer.eos_id
         self._tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
                                                  eos_token=tokenizer.eos_id)
         self._backend = tokenizer.backend
@@ -197,9 +196,11 @@ class GrammarCompiler:
             if (hit := self._cache.get(lark)) is not None:
                 self._cache.move_to_end(lark)
                 return hit
+        build = self._pool.submit(self._build, lark)
         try:
-            template = self._pool.submit(self._build, lark).result(timeout=self.compile_timeout_s)
-        except FutureTimeout:
+            template = build.result(timeout=self.compile_timeout_s)
+        except FutureTimeout:  # a compile still queued behind slow ones is dropped (a running one cannot be)
+            build.cancel()
             raise GrammarError(f"compiling the grammar took longer than {self.compile_timeout_s} s") from None
         grammar = Grammar(lark, template)
         with self._lock:
