@@ -310,6 +310,21 @@ def test_cancelling_a_first_copy_before_its_prefill_cancels_the_waiting_copies(m
     assert engine.cancel(ids[0]) == ids and not engine.requests and not engine.has_work()
 
 
+def test_a_waiting_copy_cancelled_before_the_prefill_frees_its_reservation(model):
+    """The first copy's prefill kept reserving pages for a copy cancelled while it waited (a stale fork count),
+    so on a tight pool its last chunk could stall or preempt others for pages nobody would use."""
+    engine = Engine(model, EngineConfig(**SMALL))
+    ids = engine.add_copies(prompts((5,))[0], [GREEDY] * 3)
+    assert engine.cancel(ids[2]) == [ids[2]]
+    assert engine.requests[ids[0]].seq.forks == 1  # the pages reserved at the prompt's end: one copy's
+    out = {rid: [] for rid in ids[:2]}
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] += o.new_tokens
+    assert out[ids[0]] == out[ids[1]] and out[ids[0]]  # the other copy still forks and runs
+    assert engine.cache.used_pages == 0
+
+
 @pytest.mark.parametrize("k", [0, 2])
 def test_a_request_whose_logits_are_not_finite_fails_alone(k):
     """Activations that overflow (or a NaN weight) give NaN logits: greedy decoding emitted token 0 for ever and

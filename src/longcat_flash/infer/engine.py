@@ -207,6 +207,11 @@ class Engine:
         req = self.requests.pop(request_id, None)
         if req is None:
             return []
+        for first in self.requests.values():  # a copy still waiting to fork: its first no longer reserves its pages
+            if req in first.forks:
+                first.forks.remove(req)
+                first.seq.forks = len(first.forks)
+                break
         self.scheduler.finish(req.seq)
         self.cache.free(request_id)
         self.stats.cancelled += 1
@@ -283,7 +288,7 @@ class Engine:
         for seq, b in done:
             req = self.requests[seq.id]
             out.append((seq, b))
-            for copy in (c for c in req.forks if c.seq.id in self.requests):  # cancelled copies are gone
+            for copy in req.forks:  # cancelled copies left the list (cancel)
                 self.cache.fork(seq.id, copy.seq.id, seq.computed)
                 self.cache.ensure(copy.seq.id, seq.computed + self.scheduler.config.lookahead)  # its drafts' room
                 copy.seq.computed, copy.prompt_scores = seq.computed, list(req.prompt_scores)
