@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..device import resolve_device
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
 from .training import MANIFEST
@@ -347,12 +348,12 @@ DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    """A dtype given as torch's or by name ("bfloat16", ...); None or "auto": the caller's default."""
-    if dtype is None or dtype == "auto" or isinstance(dtype, torch.dtype):
-        return None if dtype == "auto" else dtype
-    if dtype not in DTYPES:
+    """A dtype of DTYPES, given as torch's or by name ("bfloat16", ...); None or "auto": the caller's default."""
+    if dtype is None or dtype == "auto":
+        return None
+    if dtype not in DTYPES and dtype not in DTYPES.values():  # torch.int8 wrote a model of zeros
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or 'auto', got {dtype!r}")
-    return DTYPES[dtype]
+    return DTYPES.get(dtype, dtype)
 
 
 def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu",
@@ -366,9 +367,9 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     dtype = parse_dtype(dtype)
     path = model_directory(path)
     cfg = checkpoint_config(path)
+    device = resolve_device(device)
     with torch.device("meta"):
         model = cls(cfg)
-    device = torch.device(device)
     state = load_state_dict(path, cfg, _expected_shapes(model), dtype or checkpoint_dtype(path), device)
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:
@@ -447,6 +448,8 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     fp32 whatever it is. A torch.compile'd model is saved as the model it wraps (its keys carry no `_orig_mod.`).
     """
     model, dtype, path = getattr(model, "_orig_mod", model), parse_dtype(dtype), Path(path)
+    if type(max_shard_bytes) is not int or max_shard_bytes < 1:
+        raise ValueError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
     if writer:
         path.mkdir(parents=True, exist_ok=True)
         if ignored := transformers_ignores(model.config):
@@ -462,20 +465,29 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
         chunk.clear()
         keys.clear()
 
-    for key, tensor in official_tensors(model, zero_expert_stubs):
-        if dtype is not None and tensor.is_floating_point() and not FP32_KEYS.search(key):
-            tensor = tensor.to(dtype)
-        nbytes = tensor.numel() * tensor.element_size()
-        if keys and size + nbytes > max_shard_bytes:
-            flush()
-            size = 0
+    try:
+        for key, tensor in official_tensors(model, zero_expert_stubs):
+            if dtype is not None and tensor.is_floating_point() and not FP32_KEYS.search(key):
+                if dtype == torch.float16 and tensor.abs().amax() > torch.finfo(torch.float16).max:
+                    raise ValueError(f"{key} holds values beyond float16's range (up to {tensor.abs().amax():.4g}): "
+                                     "it would be saved as inf; save in bfloat16 or float32")
+                tensor = tensor.to(dtype)
+            nbytes = tensor.numel() * tensor.element_size()
+            if keys and size + nbytes > max_shard_bytes:
+                flush()
+                size = 0
+            if writer:
+                chunk[key] = tensor.detach().to("cpu").contiguous()
+            keys.append(key)
+            size += nbytes
+        flush()
         if writer:
-            chunk[key] = tensor.detach().to("cpu").contiguous()
-        keys.append(key)
-        size += nbytes
-    flush()
-    if writer:
-        _commit_parts(model, path, parts, dtype or model.lm_head.weight.dtype)
+            _commit_parts(model, path, parts, dtype or model.lm_head.weight.dtype)
+    except BaseException:  # the parts written so far go with the error (each up to max_shard_bytes)
+        for tmp, _, _ in parts:
+            if tmp is not None:
+                tmp.unlink(missing_ok=True)
+        raise
 
 
 def _write_part(path: Path, number: int, tensors: dict[str, torch.Tensor]) -> Path:
@@ -494,9 +506,7 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None,
     for name, (tmp, _, _) in zip(names, parts):
         try:
             os.replace(tmp, path / name)
-        except OSError as err:  # our parts go with the error (each up to max_shard_bytes), not the temp file's name
-            for left, _, _ in parts:
-                left.unlink(missing_ok=True)
+        except OSError as err:  # named as the model file, not the hidden temporary (save_pretrained removes it)
             raise OSError(err.errno, f"cannot write the model into {path}: {err.strerror}", str(path / name)) \
                 from None
     for stale in set(path.glob("model*.safetensors")) - {path / n for n in names}:
