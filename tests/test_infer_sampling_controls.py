@@ -113,7 +113,9 @@ def test_settings_that_overflow_the_logits_harm_no_other_request(model):
                                  dict(logprobs=True), dict(top_k=True), dict(max_new_tokens=True), dict(seed="3"),
                                  dict(seed=2**70), dict(stop_token_ids="ab"), dict(stop_token_ids=(1.5,)),
                                  dict(logit_bias=((1.5, 5.0),)), dict(repetition_penalty=float("inf")),
-                                 dict(ignore_eos="no")])
+                                 dict(ignore_eos="no"),
+                                 # None, an OpenAI client's "default": a TypeError from a comparison
+                                 dict(temperature=None), dict(top_p=None), dict(min_p="0.1")])
 def test_out_of_range_controls_are_refused(bad):
     with pytest.raises(ValueError):
         SamplingParams(**bad)

@@ -64,6 +64,10 @@ class SamplingParams:
     grammar: Grammar | None = None  # constrained decoding (infer/grammar.py); each request gets its own matcher
 
     def __post_init__(self) -> None:
+        for name in ("temperature", "top_p", "presence_penalty", "frequency_penalty", "repetition_penalty", "min_p"):
+            value = getattr(self, name)  # None (an OpenAI client's "default") failed a comparison deep inside
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if not _integer(self.max_new_tokens) or self.max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an integer >= 0, got {self.max_new_tokens!r}")
         for name in ("logprobs", "prompt_logprobs"):
