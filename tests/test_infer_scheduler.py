@@ -91,12 +91,16 @@ def test_prompts_holding_the_pages_each_other_needs_free_the_youngest():
     assert [(q.id, n) for q, n in plan.prefill] == [(0, 8)]
 
 
-def test_queue_full_is_backpressure():
-    s = Scheduler(SchedulerConfig(max_waiting=2))
-    s.add(seq(0, 1))
-    s.add(seq(1, 1))
-    with pytest.raises(QueueFull):
-        s.add(seq(2, 1))
+def test_queue_full_is_backpressure_past_the_free_running_slots():
+    """A burst reaches an idle engine before its next step admits any of it: the free running slots count, so an
+    idle server with max_running 4 and max_waiting 1 took one request of four and answered 429 to the others."""
+    s = Scheduler(SchedulerConfig(max_running=2, max_waiting=2))
+    for i in range(4):
+        s.add(seq(i, 1))
+    with pytest.raises(QueueFull, match="4 requests are already waiting"):
+        s.add(seq(4, 1))
+    s.schedule(free_pages=64, held_pages={})  # two of them run: the queue takes max_waiting, no more
+    assert len(s.running) == 2 and s.queue_room() == 0
 
 
 def test_config_rejects_impossible_budgets():

@@ -395,11 +395,12 @@ def test_text_that_cannot_fit_the_context_is_refused_before_tokenizing(client):
 
 
 def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(client):
-    """An idle server with max_waiting=16 could never admit 17 prompts at once: every retry of a 429 would fail."""
-    body = {"model": "tiny", "prompt": [f"x{i}" for i in range(17)], "max_tokens": 1}
+    """An idle server with max_running=8 and max_waiting=16 could never admit 25 prompts at once: every retry of a
+    429 would fail. 24 it takes: the free running slots count (it refused 17)."""
+    body = {"model": "tiny", "prompt": [f"x{i}" for i in range(25)], "max_tokens": 1}
     r = client.post("/v1/completions", json=body, headers=AUTH)
     assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prompts"
-    assert client.post("/v1/completions", json={**body, "prompt": body["prompt"][:16]}, headers=AUTH).status_code == 200
+    assert client.post("/v1/completions", json={**body, "prompt": body["prompt"][:24]}, headers=AUTH).status_code == 200
 
 
 def test_a_models_generation_config_sets_the_sampling_a_request_leaves_out(tmp_path):

@@ -135,6 +135,7 @@ class Engine:
         self.drafter = MTPDrafter(model, self.cache, k) if k else None
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
+        self.max_queued = self.config.max_running + self.config.max_waiting  # add_copies calls an idle engine takes
         lookahead = self.scheduler.config.lookahead  # a sequence of L tokens decodes at L + lookahead positions
         self.max_context = min(cfg.max_position_embeddings, (cache_cfg.num_pages - 1) * cache_cfg.page_size - lookahead)
         if self.max_context < 2:
@@ -484,7 +485,7 @@ class Engine:
     def generate(self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams] | None = None
                  ) -> list[list[int]]:
         """Run prompts to completion, continuously batched; generated ids per prompt. Any number of prompts: they
-        join the queue as it has room (max_waiting). The engine must hold no other request (add_request's are
+        join the queue as it has room (Scheduler.queue_room). The engine must hold no other request (add_request's are
         driven by step()). A request that fails (non-finite logits: StepOutput.error) raises ValueError."""
         params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
         if len(params) != len(prompts):
@@ -496,7 +497,7 @@ class Engine:
         out: dict[int, list[int]] = {}
         try:
             while len(ids) < len(prompts) or self.has_work():
-                while len(ids) < len(prompts) and len(self.scheduler.waiting) < self.config.max_waiting:
+                while len(ids) < len(prompts) and self.scheduler.queue_room() > 0:
                     ids.append(self.add_request(prompts[len(ids)], params[len(ids)]))
                     out[ids[-1]] = []
                 for o in self.step():

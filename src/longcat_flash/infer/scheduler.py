@@ -22,7 +22,7 @@ from enum import Enum
 
 
 class QueueFull(RuntimeError):
-    """More waiting requests than `max_waiting`: the caller should retry later (HTTP 429)."""
+    """More waiting requests than the running slots free and `max_waiting`: retry later (HTTP 429)."""
 
 
 class Status(Enum):
@@ -115,9 +115,16 @@ class Scheduler:
         and each of its `forks` copies' own."""
         return self.pages_for(prompt_len + self.config.lookahead) + forks * self.copy_pages(prompt_len)
 
+    def queue_room(self) -> int:
+        """Requests `add` takes now: the running slots free (a burst reaches the queue before the next step
+        admits any of it) plus `max_waiting`, less those already waiting."""
+        free = max(self.config.max_running - len(self.running), 0)
+        return free + self.config.max_waiting - len(self.waiting)
+
     def add(self, seq: SequenceState) -> None:
-        if len(self.waiting) >= self.config.max_waiting:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting (max_waiting)")
+        if self.queue_room() <= 0:
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting ({len(self.running)} running, "
+                            f"max_running {self.config.max_running}, max_waiting {self.config.max_waiting})")
         seq.status, seq.arrival = Status.WAITING, next(self._arrivals)
         self.waiting.append(seq)
 

@@ -143,10 +143,10 @@ class Generation:
         """Queue every (prompt, copies' params) job at once, so the engine takes them in one step; all or none:
         if one is refused, the others are cancelled and the refusal becomes the HTTP error. More prompts than the
         engine's queue holds could never be admitted: a 400, not a 429 that every retry would get again."""
-        if len(jobs) > self.bridge.max_waiting:
-            raise APIError(400, f"prompt: {len(jobs)} prompts in one request; this server queues at most "
-                                f"{self.bridge.max_waiting} (--max-waiting): send fewer at a time", param="prompt",
-                           code="too_many_prompts")
+        if len(jobs) > self.bridge.max_queued:
+            raise APIError(400, f"prompt: {len(jobs)} prompts in one request; this server takes at most "
+                                f"{self.bridge.max_queued} at once (--max-running + --max-waiting): send fewer at a "
+                                "time", param="prompt", code="too_many_prompts")
         results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
                                        return_exceptions=True)
         groups = [[Copy(rid, outputs) for rid, outputs in r] for r in results if not isinstance(r, BaseException)]

@@ -5,8 +5,8 @@ and "cancel" messages from its inbox, steps, and hands every step's results to a
 is the handlers' side: `submit` a prompt and await the engine's verdict (request ids, or the ValueError /
 QueueFull it raised), then read StepOutputs from an asyncio.Queue per request; `cancel` (client gone, or a stop
 string in the text, `stopped=True`, so /metrics counts it as finished) is a message too, and the loop frees the
-request's cache pages before its next step. Backpressure comes from the scheduler's `max_waiting` (QueueFull ->
-HTTP 429).
+request's cache pages before its next step. Backpressure comes from the scheduler's queue (QueueFull past the free
+running slots and `max_waiting` -> HTTP 429).
 
 `AsyncEngine` runs the loop on a thread of this process (tests, embedding); `serve/engine_process.py` runs it in
 a child process, so that the engine's Python never waits for the event loop's GIL.
@@ -149,7 +149,7 @@ class Bridge:
 
     vocab_size: int
     context: int  # Engine.max_context: max_position_embeddings, or less where the KV cache holds less
-    max_waiting: int  # the engine's queue: one submission (a prompt and its copies) is one entry
+    max_queued: int  # submissions an idle engine takes at once (a prompt and its copies are one): running + waiting
 
     def __init__(self) -> None:
         self._tokens = itertools.count()
@@ -233,7 +233,7 @@ class AsyncEngine(Bridge):
     def __init__(self, engine: Engine) -> None:
         super().__init__()
         self.engine, self.vocab_size = engine, engine.vocab_size
-        self.context, self.max_waiting = engine.max_context, engine.config.max_waiting
+        self.context, self.max_queued = engine.max_context, engine.max_queued
         self._loop = EngineLoop(engine, self.receive)
         self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
 

@@ -47,7 +47,7 @@ class EngineProcess(Bridge):
         if kind == "failed":
             self.process.join()
             raise info[0]
-        self.vocab_size, self.context, self.max_waiting = info
+        self.vocab_size, self.context, self.max_queued = info
         self._send_lock = threading.Lock()
         threading.Thread(target=self._read, name="longcat-engine-reader", daemon=True).start()
 
@@ -81,7 +81,7 @@ class EngineProcess(Bridge):
 
 def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device: str,
                  config: EngineConfig | None, conn: Connection) -> None:
-    """The child: load, report ("ready", vocab, context, max_waiting) or ("failed", error), then run the loop
+    """The child: load, report ("ready", vocab, context, max_queued) or ("failed", error), then run the loop
     until told to stop or the parent is gone."""
     for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a SIGTERM to the group (systemd, `kill -- -PID`),
         signal.signal(stop, signal.SIG_IGN)  # reaches this process too: the parent decides, after its grace
@@ -96,7 +96,7 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
         except Exception:  # an error that does not pickle
             conn.send(("failed", RuntimeError(f"{type(err).__name__}: {err}")))
         return
-    conn.send(("ready", engine.vocab_size, engine.max_context, engine.config.max_waiting))
+    conn.send(("ready", engine.vocab_size, engine.max_context, engine.max_queued))
 
     def send(batch: Any) -> None:
         try:
