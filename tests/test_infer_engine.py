@@ -365,3 +365,12 @@ def test_generate_takes_more_prompts_than_the_queue_and_runs_alone(model, refere
     with pytest.raises(ValueError, match="engine holds 1 requests added with add_request"):
         engine.generate(ps[:1], GREEDY)
     assert list(engine.requests) == [rid]
+
+
+def test_a_cache_shorter_than_the_context_says_why(model, caplog):
+    """With MTP drafts a 512-token cache said it "holds less than the model's context (512)": the draft room was
+    the reason, unnamed."""
+    context = model.config.max_position_embeddings
+    Engine(model, EngineConfig(cache_tokens=context, speculative=2))
+    assert f"sequences are limited to {context - 4} tokens, fewer than the model's context ({context})" in caplog.text
+    assert f"holds {context} positions" in caplog.text and "keeps 4 for its drafts" in caplog.text

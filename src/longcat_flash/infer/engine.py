@@ -142,9 +142,11 @@ class Engine:
             raise ValueError(f"cache_tokens={self.config.cache_tokens} cannot hold a sequence of 2 tokens"
                              + (f" with {k} drafts" if k else ""))
         if self.max_context < cfg.max_position_embeddings:  # else a sequence could outgrow the pool and never run
-            log.warning("the KV cache (%d tokens, in whole pages of %d) holds less than the model's context (%d): "
-                        "sequences are limited to %d tokens", self.config.cache_tokens, cache_cfg.page_size,
-                        cfg.max_position_embeddings, self.max_context)
+            pool = (cache_cfg.num_pages - 1) * cache_cfg.page_size
+            drafts = f", of which a sequence keeps {lookahead} for its drafts" if lookahead else ""
+            log.warning("sequences are limited to %d tokens, fewer than the model's context (%d): the KV cache holds "
+                        "%d positions (cache_tokens=%d in whole pages of %d)%s", self.max_context,
+                        cfg.max_position_embeddings, pool, self.config.cache_tokens, cache_cfg.page_size, drafts)
         self.vocab_size, self.eos_ids = cfg.vocab_size, tuple(dict.fromkeys((*cfg.eos_token_ids, *eos_ids)))
         if any(not 0 <= token < self.vocab_size for token in self.eos_ids):
             raise ValueError(f"eos ids must be in [0, {self.vocab_size}), got {list(self.eos_ids)}")
