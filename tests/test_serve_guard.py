@@ -52,6 +52,20 @@ def test_the_api_key_is_a_bearer_token_with_a_case_insensitive_scheme(header, st
     assert asyncio.run(go()) == status
 
 
+def test_a_compressed_body_is_a_415_naming_the_coding():
+    """A gzip body was read as JSON ("not valid UTF-8"), and a plain one labelled gzip was taken as it was."""
+    import gzip
+
+    async def go():
+        async with client(bare_app()) as c:
+            plain = json.dumps({"a": 1}).encode()
+            return [await c.post("/v1/echo", content=body, headers={"Content-Encoding": coding})
+                    for body, coding in ((gzip.compress(plain), "gzip"), (plain, "gzip"), (plain, "identity"))]
+    zipped, labelled, plain = asyncio.run(go())
+    assert zipped.status_code == labelled.status_code == 415 and plain.status_code == 200
+    assert zipped.json()["error"]["message"] == "Content-Encoding 'gzip' is not supported: send the body uncompressed"
+
+
 @pytest.mark.parametrize("key, problem", [("", "empty"), ("ключ", "an API key is visible ASCII"),
                                           ("sk-1 ", "an API key is visible ASCII")])
 def test_a_key_no_client_could_send_is_refused_at_start(key, problem):

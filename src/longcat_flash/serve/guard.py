@@ -79,6 +79,11 @@ class RequestGuard:
                 await error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")(
                     scope, receive, send)
                 return
+        coding = headers.get("content-encoding", "identity").strip().lower()
+        if coding not in ("", "identity"):  # a gzip body read as JSON was "not valid UTF-8"; a plain one passed
+            await error(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed",
+                        "invalid_request_error", "unsupported_content_encoding")(scope, receive, send)
+            return
         declared = headers.get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > self.max_body_bytes:
             await error(413, f"request body of {declared} bytes; this server takes at most {self.max_body_bytes}",

@@ -19,11 +19,12 @@ ERRORS = {
     401: "wrong or missing API key (only when the server has one)",
     404: "the model asked for is not the one served",
     413: "the request body is larger than the server takes (--max-request-mb)",
+    415: "the request body is compressed (Content-Encoding): send it uncompressed",
     429: "the wait queue is full; retry later",
     500: "the engine failed while generating this request",
     503: "the engine is down",
 }
-_GENERATION = (400, 401, 404, 413, 429, 500, 503)
+_GENERATION = (400, 401, 404, 413, 415, 429, 500, 503)
 ROUTE_ERRORS: dict[str, tuple[int, ...]] = {  # path -> statuses besides 200
     "/health": (503,),
     "/metrics": (),
