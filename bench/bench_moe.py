@@ -12,28 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 
 import torch
+from infer_common import interleaved
 
 from longcat_flash.flag_types import positive_int
 from longcat_flash.model.moe import MoE
 from longcat_flash.presets import bench
 from longcat_flash.runtime import tune_cpu_allocator
-
-
-def median_ms(*fns, repeats: int) -> list[float]:
-    """Median milliseconds per call of each fn, calls interleaved so machine noise hits all of them alike."""
-    times: list[list[float]] = [[] for _ in fns]
-    for fn in fns:
-        fn()  # warm-up
-    for _ in range(repeats):
-        for fn, bucket in zip(fns, times):
-            start = time.perf_counter()
-            fn()
-            bucket.append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(bucket) for bucket in times]
 
 
 def transformers_moe(ours: MoE, cfg, dtype: torch.dtype) -> torch.nn.Module:
@@ -86,14 +72,15 @@ def main() -> None:
         for label, tokens in (("prefill", args.prefill), ("decode", args.decode)):
             x = torch.randn(1, tokens, cfg.hidden_size, dtype=dtype)
             torch.testing.assert_close(ours(x)[0].float(), theirs(x).float(), atol=2e-2, rtol=2e-2)
-            t_ours, t_hf = median_ms(lambda: ours(x), lambda: theirs(x), repeats=args.repeats)
+            seconds = interleaved({"ours": lambda: ours(x), "hf": lambda: theirs(x)}, args.repeats)
+            t_ours, t_hf = seconds["ours"] * 1e3, seconds["hf"] * 1e3
             rows.append((f"{label} T={tokens}", t_hf, t_ours, t_hf / t_ours))
             result[f"{label}_speedup_vs_transformers"] = round(t_hf / t_ours, 2)
         x = torch.randn(1, args.prefill, cfg.hidden_size, dtype=dtype)
         by_share = {}
         for share in (0.0, 0.5, 1.0):
             force_zero_share(ours, share)
-            by_share[share] = median_ms(lambda: ours(x), repeats=args.repeats)[0]
+            by_share[share] = interleaved({"ours": lambda: ours(x)}, args.repeats)["ours"] * 1e3
             result[f"ms_zero_share_{int(share * 100)}"] = round(by_share[share], 2)
     result["time_ratio_50_vs_0"] = round(by_share[0.5] / by_share[0.0], 3)
     result["time_ratio_100_vs_0"] = round(by_share[1.0] / by_share[0.0], 3)

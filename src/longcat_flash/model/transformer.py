@@ -137,8 +137,7 @@ class Transformer(nn.Module):
                 nn.init.normal_(module.down_proj, 0.0, std)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
-            if isinstance(module, Router):
-                module.e_score_correction_bias.zero_()
+        self.init_buffers()
 
     @torch.no_grad()
     def init_buffers(self) -> None:
