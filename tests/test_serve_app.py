@@ -124,7 +124,10 @@ def test_a_json_body_sent_as_a_form_is_told_its_content_type(client):
 
 def test_a_request_whose_logits_are_not_finite_is_a_500_naming_the_cause():
     """NaN logits gave an empty 200 when greedy and a 500 "engine error: probability tensor contains..." for every
-    request in the batch when sampling."""
+    request in the batch when sampling. /metrics counts such requests, and those of a step that raised, as failed
+    (they were "finished", and a failed step's "cancelled (client gone)")."""
+    import time
+
     import torch
 
     tokenizer = stdlib_tokenizer(256)
@@ -140,6 +143,19 @@ def test_a_request_whose_logits_are_not_finite_is_a_500_naming_the_cause():
                 assert r.status_code == 500 and r.json()["error"]["code"] == "non_finite_logits"
                 assert r.json()["error"]["message"].startswith("the model's logits are NaN or Inf")
                 assert fresh.post("/v1/completions", json={**body, "prompt": [5, 8]}).status_code == 200
+            def broken():
+                raise RuntimeError("a bug")
+
+            step, bridge.engine.step = bridge.engine.step, broken  # the next step raises
+            r = fresh.post("/v1/completions", json={**body, "prompt": [5, 8]})
+            bridge.engine.step = step
+            assert r.status_code == 500 and r.json()["error"]["message"] == "engine error: a bug"
+            deadline = time.monotonic() + 10
+            while bridge.latest.stats.failed < 3 and time.monotonic() < deadline:
+                time.sleep(0.02)
+            scrape = fresh.get("/metrics").text
+            for name, count in (("finished", 2), ("failed", 3), ("cancelled", 0)):
+                assert f"longcat_requests_{name}_total {count}.0" in scrape, name
     finally:
         bridge.stop()
 

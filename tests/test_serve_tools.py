@@ -3,7 +3,9 @@ that writes a weather call when prefilled with the call's opening and a final an
 parser on its own, fed in every split."""
 from __future__ import annotations
 
+import contextlib
 import json
+import time
 
 import pytest
 
@@ -23,8 +25,9 @@ NAMED = {"type": "function", "function": {"name": "get_weather"}}
 ASK = [{"role": "user", "content": "Weather in Paris?"}]
 
 
-@pytest.fixture(scope="module")
-def client(tmp_path_factory):
+@contextlib.contextmanager
+def scripted_server(out, scripts: dict[str, str]):
+    """A TestClient over a real engine serving `scripted_checkpoint(out, scripts)`."""
     from fastapi.testclient import TestClient
 
     from longcat_flash.infer.engine import Engine
@@ -33,7 +36,7 @@ def client(tmp_path_factory):
     from longcat_flash.serve.bridge import AsyncEngine
     from longcat_flash.tokenizer import Tokenizer
 
-    model_dir = scripted_checkpoint(tmp_path_factory.mktemp("scripted"), SCRIPTS)
+    model_dir = scripted_checkpoint(out, scripts)
     model, _ = load_for_inference(model_dir, device="cpu")
     bridge = AsyncEngine(Engine(model)).start()
     app = create_app(bridge, Tokenizer.load(model_dir), ServerConfig("scripted", model.config.max_position_embeddings))
@@ -42,6 +45,12 @@ def client(tmp_path_factory):
             yield test_client
     finally:
         bridge.stop()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    with scripted_server(tmp_path_factory.mktemp("scripted"), SCRIPTS) as test_client:
+        yield test_client
 
 
 def chat(client, **body):
@@ -88,6 +97,26 @@ def test_a_named_call_ends_the_reply_and_one_cut_by_max_tokens_finishes_with_len
         assert whole["choices"][0]["finish_reason"] == "tool_calls" and whole["usage"]["completion_tokens"] == 8
     cut = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED, max_tokens=7).json()["choices"][0]
     assert cut["finish_reason"] == "length" and not cut["message"]["tool_calls"]
+
+
+def test_a_reply_the_parser_ends_counts_as_finished_not_cancelled(tmp_path):
+    """With parallel calls off the server ends the reply at the first call's closing tag and cancels it on the
+    engine (here the model would go on writing " more" to max_tokens); /metrics counted that as a client gone."""
+    call = OPEN + '{"name":"get_weather","arguments":{"city":"Paris"}}' + CLOSE  # compact: it fits a lookup table
+    with scripted_server(tmp_path, {" ASSISTANT:": call + " more more"}) as server:
+        def counts():
+            lines = server.get("/metrics").text.splitlines()
+            return {name: float(next(line.split()[-1] for line in lines
+                                     if line.startswith(f"longcat_requests_{name}_total ")))
+                    for name in ("finished", "cancelled")}
+
+        r = chat(server, messages=ASK, tools=[WEATHER], parallel_tool_calls=False, temperature=0, max_tokens=100,
+                 ignore_eos=True).json()
+        assert r["choices"][0]["finish_reason"] == "tool_calls" and r["usage"]["completion_tokens"] < 100, r
+        deadline = time.monotonic() + 10  # the cancel reaches the engine's figures on its next turn
+        while counts() == {"finished": 0, "cancelled": 0} and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert counts() == {"finished": 1, "cancelled": 0}
 
 
 def test_parallel_tool_calls_off_stops_after_the_first_call(client):

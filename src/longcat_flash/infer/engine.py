@@ -116,6 +116,7 @@ class EngineStats:
     generated_tokens: int = 0
     finished: int = 0
     cancelled: int = 0
+    failed: int = 0  # ended by an error: non-finite logits, a failed grammar, a step that raised (cancel(failed=True))
     preempted: int = 0
     drafts: DraftStats = field(default_factory=DraftStats)
 
@@ -204,9 +205,10 @@ class Engine:
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
 
-    def cancel(self, request_id: int) -> list[int]:
+    def cancel(self, request_id: int, failed: bool = False) -> list[int]:
         """Stop a request now and free its cache pages; the ids stopped, [] if it is unknown or already finished.
-        Copies still waiting to fork off it (add_copies) stop with it: there is no prompt cache left to fork."""
+        Copies still waiting to fork off it (add_copies) stop with it: there is no prompt cache left to fork.
+        `failed`: counted as failed, not cancelled (its step raised)."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return []
@@ -217,8 +219,11 @@ class Engine:
                 break
         self.scheduler.finish(req.seq)
         self.cache.free(request_id)
-        self.stats.cancelled += 1
-        return [request_id, *(rid for copy in req.forks for rid in self.cancel(copy.seq.id))]
+        if failed:
+            self.stats.failed += 1
+        else:
+            self.stats.cancelled += 1
+        return [request_id, *(rid for copy in req.forks for rid in self.cancel(copy.seq.id, failed))]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -454,12 +459,16 @@ class Engine:
             out.prompt_logprobs = req.prompt_scores
 
     def _finish(self, req: Request, out: StepOutput) -> StepOutput:
-        """Retire a request whose output carries its finish reason: free its pages, count it."""
+        """Retire a request whose output carries its finish reason: free its pages, count it (failed if it carries
+        an error)."""
         out.finished = True
         self.requests.pop(req.seq.id)
         self.scheduler.finish(req.seq)
         self.cache.free(req.seq.id)
-        self.stats.finished += 1
+        if out.error is None:
+            self.stats.finished += 1
+        else:
+            self.stats.failed += 1
         return out
 
     def _is_stop_token(self, req: Request, token: int) -> bool:

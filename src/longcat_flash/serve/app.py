@@ -213,7 +213,7 @@ class Generation:
         finally:
             if copy.open:
                 copy.open = False
-                self.bridge.cancel(copy.rid, stopped=text.stopped)
+                self.bridge.cancel(copy.rid, complete=text.stopped)
 
     async def completion(self, body: p.CompletionRequest, index: int, prompt: str | list[int], ids: list[int],
                          copy: Copy, request: Request | None) -> AsyncIterator[tuple[p.CompletionChoice, int]]:
@@ -234,7 +234,8 @@ class Generation:
         (stop, blocks), scores = stop_scope(body, plan), ChatScores()
         text = TextState(self.tokenizer, stop, blocks)
         logprobs = (lambda n: scores.take(self.tokenizer, n)) if body.logprobs else (lambda n: None)
-        return parsed(self.pieces(copy, text, request, scores.record), plan.parser(), stop if blocks else ()), logprobs
+        pieces = self.pieces(copy, text, request, scores.record)
+        return parsed(pieces, plan.parser(), stop if blocks else (), text.end), logprobs
 
     async def chat_chunks(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy
                           ) -> AsyncIterator[tuple[p.ChatChunkChoice, int]]:

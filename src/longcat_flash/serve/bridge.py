@@ -3,10 +3,10 @@
 Two halves. `EngineLoop` is the engine's side: one thread owns the Engine (it is not thread-safe), applies "add"
 and "cancel" messages from its inbox, steps, and hands every step's results to a sink as one `Batch`. `Bridge`
 is the handlers' side: `submit` a prompt and await the engine's verdict (request ids, or the ValueError /
-QueueFull it raised), then read StepOutputs from an asyncio.Queue per request; `cancel` (client gone, or a stop
-string in the text, `stopped=True`, so /metrics counts it as finished) is a message too, and the loop frees the
-request's cache pages before its next step. Backpressure comes from the scheduler's queue (QueueFull past the free
-running slots and `max_waiting` -> HTTP 429).
+QueueFull it raised), then read StepOutputs from an asyncio.Queue per request; `cancel` (client gone, or, with
+`complete=True`, a reply the server ended itself, which /metrics counts as finished) is a message too, and the
+loop frees the request's cache pages before its next step. Backpressure comes from the scheduler's queue
+(QueueFull past the free running slots and `max_waiting` -> HTTP 429).
 
 `AsyncEngine` runs the loop on a thread of this process (tests, embedding); `serve/engine_process.py` runs it in
 a child process, so that the engine's Python never waits for the event loop's GIL.
@@ -46,7 +46,8 @@ class EngineSnapshot:
     """The engine's figures after a batch, for /metrics: read on the engine's side, so never torn."""
 
     stats: EngineStats = field(default_factory=EngineStats)
-    text_stops: int = 0  # requests ended by a stop string (the engine counts them among its cancellations)
+    ended_here: int = 0  # complete replies the server ended (a stop string, a finished tool call): the engine
+    # counts them among its cancellations
     waiting: int = 0
     running: int = 0
     pages_used: int = 0
@@ -71,10 +72,10 @@ class EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stopped = threading.Event()
-        self._text_stops = 0
+        self._ended_here = 0
 
     def post(self, message: tuple) -> None:
-        """("add", token, prompt, params), ("refuse", token, error) or ("cancel", request id, stopped); any
+        """("add", token, prompt, params), ("refuse", token, error) or ("cancel", request id, complete); any
         thread."""
         self._inbox.put(message)
         self._wake.set()
@@ -105,7 +106,7 @@ class EngineLoop:
 
     def snapshot(self) -> EngineSnapshot:
         engine = self.engine
-        return EngineSnapshot(replace(engine.stats, drafts=replace(engine.stats.drafts)), self._text_stops,
+        return EngineSnapshot(replace(engine.stats, drafts=replace(engine.stats.drafts)), self._ended_here,
                               len(engine.scheduler.waiting), len(engine.scheduler.running), engine.cache.used_pages,
                               engine.cache.config.num_pages - 1)
 
@@ -119,9 +120,9 @@ class EngineLoop:
                 return replies, handled
             handled += 1
             if kind == "cancel":
-                rid, stopped = payload
-                if self.engine.cancel(rid) and stopped:
-                    self._text_stops += 1
+                rid, complete = payload
+                if self.engine.cancel(rid) and complete:
+                    self._ended_here += 1
                 continue
             if kind == "refuse":  # a submission refused before it reached the engine
                 replies.append(tuple(payload))
@@ -139,7 +140,7 @@ class EngineLoop:
             log.exception("engine step failed")
             failed = list(self.engine.requests)
             for rid in failed:
-                self.engine.cancel(rid)
+                self.engine.cancel(rid, failed=True)
             return [(rid, EngineFailed(f"engine error: {err}")) for rid in failed]
 
 
@@ -177,12 +178,13 @@ class Bridge:
         self._post(("add", token, prompt, params))
         return list(zip(await asyncio.wrap_future(done), queues))
 
-    def cancel(self, request_id: int, stopped: bool = False) -> None:
-        """End a request early: its client left, or (`stopped`) its text reached a stop string."""
+    def cancel(self, request_id: int, complete: bool = False) -> None:
+        """End a request early: its client left, or (`complete`) the server ended the reply itself (a stop string
+        in its text, a finished tool call with parallel calls off)."""
         with self._lock:
             self._streams.pop(request_id, None)
         if self.alive:
-            self._post(("cancel", request_id, stopped))
+            self._post(("cancel", request_id, complete))
 
     def receive(self, batch: Batch) -> None:
         """Route a Batch: settle submissions (registering their streams first, so no output can come before

@@ -31,17 +31,21 @@ def route_template(routes: Sequence[BaseRoute], scope: Scope) -> str:
 
 class EngineCollector(Collector):
     """Engine figures as of the engine's latest batch (the bridge's snapshot: taken on the engine's side, so never
-    torn). Requests ended by a stop string are cancelled in the engine but finished to a client."""
+    torn). Replies the server ends itself (a stop string, a finished tool call) are cancelled in the engine but
+    finished to a client."""
 
     def __init__(self, bridge: Bridge) -> None:
         self.bridge = bridge
 
     def collect(self) -> Iterator[Metric]:
         now = self.bridge.latest
-        stats, stops, drafts = now.stats, now.text_stops, now.stats.drafts
+        stats, ended_here, drafts = now.stats, now.ended_here, now.stats.drafts
         counters = [
-            ("longcat_requests_finished", "generations finished (stop or length)", stats.finished + stops),
-            ("longcat_requests_cancelled", "generations cancelled (client gone)", stats.cancelled - stops),
+            ("longcat_requests_finished", "generations finished (stop, length or tool calls)",
+             stats.finished + ended_here),
+            ("longcat_requests_cancelled", "generations cancelled (client gone)", stats.cancelled - ended_here),
+            ("longcat_requests_failed", "generations ended by an error (non-finite logits, a failed grammar or "
+             "engine step)", stats.failed),
             ("longcat_requests_preempted", "preemptions for lack of cache pages", stats.preempted),
             ("longcat_prompt_tokens", "prompt tokens admitted", stats.prompt_tokens),
             ("longcat_generation_tokens", "tokens the engine generated (with the steps a stop string's cancel "

@@ -4,14 +4,15 @@ into stream deltas, so that both response shapes come from the same events.
 """
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from . import protocol as p
 from .tools import Event, PlainText, ToolCall, ToolCallParser
 
 
 async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText,
-                 stop: Sequence[str] = ()) -> AsyncIterator[tuple[list[Event], str | None, int]]:
+                 stop: Sequence[str] = (), end: Callable[[], None] = lambda: None
+                 ) -> AsyncIterator[tuple[list[Event], str | None, int]]:
     """`Generation.pieces` (serve/app.py) read through the tool-call parser: (events, finish reason or None, tokens
     so far).
 
@@ -19,7 +20,9 @@ async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: Too
     as OpenAI reports a cut, calls made or not). With parallel calls off, the first complete call ends the
     request: closing `pieces` cancels it on the engine, so the tokens after the closing tag are never generated.
     `stop`: the stop strings the text was not scanned for inside call blocks; a block the parser hands back as
-    content (its JSON no call, or never closed) is scanned for them here, and cut at the first.
+    content (its JSON no call, or never closed) is scanned for them here, and cut at the first. `end` is called
+    once the reply is complete (`TextState.end`), before `pieces` is closed, so that the request's cancel on the
+    engine counts as finished, not as a client gone.
     """
     try:
         async for delta, reason, n in pieces:
@@ -29,6 +32,7 @@ async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: Too
             events, stopped = cut_at_stop(events, stop)
             reason = "stop" if stopped else reason
             if parser.done or reason:
+                end()
                 yield events, "tool_calls" if parser.calls and reason != "length" else reason, n
                 return
             yield events, None, n

@@ -43,7 +43,7 @@ class TextState:
         self._pending: list[int] = []  # ids the stream holds without a whole character yet
         self._tail = ""  # decoded but not shown: it could be the start of a stop string
         self._shown: list[str] = []
-        self.stopped = False  # a stop string occurred; the text ends before it
+        self.stopped = False  # a stop string occurred (the text ends before it), or the reply was ended (`end`)
         self.tokens = 0  # ids consumed, up to and including the one that completed a stop string
 
     def feed(self, ids: Sequence[int], final: bool = False, stop_token: bool = False) -> str:
@@ -63,6 +63,12 @@ class TextState:
         piece = "".join(pieces)
         self._shown.append(piece)
         return piece
+
+    def end(self) -> None:
+        """The reply is complete though the engine has not finished it (the tool-call parser read a complete call
+        with parallel calls off, or found a stop string in a returned block): nothing more is fed, and the request's
+        cancel counts as finished, as a stop string's does."""
+        self.stopped = True
 
     def _decode(self, token: int) -> str:
         """The text this id completes ("" while a character is still split across ids)."""
