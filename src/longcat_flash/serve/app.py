@@ -13,7 +13,9 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -426,30 +428,13 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         choices = [gen.completion(body, i * body.n + j, prompt, ids, copy, watch)
                    for i, (prompt, ids, group) in enumerate(zip(body.prompt, prompts, groups))
                    for j, copy in enumerate(group)]
-        rid_str, created = p.new_id("cmpl"), p.now()
         n_prompt = sum(map(len, prompts))  # each prompt counts once, however many copies it has
+        response = partial(p.CompletionResponse, id=p.new_id("cmpl"), created=p.now(), model=config.model_name)
         if not body.stream:
-            try:
-                answers = await _all_or_none([_joined_completion(i, chunks) for i, chunks in enumerate(choices)])
-            finally:
-                gen.close(copies)
-            return p.CompletionResponse(id=rid_str, created=created, model=config.model_name,
-                                        usage=p.Usage.of(n_prompt, sum(n for _, n in answers)),
-                                        choices=[choice for choice, _ in answers]).model_dump()
-
-        def chunk(choice: p.CompletionChoice) -> p.CompletionResponse:
-            return p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[choice])
-
-        async def events() -> AsyncIterator[str]:
-            counts = [0] * len(choices)
-            async for choice, n in _merged(choices):
-                counts[choice.index] = n
-                if choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens):
-                    yield _sse(chunk(choice))
-            if body.include_usage:
-                yield _sse(p.CompletionResponse(id=rid_str, created=created, model=config.model_name, choices=[],
-                                                usage=p.Usage.of(n_prompt, sum(counts))))
-        return _event_stream(events(), lambda: gen.close(copies))
+            answers, used = await _answers([_joined_completion(i, chunks) for i, chunks in enumerate(choices)],
+                                           partial(gen.close, copies))
+            return response(choices=answers, usage=p.Usage.of(n_prompt, used)).model_dump()
+        return _streamed(choices, response, n_prompt, body.include_usage, partial(gen.close, copies), _has_news)
 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatCompletionRequest, request: Request):
@@ -458,30 +443,45 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         [params] = await gen.constrain([_chat_params(gen.check(body, prompt, body.limit, "messages"), body)],
                                        body, plan)
         copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
-        rid_str, created = p.new_id("chatcmpl"), p.now()
+        response = partial(p.ChatCompletionResponse if not body.stream else p.ChatCompletionChunk,
+                           id=p.new_id("chatcmpl"), created=p.now(), model=config.model_name)
         if not body.stream:
-            try:
-                answers = await _all_or_none([gen.chat_choice(body, plan, j, copy, request)
-                                              for j, copy in enumerate(copies)])
-            finally:
-                gen.close(copies)
-            return p.ChatCompletionResponse(
-                id=rid_str, created=created, model=config.model_name,
-                usage=p.Usage.of(len(prompt), sum(n for _, n in answers)),
-                choices=[choice for choice, _ in answers]).model_dump()
+            answers, used = await _answers([gen.chat_choice(body, plan, j, copy, request)
+                                            for j, copy in enumerate(copies)], partial(gen.close, copies))
+            return response(choices=answers, usage=p.Usage.of(len(prompt), used)).model_dump()
+        return _streamed([gen.chat_chunks(body, plan, j, copy) for j, copy in enumerate(copies)], response,
+                         len(prompt), body.include_usage, partial(gen.close, copies))
 
-        def chunk(choice: p.ChatChunkChoice) -> p.ChatCompletionChunk:
-            return p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name, choices=[choice])
 
-        async def events() -> AsyncIterator[str]:
-            counts = [0] * len(copies)
-            async for choice, n in _merged([gen.chat_chunks(body, plan, j, copy) for j, copy in enumerate(copies)]):
-                counts[choice.index] = n
-                yield _sse(chunk(choice))
-            if body.include_usage:
-                yield _sse(p.ChatCompletionChunk(id=rid_str, created=created, model=config.model_name,
-                                                 choices=[], usage=p.Usage.of(len(prompt), sum(counts))))
-        return _event_stream(events(), lambda: gen.close(copies))
+async def _answers(calls: list[Awaitable[tuple[Any, int]]], close: Callable[[], None]) -> tuple[list, int]:
+    """Non-streamed choices: all of them or the first error, their copies closed however it ends; and the
+    completion tokens they used."""
+    try:
+        answers = await _all_or_none(calls)
+    finally:
+        close()
+    return [choice for choice, _ in answers], sum(n for _, n in answers)
+
+
+def _streamed(choices: list[AsyncIterator[tuple[Any, int]]], response: Callable[..., Any], n_prompt: int,
+              include_usage: bool, close: Callable[[], None], shown: Callable[[Any], bool] = lambda choice: True
+              ) -> StreamingResponse:
+    """The choices' chunks as SSE events as they come, each wrapped by `response(choices=[chunk])`; then, with
+    `include_usage` (OpenAI's stream_options), one of no choices carrying the usage."""
+    async def events() -> AsyncIterator[str]:
+        counts = [0] * len(choices)
+        async for choice, n in _merged(choices):
+            counts[choice.index] = n
+            if shown(choice):
+                yield _sse(response(choices=[choice]))
+        if include_usage:
+            yield _sse(response(choices=[], usage=p.Usage.of(n_prompt, sum(counts))))
+    return _event_stream(events(), close)
+
+
+def _has_news(choice: p.CompletionChoice) -> bool:
+    """A completion chunk worth sending: text, a finish reason or logprobs (an empty step sends nothing)."""
+    return bool(choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens))
 
 
 class _ClosingStream(StreamingResponse):
