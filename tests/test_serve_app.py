@@ -312,6 +312,11 @@ def test_any_int64_seed_is_taken(client):
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {}}]}]},
      "messages.0.content.0.cache_control"),
     ({"tool_choice": {"type": "function", "function": {"name": "f", "x": 1}}}, "tool_choice.function.x"),
+    ({"response_format": {"type": "json_object", "extra": 1}}, "response_format.extra"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}},
+     "response_format.json_schema.extra"),
+    ({"response_format": {"type": "xml"}}, "response_format.type"), ({"response_format": {}}, "response_format.type"),
+    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
     # values of other JSON types than declared: refused, not coerced
     ({"n": "2"}, "n"), ({"n": True}, "n"), ({"n": 2.0}, "n"), ({"max_tokens": True}, "max_tokens"),
     ({"temperature": "0.5"}, "temperature"), ({"stream": "false"}, "stream"), ({"logit_bias": {"5": True}},

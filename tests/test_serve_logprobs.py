@@ -14,6 +14,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from longcat_flash.infer.engine import Engine, EngineConfig  # noqa: E402
 from longcat_flash.presets import tiny  # noqa: E402
+from longcat_flash.serve import protocol as p  # noqa: E402
 from longcat_flash.serve.app import ServerConfig, create_app  # noqa: E402
 from longcat_flash.serve.bridge import AsyncEngine  # noqa: E402
 from longcat_flash.tokenizer import stdlib_tokenizer  # noqa: E402
@@ -143,6 +144,14 @@ def test_what_we_do_not_serve_is_refused(served, change, words):
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     assert r.json()["error"]["code"] == "invalid_value"  # as every other refused value
+
+
+@pytest.mark.parametrize("prompt", [["ok", ""], [[1], []], ["ok", "x" * (p.MAX_PROMPT_CHARS + 1)]])
+def test_a_refused_prompt_of_several_is_named_by_its_index(served, prompt):
+    """It was named `prompt.prompt.1` (and a long one not at all)."""
+    r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt.1", r.text
+    assert r.json()["error"]["message"].startswith("prompt.1: "), r.text
 
 
 def streamed(client, path: str, body: dict) -> tuple[list[dict], dict | None]:

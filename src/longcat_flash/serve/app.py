@@ -68,7 +68,7 @@ class APIError(Exception):
 
 
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-z]*)$")  # pydantic's tags, not fields
-_VALUE_ERROR = re.compile(r"^Value error, (?:([a-z_][a-z0-9_.]*): )?")  # a validator's ValueError; ours name the field
+_VALUE_ERROR = re.compile(r"^Value error, (?:([a-z0-9_][a-z0-9_.]*): )?")  # a validator's; ours name the field
 
 
 def _validation_error(err: RequestValidationError, content_type: str | None) -> APIError:
@@ -88,10 +88,11 @@ def _validation_error(err: RequestValidationError, content_type: str | None) -> 
     loc = [str(x) for x in first.get("loc", ()) if x != "body" and not _UNION_MEMBER.match(str(x))]
     message = str(first.get("msg"))
     if first.get("type") == "extra_forbidden":
-        message = "not supported by this server (docs/serving.md §3); remove the field"
+        message = p.UNSUPPORTED
     elif named := _VALUE_ERROR.match(message):  # pydantic's prefix dropped; a field it names below loc joins it
         inner = named.group(1).split(".") if named.group(1) else []
-        loc, message = loc + inner if loc[-len(inner):] != inner else loc, message[named.end():]
+        overlap = max(k for k in range(min(len(loc), len(inner)) + 1) if loc[len(loc) - k:] == inner[:k])
+        loc, message = loc + inner[overlap:], message[named.end():]
     param = ".".join(loc) or None
     return APIError(400, f"{param or 'body'}: {message}", param=param, code="invalid_value")
 

@@ -37,6 +37,7 @@ MAX_LOGPROBS = 20  # infer/sampling.py's limit
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
 MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a response schema)
+UNSUPPORTED = "not supported by this server (docs/serving.md §3); remove the field"  # a field we do not honour
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
 # On a message: a participant's name (agent frameworks send it), an assistant's refusal and citations (OpenAI's
 # replies carry them, and clients send replies back), the reasoning other backends' replies carry (vLLM's reasoning
@@ -133,16 +134,20 @@ class _Sampling(_Part):
         "schema", "strict", "description"}}; anything else is refused rather than read loosely."""
         if value is None:
             return None
-        kind, fields = value.get("type"), set(value) - {"type"}
-        if kind in ("text", "json_object") and not fields:
+        shapes = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
+        fields = shapes.get(value.get("type"))
+        if fields is None:
+            raise ValueError('type: must be "text", "json_object" or "json_schema"')
+        if extra := sorted(set(value) - fields):
+            raise ValueError(f"{extra[0]}: {UNSUPPORTED}")
+        if value["type"] != "json_schema":
             return value
-        if kind != "json_schema" or fields != {"json_schema"}:
-            raise ValueError('must be {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", '
-                             '"json_schema": {"name": ..., "schema": {...}}}')
-        spec = value["json_schema"]
-        if not isinstance(spec, dict) or set(spec) - {"name", "schema", "strict", "description"}:
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
             raise ValueError('json_schema: must be an object with "name", "schema" and optionally "strict" and '
                              '"description"')
+        if extra := sorted(set(spec) - {"name", "schema", "strict", "description"}):
+            raise ValueError(f"json_schema.{extra[0]}: {UNSUPPORTED}")
         if not isinstance(spec.get("name"), str) or not FORMAT_NAME.match(spec["name"]):
             raise ValueError("json_schema.name: must be 1 to 64 letters, digits, underscores or dashes")
         if not isinstance(spec.get("schema"), dict):
@@ -226,10 +231,11 @@ class CompletionRequest(_Sampling):
         if len(prompts) > MAX_PROMPTS:
             raise ValueError(f"at most {MAX_PROMPTS} prompts per request")
         for i, prompt in enumerate(prompts):
+            where = f"{i}: " if many else ""
             if not prompt:
-                raise ValueError(f"prompt.{i}: must not be empty" if many else "must not be empty")
+                raise ValueError(f"{where}must not be empty")
             if isinstance(prompt, str) and len(prompt) > MAX_PROMPT_CHARS:
-                raise ValueError(f"prompt is longer than {MAX_PROMPT_CHARS} characters")
+                raise ValueError(f"{where}longer than {MAX_PROMPT_CHARS} characters")
         return well_formed(prompts, "prompt")
 
     @model_validator(mode="after")
