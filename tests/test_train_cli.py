@@ -316,6 +316,55 @@ def native_box():
     return torch.nn.Linear(1, 1)
 
 
+def _rank_env(rank: int, port: int) -> dict[str, str]:
+    """The environment torchrun gives rank `rank` of a world of two meeting at 127.0.0.1:`port`."""
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "WORLD_SIZE": "2", "RANK": str(rank), "LOCAL_RANK": str(rank),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+
+
+def test_a_rank_whose_partner_never_starts_stops_after_dist_timeout_with_one_line(tmp_path: Path):
+    """One rank of two started (a mistyped --nproc-per-node, a node that never came): it waited 10 minutes without
+    a word, then printed torch's traceback; a rank other than 0 waits for rank 0's store the same way."""
+    from longcat_flash.serve.launch import free_port
+
+    runs = [subprocess.Popen([sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--out",
+                              str(tmp_path / f"rank{rank}"), "--dist-timeout", "2"], env=_rank_env(rank, free_port()),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    for rank, run in enumerate(runs):
+        _, err = run.communicate(timeout=120)
+        last = err.strip().splitlines()[-1]
+        assert run.returncode == 1 and "Traceback" not in err, err[-3000:]
+        assert last.startswith(f"longcat train{f' (rank {rank})' if rank else ''}: the 2 ranks did not all meet at "
+                               "127.0.0.1:") and "within 2 s" in last and last.endswith("--dist-timeout"), last
+
+
+@pytest.mark.slow
+def test_a_rank_that_loses_the_other_says_so_in_one_line(tmp_path: Path):
+    """Rank 1 killed mid-run (the OOM killer, a lost node): rank 0 printed a 58-line gloo traceback."""
+    from longcat_flash.serve.launch import free_port
+
+    corpus, cache, port = make_corpus(tmp_path / "corpus"), tmp_path / "cache", free_port()
+    command = _train_cmd(tmp_path / "run", corpus, cache, "--max-steps", "500", "--ep", "2")
+    survivor = subprocess.Popen(command, env=_rank_env(0, port), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                text=True)
+    victim = subprocess.Popen(command, env=_rank_env(1, port), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    metrics, deadline = tmp_path / "run" / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    victim.kill()
+    victim.wait()
+    _, err = survivor.communicate(timeout=120)
+    assert survivor.returncode == 1 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1].startswith("longcat train (rank 0): lost contact with the other ranks ("), err
+
+
+def test_no_overlap_without_expert_parallelism_is_refused():
+    """It was taken and ignored in one process (and with --ep 1 under torchrun): there is no all-to-all."""
+    assert run_cli("train", "--preset", "tiny", "--no-overlap") == (
+        "longcat train: --no-overlap: only expert parallelism (--ep > 1 under torchrun) has all-to-alls to overlap; "
+        "drop the flag")
+
+
 def _train_cmd(out: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:
     sets = [a for o in tiny_overrides(corpus, cache, "loss.monitor_every=7") for a in ("--set", o)]
     return [sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--out", str(out),

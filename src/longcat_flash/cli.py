@@ -13,7 +13,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
-from .distributed.env import RankZeroFailed, launched
+from .distributed.env import RankZeroFailed, launched, peer_lost
 from .flag_types import fraction, non_negative_int, positive_float, positive_int
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
@@ -142,7 +142,10 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                                                          "experts; default: world / dp, or 1)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel groups of --ep ranks (default: world / ep)")
     p.add_argument("--no-overlap", action="store_true", help="block on each all-to-all instead of hiding it "
-                                                             "behind the dense path (for measurements)")
+                                                             "behind the dense path (with --ep > 1; for measurements)")
+    p.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+                   help="under torchrun: how long a rank waits for the others, to start and in each collective "
+                        "(default 600)")
     _add_device(p)
 
 
@@ -215,9 +218,13 @@ def _run_train(args: argparse.Namespace) -> None:
         return
     if any(degree is not None and degree < 1 for degree in (args.ep, args.dp)):
         raise ValueError(f"--ep and --dp must be at least 1, got --ep {args.ep} --dp {args.dp}")
+    dp, ep = _parallel_degrees(args.dp, args.ep, int(os.environ.get("WORLD_SIZE", "1")))
+    if args.no_overlap and ep == 1:
+        raise ValueError("--no-overlap: only expert parallelism (--ep > 1 under torchrun) has all-to-alls to "
+                         "overlap; drop the flag")
     _new_or_directory(out)
-    device = distributed.init(args.device)  # a process group only when launched by torchrun
-    mesh = distributed.build_mesh(*_parallel_degrees(args.dp, args.ep, distributed.world_size()), device)
+    device = distributed.init(args.device, args.dist_timeout)  # a process group only when launched by torchrun
+    mesh = distributed.build_mesh(dp, ep, device)
     if saved is not None and (notice := schedule_notice(out, cfg)):
         distributed.print0(notice)
     try:
@@ -546,6 +553,12 @@ def _run(args: argparse.Namespace) -> None:
         sys.exit(141)
     except RankZeroFailed:
         sys.exit(1)  # rank 0 prints what failed
+    except RuntimeError as err:  # a collective failed: NCCL's and gloo's own errors, tracebacks from deep inside
+        reason = peer_lost(err) if launched() else ""
+        if not reason:
+            raise
+        sys.exit(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
+                 f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
     except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
         rank = int(os.environ.get("RANK", "0"))
         if rank and isinstance(err, (ValueError, KeyError)):

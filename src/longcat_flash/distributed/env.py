@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import re
 import socket
 import uuid
 from collections.abc import Iterator
@@ -38,9 +39,25 @@ def init(device: str | torch.device = "auto", timeout_s: float = 600.0) -> torch
     device = resolve_device(device)
     use_device(device)
     if launched() and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=device if device.type == "cuda" else None)
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
+                                    device_id=device if device.type == "cuda" else None)
+        except (dist.DistStoreError, dist.DistNetworkError) as err:  # rank 0 waits for the others, they for rank 0
+            where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            raise TimeoutError(f"the {os.environ['WORLD_SIZE']} ranks did not all meet at {where} within "
+                               f"{timeout_s:g} s ({str(err).strip().splitlines()[0]}): start every rank (torchrun "
+                               "--nproc-per-node, --nnodes), or give them longer with --dist-timeout") from None
     return device
+
+
+def peer_lost(err: BaseException) -> str:
+    """What went wrong, in a few words, when `err` is a collective that failed because another rank is gone or
+    never answered (NCCL's errors and gloo's transport errors); "" for any other error."""
+    text = str(err).strip()
+    if not (isinstance(err, dist.DistError) or "gloo/transport" in text):
+        return ""
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's [source file:line] prefix
+    return text.split(". ")[0].splitlines()[0][:200]
 
 
 def teardown() -> None:
