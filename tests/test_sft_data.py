@@ -392,6 +392,10 @@ BAD_ROWS = [
      "tools[0].function.parameters: holds NaN or Infinity, which JSON has no place for (the prompt would show"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
       "tools": [{"name": "f\n"}]}, "tools[0].name: 'f\\n' is not a function name"),  # re.match's $ took it
+    # rendered into the prompt as it was: a tool the server refuses (strict is a boolean there)
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+      "tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]},
+     "tools[0].function.strict: must be true or false, got 'yes'"),
 ]
 
 
@@ -485,6 +489,19 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no file matches .*validation-\*"):
         read_conversations(root / "data" / "validation-*")
     (root / "data" / "test-00000-of-00001.jsonl").unlink()
+    for names in (("mydata_train.jsonl", "mydata_test.jsonl"), ("training.jsonl", "testing.jsonl"),
+                  ("chat-train-0.jsonl", "chat-eval-0.jsonl")):  # the split word between separators, as `datasets`
+        mixed = tmp_path / f"mixed-{names[0]}"
+        mixed.mkdir()
+        for name in names:
+            (mixed / name).write_text(json.dumps(data[0]) + "\n")
+        with pytest.raises(ValueError, match=r"holds the files of several splits \(test.*, train.*\)"):
+            read_conversations(mixed)
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    for name in ("interval.jsonl", "devices.jsonl", "contest.jsonl"):  # no split word: one data set
+        (plain / name).write_text(json.dumps(data[0]) + "\n")
+    assert len(read_conversations(plain)) == 3
     (root / "data" / "train-00003-of-00003.jsonl").write_text(json.dumps({"messages": []}) + "\n")
     with pytest.raises(ConversationError, match=r"train-00003-of-00003.jsonl:1: messages: empty"):
         read_conversations(root)

@@ -99,7 +99,7 @@ def test_init_from_is_read_as_every_other_set_value(tmp_path: Path, capsys):
 
 
 def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):
-    for value in ("id,source", "['id', 'source']", " id , source "):
+    for value in ("id,source", "['id', 'source']", " id , source ", "[id,source]", "(id, source)"):
         main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])
         assert "sft.ignore_columns=('id', 'source')" in capsys.readouterr().out
     refusal = run_cli("sft", "--print-config", "--set", "sft.ignore_columns=3")

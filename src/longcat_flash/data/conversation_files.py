@@ -16,7 +16,12 @@ from typing import Any
 from .corpus import jsonl_records, open_text, pyarrow_modules
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
-SPLIT_NAMES = ("train", "test", "validation", "valid", "val", "dev", "eval")  # as hub data sets name split files
+# The words that name a split in a data set's file and folder names, as `datasets` matches them: between separators
+# (`train-00000-of-00002.parquet`, `mydata_test.jsonl`, `validation/`), each word standing for its split.
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}
+_SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(sorted(SPLIT_WORDS, key=len, reverse=True))})(?=$|[-._ 0-9])")
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
 
 
@@ -55,10 +60,11 @@ def row_files(pattern: str | Path) -> list[Path]:
                    and not any(part.startswith(".") for part in p.relative_to(path).parts))
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
-    splits = sorted({split for file in files if (split := _split_of(file.relative_to(path)))})
-    if len(splits) > 1:  # a hub data set's train and test shards side by side: held-out rows would be trained on
-        raise ValueError(f"{path} holds the files of several splits ({', '.join(splits)}); give one split's files: "
-                         f"a file, a folder or a glob pattern such as '{path}/**/{splits[-1]}*' (quoted)")
+    words = {split: word for file in files if (found := _split_of(file.relative_to(path))) for split, word in [found]}
+    if len(words) > 1:  # a hub data set's train and test shards side by side: held-out rows would be trained on
+        named = ", ".join(f"{split} ({word})" if word != split else split for split, word in sorted(words.items()))
+        raise ValueError(f"{path} holds the files of several splits ({named}); give one split's files: a file, a "
+                         f"folder or a glob pattern such as '{path}/**/*{words.get('train', 'train')}*' (quoted)")
     return files
 
 
@@ -73,11 +79,11 @@ def _saved_dataset_files(path: Path) -> list[Path]:
     return files if files and all(file.is_file() for file in files) else []
 
 
-def _split_of(relative: Path) -> str | None:
-    """The split a data set file belongs to by the hub's naming: `train-00000-of-00002.parquet`, `test.jsonl` or a
-    folder `validation/`; None for other names."""
-    words = (re.split(r"[-_.]", part, maxsplit=1)[0].lower() for part in relative.parts)
-    return next((word for word in words if word in SPLIT_NAMES), None)
+def _split_of(relative: Path) -> tuple[str, str] | None:
+    """(split, the word that names it) for a data set file by the hub's naming (SPLIT_WORDS), its folders first;
+    None for other names."""
+    found = (_SPLIT_WORD.search(part.lower()) for part in relative.parts)
+    return next(((SPLIT_WORDS[m.group(1)], m.group(1)) for m in found if m), None)
 
 
 def rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:

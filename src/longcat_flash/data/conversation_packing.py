@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .batches import IGNORE, PackedBatch, array_digest
+from .conversation_files import row_files
 from .conversation_tokens import ChatTokenizer, tokenize
 from .conversations import read_conversations
 
@@ -124,6 +125,11 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
                           ends: Sequence[str] = ()) -> tuple[ConversationDataset, ConversationDataset]:
     """The train and validation windows: conversations in a seeded order (the validation share taken from the
     front when there is no separate val_data), each split packed on its own; `ends` as in `tokenize`."""
+    if val_data is not None:
+        trained = {file.resolve() for file in row_files(data)}
+        if shared := [file for file in row_files(val_data) if file.resolve() in trained]:
+            raise ValueError(f"sft.val_data: {shared[0]} is among the files of sft.data too: its conversations "
+                             "would be trained on and then held out; give held-out files that sft.data does not name")
     conversations = read_conversations(data, ignore)
     if not conversations:
         raise ValueError(f"{data}: no conversations in it")

@@ -151,8 +151,10 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     elif origin is Literal:
         if value in args:
             return value
-    elif origin is tuple and args[-1:] == (Ellipsis,):  # any length; from the CLI also "a,b,c"
-        items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+    elif origin is tuple and args[-1:] == (Ellipsis,):  # any length; from the CLI also "a,b,c" and "[a,b,c]"
+        text = value.strip() if isinstance(value, str) else ""
+        text = text[1:-1] if text[:1] + text[-1:] in ("[]", "()") else text  # brackets around unquoted names
+        items = [v.strip() for v in text.split(",") if v.strip()] if isinstance(value, str) else value
         if isinstance(items, (list, tuple)):
             return tuple(coerce(v, args[0], key) for v in items)
     elif origin is tuple:
