@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -14,7 +15,7 @@ import pytest
 
 from longcat_flash.cli import main
 from longcat_flash.data.conversations import parse_row, read_conversations
-from longcat_flash.data.tool_dialogues import (CASES, INTENTS, PARAM_NAMES, SPLITS, VERBS, case_of,
+from longcat_flash.data.tool_dialogues import (CASES, CITIES, INTENTS, PARAM_NAMES, SPLITS, VERBS, case_of,
                                                check_conversation, iter_conversations, validate_arguments)
 from longcat_flash.tokenizer import Tokenizer, train_tokenizer
 
@@ -80,6 +81,15 @@ def test_validator_subset():
     assert validate_arguments({"n": 1, "u": "c"}, schema) == ["'u' must be one of ['a', 'b'], got 'c'"]
     assert validate_arguments({"x": 1.5}, schema) == ["missing required 'n'"]
     assert validate_arguments([], schema) == ["arguments must be an object, got []"]
+
+
+def test_requests_read_as_english(rows):
+    """The held-out split asked for "a an hour and a half countdown", both splits for "1 hours", and the words after
+    "Please," or "... And" kept their capital ("And What is ...")."""
+    texts = [m["content"] for split in SPLITS for row in rows[split] for m in row["messages"] if m["role"] == "user"]
+    assert not [t for t in texts if re.search(r"(?<![-\w])(1|one) (hours|minutes)\b|\ba (a|an)\b", t)]
+    capitals = {m.group(1) for t in texts for m in re.finditer(r"(?:\bAnd|Also,|Please,|Hey,) ([A-Z][\w']*)", t)}
+    assert capitals <= {*CITIES, "I", "I'm", "I'd"}, capitals
 
 
 def test_train_and_heldout_pools_are_disjoint(rows):

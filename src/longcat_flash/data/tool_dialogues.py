@@ -91,6 +91,11 @@ def _number_text(rng: random.Random, n: int) -> str:
     return spell(n) if n < 100 and rng.random() < 0.5 else str(n)
 
 
+def _count(rng: random.Random, n: int, unit: str) -> str:
+    """`n` units, in digits or words, the unit plural unless n is 1 ("1 hour", "twelve minutes")."""
+    return f"{_number_text(rng, n)} {unit}{'s' if n != 1 else ''}"
+
+
 # ---- intents: what a tool does, its slots, how a request about it is drawn and answered ----------------
 
 @dataclass(frozen=True)
@@ -173,8 +178,7 @@ def _draw_timer(rng: random.Random) -> Draw:
     said = {(0, 15): "a quarter of an hour", (0, 30): "half an hour", (1, 30): "an hour and a half",
             (1, 0): "one hour"}.get((hours, minutes))
     if said is None:
-        parts = [f"{_number_text(rng, hours)} hours"] * (hours > 0) + [f"{_number_text(rng, minutes)} minutes"] * (
-            minutes > 0)
+        parts = [_count(rng, hours, "hour")] * (hours > 0) + [_count(rng, minutes, "minute")] * (minutes > 0)
         said = " and ".join(parts)
     values: dict[str, Any] = {"minutes": 60 * hours + minutes}
     label = rng.choice((None, "tea", "laundry", "pasta", "stretching"))
@@ -232,7 +236,7 @@ INTENTS = {
         _draw_timer, _timer,
         (("Set a timer for {duration}{label}{sound}.", "Start a countdown of {duration}{label}{sound}.",
           "Remind me in {duration}{label}{sound}."),
-         ("Can you time {duration}{label}{sound}?", "I need a {duration} countdown{label}{sound}.")),
+         ("Can you time {duration}{label}{sound}?", "I need a countdown of {duration}{label}{sound}.")),
         ("Done: {result}.", "Your timer is running ({result}).")),
     "translate": Intent(
         (("translation", "translator", "phrase"), ("language_swap", "interpretation")),
@@ -244,6 +248,11 @@ INTENTS = {
          ("In {language}, '{text}' would be what?", "Give me the {language} for '{text}'.")),
         ("In {language}, '{text}' is '{result}'.", "It's '{result}'.")),
 }
+# The first words of the request templates (those that start with a word, not a value) and of the plain chats: what
+# `_continued` may lower-case; a value (a city) and "I" keep their capital.
+_OPENING_WORDS = frozenset(text.split(" ", 1)[0] for text in (
+    *(template for intent in INTENTS.values() for pool in intent.templates for template in pool),
+    *(question for question, _ in CHATS)) if text[:1].isalpha()) - {"I", "I'm", "I'd"}
 
 
 # ---- tools and conversations -----------------------------------------------------------------------------
@@ -299,7 +308,16 @@ def make_request(rng: random.Random, tool: Tool, split: str) -> Request:
 def _polite(rng: random.Random, text: str) -> str:
     """Wrap a request in a greeting or a thank-you (or nothing), so the model does not key on the exact text."""
     before, after = rng.choice(POLITE)
-    return before + text + after
+    return _continued(before, text) + after
+
+
+def _continued(prefix: str, text: str) -> str:
+    """`prefix` then `text`, whose first word is lower-cased where the prefix leaves a sentence open ("Please, set
+    a timer", "... And what is"): a template's opening word, never a name or "I"."""
+    open_sentence = prefix.rstrip()[-1:] not in ("", ".", "!", "?", ":")
+    if open_sentence and text.split(" ", 1)[0] in _OPENING_WORDS:
+        text = text[:1].lower() + text[1:]
+    return prefix + text
 
 
 def _tool_turn(rng: random.Random, requests: list[Request]) -> list[dict[str, Any]]:
@@ -319,7 +337,8 @@ def _case_messages(rng: random.Random, case: str, tools: list[Tool], split: str)
     if case == "parallel":
         pair = rng.sample(tools, 2) if len(tools) > 1 else tools * 2
         first, second = (make_request(rng, tool, split) for tool in pair)
-        return [{"role": "user", "content": rng.choice(JOINERS).format(first.text, second.text)},
+        joiner = rng.choice(JOINERS)  # each ends with the second request
+        return [{"role": "user", "content": _continued(joiner.removesuffix("{1}").format(first.text), second.text)},
                 *_tool_turn(rng, [first, second])]
     request = make_request(rng, rng.choice(tools), split)
     messages = [{"role": "user", "content": _polite(rng, request.text)}, *_tool_turn(rng, [request])]
