@@ -392,6 +392,10 @@ BAD_ROWS = [
      "tools[0].function.parameters: holds NaN or Infinity, which JSON has no place for (the prompt would show"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
       "tools": [{"name": "f\n"}]}, "tools[0].name: 'f\\n' is not a function name"),  # re.match's $ took it
+    # a TRL row's replies are in its completion, not in a messages field it does not have
+    ({"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "a",
+                                                                     "weight": 0}]},
+     "completion: every assistant message has weight 0"),
     # rendered into the prompt as it was: a tool the server refuses (strict is a boolean there)
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
       "tools": [{"type": "function", "function": {"name": "f", "strict": "yes"}}]},

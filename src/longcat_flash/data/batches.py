@@ -182,8 +182,10 @@ class ResumableSampler:
         for key in ("seed", "num_sequences"):
             current = self.seed if key == "seed" else len(self.dataset)
             if state.get(key) != current:
-                raise ValueError(f"sampler state has {key}={state.get(key)!r} but this sampler has {current}; "
-                                 f"it was saved for different data or a different seed")
+                what = "data order's seed" if key == "seed" else "number of training windows"
+                raise ValueError(f"the training data differs from the data this run was checkpointed on (its {what} "
+                                 f"was {state.get(key)!r}, now {current}): resume with the same data and settings, "
+                                 "or start a new run")
         if state.get("data_digest", self.dataset.digest) != self.dataset.digest:  # checkpoints before it lack it
             raise ValueError("the training data differs from the data this run was checkpointed on (its windows' "
                              "tokens do not match): resume with the same data and settings, or start a new run")

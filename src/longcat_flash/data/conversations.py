@@ -106,10 +106,11 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     _check_answered(messages, named, where)
     _check_parallel(row.get("parallel_tool_calls", True), messages, named, where)
     _check_declared(tools, messages, named, where, field)
+    replies = named[-1][0].partition("[")[0]  # where the replies are: messages, a TRL row's completion, ...
     if not any(m["role"] == "assistant" for m in messages):
-        raise ConversationError(f"{where}: messages: no assistant message (nothing to train on)")
+        raise ConversationError(f"{where}: {replies}: no assistant message (nothing to train on)")
     if all(m["role"] != "assistant" or i in untrained for i, m in enumerate(messages)):
-        raise ConversationError(f"{where}: messages: every assistant message has weight 0 (nothing to train on)")
+        raise ConversationError(f"{where}: {replies}: every assistant message has weight 0 (nothing to train on)")
     return Conversation(messages, tools, where, frozenset(untrained))
 
 
