@@ -146,9 +146,10 @@ def test_what_we_do_not_serve_is_refused(served, change, words):
     assert r.json()["error"]["code"] == "invalid_value"  # as every other refused value
 
 
-@pytest.mark.parametrize("prompt", [["ok", ""], [[1], []], ["ok", "x" * (p.MAX_PROMPT_CHARS + 1)]])
+@pytest.mark.parametrize("prompt", [["ok", ""], [[1], []], ["ok", "x" * (p.MAX_PROMPT_CHARS + 1)], [[1, 2], "ab"],
+                                    ["ab", [1, 2]], ["ab", 5]])
 def test_a_refused_prompt_of_several_is_named_by_its_index(served, prompt):
-    """It was named `prompt.prompt.1` (and a long one not at all)."""
+    """It was named `prompt.prompt.1` (a long one not at all; one of another kind than the first blamed the first)."""
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt.1", r.text
     assert r.json()["error"]["message"].startswith("prompt.1: "), r.text

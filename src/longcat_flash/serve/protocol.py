@@ -222,6 +222,18 @@ class CompletionRequest(_Sampling):
             raise ValueError("insertion (text the completion must lead up to) is not supported by this server")
         return value
 
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _one_kind(cls, value: Any) -> Any:
+        """A list of prompts is all strings or all token-id lists (else pydantic blamed a good first element)."""
+        if isinstance(value, list) and value and isinstance(value[0], (str, list)):
+            kind = type(value[0])
+            if odd := next((i for i, item in enumerate(value) if not isinstance(item, kind)), None):
+                names = {str: "a string", list: "a list of token ids", int: "a number", float: "a number"}
+                raise ValueError(f"{odd}: {names.get(type(value[odd]), type(value[odd]).__name__)} in a list of "
+                                 f"{'strings' if kind is str else 'token-id lists'}: send prompts of one kind")
+        return value
+
     @field_validator("prompt")
     @classmethod
     def _prompts(cls, value: Any) -> list[str | list[int]]:
