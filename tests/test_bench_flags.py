@@ -49,7 +49,7 @@ CASES = [
     ("gpu_check.py", ["--out", "OUT", "--steps", "0"], "argument --steps: must be > 0, got 0"),
     ("gpu_check.py", ["--out", "OUT", "--steps", "8", "--skip", "20"], "--skip 20 leaves none of --steps 8 timed"),
     ("gpu_check.py", ["--out", "OUT", "--peak-tflops", "0"], "argument --peak-tflops: must be > 0, got 0"),
-    ("gpu_check.py", ["--out", "OUT", "--time-limit-s", "nan"], "argument --time-limit-s: must be > 0, got nan"),
+    ("gpu_check.py", ["--out", "OUT", "--time-limit-s", "nan"], "argument --time-limit-s: must be a finite number, got nan"),
 ]
 
 

@@ -302,6 +302,7 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_main_one(saved):
     ({"num_hidden_layers": 10}, "num_hidden_layers=10 disagrees with num_layers=2"),  # 2 or 4 would be read
     ({"qk_head_dim": 24}, "qk_head_dim=24 disagrees"),
     ({"num_key_value_heads": 1}, "num_key_value_heads=1 disagrees with num_attention_heads=4"),
+    ({"torch_dtype": "int8"}, "torch_dtype='int8' is not a floating-point dtype"),  # as transformers refuses it
 ])
 def test_a_config_we_cannot_honour_is_refused_by_name(saved, config, message):
     _, path = saved

@@ -130,7 +130,7 @@ def test_table_and_json_output() -> None:
     (["--ep", "0"], "argument --ep: must be > 0, got 0"),  # was "Scenario.ep must be ..."
     (["--context", "-1"], "argument --context: must be >= 0, got -1"),  # was "Scenario.draft_tokens and ..."
     (["--acceptance", "1.5"], "argument --acceptance: must be in [0, 1], got 1.5"),
-    (["--bandwidth", "nan"], "argument --bandwidth: must be > 0, got nan"),
+    (["--bandwidth", "nan"], "argument --bandwidth: must be a finite number, got nan"),
 ])
 def test_a_bad_flag_is_named_as_typed(flags, message, capsys):
     with pytest.raises(SystemExit) as stopped:

@@ -39,7 +39,13 @@ def _check_derived(raw: dict[str, Any], num_layers: int, qk_head_dim: int, num_h
     if raw.get("num_key_value_heads") not in (None, num_heads):  # transformers would repeat each head's k and v
         raise ValueError(f"config.json: num_key_value_heads={raw['num_key_value_heads']!r} disagrees with "
                          f"num_attention_heads={num_heads} (MLA gives every head its own keys and values)")
+    for key in ("dtype", "torch_dtype"):  # the weights' dtype comes from the safetensors; transformers refuses these
+        if raw.get(key) not in (None, *_FLOATING_DTYPES):
+            raise ValueError(f"config.json: {key}={raw[key]!r} is not a floating-point dtype (one of "
+                             f"{', '.join(_FLOATING_DTYPES)})")
 
+
+_FLOATING_DTYPES = ("float32", "bfloat16", "float16", "float64", "auto")  # the dtype names config.json may hold
 
 # HF attribute_map aliases accepted on input.
 _ALIASES = {
