@@ -194,11 +194,12 @@ def _bounded(body: dict) -> dict:
     return body
 
 
-ROUTES = [("POST", "/v1/completions", p.CompletionRequest), ("POST", "/v1/chat/completions", p.ChatCompletionRequest)]
+ROUTES = [("POST", "/v1/completions", p.CompletionRequest), ("POST", "/v1/chat/completions", p.ChatCompletionRequest),
+          ("POST", "/tokenize", p.TokenizeRequest), ("POST", "/detokenize", p.DetokenizeRequest)]
 
 
 @pytest.mark.parametrize("method, path, model", ROUTES)
-def test_fuzz_generation_routes_never_5xx(client, method, path, model):
+def test_fuzz_post_routes_never_5xx(client, method, path, model):
     @settings(max_examples=60, deadline=None, derandomize=True,
               suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
     @given(body=_json_bodies(model), authorized=st.booleans() | st.just(True))
@@ -208,7 +209,7 @@ def test_fuzz_generation_routes_never_5xx(client, method, path, model):
     check()
 
 
-@pytest.mark.parametrize("path", sorted(set(ROUTE_ERRORS) - {"/v1/completions", "/v1/chat/completions"}))
+@pytest.mark.parametrize("path", sorted(set(ROUTE_ERRORS) - {path for _, path, _ in ROUTES}))
 def test_get_routes_answer_as_declared(client, path):
     for headers in ({}, AUTH):
         r = client.get(path, headers=headers)
@@ -498,3 +499,35 @@ def test_a_logit_bias_that_is_no_number_is_refused(client):
     status, body = _chat(client, logit_bias={"5": float("nan")})
     assert status == 400 and body["error"]["param"].startswith("logit_bias"), body
     assert "finite number" in body["error"]["message"], body
+
+
+def test_tokenize_gives_the_ids_a_completions_prompt_becomes_and_detokenize_inverts_it(client):
+    """vLLM's tokenizer routes, which lm_eval's remote tokenizer and agents' token budgets use (they were 404s)."""
+    text = "def f(x):\n    return x</s> é"
+    r = client.post("/tokenize", json={"model": "tiny", "prompt": text, "add_special_tokens": False,
+                                       "return_token_strs": True}, headers=AUTH)
+    body = r.json()
+    scored = client.post("/v1/completions", json={"model": "tiny", "prompt": text, "max_tokens": 0, "echo": True,
+                                                  "logprobs": 0}, headers=AUTH).json()
+    assert r.status_code == 200 and body["count"] == len(body["tokens"]) == len(body["token_strs"])
+    assert body["max_model_len"] == CONTEXT and scored["usage"]["prompt_tokens"] == body["count"]
+    assert 2 in body["tokens"]  # the eos text is the eos token, as in a completions prompt
+    back = client.post("/detokenize", json={"tokens": body["tokens"]}, headers=AUTH).json()
+    assert back == {"prompt": text}
+    info = client.get("/tokenizer_info", headers=AUTH).json()
+    assert (info["eos_token"], info["model_max_length"]) == ("</s>", CONTEXT) and "{%" in info["chat_template"]
+
+
+@pytest.mark.parametrize("path, body, status, param", [
+    ("/tokenize", {"prompt": "x"}, 401, None),
+    ("/detokenize", {"tokens": [1]}, 401, None),
+    ("/tokenizer_info", None, 401, None),
+    ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}]}, 400, "messages"),
+    ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens"),
+    ("/detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
+])
+def test_the_tokenizer_routes_refuse_what_they_do_not_serve(path, body, status, param, client):
+    headers = {} if status == 401 else AUTH
+    r = client.get(path, headers=headers) if body is None else client.post(path, json=body, headers=headers)
+    assert r.status_code == status and r.json()["error"]["param"] == param, r.text

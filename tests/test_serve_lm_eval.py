@@ -79,14 +79,16 @@ def write_task(root: Path, name: str = TASK, docs: list[dict] = DOCS, yaml: str 
     return tasks
 
 
-def run_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str = TASK, chat: bool = False) -> None:
+def run_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str = TASK, chat: bool = False,
+                remote: bool = False) -> None:
+    """`remote`: lm_eval tokenizes through the server's /tokenize (its `tokenizer_backend=remote`), not locally."""
     if chat:
         model, args, extra = "local-chat-completions", f"model=tiny,base_url={base}/v1/chat/completions", \
             ["--apply_chat_template"]
     else:
         model, extra = "local-completions", []
-        args = f"model=tiny,base_url={base}/v1/completions,tokenizer_backend=huggingface,tokenizer={model_dir}," \
-               "num_concurrent=1"
+        backend = "tokenizer_backend=remote" if remote else f"tokenizer_backend=huggingface,tokenizer={model_dir}"
+        args = f"model=tiny,base_url={base}/v1/completions,{backend},num_concurrent=1"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"),
            "OMP_NUM_THREADS": "1"}
     run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, *extra,
@@ -140,6 +142,18 @@ def test_lm_eval_multiple_choice_matches_the_models_forward(served, completions)
     assert len(scored) == sum(len(doc["choices"]) for doc in DOCS)
     for context, continuation, loglikelihood in scored:
         assert abs(loglikelihood - reference_loglikelihood(model, tokenizer, context, continuation)) < 1e-3
+
+
+def test_lm_eval_tokenizing_through_the_server_scores_as_it_does_locally(served, completions, tmp_path):
+    """`tokenizer_backend=remote` (vLLM's /tokenizer_info, /tokenize and /detokenize) was refused with a 404."""
+    base, model_dir, tasks, _, _ = served
+    run_lm_eval(base, model_dir, tasks, tmp_path, TASK, remote=True)
+
+    def scores(out: Path) -> list[tuple[str, str, float]]:
+        return sorted((request["arg_0"], request["arg_1"], float(response[0][0])) for sample in read_samples(out, TASK)
+                      for request, response in zip(sample["arguments"].values(), sample["resps"], strict=True))
+
+    assert scores(tmp_path) == scores(completions) and len(scores(tmp_path)) == sum(len(d["choices"]) for d in DOCS)
 
 
 def greedy_answer(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[int], until: list[str]) -> str:

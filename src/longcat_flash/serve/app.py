@@ -31,6 +31,7 @@ from ..infer.scheduler import QueueFull
 from ..tokenizer import RenderedChat, Tokenizer
 from . import protocol as p
 from .bridge import Bridge, EngineFailed
+from .errors import APIError, check_model
 from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
@@ -38,6 +39,7 @@ from .openapi import install_openapi
 from .replies import answer, deltas, parsed
 from .structured import ConstraintError, request_grammar, stop_scope
 from .text import TextState
+from .tokenizer_routes import add_tokenizer_routes
 from .tools import Event, ToolPlan, ToolRequestError, plan_tools, template_drops
 
 log = logging.getLogger(__name__)
@@ -53,18 +55,6 @@ class ServerConfig:
     sampling_defaults: dict[str, float] = field(default_factory=dict)  # for fields a request leaves out
     max_body_bytes: int = 8 * 2**20  # a request body's bound (serve/guard.py); prompts are bounded by the context
     disconnect_poll_s: float = 0.25  # how often a non-streaming request checks that its client is still there
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
-        self.headers = headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(p.ErrorResponse(error=self.body).model_dump(), status_code=self.status,
-                            headers=self.headers)
 
 
 _UNION_MEMBER = re.compile(r"^(str|int|float|bool|none|[a-z-]+\[.*\]|[A-Z][A-Za-z]*)$")  # pydantic's tags, not fields
@@ -367,6 +357,7 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
         return card().model_dump()
 
     _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config)
+    add_tokenizer_routes(app, tokenizer, config.context, config.model_name)
     install_openapi(app)
     return app
 
@@ -536,9 +527,7 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
 
 
 def _check_model(asked: str, config: ServerConfig) -> None:
-    if asked != config.model_name:
-        raise APIError(404, f"model {asked!r} is not served here; use {config.model_name!r}", param="model",
-                       code="model_not_found")
+    check_model(asked, config.model_name)
 
 
 def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None) -> None:

@@ -29,7 +29,8 @@ Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
-PROTECTED = "/v1/"  # the API; /health, /metrics and /openapi.json stay open to probes
+# The API, with the tokenizer routes; /health, /metrics and /openapi.json stay open to probes
+PROTECTED = ("/v1/", "/tokenize", "/detokenize", "/tokenizer_info")
 
 
 RELEASE_BODY = "longcat.release_body"  # in scope["state"]: hands a parsed body's share of the bound back

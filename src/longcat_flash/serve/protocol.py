@@ -584,6 +584,45 @@ class ChatCompletionChunk(BaseModel):
     usage: Usage | None = None
 
 
+class TokenizeRequest(_Part):
+    """vLLM's /tokenize, its completion form: the ids a completions prompt of this text becomes (special-token text
+    parsed, as there). This server's prompts get no special tokens added, so `add_special_tokens` (vLLM's flag,
+    which lm_eval sends) changes nothing either way."""
+
+    model: str | None = None
+    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    messages: Any = None  # vLLM's chat form: refused by name below
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _completion_form(self) -> TokenizeRequest:
+        if self.messages is not None:
+            raise ValueError("messages: the chat form of /tokenize is not served here; send `prompt`, the "
+                             "conversation rendered with the chat template (GET /tokenizer_info holds it)")
+        if self.prompt is None:
+            raise ValueError("prompt: required")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(_Part):
+    """vLLM's /detokenize: the text of token ids, special tokens' text included (so it inverts /tokenize)."""
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"

@@ -1,0 +1,50 @@
+"""vLLM's tokenizer endpoints: /tokenize, /detokenize and /tokenizer_info, for clients that count or build prompts
+with the served model's own tokenizer (lm_eval's `tokenizer_backend=remote`, agent frameworks' token budgets).
+
+/tokenize gives the ids a completions prompt of the same text becomes, so its `count` is what the context check
+there counts; /detokenize inverts it. Both run off the event loop, as the completion routes' tokenizing does.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import FastAPI
+
+from ..tokenizer import Tokenizer
+from . import protocol as p
+from .errors import APIError, check_model
+
+
+def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model_name: str) -> None:
+    """The three routes, for the model served as `model_name` with a context of `context` tokens."""
+
+    @app.post("/tokenize")
+    async def tokenize(body: p.TokenizeRequest) -> dict:
+        if body.model is not None:
+            check_model(body.model, model_name)
+        ids = await asyncio.to_thread(tokenizer.encode, body.prompt, allow_special=True)
+        strs = [tokenizer.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
+        return p.TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids, token_strs=strs).model_dump()
+
+    @app.post("/detokenize")
+    async def detokenize(body: p.DetokenizeRequest) -> dict:
+        if body.model is not None:
+            check_model(body.model, model_name)
+        if any(not 0 <= token < tokenizer.vocab_size for token in body.tokens):
+            raise APIError(400, f"tokens: token ids must be in [0, {tokenizer.vocab_size})", param="tokens",
+                           code="invalid_value")
+        text = await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)
+        return p.DetokenizeResponse(prompt=text).model_dump()
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> dict[str, Any]:
+        return info(tokenizer, context)
+
+
+def info(tokenizer: Tokenizer, context: int) -> dict[str, Any]:
+    """What vLLM's /tokenizer_info holds: the tokenizer's config, its special tokens and chat template."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token, "pad_token": tokenizer.pad_token, "model_max_length": context,
+            "vocab_size": tokenizer.vocab_size, "chat_template": tokenizer.chat_template,
+            "tool_chat_template": tokenizer.tool_chat_template}
