@@ -431,3 +431,17 @@ def test_a_broken_chat_template_is_refused_when_the_tokenizer_loads(tok: Tokeniz
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "chat_template": template}))
     with pytest.raises(ValueError, match=message):
         Tokenizer.load(tmp_path)
+
+
+def test_a_corpus_with_one_huge_word_trains_in_seconds():
+    """A 300 KB run of one character (a generated file, a log) made BPE training take minutes, quadratic in the
+    word's length, in native code that not even SIGTERM interrupted. Run in a child so a regression fails here
+    instead of hanging the suite."""
+    import subprocess
+    import sys
+
+    code = ("from longcat_flash.tokenizer import train_tokenizer\n"
+            "t = train_tokenizer(['x' * 400_000 + ' def f(x): return x', '-' * 100_000] * 2, 300)\n"
+            "assert t.decode(t.encode('x' * 1000)) == 'x' * 1000\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr[-2000:]
