@@ -447,7 +447,9 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["max_steps"] == 3  # the refused value was written into the run's config
     for flags, refusal in [(["--set", "data.val_fraction=0.2"], "keeps its train/val split: data.val_fraction=0.2"),
-                           (["--seed", "5"], "keeps its seed: seed=5 differs from the run's 0")]:
+                           (["--seed", "5"], "keeps its seed: seed=5 differs from the run's 0"),
+                           (["--set", f"data.tokenizer={tmp_path / 'run'}"],  # was recorded, and never read
+                            "keeps its tokenizer (the run's tokenizer.json), but the overrides change data.tokenizer")]:
         assert refusal in run_cli("train", "--resume", str(tmp_path / "run"), *flags)  # not the sampler's numbers
     # The corpus moved: a relative --data on resume is saved absolute too. Other data is refused naming the change.
     shutil.copytree(tmp_path / "corpus", elsewhere / "moved")

@@ -453,6 +453,11 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
         if cfg.data.val_fraction != saved.data.val_fraction:  # which windows are held out, so which are trained
             raise ValueError(f"a resumed run keeps its train/val split: data.val_fraction={cfg.data.val_fraction} "
                              f"differs from the run's {saved.data.val_fraction}")
+        tokenizing = [f"data.{key}" for key in ("tokenizer", "tokenizer_sample_bytes")
+                      if getattr(cfg.data, key) != getattr(saved.data, key)]
+        if tokenizing:  # the run reads its own tokenizer.json, which its token ids and embeddings are of
+            raise ValueError(f"a resumed run keeps its tokenizer (the run's tokenizer.json), but the overrides change "
+                             f"{', '.join(tokenizing)}: it would be recorded and not used")
         if cfg.seed != saved.seed:  # the order the windows are drawn in, which the checkpoint is part way through
             raise ValueError(f"a resumed run keeps its seed: seed={cfg.seed} differs from the run's {saved.seed} (the "
                              "data order follows it)")
