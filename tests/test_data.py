@@ -104,6 +104,31 @@ def test_parquet_source(tmp_path: Path) -> None:
         list(iter_documents(path))
 
 
+def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
+    """Gzip-compressed JSON Lines were refused as "not UTF-8 text" (and skipped in a folder), a category or
+    string_view column as "must hold strings", a null text stopped a .jsonl where a .parquet skipped it, and a
+    text file's byte order mark was trained on."""
+    import gzip
+
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    with gzip.open(folder / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.write('{"text": "zipped one"}\n{"text": null}\n{"text": "zipped two"}\n')
+    assert list(iter_documents(folder / "a.jsonl.gz")) == ["zipped one", "zipped two"]
+    (folder / "b.txt").write_text("\ufeffno mark", encoding="utf-8")
+    category = pa.array(["cat one", None, "cat two"]).dictionary_encode()
+    pq.write_table(pa.table({"text": category}), folder / "c.parquet")
+    assert list(iter_documents(folder)) == ["zipped one", "zipped two", "no mark", "cat one", "cat two"]
+    if hasattr(pa, "string_view"):
+        pq.write_table(pa.table({"text": pa.array(["view"], type=pa.string_view())}), tmp_path / "v.parquet")
+        assert list(iter_documents(tmp_path / "v.parquet")) == ["view"]
+    (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
+    with pytest.raises(ValueError, match=r"bad\.jsonl\.gz: not a readable gzip file"):
+        list(iter_documents(tmp_path / "bad.jsonl.gz"))
+
+
 def test_parquet_in_directory(corpus_dir: Path) -> None:
     _write_parquet(corpus_dir / "e.parquet", {"text": ["from parquet"]})
     assert "from parquet" in list(iter_documents(corpus_dir))

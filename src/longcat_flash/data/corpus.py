@@ -13,13 +13,14 @@ import json
 import math
 import os
 import sysconfig
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
-DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".parquet")  # what a directory source reads
+DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".parquet")  # what a directory source reads
 RUN_CONFIG_FILE = "train_config.json"  # what marks a training run's directory (train/config.py writes it)
 TEXT_SNIFF_BYTES = 1024  # how much of a text file is checked for being text before it is read
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
@@ -66,7 +67,7 @@ class Corpus:
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
         runs = [p.parent for p in root.rglob(RUN_CONFIG_FILE)]  # `--data .` with runs/ inside it
-        files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in DOC_SUFFIXES
+        files = sorted(p for p in root.rglob("*") if p.is_file() and _kind(p) in DOC_SUFFIXES
                        and not any(part.startswith(".") for part in p.relative_to(root).parts)
                        and not any(run in p.parents for run in runs))
         if not files:
@@ -137,17 +138,33 @@ def sample_texts(source: str | Path | None = None, max_bytes: int = 16_000_000, 
 
 # ---- readers: one document per text file, per .jsonl line, per .parquet row ----
 
+def _kind(path: Path) -> str:
+    """A corpus file's format by its name: its suffix, or ".jsonl.gz" for gzip-compressed JSON Lines."""
+    name = path.name.lower()
+    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
+
+
 def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[str]:
-    if path.suffix.lower() == ".parquet":
+    kind = _kind(path)
+    if kind == ".parquet":
         yield from _read_parquet(path, text_field)
+        return
+    if kind == ".jsonl.gz":
+        try:
+            yield from _read_jsonl(path, text_field)
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # not gzip, or cut short
+            raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+        except UnicodeDecodeError as err:
+            raise ValueError(f"{path}: its uncompressed text is not UTF-8 ({err})") from None
         return
     if check_text:
         _require_text(path, text_field)
-    if path.suffix.lower() == ".jsonl":
+    if kind == ".jsonl":
         yield from _read_jsonl(path, text_field)
     else:
-        # errors="replace": a stray non-UTF-8 byte past the checked head should not stop a run.
-        yield path.read_text(encoding="utf-8", errors="replace")
+        # errors="replace": a stray non-UTF-8 byte past the checked head should not stop a run; utf-8-sig: a byte
+        # order mark (Windows tools write one) is not text.
+        yield path.read_text(encoding="utf-8-sig", errors="replace")
 
 
 def _require_text(path: Path, text_field: str) -> None:
@@ -201,6 +218,8 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{path}:{line_no}: no text_field {text_field!r} (has {keys})")
+        if record[text_field] is None:  # a missing text, as a null in a .parquet column: no document
+            continue
         if not isinstance(record[text_field], str):
             raise ValueError(f"{path}:{line_no}: field {text_field!r} must be a string, "
                              f"got {type(record[text_field]).__name__}")
@@ -217,6 +236,11 @@ def pyarrow_modules(path: Path) -> tuple[Any, Any]:
     return pa, pq
 
 
+def _is_string_view(pa: Any, kind: Any) -> bool:
+    """pyarrow's string_view type (pyarrow >= 16 writes and reads it)."""
+    return hasattr(pa.types, "is_string_view") and pa.types.is_string_view(kind)
+
+
 def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     pa, pq = pyarrow_modules(path)
     try:
@@ -226,7 +250,8 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     if text_field not in parquet.schema_arrow.names:
         raise ValueError(f"{path}: no text_field column {text_field!r} (has {parquet.schema_arrow.names})")
     kind = parquet.schema_arrow.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+    values = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category columns are dictionaries
+    if not (pa.types.is_string(values) or pa.types.is_large_string(values) or _is_string_view(pa, values)):
         raise ValueError(f"{path}: column {text_field!r} must hold strings, not {kind}")
     for batch in parquet.iter_batches(columns=[text_field], batch_size=1024):
         yield from (text for text in batch.column(0).to_pylist() if text is not None)
