@@ -358,6 +358,16 @@ def test_a_rank_that_loses_the_other_says_so_in_one_line(tmp_path: Path):
     assert err.strip().splitlines()[-1].startswith("longcat train (rank 0): lost contact with the other ranks ("), err
 
 
+@pytest.mark.parametrize("override, says", [
+    ("model.moe_topk=20", "model.moe_topk=20 exceeds n_routed_experts"),  # was ModelConfig.moe_topk
+    ("model.rope_scaling={'rope_type': 'yarn', 'factor': 4}", "model.rope_scaling.original_max_position_embeddings "
+                                                              "must be a positive integer"),
+    ("optim.lr=1e400", "optim.lr must be a finite number, got inf"),  # was "must be > 0, got inf"
+])
+def test_a_refused_override_is_named_as_set_names_it(override, says):
+    assert run_cli("train", "--preset", "tiny", "--set", override, "--print-config").startswith(f"longcat train: {says}")
+
+
 def test_no_overlap_without_expert_parallelism_is_refused():
     """It was taken and ignored in one process (and with --ep 1 under torchrun): there is no all-to-all."""
     assert run_cli("train", "--preset", "tiny", "--no-overlap") == (

@@ -97,7 +97,8 @@ class TokenDataset:
         self.seq_len, self.split = seq_len, split
         if len(self) == 0:
             raise ValueError(f"the {split} split has {len(self.tokens)} tokens, fewer than one window of "
-                             f"seq_len + 1 = {seq_len + 1}; lower seq_len or change val_fraction={val_fraction}")
+                             f"seq_len + 1 = {seq_len + 1}; give more text or lower data.seq_len"
+                             + (f", or raise data.val_fraction={val_fraction}" if split == "val" else ""))
 
     @classmethod
     def from_shard(cls, bin_path: str | Path, seq_len: int, split: Literal["train", "val"] = "train",

@@ -54,8 +54,9 @@ def _check_types(obj: Any) -> None:
 def _positive(obj: Any, *names: str, allow_zero: bool = False) -> None:
     for name in names:
         value = getattr(obj, name)
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-        ok = ok and (value >= 0 if allow_zero else value > 0)
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        _check(not number or math.isfinite(value), obj.section, name, value, "a finite number")
+        ok = number and (value >= 0 if allow_zero else value > 0)
         _check(ok, obj.section, name, value, ">= 0" if allow_zero else "> 0")
 
 

@@ -55,6 +55,16 @@ def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig
 def _assign(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefix: str = "") -> Any:
     """`obj` with each (path, raw) item set, paths relative to `obj` (which sits at `prefix`), raw parsed for the
     field's type; nested config objects are rebuilt once each, and `obj` too."""
+    try:
+        return _assign_fields(obj, items, prefix)
+    except ValueError as err:  # a config class's own check names it (ModelConfig.moe_topk); --set names the section
+        named = f"{type(obj).__name__}."
+        if prefix and named in str(err):
+            raise ValueError(str(err).replace(named, prefix)) from None
+        raise
+
+
+def _assign_fields(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefix: str) -> Any:
     names = [f.name for f in dataclasses.fields(obj)]
     by_field: dict[str, list[tuple[list[str], str]]] = {}
     for path, raw in items:
