@@ -18,7 +18,7 @@ from train_support import make_corpus, tiny_overrides
 
 from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
-from longcat_flash.train.checkpoints import resume_config, schedule_notice
+from longcat_flash.train.checkpoints import resume_config, schedule_notice, validation_notice
 from longcat_flash.train.config import ScalingConfig, ScheduleConfig, apply_overrides, build_config, recipe
 from longcat_flash.train.metrics import read_metrics
 
@@ -454,6 +454,9 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     notice = schedule_notice(tmp_path / "run", apply_overrides(resume_config(tmp_path / "run"),
                                                                 ["max_steps=4", "optim.lr=0.1"]))
     assert notice.startswith("note: max_steps 3 -> 4 and optim.lr 0.002 -> 0.1 reshape the cosine LR schedule")
+    assert validation_notice(tmp_path / "run", resume_config(tmp_path / "run")) is None
+    noted = validation_notice(tmp_path / "run", apply_overrides(resume_config(tmp_path / "run"), ["data.val_batches=1"]))
+    assert noted.startswith("note: data.val_batches 2 -> 1 may change which held-out windows val_loss averages over")
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["max_steps"] == 3  # the refused value was written into the run's config
     for flags, refusal in [(["--set", "data.val_fraction=0.2"], "keeps its train/val split: data.val_fraction=0.2"),

@@ -180,7 +180,7 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
-    from .train.checkpoints import resume_config, schedule_notice
+    from .train.checkpoints import resume_config, schedule_notice, validation_notice
     from .train.config import RECIPES, build_config, describe
     from .train.overrides import override_keys
     from .train.trainer import TrainingStopped, train
@@ -225,8 +225,9 @@ def _run_train(args: argparse.Namespace) -> None:
     _new_or_directory(out)
     device = distributed.init(args.device, args.dist_timeout)  # a process group only when launched by torchrun
     mesh = distributed.build_mesh(dp, ep, device)
-    if saved is not None and (notice := schedule_notice(out, cfg)):
-        distributed.print0(notice)
+    for notice in (schedule_notice(out, cfg), validation_notice(out, cfg)) if saved is not None else ():
+        if notice:
+            distributed.print0(notice)
     try:
         summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
                         progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device)

@@ -163,6 +163,19 @@ def resume_config(out: str | Path) -> TrainConfig:
     return saved_train_config(newest_checkpoint(out))
 
 
+def validation_notice(out: str | Path, cfg: TrainConfig) -> str | None:
+    """A note when resuming run directory `out` with `cfg` changes which held-out windows val_loss averages over
+    (data.val_batches whole global batches of data.batch_size windows each); None when it keeps them."""
+    meta = training.read_meta(newest_checkpoint(out))
+    saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
+    changes = [f"data.{key} {getattr(saved.data, key)} -> {getattr(cfg.data, key)}"
+               for key in ("batch_size", "val_batches") if getattr(saved.data, key) != getattr(cfg.data, key)]
+    if not changes:
+        return None
+    return (f"note: {' and '.join(changes)} may change which held-out windows val_loss averages over: compare "
+            f"val_loss after step {step} with the values before it with care")
+
+
 def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
     """What resuming run directory `out` with `cfg` does to the LR where the schedule changed (its length, peak
     or shape), naming the changes: the schedule is a function of (step, max_steps), so a longer run resumes on
