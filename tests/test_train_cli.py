@@ -365,7 +365,8 @@ def test_a_rank_that_loses_the_other_says_so_in_one_line(tmp_path: Path):
     ("optim.lr=1e400", "optim.lr must be a finite number, got inf"),  # was "must be > 0, got inf"
 ])
 def test_a_refused_override_is_named_as_set_names_it(override, says):
-    assert run_cli("train", "--preset", "tiny", "--set", override, "--print-config").startswith(f"longcat train: {says}")
+    refusal = run_cli("train", "--preset", "tiny", "--set", override, "--print-config")
+    assert refusal.startswith(f"longcat train: {says}"), refusal
 
 
 def test_no_overlap_without_expert_parallelism_is_refused():
@@ -455,7 +456,8 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
                                                                 ["max_steps=4", "optim.lr=0.1"]))
     assert notice.startswith("note: max_steps 3 -> 4 and optim.lr 0.002 -> 0.1 reshape the cosine LR schedule")
     assert validation_notice(tmp_path / "run", resume_config(tmp_path / "run")) is None
-    noted = validation_notice(tmp_path / "run", apply_overrides(resume_config(tmp_path / "run"), ["data.val_batches=1"]))
+    fewer = apply_overrides(resume_config(tmp_path / "run"), ["data.val_batches=1"])
+    noted = validation_notice(tmp_path / "run", fewer)
     assert noted.startswith("note: data.val_batches 2 -> 1 may change which held-out windows val_loss averages over")
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["max_steps"] == 3  # the refused value was written into the run's config
