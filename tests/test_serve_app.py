@@ -318,6 +318,8 @@ def test_any_int64_seed_is_taken(client):
      "response_format.json_schema.extra"),
     ({"response_format": {"type": "xml"}}, "response_format.type"), ({"response_format": {}}, "response_format.type"),
     ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+    ({"response_format": {"type": ["x"]}}, "response_format.type"), ({"response_format": {"type": {}}},
+                                                                       "response_format.type"),  # were 500s
     # values of other JSON types than declared: refused, not coerced
     ({"n": "2"}, "n"), ({"n": True}, "n"), ({"n": 2.0}, "n"), ({"max_tokens": True}, "max_tokens"),
     ({"temperature": "0.5"}, "temperature"), ({"stream": "false"}, "stream"), ({"logit_bias": {"5": True}},
@@ -524,6 +526,8 @@ def test_tokenize_gives_the_ids_a_completions_prompt_becomes_and_detokenize_inve
     ("/tokenizer_info", None, 401, None),
     ("/tokenize", {"model": "other", "prompt": "x"}, 404, "model"),
     ("/tokenize", {"messages": [{"role": "user", "content": "x"}]}, 400, "messages"),
+    ("/tokenize", {"messages": [{"role": "user", "content": "x"}], "add_generation_prompt": True}, 400, "messages"),
+    ("/tokenize", {}, 400, "prompt"),
     ("/detokenize", {"tokens": [1, 10**6]}, 400, "tokens"),
     ("/detokenize", {"tokens": ["a"]}, 400, "tokens.0"),
 ])

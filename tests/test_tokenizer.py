@@ -441,7 +441,8 @@ def test_a_corpus_with_one_huge_word_trains_in_seconds():
     import sys
 
     code = ("from longcat_flash.tokenizer import train_tokenizer\n"
-            "t = train_tokenizer(['x' * 400_000 + ' def f(x): return x', '-' * 100_000] * 2, 300)\n"
+            "t = train_tokenizer(['x' * 400_000 + ' def f(x): return x', '-' * 100_000, ' ' * 200_000 + 'a',\n"
+            "                     '\\n' * 200_000] * 2, 300)\n"
             "assert t.decode(t.encode('x' * 1000)) == 'x' * 1000\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]

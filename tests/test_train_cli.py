@@ -363,10 +363,32 @@ def test_a_rank_that_loses_the_other_says_so_in_one_line(tmp_path: Path):
     ("model.rope_scaling={'rope_type': 'yarn', 'factor': 4}", "model.rope_scaling.original_max_position_embeddings "
                                                               "must be a positive integer"),
     ("optim.lr=1e400", "optim.lr must be a finite number, got inf"),  # was "must be > 0, got inf"
+    ("model.vocab_size=100", "model.vocab_size must be >= 261 when the run trains its tokenizer"),  # after the corpus
 ])
 def test_a_refused_override_is_named_as_set_names_it(override, says):
     refusal = run_cli("train", "--preset", "tiny", "--set", override, "--print-config")
     assert refusal.startswith(f"longcat train: {says}"), refusal
+
+
+def test_only_a_lost_peer_reads_as_one():
+    """A bug's failed check inside gloo (a size mismatch) read as "lost contact" and lost its traceback, and an
+    error of only a [file:line] prefix raised IndexError inside the handler."""
+    from longcat_flash.distributed.env import peer_lost
+
+    reset = "[../gloo/transport/tcp/pair.cc:537] Read error [127.0.0.1]:63699: Connection reset by peer. This is"
+    assert peer_lost(RuntimeError(reset)) == "Read error [127.0.0.1]:63699: Connection reset by peer"
+    assert peer_lost(RuntimeError("[x.cc:1] Timed out waiting 600 s for recv")) == "Timed out waiting 600 s for recv"
+    assert peer_lost(RuntimeError("[../gloo/transport/tcp/pair.cc:446] op.preamble.length <= op.nbytes. 8 vs 4")) == ""
+    assert peer_lost(RuntimeError("[x.cc:1] timeout")) == "timeout" and peer_lost(RuntimeError("a bug")) == ""
+
+
+def test_a_resume_that_names_its_tokenizer_again_goes_on(tmp_path: Path, monkeypatch):
+    """The saved config holds the tokenizer's absolute path; the same file named relatively was refused."""
+    monkeypatch.chdir(tmp_path)
+    saved = apply_overrides(recipe("tiny"), [f"data.tokenizer={tmp_path / 'tok.json'}"])
+    assert build_config(None, ["data.tokenizer=tok.json"], saved).data.tokenizer == "tok.json"
+    with pytest.raises(ValueError, match="keeps its tokenizer"):
+        build_config(None, ["data.tokenizer=other.json"], saved)
 
 
 def test_no_overlap_without_expert_parallelism_is_refused():

@@ -36,6 +36,7 @@ SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the ord
 # Trained tokenizers hold the tool-call tags as single tokens, right after the special tokens. They are added
 # tokens but not *special* ones, so `decode(skip_special_tokens=True)` keeps them and the server can parse calls.
 TOOL_CALL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
+TRAINED_VOCAB_MIN = 256 + len(SPECIAL_TOKENS) + len(TOOL_CALL_TOKENS)  # the smallest vocabulary train_tokenizer makes
 # What the model writes besides text must be one token each: the tool-call tags here, and the end of turn, which
 # is eos (a special token of every tokenizer we load). `longcat sft` adds the ones a tokenizer lacks (with_tokens).
 CHAT_MARKERS = TOOL_CALL_TOKENS
@@ -440,16 +441,20 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Seque
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                   special_tokens=[*special_tokens, *tool_tokens], show_progress=show_progress,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator((_LONG_WORD.sub(r"\g<0>\n", text) for text in texts), trainer=trainer)
+    backend.train_from_iterator((_LONG_RUN.sub(_cut_run, text) for text in texts), trainer=trainer)
     backend = _unmark_special(backend, tool_tokens)
     pad, bos, eos = special_tokens[:3]
     return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad)
 
 
-# BPE training time grows with the square of a word's length: one 300 KB run of "x" in a corpus took minutes, in
-# native code no signal interrupts. Words are cut into pieces of this many characters for training only (no merge
-# learned from a longer run is lost: the longest merge is far shorter); encoding is unaffected.
-_LONG_WORD = re.compile(r"\S{256}")
+# BPE training time grows with the square of a word's length: one 300 KB run of "x" (or of blanks) in a corpus took
+# minutes, in native code no signal interrupts. For training only, a run of non-blanks is cut into words of 256
+# characters and a run of blanks shortened to 255 (no merge that long is ever learned); encoding is unaffected.
+_LONG_RUN = re.compile(r"(\S{256})|\s{256,}")
+
+
+def _cut_run(run: re.Match) -> str:
+    return run.group(1) + "\n" if run.group(1) else run.group(0)[:255]
 
 
 def _unmark_special(backend: tokenizers.Tokenizer, tokens: Sequence[str]) -> tokenizers.Tokenizer:

@@ -496,7 +496,7 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
     _function_name(fn.get("name"), where, f"{at}.name")
     if "description" in fn:
         _string(fn["description"], where, f"{at}.description")
-    if fn.get("strict") not in (None, True, False):  # the server refuses any other value
+    if fn.get("strict") is not None and not isinstance(fn["strict"], bool):  # the server refuses 1, "yes", ...
         raise _fail(where, f"{at}.strict", f"must be true or false, got {fn['strict']!r:.60}")
     if "parameters" in fn:
         parameters = _object(_decoded(fn["parameters"], where, f"{at}.parameters"), where, f"{at}.parameters")

@@ -44,20 +44,28 @@ def init(device: str | torch.device = "auto", timeout_s: float = 600.0) -> torch
                                     device_id=device if device.type == "cuda" else None)
         except (dist.DistStoreError, dist.DistNetworkError) as err:  # rank 0 waits for the others, they for rank 0
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+            if not re.search(r"timed out|timeout", reason, re.IGNORECASE):  # a port in use, an unknown host, ...
+                raise OSError(f"cannot join the other ranks at {where}: {reason}") from None
             raise TimeoutError(f"the {os.environ['WORLD_SIZE']} ranks did not all meet at {where} within "
-                               f"{timeout_s:g} s ({str(err).strip().splitlines()[0]}): start every rank (torchrun "
-                               "--nproc-per-node, --nnodes), or give them longer with --dist-timeout") from None
+                               f"{timeout_s:g} s ({reason}): start every rank (torchrun --nproc-per-node, --nnodes), "
+                               "or give them longer with --dist-timeout") from None
     return device
+
+
+# What gloo's and NCCL's errors say when the rank at the other end is gone or never answered (not a bug's assert)
+_PEER_LOST = re.compile(r"connection (reset|closed|refused)|closed by peer|broken pipe|timed out|timeout|"
+                        r"remote process exited|communicator was aborted|watchdog", re.IGNORECASE)
 
 
 def peer_lost(err: BaseException) -> str:
     """What went wrong, in a few words, when `err` is a collective that failed because another rank is gone or
-    never answered (NCCL's errors and gloo's transport errors); "" for any other error."""
+    never answered; "" for any other error (a bug's failed check keeps its traceback)."""
     text = str(err).strip()
-    if not (isinstance(err, dist.DistError) or "gloo/transport" in text):
+    if not _PEER_LOST.search(text):
         return ""
     text = re.sub(r"^\[[^\]]*\]\s*", "", text)  # gloo's [source file:line] prefix
-    return text.split(". ")[0].splitlines()[0][:200]
+    return (text.split(". ")[0].splitlines() or [type(err).__name__])[0][:200]
 
 
 def teardown() -> None:

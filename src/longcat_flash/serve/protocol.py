@@ -135,7 +135,8 @@ class _Sampling(_Part):
         if value is None:
             return None
         shapes = {"text": {"type"}, "json_object": {"type"}, "json_schema": {"type", "json_schema"}}
-        fields = shapes.get(value.get("type"))
+        kind = value.get("type")
+        fields = shapes.get(kind) if isinstance(kind, str) else None
         if fields is None:
             raise ValueError('type: must be "text", "json_object" or "json_schema"')
         if extra := sorted(set(value) - fields):
@@ -590,19 +591,18 @@ class TokenizeRequest(_Part):
     which lm_eval sends) changes nothing either way."""
 
     model: str | None = None
-    prompt: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
-    messages: Any = None  # vLLM's chat form: refused by name below
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     add_special_tokens: bool = True
     return_token_strs: bool = False
 
-    @model_validator(mode="after")
-    def _completion_form(self) -> TokenizeRequest:
-        if self.messages is not None:
+    @model_validator(mode="before")
+    @classmethod
+    def _completion_form(cls, data: Any) -> Any:
+        """vLLM's chat form (`messages` with its own flags) is refused by `messages`, before its other fields."""
+        if isinstance(data, dict) and data.get("messages") is not None:
             raise ValueError("messages: the chat form of /tokenize is not served here; send `prompt`, the "
                              "conversation rendered with the chat template (GET /tokenizer_info holds it)")
-        if self.prompt is None:
-            raise ValueError("prompt: required")
-        return self
+        return data
 
 
 class TokenizeResponse(BaseModel):

@@ -2,7 +2,8 @@
 with the served model's own tokenizer (lm_eval's `tokenizer_backend=remote`, agent frameworks' token budgets).
 
 /tokenize gives the ids a completions prompt of the same text becomes, so its `count` is what the context check
-there counts; /detokenize inverts it. Both run off the event loop, as the completion routes' tokenizing does.
+there counts; /detokenize inverts it. Both run off the event loop, their JSON included, with the tokenizer's batch
+calls, which release the GIL (a 1M-character prompt's single `encode` held it for over a second).
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import asyncio
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.responses import JSONResponse
 
 from ..tokenizer import Tokenizer
 from . import protocol as p
@@ -19,23 +21,30 @@ from .errors import APIError, check_model
 def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model_name: str) -> None:
     """The three routes, for the model served as `model_name` with a context of `context` tokens."""
 
-    @app.post("/tokenize")
-    async def tokenize(body: p.TokenizeRequest) -> dict:
+    @app.post("/tokenize", response_model=p.TokenizeResponse)
+    async def tokenize(body: p.TokenizeRequest) -> JSONResponse:
         if body.model is not None:
             check_model(body.model, model_name)
-        ids = await asyncio.to_thread(tokenizer.encode, body.prompt, allow_special=True)
-        strs = [tokenizer.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
-        return p.TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids, token_strs=strs).model_dump()
 
-    @app.post("/detokenize")
-    async def detokenize(body: p.DetokenizeRequest) -> dict:
+        def answer() -> JSONResponse:  # encode_batch releases the GIL (encode does not); the JSON is built here too
+            [ids] = tokenizer.encode_batch([body.prompt], allow_special=True)
+            strs = [tokenizer.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
+            return JSONResponse(p.TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids,
+                                                   token_strs=strs).model_dump())
+        return await asyncio.to_thread(answer)
+
+    @app.post("/detokenize", response_model=p.DetokenizeResponse)
+    async def detokenize(body: p.DetokenizeRequest) -> JSONResponse:
         if body.model is not None:
             check_model(body.model, model_name)
         if any(not 0 <= token < tokenizer.vocab_size for token in body.tokens):
             raise APIError(400, f"tokens: token ids must be in [0, {tokenizer.vocab_size})", param="tokens",
                            code="invalid_value")
-        text = await asyncio.to_thread(tokenizer.decode, body.tokens, skip_special_tokens=False)
-        return p.DetokenizeResponse(prompt=text).model_dump()
+
+        def answer() -> JSONResponse:
+            text = tokenizer.backend.decode_batch([body.tokens], skip_special_tokens=False)[0]
+            return JSONResponse(p.DetokenizeResponse(prompt=text).model_dump())
+        return await asyncio.to_thread(answer)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:

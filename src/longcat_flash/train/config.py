@@ -19,6 +19,7 @@ from ..checkpoint.hf import checkpoint_config
 from ..config import ModelConfig
 from ..data.corpus import RUN_CONFIG_FILE, STDLIB
 from ..presets import get_preset
+from ..tokenizer import TRAINED_VOCAB_MIN
 from .overrides import apply_overrides, build, coerce, override_keys, parse_value, type_name
 
 # The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
@@ -313,6 +314,10 @@ class TrainConfig:
                              f"reached: a token picks at least model.moe_topk - model.zero_expert_num = "
                              f"{m.fewest_ffn_experts} (set budget.target >= {m.fewest_ffn_experts}, or more zero "
                              "experts)")
+        trains_tokenizer = self.data.tokenizer is None and self.init_from is None
+        _check(not trains_tokenizer or m.vocab_size >= TRAINED_VOCAB_MIN, "model", "vocab_size", m.vocab_size,
+               f">= {TRAINED_VOCAB_MIN} when the run trains its tokenizer (every byte, the special tokens and the "
+               "tool-call tags are tokens)")
         _check(self.loss.mtp_weight == 0 or m.num_nextn_predict_layers == 1, "loss", "mtp_weight",
                self.loss.mtp_weight, "0 for a model without an MTP head (model.num_nextn_predict_layers=0)")
         _check(self.loss.mtp_weight == 0 or self.data.seq_len >= 2, "data", "seq_len", self.data.seq_len,
@@ -454,8 +459,9 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
         if cfg.data.val_fraction != saved.data.val_fraction:  # which windows are held out, so which are trained
             raise ValueError(f"a resumed run keeps its train/val split: data.val_fraction={cfg.data.val_fraction} "
                              f"differs from the run's {saved.data.val_fraction}")
-        tokenizing = [f"data.{key}" for key in ("tokenizer", "tokenizer_sample_bytes")
-                      if getattr(cfg.data, key) != getattr(saved.data, key)]
+        tokenizing = ["data.tokenizer"] * (_resolved(cfg.data.tokenizer) != _resolved(saved.data.tokenizer))
+        tokenizing += ["data.tokenizer_sample_bytes"] * (cfg.data.tokenizer_sample_bytes
+                                                          != saved.data.tokenizer_sample_bytes)
         if tokenizing:  # the run reads its own tokenizer.json, which its token ids and embeddings are of
             raise ValueError(f"a resumed run keeps its tokenizer (the run's tokenizer.json), but the overrides change "
                              f"{', '.join(tokenizing)}: it would be recorded and not used")
