@@ -163,11 +163,16 @@ def resume_config(out: str | Path) -> TrainConfig:
     return saved_train_config(newest_checkpoint(out))
 
 
+def _newest_config_and_step(out: str | Path) -> tuple[TrainConfig, int]:
+    """The TrainConfig and step of run directory `out`'s newest checkpoint (its manifest, sizes checked)."""
+    meta = training.read_meta(newest_checkpoint(out))
+    return TrainConfig.from_dict(meta["train_config"]), meta["step"]
+
+
 def validation_notice(out: str | Path, cfg: TrainConfig) -> str | None:
     """A note when resuming run directory `out` with `cfg` changes which held-out windows val_loss averages over
     (data.val_batches whole global batches of data.batch_size windows each); None when it keeps them."""
-    meta = training.read_meta(newest_checkpoint(out))
-    saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
+    saved, step = _newest_config_and_step(out)
     changes = [f"data.{key} {getattr(saved.data, key)} -> {getattr(cfg.data, key)}"
                for key in ("batch_size", "val_batches") if getattr(saved.data, key) != getattr(cfg.data, key)]
     if not changes:
@@ -181,8 +186,7 @@ def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
     or shape), naming the changes: the schedule is a function of (step, max_steps), so a longer run resumes on
     the longer schedule's curve (as torchtitan does), which can jump. None when the LR continues as it was, or
     when the run cannot continue (its checkpoint past max_steps: the trainer refuses it)."""
-    meta = training.read_meta(newest_checkpoint(out))
-    saved, step = TrainConfig.from_dict(meta["train_config"]), meta["step"]
+    saved, step = _newest_config_and_step(out)
     fields = [("max_steps", saved.max_steps, cfg.max_steps), ("optim.lr", saved.optim.lr, cfg.optim.lr)]
     fields += [(f"schedule.{f.name}", getattr(saved.schedule, f.name), getattr(cfg.schedule, f.name))
                for f in dataclasses.fields(cfg.schedule)]
