@@ -423,7 +423,10 @@ def test_call_arguments_reach_each_template_in_the_form_it_writes(tok: Tokenizer
 @pytest.mark.parametrize("template, message", [
     ("{% for m in messages %}{{ m.content }", r"chat_template is not a valid Jinja template \(line 1"),
     (5, "chat_template must be a string"),
-    ([{"name": "default"}], 'chat_template must be a string or a list of {"name", "template"} strings')])
+    ([{"name": "default"}], 'chat_template must be a string or a list of {"name", "template"} strings'),
+    # were replaced by the built-in template without a word; transformers renders "" and refuses the list
+    ("", "chat_template is empty"), (" \n", "chat_template is empty"),
+    ([{"name": "tool_use", "template": "{{ messages[0].content }}"}], r"names \['tool_use'\] but no 'default'")])
 def test_a_broken_chat_template_is_refused_when_the_tokenizer_loads(tok: Tokenizer, tmp_path, template, message):
     """It loaded, and then every chat failed: a 500 from the server, a traceback from `longcat chat`."""
     tok.save(tmp_path)

@@ -410,8 +410,16 @@ def _chat_template(directory: Path, config: dict[str, Any]) -> str:
     if (directory / TEMPLATE_FILE).is_file():
         return (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
     template = config.get("chat_template")
-    return (_named_templates(config).get("default") if isinstance(template, list) else template) or \
-        DEFAULT_CHAT_TEMPLATE
+    if isinstance(template, list):
+        named = _named_templates(config)
+        if "default" not in named:  # transformers refuses to pick one ("multiple chat templates with no default")
+            raise ValueError(f"{directory / CONFIG_FILE}: chat_template names {sorted(named)} but no 'default' "
+                             "template, the one a conversation without tools renders with; name one 'default'")
+        template = named["default"]
+    if isinstance(template, str) and not template.strip():  # rendered, it would be an empty prompt
+        raise ValueError(f"{directory / CONFIG_FILE}: chat_template is empty; remove it to use the built-in LongCat "
+                         "template, or give the model's own")
+    return template or DEFAULT_CHAT_TEMPLATE
 
 
 def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], field: str) -> str | None:
