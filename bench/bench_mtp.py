@@ -75,11 +75,18 @@ def main() -> None:
     args = parse_distinct(parser, "drafts")
     if max(args.drafts) > MAX_SPECULATIVE:
         parser.error(f"--drafts: at most {MAX_SPECULATIVE} drafts per step, got {max(args.drafts)}")
+    if args.new_tokens < 2:  # the first token comes from the prefill: speculation starts with the second
+        parser.error(f"--new-tokens must be at least 2 (drafts are verified after the first token), got "
+                     f"{args.new_tokens}")
     args.model = bench_checkpoint(args.model, tokenizer=True)  # an error naming --model, not a traceback
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     model, _ = load_for_inference(args.model, quantize=args.quantize)
     ps = prompts(tokenizer, args.prompts)
+    context = model.config.max_position_embeddings
+    if max(map(len, ps)) + args.new_tokens > context:  # the engine would stop each request at the context
+        parser.error(f"--new-tokens {args.new_tokens} after the longest prompt ({max(map(len, ps))} tokens) is past "
+                     f"the model's context ({context})")
     modes = {"greedy": SamplingParams(max_new_tokens=args.new_tokens, temperature=0.0, ignore_eos=True),
              "T=0.8 top-p 0.95": SamplingParams(max_new_tokens=args.new_tokens, temperature=0.8, top_p=0.95,
                                                seed=0, ignore_eos=True)}

@@ -97,7 +97,8 @@ def main() -> None:
         parser.error(f"--tokens {args.tokens}: the held-out text has {len(sources)} tokens with this tokenizer, "
                      f"{CALIBRATION_TOKENS} of them for calibration: give --tokens {len(sources) - CALIBRATION_TOKENS} "
                      "at most")
-    ids, calibration = sources[: args.tokens], sources[args.tokens: args.tokens + CALIBRATION_TOKENS]  # disjoint
+    scored = args.tokens // args.window * args.window  # whole windows: what the JSON's "tokens" then reports
+    ids, calibration = sources[:scored], sources[args.tokens: args.tokens + CALIBRATION_TOKENS]  # disjoint
     width = min(context, len(calibration))  # rows in the context
     calibration = calibration[: len(calibration) // width * width].view(-1, width)  # (B, width)
     configs = {"checkpoint dtype": (None, 0), "int8": ("int8", 0), f"int8 mixed (top {args.keep_top})": ("int8",

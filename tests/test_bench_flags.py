@@ -45,6 +45,8 @@ CASES = [
     ("bench_quant.py", ["--model", "TINY", "--keep-top", "-1"], "argument --keep-top: must be >= 0, got -1"),
     ("bench_quant.py", ["--model", "TINY", "--tokens", "100000000", "--window", "128"],
      "--tokens 100000000: the held-out text has"),
+    ("bench_mtp.py", ["--model", "TINY", "--new-tokens", "1"], "--new-tokens must be at least 2"),  # a TypeError
+    ("bench_mtp.py", ["--model", "TINY", "--new-tokens", "100000"], "is past the model's context (512)"),  # cut short
     ("gpu_check.py", ["--out", "FILE", "--quick"], "--out FILE is a file; name a directory"),
     ("gpu_check.py", ["--out", "OUT", "--steps", "0"], "argument --steps: must be > 0, got 0"),
     ("gpu_check.py", ["--out", "OUT", "--steps", "8", "--skip", "20"], "--skip 20 leaves none of --steps 8 timed"),
