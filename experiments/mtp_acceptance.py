@@ -76,6 +76,9 @@ def arguments(parser) -> None:
 
 def check(args, setup) -> None:
     """A prompt and its greedy continuation fit the model's positions."""
+    if args.checkpoints > args.steps:  # one checkpoint per step at most: fewer would be measured than asked
+        raise ValueError(f"--checkpoints {args.checkpoints} is more than --steps {args.steps}: a run of "
+                         f"{args.steps} steps has at most {args.steps} checkpoints")
     most = setup.base.model.max_position_embeddings
     if args.prompt_tokens + args.new_tokens > most:
         raise ValueError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the model's "

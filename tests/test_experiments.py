@@ -104,6 +104,16 @@ def test_growth_refuses_a_growth_step_with_no_steps_after_it(tmp_path: Path, exp
     assert "--grow-at 20 must be below --steps 20" in last and not (work / "_data").exists()
 
 
+def test_mtp_acceptance_refuses_more_checkpoints_than_steps(tmp_path: Path, experiments_path, monkeypatch, capsys):
+    """It measured --steps checkpoints and said "over all 4 checkpoints" for --checkpoints 8."""
+    corpus, work = tmp_path / "corpus", tmp_path / "work"
+    corpus.mkdir()
+    (corpus / "doc.txt").write_text("a tiny corpus\n")
+    last = _main_refuses("mtp_acceptance", ["--out", str(tmp_path / "out"), "--work", str(work), "--data",
+                                            str(corpus), "--steps", "4", "--checkpoints", "8"], monkeypatch, capsys)
+    assert "--checkpoints 8 is more than --steps 4" in last and not (work / "_data").exists()
+
+
 def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
     """An experiment replaces WORK/<label> (base, yarn, ...): `--work runs` deleted a user's own runs/base. As a
     real process: one line on stderr, status 2, no traceback."""
