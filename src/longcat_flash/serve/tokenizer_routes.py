@@ -37,11 +37,11 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
     async def detokenize(body: p.DetokenizeRequest) -> JSONResponse:
         if body.model is not None:
             check_model(body.model, model_name)
-        if any(not 0 <= token < tokenizer.vocab_size for token in body.tokens):
-            raise APIError(400, f"tokens: token ids must be in [0, {tokenizer.vocab_size})", param="tokens",
-                           code="invalid_value")
 
-        def answer() -> JSONResponse:
+        def answer() -> JSONResponse:  # the check over up to a million ids, too, off the loop
+            if any(not 0 <= token < tokenizer.vocab_size for token in body.tokens):
+                raise APIError(400, f"tokens: token ids must be in [0, {tokenizer.vocab_size})", param="tokens",
+                               code="invalid_value")
             text = tokenizer.backend.decode_batch([body.tokens], skip_special_tokens=False)[0]
             return JSONResponse(p.DetokenizeResponse(prompt=text).model_dump())
         return await asyncio.to_thread(answer)
