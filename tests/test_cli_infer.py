@@ -51,6 +51,30 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
     assert spec["completion_tokens"] == 7 and 0.0 <= spec["acceptance_rate"] <= 1.0
 
 
+def test_ctrl_c_during_generate_json_still_prints_what_was_generated(checkpoint, capsys, monkeypatch):
+    """Ctrl-C printed nothing but "^C" under --json, the tokens generated so far lost; it ends the request between
+    two engine steps, prints the JSON with finish_reason "interrupted", and exits with the shell's 130. The user's
+    Ctrl-C is this process sending itself SIGINT at the fourth engine step."""
+    import os
+    import signal
+
+    step, steps = Engine.step, []
+
+    def step_then_ctrl_c(engine):
+        steps.append(len(steps))
+        if len(steps) == 4:
+            os.kill(os.getpid(), signal.SIGINT)
+        return step(engine)
+
+    monkeypatch.setattr(Engine, "step", step_then_ctrl_c)
+    with pytest.raises(SystemExit) as stopped:
+        main(["generate", "--model", str(checkpoint), "--prompt", "import os", "--max-new-tokens", "200",
+              "--ignore-eos", "--json"])
+    record = json.loads(capsys.readouterr().out)
+    assert stopped.value.code == 130 and record["finish_reason"] == "interrupted"
+    assert 0 < record["completion_tokens"] < 200
+
+
 def test_generate_reads_special_token_text_as_the_server_does(checkpoint, capsys):
     """`<s>` in a raw prompt is bos, as /v1/completions, vLLM and transformers read it; generate took it for 3 tokens
     of text, so the same prompt gave other ids in the two places."""

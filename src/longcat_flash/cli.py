@@ -340,7 +340,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from .serve.local import generate_text, load_session
+    from .serve.local import generate_text, interrupt_on_sigint, load_session
 
     if "" in args.stop:
         raise ValueError("--stop: an empty string would match everywhere; give a non-empty stop string")
@@ -353,8 +353,12 @@ def _run_generate(args: argparse.Namespace) -> None:
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     # a raw prompt: the text of a special token is that token (`<s>` is bos), as /v1/completions, vLLM and
     # transformers read one
-    result = generate_text(engine, tokenizer, tokenizer.encode(prompt, allow_special=True), params, args.stop, stream)
+    with interrupt_on_sigint() as interrupt:  # Ctrl-C ends the request: what it generated is still printed
+        result = generate_text(engine, tokenizer, tokenizer.encode(prompt, allow_special=True), params, args.stop,
+                               stream, interrupt)
     print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
+    if result.finish_reason == "interrupted":
+        sys.exit(130)  # the shell's status for SIGINT, as before
     if result.finish_reason == "length" and result.completion_tokens < args.max_new_tokens:
         print(f"longcat generate: stopped after {result.completion_tokens} of --max-new-tokens {args.max_new_tokens}: "
               f"the prompt's {result.prompt_tokens} tokens and these fill the context of {engine.max_context}",
