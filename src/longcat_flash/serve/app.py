@@ -30,6 +30,7 @@ from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
 from ..tokenizer import RenderedChat, Tokenizer
 from . import protocol as p
+from . import responses as resp
 from .bridge import Bridge, EngineFailed
 from .errors import APIError, check_model
 from .guard import JSONOffLoopRoute, RequestGuard
@@ -96,7 +97,7 @@ class Generation:
 
     def check(self, body: p._Sampling, prompt: list[int], limit: int | None, param: str) -> SamplingParams:
         context = self.config.context
-        _check_model(body.model, self.config)
+        check_model(body.model, self.config.model_name)
         if len(prompt) > context or (len(prompt) == context and limit is None):  # max_tokens 0: scored, may fill it
             why = (f"this model's context is {context} tokens" if len(prompt) > context else
                    "the whole of this model's context, so none is left to generate")
@@ -209,7 +210,7 @@ class Generation:
                 self.bridge.cancel(copy.rid, complete=text.stopped)
 
     async def completion(self, body: p.CompletionRequest, index: int, prompt: str | list[int], ids: list[int],
-                         copy: Copy, request: Request | None) -> AsyncIterator[tuple[p.CompletionChoice, int]]:
+                         copy: Copy, request: Request | None) -> AsyncIterator[tuple[resp.CompletionChoice, int]]:
         """One choice of a completion as chunks (a text delta, its tokens' logprobs, the finish reason) with the
         completion tokens so far; with `echo` the first chunk starts with the prompt."""
         text = TextState(self.tokenizer, *stop_scope(body, None))
@@ -217,11 +218,11 @@ class Generation:
         echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
         async for delta, reason, n in self.pieces(copy, text, request, scores.record):
             logprobs = None if body.logprobs is None else scores.take(self.tokenizer, n)
-            yield p.CompletionChoice(index=index, text=echoed + delta, finish_reason=reason, logprobs=logprobs), n
+            yield resp.CompletionChoice(index=index, text=echoed + delta, finish_reason=reason, logprobs=logprobs), n
             echoed = ""
 
     def turns(self, body: p.ChatCompletionRequest, plan: ToolPlan, copy: Copy, request: Request | None
-              ) -> tuple[AsyncIterator[tuple[list[Event], str | None, int]], Callable[[int], p.ChatLogprobs | None]]:
+              ) -> tuple[AsyncIterator[tuple[list[Event], str | None, int]], Callable[[int], resp.ChatLogprobs | None]]:
         """One chat choice read through its tool-call parser, and the function that hands out its logprobs up to
         a token count (always None without `logprobs`)."""
         (stop, blocks), scores = stop_scope(body, plan), ChatScores()
@@ -231,24 +232,26 @@ class Generation:
         return parsed(pieces, plan.parser(), stop if blocks else (), text.end), logprobs
 
     async def chat_chunks(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy
-                          ) -> AsyncIterator[tuple[p.ChatChunkChoice, int]]:
+                          ) -> AsyncIterator[tuple[resp.ChatChunkChoice, int]]:
         """One streamed chat choice: the role, then content and tool-call deltas (a step's logprobs ride on its
         first chunk), then the finish reason; each with the completion tokens so far."""
         turns, logprobs = self.turns(body, plan, copy, None)  # a forced call has no content: null, as OpenAI sends
-        yield p.ChatChunkChoice(index=index, delta=p.Delta(role="assistant", content=None if plan.forced else "")), 0
+        opening = resp.Delta(role="assistant", content=None if plan.forced else "")
+        yield resp.ChatChunkChoice(index=index, delta=opening), 0
         async for events, reason, n in turns:
             for delta in deltas(events):
-                yield p.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs(n)), n
+                yield resp.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs(n)), n
             if reason:
-                yield p.ChatChunkChoice(index=index, delta=p.Delta(), finish_reason=reason, logprobs=logprobs(n)), n
+                yield resp.ChatChunkChoice(index=index, delta=resp.Delta(), finish_reason=reason,
+                                           logprobs=logprobs(n)), n
 
     async def chat_choice(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy,
-                          request: Request) -> tuple[p.ChatChoice, int]:
+                          request: Request) -> tuple[resp.ChatChoice, int]:
         """One non-streamed chat choice and its completion-token count."""
         turns, logprobs = self.turns(body, plan, copy, request)
         message, reason, n = await answer(turns)
-        scores = (logprobs(n) or p.ChatLogprobs(content=[])) if body.logprobs else None
-        return p.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=scores), n
+        scores = (logprobs(n) or resp.ChatLogprobs(content=[])) if body.logprobs else None
+        return resp.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=scores), n
 
 
 @dataclass(eq=False)
@@ -344,16 +347,16 @@ def create_app(bridge: Bridge, tokenizer: Tokenizer, config: ServerConfig) -> Fa
     async def scrape() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
-    def card() -> p.ModelCard:
-        return p.ModelCard(id=config.model_name, created=p.now(), max_model_len=config.context)
+    def card() -> resp.ModelCard:
+        return resp.ModelCard(id=config.model_name, created=resp.now(), max_model_len=config.context)
 
     @app.get("/v1/models")
     async def models() -> dict:
-        return p.ModelList(data=[card()]).model_dump()
+        return resp.ModelList(data=[card()]).model_dump()
 
     @app.get("/v1/models/{model_id:path}")  # the openai SDK's models.retrieve; ids may hold "/" (org/name)
     async def model(model_id: str) -> dict:
-        _check_model(model_id, config)
+        check_model(model_id, config.model_name)
         return card().model_dump()
 
     _add_generation_routes(app, Generation(bridge, tokenizer, config), tokenizer, config)
@@ -421,11 +424,11 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
                    for i, (prompt, ids, group) in enumerate(zip(body.prompt, prompts, groups))
                    for j, copy in enumerate(group)]
         n_prompt = sum(map(len, prompts))  # each prompt counts once, however many copies it has
-        response = partial(p.CompletionResponse, id=p.new_id("cmpl"), created=p.now(), model=config.model_name)
+        response = partial(resp.CompletionResponse, id=resp.new_id("cmpl"), created=resp.now(), model=config.model_name)
         if not body.stream:
             answers, used = await _answers([_joined_completion(i, chunks) for i, chunks in enumerate(choices)],
                                            partial(gen.close, copies))
-            return response(choices=answers, usage=p.Usage.of(n_prompt, used)).model_dump()
+            return response(choices=answers, usage=resp.Usage.of(n_prompt, used)).model_dump()
         return _streamed(choices, response, n_prompt, body.include_usage, partial(gen.close, copies), _has_news)
 
     @app.post("/v1/chat/completions")
@@ -435,12 +438,12 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         [params] = await gen.constrain([_chat_params(gen.check(body, prompt, body.limit, "messages"), body)],
                                        body, plan)
         copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
-        response = partial(p.ChatCompletionResponse if not body.stream else p.ChatCompletionChunk,
-                           id=p.new_id("chatcmpl"), created=p.now(), model=config.model_name)
+        response = partial(resp.ChatCompletionResponse if not body.stream else resp.ChatCompletionChunk,
+                           id=resp.new_id("chatcmpl"), created=resp.now(), model=config.model_name)
         if not body.stream:
             answers, used = await _answers([gen.chat_choice(body, plan, j, copy, request)
                                             for j, copy in enumerate(copies)], partial(gen.close, copies))
-            return response(choices=answers, usage=p.Usage.of(len(prompt), used)).model_dump()
+            return response(choices=answers, usage=resp.Usage.of(len(prompt), used)).model_dump()
         return _streamed([gen.chat_chunks(body, plan, j, copy) for j, copy in enumerate(copies)], response,
                          len(prompt), body.include_usage, partial(gen.close, copies))
 
@@ -467,11 +470,11 @@ def _streamed(choices: list[AsyncIterator[tuple[Any, int]]], response: Callable[
             if shown(choice):
                 yield _sse(response(choices=[choice]))
         if include_usage:
-            yield _sse(response(choices=[], usage=p.Usage.of(n_prompt, sum(counts))))
+            yield _sse(response(choices=[], usage=resp.Usage.of(n_prompt, sum(counts))))
     return _event_stream(events(), close)
 
 
-def _has_news(choice: p.CompletionChoice) -> bool:
+def _has_news(choice: resp.CompletionChoice) -> bool:
     """A completion chunk worth sending: text, a finish reason or logprobs (an empty step sends nothing)."""
     return bool(choice.text or choice.finish_reason or (choice.logprobs and choice.logprobs.tokens))
 
@@ -500,21 +503,21 @@ def _event_stream(events: AsyncIterator[str], close: Callable[[], None]) -> Stre
             async for event in events:
                 yield event
         except APIError as err:
-            yield _sse(p.ErrorResponse(error=err.body))
+            yield _sse(resp.ErrorResponse(error=err.body))
         finally:
             close()
         yield _sse("[DONE]")
     return _ClosingStream(body(), close)
 
 
-async def _joined_completion(index: int, chunks: AsyncIterator[tuple[p.CompletionChoice, int]]
-                             ) -> tuple[p.CompletionChoice, int]:
+async def _joined_completion(index: int, chunks: AsyncIterator[tuple[resp.CompletionChoice, int]]
+                             ) -> tuple[resp.CompletionChoice, int]:
     """A non-streamed completion choice: its chunks joined, and its completion-token count."""
     parts, n = [], 0
     async for part, n in chunks:
         parts.append(part)
     scored = [part.logprobs for part in parts if part.logprobs is not None]
-    return p.CompletionChoice(index=index, text="".join(part.text for part in parts),
+    return resp.CompletionChoice(index=index, text="".join(part.text for part in parts),
                               finish_reason=parts[-1].finish_reason if parts else "length",
                               logprobs=joined(scored) if scored else None), n
 
@@ -524,10 +527,6 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
         return plan_tools(body)
     except ToolRequestError as err:
         raise APIError(400, str(err), param=err.param) from None
-
-
-def _check_model(asked: str, config: ServerConfig) -> None:
-    check_model(asked, config.model_name)
 
 
 def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None) -> None:

@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from fastapi.responses import JSONResponse
 
-from . import protocol as p
+from . import responses as resp
 
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
                  code: str | None = None, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
-        self.status, self.body = status, p.ErrorBody(message=message, type=type_, param=param, code=code)
+        self.status, self.body = status, resp.ErrorBody(message=message, type=type_, param=param, code=code)
         self.headers = headers
 
     def response(self) -> JSONResponse:
-        return JSONResponse(p.ErrorResponse(error=self.body).model_dump(), status_code=self.status,
+        return JSONResponse(resp.ErrorResponse(error=self.body).model_dump(), status_code=self.status,
                             headers=self.headers)
 
 

@@ -23,7 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
-from .protocol import ErrorBody, ErrorResponse
+from .responses import ErrorBody, ErrorResponse
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from ..infer.engine import StepOutput
 from ..infer.sampling import TokenLogprob
 from ..tokenizer import Tokenizer
-from . import protocol as p
+from . import responses as resp
 
 
 @dataclass
@@ -48,7 +48,7 @@ class CompletionScores(Scores):
     offset: int = 0  # whole characters of the choice's text before the tokens not yet handed out
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
-    def take(self, tokenizer: Tokenizer, n: int) -> p.CompletionLogprobs:
+    def take(self, tokenizer: Tokenizer, n: int) -> resp.CompletionLogprobs:
         generated = self._unsent(n)
         echoed = len(self.echo or [])
         tokens = [*(self.echo or []), *(s.token for s in generated)]
@@ -56,7 +56,7 @@ class CompletionScores(Scores):
         self.echo = None
         shown = [self.echo_text and i < echoed for i in range(len(tokens))]  # special tokens written in the text
         texts = [tokenizer.decode([token], skip_special_tokens=not show) for token, show in zip(tokens, shown)]
-        return p.CompletionLogprobs(
+        return resp.CompletionLogprobs(
             tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
             top_logprobs=[None if s is None else _top(tokenizer, s, show) for s, show in zip(scores, shown)],
             text_offset=[self._offset(tokenizer, token, text) for token, text in zip(tokens, texts)])
@@ -73,10 +73,10 @@ class CompletionScores(Scores):
         return at
 
 
-def joined(parts: list[p.CompletionLogprobs]) -> p.CompletionLogprobs:
+def joined(parts: list[resp.CompletionLogprobs]) -> resp.CompletionLogprobs:
     """Consecutive takes of one choice as one object (a non-streamed answer)."""
-    return p.CompletionLogprobs(**{key: [x for part in parts for x in getattr(part, key)]
-                                   for key in p.CompletionLogprobs.model_fields})
+    return resp.CompletionLogprobs(**{key: [x for part in parts for x in getattr(part, key)]
+                                   for key in resp.CompletionLogprobs.model_fields})
 
 
 def _top(tokenizer: Tokenizer, score: TokenLogprob, show_special: bool = False) -> dict[str, float]:
@@ -91,21 +91,21 @@ def _top(tokenizer: Tokenizer, score: TokenLogprob, show_special: bool = False) 
 
 @dataclass
 class ChatScores(Scores):
-    def take(self, tokenizer: Tokenizer, n: int) -> p.ChatLogprobs | None:
+    def take(self, tokenizer: Tokenizer, n: int) -> resp.ChatLogprobs | None:
         """The logprobs of the generated tokens not yet handed out, up to n (None when there are none)."""
         content = self._unsent(n)
         return chat_logprobs(tokenizer, content) if content else None
 
 
-def chat_logprobs(tokenizer: Tokenizer, scores: list[TokenLogprob]) -> p.ChatLogprobs:
+def chat_logprobs(tokenizer: Tokenizer, scores: list[TokenLogprob]) -> resp.ChatLogprobs:
     """OpenAI's chat shape: `content` = one entry per token, its alternatives best first."""
-    return p.ChatLogprobs(content=[p.TokenLogprob(**_chat_token(tokenizer, s.token, s.logprob).model_dump(),
+    return resp.ChatLogprobs(content=[resp.TokenLogprob(**_chat_token(tokenizer, s.token, s.logprob).model_dump(),
                                                   top_logprobs=[_chat_token(tokenizer, t, v) for t, v in s.top])
                                    for s in scores])
 
 
-def _chat_token(tokenizer: Tokenizer, token: int, logprob: float) -> p.TopLogprob:
+def _chat_token(tokenizer: Tokenizer, token: int, logprob: float) -> resp.TopLogprob:
     """The token's text and its own UTF-8 bytes (a part of a character: the text is U+FFFD, the bytes that part,
     so the bytes of consecutive tokens join into the characters, as OpenAI's field is for)."""
     text = tokenizer.decode([token])
-    return p.TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token) if text else b""))
+    return resp.TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token) if text else b""))

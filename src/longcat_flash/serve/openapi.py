@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from .protocol import ErrorResponse
+from .responses import ErrorResponse
 
 ERRORS = {
     400: "bad input: malformed JSON, a field out of range, prompt or max_tokens beyond the context",

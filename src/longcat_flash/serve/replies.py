@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Sequence
 
-from . import protocol as p
+from . import responses as resp
 from .tools import Event, PlainText, ToolCall, ToolCallParser
 
 
@@ -50,22 +50,22 @@ def cut_at_stop(events: list[Event], stop: Sequence[str]) -> tuple[list[Event], 
 
 
 async def answer(turns: AsyncIterator[tuple[list[Event], str | None, int]]
-                 ) -> tuple[p.AssistantMessage, str, int]:
+                 ) -> tuple[resp.AssistantMessage, str, int]:
     """A non-streamed reply: the same events joined (content is null when the reply is only tool calls)."""
     content, calls, reason, n = "", [], "length", 0
     async for events, done, n in turns:
         content += "".join(event for event in events if isinstance(event, str))
         calls += [event.message() for event in events if isinstance(event, ToolCall)]
         reason = done or reason
-    return p.AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None), reason, n
+    return resp.AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None), reason, n
 
 
-def deltas(events: list[Event]) -> list[p.Delta]:
+def deltas(events: list[Event]) -> list[resp.Delta]:
     """Stream deltas for parser events: content pieces, and per call its header delta then its arguments."""
     deltas = []
     for event in events:
         if isinstance(event, str):
-            deltas.append(p.Delta(content=event))
+            deltas.append(resp.Delta(content=event))
         else:
-            deltas += [p.Delta(tool_calls=[call_delta]) for call_delta in event.deltas()]
+            deltas += [resp.Delta(tool_calls=[call_delta]) for call_delta in event.deltas()]
     return deltas

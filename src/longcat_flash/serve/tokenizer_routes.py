@@ -15,13 +15,14 @@ from fastapi.responses import JSONResponse
 
 from ..tokenizer import Tokenizer
 from . import protocol as p
+from . import responses as resp
 from .errors import APIError, check_model
 
 
 def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model_name: str) -> None:
     """The three routes, for the model served as `model_name` with a context of `context` tokens."""
 
-    @app.post("/tokenize", response_model=p.TokenizeResponse)
+    @app.post("/tokenize", response_model=resp.TokenizeResponse)
     async def tokenize(body: p.TokenizeRequest) -> JSONResponse:
         if body.model is not None:
             check_model(body.model, model_name)
@@ -29,11 +30,11 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
         def answer() -> JSONResponse:  # encode_batch releases the GIL (encode does not); the JSON is built here too
             [ids] = tokenizer.encode_batch([body.prompt], allow_special=True)
             strs = [tokenizer.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
-            return JSONResponse(p.TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids,
+            return JSONResponse(resp.TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids,
                                                    token_strs=strs).model_dump())
         return await asyncio.to_thread(answer)
 
-    @app.post("/detokenize", response_model=p.DetokenizeResponse)
+    @app.post("/detokenize", response_model=resp.DetokenizeResponse)
     async def detokenize(body: p.DetokenizeRequest) -> JSONResponse:
         if body.model is not None:
             check_model(body.model, model_name)
@@ -43,7 +44,7 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
                 raise APIError(400, f"tokens: token ids must be in [0, {tokenizer.vocab_size})", param="tokens",
                                code="invalid_value")
             text = tokenizer.backend.decode_batch([body.tokens], skip_special_tokens=False)[0]
-            return JSONResponse(p.DetokenizeResponse(prompt=text).model_dump())
+            return JSONResponse(resp.DetokenizeResponse(prompt=text).model_dump())
         return await asyncio.to_thread(answer)
 
     @app.get("/tokenizer_info")

@@ -17,6 +17,7 @@ from typing import Any
 from ..chat_template import writes_tool_calls_with
 from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 from . import protocol as p
+from . import responses as resp
 from .text import partial_tag
 
 
@@ -38,11 +39,11 @@ class ToolCall:
     def message(self) -> p.ToolCall:
         return p.ToolCall(id=self.id, function=p.FunctionCall(name=self.name, arguments=self.arguments))
 
-    def deltas(self) -> list[p.ToolCallDelta]:
+    def deltas(self) -> list[resp.ToolCallDelta]:
         """The OpenAI streaming shape: the id, type and name first, then the arguments."""
-        return [p.ToolCallDelta(index=self.index, id=self.id, type="function",
-                                function=p.FunctionDelta(name=self.name, arguments="")),
-                p.ToolCallDelta(index=self.index, function=p.FunctionDelta(arguments=self.arguments))]
+        return [resp.ToolCallDelta(index=self.index, id=self.id, type="function",
+                                function=resp.FunctionDelta(name=self.name, arguments="")),
+                resp.ToolCallDelta(index=self.index, function=resp.FunctionDelta(arguments=self.arguments))]
 
 
 Event = str | ToolCall  # a piece of content, or a complete call
