@@ -5,15 +5,13 @@ Parquet, or a `datasets` Arrow stream. conversations.py checks the rows.
 from __future__ import annotations
 
 import glob
-import gzip
 import json
 import re
-import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .corpus import jsonl_records, open_text, pyarrow_modules
+from .corpus import decoding_errors, jsonl_records, open_text, pyarrow_modules
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 # The words that name a split in a data set's file and folder names, as `datasets` matches them: between separators
@@ -97,12 +95,8 @@ def rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
         raise ValueError(f"{path}: conversations come as .jsonl (one JSON object per line), .json (that, or one "
                          "array of objects), either gzip-compressed (.gz), .parquet, .arrow, or a directory of such "
                          "files")
-    try:
+    with decoding_errors(path):
         yield from _json_rows(path)
-    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # a .gz that is not gzip, or is cut short
-        raise ValueError(f"{path}: not a readable gzip file ({err})") from None
-    except UnicodeDecodeError as err:  # latin-1, UTF-16, or compressed without the .gz name
-        raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8, or name a gzip file *.gz") from None
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:

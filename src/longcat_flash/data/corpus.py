@@ -7,6 +7,7 @@ per row, in a text column). Files that are not text (a pre-tokenized .bin, say) 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import gzip
 import hashlib
 import json
@@ -150,12 +151,8 @@ def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[s
         yield from _read_parquet(path, text_field)
         return
     if kind == ".jsonl.gz":
-        try:
+        with decoding_errors(path):
             yield from _read_jsonl(path, text_field)
-        except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # not gzip, or cut short
-            raise ValueError(f"{path}: not a readable gzip file ({err})") from None
-        except UnicodeDecodeError as err:
-            raise ValueError(f"{path}: its uncompressed text is not UTF-8 ({err})") from None
         return
     if check_text:
         _require_text(path, text_field)
@@ -196,6 +193,19 @@ def open_text(path: Path) -> TextIO:
     if path.suffix.lower() == ".gz":
         return gzip.open(path, "rt", encoding="utf-8-sig")
     return path.open(encoding="utf-8-sig")
+
+
+@contextlib.contextmanager
+def decoding_errors(path: Path) -> Iterator[None]:
+    """Reading `path` through `open_text` in the block: a gzip file that is not one or is cut short, or text that
+    is not UTF-8 (latin-1, UTF-16, compressed without the .gz name), is one ValueError naming the file."""
+    try:
+        yield
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+        raise ValueError(f"{path}: not a readable gzip file ({err})") from None
+    except UnicodeDecodeError as err:
+        hint = "" if path.suffix.lower() == ".gz" else ", or name a gzip file *.gz"
+        raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8{hint}") from None
 
 
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
