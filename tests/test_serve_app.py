@@ -520,6 +520,29 @@ def test_tokenize_gives_the_ids_a_completions_prompt_becomes_and_detokenize_inve
     assert (info["eos_token"], info["model_max_length"]) == ("</s>", CONTEXT) and "{%" in info["chat_template"]
 
 
+def test_tokenize_adds_what_the_tokenizers_post_processor_adds_unless_told_not_to():
+    """vLLM's add_special_tokens (true by default): a tokenizer whose post-processor puts a bos first (as Llama's
+    do) gets it, as from vLLM; sent false, the prompt's ids alone, which lm_eval asks for."""
+    from tokenizers import processors
+
+    from longcat_flash.tokenizer import Tokenizer
+
+    base = stdlib_tokenizer(256)
+    backend = base.backend
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", base.bos_id)])
+    tokenizer = Tokenizer(backend)
+    bridge = AsyncEngine(Engine(randomized(tiny().replace(vocab_size=tokenizer.vocab_size)),
+                                EngineConfig(cache_tokens=2048))).start()
+    try:
+        with TestClient(create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=CONTEXT))) as fresh:
+            plain = tokenizer.encode("def f(x):", allow_special=True)
+            told = [fresh.post("/tokenize", json={"prompt": "def f(x):", **flag}).json()["tokens"]
+                    for flag in ({}, {"add_special_tokens": True}, {"add_special_tokens": False})]
+            assert told == [[base.bos_id, *plain], [base.bos_id, *plain], plain]
+    finally:
+        bridge.stop()
+
+
 @pytest.mark.parametrize("path, body, status, param", [
     ("/tokenize", {"prompt": "x"}, 401, None),
     ("/detokenize", {"tokens": [1]}, 401, None),

@@ -457,8 +457,7 @@ class ChatCompletionRequest(_Sampling):
 
 class TokenizeRequest(_Part):
     """vLLM's /tokenize, its completion form: the ids a completions prompt of this text becomes (special-token text
-    parsed, as there). This server's prompts get no special tokens added, so `add_special_tokens` (vLLM's flag,
-    which lm_eval sends) changes nothing either way."""
+    parsed, as there), with `add_special_tokens` also what the tokenizer's post-processor adds, as vLLM's."""
 
     model: str | None = None
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)

@@ -1,9 +1,11 @@
 """vLLM's tokenizer endpoints: /tokenize, /detokenize and /tokenizer_info, for clients that count or build prompts
 with the served model's own tokenizer (lm_eval's `tokenizer_backend=remote`, agent frameworks' token budgets).
 
-/tokenize gives the ids a completions prompt of the same text becomes, so its `count` is what the context check
-there counts; /detokenize inverts it. Both run off the event loop, their JSON included, with the tokenizer's batch
-calls, which release the GIL (a 1M-character prompt's single `encode` held it for over a second).
+/tokenize gives the ids a completions prompt of the same text becomes (special-token text parsed), so its `count`
+is what the context check there counts, plus, with vLLM's `add_special_tokens` (true unless sent false), what the
+tokenizer's own post-processor adds (a bos for some; nothing for those this project trains); /detokenize inverts
+it. Both run off the event loop, their JSON included, with the tokenizer's batch calls, which release the GIL (a
+1M-character prompt's single `encode` held it for over a second).
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
             check_model(body.model, model_name)
 
         def answer() -> JSONResponse:  # encode_batch releases the GIL (encode does not); the JSON is built here too
-            [ids] = tokenizer.encode_batch([body.prompt], allow_special=True)
+            [encoded] = tokenizer.backend.encode_batch([body.prompt], add_special_tokens=body.add_special_tokens)
+            ids = encoded.ids
             strs = [tokenizer.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
             return JSONResponse(resp.TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids,
                                                    token_strs=strs).model_dump())
