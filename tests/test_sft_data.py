@@ -126,13 +126,19 @@ def test_trl_prompt_completion_rows_train_only_the_completion(tokenizer):
 SHAREGPT_FROM = {"user": "human", "assistant": "gpt", "tool": "observation"}
 
 
-def as_sharegpt(row: dict, calls_as_list: bool) -> dict:
+def as_sharegpt(row: dict, calls_as_list: bool, one_observation: bool = False) -> dict:
     """`row` as LLaMA-Factory writes ShareGPT: a `system` column, tools as a JSON string of function objects, an
-    assistant turn of calls as a `function_call` turn (one call, or a list of them)."""
+    assistant turn of calls as a `function_call` turn (one call, or a list of them); with `one_observation`, the
+    results of a turn of several calls as one observation holding their JSON list (LLaMA-Factory's turns
+    alternate)."""
     messages = row["messages"]
     turns = []
-    for m in messages[1:] if messages[0]["role"] == "system" else messages:
-        if m.get("tool_calls"):
+    for i, m in enumerate(messages[1:] if messages[0]["role"] == "system" else messages):
+        if one_observation and m["role"] == "tool" and turns[-1]["from"] == "observation":
+            turns[-1]["value"] = json.dumps(json.loads(turns[-1]["value"]) + [m["content"]])
+        elif one_observation and m["role"] == "tool" and len(json.loads(turns[-1]["value"])) > 1:
+            turns.append({"from": "observation", "value": json.dumps([m["content"]])})
+        elif m.get("tool_calls"):
             calls = [c["function"] for c in m["tool_calls"]]
             turns.append({"from": "function_call", "value": json.dumps(calls if calls_as_list else calls[0])})
         else:
@@ -159,6 +165,7 @@ def test_sharegpt_rows_read_as_the_openai_conversation(tokenizer):
     plain = {"conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
     blank = {**plain, "tools": "", "system": " "}  # how converted data sets mark "no tools", "no system prompt"
     assert parse_row(blank, "x") == parse_row(plain, "x")
+    assert parse_row({**plain, "tools": "null"}, "x") == parse_row(plain, "x")  # a missing column written as JSON
     with pytest.raises(ConversationError, match=r"x: conversations\[1\].from: 'bot' is not one of"):
         parse_row({"conversations": [{"from": "human", "value": "hi"}, {"from": "bot", "value": "a"}]}, "x")
     # errors name the row's own fields (they named the OpenAI fields it is read as: .content, .role, .tool_calls)
@@ -172,6 +179,28 @@ def test_sharegpt_rows_read_as_the_openai_conversation(tokenizer):
                          ([{"from": "human", "value": "q"}, {"from": "system", "value": "s"}],
                           r"conversations\[1\].from")):
         with pytest.raises(ConversationError, match=rf"x: {field}: "):
+            parse_row({"conversations": turns}, "x")
+
+
+def test_sharegpt_parallel_calls_are_answered_per_call_or_by_one_observation_list(tokenizer):
+    """A turn of several calls is answered by one observation per call, or by one observation holding the list of
+    the results (a row whose turns alternate, as LLaMA-Factory requires); both read as the OpenAI rows."""
+    compared = 0
+    for row in rows(40):
+        if not any(len(m.get("tool_calls", [])) > 1 and not m.get("content") for m in row["messages"]):
+            continue
+        want = tokenize(tokenizer, parse_row(row, "x"))
+        for one in (False, True):
+            got = tokenize(tokenizer, parse_row(as_sharegpt(row, calls_as_list=True, one_observation=one), "x"))
+            assert all(np.array_equal(a, b) for a, b in zip(got, want)), row
+        compared += 1
+    assert compared >= 2
+    calls = json.dumps([{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}])
+    for answer in ("both done", json.dumps(["only one"]), json.dumps({"f": 1, "g": 2})):
+        turns = [{"from": "human", "value": "q"}, {"from": "function_call", "value": calls},
+                 {"from": "observation", "value": answer}, {"from": "gpt", "value": "a"}]
+        with pytest.raises(ConversationError, match=r"x: conversations\[2\].value: one observation answers the 2 "
+                                                     r"calls .* a JSON list of 2 results"):
             parse_row({"conversations": turns}, "x")
 
 
@@ -348,7 +377,13 @@ BAD_ROWS = [
     ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": '[{"name": "f"}, '
                                                                                             '{"name": "f"}]'},
                         {"from": "observation", "value": "1"}, {"from": "gpt", "value": "y"}]},
-     "conversations[3].from: 1 call(s) of the function_call turn before have no observation"),
+     "conversations[2].value: one observation answers the 2 calls of the function_call turn before it"),
+    ({"conversations": [{"from": "human", "value": "x"}, {"from": "function_call", "value": '[{"name": "f"}, '
+                                                                                            '{"name": "f"}, '
+                                                                                            '{"name": "f"}]'},
+                        {"from": "observation", "value": "1"}, {"from": "observation", "value": "2"},
+                        {"from": "gpt", "value": "y"}]},
+     "conversations[4].from: 1 call(s) of the function_call turn before have no observation"),
     ({"instruction": "hi", "input": "x"}, "output: missing"),
     ({"instruction": "hi", "output": ["a"]}, "output: expected a string"),
     ({"instruction": "hi", "output": "a", "history": [["q", "a", "b"]]}, "history[0]: a [user, assistant] pair"),

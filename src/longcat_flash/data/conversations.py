@@ -180,7 +180,8 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     _known_columns(row, SHAREGPT_FIELDS, where)
     named = _system_column(row, where)
     unanswered = 0  # calls of the latest function_call turn that no observation has answered yet
-    for i, turn in enumerate(_list(row["conversations"], where, "conversations")):
+    turns = _list(row["conversations"], where, "conversations")
+    for i, turn in enumerate(turns):
         name = f"conversations[{i}]"
         turn = _object(turn, where, name)
         _known(turn, ("from", "value"), where, f"{name}.", "a ShareGPT turn has")
@@ -195,6 +196,11 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
         if role != "tool" and unanswered:
             raise _fail(where, f"{name}.from", f"{unanswered} call(s) of the function_call turn before have no "
                                                "observation (one per call comes before the conversation goes on)")
+        first = role == "tool" and "tool_calls" in named[-1][1]  # the observation right after the calls
+        if first and unanswered > 1 and not _answers_next(turns, i + 1):  # one observation answers them all
+            named += _observations(turn["value"], unanswered, where, f"{name}.value")
+            unanswered = 0
+            continue
         unanswered -= role == "tool"
         if role == "system" and named:
             raise _fail(where, f"{name}.from", "a system turn must come first (and the row's system column is one)")
@@ -211,6 +217,27 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
             for k, c in enumerate(calls)]}))
         unanswered = len(calls)
     return named
+
+
+def _answers_next(turns: list[Any], i: int) -> bool:
+    """Whether turn `i` of a ShareGPT row is another observation (so each observation answers one call)."""
+    return i < len(turns) and isinstance(turns[i], dict) and SHAREGPT_ROLES.get(turns[i].get("from")) == "tool"
+
+
+def _observations(value: Any, calls: int, where: str, name: str) -> list[tuple[str, Any]]:
+    """One observation answering the `calls` calls of the turn before it (LLaMA-Factory's turns alternate, so its
+    rows give one): a JSON list with one result per call, as that many tool messages."""
+    text = _string(value, where, name)
+    try:
+        results = _decoded(text, where, name)
+    except ConversationError:  # plain text: the message below says what it needs to be
+        results = None
+    if not isinstance(results, list) or len(results) != calls:
+        raise _fail(where, name, f"one observation answers the {calls} calls of the function_call turn before it: "
+                                 f"give a JSON list of {calls} results (one per call, in the calls' order), or one "
+                                 "observation per call")
+    return [(f"{name}[{k}]", {"role": "tool", "content": result if isinstance(result, str) else
+                              json.dumps(result, ensure_ascii=False)}) for k, result in enumerate(results)]
 
 
 def _system_column(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
@@ -471,10 +498,13 @@ def _function_name(value: Any, where: str, name: str) -> str:
     return value
 
 
-def _tools(raw: Any, where: str, field: str = "tools") -> list[dict[str, Any]]:
+def _tools(raw: Any, where: str, field: str = "tools") -> list[dict[str, Any]] | None:
     """A row's `tools` (or legacy `functions`): a list, or a JSON string holding one, of tools with distinct names
-    (as the server requires: a call could not say which of two it means)."""
-    tools = [_tool(t, where, f"{field}[{i}]") for i, t in enumerate(_list(_decoded(raw, where, field), where, field))]
+    (as the server requires: a call could not say which of two it means); the string "null" (a missing column
+    written as JSON) is none."""
+    if (decoded := _decoded(raw, where, field)) is None:
+        return None
+    tools = [_tool(t, where, f"{field}[{i}]") for i, t in enumerate(_list(decoded, where, field))]
     names = [tool["function"]["name"] for tool in tools]
     if dup := next((n for i, n in enumerate(names) if n in names[:i]), None):
         raise _fail(where, field, f"two tools are named {dup!r}")
