@@ -32,7 +32,8 @@ class PackStats:
 
     def describe(self, split: str, windows: int, window: int) -> str:
         fill = self.tokens / max(1, windows * window)
-        text = (f"sft {split}: {self.conversations} conversations -> {windows} windows of {window} tokens "
+        text = (f"sft {split}: {self.conversations} conversation{'s' * (self.conversations != 1)} -> {windows} "
+                f"window{'s' * (windows != 1)} of {window} tokens "
                 f"({fill:.0%} filled, {self.trained_tokens} trained tokens)")
         if self.truncated or self.skipped or self.untrained:
             text += (f"; over-long (> {window} tokens): {self.truncated} truncated, {self.skipped} skipped"
