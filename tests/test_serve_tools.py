@@ -83,7 +83,8 @@ def test_streamed_tool_call_reassembles_to_the_same_call(client):
 
 def test_round_trip_with_the_tool_result_in_history(client):
     call = chat(client, messages=ASK, tools=[WEATHER], tool_choice=NAMED).json()["choices"][0]["message"]
-    history = [*ASK, call, {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "content": "21 C, sun"}]
+    history = [*ASK, call, {"role": "tool", "tool_call_id": call["tool_calls"][0]["id"], "name": "get_weather",
+                            "content": "21 C, sun"}]  # the function's name, as LangChain sends it
     answer = chat(client, messages=history, tools=[WEATHER]).json()
     assert answer["choices"][0]["message"] == {"role": "assistant", "content": "Sunny, 21 C.", "tool_calls": None}
     assert answer["choices"][0]["finish_reason"] == "stop"
@@ -150,6 +151,8 @@ CALL = {"id": "call_1", "type": "function", "function": {"name": "get_weather", 
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},
                    {"role": "tool", "tool_call_id": "call_9", "content": "x"}]}, "messages.2.tool_call_id"),
     ({"messages": [*ASK, {"role": "tool", "content": "x"}]}, "messages.1.tool_call_id"),
+    ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [CALL]},  # names another function
+                   {"role": "tool", "tool_call_id": "call_1", "name": "get_time", "content": "x"}]}, "messages.2.name"),
     ({"messages": [*ASK, {"role": "assistant", "content": None}]}, "messages.1.content"),
     ({"messages": [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {**CALL, "function": {"name": "get_weather", "arguments": "{oops"}}]}]},

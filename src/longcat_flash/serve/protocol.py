@@ -311,13 +311,15 @@ class ChatMessage(_Part):
     the "developer" role (the newer name of "system") is read as "system". An assistant message may carry
     `tool_calls` (then `content` may be null); a `tool` message answers one call by its `tool_call_id`.
     Fields the chat template has no place for are dropped if they are MESSAGE_METADATA or null (clients echo SDK
-    objects with `audio: null`); any other is refused."""
+    objects with `audio: null`); any other is refused. A tool message's `name` (the function it answers, as
+    LangChain sends it) is kept, checked against the call and rendered as `longcat sft` renders it from data."""
 
-    dropped = MESSAGE_METADATA
+    dropped = tuple(field for field in MESSAGE_METADATA if field != "name")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # [] (vLLM's replies carry it): none
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
+    name: str | None = Field(None, max_length=256)  # a participant's name elsewhere: dropped (metadata)
 
     @field_validator("role")
     @classmethod
@@ -343,6 +345,8 @@ class ChatMessage(_Part):
         if self.content is None and not self.tool_calls:
             raise ValueError("content: must be a string or a list of text parts (null only in an assistant message "
                              "with tool_calls)")
+        if self.role != "tool":
+            self.name = None
         return self
 
 

@@ -235,7 +235,7 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
     and is put in the order of the calls (the prompt does not carry the ids, so the model pairs results with calls
     by position); any order is accepted."""
     ordered: list[p.ChatMessage] = []
-    calls: list[str] = []  # the ids of the latest assistant message's calls
+    calls: dict[str, str] = {}  # the latest assistant message's calls: id -> function name
     run: dict[str, p.ChatMessage] = {}  # results seen since it, by id
     for i, message in enumerate([*messages, None]):
         if message is not None and message.role == "tool":
@@ -243,10 +243,13 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
                 raise ToolRequestError(f"messages.{i}.tool_call_id", f"messages[{i}] answers tool call "
                                        f"{message.tool_call_id!r} a second time; one tool message answers each call")
             if message.tool_call_id not in calls:
-                before = (f"the assistant message before it did not make (its calls: {calls})" if calls else
+                before = (f"the assistant message before it did not make (its calls: {list(calls)})" if calls else
                           "no assistant message with tool calls made right before it")
                 raise ToolRequestError(f"messages.{i}.tool_call_id", f"messages[{i}] answers tool call "
                                        f"{message.tool_call_id!r}, which {before}")
+            if message.name is not None and message.name != calls[message.tool_call_id]:
+                raise ToolRequestError(f"messages.{i}.name", f"messages[{i}] is named {message.name!r}, but the call "
+                                       f"{message.tool_call_id!r} it answers is to {calls[message.tool_call_id]!r}")
             run[message.tool_call_id] = message
             continue
         if len(run) < len(calls):  # none answered too: the conversation went on (or ends) as if it never called
@@ -256,9 +259,10 @@ def in_call_order(messages: list[p.ChatMessage]) -> list[p.ChatMessage]:
         ordered += [run[c] for c in calls if c in run]
         if message is not None:
             ordered.append(message)
-            calls, run = [call.id for call in message.tool_calls or []], {}
-            for k, call_id in enumerate(calls):
-                if call_id in calls[:k]:  # its results could not be told apart
+            ids, run = [call.id for call in message.tool_calls or []], {}
+            calls = {call.id: call.function.name for call in message.tool_calls or []}
+            for k, call_id in enumerate(ids):
+                if call_id in ids[:k]:  # its results could not be told apart
                     raise ToolRequestError(f"messages.{i}.tool_calls.{k}.id", f"messages[{i}] makes two tool calls "
                                            f"with the id {call_id!r}; each call needs its own id, which its tool "
                                            "message names")
