@@ -286,7 +286,7 @@ def test_forked_copies_speculate_as_independent_seeded_requests_do(model, length
 def test_pages_all_return_after_forked_copies_finish_are_cancelled_and_preempted(model):
     # 14 pages of 4 tokens cannot hold 3 groups of copies growing to ~24 tokens each: preemption must happen.
     engine = Engine(model, EngineConfig(prefill_chunk=8, token_budget=64, page_size=4, cache_tokens=56,
-                                        max_running=4))
+                                        max_running=9))  # room for the three groups' 9 copies at once
     ps = prompts((9, 14, 6), seed=8)
     params = [SamplingParams(max_new_tokens=12 + j, temperature=0.8, seed=j, ignore_eos=True) for j in range(3)]
     groups = [engine.add_copies(p, params) for p in ps]
@@ -302,6 +302,26 @@ def test_pages_all_return_after_forked_copies_finish_are_cancelled_and_preempted
     assert engine.stats.preempted > 0 and engine.stats.cancelled >= 2
     assert engine.cache.used_pages == 0 and engine.cache.free_pages == engine.cache.config.num_pages - 1
     assert not engine.cache.tables and not engine.requests
+
+
+def test_copies_count_against_max_running(model):
+    """n copies are n sequences decoding: a group is admitted only when its copies fit beside the running ones
+    (they ran past max_running, 10 groups of 10 copies as 40 sequences on a limit of 4); one larger than the
+    limit runs alone. The outputs are those of independent seeded requests either way."""
+    engine = Engine(model, EngineConfig(**SMALL))  # max_running=4
+    ps = prompts((6, 9, 4, 7), seed=2)
+    params = [SamplingParams(max_new_tokens=6, temperature=0.9, seed=j, ignore_eos=True) for j in range(3)]
+    groups = [engine.add_copies(p, params) for p in ps] + [engine.add_copies(ps[0], params * 2)]  # 6 > 4
+    out, most = {rid: [] for g in groups for rid in g}, 0
+    while engine.has_work():
+        for o in engine.step():
+            out[o.request_id] += o.new_tokens
+        running = len(engine.scheduler.running)
+        most = max(most, running)
+        assert running <= 4 or {s.id for s in engine.scheduler.running} <= set(groups[-1]), running
+    assert most == 6  # the big group, alone
+    independent = Engine(model, EngineConfig(**SMALL)).generate([p for p in ps for _ in params], params * len(ps))
+    assert [out[rid] for g in groups[:-1] for rid in g] == independent
 
 
 def test_cancelling_a_first_copy_before_its_prefill_cancels_the_waiting_copies(model):

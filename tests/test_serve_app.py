@@ -427,6 +427,16 @@ def test_more_prompts_than_the_queue_holds_is_a_400_not_a_429(client):
     assert client.post("/v1/completions", json={**body, "prompt": body["prompt"][:24]}, headers=AUTH).status_code == 200
 
 
+def test_more_copies_than_max_running_is_a_400_naming_n(client):
+    """n copies decode together, each a running sequence: above max_running (8 here) they would take the batch
+    past the limit the server was started with."""
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    r = client.post("/v1/completions", json={**body, "n": 9}, headers=AUTH)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "n" and "--max-running" in error["message"]
+    assert client.post("/v1/completions", json={**body, "n": 8}, headers=AUTH).status_code == 200
+
+
 def test_a_models_generation_config_sets_the_sampling_a_request_leaves_out(tmp_path):
     """vLLM samples with generation_config.json's temperature, top_p, ... where a request gives none; it was
     never read. Here the model's default is greedy: requests without a temperature all decode the same."""

@@ -115,10 +115,20 @@ class Scheduler:
         and each of its `forks` copies' own."""
         return self.pages_for(prompt_len + self.config.lookahead) + forks * self.copy_pages(prompt_len)
 
+    def slots_taken(self) -> int:
+        """The running sequences and the copies still to fork off them (they join the batch at their prompt's end):
+        `max_running` bounds both together."""
+        return sum(1 + seq.forks for seq in self.running)
+
+    def _has_slots(self, seq: SequenceState) -> bool:
+        """Whether admitting `seq` keeps the batch within `max_running`, its copies counted; a group larger than
+        `max_running` is admitted alone (the server refuses n above it; the engine's own callers may ask for it)."""
+        return not self.running or self.slots_taken() + 1 + seq.forks <= self.config.max_running
+
     def queue_room(self) -> int:
         """Requests `add` takes now: the running slots free (a burst reaches the queue before the next step
         admits any of it) plus `max_waiting`, less those already waiting."""
-        free = max(self.config.max_running - len(self.running), 0)
+        free = max(self.config.max_running - self.slots_taken(), 0)
         return free + self.config.max_waiting - len(self.waiting)
 
     def add(self, seq: SequenceState) -> None:
@@ -130,7 +140,7 @@ class Scheduler:
 
     def adopt(self, seq: SequenceState) -> None:
         """Run a copy forked off a running sequence: its prompt is already in the cache, so it skips the queue.
-        A group may briefly run past `max_running` by its copies; admission waits until it is back under."""
+        Its slot was kept for it since its group's first copy was admitted (`slots_taken`)."""
         seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
         self.running.append(seq)
 
@@ -158,7 +168,7 @@ class Scheduler:
                 blocked = True  # it waits for pages: newcomers must not take the ones that free up first
                 break
             free_pages = left
-        while not blocked and self.waiting and len(self.running) < self.config.max_running:
+        while not blocked and self.waiting and self._has_slots(self.waiting[0]):
             if self.waiting[0] in plan.preempted:  # it gave its pages to an older sequence this very step
                 break
             if (left := self._try_prefill(plan, self.waiting[0], budget, free_pages)) is None:

@@ -141,6 +141,9 @@ class Generation:
             raise APIError(400, f"prompt: {len(jobs)} prompts in one request; this server takes at most "
                                 f"{self.bridge.max_queued} at once (--max-running + --max-waiting): send fewer at a "
                                 "time", param="prompt", code="too_many_prompts")
+        if (n := max((len(params) for _, params in jobs), default=0)) > self.bridge.max_running:
+            raise APIError(400, f"n: {n} copies decode together; this server decodes at most {self.bridge.max_running}"
+                                " sequences at once (--max-running)", param="n")
         results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
                                        return_exceptions=True)
         groups = [[Copy(rid, outputs) for rid, outputs in r] for r in results if not isinstance(r, BaseException)]

@@ -151,6 +151,7 @@ class Bridge:
     vocab_size: int
     context: int  # Engine.max_context: max_position_embeddings, or less where the KV cache holds less
     max_queued: int  # submissions an idle engine takes at once (a prompt and its copies are one): running + waiting
+    max_running: int  # sequences decoded together; a prompt's n copies are n of them
 
     def __init__(self) -> None:
         self._tokens = itertools.count()
@@ -236,6 +237,7 @@ class AsyncEngine(Bridge):
         super().__init__()
         self.engine, self.vocab_size = engine, engine.vocab_size
         self.context, self.max_queued = engine.max_context, engine.max_queued
+        self.max_running = engine.config.max_running
         self._loop = EngineLoop(engine, self.receive)
         self._thread = threading.Thread(target=self._run, name="longcat-engine", daemon=True)
 

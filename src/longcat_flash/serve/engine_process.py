@@ -47,7 +47,7 @@ class EngineProcess(Bridge):
         if kind == "failed":
             self.process.join()
             raise info[0]
-        self.vocab_size, self.context, self.max_queued = info
+        self.vocab_size, self.context, self.max_queued, self.max_running = info
         self._send_lock = threading.Lock()
         threading.Thread(target=self._read, name="longcat-engine-reader", daemon=True).start()
 
@@ -81,8 +81,8 @@ class EngineProcess(Bridge):
 
 def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device: str,
                  config: EngineConfig | None, conn: Connection) -> None:
-    """The child: load, report ("ready", vocab, context, max_queued) or ("failed", error), then run the loop
-    until told to stop or the parent is gone."""
+    """The child: load, report ("ready", vocab, context, max_queued, max_running) or ("failed", error), then run
+    the loop until told to stop or the parent is gone."""
     for stop in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, or a SIGTERM to the group (systemd, `kill -- -PID`),
         signal.signal(stop, signal.SIG_IGN)  # reaches this process too: the parent decides, after its grace
     tune_cpu_allocator()  # a step's activations are bounded by the token budget: keeping them is cheap
@@ -96,7 +96,7 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
         except Exception:  # an error that does not pickle
             conn.send(("failed", RuntimeError(f"{type(err).__name__}: {err}")))
         return
-    conn.send(("ready", engine.vocab_size, engine.max_context, engine.max_queued))
+    conn.send(("ready", engine.vocab_size, engine.max_context, engine.max_queued, engine.config.max_running))
 
     def send(batch: Any) -> None:
         try:
