@@ -97,7 +97,8 @@ def test_queue_full_is_backpressure_past_the_free_running_slots():
     s = Scheduler(SchedulerConfig(max_running=2, max_waiting=2))
     for i in range(4):
         s.add(seq(i, 1))
-    with pytest.raises(QueueFull, match="4 requests are already waiting"):
+    with pytest.raises(QueueFull, match=r"4 requests are already waiting, the most it queues now: the 2 free "
+                                        r"running slots \(of max_running 2\) plus max_waiting 2"):
         s.add(seq(4, 1))
     s.schedule(free_pages=64, held_pages={})  # two of them run: the queue takes max_waiting, no more
     assert len(s.running) == 2 and s.queue_room() == 0

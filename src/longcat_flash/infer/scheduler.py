@@ -133,8 +133,10 @@ class Scheduler:
 
     def add(self, seq: SequenceState) -> None:
         if self.queue_room() <= 0:
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting ({len(self.running)} running, "
-                            f"max_running {self.config.max_running}, max_waiting {self.config.max_waiting})")
+            free = max(self.config.max_running - self.slots_taken(), 0)
+            raise QueueFull(f"{len(self.waiting)} requests are already waiting, the most it queues now: the "
+                            f"{free} free running slots (of max_running {self.config.max_running}) plus max_waiting "
+                            f"{self.config.max_waiting}")
         seq.status, seq.arrival = Status.WAITING, next(self._arrivals)
         self.waiting.append(seq)
 
