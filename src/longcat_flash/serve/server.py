@@ -26,16 +26,23 @@ def _server(config: Any, bridge: Bridge) -> Any:
     """uvicorn's Server, except that on SIGTERM or Ctrl-C the responses still open after SHUTDOWN_GRACE_S end as
     503s in the OpenAI shape (a stream's as its last event): a stream of thousands of tokens must not hold the
     stop (an orchestrator's SIGKILL follows in ~30 s), and uvicorn alone cancels them, which a client got as a
-    plain-text 500 or a cut connection and the log as a traceback per request."""
+    plain-text 500 or a cut connection and the log as a traceback per request. A second signal (Ctrl-C again,
+    uvicorn's "force quit") ends them so at once; only a third forces uvicorn's own exit."""
     import uvicorn
 
     class Server(uvicorn.Server):
+        cut = False  # the open responses were ended early, by a second signal
+
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if not self.should_exit:  # the first signal; a signal handler runs on the main thread, the loop's
-                with contextlib.suppress(RuntimeError):  # no loop yet: nothing is open
-                    loop = asyncio.get_running_loop()
+            with contextlib.suppress(RuntimeError):  # no loop yet: nothing is open
+                loop = asyncio.get_running_loop()  # a signal handler runs on the main thread, the loop's
+                if not self.should_exit:
                     loop.call_soon_threadsafe(loop.call_later, SHUTDOWN_GRACE_S, bridge.fail_all,
                                               "the server is shutting down")
+                elif not self.cut:
+                    self.cut = True
+                    loop.call_soon_threadsafe(bridge.fail_all, "the server is shutting down")
+                    return
             super().handle_exit(sig, frame)
 
     return Server(config)
