@@ -68,11 +68,12 @@ def test_grow_a_run_then_resume_it(tmp_path: Path):
     with pytest.raises(ValueError, match=r"--factor 10000000000 grows a model of .* fp32 weights and Adam's two "
                                          r"moments need \d+ GiB; this machine has"):
         grow_run(tmp_path / "small", tmp_path / "huge", 10**10)  # built layer by layer until memory ran out
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "metrics.jsonl").write_text("mine")
-    with pytest.raises(ValueError, match="holds metrics.jsonl, which the grown run would overwrite"):
-        grow_run(tmp_path / "small", tmp_path / "mine")  # it replaced a user's files without a word
-    assert (tmp_path / "mine" / "metrics.jsonl").read_text() == "mine"
+    for held in ("metrics.jsonl", "model-00001-of-00002.safetensors"):  # a user's run file, a user's weights
+        (tmp_path / held).mkdir()
+        (tmp_path / held / held).write_text("mine")
+        with pytest.raises(ValueError, match=f"holds {held}; the grown run or model goes into a new or empty"):
+            grow_run(tmp_path / "small", tmp_path / held)  # it replaced (or deleted) a user's files without a word
+        assert (tmp_path / held / held).read_text() == "mine"
     train(apply_overrides(resume_config(tmp_path / "grown"), ["max_steps=8"]), tmp_path / "grown", resume=True,
           progress=False)
     steps = [r["step"] for r in read_metrics(tmp_path / "grown")]
@@ -92,7 +93,7 @@ def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
     assert grown.config.num_layers == 4
     assert (tmp_path / "dst" / "generation_config.json").read_text() == defaults
     assert torch.equal(grown.model.layers[3].mlps[1].up_proj.weight, small.model.layers[1].mlps[1].up_proj.weight)
-    with pytest.raises(ValueError, match="already holds"):
+    with pytest.raises(ValueError, match="holds config.json, .*model.safetensors; the grown run or model goes"):
         grow_run(tmp_path / "src", tmp_path / "dst")
     with pytest.raises(ValueError, match=r"grows a model of .* fp32 weights need \d+ GiB; this machine has"):
         grow_run(tmp_path / "src", tmp_path / "huge", 10**10)

@@ -25,7 +25,6 @@ from ..tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE
 from .checkpoints import read_checkpoint, saved_train_config, write_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, keep_metrics_until
-from .trainer import RUN_FILES
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 
@@ -70,11 +69,9 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     checkpoint (or model) directory. A grown run continues with `longcat train --resume DST`. An HF model is
     grown on `device`; a training checkpoint's state is rewritten on the CPU, one tensor at a time."""
     src, dst = Path(src), Path(dst)
-    if training.list_checkpoints(dst / CHECKPOINTS) or (dst / "config.json").exists():
-        raise ValueError(f"--out {dst} already holds a model or checkpoints; choose an empty directory")
-    if held := [name for name in RUN_FILES if (dst / name).exists()]:
-        raise ValueError(f"--out {dst} holds {' and '.join(held)}, which the grown run would overwrite with its "
-                         "own; choose an empty directory")
+    if dst.is_dir() and (held := sorted(path.name for path in dst.iterdir())):  # weights, shards, a run: the
+        raise ValueError(f"--out {dst} holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; the grown "
+                         "run or model goes into a new or empty directory")  # writer would replace or delete them
     if (src / "config.json").is_file() and not (src / CHECKPOINTS).is_dir():
         device = torch.device(device)
         if device.type == "cpu":
