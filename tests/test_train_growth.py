@@ -9,6 +9,7 @@ import torch
 from train_support import make_corpus, tiny_config
 
 from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.cli import main
 from longcat_flash.model import Transformer
 from longcat_flash.train.checkpoints import read_checkpoint, resume_config
 from longcat_flash.train.config import apply_overrides
@@ -50,11 +51,14 @@ def test_optimizer_and_controller_state_are_stacked_like_the_layers():
 
 
 @pytest.mark.slow
-def test_grow_a_run_then_resume_it(tmp_path: Path):
+def test_grow_a_run_then_resume_it(tmp_path: Path, capsys):
     corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
     cfg = tiny_config(corpus, cache, "model.num_layers=1", "max_steps=6", "checkpoint.save_every=3")
     train(cfg, tmp_path / "small", progress=False)
     ckpt = grow_run(tmp_path / "small", tmp_path / "grown")
+    capsys.readouterr()
+    main(["info", str(tmp_path / "grown"), "--json"])  # a run without its config.json yet: its checkpoint's
+    assert json.loads(capsys.readouterr().out)["num_layers"] == 2
     states, meta = read_checkpoint(ckpt)
     src_states, _ = read_checkpoint(tmp_path / "small")
     assert meta["step"] == 6 and meta["train_config"]["model"]["num_layers"] == 2

@@ -20,19 +20,25 @@ from .runtime import tune_cpu_allocator
 
 
 def _config_from(target: str) -> ModelConfig:
-    """A preset name or a checkpoint directory holding config.json (a name that is both is refused)."""
+    """A preset name, a checkpoint directory holding config.json (a name that is both is refused), or a run
+    directory before its model is exported (running, or grown and not yet resumed): its newest checkpoint's."""
+    path = Path(target)
     if target in PRESETS:
-        if (Path(target) / "config.json").is_file():
+        if (path / "config.json").is_file():
             raise SystemExit(f"longcat: {target!r} is both a preset and a checkpoint directory here; write "
                              f"./{target} for the directory")
         return get_preset(target)
-    if Path(target).is_dir():
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+        from .train.checkpoints import resume_config
+
+        return resume_config(path).model
+    if path.is_dir():
         from .checkpoint.hf import checkpoint_config
 
         try:
-            return checkpoint_config(Path(target))  # as its files hold it (no MTP head where none was saved)
+            return checkpoint_config(path)  # as its files hold it (no MTP head where none was saved)
         except FileNotFoundError:  # a config.json without weights
-            return ModelConfig.from_json(target)
+            return ModelConfig.from_json(path)
     raise SystemExit(f"longcat: {target!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                      "nor a directory with config.json")
 
@@ -46,7 +52,8 @@ def _add_device(p: argparse.ArgumentParser) -> None:
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, active parameters, KV-cache bytes and FLOPs per token")
-    p.add_argument("target", help=f"a preset ({', '.join(sorted(PRESETS))}) or a checkpoint directory")
+    p.add_argument("target", help=f"a preset ({', '.join(sorted(PRESETS))}), a checkpoint directory (the figures "
+                                   "of its config.json; the weights are not read) or a run directory")
     p.add_argument("--ffn-experts", type=float, default=None, help="K_e for the average figure (default 2/3 K)")
     p.add_argument("--context", type=non_negative_int, default=0, help="context length for attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
