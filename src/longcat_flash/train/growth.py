@@ -69,6 +69,9 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     checkpoint (or model) directory. A grown run continues with `longcat train --resume DST`. An HF model is
     grown on `device`; a training checkpoint's state is rewritten on the CPU, one tensor at a time."""
     src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ValueError(f"{src} {'is not a directory' if src.exists() else 'does not exist'}: grow a run "
+                         "directory, one of its checkpoints, or an HF model directory")
     if dst.is_dir() and (held := sorted(path.name for path in dst.iterdir())):  # weights, shards, a run: the
         raise ValueError(f"--out {dst} holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; the grown "
                          "run or model goes into a new or empty directory")  # writer would replace or delete them
