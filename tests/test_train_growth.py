@@ -99,7 +99,8 @@ def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
     assert torch.equal(grown.model.layers[3].mlps[1].up_proj.weight, small.model.layers[1].mlps[1].up_proj.weight)
     with pytest.raises(ValueError, match="holds config.json, .*model.safetensors; the grown run or model goes"):
         grow_run(tmp_path / "src", tmp_path / "dst")
-    for missing, says in ((tmp_path / "none", "does not exist"), (tmp_path / "src" / "config.json", "is not a directory")):
+    for missing, says in ((tmp_path / "none", "does not exist"),
+                          (tmp_path / "src" / "config.json", "is not a directory")):
         with pytest.raises(ValueError, match=f"{says}: grow a run directory, one of its checkpoints, or an HF model"):
             grow_run(missing, tmp_path / "other")  # it said "no checkpoint found at ..., expected .../manifest.json"
     with pytest.raises(ValueError, match=r"grows a model of .* fp32 weights need \d+ GiB; this machine has"):
