@@ -76,6 +76,19 @@ def test_unknown_field_lists_the_valid_fields():
     assert "is a section" in run_cli("train", "--set", "optim=1")
 
 
+def test_a_json_dict_reads_as_the_python_one():
+    """A dict copied from a config.json (true, false, null) said "'model.rope_scaling' is a section; set one of
+    its fields ... or several as a dict", as did a dict with unquoted names."""
+    json_form = ('model.rope_scaling={"rope_type": "yarn", "factor": 4, "original_max_position_embeddings": 64, '
+                 '"truncate": false, "mscale": null}')
+    python_form = ("model.rope_scaling={'rope_type': 'yarn', 'factor': 4, 'original_max_position_embeddings': 64, "
+                   "'truncate': False, 'mscale': None}")
+    assert build_config("tiny", [json_form]) == build_config("tiny", [python_form])
+    assert build_config("tiny", [json_form]).model.rope_scaling.truncate is False
+    message = run_cli("train", "--set", "model.rope_scaling={rope_type: yarn, factor: 4}")
+    assert "model.rope_scaling={rope_type: yarn, factor: 4}: not a dict this can read" in message
+
+
 def test_print_config_shows_overrides(capsys):
     main(["train", "--preset", "tiny", "--max-steps", "7", "--set", "budget.rate=0.01", "--print-config"])
     out = capsys.readouterr().out

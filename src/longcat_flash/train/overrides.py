@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import json
 import types
 import typing
 from collections.abc import Sequence
@@ -82,6 +83,9 @@ def _assign_fields(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefi
             elif dataclasses.is_dataclass(current):
                 whole = _parsed(raw)  # a dict sets several fields of a section at once, e.g. model.rope_scaling=
                 if not isinstance(whole, dict):  # {'rope_type': 'yarn', ...}, whose fields depend on each other
+                    if isinstance(whole, str) and whole.lstrip().startswith("{"):
+                        raise ValueError(f"{key}={whole}: not a dict this can read (a Python or JSON one, every "
+                                         "name and text in quotes)")
                     sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
                     raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or several as a dict")
                 if isinstance(current, RopeScaling):  # one value, as config.json's rope_parameters: replaced whole
@@ -136,7 +140,8 @@ def override_keys(assignment: str) -> set[str]:
 
 
 def parse_value(raw: str) -> Any:
-    """A Python literal if `raw` is one, else the raw string (so paths need no quotes); true/false work too."""
+    """A Python literal or JSON (a dict copied from a config.json, with its true / false / null) if `raw` is one,
+    else the raw string (so paths need no quotes); true/false work too."""
     if raw.lower() in ("true", "false"):
         return raw.lower() == "true"
     if raw.lower() in ("none", "null"):
@@ -144,6 +149,10 @@ def parse_value(raw: str) -> Any:
     try:
         return ast.literal_eval(raw)
     except (ValueError, SyntaxError):
+        pass
+    try:
+        return json.loads(raw) if raw.lstrip()[:1] in ("{", "[") else raw
+    except ValueError:
         return raw
 
 
