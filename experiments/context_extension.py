@@ -82,11 +82,15 @@ def loss_by_position(model_dir: Path, windows: torch.Tensor) -> list[float]:
 
 
 def with_config(base_dir: Path, out: Path, cfg: ModelConfig) -> Path:
-    """The base checkpoint with another config.json: a RoPE change applied without any training."""
+    """The base checkpoint with another config.json (and its tokenizer's model_max_length the new context): a
+    RoPE change applied without any training."""
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(base_dir, out, ignore=shutil.ignore_patterns("checkpoints", "*.jsonl", "tensorboard"))
     cfg.save_json(out)
+    tokenizer = Tokenizer.load(out)
+    tokenizer.model_max_length = cfg.max_position_embeddings
+    tokenizer.save(out)
     return out
 
 

@@ -242,6 +242,23 @@ def test_context_extension_is_judged_against_the_control(experiments_path):
     assert ce.judge(results(control=4.2, extension=4.2 - 2 * ce.MARGIN), S)[1]
 
 
+def test_an_untrained_rope_change_gives_its_tokenizer_the_new_context(experiments_path, tmp_path):
+    """The "base + yarn" variant's tokenizer_config.json kept the old model_max_length (transformers warns past it)."""
+    import context_extension as ce
+    import torch
+
+    from longcat_flash.checkpoint.fresh import init_checkpoint
+    from longcat_flash.config import ModelConfig
+    from longcat_flash.presets import tiny
+    from longcat_flash.tokenizer import Tokenizer
+
+    base = init_checkpoint(tiny(), tmp_path / "base", dtype=torch.float32)
+    longer = ModelConfig.from_json(base).replace(max_position_embeddings=4 * tiny().max_position_embeddings)
+    out = ce.with_config(base, tmp_path / "longer", longer)
+    assert ModelConfig.from_json(out) == longer
+    assert Tokenizer.load(out).model_max_length == longer.max_position_embeddings
+
+
 def test_committed_context_extension_verdict_follows_its_numbers(experiments_path):
     import context_extension as ce
 
