@@ -422,7 +422,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=_port, default=8000, help="TCP port (default 8000; 0: any free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1/*")
     p.add_argument("--model-name", default=None, help="the id clients pass as `model` (default: directory name)")
-    p.add_argument("--max-running", type=positive_int, default=32, help="sequences decoded together, a request's n copies each counted (default 32)")
+    p.add_argument("--max-running", type=positive_int, default=32,
+                   help="sequences decoded together, a request's n copies each counted (default 32)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
                    help="requests queued beyond the free --max-running slots before 429 (default 256)")
     p.add_argument("--cache-tokens", type=positive_int, default=65536,
