@@ -63,19 +63,11 @@ def test_zero_experts_do_not_travel() -> None:
 
 
 def test_smaller_ep_makes_moe_memory_bound_and_slower() -> None:
-    base, narrow, wide = _rows(), _rows(ep=16), _rows(ep=256, models=(LONGCAT, DEEPSEEK))  # Qwen3: 128 experts
+    base, narrow, wide = _rows(), _rows(ep=16), _rows(ep=256)
     for model in (LONGCAT, DEEPSEEK, QWEN):
-        assert narrow[model]["moe_us"] > base[model]["moe_us"] >= wide.get(model, base[model])["moe_us"]
+        assert narrow[model]["moe_us"] > base[model]["moe_us"] >= wide[model]["moe_us"]
         assert narrow[model]["tpot_ms"] > base[model]["tpot_ms"]
         assert narrow[model]["dispatch_us"] == base[model]["dispatch_us"]  # set by per-device batch and fan-out
-
-
-def test_more_devices_than_experts_is_refused() -> None:
-    """--ep 1000 printed the figures of ep = the expert count, as if devices without an expert cost nothing."""
-    with pytest.raises(ValueError, match=r"ep=1000 is more devices than the FFN experts of DeepSeek-V3 \(256\), "
-                                         r"Qwen3-235B-A22B \(128\), LongCat-Flash \(512\): use ep <= 128"):
-        cost_table(ep=1000)
-    assert _rows(ep=512, models=(LONGCAT,))[LONGCAT]["tpot_ms"] > 0
 
 
 def test_on_one_device_nothing_travels() -> None:
@@ -106,7 +98,7 @@ def test_without_speculation_one_token_per_forward() -> None:
 
 
 def test_any_longcat_config_can_be_costed() -> None:
-    row = cost_table([longcat_decode_shape(small(), name="small")], ep=8)[0]  # its 32 experts on 8 devices
+    row = cost_table([longcat_decode_shape(small(), name="small")])[0]
     assert row["report"] is None and row["tpot_ms"] > 0
 
 
