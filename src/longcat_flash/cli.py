@@ -74,7 +74,9 @@ def _add_cost(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("cost", help="the report's theoretical decode cost model (Table 7): TPOT and $/M tokens")
     p.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
-    p.add_argument("--ep", type=positive_int, default=128, help="expert-parallel degree")
+    p.add_argument("--ep", type=positive_int, default=128,
+                   help="expert-parallel degree; above a model's FFN expert count each device holds one expert "
+                        "(the others redundant copies, as DeepSeek-V3 serves on EP320 with 256)")
     p.add_argument("--batch", type=positive_int, default=96, help="sequences per device")
     p.add_argument("--acceptance", type=fraction, default=0.8, help="MTP draft acceptance rate")
     p.add_argument("--bandwidth", type=positive_float, default=40.0, help="all-to-all bandwidth, GB/s")
