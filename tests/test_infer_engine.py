@@ -320,6 +320,9 @@ def test_copies_count_against_max_running(model):
         most = max(most, running)
         assert running <= 4 or {s.id for s in engine.scheduler.running} <= set(groups[-1]), running
     assert most == 6  # the big group, alone
+    with pytest.raises(ValueError, match=r"9 copies are more than this engine queues at once \(max_running \+ "
+                                         r"max_waiting = 8\)"):
+        Engine(model, EngineConfig(**SMALL, max_waiting=4)).add_copies(ps[0], params * 3)  # never a QueueFull
     independent = Engine(model, EngineConfig(**SMALL)).generate([p for p in ps for _ in params], params * len(ps))
     assert [out[rid] for g in groups[:-1] for rid in g] == independent
 

@@ -97,11 +97,25 @@ def test_queue_full_is_backpressure_past_the_free_running_slots():
     s = Scheduler(SchedulerConfig(max_running=2, max_waiting=2))
     for i in range(4):
         s.add(seq(i, 1))
-    with pytest.raises(QueueFull, match=r"4 requests are already waiting, the most it queues now: the 2 free "
-                                        r"running slots \(of max_running 2\) plus max_waiting 2"):
+    with pytest.raises(QueueFull, match=r"4 sequences are already waiting and this request needs 1; the most it "
+                                        r"queues now: the 2 free running slots \(of max_running 2\) plus "
+                                        r"max_waiting 2"):
         s.add(seq(4, 1))
     s.schedule(free_pages=64, held_pages={})  # two of them run: the queue takes max_waiting, no more
     assert len(s.running) == 2 and s.queue_room() == 0
+
+
+def test_a_requests_copies_count_in_the_queue_as_in_the_batch():
+    """A group of n copies is n sequences waiting too: five groups of 4 were queued on max_running 4 +
+    max_waiting 1 (one free slot let in a whole group each), 20 sequences where 5 fit."""
+    s = Scheduler(SchedulerConfig(max_running=4, max_waiting=1))
+    first, second = seq(0, 1), seq(1, 1)
+    first.forks = second.forks = 3
+    s.add(first)
+    with pytest.raises(QueueFull, match="4 sequences are already waiting and this request needs 4"):
+        s.add(second)
+    s.add(seq(2, 1))  # the one slot left
+    assert s.queue_room() == 0
 
 
 def test_config_rejects_impossible_budgets():

@@ -435,6 +435,10 @@ def test_more_copies_than_max_running_is_a_400_naming_n(client):
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "n" and "--max-running" in error["message"]
     assert client.post("/v1/completions", json={**body, "n": 8}, headers=AUTH).status_code == 200
+    # 4 prompts x 8 copies are 32 sequences, more than the 8 running + 16 waiting an idle server queues
+    r = client.post("/v1/completions", json={**body, "prompt": ["w", "x", "y", "z"], "n": 8}, headers=AUTH)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "too_many_prompts", r.text
+    assert "4 prompts x n=8 are 32 sequences" in r.json()["error"]["message"]
 
 
 def test_a_models_generation_config_sets_the_sampling_a_request_leaves_out(tmp_path):

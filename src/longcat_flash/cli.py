@@ -427,7 +427,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-running", type=positive_int, default=32,
                    help="sequences decoded together, a request's n copies each counted (default 32)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
-                   help="requests queued beyond the free --max-running slots before 429 (default 256)")
+                   help="sequences (a request's n copies each) queued beyond the free --max-running slots before "
+                        "429 (default 256)")
     p.add_argument("--cache-tokens", type=positive_int, default=65536,
                    help="KV cache pool size in tokens (default 65536)")
     p.add_argument("--max-request-mb", type=float, default=8,

@@ -136,7 +136,7 @@ class Engine:
         self.drafter = MTPDrafter(model, self.cache, k) if k else None
         self.requests: dict[int, Request] = {}
         self.stats = EngineStats()
-        self.max_queued = self.config.max_running + self.config.max_waiting  # add_copies calls an idle engine takes
+        self.max_queued = self.config.max_running + self.config.max_waiting  # sequences an idle engine takes
         lookahead = self.scheduler.config.lookahead  # a sequence of L tokens decodes at L + lookahead positions
         self.max_context = min(cfg.max_position_embeddings, (cache_cfg.num_pages - 1) * cache_cfg.page_size - lookahead)
         if self.max_context < 2:
@@ -177,6 +177,9 @@ class Engine:
         if need > self.cache.config.num_pages - 1:
             raise ValueError(f"{len(params)} copies of a {len(prompt)}-token prompt need {need} cache pages at "
                              f"once; the KV cache holds {self.cache.config.num_pages - 1}: ask for fewer copies")
+        if len(params) > self.max_queued:  # it could never be queued: not the QueueFull a retry may get past
+            raise ValueError(f"{len(params)} copies are more than this engine queues at once (max_running + "
+                             f"max_waiting = {self.max_queued})")
         reqs = [self._request(prompt, sp, stop) for sp, stop in zip(params, stops or [None] * len(params))]
         first = reqs[0]
         first.forks, first.seq.forks = reqs[1:], len(reqs) - 1

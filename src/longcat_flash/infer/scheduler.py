@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -115,34 +116,35 @@ class Scheduler:
         and each of its `forks` copies' own."""
         return self.pages_for(prompt_len + self.config.lookahead) + forks * self.copy_pages(prompt_len)
 
-    def slots_taken(self) -> int:
-        """The running sequences and the copies still to fork off them (they join the batch at their prompt's end):
-        `max_running` bounds both together."""
-        return sum(1 + seq.forks for seq in self.running)
+    @staticmethod
+    def slots(seqs: Iterable[SequenceState]) -> int:
+        """The sequences `seqs` stand for: each, and the copies still to fork off it (they join the batch at
+        their prompt's end). `max_running` and `max_waiting` count these."""
+        return sum(1 + seq.forks for seq in seqs)
 
     def _has_slots(self, seq: SequenceState) -> bool:
         """Whether admitting `seq` keeps the batch within `max_running`, its copies counted; a group larger than
         `max_running` is admitted alone (the server refuses n above it; the engine's own callers may ask for it)."""
-        return not self.running or self.slots_taken() + 1 + seq.forks <= self.config.max_running
+        return not self.running or self.slots(self.running) + self.slots([seq]) <= self.config.max_running
 
     def queue_room(self) -> int:
-        """Requests `add` takes now: the running slots free (a burst reaches the queue before the next step
-        admits any of it) plus `max_waiting`, less those already waiting."""
-        free = max(self.config.max_running - self.slots_taken(), 0)
-        return free + self.config.max_waiting - len(self.waiting)
+        """Sequences `add` takes now (a request's n copies are n): the running slots free (a burst reaches the
+        queue before the next step admits any of it) plus `max_waiting`, less those already waiting."""
+        free = max(self.config.max_running - self.slots(self.running), 0)
+        return free + self.config.max_waiting - self.slots(self.waiting)
 
     def add(self, seq: SequenceState) -> None:
-        if self.queue_room() <= 0:
-            free = max(self.config.max_running - self.slots_taken(), 0)
-            raise QueueFull(f"{len(self.waiting)} requests are already waiting, the most it queues now: the "
-                            f"{free} free running slots (of max_running {self.config.max_running}) plus max_waiting "
-                            f"{self.config.max_waiting}")
+        if self.queue_room() < self.slots([seq]):
+            free = max(self.config.max_running - self.slots(self.running), 0)
+            raise QueueFull(f"{self.slots(self.waiting)} sequences are already waiting and this request needs "
+                            f"{self.slots([seq])}; the most it queues now: the {free} free running slots (of "
+                            f"max_running {self.config.max_running}) plus max_waiting {self.config.max_waiting}")
         seq.status, seq.arrival = Status.WAITING, next(self._arrivals)
         self.waiting.append(seq)
 
     def adopt(self, seq: SequenceState) -> None:
         """Run a copy forked off a running sequence: its prompt is already in the cache, so it skips the queue.
-        Its slot was kept for it since its group's first copy was admitted (`slots_taken`)."""
+        Its slot was kept for it since its group's first copy was admitted (`slots`)."""
         seq.status, seq.arrival = Status.RUNNING, next(self._arrivals)
         self.running.append(seq)
 

@@ -135,15 +135,15 @@ class Generation:
 
     async def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[list[Copy]]:
         """Queue every (prompt, copies' params) job at once, so the engine takes them in one step; all or none:
-        if one is refused, the others are cancelled and the refusal becomes the HTTP error. More prompts than the
-        engine's queue holds could never be admitted: a 400, not a 429 that every retry would get again."""
-        if len(jobs) > self.bridge.max_queued:
-            raise APIError(400, f"prompt: {len(jobs)} prompts in one request; this server takes at most "
-                                f"{self.bridge.max_queued} at once (--max-running + --max-waiting): send fewer at a "
-                                "time", param="prompt", code="too_many_prompts")
+        if one is refused, the others are cancelled and the refusal becomes the HTTP error. More sequences (prompts
+        x n) than the engine's queue holds could never be admitted: a 400, not a 429 every retry would get again."""
         if (n := max((len(params) for _, params in jobs), default=0)) > self.bridge.max_running:
             raise APIError(400, f"n: {n} copies decode together; this server decodes at most {self.bridge.max_running}"
-                                " sequences at once (--max-running)", param="n")
+                                " sequences at once (--max-running)", param="n", code="invalid_value")
+        if (total := sum(len(params) for _, params in jobs)) > self.bridge.max_queued:
+            raise APIError(400, f"prompt: {len(jobs)} prompts x n={n} are {total} sequences in one request; this "
+                                f"server takes at most {self.bridge.max_queued} at once (--max-running + "
+                                "--max-waiting): send fewer at a time", param="prompt", code="too_many_prompts")
         results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
                                        return_exceptions=True)
         groups = [[Copy(rid, outputs) for rid, outputs in r] for r in results if not isinstance(r, BaseException)]

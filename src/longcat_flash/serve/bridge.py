@@ -150,7 +150,7 @@ class Bridge:
 
     vocab_size: int
     context: int  # Engine.max_context: max_position_embeddings, or less where the KV cache holds less
-    max_queued: int  # submissions an idle engine takes at once (a prompt and its copies are one): running + waiting
+    max_queued: int  # sequences an idle engine takes at once (a prompt's n copies are n): running + waiting
     max_running: int  # sequences decoded together; a prompt's n copies are n of them
 
     def __init__(self) -> None:
