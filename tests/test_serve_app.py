@@ -282,6 +282,29 @@ def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carr
     assert status == 200 or body["error"]["code"] == "context_length_exceeded", body
 
 
+NAMES = ("{% for m in messages %}{{ m['role'] }}{% if m['name'] is defined %}[{{ m['name'] }}]{% endif %}:"
+         "{{ m['content'] or '' }}{% for c in m['tool_calls'] or [] %}<longcat_tool_call>{{ c['function']['name'] }}"
+         "</longcat_tool_call>{% endfor %}|{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
+
+
+def test_a_tool_messages_name_reaches_the_template_and_a_participants_does_not(client):
+    """A tool message's `name` is the function it answers, which a template may render (`longcat sft` gives it to
+    the template too); a participant's name is dropped unread, whatever it holds."""
+    tokenizer = stdlib_tokenizer(256)
+    tokenizer.chat_template = NAMES
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    messages = [{"role": "user", "content": "hi", "name": "ann"},
+                {"role": "assistant", "content": None, "tool_calls": [call], "name": "bot"},
+                {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "1"}]
+    body = p.ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
+    text = tokenizer.decode(app_module._chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096),
+                            skip_special_tokens=False)
+    assert text == "user:hi|assistant:<longcat_tool_call>f</longcat_tool_call>|tool[f]:1|assistant:"
+    for name in ("x" * 300, 123, ""):  # not a tool message's: not read at all
+        status, body = _chat(client, messages=[{"role": "user", "content": "hi", "name": name}], max_tokens=1)
+        assert status == 200 or body["error"]["code"] == "context_length_exceeded", body
+
+
 def test_any_int64_seed_is_taken(client):
     def texts(**fields) -> list[str]:
         status, body = _chat(client, temperature=1.0, max_tokens=6, **fields)

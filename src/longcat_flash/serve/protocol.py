@@ -319,7 +319,15 @@ class ChatMessage(_Part):
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # [] (vLLM's replies carry it): none
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
-    name: str | None = Field(None, max_length=256)  # a participant's name elsewhere: dropped (metadata)
+    name: str | None = Field(None, max_length=256)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _participant_name(cls, data: Any) -> Any:
+        """On any other message `name` is a participant's name: dropped unread, whatever it holds (metadata)."""
+        if isinstance(data, dict) and data.get("role") != "tool":
+            return {key: value for key, value in data.items() if key != "name"}
+        return data
 
     @field_validator("role")
     @classmethod
@@ -345,7 +353,7 @@ class ChatMessage(_Part):
         if self.content is None and not self.tool_calls:
             raise ValueError("content: must be a string or a list of text parts (null only in an assistant message "
                              "with tool_calls)")
-        if self.role != "tool":
+        if self.name == "":  # what some clients send for none
             self.name = None
         return self
 
