@@ -85,8 +85,9 @@ def test_a_json_dict_reads_as_the_python_one():
                    "'truncate': False, 'mscale': None}")
     assert build_config("tiny", [json_form]) == build_config("tiny", [python_form])
     assert build_config("tiny", [json_form]).model.rope_scaling.truncate is False
-    message = run_cli("train", "--set", "model.rope_scaling={rope_type: yarn, factor: 4}")
-    assert "model.rope_scaling={rope_type: yarn, factor: 4}: not a dict this can read" in message
+    for unreadable in ("{rope_type: yarn, factor: 4}", '{"rope_type": "yarn", "factor": NaN}'):  # NaN: not JSON
+        message = run_cli("train", "--set", f"model.rope_scaling={unreadable}")
+        assert f"model.rope_scaling={unreadable}: not a dict this can read" in message
 
 
 def test_print_config_shows_overrides(capsys):

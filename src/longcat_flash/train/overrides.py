@@ -1,5 +1,5 @@
 """`--set section.field=value` on a TrainConfig (nanoGPT's configurator, typed): values are parsed with
-ast.literal_eval and checked against the field's annotation; an unknown key is an error that lists the valid ones.
+ast.literal_eval (a dict also as JSON) and checked against the field's annotation; an unknown key is an error that lists the valid ones.
 `coerce` and `build` also rebuild a saved train_config.json (train/config.py)."""
 from __future__ import annotations
 
@@ -151,9 +151,13 @@ def parse_value(raw: str) -> Any:
     except (ValueError, SyntaxError):
         pass
     try:
-        return json.loads(raw) if raw.lstrip()[:1] in ("{", "[") else raw
+        return json.loads(raw, parse_constant=_not_json) if raw.lstrip().startswith("{") else raw
     except ValueError:
         return raw
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")  # json.loads takes NaN and Infinity unless told otherwise
 
 
 def coerce(value: Any, hint: Any, key: str) -> Any:
