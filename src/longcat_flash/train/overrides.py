@@ -1,6 +1,6 @@
 """`--set section.field=value` on a TrainConfig (nanoGPT's configurator, typed): values are parsed with
-ast.literal_eval (a dict also as JSON) and checked against the field's annotation; an unknown key is an error that lists the valid ones.
-`coerce` and `build` also rebuild a saved train_config.json (train/config.py)."""
+ast.literal_eval (a dict also as JSON) and checked against the field's annotation; an unknown key is an error
+that lists the valid ones. `coerce` and `build` also rebuild a saved train_config.json (train/config.py)."""
 from __future__ import annotations
 
 import ast
