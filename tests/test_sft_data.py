@@ -133,10 +133,10 @@ def as_sharegpt(row: dict, calls_as_list: bool, one_observation: bool = False) -
     alternate)."""
     messages = row["messages"]
     turns = []
-    for i, m in enumerate(messages[1:] if messages[0]["role"] == "system" else messages):
+    for m in messages[1:] if messages[0]["role"] == "system" else messages:
         if one_observation and m["role"] == "tool" and turns[-1]["from"] == "observation":
             turns[-1]["value"] = json.dumps(json.loads(turns[-1]["value"]) + [m["content"]])
-        elif one_observation and m["role"] == "tool" and len(json.loads(turns[-1]["value"])) > 1:
+        elif one_observation and calls_as_list and m["role"] == "tool" and len(json.loads(turns[-1]["value"])) > 1:
             turns.append({"from": "observation", "value": json.dumps([m["content"]])})
         elif m.get("tool_calls"):
             calls = [c["function"] for c in m["tool_calls"]]

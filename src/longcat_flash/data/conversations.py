@@ -226,12 +226,10 @@ def _answers_next(turns: list[Any], i: int) -> bool:
 
 def _observations(value: Any, calls: int, where: str, name: str) -> list[tuple[str, Any]]:
     """One observation answering the `calls` calls of the turn before it (LLaMA-Factory's turns alternate, so its
-    rows give one): a JSON list with one result per call, as that many tool messages."""
+    rows give one): a JSON list with one result per call, as that many tool messages (a result that is not a
+    string written as JSON)."""
     text = _string(value, where, name)
-    try:
-        results = _decoded(text, where, name)
-    except ConversationError:  # plain text: the message below says what it needs to be
-        results = None
+    results = _decoded(text, where, name) if text.lstrip().startswith("[") else None  # plain text: refused below
     if not isinstance(results, list) or len(results) != calls:
         raise _fail(where, name, f"one observation answers the {calls} calls of the function_call turn before it: "
                                  f"give a JSON list of {calls} results (one per call, in the calls' order), or one "
