@@ -5,12 +5,13 @@
 REF_RUN is a finished single-process tiny run (REFERENCE: STEPS steps, float32, checkpoints every SAVE_EVERY, the MTP
 head idle until step 3, so that the router monitors' side backward at step 0 meets an FSDP unit that never ran). On N
 ranks, for every (dp, ep) layout of the world (ep = N, N/2, 1), train the same STEPS steps from scratch into
-OUT_ROOT/w{N}_ep{ep}; the ep = N/2 run goes through the CLI (`longcat train --ep ...`, at world 4 `--dp 2`, which
-leaves ep to be inferred), the command users type,
-last (the CLI leaves the process group when it is done). At world 2 every run also recomputes each layer in
-backward (activation checkpointing) and chunks the cross-entropy: the losses must not change.
+OUT_ROOT/w{N}_ep{ep}; without RESUME_FROM the ep = N/2 run goes through the CLI (`longcat train --ep ...`, at
+world 4 `--dp 2`, which leaves ep to be inferred), the command users type, last (the CLI leaves the process group
+when it is done). At world 2 every run also recomputes each layer in backward (activation checkpointing) and chunks
+the cross-entropy: the losses must not change.
 With RESUME_FROM (a run directory whose newest checkpoint is step SAVE_EVERY, written at another world size), also
-resume a copy of it at every layout into OUT_ROOT/w{N}_ep{ep}_resumed. Each rank writes
+resume a copy of it at every layout into OUT_ROOT/w{N}_ep{ep}_resumed, and last another copy through the CLI with
+no --ep or --dp (`longcat train --resume`) into OUT_ROOT/w{N}_cli_resumed. Each rank writes
 OUT_ROOT/<run>/rank{r}.json with its routers' final biases and the expert rows it held.
 """
 from __future__ import annotations
@@ -62,9 +63,16 @@ def main(ref: Path, out_root: Path, corpus: str, cache: str, resume_from: Path |
             dist.barrier()
             trainer.train(checkpoints.resume_config(resumed), resumed, resume=True, progress=False,
                           mesh=lcd.build_mesh(world // ep, ep))
-        if ep != world // 2:
+        if ep != world // 2 or resume_from is not None:
             trainer.train(apply_overrides(recipe("tiny"), overrides), out_root / f"w{world}_ep{ep}", progress=False,
                           mesh=lcd.build_mesh(world // ep, ep))
+    if resume_from is not None:  # last: the CLI leaves the process group
+        resumed = out_root / f"w{world}_cli_resumed"
+        if lcd.is_main():
+            shutil.copytree(resume_from, resumed)
+        dist.barrier()
+        cli.main(["train", "--resume", str(resumed), "--device", "cpu", "--no-progress"])
+        return
     flags = [item for o in overrides for item in ("--set", o)]  # last: the CLI leaves the process group
     layout = ["--dp", "2"] if world == 4 else ["--ep", str(world // 2)]  # --dp alone: ep = world / dp
     cli.main(["train", "--preset", "tiny", "--device", "cpu", *layout, "--out",

@@ -95,6 +95,15 @@ def test_world4_checkpoint_resumes_at_world2_in_every_layout(runs):
         assert_same_curve(runs / f"w2_ep{ep}_resumed", runs / "ref")  # the first half at world 4, the rest at world 2
 
 
+def test_a_cli_resume_without_ep_keeps_the_runs_expert_parallelism(runs):
+    """`longcat train --resume` of the world-4 ep-2 run at world 2, without --ep: it came back at ep 1, silently,
+    and no longer bit for bit; it keeps ep 2 and says so."""
+    run = runs / "w2_cli_resumed"
+    assert_same_curve(run, runs / "ref")
+    assert [json.loads((run / f"rank{r}.json").read_text())["experts"] for r in range(2)] == [FFN_EXPERTS // 2] * 2
+    assert "resuming with the run's expert parallelism, --ep 2" in (runs / "torchrun.log").read_text()
+
+
 def test_world4_checkpoint_resumes_in_one_process(runs):
     run = runs / "w1_resumed"
     shutil.copytree(runs / "w4_ep2_midway", run)

@@ -412,6 +412,19 @@ def test_no_overlap_without_expert_parallelism_is_refused():
         "drop the flag")
 
 
+def test_flags_only_a_torchrun_launch_uses_are_refused_in_one_process(monkeypatch, capsys):
+    """--dist-timeout was taken and ignored in one process. A usage error under torchrun is printed by rank 0
+    alone (each rank printed the usage and the error)."""
+    assert run_cli("train", "--preset", "tiny", "--dist-timeout", "5") == (
+        "longcat train: --dist-timeout: only a torchrun launch has other ranks to wait for; drop the flag")
+    for rank, printed in (("1", False), ("0", True)):
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", rank)
+        assert run_cli("train", "--preset", "tiny", "--dist-timeout", "0") == "2"
+        err = capsys.readouterr().err
+        assert ("argument --dist-timeout: must be > 0, got 0" in err) == printed, err
+
+
 def _train_cmd(out: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:
     sets = [a for o in tiny_overrides(corpus, cache, "loss.monitor_every=7") for a in ("--set", o)]
     return [sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--out", str(out),

@@ -3,6 +3,8 @@ and call one function per command; the work itself lives in the packages."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
 import signal
@@ -13,7 +15,7 @@ from pathlib import Path
 
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
-from .distributed.env import RankZeroFailed, launched, peer_lost
+from .distributed.env import DIST_TIMEOUT_S, RankZeroFailed, launched, peer_lost
 from .flag_types import fraction, non_negative_int, positive_float, positive_int
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
@@ -152,9 +154,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dp", type=int, default=None, help="data-parallel groups of --ep ranks (default: world / ep)")
     p.add_argument("--no-overlap", action="store_true", help="block on each all-to-all instead of hiding it "
                                                              "behind the dense path (with --ep > 1; for measurements)")
-    p.add_argument("--dist-timeout", type=positive_float, default=600.0, metavar="SECONDS",
+    p.add_argument("--dist-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="under torchrun: how long a rank waits for the others, to start and in each collective "
-                        "(default 600)")
+                        f"(default {DIST_TIMEOUT_S:g})")
     _add_device(p)
 
 
@@ -189,7 +191,7 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
-    from .train.checkpoints import resume_config, schedule_notice, validation_notice
+    from .train.checkpoints import resume_config, resumed_ep, schedule_notice, validation_notice
     from .train.config import RECIPES, build_config, describe
     from .train.overrides import override_keys
     from .train.trainer import TrainingStopped, train
@@ -225,16 +227,23 @@ def _run_train(args: argparse.Namespace) -> None:
             print(f"# model.*: from the config.json of --model DIR\n{describe(cfg, omit=('model',))}" if unread
                   else describe(cfg))
         return
-    if any(degree is not None and degree < 1 for degree in (args.ep, args.dp)):
-        raise ValueError(f"--ep and --dp must be at least 1, got --ep {args.ep} --dp {args.dp}")
-    dp, ep = _parallel_degrees(args.dp, args.ep, int(os.environ.get("WORLD_SIZE", "1")))
+    if bad := [f"--{flag} {degree}" for flag, degree in (("ep", args.ep), ("dp", args.dp))
+               if degree is not None and degree < 1]:
+        raise ValueError(f"--ep and --dp must be at least 1, got {' '.join(bad)}")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    ep_given, layout_notice = args.ep, None
+    if saved is not None and args.ep is None and args.dp is None:
+        ep_given, layout_notice = resumed_ep(out, world)
+    dp, ep = _parallel_degrees(args.dp, ep_given, world)
     if args.no_overlap and ep == 1:
         raise ValueError("--no-overlap: only expert parallelism (--ep > 1 under torchrun) has all-to-alls to "
                          "overlap; drop the flag")
+    if args.dist_timeout is not None and not launched():
+        raise ValueError("--dist-timeout: only a torchrun launch has other ranks to wait for; drop the flag")
     _new_or_directory(out)
-    device = distributed.init(args.device, args.dist_timeout)  # a process group only when launched by torchrun
+    device = distributed.init(args.device, args.dist_timeout or DIST_TIMEOUT_S)  # a process group under torchrun
     mesh = distributed.build_mesh(dp, ep, device)
-    for notice in (schedule_notice(out, cfg), validation_notice(out, cfg)) if saved is not None else ():
+    for notice in (layout_notice, schedule_notice(out, cfg), validation_notice(out, cfg)) if saved is not None else ():
         if notice:
             distributed.print0(notice)
     try:
@@ -534,10 +543,19 @@ def _terminated(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # the shell's status for the signal, after the cleanup a raise runs
 
 
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; a usage error under torchrun is printed by rank 0 alone (every rank has the same one),
+    the other ranks exit with the same status quietly."""
+    quiet = launched() and int(os.environ.get("RANK", "0")) != 0
+    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+        args, unknown = build_parser().parse_known_args(argv)
+        if unknown:
+            args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> None:
-    args, unknown = build_parser().parse_known_args(argv)
-    if unknown:
-        args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    args = _parse(argv)
     if args.command != "serve":  # one-shot commands reuse their large blocks; serve tunes its engine process only
         tune_cpu_allocator()
     # SIGTERM (`timeout`, `kill`) ends a one-process command as Ctrl-C does, through its cleanup: a half-written

@@ -33,7 +33,10 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def init(device: str | torch.device = "auto", timeout_s: float = 600.0) -> torch.device:
+DIST_TIMEOUT_S = 600.0  # torch's own default for gloo and NCCL collectives
+
+
+def init(device: str | torch.device = "auto", timeout_s: float = DIST_TIMEOUT_S) -> torch.device:
     """This process's device (`--device`: auto is the local rank's GPU when CUDA is available, else the CPU), made
     current; joined to the process group when launched by torchrun (NCCL on GPUs, gloo on the CPU)."""
     device = resolve_device(device)

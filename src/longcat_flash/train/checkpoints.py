@@ -56,7 +56,8 @@ def save_checkpoint(run: Run) -> Path:
         raise training.CheckpointError(failure(err, by="")) from None
     distributed.barrier()  # every shard is written before rank 0's manifest covers them
     if distributed.is_main():
-        meta = {"step": step, "train_config": run.cfg.to_dict(), "val_digest": run.val.digest}
+        meta = {"step": step, "train_config": run.cfg.to_dict(), "val_digest": run.val.digest,
+                "ep": run.mesh["ep"].size() if run.mesh is not None else 1}  # the layout a resume takes again
         states = {name: obj.state_dict() for name, obj in run.stateful().items()}
         try:
             training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
@@ -167,6 +168,19 @@ def _newest_config_and_step(out: str | Path) -> tuple[TrainConfig, int]:
     """The TrainConfig and step of run directory `out`'s newest checkpoint (its manifest, sizes checked)."""
     meta = training.read_meta(newest_checkpoint(out))
     return TrainConfig.from_dict(meta["train_config"]), meta["step"]
+
+
+def resumed_ep(out: str | Path, world: int) -> tuple[int | None, str | None]:
+    """The expert-parallel degree a resume of run directory `out` over `world` processes takes when neither --ep
+    nor --dp is given: the run's own where it divides the world (the run goes on bit for bit), else none; and a
+    note saying which."""
+    ep = training.read_meta(newest_checkpoint(out)).get("ep", 1)  # checkpoints before it: one process or ep 1
+    if ep == 1:
+        return None, None
+    if world % ep == 0:
+        return ep, f"note: resuming with the run's expert parallelism, --ep {ep} (give --ep or --dp to change it)"
+    return None, (f"note: the run was trained with --ep {ep}, which does not divide the {world} process(es) here: "
+                  "it resumes without expert parallelism (the losses go on, no longer bit for bit)")
 
 
 def validation_notice(out: str | Path, cfg: TrainConfig) -> str | None:
