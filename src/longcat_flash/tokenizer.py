@@ -272,6 +272,11 @@ class Tokenizer:
         """The most characters one token stands for: a text longer than context x this cannot fit the context."""
         return max(map(len, self._backend.get_vocab(with_added_tokens=True)))
 
+    def leaves_no_room(self, chars: int, context: int) -> bool:
+        """Whether a prompt of `chars` characters is sure to take all of a `context` (no token left to generate),
+        known without tokenizing it: a prompt of millions of characters takes seconds and GBs to encode."""
+        return chars > (context - 1) * self.max_token_chars
+
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: Sequence[dict[str, Any]] | None = None, suffix: str = "") -> RenderedChat:
         """`apply_chat_template(...) + suffix`, with the places where the template (not a message) wrote a special

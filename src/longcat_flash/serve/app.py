@@ -535,7 +535,7 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
 def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None) -> None:
     """Refuses text that cannot fit the context whatever its tokens, before spending time on tokenizing it. `what`
     names the text when it is more than `param` (a chat prompt is rendered from the messages and the tools)."""
-    if chars > (context - 1) * tokenizer.max_token_chars:
+    if tokenizer.leaves_no_room(chars, context):
         raise APIError(400, f"{what or param}: {chars} characters cannot fit this model's context of {context} "
                             f"tokens (a token holds at most {tokenizer.max_token_chars} characters)", param=param,
                        code="context_length_exceeded")
