@@ -229,6 +229,19 @@ def test_a_line_or_system_message_the_chat_cannot_take_is_one_line(checkpoint, t
         main(["chat", "--model", str(checkpoint), "--system", "x " * 2000])
 
 
+def test_a_chat_line_that_cannot_fit_the_context_is_refused_before_it_is_encoded(checkpoint, capsys, monkeypatch):
+    """Like a --prompt-file: a pasted megabyte was encoded (seconds, GBs) before the context refused it."""
+    tokenizer = Tokenizer.load(checkpoint)
+    huge = "x" * (ModelConfig.from_json(checkpoint).max_position_embeddings * tokenizer.max_token_chars)
+    render = Tokenizer.render_chat
+    monkeypatch.setattr(Tokenizer, "render_chat", lambda self, messages, *args, **kwargs: pytest.fail("encoded")
+                        if any(m["content"] == huge for m in messages) else render(self, messages, *args, **kwargs))
+    out = chat(checkpoint, [huge, "hi", "/exit"], monkeypatch, capsys, "--max-new-tokens", "2", "--ignore-eos")
+    assert "[that message does not fit the context" in out and out.count("assistant> ") == 1
+    with pytest.raises(SystemExit, match="--system: the system message alone does not fit the model's context"):
+        main(["chat", "--model", str(checkpoint), "--system", huge])
+
+
 def test_chat_refuses_replies_of_no_tokens(checkpoint):
     """generate scores a prompt with --max-new-tokens 0; chat printed an empty reply to every line."""
     with pytest.raises(SystemExit, match="--max-new-tokens must be at least 1 for chat, got 0"):
