@@ -83,9 +83,12 @@ def main() -> None:
     parser.add_argument("--keep-fraction", type=float, default=KEEP_SENSITIVE,
                         help="fraction of units kept at int8 in the int4-mixed run")
     args = parser.parse_args()
-    if args.window < 2 or args.tokens < args.window or not 0 < args.keep_fraction <= 1:
-        parser.error("needs --window >= 2, --tokens >= --window (whole windows are scored) and --keep-fraction in "
-                     "(0, 1]")
+    for wrong, message in ((args.window < 2, f"--window {args.window}: at least 2"),
+                           (args.tokens < args.window, f"--tokens {args.tokens}: at least --window {args.window} "
+                                                       "(whole windows are scored)"),
+                           (not 0 < args.keep_fraction <= 1, f"--keep-fraction {args.keep_fraction}: in (0, 1]")):
+        if wrong:
+            parser.error(message)
     args.model = bench_checkpoint(args.model, tokenizer=True)  # an error naming --model, not a traceback
     context = ModelConfig.from_json(args.model).max_position_embeddings
     if args.window > context:  # scored past the context, then a traceback in the decode-path section

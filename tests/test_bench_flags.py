@@ -43,6 +43,9 @@ CASES = [
     ("bench_mtp.py", ["--model", "NOTOK"], "not a checkpoint directory with a tokenizer (no tokenizer.json)"),
     ("bench_quant.py", ["--model", "NOTOK"], "not a checkpoint directory with a tokenizer (no tokenizer.json)"),
     ("bench_quant.py", ["--model", "TINY", "--keep-top", "-1"], "argument --keep-top: must be >= 0, got -1"),
+    ("bench_quant.py", ["--model", "TINY", "--keep-fraction", "0"], "error: --keep-fraction 0.0: in (0, 1]"),
+    ("bench_quant.py", ["--model", "TINY", "--window", "64", "--tokens", "32"],  # each names its own flag
+     "error: --tokens 32: at least --window 64 (whole windows are scored)"),
     ("bench_quant.py", ["--model", "TINY", "--tokens", "100000000", "--window", "128"],
      "--tokens 100000000: the held-out text has"),
     ("bench_mtp.py", ["--model", "TINY", "--new-tokens", "1"], "--new-tokens must be at least 2"),  # a TypeError
