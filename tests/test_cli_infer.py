@@ -137,17 +137,25 @@ def test_generate_reads_the_prompt_from_a_file_or_stdin_as_it_is(checkpoint, cap
     assert both.value.code == 2 and "not allowed with argument" in capsys.readouterr().err
 
 
-def test_a_prompt_that_cannot_fit_the_context_is_refused_before_it_is_encoded(checkpoint, monkeypatch, tmp_path):
-    """A 20 MB --prompt-file took 47 s and 7.8 GB to encode before the context refused it."""
+def test_a_prompt_that_cannot_fit_the_context_is_refused_before_it_is_encoded(checkpoint, capsys, tmp_path):
+    """A 20 MB --prompt-file took 47 s and 7.8 GB to encode before the context refused it. A prompt that fills the
+    context exactly is still scored (--max-new-tokens 0), as the engine allows."""
     tokenizer = Tokenizer.load(checkpoint)
     context = ModelConfig.from_json(checkpoint).max_position_embeddings
-    (tmp_path / "long.txt").write_text("x" * (context * tokenizer.max_token_chars))
-    monkeypatch.setattr(Tokenizer, "encode", lambda *a, **k: pytest.fail("the prompt was encoded"))
-    with pytest.raises(SystemExit) as refused:
-        main(["generate", "--model", str(checkpoint), "--prompt-file", str(tmp_path / "long.txt")])
-    assert str(refused.value.code) == (f"longcat generate: the prompt's {context * tokenizer.max_token_chars} "
-                                       f"characters cannot fit the context of {context} tokens (a token holds at "
-                                       f"most {tokenizer.max_token_chars} characters)")
+    longest = max((tokenizer.decode([i]) for i in range(tokenizer.vocab_size)), key=len)  # as many chars as a
+    assert len(longest) == tokenizer.max_token_chars  # token can hold: `context` of them fill the context exactly
+    (tmp_path / "full.txt").write_text(longest * context)
+    assert len(tokenizer.encode(longest * context)) == context
+    args = ["generate", "--model", str(checkpoint), "--prompt-file", str(tmp_path / "full.txt"), "--json"]
+    main([*args, "--max-new-tokens", "0"])
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == context
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Tokenizer, "encode", lambda *a, **k: pytest.fail("the prompt was encoded"))
+        with pytest.raises(SystemExit) as refused:
+            main(args)
+    assert str(refused.value.code) == (f"longcat generate: the prompt's {context * len(longest)} characters cannot "
+                                       f"fit the context of {context} tokens with one to spare (a token holds at "
+                                       f"most {len(longest)} characters)")
 
 
 def chat(model, lines: list[str], monkeypatch, capsys, *flags: str) -> str:

@@ -368,9 +368,8 @@ def _run_generate(args: argparse.Namespace) -> None:
     params = _sampling(args)  # checked before the model loads
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
-    if tokenizer.leaves_no_room(len(prompt), engine.max_context):  # refused before it is encoded
-        raise ValueError(f"the prompt's {len(prompt)} characters cannot fit the context of {engine.max_context} "
-                         f"tokens (a token holds at most {tokenizer.max_token_chars} characters)")
+    if why := tokenizer.cannot_fit(len(prompt), engine.max_context, scoring=args.max_new_tokens == 0):
+        raise ValueError(f"the prompt's {why}")  # before it is encoded
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
     # a raw prompt: the text of a special token is that token (`<s>` is bos), as /v1/completions, vLLM and
     # transformers read one

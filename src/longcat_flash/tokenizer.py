@@ -272,10 +272,15 @@ class Tokenizer:
         """The most characters one token stands for: a text longer than context x this cannot fit the context."""
         return max(map(len, self._backend.get_vocab(with_added_tokens=True)))
 
-    def leaves_no_room(self, chars: int, context: int) -> bool:
-        """Whether a prompt of `chars` characters is sure to take all of a `context` (no token left to generate),
-        known without tokenizing it: a prompt of millions of characters takes seconds and GBs to encode."""
-        return chars > (context - 1) * self.max_token_chars
+    def cannot_fit(self, chars: int, context: int, scoring: bool = False) -> str | None:
+        """Why a prompt of `chars` characters cannot fit `context` with a token left to generate (`scoring`: at
+        all), known without tokenizing it: a prompt of millions of characters takes seconds and GBs to encode.
+        None when it may fit."""
+        if chars <= (context - (not scoring)) * self.max_token_chars:
+            return None
+        spare = "" if scoring else " with one to spare"
+        return (f"{chars} characters cannot fit the context of {context} tokens{spare} (a token holds at most "
+                f"{self.max_token_chars} characters)")
 
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: Sequence[dict[str, Any]] | None = None, suffix: str = "") -> RenderedChat:

@@ -532,13 +532,13 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
         raise APIError(400, str(err), param=err.param) from None
 
 
-def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None) -> None:
+def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None,
+          scoring: bool = False) -> None:
     """Refuses text that cannot fit the context whatever its tokens, before spending time on tokenizing it. `what`
-    names the text when it is more than `param` (a chat prompt is rendered from the messages and the tools)."""
-    if tokenizer.leaves_no_room(chars, context):
-        raise APIError(400, f"{what or param}: {chars} characters cannot fit this model's context of {context} "
-                            f"tokens (a token holds at most {tokenizer.max_token_chars} characters)", param=param,
-                       code="context_length_exceeded")
+    names the text when it is more than `param` (a chat prompt is rendered from the messages and the tools);
+    `scoring`: it may fill the context (max_tokens 0)."""
+    if why := tokenizer.cannot_fit(chars, context, scoring):
+        raise APIError(400, f"{what or param}: {why}", param=param, code="context_length_exceeded")
 
 
 def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolPlan, context: int) -> list[int]:
@@ -577,7 +577,7 @@ def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], co
     loop."""
     for prompt in prompts:
         if isinstance(prompt, str):
-            _fits(tokenizer, len(prompt), context, "prompt")
-    texts = [prompt for prompt in prompts if isinstance(prompt, str)]
+            _fits(tokenizer, len(prompt), context, "prompt", scoring=True)  # max_tokens 0 may fill it (`check`
+    texts = [prompt for prompt in prompts if isinstance(prompt, str)]  # refuses the rest once it is encoded)
     encoded = iter(tokenizer.encode_batch(texts, allow_special=True) if texts else [])
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]

@@ -80,12 +80,16 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
     return result
 
 
+TOO_LONG = ("that message does not fit the context with the conversation so far; send a shorter one, or /reset to "
+            "start over")
+
+
 def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read: Callable[[str], str],
               write: Callable[[str], None], system: str | None = None) -> None:
     """Interactive chat: the conversation so far goes through the chat template every turn. EOF or /exit ends;
     Ctrl-C during a reply stops that reply and keeps the conversation (at the prompt it ends the chat)."""
     messages = [{"role": "system", "content": system}] if system else []
-    if system and (tokenizer.leaves_no_room(len(system), engine.max_context)  # known before it is encoded
+    if system and (tokenizer.cannot_fit(len(system), engine.max_context)  # known before it is encoded
                    or len(_chat_prompt(tokenizer, messages)) >= engine.max_context):
         raise ValueError(f"--system: the system message alone does not fit the model's context of "
                          f"{engine.max_context} tokens")
@@ -107,16 +111,17 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             continue
         if not line.strip():  # an empty line asks nothing
             continue
-        too_long = tokenizer.leaves_no_room(len(line), engine.max_context)  # known before it is encoded
+        if tokenizer.cannot_fit(len(line), engine.max_context):  # known before it is encoded
+            write(f"[{TOO_LONG}]\n")
+            continue
         try:
             utf8_text(line)
-            prompt = [] if too_long else _chat_prompt(tokenizer, [*messages, {"role": "user", "content": line}])
+            prompt = _chat_prompt(tokenizer, [*messages, {"role": "user", "content": line}])
         except ValueError as err:  # an undecodable byte, or text the template refuses: keep the conversation
             write(f"[{err}; type it again]\n")
             continue
-        if too_long or len(prompt) >= engine.max_context:
-            write("[that message does not fit the context with the conversation so far; send a shorter one, or "
-                  "/reset to start over]\n")
+        if len(prompt) >= engine.max_context:
+            write(f"[{TOO_LONG}]\n")
             continue
         messages.append({"role": "user", "content": line})
         room = engine.max_context - len(prompt)
