@@ -101,7 +101,7 @@ def test_a_cli_resume_without_ep_keeps_the_runs_expert_parallelism(runs):
     run = runs / "w2_cli_resumed"
     assert_same_curve(run, runs / "ref")
     assert [json.loads((run / f"rank{r}.json").read_text())["experts"] for r in range(2)] == [FFN_EXPERTS // 2] * 2
-    assert "resuming with the run's expert parallelism, --ep 2" in (runs / "torchrun.log").read_text()
+    assert "resuming with the checkpoint's expert parallelism, --ep 2" in (runs / "torchrun.log").read_text()
 
 
 def test_world4_checkpoint_resumes_in_one_process(runs):

@@ -172,15 +172,15 @@ def _newest_config_and_step(out: str | Path) -> tuple[TrainConfig, int]:
 
 def resumed_ep(out: str | Path, world: int) -> tuple[int | None, str | None]:
     """The expert-parallel degree a resume of run directory `out` over `world` processes takes when neither --ep
-    nor --dp is given: the run's own where it divides the world (the run goes on bit for bit), else none; and a
-    note saying which."""
-    ep = training.read_meta(newest_checkpoint(out)).get("ep", 1)  # checkpoints before it: one process or ep 1
+    nor --dp is given: the checkpoint's where it divides the world (at the world that wrote it, the same layout:
+    bit for bit), else none; and a note saying which."""
+    ep = training.read_meta(newest_checkpoint(out)).get("ep", 1)  # written before it was recorded: taken as 1
     if ep == 1:
         return None, None
     if world % ep == 0:
-        return ep, f"note: resuming with the run's expert parallelism, --ep {ep} (give --ep or --dp to change it)"
-    return None, (f"note: the run was trained with --ep {ep}, which does not divide the {world} process(es) here: "
-                  "it resumes without expert parallelism (the losses go on, no longer bit for bit)")
+        return ep, f"note: resuming with the checkpoint's expert parallelism, --ep {ep} (--ep or --dp changes it)"
+    return None, (f"note: the checkpoint was written with --ep {ep}, which does not divide the world size {world}: "
+                  "resuming without expert parallelism (the losses go on as in any other layout, not bitwise)")
 
 
 def validation_notice(out: str | Path, cfg: TrainConfig) -> str | None:
