@@ -196,12 +196,15 @@ def test_sharegpt_parallel_calls_are_answered_per_call_or_by_one_observation_lis
         compared += 1
     assert compared >= 2
     calls = json.dumps([{"name": "f", "arguments": {}}, {"name": "g", "arguments": {}}])
-    for answer in ("both done", json.dumps(["only one"]), json.dumps({"f": 1, "g": 2})):
+    for answer in ("both done", "[ERROR] tool timed out", json.dumps(["only one"]), json.dumps({"f": 1, "g": 2})):
         turns = [{"from": "human", "value": "q"}, {"from": "function_call", "value": calls},
                  {"from": "observation", "value": answer}, {"from": "gpt", "value": "a"}]
         with pytest.raises(ConversationError, match=r"x: conversations\[2\].value: one observation answers the 2 "
                                                      r"calls .* a JSON list of 2 results"):
             parse_row({"conversations": turns}, "x")
+    turns[2]["value"] = "[" * 120 + "]" * 120  # a list, but one no reader should walk: named as such
+    with pytest.raises(ConversationError, match=r"x: conversations\[2\].value(\[0\])+: nested more than 100"):
+        parse_row({"conversations": turns}, "x")
 
 
 def test_alpaca_rows_read_as_the_openai_conversation(tokenizer):

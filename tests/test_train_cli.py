@@ -423,6 +423,8 @@ def test_flags_only_a_torchrun_launch_uses_are_refused_in_one_process(monkeypatc
         assert run_cli("train", "--preset", "tiny", "--dist-timeout", "0") == "2"
         err = capsys.readouterr().err
         assert ("argument --dist-timeout: must be > 0, got 0" in err) == printed, err
+        assert run_cli("train", "--help") == "0"
+        assert ("--dist-timeout SECONDS" in capsys.readouterr().out) == printed
 
 
 def _train_cmd(out: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:

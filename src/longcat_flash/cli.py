@@ -546,10 +546,13 @@ def _terminated(signum: int, frame: object) -> None:
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """The command line; a usage error under torchrun is printed by rank 0 alone (every rank has the same one),
-    the other ranks exit with the same status quietly."""
+    """The command line; under torchrun a usage error (or --help) is printed by rank 0 alone (every rank has the
+    same one), the other ranks exit with the same status quietly."""
     quiet = launched() and int(os.environ.get("RANK", "0")) != 0
-    with contextlib.redirect_stderr(io.StringIO()) if quiet else contextlib.nullcontext():
+    with contextlib.ExitStack() as silenced:
+        if quiet:
+            silenced.enter_context(contextlib.redirect_stderr(io.StringIO()))
+            silenced.enter_context(contextlib.redirect_stdout(io.StringIO()))
         args, unknown = build_parser().parse_known_args(argv)
         if unknown:
             args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")

@@ -229,7 +229,12 @@ def _observations(value: Any, calls: int, where: str, name: str) -> list[tuple[s
     rows give one): a JSON list with one result per call, as that many tool messages (a result that is not a
     string written as JSON)."""
     text = _string(value, where, name)
-    results = _decoded(text, where, name) if text.lstrip().startswith("[") else None  # plain text: refused below
+    try:
+        results = decoded_json(text, where, name, "")
+    except ConversationError:  # plain text ("[ERROR] timed out"): the message below says what it needs to be
+        results = None
+    if isinstance(results, list):
+        _check_structure(results, where, name)  # a list nested too deep is named as such
     if not isinstance(results, list) or len(results) != calls:
         raise _fail(where, name, f"one observation answers the {calls} calls of the function_call turn before it: "
                                  f"give a JSON list of {calls} results (one per call, in the calls' order), or one "

@@ -10,7 +10,7 @@ import types
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NoReturn
 
 from ..config import RopeScaling
 
@@ -156,7 +156,7 @@ def parse_value(raw: str) -> Any:
         return raw
 
 
-def _not_json(constant: str) -> None:
+def _not_json(constant: str) -> NoReturn:
     raise ValueError(f"{constant} is not JSON")  # json.loads takes NaN and Infinity unless told otherwise
 
 
