@@ -227,14 +227,11 @@ def _run_train(args: argparse.Namespace) -> None:
             print(f"# model.*: from the config.json of --model DIR\n{describe(cfg, omit=('model',))}" if unread
                   else describe(cfg))
         return
-    if bad := [f"--{flag} {degree}" for flag, degree in (("ep", args.ep), ("dp", args.dp))
-               if degree is not None and degree < 1]:
-        raise ValueError(f"--ep and --dp must be at least 1, got {' '.join(bad)}")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     ep_given, layout_notice = args.ep, None
     if saved is not None and args.ep is None and args.dp is None:
         ep_given, layout_notice = resumed_ep(out, world)
-    dp, ep = _parallel_degrees(args.dp, ep_given, world)
+    dp, ep = distributed.parallel_degrees(args.dp, ep_given, world)
     if args.no_overlap and ep == 1:
         raise ValueError("--no-overlap: only expert parallelism (--ep > 1 under torchrun) has all-to-alls to "
                          "overlap; drop the flag")
@@ -457,17 +454,6 @@ def _port(text: str) -> int:
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {port}")
     return port
-
-
-def _parallel_degrees(dp: int | None, ep: int | None, world: int) -> tuple[int, int]:
-    """(dp, ep) over `world` processes: the degree not given is world / the other (ep 1 when neither is), as
-    torchtitan infers its data-parallel degree; build_mesh checks that both given multiply to the world."""
-    if (dp is None) == (ep is None):
-        return (world, 1) if dp is None else (dp, ep)
-    flag, given = ("--ep", ep) if dp is None else ("--dp", dp)
-    if world % given:
-        raise ValueError(f"{flag} {given} must divide the world size {world} (processes started by torchrun)")
-    return (world // ep, ep) if dp is None else (dp, world // dp)
 
 
 def _run_serve(args: argparse.Namespace) -> None:

@@ -198,6 +198,20 @@ def raise_if_any(message: str, error: type[Exception]) -> None:
         raise error(message)
 
 
+def parallel_degrees(dp: int | None, ep: int | None, world: int) -> tuple[int, int]:
+    """(dp, ep) over `world` processes from --dp / --ep: the degree not given is world / the other (ep 1 when
+    neither is), as torchtitan infers its data-parallel degree; build_mesh checks that both given multiply to the
+    world."""
+    if bad := [f"--{flag} {degree}" for flag, degree in (("ep", ep), ("dp", dp)) if degree is not None and degree < 1]:
+        raise ValueError(f"--ep and --dp must be at least 1, got {' '.join(bad)}")
+    if (dp is None) == (ep is None):
+        return (world, 1) if dp is None else (dp, ep)
+    flag, given = ("--ep", ep) if dp is None else ("--dp", dp)
+    if world % given:
+        raise ValueError(f"{flag} {given} must divide the world size {world} (processes started by torchrun)")
+    return (world // ep, ep) if dp is None else (dp, world // dp)
+
+
 def build_mesh(dp: int, ep: int, device: torch.device | str = "cpu") -> DeviceMesh | None:
     """The (dp, ep) mesh over the whole world, or None for a single process.
 
