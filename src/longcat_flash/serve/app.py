@@ -575,9 +575,9 @@ def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], co
     vLLM and HF tokenizers read a raw prompt: the client writes all of it (lm_eval's untokenized windows start with
     the bos text). Chat messages differ: only the template's special tokens are special there. Runs off the event
     loop."""
-    for prompt in prompts:
+    for prompt in prompts:  # scored (max_tokens 0), a prompt may fill the context; `check` refuses the rest
         if isinstance(prompt, str):
-            _fits(tokenizer, len(prompt), context, "prompt", scoring=True)  # max_tokens 0 may fill it (`check`
-    texts = [prompt for prompt in prompts if isinstance(prompt, str)]  # refuses the rest once it is encoded)
+            _fits(tokenizer, len(prompt), context, "prompt", scoring=True)
+    texts = [prompt for prompt in prompts if isinstance(prompt, str)]
     encoded = iter(tokenizer.encode_batch(texts, allow_special=True) if texts else [])
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
