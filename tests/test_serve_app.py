@@ -523,6 +523,23 @@ def test_a_body_that_is_not_json_is_a_400_saying_why(client, body, reason):
     assert error["message"].startswith(f"malformed JSON body: {reason}"), error["message"]
 
 
+def test_an_empty_json_body_is_named_as_empty(client):
+    """FastAPI reads no body as a missing one: the 400 said "body: Field required"."""
+    r = client.post("/v1/completions", headers={**AUTH, "Content-Type": "application/json"})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "invalid_json" and "empty" in error["message"], r.text
+
+
+def test_a_request_without_a_model_asks_for_the_served_one(client):
+    """As vLLM reads it: `model` absent or null is the served model (null said "model: Field required")."""
+    for fields in ({}, {"model": None}):
+        body = {"prompt": "ab", "max_tokens": 2, **fields}
+        r = client.post("/v1/completions", json=body, headers=AUTH)
+        assert r.status_code == 200 and r.json()["model"] == "tiny", r.text
+    status, body = _chat(client, model="other")
+    assert status == 404 and body["error"]["code"] == "model_not_found", body
+
+
 @pytest.mark.parametrize("field", ["temperature", "top_p", "presence_penalty", "frequency_penalty",
                                    "repetition_penalty", "min_p"])
 def test_a_sampling_value_that_is_no_number_is_named_as_such(client, field):

@@ -87,6 +87,45 @@ def test_offsets_point_into_the_text_past_split_characters_and_special_tokens(se
     assert all(text[at:at + len(t)] == t for t, at in whole) and whole[-1][1] == len(text) - len(whole[-1][0])
 
 
+def test_offsets_index_the_echoed_text_when_a_prompt_of_ids_ends_inside_a_character(served):
+    """The echoed prompt and the completion are decoded apart (as each is sent), but the offsets were counted as
+    if decoded together: a prompt ending on part of a character shifted every generated token's offset."""
+    client, _, tokenizer, _ = served
+    *head, last = tokenizer.encode("a世")  # the last id is 世's last byte: the prompt ends inside the character
+    answer = client.post("/v1/completions", json={"model": "tiny", "prompt": head, "max_tokens": 2, "echo": True,
+                                                  "logit_bias": {str(last): 100}, "logprobs": 0}).json()["choices"][0]
+    text, offsets, echoed = answer["text"], answer["logprobs"]["text_offset"], tokenizer.decode(head)
+    assert text.startswith(echoed) and len(answer["logprobs"]["tokens"]) == len(head) + 2
+    assert offsets[len(head)] == len(echoed)  # the first generated token starts where the completion does
+    assert sorted(set(offsets)) == list(range(len(text)))  # every character of the text starts a token
+
+
+def test_logprobs_are_rendered_off_the_event_loop(served, monkeypatch):
+    """Rendering logprobs decodes every token and alternative: for a batch of long echoed prompts (lm_eval's
+    loglikelihood) that took seconds on the event loop, stalling /health and every other stream."""
+    import asyncio
+
+    from longcat_flash.serve import logprobs
+
+    def on_a_loop() -> bool:
+        try:
+            return asyncio.get_running_loop() is not None
+        except RuntimeError:
+            return False
+
+    calls = []
+    for scores in (logprobs.CompletionScores, logprobs.ChatScores):
+        take = scores.take
+        monkeypatch.setattr(scores, "take", lambda *args, take=take: calls.append(on_a_loop()) or take(*args))
+    client = served[0]
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "ab", "max_tokens": 2, "echo": True,
+                                             "logprobs": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["logprobs"]["tokens"], r.text
+    for stream in (False, True):
+        assert chat(client, logprobs=True, max_tokens=2, stream=stream).status_code == 200
+    assert len(calls) >= 3 and not any(calls), calls
+
+
 def test_chat_bytes_are_the_tokens_own_so_split_characters_join(served):
     """A token holding the first byte of "é" reads as U+FFFD; its `bytes` were those of U+FFFD (239, 191, 189)."""
     client, _, tokenizer, _ = served
@@ -138,6 +177,7 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
     ({"prompt": ["a"] * 5, "n": 26}, "at most 128 choices"), ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
     ({"prompt": ["a", ""]}, "prompt.1: must not be empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
     ({"response_format": {"type": "xml"}}, "response_format"), ({"best_of": 3}, "best_of"),
+    ({"n": 2, "best_of": 1}, "best_of: 1 is fewer than n (2)"),
     ({"suffix": ""}, "suffix: insertion (text the completion must lead up to) is not supported by this server"),
 ])
 def test_what_we_do_not_serve_is_refused(served, change, words):

@@ -71,6 +71,9 @@ def _validation_error(err: RequestValidationError, content_type: str | None) -> 
     if first.get("type") == "json_invalid":
         reason = first.get("ctx", {}).get("error") or first.get("msg")  # json's own reason, not "JSON decode error"
         return APIError(400, f"malformed JSON body: {reason}", code="invalid_json")
+    if tuple(first.get("loc", ())) == ("body",) and first.get("type") == "missing" \
+            and "json" in (content_type or "").lower():  # FastAPI reads no body at all as a missing one
+        return APIError(400, "the body is empty: send a JSON object", code="invalid_json")
     if tuple(first.get("loc", ())) == ("body",) and "json" not in (content_type or "").lower():
         # FastAPI reads the body as JSON only under a JSON type (`curl -d` sends a form's)
         sent = f"this one was {content_type}" if content_type else "this one had none"
@@ -220,17 +223,20 @@ class Generation:
         scores = CompletionScores(echo=ids if body.echo else None, echo_text=isinstance(prompt, str))
         echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
         async for delta, reason, n in self.pieces(copy, text, request, scores.record):
-            logprobs = None if body.logprobs is None else scores.take(self.tokenizer, n)
+            logprobs = None if body.logprobs is None else await asyncio.to_thread(scores.take, self.tokenizer, n)
             yield resp.CompletionChoice(index=index, text=echoed + delta, finish_reason=reason, logprobs=logprobs), n
             echoed = ""
 
     def turns(self, body: p.ChatCompletionRequest, plan: ToolPlan, copy: Copy, request: Request | None
-              ) -> tuple[AsyncIterator[tuple[list[Event], str | None, int]], Callable[[int], resp.ChatLogprobs | None]]:
+              ) -> tuple[AsyncIterator[tuple[list[Event], str | None, int]],
+                         Callable[[int], Awaitable[resp.ChatLogprobs | None]]]:
         """One chat choice read through its tool-call parser, and the function that hands out its logprobs up to
         a token count (always None without `logprobs`)."""
         (stop, blocks), scores = stop_scope(body, plan), ChatScores()
         text = TextState(self.tokenizer, stop, blocks)
-        logprobs = (lambda n: scores.take(self.tokenizer, n)) if body.logprobs else (lambda n: None)
+
+        async def logprobs(n: int) -> resp.ChatLogprobs | None:
+            return await asyncio.to_thread(scores.take, self.tokenizer, n) if body.logprobs else None
         pieces = self.pieces(copy, text, request, scores.record)
         return parsed(pieces, plan.parser(), stop if blocks else (), text.end), logprobs
 
@@ -243,17 +249,17 @@ class Generation:
         yield resp.ChatChunkChoice(index=index, delta=opening), 0
         async for events, reason, n in turns:
             for delta in deltas(events):
-                yield resp.ChatChunkChoice(index=index, delta=delta, logprobs=logprobs(n)), n
+                yield resp.ChatChunkChoice(index=index, delta=delta, logprobs=await logprobs(n)), n
             if reason:
                 yield resp.ChatChunkChoice(index=index, delta=resp.Delta(), finish_reason=reason,
-                                           logprobs=logprobs(n)), n
+                                           logprobs=await logprobs(n)), n
 
     async def chat_choice(self, body: p.ChatCompletionRequest, plan: ToolPlan, index: int, copy: Copy,
                           request: Request) -> tuple[resp.ChatChoice, int]:
         """One non-streamed chat choice and its completion-token count."""
         turns, logprobs = self.turns(body, plan, copy, request)
         message, reason, n = await answer(turns)
-        scores = (logprobs(n) or resp.ChatLogprobs(content=[])) if body.logprobs else None
+        scores = (await logprobs(n) or resp.ChatLogprobs(content=[])) if body.logprobs else None
         return resp.ChatChoice(index=index, message=message, finish_reason=reason, logprobs=scores), n
 
 

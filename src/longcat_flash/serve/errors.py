@@ -18,8 +18,8 @@ class APIError(Exception):
                             headers=self.headers)
 
 
-def check_model(asked: str, served: str) -> None:
-    """A 404 for a model name that is not the served one."""
-    if asked != served:
+def check_model(asked: str | None, served: str) -> None:
+    """A 404 for a model name that is not the served one (none asks for the served one)."""
+    if asked is not None and asked != served:
         raise APIError(404, f"model {asked!r} is not served here; use {served!r}", param="model",
                        code="model_not_found")

@@ -56,10 +56,15 @@ class CompletionScores(Scores):
         self.echo = None
         shown = [self.echo_text and i < echoed for i in range(len(tokens))]  # special tokens written in the text
         texts = [tokenizer.decode([token], skip_special_tokens=not show) for token, show in zip(tokens, shown)]
+        offsets = [self._offset(tokenizer, token, text) for token, text in zip(tokens[:echoed], texts[:echoed])]
+        if echoed:  # the echoed prompt is decoded alone: bytes it leaves without a character are its U+FFFD
+            self.offset += len(self._utf8.decode(b"", final=True))
+            self._utf8.reset()
+        offsets += [self._offset(tokenizer, token, text) for token, text in zip(tokens[echoed:], texts[echoed:])]
         return resp.CompletionLogprobs(
             tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
             top_logprobs=[None if s is None else _top(tokenizer, s, show) for s, show in zip(scores, shown)],
-            text_offset=[self._offset(tokenizer, token, text) for token, text in zip(tokens, texts)])
+            text_offset=offsets)
 
     def _offset(self, tokenizer: Tokenizer, token: int, text: str) -> int:
         """Where the token starts in the choice's text: after the characters of the tokens before it (each token of

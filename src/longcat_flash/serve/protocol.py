@@ -93,7 +93,7 @@ class _Sampling(_Part):
     API. `user` and `metadata`, what clients say about themselves, change no output: checked as OpenAI's API
     checks them (a string; at most 16 string pairs), then unused."""
 
-    model: str = Field(min_length=1, max_length=256)
+    model: str | None = Field(None, min_length=1, max_length=256)  # none: the served one, as vLLM reads it
     user: str | None = Field(None, max_length=256)
     metadata: dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]] | None = Field(
         None, max_length=16)
@@ -195,6 +195,12 @@ class _Sampling(_Part):
     def _stream_options_need_a_stream(self) -> _Sampling:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options: only allowed with stream: true")
+        return self
+
+    @model_validator(mode="after")
+    def _best_of_covers_n(self) -> _Sampling:
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of: {self.best_of} is fewer than n ({self.n}): it must be at least n")
         return self
 
     @property

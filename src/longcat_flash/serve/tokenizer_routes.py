@@ -26,8 +26,7 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
 
     @app.post("/tokenize", response_model=resp.TokenizeResponse)
     async def tokenize(body: p.TokenizeRequest) -> JSONResponse:
-        if body.model is not None:
-            check_model(body.model, model_name)
+        check_model(body.model, model_name)
 
         def answer() -> JSONResponse:  # encode_batch releases the GIL (encode does not); the JSON is built here too
             [encoded] = tokenizer.backend.encode_batch([body.prompt], add_special_tokens=body.add_special_tokens)
@@ -39,8 +38,7 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
 
     @app.post("/detokenize", response_model=resp.DetokenizeResponse)
     async def detokenize(body: p.DetokenizeRequest) -> JSONResponse:
-        if body.model is not None:
-            check_model(body.model, model_name)
+        check_model(body.model, model_name)
 
         def answer() -> JSONResponse:  # the check over up to a million ids, too, off the loop
             if any(not 0 <= token < tokenizer.vocab_size for token in body.tokens):
