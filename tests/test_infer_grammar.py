@@ -203,6 +203,14 @@ FREE_KEYS = {"type": "object", "additionalProperties": {"type": "integer"}}
     ({"type": "object", "properties": {"s": {"type": "string", "maxLenght": 4}}}, "did you mean 'maxLength'"),
     ({"type": "array", "items": [{"enum": [1]}], "prefixItems": [{"requried": []}]}, "did you mean 'required'"),
     ({"$defs": {"d": {"types": "string"}}, "$ref": "#/$defs/d"}, "did you mean 'type'"),
+    # case and snake_case (pydantic's field names) were too far from the keywords for the closeness check
+    ({"type": "string", "Enum": ["yes", "no"]}, "'Enum' \\(did you mean 'enum'"),
+    ({"type": "string", "max_length": 3}, "did you mean 'maxLength'"),
+    ({"type": "array", "min_items": 3}, "did you mean 'minItems'"),
+    ({"Type": "string"}, "did you mean 'type'"),
+    # beyond 2^32 - 1 the library failed with a regex parse error, beyond 2^64 "expected positive integer"
+    ({"type": "string", "maxLength": 10**12}, "maxLength=1000000000000 is more than this server supports"),
+    ({"type": "array", "minItems": 2**70}, "minItems=1180591620717411303424 is more than"),
 ])
 def test_what_the_library_would_silently_loosen_is_refused(setup, schema, match):
     _, _, compiler = setup

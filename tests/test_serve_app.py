@@ -389,6 +389,17 @@ def test_a_trailing_assistant_message_is_history_or_continued(client):
      "response_format.json_schema.description", "must be a string"),
     ({"tools": [{"type": "function", "function": {"name": f"f{i}", "description": "w" * 400}} for i in range(60)]},
      "messages", "the prompt rendered from messages and tools: "),
+    # NaN and Infinity, which Python's JSON reader takes, are not JSON: a tool's bound reached the prompt, a call's
+    # arguments the template, a schema's default the grammar compiler (which quoted its own grammar text)
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "number", "maximum": float("inf")}}}}}]}, "tools.0.function.parameters",
+     "holds Infinity, which is not JSON"),
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [{
+        "id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": NaN}'}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]},
+     "messages.1.tool_calls.0.function.arguments", "NaN is not JSON"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+        "type": "integer", "default": float("nan")}}}}, "response_format.json_schema", "holds NaN, which is not JSON"),
 ])
 def test_a_refusal_says_what_is_wrong(client, fields, param, says):
     status, body = _chat(client, **fields)

@@ -52,6 +52,10 @@ KEYWORDS = SCHEMA_MAPS | SCHEMA_LISTS | SCHEMA_VALUES | frozenset({
     "minProperties", "required", "dependentRequired", "format", "contentEncoding", "contentMediaType",
     "contentSchema", "title", "description", "default", "deprecated", "readOnly", "writeOnly", "examples",
     "example", "nullable", "discriminator", "xml", "externalDocs"})
+_SPELLED_ALIKE = {key.lower().replace("_", ""): key for key in KEYWORDS}  # `Enum`, `max_length`: case, snake
+COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
+          "maxContains")
+MAX_COUNT = 2**32 - 1  # the regex library under llguidance reads no longer repetition count
 JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 # llguidance's own defaults, tightened where a request could make one mask step or one compile expensive.
 LIMITS = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
@@ -82,10 +86,15 @@ def check_schema(schema: dict[str, Any]) -> None:
                                "the output cannot be kept from repeating a key, and repeated keys count once; name "
                                "the properties and list them in required, or set additionalProperties to false")
         for key in node:
-            if key not in KEYWORDS and not key.startswith("x-"):
-                if close := difflib.get_close_matches(key, KEYWORDS, n=1, cutoff=0.85):
-                    raise GrammarError(f"unknown keyword {key!r} (did you mean {close[0]!r}?): it would "
-                                       "constrain nothing")
+            if key not in KEYWORDS and not key.startswith("x-") and (close := _misspelt(key)):
+                raise GrammarError(f"unknown keyword {key!r} (did you mean {close!r}?): it would constrain nothing")
+
+
+def _misspelt(key: str) -> str | None:
+    """The keyword `key` is most likely a misspelling of: the same but for case and underscores, else one within
+    a letter or two."""
+    alike = _SPELLED_ALIKE.get(key.lower().replace("_", "").replace("-", ""))
+    return alike or next(iter(difflib.get_close_matches(key, KEYWORDS, n=1, cutoff=0.85)), None)
 
 
 def _subschemas(schema: Any) -> Iterator[dict[str, Any]]:
@@ -107,9 +116,14 @@ def _subschemas(schema: Any) -> Iterator[dict[str, Any]]:
 
 
 def _check_bounds(node: dict[str, Any]) -> None:
-    """Refuse the numeric bounds llguidance 1.9 gets wrong, rather than constrain to something else: beyond
-    +-2^53 (JSON's exact integers) it clamps to 64 bits or crashes the process; an integral exclusiveMinimum
-    n >= 0 whose upper bound lies below n + 1 admits n itself (exclusiveMaximum n <= 0 above n - 1, likewise)."""
+    """Refuse the bounds llguidance 1.9 gets wrong, rather than constrain to something else or fail inside it:
+    a length or count beyond 2^32 - 1 fails there as a regex parse error (or, beyond 2^64, "not a positive
+    integer"); numeric bounds beyond +-2^53 (JSON's exact integers) it clamps to 64 bits or crashes the process;
+    an integral exclusiveMinimum n >= 0 whose upper bound lies below n + 1 admits n itself (exclusiveMaximum
+    n <= 0 above n - 1, likewise)."""
+    for key in COUNTS:
+        if isinstance(node.get(key), int) and not isinstance(node[key], bool) and node[key] > MAX_COUNT:
+            raise GrammarError(f"{key}={node[key]} is more than this server supports (at most {MAX_COUNT})")
     bounds = {key: node[key] for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
               if isinstance(node.get(key), (int, float)) and not isinstance(node.get(key), bool)}
     for key, value in bounds.items():

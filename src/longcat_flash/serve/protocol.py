@@ -8,6 +8,7 @@ the model (prompt length, max_tokens against the context) are checked in app.py 
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Annotated, Any, ClassVar, Literal, get_args
 
@@ -45,15 +46,19 @@ MESSAGE_METADATA = ("name", "refusal", "annotations", "reasoning_content", "reas
 
 
 def well_formed(value: Any, field: str) -> Any:
-    """`value` unchanged if every string in it is valid Unicode and it nests at most MAX_DEPTH deep. JSON escapes
-    can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or grammar compiler accepts; and a schema
-    nested hundreds deep overflows the recursion of whatever reads it next (the chat template's rendering, the
-    grammar compiler). Refused here, naming the field; walked without recursion."""
+    """`value` unchanged if every string in it is valid Unicode, every number finite, and it nests at most
+    MAX_DEPTH deep. JSON escapes can carry lone UTF-16 surrogates ("\\ud800"), which no tokenizer or grammar
+    compiler accepts; Python's JSON reader takes NaN and Infinity, which are not JSON (a schema's `default: NaN`
+    failed inside the grammar compiler, a tool's `maximum: Infinity` reached the prompt); and a schema nested
+    hundreds deep overflows the recursion of whatever reads it next (the chat template's rendering, the grammar
+    compiler). Refused here, naming the field; walked without recursion."""
     stack = [(value, 0)]
     while stack:
         item, depth = stack.pop()
         if depth > MAX_DEPTH:
             raise ValueError(f"{field}: nested more than {MAX_DEPTH} levels deep")
+        if isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{field}: holds {_constant(item)}, which is not JSON")
         if isinstance(item, str) and not item.isascii():
             try:
                 item.encode("utf-8")
@@ -64,6 +69,18 @@ def well_formed(value: Any, field: str) -> Any:
         elif isinstance(item, list):
             stack += [(x, depth + 1) for x in item]
     return value
+
+
+def _constant(number: float) -> str:
+    """NaN, Infinity or -Infinity: the constant as Python's JSON reader took it."""
+    return "NaN" if math.isnan(number) else "Infinity" if number > 0 else "-Infinity"
+
+
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)  # json.loads, refusing NaN and Infinity
 
 
 class _Part(BaseModel):
@@ -292,10 +309,10 @@ class FunctionCall(_Part):
         if not value.strip():  # a call without arguments, accumulated from a stream whose argument deltas were ""
             return "{}"
         try:
-            parsed = json.loads(value)
+            parsed = STRICT_JSON.decode(value)
         except RecursionError:
             raise ValueError("arguments: nested too deep to parse") from None
-        except json.JSONDecodeError as err:
+        except ValueError as err:  # json.JSONDecodeError, or a NaN / Infinity constant
             raise ValueError(f"arguments must be a JSON object in a string: {err}") from None
         if not isinstance(parsed, dict):
             raise ValueError("arguments must be a JSON object in a string")

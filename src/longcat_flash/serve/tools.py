@@ -63,7 +63,7 @@ def parse_call(body: str, index: int) -> ToolCall | None:
 def _members(text: str) -> dict[str, tuple[object, str]] | None:
     """The members of the JSON object `text` as key -> (value, its text), or None when `text` is not one JSON
     object (NaN and Infinity, which Python's json reads, are not JSON)."""
-    decoder, i = _STRICT_JSON, _WHITESPACE.match(text).end()
+    decoder, i = p.STRICT_JSON, _WHITESPACE.match(text).end()
     if text[i:i + 1] != "{":
         return None
     members, i = {}, _WHITESPACE.match(text, i + 1).end()
@@ -87,11 +87,6 @@ def _members(text: str) -> dict[str, tuple[object, str]] | None:
     return members if _WHITESPACE.match(text, i + 1).end() == len(text) else None
 
 
-def _not_json(constant: str) -> None:
-    raise ValueError(f"{constant} is not JSON")
-
-
-_STRICT_JSON = json.JSONDecoder(parse_constant=_not_json)
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
 
 
