@@ -181,6 +181,19 @@ def test_chat_keeps_the_conversation(checkpoint, capsys, monkeypatch):
     assert "again" in after_reset and "hello" not in after_reset and "what next" not in after_reset
 
 
+def test_an_empty_system_message_is_rendered_as_the_template_renders_it(checkpoint, capsys, monkeypatch):
+    """`--system ""` was dropped, as if not given; transformers' template renders an empty system turn."""
+    prompts = []
+    add_request = Engine.add_request
+    monkeypatch.setattr(Engine, "add_request", lambda self, prompt, *args: prompts.append(prompt) or
+                        add_request(self, prompt, *args))
+    chat(checkpoint, ["hi", "/reset", "hi", "/exit"], monkeypatch, capsys, "--system", "", "--max-new-tokens", "2")
+    tokenizer = Tokenizer.load(checkpoint)
+    rendered = tokenizer.apply_chat_template([{"role": "system", "content": ""}, {"role": "user", "content": "hi"}])
+    assert rendered != tokenizer.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert [tokenizer.decode(p, skip_special_tokens=False) for p in prompts] == [rendered, rendered]
+
+
 def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):
     """Python hands an undecodable stdin byte over as a lone surrogate; the tokenizer raised a TypeError on it."""
     out = chat(checkpoint, ["hello", "bad \udcff byte", "again", "/exit"], monkeypatch, capsys,

@@ -88,8 +88,8 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
               write: Callable[[str], None], system: str | None = None) -> None:
     """Interactive chat: the conversation so far goes through the chat template every turn. EOF or /exit ends;
     Ctrl-C during a reply stops that reply and keeps the conversation (at the prompt it ends the chat)."""
-    messages = [{"role": "system", "content": system}] if system else []
-    if system and (tokenizer.cannot_fit(len(system), engine.max_context)  # known before it is encoded
+    messages = [{"role": "system", "content": system}] if system is not None else []  # "" too, as the template
+    if system is not None and (tokenizer.cannot_fit(len(system), engine.max_context)  # known before it is encoded
                    or len(_chat_prompt(tokenizer, messages)) >= engine.max_context):
         raise ValueError(f"--system: the system message alone does not fit the model's context of "
                          f"{engine.max_context} tokens")
@@ -102,7 +102,7 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         if command in ("/exit", "/quit"):
             return
         if command == "/reset":
-            messages = messages[:1] if system else []
+            messages = messages[:1] if system is not None else []
             write("[conversation reset]\n")
             continue
         if re.fullmatch(r"/[A-Za-z]+", command):  # a mistyped command (or /help) is no message to the model
