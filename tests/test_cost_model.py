@@ -98,8 +98,10 @@ def test_without_speculation_one_token_per_forward() -> None:
 
 
 def test_any_longcat_config_can_be_costed() -> None:
-    row = cost_table([longcat_decode_shape(small(), name="small")])[0]
+    row = cost_table([longcat_decode_shape(small(), name="small")], context=1024)[0]
     assert row["report"] is None and row["tpot_ms"] > 0
+    with pytest.raises(ValueError, match="context 5000 is longer than a model serves \\(positions: small 4096\\)"):
+        cost_table([longcat_decode_shape(small(), name="small")])  # the report's context, past small's
 
 
 def test_bad_inputs_fail_early() -> None:
@@ -136,3 +138,13 @@ def test_a_bad_flag_is_named_as_typed(flags, message, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["cost", *flags])
     assert stopped.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_a_context_longer_than_a_model_serves_is_refused(capsys):
+    """`info --context` refused a context past the model's; `cost` priced 10M-token contexts nobody serves."""
+    with pytest.raises(SystemExit, match="context 131073 is longer than a model serves .*LongCat-Flash 131072"):
+        main(["cost", "--context", "131073"])
+    with pytest.raises(SystemExit, match=r"positions: Qwen3-235B-A22B 131072, LongCat-Flash 131072\)"):
+        main(["cost", "--models", "DeepSeek-V3", "Qwen3-235B-A22B", "LongCat-Flash", "--context", "150000"])
+    main(["cost", "--models", "DeepSeek-V3", "--context", "150000"])
+    assert "context 150000" in capsys.readouterr().out

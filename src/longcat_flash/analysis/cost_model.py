@@ -146,6 +146,7 @@ class DecodeShape:
     expert_ffn_hidden_size: int
     overlap: str  # "SBO" or "TBO"
     native_mtp: bool
+    max_context: int  # the longest context the model is published to serve
 
     def __post_init__(self) -> None:
         if self.overlap not in OVERLAPS:
@@ -168,7 +169,7 @@ def longcat_decode_shape(cfg: ModelConfig, name: str = "LongCat-Flash",
         dense_ffn_tp=2,  # report §6.1.1: "TP2 or TP4 instead of TP8"
         n_routed_experts=cfg.n_routed_experts, ffn_experts_per_token=k_e, shared_experts=0,
         expert_ffn_hidden_size=cfg.expert_ffn_hidden_size, overlap="SBO",
-        native_mtp=cfg.num_nextn_predict_layers > 0,
+        native_mtp=cfg.num_nextn_predict_layers > 0, max_context=cfg.max_position_embeddings,
     )
 
 
@@ -179,14 +180,14 @@ DEEPSEEK_V3 = DecodeShape(
                   v_head_dim=128),
     attention_tp=1, attention_blocks_per_layer=1, dense_ffn_hidden_size=18432, dense_ffn_tp=1,
     n_routed_experts=256, ffn_experts_per_token=8, shared_experts=1, expert_ffn_hidden_size=2048,
-    overlap="TBO", native_mtp=True,
+    overlap="TBO", native_mtp=True, max_context=163840,
 )
 QWEN3_235B_A22B = DecodeShape(
     name="Qwen3-235B-A22B", num_layers=94, dense_layers=0, hidden_size=4096,
     attention=GQA(heads=64, kv_heads=4, head_dim=128),
     attention_tp=4, attention_blocks_per_layer=1, dense_ffn_hidden_size=0, dense_ffn_tp=1,
     n_routed_experts=128, ffn_experts_per_token=8, shared_experts=0, expert_ffn_hidden_size=1536,
-    overlap="TBO", native_mtp=False,
+    overlap="TBO", native_mtp=False, max_context=131072,  # 40960 in config.json; 131072 with YaRN (model card)
 )
 LONGCAT_FLASH = longcat_decode_shape(longcat_flash())
 MODELS: dict[str, DecodeShape] = {m.name: m for m in (DEEPSEEK_V3, QWEN3_235B_A22B, LONGCAT_FLASH)}
@@ -356,6 +357,8 @@ def cost_table(models: Sequence[str | DecodeShape] = tuple(MODELS), ep: int = 12
     shapes = [_resolve(m) for m in models]
     if repeated := sorted({s.name for s in shapes if [t.name for t in shapes].count(s.name) > 1}):
         raise ValueError(f"models: {', '.join(repeated)} given more than once")
+    if too_short := [f"{s.name} {s.max_context}" for s in shapes if context > s.max_context]:
+        raise ValueError(f"context {context} is longer than a model serves (positions: {', '.join(too_short)})")
     return [decode_row(shape, sc) for shape in shapes]
 
 
