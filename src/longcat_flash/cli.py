@@ -82,8 +82,8 @@ def _add_cost(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch", type=positive_int, default=96, help="sequences per device")
     p.add_argument("--acceptance", type=fraction, default=0.8, help="MTP draft acceptance rate")
     p.add_argument("--bandwidth", type=positive_float, default=40.0, help="all-to-all bandwidth, GB/s")
-    p.add_argument("--context", type=non_negative_int, default=5000, help="average context length (at most each model's longest: 131072 for "
-                                                         "LongCat-Flash)")
+    p.add_argument("--context", type=non_negative_int, default=5000,
+                   help="average context length (at most each model's longest: 131072 for LongCat-Flash)")
     p.add_argument("--json", action="store_true", help="print the rows as one JSON list")
     p.set_defaults(run=_run_cost)
 
