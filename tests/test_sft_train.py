@@ -111,6 +111,16 @@ def test_what_sft_never_reads_is_refused(checkpoint, conversations, override):
         build_config("sft", [f"init_from={checkpoint}", f"sft.data={conversations}", override])
 
 
+def test_a_held_out_share_beside_held_out_conversations_is_refused(checkpoint, conversations, tmp_path):
+    """With --val-data every row of --data is trained on: data.val_fraction was recorded and did nothing."""
+    held_out = tmp_path / "val.jsonl"
+    held_out.write_text(Path(conversations).read_text())
+    given = [f"init_from={checkpoint}", f"sft.data={conversations}", "data.val_fraction=0.5"]
+    with pytest.raises(ValueError, match="data.val_fraction is not read by an SFT run given --val-data"):
+        build_config("sft", [*given, f"sft.val_data={held_out}"])
+    assert build_config("sft", given).data.val_fraction == 0.5  # without it, the share is what is held out
+
+
 def test_what_pre_training_never_reads_is_refused(tmp_path):
     for override in ("sft.overlong=skip", "sft.ignore_columns=id"):
         with pytest.raises(ValueError, match=f"{override.split('=')[0]} is not read by pre-training"):

@@ -410,9 +410,10 @@ def build_config(preset: str | None, overrides: Sequence[str], saved: TrainConfi
     """The run's config: a preset's recipe (default small) or, when resuming, the saved config; then overrides.
     A model field that scaling.variance_alignment sets is refused beside it (the alignment would overwrite it)."""
     cfg = _overridden(preset, overrides, saved)
-    if unread := sorted(set().union(*map(override_keys, overrides)) & _unread_fields(cfg)):
-        mode = "an SFT run" if _is_sft(cfg) else "pre-training (sft.data is unset)"
-        raise ValueError(f"{unread[0]} is not read by {mode}; drop it (it would be recorded, and do nothing)")
+    unread_by = _unread_fields(cfg)
+    if unread := sorted(set().union(*map(override_keys, overrides)) & unread_by.keys()):
+        raise ValueError(f"{unread[0]} is not read by {unread_by[unread[0]]}; drop it (it would be recorded, and do "
+                         "nothing)")
     alignment = cfg.scaling.variance_alignment
     if alignment != "preset" and (set_too := [k for k in ALIGNED_FIELDS if _last_value(overrides, k) is not None]):
         raise ValueError(f"scaling.variance_alignment={alignment} sets {', '.join(ALIGNED_FIELDS)}; --set "
@@ -426,14 +427,18 @@ def _is_sft(cfg: TrainConfig) -> bool:
     return cfg.sft.data is not None or cfg.preset == "sft"
 
 
-def _unread_fields(cfg: TrainConfig) -> set[str]:
-    """The data fields the run's mode never reads: the corpus's and its token cache's under SFT (the corpus too when
-    the tokenizer comes from a file or init_from, not trained on it), the conversations' handling in pre-training."""
+def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
+    """The data fields the run's mode never reads, each with that mode: the corpus's and its token cache's under SFT
+    (the corpus too when the tokenizer comes from a file or init_from, not trained on it), the held-out share when
+    sft.val_data holds the held-out conversations, the conversations' handling in pre-training."""
     if not _is_sft(cfg):
-        return {"sft.overlong", "sft.ignore_columns"}
-    corpus = {"data.source", "data.text_field", "data.tokenizer_sample_bytes"}
+        return dict.fromkeys(("sft.overlong", "sft.ignore_columns"), "pre-training (sft.data is unset)")
+    corpus = ("data.source", "data.text_field", "data.tokenizer_sample_bytes")
     trains_tokenizer = cfg.data.tokenizer is None and cfg.init_from is None
-    return {"data.max_bytes", "data.cache_dir"} | (set() if trains_tokenizer else corpus)
+    unread = dict.fromkeys(("data.max_bytes", "data.cache_dir", *(() if trains_tokenizer else corpus)), "an SFT run")
+    if cfg.sft.val_data is not None:
+        unread["data.val_fraction"] = "an SFT run given --val-data (sft.val_data: the held-out conversations)"
+    return unread
 
 
 def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None) -> TrainConfig:
@@ -456,7 +461,8 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
         if cfg.data.seq_len != saved.data.seq_len:  # the sampler's position counts windows of seq_len + 1 tokens
             raise ValueError(f"a resumed run keeps its data windows: data.seq_len={cfg.data.seq_len} differs from the "
                              f"run's {saved.data.seq_len} (start a run with init_from to train at another length)")
-        if cfg.data.val_fraction != saved.data.val_fraction:  # which windows are held out, so which are trained
+        # which windows are held out, so which are trained (sft.val_data holds them out instead)
+        if cfg.data.val_fraction != saved.data.val_fraction and cfg.sft.val_data is None:
             raise ValueError(f"a resumed run keeps its train/val split: data.val_fraction={cfg.data.val_fraction} "
                              f"differs from the run's {saved.data.val_fraction}")
         tokenizing = ["data.tokenizer"] * (_resolved(cfg.data.tokenizer) != _resolved(saved.data.tokenizer))
