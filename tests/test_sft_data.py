@@ -388,6 +388,7 @@ BAD_ROWS = [
                         {"from": "gpt", "value": "y"}]},
      "conversations[4].from: 1 call(s) of the function_call turn before have no observation"),
     ({"instruction": "hi", "input": "x"}, "output: missing"),
+    ({"input": "x", "output": "y"}, "instruction: missing"),  # it blamed input, an Alpaca field, as unsupported
     ({"instruction": "hi", "output": ["a"]}, "output: expected a string"),
     ({"instruction": "hi", "output": "a", "history": [["q", "a", "b"]]}, "history[0]: a [user, assistant] pair"),
     ({"instruction": "hi", "output": "a", "response": "b"}, "response: unsupported field"),
@@ -469,6 +470,20 @@ def test_invalid_json_names_the_line(tmp_path):
     path.write_text(json.dumps(conversation(random.Random(0))) + "\n{not json\n")
     with pytest.raises(ConversationError, match=r"data.jsonl:2: not valid JSON"):
         read_conversations(path)
+
+
+def test_rows_wrapped_in_an_object_or_an_array_named_jsonl_are_said_to_be_so(tmp_path):
+    """`{"data": [...]}` in a .json named its key an unsupported row field (and ignoring it led nowhere); a
+    pretty-printed array named .jsonl got a bare "not valid JSON (Expecting value)"."""
+    data = list(iter_conversations(3, seed=7))
+    for key in ("data", "train"):
+        (tmp_path / "wrapped.json").write_text(json.dumps({key: data}, indent=2))
+        with pytest.raises(ConversationError, match=f"wrapped.json:1: {key}: holds rows, not a conversation: "):
+            read_conversations(tmp_path / "wrapped.json")
+    (tmp_path / "array.jsonl").write_text(json.dumps(data, indent=2))
+    with pytest.raises(ConversationError, match=r"array.jsonl:1: not valid JSON .*: the file is one JSON array, not "
+                                                r"JSON Lines; name it .json"):
+        read_conversations(tmp_path / "array.jsonl")
 
 
 def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):

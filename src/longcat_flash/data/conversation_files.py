@@ -120,6 +120,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         if rows == 0 and row_format(path) == ".json" and isinstance(whole := _whole_json(path), dict):
             yield f"{path}:1", whole  # one row, pretty-printed over many lines
             return
+        if rows == 0 and _starts_with_bracket(path):
+            raise ConversationError(f"{err}: the file is one JSON array, not JSON Lines; name it .json") from None
         raise ConversationError(str(err)) from None
 
 

@@ -84,7 +84,7 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         named, untrained = _prompt_completion(row, where)
     elif "messages" not in row and "conversations" in row:
         named, untrained = _sharegpt(row, where), set()
-    elif "messages" not in row and "instruction" in row:
+    elif "messages" not in row and ("instruction" in row or "output" in row):
         named, untrained = _alpaca(row, where), set()
     else:
         _known_columns(row, ROW_FIELDS, where)
@@ -256,8 +256,9 @@ def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     reads it: the user gives the instruction, then the input on a new line when there is one, and the assistant
     answers the output; `history` holds the earlier turns as [user, assistant] pairs, trained like the last."""
     _known_columns(row, ALPACA_FIELDS, where)
-    if "output" not in row:
-        raise _fail(where, "output", "missing (an Alpaca row has an instruction and an output)")
+    for key in ("instruction", "output"):
+        if key not in row:
+            raise _fail(where, key, "missing (an Alpaca row has an instruction and an output)")
     named = _system_column(row, where)
     for i, pair in enumerate(_list(row.get("history", []), where, "history")):
         pair = _list(pair, where, f"history[{i}]")
@@ -359,12 +360,21 @@ def _known(obj: dict[str, Any], allowed: Sequence[str], where: str, prefix: str,
 
 def _known_columns(row: dict[str, Any], allowed: Sequence[str], where: str) -> None:
     for key in row:
+        if key not in allowed and _holds_rows(row[key]):  # a .json file of one object, `{"data": [...]}`
+            raise _fail(where, key, "holds rows, not a conversation: write the rows as a JSON array (.json) or one "
+                                    "per line (.jsonl)")
         if key not in allowed:
             raise _fail(where, key, f"unsupported field (a row has: {', '.join(ROW_FIELDS)}; TRL's prompt-completion "
                                     f"rows: {', '.join(PROMPT_COMPLETION_FIELDS)}; ShareGPT rows: "
                                     f"{', '.join(SHAREGPT_FIELDS)}; Alpaca rows: {', '.join(ALPACA_FIELDS)}). Skip "
                                     "columns that are not part of the conversation with --set "
                                     "sft.ignore_columns=NAME,NAME")
+
+
+def _holds_rows(value: Any) -> bool:
+    """A list whose first item is a row of some format (it has a row field of one), not a part of one row."""
+    row_fields = {*ROW_FIELDS, *PROMPT_COMPLETION_FIELDS, *SHAREGPT_FIELDS, *ALPACA_FIELDS}
+    return isinstance(value, list) and bool(value) and isinstance(value[0], dict) and bool(row_fields & value[0].keys())
 
 
 def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str, Any]]) -> dict[str, Any]:
