@@ -96,6 +96,21 @@ def test_print_config_shows_overrides(capsys):
     assert "max_steps=7" in out and "budget.rate=0.01" in out and "model.num_layers=2" in out
 
 
+def test_a_text_field_keeps_the_text_as_typed(tmp_path: Path):
+    """A folder named 2024_01 became the path 202401 (text parsed as a Python number, then turned back to text); a
+    column named 1e3 became '1000.0'; null on a text field became the text 'None'."""
+    (tmp_path / "2024_01").mkdir()
+    cfg = build_config("tiny", [f"data.source={tmp_path / '2024_01'}", "data.text_field=1e3", "sample_prompt=0x10"])
+    assert (cfg.data.source, cfg.data.text_field, cfg.sample_prompt) == (str(tmp_path / "2024_01"), "1e3", "0x10")
+    assert build_config("tiny", ["data.source='2024'"]).data.source == "2024"  # quoted, as before
+    cfg = build_config("sft", ["sft.ignore_columns=2024_01,1e3", "sft.data=rows.jsonl"])
+    assert cfg.sft.ignore_columns == ("2024_01", "1e3")
+    with pytest.raises(ValueError, match="^init_from=2024_01 .* no config.json there"):  # the model looked up as typed
+        build_config("sft", ["sft.data=rows.jsonl", "init_from=2024_01"])
+    assert "data.source must be str, got None" in run_cli("train", "--set", "data.source=null", "--print-config")
+    assert "data.source must be str, got 2024" in run_cli("train", "--set", "data={'source': 2024}", "--print-config")
+
+
 def test_init_from_is_read_as_every_other_set_value(tmp_path: Path, capsys):
     """The model of an init_from run was looked up from the raw text: `init_from=NULL` (None to --set) was read as
     a directory, and a quoted path as one with quotes in its name."""
@@ -116,8 +131,9 @@ def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):
     for value in ("id,source", "['id', 'source']", " id , source ", "[id,source]", "(id, source)"):
         main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])
         assert "sft.ignore_columns=('id', 'source')" in capsys.readouterr().out
-    refusal = run_cli("sft", "--print-config", "--set", "sft.ignore_columns=3")
-    assert "sft.ignore_columns must be tuple[str, ...], got 3" in refusal
+    for value in ("3", "[3]"):  # a name, as pandas names unnamed columns (it was refused as a number)
+        main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])
+        assert "sft.ignore_columns=('3',)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("order", [1, -1])

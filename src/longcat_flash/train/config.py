@@ -20,7 +20,7 @@ from ..config import ModelConfig
 from ..data.corpus import RUN_CONFIG_FILE, STDLIB
 from ..presets import get_preset
 from ..tokenizer import TRAINED_VOCAB_MIN
-from .overrides import apply_overrides, build, coerce, override_keys, parse_value, type_name
+from .overrides import apply_overrides, build, coerce, override_keys, parse_text, type_name
 
 # The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
 TRAIN_CONFIG_FILE = RUN_CONFIG_FILE  # data/corpus.py skips the directories that hold one
@@ -477,7 +477,7 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
         return cfg
     base = recipe(preset or "small")
     raw = _last_value(overrides, "init_from")
-    init_from = None if raw is None else parse_value(raw)  # as apply_overrides reads it (null in any case: None)
+    init_from = None if raw is None else parse_text(raw)  # as apply_overrides reads it (null in any case: None)
     if init_from is not None:  # the model is the checkpoint's, then the overrides
         model = pretrained_model_config(str(init_from))
         loss = base.loss if model.num_nextn_predict_layers else dataclasses.replace(base.loss, mtp_weight=0.0)

@@ -95,7 +95,8 @@ def _assign_fields(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefi
             elif len(path) > 1:
                 raise ValueError(f"{prefix + name!r} is a field, not a section (in {key!r})")
             else:
-                current = coerce(_parsed(raw), typing.get_type_hints(type(obj))[name], key)
+                hint = typing.get_type_hints(type(obj))[name]
+                current = coerce(_leaf(raw, hint), hint, key)
         values[name] = _assign(current, inner, f"{prefix}{name}.") if inner else current
         if isinstance(values[name], RopeScaling):
             _check_yarn_factor(getattr(obj, name), values[name], entries, prefix + name)
@@ -124,6 +125,22 @@ class _Parsed:
 
 def _parsed(raw: str | _Parsed) -> Any:
     return raw.value if isinstance(raw, _Parsed) else parse_value(raw)
+
+
+def _leaf(raw: str | _Parsed, hint: Any) -> Any:
+    """The value --set text gives a field of type `hint`, text (`parse_text`) for a text field."""
+    texts = {str, tuple[str, ...]}
+    takes_text = hint in texts or (typing.get_origin(hint) in (typing.Union, types.UnionType)
+                                   and any(arg in texts for arg in typing.get_args(hint)))
+    return parse_text(raw) if takes_text and not isinstance(raw, _Parsed) else _parsed(raw)
+
+
+def parse_text(raw: str) -> Any:
+    """--set text for a text field: as typed (`2024_01` is a folder's name, not the number 202401; `1e3` a column's,
+    not 1000.0), unless it is null or quoted (a string, or a list of them for a list of names)."""
+    value = parse_value(raw)
+    names = isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)
+    return value if value is None or isinstance(value, str) or names else raw
 
 
 def override_keys(assignment: str) -> set[str]:
@@ -193,7 +210,8 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     elif hint is str:
-        return value if isinstance(value, str) else str(value)
+        if isinstance(value, str):
+            return value
     allowed = " or ".join(repr(a) for a in args) if origin is Literal else type_name(hint)
     if hint is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
         allowed = "a finite number"
