@@ -105,6 +105,16 @@ def test_corrupt_file_is_a_clear_error(tmp_path: Path):
         training.load(path, {"model": Box(0.0)})
 
 
+@pytest.mark.parametrize("manifest", ["[1, 2]", '"x"', '{"files": [], "meta": {}}', '{"files": {"m": 3}, "meta": {}}',
+                                      '{"files": {"m": {"file": "model.safetensors"}}, "meta": {}}'])
+def test_a_manifest_of_another_shape_is_corrupt(tmp_path: Path, manifest):
+    """Valid JSON of another shape raised AttributeError ('list' object has no attribute 'keys') from inside."""
+    path = training.save(tmp_path, 1, {"model": Box(1.0)})
+    (path / training.MANIFEST).write_text(manifest)
+    with pytest.raises(CheckpointError, match=r"manifest.json is corrupt \("):
+        training.load(path, {"model": Box(0.0)})
+
+
 def test_missing_pieces_are_clear_errors(tmp_path: Path):
     path = training.save(tmp_path, 1, {"model": Box(1.0)})
     with pytest.raises(CheckpointError, match=r"has no state for \['optimizer'\]"):

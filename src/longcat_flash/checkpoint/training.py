@@ -243,6 +243,18 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return read_manifest(path, share=None)["meta"]
 
 
+def _check_shape(manifest: Any) -> None:
+    """A KeyError or TypeError unless `manifest` is {"files": {name: {"file", "bytes", "sha256"}}, "meta": {...}}."""
+    if not isinstance(manifest, dict):
+        raise TypeError(f"a JSON {type(manifest).__name__}, not an object")
+    if missing := {"files", "meta"} - manifest.keys():
+        raise KeyError(", ".join(sorted(missing)))
+    entries = manifest["files"].values() if isinstance(manifest["files"], dict) else None
+    if entries is None or not isinstance(manifest["meta"], dict) or not all(
+            isinstance(e, dict) and {"file", "bytes", "sha256"} <= e.keys() for e in entries):
+        raise TypeError("files or meta not as written")
+
+
 def read_manifest(path: str | Path, share: tuple[int, int] | None = (0, 1)) -> dict[str, Any]:
     """The manifest of checkpoint `path`, after checking every file's size, and the sha256 of the files in this
     process's `share` = (index, count): file i is hashed where i % count == index, so the ranks of a job split
@@ -250,8 +262,7 @@ def read_manifest(path: str | Path, share: tuple[int, int] | None = (0, 1)) -> d
     path = Path(path)
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-        if missing := {"files", "meta"} - manifest.keys():
-            raise KeyError(", ".join(sorted(missing)))
+        _check_shape(manifest)
     except FileNotFoundError:
         raise CheckpointError(f"{path} is not a checkpoint: {MANIFEST} is missing") from None
     except (json.JSONDecodeError, KeyError, TypeError) as err:
