@@ -66,6 +66,23 @@ def test_hidden_folders_and_run_directories_are_not_corpus(tmp_path: Path) -> No
     assert list(iter_documents(tmp_path)) == ["kept"]
 
 
+def test_symlinked_folders_are_read_once_and_a_link_loop_ends(tmp_path: Path) -> None:
+    """rglob skipped symlinked folders: a corpus of links to data elsewhere held "no .txt/... files"."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.txt").write_text("far", encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    (corpus / "real").mkdir(parents=True)
+    (corpus / "real" / "near.txt").write_text("near", encoding="utf-8")
+    (corpus / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (corpus / "real" / "loop").symlink_to(corpus, target_is_directory=True)  # back up: would never end
+    (corpus / "same").symlink_to(corpus / "real", target_is_directory=True)  # the same folder again: read once
+    assert list(iter_documents(corpus)) == ["far", "near"]
+    only_links = tmp_path / "only_links"
+    only_links.mkdir()
+    (only_links / "data").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    assert list(iter_documents(only_links)) == ["far"]
+
+
 def test_single_text_file_is_one_document(corpus_dir: Path) -> None:
     assert list(iter_documents(corpus_dir / "b.md")) == [DOCS["b.md"]]
 

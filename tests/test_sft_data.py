@@ -549,6 +549,10 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no file matches .*validation-\*"):
         read_conversations(root / "data" / "validation-*")
     (root / "data" / "test-00000-of-00001.jsonl").unlink()
+    (tmp_path / "linked").mkdir()  # a folder linking to the shards' folder: rglob did not follow the link
+    (tmp_path / "linked" / "shards").symlink_to(root / "data", target_is_directory=True)
+    assert [canonical(c) for c in read_conversations(tmp_path / "linked")] == \
+        [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
     for names in (("mydata_train.jsonl", "mydata_test.jsonl"), ("training.jsonl", "testing.jsonl"),
                   ("chat-train-0.jsonl", "chat-eval-0.jsonl")):  # the split word between separators, as `datasets`
         mixed = tmp_path / f"mixed-{names[0]}"

@@ -67,10 +67,9 @@ class Corpus:
             return [root]
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
-        runs = [p.parent for p in root.rglob(RUN_CONFIG_FILE)]  # `--data .` with runs/ inside it
-        files = sorted(p for p in root.rglob("*") if p.is_file() and _kind(p) in DOC_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(root).parts)
-                       and not any(run in p.parents for run in runs))
+        found = tree_files(root)
+        runs = [p.parent for p in found if p.name == RUN_CONFIG_FILE]  # `--data .` with runs/ inside it
+        files = [p for p in found if _kind(p) in DOC_SUFFIXES and not any(run in p.parents for run in runs)]
         if not files:
             raise ValueError(f"corpus directory {root} holds no {'/'.join(DOC_SUFFIXES)} files")
         return files
@@ -106,6 +105,20 @@ class Corpus:
             stat = path.stat()
             h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()
+
+
+def tree_files(root: Path) -> list[Path]:
+    """The files below directory `root` in sorted order, through symlinked folders too (each real folder once, so
+    a link loop ends), without hidden files and folders (`.git`, `.ipynb_checkpoints`); as paths under `root`."""
+    files, seen = [], set()
+    for directory, subdirs, names in os.walk(root, followlinks=True):  # rglob skips symlinked folders (< 3.13)
+        if (real := os.path.realpath(directory)) in seen:
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # in order: the first path to a folder
+        files += [path for name in names if not name.startswith(".") and (path := Path(directory, name)).is_file()]
+    return sorted(files)
 
 
 def _stdlib_files(root: Path) -> list[Path]:
