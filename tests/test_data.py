@@ -66,6 +66,14 @@ def test_hidden_folders_and_run_directories_are_not_corpus(tmp_path: Path) -> No
     assert list(iter_documents(tmp_path)) == ["kept"]
 
 
+def test_a_run_that_trained_into_the_corpus_folder_is_named(tmp_path: Path) -> None:
+    """`--out` at the corpus folder marked it a run's directory: every later run read "holds no .txt/... files"."""
+    (tmp_path / "a.txt").write_text("text", encoding="utf-8")
+    (tmp_path / "train_config.json").write_text("{}", encoding="utf-8")
+    with pytest.raises(ValueError, match="is a training run's directory .it holds train_config.json., whose files"):
+        list(iter_documents(tmp_path))
+
+
 def test_symlinked_folders_are_read_once_and_a_link_loop_ends(tmp_path: Path) -> None:
     """rglob skipped symlinked folders: a corpus of links to data elsewhere held "no .txt/... files"."""
     (tmp_path / "elsewhere").mkdir()

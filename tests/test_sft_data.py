@@ -522,6 +522,20 @@ def test_a_json_file_holds_an_array_of_rows_or_json_lines(tmp_path):
         read_conversations(tmp_path / "a.csv")
 
 
+def test_runs_and_models_inside_a_data_folder_are_not_rows(tmp_path):
+    """`longcat sft --data . --out run` read the run's own tokenizer.json as rows (written before the data is read,
+    beside only the run's lock); a model folder there (`--model ./base`) had its config.json read as rows too."""
+    data = list(iter_conversations(4, seed=3))
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".lock").write_text("123\n")
+    (tmp_path / "run" / "tokenizer.json").write_text('{"version": "1.0"}')
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "config.json").write_text('{"model_type": "longcat_flash"}')
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"")
+    assert len(read_conversations(tmp_path)) == 4
+
+
 def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     """A data set as the hub lays it out: shards under data/, a README and a hidden cache beside them; with a second
     split beside the first, a glob pattern picks one."""

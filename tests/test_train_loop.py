@@ -254,6 +254,27 @@ def test_a_run_that_fails_frees_its_directory_for_another_process(corpus, tmp_pa
         pass
 
 
+def test_ctrl_c_says_where_a_resume_goes_on_from(corpus, tmp_path, monkeypatch, capsys):
+    """Ctrl-C stopped a run with an empty line: the steps since its newest checkpoint lost without a word."""
+    real, steps = trainer._timed_step, []
+
+    def interrupted_at_step_4(run):
+        steps.append(1)
+        if len(steps) == 4:
+            raise KeyboardInterrupt
+        return real(run)
+
+    monkeypatch.setattr(trainer, "_timed_step", interrupted_at_step_4)
+    for save_every, says in ((2, "interrupted after step 3: resuming {out} goes on from step 2, its newest checkpoint"),
+                             (5, "interrupted after step 3: no checkpoint yet (the first at step 5); a new run")):
+        steps.clear()
+        out = tmp_path / f"every_{save_every}"
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_config(*corpus, "max_steps=10", "eval_every=0", f"checkpoint.save_every={save_every}"), out,
+                  progress=False)
+        assert says.format(out=out) in capsys.readouterr().out
+
+
 def test_train_leaves_the_callers_generators_and_deterministic_flags_as_it_found_them(corpus, tmp_path):
     """train() from a user's script reseeded the global generator and left use_deterministic_algorithms on."""
     torch.manual_seed(1234)

@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .corpus import decoding_errors, jsonl_records, open_text, pyarrow_modules, tree_files
+from .corpus import data_files, decoding_errors, jsonl_records, open_text, pyarrow_modules
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 # The words that name a split in a data set's file and folder names, as `datasets` matches them: between separators
@@ -53,7 +53,7 @@ def row_files(pattern: str | Path) -> list[Path]:
     if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
         splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
         raise ValueError(f"{path} holds a `datasets` DatasetDict (splits: {splits}); give one split's folder")
-    files = [p for p in tree_files(path) if row_format(p) in ROW_FILES and p.name not in DATASETS_METADATA]
+    files = [p for p in data_files(path) if row_format(p) in ROW_FILES and p.name not in DATASETS_METADATA]
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
     words = {split: word for file in files if (found := _split_of(file.relative_to(path))) for split, word in [found]}

@@ -23,6 +23,7 @@ from typing import Any, TextIO
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".parquet")  # what a directory source reads
 RUN_CONFIG_FILE = "train_config.json"  # what marks a training run's directory (train/config.py writes it)
+RUN_LOCK_FILE = ".lock"  # and, from the run's start, its lock (train/run_lock.py takes it before writing anything)
 TEXT_SNIFF_BYTES = 1024  # how much of a text file is checked for being text before it is read
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -67,9 +68,10 @@ class Corpus:
             return [root]
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
-        found = tree_files(root)
-        runs = [p.parent for p in found if p.name == RUN_CONFIG_FILE]  # `--data .` with runs/ inside it
-        files = [p for p in found if _kind(p) in DOC_SUFFIXES and not any(run in p.parents for run in runs)]
+        files = [p for p in data_files(root) if _kind(p) in DOC_SUFFIXES]
+        if not files and (root / RUN_CONFIG_FILE).is_file():  # a run trained with --out at the corpus
+            raise ValueError(f"corpus directory {root} is a training run's directory (it holds {RUN_CONFIG_FILE}), "
+                             "whose files are not corpus: move the text to a folder of its own")
         if not files:
             raise ValueError(f"corpus directory {root} holds no {'/'.join(DOC_SUFFIXES)} files")
         return files
@@ -119,6 +121,16 @@ def tree_files(root: Path) -> list[Path]:
         subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # in order: the first path to a folder
         files += [path for name in names if not name.startswith(".") and (path := Path(directory, name)).is_file()]
     return sorted(files)
+
+
+def data_files(root: Path) -> list[Path]:
+    """`tree_files(root)` but those of training runs' and models' directories below it (a run's metrics.jsonl and
+    tokenizer.json, a checkpoint's config.json): `--data .` with runs/ inside it."""
+    found = tree_files(root)
+    runs = {p.parent for p in found if p.suffix == ".safetensors"} | {
+        folder for folder in {p.parent for p in found}
+        if (folder / RUN_CONFIG_FILE).is_file() or (folder / RUN_LOCK_FILE).is_file()}
+    return [p for p in found if not runs.intersection(p.parents)]
 
 
 def _stdlib_files(root: Path) -> list[Path]:

@@ -12,7 +12,9 @@ import fcntl
 import os
 from pathlib import Path
 
-LOCK_FILE = ".lock"
+from ..data.corpus import RUN_LOCK_FILE
+
+LOCK_FILE = RUN_LOCK_FILE  # data/corpus.py skips the directories that hold one
 _held: dict[Path, int] = {}  # run directory (resolved) -> the lock file's descriptor, in this process
 
 

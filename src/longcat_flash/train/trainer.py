@@ -31,7 +31,8 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from .. import distributed
 from ..checkpoint import hf, training
-from ..data import IGNORE, CopyMix, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
+from ..data import (IGNORE, CopyMix, Corpus, PackedBatch, ResumableSampler, TokenDataset, split_windows,
+                    validation_batches)
 from ..data.conversation_packing import ConversationDataset
 from ..config import ModelConfig
 from ..device import autocast as device_autocast
@@ -281,9 +282,22 @@ def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: D
                 _check_skips(run, record)
                 if state.step % cfg.checkpoint.save_every == 0 or state.step == cfg.max_steps:
                     save_checkpoint(run)
+    except KeyboardInterrupt:  # Ctrl-C
+        log.note(_interrupted(run))
+        raise
     finally:
         log.close()
     return finish(run)
+
+
+def _interrupted(run: Run) -> str:
+    """Where a resume of an interrupted run goes on from (the steps after it are trained again)."""
+    saved = training.list_checkpoints(run.out / CHECKPOINTS)
+    if not saved:
+        return (f"interrupted after step {run.state.step}: no checkpoint yet (the first at step "
+                f"{run.cfg.checkpoint.save_every}); a new run starts over")
+    return (f"interrupted after step {run.state.step}: resuming {run.out} goes on from step "
+            f"{int(saved[-1].name.removeprefix(training.STEP_PREFIX))}, its newest checkpoint")
 
 
 def _header(run: Run) -> str:
@@ -429,6 +443,10 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
         raise ValueError(f"--out {out} is the model the run starts from (init_from): its weights would be "
                          "overwritten; choose another --out")
+    data = cfg.sft.data or (None if Corpus(cfg.data.source).is_stdlib else cfg.data.source)
+    if data is not None and Path(data).resolve() == out.resolve():
+        raise ValueError(f"--out {out} is the folder of the data the run trains on: a run's directory is not read as "
+                         "data, so the run would find none there; choose another --out")
     if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
         raise ValueError(f"{out} already holds a model; a run writes its own there: choose another --out")
     if not resume and (foreign := _files_no_run_wrote(out)):
