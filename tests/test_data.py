@@ -101,6 +101,25 @@ def test_jsonl_with_custom_field(tmp_path: Path) -> None:
     assert list(iter_documents(path, text_field="body")) == ["one", "two"]
 
 
+def test_a_json_file_is_records_not_text(tmp_path: Path) -> None:
+    """A .json source (JSON Lines as `datasets`' to_json writes them, or an array) was trained on as raw text, its
+    keys and quotes included, with text_field never read."""
+    import gzip
+
+    records = [{"body": "one"}, {"body": "two"}]
+    (tmp_path / "lines.json").write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+    (tmp_path / "array.json").write_text(json.dumps(records, indent=2), encoding="utf-8")
+    with gzip.open(tmp_path / "array.json.gz", "wt") as f:
+        f.write(json.dumps(records))
+    for name in ("lines.json", "array.json", "array.json.gz"):
+        assert list(iter_documents(tmp_path / name, text_field="body")) == ["one", "two"]
+    with pytest.raises(ValueError, match=r"array\.json:1: no text_field 'text'"):
+        list(iter_documents(tmp_path / "array.json"))
+    (tmp_path / "array.json").write_text("[" + json.dumps(records[0]) + ",\n{oops}]", encoding="utf-8")
+    with pytest.raises(ValueError, match=r"array\.json:2: not valid JSON"):
+        list(iter_documents(tmp_path / "array.json"))
+
+
 @pytest.mark.parametrize("line, match", [
     ('{"other": "x"}', r"x\.jsonl:2: no text_field 'text'"),
     ('{"text": 5}', r"x\.jsonl:2: field 'text' must be a string"),

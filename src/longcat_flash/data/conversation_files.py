@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .corpus import data_files, decoding_errors, jsonl_records, open_text, pyarrow_modules
+from .corpus import data_files, decoding_errors, jsonl_records, open_text, pyarrow_modules, starts_with_bracket
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 # The words that name a split in a data set's file and folder names, as `datasets` matches them: between separators
@@ -98,18 +98,8 @@ def rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:
 
 
 def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
-    if row_format(path) == ".json" and _starts_with_bracket(path):  # an array, as LLaMA-Factory keeps data
-        try:
-            with open_text(path) as f:
-                rows = json.load(f)
-        except json.JSONDecodeError as err:
-            raise ConversationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-        except RecursionError:
-            raise ConversationError(f"{path}: not valid JSON (nested too deeply)") from None
-        yield from ((f"{path}:{number}", row) for number, row in enumerate(rows, 1))  # a list: it starts with [
-        return
     rows = 0
-    try:  # JSON Lines, also under .json (as `datasets`' to_json writes them)
+    try:  # JSON Lines, also under .json (as `datasets`' to_json writes them), or a .json array (LLaMA-Factory's)
         for rows, (number, row) in enumerate(jsonl_records(path), 1):
             yield f"{path}:{number}", row
     except UnicodeDecodeError:  # named with its file by rows()
@@ -118,7 +108,7 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
         if rows == 0 and row_format(path) == ".json" and isinstance(whole := _whole_json(path), dict):
             yield f"{path}:1", whole  # one row, pretty-printed over many lines
             return
-        if rows == 0 and _starts_with_bracket(path):
+        if rows == 0 and row_format(path) == ".jsonl" and starts_with_bracket(path):
             raise ConversationError(f"{err}: the file is one JSON array, not JSON Lines; name it .json") from None
         raise ConversationError(str(err)) from None
 
@@ -178,10 +168,3 @@ def row_format(path: Path) -> str:
     suffix = path.suffix.lower()
     return Path(path.stem).suffix.lower() if suffix == ".gz" else suffix
 
-
-def _starts_with_bracket(path: Path) -> bool:
-    with open_text(path) as f:
-        while chunk := f.read(4096):
-            if stripped := chunk.lstrip():
-                return stripped.startswith("[")
-    return False

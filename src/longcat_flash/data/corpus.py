@@ -1,8 +1,8 @@
 """Corpora: where training documents come from, read one document at a time.
 
 A source is the running Python's standard library (the default: ~30 MB of .py files, so training works offline
-with no download), a directory, a text file, a .jsonl (one document per line, in a text field) or a .parquet (one
-per row, in a text column). Files that are not text (a pre-tokenized .bin, say) are refused, naming the file.
+with no download), a directory, a text file, a .jsonl (one document per line, in a text field; also a .json file,
+JSON Lines or an array of such records) or a .parquet (one per row, in a text column). Files that are not text (a pre-tokenized .bin, say) are refused, naming the file.
 """
 from __future__ import annotations
 
@@ -165,9 +165,9 @@ def sample_texts(source: str | Path | None = None, max_bytes: int = 16_000_000, 
 # ---- readers: one document per text file, per .jsonl line, per .parquet row ----
 
 def _kind(path: Path) -> str:
-    """A corpus file's format by its name: its suffix, or ".jsonl.gz" for gzip-compressed JSON Lines."""
+    """A corpus file's format by its name: its suffix, or ".jsonl.gz" / ".json.gz" when gzip-compressed."""
     name = path.name.lower()
-    return ".jsonl.gz" if name.endswith(".jsonl.gz") else path.suffix.lower()
+    return next((kind for kind in (".jsonl.gz", ".json.gz") if name.endswith(kind)), path.suffix.lower())
 
 
 def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[str]:
@@ -175,13 +175,13 @@ def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[s
     if kind == ".parquet":
         yield from _read_parquet(path, text_field)
         return
-    if kind == ".jsonl.gz":
+    if kind in (".jsonl.gz", ".json.gz"):
         with decoding_errors(path):
             yield from _read_jsonl(path, text_field)
         return
     if check_text:
         _require_text(path, text_field)
-    if kind == ".jsonl":
+    if kind in (".jsonl", ".json"):  # .json: JSON Lines (as `datasets`' to_json writes them) or an array of records
         yield from _read_jsonl(path, text_field)
     else:
         # errors="replace": a stray non-UTF-8 byte past the checked head should not stop a run; utf-8-sig: a byte
@@ -233,8 +233,21 @@ def decoding_errors(path: Path) -> Iterator[None]:
         raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8{hint}") from None
 
 
+def starts_with_bracket(path: Path) -> bool:
+    """Whether the text file's first non-blank character is "[": a JSON array, not JSON Lines."""
+    with open_text(path) as f:
+        while chunk := f.read(4096):
+            if stripped := chunk.lstrip():
+                return stripped.startswith("[")
+    return False
+
+
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
-    """(line number, parsed JSON) for each non-blank line; a line that does not parse is an error naming it."""
+    """(line number, parsed JSON) for each non-blank line; a line that does not parse is an error naming it. A
+    .json file that is one array gives (index, record) for each of its records."""
+    if _kind(path) in (".json", ".json.gz") and starts_with_bracket(path):
+        yield from enumerate(_json_array(path), 1)
+        return
     with open_text(path) as f:
         for line_no, line in enumerate(f, 1):
             if not line.strip():
@@ -246,6 +259,16 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             except RecursionError:
                 raise ValueError(f"{path}:{line_no}: not valid JSON (nested too deeply)") from None
             yield line_no, record
+
+
+def _json_array(path: Path) -> list[Any]:
+    try:
+        with open_text(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
