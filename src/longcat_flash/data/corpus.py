@@ -2,7 +2,8 @@
 
 A source is the running Python's standard library (the default: ~30 MB of .py files, so training works offline
 with no download), a directory, a text file, a .jsonl (one document per line, in a text field; also a .json file,
-JSON Lines or an array of such records) or a .parquet (one per row, in a text column). Files that are not text (a pre-tokenized .bin, say) are refused, naming the file.
+JSON Lines or an array of such records) or a .parquet (one per row, in a text column). Files that are not text (a
+pre-tokenized .bin, say) are refused, naming the file.
 """
 from __future__ import annotations
 
