@@ -283,26 +283,32 @@ def test_message_fields_the_template_cannot_hold_are_dropped_only_when_they_carr
 
 
 NAMES = ("{% for m in messages %}{{ m['role'] }}{% if m['name'] is defined %}[{{ m['name'] }}]{% endif %}:"
+         "{% if m['reasoning_content'] %}<think>{{ m['reasoning_content'] }}</think>{% endif %}"
          "{{ m['content'] or '' }}{% for c in m['tool_calls'] or [] %}<longcat_tool_call>{{ c['function']['name'] }}"
          "</longcat_tool_call>{% endfor %}|{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
-def test_a_tool_messages_name_reaches_the_template_and_a_participants_does_not(client):
+def test_names_and_reasoning_reach_the_template_as_vllm_passes_them(client):
     """A tool message's `name` is the function it answers, which a template may render (`longcat sft` gives it to
-    the template too); a participant's name is dropped unread, whatever it holds."""
+    the template too). A participant's name and an assistant's reasoning were dropped though a template (ChatML
+    variants, Qwen3's) renders them; they reach it now, and are dropped only when they are no text."""
     tokenizer = stdlib_tokenizer(256)
     tokenizer.chat_template = NAMES
     call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
     messages = [{"role": "user", "content": "hi", "name": "ann"},
-                {"role": "assistant", "content": None, "tool_calls": [call], "name": "bot"},
-                {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "1"}]
+                {"role": "assistant", "content": None, "tool_calls": [call], "name": "bot", "reasoning_content": "r"},
+                {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "1"},
+                {"role": "user", "content": "ok", "name": 5, "reasoning_content": {"x": 1}}]  # no text: dropped
     body = p.ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
     text = tokenizer.decode(app_module._chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096),
                             skip_special_tokens=False)
-    assert text == "user:hi|assistant:<longcat_tool_call>f</longcat_tool_call>|tool[f]:1|assistant:"
-    for name in ("x" * 300, 123, ""):  # not a tool message's: not read at all
+    assert text == ("user[ann]:hi|assistant[bot]:<think>r</think><longcat_tool_call>f</longcat_tool_call>|tool[f]:1|"
+                    "user:ok|assistant:")
+    for name in ("x" * 300, 123, ""):  # the built-in template renders no participant's name
         status, body = _chat(client, messages=[{"role": "user", "content": "hi", "name": name}], max_tokens=1)
         assert status == 200 or body["error"]["code"] == "context_length_exceeded", body
+    status, body = _chat(client, messages=[{"role": "user", "content": "hi", "name": "a\ud800"}], max_tokens=1)
+    assert status == 400 and body["error"]["param"] == "messages.0.name", body
 
 
 def test_any_int64_seed_is_taken(client):

@@ -38,11 +38,13 @@ FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response
 MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a response schema)
 UNSUPPORTED = "not supported by this server (docs/serving.md §3); remove the field"  # a field we do not honour
 MAX_SCHEMA_CHARS = 64 * 1024  # a response_format schema, as JSON text (the compiled grammar has its own bound)
-# On a message: a participant's name (agent frameworks send it), an assistant's refusal and citations (OpenAI's
-# replies carry them, and clients send replies back), the reasoning other backends' replies carry (vLLM's reasoning
-# parsers), the openai SDK's client-side `parsed` value (its `parse()` and `stream()` helpers add it to a reply):
-# the chat template has no place for them
-MESSAGE_METADATA = ("name", "refusal", "annotations", "reasoning_content", "reasoning", "parsed")
+# On a message: an assistant's refusal and citations (OpenAI's replies carry them, and clients send replies back),
+# the openai SDK's client-side `parsed` value (its `parse()` and `stream()` helpers add it to a reply): no chat
+# template has a place for them
+MESSAGE_METADATA = ("refusal", "annotations", "parsed")
+# A participant's name (agent frameworks send it) and the reasoning other backends' replies carry (vLLM's reasoning
+# parsers): passed to the chat template as text, which renders them or not (Qwen3's renders reasoning_content)
+MESSAGE_TEXTS = ("name", "reasoning_content", "reasoning")
 
 
 def well_formed(value: Any, field: str) -> Any:
@@ -333,24 +335,34 @@ class ChatMessage(_Part):
     """`content` as a string or as a list of text parts (what current clients send), joined into one string;
     the "developer" role (the newer name of "system") is read as "system". An assistant message may carry
     `tool_calls` (then `content` may be null); a `tool` message answers one call by its `tool_call_id`.
-    Fields the chat template has no place for are dropped if they are MESSAGE_METADATA or null (clients echo SDK
-    objects with `audio: null`); any other is refused. A tool message's `name` (the function it answers, as
-    LangChain sends it) is kept, checked against the call and rendered as `longcat sft` renders it from data."""
+    Fields no chat template has a place for are dropped if they are MESSAGE_METADATA or null (clients echo SDK
+    objects with `audio: null`); any other is refused. MESSAGE_TEXTS reach the template as sent, as vLLM passes
+    them. A tool message's `name` (the function it answers, as LangChain sends it) is checked against the call and
+    rendered as `longcat sft` renders it from data."""
 
-    dropped = tuple(field for field in MESSAGE_METADATA if field != "name")
+    dropped = MESSAGE_METADATA
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     tool_calls: list[ToolCall] | None = Field(None, max_length=MAX_TOOLS)  # [] (vLLM's replies carry it): none
     tool_call_id: str | None = Field(None, min_length=1, max_length=256)
-    name: str | None = Field(None, max_length=256)
+    name: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    reasoning_content: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
+    reasoning: str | None = Field(None, max_length=MAX_PROMPT_CHARS)
 
     @model_validator(mode="before")
     @classmethod
-    def _participant_name(cls, data: Any) -> Any:
-        """On any other message `name` is a participant's name: dropped unread, whatever it holds (metadata)."""
-        if isinstance(data, dict) and data.get("role") != "tool":
-            return {key: value for key, value in data.items() if key != "name"}
-        return data
+    def _texts_only(cls, data: Any) -> Any:
+        """A participant's name or reasoning that is no text is dropped unread (metadata, whatever it holds); a tool
+        message's name is checked (it names a function)."""
+        if not isinstance(data, dict):
+            return data
+        return {key: value for key, value in data.items() if key not in MESSAGE_TEXTS or isinstance(value, str)
+                or (key == "name" and data.get("role") == "tool")}
+
+    @field_validator(*MESSAGE_TEXTS)
+    @classmethod
+    def _unicode(cls, value: str | None, info: ValidationInfo) -> str | None:
+        return well_formed(value, info.field_name)
 
     @field_validator("role")
     @classmethod
