@@ -436,6 +436,39 @@ def test_a_broken_chat_template_is_refused_when_the_tokenizer_loads(tok: Tokeniz
         Tokenizer.load(tmp_path)
 
 
+def test_a_broken_template_file_is_named_as_the_file(tok: Tokenizer, tmp_path):
+    """The error named `chat_template`, a key tokenizer_config.json did not even hold."""
+    tok.save(tmp_path)
+    (tmp_path / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }}{% endfor")
+    with pytest.raises(ValueError, match=r"chat_template.jinja is not a valid Jinja template \(line 1"):
+        Tokenizer.load(tmp_path)
+
+
+def test_a_dated_template_renders_todays_date_as_transformers_does(tok: Tokenizer):
+    """transformers gives templates `strftime_now` (Llama 3.x date their system prompt): a guarded template fell
+    back to its fixed date here, and an unguarded one failed on every conversation."""
+    from datetime import datetime
+
+    template = ("{% if strftime_now is defined %}{% set d = strftime_now('%d %b %Y') %}{% else %}{% set d = 'never' "
+                "%}{% endif %}Today: {{ d }}|{% for m in messages %}{{ m.content }}{% endfor %}")
+    before = datetime.now().strftime("%d %b %Y")
+    text = Tokenizer(tok.backend, chat_template=template).apply_chat_template([{"role": "user", "content": "hi"}])
+    assert text in (f"Today: {before}|hi", f"Today: {datetime.now().strftime('%d %b %Y')}|hi")  # midnight between
+
+
+def test_special_tokens_the_config_lists_but_the_tokenizer_lacks_are_refused(tok: Tokenizer, tmp_path):
+    """transformers adds them (new ids); here `<|im_start|>` was silently encoded as ten byte-level tokens."""
+    tok.save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    for listed in (["<|im_start|>", "</s>"], [{"content": "<|im_start|>", "special": True}]):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "additional_special_tokens": listed}))
+        with pytest.raises(ValueError, match=r"lists special tokens that tokenizer.json does not hold \('<\|im_st"):
+            Tokenizer.load(tmp_path)
+    held = {"additional_special_tokens": [{"content": "</s>"}]}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **held}))
+    assert Tokenizer.load(tmp_path).eos_id == 2  # as transformers writes them: each listed token is held
+
+
 def test_a_corpus_with_one_huge_word_trains_in_seconds():
     """A 300 KB run of one character (a generated file, a log) made BPE training take minutes, quadratic in the
     word's length, in native code that not even SIGTERM interrupted. Run in a child so a regression fails here

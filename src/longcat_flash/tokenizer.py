@@ -386,6 +386,11 @@ class Tokenizer:
             raise ValueError(f"{config_file}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{config_file}: must hold a JSON object, not {type(config).__name__}")
+        if missing := _tokens_not_held(backend, config):
+            raise ValueError(f"{config_file} lists special tokens that {file.name} does not hold "
+                             f"({', '.join(missing)}): transformers would add them with ids past the vocabulary, and "
+                             "here they would be encoded as plain text; add them to the tokenizer (and resize the "
+                             "model's embeddings)")
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
         other = {k: v for k, v in config.items() if k not in _CONFIG_WRITTEN}
         try:
@@ -418,7 +423,9 @@ def _named_templates(config: dict[str, Any]) -> dict[str, str]:
 def _chat_template(directory: Path, config: dict[str, Any]) -> str:
     """`chat_template.jinja`, else the config's template (a string, or HF's list of named ones), else ours."""
     if (directory / TEMPLATE_FILE).is_file():
-        return (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+        template = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
+        check_template(template, TEMPLATE_FILE)  # named as the file the user edits, not as the config key
+        return template
     template = config.get("chat_template")
     if isinstance(template, list):
         named = _named_templates(config)
@@ -430,6 +437,15 @@ def _chat_template(directory: Path, config: dict[str, Any]) -> str:
         raise ValueError(f"{directory / CONFIG_FILE}: chat_template is empty; remove it to use the built-in LongCat "
                          "template, or give the model's own")
     return template or DEFAULT_CHAT_TEMPLATE
+
+
+def _tokens_not_held(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> list[str]:
+    """The `additional_special_tokens` of tokenizer_config.json that tokenizer.json lacks, quoted; as transformers
+    writes them, each is in both. (`added_tokens_decoder` is tokenizer.json's added tokens again, and may be
+    stale: `_CONFIG_WRITTEN`.)"""
+    listed = config.get("additional_special_tokens")
+    tokens = [t["content"] if isinstance(t, dict) else t for t in (listed if isinstance(listed, list) else [])]
+    return [repr(t) for t in tokens if isinstance(t, str) and backend.token_to_id(t) is None]
 
 
 def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], field: str) -> str | None:
