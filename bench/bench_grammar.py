@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from longcat_flash.flag_types import positive_int
 from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer, train_tokenizer
 
 SEPARATORS = (", ", ": ")
@@ -136,7 +137,7 @@ def report(label: str, vocab: int, results: dict[str, dict | str]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=200, help="random-walk steps per schema")
+    ap.add_argument("--tokens", type=positive_int, default=200, help="random-walk steps per schema")
     ap.add_argument("--large-tokenizer", type=Path, default=Path("/tmp/longcat_bench_bpe128k"),
                     help="directory caching the ~128k BPE (trained on first use, a few minutes)")
     args = ap.parse_args()

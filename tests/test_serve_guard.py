@@ -48,8 +48,21 @@ def body_of(size: int) -> bytes:
 def test_the_api_key_is_a_bearer_token_with_a_case_insensitive_scheme(header, status):
     async def go():
         async with client(bare_app(), header) as c:
-            return (await c.post("/v1/echo", json={"a": 1})).status_code
-    assert asyncio.run(go()) == status
+            return await c.post("/v1/echo", json={"a": 1})
+    response = asyncio.run(go())
+    assert response.status_code == status
+    if status == 401:  # RFC 7235: a 401 names the scheme the client should use
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+
+
+@pytest.mark.parametrize("host, key, warned", [("0.0.0.0", None, True), ("::", None, True), ("myhost", None, True),
+                                               ("0.0.0.0", KEY, False), ("127.0.0.1", None, False),
+                                               ("::1", None, False), ("localhost", None, False)])
+def test_listening_beyond_this_machine_without_a_key_is_said(host, key, warned):
+    from longcat_flash.serve.server import exposure_warning
+
+    warning = exposure_warning(host, key)
+    assert (warning is not None) == warned and (not warned or warning.startswith(f"listening on {host} without"))
 
 
 def test_a_compressed_body_is_a_415_naming_the_coding():

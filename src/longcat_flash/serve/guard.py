@@ -55,9 +55,9 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body larger than {limit} bytes, the most this server takes")
 
 
-def error(status: int, message: str, type_: str, code: str) -> JSONResponse:
+def error(status: int, message: str, type_: str, code: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse(ErrorResponse(error=ErrorBody(message=message, type=type_, code=code)).model_dump(),
-                        status_code=status)
+                        status_code=status, headers=headers)
 
 
 class RequestGuard:
@@ -77,8 +77,8 @@ class RequestGuard:
         if self.api_key is not None and scope["path"].startswith(PROTECTED):
             scheme, _, given = headers.get("authorization", "").strip().partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-                await error(401, "invalid or missing API key", "authentication_error", "invalid_api_key")(
-                    scope, receive, send)
+                await error(401, "invalid or missing API key", "authentication_error", "invalid_api_key",
+                            {"WWW-Authenticate": "Bearer"})(scope, receive, send)  # RFC 7235: the scheme to use
                 return
         coding = headers.get("content-encoding", "identity").strip().lower()
         if coding not in ("", "identity"):  # a gzip body read as JSON was "not valid UTF-8"; a plain one passed

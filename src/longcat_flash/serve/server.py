@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +50,18 @@ def _server(config: Any, bridge: Bridge) -> Any:
     return Server(config)
 
 
+def exposure_warning(host: str, api_key: str | None) -> str | None:
+    """What to say when the server listens beyond this machine with no API key (None when it does not)."""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if loopback or api_key is not None:
+        return None
+    return (f"listening on {host} without --api-key: anyone who can reach this port can use the model (give "
+            "--api-key, or leave --host at 127.0.0.1)")
+
+
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
           model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes,
@@ -69,6 +83,8 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
         try:
             url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}/v1"  # port 0: the OS's
             print(f"longcat serve: {config.model_name} on {url} (OpenAI API; /health, /metrics)", flush=True)
+            if warning := exposure_warning(host, api_key):
+                print(f"longcat serve: {warning}", file=sys.stderr, flush=True)
             if defaults:
                 print("longcat serve: requests that leave them out sample with generation_config.json's "
                       + ", ".join(f"{k}={v}" for k, v in defaults.items()), flush=True)
