@@ -288,6 +288,19 @@ NAMES = ("{% for m in messages %}{{ m['role'] }}{% if m['name'] is defined %}[{{
          "</longcat_tool_call>{% endfor %}|{% endfor %}{% if add_generation_prompt %}assistant:{% endif %}")
 
 
+def test_a_served_prompt_is_dated_today_as_transformers_dates_it():
+    """A template dated with transformers' `strftime_now` (Llama 3.x) fell back to its fixed date when served."""
+    from datetime import datetime
+
+    tokenizer = stdlib_tokenizer(256)
+    tokenizer.chat_template = ("{% if strftime_now is defined %}{{ strftime_now('%Y-%m-%d') }}{% endif %}|"
+                               "{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    body = p.ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]})
+    before = datetime.now().strftime("%Y-%m-%d")
+    text = tokenizer.decode(app_module._chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096))
+    assert text in (f"{before}|hi", f"{datetime.now().strftime('%Y-%m-%d')}|hi")  # midnight may pass between
+
+
 def test_names_and_reasoning_reach_the_template_as_vllm_passes_them(client):
     """A tool message's `name` is the function it answers, which a template may render (`longcat sft` gives it to
     the template too). A participant's name and an assistant's reasoning were dropped though a template (ChatML

@@ -444,16 +444,21 @@ def test_a_broken_template_file_is_named_as_the_file(tok: Tokenizer, tmp_path):
         Tokenizer.load(tmp_path)
 
 
-def test_a_dated_template_renders_todays_date_as_transformers_does(tok: Tokenizer):
+DATED = ("{% if strftime_now is defined %}{% set d = strftime_now('%d %b %Y') %}{% else %}{% set d = 'never' %}"
+         "{% endif %}Today: {{ d }}|{% for m in messages %}{{ m.content }}{% endfor %}")
+
+
+def test_a_dated_template_renders_the_date_it_is_given_and_training_data_none(tok: Tokenizer):
     """transformers gives templates `strftime_now` (Llama 3.x date their system prompt): a guarded template fell
-    back to its fixed date here, and an unguarded one failed on every conversation."""
+    back to its fixed date when serving, and an unguarded one failed on every conversation. Training data renders
+    without it, the same on any day (a resume compares the data it renders with the checkpoint's)."""
     from datetime import datetime
 
-    template = ("{% if strftime_now is defined %}{% set d = strftime_now('%d %b %Y') %}{% else %}{% set d = 'never' "
-                "%}{% endif %}Today: {{ d }}|{% for m in messages %}{{ m.content }}{% endfor %}")
-    before = datetime.now().strftime("%d %b %Y")
-    text = Tokenizer(tok.backend, chat_template=template).apply_chat_template([{"role": "user", "content": "hi"}])
-    assert text in (f"Today: {before}|hi", f"Today: {datetime.now().strftime('%d %b %Y')}|hi")  # midnight between
+    dated = Tokenizer(tok.backend, chat_template=DATED)
+    hi = [{"role": "user", "content": "hi"}]
+    assert dated.apply_chat_template(hi, now=datetime(2026, 12, 6)) == "Today: 06 Dec 2026|hi"
+    assert dated.render_chat(hi, now=datetime(2025, 1, 2)).text == "Today: 02 Jan 2025|hi"
+    assert dated.apply_chat_template(hi) == "Today: never|hi"
 
 
 def test_special_tokens_the_config_lists_but_the_tokenizer_lacks_are_refused(tok: Tokenizer, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from datetime import datetime
 from typing import Any
 
 from jinja2 import nodes
@@ -35,7 +34,7 @@ class _GenerationBlock(Extension):
 @functools.lru_cache(maxsize=16)  # compiling takes ~10 ms, rendering ~0.05 ms; transformers caches it too
 def compile_template(source: str) -> Any:
     """Compile a chat template the way transformers does (sandboxed, trim/lstrip blocks, loop controls, its
-    `tojson` that keeps non-ASCII and does not HTML-escape, its `strftime_now`), so both render the same prompt."""
+    `tojson` that keeps non-ASCII and does not HTML-escape), so both render the same prompt."""
 
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
@@ -48,7 +47,6 @@ def compile_template(source: str) -> Any:
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
                                         extensions=[loopcontrols, _GenerationBlock])
     env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda format: datetime.now().strftime(format)  # Llama 3.x's dated prompts
     env.filters["tojson"] = tojson
     return env.from_string(source)
 

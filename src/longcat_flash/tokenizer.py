@@ -23,6 +23,7 @@ import re
 import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -230,22 +231,26 @@ class Tokenizer:
         return self.decode([token]).encode()
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                            tools: Sequence[dict[str, Any]] | None = None) -> str:
+                            tools: Sequence[dict[str, Any]] | None = None, *, now: datetime | None = None) -> str:
         """Render a conversation (and the OpenAI function schemas in `tools`) to the prompt string the model was
         trained on, as transformers' `apply_chat_template(..., tokenize=False)` would; encode it with
         allow_special. One difference: a template that needs tool-call arguments as objects (writes them with
         `tojson`, or reads them as a mapping) gets those sent as JSON strings as objects, as vLLM passes them
-        (chat_template.py `render_with_arguments`)."""
+        (chat_template.py `render_with_arguments`). With `now` (a prompt to answer: the server, the chat) the
+        template has transformers' `strftime_now`, which Llama 3.x date their prompts with; without it (training
+        data, which must render the same on any day) a template sees it undefined and falls back to its own."""
         _validate_messages(messages)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
         template = compile_template(self.tool_chat_template if tools and self.tool_chat_template else
                                     self.chat_template)
 
+        dated = {} if now is None else {"strftime_now": now.strftime}
+
         def render(turns: list[dict[str, Any]]) -> str:
             return template.render(messages=turns, tools=list(tools) if tools else None, documents=None,
                                    add_generation_prompt=add_generation_prompt, bos_token=self.bos_token,
-                                   eos_token=self.eos_token, pad_token=self.pad_token)
+                                   eos_token=self.eos_token, pad_token=self.pad_token, **dated)
 
         try:
             return render_with_arguments(render, list(messages))
@@ -283,17 +288,19 @@ class Tokenizer:
                 f"{self.max_token_chars} characters)")
 
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
-                    tools: Sequence[dict[str, Any]] | None = None, suffix: str = "") -> RenderedChat:
+                    tools: Sequence[dict[str, Any]] | None = None, suffix: str = "", *,
+                    now: datetime | None = None) -> RenderedChat:
         """`apply_chat_template(...) + suffix`, with the places where the template (not a message) wrote a special
         token. Found by rendering again with every special-token text inside the messages and tools blanked out
         (the same length in a character no special token has): what is left matching is the template's."""
-        text = self.apply_chat_template(messages, add_generation_prompt, tools) + suffix
+        text = self.apply_chat_template(messages, add_generation_prompt, tools, now=now) + suffix
         pattern = _special_pattern(tuple(self.special_ids))
         blank = next(c for c in "#~^`|@$%&*" if not any(c in t for t in self.special_ids))
         masked = [_blanked(value, pattern, blank) for value in (list(messages), list(tools or []))]
         template_text = text
         if masked != [list(messages), list(tools or [])]:
-            template_text = self.apply_chat_template(masked[0], add_generation_prompt, masked[1] or None) + suffix
+            template_text = self.apply_chat_template(masked[0], add_generation_prompt, masked[1] or None,
+                                                     now=now) + suffix
             if len(template_text) != len(text):
                 raise ValueError("a message holds the text of a special token (one of "
                                  f"{', '.join(self.special_ids)}), which this chat template does not render "

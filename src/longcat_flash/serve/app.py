@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
+from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -553,7 +554,8 @@ def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: Tool
     # as sft renders them: no null fields (templates test `'tool_calls' in message`), content kept
     history = [{k: v for k, v in m.model_dump().items() if v is not None or k == "content"} for m in plan.history]
     try:
-        chat = tokenizer.render_chat(history, not body.continue_final_message, tools=plan.shown, suffix=plan.prefill)
+        chat = tokenizer.render_chat(history, not body.continue_final_message, tools=plan.shown, suffix=plan.prefill,
+                                     now=datetime.now())
         if body.continue_final_message:
             chat = _left_open(chat, history[-1]["content"])
         if dropped := template_drops(tokenizer, history, plan.shown):

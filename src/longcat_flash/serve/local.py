@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from datetime import datetime
 from pathlib import Path
 
 import torch
@@ -134,7 +135,7 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
 
 
 def _chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
-    return tokenizer.encode_chat(tokenizer.render_chat(messages))[0]
+    return tokenizer.encode_chat(tokenizer.render_chat(messages, now=datetime.now()))[0]
 
 
 @contextlib.contextmanager
