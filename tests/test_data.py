@@ -83,8 +83,10 @@ def test_symlinked_folders_are_read_once_and_a_link_loop_ends(tmp_path: Path) ->
     (corpus / "real" / "near.txt").write_text("near", encoding="utf-8")
     (corpus / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
     (corpus / "real" / "loop").symlink_to(corpus, target_is_directory=True)  # back up: would never end
-    (corpus / "same").symlink_to(corpus / "real", target_is_directory=True)  # the same folder again: read once
+    (corpus / "a_same").symlink_to(corpus / "real", target_is_directory=True)  # the same folder again: read once
+    (corpus / "real" / "up").symlink_to(tmp_path, target_is_directory=True)  # the folder holding the tree
     assert list(iter_documents(corpus)) == ["far", "near"]
+    assert [p.relative_to(corpus).parts[0] for p in Corpus(corpus).files()] == ["linked", "real"]  # by its own name
     only_links = tmp_path / "only_links"
     only_links.mkdir()
     (only_links / "data").symlink_to(tmp_path / "elsewhere", target_is_directory=True)

@@ -6,6 +6,7 @@ import gzip
 import json
 import random
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -567,6 +568,13 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     (tmp_path / "linked" / "shards").symlink_to(root / "data", target_is_directory=True)
     assert [canonical(c) for c in read_conversations(tmp_path / "linked")] == \
         [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
+    (root / "test").mkdir()  # a link inside the tree to its test split, named first: the split is still named
+    (root / "test" / "rows.jsonl").write_text(json.dumps(data[0]) + "\n")
+    (root / "current").symlink_to(root / "test", target_is_directory=True)
+    with pytest.raises(ValueError, match=r"dataset holds the files of several splits \(test, train\)"):
+        read_conversations(root)
+    (root / "current").unlink()
+    shutil.rmtree(root / "test")
     for names in (("mydata_train.jsonl", "mydata_test.jsonl"), ("training.jsonl", "testing.jsonl"),
                   ("chat-train-0.jsonl", "chat-eval-0.jsonl")):  # the split word between separators, as `datasets`
         mixed = tmp_path / f"mixed-{names[0]}"

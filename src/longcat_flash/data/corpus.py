@@ -111,15 +111,24 @@ class Corpus:
 
 
 def tree_files(root: Path) -> list[Path]:
-    """The files below directory `root` in sorted order, through symlinked folders too (each real folder once, so
-    a link loop ends), without hidden files and folders (`.git`, `.ipynb_checkpoints`); as paths under `root`."""
-    files, seen = [], set()
+    """The files below directory `root` in sorted order, without hidden files and folders (`.git`,
+    `.ipynb_checkpoints`), as paths under `root`; through symlinked folders that lead out of the tree (data kept
+    elsewhere), each real folder once. A link to a folder inside the tree is not followed (the folder is read under
+    its own name, which says its split), nor one to a folder holding the tree (the tree again, or the disk)."""
+    top, files, seen = os.path.realpath(root), [], set()
+
+    def followed(folder: str) -> bool:
+        if not os.path.islink(folder):
+            return True
+        real = os.path.realpath(folder)
+        return os.path.commonpath([real, top]) not in (real, top)  # neither inside the tree nor holding it
+
     for directory, subdirs, names in os.walk(root, followlinks=True):  # rglob skips symlinked folders (< 3.13)
-        if (real := os.path.realpath(directory)) in seen:
+        if (real := os.path.realpath(directory)) in seen:  # a loop, or a folder two links lead to
             subdirs[:] = []
             continue
         seen.add(real)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))  # in order: the first path to a folder
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and followed(os.path.join(directory, d)))
         files += [path for name in names if not name.startswith(".") and (path := Path(directory, name)).is_file()]
     return sorted(files)
 
