@@ -74,6 +74,17 @@ def test_a_run_that_trained_into_the_corpus_folder_is_named(tmp_path: Path) -> N
         list(iter_documents(tmp_path))
 
 
+def test_a_folder_is_skipped_as_a_run_or_model_only_by_their_files_together(tmp_path: Path) -> None:
+    """Any folder holding a `.lock` (a name other tools use) or a .safetensors file was skipped with its text."""
+    for folder, names in (("locked", [".lock"]), ("weights", ["x.safetensors"]), ("run", [".lock", "tokenizer.json"]),
+                          ("model", ["config.json", "model.safetensors"])):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "a.txt").write_text(folder, encoding="utf-8")
+        for name in names:
+            (tmp_path / folder / name).write_text("{}", encoding="utf-8")
+    assert list(iter_documents(tmp_path)) == ["locked", "weights"]
+
+
 def test_symlinked_folders_are_read_once_and_a_link_loop_ends(tmp_path: Path) -> None:
     """rglob skipped symlinked folders: a corpus of links to data elsewhere held "no .txt/... files"."""
     (tmp_path / "elsewhere").mkdir()

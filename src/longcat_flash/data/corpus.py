@@ -137,10 +137,16 @@ def data_files(root: Path) -> list[Path]:
     """`tree_files(root)` but those of training runs' and models' directories below it (a run's metrics.jsonl and
     tokenizer.json, a checkpoint's config.json): `--data .` with runs/ inside it."""
     found = tree_files(root)
-    runs = {p.parent for p in found if p.suffix == ".safetensors"} | {
-        folder for folder in {p.parent for p in found}
-        if (folder / RUN_CONFIG_FILE).is_file() or (folder / RUN_LOCK_FILE).is_file()}
+    runs = {folder for folder in {p.parent for p in found} if _run_or_model(folder)}
     return [p for p in found if not runs.intersection(p.parents)]
+
+
+def _run_or_model(folder: Path) -> bool:
+    """A training run's directory (its config, or from its start its lock beside the tokenizer it writes first) or
+    a model's (config.json beside safetensors weights)."""
+    return ((folder / RUN_CONFIG_FILE).is_file() or ((folder / RUN_LOCK_FILE).is_file()
+                                                    and (folder / "tokenizer.json").is_file())
+            or ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))))
 
 
 def _stdlib_files(root: Path) -> list[Path]:
