@@ -131,9 +131,11 @@ def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):
     for value in ("id,source", "['id', 'source']", " id , source ", "[id,source]", "(id, source)"):
         main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])
         assert "sft.ignore_columns=('id', 'source')" in capsys.readouterr().out
-    for value in ("3", "[3]"):  # a name, as pandas names unnamed columns (it was refused as a number)
+    for value in ("3", "[3]", "['3']", "[\"3\", ]"):  # a name, as pandas names unnamed columns (was refused)
         main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])
         assert "sft.ignore_columns=('3',)" in capsys.readouterr().out
+    main(["sft", "--print-config", "--set", "sft.ignore_columns=['id', 1]"])  # no quotes kept inside a name
+    assert "sft.ignore_columns=('id', '1')" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("order", [1, -1])

@@ -194,7 +194,7 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     elif origin is tuple and args[-1:] == (Ellipsis,):  # any length; from the CLI also "a,b,c" and "[a,b,c]"
         text = value.strip() if isinstance(value, str) else ""
         text = text[1:-1] if text[:1] + text[-1:] in ("[]", "()") else text  # brackets around unquoted names
-        items = [v.strip() for v in text.split(",") if v.strip()] if isinstance(value, str) else value
+        items = [_unquoted(v.strip()) for v in text.split(",") if v.strip()] if isinstance(value, str) else value
         if isinstance(items, (list, tuple)):
             return tuple(coerce(v, args[0], key) for v in items)
     elif origin is tuple:
@@ -216,6 +216,11 @@ def coerce(value: Any, hint: Any, key: str) -> Any:
     if hint is float and isinstance(value, str) and value.strip().lower().lstrip("+-") in ("nan", "inf", "infinity"):
         allowed = "a finite number"
     raise ValueError(f"{key} must be {allowed}, got {value!r}")
+
+
+def _unquoted(name: str) -> str:
+    """A name of a list given as text, without the quotes around it (`['id', 1]`: a list of strings and numbers)."""
+    return name[1:-1] if len(name) >= 2 and name[0] == name[-1] and name[0] in "'\"" else name
 
 
 def type_name(hint: Any) -> str:
