@@ -224,6 +224,7 @@ def test_named_keys_and_unknown_annotations_compile(setup):
     for schema in ({"type": "object", "properties": {"a": {"type": "null"}, "b": {"type": "null"}},
                     "required": ["a", "b"], "minProperties": 2},
                    {**FREE_KEYS, "additionalProperties": False, "minProperties": 0},
+                   {"type": "string", "Title": "x", "read_only": True},  # annotations, however spelt
                    {"type": "object", "properties": {"minimun": {"type": "string", "example": "x", "nullable": True},
                                                      "types": {"enum": [{"maxLenght": 1}]}},
                     "x-order": 1, "contentType": "text/plain"}):

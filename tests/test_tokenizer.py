@@ -469,7 +469,7 @@ def test_special_tokens_the_config_lists_but_the_tokenizer_lacks_are_refused(tok
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "additional_special_tokens": listed}))
         with pytest.raises(ValueError, match=r"lists special tokens that tokenizer.json does not hold \('<\|im_st"):
             Tokenizer.load(tmp_path)
-    held = {"additional_special_tokens": [{"content": "</s>"}]}
+    held = {"additional_special_tokens": [{"content": "</s>"}, {"__type": "AddedToken"}]}  # no content: not read
     (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, **held}))
     assert Tokenizer.load(tmp_path).eos_id == 2  # as transformers writes them: each listed token is held
 

@@ -248,17 +248,22 @@ def test_one_process_commands_refuse_torchrun(tmp_path: Path, monkeypatch):
     assert not (tmp_path / "grown").exists() and not (tmp_path / "init").exists()
 
 
-def test_a_run_into_the_folder_of_its_data_is_refused(tmp_path: Path):
+def test_a_run_into_the_folder_of_its_data_is_refused(tmp_path: Path, monkeypatch):
     """It trained once, then marked the folder a run's directory: every later run, and its resume, found no data."""
     corpus = make_corpus(tmp_path / "corpus")
     assert "is the folder of the data the run trains on" in run_cli(
         "train", "--preset", "tiny", "--data", str(corpus), "--out", str(corpus))
+    monkeypatch.setenv("HOME", str(tmp_path))  # `--set data.source=~/corpus`: the shell expands only --out's ~
+    assert "is the folder of the data the run trains on" in run_cli(
+        "train", "--preset", "tiny", "--set", "data.source=~/corpus", "--out", str(corpus))
     assert not (corpus / "train_config.json").exists() and not (corpus / ".lock").exists()
     main(["init", "--preset", "tiny", "--out", str(tmp_path / "base")])
     rows = tmp_path / "rows"
     rows.mkdir()
     assert "is the folder of the data the run trains on" in run_cli(
         "sft", "--model", str(tmp_path / "base"), "--data", str(rows), "--out", str(rows))
+    assert "is the folder of the data the run trains on" in run_cli(
+        "sft", "--model", str(tmp_path / "base"), "--data", str(corpus), "--val-data", str(rows), "--out", str(rows))
 
 
 def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):

@@ -266,7 +266,8 @@ def test_ctrl_c_says_where_a_resume_goes_on_from(corpus, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(trainer, "_timed_step", interrupted_at_step_4)
     for save_every, says in ((2, "interrupted after step 3: resuming {out} goes on from step 2, its newest checkpoint"),
-                             (5, "interrupted after step 3: no checkpoint yet (the first at step 5); a new run")):
+                             (5, "interrupted after step 3: no checkpoint yet (the first at step 5); a new run"),
+                             (50, "no checkpoint yet (the first at step 10)")):  # the last step is always saved
         steps.clear()
         out = tmp_path / f"every_{save_every}"
         with pytest.raises(KeyboardInterrupt):

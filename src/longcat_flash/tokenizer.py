@@ -451,7 +451,7 @@ def _tokens_not_held(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> l
     writes them, each is in both. (`added_tokens_decoder` is tokenizer.json's added tokens again, and may be
     stale: `_CONFIG_WRITTEN`.)"""
     listed = config.get("additional_special_tokens")
-    tokens = [t["content"] if isinstance(t, dict) else t for t in (listed if isinstance(listed, list) else [])]
+    tokens = [t.get("content") if isinstance(t, dict) else t for t in (listed if isinstance(listed, list) else [])]
     return [repr(t) for t in tokens if isinstance(t, str) and backend.token_to_id(t) is None]
 
 

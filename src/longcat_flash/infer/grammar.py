@@ -52,7 +52,10 @@ KEYWORDS = SCHEMA_MAPS | SCHEMA_LISTS | SCHEMA_VALUES | frozenset({
     "minProperties", "required", "dependentRequired", "format", "contentEncoding", "contentMediaType",
     "contentSchema", "title", "description", "default", "deprecated", "readOnly", "writeOnly", "examples",
     "example", "nullable", "discriminator", "xml", "externalDocs"})
-_SPELLED_ALIKE = {key.lower().replace("_", ""): key for key in KEYWORDS}  # `Enum`, `max_length`: case, snake
+ANNOTATIONS = frozenset({"$schema", "$id", "$anchor", "$comment", "title", "description", "default", "deprecated",
+                         "readOnly", "writeOnly", "examples", "example", "externalDocs", "xml"})  # constrain nothing
+# `Enum`, `max_length` (case, snake_case): the keyword that constrains, meant; `Title` would constrain nothing either
+_SPELLED_ALIKE = {key.lower().replace("_", ""): key for key in KEYWORDS - ANNOTATIONS}
 COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
           "maxContains")
 MAX_COUNT = 2**32 - 1  # the regex library under llguidance reads no longer repetition count

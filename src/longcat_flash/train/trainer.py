@@ -295,7 +295,7 @@ def _interrupted(run: Run) -> str:
     saved = training.list_checkpoints(run.out / CHECKPOINTS)
     if not saved:
         return (f"interrupted after step {run.state.step}: no checkpoint yet (the first at step "
-                f"{run.cfg.checkpoint.save_every}); a new run starts over")
+                f"{min(run.cfg.checkpoint.save_every, run.cfg.max_steps)}); a new run starts over")
     return (f"interrupted after step {run.state.step}: resuming {run.out} goes on from step "
             f"{int(saved[-1].name.removeprefix(training.STEP_PREFIX))}, its newest checkpoint")
 
@@ -443,8 +443,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
         raise ValueError(f"--out {out} is the model the run starts from (init_from): its weights would be "
                          "overwritten; choose another --out")
-    data = cfg.sft.data or (None if Corpus(cfg.data.source).is_stdlib else cfg.data.source)
-    if data is not None and Path(data).resolve() == out.resolve():
+    data = [cfg.sft.data, cfg.sft.val_data, None if Corpus(cfg.data.source).is_stdlib else cfg.data.source]
+    if any(path is not None and Path(path).expanduser().resolve() == out.resolve() for path in data):
         raise ValueError(f"--out {out} is the folder of the data the run trains on: a run's directory is not read as "
                          "data, so the run would find none there; choose another --out")
     if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
