@@ -175,10 +175,52 @@ def test_chat_keeps_the_conversation(checkpoint, capsys, monkeypatch):
     out = chat(checkpoint, ["hello", "what next", "/reset", "/rest", "again", "/exit"], monkeypatch, capsys,
                "--max-new-tokens", "5", "--ignore-eos")
     assert out.count("assistant> ") == 3 and "[conversation reset]" in out
-    assert "[unknown command /rest: /reset starts over, /exit (or /quit) ends]" in out  # a typo went to the model
+    assert "[unknown command /rest: each line is one message; /reset starts over, /exit (or /quit) ends]" in out
     first, second, after_reset = (Tokenizer.load(checkpoint).decode(p) for p in prompts)
     assert "hello" in first and "hello" in second and "what next" in second
     assert "again" in after_reset and "hello" not in after_reset and "what next" not in after_reset
+
+
+def test_a_reply_cannot_drive_the_terminal_and_ctrl_d_ends_the_line(checkpoint, capsys, monkeypatch):
+    """A reply's ANSI escape turned the terminal red for the rest of the session; Ctrl-D at the prompt left the
+    shell's prompt on the line of `you> `."""
+    from longcat_flash.serve import local
+
+    real = local.generate_text
+
+    def replying_with_escapes(engine, tokenizer, prompt, params, stop=None, on_text=None, interrupt=None):
+        on_text("\x1b[31mred\x07\tand\n")  # what a model can write: its tokens are bytes
+        return real(engine, tokenizer, prompt, params, stop, on_text, interrupt)
+
+    monkeypatch.setattr(local, "generate_text", replying_with_escapes)
+    typed = iter(["hi"])
+
+    def typing(prompt: str = "") -> str:
+        try:
+            return next(typed)
+        except StopIteration:
+            raise EOFError from None
+
+    monkeypatch.setattr(builtins, "input", typing)
+    main(["chat", "--model", str(checkpoint), "--max-new-tokens", "2"])
+    out = capsys.readouterr().out
+    assert "assistant> \\x1b[31mred\\x07\tand\n" in out and "\x1b" not in out and "\x07" not in out
+    assert out.endswith("\n")
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--max-new-tokens", "-1"], "argument --max-new-tokens: must be >= 0, got -1"),
+    (["--temperature", "-1"], "argument --temperature: must be >= 0, got -1"),
+    (["--temperature", "150"], "argument --temperature: must be in [0, 100], got 150"),
+    (["--temperature", "1", "--top-p", "0"], "argument --top-p: must be > 0, got 0"),
+    (["--temperature", "1", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+    (["--temperature", "1", "--top-k", "-5"], "argument --top-k: must be >= 0, got -5"),
+])
+def test_a_sampling_flag_out_of_range_is_named_as_typed(checkpoint, capsys, flags, says):
+    """They were named as SamplingParams' fields (`top_p must be in (0, 1]`), not as the flags the user typed."""
+    with pytest.raises(SystemExit) as refused:
+        main(["generate", "--model", str(checkpoint), "--prompt", "hi", *flags])
+    assert refused.value.code == 2 and says in capsys.readouterr().err
 
 
 def test_an_empty_system_message_is_rendered_as_the_template_renders_it(checkpoint, capsys, monkeypatch):

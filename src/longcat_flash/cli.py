@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
 from .distributed.env import DIST_TIMEOUT_S, RankZeroFailed, launched, peer_lost
-from .flag_types import fraction, non_negative_int, positive_float, positive_int
+from .flag_types import fraction, non_negative_int, positive_float, positive_int, temperature, top_p
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
@@ -320,11 +320,12 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; above it, sampling (and the three "
-                                                                 "flags below)")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling (default 1: off)")
-    p.add_argument("--top-k", type=int, default=None, help="sample among the k likeliest (default 0: off)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=max_new_tokens)
+    p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy; above it, sampling (and the "
+                                                                       "three flags below)")
+    p.add_argument("--top-p", type=top_p, default=None, help="nucleus sampling (default 1: off)")
+    p.add_argument("--top-k", type=non_negative_int, default=None, help="sample among the k likeliest (default 0: "
+                                                                        "off)")
     p.add_argument("--seed", type=int, default=None, help="a seed for sampling (reproducible output)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
 

@@ -39,6 +39,22 @@ def fraction(text: str) -> float:
     return value
 
 
+def top_p(text: str) -> float:
+    """An argparse type: a nucleus, in (0, 1]."""
+    value = positive_float(text)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
+    return value
+
+
+def temperature(text: str) -> float:
+    """An argparse type: a sampling temperature, in [0, 100] (0: greedy)."""
+    value = non_negative_float(text)
+    if value > 100:
+        raise argparse.ArgumentTypeError(f"must be in [0, 100], got {text}")
+    return value
+
+
 def distinct(flag: str, values: Sequence[Any], least: int = 1, need: str = "") -> list[Any]:
     """The values of a list flag, checked: a repeated one (which would rerun a variant, or shrink a grid below what
     was asked) or fewer than `least` of them, which `need` requires, is a ValueError."""

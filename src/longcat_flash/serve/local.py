@@ -97,7 +97,8 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
     while True:
         try:
             line = read("you> ")
-        except EOFError:
+        except EOFError:  # Ctrl-D: the shell's prompt starts on a line of its own
+            write("\n")
             return
         command = line.strip()
         if command in ("/exit", "/quit"):
@@ -108,7 +109,7 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             continue
         if re.fullmatch(r"/[A-Za-z]+", command):  # a mistyped command (or /help) is no message to the model
             unknown = "" if command == "/help" else f"unknown command {command}: "
-            write(f"[{unknown}/reset starts over, /exit (or /quit) ends]\n")
+            write(f"[{unknown}each line is one message; /reset starts over, /exit (or /quit) ends]\n")
             continue
         if not line.strip():  # an empty line asks nothing
             continue
@@ -129,9 +130,19 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         turn = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         write("assistant> ")
         with interrupt_on_sigint() as interrupt:
-            reply = generate_text(engine, tokenizer, prompt, turn, on_text=write, interrupt=interrupt)
+            reply = generate_text(engine, tokenizer, prompt, turn, on_text=lambda text: write(visible(text)),
+                                  interrupt=interrupt)
         write(" [stopped]\n" if reply.finish_reason == "interrupted" else "\n")
         messages.append({"role": "assistant", "content": reply.text})
+
+
+CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline and tab
+
+
+def visible(text: str) -> str:
+    """Model output as the chat shows it: control characters escaped (`\\x1b`), so a reply cannot drive the terminal
+    (an ANSI sequence turned it red for the rest of the session)."""
+    return CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 def _chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[int]:
