@@ -338,6 +338,22 @@ def test_bad_engine_flags_are_refused_before_the_model_is_loaded(flags, message,
         main(["generate", "--model", str(no_mtp), "--prompt", "x", "--quantize", "int4", *flags])
 
 
+@pytest.mark.parametrize("quantize", ["int8", "int4", "fp8"])
+def test_a_quantized_verify_step_past_the_kernels_rows_is_refused(checkpoint, monkeypatch, quantize):
+    """`--speculative 16` verifies 17 rows, past the kernels' 16: the tokens left plain greedy's (a probe: 1 of 3
+    prompts with int8), where the docs promise them exact for one sequence."""
+    from longcat_flash.infer import loader
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loader, "load_for_inference", never)
+    with pytest.raises(SystemExit, match="verifies 17 rows a step, past the 16 .* use at most 15 drafts"):
+        main(["generate", "--model", str(checkpoint), "--prompt", "x", "--quantize", quantize, "--speculative", "16"])
+    with pytest.raises(AssertionError, match="the model was loaded"):  # 15 drafts, 16 rows: within the kernels
+        main(["generate", "--model", str(checkpoint), "--prompt", "x", "--quantize", quantize, "--speculative", "15"])
+
+
 @pytest.mark.parametrize("command", ["generate", "chat", "explain"])
 def test_a_model_path_that_is_not_a_model_directory_is_one_line(command, checkpoint, tmp_path, monkeypatch):
     """A file given as --model, a broken tokenizer.json or tokenizer_config.json, a training step's directory and

@@ -31,12 +31,17 @@ def inference_device(spec: str | torch.device) -> torch.device:
     return device
 
 
-def check_speculative(path: str | Path, speculative: int) -> None:
+def check_speculative(path: str | Path, speculative: int, quantize: str | None = None) -> None:
     """Refuse speculative decoding for a checkpoint without an MTP head from its files alone, before the minutes
-    that loading (and quantizing) a large model take."""
+    that loading (and quantizing) a large model take; and, with quantized weights, a verify step of more rows than
+    the kernels take (past them a row's logits depend on the rows beside it: docs/quantization.md)."""
     if speculative and not checkpoint_config(Path(path)).num_nextn_predict_layers:
         raise ValueError(f"speculative decoding needs a model with an MTP head (num_nextn_predict_layers=1); "
                          f"{path} has none")
+    if quantize is not None and speculative + 1 > kernels.MAX_KERNEL_ROWS:
+        raise ValueError(f"speculative decoding of {speculative} drafts verifies {speculative + 1} rows a step, past "
+                         f"the {kernels.MAX_KERNEL_ROWS} that {quantize} weights' kernels take, so its tokens would not "
+                         f"be exactly plain greedy's; use at most {kernels.MAX_KERNEL_ROWS - 1} drafts")
 
 
 def load_engine(path: str | Path, config: EngineConfig, *, dtype: str | None = None, quantize: str | None = None,
@@ -44,7 +49,7 @@ def load_engine(path: str | Path, config: EngineConfig, *, dtype: str | None = N
     """The checkpoint's tokenizer and an engine over its model (`load_for_inference`), checked against each other
     before the weights are read: every id the tokenizer makes has an embedding; and its EOS token ends generation
     besides config.json's, as in vLLM (the end of turn a chat template writes is often only there)."""
-    check_speculative(path, config.speculative)
+    check_speculative(path, config.speculative, quantize)
     tokenizer = Tokenizer.load(path)
     tokenizer.check_fits(checkpoint_config(Path(path)).vocab_size)
     model, _ = load_for_inference(path, dtype=dtype, quantize=quantize, device=device)
