@@ -40,8 +40,8 @@ def check_speculative(path: str | Path, speculative: int, quantize: str | None =
                          f"{path} has none")
     if quantize is not None and speculative + 1 > kernels.MAX_KERNEL_ROWS:
         raise ValueError(f"speculative decoding of {speculative} drafts verifies {speculative + 1} rows a step, past "
-                         f"the {kernels.MAX_KERNEL_ROWS} that {quantize} weights' kernels take, so its tokens would not "
-                         f"be exactly plain greedy's; use at most {kernels.MAX_KERNEL_ROWS - 1} drafts")
+                         f"the {kernels.MAX_KERNEL_ROWS} that {quantize} weights' kernels take, so its tokens would "
+                         f"not be exactly plain greedy's; use at most {kernels.MAX_KERNEL_ROWS - 1} drafts")
 
 
 def load_engine(path: str | Path, config: EngineConfig, *, dtype: str | None = None, quantize: str | None = None,
