@@ -103,15 +103,9 @@ def test_offsets_index_the_echoed_text_when_a_prompt_of_ids_ends_inside_a_charac
 def test_logprobs_are_rendered_off_the_event_loop(served, monkeypatch):
     """Rendering logprobs decodes every token and alternative: for a batch of long echoed prompts (lm_eval's
     loglikelihood) that took seconds on the event loop, stalling /health and every other stream."""
-    import asyncio
+    from serve_support import on_a_loop
 
     from longcat_flash.serve import logprobs
-
-    def on_a_loop() -> bool:
-        try:
-            return asyncio.get_running_loop() is not None
-        except RuntimeError:
-            return False
 
     calls = []
     for scores in (logprobs.CompletionScores, logprobs.ChatScores):

@@ -82,15 +82,9 @@ def valid_calls(choice: dict, offered: list[dict]) -> list[dict]:
 def test_a_schema_is_checked_off_the_event_loop(served, monkeypatch):
     """The schema walk (every subschema, each key against the JSON Schema keywords) ran on the event loop: a large
     schema stalled /health and every stream while it ran."""
-    import asyncio
+    from serve_support import on_a_loop
 
     from longcat_flash.serve import structured
-
-    def on_a_loop() -> bool:
-        try:
-            return asyncio.get_running_loop() is not None
-        except RuntimeError:
-            return False
 
     calls = []
     monkeypatch.setattr(structured, "lark", lambda *args: calls.append(on_a_loop()) or lark(*args))
