@@ -31,28 +31,19 @@ positive_float = _number(float, 0, strict=True)  # learning rates, ε, RoPE base
 non_negative_float = _number(float, 0, strict=False)  # loss weights
 
 
-def fraction(text: str) -> float:
-    """An argparse type: a number in [0, 1] (a rate, a share)."""
-    value = non_negative_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {text}")
-    return value
+def _at_most(convert: Any, high: float, interval: str) -> Any:
+    """An argparse type: `convert`'s value, at most `high` (`interval` says the whole range in its message)."""
+    def check(text: str) -> Any:
+        value = convert(text)
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+    return check
 
 
-def top_p(text: str) -> float:
-    """An argparse type: a nucleus, in (0, 1]."""
-    value = positive_float(text)
-    if value > 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text}")
-    return value
-
-
-def temperature(text: str) -> float:
-    """An argparse type: a sampling temperature, in [0, 100] (0: greedy)."""
-    value = non_negative_float(text)
-    if value > 100:
-        raise argparse.ArgumentTypeError(f"must be in [0, 100], got {text}")
-    return value
+fraction = _at_most(non_negative_float, 1, "[0, 1]")  # a rate, a share
+top_p = _at_most(positive_float, 1, "(0, 1]")  # a nucleus
+temperature = _at_most(non_negative_float, 100, "[0, 100]")  # a sampling temperature (0: greedy)
 
 
 def distinct(flag: str, values: Sequence[Any], least: int = 1, need: str = "") -> list[Any]:

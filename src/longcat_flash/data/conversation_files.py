@@ -11,7 +11,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from .corpus import data_files, decoding_errors, jsonl_records, open_text, pyarrow_modules, starts_with_bracket
+from .corpus import data_files, decoding_errors, jsonl_records, pyarrow_modules, starts_with_bracket, whole_json
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 # The words that name a split in a data set's file and folder names, as `datasets` matches them: between separators
@@ -116,9 +116,8 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
 def _whole_json(path: Path) -> Any:
     """The file as one JSON value, or None when it is not one."""
     try:
-        with open_text(path) as f:
-            return json.load(f)
-    except (json.JSONDecodeError, RecursionError):
+        return whole_json(path)
+    except ValueError:
         return None
 
 

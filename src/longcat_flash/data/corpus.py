@@ -262,7 +262,7 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON) for each non-blank line; a line that does not parse is an error naming it. A
     .json file that is one array gives (index, record) for each of its records."""
     if _kind(path) in (".json", ".json.gz") and starts_with_bracket(path):
-        yield from enumerate(_json_array(path), 1)
+        yield from enumerate(whole_json(path), 1)
         return
     with open_text(path) as f:
         for line_no, line in enumerate(f, 1):
@@ -277,7 +277,8 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             yield line_no, record
 
 
-def _json_array(path: Path) -> list[Any]:
+def whole_json(path: Path) -> Any:
+    """The text file as one JSON value; a ValueError naming the file (and line) when it is not one."""
     try:
         with open_text(path) as f:
             return json.load(f)
