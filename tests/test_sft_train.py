@@ -135,6 +135,48 @@ def test_init_from_refuses_a_shape_changing_override(tmp_path, checkpoint, conve
         setup(cfg, tmp_path / "run", progress=False)
 
 
+def _edited(checkpoint: Path, out: Path, config: dict, weights=lambda w: w) -> Path:
+    """A copy of `checkpoint` with config.json fields replaced and its weights passed through `weights`."""
+    shutil.copytree(checkpoint, out)
+    fields = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**fields, **config}))
+    save_file(weights(load_file(out / "model.safetensors")), out / "model.safetensors")
+    return out
+
+
+def _nan_embedding(w: dict) -> dict:
+    w["model.embed_tokens.weight"][3, 5] = float("nan")
+    return w
+
+
+@pytest.mark.parametrize("config, weights, refusal", [
+    ({"n_routed_experts": 4, "zero_expert_num": 8}, lambda w: w, "'model.layers.0.mlp.experts.4.down_proj.weight' "
+     r"\(shape \(\d+, \d+\)\) has no place"),  # 8 FFN experts held, 4 named: experts 4-7 were dropped silently
+    ({"tie_word_embeddings": True}, lambda w: {**w, "lm_head.weight": w["model.embed_tokens.weight"].clone()}, None),
+    ({"tie_word_embeddings": True}, lambda w: w, "is not a copy of model.embed_tokens.weight"),
+    ({"num_nextn_predict_layers": 0}, lambda w: w, None),  # the head config.json leaves out: read without it
+    ({}, _nan_embedding, "'model.embed_tokens.weight' holds NaN or Inf"),
+], ids=["experts-past-the-config", "tied-with-a-copy", "tied-with-another-head", "mtp-left-out", "nan"])
+def test_init_from_reads_a_checkpoint_as_loading_it_does(tmp_path, checkpoint, config, weights, refusal):
+    """init_from had its own key loop: it dropped FFN experts the config did not name, refused a tied model's copy
+    of the embedding and an MTP head config.json leaves out (both read fine for inference), and took NaN weights."""
+    from longcat_flash.checkpoint import hf
+    from longcat_flash.train.pretrained import load_pretrained
+
+    edited = _edited(checkpoint, tmp_path / "edited", config, weights)
+    model = Transformer(hf.checkpoint_config(edited))
+    if refusal:
+        with pytest.raises((KeyError, ValueError), match=refusal):
+            LongcatFlash.from_pretrained(edited)
+        with pytest.raises((KeyError, ValueError), match=refusal):
+            load_pretrained(model, edited)
+        return
+    load_pretrained(model, edited)
+    loaded = LongcatFlash.from_pretrained(edited).state_dict()
+    assert model.state_dict().keys() == loaded.keys()
+    assert all(torch.equal(v, loaded[k]) for k, v in model.state_dict().items())
+
+
 def test_a_checkpoint_without_mtp_weights_fine_tunes_without_the_head(tmp_path, checkpoint, conversations):
     """config.json names the head, the files hold none (a transformers save): the run has no MTP head and no MTP
     loss, rather than failing on the missing weights or on the recipe's mtp_weight."""

@@ -225,14 +225,14 @@ def checkpoint_dtype(path: Path) -> torch.dtype:
     return SAFETENSORS_FLOATS[max(floating, key=floating.get)] if floating else torch.float32
 
 
-def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size],
-                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read an official checkpoint into native tensors on `device`, checking keys and shapes against `expected`.
+def model_tensors(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size]
+                  ) -> Iterator[tuple[str, str, int | None, str | None, torch.Tensor]]:
+    """The checkpoint's tensors that have a place in a model of `cfg` (whose weights have the `expected` shapes),
+    one at a time, as (official key, native name, expert id or None, projection or None, tensor).
 
-    Each tensor is allocated on `device` and filled from the file one key at a time: no full CPU copy."""
-    out: dict[str, torch.Tensor] = {}
-    experts_seen: dict[str, set[tuple[int, str]]] = {}
-    ignored, tied_copy, dropped_mtp = [], None, False
+    Passed over, each after its check: a tied model's copy of the embedding (it must be one), the zero-expert stubs
+    transformers 5.0-5.24 write, and an MTP head config.json leaves out (said once). Any other key is an error."""
+    ignored, dropped_mtp, tied_copy, embedding = 0, False, None, None
     for key, tensor in read_tensors(path):
         native, expert, proj = official_to_native(key)
         if native == LM_HEAD and cfg.tie_word_embeddings:
@@ -240,7 +240,7 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
             continue
         if expert is not None and expert >= cfg.n_routed_experts:
             _check_zero_expert_stub(key, native, expert, proj, tensor, expected, cfg)
-            ignored.append(key)  # transformers 5.0-5.24 write gate/up rows for zero-expert ids; they are never used
+            ignored += 1
             continue
         if native.startswith("model.mtp.") and not cfg.num_nextn_predict_layers:
             dropped_mtp = True  # config.json drops the head: its weights are skipped, as transformers does
@@ -248,6 +248,26 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
         if native not in expected:
             raise KeyError(f"checkpoint key {key!r} has no place in this model (config: {cfg.num_layers} layers, "
                            f"{cfg.n_routed_experts} experts, MTP={cfg.num_nextn_predict_layers})")
+        if native == EMBEDDING and cfg.tie_word_embeddings:
+            embedding = tensor
+        yield key, native, expert, proj, tensor
+    if ignored:
+        log.info("ignored %d tensors for zero-expert ids (written by transformers 5.x, never used)", ignored)
+    if dropped_mtp:
+        log.warning("%s: the checkpoint holds model.mtp.* weights but config.json names no MTP head "
+                    "(num_nextn_predict_layers 0): read without them, so no speculative decoding", path)
+    if tied_copy is not None and embedding is not None:
+        _check_tied_copy(tied_copy, embedding)
+
+
+def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size],
+                    dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read an official checkpoint into native tensors on `device`, checking keys and shapes against `expected`.
+
+    Each tensor is allocated on `device` and filled from the file one key at a time: no full CPU copy."""
+    out: dict[str, torch.Tensor] = {}
+    experts_seen: dict[str, set[tuple[int, str]]] = {}
+    for key, native, expert, proj, tensor in model_tensors(path, cfg, expected):
         if native not in out:
             out[native] = torch.empty(expected[native], dtype=_target_dtype(native, tensor, dtype), device=device)
         target = out[native] if expert is None else expert_slice(out[native], expert, proj, cfg)
@@ -255,21 +275,14 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
             raise ValueError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, "
                              f"the model expects {tuple(target.shape)}")
         target.copy_(tensor)
-        _check_finite(key, tensor, target)
+        check_finite(key, tensor, target)
         if expert is not None:
             experts_seen.setdefault(native, set()).add((expert, proj))
-    if ignored:
-        log.info("ignored %d tensors for zero-expert ids (written by transformers 5.x, never used)", len(ignored))
-    if dropped_mtp:
-        log.warning("%s: the checkpoint holds model.mtp.* weights but config.json names no MTP head "
-                    "(num_nextn_predict_layers 0): read without them, so no speculative decoding", path)
     _check_complete(out, experts_seen, expected, cfg)
-    if tied_copy is not None:
-        _check_tied_copy(tied_copy, out[EMBEDDING])
     return out
 
 
-def _check_finite(key: str, stored: torch.Tensor, loaded: torch.Tensor) -> None:
+def check_finite(key: str, stored: torch.Tensor, loaded: torch.Tensor) -> None:
     """A NaN or Inf weight makes every logit NaN: greedy decoding would then print nothing, and sampling fail.
     The sum is the fast test (one pass, no mask: +0.4 s on the 0.8 s warm load of the bench preset's 1.7 GB of
     bf16, 2 cores); isfinite confirms what it flags."""
@@ -281,7 +294,7 @@ def _check_finite(key: str, stored: torch.Tensor, loaded: torch.Tensor) -> None:
 
 def _check_tied_copy(stored: torch.Tensor, embedding: torch.Tensor) -> None:
     """transformers drops the LM head of a tied checkpoint; that is only the same model when it is the embedding."""
-    if stored.shape != embedding.shape or not torch.equal(stored.to(embedding), embedding):
+    if stored.shape != embedding.shape or not torch.equal(stored.to(embedding.dtype), embedding):
         raise ValueError(f"config.json ties the embeddings (tie_word_embeddings: true), but the checkpoint's "
                          f"{LM_HEAD} is not a copy of {EMBEDDING}: set tie_word_embeddings to false to use it")
 

@@ -65,12 +65,8 @@ def load_pretrained(model: Transformer, directory: str | Path) -> None:
     if cfg.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
     filled: set[str] = set()
-    for key, tensor in hf.read_tensors(Path(directory)):
-        native, expert, proj = hf.official_to_native(key)
-        if expert is not None and expert >= cfg.n_routed_experts:
-            continue  # zero-expert stubs written for transformers 5.x (checkpoint/hf.py)
-        if native not in targets:
-            raise KeyError(f"init_from={directory}: checkpoint key {key!r} has no place in this model")
+    expected = {name: target.shape for name, target in targets.items()}
+    for key, native, expert, proj, tensor in hf.model_tensors(Path(directory), cfg, expected):
         target = targets[native]
         local, first = local_rows(target)
         if expert is None:
@@ -93,5 +89,6 @@ def _copy_rows(local: torch.Tensor, first: int, tensor: torch.Tensor, key: str, 
         raise ValueError(f"checkpoint key {key!r} has shape {tuple(tensor.shape)}, the model expects {shape}")
     have = max(0, min(len(local), tensor.shape[0] - first))  # rows of `local` the checkpoint holds
     local[:have].copy_(tensor[first:first + have])
+    hf.check_finite(key, tensor, local[:have])
     if have < len(local):
         local[have:].copy_(tensor.float().mean(0).to(local.dtype))
