@@ -58,6 +58,20 @@ def test_sharded_save_with_index(tmp_path):
     torch.testing.assert_close(loaded.lm_head.weight.float(), model.lm_head.weight.bfloat16().float())
 
 
+def test_an_export_replaces_the_earlier_exports_files_and_no_others(tmp_path):
+    """Every `model*.safetensors` in the folder was deleted as stale, a user's model_ema.safetensors too."""
+    model = LongcatFlash(tiny())
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
+    shards = sorted(p.name for p in tmp_path.glob("model-*-of-*.safetensors"))
+    theirs = [tmp_path / "model_ema.safetensors", tmp_path / "model-v2.safetensors"]
+    for path in theirs:
+        path.write_bytes(b"the user's")
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("model*.safetensors")) == sorted(
+        ["model.safetensors", *(p.name for p in theirs)]) and shards
+    assert all(path.read_bytes() == b"the user's" for path in theirs)
+
+
 def test_a_part_left_by_an_export_killed_mid_write_goes_with_the_next_export(saved):
     """The killed writer cannot remove its hidden temporary (up to a shard's size); the next export does."""
     model, path = saved

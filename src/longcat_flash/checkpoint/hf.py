@@ -33,6 +33,7 @@ from .training import MANIFEST
 log = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
+SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # the shards of a sharded export
 INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"  # transformers' generation defaults, beside config.json
 LM_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"  # the same keys in both layouts
@@ -521,8 +522,9 @@ def _commit_parts(model: Transformer, path: Path, parts: list[tuple[Path | None,
         except OSError as err:  # named as the model file, not the hidden temporary (save_pretrained removes it)
             raise OSError(err.errno, f"cannot write the model into {path}: {err.strerror}", str(path / name)) \
                 from None
-    for stale in set(path.glob("model*.safetensors")) - {path / n for n in names}:
-        stale.unlink()
+    for stale in path.glob("model*.safetensors"):  # an earlier export's: other files there are the user's
+        if stale.name not in names and (stale.name == SINGLE_FILE or SHARD_FILE.match(stale.name)):
+            stale.unlink()
     for dead in path.glob(".model-part-*.safetensors.*.tmp"):  # a part of an export killed mid-write (ours are
         dead.unlink()  # renamed by now): up to max_shard_bytes each, hidden
     if len(parts) > 1:
