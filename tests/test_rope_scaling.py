@@ -34,6 +34,18 @@ def test_yarn_config_round_trips_through_config_json(tmp_path):
     assert ModelConfig.from_json(tmp_path) == cfg
 
 
+@pytest.mark.parametrize("cfg", [yarn_tiny(), tiny().replace(rope_theta=5.0e4)], ids=["yarn", "plain"])
+def test_config_json_also_holds_the_rope_keys_readers_before_transformers_5_read(cfg):
+    """Only `rope_parameters` was written: transformers 4.x and the official remote code (and vLLM and SGLang,
+    which read the same keys) found no rope_theta and no rope_scaling there and ran the model at base 1e7 (their
+    default) without YaRN: other logits, without a word."""
+    legacy = cfg.to_dict()
+    del legacy["rope_parameters"]
+    assert ModelConfig.from_dict(legacy) == cfg
+    assert legacy["rope_theta"] == cfg.rope_theta
+    assert (legacy["rope_scaling"] is None) == (cfg.rope_scaling == RopeScaling())
+
+
 @pytest.mark.hf
 def test_transformers_reads_our_yarn_config_and_we_read_its_legacy_spelling(tmp_path):
     transformers = pytest.importorskip("transformers")

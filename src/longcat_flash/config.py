@@ -321,6 +321,8 @@ class ModelConfig:
         out = dataclasses.asdict(self)
         theta, _ = out.pop("rope_theta"), out.pop("rope_scaling")
         out["rope_parameters"] = {"rope_type": "default", "rope_theta": theta, **self.rope_scaling.to_dict()}
+        # the same again in the keys transformers 4.x, vLLM, SGLang and the official remote code read (5.x takes both)
+        out.update(rope_theta=theta, rope_scaling=self.rope_scaling.to_dict() or None)
         out.update(architectures=["LongcatFlashForCausalLM"], model_type="longcat_flash",
                    head_dim=self.qk_rope_head_dim, qk_head_dim=self.qk_head_dim,
                    num_key_value_heads=self.num_attention_heads)
