@@ -62,8 +62,8 @@ def test_unknown_field_and_unsupported_rope_are_errors():
 
 
 def test_configs_written_by_other_code_read_as_transformers_reads_them():
-    """transformers' layer count (two sublayers each) when `num_layers` is absent; a null YaRN ramp bound is its
-    default; the official remote-code config's deployment fields change nothing; a sliced pretraining_tp is refused."""
+    """transformers' layer count (two sublayers each) when `num_layers` is absent; a null or 0 YaRN ramp bound is
+    its default, a 0 mscale none; the official remote-code config's deployment fields change nothing; a sliced pretraining_tp is refused."""
     base = tiny().to_dict()
     layers = base.pop("num_layers")
     assert ModelConfig.from_dict({**base, "num_hidden_layers": 2 * layers}).num_layers == layers
@@ -71,10 +71,28 @@ def test_configs_written_by_other_code_read_as_transformers_reads_them():
             "beta_slow": None}
     rope = ModelConfig.from_dict({**tiny().to_dict(), "rope_parameters": yarn}).rope_scaling
     assert (rope.beta_fast, rope.beta_slow) == (32.0, 1.0)
+    zeros = {**yarn, "beta_fast": 0, "beta_slow": 0, "mscale": 0, "mscale_all_dim": 0.0}  # were refused
+    assert ModelConfig.from_dict({**tiny().to_dict(), "rope_parameters": zeros}).rope_scaling == rope
     assert ModelConfig.from_dict({**tiny().to_dict(), "ep_size": 8, "params_dtype": "bfloat16",
                                   "pretraining_tp": 1}) == tiny()
     with pytest.raises(ValueError, match="pretraining_tp=2"):
         ModelConfig.from_dict({**tiny().to_dict(), "pretraining_tp": 2})
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"qk_rope_head_dim": "8"}, "qk_rope_head_dim must be a positive integer, got '8'"),
+    ({"num_layers": None}, "num_layers must be a positive integer, got None"),
+    ({"qk_nope_head_dim": None}, "qk_nope_head_dim must be a positive integer"),
+    ({"num_attention_heads": None}, "num_attention_heads must be a positive integer, got None"),
+    ({"head_dim": "__del__"}, "head_dim='__del__' must equal qk_rope_head_dim"),
+    ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not applied here"),
+])
+def test_a_malformed_config_json_names_the_field(fields, message):
+    """A wrong type reached the derived-key checks first and failed there as a TypeError; a null head count was
+    blamed on num_key_value_heads; attention dropout was accepted and never applied."""
+    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+        ModelConfig.from_dict({**tiny().to_dict(), **fields})
+    assert ModelConfig.from_dict({**tiny().to_dict(), "attention_dropout": 0.0}) == tiny()
 
 
 def test_bad_json_file(tmp_path):

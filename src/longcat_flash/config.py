@@ -27,18 +27,25 @@ _DERIVED_OR_IGNORED = {
     # the official remote-code config's deployment and training-layout fields: they change no computation here
     "ep_size", "pretraining_tp", "params_dtype",
 }
-def _check_derived(raw: dict[str, Any], num_layers: int, qk_head_dim: int, num_heads: int) -> None:
+def _check_derived(raw: dict[str, Any], cfg: ModelConfig) -> None:
     """Derived keys are not read, but one that disagrees with its source describes another model (transformers
     would size it from the derived key)."""
-    if "num_layers" in raw and raw.get("num_hidden_layers") not in (None, num_layers, 2 * num_layers):
+    if "num_layers" in raw and raw.get("num_hidden_layers") not in (None, cfg.num_layers, 2 * cfg.num_layers):
         raise ValueError(f"config.json: num_hidden_layers={raw['num_hidden_layers']!r} disagrees with num_layers="
-                         f"{num_layers} (it is num_layers, or 2 * num_layers as transformers counts sublayers)")
-    if raw.get("qk_head_dim") not in (None, qk_head_dim):
+                         f"{cfg.num_layers} (it is num_layers, or 2 * num_layers as transformers counts sublayers)")
+    if raw.get("head_dim") not in (None, cfg.qk_rope_head_dim):
+        raise ValueError(f"config.json: head_dim={raw['head_dim']!r} must equal qk_rope_head_dim="
+                         f"{cfg.qk_rope_head_dim} (transformers uses head_dim as the rotary dimension)")
+    if raw.get("qk_head_dim") not in (None, cfg.qk_head_dim):
         raise ValueError(f"config.json: qk_head_dim={raw['qk_head_dim']!r} disagrees with qk_nope_head_dim + "
-                         f"qk_rope_head_dim = {qk_head_dim}")
-    if raw.get("num_key_value_heads") not in (None, num_heads):  # transformers would repeat each head's k and v
+                         f"qk_rope_head_dim = {cfg.qk_head_dim}")
+    if raw.get("num_key_value_heads") not in (None, cfg.num_attention_heads):  # transformers would repeat k and v
         raise ValueError(f"config.json: num_key_value_heads={raw['num_key_value_heads']!r} disagrees with "
-                         f"num_attention_heads={num_heads} (MLA gives every head its own keys and values)")
+                         f"num_attention_heads={cfg.num_attention_heads} (MLA gives every head its own keys and "
+                         "values)")
+    if raw.get("attention_dropout") not in (None, 0, 0.0):
+        raise ValueError(f"config.json: attention_dropout={raw['attention_dropout']!r} is not applied here (no "
+                         "attention dropout in training or inference); set it to 0.0")
     for key in ("dtype", "torch_dtype"):  # the weights' dtype comes from the safetensors; transformers refuses these
         if raw.get(key) not in (None, *_FLOATING_DTYPES):
             raise ValueError(f"config.json: {key}={raw[key]!r} is not a floating-point dtype (one of "
@@ -303,18 +310,13 @@ class ModelConfig:
                 values[key] = value
             elif key not in _DERIVED_OR_IGNORED:
                 raise ValueError(f"config.json: unknown field {key!r}; known fields: {sorted(known)}")
-        if raw.get("head_dim") not in (None, values.get("qk_rope_head_dim", cls.qk_rope_head_dim)):
-            raise ValueError(f"config.json: head_dim={raw['head_dim']} must equal qk_rope_head_dim "
-                             "(transformers uses head_dim as the rotary dimension)")
-        _check_derived(raw, values.get("num_layers", cls.num_layers),
-                       values.get("qk_nope_head_dim", cls.qk_nope_head_dim)
-                       + values.get("qk_rope_head_dim", cls.qk_rope_head_dim),
-                       values.get("num_attention_heads", cls.num_attention_heads))
         key = "rope_scaling" if rope.get("rope_scaling") else "rope_parameters"  # transformers' precedence
         if key in rope:
             values.update(_rope_fields(key, rope[key], values.get("max_position_embeddings",
                                                                   cls.max_position_embeddings)))
-        return cls(**values)
+        cfg = cls(**values)  # every field checked before the derived keys are compared with them
+        _check_derived(raw, cfg)
+        return cfg
 
     def to_dict(self) -> dict[str, Any]:
         """The `config.json` dict, with the derived keys transformers expects."""
@@ -374,9 +376,12 @@ def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str
     unknown = sorted(set(value) - known)
     if unknown:
         raise ValueError(f"config.json: {key}.{unknown[0]} is not supported; known keys: {sorted(known)}")
-    for name in ("beta_fast", "beta_slow"):  # transformers reads a null ramp bound as its default
-        if name in value and value[name] is None:
+    for name in ("beta_fast", "beta_slow"):  # transformers reads a null or 0 ramp bound as its default
+        if name in value and value[name] in (None, 0):
             del value[name]
+    for name in ("mscale", "mscale_all_dim"):  # and a 0 mscale as none given
+        if value.get(name) == 0 and not isinstance(value[name], bool):
+            value[name] = None
     rope_type = value.setdefault("rope_type", "default")
     if rope_type == "yarn":
         if value.get("factor") is None:
