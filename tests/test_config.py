@@ -63,7 +63,8 @@ def test_unknown_field_and_unsupported_rope_are_errors():
 
 def test_configs_written_by_other_code_read_as_transformers_reads_them():
     """transformers' layer count (two sublayers each) when `num_layers` is absent; a null or 0 YaRN ramp bound is
-    its default, a 0 mscale none; the official remote-code config's deployment fields change nothing; a sliced pretraining_tp is refused."""
+    its default, a 0 mscale none; the official remote-code config's deployment fields change nothing; a sliced
+    pretraining_tp is refused."""
     base = tiny().to_dict()
     layers = base.pop("num_layers")
     assert ModelConfig.from_dict({**base, "num_hidden_layers": 2 * layers}).num_layers == layers
