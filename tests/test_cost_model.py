@@ -62,6 +62,18 @@ def test_zero_experts_do_not_travel() -> None:
     assert top12["dispatch_us"] == pytest.approx(_rows()[LONGCAT]["dispatch_us"] * 12 / 8)
 
 
+def test_the_fan_out_is_the_k_e_info_counts_and_one_a_token_can_reach() -> None:
+    """With Z=2 of top-12 a token picks at least 10 FFN experts: the shape took 8 (what `info` never shows), and 50
+    or -3 (a negative dispatch time) without a word."""
+    from longcat_flash.analysis.params import param_report
+
+    cfg = longcat_flash().replace(zero_expert_num=2)
+    assert longcat_decode_shape(cfg).ffn_experts_per_token == param_report(cfg).ffn_experts_target == 10
+    for unreachable in (50, -3, 9):
+        with pytest.raises(ValueError, match=r"must be in \[10, moe_topk=12\]"):
+            longcat_decode_shape(cfg, ffn_experts_per_token=unreachable)
+
+
 def test_smaller_ep_makes_moe_memory_bound_and_slower() -> None:
     base, narrow, wide = _rows(), _rows(ep=16), _rows(ep=256)
     for model in (LONGCAT, DEEPSEEK, QWEN):

@@ -59,6 +59,7 @@ from typing import Any
 
 from ..config import ModelConfig
 from ..presets import longcat_flash
+from . import params
 
 OVERLAPS = ("SBO", "TBO")
 
@@ -159,8 +160,9 @@ class DecodeShape:
 
 def longcat_decode_shape(cfg: ModelConfig, name: str = "LongCat-Flash",
                          ffn_experts_per_token: float | None = None) -> DecodeShape:
-    """Any LongCat config as a DecodeShape; the fan-out is K_e (zero experts never leave the device)."""
-    k_e = cfg.default_ffn_expert_target if ffn_experts_per_token is None else ffn_experts_per_token
+    """Any LongCat config as a DecodeShape; the fan-out is K_e (zero experts never leave the device), as `longcat
+    info` counts it."""
+    k_e = params.ffn_experts_per_token(cfg, ffn_experts_per_token)
     return DecodeShape(
         name=name, num_layers=cfg.num_layers, dense_layers=0, hidden_size=cfg.hidden_size,
         attention=MLAShape(cfg.num_attention_heads, cfg.q_lora_rank, cfg.kv_lora_rank, cfg.qk_nope_head_dim,

@@ -68,16 +68,22 @@ class ParamReport:
         return dataclasses.asdict(self)
 
 
-def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, context: int = 0,
-                 bytes_per_value: int = 2) -> ParamReport:
-    """Count everything for `cfg`; K_e defaults to `cfg.default_ffn_expert_target` (8 of 12 for the 560B shape), or
-    the fewest FFN experts a token can pick where that is more."""
-    k_e = (max(cfg.default_ffn_expert_target, cfg.fewest_ffn_experts) if ffn_experts_target is None
-           else float(ffn_experts_target))
-    if not cfg.fewest_ffn_experts <= k_e <= cfg.moe_topk:  # without zero experts: moe_topk exactly
+def ffn_experts_per_token(cfg: ModelConfig, given: float | None = None) -> float:
+    """K_e, the FFN experts a token uses on average: `given`, checked to be one a token can reach, or by default
+    `cfg.default_ffn_expert_target` (8 of 12 for the 560B shape), or the fewest a token can pick where that is
+    more."""
+    k_e = max(cfg.default_ffn_expert_target, cfg.fewest_ffn_experts) if given is None else float(given)
+    if not cfg.fewest_ffn_experts <= k_e <= cfg.moe_topk:  # without zero experts: moe_topk exactly (NaN fails too)
         raise ValueError(f"ffn_experts_target (--ffn-experts) must be in [{cfg.fewest_ffn_experts}, "
                          f"moe_topk={cfg.moe_topk}] (a token picks moe_topk experts, at most "
                          f"zero_expert_num={cfg.zero_expert_num} of them zero experts), got {k_e:g}")
+    return k_e
+
+
+def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, context: int = 0,
+                 bytes_per_value: int = 2) -> ParamReport:
+    """Count everything for `cfg`, the average figures at K_e FFN experts a token (`ffn_experts_per_token`)."""
+    k_e = ffn_experts_per_token(cfg, ffn_experts_target)
     if not 0 <= context <= cfg.max_position_embeddings:
         raise ValueError(f"context must be 0 to max_position_embeddings={cfg.max_position_embeddings} cached "
                          f"positions, got {context}")
