@@ -152,6 +152,15 @@ def test_a_bad_flag_is_named_as_typed(flags, message, capsys):
     assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags", [["--batch", "1" + "0" * 400], ["--bandwidth", "1e-320", "--json"]],
+                         ids=["huge-batch", "tiny-bandwidth"])
+def test_a_setting_beyond_floating_point_range_is_one_line(flags):
+    """A 400-digit --batch was an OverflowError traceback (from the flag's own finiteness check, then from the
+    times); --bandwidth 1e-320 printed `Infinity`, which is not JSON."""
+    with pytest.raises(SystemExit, match="the figures at this setting are beyond floating-point range"):
+        main(["cost", *flags])
+
+
 def test_a_context_longer_than_a_model_serves_is_refused(capsys):
     """`info --context` refused a context past the model's; `cost` priced 10M-token contexts nobody serves."""
     with pytest.raises(SystemExit, match="context 131073 is longer than a model serves .*LongCat-Flash 131072"):

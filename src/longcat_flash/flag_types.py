@@ -17,7 +17,7 @@ def _number(kind: type, low: float, strict: bool) -> Any:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"not {'an integer' if kind is int else 'a number'}: {text!r}") from None
-        if not math.isfinite(value):
+        if kind is float and not math.isfinite(value):  # (an int is finite; isfinite overflows on a huge one)
             raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
         if value < low or (strict and value == low):
             raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low:g}, got {text}")

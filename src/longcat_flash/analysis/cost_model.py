@@ -361,7 +361,21 @@ def cost_table(models: Sequence[str | DecodeShape] = tuple(MODELS), ep: int = 12
         raise ValueError(f"models: {', '.join(repeated)} given more than once")
     if too_short := [f"{s.name} {s.max_context}" for s in shapes if context > s.max_context]:
         raise ValueError(f"context {context} is longer than a model serves (positions: {', '.join(too_short)})")
-    return [decode_row(shape, sc) for shape in shapes]
+    return [_finite_row(shape, sc) for shape in shapes]
+
+
+def _finite_row(shape: DecodeShape, sc: Scenario) -> dict[str, Any]:
+    """`decode_row`, refused where a setting far from any hardware (a bandwidth of 1e-320 GB/s, a batch of 10^400)
+    overflows the floats."""
+    beyond = (f"{shape.name}: the figures at this setting are beyond floating-point range; give values nearer real "
+              "hardware")
+    try:
+        row = decode_row(shape, sc)
+    except OverflowError:
+        raise ValueError(beyond) from None
+    if bad := [key for key, value in row.items() if isinstance(value, float) and not math.isfinite(value)]:
+        raise ValueError(f"{beyond} ({bad[0]} is {row[bad[0]]})")
+    return row
 
 
 def _resolve(model: str | DecodeShape) -> DecodeShape:
