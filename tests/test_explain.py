@@ -64,6 +64,16 @@ def test_files_written_and_summary_printed(checkpoint, tmp_path, capsys):
         assert (tmp_path / "explain.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_a_run_without_matplotlib_leaves_no_earlier_picture(checkpoint, tmp_path, monkeypatch, capsys):
+    """The help says the files there are replaced: an explain.png of another text stayed beside the new JSON."""
+    import sys
+
+    (tmp_path / "explain.png").write_bytes(b"an earlier run's picture")
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` raises ImportError
+    main(["explain", "--model", str(checkpoint), "--text", "x = 1", "--out", str(tmp_path)])
+    assert "skipped explain.png" in capsys.readouterr().out and not (tmp_path / "explain.png").exists()
+
+
 def test_counts_are_integers_in_range_and_averages_are_layer_means(explained):
     _, data = explained
     k, layers, tokens = data["moe_topk"], data["num_layers"], data["num_tokens"]

@@ -310,7 +310,8 @@ def write_png(expl: Explanation, path: Path) -> None:
     axes = fig.subplots(2 * len(panels), 1, squeeze=False,
                         gridspec_kw={"height_ratios": [L, average_rows] * len(panels)})
     for i, tokens in enumerate(panels):
-        image = _draw_panel(axes[2 * i, 0], axes[2 * i + 1, 0], expl, tokens, width, annotate=row_height >= 0.2)
+        image = _draw_panel(axes[2 * i, 0], axes[2 * i + 1, 0], expl, tokens, width,
+                            annotate=row_height >= 0.2 and width <= PANEL_TOKENS)  # numbers only where they fit
     fig.suptitle(f"FFN experts per token (top-{k} over {expl.n_routed_experts} FFN + "
                  f"{expl.zero_expert_num} zero experts)")
     fig.colorbar(image, ax=list(axes[:, 0]), location="top", ticks=range(k + 1), label="FFN experts used",
@@ -379,6 +380,7 @@ def write_views(expl: Explanation, out: str | Path) -> tuple[list[Path], str | N
     try:
         write_png(expl, png_path)
     except ImportError:
+        png_path.unlink(missing_ok=True)  # an earlier run's picture, of another text
         return [json_path, html_path], "skipped explain.png: matplotlib is not installed (pip install matplotlib)"
     return [json_path, html_path, png_path], None
 
