@@ -45,6 +45,21 @@ def _config_from(target: str) -> ModelConfig:
                      "nor a directory with config.json")
 
 
+def _run_budget_target(target: str) -> float | None:
+    """The K_e a training run's budget controller held (its budget.target), for a run directory; None for a preset,
+    a model directory or a run at the default target."""
+    from .train.config import TRAIN_CONFIG_FILE
+
+    saved = Path(target) / TRAIN_CONFIG_FILE
+    if target in PRESETS or not saved.is_file():
+        return None
+    try:
+        budget = json.loads(saved.read_text()).get("budget")
+    except (OSError, ValueError, AttributeError):  # unreadable: the model's default, as for a model directory
+        return None
+    return budget.get("target") if isinstance(budget, dict) else None
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help=f"{DEVICE_CHOICES} (auto: CUDA when available, the local "
                                                      "rank's GPU under torchrun; else the CPU)")
@@ -56,7 +71,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, active parameters, KV-cache bytes and FLOPs per token")
     p.add_argument("target", help=f"a preset ({', '.join(sorted(PRESETS))}), a checkpoint directory (the figures "
                                    "of its config.json; the weights are not read) or a run directory")
-    p.add_argument("--ffn-experts", type=float, default=None, help="K_e for the average figure (default 2/3 K)")
+    p.add_argument("--ffn-experts", type=float, default=None, help="K_e for the average figure (default: a run's "
+                   "budget.target, else 2/3 K)")
     p.add_argument("--context", type=non_negative_int, default=0, help="context length for attention FLOPs")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(run=_run_info)
@@ -65,7 +81,8 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 def _run_info(args: argparse.Namespace) -> None:
     from .analysis.params import info_command
 
-    print(info_command(_config_from(args.target), ffn_experts_target=args.ffn_experts, context=args.context,
+    k_e = args.ffn_experts if args.ffn_experts is not None else _run_budget_target(args.target)
+    print(info_command(_config_from(args.target), ffn_experts_target=k_e, context=args.context,
                        as_json=args.json))
 
 
