@@ -300,6 +300,10 @@ class ModelConfig:
                              "supported")
         if "num_layers" not in raw and isinstance(raw.get("num_hidden_layers"), int):
             values["num_layers"] = raw["num_hidden_layers"] // 2  # transformers': two sublayers per layer
+        for alias, name in _ALIASES.items():  # one would win by its place in the file
+            if alias in raw and name in raw and raw[alias] != raw[name]:
+                raise ValueError(f"config.json: {alias}={raw[alias]!r} disagrees with {name}={raw[name]!r} (two "
+                                 "names of one field)")
         for key, value in raw.items():
             key = _ALIASES.get(key, key)
             if key in ("rope_parameters", "rope_scaling"):
