@@ -165,6 +165,20 @@ def test_a_config_without_the_mtp_head_loads_the_trunk_of_a_checkpoint_with_it(s
     assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
 
 
+def test_a_config_that_leaves_the_mtp_field_out_has_the_head_its_files_hold(saved, caplog):
+    """The official config's default is one head: left out of config.json over files holding it, the head was
+    dropped (with a warning that config.json names none) and `longcat info` said "MTP head: none"."""
+    model, path = saved
+    config = json.loads((path / "config.json").read_text())
+    del config["num_nextn_predict_layers"]
+    (path / "config.json").write_text(json.dumps(config))
+    loaded = LongcatFlash.from_pretrained(path)
+    assert loaded.config.num_nextn_predict_layers == 1 and "names no MTP head" not in caplog.text
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in loaded.state_dict().items())
+    rewrite(path, lambda t: [t.pop(k) for k in list(t) if k.startswith("model.mtp.")])  # as transformers saves
+    assert LongcatFlash.from_pretrained(path).model.mtp is None
+
+
 def test_a_folder_that_is_no_model_says_so_before_looking_for_a_tokenizer(tmp_path):
     (tmp_path / "readme.txt").write_text("notes")
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is not a model directory: it has no config.json"):

@@ -139,16 +139,22 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
 
 def checkpoint_config(path: Path) -> ModelConfig:
     """config.json, read as the files hold it: a config naming an MTP head whose weights are not in the files
-    (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one; the eos ids
+    (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one, and one that
+    leaves the field out over files holding the head is a model with it; the eos ids
     of generation_config.json end generation too, as in transformers' `generate` (a chat model's end of turn,
     `<|im_end|>`, is often only there)."""
     cfg = ModelConfig.from_json(path)
-    written_by = json.loads((path / "config.json").read_text()).get("transformers_version")
-    if written_by and (ignored := transformers_ignores(cfg)):
+    raw = json.loads((path / "config.json").read_text())
+    if (written_by := raw.get("transformers_version")) and (ignored := transformers_ignores(cfg)):
         _warn_transformers_computes_another_model(path.resolve(), str(written_by), ", ".join(ignored))
-    if cfg.num_nextn_predict_layers and not any(k.startswith("model.mtp.") for k in checkpoint_files(path)):
-        _warn_no_mtp_weights(path.resolve())
-        cfg = cfg.replace(num_nextn_predict_layers=0)
+    named = "num_nextn_predict_layers" in raw
+    if cfg.num_nextn_predict_layers or not named:
+        has_head = any(k.startswith("model.mtp.") for k in checkpoint_files(path))
+        if cfg.num_nextn_predict_layers and not has_head:
+            _warn_no_mtp_weights(path.resolve())
+            cfg = cfg.replace(num_nextn_predict_layers=0)
+        elif not named and has_head:  # the official config's default is one head (transformers' has no field)
+            cfg = cfg.replace(num_nextn_predict_layers=1)
     eos = tuple(dict.fromkeys((*cfg.eos_token_ids, *_token_ids(generation_config(path), "eos_token_id", path))))
     if eos != cfg.eos_token_ids:
         try:
