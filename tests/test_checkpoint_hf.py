@@ -179,6 +179,20 @@ def test_a_config_that_leaves_the_mtp_field_out_has_the_head_its_files_hold(save
     assert LongcatFlash.from_pretrained(path).model.mtp is None
 
 
+@pytest.mark.parametrize("quantize", [None, "int8"])
+def test_a_model_fused_for_inference_is_refused_before_anything_is_written(saved, quantize):
+    """`load_engine(...)`'s model saved in place wrote stacked and scaled tensors under names no loader reads,
+    over the checkpoint it came from."""
+    from longcat_flash.infer.loader import load_for_inference
+
+    _, path = saved
+    before = (path / "model.safetensors").read_bytes()
+    fused, _ = load_for_inference(path, dtype="float32", quantize=quantize)
+    with pytest.raises(ValueError, match="a model fused or quantized for inference is not saved"):
+        fused.save_pretrained(path)
+    assert (path / "model.safetensors").read_bytes() == before
+
+
 def test_a_folder_that_is_no_model_says_so_before_looking_for_a_tokenizer(tmp_path):
     (tmp_path / "readme.txt").write_text("notes")
     with pytest.raises(FileNotFoundError, match=rf"{tmp_path} is not a model directory: it has no config.json"):

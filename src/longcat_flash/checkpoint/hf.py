@@ -469,6 +469,7 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
     model, dtype, path = getattr(model, "_orig_mod", model), parse_dtype(dtype), Path(path)
     if type(max_shard_bytes) is not int or max_shard_bytes < 1:
         raise ValueError(f"max_shard_bytes must be a positive number of bytes, got {max_shard_bytes!r}")
+    _check_savable(model, path)
     if writer:
         path.mkdir(parents=True, exist_ok=True)
         if ignored := transformers_ignores(model.config):
@@ -507,6 +508,18 @@ def save_pretrained(model: Transformer, path: str | Path, max_shard_bytes: int =
             if tmp is not None:
                 tmp.unlink(missing_ok=True)
         raise
+
+
+def _check_savable(model: Transformer, path: Path) -> None:
+    """Refuse, before writing anything, a model whose weights are not the model's own: one fused or quantized for
+    inference in place (`load_engine`, `load_for_inference`) holds stacked, packed or scaled tensors under other
+    names, which no loader reads back."""
+    with torch.device("meta"):
+        own = Transformer(model.config).state_dict().keys()
+    if other := sorted(set(model.state_dict()) - set(own)):
+        raise ValueError(f"cannot save to {path}: the model holds weights in a layout of its own ({other[0]!r}): "
+                         "a model fused or quantized for inference is not saved; save the model "
+                         "LongcatFlash.from_pretrained returns")
 
 
 def _write_part(path: Path, number: int, tensors: dict[str, torch.Tensor]) -> Path:
