@@ -247,6 +247,33 @@ def test_bad_messages_are_rejected(tok: Tokenizer, messages, match: str) -> None
         tok.apply_chat_template(messages)
 
 
+@pytest.mark.parametrize("tools, match", [
+    ("get_weather", "tools must be a list"),  # rendered as one tool per character
+    ({"a": 1}, "tools must be a list"),  # rendered as the tool "a"
+    ([123], r"tools\[0\] must be a tool definition"),
+    ([{"type": "function", "function": {"name": "f"}}, None], r"tools\[1\] must be a tool definition"),
+])
+def test_bad_tools_are_rejected(tok: Tokenizer, tools, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        tok.apply_chat_template([{"role": "user", "content": "hi"}], tools=tools)
+
+
+def test_encode_and_decode_name_a_wrong_argument(tok: Tokenizer) -> None:
+    """encode(None) was an AttributeError from inside, decode([-1]) an OverflowError, decode([69.9]) id 69."""
+    for text in (None, b"abc", 5):
+        with pytest.raises(TypeError, match="the text must be a str"):
+            tok.encode(text)
+    with pytest.raises(TypeError, match="decode takes token ids"):
+        tok.decode([69.9])
+    with pytest.raises(ValueError, match="token ids are >= 0, got -1"):
+        tok.decode([5, -1])
+    import numpy as np
+    import torch
+
+    ids = tok.encode("hello world")
+    assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(ids) == "hello world"
+
+
 # ---- transformers can read what we save ----
 
 @pytest.mark.hf

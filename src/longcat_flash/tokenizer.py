@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import operator
 import re
 import sysconfig
 from collections.abc import Iterable, Sequence
@@ -116,6 +117,8 @@ _FALLBACK_NAMES = {
 def utf8_text(text: str) -> str:
     """`text`, refused by name when it holds a lone surrogate: an undecodable input byte, as Python carries one from
     argv and stdin, which the tokenizer library would reject with a TypeError."""
+    if not isinstance(text, str):
+        raise TypeError(f"the text must be a str, got {type(text).__name__}: {text!r:.80}")
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as err:
@@ -215,7 +218,13 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Ids to text; `skip_special_tokens` drops pad/bos/eos so a generated sequence reads as plain text."""
-        return self._backend.decode([int(i) for i in ids], skip_special_tokens=skip_special_tokens)
+        try:
+            ids = [operator.index(i) for i in ids]  # ints, numpy ints, integer tensors; not 69.9 read as 69
+        except TypeError:
+            raise TypeError(f"decode takes token ids (integers), got {ids!r:.80}") from None
+        if any(i < 0 for i in ids):
+            raise ValueError(f"token ids are >= 0, got {min(ids)}")
+        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
     def token_bytes(self, token: int) -> bytes:
         """The bytes one token stands for, a part of a character included (its decoded text is then U+FFFD);
@@ -240,6 +249,7 @@ class Tokenizer:
         template has transformers' `strftime_now`, which Llama 3.x date their prompts with; without it (training
         data, which must render the same on any day) a template sees it undefined and falls back to its own."""
         _validate_messages(messages)
+        _validate_tools(tools)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
         template = compile_template(self.tool_chat_template if tools and self.tool_chat_template else
@@ -558,6 +568,19 @@ def _validate_messages(messages: Sequence[dict[str, Any]]) -> None:
         if role == "assistant" and i and messages[i - 1].get("role") == "assistant":
             raise ValueError(f"messages[{i}] is an assistant message right after another; a conversation "
                              "alternates (consecutive user messages are joined, assistant ones are not)")
+
+
+def _validate_tools(tools: Sequence[dict[str, Any]] | None) -> None:
+    """Tools are a list of JSON objects (OpenAI's {"type": "function", "function": {...}}): a string or a dict
+    rendered character by character, or key by key, as tools."""
+    if tools is None:
+        return
+    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Sequence):
+        raise ValueError(f"tools must be a list of tool definitions (JSON objects), got {tools!r}")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict):
+            raise ValueError(f"tools[{i}] must be a tool definition (a JSON object such as {{'type': 'function', "
+                             f"'function': {{...}}}}), got {tool!r}")
 
 
 @functools.lru_cache(maxsize=8)
