@@ -149,6 +149,23 @@ def test_a_step_that_fails_leaves_no_request_behind(model, monkeypatch):
     assert engine.generate([[1, 2]], greedy()) == Engine(model, EngineConfig(**SMALL)).generate([[1, 2]], greedy())
 
 
+def test_the_python_api_takes_the_forms_users_pass_and_names_the_wrong_ones(model):
+    """A dict logit_bias (OpenAI's form) was refused, a list of lists made the params unhashable; a grammar given as
+    text failed inside a step; a tuple of params was "add_copies needs ..."; a bad prompt in a batch was not named."""
+    assert SamplingParams(logit_bias={5: 1.0}) == SamplingParams(logit_bias=[[5, 1.0]]) == \
+        SamplingParams(logit_bias=((5, 1.0),))
+    hash(SamplingParams(logit_bias=[[5, 1.0]]))
+    with pytest.raises(ValueError, match="grammar must be None or an infer.grammar.Grammar"):
+        SamplingParams(grammar="json")
+    engine = Engine(model, EngineConfig(**SMALL))
+    assert engine.generate([[1, 2], [3, 4]], (greedy(), greedy())) == engine.generate([[1, 2], [3, 4]], greedy())
+    with pytest.raises(TypeError, match="params must be a SamplingParams or a list of one per prompt"):
+        engine.generate([[1, 2]], {"temperature": 0})
+    with pytest.raises(ValueError, match=r"prompts\[1\]: prompt token ids must be in"):
+        engine.generate([[1, 2], [3, -1]], greedy())
+    assert not engine.requests
+
+
 def test_logit_bias_ids_are_checked_against_the_vocabulary(model):
     with pytest.raises(ValueError, match="logit_bias"):
         Engine(model, EngineConfig(**SMALL)).add_request([1, 2], greedy(logit_bias=((10**6, 1.0),)))

@@ -501,7 +501,10 @@ class Engine:
         """Run prompts to completion, continuously batched; generated ids per prompt. Any number of prompts: they
         join the queue as it has room (Scheduler.queue_room). The engine must hold no other request (add_request's are
         driven by step()). A request that fails (non-finite logits: StepOutput.error) raises ValueError."""
-        params = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        if params is None or isinstance(params, SamplingParams):
+            params = [params or SamplingParams()] * len(prompts)
+        elif not isinstance(params, (list, tuple)) or not all(isinstance(sp, SamplingParams) for sp in params):
+            raise TypeError(f"params must be a SamplingParams or a list of one per prompt, got {params!r:.80}")
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
         if self.requests:
@@ -512,7 +515,11 @@ class Engine:
         try:
             while len(ids) < len(prompts) or self.has_work():
                 while len(ids) < len(prompts) and self.scheduler.queue_room() > 0:
-                    ids.append(self.add_request(prompts[len(ids)], params[len(ids)]))
+                    i = len(ids)
+                    try:
+                        ids.append(self.add_request(prompts[i], params[i]))
+                    except (TypeError, ValueError) as err:  # which of the batch it is
+                        raise type(err)(f"prompts[{i}]: {err}") from None
                     out[ids[-1]] = []
                 for o in self.step():
                     if o.error is not None:

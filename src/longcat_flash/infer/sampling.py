@@ -60,7 +60,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2], over generated tokens
     repetition_penalty: float = 1.0  # > 0, over prompt + generated tokens; 1 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]); ids checked by the engine
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) or {id: bias}; ids checked by
+    # the engine
     grammar: Grammar | None = None  # constrained decoding (infer/grammar.py); each request gets its own matcher
 
     def __post_init__(self) -> None:
@@ -90,6 +91,9 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))  # a list would make params unhashable
         if len(self.stop_token_ids) > MAX_STOP_TOKENS:
             raise ValueError(f"at most {MAX_STOP_TOKENS} stop_token_ids, got {len(self.stop_token_ids)}")
+        if self.grammar is not None and not callable(getattr(self.grammar, "matcher", None)):
+            raise ValueError(f"grammar must be None or an infer.grammar.Grammar (GrammarCompiler compiles one from "
+                             f"a JSON schema), got {self.grammar!r:.80}")
         self._check_controls()
 
     def _check_controls(self) -> None:
@@ -100,11 +104,15 @@ class SamplingParams:
             raise ValueError(f"repetition_penalty must be > 0 and finite, got {self.repetition_penalty!r}")
         if not 0.0 <= self.min_p <= 1.0:
             raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
+        bias = tuple(self.logit_bias.items()) if isinstance(self.logit_bias, dict) else self.logit_bias  # OpenAI's
+        if not isinstance(bias, (tuple, list)) or not all(
+                isinstance(pair, (tuple, list)) and len(pair) == 2 and _integer(pair[0]) and pair[0] >= 0
+                and isinstance(pair[1], (int, float)) and -100.0 <= pair[1] <= 100.0 for pair in bias):
+            raise ValueError("logit_bias holds (token id >= 0, bias in [-100, 100]) pairs, or is a {token id: bias} "
+                             f"dict, got {self.logit_bias!r:.80}")
+        object.__setattr__(self, "logit_bias", tuple(map(tuple, bias)))  # lists would make params unhashable
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
             raise ValueError(f"at most {MAX_LOGIT_BIAS} logit_bias entries, got {len(self.logit_bias)}")
-        if not all(isinstance(pair, tuple) and len(pair) == 2 and _integer(pair[0]) and pair[0] >= 0
-                   and isinstance(pair[1], (int, float)) and -100.0 <= pair[1] <= 100.0 for pair in self.logit_bias):
-            raise ValueError("logit_bias holds (token id >= 0, bias in [-100, 100]) pairs")
 
     @property
     def adjusts(self) -> bool:
