@@ -386,3 +386,15 @@ def test_a_compiled_model_saves_as_the_model_it_wraps_and_dtypes_may_be_named(sa
     assert LongcatFlash.from_pretrained(tmp_path / "compiled", dtype="bfloat16").lm_head.weight.dtype == torch.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
         LongcatFlash.from_pretrained(tmp_path / "compiled", dtype="bf16")
+
+
+def test_a_random_model_leaves_the_callers_generator_as_it_was():
+    """random_model reseeded the global generator: a notebook's torch.manual_seed before it no longer held after."""
+    from longcat_flash.checkpoint.fresh import random_model
+
+    torch.manual_seed(1234)
+    expected = torch.rand(3)
+    torch.manual_seed(1234)
+    first = random_model(tiny(), seed=7)
+    assert torch.equal(torch.rand(3), expected)
+    assert torch.equal(random_model(tiny(), seed=7).lm_head.weight, first.lm_head.weight)  # the seed still decides

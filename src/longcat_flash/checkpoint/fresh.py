@@ -37,16 +37,17 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
     if torch.device(device).type == "cpu" and need > have:  # fp32 first, cast when saved
         raise ValueError(f"a model of {model.num_parameters() / 1e9:.1f}B parameters needs {need / 2**30:.0f} GiB "
                          f"in fp32; this machine has {have / 2**30:.0f} GiB")
-    torch.manual_seed(seed)  # after the meta build, which draws nothing, so it cannot shift the stream
-    if model.num_parameters() > DIRECT_MAX_PARAMS:
-        model.to_empty(device=device)
-        model.init_weights(std)
+    with torch.random.fork_rng():  # the caller's generators as they were: seeding is this model's alone
+        torch.manual_seed(seed)  # after the meta build, which draws nothing, so it cannot shift the stream
+        if model.num_parameters() > DIRECT_MAX_PARAMS:
+            model.to_empty(device=device)
+            model.init_weights(std)
+            return model
+        with torch.device(device):
+            model = LongcatFlash(cfg)
+        if std is not None:
+            model.init_weights(std)
         return model
-    with torch.device(device):
-        model = LongcatFlash(cfg)
-    if std is not None:
-        model.init_weights(std)
-    return model
 
 
 def init_checkpoint(cfg: ModelConfig, out: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
