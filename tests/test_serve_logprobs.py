@@ -314,3 +314,26 @@ def test_chat_logit_bias_forces_a_token_and_controls_are_validated(served):
                        ({"functions": [{"name": "f"}]}, "functions"), ({"function_call": "auto"}, "function_call")]:
         r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, **bad})
         assert r.status_code == 400 and param in r.json()["error"]["message"], (bad, r.text)
+
+
+def test_whole_replies_are_serialised_off_the_event_loop(served, monkeypatch):
+    """16 echoed prompts of 4000 tokens with logprobs make a 34 MB reply: encoded on the event loop (FastAPI's
+    jsonable_encoder, then json.dumps) it stalled /health for 3.5 s and other streams for 11 s."""
+    from serve_support import on_a_loop
+    from starlette.responses import JSONResponse
+
+    replies = []
+    render = JSONResponse.render
+
+    def recorded(self, content):
+        if isinstance(content, dict) and "choices" in content:
+            replies.append(on_a_loop())
+        return render(self, content)
+
+    monkeypatch.setattr(JSONResponse, "render", recorded)
+    client = served[0]
+    r = client.post("/v1/completions", json={"model": "tiny", "prompt": "ab", "max_tokens": 2, "echo": True,
+                                             "logprobs": 1})
+    assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("ab")
+    assert chat(client, max_tokens=2).json()["choices"][0]["message"]["role"] == "assistant"
+    assert replies == [False, False]
