@@ -216,14 +216,20 @@ def test_parser_with_prefill_and_no_parallel_calls():
 
 
 
-@pytest.mark.parametrize("text, last, content, calls, reason", [
-    (f"ok {OPEN}no call ra( more{CLOSE} after", None, f"ok {OPEN}no call ", 0, "stop"),  # a block that is no call
-    (f'ok {OPEN}{{"name": "f", "arguments": {{"q": "ra("}}}}{CLOSE}', "stop", "ok", 1, "tool_calls"),  # a call
-    (f'ok {OPEN}{{"name": "f", ra( never closed', "length", f'ok {OPEN}{{"name": "f", ', 0, "stop"),  # unclosed
+UNCLOSED = f'ok {OPEN}{{"name": "f", never closed'
+
+
+@pytest.mark.parametrize("text, last, content, calls, reason, stop", [
+    (f"ok {OPEN}no call ra( more{CLOSE} after", None, f"ok {OPEN}no call ", 0, "stop", "ra("),  # no call in it
+    (f'ok {OPEN}{{"name": "f", "arguments": {{"q": "ra("}}}}{CLOSE}', "stop", "ok", 1, "tool_calls", "ra("),  # a call
+    (f'ok {OPEN}{{"name": "f", ra( never closed', "length", f'ok {OPEN}{{"name": "f", ', 0, "stop", "ra("),
+    (UNCLOSED, "length", UNCLOSED, 0, "length", OPEN),  # the tags are markup: a stop string never matches them
+    (UNCLOSED, "length", UNCLOSED, 0, "length", "call>"),  # nor a part of one
 ])
-def test_stop_strings_cut_a_block_handed_back_as_content(text, last, content, calls, reason):
+def test_stop_strings_cut_a_block_handed_back_as_content(text, last, content, calls, reason, stop):
     """Stop strings are not looked for inside call blocks (serve/text.py); a block the parser then handed back as
-    content carried them to the client, and the reply ran on to max_tokens."""
+    content carried them to the client, and the reply ran on to max_tokens. Scanning it, a stop string equal to
+    the opening tag matched the tag: a reply cut by max_tokens finished with "stop" and an empty content."""
     import asyncio
 
     from longcat_flash.serve.replies import parsed
@@ -234,7 +240,7 @@ def test_stop_strings_cut_a_block_handed_back_as_content(text, last, content, ca
 
     async def read() -> tuple[list, str | None]:
         events, finish = [], None
-        async for got, finish, _ in parsed(pieces(), ToolCallParser(), stop=["ra("]):
+        async for got, finish, _ in parsed(pieces(), ToolCallParser(), stop=[stop]):
             events += got
         return events, finish
 

@@ -4,10 +4,14 @@ into stream deltas, so that both response shapes come from the same events.
 """
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Callable, Sequence
 
+from ..tokenizer import TOOL_CALL_TOKENS
 from . import responses as resp
 from .tools import Event, PlainText, ToolCall, ToolCallParser
+
+TAGS = re.compile("|".join(map(re.escape, TOOL_CALL_TOKENS)))
 
 
 async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: ToolCallParser | PlainText,
@@ -41,12 +45,20 @@ async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: Too
 
 
 def cut_at_stop(events: list[Event], stop: Sequence[str]) -> tuple[list[Event], bool]:
-    """The events up to the first stop string in their content, and whether there was one."""
+    """The events up to the first stop string in their content, and whether there was one. The tags of a block
+    handed back as content are markup, not text: no stop string matches them or any part of them."""
     for i, event in enumerate(events):
-        hits = [k for k in (event.find(s) for s in stop) if k >= 0] if isinstance(event, str) else []
+        hits = [k for s in stop for k in _text_matches(event, s)] if isinstance(event, str) else []
         if hits:
             return [*events[:i], event[:min(hits)]], True
     return events, False
+
+
+def _text_matches(content: str, stop: str) -> list[int]:
+    """Where `stop` starts in `content`, its matches that overlap a tool-call tag left out."""
+    tags = [(m.start(), m.end()) for m in TAGS.finditer(content)]
+    starts = [m.start() for m in re.finditer(f"(?={re.escape(stop)})", content)] if stop else []
+    return [k for k in starts if not any(a < k + len(stop) and k < b for a, b in tags)]
 
 
 async def answer(turns: AsyncIterator[tuple[list[Event], str | None, int]]
