@@ -171,13 +171,21 @@ def test_generated_logprobs_and_greedy_text_unchanged(served):
     ({"prompt": ["a"] * 5, "n": 26}, "at most 128 choices"), ({"logprobs": 21}, "logprobs"), ({"logprobs": -1}, "logprobs"), ({"prompt": ["a"] * 129}, "at most"),
     ({"prompt": ["a", ""]}, "prompt.1: must not be empty"), ({"prompt": [[1, 2], [10**9]]}, "token ids"),
     ({"response_format": {"type": "xml"}}, "response_format"), ({"best_of": 3}, "best_of"),
-    ({"n": 2, "best_of": 1}, "best_of: 1 is fewer than n (2)"),
+    ({"n": 2, "best_of": 1}, "best_of: 1 is fewer than n (2)"), ({"n": 2, "best_of": 3}, "best_of: 3 is more than n"),
     ({"suffix": ""}, "suffix: insertion (text the completion must lead up to) is not supported by this server"),
 ])
 def test_what_we_do_not_serve_is_refused(served, change, words):
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     assert r.json()["error"]["code"] == "invalid_value"  # as every other refused value
+
+
+def test_best_of_equal_to_n_is_served():
+    """Nothing to rank: every candidate is returned. With n >= 2 no best_of was accepted (1 was "fewer than n",
+    n itself "only 1")."""
+    for n in (1, 2, 3):
+        assert p.CompletionRequest(prompt="x", n=n, best_of=n).best_of == n
+        assert p.ChatCompletionRequest(messages=[{"role": "user", "content": "x"}], n=n, best_of=n).n == n
 
 
 @pytest.mark.parametrize("prompt", [["ok", ""], [[1], []], ["ok", "x" * (p.MAX_PROMPT_CHARS + 1)], [[1, 2], "ab"],

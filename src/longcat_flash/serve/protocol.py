@@ -132,7 +132,7 @@ class _Sampling(_Part):
     ignore_eos: bool = False  # extension: generate exactly max_tokens (benchmarks)
     # text, json_object or json_schema (constrained decoding: serve/structured.py)
     response_format: dict[str, Any] | None = None
-    best_of: int | None = None  # declared only to be refused: accepted and dropped, it would change nothing
+    best_of: int | None = None  # only n (nothing to rank): any other would be accepted and change nothing
 
     @model_validator(mode="before")
     @classmethod
@@ -179,13 +179,6 @@ class _Sampling(_Part):
             raise ValueError(f"json_schema.schema: longer than {MAX_SCHEMA_CHARS} characters as JSON")
         return value
 
-    @field_validator("best_of")
-    @classmethod
-    def _one_candidate(cls, value: int | None) -> int | None:
-        if value not in (None, 1):
-            raise ValueError("only 1: this server does not rank several candidates")
-        return value
-
     @field_validator("logit_bias")
     @classmethod
     def _logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
@@ -220,6 +213,9 @@ class _Sampling(_Part):
     def _best_of_covers_n(self) -> _Sampling:
         if self.best_of is not None and self.best_of < self.n:
             raise ValueError(f"best_of: {self.best_of} is fewer than n ({self.n}): it must be at least n")
+        if self.best_of is not None and self.best_of > self.n:  # equal: nothing to rank, every candidate returned
+            raise ValueError(f"best_of: {self.best_of} is more than n ({self.n}): this server does not rank "
+                             "candidates, so best_of may only equal n")
         return self
 
     @property
