@@ -197,6 +197,18 @@ def test_a_refused_prompt_of_several_is_named_by_its_index(served, prompt):
     assert r.json()["error"]["message"].startswith("prompt.1: "), r.text
 
 
+def test_a_prompt_of_several_past_the_context_or_the_vocabulary_is_named_by_its_index(served):
+    """A prompt of several that did not fit the context, or held an id past the vocabulary, was "the prompt"."""
+    client, model, _, _ = served
+    context, vocab = model.config.max_position_embeddings, model.config.vocab_size
+    for prompt, param, words in (([[5] * 10, [5] * (context + 1)], "prompt.1", "prompt.1: the prompt has"),
+                                 ([[1, 2], [3, vocab]], "prompt.1", "prompt.1: prompt token ids must be in"),
+                                 ([[5] * (context - 1), [5]], "max_tokens", "plus prompt.0's")):
+        r = client.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 2})
+        error = r.json()["error"]
+        assert r.status_code == 400 and error["param"] == param and words in error["message"], r.text
+
+
 def streamed(client, path: str, body: dict) -> tuple[list[dict], dict | None]:
     """The choice chunks of a streamed response, in arrival order, and its usage (the last chunk's)."""
     chunks, usage = [], None

@@ -105,12 +105,13 @@ class Generation:
         if len(prompt) > context or (len(prompt) == context and limit is None):  # max_tokens 0: scored, may fill it
             why = (f"this model's context is {context} tokens" if len(prompt) > context else
                    "the whole of this model's context, so none is left to generate")
-            raise APIError(400, f"the prompt has {len(prompt)} tokens; {why}", param=param,
+            raise APIError(400, f"{param}: the prompt has {len(prompt)} tokens; {why}", param=param,
                            code="context_length_exceeded")
         limit = context - len(prompt) if limit is None else limit
         if len(prompt) + limit > context:
             sent = "max_completion_tokens" if getattr(body, "max_completion_tokens", None) else "max_tokens"
-            raise APIError(400, f"{sent}={limit} plus the prompt's {len(prompt)} tokens exceeds the context of "
+            whose = f"{param}'s" if "." in param else "the prompt's"  # one of several prompts: which
+            raise APIError(400, f"{sent}={limit} plus {whose} {len(prompt)} tokens exceeds the context of "
                                 f"{context} tokens", param=sent, code="context_length_exceeded")
         sampled = {name: getattr(body, name) if name in body.model_fields_set
                    else self.config.sampling_defaults.get(name, getattr(body, name)) for name in MODEL_DEFAULTS}
@@ -155,12 +156,14 @@ class Generation:
         if not errors:
             return groups
         self.close(copy for group in groups for copy in group)
-        err = errors[0]
+        failed, err = next((i, r) for i, r in enumerate(results) if isinstance(r, BaseException))
         if isinstance(err, QueueFull):
             raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
         if isinstance(err, ValueError):
-            raise APIError(400, str(err), param="prompt", code="invalid_value") from None
+            name = "prompt" if len(jobs) == 1 else f"prompt.{failed}"  # which of several
+            raise APIError(400, f"{name}: {err}" if len(jobs) > 1 else str(err), param=name,
+                           code="invalid_value") from None
         if isinstance(err, RuntimeError):
             raise APIError(503, str(err), "server_error", code="engine_down") from None
         raise err
@@ -425,7 +428,9 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
         prompts = await asyncio.to_thread(_completion_prompts, tokenizer, body.prompt, config.context)
-        params = [_completion_params(gen.check(body, ids, body.max_tokens, "prompt"), body) for ids in prompts]
+        names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
+        params = [_completion_params(gen.check(body, ids, body.max_tokens, name), body)
+                  for ids, name in zip(prompts, names)]
         params = await gen.constrain(params, body)
         groups = await gen.submit([(ids, _copies(sp, body.n)) for ids, sp in zip(prompts, params)])
         copies = [copy for group in groups for copy in group]
@@ -590,9 +595,9 @@ def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], co
     vLLM and HF tokenizers read a raw prompt: the client writes all of it (lm_eval's untokenized windows start with
     the bos text). Chat messages differ: only the template's special tokens are special there. Runs off the event
     loop."""
-    for prompt in prompts:  # scored (max_tokens 0), a prompt may fill the context; `check` refuses the rest
-        if isinstance(prompt, str):
-            _fits(tokenizer, len(prompt), context, "prompt", scoring=True)
+    for i, prompt in enumerate(prompts):  # scored (max_tokens 0), a prompt may fill the context; `check` refuses
+        if isinstance(prompt, str):  # the rest
+            _fits(tokenizer, len(prompt), context, "prompt" if len(prompts) == 1 else f"prompt.{i}", scoring=True)
     texts = [prompt for prompt in prompts if isinstance(prompt, str)]
     encoded = iter(tokenizer.encode_batch(texts, allow_special=True) if texts else [])
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
