@@ -46,6 +46,30 @@ def test_a_yarn_factor_that_does_not_give_the_context_is_pointed_out(base, tmp_p
             f"{2 * LONG} is {2 * LONG // S} x") in capsys.readouterr().out
 
 
+def test_a_second_yarn_stage_counted_from_the_first_stages_context_is_pointed_out(base, tmp_path, capsys):
+    """Extending a YaRN model again as the docs said ("the length the model was trained at before the extension
+    this run makes"), factor 2 over the first stage's 256, gave the first stage's frequencies back: no further
+    interpolation, without a word. A further stage keeps the first S and raises the factor."""
+    directory, data = base
+    first = tmp_path / "first"
+
+    def yarn(factor: int, original: int) -> str:
+        return f"model.rope_scaling={{'rope_type': 'yarn', 'factor': {factor}, 'original_max_position_embeddings': " \
+               f"{original}}}"
+
+    main(["train", "--preset", "tiny", "--out", str(first), "--max-steps", "1", "--no-progress",
+          *sets(*data, f"init_from={directory}", f"model.max_position_embeddings={LONG}", yarn(LONG // S, S))])
+    capsys.readouterr()
+    for out, stage, noted in (("counted-again", yarn(2, LONG), True), ("compounded", yarn(2 * LONG // S, S), False)):
+        main(["train", "--preset", "tiny", "--out", str(tmp_path / out), "--max-steps", "1", "--no-progress",
+              *sets(*data, f"init_from={first}", f"model.max_position_embeddings={2 * LONG}", stage)])
+        printed = capsys.readouterr().out
+        note = (f"note: init_from was extended with YaRN from {S} positions (factor {LONG // S}); this run counts "
+                f"from original_max_position_embeddings={LONG}. A further YaRN stage keeps {S} and raises the factor "
+                f"(to {2 * LONG // S} here)")
+        assert (note in printed) == noted, printed
+
+
 @pytest.mark.parametrize("rope", [
     [f"model.rope_scaling={{'rope_type': 'yarn', 'factor': 4, 'original_max_position_embeddings': {S}}}"],
     ["model.rope_theta=500000"],

@@ -314,7 +314,8 @@ def _header(run: Run) -> str:
             + (f"; from {cfg.init_from}" + ("" if run.state.step else _init_changes(cfg)) if cfg.init_from else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
                       if isinstance(data, (ConversationDataset, CopyMix)))
-            + _yarn_note(m) + _idle_mtp_note(cfg))
+            + _yarn_note(m) + ("" if run.state.step or not cfg.init_from else _yarn_restage_note(cfg))
+            + _idle_mtp_note(cfg))
 
 
 def _idle_mtp_note(cfg: TrainConfig) -> str:
@@ -345,6 +346,21 @@ def _yarn_note(m: ModelConfig) -> str:
     return (f"\nnote: model.rope_scaling.factor={rope.factor:g} interpolates for {rope.factor:g} x "
             f"{rope.original_max_position_embeddings} positions, but max_position_embeddings="
             f"{m.max_position_embeddings} is {implied:g} x (a factor left from an earlier context?)")
+
+
+def _yarn_restage_note(cfg: TrainConfig) -> str:
+    """A second YaRN stage (the report's 32k, then 128k) keeps the length before the first one and raises the
+    factor: counted from the first stage's context instead, it interpolates no further than that stage did, and
+    moves the frequencies the model was trained at."""
+    before, now = hf.checkpoint_config(Path(cfg.init_from)).rope_scaling, cfg.model.rope_scaling
+    if "yarn" != before.rope_type or "yarn" != now.rope_type or \
+            now.original_max_position_embeddings == before.original_max_position_embeddings:
+        return ""
+    first = before.original_max_position_embeddings
+    return (f"\nnote: init_from was extended with YaRN from {first} positions (factor {before.factor:g}); this run "
+            f"counts from original_max_position_embeddings={now.original_max_position_embeddings}. A further YaRN "
+            f"stage keeps {first} and raises the factor (to {cfg.model.max_position_embeddings / first:g} here); "
+            "else it interpolates no further than the first stage did")
 
 
 def _init_changes(cfg: TrainConfig) -> str:
