@@ -127,6 +127,25 @@ def test_init_from_is_read_as_every_other_set_value(tmp_path: Path, capsys):
     assert f"init_from='{model}'" in out and "model.num_layers=3" in out  # the checkpoint's model, not the recipe's
 
 
+def test_init_from_a_run_resumed_and_stopped_before_its_end_is_refused(tmp_path: Path):
+    """Its model files were the earlier finish's (step 2) while its newest checkpoint was at step 3: an extension
+    run from it trained the older weights, without a word."""
+    from train_support import tiny_config
+
+    from longcat_flash.train.trainer import setup, train
+
+    run = tmp_path / "run"
+    cfg = tiny_config(make_corpus(tmp_path / "corpus"), tmp_path / "cache", "max_steps=2", "eval_every=0",
+                      "sample_tokens=1")
+    train(cfg, run, progress=False)
+    assert build_config("tiny", [f"init_from={run}"]).init_from == str(run)  # finished: its model is its newest
+    resumed = resume_config(run)
+    setup(dataclasses.replace(resumed, max_steps=4), run, resume=True, progress=False)  # a resume to step 4 ...
+    shutil.copytree(training.latest_checkpoint(run / "checkpoints"), run / "checkpoints" / "step_00000003")
+    with pytest.raises(ValueError, match=r"the run there has not finished \(its newest checkpoint is at step 3 of 4\)"):
+        build_config("tiny", [f"init_from={run}"])  # ... killed after its checkpoint at step 3
+
+
 def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):
     for value in ("id,source", "['id', 'source']", " id , source ", "[id,source]", "(id, source)"):
         main(["sft", "--print-config", "--set", f"sft.ignore_columns={value}"])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+from ..checkpoint import training
 from ..checkpoint.hf import checkpoint_config
 from ..config import ModelConfig
 from ..data.corpus import RUN_CONFIG_FILE, STDLIB
@@ -517,8 +518,30 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def pretrained_model_config(directory: str | Path) -> ModelConfig:
-    """The ModelConfig of an HF model directory (`init_from`), with a clear error when it is not one."""
-    if not (Path(directory) / "config.json").is_file():
+    """The ModelConfig of an HF model directory (`init_from`), with a clear error when it is not one, or when it is
+    a run whose model is older than its newest checkpoint (resumed and stopped before it finished)."""
+    path = Path(directory)
+    unfinished = _unfinished_run(path)
+    if not (path / "config.json").is_file():  # a setting: rank 0 says it
         raise ValueError(f"init_from={directory} (sft's --model): no config.json there (expected an HF model "
-                         "directory: config.json, model*.safetensors, tokenizer.json)")  # a setting: rank 0 says it
-    return checkpoint_config(Path(directory))
+                         "directory: config.json, model*.safetensors, tokenizer.json)"
+                         + (f"; it is a run that has not finished ({unfinished}): resume it to the end, and its "
+                            "model is written there" if unfinished else ""))
+    if unfinished:
+        raise ValueError(f"init_from={directory}: the run there has not finished ({unfinished}), so its model "
+                         "files are an earlier finish's, not its newest weights: resume it to the end first")
+    return checkpoint_config(path)
+
+
+def _unfinished_run(path: Path) -> str | None:
+    """For a training run's directory whose newest checkpoint is short of its max_steps (killed, or grown and not
+    yet resumed): its newest step and max_steps, said; else None."""
+    saved, recorded = training.latest_checkpoint(path / CHECKPOINTS), path / TRAIN_CONFIG_FILE
+    if saved is None or not recorded.is_file():
+        return None
+    try:
+        max_steps = json.loads(recorded.read_text())["max_steps"]
+        step = int(saved.name.removeprefix(training.STEP_PREFIX))
+    except (ValueError, KeyError, TypeError):
+        return None
+    return f"its newest checkpoint is at step {step} of {max_steps}" if step < max_steps else None
