@@ -41,8 +41,8 @@ def grown_names(name: str, n_layers: int, r: int) -> list[str]:
 
 
 def grow_model_config(cfg: ModelConfig, r: int = 2) -> ModelConfig:
-    if not isinstance(r, int) or r < 1:
-        raise ValueError(f"growth factor r must be an integer >= 1, got {r!r}")
+    if not isinstance(r, int) or isinstance(r, bool) or r < 2:  # 1 would copy the model and call it grown
+        raise ValueError(f"growth factor r must be an integer >= 2, got {r!r}")
     return cfg.replace(num_layers=cfg.num_layers * r)
 
 
@@ -75,7 +75,7 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     if dst.is_dir() and (held := sorted(path.name for path in dst.iterdir())):  # weights, shards, a run: the
         raise ValueError(f"--out {dst} holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; the grown "
                          "run or model goes into a new or empty directory")  # writer would replace or delete them
-    if (src / "config.json").is_file() and not (src / CHECKPOINTS).is_dir():
+    if (src / "config.json").is_file() and not training.list_checkpoints(src / CHECKPOINTS):  # pruned: the model
         device = torch.device(device)
         if device.type == "cpu":
             _check_fits(ModelConfig.from_json(src), r, bytes_per_parameter=4, holds="fp32 weights")
