@@ -79,9 +79,10 @@ def write_task(root: Path, name: str = TASK, docs: list[dict] = DOCS, yaml: str 
     return tasks
 
 
-def run_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str = TASK, chat: bool = False,
-                remote: bool = False) -> None:
-    """`remote`: lm_eval tokenizes through the server's /tokenize (its `tokenizer_backend=remote`), not locally."""
+def start_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str = TASK, chat: bool = False,
+                  remote: bool = False) -> subprocess.Popen:
+    """One harness run in the background. `remote`: lm_eval tokenizes through the server's /tokenize (its
+    `tokenizer_backend=remote`), not locally."""
     if chat:
         model, args, extra = "local-chat-completions", f"model=tiny,base_url={base}/v1/chat/completions", \
             ["--apply_chat_template"]
@@ -91,10 +92,18 @@ def run_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str = 
         args = f"model=tiny,base_url={base}/v1/completions,{backend},num_concurrent=1"
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"),
            "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, *extra,
-                          "--tasks", task, "--include_path", str(tasks), "--output_path", str(out), "--log_samples"],
-                         env=env, capture_output=True, text=True, timeout=180)
-    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+    return subprocess.Popen([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, *extra,
+                             "--tasks", task, "--include_path", str(tasks), "--output_path", str(out),
+                             "--log_samples"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finish(run: subprocess.Popen) -> None:
+    try:
+        stdout, stderr = run.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        run.kill()
+        stdout, stderr = run.communicate()
+    assert run.returncode == 0, stdout[-4000:] + stderr[-4000:]
 
 
 def read_samples(out: Path, task: str) -> list[dict]:
@@ -123,12 +132,23 @@ def served(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def completions(served, tmp_path_factory) -> Path:
-    """Both tasks in one lm_eval run through `local-completions` (a harness run spends ~20 s starting up)."""
+def harness(served, tmp_path_factory) -> dict[str, Path]:
+    """The module's three lm_eval runs at once against the one server (each spends ~10 s starting up): both tasks
+    through `local-completions`, the multiple-choice task again tokenized by the server, and the generate-until
+    task through `local-chat-completions`."""
     base, model_dir, tasks, _, _ = served
-    out = tmp_path_factory.mktemp("completions")
-    run_lm_eval(base, model_dir, tasks, out, f"{TASK},{GEN_TASK}")
-    return out
+    outs = {name: tmp_path_factory.mktemp(name) for name in ("completions", "remote", "chat")}
+    runs = [start_lm_eval(base, model_dir, tasks, outs["completions"], f"{TASK},{GEN_TASK}"),
+            start_lm_eval(base, model_dir, tasks, outs["remote"], TASK, remote=True),
+            start_lm_eval(base, model_dir, tasks, outs["chat"], GEN_TASK, chat=True)]
+    for run in runs:
+        finish(run)
+    return outs
+
+
+@pytest.fixture(scope="module")
+def completions(harness) -> Path:
+    return harness["completions"]
 
 
 def test_lm_eval_multiple_choice_matches_the_models_forward(served, completions):
@@ -144,16 +164,15 @@ def test_lm_eval_multiple_choice_matches_the_models_forward(served, completions)
         assert abs(loglikelihood - reference_loglikelihood(model, tokenizer, context, continuation)) < 1e-3
 
 
-def test_lm_eval_tokenizing_through_the_server_scores_as_it_does_locally(served, completions, tmp_path):
+def test_lm_eval_tokenizing_through_the_server_scores_as_it_does_locally(harness, completions):
     """`tokenizer_backend=remote` (vLLM's /tokenizer_info, /tokenize and /detokenize) was refused with a 404."""
-    base, model_dir, tasks, _, _ = served
-    run_lm_eval(base, model_dir, tasks, tmp_path, TASK, remote=True)
 
     def scores(out: Path) -> list[tuple[str, str, float]]:
         return sorted((request["arg_0"], request["arg_1"], float(response[0][0])) for sample in read_samples(out, TASK)
                       for request, response in zip(sample["arguments"].values(), sample["resps"], strict=True))
 
-    assert scores(tmp_path) == scores(completions) and len(scores(tmp_path)) == sum(len(d["choices"]) for d in DOCS)
+    remote = harness["remote"]
+    assert scores(remote) == scores(completions) and len(scores(remote)) == sum(len(d["choices"]) for d in DOCS)
 
 
 def greedy_answer(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[int], until: list[str]) -> str:
@@ -166,12 +185,9 @@ def greedy_answer(model: torch.nn.Module, tokenizer: Tokenizer, prompt: list[int
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["local-completions", "local-chat-completions"])
-def test_lm_eval_generate_until_answers_are_the_models_greedy_continuations(served, completions, tmp_path, chat):
-    base, model_dir, tasks, model, tokenizer = served
-    out = completions
-    if chat:
-        out = tmp_path / "out"
-        run_lm_eval(base, model_dir, tasks, out, GEN_TASK, chat=True)
+def test_lm_eval_generate_until_answers_are_the_models_greedy_continuations(served, harness, chat):
+    _, _, _, model, tokenizer = served
+    out = harness["chat" if chat else "completions"]
     results = json.loads(next(out.rglob("results_*.json")).read_text())
     assert 0.0 <= results["results"][GEN_TASK]["exact_match,none"] <= 1.0
     samples = read_samples(out, GEN_TASK)
