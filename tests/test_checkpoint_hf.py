@@ -398,3 +398,13 @@ def test_a_random_model_leaves_the_callers_generator_as_it_was():
     first = random_model(tiny(), seed=7)
     assert torch.equal(torch.rand(3), expected)
     assert torch.equal(random_model(tiny(), seed=7).lm_head.weight, first.lm_head.weight)  # the seed still decides
+
+
+def test_a_device_this_machine_lacks_is_one_line(saved):
+    """from_pretrained(device="cuda") on a CPU-only torch was torch's AssertionError from deep inside a copy."""
+    from longcat_flash.device import DeviceError
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(DeviceError, match="--device cuda: CUDA is not available on this machine"):
+        LongcatFlash.from_pretrained(saved[1], device="cuda")

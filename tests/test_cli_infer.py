@@ -413,7 +413,7 @@ def test_the_tokenizers_eos_ends_generation_besides_config_json(checkpoint, tmp_
     settings = json.loads((model / "tokenizer_config.json").read_text())
     settings["eos_token"] = tokenizer.backend.id_to_token(free[i])
     (model / "tokenizer_config.json").write_text(json.dumps(settings))
-    engine, _ = load_engine(model, EngineConfig())
+    engine, _ = load_engine(model)  # the engine's defaults, as Engine(model) takes them (None failed inside)
     assert engine.generate([prompt], SamplingParams(max_new_tokens=8, temperature=0.0))[0] == free[:i + 1]
 
 

@@ -26,6 +26,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..device import resolve_device
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
 from .training import MANIFEST
@@ -388,7 +389,7 @@ def from_pretrained(path: str | Path, dtype: str | torch.dtype | None = None, de
     cfg = checkpoint_config(path)
     with torch.device("meta"):
         model = cls(cfg)
-    device = torch.device(device)
+    device = device if isinstance(device, torch.device) else resolve_device(device)  # "cuda" without one: said
     state = load_state_dict(path, cfg, _expected_shapes(model), dtype or checkpoint_dtype(path), device)
     model.load_state_dict(state, strict=not cfg.tie_word_embeddings, assign=True)
     if cfg.tie_word_embeddings:

@@ -44,11 +44,13 @@ def check_speculative(path: str | Path, speculative: int, quantize: str | None =
                          f"not be exactly plain greedy's; use at most {kernels.MAX_KERNEL_ROWS - 1} drafts")
 
 
-def load_engine(path: str | Path, config: EngineConfig, *, dtype: str | None = None, quantize: str | None = None,
-                device: str | torch.device = "auto") -> tuple[Engine, Tokenizer]:
+def load_engine(path: str | Path, config: EngineConfig | None = None, *, dtype: str | None = None,
+                quantize: str | None = None, device: str | torch.device = "auto") -> tuple[Engine, Tokenizer]:
     """The checkpoint's tokenizer and an engine over its model (`load_for_inference`), checked against each other
     before the weights are read: every id the tokenizer makes has an embedding; and its EOS token ends generation
-    besides config.json's, as in vLLM (the end of turn a chat template writes is often only there)."""
+    besides config.json's, as in vLLM (the end of turn a chat template writes is often only there). config None:
+    the engine's defaults, as Engine takes it."""
+    config = config or EngineConfig()
     check_speculative(path, config.speculative, quantize)
     tokenizer = Tokenizer.load(path)
     tokenizer.check_fits(checkpoint_config(Path(path)).vocab_size)
