@@ -408,3 +408,14 @@ def test_a_device_this_machine_lacks_is_one_line(saved):
         pytest.skip("this machine has CUDA")
     with pytest.raises(DeviceError, match="--device cuda: CUDA is not available on this machine"):
         LongcatFlash.from_pretrained(saved[1], device="cuda")
+
+
+def test_a_layer_count_transformers_reads_as_half_is_pointed_out(saved, caplog):
+    """num_hidden_layers equal to num_layers (SGLang's spelling) reads here as num_layers, and transformers builds
+    half as many layers from it: other logits there, without a word."""
+    model, path = saved
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_hidden_layers": config["num_layers"]}))
+    assert LongcatFlash.from_pretrained(path).config.num_layers == config["num_layers"]
+    half = config["num_layers"] // 2
+    assert f"transformers' LongcatFlash takes num_hidden_layers as two per layer and builds {half}" in caplog.text

@@ -148,6 +148,8 @@ def checkpoint_config(path: Path) -> ModelConfig:
     raw = json.loads((path / "config.json").read_text())
     if (written_by := raw.get("transformers_version")) and (ignored := transformers_ignores(cfg)):
         _warn_transformers_computes_another_model(path.resolve(), str(written_by), ", ".join(ignored))
+    if "num_layers" in raw and raw.get("num_hidden_layers") == cfg.num_layers:  # SGLang's spelling
+        _warn_transformers_halves_the_layers(path.resolve(), cfg.num_layers)
     named = "num_nextn_predict_layers" in raw
     if cfg.num_nextn_predict_layers or not named:
         has_head = any(k.startswith("model.mtp.") for k in checkpoint_files(path))
@@ -206,6 +208,13 @@ def _warn_no_mtp_weights(path: Path) -> None:
     """Once per checkpoint and process (a run reads its config more than once)."""
     log.warning("%s: config.json names an MTP head but the checkpoint holds no model.mtp.* weights (a transformers "
                 "save_pretrained drops them): read as a model without the head, so no speculative decoding", path)
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_transformers_halves_the_layers(path: Path, layers: int) -> None:
+    log.warning("%s: config.json gives num_hidden_layers=%d, as many as num_layers: read here as %d ScMoE layers, "
+                "but transformers' LongcatFlash takes num_hidden_layers as two per layer and builds %d (drop the "
+                "field, or write %d)", path, layers, layers, layers // 2, 2 * layers)
 
 
 @functools.lru_cache(maxsize=None)
