@@ -76,10 +76,10 @@ def test_a_resume_keeps_its_held_out_conversations(tmp_path, capsys):
         "--max-steps", "1", *flags)
     folder = tmp_path / "chats"
     folder.mkdir()
-    for file in (data, held):
-        shutil.copy(file, folder / file.name)
-    assert f"sft.val_data: {folder / held.name} is among the files of sft.data too" in run_cli(
-        "sft", "--model", str(model), "--data", str(folder), "--val-data", str(folder / held.name), "--out",
+    for file, name in ((data, "chat.jsonl"), (held, "kept.jsonl")):  # no split word (val.jsonl is refused for that)
+        shutil.copy(file, folder / name)
+    assert f"sft.val_data: {folder / 'kept.jsonl'} is among the files of sft.data too" in run_cli(
+        "sft", "--model", str(model), "--data", str(folder), "--val-data", str(folder / "kept.jsonl"), "--out",
         str(tmp_path / "x"), "--max-steps", "1", *flags)
     run = tmp_path / "run"
     main(["sft", "--model", str(model), "--data", str(data), "--val-data", str(held), "--out", str(run),

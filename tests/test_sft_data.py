@@ -443,6 +443,13 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
       "tools": [{"type": "function", "function": {"name": "f", "strict": 1}}]},
      "tools[0].function.strict: must be true or false, got 1"),
+    # a call spelt out in content trained the tag tokens around an undeclared name and arguments that are no JSON
+    ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content":
+        '<longcat_tool_call>{"name": "delete_all files", "arguments": {not json}</longcat_tool_call>'}],
+      "tools": [{"type": "function", "function": {"name": "get_weather"}}]},
+     "messages[1].content: holds the tool-call tag <longcat_tool_call>: write a call as tool_calls"),
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a</longcat_tool_call>"}]},
+                   {"role": "assistant", "content": "a"}]}, "messages[0].content: holds the tool-call tag"),
 ]
 
 
@@ -583,6 +590,14 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
             (mixed / name).write_text(json.dumps(data[0]) + "\n")
         with pytest.raises(ValueError, match=r"holds the files of several splits \(test.*, train.*\)"):
             read_conversations(mixed)
+    for names in (("mydata.jsonl", "mydata_test.jsonl"), ("chat.jsonl", "val.jsonl")):  # `datasets` reads these
+        beside = tmp_path / f"beside-{names[1]}"  # as the held-out split alone: we trained on both
+        beside.mkdir()
+        for name in names:
+            (beside / name).write_text(json.dumps(data[0]) + "\n")
+        with pytest.raises(ValueError, match=rf"holds (test|validation \(val\)) files \({names[1]}\) beside files no "
+                                             rf"split names \({names[0]}\)"):
+            read_conversations(beside)
     plain = tmp_path / "plain"
     plain.mkdir()
     for name in ("interval.jsonl", "devices.jsonl", "contest.jsonl"):  # no split word: one data set
@@ -622,6 +637,10 @@ def test_files_written_by_datasets_read_as_their_rows(tmp_path):
     datasets.load_from_disk(str(tmp_path / "one")).map(lambda r: r, load_from_cache_file=False)
     assert len(list((tmp_path / "one").glob("cache-*.arrow"))) >= 1
     assert [canonical(c) for c in read_conversations(tmp_path / "one")] == want
+    nested = tmp_path / "nested"  # ... and so inside a folder given as --data: its cache was read as more rows
+    nested.mkdir()
+    shutil.copytree(tmp_path / "one", nested / "chat")
+    assert [canonical(c) for c in read_conversations(nested)] == want
 
 
 def test_files_from_other_tools_read_or_fail_naming_the_file(tmp_path):
@@ -639,10 +658,23 @@ def test_files_from_other_tools_read_or_fail_naming_the_file(tmp_path):
     frame[frame.index % 2 == 0].to_parquet(tmp_path / "filtered.parquet")  # the index is no RangeIndex: a column
     for name, rows in [("bom.jsonl", want), ("bom.json", want), ("filtered.parquet", want[::2])]:
         assert [json.dumps([c.messages, c.tools]) for c in read_conversations(tmp_path / name)] == rows, name
-    (tmp_path / "latin1.jsonl").write_bytes('{"messages": "caf\u00e9"}\n'.encode("latin-1"))
+    shards = tmp_path / "shards"  # shards `datasets` reads and we do not: in a folder they were left out unsaid
+    shards.mkdir()
+    (shards / "part-0.jsonl").write_text(text)
+    for name in ("part-1.jsonl.zst", "part-1.ndjson", "part-1.csv", "part-1.json.bz2"):
+        (shards / name).write_bytes(b"rows")
+        with pytest.raises(ValueError, match=rf"{name} in .*shards is a data file in a format not read here"):
+            read_conversations(shards)
+        (shards / name).unlink()
+    (shards / "README.md").write_text("a card")  # not data: the folder still reads
+    assert len(read_conversations(shards)) == len(data)
+    # the position was counted from the text stream's buffer ("position 5310" of a row at byte 890046): the line
+    (tmp_path / "latin1.jsonl").write_bytes(text.encode() * 200 + '{"messages": "caf\u00e9"}\n'.encode("latin-1"))
+    at = len(text.encode()) * 200 + len('{"messages": "caf')
     (tmp_path / "cut.parquet").write_bytes((tmp_path / "filtered.parquet").read_bytes()[:-100])
-    for name, problem in [("latin1.jsonl", "not UTF-8 text"), ("cut.parquet", "not a readable Parquet file")]:
-        with pytest.raises(ValueError, match=rf"{name}: {problem}"):
+    for name, problem in [("latin1.jsonl", rf":{6 * 200 + 1}: not UTF-8 text \(byte b'\\xe9' at byte {at} of the file"),
+                          ("cut.parquet", ": not a readable Parquet file")]:
+        with pytest.raises(ValueError, match=rf"{name}{problem}"):
             read_conversations(tmp_path / name)
 
 

@@ -21,6 +21,9 @@ SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation"
                "evaluation": "test"}
 _SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(sorted(SPLIT_WORDS, key=len, reverse=True))})(?=$|[-._ 0-9])")
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
+# Data files `datasets` reads that we do not (other compressions, CSV, NDJSON): in a folder, refused by name.
+UNREAD_ROWS = re.compile(r"\.(?:jsonl|json|ndjson|csv|tsv|parquet|arrow)\.(?:bz2|xz|zst|zstd|lz4|zip)$"
+                         r"|\.(?:ndjson|csv|tsv)(?:\.gz)?$")
 
 
 class ConversationError(ValueError):
@@ -53,15 +56,44 @@ def row_files(pattern: str | Path) -> list[Path]:
     if (path / "dataset_dict.json").is_file():  # a DatasetDict: reading it all would mix its splits
         splits = ", ".join(sorted(p.name for p in path.iterdir() if p.is_dir()))
         raise ValueError(f"{path} holds a `datasets` DatasetDict (splits: {splits}); give one split's folder")
-    files = [p for p in data_files(path) if row_format(p) in ROW_FILES and p.name not in DATASETS_METADATA]
+    found = [p for p in data_files(path) if p.name not in DATASETS_METADATA]
+    if unread := [p for p in found if UNREAD_ROWS.search(p.name.lower())]:  # left out, they were rows lost unsaid
+        raise ValueError(f"{unread[0]} in {path} is a data file in a format not read here; conversations come as "
+                         f"{', '.join(ROW_FILES)} (JSON also .gz): convert it, or move it out of the folder")
+    files = [p for p in found if row_format(p) in ROW_FILES and p not in _map_caches(path)]
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
-    words = {split: word for file in files if (found := _split_of(file.relative_to(path))) for split, word in [found]}
-    if len(words) > 1:  # a hub data set's train and test shards side by side: held-out rows would be trained on
-        named = ", ".join(f"{split} ({word})" if word != split else split for split, word in sorted(words.items()))
+    _check_one_split(path, files)
+    return files
+
+
+def _check_one_split(path: Path, files: list[Path]) -> None:
+    """A hub data set's train and test shards side by side would train the held-out rows: several splits are
+    refused, and so is a held-out split beside files no split names (which `datasets` then leaves out, reading the
+    folder as the held-out split alone)."""
+    splits = {file: _split_of(file.relative_to(path)) for file in files}
+    words = {split: word for found in splits.values() if found for split, word in [found]}
+    unnamed = [file for file, found in splits.items() if found is None]
+    named = ", ".join(f"{split} ({word})" if word != split else split for split, word in sorted(words.items()))
+    if len(words) > 1:
         raise ValueError(f"{path} holds the files of several splits ({named}); give one split's files: a file, a "
                          f"folder or a glob pattern such as '{path}/**/*{words.get('train', 'train')}*' (quoted)")
-    return files
+    if unnamed and set(words) - {"train"}:
+        held = next(file for file, found in splits.items() if found)
+        raise ValueError(f"{path} holds {named} files ({held.relative_to(path)}) beside files no split names "
+                         f"({unnamed[0].relative_to(path)}{', ...' if len(unnamed) > 1 else ''}), which `datasets` "
+                         "would leave out; give the training files as --data (a file, or a folder or quoted glob of "
+                         "them) and the held-out ones as --val-data")
+
+
+def _map_caches(path: Path) -> set[Path]:
+    """The `cache-*.arrow` files that map / filter calls wrote into the save_to_disk folders under `path`: not in
+    their state.json, not their rows."""
+    caches = set()
+    for state in path.rglob("state.json"):
+        if listed := _saved_dataset_files(state.parent):
+            caches.update(file for file in state.parent.glob("*.arrow") if file not in listed)
+    return caches
 
 
 def _saved_dataset_files(path: Path) -> list[Path]:

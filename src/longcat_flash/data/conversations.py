@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..chat_template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from .conversation_files import ConversationError, decoded_json, row_files, rows
 
 ROLES = ("system", "user", "assistant", "tool")
@@ -417,7 +418,16 @@ def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str,
 
 
 def _content(value: Any, where: str, name: str) -> str:
-    """A string, or a list of {"type": "text", "text": ...} parts joined into one."""
+    """A string, or a list of {"type": "text", "text": ...} parts joined into one; without the tool-call tags,
+    which the tokenizer reads as the tag tokens in any text: a call spelt out in content would train a call that
+    none of tool_calls' checks (a declared tool, a valid name, JSON arguments) has seen."""
+    text = _text(value, where, name)
+    if tag := next((tag for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tag in text), None):
+        raise _fail(where, name, f"holds the tool-call tag {tag}: write a call as tool_calls, where it is checked")
+    return text
+
+
+def _text(value: Any, where: str, name: str) -> str:
     if isinstance(value, str):
         return _string(value, where, name)
     if not isinstance(value, (list, tuple)):
