@@ -244,9 +244,27 @@ def decoding_errors(path: Path) -> Iterator[None]:
         yield
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise ValueError(f"{path}: not a readable gzip file ({err})") from None
-    except UnicodeDecodeError as err:
+    except UnicodeDecodeError as err:  # its position counts from a buffer's start, not the file's: found again
         hint = "" if path.suffix.lower() == ".gz" else ", or name a gzip file *.gz"
-        raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8{hint}") from None
+        found = _first_undecodable(path)
+        where = f"{path}:{found[0]}: not UTF-8 text (byte {found[2]!r} at byte {found[1]} of the " \
+                f"{'decompressed ' if path.suffix.lower() == '.gz' else ''}file)" if found else \
+            f"{path}: not UTF-8 text ({err})"
+        raise ValueError(f"{where}; convert it to UTF-8{hint}") from None
+
+
+def _first_undecodable(path: Path) -> tuple[int, int, bytes] | None:
+    """(line, byte offset, the byte) where `path`'s text (decompressed) first stops being UTF-8, or None. Line by
+    line: a newline byte is never inside a UTF-8 character, so each line decodes on its own."""
+    offset = 0
+    with (gzip.open(path, "rb") if path.suffix.lower() == ".gz" else path.open("rb")) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                return number, offset + err.start, line[err.start:err.start + 1]
+            offset += len(line)
+    return None
 
 
 def starts_with_bracket(path: Path) -> bool:
