@@ -338,20 +338,23 @@ def test_bad_engine_flags_are_refused_before_the_model_is_loaded(flags, message,
         main(["generate", "--model", str(no_mtp), "--prompt", "x", "--quantize", "int4", *flags])
 
 
-@pytest.mark.parametrize("quantize", ["int8", "int4", "fp8"])
-def test_a_quantized_verify_step_past_the_kernels_rows_is_refused(checkpoint, monkeypatch, quantize):
+@pytest.mark.parametrize("quantize", [None, "int8", "int4", "fp8"])
+def test_a_verify_step_past_the_row_exact_kernels_is_refused(checkpoint, monkeypatch, quantize):
     """`--speculative 16` verifies 17 rows, past the kernels' 16: the tokens left plain greedy's (a probe: 1 of 3
-    prompts with int8), where the docs promise them exact for one sequence."""
+    prompts with int8), where the docs promise them exact for one sequence. So did 9 rows and more in bf16 on an AMX
+    CPU (the tile GEMM for quantized weights, oneDNN's for plain ones), unquantized too (a probe: 4 of 5 prompts)."""
     from longcat_flash.infer import loader
 
     def never(*args, **kwargs):
         raise AssertionError("the model was loaded")
 
     monkeypatch.setattr(loader, "load_for_inference", never)
-    with pytest.raises(SystemExit, match="verifies 17 rows a step, past the 16 .* use at most 15 drafts"):
-        main(["generate", "--model", str(checkpoint), "--prompt", "x", "--quantize", quantize, "--speculative", "16"])
-    with pytest.raises(AssertionError, match="the model was loaded"):  # 15 drafts, 16 rows: within the kernels
-        main(["generate", "--model", str(checkpoint), "--prompt", "x", "--quantize", quantize, "--speculative", "15"])
+    args = ["generate", "--model", str(checkpoint), "--prompt", "x", "--device", "cpu",
+            *(["--quantize", quantize] if quantize else [])]
+    with pytest.raises(SystemExit, match="verifies 9 rows a step; past 8 rows on the CPU .* use at most 7 drafts"):
+        main([*args, "--speculative", "8"])
+    with pytest.raises(AssertionError, match="the model was loaded"):  # 7 drafts, 8 rows: within every kernel
+        main([*args, "--speculative", "7"])
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "explain"])

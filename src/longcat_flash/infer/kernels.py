@@ -83,6 +83,12 @@ MAX_ROWS_BEFORE_TILES = 8
 # The same for plain (unquantized) weights, against oneDNN's GEMM on them: bf16, 2 threads, the kernel reads
 # 1.1-1.8x as fast at 1 to 4 rows, about as fast at 8, 0.5-0.6x at 16 (its products, not the memory, bound it).
 MAX_DENSE_ROWS = 8
+# The most rows one sequence's speculative verify step may hold with every product on a row-exact kernel: plain
+# weights leave the GEMV kernel past MAX_DENSE_ROWS (for oneDNN's GEMM), quantized ones past MAX_ROWS_BEFORE_TILES in
+# bf16 on a CPU with AMX (for the tile GEMM, exact activations) and MAX_KERNEL_ROWS otherwise; a quantized model
+# keeps some plain weights (its kept units, int4-mixed's int8 ones aside). A probe (2026-12-06, AMX CPU, bf16,
+# `small`): 9 rows and more gave other greedy tokens than one, unquantized and in every format; 8 never did.
+MAX_EXACT_VERIFY_ROWS = min(MAX_DENSE_ROWS, MAX_ROWS_BEFORE_TILES, MAX_KERNEL_ROWS)
 MAX_EXACT_ROWS = 256  # row_exact_linear: beyond a decode batch's and a speculative verify's rows (prefill: GEMM)
 # Rows of one linear weight up to which the tile GEMM beats dequantize + oneDNN's GEMM (bf16, 2 threads, bench
 # preset shapes, int4 / int8): 1.1-1.5x at 128 rows, 0.97-1.07x at 256, 0.90-0.99x at 512, 0.79-0.88x at 1024.

@@ -31,17 +31,22 @@ def inference_device(spec: str | torch.device) -> torch.device:
     return device
 
 
-def check_speculative(path: str | Path, speculative: int, quantize: str | None = None) -> None:
+def check_speculative(path: str | Path, speculative: int, quantize: str | None = None,
+                      device: str | torch.device = "auto") -> None:
     """Refuse speculative decoding for a checkpoint without an MTP head from its files alone, before the minutes
-    that loading (and quantizing) a large model take; and, with quantized weights, a verify step of more rows than
-    the kernels take (past them a row's logits depend on the rows beside it: docs/quantization.md)."""
+    that loading (and quantizing) a large model take; and, on the CPU, a verify step of more rows than the row-exact
+    kernels take (past them a row's logits depend on the rows beside it, and greedy tokens are no longer exactly
+    plain greedy's: docs/mtp.md)."""
     if speculative and not checkpoint_config(Path(path)).num_nextn_predict_layers:
         raise ValueError(f"speculative decoding needs a model with an MTP head (num_nextn_predict_layers=1); "
                          f"{path} has none")
-    if quantize is not None and speculative + 1 > kernels.MAX_KERNEL_ROWS:
-        raise ValueError(f"speculative decoding of {speculative} drafts verifies {speculative + 1} rows a step, past "
-                         f"the {kernels.MAX_KERNEL_ROWS} that {quantize} weights' kernels take, so its tokens would "
-                         f"not be exactly plain greedy's; use at most {kernels.MAX_KERNEL_ROWS - 1} drafts")
+    rows, most = speculative + 1, kernels.MAX_EXACT_VERIFY_ROWS
+    on_cpu = (device if isinstance(device, torch.device) else resolve_device(device)).type == "cpu"
+    if speculative and rows > most and on_cpu:
+        raise ValueError(f"speculative decoding of {speculative} drafts verifies {rows} rows a step; past {most} rows "
+                         f"on the CPU a product leaves the row-exact kernels (oneDNN's GEMM for plain weights, the "
+                         f"AMX tile GEMM for {quantize or 'quantized'} ones in bf16), so its tokens would not be "
+                         f"exactly plain greedy's; use at most {most - 1} drafts")
 
 
 def load_engine(path: str | Path, config: EngineConfig | None = None, *, dtype: str | None = None,
@@ -51,7 +56,7 @@ def load_engine(path: str | Path, config: EngineConfig | None = None, *, dtype: 
     besides config.json's, as in vLLM (the end of turn a chat template writes is often only there). config None:
     the engine's defaults, as Engine takes it."""
     config = config or EngineConfig()
-    check_speculative(path, config.speculative, quantize)
+    check_speculative(path, config.speculative, quantize, device)
     tokenizer = Tokenizer.load(path)
     tokenizer.check_fits(checkpoint_config(Path(path)).vocab_size)
     model, _ = load_for_inference(path, dtype=dtype, quantize=quantize, device=device)

@@ -73,7 +73,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     resolve_device(device)  # a bad --device or --api-key fails here, not after the engine process has loaded
     check_api_key(api_key)
     model_dir = model_directory(model_dir)
-    check_speculative(model_dir, engine_config.speculative if engine_config else 0, quantize)
+    check_speculative(model_dir, engine_config.speculative if engine_config else 0, quantize, device)
     defaults = model_defaults(model_dir)
     tokenizer = Tokenizer.load(model_dir)
     with listening_socket(host, port) as sock:  # before the load (minutes for a large model): a taken port fails now
