@@ -305,6 +305,20 @@ def test_a_chat_line_that_cannot_fit_the_context_is_refused_before_it_is_encoded
         main(["chat", "--model", str(checkpoint), "--system", huge])
 
 
+def test_a_reply_the_context_cuts_says_so(checkpoint, capsys, monkeypatch, tmp_path):
+    """`generate` says when the context cut its output; the chat printed the cut reply as a finished answer."""
+    import shutil
+
+    short = shutil.copytree(checkpoint, tmp_path / "short")
+    config = json.loads((short / "config.json").read_text())
+    (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
+    out = chat(short, ["hi", "/exit"], monkeypatch, capsys, "--max-new-tokens", "200", "--ignore-eos")
+    assert out.count("assistant> ") == 1 and "[cut: the conversation now fills the context; /reset to start over]" \
+        in out
+    out = chat(checkpoint, ["hi", "/exit"], monkeypatch, capsys, "--max-new-tokens", "3", "--ignore-eos")
+    assert "[cut" not in out  # --max-new-tokens itself ended it
+
+
 def test_chat_refuses_replies_of_no_tokens(checkpoint):
     """generate scores a prompt with --max-new-tokens 0; chat printed an empty reply to every line."""
     with pytest.raises(SystemExit, match="--max-new-tokens must be at least 1 for chat, got 0"):

@@ -81,6 +81,7 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
     return result
 
 
+CUT = "cut: the conversation now fills the context; /reset to start over"
 TOO_LONG = ("that message does not fit the context with the conversation so far; send a shorter one, or /reset to "
             "start over")
 
@@ -132,7 +133,8 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         with interrupt_on_sigint() as interrupt:
             reply = generate_text(engine, tokenizer, prompt, turn, on_text=lambda text: write(visible(text)),
                                   interrupt=interrupt)
-        write(" [stopped]\n" if reply.finish_reason == "interrupted" else "\n")
+        cut = reply.finish_reason == "length" and turn.max_new_tokens < params.max_new_tokens  # by the context
+        write(" [stopped]\n" if reply.finish_reason == "interrupted" else f" [{CUT}]\n" if cut else "\n")
         messages.append({"role": "assistant", "content": reply.text})
 
 
