@@ -16,7 +16,7 @@ from pathlib import Path
 from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
 from .distributed.env import DIST_TIMEOUT_S, RankZeroFailed, launched, peer_lost
-from .flag_types import fraction, non_negative_int, positive_float, positive_int, temperature, top_p
+from .flag_types import fraction, non_negative_int, positive_float, positive_int, seed, temperature, top_p
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
@@ -159,7 +159,7 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=None, help="run directory (default runs/<preset> for train, runs/sft for sft; "
                                                    "with --resume DIR, DIR)")
     p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--save-every", type=int, default=None, help="steps between training checkpoints")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the newest checkpoint of RUN_DIR (default: --out), bit-for-bit")
@@ -303,7 +303,7 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
     p.add_argument("--out", required=True, help="directory to write (config.json, safetensors, tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="the weights a seed gives depend on the device type too (CPU and CUDA generators differ)")
     _add_device(p)
     p.set_defaults(run=_run_init)
@@ -343,7 +343,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--top-p", type=top_p, default=None, help="nucleus sampling (default 1: off)")
     p.add_argument("--top-k", type=non_negative_int, default=None, help="sample among the k likeliest (default 0: "
                                                                         "off)")
-    p.add_argument("--seed", type=int, default=None, help="a seed for sampling (reproducible output)")
+    p.add_argument("--seed", type=seed, default=None, help="a seed for sampling (reproducible output)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
 
 
@@ -513,7 +513,7 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="JSONL file to write (.jsonl, or .jsonl.gz gzip-compressed; its "
                                                 "directory must exist); - for standard output")
     t.add_argument("--n", type=int, required=True, help="number of conversations")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--tools-per-conversation", type=int, default=3, help="tools offered per conversation")
     t.add_argument("--split", default="train", choices=["train", "heldout"],
                    help="pool of tool names, parameter names and phrasings (disjoint between the two)")

@@ -44,6 +44,7 @@ def _at_most(convert: Any, high: float, interval: str) -> Any:
 fraction = _at_most(non_negative_float, 1, "[0, 1]")  # a rate, a share
 top_p = _at_most(positive_float, 1, "(0, 1]")  # a nucleus
 temperature = _at_most(non_negative_float, 100, "[0, 100]")  # a sampling temperature (0: greedy)
+seed = _at_most(non_negative_int, 2**63 - 1, "[0, 2^63)")  # torch's generators take an int64; -1 wrapped silently
 
 
 def distinct(flag: str, values: Sequence[Any], least: int = 1, need: str = "") -> list[Any]:
