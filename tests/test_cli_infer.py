@@ -22,9 +22,9 @@ def checkpoint(tmp_path_factory):
     return out
 
 
-@pytest.mark.parametrize("command", [["init", "--preset", "tiny", "--out", "m"], ["generate", "--model", "m",
-                                     "--prompt", "x", "--temperature", "1"], ["data", "tools", "--out", "-", "--n", "1"],
-                                     ["train", "--preset", "tiny", "--print-config"]])
+@pytest.mark.parametrize("command", [
+    ["init", "--preset", "tiny", "--out", "m"], ["generate", "--model", "m", "--prompt", "x", "--temperature", "1"],
+    ["data", "tools", "--out", "-", "--n", "1"], ["train", "--preset", "tiny", "--print-config"]])
 def test_a_seed_torch_cannot_take_is_a_usage_error_naming_the_flag(command, capsys):
     """init's was torch's Overflow once, then a message of its own; generate's said "seed must be None or ..." (the
     Python API's words); a negative one wrapped round to the same text as 2^64 - 1, silently."""
