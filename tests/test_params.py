@@ -248,3 +248,17 @@ def test_cli_info_on_a_run_directory_counts_at_the_runs_budget_target(tmp_path, 
     assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == 1
     main(["info", str(run), "--json", "--ffn-experts", "2"])  # the flag still decides
     assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == 2
+
+
+def test_cli_info_reads_the_shape_of_a_pre_quantized_release(tmp_path, capsys) -> None:
+    """info reads no weights, but refused the official FP8 release's config.json ("use the bf16 checkpoint ...
+    with --quantize", a flag info does not have); loading such a checkpoint is still refused."""
+    from longcat_flash.cli import main
+
+    fp8 = {**tiny().to_dict(), "quantization_config": {"quant_method": "fp8", "fmt": "e4m3",
+                                                       "weight_block_size": [128, 128]}}
+    (tmp_path / "config.json").write_text(json.dumps(fp8))
+    main(["info", str(tmp_path), "--json"])
+    assert json.loads(capsys.readouterr().out)["total"] == param_report(tiny()).total
+    with pytest.raises(ValueError, match="pre-quantized checkpoints are not loaded"):
+        ModelConfig.from_json(tmp_path)

@@ -37,10 +37,10 @@ def _config_from(target: str) -> ModelConfig:
     if path.is_dir():
         from .checkpoint.hf import checkpoint_config
 
-        try:
-            return checkpoint_config(path)  # as its files hold it (no MTP head where none was saved)
+        try:  # its shape, whatever its weights' format (the official FP8 release's too)
+            return checkpoint_config(path, prequantized=True)  # as its files hold it (no MTP head where none was saved)
         except FileNotFoundError:  # a config.json without weights
-            return ModelConfig.from_json(path)
+            return ModelConfig.from_json(path, prequantized=True)
     raise SystemExit(f"longcat: {target!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
                      "nor a directory with config.json")
 

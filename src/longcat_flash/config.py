@@ -282,12 +282,13 @@ class ModelConfig:
 
     # ---- config.json I/O ----
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ModelConfig:
-        """Build from a `config.json` dict (official or transformers-written); unknown keys are an error."""
+    def from_dict(cls, raw: dict[str, Any], prequantized: bool = False) -> ModelConfig:
+        """Build from a `config.json` dict (official or transformers-written); unknown keys are an error.
+        `prequantized`: the config of pre-quantized weights is read for its shape (`longcat info`), not refused."""
         values: dict[str, Any] = {}
         rope: dict[str, Any] = {}
         known = {f.name for f in dataclasses.fields(cls)} - {"rope_scaling"}
-        if raw.get("quantization_config"):  # pre-quantized weights (the official FP8 release): scales we do not read
+        if raw.get("quantization_config") and not prequantized:  # the official FP8 release: scales we do not read
             method = raw["quantization_config"].get("quant_method") if isinstance(raw["quantization_config"], dict) \
                 else None
             raise ValueError(f"config.json: quantization_config (quant_method={method!r}): pre-quantized checkpoints "
@@ -335,7 +336,7 @@ class ModelConfig:
         return out
 
     @classmethod
-    def from_json(cls, path: str | Path) -> ModelConfig:
+    def from_json(cls, path: str | Path, prequantized: bool = False) -> ModelConfig:
         path = Path(path)
         if path.is_dir():
             path = path / "config.json"
@@ -347,7 +348,7 @@ class ModelConfig:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: must hold a JSON object of config fields, not {type(raw).__name__}")
-        return cls.from_dict(raw)
+        return cls.from_dict(raw, prequantized)
 
     def save_json(self, path: str | Path, dtype: str | None = None) -> None:
         """Write config.json (into `path` when it is a directory) atomically; `dtype` is the stored weights' dtype

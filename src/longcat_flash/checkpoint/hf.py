@@ -138,13 +138,13 @@ def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, tensor
 
 
-def checkpoint_config(path: Path) -> ModelConfig:
+def checkpoint_config(path: Path, prequantized: bool = False) -> ModelConfig:
     """config.json, read as the files hold it: a config naming an MTP head whose weights are not in the files
     (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one, and one that
     leaves the field out over files holding the head is a model with it; the eos ids
     of generation_config.json end generation too, as in transformers' `generate` (a chat model's end of turn,
-    `<|im_end|>`, is often only there)."""
-    cfg = ModelConfig.from_json(path)
+    `<|im_end|>`, is often only there). `prequantized`: as ModelConfig.from_dict."""
+    cfg = ModelConfig.from_json(path, prequantized)
     raw = json.loads((path / "config.json").read_text())
     if (written_by := raw.get("transformers_version")) and (ignored := transformers_ignores(cfg)):
         _warn_transformers_computes_another_model(path.resolve(), str(written_by), ", ".join(ignored))
