@@ -318,9 +318,13 @@ def test_a_reply_the_context_cuts_says_so(checkpoint, capsys, monkeypatch, tmp_p
     short = shutil.copytree(checkpoint, tmp_path / "short")
     config = json.loads((short / "config.json").read_text())
     (short / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 48}))
-    out = chat(short, ["hi", "/exit"], monkeypatch, capsys, "--max-new-tokens", "200", "--ignore-eos")
-    assert out.count("assistant> ") == 1 and "[cut: the conversation now fills the context; /reset to start over]" \
-        in out
+    from longcat_flash.serve.local import _chat_prompt
+
+    room = 48 - len(_chat_prompt(Tokenizer.load(short), [{"role": "user", "content": "hi"}]))
+    for limit in (200, room):  # asked for more than the room, or exactly the room: the reply fills the context
+        out = chat(short, ["hi", "/exit"], monkeypatch, capsys, "--max-new-tokens", str(limit), "--ignore-eos")
+        assert out.count("assistant> ") == 1 and "[cut: the conversation now fills the context; /reset to start " \
+            "over]" in out, limit
     out = chat(checkpoint, ["hi", "/exit"], monkeypatch, capsys, "--max-new-tokens", "3", "--ignore-eos")
     assert "[cut" not in out  # --max-new-tokens itself ended it
 

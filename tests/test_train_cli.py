@@ -144,6 +144,9 @@ def test_init_from_a_run_resumed_and_stopped_before_its_end_is_refused(tmp_path:
     shutil.copytree(training.latest_checkpoint(run / "checkpoints"), run / "checkpoints" / "step_00000003")
     with pytest.raises(ValueError, match=r"the run there has not finished \(its newest checkpoint is at step 3 of 4\)"):
         build_config("tiny", [f"init_from={run}"])  # ... killed after its checkpoint at step 3
+    recorded = json.loads((run / "train_config.json").read_text())
+    (run / "train_config.json").write_text(json.dumps({**recorded, "max_steps": None}))  # edited: not a run's
+    assert build_config("tiny", [f"init_from={run}"]).init_from == str(run)  # a TypeError traceback before
 
 
 def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):

@@ -106,8 +106,8 @@ def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
     with pytest.raises(ValueError, match=r"grows a model of .* fp32 weights need \d+ GiB; this machine has"):
         grow_run(tmp_path / "src", tmp_path / "huge", 10**10)
     assert not (tmp_path / "huge").exists()
-    with pytest.raises(ValueError, match="growth factor r must be an integer >= 2, got 1"):
-        grow_run(tmp_path / "src", tmp_path / "copy", 1)  # it wrote a copy and said "grown x1"
+    with pytest.raises(ValueError, match=r"growth factor r \(--factor\) must be an integer >= 2, got 1"):
+        grow_run(tmp_path / "nowhere", tmp_path / "copy", 1)  # it wrote a copy and said "grown x1"; said first
     (tmp_path / "src" / "checkpoints").mkdir()  # a run directory whose checkpoints were pruned: its model grows
     grow_run(tmp_path / "src", tmp_path / "pruned")  # it said "no checkpoint found at ..."
     assert LongcatFlash.from_pretrained(tmp_path / "pruned").config.num_layers == 4

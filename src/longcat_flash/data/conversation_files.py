@@ -60,7 +60,8 @@ def row_files(pattern: str | Path) -> list[Path]:
     if unread := [p for p in found if UNREAD_ROWS.search(p.name.lower())]:  # left out, they were rows lost unsaid
         raise ValueError(f"{unread[0]} in {path} is a data file in a format not read here; conversations come as "
                          f"{', '.join(ROW_FILES)} (JSON also .gz): convert it, or move it out of the folder")
-    files = [p for p in found if row_format(p) in ROW_FILES and p not in _map_caches(path)]
+    caches = _map_caches(path)
+    files = [p for p in found if row_format(p) in ROW_FILES and p not in caches]
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
     _check_one_split(path, files)

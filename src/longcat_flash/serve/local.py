@@ -133,7 +133,7 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         with interrupt_on_sigint() as interrupt:
             reply = generate_text(engine, tokenizer, prompt, turn, on_text=lambda text: write(visible(text)),
                                   interrupt=interrupt)
-        cut = reply.finish_reason == "length" and turn.max_new_tokens < params.max_new_tokens  # by the context
+        cut = reply.finish_reason == "length" and len(prompt) + reply.completion_tokens >= engine.max_context
         write(" [stopped]\n" if reply.finish_reason == "interrupted" else f" [{CUT}]\n" if cut else "\n")
         messages.append({"role": "assistant", "content": reply.text})
 

@@ -544,4 +544,6 @@ def _unfinished_run(path: Path) -> str | None:
         step = int(saved.name.removeprefix(training.STEP_PREFIX))
     except (ValueError, KeyError, TypeError):
         return None
-    return f"its newest checkpoint is at step {step} of {max_steps}" if step < max_steps else None
+    if type(max_steps) is not int or step >= max_steps:  # unreadable (edited by hand), or finished
+        return None
+    return f"its newest checkpoint is at step {step} of {max_steps}"

@@ -40,9 +40,13 @@ def grown_names(name: str, n_layers: int, r: int) -> list[str]:
     return [f"model.layers.{layer + k * n_layers}.{rest}" for k in range(r)]
 
 
-def grow_model_config(cfg: ModelConfig, r: int = 2) -> ModelConfig:
+def check_factor(r: int) -> None:
     if not isinstance(r, int) or isinstance(r, bool) or r < 2:  # 1 would copy the model and call it grown
-        raise ValueError(f"growth factor r must be an integer >= 2, got {r!r}")
+        raise ValueError(f"growth factor r (--factor) must be an integer >= 2, got {r!r}")
+
+
+def grow_model_config(cfg: ModelConfig, r: int = 2) -> ModelConfig:
+    check_factor(r)
     return cfg.replace(num_layers=cfg.num_layers * r)
 
 
@@ -69,6 +73,7 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     checkpoint (or model) directory. A grown run continues with `longcat train --resume DST`. An HF model is
     grown on `device`; a training checkpoint's state is rewritten on the CPU, one tensor at a time."""
     src, dst = Path(src), Path(dst)
+    check_factor(r)  # before any weights are read
     if not src.is_dir():
         raise ValueError(f"{src} {'is not a directory' if src.exists() else 'does not exist'}: grow a run "
                          "directory, one of its checkpoints, or an HF model directory")
