@@ -147,6 +147,11 @@ def test_init_from_a_run_resumed_and_stopped_before_its_end_is_refused(tmp_path:
     recorded = json.loads((run / "train_config.json").read_text())
     (run / "train_config.json").write_text(json.dumps({**recorded, "max_steps": None}))  # edited: not a run's
     assert build_config("tiny", [f"init_from={run}"]).init_from == str(run)  # a TypeError traceback before
+    config = json.loads((run / "config.json").read_text())  # training has no attention dropout: said, not dropped
+    (run / "config.json").write_text(json.dumps({**config, "attention_dropout": 0.1}))
+    with pytest.raises(ValueError, match=r"config.json asks for attention_dropout=0.1, which training here does not"):
+        build_config("tiny", [f"init_from={run}"])
+    (run / "config.json").write_text(json.dumps(config))
 
 
 def test_a_list_field_takes_comma_separated_names_or_a_list(capsys):

@@ -43,9 +43,6 @@ def _check_derived(raw: dict[str, Any], cfg: ModelConfig) -> None:
         raise ValueError(f"config.json: num_key_value_heads={raw['num_key_value_heads']!r} disagrees with "
                          f"num_attention_heads={cfg.num_attention_heads} (MLA gives every head its own keys and "
                          "values)")
-    if raw.get("attention_dropout") not in (None, 0, 0.0):
-        raise ValueError(f"config.json: attention_dropout={raw['attention_dropout']!r} is not applied here (no "
-                         "attention dropout in training or inference); set it to 0.0")
     for key in ("dtype", "torch_dtype"):  # the weights' dtype comes from the safetensors; transformers refuses these
         if raw.get(key) not in (None, *_FLOATING_DTYPES):
             raise ValueError(f"config.json: {key}={raw[key]!r} is not a floating-point dtype (one of "

@@ -530,6 +530,10 @@ def pretrained_model_config(directory: str | Path) -> ModelConfig:
     if unfinished:
         raise ValueError(f"init_from={directory}: the run there has not finished ({unfinished}), so its model "
                          "files are an earlier finish's, not its newest weights: resume it to the end first")
+    dropout = json.loads((path / "config.json").read_text()).get("attention_dropout")
+    if dropout not in (None, 0, 0.0):  # inference has none either, but there it changes nothing
+        raise ValueError(f"init_from={directory}: config.json asks for attention_dropout={dropout!r}, which training "
+                         "here does not apply (no attention dropout); set it to 0.0 to train without it")
     return checkpoint_config(path)
 
 
