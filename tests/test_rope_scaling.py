@@ -44,6 +44,16 @@ def test_config_json_also_holds_the_rope_keys_readers_before_transformers_5_read
     assert ModelConfig.from_dict(legacy) == cfg
     assert legacy["rope_theta"] == cfg.rope_theta
     assert (legacy["rope_scaling"] is None) == (cfg.rope_scaling == RopeScaling())
+    # both spellings edited apart would be two models, one here and one there: refused, not one silently winning
+    edited = cfg.to_dict()
+    edited["rope_parameters"] = {**edited["rope_parameters"], "rope_theta": 7.0e4}
+    with pytest.raises(ValueError, match="rope_parameters and the top-level rope_theta disagree"):
+        ModelConfig.from_dict(edited)
+    edited = cfg.to_dict()
+    edited["rope_parameters"] = {**edited["rope_parameters"], "rope_type": "yarn", "factor": 2.0,
+                                 "original_max_position_embeddings": 256}
+    with pytest.raises(ValueError, match="rope_parameters and the top-level rope_scaling disagree"):
+        ModelConfig.from_dict(edited)
 
 
 @pytest.mark.hf
@@ -124,7 +134,8 @@ def test_softmax_scale_gets_the_yarn_mscale_only_with_mscale_all_dim():
     ([1, 2], "rope_parameters must be an object"),
 ])
 def test_bad_rope_values_are_clear_errors(rope, message):
-    raw = {**tiny().to_dict(), "rope_parameters": rope}
+    raw = {**{k: v for k, v in tiny().to_dict().items() if k not in ("rope_theta", "rope_scaling")},
+           "rope_parameters": rope}
     with pytest.raises(ValueError, match=message):
         ModelConfig.from_dict(raw)
 

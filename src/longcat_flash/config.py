@@ -33,6 +33,8 @@ def _check_derived(raw: dict[str, Any], cfg: ModelConfig) -> None:
     if "num_layers" in raw and raw.get("num_hidden_layers") not in (None, cfg.num_layers, 2 * cfg.num_layers):
         raise ValueError(f"config.json: num_hidden_layers={raw['num_hidden_layers']!r} disagrees with num_layers="
                          f"{cfg.num_layers} (it is num_layers, or 2 * num_layers as transformers counts sublayers)")
+    if "rope_parameters" in raw:
+        _check_rope_spellings(raw, cfg.max_position_embeddings)
     if raw.get("head_dim") not in (None, cfg.qk_rope_head_dim):
         raise ValueError(f"config.json: head_dim={raw['head_dim']!r} must equal qk_rope_head_dim="
                          f"{cfg.qk_rope_head_dim} (transformers uses head_dim as the rotary dimension)")
@@ -313,9 +315,9 @@ class ModelConfig:
             elif key not in _DERIVED_OR_IGNORED:
                 raise ValueError(f"config.json: unknown field {key!r}; known fields: {sorted(known)}")
         key = "rope_scaling" if rope.get("rope_scaling") else "rope_parameters"  # transformers' precedence
+        context = values.get("max_position_embeddings", cls.max_position_embeddings)
         if key in rope:
-            values.update(_rope_fields(key, rope[key], values.get("max_position_embeddings",
-                                                                  cls.max_position_embeddings)))
+            values.update(_rope_fields(key, rope[key], context))
         cfg = cls(**values)  # every field checked before the derived keys are compared with them
         _check_derived(raw, cfg)
         return cfg
@@ -358,6 +360,23 @@ class ModelConfig:
 
     def replace(self, **changes: Any) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def _check_rope_spellings(raw: dict[str, Any], max_position_embeddings: int) -> None:
+    """`rope_parameters` beside a top-level `rope_theta` / `rope_scaling` (what save_json writes, for readers of
+    either spelling) must say the same: edited in one place, transformers 5 and this read one model, vLLM, SGLang
+    and transformers 4.x another."""
+    new = _rope_fields("rope_parameters", raw["rope_parameters"], max_position_embeddings)
+    old = {**_rope_fields("rope_scaling", raw.get("rope_scaling"), max_position_embeddings),
+           **({"rope_theta": raw["rope_theta"]} if "rope_theta" in raw else {})}
+    if "rope_scaling" in raw and raw["rope_scaling"] is None:
+        old["rope_scaling"] = RopeScaling()  # null: plain RoPE
+    for key in ("rope_theta", "rope_scaling"):
+        ours, theirs = new.get(key, RopeScaling() if key == "rope_scaling" else None), old.get(key)
+        if theirs is not None and ours is not None and ours != theirs:
+            raise ValueError(f"config.json: rope_parameters and the top-level {key} disagree ({ours!r} there, "
+                             f"{theirs!r} here): readers of the one and of the other would run different models; "
+                             "make them the same")
 
 
 def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str, Any]:
