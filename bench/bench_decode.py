@@ -38,7 +38,7 @@ from infer_common import (
 
 from longcat_flash.config import ModelConfig
 from longcat_flash.device import compute_dtype
-from longcat_flash.flag_types import parse_distinct
+from longcat_flash.flag_types import parse_distinct, threads
 from longcat_flash.infer.engine import MAX_SPECULATIVE, Engine, EngineConfig
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
@@ -66,7 +66,7 @@ def main() -> None:
     parser.add_argument("--prefill", type=int, default=1024)
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=threads, default=torch.get_num_threads())
     parser.add_argument("--speculative", type=int, default=0,
                         help="also time MTP speculation with K drafts (on the last format)")
     parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"],
@@ -88,7 +88,7 @@ def main() -> None:
     torch.manual_seed(0)
     path = bench_checkpoint(args.model)
     context = ModelConfig.from_json(path).max_position_embeddings
-    for flag, tokens in (("--prefill", args.prefill),
+    for flag, tokens in (("--prefill + 1", args.prefill + 1),  # the prefill is timed up to its first new token
                          ("--prompt-len + --new-tokens", args.prompt_len + args.new_tokens)):
         if tokens > context:
             parser.error(f"{flag} = {tokens} tokens is past the model's context ({context})")

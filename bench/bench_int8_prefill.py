@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from infer_common import interleaved, table
 
-from longcat_flash.flag_types import positive_int
+from longcat_flash.flag_types import positive_int, threads
 from longcat_flash.infer import extension, quant
 
 SHAPES = [(1536, 256), (256, 768), (8192, 1024), (1024, 4096)]  # (out, in): the small and bench presets' dense MLPs
@@ -38,7 +38,7 @@ def dynamic_linear(weight: torch.Tensor, engine: str) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=threads, default=2)
     parser.add_argument("--rows", type=positive_int, default=1024)
     parser.add_argument("--repeats", type=positive_int, default=7)
     args = parser.parse_args()

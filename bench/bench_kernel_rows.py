@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from infer_common import interleaved, table
 
-from longcat_flash.flag_types import parse_distinct, positive_int
+from longcat_flash.flag_types import parse_distinct, positive_int, threads
 from longcat_flash.infer import extension, kernels, quant
 
 SHAPES = [(8192, 256), (1536, 256), (256, 768), (512, 256), (8192, 1024), (1024, 4096)]  # (out, in features)
@@ -22,7 +22,7 @@ SHAPES = [(8192, 256), (1536, 256), (256, 768), (512, 256), (8192, 1024), (1024,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--threads", type=threads, default=1)
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--rows", type=positive_int, nargs="+", default=[16, 32, 64])

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from infer_common import interleaved, table
 
-from longcat_flash.flag_types import parse_distinct, positive_int
+from longcat_flash.flag_types import parse_distinct, positive_int, threads
 from longcat_flash.infer import kernels, quant
 
 SHAPES = [(32, 1024, 8192), (32, 4096, 1024), (32, 1024, 32000), (1024, 1024, 8192), (1024, 4096, 1024),
@@ -24,7 +24,7 @@ SHAPES = [(32, 1024, 8192), (32, 4096, 1024), (32, 1024, 32000), (1024, 1024, 81
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--threads", type=threads, default=2)
     parser.add_argument("--repeats", type=positive_int, default=10)
     parser.add_argument("--formats", nargs="+", default=["int4", "int8"], choices=["int4", "int8", "fp8"])
     args = parse_distinct(parser, "formats")

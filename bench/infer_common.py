@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import shutil
 import statistics
 import time
 from collections.abc import Callable
@@ -11,11 +12,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from longcat_flash.checkpoint import hf
 from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.infer import kernels, quant
 from longcat_flash.infer.fused import FusedMLA, FusedMoE
 from longcat_flash.presets import get_preset
+from longcat_flash.tokenizer import Tokenizer
 
 DEFAULT_DIR = Path.home() / ".cache" / "longcat_flash" / "bench"
 
@@ -23,11 +26,16 @@ DEFAULT_DIR = Path.home() / ".cache" / "longcat_flash" / "bench"
 def bench_checkpoint(model: str | None, preset: str = "bench", tokenizer: bool = False) -> Path:
     """The checkpoint to benchmark: --model (with its tokenizer.json where `tokenizer`: a bench that reads text), or
     a cached `longcat init --preset bench` (random bf16 weights)."""
-    if model:
-        for name in ("config.json", "tokenizer.json")[: 1 + tokenizer]:
-            if not (Path(model) / name).is_file():
-                raise SystemExit(f"--model {model}: not a checkpoint directory with a tokenizer (no {name})")
-        return Path(model)
+    if model:  # everything a bench reads, checked before its minutes of work: one line naming --model
+        try:
+            path = hf.model_directory(model)
+            hf.checkpoint_config(path)  # config.json parses
+            hf.checkpoint_files(path)  # the weights are there
+            if tokenizer:
+                Tokenizer.load(path)
+        except (OSError, ValueError) as err:
+            raise SystemExit(f"--model {model}: {err}") from None
+        return path
     path = DEFAULT_DIR / preset
     if not (path / "config.json").is_file():
         print(f"writing a fresh {preset} checkpoint to {path} ...", flush=True)
@@ -38,13 +46,16 @@ def bench_checkpoint(model: str | None, preset: str = "bench", tokenizer: bool =
 def transformers_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' LongcatFlashForCausalLM with exactly our weights: a copy saved for its loader (up to 5.24 it
     wants zero-expert stubs, from 5.25 refuses them) in DEFAULT_DIR, once per transformers version and per state of
-    the checkpoint's files (a copy keyed by the path alone went stale when the checkpoint was rewritten)."""
+    the checkpoint's files (a copy keyed by the path alone went stale when the checkpoint was rewritten); the copies
+    of a checkpoint's earlier states go when a new one is made."""
     import transformers
 
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
     state = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
     stub = DEFAULT_DIR / "transformers" / f"{path.name}-{state.hexdigest()[:16]}-{transformers.__version__}"
     if not (stub / "config.json").is_file():
+        for stale in stub.parent.glob(f"{path.name}-*"):  # earlier states' copies: a full model each
+            shutil.rmtree(stale)
         LongcatFlash.from_pretrained(path).save_pretrained(stub, zero_expert_stubs=True)
     return transformers.AutoModelForCausalLM.from_pretrained(stub, dtype=dtype).eval()
 

@@ -23,7 +23,9 @@ def models(tmp_path_factory) -> dict[str, str]:
     (root / "weights_only").mkdir()
     for name in ("config.json", "model.safetensors"):
         (root / "weights_only" / name).write_bytes((root / "tiny" / name).read_bytes())
-    return {"TINY": str(root / "tiny"), "NOTOK": str(root / "weights_only")}
+    (root / "config_only").mkdir()
+    (root / "config_only" / "config.json").write_bytes((root / "tiny" / "config.json").read_bytes())
+    return {"TINY": str(root / "tiny"), "NOTOK": str(root / "weights_only"), "NOWEIGHTS": str(root / "config_only")}
 
 
 CASES = [
@@ -40,8 +42,14 @@ CASES = [
     ("bench_decode.py", ["--speculative", "17"], "--speculative: at most 16 drafts per step, got 17"),
     ("bench_mtp.py", ["--model", "TINY", "--drafts", "1", "1"], "--drafts: 1 given more than once"),
     ("bench_mtp.py", ["--model", "TINY", "--drafts", "100"], "--drafts: at most 16 drafts per step, got 100"),
-    ("bench_mtp.py", ["--model", "NOTOK"], "not a checkpoint directory with a tokenizer (no tokenizer.json)"),
-    ("bench_quant.py", ["--model", "NOTOK"], "not a checkpoint directory with a tokenizer (no tokenizer.json)"),
+    ("bench_mtp.py", ["--model", "NOTOK"], "tokenizer file not found"),
+    ("bench_quant.py", ["--model", "NOTOK"], "tokenizer file not found"),
+    ("bench_serve.py", ["--model", "NOTOK"], "tokenizer file not found"),  # a traceback once the server was up
+    # a folder without weights was a traceback after the benchmark's startup
+    ("bench_decode.py", ["--model", "NOWEIGHTS"], "no model.safetensors or model.safetensors.index.json"),
+    ("bench_decode.py", ["--model", "TINY", "--prefill", "512"], "--prefill + 1 = 513 tokens is past the model's"),
+    ("bench_tiles.py", ["--threads", "100000"], "argument --threads: must be in [1, "),  # OpenMP segfaulted
+    ("bench_decode.py", ["--threads", "100000"], "argument --threads: must be in [1, "),
     ("bench_quant.py", ["--model", "TINY", "--keep-top", "-1"], "argument --keep-top: must be >= 0, got -1"),
     ("bench_quant.py", ["--model", "TINY", "--keep-fraction", "0"], "error: --keep-fraction 0.0: in (0, 1]"),
     ("bench_quant.py", ["--model", "TINY", "--window", "64", "--tokens", "32"],  # each names its own flag
