@@ -374,9 +374,9 @@ def _check_rope_spellings(raw: dict[str, Any], max_position_embeddings: int) -> 
     for key in ("rope_theta", "rope_scaling"):
         ours, theirs = new.get(key, RopeScaling() if key == "rope_scaling" else None), old.get(key)
         if theirs is not None and ours is not None and ours != theirs:
-            raise ValueError(f"config.json: rope_parameters and the top-level {key} disagree ({ours!r} there, "
-                             f"{theirs!r} here): readers of the one and of the other would run different models; "
-                             "make them the same")
+            raise ValueError(f"config.json: rope_parameters and the top-level {key} disagree (rope_parameters: "
+                             f"{ours!r}; {key}: {theirs!r}): readers of the one and of the other would run different "
+                             "models; make them the same")
 
 
 def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str, Any]:

@@ -247,10 +247,12 @@ def decoding_errors(path: Path) -> Iterator[None]:
     except UnicodeDecodeError as err:  # its position counts from a buffer's start, not the file's: found again
         hint = "" if path.suffix.lower() == ".gz" else ", or name a gzip file *.gz"
         found = _first_undecodable(path)
-        where = f"{path}:{found[0]}: not UTF-8 text (byte {found[2]!r} at byte {found[1]} of the " \
-                f"{'decompressed ' if path.suffix.lower() == '.gz' else ''}file)" if found else \
-            f"{path}: not UTF-8 text ({err})"
-        raise ValueError(f"{where}; convert it to UTF-8{hint}") from None
+        if found is None:
+            raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8{hint}") from None
+        line, offset, byte = found
+        whose = "the decompressed file" if path.suffix.lower() == ".gz" else "the file"
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte {byte!r} at byte {offset} of {whose}); convert it to "
+                         f"UTF-8{hint}") from None
 
 
 def _first_undecodable(path: Path) -> tuple[int, int, bytes] | None:

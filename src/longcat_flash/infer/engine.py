@@ -519,7 +519,8 @@ class Engine:
                     try:
                         ids.append(self.add_request(prompts[i], params[i]))
                     except (TypeError, ValueError) as err:  # which of the batch it is
-                        raise type(err)(f"prompts[{i}]: {err}") from None
+                        kind = TypeError if isinstance(err, TypeError) else ValueError
+                        raise kind(f"prompts[{i}]: {err}") from None
                     out[ids[-1]] = []
                 for o in self.step():
                     if o.error is not None:

@@ -60,8 +60,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # [-2, 2], over generated tokens
     repetition_penalty: float = 1.0  # > 0, over prompt + generated tokens; 1 = off
     min_p: float = 0.0  # [0, 1]; 0 = off
-    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) or {id: bias}; ids checked by
-    # the engine
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (id, bias in [-100, 100]) pairs or {id: bias}; engine checks ids
     grammar: Grammar | None = None  # constrained decoding (infer/grammar.py); each request gets its own matcher
 
     def __post_init__(self) -> None:

@@ -41,6 +41,7 @@ def grown_names(name: str, n_layers: int, r: int) -> list[str]:
 
 
 def check_factor(r: int) -> None:
+    """The growth factor r, refused before any weights are read."""
     if not isinstance(r, int) or isinstance(r, bool) or r < 2:  # 1 would copy the model and call it grown
         raise ValueError(f"growth factor r (--factor) must be an integer >= 2, got {r!r}")
 

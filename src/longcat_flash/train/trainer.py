@@ -353,8 +353,8 @@ def _yarn_restage_note(cfg: TrainConfig) -> str:
     factor: counted from the first stage's context instead, it interpolates no further than that stage did, and
     moves the frequencies the model was trained at."""
     before, now = hf.checkpoint_config(Path(cfg.init_from)).rope_scaling, cfg.model.rope_scaling
-    if "yarn" != before.rope_type or "yarn" != now.rope_type or \
-            now.original_max_position_embeddings == before.original_max_position_embeddings:
+    restaged = before.rope_type == now.rope_type == "yarn"
+    if not restaged or now.original_max_position_embeddings == before.original_max_position_embeddings:
         return ""
     first = before.original_max_position_embeddings
     return (f"\nnote: init_from was extended with YaRN from {first} positions (factor {before.factor:g}); this run "
