@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -157,6 +158,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.ep < 2:
         parser.error("--ep must be >= 2: an all-to-all needs two ranks")
+    experts = math.gcd(bench().n_routed_experts, small().n_routed_experts)
+    if experts % args.ep:  # each rank holds a whole share of both layers' experts
+        parser.error(f"--ep {args.ep} does not divide the {experts} FFN experts the benchmark's layers have")
     if args.tokens < 1 or args.repeats < 1:
         parser.error("--tokens and --repeats must be >= 1")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it

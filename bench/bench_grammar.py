@@ -141,6 +141,8 @@ def main() -> None:
     ap.add_argument("--large-tokenizer", type=Path, default=Path("/tmp/longcat_bench_bpe128k"),
                     help="directory caching the ~128k BPE (trained on first use, a few minutes)")
     args = ap.parse_args()
+    if args.large_tokenizer.exists() and not args.large_tokenizer.is_dir():  # found minutes later, when saving
+        ap.error(f"--large-tokenizer {args.large_tokenizer} is a file; name a directory (the BPE is cached there)")
     torch.set_num_threads(1)
     small = stdlib_tokenizer(256)
     large = large_tokenizer(args.large_tokenizer)
