@@ -30,10 +30,15 @@ from longcat_flash.tokenizer import Tokenizer
 SOURCES = Path(__file__).resolve().parents[1] / "src" / "longcat_flash"
 
 
+def source_lines() -> list[str]:
+    """The code lines of 20+ characters in this package's sources: the prompts are drawn from them."""
+    return [line for p in sorted(SOURCES.rglob("*.py")) for line in p.read_text().splitlines()
+            if len(line.strip()) > 20]
+
+
 def prompts(tokenizer: Tokenizer, n: int) -> list[list[int]]:
-    """n code lines of 20+ characters from this package's sources, evenly spread."""
-    lines = [line for p in sorted(SOURCES.rglob("*.py")) for line in p.read_text().splitlines()
-             if len(line.strip()) > 20]
+    """n of the source lines, evenly spread."""
+    lines = source_lines()
     return [tokenizer.encode(lines[i * len(lines) // n]) for i in range(n)]
 
 
@@ -78,6 +83,8 @@ def main() -> None:
     if args.new_tokens < 2:  # the first token comes from the prefill: speculation starts with the second
         parser.error(f"--new-tokens must be at least 2 (drafts are verified after the first token), got "
                      f"{args.new_tokens}")
+    if args.prompts > (lines := len(source_lines())):  # more would repeat them (and 10^8 grew memory unbounded)
+        parser.error(f"--prompts {args.prompts}: the package's sources hold {lines} lines to draw prompts from")
     args.model = bench_checkpoint(args.model, tokenizer=True)  # an error naming --model, not a traceback
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)

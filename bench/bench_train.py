@@ -128,6 +128,9 @@ def main() -> None:
     for name in ("batch", "seq", "steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1")
+    context = recipe("small").model.replace(**CONFIGS[args.config]).max_position_embeddings
+    if args.seq > context:  # named as the flag, not as the recipe's data.seq_len
+        parser.error(f"--seq {args.seq} is past the model's context ({context})")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
 
     set_deterministic(True)  # as in training

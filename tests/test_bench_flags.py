@@ -51,6 +51,8 @@ CASES = [
     ("bench_tiles.py", ["--threads", "100000"], "argument --threads: must be in [1, "),  # OpenMP segfaulted
     ("bench_grammar.py", ["--large-tokenizer", "FILE"], "--large-tokenizer FILE is a file"),  # after 2 min of BPE
     ("bench_ep.py", ["--ep", "3"], "--ep 3 does not divide the "),  # four ranks' tracebacks
+    ("bench_mtp.py", ["--model", "TINY", "--prompts", "100000000"], "--prompts 100000000: the package's sources"),
+    ("bench_train.py", ["--seq", "100000"], "--seq 100000 is past the model's context"),  # data.seq_len's error
     ("bench_decode.py", ["--threads", "100000"], "argument --threads: must be in [1, "),
     ("bench_quant.py", ["--model", "TINY", "--keep-top", "-1"], "argument --keep-top: must be >= 0, got -1"),
     ("bench_quant.py", ["--model", "TINY", "--keep-fraction", "0"], "error: --keep-fraction 0.0: in (0, 1]"),
