@@ -2,9 +2,9 @@
 
 Prompts are lines of held-out text (this repository's sources, not in the stdlib training corpus). For each draft
 length k, greedy and sampled: the acceptance rate (accepted / proposed drafts), the mean accepted length (tokens per
-verification forward) and decode tok/s against k = 0 at batch 1, the median of --repeats rounds that each run every
-k in turn after a warm-up round (so machine noise hits both sides alike); greedy outputs are checked token for token
-against plain greedy. Prints a table and one JSON line.
+verification forward) and tok/s over whole requests (the prefill and first token included) against k = 0 at batch
+1, the median of --repeats rounds that each run every k in turn after a warm-up round (so machine noise hits both
+sides alike); greedy outputs are checked token for token against plain greedy. Prints a table and one JSON line.
 
     python bench/bench_mtp.py --model RUN_DIR [--drafts 1 2 3] [--prompts 8] [--new-tokens 48] [--repeats 3]
                               [--quantize int4]
