@@ -156,7 +156,11 @@ def _nan_embedding(w: dict) -> dict:
     ({"tie_word_embeddings": True}, lambda w: w, "is not a copy of model.embed_tokens.weight"),
     ({"num_nextn_predict_layers": 0}, lambda w: w, None),  # the head config.json leaves out: read without it
     ({}, _nan_embedding, "'model.embed_tokens.weight' holds NaN or Inf"),
-], ids=["experts-past-the-config", "tied-with-a-copy", "tied-with-another-head", "mtp-left-out", "nan"])
+    ({}, lambda w: {k: v for k, v in w.items() if k != "model.layers.0.mlp.experts.5.down_proj.weight"},
+     r"missing 1 tensor\(s\): 'model.layers.0.mlp.experts.5.down_proj.weight'"),  # it trained from random weights
+    ({"vocab_size": 600}, lambda w: w, r"(has 512 rows, but its config.json says vocab_size=600|has shape \(512, )"),
+], ids=["experts-past-the-config", "tied-with-a-copy", "tied-with-another-head", "mtp-left-out", "nan",
+        "an-expert-missing", "config-vocab-past-the-rows"])
 def test_init_from_reads_a_checkpoint_as_loading_it_does(tmp_path, checkpoint, config, weights, refusal):
     """init_from had its own key loop: it dropped FFN experts the config did not name, refused a tied model's copy
     of the embedding and an MTP head config.json leaves out (both read fine for inference), and took NaN weights."""

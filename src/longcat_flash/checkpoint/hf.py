@@ -17,7 +17,7 @@ import logging
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -295,7 +295,7 @@ def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size
         check_finite(key, tensor, target)
         if expert is not None:
             experts_seen.setdefault(native, set()).add((expert, proj))
-    _check_complete(out, experts_seen, expected, cfg)
+    check_complete(out, experts_seen, expected, cfg)
     return out
 
 
@@ -333,8 +333,10 @@ def expert_slice(stacked: torch.Tensor, expert: int, proj: str, cfg: ModelConfig
     return stacked[expert, :F] if proj == "gate_proj" else stacked[expert, F:]  # (F, D)
 
 
-def _check_complete(out: dict[str, torch.Tensor], experts_seen: dict[str, set[tuple[int, str]]],
-                    expected: dict[str, torch.Size], cfg: ModelConfig) -> None:
+def check_complete(out: Collection[str], experts_seen: dict[str, set[tuple[int, str]]],
+                   expected: dict[str, torch.Size], cfg: ModelConfig) -> None:
+    """Every `expected` weight was read (`out`: the names filled), each expert stack with all its experts'
+    projections (`experts_seen`)."""
     missing = [native_to_official(k) for k in expected if k not in out]
     for native, seen in experts_seen.items():
         projs = ("down_proj",) if native.endswith("down_proj") else ("gate_proj", "up_proj")

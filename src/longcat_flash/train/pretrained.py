@@ -65,19 +65,26 @@ def load_pretrained(model: Transformer, directory: str | Path) -> None:
     if cfg.tie_word_embeddings:
         targets.pop("lm_head.weight", None)
     filled: set[str] = set()
+    experts_seen: dict[str, set[tuple[int, str]]] = {}
     expected = {name: target.shape for name, target in targets.items()}
+    saved_vocab = hf.checkpoint_config(Path(directory)).vocab_size  # the rows the run's vocabulary grows from
     for key, native, expert, proj, tensor in hf.model_tensors(Path(directory), cfg, expected):
+        hf.check_finite(key, tensor, tensor)  # every rank, whichever rows it holds: all refuse alike, rank 0 says it
         target = targets[native]
         local, first = local_rows(target)
         if expert is None:
-            _copy_rows(local, first, tensor, key, tuple(target.shape), grow=native in VOCAB_ROWS)
-        elif first <= expert < first + len(local):  # this rank holds the expert
-            part = hf.expert_slice(local, expert - first, proj, cfg)
-            _copy_rows(part, 0, tensor, key, tuple(part.shape), grow=False)
+            grow = native in VOCAB_ROWS
+            if grow and tensor.shape[0] != saved_vocab:
+                raise ValueError(f"checkpoint key {key!r} has {tensor.shape[0]} rows, but its config.json says "
+                                 f"vocab_size={saved_vocab}")
+            _copy_rows(local, first, tensor, key, tuple(target.shape), grow=grow)
+        else:
+            if first <= expert < first + len(local):  # this rank holds the expert
+                part = hf.expert_slice(local, expert - first, proj, cfg)
+                _copy_rows(part, 0, tensor, key, tuple(part.shape), grow=False)
+            experts_seen.setdefault(native, set()).add((expert, proj))
         filled.add(native)
-    missing = sorted(set(targets) - filled)
-    if missing:
-        raise KeyError(f"init_from={directory}: the checkpoint has no weights for {missing[:5]}")
+    hf.check_complete(filled, experts_seen, expected, cfg)  # an expert's missing tensor too (it trained from random)
 
 
 def _copy_rows(local: torch.Tensor, first: int, tensor: torch.Tensor, key: str, shape: tuple[int, ...],
