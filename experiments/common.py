@@ -31,7 +31,8 @@ from typing import Any
 from longcat_flash.data import sample_texts
 from longcat_flash.data.corpus import Corpus
 # the scripts' argument types, imported from here
-from longcat_flash.flag_types import distinct, non_negative_float, non_negative_int, positive_float, positive_int  # noqa: F401
+from longcat_flash.flag_types import (  # noqa: F401
+    distinct, non_negative_float, non_negative_int, positive_float, positive_int, seed)
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import train_tokenizer
 from longcat_flash.train.config import TrainConfig, apply_overrides, recipe
@@ -103,7 +104,7 @@ def parse(name: str, doc: str, add_arguments: Any = None, quick: dict[str, Any] 
     parser.add_argument("--out", type=Path, default=None, help="where the JSON and PNG go")
     parser.add_argument("--work", type=Path, default=None, help="run directories and data caches")
     parser.add_argument("--data", default="stdlib", help="corpus (default: the Python standard library)")
-    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--seed", type=seed, default=0)
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()

@@ -56,6 +56,10 @@ def add_arguments(parser) -> None:
 def check(args, setup: Setup) -> None:
     if args.base is not None and not (args.base / "config.json").is_file():
         raise ValueError(f"--base {args.base} holds no config.json: give a pre-trained HF checkpoint directory")
+    tuned = (setup.work / "sft").resolve()
+    if args.base is not None and (args.base.resolve() == tuned or tuned in args.base.resolve().parents):
+        raise ValueError(f"--base {args.base} is this experiment's own tuned model, which each run replaces: copy it "
+                         "out of --work first")  # it was deleted before it was read
 
 
 def longcat(*args: str) -> None:

@@ -26,6 +26,7 @@ from longcat_flash.presets import PRESETS, get_preset, tiny
     ("norm_topk_prob", "no"),
     ("num_nextn_predict_layers", True),
     ("zero_expert_num", True),
+    ("rope_theta", 1.0),  # YaRN divided by log(theta) = 0 after a run's training (experiments/context_extension.py)
 ])
 def test_bad_values_name_the_field(field, value):
     with pytest.raises(ValueError, match=field):

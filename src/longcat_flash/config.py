@@ -214,6 +214,8 @@ class ModelConfig:
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
+        if self.rope_theta <= 1:  # the frequencies are powers of 1/theta; YaRN divides by log(theta)
+            raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta!r}")
         original = self.rope_scaling.original_max_position_embeddings
         if original is not None and original > self.max_position_embeddings:
             raise ValueError(f"ModelConfig.rope_scaling.original_max_position_embeddings={original} exceeds "
