@@ -13,51 +13,11 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from .config import ModelConfig
 from .device import DEVICE_CHOICES, DeviceError
 from .distributed.env import DIST_TIMEOUT_S, RankZeroFailed, launched, peer_lost
 from .flag_types import fraction, non_negative_int, positive_float, positive_int, seed, temperature, top_p
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
-
-
-def _config_from(target: str) -> ModelConfig:
-    """A preset name, a checkpoint directory holding config.json (a name that is both is refused), or a run
-    directory before its model is exported (running, or grown and not yet resumed): its newest checkpoint's."""
-    path = Path(target)
-    if target in PRESETS:
-        if (path / "config.json").is_file():
-            raise SystemExit(f"longcat: {target!r} is both a preset and a checkpoint directory here; write "
-                             f"./{target} for the directory")
-        return get_preset(target)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
-        from .train.checkpoints import resume_config
-
-        return resume_config(path).model
-    if path.is_dir():
-        from .checkpoint.hf import checkpoint_config
-
-        try:  # its shape, whatever its weights' format (the official FP8 release's too)
-            return checkpoint_config(path, prequantized=True)  # as its files hold it (no MTP head where none was saved)
-        except FileNotFoundError:  # a config.json without weights
-            return ModelConfig.from_json(path, prequantized=True)
-    raise SystemExit(f"longcat: {target!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
-                     "nor a directory with config.json")
-
-
-def _run_budget_target(target: str) -> float | None:
-    """The K_e a training run's budget controller held (its budget.target), for a run directory; None for a preset,
-    a model directory or a run at the default target."""
-    from .train.config import TRAIN_CONFIG_FILE
-
-    saved = Path(target) / TRAIN_CONFIG_FILE
-    if target in PRESETS or not saved.is_file():
-        return None
-    try:
-        budget = json.loads(saved.read_text()).get("budget")
-    except (OSError, ValueError, AttributeError):  # unreadable: the model's default, as for a model directory
-        return None
-    return budget.get("target") if isinstance(budget, dict) else None
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -79,11 +39,11 @@ def _add_info(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_info(args: argparse.Namespace) -> None:
+    from .analysis.info_target import config_of, run_budget_target
     from .analysis.params import info_command
 
-    k_e = args.ffn_experts if args.ffn_experts is not None else _run_budget_target(args.target)
-    print(info_command(_config_from(args.target), ffn_experts_target=k_e, context=args.context,
-                       as_json=args.json))
+    k_e = args.ffn_experts if args.ffn_experts is not None else run_budget_target(args.target)
+    print(info_command(config_of(args.target), ffn_experts_target=k_e, context=args.context, as_json=args.json))
 
 
 # ---- cost -----------------------------------------------------------------------------------------------

@@ -443,7 +443,7 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         if not body.stream:
             answers, used = await _answers([_joined_completion(i, chunks) for i, chunks in enumerate(choices)],
                                            partial(gen.close, copies))
-            return await _whole_reply(response(choices=answers, usage=resp.Usage.of(n_prompt, used)))
+            return await resp.whole_reply(response(choices=answers, usage=resp.Usage.of(n_prompt, used)))
         return _streamed(choices, response, n_prompt, body.include_usage, partial(gen.close, copies), _has_news)
 
     @app.post("/v1/chat/completions")
@@ -458,16 +458,9 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         if not body.stream:
             answers, used = await _answers([gen.chat_choice(body, plan, j, copy, request)
                                             for j, copy in enumerate(copies)], partial(gen.close, copies))
-            return await _whole_reply(response(choices=answers, usage=resp.Usage.of(len(prompt), used)))
+            return await resp.whole_reply(response(choices=answers, usage=resp.Usage.of(len(prompt), used)))
         return _streamed([gen.chat_chunks(body, plan, j, copy) for j, copy in enumerate(copies)], response,
                          len(prompt), body.include_usage, partial(gen.close, copies))
-
-
-async def _whole_reply(reply: Any) -> JSONResponse:
-    """A non-streamed reply serialised in a worker thread: 16 echoed prompts of 4000 tokens with logprobs make 34 MB
-    of JSON, whose encoding on the event loop (FastAPI's, for a returned dict) stalled /health and every stream for
-    seconds."""
-    return await asyncio.to_thread(lambda: JSONResponse(reply.model_dump(mode="json")))
 
 
 async def _answers(calls: list[Awaitable[tuple[Any, int]]], close: Callable[[], None]) -> tuple[list, int]:

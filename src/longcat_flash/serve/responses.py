@@ -2,10 +2,12 @@
 logprobs, usage, the tokenizer routes' answers, model cards and errors (what it reads is serve/protocol.py)."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 from typing import Any, Literal
 
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, model_serializer
 
 from .protocol import ToolCall
@@ -170,3 +172,10 @@ class ErrorBody(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorBody
+
+
+async def whole_reply(reply: BaseModel) -> JSONResponse:
+    """A non-streamed reply serialised in a worker thread: 16 echoed prompts of 4000 tokens with logprobs make 34 MB
+    of JSON, whose encoding on the event loop (FastAPI's, for a returned dict) stalled /health and every stream for
+    seconds."""
+    return await asyncio.to_thread(lambda: JSONResponse(reply.model_dump(mode="json")))

@@ -1,0 +1,48 @@
+"""What `longcat info` describes: a preset, a model directory or a training run's directory, read as its model
+config, and the K_e a run held."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import ModelConfig
+from ..presets import PRESETS, get_preset
+
+
+def config_of(target: str) -> ModelConfig:
+    """A preset name, a checkpoint directory holding config.json (a name that is both is refused), or a run
+    directory before its model is exported (running, or grown and not yet resumed): its newest checkpoint's."""
+    path = Path(target)
+    if target in PRESETS:
+        if (path / "config.json").is_file():
+            raise ValueError(f"{target!r} is both a preset and a checkpoint directory here; write "
+                             f"./{target} for the directory")
+        return get_preset(target)
+    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
+        from ..train.checkpoints import resume_config
+
+        return resume_config(path).model
+    if path.is_dir():
+        from ..checkpoint.hf import checkpoint_config
+
+        try:  # its shape, whatever its weights' format (the official FP8 release's too)
+            return checkpoint_config(path, prequantized=True)  # as its files hold it (no MTP head where none was saved)
+        except FileNotFoundError:  # a config.json without weights
+            return ModelConfig.from_json(path, prequantized=True)
+    raise ValueError(f"{target!r} is neither a preset ({', '.join(sorted(PRESETS))}) "
+                     "nor a directory with config.json")
+
+
+def run_budget_target(target: str) -> float | None:
+    """The K_e a training run's budget controller held (its budget.target), for a run directory; None for a preset,
+    a model directory or a run at the default target."""
+    from ..train.config import TRAIN_CONFIG_FILE
+
+    saved = Path(target) / TRAIN_CONFIG_FILE
+    if target in PRESETS or not saved.is_file():
+        return None
+    try:
+        budget = json.loads(saved.read_text()).get("budget")
+    except (OSError, ValueError, AttributeError):  # unreadable: the model's default, as for a model directory
+        return None
+    return budget.get("target") if isinstance(budget, dict) else None
