@@ -115,6 +115,51 @@ def test_sampling_flags_without_a_temperature_are_refused(command, tmp_path):
         main(args + ["--top-k", "50", "--seed", "1"])
     with pytest.raises(SystemExit, match=r"--top-p only applies when sampling"):
         main(args + ["--top-p", "0.9", "--temperature", "0"])
+    with pytest.raises(SystemExit, match=r"--min-p only applies when sampling"):
+        main(args + ["--min-p", "0.1"])
+
+
+@pytest.fixture(scope="module")
+def repeating(checkpoint, tmp_path_factory):
+    """The tiny checkpoint with its LM head made 0.3 x its embedding: its greedy reply repeats one token (the
+    penalties have something to act on), and a low temperature gives a peaked distribution (min-p something to cut)."""
+    from safetensors.torch import load_file, save_file
+
+    out = tmp_path_factory.mktemp("repeating")
+    for f in checkpoint.iterdir():
+        (out / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(checkpoint / "model.safetensors")
+    tensors["lm_head.weight"] = 0.3 * tensors["model.embed_tokens.weight"]
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("flags, params", [
+    (["--repetition-penalty", "5"], {"repetition_penalty": 5.0}),
+    (["--presence-penalty", "2", "--frequency-penalty", "1"], {"presence_penalty": 2.0, "frequency_penalty": 1.0}),
+    (["--temperature", "0.1", "--seed", "3", "--min-p", "0.3"], {"temperature": 0.1, "seed": 3, "min_p": 0.3}),
+])
+def test_generate_and_chat_take_the_servers_logit_controls(repeating, capsys, monkeypatch, flags, params):
+    """The penalties and min-p the server takes had no flags: a reply that loops on one token could not be steered
+    off it from the command line. Each reaches the request: the completion is the engine's for those settings, and
+    not the one without them (greedy too for the penalties, as in vLLM)."""
+    from longcat_flash.infer.sampling import SamplingParams
+    from longcat_flash.serve.local import generate_text, load_session
+
+    main(["generate", "--model", str(repeating), "--prompt", "a a a a", "--max-new-tokens", "12", "--ignore-eos",
+          "--json", *flags])
+    text = json.loads(capsys.readouterr().out)["text"]
+    engine, tokenizer = load_session(repeating)
+    sampling = {"temperature": params.get("temperature", 0.0), "seed": params.get("seed")}
+    with_them, without = (generate_text(engine, tokenizer, tokenizer.encode("a a a a"), SamplingParams(
+        max_new_tokens=12, ignore_eos=True, **{**sampling, **controls})).text for controls in (params, {}))
+    assert text == with_them != without
+    requests = []
+    add_request = Engine.add_request
+    monkeypatch.setattr(Engine, "add_request", lambda self, prompt, params: requests.append(params) or
+                        add_request(self, prompt, params))
+    chat(repeating, ["hi", "/exit"], monkeypatch, capsys, *flags)
+    assert all(getattr(requests[0], name) == value for name, value in params.items())
 
 
 def test_generate_reads_the_prompt_from_a_file_or_stdin_as_it_is(checkpoint, capsys, monkeypatch, tmp_path):
@@ -221,6 +266,10 @@ def test_a_reply_cannot_drive_the_terminal_and_ctrl_d_ends_the_line(checkpoint, 
     (["--temperature", "1", "--top-p", "0"], "argument --top-p: must be > 0, got 0"),
     (["--temperature", "1", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
     (["--temperature", "1", "--top-k", "-5"], "argument --top-k: must be >= 0, got -5"),
+    (["--presence-penalty", "2.5"], "argument --presence-penalty: must be in [-2, 2], got 2.5"),
+    (["--frequency-penalty", "-3"], "argument --frequency-penalty: must be >= -2, got -3"),
+    (["--repetition-penalty", "0"], "argument --repetition-penalty: must be > 0, got 0"),
+    (["--temperature", "1", "--min-p", "1.5"], "argument --min-p: must be in [0, 1], got 1.5"),
 ])
 def test_a_sampling_flag_out_of_range_is_named_as_typed(checkpoint, capsys, flags, says):
     """They were named as SamplingParams' fields (`top_p must be in (0, 1]`), not as the flags the user typed."""

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from .device import DEVICE_CHOICES, DeviceError
 from .distributed.env import DIST_TIMEOUT_S, RankZeroFailed, launched, peer_lost
-from .flag_types import fraction, non_negative_int, positive_float, positive_int, seed, temperature, top_p
+from .flag_types import (fraction, non_negative_int, penalty, positive_float, positive_int, seed, temperature,
+                         top_p)
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
@@ -299,24 +300,35 @@ def _add_model_flags(p: argparse.ArgumentParser) -> None:
 def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None:
     p.add_argument("--max-new-tokens", type=non_negative_int, default=max_new_tokens)
     p.add_argument("--temperature", type=temperature, default=0.0, help="0 = greedy; above it, sampling (and the "
-                                                                       "three flags below)")
+                                                                       "four flags below)")
     p.add_argument("--top-p", type=top_p, default=None, help="nucleus sampling (default 1: off)")
     p.add_argument("--top-k", type=non_negative_int, default=None, help="sample among the k likeliest (default 0: "
                                                                         "off)")
     p.add_argument("--seed", type=seed, default=None, help="a seed for sampling (reproducible output)")
+    p.add_argument("--min-p", type=fraction, default=None, help="when sampling, drop tokens less likely than this "
+                                                                "share of the likeliest one's (default 0: off)")
+    p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="the logits of tokens already in "
+                   "the prompt or reply: positive ones divided by it, negative ones multiplied; greedy too (default 1: "
+                   "off)")
+    p.add_argument("--presence-penalty", type=penalty, default=0.0, help="subtract it from the logits of tokens the "
+                   "reply holds; greedy too (default 0)")
+    p.add_argument("--frequency-penalty", type=penalty, default=0.0, help="subtract it times each token's count "
+                   "in the reply; greedy too (default 0)")
     p.add_argument("--ignore-eos", action="store_true", help="generate exactly --max-new-tokens tokens")
 
 
 def _sampling(args: argparse.Namespace):
     from .infer.sampling import SamplingParams
 
-    given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed))
-             if value is not None]
+    given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed),
+                                      ("--min-p", args.min_p)) if value is not None]
     if args.temperature == 0 and given:  # greedy decoding reads none of them
         raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} when sampling: give "
                          "--temperature above 0 (0, the default, decodes greedily)")
     return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                           top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0, seed=args.seed,
+                          min_p=args.min_p or 0.0, repetition_penalty=args.repetition_penalty,
+                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                           ignore_eos=args.ignore_eos)
 
 

@@ -45,6 +45,7 @@ def _at_most(convert: Any, high: float, interval: str) -> Any:
 fraction = _at_most(non_negative_float, 1, "[0, 1]")  # a rate, a share
 top_p = _at_most(positive_float, 1, "(0, 1]")  # a nucleus
 temperature = _at_most(non_negative_float, 100, "[0, 100]")  # a sampling temperature (0: greedy)
+penalty = _at_most(_number(float, -2, strict=False), 2, "[-2, 2]")  # OpenAI's presence / frequency
 CPUS = os.cpu_count() or 1
 threads = _at_most(positive_int, CPUS, f"[1, {CPUS}] (this machine's CPUs)")  # past them: OpenMP fails to start
 seed = _at_most(non_negative_int, 2**63 - 1, "[0, 2^63)")  # torch's generators take an int64; -1 wrapped silently
