@@ -15,8 +15,7 @@ from pathlib import Path
 
 from .device import DEVICE_CHOICES, DeviceError
 from .distributed.env import DIST_TIMEOUT_S, RankZeroFailed, launched, peer_lost
-from .flag_types import (fraction, non_negative_int, penalty, positive_float, positive_int, seed, temperature,
-                         top_p)
+from .flag_types import fraction, non_negative_int, penalty, positive_float, positive_int, seed, temperature, top_p
 from .presets import PRESETS, get_preset
 from .runtime import tune_cpu_allocator
 
@@ -245,9 +244,8 @@ def _add_grow(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_grow(args: argparse.Namespace) -> None:
-    from .train.growth import grow_run
-
     from .device import resolve_device
+    from .train.growth import grow_run
 
     _new_or_directory(args.out)
     print(f"grown x{args.factor}: {grow_run(args.src, args.out, args.factor, device=resolve_device(args.device))}")
@@ -274,7 +272,6 @@ def _run_init(args: argparse.Namespace) -> None:
     import torch
 
     from .checkpoint.fresh import init_checkpoint
-
     from .device import resolve_device
 
     _new_or_directory(args.out)
