@@ -144,6 +144,25 @@ def _edited(checkpoint: Path, out: Path, config: dict, weights=lambda w: w) -> P
     return out
 
 
+def test_init_from_a_tied_checkpoint_into_an_untied_run_starts_the_head_as_the_embedding(tmp_path, checkpoint):
+    """`--set model.tie_word_embeddings=false` on a tied base (the way to train it under torchrun) was refused: its
+    lm_head was "missing". The head now starts as the copy of the embedding it was, as its own parameter."""
+    from longcat_flash.checkpoint import hf
+    from longcat_flash.train.pretrained import load_pretrained
+
+    tied = _edited(checkpoint, tmp_path / "tied", {"tie_word_embeddings": True},
+                   lambda w: {k: v for k, v in w.items() if k != "lm_head.weight"})
+    model = Transformer(hf.checkpoint_config(tied).replace(tie_word_embeddings=False))
+    load_pretrained(model, tied)
+    embedding = load_file(tied / "model.safetensors")["model.embed_tokens.weight"]
+    assert torch.equal(model.lm_head.weight, embedding) and torch.equal(model.model.embed_tokens.weight, embedding)
+    assert model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr()
+    untied = _edited(checkpoint, tmp_path / "untied", {}, lambda w: {k: v for k, v in w.items()
+                                                                     if k != "lm_head.weight"})
+    with pytest.raises(KeyError, match="lm_head.weight"):  # an untied checkpoint's head is not made up
+        load_pretrained(Transformer(hf.checkpoint_config(untied)), untied)
+
+
 def _nan_embedding(w: dict) -> dict:
     w["model.embed_tokens.weight"][3, 5] = float("nan")
     return w

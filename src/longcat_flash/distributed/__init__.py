@@ -12,8 +12,8 @@ from .env import (average, barrier, build_mesh, check_shared_directory, global_c
 _LAZY = {
     **dict.fromkeys(["AllToAllDispatcher", "CommStats", "comm_stats", "experts_gathered", "shard_experts"],
                     "expert_parallel"),
-    **dict.fromkeys(["average_expert_gradients", "clip_grad_norm_", "distribute_experts", "parallelize",
-                     "side_backward", "state_bytes"], "fsdp"),
+    **dict.fromkeys(["average_expert_gradients", "check_shardable", "clip_grad_norm_", "distribute_experts",
+                     "parallelize", "side_backward", "state_bytes"], "fsdp"),
 }
 
 

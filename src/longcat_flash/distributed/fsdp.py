@@ -28,9 +28,19 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard
 
+from ..config import ModelConfig
 from ..model import Transformer
 from ..model.moe import local_part
 from .expert_parallel import moe_layers, shard_experts
+
+
+def check_shardable(config: ModelConfig) -> None:
+    """What FSDP cannot shard, refused before a run builds anything (its tokenizer and data may take minutes)."""
+    if config.tie_word_embeddings:
+        raise ValueError("model.tie_word_embeddings is not supported with more than one process: FSDP would shard "
+                         "the embedding and the lm_head as two parameters; train it in one process, or untied "
+                         "(--set model.tie_word_embeddings=false: from a tied init_from, the lm_head starts as a copy "
+                         "of the embedding)")
 
 
 def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = False, overlap: bool = True,
@@ -46,9 +56,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = Fal
             layers[i] = checkpoint_wrapper(layer)
     if mesh is None:
         return model
-    if model.config.tie_word_embeddings:
-        raise ValueError("model.tie_word_embeddings is not supported with more than one process: FSDP would shard "
-                         "the embedding and the lm_head as two parameters; train it in one process, or untied")
+    check_shardable(model.config)
     world = init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("world",))
     if mesh["ep"].size() > 1:
         distribute_experts(model, mesh["ep"], overlap)

@@ -5,7 +5,8 @@ The model is built on the meta device, sharded and materialised first (trainer.s
 run; loading then reads one checkpoint tensor at a time and copies only the rows this process holds (FSDP and
 expert shards), so no rank ever holds the whole model. The vocabulary may grow (`longcat sft` adding the chat
 markers to a tokenizer that lacks them): the new rows of the embeddings and the LM head start as the mean of the
-checkpoint's rows, so a new token starts as an average token rather than a random one.
+checkpoint's rows, so a new token starts as an average token rather than a random one. A tied checkpoint read
+into an untied run (how a tied model trains under torchrun) starts its LM head as a copy of the embedding.
 """
 from __future__ import annotations
 
@@ -60,30 +61,31 @@ def load_pretrained(model: Transformer, directory: str | Path) -> None:
 
     Every weight and persistent buffer (router biases) must be in the checkpoint with the model's shape, except
     the vocabulary rows, which may be more in the model (see the module docstring)."""
-    cfg = model.config
+    cfg, saved = model.config, hf.checkpoint_config(Path(directory))
     targets = {param_name(k): t for k, t in model.state_dict(keep_vars=True).items()}
     if cfg.tie_word_embeddings:
-        targets.pop("lm_head.weight", None)
+        targets.pop(hf.LM_HEAD, None)
+    untie = saved.tie_word_embeddings and not cfg.tie_word_embeddings  # the head starts as the embedding it was
     filled: set[str] = set()
     experts_seen: dict[str, set[tuple[int, str]]] = {}
     expected = {name: target.shape for name, target in targets.items()}
-    saved_vocab = hf.checkpoint_config(Path(directory)).vocab_size  # the rows the run's vocabulary grows from
     for key, native, expert, proj, tensor in hf.model_tensors(Path(directory), cfg, expected):
         hf.check_finite(key, tensor, tensor)  # every rank, whichever rows it holds: all refuse alike, rank 0 says it
-        target = targets[native]
-        local, first = local_rows(target)
         if expert is None:
             grow = native in VOCAB_ROWS
-            if grow and tensor.shape[0] != saved_vocab:
+            if grow and tensor.shape[0] != saved.vocab_size:  # the rows the run's vocabulary grows from
                 raise ValueError(f"checkpoint key {key!r} has {tensor.shape[0]} rows, but its config.json says "
-                                 f"vocab_size={saved_vocab}")
-            _copy_rows(local, first, tensor, key, tuple(target.shape), grow=grow)
+                                 f"vocab_size={saved.vocab_size}")
+            for name in (native, hf.LM_HEAD) if untie and native == hf.EMBEDDING else (native,):
+                _copy_rows(*local_rows(targets[name]), tensor, key, tuple(targets[name].shape), grow=grow)
+                filled.add(name)
         else:
+            local, first = local_rows(targets[native])
             if first <= expert < first + len(local):  # this rank holds the expert
                 part = hf.expert_slice(local, expert - first, proj, cfg)
                 _copy_rows(part, 0, tensor, key, tuple(part.shape), grow=False)
             experts_seen.setdefault(native, set()).add((expert, proj))
-        filled.add(native)
+            filled.add(native)
     hf.check_complete(filled, experts_seen, expected, cfg)  # an expert's missing tensor too (it trained from random)
 
 
