@@ -415,21 +415,28 @@ def test_a_rank_whose_partner_never_starts_stops_after_dist_timeout_with_one_lin
                                "127.0.0.1:") and "within 2 s" in last and last.endswith("--dist-timeout"), last
 
 
-def test_tied_embeddings_under_torchrun_are_refused_before_the_tokenizer_is_built(tmp_path: Path):
+def test_under_torchrun_a_tied_model_is_refused_before_its_tokenizer_and_rank_zero_alone_warns(tmp_path: Path):
     """FSDP cannot shard a tied head: refused only after the tokenizer and the data were built (24 s on 30 MB of
-    text), and without saying how to untie it."""
+    text), without saying how to untie it; and every rank printed the loader's warnings (four times at world 4)."""
+    from sft_support import write_conversations
+
     from longcat_flash.serve.launch import free_port
 
-    corpus, port = make_corpus(tmp_path / "corpus"), free_port()
-    command = _train_cmd(tmp_path / "run", corpus, tmp_path / "cache", "--set", "model.tie_word_embeddings=true")
+    main(["init", "--preset", "tiny", "--out", str(tmp_path / "model"), "--dtype", "float32"])
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    (tmp_path / "model" / "config.json").write_text(json.dumps(  # SGLang's spelling of the layer count: a warning
+        {**config, "tie_word_embeddings": True, "num_hidden_layers": config["num_layers"]}))
+    command = [sys.executable, "-m", "longcat_flash.cli", "sft", "--model", str(tmp_path / "model"), "--data",
+               str(write_conversations(tmp_path / "chat.jsonl", 4)), "--out", str(tmp_path / "run"), "--no-progress"]
+    port = free_port()
     runs = [subprocess.Popen(command, env=_rank_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True) for rank in (0, 1)]
     errs = [run.communicate(timeout=120)[1] for run in runs]
     assert [run.returncode for run in runs] == [1, 1] and "Traceback" not in errs[0], errs[0][-3000:]
     last = errs[0].strip().splitlines()[-1]
-    assert last.startswith("longcat train: model.tie_word_embeddings is not supported with more than one process")
-    assert "--set model.tie_word_embeddings=false" in last
-    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "tokenizer.json").exists()
+    assert last.startswith("longcat sft: model.tie_word_embeddings is not supported with more than one process")
+    assert "--set model.tie_word_embeddings=false" in last and not (tmp_path / "run" / "tokenizer.json").exists()
+    assert "as many as num_layers" in errs[0] and errs[1] == ""
 
 
 @pytest.mark.slow

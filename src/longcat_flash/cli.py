@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import io
 import json
+import logging
 import os
 import signal
 import sys
@@ -553,6 +554,8 @@ def _run(args: argparse.Namespace) -> None:
         if launched() and args.command not in MULTI_PROCESS:  # N copies would each write the same files
             raise ValueError(f"runs in one process; start it without torchrun (only {' and '.join(MULTI_PROCESS)} "
                              "run under torchrun)")
+        if launched() and int(os.environ.get("RANK", "0")):  # every rank reads the same files: rank 0 warns once
+            logging.getLogger(__package__).setLevel(logging.ERROR)
         args.run(args)
     except DeviceError as err:  # a usage error, like a bad flag: status 2; each rank's own (its node's devices)
         rank = int(os.environ.get("RANK", "0"))
