@@ -809,6 +809,45 @@ def test_overlong_conversations_are_truncated_or_skipped_and_counted(tokenizer):
     assert dropped and full > 0 and full + int(dropped.group(1)) == over
 
 
+def agent_trace(calls: int) -> dict:
+    """One long agent trace: `calls` rounds of a tool call and its ~600-character result, then an answer."""
+    tool = {"type": "function", "function": {"name": "read_file", "parameters": {
+        "type": "object", "properties": {"path": {"type": "string"}}, "required": ["path"]}}}
+    messages = [{"role": "user", "content": "Find where the bug is."}]
+    for k in range(calls):
+        messages += [{"role": "assistant", "content": f"Reading part {k}.", "tool_calls": [
+                         {"id": f"call_{k}", "type": "function",
+                          "function": {"name": "read_file", "arguments": json.dumps({"path": f"src/{k}.py"})}}]},
+                     {"role": "tool", "tool_call_id": f"call_{k}", "content": f"def f{k}(x):\n    return x\n" * 24}]
+    return {"messages": messages + [{"role": "assistant", "content": "It is in part 3."}], "tools": [tool]}
+
+
+@pytest.mark.parametrize("template", ["longcat", "chatml"])
+def test_a_long_trace_is_read_up_to_the_window_only_with_the_same_tokens_there(tokenizer, template, monkeypatch):
+    """Each assistant turn is found by rendering its prefix, so a trace's cost grew with the square of its length
+    (200 calls of ~8 KB results: 14 s, all before the cut to the window). Turns past the window are not looked
+    for now; the window's tokens and trained flags are those of the whole reading."""
+    if template == "chatml":
+        tokenizer = Tokenizer(tokenizer.backend, chat_template=CHATML)
+    conv = parse_row(agent_trace(60), "trace")
+    whole_ids, whole_trained = tokenize(tokenizer, conv)
+    renders = []
+    render = Tokenizer.apply_chat_template
+    monkeypatch.setattr(Tokenizer, "apply_chat_template", lambda self, *a, **k: renders.append(1) or
+                        render(self, *a, **k))
+    tokenize(tokenizer, conv)
+    others = len(renders) - 2 * 61  # two renders per assistant turn looked for, and a few for the whole
+    starts = np.flatnonzero(whole_trained[1:] & ~whole_trained[:-1]) + 1  # where each assistant turn begins
+    for window in (300, 1000, 5000, len(whole_ids) + 1):
+        renders.clear()
+        ids, trained = tokenize(tokenizer, conv, window=window)
+        assert ids[:window].tolist() == whole_ids[:window].tolist()
+        assert trained[:window].tolist() == whole_trained[:window].tolist()
+        assert not trained[window:].any() and len(ids) >= min(window + 1, len(whole_ids))
+        looked_for = min(61, int((starts < window).sum()) + 1)  # those in the window, and the first past it
+        assert (len(renders) - others) // 2 == looked_for
+
+
 def test_special_token_text_inside_a_message_stays_text(tokenizer):
     """HTML's <s>strike</s> in an answer must not become bos / eos: the model would learn to stop mid-answer."""
     row = {"messages": [{"role": "user", "content": "What does <s>old</s> mean?"},

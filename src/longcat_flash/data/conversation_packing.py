@@ -147,6 +147,6 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
                              f"out data.val_fraction={val_fraction}; add conversations or pass sft.val_data")
         held_out, conversations = conversations[:n_val], conversations[n_val:]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    train = pack([tokenize(tokenizer, c, ends) for c in conversations], seq_len, pad, "train", overlong)
-    val = pack([tokenize(tokenizer, c, ends) for c in held_out], seq_len, pad, "val", overlong)
+    train = pack([tokenize(tokenizer, c, ends, seq_len + 1) for c in conversations], seq_len, pad, "train", overlong)
+    val = pack([tokenize(tokenizer, c, ends, seq_len + 1) for c in held_out], seq_len, pad, "val", overlong)
     return train, val

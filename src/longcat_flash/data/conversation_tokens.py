@@ -28,14 +28,17 @@ class ChatTokenizer(Protocol):
     def encode_chat(self, chat: Any, cuts: Sequence[int] = ()) -> list[list[int]]: ...  # chat: render_chat's
 
 
-def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = ()
-                ) -> tuple[Any, list[int], list[bool]]:
+def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = (),
+                window: int | None = None) -> tuple[Any, list[int], list[bool]]:
     """The rendered conversation (`render_chat`), the offsets cutting it into pieces, whether each is trained;
     `ends`: the texts of the tokens generation stops at (default: the tokenizer's eos), one of which ends a turn.
 
     An assistant turn is what the template adds after the generation prompt of the messages before it, up to
     and including its end-of-turn token: exactly what the model writes when served. Found by rendering the
-    prefixes, so any template that renders a conversation as an extension of its prefixes works."""
+    prefixes, so any template that renders a conversation as an extension of its prefixes works. That costs time
+    quadratic in a conversation's length (an agent trace of 200 tool calls took 14 s), so with `window` (the
+    tokens training keeps of it) the turns that start past it are not looked for: cut away, they train nothing,
+    and every token within the window is the same as without it."""
     messages, tools = conversation.messages, conversation.tools
     try:
         full = tokenizer.render_chat(messages, add_generation_prompt=False, tools=tools)
@@ -61,6 +64,8 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
             raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
+        if window is not None and _tokens_before(tokenizer, full, cuts, len(prompt), window) >= window:
+            return full, cuts + [len(prompt)], trained + [False, False]  # this turn on: past the window
         written = [(a, b) for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)]
         _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], stops, [full.text[a:b] for a, b in written])
         cuts += [len(prompt), _end_of_reply(tokenizer, full.text, written, stops, len(prompt), len(turn))]
@@ -71,6 +76,15 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
                                 f"format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only one `longcat serve` "
                                 "parses: the model would learn calls the server returns as text")
     return full, cuts, trained + [False]
+
+
+def _tokens_before(tokenizer: ChatTokenizer, full: Any, cuts: list[int], end: int, window: int) -> int:
+    """How many tokens full.text[:end] encodes to, cut at `cuts` as `tokenize` cuts it; under `window` without
+    encoding when its UTF-8 bytes are fewer (a token holds a byte at least; a tokenizer may add one in front)."""
+    if len(full.text[:end].encode("utf-8", "surrogatepass")) + 1 < window:
+        return 0
+    head = type(full)(full.text[:end], tuple(s for s in full.specials if s[1] <= end))
+    return sum(map(len, tokenizer.encode_chat(head, cuts)))
 
 
 def _rendered_without_tools(tokenizer: ChatTokenizer, messages: Sequence[dict[str, Any]]) -> str | None:
@@ -116,11 +130,12 @@ def _end_of_reply(tokenizer: ChatTokenizer, text: str, written: list[tuple[int, 
     return min(found, default=end)
 
 
-def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = ()
-             ) -> tuple[np.ndarray, np.ndarray]:
+def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = (),
+             window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
-    as the server encodes a prompt), so no token straddles the start or end of an assistant turn."""
-    full, cuts, trained = turn_bounds(tokenizer, conversation, ends)
+    as the server encodes a prompt), so no token straddles the start or end of an assistant turn. With `window`,
+    no token past the first `window` is trained (turn_bounds)."""
+    full, cuts, trained = turn_bounds(tokenizer, conversation, ends, window)
     try:
         encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
     except ValueError as err:  # text the tokenizer cannot take: the row is named, as for any bad row
