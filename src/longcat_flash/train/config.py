@@ -218,7 +218,7 @@ class CheckpointConfig:
     save_every: int = 100  # steps between training checkpoints (the last step is always saved)
     keep: int = 2  # newest checkpoints kept in OUT/checkpoints
     # the dtype of the model written to OUT at the end (training keeps fp32 weights); auto: init_from's, else fp32
-    export_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    export_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
 
     def __post_init__(self) -> None:
         _check_types(self)

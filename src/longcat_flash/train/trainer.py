@@ -517,7 +517,7 @@ def _export_dtype(cfg: TrainConfig) -> CheckpointConfig:
         return cfg.checkpoint
     source = Path(cfg.init_from) if cfg.init_from is not None else None
     stored = hf.stored_dtype(source) if source is not None and source.is_dir() else torch.float32  # resumed: gone
-    return dataclasses.replace(cfg.checkpoint, export_dtype="bfloat16" if stored == torch.bfloat16 else "float32")
+    return dataclasses.replace(cfg.checkpoint, export_dtype=str(stored).removeprefix("torch."))
 
 
 def _eos_ids(cfg: TrainConfig, tokenizer: Tokenizer) -> int | tuple[int, ...] | None:
