@@ -36,8 +36,8 @@ from longcat_flash.flag_types import (  # noqa: F401
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import train_tokenizer
 from longcat_flash.train.config import TrainConfig, apply_overrides, recipe
-from longcat_flash.train.metrics import read_metrics
-from longcat_flash.train.trainer import train
+from longcat_flash.train.metrics import METRICS_FILE, read_metrics
+from longcat_flash.train.trainer import TrainingStopped, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -210,13 +210,22 @@ def prepare_data(setup: Setup, shared: Path) -> TrainConfig:
 
 
 def run(setup: Setup, label: str, cfg: TrainConfig) -> list[dict[str, Any]]:
-    """Train `cfg` from scratch in WORK/label; its metrics, one dict per step."""
+    """Train `cfg` from scratch in WORK/label; its metrics, one dict per step. A run that diverges (the trainer
+    stops after repeated non-finite steps) ends with a record of NaN for every metric, so that each figure taken
+    from it reads NaN (null in the JSON) and the experiment still finishes and says what it measured."""
     out = setup.work / label
     if out.exists():
         shutil.rmtree(out)
     start = time.perf_counter()
-    train(cfg, out, progress=False)
-    records = read_metrics(out)
+    try:
+        train(cfg, out, progress=False)
+        records = read_metrics(out)
+    except TrainingStopped as err:
+        print(f"[{setup.name}] {label}: diverged ({err})", flush=True)
+        records = read_metrics(out) if (out / METRICS_FILE).exists() else []
+        numbers = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numbers |= {"loss", "lm_loss", "val_loss"}  # whether or not logged before it stopped
+        return records + [{**dict.fromkeys(numbers, math.nan), "step": records[-1]["step"] + 1 if records else 1}]
     final = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), float("nan"))
     print(f"[{setup.name}] {label}: {cfg.max_steps} steps, val_loss {final:.4f}, "
           f"{time.perf_counter() - start:.0f} s", flush=True)

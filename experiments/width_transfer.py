@@ -25,7 +25,6 @@ import math
 
 from common import distinct, figure, final_val, parse, positive_float, positive_int, run, save
 
-from longcat_flash.train.trainer import TrainingStopped
 
 CLAIM = ("With the width-transfer rules (hidden/unembedding init variance and Adam LR divided by s) the optimal LR "
          "found at the proxy width stays optimal at wider widths; in plain SP it shifts (§3.1.1, Table 1).")
@@ -76,12 +75,8 @@ def width_overrides(model, width: int) -> list[str]:
 
 
 def final_loss(setup, label: str, overrides: list[str], steps: int) -> float:
-    """Final validation loss of one run; NaN when it diverged (the trainer stops after repeated bad steps)."""
-    try:
-        return final_val(run(setup, label, setup.config(overrides, steps)))
-    except TrainingStopped as err:
-        print(f"[{setup.name}] {label}: diverged ({err})", flush=True)
-        return math.nan
+    """Final validation loss of one run; NaN when it diverged (common.run)."""
+    return final_val(run(setup, label, setup.config(overrides, steps)))
 
 
 def optimum(lrs: list[float], losses: list[float]) -> dict:

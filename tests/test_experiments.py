@@ -114,6 +114,21 @@ def test_mtp_acceptance_refuses_more_checkpoints_than_steps(tmp_path: Path, expe
     assert "--checkpoints 8 is more than --steps 4" in last and not (work / "_data").exists()
 
 
+@pytest.mark.slow
+def test_a_diverging_run_ends_its_experiment_with_results_not_a_traceback(tmp_path: Path, experiments_path,
+                                                                          monkeypatch, capsys):
+    """`z_loss.py --lr 100` stopped the whole experiment with the trainer's TrainingStopped traceback and no JSON
+    (only width_transfer caught it). A diverged run's figures read NaN: null in the JSON, nan in the verdict."""
+    monkeypatch.setenv("LONGCAT_TUNE_MALLOC", "0")
+    monkeypatch.setattr(sys, "argv", ["experiments/z_loss.py", "--quick", "--lr", "100", "--out",
+                                      str(tmp_path / "out"), "--work", str(tmp_path / "work")])
+    importlib.import_module("z_loss").main()
+    assert capsys.readouterr().out.count(": diverged (stopping at step") == 2
+    record = json.loads((tmp_path / "out" / "z_loss.json").read_text())
+    assert [r["final_val_loss"] for r in record["results"].values() if isinstance(r, dict)] == [None, None]
+    assert "final val loss nan vs nan" in record["verdict"]
+
+
 def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
     """An experiment replaces WORK/<label> (base, yarn, ...): `--work runs` deleted a user's own runs/base. As a
     real process: one line on stderr, status 2, no traceback."""
