@@ -25,7 +25,6 @@ import math
 
 from common import distinct, figure, final_val, parse, positive_float, positive_int, run, save
 
-
 CLAIM = ("With the width-transfer rules (hidden/unembedding init variance and Adam LR divided by s) the optimal LR "
          "found at the proxy width stays optimal at wider widths; in plain SP it shifts (§3.1.1, Table 1).")
 # the model fields that are widths; head dims stay fixed and the head count scales instead
