@@ -62,6 +62,31 @@ def test_unknown_field_and_unsupported_rope_are_errors():
         ModelConfig.from_dict({"rope_scaling": {"type": "dynamic", "factor": 4}})
 
 
+def test_transformers_generic_config_keys_read_as_the_nothing_they_change():
+    """`output_hidden_states`, `id2label`, `return_dict`... (any transformers PretrainedConfig may carry them) made
+    the folder unloadable as unknown fields; those that would describe another model are still refused."""
+    transformers = pytest.importorskip("transformers")
+    ours = tiny().to_dict()
+    generic = transformers.LongcatFlashConfig(
+        output_hidden_states=True, return_dict=False, id2label={0: "no", 1: "yes"}, is_decoder=True,
+        problem_type="single_label_classification", tokenizer_class="X").to_dict()
+    own = transformers.LongcatFlashConfig().to_diff_dict()  # its model's fields
+    extra = {k: v for k, v in generic.items() if k not in ours and k not in own}
+    assert {"output_hidden_states", "id2label", "return_dict", "is_encoder_decoder"} <= extra.keys()
+    assert ModelConfig.from_dict({**ours, **extra}) == ModelConfig.from_dict(ours)
+    for key, value in (("is_encoder_decoder", True), ("mlp_bias", True), ("use_sliding_window", True),
+                       ("pruned_heads", {"0": [1]})):
+        with pytest.raises(ValueError, match=f"config.json: {key}=.* is not supported"):
+            ModelConfig.from_dict({**ours, key: value})
+    no_ops = {"mlp_bias": False, "use_sliding_window": False}
+    assert ModelConfig.from_dict({**ours, **no_ops}) == ModelConfig.from_dict(ours)
+    rope = {**ours.pop("rope_parameters"), "partial_rotary_factor": 1.0}
+    ours.pop("rope_theta"), ours.pop("rope_scaling")
+    assert ModelConfig.from_dict({**ours, "rope_parameters": rope}) == tiny()
+    with pytest.raises(ValueError, match="rope_parameters.partial_rotary_factor=0.5 is not supported"):
+        ModelConfig.from_dict({**ours, "rope_parameters": {**rope, "partial_rotary_factor": 0.5}})
+
+
 def test_configs_written_by_other_code_read_as_transformers_reads_them():
     """transformers' layer count (two sublayers each) when `num_layers` is absent; a null or 0 YaRN ramp bound is
     its default, a 0 mscale none; the official remote-code config's deployment fields change nothing; a sliced

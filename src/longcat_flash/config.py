@@ -26,7 +26,15 @@ _DERIVED_OR_IGNORED = {
     "rounter_params_dtype", "nextn_use_scmoe", "disable_quant_module", "quantization_config",
     # the official remote-code config's deployment and training-layout fields: they change no computation here
     "ep_size", "pretraining_tp", "params_dtype",
+    # transformers' generic PretrainedConfig keys (what a forward returns, classification labels, hints): a causal
+    # LM's logits are the same whatever they say
+    "output_hidden_states", "output_attentions", "return_dict", "torchscript", "id2label", "label2id",
+    "problem_type", "tokenizer_class", "is_decoder", "chunk_size_feed_forward", "use_bfloat16", "tf_legacy_loss",
+    "finetuning_task", "task_specific_params", "prefix", "sep_token_id", "decoder_start_token_id",
 }
+# Keys read only at the value that changes nothing; another describes a model this is not (transformers builds it)
+_ONLY_AT = {"is_encoder_decoder": False, "add_cross_attention": False, "tie_encoder_decoder": False,
+            "pruned_heads": {}, "use_sliding_window": False, "mlp_bias": False}
 def _check_derived(raw: dict[str, Any], cfg: ModelConfig) -> None:
     """Derived keys are not read, but one that disagrees with its source describes another model (transformers
     would size it from the derived key)."""
@@ -314,6 +322,9 @@ class ModelConfig:
                 values[key] = tuple(value) if len(value) > 1 else value[0] if value else None
             elif key in known:
                 values[key] = value
+            elif key in _ONLY_AT:
+                if value != _ONLY_AT[key]:
+                    raise ValueError(f"config.json: {key}={value!r} is not supported (only {_ONLY_AT[key]!r})")
             elif key not in _DERIVED_OR_IGNORED:
                 raise ValueError(f"config.json: unknown field {key!r}; known fields: {sorted(known)}")
         key = "rope_scaling" if rope.get("rope_scaling") else "rope_parameters"  # transformers' precedence
@@ -392,6 +403,10 @@ def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str
     if "type" in value:  # the legacy spelling of rope_type
         value.setdefault("rope_type", value.pop("type"))
     out = {"rope_theta": value.pop("rope_theta")} if "rope_theta" in value else {}
+    if value.get("partial_rotary_factor", 1.0) != 1.0:  # 1.0 (the rotary dims are qk_rope_head_dim) changes nothing
+        raise ValueError(f"config.json: {key}.partial_rotary_factor={value['partial_rotary_factor']!r} is not "
+                         "supported (only 1.0: the rotary part of a head is qk_rope_head_dim)")
+    value.pop("partial_rotary_factor", None)
     if value.get("rope_type", "default") not in ROPE_TYPES:  # named first: its own keys would read as unknown
         raise ValueError(f"config.json: {key}.rope_type={value['rope_type']!r} is not supported; choose one of "
                          f"{ROPE_TYPES}")
