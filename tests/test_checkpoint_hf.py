@@ -213,6 +213,20 @@ def test_unknown_tensor_is_an_error(saved):
         LongcatFlash.from_pretrained(path)
 
 
+@pytest.mark.parametrize("key", [
+    "model.layers.0.mlp.experts.gate_up_proj",  # the stacked tensor beside the per-expert keys
+    "model.mtp.enorm.weight",  # the native spelling of model.mtp.layers.0.enorm.m.weight beside it
+])
+def test_a_weight_given_twice_is_refused_naming_both_keys(saved, key):
+    """A checkpoint holding per-expert keys and the stacked tensor too loaded silently, the later in the file
+    overwriting the earlier (logits off by 3.6; transformers reads the per-expert ones)."""
+    model, path = saved
+    state = model.state_dict()
+    rewrite(path, lambda t: t.update({key: torch.zeros_like(state[key])}))
+    with pytest.raises(ValueError, match=r"checkpoint keys '.*' and '.*' both hold .*: one weight given twice"):
+        LongcatFlash.from_pretrained(path)
+
+
 def test_zero_expert_stubs_are_ignored_on_load(tmp_path, caplog):
     """transformers 5.0-5.24 write zero gate/up tensors for the zero-expert ids (8-11 in `tiny`); loading skips them."""
     model = LongcatFlash(tiny())

@@ -250,8 +250,10 @@ def model_tensors(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size]
     Passed over, each after its check: a tied model's copy of the embedding (it must be one), the zero-expert stubs
     transformers 5.0-5.24 write, and an MTP head config.json leaves out (said once). Any other key is an error."""
     ignored, dropped_mtp, tied_copy, embedding = 0, False, None, None
+    sources: dict[tuple[str, int | None, str | None], str] = {}  # the key that filled each weight or part of one
     for key, tensor in read_tensors(path):
         native, expert, proj = official_to_native(key)
+        _check_filled_once(key, native, expert, proj, sources)
         if native == LM_HEAD and cfg.tie_word_embeddings:
             tied_copy = tensor  # a copy of the embedding some writers keep: checked against it below
             continue
@@ -275,6 +277,19 @@ def model_tensors(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size]
                     "(num_nextn_predict_layers 0): read without them, so no speculative decoding", path)
     if tied_copy is not None and embedding is not None:
         _check_tied_copy(tied_copy, embedding)
+
+
+def _check_filled_once(key: str, native: str, expert: int | None, proj: str | None,
+                       sources: dict[tuple[str, int | None, str | None], str]) -> None:
+    """A weight (or an expert's part of one) given twice, as per-expert and stacked expert keys side by side or an
+    official MTP key beside its native spelling: the later in the file overwrote the earlier, silently."""
+    whole, part, any_part = (native, None, None), (native, expert, proj), (native, -1, None)
+    earlier = sources.get(whole) or sources.get(part if expert is not None else any_part)
+    if earlier is not None:
+        raise ValueError(f"checkpoint keys {earlier!r} and {key!r} both hold {native}"
+                         f"{f' (expert {expert})' if expert is not None else ''}: one weight given twice")
+    sources[part] = key
+    sources.setdefault(any_part, key)
 
 
 def load_state_dict(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size],
