@@ -303,6 +303,28 @@ def test_auto_tokenizer_reads_checkpoint_dir(tok: Tokenizer, tmp_path) -> None:
     assert resaved.encode_batch(ROUND_TRIP) == tok.encode_batch(ROUND_TRIP) and resaved.eos_id == 2
 
 
+@pytest.mark.hf
+def test_named_templates_in_transformers_5s_files_are_read_and_written_back(tok: Tokenizer, tmp_path) -> None:
+    """transformers 5 saves named templates as chat_template.jinja and additional_chat_templates/<name>.jinja: the
+    tool_use one was not read (a request with tools rendered with the default template), and saving dropped it."""
+    transformers = pytest.importorskip("transformers")
+    tok.save(tmp_path / "ours")
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "ours"))
+    hf.chat_template = {"default": "D{{ messages[0]['content'] }}", "tool_use": "T{{ tools | length }}",
+                        "rag": "R{{ documents | length }}"}
+    hf.save_pretrained(str(tmp_path / "hf"))
+    assert (tmp_path / "hf" / "additional_chat_templates" / "tool_use.jinja").is_file()
+    loaded = Tokenizer.load(tmp_path / "hf")
+    for messages, tools in ((CHAT, None), (TOOL_CHAT, TOOLS)):
+        want = hf.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
+        assert loaded.apply_chat_template(messages, tools=tools) == want
+    loaded.save(tmp_path / "again")  # and back: transformers reads the same three templates from what we write
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path / "again")).chat_template == hf.chat_template
+    (tmp_path / "hf" / "chat_template.jinja").unlink()
+    with pytest.raises(ValueError, match=r"names \['rag', 'tool_use'\] but no 'default' template"):
+        Tokenizer.load(tmp_path / "hf")
+
+
 # What clients send besides the plain alternation: the `developer` role, content as text parts, several user
 # messages in a row (joined), a user message after the tool results
 EDGE_CHATS = [

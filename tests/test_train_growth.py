@@ -92,12 +92,15 @@ def test_grow_an_hf_model_directory(tmp_path: Path, tiny_config):
     small.save_pretrained(tmp_path / "src")
     defaults = '{"eos_token_id": [2, 7], "temperature": 0.7, "do_sample": true}'  # serve starts requests from them
     (tmp_path / "src" / "generation_config.json").write_text(defaults)
+    (tmp_path / "src" / "additional_chat_templates").mkdir()  # transformers 5's named templates: tool_use was lost
+    (tmp_path / "src" / "additional_chat_templates" / "tool_use.jinja").write_text("T{{ tools | length }}")
     grow_run(tmp_path / "src", tmp_path / "dst")
     grown = LongcatFlash.from_pretrained(tmp_path / "dst")
     assert grown.config.num_layers == 4
     assert (tmp_path / "dst" / "generation_config.json").read_text() == defaults
+    assert (tmp_path / "dst" / "additional_chat_templates" / "tool_use.jinja").read_text() == "T{{ tools | length }}"
     assert torch.equal(grown.model.layers[3].mlps[1].up_proj.weight, small.model.layers[1].mlps[1].up_proj.weight)
-    with pytest.raises(ValueError, match="holds config.json, .*model.safetensors; the grown run or model goes"):
+    with pytest.raises(ValueError, match="holds .*config.json, .*model.safetensors; the grown run or model goes"):
         grow_run(tmp_path / "src", tmp_path / "dst")
     for missing, says in ((tmp_path / "none", "does not exist"),
                           (tmp_path / "src" / "config.json", "is not a directory")):

@@ -47,6 +47,7 @@ DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_lengt
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves the template; it wins over the config key
+TEMPLATE_DIR = "additional_chat_templates"  # transformers 5's named templates beside it: tool_use.jinja, ...
 # A handful of large, plain-text-heavy stdlib modules: enough merges for a useful tokenizer in ~1 s.
 STDLIB_SAMPLE_FILES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py", "dataclasses.py", "functools.py",
                        "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
@@ -153,7 +154,8 @@ class Tokenizer:
     def __init__(self, backend: tokenizers.Tokenizer, *, bos_token: str | None = SPECIAL_TOKENS[1],
                  eos_token: str | None = SPECIAL_TOKENS[2], pad_token: str | None = SPECIAL_TOKENS[0],
                  chat_template: str = DEFAULT_CHAT_TEMPLATE, tool_chat_template: str | None = None,
-                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, other_config: dict[str, Any] | None = None) -> None:
+                 model_max_length: int = DEFAULT_MODEL_MAX_LENGTH, other_config: dict[str, Any] | None = None,
+                 other_templates: dict[str, str] | None = None) -> None:
         self._backend = backend
         self.other_config = dict(other_config or {})  # tokenizer_config.json keys we do not read, written back as read
         # A twin that treats special-token text as plain text; two objects instead of toggling a flag per call
@@ -169,6 +171,7 @@ class Tokenizer:
                 check_template(source, name)  # here, not at the first chat request
         self.chat_template = chat_template
         self.tool_chat_template = tool_chat_template  # HF's named "tool_use" template: rendered when tools are given
+        self.other_templates = dict(other_templates or {})  # HF's other named ones ("rag", ...): kept, not rendered
         self.model_max_length = model_max_length
 
     def _token_id(self, field: str, token: str | None) -> int | None:
@@ -357,23 +360,24 @@ class Tokenizer:
         backend.add_tokens([tokenizers.AddedToken(t, special=False, normalized=False) for t in missing])
         return Tokenizer(backend, bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
                          chat_template=self.chat_template, tool_chat_template=self.tool_chat_template,
-                         model_max_length=self.model_max_length,
-                         other_config=self.other_config)
+                         model_max_length=self.model_max_length, other_config=self.other_config,
+                         other_templates=self.other_templates)
 
     def save(self, directory: str | Path) -> Path:
         """Write `tokenizer.json` + `tokenizer_config.json` (HF layout) into `directory`; returns it."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self._backend.save(str(directory / TOKENIZER_FILE))
+        named = {"default": self.chat_template, **({"tool_use": self.tool_chat_template} if self.tool_chat_template
+                                                   else {}), **self.other_templates}
         config = {
             **self.other_config,  # unk_token, additional special tokens, ... as the source had them
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token,
             "model_max_length": self.model_max_length,
             "clean_up_tokenization_spaces": False,  # keeps transformers' decode byte-exact, like ours
-            "chat_template": self.chat_template if self.tool_chat_template is None else [  # HF's named templates
-                {"name": "default", "template": self.chat_template},
-                {"name": "tool_use", "template": self.tool_chat_template}],
+            "chat_template": self.chat_template if named == {"default": self.chat_template} else [  # HF's list
+                {"name": name, "template": template} for name, template in named.items()],
         }
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n",
                                              encoding="utf-8")
@@ -411,10 +415,11 @@ class Tokenizer:
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
         other = {k: v for k, v in config.items() if k not in _CONFIG_WRITTEN}
         try:
-            return cls(backend, **names, chat_template=_chat_template(file.parent, config),
-                       tool_chat_template=_named_templates(config).get("tool_use"),
+            templates = _chat_templates(file.parent, config)
+            return cls(backend, **names, chat_template=templates.pop("default"),
+                       tool_chat_template=templates.pop("tool_use", None),
                        model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)),
-                       other_config=other)
+                       other_config=other, other_templates=templates)
         except ValueError as err:
             raise ValueError(f"{file.parent}: {err}") from None
 
@@ -437,23 +442,30 @@ def _named_templates(config: dict[str, Any]) -> dict[str, str]:
     return {entry["name"]: entry["template"] for entry in template}
 
 
-def _chat_template(directory: Path, config: dict[str, Any]) -> str:
-    """`chat_template.jinja`, else the config's template (a string, or HF's list of named ones), else ours."""
-    if (directory / TEMPLATE_FILE).is_file():
-        template = (directory / TEMPLATE_FILE).read_text(encoding="utf-8")
-        check_template(template, TEMPLATE_FILE)  # named as the file the user edits, not as the config key
-        return template
-    template = config.get("chat_template")
-    if isinstance(template, list):
-        named = _named_templates(config)
-        if "default" not in named:  # transformers refuses to pick one ("multiple chat templates with no default")
-            raise ValueError(f"{directory / CONFIG_FILE}: chat_template names {sorted(named)} but no 'default' "
-                             "template, the one a conversation without tools renders with; name one 'default'")
-        template = named["default"]
-    if isinstance(template, str) and not template.strip():  # rendered, it would be an empty prompt
-        raise ValueError(f"{directory / CONFIG_FILE}: chat_template is empty; remove it to use the built-in LongCat "
+def _chat_templates(directory: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The chat templates by name ("default", and HF's named ones: "tool_use", ...), as transformers reads them:
+    from `chat_template.jinja` and `additional_chat_templates/*.jinja` when there are any (the config's are then
+    ignored), else the config's `chat_template` (a string, or HF's list of named ones); our default without any."""
+    files = [directory / TEMPLATE_FILE] if (directory / TEMPLATE_FILE).is_file() else []
+    files += sorted((directory / TEMPLATE_DIR).glob("*.jinja")) if (directory / TEMPLATE_DIR).is_dir() else []
+    templates = {}
+    for file in files:
+        template = file.read_text(encoding="utf-8")
+        check_template(template, str(file.relative_to(directory)))  # named as the file the user edits
+        templates["default" if file.name == TEMPLATE_FILE else file.name.removesuffix(".jinja")] = template
+    where = f"{TEMPLATE_FILE} and {TEMPLATE_DIR}/" if files else f"{CONFIG_FILE}: chat_template"
+    if not files:
+        template = config.get("chat_template")
+        templates = _named_templates(config) if isinstance(template, list) else {"default": template}
+        if template is None:
+            return {"default": DEFAULT_CHAT_TEMPLATE}
+    if "default" not in templates:  # transformers refuses to pick one ("multiple chat templates with no default")
+        raise ValueError(f"{where} names {sorted(templates)} but no 'default' template, the one a conversation "
+                         "without tools renders with; name one 'default'")
+    if isinstance(templates["default"], str) and not templates["default"].strip():  # rendered: an empty prompt
+        raise ValueError(f"{TEMPLATE_FILE if files else where} is empty; remove it to use the built-in LongCat "
                          "template, or give the model's own")
-    return template or DEFAULT_CHAT_TEMPLATE
+    return templates
 
 
 def _tokens_not_held(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> list[str]:

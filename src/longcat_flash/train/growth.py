@@ -21,7 +21,7 @@ from ..checkpoint import hf, training
 from ..config import ModelConfig
 from ..device import host_memory_bytes
 from ..model import Transformer
-from ..tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE
+from ..tokenizer import CONFIG_FILE, TEMPLATE_DIR, TEMPLATE_FILE, TOKENIZER_FILE
 from .checkpoints import read_checkpoint, saved_train_config, write_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, keep_metrics_until
@@ -134,5 +134,7 @@ def _copy_run_files(src: Path, dst: Path, step: int | None) -> None:
     for name in (TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE, hf.GENERATION_CONFIG):
         if (src / name).is_file():
             shutil.copy2(src / name, dst / name)
+    if (src / TEMPLATE_DIR).is_dir():  # transformers 5's named chat templates (tool_use, ...)
+        shutil.copytree(src / TEMPLATE_DIR, dst / TEMPLATE_DIR)
     if step is not None and (src / METRICS_FILE).is_file():
         keep_metrics_until(src / METRICS_FILE, dst / METRICS_FILE, step)
