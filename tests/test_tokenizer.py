@@ -511,11 +511,14 @@ def test_a_dated_template_renders_the_date_it_is_given_and_training_data_none(to
 
 
 def test_special_tokens_the_config_lists_but_the_tokenizer_lacks_are_refused(tok: Tokenizer, tmp_path):
-    """transformers adds them (new ids); here `<|im_start|>` was silently encoded as ten byte-level tokens."""
+    """transformers adds them (new ids); here `<|im_start|>` was silently encoded as ten byte-level tokens. Under
+    transformers 5's key, `extra_special_tokens` (4.x's: a dict of named ones), they were not looked at."""
     tok.save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
-    for listed in (["<|im_start|>", "</s>"], [{"content": "<|im_start|>", "special": True}]):
-        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "additional_special_tokens": listed}))
+    for key, listed in (("additional_special_tokens", ["<|im_start|>", "</s>"]),
+                        ("additional_special_tokens", [{"content": "<|im_start|>", "special": True}]),
+                        ("extra_special_tokens", ["<|im_start|>"]), ("extra_special_tokens", {"start": "<|im_start|>"})):
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, key: listed}))
         with pytest.raises(ValueError, match=r"lists special tokens that tokenizer.json does not hold \('<\|im_st"):
             Tokenizer.load(tmp_path)
     held = {"additional_special_tokens": [{"content": "</s>"}, {"__type": "AddedToken"}]}  # no content: not read

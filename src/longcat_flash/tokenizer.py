@@ -469,12 +469,16 @@ def _chat_templates(directory: Path, config: dict[str, Any]) -> dict[str, str]:
 
 
 def _tokens_not_held(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> list[str]:
-    """The `additional_special_tokens` of tokenizer_config.json that tokenizer.json lacks, quoted; as transformers
+    """The special tokens tokenizer_config.json lists (`additional_special_tokens`; transformers 5 spells it
+    `extra_special_tokens`, a list, or 4.x's dict of named ones) that tokenizer.json lacks, quoted; as transformers
     writes them, each is in both. (`added_tokens_decoder` is tokenizer.json's added tokens again, and may be
     stale: `_CONFIG_WRITTEN`.)"""
-    listed = config.get("additional_special_tokens")
-    tokens = [t.get("content") if isinstance(t, dict) else t for t in (listed if isinstance(listed, list) else [])]
-    return [repr(t) for t in tokens if isinstance(t, str) and backend.token_to_id(t) is None]
+    tokens = []
+    for key in ("additional_special_tokens", "extra_special_tokens"):
+        listed = config.get(key)
+        listed = list(listed.values()) if isinstance(listed, dict) else listed if isinstance(listed, list) else []
+        tokens += [t.get("content") if isinstance(t, dict) else t for t in listed]
+    return [repr(t) for t in dict.fromkeys(tokens) if isinstance(t, str) and backend.token_to_id(t) is None]
 
 
 def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], field: str) -> str | None:
