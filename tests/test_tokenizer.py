@@ -517,7 +517,8 @@ def test_special_tokens_the_config_lists_but_the_tokenizer_lacks_are_refused(tok
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
     for key, listed in (("additional_special_tokens", ["<|im_start|>", "</s>"]),
                         ("additional_special_tokens", [{"content": "<|im_start|>", "special": True}]),
-                        ("extra_special_tokens", ["<|im_start|>"]), ("extra_special_tokens", {"start": "<|im_start|>"})):
+                        ("extra_special_tokens", ["<|im_start|>"]),
+                        ("extra_special_tokens", {"start": "<|im_start|>"})):
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, key: listed}))
         with pytest.raises(ValueError, match=r"lists special tokens that tokenizer.json does not hold \('<\|im_st"):
             Tokenizer.load(tmp_path)
