@@ -259,6 +259,22 @@ def test_shard_cache_is_reused(corpus_dir: Path, tok: Tokenizer, tmp_path: Path,
     assert build_token_shard(corpus_dir, tok, tmp_path, progress=False) == first
 
 
+def test_a_killed_tokenizations_partial_shard_goes_with_the_next_one(corpus_dir: Path, tok: Tokenizer,
+                                                                     tmp_path: Path) -> None:
+    """A tokenization killed mid-write (torchrun stopping its workers, SIGKILL) left its partial shard, as large as
+    the corpus, in the cache for good: every failed start added one. One still being written stays."""
+    import os
+    import time
+
+    abandoned, live = tmp_path / ".stdlib-0123456789abcdef.bin.4242.tmp", tmp_path / ".other-fedcba.bin.77.tmp"
+    for part in (abandoned, live):
+        part.write_bytes(b"\0" * 1000)
+    hours_ago = time.time() - 2 * 3600
+    os.utime(abandoned, (hours_ago, hours_ago))
+    build_token_shard(corpus_dir, tok, tmp_path, progress=False)
+    assert not abandoned.exists() and live.exists()
+
+
 def test_shard_cache_is_invalidated(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
     first = build_token_shard(corpus_dir, tok, tmp_path, progress=False)
     other_tok = build_token_shard(corpus_dir, train_tokenizer(DOCS.values(), 280), tmp_path, progress=False)

@@ -9,10 +9,12 @@ This package must not import longcat_flash.tokenizer (siblings never import each
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
 import sys
+import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from tqdm import tqdm
 from ..files import atomic_write, atomic_write_text
 from .corpus import Corpus
 
+ABANDONED_AFTER_S = 3600  # a partial shard nobody has written to for this long is a killed tokenization's
 SHARD_FORMAT_VERSION = 2  # bump when the shard layout or what it holds changes, so old caches are rebuilt (2: a
 # corpus cut at data.max_bytes exactly; 1 took the last document whole)
 
@@ -73,6 +76,7 @@ def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache
     if _shard_is_current(bin_path, fingerprint):
         return bin_path
     bin_path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_parts(bin_path.parent)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     with atomic_write(bin_path) as tmp, tmp.open("wb") as f:
         n_tokens, n_docs = _write_tokens(corpus, tokenizer, f, dtype, chunk_bytes, progress)
@@ -81,6 +85,16 @@ def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache
     meta = ShardMeta(fingerprint, tokenizer.fingerprint, str(corpus.root), n_tokens, n_docs, np.dtype(dtype).name)
     atomic_write_text(bin_path.with_suffix(".json"), json.dumps(asdict(meta), indent=2) + "\n")  # commit marker
     return bin_path
+
+
+def _remove_abandoned_parts(cache_dir: Path) -> None:
+    """Delete the partial shards of tokenizations killed mid-write (SIGKILL, torchrun stopping its workers: no
+    exception cleans up after those), each as large as the corpus: those no process has written to for
+    ABANDONED_AFTER_S. A live writer (another run, another node on a shared cache) writes every few seconds."""
+    for part in cache_dir.glob(".*.bin.*.tmp"):
+        with contextlib.suppress(FileNotFoundError):  # its writer may finish (rename it) meanwhile
+            if time.time() - part.stat().st_mtime > ABANDONED_AFTER_S:
+                part.unlink()
 
 
 def _shard_is_current(bin_path: Path, fingerprint: str) -> bool:
