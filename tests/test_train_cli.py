@@ -415,6 +415,31 @@ def test_a_rank_whose_partner_never_starts_stops_after_dist_timeout_with_one_lin
                                "127.0.0.1:") and "within 2 s" in last and last.endswith("--dist-timeout"), last
 
 
+RANK_ZERO_FIRST = """
+import time
+from longcat_flash import distributed
+distributed.init("cpu", timeout_s=1)
+with distributed.main_first():
+    if distributed.is_main():
+        time.sleep(4)  # training the tokenizer, tokenizing the corpus
+print("rank", distributed.rank(), "went on")
+distributed.teardown()
+"""
+
+
+def test_the_other_ranks_wait_for_rank_zeros_tokenization_past_dist_timeout():
+    """They waited in a collective bound by --dist-timeout: the first start on a corpus of ~1 GB or more (10 minutes
+    of tokenizing) died with "lost contact with the other ranks", and so did every retry."""
+    from longcat_flash.serve.launch import free_port
+
+    port = free_port()
+    runs = [subprocess.Popen([sys.executable, "-c", RANK_ZERO_FIRST], env=_rank_env(rank, port),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for rank in (0, 1)]
+    outs = [run.communicate(timeout=120) for run in runs]
+    assert [run.returncode for run in runs] == [0, 0], outs[1][1][-3000:]
+    assert [out.strip() for out, _ in outs] == ["rank 0 went on", "rank 1 went on"]
+
+
 def test_under_torchrun_a_tied_model_is_refused_before_its_tokenizer_and_rank_zero_alone_warns(tmp_path: Path):
     """FSDP cannot shard a tied head: refused only after the tokenizer and the data were built (24 s on 30 MB of
     text), without saying how to untie it; and every rank printed the loader's warnings (four times at world 4)."""

@@ -34,6 +34,11 @@ def launched() -> bool:
 
 
 DIST_TIMEOUT_S = 600.0  # torch's own default for gloo and NCCL collectives
+# How long the other ranks wait for rank 0's `main_first` block (training a tokenizer, tokenizing the corpus: an
+# hour or more for a large one), on a gloo group of its own: under the collectives' --dist-timeout, the first start
+# on a corpus past ~1 GB died, and so did every retry. A rank 0 that dies ends the job through torchrun anyway.
+MAIN_FIRST_TIMEOUT = timedelta(days=2)
+_patient: list[dist.ProcessGroup] = []  # that group, made by `init` (every rank makes its groups in one order)
 
 
 def init(device: str | torch.device = "auto", timeout_s: float = DIST_TIMEOUT_S) -> torch.device:
@@ -53,6 +58,7 @@ def init(device: str | torch.device = "auto", timeout_s: float = DIST_TIMEOUT_S)
             raise TimeoutError(f"the {os.environ['WORLD_SIZE']} ranks did not all meet at {where} within "
                                f"{timeout_s:g} s ({reason}): start every rank (torchrun --nproc-per-node, --nnodes), "
                                "or give them longer with --dist-timeout") from None
+        _patient[:] = [dist.new_group(backend="gloo", timeout=max(MAIN_FIRST_TIMEOUT, timedelta(seconds=timeout_s)))]
     return device
 
 
@@ -104,8 +110,9 @@ def print0(*args: object, **kwargs: object) -> None:
 @contextmanager
 def main_first() -> Iterator[None]:
     """Run the block on rank 0 before the other ranks: rank 0 writes shared files (tokenizer, token shard) that
-    the others then find and reuse. Every rank waits once for rank 0's outcome: when rank 0's block fails (bad
-    data: rank 0 says why), the others raise RankZeroFailed instead of dying in a barrier rank 0 never joins."""
+    the others then find and reuse, waiting for it up to MAIN_FIRST_TIMEOUT, not --dist-timeout. Every rank waits
+    once for rank 0's outcome: when rank 0's block fails (bad data: rank 0 says why), the others raise
+    RankZeroFailed instead of dying in a barrier rank 0 never joins."""
     if not dist.is_initialized():
         yield
         return
@@ -129,7 +136,7 @@ class RankZeroFailed(RuntimeError):
 def _rank_zero_succeeded(outcome: bool | None) -> bool:
     """Rank 0 sends its outcome, the others receive it."""
     box = [outcome]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=_patient[0] if _patient else None)
     return bool(box[0])
 
 
