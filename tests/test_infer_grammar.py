@@ -231,6 +231,41 @@ def test_named_keys_and_unknown_annotations_compile(setup):
         compiler.json_schema(schema)
 
 
+def admits(setup, schema: dict, text: str) -> bool:
+    """Whether the grammar of `schema` lets a request write `text` and then end (the value complete, or EOS
+    allowed)."""
+    import torch
+
+    tokenizer, model, compiler = setup
+    matcher, mask = compiler.json_schema(schema).matcher(), torch.zeros((model.config.vocab_size + 31) // 32,
+                                                                         dtype=torch.int32)
+
+    def allowed(token: int) -> bool:
+        matcher.fill(mask)
+        return bool(int(mask[token // 32]) >> (token % 32) & 1)
+    for token in tokenizer.encode(text):
+        if not allowed(token):
+            return False
+        matcher.advance(token)
+    return matcher.done or allowed(tokenizer.eos_id)
+
+
+def test_openapis_nullable_and_oneof_read_as_vllm_reads_them(setup):
+    """`nullable: true` (OpenAPI 3.0, which schemas converted for OpenAPI or Gemini use) was accepted and constrained
+    nothing, so null was never allowed; `oneOf` whose branches are not plainly disjoint was a 400."""
+    short = {"type": "string", "maxLength": 3}
+    assert admits(setup, {**short, "nullable": True}, "null") and admits(setup, {**short, "nullable": True}, '"ab"')
+    assert not admits(setup, short, "null") and not admits(setup, {**short, "nullable": False}, "null")
+    assert admits(setup, {"anyOf": [{"type": "integer"}], "nullable": True}, "null")  # no type: a choice of null
+    assert not admits(setup, {"enum": ["a"], "nullable": True}, "null")  # OpenAPI 3.0.3: null only if enumerated
+    nested = {"type": "object", "properties": {"a": {"type": "integer", "nullable": True}}, "required": ["a"],
+              "additionalProperties": False}
+    assert admits(setup, nested, '{"a": null}') and admits(setup, nested, '{"a": 7}')
+    overlapping = {"oneOf": [{"type": "integer"}, {"type": "number", "maximum": 5}]}
+    assert admits(setup, overlapping, "3") and admits(setup, overlapping, "4.5") and not admits(setup, overlapping,
+                                                                                               '"x"')
+
+
 def test_numeric_bounds_the_library_honours_compile(setup):
     _, _, compiler = setup
     for schema in ({"type": "integer", "minimum": -(2**53), "maximum": 2**53},

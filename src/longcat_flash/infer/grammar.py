@@ -73,7 +73,31 @@ def json_part(schema: dict[str, Any]) -> str:
     """A JSON value matching `schema`, as a Lark fragment, compact (JSON_OPTIONS override any x-guidance);
     GrammarError for what llguidance would not honour (`check_schema`)."""
     check_schema(schema)
-    return f"%json {json.dumps({**schema, 'x-guidance': JSON_OPTIONS}, ensure_ascii=False)}"
+    return f"%json {json.dumps({**as_llguidance_reads(schema), 'x-guidance': JSON_OPTIONS}, ensure_ascii=False)}"
+
+
+def as_llguidance_reads(node: Any) -> Any:
+    """`node` with what llguidance does not take spelled as it does, as vLLM's default backend reads them:
+    OpenAPI 3.0's `nullable: true` (it constrained nothing: null was never allowed) as a `type` that takes null
+    too (or a choice of null), and `oneOf` (refused unless its branches are plainly disjoint) as `anyOf`, which
+    admits a value that two branches match (xgrammar's reading)."""
+    if not isinstance(node, dict):
+        return node
+    out = {}
+    for key, value in node.items():
+        if key in SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: as_llguidance_reads(sub) for name, sub in value.items()}
+        elif key in SCHEMA_LISTS and isinstance(value, list):
+            value = [as_llguidance_reads(sub) for sub in value]
+        elif key in SCHEMA_VALUES:
+            value = as_llguidance_reads(value)
+        out["anyOf" if key == "oneOf" and "anyOf" not in node else key] = value
+    if out.pop("nullable", False) is not True:
+        return out
+    if isinstance(out.get("type"), str | list):
+        types = [out["type"]] if isinstance(out["type"], str) else out["type"]
+        return {**out, "type": types if "null" in types else [*types, "null"]}
+    return out if "enum" in out or "const" in out else {"anyOf": [out, {"type": "null"}]}
 
 
 def check_schema(schema: dict[str, Any]) -> None:
