@@ -34,6 +34,15 @@ def _server(config: Any, bridge: Bridge) -> Any:
 
     class Server(uvicorn.Server):
         cut = False  # the open responses were ended early, by a second signal
+        engine_lost = False  # the engine process died: the server stops (status 1), as vLLM's does
+
+        async def on_tick(self, counter: int) -> bool:
+            """Also stop when the engine is gone: up, /health said 503 for ever while /v1/models said 200, so a
+            supervisor (systemd's Restart=, Docker's, Kubernetes') never restarted it. A stop's own failing of
+            the open requests comes after should_exit, so it never reads as a lost engine."""
+            if not bridge.alive and not self.should_exit:
+                self.engine_lost = self.should_exit = True
+            return await super().on_tick(counter)
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             with contextlib.suppress(RuntimeError):  # no loop yet: nothing is open
@@ -88,10 +97,14 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
             if defaults:
                 print("longcat serve: requests that leave them out sample with generation_config.json's "
                       + ", ".join(f"{k}={v}" for k, v in defaults.items()), flush=True)
-            _server(uvicorn.Config(
+            server = _server(uvicorn.Config(
                 create_app(bridge, tokenizer, config), log_level="warning",
                 timeout_graceful_shutdown=SHUTDOWN_GRACE_S + SHUTDOWN_CUT_S,
                 **uvicorn_options(client_timeout_s=client_timeout_s, max_connections=max_connections),
-            ), bridge).run(sockets=[sock])
+            ), bridge)
+            server.run(sockets=[sock])
         finally:
             bridge.stop()
+    if server.engine_lost:
+        raise ChildProcessError(f"the engine process exited while serving (exit code {bridge.process.exitcode}): "
+                                "stopped, so that a supervisor can restart the server")
