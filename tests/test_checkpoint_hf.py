@@ -258,7 +258,9 @@ def test_expert_tensors_past_the_ffn_experts_are_refused_unless_zero_expert_stub
 
 
 def test_an_index_is_checked_against_its_shards(tmp_path):
-    LongcatFlash(tiny()).save_pretrained(tmp_path, max_shard_bytes=200_000)
+    model = LongcatFlash(tiny())
+    torch.nn.init.normal_(model.model.norm.weight)
+    model.save_pretrained(tmp_path, max_shard_bytes=200_000)
     index_file = tmp_path / "model.safetensors.index.json"
     index = json.loads(index_file.read_text())
     other = next(name for name in index["weight_map"].values() if name != index["weight_map"]["model.norm.weight"])
@@ -272,6 +274,10 @@ def test_an_index_is_checked_against_its_shards(tmp_path):
     index_file.write_text("{not json")
     with pytest.raises(ValueError, match="index.json is not a JSON object"):
         LongcatFlash.from_pretrained(tmp_path)
+    # a key its shard holds but the index leaves out is read, as transformers and vLLM read every key of a shard
+    index_file.write_text(json.dumps({**index, "weight_map": {k: v for k, v in index["weight_map"].items()
+                                                             if k != "model.norm.weight"}}))
+    assert torch.equal(LongcatFlash.from_pretrained(tmp_path).model.norm.weight, model.model.norm.weight)
 
 
 def test_a_weight_that_is_not_floating_point_is_refused(saved):

@@ -125,12 +125,13 @@ def _keys_by_file(path: Path) -> list[tuple[Path, list[str]]]:
 
 
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (official key, tensor) one at a time, file by file."""
+    """Yield (official key, tensor) one at a time, file by file: every key each file holds, as transformers and
+    vLLM read a shard (one the index leaves out was "missing" here)."""
     for file, keys in _keys_by_file(path):
         if not file.is_file():
             raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
         with _opened(file, keys) as f:
-            for key in keys:
+            for key in f.keys():
                 tensor = f.get_tensor(key)
                 if not tensor.is_floating_point():
                     raise ValueError(f"checkpoint key {key!r} in {file.name} is {tensor.dtype}, not a floating "
