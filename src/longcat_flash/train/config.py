@@ -167,7 +167,9 @@ class DataConfig:
     max_bytes: int | None = None  # cap on corpus bytes tokenized
     seq_len: int = 256
     batch_size: int = 8
-    grad_accum: int = 1  # micro-batches per step; batch_size must be a multiple of it
+    # micro-batches per step; batch_size must be a multiple of it. The balance loss counts each micro-batch's
+    # expert choices, so it is (slightly) another optimisation than one micro-batch (docs/expert_parallel.md)
+    grad_accum: int = 1
     val_fraction: float = 0.01  # the last fraction of the token stream is held out
     val_batches: int = 4
     # share of the training windows that are runs of random tokens given twice (data/copying.py): teaches a small
