@@ -67,3 +67,15 @@ def assert_bf16_gemm(y: torch.Tensor, x: torch.Tensor, w: torch.Tensor) -> None:
     step = expected.float().abs().clamp(min=1e-3) * 2 ** -7
     assert bool(((y.float() - expected.float()).abs() <= step).all())
     assert float((y == expected).float().mean()) > 0.97
+
+
+def bos_adding(tokenizer):
+    """`tokenizer` with a Llama-style post-processor that puts bos before every text encoded with special tokens."""
+    import tokenizers
+
+    from longcat_flash.tokenizer import Tokenizer
+
+    backend = tokenizers.Tokenizer.from_str(tokenizer.backend.to_str())
+    backend.post_processor = tokenizers.processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_id)])
+    return Tokenizer(backend)

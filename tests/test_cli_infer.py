@@ -7,7 +7,7 @@ import json
 import sys
 
 import pytest
-from infer_support import one_thread  # noqa: F401  (autouse fixture)
+from infer_support import bos_adding, one_thread  # noqa: F401  (autouse fixture)
 
 from longcat_flash.cli import main
 from longcat_flash.config import ModelConfig
@@ -89,6 +89,18 @@ def test_generate_reads_special_token_text_as_the_server_does(checkpoint, capsys
     record = json.loads(capsys.readouterr().out)
     assert record["prompt_tokens"] == 1 + len(tokenizer.encode("import os"))
     assert record["decode_tokens_per_s"] is None  # one token has no decode rate (it read 0.0 tok/s)
+
+
+def test_generate_adds_the_bos_a_tokenizers_post_processor_adds(checkpoint, capsys, tmp_path):
+    """A Llama-style tokenizer puts bos before a raw prompt in transformers' generate and vLLM: here it did not, so
+    the same checkpoint continued another prompt."""
+    import shutil
+
+    shutil.copytree(checkpoint, tmp_path / "bos")
+    tokenizer = bos_adding(Tokenizer.load(checkpoint))
+    tokenizer.save(tmp_path / "bos")
+    main(["generate", "--model", str(tmp_path / "bos"), "--prompt", "import os", "--max-new-tokens", "1", "--json"])
+    assert json.loads(capsys.readouterr().out)["prompt_tokens"] == 1 + len(tokenizer.encode("import os"))
 
 
 def test_generate_says_when_the_context_cut_the_completion_short(checkpoint, capsys):

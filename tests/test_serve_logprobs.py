@@ -19,7 +19,7 @@ from longcat_flash.serve.app import ServerConfig, create_app  # noqa: E402
 from longcat_flash.serve.bridge import AsyncEngine  # noqa: E402
 from longcat_flash.tokenizer import stdlib_tokenizer  # noqa: E402
 
-from infer_support import greedy_reference, one_thread, randomized  # noqa: E402,F401
+from infer_support import bos_adding, greedy_reference, one_thread, randomized  # noqa: E402,F401
 
 CHUNK = 16  # prefill chunk: the long prompt below spans several
 TEXTS = ["def f(x):", "import os\nfor name in os.listdir('.'):\n    print(name.upper(), len(name))\n", "x"]
@@ -178,6 +178,34 @@ def test_what_we_do_not_serve_is_refused(served, change, words):
     r = served[0].post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 2, **change})
     assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
     assert r.json()["error"]["code"] == "invalid_value"  # as every other refused value
+
+
+def test_a_text_prompt_gets_the_bos_its_tokenizer_adds_as_in_vllm(served):
+    """A Llama-style tokenizer's post-processor adds bos to a raw prompt in transformers and vLLM (and in our
+    /tokenize): a completions prompt here got none, so the same model continued another prompt. The echoed text stays
+    the prompt as sent; the added bos is a token there with no text."""
+    _, model, tokenizer, _ = served
+    tokenizer = bos_adding(tokenizer)
+    bridge = AsyncEngine(Engine(model, EngineConfig(max_running=2, cache_tokens=1024))).start()
+    app = create_app(bridge, tokenizer, ServerConfig(model_name="tiny", context=model.config.max_position_embeddings))
+    plain = tokenizer.encode(TEXTS[0])
+    try:
+        with TestClient(app) as client:
+            body = {"model": "tiny", "prompt": TEXTS[0], "max_tokens": 0, "echo": True, "logprobs": 0}
+            answer = client.post("/v1/completions", json=body).json()
+            assert answer["usage"]["prompt_tokens"] == 1 + len(plain)
+            choice = answer["choices"][0]
+            assert choice["text"] == TEXTS[0] and choice["logprobs"]["tokens"][0] == ""
+            assert choice["logprobs"]["text_offset"][:2] == [0, 0] and "".join(choice["logprobs"]["tokens"]) == TEXTS[0]
+            torch.testing.assert_close(torch.tensor(choice["logprobs"]["token_logprobs"][1:]),
+                                       forward_logprobs(model, [tokenizer.bos_id, *plain]), atol=1e-3, rtol=0)
+            tokenized = client.post("/tokenize", json={"model": "tiny", "prompt": TEXTS[0]}).json()
+            assert tokenized["tokens"] == [tokenizer.bos_id, *plain]  # the ids the completions prompt became
+            for change in ({"add_special_tokens": False}, {"prompt": plain}):  # vLLM's switch; ids are as sent
+                answer = client.post("/v1/completions", json={**body, **change}).json()
+                assert answer["usage"]["prompt_tokens"] == len(plain)
+    finally:
+        bridge.stop()
 
 
 def test_best_of_equal_to_n_is_served():

@@ -357,11 +357,11 @@ def _run_generate(args: argparse.Namespace) -> None:
     if why := tokenizer.cannot_fit(len(prompt), engine.max_context, scoring=args.max_new_tokens == 0):
         raise ValueError(f"the prompt's {why}")  # before it is encoded
     stream = None if args.json else (lambda piece: print(piece, end="", flush=True))
-    # a raw prompt: the text of a special token is that token (`<s>` is bos), as /v1/completions, vLLM and
-    # transformers read one
+    # a raw prompt: the text of a special token is that token (`<s>` is bos), and the tokenizer's post-processor
+    # adds what it adds (a bos for Llama-style tokenizers), as /v1/completions, vLLM and transformers read one
+    ids = tokenizer.encode(prompt, allow_special=True, add_special_tokens=True)
     with interrupt_on_sigint() as interrupt:  # Ctrl-C ends the request: what it generated is still printed
-        result = generate_text(engine, tokenizer, tokenizer.encode(prompt, allow_special=True), params, args.stop,
-                               stream, interrupt)
+        result = generate_text(engine, tokenizer, ids, params, args.stop, stream, interrupt)
     print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
     if result.finish_reason == "interrupted":
         sys.exit(130)  # the shell's status for SIGINT, as before

@@ -208,16 +208,27 @@ class Tokenizer:
     def _encoder(self, allow_special: bool) -> tokenizers.Tokenizer:
         return self._backend if allow_special else self._plain
 
-    def encode(self, text: str, *, allow_special: bool = False) -> list[int]:
-        """Text to ids; nothing is added (no bos/eos), special-token text stays text unless `allow_special`."""
-        return self._encoder(allow_special).encode(utf8_text(text), add_special_tokens=False).ids
+    def encode(self, text: str, *, allow_special: bool = False, add_special_tokens: bool = False) -> list[int]:
+        """Text to ids; special-token text stays text unless `allow_special`; nothing is added unless
+        `add_special_tokens`: then what the tokenizer's post-processor adds (`added`), as transformers' and vLLM's
+        encoding of a raw prompt adds it (a bos for Llama-style tokenizers; nothing for those this project trains)."""
+        return self._encoder(allow_special).encode(utf8_text(text), add_special_tokens=add_special_tokens).ids
 
-    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False) -> list[list[int]]:
+    def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False,
+                     add_special_tokens: bool = False) -> list[list[int]]:
         """`encode` over many texts at once, in parallel on the Rust side (the fast path for corpora)."""
         encoder = self._encoder(allow_special)
         # encode_batch_fast (tokenizers >= 0.21) skips offset tracking, about 2x faster than encode_batch.
         batch_fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
-        return [enc.ids for enc in batch_fn(list(texts), add_special_tokens=False)]
+        return [enc.ids for enc in batch_fn(list(texts), add_special_tokens=add_special_tokens)]
+
+    @functools.cached_property
+    def added(self) -> tuple[int, int]:
+        """How many tokens the post-processor puts before and after a text's own with `add_special_tokens`."""
+        plain = self._backend.encode("a", add_special_tokens=False).ids
+        full = self._backend.encode("a", add_special_tokens=True).ids
+        front = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), 0)
+        return front, max(0, len(full) - len(plain) - front)
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Ids to text; `skip_special_tokens` drops pad/bos/eos so a generated sequence reads as plain text."""

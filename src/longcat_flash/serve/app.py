@@ -224,7 +224,9 @@ class Generation:
         """One choice of a completion as chunks (a text delta, its tokens' logprobs, the finish reason) with the
         completion tokens so far; with `echo` the first chunk starts with the prompt."""
         text = TextState(self.tokenizer, *stop_scope(body, None))
-        scores = CompletionScores(echo=ids if body.echo else None, echo_text=isinstance(prompt, str))
+        scores = CompletionScores(echo=ids if body.echo else None, echo_text=isinstance(prompt, str),
+                                  added=self.tokenizer.added if isinstance(prompt, str) and body.add_special_tokens
+                                  else (0, 0))
         echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
         async for delta, reason, n in self.pieces(copy, text, request, scores.record):
             logprobs = None if body.logprobs is None else await asyncio.to_thread(scores.take, self.tokenizer, n)
@@ -427,7 +429,8 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
-        prompts = await asyncio.to_thread(_completion_prompts, tokenizer, body.prompt, config.context)
+        prompts = await asyncio.to_thread(_completion_prompts, tokenizer, body.prompt, config.context,
+                                          body.add_special_tokens)
         names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
         params = [_completion_params(gen.check(body, ids, body.max_tokens, name), body)
                   for ids, name in zip(prompts, names)]
@@ -583,14 +586,16 @@ def _left_open(chat: RenderedChat, final: str) -> RenderedChat:
     return RenderedChat(chat.text[:end], tuple(s for s in chat.specials if s[1] <= end))
 
 
-def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], context: int) -> list[list[int]]:
-    """Each prompt's ids: token-id prompts as they are; text with its special-token text parsed (`<s>` is bos), as
-    vLLM and HF tokenizers read a raw prompt: the client writes all of it (lm_eval's untokenized windows start with
-    the bos text). Chat messages differ: only the template's special tokens are special there. Runs off the event
-    loop."""
+def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], context: int,
+                        add_special_tokens: bool = True) -> list[list[int]]:
+    """Each prompt's ids: token-id prompts as they are; text with its special-token text parsed (`<s>` is bos), and
+    with `add_special_tokens` what the tokenizer's post-processor adds (a bos for Llama-style tokenizers), as vLLM
+    and HF tokenizers read a raw prompt (lm_eval's untokenized windows start with the bos text). Chat messages
+    differ: only the template's special tokens are special there. Runs off the event loop."""
     for i, prompt in enumerate(prompts):  # scored (max_tokens 0), a prompt may fill the context; `check` refuses
         if isinstance(prompt, str):  # the rest
             _fits(tokenizer, len(prompt), context, "prompt" if len(prompts) == 1 else f"prompt.{i}", scoring=True)
     texts = [prompt for prompt in prompts if isinstance(prompt, str)]
-    encoded = iter(tokenizer.encode_batch(texts, allow_special=True) if texts else [])
+    encoded = iter(tokenizer.encode_batch(texts, allow_special=True, add_special_tokens=add_special_tokens)
+                   if texts else [])
     return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]

@@ -41,10 +41,12 @@ class Scores:
 class CompletionScores(Scores):
     """A completion choice's scores; with `echo` (the prompt's ids) the first take starts with the prompt's.
     `echo_text`: the prompt came as text, so its special tokens are in the choice's text as written (generated
-    ones, and those of a prompt of ids, are not)."""
+    ones, those of a prompt of ids, and the `added` (before, after) tokens the tokenizer put around a text, are
+    not)."""
 
     echo: list[int] | None = None
     echo_text: bool = False
+    added: tuple[int, int] = (0, 0)
     offset: int = 0  # whole characters of the choice's text before the tokens not yet handed out
     _utf8: codecs.IncrementalDecoder = field(default_factory=lambda: codecs.getincrementaldecoder("utf-8")("replace"))
 
@@ -54,7 +56,8 @@ class CompletionScores(Scores):
         tokens = [*(self.echo or []), *(s.token for s in generated)]
         scores = [*(self.prompt if self.echo else []), *generated]
         self.echo = None
-        shown = [self.echo_text and i < echoed for i in range(len(tokens))]  # special tokens written in the text
+        front, back = self.added
+        shown = [self.echo_text and front <= i < echoed - back for i in range(len(tokens))]  # written in the text
         texts = [tokenizer.decode([token], skip_special_tokens=not show) for token, show in zip(tokens, shown)]
         offsets = [self._offset(tokenizer, token, text) for token, text in zip(tokens[:echoed], texts[:echoed])]
         if echoed:  # the echoed prompt is decoded alone: bytes it leaves without a character are its U+FFFD

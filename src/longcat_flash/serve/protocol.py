@@ -233,6 +233,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = Field(16, ge=0)
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
+    add_special_tokens: bool = True  # vLLM's: a text prompt gets what the tokenizer's post-processor adds (a bos)
     suffix: None = None  # insertion (text after the completion) is not served: refused, not dropped
 
     @field_validator("suffix", mode="before")
@@ -500,7 +501,7 @@ class ChatCompletionRequest(_Sampling):
 
 class TokenizeRequest(_Part):
     """vLLM's /tokenize, its completion form: the ids a completions prompt of this text becomes (special-token text
-    parsed, as there), with `add_special_tokens` also what the tokenizer's post-processor adds, as vLLM's."""
+    parsed, and with `add_special_tokens` what the tokenizer's post-processor adds, as there and in vLLM)."""
 
     model: str | None = None
     prompt: str = Field(max_length=MAX_PROMPT_CHARS)
