@@ -3,7 +3,7 @@
     python experiments/mtp_acceptance.py [--quick] [--steps 800] [--checkpoints 10] [--seeds 2]
 
 One micro model per seed is trained with its single MTP head on (loss.mtp_weight=0.3; the micro recipe turns it
-off) and a training checkpoint every steps/checkpoints steps. Each checkpoint's weights are loaded into a fresh
+off) and a training checkpoint every ceil(steps / checkpoints) steps and at the last. Each checkpoint's weights are loaded into a fresh
 `Transformer` and measured on text it never trained on, this package's own sources (src/longcat_flash, not in
 the stdlib corpus):
   engine acceptance   the real inference engine with one MTP draft per step (EngineConfig(speculative=1)), greedy:
@@ -55,6 +55,7 @@ SOURCES = REPO / "src" / "longcat_flash"
 MIN_RHO, MIN_RISE = 0.6, 0.05
 DEGENERATE = 0.25  # mean distinct-token fraction of the greedy outputs below which a checkpoint just repeats itself
 MIN_JUDGED = 3  # non-degenerate checkpoints needed per seed to judge a trend
+MIN_NEW_TOKENS = int(1 / DEGENERATE) + 1  # the fewest generated tokens whose one-token repetition reads degenerate
 FIGURES = {"acceptance": "engine acceptance (greedy, 1 MTP draft, held-out code)",
            "agreement": "teacher-forced agreement"}  # per-checkpoint key -> name; each trend judged by one rule
 RISES = {True: "rises", False: "does not rise", None: "is not judged"}
@@ -65,7 +66,8 @@ QUICK = {"steps": 8, "seeds": 1, "checkpoints": 2, "prompts": 2, "prompt_tokens"
 
 def arguments(parser) -> None:
     steps_and_seeds(parser, 800, per="run")
-    parser.add_argument("--checkpoints", type=positive_int, default=10, help="evenly spaced checkpoints to measure")
+    parser.add_argument("--checkpoints", type=positive_int, default=10,
+                        help="evenly spaced checkpoints to measure (at most; the last at the final step)")
     parser.add_argument("--mtp-weight", type=positive_float, default=0.3)
     parser.add_argument("--prompts", type=positive_int, default=12)
     parser.add_argument("--prompt-tokens", type=positive_int, default=48)
@@ -79,6 +81,9 @@ def check(args, setup) -> None:
     if args.checkpoints > args.steps:  # one checkpoint per step at most: fewer would be measured than asked
         raise ValueError(f"--checkpoints {args.checkpoints} is more than --steps {args.steps}: a run of "
                          f"{args.steps} steps has at most {args.steps} checkpoints")
+    if args.new_tokens < MIN_NEW_TOKENS:  # a reply of one repeated token must read as degenerate
+        raise ValueError(f"--new-tokens {args.new_tokens} is too few to tell a degenerate output (one token repeated "
+                         f"has 1/{args.new_tokens} distinct, not below {DEGENERATE}): give at least {MIN_NEW_TOKENS}")
     most = setup.base.model.max_position_embeddings
     if args.prompt_tokens + args.new_tokens > most:
         raise ValueError(f"--prompt-tokens {args.prompt_tokens} + --new-tokens {args.new_tokens} exceed the model's "
@@ -236,7 +241,7 @@ def main() -> None:
     setup, args = parse("mtp_acceptance", __doc__, arguments, QUICK, check)
     steps, seeds = args.steps, seed_list(args)
     n_prompts, prompt_len, new_tokens, n_windows = args.prompts, args.prompt_tokens, args.new_tokens, args.windows
-    every = max(1, steps // args.checkpoints)
+    every = -(-steps // args.checkpoints)  # at most --checkpoints of them, the last at the final step
     overrides = [f"loss.mtp_weight={args.mtp_weight}", f"checkpoint.save_every={every}", f"eval_every={every}",
                  f"checkpoint.keep={steps // every + 1}"]
     ids = held_out_ids(Tokenizer.load(Path(setup.base.data.tokenizer)))

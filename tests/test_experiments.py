@@ -112,6 +112,9 @@ def test_mtp_acceptance_refuses_more_checkpoints_than_steps(tmp_path: Path, expe
     last = _main_refuses("mtp_acceptance", ["--out", str(tmp_path / "out"), "--work", str(work), "--data",
                                             str(corpus), "--steps", "4", "--checkpoints", "8"], monkeypatch, capsys)
     assert "--checkpoints 8 is more than --steps 4" in last and not (work / "_data").exists()
+    last = _main_refuses("mtp_acceptance", ["--out", str(tmp_path / "out"), "--work", str(work), "--data",
+                                            str(corpus), "--new-tokens", "4"], monkeypatch, capsys)
+    assert "--new-tokens 4 is too few to tell a degenerate output" in last  # 1/4 distinct read as not degenerate
 
 
 @pytest.mark.slow
