@@ -4,8 +4,8 @@
 
 One micro model per seed is trained with its single MTP head on (loss.mtp_weight=0.3; the micro recipe turns it
 off) and a training checkpoint every ceil(steps / checkpoints) steps and at the last. Each checkpoint's weights are
-loaded into a fresh `Transformer` and measured on text it never trained on, this package's own sources (src/longcat_flash, not in
-the stdlib corpus):
+loaded into a fresh `Transformer` and measured on text it never trained on, this package's own sources
+(src/longcat_flash, not in the stdlib corpus):
   engine acceptance   the real inference engine with one MTP draft per step (EngineConfig(speculative=1)), greedy:
                       accepted / proposed drafts while generating --new-tokens after each of --prompts prompts
                       of --prompt-tokens tokens (the engine's DraftStats, as bench/bench_mtp.py reads them)
