@@ -83,8 +83,9 @@ def base_model(setup: Setup, given: Path | None) -> Path:
     if given is not None:
         return given
     out = setup.work / "base"
-    cfg = setup.config(steps=8) if setup.quick else apply_overrides(
-        recipe("small"), [f"data.source={setup.base.data.source}", f"seed={setup.base.seed}"])
+    cfg = setup.config(steps=8) if setup.quick else apply_overrides(  # its token cache inside --work too
+        recipe("small"), [f"data.source={setup.base.data.source}", f"seed={setup.base.seed}",
+                          f"data.cache_dir={setup.work / '_data' / 'small-tokens'}"])
     asked = out / ASKED_CONFIG  # what the run was asked for: the trainer saves its config resolved (dtypes, paths)
     if not ((out / "config.json").is_file() and asked.is_file() and asked.read_text() == cfg.to_json()):
         train(cfg, fresh(out), progress=False)

@@ -341,7 +341,8 @@ def test_width_transfer_optimum_on_an_uneven_grid(experiments_path):
 
 
 def test_tool_use_pretrains_its_base_on_the_given_data_and_seed(tmp_path: Path, experiments_path, monkeypatch):
-    """Outside --quick the base is the small preset: it was trained on the stdlib with seed 0 whatever was asked."""
+    """Outside --quick the base is the small preset: it was trained on the stdlib with seed 0 whatever was asked,
+    and wrote its token cache under ~/.cache rather than --work."""
     import tool_use
     from common import MICRO, Setup
 
@@ -355,6 +356,7 @@ def test_tool_use_pretrains_its_base_on_the_given_data_and_seed(tmp_path: Path, 
     tool_use.base_model(setup, None)
     (cfg,) = trained
     assert (cfg.data.source, cfg.seed, cfg.preset) == (corpus, 5, "small")
+    assert (tmp_path / "work") in Path(cfg.data.cache_dir).parents
     (tmp_path / "work" / "base" / "config.json").write_text("{}")  # as the finished run leaves it
     tool_use.base_model(setup, None)
     assert len(trained) == 1  # reused: it was compared with the config as the trainer saves it, never equal
