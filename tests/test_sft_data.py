@@ -963,9 +963,10 @@ def test_named_templates_and_call_formats_are_held_to_what_the_server_parses(tok
     ids, trained = tokenize(named, parse_row(row, "row"))
     assert tokenizer.decode(ids[trained], skip_special_tokens=False).startswith("<longcat_tool_call>get_weather")
     hermes = Tokenizer(tokenizer.backend, chat_template=CHATML.replace("longcat_tool_call", "tool_call"))
-    with pytest.raises(ConversationError, match=re.escape("row: tool_calls: the chat template writes tool calls in "
-                                                          "another format than <longcat_tool_call>")):
-        tokenize(hermes, parse_row(row, "row"))
+    for window in (None, 12):  # a later turn past the window: refused all the same (it was trained, silently)
+        with pytest.raises(ConversationError, match=re.escape("row: tool_calls: the chat template writes tool calls "
+                                                              "in another format than <longcat_tool_call>")):
+            tokenize(hermes, parse_row(row, "row"), window=window)
 
 
 def test_an_sdk_reply_logged_with_its_empty_fields_reads_as_the_plain_message():

@@ -48,6 +48,10 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
         raise ConversationError(f"{conversation.where}: tools: the chat template does not render tools (the "
                                 "conversation reads the same without them), so the model would learn calls to tools "
                                 "it was never shown")
+    if any(m.get("tool_calls") for m in messages) and not writes_tool_calls_with(tokenizer, TOOL_CALL_OPEN):
+        raise ConversationError(f"{conversation.where}: tool_calls: the chat template writes tool calls in another "
+                                f"format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only one `longcat serve` "
+                                "parses: the model would learn calls the server returns as text")
     cuts, trained, done, eos = [], [], 0, tokenizer.eos_token or ""
     stops = [e for e in ends or [eos] if e]  # the texts of the tokens generation stops at
     for i, message in enumerate(messages):
@@ -71,10 +75,6 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
         cuts += [len(prompt), _end_of_reply(tokenizer, full.text, written, stops, len(prompt), len(turn))]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
-    if any(m.get("tool_calls") for m in messages) and not writes_tool_calls_with(tokenizer, TOOL_CALL_OPEN):
-        raise ConversationError(f"{conversation.where}: tool_calls: the chat template writes tool calls in another "
-                                f"format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only one `longcat serve` "
-                                "parses: the model would learn calls the server returns as text")
     return full, cuts, trained + [False]
 
 
@@ -134,7 +134,7 @@ def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequenc
              window: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
     as the server encodes a prompt), so no token straddles the start or end of an assistant turn. With `window`,
-    no token past the first `window` is trained (turn_bounds)."""
+    assistant turns that start past the first `window` tokens are not trained (turn_bounds)."""
     full, cuts, trained = turn_bounds(tokenizer, conversation, ends, window)
     try:
         encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
