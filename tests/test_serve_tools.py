@@ -203,11 +203,12 @@ def test_parser_passes_the_arguments_on_as_written_and_refuses_what_is_not_json(
     """Re-encoded by Python, a number past a double's range became -Infinity, which no JSON parser reads. A block
     naming its arguments otherwise (`"parameters"`) was a call with `{}`: the model's arguments lost, silently."""
     written = '{"x": -62308724E61415272, "y": 0.10000000000000000555, "z": "\\u00e9"}'
-    _, calls = run(ToolCallParser(), [f'{OPEN} {{ "arguments" : {written} , "name": "f" }} {CLOSE}'])
-    assert [(c.name, c.arguments) for c in calls] == [("f", written)]
+    _, calls = run(ToolCallParser(), [f'{OPEN} {{ "arguments" : {written} , "name": "f" }} {CLOSE}',
+                                      f'{OPEN}{{"id": "x", "type": "function", "name": "g", "arguments": {{}}}}{CLOSE}'])
+    assert [(c.name, c.arguments) for c in calls] == [("f", written), ("g", "{}")]  # other members passed over
     for bad in ('{"name": "f", "arguments": {"x": NaN}}', '{"name": "f", "arguments": {"x": 1}} tail',
                 '{"name": "f", "arguments": {"x": 1},}', '{"name": "f", "arguments": [1]}', '{"name": ""}',
-                '{"name": "f", "parameters": {"x": 1}}', '{"name": "f", "arguments": {}, "args": {"x": 1}}'):
+                '{"name": "f", "parameters": {"x": 1}}', '{"args": {"x": 1}, "name": "f"}'):
         assert run(ToolCallParser(), [f"{OPEN}{bad}{CLOSE}"]) == (f"{OPEN}{bad}{CLOSE}", [])
 
 

@@ -50,14 +50,15 @@ Event = str | ToolCall  # a piece of content, or a complete call
 
 
 def parse_call(body: str, index: int) -> ToolCall | None:
-    """The call in one block's text, or None when it is not `{"name": str, "arguments": object}` JSON (arguments
-    left out mean `{}`; another member, such as `"parameters"`, makes it no call: read as one, its arguments were
-    lost). The arguments are passed on as the model wrote them, as OpenAI does: re-encoded, a number too large for
-    a double became `-Infinity`, which is not JSON."""
+    """The call in one block's text, or None when it is not `{"name": str, "arguments": object}` JSON (other
+    members, `"id"` or `"type"`, are passed over, as vLLM's parser does; arguments left out mean `{}`, but not
+    beside another member, such as `"parameters"`: read as a call, the model's arguments were lost). The arguments
+    are passed on as the model wrote them, as OpenAI does: re-encoded, a number too large for a double became
+    `-Infinity`, which is not JSON."""
     members = _members(body)
     if members is None or not isinstance(name := members.get("name", (None,))[0], str) or not name:
         return None
-    if members.keys() - {"name", "arguments"}:
+    if "arguments" not in members and members.keys() - {"name"}:
         return None
     arguments, text = members.get("arguments", ({}, "{}"))
     return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", name, text) if isinstance(arguments, dict) else None
