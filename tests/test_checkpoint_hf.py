@@ -278,6 +278,17 @@ def test_an_index_is_checked_against_its_shards(tmp_path):
     index_file.write_text(json.dumps({**index, "weight_map": {k: v for k, v in index["weight_map"].items()
                                                              if k != "model.norm.weight"}}))
     assert torch.equal(LongcatFlash.from_pretrained(tmp_path).model.norm.weight, model.model.norm.weight)
+    two = tmp_path / "two"  # two shards: the MTP head's keys beside the trunk's, left out of the index
+    model.save_pretrained(two, max_shard_bytes=sum(t.numel() * t.element_size() for t in model.state_dict().values())
+                          // 2 + 1)
+    index = json.loads((two / "model.safetensors.index.json").read_text())
+    trunk_shards = {v for k, v in index["weight_map"].items() if not k.startswith("model.mtp.")}
+    kept = {k: v for k, v in index["weight_map"].items() if not k.startswith("model.mtp.") or v not in trunk_shards}
+    assert not any(k.startswith("model.mtp.") for k in kept)
+    (two / "model.safetensors.index.json").write_text(json.dumps({**index, "weight_map": kept}))
+    loaded = LongcatFlash.from_pretrained(two)  # read as a head (the config read found none and dropped it)
+    assert loaded.config.num_nextn_predict_layers == 1
+    assert torch.equal(loaded.model.mtp.eh_proj.weight, model.model.mtp.eh_proj.weight)
 
 
 def test_a_weight_that_is_not_floating_point_is_refused(saved):

@@ -102,7 +102,8 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
 
 def _indexed_files(path: Path) -> dict[str, Path]:
-    """The index's weight_map, each shard a file name inside the checkpoint folder."""
+    """The index's weight_map, each shard a file name inside the checkpoint folder, and the keys its shards hold
+    beyond it."""
     index = path / INDEX_FILE
     try:
         weight_map = json.loads(index.read_text()).get("weight_map")
@@ -113,7 +114,12 @@ def _indexed_files(path: Path) -> dict[str, Path]:
     for name in set(weight_map.values()):
         if Path(name).name != name:
             raise ValueError(f"{index} names shard {name!r}, outside the checkpoint folder (shards are file names)")
-    return {key: path / name for key, name in weight_map.items()}
+    files = {key: path / name for key, name in weight_map.items()}
+    for name in sorted(set(weight_map.values())):  # and every key each shard holds, as transformers and vLLM read a
+        if (path / name).is_file():  # shard (one the index leaves out was "missing" here); the index's place first
+            with _opened(path / name) as f:
+                files.update({key: path / name for key in f.keys() if key not in files})
+    return files
 
 
 def _keys_by_file(path: Path) -> list[tuple[Path, list[str]]]:
@@ -125,13 +131,12 @@ def _keys_by_file(path: Path) -> list[tuple[Path, list[str]]]:
 
 
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (official key, tensor) one at a time, file by file: every key each file holds, as transformers and
-    vLLM read a shard (one the index leaves out was "missing" here)."""
+    """Yield (official key, tensor) one at a time, file by file."""
     for file, keys in _keys_by_file(path):
         if not file.is_file():
             raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
         with _opened(file, keys) as f:
-            for key in f.keys():
+            for key in keys:
                 tensor = f.get_tensor(key)
                 if not tensor.is_floating_point():
                     raise ValueError(f"checkpoint key {key!r} in {file.name} is {tensor.dtype}, not a floating "
