@@ -59,7 +59,9 @@ _SPELLED_ALIKE = {key.lower().replace("_", ""): key for key in KEYWORDS - ANNOTA
 COUNTS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties", "minContains",
           "maxContains")
 MAX_COUNT = 2**32 - 1  # the regex library under llguidance reads no longer repetition count
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# coerce_one_of: `oneOf` read as `anyOf` (refused unless its branches are plainly disjoint), admitting a value two
+# branches match, as vLLM's default backend (xgrammar) reads it
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "coerce_one_of": True}
 # llguidance's own defaults, tightened where a request could make one mask step or one compile expensive.
 LIMITS = {"max_grammar_size": 200_000, "initial_lexer_fuel": 1_000_000, "step_lexer_fuel": 200_000,
           "step_max_items": 50_000, "max_lexer_states": 50_000, "verbose_errors": False}
@@ -73,25 +75,23 @@ def json_part(schema: dict[str, Any]) -> str:
     """A JSON value matching `schema`, as a Lark fragment, compact (JSON_OPTIONS override any x-guidance);
     GrammarError for what llguidance would not honour (`check_schema`)."""
     check_schema(schema)
-    return f"%json {json.dumps({**as_llguidance_reads(schema), 'x-guidance': JSON_OPTIONS}, ensure_ascii=False)}"
+    return f"%json {json.dumps({**with_nullable_types(schema), 'x-guidance': JSON_OPTIONS}, ensure_ascii=False)}"
 
 
-def as_llguidance_reads(node: Any) -> Any:
-    """`node` with what llguidance does not take spelled as it does, as vLLM's default backend reads them:
-    OpenAPI 3.0's `nullable: true` (it constrained nothing: null was never allowed) as a `type` that takes null
-    too (or a choice of null), and `oneOf` (refused unless its branches are plainly disjoint) as `anyOf`, which
-    admits a value that two branches match (xgrammar's reading)."""
+def with_nullable_types(node: Any) -> Any:
+    """`node` with OpenAPI 3.0's `nullable: true`, which llguidance ignores (null was never allowed), spelled as
+    it reads it: a `type` that takes null too, or a choice of null."""
     if not isinstance(node, dict):
         return node
     out = {}
     for key, value in node.items():
         if key in SCHEMA_MAPS and isinstance(value, dict):
-            value = {name: as_llguidance_reads(sub) for name, sub in value.items()}
+            value = {name: with_nullable_types(sub) for name, sub in value.items()}
         elif key in SCHEMA_LISTS and isinstance(value, list):
-            value = [as_llguidance_reads(sub) for sub in value]
+            value = [with_nullable_types(sub) for sub in value]
         elif key in SCHEMA_VALUES:
-            value = as_llguidance_reads(value)
-        out["anyOf" if key == "oneOf" and "anyOf" not in node else key] = value
+            value = with_nullable_types(value)
+        out[key] = value
     if out.pop("nullable", False) is not True:
         return out
     if isinstance(out.get("type"), str | list):
