@@ -285,3 +285,21 @@ def test_train_leaves_the_callers_generators_and_deterministic_flags_as_it_found
     train(tiny_config(*corpus, "max_steps=1", "deterministic=true"), tmp_path / "run", progress=False)
     assert not torch.are_deterministic_algorithms_enabled()
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_train_takes_devices_as_the_cli_does_and_refuses_what_is_no_run_directory(corpus, tmp_path):
+    """`device="auto"` (the CLI's default) was torch's "Expected one of cpu, cuda, ..." and `cuda` without CUDA an
+    AssertionError from inside torch; `train(cfg, "")` trained into the current directory."""
+    from longcat_flash.device import DeviceError
+
+    cfg = tiny_config(*corpus, "max_steps=1")
+    if not torch.cuda.is_available():
+        with pytest.raises(DeviceError, match="--device cuda: CUDA is not available on this machine"):
+            train(cfg, tmp_path / "cuda", progress=False, device="cuda")
+    with pytest.raises(ValueError, match="the run directory is empty"):
+        train(cfg, " ", progress=False)
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="the run directory .*notes.txt is a file"):
+        train(cfg, tmp_path / "notes.txt", progress=False)
+    summary = train(cfg, tmp_path / "auto", progress=False, device="auto")
+    assert summary["steps"] == 1 and (tmp_path / "notes.txt").read_text() == "mine"

@@ -36,7 +36,7 @@ from ..data import (IGNORE, CopyMix, Corpus, PackedBatch, ResumableSampler, Toke
 from ..data.conversation_packing import ConversationDataset
 from ..config import ModelConfig
 from ..device import autocast as device_autocast
-from ..device import compute_dtype
+from ..device import compute_dtype, resolve_device, use_device
 from ..model import ModelOutput, Transformer
 from ..tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE, Tokenizer
 from . import run_lock
@@ -245,19 +245,27 @@ def to_device(batch: torch.Tensor | PackedBatch, device: torch.device) -> torch.
 # ---- a whole run ----
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
-          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | str = "cpu"
+          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | str = "auto"
           ) -> dict[str, Any]:
     """Train on `device` in run directory `out` (fresh, or continued from its newest checkpoint); returns a summary.
+    `device`: a torch.device, or a name as `longcat train --device` takes it (auto: CUDA when available, cuda
+    refused by name where there is none); made this process's current device.
 
     Under torchrun, `mesh` is the (dp, ep) layout (distributed.build_mesh): FSDP2 shards the model over the world
     and the experts over ep, every rank takes its slice of the global batch, and only rank 0 writes the small
     files; `overlap` is the ScMoE overlap switch. The global generators and deterministic flags the run sets are
     put back as they were when it returns, and the run directory's lock is released however it ends.
     """
+    if not str(out).strip():  # Path("") is the current directory: a run would write its files all over it
+        raise ValueError("the run directory is empty; give a path (a new or empty directory, or a run to resume)")
+    if Path(out).exists() and not Path(out).is_dir():
+        raise ValueError(f"the run directory {out} is a file")
+    device = resolve_device(device) if isinstance(device, str) else device  # a torch.device: the caller's own
+    use_device(device)
     with global_state_restored():
         try:
             return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
-                          device=torch.device(device))
+                          device=device)
         finally:  # a failed run frees its directory too: another process may resume it while this one goes on
             run_lock.release(Path(out))
 
