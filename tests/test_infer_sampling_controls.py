@@ -169,3 +169,21 @@ def test_the_python_api_takes_the_forms_users_pass_and_names_the_wrong_ones(mode
 def test_logit_bias_ids_are_checked_against_the_vocabulary(model):
     with pytest.raises(ValueError, match="logit_bias"):
         Engine(model, EngineConfig(**SMALL)).add_request([1, 2], greedy(logit_bias=((10**6, 1.0),)))
+
+
+def test_greedy_requests_leave_the_callers_global_generator_as_it_was(model):
+    """Each request drew its generator's seed from the global one, greedy too (which draws nothing from it): a
+    script's torch.rand after a greedy generate changed, and an unseeded sampled request's tokens depended on
+    whether a greedy one sat before it in the batch."""
+    engine = Engine(model, EngineConfig(max_running=4))
+    greedy, sampled = SamplingParams(max_new_tokens=4, temperature=0.0), SamplingParams(max_new_tokens=6)
+    first, second = prompts((5, 7))
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    engine.generate([first, second], greedy)
+    assert torch.equal(torch.rand(3), expected)
+    torch.manual_seed(0)
+    alone = engine.generate([second], sampled)[0]
+    torch.manual_seed(0)
+    assert engine.generate([first, second], [greedy, sampled])[1] == alone

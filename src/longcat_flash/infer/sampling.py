@@ -132,8 +132,9 @@ class SamplingParams:
     def generator(self, device: str | torch.device = "cpu") -> torch.Generator:
         """The request's own random stream, on the device its logits live on (an op refuses a generator of
         another device): seeded if asked, else from the global CPU generator's next value, so that
-        `torch.manual_seed` makes unseeded requests reproducible on any device."""
-        seed = self.seed if self.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        `torch.manual_seed` makes unseeded requests reproducible on any device. A greedy request draws nothing
+        from it, and leaves the caller's global generator as it was."""
+        seed = self.seed if self.seed is not None else 0 if self.greedy else int(torch.randint(0, 2**62, ()).item())
         return torch.Generator(device=device).manual_seed(seed)
 
 
