@@ -490,6 +490,7 @@ def test_a_rank_that_loses_the_other_says_so_in_one_line(tmp_path: Path):
                                                               "must be a positive integer"),
     ("optim.lr=1e400", "optim.lr must be a finite number, got inf"),  # was "must be > 0, got inf"
     ("model.vocab_size=100", "model.vocab_size must be >= 261 when the run trains its tokenizer"),  # after the corpus
+    ("seed=99999999999999999999999", "seed must be in [0, 2^63)"),  # torch's "Overflow when unpacking long long"
 ])
 def test_a_refused_override_is_named_as_set_names_it(override, says):
     refusal = run_cli("train", "--preset", "tiny", "--set", override, "--print-config")

@@ -302,6 +302,7 @@ class TrainConfig:
         _positive(self, "max_steps", "max_consecutive_skips")
         _named(self, "init_from")
         _positive(self, "seed", "eval_every", "sample_tokens", "sample_temperature", allow_zero=True)
+        _check(self.seed < 2**63, self.section, "seed", self.seed, "in [0, 2^63) (torch's generators take an int64)")
         m = self.model
         _check(self.data.seq_len <= m.max_position_embeddings, "data", "seq_len", self.data.seq_len,
                f"<= model.max_position_embeddings={m.max_position_embeddings} (inputs sit at positions 0..seq_len-1)")
