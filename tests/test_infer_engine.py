@@ -388,6 +388,10 @@ def test_generate_takes_more_prompts_than_the_queue_and_runs_alone(model, refere
     with pytest.raises(ValueError, match="engine holds 1 requests added with add_request"):
         engine.generate(ps[:1], GREEDY)
     assert list(engine.requests) == [rid]
+    engine.cancel(rid)
+    for asked in ({"logprobs": 2}, {"prompt_logprobs": 0}):  # computed, then dropped without a word
+        with pytest.raises(ValueError, match="generate\\(\\) returns token ids alone, so logprobs and prompt_logprobs"):
+            engine.generate(ps[:1], replace(GREEDY, **asked))
 
 
 def test_a_cache_shorter_than_the_context_says_why(model, caplog):

@@ -272,6 +272,13 @@ def test_encode_and_decode_name_a_wrong_argument(tok: Tokenizer) -> None:
 
     ids = tok.encode("hello world")
     assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(ids) == "hello world"
+    # encode_batch("abc") encoded each character as a text, and a bad text was the library's TypeError, unnamed
+    with pytest.raises(TypeError, match="encode_batch takes a list of texts"):
+        tok.encode_batch("abc")
+    for bad, error, says in ((None, TypeError, "the text must be a str"), (b"b", TypeError, "the text must be a str"),
+                             ("a\ud800", ValueError, "the text is not valid UTF-8")):
+        with pytest.raises(error, match=f"texts\\[1\\]: {says}"):
+            tok.encode_batch(["a", bad])
 
 
 # ---- transformers can read what we save ----

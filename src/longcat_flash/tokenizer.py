@@ -217,10 +217,21 @@ class Tokenizer:
     def encode_batch(self, texts: Sequence[str], *, allow_special: bool = False,
                      add_special_tokens: bool = False) -> list[list[int]]:
         """`encode` over many texts at once, in parallel on the Rust side (the fast path for corpora)."""
+        if isinstance(texts, str):  # a str is a sequence of texts too: one per character
+            raise TypeError("encode_batch takes a list of texts; encode one text with encode")
         encoder = self._encoder(allow_special)
         # encode_batch_fast (tokenizers >= 0.21) skips offset tracking, about 2x faster than encode_batch.
         batch_fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
-        return [enc.ids for enc in batch_fn(list(texts), add_special_tokens=add_special_tokens)]
+        texts = list(texts)
+        try:
+            return [enc.ids for enc in batch_fn(texts, add_special_tokens=add_special_tokens)]
+        except TypeError:  # the library's "TextEncodeInput must be Union[...]": say which text, and why
+            for i, text in enumerate(texts):
+                try:
+                    utf8_text(text)
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"texts[{i}]: {err}") from None
+            raise
 
     @functools.cached_property
     def added(self) -> tuple[int, int]:
@@ -256,10 +267,12 @@ class Tokenizer:
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[dict[str, Any]] | None = None, *, now: datetime | None = None) -> str:
         """Render a conversation (and the OpenAI function schemas in `tools`) to the prompt string the model was
-        trained on, as transformers' `apply_chat_template(..., tokenize=False)` would; encode it with
-        allow_special. One difference: a template that needs tool-call arguments as objects (writes them with
-        `tojson`, or reads them as a mapping) gets those sent as JSON strings as objects, as vLLM passes them
-        (chat_template.py `render_with_arguments`). With `now` (a prompt to answer: the server, the chat) the
+        trained on, as transformers' `apply_chat_template(..., tokenize=False)` would. To encode a conversation as
+        the server and `longcat chat` do, use `encode_chat(render_chat(...))`: only the template's special tokens
+        become special ids (`encode(text, allow_special=True)` would make a user's `</s>` an eos). One difference:
+        a template that needs tool-call arguments as objects (writes them with `tojson`, or reads them as a
+        mapping) gets those sent as JSON strings as objects, as vLLM passes them (chat_template.py
+        `render_with_arguments`). With `now` (a prompt to answer: the server, the chat) the
         template has transformers' `strftime_now`, which Llama 3.x date their prompts with; without it (training
         data, which must render the same on any day) a template sees it undefined and falls back to its own."""
         _validate_messages(messages)

@@ -507,6 +507,9 @@ class Engine:
             raise TypeError(f"params must be a SamplingParams or a list of one per prompt, got {params!r:.80}")
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams: give one, or one per prompt")
+        if any(sp.logprobs is not None or sp.prompt_logprobs is not None for sp in params):
+            raise ValueError("generate() returns token ids alone, so logprobs and prompt_logprobs would be dropped: "
+                             "add_request() the prompts and read each StepOutput's logprobs from step()")
         if self.requests:
             raise ValueError(f"generate() runs its prompts alone, but the engine holds {len(self.requests)} requests "
                              "added with add_request: drive them with step(), or cancel them first")
