@@ -36,8 +36,9 @@ def launched() -> bool:
 DIST_TIMEOUT_S = 600.0  # torch's own default for gloo and NCCL collectives
 # How long the other ranks wait for rank 0's `main_first` block (training a tokenizer, tokenizing the corpus: an
 # hour or more for a large one), on a gloo group of its own: under the collectives' --dist-timeout, the first start
-# on a corpus past ~1 GB died, and so did every retry. A rank 0 that dies ends the job through torchrun anyway.
-MAIN_FIRST_TIMEOUT = timedelta(days=2)
+# on a corpus past ~1 GB died, and so did every retry. A rank 0 process that dies ends the job through torchrun;
+# a lost node is only noticed when this runs out.
+MAIN_FIRST_TIMEOUT = timedelta(hours=6)
 _patient: list[dist.ProcessGroup] = []  # that group, made by `init` (every rank makes its groups in one order)
 
 
