@@ -209,10 +209,12 @@ def prepare_data(setup: Setup, shared: Path) -> TrainConfig:
     return apply_overrides(cfg, [f"data.tokenizer={tokenizer}", f"data.cache_dir={shared / 'tokens'}"])
 
 
-def run(setup: Setup, label: str, cfg: TrainConfig) -> list[dict[str, Any]]:
+def run(setup: Setup, label: str, cfg: TrainConfig, may_diverge: bool = False) -> list[dict[str, Any]]:
     """Train `cfg` from scratch in WORK/label; its metrics, one dict per step. A run that diverges (the trainer
-    stops after repeated non-finite steps) ends with a record of NaN for every metric, so that each figure taken
-    from it reads NaN (null in the JSON) and the experiment still finishes and says what it measured."""
+    stops after repeated non-finite steps) ends the experiment with one line; in an experiment whose analysis
+    reads NaN (`may_diverge`: one that drives the LR high on purpose) it ends with a record of NaN figures
+    (`diverged_record`) instead, so that each figure taken from it reads NaN (null in the JSON) and the
+    experiment finishes and says what it measured."""
     out = setup.work / label
     if out.exists():
         shutil.rmtree(out)
@@ -221,15 +223,28 @@ def run(setup: Setup, label: str, cfg: TrainConfig) -> list[dict[str, Any]]:
         train(cfg, out, progress=False)
         records = read_metrics(out)
     except TrainingStopped as err:
+        if not may_diverge:
+            raise SystemExit(f"[{setup.name}] {label} diverged ({err})") from None
         print(f"[{setup.name}] {label}: diverged ({err})", flush=True)
         records = read_metrics(out) if (out / METRICS_FILE).exists() else []
-        numbers = {k for r in records for k, v in r.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        numbers |= {"loss", "lm_loss", "val_loss"}  # whether or not logged before it stopped
-        return records + [{**dict.fromkeys(numbers, math.nan), "step": records[-1]["step"] + 1 if records else 1}]
+        return records + [diverged_record(records)]
     final = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), float("nan"))
     print(f"[{setup.name}] {label}: {cfg.max_steps} steps, val_loss {final:.4f}, "
           f"{time.perf_counter() - start:.0f} s", flush=True)
     return records
+
+
+def diverged_record(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The record a diverged run ends with: its last record's figures as NaN (lists of them as lists of NaN), the
+    losses NaN whether or not logged yet, not a skipped step (analyses that leave those out keep it)."""
+    def nan(value: Any) -> Any:
+        if isinstance(value, list):
+            return [nan(v) for v in value]
+        return math.nan if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+
+    last = records[-1] if records else {}
+    return {**{k: nan(v) for k, v in last.items()}, **dict.fromkeys(("loss", "lm_loss", "val_loss"), math.nan),
+            "step": last.get("step", 0) + 1, "skipped": False, "diverged": True}
 
 
 # ---- reading runs ----

@@ -83,7 +83,10 @@ def grown_run(setup: Setup, seed: int, depth: int, grow_at: int, steps: int) -> 
     loaded = trainer.setup(cfg, dst, resume=True, progress=False)  # the grown model at step grow_at
     val_at_growth = trainer.evaluate(loaded.model, loaded.val, loaded.cfg)
     del loaded
-    trainer.train(cfg, dst, resume=True, progress=False)
+    try:
+        trainer.train(cfg, dst, resume=True, progress=False)
+    except trainer.TrainingStopped as err:
+        raise SystemExit(f"[{setup.name}] grown-seed{seed} diverged ({err}): no grown run to measure") from None
     records = read_metrics(dst)
     print(f"[{setup.name}] grown-seed{seed}: val_loss {final_val(records):.4f} (right after growth "
           f"{val_at_growth:.4f})", flush=True)

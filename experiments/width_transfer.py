@@ -75,7 +75,7 @@ def width_overrides(model, width: int) -> list[str]:
 
 def final_loss(setup, label: str, overrides: list[str], steps: int) -> float:
     """Final validation loss of one run; NaN when it diverged (common.run)."""
-    return final_val(run(setup, label, setup.config(overrides, steps)))
+    return final_val(run(setup, label, setup.config(overrides, steps), may_diverge=True))
 
 
 def optimum(lrs: list[float], losses: list[float]) -> dict:

@@ -132,6 +132,33 @@ def test_a_diverging_run_ends_its_experiment_with_results_not_a_traceback(tmp_pa
     assert "final val loss nan vs nan" in record["verdict"]
 
 
+def test_a_diverged_runs_last_record_reads_as_nan_where_analyses_look(experiments_path):
+    """The record held the numeric figures only (a list of per-layer figures, or `skipped`, was missing)."""
+    import math
+
+    from common import diverged_record
+
+    records = [{"step": i, "skipped": False, "loss": 5.0, "ffn_experts_per_layer": [2.0, 2.1]} for i in (1, 2)]
+    last = diverged_record(records)
+    assert last["step"] == 3 and last["diverged"] and not last["skipped"]
+    assert math.isnan(last["val_loss"]) and all(map(math.isnan, last["ffn_experts_per_layer"]))
+
+
+def test_a_diverging_run_ends_an_experiment_whose_analysis_cannot_read_nan_in_one_line(tmp_path: Path,
+                                                                                        experiments_path):
+    """Every experiment but width_transfer ended with the trainer's TrainingStopped traceback. Those that drive the
+    LR high on purpose (z_loss, width_transfer) read NaN figures; the others, whose analyses cannot (statistics
+    over NaN fails inside Python), stop with one line naming the run."""
+    from common import Setup, run
+    from train_support import make_corpus, tiny_config
+
+    cfg = tiny_config(make_corpus(tmp_path / "corpus"), tmp_path / "cache", "optim.lr=100", "max_steps=12")
+    setup = Setup("budget_control", False, tmp_path / "out", tmp_path / "work", cfg)
+    with pytest.raises(SystemExit, match=r"\[budget_control\] r0 diverged \(stopping at step \d+: 5 consecutive"):
+        run(setup, "r0", cfg)
+    assert run(setup, "r0", cfg, may_diverge=True)[-1]["diverged"]
+
+
 def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
     """An experiment replaces WORK/<label> (base, yarn, ...): `--work runs` deleted a user's own runs/base. As a
     real process: one line on stderr, status 2, no traceback."""
