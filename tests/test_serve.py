@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import os
 import re
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -210,30 +212,37 @@ with running_server({str(model)!r}):
     assert not alive, "the server outlived its parent"
 
 
-def started_server(model: Path) -> tuple[subprocess.Popen, int]:
-    """`longcat serve` in a session of its own, once /health answers; and its port."""
+@contextlib.contextmanager
+def started_server(model: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """`longcat serve` in a session of its own, once /health answers; and its port. Killed, with its engine, if
+    still running when the block ends (a failed test left it serving)."""
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "longcat_flash.cli", "serve", "--model", str(model), "--port",
                                str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                               env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    deadline = time.time() + 90
-    while server.poll() is None and time.time() < deadline:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            time.sleep(0.2)
-    return server, port
+    try:
+        deadline = time.time() + 90
+        while server.poll() is None and time.time() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        yield server, port
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
 
 
 def test_a_server_whose_engine_process_dies_stops_with_status_1(tmp_path):
     """It stayed up for ever: /health 503, but /v1/models 200, so a supervisor restarting on failure (systemd's
     Restart=on-failure, Docker's, Kubernetes' readiness on /v1/models) never did. vLLM's server stops."""
-    server, port = started_server(init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32))
-    [engine] = [pid for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
-                if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
-    os.kill(int(engine), signal.SIGKILL)  # the OOM killer, a crash in a kernel
-    output, _ = server.communicate(timeout=30)
+    with started_server(init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32)) as (server, _):
+        [engine] = [pid for pid in Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+                    if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(int(engine), signal.SIGKILL)  # the OOM killer, a crash in a kernel
+        output, _ = server.communicate(timeout=30)
     assert server.returncode == 1 and "Traceback" not in output, output[-3000:]
     assert output.strip().splitlines()[-1] == ("longcat serve: the engine process exited while serving (exit code "
                                                "-9): stopped, so that a supervisor can restart the server")
@@ -246,8 +255,6 @@ def test_a_stop_ends_what_is_still_open_as_openai_errors_and_exits(tmp_path, sig
     request; and the engine process died at once, so nothing got its grace. Ctrl-C twice ends them at once, the
     same way (uvicorn's force quit dropped them with a traceback each)."""
     model = init_checkpoint(tiny().replace(max_position_embeddings=32768), tmp_path / "tiny", dtype=torch.float32)
-    server, port = started_server(model)
-    base = f"http://127.0.0.1:{port}/v1"
     chat = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 30000,
             "ignore_eos": True}  # a minute or more: far past the grace
 
@@ -255,7 +262,8 @@ def test_a_stop_ends_what_is_still_open_as_openai_errors_and_exits(tmp_path, sig
         with httpx.stream("POST", f"{base}/chat/completions", json={**chat, "stream": True}, timeout=60) as r:
             return [line for line in r.iter_lines() if line], time.time()
 
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with started_server(model) as (server, port), concurrent.futures.ThreadPoolExecutor(2) as pool:
+        base = f"http://127.0.0.1:{port}/v1"
         answered = pool.submit(lambda: (httpx.post(f"{base}/chat/completions", json=chat, timeout=60), time.time()))
         streamed = pool.submit(stream)
         time.sleep(1.5)
