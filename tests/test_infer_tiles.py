@@ -65,6 +65,25 @@ def test_every_hit_expert_in_one_call(fmt, tile_calls):
     assert tile_calls == [name] * 2 and out[start:].abs().max() == 0
 
 
+@pytest.mark.parametrize("fmt", ["int8", "fp8", "plain"])
+def test_experts_whose_hidden_width_the_tiles_cannot_take_run_expert_by_expert(fmt, tile_calls):
+    """expert_ffn_hidden_size 40 (not a multiple of 32): the tiles took gate_up's input (the model width) and were
+    then handed the down projection's 40-wide rows, a RuntimeError from the quantized kernel and a None taken for
+    the result of the plain one, so a bf16 prefill on an AMX CPU failed. Such experts run one by one, as they
+    compute without the kernels."""
+    torch.manual_seed(2)
+    gate_up, down = torch.randn(4, 80, 64) * 0.1, torch.randn(4, 64, 40) * 0.1
+    counts = torch.tensor([30, 0, 25, 9])
+    x = torch.randn(int(counts.sum()), 64, dtype=torch.bfloat16)
+    if fmt == "plain":
+        experts = PlainHitExperts(gate_up.bfloat16(), down.bfloat16())
+    else:
+        experts = quant.QuantExperts(gate_up, down, fmt)
+    out = experts(x, counts)
+    project = experts.project if fmt == "plain" else experts.dequantized_project
+    torch.testing.assert_close(out, experts.each_hit(x, counts, project), rtol=0, atol=0)
+
+
 def test_decode_rows_fp32_and_long_prefill_stay_off_the_tiles(tile_calls):
     """The GEMV kernel keeps decode rows (up to MAX_ROWS_BEFORE_TILES in bf16, more in fp32); fp32 keeps
     its GEMM (the tiles would round x to bf16); a linear with more than MAX_TILE_ROWS rows goes back to dequantize +

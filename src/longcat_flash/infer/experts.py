@@ -76,9 +76,9 @@ class PlainHitExperts(HitExperts):
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         hidden = kernels.dense_experts(x, counts, self.gate_up_proj)  # (R, 2F), or None: not the kernel's call
-        if hidden is None:
-            return super().forward(x, counts)
-        return kernels.dense_experts(decode_ops.swiglu(hidden), counts, self.down_proj)
+        out = None if hidden is None else kernels.dense_experts(decode_ops.swiglu(hidden), counts, self.down_proj)
+        # None: not the kernel's call, or the tiles took D but not F (expert_ffn_hidden_size not a multiple of 32)
+        return super().forward(x, counts) if out is None else out
 
     def stacked(self, name: str) -> list[torch.Tensor]:
         return [getattr(self, name)]

@@ -193,11 +193,13 @@ def linear_weights(x: torch.Tensor, *linears: torch.nn.Module) -> list[list[torc
     return weights
 
 
-def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.Tensor | int) -> torch.Tensor:
+def _experts(kernel: str, x: torch.Tensor, counts: torch.Tensor, *weight: torch.Tensor | int) -> torch.Tensor | None:
     """Rows x (R, I) grouped by counts (E,) through every hit expert in one call: the GEMV kernel `kernel` for up
-    to `_quant_limit` rows per hit expert on average, its tile GEMM beyond."""
-    name = kernel if _gemv_rows(x, counts, _quant_limit(x, weight[0])) else kernel + "_tiles"
-    return getattr(extension.compiled(), name)(x.contiguous(), counts, *weight)
+    to `_quant_limit` rows per hit expert on average, its tile GEMM beyond; None where the tiles do not take x (I
+    not a multiple of 32: an expert's down projection, whose I is expert_ffn_hidden_size)."""
+    if _gemv_rows(x, counts, _quant_limit(x, weight[0])):
+        return getattr(extension.compiled(), kernel)(x.contiguous(), counts, *weight)
+    return getattr(extension.compiled(), kernel + "_tiles")(x.contiguous(), counts, *weight) if _tiles(x) else None
 
 
 def _add(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -289,10 +291,11 @@ def block_linear(x: torch.Tensor, values: torch.Tensor, scales: torch.Tensor,
                    lambda a, b: dequantize(values[a:b], scales[a // BLOCK:-(-b // BLOCK)], x.dtype))
 
 
-def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+def block_experts(x: torch.Tensor, counts: torch.Tensor, values: torch.Tensor, scales: torch.Tensor
+                  ) -> torch.Tensor | None:
     """x (R, I) rows grouped by expert, counts (E,), values (E, O, I), scales (E, nO, nI) -> (R, O), every hit
-    expert in one kernel call (rows past sum(counts) are zero): the GEMV kernel, or the tile GEMM for more rows.
-    Needs one of them (see `experts_kernel`)."""
+    expert in one kernel call (rows past sum(counts) are zero): the GEMV kernel, or the tile GEMM for more rows;
+    None where neither takes x (see `experts_kernel`)."""
     return _experts("block_experts", x, counts, values, scales)
 
 
@@ -349,10 +352,10 @@ def group_linear(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mi
 
 
 def group_experts(x: torch.Tensor, counts: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
-                  mins: torch.Tensor) -> torch.Tensor:
+                  mins: torch.Tensor) -> torch.Tensor | None:
     """x (R, I) rows grouped by expert, counts (E,), packed (E, O, I/2), scales and mins (E, O, I/G) -> (R, O),
-    every hit expert in one kernel call: the GEMV kernel, or the tile GEMM for more rows. Needs one of them (see
-    `experts_kernel`)."""
+    every hit expert in one kernel call: the GEMV kernel, or the tile GEMM for more rows; None where neither takes
+    x (see `experts_kernel`)."""
     return _experts("group_experts", x, counts, packed, scales, mins, packed.shape[-1] * 2 // scales.shape[-1])
 
 

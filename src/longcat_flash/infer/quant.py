@@ -255,11 +255,13 @@ class QuantExperts(QuantizedStorage, HitExperts):
         return F.linear(x, dequantize_weight(self.parts(name, e), self.fmt, x.dtype))
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        if not kernels.experts_kernel(x, counts, self.stacked("gate_up_proj")[0]):
-            return self.each_hit(x, counts, self.dequantized_project)
         fused = kernels.group_experts if self.fmt == "int4" else kernels.block_experts
-        hidden = decode_ops.swiglu(fused(x, counts, *self.parts("gate_up_proj").values()))  # (R, F)
-        return fused(hidden, counts, *self.parts("down_proj").values())  # rows past sum(counts): 0
+        out = None
+        if kernels.experts_kernel(x, counts, self.stacked("gate_up_proj")[0]):
+            hidden = decode_ops.swiglu(fused(x, counts, *self.parts("gate_up_proj").values()))  # (R, F)
+            out = fused(hidden, counts, *self.parts("down_proj").values())  # rows past sum(counts): 0
+        # None: the tiles do not take F (expert_ffn_hidden_size not a multiple of 32) where they took D
+        return self.each_hit(x, counts, self.dequantized_project) if out is None else out
 
 
 # ---- choosing and swapping ----
