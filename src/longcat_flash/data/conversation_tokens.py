@@ -48,10 +48,6 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
         raise ConversationError(f"{conversation.where}: tools: the chat template does not render tools (the "
                                 "conversation reads the same without them), so the model would learn calls to tools "
                                 "it was never shown")
-    if any(m.get("tool_calls") for m in messages) and not writes_tool_calls_with(tokenizer, TOOL_CALL_OPEN):
-        raise ConversationError(f"{conversation.where}: tool_calls: the chat template writes tool calls in another "
-                                f"format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only one `longcat serve` "
-                                "parses: the model would learn calls the server returns as text")
     cuts, trained, done, eos = [], [], 0, tokenizer.eos_token or ""
     stops = [e for e in ends or [eos] if e]  # the texts of the tokens generation stops at
     for i, message in enumerate(messages):
@@ -69,13 +65,25 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
         if window is not None and _tokens_before(tokenizer, full, cuts, len(prompt), window) >= window:
+            _check_call_format(tokenizer, conversation)
             return full, cuts + [len(prompt)], trained + [False, False]  # this turn on: past the window
         written = [(a, b) for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)]
         _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], stops, [full.text[a:b] for a, b in written])
         cuts += [len(prompt), _end_of_reply(tokenizer, full.text, written, stops, len(prompt), len(turn))]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
+    _check_call_format(tokenizer, conversation)
     return full, cuts, trained + [False]
+
+
+def _check_call_format(tokenizer: ChatTokenizer, conversation: Conversation) -> None:
+    """A conversation with tool calls needs a template that writes them as `longcat serve` parses them (after the
+    turns' own checks, which name the message)."""
+    if any(m.get("tool_calls") for m in conversation.messages) and not writes_tool_calls_with(tokenizer,
+                                                                                              TOOL_CALL_OPEN):
+        raise ConversationError(f"{conversation.where}: tool_calls: the chat template writes tool calls in another "
+                                f"format than {TOOL_CALL_OPEN}...{TOOL_CALL_CLOSE}, the only one `longcat serve` "
+                                "parses: the model would learn calls the server returns as text")
 
 
 def _tokens_before(tokenizer: ChatTokenizer, full: Any, cuts: list[int], end: int, window: int) -> int:
