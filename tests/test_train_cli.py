@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from train_support import make_corpus, tiny_overrides
 
 from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
-from longcat_flash.train.checkpoints import resume_config, schedule_notice, validation_notice
+from longcat_flash.train.checkpoints import exactness_notice, resume_config, schedule_notice, validation_notice
 from longcat_flash.train.config import ScalingConfig, ScheduleConfig, apply_overrides, build_config, recipe
 from longcat_flash.train.metrics import read_metrics
 
@@ -623,6 +624,14 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     fewer = apply_overrides(resume_config(tmp_path / "run"), ["data.val_batches=1"])
     noted = validation_notice(tmp_path / "run", fewer)
     assert noted.startswith("note: data.val_batches 2 -> 1 may change which held-out windows val_loss averages over")
+    # a resume in another dtype, or without the deterministic kernels, went on without a word: no longer bit for bit
+    saved_cfg, cpu = resume_config(tmp_path / "run"), torch.device("cpu")
+    assert exactness_notice(tmp_path / "run", saved_cfg, cpu) is None
+    other = "bfloat16" if saved_cfg.dtype == "float32" else "float32"
+    changed = apply_overrides(saved_cfg, [f"dtype={other}", "deterministic=false"])
+    assert exactness_notice(tmp_path / "run", changed, cpu) == (
+        f"note: dtype {saved_cfg.dtype} -> {other} and deterministic true -> false: the steps after 3 will not be "
+        "bit for bit those of the run uninterrupted")
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["max_steps"] == 3  # the refused value was written into the run's config
     for flags, refusal in [(["--set", "data.val_fraction=0.2"], "keeps its train/val split: data.val_fraction=0.2"),

@@ -170,7 +170,7 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from . import distributed
-    from .train.checkpoints import resume_config, resumed_ep, schedule_notice, validation_notice
+    from .train.checkpoints import exactness_notice, resume_config, resumed_ep, schedule_notice, validation_notice
     from .train.config import RECIPES, build_config, describe
     from .train.overrides import override_keys
     from .train.trainer import TrainingStopped, train
@@ -219,7 +219,9 @@ def _run_train(args: argparse.Namespace) -> None:
     _new_or_directory(out)
     device = distributed.init(args.device, args.dist_timeout or DIST_TIMEOUT_S)  # a process group under torchrun
     mesh = distributed.build_mesh(dp, ep, device)
-    for notice in (layout_notice, schedule_notice(out, cfg), validation_notice(out, cfg)) if saved is not None else ():
+    notices = (layout_notice, schedule_notice(out, cfg), validation_notice(out, cfg),
+               exactness_notice(out, cfg, device)) if saved is not None else ()
+    for notice in notices:
         if notice:
             distributed.print0(notice)
     try:

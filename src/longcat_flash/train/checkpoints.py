@@ -15,6 +15,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
                                                      set_optimizer_state_dict)
 
 from .. import distributed
+from ..device import compute_dtype
 from ..checkpoint import sharded, training
 from .config import CHECKPOINTS, SHARDED, TrainConfig
 from .optim import lr_factor, param_name
@@ -193,6 +194,20 @@ def validation_notice(out: str | Path, cfg: TrainConfig) -> str | None:
         return None
     return (f"note: {' and '.join(changes)} may change which held-out windows val_loss averages over: compare "
             f"val_loss after step {step} with the values before it with care")
+
+
+def exactness_notice(out: str | Path, cfg: TrainConfig, device: torch.device) -> str | None:
+    """A note when resuming run directory `out` with `cfg` on `device` changes the compute dtype or turns the
+    deterministic kernels off: the run goes on, but its steps are no longer bit for bit those it would have taken
+    uninterrupted. None when neither changes."""
+    saved, step = _newest_config_and_step(out)
+    dtype = compute_dtype(cfg.dtype, device)
+    changes = [f"dtype {saved.dtype} -> {dtype}"] if dtype != saved.dtype else []
+    changes += ["deterministic true -> false"] if saved.deterministic and not cfg.deterministic else []
+    if not changes:
+        return None
+    return (f"note: {' and '.join(changes)}: the steps after {step} will not be bit for bit those of the run "
+            "uninterrupted")
 
 
 def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
