@@ -389,6 +389,8 @@ def test_generate_takes_more_prompts_than_the_queue_and_runs_alone(model, refere
         engine.generate(ps[:1], GREEDY)
     assert list(engine.requests) == [rid]
     engine.cancel(rid)
+    with pytest.raises(TypeError, match="config must be an EngineConfig"):  # an AttributeError from inside
+        Engine(model, {"max_running": 1})
     for asked in ({"logprobs": 2}, {"prompt_logprobs": 0}):  # computed, then dropped without a word
         with pytest.raises(ValueError, match="generate\\(\\) returns token ids alone, so logprobs and prompt_logprobs"):
             engine.generate(ps[:1], replace(GREEDY, **asked))

@@ -263,8 +263,9 @@ def test_encode_and_decode_name_a_wrong_argument(tok: Tokenizer) -> None:
     for text in (None, b"abc", 5):
         with pytest.raises(TypeError, match="the text must be a str"):
             tok.encode(text)
-    with pytest.raises(TypeError, match="decode takes token ids"):
-        tok.decode([69.9])
+    for not_ids in ([69.9], [True, False]):  # 69.9 read as 69, True as 1
+        with pytest.raises(TypeError, match="decode takes token ids"):
+            tok.decode(not_ids)
     with pytest.raises(ValueError, match="token ids are >= 0, got -1"):
         tok.decode([5, -1])
     import numpy as np

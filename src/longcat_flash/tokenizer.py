@@ -243,8 +243,11 @@ class Tokenizer:
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         """Ids to text; `skip_special_tokens` drops pad/bos/eos so a generated sequence reads as plain text."""
-        try:
-            ids = [operator.index(i) for i in ids]  # ints, numpy ints, integer tensors; not 69.9 read as 69
+        ids = list(ids)
+        try:  # ints, numpy ints, integer tensors; not 69.9 read as 69, nor True as 1
+            if any(isinstance(i, bool) for i in ids):
+                raise TypeError
+            ids = [operator.index(i) for i in ids]
         except TypeError:
             raise TypeError(f"decode takes token ids (integers), got {ids!r:.80}") from None
         if any(i < 0 for i in ids):

@@ -124,7 +124,10 @@ class EngineStats:
 class Engine:
     def __init__(self, model: torch.nn.Module, config: EngineConfig | None = None,
                  eos_ids: Iterable[int] = ()) -> None:
-        """eos_ids: ids that end generation besides the model config's (loader.load_engine adds the tokenizer's)."""
+        """eos_ids: ids that end generation besides the model config's (loader.load_engine adds the tokenizer's).
+        An engine is driven from one thread at a time (the server runs it on its own thread or process)."""
+        if config is not None and not isinstance(config, EngineConfig):  # a dict was an AttributeError deep inside
+            raise TypeError(f"config must be an EngineConfig (EngineConfig(**settings)), got {type(config).__name__}")
         self.model, self.config = model.eval(), config or EngineConfig()
         cfg = model.config
         self.dtype, self.device = model.model.embed_tokens.weight.dtype, model.model.embed_tokens.weight.device

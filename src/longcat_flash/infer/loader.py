@@ -55,6 +55,8 @@ def load_engine(path: str | Path, config: EngineConfig | None = None, *, dtype: 
     before the weights are read: every id the tokenizer makes has an embedding; and its EOS token ends generation
     besides config.json's, as in vLLM (the end of turn a chat template writes is often only there). config None:
     the engine's defaults, as Engine takes it."""
+    if config is not None and not isinstance(config, EngineConfig):
+        raise TypeError(f"config must be an EngineConfig (EngineConfig(**settings)), got {type(config).__name__}")
     config = config or EngineConfig()
     check_speculative(path, config.speculative, quantize, device)
     tokenizer = Tokenizer.load(path)
