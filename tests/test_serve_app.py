@@ -23,6 +23,7 @@ from longcat_flash.serve import protocol as p  # noqa: E402
 from longcat_flash.serve.app import ServerConfig, create_app  # noqa: E402
 from longcat_flash.serve.bridge import AsyncEngine  # noqa: E402
 from longcat_flash.serve.openapi import ROUTE_ERRORS  # noqa: E402
+from longcat_flash.serve.prompts import chat_prompt  # noqa: E402
 from longcat_flash.tokenizer import stdlib_tokenizer  # noqa: E402
 
 from infer_support import one_thread, randomized  # noqa: E402,F401
@@ -165,7 +166,7 @@ def test_an_internal_error_is_a_json_500_and_is_counted(client, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr(app_module, "_completion_prompts", broken)
+    monkeypatch.setattr(app_module, "completion_prompts", broken)
     r = client.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1}, headers=AUTH)
     assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
     assert 'longcat_http_requests_total{path="/v1/completions",status="500"} 1.0' in client.get("/metrics").text
@@ -297,7 +298,7 @@ def test_a_served_prompt_is_dated_today_as_transformers_dates_it():
                                "{% for m in messages %}{{ m['content'] }}{% endfor %}")
     body = p.ChatCompletionRequest.model_validate({"messages": [{"role": "user", "content": "hi"}]})
     before = datetime.now().strftime("%Y-%m-%d")
-    text = tokenizer.decode(app_module._chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096))
+    text = tokenizer.decode(chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096))
     assert text in (f"{before}|hi", f"{datetime.now().strftime('%Y-%m-%d')}|hi")  # midnight may pass between
 
 
@@ -313,7 +314,7 @@ def test_names_and_reasoning_reach_the_template_as_vllm_passes_them(client):
                 {"role": "tool", "tool_call_id": "c1", "name": "f", "content": "1"},
                 {"role": "user", "content": "ok", "name": 5, "reasoning_content": {"x": 1}}]  # no text: dropped
     body = p.ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages})
-    text = tokenizer.decode(app_module._chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096),
+    text = tokenizer.decode(chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096),
                             skip_special_tokens=False)
     assert text == ("user[ann]:hi|assistant[bot]:<think>r</think><longcat_tool_call>f</longcat_tool_call>|tool[f]:1|"
                     "user:ok|assistant:")
@@ -383,7 +384,7 @@ def test_a_trailing_assistant_message_is_history_or_continued(client):
 
     def prompt(**fields) -> str:
         body = p.ChatCompletionRequest.model_validate({"model": "tiny", "messages": messages, **fields})
-        ids = app_module._chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096)
+        ids = chat_prompt(tokenizer, body, app_module._tool_plan(body), 4096)
         return tokenizer.decode(ids, skip_special_tokens=False)
 
     history = tokenizer.apply_chat_template(messages)

@@ -257,7 +257,7 @@ def test_the_prompt_renders_the_tools_as_given_and_the_results_in_call_order():
     results in the order of the calls, which the prompt pairs by position): a client's key order and schema stay,
     and results sent in another order are put in the calls' order."""
     from longcat_flash.serve import protocol as p
-    from longcat_flash.serve.app import _chat_prompt
+    from longcat_flash.serve.prompts import chat_prompt
     from longcat_flash.serve.tools import plan_tools
     from longcat_flash.tokenizer import stdlib_tokenizer
 
@@ -270,7 +270,7 @@ def test_the_prompt_renders_the_tools_as_given_and_the_results_in_call_order():
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": calls}]
     body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": [*history, *results[::-1]],
                                                    "tools": [tool]})
-    prompt = tokenizer.decode(_chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
+    prompt = tokenizer.decode(chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
     assert prompt == tokenizer.apply_chat_template([*history, *results], tools=[tool])
 
 def test_what_a_models_own_template_cannot_show_or_the_server_cannot_parse_is_refused():
@@ -279,7 +279,8 @@ def test_what_a_models_own_template_cannot_show_or_the_server_cannot_parse_is_re
     accepted and silently lost. A template that tests `'tool_calls' in message` failed on every chat, since the
     server rendered its messages with their null fields."""
     from longcat_flash.serve import protocol as p
-    from longcat_flash.serve.app import APIError, _chat_prompt
+    from longcat_flash.serve.errors import APIError
+    from longcat_flash.serve.prompts import chat_prompt
     from longcat_flash.serve.tools import plan_tools
     from longcat_flash.tokenizer import DEFAULT_CHAT_TEMPLATE, Tokenizer, stdlib_tokenizer
 
@@ -288,7 +289,7 @@ def test_what_a_models_own_template_cannot_show_or_the_server_cannot_parse_is_re
     def prompt(template: str, **fields) -> str:
         tokenizer = Tokenizer(backend, chat_template=template)
         body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": ASK, **fields})
-        return tokenizer.decode(_chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
+        return tokenizer.decode(chat_prompt(tokenizer, body, plan_tools(body), 4096), skip_special_tokens=False)
 
     def refused(template: str, **fields) -> str:
         with pytest.raises(APIError, match="this model's chat template") as refusal:

@@ -13,7 +13,6 @@ import logging
 import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from ..infer.engine import GRAMMAR_FAILED, StepOutput
 from ..infer.grammar import GrammarCompiler
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
-from ..tokenizer import RenderedChat, Tokenizer
+from ..tokenizer import Tokenizer
 from . import protocol as p
 from . import responses as resp
 from .bridge import Bridge, EngineFailed
@@ -38,11 +37,12 @@ from .guard import JSONOffLoopRoute, RequestGuard
 from .logprobs import ChatScores, CompletionScores, joined
 from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
+from .prompts import chat_prompt, completion_prompts
 from .replies import answer, deltas, parsed
 from .structured import ConstraintError, request_grammar, stop_scope
 from .text import TextState
 from .tokenizer_routes import add_tokenizer_routes
-from .tools import Event, ToolPlan, ToolRequestError, plan_tools, template_drops
+from .tools import Event, ToolPlan, ToolRequestError, plan_tools
 
 log = logging.getLogger(__name__)
 # what a model's generation_config.json sets for the requests that leave it out (absent or null), as vLLM does
@@ -429,7 +429,7 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
 
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
-        prompts = await asyncio.to_thread(_completion_prompts, tokenizer, body.prompt, config.context,
+        prompts = await asyncio.to_thread(completion_prompts, tokenizer, body.prompt, config.context,
                                           body.add_special_tokens)
         names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
         params = [_completion_params(gen.check(body, ids, body.max_tokens, name), body)
@@ -452,7 +452,7 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatCompletionRequest, request: Request):
         plan = _tool_plan(body)
-        prompt = await asyncio.to_thread(_chat_prompt, tokenizer, body, plan, config.context)
+        prompt = await asyncio.to_thread(chat_prompt, tokenizer, body, plan, config.context)
         [params] = await gen.constrain([_chat_params(gen.check(body, prompt, body.limit, "messages"), body)],
                                        body, plan)
         copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
@@ -545,57 +545,3 @@ def _tool_plan(body: p.ChatCompletionRequest) -> ToolPlan:
         return plan_tools(body)
     except ToolRequestError as err:
         raise APIError(400, str(err), param=err.param) from None
-
-
-def _fits(tokenizer: Tokenizer, chars: int, context: int, param: str, what: str | None = None,
-          scoring: bool = False) -> None:
-    """Refuses text that cannot fit the context whatever its tokens, before spending time on tokenizing it. `what`
-    names the text when it is more than `param` (a chat prompt is rendered from the messages and the tools);
-    `scoring`: it may fill the context (max_tokens 0)."""
-    if why := tokenizer.cannot_fit(chars, context, scoring):
-        raise APIError(400, f"{what or param}: {why}", param=param, code="context_length_exceeded")
-
-
-def _chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolPlan, context: int) -> list[int]:
-    """The rendered conversation, tools included, then the plan's prefill (the model continues from it). Only the
-    template's special tokens are parsed: `</s>` inside a message is text. Runs off the event loop."""
-    # as sft renders them: no null fields (templates test `'tool_calls' in message`), content kept
-    history = [{k: v for k, v in m.model_dump().items() if v is not None or k == "content"} for m in plan.history]
-    try:
-        chat = tokenizer.render_chat(history, not body.continue_final_message, tools=plan.shown, suffix=plan.prefill,
-                                     now=datetime.now())
-        if body.continue_final_message:
-            chat = _left_open(chat, history[-1]["content"])
-        if dropped := template_drops(tokenizer, history, plan.shown):
-            raise APIError(400, f"this model's chat template {dropped[1]}", param=dropped[0])
-    except ValueError as err:
-        raise APIError(400, str(err), param="messages") from None
-    _fits(tokenizer, len(chat.text), context, "messages",
-          "the prompt rendered from messages and tools" if plan.shown else "the prompt rendered from messages")
-    return tokenizer.encode_chat(chat)[0]
-
-
-def _left_open(chat: RenderedChat, final: str) -> RenderedChat:
-    """The rendered conversation cut right after its final message's text (what the template wrote after it, the
-    end of the turn, goes), so that the reply continues that message: transformers' `continue_final_message`."""
-    end = chat.text.rfind(final)
-    if end < 0:
-        raise APIError(400, "continue_final_message: this model's chat template does not write the final message's "
-                            "text as it is, so it cannot be continued", param="continue_final_message")
-    end += len(final)
-    return RenderedChat(chat.text[:end], tuple(s for s in chat.specials if s[1] <= end))
-
-
-def _completion_prompts(tokenizer: Tokenizer, prompts: list[str | list[int]], context: int,
-                        add_special_tokens: bool = True) -> list[list[int]]:
-    """Each prompt's ids: token-id prompts as they are; text with its special-token text parsed (`<s>` is bos), and
-    with `add_special_tokens` what the tokenizer's post-processor adds (a bos for Llama-style tokenizers), as vLLM
-    and HF tokenizers read a raw prompt (lm_eval's untokenized windows start with the bos text). Chat messages
-    differ: only the template's special tokens are special there. Runs off the event loop."""
-    for i, prompt in enumerate(prompts):  # scored (max_tokens 0), a prompt may fill the context; `check` refuses
-        if isinstance(prompt, str):  # the rest
-            _fits(tokenizer, len(prompt), context, "prompt" if len(prompts) == 1 else f"prompt.{i}", scoring=True)
-    texts = [prompt for prompt in prompts if isinstance(prompt, str)]
-    encoded = iter(tokenizer.encode_batch(texts, allow_special=True, add_special_tokens=add_special_tokens)
-                   if texts else [])
-    return [prompt if isinstance(prompt, list) else next(encoded) for prompt in prompts]
