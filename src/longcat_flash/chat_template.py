@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from jinja2 import nodes
@@ -13,9 +14,13 @@ from jinja2.exceptions import TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-__all__ = ["TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "TemplateError", "UndefinedError", "check_template", "compile_template",
-           "render_with_arguments", "writes_tool_calls_with"]
+__all__ = ["CONFIG_FILE", "TEMPLATE_DIR", "TEMPLATE_FILE", "TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "TemplateError",
+           "UndefinedError", "check_template", "compile_template", "read_templates", "render_with_arguments",
+           "writes_tool_calls_with"]
 
+CONFIG_FILE = "tokenizer_config.json"
+TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves the template; it wins over the config key
+TEMPLATE_DIR = "additional_chat_templates"  # transformers 5's named templates beside it: tool_use.jinja, ...
 # LongCat's tool-call block (docs/chat_format.md), the only call format the server parses
 TOOL_CALL_OPEN, TOOL_CALL_CLOSE = "<longcat_tool_call>", "</longcat_tool_call>"
 
@@ -114,3 +119,44 @@ def writes_tool_calls_with(tokenizer: Any, tag: str) -> bool:
 
 
 _CALL_FORMAT: dict[tuple[str | None, str | None, str], bool] = {}  # (templates, tag) -> whether they write it
+
+
+# ---- a model folder's templates
+
+def _named_templates(config: dict[str, Any]) -> dict[str, str]:
+    """HF's list of named templates in tokenizer_config.json (`default`, `tool_use`, ...), as a dict."""
+    template = config.get("chat_template")
+    if template is None or isinstance(template, str):
+        return {}
+    if not (isinstance(template, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
+                                                 and isinstance(e.get("template"), str) for e in template)):
+        raise ValueError(f"{CONFIG_FILE}: chat_template must be a string or a list of {{\"name\", \"template\"}} "
+                         f"strings, got {template!r:.80}")
+    return {entry["name"]: entry["template"] for entry in template}
+
+
+def read_templates(directory: Path, config: dict[str, Any]) -> dict[str, str]:
+    """The chat templates by name ("default", and HF's named ones: "tool_use", ...), as transformers reads them:
+    from `chat_template.jinja` and `additional_chat_templates/*.jinja` when there are any (the config's are then
+    ignored), else the config's `chat_template` (a string, or HF's list of named ones); none without any (the
+    tokenizer's built-in one is then the default)."""
+    files = [directory / TEMPLATE_FILE] if (directory / TEMPLATE_FILE).is_file() else []
+    files += sorted((directory / TEMPLATE_DIR).glob("*.jinja")) if (directory / TEMPLATE_DIR).is_dir() else []
+    templates = {}
+    for file in files:
+        template = file.read_text(encoding="utf-8")
+        check_template(template, str(file.relative_to(directory)))  # named as the file the user edits
+        templates["default" if file.name == TEMPLATE_FILE else file.name.removesuffix(".jinja")] = template
+    where = f"{TEMPLATE_FILE} and {TEMPLATE_DIR}/" if files else f"{CONFIG_FILE}: chat_template"
+    if not files:
+        template = config.get("chat_template")
+        templates = _named_templates(config) if isinstance(template, list) else {"default": template}
+        if template is None:
+            return {}
+    if "default" not in templates:  # transformers refuses to pick one ("multiple chat templates with no default")
+        raise ValueError(f"{where} names {sorted(templates)} but no 'default' template, the one a conversation "
+                         "without tools renders with; name one 'default'")
+    if isinstance(templates["default"], str) and not templates["default"].strip():  # rendered: an empty prompt
+        raise ValueError(f"{TEMPLATE_FILE if files else where} is empty; remove it to use the built-in LongCat "
+                         "template, or give the model's own")
+    return templates

@@ -31,8 +31,8 @@ from typing import Any
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from .chat_template import (TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TemplateError, UndefinedError, check_template,
-                            compile_template, render_with_arguments)
+from .chat_template import (CONFIG_FILE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TemplateError, UndefinedError,
+                            check_template, compile_template, read_templates, render_with_arguments)
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
 # Trained tokenizers hold the tool-call tags as single tokens, right after the special tokens. They are added
@@ -45,9 +45,6 @@ CHAT_MARKERS = TOOL_CALL_TOKENS
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
 TOKENIZER_FILE = "tokenizer.json"
-CONFIG_FILE = "tokenizer_config.json"
-TEMPLATE_FILE = "chat_template.jinja"  # where transformers >= 4.50 saves the template; it wins over the config key
-TEMPLATE_DIR = "additional_chat_templates"  # transformers 5's named templates beside it: tool_use.jinja, ...
 # A handful of large, plain-text-heavy stdlib modules: enough merges for a useful tokenizer in ~1 s.
 STDLIB_SAMPLE_FILES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py", "dataclasses.py", "functools.py",
                        "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
@@ -442,8 +439,8 @@ class Tokenizer:
         names = {field: _special_token_name(backend, config, field) for field in _FALLBACK_NAMES}
         other = {k: v for k, v in config.items() if k not in _CONFIG_WRITTEN}
         try:
-            templates = _chat_templates(file.parent, config)
-            return cls(backend, **names, chat_template=templates.pop("default"),
+            templates = read_templates(file.parent, config)
+            return cls(backend, **names, chat_template=templates.pop("default", DEFAULT_CHAT_TEMPLATE),
                        tool_chat_template=templates.pop("tool_use", None),
                        model_max_length=int(config.get("model_max_length", DEFAULT_MODEL_MAX_LENGTH)),
                        other_config=other, other_templates=templates)
@@ -455,44 +452,6 @@ class Tokenizer:
 # ids are tokenizer.json's) or name code we do not ship (auto_map)
 _CONFIG_WRITTEN = ("tokenizer_class", "bos_token", "eos_token", "pad_token", "model_max_length",
                    "clean_up_tokenization_spaces", "chat_template", "added_tokens_decoder", "auto_map")
-
-
-def _named_templates(config: dict[str, Any]) -> dict[str, str]:
-    """HF's list of named templates in tokenizer_config.json (`default`, `tool_use`, ...), as a dict."""
-    template = config.get("chat_template")
-    if template is None or isinstance(template, str):
-        return {}
-    if not (isinstance(template, list) and all(isinstance(e, dict) and isinstance(e.get("name"), str)
-                                                 and isinstance(e.get("template"), str) for e in template)):
-        raise ValueError(f"{CONFIG_FILE}: chat_template must be a string or a list of {{\"name\", \"template\"}} "
-                         f"strings, got {template!r:.80}")
-    return {entry["name"]: entry["template"] for entry in template}
-
-
-def _chat_templates(directory: Path, config: dict[str, Any]) -> dict[str, str]:
-    """The chat templates by name ("default", and HF's named ones: "tool_use", ...), as transformers reads them:
-    from `chat_template.jinja` and `additional_chat_templates/*.jinja` when there are any (the config's are then
-    ignored), else the config's `chat_template` (a string, or HF's list of named ones); our default without any."""
-    files = [directory / TEMPLATE_FILE] if (directory / TEMPLATE_FILE).is_file() else []
-    files += sorted((directory / TEMPLATE_DIR).glob("*.jinja")) if (directory / TEMPLATE_DIR).is_dir() else []
-    templates = {}
-    for file in files:
-        template = file.read_text(encoding="utf-8")
-        check_template(template, str(file.relative_to(directory)))  # named as the file the user edits
-        templates["default" if file.name == TEMPLATE_FILE else file.name.removesuffix(".jinja")] = template
-    where = f"{TEMPLATE_FILE} and {TEMPLATE_DIR}/" if files else f"{CONFIG_FILE}: chat_template"
-    if not files:
-        template = config.get("chat_template")
-        templates = _named_templates(config) if isinstance(template, list) else {"default": template}
-        if template is None:
-            return {"default": DEFAULT_CHAT_TEMPLATE}
-    if "default" not in templates:  # transformers refuses to pick one ("multiple chat templates with no default")
-        raise ValueError(f"{where} names {sorted(templates)} but no 'default' template, the one a conversation "
-                         "without tools renders with; name one 'default'")
-    if isinstance(templates["default"], str) and not templates["default"].strip():  # rendered: an empty prompt
-        raise ValueError(f"{TEMPLATE_FILE if files else where} is empty; remove it to use the built-in LongCat "
-                         "template, or give the model's own")
-    return templates
 
 
 def _tokens_not_held(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> list[str]:

@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from ..chat_template import CONFIG_FILE, TEMPLATE_DIR, TEMPLATE_FILE
 from ..checkpoint import hf, training
 from ..config import ModelConfig
 from ..device import host_memory_bytes
 from ..model import Transformer
-from ..tokenizer import CONFIG_FILE, TEMPLATE_DIR, TEMPLATE_FILE, TOKENIZER_FILE
+from ..tokenizer import TOKENIZER_FILE
 from .checkpoints import read_checkpoint, saved_train_config, write_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, keep_metrics_until

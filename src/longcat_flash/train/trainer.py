@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_op
 from torch.distributed.device_mesh import DeviceMesh
 
 from .. import distributed
+from ..chat_template import CONFIG_FILE, TEMPLATE_FILE
 from ..checkpoint import hf, training
 from ..data import (IGNORE, CopyMix, Corpus, PackedBatch, ResumableSampler, TokenDataset, split_windows,
                     validation_batches)
@@ -38,7 +39,7 @@ from ..config import ModelConfig
 from ..device import autocast as device_autocast
 from ..device import compute_dtype, resolve_device, use_device
 from ..model import ModelOutput, Transformer
-from ..tokenizer import CONFIG_FILE, TEMPLATE_FILE, TOKENIZER_FILE, Tokenizer
+from ..tokenizer import TOKENIZER_FILE, Tokenizer
 from . import run_lock
 from .budget import BudgetController
 from .checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint
