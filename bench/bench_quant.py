@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from infer_common import bench_checkpoint, table
 
-from longcat_flash.checkpoint.hf import stored_dtype
+from longcat_flash.checkpoint.safetensors_files import stored_dtype
 from longcat_flash.config import ModelConfig
 from longcat_flash.flag_types import non_negative_int, positive_int
 from longcat_flash.infer.engine import Engine, EngineConfig

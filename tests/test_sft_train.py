@@ -237,20 +237,21 @@ def test_a_model_that_ends_turns_at_another_stop_token_tunes_and_keeps_it(tmp_pa
 def test_the_tuned_model_is_written_in_the_dtype_its_base_was_stored_in(tmp_path, checkpoint, conversations, dtype):
     """A bf16 base came back as fp32 (twice the size), without its generation_config.json; so did an fp16 one."""
     from longcat_flash.checkpoint import hf
+    from longcat_flash.checkpoint.safetensors_files import stored_dtype
 
     base = tmp_path / "base"
     shutil.copytree(checkpoint, base)
     hf.save_pretrained(LongcatFlash.from_pretrained(checkpoint), base, dtype=dtype)
     (base / "generation_config.json").write_text(json.dumps({"eos_token_id": 2, "temperature": 0.6}))
     train(sft_config(base, conversations), tmp_path / "run", progress=False)
-    assert hf.stored_dtype(tmp_path / "run") == dtype
+    assert stored_dtype(tmp_path / "run") == dtype
     assert json.loads((tmp_path / "run" / "config.json").read_text())["dtype"] == str(dtype).removeprefix("torch.")
     routers = {k: v.dtype for k, v in load_file(tmp_path / "run" / "model.safetensors").items() if ".router." in k}
     assert routers and set(routers.values()) == {torch.float32}  # fp32 by design, whatever the export
     assert (tmp_path / "run" / "generation_config.json").read_text() == (base / "generation_config.json").read_text()
     if dtype == torch.bfloat16:
         train(sft_config(base, conversations, "checkpoint.export_dtype=float32"), tmp_path / "fp32", progress=False)
-        assert hf.stored_dtype(tmp_path / "fp32") == torch.float32
+        assert stored_dtype(tmp_path / "fp32") == torch.float32
 
 
 def test_missing_chat_markers_grow_the_vocabulary_and_load_in_transformers(tmp_path, conversations):

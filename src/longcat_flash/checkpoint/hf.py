@@ -10,11 +10,9 @@ mismatch. Only safetensors are read: nothing is ever unpickled.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
-import math
 import os
 import re
 from collections.abc import Collection, Iterator
@@ -22,23 +20,20 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..device import resolve_device
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
+from .safetensors_files import (EMBEDDING, INDEX_FILE, LM_HEAD, SINGLE_FILE, checkpoint_dtype,
+                                checkpoint_files, read_tensors)
 from .training import MANIFEST
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
 SHARD_FILE = re.compile(r"^model-\d{5}-of-\d{5}\.safetensors$")  # the shards of a sharded export
-INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"  # transformers' generation defaults, beside config.json
-LM_HEAD, EMBEDDING = "lm_head.weight", "model.embed_tokens.weight"  # the same keys in both layouts
-SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 FP32_KEYS = re.compile(r"\.mlp\.router\.")  # router weight and correction bias stay fp32 (docs/architecture.md §5.1)
 
 # official prefix <-> native prefix, for the MTP head (docs/architecture.md §3.3)
@@ -74,76 +69,6 @@ def native_to_official(key: str) -> str:
 
 # ---------------------------------------------------------------------------------------------- loading
 
-@contextlib.contextmanager
-def _opened(file: Path, keys: list[str] = ()) -> Iterator[Any]:
-    """safe_open, with a file that is not valid safetensors reported by name, as bad input (ValueError), and the
-    keys the index maps to it checked to be there."""
-    try:
-        handle = safe_open(file, "pt")
-    except SafetensorError as err:
-        raise ValueError(f"{file} is not a readable safetensors file: {err}") from None
-    with handle as f:
-        if absent := set(keys) - set(f.keys()):
-            raise KeyError(f"{INDEX_FILE} maps {min(absent)!r} to {file.name}, which does not hold it")
-        yield f
-
-
-def checkpoint_files(path: Path) -> dict[str, Path]:
-    """Official key -> the safetensors file holding it (single file or sharded with an index; with both, the single
-    file, as transformers reads such a folder)."""
-    if (path / SINGLE_FILE).is_file():
-        with _opened(path / SINGLE_FILE) as f:
-            return {key: path / SINGLE_FILE for key in f.keys()}
-    if (path / INDEX_FILE).is_file():
-        return _indexed_files(path)
-    pickled = sorted(p.name for p in path.glob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
-    hint = f" (found {pickled}: pickle files are never loaded, convert them to safetensors)" if pickled else ""
-    raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {path}{hint}")
-
-
-def _indexed_files(path: Path) -> dict[str, Path]:
-    """The index's weight_map, each shard a file name inside the checkpoint folder, and the keys its shards hold
-    beyond it."""
-    index = path / INDEX_FILE
-    try:
-        weight_map = json.loads(index.read_text()).get("weight_map")
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError) as err:
-        raise ValueError(f"{index} is not a JSON object: {err}") from None
-    if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
-        raise ValueError(f"{index} has no weight_map object of key -> shard file name")
-    for name in set(weight_map.values()):
-        if Path(name).name != name:
-            raise ValueError(f"{index} names shard {name!r}, outside the checkpoint folder (shards are file names)")
-    files = {key: path / name for key, name in weight_map.items()}
-    for name in sorted(set(weight_map.values())):  # and every key each shard holds, as transformers and vLLM read a
-        if (path / name).is_file():  # shard (one the index leaves out was "missing" here); the index's place first
-            with _opened(path / name) as f:
-                files.update({key: path / name for key in f.keys() if key not in files})
-    return files
-
-
-def _keys_by_file(path: Path) -> list[tuple[Path, list[str]]]:
-    """(safetensors file, its official keys), file by file in name order."""
-    by_file: dict[Path, list[str]] = {}
-    for key, file in checkpoint_files(path).items():
-        by_file.setdefault(file, []).append(key)
-    return sorted(by_file.items())
-
-
-def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield (official key, tensor) one at a time, file by file."""
-    for file, keys in _keys_by_file(path):
-        if not file.is_file():
-            raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
-        with _opened(file, keys) as f:
-            for key in keys:
-                tensor = f.get_tensor(key)
-                if not tensor.is_floating_point():
-                    raise ValueError(f"checkpoint key {key!r} in {file.name} is {tensor.dtype}, not a floating "
-                                     "point weight")
-                yield key, tensor
-
-
 def checkpoint_config(path: Path, prequantized: bool = False) -> ModelConfig:
     """config.json, read as the files hold it: a config naming an MTP head whose weights are not in the files
     (transformers' `save_pretrained` drops them: its model has no MTP head) is a model without one, and one that
@@ -171,19 +96,6 @@ def checkpoint_config(path: Path, prequantized: bool = False) -> ModelConfig:
         except ValueError as err:
             raise ValueError(f"{path / GENERATION_CONFIG}: {err}") from None
     return cfg
-
-
-def stored_dtype(path: Path) -> torch.dtype:
-    """The dtype the checkpoint stores its weights in (its LM head's, or the embedding's when they are tied)."""
-    files = checkpoint_files(path)
-    key = next((k for k in (LM_HEAD, EMBEDDING) if k in files), None)
-    if key is None:
-        raise ValueError(f"{path}: neither lm_head.weight nor model.embed_tokens.weight in the checkpoint")
-    with _opened(files[key]) as f:
-        name = f.get_slice(key).get_dtype()
-    if name not in SAFETENSORS_FLOATS:
-        raise ValueError(f"{files[key]}: {key} is {name}, not one of {sorted(SAFETENSORS_FLOATS)}")
-    return SAFETENSORS_FLOATS[name]
 
 
 def generation_config(path: Path) -> dict[str, Any]:
@@ -233,19 +145,6 @@ def _target_dtype(native: str, tensor: torch.Tensor, dtype: torch.dtype | None) 
     if FP32_KEYS.search(native):
         return torch.float32
     return dtype or tensor.dtype
-
-
-def checkpoint_dtype(path: Path) -> torch.dtype:
-    """The floating dtype holding most of the checkpoint's weights (read from the safetensors headers): a model
-    loaded without a dtype is in this one throughout, even where a file keeps a few tensors (norms) in another."""
-    sizes: dict[str, int] = {}
-    for file, keys in _keys_by_file(path):
-        with _opened(file, keys) as f:
-            for key in keys:
-                part = f.get_slice(key)
-                sizes[part.get_dtype()] = sizes.get(part.get_dtype(), 0) + math.prod(part.get_shape())
-    floating = {name: n for name, n in sizes.items() if name in SAFETENSORS_FLOATS}
-    return SAFETENSORS_FLOATS[max(floating, key=floating.get)] if floating else torch.float32
 
 
 def model_tensors(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size]

@@ -32,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from .. import distributed
 from ..chat_template import CONFIG_FILE, TEMPLATE_FILE
 from ..checkpoint import hf, training
+from ..checkpoint.safetensors_files import stored_dtype
 from ..data import (IGNORE, CopyMix, Corpus, PackedBatch, ResumableSampler, TokenDataset, split_windows,
                     validation_batches)
 from ..data.conversation_packing import ConversationDataset
@@ -525,7 +526,7 @@ def _export_dtype(cfg: TrainConfig) -> CheckpointConfig:
     if cfg.checkpoint.export_dtype != "auto":
         return cfg.checkpoint
     source = Path(cfg.init_from) if cfg.init_from is not None else None
-    stored = hf.stored_dtype(source) if source is not None and source.is_dir() else torch.float32  # resumed: gone
+    stored = stored_dtype(source) if source is not None and source.is_dir() else torch.float32  # resumed: gone
     return dataclasses.replace(cfg.checkpoint, export_dtype=str(stored).removeprefix("torch."))
 
 
