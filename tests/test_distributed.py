@@ -104,3 +104,43 @@ def test_an_error_is_reported_once_by_rank_0_and_no_rank_dies_in_a_collective(tm
     assert [line for line in output.splitlines() if "longcat train:" in line] == [
         f"longcat train: corpus directory {tmp_path / 'empty'} holds no .txt/.md/.py/.jsonl/.jsonl.gz/.parquet files"]
     assert "Connection closed" not in output and "RankZeroFailed" not in output
+
+
+def test_a_restarted_group_meets_though_torchruns_store_still_holds_the_last_attempts_addresses():
+    """torchrun keeps one store for every restart of a job (its ranks are told so: TORCHELASTIC_USE_AGENT_STORE),
+    and the process groups' keys did not name the attempt: a restarted rank that came before rank 0 read the
+    address of the killed attempt's rank 0 and failed to connect, so `torchrun --max-restarts` retries failed.
+    torchrun's part is played here with a real store, so that rank 0 can come last for certain."""
+    import socket
+    import time
+
+    import torch.distributed as dist
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # torchrun's, for the test
+    # both of a run's groups: the collectives', and rank 0's own (main_first)
+    worker = ("import torch.distributed as dist\nfrom longcat_flash.distributed import env\nenv.init('cpu', 30)\n"
+              "dist.barrier()\nwith env.main_first():\n    pass\nprint('met')")
+
+    def attempt(n: int, rank_0_after: float) -> list[subprocess.CompletedProcess]:
+        procs = {}
+        for rank in (1, 0):
+            if rank == 0:
+                time.sleep(rank_0_after)
+            env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "WORLD_SIZE": "2",
+                   "RANK": str(rank), "LOCAL_RANK": str(rank), "TORCHELASTIC_USE_AGENT_STORE": "True",
+                   "TORCHELASTIC_RESTART_COUNT": str(n), "OMP_NUM_THREADS": "1"}
+            procs[rank] = subprocess.Popen([sys.executable, "-c", worker], env=env, stdout=subprocess.PIPE,
+                                           stderr=subprocess.PIPE, text=True)
+        try:
+            return [subprocess.CompletedProcess(p.args, p.wait(timeout=60), *p.communicate()) for p in procs.values()]
+        finally:
+            for p in procs.values():
+                p.kill()
+
+    for n, rank_0_after in ((0, 0.0), (1, 4.0)):  # the first attempt leaves its addresses in the store
+        for done in attempt(n, rank_0_after):
+            assert done.returncode == 0 and "met" in done.stdout, f"attempt {n}: {done.stderr[-2000:]}"
+    del store

@@ -50,7 +50,8 @@ def init(device: str | torch.device = "auto", timeout_s: float = DIST_TIMEOUT_S)
     if launched() and not dist.is_initialized():
         try:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s),
-                                    device_id=device if device.type == "cuda" else None)
+                                    device_id=device if device.type == "cuda" else None,
+                                    **_attempt_store(timedelta(seconds=timeout_s)))
         except (dist.DistStoreError, dist.DistNetworkError) as err:  # rank 0 waits for the others, they for rank 0
             where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
             reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
@@ -61,6 +62,23 @@ def init(device: str | torch.device = "auto", timeout_s: float = DIST_TIMEOUT_S)
                                "or give them longer with --dist-timeout") from None
         _patient[:] = [dist.new_group(backend="gloo", timeout=max(MAIN_FIRST_TIMEOUT, timedelta(seconds=timeout_s)))]
     return device
+
+
+def _attempt_store(timeout: timedelta) -> dict:
+    """init_process_group's store, rank and world size where torchrun serves its own store to the ranks: the keys
+    of this restart (TORCHELASTIC_RESTART_COUNT) kept apart from those of the attempts before. torchrun keeps one
+    store for every restart of a job and the process groups' keys do not name the attempt, so a restarted rank read
+    the address a rank of the killed attempt had left there: every `torchrun --max-restarts` retry failed to connect
+    (or waited out --dist-timeout). Nothing where torchrun does not share its store
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a new store each restart)."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    world = int(os.environ["WORLD_SIZE"])
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"longcat/attempt_{attempt}/", store), "rank": int(os.environ["RANK"]),
+            "world_size": world}
 
 
 # What gloo's and NCCL's errors say when the rank at the other end is gone or never answered (not a bug's assert)
