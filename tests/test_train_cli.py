@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import make_corpus, tiny_overrides
+from train_support import make_corpus, tiny_config, tiny_overrides
 
 from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
 from longcat_flash.train.checkpoints import exactness_notice, resume_config, schedule_notice, validation_notice
 from longcat_flash.train.config import ScalingConfig, ScheduleConfig, apply_overrides, build_config, recipe
 from longcat_flash.train.metrics import read_metrics
+from longcat_flash.train.trainer import train
 
 
 def run_cli(*args: str) -> str:
@@ -664,3 +665,48 @@ def test_a_config_built_in_python_is_checked_as_set_is(build, message):
     in fp32 under a header saying bf16, and saved a config that --resume then refused; kind="linear" ran cosine."""
     with pytest.raises(ValueError, match=re.escape(message)):
         build(recipe("tiny"))
+
+
+@pytest.mark.slow
+def test_a_torchrun_restart_continues_the_run_with_the_command_that_started_it(tmp_path: Path):
+    """torchrun --max-restarts reruns the command that started a run; without --auto-resume that rerun was refused
+    (the directory holds checkpoints) and every restart failed alike. Rank 0 is killed after the first
+    checkpoint: the restart goes on from it, on the uninterrupted run's curve."""
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+    def launch(out: Path) -> subprocess.Popen:
+        cmd = _train_cmd(out, corpus, cache, "--auto-resume")
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+                                 "--max-restarts=1", *cmd[1:]], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+
+    whole = launch(tmp_path / "whole")
+    assert whole.wait(timeout=300) == 0, whole.stdout.read()[-3000:]
+    restarted = launch(tmp_path / "restarted")
+    first = tmp_path / "restarted" / "checkpoints" / "step_00000010" / training.MANIFEST
+    deadline = time.monotonic() + 200
+    while not first.exists() and restarted.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.005)
+    rank0 = int((tmp_path / "restarted" / ".lock").read_text())  # the lock names the process that trains
+    os.kill(rank0, signal.SIGKILL)
+    assert restarted.wait(timeout=300) == 0, restarted.stdout.read()[-3000:]
+    log = restarted.stdout.read()
+    assert "holds no checkpoint yet: starting a new run there" in log and "resuming at step" in log
+    assert (tmp_path / "restarted" / "model.safetensors").is_file()
+
+    def losses(run: str) -> list[tuple]:
+        return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(tmp_path / run)]
+
+    assert len(losses("whole")) == 30 and losses("restarted") == losses("whole")
+
+
+def test_auto_resume_is_refused_where_it_cannot_choose(tmp_path: Path):
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    assert "--auto-resume and --resume both choose" in run_cli("train", "--auto-resume", "--resume", "--out", "x")
+    assert "--auto-resume needs --out RUN_DIR" in run_cli("train", "--preset", "tiny", "--auto-resume")
+    main(_train_cmd(tmp_path / "run", corpus, cache, "--max-steps", "2", "--save-every", "1", "--auto-resume")[3:])
+    assert "not a run directory: resume" in run_cli("train", "--preset", "tiny", "--auto-resume", "--out",
+                                                    str(tmp_path / "run" / "checkpoints"))
+    with pytest.raises(ValueError, match="resume='yes': give True, False or 'auto'"):
+        train(tiny_config(corpus, cache), tmp_path / "other", resume="yes")

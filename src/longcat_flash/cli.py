@@ -124,6 +124,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--save-every", type=int, default=None, help="steps between training checkpoints")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the newest checkpoint of RUN_DIR (default: --out), bit-for-bit")
+    p.add_argument("--auto-resume", action="store_true",
+                   help="continue --out's newest checkpoint where it has one, else start a new run there: one "
+                        "command for the first start and every restart (torchrun --max-restarts, a requeued job)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config field, e.g. --set budget.rate=0.01 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print every config field and value, then exit")
@@ -175,6 +178,8 @@ def _run_train(args: argparse.Namespace) -> None:
     from .train.overrides import override_keys
     from .train.trainer import TrainingStopped, train
 
+    if args.auto_resume:
+        _auto_resume(args)
     out = args.resume if isinstance(args.resume, str) else args.out
     if isinstance(args.resume, str) and args.out not in (None, args.resume):
         raise ValueError(f"--resume {args.resume} continues in its own directory; drop --out {args.out}")
@@ -232,6 +237,21 @@ def _run_train(args: argparse.Namespace) -> None:
     distributed.print0(f"done: {summary['steps']} steps, {summary['tokens']} tokens -> {summary['out']}\n"
                        f"--- sample ---\n{summary['sample']}")
     distributed.teardown()
+
+
+def _auto_resume(args: argparse.Namespace) -> None:
+    """--auto-resume: --resume where --out holds a checkpoint, a new run there otherwise (said, as a typo in --out
+    would start afresh)."""
+    from .train.checkpoints import has_checkpoint
+
+    if args.resume is not None:
+        raise ValueError("--auto-resume and --resume both choose whether to continue; give one of them")
+    if args.out is None:
+        raise ValueError("--auto-resume needs --out RUN_DIR: the directory the run starts in or continues")
+    _new_or_directory(args.out)
+    args.resume = True if has_checkpoint(args.out) else None
+    if args.resume is None and not args.print_config and int(os.environ.get("RANK", "0")) == 0:
+        print(f"note: {args.out} holds no checkpoint yet: starting a new run there (--auto-resume)", flush=True)
 
 
 def _add_grow(sub: argparse._SubParsersAction) -> None:

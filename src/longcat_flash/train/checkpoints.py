@@ -141,9 +141,23 @@ def write_checkpoint(root: Path, step: int, states: dict[str, Any], meta: dict[s
 
 
 def newest_checkpoint(out: str | Path) -> Path:
-    """The checkpoint a resumed run in directory `out` continues from: its newest. A checkpoint, or a run's
-    checkpoints folder, given in its place is refused: the run would go on inside it (its metrics, weights and
-    later checkpoints written there, the run itself left as it was)."""
+    """The checkpoint a resumed run in directory `out` continues from: its newest (a checkpoint, or a run's
+    checkpoints folder, given in its place is refused: _check_run_directory)."""
+    _check_run_directory(out)
+    return training.resolve(out)
+
+
+def has_checkpoint(out: str | Path) -> bool:
+    """Whether run directory `out` holds a checkpoint to resume (`--auto-resume`: the command that started a run
+    also continues it, as torchrun --max-restarts or a requeued job reruns it); a checkpoint, or a run's checkpoints
+    folder, given in its place is refused as newest_checkpoint refuses it."""
+    _check_run_directory(out)
+    return bool(training.list_checkpoints(Path(out) / CHECKPOINTS))
+
+
+def _check_run_directory(out: str | Path) -> None:
+    """Refuse a checkpoint, or a run's checkpoints folder, where a run directory belongs: the run would go on inside
+    it (its metrics, weights and later checkpoints written there, the run itself left as it was)."""
     out = Path(out)
     if (out / training.MANIFEST).is_file() or training.list_checkpoints(out):
         inside = out.parent if (out / training.MANIFEST).is_file() else out
@@ -151,7 +165,6 @@ def newest_checkpoint(out: str | Path) -> Path:
         raise ValueError(f"{out} is {'a checkpoint' if inside is not out else 'the checkpoints folder'} of the run "
                          f"in {run}, not a run directory: resume {run}, which continues from its newest checkpoint "
                          f"(to go back to an earlier one, first move the later ones out of {inside})")
-    return training.resolve(out)
 
 
 def saved_train_config(checkpoint: str | Path) -> TrainConfig:

@@ -23,7 +23,7 @@ import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
@@ -43,7 +43,7 @@ from ..model import ModelOutput, Transformer
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
 from . import run_lock
 from .budget import BudgetController
-from .checkpoints import load_checkpoint, newest_checkpoint, save_checkpoint
+from .checkpoints import has_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, CheckpointConfig, TrainConfig
 from .datasets import build_datasets, build_tokenizer
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
@@ -246,10 +246,11 @@ def to_device(batch: torch.Tensor | PackedBatch, device: torch.device) -> torch.
 
 # ---- a whole run ----
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] = False, progress: bool = True,
           mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | str = "auto"
           ) -> dict[str, Any]:
-    """Train on `device` in run directory `out` (fresh, or continued from its newest checkpoint); returns a summary.
+    """Train on `device` in run directory `out` (fresh, or continued from its newest checkpoint; resume="auto": where
+    it has one, as `--auto-resume`); returns a summary.
     `device`: a torch.device, or a name as `longcat train --device` takes it (auto: CUDA when available, cuda
     refused by name where there is none); made this process's current device.
 
@@ -262,6 +263,9 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         raise ValueError("the run directory is empty; give a path (a new or empty directory, or a run to resume)")
     if Path(out).exists() and not Path(out).is_dir():
         raise ValueError(f"the run directory {out} is a file")
+    if resume not in (True, False, "auto"):
+        raise ValueError(f"resume={resume!r}: give True, False or 'auto' (continue where `out` holds a checkpoint)")
+    resume = has_checkpoint(out) if resume == "auto" else resume
     device = resolve_device(device) if isinstance(device, str) else device  # a torch.device: the caller's own
     use_device(device)
     with global_state_restored():
