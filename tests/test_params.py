@@ -10,6 +10,7 @@ import pytest
 from longcat_flash.analysis.params import info_command, param_report
 from longcat_flash.config import ModelConfig
 from longcat_flash.presets import bench, longcat_flash, small, tiny
+from longcat_flash.train.config import build_config
 
 BUFFER_SUFFIX = "e_score_correction_bias"  # stored in the checkpoint, not a parameter
 
@@ -130,10 +131,30 @@ def test_a_token_picks_at_least_topk_less_the_zero_experts() -> None:
     c = tiny().replace(moe_topk=4, zero_expert_num=1)
     r = param_report(c, ffn_experts_target=3)
     assert r.active_min == r.active_target and "active/token, 3 FFN experts" in info_command(c)
-    with pytest.raises(ValueError, match=r"ffn_experts_target \(--ffn-experts\) must be in \[3, moe_topk=4\]"):
+    with pytest.raises(ValueError, match=r"ffn_experts_target \(--ffn-experts\) must be in \[3, 4\]"):
         param_report(c, ffn_experts_target=2.5)
-    with pytest.raises(ValueError, match=r"must be in \[6, moe_topk=6\]"):
+    with pytest.raises(ValueError, match=r"must be in \[6, 6\]"):
         param_report(tiny().replace(zero_expert_num=0, moe_topk=6), ffn_experts_target=1)
+
+
+def test_fewer_ffn_experts_than_top_k_cap_the_active_count() -> None:
+    """With 2 FFN experts and top-3 a token uses at most 2; info counted 3 (at the 560B shape with 4 FFN experts,
+    more active parameters than the model holds)."""
+    c = tiny().replace(n_routed_experts=2, zero_expert_num=4, moe_topk=3)
+    r = param_report(c)
+    expert = 3 * c.hidden_size * c.expert_ffn_hidden_size
+    assert (r.fewest_ffn_experts, r.most_ffn_experts) == (0, 2)
+    assert r.active_max - r.active_min == c.num_layers * 2 * expert and r.active_max < r.total
+    assert "active/token, 2 FFN experts" in info_command(c)
+    with pytest.raises(ValueError, match=r"must be in \[0, 2\]"):
+        param_report(c, ffn_experts_target=3)
+    big = longcat_flash().replace(n_routed_experts=4, zero_expert_num=16)
+    assert param_report(big).active_max < param_report(big).total
+    with pytest.raises(ValueError, match="budget.target: K_e=2 FFN experts per token cannot be reached"):
+        build_config("tiny", ["model.n_routed_experts=1", "model.zero_expert_num=4", "model.moe_topk=3",
+                              "loss.balance_groups=1", "budget.target=2"])
+    assert build_config("tiny", ["model.n_routed_experts=1", "model.zero_expert_num=4", "model.moe_topk=3",
+                                 "loss.balance_groups=1"]).ffn_expert_target == 1  # the default 2/3 of top-k, capped
 
 
 def test_tied_embedding_stays_active_as_the_head() -> None:

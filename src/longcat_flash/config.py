@@ -282,12 +282,18 @@ class ModelConfig:
     @property
     def default_ffn_expert_target(self) -> float:
         """K_e: expected FFN experts per token. The report's 8 of 12, i.e. 2/3 of top-k when zero experts exist."""
-        return self.moe_topk * 2 / 3 if self.zero_expert_num else float(self.moe_topk)
+        return min(self.moe_topk * 2 / 3, self.most_ffn_experts) if self.zero_expert_num else float(self.moe_topk)
 
     @property
     def fewest_ffn_experts(self) -> int:
         """The fewest FFN experts a token can pick: top-k less the zero experts, each of which it picks once."""
         return max(0, self.moe_topk - self.zero_expert_num)
+
+    @property
+    def most_ffn_experts(self) -> int:
+        """The most FFN experts a token can pick: top-k, or every FFN expert where there are fewer (the rest of its
+        top-k are zero experts)."""
+        return min(self.moe_topk, self.n_routed_experts)
 
     # ---- config.json I/O ----
     @classmethod

@@ -355,9 +355,10 @@ def _annotate(ax: Any, rows: list[list[Any]], vmax: int, fmt: str) -> None:
 def format_summary(expl: Explanation, written: list[Path], skipped: str | None) -> str:
     """The table `longcat explain` prints: tokens, mean and std of FFN experts per class, then the files."""
     fewest = max(expl.moe_topk - expl.zero_expert_num, 0)  # the top-k holds at most Z zero experts
+    most = min(expl.moe_topk, expl.n_routed_experts)  # and at most every FFN expert
     tokens, layers = len(expl.ids), len(expl.counts)
     lines = [f"{tokens} token{'s' * (tokens != 1)}, {layers} layer{'s' * (layers != 1)}, FFN experts per token per "
-             f"layer in [{fewest}, {expl.moe_topk}] (mean over layers, then over the class's tokens)",
+             f"layer in [{fewest}, {most}] (mean over layers, then over the class's tokens)",
              f"{'class':<12} {'tokens':>6} {'mean':>6} {'std':>6}"]
     everything = _summary(expl.average)
     for name, s in [*expl.class_stats().items(), ("all", everything)]:

@@ -40,6 +40,7 @@ class ParamReport:
     num_layers: int
     moe_topk: int
     fewest_ffn_experts: int  # the fewest a token can pick (moe_topk - zero experts), for `active_min`
+    most_ffn_experts: int  # the most a token can pick (moe_topk, or every FFN expert), for `active_max`
     ffn_experts_target: float  # K_e used for `active_target` and `flops_per_token`
     context: int  # cached positions each new token attends to, for `attention_flops`
     bytes_per_value: int  # element size of the KV cache (2 = bf16)
@@ -73,10 +74,11 @@ def ffn_experts_per_token(cfg: ModelConfig, given: float | None = None) -> float
     `cfg.default_ffn_expert_target` (8 of 12 for the 560B shape), or the fewest a token can pick where that is
     more."""
     k_e = max(cfg.default_ffn_expert_target, cfg.fewest_ffn_experts) if given is None else float(given)
-    if not cfg.fewest_ffn_experts <= k_e <= cfg.moe_topk:  # without zero experts: moe_topk exactly (NaN fails too)
+    if not cfg.fewest_ffn_experts <= k_e <= cfg.most_ffn_experts:  # no zero experts: moe_topk exactly (NaN fails)
         raise ValueError(f"ffn_experts_target (--ffn-experts) must be in [{cfg.fewest_ffn_experts}, "
-                         f"moe_topk={cfg.moe_topk}] (a token picks moe_topk experts, at most "
-                         f"zero_expert_num={cfg.zero_expert_num} of them zero experts), got {k_e:g}")
+                         f"{cfg.most_ffn_experts}] (a token picks moe_topk={cfg.moe_topk} experts, at most "
+                         f"zero_expert_num={cfg.zero_expert_num} of them zero experts and at most "
+                         f"n_routed_experts={cfg.n_routed_experts} FFN experts), got {k_e:g}")
     return k_e
 
 
@@ -96,6 +98,7 @@ def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, cont
     attention_flops = _attention_flops(cfg, context)
     return ParamReport(
         num_layers=cfg.num_layers, moe_topk=cfg.moe_topk, fewest_ffn_experts=cfg.fewest_ffn_experts,
+        most_ffn_experts=cfg.most_ffn_experts,
         ffn_experts_target=k_e, context=context,
         bytes_per_value=bytes_per_value,
         mla_block=_mla_params(cfg), dense_mlp=_dense_mlp_params(cfg), router=_router_params(cfg),
@@ -103,7 +106,7 @@ def param_report(cfg: ModelConfig, ffn_experts_target: float | None = None, cont
         total=total, mtp=_mtp_params(cfg) if cfg.num_nextn_predict_layers else 0,
         active_min=int(_active_params(cfg, total, cfg.fewest_ffn_experts)),
         active_target=_active_params(cfg, total, k_e),
-        active_max=int(_active_params(cfg, total, cfg.moe_topk)),
+        active_max=int(_active_params(cfg, total, cfg.most_ffn_experts)),
         kv_cache_latent_bytes_per_token=cfg.num_attention_blocks * (cfg.kv_lora_rank + cfg.qk_rope_head_dim)
         * bytes_per_value,
         kv_cache_expanded_bytes_per_token=cfg.num_attention_blocks * cfg.num_attention_heads
@@ -205,7 +208,7 @@ def format_report(report: ParamReport) -> str:
         ("MTP head", _human(r.mtp) if r.mtp else "none"),
         (f"active/token, {r.fewest_ffn_experts} FFN experts", _human(r.active_min)),
         (f"active/token, K_e={r.ffn_experts_target:g} of {k}", _human(r.active_target)),
-        (f"active/token, {k} FFN experts", _human(r.active_max)),
+        (f"active/token, {r.most_ffn_experts} FFN experts", _human(r.active_max)),
         (f"KV cache/token, latent ({r.bytes_per_value} B/value)",
          f"{r.kv_cache_latent_bytes_per_token:,} B"),
         (f"KV cache/token, expanded ({r.bytes_per_value} B/value)",

@@ -312,6 +312,10 @@ class TrainConfig:
             ok = 0 < self.budget.target < m.moe_topk if m.zero_expert_num else self.budget.target == m.moe_topk
             _check(ok, "budget", "target", self.budget.target,
                    f"in (0, model.moe_topk={m.moe_topk}) with zero experts, == moe_topk without")
+        if self.ffn_expert_target > m.most_ffn_experts:
+            raise ValueError(f"budget.target: K_e={self.ffn_expert_target:g} FFN experts per token cannot be reached: "
+                             f"a token picks at most model.n_routed_experts={m.n_routed_experts} of them (set "
+                             f"budget.target <= {m.most_ffn_experts}, or more FFN experts)")
         if self.ffn_expert_target < m.fewest_ffn_experts:
             raise ValueError(f"budget.target: K_e={self.ffn_expert_target:g} FFN experts per token "
                              f"{'(the default, 2/3 of moe_topk) ' if self.budget.target is None else ''}cannot be "
