@@ -6,6 +6,7 @@ import json
 import math
 
 import pytest
+import torch
 
 from longcat_flash.analysis.explain import CLASSES, classify, token_spans
 from longcat_flash.checkpoint.hf import LongcatFlash
@@ -87,6 +88,18 @@ def test_counts_are_integers_in_range_and_averages_are_layer_means(explained):
         assert stats["mean"] == pytest.approx(sum(data["counts"][i]) / tokens)
 
 
+def test_the_experts_are_the_routers_ffn_choices(checkpoint, explained):
+    """explain.json said how many FFN experts each token used, not which: the router's ids were thrown away."""
+    _, data = explained
+    model = LongcatFlash.from_pretrained(checkpoint)
+    ids = torch.tensor([[t["id"] for t in data["tokens"]]])
+    routing = model(ids, compute_logits=False).routing
+    for layer, info in zip(data["experts"], routing):
+        want = [sorted(e for e in row if e < info.n_ffn) for row in info.ids.tolist()]
+        assert layer == want
+    assert [[len(used) for used in layer] for layer in data["experts"]] == data["counts"]
+
+
 def test_spans_rebuild_the_text_and_class_stats_add_up(explained):
     _, data = explained
     assert "".join(t["text"] for t in data["tokens"]) == TEXT
@@ -126,6 +139,9 @@ def test_the_summary_states_the_range_the_model_allows(tok, tmp_path, capsys):
     _save_checkpoint(tmp_path / "ckpt", tok, zero_expert_num=1, num_layers=1)
     main(["explain", "--model", str(tmp_path / "ckpt"), "--text", TEXT, "--out", str(tmp_path / "out")])
     assert "1 layer, FFN experts per token per layer in [2, 3] (mean" in capsys.readouterr().out
+    _save_checkpoint(tmp_path / "few", tok, n_routed_experts=2, zero_expert_num=4, num_layers=1)  # top-3
+    main(["explain", "--model", str(tmp_path / "few"), "--text", TEXT, "--out", str(tmp_path / "out")])
+    assert "FFN experts per token per layer in [0, 2] (mean" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("span, expected", [

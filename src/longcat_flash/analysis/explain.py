@@ -1,10 +1,11 @@
 """Per-token compute view: how many FFN experts each token used, layer by layer (report App. A.1, Table 8).
 
 With zero-computation experts a token's compute depends on how many of its K routed slots landed on FFN experts
-(report §2.1). `longcat explain` runs one forward over a text, reads `RoutingInfo.ffn_experts_per_token` of every
+(report §2.1). `longcat explain` runs one forward over a text, reads the router's choices (`RoutingInfo.ids`) in every
 ScMoE layer and writes three views into `--out`:
 
-  explain.json   ids, text spans, classes, counts (L, T) in [max(K - Z, 0), K], per-token layer averages, statistics
+  explain.json   ids, text spans, classes, counts (L, T) in [max(K - Z, 0), min(K, E)], the FFN experts themselves
+                 (L, T, count), per-token layer averages, statistics
   explain.html   self-contained: one coloured row of tokens per layer plus an average row, a legend, tooltips
   explain.png    heatmap layers x tokens above a one-row heatmap of the averages, wrapped into panels of up to
                  64 tokens like a paragraph (needs matplotlib, the [plot] extra; skipped with a note without it)
@@ -17,7 +18,7 @@ Token classes, decided on the span with surrounding whitespace removed, checked 
   digits       every character is a decimal digit ("7", " 2024")
   punctuation  every character is Unicode punctuation (category P*) or ASCII punctuation/symbol ("(", " +=", ".")
   identifiers  letters, digits and "_" only, with at least one letter ("the", " __init__", "x1", "你好")
-  other        anything else: mixed spans ("):", "'s"), emoji, the leading bytes of a multi-byte character
+  other        anything else: mixed spans ("):x", "'s"), emoji, the leading bytes of a multi-byte character
 Class statistics are over tokens, of each token's average over layers; std is the population std (ddof=0).
 
 Shapes: L ScMoE layers, T tokens, K top-k (moe_topk), Z zero experts.
@@ -68,6 +69,7 @@ class Explanation:
     spans: list[str]  # (T,) text each token adds; "".join(spans) is the decoded text
     classes: list[str]  # (T,) one of CLASSES
     counts: list[list[int]]  # (L, T) FFN experts used, in [0, K]
+    experts: list[list[list[int]]]  # (L, T, counts[l][t]) which: the FFN expert ids, ascending
     moe_topk: int
     n_routed_experts: int
     zero_expert_num: int
@@ -89,13 +91,14 @@ class Explanation:
         return [{"layer": i, **_summary([float(c) for c in row])} for i, row in enumerate(self.counts)]
 
     def to_dict(self) -> dict[str, Any]:
-        """The content of explain.json: inputs, counts (L, T), averages (T,) and the statistics."""
+        """The content of explain.json: inputs, counts (L, T), the experts themselves (L, T, count), averages (T,)
+        and the statistics."""
         return {
             "moe_topk": self.moe_topk, "n_routed_experts": self.n_routed_experts,
             "zero_expert_num": self.zero_expert_num, "num_layers": len(self.counts), "num_tokens": len(self.ids),
             "tokens": [{"index": i, "id": t, "text": s, "class": c}
                        for i, (t, s, c) in enumerate(zip(self.ids, self.spans, self.classes))],
-            "counts": self.counts, "average": self.average,
+            "counts": self.counts, "experts": self.experts, "average": self.average,
             "layers": self.layer_stats(), "classes": self.class_stats(), "class_rules": CLASS_RULES,
         }
 
@@ -147,10 +150,11 @@ def token_spans(tokenizer: Tokenizer, ids: Sequence[int]) -> list[str]:
 
 
 @torch.inference_mode()
-def ffn_experts_per_layer(model: LongcatFlash, ids: Sequence[int]) -> list[list[int]]:
-    """(L, T) FFN experts each token used in each ScMoE layer, from one forward without logits."""
+def ffn_experts_per_layer(model: LongcatFlash, ids: Sequence[int]) -> list[list[list[int]]]:
+    """(L, T, count) the FFN experts each token used in each ScMoE layer, ids ascending, from one forward without
+    logits."""
     out = model(torch.tensor([list(ids)], device=model_device(model)), compute_logits=False)  # ids (1, T)
-    return [info.ffn_experts_per_token.tolist() for info in out.routing]
+    return [[sorted(e for e in row if e < info.n_ffn) for row in info.ids.tolist()] for info in out.routing]
 
 
 def explain(model_dir: str | Path, text: str, device: str | torch.device = "auto") -> Explanation:
@@ -168,9 +172,10 @@ def explain(model_dir: str | Path, text: str, device: str | torch.device = "auto
     tokenizer, cfg = Tokenizer.load(path), ModelConfig.from_json(path)
     ids = tokenizer.encode(text)
     _check_fits(ids, cfg)
-    counts = ffn_experts_per_layer(LongcatFlash.from_pretrained(path, device=device), ids)
+    experts = ffn_experts_per_layer(LongcatFlash.from_pretrained(path, device=device), ids)
     spans = token_spans(tokenizer, ids)
-    return Explanation(ids=ids, spans=spans, classes=[classify(s) for s in spans], counts=counts,
+    return Explanation(ids=ids, spans=spans, classes=[classify(s) for s in spans],
+                       counts=[[len(used) for used in layer] for layer in experts], experts=experts,
                        moe_topk=cfg.moe_topk, n_routed_experts=cfg.n_routed_experts,
                        zero_expert_num=cfg.zero_expert_num)
 
