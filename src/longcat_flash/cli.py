@@ -58,7 +58,9 @@ def _add_cost(sub: argparse._SubParsersAction) -> None:
                    help="expert-parallel degree; above a model's FFN expert count each device holds one expert "
                         "(the others redundant copies, as DeepSeek-V3 serves on EP320 with 256)")
     p.add_argument("--batch", type=positive_int, default=96, help="sequences per device")
-    p.add_argument("--acceptance", type=fraction, default=0.8, help="MTP draft acceptance rate")
+    p.add_argument("--acceptance", type=fraction, default=0.8,
+                   help="draft acceptance rate of the speculative decoding every column gets, Qwen3's too (its \"MTP "
+                        "w/o\" is the report's label: Table 7 gives it an equivalent scheme)")
     p.add_argument("--bandwidth", type=positive_float, default=40.0, help="all-to-all bandwidth, GB/s")
     p.add_argument("--context", type=non_negative_int, default=5000,
                    help="average context length (at most each model's longest: 131072 for LongCat-Flash)")
