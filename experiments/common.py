@@ -101,8 +101,12 @@ def parse(name: str, doc: str, add_arguments: Any = None, quick: dict[str, Any] 
     parser = argparse.ArgumentParser(prog=f"experiments/{name}.py", description=doc,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="CI mode: seconds, numbers meaningless")
-    parser.add_argument("--out", type=Path, default=None, help="where the JSON and PNG go")
-    parser.add_argument("--work", type=Path, default=None, help="run directories and data caches")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the JSON and PNG go (default: the repo's docs/experiments, the committed results; "
+                             "with --quick, runs/experiments-quick)")
+    parser.add_argument("--work", type=Path, default=None,
+                        help=f"run directories, tokenizer and token cache (default: runs/experiments/{name}, or "
+                             f"runs/experiments-quick/{name} with --quick, in the repo)")
     parser.add_argument("--data", default="stdlib", help="corpus (default: the Python standard library)")
     parser.add_argument("--seed", type=seed, default=0)
     if add_arguments is not None:
@@ -204,7 +208,9 @@ def prepare_data(setup: Setup, shared: Path) -> TrainConfig:
         sample = tokenizer_sample_bytes(setup)
         print(f"[{setup.name}] training a {cfg.model.vocab_size}-token BPE on {sample / 1e6:.0f} MB of "
               f"{cfg.data.source}", flush=True)
-        texts = sample_texts(cfg.data.source, sample, text_field=cfg.data.text_field)
+        texts = [t for t in sample_texts(cfg.data.source, sample, text_field=cfg.data.text_field) if t]
+        if not texts:  # a BPE trained on nothing, kept in WORK, before the trainer said so with a traceback
+            raise SystemExit(f"[{setup.name}] --data {cfg.data.source}: the corpus holds no text")
         train_tokenizer(texts, cfg.model.vocab_size).save(tokenizer)
     return apply_overrides(cfg, [f"data.tokenizer={tokenizer}", f"data.cache_dir={shared / 'tokens'}"])
 
@@ -222,6 +228,8 @@ def run(setup: Setup, label: str, cfg: TrainConfig, may_diverge: bool = False) -
     try:
         train(cfg, out, progress=False)
         records = read_metrics(out)
+    except ValueError as err:  # the corpus too small for a validation window, and the like: the trainer's words
+        raise SystemExit(f"[{setup.name}] {label}: {err}") from None
     except TrainingStopped as err:
         if not may_diverge:
             raise SystemExit(f"[{setup.name}] {label} diverged ({err})") from None

@@ -159,6 +159,27 @@ def test_a_diverging_run_ends_an_experiment_whose_analysis_cannot_read_nan_in_on
     assert run(setup, "r0", cfg, may_diverge=True)[-1]["diverged"]
 
 
+def test_a_corpus_the_trainer_refuses_ends_the_experiment_in_one_line(tmp_path: Path, experiments_path):
+    """A corpus too small for one validation window ended the experiment with the trainer's ValueError traceback;
+    one with no text first trained a tokenizer on nothing."""
+    from common import Setup, prepare_data, run
+    from train_support import tiny_config
+
+    (tmp_path / "small").mkdir()
+    (tmp_path / "small" / "a.py").write_text("x = 1\n" * 20)
+    cfg = tiny_config(tmp_path / "small", tmp_path / "cache", "max_steps=2")
+    setup = Setup("zero_experts", True, tmp_path / "out", tmp_path / "work", cfg)
+    with pytest.raises(SystemExit, match=r"\[zero_experts\] r0: the val split has \d+ tokens, fewer than one window"):
+        run(setup, "r0", cfg)
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "a.txt").write_text("")
+    empty = Setup("zero_experts", True, tmp_path / "out", tmp_path / "work", tiny_config(tmp_path / "empty",
+                                                                                       tmp_path / "cache"))
+    with pytest.raises(SystemExit, match=r"the corpus holds no text"):
+        prepare_data(empty, tmp_path / "shared")
+    assert not (tmp_path / "shared").exists()
+
+
 def test_a_work_directory_the_experiments_do_not_own_is_refused(tmp_path: Path):
     """An experiment replaces WORK/<label> (base, yarn, ...): `--work runs` deleted a user's own runs/base. As a
     real process: one line on stderr, status 2, no traceback."""
