@@ -36,6 +36,7 @@ import gc
 import json
 import math
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -569,6 +570,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, key, value)
     if args.skip >= args.steps:
         parser.error(f"--skip {args.skip} leaves none of --steps {args.steps} timed: skip fewer warm-up steps")
+    if args.new_tokens < 2:  # decode is timed from the first new token to the last
+        parser.error(f"--new-tokens {args.new_tokens}: decode speed needs at least 2 new tokens")
     for flag, path in (("--out", args.out), ("--work-dir", args.work_dir)):
         if path is not None and path.exists() and not path.is_dir():
             parser.error(f"{flag} {path} is a file; name a directory")
@@ -582,8 +585,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        if args.device.strip().lower() == "auto":  # would measure the CPU on a machine without a GPU, and pass
-            raise DeviceError("--device auto: name the device to measure (cuda, cuda:N or cpu)")
+        if not re.fullmatch(r"cpu|cuda(:\d+)?", args.device.strip().lower()):  # auto would measure the CPU of a
+            # machine without a GPU, and pass
+            raise DeviceError(f"--device {args.device}: name the device to measure (cuda, cuda:N or cpu)")
         device = resolve_device(args.device)
     except DeviceError as err:
         print(f"gpu_check: {err}", file=sys.stderr)
@@ -591,6 +595,7 @@ def main(argv: list[str] | None = None) -> int:
     use_device(device)
     tune_cpu_allocator()
     args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_check.txt").unlink(missing_ok=True)  # an earlier run's table, beside this run's JSON if stopped
     cfg = train_config(args.preset, args.batch, args.seq, args.steps)
     deterministic_mode(cfg.deterministic, device)  # before any GPU work: cuBLAS reads its workspace setting once
     if args.work_dir is not None:

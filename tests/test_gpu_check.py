@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -28,7 +30,31 @@ def test_the_device_to_measure_is_named(tmp_path, monkeypatch, capsys):
     process: it refuses before it changes any process-wide setting.)"""
     assert gpu_check_module(monkeypatch).main(["--device", "auto", "--quick", "--out", str(tmp_path)]) == 2
     assert "--device auto: name the device to measure" in capsys.readouterr().err
+    assert gpu_check_module(monkeypatch).main(["--device", "tpu", "--quick", "--out", str(tmp_path)]) == 2
+    assert "--device tpu: name the device to measure (cuda, cuda:N or cpu)" in capsys.readouterr().err
     assert not (tmp_path / "gpu_check.json").exists()
+
+
+def test_one_new_token_is_refused_and_an_earlier_table_goes(tmp_path, monkeypatch, capsys):
+    """--new-tokens 1 printed a decode rate of 0.0 and passed; a run stopped midway left the last complete run's
+    gpu_check.txt beside its own partial JSON."""
+    gpu_check = gpu_check_module(monkeypatch)
+    try:
+        gpu_check.parse_args(["--device", "cpu", "--quick", "--out", str(tmp_path), "--new-tokens", "1"])
+    except SystemExit as stop:
+        assert stop.code == 2
+    assert "--new-tokens 1: decode speed needs at least 2 new tokens" in capsys.readouterr().err
+    (tmp_path / "gpu_check.txt").write_text("an earlier run's table")
+
+    def interrupted(ctx, rec):
+        raise KeyboardInterrupt  # Ctrl-C in the first section
+
+    monkeypatch.setitem(gpu_check.RUNNERS, "environment", interrupted)
+    for process_wide in ("deterministic_mode", "tune_cpu_allocator"):  # left as they are for the other tests
+        monkeypatch.setattr(gpu_check, process_wide, lambda *args: None)
+    with pytest.raises(KeyboardInterrupt):
+        gpu_check.main(["--device", "cpu", "--quick", "--out", str(tmp_path)])
+    assert not (tmp_path / "gpu_check.txt").exists()
 
 
 def gpu_check_module(monkeypatch):
