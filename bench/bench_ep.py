@@ -163,6 +163,9 @@ def main() -> None:
         parser.error(f"--ep {args.ep} does not divide the {experts} FFN experts the benchmark's layers have")
     if args.tokens < 1 or args.repeats < 1:
         parser.error("--tokens and --repeats must be >= 1")
+    if args.tokens > 65536 or (args.tokens > 256 and args.tokens % 256):  # the step trains rows of 256 tokens
+        parser.error(f"--tokens {args.tokens}: the training step takes rows of 256 tokens; give at most 256, or a "
+                     "multiple of 256 up to 65536")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     if "LOCAL_RANK" not in os.environ:  # not yet under torchrun (WORLD_SIZE alone is 1 there with one rank)
         sys.exit(subprocess.call([sys.executable, "-m", "torch.distributed.run", "--standalone",

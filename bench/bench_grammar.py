@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sysconfig
 import time
 from pathlib import Path
@@ -143,6 +144,12 @@ def main() -> None:
     args = ap.parse_args()
     if args.large_tokenizer.exists() and not args.large_tokenizer.is_dir():  # found minutes later, when saving
         ap.error(f"--large-tokenizer {args.large_tokenizer} is a file; name a directory (the BPE is cached there)")
+    try:  # likewise a folder that cannot be made or written
+        args.large_tokenizer.mkdir(parents=True, exist_ok=True)
+        if not os.access(args.large_tokenizer, os.W_OK | os.X_OK):
+            raise PermissionError("not writable")
+    except OSError as err:
+        ap.error(f"--large-tokenizer {args.large_tokenizer}: cannot cache the BPE there ({err.strerror or err})")
     torch.set_num_threads(1)
     small = stdlib_tokenizer(256)
     large = large_tokenizer(args.large_tokenizer)

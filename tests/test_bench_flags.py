@@ -50,6 +50,10 @@ CASES = [
     ("bench_decode.py", ["--model", "TINY", "--prefill", "512"], "--prefill + 1 = 513 tokens is past the model's"),
     ("bench_tiles.py", ["--threads", "100000"], "argument --threads: must be in [1, "),  # OpenMP segfaulted
     ("bench_grammar.py", ["--large-tokenizer", "FILE"], "--large-tokenizer FILE is a file"),  # after 2 min of BPE
+    ("bench_grammar.py", ["--large-tokenizer", "/proc/longcat_bpe"], "cannot cache the BPE there"),  # likewise
+    ("bench_serve.py", ["--preset", "longcat_flash"], "argument --preset: invalid choice: 'longcat_flash'"),
+    ("bench_ep.py", ["--tokens", "700"], "--tokens 700: the training step takes rows of 256 tokens"),  # ran 512
+    ("bench_ep.py", ["--tokens", "99999999999999999999"], "--tokens 99999999999999999999: the training step"),
     ("bench_ep.py", ["--ep", "3"], "--ep 3 does not divide the "),  # four ranks' tracebacks
     ("bench_mtp.py", ["--model", "TINY", "--prompts", "100000000"], "--prompts 100000000: the package's sources"),
     ("bench_train.py", ["--seq", "100000"], "--seq 100000 is past the model's context"),  # data.seq_len's error
