@@ -153,6 +153,10 @@ def main() -> None:
     print(f"\nroofline against a streaming read of the same bytes ({experts:.2f} FFN experts/token/layer):")
     print(table([(n, f"{active[n] / 1e6:.1f}", f"{achieved[n]:.2f}", f"{stream[n]:.2f}", f"{achieved[n] / stream[n]:.0%}")
                  for n in plain], ("weights", "MB/token", "decode GB/s", "stream GB/s", "fraction")))
+    if above := [n for n in plain if achieved[n] > stream[n]]:
+        print(f"note: {', '.join(above)} read faster than the streaming read: the stream was timed at another moment "
+              "than the decode (other processes on the cores slow either), or the weights sat in a last-level cache "
+              "the stream's 1 GB buffer does not fit; rerun on an idle machine before quoting a fraction")
     print(f"\nweight kernels at batch 1, 256 MB of (4096, 1024) weights; stream {kernel_stream:.2f} GB/s; and on 8 MB "
           "(cache-resident where the last-level cache holds it: the kernel's own ceiling):")
     print(table([(k, f"{v:.2f}", f"{v / kernel_stream:.0%}", f"{cached[k]:.2f}") for k, v in kernels.items()],
