@@ -638,7 +638,7 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     for flags, refusal in [(["--set", "data.val_fraction=0.2"], "keeps its train/val split: data.val_fraction=0.2"),
                            (["--seed", "5"], "keeps its seed: seed=5 differs from the run's 0"),
                            (["--set", f"data.tokenizer={tmp_path / 'run'}"],  # was recorded, and never read
-                            "keeps its tokenizer (the run's tokenizer.json), but the overrides change data.tokenizer")]:
+                            "keeps its tokenizer (the run's tokenizer.json), but the config changes data.tokenizer")]:
         assert refusal in run_cli("train", "--resume", str(tmp_path / "run"), *flags)  # not the sampler's numbers
     # The corpus moved: a relative --data on resume is saved absolute too. Other data is refused naming the change.
     shutil.copytree(tmp_path / "corpus", elsewhere / "moved")
@@ -692,7 +692,7 @@ def test_a_torchrun_restart_continues_the_run_with_the_command_that_started_it(t
     os.kill(rank0, signal.SIGKILL)
     assert restarted.wait(timeout=300) == 0, restarted.stdout.read()[-3000:]
     log = restarted.stdout.read()
-    assert "holds no checkpoint yet: starting a new run there" in log and "resuming at step" in log
+    assert "no checkpoint to resume in" in log and "resuming at step" in log
     assert (tmp_path / "restarted" / "model.safetensors").is_file()
 
     def losses(run: str) -> list[tuple]:
@@ -710,3 +710,35 @@ def test_auto_resume_is_refused_where_it_cannot_choose(tmp_path: Path):
                                                     str(tmp_path / "run" / "checkpoints"))
     with pytest.raises(ValueError, match="resume='yes': give True, False or 'auto'"):
         train(tiny_config(corpus, cache), tmp_path / "other", resume="yes")
+
+
+def test_the_python_api_resumes_only_what_the_run_can_honour(tmp_path: Path, capsys):
+    """train(cfg, out, resume=...) took any config: a resumed top-3 run went on as top-2 and recorded it, where the
+    CLI refuses the same change; and resume="auto" did not say when it started afresh."""
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    cfg = tiny_config(corpus, cache, "max_steps=2", "checkpoint.save_every=1")
+    train(cfg, tmp_path / "run", resume="auto", progress=False)
+    assert f"no checkpoint to resume in {tmp_path / 'run'} yet: starting" in capsys.readouterr().out
+    longer = dataclasses.replace(cfg, max_steps=3)
+    for changed, message in ((dataclasses.replace(longer, model=longer.model.replace(moe_topk=2)),
+                              "a resumed run keeps its model, but the config changes model.moe_topk"),
+                             (dataclasses.replace(longer, seed=1), "a resumed run keeps its seed")):
+        for resume in (True, "auto"):
+            with pytest.raises(ValueError, match=message):
+                train(changed, tmp_path / "run", resume=resume, progress=False)
+    assert train(longer, tmp_path / "run", resume="auto", progress=False)["steps"] == 3
+    assert "resuming at step 2" in capsys.readouterr().out
+
+
+def test_tensorboard_drops_the_steps_a_resumed_run_trains_again(tmp_path: Path):
+    """metrics.jsonl was cut back to the checkpoint; TensorBoard showed the steps trained again twice."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
+    cfg = tiny_config(corpus, cache, "max_steps=4", "checkpoint.save_every=2", "tensorboard=true")
+    train(cfg, tmp_path / "run", progress=False)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_00000004")  # as if killed before it was written
+    train(cfg, tmp_path / "run", resume=True, progress=False)
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("lm_loss")] == [1, 2, 3, 4]

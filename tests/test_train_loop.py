@@ -13,8 +13,8 @@ from longcat_flash.checkpoint import sharded, training
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.checkpoint.training import CheckpointError
 from longcat_flash.tokenizer import Tokenizer
-from longcat_flash.train import trainer
-from longcat_flash.train.checkpoints import resume_config
+from longcat_flash.train import run_lock, trainer
+from longcat_flash.train.checkpoints import load_checkpoint, resume_config
 from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.determinism import NoDeterministicKernel, set_deterministic
 from longcat_flash.train.metrics import read_metrics
@@ -214,13 +214,19 @@ def test_deterministic_mode_is_strict_on_a_gpu_too():
     finally:
         set_deterministic(True, torch.device("cpu"))
 
-def test_resuming_into_another_shape_names_the_tensor(corpus, tmp_path):
+def test_resuming_into_another_shape_names_the_field(corpus, tmp_path):
     train(tiny_config(*corpus, "max_steps=2", "eval_every=0"), tmp_path / "run", progress=False)
     saved = (tmp_path / "run" / "train_config.json").read_text()
     wider = apply_overrides(resume_config(tmp_path / "run"), ["max_steps=3", "model.expert_ffn_hidden_size=48"])
-    with pytest.raises(CheckpointError, match=r"does not fit this model: model\.layers\.0\.mlp\.experts\.\w+ is"):
+    with pytest.raises(ValueError, match=r"keeps its model, but the config changes model\.expert_ffn_hidden_size"):
         train(wider, tmp_path / "run", resume=True, progress=False)
     assert (tmp_path / "run" / "train_config.json").read_text() == saved  # a refused resume changes nothing
+    run = setup(wider, tmp_path / "other")  # a checkpoint loaded into another model by hand names the tensor
+    try:
+        with pytest.raises(CheckpointError, match=r"does not fit this model: model\.layers\.0\.mlp\.experts\.\w+ is"):
+            load_checkpoint(run, training.latest_checkpoint(tmp_path / "run" / "checkpoints"))
+    finally:
+        run_lock.release(tmp_path / "other")
 
 
 def test_a_run_directory_another_live_process_trains_in_is_refused(corpus, tmp_path):

@@ -232,7 +232,8 @@ def _run_train(args: argparse.Namespace) -> None:
         if notice:
             distributed.print0(notice)
     try:
-        summary = train(cfg, out or f"runs/{cfg.preset}", resume=args.resume is not None,
+        resume = "auto" if args.auto_resume else args.resume is not None
+        summary = train(cfg, out or f"runs/{cfg.preset}", resume=resume,
                         progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device)
     except TrainingStopped as err:  # every rank stops on the same averaged losses: rank 0 says why
         sys.exit(f"longcat {args.command}: {err}" if distributed.is_main() else 1)
@@ -242,8 +243,8 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _auto_resume(args: argparse.Namespace) -> None:
-    """--auto-resume: --resume where --out holds a checkpoint, a new run there otherwise (said, as a typo in --out
-    would start afresh)."""
+    """--auto-resume: --resume where --out holds a checkpoint (its saved config under the flags), a new run there
+    otherwise."""
     from .train.checkpoints import has_checkpoint
 
     if args.resume is not None:
@@ -251,9 +252,7 @@ def _auto_resume(args: argparse.Namespace) -> None:
     if args.out is None:
         raise ValueError("--auto-resume needs --out RUN_DIR: the directory the run starts in or continues")
     _new_or_directory(args.out)
-    args.resume = True if has_checkpoint(args.out) else None
-    if args.resume is None and not args.print_config and int(os.environ.get("RANK", "0")) == 0:
-        print(f"note: {args.out} holds no checkpoint yet: starting a new run there (--auto-resume)", flush=True)
+    args.resume = True if has_checkpoint(args.out) else None  # train() decides again, and says so in its header
 
 
 def _add_grow(sub: argparse._SubParsersAction) -> None:

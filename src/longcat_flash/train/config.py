@@ -449,6 +449,37 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
     return unread
 
 
+def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
+    """Refuse a config that a run resumed from a checkpoint saved with `saved` cannot honour: it keeps its model,
+    tokenizer, data windows, train/val split and seed, and goes on from its own checkpoint, not init_from. The
+    CLI's overrides and `train(cfg, resume=...)`'s config alike (the API took any config and changed the model
+    mid-run)."""
+    changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
+               if getattr(cfg.model, f.name) != getattr(saved.model, f.name)]
+    if changed:
+        raise ValueError(f"a resumed run keeps its model, but the config changes {', '.join(changed)} "
+                         "(use `longcat grow` to change its depth, or start a run with init_from)")
+    if _resolved(cfg.init_from) != _resolved(saved.init_from):  # the run goes on from its own checkpoint
+        raise ValueError(f"a resumed run continues from its own checkpoint: init_from={cfg.init_from!r} would "
+                         f"be recorded but not read (start a new run with init_from to begin from another model)")
+    if cfg.data.seq_len != saved.data.seq_len:  # the sampler's position counts windows of seq_len + 1 tokens
+        raise ValueError(f"a resumed run keeps its data windows: data.seq_len={cfg.data.seq_len} differs from the "
+                         f"run's {saved.data.seq_len} (start a run with init_from to train at another length)")
+    # which windows are held out, so which are trained (sft.val_data holds them out instead)
+    if cfg.data.val_fraction != saved.data.val_fraction and cfg.sft.val_data is None:
+        raise ValueError(f"a resumed run keeps its train/val split: data.val_fraction={cfg.data.val_fraction} "
+                         f"differs from the run's {saved.data.val_fraction}")
+    tokenizing = ["data.tokenizer"] * (_resolved(cfg.data.tokenizer) != _resolved(saved.data.tokenizer))
+    tokenizing += ["data.tokenizer_sample_bytes"] * (cfg.data.tokenizer_sample_bytes
+                                                      != saved.data.tokenizer_sample_bytes)
+    if tokenizing:  # the run reads its own tokenizer.json, which its token ids and embeddings are of
+        raise ValueError(f"a resumed run keeps its tokenizer (the run's tokenizer.json), but the config changes "
+                         f"{', '.join(tokenizing)}: it would be recorded and not used")
+    if cfg.seed != saved.seed:  # the order the windows are drawn in, which the checkpoint is part way through
+        raise ValueError(f"a resumed run keeps its seed: seed={cfg.seed} differs from the run's {saved.seed} (the "
+                         "data order follows it)")
+
+
 def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig | None) -> TrainConfig:
     if _last_value(overrides, "preset") is not None:
         raise ValueError("preset is chosen with --preset, which picks the whole recipe; --set preset=... would only "
@@ -458,30 +489,7 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
                          f"a resumed run keeps its model (use `longcat grow` to change its depth)")
     if saved is not None:
         cfg = apply_overrides(saved, overrides)
-        changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
-                   if getattr(cfg.model, f.name) != getattr(saved.model, f.name)]
-        if changed:
-            raise ValueError(f"a resumed run keeps its model, but the overrides change {', '.join(changed)} "
-                             "(use `longcat grow` to change its depth, or start a run with init_from)")
-        if _resolved(cfg.init_from) != _resolved(saved.init_from):  # the run goes on from its own checkpoint
-            raise ValueError(f"a resumed run continues from its own checkpoint: init_from={cfg.init_from!r} would "
-                             f"be recorded but not read (start a new run with init_from to begin from another model)")
-        if cfg.data.seq_len != saved.data.seq_len:  # the sampler's position counts windows of seq_len + 1 tokens
-            raise ValueError(f"a resumed run keeps its data windows: data.seq_len={cfg.data.seq_len} differs from the "
-                             f"run's {saved.data.seq_len} (start a run with init_from to train at another length)")
-        # which windows are held out, so which are trained (sft.val_data holds them out instead)
-        if cfg.data.val_fraction != saved.data.val_fraction and cfg.sft.val_data is None:
-            raise ValueError(f"a resumed run keeps its train/val split: data.val_fraction={cfg.data.val_fraction} "
-                             f"differs from the run's {saved.data.val_fraction}")
-        tokenizing = ["data.tokenizer"] * (_resolved(cfg.data.tokenizer) != _resolved(saved.data.tokenizer))
-        tokenizing += ["data.tokenizer_sample_bytes"] * (cfg.data.tokenizer_sample_bytes
-                                                          != saved.data.tokenizer_sample_bytes)
-        if tokenizing:  # the run reads its own tokenizer.json, which its token ids and embeddings are of
-            raise ValueError(f"a resumed run keeps its tokenizer (the run's tokenizer.json), but the overrides change "
-                             f"{', '.join(tokenizing)}: it would be recorded and not used")
-        if cfg.seed != saved.seed:  # the order the windows are drawn in, which the checkpoint is part way through
-            raise ValueError(f"a resumed run keeps its seed: seed={cfg.seed} differs from the run's {saved.seed} (the "
-                             "data order follows it)")
+        check_resumable(cfg, saved)
         return cfg
     base = recipe(preset or "small")
     raw = _last_value(overrides, "init_from")

@@ -54,7 +54,7 @@ class MetricsLog:
         self.file = self.path.open("a")
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", disable=not progress,
                         dynamic_ncols=True)
-        self.writer = _tensorboard(out) if tensorboard else None
+        self.writer = _tensorboard(out, start_step) if tensorboard else None
 
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -92,7 +92,9 @@ def require_tensorboard() -> None:
         raise ValueError("tensorboard=true needs the tensorboard package: pip install tensorboard")
 
 
-def _tensorboard(out: Path) -> Any:
+def _tensorboard(out: Path, start_step: int) -> Any:
+    """The run's event writer; the events of steps after `start_step` that a killed run wrote are dropped, as its
+    metrics.jsonl lines are (TensorBoard showed the steps trained again twice)."""
     require_tensorboard()
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out / "tensorboard"))
+    return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)

@@ -43,8 +43,8 @@ from ..model import ModelOutput, Transformer
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
 from . import run_lock
 from .budget import BudgetController
-from .checkpoints import has_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint
-from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, CheckpointConfig, TrainConfig
+from .checkpoints import has_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint, saved_train_config
+from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, check_resumable, CheckpointConfig, TrainConfig
 from .datasets import build_datasets, build_tokenizer
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
@@ -265,25 +265,26 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] =
         raise ValueError(f"the run directory {out} is a file")
     if resume not in (True, False, "auto"):
         raise ValueError(f"resume={resume!r}: give True, False or 'auto' (continue where `out` holds a checkpoint)")
-    resume = has_checkpoint(out) if resume == "auto" else resume
+    found = has_checkpoint(out) if resume == "auto" else None  # said in the header: a typo in `out` starts afresh
+    resume = found if found is not None else resume
     device = resolve_device(device) if isinstance(device, str) else device  # a torch.device: the caller's own
     use_device(device)
     with global_state_restored():
         try:
             return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
-                          device=device)
+                          device=device, auto_new=found is False)
         finally:  # a failed run frees its directory too: another process may resume it while this one goes on
             run_lock.release(Path(out))
 
 
 def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: DeviceMesh | None, overlap: bool,
-           device: torch.device) -> dict[str, Any]:
+           device: torch.device, auto_new: bool = False) -> dict[str, Any]:
     main = distributed.is_main()
     run = setup(cfg, out, resume=resume, progress=progress and main, mesh=mesh, overlap=overlap, device=device)
     cfg, state = run.cfg, run.state
     log = MetricsLog(run.out, state.step, cfg.max_steps, tensorboard=cfg.tensorboard, progress=progress) if main \
         else _Silent()
-    log.note(_header(run))
+    log.note((f"no checkpoint to resume in {run.out} yet: " if auto_new else "") + _header(run))
     try:
         with no_deterministic_kernel_named():
             while state.step < cfg.max_steps:
@@ -470,6 +471,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         if distributed.is_main() and (out / run_lock.LOCK_FILE).exists():  # to --resume); the other ranks quiet
             run_lock.hold(out)
     checkpoint = newest_checkpoint(out) if resume else None
+    if checkpoint is not None:
+        check_resumable(cfg, saved_train_config(checkpoint))
     if not resume and training.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
     if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
