@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_support import make_corpus, tiny_config
+from train_support import make_corpus, run_directory_held, tiny_config
 
+from longcat_flash.checkpoint import training
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.cli import main
 from longcat_flash.model import Transformer
@@ -78,6 +79,17 @@ def test_grow_a_run_then_resume_it(tmp_path: Path, capsys):
         with pytest.raises(ValueError, match=f"holds {held}; the grown run or model goes into a new or empty"):
             grow_run(tmp_path / "small", tmp_path / held)  # it replaced (or deleted) a user's files without a word
         assert (tmp_path / held / held).read_text() == "mine"
+    with run_directory_held(tmp_path / "small"):  # a run still training: its newest checkpoint may go mid-read
+        with pytest.raises(ValueError, match="is in use by another training process"):
+            grow_run(tmp_path / "small", tmp_path / "while_trained")
+        with pytest.raises(ValueError, match="is in use by another training process"):  # one of its checkpoints
+            grow_run(training.latest_checkpoint(tmp_path / "small" / "checkpoints"), tmp_path / "while_trained")
+    assert not (tmp_path / "while_trained").exists()  # a refused grow leaves nothing behind
+    (tmp_path / "racing").mkdir()
+    with run_directory_held(tmp_path / "racing"):  # another grow writing there: two wrote one folder at once
+        with pytest.raises(ValueError, match="is in use by another training process"):
+            grow_run(tmp_path / "small", tmp_path / "racing")
+    assert not (tmp_path / "grown" / ".lock").exists()  # the grown run holds what was grown
     train(apply_overrides(resume_config(tmp_path / "grown"), ["max_steps=8"]), tmp_path / "grown", resume=True,
           progress=False)
     steps = [r["step"] for r in read_metrics(tmp_path / "grown")]

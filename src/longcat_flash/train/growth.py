@@ -23,6 +23,7 @@ from ..config import ModelConfig
 from ..device import host_memory_bytes
 from ..model import Transformer
 from ..tokenizer import TOKENIZER_FILE
+from . import run_lock
 from .checkpoints import read_checkpoint, saved_train_config, write_checkpoint
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
 from .metrics import METRICS_FILE, keep_metrics_until
@@ -79,9 +80,34 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     if not src.is_dir():
         raise ValueError(f"{src} {'is not a directory' if src.exists() else 'does not exist'}: grow a run "
                          "directory, one of its checkpoints, or an HF model directory")
-    if dst.is_dir() and (held := sorted(path.name for path in dst.iterdir())):  # weights, shards, a run: the
+    _check_empty(dst, but=run_lock.LOCK_FILE)  # (a lock file alone: a grow killed there, or one going on now)
+    run = src.parent.parent if (src / training.MANIFEST).is_file() else src  # a checkpoint's run
+    live = run if (run / run_lock.LOCK_FILE).exists() else None  # a run directory that is, or was, trained
+    made = not dst.exists()
+    dst.mkdir(parents=True, exist_ok=True)
+    run_lock.hold(dst)  # a second grow into DST at the same time is refused, not interleaved with this one
+    try:
+        _check_empty(dst, but=run_lock.LOCK_FILE)  # the other grow may have finished before this one held DST
+        if live is not None:
+            run_lock.hold(live)  # not while it trains: its newest checkpoint could go (pruned) mid-read
+        return _grow(src, dst, r, device)
+    finally:
+        (dst / run_lock.LOCK_FILE).unlink(missing_ok=True)  # DST holds what was grown, or (refused) nothing
+        if made and not any(dst.iterdir()):
+            dst.rmdir()
+        for held in (dst, live):
+            if held is not None:
+                run_lock.release(held)
+
+
+def _check_empty(dst: Path, but: str | None = None) -> None:
+    """Weights, shards, a run in `dst`: the writer would replace or delete them."""
+    if dst.is_dir() and (held := sorted(path.name for path in dst.iterdir() if path.name != but)):
         raise ValueError(f"--out {dst} holds {', '.join(held[:4])}{' ...' if len(held) > 4 else ''}; the grown "
-                         "run or model goes into a new or empty directory")  # writer would replace or delete them
+                         "run or model goes into a new or empty directory")
+
+
+def _grow(src: Path, dst: Path, r: int, device: torch.device | str) -> Path:
     if (src / "config.json").is_file() and not training.list_checkpoints(src / CHECKPOINTS):  # pruned: the model
         device = torch.device(device)
         if device.type == "cpu":
