@@ -110,6 +110,8 @@ def test_bad_extension_overrides_are_clear_errors(base):
     assert f"data.seq_len must be <= model.max_position_embeddings={S}" in message
     message = run_cli(*start, *sets("model.rope_scaling.factor=4"))
     assert "rope_scaling.factor=4.0 only applies with rope_type='yarn'" in message
+    message = run_cli(*start, *sets("model.rope_scaling={'factor': 4}"))  # read as if the model were YaRN already
+    assert "model.rope_scaling as a dict replaces the whole section, rope_type included" in message
     message = run_cli(*start, *sets("model.rope_scaling={'rope_type': 'yarn', 'factor': 4, "
                                     "'original_max_position_embeddings': 128}"))
     assert f"original_max_position_embeddings=128 exceeds max_position_embeddings={S}" in message

@@ -260,7 +260,7 @@ def test_under_torchrun_settings_are_printed_by_rank_zero_alone(tmp_path: Path, 
     assert capsys.readouterr().out == ""
     assert run_cli("sft", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--out", str(tmp_path / "o")) == "1"
     monkeypatch.setenv("RANK", "0")
-    assert "(sft's --model): no config.json there" in run_cli("sft", "--model", str(tmp_path / "nope"), "--data",
+    assert "(longcat sft's --model): no config.json there" in run_cli("sft", "--model", str(tmp_path / "nope"), "--data",
                                                                "x.jsonl", "--print-config")
     main(["train", "--preset", "tiny", "--print-config"])
     assert "data.seq_len=" in capsys.readouterr().out

@@ -538,7 +538,7 @@ def pretrained_model_config(directory: str | Path) -> ModelConfig:
     path = Path(directory)
     unfinished = _unfinished_run(path)
     if not (path / "config.json").is_file():  # a setting: rank 0 says it
-        raise ValueError(f"init_from={directory} (sft's --model): no config.json there (expected an HF model "
+        raise ValueError(f"init_from={directory} (longcat sft's --model): no config.json there (expected an HF model "
                          "directory: config.json, model*.safetensors, tokenizer.json)"
                          + (f"; it is a run that has not finished ({unfinished}): resume it to the end, and its "
                             "model is written there" if unfinished else ""))

@@ -89,7 +89,11 @@ def _assign_fields(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefi
                     sub = ", ".join(f"{key}.{f.name}" for f in dataclasses.fields(current))
                     raise ValueError(f"{key!r} is a section; set one of its fields ({sub}) or several as a dict")
                 if isinstance(current, RopeScaling):  # one value, as config.json's rope_parameters: replaced whole
-                    current, inner = build(RopeScaling, whole, f"{key}."), []
+                    try:
+                        current, inner = build(RopeScaling, whole, f"{key}."), []
+                    except ValueError as err:  # {'factor': 6} on a YaRN model read as plain RoPE with a factor
+                        raise ValueError(f"{err} ({key} as a dict replaces the whole section, rope_type included: "
+                                         f"give every field, or one at a time as {key}.factor=...)") from None
                 else:  # over the section's current values, as if set one by one: a field left out keeps its value
                     inner += [([field], _Parsed(value)) for field, value in whole.items()]
             elif len(path) > 1:
