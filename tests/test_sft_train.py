@@ -3,6 +3,7 @@ loads a checkpoint under non-shape overrides; a tokenizer without the chat marke
 loads in transformers; a short run learns and resumes bit for bit."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -278,6 +279,16 @@ def test_missing_chat_markers_grow_the_vocabulary_and_load_in_transformers(tmp_p
         assert (ours(ids).logits - reference(ids).logits).abs().max() <= 1e-4
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
     assert hf_tokenizer.encode("<longcat_tool_call>", add_special_tokens=False) == [old_vocab]
+
+
+def test_the_same_api_call_resumes_a_run_whose_vocabulary_grew(tmp_path, conversations):
+    """train(cfg, out, resume="auto") with the config that started the run: the run had grown the vocabulary by
+    the chat markers and saved that, and the resume check refused the same call as a model change."""
+    old = tagless_checkpoint(tmp_path / "old")
+    cfg = sft_config(old, conversations, "max_steps=2", "checkpoint.save_every=1")
+    train(cfg, tmp_path / "run", resume="auto", progress=False)
+    assert train(dataclasses.replace(cfg, max_steps=3), tmp_path / "run", resume="auto", progress=False)["steps"] == 3
+    assert resume_config(tmp_path / "run").model.vocab_size == Tokenizer.load(old).vocab_size + 2
 
 
 def test_sft_run_learns_and_resumes_bit_for_bit(tmp_path, checkpoint, conversations):

@@ -20,7 +20,8 @@ from train_support import make_corpus, tiny_config, tiny_overrides
 from longcat_flash.checkpoint import training
 from longcat_flash.cli import main
 from longcat_flash.train.checkpoints import exactness_notice, resume_config, schedule_notice, validation_notice
-from longcat_flash.train.config import ScalingConfig, ScheduleConfig, apply_overrides, build_config, recipe
+from longcat_flash.train.config import (ScalingConfig, ScheduleConfig, absolute_paths, apply_overrides, build_config,
+                                       recipe)
 from longcat_flash.train.metrics import read_metrics
 from longcat_flash.train.trainer import train
 
@@ -260,8 +261,8 @@ def test_under_torchrun_settings_are_printed_by_rank_zero_alone(tmp_path: Path, 
     assert capsys.readouterr().out == ""
     assert run_cli("sft", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--out", str(tmp_path / "o")) == "1"
     monkeypatch.setenv("RANK", "0")
-    assert "(longcat sft's --model): no config.json there" in run_cli("sft", "--model", str(tmp_path / "nope"), "--data",
-                                                               "x.jsonl", "--print-config")
+    assert "(longcat sft's --model): no config.json there" in run_cli("sft", "--model", str(tmp_path / "nope"),
+                                                                       "--data", "x.jsonl", "--print-config")
     main(["train", "--preset", "tiny", "--print-config"])
     assert "data.seq_len=" in capsys.readouterr().out
 
@@ -742,3 +743,13 @@ def test_tensorboard_drops_the_steps_a_resumed_run_trains_again(tmp_path: Path):
     train(cfg, tmp_path / "run", resume=True, progress=False)
     events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
     assert [e.step for e in events.Scalars("lm_loss")] == [1, 2, 3, 4]
+
+
+def test_a_home_relative_path_given_again_on_resume_is_the_same_path(tmp_path, monkeypatch):
+    """--auto-resume re-applies the first start's flags: `--set data.tokenizer=~/tok` was saved expanded, compared
+    unexpanded, and every restart was refused as a change of tokenizer."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    flags = ["data.tokenizer=~/tok", "init_from=~/model"]
+    saved = absolute_paths(apply_overrides(recipe("tiny"), flags))
+    resumed = build_config("tiny", flags, saved)
+    assert resumed.data.tokenizer == "~/tok" and saved.data.tokenizer == str(tmp_path / "tok")

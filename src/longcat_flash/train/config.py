@@ -510,8 +510,9 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
     return apply_overrides(base, overrides)
 
 
-def _resolved(path: str | None) -> Path | None:
-    return None if path is None else Path(path).resolve()
+def _resolved(path: str | None) -> str | None:
+    """A path as a run saves it (absolute_paths), to compare with a saved one: `~` expanded, then resolved."""
+    return None if path is None else str(Path(path).expanduser().resolve())
 
 
 def _last_value(assignments: Sequence[str], key: str) -> str | None:
@@ -522,14 +523,11 @@ def _last_value(assignments: Sequence[str], key: str) -> str | None:
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """`cfg` with its file and directory fields (corpus, tokenizer, token cache, conversations, init_from) made
     absolute, as a run saves it: a relative path would resolve against whatever directory `--resume` runs in."""
-    def absolute(path: str | None) -> str | None:
-        return None if path is None else str(Path(path).expanduser().resolve())
-
-    source = cfg.data.source if cfg.data.source == STDLIB else absolute(cfg.data.source)
-    data = dataclasses.replace(cfg.data, source=source, tokenizer=absolute(cfg.data.tokenizer),
-                               cache_dir=absolute(cfg.data.cache_dir))
-    sft = dataclasses.replace(cfg.sft, data=absolute(cfg.sft.data), val_data=absolute(cfg.sft.val_data))
-    return dataclasses.replace(cfg, data=data, sft=sft, init_from=absolute(cfg.init_from))
+    source = cfg.data.source if cfg.data.source == STDLIB else _resolved(cfg.data.source)
+    data = dataclasses.replace(cfg.data, source=source, tokenizer=_resolved(cfg.data.tokenizer),
+                               cache_dir=_resolved(cfg.data.cache_dir))
+    sft = dataclasses.replace(cfg.sft, data=_resolved(cfg.sft.data), val_data=_resolved(cfg.sft.val_data))
+    return dataclasses.replace(cfg, data=data, sft=sft, init_from=_resolved(cfg.init_from))
 
 
 def pretrained_model_config(directory: str | Path) -> ModelConfig:

@@ -471,8 +471,6 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         if distributed.is_main() and (out / run_lock.LOCK_FILE).exists():  # to --resume); the other ranks quiet
             run_lock.hold(out)
     checkpoint = newest_checkpoint(out) if resume else None
-    if checkpoint is not None:
-        check_resumable(cfg, saved_train_config(checkpoint))
     if not resume and training.list_checkpoints(out / CHECKPOINTS):
         raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
     if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
@@ -500,6 +498,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         cfg = dataclasses.replace(cfg, model=cfg.model.replace(
             bos_token_id=tokenizer.bos_id, eos_token_id=_eos_ids(cfg, tokenizer), pad_token_id=tokenizer.pad_id,
             vocab_size=max(cfg.model.vocab_size, tokenizer.vocab_size)))  # SFT may add the chat markers
+        if checkpoint is not None:  # the model as the run saved it: its tokenizer's ids and size (SFT's markers)
+            check_resumable(cfg, saved_train_config(checkpoint))
         train_set, val_set = build_datasets(cfg, tokenizer, progress)
     with torch.device("meta"):
         model = Transformer(cfg.model)
