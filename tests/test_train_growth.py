@@ -52,7 +52,7 @@ def test_optimizer_and_controller_state_are_stacked_like_the_layers():
 
 
 @pytest.mark.slow
-def test_grow_a_run_then_resume_it(tmp_path: Path, capsys):
+def test_grow_a_run_then_resume_it(tmp_path: Path, capsys, monkeypatch):
     corpus, cache = make_corpus(tmp_path / "corpus"), tmp_path / "cache"
     cfg = tiny_config(corpus, cache, "model.num_layers=1", "max_steps=6", "checkpoint.save_every=3")
     train(cfg, tmp_path / "small", progress=False)
@@ -80,10 +80,14 @@ def test_grow_a_run_then_resume_it(tmp_path: Path, capsys):
             grow_run(tmp_path / "small", tmp_path / held)  # it replaced (or deleted) a user's files without a word
         assert (tmp_path / held / held).read_text() == "mine"
     with run_directory_held(tmp_path / "small"):  # a run still training: its newest checkpoint may go mid-read
-        with pytest.raises(ValueError, match="is in use by another training process"):
+        with pytest.raises(ValueError, match=r"small is being trained \(pid \d+\): grow it once that run stops"):
             grow_run(tmp_path / "small", tmp_path / "while_trained")
-        with pytest.raises(ValueError, match="is in use by another training process"):  # one of its checkpoints
+        with pytest.raises(ValueError, match="small is being trained"):  # one of its checkpoints
             grow_run(training.latest_checkpoint(tmp_path / "small" / "checkpoints"), tmp_path / "while_trained")
+        monkeypatch.chdir(tmp_path / "small" / "checkpoints")
+        with pytest.raises(ValueError, match="small is being trained"):  # named from inside its checkpoints folder
+            grow_run("step_00000006", tmp_path / "while_trained")
+        monkeypatch.undo()
     assert not (tmp_path / "while_trained").exists()  # a refused grow leaves nothing behind
     (tmp_path / "racing").mkdir()
     with run_directory_held(tmp_path / "racing"):  # another grow writing there: two wrote one folder at once

@@ -235,13 +235,13 @@ def test_a_run_directory_another_live_process_trains_in_is_refused(corpus, tmp_p
     out = tmp_path / "run"
     out.mkdir()
     with run_directory_held(out) as holder:
-        with pytest.raises(ValueError, match=rf"in use by another training process \(pid {holder.pid}\)"):
+        with pytest.raises(ValueError, match=rf"in use by another training process \(pid {holder.pid};"):
             train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
         assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
     train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
     assert len(read_metrics(out)) == 1
     with run_directory_held(out) as holder:  # the live run is named, not its checkpoints ("pass --resume")
-        with pytest.raises(ValueError, match=rf"in use by another training process \(pid {holder.pid}\)"):
+        with pytest.raises(ValueError, match=rf"in use by another training process \(pid {holder.pid};"):
             train(tiny_config(*corpus, "max_steps=1", "eval_every=0"), out, progress=False)
 
 

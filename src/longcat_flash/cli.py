@@ -269,15 +269,18 @@ def _add_grow(sub: argparse._SubParsersAction) -> None:
 
 def _run_grow(args: argparse.Namespace) -> None:
     from .device import resolve_device
+    from .train.checkpoints import saved_train_config
     from .train.config import CHECKPOINTS
     from .train.growth import grow_run
 
     _new_or_directory(args.out)
     grown = grow_run(args.src, args.out, args.factor, device=resolve_device(args.device))
-    print(f"grown x{args.factor}: {grown} " + (f"(a run: continue it with longcat train --resume {args.out})"
-                                             if grown.parent.name == CHECKPOINTS else
-                                             f"(a model, weights only: {args.src} holds no training checkpoint; "
-                                             f"start a run from it with --set init_from={args.out})"))
+    if grown.parent.name == CHECKPOINTS:
+        command = "sft" if saved_train_config(grown).sft.data is not None else "train"
+        print(f"grown x{args.factor}: {grown} (a run: continue it with longcat {command} --resume {args.out})")
+    else:
+        print(f"grown x{args.factor}: {grown} (a model, weights only: {args.src} holds no training checkpoint; start "
+              f"from it with longcat train --set init_from={args.out}, or longcat sft --model {args.out})")
 
 
 COMMANDS += [_add_train, _add_sft, _add_grow]

@@ -81,7 +81,7 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
         raise ValueError(f"{src} {'is not a directory' if src.exists() else 'does not exist'}: grow a run "
                          "directory, one of its checkpoints, or an HF model directory")
     _check_empty(dst, but=run_lock.LOCK_FILE)  # (a lock file alone: a grow killed there, or one going on now)
-    run = src.parent.parent if (src / training.MANIFEST).is_file() else src  # a checkpoint's run
+    run = src.resolve().parent.parent if (src / training.MANIFEST).is_file() else src  # a checkpoint's run
     live = run if (run / run_lock.LOCK_FILE).exists() else None  # a run directory that is, or was, trained
     made = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
@@ -89,7 +89,7 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     try:
         _check_empty(dst, but=run_lock.LOCK_FILE)  # the other grow may have finished before this one held DST
         if live is not None:
-            run_lock.hold(live)  # not while it trains: its newest checkpoint could go (pruned) mid-read
+            _hold_source(live)
         return _grow(src, dst, r, device)
     finally:
         (dst / run_lock.LOCK_FILE).unlink(missing_ok=True)  # DST holds what was grown, or (refused) nothing
@@ -98,6 +98,18 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
         for held in (dst, live):
             if held is not None:
                 run_lock.release(held)
+
+
+def _hold_source(run: Path) -> None:
+    """The source run's lock while it is read: not while it trains, as its newest checkpoint could go (pruned)
+    mid-read. A run this user cannot write to (a colleague's, a read-only mount) is read without it."""
+    try:
+        run_lock.hold(run)
+    except run_lock.RunDirectoryInUse as err:
+        raise run_lock.RunDirectoryInUse(f"{run} is being trained (pid {err.owner}): grow it once that run stops (a "
+                                         "checkpoint may be pruned while it is read)", err.owner) from None
+    except OSError:  # EACCES, EROFS: nobody this process could lock out either
+        pass
 
 
 def _check_empty(dst: Path, but: str | None = None) -> None:

@@ -19,7 +19,11 @@ _held: dict[Path, int] = {}  # run directory (resolved) -> the lock file's descr
 
 
 class RunDirectoryInUse(ValueError):
-    """Another live process trains in this run directory."""
+    """Another live process trains in this run directory (or `longcat grow` reads or writes it); `owner`: its pid."""
+
+    def __init__(self, message: str, owner: str) -> None:
+        super().__init__(message)
+        self.owner = owner
 
 
 def hold(out: Path) -> None:
@@ -33,8 +37,9 @@ def hold(out: Path) -> None:
     except BlockingIOError:
         owner = os.read(fd, 32).decode(errors="replace").strip() or "unknown"
         os.close(fd)
-        raise RunDirectoryInUse(f"{out} is in use by another training process (pid {owner}); wait for it to end "
-                                "or stop it, or choose another --out") from None
+        raise RunDirectoryInUse(f"{out} is in use by another training process (pid {owner}; or `longcat grow` "
+                                "reading or writing it); wait for it to end or stop it, or choose another --out",
+                                owner) from None
     os.ftruncate(fd, 0)
     os.write(fd, f"{os.getpid()}\n".encode())
     _held[key] = fd
