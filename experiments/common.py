@@ -227,7 +227,6 @@ def run(setup: Setup, label: str, cfg: TrainConfig, may_diverge: bool = False) -
     start = time.perf_counter()
     try:
         train(cfg, out, progress=False)
-        records = read_metrics(out)
     except ValueError as err:  # the corpus too small for a validation window, and the like: the trainer's words
         raise SystemExit(f"[{setup.name}] {label}: {err}") from None
     except TrainingStopped as err:
@@ -236,6 +235,7 @@ def run(setup: Setup, label: str, cfg: TrainConfig, may_diverge: bool = False) -
         print(f"[{setup.name}] {label}: diverged ({err})", flush=True)
         records = read_metrics(out) if (out / METRICS_FILE).exists() else []
         return records + [diverged_record(records)]
+    records = read_metrics(out)
     final = next((r["val_loss"] for r in reversed(records) if "val_loss" in r), float("nan"))
     print(f"[{setup.name}] {label}: {cfg.max_steps} steps, val_loss {final:.4f}, "
           f"{time.perf_counter() - start:.0f} s", flush=True)

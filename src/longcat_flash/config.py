@@ -281,7 +281,8 @@ class ModelConfig:
 
     @property
     def default_ffn_expert_target(self) -> float:
-        """K_e: expected FFN experts per token. The report's 8 of 12, i.e. 2/3 of top-k when zero experts exist."""
+        """K_e: expected FFN experts per token. The report's 8 of 12, i.e. 2/3 of top-k when zero experts exist (at
+        most every FFN expert: most_ffn_experts)."""
         return min(self.moe_topk * 2 / 3, self.most_ffn_experts) if self.zero_expert_num else float(self.moe_topk)
 
     @property

@@ -68,7 +68,7 @@ class Explanation:
     ids: list[int]  # (T,)
     spans: list[str]  # (T,) text each token adds; "".join(spans) is the decoded text
     classes: list[str]  # (T,) one of CLASSES
-    counts: list[list[int]]  # (L, T) FFN experts used, in [0, K]
+    counts: list[list[int]]  # (L, T) FFN experts used, in [max(K - Z, 0), min(K, E)]
     experts: list[list[list[int]]]  # (L, T, counts[l][t]) which: the FFN expert ids, ascending
     moe_topk: int
     n_routed_experts: int

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import re
 import socket
 import uuid
@@ -73,6 +74,11 @@ def _attempt_store(timeout: timedelta) -> dict:
     (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: a new store each restart)."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return {}
+    if (int(os.environ.get("GROUP_WORLD_SIZE", "1")) > 1 and int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+            and os.environ.get("RANK") == "0"):  # agents on other machines count their restarts apart (docs/fsdp.md)
+        print("note: torchrun restarts across machines need TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 in torchrun's "
+              "environment (a new store each restart); with the shared store a restart may not reconnect",
+              file=sys.stderr, flush=True)
     world = int(os.environ["WORLD_SIZE"])
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
                           timeout=timeout)
