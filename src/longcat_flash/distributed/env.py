@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import gc
 import os
-import sys
 import re
 import socket
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
