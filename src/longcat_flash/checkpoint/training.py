@@ -282,7 +282,7 @@ def read_manifest(path: str | Path, share: tuple[int, int] | None = (0, 1)) -> d
         earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
         remedy = (f"to resume from the checkpoint before it, move {path.name} out of {path.parent}" if earlier else
                   f"there is no earlier checkpoint: move {path.name} out of {path.parent} and start the run again "
-                  "(without --resume)")
+                  "(without --resume: --auto-resume does so by itself)")
         raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) {wrong}; {remedy}")
     return manifest
 
