@@ -48,6 +48,18 @@ def test_an_empty_path_is_refused_not_read_as_the_current_directory(tmp_path, mo
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_start_refused_before_it_wrote_anything_leaves_no_folder(tmp_path):
+    """A corpus folder with no text left --out behind holding only the run's lock; a folder that was there stays."""
+    (tmp_path / "empty").mkdir()
+    assert "holds no .txt/.md/.py" in run_cli("train", "--preset", "tiny", "--data", str(tmp_path / "empty"),
+                                              "--out", str(tmp_path / "run"), "--no-progress")
+    assert not (tmp_path / "run").exists()
+    (tmp_path / "mine").mkdir()
+    assert "holds no .txt/.md/.py" in run_cli("train", "--preset", "tiny", "--data", str(tmp_path / "empty"),
+                                              "--out", str(tmp_path / "mine"), "--no-progress")
+    assert (tmp_path / "mine").is_dir()
+
+
 def test_a_dict_sets_the_fields_it_names_and_clashes_with_their_flags():
     """`--set data={'seq_len': 32}` reset the section's other fields to the class defaults (not the recipe's),
     dropped earlier --set of the section, and escaped the flag-and---set clash check."""

@@ -269,12 +269,26 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] =
     resume = found if found is not None else resume
     device = resolve_device(device) if isinstance(device, str) else device  # a torch.device: the caller's own
     use_device(device)
+    made = not Path(out).exists()
     with global_state_restored():
         try:
             return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
                           device=device, auto_new=found is False)
         finally:  # a failed run frees its directory too: another process may resume it while this one goes on
             run_lock.release(Path(out))
+            if made:
+                _remove_if_only_locked(Path(out))
+
+
+def _remove_if_only_locked(out: Path) -> None:
+    """A run directory this call made that holds nothing but its lock: a start refused before it wrote anything
+    (bad data, a typo in a flag) left that folder behind."""
+    try:
+        if [p.name for p in out.iterdir()] == [run_lock.LOCK_FILE]:
+            (out / run_lock.LOCK_FILE).unlink()
+            out.rmdir()
+    except OSError:  # another rank removed it first, or wrote into it meanwhile
+        pass
 
 
 def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: DeviceMesh | None, overlap: bool,
