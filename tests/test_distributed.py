@@ -122,7 +122,7 @@ def test_a_restarted_group_meets_though_torchruns_store_still_holds_the_last_att
     store = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)  # torchrun's, for the test
     # both of a run's groups: the collectives', and rank 0's own (main_first)
     worker = ("import torch.distributed as dist\nfrom longcat_flash.distributed import env\nenv.init('cpu', 30)\n"
-              "dist.barrier()\nwith env.main_first():\n    pass\nprint('met')")
+              "dist.barrier()\nwith env.main_first():\n    pass\nprint('met')\nenv.teardown()")  # as the CLI leaves
 
     def attempt(n: int, rank_0_after: float) -> list[subprocess.CompletedProcess]:
         procs = {}
