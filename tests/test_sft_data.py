@@ -450,6 +450,13 @@ BAD_ROWS = [
      "messages[1].content: holds the tool-call tag <longcat_tool_call>: write a call as tool_calls"),
     ({"messages": [{"role": "user", "content": [{"type": "text", "text": "a</longcat_tool_call>"}]},
                    {"role": "assistant", "content": "a"}]}, "messages[0].content: holds the tool-call tag"),
+    # a tag inside a call's arguments was trained as the tag token mid-JSON: the served call would end there
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
+        {"id": "a", "type": "function", "function": {"name": "sh", "arguments": {"cmd": "echo </longcat_tool_call>"}}}]}]},
+     "messages[1].tool_calls[0].function.arguments: holds the tool-call tag </longcat_tool_call>: the tokenizer reads"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "function_call": {
+        "name": "sh", "arguments": '{"cmd": "<longcat_tool_call>"}'}}]},
+     "messages[1].function_call.arguments: holds the tool-call tag <longcat_tool_call>"),
 ]
 
 
@@ -875,6 +882,20 @@ def test_held_out_conversations_come_from_the_file_or_a_separate_one(tmp_path, t
     assert train.report.startswith("sft train: 40 conversations") and val.report.startswith("sft val: 10 conv")
     assert val.tokens.tobytes() == pack([tokenize(tokenizer, c) for c in read_conversations(held)], 500,
                                         tokenizer.pad_id, "val").tokens.tobytes()
+
+
+@pytest.mark.parametrize("overlong", ["truncate", "skip"])
+def test_the_held_out_share_is_taken_from_conversations_that_fit(tmp_path, tokenizer, overlong):
+    """Held out before it was packed, an over-long conversation that drew the validation slot ended the run ("sft
+    val: no conversation fits") for some seeds while the train split had conversations to spare."""
+    long = {"messages": [{"role": "user", "content": "word " * 600}, {"role": "assistant", "content": "Yes."}]}
+    rows = [long] * 3 + [conversation(random.Random(k)) for k in range(3)]  # long: skipped, or cut before the reply
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    for seed in range(8):
+        train, val = conversation_datasets(tokenizer, data, None, 0.1, 256, seed=seed, overlong=overlong)
+        assert val.report.startswith("sft val: 1 conversation -> 1 window") and "over-long" not in val.report
+        assert train.report.startswith("sft train: 5 conversations") and "over-long" in train.report
 
 
 def test_conversations_whose_replies_all_fall_past_the_window_name_the_cut():

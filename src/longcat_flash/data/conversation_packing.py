@@ -68,6 +68,18 @@ class ConversationDataset:
                            torch.from_numpy(self.documents[idx].astype(np.int64)))
 
 
+def has_target(trained: np.ndarray) -> bool:
+    """Whether a conversation's mask (within its window) trains any token: the first token is never a target."""
+    return bool(trained[1:].any())
+
+
+def fits(encoded: tuple[np.ndarray, np.ndarray], seq_len: int, overlong: Literal["truncate", "skip"]) -> bool:
+    """Whether `pack` keeps a tokenized conversation: not skipped as over-long, a trained token left in its window."""
+    ids, trained = encoded
+    window = seq_len + 1
+    return (len(ids) <= window or overlong == "truncate") and has_target(trained[:window])
+
+
 def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id: int, split: str,
          overlong: Literal["truncate", "skip"] = "truncate") -> ConversationDataset:
     """First-fit packing (in the given order, among the newest PACK_LOOKBACK windows) of tokenized
@@ -85,7 +97,7 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
                 continue
             stats.truncated += 1
             ids, trained = ids[:window], trained[:window]
-        if not trained[1:].any():  # the first token is never a target
+        if not has_target(trained):
             stats.untrained += 1
             continue
         kept.append((ids, trained))
@@ -124,8 +136,10 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
                           val_fraction: float, seq_len: int, seed: int,
                           overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = (),
                           ends: Sequence[str] = ()) -> tuple[ConversationDataset, ConversationDataset]:
-    """The train and validation windows: conversations in a seeded order (the validation share taken from the
-    front when there is no separate val_data), each split packed on its own; `ends` as in `tokenize`."""
+    """The train and validation windows: conversations in a seeded order, each split packed on its own; `ends` as
+    in `tokenize`. Without a separate val_data the validation share is the first conversations of that order that
+    `pack` keeps (one it would drop, over-long or with nothing to train, stays in the train split, where it is
+    counted), so whether a run starts does not hang on the seed."""
     if val_data is not None:
         trained = {file.resolve() for file in row_files(data)}
         if shared := [file for file in row_files(val_data) if file.resolve() in trained]:
@@ -136,17 +150,19 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
         raise ValueError(f"{data}: no conversations in it")
     order = np.random.default_rng([seed, 1]).permutation(len(conversations))
     conversations = [conversations[i] for i in order]
+    encoded = [tokenize(tokenizer, c, ends, seq_len + 1) for c in conversations]
     if val_data is not None:
         held_out = read_conversations(val_data, ignore)
         if not held_out:
             raise ValueError(f"{val_data}: no conversations in it")
+        val_encoded = [tokenize(tokenizer, c, ends, seq_len + 1) for c in held_out]
     else:
         n_val = max(1, round(len(conversations) * val_fraction))
         if n_val >= len(conversations):
             raise ValueError(f"{data}: {len(conversations)} conversation(s) leave none for training after holding "
                              f"out data.val_fraction={val_fraction}; add conversations or pass sft.val_data")
-        held_out, conversations = conversations[:n_val], conversations[n_val:]
+        held = set([i for i, e in enumerate(encoded) if fits(e, seq_len, overlong)][:n_val])
+        val_encoded = [e for i, e in enumerate(encoded) if i in held]
+        encoded = [e for i, e in enumerate(encoded) if i not in held]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id
-    train = pack([tokenize(tokenizer, c, ends, seq_len + 1) for c in conversations], seq_len, pad, "train", overlong)
-    val = pack([tokenize(tokenizer, c, ends, seq_len + 1) for c in held_out], seq_len, pad, "val", overlong)
-    return train, val
+    return (pack(encoded, seq_len, pad, "train", overlong), pack(val_encoded, seq_len, pad, "val", overlong))

@@ -422,9 +422,13 @@ def _content(value: Any, where: str, name: str) -> str:
     which the tokenizer reads as the tag tokens in any text: a call spelt out in content would train a call that
     none of tool_calls' checks (a declared tool, a valid name, JSON arguments) has seen."""
     text = _text(value, where, name)
-    if tag := next((tag for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tag in text), None):
-        raise _fail(where, name, f"holds the tool-call tag {tag}: write a call as tool_calls, where it is checked")
+    _no_tags(text, where, name, "write a call as tool_calls, where it is checked")
     return text
+
+
+def _no_tags(text: str, where: str, name: str, remedy: str) -> None:
+    if tag := next((tag for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tag in text), None):
+        raise _fail(where, name, f"holds the tool-call tag {tag}: {remedy}")
 
 
 def _text(value: Any, where: str, name: str) -> str:
@@ -475,6 +479,9 @@ def _function_call(raw: Any, where: str, name: str) -> dict[str, Any]:
         raise _fail(where, f"{name}.arguments", f"must be a JSON object, got {arguments!r:.60}")
     _json_numbers(parsed, where, f"{name}.arguments", f"the server would return such a call as text): "
                                                       f"{arguments!r:.60}")
+    _no_tags(arguments if isinstance(arguments, str) else json.dumps(parsed, ensure_ascii=False), where,
+             f"{name}.arguments", "the tokenizer reads it as the tag token, so the model would learn a call that "
+                                  "ends there (the server cuts it at the tag)")
     return {"name": fn["name"], "arguments": arguments}
 
 
