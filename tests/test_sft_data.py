@@ -452,7 +452,8 @@ BAD_ROWS = [
                    {"role": "assistant", "content": "a"}]}, "messages[0].content: holds the tool-call tag"),
     # a tag inside a call's arguments was trained as the tag token mid-JSON: the served call would end there
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "tool_calls": [
-        {"id": "a", "type": "function", "function": {"name": "sh", "arguments": {"cmd": "echo </longcat_tool_call>"}}}]}]},
+        {"id": "a", "type": "function",
+         "function": {"name": "sh", "arguments": {"cmd": "echo </longcat_tool_call>"}}}]}]},
      "messages[1].tool_calls[0].function.arguments: holds the tool-call tag </longcat_tool_call>: the tokenizer reads"),
     ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "function_call": {
         "name": "sh", "arguments": '{"cmd": "<longcat_tool_call>"}'}}]},
