@@ -192,6 +192,13 @@ def test_parser_in_any_split_gives_the_calls_and_only_the_text(size):
                                                                           (1, "b", {})]
 
 
+@pytest.mark.parametrize("size", [1, 3, 100])
+def test_parser_drops_the_whitespace_before_a_call_and_keeps_the_text_after_it(size):
+    text = f'Done. \n{OPEN}{{"name": "f"}}{CLOSE} and more.'
+    content, calls = run(ToolCallParser(), [text[i:i + size] for i in range(0, len(text), size)])
+    assert content == "Done. and more." and [c.name for c in calls] == ["f"]  # it was "Done. \\n and more."
+
+
 def test_parser_leaves_invalid_and_unterminated_blocks_as_text():
     bad = f"{OPEN}{{not json}}{CLOSE}"
     assert run(ToolCallParser(), [bad]) == (bad, [])

@@ -140,6 +140,7 @@ class ToolCallParser:
         else:
             self.calls.append(call)
             events.append(call)
+            self._blank = ""  # whitespace before a call is dropped, not carried to the text after it
         return True
 
     def finish(self) -> list[Event]:
