@@ -385,3 +385,21 @@ def test_whole_replies_are_serialised_off_the_event_loop(served, monkeypatch):
     assert r.status_code == 200 and r.json()["choices"][0]["text"].startswith("ab")
     assert chat(client, max_tokens=2).json()["choices"][0]["message"]["role"] == "assistant"
     assert replies == [False, False]
+
+
+def test_echoed_logprobs_are_bounded_per_request(served, monkeypatch):
+    """Each echoed prompt token carries logprobs + 1 entries in every copy: 4 prompts of 4000 ids with n=32 and
+    logprobs 20 (a 40 KB request) built a 312 MB reply. Past the bound, a 400 naming logprobs; at it, the reply."""
+    assert p.MAX_ECHOED_LOGPROBS >= 128 * 4096 * 2  # an evaluator's batch: 128 full 4096-token prompts, logprobs 1
+    client, _, _, _ = served
+    monkeypatch.setattr(p, "MAX_ECHOED_LOGPROBS", 4 * 50 * 2 * 3)
+    ids = [[7 + (i * 5 + j) % 200 for i in range(50)] for j in range(4)]
+    ask = {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "n": 2}
+    r = client.post("/v1/completions", json={**ask, "logprobs": 3})
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "logprobs", r.text
+    assert error["message"].startswith("logprobs: echoing 200 prompt tokens x n=2 with logprobs=3 (4 entries a "
+                                       "token) is 1600 entries; at most 1200 per request")
+    r = client.post("/v1/completions", json={**ask, "logprobs": 2})  # 1200: at the bound
+    assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text
+    assert client.post("/v1/completions", json={**ask, "logprobs": 3, "echo": False, "max_tokens": 1}).status_code == 200

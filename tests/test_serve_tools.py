@@ -173,6 +173,20 @@ def test_bad_tool_fields_are_400s_naming_the_field(client, change, param):
     assert r.json()["error"]["param"] == param and r.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("choice", ["none", "auto", "required"])
+@pytest.mark.parametrize("parameters,where", [
+    ({"type": "object", "properties": {"a": {"type": "strin"}}}, "(at properties.a.type): 'strin' is not valid"),
+    ({"type": "object", "required": "a"}, "(at required): 'a' is not of type 'array'"),
+    ({"type": "object", "properties": [1]}, "(at properties): [1] is not of type 'object'")])
+def test_a_tool_schema_that_is_no_json_schema_is_refused_whatever_tool_choice(client, choice, parameters, where):
+    """It was refused only when a forced call compiled it: an agent learnt of a broken tool turns after sending it."""
+    bad = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    r = chat(client, messages=ASK, tools=[WEATHER, bad], tool_choice=choice)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "tools.1.function.parameters"
+    assert r.json()["error"]["message"].startswith(f"tools.1.function.parameters: not a valid JSON Schema {where}")
+
+
 # ---- the parser alone ----
 
 TEXT = f'Let me look.\n{OPEN}{{"name": "a", "arguments": {{"x": [1, "{CLOSE[:5]}"]}}}}{CLOSE}\n' \

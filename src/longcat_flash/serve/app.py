@@ -431,6 +431,7 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     async def completions(body: p.CompletionRequest, request: Request):
         prompts = await asyncio.to_thread(completion_prompts, tokenizer, body.prompt, config.context,
                                           body.add_special_tokens)
+        _check_echoed_logprobs(sum(map(len, prompts)), body)
         names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
         params = [_completion_params(gen.check(body, ids, body.max_tokens, name), body)
                   for ids, name in zip(prompts, names)]
@@ -464,6 +465,19 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
             return await resp.whole_reply(response(choices=answers, usage=resp.Usage.of(len(prompt), used)))
         return _streamed([gen.chat_chunks(body, plan, j, copy) for j, copy in enumerate(copies)], response,
                          len(prompt), body.include_usage, partial(gen.close, copies))
+
+
+def _check_echoed_logprobs(prompt_tokens: int, body: p.CompletionRequest) -> None:
+    """Every echoed prompt token carries logprobs + 1 entries in each copy: a 40 KB request (4 prompts of 4000
+    ids, n=32, logprobs=20) made a 312 MB reply and held 3.6 GB while building it."""
+    if not body.echo or body.logprobs is None:
+        return
+    entries = prompt_tokens * body.n * (body.logprobs + 1)
+    if entries > p.MAX_ECHOED_LOGPROBS:
+        raise APIError(400, f"logprobs: echoing {prompt_tokens} prompt tokens x n={body.n} with logprobs="
+                            f"{body.logprobs} ({body.logprobs + 1} entries a token) is {entries} entries; at most "
+                            f"{p.MAX_ECHOED_LOGPROBS} per request: send fewer or shorter prompts a request, or a "
+                            "smaller n or logprobs", param="logprobs", code="invalid_value")
 
 
 async def _answers(calls: list[Awaitable[tuple[Any, int]]], close: Callable[[], None]) -> tuple[list, int]:

@@ -21,6 +21,10 @@ import asyncio
 import json
 from typing import Any
 
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+from jsonschema.validators import validator_for
+
 from ..infer.grammar import Grammar, GrammarCompiler, GrammarError, json_part
 from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import protocol as p
@@ -99,6 +103,7 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
     """The request's compiled grammar, or None; ConstraintError naming the field. Built off the event loop: the
     schemas' check walks every subschema of a body of up to --max-request-mb."""
     def build() -> Grammar | None:
+        check_tool_schemas(getattr(body, "tools", None))
         text = lark(compiler, body, plan)
         return None if text is None else compiler.compile(text)
 
@@ -109,6 +114,19 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
         # llguidance's hint names its own option, which a request cannot set
         reason = str(err).replace("Enable 'coerce_one_of' option to approximate oneOf with anyOf", "Use anyOf instead")
         raise ConstraintError(param, f"{param}: the schema cannot be used to constrain the output: {reason}") from None
+
+
+def check_tool_schemas(tools: list[p.Tool] | None) -> None:
+    """Every tool's parameters a valid JSON Schema (against the meta-schema its `$schema` names, 2020-12 by
+    default), whatever tool_choice: as OpenAI checks them, so a broken tool is refused on the request that sends
+    it, not only on the first that forces a call (its grammar is compiled only then)."""
+    for i, tool in enumerate(tools or []):
+        schema = arguments_schema(tool.function.model_dump(exclude_none=True))
+        try:
+            validator_for(schema, default=Draft202012Validator).check_schema(schema)
+        except SchemaError as err:
+            param, where = f"tools.{i}.function.parameters", f" (at {'.'.join(map(str, err.path))})" if err.path else ""
+            raise ConstraintError(param, f"{param}: not a valid JSON Schema{where}: {err.message:.300}") from None
 
 
 def _culprit(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) -> str:
