@@ -63,7 +63,7 @@ def parse_quantize(name: str) -> tuple[str, str | None]:
     if name in MIXED:
         return MIXED[name]
     if name not in FORMATS:
-        raise ValueError(f"--quantize must be one of {', '.join(CHOICES)}, got {name!r}")
+        raise ValueError(f"quantize must be one of {', '.join(CHOICES)}, got {name!r}")
     return check_format(name), None
 
 
