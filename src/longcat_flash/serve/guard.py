@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import re
+import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -151,8 +152,9 @@ def parse_json(body: bytes) -> Any:
         raise json.JSONDecodeError("nested too deeply", "", 0) from None
     except json.JSONDecodeError:
         raise
-    except ValueError as err:  # an integer of more than 4300 digits: Python's limit on converting one
-        raise json.JSONDecodeError(f"a number too long to read ({err})", "", 0) from None
+    except ValueError:  # an integer of more than 4300 digits: Python's limit on converting one (its message
+        # advises the operator to raise the limit, nothing a client can act on)
+        raise json.JSONDecodeError(f"a number with more than {sys.get_int_max_str_digits()} digits", "", 0) from None
 
 
 class JSONOffLoopRoute(APIRoute):
