@@ -239,6 +239,17 @@ def test_sample_texts_spreads_over_files(tmp_path: Path) -> None:
     assert indices[0] <= 3 and indices[-1] >= 17  # ...spread to the end of the corpus, not just its start
 
 
+@pytest.mark.parametrize("files", [1, 3])
+def test_sample_texts_of_files_larger_than_the_sample_are_their_first_documents(tmp_path: Path, files: int) -> None:
+    """One 9 MB .jsonl with an 8 MB sample (or shards each past it) gave no text: the run's tokenizer trained on
+    nothing and held the 256 bytes alone, while the log said it trained on 8 MB."""
+    for f in range(files):
+        (tmp_path / f"part{f}.jsonl").write_text("".join(json.dumps({"text": f"doc {f} {i} " * 20}) + "\n"
+                                                         for i in range(50)), encoding="utf-8")
+    sample = sample_texts(tmp_path if files > 1 else tmp_path / "part0.jsonl", max_bytes=2000)
+    assert sample and sample[0].startswith("doc 0 0 ") and 1000 < sum(map(len, sample)) <= 2000
+
+
 # ---- token shards ----
 
 def test_shard_holds_documents_joined_by_eos(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
