@@ -765,3 +765,27 @@ def test_a_home_relative_path_given_again_on_resume_is_the_same_path(tmp_path, m
     saved = absolute_paths(apply_overrides(recipe("tiny"), flags))
     resumed = build_config("tiny", flags, saved)
     assert resumed.data.tokenizer == "~/tok" and saved.data.tokenizer == str(tmp_path / "tok")
+
+
+def test_init_from_with_another_tokenizer_stops_only_at_that_tokenizers_eos(tmp_path: Path):
+    """init_from's extra eos id (2, `</s>` there) was kept beside a GPT-2-style tokenizer's `<|endoftext|>` (id 0),
+    where id 2 is `"`: generation stopped at every quote. Its generation_config.json carried the old ids too."""
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    base = tmp_path / "base"
+    main(["init", "--preset", "tiny", "--out", str(base)])
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 1], "temperature": 0.6}))
+    gpt2 = tokenizers.Tokenizer(models.BPE())
+    gpt2.pre_tokenizer, gpt2.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    corpus = make_corpus(tmp_path / "corpus")
+    gpt2.train([str(p) for p in corpus.iterdir()], trainers.BpeTrainer(
+        vocab_size=300, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    gpt2.save(str(tmp_path / "gpt2.json"))
+    assert gpt2.id_to_token(0) == "<|endoftext|>" and gpt2.id_to_token(2) == '"'
+    main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress",
+          "--set", f"init_from={base}", "--set", f"data.tokenizer={tmp_path / 'gpt2.json'}",
+          "--set", f"data.source={corpus}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["eos_token_id"] == 0
+    defaults = json.loads((tmp_path / "run" / "generation_config.json").read_text())
+    assert defaults["eos_token_id"] == [0] and defaults["temperature"] == 0.6  # the defaults stay, not the ids

@@ -11,6 +11,8 @@ into an untied run (how a tied model trains under torchrun) starts its LM head a
 from __future__ import annotations
 
 import dataclasses
+import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -18,6 +20,8 @@ import torch
 from ..checkpoint import hf
 from ..config import ModelConfig
 from ..model import Transformer
+from ..tokenizer import Tokenizer
+from .config import TrainConfig
 from .optim import local_rows, param_name
 
 VOCAB_ROWS = ("model.embed_tokens.weight", "lm_head.weight", "model.mtp.embed_tokens.weight")
@@ -101,3 +105,33 @@ def _copy_rows(local: torch.Tensor, first: int, tensor: torch.Tensor, key: str, 
     hf.check_finite(key, tensor, local[:have])
     if have < len(local):
         local[have:].copy_(tensor.float().mean(0).to(local.dtype))
+
+
+def run_eos_ids(cfg: TrainConfig, tokenizer: Tokenizer) -> int | tuple[int, ...] | None:
+    """The run's eos ids: the tokenizer's eos; a model from init_from (or resumed) keeps the
+    others it stops at too (a chat model's `<|im_end|>` beside `<|endoftext|>`), which a single id would drop from
+    the saved config. With another tokenizer (data.tokenizer) only those that are special tokens of it: init_from's
+    id 2 was `"` in a GPT-2 vocabulary, and generation stopped at every quote."""
+    kept = cfg.model.eos_token_ids if cfg.init_from is not None else ()
+    if cfg.data.tokenizer is not None:
+        kept = tuple(i for i in kept if i in tokenizer.special_ids.values())
+    eos = tuple(dict.fromkeys(i for i in (tokenizer.eos_id, *kept) if i is not None))
+    return eos if len(eos) > 1 else eos[0] if eos else None
+
+
+def copy_generation_config(pretrained: Path, out: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+    """init_from's generation_config.json (its sampling defaults, its eos ids) into the run; with another tokenizer
+    (data.tokenizer) its token ids are the run's: eos as run_eos_ids keeps them, bos and pad the tokenizer's."""
+    source = pretrained / hf.GENERATION_CONFIG
+    if not source.is_file():
+        return
+    if cfg.data.tokenizer is None:
+        shutil.copyfile(source, out / hf.GENERATION_CONFIG)
+        return
+    fields = hf.generation_config(pretrained)
+    given = fields.get("eos_token_id")
+    eos = [i for i in (given if isinstance(given, list) else [given])
+           if i == tokenizer.eos_id or i in tokenizer.special_ids.values()]
+    fields["eos_token_id"] = list(dict.fromkeys([*([tokenizer.eos_id] if tokenizer.eos_id is not None else []), *eos]))
+    fields["bos_token_id"], fields["pad_token_id"] = tokenizer.bos_id, tokenizer.pad_id
+    (out / hf.GENERATION_CONFIG).write_text(json.dumps(fields, indent=2) + "\n")

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -52,7 +51,8 @@ from .losses import LossTerms, lm_loss, target_counts, training_losses
 from .metrics import METRICS_FILE, MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
 from .optim import build_optimizer, init_parameters, lr_factor, set_lr
-from .pretrained import TOKENIZER_FIELDS, check_same_shapes, load_pretrained, model_changes
+from .pretrained import (TOKENIZER_FIELDS, check_same_shapes, copy_generation_config, load_pretrained,
+                         model_changes, run_eos_ids)
 from .sample import generate
 
 SAMPLE_FILE = "sample.txt"
@@ -510,7 +510,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     with distributed.main_first():  # rank 0 trains the tokenizer and tokenizes the corpus; the others reuse both
         tokenizer = build_tokenizer(cfg, out, reuse=resume or not distributed.is_main(), progress=progress)
         cfg = dataclasses.replace(cfg, model=cfg.model.replace(
-            bos_token_id=tokenizer.bos_id, eos_token_id=_eos_ids(cfg, tokenizer), pad_token_id=tokenizer.pad_id,
+            bos_token_id=tokenizer.bos_id, eos_token_id=run_eos_ids(cfg, tokenizer), pad_token_id=tokenizer.pad_id,
             vocab_size=max(cfg.model.vocab_size, tokenizer.vocab_size)))  # SFT may add the chat markers
         if checkpoint is not None:  # the model as the run saved it: its tokenizer's ids and size (SFT's markers)
             check_resumable(cfg, saved_train_config(checkpoint))
@@ -536,8 +536,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                              f"with --max-steps of at least {run.state.step}")
     if distributed.is_main():
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
-        if pretrained is not None and (Path(pretrained) / hf.GENERATION_CONFIG).is_file():  # its eos ids, defaults
-            shutil.copyfile(Path(pretrained) / hf.GENERATION_CONFIG, out / hf.GENERATION_CONFIG)
+        if pretrained is not None:
+            copy_generation_config(Path(pretrained), out, cfg, tokenizer)
     return run
 
 
@@ -550,12 +550,5 @@ def _export_dtype(cfg: TrainConfig) -> CheckpointConfig:
     stored = stored_dtype(source) if source is not None and source.is_dir() else torch.float32  # resumed: gone
     return dataclasses.replace(cfg.checkpoint, export_dtype=str(stored).removeprefix("torch."))
 
-
-def _eos_ids(cfg: TrainConfig, tokenizer: Tokenizer) -> int | tuple[int, ...] | None:
-    """The tokenizer's eos; a model from init_from (or resumed) keeps the others it stops at too (a chat model's
-    `<|im_end|>` beside `<|endoftext|>`), which a single id would drop from the saved config."""
-    kept = cfg.model.eos_token_ids if cfg.init_from is not None else ()
-    eos = tuple(dict.fromkeys(i for i in (tokenizer.eos_id, *kept) if i is not None))
-    return eos if len(eos) > 1 else eos[0] if eos else None
 
 
