@@ -144,16 +144,18 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 # ---- LR schedule: a pure function of the step (its state is the step, checkpointed with the trainer) ----
 
 def lr_factor(cfg: ScheduleConfig, step: int, max_steps: int) -> float:
-    """Multiplier of the peak LR for optimizer step `step` (0-based) of `max_steps`."""
+    """Multiplier of the peak LR for optimizer step `step` (0-based) of `max_steps`: warmup reaches the peak at its
+    last step, and a decay of n steps takes its k-th to progress k/n, so the run's last step (max_steps - 1) runs at
+    min_lr_ratio (progress was k-1 of n: the last step stayed above it, and a one-step WSD decay at the peak)."""
     if step < cfg.warmup_steps:
         return (step + 1) / cfg.warmup_steps
     if cfg.kind == "constant":
         return 1.0
-    if cfg.kind == "cosine":
-        progress = min(1.0, (step - cfg.warmup_steps) / max(1, max_steps - cfg.warmup_steps))
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    decay_start = max(cfg.warmup_steps, round(max_steps * (1 - cfg.decay_fraction)))  # wsd
-    if step < decay_start:
+    start = cfg.warmup_steps if cfg.kind == "cosine" else max(cfg.warmup_steps,
+                                                                 round(max_steps * (1 - cfg.decay_fraction)))
+    if step < start:  # wsd's stable phase
         return 1.0
-    progress = min(1.0, (step - decay_start) / max(1, max_steps - decay_start))
+    progress = min(1.0, (step - start + 1) / max(1, max_steps - start))
+    if cfg.kind == "cosine":
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
     return 1.0 - (1 - cfg.min_lr_ratio) * progress
