@@ -789,3 +789,18 @@ def test_init_from_with_another_tokenizer_stops_only_at_that_tokenizers_eos(tmp_
     assert json.loads((tmp_path / "run" / "config.json").read_text())["eos_token_id"] == 0
     defaults = json.loads((tmp_path / "run" / "generation_config.json").read_text())
     assert defaults["eos_token_id"] == [0] and defaults["temperature"] == 0.6  # the defaults stay, not the ids
+
+
+@pytest.mark.parametrize("override, by", [
+    ("model.eos_token_id=9", "a run: its tokenizer's ids are the model's"),
+    ("model.bos_token_id=7", "a run: its tokenizer's ids are the model's"),
+    ("model.pad_token_id=5", "a run: its tokenizer's ids are the model's"),
+    ("schedule.decay_fraction=0.5", "schedule.kind=cosine (only wsd decays over a last share)"),
+    ("data.tokenizer_sample_bytes=1000", "a run whose tokenizer comes from data.tokenizer or init_from")])
+def test_fields_a_run_overwrites_or_never_reads_are_refused(tmp_path: Path, override, by):
+    """They trained without a word and were recorded, then overwritten (the token ids: the tokenizer's) or unused."""
+    given = [override, f"data.tokenizer={tmp_path / 'tok.json'}"] if "sample" in override else [override]
+    with pytest.raises(ValueError, match=re.escape(f"{override.split('=')[0]} is not read by {by}")):
+        build_config("tiny", given)
+    assert build_config("tiny", ["schedule.kind=wsd", "schedule.decay_fraction=0.5"]).schedule.decay_fraction == 0.5
+    assert build_config("tiny", ["data.tokenizer_sample_bytes=1000"]).data.tokenizer_sample_bytes == 1000

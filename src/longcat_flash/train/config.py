@@ -436,14 +436,23 @@ def _is_sft(cfg: TrainConfig) -> bool:
 
 
 def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
-    """The data fields the run's mode never reads, each with that mode: the corpus's and its token cache's under SFT
-    (the corpus too when the tokenizer comes from a file or init_from, not trained on it), the held-out share when
-    sft.val_data holds the held-out conversations, the conversations' handling in pre-training."""
-    if not _is_sft(cfg):
-        return dict.fromkeys(("sft.overlong", "sft.ignore_columns"), "pre-training (sft.data is unset)")
-    corpus = ("data.source", "data.text_field", "data.tokenizer_sample_bytes")
+    """The fields the run never reads, each with what makes it so: the token ids (the tokenizer's are the run's),
+    the WSD decay's share under another schedule, the tokenizer sample when no tokenizer is trained; the corpus's
+    and its token cache's under SFT (the corpus too when the tokenizer comes from a file or init_from), the held-out
+    share when sft.val_data holds the held-out conversations, the conversations' handling in pre-training."""
+    unread = dict.fromkeys((f"model.{name}" for name in ("bos_token_id", "eos_token_id", "pad_token_id")),
+                           "a run: its tokenizer's ids are the model's (data.tokenizer, init_from's, or the one "
+                           "trained on the corpus)")
+    if cfg.schedule.kind != "wsd":
+        unread["schedule.decay_fraction"] = f"schedule.kind={cfg.schedule.kind} (only wsd decays over a last share)"
     trains_tokenizer = cfg.data.tokenizer is None and cfg.init_from is None
-    unread = dict.fromkeys(("data.max_bytes", "data.cache_dir", *(() if trains_tokenizer else corpus)), "an SFT run")
+    if not trains_tokenizer:
+        unread["data.tokenizer_sample_bytes"] = "a run whose tokenizer comes from data.tokenizer or init_from"
+    if not _is_sft(cfg):
+        return {**unread, **dict.fromkeys(("sft.overlong", "sft.ignore_columns"), "pre-training (sft.data is unset)")}
+    corpus = ("data.source", "data.text_field", "data.tokenizer_sample_bytes")
+    unread.update(dict.fromkeys(("data.max_bytes", "data.cache_dir", *(() if trains_tokenizer else corpus)),
+                                "an SFT run"))
     if cfg.sft.val_data is not None:
         unread["data.val_fraction"] = "an SFT run given --val-data (sft.val_data: the held-out conversations)"
     return unread
