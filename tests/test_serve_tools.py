@@ -187,6 +187,18 @@ def test_a_tool_schema_that_is_no_json_schema_is_refused_whatever_tool_choice(cl
     assert r.json()["error"]["message"].startswith(f"tools.1.function.parameters: not a valid JSON Schema {where}")
 
 
+@pytest.mark.parametrize("parameters", [
+    {"type": "object", "properties": {"a": {"type": "string", "pattern": "^\\p{L}+$"}}},  # ECMA-262, not Python's re
+    {"type": "object", "properties": {"a": {"type": "array", "items": [{"type": "string"}]}}},  # draft-07 tuples
+    {"type": "object", "properties": {"a": {"type": "number", "minimum": 0, "exclusiveMinimum": True}}}])  # draft 4
+def test_a_tool_schema_of_an_older_draft_or_an_ecma_pattern_is_served(client, parameters):
+    ok = {"type": "function", "function": {"name": "f", "parameters": parameters}}
+    assert chat(client, messages=ASK, tools=[WEATHER, ok], tool_choice="auto").status_code == 200
+    bad = {"type": "function", "function": {"name": "f", "parameters": {**parameters, "$schema": 5}}}
+    r = chat(client, messages=ASK, tools=[WEATHER, bad], tool_choice="auto")
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools.1.function.parameters", r.text  # a 500
+
+
 # ---- the parser alone ----
 
 TEXT = f'Let me look.\n{OPEN}{{"name": "a", "arguments": {{"x": [1, "{CLOSE[:5]}"]}}}}{CLOSE}\n' \

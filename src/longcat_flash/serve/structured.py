@@ -18,12 +18,12 @@ JSON (a JSON response_format, a forced call) is not scanned for them, and text i
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 from typing import Any
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-from jsonschema.validators import validator_for
+from jsonschema import Draft4Validator, Draft6Validator, Draft7Validator, Draft201909Validator, Draft202012Validator
+from jsonschema.exceptions import best_match
 
 from ..infer.grammar import Grammar, GrammarCompiler, GrammarError, json_part
 from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
@@ -35,6 +35,11 @@ TEXT = f"TEXT: /(.|\\n)*/ & ~/(.|\\n)*{TOOL_CALL_OPEN}(.|\\n)*/"
 WS = "WS: /[ \\t\\r\\n]{1,8}/"  # JSON's whitespace, bounded: an untrained model would write it for ever
 ANY_OBJECT = {"type": "object"}
 NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+# The drafts a tool's parameters may be written in (pydantic v1 wrote draft-07 tuples, `items: [...]`), newest first;
+# their meta-schemas without format checks (Python's `re` is not ECMA-262: it refused `\p{L}`, which llguidance reads)
+META_SCHEMAS = tuple(draft(draft.META_SCHEMA) for draft in (Draft202012Validator, Draft201909Validator,
+                                                              Draft7Validator, Draft6Validator, Draft4Validator))
+CHECKED_SCHEMA_CACHE = 256  # verdicts kept for schemas up to MAX_SCHEMA_CHARS: agents send the same tools each turn
 
 
 class ConstraintError(ValueError):
@@ -117,16 +122,28 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
 
 
 def check_tool_schemas(tools: list[p.Tool] | None) -> None:
-    """Every tool's parameters a valid JSON Schema (against the meta-schema its `$schema` names, 2020-12 by
-    default), whatever tool_choice: as OpenAI checks them, so a broken tool is refused on the request that sends
-    it, not only on the first that forces a call (its grammar is compiled only then)."""
+    """Every tool's parameters a JSON Schema, whatever tool_choice: as OpenAI checks them, so a broken tool is
+    refused on the request that sends it, not only on the first that forces a call (its grammar is compiled only
+    then)."""
     for i, tool in enumerate(tools or []):
-        schema = arguments_schema(tool.function.model_dump(exclude_none=True))
-        try:
-            validator_for(schema, default=Draft202012Validator).check_schema(schema)
-        except SchemaError as err:
-            param, where = f"tools.{i}.function.parameters", f" (at {'.'.join(map(str, err.path))})" if err.path else ""
-            raise ConstraintError(param, f"{param}: not a valid JSON Schema{where}: {err.message:.300}") from None
+        text = json.dumps(arguments_schema(tool.function.model_dump(exclude_none=True)), sort_keys=True)
+        if reason := (_cached_schema_error if len(text) <= p.MAX_SCHEMA_CHARS else _schema_error)(text):
+            param = f"tools.{i}.function.parameters"
+            raise ConstraintError(param, f"{param}: not a valid JSON Schema {reason}")
+
+
+def _schema_error(text: str) -> str | None:
+    """Why a schema (as JSON text) is valid in none of the drafts of META_SCHEMAS, as the newest one says; None
+    when one accepts it."""
+    schema = json.loads(text)
+    errors = [best_match(meta.iter_errors(schema)) for meta in META_SCHEMAS]
+    if any(err is None for err in errors):
+        return None
+    where = f"(at {'.'.join(map(str, errors[0].path))})" if errors[0].path else "(at its root)"
+    return f"{where}: {errors[0].message:.300}"
+
+
+_cached_schema_error = functools.lru_cache(maxsize=CHECKED_SCHEMA_CACHE)(_schema_error)
 
 
 def _culprit(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) -> str:
