@@ -792,7 +792,7 @@ def test_init_from_with_another_tokenizer_stops_only_at_that_tokenizers_eos(tmp_
 
 
 @pytest.mark.parametrize("override, by", [
-    ("model.eos_token_id=9", "a run: its tokenizer's ids are the model's"),
+    ("model.eos_token_id=9", "a run: its tokenizer's ids are the model's (data.tokenizer's, or the one trained"),
     ("model.bos_token_id=7", "a run: its tokenizer's ids are the model's"),
     ("model.pad_token_id=5", "a run: its tokenizer's ids are the model's"),
     ("schedule.decay_fraction=0.5", "schedule.kind=cosine (only wsd decays over a last share)"),
@@ -804,3 +804,11 @@ def test_fields_a_run_overwrites_or_never_reads_are_refused(tmp_path: Path, over
         build_config("tiny", given)
     assert build_config("tiny", ["schedule.kind=wsd", "schedule.decay_fraction=0.5"]).schedule.decay_fraction == 0.5
     assert build_config("tiny", ["data.tokenizer_sample_bytes=1000"]).data.tokenizer_sample_bytes == 1000
+
+
+def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):
+    """What sft's "the chat template ends the assistant turn without a token ..." advises: the added id is kept
+    beside the tokenizer's eos (train/pretrained.run_eos_ids)."""
+    main(["init", "--preset", "tiny", "--out", str(tmp_path / "base")])
+    assert build_config("tiny", [f"init_from={tmp_path / 'base'}", "model.eos_token_id=[2, 7]"]).model.eos_token_ids \
+        == (2, 7)
