@@ -137,9 +137,10 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
                           overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = (),
                           ends: Sequence[str] = ()) -> tuple[ConversationDataset, ConversationDataset]:
     """The train and validation windows: conversations in a seeded order, each split packed on its own; `ends` as
-    in `tokenize`. Without a separate val_data the validation share is the first conversations of that order that
-    `pack` keeps (one it would drop, over-long or with nothing to train, stays in the train split, where it is
-    counted), so whether a run starts does not hang on the seed."""
+    in `tokenize`. Without a separate val_data the validation share is the first conversations of that order; when
+    `pack` would keep none of them (over-long, or nothing to train), the last of them gives its place to the first
+    conversation it keeps, so whether a run starts does not hang on the seed (and runs that started keep their
+    split)."""
     if val_data is not None:
         trained = {file.resolve() for file in row_files(data)}
         if shared := [file for file in row_files(val_data) if file.resolve() in trained]:
@@ -161,7 +162,10 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
         if n_val >= len(conversations):
             raise ValueError(f"{data}: {len(conversations)} conversation(s) leave none for training after holding "
                              f"out data.val_fraction={val_fraction}; add conversations or pass sft.val_data")
-        held = set([i for i, e in enumerate(encoded) if fits(e, seq_len, overlong)][:n_val])
+        held = set(range(n_val))
+        if not any(fits(encoded[i], seq_len, overlong) for i in held):  # the held-out split would be empty
+            first = next((i for i, e in enumerate(encoded) if fits(e, seq_len, overlong)), n_val - 1)
+            held = set(range(n_val - 1)) | {first}
         val_encoded = [e for i, e in enumerate(encoded) if i in held]
         encoded = [e for i, e in enumerate(encoded) if i not in held]
     pad = tokenizer.pad_id if tokenizer.pad_id is not None else tokenizer.eos_id

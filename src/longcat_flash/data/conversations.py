@@ -427,6 +427,7 @@ def _content(value: Any, where: str, name: str) -> str:
 
 
 def _no_tags(text: str, where: str, name: str, remedy: str) -> None:
+    """Refuse text holding a tool-call tag, which the tokenizer reads as the tag token wherever it stands."""
     if tag := next((tag for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tag in text), None):
         raise _fail(where, name, f"holds the tool-call tag {tag}: {remedy}")
 
