@@ -119,9 +119,9 @@ def run_eos_ids(cfg: TrainConfig, tokenizer: Tokenizer) -> int | tuple[int, ...]
     return eos if len(eos) > 1 else eos[0] if eos else None
 
 
-def copy_generation_config(pretrained: Path, out: Path, cfg: TrainConfig, tokenizer: Tokenizer) -> None:
+def copy_generation_config(pretrained: Path, out: Path, cfg: TrainConfig) -> None:
     """init_from's generation_config.json (its sampling defaults, its eos ids) into the run; with another tokenizer
-    (data.tokenizer) its token ids are the run's: eos as run_eos_ids keeps them, bos and pad the tokenizer's."""
+    (data.tokenizer) its token ids are the run's (cfg's model, after run_eos_ids)."""
     source = pretrained / hf.GENERATION_CONFIG
     if not source.is_file():
         return
@@ -129,9 +129,6 @@ def copy_generation_config(pretrained: Path, out: Path, cfg: TrainConfig, tokeni
         shutil.copyfile(source, out / hf.GENERATION_CONFIG)
         return
     fields = hf.generation_config(pretrained)
-    given = fields.get("eos_token_id")
-    eos = [i for i in (given if isinstance(given, list) else [given])
-           if i == tokenizer.eos_id or i in tokenizer.special_ids.values()]
-    fields["eos_token_id"] = list(dict.fromkeys([*([tokenizer.eos_id] if tokenizer.eos_id is not None else []), *eos]))
-    fields["bos_token_id"], fields["pad_token_id"] = tokenizer.bos_id, tokenizer.pad_id
+    fields["eos_token_id"] = list(cfg.model.eos_token_ids)  # run_eos_ids' (init_from's config merges these)
+    fields["bos_token_id"], fields["pad_token_id"] = cfg.model.bos_token_id, cfg.model.pad_token_id
     (out / hf.GENERATION_CONFIG).write_text(json.dumps(fields, indent=2) + "\n")

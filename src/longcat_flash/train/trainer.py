@@ -537,7 +537,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if distributed.is_main():
         (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
         if pretrained is not None:
-            copy_generation_config(Path(pretrained), out, cfg, tokenizer)
+            copy_generation_config(Path(pretrained), out, cfg)
     return run
 
 
