@@ -38,6 +38,7 @@ from longcat_flash.train import checkpoints, trainer
 from longcat_flash.train.config import apply_overrides
 from longcat_flash.train.growth import grow_run
 from longcat_flash.train.metrics import read_metrics
+from longcat_flash.train.optim import decay_start
 
 CLAIM = ("A model grown by stacking a half-depth model shows a transient loss increase right after growth, then "
          "reaches a lower loss than the same model from random init at equal training tokens (Fig. 5b).")
@@ -64,10 +65,10 @@ def check(args, setup: Setup) -> None:
                          "after growth to be measured")
     cfg = setup.config([f"model.num_layers={args.depth}", *WSD], args.steps)
     s = cfg.schedule
-    decay_start = max(s.warmup_steps, round(cfg.max_steps * (1 - s.decay_fraction)))  # as optim.lr_factor
-    if not s.warmup_steps <= args.grow_at <= decay_start:
+    decays_at = decay_start(s, cfg.max_steps)
+    if not s.warmup_steps <= args.grow_at <= decays_at:
         raise ValueError(f"--grow-at {args.grow_at} must lie between the warmup ({s.warmup_steps}) and the start of "
-                         f"the LR decay (step {decay_start} of {cfg.max_steps})")
+                         f"the LR decay (step {decays_at} of {cfg.max_steps})")
 
 
 def grown_run(setup: Setup, seed: int, depth: int, grow_at: int, steps: int) -> tuple[list[dict], float]:

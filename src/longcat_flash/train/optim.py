@@ -143,6 +143,11 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 # ---- LR schedule: a pure function of the step (its state is the step, checkpointed with the trainer) ----
 
+def decay_start(cfg: ScheduleConfig, max_steps: int) -> int:
+    """WSD's first decaying step: the last decay_fraction of the run, after the warmup."""
+    return max(cfg.warmup_steps, round(max_steps * (1 - cfg.decay_fraction)))
+
+
 def lr_factor(cfg: ScheduleConfig, step: int, max_steps: int) -> float:
     """Multiplier of the peak LR for optimizer step `step` (0-based) of `max_steps`: warmup reaches the peak at its
     last step, and a decay of n steps takes its k-th to progress k/n, so the run's last step (max_steps - 1) runs at
@@ -151,8 +156,7 @@ def lr_factor(cfg: ScheduleConfig, step: int, max_steps: int) -> float:
         return (step + 1) / cfg.warmup_steps
     if cfg.kind == "constant":
         return 1.0
-    start = cfg.warmup_steps if cfg.kind == "cosine" else max(cfg.warmup_steps,
-                                                                 round(max_steps * (1 - cfg.decay_fraction)))
+    start = cfg.warmup_steps if cfg.kind == "cosine" else decay_start(cfg, max_steps)
     if step < start:  # wsd's stable phase
         return 1.0
     progress = min(1.0, (step - start + 1) / max(1, max_steps - start))
