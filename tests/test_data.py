@@ -250,6 +250,14 @@ def test_sample_texts_of_files_larger_than_the_sample_are_their_first_documents(
     assert sample and sample[0].startswith("doc 0 0 ") and 1000 < sum(map(len, sample)) <= 2000
 
 
+def test_sample_texts_fills_up_what_files_of_unequal_sizes_spread_to(tmp_path: Path) -> None:
+    """Three 9000-byte files and a 100-byte one, 8000 bytes wanted: the spread kept the small file alone."""
+    for name, size in (("a", 9000), ("b", 9000), ("c", 9000), ("d", 100)):
+        (tmp_path / f"{name}.txt").write_text(name * size, encoding="utf-8")
+    sample = sample_texts(tmp_path, max_bytes=8000)
+    assert sample[0] == "d" * 100 and sample[1] == "a" * 7900  # the spread's file, then the corpus in order
+
+
 # ---- token shards ----
 
 def test_shard_holds_documents_joined_by_eos(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:

@@ -169,13 +169,18 @@ def sample_texts(source: str | Path | None = None, max_bytes: int = 16_000_000, 
     """About `max_bytes` of documents from evenly spread files of the corpus, for tokenizer training.
 
     Spreading matters for a directory: the first N MB of a sorted stdlib is mostly packages starting with a-c.
-    A single-file source gives its first `max_bytes`, and so do files whose average size is past it: their first.
+    A single-file source gives its first `max_bytes`. Files of very unequal sizes can spread to less than half of
+    `max_bytes` (none of one 9 MB file for 8 MB; only the 10 KB one of 9, 9, 9 MB and 10 KB): the rest of the
+    corpus, in order, then fills the sample up.
     """
     corpus = Corpus(source, text_field, max_bytes=max_bytes)
     files = corpus.files()
     keep = min(1.0, max_bytes / max(1, sum(p.stat().st_size for p in files)))
     spread = [path for i, path in enumerate(files) if int((i + 1) * keep) > int(i * keep)]  # a `keep` fraction
-    return list(corpus.documents(spread or files[:1]))  # none kept when len(files) * keep < 1: one 9 MB file of 8
+    if sum(p.stat().st_size for p in spread) < max_bytes / 2:
+        chosen = set(spread)
+        spread += [path for path in files if path not in chosen]
+    return list(corpus.documents(spread))
 
 
 # ---- readers: one document per text file, per .jsonl line, per .parquet row ----
