@@ -11,7 +11,8 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from longcat_flash.checkpoint.fresh import init_checkpoint, random_model
 from longcat_flash.presets import tiny
-from longcat_flash.tokenizer import SPECIAL_TOKENS, Tokenizer, _stdlib_sample
+from longcat_flash.tokenizer import SPECIAL_TOKENS, Tokenizer
+from longcat_flash.tokenizer.bpe import _stdlib_sample
 
 ADD_TOOL = {"type": "function", "function": {"name": "add", "description": "Add.", "parameters": {
     "type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}}}}

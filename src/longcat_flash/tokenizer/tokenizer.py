@@ -1,8 +1,9 @@
-"""Byte-level BPE tokenizer on HF `tokenizers`: train, encode/decode, save/load as an HF checkpoint, chat template.
+"""The `Tokenizer`: a byte-level BPE on HF `tokenizers` with the ids and chat template our training and serving
+need; encode/decode, conversations, save/load as an HF tokenizer checkpoint.
 
 Why byte-level: every UTF-8 string maps to tokens and back exactly (`decode(encode(s)) == s`), so no text is ever
 lost or replaced by `<unk>`, whatever the corpus. Our model configs fix pad=0, bos=1, eos=2; `train_tokenizer`
-puts the special tokens first so those ids hold.
+(bpe.py) puts the special tokens first so those ids hold.
 
 Special tokens inside *text* are not special: `encode("a</s>b")` encodes the five characters `</s>` as ordinary
 bytes, so a corpus that happens to contain `</s>` (HTML does) cannot inject an end-of-document. Pass
@@ -12,7 +13,7 @@ alike, so no message can end a turn or teach the model to stop mid-answer.
 
 The directory written by `save` is a normal HF tokenizer checkpoint (`tokenizer.json` + `tokenizer_config.json`)
 that `transformers.AutoTokenizer` reads with the same ids and the same chat template. The chat template (LongCat's
-round format with tool calls, docs/chat_format.md) is jinja2, rendered exactly as transformers renders it.
+round format with tool calls, chat.py) is jinja2, rendered exactly as transformers renders it.
 """
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import hashlib
 import json
 import operator
 import re
-import sysconfig
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -29,80 +29,21 @@ from pathlib import Path
 from typing import Any
 
 import tokenizers
-from tokenizers import decoders, models, pre_tokenizers, trainers
+from tokenizers import decoders
 
-from .chat_template import (CONFIG_FILE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TemplateError, UndefinedError,
-                            check_template, compile_template, read_templates, render_with_arguments)
+from ..chat_template import (CONFIG_FILE, TOOL_CALL_CLOSE, TOOL_CALL_OPEN, TemplateError, UndefinedError,
+                             check_template, compile_template, read_templates, render_with_arguments)
+from .chat import DEFAULT_CHAT_TEMPLATE, blanked, special_pattern, validate_messages, validate_tools
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")  # ids 0, 1, 2: pad, bos, eos (the order our model configs assume)
 # Trained tokenizers hold the tool-call tags as single tokens, right after the special tokens. They are added
 # tokens but not *special* ones, so `decode(skip_special_tokens=True)` keeps them and the server can parse calls.
 TOOL_CALL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
-TRAINED_VOCAB_MIN = 256 + len(SPECIAL_TOKENS) + len(TOOL_CALL_TOKENS)  # the smallest vocabulary train_tokenizer makes
 # What the model writes besides text must be one token each: the tool-call tags here, and the end of turn, which
 # is eos (a special token of every tokenizer we load). `longcat sft` adds the ones a tokenizer lacks (with_tokens).
 CHAT_MARKERS = TOOL_CALL_TOKENS
-CHAT_ROLES = ("system", "user", "assistant", "tool")
 DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
 TOKENIZER_FILE = "tokenizer.json"
-# A handful of large, plain-text-heavy stdlib modules: enough merges for a useful tokenizer in ~1 s.
-STDLIB_SAMPLE_FILES = ("argparse.py", "typing.py", "inspect.py", "subprocess.py", "dataclasses.py", "functools.py",
-                       "textwrap.py", "collections/__init__.py", "json/decoder.py", "email/message.py")
-STDLIB_MIN_VOCAB = 512  # 256 bytes + 3 special tokens leave few merges below this
-
-# LongCat-Flash-Chat's round format with tools (docs/chat_format.md):
-#   SYSTEM:{s}\n\n{tools} [Round 0] USER:{u} ASSISTANT:{a}<longcat_tool_call>{...}</longcat_tool_call></s>
-#   [Round 1] USER:<longcat_tool_response>{result}</longcat_tool_response> ASSISTANT:
-# Tool-call arguments are written verbatim when a string (the OpenAI wire form), as JSON when a dict (the HF form).
-DEFAULT_CHAT_TEMPLATE = """\
-{%- macro text(content) -%}
-{%- if content is string -%}{{- content -}}{%- else -%}{%- for part in content or [] -%}{{- part['text'] -}}\
-{%- endfor -%}{%- endif -%}
-{%- endmacro -%}
-{%- set ns = namespace(round=0) -%}
-{%- set has_system = messages[0]['role'] in ['system', 'developer'] -%}
-{%- if has_system or tools -%}
-{{- 'SYSTEM:' + (text(messages[0]['content']) if has_system else '') -}}
-{%- if tools -%}
-{%- if has_system -%}{{- '\n\n' -}}{%- endif -%}
-{{- '# Tools\nYou can call these functions, each given as a JSON object with its name, description and \
-the JSON Schema of its arguments:\n<longcat_tools>\n' -}}
-{%- for tool in tools -%}{{- (tool['function'] if tool['function'] is defined else tool) | tojson + '\n' -}}\
-{%- endfor -%}
-{{- '</longcat_tools>\nTo call a function, write its name and arguments as a JSON object inside \
-<longcat_tool_call></longcat_tool_call> tags, one block per call:\n<longcat_tool_call>{"name": <function-name>, \
-"arguments": <arguments-object>}</longcat_tool_call>' -}}
-{%- endif -%}
-{{- ' ' -}}
-{%- endif -%}
-{%- for message in messages -%}
-{%- set previous = messages[loop.index0 - 1]['role'] if not loop.first else none -%}
-{%- if message['role'] in ['system', 'developer'] -%}
-{%- if not loop.first -%}{{- raise_exception('only the first message may be a system message') -}}{%- endif -%}
-{%- elif message['role'] in ['user', 'tool'] -%}
-{%- if previous in ['user', 'tool'] and (message['role'] == 'user' or previous == 'user') -%}{{- '\n' -}}
-{%- elif previous not in ['user', 'tool'] -%}{{- '[Round ' + ns.round|string + '] USER:' -}}{%- endif -%}
-{%- if message['role'] == 'user' -%}{{- text(message['content']) -}}
-{%- else -%}{{- '<longcat_tool_response>' + text(message['content']) + '</longcat_tool_response>' -}}{%- endif -%}
-{%- elif message['role'] == 'assistant' -%}
-{%- if previous == 'assistant' -%}{{- raise_exception('two assistant messages in a row') -}}{%- endif -%}
-{{- ' ASSISTANT:' -}}
-{%- generation -%}
-{{- text(message['content']) -}}
-{%- for call in message['tool_calls'] or [] -%}
-{%- set fn = call['function'] if call['function'] is defined else call -%}
-{%- set args = fn['arguments'] if fn['arguments'] is string else fn['arguments'] | tojson -%}
-{{- '<longcat_tool_call>{"name": ' + fn['name'] | tojson + ', "arguments": ' + args + '}</longcat_tool_call>' -}}
-{%- endfor -%}
-{{- eos_token -}}
-{%- endgeneration -%}
-{%- set ns.round = ns.round + 1 -%}
-{%- else -%}
-{{- raise_exception('unknown role ' + message['role']|string) -}}
-{%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}
-"""
 
 # Fallback names, tried in order, when a tokenizer.json comes without a tokenizer_config.json.
 _FALLBACK_NAMES = {
@@ -275,8 +216,8 @@ class Tokenizer:
         `render_with_arguments`). With `now` (a prompt to answer: the server, the chat) the
         template has transformers' `strftime_now`, which Llama 3.x date their prompts with; without it (training
         data, which must render the same on any day) a template sees it undefined and falls back to its own."""
-        _validate_messages(messages)
-        _validate_tools(tools)
+        validate_messages(messages)
+        validate_tools(tools)
         if self.eos_token is None:
             raise ValueError("Tokenizer.eos_token is None; chat templates need it to end assistant turns")
         template = compile_template(self.tool_chat_template if tools and self.tool_chat_template else
@@ -331,9 +272,9 @@ class Tokenizer:
         token. Found by rendering again with every special-token text inside the messages and tools blanked out
         (the same length in a character no special token has): what is left matching is the template's."""
         text = self.apply_chat_template(messages, add_generation_prompt, tools, now=now) + suffix
-        pattern = _special_pattern(tuple(self.special_ids))
+        pattern = special_pattern(tuple(self.special_ids))
         blank = next(c for c in "#~^`|@$%&*" if not any(c in t for t in self.special_ids))
-        masked = [_blanked(value, pattern, blank) for value in (list(messages), list(tools or []))]
+        masked = [blanked(value, pattern, blank) for value in (list(messages), list(tools or []))]
         template_text = text
         if masked != [list(messages), list(tools or [])]:
             template_text = self.apply_chat_template(masked[0], add_generation_prompt, masked[1] or None,
@@ -473,130 +414,3 @@ def _special_token_name(backend: tokenizers.Tokenizer, config: dict[str, Any], f
         value = config[field]
         return value["content"] if isinstance(value, dict) else value
     return next((name for name in _FALLBACK_NAMES[field] if backend.token_to_id(name) is not None), None)
-
-
-def train_tokenizer(texts: Iterable[str], vocab_size: int, special_tokens: Sequence[str] = SPECIAL_TOKENS, *,
-                    min_frequency: int = 2, show_progress: bool = False) -> Tokenizer:
-    """Train a byte-level BPE; `special_tokens[:3]` become pad, bos, eos with ids 0, 1, 2, the rest follow, then
-    the TOOL_CALL_TOKENS (unless listed already).
-
-    The vocabulary can come out smaller than `vocab_size` when the texts run out of pairs to merge.
-    """
-    special_tokens = _validate_special_tokens(special_tokens)
-    tool_tokens = [t for t in TOOL_CALL_TOKENS if t not in special_tokens]
-    minimum = 256 + len(special_tokens) + len(tool_tokens)  # every byte must be a token, or round-tripping breaks
-    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or vocab_size < minimum:
-        raise ValueError(f"vocab_size must be an integer >= {minimum} (256 bytes + {len(special_tokens)} "
-                         f"special tokens + {len(tool_tokens)} tool-call tags), got {vocab_size!r}")
-    backend = tokenizers.Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
-                                  special_tokens=[*special_tokens, *tool_tokens], show_progress=show_progress,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator((_LONG_RUN.sub(_cut_run, text) for text in texts), trainer=trainer)
-    backend = _unmark_special(backend, tool_tokens)
-    pad, bos, eos = special_tokens[:3]
-    return Tokenizer(backend, bos_token=bos, eos_token=eos, pad_token=pad)
-
-
-# BPE training time grows with the square of a word's length: one 300 KB run of "x" (or of blanks) in a corpus took
-# minutes, in native code no signal interrupts. For training only, a run of non-blanks is cut into words of 256
-# characters and a run of blanks shortened to 255 (no merge that long is ever learned); encoding is unaffected.
-_LONG_RUN = re.compile(r"(\S{256})|\s{256,}")
-
-
-def _cut_run(run: re.Match) -> str:
-    return run.group(1) + "\n" if run.group(1) else run.group(0)[:255]
-
-
-def _unmark_special(backend: tokenizers.Tokenizer, tokens: Sequence[str]) -> tokenizers.Tokenizer:
-    """The same tokenizer with `tokens` as plain added tokens: the trainer can only add special ones, which
-    `decode(skip_special_tokens=True)` would drop from generated text."""
-    state = json.loads(backend.to_str())
-    for added in state["added_tokens"]:
-        if added["content"] in tokens:
-            added["special"] = False
-    return tokenizers.Tokenizer.from_str(json.dumps(state))
-
-
-def stdlib_tokenizer(vocab_size: int, model_max_length: int = DEFAULT_MODEL_MAX_LENGTH) -> Tokenizer:
-    """A byte-level BPE of at least STDLIB_MIN_VOCAB ids trained in ~1 s on a few stdlib modules: a tokenizer
-    for checkpoints that need one now and no corpus (`longcat init`, tests, benchmarks)."""
-    tokenizer = train_tokenizer(_stdlib_sample(), max(vocab_size, STDLIB_MIN_VOCAB))
-    tokenizer.model_max_length = model_max_length
-    return tokenizer
-
-
-def _stdlib_sample() -> list[str]:
-    root = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(root / name).read_text(encoding="utf-8") for name in STDLIB_SAMPLE_FILES if (root / name).is_file()]
-    if not texts:
-        raise FileNotFoundError(f"none of {STDLIB_SAMPLE_FILES} found under {root}")
-    return texts
-
-
-def _validate_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
-    tokens = tuple(special_tokens)
-    if len(tokens) < 3 or not all(isinstance(t, str) and t for t in tokens):
-        raise ValueError(f"special_tokens must hold at least 3 non-empty strings (pad, bos, eos first), "
-                         f"got {special_tokens!r}")
-    if len(set(tokens)) != len(tokens):
-        raise ValueError(f"special_tokens must be unique, got {special_tokens!r}")
-    return tokens
-
-
-def _validate_messages(messages: Sequence[dict[str, Any]]) -> None:
-    """Fail early on malformed chat input, naming the message, instead of rendering a broken prompt."""
-    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
-        raise ValueError(f"messages must be a non-empty list of {{'role', 'content'}} dicts, got {messages!r}")
-    for i, message in enumerate(messages):
-        if not isinstance(message, dict):
-            raise ValueError(f"messages[{i}] must be a dict with 'role' and 'content', got {message!r}")
-        role = message.get("role")
-        if role not in CHAT_ROLES and role != "developer":
-            raise ValueError(f"messages[{i}]['role'] must be one of {CHAT_ROLES} (or 'developer', read as "
-                             f"'system'), got {role!r}")
-        content = message.get("content")
-        text_parts = isinstance(content, list) and all(
-            isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)
-            for part in content)
-        if not (isinstance(content, str) or text_parts
-                or (content is None and role == "assistant" and message.get("tool_calls"))):
-            raise ValueError(f"messages[{i}]['content'] must be a str or a list of text parts (or None in an "
-                             f"assistant message with tool_calls), got {content!r}")
-        if role in ("system", "developer") and i != 0:
-            raise ValueError(f"messages[{i}] is a {role} message; only messages[0] may be one")
-        if role == "assistant" and i and messages[i - 1].get("role") == "assistant":
-            raise ValueError(f"messages[{i}] is an assistant message right after another; a conversation "
-                             "alternates (consecutive user messages are joined, assistant ones are not)")
-
-
-def _validate_tools(tools: Sequence[dict[str, Any]] | None) -> None:
-    """Tools are a list of JSON objects (OpenAI's {"type": "function", "function": {...}}): a string or a dict
-    rendered character by character, or key by key, as tools."""
-    if tools is None:
-        return
-    if isinstance(tools, (str, bytes, dict)) or not isinstance(tools, Sequence):
-        raise ValueError(f"tools must be a list of tool definitions (JSON objects), got {tools!r}")
-    for i, tool in enumerate(tools):
-        if not isinstance(tool, dict):
-            raise ValueError(f"tools[{i}] must be a tool definition (a JSON object such as {{'type': 'function', "
-                             f"'function': {{...}}}}), got {tool!r}")
-
-
-@functools.lru_cache(maxsize=8)
-def _special_pattern(tokens: tuple[str, ...]) -> re.Pattern:
-    """Matches any of `tokens`, the longest first (as the tokenizer splits them)."""
-    return re.compile("|".join(map(re.escape, sorted(tokens, key=len, reverse=True))) or "(?!)")
-
-
-def _blanked(value: Any, pattern: re.Pattern, blank: str) -> Any:
-    """`value` (JSON-like) with every match of `pattern` in its strings replaced by as many `blank`s."""
-    if isinstance(value, str):
-        return pattern.sub(lambda m: blank * len(m.group()), value)
-    if isinstance(value, dict):
-        return {k: _blanked(v, pattern, blank) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_blanked(v, pattern, blank) for v in value]
-    return value
