@@ -796,14 +796,21 @@ def test_init_from_with_another_tokenizer_stops_only_at_that_tokenizers_eos(tmp_
     ("model.bos_token_id=7", "a run: its tokenizer's ids are the model's"),
     ("model.pad_token_id=5", "a run: its tokenizer's ids are the model's"),
     ("schedule.decay_fraction=0.5", "schedule.kind=cosine (only wsd decays over a last share)"),
-    ("data.tokenizer_sample_bytes=1000", "a run whose tokenizer comes from data.tokenizer or init_from")])
+    ("data.tokenizer_sample_bytes=1000", "a run whose tokenizer comes from data.tokenizer or init_from"),
+    ("budget.rate=2.0", "a run with budget.enabled=false"),
+    ("budget.decay_every=50", "a model without zero experts (model.zero_expert_num=0)"),
+    ("budget.enabled=true", "a model without zero experts")])
 def test_fields_a_run_overwrites_or_never_reads_are_refused(tmp_path: Path, override, by):
     """They trained without a word and were recorded, then overwritten (the token ids: the tokenizer's) or unused."""
     given = [override, f"data.tokenizer={tmp_path / 'tok.json'}"] if "sample" in override else [override]
+    given += ["budget.enabled=false"] if "budget.rate" in override else []
+    given += ["model.zero_expert_num=0"] if "zero experts" in by else []
     with pytest.raises(ValueError, match=re.escape(f"{override.split('=')[0]} is not read by {by}")):
         build_config("tiny", given)
     assert build_config("tiny", ["schedule.kind=wsd", "schedule.decay_fraction=0.5"]).schedule.decay_fraction == 0.5
     assert build_config("tiny", ["data.tokenizer_sample_bytes=1000"]).data.tokenizer_sample_bytes == 1000
+    assert build_config("tiny", ["budget.rate=2.0"]).budget.rate == 2.0  # the controller runs: read
+    assert not build_config("tiny", ["budget.enabled=false"]).budget.enabled
 
 
 def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):

@@ -437,7 +437,7 @@ def _is_sft(cfg: TrainConfig) -> bool:
 
 def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
     """The fields the run never reads, each with what makes it so: the token ids (the tokenizer's are the run's;
-    a run from init_from keeps more eos ids, a chat template's end of turn),
+    a run from init_from keeps more eos ids, a chat template's end of turn), the budget controller's when it is off,
     the WSD decay's share under another schedule, the tokenizer sample when no tokenizer is trained; the corpus's
     and its token cache's under SFT (the corpus too when the tokenizer comes from a file or init_from), the held-out
     share when sft.val_data holds the held-out conversations, the conversations' handling in pre-training."""
@@ -445,6 +445,11 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
     unread = dict.fromkeys((f"model.{name}" for name in overwritten), "a run: its tokenizer's ids are the model's "
                            "(data.tokenizer's, or the one trained on the corpus; from init_from, more eos ids may be "
                            "added to its tokenizer's)")
+    if not cfg.model.zero_expert_num or not cfg.budget.enabled:  # trainer.py builds no controller then
+        off = ("a model without zero experts (model.zero_expert_num=0): no expert bias to control"
+               if not cfg.model.zero_expert_num else "a run with budget.enabled=false")
+        unread.update(dict.fromkeys((f"budget.{f.name}" for f in dataclasses.fields(cfg.budget)
+                                     if f.name != "enabled" or not cfg.model.zero_expert_num), off))
     if cfg.schedule.kind != "wsd":
         unread["schedule.decay_fraction"] = f"schedule.kind={cfg.schedule.kind} (only wsd decays over a last share)"
     trains_tokenizer = cfg.data.tokenizer is None and cfg.init_from is None
