@@ -2,7 +2,7 @@
 writes itself: a multiple-choice log-likelihood task through `local-completions` (every log-likelihood equals the
 model's own forward), and a generate-until task through `local-completions` and `local-chat-completions` (every
 answer equals the model's own greedy continuation of the prompt, or of the chat-rendered prompt, cut at the task's
-stop strings)."""
+stop strings). The server has an API key, which lm_eval sends to /v1/ from OPENAI_API_KEY."""
 from __future__ import annotations
 
 import json
@@ -47,6 +47,7 @@ metric_list:
 """
 
 
+KEY = "lm-eval-key"
 GEN_TASK = "longcat_gen"
 GEN_DOCS = [{"question": "def add(a, b):", "answer": " return a + b"}, {"question": "Question: 2 + 2 =", "answer": "4"},
             {"question": "import os\nimport", "answer": " sys"}]
@@ -90,7 +91,7 @@ def start_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str 
         model, extra = "local-completions", []
         backend = "tokenizer_backend=remote" if remote else f"tokenizer_backend=huggingface,tokenizer={model_dir}"
         args = f"model=tiny,base_url={base}/v1/completions,{backend},num_concurrent=1"
-    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"),
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"),
            "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, *extra,
                              "--tasks", task, "--include_path", str(tasks), "--output_path", str(out),
@@ -127,7 +128,7 @@ def served(tmp_path_factory):
     write_task(root)
     tasks = write_task(root, GEN_TASK, GEN_DOCS, GEN_YAML)
     model, _ = load_for_inference(model_dir, dtype="float32", device="cpu")
-    with running_server(model_dir) as base:
+    with running_server(model_dir, "--api-key", KEY) as base:
         yield base, model_dir, tasks, model, Tokenizer.load(model_dir)
 
 
@@ -165,7 +166,8 @@ def test_lm_eval_multiple_choice_matches_the_models_forward(served, completions)
 
 
 def test_lm_eval_tokenizing_through_the_server_scores_as_it_does_locally(harness, completions):
-    """`tokenizer_backend=remote` (vLLM's /tokenizer_info, /tokenize and /detokenize) was refused with a 404."""
+    """`tokenizer_backend=remote` (vLLM's /tokenizer_info, /tokenize and /detokenize) was refused with a 404, then,
+    behind an API key, with a 401: lm_eval sends the key to /v1/ alone, as vLLM guards it."""
 
     def scores(out: Path) -> list[tuple[str, str, float]]:
         return sorted((request["arg_0"], request["arg_1"], float(response[0][0])) for sample in read_samples(out, TASK)
