@@ -103,6 +103,10 @@ def test_corrupt_file_is_a_clear_error(tmp_path: Path):
     with pytest.raises(CheckpointError, match=rf"model.safetensors \(model\) is 100 bytes where manifest.json says "
                                               rf"{len(data)}; to resume from the checkpoint before it"):
         training.load(path, {"model": Box(0.0)})
+    (path / "model.safetensors").unlink()  # a node's shard lost with its disk: the same way back
+    with pytest.raises(CheckpointError, match=r"model.safetensors \(model\) is missing; to resume from the checkpoint "
+                                              "before it, move step_00000002 out of"):
+        training.load(path, {"model": Box(0.0)})
 
 
 @pytest.mark.parametrize("manifest", ["[1, 2]", '"x"', '{"files": [], "meta": {}}', '{"files": {"m": 3}, "meta": {}}',

@@ -270,10 +270,10 @@ def read_manifest(path: str | Path, share: tuple[int, int] | None = (0, 1)) -> d
     index, count = share or (0, 0)
     for i, (name, entry) in enumerate(sorted(manifest["files"].items())):
         file = path / entry["file"]
-        if not file.is_file():
-            raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) is missing")
-        size = file.stat().st_size
-        if size != entry["bytes"]:  # a truncated copy, a disk that filled: said as such, without reading it
+        size = file.stat().st_size if file.is_file() else None
+        if size is None:  # a node's shards lost with its disk, a partial copy
+            wrong = "is missing"
+        elif size != entry["bytes"]:  # a truncated copy, a disk that filled: said as such, without reading it
             wrong = f"is {size} bytes where {MANIFEST} says {entry['bytes']}"
         elif count and i % count == index and _sha256(file) != entry["sha256"]:
             wrong = f"does not match its sha256 in {MANIFEST}"
