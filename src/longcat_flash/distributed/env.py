@@ -198,25 +198,29 @@ def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
     end and left checkpoints without the other nodes' shards."""
     if not dist.is_initialized():
         return
-    token, problem = [uuid.uuid4().hex if is_main() else None], ""
+    sent, problem = [uuid.uuid4().hex, str(path.resolve())] if is_main() else [None, None], ""
     if is_main():
         try:
-            (path / flag).write_text(token[0])
+            (path / flag).write_text(sent[0])
         except OSError as err:  # said on every rank below, not left as a broadcast the others wait in
-            token, problem = [None], f"rank 0 cannot write in {path}: {err}"
-    dist.broadcast_object_list(token, src=0)
-    if token[0] is not None and not problem:
+            sent, problem = [None, None], f"rank 0 cannot write in {path}: {err}"
+    dist.broadcast_object_list(sent, src=0)
+    token, written_in = sent
+    if token is not None and not problem:
         try:
             seen = (path / flag).read_text()
         except OSError:
             seen = None
-        if seen != token[0]:
+        if seen != token:
+            here = "" if str(path.resolve()) == written_in else f" (here {path.resolve()})"
             problem = (f"rank {rank()} (host {socket.gethostname()}) does not see the files rank 0 writes in "
-                       f"{path.resolve()}: every rank writes its shards of each checkpoint there, so all nodes need "
-                       "it on one shared filesystem")
-    raise_if_any(problem, ValueError)  # a collective: every rank has read the token by now
-    if is_main():
-        (path / flag).unlink(missing_ok=True)
+                       f"{written_in}{here}: every rank writes its shards of each checkpoint there, so all nodes "
+                       "need it on one shared filesystem")
+    try:
+        raise_if_any(problem, ValueError)  # a collective: every rank has read the token by now
+    finally:
+        if is_main():
+            (path / flag).unlink(missing_ok=True)
 
 
 def raise_if_any(message: str, error: type[Exception]) -> None:
