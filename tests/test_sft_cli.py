@@ -60,6 +60,7 @@ def test_bad_row_is_reported_with_file_line_and_field(tmp_path):
     message = run_cli("sft", "--model", str(model), "--data", str(data), "--out", str(tmp_path / "run"))
     assert message == (f"longcat sft: {data}:5: messages[1].role: 'robot' is not one of "
                        "system/user/assistant/tool/developer/function")
+    assert not (tmp_path / "run").exists()  # the refused start left its lock and its tokenizer there
 
 
 def test_a_resume_keeps_its_held_out_conversations(tmp_path, capsys):

@@ -277,15 +277,18 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] =
         finally:  # a failed run frees its directory too: another process may resume it while this one goes on
             run_lock.release(Path(out))
             if made:
-                _remove_if_only_locked(Path(out))
+                _remove_refused_start(Path(out))
 
 
-def _remove_if_only_locked(out: Path) -> None:
-    """A run directory this call made that holds nothing but its lock: a start refused before it wrote anything
-    (bad data, a typo in a flag) left that folder behind."""
+def _remove_refused_start(out: Path) -> None:
+    """A run directory this call made that holds nothing but its lock and the tokenizer a run writes first (or
+    nothing: another node's rank made it): a start refused before it trained (bad data, a typo in a flag, nodes that
+    do not share the directory) left that folder behind."""
     try:
-        if [p.name for p in out.iterdir()] == [run_lock.LOCK_FILE]:
-            (out / run_lock.LOCK_FILE).unlink()
+        held = [p.name for p in out.iterdir()]
+        if set(held) <= {run_lock.LOCK_FILE, TOKENIZER_FILE, CONFIG_FILE}:
+            for name in held:
+                (out / name).unlink()
             out.rmdir()
     except OSError:  # another rank removed it first, or wrote into it meanwhile
         pass
