@@ -456,13 +456,17 @@ def test_a_model_path_that_is_not_a_model_directory_is_one_line(command, checkpo
     step = tmp_path / "run" / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
     (step / "manifest.json").write_text("{}")
+    grown = tmp_path / "grown"  # what `longcat grow` leaves: a run to train, with no model yet
+    (grown / "checkpoints").mkdir(parents=True)
+    (grown / "train_config.json").write_text("{}")
     extra = {"generate": ["--prompt", "x"], "chat": [], "explain": ["--text", "x", "--out", str(tmp_path / "o")]}
     for model, message in [(checkpoint / "config.json", "is a file; a model is a directory"),
                            (checkpoint / "model.safetensors", "is a file; a model is a directory"),
                            (broken["tokenizer.json"], "tokenizer.json: not a tokenizer.json"),
                            (broken["tokenizer_config.json"], "tokenizer_config.json: not valid JSON"),
                            (step, "is a training checkpoint"), ("", "no model directory given"),
-                           (step.parent, "is not a model directory: it has no config.json")]:
+                           (step.parent, "is not a model directory: it has no config.json"),
+                           (grown, f"is a training run with no model yet: .* `longcat train --resume {grown}`")]:
         with pytest.raises(SystemExit, match=message):
             main([command, "--model", str(model), *extra[command]])
 

@@ -120,8 +120,11 @@ def test_a_text_field_keeps_the_text_as_typed(tmp_path: Path):
     assert build_config("tiny", ["data.source='2024'"]).data.source == "2024"  # quoted, as before
     cfg = build_config("sft", ["sft.ignore_columns=2024_01,1e3", "sft.data=rows.jsonl"])
     assert cfg.sft.ignore_columns == ("2024_01", "1e3")
-    with pytest.raises(ValueError, match="^init_from=2024_01 .* no config.json there"):  # the model looked up as typed
+    with pytest.raises(ValueError, match="^init_from=2024_01: model directory 2024_01 does not exist"):  # the model looked up as typed
         build_config("sft", ["sft.data=rows.jsonl", "init_from=2024_01"])
+    (tmp_path / "model.json").write_text("{}")  # a model's config.json given for its directory
+    with pytest.raises(ValueError, match=f"^init_from={tmp_path / 'model.json'}: .* is a file; a model is a dir"):
+        build_config("tiny", [f"init_from={tmp_path / 'model.json'}"])
     assert "data.source must be str, got None" in run_cli("train", "--set", "data.source=null", "--print-config")
     assert "data.source must be str, got 2024" in run_cli("train", "--set", "data={'source': 2024}", "--print-config")
 
@@ -273,8 +276,8 @@ def test_under_torchrun_settings_are_printed_by_rank_zero_alone(tmp_path: Path, 
     assert capsys.readouterr().out == ""
     assert run_cli("sft", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--out", str(tmp_path / "o")) == "1"
     monkeypatch.setenv("RANK", "0")
-    assert "(longcat sft's --model): no config.json there" in run_cli("sft", "--model", str(tmp_path / "nope"),
-                                                                       "--data", "x.jsonl", "--print-config")
+    assert f"--model {tmp_path / 'nope'}: model directory {tmp_path / 'nope'} does not exist" in run_cli(
+        "sft", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--print-config")
     main(["train", "--preset", "tiny", "--print-config"])
     assert "data.seq_len=" in capsys.readouterr().out
 

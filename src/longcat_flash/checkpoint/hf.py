@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from ..config import ModelConfig
+from ..data.corpus import RUN_CONFIG_FILE
 from ..device import resolve_device
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
@@ -289,6 +290,9 @@ def model_directory(path: str | Path) -> Path:
     if (path / MANIFEST).is_file() and not (path / "config.json").is_file():
         raise ValueError(f"{path} is a training checkpoint (one step of a run), not a model: a run exports its model "
                          "into the run directory when it ends; `--resume RUN_DIR` continues the run")
+    if not (path / "config.json").is_file() and (path / RUN_CONFIG_FILE).is_file():  # grown, or killed early
+        raise FileNotFoundError(f"{path} is a training run with no model yet: a run writes its model there when it "
+                                f"ends; `longcat train --resume {path}` trains it to its end")
     if not (path / "config.json").is_file():  # (before the tokenizer is looked for: the folder is the problem)
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (a model is config.json, "
                                 "safetensors and tokenizer.json)")

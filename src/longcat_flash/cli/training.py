@@ -74,6 +74,7 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
 
 def _run_train(args: argparse.Namespace) -> None:
     from .. import distributed
+    from ..checkpoint import hf
     from ..train.checkpoints import exactness_notice, resume_config, resumed_ep, schedule_notice, validation_notice
     from ..train.config import RECIPES, build_config, describe
     from ..train.overrides import override_keys
@@ -95,6 +96,11 @@ def _run_train(args: argparse.Namespace) -> None:
         if clash := sorted(override_keys(override) & flags.keys()):
             flag = f"--{flag_of[clash[0]].replace('_', '-')}"
             raise ValueError(f"{flag} and --set {override} both set {clash[0]}; give one of them")
+    if args.command == "sft" and args.model is not None:  # said by its flag, not as the init_from it becomes
+        try:
+            hf.model_directory(args.model)
+        except (OSError, ValueError) as err:
+            raise ValueError(f"--model {args.model}: {err}") from None
     if args.command == "train" and args.preset == "sft":
         raise ValueError("the sft recipe fine-tunes a model on conversations: longcat sft --model DIR --data FILE")
     if args.command == "train" and args.preset is not None and args.preset not in RECIPES:

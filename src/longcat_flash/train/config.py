@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from ..checkpoint import training
-from ..checkpoint.hf import checkpoint_config
+from ..checkpoint.hf import checkpoint_config, model_directory
 from ..config import ModelConfig
 from ..data.corpus import RUN_CONFIG_FILE, STDLIB
 from ..presets import get_preset
@@ -551,11 +551,10 @@ def pretrained_model_config(directory: str | Path) -> ModelConfig:
     a run whose model is older than its newest checkpoint (resumed and stopped before it finished)."""
     path = Path(directory)
     unfinished = _unfinished_run(path)
-    if not (path / "config.json").is_file():  # a setting: rank 0 says it
-        raise ValueError(f"init_from={directory} (longcat sft's --model): no config.json there (expected an HF model "
-                         "directory: config.json, model*.safetensors, tokenizer.json)"
-                         + (f"; it is a run that has not finished ({unfinished}): resume it to the end, and its "
-                            "model is written there" if unfinished else ""))
+    try:  # a setting: rank 0 says it
+        model_directory(directory)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"init_from={directory}: {err}") from None
     if unfinished:
         raise ValueError(f"init_from={directory}: the run there has not finished ({unfinished}), so its model "
                          "files are an earlier finish's, not its newest weights: resume it to the end first")
