@@ -27,11 +27,27 @@ def checkpoint(tmp_path_factory):
     ["data", "tools", "--out", "-", "--n", "1"], ["train", "--preset", "tiny", "--print-config"]])
 def test_a_seed_torch_cannot_take_is_a_usage_error_naming_the_flag(command, capsys):
     """init's was torch's Overflow once, then a message of its own; generate's said "seed must be None or ..." (the
-    Python API's words); a negative one wrapped round to the same text as 2^64 - 1, silently."""
-    for value, words in ((2**64, f"must be in [0, 2^63), got {2**64}"), (-1, "must be >= 0, got -1")):
+    Python API's words); a negative one wrapped round to the same text as 2^64 - 1, silently. A sampling seed is any
+    int64, as the server takes it; a weights' or a data set's is not negative."""
+    sampling = command[0] == "generate"
+    low = ("must be in [-2^63, 2^63), got -9223372036854775809", -(2**63) - 1) if sampling else \
+        ("must be >= 0, got -1", -1)
+    high = f"must be in [{'-2^63' if sampling else '0'}, 2^63), got {2**64}"
+    for value, words in ((2**64, high), (low[1], low[0])):
         with pytest.raises(SystemExit) as stopped:
             main([*command, "--seed", str(value)])
         assert stopped.value.code == 2 and f"argument --seed: {words}" in capsys.readouterr().err
+
+
+def test_a_negative_sampling_seed_samples_as_the_server_takes_it(checkpoint, capsys):
+    """--seed -1 was refused (`must be >= 0`) where the server takes any int64 seed, as OpenAI and vLLM do."""
+    args = ["generate", "--model", str(checkpoint), "--prompt", "x", "--temperature", "1", "--max-new-tokens", "4",
+            "--ignore-eos", "--json"]
+    texts = []
+    for seed in ("-1", "-1", "5"):
+        main([*args, "--seed", seed])
+        texts.append(json.loads(capsys.readouterr().out)["text"])
+    assert texts[0] == texts[1]
 
 
 def test_init_writes_a_loadable_checkpoint(checkpoint):
@@ -79,6 +95,24 @@ def test_ctrl_c_during_generate_json_still_prints_what_was_generated(checkpoint,
     record = json.loads(capsys.readouterr().out)
     assert stopped.value.code == 130 and record["finish_reason"] == "interrupted"
     assert 0 < record["completion_tokens"] < 200
+
+
+def test_ctrl_c_while_the_commands_import_torch_exits_quietly_with_130(monkeypatch, capsys):
+    """A Ctrl-C in the first second or two of any command (torch importing) was a 30-line traceback and a death by
+    signal. Here the import of the commands is interrupted, as a Ctrl-C then interrupts it."""
+    import importlib.abc
+
+    class CtrlC(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path, target=None):
+            if name == "longcat_flash.cli.commands":
+                raise KeyboardInterrupt
+            return None
+
+    monkeypatch.delitem(sys.modules, "longcat_flash.cli.commands")
+    monkeypatch.setattr(sys, "meta_path", [CtrlC(), *sys.meta_path])
+    with pytest.raises(SystemExit) as stopped:
+        main(["info", "--preset", "tiny"])
+    assert stopped.value.code == 130 and capsys.readouterr().out == ""
 
 
 def test_generate_reads_special_token_text_as_the_server_does(checkpoint, capsys):
@@ -313,6 +347,19 @@ def test_an_undecodable_line_is_refused_and_the_conversation_goes_on(checkpoint,
     with pytest.raises(SystemExit, match=r"^longcat chat: --system: the text is not valid UTF-8: '\\udcff' at "
                                          "character 0"):
         main(["chat", "--model", str(checkpoint), "--system", "\udcff"])  # not its place in the rendered prompt
+
+
+def test_a_stray_byte_on_a_strict_stdin_is_refused_and_the_chat_goes_on(checkpoint):
+    """In a locale whose stdin decodes strictly (en_US.UTF-8; C.UTF-8 escapes), input() raised on the byte and the
+    chat ended, the lines before it unanswered."""
+    import os
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "longcat_flash.cli", "chat", "--model", str(checkpoint),
+                           "--max-new-tokens", "2", "--ignore-eos"], input=b"hello\na\xffb\nhi\n",
+                          capture_output=True, timeout=300, env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"})
+    out = done.stdout.decode()
+    assert done.returncode == 0 and "not valid UTF-8" in out and out.count("assistant> ") == 2, done.stderr[-2000:]
 
 
 def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):

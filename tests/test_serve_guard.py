@@ -98,6 +98,7 @@ def test_a_key_no_client_could_send_is_refused_at_start(key, problem):
     (["--max-request-mb", "inf"], "--max-request-mb must be a positive number, got inf"),  # OverflowError traceback
     (["--max-request-mb", "1e-9"], "--max-request-mb 1e-09 is less than one byte"),  # 0 bytes: every request 413
     (["--model-name", " "], "--model-name is empty"),  # the directory's name was served instead, unsaid
+    (["--host", ""], "--host is empty"),  # every interface, said as "http://:8000"
 ])
 def test_server_flags_that_cannot_mean_what_they_say_are_refused(flags, problem):
     from longcat_flash.cli import main

@@ -232,6 +232,8 @@ def test_bad_layouts_and_outputs_are_one_line_errors(tmp_path: Path, capsys):
     assert "is a directory" in run_cli("data", "tools", "--out", str(tmp_path), "--n", "2")
     assert run_cli("serve", "--model", str(tmp_path), "--port", "99999") == "2"  # a usage error, not another port
     assert "a TCP port is 0..65535, got 99999" in capsys.readouterr().err
+    assert run_cli("serve", "--model", str(tmp_path), "--port", "abc") == "2"
+    assert "argument --port: not an integer: 'abc'" in capsys.readouterr().err  # "invalid _port value"
     assert "seq_len must be >= 2 while the MTP head trains" in run_cli("train", "--preset", "tiny", "--set",
                                                                         "data.seq_len=1")
     (tmp_path / "run").mkdir()

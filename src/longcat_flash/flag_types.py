@@ -51,6 +51,15 @@ threads = _at_most(positive_int, CPUS, f"[1, {CPUS}] (this machine's CPUs)")  # 
 seed = _at_most(non_negative_int, 2**63 - 1, "[0, 2^63)")  # torch's generators take an int64; -1 wrapped silently
 
 
+def sampling_seed(text: str) -> int:
+    """A sampling seed: any int64, as the server (OpenAI, vLLM) takes it (infer/sampling.py maps it to a
+    generator's)."""
+    value = _number(int, -math.inf, strict=False)(text)
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"must be in [-2^63, 2^63), got {text}")
+    return value
+
+
 def distinct(flag: str, values: Sequence[Any], least: int = 1, need: str = "") -> list[Any]:
     """The values of a list flag, checked: a repeated one (which would rerun a variant, or shrink a grid below what
     was asked) or fewer than `least` of them, which `need` requires, is a ValueError."""

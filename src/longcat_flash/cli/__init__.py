@@ -1,98 +1,14 @@
-"""`longcat` entry point: parse the arguments, refuse combinations of flags that do not fit together, build objects
-and call one function per command; the work itself lives in the packages."""
+"""`longcat` entry point. The commands (commands.py) import torch, seconds of work: a Ctrl-C in them ends the
+command as a Ctrl-C during one does, quietly with the shell's status for SIGINT, not with an import's traceback."""
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
-import logging
-import os
-import signal
 import sys
-import threading
-from collections.abc import Callable
-
-from ..device import DeviceError
-from ..distributed.env import RankZeroFailed, launched, peer_lost
-from ..runtime import tune_cpu_allocator
-from . import analysis, data, inference, training
-
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
-    *analysis.COMMANDS, *training.COMMANDS, *inference.COMMANDS, *data.COMMANDS]
-MULTI_PROCESS = training.MULTI_PROCESS  # the commands torchrun may launch
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="longcat", description="LongCat-Flash: train, run and serve")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in COMMANDS:
-        add(sub)
-    parser.set_defaults(subcommands=sub.choices)  # so an unknown flag is reported with its command's usage
-    return parser
-
-
-def _terminated(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # the shell's status for the signal, after the cleanup a raise runs
-
-
-def _parse(argv: list[str] | None) -> argparse.Namespace:
-    """The command line; under torchrun a usage error (or --help) is printed by rank 0 alone (every rank has the
-    same one), the other ranks exit with the same status quietly."""
-    quiet = launched() and int(os.environ.get("RANK", "0")) != 0
-    with contextlib.ExitStack() as silenced:
-        if quiet:
-            silenced.enter_context(contextlib.redirect_stderr(io.StringIO()))
-            silenced.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        args, unknown = build_parser().parse_known_args(argv)
-        if unknown:
-            args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    return args
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = _parse(argv)
-    if args.command != "serve":  # one-shot commands reuse their large blocks; serve tunes its engine process only
-        tune_cpu_allocator()
-    # SIGTERM (`timeout`, `kill`) ends a one-process command as Ctrl-C does, through its cleanup: a half-written
-    # file's temporary name is removed. serve has its own shutdown; torchrun stops its workers itself.
-    on_term = args.command != "serve" and not launched() and threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, _terminated) if on_term else None
     try:
-        _run(args)
-    finally:
-        if on_term:  # as it was (None: a handler not set from Python, taken as the default)
-            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
-
-
-def _run(args: argparse.Namespace) -> None:
-    try:
-        if launched() and args.command not in MULTI_PROCESS:  # N copies would each write the same files
-            raise ValueError(f"runs in one process; start it without torchrun (only {' and '.join(MULTI_PROCESS)} "
-                             "run under torchrun)")
-        if launched() and int(os.environ.get("RANK", "0")):  # every rank reads the same files: rank 0 warns once
-            logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.ERROR)  # the whole package's
-        args.run(args)
-    except DeviceError as err:  # a usage error, like a bad flag: status 2; each rank's own (its node's devices)
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
-        sys.exit(2)
-    except KeyboardInterrupt:  # Ctrl-C: stop quietly with the shell's status for SIGINT
+        from .commands import main as run
+    except KeyboardInterrupt:
         print(file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:  # the reader left (`longcat ... | head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        sys.exit(141)
-    except RankZeroFailed:
-        sys.exit(1)  # rank 0 prints what failed
-    except RuntimeError as err:  # a collective failed: NCCL's and gloo's own errors, tracebacks from deep inside
-        reason = peer_lost(err) if launched() else ""
-        if not reason:
-            raise
-        sys.exit(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
-                 f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
-    except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
-        rank = int(os.environ.get("RANK", "0"))
-        if rank and isinstance(err, (ValueError, KeyError)):
-            sys.exit(1)  # settings and data are the same on every rank: rank 0 prints the one message
-        message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
-        sys.exit(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {message}")
+    run(argv)

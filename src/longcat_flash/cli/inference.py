@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
 
-from ..flag_types import fraction, non_negative_int, penalty, positive_float, positive_int, seed, temperature, top_p
+from ..flag_types import (fraction, non_negative_int, penalty, positive_float, positive_int, sampling_seed, seed,
+                          temperature, top_p)
 from ..presets import PRESETS, get_preset
 from .common import add_device, new_or_directory
 
@@ -55,7 +57,7 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
     p.add_argument("--top-p", type=top_p, default=None, help="nucleus sampling (default 1: off)")
     p.add_argument("--top-k", type=non_negative_int, default=None, help="sample among the k likeliest (default 0: "
                                                                         "off)")
-    p.add_argument("--seed", type=seed, default=None, help="a seed for sampling (reproducible output)")
+    p.add_argument("--seed", type=sampling_seed, default=None, help="a seed for sampling (reproducible output)")
     p.add_argument("--min-p", type=fraction, default=None, help="when sampling, drop tokens less likely than this "
                                                                 "share of the likeliest one's (default 0: off)")
     p.add_argument("--repetition-penalty", type=positive_float, default=1.0, help="the logits of tokens already in "
@@ -164,6 +166,8 @@ def _run_chat(args: argparse.Namespace) -> None:
     params = _sampling(args)  # checked before the model loads
     engine, tokenizer = load_session(args.model, dtype=args.dtype, quantize=args.quantize,
                                      speculative=args.speculative, device=args.device)
+    if isinstance(sys.stdin, io.TextIOWrapper):  # a locale's strict stdin raised on a stray byte and ended the chat;
+        sys.stdin.reconfigure(errors="surrogateescape")  # read as C.UTF-8 reads it, the line is refused and asked again
     chat_loop(engine, tokenizer, params, input, lambda s: print(s, end="", flush=True), args.system)
 
 
@@ -192,7 +196,10 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _port(text: str) -> int:
-    port = int(text)
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {port}")
     return port
@@ -215,6 +222,8 @@ def _run_serve(args: argparse.Namespace) -> None:
             sys.exit(f"longcat serve: {flag} must be a positive number, got {value}")
     if args.max_request_mb * 2**20 < 1:
         sys.exit(f"longcat serve: --max-request-mb {args.max_request_mb} is less than one byte")
+    if not args.host.strip():  # the empty host is every interface to the socket, said as "http://:8000"
+        sys.exit("longcat serve: --host is empty; give 127.0.0.1 (the default), or 0.0.0.0 for every interface")
     if args.model_name is not None and not args.model_name.strip():  # was replaced by the directory's name unsaid
         sys.exit("longcat serve: --model-name is empty; leave it out to serve the model as its directory's name")
     serve(args.model, host=args.host, port=args.port, api_key=args.api_key, dtype=args.dtype,
