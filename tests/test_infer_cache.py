@@ -145,3 +145,11 @@ def test_absorbed_equals_naive_over_a_padded_paged_batch():
         results = [run_paged(model, seqs, split=3, absorb=absorb) for absorb in (True, False)]
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_a_pool_the_device_cannot_allocate_is_one_error_naming_its_size():
+    """`longcat serve --cache-tokens 1000000000` was the allocator's traceback ("can't allocate memory: you tried to
+    allocate 2560000040960 bytes"). 2^40 pages: past any address space, so refused even where memory overcommits."""
+    with pytest.raises(ValueError, match=r"the latent cache for 17592186044400 tokens \(cache_tokens, --cache-tokens\) "
+                                         r"takes 4194304.0 GiB, which cpu could not allocate"):
+        PagedLatentCache(CacheConfig(num_blocks=2, width=64, kv_lora_rank=48, page_size=16, num_pages=2**40))

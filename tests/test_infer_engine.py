@@ -185,8 +185,10 @@ def test_a_cache_smaller_than_the_context_caps_sequences_instead_of_hanging(mode
     rid = engine.add_request([5, 6, 7], SamplingParams(max_new_tokens=200, ignore_eos=True))
     out = _run(engine, [rid], steps=500)[rid]  # bounded: it used to spin
     assert len(out) == engine.max_context - 3 and not engine.has_work()
-    with pytest.raises(ValueError, match="the KV cache's limit"):
+    with pytest.raises(ValueError, match="the KV cache's limit\\), which leaves no room to generate"):
         engine.add_request([5] * engine.max_context)
+    with pytest.raises(ValueError, match="the KV cache's limit\\), which it does not fit"):  # not "no room to
+        engine.add_request([5] * (engine.max_context + 1), SamplingParams(max_new_tokens=0))  # generate": none asked
 
 
 def test_copies_that_could_never_fit_the_pool_are_refused(model):

@@ -79,8 +79,14 @@ class PagedLatentCache:
                  absorb_max_tokens: int = ABSORB_MAX_TOKENS) -> None:
         self.config, self.absorb_max_tokens = config, absorb_max_tokens
         G, P = config.page_size, config.num_pages
-        self.pool = torch.zeros(config.num_blocks, P * G, config.width, dtype=config.dtype,
-                                device=device)  # (A, P*G, C+R)
+        try:
+            self.pool = torch.zeros(config.num_blocks, P * G, config.width, dtype=config.dtype,
+                                    device=device)  # (A, P*G, C+R)
+        except RuntimeError as err:  # torch.OutOfMemoryError too: a traceback from the allocator otherwise
+            size = config.num_blocks * P * G * config.width * config.dtype.itemsize
+            raise ValueError(f"the latent cache for {(P - 1) * G} tokens (cache_tokens, --cache-tokens) takes "
+                             f"{size / 2**30:.1f} GiB, which {device} could not allocate ({type(err).__name__}); "
+                             "give fewer tokens") from None
         self._free = list(range(P - 1, SCRATCH_PAGE, -1))  # pop() hands out low page ids first
         self._users = [0] * P  # sequences whose table holds each page (> 1 only for pages shared by forks)
         self.tables: dict[int, list[int]] = {}

@@ -206,8 +206,8 @@ class Engine:
             raise ValueError("prompt must hold at least one token")
         if len(prompt) > self.max_context or (len(prompt) == self.max_context and not scoring):
             capped = "" if self.max_context == self.model.config.max_position_embeddings else " (the KV cache's limit)"
-            raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_context}{capped}, which "
-                             "leaves no room to generate")
+            room = "which it does not fit" if len(prompt) > self.max_context else "which leaves no room to generate"
+            raise ValueError(f"prompt has {len(prompt)} tokens; the context is {self.max_context}{capped}, {room}")
         if min(prompt) < 0 or max(prompt) >= self.vocab_size:
             raise ValueError(f"prompt token ids must be in [0, {self.vocab_size})")
 
