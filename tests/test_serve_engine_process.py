@@ -161,3 +161,18 @@ def test_an_engine_reply_after_the_server_failed_everything_is_dropped():
             await bridge.submit([1], [SamplingParams()])
 
     asyncio.run(main())
+
+
+class KilledOnArrival:
+    """Unpickled in the engine process (as its EngineConfig), it kills that process the way the kernel's
+    out-of-memory killer does, while it loads."""
+
+    def __reduce__(self):
+        return signal.raise_signal, (signal.SIGKILL,)
+
+
+def test_an_engine_process_killed_while_loading_is_one_error_saying_how():
+    """It was a RuntimeError, which the CLI printed as a traceback ending in "(exit code -9)"."""
+    with pytest.raises(ChildProcessError, match=r"exited while loading the model \(killed by signal 9 \(SIGKILL: "
+                                                r"most often the system out of memory\)\)"):
+        EngineProcess("unused", config=KilledOnArrival())

@@ -40,10 +40,13 @@ class EngineProcess(Bridge):
         child_end.close()
         try:
             kind, *info = self._conn.recv()
-        except EOFError:
+        except EOFError:  # an OSError kind: one line from the CLI, not a traceback
             self.process.join()
-            raise RuntimeError(f"the engine process exited while loading the model "
-                               f"(exit code {self.process.exitcode})") from None
+            code = self.process.exitcode
+            oom = " (SIGKILL: most often the system out of memory)" if code == -9 else ""
+            why = f"killed by signal {-code}{oom}"
+            raise ChildProcessError(f"the engine process exited while loading the model "
+                                    f"({why if code is not None and code < 0 else f'exit code {code}'})") from None
         if kind == "failed":
             self.process.join()
             raise info[0]
