@@ -14,7 +14,8 @@ httpx = pytest.importorskip("httpx")
 from fastapi import FastAPI  # noqa: E402
 
 from longcat_flash.serve import guard  # noqa: E402
-from longcat_flash.serve.guard import BODIES_IN_FLIGHT, JSONOffLoopRoute, RequestGuard  # noqa: E402
+from longcat_flash.serve.guard import (BODIES_IN_FLIGHT, OPEN_BODIES_IN_FLIGHT, JSONOffLoopRoute,  # noqa: E402
+                                       RequestGuard)
 
 KEY = "sk-guard"
 LIMIT = 1000  # max_body_bytes
@@ -26,6 +27,7 @@ def bare_app(release: asyncio.Event | None = None, **guard_options) -> RequestGu
     app.router.route_class = JSONOffLoopRoute
 
     @app.post("/v1/echo")
+    @app.post("/tokenize")  # open, as the tokenizer routes are
     async def echo(body: dict) -> dict:
         if release is not None:
             await release.wait()
@@ -119,9 +121,10 @@ def test_engine_sizes_are_checked_as_the_flags_they_are(flag, value, capsys):
     assert f"argument {flag}: " in capsys.readouterr().err
 
 
-def scope_for(path: str = "/v1/echo") -> dict:
+def scope_for(path: str = "/v1/echo", keyed: bool = True) -> dict:
+    key = [(b"authorization", f"Bearer {KEY}".encode())] if keyed else []
     return {"type": "http", "method": "POST", "path": path, "raw_path": path.encode(), "query_string": b"",
-            "headers": [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")],
+            "headers": [*key, (b"content-type", b"application/json")],
             "asgi": {"version": "3.0"}, "http_version": "1.1", "scheme": "http", "root_path": "",
             "server": ("test", 80), "client": ("test", 1)}
 
@@ -183,7 +186,29 @@ def test_the_bodies_being_read_are_bounded_and_parsed_ones_no_longer_count():
     refused, statuses, reading, generating = asyncio.run(go())
     assert refused.status_code == 503 and "busy" in refused.text
     assert refused.headers["retry-after"] == "1"
-    assert statuses == [200] * (2 * BODIES_IN_FLIGHT) and reading == generating == 0
+    assert statuses == [200] * (2 * BODIES_IN_FLIGHT) and reading == generating == {True: 0, False: 0}
+
+
+def test_bodies_without_the_key_are_bounded_apart_and_never_keep_the_keys_holders_out():
+    """The tokenizer routes are open, as vLLM's are: clients without the key stalling bodies there took the one
+    shared bound, and every keyed /v1/ request got a 503."""
+    async def ignore(message):
+        pass
+
+    async def go():
+        release = asyncio.Event()
+        app = bare_app()
+        stalled = [asyncio.create_task(app(scope_for("/tokenize", keyed=False), stalled_body(release), ignore))
+                   for _ in range(OPEN_BODIES_IN_FLIGHT)]
+        await asyncio.sleep(0.1)
+        async with client(app, key=None) as open_client, client(app) as keyed_client:
+            refused = await open_client.post("/tokenize", content=body_of(LIMIT // 2))
+            served = await keyed_client.post("/v1/echo", content=body_of(LIMIT // 2))
+        release.set()
+        await asyncio.gather(*stalled)
+        return refused.status_code, served.status_code, app.in_flight
+
+    assert asyncio.run(go()) == (503, 200, {True: 0, False: 0})
 
 
 def test_json_bodies_are_parsed_off_the_event_loop(monkeypatch):

@@ -38,6 +38,7 @@ PROTECTED = "/v1/"
 RELEASE_BODY = "longcat.release_body"  # in scope["state"]: hands a parsed body's share of the bound back
 BODY_TIMEOUT_S = 60.0  # from the request head to the body's last byte
 BODIES_IN_FLIGHT = 4  # the bodies being read and parsed at once, together, in units of max_body_bytes
+OPEN_BODIES_IN_FLIGHT = 1  # the same for the requests without the key (when the server has one), counted apart
 API_KEY = re.compile(r"[!-~]+")  # visible ASCII: what a client can send as a bearer token, and match
 
 
@@ -63,25 +64,27 @@ def error(status: int, message: str, type_: str, code: str, headers: dict[str, s
 
 
 class RequestGuard:
-    """Pure ASGI middleware: the API key (when the server has one) on every /v1/ path, and `max_body_bytes`."""
+    """Pure ASGI middleware: the API key (when the server has one) on every /v1/ path, and `max_body_bytes`. The
+    bodies of requests without the key (to the open tokenizer routes) are bounded apart, so that they can never
+    keep the key's holders out."""
 
     def __init__(self, app: Callable, *, api_key: str | None, max_body_bytes: int,
                  body_timeout_s: float = BODY_TIMEOUT_S) -> None:
         check_api_key(api_key)
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-        self.body_timeout_s, self.in_flight = body_timeout_s, 0  # bytes of the bodies being read and parsed
+        self.body_timeout_s = body_timeout_s
+        self.in_flight = {True: 0, False: 0}  # bytes of the bodies being read and parsed, by whether keyed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if self.api_key is not None and scope["path"].startswith(PROTECTED):
-            scheme, _, given = headers.get("authorization", "").strip().partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), self.api_key.encode()):
-                await error(401, "invalid or missing API key", "authentication_error", "invalid_api_key",
-                            {"WWW-Authenticate": "Bearer"})(scope, receive, send)  # RFC 7235: the scheme to use
-                return
+        keyed = self.api_key is None or self._has_key(headers)
+        if not keyed and scope["path"].startswith(PROTECTED):
+            await error(401, "invalid or missing API key", "authentication_error", "invalid_api_key",
+                        {"WWW-Authenticate": "Bearer"})(scope, receive, send)  # RFC 7235: the scheme to use
+            return
         coding = headers.get("content-encoding", "identity").strip().lower()
         if coding not in ("", "identity"):  # a gzip body read as JSON was "not valid UTF-8"; a plain one passed
             await error(415, f"Content-Encoding {coding!r} is not supported: send the body uncompressed",
@@ -92,19 +95,23 @@ class RequestGuard:
             await error(413, f"request body of {declared} bytes; this server takes at most {self.max_body_bytes}",
                         "invalid_request_error", "request_too_large")(scope, receive, send)
             return
-        held = [0]  # this request's body bytes, counted in self.in_flight until it is parsed (or ends)
+        held = [0]  # this request's body bytes, counted in self.in_flight[keyed] until it is parsed (or ends)
 
         def release() -> None:
-            self.in_flight -= held[0]
+            self.in_flight[keyed] -= held[0]
             held[0] = 0
 
         scope.setdefault("state", {})[RELEASE_BODY] = release
         try:
-            await self.app(scope, self._bounded(receive, held), send)
+            await self.app(scope, self._bounded(receive, held, keyed), send)
         finally:
             release()
 
-    def _bounded(self, receive: Receive, held: list[int]) -> Receive:
+    def _has_key(self, headers: dict[str, str]) -> bool:
+        scheme, _, given = headers.get("authorization", "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), self.api_key.encode())
+
+    def _bounded(self, receive: Receive, held: list[int], keyed: bool) -> Receive:
         deadline = time.monotonic() + self.body_timeout_s
         whole = False
 
@@ -121,11 +128,12 @@ class RequestGuard:
                 size, whole = len(message.get("body", b"")), not message.get("more_body", False)
                 if held[0] + size > self.max_body_bytes:
                     raise BodyTooLarge(self.max_body_bytes)
-                if self.in_flight + size > self.max_body_bytes * BODIES_IN_FLIGHT:
+                if self.in_flight[keyed] + size > self.max_body_bytes * (BODIES_IN_FLIGHT if keyed else
+                                                                         OPEN_BODIES_IN_FLIGHT):
                     raise HTTPException(503, "server busy: too many large request bodies being read; retry",
                                         headers={"Retry-After": "1"})
                 held[0] += size
-                self.in_flight += size
+                self.in_flight[keyed] += size
             return message
         return bounded
 

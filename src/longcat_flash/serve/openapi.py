@@ -33,9 +33,9 @@ ROUTE_ERRORS: dict[str, tuple[int, ...]] = {  # path -> statuses besides 200
     "/v1/models/{model_id}": (401, 404),
     "/v1/completions": _GENERATION,
     "/v1/chat/completions": _GENERATION,
-    "/tokenize": (400, 401, 404, 413, 415),
-    "/detokenize": (400, 401, 404, 413, 415),
-    "/tokenizer_info": (401,),
+    "/tokenize": (400, 404, 413, 415, 503),  # open, as vLLM's (no 401); a busy bound on bodies without the key
+    "/detokenize": (400, 404, 413, 415, 503),
+    "/tokenizer_info": (),
 }
 DESCRIPTION = ("OpenAI-compatible text generation (docs/serving.md). Any path not listed here answers 404, and a "
                "listed path asked with another method 405, both with the same error body as every other error.")
