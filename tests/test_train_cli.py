@@ -120,7 +120,7 @@ def test_a_text_field_keeps_the_text_as_typed(tmp_path: Path):
     assert build_config("tiny", ["data.source='2024'"]).data.source == "2024"  # quoted, as before
     cfg = build_config("sft", ["sft.ignore_columns=2024_01,1e3", "sft.data=rows.jsonl"])
     assert cfg.sft.ignore_columns == ("2024_01", "1e3")
-    with pytest.raises(ValueError, match="^init_from=2024_01: model directory 2024_01 does not exist"):  # the model looked up as typed
+    with pytest.raises(ValueError, match="^init_from=2024_01: model directory 2024_01 does not exist"):  # as typed
         build_config("sft", ["sft.data=rows.jsonl", "init_from=2024_01"])
     (tmp_path / "model.json").write_text("{}")  # a model's config.json given for its directory
     with pytest.raises(ValueError, match=f"^init_from={tmp_path / 'model.json'}: .* is a file; a model is a dir"):
@@ -816,6 +816,7 @@ def test_fields_a_run_overwrites_or_never_reads_are_refused(tmp_path: Path, over
     assert build_config("tiny", ["data.tokenizer_sample_bytes=1000"]).data.tokenizer_sample_bytes == 1000
     assert build_config("tiny", ["budget.rate=2.0"]).budget.rate == 2.0  # the controller runs: read
     assert not build_config("tiny", ["budget.enabled=false"]).budget.enabled
+    assert build_config("tiny", ["budget.enabled=false", "budget.target=1.5"]).ffn_expert_target == 1.5  # the loss's
 
 
 def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):
