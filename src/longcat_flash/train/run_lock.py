@@ -45,6 +45,11 @@ def hold(out: Path) -> None:
     _held[key] = fd
 
 
+def holds(out: Path) -> bool:
+    """Whether this process holds the run directory's lock."""
+    return out.resolve() in _held
+
+
 def release(out: Path) -> None:
     """Give the lock back (the process goes on without training there)."""
     fd = _held.pop(out.resolve(), None)

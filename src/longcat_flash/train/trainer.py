@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -275,23 +275,25 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] =
             return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
                           device=device, auto_new=found is False)
         finally:  # a failed run frees its directory too: another process may resume it while this one goes on
-            run_lock.release(Path(out))
-            if made:
-                _remove_refused_start(Path(out))
+            _release(Path(out), made)
 
 
-def _remove_refused_start(out: Path) -> None:
-    """A run directory this call made that holds nothing but its lock and the tokenizer a run writes first (or
-    nothing: another node's rank made it): a start refused before it trained (bad data, a typo in a flag, nodes that
-    do not share the directory) left that folder behind."""
+def _release(out: Path, made: bool) -> None:
+    """Give the run directory's lock back. A directory this call made that holds nothing but its lock and the
+    tokenizer a run writes first is a start refused before it trained (bad data, a typo in a flag, nodes that do not
+    share it): it goes, its files removed by the process that holds its lock while it holds it; another rank, or a
+    second process that made it at the same moment, removes the folder only once it is empty."""
     try:
-        held = [p.name for p in out.iterdir()]
-        if set(held) <= {run_lock.LOCK_FILE, TOKENIZER_FILE, CONFIG_FILE}:
-            for name in held:
-                (out / name).unlink()
-            out.rmdir()
-    except OSError:  # another rank removed it first, or wrote into it meanwhile
+        if made and run_lock.holds(out) and {p.name for p in out.iterdir()} <= {run_lock.LOCK_FILE, TOKENIZER_FILE,
+                                                                                 CONFIG_FILE}:
+            for name in (TOKENIZER_FILE, CONFIG_FILE, run_lock.LOCK_FILE):
+                (out / name).unlink(missing_ok=True)
+    except OSError:  # written into meanwhile, or not ours to read
         pass
+    run_lock.release(out)
+    if made:
+        with suppress(OSError):  # not empty: another process's files, or a run that trained
+            out.rmdir()
 
 
 def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: DeviceMesh | None, overlap: bool,
