@@ -292,11 +292,20 @@ def model_directory(path: str | Path) -> Path:
                          "into the run directory when it ends; `--resume RUN_DIR` continues the run")
     if not (path / "config.json").is_file() and (path / RUN_CONFIG_FILE).is_file():  # grown, or killed early
         raise FileNotFoundError(f"{path} is a training run with no model yet: a run writes its model there when it "
-                                f"ends; `longcat train --resume {path}` trains it to its end")
+                                f"ends; `longcat {_run_command(path)} --resume {path}` trains it to its end")
     if not (path / "config.json").is_file():  # (before the tokenizer is looked for: the folder is the problem)
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (a model is config.json, "
                                 "safetensors and tokenizer.json)")
     return path
+
+
+def _run_command(run: Path) -> str:
+    """The command that continues a run directory: sft when its recorded config has conversations."""
+    try:
+        sft = json.loads((run / RUN_CONFIG_FILE).read_text()).get("sft") or {}
+    except (OSError, ValueError, AttributeError):  # unreadable, or not an object: taken for pre-training
+        return "train"
+    return "sft" if isinstance(sft, dict) and sft.get("data") else "train"
 
 
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
