@@ -244,8 +244,9 @@ def test_a_server_whose_engine_process_dies_stops_with_status_1(tmp_path):
         os.kill(int(engine), signal.SIGKILL)  # the OOM killer, a crash in a kernel
         output, _ = server.communicate(timeout=30)
     assert server.returncode == 1 and "Traceback" not in output, output[-3000:]
-    assert output.strip().splitlines()[-1] == ("longcat serve: the engine process exited while serving (exit code "
-                                               "-9): stopped, so that a supervisor can restart the server")
+    assert output.strip().splitlines()[-1] == ("longcat serve: the engine process exited while serving (killed by "
+                                               "signal 9 (SIGKILL: most often the system out of memory)): stopped, "
+                                               "so that a supervisor can restart the server")
 
 
 @pytest.mark.parametrize("signals", [(signal.SIGTERM,), (signal.SIGINT, signal.SIGINT)])

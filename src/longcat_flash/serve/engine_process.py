@@ -42,17 +42,21 @@ class EngineProcess(Bridge):
             kind, *info = self._conn.recv()
         except EOFError:  # an OSError kind: one line from the CLI, not a traceback
             self.process.join()
-            code = self.process.exitcode
-            oom = " (SIGKILL: most often the system out of memory)" if code == -9 else ""
-            why = f"killed by signal {-code}{oom}"
-            raise ChildProcessError(f"the engine process exited while loading the model "
-                                    f"({why if code is not None and code < 0 else f'exit code {code}'})") from None
+            raise ChildProcessError(f"the engine process exited while loading the model ({self.exit_words()})") \
+                from None
         if kind == "failed":
             self.process.join()
             raise info[0]
         self.vocab_size, self.context, self.max_queued, self.max_running = info
         self._send_lock = threading.Lock()
         threading.Thread(target=self._read, name="longcat-engine-reader", daemon=True).start()
+
+    def exit_words(self) -> str:
+        """How the ended engine process ended: its exit code, or the signal that killed it."""
+        code = self.process.exitcode
+        if code is None or code >= 0:
+            return f"exit code {code}"
+        return f"killed by signal {-code}" + (" (SIGKILL: most often the system out of memory)" if code == -9 else "")
 
     def _post(self, message: tuple) -> None:
         if message[0] == "add":

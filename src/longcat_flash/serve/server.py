@@ -106,5 +106,5 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
         finally:
             bridge.stop()
     if server.engine_lost:
-        raise ChildProcessError(f"the engine process exited while serving (exit code {bridge.process.exitcode}): "
+        raise ChildProcessError(f"the engine process exited while serving ({bridge.exit_words()}): "
                                 "stopped, so that a supervisor can restart the server")
