@@ -91,8 +91,8 @@ def start_lm_eval(base: str, model_dir: Path, tasks: Path, out: Path, task: str 
         model, extra = "local-completions", []
         backend = "tokenizer_backend=remote" if remote else f"tokenizer_backend=huggingface,tokenizer={model_dir}"
         args = f"model=tiny,base_url={base}/v1/completions,{backend},num_concurrent=1"
-    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(out / "hf"),
-           "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OPENAI_API_KEY": KEY, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1",
+           "HF_HOME": str(out / "hf"), "OMP_NUM_THREADS": "1"}
     return subprocess.Popen([sys.executable, "-m", "lm_eval", "--model", model, "--model_args", args, *extra,
                              "--tasks", task, "--include_path", str(tasks), "--output_path", str(out),
                              "--log_samples"], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -89,5 +89,3 @@ def _validate_special_tokens(special_tokens: Sequence[str]) -> tuple[str, ...]:
     if len(set(tokens)) != len(tokens):
         raise ValueError(f"special_tokens must be unique, got {special_tokens!r}")
     return tokens
-
-
