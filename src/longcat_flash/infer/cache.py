@@ -87,6 +87,7 @@ class PagedLatentCache:
             raise ValueError(f"the latent cache for {(P - 1) * G} tokens (cache_tokens, --cache-tokens) takes "
                              f"{size / 2**30:.1f} GiB, which {device} could not allocate ({type(err).__name__}); "
                              "give fewer tokens") from None
+        self.blocks = self.pool.unbind(0)  # (P*G, C+R) each: a block's pool, taken without an op per layer and step
         self._free = list(range(P - 1, SCRATCH_PAGE, -1))  # pop() hands out low page ids first
         self._users = [0] * P  # sequences whose table holds each page (> 1 only for pages shared by forks)
         self.tables: dict[int, list[int]] = {}
@@ -216,6 +217,7 @@ class BatchView:
     def __init__(self, cache: PagedLatentCache, write: torch.Tensor, read: torch.Tensor, mask: torch.Tensor,
                  shape: tuple[int, int, int], absorb: bool, causal: bool = False) -> None:
         self.cache, self.write, self.read, self.mask, self.shape = cache, write, read, mask, shape
+        self.read_rows = read.view(shape[0], shape[2])  # (B, L): the kernels' read index, made once per forward
         self.absorb = absorb  # this forward's attention path (LatentCache.absorb)
         # Every row is a first prefill chunk (positions 0..S-1, no padding): the naive path gets mask None and
         # SDPA runs causal without a mask (~1.5x faster on CPU; decided here on the host, not by comparing masks
@@ -230,18 +232,17 @@ class BatchView:
     def store(self, block: int, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
         """Write this forward's latent (B, S, C) and k_rope (B, S, R) into block `block`'s pool rows."""
         B, S, _ = self.shape
-        pool = self.cache.pool[block]  # (P*G, C+R)
+        pool = self.cache.blocks[block]  # (P*G, C+R)
         pool.index_copy_(0, self.write, torch.cat([latent, k_rope], dim=-1).reshape(B * S, -1).to(pool.dtype))
 
     def gather(self, block: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Block `block`'s context as copies: latent (B, L, C) and k_rope (B, L, R) in `dtype`."""
         B, _, L = self.shape
-        gathered = self.cache.pool[block].index_select(0, self.read).view(B, L, -1).to(dtype)  # (B, L, C+R)
+        gathered = self.cache.blocks[block].index_select(0, self.read).view(B, L, -1).to(dtype)  # (B, L, C+R)
         C = self.cache.config.kv_lora_rank
         return gathered[..., :C], gathered[..., C:]
 
     def pool_rows(self, block: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Block `block`'s pool (P*G, C+R) itself, with this forward's write index (B*S,) and read index (B, L) into
         its rows: for a kernel that stores and reads in place (decode_ops.mla_attend)."""
-        B, _, L = self.shape
-        return self.cache.pool[block], self.write, self.read.view(B, L)
+        return self.cache.blocks[block], self.write, self.read_rows
