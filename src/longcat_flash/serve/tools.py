@@ -199,7 +199,8 @@ class ToolPlan:
 def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
     """Check the tool fields against each other and the messages, then decide the prompt.
 
-    `none` renders no tools and parses nothing; `required` prefills the opening tag, a named function also its
+    `none` renders the tools (as vLLM does by default, and as OpenAI's model sees them) and parses nothing: the reply
+    is content; `required` prefills the opening tag, a named function also its
     name, so even a model that would rather answer in prose continues a call (whose arguments the grammar of
     serve/structured.py then constrains to the tool's schema).
     """
@@ -213,10 +214,11 @@ def plan_tools(body: p.ChatCompletionRequest) -> ToolPlan:
     if isinstance(choice, p.NamedToolChoice) and choice.function.name not in names:
         raise ToolRequestError("tool_choice", f"tool_choice names {choice.function.name!r}, which is not among "
                                               f"the tools {names}")
+    shown = [t.given for t in body.tools] if body.tools else None
     if choice == "none":
-        return ToolPlan(None, "", body.parallel_tool_calls, history=history)
+        return ToolPlan(None, "", body.parallel_tool_calls, history=history, shown=shown)
     tools = [tool.model_dump(exclude_none=True) for tool in body.tools]
-    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls, choice, history, [t.given for t in body.tools])
+    return ToolPlan(tools, _prefill(choice), body.parallel_tool_calls, choice, history, shown)
 
 
 def _prefill(choice: str | p.NamedToolChoice) -> str:
