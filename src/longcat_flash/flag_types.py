@@ -26,6 +26,7 @@ def _number(kind: type, low: float, strict: bool) -> Any:
     return convert
 
 
+integer = _number(int, -math.inf, strict=False)  # any integer, for flags that check their own range
 positive_int = _number(int, 0, strict=True)  # steps, seeds, counts, threads, rows
 non_negative_int = _number(int, 0, strict=False)  # a seed
 positive_float = _number(float, 0, strict=True)  # learning rates, ε, RoPE bases, tolerances, time limits
@@ -54,7 +55,7 @@ seed = _at_most(non_negative_int, 2**63 - 1, "[0, 2^63)")  # torch's generators 
 def sampling_seed(text: str) -> int:
     """A sampling seed: any int64, as the server (OpenAI, vLLM) takes it (infer/sampling.py maps it to a
     generator's)."""
-    value = _number(int, -math.inf, strict=False)(text)
+    value = integer(text)
     if not -(2**63) <= value < 2**63:
         raise argparse.ArgumentTypeError(f"must be in [-2^63, 2^63), got {text}")
     return value

@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from ..flag_types import (fraction, non_negative_int, penalty, positive_float, positive_int, sampling_seed, seed,
-                          temperature, top_p)
+from ..flag_types import (fraction, integer, non_negative_int, penalty, positive_float, positive_int, sampling_seed,
+                          seed, temperature, top_p)
 from ..presets import PRESETS, get_preset
 from .common import add_device, new_or_directory
 
@@ -196,10 +196,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
 
 
 def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    port = integer(text)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"a TCP port is 0..65535, got {port}")
     return port

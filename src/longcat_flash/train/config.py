@@ -448,9 +448,9 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
     if not cfg.model.zero_expert_num or not cfg.budget.enabled:  # trainer.py builds no controller then
         off = ("a model without zero experts (model.zero_expert_num=0): no expert bias to control"
                if not cfg.model.zero_expert_num else "a run with budget.enabled=false")
-        unread.update(dict.fromkeys((f"budget.{f.name}" for f in dataclasses.fields(cfg.budget)  # target: K_e, which
-                                     if f.name != "target"  # the balance loss and `longcat info` read too
-                                     and (f.name != "enabled" or not cfg.model.zero_expert_num)), off))
+        kept = {"target"} | ({"enabled"} if cfg.model.zero_expert_num else set())  # target: K_e, the balance loss's too
+        unread.update(dict.fromkeys((f"budget.{f.name}" for f in dataclasses.fields(cfg.budget) if f.name not in kept),
+                                    off))
     if cfg.schedule.kind != "wsd":
         unread["schedule.decay_fraction"] = f"schedule.kind={cfg.schedule.kind} (only wsd decays over a last share)"
     trains_tokenizer = cfg.data.tokenizer is None and cfg.init_from is None
