@@ -138,8 +138,24 @@ def test_seeded_speculative_sampling_does_not_depend_on_prefill_chunking(model):
     prompt = prompts((18,), seed=4)[0]
     params = SamplingParams(max_new_tokens=10, temperature=0.9, top_k=40, seed=7, ignore_eos=True)
     outs = [Engine(model, EngineConfig(speculative=2, **{**SMALL, "prefill_chunk": chunk})).generate([prompt], params)
-            for chunk in (5, 8, 32)]
-    assert outs[0] == outs[1] == outs[2]
+            for chunk in (5, 8, 17, 32)]  # 17 leaves a last chunk of one prompt token
+    assert outs[0] == outs[1] == outs[2] == outs[3]
+
+
+@pytest.mark.parametrize("k", [0, 2])
+def test_a_prompt_whose_last_chunk_is_one_token_is_prefilled_not_decoded(model, k):
+    """A one-token last chunk ran as a decode step: a scoring request (max_new_tokens=0, lm_eval's loglikelihood)
+    got a generated token, and a seeded speculating request drew drafts from a prompt token."""
+    prompt = prompts((17,), seed=5)[0]
+    seeded = SamplingParams(max_new_tokens=6, temperature=0.9, top_k=40, seed=3, ignore_eos=True)
+    outs = []
+    for chunk in (8, 32):  # 17 = 2 * 8 + 1
+        engine = Engine(model, EngineConfig(speculative=k, **{**SMALL, "prefill_chunk": chunk}))
+        scoring = engine.add_request(prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+        sampling = engine.add_request(prompt, seeded)
+        outs.append(_run(engine, [scoring, sampling]))
+        assert outs[-1][scoring] == [] and engine.stats.generated_tokens == seeded.max_new_tokens
+    assert outs[0][sampling] == outs[1][sampling]
 
 
 def test_pages_all_return_after_finished_cancelled_and_preempted_requests(model):
@@ -189,6 +205,13 @@ def test_a_cache_smaller_than_the_context_caps_sequences_instead_of_hanging(mode
         engine.add_request([5] * engine.max_context)
     with pytest.raises(ValueError, match="the KV cache's limit\\), which it does not fit"):  # not "no room to
         engine.add_request([5] * (engine.max_context + 1), SamplingParams(max_new_tokens=0))  # generate": none asked
+
+
+def test_copies_need_one_stop_each(model):
+    engine = Engine(model, EngineConfig(**SMALL))
+    with pytest.raises(ValueError, match="3 SamplingParams and 1 stops"):
+        engine.add_copies([5, 6, 7], [GREEDY] * 3, [None])
+    assert not engine.has_work()
 
 
 def test_copies_that_could_never_fit_the_pool_are_refused(model):
@@ -362,8 +385,9 @@ def test_a_request_whose_logits_are_not_finite_fails_alone(k):
     healthy, sick = prompts((9, 6))
     sick = sick + [poison]
     engine = Engine(broken, EngineConfig(speculative=k, **SMALL))
-    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, seed=3, ignore_eos=True)
+    sampled = SamplingParams(max_new_tokens=6, temperature=1.0, seed=4, ignore_eos=True)
     alone = engine.generate([healthy], sampled)[0]
+    assert poison not in alone  # the seed keeps the healthy request away from the poisoned token
     rids = [engine.add_request(p, sampled) for p in (healthy, sick)]
     outs = {rid: [] for rid in rids}
     while engine.has_work():

@@ -171,6 +171,9 @@ class Engine:
         """
         if not params or not all(isinstance(sp, SamplingParams) for sp in params):
             raise ValueError("add_copies needs one SamplingParams per copy, at least one")
+        if stops is not None and len(stops) != len(params):
+            raise ValueError(f"add_copies got {len(params)} SamplingParams and {len(stops)} stops: give one stop "
+                             "(or None) per copy")
         self._validate(prompt, scoring=all(sp.max_new_tokens == 0 for sp in params))
         if any(token >= self.vocab_size for sp in params for token, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
@@ -375,10 +378,11 @@ class Engine:
 
     def _draft(self, seqs: list[SequenceState], rows: dict[int, tuple[int, torch.Tensor]]) -> None:
         """MTP extend for sequences whose trunk just covered positions start..computed-1, then a chain of drafts for
-        those with a pending token and no draft (a prompt still in prefill has none, and a sequence recomputed after
-        a preemption still has its own: they only write the head's cache, and draw no random numbers). Requests
-        with logit controls never come here (the MTP head's distributions do not model them): `_draft_prefilled`
-        leaves them out, and `_speculative` has only rows that were drafted.
+        those past their prompt with a sampled token pending and no draft (a prompt in prefill has none, even with
+        one token left, and a sequence recomputed after a preemption still has its own: they only write the head's
+        cache, and draw no random numbers). Requests with logit controls never come here (the MTP head's
+        distributions do not model them): `_draft_prefilled` leaves them out, and `_speculative` has only rows that
+        were drafted.
 
         rows: sequence id -> (start, that forward's final hidden row from start (S_b, D), S_b >= computed - start).
         """
@@ -388,7 +392,7 @@ class Engine:
         next_ids = [s.tokens[start + 1:s.computed + 1] for s, start in zip(seqs, starts)]
         hidden = pad_sequence([rows[s.id][1] for s in seqs], batch_first=True)  # (B, S, D)
         z = self.drafter.extend([s.id for s in seqs], next_ids, hidden, starts)  # (B, D)
-        ready = [b for b, s in enumerate(seqs) if s.remaining == 1 and self.requests[s.id].draft is None]
+        ready = [b for b, s in enumerate(seqs) if s.decoding and self.requests[s.id].draft is None]
         if not ready:
             return
         reqs = [self.requests[seqs[b].id] for b in ready]

@@ -56,9 +56,10 @@ class SequenceState:
 
     @property
     def decoding(self) -> bool:
-        """Past its prompt, one pending token. A prompt whose copies wait to fork off it (`forks`) ends in a
-        prefill chunk even when one token is left, so the engine forks them where prompts end: in `_prefill`."""
-        return self.remaining == 1 and self.computed > 0 and not self.forks
+        """Past its prompt, one pending token (the last sampled one). A prompt always ends in a prefill chunk, even
+        one token long: prefill is where a prompt's first token is sampled, its copies fork off, and a request
+        that only scores its prompt finishes."""
+        return self.remaining == 1 and len(self.tokens) > self.prompt_len
 
 
 @dataclass(frozen=True)
