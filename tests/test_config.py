@@ -26,6 +26,8 @@ from longcat_flash.presets import PRESETS, get_preset, tiny
     ("norm_topk_prob", "no"),
     ("num_nextn_predict_layers", True),
     ("zero_expert_num", True),
+    ("rms_norm_eps", True),  # a bool is an int to Python: it read as 1 and was written to config.json as true
+    ("routed_scaling_factor", False),
     ("rope_theta", 1.0),  # YaRN divided by log(theta) = 0 after a run's training (experiments/context_extension.py)
 ])
 def test_bad_values_name_the_field(field, value):

@@ -295,7 +295,8 @@ def test_train_leaves_the_callers_generators_and_deterministic_flags_as_it_found
 
 def test_train_takes_devices_as_the_cli_does_and_refuses_what_is_no_run_directory(corpus, tmp_path):
     """`device="auto"` (the CLI's default) was torch's "Expected one of cpu, cuda, ..." and `cuda` without CUDA an
-    AssertionError from inside torch; `train(cfg, "")` trained into the current directory."""
+    AssertionError from inside torch; `train(cfg, "")` trained into the current directory; a dict for the config
+    failed deep in setup."""
     from longcat_flash.device import DeviceError
 
     cfg = tiny_config(*corpus, "max_steps=1")
@@ -304,6 +305,9 @@ def test_train_takes_devices_as_the_cli_does_and_refuses_what_is_no_run_director
             train(cfg, tmp_path / "cuda", progress=False, device="cuda")
     with pytest.raises(ValueError, match="the run directory is empty"):
         train(cfg, " ", progress=False)
+    with pytest.raises(TypeError, match="cfg must be a TrainConfig .*got dict"):  # AttributeError deep in setup
+        train(cfg.to_dict(), tmp_path / "dict", progress=False)
+    assert not (tmp_path / "dict").exists()
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match="the run directory .*notes.txt is a file"):
         train(cfg, tmp_path / "notes.txt", progress=False)

@@ -220,7 +220,7 @@ class ModelConfig:
                                  f"hidden_size={self.hidden_size} (it is a low-rank bottleneck)")
         for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "initializer_range"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"ModelConfig.{name} must be a positive finite number, got {value!r}")
         if self.rope_theta <= 1:  # the frequencies are powers of 1/theta; YaRN divides by log(theta)
             raise ValueError(f"ModelConfig.rope_theta must be > 1, got {self.rope_theta!r}")

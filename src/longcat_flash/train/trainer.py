@@ -259,6 +259,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] =
     files; `overlap` is the ScMoE overlap switch. The global generators and deterministic flags the run sets are
     put back as they were when it returns, and the run directory's lock is released however it ends.
     """
+    if not isinstance(cfg, TrainConfig):
+        raise TypeError(f"cfg must be a TrainConfig (build_config(...) or recipe(...)), got {type(cfg).__name__}")
     if not str(out).strip():  # Path("") is the current directory: a run would write its files all over it
         raise ValueError("the run directory is empty; give a path (a new or empty directory, or a run to resume)")
     if Path(out).exists() and not Path(out).is_dir():
