@@ -29,7 +29,7 @@ def corpus_dir(tmp_path: Path) -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_text(text, encoding="utf-8")
     (root / "d.jsonl").write_text("\n".join(json.dumps(r) for r in JSONL) + "\n\n", encoding="utf-8")
-    (root / "ignored.bin").write_bytes(b"\x00\x01")
+    (root / "ignored.png").write_bytes(b"\x89PNG\x00\x01")  # not a corpus format, nor data: left out
     return root
 
 
@@ -184,6 +184,68 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip at all")
     with pytest.raises(ValueError, match=r"bad\.jsonl\.gz: not a readable gzip file"):
         list(iter_documents(tmp_path / "bad.jsonl.gz"))
+
+
+def test_a_corpus_folder_reads_json_and_refuses_unread_data_and_mixed_splits(tmp_path: Path) -> None:
+    """A C4-style folder of .json.gz shards was refused as holding no corpus files, a .json beside a .txt was left
+    out (its run then failed on a tiny val split), other data files were left out unsaid, and train and test files
+    side by side were both trained on."""
+    import gzip
+
+    c4 = tmp_path / "c4" / "en"
+    c4.mkdir(parents=True)
+    for k in range(2):
+        with gzip.open(c4 / f"c4-train.{k:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
+            f.write(json.dumps({"text": f"shard {k}", "url": "u"}) + "\n")
+    (c4 / "more.json").write_text(json.dumps([{"text": "from an array"}]))
+    (c4 / "dataset_info.json").write_text(json.dumps({"features": {}}))  # `datasets`' own file, not records
+    assert list(iter_documents(c4)) == ["shard 0", "shard 1", "from an array"]
+    (c4 / "part.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd rows")
+    with pytest.raises(ValueError, match=r"part\.jsonl\.zst in .*en is a data file in a format not read here"):
+        Corpus(c4).files()
+    (c4 / "part.jsonl.zst").unlink()
+    (tmp_path / "nanogpt").mkdir()  # its prepare.py alone was trained on
+    for name in ("prepare.py", "train.bin"):
+        (tmp_path / "nanogpt" / name).write_bytes(b"tokens = 1\n")
+    with pytest.raises(ValueError, match=r"train\.bin in .*nanogpt is a data file in a format not read here"):
+        Corpus(tmp_path / "nanogpt").files()
+    with gzip.open(c4 / "c4-validation.00000-of-00001.json.gz", "wt", encoding="utf-8") as f:
+        f.write(json.dumps({"text": "held out"}) + "\n")
+    with pytest.raises(ValueError, match=r"en holds the files of several splits \(train, validation\)"):
+        Corpus(c4).files()
+    stories = tmp_path / "stories"
+    stories.mkdir()
+    (stories / "stories.txt").write_text("a story")
+    (stories / "stories-valid.txt").write_text("a held-out story")
+    with pytest.raises(ValueError, match=r"holds validation \(valid\) files \(stories-valid\.txt\) beside files no "
+                                         r"split names \(stories\.txt\).*move the held-out files out"):
+        Corpus(stories).files()
+    code = tmp_path / "code"  # tests named test_*.py are code, not a split
+    code.mkdir()
+    (code / "parse.py").write_text("def parse(): ...")
+    (code / "test_parse.py").write_text("def test_parse(): ...")
+    assert len(list(iter_documents(code))) == 2
+
+
+def test_bad_bytes_lone_surrogates_and_compressed_files_in_a_corpus(tmp_path: Path) -> None:
+    """A bad byte past a .jsonl's first KiB stopped a run with a UnicodeDecodeError naming no file, a lone surrogate
+    escape (valid JSON) with a UnicodeEncodeError, and a zstd file was "not UTF-8 text" about pre-tokenized files."""
+    lines = "".join(json.dumps({"text": f"line {i} " * 4}) + "\n" for i in range(50)).encode()
+    (tmp_path / "bad.jsonl").write_bytes(lines + b'{"text": "bad \xff byte"}\n' + lines)
+    with pytest.raises(ValueError, match=rf"bad\.jsonl:51: not UTF-8 text \(byte b'\\xff' at byte {len(lines) + 14} "
+                                         r"of the file\); convert it to UTF-8$"):
+        list(iter_documents(tmp_path / "bad.jsonl"))
+    (tmp_path / "cut.jsonl").write_text('{"text": "cut \\ud83d emoji"}\n{"text": "whole \\ud83d\\ude00"}\n')
+    docs = list(iter_documents(tmp_path / "cut.jsonl"))
+    assert docs == ["cut \ufffd emoji", "whole \U0001f600"] and all(doc.encode("utf-8") for doc in docs)
+    (tmp_path / "rows.jsonl").write_bytes(b"\x28\xb5\x2f\xfd" + bytes(range(256)))
+    with pytest.raises(ValueError, match=r"rows\.jsonl is zstd-compressed, which is not read under this name: "
+                                         r"decompress it$"):
+        list(iter_documents(tmp_path / "rows.jsonl"))
+    import gzip
+    (tmp_path / "notes.txt").write_bytes(gzip.compress(b"some notes"))
+    with pytest.raises(ValueError, match=r"notes\.txt is gzip-compressed.*or name it \*\.jsonl\.gz"):
+        list(iter_documents(tmp_path / "notes.txt"))
 
 
 def test_parquet_in_directory(corpus_dir: Path) -> None:

@@ -12,15 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import data_files, decoding_errors, jsonl_records, pyarrow_modules, starts_with_bracket, whole_json
+from .dataset_folders import DATASETS_METADATA, check_one_split
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
-# The words that name a split in a data set's file and folder names, as `datasets` matches them: between separators
-# (`train-00000-of-00002.parquet`, `mydata_test.jsonl`, `validation/`), each word standing for its split.
-SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
-               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
-               "evaluation": "test"}
-_SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(sorted(SPLIT_WORDS, key=len, reverse=True))})(?=$|[-._ 0-9])")
-DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not rows
 # Data files `datasets` reads that we do not (other compressions, CSV, NDJSON): in a folder, refused by name.
 UNREAD_ROWS = re.compile(r"\.(?:jsonl|json|ndjson|csv|tsv|parquet|arrow)\.(?:bz2|xz|zst|zstd|lz4|zip)$"
                          r"|\.(?:ndjson|csv|tsv)(?:\.gz)?$")
@@ -64,27 +58,11 @@ def row_files(pattern: str | Path) -> list[Path]:
     files = [p for p in found if row_format(p) in ROW_FILES and p not in caches]
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
-    _check_one_split(path, files)
+    check_one_split(path, files, f"give one split's files: a file, a folder or a glob pattern such as "
+                                 f"'{path}/**/*train*' (quoted)",
+                    "give the training files as --data (a file, or a folder or quoted glob of them) and the "
+                    "held-out ones as --val-data")
     return files
-
-
-def _check_one_split(path: Path, files: list[Path]) -> None:
-    """A hub data set's train and test shards side by side would train the held-out rows: several splits are
-    refused, and so is a held-out split beside files no split names (which `datasets` then leaves out, reading the
-    folder as the held-out split alone)."""
-    splits = {file: _split_of(file.relative_to(path)) for file in files}
-    words = {split: word for found in splits.values() if found for split, word in [found]}
-    unnamed = [file for file, found in splits.items() if found is None]
-    named = ", ".join(f"{split} ({word})" if word != split else split for split, word in sorted(words.items()))
-    if len(words) > 1:
-        raise ValueError(f"{path} holds the files of several splits ({named}); give one split's files: a file, a "
-                         f"folder or a glob pattern such as '{path}/**/*{words.get('train', 'train')}*' (quoted)")
-    if unnamed and set(words) - {"train"}:
-        held = next(file for file, found in splits.items() if found)
-        raise ValueError(f"{path} holds {named} files ({held.relative_to(path)}) beside files no split names "
-                         f"({unnamed[0].relative_to(path)}{', ...' if len(unnamed) > 1 else ''}), which `datasets` "
-                         "would leave out; give the training files as --data (a file, or a folder or quoted glob of "
-                         "them) and the held-out ones as --val-data")
 
 
 def _map_caches(path: Path) -> set[Path]:
@@ -106,13 +84,6 @@ def _saved_dataset_files(path: Path) -> list[Path]:
     except (OSError, ValueError, KeyError, TypeError):
         return []
     return files if files and all(file.is_file() for file in files) else []
-
-
-def _split_of(relative: Path) -> tuple[str, str] | None:
-    """(split, the word that names it) for a data set file by the hub's naming (SPLIT_WORDS), its folders first;
-    None for other names."""
-    found = (_SPLIT_WORD.search(part.lower()) for part in relative.parts)
-    return next(((SPLIT_WORDS[m.group(1)], m.group(1)) for m in found if m), None)
 
 
 def rows(path: Path, ignore: Sequence[str]) -> Iterator[tuple[str, Any]]:

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sysconfig
 import zlib
 from collections.abc import Iterator, Sequence
@@ -21,8 +22,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .dataset_folders import DATASETS_METADATA, check_one_split
+
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
-DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".parquet")  # what a directory source reads
+DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")  # a folder's corpus
+# Data files a corpus folder may hold that are not read (other compressions, CSV, Arrow, pre-tokenized tokens):
+# refused by name, not left out unsaid.
+UNREAD_DATA = re.compile(r"\.(?:gz|bz2|xz|zst|zstd|lz4|zip|7z|tar|csv|tsv|ndjson|arrow|bin|npy|npz)$")
+# The magic bytes of compressed files: such a file under a plain text name is named for what it is.
+COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+              b"PK\x03\x04": "zip"}
 RUN_CONFIG_FILE = "train_config.json"  # what marks a training run's directory (train/config.py writes it)
 RUN_LOCK_FILE = ".lock"  # and, from the run's start, its lock (train/run_lock.py takes it before writing anything)
 TEXT_SNIFF_BYTES = 1024  # how much of a text file is checked for being text before it is read
@@ -69,7 +78,16 @@ class Corpus:
             return [root]
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
-        files = [p for p in data_files(root) if _kind(p) in DOC_SUFFIXES]
+        found = [p for p in data_files(root) if p.name not in DATASETS_METADATA]
+        if unread := [p for p in found if _kind(p) not in DOC_SUFFIXES and UNREAD_DATA.search(p.name.lower())]:
+            raise ValueError(f"{unread[0]} in {root} is a data file in a format not read here; a corpus folder holds "
+                             f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder")
+        files = [p for p in found if _kind(p) in DOC_SUFFIXES]
+        check_one_split(root, [p for p in files if _kind(p) not in (".py", ".md")],
+                        "give one split's files as --data (a file, or a folder of them); a run holds out the end of "
+                        "its corpus as its val split (data.val_fraction)",
+                        "move the held-out files out of the folder; a run holds out the end of its corpus as its "
+                        "val split (data.val_fraction)")
         if not files and (root / RUN_CONFIG_FILE).is_file():  # a run trained with --out at the corpus
             raise ValueError(f"corpus directory {root} is a training run's directory (it holds {RUN_CONFIG_FILE}), "
                              "whose files are not corpus: move the text to a folder of its own")
@@ -196,14 +214,11 @@ def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[s
     if kind == ".parquet":
         yield from _read_parquet(path, text_field)
         return
-    if kind in (".jsonl.gz", ".json.gz"):
-        with decoding_errors(path):
-            yield from _read_jsonl(path, text_field)
-        return
-    if check_text:
+    if check_text and kind not in (".jsonl.gz", ".json.gz"):
         _require_text(path, text_field)
-    if kind in (".jsonl", ".json"):  # .json: JSON Lines (as `datasets`' to_json writes them) or an array of records
-        yield from _read_jsonl(path, text_field)
+    if kind in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):  # .json: JSON Lines (as `datasets`' to_json writes
+        with decoding_errors(path):  # them) or an array of records
+            yield from _read_jsonl(path, text_field)
     else:
         # errors="replace": a stray non-UTF-8 byte past the checked head should not stop a run; utf-8-sig: a byte
         # order mark (Windows tools write one) is not text.
@@ -215,11 +230,20 @@ def _require_text(path: Path, text_field: str) -> None:
     pre-tokenized .bin decodes without an error), so say what a corpus may be instead."""
     with path.open("rb") as f:
         head = f.read(TEXT_SNIFF_BYTES)
+    if compression := _compression(head):
+        gzip_name = " or name it *.jsonl.gz / *.json.gz (JSON records)" if compression == "gzip" else ""
+        raise ValueError(f"corpus file {path} is {compression}-compressed, which is not read under this name: "
+                         f"decompress it{gzip_name}")
     if not _looks_like_text(head):
         raise ValueError(f"corpus file {path} is not UTF-8 text (NUL bytes or invalid UTF-8 in its first "
                          f"{TEXT_SNIFF_BYTES} bytes; pre-tokenized token files are not read). A corpus is a text "
                          f"file, a directory of {'/'.join(DOC_SUFFIXES)} files, a .jsonl with a {text_field!r} "
                          f"field per line, or a .parquet with a {text_field!r} column")
+
+
+def _compression(head: bytes) -> str | None:
+    """The compression a file's first bytes say it has (COMPRESSED), or None."""
+    return next((name for magic, name in COMPRESSED.items() if head.startswith(magic)), None)
 
 
 def _looks_like_text(head: bytes) -> bool:
@@ -250,7 +274,9 @@ def decoding_errors(path: Path) -> Iterator[None]:
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:
         raise ValueError(f"{path}: not a readable gzip file ({err})") from None
     except UnicodeDecodeError as err:  # its position counts from a buffer's start, not the file's: found again
-        hint = "" if path.suffix.lower() == ".gz" else ", or name a gzip file *.gz"
+        with path.open("rb") as f:
+            hint = ", or name a gzip file *.gz" if _compression(f.read(8)) == "gzip" and path.suffix.lower() != ".gz" \
+                else ""
         found = _first_undecodable(path)
         if found is None:
             raise ValueError(f"{path}: not UTF-8 text ({err}); convert it to UTF-8{hint}") from None
@@ -313,6 +339,11 @@ def whole_json(path: Path) -> Any:
         raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
+# Half of a UTF-16 pair alone, as JSON's "\ud800" escape gives it (text cut inside an emoji): UTF-8 has no encoding
+# for it, so it becomes U+FFFD, as a stray bad byte in a text file does.
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
 def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     for line_no, record in jsonl_records(path):
         if not isinstance(record, dict) or text_field not in record:
@@ -323,7 +354,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
         if not isinstance(record[text_field], str):
             raise ValueError(f"{path}:{line_no}: field {text_field!r} must be a string, "
                              f"got {type(record[text_field]).__name__}")
-        yield record[text_field]
+        yield _LONE_SURROGATE.sub("\ufffd", record[text_field])
 
 
 def pyarrow_modules(path: Path) -> tuple[Any, Any]:

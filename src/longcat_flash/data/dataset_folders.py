@@ -1,0 +1,40 @@
+"""A data set's folder as the hub and `datasets` lay it out: which split each file holds, by its name, and the files
+`datasets` writes beside the data. A folder given as training data must hold one split: train and test files read
+together would train on the held-out rows (pre-training corpora and SFT conversations alike).
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+# The words that name a split in a data set's file and folder names, as `datasets` matches them: between separators
+# (`train-00000-of-00002.parquet`, `mydata_test.jsonl`, `validation/`), each word standing for its split.
+SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
+               "val": "validation", "dev": "validation", "test": "test", "testing": "test", "eval": "test",
+               "evaluation": "test"}
+_SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(sorted(SPLIT_WORDS, key=len, reverse=True))})(?=$|[-._ 0-9])")
+DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not data
+
+
+def check_one_split(path: Path, files: list[Path], several: str, beside: str) -> None:
+    """Refuse `files` (under the folder `path`) when they hold several splits, or a held-out split beside files no
+    split names (which `datasets` leaves out, reading the folder as the held-out split alone). `several` and
+    `beside` say what to give instead, in each case."""
+    splits = {file: split_of(file.relative_to(path)) for file in files}
+    words = {split: word for found in splits.values() if found for split, word in [found]}
+    unnamed = [file for file, found in splits.items() if found is None]
+    named = ", ".join(f"{split} ({word})" if word != split else split for split, word in sorted(words.items()))
+    if len(words) > 1:
+        raise ValueError(f"{path} holds the files of several splits ({named}); {several}")
+    if unnamed and set(words) - {"train"}:
+        held = next(file for file, found in splits.items() if found)
+        raise ValueError(f"{path} holds {named} files ({held.relative_to(path)}) beside files no split names "
+                         f"({unnamed[0].relative_to(path)}{', ...' if len(unnamed) > 1 else ''}), which `datasets` "
+                         f"would leave out; {beside}")
+
+
+def split_of(relative: Path) -> tuple[str, str] | None:
+    """(split, the word that names it) for a data set file by the hub's naming (SPLIT_WORDS), its folders first;
+    None for other names."""
+    found = (_SPLIT_WORD.search(part.lower()) for part in relative.parts)
+    return next(((SPLIT_WORDS[m.group(1)], m.group(1)) for m in found if m), None)
