@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
 
@@ -412,11 +413,13 @@ class Engine:
 
     # ---- outputs ----
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
-        finite = self._finite_rows(logits)
+        top, best = logits.max(-1)  # (B,) each: one reduction for the finite check and greedy's argmax
+        top, best = top.tolist(), best.tolist()
+        finite = [math.isfinite(value) for value in top]  # a row with a NaN has a NaN max, one with +Inf an Inf
         failed = [self._fail_non_finite(s) for s, ok in zip(seqs, finite) if not ok]
         if failed:
             kept = [b for b, ok in enumerate(finite) if ok]
-            seqs, logits = [seqs[b] for b in kept], logits[kept]
+            seqs, logits, best = [seqs[b] for b in kept], logits[kept], [best[b] for b in kept]
             if not seqs:
                 return failed
         reqs = [self.requests[s.id] for s in seqs]
@@ -424,7 +427,7 @@ class Engine:
         adjusted = adjust_rows(logits, params, [(s.tokens, s.prompt_len) for s in seqs])  # (B, V)
         if any(r.matcher is not None for r in reqs):
             adjusted = mask_rows(adjusted, [r.matcher for r in reqs])
-        tokens = sample(adjusted, params, [r.generator for r in reqs])
+        tokens = sample(adjusted, params, [r.generator for r in reqs], best if adjusted is logits else None)
         return failed + [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
 
     @staticmethod

@@ -237,9 +237,11 @@ def draw(probs: torch.Tensor, generator: torch.Generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]) -> list[int]:
-    """One token per row of logits (B, V): argmax for greedy rows, else a draw from `probabilities`."""
-    best = argmax(logits).tolist()
+def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator],
+           best: list[int] | None = None) -> list[int]:
+    """One token per row of logits (B, V): argmax for greedy rows, else a draw from `probabilities`. `best`: each
+    row's argmax, when the caller has taken it already (the engine, with its finite check)."""
+    best = argmax(logits).tolist() if best is None else best
     return [top if p.greedy else draw(probabilities(row, p), g)
             for row, top, p, g in zip(logits, best, params, generators)]
 
