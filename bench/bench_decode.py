@@ -28,9 +28,11 @@ import torch
 from infer_common import (
     active_bytes_per_token,
     bench_checkpoint,
+    decode_rate,
     interleaved,
     kernel_bandwidth,
     mean_ffn_experts,
+    no_mtp_head,
     stream_bandwidth,
     table,
     transformers_model,
@@ -45,6 +47,15 @@ from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.runtime import tune_cpu_allocator
 
 CACHED_BYTES = 8e6  # weights that stay in a last-level cache of 16 MB or more: the kernels' compute ceiling
+
+
+def measurable(rates: dict[str, float | None], what: str = "{}") -> dict[str, float]:
+    """The decode rates, or a stop naming those lost in the timing noise (N tokens no slower than 1: a negative or
+    infinite rate, and a ratio of it, would be printed); `what` names a rate from its key."""
+    if lost := [what.format(name) for name, rate in rates.items() if rate is None]:
+        raise SystemExit(f"bench_decode: the decode of {', '.join(lost)} was lost in the timing noise (--new-tokens "
+                         "tokens took no longer than 1): give more --new-tokens, or --repeats")
+    return rates
 
 
 def engine_runner(engine: Engine, prompts: list[list[int]], n: int):
@@ -87,6 +98,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     path = bench_checkpoint(args.model)
+    if args.speculative and (why := no_mtp_head(path)):
+        parser.error(f"--speculative {args.speculative}: {why}")
     context = ModelConfig.from_json(path).max_position_embeddings
     for flag, tokens in (("--prefill + 1", args.prefill + 1),  # the prefill is timed up to its first new token
                          ("--prompt-len + --new-tokens", args.prompt_len + args.new_tokens)):
@@ -121,13 +134,15 @@ def main() -> None:
             if name in plain:
                 fns[f"{name} prefill"] = engine_runner(engine, [long_prompt], 1)
         t = interleaved(fns, args.repeats)
-        decode = {name: (N - 1) / (t[f"{name} N"] - t[f"{name} 1"]) for name in ["hf", *engines]}
+        decode = measurable({name: decode_rate(t[f"{name} N"], t[f"{name} 1"], N) for name in ["hf", *engines]})
         prefill = {name: args.prefill / t[f"{name} prefill"] for name in ["hf", *plain]}
         # (c) concurrent streams: whole requests (their prefill too), and their decode alone as in (a)
         ts = interleaved({f"{name} {n}": engine_runner(engines[name], streams, n) for name in plain for n in (N, 1)},
                          max(1, args.repeats - 1))
         aggregate = {name: args.streams * N / ts[f"{name} {N}"] for name in plain}
-        aggregate_decode = {name: args.streams * (N - 1) / (ts[f"{name} {N}"] - ts[f"{name} 1"]) for name in plain}
+        aggregate_decode = measurable({name: decode_rate(ts[f"{name} {N}"], ts[f"{name} 1"], N) for name in plain},
+                                      f"{args.streams} streams of {{}}")
+        aggregate_decode = {name: args.streams * rate for name, rate in aggregate_decode.items()}
         # (d) roofline of each format: the experts a token hits, measured once on the first format's model
         generated = engines[plain[0]].generate([prompt], SamplingParams(max_new_tokens=N, temperature=0.0,
                                                                         ignore_eos=True))[0]

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from infer_common import interleaved, table
 
 from longcat_flash.flag_types import positive_int, threads
-from longcat_flash.infer import extension, quant
+from longcat_flash.infer import extension, kernels, quant
 
 SHAPES = [(1536, 256), (256, 768), (8192, 1024), (1024, 4096)]  # (out, in): the small and bench presets' dense MLPs
 
@@ -42,6 +42,9 @@ def main() -> None:
     parser.add_argument("--rows", type=positive_int, default=1024)
     parser.add_argument("--repeats", type=positive_int, default=7)
     args = parser.parse_args()
+    if args.rows <= kernels.MAX_KERNEL_ROWS:  # "ours" would time the decode kernel under the prefill path's name
+        parser.error(f"--rows must be more than {kernels.MAX_KERNEL_ROWS}: up to that many rows quant_linear takes the "
+                     "W8A8 decode kernel, not this prefill path (bench/bench_kernel_rows.py measures those rows)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     engines = [e for e in ("fbgemm", "x86", "onednn") if e in torch.backends.quantized.supported_engines]

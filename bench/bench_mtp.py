@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import torch
-from infer_common import bench_checkpoint, table
+from infer_common import bench_checkpoint, no_mtp_head, table
 
 from longcat_flash.flag_types import parse_distinct, positive_int
 from longcat_flash.infer.engine import MAX_SPECULATIVE, Engine, EngineConfig
@@ -86,6 +86,8 @@ def main() -> None:
     if args.prompts > (lines := len(source_lines())):  # more would repeat them (and 10^8 grew memory unbounded)
         parser.error(f"--prompts {args.prompts}: the package's sources hold {lines} lines to draw prompts from")
     args.model = bench_checkpoint(args.model, tokenizer=True)  # an error naming --model, not a traceback
+    if why := no_mtp_head(args.model):
+        parser.error(f"--model: {why}")
     tune_cpu_allocator()  # process-wide: both sides of the comparison get it
     tokenizer = Tokenizer.load(args.model)
     model, _ = load_for_inference(args.model, quantize=args.quantize)

@@ -25,6 +25,7 @@ import httpx
 import torch
 from infer_common import bench_checkpoint, table
 
+from longcat_flash.checkpoint import hf
 from longcat_flash.flag_types import positive_int, threads
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.sampling import SamplingParams
@@ -130,6 +131,10 @@ def main() -> None:
     corpus = (path / "tokenizer.json").read_text()[:200_000]  # any text: the tokenizer's own vocabulary dump,
     corpus *= 1 + args.streams * 997 // len(corpus)  # repeated where it is short (a tiny model's)
     prompts = [tokenizer.encode(corpus[i * 997: i * 997 + 120]) for i in range(args.streams)]
+    context = hf.checkpoint_config(path).max_position_embeddings
+    if (longest := max(map(len, prompts))) + args.new_tokens > context:  # the server would refuse every request
+        parser.error(f"--new-tokens {args.new_tokens} after the longest prompt ({longest} tokens) is past the model's "
+                     f"context ({context})")
     rates, streams = measure(path, prompts, args)
     engine_single, http_single, engine_many, http_many = (
         rates[case] for case in ("engine_single", "http_single", "engine_many", "http_many"))
@@ -141,6 +146,9 @@ def main() -> None:
     print(table(rows, ("case", "engine in-process", "HTTP", "ratio")))
     ttft = sorted(r["ttft"] for r in streams)
     print(f"\n{len(streams) - errors}/{len(streams)} streams ok; TTFT p50 {statistics.median(ttft):.2f} s")
+    if errors:  # their tokens are missing from the HTTP side: the ratios above do not compare
+        statuses = sorted({r["status"] for r in streams if r["status"] != 200})
+        raise SystemExit(f"bench_serve: {errors} streams failed (HTTP {statuses}); the HTTP figures leave them out")
     print(json.dumps({"checkpoint": path.name, "threads": args.threads, "streams": args.streams,
                       "new_tokens": args.new_tokens, "engine_batch1_tok_s": round(engine_single, 1),
                       "http_batch1_tok_s": round(http_single, 1), "batch1_ratio": round(http_single / engine_single, 2),

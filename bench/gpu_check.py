@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from bench_decode import engine_runner
 from bench_train import our_step, their_step
-from infer_common import interleaved, table
+from infer_common import decode_rate, interleaved, table
 
 from longcat_flash.analysis.params import param_report
 from longcat_flash.checkpoint.hf import LongcatFlash
@@ -404,12 +404,6 @@ def _their_run(ctx: Context, path: Path, dtype: torch.dtype, batches: list[torch
     finally:
         del model, step
         free_memory(ctx.device)
-
-
-def decode_rate(t_n: float, t_1: float, n: int) -> float | None:
-    """Tokens/s of the n - 1 decode steps: n tokens minus 1 (prefill and first token), timed apart. None when the
-    difference is lost in the noise (t_n <= t_1): no rate is better than an absurd one."""
-    return (n - 1) / (t_n - t_1) if t_n > t_1 else None
 
 
 def ratio(a: float | None, b: float | None) -> float | None:

@@ -47,14 +47,16 @@ def transformers_model(path: Path, dtype: torch.dtype) -> torch.nn.Module:
     """transformers' LongcatFlashForCausalLM with exactly our weights: a copy saved for its loader (up to 5.24 it
     wants zero-expert stubs, from 5.25 refuses them) in DEFAULT_DIR, once per transformers version and per state of
     the checkpoint's files (a copy keyed by the path alone went stale when the checkpoint was rewritten); the copies
-    of a checkpoint's earlier states go when a new one is made."""
+    of a checkpoint's earlier states go when a new one is made, and only its own (another checkpoint of the same
+    folder name keeps its copy)."""
     import transformers
 
     files = sorted(p for p in path.iterdir() if p.suffix in (".json", ".safetensors"))
     state = hashlib.sha256(repr([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]).encode())
-    stub = DEFAULT_DIR / "transformers" / f"{path.name}-{state.hexdigest()[:16]}-{transformers.__version__}"
+    where = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:8]  # two checkpoints of one name: two copies
+    stub = DEFAULT_DIR / "transformers" / f"{path.name}-{where}-{state.hexdigest()[:16]}-{transformers.__version__}"
     if not (stub / "config.json").is_file():
-        for stale in stub.parent.glob(f"{path.name}-*"):  # earlier states' copies: a full model each
+        for stale in stub.parent.glob(f"{path.name}-{where}-*"):  # earlier states' copies: a full model each
             shutil.rmtree(stale)
         LongcatFlash.from_pretrained(path).save_pretrained(stub, zero_expert_stubs=True)
     return transformers.AutoModelForCausalLM.from_pretrained(stub, dtype=dtype).eval()
@@ -75,6 +77,21 @@ def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str,
         for name, fn in fns.items():
             times[name].append(timed(fn))
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def decode_rate(t_n: float, t_1: float, n: int) -> float | None:
+    """Tokens/s of the n - 1 decode steps: n tokens minus 1 (prefill and first token), timed apart. None when the
+    difference is lost in the noise (t_n <= t_1): no rate is better than an absurd one."""
+    return (n - 1) / (t_n - t_1) if t_n > t_1 else None
+
+
+def no_mtp_head(path: Path) -> str | None:
+    """Why speculative decoding cannot run on the checkpoint at `path` (it has no MTP head), or None: said before
+    a bench's minutes of loading, not as a traceback after them."""
+    if hf.checkpoint_config(path).num_nextn_predict_layers == 0:
+        return (f"{path} has no MTP head (num_nextn_predict_layers=0; checkpoints transformers wrote have none), so "
+                "there are no drafts to speculate with")
+    return None
 
 
 def kernel_bandwidth(kind: str, rows: int = 1, total_bytes: float = 256e6, shape: tuple[int, int] = (4096, 1024),

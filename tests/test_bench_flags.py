@@ -9,23 +9,28 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
+from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.cli import main as longcat
+from longcat_flash.presets import tiny
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, str]:
-    """A tiny checkpoint, and a copy of it without its tokenizer."""
+    """A tiny checkpoint, a copy of it without its tokenizer, one without an MTP head."""
     root = tmp_path_factory.mktemp("bench_flags")
     longcat(["init", "--preset", "tiny", "--out", str(root / "tiny"), "--dtype", "float32"])
+    init_checkpoint(tiny().replace(num_nextn_predict_layers=0), root / "no_mtp", dtype=torch.float32)
     (root / "weights_only").mkdir()
     for name in ("config.json", "model.safetensors"):
         (root / "weights_only" / name).write_bytes((root / "tiny" / name).read_bytes())
     (root / "config_only").mkdir()
     (root / "config_only" / "config.json").write_bytes((root / "tiny" / "config.json").read_bytes())
-    return {"TINY": str(root / "tiny"), "NOTOK": str(root / "weights_only"), "NOWEIGHTS": str(root / "config_only")}
+    return {"TINY": str(root / "tiny"), "NOTOK": str(root / "weights_only"), "NOWEIGHTS": str(root / "config_only"),
+            "NOMTP": str(root / "no_mtp")}
 
 
 CASES = [
@@ -65,6 +70,10 @@ CASES = [
     ("bench_quant.py", ["--model", "TINY", "--tokens", "100000000", "--window", "128"],
      "--tokens 100000000: the held-out text has"),
     ("bench_mtp.py", ["--model", "TINY", "--new-tokens", "1"], "--new-tokens must be at least 2"),  # a TypeError
+    ("bench_mtp.py", ["--model", "NOMTP"], "no_mtp has no MTP head (num_nextn_predict_layers=0"),  # a traceback
+    ("bench_decode.py", ["--model", "NOMTP", "--speculative", "1"], "--speculative 1: "),  # after minutes of loading
+    ("bench_int8_prefill.py", ["--rows", "16"], "--rows must be more than 16: up to that many rows"),  # another kernel
+    ("bench_serve.py", ["--model", "TINY", "--new-tokens", "600"], "--new-tokens 600 after the longest prompt"),
     ("bench_mtp.py", ["--model", "TINY", "--new-tokens", "100000"], "is past the model's context (512)"),  # cut short
     ("gpu_check.py", ["--out", "FILE", "--quick"], "--out FILE is a file; name a directory"),
     ("gpu_check.py", ["--out", "OUT", "--steps", "0"], "argument --steps: must be > 0, got 0"),
@@ -86,3 +95,30 @@ def test_a_bad_flag_value_is_one_usage_line(script, argv, message, models, tmp_p
     said = capsys.readouterr().err if stopped.value.code == 2 else str(stopped.value.code)
     assert message.replace("FILE", names["FILE"]) in said, said
     assert "Traceback" not in said and not (tmp_path / "out").exists()
+
+
+def test_a_decode_rate_lost_in_the_timing_noise_stops_bench_decode(monkeypatch):
+    """N tokens timed no slower than 1 (tiny settings, a noisy host) printed negative tok/s and ratios."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    bench = runpy.run_path(str(BENCH / "bench_decode.py"))
+    rates = {name: bench["decode_rate"](t_n, 1.0, 4) for name, t_n in (("hf", 1.3), ("int4", 0.98), ("int8", 1.0))}
+    assert rates == {"hf": pytest.approx(10.0), "int4": None, "int8": None}
+    with pytest.raises(SystemExit, match=r"the decode of 4 streams of int4, 4 streams of int8 was lost in the timing "
+                                         r"noise .*give more --new-tokens"):
+        bench["measurable"](rates, "4 streams of {}")
+    assert bench["measurable"]({"hf": 10.0}) == {"hf": 10.0}
+
+
+def test_the_transformers_copies_of_two_checkpoints_of_one_name_both_stay(tmp_path, monkeypatch):
+    """Converting one `run` deleted the cached copy of every other checkpoint whose folder was named `run*`."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import infer_common
+
+    monkeypatch.setattr(infer_common, "DEFAULT_DIR", tmp_path / "cache")
+    for where in ("a", "b"):
+        init_checkpoint(tiny(), tmp_path / where / "run", dtype=torch.float32)
+        infer_common.transformers_model(tmp_path / where / "run", torch.float32)
+    assert len(list((tmp_path / "cache" / "transformers").iterdir())) == 2
+    (tmp_path / "a" / "run" / "config.json").touch()  # a new state of a/run: its own earlier copy goes, b's stays
+    infer_common.transformers_model(tmp_path / "a" / "run", torch.float32)
+    assert len(list((tmp_path / "cache" / "transformers").iterdir())) == 2
