@@ -478,6 +478,9 @@ def tiny_checkpoint(tmp_path_factory):
     ({"calibration": torch.ones(1, 8, dtype=torch.long)}, "calibration ids pick the units"),  # read by nothing
     ({"quantize": "int8", "keep_fraction": 0.3}, "keep_fraction applies to int4-mixed only"),
     ({"quantize": "int4-mixed", "keep_fraction": 0.0}, r"keep_fraction must be in \(0, 1\]"),
+    ({"quantize": "int4-mixed", "keep_fraction": True}, r"keep_fraction must be in \(0, 1\]"),  # read as 1.0
+    ({"quantize": "int8", "keep_top": True, "calibration": torch.ones(1, 8, dtype=torch.long)},  # read as 1
+     "keep_top must be an integer >= 0, got True"),
     ({"quantize": "int8", "keep_top": 1, "calibration": torch.arange(10)}, "integer token ids of shape"),
     ({"quantize": "int8", "keep_top": 1, "calibration": torch.rand(1, 10)}, "integer token ids of shape"),
     ({"quantize": "int8", "keep_top": 1, "calibration": torch.ones(1, 1, dtype=torch.long)}, "2 to 512 tokens"),

@@ -69,9 +69,9 @@ def _check_keep_options(quantize: str | None, keep_top: int, keep_fraction: floa
                         calibration: torch.Tensor | None) -> None:
     """Each option only with the format that reads it: one it would ignore is refused, not dropped."""
     mixed = quantize is not None and quantize.endswith("-mixed")
-    if not isinstance(keep_top, int) or keep_top < 0:
+    if isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 0:  # True read as 1
         raise ValueError(f"keep_top must be an integer >= 0, got {keep_top!r}")
-    if not 0.0 < keep_fraction <= 1.0:
+    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1] (the share of units kept at int8; plain int4 keeps "
                          f"none), got {keep_fraction!r}")
     if keep_top and quantize is None:
