@@ -186,45 +186,39 @@ def test_files_as_other_tools_write_them(tmp_path: Path) -> None:
         list(iter_documents(tmp_path / "bad.jsonl.gz"))
 
 
-def test_a_corpus_folder_reads_json_and_refuses_unread_data_and_mixed_splits(tmp_path: Path) -> None:
-    """A C4-style folder of .json.gz shards was refused as holding no corpus files, a .json beside a .txt was left
-    out (its run then failed on a tiny val split), other data files were left out unsaid, and train and test files
-    side by side were both trained on."""
+def test_a_corpus_folder_reads_json_gz_shards_one_split_at_a_time(tmp_path: Path) -> None:
+    """A C4-style folder of .json.gz shards was refused as holding no corpus files, a .jsonl.zst shard was left out
+    unsaid, and train and validation shards side by side were both trained on; a glob now picks one split. A code
+    tree keeps reading as it did: its settings .json, fixtures and files named like splits are no data set's."""
     import gzip
 
     c4 = tmp_path / "c4" / "en"
     c4.mkdir(parents=True)
-    for k in range(2):
-        with gzip.open(c4 / f"c4-train.{k:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
-            f.write(json.dumps({"text": f"shard {k}", "url": "u"}) + "\n")
-    (c4 / "more.json").write_text(json.dumps([{"text": "from an array"}]))
+    for split, k in (("train", 0), ("train", 1), ("validation", 0)):
+        with gzip.open(c4 / f"c4-{split}.{k:05d}-of-00002.json.gz", "wt", encoding="utf-8") as f:
+            f.write(json.dumps({"text": f"{split} {k}", "url": "u"}) + "\n")
     (c4 / "dataset_info.json").write_text(json.dumps({"features": {}}))  # `datasets`' own file, not records
-    assert list(iter_documents(c4)) == ["shard 0", "shard 1", "from an array"]
-    (c4 / "part.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd rows")
-    with pytest.raises(ValueError, match=r"part\.jsonl\.zst in .*en is a data file in a format not read here"):
+    with pytest.raises(ValueError, match=r"en holds the files of several splits \(train, validation\); give one "
+                                         r"split's files: a file, a folder or a glob pattern"):
         Corpus(c4).files()
-    (c4 / "part.jsonl.zst").unlink()
-    (tmp_path / "nanogpt").mkdir()  # its prepare.py alone was trained on
-    for name in ("prepare.py", "train.bin"):
-        (tmp_path / "nanogpt" / name).write_bytes(b"tokens = 1\n")
-    with pytest.raises(ValueError, match=r"train\.bin in .*nanogpt is a data file in a format not read here"):
-        Corpus(tmp_path / "nanogpt").files()
-    with gzip.open(c4 / "c4-validation.00000-of-00001.json.gz", "wt", encoding="utf-8") as f:
-        f.write(json.dumps({"text": "held out"}) + "\n")
-    with pytest.raises(ValueError, match=r"en holds the files of several splits \(train, validation\)"):
+    assert list(iter_documents(c4 / "c4-train.*")) == ["train 0", "train 1"]
+    with pytest.raises(FileNotFoundError, match=r"no file matches .*c4-test\.\*"):
+        Corpus(c4 / "c4-test.*").files()
+    (c4 / "c4-validation.00000-of-00002.json.gz").unlink()
+    assert list(iter_documents(c4)) == ["train 0", "train 1"]
+    (c4 / "c4-train.00002-of-00002.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd rows")
+    with pytest.raises(ValueError, match=r"c4-train\.00002-of-00002\.jsonl\.zst in .*en is a data file in a format "
+                                         r"not read here"):
         Corpus(c4).files()
-    stories = tmp_path / "stories"
-    stories.mkdir()
-    (stories / "stories.txt").write_text("a story")
-    (stories / "stories-valid.txt").write_text("a held-out story")
-    with pytest.raises(ValueError, match=r"holds validation \(valid\) files \(stories-valid\.txt\) beside files no "
-                                         r"split names \(stories\.txt\).*move the held-out files out"):
-        Corpus(stories).files()
-    code = tmp_path / "code"  # tests named test_*.py are code, not a split
-    code.mkdir()
+    code = tmp_path / "code"
+    (code / "tests" / "data").mkdir(parents=True)
     (code / "parse.py").write_text("def parse(): ...")
-    (code / "test_parse.py").write_text("def test_parse(): ...")
-    assert len(list(iter_documents(code))) == 2
+    (code / "tests" / "test_parse.py").write_text("def test_parse(): ...")
+    (code / "requirements-dev.txt").write_text("pytest")  # "dev" names no split here
+    (code / "package.json").write_text('{\n  "name": "x"\n}')  # settings, not records
+    (code / "tests" / "data" / "cases.csv").write_text("a,b")  # a fixture, not corpus
+    (code / "tests" / "data" / "archive.zip").write_bytes(b"PK\x03\x04")
+    assert len(list(iter_documents(code))) == 3
 
 
 def test_bad_bytes_lone_surrogates_and_compressed_files_in_a_corpus(tmp_path: Path) -> None:

@@ -102,7 +102,7 @@ def test_an_error_is_reported_once_by_rank_0_and_no_rank_dies_in_a_collective(tm
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert [line for line in output.splitlines() if "longcat train:" in line] == [
-        f"longcat train: corpus directory {tmp_path / 'empty'} holds no .txt/.md/.py/.jsonl/.jsonl.gz/.json/.json.gz/.parquet files"]
+        f"longcat train: corpus directory {tmp_path / 'empty'} holds no .txt/.md/.py/.jsonl/.jsonl.gz/.json.gz/.parquet files"]
     assert "Connection closed" not in output and "RankZeroFailed" not in output
 
 

@@ -492,3 +492,14 @@ def test_quantization_options_a_format_would_ignore_or_cannot_use_are_refused_be
                         lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ValueError, match=message):
         load_for_inference(tiny_checkpoint, **options)
+
+
+def test_a_numpy_keep_fraction_is_a_number():
+    """The bool check first written for keep_fraction refused np.float32(0.3) as out of (0, 1]."""
+    import numpy as np
+
+    from longcat_flash.infer.loader import _check_keep_options
+
+    _check_keep_options("int4-mixed", 0, np.float32(0.3), None)  # no error
+    with pytest.raises(ValueError, match=r"keep_fraction must be in \(0, 1\]"):
+        _check_keep_options("int4-mixed", 0, np.float32(1.5), None)

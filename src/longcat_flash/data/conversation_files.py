@@ -4,7 +4,6 @@ Parquet, or a `datasets` Arrow stream. conversations.py checks the rows.
 """
 from __future__ import annotations
 
-import glob
 import json
 import re
 from collections.abc import Iterator, Sequence
@@ -12,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import data_files, decoding_errors, jsonl_records, pyarrow_modules, starts_with_bracket, whole_json
-from .dataset_folders import DATASETS_METADATA, check_one_split
+from .dataset_folders import DATASETS_METADATA, check_one_split, glob_files, one_split_hint
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 # Data files `datasets` reads that we do not (other compressions, CSV, NDJSON): in a folder, refused by name.
@@ -37,12 +36,9 @@ def decoded_json(text: str, where: str, name: str, what: str) -> Any:
 def row_files(pattern: str | Path) -> list[Path]:
     """The file itself; the files a glob pattern names (`data/train-*.parquet`); or a directory's row files at any
     depth in name order (hidden ones left out: caches), all of one split."""
-    path = Path(pattern)
-    if not path.exists() and any(c in str(pattern) for c in "*?["):
-        files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
-        if not files:
-            raise FileNotFoundError(f"no file matches {pattern}")
+    if (files := glob_files(pattern)) is not None:
         return files
+    path = Path(pattern)
     if not path.is_dir():
         return [path]
     if listed := _saved_dataset_files(path):
@@ -58,8 +54,7 @@ def row_files(pattern: str | Path) -> list[Path]:
     files = [p for p in found if row_format(p) in ROW_FILES and p not in caches]
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
-    check_one_split(path, files, f"give one split's files: a file, a folder or a glob pattern such as "
-                                 f"'{path}/**/*train*' (quoted)",
+    check_one_split(path, files, one_split_hint(path),
                     "give the training files as --data (a file, or a folder or quoted glob of them) and the "
                     "held-out ones as --val-data")
     return files

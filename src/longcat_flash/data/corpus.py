@@ -22,13 +22,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .dataset_folders import DATASETS_METADATA, check_one_split
+from .dataset_folders import DATASETS_METADATA, check_one_split, glob_files, one_split_hint
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
-DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")  # a folder's corpus
-# Data files a corpus folder may hold that are not read (other compressions, CSV, Arrow, pre-tokenized tokens):
-# refused by name, not left out unsaid.
-UNREAD_DATA = re.compile(r"\.(?:gz|bz2|xz|zst|zstd|lz4|zip|7z|tar|csv|tsv|ndjson|arrow|bin|npy|npz)$")
+DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # what a folder source reads
+# (a folder's .json files are mostly settings, package.json say; give a .json corpus as a file or a glob)
+SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # a data set's shards: one split to a folder
+# Corpus files in a compression not read here, in a folder: refused by name, not left out unsaid.
+UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|zst|zstd|lz4|zip)$|\.ndjson$")
 # The magic bytes of compressed files: such a file under a plain text name is named for what it is.
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
               b"PK\x03\x04": "zip"}
@@ -70,10 +71,12 @@ class Corpus:
     def files(self) -> list[Path]:
         """The corpus files in a deterministic (sorted) order; a missing path fails here, naming it. A directory's
         hidden files and folders (`.git`, `.ipynb_checkpoints`) and training runs' directories (their metrics,
-        samples and checkpoints) are not corpus."""
+        samples and checkpoints) are not corpus; a glob pattern names its files (`c4/en/c4-train.*`)."""
         root = self.root
         if self.is_stdlib:
             return _stdlib_files(root)
+        if (matched := glob_files(root)) is not None:
+            return matched
         if root.is_file():
             return [root]
         if not root.is_dir():
@@ -83,11 +86,8 @@ class Corpus:
             raise ValueError(f"{unread[0]} in {root} is a data file in a format not read here; a corpus folder holds "
                              f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder")
         files = [p for p in found if _kind(p) in DOC_SUFFIXES]
-        check_one_split(root, [p for p in files if _kind(p) not in (".py", ".md")],
-                        "give one split's files as --data (a file, or a folder of them); a run holds out the end of "
-                        "its corpus as its val split (data.val_fraction)",
-                        "move the held-out files out of the folder; a run holds out the end of its corpus as its "
-                        "val split (data.val_fraction)")
+        check_one_split(root, [p for p in files if _kind(p) in SHARD_SUFFIXES], one_split_hint(root),
+                        "give the training files alone (a run holds out the end of its corpus as its val split)")
         if not files and (root / RUN_CONFIG_FILE).is_file():  # a run trained with --out at the corpus
             raise ValueError(f"corpus directory {root} is a training run's directory (it holds {RUN_CONFIG_FILE}), "
                              "whose files are not corpus: move the text to a folder of its own")

@@ -4,6 +4,7 @@ together would train on the held-out rows (pre-training corpora and SFT conversa
 """
 from __future__ import annotations
 
+import glob
 import re
 from pathlib import Path
 
@@ -14,6 +15,22 @@ SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation"
                "evaluation": "test"}
 _SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(sorted(SPLIT_WORDS, key=len, reverse=True))})(?=$|[-._ 0-9])")
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not data
+
+
+def one_split_hint(path: Path) -> str:
+    """What to give instead of a folder of several splits."""
+    return f"give one split's files: a file, a folder or a glob pattern such as '{path}/**/*train*' (quoted)"
+
+
+def glob_files(pattern: str | Path) -> list[Path] | None:
+    """The files a glob pattern (`data/train-*.parquet`, `**` at any depth) names, in name order; None when
+    `pattern` is a path that exists or holds no wildcard; FileNotFoundError when it matches no file."""
+    if Path(pattern).exists() or not any(c in str(pattern) for c in "*?["):
+        return None
+    files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
+    if not files:
+        raise FileNotFoundError(f"no file matches {pattern}")
+    return files
 
 
 def check_one_split(path: Path, files: list[Path], several: str, beside: str) -> None:

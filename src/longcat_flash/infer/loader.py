@@ -1,6 +1,7 @@
 """Load a checkpoint for inference: weights in the serving dtype, fused inference modules, optional quantization."""
 from __future__ import annotations
 
+import numbers
 from pathlib import Path
 
 import torch
@@ -71,7 +72,7 @@ def _check_keep_options(quantize: str | None, keep_top: int, keep_fraction: floa
     mixed = quantize is not None and quantize.endswith("-mixed")
     if isinstance(keep_top, bool) or not isinstance(keep_top, int) or keep_top < 0:  # True read as 1
         raise ValueError(f"keep_top must be an integer >= 0, got {keep_top!r}")
-    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, (int, float)) or not 0.0 < keep_fraction <= 1.0:
+    if isinstance(keep_fraction, bool) or not isinstance(keep_fraction, numbers.Real) or not 0.0 < keep_fraction <= 1.0:
         raise ValueError(f"keep_fraction must be in (0, 1] (the share of units kept at int8; plain int4 keeps "
                          f"none), got {keep_fraction!r}")
     if keep_top and quantize is None:
