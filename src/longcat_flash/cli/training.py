@@ -50,7 +50,8 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "with metrics.jsonl, training checkpoints and sample.txt. Any config field: "
                                    "--set section.field=value (list them with --print-config).")
     p.add_argument("--preset", default=None, help="model + recipe: tiny, small (default), bench")
-    p.add_argument("--data", default=None, help="corpus: 'stdlib' (default), a directory, text file, .jsonl, .parquet")
+    p.add_argument("--data", default=None,
+                   help="corpus: 'stdlib' (default), a directory, a quoted glob, a text file, .jsonl, .parquet")
     _add_run_flags(p)
     p.set_defaults(run=_run_train, preset_name=None, flag_fields=_TRAIN_FLAGS)
 

@@ -1,9 +1,9 @@
 """Corpora: where training documents come from, read one document at a time.
 
 A source is the running Python's standard library (the default: ~30 MB of .py files, so training works offline
-with no download), a directory, a text file, a .jsonl (one document per line, in a text field; also a .json file,
-JSON Lines or an array of such records) or a .parquet (one per row, in a text column). Files that are not text (a
-pre-tokenized .bin, say) are refused, naming the file.
+with no download), a directory, a glob pattern of files, a text file, a .jsonl (one document per line, in a text
+field; also a .json file, JSON Lines or an array of such records) or a .parquet (one per row, in a text column).
+Files that are not text (a pre-tokenized .bin, say) are refused, naming the file.
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .dataset_folders import DATASETS_METADATA, check_one_split, glob_files, one_split_hint
+from .dataset_folders import check_one_split, glob_files, one_split_hint
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # what a folder source reads
@@ -41,7 +41,7 @@ _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
 @dataclass(frozen=True)
 class Corpus:
-    """Where documents come from: `source` is None/"stdlib", a directory, a text file, a .jsonl or a .parquet.
+    """Where documents come from: `source` is None/"stdlib", a directory, a glob, a text file, a .jsonl or a .parquet.
 
     `max_bytes` / `max_docs` cap the documents read (UTF-8 bytes of text), for quick runs and tokenizer samples.
     """
@@ -81,7 +81,7 @@ class Corpus:
             return [root]
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
-        found = [p for p in data_files(root) if p.name not in DATASETS_METADATA]
+        found = data_files(root)
         if unread := [p for p in found if _kind(p) not in DOC_SUFFIXES and UNREAD_DATA.search(p.name.lower())]:
             raise ValueError(f"{unread[0]} in {root} is a data file in a format not read here; a corpus folder holds "
                              f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder")

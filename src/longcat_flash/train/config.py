@@ -162,7 +162,7 @@ class DataConfig:
     """Corpus, tokenizer and batching. batch_size sequences of seq_len tokens make one optimizer step."""
 
     section: ClassVar[str] = "data"
-    source: str = "stdlib"  # "stdlib", a directory, a text file, a .jsonl or a .parquet
+    source: str = "stdlib"  # "stdlib", a directory, a quoted glob, a text file, a .jsonl or a .parquet
     text_field: str = "text"  # the field read from .jsonl / .parquet
     max_bytes: int | None = None  # cap on corpus bytes tokenized
     seq_len: int = 256
