@@ -72,12 +72,13 @@ def hf_runner(model: torch.nn.Module, prompt: list[int], n: int):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: a cached `longcat init --preset bench`)")
-    parser.add_argument("--prompt-len", type=int, default=32)
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--prefill", type=int, default=1024)
-    parser.add_argument("--streams", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=threads, default=torch.get_num_threads())
+    parser.add_argument("--prompt-len", type=int, default=32, help="prompt tokens before a decode is timed")
+    parser.add_argument("--new-tokens", type=int, default=32,
+                        help="tokens decoded, at least 2 (a decode rate is over the tokens after the first)")
+    parser.add_argument("--prefill", type=int, default=1024, help="prompt tokens of the prefill timing")
+    parser.add_argument("--streams", type=int, default=32, help="concurrent requests of the aggregate timing")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved timings per case; the median is kept")
+    parser.add_argument("--threads", type=threads, default=torch.get_num_threads(), help="torch threads, both sides")
     parser.add_argument("--speculative", type=int, default=0,
                         help="also time MTP speculation with K drafts (on the last format)")
     parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"],

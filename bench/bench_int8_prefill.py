@@ -38,9 +38,9 @@ def dynamic_linear(weight: torch.Tensor, engine: str) -> torch.nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=threads, default=2)
-    parser.add_argument("--rows", type=positive_int, default=1024)
-    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=threads, default=2, help="torch threads")
+    parser.add_argument("--rows", type=positive_int, default=1024, help="rows of x: prefill tokens, more than 16")
+    parser.add_argument("--repeats", type=positive_int, default=7, help="interleaved calls per path (median)")
     args = parser.parse_args()
     if args.rows <= kernels.MAX_KERNEL_ROWS:  # "ours" would time the decode kernel under the prefill path's name
         parser.error(f"--rows must be more than {kernels.MAX_KERNEL_ROWS}: up to that many rows quant_linear takes the "

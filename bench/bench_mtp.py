@@ -69,11 +69,11 @@ def measure(model: torch.nn.Module, ks: list[int], ps: list[list[int]], params: 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", required=True)
+    parser.add_argument("--model", required=True, help="checkpoint with an MTP head (a trained one: drafts accepted)")
     parser.add_argument("--drafts", type=positive_int, nargs="+", default=[1, 2, 3],
                         help=f"draft lengths k, 1 to {MAX_SPECULATIVE} (k = 0, the baseline, always runs)")
-    parser.add_argument("--prompts", type=positive_int, default=8)
-    parser.add_argument("--new-tokens", type=positive_int, default=48)
+    parser.add_argument("--prompts", type=positive_int, default=8, help="prompts, lines of the package's sources")
+    parser.add_argument("--new-tokens", type=positive_int, default=48, help="tokens generated per prompt")
     parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds per k (after one warm-up round)")
     parser.add_argument("--quantize", default=None, choices=["int8", "fp8", "int4", "int4-mixed"],
                         help="weight format (default: the checkpoint's)")

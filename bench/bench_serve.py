@@ -116,13 +116,13 @@ def measure(path, prompts: list[list[int]], args) -> tuple[dict[str, float], lis
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=None)
+    parser.add_argument("--model", default=None, help="checkpoint to serve (default: a fresh --preset one)")
     parser.add_argument("--preset", default="small", choices=sorted(set(PRESETS) - {"longcat_flash"}),
                         help="checkpoint to write when --model is not given (the 560B shape does not fit a machine)")
-    parser.add_argument("--streams", type=positive_int, default=32)
-    parser.add_argument("--new-tokens", type=positive_int, default=64)
-    parser.add_argument("--threads", type=threads, default=torch.get_num_threads())
-    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--streams", type=positive_int, default=32, help="concurrent requests of the aggregate case")
+    parser.add_argument("--new-tokens", type=positive_int, default=64, help="tokens generated per request")
+    parser.add_argument("--threads", type=threads, default=torch.get_num_threads(), help="torch threads, both sides")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="timed rounds after a warm-up; the median")
     args = parser.parse_args()
     tune_cpu_allocator()  # as `longcat generate` does
     torch.set_num_threads(args.threads)
