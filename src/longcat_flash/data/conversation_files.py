@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .corpus import data_files, decoding_errors, jsonl_records, pyarrow_modules, starts_with_bracket, whole_json
-from .dataset_folders import DATASETS_METADATA, check_one_split, glob_files, one_split_hint
+from .dataset_folders import DATASETS_METADATA, check_one_split, glob_files
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 # Data files `datasets` reads that we do not (other compressions, CSV, NDJSON): in a folder, refused by name.
@@ -54,9 +54,8 @@ def row_files(pattern: str | Path) -> list[Path]:
     files = [p for p in found if row_format(p) in ROW_FILES and p not in caches]
     if not files:
         raise FileNotFoundError(f"no conversation files ({', '.join(ROW_FILES)}) in the directory {path}")
-    check_one_split(path, files, one_split_hint(path),
-                    "give the training files as --data (a file, or a folder or quoted glob of them) and the "
-                    "held-out ones as --val-data")
+    check_one_split(path, files, "give the training files as --data (a file, or a folder or quoted glob of them) "
+                                 "and the held-out ones as --val-data")
     return files
 
 

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from .dataset_folders import check_one_split, glob_files, one_split_hint
+from .dataset_folders import check_one_split, glob_files
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # what a folder source reads
@@ -86,7 +86,7 @@ class Corpus:
             raise ValueError(f"{unread[0]} in {root} is a data file in a format not read here; a corpus folder holds "
                              f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder")
         files = [p for p in found if _kind(p) in DOC_SUFFIXES]
-        check_one_split(root, [p for p in files if _kind(p) in SHARD_SUFFIXES], one_split_hint(root),
+        check_one_split(root, [p for p in files if _kind(p) in SHARD_SUFFIXES],
                         "give the training files alone (a run holds out the end of its corpus as its val split)")
         if not files and (root / RUN_CONFIG_FILE).is_file():  # a run trained with --out at the corpus
             raise ValueError(f"corpus directory {root} is a training run's directory (it holds {RUN_CONFIG_FILE}), "

@@ -17,11 +17,6 @@ _SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(sorted(SPLIT_WORDS, key=le
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not data
 
 
-def one_split_hint(path: Path) -> str:
-    """What to give instead of a folder of several splits."""
-    return f"give one split's files: a file, a folder or a glob pattern such as '{path}/**/*train*' (quoted)"
-
-
 def glob_files(pattern: str | Path) -> list[Path] | None:
     """The files a glob pattern (`data/train-*.parquet`, `**` at any depth) names, in name order; None when
     `pattern` is a path that exists or holds no wildcard; FileNotFoundError when it matches no file."""
@@ -33,16 +28,17 @@ def glob_files(pattern: str | Path) -> list[Path] | None:
     return files
 
 
-def check_one_split(path: Path, files: list[Path], several: str, beside: str) -> None:
+def check_one_split(path: Path, files: list[Path], beside: str) -> None:
     """Refuse `files` (under the folder `path`) when they hold several splits, or a held-out split beside files no
-    split names (which `datasets` leaves out, reading the folder as the held-out split alone). `several` and
-    `beside` say what to give instead, in each case."""
+    split names (which `datasets` leaves out, reading the folder as the held-out split alone); `beside` says what to
+    give instead in that case."""
     splits = {file: split_of(file.relative_to(path)) for file in files}
     words = {split: word for found in splits.values() if found for split, word in [found]}
     unnamed = [file for file, found in splits.items() if found is None]
     named = ", ".join(f"{split} ({word})" if word != split else split for split, word in sorted(words.items()))
     if len(words) > 1:
-        raise ValueError(f"{path} holds the files of several splits ({named}); {several}")
+        raise ValueError(f"{path} holds the files of several splits ({named}); give one split's files: a file, a "
+                         f"folder or a glob pattern such as '{path}/**/*train*' (quoted)")
     if unnamed and set(words) - {"train"}:
         held = next(file for file, found in splits.items() if found)
         raise ValueError(f"{path} holds {named} files ({held.relative_to(path)}) beside files no split names "

@@ -359,7 +359,7 @@ class Engine:
         hidden = self._forward(seqs, [[s.tokens[-1], *r.draft.tokens] for s, r in zip(seqs, reqs)])  # (B, k+1, D)
         logits = self.model.lm_head(hidden)  # (B, k+1, V)
         outputs, alive = [], {}
-        for b, (seq, req, finite) in enumerate(zip(seqs, reqs, self._finite_rows(logits))):
+        for b, (seq, req, finite) in enumerate(zip(seqs, reqs, self._finite_rows(logits.amax(-1)))):
             if not finite:
                 outputs.append(self._fail_non_finite(seq))
                 continue
@@ -414,8 +414,7 @@ class Engine:
     # ---- outputs ----
     def _sample_and_append(self, seqs: list[SequenceState], logits: torch.Tensor) -> list[StepOutput]:
         top, best = logits.max(-1)  # (B,) each: one reduction for the finite check and greedy's argmax
-        top, best = top.tolist(), best.tolist()
-        finite = [math.isfinite(value) for value in top]  # a row with a NaN has a NaN max, one with +Inf an Inf
+        finite, best = self._finite_rows(top), best.tolist()
         failed = [self._fail_non_finite(s) for s, ok in zip(seqs, finite) if not ok]
         if failed:
             kept = [b for b, ok in enumerate(finite) if ok]
@@ -431,10 +430,11 @@ class Engine:
         return failed + [self._append(req, [t], logits[b:b + 1]) for b, (req, t) in enumerate(zip(reqs, tokens))]
 
     @staticmethod
-    def _finite_rows(logits: torch.Tensor) -> list[bool]:
-        """logits (B, ..., V) -> per row, whether all its logits are free of NaN and +Inf (what argmax and sampling
-        cannot use: a NaN row's argmax is token 0, and sampling fails). One reduction, one host transfer."""
-        return logits.amax(-1).isfinite().view(logits.shape[0], -1).all(-1).tolist()
+    def _finite_rows(maxima: torch.Tensor) -> list[bool]:
+        """maxima (B, ...): the largest logit at each position -> per row, whether all its logits are free of NaN and
+        +Inf (what argmax and sampling cannot use: a NaN row's argmax is token 0, and sampling fails); a NaN makes
+        its position's max NaN, a +Inf makes it +Inf. One host transfer."""
+        return [all(map(math.isfinite, row)) for row in maxima.reshape(maxima.shape[0], -1).tolist()]
 
     def _fail_non_finite(self, seq: SequenceState) -> StepOutput:
         """End a request whose logits are not finite: its activations overflowed the dtype, or a weight is NaN."""
