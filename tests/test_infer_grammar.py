@@ -119,6 +119,34 @@ def test_without_the_mask_outputs_do_not_parse(setup, monkeypatch):
             valid(tokenizer, tokens, SCHEMAS[0])
 
 
+@pytest.mark.parametrize("value", ["</s>", "a <s>b</s> c", "<longcat_tool_call>", "x</longcat_tool_call>"])
+def test_forced_text_holding_a_special_tokens_text_is_written_as_text(setup, value):
+    """A const holding an added token's text (the EOS's, the BOS's, a tool-call tag's) is written in ordinary
+    tokens: not as the EOS, which ended the output there, nor as an id the grammar then refused."""
+    tokenizer, model, compiler = setup
+    schema = {"type": "object", "properties": {"tag": {"const": value}, "note": NAME}, "required": ["tag", "note"],
+              "additionalProperties": False}
+    engine = Engine(model, EngineConfig(max_running=4, cache_tokens=4096))
+    results = run(engine, [(tokenizer.encode("{"), [constrained(compiler, schema, seed) for seed in range(2)])])
+    for tokens, reason in results.values():
+        assert reason == "stop", tokenizer.decode(tokens, skip_special_tokens=False)
+        valid(tokenizer, tokens, schema)
+
+
+def test_an_eos_where_the_grammar_does_not_accept_is_an_error_not_a_stop(setup, monkeypatch):
+    """Were an EOS ever sampled before the grammar completes (here: the mask switched off, the EOS biased up), the
+    request ends as a failed grammar, not as a complete structured output."""
+    import longcat_flash.infer.engine as engine_module
+
+    tokenizer, model, compiler = setup
+    monkeypatch.setattr(engine_module, "mask_rows", lambda logits, masks: logits)
+    engine = Engine(model, EngineConfig())
+    params = SamplingParams(max_new_tokens=8, temperature=0.0, logit_bias=((tokenizer.eos_id, 100.0),),
+                            grammar=compiler.json_schema(SCHEMAS[0]))
+    [(tokens, reason)] = run(engine, [(tokenizer.encode("{"), [params])]).values()
+    assert tokens == [tokenizer.eos_id] and reason == "error"
+
+
 def test_logprobs_report_the_raw_distribution(setup):
     """The mask shapes what is sampled, not what is reported: logprobs are the model's own."""
     tokenizer, model, compiler = setup

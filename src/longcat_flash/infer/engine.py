@@ -489,9 +489,7 @@ class Engine:
         return (token in self.eos_ids and not req.params.ignore_eos) or token in req.params.stop_token_ids
 
     def _finish_reason(self, req: Request, token: int) -> str | None:
-        if req.matcher is not None:  # the mask admits EOS only where the grammar accepts; it then ends the request
-            if token in self.eos_ids:
-                return "stop"
+        if req.matcher is not None:  # an EOS completes the grammar where it accepts, and fails it anywhere else
             req.matcher.advance(token)
             if req.matcher.error is not None:
                 return "error"

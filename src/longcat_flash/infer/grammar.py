@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
+import tokenizers
 import torch
 
 from ..tokenizer import Tokenizer
@@ -189,9 +190,9 @@ class Matcher:
         self._m.unsafe_compute_mask_ptr(bitmask.data_ptr(), bitmask.numel() * bitmask.element_size())
 
     def advance(self, token: int) -> None:
-        """Consume a sampled token. A refusal (the mask allowed it, so only a limit llguidance hit can cause one,
-        such as a recursive schema that never lets its value end) puts the matcher in its error state (`error`):
-        that request ends with it, the batch goes on."""
+        """Consume a sampled token; an EOS completes the grammar where it accepts. A refusal (the mask allowed the
+        token, so only a limit llguidance hit can cause one, such as a recursive schema that never lets its value
+        end) puts the matcher in its error state (`error`): that request ends with it, the batch goes on."""
         if not self._m.consume_token(token):
             log.warning("grammar matcher refused token %d, ending the request: %s", token, self._m.get_error())
 
@@ -206,14 +207,39 @@ class Matcher:
         return self._m.is_stopped()
 
 
+class TextTokens:
+    """A vocabulary as `llguidance.TokenizerWrapper` reads it, which spells text with ordinary tokens only.
+
+    llguidance's own reading of a tokenizer.json spells the text a grammar forces (an enum value, a const, a key)
+    with the added tokens matched inside it, so a forced `"</s>"` (HTML strike-through) was the EOS id, and a
+    forced `"<s>"` an id the grammar then refused. Here the token bytes and special ids are llguidance's, and the
+    text it asks to be spelled keeps every added token's text as text, as the mask treats it."""
+
+    def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
+        native = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=tokenizer.eos_id)
+        spec = json.loads(tokenizer.backend.to_str())
+        for added in spec.get("added_tokens", []):
+            added["special"] = True  # so that encode_special_tokens leaves every one of them text
+        self._plain = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        self._plain.encode_special_tokens = True
+        ids = range(vocab_size)  # the model's: ids past the tokenizer's are special to llguidance, never allowed
+        self.tokens = [native.decode_bytes([i]) for i in ids]
+        self.special_token_ids = [i for i in ids if native.is_special_token(i)]
+        self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
+
+    def __call__(self, text: str) -> list[int]:
+        if not isinstance(text, str):  # the wrapper asks once whether bytes are taken: they are not
+            raise TypeError("TextTokens encodes str")
+        return self._plain.encode(text, add_special_tokens=False).ids
+
+
 class GrammarCompiler:
     """Compiles grammars against one tokenizer and vocabulary (the model's: ids the tokenizer lacks are never
     allowed). Thread-safe: the server compiles off its event loop."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, cache_size: int = 64,
                  compile_timeout_s: float = 10.0) -> None:
-        self._tokenizer = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
-                                                 eos_token=tokenizer.eos_id)
+        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(TextTokens(tokenizer, vocab_size)))
         self._backend = tokenizer.backend
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._lock = threading.Lock()
