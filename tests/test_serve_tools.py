@@ -221,6 +221,16 @@ def test_parser_in_any_split_gives_the_calls_and_only_the_text(size):
                                                                           (1, "b", {})]
 
 
+@pytest.mark.parametrize("size", [1, 4, 200])
+def test_parser_reads_a_tag_inside_an_argument_string_as_text(size):
+    """An argument may hold the tags' text (a schema's const can force it; an agent writing about this format
+    does): the call ends at the first closing tag outside a JSON string, escaped quotes counted as text."""
+    arguments = {"note": f'say \\"{CLOSE}\\" {OPEN}', "path": "a\\", "tail": CLOSE}
+    text = f'{OPEN}{{"name": "write", "arguments": {json.dumps(arguments)}}}{CLOSE} after'
+    content, calls = run(ToolCallParser(), [text[i:i + size] for i in range(0, len(text), size)])
+    assert content == " after" and [(c.name, json.loads(c.arguments)) for c in calls] == [("write", arguments)]
+
+
 @pytest.mark.parametrize("size", [1, 3, 100])
 def test_parser_drops_the_whitespace_before_a_call_and_keeps_the_text_after_it(size):
     text = f'Done. \n{OPEN}{{"name": "f"}}{CLOSE} and more.'
