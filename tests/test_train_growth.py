@@ -8,7 +8,7 @@ import pytest
 import torch
 from train_support import make_corpus, run_directory_held, tiny_config
 
-from longcat_flash.checkpoint import training
+from longcat_flash.checkpoint import sharded, training
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.cli import main
 from longcat_flash.model import Transformer
@@ -94,6 +94,15 @@ def test_grow_a_run_then_resume_it(tmp_path: Path, capsys, monkeypatch):
         with pytest.raises(ValueError, match="is in use by another training process"):
             grow_run(tmp_path / "small", tmp_path / "racing")
     assert not (tmp_path / "grown" / ".lock").exists()  # the grown run holds what was grown
+
+    class Interrupted(sharded.HuggingFaceStorageWriter):  # Ctrl-C (or SIGTERM) while the shards are written
+        def write_data(self, *args, **kwargs):
+            raise KeyboardInterrupt
+    monkeypatch.setattr(sharded, "HuggingFaceStorageWriter", Interrupted)
+    with pytest.raises(KeyboardInterrupt):  # it was "rank 0 could not write its shard: " (exit 1, not 130)
+        grow_run(tmp_path / "small", tmp_path / "stopped")
+    monkeypatch.undo()
+    assert not (tmp_path / "stopped").exists()  # a half-written checkpoint there refused the same grow again
     train(apply_overrides(resume_config(tmp_path / "grown"), ["max_steps=8"]), tmp_path / "grown", resume=True,
           progress=False)
     steps = [r["step"] for r in read_metrics(tmp_path / "grown")]

@@ -33,7 +33,11 @@ def save(directory: Path, state: dict[str, Any]) -> None:
             dcp.save(state, storage_writer=HuggingFaceStorageWriter(str(directory), save_distributed=True),
                      no_dist=not dist.is_initialized())
     except CheckpointException as err:  # a BaseException, holding (exception, traceback) per failed rank
-        rank, (failure, _) = min(err.failures.items())
+        failures = sorted(err.failures.items())
+        for _, (failure, _) in failures:  # Ctrl-C, SIGTERM's SystemExit: the stop goes on as it was raised
+            if not isinstance(failure, Exception):
+                raise failure from None
+        rank, (failure, _) = failures[0]
         raise OSError(f"rank {rank} could not write its shard: {failure}") from None
 
 

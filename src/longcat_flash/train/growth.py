@@ -90,7 +90,15 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
         _check_empty(dst, but=run_lock.LOCK_FILE)  # the other grow may have finished before this one held DST
         if live is not None:
             _hold_source(live)
-        return _grow(src, dst, r, device)
+        try:
+            return _grow(src, dst, r, device)
+        except BaseException:  # a failed or stopped write (Ctrl-C, SIGTERM): DST ends empty, to run again
+            for path in dst.iterdir():
+                if path.is_dir():
+                    shutil.rmtree(path)
+                elif path.name != run_lock.LOCK_FILE:
+                    path.unlink()
+            raise
     finally:
         (dst / run_lock.LOCK_FILE).unlink(missing_ok=True)  # DST holds what was grown, or (refused) nothing
         if made and not any(dst.iterdir()):
