@@ -89,8 +89,10 @@ def bench_llguidance(tokenizer: Tokenizer, vocab: int, n_tokens: int) -> dict:
     import llguidance
     from llguidance.torch import allocate_token_bitmask, fill_next_token_bitmask
 
-    lltok, setup = timed(llguidance.LLTokenizer, tokenizer.backend.to_str(), n_vocab=vocab,
-                         eos_token=tokenizer.eos_id)
+    from longcat_flash.infer.grammar import TextTokens
+
+    # the server's setup (infer/grammar.py): llguidance's vocabulary, forced text spelled with ordinary tokens
+    lltok, setup = timed(lambda: llguidance.LLTokenizer(llguidance.TokenizerWrapper(TextTokens(tokenizer, vocab))))
     options = {"whitespace_flexible": False, "item_separator": SEPARATORS[0], "key_separator": SEPARATORS[1]}
     out = {"setup_s": setup}
     for name, schema in SCHEMAS.items():
