@@ -362,6 +362,16 @@ def test_shard_cache_is_invalidated(corpus_dir: Path, tok: Tokenizer, tmp_path: 
     assert edited != first and ShardMeta.read(edited).n_tokens < ShardMeta.read(first).n_tokens
 
 
+def test_the_text_field_changes_the_cache_only_where_records_are_read(corpus_dir: Path) -> None:
+    """A text corpus's documents do not depend on text_field: another one tokenized the whole corpus again."""
+    text = corpus_dir / "a.txt"
+    assert Corpus(text, text_field="content").fingerprint() == Corpus(text).fingerprint()
+    (corpus_dir / "d.jsonl").unlink()
+    assert Corpus(corpus_dir, text_field="content").fingerprint() == Corpus(corpus_dir).fingerprint()
+    (corpus_dir / "d.jsonl").write_text(json.dumps({"text": "a", "content": "b"}) + "\n", encoding="utf-8")
+    assert Corpus(corpus_dir, text_field="content").fingerprint() != Corpus(corpus_dir).fingerprint()
+
+
 def test_truncated_shard_is_rebuilt(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
     path = build_token_shard(corpus_dir, tok, tmp_path, progress=False)
     n_bytes = path.stat().st_size

@@ -126,7 +126,7 @@ def test_what_pre_training_never_reads_is_refused(tmp_path):
     for override in ("sft.overlong=skip", "sft.ignore_columns=id"):
         with pytest.raises(ValueError, match=f"{override.split('=')[0]} is not read by pre-training"):
             build_config("tiny", [override])
-    assert build_config("tiny", ["data.max_bytes=5", "data.text_field=body"]).data.max_bytes == 5
+    assert build_config("tiny", ["data.source=c.jsonl", "data.max_bytes=5", "data.text_field=body"]).data.max_bytes == 5
     assert build_config("sft", ["sft.overlong=skip"]).sft.overlong == "skip"  # sft --print-config, before any data
 
 

@@ -355,6 +355,32 @@ def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: P
                                                                    "preset=small")
 
 
+def test_a_resumed_run_keeps_its_initialisation_and_gets_no_controller_it_never_had(tmp_path: Path):
+    """scaling.init_std was recorded and never read; proxy_width halved two groups' LRs without a word; the budget
+    controller turned on failed once everything was built, naming no field ("... has no state for 'controller'")."""
+    saved = apply_overrides(recipe("tiny"), ["budget.enabled=false"])
+    training.save(tmp_path / "run" / "checkpoints", 5, {"model": native_box()}, meta={"train_config": saved.to_dict()})
+    for override in ("scaling.init_std=0.5", "scaling.proxy_width=32"):
+        message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", override)
+        assert ("a resumed run keeps its initialisation and width transfer, but the config changes "
+                f"{override.split('=')[0]}") in message
+    message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "budget.enabled=true")
+    assert "a resumed run cannot turn the budget controller on: budget.enabled=true" in message
+
+
+def test_the_schedule_note_compares_with_the_runs_own_schedule_at_the_same_step(tmp_path: Path):
+    """Warmup's own climb was reported as the change's jump: a run stopped at step 2 of 4 in a 5-step warmup,
+    resumed to 5 steps (warmup ignores the length), said "the LR goes from 0.0008 (step 2) to 0.0012 (step 3)"."""
+    saved = apply_overrides(recipe("tiny"), ["max_steps=4", "schedule.warmup_steps=5", "optim.lr=0.002"])
+    training.save(tmp_path / "run" / "checkpoints", 2, {"model": native_box()},
+                  meta={"train_config": saved.to_dict(), "step": 2})
+    assert schedule_notice(tmp_path / "run", apply_overrides(saved, ["max_steps=5"])) is None
+    assert schedule_notice(tmp_path / "run", apply_overrides(saved, ["schedule.kind=wsd"])) is None
+    assert schedule_notice(tmp_path / "run", apply_overrides(saved, ["optim.lr=0.004"])) == (
+        "note: optim.lr 0.002 -> 0.004 reshapes the cosine LR schedule: step 3 runs at LR 0.0024, where the run's "
+        "schedule had 0.0012")
+
+
 def test_variance_alignment_shows_in_the_config_and_refuses_a_contradicting_model_value(capsys):
     """scaling.variance_alignment was applied at training time, after --set: --set model.routed_scaling_factor=3
     beside variance_alignment=off printed 3.0 in --print-config and trained (and saved) 1.0."""
@@ -804,17 +830,22 @@ def test_init_from_with_another_tokenizer_stops_only_at_that_tokenizers_eos(tmp_
     ("data.tokenizer_sample_bytes=1000", "a run whose tokenizer comes from data.tokenizer or init_from"),
     ("budget.rate=2.0", "a run with budget.enabled=false"),
     ("budget.decay_every=50", "a model without zero experts (model.zero_expert_num=0)"),
-    ("budget.enabled=true", "a model without zero experts")])
+    ("budget.enabled=true", "a model without zero experts"),
+    ("loss.mtp_start_step=5", "a run with loss.mtp_weight=0 (the MTP head never trains)"),
+    ("data.text_field=content", "the stdlib corpus (Python files, not records with a text field)")])
 def test_fields_a_run_overwrites_or_never_reads_are_refused(tmp_path: Path, override, by):
     """They trained without a word and were recorded, then overwritten (the token ids: the tokenizer's) or unused."""
     given = [override, f"data.tokenizer={tmp_path / 'tok.json'}"] if "sample" in override else [override]
     given += ["budget.enabled=false"] if "budget.rate" in override else []
     given += ["model.zero_expert_num=0"] if "zero experts" in by else []
+    given += ["loss.mtp_weight=0"] if "mtp_weight" in by else []
     with pytest.raises(ValueError, match=re.escape(f"{override.split('=')[0]} is not read by {by}")):
         build_config("tiny", given)
     assert build_config("tiny", ["schedule.kind=wsd", "schedule.decay_fraction=0.5"]).schedule.decay_fraction == 0.5
     assert build_config("tiny", ["data.tokenizer_sample_bytes=1000"]).data.tokenizer_sample_bytes == 1000
     assert build_config("tiny", ["budget.rate=2.0"]).budget.rate == 2.0  # the controller runs: read
+    assert build_config("tiny", ["loss.mtp_start_step=5"]).loss.mtp_start_step == 5
+    assert build_config("tiny", ["data.source=c.jsonl", "data.text_field=content"]).data.text_field == "content"
     assert not build_config("tiny", ["budget.enabled=false"]).budget.enabled
     assert build_config("tiny", ["budget.enabled=false", "budget.target=1.5"]).ffn_expert_target == 1.5  # the loss's
 

@@ -28,6 +28,8 @@ STDLIB = "stdlib"  # the source name (or None) that selects the running Python's
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # what a folder source reads
 # (a folder's .json files are mostly settings, package.json say; give a .json corpus as a file or a glob)
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # a data set's shards: one split to a folder
+JSON_KINDS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
+RECORD_KINDS = (*JSON_KINDS, ".parquet")  # the formats whose documents are text_field of each record
 # Corpus files in a compression not read here, in a folder: refused by name, not left out unsaid.
 UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|zst|zstd|lz4|zip)$|\.ndjson$")
 # The magic bytes of compressed files: such a file under a plain text name is named for what it is.
@@ -119,10 +121,12 @@ class Corpus:
             yield doc
 
     def fingerprint(self) -> str:
-        """Hash of what the documents depend on: paths, sizes, mtimes, field and caps (not the file contents)."""
-        h = hashlib.sha256(repr((str(self.root.resolve()), self.text_field, self.max_bytes,
-                                 self.max_docs)).encode())
-        for path in self.files():
+        """Hash of what the documents depend on: paths, sizes, mtimes, caps, and the field where records are read
+        (not the file contents)."""
+        files = self.files()
+        field = self.text_field if any(_kind(path) in RECORD_KINDS for path in files) else None
+        h = hashlib.sha256(repr((str(self.root.resolve()), field, self.max_bytes, self.max_docs)).encode())
+        for path in files:
             stat = path.stat()
             h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()
@@ -216,7 +220,7 @@ def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[s
         return
     if check_text and kind not in (".jsonl.gz", ".json.gz"):
         _require_text(path, text_field)
-    if kind in (".jsonl", ".json", ".jsonl.gz", ".json.gz"):  # .json: JSON Lines (as `datasets`' to_json writes
+    if kind in JSON_KINDS:  # .json: JSON Lines (as `datasets`' to_json writes
         with decoding_errors(path):  # them) or an array of records
             yield from _read_jsonl(path, text_field)
     else:

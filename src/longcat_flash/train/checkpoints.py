@@ -235,9 +235,14 @@ def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
     changes = [f"{key} {old} -> {new}" for key, old, new in fields if old != new]
     if not changes or step > cfg.max_steps:
         return None
-    before = lr_factor(saved.schedule, step - 1, saved.max_steps) * saved.optim.lr
-    after = lr_factor(cfg.schedule, step, cfg.max_steps) * cfg.optim.lr
+    after = lr_factor(cfg.schedule, step, cfg.max_steps) * cfg.optim.lr  # logged step + 1 (lr_factor's 0-based)
+    if step < saved.max_steps:  # the run's own schedule at the same step: the LR's own movement is no change
+        before = lr_factor(saved.schedule, step, saved.max_steps) * saved.optim.lr
+        effect = f"step {step + 1} runs at LR {after:.3g}, where the run's schedule had {before:.3g}"
+    else:  # a finished run made longer: its schedule ended at its last step
+        before = lr_factor(saved.schedule, step - 1, saved.max_steps) * saved.optim.lr
+        effect = f"the LR goes from {before:.3g} (step {step}, the run's last) to {after:.3g} (step {step + 1})"
     if math.isclose(before, after, rel_tol=0.05):
         return None
     return (f"note: {' and '.join(changes)} reshape{'s' if len(changes) == 1 else ''} the {cfg.schedule.kind} LR "
-            f"schedule: the LR goes from {before:.3g} (step {step}) to {after:.3g} (step {step + 1})")
+            f"schedule: {effect}")

@@ -440,7 +440,8 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
     a run from init_from keeps more eos ids, a chat template's end of turn), the budget controller's when it is off,
     the WSD decay's share under another schedule, the tokenizer sample when no tokenizer is trained; the corpus's
     and its token cache's under SFT (the corpus too when the tokenizer comes from a file or init_from), the held-out
-    share when sft.val_data holds the held-out conversations, the conversations' handling in pre-training."""
+    share when sft.val_data holds the held-out conversations, the conversations' handling in pre-training, the
+    text field of the stdlib corpus, the MTP loss's start when it has no weight."""
     overwritten = ("bos_token_id", "pad_token_id", *(("eos_token_id",) if cfg.init_from is None else ()))
     unread = dict.fromkeys((f"model.{name}" for name in overwritten), "a run: its tokenizer's ids are the model's "
                            "(data.tokenizer's, or the one trained on the corpus; from init_from, more eos ids may be "
@@ -453,6 +454,10 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
                                     off))
     if cfg.schedule.kind != "wsd":
         unread["schedule.decay_fraction"] = f"schedule.kind={cfg.schedule.kind} (only wsd decays over a last share)"
+    if cfg.loss.mtp_weight == 0:
+        unread["loss.mtp_start_step"] = "a run with loss.mtp_weight=0 (the MTP head never trains)"
+    if cfg.data.source == STDLIB:
+        unread["data.text_field"] = "the stdlib corpus (Python files, not records with a text field)"
     trains_tokenizer = cfg.data.tokenizer is None and cfg.init_from is None
     if not trains_tokenizer:
         unread["data.tokenizer_sample_bytes"] = "a run whose tokenizer comes from data.tokenizer or init_from"
@@ -468,7 +473,8 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
 
 def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
     """Refuse a config that a run resumed from a checkpoint saved with `saved` cannot honour: it keeps its model,
-    tokenizer, data windows, train/val split and seed, and goes on from its own checkpoint, not init_from. The
+    initialisation and width transfer, tokenizer, data windows, train/val split and seed, has no budget controller
+    if it had none, and goes on from its own checkpoint, not init_from. The
     CLI's overrides and `train(cfg, resume=...)`'s config alike (the API took any config and changed the model
     mid-run)."""
     changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
@@ -492,6 +498,15 @@ def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
     if tokenizing:  # the run reads its own tokenizer.json, which its token ids and embeddings are of
         raise ValueError(f"a resumed run keeps its tokenizer (the run's tokenizer.json), but the config changes "
                          f"{', '.join(tokenizing)}: it would be recorded and not used")
+    if initialisation := [f"scaling.{name}" for name in ("init_std", "proxy_width")
+                          if getattr(cfg.scaling, name) != getattr(saved.scaling, name)]:
+        raise ValueError(f"a resumed run keeps its initialisation and width transfer, but the config changes "
+                         f"{', '.join(initialisation)} (init_std is read once, to initialise; proxy_width sets the "
+                         "hidden and unembedding matrices' LRs): start a run with init_from to change them")
+    if cfg.budget.enabled and not saved.budget.enabled and cfg.model.zero_expert_num:
+        raise ValueError("a resumed run cannot turn the budget controller on: budget.enabled=true, but the run "
+                         "trained without it (its checkpoints hold no controller state); start a run with init_from "
+                         "to train with it")
     if cfg.seed != saved.seed:  # the order the windows are drawn in, which the checkpoint is part way through
         raise ValueError(f"a resumed run keeps its seed: seed={cfg.seed} differs from the run's {saved.seed} (the "
                          "data order follows it)")
