@@ -269,6 +269,25 @@ def test_cli_info_on_a_run_directory_counts_at_the_runs_budget_target(tmp_path, 
     assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == 1
     main(["info", str(run), "--json", "--ffn-experts", "2"])  # the flag still decides
     assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == 2
+    default = param_report(cfg.model).ffn_experts_target
+    for odd in ([3], {}, True, "1"):  # a hand-edited file: a traceback from float(), or True read as K_e=1
+        (run / TRAIN_CONFIG_FILE).write_text(json.dumps({"budget": {"target": odd}}))
+        main(["info", str(run), "--json"])
+        assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == default  # unreadable: the model's
+
+
+def test_cli_info_refuses_an_empty_name_and_names_a_config_that_is_not_text(tmp_path, monkeypatch) -> None:
+    """`longcat info ""` described whatever config.json the current directory held; a config.json in UTF-16
+    stopped with the codec's message, naming no file."""
+    from longcat_flash.cli import main
+
+    tiny().save_json(tmp_path / "config.json")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no model given: name a preset"):
+        main(["info", ""])
+    (tmp_path / "config.json").write_bytes(b"\xff\xfe{}")
+    with pytest.raises(SystemExit, match=r"config.json: not valid JSON \('utf-8' codec can't decode"):
+        main(["info", str(tmp_path)])
 
 
 def test_cli_info_reads_the_shape_of_a_pre_quantized_release(tmp_path, capsys) -> None:

@@ -363,7 +363,7 @@ class ModelConfig:
             raise FileNotFoundError(f"no config.json at {path}")
         try:
             raw = json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: must hold a JSON object of config fields, not {type(raw).__name__}")

@@ -12,6 +12,8 @@ from ..presets import PRESETS, get_preset
 def config_of(target: str) -> ModelConfig:
     """A preset name, a checkpoint directory holding config.json (a name that is both is refused), or a run
     directory before its model is exported (running, or grown and not yet resumed): its newest checkpoint's."""
+    if not target:  # Path("") is the current directory
+        raise ValueError(f"no model given: name a preset ({', '.join(sorted(PRESETS))}) or a model or run directory")
     path = Path(target)
     if target in PRESETS:
         if (path / "config.json").is_file():
@@ -45,4 +47,5 @@ def run_budget_target(target: str) -> float | None:
         budget = json.loads(saved.read_text()).get("budget")
     except (OSError, ValueError, AttributeError):  # unreadable: the model's default, as for a model directory
         return None
-    return budget.get("target") if isinstance(budget, dict) else None
+    target = budget.get("target") if isinstance(budget, dict) else None
+    return float(target) if isinstance(target, (int, float)) and not isinstance(target, bool) else None
