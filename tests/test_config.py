@@ -158,6 +158,9 @@ def test_a_config_built_in_python_takes_the_json_forms_of_eos_ids_and_rope_scali
     from longcat_flash.config import RopeScaling
 
     assert tiny().replace(eos_token_id=[2, 3]).eos_token_ids == (2, 3)
+    d = tiny().to_dict()  # an empty list, as config.json reads it: none (it was "a list of them, got ()")
+    assert tiny().replace(eos_token_id=[]).eos_token_id is None
+    assert ModelConfig.from_dict({**d, "eos_token_id": []}).eos_token_id is None
     yarn = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
     assert tiny().replace(rope_scaling=yarn).rope_scaling == RopeScaling(**yarn)
     with pytest.raises(ValueError, match="ModelConfig.rope_scaling: .*'type'; its fields: \\['rope_type'"):

@@ -185,8 +185,8 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.eos_token_id, list):  # transformers' spelling of several, as in config.json
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        if isinstance(self.eos_token_id, (list, tuple)):  # transformers' spelling of several; none listed: None,
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id) or None)  # as from_dict reads []
         if isinstance(self.rope_scaling, dict):  # RopeScaling's fields as a dict (`RopeScaling.to_dict`'s form)
             try:
                 object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
@@ -235,7 +235,7 @@ class ModelConfig:
                              f"got {self.num_nextn_predict_layers!r}")
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            several = name == "eos_token_id" and isinstance(value, tuple) and len(value) > 0
+            several = name == "eos_token_id" and isinstance(value, tuple)
             for token in value if several else [value]:
                 if token is not None and not (isinstance(token, int) and not isinstance(token, bool)):
                     raise ValueError(f"ModelConfig.{name} must be a token id (an integer)"
