@@ -96,6 +96,15 @@ def test_stop_strings_are_not_looked_for_inside_blocks(tokenizer, step):
 
 
 @pytest.mark.parametrize("step", [1, 3])
+def test_a_closing_tag_inside_a_json_string_does_not_end_the_block(tokenizer, step):
+    """A tool call's argument may hold the tag's text: the block ends at the first closing tag outside a string,
+    as the tool-call parser reads it, so a stop string later in the argument does not cut the call."""
+    ids = tokenizer.encode('a<T>{"x": "\\"</T> stop"}</T> stop b')
+    state = TextState(tokenizer, stop=["stop"], blocks=("<T>", "</T>"))
+    assert "".join(stream(state, ids, step)) == 'a<T>{"x": "\\"</T> stop"}</T> ' and state.stopped
+
+
+@pytest.mark.parametrize("step", [1, 3])
 def test_a_stop_string_the_opening_tag_starts_with_still_stops_where_no_tag_follows(tokenizer, step):
     ids = tokenizer.encode("ab<T>q</T>c<Tz")
     state = TextState(tokenizer, stop=["<T"], blocks=("<T>", "</T>"))

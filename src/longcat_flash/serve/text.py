@@ -13,6 +13,7 @@ scanned: a stop string there would cut the call into markup that is neither a ca
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 from tokenizers.decoders import DecodeStream
@@ -22,6 +23,17 @@ from ..tokenizer import Tokenizer
 # No UTF-8 character spans more than 4 bytes, so more ids than this without a character are invalid bytes:
 # emit them as U+FFFD (as a full decode would) rather than let the stream's window grow without bound.
 MAX_PENDING_IDS = 8
+_ESCAPE = re.compile(r"\\.", re.DOTALL)  # a backslash escape in JSON text: its quote is no string's end
+
+
+def block_end(body: str, closing: str) -> int:
+    """Where the `closing` tag of a block whose text so far is `body` starts, or -1: the first one outside a JSON
+    string, since a tool call's argument may hold the tag's text (`{"note": "</longcat_tool_call>"}`, as a
+    schema's const can force)."""
+    at = body.find(closing)
+    while at >= 0 and _ESCAPE.sub("", body[:at]).count('"') % 2:
+        at = body.find(closing, at + 1)
+    return at
 
 
 def partial_tag(text: str, tag: str) -> int:
@@ -37,7 +49,7 @@ class TextState:
         self.stop = [s for s in stop if s]
         self.hold = max(map(len, self.stop), default=1) - 1
         self.blocks = blocks if self.stop else None  # (opening tag, closing tag) of text never scanned
-        self._in_block = False
+        self._block: str | None = None  # the text of the block being passed through, from its opening tag on
         self._backend = tokenizer.backend  # DecodeStream needs the tokenizers.Tokenizer itself
         self._stream = DecodeStream(skip_special_tokens=True)
         self._pending: list[int] = []  # ids the stream holds without a whole character yet
@@ -94,15 +106,16 @@ class TextState:
         text, start, shown = self._tail + new, 0, []
         while self.blocks is not None:
             opening, closing = self.blocks
-            if self._in_block:  # pass the block through up to its closing tag, which may still be arriving
-                end = text.find(closing, start)
-                if end < 0:
+            if self._block is not None:  # pass the block through up to its closing tag, which may be arriving
+                end = block_end(self._block + text[start:], closing) - len(self._block) + start
+                if end < start:
                     safe = len(text) if final else len(text) - partial_tag(text[start:], closing)
                     shown.append(text[start:safe])
+                    self._block += text[start:safe]
                     self._tail = text[safe:]
                     return "".join(shown)
                 shown.append(text[start:end + len(closing)])
-                start, self._in_block = end + len(closing), False
+                start, self._block = end + len(closing), None
                 continue
             tag = text.find(opening, start)
             if tag < 0:
@@ -111,7 +124,7 @@ class TextState:
             if hit is not None:
                 return "".join(shown) + hit
             shown.append(text[start:tag + len(opening)])
-            start, self._in_block = tag + len(opening), True
+            start, self._block = tag + len(opening), ""
         scanned = len(text) if final or self.blocks is None else len(text) - partial_tag(text[start:], self.blocks[0])
         hit = self._first_stop(text, start, scanned)
         if hit is not None:

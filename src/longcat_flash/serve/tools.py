@@ -18,7 +18,7 @@ from ..chat_template import writes_tool_calls_with
 from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN, Tokenizer
 from . import protocol as p
 from . import responses as resp
-from .text import partial_tag
+from .text import block_end, partial_tag
 
 
 class ToolRequestError(ValueError):
@@ -92,16 +92,6 @@ def _members(text: str) -> dict[str, tuple[object, str]] | None:
 
 
 _WHITESPACE = re.compile(r"[ \t\n\r]*")
-_ESCAPE = re.compile(r"\\.", re.DOTALL)
-
-
-def _closing_tag(body: str) -> int:
-    """Where the closing tag of the call `body` starts, or -1: the first tag outside a JSON string, since an
-    argument may hold the tag's text (`{"note": "</longcat_tool_call>"}`, as a schema's const can force)."""
-    at = body.find(TOOL_CALL_CLOSE)
-    while at >= 0 and _ESCAPE.sub("", body[:at]).count('"') % 2:
-        at = body.find(TOOL_CALL_CLOSE, at + 1)
-    return at
 
 
 @dataclass
@@ -140,7 +130,7 @@ class ToolCallParser:
             self._buffer = self._buffer[cut + len(TOOL_CALL_OPEN):] if at >= 0 else self._buffer[cut:]
             self._in_call = at >= 0
             return at >= 0
-        end = _closing_tag(self._buffer)
+        end = block_end(self._buffer, TOOL_CALL_CLOSE)
         if end < 0:
             return False
         body, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(TOOL_CALL_CLOSE):], False
