@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import llguidance
-import tokenizers
 import torch
 
 from ..tokenizer import Tokenizer
@@ -212,25 +211,24 @@ class TextTokens:
 
     llguidance's own reading of a tokenizer.json spells the text a grammar forces (an enum value, a const, a key)
     with the added tokens matched inside it, so a forced `"</s>"` (HTML strike-through) was the EOS id, and a
-    forced `"<s>"` an id the grammar then refused. Here the token bytes and special ids are llguidance's, and the
-    text it asks to be spelled keeps every added token's text as text, as the mask treats it."""
+    forced `"<s>"` an id the grammar then refused. Here the token bytes and special ids are llguidance's, and so is
+    the spelling of text (it knows the tokenizers that rewrite text, a SentencePiece prefix space among them),
+    except where it holds a special token: such text is spelled by the longest ordinary tokens instead."""
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int) -> None:
-        native = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size, eos_token=tokenizer.eos_id)
-        spec = json.loads(tokenizer.backend.to_str())
-        for added in spec.get("added_tokens", []):
-            added["special"] = True  # so that encode_special_tokens leaves every one of them text
-        self._plain = tokenizers.Tokenizer.from_str(json.dumps(spec))
-        self._plain.encode_special_tokens = True
+        self._native = llguidance.LLTokenizer(tokenizer.backend.to_str(), n_vocab=vocab_size,
+                                              eos_token=tokenizer.eos_id)
         ids = range(vocab_size)  # the model's: ids past the tokenizer's are special to llguidance, never allowed
-        self.tokens = [native.decode_bytes([i]) for i in ids]
-        self.special_token_ids = [i for i in ids if native.is_special_token(i)]
+        self.tokens = [self._native.decode_bytes([i]) for i in ids]
+        self.special_token_ids = [i for i in ids if self._native.is_special_token(i)]
+        self._special = frozenset(self.special_token_ids)
         self.eos_token_id, self.bos_token_id = tokenizer.eos_id, tokenizer.bos_id
 
     def __call__(self, text: str) -> list[int]:
         if not isinstance(text, str):  # the wrapper asks once whether bytes are taken: they are not
             raise TypeError("TextTokens encodes str")
-        return self._plain.encode(text, add_special_tokens=False).ids
+        spelled = self._native.tokenize_str(text)
+        return self._native.greedy_tokenize(text) if self._special.intersection(spelled) else spelled
 
 
 class GrammarCompiler:
