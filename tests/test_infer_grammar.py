@@ -5,18 +5,18 @@ from __future__ import annotations
 import json
 
 import pytest
-import tokenizers
 
 pytest.importorskip("llguidance")
 jsonschema = pytest.importorskip("jsonschema")
 
 from infer_support import one_thread, randomized  # noqa: F401  (autouse fixture)
+from tokenizer_support import sentencepiece_tokenizer
 
 from longcat_flash.infer.engine import Engine, EngineConfig
 from longcat_flash.infer.grammar import GrammarCompiler, GrammarError
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.presets import tiny
-from longcat_flash.tokenizer import Tokenizer, stdlib_tokenizer
+from longcat_flash.tokenizer import stdlib_tokenizer
 
 # Bounded strings, arrays and numbers, so that a random model finishes well within the token limit.
 NAME = {"type": "string", "maxLength": 12}
@@ -132,23 +132,6 @@ def test_forced_text_holding_a_special_tokens_text_is_written_as_text(setup, val
     for tokens, reason in results.values():
         assert reason == "stop", tokenizer.decode(tokens, skip_special_tokens=False)
         valid(tokenizer, tokens, schema)
-
-
-def sentencepiece_tokenizer() -> Tokenizer:
-    """A Llama-2-style vocabulary: SentencePiece BPE with byte fallback and a "▁" prefix space, which rewrites the
-    text it spells (llguidance strips that prefix where it spells forced text)."""
-    from tokenizers import AddedToken, decoders, models, pre_tokenizers
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
-    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("▁", "hello"), ("▁", "t")]
-    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz", *(a + b for a, b in merges)]:
-        vocab.setdefault(piece, len(vocab))
-    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
-    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
-    backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
-    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token=None)
 
 
 @pytest.mark.parametrize("value", ["hello world", "a <s>b</s> c"])

@@ -129,6 +129,46 @@ def test_chat_bytes_are_the_tokens_own_so_split_characters_join(served):
     assert (tokenizer.token_bytes(first) + tokenizer.token_bytes(second)).decode() == "é"
 
 
+def test_tokens_texts_bytes_and_offsets_read_as_the_text_does_under_a_sentencepiece_vocabulary():
+    """Each SentencePiece token was decoded alone, which strips a text's leading space: the reply " t t" had the
+    tokens "t", "t" (their bytes joined to "tt"), and echoed offsets pointed at the spaces."""
+    from tokenizer_support import sentencepiece_tokenizer
+
+    from longcat_flash.infer.sampling import TokenLogprob
+    from longcat_flash.serve.logprobs import CompletionScores, chat_logprobs
+
+    tokenizer = sentencepiece_tokenizer()
+    prompt, t = tokenizer.encode("hello"), tokenizer.backend.token_to_id("▁t")
+    content = chat_logprobs(tokenizer, [TokenLogprob(t, -1.0), TokenLogprob(t, -1.0)]).content
+    assert [(c.token, bytes(c.bytes)) for c in content] == [(" t", b" t")] * 2
+    scores = CompletionScores(echo=prompt, echo_text=True)
+    scores.prompt, scores.generated = [None] * len(prompt), [TokenLogprob(t, -1.0, ((t, -1.0),))] * 2
+    echoed = scores.take(tokenizer, 2)
+    text = "hello" + " t t"  # the choice's text: the prompt as sent, then what the reply reads
+    assert "".join(echoed.tokens) == text and echoed.tokens[-1] in echoed.top_logprobs[-1]
+    assert [text[at:at + len(token)] for at, token in zip(echoed.text_offset, echoed.tokens)] == echoed.tokens
+
+
+def test_a_reply_reads_as_the_whole_sequence_decodes_under_a_sentencepiece_vocabulary():
+    """Through the server: the completion of "hello" is the text after it in the decoded sequence, leading space
+    included, and its logprob tokens join into that text (it was "t t t", tokens "t" x 3)."""
+    from tokenizer_support import sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer()
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size))
+    bridge = AsyncEngine(Engine(model, EngineConfig(max_running=2, cache_tokens=1024))).start()
+    app = create_app(bridge, tokenizer, ServerConfig(model_name="sp", context=model.config.max_position_embeddings))
+    t = tokenizer.backend.token_to_id("▁t")
+    try:
+        with TestClient(app) as client:
+            r = client.post("/v1/completions", json={"model": "sp", "prompt": "hello", "max_tokens": 3,
+                                                     "logit_bias": {str(t): 100}, "logprobs": 0})
+    finally:
+        bridge.stop()
+    choice = r.json()["choices"][0]
+    assert choice["text"] == " t t t" == "".join(choice["logprobs"]["tokens"])
+
+
 def test_prompt_logprobs_equal_the_models_forward(served):
     client, model, tokenizer, _ = served
     prompts = [tokenizer.encode(text) for text in TEXTS]

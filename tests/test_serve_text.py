@@ -4,6 +4,7 @@ from __future__ import annotations
 import time
 
 import pytest
+from tokenizer_support import sentencepiece_tokenizer
 
 from longcat_flash.serve.text import MAX_PENDING_IDS, TextState
 from longcat_flash.tokenizer import train_tokenizer
@@ -93,6 +94,18 @@ def test_stop_strings_are_not_looked_for_inside_blocks(tokenizer, step):
     assert "".join(stream(state, ids, step)) == "ab<T>no stop</T>c " and state.stopped
     plain = TextState(tokenizer, stop=["stop"])
     assert "".join(stream(plain, ids, step)) == "ab<T>no " and plain.stopped
+
+
+@pytest.mark.parametrize("step", [1, 2])
+def test_the_first_token_reads_as_in_the_whole_sequence_after_the_prompt(step):
+    """A SentencePiece decoder strips a text's leading space: decoded without the prompt before it, the reply to
+    "hello" began "t t" where the sequence reads "hello t t" (and a stop string " t" matched one token late)."""
+    tokenizer = sentencepiece_tokenizer()
+    prompt, t = tokenizer.encode("hello"), tokenizer.backend.token_to_id("▁t")
+    whole = tokenizer.decode([*prompt, t, t])
+    assert "".join(stream(TextState(tokenizer, context=prompt), [t, t], step)) == " t t" == whole[len("hello"):]
+    stopped = TextState(tokenizer, stop=[" t"], context=prompt)
+    assert "".join(stream(stopped, [t, t], step)) == "" and stopped.tokens == 1
 
 
 @pytest.mark.parametrize("step", [1, 3])

@@ -151,7 +151,8 @@ class Generation:
                                 "--max-waiting): send fewer at a time", param="prompt", code="too_many_prompts")
         results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
                                        return_exceptions=True)
-        groups = [[Copy(rid, outputs) for rid, outputs in r] for r in results if not isinstance(r, BaseException)]
+        groups = [[Copy(rid, outputs, ids) for rid, outputs in r] for (ids, _), r in zip(jobs, results, strict=True)
+                  if not isinstance(r, BaseException)]
         errors = [r for r in results if isinstance(r, BaseException)]
         if not errors:
             return groups
@@ -223,7 +224,7 @@ class Generation:
                          copy: Copy, request: Request | None) -> AsyncIterator[tuple[resp.CompletionChoice, int]]:
         """One choice of a completion as chunks (a text delta, its tokens' logprobs, the finish reason) with the
         completion tokens so far; with `echo` the first chunk starts with the prompt."""
-        text = TextState(self.tokenizer, *stop_scope(body, None))
+        text = TextState(self.tokenizer, *stop_scope(body, None), context=copy.prompt)
         scores = CompletionScores(echo=ids if body.echo else None, echo_text=isinstance(prompt, str),
                                   added=self.tokenizer.added if isinstance(prompt, str) and body.add_special_tokens
                                   else (0, 0))
@@ -239,7 +240,7 @@ class Generation:
         """One chat choice read through its tool-call parser, and the function that hands out its logprobs up to
         a token count (always None without `logprobs`)."""
         (stop, blocks), scores = stop_scope(body, plan), ChatScores()
-        text = TextState(self.tokenizer, stop, blocks)
+        text = TextState(self.tokenizer, stop, blocks, context=copy.prompt)
 
         async def logprobs(n: int) -> resp.ChatLogprobs | None:
             return await asyncio.to_thread(scores.take, self.tokenizer, n) if body.logprobs else None
@@ -275,6 +276,7 @@ class Copy:
 
     rid: int
     outputs: asyncio.Queue
+    prompt: list[int]  # its ids, which the text of its first tokens is decoded after
     open: bool = True
 
 

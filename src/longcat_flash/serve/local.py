@@ -49,7 +49,7 @@ def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], param
                   interrupt: threading.Event | None = None) -> Result:
     """Run one prompt (token ids) to completion; `on_text` receives each new piece of text as it is safe to show.
     `interrupt`, once set, ends the request between two engine steps (finish reason "interrupted")."""
-    text = TextState(tokenizer, stop or [])
+    text = TextState(tokenizer, stop or [], context=prompt)
     before = replace(engine.stats.drafts)  # the engine's running totals: this request's are the difference
     start = time.perf_counter()
     rid = engine.add_request(prompt, params)

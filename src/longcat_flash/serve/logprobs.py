@@ -58,24 +58,31 @@ class CompletionScores(Scores):
         self.echo = None
         front, back = self.added
         shown = [self.echo_text and front <= i < echoed - back for i in range(len(tokens))]  # written in the text
-        texts = [tokenizer.decode([token], skip_special_tokens=not show) for token, show in zip(tokens, shown)]
-        offsets = [self._offset(tokenizer, token, text) for token, text in zip(tokens[:echoed], texts[:echoed])]
+        texts = [tokenizer.token_text(token, not show) for token, show in zip(tokens, shown)]
+        # the echoed prompt's first token with a text starts the choice's text (SentencePiece's "▁w" reads "w")
+        first = next((i for i, text in enumerate(texts[:echoed]) if text), None)
+        if first is not None:
+            texts[first] = tokenizer.token_text(tokens[first], not shown[first], first=True)
+        starts = [i == first for i in range(len(tokens))]
+        offsets = [self._offset(tokenizer, *args) for args in zip(tokens[:echoed], texts[:echoed], starts)]
         if echoed:  # the echoed prompt is decoded alone: bytes it leaves without a character are its U+FFFD
             self.offset += len(self._utf8.decode(b"", final=True))
             self._utf8.reset()
         offsets += [self._offset(tokenizer, token, text) for token, text in zip(tokens[echoed:], texts[echoed:])]
         return resp.CompletionLogprobs(
             tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
-            top_logprobs=[None if s is None else _top(tokenizer, s, show) for s, show in zip(scores, shown)],
+            top_logprobs=[None if s is None else _top(tokenizer, s, show, start)
+                          for s, show, start in zip(scores, shown, starts)],
             text_offset=offsets)
 
-    def _offset(self, tokenizer: Tokenizer, token: int, text: str) -> int:
+    def _offset(self, tokenizer: Tokenizer, token: int, text: str, first: bool = False) -> int:
         """Where the token starts in the choice's text: after the characters of the tokens before it (each token of
-        a character split over tokens points at it; bytes that never form one are U+FFFD, as in the text)."""
+        a character split over tokens points at it; bytes that never form one are U+FFFD, as in the text).
+        `first`: the token starts the text."""
         if not text:  # a special token the choice's text skips
             return self.offset
         held, _ = self._utf8.getstate()  # bytes of earlier tokens that are no whole character yet
-        decoded = self._utf8.decode(tokenizer.token_bytes(token))
+        decoded = self._utf8.decode(tokenizer.token_bytes(token, first))
         at = self.offset + (len(held.decode("utf-8", "replace")) if held and decoded.startswith("\ufffd") else 0)
         self.offset += len(decoded)  # held bytes this token shows invalid are U+FFFD before it, not part of it
         return at
@@ -87,13 +94,15 @@ def joined(parts: list[resp.CompletionLogprobs]) -> resp.CompletionLogprobs:
                                    for key in resp.CompletionLogprobs.model_fields})
 
 
-def _top(tokenizer: Tokenizer, score: TokenLogprob, show_special: bool = False) -> dict[str, float]:
+def _top(tokenizer: Tokenizer, score: TokenLogprob, show_special: bool = False, first: bool = False
+         ) -> dict[str, float]:
     """The likeliest tokens' texts, then the chosen token's; a text two tokens share keeps the higher logprob.
     `show_special`: at a position of a prompt given as text, special tokens are keyed as written there (as in
-    `tokens`), so that a harness comparing the best key with the token finds the same text."""
+    `tokens`), so that a harness comparing the best key with the token finds the same text. `first`: the position
+    starts the choice's text."""
     top: dict[str, float] = {}
     for token, logprob in (*score.top, (score.token, score.logprob)):
-        top.setdefault(tokenizer.decode([token], skip_special_tokens=not show_special), logprob)
+        top.setdefault(tokenizer.token_text(token, not show_special, first), logprob)
     return top
 
 
@@ -115,5 +124,5 @@ def chat_logprobs(tokenizer: Tokenizer, scores: list[TokenLogprob]) -> resp.Chat
 def _chat_token(tokenizer: Tokenizer, token: int, logprob: float) -> resp.TopLogprob:
     """The token's text and its own UTF-8 bytes (a part of a character: the text is U+FFFD, the bytes that part,
     so the bytes of consecutive tokens join into the characters, as OpenAI's field is for)."""
-    text = tokenizer.decode([token])
+    text = tokenizer.token_text(token)
     return resp.TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token) if text else b""))

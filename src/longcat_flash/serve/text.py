@@ -23,6 +23,7 @@ from ..tokenizer import Tokenizer
 # No UTF-8 character spans more than 4 bytes, so more ids than this without a character are invalid bytes:
 # emit them as U+FFFD (as a full decode would) rather than let the stream's window grow without bound.
 MAX_PENDING_IDS = 8
+CONTEXT_IDS = 5  # prompt ids the first generated id is decoded after (vLLM's detokenizer starts 5 back too)
 _ESCAPE = re.compile(r"\\.", re.DOTALL)  # a backslash escape in JSON text: its quote is no string's end
 
 
@@ -44,14 +45,19 @@ def partial_tag(text: str, tag: str) -> int:
 class TextState:
     """One request's text: feed it the generated ids as they arrive; it returns the text that is safe to show."""
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), blocks: tuple[str, str] | None = None
-                 ) -> None:
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), blocks: tuple[str, str] | None = None,
+                 context: Sequence[int] = ()) -> None:
+        """`context`: the prompt's ids, whose end the first generated id is decoded after, so that the text reads
+        as the whole sequence decodes (a SentencePiece token's leading space is dropped at the start of a text)."""
         self.stop = [s for s in stop if s]
         self.hold = max(map(len, self.stop), default=1) - 1
         self.blocks = blocks if self.stop else None  # (opening tag, closing tag) of text never scanned
         self._block: str | None = None  # the text of the block being passed through, from its opening tag on
         self._backend = tokenizer.backend  # DecodeStream needs the tokenizers.Tokenizer itself
-        self._stream = DecodeStream(skip_special_tokens=True)
+        context = list(context[-CONTEXT_IDS:])
+        if context and self._backend.decode(context).endswith("\ufffd"):  # it ends inside a character, which the
+            context = []  # stream would show again, whole, with the id that completes it: decode without it
+        self._stream = DecodeStream(context or None, skip_special_tokens=True)
         self._pending: list[int] = []  # ids the stream holds without a whole character yet
         self._tail = ""  # decoded but not shown: it could be the start of a stop string
         self._shown: list[str] = []

@@ -192,9 +192,10 @@ class Tokenizer:
             raise ValueError(f"token ids are >= 0, got {min(ids)}")
         return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def token_bytes(self, token: int) -> bytes:
+    def token_bytes(self, token: int, first: bool = False) -> bytes:
         """The bytes one token stands for, a part of a character included (its decoded text is then U+FFFD);
-        an added token's are its text's, an id past the tokenizer's vocabulary has none."""
+        an added token's are its text's, an id past the tokenizer's vocabulary has none. `first`: the token
+        starts a text (see `token_text`)."""
         added = self._added_tokens.get(token)
         piece = added.content if added is not None else self._backend.id_to_token(token)
         if piece is None or added is not None:
@@ -203,7 +204,24 @@ class Tokenizer:
             return bytes(_BYTE_LEVEL[c] for c in piece)
         if (byte := _BYTE_FALLBACK.fullmatch(piece)) is not None:  # SentencePiece's <0xE9>
             return bytes([int(byte.group(1), 16)])
-        return self.decode([token]).encode()
+        return self.token_text(token, first=first).encode()
+
+    def token_text(self, token: int, skip_special_tokens: bool = True, first: bool = False) -> str:
+        """A token's text where it follows other text, as it reads in the decoded sequence; `first`: where it
+        starts a text. They differ for decoders that strip a text's leading space: SentencePiece's `▁w` is " w"
+        inside a text, "w" at its start (and decoded alone)."""
+        alone = self.decode([token], skip_special_tokens=skip_special_tokens)
+        if first:
+            return alone
+        anchor, before = self._anchor
+        after = self._backend.decode([*anchor, token], skip_special_tokens=skip_special_tokens)
+        return after[len(before):] if before and after.startswith(before) else alone
+
+    @functools.cached_property
+    def _anchor(self) -> tuple[list[int], str]:
+        """The ids of a text for `token_text` to decode a token after, and that text."""
+        ids = self._plain.encode("a").ids
+        return ids, self._backend.decode(ids)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                             tools: Sequence[dict[str, Any]] | None = None, *, now: datetime | None = None) -> str:

@@ -1,0 +1,22 @@
+"""Vocabularies of other kinds than the byte-level BPE this project trains, built by hand (no download)."""
+from __future__ import annotations
+
+import tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers
+
+from longcat_flash.tokenizer import Tokenizer
+
+
+def sentencepiece_tokenizer() -> Tokenizer:
+    """A Llama-2-style vocabulary: SentencePiece BPE with byte fallback and a "▁" prefix space, whose decoder strips
+    a text's leading space (so a token reads otherwise at a text's start than inside it)."""
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
+    merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("▁", "hello"), ("▁", "t")]
+    for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz", *(a + b for a, b in merges)]:
+        vocab.setdefault(piece, len(vocab))
+    backend = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                         decoders.Strip(" ", 1, 0)])
+    backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token=None)
