@@ -289,3 +289,27 @@ def test_a_call_may_be_padded_inside_its_tags_as_a_template_writes_it(served, ch
         matcher.advance(token)
         assert matcher.error is None, text
     assert matcher.done == (prefill is None)  # a named call is one call; else (parallel) more calls may follow
+
+
+def test_a_tokenizer_the_constraint_library_cannot_read_serves_all_but_constrained_output():
+    """A WordPiece (or Metaspace) decoder stopped `longcat serve` at start with llguidance's "can't determine
+    decoder type"; the server now starts, and only the requests that need a constraint are refused, by field."""
+    from tokenizer_support import wordpiece_tokenizer
+
+    tokenizer = wordpiece_tokenizer()
+    model = randomized(tiny().replace(vocab_size=tokenizer.vocab_size))
+    bridge = AsyncEngine(Engine(model, EngineConfig(max_running=2, cache_tokens=1024))).start()
+    app = create_app(bridge, tokenizer, ServerConfig(model_name="wp", context=model.config.max_position_embeddings))
+    schema = {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}
+    try:
+        with TestClient(app) as client:
+            plain = client.post("/v1/completions", json={"model": "wp", "prompt": "a b", "max_tokens": 2})
+            refused = client.post("/v1/completions", json={"model": "wp", "prompt": "a b", "max_tokens": 2,
+                                                           "response_format": schema})
+    finally:
+        bridge.stop()
+    assert plain.status_code == 200, plain.text
+    error = refused.json()["error"]
+    assert refused.status_code == 400 and error["param"] == "response_format"
+    assert "cannot constrain output" in error["message"] and "decoder" in error["message"]
+

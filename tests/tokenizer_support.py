@@ -20,3 +20,13 @@ def sentencepiece_tokenizer() -> Tokenizer:
                                          decoders.Strip(" ", 1, 0)])
     backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
     return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token=None)
+
+
+def wordpiece_tokenizer() -> Tokenizer:
+    """A BERT-style WordPiece vocabulary, whose decoder the constraint library does not read."""
+    vocab = {"[PAD]": 0, "[CLS]": 1, "[SEP]": 2, "[UNK]": 3, **{c: 4 + i for i, c in enumerate("abcdefghij")}}
+    backend = tokenizers.Tokenizer(models.WordPiece(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    backend.add_special_tokens([AddedToken(t, special=True) for t in ("[PAD]", "[CLS]", "[SEP]")])
+    return Tokenizer(backend, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]")

@@ -237,7 +237,13 @@ class GrammarCompiler:
 
     def __init__(self, tokenizer: Tokenizer, vocab_size: int, *, cache_size: int = 64,
                  compile_timeout_s: float = 10.0) -> None:
-        self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(TextTokens(tokenizer, vocab_size)))
+        try:
+            self._tokenizer = llguidance.LLTokenizer(llguidance.TokenizerWrapper(TextTokens(tokenizer, vocab_size)))
+            self.unavailable: str | None = None  # why nothing can be constrained, when nothing can
+        except ValueError as err:  # a decoder llguidance does not read (WordPiece, Metaspace): the rest is served
+            self._tokenizer = None
+            self.unavailable = f"the constraint library cannot read this model's tokenizer ({err})"
+            log.warning("structured output and forced or strict tool calls are off: %s", self.unavailable)
         self._backend = tokenizer.backend
         self._cache: OrderedDict[str, Grammar] = OrderedDict()
         self._lock = threading.Lock()
@@ -248,12 +254,14 @@ class GrammarCompiler:
         """A Lark fragment for `text`: the single special token it is in this vocabulary (`<[id]>`; trained
         tokenizers hold the tool-call tags so), else the string, spelled by ordinary tokens."""
         token_id = self._backend.token_to_id(text)
-        if token_id is not None and self._tokenizer.is_special_token(token_id):
+        if token_id is not None and self._tokenizer is not None and self._tokenizer.is_special_token(token_id):
             return f"<[{token_id}]>"
         return json.dumps(text)
 
     def compile(self, lark: str) -> Grammar:
         """A Lark grammar -> a Grammar (cached); GrammarError when it cannot be compiled within the limits."""
+        if self.unavailable is not None:
+            raise GrammarError(self.unavailable)
         if len(lark) > MAX_GRAMMAR_CHARS:
             raise GrammarError(f"the grammar has {len(lark)} characters (schemas included); the limit is "
                                f"{MAX_GRAMMAR_CHARS}")

@@ -110,6 +110,11 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
     def build() -> Grammar | None:
         check_tool_schemas(getattr(body, "tools", None))
         text = lark(compiler, body, plan)
+        if text is not None and compiler.unavailable is not None:
+            param = ("response_format" if response_schema(body.response_format) is not None else
+                     "tool_choice" if plan.forced else "tools")  # strict tools under auto
+            raise ConstraintError(param, f"{param}: this server cannot constrain output (a JSON response_format, a "
+                                         f"forced or strict tool call): {compiler.unavailable}")
         return None if text is None else compiler.compile(text)
 
     try:
