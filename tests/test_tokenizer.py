@@ -548,3 +548,33 @@ def test_a_corpus_with_one_huge_word_trains_in_seconds():
             "assert t.decode(t.encode('x' * 1000)) == 'x' * 1000\n")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_special_token_text_stays_text_in_a_unigram_vocabulary_that_holds_it() -> None:
+    """T5's Unigram holds "</s>" as a piece of its own, with the best score: encode("a</s>b") held the eos id (a
+    user's message could end its turn, and SFT taught a stop mid-message)."""
+    from tokenizer_support import unigram_tokenizer
+
+    tok = unigram_tokenizer()
+    ids = tok.encode("a</s>b")
+    assert tok.eos_id not in ids and tok.decode(ids) == "a</s>b"
+    assert tok.eos_id in tok.encode("a</s>b", allow_special=True)
+
+
+def test_a_sentencepiece_conversation_encodes_as_its_whole_text_does() -> None:
+    """Under prepend_scheme "first" only a text's start gets a "▁": each text between the template's special tokens
+    (and after each SFT cut) was encoded as a text of its own, so a "▁" followed every special token, where
+    transformers, encoding the whole text, has none."""
+    from tokenizer_support import sentencepiece_tokenizer
+
+    sp = sentencepiece_tokenizer()
+    template = ("{% for m in messages %}{% if not loop.first %}<s>{% endif %}{{ m.role }}: {{ m.content }}</s>"
+                "{% endfor %}")
+    tok = Tokenizer(sp.backend, bos_token="<s>", eos_token="</s>", pad_token=None, chat_template=template)
+    chat = tok.render_chat([{"role": "user", "content": "hello there"}, {"role": "assistant", "content": "hi"}],
+                           add_generation_prompt=False)
+    whole = tok.encode(chat.text, allow_special=True)
+    assert tok.encode_chat(chat) == [whole] and whole[0] == tok.encode("user")[0]  # the start keeps its "▁"
+    first, second = tok.encode_chat(chat, [chat.text.index("hi")])
+    assert first + second == whole
+

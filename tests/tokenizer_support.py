@@ -30,3 +30,14 @@ def wordpiece_tokenizer() -> Tokenizer:
     backend.decoder = decoders.WordPiece()
     backend.add_special_tokens([AddedToken(t, special=True) for t in ("[PAD]", "[CLS]", "[SEP]")])
     return Tokenizer(backend, bos_token="[CLS]", eos_token="[SEP]", pad_token="[PAD]")
+
+
+def unigram_tokenizer() -> Tokenizer:
+    """A T5-style Unigram vocabulary: its special pieces are pieces of the model too, "</s>" with the best score."""
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -2.0), ("▁a", -1.0),
+              *((c, -5.0) for c in "ab</s>")]
+    backend = tokenizers.Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    backend.add_special_tokens([AddedToken("<pad>", special=True), AddedToken("</s>", special=True)])
+    return Tokenizer(backend, bos_token=None, eos_token="</s>", pad_token="<pad>")

@@ -96,10 +96,10 @@ class Tokenizer:
                  other_templates: dict[str, str] | None = None) -> None:
         self._backend = backend
         self.other_config = dict(other_config or {})  # tokenizer_config.json keys we do not read, written back as read
-        # A twin that treats special-token text as plain text; two objects instead of toggling a flag per call
-        # keeps encode thread-safe (the server may encode from several threads).
-        self._plain = tokenizers.Tokenizer.from_str(backend.to_str())
-        self._plain.encode_special_tokens = True
+        # Twins that treat special-token text as plain text; other objects instead of toggling a flag per call
+        # keep encode thread-safe (the server may encode from several threads).
+        self._plain = _text_twin(backend)
+        self._continuing = _text_twin(backend, continuing=True) or self._plain  # for text after a text's start
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.bos_id = self._token_id("bos_token", bos_token)
         self.eos_id = self._token_id("eos_token", eos_token)
@@ -157,10 +157,12 @@ class Tokenizer:
         """`encode` over many texts at once, in parallel on the Rust side (the fast path for corpora)."""
         if isinstance(texts, str):  # a str is a sequence of texts too: one per character
             raise TypeError("encode_batch takes a list of texts; encode one text with encode")
-        encoder = self._encoder(allow_special)
+        return self._encode_many(self._encoder(allow_special), list(texts), add_special_tokens)
+
+    def _encode_many(self, encoder: tokenizers.Tokenizer, texts: list[str], add_special_tokens: bool = False
+                     ) -> list[list[int]]:
         # encode_batch_fast (tokenizers >= 0.21) skips offset tracking, about 2x faster than encode_batch.
         batch_fn = getattr(encoder, "encode_batch_fast", encoder.encode_batch)
-        texts = list(texts)
         try:
             return [enc.ids for enc in batch_fn(texts, add_special_tokens=add_special_tokens)]
         except TypeError:  # the library's "TextEncodeInput must be Union[...]": say which text, and why
@@ -316,20 +318,26 @@ class Tokenizer:
         texts, layout = [], []  # layout: per piece, a special token's id or ("text", index into texts)
         specials = iter(chat.specials)
         special = next(specials, None)
+        starts_text = False  # the conversation's text begins with text, not a special token
         for start, end in zip(bounds, bounds[1:]):
             piece, at = [], start
             while special is not None and special[0] < end:
                 if special[0] > at:
+                    starts_text |= at == 0
                     piece.append(("text", len(texts)))
                     texts.append(chat.text[at:special[0]])
                 piece.append(special[2])
                 at = special[1]
                 special = next(specials, None)
             if at < end:
+                starts_text |= at == 0
                 piece.append(("text", len(texts)))
                 texts.append(chat.text[at:end])
             layout.append(piece)
-        encoded = self.encode_batch(texts)
+        # each text as the whole text's encoding reads it: only the one at its very start gets a SentencePiece "▁"
+        encoded = self._encode_many(self._continuing, texts)
+        if starts_text:
+            encoded[0] = self.encode(texts[0])
         return [[i for part in piece for i in (encoded[part[1]] if isinstance(part, tuple) else [part])]
                 for piece in layout]
 
@@ -411,6 +419,39 @@ class Tokenizer:
 # ids are tokenizer.json's) or name code we do not ship (auto_map)
 _CONFIG_WRITTEN = ("tokenizer_class", "bos_token", "eos_token", "pad_token", "model_max_length",
                    "clean_up_tokenization_spaces", "chat_template", "added_tokens_decoder", "auto_map")
+
+
+def _text_twin(backend: tokenizers.Tokenizer, continuing: bool = False) -> tokenizers.Tokenizer | None:
+    """A copy of `backend` that spells special-token text as text: its added tokens are not matched (nor, in a
+    Unigram model, its special pieces, which T5's vocabulary holds with a score that wins). `continuing`: for text
+    that does not start the whole text, without the "▁" a SentencePiece pre-tokenizer gives the start only
+    (prepend_scheme "first", as in Llama 2 and Gemma); None when there is no such pre-tokenizer."""
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    if model.get("type") == "Unigram" and model.get("vocab"):
+        special = {token["id"] for token in spec.get("added_tokens", []) if token.get("special")}
+        floor = min(score for _, score in model["vocab"]) - 100.0  # below the unknown piece's penalty
+        for token in special & set(range(len(model["vocab"]))):
+            model["vocab"][token][1] = floor
+    if continuing:
+        first = [step for step in _steps(spec.get("pre_tokenizer"))
+                 if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first"]
+        if not first:
+            return None
+        for step in first:
+            step["prepend_scheme"] = "never"
+    twin = tokenizers.Tokenizer.from_str(json.dumps(spec))
+    twin.encode_special_tokens = True
+    return twin
+
+
+def _steps(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """A pre-tokenizer's steps, those of a Sequence flattened."""
+    if not pre_tokenizer:
+        return []
+    if pre_tokenizer.get("type") == "Sequence":
+        return [step for inner in pre_tokenizer.get("pretokenizers", []) for step in _steps(inner)]
+    return [pre_tokenizer]
 
 
 def _tokens_not_held(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> list[str]:
