@@ -395,6 +395,13 @@ def test_a_trailing_assistant_message_is_history_or_continued(client):
     for fields in ({"messages": messages[:1]}, {"response_format": {"type": "json_object"}}):
         status, body = _chat(client, continue_final_message=True, **fields)
         assert status == 400 and body["error"]["param"] == "continue_final_message", body
+    # vLLM's add_generation_prompt, which its clients send false beside continue_final_message (it was refused as
+    # a field this server does not take); false alone leaves the reply's turn unopened, as in transformers
+    assert prompt(continue_final_message=True, add_generation_prompt=False) == prompt(continue_final_message=True)
+    assert prompt(add_generation_prompt=False) == tokenizer.apply_chat_template(messages, add_generation_prompt=False)
+    assert prompt(add_generation_prompt=False) != history
+    status, body = _chat(client, messages=messages, continue_final_message=True, add_generation_prompt=True)
+    assert status == 400 and body["error"]["param"] == "add_generation_prompt", body
 
 
 @pytest.mark.parametrize("fields, param, says", [

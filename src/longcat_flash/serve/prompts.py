@@ -26,8 +26,8 @@ def chat_prompt(tokenizer: Tokenizer, body: p.ChatCompletionRequest, plan: ToolP
     # as sft renders them: no null fields (templates test `'tool_calls' in message`), content kept
     history = [{k: v for k, v in m.model_dump().items() if v is not None or k == "content"} for m in plan.history]
     try:
-        chat = tokenizer.render_chat(history, not body.continue_final_message, tools=plan.shown, suffix=plan.prefill,
-                                     now=datetime.now())
+        opened = body.add_generation_prompt and not body.continue_final_message  # the reply's turn
+        chat = tokenizer.render_chat(history, opened, tools=plan.shown, suffix=plan.prefill, now=datetime.now())
         if body.continue_final_message:
             chat = left_open(chat, history[-1]["content"])
         if dropped := template_drops(tokenizer, history, plan.shown):

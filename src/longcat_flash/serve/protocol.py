@@ -455,6 +455,7 @@ class ChatCompletionRequest(_Sampling):
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None  # default: auto with tools
     parallel_tool_calls: bool = True
     continue_final_message: bool = False  # vLLM's: the reply continues the last (assistant) message, left open
+    add_generation_prompt: bool = True  # vLLM's: false leaves out the template's opening of the reply's turn
     functions: None = None  # the legacy form of tools: refused (use `tools`), not dropped
     function_call: None = None  # the legacy form of tool_choice: refused (use `tool_choice`)
     # what OpenAI's API takes and this server does anyway (nothing is stored; text out; one tier); other values refused
@@ -494,6 +495,12 @@ class ChatCompletionRequest(_Sampling):
                                  "starts at the reply, inside the continued text)")
             if self.tool_choice not in (None, "auto", "none"):
                 raise ValueError("continue_final_message: cannot apply when tool_choice forces a call")
+            if "add_generation_prompt" in self.model_fields_set and self.add_generation_prompt:
+                raise ValueError("add_generation_prompt: cannot be true with continue_final_message (the reply "
+                                 "continues the final message, in no turn of its own)")
+        if not self.add_generation_prompt and self.tool_choice not in (None, "auto", "none"):
+            raise ValueError("add_generation_prompt: false cannot apply when tool_choice forces a call (the call "
+                             "opens the reply's turn)")
         return self
 
     @property
