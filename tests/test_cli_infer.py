@@ -73,19 +73,21 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
     assert spec["completion_tokens"] == 7 and 0.0 <= spec["acceptance_rate"] <= 1.0
 
 
-def test_ctrl_c_during_generate_json_still_prints_what_was_generated(checkpoint, capsys, monkeypatch):
+@pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])
+def test_ctrl_c_during_generate_json_still_prints_what_was_generated(checkpoint, capsys, monkeypatch, signame):
     """Ctrl-C printed nothing but "^C" under --json, the tokens generated so far lost; it ends the request between
     two engine steps, prints the JSON with finish_reason "interrupted", and exits with the shell's 130. The user's
-    Ctrl-C is this process sending itself SIGINT at the fourth engine step."""
+    Ctrl-C is this process sending itself SIGINT at the fourth engine step. SIGTERM (`timeout`) does the same, with
+    143 (it printed nothing at all)."""
     import os
     import signal
 
-    step, steps = Engine.step, []
+    step, steps, signum = Engine.step, [], getattr(signal, signame)
 
     def step_then_ctrl_c(engine):
         steps.append(len(steps))
         if len(steps) == 4:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signum)
         return step(engine)
 
     monkeypatch.setattr(Engine, "step", step_then_ctrl_c)
@@ -93,7 +95,7 @@ def test_ctrl_c_during_generate_json_still_prints_what_was_generated(checkpoint,
         main(["generate", "--model", str(checkpoint), "--prompt", "import os", "--max-new-tokens", "200",
               "--ignore-eos", "--json"])
     record = json.loads(capsys.readouterr().out)
-    assert stopped.value.code == 130 and record["finish_reason"] == "interrupted"
+    assert stopped.value.code == 128 + signum and record["finish_reason"] == "interrupted"
     assert 0 < record["completion_tokens"] < 200
 
 
@@ -163,6 +165,9 @@ def test_sampling_flags_without_a_temperature_are_refused(command, tmp_path):
         main(args + ["--top-p", "0.9", "--temperature", "0"])
     with pytest.raises(SystemExit, match=r"--min-p only applies when sampling"):
         main(args + ["--min-p", "0.1"])
+    with pytest.raises(SystemExit, match="none") as refused:  # their off values, which scripts pass, are no change
+        main(args + ["--top-k", "0", "--top-p", "1", "--min-p", "0"])
+    assert "only appl" not in str(refused.value)
 
 
 @pytest.fixture(scope="module")

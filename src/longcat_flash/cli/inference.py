@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -73,8 +74,9 @@ def _add_sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int) -> None
 def _sampling(args: argparse.Namespace):
     from ..infer.sampling import SamplingParams
 
-    given = [flag for flag, value in (("--top-p", args.top_p), ("--top-k", args.top_k), ("--seed", args.seed),
-                                      ("--min-p", args.min_p)) if value is not None]
+    given = [flag for flag, value, off in (("--top-p", args.top_p, 1.0), ("--top-k", args.top_k, 0),
+                                           ("--seed", args.seed, None), ("--min-p", args.min_p, 0.0))
+             if value is not None and value != off]  # a script may always pass the off values
     if args.temperature == 0 and given:  # greedy decoding reads none of them
         raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} when sampling: give "
                          "--temperature above 0 (0, the default, decodes greedily)")
@@ -99,7 +101,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> None:
-    from ..serve.local import generate_text, interrupt_on_sigint, load_session
+    from ..serve.local import generate_text, interrupted_by, load_session
 
     if "" in args.stop:
         raise ValueError("--stop: an empty string would match everywhere; give a non-empty stop string")
@@ -115,11 +117,12 @@ def _run_generate(args: argparse.Namespace) -> None:
     # a raw prompt: the text of a special token is that token (`<s>` is bos), and the tokenizer's post-processor
     # adds what it adds (a bos for Llama-style tokenizers), as /v1/completions, vLLM and transformers read one
     ids = tokenizer.encode(prompt, allow_special=True, add_special_tokens=True)
-    with interrupt_on_sigint() as interrupt:  # Ctrl-C ends the request: what it generated is still printed
+    # Ctrl-C, or SIGTERM (`timeout`), ends the request: what it generated is still printed
+    with interrupted_by(signal.SIGINT, signal.SIGTERM) as interrupt:
         result = generate_text(engine, tokenizer, ids, params, args.stop, stream, interrupt)
     print(json.dumps({"prompt": prompt, **result.to_dict()}) if args.json else "")
     if result.finish_reason == "interrupted":
-        sys.exit(130)  # the shell's status for SIGINT, as before
+        sys.exit(128 + interrupt.signum)  # the shell's status for the signal
     if result.finish_reason == "length" and result.completion_tokens < args.max_new_tokens:
         print(f"longcat generate: stopped after {result.completion_tokens} of --max-new-tokens {args.max_new_tokens}: "
               f"the prompt's {result.prompt_tokens} tokens and these fill the context of {engine.max_context}",

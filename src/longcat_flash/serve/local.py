@@ -46,7 +46,7 @@ def load_session(model_dir: str | Path, *, dtype: str | None = None, quantize: s
 
 def generate_text(engine: Engine, tokenizer: Tokenizer, prompt: list[int], params: SamplingParams,
                   stop: list[str] | None = None, on_text: Callable[[str], None] | None = None,
-                  interrupt: threading.Event | None = None) -> Result:
+                  interrupt: Interrupt | None = None) -> Result:
     """Run one prompt (token ids) to completion; `on_text` receives each new piece of text as it is safe to show.
     `interrupt`, once set, ends the request between two engine steps (finish reason "interrupted")."""
     text = TextState(tokenizer, stop or [], context=prompt)
@@ -130,7 +130,7 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         room = engine.max_context - len(prompt)
         turn = replace(params, max_new_tokens=min(params.max_new_tokens, room))
         write("assistant> ")
-        with interrupt_on_sigint() as interrupt:
+        with interrupted_by(signal.SIGINT) as interrupt:
             reply = generate_text(engine, tokenizer, prompt, turn, on_text=lambda text: write(visible(text)),
                                   interrupt=interrupt)
         cut = reply.finish_reason == "length" and len(prompt) + reply.completion_tokens >= engine.max_context
@@ -151,16 +151,29 @@ def _chat_prompt(tokenizer: Tokenizer, messages: list[dict[str, str]]) -> list[i
     return tokenizer.encode_chat(tokenizer.render_chat(messages, now=datetime.now()))[0]
 
 
+@dataclass
+class Interrupt:
+    """Which signal asked the running request to end, if one did."""
+
+    signum: int | None = None
+
+    def is_set(self) -> bool:
+        return self.signum is not None
+
+
 @contextlib.contextmanager
-def interrupt_on_sigint() -> Iterator[threading.Event]:
-    """An event that Ctrl-C sets while the block runs (instead of raising KeyboardInterrupt in the middle of an
-    engine step, which would leave its cache and queues half updated); off the main thread, one never set."""
-    interrupt = threading.Event()
+def interrupted_by(*signums: int) -> Iterator[Interrupt]:
+    """An Interrupt that these signals (Ctrl-C's SIGINT; SIGTERM for a command that ends as Ctrl-C ends it) set
+    while the block runs, instead of raising in the middle of an engine step, which would leave its cache and queues
+    half updated; off the main thread, one never set."""
+    interrupt = Interrupt()
     if threading.current_thread() is not threading.main_thread():
         yield interrupt
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupt.set())
+    previous = {signum: signal.signal(signum, lambda signum, frame: setattr(interrupt, "signum", signum))
+                for signum in signums}
     try:
         yield interrupt
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
