@@ -213,7 +213,7 @@ class Tokenizer:
         starts a text. They differ for decoders that strip a text's leading space: SentencePiece's `▁w` is " w"
         inside a text, "w" at its start (and decoded alone)."""
         alone = self.decode([token], skip_special_tokens=skip_special_tokens)
-        if first:
+        if first or isinstance(self._backend.decoder, decoders.ByteLevel):  # byte-level: a token reads alike anywhere
             return alone
         anchor, before = self._anchor
         after = self._backend.decode([*anchor, token], skip_special_tokens=skip_special_tokens)
