@@ -73,17 +73,19 @@ def test_tail_that_might_start_a_stop_string_waits_for_the_end(tokenizer):
     assert state.feed([], final=True) == "o wor" and not state.stopped
 
 
-def test_cost_per_token_does_not_grow_with_the_text(tokenizer):
-    """O(1) per id: 10x the tokens costs about 10x the time (the old full re-decode was quadratic)."""
-    ids = tokenizer.encode(SAMPLE * 400)
+@pytest.mark.parametrize("blocks", [None, ("<T>", "</T>")])
+def test_cost_per_token_does_not_grow_with_the_text(tokenizer, blocks):
+    """O(1) per id: 10x the tokens costs about 10x the time (the old full re-decode was quadratic), inside a block
+    too (a tool call's long argument: its text was searched whole at every id)."""
+    ids = tokenizer.encode("<T>" + SAMPLE * 3000 if blocks else SAMPLE * 400)  # a block: long enough to tell
 
     def seconds(n: int) -> float:
-        state, start = TextState(tokenizer, stop=["never there"]), time.perf_counter()
+        state, start = TextState(tokenizer, stop=["never there"], blocks=blocks), time.perf_counter()
         for token in ids[:n]:
             state.feed([token])
         return time.perf_counter() - start
     seconds(200)
-    assert seconds(len(ids)) / seconds(len(ids) // 10) < 25
+    assert seconds(len(ids)) / min(seconds(len(ids) // 10) for _ in range(3)) < 25
 
 
 @pytest.mark.parametrize("step", [1, 3])
@@ -115,6 +117,15 @@ def test_a_closing_tag_inside_a_json_string_does_not_end_the_block(tokenizer, st
     ids = tokenizer.encode('a<T>{"x": "\\"</T> stop"}</T> stop b')
     state = TextState(tokenizer, stop=["stop"], blocks=("<T>", "</T>"))
     assert "".join(stream(state, ids, step)) == 'a<T>{"x": "\\"</T> stop"}</T> ' and state.stopped
+
+
+@pytest.mark.parametrize("step", [1, 3])
+def test_a_block_that_is_no_json_ends_at_its_first_closing_tag(tokenizer, step):
+    """A malformed call (an odd quote) ends at its first closing tag as before, so a stop string after it still
+    stops the reply (read as inside a string, the rest of the reply was one block, never scanned)."""
+    ids = tokenizer.encode('a<T>{"q": "5" tall"}</T> more stop b')
+    state = TextState(tokenizer, stop=["stop"], blocks=("<T>", "</T>"))
+    assert "".join(stream(state, ids, step)) == 'a<T>{"q": "5" tall"}</T> more ' and state.stopped
 
 
 @pytest.mark.parametrize("step", [1, 3])

@@ -231,6 +231,16 @@ def test_parser_reads_a_tag_inside_an_argument_string_as_text(size):
     assert content == " after" and [(c.name, json.loads(c.arguments)) for c in calls] == [("write", arguments)]
 
 
+@pytest.mark.parametrize("size", [1, 5, 300])
+def test_a_malformed_call_stays_content_and_the_calls_after_it_are_read(size):
+    """A block with an odd quote is no JSON: it ends at its first closing tag, as the docs say of invalid blocks
+    (read as inside a string, it swallowed the valid call after it)."""
+    bad = f'{OPEN}{{"name": "get", "arguments": {{"q": "5" tall"}}}}{CLOSE}'
+    text = f'{bad}\n{OPEN}{{"name": "get", "arguments": {{"q": "x"}}}}{CLOSE}'
+    content, calls = run(ToolCallParser(), [text[i:i + size] for i in range(0, len(text), size)])
+    assert content == bad and [(c.name, json.loads(c.arguments)) for c in calls] == [("get", {"q": "x"})]
+
+
 @pytest.mark.parametrize("size", [1, 3, 100])
 def test_parser_drops_the_whitespace_before_a_call_and_keeps_the_text_after_it(size):
     text = f'Done. \n{OPEN}{{"name": "f"}}{CLOSE} and more.'

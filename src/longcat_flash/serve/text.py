@@ -13,6 +13,7 @@ scanned: a stop string there would cut the call into markup that is neither a ca
 """
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 
@@ -27,14 +28,38 @@ CONTEXT_IDS = 5  # prompt ids the first generated id is decoded after (vLLM's de
 _ESCAPE = re.compile(r"\\.", re.DOTALL)  # a backslash escape in JSON text: its quote is no string's end
 
 
-def block_end(body: str, closing: str) -> int:
-    """Where the `closing` tag of a block whose text so far is `body` starts, or -1: the first one outside a JSON
-    string, since a tool call's argument may hold the tag's text (`{"note": "</longcat_tool_call>"}`, as a
-    schema's const can force)."""
-    at = body.find(closing)
-    while at >= 0 and _ESCAPE.sub("", body[:at]).count('"') % 2:
+def block_end(body: str, closing: str, start: int = 0) -> int:
+    """Where the `closing` tag of a block whose text so far is `body` starts (searched from `start`: a tag before it
+    was text already), or -1. The first tag that is not inside a string of the JSON the block opens: a tool call's
+    argument may hold the tag's text (`{"note": "</longcat_tool_call>"}`, as a schema's const can force); in a block
+    that is no JSON's start (a malformed call, `{"q": "5" tall"}`) every tag ends it."""
+    at = body.find(closing, start)
+    while at >= 0 and _inside_json_string(body[:at]):
         at = body.find(closing, at + 1)
     return at
+
+
+def _inside_json_string(text: str) -> bool:
+    """Whether `text` is the start of a JSON value that ends inside one of its strings: closed there (as a value,
+    or as a key) with the brackets left open, it parses."""
+    unescaped = _ESCAPE.sub("", text)
+    if unescaped.count('"') % 2 == 0:
+        return False
+    depth: list[str] = []
+    for part in unescaped.split('"')[::2]:  # the text outside strings
+        for char in part:
+            if char in "{[":
+                depth.append("}" if char == "{" else "]")
+            elif char in "}]" and depth:
+                depth.pop()
+    closers = "".join(reversed(depth))
+    for end in ('"', '": 0'):
+        try:
+            json.loads(text + end + closers)
+            return True
+        except ValueError:
+            pass
+    return False
 
 
 def partial_tag(text: str, tag: str) -> int:
@@ -52,7 +77,7 @@ class TextState:
         self.stop = [s for s in stop if s]
         self.hold = max(map(len, self.stop), default=1) - 1
         self.blocks = blocks if self.stop else None  # (opening tag, closing tag) of text never scanned
-        self._block: str | None = None  # the text of the block being passed through, from its opening tag on
+        self._block: list[str] | None = None  # the text of the block being passed through, from its opening tag on
         self._backend = tokenizer.backend  # DecodeStream needs the tokenizers.Tokenizer itself
         context = list(context[-CONTEXT_IDS:])
         if context and self._backend.decode(context).endswith("\ufffd"):  # it ends inside a character, which the
@@ -113,15 +138,15 @@ class TextState:
         while self.blocks is not None:
             opening, closing = self.blocks
             if self._block is not None:  # pass the block through up to its closing tag, which may be arriving
-                end = block_end(self._block + text[start:], closing) - len(self._block) + start
-                if end < start:
+                end = self._block_end(text[start:], closing)
+                if end < 0:
                     safe = len(text) if final else len(text) - partial_tag(text[start:], closing)
                     shown.append(text[start:safe])
-                    self._block += text[start:safe]
+                    self._block.append(text[start:safe])
                     self._tail = text[safe:]
                     return "".join(shown)
-                shown.append(text[start:end + len(closing)])
-                start, self._block = end + len(closing), None
+                shown.append(text[start:start + end + len(closing)])
+                start, self._block = start + end + len(closing), None
                 continue
             tag = text.find(opening, start)
             if tag < 0:
@@ -130,7 +155,7 @@ class TextState:
             if hit is not None:
                 return "".join(shown) + hit
             shown.append(text[start:tag + len(opening)])
-            start, self._block = tag + len(opening), ""
+            start, self._block = tag + len(opening), []
         scanned = len(text) if final or self.blocks is None else len(text) - partial_tag(text[start:], self.blocks[0])
         hit = self._first_stop(text, start, scanned)
         if hit is not None:
@@ -138,6 +163,12 @@ class TextState:
         cut = len(text) if final else max(start, scanned - self.hold)
         self._tail = text[cut:]
         return "".join(shown) + text[start:cut]
+
+    def _block_end(self, new: str, closing: str) -> int:
+        """`block_end` in the block's text, searched in `new` alone: the text before it held no tag that ends it
+        (a tag's verdict depends on the text before it only), so each id costs the new text, not the block's."""
+        body = "".join(self._block) + new if closing in new else new
+        return block_end(body, closing, len(body) - len(new)) - (len(body) - len(new))
 
     def _first_stop(self, text: str, start: int, end: int) -> str | None:
         """The text from `start` up to the first stop string wholly inside text[start:end] (then stopped), or None."""

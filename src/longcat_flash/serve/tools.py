@@ -105,6 +105,7 @@ class ToolCallParser:
     calls: list[ToolCall] = field(default_factory=list)
     _buffer: str = ""
     _in_call: bool = False
+    _searched: int = 0  # how much of the call's text holds no closing tag
     _blank: str = ""  # trailing whitespace held back: dropped when only calls follow it
 
     def __post_init__(self) -> None:
@@ -130,9 +131,11 @@ class ToolCallParser:
             self._buffer = self._buffer[cut + len(TOOL_CALL_OPEN):] if at >= 0 else self._buffer[cut:]
             self._in_call = at >= 0
             return at >= 0
-        end = block_end(self._buffer, TOOL_CALL_CLOSE)
-        if end < 0:
+        end = block_end(self._buffer, TOOL_CALL_CLOSE, self._searched)
+        if end < 0:  # the tags so far were an argument's text: the next feed searches on from here
+            self._searched = max(0, len(self._buffer) - len(TOOL_CALL_CLOSE) + 1)
             return False
+        self._searched = 0
         body, self._buffer, self._in_call = self._buffer[:end], self._buffer[end + len(TOOL_CALL_CLOSE):], False
         call = parse_call(body, len(self.calls))
         if call is None:
