@@ -129,24 +129,28 @@ def test_chat_bytes_are_the_tokens_own_so_split_characters_join(served):
     assert (tokenizer.token_bytes(first) + tokenizer.token_bytes(second)).decode() == "é"
 
 
-def test_tokens_texts_bytes_and_offsets_read_as_the_text_does_under_a_sentencepiece_vocabulary():
+@pytest.mark.parametrize("bos", [False, True])
+def test_tokens_texts_bytes_and_offsets_read_as_the_text_does_under_a_sentencepiece_vocabulary(bos):
     """Each SentencePiece token was decoded alone, which strips a text's leading space: the reply " t t" had the
-    tokens "t", "t" (their bytes joined to "tt"), and echoed offsets pointed at the spaces."""
+    tokens "t", "t" (their bytes joined to "tt"), and echoed offsets pointed at the spaces. With Llama 2's bos
+    post-processor the echoed tokens lost their space still ("hellot t t")."""
     from tokenizer_support import sentencepiece_tokenizer
 
     from longcat_flash.infer.sampling import TokenLogprob
-    from longcat_flash.serve.logprobs import CompletionScores, chat_logprobs
+    from longcat_flash.serve.logprobs import ChatScores, CompletionScores
 
-    tokenizer = sentencepiece_tokenizer()
-    prompt, t = tokenizer.encode("hello"), tokenizer.backend.token_to_id("▁t")
-    content = chat_logprobs(tokenizer, [TokenLogprob(t, -1.0), TokenLogprob(t, -1.0)]).content
-    assert [(c.token, bytes(c.bytes)) for c in content] == [(" t", b" t")] * 2
-    scores = CompletionScores(echo=prompt, echo_text=True)
+    tokenizer = sentencepiece_tokenizer(bos)
+    prompt, t = tokenizer.encode("hello", add_special_tokens=True), tokenizer.backend.token_to_id("▁t")
+    chat = ChatScores(generated=[TokenLogprob(t, -1.0), TokenLogprob(t, -1.0)])
+    assert [(c.token, bytes(c.bytes)) for c in chat.take(tokenizer, 2).content] == [(" t", b" t")] * 2
+    scores = CompletionScores(echo=prompt, echo_text=True, added=tokenizer.added)
     scores.prompt, scores.generated = [None] * len(prompt), [TokenLogprob(t, -1.0, ((t, -1.0),))] * 2
     echoed = scores.take(tokenizer, 2)
     text = "hello" + " t t"  # the choice's text: the prompt as sent, then what the reply reads
     assert "".join(echoed.tokens) == text and echoed.tokens[-1] in echoed.top_logprobs[-1]
     assert [text[at:at + len(token)] for at, token in zip(echoed.text_offset, echoed.tokens)] == echoed.tokens
+    alone = ChatScores(generated=[TokenLogprob(t, -1.0)] * 2, began=False)  # after a prompt of no text: a start
+    assert [c.token for c in alone.take(tokenizer, 2).content] == ["t", " t"]
 
 
 def test_a_reply_reads_as_the_whole_sequence_decodes_under_a_sentencepiece_vocabulary():
@@ -161,12 +165,14 @@ def test_a_reply_reads_as_the_whole_sequence_decodes_under_a_sentencepiece_vocab
     t = tokenizer.backend.token_to_id("▁t")
     try:
         with TestClient(app) as client:
-            r = client.post("/v1/completions", json={"model": "sp", "prompt": "hello", "max_tokens": 3,
-                                                     "logit_bias": {str(t): 100}, "logprobs": 0})
+            replies = [client.post("/v1/completions", json={"model": "sp", "prompt": prompt, "max_tokens": 3,
+                                                            "logit_bias": {str(t): 100}, "logprobs": 0}).json()
+                       for prompt in ("hello", [tokenizer.bos_id])]  # a prompt of no text: the reply starts one
     finally:
         bridge.stop()
-    choice = r.json()["choices"][0]
-    assert choice["text"] == " t t t" == "".join(choice["logprobs"]["tokens"])
+    after_text, alone = (reply["choices"][0] for reply in replies)
+    assert after_text["text"] == " t t t" == "".join(after_text["logprobs"]["tokens"])
+    assert alone["text"] == "t t t" == "".join(alone["logprobs"]["tokens"])
 
 
 def test_prompt_logprobs_equal_the_models_forward(served):

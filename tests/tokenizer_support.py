@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import tokenizers
-from tokenizers import AddedToken, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, processors
 
 from longcat_flash.tokenizer import Tokenizer
 
 
-def sentencepiece_tokenizer() -> Tokenizer:
+def sentencepiece_tokenizer(bos: bool = False) -> Tokenizer:
     """A Llama-2-style vocabulary: SentencePiece BPE with byte fallback and a "▁" prefix space, whose decoder strips
-    a text's leading space (so a token reads otherwise at a text's start than inside it)."""
+    a text's leading space (so a token reads otherwise at a text's start than inside it); `bos`: with Llama 2's
+    post-processor, which puts `<s>` before an encoded text."""
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"<0x{i:02X}>": 3 + i for i in range(256)}}
     merges = [("h", "e"), ("l", "l"), ("he", "ll"), ("hell", "o"), ("▁", "hello"), ("▁", "t")]
     for piece in ["▁", *"abcdefghijklmnopqrstuvwxyz", *(a + b for a, b in merges)]:
@@ -19,6 +20,8 @@ def sentencepiece_tokenizer() -> Tokenizer:
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
     backend.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+    if bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return Tokenizer(backend, bos_token="<s>", eos_token="</s>", pad_token=None)
 
 

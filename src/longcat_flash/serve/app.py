@@ -226,6 +226,7 @@ class Generation:
         completion tokens so far; with `echo` the first chunk starts with the prompt."""
         text = TextState(self.tokenizer, *stop_scope(body, None), context=copy.prompt)
         scores = CompletionScores(echo=ids if body.echo else None, echo_text=isinstance(prompt, str),
+                                  began=not text.starts_text,
                                   added=self.tokenizer.added if isinstance(prompt, str) and body.add_special_tokens
                                   else (0, 0))
         echoed = (prompt if isinstance(prompt, str) else self.tokenizer.decode(ids)) if body.echo else ""
@@ -239,8 +240,9 @@ class Generation:
                          Callable[[int], Awaitable[resp.ChatLogprobs | None]]]:
         """One chat choice read through its tool-call parser, and the function that hands out its logprobs up to
         a token count (always None without `logprobs`)."""
-        (stop, blocks), scores = stop_scope(body, plan), ChatScores()
+        stop, blocks = stop_scope(body, plan)
         text = TextState(self.tokenizer, stop, blocks, context=copy.prompt)
+        scores = ChatScores(began=not text.starts_text)
 
         async def logprobs(n: int) -> resp.ChatLogprobs | None:
             return await asyncio.to_thread(scores.take, self.tokenizer, n) if body.logprobs else None

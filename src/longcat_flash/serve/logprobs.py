@@ -26,6 +26,16 @@ class Scores:
     prompt: list[TokenLogprob | None] = field(default_factory=list)  # the first is None: nothing predicts it
     generated: list[TokenLogprob] = field(default_factory=list)
     sent: int = 0  # generated tokens whose logprobs went out already
+    # text read before the next token (the prompt's, for a reply the text decodes after it: `TextState.starts_text`):
+    # until there is, a token reads as a text's start (SentencePiece's "▁w" as "w"), as the choice's text has it
+    began: bool = True
+
+    def _text(self, tokenizer: Tokenizer, token: int, skip_special_tokens: bool = True) -> tuple[str, bool]:
+        """A token's text in the choice's text, and whether it starts that text."""
+        first = not self.began
+        text = tokenizer.token_text(token, skip_special_tokens, first)
+        self.began |= bool(text)
+        return text, first
 
     def record(self, out: StepOutput) -> None:
         self.prompt += out.prompt_logprobs or []
@@ -58,17 +68,18 @@ class CompletionScores(Scores):
         self.echo = None
         front, back = self.added
         shown = [self.echo_text and front <= i < echoed - back for i in range(len(tokens))]  # written in the text
-        texts = [tokenizer.token_text(token, not show) for token, show in zip(tokens, shown)]
-        # the echoed prompt's first token with a text starts the choice's text (SentencePiece's "▁w" reads "w")
-        first = next((i for i, text in enumerate(texts[:echoed]) if text), None)
-        if first is not None:
-            texts[first] = tokenizer.token_text(tokens[first], not shown[first], first=True)
-        starts = [i == first for i in range(len(tokens))]
+        if echoed:  # the choice's text starts with the echoed prompt
+            self.began = False
+        texts, starts = [], []
+        for token, show in zip(tokens, shown):
+            text, first = self._text(tokenizer, token, not show)
+            texts.append(text)
+            starts.append(first)
         offsets = [self._offset(tokenizer, *args) for args in zip(tokens[:echoed], texts[:echoed], starts)]
         if echoed:  # the echoed prompt is decoded alone: bytes it leaves without a character are its U+FFFD
             self.offset += len(self._utf8.decode(b"", final=True))
             self._utf8.reset()
-        offsets += [self._offset(tokenizer, token, text) for token, text in zip(tokens[echoed:], texts[echoed:])]
+        offsets += [self._offset(tokenizer, *args) for args in zip(tokens[echoed:], texts[echoed:], starts[echoed:])]
         return resp.CompletionLogprobs(
             tokens=texts, token_logprobs=[None if s is None else s.logprob for s in scores],
             top_logprobs=[None if s is None else _top(tokenizer, s, show, start)
@@ -111,18 +122,19 @@ class ChatScores(Scores):
     def take(self, tokenizer: Tokenizer, n: int) -> resp.ChatLogprobs | None:
         """The logprobs of the generated tokens not yet handed out, up to n (None when there are none)."""
         content = self._unsent(n)
-        return chat_logprobs(tokenizer, content) if content else None
+        if not content:
+            return None
+        firsts = [self._text(tokenizer, s.token)[1] for s in content]
+        return resp.ChatLogprobs(content=[
+            resp.TokenLogprob(**_chat_token(tokenizer, s.token, s.logprob, first).model_dump(),
+                              top_logprobs=[_chat_token(tokenizer, t, v, first) for t, v in s.top])
+            for s, first in zip(content, firsts)])
 
 
-def chat_logprobs(tokenizer: Tokenizer, scores: list[TokenLogprob]) -> resp.ChatLogprobs:
-    """OpenAI's chat shape: `content` = one entry per token, its alternatives best first."""
-    return resp.ChatLogprobs(content=[resp.TokenLogprob(**_chat_token(tokenizer, s.token, s.logprob).model_dump(),
-                                                  top_logprobs=[_chat_token(tokenizer, t, v) for t, v in s.top])
-                                   for s in scores])
-
-
-def _chat_token(tokenizer: Tokenizer, token: int, logprob: float) -> resp.TopLogprob:
+def _chat_token(tokenizer: Tokenizer, token: int, logprob: float, first: bool = False) -> resp.TopLogprob:
     """The token's text and its own UTF-8 bytes (a part of a character: the text is U+FFFD, the bytes that part,
-    so the bytes of consecutive tokens join into the characters, as OpenAI's field is for)."""
-    text = tokenizer.token_text(token)
-    return resp.TopLogprob(token=text, logprob=logprob, bytes=list(tokenizer.token_bytes(token) if text else b""))
+    so the bytes of consecutive tokens join into the characters, as OpenAI's field is for); `first`: it starts the
+    reply's text."""
+    text = tokenizer.token_text(token, first=first)
+    return resp.TopLogprob(token=text, logprob=logprob,
+                           bytes=list(tokenizer.token_bytes(token, first) if text else b""))

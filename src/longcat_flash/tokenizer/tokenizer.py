@@ -216,13 +216,13 @@ class Tokenizer:
         if first or isinstance(self._backend.decoder, decoders.ByteLevel):  # byte-level: a token reads alike anywhere
             return alone
         anchor, before = self._anchor
-        after = self._backend.decode([*anchor, token], skip_special_tokens=skip_special_tokens)
+        after = self._backend.decode([*anchor, token], skip_special_tokens=skip_special_tokens)  # anchor: no specials
         return after[len(before):] if before and after.startswith(before) else alone
 
     @functools.cached_property
     def _anchor(self) -> tuple[list[int], str]:
         """The ids of a text for `token_text` to decode a token after, and that text."""
-        ids = self._plain.encode("a").ids
+        ids = self._plain.encode("a", add_special_tokens=False).ids  # no bos (Llama's post-processor adds one)
         return ids, self._backend.decode(ids)
 
     def apply_chat_template(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
