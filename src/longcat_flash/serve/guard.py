@@ -3,7 +3,8 @@
 FastAPI reads and parses a body before its route's dependencies run, so an API key checked there would let an
 unauthenticated client make the server hold and parse any body it sends. This ASGI middleware answers 401 from the
 headers alone, 413 for a declared `Content-Length` over the bound, and stops reading a body (chunked, or longer than
-it said) as soon as it passes the bound, or 408 when it has not arrived whole within BODY_TIMEOUT_S. Parsing a JSON
+it said) as soon as it passes the bound, or 408 when it has not arrived whole within BODY_TIMEOUT_S or pauses for
+BODY_IDLE_S (a stalled upload held its share of the bound below for the whole minute). Parsing a JSON
 body costs ~25x its size in memory for a moment, so the bodies being read and parsed, together, stay under
 `max_body_bytes * BODIES_IN_FLIGHT` (503 beyond); `JSONOffLoopRoute` parses them off the event loop and hands a
 body's share back once it is parsed, so the bound never limits how many requests generate at once.
@@ -37,6 +38,7 @@ PROTECTED = "/v1/"
 
 RELEASE_BODY = "longcat.release_body"  # in scope["state"]: hands a parsed body's share of the bound back
 BODY_TIMEOUT_S = 60.0  # from the request head to the body's last byte
+BODY_IDLE_S = 10.0  # the longest a body may pause between two of its pieces: a stalled upload gives its share back
 BODIES_IN_FLIGHT = 4  # the bodies being read and parsed at once, together, in units of max_body_bytes
 OPEN_BODIES_IN_FLIGHT = 1  # the same for the requests without the key (when the server has one), counted apart
 API_KEY = re.compile(r"[!-~]+")  # visible ASCII: what a client can send as a bearer token, and match
@@ -69,10 +71,10 @@ class RequestGuard:
     keep the key's holders out."""
 
     def __init__(self, app: Callable, *, api_key: str | None, max_body_bytes: int,
-                 body_timeout_s: float = BODY_TIMEOUT_S) -> None:
+                 body_timeout_s: float = BODY_TIMEOUT_S, body_idle_s: float = BODY_IDLE_S) -> None:
         check_api_key(api_key)
         self.app, self.api_key, self.max_body_bytes = app, api_key, max_body_bytes
-        self.body_timeout_s = body_timeout_s
+        self.body_timeout_s, self.body_idle_s = body_timeout_s, body_idle_s
         self.in_flight = {True: 0, False: 0}  # bytes of the bodies being read and parsed, by whether keyed
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -119,11 +121,13 @@ class RequestGuard:
             nonlocal whole
             if whole:  # after the body: waiting for a disconnect, which takes as long as the response does
                 return await receive()
+            left = deadline - time.monotonic()
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                message = await asyncio.wait_for(receive(), max(0.0, min(left, self.body_idle_s)))
             except asyncio.TimeoutError:
-                raise HTTPException(408, f"request body not received whole within {self.body_timeout_s:g} s") \
-                    from None
+                why = (f"not received whole within {self.body_timeout_s:g} s" if left <= self.body_idle_s else
+                       f"stalled: no byte of it for {self.body_idle_s:g} s")
+                raise HTTPException(408, f"request body {why}") from None
             if message["type"] == "http.request":
                 size, whole = len(message.get("body", b"")), not message.get("more_body", False)
                 if held[0] + size > self.max_body_bytes:
