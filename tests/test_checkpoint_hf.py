@@ -342,6 +342,17 @@ def test_a_tied_checkpoint_may_also_store_its_embedding_as_the_lm_head(tmp_path)
         LongcatFlash.from_pretrained(tmp_path)
 
 
+def test_a_tied_checkpoint_may_store_its_embedding_as_the_lm_head_alone(tmp_path):
+    """safetensors' save_model keeps one name per shared tensor, the first in order: lm_head.weight. transformers
+    loads such a file; here it was "checkpoint is missing 1 tensor(s): 'model.embed_tokens.weight'"."""
+    model = LongcatFlash(tiny().replace(tie_word_embeddings=True))
+    model.save_pretrained(tmp_path)
+    rewrite(tmp_path, lambda t: t.update({"lm_head.weight": t.pop("model.embed_tokens.weight")}))
+    loaded = LongcatFlash.from_pretrained(tmp_path)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    assert torch.equal(loaded.model.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
 def test_a_non_finite_weight_is_refused_by_name(saved):
     """One NaN weight makes every logit NaN: greedy decoding printed nothing and sampling failed deep inside."""
     _, path = saved

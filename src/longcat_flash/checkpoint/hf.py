@@ -153,15 +153,16 @@ def model_tensors(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size]
     """The checkpoint's tensors that have a place in a model of `cfg` (whose weights have the `expected` shapes),
     one at a time, as (official key, native name, expert id or None, projection or None, tensor).
 
-    Passed over, each after its check: a tied model's copy of the embedding (it must be one), the zero-expert stubs
+    Passed over, each after its check: a tied model's copy of the embedding (it must be one; alone, it is the
+    embedding), the zero-expert stubs
     transformers 5.0-5.24 write, and an MTP head config.json leaves out (said once). Any other key is an error."""
-    ignored, dropped_mtp, tied_copy, embedding = 0, False, None, None
+    ignored, dropped_mtp, tied_copy, tied_key, embedding = 0, False, None, None, None
     sources: dict[tuple[str, int | None, str | None], str] = {}  # the key that filled each weight or part of one
     for key, tensor in read_tensors(path):
         native, expert, proj = official_to_native(key)
         _check_filled_once(key, native, expert, proj, sources)
         if native == LM_HEAD and cfg.tie_word_embeddings:
-            tied_copy = tensor  # a copy of the embedding some writers keep: checked against it below
+            tied_copy, tied_key = tensor, key  # a copy of the embedding some writers keep: checked against it below
             continue
         if expert is not None and expert >= cfg.n_routed_experts:
             _check_zero_expert_stub(key, native, expert, proj, tensor, expected, cfg)
@@ -183,6 +184,8 @@ def model_tensors(path: Path, cfg: ModelConfig, expected: dict[str, torch.Size]
                     "(num_nextn_predict_layers 0): read without them, so no speculative decoding", path)
     if tied_copy is not None and embedding is not None:
         _check_tied_copy(tied_copy, embedding)
+    elif tied_copy is not None:  # the tied weight under the head's name alone (safetensors' save_model keeps one
+        yield tied_key, EMBEDDING, None, None, tied_copy  # name per shared tensor, and lm_head sorts first)
 
 
 def _check_filled_once(key: str, native: str, expert: int | None, proj: str | None,
