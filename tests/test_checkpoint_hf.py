@@ -274,6 +274,14 @@ def test_an_index_is_checked_against_its_shards(tmp_path):
     index_file.write_text("{not json")
     with pytest.raises(ValueError, match="index.json is not a JSON object"):
         LongcatFlash.from_pretrained(tmp_path)
+    # "./name", which transformers reads, was "outside the checkpoint folder"
+    index_file.write_text(json.dumps({**index, "weight_map": {k: f"./{v}" for k, v in index["weight_map"].items()}}))
+    assert torch.equal(LongcatFlash.from_pretrained(tmp_path).model.norm.weight, model.model.norm.weight)
+    index_file.write_text(json.dumps(index))
+    (tmp_path / other).rename(tmp_path / "aside")  # a missing shard: it was the OS's "No such file or directory"
+    with pytest.raises(FileNotFoundError, match=f"index.json names {other}, which is missing"):
+        LongcatFlash.from_pretrained(tmp_path)  # reading the dtypes first (dtype auto), as `longcat generate` does
+    (tmp_path / "aside").rename(tmp_path / other)
     # a key its shard holds but the index leaves out is read, as transformers and vLLM read every key of a shard
     index_file.write_text(json.dumps({**index, "weight_map": {k: v for k, v in index["weight_map"].items()
                                                              if k != "model.norm.weight"}}))

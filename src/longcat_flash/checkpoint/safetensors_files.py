@@ -24,6 +24,8 @@ SAFETENSORS_FLOATS = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch
 def _opened(file: Path, keys: list[str] = ()) -> Iterator[Any]:
     """safe_open, with a file that is not valid safetensors reported by name, as bad input (ValueError), and the
     keys the index maps to it checked to be there."""
+    if not file.is_file():  # only an index can name a file that is not there
+        raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
     try:
         handle = safe_open(file, "pt")
     except SafetensorError as err:
@@ -58,8 +60,9 @@ def _indexed_files(path: Path) -> dict[str, Path]:
     if not isinstance(weight_map, dict) or not all(isinstance(name, str) for name in weight_map.values()):
         raise ValueError(f"{index} has no weight_map object of key -> shard file name")
     for name in set(weight_map.values()):
-        if Path(name).name != name:
+        if Path(name).name != name.removeprefix("./"):  # "./model-00001-of-00002.safetensors" is a file name too
             raise ValueError(f"{index} names shard {name!r}, outside the checkpoint folder (shards are file names)")
+    weight_map = {key: name.removeprefix("./") for key, name in weight_map.items()}
     files = {key: path / name for key, name in weight_map.items()}
     for name in sorted(set(weight_map.values())):  # and every key each shard holds, as transformers and vLLM read a
         if (path / name).is_file():  # shard (one the index leaves out was "missing" here); the index's place first
@@ -79,8 +82,6 @@ def _keys_by_file(path: Path) -> list[tuple[Path, list[str]]]:
 def read_tensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (official key, tensor) one at a time, file by file."""
     for file, keys in _keys_by_file(path):
-        if not file.is_file():
-            raise FileNotFoundError(f"{INDEX_FILE} names {file.name}, which is missing")
         with _opened(file, keys) as f:
             for key in keys:
                 tensor = f.get_tensor(key)
