@@ -130,6 +130,12 @@ def test_bad_json_file(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         ModelConfig.from_json(tmp_path)
+    # a bad value or field names the file: a command may read several (init_from and data.tokenizer, grow SRC)
+    for fields, says in (({"moe_topk": 0}, "moe_topk must be a positive integer"),
+                         ({"my_field": 1}, "unknown field 'my_field'")):
+        (tmp_path / "config.json").write_text(json.dumps({**tiny().to_dict(), **fields}))
+        with pytest.raises(ValueError, match=f"^{tmp_path / 'config.json'}: .*{says}"):
+            ModelConfig.from_json(tmp_path)
     with pytest.raises(FileNotFoundError):
         ModelConfig.from_json(tmp_path / "nowhere")
 

@@ -367,7 +367,10 @@ class ModelConfig:
             raise ValueError(f"{path}: not valid JSON ({err})") from None
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: must hold a JSON object of config fields, not {type(raw).__name__}")
-        return cls.from_dict(raw, prequantized)
+        try:
+            return cls.from_dict(raw, prequantized)
+        except ValueError as err:  # which config.json, where a command reads several (init_from, grow SRC --out DST)
+            raise ValueError(f"{path}: {str(err).removeprefix('config.json: ')}") from None
 
     def save_json(self, path: str | Path, dtype: str | None = None) -> None:
         """Write config.json (into `path` when it is a directory) atomically; `dtype` is the stored weights' dtype
