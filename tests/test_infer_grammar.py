@@ -200,7 +200,7 @@ def test_a_compile_that_timed_out_while_queued_never_runs(setup, monkeypatch):
     import time
     from concurrent.futures import ThreadPoolExecutor
 
-    from longcat_flash.infer.grammar import GrammarError
+    from longcat_flash.infer.grammar import GrammarBusy, GrammarTimeout
 
     tokenizer, model, _ = setup
     compiler = GrammarCompiler(tokenizer, model.config.vocab_size, compile_timeout_s=0.2)
@@ -208,14 +208,15 @@ def test_a_compile_that_timed_out_while_queued_never_runs(setup, monkeypatch):
     monkeypatch.setattr(compiler, "_build", lambda lark: ran.append(lark) or time.sleep(0.6))
     grammars = [f'start: "{word}"\n' for word in ("a", "b", "c")]
 
-    def compile_one(lark: str) -> None:
-        with pytest.raises(GrammarError, match="took longer than 0.2 s"):
+    def compile_one(lark: str, error: type, says: str) -> None:
+        with pytest.raises(error, match=says):
             compiler.compile(lark)
 
     with ThreadPoolExecutor(3) as clients:
         requests = []
-        for lark in grammars:  # the first two take the workers, the third queues
-            requests.append(clients.submit(compile_one, lark))
+        for lark, error, says in zip(grammars, (GrammarTimeout, GrammarTimeout, GrammarBusy),
+                                     ("took longer than 0.2 s",) * 2 + ("waited 0.2 s for a compile worker",)):
+            requests.append(clients.submit(compile_one, lark, error, says))  # two take the workers, the third queues
             time.sleep(0.05)
         for request in requests:
             request.result()

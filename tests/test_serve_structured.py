@@ -313,3 +313,34 @@ def test_a_tokenizer_the_constraint_library_cannot_read_serves_all_but_constrain
     assert refused.status_code == 400 and error["param"] == "response_format"
     assert "cannot constrain output" in error["message"] and "decoder" in error["message"]
 
+
+def test_a_slow_compile_is_named_without_compiling_again_and_a_queued_one_is_busy(monkeypatch):
+    """A schema whose compile ran past the limit was compiled once more to find its field (a minute of CPU for an
+    18 KB schema); requests queued behind such compiles got the same 400, blaming their own schema ("tools" where
+    they had none): they are a retryable busy now."""
+    import asyncio
+    import threading
+    import time
+
+    from longcat_flash.infer.grammar import GrammarBusy
+    from longcat_flash.serve.structured import ConstraintError, request_grammar
+
+    tokenizer = stdlib_tokenizer(256)
+    compiler = GrammarCompiler(tokenizer, tokenizer.vocab_size, compile_timeout_s=0.2)
+    builds, go = [], threading.Event()
+    monkeypatch.setattr(compiler, "_build", lambda lark: builds.append(lark) or go.wait(5))
+    body = p.ChatCompletionRequest.model_validate({"model": "tiny", "messages": ASK, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}})
+    with pytest.raises(ConstraintError, match="response_format: .*took longer than 0.2 s") as slow:
+        asyncio.run(request_grammar(compiler, body))
+    assert slow.value.param == "response_format" and len(builds) == 1
+    other = body.model_copy(update={"response_format": {"type": "json_object"}})
+    with pytest.raises(ConstraintError):
+        asyncio.run(request_grammar(compiler, other))  # the second worker, held too
+    with pytest.raises(GrammarBusy):
+        asyncio.run(request_grammar(compiler, body.model_copy(update={"response_format": {
+            "type": "json_schema", "json_schema": {"name": "y", "schema": {"type": "array"}}}})))
+    go.set()
+    time.sleep(0.1)
+    assert len(builds) == 2  # the queued one never ran
+

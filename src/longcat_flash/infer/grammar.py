@@ -71,6 +71,15 @@ class GrammarError(ValueError):
     """A grammar or schema that cannot be compiled (invalid, unsupported, too large, too slow)."""
 
 
+class GrammarTimeout(GrammarError):
+    """A grammar whose compile ran past the time limit: too slow to compile."""
+
+
+class GrammarBusy(GrammarError):
+    """A grammar whose compile never started within the time limit, behind others' slow ones: the server is busy,
+    not the grammar bad (a retry may pass)."""
+
+
 def json_part(schema: dict[str, Any]) -> str:
     """A JSON value matching `schema`, as a Lark fragment, compact (JSON_OPTIONS override any x-guidance);
     GrammarError for what llguidance would not honour (`check_schema`)."""
@@ -273,8 +282,10 @@ class GrammarCompiler:
         try:
             template = build.result(timeout=self.compile_timeout_s)
         except FutureTimeout:  # a compile still queued behind slow ones is dropped (a running one cannot be)
-            build.cancel()
-            raise GrammarError(f"compiling the grammar took longer than {self.compile_timeout_s} s") from None
+            if build.cancel():
+                raise GrammarBusy(f"the grammar waited {self.compile_timeout_s} s for a compile worker behind other "
+                                  "requests' grammars; retry") from None
+            raise GrammarTimeout(f"compiling the grammar took longer than {self.compile_timeout_s} s") from None
         grammar = Grammar(lark, template)
         with self._lock:
             self._cache[lark] = grammar

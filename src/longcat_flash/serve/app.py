@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..checkpoint.hf import GENERATION_CONFIG, generation_config
 from ..infer.engine import GRAMMAR_FAILED, StepOutput
-from ..infer.grammar import GrammarCompiler
+from ..infer.grammar import GrammarBusy, GrammarCompiler
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
@@ -126,6 +126,9 @@ class Generation:
             grammar = await request_grammar(self.grammars, body, plan)
         except ConstraintError as err:
             raise APIError(400, str(err), param=err.param, code="invalid_value") from None
+        except GrammarBusy as err:  # other requests' slow schemas hold the compile workers: not this request's fault
+            raise APIError(503, f"server busy: {err}", "server_error", code="grammar_busy",
+                           headers={"Retry-After": "1"}) from None
         return params if grammar is None else [replace(sp, grammar=grammar) for sp in params]
 
     def _logit_bias(self, body: p._Sampling) -> tuple[tuple[int, float], ...]:

@@ -25,7 +25,7 @@ from typing import Any
 from jsonschema import Draft4Validator, Draft6Validator, Draft7Validator, Draft201909Validator, Draft202012Validator
 from jsonschema.exceptions import best_match
 
-from ..infer.grammar import Grammar, GrammarCompiler, GrammarError, json_part
+from ..infer.grammar import Grammar, GrammarBusy, GrammarCompiler, GrammarError, GrammarTimeout, json_part
 from ..tokenizer import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from . import protocol as p
 from .tools import ToolPlan
@@ -111,14 +111,18 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
         check_tool_schemas(getattr(body, "tools", None))
         text = lark(compiler, body, plan)
         if text is not None and compiler.unavailable is not None:
-            param = ("response_format" if response_schema(body.response_format) is not None else
-                     "tool_choice" if plan.forced else "tools")  # strict tools under auto
+            param = _constraining_field(body, plan)
             raise ConstraintError(param, f"{param}: this server cannot constrain output (a JSON response_format, a "
                                          f"forced or strict tool call): {compiler.unavailable}")
         return None if text is None else compiler.compile(text)
 
     try:
         return await asyncio.to_thread(build)
+    except GrammarBusy:
+        raise
+    except GrammarTimeout as err:  # compiled again to find the culprit, it would take as long once more
+        param = _constraining_field(body, plan)
+        raise ConstraintError(param, f"{param}: the schema cannot be used to constrain the output: {err}") from None
     except GrammarError as err:
         param = await asyncio.to_thread(_culprit, compiler, body, plan)
         # llguidance's hint names its own option, which a request cannot set
@@ -151,6 +155,14 @@ def _schema_error(text: str) -> str | None:
 _cached_schema_error = functools.lru_cache(maxsize=CHECKED_SCHEMA_CACHE)(_schema_error)
 
 
+def _constraining_field(body: p._Sampling, plan: ToolPlan | None) -> str:
+    """The field that asks for the request's constraint: its JSON response_format, a tool_choice that forces a call,
+    else its strict tools."""
+    if response_schema(body.response_format) is not None:
+        return "response_format"
+    return "tool_choice" if plan is not None and plan.forced else "tools"
+
+
 def _culprit(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None) -> str:
     """Which field made the grammar fail: response_format if its schema fails alone, else the first tool whose
     parameters fail alone, else the tools together."""
@@ -164,4 +176,4 @@ def _culprit(compiler: GrammarCompiler, body: p._Sampling, plan: ToolPlan | None
             compiler.json_schema(schema)
         except GrammarError:
             return param
-    return "tools"
+    return "tools" if plan is not None and plan.tools else "response_format"
