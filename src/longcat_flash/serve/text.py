@@ -83,7 +83,7 @@ class TextState:
         if context and self._backend.decode(context).endswith("\ufffd"):  # it ends inside a character, which the
             context = []  # stream would show again, whole, with the id that completes it: decode without it
         self._stream = DecodeStream(context or None, skip_special_tokens=True)
-        self.starts_text = not self._backend.decode(context)  # the reply's first text starts a text (see __init__)
+        self.starts_text = not self._backend.decode(context)  # no text before the reply: it starts one
         self._pending: list[int] = []  # ids the stream holds without a whole character yet
         self._tail = ""  # decoded but not shown: it could be the start of a stop string
         self._shown: list[str] = []
