@@ -84,6 +84,31 @@ def test_a_grammar_crosses_the_pipe(model_dir, bridge):
     assert set(json.loads(tokenizer.decode(ids))) == {"ok"}
 
 
+def test_a_slow_grammar_does_not_hold_the_requests_after_it(model_dir, bridge):
+    """The child compiled each grammar on the thread that takes every new request and cancel: a schema that took
+    seconds held all of them as long (a 4-token completion waited 5.4 s behind one)."""
+    import time
+
+    from longcat_flash.infer.grammar import Grammar, json_part
+
+    tokenizer = Tokenizer.load(model_dir)
+    schema = {"type": "object", "patternProperties": {f"^p{i}[a-z]+$": {"type": "integer"} for i in range(300)}}
+    slow = Grammar(f"start: {json_part(schema)}\n", None)  # the text is what crosses: the child compiles it
+    ended: dict[str, float] = {}
+
+    async def timed(name: str, params: SamplingParams) -> None:
+        await collect(bridge, tokenizer.encode("x"), [params])
+        ended[name] = time.monotonic()
+
+    async def both() -> None:
+        constrained = asyncio.create_task(timed("slow", SamplingParams(max_new_tokens=2, grammar=slow)))
+        await asyncio.sleep(0.05)  # its add reaches the child first
+        await timed("plain", SamplingParams(max_new_tokens=2))
+        await constrained
+    asyncio.run(both())
+    assert ended["plain"] < ended["slow"]
+
+
 def test_a_refused_submission_raises_the_engines_error(model_dir, bridge):
     too_long = list(range(5)) * 10_000
     with pytest.raises(ValueError, match="context|tokens"):

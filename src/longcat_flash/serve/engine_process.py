@@ -5,7 +5,8 @@ took the GIL from the engine between its tensor ops: measured on 32 streams, the
 slower than the same engine alone (30 vs 25 ms; docs/serving.md §5). vLLM (EngineCore) and SGLang (the scheduler
 process) split their servers the same way. The child loads the checkpoint, builds the Engine and runs the
 bridge's EngineLoop; one pipe carries "add" / "cancel" messages in and a Batch per step out. Grammars cross as
-their Lark text and are compiled again (and cached) on the engine's side. If the child dies, every open request
+their Lark text and are compiled again (and cached) on the engine's side, beside the inbox thread (a slow one held
+every later message there). If the child dies, every open request
 fails and /health turns 503.
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import multiprocessing as mp
 import signal
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -113,17 +115,27 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
 
     loop = EngineLoop(engine, send)
 
+    def compiled(message: tuple) -> tuple:
+        """An "add" with its grammars compiled from their text, or the refusal that answers it."""
+        kind, token, prompt, params = message
+        try:
+            return kind, token, prompt, [replace(sp, grammar=grammars.compile(lark)) if lark else sp
+                                         for sp, lark in params]
+        except Exception as err:  # compiled once already, by the parent: a time-out, mostly; any answers the add
+            return "refuse", token, err if isinstance(err, GrammarError) else GrammarError(f"{type(err).__name__}: "
+                                                                                          f"{err}")
+
+    # Grammars compile beside the inbox, not on it: a slow one held every later add and cancel for its seconds.
+    # Cancels name engine ids, which an add gets only once posted, so none can overtake its add.
+    compiling = ThreadPoolExecutor(max_workers=2, thread_name_prefix="longcat-engine-grammar")
+
     def receive() -> None:
         try:
             while (message := conn.recv())[0] != "stop":
-                if message[0] == "add":
-                    kind, token, prompt, params = message
-                    try:
-                        message = (kind, token, prompt, [replace(sp, grammar=grammars.compile(lark)) if lark else sp
-                                                         for sp, lark in params])
-                    except GrammarError as err:  # compiled once already, by the parent: only a time-out lands here
-                        message = ("refuse", token, err)
-                loop.post(message)
+                if message[0] == "add" and any(lark for _, lark in message[3]):
+                    compiling.submit(lambda message=message: loop.post(compiled(message)))
+                else:
+                    loop.post(compiled(message) if message[0] == "add" else message)
         except (EOFError, OSError):  # the parent is gone
             pass
         finally:
