@@ -636,6 +636,36 @@ def test_tokenize_adds_what_the_tokenizers_post_processor_adds_unless_told_not_t
         bridge.stop()
 
 
+def test_the_open_tokenizer_routes_work_a_few_at_a_time_and_refuse_a_crowd():
+    """Without a key, clients looping 1M-character /tokenize calls took the CPU from keyed completions (seconds
+    each) and their concurrent work grew the server past 1.8 GB: two compute at once, a bounded few wait, more are a
+    503 to retry."""
+    import asyncio
+    import threading
+
+    from longcat_flash.serve.errors import APIError
+    from longcat_flash.serve.tokenizer_routes import WorkGate
+
+    gate, running, most, release = WorkGate(workers=2, queue=3), [0], [0], threading.Event()
+
+    def work():
+        running[0] += 1
+        most[0] = max(most[0], running[0])
+        release.wait(5)
+        running[0] -= 1
+        return "done"
+
+    async def crowd():
+        calls = [asyncio.ensure_future(gate.run(work)) for _ in range(7)]  # 2 run, 3 wait, 2 refused
+        await asyncio.sleep(0.2)
+        release.set()
+        return await asyncio.gather(*calls, return_exceptions=True)
+    results = asyncio.run(crowd())
+    refused = [r for r in results if isinstance(r, APIError)]
+    assert results.count("done") == 5 and len(refused) == 2 and most[0] == 2
+    assert refused[0].status == 503 and refused[0].headers["Retry-After"] == "1"
+
+
 def test_the_key_guards_the_api_and_leaves_the_tokenizer_routes_open_as_vllm_does(client):
     """lm_eval's remote tokenizer asks /tokenizer_info without the key it sends to /v1/ (vLLM guards /v1/ alone):
     behind a key it fell back to a hub download."""

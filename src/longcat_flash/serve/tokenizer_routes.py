@@ -5,11 +5,14 @@ with the served model's own tokenizer (lm_eval's `tokenizer_backend=remote`, age
 is what the context check there counts, plus, with vLLM's `add_special_tokens` (true unless sent false), what the
 tokenizer's own post-processor adds (a bos for some; nothing for those this project trains); /detokenize inverts
 it. Both run off the event loop, their JSON included, with the tokenizer's batch calls, which release the GIL (a
-1M-character prompt's single `encode` held it for over a second).
+1M-character prompt's single `encode` held it for over a second). They take no API key (as vLLM's), so their work is
+gated: TOKENIZER_WORKERS at once, TOKENIZER_QUEUE at most waiting, more a 503 to retry (four clients looping 1M
+characters slowed keyed completions to seconds, and ten pushed the server past 1.8 GB).
 """
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI
@@ -20,9 +23,35 @@ from . import protocol as p
 from . import responses as resp
 from .errors import APIError, check_model
 
+TOKENIZER_WORKERS = 2  # /tokenize and /detokenize calls computed at once
+TOKENIZER_QUEUE = 32  # calls waiting for a worker; beyond, a 503
+
+
+class WorkGate:
+    """At most `workers` calls at once, `queue` more waiting; beyond that a 503 with Retry-After, not a queue (and
+    the parsed bodies it holds) that grows with whatever clients send."""
+
+    def __init__(self, workers: int = TOKENIZER_WORKERS, queue: int = TOKENIZER_QUEUE) -> None:
+        self._free, self.queue, self._waiting = asyncio.Semaphore(workers), queue, 0
+
+    async def run(self, work: Callable[[], JSONResponse]) -> JSONResponse:
+        if self._waiting >= self.queue:
+            raise APIError(503, "server busy: too many tokenizer requests at once; retry", "server_error",
+                           code="tokenizer_busy", headers={"Retry-After": "1"})
+        self._waiting += 1
+        try:
+            await self._free.acquire()
+        finally:  # acquired, or its client gone while it waited
+            self._waiting -= 1
+        try:
+            return await asyncio.to_thread(work)
+        finally:
+            self._free.release()
+
 
 def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model_name: str) -> None:
     """The three routes, for the model served as `model_name` with a context of `context` tokens."""
+    gate = WorkGate()
 
     @app.post("/tokenize", response_model=resp.TokenizeResponse)
     async def tokenize(body: p.TokenizeRequest) -> JSONResponse:
@@ -34,7 +63,7 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
             strs = [tokenizer.backend.id_to_token(i) for i in ids] if body.return_token_strs else None
             return JSONResponse(resp.TokenizeResponse(count=len(ids), max_model_len=context, tokens=ids,
                                                    token_strs=strs).model_dump())
-        return await asyncio.to_thread(answer)
+        return await gate.run(answer)
 
     @app.post("/detokenize", response_model=resp.DetokenizeResponse)
     async def detokenize(body: p.DetokenizeRequest) -> JSONResponse:
@@ -46,7 +75,7 @@ def add_tokenizer_routes(app: FastAPI, tokenizer: Tokenizer, context: int, model
                                code="invalid_value")
             text = tokenizer.backend.decode_batch([body.tokens], skip_special_tokens=False)[0]
             return JSONResponse(resp.DetokenizeResponse(prompt=text).model_dump())
-        return await asyncio.to_thread(answer)
+        return await gate.run(answer)
 
     @app.get("/tokenizer_info")
     async def tokenizer_info() -> dict[str, Any]:
