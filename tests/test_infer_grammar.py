@@ -194,6 +194,28 @@ def test_compiled_grammars_are_cached_and_bounded(setup):
     assert hash(SamplingParams(grammar=first)) == hash(SamplingParams(grammar=compiler.json_schema(SCHEMAS[0])))
 
 
+def test_a_compile_that_starts_late_behind_others_has_the_whole_limit(setup, monkeypatch):
+    """The limit ran from the request, not from its compile's start: a 0.3 s grammar that waited 0.3 s for a worker
+    behind a slow one failed as "took longer than" the limit, a 400 blaming its schema."""
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    from longcat_flash.infer.grammar import GrammarTimeout
+
+    tokenizer, model, _ = setup
+    compiler = GrammarCompiler(tokenizer, model.config.vocab_size, compile_timeout_s=0.5)
+    cost = {'start: "a"\n': 0.3, 'start: "b"\n': 3.0, 'start: "c"\n': 0.3}
+    monkeypatch.setattr(compiler, "_build", lambda lark: time.sleep(cost[lark]))
+    with ThreadPoolExecutor(3) as clients:
+        results = []
+        for lark in cost:  # a and b take the two workers; c waits for a's
+            results.append(clients.submit(compiler.compile, lark))
+            time.sleep(0.02)
+        assert results[0].result().lark == 'start: "a"\n' and results[2].result().lark == 'start: "c"\n'
+        with pytest.raises(GrammarTimeout):
+            results[1].result()
+
+
 def test_a_compile_that_timed_out_while_queued_never_runs(setup, monkeypatch):
     """Two slow grammars hold both compile workers: a third, timed out while it waited, still ran when a worker
     came free, so a burst of slow schemas kept every later request waiting behind compiles nobody wanted."""

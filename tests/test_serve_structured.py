@@ -344,3 +344,17 @@ def test_a_slow_compile_is_named_without_compiling_again_and_a_queued_one_is_bus
     time.sleep(0.1)
     assert len(builds) == 2  # the queued one never ran
 
+
+def test_a_grammar_the_engine_could_not_compile_in_time_is_a_busy_server(served, monkeypatch):
+    """The engine process compiles a grammar again; one that ran out of time there (behind others' slow ones) came
+    back as a refusal the handler read as a bad prompt: a 400 on `prompt` whose message said to retry."""
+    from longcat_flash.infer.grammar import GrammarBusy
+
+    async def busy(self, prompt, params):
+        raise GrammarBusy("the grammar waited 10.0 s for a compile worker behind other requests' grammars; retry")
+    monkeypatch.setattr(AsyncEngine, "submit", busy)
+    client, _ = served
+    r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 4,
+                                                  "response_format": {"type": "json_object"}})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "grammar_busy" and r.headers["Retry-After"] == "1"
+

@@ -241,6 +241,14 @@ def test_a_malformed_call_stays_content_and_the_calls_after_it_are_read(size):
     assert content == bad and [(c.name, json.loads(c.arguments)) for c in calls] == [("get", {"q": "x"})]
 
 
+def test_a_block_nested_past_what_json_reads_is_content():
+    """Checking whether a tag sits inside a string parsed the block: nested a thousand deep it raised RecursionError
+    out of the reply (a 500), where such a block is content as generated."""
+    for text in (OPEN + "[" * 1000 + '"' + CLOSE,
+                 f'{OPEN}{{"name": "f", "arguments": {{"x": {"[" * 1000}{"]" * 1000}}}}}{CLOSE}'):
+        assert run(ToolCallParser(), [text]) == (text, [])
+
+
 @pytest.mark.parametrize("size", [1, 3, 100])
 def test_parser_drops_the_whitespace_before_a_call_and_keeps_the_text_after_it(size):
     text = f'Done. \n{OPEN}{{"name": "f"}}{CLOSE} and more.'

@@ -23,6 +23,7 @@ import logging
 import math
 import re
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -278,14 +279,22 @@ class GrammarCompiler:
             if (hit := self._cache.get(lark)) is not None:
                 self._cache.move_to_end(lark)
                 return hit
-        build = self._pool.submit(self._build, lark)
+        started: list[float] = []  # when a worker took the build
+
+        def build_now() -> Any:
+            started.append(time.monotonic())
+            return self._build(lark)
+        build = self._pool.submit(build_now)
         try:
             template = build.result(timeout=self.compile_timeout_s)
         except FutureTimeout:  # a compile still queued behind slow ones is dropped (a running one cannot be)
             if build.cancel():
                 raise GrammarBusy(f"the grammar waited {self.compile_timeout_s} s for a compile worker behind other "
                                   "requests' grammars; retry") from None
-            raise GrammarTimeout(f"compiling the grammar took longer than {self.compile_timeout_s} s") from None
+            try:  # started late, behind others: its own compile has the whole limit
+                template = build.result(timeout=max(0.0, started[0] + self.compile_timeout_s - time.monotonic()))
+            except FutureTimeout:
+                raise GrammarTimeout(f"compiling the grammar took longer than {self.compile_timeout_s} s") from None
         grammar = Grammar(lark, template)
         with self._lock:
             self._cache[lark] = grammar

@@ -25,7 +25,7 @@ from starlette.types import Receive, Scope, Send
 
 from ..checkpoint.hf import GENERATION_CONFIG, generation_config
 from ..infer.engine import GRAMMAR_FAILED, StepOutput
-from ..infer.grammar import GrammarBusy, GrammarCompiler
+from ..infer.grammar import GrammarBusy, GrammarCompiler, GrammarError
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
 from ..tokenizer import Tokenizer
@@ -163,6 +163,9 @@ class Generation:
         failed, err = next((i, r) for i, r in enumerate(results) if isinstance(r, BaseException))
         if isinstance(err, QueueFull):
             raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        if isinstance(err, GrammarError):  # the engine's own compile ran out of time: the parent's did not
+            raise APIError(503, f"server busy: {err}", "server_error", code="grammar_busy",
                            headers={"Retry-After": "1"}) from None
         if isinstance(err, ValueError):
             name = "prompt" if len(jobs) == 1 else f"prompt.{failed}"  # which of several

@@ -57,7 +57,7 @@ def _inside_json_string(text: str) -> bool:
         try:
             json.loads(text + end + closers)
             return True
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested past what json reads, no call either
             pass
     return False
 

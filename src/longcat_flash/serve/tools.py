@@ -86,7 +86,7 @@ def _members(text: str) -> dict[str, tuple[object, str]] | None:
             if text[i:i + 1] != ",":
                 return None
             i = _WHITESPACE.match(text, i + 1).end()
-    except ValueError:  # json.JSONDecodeError, or a NaN / Infinity constant
+    except (ValueError, RecursionError):  # json.JSONDecodeError, a NaN / Infinity constant, or nested past json's reach
         return None
     return members if _WHITESPACE.match(text, i + 1).end() == len(text) else None
 
