@@ -124,17 +124,18 @@ class ChatScores(Scores):
         content = self._unsent(n)
         if not content:
             return None
-        firsts = [self._text(tokenizer, s.token)[1] for s in content]
+        texts = [self._text(tokenizer, s.token) for s in content]
         return resp.ChatLogprobs(content=[
-            resp.TokenLogprob(**_chat_token(tokenizer, s.token, s.logprob, first).model_dump(),
+            resp.TokenLogprob(**_chat_token(tokenizer, s.token, s.logprob, first, text).model_dump(),
                               top_logprobs=[_chat_token(tokenizer, t, v, first) for t, v in s.top])
-            for s, first in zip(content, firsts)])
+            for s, (text, first) in zip(content, texts)])
 
 
-def _chat_token(tokenizer: Tokenizer, token: int, logprob: float, first: bool = False) -> resp.TopLogprob:
-    """The token's text and its own UTF-8 bytes (a part of a character: the text is U+FFFD, the bytes that part,
-    so the bytes of consecutive tokens join into the characters, as OpenAI's field is for); `first`: it starts the
-    reply's text."""
-    text = tokenizer.token_text(token, first=first)
+def _chat_token(tokenizer: Tokenizer, token: int, logprob: float, first: bool = False, text: str | None = None
+                ) -> resp.TopLogprob:
+    """The token's text (`text`, when the caller has it) and its own UTF-8 bytes (a part of a character: the text is
+    U+FFFD, the bytes that part, so the bytes of consecutive tokens join into the characters, as OpenAI's field is
+    for); `first`: it starts the reply's text."""
+    text = tokenizer.token_text(token, first=first) if text is None else text
     return resp.TopLogprob(token=text, logprob=logprob,
                            bytes=list(tokenizer.token_bytes(token, first) if text else b""))

@@ -98,8 +98,7 @@ class Tokenizer:
         self.other_config = dict(other_config or {})  # tokenizer_config.json keys we do not read, written back as read
         # Twins that treat special-token text as plain text; other objects instead of toggling a flag per call
         # keep encode thread-safe (the server may encode from several threads).
-        self._plain = _text_twin(backend)
-        self._continuing = _text_twin(backend, continuing=True) or self._plain  # for text after a text's start
+        self._plain, self._continuing = _text_twins(backend)  # the second for text after a text's start
         self.bos_token, self.eos_token, self.pad_token = bos_token, eos_token, pad_token
         self.bos_id = self._token_id("bos_token", bos_token)
         self.eos_id = self._token_id("eos_token", eos_token)
@@ -421,11 +420,11 @@ _CONFIG_WRITTEN = ("tokenizer_class", "bos_token", "eos_token", "pad_token", "mo
                    "clean_up_tokenization_spaces", "chat_template", "added_tokens_decoder", "auto_map")
 
 
-def _text_twin(backend: tokenizers.Tokenizer, continuing: bool = False) -> tokenizers.Tokenizer | None:
-    """A copy of `backend` that spells special-token text as text: its added tokens are not matched (nor, in a
-    Unigram model, its special pieces, which T5's vocabulary holds with a score that wins). `continuing`: for text
-    that does not start the whole text, without the "▁" a SentencePiece pre-tokenizer gives the start only
-    (prepend_scheme "first", as in Llama 2 and Gemma); None when there is no such pre-tokenizer."""
+def _text_twins(backend: tokenizers.Tokenizer) -> tuple[tokenizers.Tokenizer, tokenizers.Tokenizer]:
+    """Copies of `backend` that spell special-token text as text: its added tokens are not matched (nor, in a
+    Unigram model, its special pieces, which T5's vocabulary holds with a score that wins). The second is for text
+    that does not start the whole text: without the "▁" a SentencePiece pre-tokenizer gives the start only
+    (prepend_scheme "first", as in Llama 2 and Gemma); the first again when there is no such pre-tokenizer."""
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
     if model.get("type") == "Unigram" and model.get("vocab"):
@@ -433,16 +432,17 @@ def _text_twin(backend: tokenizers.Tokenizer, continuing: bool = False) -> token
         floor = min(score for _, score in model["vocab"]) - 100.0  # below the unknown piece's penalty
         for token in special & set(range(len(model["vocab"]))):
             model["vocab"][token][1] = floor
-    if continuing:
-        first = [step for step in _steps(spec.get("pre_tokenizer"))
-                 if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first"]
-        if not first:
-            return None
-        for step in first:
-            step["prepend_scheme"] = "never"
-    twin = tokenizers.Tokenizer.from_str(json.dumps(spec))
-    twin.encode_special_tokens = True
-    return twin
+
+    def twin() -> tokenizers.Tokenizer:
+        made = tokenizers.Tokenizer.from_str(json.dumps(spec))
+        made.encode_special_tokens = True
+        return made
+    plain = twin()
+    first = [step for step in _steps(spec.get("pre_tokenizer"))
+             if step.get("type") == "Metaspace" and step.get("prepend_scheme") == "first"]
+    for step in first:
+        step["prepend_scheme"] = "never"
+    return plain, twin() if first else plain
 
 
 def _steps(pre_tokenizer: dict[str, Any] | None) -> list[dict[str, Any]]:
