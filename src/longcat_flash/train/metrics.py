@@ -59,8 +59,8 @@ class MetricsLog:
     def write(self, record: dict[str, Any]) -> None:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
+        self.bar.set_postfix_str(_short(record), refresh=False)  # before the update draws step n: its figures
         self.bar.update(1)
-        self.bar.set_postfix_str(_short(record), refresh=False)
         if self.writer is not None:
             for key, value in record.items():
                 if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step":
