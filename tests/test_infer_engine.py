@@ -9,8 +9,9 @@ import torch
 from infer_support import greedy_reference, one_thread, prompts, randomized  # noqa: F401  (autouse fixture)
 
 from longcat_flash.config import ModelConfig
-from longcat_flash.infer.engine import NON_FINITE, Engine, EngineConfig
+from longcat_flash.infer.engine import NON_FINITE, Engine, EngineConfig, PromptRefused
 from longcat_flash.infer.sampling import SamplingParams, probabilities
+from longcat_flash.infer.scheduler import QueueFull
 from longcat_flash.infer.speculative import Draft, MTPDrafter, verify
 
 GREEDY = SamplingParams(max_new_tokens=12, temperature=0.0, ignore_eos=True)
@@ -350,6 +351,24 @@ def test_copies_count_against_max_running(model):
         Engine(model, EngineConfig(**SMALL, max_waiting=4)).add_copies(ps[0], params * 3)  # never a QueueFull
     independent = Engine(model, EngineConfig(**SMALL)).generate([p for p in ps for _ in params], params * len(ps))
     assert [out[rid] for g in groups[:-1] for rid in g] == independent
+
+
+def test_several_prompts_are_admitted_all_or_none(model):
+    """The server queues a request's prompts together: one that did not fit was refused after the others had been
+    admitted, which the server then cancelled, so /metrics counted a 429 as clients that left and its prompts'
+    tokens as admitted. Now a refusal (no room, or a bad prompt, named by its index) admits none of them."""
+    engine = Engine(model, EngineConfig(**SMALL, max_waiting=1))  # 4 running + 1 waiting
+    ps = prompts((5, 6, 7), seed=3)
+    [running] = engine.add_jobs([(ps[0], [GREEDY])])
+    with pytest.raises(QueueFull):
+        engine.add_jobs([(ps[1], [GREEDY] * 2), (ps[2], [GREEDY] * 3)])  # 5 sequences; room for 4
+    unknown_token = replace(GREEDY, logit_bias=((model.config.vocab_size, 1.0),))
+    with pytest.raises(PromptRefused, match="logit_bias") as refused:
+        engine.add_jobs([(ps[1], [GREEDY]), (ps[2], [unknown_token])])
+    assert refused.value.index == 1
+    assert list(engine.requests) == running and engine.stats.prompt_tokens == 5 and engine.stats.cancelled == 0
+    groups = engine.add_jobs([(ps[1], [GREEDY] * 2), (ps[2], [GREEDY] * 2)])
+    assert [len(g) for g in groups] == [2, 2] and engine.stats.prompt_tokens == 5 + 6 + 7
 
 
 def test_cancelling_a_first_copy_before_its_prefill_cancels_the_waiting_copies(model):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from longcat_flash.checkpoint.fresh import init_checkpoint
-from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.engine import Engine, EngineConfig, PromptRefused
 from longcat_flash.infer.loader import load_for_inference
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.presets import tiny
@@ -40,7 +40,7 @@ def bridge(model_dir):
 
 async def collect(bridge, prompt: list[int], params: list[SamplingParams]) -> list[list[int]]:
     """Every copy's generated ids, read from the bridge's queues until each finishes."""
-    copies = await bridge.submit(prompt, params)
+    [copies] = await bridge.submit([(prompt, params)])
     out = []
     for _, outputs in copies:
         ids = []
@@ -71,6 +71,22 @@ def test_same_tokens_as_the_engine_in_this_process(model_dir, bridge):
     assert bridge.vocab_size == model.config.vocab_size
     assert bridge.context == model.config.max_position_embeddings
     assert bridge.latest.stats.generated_tokens >= 30 and bridge.latest.running == 0
+
+
+def test_a_refused_prompt_of_several_is_named_across_the_pipe(bridge):
+    """The engine process refuses a request's prompts together, naming the bad one by its index (the server's 400
+    names it as prompt.1), and admits none of them."""
+    greedy = SamplingParams(max_new_tokens=2, temperature=0.0)
+    before = bridge.latest.stats
+
+    async def scenario():
+        with pytest.raises(PromptRefused, match="token ids must be in") as refused:
+            await bridge.submit([([1, 2], [greedy]), ([bridge.vocab_size], [greedy])])
+        return refused.value.index
+
+    assert asyncio.run(scenario()) == 1
+    assert (bridge.latest.stats.prompt_tokens, bridge.latest.stats.cancelled) == (before.prompt_tokens,
+                                                                                  before.cancelled)
 
 
 def test_a_grammar_crosses_the_pipe(model_dir, bridge):
@@ -126,13 +142,13 @@ def test_a_dead_engine_fails_open_and_new_requests(model_dir):
     long = SamplingParams(max_new_tokens=100_000 // 100, temperature=0.0, ignore_eos=True)
 
     async def scenario():
-        (_, outputs), = await bridge.submit([1, 2, 3], [long])
+        [[(_, outputs)]] = await bridge.submit([([1, 2, 3], [long])])
         await outputs.get()  # it runs
         os.kill(bridge.process.pid, signal.SIGKILL)
         while not isinstance(item := await outputs.get(), EngineFailed):
             assert not item.finished
         with pytest.raises(RuntimeError, match="not running"):
-            await bridge.submit([1, 2, 3], [long])
+            await bridge.submit([([1, 2, 3], [long])])
 
     asyncio.run(scenario())
     assert not bridge.alive
@@ -146,7 +162,7 @@ def test_a_handler_that_leaves_before_its_ids_arrive_leaves_nothing_running(brid
 
     async def scenario():
         before = bridge.latest.stats.cancelled
-        task = asyncio.create_task(bridge.submit([5, 6, 7], [params, params]))
+        task = asyncio.create_task(bridge.submit([([5, 6, 7], [params, params])]))
         await asyncio.sleep(0)  # the "add" is posted; the engine's answer is milliseconds away
         task.cancel()
         for _ in range(500):
@@ -175,15 +191,15 @@ def test_an_engine_reply_after_the_server_failed_everything_is_dropped():
 
     async def main() -> None:
         bridge = Recorded()
-        submission = asyncio.create_task(bridge.submit([1, 2], [SamplingParams()]))
+        submission = asyncio.create_task(bridge.submit([([1, 2], [SamplingParams()])]))
         await asyncio.sleep(0)  # posted, its reply not yet come
         [(kind, token, *_)] = bridge.posted
         bridge.fail_all("the server stops")
         with pytest.raises(RuntimeError, match="the server stops"):
             await submission
-        bridge.receive(Batch([(token, [7])], [], bridge.latest))  # the engine's late reply
+        bridge.receive(Batch([(token, [[7]])], [], bridge.latest))  # the engine's late reply
         with pytest.raises(RuntimeError, match="not running"):
-            await bridge.submit([1], [SamplingParams()])
+            await bridge.submit([([1], [SamplingParams()])])
 
     asyncio.run(main())
 

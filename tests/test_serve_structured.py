@@ -350,7 +350,7 @@ def test_a_grammar_the_engine_could_not_compile_in_time_is_a_busy_server(served,
     back as a refusal the handler read as a bad prompt: a 400 on `prompt` whose message said to retry."""
     from longcat_flash.infer.grammar import GrammarBusy
 
-    async def busy(self, prompt, params):
+    async def busy(self, jobs):
         raise GrammarBusy("the grammar waited 10.0 s for a compile worker behind other requests' grammars; retry")
     monkeypatch.setattr(AsyncEngine, "submit", busy)
     client, _ = served

@@ -43,6 +43,17 @@ log = logging.getLogger(__name__)
 MAX_SPECULATIVE = 16  # drafts per step: the chance that all k are accepted falls geometrically with k
 
 
+class PromptRefused(ValueError):
+    """Engine.add_jobs refused the prompt at `index` of its jobs (and so all of them)."""
+
+    def __init__(self, index: int, message: str) -> None:
+        super().__init__(message)
+        self.index = index
+
+    def __reduce__(self) -> tuple:  # it crosses from the engine process to the server's
+        return PromptRefused, (self.index, str(self))
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     max_running: int = 32
@@ -170,11 +181,27 @@ class Engine:
         Only the first copy enters the queue: the prompt is prefilled once, then the others fork its pages, so n
         samples cost one prefill and one prompt's worth of cache. Raises ValueError or QueueFull for all of them.
         """
-        if not params or not all(isinstance(sp, SamplingParams) for sp in params):
-            raise ValueError("add_copies needs one SamplingParams per copy, at least one")
         if stops is not None and len(stops) != len(params):
             raise ValueError(f"add_copies got {len(params)} SamplingParams and {len(stops)} stops: give one stop "
                              "(or None) per copy")
+        self._check_copies(prompt, params)
+        return self._admit(prompt, params, stops or [None] * len(params))
+
+    def add_jobs(self, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[list[int]]:
+        """Queue several prompts' copies (add_copies) all or none: one refused (PromptRefused naming it, or
+        QueueFull for the whole) leaves the engine as it was, with nothing admitted, counted or to cancel."""
+        for index, (prompt, params) in enumerate(jobs):
+            try:
+                self._check_copies(prompt, params)
+            except ValueError as err:
+                raise PromptRefused(index, str(err)) from None
+        self.scheduler.check_room(sum(len(params) for _, params in jobs))
+        return [self._admit(prompt, params, [None] * len(params)) for prompt, params in jobs]
+
+    def _check_copies(self, prompt: list[int], params: list[SamplingParams]) -> None:
+        """Raise ValueError if these copies of `prompt` could never be served (a QueueFull is for a retry)."""
+        if not params or not all(isinstance(sp, SamplingParams) for sp in params):
+            raise ValueError("add_copies needs one SamplingParams per copy, at least one")
         self._validate(prompt, scoring=all(sp.max_new_tokens == 0 for sp in params))
         if any(token >= self.vocab_size for sp in params for token, _ in sp.logit_bias):
             raise ValueError(f"logit_bias token ids must be in [0, {self.vocab_size})")
@@ -187,7 +214,10 @@ class Engine:
         if len(params) > self.max_queued:  # it could never be queued: not the QueueFull a retry may get past
             raise ValueError(f"{len(params)} copies are more than this engine queues at once (max_running + "
                              f"max_waiting = {self.max_queued})")
-        reqs = [self._request(prompt, sp, stop) for sp, stop in zip(params, stops or [None] * len(params))]
+
+    def _admit(self, prompt: list[int], params: list[SamplingParams], stops: list[StopHook | None]) -> list[int]:
+        """Queue checked copies (QueueFull if the queue has no room for them)."""
+        reqs = [self._request(prompt, sp, stop) for sp, stop in zip(params, stops, strict=True)]
         first = reqs[0]
         first.forks, first.seq.forks = reqs[1:], len(reqs) - 1
         self.scheduler.add(first.seq)

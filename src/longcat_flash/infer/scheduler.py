@@ -134,12 +134,16 @@ class Scheduler:
         free = max(self.config.max_running - self.slots(self.running), 0)
         return free + self.config.max_waiting - self.slots(self.waiting)
 
-    def add(self, seq: SequenceState) -> None:
-        if self.queue_room() < self.slots([seq]):
+    def check_room(self, slots: int) -> None:
+        """Raise QueueFull unless `add` takes sequences standing for `slots` now."""
+        if self.queue_room() < slots:
             free = max(self.config.max_running - self.slots(self.running), 0)
             raise QueueFull(f"{self.slots(self.waiting)} sequences are already waiting and this request needs "
-                            f"{self.slots([seq])}; the most it queues now: the {free} free running slots (of "
+                            f"{slots}; the most it queues now: the {free} free running slots (of "
                             f"max_running {self.config.max_running}) plus max_waiting {self.config.max_waiting}")
+
+    def add(self, seq: SequenceState) -> None:
+        self.check_room(self.slots([seq]))
         seq.status, seq.arrival = Status.WAITING, next(self._arrivals)
         self.waiting.append(seq)
 

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import Receive, Scope, Send
 
 from ..checkpoint.hf import GENERATION_CONFIG, generation_config
-from ..infer.engine import GRAMMAR_FAILED, StepOutput
+from ..infer.engine import GRAMMAR_FAILED, PromptRefused, StepOutput
 from ..infer.grammar import GrammarBusy, GrammarCompiler, GrammarError
 from ..infer.sampling import SamplingParams
 from ..infer.scheduler import QueueFull
@@ -143,7 +143,7 @@ class Generation:
 
     async def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[list[Copy]]:
         """Queue every (prompt, copies' params) job at once, so the engine takes them in one step; all or none:
-        if one is refused, the others are cancelled and the refusal becomes the HTTP error. More sequences (prompts
+        if one is refused, none is admitted and the refusal becomes the HTTP error. More sequences (prompts
         x n) than the engine's queue holds could never be admitted: a 400, not a 429 every retry would get again."""
         if (n := max((len(params) for _, params in jobs), default=0)) > self.bridge.max_running:
             raise APIError(400, f"n: {n} copies decode together; this server decodes at most {self.bridge.max_running}"
@@ -152,28 +152,21 @@ class Generation:
             raise APIError(400, f"prompt: {len(jobs)} prompts x n={n} are {total} sequences in one request; this "
                                 f"server takes at most {self.bridge.max_queued} at once (--max-running + "
                                 "--max-waiting): send fewer at a time", param="prompt", code="too_many_prompts")
-        results = await asyncio.gather(*(self.bridge.submit(ids, params) for ids, params in jobs),
-                                       return_exceptions=True)
-        groups = [[Copy(rid, outputs, ids) for rid, outputs in r] for (ids, _), r in zip(jobs, results, strict=True)
-                  if not isinstance(r, BaseException)]
-        errors = [r for r in results if isinstance(r, BaseException)]
-        if not errors:
-            return groups
-        self.close(copy for group in groups for copy in group)
-        failed, err = next((i, r) for i, r in enumerate(results) if isinstance(r, BaseException))
-        if isinstance(err, QueueFull):
+        try:
+            queued = await self.bridge.submit(jobs)
+        except QueueFull as err:
             raise APIError(429, f"server busy: {err}", "rate_limit_error", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-        if isinstance(err, GrammarError):  # the engine's own compile ran out of time: the parent's did not
+        except GrammarError as err:  # the engine's own compile ran out of time: the parent's did not
             raise APIError(503, f"server busy: {err}", "server_error", code="grammar_busy",
                            headers={"Retry-After": "1"}) from None
-        if isinstance(err, ValueError):
-            name = "prompt" if len(jobs) == 1 else f"prompt.{failed}"  # which of several
+        except PromptRefused as err:
+            name = "prompt" if len(jobs) == 1 else f"prompt.{err.index}"  # which of several
             raise APIError(400, f"{name}: {err}" if len(jobs) > 1 else str(err), param=name,
                            code="invalid_value") from None
-        if isinstance(err, RuntimeError):
+        except RuntimeError as err:
             raise APIError(503, str(err), "server_error", code="engine_down") from None
-        raise err
+        return [[Copy(rid, outputs, ids) for rid, outputs in group] for (ids, _), group in zip(jobs, queued)]
 
     def close(self, copies: Iterable[Copy]) -> None:
         """Cancel the copies still running (the response ended early: an error, a dropped client)."""

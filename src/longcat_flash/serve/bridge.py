@@ -2,7 +2,7 @@
 
 Two halves. `EngineLoop` is the engine's side: one thread owns the Engine (it is not thread-safe), applies "add"
 and "cancel" messages from its inbox, steps, and hands every step's results to a sink as one `Batch`. `Bridge`
-is the handlers' side: `submit` a prompt and await the engine's verdict (request ids, or the ValueError /
+is the handlers' side: `submit` prompts and await the engine's verdict (request ids, or the ValueError /
 QueueFull it raised), then read StepOutputs from an asyncio.Queue per request; `cancel` (client gone, or, with
 `complete=True`, a reply the server ended itself, which /metrics counts as finished) is a message too, and the
 loop frees the request's cache pages before its next step. Backpressure comes from the scheduler's queue
@@ -127,9 +127,9 @@ class EngineLoop:
             if kind == "refuse":  # a submission refused before it reached the engine
                 replies.append(tuple(payload))
                 continue
-            token, prompt, params = payload
+            token, jobs = payload
             try:
-                replies.append((token, self.engine.add_copies(prompt, params)))
+                replies.append((token, self.engine.add_jobs(jobs)))
             except Exception as err:  # ValueError, QueueFull: the handler maps it to an HTTP status
                 replies.append((token, err))
 
@@ -167,17 +167,19 @@ class Bridge:
     def stop(self) -> None:
         raise NotImplementedError
 
-    async def submit(self, prompt: list[int], params: list[SamplingParams]) -> list[tuple[int, asyncio.Queue]]:
-        """Queue len(params) copies of a prompt (one prefill, shared cache pages: OpenAI's `n`); returns each
-        copy's request id and the queue its StepOutputs arrive on."""
+    async def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]]
+                     ) -> list[list[tuple[int, asyncio.Queue]]]:
+        """Queue prompts, each as len(params) copies (one prefill, shared cache pages: OpenAI's `n`), all or none
+        (Engine.add_jobs); returns, per prompt, each copy's request id and the queue its StepOutputs arrive on."""
         loop, token, done = asyncio.get_running_loop(), next(self._tokens), Future()
-        queues = [asyncio.Queue() for _ in params]
+        queues = [[asyncio.Queue() for _ in params] for _, params in jobs]
         with self._lock:  # with fail_all's: a submission either fails here or is in _pending when it runs
             if not self.alive:
                 raise RuntimeError("the engine is not running")
-            self._pending[token] = (done, [(loop, q) for q in queues])
-        self._post(("add", token, prompt, params))
-        return list(zip(await asyncio.wrap_future(done), queues))
+            self._pending[token] = (done, [(loop, q) for qs in queues for q in qs])
+        self._post(("add", token, jobs))
+        ids = await asyncio.wrap_future(done)
+        return [list(zip(rids, qs, strict=True)) for rids, qs in zip(ids, queues, strict=True)]
 
     def cancel(self, request_id: int, complete: bool = False) -> None:
         """End a request early: its client left, or (`complete`) the server ended the reply itself (a stop string
@@ -194,11 +196,12 @@ class Bridge:
         with self._lock:
             for token, verdict in batch.replies:
                 done, targets = self._pending.pop(token, (None, None))  # None: fail_all failed it meanwhile
+                rids = [] if isinstance(verdict, Exception) else [rid for group in verdict for rid in group]
                 if done is None or not done.set_running_or_notify_cancel():  # or its handler left: nobody reads
-                    orphans += [] if isinstance(verdict, Exception) else verdict
+                    orphans += rids
                     continue
                 if not isinstance(verdict, Exception):
-                    self._streams.update(zip(verdict, targets))
+                    self._streams.update(zip(rids, targets, strict=True))
                 settled.append((done, verdict))
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Queue, StepOutput | EngineFailed]]] = {}
             for rid, item in batch.outputs:

@@ -62,9 +62,9 @@ class EngineProcess(Bridge):
 
     def _post(self, message: tuple) -> None:
         if message[0] == "add":
-            kind, token, prompt, params = message
-            message = (kind, token, prompt, [(replace(sp, grammar=None), sp.grammar and sp.grammar.lark)
-                                             for sp in params])
+            kind, token, jobs = message
+            message = (kind, token, [(prompt, [(replace(sp, grammar=None), sp.grammar and sp.grammar.lark)
+                                               for sp in params]) for prompt, params in jobs])
         try:
             with self._send_lock:
                 self._conn.send(message)
@@ -117,10 +117,10 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
 
     def compiled(message: tuple) -> tuple:
         """An "add" with its grammars compiled from their text, or the refusal that answers it."""
-        kind, token, prompt, params = message
+        kind, token, jobs = message
         try:
-            return kind, token, prompt, [replace(sp, grammar=grammars.compile(lark)) if lark else sp
-                                         for sp, lark in params]
+            return kind, token, [(prompt, [replace(sp, grammar=grammars.compile(lark)) if lark else sp
+                                           for sp, lark in params]) for prompt, params in jobs]
         except Exception as err:  # compiled once already, by the parent: a time-out, mostly; any answers the add
             return "refuse", token, err if isinstance(err, GrammarError) else GrammarError(f"{type(err).__name__}: "
                                                                                           f"{err}")
@@ -132,7 +132,7 @@ def _engine_main(model_dir: str, dtype: str | None, quantize: str | None, device
     def receive() -> None:
         try:
             while (message := conn.recv())[0] != "stop":
-                if message[0] == "add" and any(lark for _, lark in message[3]):
+                if message[0] == "add" and any(lark for _, params in message[2] for _, lark in params):
                     compiling.submit(lambda message=message: loop.post(compiled(message)))
                 else:
                     loop.post(compiled(message) if message[0] == "add" else message)
