@@ -24,6 +24,7 @@ from torch.distributed.tensor import DTensor
 from longcat_flash import distributed as lcd
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.infer.engine import Engine, EngineConfig
+from longcat_flash.infer.fused import fuse_for_inference
 from longcat_flash.infer.sampling import SamplingParams
 from longcat_flash.presets import tiny
 
@@ -150,6 +151,13 @@ def engine_generation(model: LongcatFlash, ep: int) -> dict:
         want = Engine(copy.deepcopy(model), EngineConfig(speculative=k)).generate(prompts, params)
         got = Engine(sharded, EngineConfig(speculative=k)).generate(prompts, params)
         result[f"speculative{k}"] = {"equal": got == want, "tokens": sum(map(len, got))}
+    fused = copy.deepcopy(model)
+    fuse_for_inference(fused)  # what load_engine hands out: its experts run hit by hit, on one device
+    try:  # they ran on the global expert ids with a local slice of the experts: NaN, or an IndexError
+        lcd.shard_experts(fused, mesh.get_group("ep"))
+        result["fused_refused"] = ""
+    except ValueError as err:
+        result["fused_refused"] = str(err)
     return result
 
 

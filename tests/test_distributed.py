@@ -86,8 +86,10 @@ def test_checkpoint_from_sharded_model_loads_in_one_process(ranks):
 
 def test_engine_generates_the_same_tokens_with_sharded_experts(ranks):
     for rank in ranks:
+        fused_refused = rank["engine"].pop("fused_refused")
         for mode, result in rank["engine"].items():
             assert result == {"equal": True, "tokens": 12}, (mode, result)
+        assert "shard the model first, then build the Engine on it" in fused_refused
 
 
 def test_an_error_is_reported_once_by_rank_0_and_no_rank_dies_in_a_collective(tmp_path):
@@ -144,3 +146,36 @@ def test_a_restarted_group_meets_though_torchruns_store_still_holds_the_last_att
         for done in attempt(n, rank_0_after):
             assert done.returncode == 0 and "met" in done.stdout, f"attempt {n}: {done.stderr[-2000:]}"
     del store
+
+
+STALLED_PEER = """
+import os, sys, time
+import torch, torch.distributed as dist
+from longcat_flash import distributed as D
+D.init("cpu", timeout_s=6)
+mesh, rank = D.build_mesh(2, 2), dist.get_rank()
+dist.barrier()  # all started: the stall below is the only wait
+group = {0: mesh.get_group("ep"), 3: mesh.get_group("dp")}.get(rank)  # (0, 1) share ep, (1, 3) share dp
+if rank == 1:
+    time.sleep(25)  # stalled: it never joins
+elif group is not None:
+    start = time.monotonic()
+    try:
+        dist.all_reduce(torch.ones(1), group=group)
+        print(f"rank {rank}: all_reduce returned", flush=True)
+    except Exception as err:
+        print(f"rank {rank}: gave up after {time.monotonic() - start:.1f} s: {type(err).__name__}", flush=True)
+os._exit(0)
+"""
+
+
+def test_the_mesh_groups_wait_the_dist_timeout_not_torchs_thirty_minutes(tmp_path):
+    """--dist-timeout bounded only the world group's collectives: the mesh's dp and ep groups (the FSDP
+    reduce-scatters, the experts' all-to-alls) took torch's default, so a stalled rank hung the others for half
+    an hour instead of failing them after the timeout."""
+    script = tmp_path / "stalled_peer.py"
+    script.write_text(STALLED_PEER)
+    out = torchrun(4, script, timeout=120)
+    for rank in (0, 3):
+        line = next(line for line in out.splitlines() if line.startswith(f"rank {rank}:"))
+        assert "gave up" in line and float(line.split("after ")[1].split(" s")[0]) < 15, line

@@ -856,3 +856,22 @@ def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):
     main(["init", "--preset", "tiny", "--out", str(tmp_path / "base")])
     assert build_config("tiny", [f"init_from={tmp_path / 'base'}", "model.eos_token_id=[2, 7]"]).model.eos_token_ids \
         == (2, 7)
+
+
+def test_under_torchrun_experts_that_ep_does_not_divide_are_refused_before_the_tokenizer(tmp_path: Path):
+    """5 experts over --ep 2 were refused only when the experts were sharded, after rank 0 had trained the
+    tokenizer and tokenized the corpus (37 s on the stdlib), in a message that named neither the field nor --ep."""
+    from longcat_flash.serve.launch import free_port
+
+    command = [sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--ep", "2", "--set",
+               "model.n_routed_experts=5", "--set", "loss.balance_groups=1", "--set",
+               f"data.cache_dir={tmp_path / 'cache'}", "--out", str(tmp_path / "run"), "--no-progress"]
+    port = free_port()
+    runs = [subprocess.Popen(command, env=_rank_env(rank, port), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True) for rank in (0, 1)]
+    errs = [run.communicate(timeout=120)[1] for run in runs]
+    assert [run.returncode for run in runs] == [1, 1] and "Traceback" not in errs[0], errs[0][-3000:]
+    assert errs[0].strip().splitlines()[-1] == ("longcat train: model.n_routed_experts=5 is not divisible by the "
+                                                "expert-parallel size 2 (--ep): each ep rank holds an equal share of "
+                                                "the experts")
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run" / "tokenizer.json").exists()

@@ -258,4 +258,16 @@ def build_mesh(dp: int, ep: int, device: torch.device | str = "cpu") -> DeviceMe
                          "(processes started by torchrun: --nproc-per-node x --nnodes)")
     if world_size() == 1:
         return None
-    return init_device_mesh(torch.device(device).type, (dp, ep), mesh_dim_names=("dp", "ep"))
+    mesh = init_device_mesh(torch.device(device).type, (dp, ep), mesh_dim_names=("dp", "ep"))
+    if (timeout := _world_timeout()) is not None:
+        for name in mesh.mesh_dim_names:  # torch makes them with its 30-minute default, not the world's timeout
+            dist.distributed_c10d._set_pg_timeout(timeout, mesh.get_group(name))  # as torchtitan's set_pg_timeouts
+    return mesh
+
+
+def _world_timeout() -> timedelta | None:
+    """How long the default group's collectives wait (`init`'s timeout_s, or a user's own init_process_group's);
+    None where its backend does not say."""
+    group = dist.distributed_c10d._get_default_group()
+    backend = group._get_backend(next(iter(group._device_types)))
+    return getattr(getattr(backend, "options", None), "_timeout", None)

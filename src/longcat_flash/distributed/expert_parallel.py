@@ -31,7 +31,7 @@ import torch.distributed._functional_collectives as funcol
 import torch.nn.functional as F
 from torch import nn
 
-from ..model.moe import LocalDispatcher, MoE, group_by_expert, to_slots
+from ..model.moe import Experts, LocalDispatcher, MoE, group_by_expert, to_slots
 
 
 @dataclass
@@ -139,6 +139,11 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup, overlap: bool = Tr
     Call it on identical full models on every rank of `group` (same seed, or each rank loaded the same
     checkpoint), before building the optimizer: the expert Parameters are replaced by their slices.
     """
+    if prepared := sorted({type(moe.experts).__name__ for moe in moe_layers(model)
+                           if not isinstance(moe.experts, Experts)}):
+        raise ValueError(f"shard_experts shards a model as built (LongcatFlash.from_pretrained, Transformer): this "
+                         f"one's experts are {', '.join(prepared)}, prepared for one device by infer's "
+                         "load_for_inference / load_engine; shard the model first, then build the Engine on it")
     size, rank = group.size(), group.rank()
     for moe in moe_layers(model):
         if moe.n_ffn % size:

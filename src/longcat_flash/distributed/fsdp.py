@@ -34,8 +34,12 @@ from ..model.moe import local_part
 from .expert_parallel import moe_layers, shard_experts
 
 
-def check_shardable(config: ModelConfig) -> None:
-    """What FSDP cannot shard, refused before a run builds anything (its tokenizer and data may take minutes)."""
+def check_shardable(config: ModelConfig, ep: int = 1) -> None:
+    """What FSDP and `ep`-way expert parallelism cannot shard, refused before a run builds anything (its tokenizer
+    and data may take minutes)."""
+    if config.n_routed_experts % ep:
+        raise ValueError(f"model.n_routed_experts={config.n_routed_experts} is not divisible by the expert-parallel "
+                         f"size {ep} (--ep): each ep rank holds an equal share of the experts")
     if config.tie_word_embeddings:
         raise ValueError("model.tie_word_embeddings is not supported with more than one process: FSDP would shard "
                          "the embedding and the lm_head as two parameters; train it in one process, or untied "
@@ -56,7 +60,7 @@ def parallelize(model: Transformer, mesh: DeviceMesh | None, *, bf16: bool = Fal
             layers[i] = checkpoint_wrapper(layer)
     if mesh is None:
         return model
-    check_shardable(model.config)
+    check_shardable(model.config, mesh["ep"].size())
     world = init_device_mesh(mesh.device_type, (mesh.size(),), mesh_dim_names=("world",))
     if mesh["ep"].size() > 1:
         distribute_experts(model, mesh["ep"], overlap)

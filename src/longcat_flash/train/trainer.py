@@ -483,7 +483,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
                          f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
     if mesh is not None:
-        distributed.check_shardable(cfg.model)
+        distributed.check_shardable(cfg.model, mesh["ep"].size())
     if cfg.tensorboard:
         require_tensorboard()
     set_deterministic(cfg.deterministic, device)
