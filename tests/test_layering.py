@@ -8,8 +8,8 @@ import longcat_flash
 
 PACKAGE = Path(longcat_flash.__file__).parent
 LAYERS = {"config": 0, "presets": 0, "tokenizer": 0, "data": 0, "runtime": 0, "device": -1, "files": -1,
-          "flag_types": -1, "chat_template": -1, "model": 1, "distributed": 2, "checkpoint": 3, "train": 4, "infer": 4, "serve": 5,
-          "cli": 6, "__main__": 6}
+          "flag_types": -1, "chat_template": -1, "json_text": -2, "model": 1, "distributed": 2, "checkpoint": 3,
+          "train": 4, "infer": 4, "serve": 5, "cli": 6, "__main__": 6}
 FREE = {"analysis"}  # may import anything; the rest of the package never imports it (checked below)
 
 

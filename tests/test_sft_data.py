@@ -338,7 +338,13 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": {}}}]},
         {"role": "tool", "name": "g", "content": "3"}]},
-     "messages[2].name: 'g' is none of the called functions (f)"),
+     "messages[2].name: 'g' is result 1, which answers call 1, to 'f' (the calls: f)"),
+    ({"messages": [{"role": "user", "content": "w"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"type": "function", "function": {"name": "weather", "arguments": {}}},
+        {"type": "function", "function": {"name": "time", "arguments": {}}}]},
+        {"role": "tool", "name": "time", "content": "12:00"}, {"role": "tool", "name": "weather", "content": "21 C"}]},
+     "messages[2].name: 'time' is result 1, which answers call 1, to 'weather' (the calls: weather, time): results "
+     "follow the order of the calls"),  # trained as weather's result "12:00"; the server refuses this history
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}], "id": 7},
      "id: unsupported field"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
@@ -576,6 +582,8 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     assert [canonical(c) for c in read_conversations(root / "data" / "train-*.parquet")] == \
         [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
     assert len(read_conversations(f"{root}/**/test-*")) == 1
+    with pytest.raises(ValueError, match=r"data holds the files of several splits \(test, train\)"):
+        read_conversations(root / "data" / "*")  # the hub's layout globbed whole: it trained on the test split
     with pytest.raises(FileNotFoundError, match=r"no file matches .*validation-\*"):
         read_conversations(root / "data" / "validation-*")
     (root / "data" / "test-00000-of-00001.jsonl").unlink()
@@ -714,6 +722,14 @@ def test_a_row_nested_too_deeply_is_an_error_naming_it(tmp_path):
     (tmp_path / "deep.jsonl").write_text(line + "\n")
     with pytest.raises(ValueError, match=r"deep.jsonl:1: not valid JSON \(nested too deeply\)"):
         list(read_conversations(tmp_path / "deep.jsonl"))
+    long_number = json.dumps(deep).replace('"@"', '{"n": ' + "9" * 5000 + "}")  # past Python's 4300 digits
+    (tmp_path / "long.jsonl").write_text(long_number + "\n")  # a ValueError with no file, line or field
+    with pytest.raises(ValueError, match=r"long.jsonl:1: not valid JSON \(a number with more than 4300 digits\)"):
+        list(read_conversations(tmp_path / "long.jsonl"))
+    as_text = json.loads(json.dumps(deep).replace('"@"', json.dumps('{"n": ' + "9" * 5000 + "}")))
+    with pytest.raises(ConversationError, match=r"rows.jsonl:3: messages\[1\]\.tool_calls\[0\]\.function\.arguments: "
+                                                r"not valid JSON .*a number with more than 4300 digits"):
+        parse_row(as_text, "rows.jsonl:3")
     shallow = json.loads(json.dumps(deep).replace('"@"', '{"a": ' * 150 + "1" + "}" * 150))
     with pytest.raises(ConversationError, match=r"rows.jsonl:2: messages\[1\]\.tool_calls\[0\]\.function\.arguments"
                                                 r"(\.a)+: nested more than 100 levels deep"):

@@ -14,6 +14,8 @@ from jinja2.exceptions import TemplateError, TemplateSyntaxError, UndefinedError
 from jinja2.ext import Extension, loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from . import json_text
+
 __all__ = ["CONFIG_FILE", "TEMPLATE_DIR", "TEMPLATE_FILE", "TOOL_CALL_CLOSE", "TOOL_CALL_OPEN", "TemplateError",
            "UndefinedError", "check_template", "compile_template", "read_templates", "render_with_arguments",
            "writes_tool_calls_with"]
@@ -96,7 +98,7 @@ def _as_object(call: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(arguments, str):
         return call
     try:
-        value = json.loads(arguments) if arguments.strip() else {}
+        value = json_text.loads(arguments) if arguments.strip() else {}
     except json.JSONDecodeError:
         return call  # not JSON: the template writes what it was given
     return {**call, "function": {**call["function"], "arguments": value}}

@@ -10,6 +10,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import json_text
 from .corpus import data_files, decoding_errors, jsonl_records, pyarrow_modules, starts_with_bracket, whole_json
 from .dataset_folders import DATASETS_METADATA, check_one_split, glob_files
 
@@ -26,11 +27,9 @@ class ConversationError(ValueError):
 def decoded_json(text: str, where: str, name: str, what: str) -> Any:
     """JSON text held in a row's string field, decoded; `what` says what the field must hold."""
     try:
-        return json.loads(text)
+        return json_text.loads(text)
     except json.JSONDecodeError as err:
         raise ConversationError(f"{where}: {name}: {what} ({err})") from None
-    except RecursionError:
-        raise ConversationError(f"{where}: {name}: nested too deeply") from None
 
 
 def row_files(pattern: str | Path) -> list[Path]:

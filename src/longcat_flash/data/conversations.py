@@ -514,11 +514,12 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
             raise _fail(where, f"{name}.tool_call_id", f"{given!r} is result {results + 1} but answers call "
                                                         f"{ids.index(given) + 1}: results follow the order of the "
                                                         "calls (the prompt pairs them by position)")
-    if "name" in message:
+    if "name" in message:  # the call it answers: the one at its position (which its tool_call_id names too)
         names = [c["function"]["name"] for c in calls]
-        if _string(message["name"], where, f"{name}.name") not in names:
-            raise _fail(where, f"{name}.name", f"{message['name']!r} is none of the called functions "
-                                                f"({', '.join(names)})")
+        if _string(message["name"], where, f"{name}.name") != names[results]:
+            raise _fail(where, f"{name}.name", f"{message['name']!r} is result {results + 1}, which answers call "
+                                                f"{results + 1}, to {names[results]!r} (the calls: "
+                                                f"{', '.join(names)}): results follow the order of the calls")
 
 
 def _function_name(value: Any, where: str, name: str) -> str:

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import json_text
 from .dataset_folders import check_one_split, glob_files
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
@@ -324,11 +325,9 @@ def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json_text.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}:{line_no}: not valid JSON ({err.msg})") from None
-            except RecursionError:
-                raise ValueError(f"{path}:{line_no}: not valid JSON (nested too deeply)") from None
             yield line_no, record
 
 
@@ -336,11 +335,9 @@ def whole_json(path: Path) -> Any:
     """The text file as one JSON value; a ValueError naming the file (and line) when it is not one."""
     try:
         with open_text(path) as f:
-            return json.load(f)
+            return json_text.loads(f.read())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
-    except RecursionError:
-        raise ValueError(f"{path}: not valid JSON (nested too deeply)") from None
 
 
 # Half of a UTF-16 pair alone, as JSON's "\ud800" escape gives it (text cut inside an emoji): UTF-8 has no encoding

@@ -5,6 +5,7 @@ together would train on the held-out rows (pre-training corpora and SFT conversa
 from __future__ import annotations
 
 import glob
+import itertools
 import re
 from pathlib import Path
 
@@ -18,14 +19,21 @@ DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  #
 
 
 def glob_files(pattern: str | Path) -> list[Path] | None:
-    """The files a glob pattern (`data/train-*.parquet`, `**` at any depth) names, in name order; None when
-    `pattern` is a path that exists or holds no wildcard; FileNotFoundError when it matches no file."""
-    if Path(pattern).exists() or not any(c in str(pattern) for c in "*?["):
+    """The files a glob pattern (`data/train-*.parquet`, `**` at any depth) names, in name order, all of one split
+    (`data/*.parquet` over train and test files is refused, as their folder is); None when `pattern` is a path that
+    exists or holds no wildcard; FileNotFoundError when it matches no file."""
+    if Path(pattern).exists() or not _wild(str(pattern)):
         return None
     files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
     if not files:
         raise FileNotFoundError(f"no file matches {pattern}")
+    base = Path(*itertools.takewhile(lambda part: not _wild(part), Path(pattern).parts))  # what the files are under
+    check_one_split(base, files, f"narrow the pattern {pattern} to one split's files")
     return files
+
+
+def _wild(text: str) -> bool:
+    return any(c in text for c in "*?[")
 
 
 def check_one_split(path: Path, files: list[Path], beside: str) -> None:

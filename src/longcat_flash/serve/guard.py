@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import re
-import sys
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -25,6 +23,7 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 
+from .. import json_text
 from .responses import ErrorBody, ErrorResponse
 
 Scope = MutableMapping[str, Any]
@@ -157,17 +156,7 @@ class JSONOffLoopRequest(Request):
 def parse_json(body: bytes) -> Any:
     """json.loads, whose every refusal is a JSONDecodeError: FastAPI reports that one as malformed JSON (our 400
     naming the reason) and any other exception as a bare "There was an error parsing the body"."""
-    try:
-        return json.loads(body)
-    except UnicodeDecodeError as err:
-        raise json.JSONDecodeError(f"not valid UTF-8 (byte {err.start})", "", 0) from None
-    except RecursionError:
-        raise json.JSONDecodeError("nested too deeply", "", 0) from None
-    except json.JSONDecodeError:
-        raise
-    except ValueError:  # an integer of more than 4300 digits: Python's limit on converting one (its message
-        # advises the operator to raise the limit, nothing a client can act on)
-        raise json.JSONDecodeError(f"a number with more than {sys.get_int_max_str_digits()} digits", "", 0) from None
+    return json_text.loads(body)
 
 
 class JSONOffLoopRoute(APIRoute):
