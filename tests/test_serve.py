@@ -47,6 +47,13 @@ def metric(base: str, name: str) -> float:
     return float(re.search(rf"^{name} (\S+)$", text, re.M).group(1))
 
 
+def served(base: str, status: str) -> float:
+    """/v1/completions responses with `status` so far (0 before the first)."""
+    series = f'longcat_http_requests_total{{path="/v1/completions",status="{status}"}}'
+    found = re.search(rf"^{re.escape(series)} (\S+)$", httpx.get(f"{base}/metrics", timeout=5).text, re.M)
+    return float(found.group(1)) if found else 0.0
+
+
 def test_models_and_health(server, client):
     assert [m.id for m in client.models.list().data] == ["tiny"] == [client.models.retrieve("tiny").id]
     assert httpx.get(f"{server[0]}/health").json() == {"status": "ok"}
@@ -155,6 +162,7 @@ def test_a_non_streamed_request_whose_client_left_is_cancelled_while_it_generate
     """The engine sends output every step, so the disconnect must be checked on a clock, not in output gaps."""
     base = server[0]
     cancelled = metric(base, "longcat_requests_cancelled_total")
+    closed, answered = served(base, "499"), served(base, "200")
     body = {"model": "tiny", "prompt": [PROMPT] * 8, "max_tokens": 480, "ignore_eos": True, "n": 4}  # 15k tokens
     try:
         r = httpx.post(f"{base}/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.3)
@@ -165,6 +173,7 @@ def test_a_non_streamed_request_whose_client_left_is_cancelled_while_it_generate
     while time.time() < deadline and metric(base, "longcat_requests_cancelled_total") < cancelled + 32:
         time.sleep(0.1)
     assert metric(base, "longcat_requests_cancelled_total") >= cancelled + 32
+    assert served(base, "499") == closed + 1 and served(base, "200") == answered  # it was counted as answered
 
 
 @pytest.mark.parametrize("copies", [{}, {"prompt": [PROMPT, "x"], "n": 3}])

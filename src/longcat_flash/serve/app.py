@@ -190,8 +190,8 @@ class Generation:
         try:
             while copy.open and not text.stopped:
                 if request is not None and loop.time() >= next_check:  # on a clock: outputs may never pause
-                    if await request.is_disconnected():
-                        return
+                    if await request.is_disconnected():  # nobody reads the reply: 499 in /metrics (nginx's), not 200
+                        raise APIError(499, "the client closed the connection before its answer", code="client_closed")
                     next_check = loop.time() + self.config.disconnect_poll_s
                 try:
                     timeout = None if request is None else max(0.0, next_check - loop.time())

@@ -21,10 +21,11 @@ ERRORS = {
     413: "the request body is larger than the server takes (--max-request-mb)",
     415: "the request body is compressed (Content-Encoding): send it uncompressed",
     429: "the wait queue is full; retry later",
+    499: "the client closed the connection before its answer (nginx's status: /metrics counts it; nobody reads it)",
     500: "the engine failed while generating this request",
     503: "the engine is down",
 }
-_GENERATION = (400, 401, 404, 413, 415, 429, 500, 503)
+_GENERATION = (400, 401, 404, 413, 415, 429, 499, 500, 503)
 ROUTE_ERRORS: dict[str, tuple[int, ...]] = {  # path -> statuses besides 200
     "/health": (503,),
     "/metrics": (),
