@@ -297,3 +297,20 @@ def test_a_stop_ends_what_is_still_open_as_openai_errors_and_exits(tmp_path, sig
     while any(Path(f"/proc/{pid}").exists() for pid in engine) and time.time() < gone:
         time.sleep(0.1)
     assert engine and not any(Path(f"/proc/{pid}").exists() for pid in engine)
+
+
+def test_a_sigterm_to_the_server_alone_stops_its_engine_before_it_exits(tmp_path):
+    """`kill PID` (the server alone, not its group): uvicorn raises the signal again once it stops serving, which
+    killed the server before its `finally` stopped the engine process; that one noticed a second later, so a
+    supervisor restarting at once had two engines in memory."""
+    model = init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32)
+    with started_server(model) as (server, _):
+        children = Path(f"/proc/{server.pid}/task/{server.pid}/children").read_text().split()
+        [engine] = [pid for pid in children if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+        os.kill(server.pid, signal.SIGTERM)
+        output, _ = server.communicate(timeout=60)
+        exited = time.time()
+        while Path(f"/proc/{engine}").exists() and time.time() < exited + 0.3:  # the kernel reaps as it exits
+            time.sleep(0.02)
+        assert not Path(f"/proc/{engine}").exists(), "the engine process outlived the server"
+    assert server.returncode == -signal.SIGTERM and "Traceback" not in output, output[-3000:]

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import ipaddress
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +56,17 @@ def _server(config: Any, bridge: Bridge) -> Any:
                     loop.call_soon_threadsafe(bridge.fail_all, "the server is shutting down")
                     return
             super().handle_exit(sig, frame)
+
+        @contextlib.contextmanager
+        def capture_signals(self) -> Iterator[None]:
+            """uvicorn raises the signal that stopped it again once serving ends, and that kills this process
+            before any `finally` of ours: the engine process stops first (it outlived the server by a second or
+            so, still holding the model, beside the one a supervisor had already restarted)."""
+            with super().capture_signals():
+                try:
+                    yield
+                finally:
+                    bridge.stop()
 
     return Server(config)
 
