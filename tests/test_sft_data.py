@@ -1014,3 +1014,28 @@ def test_an_sdk_reply_logged_with_its_empty_fields_reads_as_the_plain_message():
     dumped = {"messages": [plain["messages"][0], {**plain["messages"][1], "refusal": None, "annotations": [],
                                                   "audio": None, "function_call": None}]}
     assert parse_row(dumped, "x").messages == parse_row(plain, "x").messages
+
+
+SHAREGPT_TOOLS = [{"type": "function", "function": {"name": "g", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"system": "S", "conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                                       {"from": "gpt", "value": "ok"}]}, "conversations[2] is an assistant message"),
+    ({"prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}],
+      "completion": [{"role": "assistant", "content": "c"}]}, "completion[0] is an assistant message"),
+    ({"tools": SHAREGPT_TOOLS, "conversations": [
+        {"from": "human", "value": "a"}, {"from": "function_call", "value": json.dumps({"name": "f", "arguments": {}})},
+        {"from": "observation", "value": "1"}, {"from": "gpt", "value": "ok"}]}, "conversations[1].value: 'f' is not"),
+    ({"functions": [{"name": "g", "parameters": {"type": "object"}}], "messages": [
+        {"role": "user", "content": "a"}, {"role": "assistant", "content": None,
+                                           "function_call": {"name": "f", "arguments": "{}"}},
+        {"role": "function", "name": "f", "content": "1"}, {"role": "assistant", "content": "ok"}]},
+     "messages[1].function_call.name: 'f' is not"),
+])
+def test_errors_name_the_rows_own_fields(tokenizer, row, field):
+    """ShareGPT, TRL and legacy rows were reported in the normalised messages' terms (`messages[3]` for the third
+    ShareGPT turn after a system column, `tool_calls[0]` for a ShareGPT value or a legacy function_call)."""
+    with pytest.raises(ConversationError) as err:
+        tokenize(tokenizer, parse_row(row, "rows.jsonl:1"))
+    assert str(err.value).startswith(f"rows.jsonl:1: {field}"), str(err.value)

@@ -43,7 +43,7 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
     try:
         full = tokenizer.render_chat(messages, add_generation_prompt=False, tools=tools)
     except ValueError as err:
-        raise ConversationError(f"{conversation.where}: {err}") from None
+        raise ConversationError(f"{conversation.where}: {conversation.in_row_terms(str(err))}") from None
     if tools and full.text == _rendered_without_tools(tokenizer, messages):
         raise ConversationError(f"{conversation.where}: tools: the chat template does not render tools (the "
                                 "conversation reads the same without them), so the model would learn calls to tools "
@@ -57,11 +57,12 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
             prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tools=tools)
             turn = tokenizer.apply_chat_template(messages[:i + 1], add_generation_prompt=False, tools=tools)
         except ValueError as err:
-            raise ConversationError(f"{conversation.where}: messages[{i}]: {err}") from None
+            raise ConversationError(f"{conversation.where}: {conversation.field(i)}: "
+                                    f"{conversation.in_row_terms(str(err))}") from None
         if eos and not full.text.startswith(turn) and turn.endswith(eos) and full.text.startswith(turn[:-len(eos)]):
             turn = turn[:-len(eos)]  # a template that closes every render with eos (Phi-3's): the turn is before it
         if not (len(prompt) >= done and turn.startswith(prompt) and full.text.startswith(turn)):
-            raise ConversationError(f"{conversation.where}: messages[{i}]: the chat template does not render "
+            raise ConversationError(f"{conversation.where}: {conversation.field(i)}: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
         if window is not None and _tokens_before(tokenizer, full, cuts, len(prompt), window) >= window:
@@ -110,12 +111,12 @@ def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, pr
     model would learn calls to tools it never saw), the turn holds each of the message's calls (or it would learn
     to answer without them) and a token generation stops at (or it would never stop), written by the template
     (`written`: its special tokens in the turn; a special token's text inside a message is text, not the token)."""
-    where, message = f"{conversation.where}: messages[{i}]", conversation.messages[i]
+    where, message = f"{conversation.where}: {conversation.field(i)}", conversation.messages[i]
     for k, tool in enumerate(conversation.tools or []):
         if tool["function"]["name"] not in prompt:
             raise ConversationError(f"{conversation.where}: tools[{k}]: the chat template does not render the tools "
-                                    f"(no {tool['function']['name']!r} in the prompt of messages[{i}]), so the model "
-                                    "would learn calls to tools it was never shown")
+                                    f"(no {tool['function']['name']!r} in the prompt of {conversation.field(i)}), so "
+                                    "the model would learn calls to tools it was never shown")
     for j, call in enumerate(message.get("tool_calls") or []):
         if call["function"]["name"] not in turn:
             raise ConversationError(f"{where}.tool_calls[{j}]: the chat template does not render this call to "

@@ -52,6 +52,15 @@ class Conversation:
     tools: list[dict[str, Any]] | None
     where: str  # "file:line", for later errors
     untrained: frozenset[int] = frozenset()  # indices of assistant messages with weight 0 (rendered, not trained)
+    names: tuple[str, ...] = ()  # each message's field in the row ("conversations[2]", "completion[0]"), for errors
+
+    def field(self, i: int) -> str:
+        """Message i as the row names it (messages[i] where the row had no other name for it)."""
+        return self.names[i] if i < len(self.names) else f"messages[{i}]"
+
+    def in_row_terms(self, text: str) -> str:
+        """An error about the normalised messages (`messages[3] is ...`) in the row's own field names."""
+        return re.sub(r"messages\[(\d+)\]", lambda m: self.field(int(m.group(1))), text)
 
 
 # ---- reading and checking ----
@@ -112,7 +121,7 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         raise ConversationError(f"{where}: {replies}: no assistant message (nothing to train on)")
     if all(m["role"] != "assistant" or i in untrained for i, m in enumerate(messages)):
         raise ConversationError(f"{where}: {replies}: every assistant message has weight 0 (nothing to train on)")
-    return Conversation(messages, tools, where, frozenset(untrained))
+    return Conversation(messages, tools, where, frozenset(untrained), tuple(name for name, _ in named))
 
 
 def _check_declared(tools: list[dict[str, Any]] | None, messages: list[dict[str, Any]],
@@ -122,11 +131,21 @@ def _check_declared(tools: list[dict[str, Any]] | None, messages: list[dict[str,
     if tools is None:
         return
     offered = {tool["function"]["name"] for tool in tools}
-    for (name, _), message in zip(named, messages):
+    for (name, raw), message in zip(named, messages):
         for j, call in enumerate(message.get("tool_calls") or []):
             if call["function"]["name"] not in offered:
-                raise ConversationError(f"{where}: {name}.tool_calls[{j}].function.name: {call['function']['name']!r}"
-                                        f" is not among the row's {field} ({', '.join(sorted(offered)) or 'none'})")
+                raise ConversationError(f"{where}: {_call_name(name, raw, j)}: {call['function']['name']!r} is not "
+                                        f"among the row's {field} ({', '.join(sorted(offered)) or 'none'})")
+
+
+def _call_name(name: str, raw: Any, j: int) -> str:
+    """The row's field holding call j's function name: a ShareGPT turn's JSON `value`, a legacy `function_call`,
+    or OpenAI's tool_calls[j]."""
+    if name.startswith("conversations["):
+        return f"{name}.value"
+    if isinstance(raw, dict) and "function_call" in raw:
+        return f"{name}.function_call.name"
+    return f"{name}.tool_calls[{j}].function.name"
 
 
 def _check_answered(messages: list[dict[str, Any]], named: list[tuple[str, Any]], where: str) -> None:
