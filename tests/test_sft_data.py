@@ -338,13 +338,19 @@ BAD_ROWS = [
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "f", "arguments": {}}}]},
         {"role": "tool", "name": "g", "content": "3"}]},
-     "messages[2].name: 'g' is result 1, which answers call 1, to 'f' (the calls: f)"),
+     "messages[2].name: 'g', but call 1, which result 1 answers (results follow the order of the calls: f) is to "
+     "'f'"),
+    ({"messages": [{"role": "user", "content": "w"}, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "x", "type": "function", "function": {"name": "a", "arguments": {}}},
+        {"id": "y", "type": "function", "function": {"name": "b", "arguments": {}}}]},
+        {"role": "tool", "tool_call_id": "x", "name": "b", "content": "1"}]},
+     "messages[2].name: 'b', but the call 'x' it answers is to 'a'"),  # in order: the name alone is wrong
     ({"messages": [{"role": "user", "content": "w"}, {"role": "assistant", "content": None, "tool_calls": [
         {"type": "function", "function": {"name": "weather", "arguments": {}}},
         {"type": "function", "function": {"name": "time", "arguments": {}}}]},
         {"role": "tool", "name": "time", "content": "12:00"}, {"role": "tool", "name": "weather", "content": "21 C"}]},
-     "messages[2].name: 'time' is result 1, which answers call 1, to 'weather' (the calls: weather, time): results "
-     "follow the order of the calls"),  # trained as weather's result "12:00"; the server refuses this history
+     "messages[2].name: 'time', but call 1, which result 1 answers (results follow the order of the calls: "
+     "weather, time) is to 'weather'"),  # trained as weather's result "12:00"; the server refuses this history
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}], "id": 7},
      "id: unsupported field"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
@@ -582,8 +588,12 @@ def test_a_directory_reads_as_its_shards_in_name_order(tmp_path):
     assert [canonical(c) for c in read_conversations(root / "data" / "train-*.parquet")] == \
         [canonical(c) for c in read_conversations(tmp_path / "all.jsonl")]
     assert len(read_conversations(f"{root}/**/test-*")) == 1
-    with pytest.raises(ValueError, match=r"data holds the files of several splits \(test, train\)"):
+    with pytest.raises(ValueError, match=r"the pattern .*data/\* matches the files of several splits \(test, train\)"):
         read_conversations(root / "data" / "*")  # the hub's layout globbed whole: it trained on the test split
+    (tmp_path / "evals").mkdir()  # evaluation sets, one named a test split: a pattern chose them all, as datasets
+    for name in ("gsm8k_test.jsonl", "arc.jsonl"):  # reads data_files="evals/*.jsonl"
+        (tmp_path / "evals" / name).write_text(json.dumps(data[0]) + "\n")
+    assert len(read_conversations(tmp_path / "evals" / "*.jsonl")) == 2
     with pytest.raises(FileNotFoundError, match=r"no file matches .*validation-\*"):
         read_conversations(root / "data" / "validation-*")
     (root / "data" / "test-00000-of-00001.jsonl").unlink()
@@ -728,8 +738,11 @@ def test_a_row_nested_too_deeply_is_an_error_naming_it(tmp_path):
         list(read_conversations(tmp_path / "long.jsonl"))
     as_text = json.loads(json.dumps(deep).replace('"@"', json.dumps('{"n": ' + "9" * 5000 + "}")))
     with pytest.raises(ConversationError, match=r"rows.jsonl:3: messages\[1\]\.tool_calls\[0\]\.function\.arguments: "
-                                                r"not valid JSON .*a number with more than 4300 digits"):
-        parse_row(as_text, "rows.jsonl:3")
+                                                r"a number with more than 4300 digits$"):
+        parse_row(as_text, "rows.jsonl:3")  # valid JSON: not "must hold JSON", and no made-up position
+    (tmp_path / "rows.json").write_text("[\n" + json.dumps(deep) + ",\n" + long_number + "\n]")
+    with pytest.raises(ValueError, match=r"rows.json: not valid JSON \(a number with more than 4300 digits\)"):
+        list(read_conversations(tmp_path / "rows.json"))  # json does not say where: no line 1 claimed
     shallow = json.loads(json.dumps(deep).replace('"@"', '{"a": ' * 150 + "1" + "}" * 150))
     with pytest.raises(ConversationError, match=r"rows.jsonl:2: messages\[1\]\.tool_calls\[0\]\.function\.arguments"
                                                 r"(\.a)+: nested more than 100 levels deep"):
@@ -1032,10 +1045,18 @@ SHAREGPT_TOOLS = [{"type": "function", "function": {"name": "g", "parameters": {
                                            "function_call": {"name": "f", "arguments": "{}"}},
         {"role": "function", "name": "f", "content": "1"}, {"role": "assistant", "content": "ok"}]},
      "messages[1].function_call.name: 'f' is not"),
+    ({"tools": SHAREGPT_TOOLS, "conversations": [
+        {"from": "human", "value": "a"}, {"from": "function_call", "value": json.dumps({"name": "g", "arguments": {}})},
+        {"from": "observation", "value": "1"}, {"from": "gpt", "value": "ok"}]},
+     "conversations[1].value: the chat template does not render this call"),
 ])
 def test_errors_name_the_rows_own_fields(tokenizer, row, field):
     """ShareGPT, TRL and legacy rows were reported in the normalised messages' terms (`messages[3]` for the third
     ShareGPT turn after a system column, `tool_calls[0]` for a ShareGPT value or a legacy function_call)."""
+    if "does not render this call" in field:  # a ChatML template without its tool-call loop
+        calls = ("{% for c in m['tool_calls'] or [] %}<longcat_tool_call>{{ c['function']['name'] }}"
+                 "</longcat_tool_call>{% endfor %}")
+        tokenizer = Tokenizer(tokenizer.backend, chat_template=CHATML.replace(calls, ""))
     with pytest.raises(ConversationError) as err:
         tokenize(tokenizer, parse_row(row, "rows.jsonl:1"))
     assert str(err.value).startswith(f"rows.jsonl:1: {field}"), str(err.value)

@@ -28,6 +28,8 @@ def decoded_json(text: str, where: str, name: str, what: str) -> Any:
     """JSON text held in a row's string field, decoded; `what` says what the field must hold."""
     try:
         return json_text.loads(text)
+    except json_text.Unplaced as err:  # valid JSON, past what Python reads
+        raise ConversationError(f"{where}: {name}: {err}") from None
     except json.JSONDecodeError as err:
         raise ConversationError(f"{where}: {name}: {what} ({err})") from None
 

@@ -119,8 +119,9 @@ def _check_turn(tokenizer: ChatTokenizer, conversation: Conversation, i: int, pr
                                     "the model would learn calls to tools it was never shown")
     for j, call in enumerate(message.get("tool_calls") or []):
         if call["function"]["name"] not in turn:
-            raise ConversationError(f"{where}.tool_calls[{j}]: the chat template does not render this call to "
-                                    f"{call['function']['name']!r}, so the model would learn to answer without it")
+            raise ConversationError(f"{conversation.where}: {conversation.call_field(i, j)}: the chat template does "
+                                    f"not render this call to {call['function']['name']!r}, so the model would "
+                                    "learn to answer without it")
     if stops and not any(end in written if end in tokenizer.special_ids else end in turn for end in stops):
         raise ConversationError(f"{where}: the chat template ends the assistant turn without a token generation "
                                 f"stops at ({', '.join(map(repr, stops))}): the model would never learn to stop (end "

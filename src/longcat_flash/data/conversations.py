@@ -53,10 +53,15 @@ class Conversation:
     where: str  # "file:line", for later errors
     untrained: frozenset[int] = frozenset()  # indices of assistant messages with weight 0 (rendered, not trained)
     names: tuple[str, ...] = ()  # each message's field in the row ("conversations[2]", "completion[0]"), for errors
+    call_fields: tuple[tuple[str, ...], ...] = ()  # each message's calls' fields in the row, likewise
 
     def field(self, i: int) -> str:
         """Message i as the row names it (messages[i] where the row had no other name for it)."""
         return self.names[i] if i < len(self.names) else f"messages[{i}]"
+
+    def call_field(self, i: int, j: int) -> str:
+        """Call j of message i as the row names it."""
+        return self.call_fields[i][j] if i < len(self.call_fields) else f"{self.field(i)}.tool_calls[{j}]"
 
     def in_row_terms(self, text: str) -> str:
         """An error about the normalised messages (`messages[3] is ...`) in the row's own field names."""
@@ -121,7 +126,9 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         raise ConversationError(f"{where}: {replies}: no assistant message (nothing to train on)")
     if all(m["role"] != "assistant" or i in untrained for i, m in enumerate(messages)):
         raise ConversationError(f"{where}: {replies}: every assistant message has weight 0 (nothing to train on)")
-    return Conversation(messages, tools, where, frozenset(untrained), tuple(name for name, _ in named))
+    calls = tuple(tuple(_call_field(name, raw, message, j) for j in range(len(message.get("tool_calls") or [])))
+                  for (name, raw), message in zip(named, messages))
+    return Conversation(messages, tools, where, frozenset(untrained), tuple(name for name, _ in named), calls)
 
 
 def _check_declared(tools: list[dict[str, Any]] | None, messages: list[dict[str, Any]],
@@ -134,18 +141,20 @@ def _check_declared(tools: list[dict[str, Any]] | None, messages: list[dict[str,
     for (name, raw), message in zip(named, messages):
         for j, call in enumerate(message.get("tool_calls") or []):
             if call["function"]["name"] not in offered:
-                raise ConversationError(f"{where}: {_call_name(name, raw, j)}: {call['function']['name']!r} is not "
-                                        f"among the row's {field} ({', '.join(sorted(offered)) or 'none'})")
+                raise ConversationError(f"{where}: {_call_field(name, raw, message, j, of_name=True)}: "
+                                        f"{call['function']['name']!r} is not among the row's {field} "
+                                        f"({', '.join(sorted(offered)) or 'none'})")
 
 
-def _call_name(name: str, raw: Any, j: int) -> str:
-    """The row's field holding call j's function name: a ShareGPT turn's JSON `value`, a legacy `function_call`,
-    or OpenAI's tool_calls[j]."""
+def _call_field(name: str, raw: Any, message: dict[str, Any], j: int, of_name: bool = False) -> str:
+    """The row's field holding call j of the message it names `name` (`raw` as the row has it, `message` checked),
+    or (`of_name`) that call's function name: a ShareGPT turn's JSON `value` (value[j] of a list of calls), a
+    legacy `function_call`, OpenAI's tool_calls[j]."""
     if name.startswith("conversations["):
-        return f"{name}.value"
+        return f"{name}.value" if len(message["tool_calls"]) == 1 else f"{name}.value[{j}]"
     if isinstance(raw, dict) and "function_call" in raw:
-        return f"{name}.function_call.name"
-    return f"{name}.tool_calls[{j}].function.name"
+        return f"{name}.function_call" + ".name" * of_name
+    return f"{name}.tool_calls[{j}]" + ".function.name" * of_name
 
 
 def _check_answered(messages: list[dict[str, Any]], named: list[tuple[str, Any]], where: str) -> None:
@@ -536,9 +545,10 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
     if "name" in message:  # the call it answers: the one at its position (which its tool_call_id names too)
         names = [c["function"]["name"] for c in calls]
         if _string(message["name"], where, f"{name}.name") != names[results]:
-            raise _fail(where, f"{name}.name", f"{message['name']!r} is result {results + 1}, which answers call "
-                                                f"{results + 1}, to {names[results]!r} (the calls: "
-                                                f"{', '.join(names)}): results follow the order of the calls")
+            answered = (f"the call {message['tool_call_id']!r} it answers" if "tool_call_id" in message else
+                        f"call {results + 1}, which result {results + 1} answers (results follow the order of the "
+                        f"calls: {', '.join(names)})")
+            raise _fail(where, f"{name}.name", f"{message['name']!r}, but {answered} is to {names[results]!r}")
 
 
 def _function_name(value: Any, where: str, name: str) -> str:

@@ -337,7 +337,7 @@ def whole_json(path: Path) -> Any:
         with open_text(path) as f:
             return json_text.loads(f.read())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
+        raise ValueError(f"{path}{f':{err.lineno}' if err.lineno else ''}: not valid JSON ({err.msg})") from None
 
 
 # Half of a UTF-16 pair alone, as JSON's "\ud800" escape gives it (text cut inside an emoji): UTF-8 has no encoding

@@ -28,7 +28,10 @@ def glob_files(pattern: str | Path) -> list[Path] | None:
     if not files:
         raise FileNotFoundError(f"no file matches {pattern}")
     base = Path(*itertools.takewhile(lambda part: not _wild(part), Path(pattern).parts))  # what the files are under
-    check_one_split(base, files, f"narrow the pattern {pattern} to one split's files")
+    words, named, _ = _splits(base, files)  # files no split names may stand beside one: the pattern chose them
+    if len(words) > 1:
+        raise ValueError(f"the pattern {pattern} matches the files of several splits ({named}); narrow it to one "
+                         "split's files")
     return files
 
 
@@ -40,10 +43,8 @@ def check_one_split(path: Path, files: list[Path], beside: str) -> None:
     """Refuse `files` (under the folder `path`) when they hold several splits, or a held-out split beside files no
     split names (which `datasets` leaves out, reading the folder as the held-out split alone); `beside` says what to
     give instead in that case."""
-    splits = {file: split_of(file.relative_to(path)) for file in files}
-    words = {split: word for found in splits.values() if found for split, word in [found]}
+    words, named, splits = _splits(path, files)
     unnamed = [file for file, found in splits.items() if found is None]
-    named = ", ".join(f"{split} ({word})" if word != split else split for split, word in sorted(words.items()))
     if len(words) > 1:
         raise ValueError(f"{path} holds the files of several splits ({named}); give one split's files: a file, a "
                          f"folder or a glob pattern such as '{path}/**/*train*' (quoted)")
@@ -52,6 +53,13 @@ def check_one_split(path: Path, files: list[Path], beside: str) -> None:
         raise ValueError(f"{path} holds {named} files ({held.relative_to(path)}) beside files no split names "
                          f"({unnamed[0].relative_to(path)}{', ...' if len(unnamed) > 1 else ''}), which `datasets` "
                          f"would leave out; {beside}")
+
+
+def _splits(path: Path, files: list[Path]) -> tuple[dict[str, str], str, dict[Path, tuple[str, str] | None]]:
+    """The splits `files` (under `path`) name ({split: the word naming it}), them as a phrase, and each file's."""
+    splits = {file: split_of(file.relative_to(path)) for file in files}
+    words = {split: word for found in splits.values() if found for split, word in [found]}
+    return words, ", ".join(f"{s} ({w})" if w != s else s for s, w in sorted(words.items())), splits
 
 
 def split_of(relative: Path) -> tuple[str, str] | None:
