@@ -75,9 +75,10 @@ def test_an_export_replaces_the_earlier_exports_files_and_no_others(tmp_path):
 def test_a_part_left_by_an_export_killed_mid_write_goes_with_the_next_export(saved):
     """The killed writer cannot remove its hidden temporary (up to a shard's size); the next export does."""
     model, path = saved
-    killed = ("import os, signal; from longcat_flash.checkpoint import hf; write = hf.save_file\n"
+    killed = ("import os, signal; from longcat_flash.checkpoint import hf; write = hf.write_safetensors\n"
               "def dying(*a, **k): write(*a, **k); os.kill(os.getpid(), signal.SIGKILL)\n"
-              f"hf.save_file = dying; hf.LongcatFlash.from_pretrained({str(path)!r}).save_pretrained({str(path)!r})")
+              f"hf.write_safetensors = dying; hf.LongcatFlash.from_pretrained({str(path)!r})"
+              f".save_pretrained({str(path)!r})")
     assert subprocess.run([sys.executable, "-c", killed]).returncode == -signal.SIGKILL
     assert len(list(path.glob(".model-part-*.tmp"))) == 1
     model.save_pretrained(path)

@@ -67,7 +67,7 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path,
     def dies(*args, **kwargs):
         raise KeyboardInterrupt  # stands in for SIGKILL between two files
 
-    monkeypatch.setattr(training, "save_file", dies)
+    monkeypatch.setattr(training, "write_safetensors", dies)
     with pytest.raises(KeyboardInterrupt):
         training.save(tmp_path, 2, {"a": Box(2.0)})
     monkeypatch.undo()
@@ -77,6 +77,26 @@ def test_a_writer_killed_mid_save_leaves_the_previous_checkpoint(tmp_path: Path,
     assert box.value.item() == 1.0
     training.prune(tmp_path, keep=5)  # removes the temporary
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000001"]
+
+
+def test_a_kill_while_pruning_leaves_no_step_directory_missing_files(tmp_path: Path, monkeypatch):
+    """prune deleted an old checkpoint where it stood: a kill mid-delete left a step directory holding some of its
+    files, which no later prune removed (it lists complete checkpoints only) and errors called a killed write."""
+    for step in (1, 2, 3):
+        training.save(tmp_path, step, {"a": Box(float(step))}, keep=5)
+
+    def killed(path, *args, **kwargs):
+        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()  # one file gone, then SIGKILL
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        training.prune(tmp_path, keep=2)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("step_")) == ["step_00000002",
+                                                                                       "step_00000003"]
+    training.prune(tmp_path, keep=2)  # the next save's prune clears what the killed one left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]
 
 
 def test_saving_the_same_step_again_swaps_it(tmp_path: Path):

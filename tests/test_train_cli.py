@@ -202,8 +202,12 @@ def test_resume_without_checkpoint_or_with_a_corrupt_one_is_clear(tmp_path: Path
     path = training.save(root, 5, {"model": native_box()}, meta={"train_config": {}})
     (path / "model.safetensors").write_bytes(b"garbage")
     assert "corrupt" in run_cli("train", "--resume", str(tmp_path / "run"))
-    assert f"no earlier checkpoint: move step_00000005 out of {root} and start the run again" in run_cli(
-        "train", "--resume", str(tmp_path / "run"))
+    assert f"no earlier checkpoint: move step_00000005 out of {root}, to a place outside the run, and start the " \
+           "run again" in run_cli("train", "--resume", str(tmp_path / "run"))
+    path.rename(tmp_path / "run" / path.name)  # moved out of checkpoints/ into the run: it read as a checkpoints
+    assert run_cli("train", "--resume", str(tmp_path / "run")) == (  # folder, "resume run" the way out
+        f"longcat train: {tmp_path / 'run'} holds the checkpoint step_00000005 beside its checkpoints folder: move "
+        "step_00000005 to a place outside the run directory")
 
 
 def test_resume_refuses_a_checkpoint_or_the_checkpoints_folder_in_place_of_the_run(tmp_path: Path):

@@ -9,7 +9,9 @@ import pytest
 import torch
 from train_support import make_corpus, run_directory_held, tiny_config
 
-from longcat_flash.checkpoint import sharded, training
+from safetensors import SafetensorError
+
+from longcat_flash.checkpoint import safetensors_files, sharded, training
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.checkpoint.training import CheckpointError
 from longcat_flash.tokenizer import Tokenizer
@@ -184,6 +186,16 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_run_with_one_clear_error(
     monkeypatch.setattr(training, "temporary_dir", immutable)
     with pytest.raises(CheckpointError, match=r"cannot write checkpoint step 2 in .* \(rank 0\): \[Errno 1\]"):
         train(tiny_config(*corpus, "max_steps=4", "checkpoint.save_every=2", "eval_every=0"), tmp_path / "run2",
+              progress=False)
+    monkeypatch.undo()
+
+    def full_on_state(tensors, filename, metadata=None):  # the shard fitted; the small state files did not
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors_files, "save_file", full_on_state)  # a traceback: safetensors' own error
+    with pytest.raises(CheckpointError, match=r"cannot write checkpoint step 2 in .*: cannot write .*"
+                                              r"\.safetensors: .*No space left on device"):
+        train(tiny_config(*corpus, "max_steps=4", "checkpoint.save_every=2", "eval_every=0"), tmp_path / "run3",
               progress=False)
 
 

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from ..config import ModelConfig
 from ..data.corpus import RUN_CONFIG_FILE
@@ -28,7 +27,7 @@ from ..device import resolve_device
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
 from .safetensors_files import (EMBEDDING, INDEX_FILE, LM_HEAD, SINGLE_FILE, checkpoint_dtype,
-                                checkpoint_files, read_tensors)
+                                checkpoint_files, read_tensors, write_safetensors)
 from .training import MANIFEST
 
 log = logging.getLogger(__name__)
@@ -473,7 +472,7 @@ def _check_savable(model: Transformer, path: Path) -> None:
 def _write_part(path: Path, number: int, tensors: dict[str, torch.Tensor]) -> Path:
     """Write one file of the export under a temporary name (renamed with the others once all are written)."""
     with temporary_file(path / f"model-part-{number:05d}.safetensors") as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_safetensors(tensors, tmp, metadata={"format": "pt"})
     return tmp
 
 

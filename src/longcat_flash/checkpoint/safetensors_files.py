@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -34,6 +35,15 @@ def _opened(file: Path, keys: list[str] = ()) -> Iterator[Any]:
         if absent := set(keys) - set(f.keys()):
             raise KeyError(f"{INDEX_FILE} maps {min(absent)!r} to {file.name}, which does not hold it")
         yield f
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
+    """safetensors' save_file, with a failed write (a full disk) an OSError naming the file: safetensors raises
+    its own error, which callers that report an unwritable checkpoint in one line did not catch."""
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        raise OSError(f"cannot write {path}: {err}") from None
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:

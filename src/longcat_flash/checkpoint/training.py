@@ -25,9 +25,10 @@ from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..files import chmod_per_umask
+from .safetensors_files import write_safetensors
 
 MANIFEST = "manifest.json"
 STEP_PREFIX = "step_"
@@ -114,7 +115,7 @@ def commit(tmp: Path, step: int, states: Mapping[str, Any], meta: dict[str, Any]
 def _write_state(path: Path, state: Any) -> None:
     """One object's state as safetensors; made readable per the umask (safetensors creates files 0600)."""
     tensors, skeleton = encode_state(state)
-    save_file(tensors, path, metadata={SKELETON: json.dumps(skeleton)})
+    write_safetensors(tensors, path, metadata={SKELETON: json.dumps(skeleton)})
     chmod_per_umask(path)
 
 
@@ -202,8 +203,10 @@ def prune(root: str | Path, keep: int) -> None:
     """Remove all but the newest `keep` checkpoints, and temporaries left by killed writers."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    for path in list_checkpoints(root)[:-keep]:
-        shutil.rmtree(path)
+    for path in list_checkpoints(root)[:-keep]:  # renamed first: a kill mid-delete leaves a temporary, not a
+        doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")  # step directory missing files
+        path.rename(doomed)
+        shutil.rmtree(doomed)
     clean_temporaries(root)
 
 
@@ -280,9 +283,10 @@ def read_manifest(path: str | Path, share: tuple[int, int] | None = (0, 1)) -> d
         else:
             continue
         earlier = [p for p in list_checkpoints(path.parent) if p.name < path.name]
-        remedy = (f"to resume from the checkpoint before it, move {path.name} out of {path.parent}" if earlier else
-                  f"there is no earlier checkpoint: move {path.name} out of {path.parent} and start the run again "
-                  "(without --resume: --auto-resume does so by itself)")
+        remedy = (f"to resume from the checkpoint before it, move {path.name} out of {path.parent}, to a place "
+                  "outside the run" if earlier else
+                  f"there is no earlier checkpoint: move {path.name} out of {path.parent}, to a place outside the "
+                  "run, and start the run again (without --resume: --auto-resume does so by itself)")
         raise CheckpointError(f"checkpoint {path} is corrupt: {entry['file']} ({name}) {wrong}; {remedy}")
     return manifest
 

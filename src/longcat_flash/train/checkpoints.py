@@ -159,6 +159,10 @@ def _check_run_directory(out: str | Path) -> None:
     """Refuse a checkpoint, or a run's checkpoints folder, where a run directory belongs: the run would go on inside
     it (its metrics, weights and later checkpoints written there, the run itself left as it was)."""
     out = Path(out)
+    if (out / CHECKPOINTS).is_dir() and not (out / training.MANIFEST).is_file() and training.list_checkpoints(out):
+        stray = training.list_checkpoints(out)[-1].name  # moved there out of its checkpoints folder, most likely
+        raise ValueError(f"{out} holds the checkpoint {stray} beside its {CHECKPOINTS} folder: move {stray} to a "
+                         "place outside the run directory")
     if (out / training.MANIFEST).is_file() or training.list_checkpoints(out):
         inside = out.parent if (out / training.MANIFEST).is_file() else out
         run = inside.parent if inside.name == CHECKPOINTS else inside
