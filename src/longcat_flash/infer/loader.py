@@ -10,6 +10,7 @@ from ..checkpoint.hf import LongcatFlash, checkpoint_config, parse_dtype
 from ..config import ModelConfig
 from ..device import fast_bf16, resolve_device, use_device
 from ..model import Transformer
+from ..runtime import release_free_heap
 from ..tokenizer import Tokenizer
 from . import kernels
 from .engine import Engine, EngineConfig
@@ -138,4 +139,5 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
         elif keep_top:  # _check_keep_options: with calibration
             keep = choose_kept(model, calibration, fmt, keep_top).kept
         report = quantize_model(model, fmt, keep, keep_fmt)
+    release_free_heap()  # the weights as read, where converted or quantized: freed, but kept by a tuned heap
     return model.eval(), report
