@@ -86,8 +86,9 @@ def test_a_kill_while_pruning_leaves_no_step_directory_missing_files(tmp_path: P
         training.save(tmp_path, step, {"a": Box(float(step))}, keep=5)
 
     def killed(path, *args, **kwargs):
-        next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()  # one file gone, then SIGKILL
-        raise KeyboardInterrupt
+        if files := [p for p in sorted(Path(path).rglob("*")) if p.is_file()]:  # (none: a name cleared first)
+            files[0].unlink()  # one file gone, then SIGKILL
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(training.shutil, "rmtree", killed)
     with pytest.raises(KeyboardInterrupt):
@@ -97,6 +98,10 @@ def test_a_kill_while_pruning_leaves_no_step_directory_missing_files(tmp_path: P
                                                                                        "step_00000003"]
     training.prune(tmp_path, keep=2)  # the next save's prune clears what the killed one left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000002", "step_00000003"]
+    (tmp_path / ".tmp-old-step_00000002").mkdir()  # left by a prune killed before step 2 was saved again
+    (tmp_path / ".tmp-old-step_00000002" / "rng.safetensors").write_bytes(b"")
+    training.prune(tmp_path, keep=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000003"]
 
 
 def test_saving_the_same_step_again_swaps_it(tmp_path: Path):

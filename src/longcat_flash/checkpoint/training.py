@@ -205,6 +205,7 @@ def prune(root: str | Path, keep: int) -> None:
         raise ValueError(f"keep must be >= 1, got {keep}")
     for path in list_checkpoints(root)[:-keep]:  # renamed first: a kill mid-delete leaves a temporary, not a
         doomed = path.with_name(f"{TMP_PREFIX}old-{path.name}")  # step directory missing files
+        shutil.rmtree(doomed, ignore_errors=True)  # one a killed prune left, if this step was saved again since
         path.rename(doomed)
         shutil.rmtree(doomed)
     clean_temporaries(root)
