@@ -31,8 +31,7 @@ def tune_cpu_allocator() -> bool:
     if os.environ.get("LONGCAT_TUNE_MALLOC", "1") == "0" or not sys.platform.startswith("linux"):
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+        mallopt = _libc().mallopt
     except (OSError, AttributeError):
         return False
     ok = all(mallopt(param, value) == 1 for param, value in
@@ -49,6 +48,10 @@ def release_free_heap() -> None:
     if not sys.platform.startswith("linux"):
         return
     try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        _libc().malloc_trim(0)
     except (OSError, AttributeError):
         pass
+
+
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
