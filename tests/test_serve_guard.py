@@ -226,7 +226,7 @@ def test_json_bodies_are_parsed_off_the_event_loop(monkeypatch):
         threads.append(threading.current_thread().name)
         return loads(text, *args, **kwargs)
 
-    monkeypatch.setattr(guard.json, "loads", recording)
+    monkeypatch.setattr(guard.json_text, "loads", recording)
 
     async def go():
         async with client(bare_app()) as c:
