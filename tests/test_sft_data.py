@@ -311,6 +311,8 @@ BAD_ROWS = [
      "messages[0].role: ['user'] is not one of"),  # was a TypeError traceback (unhashable)
     ({"conversations": [{"from": {"h": 1}, "value": "hi"}, {"from": "gpt", "value": "a"}]},
      "conversations[0].from: {'h': 1} is not one of"),
+    ({"conversations": [{"from": "human", "value": "hi"}, {"from": "function_call", "value": "[]"}]},
+     "conversations[1].value: an empty list of calls"),  # was "conversations[1].content: missing"
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "tool_calls": [
         {"type": "function", "function": {"name": "get weather", "arguments": {}}}]}]},
      "messages[1].tool_calls[0].function.name: 'get weather' is not a function name the server accepts"),

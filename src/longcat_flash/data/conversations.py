@@ -241,6 +241,8 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
         calls = _decoded(_string(turn["value"], where, f"{name}.value"), where, f"{name}.value")
         many = not isinstance(calls, dict)
         calls = _list(calls, where, f"{name}.value") if many else [calls]
+        if not calls:
+            raise _fail(where, f"{name}.value", "an empty list of calls (a function_call turn makes at least one)")
         named.append((name, {"role": "assistant", "tool_calls": [
             {"type": "function", "function": _function_call(c, where, f"{name}.value" + (f"[{k}]" if many else ""))}
             for k, c in enumerate(calls)]}))
