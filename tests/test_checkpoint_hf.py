@@ -86,6 +86,23 @@ def test_a_part_left_by_an_export_killed_mid_write_goes_with_the_next_export(sav
     assert torch.equal(LongcatFlash.from_pretrained(path).lm_head.weight, model.lm_head.weight)
 
 
+def test_an_export_onto_a_full_disk_is_an_oserror_naming_the_model_folder(saved, monkeypatch):
+    """safetensors' own error on a full disk was a traceback past the CLI's OSError handler; the message names the
+    folder, not the hidden part file that is removed before anyone reads it."""
+    from safetensors import SafetensorError
+
+    from longcat_flash.checkpoint import safetensors_files
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    model, path = saved
+    monkeypatch.setattr(safetensors_files, "save_file", full)
+    with pytest.raises(OSError, match=rf"^cannot write the model into {path}: .*No space left on device") as err:
+        model.save_pretrained(path)
+    assert ".tmp" not in str(err.value) and not list(path.glob(".*.tmp"))
+
+
 def test_an_export_that_cannot_replace_the_model_says_so_and_leaves_no_part_behind(saved, monkeypatch):
     """A model file the user cannot replace (read-only, immutable): the error named the hidden temporary and left
     it there, a shard's size each time."""

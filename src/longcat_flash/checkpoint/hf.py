@@ -472,7 +472,7 @@ def _check_savable(model: Transformer, path: Path) -> None:
 def _write_part(path: Path, number: int, tensors: dict[str, torch.Tensor]) -> Path:
     """Write one file of the export under a temporary name (renamed with the others once all are written)."""
     with temporary_file(path / f"model-part-{number:05d}.safetensors") as tmp:
-        write_safetensors(tensors, tmp, metadata={"format": "pt"})
+        write_safetensors(tensors, tmp, metadata={"format": "pt"}, shown=f"cannot write the model into {path}")
     return tmp
 
 

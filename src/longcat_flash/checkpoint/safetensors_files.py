@@ -37,13 +37,15 @@ def _opened(file: Path, keys: list[str] = ()) -> Iterator[Any]:
         yield f
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str]) -> None:
-    """safetensors' save_file, with a failed write (a full disk) an OSError naming the file: safetensors raises
-    its own error, which callers that report an unwritable checkpoint in one line did not catch."""
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | Path, metadata: dict[str, str],
+                      shown: str | Path) -> None:
+    """safetensors' save_file, with a failed write (a full disk) an OSError naming the file as the user knows it
+    (`shown`: a hidden temporary `path` is gone by the time the error is read): safetensors raises its own error,
+    which callers that report an unwritable checkpoint in one line did not catch."""
     try:
         save_file(tensors, str(path), metadata=metadata)
     except SafetensorError as err:
-        raise OSError(f"cannot write {path}: {err}") from None
+        raise OSError(f"{shown}: {err}") from None
 
 
 def checkpoint_files(path: Path) -> dict[str, Path]:

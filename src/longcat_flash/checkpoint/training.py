@@ -115,7 +115,7 @@ def commit(tmp: Path, step: int, states: Mapping[str, Any], meta: dict[str, Any]
 def _write_state(path: Path, state: Any) -> None:
     """One object's state as safetensors; made readable per the umask (safetensors creates files 0600)."""
     tensors, skeleton = encode_state(state)
-    write_safetensors(tensors, path, metadata={SKELETON: json.dumps(skeleton)})
+    write_safetensors(tensors, path, metadata={SKELETON: json.dumps(skeleton)}, shown=path.name)  # its step's
     chmod_per_umask(path)
 
 
