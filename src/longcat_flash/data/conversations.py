@@ -22,6 +22,8 @@ from typing import Any
 
 from ..chat_template import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 from .conversation_files import ConversationError, decoded_json, row_files, rows
+from .row_fields import (as_list, as_object, as_string, check_structure, decode_json_field, fail, known_fields,
+                         parse_json_field, without_nulls)
 
 ROLES = ("system", "user", "assistant", "tool")
 # OpenAI's newer name for the system role (read as the server reads it) and its legacy role for a function's result
@@ -41,8 +43,6 @@ TOOL_CALL_FIELDS = ("id", "type", "function")
 FUNCTION_CALL_FIELDS = ("name", "arguments")
 TOOL_FIELDS = ("type", "function")
 FUNCTION_FIELDS = ("name", "description", "parameters", "strict")
-LONE_SURROGATE = re.compile(r"[\ud800-\udfff]")  # in a decoded str, only a half pair can be one
-MAX_DEPTH = 100  # objects and lists in a row: a conversation nests ~6 deep, a tool schema a dozen more
 TOOL_NAME = r"^[A-Za-z0-9_.-]{1,64}$"  # a function's name: OpenAI's rule, which the server applies to requests too
 
 
@@ -91,8 +91,8 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
     A null field counts as absent at every depth (`without_nulls`), and so does a blank `tools`, `functions` or
     `system` column (how converted data sets mark "none"); content parts of type text are joined into one string;
     `tools` and a tool's `parameters` may be JSON strings, as data sets store them."""
-    row = {k: v for k, v in _object(row, where, "row").items() if k not in ignore and not PANDAS_INDEX.match(k)}
-    _check_structure(row, where, "row")  # before anything walks it recursively
+    row = {k: v for k, v in as_object(row, where, "row").items() if k not in ignore and not PANDAS_INDEX.match(k)}
+    check_structure(row, where, "row")  # before anything walks it recursively
     row = {k: v for k, v in without_nulls(row).items()
            if not (k in BLANK_IS_ABSENT and isinstance(v, str) and not v.strip())}
     if "messages" not in row and ("prompt" in row or "completion" in row):
@@ -105,7 +105,7 @@ def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:
         _known_columns(row, ROW_FIELDS, where)
         if "messages" not in row:
             raise ConversationError(f"{where}: messages: missing (a row is {{\"messages\": [...], \"tools\": [...]}})")
-        named = [(f"messages[{i}]", m) for i, m in enumerate(_list(row["messages"], where, "messages"))]
+        named = [(f"messages[{i}]", m) for i, m in enumerate(as_list(row["messages"], where, "messages"))]
         untrained = set()
     if "tools" in row and "functions" in row:
         raise ConversationError(f"{where}: functions: give tools or functions (OpenAI's legacy name), not both")
@@ -166,7 +166,7 @@ def _check_answered(messages: list[dict[str, Any]], named: list[tuple[str, Any]]
         results = next((k for k, m in enumerate(messages[i + 1:]) if m["role"] != "tool"), len(messages) - i - 1)
         if calls and results < len(calls) and i + 1 < len(messages):
             until = f"before {named[i + 1 + results][0]}" if i + 1 + results < len(messages) else "at the end"
-            raise _fail(where, named[i][0], f"call {results + 1} of its {len(calls)} "
+            raise fail(where, named[i][0], f"call {results + 1} of its {len(calls)} "
                                             f"({calls[results]['function']['name']}) has no tool result {until} (one "
                                             "tool message answers each call, in order)")
 
@@ -188,15 +188,15 @@ def _prompt_completion(row: dict[str, Any], where: str) -> tuple[list[tuple[str,
     _known_columns(row, PROMPT_COMPLETION_FIELDS, where)
     for name in ("prompt", "completion"):
         if name not in row:
-            raise _fail(where, name, "missing (a prompt-completion row has both)")
+            raise fail(where, name, "missing (a prompt-completion row has both)")
         if isinstance(row[name], str):
-            raise _fail(where, name, "a string (TRL's standard format); conversations need a list of messages")
-    prompt, completion = _list(row["prompt"], where, "prompt"), _list(row["completion"], where, "completion")
+            raise fail(where, name, "a string (TRL's standard format); conversations need a list of messages")
+    prompt, completion = as_list(row["prompt"], where, "prompt"), as_list(row["completion"], where, "completion")
     if not any(isinstance(m, dict) and m.get("role") == "assistant" for m in completion):
-        raise _fail(where, "completion", "no assistant message (nothing to train on)")
+        raise fail(where, "completion", "no assistant message (nothing to train on)")
     context = {i for i, m in enumerate(prompt) if isinstance(m, dict) and m.get("role") == "assistant"}
     if any(prompt[i].get("weight") == 1 for i in context):
-        raise _fail(where, "prompt", "a weight of 1 on a prompt turn (the prompt is context, never trained)")
+        raise fail(where, "prompt", "a weight of 1 on a prompt turn (the prompt is context, never trained)")
     named = [(f"prompt[{i}]", m) for i, m in enumerate(prompt)] + [(f"completion[{i}]", m)
                                                                   for i, m in enumerate(completion)]
     return named, context
@@ -209,21 +209,21 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     _known_columns(row, SHAREGPT_FIELDS, where)
     named = _system_column(row, where)
     unanswered = 0  # calls of the latest function_call turn that no observation has answered yet
-    turns = _list(row["conversations"], where, "conversations")
+    turns = as_list(row["conversations"], where, "conversations")
     for i, turn in enumerate(turns):
         name = f"conversations[{i}]"
-        turn = _object(turn, where, name)
-        _known(turn, ("from", "value"), where, f"{name}.", "a ShareGPT turn has")
+        turn = as_object(turn, where, name)
+        known_fields(turn, ("from", "value"), where, f"{name}.", "a ShareGPT turn has")
         role = SHAREGPT_ROLES.get(turn.get("from")) if isinstance(turn.get("from"), str) else None
         if role is None:
-            raise _fail(where, f"{name}.from", f"{turn.get('from')!r} is not one of {'/'.join(SHAREGPT_ROLES)}")
+            raise fail(where, f"{name}.from", f"{turn.get('from')!r} is not one of {'/'.join(SHAREGPT_ROLES)}")
         if "value" not in turn:
-            raise _fail(where, f"{name}.value", "missing")
+            raise fail(where, f"{name}.value", "missing")
         if role == "tool" and not unanswered:  # named here, in ShareGPT's words: the messages' checks say role
-            raise _fail(where, f"{name}.from", f"{turn['from']!r} answers no call: it must follow a function_call "
+            raise fail(where, f"{name}.from", f"{turn['from']!r} answers no call: it must follow a function_call "
                                                "turn, one per call")
         if role != "tool" and unanswered:
-            raise _fail(where, f"{name}.from", f"{unanswered} call(s) of the function_call turn before have no "
+            raise fail(where, f"{name}.from", f"{unanswered} call(s) of the function_call turn before have no "
                                                "observation (one per call comes before the conversation goes on)")
         first = role == "tool" and "tool_calls" in named[-1][1]  # the observation right after the calls
         if first and unanswered > 1 and not _answers_next(turns, i + 1):  # one observation answers them all
@@ -232,17 +232,17 @@ def _sharegpt(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
             continue
         unanswered -= role == "tool"
         if role == "system" and named:
-            raise _fail(where, f"{name}.from", "a system turn must come first (and the row's system column is one)")
+            raise fail(where, f"{name}.from", "a system turn must come first (and the row's system column is one)")
         if role == "assistant" and not named:
-            raise _fail(where, f"{name}.from", "a conversation starts with a system or user turn")
+            raise fail(where, f"{name}.from", "a conversation starts with a system or user turn")
         if turn["from"] != "function_call":  # values checked here, so that errors name the row's own fields
             named.append((name, {"role": role, "content": _content(turn["value"], where, f"{name}.value")}))
             continue
-        calls = _decoded(_string(turn["value"], where, f"{name}.value"), where, f"{name}.value")
+        calls = decode_json_field(as_string(turn["value"], where, f"{name}.value"), where, f"{name}.value")
         many = not isinstance(calls, dict)
-        calls = _list(calls, where, f"{name}.value") if many else [calls]
+        calls = as_list(calls, where, f"{name}.value") if many else [calls]
         if not calls:
-            raise _fail(where, f"{name}.value", "an empty list of calls (a function_call turn makes at least one)")
+            raise fail(where, f"{name}.value", "an empty list of calls (a function_call turn makes at least one)")
         named.append((name, {"role": "assistant", "tool_calls": [
             {"type": "function", "function": _function_call(c, where, f"{name}.value" + (f"[{k}]" if many else ""))}
             for k, c in enumerate(calls)]}))
@@ -259,15 +259,15 @@ def _observations(value: Any, calls: int, where: str, name: str) -> list[tuple[s
     """One observation answering the `calls` calls of the turn before it (LLaMA-Factory's turns alternate, so its
     rows give one): a JSON list with one result per call, as that many tool messages (a result that is not a
     string written as JSON)."""
-    text = _string(value, where, name)
+    text = as_string(value, where, name)
     try:
         results = decoded_json(text, where, name, "")
     except ConversationError:  # plain text ("[ERROR] timed out"): the message below says what it needs to be
         results = None
     if isinstance(results, list):
-        _check_structure(results, where, name)  # a list nested too deep is named as such
+        check_structure(results, where, name)  # a list nested too deep is named as such
     if not isinstance(results, list) or len(results) != calls:
-        raise _fail(where, name, f"one observation answers the {calls} calls of the function_call turn before it: "
+        raise fail(where, name, f"one observation answers the {calls} calls of the function_call turn before it: "
                                  f"give a JSON list of {calls} results (one per call, in the calls' order), or one "
                                  "observation per call")
     return [(f"{name}[{k}]", {"role": "tool", "content": result if isinstance(result, str) else
@@ -279,7 +279,7 @@ def _system_column(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     or one); an error names the column, not the message made of it."""
     if "system" not in row:
         return []
-    return [("system", {"role": "system", "content": _string(row["system"], where, "system")})]
+    return [("system", {"role": "system", "content": as_string(row["system"], where, "system")})]
 
 
 def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
@@ -289,113 +289,34 @@ def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     _known_columns(row, ALPACA_FIELDS, where)
     for key in ("instruction", "output"):
         if key not in row:
-            raise _fail(where, key, "missing (an Alpaca row has an instruction and an output)")
+            raise fail(where, key, "missing (an Alpaca row has an instruction and an output)")
     named = _system_column(row, where)
-    for i, pair in enumerate(_list(row.get("history", []), where, "history")):
-        pair = _list(pair, where, f"history[{i}]")
+    for i, pair in enumerate(as_list(row.get("history", []), where, "history")):
+        pair = as_list(pair, where, f"history[{i}]")
         if len(pair) != 2:
-            raise _fail(where, f"history[{i}]", f"a [user, assistant] pair, got {len(pair)} items")
-        named += [(f"history[{i}][{j}]", {"role": role, "content": _string(text, where, f"history[{i}][{j}]")})
+            raise fail(where, f"history[{i}]", f"a [user, assistant] pair, got {len(pair)} items")
+        named += [(f"history[{i}][{j}]", {"role": role, "content": as_string(text, where, f"history[{i}][{j}]")})
                   for j, (role, text) in enumerate(zip(("user", "assistant"), pair))]
-    asked = "\n".join(_string(row[k], where, k) for k in ("instruction", "input") if row.get(k, "") != "")
+    asked = "\n".join(as_string(row[k], where, k) for k in ("instruction", "input") if row.get(k, "") != "")
     return [*named, ("instruction", {"role": "user", "content": asked}),
-            ("output", {"role": "assistant", "content": _string(row["output"], where, "output")})]
+            ("output", {"role": "assistant", "content": as_string(row["output"], where, "output")})]
 
 
 def _weight(message: dict[str, Any], where: str, name: str) -> int:
     """An assistant message's `weight` (OpenAI's fine-tuning format): 1 (the default) trains on it, 0 does not."""
     weight = message.get("weight", 1)
     if isinstance(weight, bool) or weight not in (0, 1):  # 1.0 too: a column pandas made float
-        raise _fail(where, name, f"must be 0 or 1, got {weight!r:.60}")
+        raise fail(where, name, f"must be 0 or 1, got {weight!r:.60}")
     return int(weight)
-
-
-def without_nulls(value: Any) -> Any:
-    """value with every null field of every object removed, at any depth. A .parquet (and a .jsonl written from
-    Arrow, as `datasets` writes one) stores a list of objects as one struct with every key any of them has, the
-    absent ones null: without this, one row's tool schemas and arguments would carry every other row's parameter
-    names as nulls into the rendered prompt. Nulls inside lists stay."""
-    if isinstance(value, dict):
-        return {k: without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, (list, tuple)):
-        return [without_nulls(v) for v in value]
-    return value
-
-
-def _decoded(value: Any, where: str, name: str) -> Any:
-    """A JSON string decoded (data sets often store tools and schemas so; its nulls are the writer's own and stay),
-    anything else as it is."""
-    if not isinstance(value, str):
-        return value
-    return _parsed(value, where, name, "a string here must hold JSON")
-
-
-def _parsed(text: str, where: str, name: str, what: str) -> Any:
-    """JSON text held in a string field, decoded and checked as a row is."""
-    value = decoded_json(text, where, name, what)
-    _check_structure(value, where, name)
-    return value
-
-
-def _check_structure(value: Any, where: str, name: str) -> None:
-    """Every string in `value` (keys too) is text, and nothing nests deeper than MAX_DEPTH: checked without
-    recursion, so that a pathological row is an error naming its field rather than a RecursionError."""
-    stack = [(value, name, 0)]
-    while stack:
-        item, at, depth = stack.pop()
-        if isinstance(item, str):
-            _string(item, where, at)
-            continue
-        if isinstance(item, (dict, list, tuple)) and depth == MAX_DEPTH:
-            raise _fail(where, at, f"nested more than {MAX_DEPTH} levels deep")
-        if isinstance(item, dict):
-            for key, child in item.items():
-                path = key if at == "row" else f"{at}.{key}"
-                if isinstance(key, str):
-                    _string(key, where, f"{path} (the key)")
-                stack.append((child, path, depth + 1))
-        elif isinstance(item, (list, tuple)):
-            stack.extend((child, f"{at}[{i}]", depth + 1) for i, child in enumerate(item))
-
-
-def _fail(where: str, name: str, problem: str) -> ConversationError:
-    return ConversationError(f"{where}: {name}: {problem}")
-
-
-def _object(value: Any, where: str, name: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise _fail(where, name, f"expected an object, got {type(value).__name__} {value!r:.60}")
-    return value
-
-
-def _list(value: Any, where: str, name: str) -> list[Any]:
-    if not isinstance(value, (list, tuple)):
-        raise _fail(where, name, f"expected a list, got {type(value).__name__} {value!r:.60}")
-    return list(value)
-
-
-def _string(value: Any, where: str, name: str) -> str:
-    if not isinstance(value, str):
-        raise _fail(where, name, f"expected a string, got {type(value).__name__} {value!r:.60}")
-    if half := LONE_SURROGATE.search(value):  # JSON's "\ud83d" escape alone: valid JSON, not text
-        raise _fail(where, name, f"holds a lone surrogate {half.group()!r} at character {half.start()} (half of a "
-                                 "UTF-16 pair, as an emoji cut in two leaves), which is not text")
-    return value
-
-
-def _known(obj: dict[str, Any], allowed: Sequence[str], where: str, prefix: str, what: str) -> None:
-    for key in obj:
-        if key not in allowed:
-            raise _fail(where, f"{prefix}{key}", f"unsupported field ({what}: {', '.join(allowed)})")
 
 
 def _known_columns(row: dict[str, Any], allowed: Sequence[str], where: str) -> None:
     for key in row:
         if key not in allowed and _holds_rows(row[key]):  # a .json file of one object, `{"data": [...]}`
-            raise _fail(where, key, "holds rows, not a conversation: write the rows as a JSON array (.json) or one "
+            raise fail(where, key, "holds rows, not a conversation: write the rows as a JSON array (.json) or one "
                                     "per line (.jsonl)")
         if key not in allowed:
-            raise _fail(where, key, f"unsupported field (a row has: {', '.join(ROW_FIELDS)}; TRL's prompt-completion "
+            raise fail(where, key, f"unsupported field (a row has: {', '.join(ROW_FIELDS)}; TRL's prompt-completion "
                                     f"rows: {', '.join(PROMPT_COMPLETION_FIELDS)}; ShareGPT rows: "
                                     f"{', '.join(SHAREGPT_FIELDS)}; Alpaca rows: {', '.join(ALPACA_FIELDS)}). Skip "
                                     "columns that are not part of the conversation with --set "
@@ -409,25 +330,25 @@ def _holds_rows(value: Any) -> bool:
 
 
 def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str, Any]]) -> dict[str, Any]:
-    message = _object(raw, where, name)
+    message = as_object(raw, where, name)
     role = message.get("role")
     role = ROLE_ALIASES.get(role, role) if isinstance(role, str) else role
     if role not in ROLES:
-        raise _fail(where, f"{name}.role", f"{role!r} is not one of {'/'.join((*ROLES, *ROLE_ALIASES))}")
+        raise fail(where, f"{name}.role", f"{role!r} is not one of {'/'.join((*ROLES, *ROLE_ALIASES))}")
     # a field that carries nothing (an SDK reply's `model_dump()`: refusal None, annotations []) is not unknown
     empty = [key for key, value in message.items() if key not in MESSAGE_FIELDS[role] and value in (None, [], {})]
-    _known({k: v for k, v in message.items() if k not in empty}, MESSAGE_FIELDS[role], where, f"{name}.",
+    known_fields({k: v for k, v in message.items() if k not in empty}, MESSAGE_FIELDS[role], where, f"{name}.",
            f"a {role} message has")
     if role == "system" and index != 0:
-        raise _fail(where, f"{name}.role", "a system message must come first")
+        raise fail(where, f"{name}.role", "a system message must come first")
     if role == "assistant" and index == 0:
-        raise _fail(where, f"{name}.role", "a conversation starts with a system or user message")
+        raise fail(where, f"{name}.role", "a conversation starts with a system or user message")
     out: dict[str, Any] = {"role": role}
     if role == "assistant" and "tool_calls" in message:
         if "function_call" in message:
-            raise _fail(where, f"{name}.function_call", "give tool_calls or function_call (OpenAI's legacy one "
+            raise fail(where, f"{name}.function_call", "give tool_calls or function_call (OpenAI's legacy one "
                                                          "call), not both")
-        calls = _list(message["tool_calls"], where, f"{name}.tool_calls")
+        calls = as_list(message["tool_calls"], where, f"{name}.tool_calls")
         if calls:
             out["tool_calls"] = [_tool_call(c, where, f"{name}.tool_calls[{j}]") for j, c in enumerate(calls)]
             _distinct_call_ids(out["tool_calls"], where, name)
@@ -437,7 +358,7 @@ def _message(raw: Any, where: str, name: str, index: int, before: list[dict[str,
     if "content" in message:
         out["content"] = _content(message["content"], where, f"{name}.content")
     elif role != "assistant" or "tool_calls" not in out:
-        raise _fail(where, f"{name}.content", "missing" + (" (an assistant message needs content or tool_calls)"
+        raise fail(where, f"{name}.content", "missing" + (" (an assistant message needs content or tool_calls)"
                                                             if role == "assistant" else ""))
     else:
         out["content"] = None
@@ -459,32 +380,32 @@ def _content(value: Any, where: str, name: str) -> str:
 def _no_tags(text: str, where: str, name: str, remedy: str) -> None:
     """Refuse text holding a tool-call tag, which the tokenizer reads as the tag token wherever it stands."""
     if tag := next((tag for tag in (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if tag in text), None):
-        raise _fail(where, name, f"holds the tool-call tag {tag}: {remedy}")
+        raise fail(where, name, f"holds the tool-call tag {tag}: {remedy}")
 
 
 def _text(value: Any, where: str, name: str) -> str:
     if isinstance(value, str):
-        return _string(value, where, name)
+        return as_string(value, where, name)
     if not isinstance(value, (list, tuple)):
-        raise _fail(where, name, f"must be a string or a list of text parts, got {type(value).__name__} "
+        raise fail(where, name, f"must be a string or a list of text parts, got {type(value).__name__} "
                                  f"{value!r:.60}")
     parts = []
     for i, part in enumerate(value):
-        part = _object(part, where, f"{name}[{i}]")
+        part = as_object(part, where, f"{name}[{i}]")
         if part.get("type") != "text":
-            raise _fail(where, f"{name}[{i}].type", f"{part.get('type')!r} is not supported (only text parts)")
-        _known(part, ("type", "text"), where, f"{name}[{i}].", "a text part has")
-        parts.append(_string(part.get("text"), where, f"{name}[{i}].text"))
+            raise fail(where, f"{name}[{i}].type", f"{part.get('type')!r} is not supported (only text parts)")
+        known_fields(part, ("type", "text"), where, f"{name}[{i}].", "a text part has")
+        parts.append(as_string(part.get("text"), where, f"{name}[{i}].text"))
     return "".join(parts)
 
 
 def _tool_call(raw: Any, where: str, name: str) -> dict[str, Any]:
-    call = _object(raw, where, name)
-    _known(call, TOOL_CALL_FIELDS, where, f"{name}.", "a tool call has")
+    call = as_object(raw, where, name)
+    known_fields(call, TOOL_CALL_FIELDS, where, f"{name}.", "a tool call has")
     if call.get("type", "function") != "function":
-        raise _fail(where, f"{name}.type", f"{call['type']!r} is not supported (only 'function')")
+        raise fail(where, f"{name}.type", f"{call['type']!r} is not supported (only 'function')")
     if "id" in call:
-        _string(call["id"], where, f"{name}.id")
+        as_string(call["id"], where, f"{name}.id")
     return {**call, "function": _function_call(call.get("function"), where, f"{name}.function")}
 
 
@@ -494,20 +415,20 @@ def _distinct_call_ids(calls: list[dict[str, Any]], where: str, name: str) -> No
     ids = [call.get("id") for call in calls]
     for j, call_id in enumerate(ids):
         if call_id is not None and call_id in ids[:j]:
-            raise _fail(where, f"{name}.tool_calls[{j}].id", f"{call_id!r} is also the id of call "
+            raise fail(where, f"{name}.tool_calls[{j}].id", f"{call_id!r} is also the id of call "
                                                               f"{ids.index(call_id) + 1}: each call needs its own")
 
 
 def _function_call(raw: Any, where: str, name: str) -> dict[str, Any]:
     """{"name", "arguments"}: a call's function, or a legacy assistant message's whole `function_call`."""
-    fn = _object(raw, where, name)
-    _known(fn, FUNCTION_CALL_FIELDS, where, f"{name}.", "a function call has")
+    fn = as_object(raw, where, name)
+    known_fields(fn, FUNCTION_CALL_FIELDS, where, f"{name}.", "a function call has")
     _function_name(fn.get("name"), where, f"{name}.name")
     arguments = fn.get("arguments", {})
-    parsed = _parsed(arguments, where, f"{name}.arguments", "not valid JSON") if isinstance(arguments, str) \
+    parsed = parse_json_field(arguments, where, f"{name}.arguments", "not valid JSON") if isinstance(arguments, str) \
         else arguments
     if not isinstance(parsed, dict):
-        raise _fail(where, f"{name}.arguments", f"must be a JSON object, got {arguments!r:.60}")
+        raise fail(where, f"{name}.arguments", f"must be a JSON object, got {arguments!r:.60}")
     _json_numbers(parsed, where, f"{name}.arguments", f"the server would return such a call as text): "
                                                       f"{arguments!r:.60}")
     _no_tags(arguments if isinstance(arguments, str) else json.dumps(parsed, ensure_ascii=False), where,
@@ -522,7 +443,7 @@ def _json_numbers(value: Any, where: str, name: str, why: str) -> None:
     try:
         json.dumps(value, allow_nan=False)
     except ValueError:
-        raise _fail(where, name, f"holds NaN or Infinity, which JSON has no place for ({why}") from None
+        raise fail(where, name, f"holds NaN or Infinity, which JSON has no place for ({why}") from None
 
 
 def _check_tool_result(message: dict[str, Any], where: str, name: str, before: list[dict[str, Any]]) -> None:
@@ -530,33 +451,33 @@ def _check_tool_result(message: dict[str, Any], where: str, name: str, before: l
     at = next((i for i in range(len(before) - 1, -1, -1) if before[i]["role"] != "tool"), None)
     calls = [] if at is None or before[at]["role"] != "assistant" else before[at].get("tool_calls", [])
     if not calls:
-        raise _fail(where, f"{name}.role", "a tool message must follow an assistant message with tool_calls")
+        raise fail(where, f"{name}.role", "a tool message must follow an assistant message with tool_calls")
     results = len(before) - at - 1  # tool messages already answering this turn
     if results >= len(calls):
-        raise _fail(where, f"{name}.role", f"more tool results than the {len(calls)} call(s) before them")
+        raise fail(where, f"{name}.role", f"more tool results than the {len(calls)} call(s) before them")
     if "tool_call_id" in message:
         ids = [c.get("id") for c in calls]
-        given = _string(message["tool_call_id"], where, f"{name}.tool_call_id")
+        given = as_string(message["tool_call_id"], where, f"{name}.tool_call_id")
         if given not in ids:
-            raise _fail(where, f"{name}.tool_call_id", f"{given!r} answers none of the calls before it "
+            raise fail(where, f"{name}.tool_call_id", f"{given!r} answers none of the calls before it "
                                                         f"({', '.join(map(str, ids))})")
         if given != ids[results]:  # also where this slot's call has no id: `given` is another call's
-            raise _fail(where, f"{name}.tool_call_id", f"{given!r} is result {results + 1} but answers call "
+            raise fail(where, f"{name}.tool_call_id", f"{given!r} is result {results + 1} but answers call "
                                                         f"{ids.index(given) + 1}: results follow the order of the "
                                                         "calls (the prompt pairs them by position)")
     if "name" in message:  # the call it answers: the one at its position (which its tool_call_id names too)
         names = [c["function"]["name"] for c in calls]
-        if _string(message["name"], where, f"{name}.name") != names[results]:
+        if as_string(message["name"], where, f"{name}.name") != names[results]:
             answered = (f"the call {message['tool_call_id']!r} it answers" if "tool_call_id" in message else
                         f"call {results + 1}, which result {results + 1} answers (results follow the order of the "
                         f"calls: {', '.join(names)})")
-            raise _fail(where, f"{name}.name", f"{message['name']!r}, but {answered} is to {names[results]!r}")
+            raise fail(where, f"{name}.name", f"{message['name']!r}, but {answered} is to {names[results]!r}")
 
 
 def _function_name(value: Any, where: str, name: str) -> str:
     """A tool's or a call's function name, held to the rule the server applies to a request's tools."""
-    if not re.fullmatch(TOOL_NAME, _string(value, where, name)):
-        raise _fail(where, name, f"{value!r} is not a function name the server accepts (1 to 64 letters, digits, "
+    if not re.fullmatch(TOOL_NAME, as_string(value, where, name)):
+        raise fail(where, name, f"{value!r} is not a function name the server accepts (1 to 64 letters, digits, "
                                  "'_', '.', '-'), so the model could never be served it")
     return value
 
@@ -565,36 +486,37 @@ def _tools(raw: Any, where: str, field: str = "tools") -> list[dict[str, Any]] |
     """A row's `tools` (or legacy `functions`): a list, or a JSON string holding one, of tools with distinct names
     (as the server requires: a call could not say which of two it means); the string "null" (a missing column
     written as JSON) is none."""
-    if (decoded := _decoded(raw, where, field)) is None:
+    if (decoded := decode_json_field(raw, where, field)) is None:
         return None
-    tools = [_tool(t, where, f"{field}[{i}]") for i, t in enumerate(_list(decoded, where, field))]
+    tools = [_tool(t, where, f"{field}[{i}]") for i, t in enumerate(as_list(decoded, where, field))]
     names = [tool["function"]["name"] for tool in tools]
     if dup := next((n for i, n in enumerate(names) if n in names[:i]), None):
-        raise _fail(where, field, f"two tools are named {dup!r}")
+        raise fail(where, field, f"two tools are named {dup!r}")
     return tools
 
 
 def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
-    tool = _object(raw, where, name)
+    tool = as_object(raw, where, name)
     if "function" not in tool and "name" in tool:  # the function alone, as LLaMA-Factory and others store tools,
         if tool.get("type", "function") != "function":  # or with its type, as OpenAI's Responses API does
-            raise _fail(where, f"{name}.type", f"{tool['type']!r} is not supported (only 'function')")
+            raise fail(where, f"{name}.type", f"{tool['type']!r} is not supported (only 'function')")
         fn, at = {k: v for k, v in tool.items() if k != "type"}, name
     else:
-        _known(tool, TOOL_FIELDS, where, f"{name}.", "a tool has")
+        known_fields(tool, TOOL_FIELDS, where, f"{name}.", "a tool has")
         if tool.get("type") != "function":
-            raise _fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
-        fn, at = _object(tool.get("function"), where, f"{name}.function"), f"{name}.function"
-    _known(fn, FUNCTION_FIELDS, where, f"{at}.", "a function has")
+            raise fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
+        fn, at = as_object(tool.get("function"), where, f"{name}.function"), f"{name}.function"
+    known_fields(fn, FUNCTION_FIELDS, where, f"{at}.", "a function has")
     _function_name(fn.get("name"), where, f"{at}.name")
     if "description" in fn:
-        _string(fn["description"], where, f"{at}.description")
+        as_string(fn["description"], where, f"{at}.description")
     if fn.get("strict") is not None and not isinstance(fn["strict"], bool):  # the server refuses 1, "yes", ...
-        raise _fail(where, f"{at}.strict", f"must be true or false, got {fn['strict']!r:.60}")
+        raise fail(where, f"{at}.strict", f"must be true or false, got {fn['strict']!r:.60}")
     if "parameters" in fn:
-        parameters = _object(_decoded(fn["parameters"], where, f"{at}.parameters"), where, f"{at}.parameters")
+        parameters = as_object(decode_json_field(fn["parameters"], where, f"{at}.parameters"), where,
+                               f"{at}.parameters")
         if parameters.get("type", "object") != "object":
-            raise _fail(where, f"{at}.parameters", 'must be a JSON Schema with "type": "object" (arguments are a '
+            raise fail(where, f"{at}.parameters", 'must be a JSON Schema with "type": "object" (arguments are a '
                                                    "JSON object, as the server requires)")
         _json_numbers(parameters, where, f"{at}.parameters", "the prompt would show the model a schema that is not "
                                                              "JSON, and the server refuses it)")
