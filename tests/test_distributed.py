@@ -150,6 +150,7 @@ def test_a_restarted_group_meets_though_torchruns_store_still_holds_the_last_att
 
 STALLED_PEER = """
 import os, sys, time
+from pathlib import Path
 import torch, torch.distributed as dist
 from longcat_flash import distributed as D
 D.init("cpu", timeout_s=6)
@@ -162,9 +163,10 @@ elif group is not None:
     start = time.monotonic()
     try:
         dist.all_reduce(torch.ones(1), group=group)
-        print(f"rank {rank}: all_reduce returned", flush=True)
+        outcome = "all_reduce returned"
     except Exception as err:
-        print(f"rank {rank}: gave up after {time.monotonic() - start:.1f} s: {type(err).__name__}", flush=True)
+        outcome = f"gave up after {time.monotonic() - start:.1f} s: {type(err).__name__}"
+    Path(sys.argv[1], f"rank{rank}.txt").write_text(outcome)  # a file each: two ranks' prints interleave
 os._exit(0)
 """
 
@@ -175,7 +177,7 @@ def test_the_mesh_groups_wait_the_dist_timeout_not_torchs_thirty_minutes(tmp_pat
     an hour instead of failing them after the timeout."""
     script = tmp_path / "stalled_peer.py"
     script.write_text(STALLED_PEER)
-    out = torchrun(4, script, timeout=120)
+    torchrun(4, script, str(tmp_path), timeout=120)
     for rank in (0, 3):
-        line = next(line for line in out.splitlines() if line.startswith(f"rank {rank}:"))
-        assert "gave up" in line and float(line.split("after ")[1].split(" s")[0]) < 15, line
+        outcome = (tmp_path / f"rank{rank}.txt").read_text()
+        assert "gave up" in outcome and float(outcome.split("after ")[1].split(" s")[0]) < 15, (rank, outcome)
