@@ -104,6 +104,37 @@ def test_symlinked_folders_are_read_once_and_a_link_loop_ends(tmp_path: Path) ->
     assert list(iter_documents(only_links)) == ["far"]
 
 
+def test_a_recursive_glob_reads_each_file_once_through_link_loops(tmp_path: Path) -> None:
+    """glob.glob follows every symlinked folder under `**`: a link to `..` read the same file 41 times (train and
+    validation alike), and links to `.` and `..` side by side never ended. A `**` pattern now walks as a folder does."""
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.txt").write_text("far", encoding="utf-8")
+    tree = tmp_path / "g"
+    (tree / "sub").mkdir(parents=True)
+    (tree / "sub" / "near.txt").write_text("near", encoding="utf-8")
+    (tree / "top.txt").write_text("top", encoding="utf-8")
+    (tree / "sub" / "notes.md").write_text("not matched", encoding="utf-8")
+    (tree / "sub" / "self").symlink_to(".", target_is_directory=True)
+    (tree / "sub" / "parent").symlink_to("..", target_is_directory=True)
+    (tree / "sub" / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # data kept elsewhere
+    assert [p.relative_to(tree).as_posix() for p in Corpus(f"{tree}/**/*.txt").files()] == [
+        "sub/linked/far.txt", "sub/near.txt", "top.txt"]
+    assert [p.name for p in Corpus(f"{tree}/**/n*").files()] == ["near.txt", "notes.md"]
+    assert [p.name for p in Corpus(f"{tree}/*/*.txt").files()] == ["near.txt"]  # one level, as glob reads it
+
+
+def test_a_file_link_beside_its_target_is_read_once(tmp_path: Path) -> None:
+    """A folder's `latest.txt -> v2.txt` trained on v2 twice, maybe once in each split."""
+    (tmp_path / "elsewhere.txt").write_text("far", encoding="utf-8")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "v2.txt").write_text("v2", encoding="utf-8")
+    (corpus / "latest.txt").symlink_to("v2.txt")
+    (corpus / "far.txt").symlink_to(tmp_path / "elsewhere.txt")  # the one name this file has in the corpus
+    assert [p.name for p in Corpus(corpus).files()] == ["far.txt", "v2.txt"]
+    assert [p.name for p in Corpus(f"{corpus}/*.txt").files()] == ["far.txt", "v2.txt"]
+
+
 def test_single_text_file_is_one_document(corpus_dir: Path) -> None:
     assert list(iter_documents(corpus_dir / "b.md")) == [DOCS["b.md"]]
 

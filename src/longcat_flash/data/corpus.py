@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import json_text
-from .dataset_folders import check_one_split, glob_files
+from .dataset_folders import check_one_split, glob_files, tree_files
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # what a folder source reads
@@ -131,29 +131,6 @@ class Corpus:
             stat = path.stat()
             h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()
-
-
-def tree_files(root: Path) -> list[Path]:
-    """The files below directory `root` in sorted order, without hidden files and folders (`.git`,
-    `.ipynb_checkpoints`), as paths under `root`; through symlinked folders that lead out of the tree (data kept
-    elsewhere), each real folder once. A link to a folder inside the tree is not followed (the folder is read under
-    its own name, which says its split), nor one to a folder holding the tree (the tree again, or the disk)."""
-    top, files, seen = os.path.realpath(root), [], set()
-
-    def followed(folder: str) -> bool:
-        if not os.path.islink(folder):
-            return True
-        real = os.path.realpath(folder)
-        return os.path.commonpath([real, top]) not in (real, top)  # neither inside the tree nor holding it
-
-    for directory, subdirs, names in os.walk(root, followlinks=True):  # rglob skips symlinked folders (< 3.13)
-        if (real := os.path.realpath(directory)) in seen:  # a loop, or a folder two links lead to
-            subdirs[:] = []
-            continue
-        seen.add(real)
-        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and followed(os.path.join(directory, d)))
-        files += [path for name in names if not name.startswith(".") and (path := Path(directory, name)).is_file()]
-    return sorted(files)
 
 
 def data_files(root: Path) -> list[Path]:

@@ -4,8 +4,10 @@ together would train on the held-out rows (pre-training corpora and SFT conversa
 """
 from __future__ import annotations
 
+import fnmatch
 import glob
 import itertools
+import os
 import re
 from pathlib import Path
 
@@ -24,10 +26,14 @@ def glob_files(pattern: str | Path) -> list[Path] | None:
     exists or holds no wildcard; FileNotFoundError when it matches no file."""
     if Path(pattern).exists() or not _wild(str(pattern)):
         return None
-    files = sorted(Path(p) for p in glob.glob(str(pattern), recursive=True) if Path(p).is_file())
-    if not files:
-        raise FileNotFoundError(f"no file matches {pattern}")
     base = Path(*itertools.takewhile(lambda part: not _wild(part), Path(pattern).parts))  # what the files are under
+    if "**" in Path(pattern).parts:  # walked as a folder is (glob.glob follows every link: a loop never ends)
+        wild = Path(pattern).parts[len(base.parts):]
+        found = [path for path in tree_files(base) if _matches(path.relative_to(base).parts, wild)]
+    else:
+        found = [Path(p) for p in glob.glob(str(pattern)) if Path(p).is_file()]
+    if not (files := unique_files(found)):
+        raise FileNotFoundError(f"no file matches {pattern}")
     words, named, _ = _splits(base, files)  # files no split names may stand beside one: the pattern chose them
     if len(words) > 1:
         raise ValueError(f"the pattern {pattern} matches the files of several splits ({named}); narrow it to one "
@@ -37,6 +43,16 @@ def glob_files(pattern: str | Path) -> list[Path] | None:
 
 def _wild(text: str) -> bool:
     return any(c in text for c in "*?[")
+
+
+def _matches(parts: tuple[str, ...], pattern: tuple[str, ...]) -> bool:
+    """Whether a path's parts match a glob pattern's, as glob does: `**` any number of folders (none too), any
+    other part one name (fnmatch's `*`, `?`, `[...]`)."""
+    if not pattern:
+        return not parts
+    if pattern[0] == "**":
+        return any(_matches(parts[i:], pattern[1:]) for i in range(len(parts) + 1))
+    return bool(parts) and fnmatch.fnmatchcase(parts[0], pattern[0]) and _matches(parts[1:], pattern[1:])
 
 
 def check_one_split(path: Path, files: list[Path], beside: str) -> None:
@@ -67,3 +83,40 @@ def split_of(relative: Path) -> tuple[str, str] | None:
     None for other names."""
     found = (_SPLIT_WORD.search(part.lower()) for part in relative.parts)
     return next(((SPLIT_WORDS[m.group(1)], m.group(1)) for m in found if m), None)
+
+
+def tree_files(root: Path) -> list[Path]:
+    """The files below directory `root` in sorted order, without hidden files and folders (`.git`,
+    `.ipynb_checkpoints`), as paths under `root`; through symlinked folders that lead out of the tree (data kept
+    elsewhere), each real folder and file once. A link to a folder inside the tree is not followed (the folder is
+    read under its own name, which says its split), nor one to a folder holding the tree (the tree again, or the
+    disk)."""
+    top, files, seen = os.path.realpath(root), [], set()
+
+    def followed(folder: str) -> bool:
+        if not os.path.islink(folder):
+            return True
+        real = os.path.realpath(folder)
+        return os.path.commonpath([real, top]) not in (real, top)  # neither inside the tree nor holding it
+
+    for directory, subdirs, names in os.walk(root, followlinks=True):  # rglob skips symlinked folders (< 3.13)
+        if (real := os.path.realpath(directory)) in seen:  # a loop, or a folder two links lead to
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs[:] = sorted(d for d in subdirs if not d.startswith(".") and followed(os.path.join(directory, d)))
+        files += [path for name in names if not name.startswith(".") and (path := Path(directory, name)).is_file()]
+    return unique_files(files)
+
+
+def unique_files(files: list[Path]) -> list[Path]:
+    """`files` in name order, each real file once: a file link beside its target (`latest.txt` -> `v2.txt`) would
+    train on the file twice, maybe once in each split. The target's own name is kept; a link only for a file
+    nothing else names (data kept elsewhere)."""
+    seen = {os.path.realpath(path) for path in files if not path.is_symlink()}
+    unique = [path for path in files if not path.is_symlink()]
+    for link in sorted(path for path in files if path.is_symlink()):
+        if (real := os.path.realpath(link)) not in seen:
+            seen.add(real)
+            unique.append(link)
+    return sorted(unique)
