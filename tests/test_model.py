@@ -181,13 +181,16 @@ def test_the_forward_runs_on_the_meta_device():
 @pytest.mark.parametrize("call, message", [
     (lambda m, ids: m(ids, torch.arange(4)), r"positions must have input_ids' shape \(4, 4\)"),
     (lambda m, ids: m(ids.float()), "input_ids must be integer token ids"),
+    (lambda m, ids: m(ids > 100), "input_ids must be integer token ids"),
+    (lambda m, ids: m(ids + m.config.vocab_size), r"ids outside the vocabulary \(0 to 511\)"),
+    (lambda m, ids: m(-1 - ids), "ids outside the vocabulary"),
     (lambda m, ids: m(ids[0]), r"of shape \(batch, tokens\).*shape \(4,\)"),
     (lambda m, ids: m(ids[:0]), "both at least 1"),
     (lambda m, ids: m(ids[:, :1], with_mtp=True), "with_mtp needs at least 2 tokens"),
 ])
 def test_inputs_of_the_wrong_shape_are_refused_by_name(call, message):
-    """positions=torch.arange(S) broadcast one position per row: silently wrong logits when B == S; float or 1-D
-    ids and an empty batch failed deep inside attention."""
+    """positions=torch.arange(S) broadcast one position per row: silently wrong logits when B == S; float, bool or
+    1-D ids and an empty batch failed deep inside attention; ids past the vocabulary in the embedding, unnamed."""
     model = randomized()
     with pytest.raises(ValueError, match=message):
         call(model, torch.randint(0, 200, (4, 4)))

@@ -25,22 +25,26 @@ from longcat_flash.train.checkpoints import resume_config
 from longcat_flash.train.trainer import setup, train
 
 
-def packed_and_separate(model: Transformer, lengths: list[int], documents: bool):
+def packed_and_separate(model: Transformer, lengths: list[int], documents: bool, names: list[int] | None = None):
+    """names: each document's id in `documents` (0, 1, 2, ... by default)."""
     torch.manual_seed(1)
     parts = [torch.randint(0, 256, (1, n)) for n in lengths]
     ids = torch.cat(parts, dim=1)
-    docs = torch.cat([torch.full((1, n), i) for i, n in enumerate(lengths)], dim=1)
+    docs = torch.cat([torch.full((1, n), i) for i, n in zip(names or range(len(lengths)), lengths)], dim=1)
     with torch.no_grad():
         packed = model(ids, with_mtp=True, documents=docs if documents else None)
         alone = [model(p, with_mtp=True) for p in parts]
     return packed, alone
 
 
-@pytest.mark.parametrize("documents", [True, False], ids=["masked", "mask-off"])
-def test_packed_forward_equals_separate_forwards(documents):
+@pytest.mark.parametrize("documents,names", [(True, None), (False, None), (True, [0, 1, 0])],
+                         ids=["masked", "mask-off", "an-id-again"])
+def test_packed_forward_equals_separate_forwards(documents, names):
+    """An id seen again after another ([0, 1, 0]) is a third document: its positions restarted while its tokens
+    attended to the first document's, which matched neither reading."""
     model = Transformer(tiny()).eval()
     lengths = [9, 5, 12]
-    packed, alone = packed_and_separate(model, lengths, documents)
+    packed, alone = packed_and_separate(model, lengths, documents, names)
     start, worst_logits, worst_mtp = 0, 0.0, 0.0
     for n, out in zip(lengths, alone):
         worst_logits = max(worst_logits, (packed.logits[:, start:start + n] - out.logits).abs().max().item())

@@ -31,20 +31,27 @@ class ModelOutput:
     mtp_hidden: torch.Tensor | None = None  # (B, S-1, D) what the lm_head reads for mtp_logits
 
 
-def document_positions(documents: torch.Tensor) -> torch.Tensor:
-    """(B, S) document ids, equal ids contiguous -> (B, S) each token's position inside its document."""
-    B, S = documents.shape
-    index = torch.arange(S, device=documents.device).expand(B, S)
+def document_starts(documents: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> (B, S) True where a document starts: a document is a run of equal ids, so an id
+    seen again after another one ([0, 0, 1, 1, 0, 0]) starts a third document, not the first one's continuation."""
     starts = torch.ones_like(documents, dtype=torch.bool)
     starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
-    return index - torch.where(starts, index, 0).cummax(dim=1).values
+    return starts
+
+
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """(B, S) document ids -> (B, S) each token's position inside its document."""
+    B, S = documents.shape
+    index = torch.arange(S, device=documents.device).expand(B, S)
+    return index - torch.where(document_starts(documents), index, 0).cummax(dim=1).values
 
 
 def document_mask(documents: torch.Tensor) -> torch.Tensor:
     """(B, S) document ids -> (B, S, S) True where query s may attend to key l: causal, same document."""
     S = documents.shape[1]
     causal = torch.ones(S, S, dtype=torch.bool, device=documents.device).tril()
-    return (documents[:, :, None] == documents[:, None, :]) & causal
+    runs = document_starts(documents).cumsum(dim=1)  # (B, S) each token's document, numbered along the row
+    return (runs[:, :, None] == runs[:, None, :]) & causal
 
 
 class Backbone(nn.Module):
@@ -91,9 +98,9 @@ class Transformer(nn.Module):
         with_mtp: also run the MTP head over the sequence (training): position t reads token t+1 and h_t.
         compute_logits=False skips the lm_head (for the trunk and the MTP head): the caller applies it itself,
         e.g. chunk by chunk (train/losses.py).
-        documents: (B, S) ids of the packed documents each token belongs to (equal ids contiguous): attention
-        stays inside a document (trunk and MTP head) and positions restart at 0 in each, so every document is
-        computed as if alone (SFT packing). None: one causal sequence per row, the plain path.
+        documents: (B, S) ids of the packed documents each token belongs to (a document is a run of equal ids):
+        attention stays inside a document (trunk and MTP head) and positions restart at 0 in each, so every
+        document is computed as if alone (SFT packing). None: one causal sequence per row, the plain path.
         """
         _check_inputs(input_ids, positions, documents, with_mtp)
         B, S = input_ids.shape
@@ -105,7 +112,10 @@ class Transformer(nn.Module):
             positions, mask = document_positions(documents), document_mask(documents)
         if positions is None:
             positions = torch.arange(S, device=input_ids.device).expand(B, S)
-        x = self.model.embed_tokens(input_ids)  # (B, S, D)
+        try:
+            x = self.model.embed_tokens(input_ids)  # (B, S, D)
+        except IndexError:  # the CPU's "index out of range in self", said of the input (no sync to check first)
+            raise ValueError(f"input_ids hold ids outside the vocabulary (0 to {self.config.vocab_size - 1})") from None
         rope = self.model.rotary(positions, x.dtype)
         routing = []
         for layer in self.model.layers:
@@ -162,7 +172,8 @@ def _check_inputs(input_ids: torch.Tensor, positions: torch.Tensor | None, docum
                   with_mtp: bool) -> None:
     """Shapes only (no device sync): a 1-D `positions` broadcast one position per row, silently wrong when B == S,
     and float ids or an empty batch failed deep inside attention."""
-    if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.numel() == 0:
+    if (input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool
+            or input_ids.numel() == 0):
         raise ValueError(f"input_ids must be integer token ids of shape (batch, tokens), both at least 1, got "
                          f"{input_ids.dtype} of shape {tuple(input_ids.shape)}")
     for name, t in (("positions", positions), ("documents", documents)):
