@@ -405,6 +405,21 @@ def test_a_checkpoint_of_mixed_dtypes_loads_in_its_main_one(saved):
     assert loaded(torch.randint(0, 256, (1, 5))).logits.dtype == torch.bfloat16
 
 
+def test_a_float64_model_saves_and_loads_as_float64(saved, tmp_path):
+    """A model saved after .double() was written in float64 and loaded back silently in fp32 (transformers loads
+    it in float64), and dtype=torch.float64 was refused on both sides. Inference computes it in fp32."""
+    from longcat_flash.infer.loader import load_for_inference
+
+    model, _ = saved
+    model.double().save_pretrained(tmp_path / "f64")
+    loaded = LongcatFlash.from_pretrained(tmp_path / "f64")
+    assert loaded.lm_head.weight.dtype == torch.float64
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    model.float().save_pretrained(tmp_path / "named", dtype=torch.float64)
+    assert LongcatFlash.from_pretrained(tmp_path / "named", dtype="float64").lm_head.weight.dtype == torch.float64
+    assert load_for_inference(tmp_path / "f64")[0].lm_head.weight.dtype == torch.float32
+
+
 @pytest.mark.parametrize("config, message", [
     ([1, 2], "must hold a JSON object"),
     ({"quantization_config": {"quant_method": "fp8"}}, "pre-quantized checkpoints are not loaded"),

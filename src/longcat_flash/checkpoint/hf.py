@@ -310,7 +310,7 @@ def _run_command(run: Path) -> str:
     return "sft" if isinstance(sft, dict) and sft.get("data") else "train"
 
 
-DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16, "float64": torch.float64}
 
 
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:

@@ -110,7 +110,8 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     """The model from `path` on `device`, ready for the engine; with `quantize` (quant.CHOICES), quantized weights.
 
     dtype None or "auto": the checkpoint's, except that a bf16 checkpoint computes in fp32 on a device without fast
-    bf16 matmuls (a CPU with AVX2 only), and a float16 one in fp32 on any CPU; "bfloat16" forces bf16.
+    bf16 matmuls (a CPU with AVX2 only), a float16 one in fp32 on any CPU, and a float64 one in fp32 anywhere;
+    "bfloat16" forces bf16.
     The weights are read straight onto the device, then fused and quantized there (no CPU copy of the model).
     int8/fp8/int4: keep_top > 0 with calibration ids (B, S) keeps that many units per criterion in the model dtype.
     int4-mixed: the keep_fraction most sensitive units (measured on calibration ids if given) stay at int8.
@@ -124,9 +125,10 @@ def load_for_inference(path: str | Path, *, dtype: str | None = None, quantize: 
     model = LongcatFlash.from_pretrained(path, dtype=asked, device=device)
     stored = model.lm_head.weight.dtype
     if asked is None and ((stored == torch.bfloat16 and not fast_bf16(device))
-                          or (stored == torch.float16 and device.type == "cpu")):
+                          or (stored == torch.float16 and device.type == "cpu") or stored == torch.float64):
         model.float()  # auto: bf16 matmuls here would be 6-20x slower than fp32 ones (device.fast_bf16), fp16
-        # ones on any CPU (a float16 checkpoint decoded 15x slower than in fp32 on the 2-core EPYC)
+        # ones on any CPU (a float16 checkpoint decoded 15x slower than in fp32 on the 2-core EPYC); float64
+        # (a model saved after .double()) only doubles the bytes a token reads
     fuse_for_inference(model, moe=device.type == "cpu" or fmt is not None)  # a GPU's grouped MoE: fused.py
     if device.type == "cpu":
         kernels.kernel_available()  # a first build of the compiled kernels (a minute) happens here, not in a request
