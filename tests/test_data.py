@@ -350,6 +350,41 @@ def test_sample_texts_fills_up_what_files_of_unequal_sizes_spread_to(tmp_path: P
 
 # ---- token shards ----
 
+class Spy:
+    """A tokenizer that remembers the longest text it was given to encode."""
+
+    def __init__(self, tok: Tokenizer) -> None:
+        self.tok, self.longest = tok, 0
+        self.eos_id, self.vocab_size, self.fingerprint = tok.eos_id, tok.vocab_size, tok.fingerprint
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        self.longest = max(self.longest, *map(len, texts))
+        return self.tok.encode_batch(texts)
+
+
+@pytest.mark.parametrize("kind", ["byte-level", "one line", "sentencepiece", "sentencepiece, no spaces"])
+def test_a_long_text_file_is_encoded_in_pieces_to_the_same_tokens(tmp_path: Path, tok: Tokenizer, kind) -> None:
+    """A single 50 MB text file went to the tokenizer whole and took 6 GB: a long document is now cut at line
+    starts or between words where the tokens come out as they do for the whole text (not at a line start before
+    which a SentencePiece vocabulary would put its "▁")."""
+    from tokenizer_support import sentencepiece_tokenizer
+
+    tokenizer = sentencepiece_tokenizer() if kind.startswith("sentencepiece") else tok
+    lines = [f"{'    ' * (i % 3)}value_{i} = compute({i}, 'x')  # note {i}\n" for i in range(400)]
+    lines[200] = "\n"  # a blank line: no cut beside it
+    doc = "".join(lines)
+    doc = {"one line": doc.replace("\n", " "), "sentencepiece, no spaces": doc.replace(" ", "")}.get(kind, doc)
+    (tmp_path / "one.txt").write_text(doc, encoding="utf-8")
+    spy = Spy(tokenizer)
+    path = build_token_shard(tmp_path / "one.txt", spy, tmp_path / "cache", chunk_bytes=1000, progress=False)
+    assert np.fromfile(path, dtype=ShardMeta.read(path).dtype).tolist() == [*tokenizer.encode(doc), tokenizer.eos_id]
+    assert ShardMeta.read(path).n_docs == 1
+    if kind == "sentencepiece, no spaces":
+        assert spy.longest == len(doc)  # its only places are line starts, where its pieces would encode otherwise
+    else:
+        assert spy.longest < 1300, spy.longest  # a piece, not the 18 kB document
+
+
 def test_shard_holds_documents_joined_by_eos(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
     path = build_token_shard(corpus_dir, tok, tmp_path / "cache", progress=False)
     meta = ShardMeta.read(path)

@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import re
 import sys
 import time
 from collections.abc import Iterator, Sequence
@@ -108,30 +109,66 @@ def _shard_is_current(bin_path: Path, fingerprint: str) -> bool:
 
 def _write_tokens(corpus: Corpus, tokenizer: TokenizerLike, f: Any, dtype: type[np.integer], chunk_bytes: int,
                   progress: bool) -> tuple[int, int]:
-    """Encode documents in ~chunk_bytes batches (parallel in the Rust tokenizer) and append them to `f`."""
+    """Encode documents in ~chunk_bytes batches (parallel in the Rust tokenizer) and append them to `f`; a longer
+    document goes in pieces (`_pieces`), its eos after the last."""
     n_tokens, n_docs, eos, files = 0, 0, [tokenizer.eos_id], corpus.files()
     total = min(sum(p.stat().st_size for p in files), corpus.max_bytes or sys.maxsize)  # an upper bound
+    pieces = ((piece, last) for doc in corpus.documents(files)
+              for piece, last in _marked_last(_pieces(doc, chunk_bytes, tokenizer)))
     with tqdm(desc=f"tokenizing {corpus.name}", total=total, unit="B", unit_scale=True,
               disable=not progress) as bar:
-        for chunk in _chunks(corpus.documents(files), chunk_bytes):
-            encoded = tokenizer.encode_batch(chunk)
-            count = sum(len(ids) for ids in encoded) + len(encoded)
-            flat = itertools.chain.from_iterable(itertools.chain(ids, eos) for ids in encoded)
+        for chunk in _chunks(pieces, chunk_bytes):
+            encoded = tokenizer.encode_batch([piece for piece, _ in chunk])
+            ends = [last for _, last in chunk]
+            count = sum(len(ids) for ids in encoded) + sum(ends)
+            flat = itertools.chain.from_iterable(itertools.chain(ids, eos * last) for ids, last in zip(encoded, ends))
             np.fromiter(flat, dtype=dtype, count=count).tofile(f)
-            n_tokens, n_docs = n_tokens + count, n_docs + len(chunk)
-            bar.update(sum(len(doc.encode("utf-8")) for doc in chunk))
+            n_tokens, n_docs = n_tokens + count, n_docs + sum(ends)
+            bar.update(sum(len(piece.encode("utf-8")) for piece, _ in chunk))
             bar.set_postfix(tokens=n_tokens, refresh=False)
         bar.total = bar.n  # file sizes overestimate .jsonl/.parquet text; end the bar at 100%
     return n_tokens, n_docs
 
 
-def _chunks(docs: Iterator[str], chunk_bytes: int) -> Iterator[list[str]]:
-    """Group documents into lists of about `chunk_bytes` characters (bounds memory, keeps batches big)."""
+def _chunks(pieces: Iterator[tuple[str, bool]], chunk_bytes: int) -> Iterator[list[tuple[str, bool]]]:
+    """Group (text, ends a document) pieces into lists of about `chunk_bytes` characters (bounds memory, keeps
+    batches big)."""
     chunk, size = [], 0
-    for doc in docs:
-        chunk.append(doc)
-        if (size := size + len(doc)) >= chunk_bytes:
+    for piece in pieces:
+        chunk.append(piece)
+        if (size := size + len(piece[0])) >= chunk_bytes:
             yield chunk
             chunk, size = [], 0
     if chunk:
         yield chunk
+
+
+def _marked_last(pieces: list[str]) -> Iterator[tuple[str, bool]]:
+    return ((piece, i == len(pieces) - 1) for i, piece in enumerate(pieces))
+
+
+def _pieces(doc: str, size: int, tokenizer: TokenizerLike) -> list[str]:
+    """`doc` in pieces of about `size` characters: a 50 MB text file encoded at once took 6 GB (the tokenizer's
+    records of each token). A cut is made only where the tokenizer encodes the text around it as the two sides
+    apart (a byte-level BPE does at a line start or before a space between words; a SentencePiece "▁" prefix does
+    not), so the tokens are those of the whole document; where no such place is found the rest stays whole."""
+    pieces, start = [], 0
+    while len(doc) - start > size and (cut := _cut(doc, start + size, tokenizer)) is not None:
+        pieces.append(doc[start:cut])
+        start = cut
+    return [*pieces, doc[start:]]
+
+
+CUTS = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")  # a line start or a word's space, between non-blanks
+
+
+def _cut(doc: str, at: int, tokenizer: TokenizerLike, tries: int = 16, context: int = 256) -> int | None:
+    """The first of `tries` places of CUTS from `at` on where the text around it (`context` characters each side)
+    encodes as its two sides apart; None if none of them does."""
+    for place in itertools.islice(CUTS.finditer(doc, at), tries):
+        cut = place.start()
+        left, right = doc[max(cut - context, 0):cut], doc[cut:cut + context]
+        both, alone_left, alone_right = tokenizer.encode_batch([left + right, left, right])
+        if both == alone_left + alone_right:
+            return cut
+    return None
