@@ -385,6 +385,12 @@ def test_a_long_text_file_is_encoded_in_pieces_to_the_same_tokens(tmp_path: Path
         assert spy.longest < 1300, spy.longest  # a piece, not the 18 kB document
 
 
+def test_a_globs_shard_is_named_without_its_wildcards(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
+    """`--set data.source='corpus/*.md'` cached its tokens as `*-<hash>.bin`, a name every shell expands."""
+    path = build_token_shard(f"{corpus_dir}/*.md", tok, tmp_path / "cache", progress=False)
+    assert path.name.startswith("corpus-") and not set("*?[]") & set(path.name), path.name
+
+
 def test_shard_holds_documents_joined_by_eos(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
     path = build_token_shard(corpus_dir, tok, tmp_path / "cache", progress=False)
     meta = ShardMeta.read(path)

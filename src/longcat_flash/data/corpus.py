@@ -69,7 +69,8 @@ class Corpus:
 
     @property
     def name(self) -> str:
-        return STDLIB if self.is_stdlib else self.root.stem or "corpus"
+        """What the cache file is named after: a glob's `*` or `?` in a file name is a trap in every shell."""
+        return STDLIB if self.is_stdlib else re.sub(r"[^\w.-]+", "_", self.root.stem).strip("_.") or "corpus"
 
     def files(self) -> list[Path]:
         """The corpus files in a deterministic (sorted) order; a missing path fails here, naming it. A directory's
