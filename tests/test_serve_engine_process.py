@@ -175,6 +175,28 @@ def test_a_handler_that_leaves_before_its_ids_arrive_leaves_nothing_running(brid
     assert len(asyncio.run(scenario())[0]) == 3
 
 
+def test_a_submission_learns_its_ids_before_the_engine_steps(model_dir):
+    """The engine loop answered a submission with its request ids only after the step that followed it (a prefill:
+    seconds under load), so a client that left meanwhile was cancelled a step later still, its pages held."""
+    import threading
+
+    from longcat_flash.serve.bridge import AsyncEngine
+
+    model, _ = load_for_inference(model_dir, device="cpu")
+    engine, gate = Engine(model, CONFIG), threading.Event()
+    step = engine.step
+    engine.step = lambda: gate.wait(30) and step()  # the step stays in flight until the ids have arrived
+    bridge = AsyncEngine(engine).start()
+    try:
+        async def scenario():
+            return await asyncio.wait_for(bridge.submit([([5, 6, 7], [SamplingParams(max_new_tokens=2)])]), 10)
+        [[(request_id, _)]] = asyncio.run(scenario())
+        assert request_id in engine.requests
+    finally:
+        gate.set()
+        bridge.stop()
+
+
 def test_an_engine_reply_after_the_server_failed_everything_is_dropped():
     """On shutdown the server fails every open request (fail_all) while the engine process still runs: a reply to
     a submission it had failed raised KeyError on the reader thread, which died, leaving the child blocked on a

@@ -88,10 +88,12 @@ class EngineLoop:
         self.sink(Batch([], [], self.snapshot()))  # /metrics shows the real pool from the start, not a placeholder
         while not self._stopped.is_set():
             replies, handled = self._drain_inbox()
+            if replies:  # before the step (a long prefill): a handler whose client leaves meanwhile can name its ids
+                self.sink(Batch(replies, [], self.snapshot()))
             outputs = self._step() if self.engine.has_work() else None
-            if handled or outputs is not None:
-                self.sink(Batch(replies, outputs or [], self.snapshot()))
-            else:
+            if outputs is not None or (handled and not replies):
+                self.sink(Batch([], outputs or [], self.snapshot()))
+            elif not handled:
                 if self._wake.wait(IDLE_WAIT_S):
                     self._gather()
                 self._wake.clear()
