@@ -367,6 +367,25 @@ def test_a_stray_byte_on_a_strict_stdin_is_refused_and_the_chat_goes_on(checkpoi
     assert done.returncode == 0 and "not valid UTF-8" in out and out.count("assistant> ") == 2, done.stderr[-2000:]
 
 
+def test_a_closed_stdin_is_an_empty_input_and_a_closed_stdout_an_error(checkpoint):
+    """Started with stdin closed (`<&-`, as some service managers start jobs), chat and `--prompt-file -` ended in
+    a traceback (input(): lost sys.stdin); with stdout closed, generate turned its compiled kernels off and exited
+    0 having written nothing."""
+    import subprocess
+
+    def run(command: str, closed: str) -> subprocess.CompletedProcess:
+        line = f"{sys.executable} -m longcat_flash.cli {command} --model {checkpoint} --max-new-tokens 2 {closed}"
+        return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=300)
+
+    chat = run("chat", "<&-")
+    assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr[-2000:]
+    piped = run("generate --prompt-file -", "<&-")
+    assert piped.returncode == 1 and piped.stderr.strip() == "longcat generate: prompt must hold at least one token"
+    printed = run("generate --prompt hi", ">&-")
+    assert printed.returncode == 1 and printed.stderr.strip() == (
+        "longcat generate: standard output is closed: nowhere to write what it prints"), printed.stderr[-2000:]
+
+
 def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):
     """Ctrl-C during a reply ended the whole chat (KeyboardInterrupt out of an engine step), losing the
     conversation: now it stops the reply between two steps, and the partial reply stays in the conversation."""

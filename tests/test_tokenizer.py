@@ -413,6 +413,9 @@ def test_a_template_that_fails_on_a_conversation_is_a_value_error_naming_it() ->
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, "tool_calls": [call]}]
     with pytest.raises(ValueError, match=r"the chat template fails on this conversation \(TypeError"):
         concat.apply_chat_template(messages)
+    dividing = Tokenizer(backend, chat_template="{{ messages | length // (messages | length - 1) }}")
+    with pytest.raises(ValueError, match=r"fails on this conversation \(ZeroDivisionError"):
+        dividing.apply_chat_template(messages[:1])
     refusing = Tokenizer(backend, chat_template="{{ raise_exception('no tools here') }}")
     with pytest.raises(ValueError, match="the chat template refuses this conversation: no tools here"):
         refusing.apply_chat_template(messages[:1])

@@ -20,6 +20,7 @@ from . import analysis, data, inference, training
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     *analysis.COMMANDS, *training.COMMANDS, *inference.COMMANDS, *data.COMMANDS]
 MULTI_PROCESS = training.MULTI_PROCESS  # the commands torchrun may launch
+PRINTS_ITS_RESULT = ("generate", "chat", "info", "cost")  # what these make is their standard output
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,8 +50,28 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def _hold_closed_streams() -> list[str]:
+    """Put /dev/null on a closed standard stream (`<&-`, `>&-`): its descriptor would be the next file opened (a
+    checkpoint, a socket), where a library's print lands, and torch's kernel build fails on a missing stdout. A
+    closed stdin reads as an empty input. Returns the names of those that were closed."""
+    closed = []
+    for fd, name in enumerate(("stdin", "stdout", "stderr")):
+        if getattr(sys, name) is not None:
+            continue
+        held = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        if held != fd:  # the descriptor was taken meanwhile: the stream is lost, not closed
+            os.dup2(held, fd)
+            os.close(held)
+        setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+        closed.append(name)
+    return closed
+
+
 def main(argv: list[str] | None = None) -> None:
+    closed = _hold_closed_streams()
     args = _parse(argv)
+    if "stdout" in closed and args.command in PRINTS_ITS_RESULT:  # `echo hi >&-` fails too: "Bad file descriptor"
+        sys.exit(f"longcat {args.command}: standard output is closed: nowhere to write what it prints")
     if args.command != "serve":  # one-shot commands reuse their large blocks; serve tunes its engine process only
         tune_cpu_allocator()
     # SIGTERM (`timeout`, `kill`) ends a one-process command as Ctrl-C does, through its cleanup: a half-written

@@ -256,7 +256,7 @@ class Tokenizer:
                 raise ValueError(f"the chat template refuses this conversation: {err}") from None
             raise ValueError(f"the chat template fails on this conversation (UndefinedError: {err}); it cannot "
                              "render it") from None
-        except (TypeError, AttributeError, KeyError, IndexError) as err:  # the template's own code on this input
+        except (TypeError, AttributeError, KeyError, IndexError, ArithmeticError) as err:  # its own code on this input
             raise ValueError(f"the chat template fails on this conversation ({type(err).__name__}: {err}); it "
                              "cannot render it") from None
 
