@@ -58,11 +58,10 @@ def _hold_closed_streams() -> list[str]:
     for fd, name in enumerate(("stdin", "stdout", "stderr")):
         if getattr(sys, name) is not None:
             continue
-        held = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
-        if held != fd:  # the descriptor was taken meanwhile: the stream is lost, not closed
-            os.dup2(held, fd)
+        held = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)  # the lowest free descriptor
+        if held != fd:  # an import opened a file on it meanwhile: leave that file alone
             os.close(held)
-        setattr(sys, name, open(fd, "r" if fd == 0 else "w", closefd=False))
+        setattr(sys, name, open(os.devnull if held != fd else fd, "r" if fd == 0 else "w", closefd=held != fd))
         closed.append(name)
     return closed
 
