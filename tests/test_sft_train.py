@@ -65,6 +65,39 @@ def test_mtp_targets_never_cross_a_document():
     assert mtp_targets(targets).tolist() == [[2, 3, 4, 5, 6, 7, 8]]
 
 
+def test_padding_moves_neither_the_budget_controller_nor_the_auxiliary_losses():
+    """A packed window's padding (one id, all routed to the same experts) was counted as routed data: padded to 128
+    instead of 32, the same two conversations moved the router biases 4x as far and changed the z-loss, the balance
+    loss and the FFN experts per token. Only the window's length may change now."""
+    import numpy as np
+
+    from longcat_flash.data.conversation_packing import pack
+    from longcat_flash.train.budget import BudgetController
+    from longcat_flash.train.optim import build_optimizer, init_parameters
+    from longcat_flash.train.trainer import train_step
+
+    rng = np.random.default_rng(0)
+    conversations = [(rng.integers(3, 512, n), np.arange(n) >= n - 9) for n in (21, 10)]  # the last 9 trained
+    results = []
+    for seq_len in (32, 128):
+        cfg = build_config("tiny", [f"data.seq_len={seq_len}", "data.batch_size=1", "dtype=float32",
+                                    "loss.monitor_every=0"])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        optimizer = build_optimizer(model, cfg.optim, init_parameters(model, cfg.scaling, 0))
+        controller = BudgetController(cfg.budget, cfg.model.num_layers, cfg.model.n_routed_experts,
+                                      cfg.model.moe_topk, cfg.ffn_expert_target)
+        data = pack(conversations, seq_len, pad_id=0, split="train")
+        assert len(data) == 1  # both conversations in one window, then padding
+        metrics = train_step(model, optimizer, controller, data.batch([0]), cfg, step=10)
+        results.append((metrics, torch.stack([r.e_score_correction_bias for r in model.routers()])))
+    (short, short_bias), (long, long_bias) = results
+    for key in ("lm_loss", "mtp_loss", "z_loss", "balance_loss", "ffn_experts_per_token", "hidden_norm"):
+        assert long[key] == pytest.approx(short[key], rel=1e-5), key
+    assert long["ffn_experts_per_layer"] == short["ffn_experts_per_layer"]
+    torch.testing.assert_close(long_bias, short_bias)
+
+
 def sft_config(model: Path, data: Path, *extra: str):
     return build_config("sft", [f"init_from={model}", f"sft.data={data}", "data.seq_len=256", "data.batch_size=4",
                                 "data.val_fraction=0.2", "data.val_batches=2", "dtype=float32", "max_steps=2",

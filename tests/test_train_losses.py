@@ -9,7 +9,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from longcat_flash.model import ModelOutput, RoutingInfo
 from longcat_flash.train.config import LossConfig
-from longcat_flash.train.losses import (balance_loss, chunked_lm_loss, expert_groups, hidden_z_loss, lm_loss,
+from longcat_flash.train.losses import (balance_loss, chunked_lm_loss, hidden_z_loss, lm_loss,
                                         mtp_loss, training_losses)
 
 # Two tokens, 4 FFN experts (D=2 groups of 2) + 2 zero experts, top-2, K_e = 1.
@@ -37,10 +37,6 @@ def test_hidden_z_loss_is_mean_squared_logsumexp_of_abs():
     hidden = torch.tensor([[[1.0, -1.0], [0.0, 0.0]]])  # (B=1, S=2, D=2)
     expected = ((1 + math.log(2)) ** 2 + math.log(2) ** 2) / 2  # lse(|z|) = log(2e), log 2
     assert hidden_z_loss(hidden).item() == pytest.approx(expected)
-
-
-def test_expert_groups_put_every_zero_expert_in_group_d():
-    assert expert_groups(torch.tensor([0, 1, 2, 3, 4, 5]), n_ffn=4, groups=2).tolist() == [0, 0, 1, 1, 2, 2]
 
 
 def test_balance_loss_hand_example():

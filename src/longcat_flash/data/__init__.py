@@ -13,11 +13,11 @@
 The token-stream modules' names are importable from `longcat_flash.data` directly; the conversation modules (SFT)
 are imported by their own paths.
 """
-from .batches import IGNORE, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
+from .batches import IGNORE, PADDING, PackedBatch, ResumableSampler, TokenDataset, split_windows, validation_batches
 from .copying import CopyMix, ordinary_ids
 from .corpus import DOC_SUFFIXES, STDLIB, Corpus, iter_documents, sample_texts
 from .shards import SHARD_FORMAT_VERSION, ShardMeta, TokenizerLike, build_token_shard
 
-__all__ = ["DOC_SUFFIXES", "IGNORE", "SHARD_FORMAT_VERSION", "STDLIB", "CopyMix", "Corpus", "PackedBatch",
+__all__ = ["DOC_SUFFIXES", "IGNORE", "PADDING", "SHARD_FORMAT_VERSION", "STDLIB", "CopyMix", "Corpus", "PackedBatch",
            "ResumableSampler", "ShardMeta", "TokenDataset", "TokenizerLike", "build_token_shard", "iter_documents",
            "ordinary_ids", "sample_texts", "split_windows", "validation_batches"]

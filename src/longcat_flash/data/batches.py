@@ -19,12 +19,13 @@ import torch
 from .shards import ShardMeta
 
 IGNORE = -100  # a target that is not trained on (F.cross_entropy's default ignore_index)
+PADDING = -1  # the document id of a packed window's padding: in no document, never trained, not counted as routed
 
 
 @dataclass
 class PackedBatch:
     """Windows holding several documents each (SFT packing, data/conversation_packing.py): tokens, the target-or-IGNORE
-    labels and the document id of every position, all (B, S+1) int64."""
+    labels and the document id of every position (PADDING after the last document), all (B, S+1) int64."""
 
     tokens: torch.Tensor
     labels: torch.Tensor

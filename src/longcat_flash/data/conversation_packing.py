@@ -13,7 +13,7 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .batches import IGNORE, PackedBatch, array_digest
+from .batches import IGNORE, PADDING, PackedBatch, array_digest
 from .conversation_files import row_files
 from .conversation_tokens import ChatTokenizer, tokenize
 from .conversations import read_conversations
@@ -47,9 +47,10 @@ class ConversationDataset:
     `batch(indices)` gives a PackedBatch; with ResumableSampler and validation_batches it behaves like a
     TokenDataset (same interface), so the training loop, its resume and its data parallelism are unchanged."""
 
-    def __init__(self, tokens: np.ndarray, trained: np.ndarray, documents: np.ndarray, split: str,
-                 report: str) -> None:
+    def __init__(self, tokens: np.ndarray, trained: np.ndarray, documents: np.ndarray, lengths: np.ndarray,
+                 split: str, report: str) -> None:
         self.tokens, self.trained, self.documents = tokens, trained, documents  # (N, S+1) each
+        self.lengths = lengths  # (N,) each window's tokens before its padding
         self.split, self.report = split, report
         self.seq_len = tokens.shape[1] - 1
 
@@ -63,9 +64,10 @@ class ConversationDataset:
     def batch(self, indices: Sequence[int] | np.ndarray) -> PackedBatch:
         idx = np.asarray(indices, dtype=np.int64)
         tokens = self.tokens[idx].astype(np.int64)
+        padding = np.arange(tokens.shape[1]) >= self.lengths[idx, None]  # (B, S+1)
         return PackedBatch(torch.from_numpy(tokens),
                            torch.from_numpy(np.where(self.trained[idx], tokens, IGNORE)),
-                           torch.from_numpy(self.documents[idx].astype(np.int64)))
+                           torch.from_numpy(np.where(padding, PADDING, self.documents[idx].astype(np.int64))))
 
 
 def has_target(trained: np.ndarray) -> bool:
@@ -119,6 +121,7 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
     tokens = np.full((len(bins), window), pad_id, dtype=np.int32)
     trained_out = np.zeros((len(bins), window), dtype=bool)
     documents = np.zeros((len(bins), window), dtype=np.int32)
+    lengths = np.zeros(len(bins), dtype=np.int64)
     for row, members in enumerate(bins):
         at = 0
         for doc, k in enumerate(members):
@@ -126,10 +129,12 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
             tokens[row, at:at + len(ids)], trained_out[row, at:at + len(ids)] = ids, trained
             documents[row, at:at + len(ids)] = doc
             at += len(ids)
-        documents[row, at:] = len(members)  # the padding is a document of its own, never trained
+        documents[row, at:] = len(members)  # the padding is a document of its own, never trained (PADDING in batches)
+        lengths[row] = at
     stats.tokens = int(sum(len(ids) for ids, _ in kept))
     stats.trained_tokens = int(trained_out[:, 1:].sum())
-    return ConversationDataset(tokens, trained_out, documents, split, stats.describe(split, len(bins), window))
+    return ConversationDataset(tokens, trained_out, documents, lengths, split,
+                               stats.describe(split, len(bins), window))
 
 
 def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..data import IGNORE
+from ..data import IGNORE, PADDING
 from ..model import ModelOutput
 from ..model.moe import histogram
 from .config import LossConfig
@@ -69,22 +69,43 @@ def target_counts(targets: torch.Tensor, documents: torch.Tensor | None = None) 
     return torch.stack([(targets != IGNORE).sum(), (mtp_targets(targets, documents) != IGNORE).sum()])
 
 
-def hidden_z_loss(hidden: torch.Tensor) -> torch.Tensor:
-    """Report eq. 10 without λ: mean over tokens of (log Σ_i exp|z_t,i|)², z = last hidden before the final norm.
+def hidden_z_loss(hidden: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+    """Report eq. 10 without λ: mean over tokens of (log Σ_i exp|z_t,i|)², z = last hidden before the final norm;
+    real (B, S): the tokens that count (not a packed window's padding), None: all.
 
     It penalises massive activations; a tiny λ keeps the hidden norm stable without hurting the LM loss.
     """
     lse = torch.logsumexp(hidden.float().abs(), dim=-1)  # (B, S)
-    return lse.pow(2).mean()
+    return lse.pow(2).mean() if real is None else masked_mean(lse.pow(2), real)
 
 
-def expert_groups(ids: torch.Tensor, n_ffn: int, groups: int) -> torch.Tensor:
-    """Group of each selected expert: FFN expert i -> i // (E / G); every zero expert -> group G."""
-    return torch.where(ids < n_ffn, ids // (n_ffn // groups), groups)
+def masked_mean(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """The mean of `values` where `real` (same shape) holds, without a device sync; 0 where none does."""
+    return (values * real).sum() / real.sum().clamp(min=1)
+
+
+def real_tokens(documents: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, S) True but at a packed window's padding (document id PADDING); None (all real) without documents."""
+    return None if documents is None else documents != PADDING
+
+
+def layer_counts(out: ModelOutput, real: torch.Tensor | None = None) -> torch.Tensor:
+    """(L, E+Z) selections of each expert in each layer, of the real (B, S) tokens only: the budget controller's
+    and the balance loss's counts."""
+    flat = None if real is None else real.reshape(-1)
+    return torch.stack([routed_counts(r.ids, r.probs.shape[-1], flat) for r in out.routing])
+
+
+def routed_counts(ids: torch.Tensor, n: int, real: torch.Tensor | None = None) -> torch.Tensor:
+    """(n,) selections of each expert in ids (T, K), of the real (T,) tokens only (a packed window's padding is
+    routed too, all one id onto the same experts: counted, it moved the budget controller and the balance)."""
+    if real is None:
+        return histogram(ids, n)
+    return histogram(ids.masked_fill(~real[:, None], n), n + 1)[:n]  # padding into a bin of its own, dropped
 
 
 def balance_loss(probs: torch.Tensor, ids: torch.Tensor, n_ffn: int, groups: int, target: float,
-                 selections: torch.Tensor | None = None) -> torch.Tensor:
+                 selections: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
     """Device-level load balance with the zero experts as group D+1 (report §2.1.2), without α, for one layer.
 
         L = Σ_j f_j P_j,  P_j = (1/T) Σ_t Σ_{i in group j} p_t,i
@@ -98,20 +119,25 @@ def balance_loss(probs: torch.Tensor, ids: torch.Tensor, n_ffn: int, groups: int
     selections: (E+Z,) selections per expert over the whole batch when it is split over data-parallel ranks;
     f then counts the global batch and P this rank's tokens, so the mean over ranks of L, and of its
     gradient, is the one-process value (docs/expert_parallel.md). None: count `ids`.
+    real: (T,) the tokens that count (not padding; `selections` then counts them alone too), None: all.
     """
-    T, K = ids.shape
+    K = ids.shape[1]
     n_zero = probs.shape[-1] - n_ffn
     n_groups = groups + (1 if n_zero else 0)
+    tokens = ids.shape[0] if real is None else real.sum().clamp(min=1)  # this rank's that count: P's T
+    if real is not None:
+        probs = probs * real[:, None]
     if selections is None:
-        counts = histogram(expert_groups(ids, n_ffn, groups), groups + 1)[:n_groups]
+        selections = routed_counts(ids, probs.shape[-1], real)
+        counted = tokens  # f's T
     else:
-        counts = torch.cat([selections[:n_ffn].view(groups, -1).sum(-1), selections[n_ffn:].sum().view(1)])
-        counts, T = counts[:n_groups], selections.sum() / K  # T: tokens of the global batch
+        counted = selections.sum() / K  # f's T: the tokens of the global batch
+    counts = torch.cat([selections[:n_ffn].view(groups, -1).sum(-1), selections[n_ffn:].sum().view(1)])[:n_groups]
     scale = torch.full((n_groups,), groups / target, dtype=probs.dtype, device=probs.device)
     if n_zero:
         scale[groups] = 1.0 / (K - target)
-    f = counts.to(probs.dtype) * scale / T  # (G+1,)
-    p_expert = probs.mean(0)  # (E+Z,)
+    f = counts.to(probs.dtype) * scale / counted  # (G+1,)
+    p_expert = probs.sum(0) / tokens  # (E+Z,)
     p = p_expert[:n_ffn].view(groups, -1).sum(-1)  # (G,)
     if n_zero:
         p = torch.cat([p, p_expert[n_ffn:].sum().view(1)])
@@ -131,7 +157,8 @@ class LossTerms:
 
 def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_ffn: int, target: float,
                     selections: torch.Tensor | None = None, head: nn.Module | None = None,
-                    documents: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> LossTerms:
+                    documents: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                    real: torch.Tensor | None = None) -> LossTerms:
     """All terms for one forward pass; MTP only when the model was run with `with_mtp=True`.
 
     selections: (L, E+Z) router counts of the global batch under data parallelism (see `balance_loss`).
@@ -141,15 +168,18 @@ def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_
     then counts only when t and t+1 are in the same document. IGNORE targets count in neither loss.
     tokens: (2,) the LM and MTP divisors instead of this micro-batch's own target counts: with targets that vary
     in number between micro-batches and ranks (SFT), the mean number per micro-batch over the whole step, so
-    that the terms averaged over micro-batches and ranks are the means over every target of the step."""
+    that the terms averaged over micro-batches and ranks are the means over every target of the step.
+    real: (B, S) the tokens that are not a packed window's padding (`real_tokens`): the z-loss and the balance
+    loss count them alone (`selections` then counts them alone too)."""
     lm_tokens, mtp_tokens = (None, None) if tokens is None else tokens
     if out.logits is None:
         lm = chunked_lm_loss(out.final_hidden, head, targets, cfg.logits_chunk, lm_tokens)
     else:
         lm = lm_loss(out.logits, targets, lm_tokens)
-    z = hidden_z_loss(out.hidden)
+    z = hidden_z_loss(out.hidden, real)
+    flat = None if real is None else real.reshape(-1)  # (T,) as the routing's tokens
     balance = torch.stack([balance_loss(r.probs, r.ids, n_ffn, cfg.balance_groups, target,
-                                        None if selections is None else selections[i])
+                                        None if selections is None else selections[i], flat)
                            for i, r in enumerate(out.routing)]).mean()
     total = lm + cfg.z_weight * z + cfg.balance_alpha * balance
     mtp = None

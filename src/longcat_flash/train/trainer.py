@@ -47,7 +47,7 @@ from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, check_resuma
 from .datasets import build_datasets, build_tokenizer
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
-from .losses import LossTerms, lm_loss, target_counts, training_losses
+from .losses import LossTerms, layer_counts, lm_loss, real_tokens, target_counts, training_losses
 from .metrics import METRICS_FILE, MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
 from .optim import build_optimizer, init_parameters, lr_factor, set_lr
@@ -144,17 +144,18 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
         tokens = distributed.average(target_counts(*split_windows(batch)[1:]).float(), mesh) / len(micro_batches)
     for i, micro in enumerate(micro_batches):
         inputs, targets, documents = split_windows(micro)
+        real = real_tokens(documents)  # (B, S) or None: a packed window's padding is not routed data
         with autocast(cfg, device, mesh):
             out = model(inputs, with_mtp=with_mtp, compute_logits=False, documents=documents)
-            selections = None if mesh is None else distributed.global_counts(  # the balance loss's f: global batch
-                torch.stack([r.tokens_per_expert for r in out.routing]), mesh)
+            counts = layer_counts(out, real)  # (L, E+Z)
+            selections = None if mesh is None else distributed.global_counts(counts, mesh)  # the balance's f
             terms = training_losses(out, targets, cfg.loss, cfg.model.n_routed_experts,
                                     cfg.ffn_expert_target, selections, head=model.lm_head, documents=documents,
-                                    tokens=tokens)
+                                    tokens=tokens, real=real)
         if monitor and i == 0:
             extra = _monitors(model, out, terms, cfg, with_mtp)
         (terms.total / len(micro_batches)).backward()
-        acc.add(terms, out)
+        acc.add(terms, out, counts, real)
     distributed.average_expert_gradients(model, mesh)
     grad_norm = distributed.clip_grad_norm_(model, cfg.optim.grad_clip or math.inf, sharded=mesh is not None)
     metrics = acc.metrics(mesh, grad_norm)  # the step's one device-to-host read
@@ -187,15 +188,19 @@ class _Accumulator:
     def __init__(self) -> None:
         self.terms: list[LossTerms] = []
         self.counts: torch.Tensor | None = None  # (L, E+Z) slots per expert
-        self.ffn: list[torch.Tensor] = []  # (L, T) FFN experts per token, per micro-batch
-        self.hidden_norm: list[torch.Tensor] = []  # () mean L2 norm of the last hidden state, per micro-batch
+        self.ffn: list[torch.Tensor] = []  # (2, L) sums of FFN experts per token and of their squares
+        self.tokens: list[torch.Tensor] = []  # () the tokens those sums are over (not padding), per micro-batch
+        self.hidden_norm: list[torch.Tensor] = []  # () sum of the last hidden state's L2 norms, per micro-batch
 
-    def add(self, terms: LossTerms, out: ModelOutput) -> None:
+    def add(self, terms: LossTerms, out: ModelOutput, counts: torch.Tensor, real: torch.Tensor | None) -> None:
+        """counts: (L, E+Z) `layer_counts` of the real tokens; real: (B, S) or None (all)."""
         self.terms.append(terms)
-        counts = torch.stack([r.tokens_per_expert for r in out.routing])
         self.counts = counts if self.counts is None else self.counts + counts
-        self.ffn.append(torch.stack([r.ffn_experts_per_token for r in out.routing]))
-        self.hidden_norm.append(out.hidden.detach().float().norm(dim=-1).mean())
+        ffn = torch.stack([r.ffn_experts_per_token for r in out.routing]).float()  # (L, T)
+        weight = torch.ones_like(ffn[0]) if real is None else real.reshape(-1).float()  # (T,)
+        self.ffn.append(torch.stack([ffn @ weight, ffn.pow(2) @ weight]))
+        self.tokens.append(weight.sum())
+        self.hidden_norm.append(out.hidden.detach().float().norm(dim=-1).reshape(-1) @ weight)
 
     def metrics(self, mesh: DeviceMesh | None, grad_norm: torch.Tensor) -> dict[str, Any]:
         """Every value averaged over the ranks (equal slices of the global batch: the mean of per-rank means is
@@ -204,18 +209,22 @@ class _Accumulator:
         mean square of each layer's counts, so it is the same at any world size."""
         named = {"loss": "total", "lm_loss": "lm", "mtp_loss": "mtp", "z_loss": "z", "balance_loss": "balance"}
         present = {key: term for key, term in named.items() if getattr(self.terms[0], term) is not None}
-        ffn = torch.cat(self.ffn, dim=1).float()  # (L, T) this rank's tokens
+        ffn = torch.stack(self.ffn).sum(0)  # (2, L) this rank's sums
         values = [torch.stack([getattr(t, term) for t in self.terms]).detach().float().mean()
                   for term in present.values()]
-        values += [torch.stack(self.hidden_norm).mean(), ffn.mean(), grad_norm.detach().float().to(ffn.device)]
-        host = distributed.average(torch.cat([torch.stack(values), ffn.mean(dim=1), ffn.pow(2).mean(dim=1)]),
-                                   mesh).tolist()
-        keys = [*present, "hidden_norm", "ffn_experts_per_token", "grad_norm"]
-        L, n = ffn.shape[0], ffn.shape[1] * (1 if mesh is None else mesh.size())  # layers, tokens of all ranks
-        means, squares = host[len(keys):len(keys) + L], host[len(keys) + L:]
+        values += [torch.stack(self.hidden_norm).sum(), grad_norm.detach().float().to(ffn.device),
+                   torch.stack(self.tokens).sum()]
+        host = distributed.average(torch.cat([torch.stack(values), ffn.reshape(-1)]), mesh).tolist()
+        keys = [*present, "hidden_norm", "grad_norm"]
+        L, tokens = ffn.shape[1], host[len(keys)]  # averaged sums over averaged counts: the global means
+        means = [s / tokens for s in host[len(keys) + 1:len(keys) + 1 + L]]
+        squares = [s / tokens for s in host[len(keys) + 1 + L:]]
+        n = tokens * (1 if mesh is None else mesh.size())  # the real tokens of all ranks
         stds = [math.sqrt(max(0.0, sq - m * m) * n / max(1, n - 1)) for m, sq in zip(means, squares)]  # unbiased
-        return {**dict.fromkeys(named), **dict(zip(keys, host)), "ffn_experts_std": sum(stds) / L,
-                "ffn_experts_per_layer": [round(v, 4) for v in means]}
+        metrics = dict(zip(keys, host))
+        metrics["hidden_norm"] /= tokens
+        return {**dict.fromkeys(named), **metrics, "ffn_experts_per_token": sum(means) / L,
+                "ffn_experts_std": sum(stds) / L, "ffn_experts_per_layer": [round(v, 4) for v in means]}
 
 
 @torch.no_grad()
