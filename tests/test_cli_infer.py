@@ -527,7 +527,7 @@ def test_a_model_path_that_is_not_a_model_directory_is_one_line(command, checkpo
     step = tmp_path / "run" / "checkpoints" / "step_00000010"
     step.mkdir(parents=True)
     (step / "manifest.json").write_text("{}")
-    grown, tuning = tmp_path / "grown", tmp_path / "tuning"  # runs with no model yet: grown, an SFT run killed early
+    grown, tuning = tmp_path / "grown run", tmp_path / "tuning"  # no model yet: grown, an SFT run killed early
     for run, recorded in ((grown, {}), (tuning, {"sft": {"data": "chat.jsonl"}})):
         (run / "checkpoints").mkdir(parents=True)
         (run / "train_config.json").write_text(json.dumps(recorded))
@@ -538,7 +538,7 @@ def test_a_model_path_that_is_not_a_model_directory_is_one_line(command, checkpo
                            (broken["tokenizer_config.json"], "tokenizer_config.json: not valid JSON"),
                            (step, "is a training checkpoint"), ("", "no model directory given"),
                            (step.parent, "is not a model directory: it has no config.json"),
-                           (grown, f"is a training run with no model yet: .* `longcat train --resume {grown}`"),
+                           (grown, f"is a training run with no model yet: .* `longcat train --resume '{grown}'`"),
                            (tuning, f"`longcat sft --resume {tuning}`")]:
         with pytest.raises(SystemExit, match=message):
             main([command, "--model", str(model), *extra[command]])

@@ -341,6 +341,12 @@ def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):
         (mine / name).write_text("mine")
         assert f"holds {name}, which a run would overwrite" in run_cli("train", "--preset", "tiny", "--out", str(mine))
         assert (mine / name).read_text() == "mine"
+    notes = tmp_path / "notes"  # a folder of the user's: once a run's, a corpus above it would no longer read it
+    (notes / "drafts").mkdir(parents=True)
+    (notes / "a.txt").write_text("mine")
+    assert "notes holds a.txt, drafts, which no run writes: a run goes into a new or empty directory" in run_cli(
+        "train", "--preset", "tiny", "--out", str(notes))
+    assert sorted(p.name for p in notes.iterdir()) == ["a.txt", "drafts"]
 
 
 def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: Path):

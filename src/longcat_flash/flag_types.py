@@ -52,6 +52,12 @@ threads = _at_most(positive_int, CPUS, f"[1, {CPUS}] (this machine's CPUs)")  # 
 seed = _at_most(non_negative_int, 2**63 - 1, "[0, 2^63)")  # torch's generators take an int64; -1 wrapped silently
 
 
+def user_path(text: str) -> str:
+    """A path flag's value with `~` expanded: the shell expands `--out ~/run` but not `--out=~/run`, which made a
+    folder named `~` in the working directory (and `rm -rf ~` is how one removes it)."""
+    return os.path.expanduser(text)
+
+
 def sampling_seed(text: str) -> int:
     """A sampling seed: any int64, as the server (OpenAI, vLLM) takes it (infer/sampling.py maps it to a
     generator's)."""

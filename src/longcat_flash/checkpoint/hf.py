@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import shlex
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import torch
 
 from ..config import ModelConfig
-from ..data.corpus import RUN_CONFIG_FILE
+from ..data.dataset_folders import RUN_CONFIG_FILE
 from ..device import resolve_device
 from ..files import atomic_write_text, temporary_file
 from ..model import Transformer
@@ -294,7 +295,8 @@ def model_directory(path: str | Path) -> Path:
                          "into the run directory when it ends; `--resume RUN_DIR` continues the run")
     if not (path / "config.json").is_file() and (path / RUN_CONFIG_FILE).is_file():  # grown, or killed early
         raise FileNotFoundError(f"{path} is a training run with no model yet: a run writes its model there when it "
-                                f"ends; `longcat {_run_command(path)} --resume {path}` trains it to its end")
+                                f"ends; `longcat {_run_command(path)} --resume {shlex.quote(str(path))}` trains it to "
+                                "its end")
     if not (path / "config.json").is_file():  # (before the tokenizer is looked for: the folder is the problem)
         raise FileNotFoundError(f"{path} is not a model directory: it has no config.json (a model is config.json, "
                                 "safetensors and tokenizer.json)")

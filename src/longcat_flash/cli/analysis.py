@@ -3,15 +3,16 @@ from __future__ import annotations
 
 import argparse
 
-from ..flag_types import fraction, non_negative_int, positive_float, positive_int
+from ..flag_types import fraction, non_negative_int, positive_float, positive_int, user_path
 from ..presets import PRESETS
 from .common import add_device, new_or_directory
 
 
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, active parameters, KV-cache bytes and FLOPs per token")
-    p.add_argument("target", help=f"a preset ({', '.join(sorted(PRESETS))}), a checkpoint directory (the figures "
-                                   "of its config.json; the weights are not read) or a run directory")
+    p.add_argument("target", type=user_path,
+                   help=f"a preset ({', '.join(sorted(PRESETS))}), a checkpoint directory (the figures "
+                         "of its config.json; the weights are not read) or a run directory")
     p.add_argument("--ffn-experts", type=float, default=None, help="K_e for the average figure (default: a run's "
                    "budget.target, else 2/3 K)")
     p.add_argument("--context", type=non_negative_int, default=0, help="context length for attention FLOPs")
@@ -60,11 +61,13 @@ def _run_cost(args: argparse.Namespace) -> None:
 def _add_explain(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("explain", help="per-token view of the FFN experts each token used, per layer "
                                        "(HTML, PNG, JSON; report App. A.1)")
-    p.add_argument("--model", required=True, help="checkpoint directory with config.json, safetensors and "
-                                                  "tokenizer.json")
+    p.add_argument("--model", type=user_path,
+                   required=True, help="checkpoint directory with config.json, safetensors and "
+                                       "tokenizer.json")
     p.add_argument("--text", required=True, help="the text to run through the model (one forward)")
-    p.add_argument("--out", default="explain", help="directory for explain.html, explain.png, explain.json "
-                                                     "(default: explain; files of those names there are replaced)")
+    p.add_argument("--out", type=user_path,
+                   default="explain", help="directory for explain.html, explain.png, explain.json "
+                                            "(default: explain; files of those names there are replaced)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the summary table")
     add_device(p)
     p.set_defaults(run=_run_explain)

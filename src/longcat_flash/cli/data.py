@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..flag_types import seed
+from ..flag_types import seed, user_path
 
 
 def _add_data(sub: argparse._SubParsersAction) -> None:
@@ -13,8 +13,9 @@ def _add_data(sub: argparse._SubParsersAction) -> None:
     data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
     t = data_sub.add_parser("tools", help="synthetic tool-use conversations as OpenAI messages + tools JSONL "
                                           "(docs/tool_data.md)")
-    t.add_argument("--out", required=True, help="JSONL file to write (.jsonl, or .jsonl.gz gzip-compressed; its "
-                                                "directory must exist); - for standard output")
+    t.add_argument("--out", type=user_path,
+                   required=True, help="JSONL file to write (.jsonl, or .jsonl.gz gzip-compressed; its "
+                                       "directory must exist); - for standard output")
     t.add_argument("--n", type=int, required=True, help="number of conversations")
     t.add_argument("--seed", type=seed, default=0)
     t.add_argument("--tools-per-conversation", type=int, default=3, help="tools offered per conversation")

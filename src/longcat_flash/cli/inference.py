@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..flag_types import (fraction, integer, non_negative_int, penalty, positive_float, positive_int, sampling_seed,
-                          seed, temperature, top_p)
+                          seed, temperature, top_p, user_path)
 from ..presets import PRESETS, get_preset
 from .common import add_device, new_or_directory
 
@@ -17,7 +17,8 @@ from .common import add_device, new_or_directory
 def _add_init(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("init", help="a checkpoint with random weights and a fresh tokenizer, for tests and benchmarks")
     p.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    p.add_argument("--out", required=True, help="directory to write (config.json, safetensors, tokenizer)")
+    p.add_argument("--out", type=user_path,
+                   required=True, help="directory to write (config.json, safetensors, tokenizer)")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=seed, default=0,
                    help="the weights a seed gives depend on the device type too (CPU and CUDA generators differ)")
@@ -40,7 +41,8 @@ def _run_init(args: argparse.Namespace) -> None:
 
 
 def _add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
+    p.add_argument("--model", type=user_path,
+                   required=True, help="checkpoint directory (config.json, safetensors, tokenizer.json)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="weights and activations (auto: the checkpoint's, but fp32 for a bf16 checkpoint on a CPU "
                         "without fast bf16 matmuls, e.g. AVX2 only, and for a float16 one on any CPU)")
@@ -92,8 +94,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     _add_model_flags(p)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="the prompt text")
-    source.add_argument("--prompt-file", metavar="FILE", help="the prompt is FILE's text as it is, final newline "
-                                                              "included (-: standard input)")
+    source.add_argument("--prompt-file", type=user_path,
+                        metavar="FILE", help="the prompt is FILE's text as it is, final newline "
+                                             "included (-: standard input)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     _add_sampling_flags(p, max_new_tokens=64)
     p.add_argument("--json", action="store_true", help="one JSON object: text, token counts, timings")

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 
 from ..distributed.env import DIST_TIMEOUT_S, launched
-from ..flag_types import positive_float, seed
+from ..flag_types import positive_float, seed, user_path
 from .common import add_device, new_or_directory
 
 
@@ -18,12 +19,13 @@ _SFT_FLAGS = {"model": "init_from", "data": "sft.data", "val_data": "sft.val_dat
 
 def _add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags `train` and `sft` share: one training loop, one set of controls."""
-    p.add_argument("--out", default=None, help="run directory (default runs/<preset> for train, runs/sft for sft; "
-                                                   "with --resume DIR, DIR)")
+    p.add_argument("--out", type=user_path,
+                   default=None, help="run directory (default runs/<preset> for train, runs/sft for sft; "
+                                          "with --resume DIR, DIR)")
     p.add_argument("--max-steps", type=int, default=None)
     p.add_argument("--seed", type=seed, default=None)
     p.add_argument("--save-every", type=int, default=None, help="steps between training checkpoints")
-    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="RUN_DIR",
+    p.add_argument("--resume", type=user_path, nargs="?", const=True, default=None, metavar="RUN_DIR",
                    help="continue the newest checkpoint of RUN_DIR (default: --out), bit-for-bit")
     p.add_argument("--auto-resume", action="store_true",
                    help="continue --out's newest checkpoint where it has one, else start a new run there: one "
@@ -50,7 +52,7 @@ def _add_train(sub: argparse._SubParsersAction) -> None:
                                    "with metrics.jsonl, training checkpoints and sample.txt. Any config field: "
                                    "--set section.field=value (list them with --print-config).")
     p.add_argument("--preset", default=None, help="model + recipe: tiny, small (default), bench")
-    p.add_argument("--data", default=None,
+    p.add_argument("--data", type=user_path, default=None,
                    help="corpus: 'stdlib' (default), a directory, a quoted glob, a text file, .jsonl, .parquet")
     _add_run_flags(p)
     p.set_defaults(run=_run_train, preset_name=None, flag_fields=_TRAIN_FLAGS)
@@ -63,12 +65,14 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
                                    "assistant tokens, conversations packed with document masking); OUT ends as an "
                                    "HF checkpoint with its tokenizer, metrics.jsonl, training checkpoints and "
                                    "sample.txt. Any config field: --set section.field=value (--print-config).")
-    p.add_argument("--model", default=None, help="HF model directory to start from (config.json, safetensors, "
-                                                 "tokenizer.json)")
-    p.add_argument("--data", default=None,
+    p.add_argument("--model", type=user_path,
+                   default=None, help="HF model directory to start from (config.json, safetensors, "
+                                      "tokenizer.json)")
+    p.add_argument("--data", type=user_path, default=None,
                    help="conversations: .jsonl, .json, .parquet, .arrow (a directory or a quoted glob of them), "
                         "one {messages, tools} per row (or TRL prompt-completion, ShareGPT, Alpaca rows: docs/sft.md)")
-    p.add_argument("--val-data", default=None, help="held-out conversations (default: data.val_fraction of --data)")
+    p.add_argument("--val-data", type=user_path,
+                   default=None, help="held-out conversations (default: data.val_fraction of --data)")
     _add_run_flags(p)
     p.set_defaults(run=_run_train, preset_name="sft", flag_fields=_SFT_FLAGS)
 
@@ -111,7 +115,8 @@ def _run_train(args: argparse.Namespace) -> None:
     saved = resume_config(out) if args.resume else None
     if saved is not None and (saved.sft.data is not None) != (args.command == "sft"):
         other = "sft" if saved.sft.data is not None else "train"
-        raise ValueError(f"{out} is a `longcat {other}` run: continue it with longcat {other} --resume {out}")
+        raise ValueError(f"{out} is a `longcat {other}` run: continue it with longcat {other} --resume "
+                         f"{shlex.quote(out)}")
     cfg = build_config(preset, [*flags.values(), *args.overrides], saved)
     if args.print_config:  # sft without --model: the model section is whatever config.json --model will hold
         unread = args.command == "sft" and cfg.init_from is None
@@ -166,8 +171,8 @@ def _add_grow(sub: argparse._SubParsersAction) -> None:
                        help="model growth: stack a trained model r times in depth (report §3.1.2)",
                        description="SRC: a run directory (keeps optimizer, schedule, counters; continue with "
                                    "`longcat train --resume DST`) or an HF model directory (weights only).")
-    p.add_argument("src", help="run directory, checkpoint directory, or HF model directory")
-    p.add_argument("--out", required=True, help="new directory for the grown run or model")
+    p.add_argument("src", type=user_path, help="run directory, checkpoint directory, or HF model directory")
+    p.add_argument("--out", type=user_path, required=True, help="new directory for the grown run or model")
     p.add_argument("--factor", type=int, default=2, help="r: how many times the layer stack is repeated")
     add_device(p)
     p.set_defaults(run=_run_grow)
@@ -183,10 +188,12 @@ def _run_grow(args: argparse.Namespace) -> None:
     grown = grow_run(args.src, args.out, args.factor, device=resolve_device(args.device))
     if grown.parent.name == CHECKPOINTS:
         command = "sft" if saved_train_config(grown).sft.data is not None else "train"
-        print(f"grown x{args.factor}: {grown} (a run: continue it with longcat {command} --resume {args.out})")
+        print(f"grown x{args.factor}: {grown} (a run: continue it with longcat {command} --resume "
+              f"{shlex.quote(args.out)})")
     else:
         print(f"grown x{args.factor}: {grown} (a model, weights only: {args.src} holds no training checkpoint; start "
-              f"from it with longcat train --set init_from={args.out}, or longcat sft --model {args.out})")
+              f"from it with longcat train --set init_from={shlex.quote(args.out)}, or longcat sft --model "
+              f"{shlex.quote(args.out)})")
 
 
 COMMANDS = [_add_train, _add_sft, _add_grow]

@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from .. import json_text
-from .corpus import data_files, decoding_errors, jsonl_records, pyarrow_modules, starts_with_bracket, whole_json
-from .dataset_folders import DATASETS_METADATA, check_one_split, glob_files
+from .corpus import decoding_errors, jsonl_records, pyarrow_modules, starts_with_bracket, whole_json
+from .dataset_folders import DATASETS_METADATA, check_one_split, data_files, glob_files
 
 ROW_FILES = (".jsonl", ".json", ".parquet", ".arrow")  # .arrow: what `datasets`' save_to_disk writes; JSON also .gz
 # Data files `datasets` reads that we do not (other compressions, CSV, NDJSON): in a folder, refused by name.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import json_text
-from .dataset_folders import check_one_split, glob_files, tree_files
+from .dataset_folders import RUN_CONFIG_FILE, check_one_split, data_files, glob_files
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
 DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # what a folder source reads
@@ -36,8 +36,6 @@ UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|
 # The magic bytes of compressed files: such a file under a plain text name is named for what it is.
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
               b"PK\x03\x04": "zip"}
-RUN_CONFIG_FILE = "train_config.json"  # what marks a training run's directory (train/config.py writes it)
-RUN_LOCK_FILE = ".lock"  # and, from the run's start, its lock (train/run_lock.py takes it before writing anything)
 TEXT_SNIFF_BYTES = 1024  # how much of a text file is checked for being text before it is read
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -132,22 +130,6 @@ class Corpus:
             stat = path.stat()
             h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
         return h.hexdigest()
-
-
-def data_files(root: Path) -> list[Path]:
-    """`tree_files(root)` but those of training runs' and models' directories below it (a run's metrics.jsonl and
-    tokenizer.json, a checkpoint's config.json): `--data .` with runs/ inside it."""
-    found = tree_files(root)
-    runs = {folder for folder in {p.parent for p in found} if _run_or_model(folder)}
-    return [p for p in found if not runs.intersection(p.parents)]
-
-
-def _run_or_model(folder: Path) -> bool:
-    """A training run's directory (its config, or from its start its lock beside the tokenizer it writes first) or
-    a model's (config.json beside safetensors weights)."""
-    return ((folder / RUN_CONFIG_FILE).is_file() or ((folder / RUN_LOCK_FILE).is_file()
-                                                    and (folder / "tokenizer.json").is_file())
-            or ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))))
 
 
 def _stdlib_files(root: Path) -> list[Path]:

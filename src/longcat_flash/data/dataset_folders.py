@@ -18,6 +18,8 @@ SPLIT_WORDS = {"train": "train", "training": "train", "validation": "validation"
                "evaluation": "test"}
 _SPLIT_WORD = re.compile(rf"(?:^|[-._ 0-9])({'|'.join(sorted(SPLIT_WORDS, key=len, reverse=True))})(?=$|[-._ 0-9])")
 DATASETS_METADATA = ("dataset_info.json", "state.json", "dataset_infos.json")  # `datasets`' own files: not data
+RUN_CONFIG_FILE = "train_config.json"  # what marks a training run's directory (train/config.py writes it)
+RUN_LOCK_FILE = ".lock"  # and, from the run's start, its lock (train/run_lock.py takes it before writing anything)
 
 
 def glob_files(pattern: str | Path) -> list[Path] | None:
@@ -27,9 +29,10 @@ def glob_files(pattern: str | Path) -> list[Path] | None:
     if Path(pattern).exists() or not _wild(str(pattern)):
         return None
     base = Path(*itertools.takewhile(lambda part: not _wild(part), Path(pattern).parts))  # what the files are under
-    if "**" in Path(pattern).parts:  # walked as a folder is (glob.glob follows every link: a loop never ends)
+    if "**" in Path(pattern).parts:  # walked as a folder is (glob.glob follows every link: a loop never ends;
+        # a run's directory inside, its metrics.jsonl and tokenizer.json, is not data)
         wild = Path(pattern).parts[len(base.parts):]
-        found = [path for path in tree_files(base) if _matches(path.relative_to(base).parts, wild)]
+        found = [path for path in data_files(base) if _matches(path.relative_to(base).parts, wild)]
     else:
         found = [Path(p) for p in glob.glob(str(pattern)) if Path(p).is_file()]
     if not (files := unique_files(found)):
@@ -120,3 +123,19 @@ def unique_files(files: list[Path]) -> list[Path]:
             seen.add(real)
             unique.append(link)
     return sorted(unique)
+
+
+def data_files(root: Path) -> list[Path]:
+    """`tree_files(root)` but those of training runs' and models' directories below it (a run's metrics.jsonl and
+    tokenizer.json, a checkpoint's config.json): `--data .` with runs/ inside it."""
+    found = tree_files(root)
+    runs = {folder for folder in {p.parent for p in found} if _run_or_model(folder)}
+    return [p for p in found if not runs.intersection(p.parents)]
+
+
+def _run_or_model(folder: Path) -> bool:
+    """A training run's directory (its config, or from its start its lock beside the tokenizer it writes first) or
+    a model's (config.json beside safetensors weights)."""
+    return ((folder / RUN_CONFIG_FILE).is_file() or ((folder / RUN_LOCK_FILE).is_file()
+                                                    and (folder / "tokenizer.json").is_file())
+            or ((folder / "config.json").is_file() and any(folder.glob("*.safetensors"))))

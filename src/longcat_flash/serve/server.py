@@ -83,6 +83,13 @@ def exposure_warning(host: str, api_key: str | None) -> str | None:
             "--api-key, or leave --host at 127.0.0.1)")
 
 
+def served_name(model_dir: str | Path) -> str:
+    """The model's id when --served-model-name is not given: the directory's name as the user gave it (a link
+    `latest -> run-7` serves `latest`, as vLLM names a model by its --model), its real one for `.` or `..`."""
+    given = Path(model_dir).expanduser()
+    return given.name if given.name not in ("", ".", "..") else given.resolve().name
+
+
 def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           dtype: str | None = None, quantize: str | None = None, engine_config: EngineConfig | None = None,
           model_name: str | None = None, device: str = "auto", max_body_bytes: int = ServerConfig.max_body_bytes,
@@ -99,7 +106,7 @@ def serve(model_dir: str | Path, *, host: str = "127.0.0.1", port: int = 8000, a
     tokenizer = Tokenizer.load(model_dir)
     with listening_socket(host, port) as sock:  # before the load (minutes for a large model): a taken port fails now
         bridge = EngineProcess(model_dir, dtype=dtype, quantize=quantize, device=device, config=engine_config)
-        config = ServerConfig(model_name=model_name or Path(model_dir).resolve().name, context=bridge.context,
+        config = ServerConfig(model_name=model_name or served_name(model_dir), context=bridge.context,
                               api_key=api_key, max_body_bytes=max_body_bytes, sampling_defaults=defaults)
         try:
             url = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}/v1"  # port 0: the OS's

@@ -18,7 +18,8 @@ from typing import Any, ClassVar, Literal
 from ..checkpoint import training
 from ..checkpoint.hf import checkpoint_config, model_directory
 from ..config import ModelConfig
-from ..data.corpus import RUN_CONFIG_FILE, STDLIB
+from ..data.corpus import STDLIB
+from ..data.dataset_folders import RUN_CONFIG_FILE
 from ..presets import get_preset
 from ..tokenizer import TRAINED_VOCAB_MIN
 from .overrides import apply_overrides, build, coerce, override_keys, parse_text, type_name

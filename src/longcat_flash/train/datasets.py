@@ -61,4 +61,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
 
 
 def default_cache_dir() -> Path:
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "longcat-flash" / "tokens"
+    """$XDG_CACHE_HOME/longcat-flash/tokens; an empty or relative $XDG_CACHE_HOME is ignored, as the XDG spec says
+    (it put the cache in the working directory)."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "longcat-flash" / "tokens"

@@ -16,6 +16,7 @@ from tqdm import tqdm
 from ..files import atomic_write_text
 
 METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tensorboard"  # in the run directory, with --tensorboard
 # What the progress bar shows, in order, with its short label.
 CONSOLE = (("loss", "loss"), ("val_loss", "val"), ("lr", "lr"), ("tokens_per_s", "tok/s"),
            ("ffn_experts_per_token", "ffn/tok"), ("ffn_experts_std", "std"))
@@ -97,4 +98,4 @@ def _tensorboard(out: Path, start_step: int) -> Any:
     metrics.jsonl lines are (TensorBoard showed the steps trained again twice)."""
     require_tensorboard()
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(str(out / "tensorboard"), purge_step=start_step + 1)
+    return SummaryWriter(str(out / TENSORBOARD_DIR), purge_step=start_step + 1)

@@ -12,7 +12,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from ..data.corpus import RUN_LOCK_FILE
+from ..data.dataset_folders import RUN_LOCK_FILE
 
 LOCK_FILE = RUN_LOCK_FILE  # data/corpus.py skips the directories that hold one
 _held: dict[Path, int] = {}  # run directory (resolved) -> the lock file's descriptor, in this process

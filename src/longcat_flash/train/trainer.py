@@ -48,7 +48,7 @@ from .datasets import build_datasets, build_tokenizer
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
 from .losses import LossTerms, layer_counts, lm_loss, real_tokens, target_counts, training_losses
-from .metrics import METRICS_FILE, MetricsLog, require_tensorboard
+from .metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
 from .optim import build_optimizer, init_parameters, lr_factor, set_lr
 from .pretrained import (TOKENIZER_FIELDS, check_same_shapes, copy_generation_config, load_pretrained,
@@ -478,6 +478,15 @@ def _files_no_run_wrote(out: Path) -> list[str]:
     return [name for name in names if (out / name).exists()]
 
 
+def _entries_no_run_writes(out: Path) -> list[str]:
+    """What `out` holds besides a run's own files (hidden ones aside): a run's files would mix with the user's,
+    and the folder, once it is a run's, is no longer read as data (a corpus above it would lose that text)."""
+    if not out.is_dir():
+        return []
+    own = {*RUN_FILES, CHECKPOINTS, TENSORBOARD_DIR}
+    return sorted(entry.name for entry in out.iterdir() if entry.name not in own and not entry.name.startswith("."))
+
+
 def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
           mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | None = None) -> Run:
     """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh and overlap).
@@ -512,6 +521,10 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                          "data, so the run would find none there; choose another --out")
     if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
         raise ValueError(f"{out} already holds a model; a run writes its own there: choose another --out")
+    if not resume and (strangers := _entries_no_run_writes(out)):
+        raise ValueError(f"{out} holds {', '.join(strangers[:3])}{', ...' if len(strangers) > 3 else ''}, which no "
+                         "run writes: a run goes into a new or empty directory (or its own, to start it again): "
+                         "choose another --out")
     if not resume and (foreign := _files_no_run_wrote(out)):
         raise ValueError(f"{out} holds {' and '.join(foreign)}, which a run would overwrite with its own: choose "
                          "another --out")

@@ -1,0 +1,58 @@
+"""Paths as users type them: `~` in a flag's value, a model served through a link, a token cache under an
+unusable $XDG_CACHE_HOME, and a `**` glob over a folder that holds a training run."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from longcat_flash.cli.commands import build_parser
+from longcat_flash.data import Corpus
+
+
+@pytest.mark.parametrize("argv, dest", [
+    (["train", "--out=~/run"], "out"), (["sft", "--model=~/base"], "model"), (["serve", "--model=~/m"], "model"),
+    (["generate", "--model=~/m", "--prompt", "x"], "model"), (["grow", "~/run", "--out=~/grown"], "out"),
+    (["train", "--data=~/c"], "data"),
+])
+def test_a_tilde_after_an_equals_sign_is_the_home_folder(argv, dest):
+    """The shell expands `--out ~/run` but not `--out=~/run`, which trained into a folder named `~` here."""
+    args = build_parser().parse_args(argv)
+    assert getattr(args, dest) == os.path.expanduser(f"~/{getattr(args, dest).rpartition('/')[2]}")
+    assert not getattr(args, dest).startswith("~")
+
+
+def test_a_model_served_through_a_link_is_named_as_the_link(tmp_path, monkeypatch):
+    """`serve --model latest` (a link to run-7) served the model as `run-7`, and a request naming `latest` was a
+    404; vLLM names a model by its --model."""
+    pytest.importorskip("fastapi")
+    from longcat_flash.serve.server import served_name
+
+    (tmp_path / "run-7").mkdir()
+    (tmp_path / "latest").symlink_to(tmp_path / "run-7", target_is_directory=True)
+    assert served_name(tmp_path / "latest") == served_name(f"{tmp_path}/latest/") == "latest"
+    monkeypatch.chdir(tmp_path / "run-7")
+    assert served_name(".") == "run-7"
+
+
+@pytest.mark.parametrize("xdg", ["", "relative/cache"])
+def test_an_empty_or_relative_xdg_cache_home_is_ignored(monkeypatch, xdg):
+    """The token cache went into the working directory (`./longcat-flash/tokens`), against the XDG spec."""
+    from longcat_flash.train.datasets import default_cache_dir
+
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert default_cache_dir() == Path.home() / ".cache" / "longcat-flash" / "tokens"
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert default_cache_dir() == Path("/srv/cache/longcat-flash/tokens")
+
+
+def test_a_recursive_glob_skips_a_training_run_inside_the_folder(tmp_path):
+    """`--data 'convs/**/*.jsonl'` read the metrics.jsonl of a run trained with --out convs/run, which the folder
+    form `--data convs` skips."""
+    (tmp_path / "convs" / "run").mkdir(parents=True)
+    (tmp_path / "convs" / "chat.jsonl").write_text('{"text": "hi"}\n')
+    (tmp_path / "convs" / "run" / "train_config.json").write_text("{}")
+    (tmp_path / "convs" / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
+    assert [p.name for p in Corpus(f"{tmp_path}/convs/**/*.jsonl").files()] == ["chat.jsonl"]
+    assert [p.name for p in Corpus(tmp_path / "convs").files()] == ["chat.jsonl"]
