@@ -164,6 +164,24 @@ def test_a_body_that_does_not_arrive_whole_in_time_or_stalls_is_a_408(options, s
     assert status["status"] == 408 and says in b"".join(m.get("body", b"") for m in sent)
 
 
+def test_a_client_that_leaves_mid_body_is_a_499_not_a_400():
+    """A client that hung up while its body was arriving was answered (and counted in /metrics) as a 400, "There
+    was an error parsing the body", as if its input were at fault; it is nginx's 499, as a client that leaves
+    before its answer is."""
+    app = bare_app()
+    sent: list[dict] = []
+    messages = iter([{"type": "http.request", "body": b'{"mess', "more_body": True}, {"type": "http.disconnect"}])
+
+    async def receive():
+        return next(messages)
+
+    async def send(message):
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope_for(), receive, send), 10))
+    assert next(m for m in sent if m.get("type") == "http.response.start")["status"] == 499
+
+
 def test_the_bodies_being_read_are_bounded_and_parsed_ones_no_longer_count():
     """The bound is on bodies being read and parsed (a parse costs ~25x a body for a moment), not on requests
     generating: requests that were parsed and hold their streams open never make the next one a 503."""
