@@ -56,3 +56,33 @@ def test_a_recursive_glob_skips_a_training_run_inside_the_folder(tmp_path):
     (tmp_path / "convs" / "run" / "metrics.jsonl").write_text('{"step": 1}\n')
     assert [p.name for p in Corpus(f"{tmp_path}/convs/**/*.jsonl").files()] == ["chat.jsonl"]
     assert [p.name for p in Corpus(tmp_path / "convs").files()] == ["chat.jsonl"]
+
+
+def test_resume_with_its_own_directory_spelt_another_way_is_accepted(tmp_path, monkeypatch):
+    """`--resume base --out base/` (or ./base, or its absolute path) was refused as another directory."""
+    from longcat_flash.cli.commands import main
+
+    monkeypatch.chdir(tmp_path)
+    for out in ("base/", "./base", str(tmp_path / "base")):
+        with pytest.raises(SystemExit) as refused:
+            main(["train", "--resume", "base", "--out", out])
+        assert "continues in its own directory" not in str(refused.value), out
+    with pytest.raises(SystemExit, match="continues in its own directory; drop --out other"):
+        main(["train", "--resume", "base", "--out", "other"])
+
+
+def test_names_of_up_to_255_bytes_can_be_written(tmp_path):
+    """A 250-byte --out (a valid name) failed: its hidden temporary name beside it was over 255 bytes; and a corpus
+    named in 232 bytes could not be trained on, its token shard named after it plus a hash and a temporary name."""
+    from longcat_flash.data import build_token_shard
+    from longcat_flash.files import atomic_write_text
+    from longcat_flash.tokenizer import train_tokenizer
+
+    target = tmp_path / ("a" * 245 + ".jsonl")
+    atomic_write_text(target, "{}\n")
+    assert target.read_text() == "{}\n" and [p.name for p in tmp_path.iterdir()] == [target.name]
+    corpus = tmp_path / ("中" * 76 + ".txt")  # 228 bytes
+    corpus.write_text("hello world, hello corpus\n" * 20, encoding="utf-8")
+    tokenizer = train_tokenizer(["hello world"], vocab_size=300)
+    shard = build_token_shard(corpus, tokenizer, tmp_path / "cache", progress=False)
+    assert len(shard.name.encode()) < 255 and shard.stat().st_size > 0

@@ -9,6 +9,7 @@ This module imports nothing from the package: every layer may use it.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,6 +28,16 @@ def chmod_per_umask(path: str | Path) -> None:
     os.chmod(path, 0o666 & ~current_umask())
 
 
+def _short(name: str, most: int = 200) -> str:
+    """`name`, or for one of over `most` bytes its first ~120 and a hash of it, its suffix kept: the hidden,
+    per-process name beside it must stay within a file name's 255 bytes (a 250-byte --out could not be written)."""
+    if len(name.encode()) <= most:
+        return name
+    suffix = Path(name).suffix if len(Path(name).suffix) <= 16 else ""
+    head = name.encode()[:120].decode("utf-8", "ignore")
+    return f"{head}~{hashlib.sha256(name.encode()).hexdigest()[:12]}{suffix}"
+
+
 @contextmanager
 def temporary_file(path: str | Path) -> Iterator[Path]:
     """A temporary name beside `path` to write into (per process: data-parallel ranks may write at once).
@@ -35,7 +46,7 @@ def temporary_file(path: str | Path) -> Iterator[Path]:
     together, as a sharded export does). When the block fails the temporary file is removed.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{_short(path.name)}.{os.getpid()}.tmp")
     try:
         yield tmp
         chmod_per_umask(tmp)

@@ -88,7 +88,8 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.auto_resume:
         _auto_resume(args)
     out = args.resume if isinstance(args.resume, str) else args.out
-    if isinstance(args.resume, str) and args.out not in (None, args.resume):
+    same = args.out is None or os.path.realpath(args.out) == os.path.realpath(str(args.resume))  # base/ is ./base
+    if isinstance(args.resume, str) and not same:
         raise ValueError(f"--resume {args.resume} continues in its own directory; drop --out {args.out}")
     if args.resume is not None and out is None:
         raise ValueError("--resume needs a run directory: --resume RUN_DIR or --out RUN_DIR")

@@ -67,8 +67,10 @@ class Corpus:
 
     @property
     def name(self) -> str:
-        """What the cache file is named after: a glob's `*` or `?` in a file name is a trap in every shell."""
-        return STDLIB if self.is_stdlib else re.sub(r"[^\w.-]+", "_", self.root.stem).strip("_.") or "corpus"
+        """What the cache file is named after: a glob's `*` or `?` in a file name is a trap in every shell, and a
+        file name's 255 bytes must hold the shard's temporary name too."""
+        name = re.sub(r"[^\w.-]+", "_", self.root.stem).strip("_.")[:64]  # and a long name (the shard's beside it)
+        return STDLIB if self.is_stdlib else name or "corpus"
 
     def files(self) -> list[Path]:
         """The corpus files in a deterministic (sorted) order; a missing path fails here, naming it. A directory's
