@@ -384,6 +384,9 @@ def test_a_closed_stdin_is_an_empty_input_and_a_closed_stdout_an_error(checkpoin
     printed = run("generate --prompt hi", ">&-")
     assert printed.returncode == 1 and printed.stderr.strip() == (
         "longcat generate: standard output is closed: nowhere to write what it prints"), printed.stderr[-2000:]
+    rows = subprocess.run(["bash", "-c", f"{sys.executable} -m longcat_flash.cli data tools --out - --n 2 >&-"],
+                          capture_output=True, text=True, timeout=300)
+    assert rows.returncode == 1 and "standard output is closed" in rows.stderr, rows.stderr[-2000:]
 
 
 def test_ctrl_c_stops_a_reply_and_the_conversation_goes_on(checkpoint, capsys, monkeypatch):

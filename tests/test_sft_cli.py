@@ -151,3 +151,6 @@ def test_sft_under_torchrun_world2_matches_one_process(sft_run, tmp_path):
     assert max(abs(g[1] - w[1]) for g, w in zip(got, want)) <= 1e-4, (got, want)
     assert max(abs(g[5] - w[5]) for g, w in zip(got, want) if w[5] is not None) <= 1e-4
     assert LongcatFlash.from_pretrained(tmp_path / "w2").config.vocab_size == 512
+    for key in ("z_loss", "balance_loss", "ffn_experts_per_token"):  # over the conversations' tokens, however the
+        pairs = [(g[key], w[key]) for g, w in zip(read_metrics(tmp_path / "w2"), read_metrics(run))]  # padding falls
+        assert max(abs(g - w) / abs(w) for g, w in pairs) <= 1e-4, (key, pairs)

@@ -81,7 +81,7 @@ def test_padding_moves_neither_the_budget_controller_nor_the_auxiliary_losses():
     results = []
     for seq_len in (32, 128):
         cfg = build_config("tiny", [f"data.seq_len={seq_len}", "data.batch_size=1", "dtype=float32",
-                                    "loss.monitor_every=0"])
+                                    "loss.monitor_every=1"])
         torch.manual_seed(0)
         model = Transformer(cfg.model)
         optimizer = build_optimizer(model, cfg.optim, init_parameters(model, cfg.scaling, 0))
@@ -92,10 +92,36 @@ def test_padding_moves_neither_the_budget_controller_nor_the_auxiliary_losses():
         metrics = train_step(model, optimizer, controller, data.batch([0]), cfg, step=10)
         results.append((metrics, torch.stack([r.e_score_correction_bias for r in model.routers()])))
     (short, short_bias), (long, long_bias) = results
-    for key in ("lm_loss", "mtp_loss", "z_loss", "balance_loss", "ffn_experts_per_token", "hidden_norm"):
+    for key in ("lm_loss", "mtp_loss", "z_loss", "balance_loss", "ffn_experts_per_token", "hidden_norm",
+                "router_grad_ratio"):
         assert long[key] == pytest.approx(short[key], rel=1e-5), key
     assert long["ffn_experts_per_layer"] == short["ffn_experts_per_layer"]
     torch.testing.assert_close(long_bias, short_bias)
+
+
+def test_the_auxiliary_losses_do_not_move_with_how_padding_falls_between_micro_batches():
+    """With the padding left out, the z-loss was a mean per micro-batch averaged over them: a micro-batch of short
+    conversations weighed its tokens more. Over the step's conversation tokens, grad_accum changes nothing."""
+    import numpy as np
+
+    from longcat_flash.data.conversation_packing import pack
+    from longcat_flash.train.optim import build_optimizer, init_parameters
+    from longcat_flash.train.trainer import train_step
+
+    rng = np.random.default_rng(1)
+    conversations = [(rng.integers(3, 512, n), np.arange(n) >= n - 6) for n in (60, 9, 30, 12)]
+    data = pack(conversations, 64, pad_id=0, split="train")  # windows filled unevenly
+    results = {}
+    for accum in (1, len(data)):
+        cfg = build_config("tiny", ["data.seq_len=64", f"data.batch_size={len(data)}", f"data.grad_accum={accum}",
+                                    "dtype=float32", "loss.monitor_every=0"])
+        torch.manual_seed(0)
+        model = Transformer(cfg.model)
+        optimizer = build_optimizer(model, cfg.optim, init_parameters(model, cfg.scaling, 0))
+        results[accum] = train_step(model, optimizer, None, data.batch(range(len(data))), cfg, step=10)
+    one, split = results.values()
+    for key in ("lm_loss", "z_loss", "ffn_experts_per_token", "hidden_norm"):
+        assert split[key] == pytest.approx(one[key], rel=1e-5), key
 
 
 def sft_config(model: Path, data: Path, *extra: str):

@@ -332,6 +332,7 @@ def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):
     failed.mkdir()
     for name in ("tokenizer.json", "tokenizer_config.json", ".lock"):
         (failed / name).write_bytes((model / name).read_bytes() if name != ".lock" else b"")
+    (failed / "train.log").write_text("the run's own output, as `tee` writes it: no data\n")
     main(["train", "--preset", "tiny", "--out", str(failed), "--max-steps", "1", "--no-progress",
           "--set", f"data.source={make_corpus(tmp_path / 'corpus')}", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
     assert (failed / "config.json").is_file()
@@ -343,10 +344,11 @@ def test_a_run_never_overwrites_a_model_it_did_not_write(tmp_path: Path):
         assert (mine / name).read_text() == "mine"
     notes = tmp_path / "notes"  # a folder of the user's: once a run's, a corpus above it would no longer read it
     (notes / "drafts").mkdir(parents=True)
+    (notes / "drafts" / "b.md").write_text("mine")
     (notes / "a.txt").write_text("mine")
-    assert "notes holds a.txt, drafts, which no run writes: a run goes into a new or empty directory" in run_cli(
-        "train", "--preset", "tiny", "--out", str(notes))
-    assert sorted(p.name for p in notes.iterdir()) == ["a.txt", "drafts"]
+    assert "notes holds a.txt, drafts/b.md, data no run wrote, which a corpus above it would no longer read" in (
+        run_cli("train", "--preset", "tiny", "--out", str(notes)))
+    assert sorted(p.name for p in notes.iterdir()) == ["a.txt", "drafts"]  # not even a lock
 
 
 def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: Path):

@@ -66,10 +66,16 @@ def _hold_closed_streams() -> list[str]:
     return closed
 
 
+def _prints_its_result(args: argparse.Namespace) -> bool:
+    """Whether what the command makes goes to standard output: its result, `--print-config`, `--out -`."""
+    return (args.command in PRINTS_ITS_RESULT or getattr(args, "print_config", False)
+            or getattr(args, "out", None) == "-")
+
+
 def main(argv: list[str] | None = None) -> None:
     closed = _hold_closed_streams()
     args = _parse(argv)
-    if "stdout" in closed and args.command in PRINTS_ITS_RESULT:  # `echo hi >&-` fails too: "Bad file descriptor"
+    if "stdout" in closed and _prints_its_result(args):  # `echo hi >&-` fails too: "Bad file descriptor"
         sys.exit(f"longcat {args.command}: standard output is closed: nowhere to write what it prints")
     if args.command != "serve":  # one-shot commands reuse their large blocks; serve tunes its engine process only
         tune_cpu_allocator()

@@ -86,11 +86,11 @@ class Corpus:
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
         found = data_files(root)
-        if unread := [p for p in found if _kind(p) not in DOC_SUFFIXES and UNREAD_DATA.search(p.name.lower())]:
+        if unread := [p for p in found if corpus_kind(p) not in DOC_SUFFIXES and UNREAD_DATA.search(p.name.lower())]:
             raise ValueError(f"{unread[0]} in {root} is a data file in a format not read here; a corpus folder holds "
                              f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder")
-        files = [p for p in found if _kind(p) in DOC_SUFFIXES]
-        check_one_split(root, [p for p in files if _kind(p) in SHARD_SUFFIXES],
+        files = [p for p in found if corpus_kind(p) in DOC_SUFFIXES]
+        check_one_split(root, [p for p in files if corpus_kind(p) in SHARD_SUFFIXES],
                         "give the training files alone (a run holds out the end of its corpus as its val split)")
         if not files and (root / RUN_CONFIG_FILE).is_file():  # a run trained with --out at the corpus
             raise ValueError(f"corpus directory {root} is a training run's directory (it holds {RUN_CONFIG_FILE}), "
@@ -126,7 +126,7 @@ class Corpus:
         """Hash of what the documents depend on: paths, sizes, mtimes, caps, and the field where records are read
         (not the file contents)."""
         files = self.files()
-        field = self.text_field if any(_kind(path) in RECORD_KINDS for path in files) else None
+        field = self.text_field if any(corpus_kind(path) in RECORD_KINDS for path in files) else None
         h = hashlib.sha256(repr((str(self.root.resolve()), field, self.max_bytes, self.max_docs)).encode())
         for path in files:
             stat = path.stat()
@@ -170,14 +170,14 @@ def sample_texts(source: str | Path | None = None, max_bytes: int = 16_000_000, 
 
 # ---- readers: one document per text file, per .jsonl line, per .parquet row ----
 
-def _kind(path: Path) -> str:
+def corpus_kind(path: Path) -> str:
     """A corpus file's format by its name: its suffix, or ".jsonl.gz" / ".json.gz" when gzip-compressed."""
     name = path.name.lower()
     return next((kind for kind in (".jsonl.gz", ".json.gz") if name.endswith(kind)), path.suffix.lower())
 
 
 def _read_documents(path: Path, text_field: str, check_text: bool) -> Iterator[str]:
-    kind = _kind(path)
+    kind = corpus_kind(path)
     if kind == ".parquet":
         yield from _read_parquet(path, text_field)
         return
@@ -279,7 +279,7 @@ def starts_with_bracket(path: Path) -> bool:
 def jsonl_records(path: Path) -> Iterator[tuple[int, Any]]:
     """(line number, parsed JSON) for each non-blank line; a line that does not parse is an error naming it. A
     .json file that is one array gives (index, record) for each of its records."""
-    if _kind(path) in (".json", ".json.gz") and starts_with_bracket(path):
+    if corpus_kind(path) in (".json", ".json.gz") and starts_with_bracket(path):
         yield from enumerate(whole_json(path), 1)
         return
     with open_text(path) as f:

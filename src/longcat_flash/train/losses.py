@@ -69,19 +69,18 @@ def target_counts(targets: torch.Tensor, documents: torch.Tensor | None = None) 
     return torch.stack([(targets != IGNORE).sum(), (mtp_targets(targets, documents) != IGNORE).sum()])
 
 
-def hidden_z_loss(hidden: torch.Tensor, real: torch.Tensor | None = None) -> torch.Tensor:
+def hidden_z_loss(hidden: torch.Tensor, real: torch.Tensor | None = None, count: torch.Tensor | None = None
+                  ) -> torch.Tensor:
     """Report eq. 10 without λ: mean over tokens of (log Σ_i exp|z_t,i|)², z = last hidden before the final norm;
-    real (B, S): the tokens that count (not a packed window's padding), None: all.
+    real (B, S): the tokens that count (not a packed window's padding), None: all; count: their sum's divisor
+    instead of their number (as `tokens` is the LM loss's: see `training_losses`).
 
     It penalises massive activations; a tiny λ keeps the hidden norm stable without hurting the LM loss.
     """
     lse = torch.logsumexp(hidden.float().abs(), dim=-1)  # (B, S)
-    return lse.pow(2).mean() if real is None else masked_mean(lse.pow(2), real)
-
-
-def masked_mean(values: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """The mean of `values` where `real` (same shape) holds, without a device sync; 0 where none does."""
-    return (values * real).sum() / real.sum().clamp(min=1)
+    if real is None:
+        return lse.pow(2).mean()
+    return (lse.pow(2) * real).sum() / (real.sum().clamp(min=1) if count is None else count)
 
 
 def real_tokens(documents: torch.Tensor | None) -> torch.Tensor | None:
@@ -105,7 +104,8 @@ def routed_counts(ids: torch.Tensor, n: int, real: torch.Tensor | None = None) -
 
 
 def balance_loss(probs: torch.Tensor, ids: torch.Tensor, n_ffn: int, groups: int, target: float,
-                 selections: torch.Tensor | None = None, real: torch.Tensor | None = None) -> torch.Tensor:
+                 selections: torch.Tensor | None = None, real: torch.Tensor | None = None,
+                 count: torch.Tensor | None = None) -> torch.Tensor:
     """Device-level load balance with the zero experts as group D+1 (report §2.1.2), without α, for one layer.
 
         L = Σ_j f_j P_j,  P_j = (1/T) Σ_t Σ_{i in group j} p_t,i
@@ -119,12 +119,13 @@ def balance_loss(probs: torch.Tensor, ids: torch.Tensor, n_ffn: int, groups: int
     selections: (E+Z,) selections per expert over the whole batch when it is split over data-parallel ranks;
     f then counts the global batch and P this rank's tokens, so the mean over ranks of L, and of its
     gradient, is the one-process value (docs/expert_parallel.md). None: count `ids`.
-    real: (T,) the tokens that count (not padding; `selections` then counts them alone too), None: all.
+    real: (T,) the tokens that count (not padding; `selections` then counts them alone too), None: all;
+    count: P's T instead of their number: the mean over the ranks of theirs, so that P is the global batch's.
     """
     K = ids.shape[1]
     n_zero = probs.shape[-1] - n_ffn
     n_groups = groups + (1 if n_zero else 0)
-    tokens = ids.shape[0] if real is None else real.sum().clamp(min=1)  # this rank's that count: P's T
+    tokens = ids.shape[0] if real is None else real.sum().clamp(min=1) if count is None else count  # P's T
     if real is not None:
         probs = probs * real[:, None]
     if selections is None:
@@ -158,7 +159,7 @@ class LossTerms:
 def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_ffn: int, target: float,
                     selections: torch.Tensor | None = None, head: nn.Module | None = None,
                     documents: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
-                    real: torch.Tensor | None = None) -> LossTerms:
+                    real: torch.Tensor | None = None, real_counts: torch.Tensor | None = None) -> LossTerms:
     """All terms for one forward pass; MTP only when the model was run with `with_mtp=True`.
 
     selections: (L, E+Z) router counts of the global batch under data parallelism (see `balance_loss`).
@@ -170,16 +171,19 @@ def training_losses(out: ModelOutput, targets: torch.Tensor, cfg: LossConfig, n_
     in number between micro-batches and ranks (SFT), the mean number per micro-batch over the whole step, so
     that the terms averaged over micro-batches and ranks are the means over every target of the step.
     real: (B, S) the tokens that are not a packed window's padding (`real_tokens`): the z-loss and the balance
-    loss count them alone (`selections` then counts them alone too)."""
+    loss count them alone (`selections` then counts them alone too). real_counts: (2,) their divisors, means over
+    the ranks: the number per micro-batch over the whole step (the z-loss's, as `tokens`) and this micro-batch's
+    (the balance's P), so that neither moves with how the padding falls between micro-batches and ranks."""
     lm_tokens, mtp_tokens = (None, None) if tokens is None else tokens
     if out.logits is None:
         lm = chunked_lm_loss(out.final_hidden, head, targets, cfg.logits_chunk, lm_tokens)
     else:
         lm = lm_loss(out.logits, targets, lm_tokens)
-    z = hidden_z_loss(out.hidden, real)
+    z_count, p_count = (None, None) if real_counts is None else real_counts
+    z = hidden_z_loss(out.hidden, real, z_count)
     flat = None if real is None else real.reshape(-1)  # (T,) as the routing's tokens
     balance = torch.stack([balance_loss(r.probs, r.ids, n_ffn, cfg.balance_groups, target,
-                                        None if selections is None else selections[i], flat)
+                                        None if selections is None else selections[i], flat, p_count)
                            for i, r in enumerate(out.routing)]).mean()
     total = lm + cfg.z_weight * z + cfg.balance_alpha * balance
     mtp = None

@@ -17,12 +17,14 @@ from .config import LossConfig
 from .losses import balance_loss
 
 
-def router_grad_ratio(out: ModelOutput, lm: torch.Tensor, cfg: LossConfig, n_ffn: int, target: float
-                      ) -> list[float]:
-    """R_g per layer for one micro-batch (the balance term weighted as in the total loss: α / n_layers)."""
+def router_grad_ratio(out: ModelOutput, lm: torch.Tensor, cfg: LossConfig, n_ffn: int, target: float,
+                      real: torch.Tensor | None = None) -> list[float]:
+    """R_g per layer for one micro-batch (the balance term weighted as in the total loss: α / n_layers); real:
+    (B, S) the tokens that are not padding, as the trained balance term counts them."""
     probs = [r.probs for r in out.routing]
     weight = cfg.balance_alpha / len(probs)
-    balance = sum(balance_loss(r.probs, r.ids, n_ffn, cfg.balance_groups, target) for r in out.routing)
+    flat = None if real is None else real.reshape(-1)
+    balance = sum(balance_loss(r.probs, r.ids, n_ffn, cfg.balance_groups, target, real=flat) for r in out.routing)
     g_lm = torch.autograd.grad(lm, probs, retain_graph=True)  # (T, E+Z) per layer
     g_lb = torch.autograd.grad(weight * balance, probs, retain_graph=True)
     ratios = [(b.sum(0).norm() / a.sum(0).norm().clamp(min=1e-30)).item() for a, b in zip(g_lm, g_lb)]

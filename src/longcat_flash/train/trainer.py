@@ -35,6 +35,8 @@ from ..checkpoint.safetensors_files import stored_dtype
 from ..data import (IGNORE, CopyMix, Corpus, PackedBatch, ResumableSampler, TokenDataset, split_windows,
                     validation_batches)
 from ..data.conversation_packing import ConversationDataset
+from ..data.corpus import DOC_SUFFIXES, corpus_kind
+from ..data.dataset_folders import tree_files
 from ..config import ModelConfig
 from ..device import autocast as device_autocast
 from ..device import compute_dtype, resolve_device, use_device
@@ -139,21 +141,26 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
     monitor = cfg.loss.monitor_every > 0 and step % cfg.loss.monitor_every == 0
     acc, extra = _Accumulator(), {}
     micro_batches = batch.chunk(cfg.data.grad_accum)
-    tokens = None
+    tokens, real_counts = None, None
     if isinstance(batch, PackedBatch):  # SFT: every trained token of the step weighs the same, on every rank
         tokens = distributed.average(target_counts(*split_windows(batch)[1:]).float(), mesh) / len(micro_batches)
+        real_counts = distributed.average(torch.stack([real_tokens(m.documents[:, :-1]).sum()  # (M,) per micro
+                                                       for m in micro_batches]).float(), mesh)
     for i, micro in enumerate(micro_batches):
         inputs, targets, documents = split_windows(micro)
         real = real_tokens(documents)  # (B, S) or None: a packed window's padding is not routed data
+        if real is None and real_counts is not None:  # packed windows of one document each: no padding
+            real = torch.ones_like(inputs, dtype=torch.bool)
+        divisors = None if real_counts is None else torch.stack([real_counts.mean(), real_counts[i]])
         with autocast(cfg, device, mesh):
             out = model(inputs, with_mtp=with_mtp, compute_logits=False, documents=documents)
             counts = layer_counts(out, real)  # (L, E+Z)
             selections = None if mesh is None else distributed.global_counts(counts, mesh)  # the balance's f
             terms = training_losses(out, targets, cfg.loss, cfg.model.n_routed_experts,
                                     cfg.ffn_expert_target, selections, head=model.lm_head, documents=documents,
-                                    tokens=tokens, real=real)
+                                    tokens=tokens, real=real, real_counts=divisors)
         if monitor and i == 0:
-            extra = _monitors(model, out, terms, cfg, with_mtp)
+            extra = _monitors(model, out, terms, cfg, with_mtp, real)
         (terms.total / len(micro_batches)).backward()
         acc.add(terms, out, counts, real)
     distributed.average_expert_gradients(model, mesh)
@@ -173,11 +180,12 @@ def train_step(model: Transformer, optimizer: torch.optim.Optimizer, controller:
             "state_bytes": held, **budget, **extra}
 
 
-def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: TrainConfig, with_mtp: bool
-              ) -> dict[str, Any]:
+def _monitors(model: Transformer, out: ModelOutput, terms: LossTerms, cfg: TrainConfig, with_mtp: bool,
+              real: torch.Tensor | None) -> dict[str, Any]:
     idle = [model.model.mtp] if model.model.mtp is not None and not with_mtp else []
     with distributed.side_backward(model, idle):
-        ratios = router_grad_ratio(out, terms.lm, cfg.loss, cfg.model.n_routed_experts, cfg.ffn_expert_target)
+        ratios = router_grad_ratio(out, terms.lm, cfg.loss, cfg.model.n_routed_experts, cfg.ffn_expert_target,
+                                   real)
     return {"router_grad_ratio": max(ratios), "router_grad_ratio_per_layer": ratios,
             "router_cosine": router_cosine(model.routers())}
 
@@ -478,13 +486,15 @@ def _files_no_run_wrote(out: Path) -> list[str]:
     return [name for name in names if (out / name).exists()]
 
 
-def _entries_no_run_writes(out: Path) -> list[str]:
-    """What `out` holds besides a run's own files (hidden ones aside): a run's files would mix with the user's,
-    and the folder, once it is a run's, is no longer read as data (a corpus above it would lose that text)."""
+def _data_no_run_wrote(out: Path) -> list[str]:
+    """The corpus files (.txt, .md, .py, .jsonl, ...) below `out` that are not a run's own: the folder, once a
+    run's, is no longer read as data, so a corpus above it would lose them unsaid. A log beside them (`tee
+    OUT/train.log`, a scheduler's job output) is no data and stays welcome."""
     if not out.is_dir():
         return []
-    own = {*RUN_FILES, CHECKPOINTS, TENSORBOARD_DIR}
-    return sorted(entry.name for entry in out.iterdir() if entry.name not in own and not entry.name.startswith("."))
+    own = {out / name for name in (*RUN_FILES, CHECKPOINTS, TENSORBOARD_DIR)}
+    found = [path for path in tree_files(out) if not own.intersection((path, *path.parents))]
+    return sorted(str(path.relative_to(out)) for path in found if corpus_kind(path) in DOC_SUFFIXES)
 
 
 def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
@@ -521,10 +531,10 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
                          "data, so the run would find none there; choose another --out")
     if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
         raise ValueError(f"{out} already holds a model; a run writes its own there: choose another --out")
-    if not resume and (strangers := _entries_no_run_writes(out)):
-        raise ValueError(f"{out} holds {', '.join(strangers[:3])}{', ...' if len(strangers) > 3 else ''}, which no "
-                         "run writes: a run goes into a new or empty directory (or its own, to start it again): "
-                         "choose another --out")
+    if not resume and (data := _data_no_run_wrote(out)):
+        raise ValueError(f"{out} holds {', '.join(data[:3])}{', ...' if len(data) > 3 else ''}, data no run wrote, "
+                         "which a corpus above it would no longer read once the folder is a run's: a run goes into "
+                         "a new or empty directory (or its own, to start it again): choose another --out")
     if not resume and (foreign := _files_no_run_wrote(out)):
         raise ValueError(f"{out} holds {' and '.join(foreign)}, which a run would overwrite with its own: choose "
                          "another --out")
