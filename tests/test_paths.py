@@ -86,3 +86,29 @@ def test_names_of_up_to_255_bytes_can_be_written(tmp_path):
     tokenizer = train_tokenizer(["hello world"], vocab_size=300)
     shard = build_token_shard(corpus, tokenizer, tmp_path / "cache", progress=False)
     assert len(shard.name.encode()) < 255 and shard.stat().st_size > 0
+
+
+def test_init_from_under_the_home_folder_may_be_written_with_a_tilde(tmp_path, monkeypatch):
+    """`--set init_from=~/base` was "model directory ~/base does not exist": no shell expands a ~ after the `=`."""
+    from longcat_flash.cli.commands import main
+    from longcat_flash.train.config import build_config
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    main(["init", "--preset", "tiny", "--out", str(tmp_path / "base")])
+    cfg = build_config("sft", ["init_from=~/base"])
+    assert cfg.model.num_layers == build_config("tiny", []).model.num_layers
+
+
+def test_a_file_or_a_broken_link_where_a_folder_goes_is_named(tmp_path):
+    """`--set data.cache_dir=<a file>` and an `--out` that is a broken link were a bare "[Errno 17] File exists"."""
+    from longcat_flash.data import build_token_shard
+    from longcat_flash.files import make_folder
+    from longcat_flash.tokenizer import train_tokenizer
+
+    (tmp_path / "a.txt").write_text("hello world\n" * 10)
+    (tmp_path / "cache").write_text("not a folder")
+    with pytest.raises(NotADirectoryError, match=r"data.cache_dir .*cache is a file, not a folder"):
+        build_token_shard(tmp_path / "a.txt", train_tokenizer(["hello"], vocab_size=300), tmp_path / "cache")
+    (tmp_path / "gone").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(NotADirectoryError, match=r"--out .*gone is a broken link, not a folder"):
+        make_folder(tmp_path / "gone", "--out")

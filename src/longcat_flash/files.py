@@ -23,6 +23,18 @@ def current_umask() -> int:
     return mask
 
 
+def make_folder(path: Path, what: str) -> None:
+    """mkdir -p `path`, where a file or a broken link in the way is said by name (`what`: the flag or field that
+    gave it), not as a bare "[Errno 17] File exists"."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as err:
+        blocked = Path(err.filename or path)
+        kind = "a broken link" if blocked.is_symlink() and not blocked.exists() else "a file"
+        where = "" if blocked == path else f": {blocked}"
+        raise NotADirectoryError(f"{what} {path}{where} is {kind}, not a folder") from None
+
+
 def chmod_per_umask(path: str | Path) -> None:
     """Give `path` the mode a plain `open(path, "w")` would have: 0o666 less the umask."""
     os.chmod(path, 0o666 & ~current_umask())

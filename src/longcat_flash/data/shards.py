@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 from tqdm import tqdm
 
-from ..files import atomic_write, atomic_write_text
+from ..files import atomic_write, atomic_write_text, make_folder
 from .corpus import Corpus
 
 ABANDONED_AFTER_S = 3600  # a partial shard nobody has written to for this long is a killed tokenization's
@@ -76,7 +76,7 @@ def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache
     bin_path = Path(cache_dir) / f"{corpus.name}-{fingerprint[:16]}.bin"
     if _shard_is_current(bin_path, fingerprint):
         return bin_path
-    bin_path.parent.mkdir(parents=True, exist_ok=True)
+    make_folder(bin_path.parent, "data.cache_dir")
     _remove_abandoned_parts(bin_path.parent)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     with atomic_write(bin_path) as tmp, tmp.open("wb") as f:

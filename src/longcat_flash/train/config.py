@@ -566,10 +566,10 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 def pretrained_model_config(directory: str | Path) -> ModelConfig:
     """The ModelConfig of an HF model directory (`init_from`), with a clear error when it is not one, or when it is
     a run whose model is older than its newest checkpoint (resumed and stopped before it finished)."""
-    path = Path(directory)
+    path = Path(directory).expanduser()  # `--set init_from=~/base`: no shell expands a ~ after the `=`
     unfinished = _unfinished_run(path)
     try:  # a setting: rank 0 says it
-        model_directory(directory)
+        model_directory(path)
     except (OSError, ValueError) as err:
         raise ValueError(f"init_from={directory}: {err}") from None
     if unfinished:

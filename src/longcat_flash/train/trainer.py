@@ -40,6 +40,7 @@ from ..data.dataset_folders import tree_files
 from ..config import ModelConfig
 from ..device import autocast as device_autocast
 from ..device import compute_dtype, resolve_device, use_device
+from ..files import make_folder
 from ..model import ModelOutput, Transformer
 from ..tokenizer import TOKENIZER_FILE, Tokenizer
 from . import run_lock
@@ -541,7 +542,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     pretrained = cfg.init_from if checkpoint is None else None  # a resumed run continues its own checkpoint
     if pretrained is not None:
         check_same_shapes(pretrained, cfg.model)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder(out, "--out")
     with distributed.main_first():  # a refusal is one line from rank 0, the other ranks quiet
         if distributed.is_main():
             run_lock.hold(out)  # before anything is written there
