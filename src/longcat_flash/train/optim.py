@@ -49,7 +49,9 @@ def width_scale(proxy_width: int | None, target_width: int) -> WidthScale:
 
 
 def param_kind(name: str, param: torch.Tensor) -> str:
-    """embedding (token tables), unembedding (lm_head), vector (norm gains, biases), hidden (other matrices)."""
+    """embedding (token tables), unembedding (lm_head), vector (norm gains, biases), hidden (other matrices). A
+    lm_head tied to the embedding is one tensor, listed once under the embedding's name: the embedding's rules
+    (no weight decay, lr and init not scaled by the width) are the ones it follows."""
     if param.dim() < 2:
         return "vector"
     if name.endswith("embed_tokens.weight"):
