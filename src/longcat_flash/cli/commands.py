@@ -114,8 +114,12 @@ def _run(args: argparse.Namespace) -> None:
         reason = peer_lost(err) if launched() else ""
         if not reason:
             raise
-        sys.exit(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
-                 f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
+        print(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
+              f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout",
+              file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(1)  # not sys.exit: finalizing a process group whose peer is gone can abort the interpreter
+        # ("terminate called without an active exception", status -6 instead of 1)
     except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
         rank = int(os.environ.get("RANK", "0"))
         if rank and isinstance(err, (ValueError, KeyError)):
