@@ -498,6 +498,29 @@ def _data_no_run_wrote(out: Path) -> list[str]:
     return sorted(str(path.relative_to(out)) for path in found if corpus_kind(path) in DOC_SUFFIXES)
 
 
+def _check_out(cfg: TrainConfig, out: Path, resume: bool) -> None:
+    """Refuse an `out` a run must not write into: one holding checkpoints (without --resume), the model it
+    starts from, its own data, a model, the user's corpus files, or files a run would overwrite."""
+    if not resume and training.list_checkpoints(out / CHECKPOINTS):
+        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
+    if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
+        raise ValueError(f"--out {out} is the model the run starts from (init_from): its weights would be "
+                         "overwritten; choose another --out")
+    data = [cfg.sft.data, cfg.sft.val_data, None if Corpus(cfg.data.source).is_stdlib else cfg.data.source]
+    if any(path is not None and Path(path).expanduser().resolve() == out.resolve() for path in data):
+        raise ValueError(f"--out {out} is the folder of the data the run trains on: a run's directory is not read as "
+                         "data, so the run would find none there; choose another --out")
+    if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
+        raise ValueError(f"{out} already holds a model; a run writes its own there: choose another --out")
+    if not resume and (data := _data_no_run_wrote(out)):
+        raise ValueError(f"{out} holds {', '.join(data[:3])}{', ...' if len(data) > 3 else ''}, data no run wrote, "
+                         "which a corpus above it would no longer read once the folder is a run's: a run goes into "
+                         "a new or empty directory (or its own, to start it again): choose another --out")
+    if not resume and (foreign := _files_no_run_wrote(out)):
+        raise ValueError(f"{out} holds {' and '.join(foreign)}, which a run would overwrite with its own: choose "
+                         "another --out")
+
+
 def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
           mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | None = None) -> Run:
     """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh and overlap).
@@ -521,24 +544,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         if distributed.is_main() and (out / run_lock.LOCK_FILE).exists():  # to --resume); the other ranks quiet
             run_lock.hold(out)
     checkpoint = newest_checkpoint(out) if resume else None
-    if not resume and training.list_checkpoints(out / CHECKPOINTS):
-        raise ValueError(f"{out} already holds checkpoints; pass --resume to continue it, or choose another --out")
-    if not resume and cfg.init_from is not None and Path(cfg.init_from).resolve() == out.resolve():
-        raise ValueError(f"--out {out} is the model the run starts from (init_from): its weights would be "
-                         "overwritten; choose another --out")
-    data = [cfg.sft.data, cfg.sft.val_data, None if Corpus(cfg.data.source).is_stdlib else cfg.data.source]
-    if any(path is not None and Path(path).expanduser().resolve() == out.resolve() for path in data):
-        raise ValueError(f"--out {out} is the folder of the data the run trains on: a run's directory is not read as "
-                         "data, so the run would find none there; choose another --out")
-    if not resume and any((out / name).exists() for name in (hf.SINGLE_FILE, hf.INDEX_FILE)):
-        raise ValueError(f"{out} already holds a model; a run writes its own there: choose another --out")
-    if not resume and (data := _data_no_run_wrote(out)):
-        raise ValueError(f"{out} holds {', '.join(data[:3])}{', ...' if len(data) > 3 else ''}, data no run wrote, "
-                         "which a corpus above it would no longer read once the folder is a run's: a run goes into "
-                         "a new or empty directory (or its own, to start it again): choose another --out")
-    if not resume and (foreign := _files_no_run_wrote(out)):
-        raise ValueError(f"{out} holds {' and '.join(foreign)}, which a run would overwrite with its own: choose "
-                         "another --out")
+    _check_out(cfg, out, resume)
     pretrained = cfg.init_from if checkpoint is None else None  # a resumed run continues its own checkpoint
     if pretrained is not None:
         check_same_shapes(pretrained, cfg.model)
