@@ -77,13 +77,12 @@ def _add_sft(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_train, preset_name="sft", flag_fields=_SFT_FLAGS)
 
 
-def _run_train(args: argparse.Namespace) -> None:
-    from .. import distributed
+def _checked_run_flags(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    """Refuses flags that contradict each other, before any config is built. Returns the run directory and the
+    settings the flags make (`key=value`, the dedicated flags' first, then --set's)."""
     from ..checkpoint import hf
-    from ..train.checkpoints import exactness_notice, resume_config, resumed_ep, schedule_notice, validation_notice
-    from ..train.config import RECIPES, build_config, describe
+    from ..train.config import RECIPES
     from ..train.overrides import override_keys
-    from ..train.trainer import TrainingStopped, train
 
     if args.auto_resume:
         _auto_resume(args)
@@ -112,13 +111,23 @@ def _run_train(args: argparse.Namespace) -> None:
     if args.command == "train" and args.preset is not None and args.preset not in RECIPES:
         raise ValueError(f"--preset {args.preset}: no such recipe; choose one of "
                          f"{', '.join(p for p in RECIPES if p != 'sft')}")
+    return out, [*flags.values(), *args.overrides]
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    from .. import distributed
+    from ..train.checkpoints import exactness_notice, resume_config, resumed_ep, schedule_notice, validation_notice
+    from ..train.config import build_config, describe
+    from ..train.trainer import TrainingStopped, train
+
+    out, settings = _checked_run_flags(args)
     preset = args.preset if args.command == "train" else None if args.resume else args.preset_name
     saved = resume_config(out) if args.resume else None
     if saved is not None and (saved.sft.data is not None) != (args.command == "sft"):
         other = "sft" if saved.sft.data is not None else "train"
         raise ValueError(f"{out} is a `longcat {other}` run: continue it with longcat {other} --resume "
                          f"{shlex.quote(out)}")
-    cfg = build_config(preset, [*flags.values(), *args.overrides], saved)
+    cfg = build_config(preset, settings, saved)
     if args.print_config:  # sft without --model: the model section is whatever config.json --model will hold
         unread = args.command == "sft" and cfg.init_from is None
         if int(os.environ.get("RANK", "0")) == 0:  # once under torchrun (before any process group)
