@@ -810,6 +810,23 @@ def test_tools_and_schemas_stored_as_json_strings_read_as_objects(tmp_path):
         parse_row({**row, "tools": [{"type": "function", "function": {"name": "f", "parameters": "[1]"}}]}, "x")
 
 
+def test_a_tools_string_reads_as_the_server_reads_the_same_tools():
+    """`json.dumps` of an SDK tool's `model_dump()` has a null description and strict: refused before, though the
+    same tools as a list were accepted. The function's own nulls count as absent (the server drops them too); a
+    schema's `"default": null` is the writer's and stays (the server shows it), so the prompts are the same."""
+    from longcat_flash.serve import protocol as p
+    from longcat_flash.serve.tools import plan_tools
+
+    unit = {"anyOf": [{"type": "string"}, {"type": "null"}], "default": None}
+    tool = {"type": "function", "function": {"name": "wx", "description": None, "strict": None,
+                                             "parameters": {"type": "object", "properties": {"unit": unit}}}}
+    messages = [{"role": "user", "content": "Weather?"}, {"role": "assistant", "content": "Sunny."}]
+    parsed = parse_row({"messages": messages, "tools": json.dumps([tool])}, "x").tools
+    body = p.ChatCompletionRequest.model_validate({"model": "m", "messages": messages[:1], "tools": [tool]})
+    assert parsed == plan_tools(body).shown
+    assert parsed[0]["function"]["parameters"]["properties"]["unit"]["default"] is None
+
+
 def encoded(tokenizer, n=40):
     rng = random.Random(5)
     return [tokenize(tokenizer, parse_row(conversation(rng), "x")) for _ in range(n)]
@@ -841,11 +858,13 @@ def test_overlong_conversations_are_truncated_or_skipped_and_counted(tokenizer):
     assert f"{over} skipped" in skipped.report and "0 truncated" in skipped.report
     assert skipped.documents.max(axis=1).sum() == len(convs) - over  # one padding document per window
     truncated = pack(convs, seq_len, tokenizer.pad_id, "train", overlong="truncate")
-    assert f"{over} truncated" in truncated.report
-    # a truncated one fills its window to the last token, unless no assistant token was left in it (dropped)
+    # a truncated one fills its window to the last token; one with no assistant token left in it is dropped, and
+    # counted as that alone: each over-long conversation is counted once
+    kept = re.search(r"(\d+) truncated", truncated.report)
     dropped = re.search(r"(\d+) dropped with no assistant token left", truncated.report)
     full = sum(int((d == d[-1]).all()) for d in truncated.documents)
-    assert dropped and full > 0 and full + int(dropped.group(1)) == over
+    assert kept and dropped and full > 0 and int(kept.group(1)) == full
+    assert int(kept.group(1)) + int(dropped.group(1)) == over
 
 
 def agent_trace(calls: int) -> dict:
@@ -935,8 +954,9 @@ def test_conversations_whose_replies_all_fall_past_the_window_name_the_cut():
     that they had no assistant token."""
     prompt_only = np.zeros(40, dtype=bool)
     encoded = [(np.arange(50), np.concatenate([prompt_only, np.ones(10, dtype=bool)])) for _ in range(3)]
-    with pytest.raises(ValueError, match=r"3 read, 3 cut to their first 17 tokens, 0 skipped as longer, 3 without an "
-                                         r"assistant token within their first 17\); raise data.seq_len \(up to "
+    with pytest.raises(ValueError, match=r"3 read, 0 skipped as longer than 17 tokens, 3 without an "
+                                         r"assistant token within their first 17, 3 of them longer, cut to it\); "
+                                         r"raise data.seq_len \(up to "
                                          r"the model's max_position_embeddings; past it, extend the model's context "
                                          r"first: docs/context_extension.md\)"):
         pack(encoded, seq_len=16, pad_id=0, split="train")

@@ -24,9 +24,10 @@ PACK_LOOKBACK = 64  # open windows a conversation may go into (first fit among t
 @dataclass
 class PackStats:
     conversations: int = 0
-    truncated: int = 0
+    truncated: int = 0  # over-long, kept cut to their window
     skipped: int = 0  # over-long, with overlong=skip
-    untrained: int = 0  # nothing left to train on after truncation
+    untrained: int = 0  # dropped: no trained token within the window (not counted as truncated)
+    emptied: int = 0  # of those, the over-long ones: the cut left nothing to train on
     tokens: int = 0  # conversation tokens packed
     trained_tokens: int = 0
 
@@ -93,15 +94,16 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
     kept: list[tuple[np.ndarray, np.ndarray]] = []
     for ids, trained in encoded:
         stats.conversations += 1
-        if len(ids) > window:
-            if overlong == "skip":
-                stats.skipped += 1
-                continue
-            stats.truncated += 1
-            ids, trained = ids[:window], trained[:window]
-        if not has_target(trained):
-            stats.untrained += 1
+        cut = len(ids) > window
+        if cut and overlong == "skip":
+            stats.skipped += 1
             continue
+        ids, trained = ids[:window], trained[:window]
+        if not has_target(trained):
+            stats.untrained += 1  # counted once: dropped, not also truncated
+            stats.emptied += cut
+            continue
+        stats.truncated += cut
         kept.append((ids, trained))
         first = len(bins) - PACK_LOOKBACK
         target = next((b for b in range(max(0, first), len(bins)) if room[b] >= len(ids)), None)
@@ -113,8 +115,9 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
         room[target] -= len(ids)
     if not bins:
         raise ValueError(f"sft {split}: no conversation fits ({stats.conversations} read, "
-                         f"{stats.truncated} cut to their first {window} tokens, {stats.skipped} skipped as longer, "
-                         f"{stats.untrained} without an assistant token within their first {window}); raise "
+                         f"{stats.skipped} skipped as longer than {window} tokens, "
+                         f"{stats.untrained} without an assistant token within their first {window}, "
+                         f"{stats.emptied} of them longer, cut to it); raise "
                          f"data.seq_len (up to the model's max_position_embeddings; past it, extend the model's "
                          f"context first: docs/context_extension.md) or use shorter conversations (fewer tools)"
                          f"{', or sft.overlong=truncate' if overlong == 'skip' else ''}")

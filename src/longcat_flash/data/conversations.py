@@ -496,7 +496,9 @@ def _tools(raw: Any, where: str, field: str = "tools") -> list[dict[str, Any]] |
 
 
 def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
-    tool = as_object(raw, where, name)
+    """One tool; its own and its function's null fields count as absent, as the server reads a request's tools
+    (a `tools` JSON string keeps its nulls below that: a schema's `"default": null` is the writer's)."""
+    tool = {k: v for k, v in as_object(raw, where, name).items() if v is not None}
     if "function" not in tool and "name" in tool:  # the function alone, as LLaMA-Factory and others store tools,
         if tool.get("type", "function") != "function":  # or with its type, as OpenAI's Responses API does
             raise fail(where, f"{name}.type", f"{tool['type']!r} is not supported (only 'function')")
@@ -506,6 +508,7 @@ def _tool(raw: Any, where: str, name: str) -> dict[str, Any]:
         if tool.get("type") != "function":
             raise fail(where, f"{name}.type", f"{tool.get('type')!r} is not supported (only 'function')")
         fn, at = as_object(tool.get("function"), where, f"{name}.function"), f"{name}.function"
+        fn = {k: v for k, v in fn.items() if v is not None}
     known_fields(fn, FUNCTION_FIELDS, where, f"{at}.", "a function has")
     _function_name(fn.get("name"), where, f"{at}.name")
     if "description" in fn:
