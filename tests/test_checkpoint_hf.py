@@ -330,6 +330,10 @@ def test_saving_a_config_transformers_ignores_says_so(tmp_path, caplog):
         assert "ignores" not in caplog.text
         LongcatFlash(tiny().replace(norm_topk_prob=True, router_bias=True)).save_pretrained(tmp_path / "other")
     assert "ignores router_bias=True, norm_topk_prob=True" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):  # no zero experts: their kind computes nothing, in transformers or here
+        LongcatFlash(tiny().replace(zero_expert_num=0, zero_expert_type="drop")).save_pretrained(tmp_path / "none")
+    assert "ignores" not in caplog.text
 
 
 def test_pickle_checkpoints_are_refused(tmp_path):

@@ -862,6 +862,36 @@ def test_fields_a_run_overwrites_or_never_reads_are_refused(tmp_path: Path, over
     assert build_config("tiny", ["budget.enabled=false", "budget.target=1.5"]).ffn_expert_target == 1.5  # the loss's
 
 
+@pytest.mark.parametrize("given, by", [
+    (["schedule.kind=constant", "schedule.min_lr_ratio=0.5"], "schedule.kind=constant (it never decays to a minimum)"),
+    (["budget.integral_limit=0.01"], "a controller without an integral term (budget.mode=sign, or budget.ki=0"),
+    (["budget.mode=sign", "budget.rate=0.01", "budget.integral_limit=0.01"], "a controller without an integral"),
+    (["budget.decay_factor=1", "budget.min_rate_ratio=0.5"], "budget.decay_factor=1 (the rate never decays)"),
+    (["budget.decay_factor=1", "budget.decay_every=5"], "budget.decay_factor=1 (the rate never decays)"),
+    (["model.zero_expert_num=0", "model.zero_expert_type=drop"], "a model without zero experts"),
+    (["sample_tokens=0", "sample_temperature=0.5"], "a run with sample_tokens=0 (it writes no sample)")])
+def test_settings_their_run_would_not_read_are_refused(given, by):
+    """Each was recorded and changed nothing: a run with it saved weights byte-identical to one without it."""
+    field = given[-1].split("=")[0]
+    with pytest.raises(ValueError, match=re.escape(f"{field} is not read by {by}")):
+        build_config("tiny", given)
+    assert build_config("tiny", ["schedule.min_lr_ratio=0.5"]).schedule.min_lr_ratio == 0.5  # cosine: read
+    assert build_config("tiny", ["budget.ki=0.1", "budget.integral_limit=0.01"]).budget.integral_limit == 0.01
+    assert build_config("tiny", ["budget.min_rate_ratio=0.5"]).budget.min_rate_ratio == 0.5
+    assert build_config("tiny", ["model.zero_expert_type=drop"]).model.zero_expert_type == "drop"
+    assert build_config("tiny", ["sample_temperature=0.5"]).sample_temperature == 0.5
+
+
+def test_a_run_from_init_from_refuses_an_initialisation(tmp_path: Path):
+    """init_std and initializer_range drew weights that init_from's then replaced: the run was the same to the byte."""
+    main(["init", "--preset", "tiny", "--out", str(tmp_path / "base")])
+    for override in ("scaling.init_std=0.5", "model.initializer_range=0.3"):
+        with pytest.raises(ValueError, match=re.escape(f"{override.split('=')[0]} is not read by a run from "
+                                                       "init_from (its weights are loaded, not drawn")):
+            build_config("tiny", [f"init_from={tmp_path / 'base'}", override])
+    assert build_config("tiny", ["scaling.init_std=0.5"]).scaling.init_std == 0.5
+
+
 def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):
     """What sft's "the chat template ends the assistant turn without a token ..." advises: the added id is kept
     beside the tokenizer's eos (train/pretrained.run_eos_ids)."""

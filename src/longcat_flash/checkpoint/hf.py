@@ -399,6 +399,8 @@ def transformers_ignores(cfg: ModelConfig) -> list[str]:
     its zero experts always return their input."""
     release = {"mla_scale_q_lora": True, "mla_scale_kv_lora": True, "router_bias": False, "norm_topk_prob": False,
                "zero_expert_type": "identity"}
+    if not cfg.zero_expert_num:  # no zero experts: their kind computes nothing
+        del release["zero_expert_type"]
     return [f"{name}={getattr(cfg, name)!r}" for name, value in release.items() if getattr(cfg, name) != value]
 
 

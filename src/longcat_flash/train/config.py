@@ -442,7 +442,9 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
     the WSD decay's share under another schedule, the tokenizer sample when no tokenizer is trained; the corpus's
     and its token cache's under SFT (the corpus too when the tokenizer comes from a file or init_from), the held-out
     share when sft.val_data holds the held-out conversations, the conversations' handling in pre-training, the
-    text field of the stdlib corpus, the MTP loss's start when it has no weight."""
+    text field of the stdlib corpus, the MTP loss's start when it has no weight, the minimum LR of a constant
+    schedule, the initialisation of a model loaded from init_from, the zero experts' kind without zero experts, the
+    sample's temperature without a sample."""
     overwritten = ("bos_token_id", "pad_token_id", *(("eos_token_id",) if cfg.init_from is None else ()))
     unread = dict.fromkeys((f"model.{name}" for name in overwritten), "a run: its tokenizer's ids are the model's "
                            "(data.tokenizer's, or the one trained on the corpus; from init_from, more eos ids may be "
@@ -453,8 +455,19 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
         kept = {"target"} | ({"enabled"} if cfg.model.zero_expert_num else set())  # target: K_e, the balance loss's too
         unread.update(dict.fromkeys((f"budget.{f.name}" for f in dataclasses.fields(cfg.budget) if f.name not in kept),
                                     off))
+    else:
+        unread.update(_unread_budget_fields(cfg.budget))
     if cfg.schedule.kind != "wsd":
         unread["schedule.decay_fraction"] = f"schedule.kind={cfg.schedule.kind} (only wsd decays over a last share)"
+    if cfg.schedule.kind == "constant":
+        unread["schedule.min_lr_ratio"] = "schedule.kind=constant (it never decays to a minimum)"
+    if cfg.init_from is not None:
+        loaded = "a run from init_from (its weights are loaded, not drawn; new vocabulary rows take the mean row)"
+        unread.update(dict.fromkeys(("scaling.init_std", "model.initializer_range"), loaded))
+    if not cfg.model.zero_expert_num:
+        unread["model.zero_expert_type"] = "a model without zero experts (model.zero_expert_num=0)"
+    if cfg.sample_tokens == 0:
+        unread["sample_temperature"] = "a run with sample_tokens=0 (it writes no sample)"
     if cfg.loss.mtp_weight == 0:
         unread["loss.mtp_start_step"] = "a run with loss.mtp_weight=0 (the MTP head never trains)"
     if cfg.data.source == STDLIB:
@@ -469,6 +482,19 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
                                 "an SFT run"))
     if cfg.sft.val_data is not None:
         unread["data.val_fraction"] = "an SFT run given --val-data (sft.val_data: the held-out conversations)"
+    return unread
+
+
+def _unread_budget_fields(budget: BudgetConfig) -> dict[str, str]:
+    """The running controller's settings its update rule never reads: the integral's clamp without an integral
+    term, the rate's decay schedule when it does not decay."""
+    unread = {}
+    if budget.mode == "sign" or budget.ki == 0:
+        unread["budget.integral_limit"] = ("a controller without an integral term (budget.mode=sign, or "
+                                           "budget.ki=0: the clamp bounds only what ki multiplies)")
+    if budget.decay_factor == 1:
+        unread.update(dict.fromkeys(("budget.decay_every", "budget.min_rate_ratio"),
+                                    "budget.decay_factor=1 (the rate never decays)"))
     return unread
 
 
