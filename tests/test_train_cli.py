@@ -892,6 +892,14 @@ def test_a_run_from_init_from_refuses_an_initialisation(tmp_path: Path):
     assert build_config("tiny", ["scaling.init_std=0.5"]).scaling.init_std == 0.5
 
 
+@pytest.mark.parametrize("field", ["model.hidden_size", "model.num_layers", "model.vocab_size", "data.batch_size"])
+def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_built(tmp_path: Path, field):
+    """A 10^20-wide model failed deep in torch ('Overflow when unpacking long long'); 10^20 layers or rows hung."""
+    message = run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--set", f"{field}={10**20}")
+    assert message.startswith("longcat train: this run cannot fit in memory: ") and "this machine has" in message
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):
     """What sft's "the chat template ends the assistant turn without a token ..." advises: the added id is kept
     beside the tokenizer's eos (train/pretrained.run_eos_ids)."""

@@ -96,6 +96,14 @@ def model_device(module: torch.nn.Module) -> torch.device:
     return next(module.parameters()).device
 
 
+def memory_bytes(device: torch.device) -> int:
+    """The memory a model on `device` lives in: a GPU's own, or this machine's."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device.index if device.index is not None
+                                                else torch.cuda.current_device()).total_memory
+    return host_memory_bytes()
+
+
 def host_memory_bytes() -> int:
     """This machine's physical memory: what a model built in host memory must fit in."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

@@ -50,6 +50,7 @@ from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, check_resuma
 from .datasets import build_datasets, build_tokenizer
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
+from .memory import check_fits
 from .losses import LossTerms, layer_counts, lm_loss, real_tokens, target_counts, training_losses
 from .metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
@@ -534,6 +535,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
     if cfg.data.batch_size % (world * cfg.data.grad_accum):
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
                          f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
+    check_fits(cfg, device, world)
     if mesh is not None:
         distributed.check_shardable(cfg.model, mesh["ep"].size())
     if cfg.tensorboard:
