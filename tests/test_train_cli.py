@@ -900,6 +900,18 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_built(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_a_tokenizer_trained_smaller_than_the_vocabulary_says_so(tmp_path: Path, capsys):
+    """A small sample gave a BPE of 261 tokens for model.vocab_size=512 without a word: half the embedding unused."""
+    from longcat_flash.train.datasets import build_tokenizer
+
+    cfg = build_config("tiny", [f"data.source={make_corpus(tmp_path / 'corpus')}", "data.tokenizer_sample_bytes=300"])
+    tokenizer = build_tokenizer(cfg, tmp_path, reuse=False, progress=False)
+    assert tokenizer.vocab_size < cfg.model.vocab_size
+    assert (f"the tokenizer trained on the corpus sample has {tokenizer.vocab_size} tokens of model.vocab_size="
+            f"{cfg.model.vocab_size} (its sample held no more merges): "
+            f"{cfg.model.vocab_size - tokenizer.vocab_size} embedding rows stay unused") in capsys.readouterr().out
+
+
 def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):
     """What sft's "the chat template ends the assistant turn without a token ..." advises: the added id is kept
     beside the tokenizer's eos (train/pretrained.run_eos_ids)."""

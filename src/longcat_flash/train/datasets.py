@@ -28,6 +28,11 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool)
                   f"{cfg.data.tokenizer_sample_bytes / 1e6:.0f} MB of {cfg.data.source}", flush=True)
         texts = sample_texts(cfg.data.source, cfg.data.tokenizer_sample_bytes, text_field=cfg.data.text_field)
         tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
+        if (unused := cfg.model.vocab_size - tokenizer.vocab_size) > 0:  # BPE found no more merges to make
+            print(f"note: the tokenizer trained on the corpus sample has {tokenizer.vocab_size} tokens of "
+                  f"model.vocab_size={cfg.model.vocab_size} (its sample held no more merges): {unused} embedding "
+                  "rows stay unused; sample more text (data.tokenizer_sample_bytes) or lower model.vocab_size",
+                  flush=True)
     if tokenizer.vocab_size > cfg.model.vocab_size and cfg.sft.data is None:
         raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens, more than "
                          f"model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
