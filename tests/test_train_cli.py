@@ -912,6 +912,20 @@ def test_a_tokenizer_trained_smaller_than_the_vocabulary_says_so(tmp_path: Path,
             f"{cfg.model.vocab_size - tokenizer.vocab_size} embedding rows stay unused") in capsys.readouterr().out
 
 
+def test_a_text_field_for_a_corpus_of_text_files_is_refused(tmp_path: Path):
+    """data.text_field=body on a folder of .py files trained as if it were not there, and was recorded."""
+    corpus = make_corpus(tmp_path / "corpus")
+    message = run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--set", f"data.source={corpus}",
+                      "--set", "data.text_field=body")
+    assert message.startswith(f"longcat train: data.text_field=body is not read by a corpus of text files ({corpus} "
+                              "holds no .jsonl/")
+    assert not (tmp_path / "run").exists()
+    (corpus / "records.jsonl").write_text(json.dumps({"body": "def f():\n    return 1\n" * 50}) + "\n")
+    main(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--max-steps", "1", "--no-progress",
+          *[a for o in tiny_overrides(corpus, tmp_path / "cache", "data.text_field=body") for a in ("--set", o)]])
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["data"]["text_field"] == "body"
+
+
 def test_a_run_from_init_from_may_add_eos_ids(tmp_path: Path):
     """What sft's "the chat template ends the assistant turn without a token ..." advises: the added id is kept
     beside the tokenizer's eos (train/pretrained.run_eos_ids)."""

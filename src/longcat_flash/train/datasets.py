@@ -6,10 +6,22 @@ import os
 from pathlib import Path
 
 from ..chat_template import writes_tool_calls_with
-from ..data import CopyMix, TokenDataset, build_token_shard, ordinary_ids, sample_texts, validation_batches
+from ..data import CopyMix, Corpus, TokenDataset, build_token_shard, ordinary_ids, sample_texts, validation_batches
 from ..data.conversation_packing import ConversationDataset, conversation_datasets
+from ..data.corpus import RECORD_KINDS, corpus_kind
 from ..tokenizer import CHAT_MARKERS, TOKENIZER_FILE, TOOL_CALL_OPEN, Tokenizer, train_tokenizer
-from .config import TrainConfig
+from .config import DataConfig, TrainConfig
+
+
+def check_text_field(cfg: TrainConfig) -> None:
+    """Refuse a data.text_field set for a corpus with no records to read it from (text files only): it was recorded
+    and did nothing. The stdlib and SFT runs refuse it with the other unread fields (train/config.py)."""
+    data = cfg.data
+    if data.text_field == DataConfig.text_field or cfg.sft.data is not None or Corpus(data.source).is_stdlib:
+        return
+    if not any(corpus_kind(path) in RECORD_KINDS for path in Corpus(data.source).files()):
+        raise ValueError(f"data.text_field={data.text_field} is not read by a corpus of text files ({data.source} "
+                         f"holds no {'/'.join(RECORD_KINDS)} records); drop it (it would be recorded, and do nothing)")
 
 
 def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool) -> Tokenizer:

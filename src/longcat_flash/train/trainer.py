@@ -47,7 +47,7 @@ from . import run_lock
 from .budget import BudgetController
 from .checkpoints import has_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint, saved_train_config
 from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, check_resumable, CheckpointConfig, TrainConfig
-from .datasets import build_datasets, build_tokenizer
+from .datasets import build_datasets, build_tokenizer, check_text_field
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
 from .memory import check_fits
@@ -536,6 +536,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
                          f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
     check_fits(cfg, device, world)
+    check_text_field(cfg)
     if mesh is not None:
         distributed.check_shardable(cfg.model, mesh["ep"].size())
     if cfg.tensorboard:
