@@ -378,6 +378,8 @@ def test_a_resumed_run_keeps_its_initialisation_and_gets_no_controller_it_never_
                 f"{override.split('=')[0]}") in message
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "budget.enabled=true")
     assert "a resumed run cannot turn the budget controller on: budget.enabled=true" in message
+    message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "scaling.variance_alignment=on")
+    assert "a resumed run keeps its model, but scaling.variance_alignment=on changes model." in message  # not grow
 
 
 def test_the_schedule_note_compares_with_the_runs_own_schedule_at_the_same_step(tmp_path: Path):

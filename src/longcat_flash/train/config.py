@@ -506,6 +506,10 @@ def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
     mid-run)."""
     changed = [f"model.{f.name}" for f in dataclasses.fields(cfg.model)
                if getattr(cfg.model, f.name) != getattr(saved.model, f.name)]
+    if changed and cfg.scaling.variance_alignment != saved.scaling.variance_alignment:  # said by the field set
+        raise ValueError(f"a resumed run keeps its model, but scaling.variance_alignment="
+                         f"{cfg.scaling.variance_alignment} changes {', '.join(changed)}: start a run with init_from "
+                         "to train with another alignment")
     if changed:
         raise ValueError(f"a resumed run keeps its model, but the config changes {', '.join(changed)} "
                          "(use `longcat grow` to change its depth, or start a run with init_from)")
