@@ -1,7 +1,8 @@
 """Token sampling: greedy, temperature, top-k, top-p, min-p, each request with its own explicit torch.Generator.
 
 Everything runs on the logits' device; a generator must live there too (`SamplingParams.generator(device)`).
-A per-request generator makes a seeded request reproducible whatever else shares its batch. `probabilities`
+A per-request generator makes a seeded request's draws its own whatever else shares its batch (the logits
+themselves may differ in their last bits with the batch in bf16 or quantized: docs/serving.md §3.4). `probabilities`
 returns the distribution a token is actually drawn from (after temperature, top-k, top-p), because speculative
 rejection sampling must compare exactly those distributions (speculative.py). `token_logprobs` reports the
 model's raw distribution instead (log-softmax of the logits, temperature 1), whatever the request samples with.
