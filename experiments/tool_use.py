@@ -6,9 +6,10 @@ it has never seen (reading its schema); constrained decoding makes every call's 
 follows the tool's schema.
 
 Each held-out conversation is cut before its first assistant turn; the request carries the conversation so far
-and its tools, at temperature 0. Scored per request:
+and its tools, at temperature 0 (so a multi-turn conversation is scored on its first turn's call: its follow-up
+would depend on the model's own first reply). Scored per request:
   right tool       the calls name exactly the expected tools (for a conversation that needs none: no call)
-  right arguments  ... and each call's arguments equal the expected ones (as parsed JSON)
+  right arguments  ... and each call's arguments equal the expected ones as JSON (61 and 61.0 alike, any key order)
   valid JSON       of the calls made, the share whose arguments parse as a JSON object that fits the tool's schema
 Twice: free decoding (`tool_choice: auto`), and constrained (the same, with every tool `strict: true`, so a call's
 arguments are decoded under its schema's grammar; the choice to call stays the model's).
@@ -36,7 +37,7 @@ import torch
 from common import Setup, figure, parse, positive_int, save
 
 from longcat_flash.checkpoint.hf import from_pretrained
-from longcat_flash.data.tool_dialogues import case_of, validate_arguments
+from longcat_flash.data.tool_dialogues import case_of, same_json, validate_arguments
 from longcat_flash.serve.launch import running_server
 from longcat_flash.train.config import apply_overrides, recipe
 from longcat_flash.train.trainer import train
@@ -118,10 +119,20 @@ def score(client: Any, model: str, row: dict[str, Any], strict: bool) -> dict[st
         valid.append(isinstance(arguments, dict) and schema is not None and validate_arguments(arguments, schema) == [])
         got.append((call.function.name, arguments))
     names = sorted(name for name, _ in got) == sorted(name for name, _ in expected)
-    key = lambda call: (call[0], json.dumps(call[1], sort_keys=True))  # noqa: E731
-    exact = names and sorted(map(key, got)) == sorted(map(key, expected))
-    return {"case": case_of(row), "right_tool": names, "right_arguments": exact, "calls": len(calls),
-            "valid_calls": sum(valid)}
+    return {"case": case_of(row), "right_tool": names, "right_arguments": names and same_calls(got, expected),
+            "calls": len(calls), "valid_calls": sum(valid)}
+
+
+def same_calls(got: list[tuple[str, Any]], expected: list[tuple[str, Any]]) -> bool:
+    """The same calls in any order, each with the same arguments as JSON (`same_json`: 61 and 61.0 are one number,
+    and a key order is no difference)."""
+    left = list(expected)
+    for name, arguments in got:
+        match = next((j for j, (n, a) in enumerate(left) if n == name and same_json(a, arguments)), None)
+        if match is None:
+            return False
+        left.pop(match)
+    return not left
 
 
 @torch.no_grad()

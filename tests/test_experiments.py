@@ -424,3 +424,14 @@ def test_tool_use_verdict_gives_every_figure_in_both_modes(experiments_path):
     for key in figures:
         assert " / ".join(f"{results[mode][key]:.0%}" for mode in tool_use.MODES) in text, (key, text)
 
+
+
+def test_tool_use_scores_arguments_as_json_values(experiments_path):
+    """A reply's 25 against the expected 25.0 (the generator writes half-amounts as 61.0) was a wrong argument."""
+    import tool_use
+
+    expected = [("convert", {"amount": 61.0, "to": "km"}), ("wx", {"city": "Oslo"})]
+    assert tool_use.same_calls([("wx", {"city": "Oslo"}), ("convert", {"to": "km", "amount": 61})], expected)
+    assert not tool_use.same_calls([("convert", {"amount": 61.5, "to": "km"}), ("wx", {"city": "Oslo"})], expected)
+    assert not tool_use.same_calls([("wx", {"city": "Oslo"}), ("wx", {"city": "Oslo"})], expected)
+    assert not tool_use.same_calls([("wx", {"city": "Oslo"})], expected)

@@ -16,7 +16,8 @@ import pytest
 from longcat_flash.cli import main
 from longcat_flash.data.conversations import parse_row, read_conversations
 from longcat_flash.data.tool_dialogues import (CASES, CITIES, INTENTS, PARAM_NAMES, SPLITS, VERBS, case_of,
-                                               check_conversation, iter_conversations, validate_arguments)
+                                               check_conversation, iter_conversations, same_json,
+                                               validate_arguments)
 from longcat_flash.tokenizer import Tokenizer, train_tokenizer
 
 
@@ -81,6 +82,38 @@ def test_validator_subset():
     assert validate_arguments({"n": 1, "u": "c"}, schema) == ["'u' must be one of ['a', 'b'], got 'c'"]
     assert validate_arguments({"x": 1.5}, schema) == ["missing required 'n'"]
     assert validate_arguments([], schema) == ["arguments must be an object, got []"]
+    assert validate_arguments({"n": 71.0}, schema) == []  # an integer, as JSON Schema 2020-12 reads it
+    assert validate_arguments({"n": 71.5}, schema) == ["'n' must be integer, got 71.5"]
+
+
+def test_json_equality_is_by_value_not_by_text():
+    """A reply's 25 against the expected 25.0 (the generator writes half-amounts as 61.0) scored wrong arguments."""
+    assert same_json({"a": 25, "b": [1, {"c": 2.0}]}, {"b": [1.0, {"c": 2}], "a": 25.0})
+    assert not same_json({"a": True}, {"a": 1}) and not same_json(0, False) and not same_json([1], [1, 1])
+    assert not same_json({"a": 1}, {"a": 1, "b": None}) and not same_json("1", 1) and same_json(None, None)
+
+
+def test_check_conversation_reads_what_a_model_writes_and_every_rule_of_a_row(rows):
+    """Arguments that are not JSON raised JSONDecodeError, arguments as an object TypeError; a call left without its
+    result, a result given twice, an id used twice and a row with no final answer all passed."""
+    row = next(r for r in rows["train"] if case_of(r) == "parallel")
+    call_turn = next(i for i, m in enumerate(row["messages"]) if m.get("tool_calls"))
+
+    def changed(edit) -> list[str]:
+        copy = json.loads(json.dumps(row))
+        edit(copy["messages"], copy["messages"][call_turn]["tool_calls"])
+        return check_conversation(copy)
+
+    first = row["messages"][call_turn]["tool_calls"][0]
+    assert changed(lambda m, calls: calls[0]["function"].update(arguments="{bad")) == [
+        f"messages[{call_turn}] {first['function']['name']}: arguments are not JSON: '{{bad'"]
+    as_object = json.loads(first["function"]["arguments"])
+    assert changed(lambda m, calls: calls[0]["function"].update(arguments=as_object)) == []
+    assert "were never answered" in changed(lambda m, calls: m.pop(call_turn + 2))[0]  # the second call's result
+    assert "answers no call" in changed(lambda m, calls: m.insert(call_turn + 2, m[call_turn + 1]))[0]
+    assert "answers no call" in changed(lambda m, calls: m.insert(call_turn + 1, m.pop(call_turn + 2)))[0]
+    assert any("is used twice" in e for e in changed(lambda m, calls: calls[1].update(id=calls[0]["id"])))
+    assert changed(lambda m, calls: m.pop()) == ["the conversation does not end with an assistant answer in text"]
 
 
 def test_requests_read_as_english(rows):
@@ -92,14 +125,31 @@ def test_requests_read_as_english(rows):
     assert capitals <= {*CITIES, "I", "I'm", "I'd"}, capitals
 
 
+def test_a_request_says_please_once():
+    """27 of 3570 held-out requests read "Please, Tokyo weather now in celsius, please." """
+    texts = [m["content"] for row in iter_conversations(3000, seed=0, split="heldout") for m in row["messages"]
+             if m["role"] == "user"]
+    assert any("please" in t.lower() for t in texts)
+    assert not [t for t in texts if t.lower().count("please") > 1]
+
+
 def test_train_and_heldout_pools_are_disjoint(rows):
     pools = [VERBS, *PARAM_NAMES.values(), *(i.nouns for i in INTENTS.values()), *(i.templates for i in INTENTS.values())]
     for train, heldout in pools:
         assert not set(train) & set(heldout)
+    for intent in INTENTS.values():  # new words, not a train template's with a word changed ("a countdown of ...")
+        train, heldout = ({run for t in templates for run in word_runs(t)} for templates in intent.templates)
+        assert not train & heldout
     names = {s: {t["function"]["name"] for r in rows[s] for t in r["tools"]} for s in SPLITS}
     params = {s: {p for r in rows[s] for t in r["tools"] for p in t["function"]["parameters"]["properties"]}
               for s in SPLITS}
     assert not names["train"] & names["heldout"] and not params["train"] & params["heldout"]
+
+
+def word_runs(template: str, n: int = 3) -> set[tuple[str, ...]]:
+    """The runs of n words of a template that hold no {slot} (a slot's values are shared by the splits)."""
+    words = re.findall(r"\{\w+\}|[\w']+", template.lower())
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1) if not any("{" in w for w in words[i:i + n])}
 
 
 def test_cli_writes_the_file(tmp_path, capsys):
@@ -143,6 +193,10 @@ def test_cli_writes_through_a_symlink_to_standard_output_and_never_over_a_fifo(t
     (tmp_path / "link.jsonl").symlink_to("real.jsonl")
     main(["data", "tools", "--out", str(tmp_path / "link.jsonl"), "--n", "3", "--force"])
     assert (tmp_path / "link.jsonl").is_symlink() and (tmp_path / "real.jsonl").read_text() == expected
+    (tmp_path / "link.jsonl.gz").symlink_to("real.jsonl")  # the name given says the format, not the target's
+    main(["data", "tools", "--out", str(tmp_path / "link.jsonl.gz"), "--n", "3", "--force"])
+    assert [c.messages for c in read_conversations(tmp_path / "link.jsonl.gz")] == [
+        parse_row(r, "x").messages for r in iter_conversations(3, 0)]
     capsys.readouterr()
     main(["data", "tools", "--out", "-", "--n", "3"])
     captured = capsys.readouterr()

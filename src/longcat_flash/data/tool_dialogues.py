@@ -236,7 +236,7 @@ INTENTS = {
         _draw_timer, _timer,
         (("Set a timer for {duration}{label}{sound}.", "Start a countdown of {duration}{label}{sound}.",
           "Remind me in {duration}{label}{sound}."),
-         ("Can you time {duration}{label}{sound}?", "I need a countdown of {duration}{label}{sound}.")),
+         ("Can you time {duration}{label}{sound}?", "Could you clock {duration}{label}{sound}?")),
         ("Done: {result}.", "Your timer is running ({result}).")),
     "translate": Intent(
         (("translation", "translator", "phrase"), ("language_swap", "interpretation")),
@@ -308,6 +308,8 @@ def make_request(rng: random.Random, tool: Tool, split: str) -> Request:
 def _polite(rng: random.Random, text: str) -> str:
     """Wrap a request in a greeting or a thank-you (or nothing), so the model does not key on the exact text."""
     before, after = rng.choice(POLITE)
+    if "please" in before.lower() and "please" in text.lower():  # "Please, Oslo weather now, please." says it twice
+        before = ""
     return _continued(before, text) + after
 
 
@@ -395,7 +397,7 @@ def write_conversations(out: str | Path | TextIO, n: int, seed: int, split: str 
         raise ValueError(f"--out {out} is not a regular file (a device, FIFO or socket); name a file to write, or - "
                          "for standard output")
     try:
-        with atomic_write(out) as tmp, _text_file(tmp, gzipped=out.suffix.lower() == ".gz") as f:
+        with atomic_write(out) as tmp, _text_file(tmp, gzipped=Path(named).suffix.lower() == ".gz") as f:  # as named
             f.writelines(lines)  # streamed: any n fits in memory
     except OSError as err:  # the temporary file's name would stand for --out's
         raise OSError(f"cannot write {out}: {err.strerror or err}") from None
@@ -422,8 +424,25 @@ _TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "boolean"
 
 
 def _type_ok(value: Any, kind: str) -> bool:
-    """JSON Schema's types: a bool is not an integer or a number, although Python says it is."""
+    """JSON Schema's types: a bool is not an integer or a number, although Python says it is; an integer is any
+    number with no fractional part (71.0 too, as JSON Schema 2020-12 and `jsonschema` read it)."""
+    if kind == "integer" and isinstance(value, float) and not isinstance(value, bool):
+        return value.is_integer()
     return isinstance(value, _TYPES[kind]) and (kind == "boolean" or not isinstance(value, bool))
+
+
+def same_json(a: Any, b: Any) -> bool:
+    """JSON equality: objects by their keys whatever their order, numbers by value (3 and 3.0 are one JSON number),
+    and a bool never equal to a number (Python's True == 1 is not JSON's)."""
+    if isinstance(a, bool) or isinstance(b, bool):
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same_json(a[k], b[k]) for k in a)
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same_json(x, y) for x, y in zip(a, b))
+    return type(a) is type(b) and a == b
 
 
 def validate_arguments(arguments: Any, schema: dict[str, Any]) -> list[str]:
@@ -446,21 +465,48 @@ def validate_arguments(arguments: Any, schema: dict[str, Any]) -> list[str]:
 
 
 def check_conversation(row: dict[str, Any]) -> list[str]:
-    """Errors of one row: each call names an offered tool, its arguments validate, each result answers a call."""
+    """Errors of one row, as §1 of docs/tool_data.md describes one: each call has an id of its own, names an offered
+    tool and has arguments (a JSON object, or a string holding one) that validate; each result answers the next
+    unanswered call, in call order, before anyone speaks again; the row ends with an assistant answer in text."""
     schemas = {t["function"]["name"]: t["function"]["parameters"] for t in row.get("tools", [])}
-    errors, open_ids = [], set()
+    errors, unanswered, ids = [], [], set()
     for i, message in enumerate(row["messages"]):
-        if message["role"] == "tool" and message.get("tool_call_id") not in open_ids:
-            errors.append(f"messages[{i}]: tool_call_id {message.get('tool_call_id')!r} answers no call")
+        if message["role"] == "tool":
+            if unanswered and message.get("tool_call_id") == unanswered[0]:
+                unanswered.pop(0)
+            else:
+                errors.append(f"messages[{i}]: tool_call_id {message.get('tool_call_id')!r} answers no call "
+                              f"{'(the next to answer is ' + repr(unanswered[0]) + ')' if unanswered else 'left open'}")
+            continue
+        if unanswered:
+            errors.append(f"messages[{i}]: calls {unanswered} were never answered")
+            unanswered = []
         for call in message.get("tool_calls") or []:
-            open_ids.add(call["id"])
+            if call["id"] in ids:
+                errors.append(f"messages[{i}]: call id {call['id']!r} is used twice")
+            ids.add(call["id"])
+            unanswered.append(call["id"])
             name = call["function"]["name"]
-            if name not in schemas:
-                errors.append(f"messages[{i}]: call to {name!r}, which is not offered")
-                continue
-            errors += [f"messages[{i}] {name}: {e}"
-                       for e in validate_arguments(json.loads(call["function"]["arguments"]), schemas[name])]
+            errors += [f"messages[{i}] {name}: {e}" for e in _call_errors(call["function"], schemas)]
+    last = row["messages"][-1] if row["messages"] else {}
+    if unanswered:
+        errors.append(f"calls {unanswered} were never answered")
+    elif last.get("role") != "assistant" or last.get("tool_calls") or not last.get("content"):
+        errors.append("the conversation does not end with an assistant answer in text")
     return errors
+
+
+def _call_errors(function: dict[str, Any], schemas: dict[str, dict]) -> list[str]:
+    """What is wrong with one call: a tool not offered, arguments that are not JSON or do not validate."""
+    if function["name"] not in schemas:
+        return [f"call to {function['name']!r}, which is not offered"]
+    arguments = function["arguments"]
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except json.JSONDecodeError:
+            return [f"arguments are not JSON: {arguments!r:.60}"]
+    return validate_arguments(arguments, schemas[function["name"]])
 
 
 def case_of(row: dict[str, Any]) -> str:
