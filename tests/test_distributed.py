@@ -108,6 +108,26 @@ def test_an_error_is_reported_once_by_rank_0_and_no_rank_dies_in_a_collective(tm
     assert "Connection closed" not in output and "RankZeroFailed" not in output
 
 
+@pytest.mark.parametrize("extra, named", [(["--set", "optim.lr=0.01"], "optim.lr = 0.01, rank 0 0.002"),
+                                           (["--ep", "2"], "--dp = 1, --ep = 2, rank 0 2, 1")])
+def test_ranks_given_different_settings_are_refused_before_any_work(tmp_path, extra, named):
+    """A node started with another command line trained on silently (only rank 0's learning rate was recorded),
+    or, given another --ep, hung building another mesh until the timeout named no cause."""
+    launcher = tmp_path / "launcher.py"  # rank 1 alone gets `extra`, as a node given another line would
+    launcher.write_text("import os, sys\nfrom longcat_flash.cli import main\n"
+                        f"main(sys.argv[1:] + ({extra!r} if os.environ['RANK'] == '1' else []))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(launcher),
+           "train", "--preset", "tiny", "--max-steps", "1", "--no-progress", "--out", str(tmp_path / "run"),
+           "--dist-timeout", "60", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert [line for line in output.splitlines() if "longcat train" in line] == [
+        f"longcat train: rank 1 was given {named}: every rank must run the same command line (on every node the "
+        "same torchrun ... longcat line)"], output[-3000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_a_restarted_group_meets_though_torchruns_store_still_holds_the_last_attempts_addresses():
     """torchrun keeps one store for every restart of a job (its ranks are told so: TORCHELASTIC_USE_AGENT_STORE),
     and the process groups' keys did not name the attempt: a restarted rank that came before rank 0 read the

@@ -6,8 +6,8 @@ that never shard (generate, chat, serve: each of its processes) need only env's 
 """
 from importlib import import_module
 
-from .env import (average, barrier, build_mesh, check_shared_directory, global_counts, init, is_main, launched,
-                  main_first, parallel_degrees, print0, raise_if_any, rank, teardown, world_size)
+from .env import (average, barrier, build_mesh, check_same_settings, check_shared_directory, global_counts, init,
+                  is_main, launched, main_first, parallel_degrees, print0, raise_if_any, rank, teardown, world_size)
 
 _LAZY = {
     **dict.fromkeys(["AllToAllDispatcher", "CommStats", "comm_stats", "experts_gathered", "shard_experts"],
@@ -24,6 +24,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "average", "barrier", "build_mesh", "check_shared_directory", "global_counts", "init", "is_main", "launched",
+    "average", "barrier", "build_mesh", "check_same_settings", "check_shared_directory", "global_counts", "init",
+    "is_main", "launched",
     "main_first", "parallel_degrees", "print0", "raise_if_any", "rank", "teardown", "world_size", *_LAZY,
 ]

@@ -223,6 +223,36 @@ def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
             (path / flag).unlink(missing_ok=True)
 
 
+def check_same_settings(settings: dict[str, Any]) -> None:
+    """Refuse, on every rank, a launch whose ranks were given different settings (one node started with another
+    command line): trained on, such a run silently mixed learning rates or seeds (only rank 0's were recorded),
+    hung building different meshes, or aborted in gloo on a collective of another size. `settings`: nested
+    dicts of plain values, compared field by field with rank 0's; nothing to compare in one process."""
+    if not dist.is_initialized():
+        return
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, _flat(settings))
+    first = gathered[0]
+    for other_rank, other in enumerate(gathered[1:], 1):
+        if differ := sorted(key for key in first.keys() | other.keys() if first.get(key) != other.get(key)):
+            shown = differ[:3]
+            more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
+            raise ValueError(f"rank {other_rank} was given {', '.join(f'{k} = {other.get(k)!r}' for k in shown)}, "
+                             f"rank 0 {', '.join(repr(first.get(k)) for k in shown)}{more}: every rank must run the "
+                             "same command line (on every node the same torchrun ... longcat line)")
+
+
+def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}."""
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def raise_if_any(message: str, error: type[Exception]) -> None:
     """Raise `error` on every rank when any rank has a non-empty `message` (so no rank is left waiting in a
     collective the failed one will never join); in one process, raise when `message` is non-empty."""
