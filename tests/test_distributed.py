@@ -108,8 +108,8 @@ def test_an_error_is_reported_once_by_rank_0_and_no_rank_dies_in_a_collective(tm
     assert "Connection closed" not in output and "RankZeroFailed" not in output
 
 
-@pytest.mark.parametrize("extra, named", [(["--set", "optim.lr=0.01"], "optim.lr = 0.01, rank 0 0.002"),
-                                           (["--ep", "2"], "--dp = 1, --ep = 2, rank 0 2, 1")])
+@pytest.mark.parametrize("extra, named", [(["--set", "optim.lr=0.01"], "optim.lr: rank 1 0.01, rank 0 0.002"),
+                                           (["--ep", "2"], "--dp: rank 1 1, rank 0 2; --ep: rank 1 2, rank 0 1")])
 def test_ranks_given_different_settings_are_refused_before_any_work(tmp_path, extra, named):
     """A node started with another command line trained on silently (only rank 0's learning rate was recorded),
     or, given another --ep, hung building another mesh until the timeout named no cause."""
@@ -123,8 +123,8 @@ def test_ranks_given_different_settings_are_refused_before_any_work(tmp_path, ex
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert [line for line in output.splitlines() if "longcat train" in line] == [
-        f"longcat train: rank 1 was given {named}: every rank must run the same command line (on every node the "
-        "same torchrun ... longcat line)"], output[-3000:]
+        f"longcat train: the ranks were given different settings ({named}): every rank must run the same command "
+        "line (on every node the same torchrun ... longcat line)"], output[-3000:]
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 

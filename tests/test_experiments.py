@@ -425,7 +425,6 @@ def test_tool_use_verdict_gives_every_figure_in_both_modes(experiments_path):
         assert " / ".join(f"{results[mode][key]:.0%}" for mode in tool_use.MODES) in text, (key, text)
 
 
-
 def test_tool_use_scores_arguments_as_json_values(experiments_path):
     """A reply's 25 against the expected 25.0 (the generator writes half-amounts as 61.0) was a wrong argument."""
     import tool_use

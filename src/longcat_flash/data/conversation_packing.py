@@ -36,9 +36,11 @@ class PackStats:
         text = (f"sft {split}: {self.conversations} conversation{'s' * (self.conversations != 1)} -> {windows} "
                 f"window{'s' * (windows != 1)} of {window} tokens "
                 f"({fill:.0%} filled, {self.trained_tokens} trained tokens)")
-        if self.truncated or self.skipped or self.untrained:
+        if self.truncated or self.skipped or self.emptied:
             text += (f"; over-long (> {window} tokens): {self.truncated} truncated, {self.skipped} skipped"
-                     f"{f', {self.untrained} dropped with no assistant token left' if self.untrained else ''}")
+                     f"{f', {self.emptied} dropped with no assistant token left' if self.emptied else ''}")
+        if untrained := self.untrained - self.emptied:  # none from conversation files (such rows are refused)
+            text += f"; {untrained} without an assistant token, dropped"
         return text
 
 

@@ -396,8 +396,12 @@ def write_conversations(out: str | Path | TextIO, n: int, seed: int, split: str 
     if out.exists() and not out.is_file():
         raise ValueError(f"--out {out} is not a regular file (a device, FIFO or socket); name a file to write, or - "
                          "for standard output")
+    gzipped = out.suffix.lower() == ".gz"
+    if (Path(named).suffix.lower() == ".gz") != gzipped:  # either name would read the file as the wrong format
+        raise ValueError(f"--out {named} links to {out}: one name says gzip and the other not, so one of them would "
+                         "be read as the wrong format; name the file itself")
     try:
-        with atomic_write(out) as tmp, _text_file(tmp, gzipped=Path(named).suffix.lower() == ".gz") as f:  # as named
+        with atomic_write(out) as tmp, _text_file(tmp, gzipped=gzipped) as f:
             f.writelines(lines)  # streamed: any n fits in memory
     except OSError as err:  # the temporary file's name would stand for --out's
         raise OSError(f"cannot write {out}: {err.strerror or err}") from None
@@ -472,11 +476,14 @@ def check_conversation(row: dict[str, Any]) -> list[str]:
     errors, unanswered, ids = [], [], set()
     for i, message in enumerate(row["messages"]):
         if message["role"] == "tool":
-            if unanswered and message.get("tool_call_id") == unanswered[0]:
-                unanswered.pop(0)
-            else:
-                errors.append(f"messages[{i}]: tool_call_id {message.get('tool_call_id')!r} answers no call "
-                              f"{'(the next to answer is ' + repr(unanswered[0]) + ')' if unanswered else 'left open'}")
+            answered = message.get("tool_call_id")
+            if answered not in unanswered:
+                errors.append(f"messages[{i}]: tool_call_id {answered!r} answers no call left open")
+            elif answered != unanswered[0]:
+                errors.append(f"messages[{i}]: tool_call_id {answered!r} answers a call out of order (the next to "
+                              f"answer is {unanswered[0]!r}; results follow the order of the calls)")
+            if answered in unanswered:
+                unanswered.remove(answered)
             continue
         if unanswered:
             errors.append(f"messages[{i}]: calls {unanswered} were never answered")

@@ -235,10 +235,9 @@ def check_same_settings(settings: dict[str, Any]) -> None:
     first = gathered[0]
     for other_rank, other in enumerate(gathered[1:], 1):
         if differ := sorted(key for key in first.keys() | other.keys() if first.get(key) != other.get(key)):
-            shown = differ[:3]
+            shown = "; ".join(f"{k}: rank {other_rank} {other.get(k)!r}, rank 0 {first.get(k)!r}" for k in differ[:3])
             more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-            raise ValueError(f"rank {other_rank} was given {', '.join(f'{k} = {other.get(k)!r}' for k in shown)}, "
-                             f"rank 0 {', '.join(repr(first.get(k)) for k in shown)}{more}: every rank must run the "
+            raise ValueError(f"the ranks were given different settings ({shown}{more}): every rank must run the "
                              "same command line (on every node the same torchrun ... longcat line)")
 
 

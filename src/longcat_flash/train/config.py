@@ -486,16 +486,13 @@ def _unread_fields(cfg: TrainConfig) -> dict[str, str]:
 
 
 def _unread_budget_fields(budget: BudgetConfig) -> dict[str, str]:
-    """The running controller's settings its update rule never reads: the integral's clamp without an integral
-    term, the rate's decay schedule when it does not decay."""
-    unread = {}
-    if budget.mode == "sign" or budget.ki == 0:
-        unread["budget.integral_limit"] = ("a controller without an integral term (budget.mode=sign, or "
-                                           "budget.ki=0: the clamp bounds only what ki multiplies)")
-    if budget.decay_factor == 1:
-        unread.update(dict.fromkeys(("budget.decay_every", "budget.min_rate_ratio"),
-                                    "budget.decay_factor=1 (the rate never decays)"))
-    return unread
+    """The running controller's settings its update rule never reads: the rate's decay schedule when it does not
+    decay. (The integral's clamp is read without an integral term: the integral is kept, and checkpointed, for a
+    resume that sets budget.ki.)"""
+    if budget.decay_factor != 1:
+        return {}
+    return dict.fromkeys(("budget.decay_every", "budget.min_rate_ratio"), "budget.decay_factor=1 (the rate never "
+                         "decays)")
 
 
 def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:

@@ -50,8 +50,8 @@ from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, check_resuma
 from .datasets import build_datasets, build_tokenizer, check_text_field
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
-from .memory import check_fits
 from .losses import LossTerms, layer_counts, lm_loss, real_tokens, target_counts, training_losses
+from .memory import check_fits
 from .metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
 from .optim import build_optimizer, init_parameters, lr_factor, set_lr
@@ -536,7 +536,6 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         raise ValueError(f"data.batch_size={cfg.data.batch_size} is the global batch: it must be a multiple of the "
                          f"world size {world} times data.grad_accum={cfg.data.grad_accum}")
     check_fits(cfg, device, world)
-    check_text_field(cfg)
     if mesh is not None:
         distributed.check_shardable(cfg.model, mesh["ep"].size())
     if cfg.tensorboard:
@@ -547,6 +546,8 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool =
         if distributed.is_main() and (out / run_lock.LOCK_FILE).exists():  # to --resume); the other ranks quiet
             run_lock.hold(out)
     checkpoint = newest_checkpoint(out) if resume else None
+    if checkpoint is None:  # a resumed run keeps the config it was saved with
+        check_text_field(cfg)
     _check_out(cfg, out, resume)
     pretrained = cfg.init_from if checkpoint is None else None  # a resumed run continues its own checkpoint
     if pretrained is not None:
