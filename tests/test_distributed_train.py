@@ -167,6 +167,24 @@ def test_nodes_that_do_not_share_the_run_directory_are_refused_before_any_work(t
     assert not any(Path(run).exists() for run in runs)  # not even the check's flag file and the lock
 
 
+def test_a_rank_that_cannot_write_the_run_directory_is_refused_before_any_work(tmp_path):
+    """A rank that saw --out read-only (a read-only mount on its node) trained until the first checkpoint."""
+    if os.geteuid() != 0 or subprocess.run(["unshare", "-m", "true"], capture_output=True).returncode != 0:
+        pytest.skip("needs root and unshare(1) to give one rank a read-only mount")
+    corpus, out = make_corpus(tmp_path / "corpus"), tmp_path / "run"
+    out.mkdir()
+    rank = tmp_path / "rank.sh"  # rank 1 runs in a mount namespace of its own, where --out is mounted read-only
+    rank.write_text(f'if [ "$RANK" = 1 ]; then exec unshare -m sh -c \'mount --bind {out} {out} && mount -o '
+                    f'remount,ro,bind {out} && exec "$0" "$@"\' "$@"; fi\nexec "$@"\n')
+    cmd = ["--standalone", "--nproc-per-node=2", "--no-python", "sh", str(rank), sys.executable,
+           *train_args(corpus, str(out), steps=4)]
+    node = launch(cmd, cwd=tmp_path)
+    _, errors = node.communicate(timeout=300)
+    assert node.returncode != 0
+    assert errors.count(f"cannot write in {out}: Read-only file system") == 1 and not rank_tracebacks(errors), errors
+    assert not (out / "checkpoints").exists() and not (out / "metrics.jsonl").exists()
+
+
 def test_a_run_directory_in_use_is_one_line_under_torchrun(tmp_path):
     """Rank 0's refusal left rank 1 in a broadcast rank 0 never joined: a gloo traceback on every other rank."""
     corpus, out = make_corpus(tmp_path / "corpus"), tmp_path / "run"

@@ -192,10 +192,11 @@ def average(values: torch.Tensor, mesh: DeviceMesh | None) -> torch.Tensor:
 
 
 def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
-    """Every rank sees the directory rank 0 writes in (checkpoints take every rank's shard there): rank 0 writes a
-    fresh token into `path/flag` and each rank reads it back. Else a ValueError on every rank naming the first
-    rank that does not see it, before any work: a multi-node run with --out on a node-local disk trained to the
-    end and left checkpoints without the other nodes' shards."""
+    """Every rank sees the directory rank 0 writes in and can write there too (checkpoints take every rank's shard
+    there): rank 0 writes a fresh token into `path/flag`, each rank reads it back and writes a file of its own. Else
+    a ValueError on every rank naming the first rank that cannot, before any work: a multi-node run with --out on a
+    node-local disk trained to the end and left checkpoints without the other nodes' shards, and a rank that saw a
+    read-only mount trained until the first checkpoint."""
     if not dist.is_initialized():
         return
     sent, problem = [uuid.uuid4().hex, str(path.resolve())] if is_main() else [None, None], ""
@@ -216,6 +217,8 @@ def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
             problem = (f"rank {rank()} (host {socket.gethostname()}) does not see the files rank 0 writes in "
                        f"{written_in}{here}: every rank writes its shards of each checkpoint there, so all nodes "
                        "need it on one shared filesystem")
+        else:
+            problem = _cannot_write(path / f"{flag}-{rank()}")
     try:
         raise_if_any(problem, ValueError)  # a collective: every rank has read the token by now
     finally:
@@ -250,6 +253,16 @@ def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+def _cannot_write(probe: Path) -> str:
+    """Why this rank cannot write `probe` (created, then removed), or "" when it can."""
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        return f"rank {rank()} (host {socket.gethostname()}) cannot write in {probe.parent}: {err.strerror or err}"
+    return ""
 
 
 def raise_if_any(message: str, error: type[Exception]) -> None:
