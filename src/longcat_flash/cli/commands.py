@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from typing import NoReturn
 
 from ..device import DeviceError
 from ..distributed.env import RankZeroFailed, launched, peer_lost
@@ -109,20 +110,30 @@ def _run(args: argparse.Namespace) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except RankZeroFailed:
-        sys.exit(1)  # rank 0 prints what failed
+        _leave(1)  # rank 0 prints what failed
     except RuntimeError as err:  # a collective failed: NCCL's and gloo's own errors, tracebacks from deep inside
         reason = peer_lost(err) if launched() else ""
         if not reason:
             raise
-        print(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
-              f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout",
-              file=sys.stderr, flush=True)
-        sys.stdout.flush()
-        os._exit(1)  # not sys.exit: finalizing a process group whose peer is gone can abort the interpreter
-        # ("terminate called without an active exception", status -6 instead of 1)
+        _leave(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
+               f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
     except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
         rank = int(os.environ.get("RANK", "0"))
         if rank and isinstance(err, (ValueError, KeyError)):
-            sys.exit(1)  # settings and data are the same on every rank: rank 0 prints the one message
+            _leave(1)  # settings and data are the same on every rank: rank 0 prints the one message
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
-        sys.exit(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {message}")
+        _leave(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {message}")
+
+
+def _leave(status: int | str) -> NoReturn:
+    """sys.exit(status); but a process of a torchrun group says its line and leaves at once: finalizing a process
+    group whose peers have left can abort the interpreter ("terminate called without an active exception",
+    status -6 instead of 1)."""
+    import torch.distributed as dist
+
+    if not (launched() and dist.is_initialized()):
+        sys.exit(status)
+    if isinstance(status, str):
+        print(status, file=sys.stderr, flush=True)
+    sys.stdout.flush()
+    os._exit(1 if isinstance(status, str) else status)

@@ -146,9 +146,8 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError("--dist-timeout: only a torchrun launch has other ranks to wait for; drop the flag")
     new_or_directory(out)
     device = distributed.init(args.device, args.dist_timeout or DIST_TIMEOUT_S)  # a process group under torchrun
-    distributed.check_same_settings({**cfg.to_dict(), "--out": out and os.path.realpath(out),
-                                     "--resume": args.resume is not None, "--dp": dp, "--ep": ep,
-                                     "--no-overlap": args.no_overlap})
+    distributed.check_same_settings({**cfg.to_dict(), "--resume": args.resume is not None, "--dp": dp, "--ep": ep,
+                                     "--no-overlap": args.no_overlap})  # --out: check_shared_directory, below
     mesh = distributed.build_mesh(dp, ep, device)
     notices = (layout_notice, schedule_notice(out, cfg), validation_notice(out, cfg),
                exactness_notice(out, cfg, device)) if saved is not None else ()
