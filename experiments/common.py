@@ -21,6 +21,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import statistics
 import sys
 import time
@@ -35,6 +36,7 @@ from longcat_flash.flag_types import (  # noqa: F401
     distinct, non_negative_float, non_negative_int, positive_float, positive_int, seed)
 from longcat_flash.runtime import tune_cpu_allocator
 from longcat_flash.tokenizer import train_tokenizer
+from longcat_flash.train import run_lock
 from longcat_flash.train.config import TrainConfig, apply_overrides, recipe
 from longcat_flash.train.metrics import METRICS_FILE, read_metrics
 from longcat_flash.train.trainer import TrainingStopped, train
@@ -112,6 +114,7 @@ def parse(name: str, doc: str, add_arguments: Any = None, quick: dict[str, Any] 
     if add_arguments is not None:
         add_arguments(parser)
     args = parser.parse_args()
+    stop_children_on_sigterm()
     given = _given(parser, args)
     if args.quick:
         _apply_quick(parser, args, given, quick or {})
@@ -215,15 +218,37 @@ def prepare_data(setup: Setup, shared: Path) -> TrainConfig:
     return apply_overrides(cfg, [f"data.tokenizer={tokenizer}", f"data.cache_dir={shared / 'tokens'}"])
 
 
+def stop_children_on_sigterm() -> None:
+    """SIGTERM (`kill`, `timeout`) stops the experiment as Ctrl-C does: the `longcat` command it runs is killed
+    with it (subprocess.run kills its child on any exception), not left training on in WORK."""
+    def interrupt(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def cleared(out: Path) -> Path:
+    """`out` removed for a new run; refused while a live process trains there (one a killed experiment left
+    running), which the new run would otherwise share the directory with."""
+    if out.is_dir():
+        try:
+            run_lock.hold(out)
+        except run_lock.RunDirectoryInUse as err:
+            raise SystemExit(f"[experiments] {err}") from None
+        run_lock.release(out)
+        shutil.rmtree(out)
+    elif out.exists():
+        out.unlink()
+    return out
+
+
 def run(setup: Setup, label: str, cfg: TrainConfig, may_diverge: bool = False) -> list[dict[str, Any]]:
     """Train `cfg` from scratch in WORK/label; its metrics, one dict per step. A run that diverges (the trainer
     stops after repeated non-finite steps) ends the experiment with one line; in an experiment whose analysis
     reads NaN (`may_diverge`: one that drives the LR high on purpose) it ends with a record of NaN figures
     (`diverged_record`) instead, so that each figure taken from it reads NaN (null in the JSON) and the
     experiment finishes and says what it measured."""
-    out = setup.work / label
-    if out.exists():
-        shutil.rmtree(out)
+    out = cleared(setup.work / label)
     start = time.perf_counter()
     try:
         train(cfg, out, progress=False)

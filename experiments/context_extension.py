@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import figure, parse, positive_float, positive_int, run, save, smooth
+from common import cleared, figure, parse, positive_float, positive_int, run, save, smooth
 
 from longcat_flash.checkpoint.hf import LongcatFlash
 from longcat_flash.config import ModelConfig
@@ -84,9 +84,7 @@ def loss_by_position(model_dir: Path, windows: torch.Tensor) -> list[float]:
 def with_config(base_dir: Path, out: Path, cfg: ModelConfig) -> Path:
     """The base checkpoint with another config.json (and its tokenizer's model_max_length the new context): a
     RoPE change applied without any training."""
-    if out.exists():
-        shutil.rmtree(out)
-    shutil.copytree(base_dir, out, ignore=shutil.ignore_patterns("checkpoints", "*.jsonl", "tensorboard"))
+    shutil.copytree(base_dir, cleared(out), ignore=shutil.ignore_patterns("checkpoints", "*.jsonl", "tensorboard"))
     cfg.save_json(out)
     tokenizer = Tokenizer.load(out)
     tokenizer.model_max_length = cfg.max_position_embeddings

@@ -28,11 +28,10 @@ Claims and rules, from the measured numbers:
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import statistics
 from typing import Any
 
-from common import Setup, figure, final_val, parse, positive_int, run, save, seed_list, series, smooth
+from common import Setup, cleared, figure, final_val, parse, positive_int, run, save, seed_list, series, smooth
 
 from longcat_flash.train import checkpoints, trainer
 from longcat_flash.train.config import apply_overrides
@@ -76,9 +75,7 @@ def grown_run(setup: Setup, seed: int, depth: int, grow_at: int, steps: int) -> 
     model's validation loss at the growth step, before any update."""
     small = setup.config([f"model.num_layers={depth // 2}", "schedule.kind=constant", f"seed={seed}"], grow_at)
     run(setup, f"small-seed{seed}", small)
-    dst = setup.work / f"grown-seed{seed}"
-    if dst.exists():
-        shutil.rmtree(dst)
+    dst = cleared(setup.work / f"grown-seed{seed}")
     grow_run(setup.work / f"small-seed{seed}", dst, r=2)
     cfg = dataclasses.replace(apply_overrides(checkpoints.resume_config(dst), WSD), max_steps=steps)
     loaded = trainer.setup(cfg, dst, resume=True, progress=False)  # the grown model at step grow_at

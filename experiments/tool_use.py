@@ -25,7 +25,6 @@ numbers meaningless.
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 import time
@@ -34,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import Setup, figure, parse, positive_int, save
+from common import Setup, cleared, figure, parse, positive_int, save
 
 from longcat_flash.checkpoint.hf import from_pretrained
 from longcat_flash.data.tool_dialogues import case_of, same_json, validate_arguments
@@ -71,13 +70,6 @@ def longcat(*args: str) -> None:
         sys.exit(f"[tool_use] `longcat {args[0]} {args[1]}` failed (exit status {code}); its error is above")
 
 
-def fresh(path: Path) -> Path:
-    """`path` emptied: a rerun writes its own run there (the trainer and `longcat sft` refuse a used directory)."""
-    if path.exists():
-        shutil.rmtree(path)
-    return path
-
-
 def base_model(setup: Setup, given: Path | None) -> Path:
     """The pre-trained starting point: --base, else a run in WORK/base (the micro recipe with --quick, else
     `small`, both on --data with --seed), reused while its saved config is the one asked for and it finished."""
@@ -89,7 +81,7 @@ def base_model(setup: Setup, given: Path | None) -> Path:
                           f"data.cache_dir={setup.work / '_data' / 'small-tokens'}"])
     asked = out / ASKED_CONFIG  # what the run was asked for: the trainer saves its config resolved (dtypes, paths)
     if not ((out / "config.json").is_file() and asked.is_file() and asked.read_text() == cfg.to_json()):
-        train(cfg, fresh(out), progress=False)
+        train(cfg, cleared(out), progress=False)
         asked.write_text(cfg.to_json())  # after the run finished: a killed one is trained again
     return out
 
@@ -163,7 +155,7 @@ def main() -> None:
     steps, train_rows, eval_rows = args.steps, args.train_rows, args.eval_rows
     base = base_model(setup, args.base)
     data, heldout = setup.work / "tools_train.jsonl", setup.work / "tools_heldout.jsonl"
-    tuned = fresh(setup.work / "sft")
+    tuned = cleared(setup.work / "sft")  # the trainer and `longcat sft` refuse a used directory
     longcat("data", "tools", "--out", str(data), "--n", str(train_rows), "--seed", str(args.seed), "--force")
     longcat("data", "tools", "--out", str(heldout), "--n", str(eval_rows), "--seed", str(args.seed), "--split",
             "heldout", "--force")

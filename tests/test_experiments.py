@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import runpy
 import subprocess
 import sys
@@ -434,3 +435,36 @@ def test_tool_use_scores_arguments_as_json_values(experiments_path):
     assert not tool_use.same_calls([("convert", {"amount": 61.5, "to": "km"}), ("wx", {"city": "Oslo"})], expected)
     assert not tool_use.same_calls([("wx", {"city": "Oslo"}), ("wx", {"city": "Oslo"})], expected)
     assert not tool_use.same_calls([("wx", {"city": "Oslo"})], expected)
+
+
+def test_a_run_directory_a_live_process_trains_in_is_not_replaced(tmp_path: Path, experiments_path):
+    """A killed tool_use.py left its `longcat sft` training in WORK/sft; the rerun deleted the directory under it
+    and two runs wrote there at once."""
+    import signal
+    import time
+
+    from common import cleared, stop_children_on_sigterm
+
+    out = tmp_path / "sft"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; from "
+                               "longcat_flash.train import run_lock; run_lock.hold(Path(sys.argv[1])); print(1, "
+                               "flush=True); time.sleep(60)", str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "1\n"
+        with pytest.raises(SystemExit, match=rf"{out} is in use by another training process \(pid {holder.pid}"):
+            cleared(out)
+        assert out.is_dir()
+    finally:
+        holder.kill()
+        holder.wait()
+    (out / "metrics.jsonl").write_text("{}\n")
+    assert cleared(out) == out and not out.exists()  # its process gone: replaced
+    previous = signal.getsignal(signal.SIGTERM)
+    try:  # SIGTERM stops an experiment as Ctrl-C does, so that subprocess.run kills the command it runs
+        stop_children_on_sigterm()
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
