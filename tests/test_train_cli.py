@@ -903,6 +903,24 @@ def test_a_run_that_cannot_fit_in_memory_is_refused_before_anything_is_built(tmp
     assert not (tmp_path / "run").exists()
 
 
+def test_the_memory_bound_counts_the_share_of_the_ranks_on_this_host(monkeypatch):
+    """FSDP shards the state over every rank: a multi-node CPU run needs only its ranks' share of each host."""
+    from longcat_flash.device import host_memory_bytes
+    from longcat_flash.train.memory import TRAIN_BYTES_PER_PARAMETER, check_fits
+
+    base = build_config("tiny", [])
+    assert not base.model.tie_word_embeddings
+    per_row = TRAIN_BYTES_PER_PARAMETER * 2 * base.model.hidden_size  # a vocabulary row: embedding and lm_head
+    cfg = build_config("tiny", [f"model.vocab_size={int(1.5 * host_memory_bytes()) // per_row}"])  # 1.5x the host
+    for local, fits in ((4, False), (2, True)):  # 4 ranks in all, 4 or 2 of them on this host
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", str(local))
+        if fits:
+            check_fits(cfg, torch.device("cpu"), world=4)
+        else:
+            with pytest.raises(ValueError, match="cannot fit in memory: .* \\(the share of 4 of its 4 ranks here\\)"):
+                check_fits(cfg, torch.device("cpu"), world=4)
+
+
 def test_a_tokenizer_trained_smaller_than_the_vocabulary_says_so(tmp_path: Path, capsys):
     """A small sample gave a BPE of 261 tokens for model.vocab_size=512 without a word: half the embedding unused."""
     from longcat_flash.train.datasets import build_tokenizer
