@@ -393,6 +393,15 @@ def test_the_schedule_note_compares_with_the_runs_own_schedule_at_the_same_step(
     assert schedule_notice(tmp_path / "run", apply_overrides(saved, ["optim.lr=0.004"])) == (
         "note: optim.lr 0.002 -> 0.004 reshapes the cosine LR schedule: step 3 runs at LR 0.0024, where the run's "
         "schedule had 0.0012")
+    for kind in ("constant", "cosine"):  # a finished run made longer while still in its warmup: no reshape
+        finished = apply_overrides(saved, ["max_steps=2", f"schedule.kind={kind}"])
+        training.save(tmp_path / kind / "checkpoints", 2, {"model": native_box()},
+                      meta={"train_config": finished.to_dict(), "step": 2})
+        assert schedule_notice(tmp_path / kind, apply_overrides(finished, ["max_steps=3"])) is None, kind
+    decayed = apply_overrides(saved, ["max_steps=2", "schedule.warmup_steps=0"])  # a cosine ended at its minimum
+    training.save(tmp_path / "decayed" / "checkpoints", 2, {"model": native_box()},
+                  meta={"train_config": decayed.to_dict(), "step": 2})
+    assert "the LR goes from" in schedule_notice(tmp_path / "decayed", apply_overrides(decayed, ["max_steps=8"]))
 
 
 def test_variance_alignment_shows_in_the_config_and_refuses_a_contradicting_model_value(capsys):

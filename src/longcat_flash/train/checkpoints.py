@@ -244,6 +244,8 @@ def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
         before = lr_factor(saved.schedule, step, saved.max_steps) * saved.optim.lr
         effect = f"step {step + 1} runs at LR {after:.3g}, where the run's schedule had {before:.3g}"
     else:  # a finished run made longer: its schedule ended at its last step
+        if math.isclose(lr_factor(saved.schedule, step, saved.max_steps) * saved.optim.lr, after, rel_tol=0.05):
+            return None  # the step after its end on its own curve (a warmup still climbing, a constant LR)
         before = lr_factor(saved.schedule, step - 1, saved.max_steps) * saved.optim.lr
         effect = f"the LR goes from {before:.3g} (step {step}, the run's last) to {after:.3g} (step {step + 1})"
     if math.isclose(before, after, rel_tol=0.05):
