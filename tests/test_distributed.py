@@ -128,6 +128,29 @@ def test_ranks_given_different_settings_are_refused_before_any_work(tmp_path, ex
     assert not (tmp_path / "run" / "checkpoints").exists() and "terminate called" not in output  # no abort
 
 
+def test_auto_resume_on_a_run_directory_some_ranks_do_not_see_says_so(tmp_path):
+    """--out on node-local disks, one holding the run: --auto-resume resumed on rank 0 and started afresh on rank 1,
+    and the refusal blamed different command lines."""
+    for node in ("a", "b"):
+        (tmp_path / node).mkdir()
+    subprocess.run([sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--max-steps", "1",
+                    "--no-progress", "--out", str(tmp_path / "a" / "run"), "--set",
+                    f"data.cache_dir={tmp_path / 'cache'}"], check=True, capture_output=True, timeout=300)
+    launcher = tmp_path / "launcher.py"  # each rank in its own node's directory, as with a node-local --out
+    launcher.write_text("import os, sys\nfrom longcat_flash.cli import main\n"
+                        "os.chdir(sys.argv[1] if os.environ['RANK'] == '0' else sys.argv[2])\nmain(sys.argv[3:])\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(launcher),
+           str(tmp_path / "a"), str(tmp_path / "b"), "train", "--preset", "tiny", "--max-steps", "2", "--no-progress",
+           "--out", "run", "--auto-resume", "--dist-timeout", "60", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert [line for line in output.splitlines() if "longcat train" in line] == [
+        "longcat train: with --auto-resume the ranks disagree on whether --out holds a checkpoint (a checkpoint in "
+        "--out: rank 1 False, rank 0 True): every rank needs --out on one shared filesystem (all nodes see the files "
+        "rank 0 writes there)"], output[-3000:]
+
+
 def test_a_restarted_group_meets_though_torchruns_store_still_holds_the_last_attempts_addresses():
     """torchrun keeps one store for every restart of a job (its ranks are told so: TORCHELASTIC_USE_AGENT_STORE),
     and the process groups' keys did not name the attempt: a restarted rank that came before rank 0 read the

@@ -146,6 +146,10 @@ def _run_train(args: argparse.Namespace) -> None:
         raise ValueError("--dist-timeout: only a torchrun launch has other ranks to wait for; drop the flag")
     new_or_directory(out)
     device = distributed.init(args.device, args.dist_timeout or DIST_TIMEOUT_S)  # a process group under torchrun
+    if args.auto_resume:  # each rank decided from what it sees in --out: first, or it reads as another command line
+        distributed.check_same_settings({"a checkpoint in --out": args.resume is not None}, (
+            "with --auto-resume the ranks disagree on whether --out holds a checkpoint", "every rank needs --out on "
+            "one shared filesystem (all nodes see the files rank 0 writes there)"))
     distributed.check_same_settings({**cfg.to_dict(), "--resume": args.resume is not None, "--dp": dp, "--ep": ep,
                                      "--no-overlap": args.no_overlap})  # --out: check_shared_directory, below
     mesh = distributed.build_mesh(dp, ep, device)

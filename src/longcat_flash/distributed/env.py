@@ -226,11 +226,16 @@ def check_shared_directory(path: Path, flag: str = ".shared-check") -> None:
             (path / flag).unlink(missing_ok=True)
 
 
-def check_same_settings(settings: dict[str, Any]) -> None:
+SAME_LINE = ("the ranks were given different settings", "every rank must run the same command line (on every node "
+             "the same torchrun ... longcat line)")
+
+
+def check_same_settings(settings: dict[str, Any], problem: tuple[str, str] = SAME_LINE) -> None:
     """Refuse, on every rank, a launch whose ranks were given different settings (one node started with another
     command line): trained on, such a run silently mixed learning rates or seeds (only rank 0's were recorded),
     hung building different meshes, or aborted in gloo on a collective of another size. `settings`: nested
-    dicts of plain values, compared field by field with rank 0's; nothing to compare in one process."""
+    dicts of plain values, compared field by field with rank 0's; nothing to compare in one process. `problem`:
+    what a difference means and what to do, when it is not a different command line."""
     if not dist.is_initialized():
         return
     gathered: list[Any] = [None] * dist.get_world_size()
@@ -240,8 +245,7 @@ def check_same_settings(settings: dict[str, Any]) -> None:
         if differ := sorted(key for key in first.keys() | other.keys() if first.get(key) != other.get(key)):
             shown = "; ".join(f"{k}: rank {other_rank} {other.get(k)!r}, rank 0 {first.get(k)!r}" for k in differ[:3])
             more = f" (and {len(differ) - 3} more)" if len(differ) > 3 else ""
-            raise ValueError(f"the ranks were given different settings ({shown}{more}): every rank must run the "
-                             "same command line (on every node the same torchrun ... longcat line)")
+            raise ValueError(f"{problem[0]} ({shown}{more}): {problem[1]}")
 
 
 def _flat(settings: dict[str, Any], prefix: str = "") -> dict[str, Any]:
