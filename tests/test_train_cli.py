@@ -678,7 +678,7 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000002"
     read = sorted(path for path in hashed if checkpoint in path.parents)  # the others: the step-3 checkpoint's write
     assert read == sorted(checkpoint / e["file"] for e in training.read_manifest(checkpoint)["files"].values())
-    assert "max_steps 2 -> 3 reshapes the cosine LR schedule" in out and "done: 3 steps" in out
+    assert "reshapes" not in out and "done: 3 steps" in out  # still in tiny's warmup: on the run's own curve
     assert [r["step"] for r in read_metrics(tmp_path / "run")][-1] == 3
     last = read_metrics(tmp_path / "run")[-1]  # the line compares the LM loss with val_loss, not the total
     assert "the MTP head does not train" not in out
