@@ -16,10 +16,10 @@ from .config import DataConfig, TrainConfig
 def check_text_field(cfg: TrainConfig) -> None:
     """Refuse a data.text_field set for a corpus with no records to read it from (text files only): it was recorded
     and did nothing. The stdlib and SFT runs refuse it with the other unread fields (train/config.py)."""
-    data = cfg.data
-    if data.text_field == DataConfig.text_field or cfg.sft.data is not None or Corpus(data.source).is_stdlib:
+    data, corpus = cfg.data, Corpus(cfg.data.source)
+    if data.text_field == DataConfig.text_field or cfg.sft.data is not None or corpus.is_stdlib:
         return
-    if not any(corpus_kind(path) in RECORD_KINDS for path in Corpus(data.source).files()):
+    if not any(corpus_kind(path) in RECORD_KINDS for path in corpus.files()):
         raise ValueError(f"data.text_field={data.text_field} is not read by a corpus of text files ({data.source} "
                          f"holds no {'/'.join(RECORD_KINDS)} records); drop it (it would be recorded, and do nothing)")
 

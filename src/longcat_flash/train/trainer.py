@@ -37,7 +37,6 @@ from ..data import (IGNORE, CopyMix, Corpus, PackedBatch, ResumableSampler, Toke
 from ..data.conversation_packing import ConversationDataset
 from ..data.corpus import DOC_SUFFIXES, corpus_kind
 from ..data.dataset_folders import tree_files
-from ..config import ModelConfig
 from ..device import autocast as device_autocast
 from ..device import compute_dtype, resolve_device, use_device
 from ..files import make_folder
@@ -54,6 +53,7 @@ from .losses import LossTerms, layer_counts, lm_loss, real_tokens, target_counts
 from .memory import check_fits
 from .metrics import METRICS_FILE, TENSORBOARD_DIR, MetricsLog, require_tensorboard
 from .monitors import router_cosine, router_grad_ratio
+from .header_notes import idle_mtp_note, yarn_note, yarn_restage_note
 from .optim import build_optimizer, init_parameters, lr_factor, set_lr
 from .pretrained import (TOKENIZER_FIELDS, check_same_shapes, copy_generation_config, load_pretrained,
                          model_changes, run_eos_ids)
@@ -369,53 +369,8 @@ def _header(run: Run) -> str:
             + (f"; from {cfg.init_from}" + ("" if run.state.step else _init_changes(cfg)) if cfg.init_from else "")
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
                       if isinstance(data, (ConversationDataset, CopyMix)))
-            + _yarn_note(m) + ("" if run.state.step or not cfg.init_from else _yarn_restage_note(cfg))
-            + _idle_mtp_note(cfg))
-
-
-def _idle_mtp_note(cfg: TrainConfig) -> str:
-    """A head the run never trains is still written to OUT (its config says it has one): say so, since drafts from
-    random weights make `--speculative` slower, never wrong."""
-    if not cfg.model.num_nextn_predict_layers:
-        return ""
-    if cfg.loss.mtp_weight == 0:
-        why = "loss.mtp_weight=0"
-    elif cfg.loss.mtp_start_step >= cfg.max_steps:
-        why = f"loss.mtp_start_step={cfg.loss.mtp_start_step} >= max_steps={cfg.max_steps}"
-    else:
-        return ""
-    return (f"\nnote: the MTP head does not train in this run ({why}): it is saved as the run starts it (random, "
-            "unless init_from's was trained), and speculative decoding drafts from it poorly (or set "
-            "model.num_nextn_predict_layers=0)")
-
-
-def _yarn_note(m: ModelConfig) -> str:
-    """YaRN interpolates for factor x original positions: a factor that does not give max_position_embeddings is
-    most often a stale one (the context raised, the factor left), which transformers warns of on loading too."""
-    rope = m.rope_scaling
-    if rope.rope_type != "yarn" or rope.original_max_position_embeddings is None:
-        return ""
-    implied = m.max_position_embeddings / rope.original_max_position_embeddings
-    if math.isclose(rope.factor, implied):
-        return ""
-    return (f"\nnote: model.rope_scaling.factor={rope.factor:g} interpolates for {rope.factor:g} x "
-            f"{rope.original_max_position_embeddings} positions, but max_position_embeddings="
-            f"{m.max_position_embeddings} is {implied:g} x (a factor left from an earlier context?)")
-
-
-def _yarn_restage_note(cfg: TrainConfig) -> str:
-    """A second YaRN stage (the report's 32k, then 128k) keeps the length before the first one and raises the
-    factor: counted from the first stage's context instead, it interpolates no further than that stage did, and
-    moves the frequencies the model was trained at."""
-    before, now = hf.checkpoint_config(Path(cfg.init_from)).rope_scaling, cfg.model.rope_scaling
-    restaged = before.rope_type == now.rope_type == "yarn"
-    if not restaged or now.original_max_position_embeddings == before.original_max_position_embeddings:
-        return ""
-    first = before.original_max_position_embeddings
-    return (f"\nnote: init_from was extended with YaRN from {first} positions (factor {before.factor:g}); this run "
-            f"counts from original_max_position_embeddings={now.original_max_position_embeddings}. A further YaRN "
-            f"stage keeps {first} and raises the factor (to {cfg.model.max_position_embeddings / first:g} here); "
-            "else it interpolates no further than the first stage did")
+            + yarn_note(m) + ("" if run.state.step or not cfg.init_from else yarn_restage_note(cfg))
+            + idle_mtp_note(cfg))
 
 
 def _init_changes(cfg: TrainConfig) -> str:
