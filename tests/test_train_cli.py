@@ -276,8 +276,9 @@ def test_a_device_error_under_torchrun_names_its_rank(monkeypatch, capsys):
 
 def test_under_torchrun_settings_are_printed_by_rank_zero_alone(tmp_path: Path, monkeypatch, capsys):
     """Every rank printed --print-config's hundred lines, interleaved, and a missing --model (an OSError) once per
-    rank."""
+    rank (now once per node, by its first rank)."""
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     main(["train", "--preset", "tiny", "--print-config"])
     assert capsys.readouterr().out == ""
     assert run_cli("sft", "--model", str(tmp_path / "nope"), "--data", "x.jsonl", "--out", str(tmp_path / "o")) == "1"
@@ -295,8 +296,22 @@ def test_one_process_commands_refuse_torchrun(tmp_path: Path, monkeypatch):
     assert "longcat grow: runs in one process; start it without torchrun" in run_cli(
         "grow", str(tmp_path), "--out", str(tmp_path / "grown"))
     monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
     assert run_cli("init", "--preset", "tiny", "--out", str(tmp_path / "init")) == "1"  # rank 0 says why
     assert not (tmp_path / "grown").exists() and not (tmp_path / "init").exists()
+
+
+def test_the_first_rank_of_each_node_says_why_it_stopped(tmp_path: Path, monkeypatch):
+    """A ValueError on a rank other than 0 left quietly: a node whose files differ from rank 0's (a relative --resume
+    folder, resolved from another working directory) stopped, and its terminal said nothing. As torchrun starts the
+    first rank of a second node, then the second rank of that node."""
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    for rank, local_rank, says in (("2", "0", True), ("3", "1", False)):
+        monkeypatch.setenv("RANK", rank)
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
+        said = run_cli("generate", "--model", str(tmp_path), "--prompt", "x")
+        line = f"longcat generate (rank {rank}): runs in one process; start it without torchrun"
+        assert (said.startswith(line) if says else said == "1"), said
 
 
 def test_a_run_into_the_folder_of_its_data_is_refused(tmp_path: Path, monkeypatch):

@@ -119,8 +119,9 @@ def _run(args: argparse.Namespace) -> None:
                f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
     except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
         rank = int(os.environ.get("RANK", "0"))
-        if rank and isinstance(err, (ValueError, KeyError)):
-            _leave(1)  # settings and data are the same on every rank: rank 0 prints the one message
+        if rank and isinstance(err, (ValueError, KeyError)) and int(os.environ.get("LOCAL_RANK", "0")):
+            _leave(1)  # a node's ranks share its files and settings: its first rank prints the one message, so
+            # a node whose files differ (a --resume folder missing there) says why on its own terminal
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
         _leave(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {message}")
 
