@@ -282,10 +282,18 @@ def test_parquet_in_directory(corpus_dir: Path) -> None:
 
 
 def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatch) -> None:
+    """`longcat train --data corpus.parquet` without pyarrow printed an ImportError's traceback, whose advice was
+    the test extra."""
+    from longcat_flash.cli import main
+
     path = _write_parquet(tmp_path / "p.parquet", {"text": ["x"]})
     monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # makes the import fail
-    with pytest.raises(ImportError, match="pip install pyarrow"):
+    with pytest.raises(ValueError, match=r"pip install pyarrow \(the longcat-flash\[parquet\] extra\)"):
         list(iter_documents(path))
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--preset", "tiny", "--data", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
+    assert str(stop.value.code) == f"longcat train: reading {path} needs pyarrow: pip install pyarrow (the " \
+        "longcat-flash[parquet] extra)"
 
 
 def test_missing_path_and_empty_directory_are_clear(tmp_path: Path) -> None:

@@ -321,12 +321,14 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
 
 
 def pyarrow_modules(path: Path) -> tuple[Any, Any]:
-    """`pyarrow` and `pyarrow.parquet`, imported when a file needs them (pyarrow is not a core dependency)."""
+    """`pyarrow` and `pyarrow.parquet`, imported when a file needs them (pyarrow is an extra, not a core
+    dependency). Without it, a ValueError in one line, as for any file this install cannot read."""
     try:
         import pyarrow as pa
         import pyarrow.parquet as pq
-    except ImportError as err:
-        raise ImportError(f"reading {path} needs pyarrow: pip install pyarrow (or longcat-flash[dev])") from err
+    except ImportError:
+        raise ValueError(f"reading {path} needs pyarrow: pip install pyarrow (the longcat-flash[parquet] "
+                         "extra)") from None
     return pa, pq
 
 
