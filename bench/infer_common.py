@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from longcat_flash.checkpoint import hf
 from longcat_flash.checkpoint.fresh import init_checkpoint
 from longcat_flash.checkpoint.hf import LongcatFlash
+from longcat_flash.files import cache_home
 from longcat_flash.infer import kernels, quant
 from longcat_flash.infer.fused import FusedMLA, FusedMoE
 from longcat_flash.presets import get_preset
 from longcat_flash.tokenizer import Tokenizer
 
-DEFAULT_DIR = Path.home() / ".cache" / "longcat_flash" / "bench"
+DEFAULT_DIR = cache_home() / "bench"
 
 
 def bench_checkpoint(model: str | None, preset: str = "bench", tokenizer: bool = False) -> Path:

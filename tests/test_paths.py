@@ -3,6 +3,7 @@ unusable $XDG_CACHE_HOME, and a `**` glob over a folder that holds a training ru
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,30 @@ def test_an_empty_or_relative_xdg_cache_home_is_ignored(monkeypatch, xdg):
     assert default_cache_dir() == Path.home() / ".cache" / "longcat-flash" / "tokens"
     monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
     assert default_cache_dir() == Path("/srv/cache/longcat-flash/tokens")
+
+
+def test_the_kernel_cache_follows_xdg_cache_home_as_the_token_cache_does(monkeypatch):
+    """The kernels were built under ~/.cache/longcat_flash whatever $XDG_CACHE_HOME said: with a read-only home
+    (a container, a cluster) moving every cache took a second variable, and the two caches spelled the package's
+    name two ways."""
+    from longcat_flash.infer.extension import kernel_cache
+
+    monkeypatch.delenv("LONGCAT_KERNEL_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", "/srv/cache")
+    assert kernel_cache() == Path("/srv/cache/longcat-flash/kernels")
+    monkeypatch.setenv("LONGCAT_KERNEL_CACHE", "/srv/kernels")
+    assert kernel_cache() == Path("/srv/kernels")
+
+
+def test_the_kernels_build_with_the_installed_ninja_when_the_virtualenv_is_not_activated(monkeypatch, tmp_path):
+    """`.venv/bin/longcat` run without activating the environment: torch looks for ninja on PATH only, found none
+    and every path fell back to plain PyTorch, though the ninja package (a dependency) sat in the environment."""
+    ninja = pytest.importorskip("ninja")
+    from longcat_flash.infer.extension import _ninja_on_path
+
+    monkeypatch.setenv("PATH", str(tmp_path))
+    _ninja_on_path()
+    assert Path(shutil.which("ninja")).parent == Path(ninja.BIN_DIR)
 
 
 def test_a_recursive_glob_skips_a_training_run_inside_the_folder(tmp_path):

@@ -1,4 +1,5 @@
-"""Writing files that readers never see half-written, with the permissions the user's umask asks for.
+"""Writing files that readers never see half-written, with the permissions the user's umask asks for, and the
+one folder the package keeps its caches in.
 
 One way for the whole package: write under a temporary name beside the target (same directory, so the rename is
 atomic on one filesystem), then rename it into place. Writers that create their file privately (safetensors
@@ -14,6 +15,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def cache_home() -> Path:
+    """$XDG_CACHE_HOME/longcat-flash, or ~/.cache/longcat-flash: the token shards' and the compiled kernels' cache.
+    An empty or relative $XDG_CACHE_HOME is ignored, as the XDG spec says (it put the cache in the working
+    directory); a set one is how a user whose home is read-only (a container, a cluster) moves every cache."""
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "longcat-flash"
 
 
 def current_umask() -> int:

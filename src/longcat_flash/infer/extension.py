@@ -1,10 +1,10 @@
 """The compiled CPU kernels of csrc/ (quantized GEMV, a MoE layer's routed experts, dequantization and the AMX
 tile GEMMs: kernels.py; RMSNorm, SwiGLU, RoPE, the absorbed attention and whole decode blocks: decode_ops.py),
 built with torch.utils.cpp_extension on first use (a minute or more, then cached in LONGCAT_KERNEL_CACHE, default
-~/.cache/longcat_flash/kernels). They are written with AVX-512 intrinsics; on a CPU with AVX2 + FMA but no AVX-512
-(as torch.backends.cpu reports it) the same code builds on pairs of AVX2 vectors (csrc/avx512_on_avx2.h), with the
-same results, and the AMX tile GEMMs are off. Without a compiler, without AVX2, or with LONGCAT_KERNELS=0 there is no
-module and every caller takes its plain PyTorch path.
+$XDG_CACHE_HOME/longcat-flash/kernels, that is ~/.cache/longcat-flash/kernels). They are written with AVX-512
+intrinsics; on a CPU with AVX2 + FMA but no AVX-512 (as torch.backends.cpu reports it) the same code builds on pairs
+of AVX2 vectors (csrc/avx512_on_avx2.h), with the same results, and the AMX tile GEMMs are off. Without a compiler
+or ninja, without AVX2, or with LONGCAT_KERNELS=0 there is no module and every caller takes its plain PyTorch path.
 """
 from __future__ import annotations
 
@@ -13,12 +13,15 @@ import functools
 import hashlib
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from ..files import cache_home
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +53,8 @@ def compiled():
     try:
         from torch.utils.cpp_extension import load_inline
 
-        cache = Path(os.environ.get("LONGCAT_KERNEL_CACHE", Path.home() / ".cache" / "longcat_flash" / "kernels"))
+        cache = kernel_cache()
+        _ninja_on_path()
         if "avx512" in capability:
             vnni = ["-mavx512vnni"] if getattr(torch.cpu, "_is_vnni_supported", lambda: False)() else []
             bf16 = ["-mavx512bf16"] if getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() else []
@@ -71,6 +75,22 @@ def compiled():
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
         log.warning("compiled CPU kernels unavailable (%s); using the PyTorch paths", err)
         return None
+
+
+def kernel_cache() -> Path:
+    """$LONGCAT_KERNEL_CACHE, else files.cache_home() / kernels."""
+    return Path(os.environ.get("LONGCAT_KERNEL_CACHE") or cache_home() / "kernels")
+
+
+def _ninja_on_path() -> None:
+    """torch builds with the `ninja` it finds on PATH. The ninja package (a dependency) puts its binary in the
+    environment's bin folder, which is not on PATH when `longcat` runs from a virtualenv that was not activated."""
+    if shutil.which("ninja") is None:
+        try:
+            import ninja
+        except ImportError:  # torch's own message then says to install it
+            return
+        os.environ["PATH"] = os.pathsep.join([ninja.BIN_DIR, os.environ.get("PATH", "")])
 
 
 def build_directory(cache: Path, sources: list[str], flags: list[str]) -> Path:

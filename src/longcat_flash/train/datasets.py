@@ -2,13 +2,13 @@
 (token windows of a cached shard, or packed conversations for SFT, with copy windows mixed in on request)."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from ..chat_template import writes_tool_calls_with
 from ..data import CopyMix, Corpus, TokenDataset, build_token_shard, ordinary_ids, sample_texts, validation_batches
 from ..data.conversation_packing import ConversationDataset, conversation_datasets
 from ..data.corpus import RECORD_KINDS, corpus_kind
+from ..files import cache_home
 from ..tokenizer import CHAT_MARKERS, TOKENIZER_FILE, TOOL_CALL_OPEN, Tokenizer, train_tokenizer
 from .config import DataConfig, TrainConfig
 
@@ -78,7 +78,5 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
 
 
 def default_cache_dir() -> Path:
-    """$XDG_CACHE_HOME/longcat-flash/tokens; an empty or relative $XDG_CACHE_HOME is ignored, as the XDG spec says
-    (it put the cache in the working directory)."""
-    xdg = os.environ.get("XDG_CACHE_HOME", "")
-    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "longcat-flash" / "tokens"
+    """The token shards' cache when data.cache_dir is not set: files.cache_home() / tokens."""
+    return cache_home() / "tokens"
