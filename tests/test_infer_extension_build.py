@@ -76,3 +76,23 @@ def test_each_install_keeps_its_own_build(tmp_path, monkeypatch):
     assert extension.build_directory(tmp_path, sources, ["-O2"]) != here
     monkeypatch.setattr(extension, "CSRC", tmp_path / "another" / "csrc")
     assert extension.build_directory(tmp_path, sources, flags) != here
+
+
+def test_without_a_compiler_one_line_says_so_and_the_pytorch_paths_run(tmp_path):
+    """With no C++ compiler torch printed its compatibility banner and the whole failed build log (2 KB, seven
+    lines) before the fallback; a build already in the cache still loads without one."""
+    import os
+
+    from longcat_flash.infer import extension
+
+    capability = extension.torch.backends.cpu.get_cpu_capability().lower()
+    if "avx512" not in capability and capability != "avx2":
+        pytest.skip("the kernels build only on a CPU with AVX-512 or AVX2")
+    code = "from longcat_flash.infer import extension; print(extension.compiled() is None)"
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "LONGCAT_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("LONGCAT_KERNELS", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "True"
+    assert run.stderr.strip().splitlines() == [
+        f"compiled CPU kernels unavailable: no C++ compiler {str(tmp_path / 'no-compiler')!r} to build them (CXX "
+        "names one); using the PyTorch paths"], run.stderr

@@ -35,6 +35,7 @@ FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "
              "layer_plan", "decode_layer", "mtp_head"]
 
 
+NAME = "longcat_cpu_kernels"  # the module's, and its .so's in the build directory
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
 
@@ -65,11 +66,16 @@ def compiled():
         sources = [(CSRC / name).read_text() for name in SOURCES]
         flags = ["-O3", *isa, "-ffp-contract=off", "-fopenmp"]
         build = build_directory(cache, sources, flags)
+        compiler = os.environ.get("CXX") or "c++"  # torch.utils.cpp_extension's choice
+        if shutil.which(compiler) is None and not (build / f"{NAME}.so").exists():  # (torch printed 2 KB of log)
+            log.warning("compiled CPU kernels unavailable: no C++ compiler %r to build them (CXX names one); "
+                        "using the PyTorch paths", compiler)
+            return None
         build.mkdir(parents=True, exist_ok=True)
         slow = (f"building the compiled CPU kernels in {build} (once after an install: a minute or more; "
                 "LONGCAT_KERNELS=0 skips them)")
         with build_lock(build), announced_if_slow(slow, done="compiled CPU kernels built"):
-            return load_inline("longcat_cpu_kernels", cpp_sources=sources, functions=FUNCTIONS,
+            return load_inline(NAME, cpp_sources=sources, functions=FUNCTIONS,
                                extra_cflags=flags, extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
                                build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
