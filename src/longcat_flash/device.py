@@ -107,3 +107,14 @@ def memory_bytes(device: torch.device) -> int:
 def host_memory_bytes() -> int:
     """This machine's physical memory: what a model built in host memory must fit in."""
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def out_of_memory(err: BaseException) -> str:
+    """What failed, in a few words, when `err` is an allocation the memory could not serve (a GPU's, torch's CPU
+    allocator, Python's own); "" for any other error."""
+    if isinstance(err, torch.OutOfMemoryError):  # "CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has ..."
+        return ". ".join(str(err).split(". ")[:2])[:200]
+    if isinstance(err, MemoryError):
+        return "Python could not allocate memory"
+    found = re.search(r"can't allocate memory: you tried to allocate \d+ bytes", str(err))
+    return found.group(0) if found else ""

@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import NoReturn
 
-from ..device import DeviceError
+from ..device import DeviceError, out_of_memory
 from ..distributed.env import RankZeroFailed, launched, peer_lost
 from ..runtime import tune_cpu_allocator
 from . import analysis, data, inference, training
@@ -111,8 +111,12 @@ def _run(args: argparse.Namespace) -> None:
         sys.exit(141)
     except RankZeroFailed:
         _leave(1)  # rank 0 prints what failed
-    except RuntimeError as err:  # a collective failed: NCCL's and gloo's own errors, tracebacks from deep inside
-        reason = peer_lost(err) if launched() else ""
+    except (RuntimeError, MemoryError) as err:  # memory, or a collective: torch's errors from deep inside
+        rank = int(os.environ.get("RANK", "0"))
+        if what := out_of_memory(err):  # each rank its own: its device, its share of the host
+            _leave(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: out of memory ({what}): a smaller "
+                   "model, batch or sequence fits, or a machine with more memory")
+        reason = peer_lost(err) if launched() else ""  # a collective failed: NCCL's and gloo's own errors
         if not reason:
             raise
         _leave(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
