@@ -62,6 +62,9 @@ def test_grow_a_run_then_resume_it(tmp_path: Path, capsys, monkeypatch):
     capsys.readouterr()
     main(["info", str(tmp_path / "grown"), "--json"])  # a run without its config.json yet: its checkpoint's
     assert json.loads(capsys.readouterr().out)["num_layers"] == 2
+    for where in (ckpt, ckpt.parent):  # one step's directory and the checkpoints folder, as grow takes them
+        main(["info", str(where), "--json"])  # "no config.json at .../step_00000006/config.json"
+        assert json.loads(capsys.readouterr().out)["num_layers"] == 2
     states, meta = read_checkpoint(ckpt)
     src_states, _ = read_checkpoint(tmp_path / "small")
     assert meta["step"] == 6 and meta["train_config"]["model"]["num_layers"] == 2

@@ -1,5 +1,5 @@
-"""What `longcat info` describes: a preset, a model directory or a training run's directory, read as its model
-config, and the K_e a run held."""
+"""What `longcat info` describes: a preset, a model directory, a training run's directory or one of its
+checkpoints, read as its model config, and the K_e a run held."""
 from __future__ import annotations
 
 import json
@@ -20,10 +20,10 @@ def config_of(target: str) -> ModelConfig:
             raise ValueError(f"{target!r} is both a preset and a checkpoint directory here; write "
                              f"./{target} for the directory")
         return get_preset(target)
-    if path.is_dir() and not (path / "config.json").exists() and (path / "checkpoints").is_dir():
-        from ..train.checkpoints import resume_config
+    if (checkpoint := _training_checkpoint(path)) is not None:
+        from ..train.checkpoints import saved_train_config
 
-        return resume_config(path).model
+        return saved_train_config(checkpoint).model
     if path.is_dir():
         from ..checkpoint.hf import checkpoint_config
 
@@ -41,11 +41,29 @@ def run_budget_target(target: str) -> float | None:
     from ..train.config import TRAIN_CONFIG_FILE
 
     saved = Path(target) / TRAIN_CONFIG_FILE
-    if target in PRESETS or not saved.is_file():
+    if target in PRESETS:
         return None
+    if not saved.is_file():  # one of a run's checkpoints: the settings it was saved with
+        if (checkpoint := _training_checkpoint(Path(target))) is None:
+            return None
+        from ..train.checkpoints import saved_train_config
+
+        return saved_train_config(checkpoint).budget.target
     try:
         budget = json.loads(saved.read_text()).get("budget")
     except (OSError, ValueError, AttributeError):  # unreadable: the model's default, as for a model directory
         return None
     target = budget.get("target") if isinstance(budget, dict) else None
     return float(target) if isinstance(target, (int, float)) and not isinstance(target, bool) else None
+
+
+def _training_checkpoint(path: Path) -> Path | None:
+    """The training checkpoint a directory without config.json names: a run's newest (a run still training, or
+    grown and not yet resumed), its `checkpoints/` folder's newest, or one step's own; None for anything else."""
+    from ..checkpoint import training
+
+    if not path.is_dir() or (path / "config.json").exists():
+        return None
+    if (path / "checkpoints").is_dir() or (path / training.MANIFEST).is_file() or training.latest_checkpoint(path):
+        return training.resolve(path)
+    return None

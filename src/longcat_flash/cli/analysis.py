@@ -11,8 +11,8 @@ from .common import add_device, new_or_directory
 def _add_info(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("info", help="parameter counts, active parameters, KV-cache bytes and FLOPs per token")
     p.add_argument("target", type=user_path,
-                   help=f"a preset ({', '.join(sorted(PRESETS))}), a checkpoint directory (the figures "
-                         "of its config.json; the weights are not read) or a run directory")
+                   help=f"a preset ({', '.join(sorted(PRESETS))}), a model directory (the figures of its "
+                         "config.json; the weights are not read), a run directory or one of its training checkpoints")
     p.add_argument("--ffn-experts", type=float, default=None, help="K_e for the average figure (default: a run's "
                    "budget.target, else 2/3 K)")
     p.add_argument("--context", type=non_negative_int, default=0, help="context length for attention FLOPs")
