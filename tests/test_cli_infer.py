@@ -57,6 +57,24 @@ def test_init_writes_a_loadable_checkpoint(checkpoint):
     assert (checkpoint / "model.safetensors").is_file() and (checkpoint / "tokenizer_config.json").is_file()
 
 
+def test_init_takes_the_presets_model_fields_from_set(tmp_path):
+    """Without --set a model with no MTP head or no zero experts took the Python API; --set model.num_layers=10^8
+    then hung building the model on the meta device before the memory check."""
+    out = tmp_path / "m"
+    main(["init", "--preset", "tiny", "--out", str(out), "--set", "model.num_layers=3",
+          "--set", "model.num_nextn_predict_layers=0", "--set", "model.zero_expert_num=0"])
+    cfg = ModelConfig.from_json(out)
+    assert (cfg.num_layers, cfg.num_nextn_predict_layers, cfg.zero_expert_num) == (3, 0, 0)
+    for setting, says in (("optim.lr=1", "--set optim.lr: only the model's fields (model.FIELD=VALUE) make a model"),
+                          ("model.nope=1", "unknown config field 'model.nope'; valid fields here: model.vocab_size"),
+                          ("model.moe_topk=999", "model.moe_topk=999 exceeds n_routed_experts"),
+                          ("model.num_layers=100000000", "a model of at least ")):
+        with pytest.raises(SystemExit) as stop:
+            main(["init", "--preset", "tiny", "--out", str(tmp_path / "refused"), "--set", setting])
+        assert str(stop.value.code).startswith(f"longcat init: {says}"), stop.value.code
+        assert not (tmp_path / "refused").exists()
+
+
 def test_generate_plain_json_and_speculative(checkpoint, capsys):
     args = ["generate", "--model", str(checkpoint), "--prompt", "import os", "--max-new-tokens", "7",
             "--ignore-eos"]

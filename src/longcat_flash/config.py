@@ -296,6 +296,13 @@ class ModelConfig:
         top-k are zero experts)."""
         return min(self.moe_topk, self.n_routed_experts)
 
+    @property
+    def dominant_parameters(self) -> int:
+        """The embedding table(s) and every layer's routed experts (three matrices each): a lower bound of the
+        model's parameters that needs no model built (building 10^8 layers, even on the meta device, takes hours)."""
+        tables = self.vocab_size * self.hidden_size * (1 if self.tie_word_embeddings else 2)
+        return tables + self.num_layers * self.n_routed_experts * 3 * self.hidden_size * self.expert_ffn_hidden_size
+
     # ---- config.json I/O ----
     @classmethod
     def from_dict(cls, raw: dict[str, Any], prequantized: bool = False) -> ModelConfig:

@@ -31,12 +31,10 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
     """
     if not -(2**63) <= seed < 2**64:  # torch.manual_seed's range: past it, "Overflow when unpacking long long"
         raise ValueError(f"--seed must be an integer in [-2^63, 2^64), got {seed}")
+    _check_fits(cfg.dominant_parameters, device, "at least ")  # before the meta build, which could take hours
     with torch.device("meta"):
         model = LongcatFlash(cfg)
-    need, have = model.num_parameters() * 4, host_memory_bytes()
-    if torch.device(device).type == "cpu" and need > have:  # fp32 first, cast when saved
-        raise ValueError(f"a model of {model.num_parameters() / 1e9:.1f}B parameters needs {need / 2**30:.0f} GiB "
-                         f"in fp32; this machine has {have / 2**30:.0f} GiB")
+    _check_fits(model.num_parameters(), device)
     with torch.random.fork_rng():  # the caller's generators as they were: seeding is this model's alone
         torch.manual_seed(seed)  # after the meta build, which draws nothing, so it cannot shift the stream
         if model.num_parameters() > DIRECT_MAX_PARAMS:
@@ -48,6 +46,14 @@ def random_model(cfg: ModelConfig, *, seed: int = 0, std: float | None = None,
         if std is not None:
             model.init_weights(std)
         return model
+
+
+def _check_fits(parameters: int, device: torch.device, bound: str = "") -> None:
+    """A CPU model is built in fp32 (and cast when saved): refuse one the host's memory cannot hold."""
+    need, have = parameters * 4, host_memory_bytes()
+    if torch.device(device).type == "cpu" and need > have:
+        raise ValueError(f"a model of {bound}{parameters / 1e9:.1f}B parameters needs {need / 2**30:.0f} GiB in fp32; "
+                         f"this machine has {have / 2**30:.0f} GiB")
 
 
 def init_checkpoint(cfg: ModelConfig, out: str | Path, *, dtype: torch.dtype = torch.bfloat16, seed: int = 0,

@@ -22,6 +22,8 @@ def _add_init(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--seed", type=seed, default=0,
                    help="the weights a seed gives depend on the device type too (CPU and CUDA generators differ)")
+    p.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE", dest="overrides",
+                   help="override one of the preset's model fields, e.g. --set model.num_layers=2 (repeatable)")
     add_device(p)
     p.set_defaults(run=_run_init)
 
@@ -31,12 +33,14 @@ def _run_init(args: argparse.Namespace) -> None:
 
     from ..checkpoint.fresh import init_checkpoint
     from ..device import resolve_device
+    from ..train.overrides import apply_model_overrides
 
     new_or_directory(args.out)
     out = Path(args.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} already exists and is not an empty directory; choose another --out")
-    print(init_checkpoint(get_preset(args.preset), out, dtype=getattr(torch, args.dtype), seed=args.seed,
+    cfg = apply_model_overrides(get_preset(args.preset), args.overrides)
+    print(init_checkpoint(cfg, out, dtype=getattr(torch, args.dtype), seed=args.seed,
                           device=resolve_device(args.device)))
 
 

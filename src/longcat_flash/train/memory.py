@@ -13,24 +13,16 @@ import os
 
 import torch
 
-from ..config import ModelConfig
 from ..device import memory_bytes
 from .config import TrainConfig
 
 TRAIN_BYTES_PER_PARAMETER = 16  # fp32 weight and gradient, AdamW's two moments
 
 
-def dominant_parameters(m: ModelConfig) -> int:
-    """The embedding table(s) and every layer's routed experts (three matrices each): a lower bound of the
-    model's parameters that needs no model built."""
-    tables = m.vocab_size * m.hidden_size * (1 if m.tie_word_embeddings else 2)
-    return tables + m.num_layers * m.n_routed_experts * 3 * m.hidden_size * m.expert_ffn_hidden_size
-
-
 def check_fits(cfg: TrainConfig, device: torch.device, world: int) -> None:
     """Refuse a run whose model state and one micro-batch's hidden state exceed the memory they live in: each GPU's
     (a rank's share), or the host's (the share of the ranks it runs)."""
-    params = dominant_parameters(cfg.model)
+    params = cfg.model.dominant_parameters
     state = params * TRAIN_BYTES_PER_PARAMETER
     rows = max(1, cfg.data.batch_size // (world * cfg.data.grad_accum))  # a rank's micro-batch
     hidden = rows * (cfg.data.seq_len + 1) * cfg.model.hidden_size * 4
