@@ -191,6 +191,6 @@ def test_a_command_that_runs_out_of_memory_says_so_in_one_line(tmp_path, monkeyp
     with pytest.raises(SystemExit) as stop:
         main(["grow", str(tmp_path / "src"), "--out", str(tmp_path / "grown")])
     assert str(stop.value.code) == (
-        "longcat grow: out of memory (can't allocate memory: you tried to allocate 10000000000000 bytes): a smaller "
-        "model, batch or sequence fits, or a machine with more memory")
+        "longcat grow: out of memory (can't allocate memory: you tried to allocate 10000000000000 bytes); it needs a "
+        "smaller model, batch or sequence, or a machine with more memory")
     assert not (tmp_path / "grown").exists()

@@ -114,8 +114,8 @@ def _run(args: argparse.Namespace) -> None:
     except (RuntimeError, MemoryError) as err:  # memory, or a collective: torch's errors from deep inside
         rank = int(os.environ.get("RANK", "0"))
         if what := out_of_memory(err):  # each rank its own: its device, its share of the host
-            _leave(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: out of memory ({what}): a smaller "
-                   "model, batch or sequence fits, or a machine with more memory")
+            _leave(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: out of memory ({what}); it needs "
+                   "a smaller model, batch or sequence, or a machine with more memory")
         reason = peer_lost(err) if launched() else ""  # a collective failed: NCCL's and gloo's own errors
         if not reason:
             raise
