@@ -393,6 +393,19 @@ def test_a_long_text_file_is_encoded_in_pieces_to_the_same_tokens(tmp_path: Path
         assert spy.longest < 1300, spy.longest  # a piece, not the 18 kB document
 
 
+def test_tokenizing_without_progress_bars_says_when_it_starts_and_ends(corpus_dir: Path, tok: Tokenizer,
+                                                                       tmp_path: Path, capsys) -> None:
+    """`longcat train --no-progress` on a 450 MB corpus printed nothing for three minutes: the bar went, and with
+    it every word of the phase. The other ranks of a torchrun (progress None) stay silent."""
+    build_token_shard(corpus_dir, tok, tmp_path / "quiet", progress=None)
+    assert capsys.readouterr().out == ""
+    path = build_token_shard(corpus_dir, tok, tmp_path / "cache", progress=False)
+    said = capsys.readouterr().out.splitlines()
+    assert said[0].startswith(f"tokenizing {corpus_dir} (up to ") and said[0].endswith("MB of text) into the token cache")
+    meta = ShardMeta.read(path)
+    assert said[1].startswith(f"tokenized {corpus_dir}: {meta.n_tokens} tokens, {meta.n_docs} documents in "), said
+
+
 def test_a_globs_shard_is_named_without_its_wildcards(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
     """`--set data.source='corpus/*.md'` cached its tokens as `*-<hash>.bin`, a name every shell expands."""
     path = build_token_shard(f"{corpus_dir}/*.md", tok, tmp_path / "cache", progress=False)

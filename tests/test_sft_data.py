@@ -935,6 +935,20 @@ def test_held_out_conversations_come_from_the_file_or_a_separate_one(tmp_path, t
                                         tokenizer.pad_id, "val").tokens.tobytes()
 
 
+def test_preparing_the_conversations_says_what_it_does_without_progress_bars(tmp_path, tokenizer, capsys):
+    """`longcat sft --no-progress` on 50k conversations said nothing for three minutes (and with bars too: there
+    was none for this phase); the other ranks of a torchrun stay silent (progress None)."""
+    data = write_conversations(tmp_path / "train.jsonl", 12, seed=0)
+    conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, progress=False)
+    said = capsys.readouterr().out.splitlines()
+    assert said[0] == f"rendering and tokenizing the conversations of {data}"
+    assert said[1].startswith(f"tokenized 12 conversations of {data} in "), said
+    conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, progress=None)
+    assert capsys.readouterr().out == ""
+    conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, progress=True)
+    assert "12 conversations" in capsys.readouterr().err  # the bar
+
+
 @pytest.mark.parametrize("overlong", ["truncate", "skip"])
 def test_the_held_out_share_is_taken_from_conversations_that_fit(tmp_path, tokenizer, overlong):
     """Held out before it was packed, an over-long conversation that drew the validation slot ended the run ("sft

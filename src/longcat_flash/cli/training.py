@@ -33,7 +33,8 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config field, e.g. --set budget.rate=0.01 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print every config field and value, then exit")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars (metrics.jsonl is still written)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bars: a line as each long phase starts and ends (metrics.jsonl is still written)")
     p.add_argument("--ep", type=int, default=None, help="expert-parallel ranks (under torchrun; divides the "
                                                          "experts; default: world / dp, or 1)")
     p.add_argument("--dp", type=int, default=None, help="data-parallel groups of --ep ranks (default: world / ep)")

@@ -5,6 +5,7 @@ conversations; over-long ones truncated or skipped and counted; the train and he
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,11 +13,12 @@ from typing import Literal
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from .batches import IGNORE, PADDING, PackedBatch, array_digest
 from .conversation_files import row_files
 from .conversation_tokens import ChatTokenizer, tokenize
-from .conversations import read_conversations
+from .conversations import iter_conversations
 
 PACK_LOOKBACK = 64  # open windows a conversation may go into (first fit among the newest ones)
 
@@ -142,35 +144,48 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
                                stats.describe(split, len(bins), window))
 
 
+def tokenized(tokenizer: ChatTokenizer, data: str | Path, ignore: Sequence[str], ends: Sequence[str], window: int,
+              progress: bool | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each conversation of `data` rendered and tokenized as it is read, the parsed row dropped (they held ~10x
+    the file in memory). `progress`: a bar; False: a line as it starts and one as it ends (50k conversations took
+    three silent minutes); None: silent."""
+    start = time.monotonic()
+    if progress is False:
+        print(f"rendering and tokenizing the conversations of {data}", flush=True)
+    rows = tqdm(iter_conversations(data, ignore), desc=f"tokenizing {Path(data).name}", unit=" conversations",
+                disable=progress is not True)
+    encoded = [tokenize(tokenizer, conversation, ends, window) for conversation in rows]
+    if not encoded:
+        raise ValueError(f"{data}: no conversations in it")
+    if progress is False:
+        print(f"tokenized {len(encoded)} conversations of {data} in {time.monotonic() - start:.0f} s", flush=True)
+    return encoded
+
+
 def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,
                           val_fraction: float, seq_len: int, seed: int,
                           overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = (),
-                          ends: Sequence[str] = ()) -> tuple[ConversationDataset, ConversationDataset]:
+                          ends: Sequence[str] = (), progress: bool | None = None
+                          ) -> tuple[ConversationDataset, ConversationDataset]:
     """The train and validation windows: conversations in a seeded order, each split packed on its own; `ends` as
-    in `tokenize`. Without a separate val_data the validation share is the first conversations of that order; when
-    `pack` would keep none of them (over-long, or nothing to train), the last of them gives its place to the first
-    conversation it keeps, so whether a run starts does not hang on the seed (and runs that started keep their
-    split)."""
+    in `tokenize`, `progress` as in `tokenized`. Without a separate val_data the validation share is the first
+    conversations of that order; when `pack` would keep none of them (over-long, or nothing to train), the last of
+    them gives its place to the first conversation it keeps, so whether a run starts does not hang on the seed (and
+    runs that started keep their split)."""
     if val_data is not None:
         trained = {file.resolve() for file in row_files(data)}
         if shared := [file for file in row_files(val_data) if file.resolve() in trained]:
             raise ValueError(f"sft.val_data: {shared[0]} is among the files of sft.data too: its conversations "
                              "would be trained on and then held out; give held-out files that sft.data does not name")
-    conversations = read_conversations(data, ignore)
-    if not conversations:
-        raise ValueError(f"{data}: no conversations in it")
-    order = np.random.default_rng([seed, 1]).permutation(len(conversations))
-    conversations = [conversations[i] for i in order]
-    encoded = [tokenize(tokenizer, c, ends, seq_len + 1) for c in conversations]
+    encoded = tokenized(tokenizer, data, ignore, ends, seq_len + 1, progress)
+    order = np.random.default_rng([seed, 1]).permutation(len(encoded))
+    encoded = [encoded[i] for i in order]
     if val_data is not None:
-        held_out = read_conversations(val_data, ignore)
-        if not held_out:
-            raise ValueError(f"{val_data}: no conversations in it")
-        val_encoded = [tokenize(tokenizer, c, ends, seq_len + 1) for c in held_out]
+        val_encoded = tokenized(tokenizer, val_data, ignore, ends, seq_len + 1, progress)
     else:
-        n_val = max(1, round(len(conversations) * val_fraction))
-        if n_val >= len(conversations):
-            raise ValueError(f"{data}: {len(conversations)} conversation(s) leave none for training after holding "
+        n_val = max(1, round(len(encoded) * val_fraction))
+        if n_val >= len(encoded):
+            raise ValueError(f"{data}: {len(encoded)} conversation(s) leave none for training after holding "
                              f"out data.val_fraction={val_fraction}; add conversations or pass sft.val_data")
         held = set(range(n_val))
         if not any(fits(encoded[i], seq_len, overlong) for i in held):  # the held-out split would be empty

@@ -150,6 +150,6 @@ def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequenc
         encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
     except ValueError as err:  # text the tokenizer cannot take: the row is named, as for any bad row
         raise ConversationError(f"{conversation.where}: {err}") from None
-    ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int64)
+    ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int32)  # the windows' dtype
     mask = np.fromiter((t for piece, t in zip(encoded, trained) for _ in piece), dtype=bool, count=len(ids))
     return ids, mask

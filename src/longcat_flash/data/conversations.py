@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,7 +78,12 @@ def read_conversations(path: str | Path, ignore: Sequence[str] = ()) -> list[Con
     shards, `data/train-00000-of-00004.parquet` ..., or a `datasets` save_to_disk), as a checked Conversation (the
     first bad row is an error).
     `ignore`: columns that are not part of the conversation (an `id`, a `source`), skipped by name."""
-    return [parse_row(row, where, ignore) for file in row_files(path) for where, row in rows(file, ignore)]
+    return list(iter_conversations(path, ignore))
+
+
+def iter_conversations(path: str | Path, ignore: Sequence[str] = ()) -> Iterator[Conversation]:
+    """read_conversations' rows one at a time, for a reader that keeps only what it makes of each."""
+    return (parse_row(row, where, ignore) for file in row_files(path) for where, row in rows(file, ignore))
 
 
 def parse_row(row: Any, where: str, ignore: Sequence[str] = ()) -> Conversation:

@@ -63,10 +63,12 @@ class ShardMeta:
 
 def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache_dir: str | Path, *,
                       text_field: str = "text", max_bytes: int | None = None, max_docs: int | None = None,
-                      chunk_bytes: int = 1 << 20, progress: bool = True) -> Path:
+                      chunk_bytes: int = 1 << 20, progress: bool | None = True) -> Path:
     """Tokenize `source` once into `cache_dir/<name>-<fingerprint>.bin` (docs joined by eos); returns its path.
 
     A shard whose fingerprint (corpus files + sizes + mtimes + caps + tokenizer) matches is reused as is.
+    `progress`: a bar; False: a line as tokenizing starts and one as it ends (a batch job's log said nothing for
+    minutes); None: silent.
     """
     if tokenizer.eos_id is None:
         raise ValueError("the tokenizer has no eos token; documents are separated by eos")
@@ -108,15 +110,18 @@ def _shard_is_current(bin_path: Path, fingerprint: str) -> bool:
 
 
 def _write_tokens(corpus: Corpus, tokenizer: TokenizerLike, f: Any, dtype: type[np.integer], chunk_bytes: int,
-                  progress: bool) -> tuple[int, int]:
+                  progress: bool | None) -> tuple[int, int]:
     """Encode documents in ~chunk_bytes batches (parallel in the Rust tokenizer) and append them to `f`; a longer
     document goes in pieces (`_pieces`), its eos after the last."""
     n_tokens, n_docs, eos, files = 0, 0, [tokenizer.eos_id], corpus.files()
     total = min(sum(p.stat().st_size for p in files), corpus.max_bytes or sys.maxsize)  # an upper bound
     pieces = ((piece, last) for doc in corpus.documents(files)
               for piece, last in _marked_last(_pieces(doc, chunk_bytes, tokenizer)))
+    start = time.monotonic()
+    if progress is False:
+        print(f"tokenizing {corpus.root} (up to {total / 1e6:.0f} MB of text) into the token cache", flush=True)
     with tqdm(desc=f"tokenizing {corpus.name}", total=total, unit="B", unit_scale=True,
-              disable=not progress) as bar:
+              disable=progress is not True) as bar:
         for chunk in _chunks(pieces, chunk_bytes):
             encoded = tokenizer.encode_batch([piece for piece, _ in chunk])
             ends = [last for _, last in chunk]
@@ -127,6 +132,9 @@ def _write_tokens(corpus: Corpus, tokenizer: TokenizerLike, f: Any, dtype: type[
             bar.update(sum(len(piece.encode("utf-8")) for piece, _ in chunk))
             bar.set_postfix(tokens=n_tokens, refresh=False)
         bar.total = bar.n  # file sizes overestimate .jsonl/.parquet text; end the bar at 100%
+    if progress is False:
+        print(f"tokenized {corpus.root}: {n_tokens} tokens, {n_docs} documents in {time.monotonic() - start:.0f} s",
+              flush=True)
     return n_tokens, n_docs
 
 

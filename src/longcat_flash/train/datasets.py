@@ -24,7 +24,7 @@ def check_text_field(cfg: TrainConfig) -> None:
                          f"holds no {'/'.join(RECORD_KINDS)} records); drop it (it would be recorded, and do nothing)")
 
 
-def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool) -> Tokenizer:
+def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool | None) -> Tokenizer:
     """The run's tokenizer: OUT's own when resuming, else `data.tokenizer`, else init_from's, else a BPE trained
     on the corpus. For SFT, the chat markers the model writes become single tokens (added when missing), where
     its chat template writes them (one that writes calls in another format would never use them)."""
@@ -35,7 +35,7 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool)
         if cfg.sft.data is not None and writes_tool_calls_with(tokenizer, TOOL_CALL_OPEN):
             tokenizer = tokenizer.with_tokens(CHAT_MARKERS)
     else:
-        if progress:
+        if progress is not None:  # a bar or not, the phase is said
             print(f"training a byte-level BPE (vocab {cfg.model.vocab_size}) on "
                   f"{cfg.data.tokenizer_sample_bytes / 1e6:.0f} MB of {cfg.data.source}", flush=True)
         texts = sample_texts(cfg.data.source, cfg.data.tokenizer_sample_bytes, text_field=cfg.data.text_field)
@@ -53,7 +53,7 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool)
     return tokenizer
 
 
-def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
+def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool | None
                    ) -> tuple[TokenDataset | ConversationDataset | CopyMix, TokenDataset | ConversationDataset]:
     """Tokenize the corpus once into a cached shard; windows of seq_len + 1; the tail is the validation split.
     SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversation_packing.py).
@@ -63,7 +63,7 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool
         ends = [tokenizer.decode([i], skip_special_tokens=False) for i in cfg.model.eos_token_ids]  # where it stops
         train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
                                                    data.seq_len, cfg.seed, cfg.sft.overlong, cfg.sft.ignore_columns,
-                                                   ends)
+                                                   ends, progress)
     else:
         cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
         shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,

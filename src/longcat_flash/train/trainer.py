@@ -320,7 +320,8 @@ def _release(out: Path, made: bool) -> None:
 def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: DeviceMesh | None, overlap: bool,
            device: torch.device, auto_new: bool = False) -> dict[str, Any]:
     main = distributed.is_main()
-    run = setup(cfg, out, resume=resume, progress=progress and main, mesh=mesh, overlap=overlap, device=device)
+    run = setup(cfg, out, resume=resume, progress=progress if main else None, mesh=mesh, overlap=overlap,
+                device=device)
     cfg, state = run.cfg, run.state
     log = MetricsLog(run.out, state.step, cfg.max_steps, tensorboard=cfg.tensorboard, progress=progress) if main \
         else _Silent()
@@ -477,9 +478,11 @@ def _check_out(cfg: TrainConfig, out: Path, resume: bool) -> None:
                          "another --out")
 
 
-def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool = True,
+def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool | None = True,
           mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | None = None) -> Run:
     """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh and overlap).
+    `progress`: bars for the minutes-long phases (the tokenizer, tokenizing), else a line as each starts and ends;
+    None (the other ranks): silent.
 
     The model is built on the meta device, sharded (under torchrun), then materialised on `device` rank by rank:
     no process ever holds the full model, and each fills only its own rows (train.optim.init_parameters)."""
