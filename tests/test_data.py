@@ -393,6 +393,30 @@ def test_a_long_text_file_is_encoded_in_pieces_to_the_same_tokens(tmp_path: Path
         assert spy.longest < 1300, spy.longest  # a piece, not the 18 kB document
 
 
+@pytest.mark.parametrize("kind", ["byte-level", "sentencepiece"])
+def test_a_long_record_with_no_space_or_line_is_cut_too(tmp_path: Path, tok: Tokenizer, kind, monkeypatch) -> None:
+    """A 20 MB record with neither spaces nor lines (base64 data) was encoded whole: 4.3 GB. A byte-level BPE
+    finds exact cuts in it anyway; where none is found (SentencePiece's "▁") the text is cut past MOST_WHOLE."""
+    import base64
+    import random
+
+    from tokenizer_support import sentencepiece_tokenizer
+
+    from longcat_flash.data import shards
+
+    monkeypatch.setattr(shards, "MOST_WHOLE", 5000)
+    tokenizer = sentencepiece_tokenizer() if kind == "sentencepiece" else tok
+    blob = base64.b64encode(random.Random(0).randbytes(15000)).decode()  # 20k characters, no space, no line
+    (tmp_path / "blob.jsonl").write_text(json.dumps({"text": blob}) + "\n", encoding="utf-8")
+    spy = Spy(tokenizer)
+    path = build_token_shard(tmp_path / "blob.jsonl", spy, tmp_path / "cache", chunk_bytes=1000, progress=None)
+    assert spy.longest <= (1300 if kind == "byte-level" else 5000), spy.longest  # not the 20k-character record
+    tokens = np.fromfile(path, dtype=ShardMeta.read(path).dtype).tolist()
+    if kind == "byte-level":
+        assert tokens == [*tokenizer.encode(blob), tokenizer.eos_id]
+    assert ShardMeta.read(path).n_docs == 1 and tokens[-1] == tokenizer.eos_id
+
+
 def test_tokenizing_without_progress_bars_says_when_it_starts_and_ends(corpus_dir: Path, tok: Tokenizer,
                                                                        tmp_path: Path, capsys) -> None:
     """`longcat train --no-progress` on a 450 MB corpus printed nothing for three minutes: the bar went, and with

@@ -155,13 +155,23 @@ def _marked_last(pieces: list[str]) -> Iterator[tuple[str, bool]]:
     return ((piece, i == len(pieces) - 1) for i, piece in enumerate(pieces))
 
 
+MOST_WHOLE = 4 << 20  # characters left whole where no exact cut is found (~180 bytes each while encoded)
+
+
 def _pieces(doc: str, size: int, tokenizer: TokenizerLike) -> list[str]:
     """`doc` in pieces of about `size` characters: a 50 MB text file encoded at once took 6 GB (the tokenizer's
-    records of each token). A cut is made only where the tokenizer encodes the text around it as the two sides
-    apart (a byte-level BPE does at a line start or before a space between words; a SentencePiece "▁" prefix does
-    not), so the tokens are those of the whole document; where no such place is found the rest stays whole."""
+    records of each token). A cut is made where the tokenizer encodes the text around it as the two sides apart (a
+    byte-level BPE does at a line start, before a space between words, and at most places of a text with neither,
+    a base64 blob; a SentencePiece "▁" prefix does not), so the tokens are those of the whole document. Where no
+    such place is found the rest stays whole up to MOST_WHOLE characters, and past that is cut anyway, its tokens
+    at the cut then its sides' (a 20 MB record with no place took 4.3 GB)."""
     pieces, start = [], 0
-    while len(doc) - start > size and (cut := _cut(doc, start + size, tokenizer)) is not None:
+    while len(doc) - start > size:
+        cut = _cut(doc, start + size, tokenizer)
+        if cut is None:
+            if len(doc) - start <= MOST_WHOLE:
+                break
+            cut = start + size
         pieces.append(doc[start:cut])
         start = cut
     return [*pieces, doc[start:]]
@@ -171,10 +181,11 @@ CUTS = re.compile(r"(?<=\S\n)(?=\S)|(?<=\S)(?= \S)")  # a line start or a word's
 
 
 def _cut(doc: str, at: int, tokenizer: TokenizerLike, tries: int = 16, context: int = 256) -> int | None:
-    """The first of `tries` places of CUTS from `at` on where the text around it (`context` characters each side)
-    encodes as its two sides apart; None if none of them does."""
-    for place in itertools.islice(CUTS.finditer(doc, at), tries):
-        cut = place.start()
+    """The first place from `at` on where the text around it (`context` characters each side) encodes as its two
+    sides apart: of `tries` places of CUTS in the next `context` x `tries` characters, else of the `tries`
+    characters from `at` (a text without spaces or lines); None if none of them does."""
+    near = (place.start() for place in CUTS.finditer(doc, at, at + context * tries))  # not the whole rest's scan
+    for cut in itertools.chain(itertools.islice(near, tries), range(at, min(at + tries, len(doc)))):
         left, right = doc[max(cut - context, 0):cut], doc[cut:cut + context]
         both, alone_left, alone_right = tokenizer.encode_batch([left + right, left, right])
         if both == alone_left + alone_right:
