@@ -425,7 +425,8 @@ def test_tokenizing_without_progress_bars_says_when_it_starts_and_ends(corpus_di
     assert capsys.readouterr().out == ""
     path = build_token_shard(corpus_dir, tok, tmp_path / "cache", progress=False)
     said = capsys.readouterr().out.splitlines()
-    assert said[0].startswith(f"tokenizing {corpus_dir} (up to ") and said[0].endswith("MB of text) into the token cache")
+    assert said[0].startswith(f"tokenizing {corpus_dir} (up to ")
+    assert said[0].endswith("MB of text) into the token cache")
     meta = ShardMeta.read(path)
     assert said[1].startswith(f"tokenized {corpus_dir}: {meta.n_tokens} tokens, {meta.n_docs} documents in "), said
 
