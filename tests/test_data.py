@@ -425,10 +425,38 @@ def test_tokenizing_without_progress_bars_says_when_it_starts_and_ends(corpus_di
     assert capsys.readouterr().out == ""
     path = build_token_shard(corpus_dir, tok, tmp_path / "cache", progress=False)
     said = capsys.readouterr().out.splitlines()
-    assert said[0].startswith(f"tokenizing {corpus_dir} (up to ")
-    assert said[0].endswith("MB of text) into the token cache")
+    assert said[0].startswith(f"tokenizing {corpus_dir} (") and said[0].endswith(" MB of files) into the token cache")
     meta = ShardMeta.read(path)
     assert said[1].startswith(f"tokenized {corpus_dir}: {meta.n_tokens} tokens, {meta.n_docs} documents in "), said
+
+
+def test_a_changed_corpus_says_which_older_shards_stay_in_the_cache(tmp_path: Path, tok: Tokenizer, capsys) -> None:
+    """Each edit of a corpus left another shard as large as its tokens in the cache, and nothing said so."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"text": "first version of the corpus"}) + "\n", encoding="utf-8")
+    first = build_token_shard(corpus, tok, tmp_path / "cache", progress=None)
+    other_tokenizer = train_tokenizer(["other"] * 10, 280)
+    build_token_shard(corpus, other_tokenizer, tmp_path / "cache", progress=None)  # not an older version
+    corpus.write_text(json.dumps({"text": "second version, edited"}) + "\n", encoding="utf-8")
+    capsys.readouterr()
+    second = build_token_shard(corpus, tok, tmp_path / "cache", progress=False)
+    note = capsys.readouterr().out.splitlines()[-1]
+    assert second != first and first.is_file()  # kept: a cache deletes nothing a run may read
+    assert note.startswith(f"note: 1 older token shard(s) of {corpus} for this tokenizer stay in ") and \
+        note.endswith(f": {first.name}"), note
+
+
+def test_the_bar_of_a_compressed_corpus_counts_instead_of_ending_early(tmp_path: Path, tok: Tokenizer,
+                                                                        capsys) -> None:
+    """Its total was the files' compressed size, a third of their text: the bar stood at 100% with most of the
+    work left, then ran past it."""
+    import gzip
+
+    with gzip.open(tmp_path / "a.jsonl.gz", "wt", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": f"document {i} " * 20}) + "\n" for i in range(200))
+    build_token_shard(tmp_path / "a.jsonl.gz", tok, tmp_path / "cache", progress=True)
+    first_render = capsys.readouterr().err.split("\r")[1]
+    assert first_render.startswith("tokenizing a.jsonl: 0.00B [") and "%" not in first_render, first_render
 
 
 def test_a_globs_shard_is_named_without_its_wildcards(corpus_dir: Path, tok: Tokenizer, tmp_path: Path) -> None:
