@@ -1096,3 +1096,35 @@ def test_errors_name_the_rows_own_fields(tokenizer, row, field):
     with pytest.raises(ConversationError) as err:
         tokenize(tokenizer, parse_row(row, "rows.jsonl:1"))
     assert str(err.value).startswith(f"rows.jsonl:1: {field}"), str(err.value)
+
+
+def test_tokenized_conversations_are_cached_until_the_file_or_a_setting_changes(tmp_path, tokenizer, monkeypatch):
+    """Every start and resume of `longcat sft` rendered and tokenized the whole file again (50k conversations:
+    three minutes, on every rank of a torchrun)."""
+    from longcat_flash.data import conversation_packing
+
+    data, cache = write_conversations(tmp_path / "train.jsonl", 20, seed=0), tmp_path / "cache"
+    first = conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, cache_dir=cache)
+    calls = []
+    real = conversation_packing.tokenize
+    monkeypatch.setattr(conversation_packing, "tokenize", lambda *args: calls.append(1) or real(*args))
+    again = conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, cache_dir=cache)
+    assert not calls  # read back, not made again
+    for a, b in zip(first, again):
+        assert a.tokens.tobytes() == b.tokens.tobytes() and a.trained.tobytes() == b.trained.tobytes()
+        assert a.documents.tobytes() == b.documents.tobytes() and a.report == b.report
+    conversation_datasets(tokenizer, data, None, 0.25, 300, seed=0, cache_dir=cache)  # another window
+    assert len(calls) == 20
+    write_conversations(data, 21, seed=0)  # the file changed
+    changed = conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, cache_dir=cache)
+    assert len(calls) == 41 and changed[0].report != first[0].report
+    assert len(list(cache.glob("conversations-train-*.npz"))) == 3
+
+
+def test_a_cache_that_cannot_be_written_is_said_and_the_run_goes_on(tmp_path, tokenizer, caplog):
+    """SFT read no cache before it had one: a cache folder it cannot write must not stop a run that worked."""
+    data = write_conversations(tmp_path / "train.jsonl", 8, seed=0)
+    (tmp_path / "a_file").write_text("not a folder")
+    train, _ = conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, cache_dir=tmp_path / "a_file")
+    assert train.report.startswith("sft train: 6 conversations")
+    assert "the tokenized conversations are not cached (data.cache_dir" in caplog.text

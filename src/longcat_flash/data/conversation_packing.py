@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from . import conversation_cache
 from .batches import IGNORE, PADDING, PackedBatch, array_digest
 from .conversation_files import row_files
 from .conversation_tokens import ChatTokenizer, tokenize
@@ -145,10 +146,16 @@ def pack(encoded: Sequence[tuple[np.ndarray, np.ndarray]], seq_len: int, pad_id:
 
 
 def tokenized(tokenizer: ChatTokenizer, data: str | Path, ignore: Sequence[str], ends: Sequence[str], window: int,
-              progress: bool | None) -> list[tuple[np.ndarray, np.ndarray]]:
+              progress: bool | None, cache_dir: Path | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
     """Each conversation of `data` rendered and tokenized as it is read, the parsed row dropped (they held ~10x
-    the file in memory). `progress`: a bar; False: a line as it starts and one as it ends (50k conversations took
-    three silent minutes); None: silent."""
+    the file in memory); with `cache_dir`, once for given files and settings (data/conversation_cache.py).
+    `progress`: a bar; False: a line as it starts and one as it ends (50k conversations took three silent
+    minutes); None: silent."""
+    cached, files = None, row_files(data)
+    if cache_dir is not None and all(file.is_file() for file in files):  # else reading them says what is wrong
+        cached = conversation_cache.cache_path(cache_dir, files, tokenizer, ignore, ends, window)
+        if (encoded := conversation_cache.load(cached)) is not None:
+            return encoded
     start = time.monotonic()
     if progress is False:
         print(f"rendering and tokenizing the conversations of {data}", flush=True)
@@ -159,29 +166,31 @@ def tokenized(tokenizer: ChatTokenizer, data: str | Path, ignore: Sequence[str],
         raise ValueError(f"{data}: no conversations in it")
     if progress is False:
         print(f"tokenized {len(encoded)} conversations of {data} in {time.monotonic() - start:.0f} s", flush=True)
+    if cached is not None:
+        conversation_cache.save(cached, encoded)
     return encoded
 
 
 def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,
                           val_fraction: float, seq_len: int, seed: int,
                           overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = (),
-                          ends: Sequence[str] = (), progress: bool | None = None
-                          ) -> tuple[ConversationDataset, ConversationDataset]:
+                          ends: Sequence[str] = (), progress: bool | None = None,
+                          cache_dir: Path | None = None) -> tuple[ConversationDataset, ConversationDataset]:
     """The train and validation windows: conversations in a seeded order, each split packed on its own; `ends` as
-    in `tokenize`, `progress` as in `tokenized`. Without a separate val_data the validation share is the first
-    conversations of that order; when `pack` would keep none of them (over-long, or nothing to train), the last of
-    them gives its place to the first conversation it keeps, so whether a run starts does not hang on the seed (and
-    runs that started keep their split)."""
+    in `tokenize`, `progress` and `cache_dir` as in `tokenized`. Without a separate val_data the validation share
+    is the first conversations of that order; when `pack` would keep none of them (over-long, or nothing to
+    train), the last of them gives its place to the first conversation it keeps, so whether a run starts does not
+    hang on the seed (and runs that started keep their split)."""
     if val_data is not None:
         trained = {file.resolve() for file in row_files(data)}
         if shared := [file for file in row_files(val_data) if file.resolve() in trained]:
             raise ValueError(f"sft.val_data: {shared[0]} is among the files of sft.data too: its conversations "
                              "would be trained on and then held out; give held-out files that sft.data does not name")
-    encoded = tokenized(tokenizer, data, ignore, ends, seq_len + 1, progress)
+    encoded = tokenized(tokenizer, data, ignore, ends, seq_len + 1, progress, cache_dir)
     order = np.random.default_rng([seed, 1]).permutation(len(encoded))
     encoded = [encoded[i] for i in order]
     if val_data is not None:
-        val_encoded = tokenized(tokenizer, val_data, ignore, ends, seq_len + 1, progress)
+        val_encoded = tokenized(tokenizer, val_data, ignore, ends, seq_len + 1, progress, cache_dir)
     else:
         n_val = max(1, round(len(encoded) * val_fraction))
         if n_val >= len(encoded):

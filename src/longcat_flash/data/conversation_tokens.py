@@ -14,6 +14,9 @@ from .conversations import Conversation, ConversationError
 
 
 class ChatTokenizer(Protocol):
+    fingerprint: str
+    chat_template: str
+    tool_chat_template: str | None
     eos_id: int | None
     eos_token: str | None
     special_ids: dict[str, int]

@@ -179,7 +179,7 @@ class DataConfig:
     copy_fraction: float = 0.0
     tokenizer: str | None = None  # a tokenizer.json (or a directory holding one); None trains a byte-level BPE
     tokenizer_sample_bytes: int = 8_000_000  # corpus bytes the BPE is trained on
-    cache_dir: str | None = None  # token shards; None = $XDG_CACHE_HOME/longcat-flash (~/.cache/longcat-flash)
+    cache_dir: str | None = None  # token shards, tokenized SFT rows; None = $XDG_CACHE_HOME/longcat-flash/tokens
 
     def __post_init__(self) -> None:
         _check_types(self)

@@ -59,13 +59,13 @@ def build_datasets(cfg: TrainConfig, tokenizer: Tokenizer, progress: bool | None
     SFT: the conversations, rendered and packed into windows of seq_len + 1 (data/conversation_packing.py).
     `data.copy_fraction` mixes copy windows into the training split (data/copying.py)."""
     data = cfg.data
+    cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
     if cfg.sft.data is not None:
         ends = [tokenizer.decode([i], skip_special_tokens=False) for i in cfg.model.eos_token_ids]  # where it stops
         train_set, val_set = conversation_datasets(tokenizer, cfg.sft.data, cfg.sft.val_data, data.val_fraction,
                                                    data.seq_len, cfg.seed, cfg.sft.overlong, cfg.sft.ignore_columns,
-                                                   ends, progress)
+                                                   ends, progress, cache)
     else:
-        cache = Path(data.cache_dir) if data.cache_dir else default_cache_dir()
         shard = build_token_shard(data.source, tokenizer, cache, text_field=data.text_field, max_bytes=data.max_bytes,
                                   progress=progress)
         train_set = TokenDataset.from_shard(shard, data.seq_len, "train", data.val_fraction)

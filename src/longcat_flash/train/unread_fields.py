@@ -58,8 +58,7 @@ def unread_fields(cfg: TrainConfig) -> dict[str, str]:
     if not _is_sft(cfg):
         return {**unread, **dict.fromkeys(("sft.overlong", "sft.ignore_columns"), "pre-training (sft.data is unset)")}
     corpus = ("data.source", "data.text_field", "data.tokenizer_sample_bytes")
-    unread.update(dict.fromkeys(("data.max_bytes", "data.cache_dir", *(() if trains_tokenizer else corpus)),
-                                "an SFT run"))
+    unread.update(dict.fromkeys(("data.max_bytes", *(() if trains_tokenizer else corpus)), "an SFT run"))
     if cfg.sft.val_data is not None:
         unread["data.val_fraction"] = "an SFT run given --val-data (sft.val_data: the held-out conversations)"
     return unread
