@@ -1128,3 +1128,32 @@ def test_a_cache_that_cannot_be_written_is_said_and_the_run_goes_on(tmp_path, to
     train, _ = conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, cache_dir=tmp_path / "a_file")
     assert train.report.startswith("sft train: 6 conversations")
     assert "the tokenized conversations are not cached (data.cache_dir" in caplog.text
+
+
+def test_the_conversation_cache_is_made_again_for_other_template_tokens_or_when_damaged(tmp_path, tokenizer):
+    """A bos_token fixed in tokenizer_config.json (a template that writes `{{ bos_token }}`) kept the old cached
+    renderings; a cache cut short (a partial copy) stopped the run with zipfile's traceback; a killed write's
+    temporary file stayed forever."""
+    import os
+    import time
+
+    from longcat_flash.data import conversation_cache
+
+    data, cache = write_conversations(tmp_path / "train.jsonl", 8, seed=0), tmp_path / "cache"
+    template = "{{ bos_token }}" + CHATML
+    with_bos = Tokenizer(tokenizer.backend, chat_template=template)
+    without = Tokenizer(tokenizer.backend, chat_template=template, bos_token=None)
+    where = [conversation_cache.cache_path(cache, [data], t, (), (), 501) for t in (with_bos, without)]
+    assert where[0] != where[1]
+    first = conversation_datasets(with_bos, data, None, 0.25, 500, seed=0, cache_dir=cache)
+    (path,) = cache.glob("conversations-*.npz")
+    for damaged in (path.read_bytes()[:1000], b""):
+        path.write_bytes(damaged)
+        assert conversation_cache.load(path) is None
+        again = conversation_datasets(with_bos, data, None, 0.25, 500, seed=0, cache_dir=cache)
+        assert again[0].tokens.tobytes() == first[0].tokens.tobytes()
+    killed = cache / f".{path.name}.4242.tmp"
+    killed.write_bytes(b"half")
+    os.utime(killed, (time.time() - 7200,) * 2)
+    conversation_datasets(without, data, None, 0.25, 500, seed=0, cache_dir=cache)  # a write: the old part goes
+    assert not killed.exists()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -19,6 +20,7 @@ import numpy as np
 
 from ..files import atomic_write, make_folder
 from .conversation_tokens import ChatTokenizer
+from .shards import remove_abandoned_parts
 
 log = logging.getLogger(__name__)
 
@@ -29,8 +31,9 @@ RENDERING_CODE = ("data", "tokenizer", "chat_template.py")  # what turns a row i
 def cache_path(cache_dir: Path, files: Sequence[Path], tokenizer: ChatTokenizer, ignore: Sequence[str],
                ends: Sequence[str], window: int) -> Path:
     """Where the tokenized conversations of `files` are cached for these settings."""
-    key = hashlib.sha256(repr((_code_digest(), tokenizer.fingerprint, tokenizer.chat_template,
-                               tokenizer.tool_chat_template, tuple(ignore), tuple(ends), window)).encode())
+    rendering = (tokenizer.fingerprint, tokenizer.chat_template, tokenizer.tool_chat_template, tokenizer.bos_token,
+                 tokenizer.eos_token, tokenizer.pad_token)  # the vocabulary, and what the templates are given
+    key = hashlib.sha256(repr((_code_digest(), rendering, tuple(ignore), tuple(ends), window)).encode())
     for path in files:
         stat = path.stat()
         key.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
@@ -43,7 +46,9 @@ def load(path: Path) -> list[tuple[np.ndarray, np.ndarray]] | None:
     try:
         with np.load(path, allow_pickle=False) as saved:
             ids, trained, lengths = saved["ids"], saved["trained"], saved["lengths"]
-    except (OSError, ValueError, KeyError):  # absent, or not a complete cache: made again
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):  # absent, empty, cut short: made again
+        return None
+    if not len(ids) == len(trained) == lengths.sum():
         return None
     cuts = np.cumsum(lengths)[:-1]
     return list(zip(np.split(ids, cuts), np.split(trained, cuts)))
@@ -54,6 +59,7 @@ def save(path: Path, encoded: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
     cannot be written (a read-only or full disk) is said once; the run goes on without it."""
     try:
         make_folder(path.parent, "data.cache_dir")
+        remove_abandoned_parts(path.parent)
         with atomic_write(path) as tmp, tmp.open("wb") as f:
             np.savez(f, ids=np.concatenate([ids for ids, _ in encoded]),
                      trained=np.concatenate([trained for _, trained in encoded]),

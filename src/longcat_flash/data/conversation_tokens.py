@@ -17,8 +17,10 @@ class ChatTokenizer(Protocol):
     fingerprint: str
     chat_template: str
     tool_chat_template: str | None
+    bos_token: str | None
     eos_id: int | None
     eos_token: str | None
+    pad_token: str | None
     special_ids: dict[str, int]
     pad_id: int | None
 

@@ -79,7 +79,7 @@ def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache
     if _shard_is_current(bin_path, fingerprint):
         return bin_path
     make_folder(bin_path.parent, "data.cache_dir")
-    _remove_abandoned_parts(bin_path.parent)
+    remove_abandoned_parts(bin_path.parent)
     dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
     with atomic_write(bin_path) as tmp, tmp.open("wb") as f:
         n_tokens, n_docs = _write_tokens(corpus, tokenizer, f, dtype, chunk_bytes, progress)
@@ -109,11 +109,12 @@ def _older_shards(bin_path: Path, meta: ShardMeta) -> list[Path]:
     return sorted(older)
 
 
-def _remove_abandoned_parts(cache_dir: Path) -> None:
-    """Delete the partial shards of tokenizations killed mid-write (SIGKILL, torchrun stopping its workers: no
-    exception cleans up after those), each as large as the corpus: those no process has written to for
-    ABANDONED_AFTER_S. A live writer (another run, another node on a shared cache) writes every few seconds."""
-    for part in cache_dir.glob(".*.bin.*.tmp"):
+def remove_abandoned_parts(cache_dir: Path) -> None:
+    """Delete the partial shards (and tokenized conversations, data/conversation_cache.py) of writes killed midway
+    (SIGKILL, torchrun stopping its workers: no exception cleans up after those), each as large as its data: those
+    no process has written to for ABANDONED_AFTER_S. A live writer (another run, another node on a shared cache)
+    writes every few seconds."""
+    for part in itertools.chain(cache_dir.glob(".*.bin.*.tmp"), cache_dir.glob(".*.npz.*.tmp")):
         with contextlib.suppress(FileNotFoundError):  # its writer may finish (rename it) meanwhile
             if time.time() - part.stat().st_mtime > ABANDONED_AFTER_S:
                 part.unlink()
