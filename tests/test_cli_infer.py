@@ -68,6 +68,7 @@ def test_init_takes_the_presets_model_fields_from_set(tmp_path):
     for setting, says in (("optim.lr=1", "--set optim.lr: only the model's fields (model.FIELD=VALUE) make a model"),
                           ("model.nope=1", "unknown config field 'model.nope'; valid fields here: model.vocab_size"),
                           ("model.moe_topk=999", "model.moe_topk=999 exceeds n_routed_experts"),
+                          ("model.vocab_size=100", "--set model.vocab_size=100: the fresh tokenizer has at least 512"),
                           ("model.num_layers=100000000", "a model of at least ")):
         with pytest.raises(SystemExit) as stop:
             main(["init", "--preset", "tiny", "--out", str(tmp_path / "refused"), "--set", setting])

@@ -33,6 +33,7 @@ def _run_init(args: argparse.Namespace) -> None:
 
     from ..checkpoint.fresh import init_checkpoint
     from ..device import resolve_device
+    from ..tokenizer import STDLIB_MIN_VOCAB
     from ..train.overrides import apply_model_overrides
 
     new_or_directory(args.out)
@@ -40,6 +41,10 @@ def _run_init(args: argparse.Namespace) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ValueError(f"--out {out} already exists and is not an empty directory; choose another --out")
     cfg = apply_model_overrides(get_preset(args.preset), args.overrides)
+    if cfg.vocab_size < STDLIB_MIN_VOCAB:  # (every preset has more)
+        raise ValueError(f"--set model.vocab_size={cfg.vocab_size}: the fresh tokenizer has at least "
+                         f"{STDLIB_MIN_VOCAB} ids (256 bytes, the special tokens, merges); give {STDLIB_MIN_VOCAB} or "
+                         "more (it was raised to that without a word)")
     print(init_checkpoint(cfg, out, dtype=getattr(torch, args.dtype), seed=args.seed,
                           device=resolve_device(args.device)))
 
