@@ -41,24 +41,24 @@ def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig
     Each config object is rebuilt once with all of its assignments, so fields that are checked against each
     other (data.batch_size and data.grad_accum, model.num_nextn_predict_layers and loss.mtp_weight) can be set
     in any order."""
-    return _assign(cfg, _parsed_assignments(assignments, "budget.rate=0.01"))
+    return _assign(cfg, _parsed_assignments(assignments, "apply_overrides", "budget.rate=0.01"))
 
 
 def apply_model_overrides(cfg: ModelConfig, assignments: Sequence[str]) -> ModelConfig:
     """`model.field=value` strings on a model config alone: `longcat init` writes a model that no run trains, so
     no other section exists to set (nor to check the model against, as a run checks loss.mtp_weight)."""
-    items = _parsed_assignments(assignments, "model.num_layers=2")
+    items = _parsed_assignments(assignments, "apply_model_overrides", "model.num_layers=2")
     for path, _ in items:
         if path[0] != "model" or len(path) < 2:
             raise ValueError(f"--set {'.'.join(path)}: only the model's fields (model.FIELD=VALUE) make a model")
     return _assign(cfg, [(path[1:], raw) for path, raw in items], "model.")
 
 
-def _parsed_assignments(assignments: Sequence[str], example: str) -> list[tuple[list[str], str]]:
+def _parsed_assignments(assignments: Sequence[str], caller: str, example: str) -> list[tuple[list[str], str]]:
     """("a.b", "value") pairs as ([a, b], value) from "a.b=value" strings; a string alone is refused (its
     characters would be read as assignments)."""
     if isinstance(assignments, str):
-        raise ValueError(f"overrides are a list of 'key=value' strings, got the string {assignments!r}: pass [it]")
+        raise ValueError(f"{caller} takes a list of 'key=value' strings, got the string {assignments!r}: pass [it]")
     items = []
     for item in assignments:
         key, sep, raw = item.partition("=")
