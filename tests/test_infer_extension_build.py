@@ -96,3 +96,19 @@ def test_without_a_compiler_one_line_says_so_and_the_pytorch_paths_run(tmp_path)
     assert run.stderr.strip().splitlines() == [
         f"compiled CPU kernels unavailable: no C++ compiler {str(tmp_path / 'no-compiler')!r} to build them (CXX "
         "names one); using the PyTorch paths"], run.stderr
+
+
+def test_a_finished_build_loads_without_a_compiler_and_without_a_word(tmp_path):
+    """A cached build was loaded through torch's build path, which checked the compiler first and printed its
+    "!! WARNING !!" banner where there was none (and with CXX naming a missing one, rebuilt and failed)."""
+    import os
+
+    from longcat_flash.infer import extension
+
+    if extension.compiled() is None:  # builds into this process's cache first, where it can
+        pytest.skip("the kernels cannot be built here")
+    code = "from longcat_flash.infer import extension; print(extension.compiled() is not None)"
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "PATH": os.path.dirname(sys.executable)}
+    env.pop("LONGCAT_KERNELS", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "True" and run.stderr == "", run.stderr

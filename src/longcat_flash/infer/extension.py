@@ -11,11 +11,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import shutil
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,21 +68,41 @@ def compiled():
         sources = [(CSRC / name).read_text() for name in SOURCES]
         flags = ["-O3", *isa, "-ffp-contract=off", "-fopenmp"]
         build = build_directory(cache, sources, flags)
-        compiler = os.environ.get("CXX") or "c++"  # torch.utils.cpp_extension's choice
-        if shutil.which(compiler) is None and not (build / f"{NAME}.so").exists():  # (torch printed 2 KB of log)
-            log.warning("compiled CPU kernels unavailable: no C++ compiler %r to build them (CXX names one); "
-                        "using the PyTorch paths", compiler)
-            return None
         build.mkdir(parents=True, exist_ok=True)
-        slow = (f"building the compiled CPU kernels in {build} (once after an install: a minute or more; "
-                "LONGCAT_KERNELS=0 skips them)")
-        with build_lock(build), announced_if_slow(slow, done="compiled CPU kernels built"):
-            return load_inline(NAME, cpp_sources=sources, functions=FUNCTIONS,
-                               extra_cflags=flags, extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
-                               build_directory=str(build), verbose=False)
+        with build_lock(build):
+            if (module := _load_built(build)) is not None:
+                return module
+            compiler = os.environ.get("CXX") or "c++"  # torch.utils.cpp_extension's choice
+            if shutil.which(compiler) is None:  # torch printed its banner and 2 KB of failed build log
+                log.warning("compiled CPU kernels unavailable: no C++ compiler %r to build them (CXX names one); "
+                            "using the PyTorch paths", compiler)
+                return None
+            slow = (f"building the compiled CPU kernels in {build} (once after an install: a minute or more; "
+                    "LONGCAT_KERNELS=0 skips them)")
+            with announced_if_slow(slow, done="compiled CPU kernels built"):
+                return load_inline(NAME, cpp_sources=sources, functions=FUNCTIONS,
+                                   extra_cflags=flags, extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
+                                   build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
         log.warning("compiled CPU kernels unavailable (%s); using the PyTorch paths", err)
         return None
+
+
+def _load_built(build: Path) -> types.ModuleType | None:
+    """The module a finished build left in `build`, imported as torch imports it after a build: a command that
+    only loads the kernels needs no compiler (torch's load checked one, and printed its banner without). None when
+    there is none, or when the file is not a loadable module (a link killed midway): removed, to be built again."""
+    library = build / f"{NAME}.so"
+    if not library.is_file():
+        return None
+    try:
+        spec = importlib.util.spec_from_file_location(NAME, library)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except ImportError:
+        library.unlink(missing_ok=True)
+        return None
+    return module
 
 
 def kernel_cache() -> Path:
