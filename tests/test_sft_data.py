@@ -947,6 +947,9 @@ def test_preparing_the_conversations_says_what_it_does_without_progress_bars(tmp
     assert capsys.readouterr().out == ""
     conversation_datasets(tokenizer, data, None, 0.25, 500, seed=0, progress=True)
     assert "12 conversations" in capsys.readouterr().err  # the bar
+    with pytest.raises(FileNotFoundError, match="conversation file not found"):
+        conversation_datasets(tokenizer, tmp_path / "missing.jsonl", None, 0.25, 500, seed=0, progress=False)
+    assert capsys.readouterr().out == ""  # the error alone, not a line saying the work began
 
 
 @pytest.mark.parametrize("overlong", ["truncate", "skip"])

@@ -152,12 +152,13 @@ def tokenized(tokenizer: ChatTokenizer, data: str | Path, ignore: Sequence[str],
     `progress`: a bar; False: a line as it starts and one as it ends (50k conversations took three silent
     minutes); None: silent."""
     cached, files = None, row_files(data)
-    if cache_dir is not None and all(file.is_file() for file in files):  # else reading them says what is wrong
+    readable = all(file.is_file() for file in files)  # else reading them says what is wrong, and nothing before
+    if cache_dir is not None and readable:
         cached = conversation_cache.cache_path(cache_dir, files, tokenizer, ignore, ends, window)
         if (encoded := conversation_cache.load(cached)) is not None:
             return encoded
     start = time.monotonic()
-    if progress is False:
+    if progress is False and readable:
         print(f"rendering and tokenizing the conversations of {data}", flush=True)
     rows = tqdm(iter_conversations(data, ignore), desc=f"tokenizing {Path(data).name}", unit=" conversations",
                 disable=progress is not True)

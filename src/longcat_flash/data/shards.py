@@ -87,26 +87,29 @@ def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache
             raise ValueError(f"corpus {corpus.root} produced no text (text_field={text_field!r})")
     meta = ShardMeta(fingerprint, tokenizer.fingerprint, str(corpus.root), n_tokens, n_docs, np.dtype(dtype).name)
     atomic_write_text(bin_path.with_suffix(".json"), json.dumps(asdict(meta), indent=2) + "\n")  # commit marker
-    if progress is not None and (older := _older_shards(bin_path, meta)):
-        print(f"note: {len(older)} older token shard(s) of {corpus.root} for this tokenizer stay in {bin_path.parent} "
-              f"({sum(p.stat().st_size for p in older) / 1e9:.2f} GB; made before the corpus changed, or with "
-              f"another data.max_bytes): delete them if no run reads them: {', '.join(p.name for p in older)}",
+    if progress is not None and (others := _other_shards(bin_path, meta)):
+        print(f"note: {len(others)} other token shard(s) of {corpus.root} stay in {bin_path.parent} "
+              f"({megabytes(sum(p.stat().st_size for p in others))}; made before the corpus changed, or with another "
+              f"tokenizer or data.max_bytes): delete those no run reads: {', '.join(p.name for p in others)}",
               flush=True)
     return bin_path
 
 
-def _older_shards(bin_path: Path, meta: ShardMeta) -> list[Path]:
-    """The other complete shards in bin_path's folder of the same corpus and tokenizer: a cache keeps each version
-    of a corpus it tokenized (as `datasets` keeps its cache files), each as large as the corpus, which nothing
-    reported (every edit of a 450 MB corpus left another 280 MB)."""
-    older = []
+def _other_shards(bin_path: Path, meta: ShardMeta) -> list[Path]:
+    """The other complete shards in bin_path's folder of the same corpus: a cache keeps each version of a corpus
+    it tokenized (as `datasets` keeps its cache files), each as large as the corpus, which nothing reported (every
+    edit of a 450 MB corpus left another 280 MB; a run that trains its tokenizer trains another one then)."""
+    others = []
     for other in bin_path.parent.glob("*.bin"):
         with contextlib.suppress(FileNotFoundError, TypeError, ValueError):
-            theirs = ShardMeta.read(other)
-            if other != bin_path and (theirs.source, theirs.tokenizer_fingerprint) == (meta.source,
-                                                                                       meta.tokenizer_fingerprint):
-                older.append(other)
-    return sorted(older)
+            if other != bin_path and ShardMeta.read(other).source == meta.source:
+                others.append(other)
+    return sorted(others)
+
+
+def megabytes(n: int) -> str:
+    """A size for a message: three digits, where a small corpus read "0 MB"."""
+    return f"{n / 1e6:.3g} MB"
 
 
 def remove_abandoned_parts(cache_dir: Path) -> None:
@@ -142,7 +145,7 @@ def _write_tokens(corpus: Corpus, tokenizer: TokenizerLike, f: Any, dtype: type[
               for piece, last in _marked_last(_pieces(doc, chunk_bytes, tokenizer)))
     start = time.monotonic()
     if progress is False:
-        print(f"tokenizing {corpus.root} ({size / 1e6:.0f} MB of files) into the token cache", flush=True)
+        print(f"tokenizing {corpus.root} ({megabytes(size)} of files) into the token cache", flush=True)
     with tqdm(desc=f"tokenizing {corpus.name}", total=total, unit="B", unit_scale=True,
               disable=progress is not True) as bar:
         for chunk in _chunks(pieces, chunk_bytes):
