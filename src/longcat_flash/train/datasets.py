@@ -8,6 +8,7 @@ from ..chat_template import writes_tool_calls_with
 from ..data import CopyMix, Corpus, TokenDataset, build_token_shard, ordinary_ids, sample_texts, validation_batches
 from ..data.conversation_packing import ConversationDataset, conversation_datasets
 from ..data.corpus import RECORD_KINDS, corpus_kind
+from ..data.shards import megabytes
 from ..files import cache_home
 from ..tokenizer import CHAT_MARKERS, TOKENIZER_FILE, TOOL_CALL_OPEN, Tokenizer, train_tokenizer
 from .config import DataConfig, TrainConfig
@@ -36,8 +37,8 @@ def build_tokenizer(cfg: TrainConfig, out: Path, *, reuse: bool, progress: bool 
             tokenizer = tokenizer.with_tokens(CHAT_MARKERS)
     else:
         if progress is not None:  # a bar or not, the phase is said
-            print(f"training a byte-level BPE (vocab {cfg.model.vocab_size}) on "
-                  f"{cfg.data.tokenizer_sample_bytes / 1e6:.0f} MB of {cfg.data.source}", flush=True)
+            print(f"training a byte-level BPE (vocab {cfg.model.vocab_size}) on up to "
+                  f"{megabytes(cfg.data.tokenizer_sample_bytes)} of {cfg.data.source}", flush=True)
         texts = sample_texts(cfg.data.source, cfg.data.tokenizer_sample_bytes, text_field=cfg.data.text_field)
         tokenizer = train_tokenizer(texts, cfg.model.vocab_size)
         if (unused := cfg.model.vocab_size - tokenizer.vocab_size) > 0:  # BPE found no more merges to make
