@@ -40,7 +40,7 @@ def _terminated(signum: int, frame: object) -> None:
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     """The command line; under torchrun a usage error (or --help) is printed by rank 0 alone (every rank has the
     same one), the other ranks exit with the same status quietly."""
-    quiet = launched() and int(os.environ.get("RANK", "0")) != 0
+    quiet = launched() and _rank() != 0
     with contextlib.ExitStack() as silenced:
         if quiet:
             silenced.enter_context(contextlib.redirect_stderr(io.StringIO()))
@@ -96,12 +96,11 @@ def _run(args: argparse.Namespace) -> None:
         if launched() and args.command not in MULTI_PROCESS:  # N copies would each write the same files
             raise ValueError(f"runs in one process; start it without torchrun (only {' and '.join(MULTI_PROCESS)} "
                              "run under torchrun)")
-        if launched() and int(os.environ.get("RANK", "0")):  # every rank reads the same files: rank 0 warns once
+        if launched() and _rank():  # every rank reads the same files: rank 0 warns once
             logging.getLogger(__package__.rpartition(".")[0]).setLevel(logging.ERROR)  # the whole package's
         args.run(args)
     except DeviceError as err:  # a usage error, like a bad flag: status 2; each rank's own (its node's devices)
-        rank = int(os.environ.get("RANK", "0"))
-        print(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {err}", file=sys.stderr)
+        print(f"{_speaker(args.command)}: {err}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C: stop quietly with the shell's status for SIGINT
         print(file=sys.stderr)
@@ -112,22 +111,30 @@ def _run(args: argparse.Namespace) -> None:
     except RankZeroFailed:
         _leave(1)  # rank 0 prints what failed
     except (RuntimeError, MemoryError) as err:  # memory, or a collective: torch's errors from deep inside
-        rank = int(os.environ.get("RANK", "0"))
         if what := out_of_memory(err):  # each rank its own: its device, its share of the host
-            _leave(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: out of memory ({what}); it needs "
-                   "a smaller model, batch or sequence, or a machine with more memory")
+            _leave(f"{_speaker(args.command)}: out of memory ({what}); it needs a smaller model, batch or sequence, "
+                   "or a machine with more memory")
         reason = peer_lost(err) if launched() else ""  # a collective failed: NCCL's and gloo's own errors
         if not reason:
             raise
-        _leave(f"longcat {args.command} (rank {os.environ.get('RANK', '0')}): lost contact with the other ranks "
+        _leave(f"{_speaker(args.command, rank_zero_too=True)}: lost contact with the other ranks "
                f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
     except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
-        rank = int(os.environ.get("RANK", "0"))
-        if rank and isinstance(err, (ValueError, KeyError)) and int(os.environ.get("LOCAL_RANK", "0")):
+        if _rank() and isinstance(err, (ValueError, KeyError)) and int(os.environ.get("LOCAL_RANK", "0")):
             _leave(1)  # a node's ranks share its files and settings: its first rank prints the one message, so
             # a node whose files differ (a --resume folder missing there) says why on its own terminal
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
-        _leave(f"longcat {args.command}{f' (rank {rank})' if rank else ''}: {message}")
+        _leave(f"{_speaker(args.command)}: {message}")
+
+
+def _rank() -> int:
+    """This process's rank as the launcher set it (0 in one process), with or without a process group."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def _speaker(command: str, rank_zero_too: bool = False) -> str:
+    """How an error line starts: `longcat COMMAND`, and the rank under torchrun where it is not 0."""
+    return f"longcat {command} (rank {_rank()})" if _rank() or rank_zero_too else f"longcat {command}"
 
 
 def _leave(status: int | str) -> NoReturn:
