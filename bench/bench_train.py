@@ -94,7 +94,7 @@ def their_step(cfg, model) -> Callable[[torch.Tensor], float]:
     return run
 
 
-def timed(steps: dict[str, Callable], batches: list[torch.Tensor], warmup: int) -> dict[str, list[float]]:
+def step_times(steps: dict[str, Callable], batches: list[torch.Tensor], warmup: int) -> dict[str, list[float]]:
     """Seconds per step for each side, interleaved step by step."""
     times: dict[str, list[float]] = {name: [] for name in steps}
     for i, batch in enumerate(batches):
@@ -141,7 +141,7 @@ def main() -> None:
     batches = [torch.randint(0, cfg.model.vocab_size, (args.batch, args.seq + 1), generator=gen)
                for _ in range(warmup + args.steps)]
     first = {name: fn(batches[0]) for name, fn in steps.items()}  # identical weights: identical first loss
-    times = timed(steps, batches[1:], warmup - 1)
+    times = step_times(steps, batches[1:], warmup - 1)
     tokens = args.batch * args.seq
     median = {name: statistics.median(t) for name, t in times.items()}
     rate = {name: tokens / s for name, s in median.items()}

@@ -20,7 +20,8 @@ from typing import Any
 
 from common import directory_problem, positive_float, positive_int
 
-from longcat_flash.train.config import TRAIN_CONFIG_FILE, TrainConfig
+from longcat_flash.data.dataset_folders import RUN_CONFIG_FILE
+from longcat_flash.train.config import TrainConfig
 from longcat_flash.train.metrics import METRICS_FILE, read_metrics
 
 TAIL = 50  # steps summarised at the end of the run
@@ -41,7 +42,7 @@ def load(run: Path) -> list[dict]:
             raise ValueError(f"{file}: record {number} lacks {', '.join(missing)}: not a `longcat train` run's metrics")
     if not (records := [r for r in records if not r["skipped"]]):
         raise ValueError(f"{file} holds no completed training step")
-    if zero_experts(file.parent / TRAIN_CONFIG_FILE) == 0:
+    if zero_experts(file.parent / RUN_CONFIG_FILE) == 0:
         raise ValueError(f"{run}: the run's model has no zero experts (model.zero_expert_num=0), so every token gets "
                          "all top-k FFN experts: there is no budget to control")
     return records

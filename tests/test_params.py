@@ -258,20 +258,21 @@ def test_cli_info_refuses_a_name_that_is_both_a_preset_and_a_checkpoint_here(tmp
 def test_cli_info_on_a_run_directory_counts_at_the_runs_budget_target(tmp_path, capsys) -> None:
     """A run trained at budget.target=1 was described at the model's default K_e=2 of 3."""
     from longcat_flash.cli import main
-    from longcat_flash.train.config import TRAIN_CONFIG_FILE, build_config
+    from longcat_flash.data.dataset_folders import RUN_CONFIG_FILE
+    from longcat_flash.train.config import build_config
 
     run = tmp_path / "run"
     run.mkdir()
     cfg = build_config("tiny", ["budget.target=1"])
     cfg.model.save_json(run)
-    (run / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
+    (run / RUN_CONFIG_FILE).write_text(cfg.to_json())
     main(["info", str(run), "--json"])
     assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == 1
     main(["info", str(run), "--json", "--ffn-experts", "2"])  # the flag still decides
     assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == 2
     default = param_report(cfg.model).ffn_experts_target
     for odd in ([3], {}, True, "1"):  # a hand-edited file: a traceback from float(), or True read as K_e=1
-        (run / TRAIN_CONFIG_FILE).write_text(json.dumps({"budget": {"target": odd}}))
+        (run / RUN_CONFIG_FILE).write_text(json.dumps({"budget": {"target": odd}}))
         main(["info", str(run), "--json"])
         assert json.loads(capsys.readouterr().out)["ffn_experts_target"] == default  # unreadable: the model's
 

@@ -252,12 +252,13 @@ def test_a_run_directory_on_a_read_only_disk_is_one_line(tmp_path: Path, monkeyp
     import errno
     import os
 
+    from longcat_flash.data.dataset_folders import RUN_LOCK_FILE
     from longcat_flash.train import run_lock
 
     real_open = os.open
 
     def read_only(path, *args, **kwargs):
-        if str(path).endswith(run_lock.LOCK_FILE):
+        if str(path).endswith(RUN_LOCK_FILE):
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
         return real_open(path, *args, **kwargs)
 

@@ -171,7 +171,7 @@ def explain(model_dir: str | Path, text: str, device: str | torch.device = "auto
                                 "checkpoint (Tokenizer.save(dir))")
     tokenizer, cfg = Tokenizer.load(path), ModelConfig.from_json(path)
     ids = tokenizer.encode(text)
-    _check_fits(ids, cfg)
+    _check_text_fits(ids, cfg)
     experts = ffn_experts_per_layer(LongcatFlash.from_pretrained(path, device=device), ids)
     spans = token_spans(tokenizer, ids)
     return Explanation(ids=ids, spans=spans, classes=[classify(s) for s in spans],
@@ -180,7 +180,7 @@ def explain(model_dir: str | Path, text: str, device: str | torch.device = "auto
                        zero_expert_num=cfg.zero_expert_num)
 
 
-def _check_fits(ids: list[int], cfg: ModelConfig) -> None:
+def _check_text_fits(ids: list[int], cfg: ModelConfig) -> None:
     """The text must give at least one token, fit the context, and its ids the model's embedding table."""
     if not ids:
         raise ValueError("the text encodes to no tokens; pass --text with visible content")

@@ -38,9 +38,9 @@ def config_of(target: str) -> ModelConfig:
 def run_budget_target(target: str) -> float | None:
     """The K_e a training run's budget controller held (its budget.target), for a run directory; None for a preset,
     a model directory or a run at the default target."""
-    from ..train.config import TRAIN_CONFIG_FILE
+    from ..data.dataset_folders import RUN_CONFIG_FILE
 
-    saved = Path(target) / TRAIN_CONFIG_FILE
+    saved = Path(target) / RUN_CONFIG_FILE
     if target in PRESETS:
         return None
     if not saved.is_file():  # one of a run's checkpoints: the settings it was saved with

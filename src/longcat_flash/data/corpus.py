@@ -31,7 +31,8 @@ DOC_SUFFIXES = (".txt", ".md", ".py", ".jsonl", ".jsonl.gz", ".json.gz", ".parqu
 SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".parquet")  # a data set's shards: one split to a folder
 JSON_KINDS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 RECORD_KINDS = (*JSON_KINDS, ".parquet")  # the formats whose documents are text_field of each record
-# Corpus files in a compression not read here, in a folder: refused by name, not left out unsaid.
+# Corpus files in a folder in a form not read here (other compressions, NDJSON): refused by name, not left out
+# unsaid. It matches the .gz kinds that are read too (DOC_SUFFIXES), which its one caller sets aside first.
 UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|zst|zstd|lz4|zip)$|\.ndjson$")
 # The magic bytes of compressed files: such a file under a plain text name is named for what it is.
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",

@@ -113,13 +113,13 @@ def _refit(w: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return scale, (ws - scale * qs) / n, spread - scale * cov
 
 
-def quantize_groupwise(w: torch.Tensor, group: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize_groupwise(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """w (..., O, I) -> packed (..., O, I/2) uint8, scales and mins (..., O, nG) bf16, with w ~ scale * q + min.
 
     Per group, each range [f * min, f * max] of CLIP_SEARCH is rounded to codes and refit by least squares; the
     factor with the least squared error wins; its codes are refit once more with the bf16-rounded scale and min."""
     *lead, O, I = w.shape
-    group = group or group_size(I)
+    group = group_size(I)
     if group is None or I % group or group % 32:
         raise ValueError(f"int4 needs in_features a multiple of 32 and of the group; got {I} (group {group})")
     rows = w.detach().reshape(-1, I)
@@ -220,7 +220,8 @@ class QuantLinear(QuantizedStorage):
         return quant_linear(x, self.parts(), self.fmt, self.bias)
 
     def kernel_weight(self, dtype: torch.dtype) -> list[torch.Tensor] | None:
-        """The weight as the kernels take it (kernels.linear_weights); None with a bias, which they do not add."""
+        """The weight as the kernels take it (kernels.linear_weights); None with a bias, which they do not add.
+        `dtype` (the activations') matters only to plain weights, which must match it (fused.py)."""
         return None if self.bias is not None else list(self.parts().values())
 
 

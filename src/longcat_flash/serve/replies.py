@@ -9,7 +9,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..tokenizer import TOOL_CALL_TOKENS
 from . import responses as resp
-from .tools import Event, PlainText, ToolCall, ToolCallParser
+from .tools import Event, ParsedToolCall, PlainText, ToolCallParser
 
 TAGS = re.compile("|".join(map(re.escape, TOOL_CALL_TOKENS)))
 
@@ -67,7 +67,7 @@ async def answer(turns: AsyncIterator[tuple[list[Event], str | None, int]]
     content, calls, reason, n = "", [], "length", 0
     async for events, done, n in turns:
         content += "".join(event for event in events if isinstance(event, str))
-        calls += [event.message() for event in events if isinstance(event, ToolCall)]
+        calls += [event.message() for event in events if isinstance(event, ParsedToolCall)]
         reason = done or reason
     return resp.AssistantMessage(content=content or (None if calls else ""), tool_calls=calls or None), reason, n
 

@@ -66,12 +66,12 @@ class TopLogprob(BaseModel):
     bytes: list[int] | None
 
 
-class TokenLogprob(TopLogprob):
+class ChatTokenLogprob(TopLogprob):
     top_logprobs: list[TopLogprob]
 
 
 class ChatLogprobs(BaseModel):
-    content: list[TokenLogprob] | None
+    content: list[ChatTokenLogprob] | None
 
 
 class AssistantMessage(BaseModel):

@@ -30,7 +30,7 @@ class ToolRequestError(ValueError):
 
 
 @dataclass(frozen=True)
-class ToolCall:
+class ParsedToolCall:
     index: int
     id: str
     name: str
@@ -46,10 +46,10 @@ class ToolCall:
                 resp.ToolCallDelta(index=self.index, function=resp.FunctionDelta(arguments=self.arguments))]
 
 
-Event = str | ToolCall  # a piece of content, or a complete call
+Event = str | ParsedToolCall  # a piece of content, or a complete call
 
 
-def parse_call(body: str, index: int) -> ToolCall | None:
+def parse_call(body: str, index: int) -> ParsedToolCall | None:
     """The call in one block's text, or None when it is not `{"name": str, "arguments": object}` JSON (other
     members, `"id"` or `"type"`, are passed over, as vLLM's parser does; arguments left out mean `{}`, but not
     beside another member, such as `"parameters"`: read as a call, the model's arguments were lost). The arguments
@@ -61,7 +61,7 @@ def parse_call(body: str, index: int) -> ToolCall | None:
     if "arguments" not in members and members.keys() - {"name"}:
         return None
     arguments, text = members.get("arguments", ({}, "{}"))
-    return ToolCall(index, f"call_{uuid.uuid4().hex[:24]}", name, text) if isinstance(arguments, dict) else None
+    return ParsedToolCall(index, f"call_{uuid.uuid4().hex[:24]}", name, text) if isinstance(arguments, dict) else None
 
 
 def _members(text: str) -> dict[str, tuple[object, str]] | None:
@@ -102,7 +102,7 @@ class ToolCallParser:
 
     prefill: str = ""
     parallel: bool = True  # False: `done` turns true after the first call, and the caller stops generation
-    calls: list[ToolCall] = field(default_factory=list)
+    calls: list[ParsedToolCall] = field(default_factory=list)
     _buffer: str = ""
     _in_call: bool = False
     _searched: int = 0  # how much of the call's text holds no closing tag

@@ -25,8 +25,8 @@ from ..tokenizer import TRAINED_VOCAB_MIN
 from .overrides import apply_overrides, build, coerce, override_keys, parse_text, type_name
 from .unread_fields import unread_fields
 
-# The run-directory layout shared by the trainer and `longcat grow` (see trainer.py).
-TRAIN_CONFIG_FILE = RUN_CONFIG_FILE  # data/corpus.py skips the directories that hold one
+# The run-directory layout shared by the trainer and `longcat grow` (see trainer.py; its config file and lock are
+# named in data/dataset_folders.py, which skips the directories that hold them).
 CHECKPOINTS = "checkpoints"
 SHARDED = "sharded"  # a checkpoint's subdirectory of sharded model weights and Adam moments
 
@@ -549,7 +549,7 @@ def pretrained_model_config(directory: str | Path) -> ModelConfig:
 def _unfinished_run(path: Path) -> str | None:
     """For a training run's directory whose newest checkpoint is short of its max_steps (killed, or grown and not
     yet resumed): its newest step and max_steps, said; else None."""
-    saved, recorded = training.latest_checkpoint(path / CHECKPOINTS), path / TRAIN_CONFIG_FILE
+    saved, recorded = training.latest_checkpoint(path / CHECKPOINTS), path / RUN_CONFIG_FILE
     if saved is None or not recorded.is_file():
         return None
     try:

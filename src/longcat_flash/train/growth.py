@@ -20,12 +20,13 @@ import torch
 from ..chat_template import CONFIG_FILE, TEMPLATE_DIR, TEMPLATE_FILE
 from ..checkpoint import hf, training
 from ..config import ModelConfig
+from ..data.dataset_folders import RUN_CONFIG_FILE, RUN_LOCK_FILE
 from ..device import host_memory_bytes
 from ..model import Transformer
 from ..tokenizer import TOKENIZER_FILE
 from . import run_lock
 from .checkpoints import read_checkpoint, saved_train_config, write_checkpoint
-from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, TrainConfig
+from .config import CHECKPOINTS, TrainConfig
 from .metrics import METRICS_FILE, keep_metrics_until
 
 LAYER_KEY = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
@@ -80,14 +81,14 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
     if not src.is_dir():
         raise ValueError(f"{src} {'is not a directory' if src.exists() else 'does not exist'}: grow a run "
                          "directory, one of its checkpoints, or an HF model directory")
-    _check_empty(dst, but=run_lock.LOCK_FILE)  # (a lock file alone: a grow killed there, or one going on now)
+    _check_empty(dst, but=RUN_LOCK_FILE)  # (a lock file alone: a grow killed there, or one going on now)
     run = src.resolve().parent.parent if (src / training.MANIFEST).is_file() else src  # a checkpoint's run
-    live = run if (run / run_lock.LOCK_FILE).exists() else None  # a run directory that is, or was, trained
+    live = run if (run / RUN_LOCK_FILE).exists() else None  # a run directory that is, or was, trained
     made = not dst.exists()
     dst.mkdir(parents=True, exist_ok=True)
     run_lock.hold(dst)  # a second grow into DST at the same time is refused, not interleaved with this one
     try:
-        _check_empty(dst, but=run_lock.LOCK_FILE)  # the other grow may have finished before this one held DST
+        _check_empty(dst, but=RUN_LOCK_FILE)  # the other grow may have finished before this one held DST
         if live is not None:
             _hold_source(live)
         try:
@@ -96,11 +97,11 @@ def grow_run(src: str | Path, dst: str | Path, r: int = 2, device: torch.device 
             for path in dst.iterdir():
                 if path.is_dir():
                     shutil.rmtree(path)
-                elif path.name != run_lock.LOCK_FILE:
+                elif path.name != RUN_LOCK_FILE:
                     path.unlink()
             raise
     finally:
-        (dst / run_lock.LOCK_FILE).unlink(missing_ok=True)  # DST holds what was grown, or (refused) nothing
+        (dst / RUN_LOCK_FILE).unlink(missing_ok=True)  # DST holds what was grown, or (refused) nothing
         if made and not any(dst.iterdir()):
             dst.rmdir()
         for held in (dst, live):
@@ -147,7 +148,7 @@ def _grow(src: Path, dst: Path, r: int, device: torch.device | str) -> Path:
         states["controller"] = grow_controller_state(states["controller"], r)
     meta = {**meta, "train_config": cfg.to_dict(), "grown_from": str(checkpoint)}
     out = write_checkpoint(dst / CHECKPOINTS, meta["step"], states, meta)
-    (dst / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
+    (dst / RUN_CONFIG_FILE).write_text(cfg.to_json())
     _copy_run_files(checkpoint.parent.parent, dst, meta["step"])
     return out
 

@@ -14,7 +14,6 @@ from pathlib import Path
 
 from ..data.dataset_folders import RUN_LOCK_FILE
 
-LOCK_FILE = RUN_LOCK_FILE  # data/corpus.py skips the directories that hold one
 _held: dict[Path, int] = {}  # run directory (resolved) -> the lock file's descriptor, in this process
 
 
@@ -31,7 +30,7 @@ def hold(out: Path) -> None:
     key = out.resolve()
     if key in _held:
         return
-    fd = os.open(key / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(key / RUN_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -36,7 +36,7 @@ from ..data import (IGNORE, CopyMix, Corpus, PackedBatch, ResumableSampler, Toke
                     validation_batches)
 from ..data.conversation_packing import ConversationDataset
 from ..data.corpus import DOC_SUFFIXES, corpus_kind
-from ..data.dataset_folders import tree_files
+from ..data.dataset_folders import RUN_CONFIG_FILE, RUN_LOCK_FILE, tree_files
 from ..device import autocast as device_autocast
 from ..device import compute_dtype, resolve_device, use_device
 from ..files import make_folder
@@ -45,7 +45,7 @@ from ..tokenizer import TOKENIZER_FILE, Tokenizer
 from . import run_lock
 from .budget import BudgetController
 from .checkpoints import has_checkpoint, load_checkpoint, newest_checkpoint, save_checkpoint, saved_train_config
-from .config import CHECKPOINTS, TRAIN_CONFIG_FILE, absolute_paths, check_resumable, CheckpointConfig, TrainConfig
+from .config import CHECKPOINTS, absolute_paths, check_resumable, CheckpointConfig, TrainConfig
 from .datasets import build_datasets, build_tokenizer, check_text_field
 from .determinism import (RNGState, global_state_restored, no_deterministic_kernel_named, seed_everything,
                           set_deterministic)
@@ -61,7 +61,7 @@ from .sample import generate
 
 SAMPLE_FILE = "sample.txt"
 # What a run (or `longcat grow`) writes into its directory beside the model and the checkpoints.
-RUN_FILES = ("config.json", TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE, hf.GENERATION_CONFIG, TRAIN_CONFIG_FILE,
+RUN_FILES = ("config.json", TOKENIZER_FILE, CONFIG_FILE, TEMPLATE_FILE, hf.GENERATION_CONFIG, RUN_CONFIG_FILE,
              METRICS_FILE, SAMPLE_FILE)
 
 
@@ -305,9 +305,9 @@ def _release(out: Path, made: bool) -> None:
     share it): it goes, its files removed by the process that holds its lock while it holds it; another rank, or a
     second process that made it at the same moment, removes the folder only once it is empty."""
     try:
-        if made and run_lock.holds(out) and {p.name for p in out.iterdir()} <= {run_lock.LOCK_FILE, TOKENIZER_FILE,
+        if made and run_lock.holds(out) and {p.name for p in out.iterdir()} <= {RUN_LOCK_FILE, TOKENIZER_FILE,
                                                                                  CONFIG_FILE}:
-            for name in (TOKENIZER_FILE, CONFIG_FILE, run_lock.LOCK_FILE):
+            for name in (TOKENIZER_FILE, CONFIG_FILE, RUN_LOCK_FILE):
                 (out / name).unlink(missing_ok=True)
     except OSError:  # written into meanwhile, or not ours to read
         pass
@@ -440,7 +440,7 @@ def _files_no_run_wrote(out: Path) -> list[str]:
     run writes it last, with checkpoints already refused), or any of RUN_FILES in a directory no run has locked (a
     run that failed before its first checkpoint leaves its tokenizer, settings, metrics and lock, and is simply
     started again)."""
-    names = RUN_FILES if not (out / run_lock.LOCK_FILE).exists() else ("config.json",)
+    names = RUN_FILES if not (out / RUN_LOCK_FILE).exists() else ("config.json",)
     return [name for name in names if (out / name).exists()]
 
 
@@ -501,7 +501,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool |
     set_deterministic(cfg.deterministic, device)
     seed_everything(cfg.seed)
     with distributed.main_first():  # a live run there is named before what its files say (a second run was told
-        if distributed.is_main() and (out / run_lock.LOCK_FILE).exists():  # to --resume); the other ranks quiet
+        if distributed.is_main() and (out / RUN_LOCK_FILE).exists():  # to --resume); the other ranks quiet
             run_lock.hold(out)
     checkpoint = newest_checkpoint(out) if resume else None
     if checkpoint is None:  # a resumed run keeps the config it was saved with
@@ -543,7 +543,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool |
             raise ValueError(f"{out}'s checkpoint is at step {run.state.step}, past max_steps={cfg.max_steps}: resume "
                              f"with --max-steps of at least {run.state.step}")
     if distributed.is_main():
-        (out / TRAIN_CONFIG_FILE).write_text(cfg.to_json())
+        (out / RUN_CONFIG_FILE).write_text(cfg.to_json())
         if pretrained is not None:
             copy_generation_config(Path(pretrained), out, cfg)
     return run
