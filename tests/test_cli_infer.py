@@ -624,3 +624,29 @@ def test_serve_on_a_taken_port_is_one_line_before_the_model_loads(checkpoint, mo
                                              "in use"):
             main(["serve", "--model", str(checkpoint), "--port", str(port)])
     assert "on http://" not in capsys.readouterr().out
+
+
+def test_a_seeded_chat_samples_each_turn_anew_and_repeats_as_a_whole(checkpoint, capsys, monkeypatch):
+    """With --seed every turn started the same random stream again: different questions got the same sampled
+    reply. Turn k now samples with seed + k (as the server's n copies do), so the session as a whole repeats."""
+    flags = ("--temperature", "1", "--seed", "7", "--max-new-tokens", "8", "--ignore-eos")
+    session = chat(checkpoint, ["hi", "tell me more", "/reset", "hi", "/exit"], monkeypatch, capsys, *flags)
+    replies = [part.split("\n")[0] for part in session.split("assistant> ")[1:]]
+    assert len(replies) == 3 and replies[0] != replies[1]
+    assert replies[2] == replies[0]  # a new conversation starts from the seed again
+    assert chat(checkpoint, ["hi", "tell me more", "/reset", "hi", "/exit"], monkeypatch, capsys, *flags) == session
+
+
+def test_a_chat_template_that_cannot_render_any_turn_is_refused_before_the_first_line(checkpoint, tmp_path,
+                                                                                      monkeypatch):
+    """A tokenizer without eos_token refused every line typed with "type it again", which could never help."""
+    import shutil
+
+    broken = shutil.copytree(checkpoint, tmp_path / "no_eos")
+    config = json.loads((broken / "tokenizer_config.json").read_text())
+    config["eos_token"] = None
+    (broken / "tokenizer_config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(builtins, "input", lambda prompt="": pytest.fail("a line was read"))
+    with pytest.raises(SystemExit, match=r"^longcat chat: the model's chat template cannot render a conversation: "
+                                         r".*eos_token is None"):
+        main(["chat", "--model", str(broken)])

@@ -20,7 +20,7 @@ Shapes: B rows, V vocabulary.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Protocol
 
 import torch
@@ -95,6 +95,13 @@ class SamplingParams:
             raise ValueError(f"grammar must be None or an infer.grammar.Grammar (GrammarCompiler compiles one from "
                              f"a JSON schema), got {self.grammar!r:.80}")
         self._check_controls()
+
+    def for_draw(self, j: int) -> SamplingParams:
+        """These params for the j-th of several samples that one seed makes repeatable (a request's n copies, a
+        chat's turns): seed + j, wrapping around int64, so the samples differ; unseeded params as they are."""
+        if self.seed is None or j == 0:
+            return self
+        return replace(self, seed=(self.seed + j + 2**63) % 2**64 - 2**63)
 
     def _check_controls(self) -> None:
         for name in ("presence_penalty", "frequency_penalty"):

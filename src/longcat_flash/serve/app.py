@@ -282,11 +282,9 @@ class Copy:
 
 
 def _copies(params: SamplingParams, n: int) -> list[SamplingParams]:
-    """n copies of a request's params; with a seed, copy j samples with seed + j (wrapping around int64): the
+    """n copies of a request's params; with a seed, copy j samples with seed + j (SamplingParams.for_draw): the
     copies differ and the request as a whole repeats."""
-    if params.seed is None:
-        return [params] * n
-    return [replace(params, seed=(params.seed + j - p.MIN_SEED) % 2**64 + p.MIN_SEED) for j in range(n)]
+    return [params.for_draw(j) for j in range(n)]
 
 
 async def _merged(streams: list[AsyncIterator]) -> AsyncIterator:

@@ -91,10 +91,7 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
     """Interactive chat: the conversation so far goes through the chat template every turn. EOF or /exit ends;
     Ctrl-C during a reply stops that reply and keeps the conversation (at the prompt it ends the chat)."""
     messages = [{"role": "system", "content": system}] if system is not None else []  # "" too, as the template
-    if system is not None and (tokenizer.cannot_fit(len(system), engine.max_context)  # known before it is encoded
-                   or len(_chat_prompt(tokenizer, messages)) >= engine.max_context):
-        raise ValueError(f"--system: the system message alone does not fit the model's context of "
-                         f"{engine.max_context} tokens")
+    _check_opening(tokenizer, messages, engine.max_context)
     while True:
         try:
             line = read("you> ")
@@ -128,7 +125,8 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
             continue
         messages.append({"role": "user", "content": line})
         room = engine.max_context - len(prompt)
-        turn = replace(params, max_new_tokens=min(params.max_new_tokens, room))
+        turns = sum(m["role"] == "assistant" for m in messages)  # with a seed each turn draws anew, repeatably
+        turn = replace(params.for_draw(turns), max_new_tokens=min(params.max_new_tokens, room))
         write("assistant> ")
         with interrupted_by(signal.SIGINT) as interrupt:
             reply = generate_text(engine, tokenizer, prompt, turn, on_text=lambda text: write(visible(text)),
@@ -136,6 +134,21 @@ def chat_loop(engine: Engine, tokenizer: Tokenizer, params: SamplingParams, read
         cut = reply.finish_reason == "length" and len(prompt) + reply.completion_tokens >= engine.max_context
         write(" [stopped]\n" if reply.finish_reason == "interrupted" else f" [{CUT}]\n" if cut else "\n")
         messages.append({"role": "assistant", "content": reply.text})
+
+
+def _check_opening(tokenizer: Tokenizer, messages: list[dict[str, str]], context: int) -> None:
+    """Refuses, before the first line is read, what no line typed could mend: a --system message that fills the
+    context alone, or a chat template that cannot render any turn (a tokenizer without eos_token, say)."""
+    too_long = f"--system: the system message alone does not fit the model's context of {context} tokens"
+    if messages and tokenizer.cannot_fit(len(messages[0]["content"]), context):  # known before it is encoded
+        raise ValueError(too_long)
+    try:
+        _chat_prompt(tokenizer, [*messages, {"role": "user", "content": "hello"}])
+        opening = _chat_prompt(tokenizer, messages) if messages else []
+    except ValueError as err:
+        raise ValueError(f"the model's chat template cannot render a conversation: {err}") from None
+    if len(opening) >= context:
+        raise ValueError(too_long)
 
 
 CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")  # C0 and C1 controls but newline and tab
