@@ -631,7 +631,7 @@ def test_load_state_dict_rejects_other_data_or_seed(dataset: TokenDataset) -> No
     with pytest.raises(ValueError, match="seed"):
         ResumableSampler(dataset, seed=2).load_state_dict(state)
     smaller = TokenDataset(np.arange(21), seq_len=4, val_fraction=0.0)
-    with pytest.raises(ValueError, match=r"training data differs .* \(its number of training windows was \d+, now 5\)"):
+    with pytest.raises(ValueError, match=r"training data differs .* \(the training windows were \d+, now 5\)"):
         ResumableSampler(smaller, seed=1).load_state_dict(state)  # it named the sampler's num_sequences
     edited = TokenDataset(dataset.tokens.copy(), seq_len=dataset.seq_len, val_fraction=0.0)
     edited.tokens[len(edited.tokens) // 2] += 1  # one token changed: as many windows, other data
@@ -639,6 +639,29 @@ def test_load_state_dict_rejects_other_data_or_seed(dataset: TokenDataset) -> No
         ResumableSampler(edited, seed=1).load_state_dict(state)
     ResumableSampler(TokenDataset(dataset.tokens.copy(), seq_len=dataset.seq_len, val_fraction=0.0),
                      seed=1).load_state_dict(state)  # the same data, another array: resumes
+
+
+def test_a_sampler_goes_on_with_changed_data_only_when_asked(dataset: TokenDataset) -> None:
+    """After an upgrade that tokenizes a corpus differently (or files added), a resume had no way on but a new run.
+    same_data=False (--accept-changed-data) keeps the place in the epoch's order, or starts the next epoch where
+    the windows are fewer now, and says what changed."""
+    sampler = ResumableSampler(dataset, seed=1)
+    _draw(sampler, 3)
+    state = sampler.state_dict()
+    edited = TokenDataset(dataset.tokens.copy(), seq_len=dataset.seq_len, val_fraction=0.0)
+    edited.tokens[0] += 1
+    with pytest.raises(ValueError, match="pass --accept-changed-data"):
+        ResumableSampler(edited, seed=1).load_state_dict(state)
+    resumed = ResumableSampler(edited, seed=1)
+    assert resumed.load_state_dict(state, same_data=False) == "the training windows' tokens differ"
+    assert (resumed.epoch, resumed.position) == (state["epoch"], state["position"])
+    few = TokenDataset(np.arange(4 * 2 + 1), seq_len=4, val_fraction=0.0)  # 2 windows: the position is past them
+    shrunk = ResumableSampler(few, seed=1)
+    assert shrunk.load_state_dict(state, same_data=False) == f"the training windows were {len(dataset)}, now 2"
+    assert (shrunk.epoch, shrunk.position) == (state["epoch"] + 1, 0)
+    assert ResumableSampler(dataset, seed=1).load_state_dict(state, same_data=False) == ""  # nothing changed
+    with pytest.raises(ValueError, match="seed"):  # a setting, not data: still refused
+        ResumableSampler(edited, seed=2).load_state_dict(state, same_data=False)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

@@ -735,6 +735,30 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
         "train", "--resume", str(tmp_path / "run"), "--data", "other", "--max-steps", "5")
 
 
+
+def test_a_run_goes_on_with_changed_data_only_when_asked(tmp_path, capsys):
+    """A corpus edited (or tokenized differently by a newer version) left a run no way on but starting over: the
+    resume was refused, naming no way through. --accept-changed-data continues it and says what changed."""
+    make_corpus(tmp_path / "corpus")
+    run, straight = str(tmp_path / "run"), str(tmp_path / "straight")
+    for out, steps in ((run, "2"), (straight, "3")):
+        main(["train", "--preset", "tiny", "--data", str(tmp_path / "corpus"), "--out", out, "--max-steps", steps,
+              "--no-progress", "--set", f"data.cache_dir={tmp_path / 'cache'}"])
+    main(["train", "--resume", run, "--max-steps", "3", "--no-progress", "--accept-changed-data"])
+    assert "changed data" not in capsys.readouterr().out  # the same data: nothing to say, and bit for bit
+    assert [r["loss"] for r in read_metrics(tmp_path / "run")] == [r["loss"] for r in read_metrics(straight)]
+    first = sorted((tmp_path / "corpus").iterdir())[0]
+    first.write_text(first.read_text().replace("def ", "def  ", 1))
+    assert "pass --accept-changed-data" in run_cli("train", "--resume", run, "--max-steps", "4", "--no-progress")
+    main(["train", "--resume", run, "--max-steps", "4", "--no-progress", "--accept-changed-data"])
+    out = capsys.readouterr().out
+    assert "note: resumed on changed data (--accept-changed-data): the training windows" in out
+    assert "no longer bit for bit" in out and "done: 4 steps" in out
+    assert [r["step"] for r in read_metrics(tmp_path / "run")] == [1, 2, 3, 4]
+    assert "only applies when a run is resumed" in run_cli("train", "--preset", "tiny", "--out", str(tmp_path / "new"),
+                                                           "--accept-changed-data")
+
+
 @pytest.mark.parametrize("build, message", [
     (lambda cfg: dataclasses.replace(cfg, dtype="bf16"), "dtype must be 'auto' or 'float32' or 'bfloat16', got 'bf16'"),
     (lambda cfg: dataclasses.replace(cfg, max_steps=10.5), "max_steps must be int, got 10.5"),

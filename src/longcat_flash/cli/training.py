@@ -30,6 +30,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--auto-resume", action="store_true",
                    help="continue --out's newest checkpoint where it has one, else start a new run there: one "
                         "command for the first start and every restart (torchrun --max-restarts, a requeued job)")
+    p.add_argument("--accept-changed-data", action="store_true",
+                   help="with --resume / --auto-resume: go on although the data differs from the checkpoint's (files "
+                        "added or edited, or a newer version that tokenizes them differently); not bit for bit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config field, e.g. --set budget.rate=0.01 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print every config field and value, then exit")
@@ -93,6 +96,8 @@ def _checked_run_flags(args: argparse.Namespace) -> tuple[str | None, list[str]]
         raise ValueError(f"--resume {args.resume} continues in its own directory; drop --out {args.out}")
     if args.resume is not None and out is None:
         raise ValueError("--resume needs a run directory: --resume RUN_DIR or --out RUN_DIR")
+    if args.accept_changed_data and args.resume is None and not args.auto_resume:
+        raise ValueError("--accept-changed-data only applies when a run is resumed: add --resume or --auto-resume")
     if args.command == "sft" and not (args.resume or args.print_config) and (args.model is None or args.data is None):
         raise ValueError("longcat sft needs --model DIR and --data FILE (or --resume RUN_DIR)")
     flags = {key: f"{key}={getattr(args, name)}" for name, key in args.flag_fields.items()
@@ -152,7 +157,8 @@ def _run_train(args: argparse.Namespace) -> None:
             "with --auto-resume the ranks disagree on whether --out holds a checkpoint", "every rank needs --out on "
             "one shared filesystem (all nodes see the files rank 0 writes there)"))
     distributed.check_same_settings({**cfg.to_dict(), "--resume": args.resume is not None, "--dp": dp, "--ep": ep,
-                                     "--no-overlap": args.no_overlap})  # --out: check_shared_directory, below
+                                     "--no-overlap": args.no_overlap, "--accept-changed-data": args.accept_changed_data
+                                     })  # --out: check_shared_directory, below
     mesh = distributed.build_mesh(dp, ep, device)
     notices = (layout_notice, schedule_notice(out, cfg), validation_notice(out, cfg),
                exactness_notice(out, cfg, device)) if saved is not None else ()
@@ -162,7 +168,8 @@ def _run_train(args: argparse.Namespace) -> None:
     try:
         resume = "auto" if args.auto_resume else args.resume is not None
         summary = train(cfg, out or f"runs/{cfg.preset}", resume=resume,
-                        progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device)
+                        progress=not args.no_progress, mesh=mesh, overlap=not args.no_overlap, device=device,
+                        same_data=not args.accept_changed_data)
     except TrainingStopped as err:  # every rank stops on the same averaged losses: rank 0 says why
         sys.exit(f"longcat {args.command}: {err}" if distributed.is_main() else 1)
     distributed.print0(f"done: {summary['steps']} steps, {summary['tokens']} tokens -> {summary['out']}\n"

@@ -180,20 +180,26 @@ class ResumableSampler:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position, "num_sequences": len(self.dataset),
                 "data_digest": self.dataset.digest}
 
-    def load_state_dict(self, state: dict[str, int | str]) -> None:
-        for key in ("seed", "num_sequences"):
-            current = self.seed if key == "seed" else len(self.dataset)
-            if state.get(key) != current:
-                what = "data order's seed" if key == "seed" else "number of training windows"
-                raise ValueError(f"the training data differs from the data this run was checkpointed on (its {what} "
-                                 f"was {state.get(key)!r}, now {current}): resume with the same data and settings, "
-                                 "or start a new run")
-        if state.get("data_digest", self.dataset.digest) != self.dataset.digest:  # checkpoints before it lack it
-            raise ValueError("the training data differs from the data this run was checkpointed on (its windows' "
-                             "tokens do not match): resume with the same data and settings, or start a new run")
-        if not 0 <= state["position"] < len(self.dataset):
-            raise ValueError(f"sampler state position={state['position']} is outside [0, {len(self.dataset)})")
-        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+    def load_state_dict(self, state: dict[str, int | str], same_data: bool = True) -> str:
+        """Continue from `state`. The data must be what it was (`same_data`), or the resume would not be bit for bit;
+        with same_data=False (--accept-changed-data) it may differ: the sampler goes on at the same place in the
+        same epoch's order (the next epoch where the windows are fewer now). Returns what changed ("" if nothing)."""
+        if state.get("seed") != self.seed:
+            raise ValueError(f"the data order's seed was {state.get('seed')!r}, now {self.seed}: resume with the same "
+                             "seed, or start a new run")
+        count, digest = state.get("num_sequences"), state.get("data_digest", self.dataset.digest)  # old: no digest
+        changed = (f"the training windows were {count}, now {len(self.dataset)}" if count != len(self.dataset) else
+                   "the training windows' tokens differ" if digest != self.dataset.digest else "")
+        if changed and same_data:
+            raise ValueError(f"the training data differs from the data this run was checkpointed on ({changed}): "
+                             f"resume with the same data and settings; or, to go on with the data as it is now (files "
+                             f"added or edited, or a newer longcat-flash that tokenizes them differently), pass "
+                             f"--accept-changed-data")
+        epoch, position = int(state["epoch"]), int(state["position"])
+        if not 0 <= position < count:
+            raise ValueError(f"sampler state position={position} is outside [0, {count})")
+        self.epoch, self.position = (epoch, position) if position < len(self.dataset) else (epoch + 1, 0)
+        return changed
 
 
 def validation_batches(dataset: TokenDataset, global_batch_size: int, *, max_batches: int | None = None,

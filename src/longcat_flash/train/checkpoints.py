@@ -68,29 +68,37 @@ def save_checkpoint(run: Run) -> Path:
     return training.step_dir(root, step)
 
 
-def load_checkpoint(run: Run, path: Path) -> None:
+def load_checkpoint(run: Run, path: Path, same_data: bool = True) -> str:
     """Restore `run` from checkpoint `path`, whatever world size and layout wrote it. Each rank verifies a share
-    of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces."""
+    of the files' checksums (all ranks stop together on a bad one) and reads only its own pieces. The training and
+    validation data must be those it was checkpointed on, unless same_data=False (--accept-changed-data); returns
+    a note of what differs then ("" if nothing)."""
     try:
         states, meta = training.load_states(path, share=(distributed.rank(), distributed.world_size()))
         failed = ""
     except training.CheckpointError as err:
         states, meta, failed = {}, {}, str(err)
     distributed.raise_if_any(failed, training.CheckpointError)
+    notes = []
     for name, obj in run.stateful().items():
         if name not in states:
             raise training.CheckpointError(f"checkpoint {path} has no state for {name!r}")
         try:
-            obj.load_state_dict(states[name])
+            notes.append(obj.load_state_dict(states[name], same_data) if name == "sampler"
+                         else obj.load_state_dict(states[name]))
         except ValueError as err:
             if name != "sampler" or not (changed := _data_changes(path, run.cfg)):
                 raise
             raise ValueError(f"{err}; changed since: {changed}") from None
     if meta.get("val_digest", run.val.digest) != run.val.digest:  # checkpoints before it lack it
         changed = _data_changes(path, run.cfg)
-        raise ValueError(f"a resumed run keeps its held-out data, but the validation conversations (or windows) "
-                         f"differ from those checkpoint {path} was evaluated on, so val_loss would change meaning "
-                         f"midway{f'; changed since: {changed}' if changed else ''}")
+        if same_data:
+            raise ValueError(f"a resumed run keeps its held-out data, but the validation conversations (or windows) "
+                             f"differ from those checkpoint {path} was evaluated on, so val_loss would change meaning "
+                             f"midway{f'; changed since: {changed}' if changed else ''} (--accept-changed-data goes on "
+                             f"with them as they are now)")
+        notes.append(f"the validation data differs: val_loss after step {meta['step']} does not compare with the "
+                     f"values before it")
     tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
     saved = sharded.shapes(path / SHARDED)
     missing = [k for k in tensors["model"] if f"model.{k}" not in saved]
@@ -113,6 +121,9 @@ def load_checkpoint(run: Run, path: Path) -> None:
     by_name = {param_name(n): p for n, p in run.model.named_parameters()}
     for name in fresh:
         run.optimizer.state.pop(by_name[name], None)
+    notes = [note for note in notes if note]
+    return (f"note: resumed on changed data (--accept-changed-data): {'; '.join(notes)}; the run goes on from "
+            f"there, no longer bit for bit the run it would have been") if notes else ""
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:

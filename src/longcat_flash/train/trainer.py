@@ -101,6 +101,7 @@ class Run:
     state: TrainState
     mesh: DeviceMesh | None = None  # the (dp, ep) mesh of a torchrun launch; None in one process
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    resume_note: str = ""  # what a resume with --accept-changed-data found changed in the data, for the header
 
     def stateful(self) -> dict[str, Any]:
         """The small, replicated objects: rank 0 writes them (checkpoint/training.py)."""
@@ -266,10 +267,11 @@ def to_device(batch: torch.Tensor | PackedBatch, device: torch.device) -> torch.
 # ---- a whole run ----
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] = False, progress: bool = True,
-          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | str = "auto"
-          ) -> dict[str, Any]:
+          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | str = "auto",
+          same_data: bool = True) -> dict[str, Any]:
     """Train on `device` in run directory `out` (fresh, or continued from its newest checkpoint; resume="auto": where
-    it has one, as `--auto-resume`); returns a summary.
+    it has one, as `--auto-resume`); returns a summary. A resume refuses data that differs from the checkpoint's
+    unless same_data=False (`--accept-changed-data`: it goes on with the data as it is now, not bit for bit).
     `device`: a torch.device, or a name as `longcat train --device` takes it (auto: CUDA when available, cuda
     refused by name where there is none); made this process's current device.
 
@@ -294,7 +296,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool | Literal["auto"] =
     with global_state_restored():
         try:
             return _train(cfg, Path(out), resume=resume, progress=progress, mesh=mesh, overlap=overlap,
-                          device=device, auto_new=found is False)
+                          device=device, auto_new=found is False, same_data=same_data)
         finally:  # a failed run frees its directory too: another process may resume it while this one goes on
             _release(Path(out), made)
 
@@ -318,10 +320,10 @@ def _release(out: Path, made: bool) -> None:
 
 
 def _train(cfg: TrainConfig, out: Path, *, resume: bool, progress: bool, mesh: DeviceMesh | None, overlap: bool,
-           device: torch.device, auto_new: bool = False) -> dict[str, Any]:
+           device: torch.device, auto_new: bool = False, same_data: bool = True) -> dict[str, Any]:
     main = distributed.is_main()
     run = setup(cfg, out, resume=resume, progress=progress if main else None, mesh=mesh, overlap=overlap,
-                device=device)
+                device=device, same_data=same_data)
     cfg, state = run.cfg, run.state
     log = MetricsLog(run.out, state.step, cfg.max_steps, tensorboard=cfg.tensorboard, progress=progress) if main \
         else _Silent()
@@ -371,7 +373,7 @@ def _header(run: Run) -> str:
             + "".join(f"\n{data.report}" for data in (run.sampler.dataset, run.val)
                       if isinstance(data, (ConversationDataset, CopyMix)))
             + yarn_note(m) + ("" if run.state.step or not cfg.init_from else yarn_restage_note(cfg))
-            + idle_mtp_note(cfg))
+            + idle_mtp_note(cfg) + (f"\n{run.resume_note}" if run.resume_note else ""))
 
 
 def _init_changes(cfg: TrainConfig) -> str:
@@ -479,8 +481,10 @@ def _check_out(cfg: TrainConfig, out: Path, resume: bool) -> None:
 
 
 def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool | None = True,
-          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | None = None) -> Run:
-    """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh and overlap).
+          mesh: DeviceMesh | None = None, overlap: bool = True, device: torch.device | None = None,
+          same_data: bool = True) -> Run:
+    """Build (or, with resume, restore) every object of a run in `out` (see `train` for mesh, overlap and
+    same_data).
     `progress`: bars for the minutes-long phases (the tokenizer, tokenizing), else a line as each starts and ends;
     None (the other ranks): silent.
 
@@ -538,7 +542,7 @@ def setup(cfg: TrainConfig, out: Path, *, resume: bool = False, progress: bool |
               ResumableSampler(train_set, cfg.seed, rank=distributed.rank(), world_size=distributed.world_size()), val_set,
               TrainState(), mesh, device)
     if checkpoint is not None:
-        load_checkpoint(run, checkpoint)  # checks the data too: a refused resume leaves the run as it was
+        run.resume_note = load_checkpoint(run, checkpoint, same_data)  # a refused resume leaves the run as it was
         if run.state.step > cfg.max_steps:
             raise ValueError(f"{out}'s checkpoint is at step {run.state.step}, past max_steps={cfg.max_steps}: resume "
                              f"with --max-steps of at least {run.state.step}")
