@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import NoReturn
 
@@ -22,6 +23,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     *analysis.COMMANDS, *training.COMMANDS, *inference.COMMANDS, *data.COMMANDS]
 MULTI_PROCESS = training.MULTI_PROCESS  # the commands torchrun may launch
 PRINTS_ITS_RESULT = ("generate", "chat", "info", "cost")  # what these make is their standard output
+QUIET_RANK_WAIT_S = 5.0  # how long a rank that leaves an error to its node's first rank waits for it to print
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,10 +47,21 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         if quiet:
             silenced.enter_context(contextlib.redirect_stderr(io.StringIO()))
             silenced.enter_context(contextlib.redirect_stdout(io.StringIO()))
-        args, unknown = build_parser().parse_known_args(argv)
-        if unknown:
-            args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        try:
+            args, unknown = build_parser().parse_known_args(argv)
+            if unknown:
+                args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        except SystemExit as leaving:
+            if quiet and leaving.code:
+                _wait_for_first_rank()
+            raise
     return args
+
+
+def _wait_for_first_rank() -> None:
+    """Give the node's first rank time to print the error this rank leaves to it: torchrun stops every worker
+    once one exits with an error, so a quiet rank that left at once cut that line off (in 5 of 9 launches)."""
+    time.sleep(QUIET_RANK_WAIT_S)
 
 
 def _hold_closed_streams() -> list[str]:
@@ -121,8 +134,8 @@ def _run(args: argparse.Namespace) -> None:
                f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
     except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
         if _rank() and isinstance(err, (ValueError, KeyError)) and int(os.environ.get("LOCAL_RANK", "0")):
-            _leave(1)  # a node's ranks share its files and settings: its first rank prints the one message, so
-            # a node whose files differ (a --resume folder missing there) says why on its own terminal
+            _wait_for_first_rank()  # a node's ranks share its files and settings: its first rank prints the one
+            _leave(1)  # message, so a node whose files differ (a --resume folder missing there) says why there
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
         _leave(f"{_speaker(args.command)}: {message}")
 
