@@ -650,3 +650,17 @@ def test_a_chat_template_that_cannot_render_any_turn_is_refused_before_the_first
     with pytest.raises(SystemExit, match=r"^longcat chat: the model's chat template cannot render a conversation: "
                                          r".*eos_token is None"):
         main(["chat", "--model", str(broken)])
+
+
+def test_a_system_message_the_template_refuses_is_named_as_the_system_messages_fault(checkpoint, tmp_path):
+    """A template without a system role took --system for a broken template ("cannot render a conversation")."""
+    import shutil
+
+    no_system = shutil.copytree(checkpoint, tmp_path / "no_system")
+    config = json.loads((no_system / "tokenizer_config.json").read_text())
+    config["chat_template"] = ("{%- for m in messages %}{%- if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{%- endif %}{%- endfor %}"
+                               + config["chat_template"])
+    (no_system / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"^longcat chat: --system: .*System role not supported"):
+        main(["chat", "--model", str(no_system), "--system", "be brief"])

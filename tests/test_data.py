@@ -643,8 +643,8 @@ def test_load_state_dict_rejects_other_data_or_seed(dataset: TokenDataset) -> No
 
 def test_a_sampler_goes_on_with_changed_data_only_when_asked(dataset: TokenDataset) -> None:
     """After an upgrade that tokenizes a corpus differently (or files added), a resume had no way on but a new run.
-    same_data=False (--accept-changed-data) keeps the place in the epoch's order, or starts the next epoch where
-    the windows are fewer now, and says what changed."""
+    same_data=False (--accept-changed-data) keeps the place in the epoch's order where the windows are as many, or
+    starts the next epoch where their number (and so the epoch's order) changed, and says what changed."""
     sampler = ResumableSampler(dataset, seed=1)
     _draw(sampler, 3)
     state = sampler.state_dict()
@@ -659,6 +659,9 @@ def test_a_sampler_goes_on_with_changed_data_only_when_asked(dataset: TokenDatas
     shrunk = ResumableSampler(few, seed=1)
     assert shrunk.load_state_dict(state, same_data=False) == f"the training windows were {len(dataset)}, now 2"
     assert (shrunk.epoch, shrunk.position) == (state["epoch"] + 1, 0)
+    grown = ResumableSampler(TokenDataset(np.arange(40 * 4 + 1), seq_len=4, val_fraction=0.0), seed=1)
+    assert grown.load_state_dict(state, same_data=False) == f"the training windows were {len(dataset)}, now 40"
+    assert (grown.epoch, grown.position) == (state["epoch"] + 1, 0)
     assert ResumableSampler(dataset, seed=1).load_state_dict(state, same_data=False) == ""  # nothing changed
     with pytest.raises(ValueError, match="seed"):  # a setting, not data: still refused
         ResumableSampler(edited, seed=2).load_state_dict(state, same_data=False)

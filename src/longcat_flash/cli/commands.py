@@ -23,7 +23,7 @@ COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     *analysis.COMMANDS, *training.COMMANDS, *inference.COMMANDS, *data.COMMANDS]
 MULTI_PROCESS = training.MULTI_PROCESS  # the commands torchrun may launch
 PRINTS_ITS_RESULT = ("generate", "chat", "info", "cost")  # what these make is their standard output
-QUIET_RANK_WAIT_S = 5.0  # how long a rank that leaves an error to its node's first rank waits for it to print
+QUIET_RANK_WAIT_S = 5.0  # how long a rank that leaves an error line to another rank waits for it to print
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,14 +53,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
                 args.subcommands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
         except SystemExit as leaving:
             if quiet and leaving.code:
-                _wait_for_first_rank()
+                _wait_for_the_speaker()  # rank 0's usage error
             raise
     return args
 
 
-def _wait_for_first_rank() -> None:
-    """Give the node's first rank time to print the error this rank leaves to it: torchrun stops every worker
-    once one exits with an error, so a quiet rank that left at once cut that line off (in 5 of 9 launches)."""
+def _wait_for_the_speaker() -> None:
+    """Give the rank that prints the error this rank leaves to it (rank 0, or this node's first rank) time to say
+    it: torchrun stops every worker once one exits with an error, so a quiet rank that left at once cut that line
+    off (in 5 of 9 launches at world 3)."""
     time.sleep(QUIET_RANK_WAIT_S)
 
 
@@ -122,7 +123,8 @@ def _run(args: argparse.Namespace) -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)
     except RankZeroFailed:
-        _leave(1)  # rank 0 prints what failed
+        _wait_for_the_speaker()  # rank 0 prints what failed
+        _leave(1)
     except (RuntimeError, MemoryError) as err:  # memory, or a collective: torch's errors from deep inside
         if what := out_of_memory(err):  # each rank its own: its device, its share of the host
             _leave(f"{_speaker(args.command)}: out of memory ({what}); it needs a smaller model, batch or sequence, "
@@ -134,7 +136,7 @@ def _run(args: argparse.Namespace) -> None:
                f"({reason}): one of them stopped (torchrun's summary names it) or waited past --dist-timeout")
     except (ValueError, OSError, KeyError) as err:  # OSError: a read-only or full disk, a missing file, ...
         if _rank() and isinstance(err, (ValueError, KeyError)) and int(os.environ.get("LOCAL_RANK", "0")):
-            _wait_for_first_rank()  # a node's ranks share its files and settings: its first rank prints the one
+            _wait_for_the_speaker()  # a node's ranks share its files and settings: its first rank prints the one
             _leave(1)  # message, so a node whose files differ (a --resume folder missing there) says why there
         message = err.args[0] if isinstance(err, KeyError) and err.args else err  # str(KeyError) adds quotes
         _leave(f"{_speaker(args.command)}: {message}")

@@ -182,8 +182,9 @@ class ResumableSampler:
 
     def load_state_dict(self, state: dict[str, int | str], same_data: bool = True) -> str:
         """Continue from `state`. The data must be what it was (`same_data`), or the resume would not be bit for bit;
-        with same_data=False (--accept-changed-data) it may differ: the sampler goes on at the same place in the
-        same epoch's order (the next epoch where the windows are fewer now). Returns what changed ("" if nothing)."""
+        with same_data=False (--accept-changed-data) it may differ: as many windows as before, the sampler goes on at
+        the same place in the epoch's order; another number (another order), at the next epoch's start. Returns what
+        changed ("" if nothing)."""
         if state.get("seed") != self.seed:
             raise ValueError(f"the data order's seed was {state.get('seed')!r}, now {self.seed}: resume with the same "
                              "seed, or start a new run")
@@ -198,7 +199,7 @@ class ResumableSampler:
         epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position < count:
             raise ValueError(f"sampler state position={position} is outside [0, {count})")
-        self.epoch, self.position = (epoch, position) if position < len(self.dataset) else (epoch + 1, 0)
+        self.epoch, self.position = (epoch, position) if count == len(self.dataset) else (epoch + 1, 0)
         return changed
 
 

@@ -90,8 +90,8 @@ def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache
     if progress is not None and (others := _other_shards(bin_path, meta)):
         print(f"note: {len(others)} other token shard(s) of {corpus.root} stay in {bin_path.parent} "
               f"({megabytes(sum(p.stat().st_size for p in others))}; made before the corpus changed, with another "
-              f"tokenizer or data.max_bytes, or by an older longcat-flash): delete those no run reads: {', '.join(p.name for p in others)}",
-              flush=True)
+              f"tokenizer or data.max_bytes, or by an older longcat-flash): delete those no run reads: "
+              f"{', '.join(p.name for p in others)}", flush=True)
     return bin_path
 
 

@@ -143,10 +143,13 @@ def _check_opening(tokenizer: Tokenizer, messages: list[dict[str, str]], context
     if messages and tokenizer.cannot_fit(len(messages[0]["content"]), context):  # known before it is encoded
         raise ValueError(too_long)
     try:
-        _chat_prompt(tokenizer, [*messages, {"role": "user", "content": "hello"}])
-        opening = _chat_prompt(tokenizer, messages) if messages else []
+        _chat_prompt(tokenizer, [{"role": "user", "content": "hello"}])
     except ValueError as err:
         raise ValueError(f"the model's chat template cannot render a conversation: {err}") from None
+    try:
+        opening = _chat_prompt(tokenizer, messages) if messages else []
+    except ValueError as err:  # a template without a system role, or text it refuses
+        raise ValueError(f"--system: {err}") from None
     if len(opening) >= context:
         raise ValueError(too_long)
 

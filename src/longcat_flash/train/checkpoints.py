@@ -79,26 +79,13 @@ def load_checkpoint(run: Run, path: Path, same_data: bool = True) -> str:
     except training.CheckpointError as err:
         states, meta, failed = {}, {}, str(err)
     distributed.raise_if_any(failed, training.CheckpointError)
-    notes = []
-    for name, obj in run.stateful().items():
+    for name in run.stateful():
         if name not in states:
             raise training.CheckpointError(f"checkpoint {path} has no state for {name!r}")
-        try:
-            notes.append(obj.load_state_dict(states[name], same_data) if name == "sampler"
-                         else obj.load_state_dict(states[name]))
-        except ValueError as err:
-            if name != "sampler" or not (changed := _data_changes(path, run.cfg)):
-                raise
-            raise ValueError(f"{err}; changed since: {changed}") from None
-    if meta.get("val_digest", run.val.digest) != run.val.digest:  # checkpoints before it lack it
-        changed = _data_changes(path, run.cfg)
-        if same_data:
-            raise ValueError(f"a resumed run keeps its held-out data, but the validation conversations (or windows) "
-                             f"differ from those checkpoint {path} was evaluated on, so val_loss would change meaning "
-                             f"midway{f'; changed since: {changed}' if changed else ''} (--accept-changed-data goes on "
-                             f"with them as they are now)")
-        notes.append(f"the validation data differs: val_loss after step {meta['step']} does not compare with the "
-                     f"values before it")
+    note = _restore_data(run, path, states, meta, same_data)
+    for name, obj in run.stateful().items():
+        if obj is not run.sampler:
+            obj.load_state_dict(states[name])
     tensors = run.sharded_state()  # allocated (the optimizer's moments too) and sharded as this run wants them
     saved = sharded.shapes(path / SHARDED)
     missing = [k for k in tensors["model"] if f"model.{k}" not in saved]
@@ -121,9 +108,31 @@ def load_checkpoint(run: Run, path: Path, same_data: bool = True) -> str:
     by_name = {param_name(n): p for n, p in run.model.named_parameters()}
     for name in fresh:
         run.optimizer.state.pop(by_name[name], None)
-    notes = [note for note in notes if note]
-    return (f"note: resumed on changed data (--accept-changed-data): {'; '.join(notes)}; the run goes on from "
-            f"there, no longer bit for bit the run it would have been") if notes else ""
+    return note
+
+
+def _restore_data(run: Run, path: Path, states: dict[str, Any], meta: dict[str, Any], same_data: bool) -> str:
+    """The sampler's state, once the training and validation data are found to be those checkpoint `path` was
+    taken on; with same_data=False, whatever they are now, and a note of what differs ("" if nothing)."""
+    changed = _data_changes(path, run.cfg)  # the settings behind a difference, where they changed
+    try:
+        windows = run.sampler.load_state_dict(states["sampler"], same_data)
+    except ValueError as err:
+        raise ValueError(f"{err}; changed since: {changed}" if changed else str(err)) from None
+    held_out = meta.get("val_digest", run.val.digest) != run.val.digest  # checkpoints before it lack it
+    if held_out and same_data:
+        raise ValueError(f"a resumed run keeps its held-out data, but the validation conversations (or windows) "
+                         f"differ from those checkpoint {path} was evaluated on, so val_loss would change meaning "
+                         f"midway{f'; changed since: {changed}' if changed else ''} (--accept-changed-data goes on "
+                         f"with them as they are now)")
+    notes = ([windows] if windows else []) + ([f"the validation data differs: val_loss after step {meta['step']} "
+                                               "does not compare with the values before it"] if held_out else [])
+    if not notes:
+        return ""
+    after = ("the run goes on from there, no longer bit for bit the run it would have been" if windows else
+             "the training steps are those the run would have taken")
+    return (f"note: resumed on changed data (--accept-changed-data{f'; changed since: {changed}' if changed else ''}"
+            f"): {'; '.join(notes)}; {after}")
 
 
 def read_checkpoint(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
