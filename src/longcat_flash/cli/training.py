@@ -31,8 +31,9 @@ def _add_run_flags(p: argparse.ArgumentParser) -> None:
                    help="continue --out's newest checkpoint where it has one, else start a new run there: one "
                         "command for the first start and every restart (torchrun --max-restarts, a requeued job)")
     p.add_argument("--accept-changed-data", action="store_true",
-                   help="with --resume / --auto-resume: go on although the data differs from the checkpoint's (files "
-                        "added or edited, or a newer version that tokenizes them differently); not bit for bit")
+                   help="with --resume / --auto-resume: go on although the data differs from the checkpoint's "
+                        "(files added, removed or edited, or a newer version that tokenizes them differently); not "
+                        "bit for bit")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a config field, e.g. --set budget.rate=0.01 (repeatable)")
     p.add_argument("--print-config", action="store_true", help="print every config field and value, then exit")

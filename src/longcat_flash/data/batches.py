@@ -193,9 +193,9 @@ class ResumableSampler:
                    "the training windows' tokens differ" if digest != self.dataset.digest else "")
         if changed and same_data:
             raise ValueError(f"the training data differs from the data this run was checkpointed on ({changed}): "
-                             f"resume with the same data and settings; or, to go on with the data as it is now (files "
-                             f"added or edited, or a newer longcat-flash that tokenizes them differently), pass "
-                             f"--accept-changed-data")
+                             f"resume with the same data and settings; or, to go on with the data as it is now "
+                             f"(files added, removed or edited, or a newer longcat-flash that tokenizes them "
+                             f"differently), pass --accept-changed-data")
         epoch, position = int(state["epoch"]), int(state["position"])
         if not 0 <= position < count:
             raise ValueError(f"sampler state position={position} is outside [0, {count})")
