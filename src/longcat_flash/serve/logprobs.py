@@ -127,7 +127,7 @@ class ChatScores(Scores):
         texts = [self._text(tokenizer, s.token) for s in content]
         return resp.ChatLogprobs(content=[
             resp.ChatTokenLogprob(**_chat_token(tokenizer, s.token, s.logprob, first, text).model_dump(),
-                              top_logprobs=[_chat_token(tokenizer, t, v, first) for t, v in s.top])
+                                  top_logprobs=[_chat_token(tokenizer, t, v, first) for t, v in s.top])
             for s, (text, first) in zip(content, texts)])
 
 
