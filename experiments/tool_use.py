@@ -25,7 +25,6 @@ numbers meaningless.
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -36,6 +35,7 @@ import torch
 from common import Setup, cleared, figure, parse, positive_int, save
 
 from longcat_flash.checkpoint.hf import from_pretrained
+from longcat_flash.cli import main as cli_main
 from longcat_flash.data.tool_dialogues import case_of, same_json, validate_arguments
 from longcat_flash.serve.launch import running_server
 from longcat_flash.train.config import apply_overrides, recipe
@@ -63,11 +63,16 @@ def check(args, setup: Setup) -> None:
 
 
 def longcat(*args: str) -> None:
-    """Run one `longcat` command as a user does; its own output is shown, and its failure stops the experiment
-    with one line (the command said why above it)."""
-    code = subprocess.run([sys.executable, "-m", "longcat_flash.cli", *args]).returncode
-    if code:
-        sys.exit(f"[tool_use] `longcat {args[0]} {args[1]}` failed (exit status {code}); its error is above")
+    """Run one `longcat` command as a user types it (in this process: a second start of torch took seconds); its
+    own output is shown, and its failure stops the experiment with one line (the command said why above it)."""
+    try:
+        cli_main(list(args))
+    except SystemExit as stopped:
+        if not stopped.code:
+            return
+        if isinstance(stopped.code, str):  # the command's error line, which the interpreter would have printed
+            print(stopped.code, file=sys.stderr)
+        sys.exit(f"[tool_use] `longcat {args[0]} {args[1]}` failed; its error is above")
 
 
 def base_model(setup: Setup, given: Path | None) -> Path:

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from train_support import make_corpus
 
 pytestmark = pytest.mark.dist
 CHECKS = Path(__file__).with_name("dist_checks.py")
@@ -133,15 +134,16 @@ def test_auto_resume_on_a_run_directory_some_ranks_do_not_see_says_so(tmp_path):
     and the refusal blamed different command lines."""
     for node in ("a", "b"):
         (tmp_path / node).mkdir()
+    data = ["--set", f"data.source={make_corpus(tmp_path / 'corpus')}", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
     subprocess.run([sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--max-steps", "1",
-                    "--no-progress", "--out", str(tmp_path / "a" / "run"), "--set",
-                    f"data.cache_dir={tmp_path / 'cache'}"], check=True, capture_output=True, timeout=300)
+                    "--no-progress", "--out", str(tmp_path / "a" / "run"), *data],
+                   check=True, capture_output=True, timeout=300)
     launcher = tmp_path / "launcher.py"  # each rank in its own node's directory, as with a node-local --out
     launcher.write_text("import os, sys\nfrom longcat_flash.cli import main\n"
                         "os.chdir(sys.argv[1] if os.environ['RANK'] == '0' else sys.argv[2])\nmain(sys.argv[3:])\n")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(launcher),
            str(tmp_path / "a"), str(tmp_path / "b"), "train", "--preset", "tiny", "--max-steps", "2", "--no-progress",
-           "--out", "run", "--auto-resume", "--dist-timeout", "60", "--set", f"data.cache_dir={tmp_path / 'cache'}"]
+           "--out", "run", "--auto-resume", "--dist-timeout", "60", *data]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     output = proc.stdout + proc.stderr
     assert proc.returncode != 0
@@ -200,8 +202,10 @@ D.init("cpu", timeout_s=6)
 mesh, rank = D.build_mesh(2, 2), dist.get_rank()
 dist.barrier()  # all started: the stall below is the only wait
 group = {0: mesh.get_group("ep"), 3: mesh.get_group("dp")}.get(rank)  # (0, 1) share ep, (1, 3) share dp
-if rank == 1:
-    time.sleep(25)  # stalled: it never joins
+if rank == 1:  # stalled: it never joins, and leaves once the others gave up (after 25 s at most)
+    deadline = time.monotonic() + 25
+    while time.monotonic() < deadline and not all(Path(sys.argv[1], f"rank{r}.txt").exists() for r in (0, 3)):
+        time.sleep(0.2)
 elif group is not None:
     start = time.monotonic()
     try:

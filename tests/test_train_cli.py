@@ -625,10 +625,13 @@ def test_flags_only_a_torchrun_launch_uses_are_refused_in_one_process(monkeypatc
         assert ("--dist-timeout SECONDS" in capsys.readouterr().out) == printed
 
 
+LONG_STEPS, SAVE_EVERY = 16, 8  # the runs killed and resumed below: the router monitor at step 7 and 14, either side
+
+
 def _train_cmd(out: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:
     sets = [a for o in tiny_overrides(corpus, cache, "loss.monitor_every=7") for a in ("--set", o)]
     return [sys.executable, "-m", "longcat_flash.cli", "train", "--preset", "tiny", "--out", str(out),
-            "--max-steps", "30", "--save-every", "10", "--no-progress", *sets, *extra]
+            "--max-steps", str(LONG_STEPS), "--save-every", str(SAVE_EVERY), "--no-progress", *sets, *extra]
 
 
 @pytest.mark.slow
@@ -639,7 +642,7 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path: P
 
     victim = subprocess.Popen(_train_cmd(tmp_path / "killed", corpus, cache), env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    first = tmp_path / "killed" / "checkpoints" / "step_00000010" / training.MANIFEST
+    first = tmp_path / "killed" / "checkpoints" / f"step_{SAVE_EVERY:08d}" / training.MANIFEST
     deadline = time.monotonic() + 120
     while not first.exists() and victim.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -658,10 +661,10 @@ def test_sigkill_after_a_checkpoint_then_resume_is_bitwise_identical(tmp_path: P
                 for r in read_metrics(tmp_path / run)]
 
     assert losses("killed") == losses("full"), f"diverged after resuming from {killed_at}"
-    assert len(losses("full")) == 30
-    behind = run_cli("train", "--resume", str(tmp_path / "killed"), "--max-steps", "20", "--no-progress")
-    assert "checkpoint is at step 30, past max_steps=20" in behind  # sys.exit(message): status 1
-    assert len(losses("killed")) == 30  # its metrics untouched
+    assert len(losses("full")) == LONG_STEPS
+    behind = run_cli("train", "--resume", str(tmp_path / "killed"), "--max-steps", "12", "--no-progress")
+    assert f"checkpoint is at step {LONG_STEPS}, past max_steps=12" in behind  # sys.exit(message): status 1
+    assert len(losses("killed")) == LONG_STEPS  # its metrics untouched
 
 
 def test_a_flag_and_a_set_for_the_same_field_are_refused():
@@ -791,7 +794,7 @@ def test_a_torchrun_restart_continues_the_run_with_the_command_that_started_it(t
     whole = launch(tmp_path / "whole")
     assert whole.wait(timeout=300) == 0, whole.stdout.read()[-3000:]
     restarted = launch(tmp_path / "restarted")
-    first = tmp_path / "restarted" / "checkpoints" / "step_00000010" / training.MANIFEST
+    first = tmp_path / "restarted" / "checkpoints" / f"step_{SAVE_EVERY:08d}" / training.MANIFEST
     deadline = time.monotonic() + 200
     while not first.exists() and restarted.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
@@ -805,7 +808,7 @@ def test_a_torchrun_restart_continues_the_run_with_the_command_that_started_it(t
     def losses(run: str) -> list[tuple]:
         return [(r["step"], r["loss"], r["grad_norm"], r.get("val_loss")) for r in read_metrics(tmp_path / run)]
 
-    assert len(losses("whole")) == 30 and losses("restarted") == losses("whole")
+    assert len(losses("whole")) == LONG_STEPS and losses("restarted") == losses("whole")
 
 
 def test_auto_resume_is_refused_where_it_cannot_choose(tmp_path: Path):
