@@ -392,19 +392,20 @@ def test_a_closed_stdin_is_an_empty_input_and_a_closed_stdout_an_error(checkpoin
     0 having written nothing."""
     import subprocess
 
-    def run(command: str, closed: str) -> subprocess.CompletedProcess:
-        line = f"{sys.executable} -m longcat_flash.cli {command} --model {checkpoint} --max-new-tokens 2 {closed}"
-        return subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=300)
+    def start(command: str, closed: str) -> subprocess.Popen:
+        line = f"{sys.executable} -m longcat_flash.cli {command} {closed}"
+        return subprocess.Popen(["bash", "-c", line], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    chat = run("chat", "<&-")
+    model = f"--model {checkpoint} --max-new-tokens 2"
+    started = [start(f"chat {model}", "<&-"), start(f"generate --prompt-file - {model}", "<&-"),
+               start(f"generate --prompt hi {model}", ">&-"), start("data tools --out - --n 2", ">&-")]  # at once
+    outputs = [p.communicate(timeout=300) for p in started]
+    chat, piped, printed, rows = [subprocess.CompletedProcess(p.args, p.returncode, *out)
+                                  for p, out in zip(started, outputs)]
     assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr[-2000:]
-    piped = run("generate --prompt-file -", "<&-")
     assert piped.returncode == 1 and piped.stderr.strip() == "longcat generate: prompt must hold at least one token"
-    printed = run("generate --prompt hi", ">&-")
     assert printed.returncode == 1 and printed.stderr.strip() == (
         "longcat generate: standard output is closed: nowhere to write what it prints"), printed.stderr[-2000:]
-    rows = subprocess.run(["bash", "-c", f"{sys.executable} -m longcat_flash.cli data tools --out - --n 2 >&-"],
-                          capture_output=True, text=True, timeout=300)
     assert rows.returncode == 1 and "standard output is closed" in rows.stderr, rows.stderr[-2000:]
 
 
