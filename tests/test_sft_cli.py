@@ -109,7 +109,7 @@ def losses(run: Path) -> list[tuple]:
 @pytest.fixture(scope="module")
 def sft_run(tmp_path_factory) -> tuple[Path, Path, Path]:
     root = tmp_path_factory.mktemp("sft")
-    cli("init", "--preset", "tiny", "--out", str(root / "model"), "--dtype", "float32")
+    main(["init", "--preset", "tiny", "--out", str(root / "model"), "--dtype", "float32"])  # in this process
     data = write_conversations(root / "chat.jsonl", 150)
     rows = [json.loads(line) for line in data.read_text().splitlines()]  # as data sets have them, with columns
     data.write_text("".join(json.dumps({"id": i, "source": "test", **r}) + "\n" for i, r in enumerate(rows)))
@@ -136,7 +136,7 @@ def test_sft_cli_resume_is_bitwise(sft_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "checkpoints" / "step_00000010")  # interrupted after the step-5 checkpoint
-    cli("sft", "--resume", str(copy), "--no-progress")
+    main(["sft", "--resume", str(copy), "--no-progress"])  # in this process: the run was another one
     assert losses(copy) == losses(run)
 
 
