@@ -1,4 +1,4 @@
 """`python -m longcat_flash.cli`, as the `longcat` command."""
-from . import main
+from . import command
 
-main()
+command()
