@@ -294,6 +294,20 @@ def test_ctrl_c_says_where_a_resume_goes_on_from(corpus, tmp_path, monkeypatch, 
         assert says.format(out=out) in capsys.readouterr().out
 
 
+def test_a_save_stopped_midway_leaves_no_half_written_copy(corpus, tmp_path, monkeypatch):
+    """Ctrl-C or SIGTERM while a checkpoint was written left checkpoints/.tmp-step_N, a hidden partial copy of the
+    weights that stayed until the same directory saved again."""
+    def interrupted(tmp, *args, **kwargs):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "commit", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_config(*corpus, "max_steps=2", "eval_every=0", "checkpoint.save_every=1"), out, progress=False)
+    assert [p.name for p in (out / "checkpoints").iterdir()] == []
+
+
 def test_train_leaves_the_callers_generators_and_deterministic_flags_as_it_found_them(corpus, tmp_path):
     """train() from a user's script reseeded the global generator and left use_deterministic_algorithms on."""
     torch.manual_seed(1234)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -52,19 +53,24 @@ def save_checkpoint(run: Run) -> Path:
     distributed.raise_if_any(failed, training.CheckpointError)  # the directory exists, empty, before any write
     tmp = training.temporary_path(root, step)
     try:
-        sharded.save(tmp / SHARDED, run.sharded_state())  # raises on every rank alike
-    except OSError as err:
-        raise training.CheckpointError(failure(err, by="")) from None
-    distributed.barrier()  # every shard is written before rank 0's manifest covers them
-    if distributed.is_main():
-        meta = {"step": step, "train_config": run.cfg.to_dict(), "val_digest": run.val.digest,
-                "ep": run.mesh["ep"].size() if run.mesh is not None else 1}  # the layout a resume takes again
-        states = {name: obj.state_dict() for name, obj in run.stateful().items()}
         try:
-            training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
+            sharded.save(tmp / SHARDED, run.sharded_state())  # raises on every rank alike
         except OSError as err:
-            failed = failure(err)
-    distributed.raise_if_any(failed, training.CheckpointError)  # no rank left waiting for rank 0
+            raise training.CheckpointError(failure(err, by="")) from None
+        distributed.barrier()  # every shard is written before rank 0's manifest covers them
+        if distributed.is_main():
+            meta = {"step": step, "train_config": run.cfg.to_dict(), "val_digest": run.val.digest,
+                    "ep": run.mesh["ep"].size() if run.mesh is not None else 1}  # the layout a resume takes again
+            states = {name: obj.state_dict() for name, obj in run.stateful().items()}
+            try:
+                training.commit(tmp, step, states, meta, keep=run.cfg.checkpoint.keep)
+            except OSError as err:
+                failed = failure(err)
+        distributed.raise_if_any(failed, training.CheckpointError)  # no rank left waiting for rank 0
+    except BaseException:  # Ctrl-C or SIGTERM mid-write, a full disk: no hidden half-written copy stays behind
+        if distributed.is_main():
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     return training.step_dir(root, step)
 
 
