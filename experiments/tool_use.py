@@ -24,6 +24,7 @@ numbers meaningless.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -70,9 +71,12 @@ def longcat(*args: str) -> None:
     except SystemExit as stopped:
         if not stopped.code:
             return
+        if stopped.code == 130:  # Ctrl-C: the command said where it stopped; the experiment stops as quietly
+            raise
         if isinstance(stopped.code, str):  # the command's error line, which the interpreter would have printed
             print(stopped.code, file=sys.stderr)
-        sys.exit(f"[tool_use] `longcat {args[0]} {args[1]}` failed; its error is above")
+        command = " ".join(itertools.takewhile(lambda arg: not arg.startswith("-"), args))  # `data tools`, `sft`
+        sys.exit(f"[tool_use] `longcat {command}` failed; its error is above")
 
 
 def base_model(setup: Setup, given: Path | None) -> Path:

@@ -426,6 +426,23 @@ def test_tool_use_verdict_gives_every_figure_in_both_modes(experiments_path):
         assert " / ".join(f"{results[mode][key]:.0%}" for mode in tool_use.MODES) in text, (key, text)
 
 
+def test_tool_use_stops_on_a_failed_command_with_its_line_and_on_ctrl_c_quietly(tmp_path, experiments_path,
+                                                                              monkeypatch, capsys):
+    """Its `longcat` commands run in its process: a failure was blamed on `longcat sft --model`, and Ctrl-C in one
+    (the command's own status 130) was reported as a failed command with status 1."""
+    import tool_use
+
+    (tmp_path / "rows.jsonl").mkdir()
+    with pytest.raises(SystemExit) as stop:
+        tool_use.longcat("data", "tools", "--out", str(tmp_path / "rows.jsonl"), "--n", "2")
+    assert stop.value.code == "[tool_use] `longcat data tools` failed; its error is above"
+    assert "is a directory" in capsys.readouterr().err  # the command's own line, above it
+    monkeypatch.setattr(tool_use, "cli_main", lambda args: sys.exit(130))  # as the CLI ends on Ctrl-C
+    with pytest.raises(SystemExit) as stop:
+        tool_use.longcat("sft", "--model", "m", "--data", "d.jsonl")
+    assert stop.value.code == 130 and "failed" not in capsys.readouterr().err
+
+
 def test_tool_use_scores_arguments_as_json_values(experiments_path):
     """A reply's 25 against the expected 25.0 (the generator writes half-amounts as 61.0) was a wrong argument."""
     import tool_use
