@@ -399,7 +399,11 @@ def test_a_closed_stdin_is_an_empty_input_and_a_closed_stdout_an_error(checkpoin
     model = f"--model {checkpoint} --max-new-tokens 2"
     started = [start(f"chat {model}", "<&-"), start(f"generate --prompt-file - {model}", "<&-"),
                start(f"generate --prompt hi {model}", ">&-"), start("data tools --out - --n 2", ">&-")]  # at once
-    outputs = [p.communicate(timeout=300) for p in started]
+    try:
+        outputs = [p.communicate(timeout=300) for p in started]
+    finally:  # none left running after a time-out
+        for p in started:
+            p.kill()
     chat, piped, printed, rows = [subprocess.CompletedProcess(p.args, p.returncode, *out)
                                   for p, out in zip(started, outputs)]
     assert chat.returncode == 0 and "Traceback" not in chat.stderr, chat.stderr[-2000:]

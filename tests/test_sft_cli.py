@@ -136,7 +136,7 @@ def test_sft_cli_resume_is_bitwise(sft_run, tmp_path):
     copy = tmp_path / "run"
     shutil.copytree(run, copy)
     shutil.rmtree(copy / "checkpoints" / "step_00000010")  # interrupted after the step-5 checkpoint
-    main(["sft", "--resume", str(copy), "--no-progress"])  # in this process: the run was another one
+    main(["sft", "--resume", str(copy), "--no-progress"])  # in this process: only the checkpoint carries state over
     assert losses(copy) == losses(run)
 
 

@@ -625,7 +625,7 @@ def test_flags_only_a_torchrun_launch_uses_are_refused_in_one_process(monkeypatc
         assert ("--dist-timeout SECONDS" in capsys.readouterr().out) == printed
 
 
-LONG_STEPS, SAVE_EVERY = 16, 8  # the runs killed and resumed below: the router monitor at step 7 and 14, either side
+LONG_STEPS, SAVE_EVERY = 16, 8  # runs killed after the step-8 checkpoint: router monitors (7, 14) on both sides
 
 
 def _train_cmd(out: Path, corpus: Path, cache: Path, *extra: str) -> list[str]:

@@ -67,8 +67,10 @@ def save_checkpoint(run: Run) -> Path:
             except OSError as err:
                 failed = failure(err)
         distributed.raise_if_any(failed, training.CheckpointError)  # no rank left waiting for rank 0
-    except BaseException:  # Ctrl-C or SIGTERM mid-write, a full disk: no hidden half-written copy stays behind
-        if distributed.is_main():
+    except BaseException as err:  # Ctrl-C or SIGTERM mid-write, a full disk: no hidden half-written copy stays
+        # behind; under torchrun only when every rank has stopped writing (the CheckpointErrors above are raised on
+        # all of them together), else the next save clears it
+        if distributed.is_main() and (distributed.world_size() == 1 or isinstance(err, training.CheckpointError)):
             shutil.rmtree(tmp, ignore_errors=True)
         raise
     return training.step_dir(root, step)
