@@ -122,12 +122,15 @@ def load_checkpoint(run: Run, path: Path, same_data: bool = True) -> str:
 def _restore_data(run: Run, path: Path, states: dict[str, Any], meta: dict[str, Any], same_data: bool) -> str:
     """The sampler's state, once the training and validation data are found to be those checkpoint `path` was
     taken on; with same_data=False, whatever they are now, and a note of what differs ("" if nothing)."""
-    changed = _data_changes(path, run.cfg)  # the settings behind a difference, where they changed
     try:
         windows = run.sampler.load_state_dict(states["sampler"], same_data)
     except ValueError as err:
+        changed = _data_changes(path, run.cfg)
         raise ValueError(f"{err}; changed since: {changed}" if changed else str(err)) from None
     held_out = meta.get("val_digest", run.val.digest) != run.val.digest  # checkpoints before it lack it
+    if not (windows or held_out):
+        return ""
+    changed = _data_changes(path, run.cfg)  # the settings behind the difference, where they changed
     if held_out and same_data:
         raise ValueError(f"a resumed run keeps its held-out data, but the validation conversations (or windows) "
                          f"differ from those checkpoint {path} was evaluated on, so val_loss would change meaning "
@@ -135,8 +138,6 @@ def _restore_data(run: Run, path: Path, states: dict[str, Any], meta: dict[str, 
                          f"with them as they are now)")
     notes = ([windows] if windows else []) + ([f"the validation data differs: val_loss after step {meta['step']} "
                                                "does not compare with the values before it"] if held_out else [])
-    if not notes:
-        return ""
     after = ("the run goes on from there, no longer bit for bit the run it would have been" if windows else
              "the training steps are those the run would have taken")
     return (f"note: resumed on changed data (--accept-changed-data{f'; changed since: {changed}' if changed else ''}"
