@@ -580,4 +580,5 @@ def test_a_sentencepiece_conversation_encodes_as_its_whole_text_does() -> None:
     assert tok.encode_chat(chat) == [whole] and whole[0] == tok.encode("user")[0]  # the start keeps its "▁"
     first, second = tok.encode_chat(chat, [chat.text.index("hi")])
     assert first + second == whole
+    assert tok.encode_chat(chat, start=chat.text.index("hi")) == [second]  # from a cut on: no "▁" there either
 

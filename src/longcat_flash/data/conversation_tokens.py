@@ -30,13 +30,15 @@ class ChatTokenizer(Protocol):
     def render_chat(self, messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
                     tools: Sequence[dict[str, Any]] | None = None, suffix: str = "") -> Any: ...
 
-    def encode_chat(self, chat: Any, cuts: Sequence[int] = ()) -> list[list[int]]: ...  # chat: render_chat's
+    def encode_chat(self, chat: Any, cuts: Sequence[int] = (),  # chat: render_chat's
+                    start: int = 0) -> list[list[int]]: ...
 
 
 def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequence[str] = (),
-                window: int | None = None) -> tuple[Any, list[int], list[bool]]:
-    """The rendered conversation (`render_chat`), the offsets cutting it into pieces, whether each is trained;
-    `ends`: the texts of the tokens generation stops at (default: the tokenizer's eos), one of which ends a turn.
+                window: int | None = None) -> tuple[Any, list[int], list[bool], list[list[int]]]:
+    """The rendered conversation (`render_chat`), the offsets cutting it into pieces, whether each is trained, and
+    the first pieces' ids where the window's count encoded them (`tokenize` encodes the rest); `ends`: the texts
+    of the tokens generation stops at (default: the tokenizer's eos), one of which ends a turn.
 
     An assistant turn is what the template adds after the generation prompt of the messages before it, up to
     and including its end-of-turn token: exactly what the model writes when served. Found by rendering the
@@ -54,6 +56,7 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
                                 "conversation reads the same without them), so the model would learn calls to tools "
                                 "it was never shown")
     cuts, trained, done, eos = [], [], 0, tokenizer.eos_token or ""
+    counted: list[list[int]] = []  # the pieces encoded for the window's count: those before cuts[len(counted) - 1]
     stops = [e for e in ends or [eos] if e]  # the texts of the tokens generation stops at
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
@@ -70,16 +73,18 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
             raise ConversationError(f"{conversation.where}: {conversation.field(i)}: the chat template does not render "
                                     f"the conversation as an extension of its prefixes; cannot find the "
                                     f"assistant turn")
-        if window is not None and _tokens_before(tokenizer, full, cuts, len(prompt), window) >= window:
+        if window is not None:
+            counted = _encoded_to(tokenizer, full, cuts, len(prompt), window, counted)
+        if window is not None and sum(map(len, counted)) >= window:
             _check_call_format(tokenizer, conversation)
-            return full, cuts + [len(prompt)], trained + [False, False]  # this turn on: past the window
+            return full, cuts + [len(prompt)], trained + [False, False], counted  # this turn on: past the window
         written = [(a, b) for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)]
         _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], stops, [full.text[a:b] for a, b in written])
         cuts += [len(prompt), _end_of_reply(tokenizer, full.text, written, stops, len(prompt), len(turn))]
         trained += [False, i not in conversation.untrained]
         done = len(turn)
     _check_call_format(tokenizer, conversation)
-    return full, cuts, trained + [False]
+    return full, cuts, trained + [False], counted
 
 
 def _check_call_format(tokenizer: ChatTokenizer, conversation: Conversation) -> None:
@@ -92,13 +97,24 @@ def _check_call_format(tokenizer: ChatTokenizer, conversation: Conversation) -> 
                                 "parses: the model would learn calls the server returns as text")
 
 
-def _tokens_before(tokenizer: ChatTokenizer, full: Any, cuts: list[int], end: int, window: int) -> int:
-    """How many tokens full.text[:end] encodes to, cut at `cuts` as `tokenize` cuts it; under `window` without
-    encoding when its UTF-8 bytes are fewer (a token holds a byte at least; a tokenizer may add one in front)."""
+def _encoded_to(tokenizer: ChatTokenizer, full: Any, cuts: list[int], end: int, window: int,
+                counted: list[list[int]]) -> list[list[int]]:
+    """The pieces of full.text[:end] (`end`: the cut after cuts) as `tokenize` encodes them, the first of them
+    `counted`'s (`_encoded_on`): each text is encoded once however many turns are counted (from the start each
+    time, a conversation's encoding grew with the square of its turns). `counted` as it is, fewer tokens than
+    `window`, while full.text[:end] has fewer UTF-8 bytes (a token holds a byte at least; a tokenizer may add one in
+    front)."""
     if len(full.text[:end].encode("utf-8", "surrogatepass")) + 1 < window:
-        return 0
-    head = type(full)(full.text[:end], tuple(s for s in full.specials if s[1] <= end))
-    return sum(map(len, tokenizer.encode_chat(head, cuts)))
+        return counted
+    return _encoded_on(tokenizer, type(full)(full.text[:end], tuple(s for s in full.specials if s[1] <= end)), cuts,
+                       counted)
+
+
+def _encoded_on(tokenizer: ChatTokenizer, chat: Any, cuts: list[int], counted: list[list[int]]) -> list[list[int]]:
+    """The pieces of `chat` cut at `cuts`: `counted` (those before cuts[len(counted) - 1], encoded already), then
+    the rest."""
+    start = cuts[len(counted) - 1] if counted else 0
+    return counted + tokenizer.encode_chat(chat, cuts[len(counted):], start=start)
 
 
 def _rendered_without_tools(tokenizer: ChatTokenizer, messages: Sequence[dict[str, Any]]) -> str | None:
@@ -150,9 +166,9 @@ def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequenc
     """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
     as the server encodes a prompt), so no token straddles the start or end of an assistant turn. With `window`,
     assistant turns that start past the first `window` tokens are not trained (turn_bounds)."""
-    full, cuts, trained = turn_bounds(tokenizer, conversation, ends, window)
+    full, cuts, trained, counted = turn_bounds(tokenizer, conversation, ends, window)
     try:
-        encoded = tokenizer.encode_chat(full, cuts)  # one piece per entry of `trained`
+        encoded = _encoded_on(tokenizer, full, cuts, counted)  # one piece per entry of `trained`
     except ValueError as err:  # text the tokenizer cannot take: the row is named, as for any bad row
         raise ConversationError(f"{conversation.where}: {err}") from None
     ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int32)  # the windows' dtype

@@ -305,17 +305,18 @@ class Tokenizer:
         specials = tuple((m.start(), m.end(), self.special_ids[m.group()]) for m in pattern.finditer(template_text))
         return RenderedChat(text, specials)
 
-    def encode_chat(self, chat: RenderedChat, cuts: Sequence[int] = ()) -> list[list[int]]:
+    def encode_chat(self, chat: RenderedChat, cuts: Sequence[int] = (), start: int = 0) -> list[list[int]]:
         """The ids of `chat.text` cut at the non-decreasing character offsets `cuts`: one list per piece (len(cuts)
         + 1 of them, an empty piece an empty list; no token straddles a cut), the template's special tokens as their
-        ids, everything else as text."""
-        bounds = [0, *cuts, len(utf8_text(chat.text))]
+        ids, everything else as text. From `start` on, when not 0 (a cut of an earlier call's): the pieces after
+        it, as the whole text's encoding reads them."""
+        bounds = [start, *cuts, len(utf8_text(chat.text))]
         if any(a > b for a, b in zip(bounds, bounds[1:])):
             raise ValueError(f"cuts must be non-decreasing offsets into the text, got {list(cuts)}")
-        if any(start < cut < end for start, end, _ in chat.specials for cut in bounds):
+        if any(a < cut < b for a, b, _ in chat.specials for cut in bounds):
             raise ValueError("a cut falls inside a special token of the rendered conversation")
         texts, layout = [], []  # layout: per piece, a special token's id or ("text", index into texts)
-        specials = iter(chat.specials)
+        specials = iter([s for s in chat.specials if s[0] >= start])
         special = next(specials, None)
         starts_text = False  # the conversation's text begins with text, not a special token
         for start, end in zip(bounds, bounds[1:]):
@@ -334,9 +335,8 @@ class Tokenizer:
                 texts.append(chat.text[at:end])
             layout.append(piece)
         # each text as the whole text's encoding reads it: only the one at its very start gets a SentencePiece "▁"
-        encoded = self._encode_many(self._continuing, texts)
-        if starts_text:
-            encoded[0] = self.encode(texts[0])
+        first = [self.encode(texts[0])] if starts_text else []
+        encoded = first + self._encode_many(self._continuing, texts[len(first):])
         return [[i for part in piece for i in (encoded[part[1]] if isinstance(part, tuple) else [part])]
                 for piece in layout]
 
