@@ -1,5 +1,5 @@
-"""Writing files that readers never see half-written, with the permissions the user's umask asks for, and the
-one folder the package keeps its caches in.
+"""Writing files that readers never see half-written, with the permissions the user's umask asks for, the one
+folder the package keeps its caches in, and what those caches are keyed by.
 
 One way for the whole package: write under a temporary name beside the target (same directory, so the rename is
 atomic on one filesystem), then rename it into place. Writers that create their file privately (safetensors
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -23,6 +23,14 @@ def cache_home() -> Path:
     directory); a set one is how a user whose home is read-only (a container, a cluster) moves every cache."""
     xdg = os.environ.get("XDG_CACHE_HOME", "")
     return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "longcat-flash"
+
+
+def hash_file_states(h: hashlib._Hash, paths: Iterable[Path]) -> None:
+    """Each file's path, size and modification time into `h`: what a cache made from the files is keyed by (an
+    edit changes the size or the time; reading the contents to know would cost as much as the cache saves)."""
+    for path in paths:
+        stat = path.stat()
+        h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
 
 
 def current_umask() -> int:

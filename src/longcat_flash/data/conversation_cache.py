@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..files import atomic_write, make_folder
+from ..files import atomic_write, hash_file_states, make_folder
 from .conversation_tokens import ChatTokenizer
 from .shards import remove_abandoned_parts
 
@@ -34,9 +34,7 @@ def cache_path(cache_dir: Path, files: Sequence[Path], tokenizer: ChatTokenizer,
     rendering = (tokenizer.fingerprint, tokenizer.chat_template, tokenizer.tool_chat_template, tokenizer.bos_token,
                  tokenizer.eos_token, tokenizer.pad_token)  # the vocabulary, and what the templates are given
     key = hashlib.sha256(repr((_code_digest(), rendering, tuple(ignore), tuple(ends), window)).encode())
-    for path in files:
-        stat = path.stat()
-        key.update(f"{path.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    hash_file_states(key, [path.resolve() for path in files])
     return cache_dir / f"conversations-{files[0].stem if len(files) == 1 else files[0].parent.name}-" \
                        f"{key.hexdigest()[:16]}.npz"
 

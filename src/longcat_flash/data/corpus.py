@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import json_text
+from ..files import hash_file_states
 from .dataset_folders import RUN_CONFIG_FILE, check_one_split, data_files, glob_files
 
 STDLIB = "stdlib"  # the source name (or None) that selects the running Python's standard library
@@ -129,9 +130,7 @@ class Corpus:
         files = self.files()
         field = self.text_field if any(corpus_kind(path) in RECORD_KINDS for path in files) else None
         h = hashlib.sha256(repr((str(self.root.resolve()), field, self.max_bytes, self.max_docs)).encode())
-        for path in files:
-            stat = path.stat()
-            h.update(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        hash_file_states(h, files)
         return h.hexdigest()
 
 
