@@ -80,12 +80,14 @@ def test_cost_per_token_does_not_grow_with_the_text(tokenizer, blocks):
     ids = tokenizer.encode("<T>" + SAMPLE * 3000 if blocks else SAMPLE * 400)  # a block: long enough to tell
 
     def seconds(n: int) -> float:
-        state, start = TextState(tokenizer, stop=["never there"], blocks=blocks), time.perf_counter()
+        """This thread's CPU time, not the clock's: another test's processes may share the cores (pytest -n 2),
+        and a 100 ms run is cut into time slices where a 3 ms one is not (the clock's ratio was 35-46 at a load of 6)."""
+        state, start = TextState(tokenizer, stop=["never there"], blocks=blocks), time.thread_time()
         for token in ids[:n]:
             state.feed([token])
-        return time.perf_counter() - start
+        return time.thread_time() - start
     seconds(200)
-    assert seconds(len(ids)) / min(seconds(len(ids) // 10) for _ in range(3)) < 25
+    assert min(seconds(len(ids)) for _ in range(3)) / min(seconds(len(ids) // 10) for _ in range(3)) < 25
 
 
 @pytest.mark.parametrize("step", [1, 3])
