@@ -99,11 +99,11 @@ def _check_call_format(tokenizer: ChatTokenizer, conversation: Conversation) -> 
 
 def _encoded_to(tokenizer: ChatTokenizer, full: Any, cuts: list[int], end: int, window: int,
                 counted: list[list[int]]) -> list[list[int]]:
-    """The pieces of full.text[:end] (`end`: the cut after cuts) as `tokenize` encodes them, the first of them
-    `counted`'s (`_encoded_on`): each text is encoded once however many turns are counted (from the start each
-    time, a conversation's encoding grew with the square of its turns). `counted` as it is, fewer tokens than
-    `window`, while full.text[:end] has fewer UTF-8 bytes (a token holds a byte at least; a tokenizer may add one in
-    front)."""
+    """The pieces of full.text[:end] as `tokenize` encodes them (`end`: the next cut), going on from `counted`
+    (`_encoded_on`), so each text is encoded once however many turns are counted (from the start each time, a
+    conversation's encoding grew with the square of its turns). While full.text[:end] has fewer UTF-8 bytes than
+    `window` nothing is encoded and `counted` comes back as it is: its tokens are fewer still, so under `window`
+    too (a token holds a byte at least; a tokenizer may add one in front)."""
     if len(full.text[:end].encode("utf-8", "surrogatepass")) + 1 < window:
         return counted
     return _encoded_on(tokenizer, type(full)(full.text[:end], tuple(s for s in full.specials if s[1] <= end)), cuts,
@@ -111,8 +111,8 @@ def _encoded_to(tokenizer: ChatTokenizer, full: Any, cuts: list[int], end: int, 
 
 
 def _encoded_on(tokenizer: ChatTokenizer, chat: Any, cuts: list[int], counted: list[list[int]]) -> list[list[int]]:
-    """The pieces of `chat` cut at `cuts`: `counted` (those before cuts[len(counted) - 1], encoded already), then
-    the rest."""
+    """The pieces of `chat` cut at `cuts`: `counted`, encoded already, then the rest. `counted` must be the pieces
+    before cuts[len(counted) - 1], whole: turn_bounds cuts at every offset it counts to."""
     start = cuts[len(counted) - 1] if counted else 0
     return counted + tokenizer.encode_chat(chat, cuts[len(counted):], start=start)
 

@@ -319,8 +319,8 @@ class Tokenizer:
         specials = iter([s for s in chat.specials if s[0] >= start])
         special = next(specials, None)
         starts_text = False  # the conversation's text begins with text, not a special token
-        for start, end in zip(bounds, bounds[1:]):
-            piece, at = [], start
+        for at, end in zip(bounds, bounds[1:]):
+            piece = []
             while special is not None and special[0] < end:
                 if special[0] > at:
                     starts_text |= at == 0
