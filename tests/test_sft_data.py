@@ -923,6 +923,19 @@ def test_a_conversation_is_encoded_once_whatever_its_turns(tokenizer, monkeypatc
     assert sum(map(len, encoded)) <= len(text)  # the special tokens' text is not encoded
 
 
+@pytest.mark.parametrize("window", [None, 20])
+def test_a_template_whose_turn_starts_inside_a_special_token_names_the_row(tokenizer, window):
+    """The generation prompt ends in the middle of the assistant turn's `<s>`: no cut can fall there. The error
+    names the row whether the final encoding or the window's count (the second turn's) meets it first."""
+    template = ("{% for m in messages %}{% if m.role == 'assistant' %}<s>{{ m.content }}</s>{% else %}"
+                "{{ m.content }}{% endif %}{% endfor %}{% if add_generation_prompt %}<{% endif %}")
+    odd = Tokenizer(tokenizer.backend, chat_template=template)
+    row = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"},
+                        {"role": "user", "content": "x" * 100}, {"role": "assistant", "content": "ok"}]}
+    with pytest.raises(ConversationError, match=r"^rows\.jsonl:4: a cut falls inside a special token"):
+        tokenize(odd, parse_row(row, "rows.jsonl:4"), window=window)
+
+
 def test_special_token_text_inside_a_message_stays_text(tokenizer):
     """HTML's <s>strike</s> in an answer must not become bos / eos: the model would learn to stop mid-answer."""
     row = {"messages": [{"role": "user", "content": "What does <s>old</s> mean?"},

@@ -166,11 +166,13 @@ def tokenize(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequenc
     """(ids (N,), trained (N,) bool): the pieces encoded one by one (only the template's special tokens parsed,
     as the server encodes a prompt), so no token straddles the start or end of an assistant turn. With `window`,
     assistant turns that start past the first `window` tokens are not trained (turn_bounds)."""
-    full, cuts, trained, counted = turn_bounds(tokenizer, conversation, ends, window)
     try:
+        full, cuts, trained, counted = turn_bounds(tokenizer, conversation, ends, window)
         encoded = _encoded_on(tokenizer, full, cuts, counted)  # one piece per entry of `trained`
-    except ValueError as err:  # text the tokenizer cannot take: the row is named, as for any bad row
-        raise ConversationError(f"{conversation.where}: {err}") from None
+    except ConversationError:
+        raise
+    except ValueError as err:  # text the tokenizer cannot take, a cut it cannot make (met first by the window's
+        raise ConversationError(f"{conversation.where}: {err}") from None  # count or by this): the row is named
     ids = np.fromiter((i for piece in encoded for i in piece), dtype=np.int32)  # the windows' dtype
     mask = np.fromiter((t for piece, t in zip(encoded, trained) for _ in piece), dtype=bool, count=len(ids))
     return ids, mask
