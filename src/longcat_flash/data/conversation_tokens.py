@@ -75,9 +75,9 @@ def turn_bounds(tokenizer: ChatTokenizer, conversation: Conversation, ends: Sequ
                                     f"assistant turn")
         if window is not None:
             counted = _encoded_to(tokenizer, full, cuts, len(prompt), window, counted)
-        if window is not None and sum(map(len, counted)) >= window:
-            _check_call_format(tokenizer, conversation)
-            return full, cuts + [len(prompt)], trained + [False, False], counted  # this turn on: past the window
+            if sum(map(len, counted)) >= window:
+                _check_call_format(tokenizer, conversation)
+                return full, cuts + [len(prompt)], trained + [False, False], counted  # this turn on: past the window
         written = [(a, b) for a, b, _ in full.specials if len(prompt) <= a and b <= len(turn)]
         _check_turn(tokenizer, conversation, i, prompt, turn[len(prompt):], stops, [full.text[a:b] for a, b in written])
         cuts += [len(prompt), _end_of_reply(tokenizer, full.text, written, stops, len(prompt), len(turn))]
