@@ -244,6 +244,32 @@ def started_server(model: Path) -> Iterator[tuple[subprocess.Popen, int]]:
             server.wait()
 
 
+def test_the_server_started_for_a_test_is_its_own_though_another_answers_on_a_port_picked_before(tmp_path,
+                                                                                                  monkeypatch):
+    """Two pytest workers start servers at once: a port picked free before the server bound it could be the other
+    worker's server by then, whose /health answered for this one. The server picks its own port (`--port 0`) and
+    says which; a port picked here is not used."""
+    import http.server
+    import threading
+
+    from longcat_flash.serve import launch
+
+    class Healthy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802  (the handler's name)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Healthy) as other:
+        threading.Thread(target=other.serve_forever, daemon=True).start()
+        monkeypatch.setattr(launch, "free_port", lambda: other.server_address[1])
+        with running_server(init_checkpoint(tiny(), tmp_path / "tiny", dtype=torch.float32)) as base:
+            assert httpx.get(f"{base}/v1/models").json()["data"][0]["id"] == "tiny"
+        other.shutdown()
+
+
 def test_a_server_whose_engine_process_dies_stops_with_status_1(tmp_path):
     """It stayed up for ever: /health 503, but /v1/models 200, so a supervisor restarting on failure (systemd's
     Restart=on-failure, Docker's, Kubernetes' readiness on /v1/models) never did. vLLM's server stops."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import shutil
 import signal
 import socket
@@ -27,17 +28,19 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(model_dir: str | Path, *args: str, threads: int = 1, startup_s: float = 90) -> Iterator[str]:
     """Serve `model_dir` (`threads` OpenMP threads, extra CLI `args`) until the block ends; yields the base URL
-    once /health answers. A server that dies or does not come up raises with its own output."""
-    port = free_port()
+    once /health answers. A server that dies or does not come up raises with its own output. The port is the
+    OS's pick (`--port 0`), read from the server's first line: one picked here (free_port) could be taken before
+    the server binds it, and another server answering there passed for this one."""
     exe = [shutil.which("longcat")] if shutil.which("longcat") else [sys.executable, "-m", "longcat_flash.cli"]
     with tempfile.TemporaryFile() as log:  # a file, not a pipe: a long run's output can never block the server
-        proc = subprocess.Popen([*exe, "serve", "--model", str(model_dir), "--port", str(port), *args],
+        proc = subprocess.Popen([*exe, "serve", "--model", str(model_dir), "--port", "0", *args],
                                 env={**os.environ, "OMP_NUM_THREADS": str(threads)}, stdout=log,
                                 stderr=subprocess.STDOUT, preexec_fn=_stop_with_parent if _PRCTL else None)
-        base = f"http://127.0.0.1:{port}"
+        base = None
         try:
             deadline = time.time() + startup_s
-            while not _healthy(base):
+            while base is None or not _healthy(base):
+                base = base or _announced_base(log)
                 if proc.poll() is not None or time.time() > deadline:
                     proc.kill()
                     proc.wait()
@@ -51,6 +54,13 @@ def running_server(model_dir: str | Path, *args: str, threads: int = 1, startup_
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def _announced_base(log) -> str | None:
+    """The base URL in `longcat serve`'s first line, once written ("longcat serve: NAME on http://HOST:PORT/v1");
+    read without moving the offset the server writes at."""
+    found = re.search(rb"^longcat serve: .* on (http://\S+):(\d+)/v1 ", os.pread(log.fileno(), 1 << 16, 0), re.M)
+    return f"{found[1].decode()}:{int(found[2])}" if found else None
 
 
 def _prctl() -> Callable[..., int] | None:
