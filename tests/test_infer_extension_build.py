@@ -112,3 +112,52 @@ def test_a_finished_build_loads_without_a_compiler_and_without_a_word(tmp_path):
     env.pop("LONGCAT_KERNELS", None)
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.stdout.strip() == "True" and run.stderr == "", run.stderr
+
+
+FAILING_COMPILER = """#!/bin/sh
+case "$1" in --version|-v|-dump*) exec c++ "$@";; esac
+echo "$*" >> "$(dirname "$0")/compiles.log"
+echo "main.cpp:1:1: error: this compiler cannot build the kernels" >&2
+exit 1
+"""
+
+
+def test_a_failed_build_is_not_tried_again_with_the_same_compiler(tmp_path):
+    """A build that fails compiles for a minute or more first (GCC goes on after an error), and every command that
+    ran a model paid it again, with the whole build log in its warning. The failure is remembered with the compiler
+    it came from: the next command skips the build with one line; another compiler (or this one upgraded) tries."""
+    import os
+    import shutil
+
+    from longcat_flash.infer import extension
+
+    capability = extension.torch.backends.cpu.get_cpu_capability().lower()
+    if ("avx512" not in capability and capability != "avx2") or shutil.which("c++") is None:
+        pytest.skip("the kernels build only on a CPU with AVX-512 or AVX2, with a C++ compiler")
+    compiler = tmp_path / "bin" / "c++"
+    compiler.parent.mkdir()
+    compiler.write_text(FAILING_COMPILER)
+    compiler.chmod(0o755)
+    compiles = tmp_path / "bin" / "compiles.log"
+    code = "from longcat_flash.infer import extension; print(extension.compiled() is None)"
+    env = {**os.environ, "CXX": str(compiler), "LONGCAT_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("LONGCAT_KERNELS", None)
+
+    def run() -> tuple[list[str], int]:
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.stdout.strip() == "True", done.stderr
+        said = [line for line in done.stderr.splitlines() if "compiled CPU kernels unavailable" in line]
+        return said, len(compiles.read_text().splitlines()) if compiles.exists() else 0
+
+    said, tried = run()
+    assert tried >= 1 and len(said) == 1 and "their build failed (main.cpp:1:1: error: this compiler" in said[0]
+    failed_log = next((tmp_path / "cache").glob(f"*/{extension.FAILED_LOG}"))
+    assert "cannot build the kernels" in failed_log.read_text() and str(failed_log) in said[0]
+
+    said, tried_again = run()
+    assert tried_again == tried, "the build was tried again with the compiler it failed with"
+    assert len(said) == 1 and "failed before" in said[0] and str(failed_log) in said[0]
+
+    compiler.write_text(FAILING_COMPILER + "# upgraded\n")
+    said, tried_again = run()
+    assert tried_again > tried and "their build failed" in said[0]

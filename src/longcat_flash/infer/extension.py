@@ -38,6 +38,7 @@ FUNCTIONS = ["block_experts", "group_experts", "dense_experts", "moe_experts", "
 
 
 NAME = "longcat_cpu_kernels"  # the module's, and its .so's in the build directory
+FAILED_LOG = "build_failed.log"  # in the build directory: the compiler a build failed with, then its log
 KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # what the kernels compute in
 
 
@@ -54,8 +55,6 @@ def compiled():
     if os.environ.get("LONGCAT_KERNELS", "1") == "0" or ("avx512" not in capability and capability != "avx2"):
         return None
     try:
-        from torch.utils.cpp_extension import load_inline
-
         cache = kernel_cache()
         _ninja_on_path()
         if "avx512" in capability:
@@ -70,22 +69,55 @@ def compiled():
         build = build_directory(cache, sources, flags)
         build.mkdir(parents=True, exist_ok=True)
         with build_lock(build):
-            if (module := _load_built(build)) is not None:
-                return module
-            compiler = os.environ.get("CXX") or "c++"  # torch.utils.cpp_extension's choice
-            if shutil.which(compiler) is None:  # torch printed its banner and 2 KB of failed build log
-                log.warning("compiled CPU kernels unavailable: no C++ compiler %r to build them (CXX names one); "
-                            "using the PyTorch paths", compiler)
-                return None
-            slow = (f"building the compiled CPU kernels in {build} (once after an install: a minute or more; "
-                    "LONGCAT_KERNELS=0 skips them)")
-            with announced_if_slow(slow, done="compiled CPU kernels built"):
-                return load_inline(NAME, cpp_sources=sources, functions=FUNCTIONS,
-                                   extra_cflags=flags, extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
-                                   build_directory=str(build), verbose=False)
-    except Exception as err:  # noqa: BLE001  (any build problem: fall back, loudly once)
+            return _load_built(build) or _built(build, sources, flags)
+    except Exception as err:  # noqa: BLE001  (any other problem: fall back, loudly once)
         log.warning("compiled CPU kernels unavailable (%s); using the PyTorch paths", err)
         return None
+
+
+def _built(build: Path, sources: list[str], flags: list[str]) -> types.ModuleType | None:
+    """The kernels built into `build`, or None (warned) without a compiler or when the build fails. A failed build
+    is remembered with the compiler it used (FAILED_LOG): each try compiles for a minute or more before it fails,
+    and every command that runs a model would pay it again."""
+    from torch.utils.cpp_extension import load_inline
+
+    compiler = os.environ.get("CXX") or "c++"  # torch.utils.cpp_extension's choice
+    if shutil.which(compiler) is None:  # torch printed its banner and 2 KB of failed build log
+        log.warning("compiled CPU kernels unavailable: no C++ compiler %r to build them (CXX names one); "
+                    "using the PyTorch paths", compiler)
+        return None
+    failed, identity = build / FAILED_LOG, compiler_identity(compiler)
+    if failed.is_file() and failed.read_text(errors="replace").partition("\n")[0] == identity:
+        log.warning("compiled CPU kernels unavailable: their build with this compiler failed before (its log: %s; "
+                    "delete it to build again); using the PyTorch paths", failed)
+        return None
+    slow = (f"building the compiled CPU kernels in {build} (once after an install: a minute or more; "
+            "LONGCAT_KERNELS=0 skips them)")
+    try:
+        with announced_if_slow(slow, done="compiled CPU kernels built"):
+            return load_inline(NAME, cpp_sources=sources, functions=FUNCTIONS, extra_cflags=flags,
+                               extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
+                               build_directory=str(build), verbose=False)
+    except Exception as err:  # noqa: BLE001  (not Ctrl-C: a build stopped halfway is tried again)
+        failed.write_text(f"{identity}\n{err}\n")
+        log.warning("compiled CPU kernels unavailable: their build failed (%s; the whole log: %s; later commands do "
+                    "not build them again with this compiler while it is there); using the PyTorch paths",
+                    first_error(str(err)), failed)
+        return None
+
+
+def compiler_identity(compiler: str) -> str:
+    """The compiler's resolved path, size and modification time: a build that failed is not tried again (each try
+    compiles for a minute or more before it fails) until the compiler is another one, or the same one upgraded."""
+    path = Path(shutil.which(compiler)).resolve()
+    stat = path.stat()
+    return f"compiler: {path} ({stat.st_size} bytes, modified {stat.st_mtime_ns} ns)"
+
+
+def first_error(log_text: str) -> str:
+    """The first line of a build log that reports an error (the log runs to kilobytes), else its first line."""
+    lines = [line.strip() for line in log_text.splitlines() if line.strip()] or ["no log"]
+    return next((line for line in lines if "error:" in line.lower()), lines[0])  # gcc, clang, ld: "...: error: ..."
 
 
 def _load_built(build: Path) -> types.ModuleType | None:
