@@ -433,19 +433,35 @@ def test_whole_replies_are_serialised_off_the_event_loop(served, monkeypatch):
     assert replies == [False, False]
 
 
-def test_echoed_logprobs_are_bounded_per_request(served, monkeypatch):
-    """Each echoed prompt token carries logprobs + 1 entries in every copy: 4 prompts of 4000 ids with n=32 and
-    logprobs 20 (a 40 KB request) built a 312 MB reply. Past the bound, a 400 naming logprobs; at it, the reply."""
-    assert p.MAX_ECHOED_LOGPROBS >= 128 * 4096 * 2  # an evaluator's batch: 128 full 4096-token prompts, logprobs 1
+def test_logprobs_are_bounded_per_reply(served, monkeypatch):
+    """Each scored token carries logprobs + 1 entries in every copy: 4 echoed prompts of 4000 ids with n=32 and
+    logprobs 20 (a 40 KB request) built a 312 MB reply, and a chat reply of 2 x 3000 generated tokens with
+    top_logprobs 20 built 8.9 MB, more with a longer context. Past the bound, a 400 naming logprobs; at it, the
+    reply; streamed, generated tokens are sent as they come and do not count."""
+    assert p.MAX_LOGPROB_ENTRIES >= 128 * 4096 * 2  # an evaluator's batch: 128 full 4096-token prompts, logprobs 1
     client, _, _, _ = served
-    monkeypatch.setattr(p, "MAX_ECHOED_LOGPROBS", 4 * 50 * 2 * 3)
+    monkeypatch.setattr(p, "MAX_LOGPROB_ENTRIES", 4 * 50 * 2 * 3)
     ids = [[7 + (i * 5 + j) % 200 for i in range(50)] for j in range(4)]
     ask = {"model": "tiny", "prompt": ids, "max_tokens": 0, "echo": True, "n": 2}
     r = client.post("/v1/completions", json={**ask, "logprobs": 3})
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "logprobs", r.text
-    assert error["message"].startswith("logprobs: echoing 200 prompt tokens x n=2 with logprobs=3 (4 entries a "
-                                       "token) is 1600 entries; at most 1200 per request")
+    assert error["message"].startswith("logprobs: 200 echoed prompt tokens x n=2 x 4 entries a token is 1600 "
+                                       "entries; at most 1200 in one reply")
     r = client.post("/v1/completions", json={**ask, "logprobs": 2})  # 1200: at the bound
     assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text
     assert client.post("/v1/completions", json={**ask, "logprobs": 3, "echo": False, "max_tokens": 1}).status_code == 200
+    r = client.post("/v1/completions", json={**ask, "logprobs": 2, "max_tokens": 2})  # 200 echoed + 4 x 2 generated
+    assert r.status_code == 400 and "200 echoed prompt tokens and up to 8 generated tokens x n=2 x 3" in r.text, \
+        r.text[:300]
+
+    long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 2,
+            "logprobs": True, "top_logprobs": 5}  # up to 2 x 100 x 6 = 1200: at the bound
+    assert client.post("/v1/chat/completions", json=long).status_code == 200
+    r = client.post("/v1/chat/completions", json={**long, "top_logprobs": 6})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
+    assert r.json()["error"]["message"].startswith("logprobs: up to 100 generated tokens x n=2 x 7 entries a token "
+                                                   "is 1400 entries")
+    assert client.post("/v1/chat/completions", json={**long, "top_logprobs": 6, "logprobs": False}).status_code == 400
+    r = client.post("/v1/chat/completions", json={**long, "top_logprobs": 6, "stream": True})
+    assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")

@@ -432,10 +432,11 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     async def completions(body: p.CompletionRequest, request: Request):
         prompts = await asyncio.to_thread(completion_prompts, tokenizer, body.prompt, config.context,
                                           body.add_special_tokens)
-        _check_echoed_logprobs(sum(map(len, prompts)), body)
         names = ["prompt"] if len(prompts) == 1 else [f"prompt.{i}" for i in range(len(prompts))]
         params = [_completion_params(gen.check(body, ids, body.max_tokens, name), body)
                   for ids, name in zip(prompts, names)]
+        _check_logprob_entries(body, sum(map(len, prompts)) if body.echo else 0,
+                               0 if body.stream else sum(sp.max_new_tokens for sp in params), body.logprobs)
         params = await gen.constrain(params, body)
         groups = await gen.submit([(ids, _copies(sp, body.n)) for ids, sp in zip(prompts, params)])
         copies = [copy for group in groups for copy in group]
@@ -457,6 +458,8 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         prompt = await asyncio.to_thread(chat_prompt, tokenizer, body, plan, config.context)
         [params] = await gen.constrain([_chat_params(gen.check(body, prompt, body.limit, "messages"), body)],
                                        body, plan)
+        _check_logprob_entries(body, 0, 0 if body.stream else params.max_new_tokens,
+                               (body.top_logprobs or 0) if body.logprobs else None)
         copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
         response = partial(resp.ChatCompletionResponse if not body.stream else resp.ChatCompletionChunk,
                            id=resp.new_id("chatcmpl"), created=resp.now(), model=config.model_name)
@@ -468,17 +471,20 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
                          len(prompt), body.include_usage, partial(gen.close, copies))
 
 
-def _check_echoed_logprobs(prompt_tokens: int, body: p.CompletionRequest) -> None:
-    """Every echoed prompt token carries logprobs + 1 entries in each copy: a 40 KB request (4 prompts of 4000
-    ids, n=32, logprobs=20) made a 312 MB reply and held 3.6 GB while building it."""
-    if not body.echo or body.logprobs is None:
+def _check_logprob_entries(body: p._Sampling, echoed: int, generated: int, alternatives: int | None) -> None:
+    """Each scored token carries alternatives + 1 entries in each of the n copies of a reply: echoed prompt tokens
+    (a 40 KB request, 4 prompts of 4000 ids with n=32 and logprobs 20, made a 312 MB reply and held 3.6 GB while
+    building it), and the generated tokens of a reply built whole (up to its token limit; a stream sends them as
+    they come). `alternatives`: the request's logprobs (chat: top_logprobs), None without logprobs."""
+    entries = (echoed + generated) * body.n * ((alternatives or 0) + 1)
+    if alternatives is None or entries <= p.MAX_LOGPROB_ENTRIES:
         return
-    entries = prompt_tokens * body.n * (body.logprobs + 1)
-    if entries > p.MAX_ECHOED_LOGPROBS:
-        raise APIError(400, f"logprobs: echoing {prompt_tokens} prompt tokens x n={body.n} with logprobs="
-                            f"{body.logprobs} ({body.logprobs + 1} entries a token) is {entries} entries; at most "
-                            f"{p.MAX_ECHOED_LOGPROBS} per request: send fewer or shorter prompts a request, or a "
-                            "smaller n or logprobs", param="logprobs", code="invalid_value")
+    tokens = " and ".join([f"{echoed} echoed prompt tokens"] * bool(echoed)
+                          + [f"up to {generated} generated tokens"] * bool(generated))
+    raise APIError(400, f"logprobs: {tokens} x n={body.n} x {alternatives + 1} entries a token is {entries} entries; "
+                        f"at most {p.MAX_LOGPROB_ENTRIES} in one reply: send a smaller max_tokens, n or number of "
+                        "alternatives, fewer or shorter prompts, or stream the reply", param="logprobs",
+                   code="invalid_value")
 
 
 async def _answers(calls: list[Awaitable[tuple[Any, int]]], close: Callable[[], None]) -> tuple[list, int]:

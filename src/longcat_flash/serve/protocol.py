@@ -33,8 +33,8 @@ MAX_TOOLS = 128
 MAX_PROMPTS = 128  # prompts in one completions request (each is one engine request; the queue still applies)
 MAX_N = 32  # copies of a prompt (they share its cache pages); prompts x n is capped at MAX_PROMPTS too
 MAX_LOGPROBS = 20  # infer/sampling.py's limit
-MAX_ECHOED_LOGPROBS = 2**20  # prompt tokens x n x (logprobs + 1) echoed in one completions reply (~30 MB of JSON;
-# 128 prompts of 4096 tokens with logprobs 1, an evaluator's batch, fit)
+MAX_LOGPROB_ENTRIES = 2**20  # scored tokens x n x (alternatives + 1) in one reply: echoed prompts, and generated
+# tokens unless streamed (~30 MB of JSON; 128 echoed prompts of 4096 tokens with logprobs 1, an evaluator's batch, fit)
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
 MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a response schema)
