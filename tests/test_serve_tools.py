@@ -289,14 +289,18 @@ UNCLOSED = f'ok {OPEN}{{"name": "f", never closed'
 @pytest.mark.parametrize("text, last, content, calls, reason, stop", [
     (f"ok {OPEN}no call ra( more{CLOSE} after", None, f"ok {OPEN}no call ", 0, "stop", "ra("),  # no call in it
     (f'ok {OPEN}{{"name": "f", "arguments": {{"q": "ra("}}}}{CLOSE}', "stop", "ok", 1, "tool_calls", "ra("),  # a call
-    (f'ok {OPEN}{{"name": "f", ra( never closed', "length", f'ok {OPEN}{{"name": "f", ', 0, "stop", "ra("),
+    (f'ok {OPEN}{{"name": "f", ra( never closed', "stop", f'ok {OPEN}{{"name": "f", ', 0, "stop", "ra("),
+    (f'ok {OPEN}{{"name": "f", ra( never closed', "length", f'ok {OPEN}{{"name": "f", ', 0, "length", "ra("),
+    (f'{OPEN}{{"name": "f", "arguments": {{}}}}{CLOSE}{OPEN}\n{{"name": "g", ', "length", OPEN, 1, "length", "\n"),
     (UNCLOSED, "length", UNCLOSED, 0, "length", OPEN),  # the tags are markup: a stop string never matches them
     (UNCLOSED, "length", UNCLOSED, 0, "length", "call>"),  # nor a part of one
 ])
 def test_stop_strings_cut_a_block_handed_back_as_content(text, last, content, calls, reason, stop):
     """Stop strings are not looked for inside call blocks (serve/text.py); a block the parser then handed back as
     content carried them to the client, and the reply ran on to max_tokens. Scanning it, a stop string equal to
-    the opening tag matched the tag: a reply cut by max_tokens finished with "stop" and an empty content."""
+    the opening tag matched the tag: a reply cut by max_tokens finished with "stop" and an empty content. A reply
+    that max_tokens cut finishes with "length" even where a stop string came first (with calls made, it finished
+    with "tool_calls", and an agent ran them as if the last block had not been cut)."""
     import asyncio
 
     from longcat_flash.serve.replies import parsed

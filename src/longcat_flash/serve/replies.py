@@ -24,7 +24,9 @@ async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: Too
     as OpenAI reports a cut, calls made or not). With parallel calls off, the first complete call ends the
     request: closing `pieces` cancels it on the engine, so the tokens after the closing tag are never generated.
     `stop`: the stop strings the text was not scanned for inside call blocks; a block the parser hands back as
-    content (its JSON no call, or never closed) is scanned for them here, and cut at the first. `end` is called
+    content (its JSON no call, or never closed) is scanned for them here, and cut at the first (a reply that
+    max_tokens cut still finishes with `length`, though the stop string came first: generation did not stop
+    there, and an agent must see that its last block was cut). `end` is called
     once the reply is complete (`TextState.end`), before `pieces` is closed, so that the request's cancel on the
     engine counts as finished, not as a client gone.
     """
@@ -34,7 +36,7 @@ async def parsed(pieces: AsyncIterator[tuple[str, str | None, int]], parser: Too
             if parser.done or reason:
                 events = events + parser.finish()
             events, stopped = cut_at_stop(events, stop)
-            reason = "stop" if stopped else reason
+            reason = "stop" if stopped and reason != "length" else reason  # max_tokens cut it all the same
             if parser.done or reason:
                 end()
                 yield events, "tool_calls" if parser.calls and reason != "length" else reason, n
