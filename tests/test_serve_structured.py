@@ -183,13 +183,17 @@ def test_strict_tool_under_auto_constrains_the_call(served):
 
 def test_stop_strings_never_cut_json_a_grammar_holds_or_a_call(served):
     """Agent frameworks send `stop` with tools and formats; a stop string inside the JSON cut it into markup left
-    in the content, with finish_reason "stop"."""
+    in the content, with finish_reason "stop". Where the whole output is JSON, stop strings could only break it:
+    they were accepted and ignored; now a 400 names `stop`. Under "auto" they cut the text, never a call."""
     client, tokenizer = served
     offered = tools("get_weather", "search")
-    for seed in range(2):
-        valid_calls(chat(client, tools=offered, tool_choice="required", stop=['"arguments"'], seed=seed), offered)
-        choice = chat(client, response_format={"type": "json_object"}, stop=["{"], seed=seed, max_tokens=400)
-        assert choice["finish_reason"] == "length" or isinstance(json.loads(choice["message"]["content"]), dict)
+    for all_json in ({"tools": offered, "tool_choice": "required"},
+                     {"tools": offered, "tool_choice": {"type": "function", "function": {"name": "search"}}},
+                     {"response_format": {"type": "json_object"}}):
+        r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "stop": ["{"], **all_json})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stop", r.text
+        valid = chat(client, max_tokens=400, seed=0, **all_json)  # the same without stop: served
+        assert valid["finish_reason"] in ("tool_calls", "stop", "length")
     [open_id] = tokenizer.encode(TOOL_CALL_OPEN, allow_special=True)
     strict = tools("search", strict=True)  # under "auto": text, or a call the grammar holds
     choice = chat(client, tools=strict, parallel_tool_calls=False, stop=['"name"', "{"], seed=0,

@@ -12,8 +12,8 @@ per request, or none when the output is free text (docs/serving.md §3.3).
   that the grammar never checked.
 Each call schema sits at the root of its own `%json`, so a tool's `$ref`s into its own `$defs` resolve.
 
-Stop strings never cut what a grammar or the tool parser must read whole (`stop_scope`): an output that is all
-JSON (a JSON response_format, a forced call) is not scanned for them, and text is scanned only outside call blocks.
+Stop strings never cut what a grammar or the tool parser must read whole (`stop_scope`): with an output that is
+all JSON (a JSON response_format, a forced call) they are refused, and text is scanned only outside call blocks.
 """
 from __future__ import annotations
 
@@ -60,9 +60,8 @@ def response_schema(response_format: dict[str, Any] | None) -> dict[str, Any] | 
 
 def stop_scope(body: p._Sampling, plan: ToolPlan | None) -> tuple[list[str], tuple[str, str] | None]:
     """The stop strings the request's text is scanned for, and the (opening, closing) tags of blocks it is not
-    scanned in: none when the whole output is JSON, tool-call blocks when the reply may call tools."""
-    if (plan is not None and plan.forced) or response_schema(body.response_format) is not None:
-        return [], None
+    scanned in: tool-call blocks when the reply may call tools (an output that is all JSON has no stop strings:
+    `request_grammar` refuses them)."""
     return body.stop, (TOOL_CALL_OPEN, TOOL_CALL_CLOSE) if plan is not None and plan.tools else None
 
 
@@ -109,6 +108,10 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
     schemas' check walks every subschema of a body of up to --max-request-mb."""
     def build() -> Grammar | None:
         check_tool_schemas(getattr(body, "tools", None))
+        if body.stop and ((plan is not None and plan.forced) or response_schema(body.response_format) is not None):
+            raise ConstraintError("stop", "stop: stop strings cannot apply to an output that is all JSON (a JSON "
+                                          "response_format, a forced tool call): a cut would leave it invalid, and "
+                                          "the grammar ends it when it is complete; send one or the other")
         text = lark(compiler, body, plan)
         if text is not None and compiler.unavailable is not None:
             param = _constraining_field(body, plan)
