@@ -6,6 +6,7 @@ import asyncio
 import json
 import threading
 import time
+from typing import ClassVar
 
 import pytest
 
@@ -13,6 +14,8 @@ pytest.importorskip("fastapi")
 httpx = pytest.importorskip("httpx")
 
 from fastapi import FastAPI  # noqa: E402
+from pydantic import BaseModel, field_validator  # noqa: E402
+from serve_support import on_a_loop  # noqa: E402
 
 from longcat_flash.serve import guard  # noqa: E402
 from longcat_flash.serve.guard import (BODIES_IN_FLIGHT, OPEN_BODIES_IN_FLIGHT, JSONOffLoopRoute,  # noqa: E402
@@ -253,3 +256,40 @@ def test_json_bodies_are_parsed_off_the_event_loop(monkeypatch):
     response, parsed_in, loop_thread = asyncio.run(go())
     assert response.status_code == 200 and loads(response.content) == {"keys": ["a", "b"]}
     assert parsed_in and loop_thread not in parsed_in
+
+
+class Ask(BaseModel):
+    """A body model that records where it is validated (on an event loop or not)."""
+    text: str
+    seen: ClassVar[list[bool]] = []
+
+    @field_validator("text")
+    @classmethod
+    def _record(cls, value: str) -> str:
+        cls.seen.append(on_a_loop())
+        if value == "bad":
+            raise ValueError("not this one")
+        return value
+
+
+def test_a_body_is_validated_as_its_model_off_the_event_loop_once():
+    """FastAPI validated a body on the event loop: an 8 MB one (250,000 content parts, or 128 nested tool schemas)
+    kept /health and every stream waiting for seconds. The route validates it in a worker thread, and FastAPI
+    takes the model as it is; a refusal is still FastAPI's own, naming the field."""
+    app = FastAPI()
+    app.router.route_class = JSONOffLoopRoute
+
+    @app.post("/v1/ask")
+    async def ask(body: Ask) -> dict:
+        return {"text": body.text, "model": type(body).__name__}
+
+    async def go(payload: dict) -> httpx.Response:
+        async with client(RequestGuard(app, api_key=KEY, max_body_bytes=LIMIT)) as c:
+            return await c.post("/v1/ask", json=payload)
+
+    Ask.seen.clear()
+    assert asyncio.run(go({"text": "hi"})).json() == {"text": "hi", "model": "Ask"}
+    assert Ask.seen == [False], "validated on the event loop, or twice"
+    refused = asyncio.run(go({"text": "bad"}))
+    assert refused.status_code == 422 and refused.json()["detail"][0]["loc"] == ["body", "text"]
+    assert Ask.seen == [False, False]
