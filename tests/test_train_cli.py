@@ -145,6 +145,29 @@ def test_init_from_is_read_as_every_other_set_value(tmp_path: Path, capsys):
     assert f"init_from='{model}'" in out and "model.num_layers=3" in out  # the checkpoint's model, not the recipe's
 
 
+def test_the_sets_fit_the_recipe_to_an_init_from_model(tmp_path: Path, capsys):
+    """The recipe's loss.balance_groups (4) and budget.target (2/3 of moe_topk) were checked against the checkpoint's
+    model before the --set that fits them was applied: a model of 6 FFN experts, or one whose top-k is mostly
+    zero experts, could not be trained or fine-tuned, though the error named the --set that fixes it."""
+    import torch
+
+    from longcat_flash.checkpoint.fresh import init_checkpoint
+    from longcat_flash.presets import tiny
+
+    six = init_checkpoint(tiny().replace(n_routed_experts=6), tmp_path / "six", dtype=torch.float32)
+    with pytest.raises(ValueError, match="loss.balance_groups must be a divisor of model.n_routed_experts=6, got 4"):
+        build_config("tiny", [f"init_from={six}"])  # the recipe's own value is still checked
+    main(["train", "--preset", "tiny", "--set", f"init_from={six}", "--set", "loss.balance_groups=2",
+          "--print-config"])
+    out = capsys.readouterr().out
+    assert "model.n_routed_experts=6" in out and "loss.balance_groups=2" in out
+    mostly_zero = init_checkpoint(tiny().replace(n_routed_experts=8, moe_topk=11, zero_expert_num=3),
+                                  tmp_path / "mostly_zero", dtype=torch.float32)
+    with pytest.raises(ValueError, match="set budget.target >= 8"):
+        build_config("tiny", [f"init_from={mostly_zero}"])
+    assert build_config("tiny", [f"init_from={mostly_zero}", "budget.target=8"]).budget.target == 8
+
+
 def test_init_from_a_run_resumed_and_stopped_before_its_end_is_refused(tmp_path: Path):
     """Its model files were the earlier finish's (step 2) while its newest checkpoint was at step 3: an extension
     run from it trained the older weights, without a word."""

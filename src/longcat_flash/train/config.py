@@ -491,15 +491,15 @@ def _overridden(preset: str | None, overrides: Sequence[str], saved: TrainConfig
     base = recipe(preset or "small")
     raw = _last_value(overrides, "init_from")
     init_from = None if raw is None else parse_text(raw)  # as apply_overrides reads it (null in any case: None)
-    if init_from is not None:  # the model is the checkpoint's, then the overrides
+    if init_from is not None:  # the model is the checkpoint's, then the overrides (checked together)
         model = pretrained_model_config(str(init_from))
         loss = base.loss if model.num_nextn_predict_layers else dataclasses.replace(base.loss, mtp_weight=0.0)
-        start = dataclasses.replace(base, model=model, data=dataclasses.replace(base.data, seq_len=2), loss=loss)
-        context = apply_overrides(start, overrides).model.max_position_embeddings  # as the overrides leave it
+        start = dataclasses.replace(base, data=dataclasses.replace(base.data, seq_len=2), loss=loss)
+        context = apply_overrides(start, overrides, model).model.max_position_embeddings  # as the overrides leave it
         # the recipe's windows, at most the model's context before the overrides and after them
         windows = min(base.data.seq_len, model.max_position_embeddings, context)
         cfg = apply_overrides(dataclasses.replace(start, data=dataclasses.replace(base.data, seq_len=windows)),
-                              overrides)
+                              overrides, model)
         if all(_last_value(overrides, k) is None for k in ("data.seq_len", "data")):  # a longer context holds more
             cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, seq_len=min(base.data.seq_len,
                                                                                          context)))

@@ -35,13 +35,17 @@ def build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
     return cls(**values)
 
 
-def apply_overrides(cfg: TrainConfig, assignments: Sequence[str]) -> TrainConfig:
+def apply_overrides(cfg: TrainConfig, assignments: Sequence[str], model: ModelConfig | None = None) -> TrainConfig:
     """Apply `section.field=value` strings, e.g. ["budget.rate=0.01", "model.num_layers=2"]; a later one wins.
 
     Each config object is rebuilt once with all of its assignments, so fields that are checked against each
     other (data.batch_size and data.grad_accum, model.num_nextn_predict_layers and loss.mtp_weight) can be set
-    in any order."""
-    return _assign(cfg, _parsed_assignments(assignments, "apply_overrides", "budget.rate=0.01"))
+    in any order. `model` (a checkpoint's, for init_from) replaces cfg's before the assignments, in the same
+    rebuild: a recipe's loss.balance_groups or budget.target that does not fit it is checked only once an
+    assignment had the chance to change it."""
+    items = _parsed_assignments(assignments, "apply_overrides", "budget.rate=0.01")
+    whole = [] if model is None else [(["model"], _Parsed(dataclasses.asdict(model)))]
+    return _assign(cfg, whole + items)
 
 
 def apply_model_overrides(cfg: ModelConfig, assignments: Sequence[str]) -> ModelConfig:
