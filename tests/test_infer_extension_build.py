@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,26 @@ def test_a_failed_build_is_not_tried_again_with_the_same_compiler(tmp_path):
     compiler.write_text(FAILING_COMPILER + "# upgraded\n")
     said, tried_again = run()
     assert tried_again > tried and "their build failed" in said[0]
+
+
+def test_a_finished_build_loads_from_a_cache_this_process_cannot_write(tmp_path):
+    """A build baked into a read-only image (or another user's cache) fell back to the PyTorch paths, 10-20x slower
+    at decode and with other tokens: the lock file could not be opened to write before the build was loaded."""
+    import os
+    import shutil
+
+    from longcat_flash.infer import extension
+
+    module = extension.compiled()
+    if module is None:
+        pytest.skip("the kernels cannot be built here")
+    built = Path(module.__file__)
+    copy = tmp_path / "cache" / built.parent.name  # the build's directory is named by its sources, not the cache
+    copy.mkdir(parents=True)
+    shutil.copy(built, copy / built.name)
+    (copy / "longcat_build.flock").mkdir()  # cannot be opened to write, as in a read-only cache (root ignores modes)
+    code = "from longcat_flash.infer import extension; print(extension.compiled() is not None)"
+    env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "LONGCAT_KERNEL_CACHE": str(tmp_path / "cache")}
+    env.pop("LONGCAT_KERNELS", None)
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.stdout.strip() == "True" and run.stderr == "", run.stderr

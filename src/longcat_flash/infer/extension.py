@@ -166,13 +166,19 @@ def build_lock(build: Path) -> Iterator[None]:
     """Held while the kernels are built or loaded from `build`. torch's own lock there (a file named `lock`) stays
     behind when a build is killed (Ctrl-C during the first, minute-long build), and every later process then waits
     for it forever. This lock is a flock, which dies with its process: whoever holds it knows that no build is
-    running, so a `lock` file left there is stale and goes."""
+    running, so a `lock` file left there is stale and goes. In a cache it cannot write, a process only loads (a
+    finished build baked into a read-only image fell back to the PyTorch paths: the lock could not be opened)."""
     try:
         import fcntl
     except ImportError:  # not POSIX: torch's lock alone
         yield
         return
-    with open(build / "longcat_build.flock", "w") as handle:
+    try:
+        handle = open(build / "longcat_build.flock", "w")
+    except OSError:  # a cache this process cannot write (read-only, in an image; another user's): it cannot
+        yield  # build there, only load what is built
+        return
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
