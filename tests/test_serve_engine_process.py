@@ -175,6 +175,33 @@ def test_a_handler_that_leaves_before_its_ids_arrive_leaves_nothing_running(brid
     assert len(asyncio.run(scenario())[0]) == 3
 
 
+def test_a_handler_that_leaves_as_its_ids_arrive_leaves_nothing_running(bridge):
+    """The same when the engine's answer settles the submission before the handler's cancel reaches it (the
+    receiving thread ran in between: under load, now and then): the requests had streams but no reader, nobody
+    ended them, and they ran to max_new_tokens."""
+    import time
+
+    params = SamplingParams(max_new_tokens=500, temperature=0.0, ignore_eos=True)
+
+    async def scenario():
+        before, known = bridge.latest.stats.cancelled, set(bridge._streams)
+        task = asyncio.create_task(bridge.submit([([5, 6, 7], [params, params])]))
+        await asyncio.sleep(0)  # the "add" is posted
+        deadline = time.monotonic() + 30
+        while set(bridge._streams) == known and time.monotonic() < deadline:  # the event loop held (no await):
+            time.sleep(0.001)  # the answer arrives, its streams are registered and its future settled, unread
+        time.sleep(0.05)
+        task.cancel()
+        for _ in range(500):
+            await asyncio.sleep(0.01)
+            if bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0:
+                break
+        assert bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0
+        assert set(bridge._streams) == known
+
+    asyncio.run(scenario())
+
+
 def test_a_submission_learns_its_ids_before_the_engine_steps(model_dir):
     """The engine loop answered a submission with its request ids only after the step that followed it (a prefill:
     seconds under load), so a client that left meanwhile was cancelled a step later still, its pages held."""

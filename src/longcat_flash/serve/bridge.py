@@ -180,8 +180,20 @@ class Bridge:
                 raise RuntimeError("the engine is not running")
             self._pending[token] = (done, [(loop, q) for qs in queues for q in qs])
         self._post(("add", token, jobs))
-        ids = await asyncio.wrap_future(done)
+        try:
+            ids = await asyncio.wrap_future(done)
+        except asyncio.CancelledError:  # the handler left: `receive` ends the requests of a submission it finds
+            done.add_done_callback(self._end_unread)  # cancelled, but it may have settled this one first
+            raise
         return [list(zip(rids, qs, strict=True)) for rids, qs in zip(ids, queues, strict=True)]
+
+    def _end_unread(self, done: Future) -> None:
+        """Cancel the requests of a submission whose handler left after `receive` had settled it (the receiving
+        thread ran between the handler's cancel and its wake-up): they had streams but no reader, and ran to their
+        token limit."""
+        if not done.cancelled() and done.exception() is None:
+            for rid in (rid for group in done.result() for rid in group):
+                self.cancel(rid)
 
     def cancel(self, request_id: int, complete: bool = False) -> None:
         """End a request early: its client left, or (`complete`) the server ended the reply itself (a stop string
