@@ -742,6 +742,12 @@ def test_a_run_with_relative_paths_resumes_from_anywhere_with_the_right_command(
     assert exactness_notice(tmp_path / "run", changed, cpu) == (
         f"note: dtype {saved_cfg.dtype} -> {other} and deterministic true -> false: the steps after 3 will not be "
         "bit for bit those of the run uninterrupted")
+    # so did one with another loss weight or the budget controller off; what only logs or saves otherwise is no change
+    weighed = apply_overrides(saved_cfg, ["loss.balance_alpha=0.5", "budget.enabled=false", "eval_every=7",
+                                          "checkpoint.keep=1", "sample_tokens=3"])
+    assert exactness_notice(tmp_path / "run", weighed, cpu) == (
+        f"note: budget.enabled True -> False and loss.balance_alpha {saved_cfg.loss.balance_alpha} -> 0.5: the steps "
+        "after 3 will not be bit for bit those of the run uninterrupted")
     saved = json.loads((tmp_path / "run" / "train_config.json").read_text())
     assert saved["max_steps"] == 3  # the refused value was written into the run's config
     for flags, refusal in [(["--set", "data.val_fraction=0.2"], "keeps its train/val split: data.val_fraction=0.2"),

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from .. import distributed
 from ..device import compute_dtype
 from ..checkpoint import sharded, training
-from .config import CHECKPOINTS, SHARDED, TrainConfig
+from .config import CHECKPOINTS, SHARDED, TrainConfig, absolute_paths
 from .optim import lr_factor, param_name
 
 if TYPE_CHECKING:
@@ -242,18 +242,39 @@ def validation_notice(out: str | Path, cfg: TrainConfig) -> str | None:
             f"val_loss after step {step} with the values before it with care")
 
 
+# Fields a resumed run may change without changing its steps (what it logs, samples, saves, or how it computes the
+# same numbers; where its data files moved, whose contents are checked on their own), or whose change has a note
+# of its own (the LR schedule's; dtype and deterministic: below)
+SAME_STEPS = ("max_steps", "optim.lr", "schedule.", "eval_every", "tensorboard", "sample_", "max_consecutive_skips",
+              "activation_checkpointing", "loss.monitor_every", "data.val_batches", "data.cache_dir", "checkpoint.",
+              "data.source", "sft.data", "sft.val_data", "dtype", "deterministic")
+
+
 def exactness_notice(out: str | Path, cfg: TrainConfig, device: torch.device) -> str | None:
-    """A note when resuming run directory `out` with `cfg` on `device` changes the compute dtype or turns the
-    deterministic kernels off: the run goes on, but its steps are no longer bit for bit those it would have taken
-    uninterrupted. None when neither changes."""
+    """A note when resuming run directory `out` with `cfg` on `device` changes what its steps compute (a loss
+    weight, the budget controller, the optimizer, the batch: any field but SAME_STEPS), the compute dtype, or
+    turns the deterministic kernels off: the run goes on, but its steps are no longer bit for bit those it would
+    have taken uninterrupted. None when nothing of that changes."""
     saved, step = _newest_config_and_step(out)
+    before, after = _fields(absolute_paths(saved)), _fields(absolute_paths(cfg))  # a path as given or resolved
+    changes = [f"{key} {before[key]} -> {after[key]}" for key in after
+               if before.get(key) != after[key] and not key.startswith(SAME_STEPS)]
     dtype = compute_dtype(cfg.dtype, device)
-    changes = [f"dtype {saved.dtype} -> {dtype}"] if dtype != saved.dtype else []
+    changes += [f"dtype {saved.dtype} -> {dtype}"] if dtype != saved.dtype else []
     changes += ["deterministic true -> false"] if saved.deterministic and not cfg.deterministic else []
     if not changes:
         return None
     return (f"note: {' and '.join(changes)}: the steps after {step} will not be bit for bit those of the run "
             "uninterrupted")
+
+
+def _fields(cfg: TrainConfig) -> dict[str, Any]:
+    """Every field but the model's (which a resumed run keeps) as `section.field` -> value."""
+    flat = {}
+    for key, value in cfg.to_dict().items():
+        if key != "model":
+            flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
+    return flat
 
 
 def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:
