@@ -582,3 +582,22 @@ def test_a_sentencepiece_conversation_encodes_as_its_whole_text_does() -> None:
     assert first + second == whole
     assert tok.encode_chat(chat, start=chat.text.index("hi")) == [second]  # from a cut on: no "▁" there either
 
+
+
+def test_special_tokens_named_only_in_special_tokens_map_are_read(tmp_path) -> None:
+    """transformers 4 wrote some tokenizers' special tokens only into special_tokens_map.json, and transformers
+    reads them from there: guessed by name instead, eos was `</s>` where the model ends its turns with `<|end|>`,
+    so chat prompts and fine-tuning used another end of turn, without a word."""
+    train_tokenizer(CORPUS, vocab_size=300, special_tokens=("<pad>", "<s>", "</s>", "<|end|>")).save(tmp_path)
+    config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    del config["eos_token"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps(
+        {"eos_token": {"content": "<|end|>", "lstrip": False, "special": True}, "unk_token": "<unk>"}))
+    loaded = Tokenizer.load(tmp_path)
+    assert loaded.eos_token == "<|end|>" and loaded.eos_id == loaded.special_ids["<|end|>"]
+    config["eos_token"] = "</s>"  # the two files disagree: which one the model was trained with is unknown
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=re.escape("special_tokens_map.json names eos_token='<|end|>' but "
+                                                   "tokenizer_config.json '</s>'")):
+        Tokenizer.load(tmp_path)
