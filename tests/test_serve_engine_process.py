@@ -155,6 +155,15 @@ def test_a_dead_engine_fails_open_and_new_requests(model_dir):
     bridge.stop()
 
 
+async def both_cancelled(bridge, before: int) -> None:
+    """Wait (5 s at most) until the engine has cancelled two more requests than `before` and runs none."""
+    for _ in range(500):
+        await asyncio.sleep(0.01)
+        if bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0:
+            break
+    assert bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0
+
+
 def test_a_handler_that_leaves_before_its_ids_arrive_leaves_nothing_running(bridge):
     """A client gone while its submission is on the way: the engine's reply finds no reader, so the bridge cancels
     those requests itself, and keeps serving."""
@@ -165,11 +174,7 @@ def test_a_handler_that_leaves_before_its_ids_arrive_leaves_nothing_running(brid
         task = asyncio.create_task(bridge.submit([([5, 6, 7], [params, params])]))
         await asyncio.sleep(0)  # the "add" is posted; the engine's answer is milliseconds away
         task.cancel()
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0:
-                break
-        assert bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0
+        await both_cancelled(bridge, before)
         return await collect(bridge, [5, 6, 7], [SamplingParams(max_new_tokens=3, ignore_eos=True)])
 
     assert len(asyncio.run(scenario())[0]) == 3
@@ -192,11 +197,7 @@ def test_a_handler_that_leaves_as_its_ids_arrive_leaves_nothing_running(bridge):
             time.sleep(0.001)  # the answer arrives, its streams are registered and its future settled, unread
         time.sleep(0.05)
         task.cancel()
-        for _ in range(500):
-            await asyncio.sleep(0.01)
-            if bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0:
-                break
-        assert bridge.latest.stats.cancelled - before == 2 and bridge.latest.running == 0
+        await both_cancelled(bridge, before)
         assert set(bridge._streams) == known
 
     asyncio.run(scenario())
