@@ -438,7 +438,8 @@ def test_logprobs_are_bounded_per_reply(served, monkeypatch):
     logprobs 20 (a 40 KB request) built a 312 MB reply, and a chat reply of 2 x 3000 generated tokens with
     top_logprobs 20 built 8.9 MB, more with a longer context. Past the bound, a 400 naming logprobs; at it, the
     reply; streamed, generated tokens are sent as they come and do not count."""
-    assert p.MAX_LOGPROB_ENTRIES >= 128 * 4096 * 2  # an evaluator's batch: 128 full 4096-token prompts, logprobs 1
+    assert p.MAX_LOGPROB_ENTRIES >= 128 * 4096 * 2  # an evaluator's batch: 128 4096-token prompts, logprobs 1, echoed
+    # and max_tokens 1 (lm_eval's loglikelihood requests): the echoed and the generated entries are bounded apart
     client, _, _, _ = served
     monkeypatch.setattr(p, "MAX_LOGPROB_ENTRIES", 4 * 50 * 2 * 3)
     ids = [[7 + (i * 5 + j) % 200 for i in range(50)] for j in range(4)]
@@ -447,21 +448,22 @@ def test_logprobs_are_bounded_per_reply(served, monkeypatch):
     error = r.json()["error"]
     assert r.status_code == 400 and error["param"] == "logprobs", r.text
     assert error["message"].startswith("logprobs: 200 echoed prompt tokens x n=2 x 4 entries a token is 1600 "
-                                       "entries; at most 1200 in one reply")
+                                       "entries; at most 1200 of each in one reply")
     r = client.post("/v1/completions", json={**ask, "logprobs": 2})  # 1200: at the bound
     assert r.status_code == 200 and len(r.json()["choices"]) == 8, r.text
     assert client.post("/v1/completions", json={**ask, "logprobs": 3, "echo": False, "max_tokens": 1}).status_code == 200
-    r = client.post("/v1/completions", json={**ask, "logprobs": 2, "max_tokens": 2})  # 200 echoed + 4 x 2 generated
-    assert r.status_code == 400 and "200 echoed prompt tokens and up to 8 generated tokens x n=2 x 3" in r.text, \
-        r.text[:300]
+    scored = client.post("/v1/completions", json={**ask, "logprobs": 2, "max_tokens": 1})  # as lm_eval scores
+    assert scored.status_code == 200, scored.text[:300]  # 1200 echoed entries and 24 generated: each kind bounded
+    r = client.post("/v1/completions", json={**ask, "logprobs": 2, "echo": False, "max_tokens": 60})  # 4 x 60 x 2 x 3
+    assert r.status_code == 400 and "240 generated tokens (the token limit) x n=2 x 3" in r.text, r.text[:300]
 
     long = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100, "n": 2,
             "logprobs": True, "top_logprobs": 5}  # up to 2 x 100 x 6 = 1200: at the bound
     assert client.post("/v1/chat/completions", json=long).status_code == 200
     r = client.post("/v1/chat/completions", json={**long, "top_logprobs": 6})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logprobs", r.text
-    assert r.json()["error"]["message"].startswith("logprobs: up to 100 generated tokens x n=2 x 7 entries a token "
-                                                   "is 1400 entries")
+    assert r.json()["error"]["message"].startswith("logprobs: 100 generated tokens (the token limit) x n=2 x 7 "
+                                                   "entries a token is 1400 entries")
     assert client.post("/v1/chat/completions", json={**long, "top_logprobs": 6, "logprobs": False}).status_code == 400
     r = client.post("/v1/chat/completions", json={**long, "top_logprobs": 6, "stream": True})
     assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]")

@@ -584,20 +584,23 @@ def test_a_sentencepiece_conversation_encodes_as_its_whole_text_does() -> None:
 
 
 
-def test_special_tokens_named_only_in_special_tokens_map_are_read(tmp_path) -> None:
+def test_special_tokens_named_in_special_tokens_map_are_read_as_transformers_reads_them(tmp_path) -> None:
     """transformers 4 wrote some tokenizers' special tokens only into special_tokens_map.json, and transformers
     reads them from there: guessed by name instead, eos was `</s>` where the model ends its turns with `<|end|>`,
-    so chat prompts and fine-tuning used another end of turn, without a word."""
+    so chat prompts and fine-tuning used another end of turn, without a word. As in transformers, the map counts
+    beside a config without `added_tokens_decoder` (written before 4.34), and wins over it; a null entry does not."""
     train_tokenizer(CORPUS, vocab_size=300, special_tokens=("<pad>", "<s>", "</s>", "<|end|>")).save(tmp_path)
     config = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    config.pop("added_tokens_decoder", None)
     del config["eos_token"]
     (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
     (tmp_path / "special_tokens_map.json").write_text(json.dumps(
-        {"eos_token": {"content": "<|end|>", "lstrip": False, "special": True}, "unk_token": "<unk>"}))
+        {"eos_token": {"content": "<|end|>", "lstrip": False, "special": True}, "pad_token": None}))
     loaded = Tokenizer.load(tmp_path)
-    assert loaded.eos_token == "<|end|>" and loaded.eos_id == loaded.special_ids["<|end|>"]
-    config["eos_token"] = "</s>"  # the two files disagree: which one the model was trained with is unknown
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match=re.escape("special_tokens_map.json names eos_token='<|end|>' but "
-                                                   "tokenizer_config.json '</s>'")):
-        Tokenizer.load(tmp_path)
+    assert (loaded.eos_token, loaded.pad_token) == ("<|end|>", "<pad>")
+    assert loaded.eos_id == loaded.special_ids["<|end|>"]
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "</s>"}))
+    assert Tokenizer.load(tmp_path).eos_token == "<|end|>"  # the map wins, as in transformers
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({**config, "eos_token": "</s>",
+                                                                "added_tokens_decoder": {}}))
+    assert Tokenizer.load(tmp_path).eos_token == "</s>"  # a config of transformers >= 4.34: the map is not read

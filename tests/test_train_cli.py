@@ -161,6 +161,9 @@ def test_the_sets_fit_the_recipe_to_an_init_from_model(tmp_path: Path, capsys):
           "--print-config"])
     out = capsys.readouterr().out
     assert "model.n_routed_experts=6" in out and "loss.balance_groups=2" in out
+    with pytest.raises(ValueError, match="model.rope_scaling.factor is required"):  # the checks of a --set still hold
+        build_config("tiny", [f"init_from={six}", "loss.balance_groups=2", "model.rope_scaling.rope_type=yarn",
+                              "model.rope_scaling.original_max_position_embeddings=256"])
     mostly_zero = init_checkpoint(tiny().replace(n_routed_experts=8, moe_topk=11, zero_expert_num=3),
                                   tmp_path / "mostly_zero", dtype=torch.float32)
     with pytest.raises(ValueError, match="set budget.target >= 8"):

@@ -76,9 +76,9 @@ def compiled():
 
 
 def _built(build: Path, sources: list[str], flags: list[str]) -> types.ModuleType | None:
-    """The kernels built into `build`, or None (warned) without a compiler or when the build fails. A failed build
-    is remembered with the compiler it used (FAILED_LOG): each try compiles for a minute or more before it fails,
-    and every command that runs a model would pay it again."""
+    """The kernels built into `build`, or None (warned) without a compiler or when the compiler refuses them. Its
+    refusal (an `error:` in the log) is remembered with the compiler (FAILED_LOG): each try compiles for a minute
+    or more before it fails, and every command that runs a model would pay it again."""
     from torch.utils.cpp_extension import load_inline
 
     compiler = os.environ.get("CXX") or "c++"  # torch.utils.cpp_extension's choice
@@ -99,10 +99,16 @@ def _built(build: Path, sources: list[str], flags: list[str]) -> types.ModuleTyp
                                extra_include_paths=[str(CSRC)], extra_ldflags=["-fopenmp"],
                                build_directory=str(build), verbose=False)
     except Exception as err:  # noqa: BLE001  (not Ctrl-C: a build stopped halfway is tried again)
-        failed.write_text(f"{identity}\n{err}\n")
+        first = first_error(str(err))
+        if "error:" not in first.lower():  # not the compiler's verdict on the sources (a killed compiler, a full
+            raise  # disk, a missing tool): tried again next time
+        try:
+            failed.write_text(f"{identity}\n{err}\n")
+        except OSError:  # a cache this process cannot write: nothing to remember the failure by
+            raise err from None
         log.warning("compiled CPU kernels unavailable: their build failed (%s; the whole log: %s; later commands do "
                     "not build them again with this compiler while it is there); using the PyTorch paths",
-                    first_error(str(err)), failed)
+                    first, failed)
         return None
 
 
@@ -173,11 +179,15 @@ def build_lock(build: Path) -> Iterator[None]:
     except ImportError:  # not POSIX: torch's lock alone
         yield
         return
+    lock = build / "longcat_build.flock"
     try:
-        handle = open(build / "longcat_build.flock", "w")
-    except OSError:  # a cache this process cannot write (read-only, in an image; another user's): it cannot
-        yield  # build there, only load what is built
-        return
+        handle = open(lock, "w")
+    except OSError:  # a cache this process cannot write (read-only, in an image) or a lock another user made: a
+        try:  # lock opened to read locks as well; where there is none, no build can run here to wait for
+            handle = open(lock)
+        except OSError:
+            yield
+            return
     with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

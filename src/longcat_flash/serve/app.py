@@ -456,10 +456,10 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
     async def chat(body: p.ChatCompletionRequest, request: Request):
         plan = _tool_plan(body)
         prompt = await asyncio.to_thread(chat_prompt, tokenizer, body, plan, config.context)
-        [params] = await gen.constrain([_chat_params(gen.check(body, prompt, body.limit, "messages"), body)],
-                                       body, plan)
-        _check_logprob_entries(body, 0, 0 if body.stream else params.max_new_tokens,
+        checked = _chat_params(gen.check(body, prompt, body.limit, "messages"), body)
+        _check_logprob_entries(body, 0, 0 if body.stream else checked.max_new_tokens,
                                (body.top_logprobs or 0) if body.logprobs else None)
+        [params] = await gen.constrain([checked], body, plan)
         copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
         response = partial(resp.ChatCompletionResponse if not body.stream else resp.ChatCompletionChunk,
                            id=resp.new_id("chatcmpl"), created=resp.now(), model=config.model_name)
@@ -475,16 +475,17 @@ def _check_logprob_entries(body: p._Sampling, echoed: int, generated: int, alter
     """Each scored token carries alternatives + 1 entries in each of the n copies of a reply: echoed prompt tokens
     (a 40 KB request, 4 prompts of 4000 ids with n=32 and logprobs 20, made a 312 MB reply and held 3.6 GB while
     building it), and the generated tokens of a reply built whole (up to its token limit; a stream sends them as
-    they come). `alternatives`: the request's logprobs (chat: top_logprobs), None without logprobs."""
-    entries = (echoed + generated) * body.n * ((alternatives or 0) + 1)
-    if alternatives is None or entries <= p.MAX_LOGPROB_ENTRIES:
+    they come). Each kind is bounded on its own, so that an evaluator's batch of echoed prompts scored with one
+    generated token fits. `alternatives`: the request's logprobs (chat: top_logprobs), None without logprobs."""
+    if alternatives is None:
         return
-    tokens = " and ".join([f"{echoed} echoed prompt tokens"] * bool(echoed)
-                          + [f"up to {generated} generated tokens"] * bool(generated))
-    raise APIError(400, f"logprobs: {tokens} x n={body.n} x {alternatives + 1} entries a token is {entries} entries; "
-                        f"at most {p.MAX_LOGPROB_ENTRIES} in one reply: send a smaller max_tokens, n or number of "
-                        "alternatives, fewer or shorter prompts, or stream the reply", param="logprobs",
-                   code="invalid_value")
+    for tokens, what in ((echoed, "echoed prompt tokens"), (generated, "generated tokens (the token limit)")):
+        entries = tokens * body.n * (alternatives + 1)
+        if entries > p.MAX_LOGPROB_ENTRIES:
+            raise APIError(400, f"logprobs: {tokens} {what} x n={body.n} x {alternatives + 1} entries a token is "
+                                f"{entries} entries; at most {p.MAX_LOGPROB_ENTRIES} of each in one reply: send a "
+                                "smaller max_tokens, n or number of alternatives, fewer or shorter prompts, or stream "
+                                "the reply", param="logprobs", code="invalid_value")
 
 
 async def _answers(calls: list[Awaitable[tuple[Any, int]]], close: Callable[[], None]) -> tuple[list, int]:

@@ -158,9 +158,15 @@ class JSONOffLoopRequest(Request):
                                 ) from None  # input; it is nginx's 499 (/metrics counts it; nobody reads it)
 
     async def json(self) -> Any:
+        if hasattr(self, "_json_error"):  # a body that is not JSON: parsed once, however often it is asked for
+            raise self._json_error
         if not hasattr(self, "_json"):
             body = await self.body()
-            self._json = await asyncio.to_thread(parse_json, body)
+            try:
+                self._json = await asyncio.to_thread(parse_json, body)
+            except json.JSONDecodeError as err:
+                self._json_error = err
+                raise
             self.scope.get("state", {}).get(RELEASE_BODY, lambda: None)()  # parsed: its share of the bound
         return self._json
 
@@ -175,8 +181,8 @@ class JSONOffLoopRoute(APIRoute):
     """FastAPI's route, with its handler given a `JSONOffLoopRequest`, and a JSON body validated as the route's body
     model in a worker thread too: FastAPI validates on the event loop, where an 8 MB body (250,000 content parts,
     or 128 deeply nested tool schemas) took seconds and stalled /health and every stream. FastAPI then reads the
-    validated model through `request.json()` and takes it as it is; its errors are raised as FastAPI's own, so
-    the same 400 names the same field."""
+    validated model through `request.json()` and does not validate its fields again (only the model's own cheap
+    after-validators run once more); errors are raised as FastAPI's own, so the same 400 names the same field."""
 
     def get_route_handler(self) -> Callable[[Request], Awaitable[Response]]:
         handler = super().get_route_handler()

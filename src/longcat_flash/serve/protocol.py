@@ -33,8 +33,9 @@ MAX_TOOLS = 128
 MAX_PROMPTS = 128  # prompts in one completions request (each is one engine request; the queue still applies)
 MAX_N = 32  # copies of a prompt (they share its cache pages); prompts x n is capped at MAX_PROMPTS too
 MAX_LOGPROBS = 20  # infer/sampling.py's limit
-MAX_LOGPROB_ENTRIES = 2**20  # scored tokens x n x (alternatives + 1) in one reply: echoed prompts, and generated
-# tokens unless streamed (~30 MB of JSON; 128 echoed prompts of 4096 tokens with logprobs 1, an evaluator's batch, fit)
+MAX_LOGPROB_ENTRIES = 2**20  # scored tokens x n x (alternatives + 1) in one reply, echoed prompts and generated
+# tokens (unless streamed) each (~30 MB of JSON; 128 echoed prompts of 4096 tokens with logprobs 1, an evaluator's
+# batch, fit)
 MAX_LOGIT_BIAS = 300  # entries, OpenAI's limit (infer/sampling.py's)
 FORMAT_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # OpenAI's rule for response_format.json_schema.name
 MAX_DEPTH = 64  # nesting of a JSON value in a request (a tool's parameters, a response schema)
@@ -62,8 +63,8 @@ def well_formed(value: Any, field: str) -> Any:
     try:
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
         return value
-    except ValueError:  # NaN or Infinity ("Out of range float values ..."), or a lone surrogate: found below
-        pass
+    except (ValueError, TypeError):  # NaN or Infinity ("Out of range float values ..."), a lone surrogate, or a
+        pass  # value that is no JSON (a model built in Python): found below, or passed over as the walk did
     stack = [value]
     while stack:
         item = stack.pop()
@@ -85,11 +86,10 @@ def _within_depth(value: Any, field: str) -> None:
     """ValueError naming `field` if its lists and objects nest more than MAX_DEPTH deep."""
     level, depth = [value] if isinstance(value, (dict, list)) else [], 0  # the containers `depth` levels down
     while level:
-        if depth > MAX_DEPTH:
+        inside = [x for item in level for x in (item.values() if isinstance(item, dict) else item)]
+        if inside and depth >= MAX_DEPTH:  # values (keys too) at depth + 1
             raise ValueError(f"{field}: nested more than {MAX_DEPTH} levels deep")
-        level = [x for item in level for x in (item.values() if isinstance(item, dict) else item)
-                 if isinstance(x, (dict, list))]
-        depth += 1
+        level, depth = [x for x in inside if isinstance(x, (dict, list))], depth + 1
 
 
 def _constant(number: float) -> str:

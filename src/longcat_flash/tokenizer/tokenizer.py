@@ -44,7 +44,7 @@ TOOL_CALL_TOKENS = (TOOL_CALL_OPEN, TOOL_CALL_CLOSE)
 CHAT_MARKERS = TOOL_CALL_TOKENS
 DEFAULT_MODEL_MAX_LENGTH = 131072  # LongCat-Flash context; set `model_max_length` to the model you save with
 TOKENIZER_FILE = "tokenizer.json"
-SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # transformers 4's: read for the special tokens the config leaves out
+SPECIAL_TOKENS_MAP = "special_tokens_map.json"  # transformers 4's list of the special tokens
 
 # Fallback names, tried in order, when a tokenizer.json comes without a tokenizer_config.json.
 _FALLBACK_NAMES = {
@@ -379,8 +379,8 @@ class Tokenizer:
         """Load a `tokenizer.json` (or a directory holding one) and, if beside it, its `tokenizer_config.json`
         and `chat_template.jinja`.
 
-        Special tokens the config leaves out are read from `special_tokens_map.json` (transformers 4 wrote some
-        only there), else guessed from common names; without a template, the default is used.
+        Special tokens are read from `special_tokens_map.json` too, as transformers reads it (some tokenizers name
+        their eos only there); without either, guessed from common names; without a template, the default is used.
         """
         path = Path(path)
         if not path.exists():
@@ -399,7 +399,7 @@ class Tokenizer:
             raise ValueError(f"{config_file}: not valid JSON ({err})") from None
         if not isinstance(config, dict):
             raise ValueError(f"{config_file}: must hold a JSON object, not {type(config).__name__}")
-        config = {**_special_tokens_map(file.parent / SPECIAL_TOKENS_MAP, config, config_file), **config}
+        config = {**config, **_special_tokens_map(file.parent / SPECIAL_TOKENS_MAP, config)}
         if missing := _tokens_not_held(backend, config):
             raise ValueError(f"{config_file} lists special tokens that {file.name} does not hold "
                              f"({', '.join(missing)}): transformers would add them with ids past the vocabulary, and "
@@ -470,10 +470,11 @@ def _tokens_not_held(backend: tokenizers.Tokenizer, config: dict[str, Any]) -> l
     return [repr(t) for t in dict.fromkeys(tokens) if isinstance(t, str) and backend.token_to_id(t) is None]
 
 
-def _special_tokens_map(path: Path, config: dict[str, Any], config_file: Path) -> dict[str, Any]:
-    """The special tokens a transformers 4 `special_tokens_map.json` names (some tokenizers name them only there):
-    those tokenizer_config.json leaves out; one it names otherwise is refused, naming both files."""
-    if not path.is_file():
+def _special_tokens_map(path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """The special tokens a transformers 4 `special_tokens_map.json` names, as transformers reads it: only beside a
+    config without `added_tokens_decoder` (one written before transformers 4.34, or by hand), where a token it
+    names (not null) wins over the config's. Some tokenizers name their eos only there."""
+    if not path.is_file() or "added_tokens_decoder" in config:
         return {}
     try:
         named = json.loads(path.read_text(encoding="utf-8"))
@@ -481,12 +482,7 @@ def _special_tokens_map(path: Path, config: dict[str, Any], config_file: Path) -
         raise ValueError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(named, dict):
         raise ValueError(f"{path}: must hold a JSON object, not {type(named).__name__}")
-    named = {k: v for k, v in named.items() if k in (*_FALLBACK_NAMES, "additional_special_tokens")}
-    for field in _FALLBACK_NAMES:
-        if field in named and field in config and _content(named[field]) != _content(config[field]):
-            raise ValueError(f"{path.name} names {field}={_content(named[field])!r} but {config_file.name} "
-                             f"{_content(config[field])!r}: make them agree")
-    return named
+    return {field: named[field] for field in _FALLBACK_NAMES if named.get(field) is not None}
 
 
 def _content(token: Any) -> Any:

@@ -247,7 +247,8 @@ def validation_notice(out: str | Path, cfg: TrainConfig) -> str | None:
 # of its own (the LR schedule's; dtype and deterministic: below)
 SAME_STEPS = ("max_steps", "optim.lr", "schedule.", "eval_every", "tensorboard", "sample_", "max_consecutive_skips",
               "activation_checkpointing", "loss.monitor_every", "data.val_batches", "data.cache_dir", "checkpoint.",
-              "data.source", "sft.data", "sft.val_data", "dtype", "deterministic")
+              "data.source", "data.tokenizer", "sft.data", "sft.val_data", "init_from", "preset", "dtype",
+              "deterministic")
 
 
 def exactness_notice(out: str | Path, cfg: TrainConfig, device: torch.device) -> str | None:

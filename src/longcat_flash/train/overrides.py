@@ -44,8 +44,7 @@ def apply_overrides(cfg: TrainConfig, assignments: Sequence[str], model: ModelCo
     rebuild: a recipe's loss.balance_groups or budget.target that does not fit it is checked only once an
     assignment had the chance to change it."""
     items = _parsed_assignments(assignments, "apply_overrides", "budget.rate=0.01")
-    whole = [] if model is None else [(["model"], _Parsed(dataclasses.asdict(model)))]
-    return _assign(cfg, whole + items)
+    return _assign(cfg, ([] if model is None else [(["model"], _Parsed(model))]) + items)
 
 
 def apply_model_overrides(cfg: ModelConfig, assignments: Sequence[str]) -> ModelConfig:
@@ -99,6 +98,8 @@ def _assign_fields(obj: Any, items: list[tuple[list[str], str | _Parsed]], prefi
             key = prefix + ".".join(path)
             if dataclasses.is_dataclass(current) and len(path) > 1:
                 inner.append((path[1:], raw))
+            elif isinstance(raw, _Parsed) and isinstance(raw.value, type(current)):  # a section given whole
+                current, inner = raw.value, []  # (apply_overrides' model): the entries after it apply on it
             elif dataclasses.is_dataclass(current):
                 whole = _parsed(raw)  # a dict sets several fields of a section at once, e.g. model.rope_scaling=
                 if not isinstance(whole, dict):  # {'rope_type': 'yarn', ...}, whose fields depend on each other
