@@ -108,7 +108,8 @@ def test_a_slow_grammar_does_not_hold_the_requests_after_it(model_dir, bridge):
     from longcat_flash.infer.grammar import Grammar, json_part
 
     tokenizer = Tokenizer.load(model_dir)
-    schema = {"type": "object", "patternProperties": {f"^p{i}[a-z]+$": {"type": "integer"} for i in range(300)}}
+    # ~0.9 s to compile here (300 patterns took 4.4 s, past the 10 s limit on a loaded 2-core host)
+    schema = {"type": "object", "patternProperties": {f"^p{i}[a-z]+$": {"type": "integer"} for i in range(200)}}
     slow = Grammar(f"start: {json_part(schema)}\n", None)  # the text is what crosses: the child compiles it
     ended: dict[str, float] = {}
 
