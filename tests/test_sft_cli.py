@@ -82,6 +82,10 @@ def test_a_resume_keeps_its_held_out_conversations(tmp_path, capsys):
     assert f"sft.val_data: {folder / 'kept.jsonl'} is among the files of sft.data too" in run_cli(
         "sft", "--model", str(model), "--data", str(folder), "--val-data", str(folder / "kept.jsonl"), "--out",
         str(tmp_path / "x"), "--max-steps", "1", *flags)
+    os.link(data, tmp_path / "linked.jsonl")  # the training file under another name: its resolved path differs
+    assert f"sft.val_data: {tmp_path / 'linked.jsonl'} is among the files of sft.data too" in run_cli(
+        "sft", "--model", str(model), "--data", str(data), "--val-data", str(tmp_path / "linked.jsonl"), "--out",
+        str(tmp_path / "x"), "--max-steps", "1", *flags)
     run = tmp_path / "run"
     main(["sft", "--model", str(model), "--data", str(data), "--val-data", str(held), "--out", str(run),
           "--max-steps", "1", *flags])

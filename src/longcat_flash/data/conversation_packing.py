@@ -5,6 +5,7 @@ conversations; over-long ones truncated or skipped and counted; the train and he
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -172,6 +173,12 @@ def tokenized(tokenizer: ChatTokenizer, data: str | Path, ignore: Sequence[str],
     return encoded
 
 
+def _identity(file: Path) -> tuple[int, int]:
+    """A file's device and inode: the same file under any name (a link, hard or symbolic, or a path with `..`)."""
+    stat = os.stat(file)
+    return stat.st_dev, stat.st_ino
+
+
 def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: str | Path | None,
                           val_fraction: float, seq_len: int, seed: int,
                           overlong: Literal["truncate", "skip"] = "truncate", ignore: Sequence[str] = (),
@@ -183,8 +190,8 @@ def conversation_datasets(tokenizer: ChatTokenizer, data: str | Path, val_data: 
     train), the last of them gives its place to the first conversation it keeps, so whether a run starts does not
     hang on the seed (and runs that started keep their split)."""
     if val_data is not None:
-        trained = {file.resolve() for file in row_files(data)}
-        if shared := [file for file in row_files(val_data) if file.resolve() in trained]:
+        trained = {_identity(file) for file in row_files(data)}
+        if shared := [file for file in row_files(val_data) if _identity(file) in trained]:
             raise ValueError(f"sft.val_data: {shared[0]} is among the files of sft.data too: its conversations "
                              "would be trained on and then held out; give held-out files that sft.data does not name")
     encoded = tokenized(tokenizer, data, ignore, ends, seq_len + 1, progress, cache_dir)
