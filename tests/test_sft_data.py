@@ -408,6 +408,11 @@ BAD_ROWS = [
     ({"instruction": "hi", "output": "a", "history": [["q", "a", "b"]]}, "history[0]: a [user, assistant] pair"),
     ({"instruction": "hi", "output": "a", "response": "b"}, "response: unsupported field"),
     ({"instruction": "hi", "output": "a", "system": 5}, "system: expected a string, got int 5"),  # the column's name
+    # a tag in a column's text named the `content` of the message made of it, which the row does not have
+    ({"instruction": "hi", "output": "<longcat_tool_call>{}"}, "output: holds the tool-call tag"),
+    ({"instruction": "hi", "output": "a", "system": "</longcat_tool_call>"}, "system: holds the tool-call tag"),
+    ({"instruction": "hi", "output": "a", "history": [["q", "<longcat_tool_call>"]]},
+     "history[0][1]: holds the tool-call tag"),
     ({"conversations": [{"from": "human", "value": "hi"}], "system": ["a"]}, "system: expected a string, got list"),
     ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "function_call": {
         "name": "f", "arguments": "{oops"}}]}, "messages[1].function_call.arguments: not valid JSON"),
@@ -513,6 +518,10 @@ def test_rows_wrapped_in_an_object_or_an_array_named_jsonl_are_said_to_be_so(tmp
     (tmp_path / "array.jsonl").write_text(json.dumps(data, indent=2))
     with pytest.raises(ConversationError, match=r"array.jsonl:1: not valid JSON .*: the file is one JSON array, not "
                                                 r"JSON Lines; name it .json"):
+        read_conversations(tmp_path / "array.jsonl")
+    (tmp_path / "array.jsonl").write_text(json.dumps(data))  # on one line, it read as a row that is not an object
+    with pytest.raises(ConversationError, match=r"array.jsonl:1: row: a JSON array, not an object: the file is one "
+                                                r"JSON array, not JSON Lines; name it .json"):
         read_conversations(tmp_path / "array.jsonl")
 
 

@@ -100,6 +100,9 @@ def _json_rows(path: Path) -> Iterator[tuple[str, Any]]:
     rows = 0
     try:  # JSON Lines, also under .json (as `datasets`' to_json writes them), or a .json array (LLaMA-Factory's)
         for rows, (number, row) in enumerate(jsonl_records(path), 1):
+            if rows == 1 and isinstance(row, list) and row_format(path) == ".jsonl":  # the array on one line
+                raise ConversationError(f"{path}:{number}: row: a JSON array, not an object: the file is one JSON "
+                                        "array, not JSON Lines; name it .json")
             yield f"{path}:{number}", row
     except UnicodeDecodeError:  # named with its file by rows()
         raise

@@ -284,7 +284,13 @@ def _system_column(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
     or one); an error names the column, not the message made of it."""
     if "system" not in row:
         return []
-    return [("system", {"role": "system", "content": as_string(row["system"], where, "system")})]
+    return [("system", {"role": "system", "content": _column_text(row["system"], where, "system")})]
+
+
+def _column_text(value: Any, where: str, field: str) -> str:
+    """A ShareGPT or Alpaca column's text, checked as a message's content is, but named as the row names it (the
+    checks of the message made of it would name a `content` the row does not have)."""
+    return _content(as_string(value, where, field), where, field)
 
 
 def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
@@ -300,11 +306,11 @@ def _alpaca(row: dict[str, Any], where: str) -> list[tuple[str, Any]]:
         pair = as_list(pair, where, f"history[{i}]")
         if len(pair) != 2:
             raise fail(where, f"history[{i}]", f"a [user, assistant] pair, got {len(pair)} items")
-        named += [(f"history[{i}][{j}]", {"role": role, "content": as_string(text, where, f"history[{i}][{j}]")})
+        named += [(f"history[{i}][{j}]", {"role": role, "content": _column_text(text, where, f"history[{i}][{j}]")})
                   for j, (role, text) in enumerate(zip(("user", "assistant"), pair))]
-    asked = "\n".join(as_string(row[k], where, k) for k in ("instruction", "input") if row.get(k, "") != "")
+    asked = "\n".join(_column_text(row[k], where, k) for k in ("instruction", "input") if row.get(k, "") != "")
     return [*named, ("instruction", {"role": "user", "content": asked}),
-            ("output", {"role": "assistant", "content": as_string(row["output"], where, "output")})]
+            ("output", {"role": "assistant", "content": _column_text(row["output"], where, "output")})]
 
 
 def _weight(message: dict[str, Any], where: str, name: str) -> int:
