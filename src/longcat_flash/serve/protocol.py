@@ -58,7 +58,7 @@ def well_formed(value: Any, field: str) -> Any:
     hundreds deep overflows the recursion of whatever reads it next (the chat template's rendering, the grammar
     compiler). Refused here, naming the field. C's JSON writer checks the numbers and strings of a whole tool set
     (10 MB) in a fraction of a second, where walking every value in Python took seconds on the event loop; the
-    walk, without recursion, finds what it refused (and the nesting, on the containers alone)."""
+    walk, without recursion, then finds what it refused. The nesting is checked first, a level at a time."""
     _within_depth(value, field)
     try:
         json.dumps(value, allow_nan=False, ensure_ascii=False).encode("utf-8")
