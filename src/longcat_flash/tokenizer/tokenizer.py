@@ -393,12 +393,7 @@ class Tokenizer:
         except Exception as err:  # the library raises a bare Exception for a file it cannot read
             raise ValueError(f"{file}: not a tokenizer.json that the tokenizers library can read ({err})") from None
         config_file = file.parent / CONFIG_FILE
-        try:
-            config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.is_file() else {}
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{config_file}: not valid JSON ({err})") from None
-        if not isinstance(config, dict):
-            raise ValueError(f"{config_file}: must hold a JSON object, not {type(config).__name__}")
+        config = _json_object(config_file)
         config = {**config, **_special_tokens_map(file.parent / SPECIAL_TOKENS_MAP, config)}
         if missing := _tokens_not_held(backend, config):
             raise ValueError(f"{config_file} lists special tokens that {file.name} does not hold "
@@ -474,15 +469,19 @@ def _special_tokens_map(path: Path, config: dict[str, Any]) -> dict[str, Any]:
     """The special tokens a transformers 4 `special_tokens_map.json` names, as transformers reads it: only beside a
     config without `added_tokens_decoder` (one written before transformers 4.34, or by hand), where a token it
     names (not null) wins over the config's. Some tokenizers name their eos only there."""
-    if not path.is_file() or "added_tokens_decoder" in config:
-        return {}
+    named = {} if "added_tokens_decoder" in config else _json_object(path)
+    return {field: named[field] for field in _FALLBACK_NAMES if named.get(field) is not None}
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    """The JSON object in `path` ({} when there is no such file), refused naming the file when it is not one."""
     try:
-        named = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from None
-    if not isinstance(named, dict):
-        raise ValueError(f"{path}: must hold a JSON object, not {type(named).__name__}")
-    return {field: named[field] for field in _FALLBACK_NAMES if named.get(field) is not None}
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: must hold a JSON object, not {type(value).__name__}")
+    return value
 
 
 def _content(token: Any) -> Any:

@@ -18,7 +18,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_optim
 from .. import distributed
 from ..device import compute_dtype
 from ..checkpoint import sharded, training
-from .config import CHECKPOINTS, SHARDED, TrainConfig, absolute_paths
+from .config import CHECKPOINTS, SHARDED, TrainConfig, absolute_paths, settings
 from .optim import lr_factor, param_name
 
 if TYPE_CHECKING:
@@ -257,7 +257,8 @@ def exactness_notice(out: str | Path, cfg: TrainConfig, device: torch.device) ->
     turns the deterministic kernels off: the run goes on, but its steps are no longer bit for bit those it would
     have taken uninterrupted. None when nothing of that changes."""
     saved, step = _newest_config_and_step(out)
-    before, after = _fields(absolute_paths(saved)), _fields(absolute_paths(cfg))  # a path as given or resolved
+    # a path as given or resolved; the model a resumed run keeps (check_resumable)
+    before, after = (settings(absolute_paths(c), omit=("model",)) for c in (saved, cfg))
     changes = [f"{key} {before[key]} -> {after[key]}" for key in after
                if before.get(key) != after[key] and not key.startswith(SAME_STEPS)]
     dtype = compute_dtype(cfg.dtype, device)
@@ -267,15 +268,6 @@ def exactness_notice(out: str | Path, cfg: TrainConfig, device: torch.device) ->
         return None
     return (f"note: {' and '.join(changes)}: the steps after {step} will not be bit for bit those of the run "
             "uninterrupted")
-
-
-def _fields(cfg: TrainConfig) -> dict[str, Any]:
-    """Every field but the model's (which a resumed run keeps) as `section.field` -> value."""
-    flat = {}
-    for key, value in cfg.to_dict().items():
-        if key != "model":
-            flat.update({f"{key}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {key: value})
-    return flat
 
 
 def schedule_notice(out: str | Path, cfg: TrainConfig) -> str | None:

@@ -354,10 +354,10 @@ class TrainConfig:
         return cls.from_dict(json.loads(Path(path).read_text()))
 
 
-def describe(cfg: TrainConfig, omit: tuple[str, ...] = ()) -> str:
-    """Every settable key with its current value, one per line (`longcat train --print-config`), but the sections
-    named in `omit`."""
-    lines: list[str] = []
+def settings(cfg: TrainConfig, omit: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Every settable key (`section.field`, as --set names it) with its current value, but the sections named in
+    `omit`."""
+    found: dict[str, Any] = {}
 
     def walk(obj: Any, prefix: str) -> None:
         for f in dataclasses.fields(obj):
@@ -365,10 +365,16 @@ def describe(cfg: TrainConfig, omit: tuple[str, ...] = ()) -> str:
             if dataclasses.is_dataclass(value):
                 walk(value, f"{prefix}{f.name}.")
             else:
-                lines.append(f"{prefix}{f.name}={value!r}")
+                found[f"{prefix}{f.name}"] = value
 
     walk(cfg, "")
-    return "\n".join(line for line in lines if line.partition(".")[0] not in omit)
+    return {key: value for key, value in found.items() if key.partition(".")[0] not in omit}
+
+
+def describe(cfg: TrainConfig, omit: tuple[str, ...] = ()) -> str:
+    """Every settable key with its current value, one per line (`longcat train --print-config`), but the sections
+    named in `omit`."""
+    return "\n".join(f"{key}={value!r}" for key, value in settings(cfg, omit).items())
 
 
 # ---- recipes: one function per preset ----
