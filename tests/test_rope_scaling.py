@@ -56,6 +56,25 @@ def test_config_json_also_holds_the_rope_keys_readers_before_transformers_5_read
         ModelConfig.from_dict(edited)
 
 
+def test_a_rope_theta_only_in_rope_parameters_is_not_dropped_for_the_legacy_rope_scaling():
+    """transformers reads a non-empty top-level rope_scaling before rope_parameters, at the default base when
+    there is no top-level rope_theta: a base given only in rope_parameters was dropped without a word."""
+    edited = yarn_tiny().to_dict()
+    del edited["rope_theta"]
+    with pytest.raises(ValueError, match=r"rope_theta disagree .*1000\.0; rope_theta: 10000000\.0 \(not given"):
+        ModelConfig.from_dict({**edited, "rope_parameters": {**edited["rope_parameters"], "rope_theta": 1.0e3}})
+    default = ModelConfig.from_dict({**edited, "rope_parameters": {**edited["rope_parameters"], "rope_theta": 1.0e7}})
+    assert default == yarn_tiny().replace(rope_theta=1.0e7)
+
+
+@pytest.mark.parametrize("empty", [None, {}], ids=["null", "empty"])
+def test_an_empty_rope_parameters_leaves_the_legacy_keys_to_say_the_rope(empty):
+    """`rope_parameters: null` beside a YaRN rope_scaling, which transformers loads as YaRN, was refused as a
+    disagreement with plain RoPE."""
+    legacy = {**yarn_tiny().to_dict(), "rope_parameters": empty}
+    assert ModelConfig.from_dict(legacy) == yarn_tiny()
+
+
 @pytest.mark.hf
 def test_transformers_reads_our_yarn_config_and_we_read_its_legacy_spelling(tmp_path):
     transformers = pytest.importorskip("transformers")

@@ -398,7 +398,10 @@ def test_a_resumed_run_keeps_its_model_and_the_preset_is_not_a_field(tmp_path: P
     training.save(tmp_path / "run" / "checkpoints", 5, {"model": native_box()},
                   meta={"train_config": recipe("tiny").to_dict()})
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "model.num_layers=4")
-    assert "a resumed run keeps its model" in message and "model.num_layers" in message
+    assert "a resumed run keeps its model" in message and "model.num_layers" in message and "longcat grow" in message
+    message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "model.rope_theta=1e4")
+    assert "changes model.rope_theta: start a new run from this one's checkpoint" in message
+    assert "longcat sft --model RUN" in message and "grow" not in message  # growing changes depth, not RoPE
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "scaling.variance_alignment=off")
     assert "a resumed run keeps its model" in message and "model.mla_scale_q_lora" in message  # was accepted
     message = run_cli("train", "--resume", str(tmp_path / "run"), "--set", "data.seq_len=32")

@@ -41,7 +41,7 @@ def _check_derived(raw: dict[str, Any], cfg: ModelConfig) -> None:
     if "num_layers" in raw and raw.get("num_hidden_layers") not in (None, cfg.num_layers, 2 * cfg.num_layers):
         raise ValueError(f"config.json: num_hidden_layers={raw['num_hidden_layers']!r} disagrees with num_layers="
                          f"{cfg.num_layers} (it is num_layers, or 2 * num_layers as transformers counts sublayers)")
-    if "rope_parameters" in raw:
+    if raw.get("rope_parameters"):  # null or {}: says nothing, the top-level keys alone describe the model
         _check_rope_spellings(raw, cfg.max_position_embeddings)
     if raw.get("head_dim") not in (None, cfg.qk_rope_head_dim):
         raise ValueError(f"config.json: head_dim={raw['head_dim']!r} must equal qk_rope_head_dim="
@@ -401,12 +401,15 @@ def _check_rope_spellings(raw: dict[str, Any], max_position_embeddings: int) -> 
            **({"rope_theta": raw["rope_theta"]} if "rope_theta" in raw else {})}
     if "rope_scaling" in raw and raw["rope_scaling"] is None:
         old["rope_scaling"] = RopeScaling()  # null: plain RoPE
+    if raw.get("rope_scaling") and "rope_theta" not in raw:  # transformers reads that rope_scaling, at the default base
+        old["rope_theta"] = ModelConfig.rope_theta
     for key in ("rope_theta", "rope_scaling"):
         ours, theirs = new.get(key, RopeScaling() if key == "rope_scaling" else None), old.get(key)
         if theirs is not None and ours is not None and ours != theirs:
+            given = "" if key in raw else " (not given: the default, with which the top-level rope_scaling is read)"
             raise ValueError(f"config.json: rope_parameters and the top-level {key} disagree (rope_parameters: "
-                             f"{ours!r}; {key}: {theirs!r}): readers of the one and of the other would run different "
-                             "models; make them the same")
+                             f"{ours!r}; {key}: {theirs!r}{given}): readers of the one and of the other would run "
+                             "different models; make them the same")
 
 
 def _rope_fields(key: str, value: Any, max_position_embeddings: int) -> dict[str, Any]:

@@ -451,8 +451,10 @@ def check_resumable(cfg: TrainConfig, saved: TrainConfig) -> None:
                          f"{cfg.scaling.variance_alignment} changes {', '.join(changed)}: start a run with init_from "
                          "to train with another alignment")
     if changed:
-        raise ValueError(f"a resumed run keeps its model, but the config changes {', '.join(changed)} "
-                         "(use `longcat grow` to change its depth, or start a run with init_from)")
+        grow = "; `longcat grow` deepens a trained model" if "model.num_layers" in changed else ""
+        raise ValueError(f"a resumed run keeps its model, but the config changes {', '.join(changed)}: start a new "
+                         f"run from this one's checkpoint to change it (longcat train --set init_from=RUN, longcat "
+                         f"sft --model RUN){grow}")
     if _resolved(cfg.init_from) != _resolved(saved.init_from):  # the run goes on from its own checkpoint
         raise ValueError(f"a resumed run continues from its own checkpoint: init_from={cfg.init_from!r} would "
                          f"be recorded but not read (start a new run with init_from to begin from another model)")
