@@ -229,6 +229,8 @@ def test_budget_convergence_writes_to_out_and_refuses_a_negative_tolerance(tmp_p
                                                                           monkeypatch, capsys):
     run, out, steps = _budget_run(tmp_path / "run", _budget_records(20)), tmp_path / "out", 20
     assert "--tolerance" in _main_refuses("budget_convergence", [str(run), "--tolerance", "-1"], monkeypatch, capsys)
+    assert "--window 21 is longer than the run's 20 logged steps" in _main_refuses(
+        "budget_convergence", [str(run), "--window", "21"], monkeypatch, capsys)  # was a mean over fewer, as if 21
     assert f"{tmp_path / 'nope'} does not exist" in _main_refuses("budget_convergence", [str(tmp_path / "nope")],
                                                                    monkeypatch, capsys)  # not "holds no metrics"
     monkeypatch.setattr(sys, "argv", ["budget_convergence.py", str(run / "metrics.jsonl"), "--out", str(out)])
