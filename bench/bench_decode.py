@@ -10,8 +10,8 @@
       their decode alone, (t(N) - t(1)) as in (a);
   (d) the batch-1 roofline of each weight format, against the machine: active weight bytes per token x tokens/s,
       over the bandwidth of a plain streaming read (a sum) of the same number of bytes;
-  (e) the weight kernels alone at batch 1 (our bf16, int8 and int4; F.linear in bf16 and aten's packed-int4 CPU
-      kernel), as a fraction of the same streaming read; and on 8 MB of weights, which a large last-level cache
+  (e) the weight kernels of the --formats alone at batch 1 (our bf16, int8 and int4; F.linear in bf16 and aten's
+      packed-int4 CPU kernel beside ours), as a fraction of the same streaming read; and on 8 MB of weights, which a large last-level cache
       holds: what each kernel computes when memory is not what it waits for.
 Decode times are (t(N tokens) - t(1 token)) / (N - 1), so prefill never leaks into them. Prints tables and one
 JSON line with every ratio.
@@ -69,6 +69,11 @@ def hf_runner(model: torch.nn.Module, prompt: list[int], n: int):
                                   pad_token_id=0, attention_mask=torch.ones_like(ids))
 
 
+# the weight kernels (e) times for each format: ours, and torch's where it has one for the same weights
+KERNELS = {"bf16": ("bf16", "bf16 torch"), "int8": ("int8",), "fp8": (), "int4": ("int4", "int4 torch"),
+           "int4-mixed": ("int4", "int4 torch")}
+
+
 def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="checkpoint (default: a cached `longcat init --preset bench`)")
@@ -81,8 +86,8 @@ def parse_args() -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     parser.add_argument("--threads", type=threads, default=torch.get_num_threads(), help="torch threads, both sides")
     parser.add_argument("--speculative", type=int, default=0,
                         help="also time MTP speculation with K drafts (on the last format)")
-    parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"],
-                        choices=["bf16", "int8", "fp8", "int4", "int4-mixed"])
+    parser.add_argument("--formats", nargs="+", default=["bf16", "int8", "int4"], choices=list(KERNELS),
+                        help="weight formats timed (bf16: the unquantized weights, in --dtype) and their kernels")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                         help="both sides' weights and activations (auto: bf16 where the CPU has bf16 GEMMs, else fp32)")
     args = parse_distinct(parser, "formats")
@@ -146,7 +151,7 @@ def measure(args: argparse.Namespace, hf: torch.nn.Module, prompts: tuple, model
     m["active"] = {name: active_bytes_per_token(models[name], m["experts"]) for name in plain}
     m["stream"] = {name: stream_bandwidth(m["active"][name]) for name in plain}
     # (e) the kernels alone
-    kinds = ("bf16", "bf16 torch", "int8", "int4", "int4 torch")
+    kinds = list(dict.fromkeys(kind for f in args.formats for kind in KERNELS[f]))
     m["kernels"] = {kind: kernel_bandwidth(kind) for kind in kinds}
     m["cached"] = {kind: kernel_bandwidth(kind, total_bytes=CACHED_BYTES, passes=20) for kind in kinds}
     m["kernel_stream"] = stream_bandwidth(256e6)
@@ -175,10 +180,11 @@ def report(args: argparse.Namespace, m: dict, engines: dict[str, Engine], plain:
         print(f"note: {', '.join(above)} read faster than the streaming read: the stream was timed at another moment "
               "than the decode (other processes on the cores slow either), or the weights sat in a last-level cache "
               "the stream's 1 GB buffer does not fit; rerun on an idle machine before quoting a fraction")
-    print(f"\nweight kernels at batch 1, 256 MB of (4096, 1024) weights; stream {m['kernel_stream']:.2f} GB/s; and on "
-          "8 MB (cache-resident where the last-level cache holds it: the kernel's own ceiling):")
-    print(table([(k, f"{v:.2f}", f"{v / m['kernel_stream']:.0%}", f"{m['cached'][k]:.2f}")
-                 for k, v in m["kernels"].items()], ("kernel", "GB/s", "of stream", "8 MB GB/s")))
+    if m["kernels"]:  # none for fp8 alone
+        print(f"\nweight kernels at batch 1, 256 MB of (4096, 1024) weights; stream {m['kernel_stream']:.2f} GB/s; "
+              "and on 8 MB (cache-resident where the last-level cache holds it: the kernel's own ceiling):")
+        print(table([(k, f"{v:.2f}", f"{v / m['kernel_stream']:.0%}", f"{m['cached'][k]:.2f}")
+                     for k, v in m["kernels"].items()], ("kernel", "GB/s", "of stream", "8 MB GB/s")))
     best = max(engines, key=lambda n: decode[n])
     return {"best_decode_config": best,
             "decode_tok_s": {k: round(v, 2) for k, v in decode.items()},
