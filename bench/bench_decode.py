@@ -11,8 +11,8 @@
   (d) the batch-1 roofline of each weight format, against the machine: active weight bytes per token x tokens/s,
       over the bandwidth of a plain streaming read (a sum) of the same number of bytes;
   (e) the weight kernels of the --formats alone at batch 1 (our bf16, int8 and int4; F.linear in bf16 and aten's
-      packed-int4 CPU kernel beside ours), as a fraction of the same streaming read; and on 8 MB of weights, which a large last-level cache
-      holds: what each kernel computes when memory is not what it waits for.
+      packed-int4 CPU kernel beside ours), as a fraction of the same streaming read; and on 8 MB of weights, which
+      a large last-level cache holds: what each kernel computes when memory is not what it waits for.
 Decode times are (t(N tokens) - t(1 token)) / (N - 1), so prefill never leaks into them. Prints tables and one
 JSON line with every ratio.
 
