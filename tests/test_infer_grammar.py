@@ -278,6 +278,14 @@ FREE_KEYS = {"type": "object", "additionalProperties": {"type": "integer"}}
     # beyond 2^32 - 1 the library failed with a regex parse error, beyond 2^64 "expected positive integer"
     ({"type": "string", "maxLength": 10**12}, "maxLength=1000000000000 is more than this server supports"),
     ({"type": "array", "minItems": 2**70}, "minItems=1180591620717411303424 is more than"),
+    # pydantic's Json[int]: the library took it as any string, so `.parse()` failed on a reply that was "complete"
+    ({"type": "string", "contentMediaType": "application/json", "contentSchema": {"type": "integer"}},
+     "contentSchema is not supported: a string's content would not be checked"),
+    ({"type": "object", "properties": {"b": {"type": "string", "contentEncoding": "base64"}}}, "contentEncoding is"),
+    # the library's own words were "NoExtensionBias"
+    ({"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"allOf": [{"type": "object"}, {"$ref": "#/$defs/a"}]}},
+      "$ref": "#/$defs/a"}, r"the \$ref #/\$defs/a -> #/\$defs/b -> #/\$defs/a comes back to where it started"),
+    ({"type": "object", "properties": {"x": {"$ref": "#/properties/x"}}}, "#/properties/x -> #/properties/x"),
 ])
 def test_what_the_library_would_silently_loosen_is_refused(setup, schema, match):
     _, _, compiler = setup
@@ -296,6 +304,19 @@ def test_named_keys_and_unknown_annotations_compile(setup):
                                                      "types": {"enum": [{"maxLenght": 1}]}},
                     "x-order": 1, "contentType": "text/plain"}):
         compiler.json_schema(schema)
+
+
+def test_recursion_through_values_and_a_no_op_unique_items_compile(setup):
+    """A $ref back to an enclosing schema from inside a value (a tree) is recursion, not a cycle; pydantic's
+    `uniqueItems: false` constrains nothing and was refused as unimplemented."""
+    tree = {"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "uniqueItems": False,
+                                                                         "items": {"$ref": "#/$defs/node"}}},
+                               "required": ["kids"], "additionalProperties": False}}, "$ref": "#/$defs/node"}
+    assert admits(setup, tree, '{"kids": [{"kids": []}, {"kids": []}]}') and not admits(setup, tree, '{"kids": 1}')
+    assert admits(setup, {"anyOf": [{"$ref": "#"}, {"type": "null"}]}, "null")
+    with pytest.raises(GrammarError, match="uniqueItems"):  # true is not met by a grammar: still refused
+        compiler = setup[2]
+        compiler.json_schema({"type": "array", "uniqueItems": True})
 
 
 def admits(setup, schema: dict, text: str) -> bool:

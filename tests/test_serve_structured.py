@@ -252,11 +252,13 @@ def test_a_grammar_that_fails_mid_output_is_an_error_not_a_finished_answer(serve
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 20, **ENDLESS})
     assert r.status_code == 400 and r.json()["error"]["code"] == "grammar_failed", r.text
     assert "limit" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "response_format"  # the field whose schema it was (was null)
     r = client.post("/v1/chat/completions", json={"model": "tiny", "messages": ASK, "max_tokens": 20, "stream": True,
                                                   **ENDLESS})
     events = [line[len("data: "):] for line in r.text.splitlines() if line.startswith("data: ")]
     assert r.status_code == 200 and events[-1] == "[DONE]"
     assert json.loads(events[-2])["error"]["code"] == "grammar_failed"
+    assert json.loads(events[-2])["error"]["param"] == "response_format"
     assert not any(choice.get("finish_reason") for event in events[:-2] for choice in json.loads(event)["choices"])
 
 

@@ -53,6 +53,7 @@ KEYWORDS = SCHEMA_MAPS | SCHEMA_LISTS | SCHEMA_VALUES | frozenset({
     "minProperties", "required", "dependentRequired", "format", "contentEncoding", "contentMediaType",
     "contentSchema", "title", "description", "default", "deprecated", "readOnly", "writeOnly", "examples",
     "example", "nullable", "discriminator", "xml", "externalDocs"})
+CONTENT_KEYWORDS = frozenset({"contentEncoding", "contentMediaType", "contentSchema"})  # llguidance ignores them
 ANNOTATIONS = frozenset({"$schema", "$id", "$anchor", "$comment", "title", "description", "default", "deprecated",
                          "readOnly", "writeOnly", "examples", "example", "externalDocs", "xml"})  # constrain nothing
 # `Enum`, `max_length` (case, snake_case): the keyword that constrains, meant; `Title` would constrain nothing either
@@ -90,11 +91,14 @@ def json_part(schema: dict[str, Any]) -> str:
 
 def with_nullable_types(node: Any) -> Any:
     """`node` with OpenAPI 3.0's `nullable: true`, which llguidance ignores (null was never allowed), spelled as
-    it reads it: a `type` that takes null too, or a choice of null."""
+    it reads it: a `type` that takes null too, or a choice of null; and without `uniqueItems: false`, which
+    constrains nothing but which llguidance refuses as unimplemented (pydantic writes it for lists)."""
     if not isinstance(node, dict):
         return node
     out = {}
     for key, value in node.items():
+        if key == "uniqueItems" and value is False:
+            continue
         if key in SCHEMA_MAPS and isinstance(value, dict):
             value = {name: with_nullable_types(sub) for name, sub in value.items()}
         elif key in SCHEMA_LISTS and isinstance(value, list):
@@ -112,9 +116,15 @@ def with_nullable_types(node: Any) -> Any:
 
 def check_schema(schema: dict[str, Any]) -> None:
     """Refuse, in each (sub)schema, what llguidance would silently constrain to something else: numeric bounds it
-    gets wrong (`_check_bounds`), a minProperties that repeated keys could meet, and misspelt keywords."""
+    gets wrong (`_check_bounds`), a minProperties that repeated keys could meet, a string's content it would not
+    check, misspelt keywords; and `$ref`s that lead back to themselves, which it fails on without saying so."""
+    _check_ref_cycles(schema)
     for node in _subschemas(schema):
         _check_bounds(node)
+        if content := sorted(CONTENT_KEYWORDS & node.keys()):
+            raise GrammarError(f"{content[-1]} is not supported: a string's content would not be checked against "
+                               "it (a pydantic Json[...] field would get any string); ask for the value itself, not "
+                               "a string holding it")
         named = set(node.get("required") or ()) & set(node.get("properties") or ())
         open_keys = node.get("additionalProperties", True) is not False or "patternProperties" in node
         least = node.get("minProperties")
@@ -125,6 +135,53 @@ def check_schema(schema: dict[str, Any]) -> None:
         for key in node:
             if key not in KEYWORDS and not key.startswith("x-") and (close := _misspelt(key)):
                 raise GrammarError(f"unknown keyword {key!r} (did you mean {close!r}?): it would constrain nothing")
+
+
+def _check_ref_cycles(schema: dict[str, Any]) -> None:
+    """Refuse a `$ref` that leads back to itself before any value is written (through `$ref`s and `allOf`s
+    alone, `{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}`): it describes no value, and
+    llguidance fails on it with "NoExtensionBias". A reference inside `properties`, `items` or `anyOf` is
+    recursion, which is fine. Each reference is followed once (a depth-first search over them)."""
+    def onward(node: Any) -> Iterator[str]:  # the local $refs a (sub)schema is, before it writes anything
+        if not isinstance(node, dict):
+            return
+        if node.get("$ref") == "#" or isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
+            yield node["$ref"]  # a JSON pointer into this schema (not an $anchor's name)
+        for member in node["allOf"] if isinstance(node.get("allOf"), list) else []:
+            yield from onward(member)
+
+    finished: set[str] = set()
+    for start in dict.fromkeys(ref for node in _subschemas(schema) for ref in onward(node)):  # in order: one message
+        if start in finished:
+            continue
+        path, stack = [start], [iter(list(onward(_resolve(schema, start))))]
+        while stack:
+            ref = next(stack[-1], None)
+            if ref is None:
+                finished.add(path.pop())
+                stack.pop()
+            elif ref in path:
+                cycle = " -> ".join([*path[path.index(ref):], ref])
+                raise GrammarError(f"the $ref {cycle:.300} comes back to where it started before any value is written: "
+                                   "the schema describes no value")
+            elif ref not in finished:
+                path.append(ref)
+                stack.append(iter(list(onward(_resolve(schema, ref)))))
+
+
+def _resolve(schema: dict[str, Any], ref: str) -> Any:
+    """The subschema a local `$ref` ("#", "#/$defs/a") points at; None where it points at nothing (llguidance
+    names that itself)."""
+    node: Any = schema
+    for part in ref[1:].split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
 
 
 def _misspelt(key: str) -> str | None:

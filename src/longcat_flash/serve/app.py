@@ -39,7 +39,7 @@ from .metrics import CONTENT_TYPE, CountResponses, Metrics
 from .openapi import install_openapi
 from .prompts import chat_prompt, completion_prompts
 from .replies import answer, deltas, parsed
-from .structured import ConstraintError, request_grammar, stop_scope
+from .structured import ConstraintError, constraining_field, request_grammar, stop_scope
 from .text import TextState
 from .tokenizer_routes import add_tokenizer_routes
 from .tools import Event, ToolPlan, ToolRequestError, plan_tools
@@ -120,8 +120,9 @@ class Generation:
                               frequency_penalty=body.frequency_penalty, logit_bias=self._logit_bias(body))
 
     async def constrain(self, params: list[SamplingParams], body: p._Sampling, plan: ToolPlan | None = None
-                        ) -> list[SamplingParams]:
-        """The params with the grammar that response_format and the tool fields ask for (serve/structured.py)."""
+                        ) -> tuple[list[SamplingParams], str | None]:
+        """The params with the grammar that response_format and the tool fields ask for (serve/structured.py), and
+        the field that asked for it (None: no grammar), which a grammar failing mid-output is blamed on."""
         try:
             grammar = await request_grammar(self.grammars, body, plan)
         except ConstraintError as err:
@@ -129,7 +130,9 @@ class Generation:
         except GrammarBusy as err:  # other requests' slow schemas hold the compile workers: not this request's fault
             raise APIError(503, f"server busy: {err}", "server_error", code="grammar_busy",
                            headers={"Retry-After": "1"}) from None
-        return params if grammar is None else [replace(sp, grammar=grammar) for sp in params]
+        if grammar is None:
+            return params, None
+        return [replace(sp, grammar=grammar) for sp in params], constraining_field(body, plan)
 
     def _logit_bias(self, body: p._Sampling) -> tuple[tuple[int, float], ...]:
         """The request's logit_bias as (id, bias) pairs, its ids checked against the model's vocabulary here so
@@ -141,8 +144,10 @@ class Generation:
                            code="invalid_value")
         return pairs
 
-    async def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]]) -> list[list[Copy]]:
-        """Queue every (prompt, copies' params) job at once, so the engine takes them in one step; all or none:
+    async def submit(self, jobs: list[tuple[list[int], list[SamplingParams]]], constraint: str | None = None
+                     ) -> list[list[Copy]]:
+        """Queue every (prompt, copies' params) job at once, so the engine takes them in one step (`constraint`:
+        the field their grammar came from, as `constrain` gives it); all or none:
         if one is refused, none is admitted and the refusal becomes the HTTP error. More sequences (prompts
         x n) than the engine's queue holds could never be admitted: a 400, not a 429 every retry would get again."""
         if (n := max((len(params) for _, params in jobs), default=0)) > self.bridge.max_running:
@@ -166,7 +171,8 @@ class Generation:
                            code="invalid_value") from None
         except RuntimeError as err:
             raise APIError(503, str(err), "server_error", code="engine_down") from None
-        return [[Copy(rid, outputs, ids) for rid, outputs in group] for (ids, _), group in zip(jobs, queued)]
+        return [[Copy(rid, outputs, ids, constraint) for rid, outputs in group]
+                for (ids, _), group in zip(jobs, queued)]
 
     def close(self, copies: Iterable[Copy]) -> None:
         """Cancel the copies still running (the response ended early: an error, a dropped client)."""
@@ -206,7 +212,7 @@ class Generation:
                 if item.error_code == GRAMMAR_FAILED:
                     raise APIError(400, f"the output's grammar failed after {text.tokens + len(item.new_tokens)} "
                                         f"tokens, so the answer is incomplete (simplify the schema): {item.error}",
-                                   code=item.error_code)
+                                   param=copy.constraint, code=item.error_code)
                 if item.error is not None:  # the model's fault, not the request's
                     raise APIError(500, item.error, "server_error", code=item.error_code)
                 if on_output is not None:
@@ -278,6 +284,7 @@ class Copy:
     rid: int
     outputs: asyncio.Queue
     prompt: list[int]  # its ids, which the text of its first tokens is decoded after
+    constraint: str | None = None  # the field its grammar came from
     open: bool = True
 
 
@@ -437,8 +444,8 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
                   for ids, name in zip(prompts, names)]
         _check_logprob_entries(body, sum(map(len, prompts)) if body.echo else 0,
                                0 if body.stream else sum(sp.max_new_tokens for sp in params), body.logprobs)
-        params = await gen.constrain(params, body)
-        groups = await gen.submit([(ids, _copies(sp, body.n)) for ids, sp in zip(prompts, params)])
+        params, constraint = await gen.constrain(params, body)
+        groups = await gen.submit([(ids, _copies(sp, body.n)) for ids, sp in zip(prompts, params)], constraint)
         copies = [copy for group in groups for copy in group]
         watch = None if body.stream else request
         choices = [gen.completion(body, i * body.n + j, prompt, ids, copy, watch)
@@ -459,8 +466,8 @@ def _add_generation_routes(app: FastAPI, gen: Generation, tokenizer: Tokenizer, 
         checked = _chat_params(gen.check(body, prompt, body.limit, "messages"), body)
         _check_logprob_entries(body, 0, 0 if body.stream else checked.max_new_tokens,
                                (body.top_logprobs or 0) if body.logprobs else None)
-        [params] = await gen.constrain([checked], body, plan)
-        copies = (await gen.submit([(prompt, _copies(params, body.n))]))[0]
+        [params], constraint = await gen.constrain([checked], body, plan)
+        copies = (await gen.submit([(prompt, _copies(params, body.n))], constraint))[0]
         response = partial(resp.ChatCompletionResponse if not body.stream else resp.ChatCompletionChunk,
                            id=resp.new_id("chatcmpl"), created=resp.now(), model=config.model_name)
         if not body.stream:

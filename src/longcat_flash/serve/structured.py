@@ -114,7 +114,7 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
                                           "the grammar ends it when it is complete; send one or the other")
         text = lark(compiler, body, plan)
         if text is not None and compiler.unavailable is not None:
-            param = _constraining_field(body, plan)
+            param = constraining_field(body, plan)
             raise ConstraintError(param, f"{param}: this server cannot constrain output (a JSON response_format, a "
                                          f"forced or strict tool call): {compiler.unavailable}")
         return None if text is None else compiler.compile(text)
@@ -124,7 +124,7 @@ async def request_grammar(compiler: GrammarCompiler, body: p._Sampling, plan: To
     except GrammarBusy:
         raise
     except GrammarTimeout as err:  # compiled again to find the culprit, it would take as long once more
-        param = _constraining_field(body, plan)
+        param = constraining_field(body, plan)
         raise ConstraintError(param, f"{param}: the schema cannot be used to constrain the output: {err}") from None
     except GrammarError as err:
         param = await asyncio.to_thread(_culprit, compiler, body, plan)
@@ -158,7 +158,7 @@ def _schema_error(text: str) -> str | None:
 _cached_schema_error = functools.lru_cache(maxsize=CHECKED_SCHEMA_CACHE)(_schema_error)
 
 
-def _constraining_field(body: p._Sampling, plan: ToolPlan | None) -> str:
+def constraining_field(body: p._Sampling, plan: ToolPlan | None) -> str:
     """The field that asks for the request's constraint: its JSON response_format, a tool_choice that forces a call,
     else its strict tools."""
     if response_schema(body.response_format) is not None:
