@@ -165,7 +165,7 @@ def test_a_json_file_is_records_not_text(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("line, match", [
-    ('{"other": "x"}', r"x\.jsonl:2: no text_field 'text'"),
+    ('{"other": "x"}', r"x\.jsonl:2: no text_field 'text' \(has \['other'\]\); --set data\.text_field=NAME reads"),
     ('{"text": 5}', r"x\.jsonl:2: field 'text' must be a string"),
     ('{"text": ', r"x\.jsonl:2: not valid JSON"),
     ('["text"]', r"x\.jsonl:2: no text_field 'text'"),
@@ -188,7 +188,7 @@ def test_suffixes_are_read_in_any_case(tmp_path: Path) -> None:
 def test_parquet_source(tmp_path: Path) -> None:
     path = _write_parquet(tmp_path / "p.parquet", {"content": ["row one", None, "row two"], "n": [1, 2, 3]})
     assert list(iter_documents(path, text_field="content")) == ["row one", "row two"]
-    with pytest.raises(ValueError, match="no text_field column 'text'"):
+    with pytest.raises(ValueError, match=r"no text_field column 'text' .*; --set data\.text_field=NAME"):
         list(iter_documents(path))
 
 
@@ -294,6 +294,72 @@ def test_parquet_without_pyarrow_says_what_to_install(tmp_path: Path, monkeypatc
         main(["train", "--preset", "tiny", "--data", str(path), "--out", str(tmp_path / "run"), "--no-progress"])
     assert str(stop.value.code) == f"longcat train: reading {path} needs pyarrow: pip install pyarrow (the " \
         "longcat-flash[parquet] extra)"
+
+
+def test_what_a_folder_from_the_hub_holds_beside_its_data(tmp_path: Path) -> None:
+    """A hub data set's card (README.md) beside its record shards was trained on; a `datasets` save_to_disk
+    folder (.arrow) was "no corpus files", and a table given alone was read as one text document."""
+    hub = tmp_path / "hub"
+    (hub / "data").mkdir(parents=True)
+    _write_parquet(hub / "data" / "train-00000-of-00001.parquet", {"text": ["row one", "row two"]})
+    (hub / "README.md").write_text("---\nlicense: mit\n---\n# My dataset\n")
+    (hub / "data" / "notes.md").write_text("a note")  # not the card: read, as every text file in a folder
+    assert list(iter_documents(hub)) == ["a note", "row one", "row two"]  # in name order
+    (tmp_path / "code").mkdir()  # without records, a README is text like any other
+    (tmp_path / "code" / "README.md").write_text("# tool")
+    assert list(iter_documents(tmp_path / "code")) == ["# tool"]
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    (saved / "data-00000-of-00001.arrow").write_bytes(b"\xff\xff\xff\xff")
+    (saved / "state.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"data-00000-of-00001\.arrow in .*saved is a data file in a format not read "
+                                         r"here.*Dataset\.to_parquet"):
+        Corpus(saved).files()
+    (tmp_path / "t.csv").write_text("text,label\nhello,1\n")
+    with pytest.raises(ValueError, match=r"t\.csv is a \.csv table, which is not read here"):
+        Corpus(tmp_path / "t.csv").files()
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path: Path, monkeypatch) -> None:
+    """os.walk skipped a folder it could not list (no read permission), so its files were left out unsaid. Run
+    as root, which reads any folder, the refusal is the operating system's, made to happen here."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("one")
+    (tmp_path / "sub" / "b.txt").write_text("two")
+    listing = os.scandir
+
+    def refusing(path=".", *args):
+        if Path(path) == tmp_path / "sub":
+            raise PermissionError(13, "Permission denied", str(path))
+        return listing(path, *args)
+    monkeypatch.setattr(os, "scandir", refusing)
+    with pytest.raises(PermissionError, match=r"Permission denied: '.*sub'"):
+        Corpus(tmp_path).files()
+
+
+def test_files_named_like_a_split_among_training_files_say_how_to_read_them_all(tmp_path: Path) -> None:
+    """`dev.to-articles.jsonl` reads as a validation split, as `datasets` reads it; the refusal said to give the
+    training files alone, which these all are, and not how to."""
+    for name in ("github", "dev.to-articles"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": name}) + "\n")
+    with pytest.raises(ValueError, match=r"a quoted glob reads the files it matches as they are: '.*/\*'"):
+        Corpus(tmp_path).files()
+    assert list(iter_documents(tmp_path / "*")) == ["dev.to-articles", "github"]
+
+
+def test_a_tokenizer_without_eos_is_told_where_to_name_one(tmp_path: Path, corpus_dir: Path) -> None:
+    """A WordPiece-style vocabulary ends documents with [SEP]; the refusal did not say how to make it the eos."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import models, pre_tokenizers
+
+    backend = Backend(models.WordLevel({"[UNK]": 0, "[SEP]": 1, "def": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match=r"no eos token, which separates documents: name one in a "
+                                         r"tokenizer_config\.json beside its tokenizer\.json"):
+        build_token_shard(corpus_dir, Tokenizer.load(tmp_path), tmp_path / "cache", progress=False)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "[SEP]"}))
+    assert build_token_shard(corpus_dir, Tokenizer.load(tmp_path), tmp_path / "cache", progress=False).is_file()
 
 
 def test_missing_path_and_empty_directory_are_clear(tmp_path: Path) -> None:

@@ -34,10 +34,13 @@ JSON_KINDS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 RECORD_KINDS = (*JSON_KINDS, ".parquet")  # the formats whose documents are text_field of each record
 # Corpus files in a folder in a form not read here (other compressions, NDJSON): refused by name, not left out
 # unsaid. It matches the .gz kinds that are read too (DOC_SUFFIXES), which its one caller sets aside first.
-UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|zst|zstd|lz4|zip)$|\.ndjson$")
+UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|zst|zstd|lz4|zip)$|\.ndjson$|\.arrow$")
+TABLE_KINDS = (".csv", ".tsv", ".arrow")  # tables, which a file given alone would be read as one text document
+TO_PARQUET = "`datasets` writes what is read here with Dataset.to_parquet (save_to_disk's .arrow is not read)"
 # The magic bytes of compressed files: such a file under a plain text name is named for what it is.
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
               b"PK\x03\x04": "zip"}
+FIELD_HINT = "--set data.text_field=NAME reads the documents from another field"
 TEXT_SNIFF_BYTES = 1024  # how much of a text file is checked for being text before it is read
 _STDLIB_SKIP_DIRS = {"site-packages", "dist-packages", "__pycache__"}
 
@@ -84,14 +87,21 @@ class Corpus:
         if (matched := glob_files(root)) is not None:
             return matched
         if root.is_file():
+            if corpus_kind(root) in TABLE_KINDS:
+                raise ValueError(f"{root} is a {corpus_kind(root)} table, which is not read here (as text it would "
+                                 f"be one document, header and all): a corpus file is text or records in "
+                                 f"{'/'.join(RECORD_KINDS)}; {TO_PARQUET}")
             return [root]
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
         found = data_files(root)
         if unread := [p for p in found if corpus_kind(p) not in DOC_SUFFIXES and UNREAD_DATA.search(p.name.lower())]:
             raise ValueError(f"{unread[0]} in {root} is a data file in a format not read here; a corpus folder holds "
-                             f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder")
+                             f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder"
+                             f"{f'; {TO_PARQUET}' if unread[0].suffix == '.arrow' else ''}")
         files = [p for p in found if corpus_kind(p) in DOC_SUFFIXES]
+        if any(corpus_kind(p) in SHARD_SUFFIXES for p in files):  # a hub data set: its card, never read as data
+            files = [p for p in files if p.relative_to(root).as_posix() != "README.md"]
         check_one_split(root, [p for p in files if corpus_kind(p) in SHARD_SUFFIXES],
                         "give the training files alone (a run holds out the end of its corpus as its val split)")
         if not files and (root / RUN_CONFIG_FILE).is_file():  # a run trained with --out at the corpus
@@ -311,7 +321,7 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[str]:
     for line_no, record in jsonl_records(path):
         if not isinstance(record, dict) or text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{line_no}: no text_field {text_field!r} (has {keys})")
+            raise ValueError(f"{path}:{line_no}: no text_field {text_field!r} (has {keys}); {FIELD_HINT}")
         if record[text_field] is None:  # a missing text, as a null in a .parquet column: no document
             continue
         if not isinstance(record[text_field], str):
@@ -344,7 +354,8 @@ def _read_parquet(path: Path, text_field: str) -> Iterator[str]:
     except (pa.ArrowException, OSError) as err:
         raise ValueError(f"{path}: not a readable Parquet file ({err})") from None
     if text_field not in parquet.schema_arrow.names:
-        raise ValueError(f"{path}: no text_field column {text_field!r} (has {parquet.schema_arrow.names})")
+        raise ValueError(f"{path}: no text_field column {text_field!r} (has {parquet.schema_arrow.names}); "
+                         f"{FIELD_HINT}")
     kind = parquet.schema_arrow.field(text_field).type
     values = kind.value_type if pa.types.is_dictionary(kind) else kind  # pandas' category columns are dictionaries
     if not (pa.types.is_string(values) or pa.types.is_large_string(values) or _is_string_view(pa, values)):

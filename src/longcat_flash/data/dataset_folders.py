@@ -71,7 +71,8 @@ def check_one_split(path: Path, files: list[Path], beside: str) -> None:
         held = next(file for file, found in splits.items() if found)
         raise ValueError(f"{path} holds {named} files ({held.relative_to(path)}) beside files no split names "
                          f"({unnamed[0].relative_to(path)}{', ...' if len(unnamed) > 1 else ''}), which `datasets` "
-                         f"would leave out; {beside}")
+                         f"would leave out; {beside} (if every file is training data and a name only looks like a "
+                         f"split's, a quoted glob reads the files it matches as they are: '{path}/*')")
 
 
 def _splits(path: Path, files: list[Path]) -> tuple[dict[str, str], str, dict[Path, tuple[str, str] | None]]:
@@ -102,7 +103,11 @@ def tree_files(root: Path) -> list[Path]:
         real = os.path.realpath(folder)
         return os.path.commonpath([real, top]) not in (real, top)  # neither inside the tree nor holding it
 
-    for directory, subdirs, names in os.walk(root, followlinks=True):  # rglob skips symlinked folders (< 3.13)
+    def unreadable(err: OSError) -> None:  # a folder left out unsaid would be data lost unsaid
+        raise err
+
+    # os.walk, as rglob skips symlinked folders (< 3.13)
+    for directory, subdirs, names in os.walk(root, onerror=unreadable, followlinks=True):
         if (real := os.path.realpath(directory)) in seen:  # a loop, or a folder two links lead to
             subdirs[:] = []
             continue

@@ -71,7 +71,8 @@ def build_token_shard(source: str | Path | None, tokenizer: TokenizerLike, cache
     minutes); None: silent.
     """
     if tokenizer.eos_id is None:
-        raise ValueError("the tokenizer has no eos token; documents are separated by eos")
+        raise ValueError("the tokenizer has no eos token, which separates documents: name one in a "
+                         'tokenizer_config.json beside its tokenizer.json ({"eos_token": "[SEP]"}, say)')
     corpus = Corpus(source, text_field, max_bytes, max_docs)
     fingerprint = hashlib.sha256(
         f"{SHARD_FORMAT_VERSION}\0{corpus.fingerprint()}\0{tokenizer.fingerprint}".encode()).hexdigest()
