@@ -88,8 +88,15 @@ def test_generate_plain_json_and_speculative(checkpoint, capsys):
         Tokenizer.load(checkpoint).encode("import os"))
     assert record["total_s"] > 0 and record["finish_reason"] == "length"
     main(args + ["--json", "--speculative", "2", "--quantize", "int8"])
-    spec = json.loads(capsys.readouterr().out)
-    assert spec["completion_tokens"] == 7 and 0.0 <= spec["acceptance_rate"] <= 1.0
+    spec = capsys.readouterr()
+    assert json.loads(spec.out)["completion_tokens"] == 7 and 0.0 <= json.loads(spec.out)["acceptance_rate"] <= 1.0
+    assert spec.err == ""
+    # a control the drafts do not model turned speculation off without a word: only acceptance_rate null showed it
+    main(args + ["--json", "--speculative", "2", "--repetition-penalty", "1.2"])
+    controlled = capsys.readouterr()
+    assert json.loads(controlled.out)["acceptance_rate"] is None
+    assert controlled.err == ("longcat generate: note: --repetition-penalty turns MTP speculation off (its drafts do "
+                              "not model it): --speculative 2 decodes one token per step\n")
 
 
 @pytest.mark.parametrize("signame", ["SIGINT", "SIGTERM"])

@@ -91,11 +91,20 @@ def _sampling(args: argparse.Namespace):
     if args.temperature == 0 and given:  # greedy decoding reads none of them
         raise ValueError(f"{' and '.join(given)} only appl{'y' if len(given) > 1 else 'ies'} when sampling: give "
                          "--temperature above 0 (0, the default, decodes greedily)")
-    return SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                          top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0, seed=args.seed,
-                          min_p=args.min_p or 0.0, repetition_penalty=args.repetition_penalty,
-                          presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
-                          ignore_eos=args.ignore_eos)
+    params = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_p=1.0 if args.top_p is None else args.top_p, top_k=args.top_k or 0, seed=args.seed,
+                            min_p=args.min_p or 0.0, repetition_penalty=args.repetition_penalty,
+                            presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
+                            ignore_eos=args.ignore_eos)
+    if args.speculative and params.controlled:  # said, or --speculative would look like it ran
+        controls = [flag for flag, on in (("--min-p", params.min_p > 0), ("--repetition-penalty",
+                                                                          params.repetition_penalty != 1.0),
+                                          ("--presence-penalty", params.presence_penalty != 0),
+                                          ("--frequency-penalty", params.frequency_penalty != 0)) if on]
+        print(f"longcat {args.command}: note: {', '.join(controls)} turn{'s' if len(controls) == 1 else ''} MTP "
+              f"speculation off (its drafts do not model {'it' if len(controls) == 1 else 'them'}): --speculative "
+              f"{args.speculative} decodes one token per step", file=sys.stderr)
+    return params
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
