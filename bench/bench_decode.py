@@ -154,7 +154,7 @@ def measure(args: argparse.Namespace, hf: torch.nn.Module, prompts: tuple, model
     kinds = list(dict.fromkeys(kind for f in args.formats for kind in KERNELS[f]))
     m["kernels"] = {kind: kernel_bandwidth(kind) for kind in kinds}
     m["cached"] = {kind: kernel_bandwidth(kind, total_bytes=CACHED_BYTES, passes=20) for kind in kinds}
-    m["kernel_stream"] = stream_bandwidth(256e6)
+    m["kernel_stream"] = stream_bandwidth(256e6) if kinds else None
     return m
 
 
@@ -200,7 +200,7 @@ def report(args: argparse.Namespace, m: dict, engines: dict[str, Engine], plain:
             "stream_gb_s": {n: round(stream[n], 2) for n in plain},
             "roofline_fraction": {n: round(achieved[n] / stream[n], 3) for n in plain},
             "kernel_gb_s": {k: round(v, 2) for k, v in m["kernels"].items()},
-            "kernel_stream_gb_s": round(m["kernel_stream"], 2),
+            "kernel_stream_gb_s": None if m["kernel_stream"] is None else round(m["kernel_stream"], 2),
             "kernel_cached_gb_s": {k: round(v, 2) for k, v in m["cached"].items()}}
 
 

@@ -125,7 +125,7 @@ def main() -> None:
     except ValueError as err:
         parser.error(str(err))
     out = args.out or (args.run if args.run.is_dir() else args.run.parent)
-    if args.window > len(records):  # the first means would be over fewer steps, and the figure not what it says
+    if args.window > len(records):  # every mean would be over fewer steps than the window it is reported as
         parser.error(f"--window {args.window} is longer than the run's {len(records)} logged steps")
     if (problem := directory_problem(out)) is not None:
         parser.error(f"--out {out}: {problem}")

@@ -305,6 +305,12 @@ def test_what_a_folder_from_the_hub_holds_beside_its_data(tmp_path: Path) -> Non
     (hub / "README.md").write_text("---\nlicense: mit\n---\n# My dataset\n")
     (hub / "data" / "notes.md").write_text("a note")  # not the card: read, as every text file in a folder
     assert list(iter_documents(hub)) == ["a note", "row one", "row two"]  # in name order
+    (tmp_path / "hubs" / "b" / "data").mkdir(parents=True)  # cards of several data sets, each above its shards
+    (hub / "data" / "notes.md").rename(tmp_path / "hubs" / "notes.md")
+    hub.rename(tmp_path / "hubs" / "a")
+    (tmp_path / "hubs" / "b" / "data" / "train.jsonl").write_text(json.dumps({"text": "row three"}) + "\n")
+    (tmp_path / "hubs" / "b" / "README.md").write_text("# card b")
+    assert list(iter_documents(tmp_path / "hubs")) == ["row one", "row two", "row three", "a note"]
     (tmp_path / "code").mkdir()  # without records, a README is text like any other
     (tmp_path / "code" / "README.md").write_text("# tool")
     assert list(iter_documents(tmp_path / "code")) == ["# tool"]
@@ -318,6 +324,8 @@ def test_what_a_folder_from_the_hub_holds_beside_its_data(tmp_path: Path) -> Non
     (tmp_path / "t.csv").write_text("text,label\nhello,1\n")
     with pytest.raises(ValueError, match=r"t\.csv is a \.csv table, which is not read here"):
         Corpus(tmp_path / "t.csv").files()
+    with pytest.raises(ValueError, match=r"t\.csv is a \.csv table"):  # named by a glob, too
+        Corpus(tmp_path / "*.csv").files()
 
 
 def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path: Path, monkeypatch) -> None:
@@ -333,7 +341,7 @@ def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path: Path,
             raise PermissionError(13, "Permission denied", str(path))
         return listing(path, *args)
     monkeypatch.setattr(os, "scandir", refusing)
-    with pytest.raises(PermissionError, match=r"Permission denied: '.*sub'"):
+    with pytest.raises(PermissionError, match=r"cannot list the folder .*sub under .* \(Permission denied\): give"):
         Corpus(tmp_path).files()
 
 
@@ -342,9 +350,11 @@ def test_files_named_like_a_split_among_training_files_say_how_to_read_them_all(
     training files alone, which these all are, and not how to."""
     for name in ("github", "dev.to-articles"):
         (tmp_path / f"{name}.jsonl").write_text(json.dumps({"text": name}) + "\n")
-    with pytest.raises(ValueError, match=r"a quoted glob reads the files it matches as they are: '.*/\*'"):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "notes.txt").write_text("notes")
+    with pytest.raises(ValueError, match=r"a quoted glob reads the files it matches as they are: '.*/\*\*'"):
         Corpus(tmp_path).files()
-    assert list(iter_documents(tmp_path / "*")) == ["dev.to-articles", "github"]
+    assert list(iter_documents(tmp_path / "**")) == ["dev.to-articles", "github", "notes"]  # nested ones too
 
 
 def test_a_tokenizer_without_eos_is_told_where_to_name_one(tmp_path: Path, corpus_dir: Path) -> None:

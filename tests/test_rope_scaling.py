@@ -65,6 +65,8 @@ def test_a_rope_theta_only_in_rope_parameters_is_not_dropped_for_the_legacy_rope
         ModelConfig.from_dict({**edited, "rope_parameters": {**edited["rope_parameters"], "rope_theta": 1.0e3}})
     default = ModelConfig.from_dict({**edited, "rope_parameters": {**edited["rope_parameters"], "rope_theta": 1.0e7}})
     assert default == yarn_tiny().replace(rope_theta=1.0e7)
+    inside = {**edited, "rope_scaling": {**edited["rope_scaling"], "rope_theta": 1.0e4}}  # the base in rope_scaling
+    assert ModelConfig.from_dict(inside) == yarn_tiny()
 
 
 @pytest.mark.parametrize("empty", [None, {}], ids=["null", "empty"])

@@ -401,12 +401,14 @@ def _check_rope_spellings(raw: dict[str, Any], max_position_embeddings: int) -> 
            **({"rope_theta": raw["rope_theta"]} if "rope_theta" in raw else {})}
     if "rope_scaling" in raw and raw["rope_scaling"] is None:
         old["rope_scaling"] = RopeScaling()  # null: plain RoPE
-    if raw.get("rope_scaling") and "rope_theta" not in raw:  # transformers reads that rope_scaling, at the default base
+    defaulted = bool(raw.get("rope_scaling")) and "rope_theta" not in old  # that rope_scaling wins, at the default base
+    if defaulted:
         old["rope_theta"] = ModelConfig.rope_theta
     for key in ("rope_theta", "rope_scaling"):
         ours, theirs = new.get(key, RopeScaling() if key == "rope_scaling" else None), old.get(key)
         if theirs is not None and ours is not None and ours != theirs:
-            given = "" if key in raw else " (not given: the default, with which the top-level rope_scaling is read)"
+            given = " (not given: the default, with which the top-level rope_scaling is read)" if (
+                defaulted and key == "rope_theta") else ""
             raise ValueError(f"config.json: rope_parameters and the top-level {key} disagree (rope_parameters: "
                              f"{ours!r}; {key}: {theirs!r}{given}): readers of the one and of the other would run "
                              "different models; make them the same")

@@ -97,10 +97,7 @@ def _sampling(args: argparse.Namespace):
                             presence_penalty=args.presence_penalty, frequency_penalty=args.frequency_penalty,
                             ignore_eos=args.ignore_eos)
     if args.speculative and params.controlled:  # said, or --speculative would look like it ran
-        controls = [flag for flag, on in (("--min-p", params.min_p > 0), ("--repetition-penalty",
-                                                                          params.repetition_penalty != 1.0),
-                                          ("--presence-penalty", params.presence_penalty != 0),
-                                          ("--frequency-penalty", params.frequency_penalty != 0)) if on]
+        controls = ["--" + name.replace("_", "-") for name in params.controls]  # only flags' can be on here
         print(f"longcat {args.command}: note: {', '.join(controls)} turn{'s' if len(controls) == 1 else ''} MTP "
               f"speculation off (its drafts do not model {'it' if len(controls) == 1 else 'them'}): --speculative "
               f"{args.speculative} decodes one token per step", file=sys.stderr)

@@ -34,7 +34,8 @@ JSON_KINDS = (".jsonl", ".json", ".jsonl.gz", ".json.gz")
 RECORD_KINDS = (*JSON_KINDS, ".parquet")  # the formats whose documents are text_field of each record
 # Corpus files in a folder in a form not read here (other compressions, NDJSON): refused by name, not left out
 # unsaid. It matches the .gz kinds that are read too (DOC_SUFFIXES), which its one caller sets aside first.
-UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|zst|zstd|lz4|zip)$|\.ndjson$|\.arrow$")
+UNREAD_DATA = re.compile(r"\.(?:txt|md|jsonl|json|ndjson|parquet)\.(?:gz|bz2|xz|zst|zstd|lz4|zip)$"
+                         r"|\.ndjson$|\.arrow$")
 TABLE_KINDS = (".csv", ".tsv", ".arrow")  # tables, which a file given alone would be read as one text document
 TO_PARQUET = "`datasets` writes what is read here with Dataset.to_parquet (save_to_disk's .arrow is not read)"
 # The magic bytes of compressed files: such a file under a plain text name is named for what it is.
@@ -85,23 +86,19 @@ class Corpus:
         if self.is_stdlib:
             return _stdlib_files(root)
         if (matched := glob_files(root)) is not None:
-            return matched
+            return _no_tables(matched)
         if root.is_file():
-            if corpus_kind(root) in TABLE_KINDS:
-                raise ValueError(f"{root} is a {corpus_kind(root)} table, which is not read here (as text it would "
-                                 f"be one document, header and all): a corpus file is text or records in "
-                                 f"{'/'.join(RECORD_KINDS)}; {TO_PARQUET}")
-            return [root]
+            return _no_tables([root])
         if not root.is_dir():
             raise FileNotFoundError(f"corpus source not found: {root}")
         found = data_files(root)
         if unread := [p for p in found if corpus_kind(p) not in DOC_SUFFIXES and UNREAD_DATA.search(p.name.lower())]:
             raise ValueError(f"{unread[0]} in {root} is a data file in a format not read here; a corpus folder holds "
                              f"{'/'.join(DOC_SUFFIXES)} files: convert it, or move it out of the folder"
-                             f"{f'; {TO_PARQUET}' if unread[0].suffix == '.arrow' else ''}")
+                             f"{f'; {TO_PARQUET}' if corpus_kind(unread[0]) == '.arrow' else ''}")
         files = [p for p in found if corpus_kind(p) in DOC_SUFFIXES]
-        if any(corpus_kind(p) in SHARD_SUFFIXES for p in files):  # a hub data set: its card, never read as data
-            files = [p for p in files if p.relative_to(root).as_posix() != "README.md"]
+        shards = {p.parent for p in files if corpus_kind(p) in SHARD_SUFFIXES}
+        files = [p for p in files if not _data_set_card(p, shards)]
         check_one_split(root, [p for p in files if corpus_kind(p) in SHARD_SUFFIXES],
                         "give the training files alone (a run holds out the end of its corpus as its val split)")
         if not files and (root / RUN_CONFIG_FILE).is_file():  # a run trained with --out at the corpus
@@ -142,6 +139,22 @@ class Corpus:
         h = hashlib.sha256(repr((str(self.root.resolve()), field, self.max_bytes, self.max_docs)).encode())
         hash_file_states(h, files)
         return h.hexdigest()
+
+
+def _data_set_card(path: Path, shard_folders: set[Path]) -> bool:
+    """Whether `path` is a hub data set's card: a README.md in a folder that holds the set's record shards, or
+    folders of them, which `datasets` never reads as data."""
+    return path.name == "README.md" and any(path.parent == f or path.parent in f.parents for f in shard_folders)
+
+
+def _no_tables(files: list[Path]) -> list[Path]:
+    """`files`, named alone or by a glob: a table among them is refused, since read as text it would be one
+    document, header and all."""
+    if table := next((p for p in files if corpus_kind(p) in TABLE_KINDS), None):
+        raise ValueError(f"{table} is a {corpus_kind(table)} table, which is not read here (as text it would be one "
+                         f"document, header and all): a corpus file is text or records in {'/'.join(RECORD_KINDS)}; "
+                         f"{TO_PARQUET}")
+    return files
 
 
 def _stdlib_files(root: Path) -> list[Path]:

@@ -72,7 +72,7 @@ def check_one_split(path: Path, files: list[Path], beside: str) -> None:
         raise ValueError(f"{path} holds {named} files ({held.relative_to(path)}) beside files no split names "
                          f"({unnamed[0].relative_to(path)}{', ...' if len(unnamed) > 1 else ''}), which `datasets` "
                          f"would leave out; {beside} (if every file is training data and a name only looks like a "
-                         f"split's, a quoted glob reads the files it matches as they are: '{path}/*')")
+                         f"split's, a quoted glob reads the files it matches as they are: '{path}/**')")
 
 
 def _splits(path: Path, files: list[Path]) -> tuple[dict[str, str], str, dict[Path, tuple[str, str] | None]]:
@@ -104,7 +104,11 @@ def tree_files(root: Path) -> list[Path]:
         return os.path.commonpath([real, top]) not in (real, top)  # neither inside the tree nor holding it
 
     def unreadable(err: OSError) -> None:  # a folder left out unsaid would be data lost unsaid
-        raise err
+        if Path(err.filename or "").name == "lost+found":  # a file system's own, root's alone: never data
+            return
+        raise PermissionError(err.errno, f"cannot list the folder {err.filename} under {root} ({err.strerror}): "
+                              "give the data access to it, move it out, or name the files to read with a quoted "
+                              "glob") from None
 
     # os.walk, as rglob skips symlinked folders (< 3.13)
     for directory, subdirs, names in os.walk(root, onerror=unreadable, followlinks=True):

@@ -53,7 +53,7 @@ KEYWORDS = SCHEMA_MAPS | SCHEMA_LISTS | SCHEMA_VALUES | frozenset({
     "minProperties", "required", "dependentRequired", "format", "contentEncoding", "contentMediaType",
     "contentSchema", "title", "description", "default", "deprecated", "readOnly", "writeOnly", "examples",
     "example", "nullable", "discriminator", "xml", "externalDocs"})
-CONTENT_KEYWORDS = frozenset({"contentEncoding", "contentMediaType", "contentSchema"})  # llguidance ignores them
+_JSON_MEDIA = re.compile(r"application/(?:[\w.+-]+\+)?json", re.IGNORECASE)  # contentMediaType of JSON text
 ANNOTATIONS = frozenset({"$schema", "$id", "$anchor", "$comment", "title", "description", "default", "deprecated",
                          "readOnly", "writeOnly", "examples", "example", "externalDocs", "xml"})  # constrain nothing
 # `Enum`, `max_length` (case, snake_case): the keyword that constrains, meant; `Title` would constrain nothing either
@@ -117,14 +117,18 @@ def with_nullable_types(node: Any) -> Any:
 def check_schema(schema: dict[str, Any]) -> None:
     """Refuse, in each (sub)schema, what llguidance would silently constrain to something else: numeric bounds it
     gets wrong (`_check_bounds`), a minProperties that repeated keys could meet, a string's content it would not
-    check, misspelt keywords; and `$ref`s that lead back to themselves, which it fails on without saying so."""
+    check (a string of JSON, an encoding), misspelt keywords; and `$ref`s that lead back to themselves, which it
+    fails on without saying so."""
     _check_ref_cycles(schema)
     for node in _subschemas(schema):
         _check_bounds(node)
-        if content := sorted(CONTENT_KEYWORDS & node.keys()):
-            raise GrammarError(f"{content[-1]} is not supported: a string's content would not be checked against "
-                               "it (a pydantic Json[...] field would get any string); ask for the value itself, not "
-                               "a string holding it")
+        if "contentEncoding" in node:
+            raise GrammarError("contentEncoding is not supported: the string would not be checked to be in that "
+                               "encoding (base64, say); describe the string with a pattern instead")
+        if "contentSchema" in node or _JSON_MEDIA.fullmatch(str(node.get("contentMediaType", ""))):
+            raise GrammarError("a string holding JSON (contentMediaType / contentSchema, as pydantic's Json[...] "
+                               "fields write it) is not supported: its content would not be checked, so the field "
+                               "would get any string; ask for the value itself, not a string holding it")
         named = set(node.get("required") or ()) & set(node.get("properties") or ())
         open_keys = node.get("additionalProperties", True) is not False or "patternProperties" in node
         least = node.get("minProperties")
@@ -141,32 +145,49 @@ def _check_ref_cycles(schema: dict[str, Any]) -> None:
     """Refuse a `$ref` that leads back to itself before any value is written (through `$ref`s and `allOf`s
     alone, `{"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}}`): it describes no value, and
     llguidance fails on it with "NoExtensionBias". A reference inside `properties`, `items` or `anyOf` is
-    recursion, which is fine. Each reference is followed once (a depth-first search over them)."""
+    recursion, which is fine, and a definition no reference reaches is never read. Read as llguidance reads the
+    schema (`with_nullable_types`); each reference is followed once (a depth-first search over them)."""
+    schema = with_nullable_types(schema)
+
     def onward(node: Any) -> Iterator[str]:  # the local $refs a (sub)schema is, before it writes anything
         if not isinstance(node, dict):
             return
-        if node.get("$ref") == "#" or isinstance(node.get("$ref"), str) and node["$ref"].startswith("#/"):
-            yield node["$ref"]  # a JSON pointer into this schema (not an $anchor's name)
+        if _local_ref(node.get("$ref")):
+            yield node["$ref"]
         for member in node["allOf"] if isinstance(node.get("allOf"), list) else []:
             yield from onward(member)
 
+    reached: dict[str, None] = {}  # the references the root reaches, in the order met: one message for a schema
+    todo: list[Any] = [schema]
+    while todo:
+        for node in _subschemas(todo.pop(), definitions=False):
+            if _local_ref(ref := node.get("$ref")) and ref not in reached:
+                reached[ref] = None
+                todo.append(_resolve(schema, ref))
     finished: set[str] = set()
-    for start in dict.fromkeys(ref for node in _subschemas(schema) for ref in onward(node)):  # in order: one message
+    for start in reached:
         if start in finished:
             continue
-        path, stack = [start], [iter(list(onward(_resolve(schema, start))))]
+        path, on_path, stack = [start], {start}, [iter(list(onward(_resolve(schema, start))))]
         while stack:
             ref = next(stack[-1], None)
             if ref is None:
-                finished.add(path.pop())
+                on_path.discard(done := path.pop())
+                finished.add(done)
                 stack.pop()
-            elif ref in path:
+            elif ref in on_path:
                 cycle = " -> ".join([*path[path.index(ref):], ref])
                 raise GrammarError(f"the $ref {cycle:.300} comes back to where it started before any value is written: "
                                    "the schema describes no value")
             elif ref not in finished:
                 path.append(ref)
+                on_path.add(ref)
                 stack.append(iter(list(onward(_resolve(schema, ref)))))
+
+
+def _local_ref(ref: Any) -> bool:
+    """Whether a `$ref` is a JSON pointer into its own schema ("#", "#/$defs/a"; not an $anchor's name)."""
+    return ref == "#" or isinstance(ref, str) and ref.startswith("#/")
 
 
 def _resolve(schema: dict[str, Any], ref: str) -> Any:
@@ -191,9 +212,10 @@ def _misspelt(key: str) -> str | None:
     return alike or next(iter(difflib.get_close_matches(key, KEYWORDS, n=1, cutoff=0.85)), None)
 
 
-def _subschemas(schema: Any) -> Iterator[dict[str, Any]]:
+def _subschemas(schema: Any, definitions: bool = True) -> Iterator[dict[str, Any]]:
     """Every schema object in `schema`, itself included, by the keywords that hold schemas (not into enum, const,
-    default or examples values, nor property names)."""
+    default or examples values, nor property names); `definitions`: into `$defs` / `definitions` too (what only
+    a `$ref` reaches)."""
     stack = [schema]
     while stack:
         node = stack.pop()
@@ -201,6 +223,8 @@ def _subschemas(schema: Any) -> Iterator[dict[str, Any]]:
             continue
         yield node
         for key, value in node.items():
+            if key in ("$defs", "definitions") and not definitions:
+                continue
             if key in SCHEMA_MAPS and isinstance(value, dict):
                 stack.extend(value.values())
             elif key in SCHEMA_LISTS and isinstance(value, list):

@@ -131,7 +131,15 @@ class SamplingParams:
     def controlled(self) -> bool:
         """Whether any control beyond temperature / top-k / top-p is on, a grammar included: MTP drafts do not
         model them, so such requests decode without drafts."""
-        return self.adjusts or self.min_p > 0.0 or self.grammar is not None
+        return bool(self.controls)
+
+    @property
+    def controls(self) -> list[str]:
+        """The fields of the controls that are on, by name (`controlled`)."""
+        on = {"min_p": self.min_p > 0.0, "repetition_penalty": self.repetition_penalty != 1.0,
+              "presence_penalty": bool(self.presence_penalty), "frequency_penalty": bool(self.frequency_penalty),
+              "logit_bias": bool(self.logit_bias), "grammar": self.grammar is not None}
+        return [name for name, is_on in on.items() if is_on]
 
     @property
     def greedy(self) -> bool:
