@@ -106,9 +106,8 @@ def tree_files(root: Path) -> list[Path]:
     def unreadable(err: OSError) -> None:  # a folder left out unsaid would be data lost unsaid
         if Path(err.filename or "").name == "lost+found":  # a file system's own, root's alone: never data
             return
-        raise PermissionError(err.errno, f"cannot list the folder {err.filename} under {root} ({err.strerror}): "
-                              "give the data access to it, move it out, or name the files to read with a quoted "
-                              "glob") from None
+        raise OSError(err.errno, f"cannot list the folder {err.filename} under {root} ({err.strerror}): give the "
+                      "data access to it, move it out, or name the files to read with a quoted glob") from None
 
     # os.walk, as rglob skips symlinked folders (< 3.13)
     for directory, subdirs, names in os.walk(root, onerror=unreadable, followlinks=True):
